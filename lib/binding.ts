@@ -1,0 +1,127 @@
+/**
+ * The one typed contract for everything the .node exports, and the loader. Nothing outside lib/
+ * sees these raw functions; public classes wrap them.
+ */
+import { createRequire } from 'node:module';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { NativeLoadError } from './errors.js';
+
+export interface NativeCpuInfo {
+  model: string;
+  arch: string;
+  cores: number;
+  simd: 'scalar' | 'avx2' | 'avx512';
+  simdDetected: 'scalar' | 'avx2' | 'avx512';
+  features: string[];
+  bf16: boolean;
+  vnni: boolean;
+  caches: { l1d: number; l2: number; l3: number };
+}
+
+export interface NativeCudaDevice {
+  index: number;
+  name: string;
+  totalMemory: number;
+  freeMemory: number;
+  computeCapability: string;
+  multiprocessors: number;
+}
+
+export interface NativeCudaInfo {
+  compiled: boolean;
+  runtimeVersion: number;
+  driverVersion: number;
+  devices: NativeCudaDevice[];
+  reason?: string;
+}
+
+export interface NativePackedGemm {
+  dispose(): void;
+  info(): { disposed: boolean; k?: number; n?: number; bytes?: number; variant?: string; ukernel?: string };
+}
+
+export interface NativeCancelToken {
+  cancel(): void;
+}
+
+export type NativeGemmVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512';
+
+export interface NativeBinding {
+  readonly version: string;
+  readonly CancelToken: new () => NativeCancelToken;
+  setThreads(threads: number): void;
+  getThreads(): number;
+  /** V8's total of external memory reported by native code in this isolate. */
+  externalMemory(): number;
+  cpuInfo(): NativeCpuInfo;
+  cudaInfo(): NativeCudaInfo;
+  /** Writes act(a·b + bias) into out; a is m×k, b k×n (or packed), all row-major float32. */
+  gemm(
+    a: Float32Array, m: number, k: number,
+    b: Float32Array | NativePackedGemm, n: number,
+    bias: Float32Array | null, activation: number, variant: NativeGemmVariant, threads: number,
+    out: Float32Array, cancel?: NativeCancelToken,
+  ): Promise<void>;
+  packGemmWeights(b: Float32Array, k: number, n: number, variant: Exclude<NativeGemmVariant, 'reference'>): NativePackedGemm;
+  peakFma(simd: 'scalar' | 'avx2' | 'avx512', threads: number, seconds: number): Promise<{ flops: number; seconds: number; threads: number; simd: string }>;
+  readBandwidth(bytes: number, threads: number): Promise<{ bytes: number; seconds: number; threads: number }>;
+}
+
+/** The package root: this file is lib/binding.ts in the source tree and dist/binding.js when built. */
+export const packageRoot = fileURLToPath(new URL('..', import.meta.url));
+
+function cpuBaselineProblem(): string | undefined {
+  // The binary targets x86-64-v2. Loading it on an older CPU would die with SIGILL inside the
+  // loader, so check /proc/cpuinfo first and fail with an error instead.
+  if (process.platform !== 'linux' || process.arch !== 'x64') return undefined;
+  try {
+    const info = readFileSync('/proc/cpuinfo', 'utf8');
+    const flags = /^flags\s*:(.*)$/m.exec(info)?.[1]?.split(/\s+/) ?? [];
+    const missing = ['sse4_2', 'popcnt', 'ssse3'].filter((f) => !flags.includes(f));
+    return missing.length ? `this CPU lacks ${missing.join(', ')}, which sonde's x86-64-v2 baseline needs` : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function describeCandidates(root: string): string[] {
+  const tried = [join(root, 'build', 'Release', 'sonde.node'), join(root, 'build', 'Debug', 'sonde.node')];
+  const dir = join(root, 'prebuilds', `${process.platform}-${process.arch}`);
+  if (existsSync(dir)) for (const f of readdirSync(dir)) tried.push(join(dir, f));
+  else tried.push(`${dir}${'/'}*.node (folder missing)`);
+  return tried;
+}
+
+function load(): NativeBinding {
+  const problem = cpuBaselineProblem();
+  if (problem) throw new NativeLoadError(`sonde cannot run here: ${problem}.`);
+  const require = createRequire(import.meta.url);
+  try {
+    const nodeGypBuild = require('node-gyp-build') as (dir: string) => unknown;
+    return nodeGypBuild(packageRoot) as NativeBinding;
+  } catch (err) {
+    const libc = process.platform === 'linux'
+      ? ((process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined)?.header?.glibcVersionRuntime
+        ? 'glibc' : 'musl')
+      : '';
+    const tried = describeCandidates(packageRoot).map((p) => `  - ${p}`).join('\n');
+    throw new NativeLoadError(
+      `sonde: no native binary could be loaded for ${process.platform}-${process.arch}${libc ? ` (${libc})` : ''}, ` +
+        `Node ${process.version}, N-API ${process.versions.napi}.\n` +
+        `Tried:\n${tried}\n` +
+        `Cause: ${(err as Error).message}\n` +
+        'Prebuilt binaries cover linux-x64 with glibc >= 2.34. Elsewhere, build from source: ' +
+        'install cmake (>= 3.20) and a C++17 compiler, then run `npm rebuild sonde`.',
+      { cause: err },
+    );
+  }
+}
+
+let cached: NativeBinding | undefined;
+
+/** The loaded addon (loaded on first use, once per thread). */
+export function native(): NativeBinding {
+  return (cached ??= load());
+}

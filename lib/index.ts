@@ -1,0 +1,24 @@
+/**
+ * sonde: a native inference runtime for Node.js. Compute runs on sonde's own thread pool, off the
+ * event loop; every long call returns a Promise.
+ */
+export { Tensor, DTYPES } from './tensor.js';
+export type { DType, TensorData, TypedArrayFor } from './tensor.js';
+export { devices, resolveDevice } from './device.js';
+export type { Devices, CpuDevice, CudaDevice, CudaStatus, DeviceSpec, ResolvedDevice } from './device.js';
+export { setThreads, getThreads, nativeVersion, reportedExternalMemory } from './runtime.js';
+export {
+  SondeError,
+  InvalidArgumentError,
+  DeviceUnavailableError,
+  ModelFormatError,
+  UnsupportedOperatorError,
+  OutOfMemoryError,
+  DisposedError,
+  AbortError,
+  QueueFullError,
+  NativeLoadError,
+  InternalError,
+} from './errors.js';
+export type { SondeErrorCode } from './errors.js';
+export * as kernels from './kernels/index.js';

@@ -1,0 +1,329 @@
+#include "binding/addon.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <new>
+
+#include "binding/gemm_binding.h"
+#include "kernels/peak/peak.h"
+#include "runtime/cpu.h"
+#include "runtime/cuda_devices.h"
+
+#ifndef SONDE_VERSION
+#define SONDE_VERSION "0.1.0"
+#endif
+
+namespace sonde {
+
+Napi::Error MakeError(Napi::Env env, const char* code, const std::string& message) {
+  Napi::Error e = Napi::Error::New(env, message);
+  e.Set("code", Napi::String::New(env, code));
+  return e;
+}
+
+Addon::Addon(Napi::Env env, Napi::Object exports) {
+  pool_ = std::make_unique<ThreadPool>(Cpu().cores);
+  tsfn_ = CompletionTsfn::New(env, "sonde.complete", 0, 1, this);
+  // Idle addon must not keep the process alive; Start() refs while jobs are in flight.
+  tsfn_.Unref(env);
+  // Runs before the TSFN is torn down (hooks run in reverse order of registration): cancel running
+  // work and join the pool while completions can still be delivered or freed.
+  env.AddCleanupHook([this] { Teardown(); });
+  packed_ctor_ = Napi::Persistent(PackedGemmHandle::Define(env));
+  cancel_ctor_ = Napi::Persistent(CancelToken::Define(env));
+
+  DefineAddon(exports, {
+      InstanceMethod("setThreads", &Addon::SetThreads),
+      InstanceMethod("getThreads", &Addon::GetThreads),
+      InstanceMethod("cpuInfo", &Addon::CpuInfo),
+      InstanceMethod("cudaInfo", &Addon::CudaInfo),
+      InstanceMethod("gemm", &Addon::Gemm),
+      InstanceMethod("packGemmWeights", &Addon::PackGemmWeights),
+      InstanceMethod("peakFma", &Addon::PeakFma),
+      InstanceMethod("readBandwidth", &Addon::ReadBandwidth),
+      InstanceMethod("externalMemory", &Addon::ExternalMemory),
+      InstanceValue("version", Napi::String::New(env, SONDE_VERSION)),
+      InstanceValue("CancelToken", cancel_ctor_.Value()),
+  });
+}
+
+Addon::~Addon() { Teardown(); }
+
+void Addon::Teardown() {
+  if (torn_down_) return;
+  torn_down_ = true;
+  // Cancels running ParallelFor loops and joins; jobs never started are handed back as cancelled.
+  pool_->Shutdown();
+}
+
+Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job) {
+  job->deferred_ = std::make_unique<Napi::Promise::Deferred>(env);
+  Napi::Promise promise = job->deferred_->Promise();
+  if (job->threads == 0) job->threads = pool_->size();
+  AsyncJob* raw = job.release();
+  auto run = [this, raw] {
+    try {
+      raw->Execute(*this);
+    } catch (const std::bad_alloc&) {
+      raw->Fail(codes::kOutOfMemory, "sonde: out of host memory");
+    } catch (const std::exception& e) {
+      raw->Fail(codes::kInternal, std::string("sonde: internal error: ") + e.what());
+    }
+    if (raw->cancel->load() && !raw->error_code_) raw->Fail(codes::kAborted, "The operation was aborted");
+    if (tsfn_.NonBlockingCall(raw) != napi_ok) {
+      // The environment is being torn down: nothing can be settled; drop JS references unreleased.
+      for (auto& r : raw->kept_) r.SuppressDestruct();
+      raw->deferred_.release();
+      delete raw;
+    }
+  };
+  auto dropped = [this, raw] {
+    raw->Fail(codes::kAborted, "sonde: the thread pool shut down before the job started");
+    if (tsfn_.NonBlockingCall(raw) != napi_ok) {
+      for (auto& r : raw->kept_) r.SuppressDestruct();
+      raw->deferred_.release();
+      delete raw;
+    }
+  };
+  if (!pool_->Submit(run, dropped)) {
+    Napi::Error err = MakeError(env, codes::kDisposed, "sonde: the thread pool has shut down");
+    raw->deferred_->Reject(err.Value());
+    delete raw;
+    return promise;
+  }
+  if (in_flight_++ == 0) tsfn_.Ref(env);
+  return promise;
+}
+
+void Addon::Complete(Napi::Env env, Napi::Function, Addon* self, AsyncJob* job) {
+  if (env == nullptr) {
+    // The TSFN is being finalized with this completion still queued.
+    for (auto& r : job->kept_) r.SuppressDestruct();
+    job->deferred_.release();
+    delete job;
+    return;
+  }
+  self->Settle(env, job);
+}
+
+void Addon::Settle(Napi::Env env, AsyncJob* job) {
+  std::unique_ptr<AsyncJob> owned(job);
+  if (in_flight_ > 0 && --in_flight_ == 0) tsfn_.Unref(env);
+  Napi::HandleScope scope(env);
+  if (job->error_code_) {
+    job->deferred_->Reject(MakeError(env, job->error_code_, job->error_message_).Value());
+    return;
+  }
+  try {
+    job->deferred_->Resolve(job->Result(env));
+  } catch (const Napi::Error& e) {
+    job->deferred_->Reject(e.Value());
+  }
+}
+
+Napi::Function CancelToken::Define(Napi::Env env) {
+  return DefineClass(env, "CancelToken", {InstanceMethod("cancel", &CancelToken::Cancel)});
+}
+
+void Addon::AttachCancel(const Napi::CallbackInfo& info, size_t i, AsyncJob* job) {
+  if (info.Length() <= i || info[i].IsUndefined() || info[i].IsNull()) return;
+  if (!info[i].IsObject() || !info[i].As<Napi::Object>().InstanceOf(cancel_ctor_.Value()))
+    throw MakeError(info.Env(), codes::kInvalidArgument, "cancel token must be a CancelToken");
+  job->cancel = CancelToken::Unwrap(info[i].As<Napi::Object>())->flag;
+}
+
+Napi::Value Addon::SetThreads(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsNumber())
+    throw MakeError(env, codes::kInvalidArgument, "setThreads(threads): threads must be a number");
+  int64_t n = info[0].As<Napi::Number>().Int64Value();
+  if (n < 1 || n > 1024)
+    throw MakeError(env, codes::kInvalidArgument, "setThreads(threads): threads must be in [1, 1024]");
+  pool_->Resize(static_cast<unsigned>(n));
+  return env.Undefined();
+}
+
+// V8's running total of external memory reported by every addon in this isolate; adjusting by 0
+// reads it. Tests use it to check that native allocations are reported.
+Napi::Value Addon::ExternalMemory(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(Napi::MemoryManagement::AdjustExternalMemory(info.Env(), 0)));
+}
+
+Napi::Value Addon::GetThreads(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), pool_->size());
+}
+
+Napi::Value Addon::CpuInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const CpuFeatures& c = Cpu();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("model", c.model);
+  o.Set("arch", c.arch);
+  o.Set("cores", c.cores);
+  o.Set("simd", IsaName(c.level));
+  o.Set("simdDetected", IsaName(c.detected));
+  Napi::Array feats = Napi::Array::New(env);
+  auto names = c.FeatureNames();
+  for (size_t i = 0; i < names.size(); ++i) feats.Set(static_cast<uint32_t>(i), names[i]);
+  o.Set("features", feats);
+  o.Set("bf16", c.HasBf16());
+  o.Set("vnni", c.HasVnni());
+  Napi::Object caches = Napi::Object::New(env);
+  caches.Set("l1d", static_cast<double>(c.l1d_bytes));
+  caches.Set("l2", static_cast<double>(c.l2_bytes));
+  caches.Set("l3", static_cast<double>(c.l3_bytes));
+  o.Set("caches", caches);
+  return o;
+}
+
+Napi::Value Addon::CudaInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CudaStatus s = QueryCuda();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("compiled", s.compiled);
+  o.Set("runtimeVersion", s.runtime_version);
+  o.Set("driverVersion", s.driver_version);
+  Napi::Array devs = Napi::Array::New(env);
+  for (size_t i = 0; i < s.devices.size(); ++i) {
+    const auto& d = s.devices[i];
+    Napi::Object dv = Napi::Object::New(env);
+    dv.Set("index", d.index);
+    dv.Set("name", d.name);
+    dv.Set("totalMemory", static_cast<double>(d.total_bytes));
+    dv.Set("freeMemory", static_cast<double>(d.free_bytes));
+    dv.Set("computeCapability", std::to_string(d.cc_major) + "." + std::to_string(d.cc_minor));
+    dv.Set("multiprocessors", d.multiprocessors);
+    devs.Set(static_cast<uint32_t>(i), dv);
+  }
+  o.Set("devices", devs);
+  if (!s.reason.empty()) o.Set("reason", s.reason);
+  return o;
+}
+
+// ---- peak probes (bench harness) ----
+
+namespace {
+
+class PeakFmaJob : public AsyncJob {
+ public:
+  IsaLevel isa = IsaLevel::kScalar;
+  double seconds = 0.2;
+  double flops = 0, elapsed = 0;
+  void Execute(Addon& addon) override {
+    using Clock = std::chrono::steady_clock;
+    const unsigned nt = threads;
+    std::vector<double> per(nt, 0.0);
+    std::vector<float> sinks(nt * 16, 0.0f);
+    auto t0 = Clock::now();
+    addon.pool().ParallelFor(nt, nt, [&](size_t t) {
+      auto start = Clock::now();
+      double done = 0;
+      while (std::chrono::duration<double>(Clock::now() - start).count() < seconds) {
+        constexpr uint64_t kIters = 1u << 16;
+#if defined(__x86_64__) || defined(_M_X64)
+        if (isa == IsaLevel::kAvx512) done += kernels::F32FmaPeakAvx512(kIters, &sinks[t * 16]);
+        else if (isa == IsaLevel::kAvx2) done += kernels::F32FmaPeakAvx2(kIters, &sinks[t * 16]);
+        else
+#endif
+          done += kernels::F32FmaPeakScalar(kIters, &sinks[t * 16]);
+      }
+      per[t] = done;
+    }, cancel.get());
+    elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+    for (double d : per) flops += d;
+  }
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("flops", flops);
+    o.Set("seconds", elapsed);
+    o.Set("threads", threads);
+    o.Set("simd", IsaName(isa));
+    return o;
+  }
+};
+
+class ReadBandwidthJob : public AsyncJob {
+ public:
+  size_t bytes = 0;
+  int passes = 3;
+  double best_seconds = 0;
+  void Execute(Addon& addon) override {
+    size_t n = bytes / sizeof(float) / 64 * 64;
+    float* buf = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(64, n * sizeof(float))));
+    if (!buf) throw std::bad_alloc();
+    const unsigned nt = threads;
+    const size_t chunk = (n / nt) / 64 * 64;
+    addon.pool().ParallelFor(nt, nt, [&](size_t t) {
+      size_t begin = t * chunk, end = t + 1 == nt ? n : begin + chunk;
+      for (size_t i = begin; i < end; ++i) buf[i] = static_cast<float>(i & 7);
+    });
+    std::vector<float> sums(nt);
+    best_seconds = 1e30;
+    for (int p = 0; p < passes && !cancel->load(); ++p) {
+      auto t0 = std::chrono::steady_clock::now();
+      addon.pool().ParallelFor(nt, nt, [&](size_t t) {
+        size_t begin = t * chunk, end = t + 1 == nt ? n : begin + chunk;
+#if defined(__x86_64__) || defined(_M_X64)
+        if (Cpu().Supports(IsaLevel::kAvx2)) sums[t] = kernels::F32ReadSumAvx2(buf + begin, end - begin);
+        else
+#endif
+          sums[t] = kernels::F32ReadSumScalar(buf + begin, end - begin);
+      });
+      best_seconds = std::min(best_seconds,
+                              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    bytes = n * sizeof(float);
+    std::free(buf);
+  }
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("bytes", static_cast<double>(bytes));
+    o.Set("seconds", best_seconds);
+    o.Set("threads", threads);
+    return o;
+  }
+};
+
+unsigned ThreadsArg(const Napi::Value& v, const char* what) {
+  if (v.IsUndefined() || v.IsNull()) return 0;
+  if (!v.IsNumber()) throw MakeError(v.Env(), codes::kInvalidArgument, std::string(what) + " must be a number");
+  int64_t n = v.As<Napi::Number>().Int64Value();
+  if (n < 0 || n > 1024) throw MakeError(v.Env(), codes::kInvalidArgument, std::string(what) + " must be in [0, 1024]");
+  return static_cast<unsigned>(n);
+}
+
+}  // namespace
+
+Napi::Value Addon::PeakFma(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto job = std::make_unique<PeakFmaJob>();
+  if (info.Length() < 1 || !info[0].IsString() || !ParseIsa(info[0].As<Napi::String>(), &job->isa))
+    throw MakeError(env, codes::kInvalidArgument, "peakFma(simd): simd must be 'scalar', 'avx2' or 'avx512'");
+  if (!Cpu().Supports(job->isa))
+    throw MakeError(env, codes::kInvalidArgument, std::string("peakFma: this CPU cannot run ") + IsaName(job->isa));
+  job->threads = ThreadsArg(info[1], "peakFma(threads)");
+  if (info.Length() > 2 && info[2].IsNumber()) job->seconds = std::clamp(info[2].As<Napi::Number>().DoubleValue(), 0.01, 10.0);
+  return Start(env, std::move(job));
+}
+
+Napi::Value Addon::ReadBandwidth(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto job = std::make_unique<ReadBandwidthJob>();
+  if (info.Length() < 1 || !info[0].IsNumber())
+    throw MakeError(env, codes::kInvalidArgument, "readBandwidth(bytes): bytes must be a number");
+  double b = info[0].As<Napi::Number>().DoubleValue();
+  if (!(b >= 4096 && b <= 16.0 * (1ull << 30)))
+    throw MakeError(env, codes::kInvalidArgument, "readBandwidth(bytes): bytes must be in [4 KiB, 16 GiB]");
+  job->bytes = static_cast<size_t>(b);
+  job->threads = ThreadsArg(info[1], "readBandwidth(threads)");
+  return Start(env, std::move(job));
+}
+
+}  // namespace sonde
+
+static Napi::Object InitSonde(Napi::Env env, Napi::Object exports) {
+  return sonde::Addon::Init(env, exports);
+}
+
+NODE_API_MODULE(sonde_addon, InitSonde)

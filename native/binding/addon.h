@@ -1,0 +1,105 @@
+// Per-environment state of the addon and the one mechanism for long calls: a job runs Execute() on
+// sonde's pool (plain C++ data, no N-API), then settles its Promise on the JS thread.
+#pragma once
+#include <napi.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/thread_pool.h"
+
+namespace sonde {
+
+// Stable codes; lib/errors.ts maps each to an error class.
+namespace codes {
+constexpr const char* kInvalidArgument = "ERR_SONDE_INVALID_ARGUMENT";
+constexpr const char* kDeviceUnavailable = "ERR_SONDE_DEVICE_UNAVAILABLE";
+constexpr const char* kOutOfMemory = "ERR_SONDE_OUT_OF_MEMORY";
+constexpr const char* kDisposed = "ERR_SONDE_DISPOSED";
+constexpr const char* kAborted = "ERR_SONDE_ABORTED";
+constexpr const char* kInternal = "ERR_SONDE_INTERNAL";
+}  // namespace codes
+
+Napi::Error MakeError(Napi::Env env, const char* code, const std::string& message);
+
+class Addon;
+
+class AsyncJob {
+ public:
+  virtual ~AsyncJob() = default;
+  // Pool thread. Report failure with Fail(); C++ exceptions are caught and reported too.
+  virtual void Execute(Addon& addon) = 0;
+  // JS thread, only when Execute succeeded.
+  virtual Napi::Value Result(Napi::Env env) { return env.Undefined(); }
+
+  void Fail(const char* code, std::string message) {
+    error_code_ = code;
+    error_message_ = std::move(message);
+  }
+  // Keeps a JS value (an input TypedArray, a handle) alive until the job settles.
+  void Keep(Napi::Value v) { kept_.push_back(Napi::Persistent(v)); }
+  // Shared with a JS CancelToken (AbortSignal), which may outlive the job or die before it.
+  std::shared_ptr<CancelFlag> cancel = std::make_shared<CancelFlag>(false);
+  unsigned threads = 0;  // max threads for this job; 0 = the whole pool
+
+ private:
+  friend class Addon;
+  const char* error_code_ = nullptr;
+  std::string error_message_;
+  std::vector<Napi::Reference<Napi::Value>> kept_;
+  std::unique_ptr<Napi::Promise::Deferred> deferred_;
+};
+
+class Addon : public Napi::Addon<Addon> {
+ public:
+  Addon(Napi::Env env, Napi::Object exports);
+  ~Addon();
+
+  ThreadPool& pool() { return *pool_; }
+  // Starts job on the pool and returns its Promise.
+  Napi::Value Start(Napi::Env env, std::unique_ptr<AsyncJob> job);
+
+ private:
+  static void Complete(Napi::Env env, Napi::Function, Addon* self, AsyncJob* job);
+  void Settle(Napi::Env env, AsyncJob* job);
+  void Teardown();
+
+  Napi::Value SetThreads(const Napi::CallbackInfo& info);
+  Napi::Value GetThreads(const Napi::CallbackInfo& info);
+  Napi::Value ExternalMemory(const Napi::CallbackInfo& info);
+  Napi::Value CpuInfo(const Napi::CallbackInfo& info);
+  Napi::Value CudaInfo(const Napi::CallbackInfo& info);
+  Napi::Value Gemm(const Napi::CallbackInfo& info);
+  Napi::Value PackGemmWeights(const Napi::CallbackInfo& info);
+  Napi::Value PeakFma(const Napi::CallbackInfo& info);
+  Napi::Value ReadBandwidth(const Napi::CallbackInfo& info);
+  // Links job->cancel to the CancelToken passed as info[i], if any.
+  void AttachCancel(const Napi::CallbackInfo& info, size_t i, AsyncJob* job);
+
+  using CompletionTsfn = Napi::TypedThreadSafeFunction<Addon, AsyncJob, Complete>;
+  std::unique_ptr<ThreadPool> pool_;
+  CompletionTsfn tsfn_;
+  size_t in_flight_ = 0;
+  bool torn_down_ = false;
+  Napi::FunctionReference packed_ctor_;
+  Napi::FunctionReference cancel_ctor_;
+  friend class PackedGemmHandle;
+};
+
+// JS side of cancellation: lib/ creates one per call that has an AbortSignal and calls cancel()
+// when the signal fires; running ParallelFor loops stop handing out work.
+class CancelToken : public Napi::ObjectWrap<CancelToken> {
+ public:
+  static Napi::Function Define(Napi::Env env);
+  explicit CancelToken(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CancelToken>(info) {}
+  std::shared_ptr<CancelFlag> flag = std::make_shared<CancelFlag>(false);
+
+ private:
+  Napi::Value Cancel(const Napi::CallbackInfo& info) {
+    flag->store(true);
+    return info.Env().Undefined();
+  }
+};
+
+}  // namespace sonde

@@ -1,0 +1,90 @@
+// AVX-512 f32 GEMM, 12x32 tile: 24 zmm accumulators + 2 for the W row + 1 broadcast of A = 27 of
+// the 32 registers, enough independent FMA chains to cover FMA latency on two pipes.
+// GCC 12 reports a false -Wmaybe-uninitialized inside avx512fintrin.h for _mm512_setzero_ps/masked loads.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "kernels/gemm/gemm.h"
+
+namespace sonde {
+namespace kernels {
+namespace {
+
+constexpr size_t kMr = 12;
+constexpr size_t kNr = 32;
+
+template <size_t MR>
+void Tile(size_t nr, size_t kc, const float* a, size_t lda, const float* w, float* c, size_t ldc,
+          bool accumulate, const GemmEpilogue* ep) {
+  __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+  for (size_t i = 0; i < MR; ++i) {
+    acc0[i] = _mm512_setzero_ps();
+    acc1[i] = _mm512_setzero_ps();
+  }
+  for (size_t k = 0; k < kc; ++k) {
+    const __m512 w0 = _mm512_load_ps(w + k * kNr);
+    const __m512 w1 = _mm512_load_ps(w + k * kNr + 16);
+#pragma GCC unroll 16
+    for (size_t i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * lda + k]);
+      acc0[i] = _mm512_fmadd_ps(av, w0, acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(av, w1, acc1[i]);
+    }
+  }
+  const __mmask16 m0 = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
+  const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
+  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+  if (ep && ep->bias) {
+    b0 = _mm512_maskz_loadu_ps(m0, ep->bias);
+    b1 = _mm512_maskz_loadu_ps(m1, ep->bias + 16);
+  }
+  const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (size_t i = 0; i < MR; ++i) {
+    float* ci = c + i * ldc;
+    __m512 v0 = acc0[i], v1 = acc1[i];
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, ci));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, ci + 16));
+    }
+    if (ep) {
+      v0 = _mm512_add_ps(v0, b0);
+      v1 = _mm512_add_ps(v1, b1);
+      if (ep->activation == kActRelu) {
+        v0 = _mm512_max_ps(v0, zero);
+        v1 = _mm512_max_ps(v1, zero);
+      }
+    }
+    _mm512_mask_storeu_ps(ci, m0, v0);
+    _mm512_mask_storeu_ps(ci + 16, m1, v1);
+  }
+}
+
+void F32Gemm12x32Avx512(size_t mr, size_t nr, size_t kc, const float* a, size_t lda, const float* w,
+                        float* c, size_t ldc, bool accumulate, const GemmEpilogue* ep) {
+  switch (mr) {
+    case 12: return Tile<12>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    case 11: return Tile<11>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    case 10: return Tile<10>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    case 9: return Tile<9>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    case 8: return Tile<8>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    case 7: return Tile<7>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    case 6: return Tile<6>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    case 5: return Tile<5>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    case 4: return Tile<4>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    case 3: return Tile<3>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    case 2: return Tile<2>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    case 1: return Tile<1>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    default: return;
+  }
+}
+
+}  // namespace
+
+F32GemmUkernelInfo F32GemmUkernelAvx512() {
+  return {F32Gemm12x32Avx512, kMr, kNr, "f32_gemm_12x32__avx512"};
+}
+
+}  // namespace kernels
+}  // namespace sonde

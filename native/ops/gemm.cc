@@ -1,0 +1,151 @@
+#include "ops/gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+namespace sonde {
+
+bool ParseGemmVariant(const std::string& name, GemmVariant* out) {
+  if (name == "auto") *out = GemmVariant::kAuto;
+  else if (name == "reference") *out = GemmVariant::kReference;
+  else if (name == "scalar") *out = GemmVariant::kScalar;
+  else if (name == "avx2") *out = GemmVariant::kAvx2;
+  else if (name == "avx512") *out = GemmVariant::kAvx512;
+  else return false;
+  return true;
+}
+
+const char* GemmVariantName(GemmVariant v) {
+  switch (v) {
+    case GemmVariant::kAuto: return "auto";
+    case GemmVariant::kReference: return "reference";
+    case GemmVariant::kScalar: return "scalar";
+    case GemmVariant::kAvx2: return "avx2";
+    case GemmVariant::kAvx512: return "avx512";
+  }
+  return "?";
+}
+
+std::string GemmVariantUnavailable(GemmVariant v) {
+  const CpuFeatures& cpu = Cpu();
+  IsaLevel need = IsaLevel::kScalar;
+  if (v == GemmVariant::kAvx2) need = IsaLevel::kAvx2;
+  if (v == GemmVariant::kAvx512) need = IsaLevel::kAvx512;
+#if !(defined(__x86_64__) || defined(_M_X64))
+  if (need != IsaLevel::kScalar) return std::string(GemmVariantName(v)) + " kernels exist only on x86-64";
+#endif
+  if (!cpu.Supports(need))
+    return std::string("this CPU (or SONDE_ISA) allows at most '") + IsaName(cpu.level) +
+           "', not '" + GemmVariantName(v) + "'";
+  return "";
+}
+
+GemmVariant ResolveGemmVariant(GemmVariant v) {
+  if (v != GemmVariant::kAuto) return v;
+  switch (Cpu().level) {
+    case IsaLevel::kAvx512: return GemmVariant::kAvx512;
+    case IsaLevel::kAvx2: return GemmVariant::kAvx2;
+    default: return GemmVariant::kScalar;
+  }
+}
+
+kernels::F32GemmUkernelInfo GemmUkernel(GemmVariant v) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (v == GemmVariant::kAvx512) return kernels::F32GemmUkernelAvx512();
+  if (v == GemmVariant::kAvx2) return kernels::F32GemmUkernelAvx2();
+#endif
+  return kernels::F32GemmUkernelScalar();
+}
+
+std::unique_ptr<PackedGemmWeights> PackedGemmWeights::Pack(const float* b, size_t k, size_t n,
+                                                           size_t ldb, GemmVariant variant) {
+  std::unique_ptr<PackedGemmWeights> w(new PackedGemmWeights());
+  w->k_ = k;
+  w->n_ = n;
+  w->variant_ = ResolveGemmVariant(variant);
+  w->ukernel_ = GemmUkernel(w->variant_);
+  const size_t nr = w->ukernel_.nr;
+  const size_t panels = (n + nr - 1) / nr;
+  const size_t floats = std::max<size_t>(1, panels * k * nr);
+  // 64-byte alignment: one cache line, and the aligned loads of the AVX-512 kernel.
+  w->bytes_ = (floats * sizeof(float) + 63) / 64 * 64;
+  w->data_ = static_cast<float*>(std::aligned_alloc(64, w->bytes_));
+  if (!w->data_) throw std::bad_alloc();
+  for (size_t p = 0; p < panels; ++p) {
+    const size_t n0 = p * nr;
+    const size_t cols = std::min(nr, n - n0);
+    float* dst = w->data_ + p * k * nr;
+    for (size_t kk = 0; kk < k; ++kk) {
+      std::memcpy(dst + kk * nr, b + kk * ldb + n0, cols * sizeof(float));
+      std::memset(dst + kk * nr + cols, 0, (nr - cols) * sizeof(float));
+    }
+  }
+  return w;
+}
+
+PackedGemmWeights::~PackedGemmWeights() { std::free(data_); }
+
+namespace {
+// K block: a kc x NR slice of a W panel (32 KiB at kc=256, NR=32) stays in L1/L2 while every row
+// tile of the task streams past it.
+constexpr size_t kKc = 256;
+}  // namespace
+
+bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const GemmArgs& args,
+             const PackedGemmWeights& w) {
+  const auto& uk = w.ukernel();
+  const size_t m = args.m, n = w.n(), k = w.k();
+  if (m == 0 || n == 0) return true;
+  if (k == 0) {
+    // Empty sum: C = act(bias).
+    for (size_t i = 0; i < m; ++i)
+      for (size_t j = 0; j < n; ++j) {
+        float v = args.bias ? args.bias[j] : 0.0f;
+        if (args.activation == kernels::kActRelu && v < 0) v = 0;
+        args.c[i * args.ldc + j] = v;
+      }
+    return true;
+  }
+  const size_t mr = uk.mr, nr = uk.nr;
+  const size_t m_tiles = (m + mr - 1) / mr;
+  const size_t n_panels = (n + nr - 1) / nr;
+  const unsigned threads = std::max(1u, std::min(max_threads, pool.size()));
+  // Task grid: start from blocks of ~96 rows x ~256 columns, then split further until every thread
+  // has a few tasks (M=1 decode splits across N only).
+  size_t mb = std::max<size_t>(1, 96 / mr), nb = std::max<size_t>(1, 256 / nr);
+  mb = std::min(mb, m_tiles);
+  nb = std::min(nb, n_panels);
+  auto tasks = [&] { return ((m_tiles + mb - 1) / mb) * ((n_panels + nb - 1) / nb); };
+  while (tasks() < 4 * static_cast<size_t>(threads) && (nb > 1 || mb > 1)) {
+    if (nb > 1 && (nb >= mb || mb == 1)) nb = (nb + 1) / 2;
+    else mb = (mb + 1) / 2;
+  }
+  const size_t m_blocks = (m_tiles + mb - 1) / mb;
+  const size_t n_blocks = (n_panels + nb - 1) / nb;
+  auto task = [&](size_t t) {
+    const size_t mbi = t % m_blocks, nbi = t / m_blocks;
+    const size_t t0 = mbi * mb, t1 = std::min(m_tiles, t0 + mb);
+    const size_t p0 = nbi * nb, p1 = std::min(n_panels, p0 + nb);
+    for (size_t k0 = 0; k0 < k; k0 += kKc) {
+      const size_t kc = std::min(kKc, k - k0);
+      const bool last = k0 + kc == k;
+      for (size_t p = p0; p < p1; ++p) {
+        const size_t n0 = p * nr;
+        const size_t ncols = std::min(nr, n - n0);
+        const float* wp = w.panel(p) + k0 * nr;
+        kernels::GemmEpilogue ep{args.bias ? args.bias + n0 : nullptr, args.activation};
+        for (size_t ti = t0; ti < t1; ++ti) {
+          const size_t m0 = ti * mr;
+          const size_t rows = std::min(mr, m - m0);
+          uk.fn(rows, ncols, kc, args.a + m0 * args.lda + k0, args.lda, wp, args.c + m0 * args.ldc + n0,
+                args.ldc, k0 > 0, last ? &ep : nullptr);
+        }
+      }
+    }
+  };
+  return pool.ParallelFor(m_blocks * n_blocks, threads, task, cancel);
+}
+
+}  // namespace sonde

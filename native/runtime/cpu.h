@@ -1,0 +1,35 @@
+// CPU feature detection, read once: CPUID for what the core implements and XCR0 for what the OS
+// saves on context switch (AVX-512 registers are unusable if the kernel does not save them).
+#pragma once
+#include <string>
+#include <vector>
+
+namespace sonde {
+
+enum class IsaLevel : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+struct CpuFeatures {
+  bool sse42 = false, popcnt = false, avx = false, avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512vnni = false, avx512bf16 = false, avx512vbmi = false, avxvnni = false;
+  bool os_avx = false, os_avx512 = false;
+  // Highest level whose kernels this process may run (detected, then lowered by SONDE_ISA).
+  IsaLevel level = IsaLevel::kScalar;
+  IsaLevel detected = IsaLevel::kScalar;
+  std::string model;
+  std::string arch;
+  unsigned cores = 1;
+  size_t l1d_bytes = 32 * 1024, l2_bytes = 512 * 1024, l3_bytes = 8 * 1024 * 1024;
+
+  bool Supports(IsaLevel l) const { return static_cast<int>(l) <= static_cast<int>(level); }
+  bool HasBf16() const { return level == IsaLevel::kAvx512 && avx512bf16; }
+  bool HasVnni() const { return level == IsaLevel::kAvx512 && avx512vnni; }
+  std::vector<std::string> FeatureNames() const;
+};
+
+const CpuFeatures& Cpu();
+const char* IsaName(IsaLevel l);
+// Parses "scalar" | "avx2" | "avx512"; returns false for anything else.
+bool ParseIsa(const std::string& s, IsaLevel* out);
+
+}  // namespace sonde

@@ -1,0 +1,134 @@
+#include "runtime/thread_pool.h"
+
+#include <algorithm>
+
+namespace sonde {
+
+ThreadPool::ThreadPool(unsigned threads) {
+  std::lock_guard<std::mutex> lock(mu_);
+  threads = std::max(1u, threads);
+  target_ = threads;
+  StartThreadsLocked(threads);
+}
+
+ThreadPool::~ThreadPool() { Shutdown(); }
+
+void ThreadPool::StartThreadsLocked(unsigned count) {
+  while (threads_.size() < count) {
+    unsigned index = static_cast<unsigned>(threads_.size());
+    threads_.emplace_back([this, index] { WorkerLoop(index); });
+  }
+}
+
+void ThreadPool::Resize(unsigned threads) {
+  threads = std::max(1u, threads);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return;
+    target_ = threads;
+    StartThreadsLocked(threads);
+  }
+  cv_.notify_all();
+}
+
+bool ThreadPool::Submit(std::function<void()> job, std::function<void()> dropped) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return false;
+    queue_.push_back(Task{std::move(job), std::move(dropped)});
+  }
+  cv_.notify_one();
+  return true;
+}
+
+void ThreadPool::WorkerLoop(unsigned index) {
+  for (;;) {
+    Task task;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || (index < target_ && !queue_.empty()); });
+      if (stop_) return;
+      task = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    task.run();
+  }
+}
+
+namespace {
+struct ForState {
+  explicit ForState(size_t n_, const std::function<void(size_t)>& fn_, const CancelFlag* c)
+      : n(n_), fn(fn_), cancel(c) {}
+  size_t n;
+  const std::function<void(size_t)>& fn;  // lives on the caller's stack until done == n
+  const CancelFlag* cancel;
+  std::atomic<size_t> next{0};
+  std::atomic<size_t> done{0};
+  std::atomic<bool> cancelled{false};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+// Runs indices until none are left; returns after accounting for every index it claimed.
+void Drain(ForState& s, const std::atomic<bool>& stop) {
+  for (;;) {
+    size_t i = s.next.fetch_add(1);
+    if (i >= s.n) return;
+    bool skip = stop.load(std::memory_order_relaxed) ||
+                (s.cancel && s.cancel->load(std::memory_order_relaxed));
+    if (skip) {
+      s.cancelled = true;
+    } else {
+      s.fn(i);
+    }
+    if (s.done.fetch_add(1) + 1 == s.n) {
+      std::lock_guard<std::mutex> lock(s.mu);
+      s.cv.notify_all();
+    }
+  }
+}
+}  // namespace
+
+bool ThreadPool::ParallelFor(size_t n, unsigned max_threads, const std::function<void(size_t)>& fn,
+                             const CancelFlag* cancel) {
+  if (n == 0) return true;
+  unsigned helpers = static_cast<unsigned>(
+      std::min<size_t>(n, std::min(max_threads, target_.load())));
+  helpers = helpers > 0 ? helpers - 1 : 0;
+  auto state = std::make_shared<ForState>(n, fn, cancel);
+  if (helpers > 0) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!stop_) {
+        // Helpers go to the front: finishing work already started beats starting new jobs.
+        for (unsigned h = 0; h < helpers; ++h)
+          queue_.push_front(Task{[state, this] { Drain(*state, stop_); }, nullptr});
+      }
+    }
+    cv_.notify_all();
+  }
+  Drain(*state, stop_);
+  {
+    std::unique_lock<std::mutex> lock(state->mu);
+    state->cv.wait(lock, [&] { return state->done.load() == state->n; });
+  }
+  return !state->cancelled;
+}
+
+void ThreadPool::Shutdown() {
+  std::deque<Task> dropped;
+  std::vector<std::thread> threads;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_ && threads_.empty()) return;
+    stop_ = true;
+    dropped.swap(queue_);
+    threads.swap(threads_);
+  }
+  cv_.notify_all();
+  for (auto& t : threads) t.join();
+  for (auto& task : dropped)
+    if (task.dropped) task.dropped();
+}
+
+}  // namespace sonde

@@ -1,0 +1,69 @@
+import { describe, expect, it } from 'vitest';
+import { InvalidArgumentError, getThreads, kernels, setThreads } from '../dist/index.js';
+import { expectGemmClose, randomTensor } from './helpers.js';
+
+describe('compute runs off the event loop', () => {
+  it('a timer keeps firing during a GEMM of at least 0.5 s', async () => {
+    // The reference kernel on one thread is slow enough to take >= 0.5 s at this size.
+    let n = 384;
+    let elapsed = 0;
+    let ticks = 0;
+    for (;;) {
+      const a = randomTensor([n, n], 1);
+      const b = randomTensor([n, n], 2);
+      ticks = 0;
+      const timer = setInterval(() => ticks++, 5);
+      const t0 = performance.now();
+      const c = await kernels.gemm(a, b, { variant: 'reference', threads: 1 });
+      elapsed = performance.now() - t0;
+      clearInterval(timer);
+      if (elapsed >= 500) {
+        expectGemmClose(c.data.subarray(0, n), a.data.subarray(0, n), b.data, 1, n, n);
+        break;
+      }
+      n = Math.ceil(n * Math.cbrt(600 / Math.max(elapsed, 1)));
+    }
+    // A blocked loop would fire 0 or 1 times; an idle one ~elapsed/5 times. Ask for a third.
+    expect(ticks).toBeGreaterThan(elapsed / 5 / 3);
+  });
+
+  it('the process can exit while idle (no handle keeps it alive)', async () => {
+    const { execFileSync } = await import('node:child_process');
+    const script = `import { kernels, Tensor } from './dist/index.js';
+      const a = new Tensor('float32', new Float32Array(4), [2, 2]);
+      await kernels.gemm(a, a); console.log('done');`;
+    const out = execFileSync(process.execPath, ['--input-type=module', '-e', script], { timeout: 20_000 });
+    expect(out.toString().trim()).toBe('done');
+  });
+});
+
+describe('thread pool size', () => {
+  it('can be set per process and is used', async () => {
+    const before = getThreads();
+    try {
+      setThreads(3);
+      expect(getThreads()).toBe(3);
+      const a = randomTensor([64, 64]);
+      const b = randomTensor([64, 64], 2);
+      expectGemmClose((await kernels.gemm(a, b)).data, a.data, b.data, 64, 64, 64);
+      setThreads(1);
+      expect(getThreads()).toBe(1);
+      expectGemmClose((await kernels.gemm(a, b, { threads: 4 })).data, a.data, b.data, 64, 64, 64);
+    } finally {
+      setThreads(before);
+    }
+  });
+
+  it('rejects bad sizes', () => {
+    expect(() => setThreads(0)).toThrow(InvalidArgumentError);
+    expect(() => setThreads(2.5)).toThrow('setThreads(threads) must be an integer in [1, 1024], got 2.5');
+    expect(() => setThreads('4' as never)).toThrow(InvalidArgumentError);
+  });
+
+  it('many concurrent calls all complete correctly', async () => {
+    const b = randomTensor([50, 40], 3);
+    const as = Array.from({ length: 40 }, (_, i) => randomTensor([1 + (i % 7), 50], 100 + i));
+    const cs = await Promise.all(as.map((a) => kernels.gemm(a, b)));
+    cs.forEach((c, i) => expectGemmClose(c.data, as[i]!.data, b.data, as[i]!.dims[0]!, 50, 40));
+  });
+});

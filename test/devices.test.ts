@@ -1,0 +1,70 @@
+import { describe, expect, it } from 'vitest';
+import { DeviceUnavailableError, InvalidArgumentError, devices, resolveDevice } from '../dist/index.js';
+import { readFileSync } from 'node:fs';
+
+describe('devices()', () => {
+  const d = devices();
+
+  it('reports the CPU with its SIMD level and features', () => {
+    expect(d.cpu.kind).toBe('cpu');
+    expect(d.cpu.cores).toBeGreaterThanOrEqual(1);
+    expect(['scalar', 'avx2', 'avx512']).toContain(d.cpu.simd);
+    expect(d.cpu.model.length).toBeGreaterThan(0);
+    if (process.arch === 'x64' && process.platform === 'linux') {
+      // Cross-check CPUID against the kernel's view of the CPU.
+      const flags = /^flags\s*:(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))![1]!.split(/\s+/);
+      expect(d.cpu.features.includes('avx2')).toBe(flags.includes('avx2'));
+      expect(d.cpu.features.includes('avx512f')).toBe(flags.includes('avx512f'));
+      expect(d.cpu.features.includes('avx512bf16')).toBe(flags.includes('avx512_bf16'));
+      expect(d.cpu.features.includes('avx512vnni')).toBe(flags.includes('avx512_vnni'));
+      const want = flags.includes('avx512f') && flags.includes('avx512bw') && flags.includes('avx512vl') && flags.includes('avx512dq')
+        ? 'avx512' : flags.includes('avx2') && flags.includes('fma') ? 'avx2' : 'scalar';
+      expect(d.cpu.simdDetected).toBe(want);
+      if (!process.env.SONDE_ISA) expect(d.cpu.simd).toBe(want);
+    }
+  });
+
+  it('reports CUDA devices or the reason there are none', () => {
+    expect(typeof d.cuda.compiled).toBe('boolean');
+    if (d.cuda.devices.length === 0) {
+      expect(d.cuda.reason).toMatch(/\w/);
+    } else {
+      for (const g of d.cuda.devices) {
+        expect(g.id).toBe(`cuda:${g.index}`);
+        expect(g.totalMemory).toBeGreaterThan(0);
+        expect(g.computeCapability).toMatch(/^\d+\.\d+$/);
+      }
+    }
+  });
+});
+
+describe('resolveDevice', () => {
+  const hasCuda = devices().cuda.devices.length > 0;
+
+  it("resolves 'cpu', and 'auto' to CUDA when present else the CPU", () => {
+    expect(resolveDevice('cpu')).toEqual({ kind: 'cpu' });
+    expect(resolveDevice('auto')).toEqual(hasCuda ? { kind: 'cuda', index: 0 } : { kind: 'cpu' });
+    expect(resolveDevice(undefined)).toEqual(resolveDevice('auto'));
+  });
+
+  it.each(['gpu', 'cuda:-1', 'cuda:x', 'CUDA', 'cuda:', '', 'cpu:0'])('rejects %j as malformed', (spec) => {
+    expect(() => resolveDevice(spec)).toThrow(InvalidArgumentError);
+    expect(() => resolveDevice(spec)).toThrow(/device must be 'auto', 'cpu', 'cuda' or 'cuda:N'/);
+  });
+
+  it('rejects non-strings', () => {
+    expect(() => resolveDevice(0)).toThrow(/got 0/);
+    expect(() => resolveDevice({})).toThrow(InvalidArgumentError);
+  });
+
+  it.runIf(!hasCuda)("'cuda' on a machine without a GPU is DeviceUnavailableError with the reason", () => {
+    const reason = devices().cuda.reason!;
+    expect(() => resolveDevice('cuda')).toThrow(DeviceUnavailableError);
+    expect(() => resolveDevice('cuda')).toThrow(reason);
+    expect(() => resolveDevice('cuda:0')).toThrow(DeviceUnavailableError);
+  });
+
+  it('a CUDA index past the last device is DeviceUnavailableError', () => {
+    expect(() => resolveDevice('cuda:99')).toThrow(DeviceUnavailableError);
+  });
+});
