@@ -49,4 +49,14 @@ describe('worker_threads', () => {
     expect((await again.result).sum).toBe(await mainSum(8, 9, 10, 2));
     await again.worker.terminate();
   });
+
+  it('workers terminated at random points (loading, running, idle) never crash or hang the process', async () => {
+    for (let i = 0; i < 25; i++) {
+      const r = runWorker({ m: 200 + i, k: 200, n: 200, seed: i, repeat: 1000 });
+      r.result.catch(() => {});
+      await new Promise((res) => setTimeout(res, (i * 37) % 150));
+      await r.worker.terminate();
+    }
+    expect(await mainSum(8, 9, 10, 2)).toBeTypeOf('number');
+  });
 });

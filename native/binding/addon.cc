@@ -23,13 +23,16 @@ Napi::Error MakeError(Napi::Env env, const char* code, const std::string& messag
 }
 
 Addon::Addon(Napi::Env env, Napi::Object exports) {
-  pool_ = std::make_unique<ThreadPool>(Cpu().cores);
+  pool_ = std::make_shared<ThreadPool>(Cpu().cores);
   tsfn_ = CompletionTsfn::New(env, "sonde.complete", 0, 1, this);
   // Idle addon must not keep the process alive; Start() refs while jobs are in flight.
   tsfn_.Unref(env);
   // Runs before the TSFN is torn down (hooks run in reverse order of registration): cancel running
-  // work and join the pool while completions can still be delivered or freed.
-  env.AddCleanupHook([this] { Teardown(); });
+  // work and join the pool while completions can still be delivered or freed. It holds the pool,
+  // not `this`: if initialisation is interrupted (a worker terminated while loading the addon),
+  // this object can be destroyed before the hook runs.
+  std::shared_ptr<ThreadPool> pool = pool_;
+  env.AddCleanupHook([pool] { pool->Shutdown(); });
   packed_ctor_ = Napi::Persistent(PackedGemmHandle::Define(env));
   cancel_ctor_ = Napi::Persistent(CancelToken::Define(env));
 
@@ -62,7 +65,8 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job) {
   Napi::Promise promise = job->deferred_->Promise();
   if (job->threads == 0) job->threads = pool_->size();
   AsyncJob* raw = job.release();
-  auto run = [this, raw] {
+  CompletionTsfn tsfn = tsfn_;
+  auto run = [this, raw, tsfn]() mutable {
     try {
       raw->Execute(*this);
     } catch (const std::bad_alloc&) {
@@ -71,16 +75,17 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job) {
       raw->Fail(codes::kInternal, std::string("sonde: internal error: ") + e.what());
     }
     if (raw->cancel->load() && !raw->error_code_) raw->Fail(codes::kAborted, "The operation was aborted");
-    if (tsfn_.NonBlockingCall(raw) != napi_ok) {
+    if (tsfn.NonBlockingCall(raw) != napi_ok) {
       // The environment is being torn down: nothing can be settled; drop JS references unreleased.
       for (auto& r : raw->kept_) r.SuppressDestruct();
       raw->deferred_.release();
       delete raw;
     }
   };
-  auto dropped = [this, raw] {
+  // Called by Shutdown for a job that never started; `this` may be gone by then.
+  auto dropped = [raw, tsfn]() mutable {
     raw->Fail(codes::kAborted, "sonde: the thread pool shut down before the job started");
-    if (tsfn_.NonBlockingCall(raw) != napi_ok) {
+    if (tsfn.NonBlockingCall(raw) != napi_ok) {
       for (auto& r : raw->kept_) r.SuppressDestruct();
       raw->deferred_.release();
       delete raw;
@@ -110,15 +115,22 @@ void Addon::Complete(Napi::Env env, Napi::Function, Addon* self, AsyncJob* job) 
 void Addon::Settle(Napi::Env env, AsyncJob* job) {
   std::unique_ptr<AsyncJob> owned(job);
   if (in_flight_ > 0 && --in_flight_ == 0) tsfn_.Unref(env);
-  Napi::HandleScope scope(env);
-  if (job->error_code_) {
-    job->deferred_->Reject(MakeError(env, job->error_code_, job->error_message_).Value());
-    return;
-  }
+  // This runs from the event loop with no JS caller to catch a C++ exception; while a worker is
+  // terminating, N-API calls fail (and node-addon-api throws), so nothing may escape from here.
   try {
-    job->deferred_->Resolve(job->Result(env));
-  } catch (const Napi::Error& e) {
-    job->deferred_->Reject(e.Value());
+    Napi::HandleScope scope(env);
+    if (job->error_code_) {
+      job->deferred_->Reject(MakeError(env, job->error_code_, job->error_message_).Value());
+      return;
+    }
+    try {
+      job->deferred_->Resolve(job->Result(env));
+    } catch (const Napi::Error& e) {
+      job->deferred_->Reject(e.Value());
+    }
+  } catch (...) {
+    for (auto& r : job->kept_) r.SuppressDestruct();
+    job->deferred_.release();
   }
 }
 

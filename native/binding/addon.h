@@ -78,7 +78,8 @@ class Addon : public Napi::Addon<Addon> {
   void AttachCancel(const Napi::CallbackInfo& info, size_t i, AsyncJob* job);
 
   using CompletionTsfn = Napi::TypedThreadSafeFunction<Addon, AsyncJob, Complete>;
-  std::unique_ptr<ThreadPool> pool_;
+  // Shared with the environment cleanup hook, which may run after this object is gone.
+  std::shared_ptr<ThreadPool> pool_;
   CompletionTsfn tsfn_;
   size_t in_flight_ = 0;
   bool torn_down_ = false;

@@ -146,7 +146,9 @@ Napi::Function PackedGemmHandle::Define(Napi::Env env) {
 PackedGemmHandle::PackedGemmHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PackedGemmHandle>(info) {}
 
 PackedGemmHandle::~PackedGemmHandle() {
-  if (reported_bytes_) Napi::MemoryManagement::AdjustExternalMemory(Env(), -reported_bytes_);
+  // A GC finalizer, possibly during environment teardown: use the C call, which cannot throw.
+  int64_t total;
+  if (reported_bytes_) napi_adjust_external_memory(Env(), -reported_bytes_, &total);
 }
 
 void PackedGemmHandle::Adopt(Napi::Env env, std::shared_ptr<const PackedGemmWeights> w) {
