@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <new>
 
-#include "binding/gemm_binding.h"
+#include "binding/families.h"
 #include "kernels/peak/peak.h"
 #include "runtime/cpu.h"
 #include "runtime/cuda_devices.h"
@@ -33,7 +33,6 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
   // this object can be destroyed before the hook runs.
   std::shared_ptr<ThreadPool> pool = pool_;
   env.AddCleanupHook([pool] { pool->Shutdown(); });
-  packed_ctor_ = Napi::Persistent(PackedGemmHandle::Define(env));
   cancel_ctor_ = Napi::Persistent(CancelToken::Define(env));
 
   DefineAddon(exports, {
@@ -41,14 +40,18 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
       InstanceMethod("getThreads", &Addon::GetThreads),
       InstanceMethod("cpuInfo", &Addon::CpuInfo),
       InstanceMethod("cudaInfo", &Addon::CudaInfo),
-      InstanceMethod("gemm", &Addon::Gemm),
-      InstanceMethod("packGemmWeights", &Addon::PackGemmWeights),
       InstanceMethod("peakFma", &Addon::PeakFma),
       InstanceMethod("readBandwidth", &Addon::ReadBandwidth),
       InstanceMethod("externalMemory", &Addon::ExternalMemory),
       InstanceValue("version", Napi::String::New(env, SONDE_VERSION)),
       InstanceValue("CancelToken", cancel_ctor_.Value()),
   });
+  RegisterGemmBindings(env, exports, *this);
+}
+
+void Addon::Export(Napi::Env env, Napi::Object exports, const char* name, BindingFn fn) {
+  Addon* self = this;
+  exports.Set(name, Napi::Function::New(env, [self, fn](const Napi::CallbackInfo& info) { return fn(*self, info); }, name));
 }
 
 Addon::~Addon() { Teardown(); }

@@ -3,6 +3,7 @@
 #pragma once
 #include <napi.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -51,6 +52,9 @@ class AsyncJob {
   std::unique_ptr<Napi::Promise::Deferred> deferred_;
 };
 
+// A binding function of one kernel family: unmarshal, validate cheaply, Start() a job.
+using BindingFn = Napi::Value (*)(Addon& addon, const Napi::CallbackInfo& info);
+
 class Addon : public Napi::Addon<Addon> {
  public:
   Addon(Napi::Env env, Napi::Object exports);
@@ -59,6 +63,12 @@ class Addon : public Napi::Addon<Addon> {
   ThreadPool& pool() { return *pool_; }
   // Starts job on the pool and returns its Promise.
   Napi::Value Start(Napi::Env env, std::unique_ptr<AsyncJob> job);
+  // Adds exports[name] calling fn with this addon. Families register through binding/families.h.
+  void Export(Napi::Env env, Napi::Object exports, const char* name, BindingFn fn);
+  // Keeps a class constructor for the environment's lifetime (for InstanceOf checks and New).
+  Napi::FunctionReference& Class(const std::string& name) { return classes_[name]; }
+  // Links job->cancel to the CancelToken passed as info[i], if any.
+  void AttachCancel(const Napi::CallbackInfo& info, size_t i, AsyncJob* job);
 
  private:
   static void Complete(Napi::Env env, Napi::Function, Addon* self, AsyncJob* job);
@@ -70,12 +80,8 @@ class Addon : public Napi::Addon<Addon> {
   Napi::Value ExternalMemory(const Napi::CallbackInfo& info);
   Napi::Value CpuInfo(const Napi::CallbackInfo& info);
   Napi::Value CudaInfo(const Napi::CallbackInfo& info);
-  Napi::Value Gemm(const Napi::CallbackInfo& info);
-  Napi::Value PackGemmWeights(const Napi::CallbackInfo& info);
   Napi::Value PeakFma(const Napi::CallbackInfo& info);
   Napi::Value ReadBandwidth(const Napi::CallbackInfo& info);
-  // Links job->cancel to the CancelToken passed as info[i], if any.
-  void AttachCancel(const Napi::CallbackInfo& info, size_t i, AsyncJob* job);
 
   using CompletionTsfn = Napi::TypedThreadSafeFunction<Addon, AsyncJob, Complete>;
   // Shared with the environment cleanup hook, which may run after this object is gone.
@@ -83,9 +89,8 @@ class Addon : public Napi::Addon<Addon> {
   CompletionTsfn tsfn_;
   size_t in_flight_ = 0;
   bool torn_down_ = false;
-  Napi::FunctionReference packed_ctor_;
   Napi::FunctionReference cancel_ctor_;
-  friend class PackedGemmHandle;
+  std::map<std::string, Napi::FunctionReference> classes_;
 };
 
 // JS side of cancellation: lib/ creates one per call that has an AbortSignal and calls cancel()

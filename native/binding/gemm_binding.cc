@@ -3,6 +3,7 @@
 #include <new>
 
 #include "binding/addon.h"
+#include "binding/families.h"
 
 namespace sonde {
 
@@ -54,7 +55,7 @@ class GemmJob : public AsyncJob {
 
 // gemm(a, m, k, b | packed, n, bias | null, activation, variant, threads, out, cancelToken?)
 //   -> Promise<void>
-Napi::Value Addon::Gemm(const Napi::CallbackInfo& info) {
+static Napi::Value Gemm(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 10) throw MakeError(env, codes::kInvalidArgument, "gemm: expected 10 arguments");
   auto job = std::make_unique<GemmJob>();
@@ -64,7 +65,7 @@ Napi::Value Addon::Gemm(const Napi::CallbackInfo& info) {
   if (MulOverflows(m, k, &mk) || MulOverflows(k, n, &kn) || MulOverflows(m, n, &mn))
     throw MakeError(env, codes::kInvalidArgument, "gemm: m*k, k*n or m*n overflows");
   if (a.ElementLength() != mk) throw MakeError(env, codes::kInvalidArgument, "gemm: a must hold m*k elements");
-  if (info[3].IsObject() && info[3].As<Napi::Object>().InstanceOf(packed_ctor_.Value())) {
+  if (info[3].IsObject() && info[3].As<Napi::Object>().InstanceOf(addon.Class("PackedGemmHandle").Value())) {
     auto* h = PackedGemmHandle::Unwrap(info[3].As<Napi::Object>());
     job->packed = h->weights();
     if (!job->packed) throw MakeError(env, codes::kDisposed, "gemm: the packed weights have been disposed");
@@ -99,7 +100,7 @@ Napi::Value Addon::Gemm(const Napi::CallbackInfo& info) {
   Napi::Float32Array out = F32Arg(info, 9, "out");
   if (out.ElementLength() != mn) throw MakeError(env, codes::kInvalidArgument, "gemm: out must hold m*n elements");
   job->Keep(info[9]);
-  AttachCancel(info, 10, job.get());
+  addon.AttachCancel(info, 10, job.get());
   job->args.a = a.Data();
   job->args.m = m;
   job->args.lda = k;
@@ -108,11 +109,11 @@ Napi::Value Addon::Gemm(const Napi::CallbackInfo& info) {
   job->args.activation = act;
   job->k = k;
   job->n = n;
-  return Start(env, std::move(job));
+  return addon.Start(env, std::move(job));
 }
 
 // packGemmWeights(b, k, n, variant) -> PackedGemmHandle (synchronous: packing is one pass over B)
-Napi::Value Addon::PackGemmWeights(const Napi::CallbackInfo& info) {
+static Napi::Value PackGemmWeights(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 4) throw MakeError(env, codes::kInvalidArgument, "packGemmWeights: expected 4 arguments");
   Napi::Float32Array b = F32Arg(info, 0, "b");
@@ -131,9 +132,15 @@ Napi::Value Addon::PackGemmWeights(const Napi::CallbackInfo& info) {
   } catch (const std::bad_alloc&) {
     throw MakeError(env, codes::kOutOfMemory, "packGemmWeights: out of host memory");
   }
-  Napi::Object obj = packed_ctor_.New({});
+  Napi::Object obj = addon.Class("PackedGemmHandle").New({});
   PackedGemmHandle::Unwrap(obj)->Adopt(env, std::move(w));
   return obj;
+}
+
+void RegisterGemmBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
+  addon.Class("PackedGemmHandle") = Napi::Persistent(PackedGemmHandle::Define(env));
+  addon.Export(env, exports, "gemm", Gemm);
+  addon.Export(env, exports, "packGemmWeights", PackGemmWeights);
 }
 
 Napi::Function PackedGemmHandle::Define(Napi::Env env) {

@@ -1,0 +1,12 @@
+// Each kernel family's binding file defines one Register function; Addon's constructor calls them
+// all. A new family adds its declaration here and one call in addon.cc.
+#pragma once
+#include <napi.h>
+
+namespace sonde {
+
+class Addon;
+
+void RegisterGemmBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+
+}  // namespace sonde
