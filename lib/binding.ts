@@ -46,6 +46,14 @@ export interface NativeCancelToken {
   cancel(): void;
 }
 
+export interface NativeGemmOptions {
+  m: number; k: number; n: number; lda: number; ldc: number;
+  bias?: Float32Array; scale?: Float32Array; residual?: Float32Array; ldr?: number;
+  /** GemmActivation code (native/kernels/gemm/gemm.h). */
+  activation: number; alpha: number; beta: number; residualBeforeActivation: boolean;
+  variant: NativeGemmVariant; threads: number; cancel?: NativeCancelToken;
+}
+
 export type NativeGemmVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512';
 
 export interface NativeBinding {
@@ -57,13 +65,8 @@ export interface NativeBinding {
   externalMemory(): number;
   cpuInfo(): NativeCpuInfo;
   cudaInfo(): NativeCudaInfo;
-  /** Writes act(a·b + bias) into out; a is m×k, b k×n (or packed), all row-major float32. */
-  gemm(
-    a: Float32Array, m: number, k: number,
-    b: Float32Array | NativePackedGemm, n: number,
-    bias: Float32Array | null, activation: number, variant: NativeGemmVariant, threads: number,
-    out: Float32Array, cancel?: NativeCancelToken,
-  ): Promise<void>;
+  /** Writes the GEMM (with its epilogue) into out; see native/binding/gemm_binding.cc. */
+  gemm(a: Float32Array, b: Float32Array | NativePackedGemm, out: Float32Array, options: NativeGemmOptions): Promise<void>;
   packGemmWeights(b: Float32Array, k: number, n: number, variant: Exclude<NativeGemmVariant, 'reference'>): NativePackedGemm;
   peakFma(simd: 'scalar' | 'avx2' | 'avx512', threads: number, seconds: number): Promise<{ flops: number; seconds: number; threads: number; simd: string }>;
   readBandwidth(bytes: number, threads: number): Promise<{ bytes: number; seconds: number; threads: number }>;

@@ -13,22 +13,50 @@ import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../va
  * scalar triple loop (double accumulation) that every fast variant is tested against.
  */
 export type GemmVariant = NativeGemmVariant;
-export type GemmActivation = 'none' | 'relu';
+export type GemmActivation =
+  | 'none' | 'relu' | 'relu6' | 'clip' | 'silu' | 'gelu' | 'geluTanh' | 'sigmoid' | 'leakyRelu' | 'hardSwish';
 
 const VARIANTS: readonly GemmVariant[] = ['auto', 'reference', 'scalar', 'avx2', 'avx512'];
-const ACTIVATIONS: readonly GemmActivation[] = ['none', 'relu'];
-const ACTIVATION_CODE: Record<GemmActivation, number> = { none: 0, relu: 1 };
+// Codes of GemmActivation in native/kernels/gemm/gemm.h.
+const ACTIVATION_CODE: Record<GemmActivation, number> = {
+  none: 0, relu: 1, relu6: 2, clip: 2, silu: 3, gelu: 4, geluTanh: 5, sigmoid: 6, leakyRelu: 7, hardSwish: 8,
+};
+const ACTIVATIONS = Object.keys(ACTIVATION_CODE) as GemmActivation[];
 
+/**
+ * Epilogue, applied while the output tile is in registers:
+ *   v = (A·B)[i, j] * scale[j] + bias[j]
+ *   C[i, j] = residualBeforeActivation ? act(v + residual[i, j]) : act(v) + residual[i, j]
+ */
 export interface GemmOptions {
-  /** Per-column bias, float32 of shape [N]. */
+  /** Per-column bias, float32 [N]. */
   bias?: Tensor<'float32'>;
+  /** Per-column scale, float32 [N] (with bias: a folded BatchNormalization). */
+  scale?: Tensor<'float32'>;
+  /** Added to the output: float32 [M, ldr] with ldr >= N (the first N columns are used). */
+  residual?: Tensor<'float32'>;
+  /** Add the residual before the activation (ResNet's add-then-ReLU) instead of after. */
+  residualBeforeActivation?: boolean;
   activation?: GemmActivation;
+  /** Bounds for activation 'clip' (both required). */
+  clipMin?: number;
+  clipMax?: number;
+  /** Negative slope for 'leakyRelu' (default 0.01). */
+  alpha?: number;
+  /**
+   * Columns of A to use when a's rows are longer (a is [M, lda] with lda >= k): the leading
+   * dimension is a's row length. Default: a's row length.
+   */
+  k?: number;
+  /** Write into this float32 [M, ldc] tensor (ldc >= N; columns past N are left untouched) instead of a new one. */
+  out?: Tensor<'float32'>;
   /** At most this many pool threads (default: the whole pool). */
   threads?: number;
   variant?: GemmVariant;
   signal?: AbortSignal;
 }
-const GEMM_OPTIONS = ['bias', 'activation', 'threads', 'variant', 'signal'] as const;
+const GEMM_OPTIONS = ['bias', 'scale', 'residual', 'residualBeforeActivation', 'activation', 'clipMin', 'clipMax',
+  'alpha', 'k', 'out', 'threads', 'variant', 'signal'] as const;
 
 export interface PackGemmOptions {
   variant?: Exclude<GemmVariant, 'reference'>;
@@ -90,13 +118,29 @@ export function packGemmWeights(b: Tensor<'float32'>, options?: PackGemmOptions)
   }
 }
 
-/** C = act(A·B + bias) on sonde's thread pool. Resolves to a new [M, N] float32 tensor. */
+function checkFinite(where: string, v: unknown): number {
+  if (typeof v !== 'number' || Number.isNaN(v)) throw new InvalidArgumentError(`${where} must be a number, got ${describe(v)}`);
+  return v;
+}
+
+function checkColumnVector(where: string, t: unknown, n: number): Float32Array {
+  const v = checkTensor(where, t, 'float32');
+  if (v.dims.length !== 1 || v.size !== n) {
+    throw new InvalidArgumentError(`${where} must have dims [${n}], got [${v.dims.join(', ')}]`);
+  }
+  return v.data;
+}
+
+/**
+ * C = epilogue(A·B) on sonde's thread pool (see GemmOptions). Resolves to a new [M, N] float32
+ * tensor, or to options.out when given.
+ */
 export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGemmWeights, options?: GemmOptions): Promise<Tensor<'float32'>> {
   const site = new Error();
   const where = 'gemm';
   const opts = checkOptions<GemmOptions>(where, options, GEMM_OPTIONS);
   checkTensor(`${where}(a)`, a, 'float32');
-  const [m, k] = check2d(`${where}(a)`, a);
+  const [m, lda] = check2d(`${where}(a)`, a);
   let bArg: Float32Array | NativePackedGemm;
   let kb: number;
   let n: number;
@@ -111,26 +155,75 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
   } else {
     throw new InvalidArgumentError(`${where}(b) must be a Tensor or PackedGemmWeights, got ${describe(b)}`);
   }
-  if (kb !== k) {
-    throw new InvalidArgumentError(`${where}: shape mismatch: a is [${m}, ${k}] but b is [${kb}, ${n}] (a's columns must equal b's rows)`);
-  }
-  let bias: Float32Array | null = null;
-  if (opts.bias !== undefined) {
-    checkTensor(`${where}: options.bias`, opts.bias, 'float32');
-    if (opts.bias.size !== n || opts.bias.dims.length !== 1) {
-      throw new InvalidArgumentError(`${where}: options.bias must have dims [${n}], got [${opts.bias.dims.join(', ')}]`);
+  let k = lda;
+  if (opts.k !== undefined) {
+    k = checkInt(`${where}: options.k`, opts.k, 0);
+    if (k > lda) {
+      throw new InvalidArgumentError(`${where}: options.k (${k}) exceeds a's row length (${lda}); a's leading dimension must be at least K`);
     }
-    bias = opts.bias.data;
+  }
+  if (kb !== k) {
+    const packed = b instanceof PackedGemmWeights ? ' (packed weights)' : '';
+    throw new InvalidArgumentError(
+      `${where}: shape mismatch: a is [${m}, ${lda}]${opts.k !== undefined ? ` using k = ${k}` : ''} but b${packed} is [${kb}, ${n}] (a's columns must equal b's rows)`);
+  }
+  const bias = opts.bias === undefined ? undefined : checkColumnVector(`${where}: options.bias`, opts.bias, n);
+  const scale = opts.scale === undefined ? undefined : checkColumnVector(`${where}: options.scale`, opts.scale, n);
+  let residual: Float32Array | undefined;
+  let ldr = 0;
+  if (opts.residual !== undefined) {
+    const r = checkTensor(`${where}: options.residual`, opts.residual, 'float32');
+    if (r.dims.length !== 2 || r.dims[0] !== m || r.dims[1]! < n) {
+      throw new InvalidArgumentError(`${where}: options.residual must have dims [${m}, ldr] with ldr >= ${n}, got [${r.dims.join(', ')}]`);
+    }
+    residual = r.data;
+    ldr = r.dims[1]!;
   }
   const activation = checkOneOf(`${where}: options.activation`, opts.activation ?? 'none', ACTIVATIONS);
+  let alpha = 0;
+  let beta = 0;
+  if (activation === 'clip') {
+    if (opts.clipMin === undefined || opts.clipMax === undefined) {
+      throw new InvalidArgumentError(`${where}: activation 'clip' needs options.clipMin and options.clipMax`);
+    }
+    alpha = checkFinite(`${where}: options.clipMin`, opts.clipMin);
+    beta = checkFinite(`${where}: options.clipMax`, opts.clipMax);
+    if (alpha > beta) throw new InvalidArgumentError(`${where}: options.clipMin (${alpha}) must not exceed options.clipMax (${beta})`);
+  } else if (activation === 'relu6') {
+    [alpha, beta] = [0, 6];
+  } else if (activation === 'leakyRelu') {
+    alpha = opts.alpha === undefined ? 0.01 : checkFinite(`${where}: options.alpha`, opts.alpha);
+  }
+  for (const [key, used] of [['clipMin', activation === 'clip'], ['clipMax', activation === 'clip'], ['alpha', activation === 'leakyRelu']] as const) {
+    if (opts[key] !== undefined && !used) {
+      throw new InvalidArgumentError(`${where}: options.${key} has no effect with activation '${activation}'`);
+    }
+  }
   const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto', VARIANTS);
   const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
   const signal = checkSignal(`${where}: options.signal`, opts.signal);
-  const out = new Float32Array(m * n);
+  let out: Tensor<'float32'>;
+  if (opts.out !== undefined) {
+    out = checkTensor(`${where}: options.out`, opts.out, 'float32');
+    if (out.dims.length !== 2 || out.dims[0] !== m || out.dims[1]! < n) {
+      throw new InvalidArgumentError(`${where}: options.out must have dims [${m}, ldc] with ldc >= ${n}, got [${out.dims.join(', ')}]`);
+    }
+    for (const [name, t] of [['a', a], ['b', b], ['options.residual', opts.residual], ['options.bias', opts.bias], ['options.scale', opts.scale]] as const) {
+      if (t instanceof Tensor && t.data.buffer === out.data.buffer) {
+        throw new InvalidArgumentError(`${where}: options.out must not share memory with ${name}`);
+      }
+    }
+  } else {
+    out = new Tensor('float32', new Float32Array(m * n), [m, n]);
+  }
+  const ldc = out.dims[1]!;
   await callNative(
     () => withSignal(signal, (token) =>
-      native().gemm(a.data, m, k, bArg, n, bias, ACTIVATION_CODE[activation], variant, threads, out, token)),
+      native().gemm(a.data, bArg, out.data, {
+        m, k, n, lda, ldc, bias, scale, residual, ldr, activation: ACTIVATION_CODE[activation], alpha, beta,
+        residualBeforeActivation: opts.residualBeforeActivation === true, variant, threads, cancel: token,
+      })),
     site,
   );
-  return new Tensor('float32', out, [m, n]);
+  return out;
 }

@@ -142,10 +142,14 @@ Napi::Function CancelToken::Define(Napi::Env env) {
 }
 
 void Addon::AttachCancel(const Napi::CallbackInfo& info, size_t i, AsyncJob* job) {
-  if (info.Length() <= i || info[i].IsUndefined() || info[i].IsNull()) return;
-  if (!info[i].IsObject() || !info[i].As<Napi::Object>().InstanceOf(cancel_ctor_.Value()))
-    throw MakeError(info.Env(), codes::kInvalidArgument, "cancel token must be a CancelToken");
-  job->cancel = CancelToken::Unwrap(info[i].As<Napi::Object>())->flag;
+  if (info.Length() > i) AttachCancel(info[i], job);
+}
+
+void Addon::AttachCancel(Napi::Value token, AsyncJob* job) {
+  if (token.IsUndefined() || token.IsNull()) return;
+  if (!token.IsObject() || !token.As<Napi::Object>().InstanceOf(cancel_ctor_.Value()))
+    throw MakeError(token.Env(), codes::kInvalidArgument, "cancel token must be a CancelToken");
+  job->cancel = CancelToken::Unwrap(token.As<Napi::Object>())->flag;
 }
 
 Napi::Value Addon::SetThreads(const Napi::CallbackInfo& info) {

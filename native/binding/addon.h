@@ -69,6 +69,7 @@ class Addon : public Napi::Addon<Addon> {
   Napi::FunctionReference& Class(const std::string& name) { return classes_[name]; }
   // Links job->cancel to the CancelToken passed as info[i], if any.
   void AttachCancel(const Napi::CallbackInfo& info, size_t i, AsyncJob* job);
+  void AttachCancel(Napi::Value token, AsyncJob* job);
 
  private:
   static void Complete(Napi::Env env, Napi::Function, Addon* self, AsyncJob* job);

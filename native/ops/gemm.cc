@@ -99,13 +99,9 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   const size_t m = args.m, n = w.n(), k = w.k();
   if (m == 0 || n == 0) return true;
   if (k == 0) {
-    // Empty sum: C = act(bias).
+    // Empty sum: C = epilogue(0).
     for (size_t i = 0; i < m; ++i)
-      for (size_t j = 0; j < n; ++j) {
-        float v = args.bias ? args.bias[j] : 0.0f;
-        if (args.activation == kernels::kActRelu && v < 0) v = 0;
-        args.c[i * args.ldc + j] = v;
-      }
+      for (size_t j = 0; j < n; ++j) args.c[i * args.ldc + j] = kernels::GemmEpilogueScalar(0.0f, i, j, &args.epilogue);
     return true;
   }
   const size_t mr = uk.mr, nr = uk.nr;
@@ -124,6 +120,8 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   }
   const size_t m_blocks = (m_tiles + mb - 1) / mb;
   const size_t n_blocks = (n_panels + nb - 1) / nb;
+  const kernels::GemmEpilogue& e = args.epilogue;
+  const bool trivial = !e.scale && !e.bias && !e.residual && e.activation == kernels::kActNone;
   auto task = [&](size_t t) {
     const size_t mbi = t % m_blocks, nbi = t / m_blocks;
     const size_t t0 = mbi * mb, t1 = std::min(m_tiles, t0 + mb);
@@ -135,12 +133,12 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
         const size_t n0 = p * nr;
         const size_t ncols = std::min(nr, n - n0);
         const float* wp = w.panel(p) + k0 * nr;
-        kernels::GemmEpilogue ep{args.bias ? args.bias + n0 : nullptr, args.activation};
         for (size_t ti = t0; ti < t1; ++ti) {
           const size_t m0 = ti * mr;
           const size_t rows = std::min(mr, m - m0);
+          const kernels::GemmEpilogue ep = OffsetEpilogue(args.epilogue, m0, n0);
           uk.fn(rows, ncols, kc, args.a + m0 * args.lda + k0, args.lda, wp, args.c + m0 * args.ldc + n0,
-                args.ldc, k0 > 0, last ? &ep : nullptr);
+                args.ldc, k0 > 0, last && !trivial ? &ep : nullptr);
         }
       }
     }

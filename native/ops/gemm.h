@@ -50,9 +50,19 @@ struct GemmArgs {
   size_t m = 0, lda = 0;
   float* c = nullptr;
   size_t ldc = 0;
-  const float* bias = nullptr;  // length n, or null
-  int32_t activation = kernels::kActNone;
+  // Pointers at row 0 / column 0 (scale, bias: length n; residual: m rows of ldr); RunGemm offsets
+  // them per tile. All null and kActNone: plain C = A*B.
+  kernels::GemmEpilogue epilogue{nullptr, nullptr, nullptr, 0, kernels::kActNone, 0, 0.0f, 0.0f};
 };
+
+// The epilogue of the tile at (m0, n0).
+inline kernels::GemmEpilogue OffsetEpilogue(const kernels::GemmEpilogue& e, size_t m0, size_t n0) {
+  kernels::GemmEpilogue t = e;
+  if (t.scale) t.scale += n0;
+  if (t.bias) t.bias += n0;
+  if (t.residual) t.residual += m0 * t.ldr + n0;
+  return t;
+}
 
 // Runs on the calling pool thread plus up to max_threads-1 helpers. Returns false if cancelled.
 bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const GemmArgs& args,

@@ -2,6 +2,7 @@
 // the 16 registers.
 #include <immintrin.h>
 
+#include "kernels/gemm/epilogue-avx2.h"
 #include "kernels/gemm/gemm.h"
 
 namespace sonde {
@@ -37,12 +38,11 @@ void Tile(size_t nr, size_t kc, const float* a, size_t lda, const float* w, floa
   }
   const __m256i m0 = LaneMask(nr >= 8 ? 8 : nr);
   const __m256i m1 = LaneMask(nr >= 16 ? 8 : nr <= 8 ? 0 : nr - 8);
-  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-  if (ep && ep->bias) {
-    b0 = _mm256_maskload_ps(ep->bias, m0);
-    b1 = _mm256_maskload_ps(ep->bias + 8, m1);
+  avx2::ColumnTerms t0{}, t1{};
+  if (ep) {
+    t0 = avx2::LoadColumnTerms(ep, 0, m0);
+    t1 = avx2::LoadColumnTerms(ep, 8, m1);
   }
-  const __m256 zero = _mm256_setzero_ps();
 #pragma GCC unroll 8
   for (size_t i = 0; i < MR; ++i) {
     float* ci = c + i * ldc;
@@ -52,12 +52,8 @@ void Tile(size_t nr, size_t kc, const float* a, size_t lda, const float* w, floa
       v1 = _mm256_add_ps(v1, _mm256_maskload_ps(ci + 8, m1));
     }
     if (ep) {
-      v0 = _mm256_add_ps(v0, b0);
-      v1 = _mm256_add_ps(v1, b1);
-      if (ep->activation == kActRelu) {
-        v0 = _mm256_max_ps(v0, zero);
-        v1 = _mm256_max_ps(v1, zero);
-      }
+      v0 = avx2::ApplyEpilogue(v0, t0, ep, i, 0, m0);
+      v1 = avx2::ApplyEpilogue(v1, t1, ep, i, 8, m1);
     }
     _mm256_maskstore_ps(ci, m0, v0);
     _mm256_maskstore_ps(ci + 8, m1, v1);

@@ -4,6 +4,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include "kernels/gemm/epilogue-avx512.h"
 #include "kernels/gemm/gemm.h"
 
 namespace sonde {
@@ -34,12 +35,11 @@ void Tile(size_t nr, size_t kc, const float* a, size_t lda, const float* w, floa
   }
   const __mmask16 m0 = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
   const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
-  __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-  if (ep && ep->bias) {
-    b0 = _mm512_maskz_loadu_ps(m0, ep->bias);
-    b1 = _mm512_maskz_loadu_ps(m1, ep->bias + 16);
+  avx512::ColumnTerms t0{}, t1{};
+  if (ep) {
+    t0 = avx512::LoadColumnTerms(ep, 0, m0);
+    t1 = avx512::LoadColumnTerms(ep, 16, m1);
   }
-  const __m512 zero = _mm512_setzero_ps();
 #pragma GCC unroll 16
   for (size_t i = 0; i < MR; ++i) {
     float* ci = c + i * ldc;
@@ -49,12 +49,8 @@ void Tile(size_t nr, size_t kc, const float* a, size_t lda, const float* w, floa
       v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, ci + 16));
     }
     if (ep) {
-      v0 = _mm512_add_ps(v0, b0);
-      v1 = _mm512_add_ps(v1, b1);
-      if (ep->activation == kActRelu) {
-        v0 = _mm512_max_ps(v0, zero);
-        v1 = _mm512_max_ps(v1, zero);
-      }
+      v0 = avx512::ApplyEpilogue(v0, t0, ep, i, 0, m0);
+      v1 = avx512::ApplyEpilogue(v1, t1, ep, i, 16, m1);
     }
     _mm512_mask_storeu_ps(ci, m0, v0);
     _mm512_mask_storeu_ps(ci + 16, m1, v1);

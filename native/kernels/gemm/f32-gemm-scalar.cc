@@ -7,10 +7,6 @@ namespace {
 constexpr size_t kMr = 4;
 constexpr size_t kNr = 8;
 
-inline float Activate(float v, int32_t act) {
-  return act == kActRelu ? (v > 0.0f ? v : 0.0f) : v;
-}
-
 void F32Gemm4x8Scalar(size_t mr, size_t nr, size_t kc, const float* a, size_t lda, const float* w,
                       float* c, size_t ldc, bool accumulate, const GemmEpilogue* ep) {
   float acc[kMr][kNr] = {};
@@ -25,11 +21,7 @@ void F32Gemm4x8Scalar(size_t mr, size_t nr, size_t kc, const float* a, size_t ld
     float* ci = c + i * ldc;
     for (size_t j = 0; j < nr; ++j) {
       float v = acc[i][j] + (accumulate ? ci[j] : 0.0f);
-      if (ep) {
-        if (ep->bias) v += ep->bias[j];
-        v = Activate(v, ep->activation);
-      }
-      ci[j] = v;
+      ci[j] = ep ? GemmEpilogueScalar(v, i, j, ep) : v;
     }
   }
 }
@@ -39,12 +31,12 @@ void F32Gemm4x8Scalar(size_t mr, size_t nr, size_t kc, const float* a, size_t ld
 F32GemmUkernelInfo F32GemmUkernelScalar() { return {F32Gemm4x8Scalar, kMr, kNr, "f32_gemm_4x8__scalar"}; }
 
 void F32GemmReference(size_t m, size_t n, size_t k, const float* a, size_t lda, const float* b,
-                      size_t ldb, float* c, size_t ldc, const float* bias, int32_t activation) {
+                      size_t ldb, float* c, size_t ldc, const GemmEpilogue* ep) {
   for (size_t i = 0; i < m; ++i) {
     for (size_t j = 0; j < n; ++j) {
-      double s = bias ? bias[j] : 0.0;
+      double s = 0.0;
       for (size_t p = 0; p < k; ++p) s += static_cast<double>(a[i * lda + p]) * b[p * ldb + j];
-      c[i * ldc + j] = Activate(static_cast<float>(s), activation);
+      c[i * ldc + j] = ep ? GemmEpilogueScalar(static_cast<float>(s), i, j, ep) : static_cast<float>(s);
     }
   }
 }
