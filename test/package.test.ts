@@ -3,7 +3,7 @@
 // makes it first, and this test makes it if it is missing).
 import { describe, expect, it, beforeAll, afterAll } from 'vitest';
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, mkdirSync, readdirSync, rmSync, symlinkSync, writeFileSync, renameSync } from 'node:fs';
+import { existsSync, mkdtempSync, mkdirSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync, renameSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -20,7 +20,10 @@ function run(cmd: string, args: string[], opts: { cwd: string; env?: NodeJS.Proc
 
 describe('packed tarball', () => {
   beforeAll(() => {
-    if (!existsSync(prebuildDir) || readdirSync(prebuildDir).length === 0) {
+    // Rebuild a missing or stale prebuild (older than the local build), so the tarball matches lib/.
+    const local = join(root, 'build', 'Release', 'sonde.node');
+    const prebuilt = join(prebuildDir, 'node.napi.glibc.node');
+    if (!existsSync(prebuilt) || (existsSync(local) && statSync(local).mtimeMs > statSync(prebuilt).mtimeMs)) {
       run('npm', ['run', 'prebuildify'], { cwd: root, env: { ...process.env, SONDE_CUDA_ARCHS: process.env.SONDE_CUDA_ARCHS ?? '80' } });
     }
     work = mkdtempSync(join(tmpdir(), 'sonde-pack-'));
