@@ -91,6 +91,15 @@ namespace {
 // K block: a kc x NR slice of a W panel (32 KiB at kc=256, NR=32) stays in L1/L2 while every row
 // tile of the task streams past it.
 constexpr size_t kKc = 256;
+// Developer tuning knobs (SONDE_GEMM_KC / _MB / _NB: K block, rows and columns per task), read once.
+// Measured on a shared 2-core EPYC (process CPU time, 1 thread, 1024^3): kc 128-512 and 48-192
+// rows are within noise of each other (150-170 GFLOP/s); a packed-A variant was slower (the
+// scalar packing pass costs more than the 12 row streams do), so A is read in place.
+size_t Knob(const char* name, size_t dflt) {
+  const char* v = std::getenv(name);
+  size_t x = v ? std::strtoull(v, nullptr, 10) : 0;
+  return x > 0 ? x : dflt;
+}
 }  // namespace
 
 bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const GemmArgs& args,
@@ -110,7 +119,9 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   const unsigned threads = std::max(1u, std::min(max_threads, pool.size()));
   // Task grid: start from blocks of ~96 rows x ~256 columns, then split further until every thread
   // has a few tasks (M=1 decode splits across N only).
-  size_t mb = std::max<size_t>(1, 96 / mr), nb = std::max<size_t>(1, 256 / nr);
+  static const size_t kc_run = Knob("SONDE_GEMM_KC", kKc), mb_rows = Knob("SONDE_GEMM_MB", 96),
+                      nb_cols = Knob("SONDE_GEMM_NB", 256);
+  size_t mb = std::max<size_t>(1, mb_rows / mr), nb = std::max<size_t>(1, nb_cols / nr);
   mb = std::min(mb, m_tiles);
   nb = std::min(nb, n_panels);
   auto tasks = [&] { return ((m_tiles + mb - 1) / mb) * ((n_panels + nb - 1) / nb); };
@@ -126,8 +137,8 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
     const size_t mbi = t % m_blocks, nbi = t / m_blocks;
     const size_t t0 = mbi * mb, t1 = std::min(m_tiles, t0 + mb);
     const size_t p0 = nbi * nb, p1 = std::min(n_panels, p0 + nb);
-    for (size_t k0 = 0; k0 < k; k0 += kKc) {
-      const size_t kc = std::min(kKc, k - k0);
+    for (size_t k0 = 0; k0 < k; k0 += kc_run) {
+      const size_t kc = std::min(kc_run, k - k0);
       const bool last = k0 + kc == k;
       for (size_t p = p0; p < p1; ++p) {
         const size_t n0 = p * nr;
