@@ -1,16 +1,19 @@
-// npm run bench -- <suite...> [--json] [--quick]
+// npm run bench -- <suite...> [--json] [--quick] [--ort-spin]
 // Prints the machine first, then one line per case (a table, or with --json one JSON object per
 // case). Ratios against an anchor are measured in the same process, pair by pair.
+// --ort-spin leaves onnxruntime-node's pool threads spinning between runs (its default); the suites
+// turn spinning off because a spinning thread holds a core while sonde's next run is timed.
 import { devices, getThreads } from '../dist/index.js';
 import { suites } from './suites.js';
 
 const args = process.argv.slice(2);
 const json = args.includes('--json');
 const quick = args.includes('--quick');
+const ortSpin = args.includes('--ort-spin');
 const names = args.filter((a) => !a.startsWith('--'));
 const unknown = names.filter((n) => !(n in suites));
 if (names.length === 0 || unknown.length) {
-  console.error(`usage: npm run bench -- <${Object.keys(suites).join('|')}|all> [--json] [--quick]`);
+  console.error(`usage: npm run bench -- <${Object.keys(suites).join('|')}|all> [--json] [--quick] [--ort-spin]`);
   if (unknown.length && !(unknown.length === 1 && unknown[0] === 'all')) process.exit(2);
 }
 const selected = names.includes('all') || names.length === 0 ? Object.keys(suites) : names;
@@ -22,20 +25,22 @@ const machine = { cpu: d.cpu.model, cores: d.cpu.cores, simd: d.cpu.simd, thread
 if (json) console.log(JSON.stringify({ machine }));
 else console.log(`machine: ${machine.cpu}, ${machine.cores} cores, SIMD ${machine.simd}, ${machine.threads} threads, Node ${machine.node}; CUDA: ${machine.cuda}`);
 
-const ctx = { quick, cache: new Map() };
+const ctx = { quick, ortSpin, cache: new Map() };
 for (const name of selected) {
   if (!json) console.log(`\n## ${name}`);
-  let header = false;
+  let header = '';
   for await (const row of suites[name](ctx)) {
     const rec = { suite: name, ...row };
     if (json) {
       console.log(JSON.stringify(rec));
       continue;
     }
+    // Cases of one suite can report different columns (e.g. GB/s only where memory-bound): a new
+    // header line whenever the columns change keeps the table aligned.
     const cols = Object.keys(row);
-    if (!header) {
+    if (cols.join() !== header) {
       console.log(cols.map((c) => c.padEnd(c === 'case' ? 34 : 12)).join(' '));
-      header = true;
+      header = cols.join();
     }
     console.log(cols.map((c) => {
       const v = row[c];

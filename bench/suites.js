@@ -1,26 +1,12 @@
 import { Tensor, devices, getThreads, kernels } from '../dist/index.js';
 import { native } from '../dist/binding.js';
+import * as onnxruntime from './anchors/onnxruntime.js';
 
 const rand = (len) => {
   const a = new Float32Array(len);
   for (let i = 0; i < len; i++) a[i] = Math.random() * 2 - 1;
   return a;
 };
-
-/** Median of `reps` timed calls after a warm-up, in ms. */
-async function timeIt(fn, { reps = 10, minMs = 200 } = {}) {
-  await fn();
-  const times = [];
-  const start = performance.now();
-  while (times.length < reps || performance.now() - start < minMs) {
-    const t0 = performance.now();
-    await fn();
-    times.push(performance.now() - t0);
-    if (times.length >= 200) break;
-  }
-  times.sort((x, y) => x - y);
-  return times[Math.floor(times.length / 2)];
-}
 
 /** FP32 FMA peak (GFLOP/s) of the SIMD level in use, at 1 and N threads; cached per run. */
 async function peak(ctx, threads) {
@@ -47,23 +33,161 @@ async function* peakSuite(ctx) {
   }
 }
 
-async function* gemmSuite(ctx) {
-  const n = getThreads();
-  const shapes = ctx.quick
-    ? [[1, 1024, 1024], [128, 512, 512]]
-    : [[1, 4096, 4096], [1, 1024, 1024], [16, 1024, 1024], [128, 768, 768], [512, 1024, 1024], [1024, 1024, 1024], [3136, 64, 64], [196, 2304, 256]];
-  for (const [m, k, nn] of shapes) {
-    const a = new Tensor('float32', rand(m * k), [m, k]);
-    const b = new Tensor('float32', rand(k * nn), [k, nn]);
-    const w = kernels.packGemmWeights(b);
-    for (const t of [1, n]) {
-      const ms = await timeIt(() => kernels.gemm(a, w, { threads: t }));
-      const gflops = (2 * m * k * nn) / ms / 1e6;
-      const pk = await peak(ctx, t);
-      yield { case: `f32 ${m}x${k}x${nn} t${t}`, ms, gflops, pctPeak: (100 * gflops) / pk,
-        gbps: ((m * k + k * nn + m * nn) * 4) / ms / 1e6, ukernel: w.ukernel };
+/** Memory read bandwidth (GB/s) at `threads`, measured like the `peak` suite; cached per run. */
+async function readBandwidth(ctx, threads) {
+  const key = `bw${threads}`;
+  if (!ctx.cache.has(key)) {
+    const r = await native().readBandwidth(ctx.quick ? 128 << 20 : 512 << 20, threads);
+    ctx.cache.set(key, r.bytes / r.seconds / 1e9);
+  }
+  return ctx.cache.get(key);
+}
+
+/**
+ * Medians (ms) of the functions in `fns`, timed in interleaved rounds after one warm-up call each:
+ * a sonde call, then the anchor's, then sonde again, ... so that both sides see the same machine
+ * state on this shared, noisy host. The order flips every round so neither side always runs right
+ * after the other (cache contents, clock boost). Stops after `minRounds` rounds once `minMs` has
+ * passed, or at `maxMs` (but never before 3 rounds).
+ */
+async function timeInterleaved(fns, { minRounds = 5, maxRounds = 200, minMs = 300, maxMs = 3000 } = {}) {
+  for (const f of fns) await f();
+  const times = fns.map(() => []);
+  const forward = fns.map((_, i) => i);
+  const backward = [...forward].reverse();
+  const start = performance.now();
+  for (let r = 0; r < maxRounds; r++) {
+    const elapsed = performance.now() - start;
+    if ((r >= minRounds && elapsed >= minMs) || (r >= 3 && elapsed >= maxMs)) break;
+    for (const i of r % 2 ? backward : forward) {
+      const t0 = performance.now();
+      await fns[i]();
+      times[i].push(performance.now() - t0);
     }
-    w.dispose();
+  }
+  return times.map((t) => t.sort((x, y) => x - y)[Math.floor(t.length / 2)]);
+}
+
+/**
+ * Checks that sonde and the anchor computed the same thing, so a ratio never compares different
+ * work. On up to 256 sampled elements the two f32 results (different summation orders) may each be
+ * off the exact value by (k + 2)·u·Σ|a·b| (+ |bias|), hence twice that between them.
+ */
+function checkAgainstAnchor(what, got, want, a, b, m, k, n, bias) {
+  const u = 2 ** -24;
+  const samples = Math.min(256, m * n);
+  for (let s = 0; s < samples; s++) {
+    const idx = samples === m * n ? s : Math.floor(Math.random() * m * n);
+    const i = Math.floor(idx / n);
+    const j = idx % n;
+    let mag = bias ? Math.abs(bias[j]) : 0;
+    for (let p = 0; p < k; p++) mag += Math.abs(a[i * k + p] * b[p * n + j]);
+    const err = Math.abs(got[idx] - want[idx]);
+    if (!(err <= 2 * (k + 2) * u * mag + 1e-30)) {
+      throw new Error(`${what}: sonde C[${i}, ${j}] = ${got[idx]} but onnxruntime-node = ${want[idx]}`);
+    }
+  }
+}
+
+/**
+ * One GEMM shape, sonde against onnxruntime-node with the same weights, threads and epilogue.
+ * Both sides pack B once (packGemmWeights / ORT's prepacking of initializers); a run takes A and
+ * allocates C, on each side. With `copies` > 1 each side holds that many weight matrices and each
+ * call uses the next one, so weights come from memory rather than from the last call's cache, as
+ * in a network whose layers together are far larger than the cache.
+ */
+async function gemmPair(ctx, m, k, n, threads, { bias = false, relu = false, a = rand(m * k), weights, copies = 1 } = {}) {
+  const sides = [];
+  for (let c = 0; c < copies; c++) {
+    // ORT's pool threads spin after each run by default; measured here, one keeps most of a core
+    // busy for tens of ms, which is the core sonde's next interleaved run needs. Off unless --ort-spin.
+    const ort = await onnxruntime.prepare(m, k, n, { threads, bias, relu, weights: c === 0 ? weights : undefined, spin: ctx.ortSpin });
+    const w = kernels.packGemmWeights(new Tensor('float32', ort.weights.b, [k, n]));
+    const opts = { threads, ...(bias ? { bias: new Tensor('float32', ort.weights.bias, [n]) } : {}), ...(relu ? { activation: 'relu' } : {}) };
+    sides.push({ ort, w, opts });
+  }
+  const A = new Tensor('float32', a, [m, k]);
+  const { ort, w, opts } = sides[0];
+  checkAgainstAnchor(`${m}x${k}x${n}`, (await kernels.gemm(A, w, opts)).data, await ort.run(a), a, ort.weights.b, m, k, n, ort.weights.bias);
+  let si = 0;
+  let oi = 0;
+  return {
+    sonde: () => {
+      const s = sides[si++ % copies];
+      return kernels.gemm(A, s.w, s.opts);
+    },
+    anchor: () => sides[oi++ % copies].ort.run(a),
+    a, weights: ort.weights,
+    async release() {
+      for (const s of sides) {
+        s.w.dispose();
+        await s.ort.release();
+      }
+    },
+  };
+}
+
+/** How many copies of a `bytes` weight matrix together overflow the last-level cache (4x, >= 64 MiB). */
+function copiesBeyondCache(bytes) {
+  const llc = devices().cpu.caches?.l3 || 32 << 20;
+  return Math.max(1, Math.ceil(Math.max(4 * llc, 64 << 20) / bytes));
+}
+
+/**
+ * sonde's f32 GEMM against onnxruntime-node (MLAS), measured pair by pair in this process. Cases are
+ * named by M x K x N (A is [M, K], the weights B are [K, N]). ratio = onnxruntime ms / sonde ms:
+ * above 1, sonde is faster.
+ */
+async function* gemmSuite(ctx) {
+  const pool = getThreads();
+  const threadCounts = [...new Set([1, Math.min(2, pool)])];
+  const timing = ctx.quick ? { minRounds: 3, minMs: 100, maxMs: 1000 } : { minRounds: 5, minMs: 1000, maxMs: 5000 };
+  const gflops = (m, k, n, ms) => (2 * m * k * n) / ms / 1e6;
+
+  // Square problems: the compute-bound end, at 1 and 2 threads.
+  const squares = ctx.quick ? [256] : [256, 512, 1024, 2048];
+  for (const s of squares) {
+    for (const t of threadCounts) {
+      const p = await gemmPair(ctx, s, s, s, t);
+      const [ms, ortMs] = await timeInterleaved([p.sonde, p.anchor], timing);
+      await p.release();
+      const g = gflops(s, s, s, ms);
+      yield { case: `f32 ${s}x${s}x${s} t${t}`, ms, gflops: g, pctPeak: (100 * g) / (await peak(ctx, t)),
+        ortMs, ortGflops: gflops(s, s, s, ortMs), ratio: ortMs / ms, vs: 'onnxruntime-node' };
+    }
+  }
+
+  // Layer shapes of real models (M = batch or tokens) on the whole pool. At M = 1 the product is a
+  // matrix-vector product bound by streaming the K*N weights, so also report GB/s of weights read
+  // and % of the measured (DRAM) read bandwidth. A single 8-16 MiB matrix would stay in cache from
+  // one call to the next (over 100% of DRAM bandwidth was seen), so calls cycle through copies.
+  const layers = ctx.quick ? [[1, 1024, 4096]] : [1, 8, 64].flatMap((m) => [[4096, 1024], [1024, 4096], [1000, 2048]].map(([n, k]) => [m, k, n]));
+  const t = pool;
+  for (const [m, k, n] of layers) {
+    const p = await gemmPair(ctx, m, k, n, t, { copies: copiesBeyondCache(k * n * 4) });
+    const [ms, ortMs] = await timeInterleaved([p.sonde, p.anchor], timing);
+    await p.release();
+    const g = gflops(m, k, n, ms);
+    const row = { case: `f32 ${m}x${k}x${n} t${t}`, ms, gflops: g, pctPeak: (100 * g) / (await peak(ctx, t)) };
+    if (m === 1) {
+      row.gbps = (k * n * 4) / ms / 1e6;
+      row.pctBw = (100 * row.gbps) / (await readBandwidth(ctx, t));
+    }
+    yield { ...row, ortMs, ortGflops: gflops(m, k, n, ortMs), ratio: ortMs / ms, vs: 'onnxruntime-node' };
+  }
+
+  // The fused epilogue: GEMM + bias + ReLU against the plain GEMM of the same shape, on both sides
+  // (ORT fuses Gemm + Relu into FusedGemm). fusedOverPlain near 1 means the epilogue is free.
+  const fused = ctx.quick ? [[64, 256, 256]] : [[64, 1024, 4096], [512, 64, 512]];
+  for (const [m, k, n] of fused) {
+    const plain = await gemmPair(ctx, m, k, n, t);
+    // Same A and B on both, so the only difference is the epilogue.
+    const fusedP = await gemmPair(ctx, m, k, n, t, { bias: true, relu: true, a: plain.a, weights: plain.weights });
+    const [plainMs, ms, ortPlainMs, ortMs] = await timeInterleaved([plain.sonde, fusedP.sonde, plain.anchor, fusedP.anchor], timing);
+    await plain.release();
+    await fusedP.release();
+    yield { case: `f32 ${m}x${k}x${n} +bias+relu t${t}`, ms, gflops: gflops(m, k, n, ms), plainMs,
+      fusedOverPlain: ms / plainMs, ortMs, ortFusedOverPlain: ortMs / ortPlainMs, ratio: ortMs / ms, vs: 'onnxruntime-node' };
   }
 }
 

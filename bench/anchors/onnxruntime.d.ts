@@ -1,0 +1,19 @@
+// Types of onnxruntime.js, for test/gemm-ort.test.ts (the bench harness itself is plain JS).
+export interface OrtGemm {
+  run(aData: Float32Array): Promise<Float32Array>;
+  release(): Promise<void>;
+}
+export interface OrtGemmOptions {
+  threads?: number;
+  relu?: boolean;
+  /** Leave ORT's intra-op threads spinning between runs (ORT's default). */
+  spin?: boolean;
+}
+export const version: string;
+export function gemmModel(m: number, k: number, n: number, bData: Float32Array,
+  options?: { biasData?: Float32Array | null; relu?: boolean }): Uint8Array;
+export function prepareWith(m: number, k: number, n: number, b: Float32Array,
+  options?: OrtGemmOptions & { bias?: Float32Array | null }): Promise<OrtGemm>;
+export function prepare(m: number, k: number, n: number,
+  options?: OrtGemmOptions & { bias?: boolean; weights?: { b: Float32Array; bias?: Float32Array | null } }):
+  Promise<OrtGemm & { weights: { b: Float32Array; bias: Float32Array | null } }>;
