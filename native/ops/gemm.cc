@@ -133,12 +133,16 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   const size_t n_blocks = (n_panels + nb - 1) / nb;
   const kernels::GemmEpilogue& e = args.epilogue;
   const bool trivial = !e.scale && !e.bias && !e.residual && e.activation == kernels::kActNone;
+  // Blocking K keeps a W slice in cache for the next row tile; with one row tile per task there is
+  // no next tile, and streaming each panel whole lets the prefetcher run (M=1 decode: 14.7 -> 21
+  // GB/s on one thread, 1x1024x4096).
+  const size_t k_block = mb > 1 ? kc_run : k;
   auto task = [&](size_t t) {
     const size_t mbi = t % m_blocks, nbi = t / m_blocks;
     const size_t t0 = mbi * mb, t1 = std::min(m_tiles, t0 + mb);
     const size_t p0 = nbi * nb, p1 = std::min(n_panels, p0 + nb);
-    for (size_t k0 = 0; k0 < k; k0 += kc_run) {
-      const size_t kc = std::min(kc_run, k - k0);
+    for (size_t k0 = 0; k0 < k; k0 += k_block) {
+      const size_t kc = std::min(k_block, k - k0);
       const bool last = k0 + kc == k;
       for (size_t p = p0; p < p1; ++p) {
         const size_t n0 = p * nr;
