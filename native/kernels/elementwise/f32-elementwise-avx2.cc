@@ -112,7 +112,8 @@ inline __m256 UnaryOne(__m256 x) {
     return _mm256_mul_ps(x, Sigmoid(_mm256_add_ps(z, z)));
   }
   const __m256 hx = _mm256_mul_ps(Set(0.5f), x);
-  return _mm256_fmadd_ps(hx, Erf(_mm256_mul_ps(x, Set(0.70710678118654752f))), hx);
+  // hx * (1 + erf), not fma(hx, erf, hx): at x = -FLT_MAX that would cancel to +0, not -0.
+  return _mm256_mul_ps(hx, _mm256_add_ps(Set(1.0f), Erf(_mm256_mul_ps(x, Set(0.70710678118654752f)))));
 }
 
 template <int32_t Op>

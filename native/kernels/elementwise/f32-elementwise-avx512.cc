@@ -116,7 +116,8 @@ inline __m512 UnaryOne(__m512 x) {
   }
   // kUnaryGeluErf
   const __m512 hx = _mm512_mul_ps(Set(0.5f), x);
-  return _mm512_fmadd_ps(hx, Erf(_mm512_mul_ps(x, Set(0.70710678118654752f))), hx);
+  // hx * (1 + erf), not fma(hx, erf, hx): at x = -FLT_MAX that would cancel to +0, not -0.
+  return _mm512_mul_ps(hx, _mm512_add_ps(Set(1.0f), Erf(_mm512_mul_ps(x, Set(0.70710678118654752f)))));
 }
 
 template <int32_t Op>
