@@ -37,7 +37,9 @@ bool ThreadPool::Submit(std::function<void()> job, std::function<void()> dropped
     if (stop_) return false;
     queue_.push_back(Task{std::move(job), std::move(dropped)});
   }
-  cv_.notify_one();
+  // notify_all, not notify_one: threads parked by a shrink (index >= target_) wait on the same cv
+  // and would swallow a single wake-up, leaving the job queued with every active worker asleep.
+  cv_.notify_all();
   return true;
 }
 
