@@ -55,6 +55,8 @@ export interface NativeGemmOptions {
 }
 
 export type NativeGemmVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512';
+export type NativeElementwiseVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512';
+export type NativeCastType = 'float32' | 'float16' | 'bfloat16';
 
 export interface NativeBinding {
   readonly version: string;
@@ -68,6 +70,32 @@ export interface NativeBinding {
   /** Writes the GEMM (with its epilogue) into out; see native/binding/gemm_binding.cc. */
   gemm(a: Float32Array, b: Float32Array | NativePackedGemm, out: Float32Array, options: NativeGemmOptions): Promise<void>;
   packGemmWeights(b: Float32Array, k: number, n: number, variant: Exclude<NativeGemmVariant, 'reference'>): NativePackedGemm;
+  /** out (the broadcast shape, row-major) = a op b; op: 0 add, 1 sub, 2 mul, 3 div. */
+  elementwiseBinary(
+    op: number, a: Float32Array, aDims: readonly number[], b: Float32Array, bDims: readonly number[],
+    out: Float32Array, variant: NativeElementwiseVariant, threads: number, cancel?: NativeCancelToken,
+  ): Promise<void>;
+  /** op: 0 gelu (erf), 1 gelu (tanh), 2 silu, 3 sigmoid, 4 tanh, 5 exp, 6 relu. */
+  elementwiseUnary(op: number, x: Float32Array, out: Float32Array, variant: NativeElementwiseVariant, threads: number,
+    cancel?: NativeCancelToken): Promise<void>;
+  /** axis in [0, dims.length). */
+  softmax(x: Float32Array, dims: readonly number[], axis: number, out: Float32Array, variant: NativeElementwiseVariant,
+    threads: number, cancel?: NativeCancelToken): Promise<void>;
+  /** Normalises each of `rows` contiguous rows of n; gamma and beta hold n. */
+  layerNorm(x: Float32Array, rows: number, n: number, gamma: Float32Array | null, beta: Float32Array | null,
+    epsilon: number, out: Float32Array, variant: NativeElementwiseVariant, threads: number,
+    cancel?: NativeCancelToken): Promise<void>;
+  rmsNorm(x: Float32Array, rows: number, n: number, gamma: Float32Array | null, beta: null, epsilon: number,
+    out: Float32Array, variant: NativeElementwiseVariant, threads: number, cancel?: NativeCancelToken): Promise<void>;
+  /** out holds one index per slice along axis (dims[axis] >= 1). */
+  argmax(x: Float32Array, dims: readonly number[], axis: number, out: BigInt64Array, threads: number,
+    cancel?: NativeCancelToken): Promise<void>;
+  /** values/indices have dims with dims[axis] replaced by k. */
+  topK(x: Float32Array, dims: readonly number[], axis: number, k: number, largest: boolean, values: Float32Array,
+    indices: BigInt64Array, threads: number, cancel?: NativeCancelToken): Promise<void>;
+  /** float32 as Float32Array, float16/bfloat16 as raw bits in a Uint16Array. */
+  cast(x: Float32Array | Uint16Array, from: NativeCastType, out: Float32Array | Uint16Array, to: NativeCastType,
+    variant: NativeElementwiseVariant, threads: number, cancel?: NativeCancelToken): Promise<void>;
   peakFma(simd: 'scalar' | 'avx2' | 'avx512', threads: number, seconds: number): Promise<{ flops: number; seconds: number; threads: number; simd: string }>;
   readBandwidth(bytes: number, threads: number): Promise<{ bytes: number; seconds: number; threads: number }>;
 }

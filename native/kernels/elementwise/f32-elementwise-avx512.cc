@@ -1,0 +1,342 @@
+// AVX-512 elementwise kernels: 16 floats per zmm, tails done with masked loads/stores (no scalar
+// epilogue, so a tail element goes through the same arithmetic as a full vector's and every
+// element's result is independent of where the row is split across threads).
+// GCC 12 reports false -W(maybe-)uninitialized warnings inside avx512fintrin.h (masked loads,
+// _mm512_reduce_*).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <float.h>
+#include <immintrin.h>
+#include <math.h>
+
+#include "kernels/elementwise/elementwise.h"
+
+namespace sonde {
+namespace kernels {
+namespace {
+
+constexpr size_t kLanes = 16;
+
+inline __mmask16 Mask(size_t n) {  // lanes [0, n), n < 16
+  return static_cast<__mmask16>((1u << n) - 1);
+}
+inline __m512 Set(float v) { return _mm512_set1_ps(v); }
+
+// MAXPS/MINPS return their second operand when either is NaN, so the constant goes first: a clamp
+// written this way passes NaN through.
+inline __m512 ClampLo(float lo, __m512 x) { return _mm512_max_ps(Set(lo), x); }
+inline __m512 ClampHi(float hi, __m512 x) { return _mm512_min_ps(Set(hi), x); }
+
+// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2, exp(r) by the Cephes degree-6
+// polynomial (with FMA: <= 2 ulp before scaling). scalef multiplies by 2^n with correct overflow
+// to Inf and gradual underflow into subnormals. The clamp keeps n finite; exp(-104) already rounds
+// to 0 and exp(88.8) to Inf.
+inline __m512 Exp(__m512 x) {
+  x = ClampHi(88.8f, ClampLo(-104.0f, x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, Set(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, Set(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, Set(-2.12194440e-4f), r);
+  __m512 p = Set(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, Set(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, Set(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, Set(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, Set(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, Set(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, Set(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// erf by the odd/even rational approximation of Eigen's generic_fast_erf_float on [-4, 4]
+// (outside, erf is +-1 in float).
+inline __m512 Erf(__m512 x) {
+  x = ClampHi(4.0f, ClampLo(-4.0f, x));
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 p = Set(-2.72614225801306e-10f);
+  p = _mm512_fmadd_ps(x2, p, Set(2.77068142495902e-08f));
+  p = _mm512_fmadd_ps(x2, p, Set(-2.10102402082508e-06f));
+  p = _mm512_fmadd_ps(x2, p, Set(-5.69250639462346e-05f));
+  p = _mm512_fmadd_ps(x2, p, Set(-7.34990630326855e-04f));
+  p = _mm512_fmadd_ps(x2, p, Set(-2.95459980854025e-03f));
+  p = _mm512_fmadd_ps(x2, p, Set(-1.60960333262415e-02f));
+  p = _mm512_mul_ps(x, p);
+  __m512 q = Set(-1.45660718464996e-05f);
+  q = _mm512_fmadd_ps(x2, q, Set(-2.13374055278905e-04f));
+  q = _mm512_fmadd_ps(x2, q, Set(-1.68282697438203e-03f));
+  q = _mm512_fmadd_ps(x2, q, Set(-7.37332916720468e-03f));
+  q = _mm512_fmadd_ps(x2, q, Set(-1.42647390514189e-02f));
+  return _mm512_div_ps(p, q);
+}
+
+// |x| < 0.625: Cephes tanhf odd polynomial (no cancellation near 0); otherwise
+// 1 - 2 / (exp(2|x|) + 1) with the sign of x put back.
+inline __m512 Tanh(__m512 x) {
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m512 ax = _mm512_andnot_ps(sign, x);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 p = Set(-5.70498872745e-3f);
+  p = _mm512_fmadd_ps(p, z, Set(2.06390887954e-2f));
+  p = _mm512_fmadd_ps(p, z, Set(-5.37397155531e-2f));
+  p = _mm512_fmadd_ps(p, z, Set(1.33314422036e-1f));
+  p = _mm512_fmadd_ps(p, z, Set(-3.33332819422e-1f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
+  const __m512 e = Exp(_mm512_add_ps(ax, ax));
+  __m512 large = _mm512_sub_ps(Set(1.0f), _mm512_div_ps(Set(2.0f), _mm512_add_ps(e, Set(1.0f))));
+  large = _mm512_or_ps(large, _mm512_and_ps(sign, x));
+  const __mmask16 is_small = _mm512_cmp_ps_mask(ax, Set(0.625f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(is_small, large, small);
+}
+
+// exp(-|x|) never overflows: for x < 0, e / (1 + e) keeps full relative accuracy down to where e
+// itself becomes subnormal. A NaN x fails the comparison and gives 1 / NaN = NaN.
+inline __m512 Sigmoid(__m512 x) {
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m512 e = Exp(_mm512_or_ps(x, sign));
+  const __m512 num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), Set(1.0f), e);
+  return _mm512_div_ps(num, _mm512_add_ps(Set(1.0f), e));
+}
+
+template <int32_t Op>
+inline __m512 UnaryOne(__m512 x) {
+  if (Op == kUnaryExp) return Exp(x);
+  if (Op == kUnaryRelu) return _mm512_max_ps(_mm512_setzero_ps(), x);
+  if (Op == kUnaryTanh) return Tanh(x);
+  if (Op == kUnarySigmoid) return Sigmoid(x);
+  // The activations below form x * (something that tends to 0 as x -> -Inf); clamping -Inf to
+  // -FLT_MAX gives their limit -0 instead of -Inf * 0 = NaN.
+  x = ClampLo(-FLT_MAX, x);
+  if (Op == kUnarySilu) return _mm512_mul_ps(x, Sigmoid(x));
+  if (Op == kUnaryGeluTanh) {
+    // x * sigmoid(2z) equals x/2 (1 + tanh z) and keeps relative accuracy for x < 0.
+    const __m512 x2 = _mm512_mul_ps(x, x);
+    const __m512 c = Set(0.79788456080286536f);
+    const __m512 z = _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_mul_ps(c, Set(0.044715f)), x2, c));
+    return _mm512_mul_ps(x, Sigmoid(_mm512_add_ps(z, z)));
+  }
+  // kUnaryGeluErf
+  const __m512 hx = _mm512_mul_ps(Set(0.5f), x);
+  // hx * (1 + erf), not fma(hx, erf, hx): at x = -FLT_MAX that would cancel to +0, not -0.
+  return _mm512_mul_ps(hx, _mm512_add_ps(Set(1.0f), Erf(_mm512_mul_ps(x, Set(0.70710678118654752f)))));
+}
+
+template <int32_t Op>
+void UnaryLoop(size_t n, const float* x, float* y) {
+  size_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) _mm512_storeu_ps(y + i, UnaryOne<Op>(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 m = Mask(n - i);
+    _mm512_mask_storeu_ps(y + i, m, UnaryOne<Op>(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+
+void Unary(int32_t op, size_t n, const float* x, float* y) {
+  switch (op) {
+    case kUnaryGeluErf: return UnaryLoop<kUnaryGeluErf>(n, x, y);
+    case kUnaryGeluTanh: return UnaryLoop<kUnaryGeluTanh>(n, x, y);
+    case kUnarySilu: return UnaryLoop<kUnarySilu>(n, x, y);
+    case kUnarySigmoid: return UnaryLoop<kUnarySigmoid>(n, x, y);
+    case kUnaryTanh: return UnaryLoop<kUnaryTanh>(n, x, y);
+    case kUnaryExp: return UnaryLoop<kUnaryExp>(n, x, y);
+    case kUnaryRelu: return UnaryLoop<kUnaryRelu>(n, x, y);
+    default: return;
+  }
+}
+
+template <int32_t Op>
+inline __m512 Apply(__m512 a, __m512 b) {
+  if (Op == kBinaryAdd) return _mm512_add_ps(a, b);
+  if (Op == kBinarySub) return _mm512_sub_ps(a, b);
+  if (Op == kBinaryMul) return _mm512_mul_ps(a, b);
+  return _mm512_div_ps(a, b);
+}
+
+// A and B say whether each side is a row (loaded) or one broadcast value.
+template <int32_t Op, bool RowA, bool RowB>
+void BinaryLoop(size_t n, const float* a, const float* b, float* y) {
+  const __m512 va = RowA ? _mm512_setzero_ps() : Set(*a);
+  const __m512 vb = RowB ? _mm512_setzero_ps() : Set(*b);
+  size_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    _mm512_storeu_ps(y + i, Apply<Op>(RowA ? _mm512_loadu_ps(a + i) : va, RowB ? _mm512_loadu_ps(b + i) : vb));
+  }
+  if (i < n) {
+    const __mmask16 m = Mask(n - i);
+    _mm512_mask_storeu_ps(y + i, m, Apply<Op>(RowA ? _mm512_maskz_loadu_ps(m, a + i) : va,
+                                              RowB ? _mm512_maskz_loadu_ps(m, b + i) : vb));
+  }
+}
+
+template <bool RowA, bool RowB>
+void Binary(int32_t op, size_t n, const float* a, const float* b, float* y) {
+  switch (op) {
+    case kBinaryAdd: return BinaryLoop<kBinaryAdd, RowA, RowB>(n, a, b, y);
+    case kBinarySub: return BinaryLoop<kBinarySub, RowA, RowB>(n, a, b, y);
+    case kBinaryMul: return BinaryLoop<kBinaryMul, RowA, RowB>(n, a, b, y);
+    case kBinaryDiv: return BinaryLoop<kBinaryDiv, RowA, RowB>(n, a, b, y);
+    default: return;
+  }
+}
+
+void BinaryVV(int32_t op, size_t n, const float* a, const float* b, float* y) { Binary<true, true>(op, n, a, b, y); }
+void BinaryVS(int32_t op, size_t n, const float* a, float b, float* y) { Binary<true, false>(op, n, a, &b, y); }
+void BinarySV(int32_t op, size_t n, float a, const float* b, float* y) { Binary<false, true>(op, n, &a, b, y); }
+
+// Max that keeps the running value when the new one is NaN: a NaN element makes its own exp term,
+// and so the sum and the whole row, NaN anyway.
+inline __m512 MaxSkipNan(__m512 m, __m512 v) { return _mm512_max_ps(v, m); }
+
+void SoftmaxRow(size_t n, const float* x, float* y) {
+  const __m512 ninf = Set(-INFINITY);
+  __m512 vm0 = ninf, vm1 = ninf;
+  size_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    vm0 = MaxSkipNan(vm0, _mm512_loadu_ps(x + i));
+    vm1 = MaxSkipNan(vm1, _mm512_loadu_ps(x + i + kLanes));
+  }
+  for (; i < n; i += kLanes) {
+    const __mmask16 m = n - i >= kLanes ? 0xFFFF : Mask(n - i);
+    vm0 = MaxSkipNan(vm0, _mm512_mask_loadu_ps(ninf, m, x + i));
+  }
+  const __m512 vmax = Set(_mm512_reduce_max_ps(MaxSkipNan(vm0, vm1)));
+  // Two accumulators hide the add latency behind the exp polynomial of the next vector.
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  for (i = 0; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    const __m512 e0 = Exp(_mm512_sub_ps(_mm512_loadu_ps(x + i), vmax));
+    const __m512 e1 = Exp(_mm512_sub_ps(_mm512_loadu_ps(x + i + kLanes), vmax));
+    _mm512_storeu_ps(y + i, e0);
+    _mm512_storeu_ps(y + i + kLanes, e1);
+    s0 = _mm512_add_ps(s0, e0);
+    s1 = _mm512_add_ps(s1, e1);
+  }
+  for (; i < n; i += kLanes) {
+    const __mmask16 m = n - i >= kLanes ? 0xFFFF : Mask(n - i);
+    const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vmax));
+    _mm512_mask_storeu_ps(y + i, m, e);
+    s0 = _mm512_mask_add_ps(s0, m, s0, e);
+  }
+  const __m512 inv = Set(1.0f / _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)));
+  for (i = 0; i < n; i += kLanes) {
+    const __mmask16 m = n - i >= kLanes ? 0xFFFF : Mask(n - i);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, y + i), inv));
+  }
+}
+
+void SoftmaxCols(size_t rows, size_t cols, size_t stride, const float* x, float* y) {
+  for (size_t c = 0; c < cols; c += kLanes) {
+    const __mmask16 m = cols - c >= kLanes ? 0xFFFF : Mask(cols - c);
+    __m512 vm = Set(-INFINITY);
+    for (size_t r = 0; r < rows; ++r) vm = MaxSkipNan(vm, _mm512_maskz_loadu_ps(m, x + r * stride + c));
+    __m512 s = _mm512_setzero_ps();
+    for (size_t r = 0; r < rows; ++r) {
+      const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + r * stride + c), vm));
+      _mm512_mask_storeu_ps(y + r * stride + c, m, e);
+      s = _mm512_add_ps(s, e);
+    }
+    const __m512 inv = _mm512_div_ps(Set(1.0f), s);
+    for (size_t r = 0; r < rows; ++r) {
+      float* yr = y + r * stride + c;
+      _mm512_mask_storeu_ps(yr, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, yr), inv));
+    }
+  }
+}
+
+// Sum of x (Square: of x^2) over a row, in four accumulators (64 floats in flight covers the
+// 4-cycle add latency on two ports).
+template <bool Square>
+inline float RowSum(size_t n, const float* x, float shift) {
+  const __m512 sh = Set(shift);
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  size_t i = 0;
+  auto term = [&](__m512 v, __m512 acc) {
+    return Square ? _mm512_fmadd_ps(_mm512_sub_ps(v, sh), _mm512_sub_ps(v, sh), acc) : _mm512_add_ps(acc, v);
+  };
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    s0 = term(_mm512_loadu_ps(x + i), s0);
+    s1 = term(_mm512_loadu_ps(x + i + kLanes), s1);
+    s2 = term(_mm512_loadu_ps(x + i + 2 * kLanes), s2);
+    s3 = term(_mm512_loadu_ps(x + i + 3 * kLanes), s3);
+  }
+  for (; i < n; i += kLanes) {
+    const __mmask16 m = n - i >= kLanes ? 0xFFFF : Mask(n - i);
+    // Masked-off lanes load `shift`, so they add (shift - shift)^2 = 0 to a sum of squares.
+    const __m512 v = Square ? _mm512_mask_loadu_ps(sh, m, x + i) : _mm512_maskz_loadu_ps(m, x + i);
+    s0 = term(v, s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+void LayerNormRow(size_t n, const float* x, const float* gamma, const float* beta, float eps, float* y) {
+  const float mean = RowSum<false>(n, x, 0.0f) / static_cast<float>(n);
+  const float var = RowSum<true>(n, x, mean) / static_cast<float>(n);
+  const __m512 rstd = Set(1.0f / sqrtf(var + eps));
+  const __m512 vmean = Set(mean);
+  for (size_t i = 0; i < n; i += kLanes) {
+    const __mmask16 m = n - i >= kLanes ? 0xFFFF : Mask(n - i);
+    __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vmean), rstd);
+    if (gamma) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, gamma + i));
+    if (beta) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, beta + i));
+    _mm512_mask_storeu_ps(y + i, m, v);
+  }
+}
+
+void RmsNormRow(size_t n, const float* x, const float* gamma, float eps, float* y) {
+  const __m512 r = Set(1.0f / sqrtf(RowSum<true>(n, x, 0.0f) / static_cast<float>(n) + eps));
+  for (size_t i = 0; i < n; i += kLanes) {
+    const __mmask16 m = n - i >= kLanes ? 0xFFFF : Mask(n - i);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), r);
+    if (gamma) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, gamma + i));
+    _mm512_mask_storeu_ps(y + i, m, v);
+  }
+}
+
+// Integer round-to-nearest-even on the dropped 16 bits, as the scalar kernel does; not
+// VCVTNEPS2BF16, which flushes subnormal inputs to zero.
+inline __m256i F32ToBf16Vec(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+}
+
+void F32ToBf16(size_t n, const float* x, uint16_t* y) {
+  for (size_t i = 0; i < n; i += kLanes) {
+    const __mmask16 m = n - i >= kLanes ? 0xFFFF : Mask(n - i);
+    _mm256_mask_storeu_epi16(y + i, m, F32ToBf16Vec(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+
+void Bf16ToF32(size_t n, const uint16_t* x, float* y) {
+  for (size_t i = 0; i < n; i += kLanes) {
+    const __mmask16 m = n - i >= kLanes ? 0xFFFF : Mask(n - i);
+    const __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + i)), 16);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_castsi512_ps(u));
+  }
+}
+
+void F32ToF16(size_t n, const float* x, uint16_t* y) {
+  for (size_t i = 0; i < n; i += kLanes) {
+    const __mmask16 m = n - i >= kLanes ? 0xFFFF : Mask(n - i);
+    const __m256i h = _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(y + i, m, h);
+  }
+}
+
+void F16ToF32(size_t n, const uint16_t* x, float* y) {
+  for (size_t i = 0; i < n; i += kLanes) {
+    const __mmask16 m = n - i >= kLanes ? 0xFFFF : Mask(n - i);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x + i)));
+  }
+}
+
+}  // namespace
+
+ElementwiseUkernels ElementwiseUkernelsAvx512() {
+  return {"f32_elementwise__avx512", BinaryVV, BinaryVS, BinarySV, Unary, SoftmaxRow, SoftmaxCols,
+          LayerNormRow, RmsNormRow, F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32};
+}
+
+}  // namespace kernels
+}  // namespace sonde
