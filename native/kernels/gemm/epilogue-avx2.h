@@ -1,63 +1,15 @@
 // AVX2 GEMM epilogue, for inclusion by *-avx2.cc files only (static inline: nothing compiled for
-// AVX2 can be shared with baseline code). Same formulas and accuracy as epilogue-avx512.h; without
-// vscalefps, 2^n is built in the exponent field, so the reduced input is kept in the normal range
-// and the overflow (> 88.72 -> +inf) and underflow (< -87.33 -> 0) ends are blended in.
+// AVX2 can be shared with baseline code). Same formulas as epilogue-avx512.h, with the vector math
+// of kernels/math/vmath-avx2.h.
 #pragma once
 #include <immintrin.h>
 
 #include "kernels/gemm/gemm.h"
+#include "kernels/math/vmath-avx2.h"
 
 namespace sonde {
 namespace kernels {
 namespace avx2 {
-
-static inline __m256 Exp(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365478515625f);
-  const __m256 xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  y = _mm256_blendv_ps(y, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x, _mm256_set1_ps(88.72283935546875f), _CMP_GT_OQ));
-  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
-  return y;
-}
-
-static inline __m256 Sigmoid(__m256 v) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, Exp(_mm256_sub_ps(_mm256_setzero_ps(), v))));
-}
-
-static inline __m256 Erf(__m256 x) {
-  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-  const __m256 ax = _mm256_andnot_ps(sign_bit, x);
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), ax, one));
-  __m256 p = _mm256_set1_ps(1.061405429f);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
-  p = _mm256_mul_ps(p, t);
-  const __m256 e = Exp(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(ax, ax)));
-  const __m256 y = _mm256_fnmadd_ps(p, e, one);
-  return _mm256_or_ps(y, _mm256_and_ps(sign_bit, x));
-}
-
-static inline __m256 Tanh(__m256 u) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 e = Exp(_mm256_add_ps(u, u));
-  return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(one, e)));
-}
 
 static inline __m256 Activate(__m256 v, const GemmEpilogue* ep) {
   switch (ep->activation) {
