@@ -1,3 +1,3 @@
 /** Compute kernels, exposed for tests, microbenchmarks and advanced users. */
 export { gemm, packGemmWeights, PackedGemmWeights } from './gemm.js';
-export type { GemmOptions, GemmVariant, GemmActivation, PackGemmOptions } from './gemm.js';
+export type { GemmOptions, GemmPrecision, GemmVariant, GemmActivation, PackGemmOptions } from './gemm.js';

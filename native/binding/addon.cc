@@ -47,6 +47,7 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
       InstanceValue("CancelToken", cancel_ctor_.Value()),
   });
   RegisterGemmBindings(env, exports, *this);
+  RegisterGemmLowpBindings(env, exports, *this);
 }
 
 void Addon::Export(Napi::Env env, Napi::Object exports, const char* name, BindingFn fn) {

@@ -8,5 +8,6 @@ namespace sonde {
 class Addon;
 
 void RegisterGemmBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+void RegisterGemmLowpBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 
 }  // namespace sonde
