@@ -191,4 +191,33 @@ async function* gemmSuite(ctx) {
   }
 }
 
-export const suites = { peak: peakSuite, gemm: gemmSuite };
+/**
+ * Low-precision weights against the fp32 kernel, pair by pair in the same run: square shapes report
+ * GFLOP/s and the speed-up over fp32; M=1 decode shapes (N, K) report GB/s of packed weights read
+ * (decode is bound by weight bandwidth, which bf16 halves and int8 quarters).
+ */
+async function* gemmLowpSuite(ctx) {
+  const n = getThreads();
+  const square = ctx.quick ? [512, 1024] : [1024, 2048];
+  const decode = [[4096, 1024]];
+  const shapes = [...square.map((s) => [s, s, s]), ...decode.map(([nn, k]) => [1, k, nn])];
+  for (const [m, k, nn] of shapes) {
+    const a = new Tensor('float32', rand(m * k), [m, k]);
+    const b = new Tensor('float32', rand(k * nn), [k, nn]);
+    const f32 = kernels.packGemmWeights(b);
+    const reps = m === 1 ? { reps: 50, minMs: 200 } : { reps: ctx.quick ? 3 : 7, minMs: 200 };
+    for (const t of [1, n]) {
+      const msF32 = await timeIt(() => kernels.gemm(a, f32, { threads: t }), reps);
+      for (const precision of ['fp32', 'bf16', 'int8', 'fp16']) {
+        const w = precision === 'fp32' ? f32 : kernels.packGemmWeights(b, { precision });
+        const ms = precision === 'fp32' ? msF32 : await timeIt(() => kernels.gemm(a, w, { threads: t }), reps);
+        yield { case: `${precision} ${m}x${k}x${nn} t${t}`, ms, gflops: (2 * m * k * nn) / ms / 1e6,
+          gbps: w.bytes / ms / 1e6, vs: 'fp32', ratio: msF32 / ms, ukernel: w.ukernel };
+        if (w !== f32) w.dispose();
+      }
+    }
+    f32.dispose();
+  }
+}
+
+export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite };

@@ -42,6 +42,18 @@ export interface NativePackedGemm {
   info(): { disposed: boolean; k?: number; n?: number; bytes?: number; variant?: string; ukernel?: string };
 }
 
+/** Low-precision packed weights (native/binding/gemm_lowp_binding.cc). */
+export interface NativePackedGemmLowp {
+  dispose(): void;
+  info(): {
+    disposed: boolean; k?: number; n?: number; bytes?: number; precision?: NativeGemmLowPrecision;
+    variant?: NativeGemmLowpVariant; ukernel?: string; activations?: 'fp32' | 'bf16' | 'u8';
+  };
+}
+
+export type NativeGemmLowPrecision = 'bf16' | 'fp16' | 'int8';
+export type NativeGemmLowpVariant = NativeGemmVariant | 'avx512bf16' | 'avx512vnni';
+
 export interface NativeCancelToken {
   cancel(): void;
 }
@@ -96,6 +108,11 @@ export interface NativeBinding {
   /** float32 as Float32Array, float16/bfloat16 as raw bits in a Uint16Array. */
   cast(x: Float32Array | Uint16Array, from: NativeCastType, out: Float32Array | Uint16Array, to: NativeCastType,
     variant: NativeElementwiseVariant, threads: number, cancel?: NativeCancelToken): Promise<void>;
+  /** gemm() with low-precision packed weights; same options (variant: 'auto', 'reference' or the packed one). */
+  gemmLowp(a: Float32Array, b: NativePackedGemmLowp, out: Float32Array, options: Omit<NativeGemmOptions, 'variant'> & { variant: NativeGemmLowpVariant }): Promise<void>;
+  /** Packs (and rounds / quantises) B once for a low-precision kernel. */
+  packGemmWeightsLowp(b: Float32Array, k: number, n: number, precision: NativeGemmLowPrecision,
+    variant: Exclude<NativeGemmLowpVariant, 'reference'>): NativePackedGemmLowp;
   peakFma(simd: 'scalar' | 'avx2' | 'avx512', threads: number, seconds: number): Promise<{ flops: number; seconds: number; threads: number; simd: string }>;
   readBandwidth(bytes: number, threads: number): Promise<{ bytes: number; seconds: number; threads: number }>;
 }

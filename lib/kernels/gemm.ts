@@ -1,8 +1,11 @@
 /**
  * sonde.kernels.gemm: C = act(A·B + bias), float32, row-major. A is [M, K]; B is [K, N] or weights
  * packed once with packGemmWeights (packing is per-load work; reuse the packed weights every run).
+ * Packed weights may be stored in bf16, fp16 or int8 (options.precision); A and C stay float32.
  */
-import { native, type NativeGemmVariant, type NativePackedGemm } from '../binding.js';
+import {
+  native, type NativeGemmLowPrecision, type NativeGemmLowpVariant, type NativePackedGemm, type NativePackedGemmLowp,
+} from '../binding.js';
 import { InvalidArgumentError, callNative, fromNative } from '../errors.js';
 import { NativeResource, withSignal } from '../lifetime.js';
 import { Tensor, checkTensor } from '../tensor.js';
@@ -11,12 +14,27 @@ import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../va
 /**
  * Which kernel runs: 'auto' is the widest SIMD level this CPU allows; 'reference' is the plain
  * scalar triple loop (double accumulation) that every fast variant is tested against.
+ * 'avx512bf16' (bf16 weights) and 'avx512vnni' (int8 weights) exist for low-precision weights only.
  */
-export type GemmVariant = NativeGemmVariant;
+export type GemmVariant = NativeGemmLowpVariant;
+/**
+ * How packed weights are stored. 'fp32' as given; 'bf16' / 'fp16' rounded to nearest even;
+ * 'int8' quantised symmetrically per output column (A is then quantised per row at run time).
+ */
+export type GemmPrecision = 'fp32' | NativeGemmLowPrecision;
 export type GemmActivation =
   | 'none' | 'relu' | 'relu6' | 'clip' | 'silu' | 'gelu' | 'geluTanh' | 'sigmoid' | 'leakyRelu' | 'hardSwish';
 
 const VARIANTS: readonly GemmVariant[] = ['auto', 'reference', 'scalar', 'avx2', 'avx512'];
+const PRECISIONS: readonly GemmPrecision[] = ['fp32', 'bf16', 'fp16', 'int8'];
+// The packing variants of each low precision (native/ops/gemm_lowp.cc has a kernel for each).
+const LOWP_VARIANTS: Record<NativeGemmLowPrecision, readonly GemmVariant[]> = {
+  bf16: ['auto', 'scalar', 'avx2', 'avx512', 'avx512bf16'],
+  fp16: ['auto', 'scalar', 'avx2', 'avx512'],
+  int8: ['auto', 'scalar', 'avx2', 'avx512', 'avx512vnni'],
+};
+/** int8: |sum of K products u8 x s8| <= K * 255 * 127 must fit the s32 accumulators. */
+const INT8_MAX_K = 66311;
 // Codes of GemmActivation in native/kernels/gemm/gemm.h.
 const ACTIVATION_CODE: Record<GemmActivation, number> = {
   none: 0, relu: 1, relu6: 2, clip: 2, silu: 3, gelu: 4, geluTanh: 5, sigmoid: 6, leakyRelu: 7, hardSwish: 8,
@@ -59,6 +77,8 @@ const GEMM_OPTIONS = ['bias', 'scale', 'residual', 'residualBeforeActivation', '
   'alpha', 'k', 'out', 'threads', 'variant', 'signal'] as const;
 
 export interface PackGemmOptions {
+  /** Storage of the packed weights (default 'fp32'). */
+  precision?: GemmPrecision;
   variant?: Exclude<GemmVariant, 'reference'>;
 }
 
@@ -72,22 +92,31 @@ export class PackedGemmWeights extends NativeResource {
   readonly variant: Exclude<GemmVariant, 'auto' | 'reference'>;
   /** The microkernel's name, e.g. f32_gemm_12x32__avx512. */
   readonly ukernel: string;
-  #handle: NativePackedGemm;
+  /** How the weights are stored. */
+  readonly precision: GemmPrecision;
+  /**
+   * What the kernel does to A: 'fp32' (used as given), 'bf16' (rounded to bf16: the avx512bf16
+   * kernel) or 'u8' (quantised per row: int8 weights).
+   */
+  readonly activations: 'fp32' | 'bf16' | 'u8';
+  #handle: NativePackedGemm | NativePackedGemmLowp;
 
   /** @internal use packGemmWeights() */
-  constructor(handle: NativePackedGemm) {
+  constructor(handle: NativePackedGemm | NativePackedGemmLowp) {
     super();
     this.#handle = handle;
-    const info = handle.info();
+    const info = handle.info() as ReturnType<NativePackedGemmLowp['info']>;
     this.k = info.k!;
     this.n = info.n!;
     this.bytes = info.bytes!;
     this.variant = info.variant as PackedGemmWeights['variant'];
     this.ukernel = info.ukernel!;
+    this.precision = info.precision ?? 'fp32';
+    this.activations = info.activations ?? 'fp32';
   }
 
   /** @internal */
-  handle(where: string): NativePackedGemm {
+  handle(where: string): NativePackedGemm | NativePackedGemmLowp {
     this.checkAlive(where);
     return this.#handle;
   }
@@ -103,16 +132,28 @@ function check2d(where: string, t: Tensor<'float32'>): [number, number] {
   return [t.dims[0]!, t.dims[1]!];
 }
 
-/** Packs B ([K, N] float32) for the GEMM microkernel of `variant` (default: this CPU's best). */
+/**
+ * Packs B ([K, N] float32) for the GEMM microkernel of `variant` (default: this CPU's best), stored
+ * in `precision` (default 'fp32'). int8 needs finite weights and K <= 66311.
+ */
 export function packGemmWeights(b: Tensor<'float32'>, options?: PackGemmOptions): PackedGemmWeights {
   const where = 'packGemmWeights';
-  const opts = checkOptions<PackGemmOptions>(where, options, ['variant']);
+  const opts = checkOptions<PackGemmOptions>(where, options, ['precision', 'variant']);
   checkTensor(`${where}(b)`, b, 'float32');
   const [k, n] = check2d(`${where}(b)`, b);
-  const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto', VARIANTS.filter((v) => v !== 'reference'));
+  const precision = checkOneOf(`${where}: options.precision`, opts.precision ?? 'fp32', PRECISIONS);
+  const allowed = precision === 'fp32' ? VARIANTS.filter((v) => v !== 'reference') : LOWP_VARIANTS[precision];
+  const variant = checkOneOf(`${where}: options.variant${precision === 'fp32' ? '' : ` (precision '${precision}')`}`,
+    opts.variant ?? 'auto', allowed);
+  if (precision === 'int8' && k > INT8_MAX_K) {
+    throw new InvalidArgumentError(`${where}(b) has ${k} rows; int8 weights allow K <= ${INT8_MAX_K} (s32 sums must not overflow)`);
+  }
   const site = new Error();
   try {
-    return new PackedGemmWeights(native().packGemmWeights(b.data, k, n, variant as PackGemmOptions['variant'] & string));
+    if (precision !== 'fp32') {
+      return new PackedGemmWeights(native().packGemmWeightsLowp(b.data, k, n, precision, variant as Exclude<GemmVariant, 'reference'>));
+    }
+    return new PackedGemmWeights(native().packGemmWeights(b.data, k, n, variant as Exclude<GemmVariant, 'reference' | 'avx512bf16' | 'avx512vnni'>));
   } catch (err) {
     throw fromNative(err, site);
   }
@@ -141,7 +182,7 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
   const opts = checkOptions<GemmOptions>(where, options, GEMM_OPTIONS);
   checkTensor(`${where}(a)`, a, 'float32');
   const [m, lda] = check2d(`${where}(a)`, a);
-  let bArg: Float32Array | NativePackedGemm;
+  let bArg: Float32Array | NativePackedGemm | NativePackedGemmLowp;
   let kb: number;
   let n: number;
   if (b instanceof PackedGemmWeights) {
@@ -199,7 +240,10 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
       throw new InvalidArgumentError(`${where}: options.${key} has no effect with activation '${activation}'`);
     }
   }
-  const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto', VARIANTS);
+  const lowp = b instanceof PackedGemmWeights && b.precision !== 'fp32' ? b : undefined;
+  // Low-precision weights run the kernel they were packed for ('auto'), or the exact reference.
+  const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto',
+    lowp ? ['auto', 'reference', lowp.variant] : VARIANTS);
   const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
   const signal = checkSignal(`${where}: options.signal`, opts.signal);
   let out: Tensor<'float32'>;
@@ -217,11 +261,23 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
     out = new Tensor('float32', new Float32Array(m * n), [m, n]);
   }
   const ldc = out.dims[1]!;
+  if (lowp) {
+    await callNative(
+      () => withSignal(signal, (token) =>
+        native().gemmLowp(a.data, bArg as NativePackedGemmLowp, out.data, {
+          m, k, n, lda, ldc, bias, scale, residual, ldr, activation: ACTIVATION_CODE[activation], alpha, beta,
+          residualBeforeActivation: opts.residualBeforeActivation === true, variant, threads, cancel: token,
+        })),
+      site,
+    );
+    return out;
+  }
   await callNative(
     () => withSignal(signal, (token) =>
-      native().gemm(a.data, bArg, out.data, {
+      native().gemm(a.data, bArg as NativePackedGemm | Float32Array, out.data, {
         m, k, n, lda, ldc, bias, scale, residual, ldr, activation: ACTIVATION_CODE[activation], alpha, beta,
-        residualBeforeActivation: opts.residualBeforeActivation === true, variant, threads, cancel: token,
+        residualBeforeActivation: opts.residualBeforeActivation === true,
+        variant: variant as Exclude<GemmVariant, 'avx512bf16' | 'avx512vnni'>, threads, cancel: token,
       })),
     site,
   );
