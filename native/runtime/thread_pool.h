@@ -11,6 +11,8 @@
 #include <thread>
 #include <vector>
 
+#include <chrono>
+
 namespace sonde {
 
 // Set by the owner of a job to ask its ParallelFor loops to stop handing out work.
@@ -57,6 +59,7 @@ class ThreadPool {
   std::vector<std::thread> threads_;
   std::atomic<unsigned> target_{0};
   std::atomic<bool> stop_{false};
+  std::atomic<size_t> queued_{0};  // queue_.size(), readable without the lock while spinning
 };
 
 }  // namespace sonde
