@@ -77,6 +77,9 @@ export interface NativeBinding {
   getThreads(): number;
   /** V8's total of external memory reported by native code in this isolate. */
   externalMemory(): number;
+  /** An ArrayBuffer of `bytes` from the output BufferPool (contents unspecified). */
+  allocBuffer(bytes: number): ArrayBuffer;
+  bufferPoolStats(): { cachedBytes: number };
   cpuInfo(): NativeCpuInfo;
   cudaInfo(): NativeCudaInfo;
   /** Writes the GEMM (with its epilogue) into out; see native/binding/gemm_binding.cc. */

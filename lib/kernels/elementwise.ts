@@ -3,6 +3,7 @@
  * layer/RMS normalisation, argmax / top-k and float32 <-> float16 / bfloat16 conversion. Every
  * call runs on sonde's thread pool and resolves to new tensors; inputs are not modified.
  */
+import { allocOutput } from '../buffers.js';
 import { native, type NativeCancelToken, type NativeCastType, type NativeElementwiseVariant } from '../binding.js';
 import { InvalidArgumentError, callNative } from '../errors.js';
 import { withSignal } from '../lifetime.js';
@@ -92,7 +93,7 @@ async function binary(name: keyof typeof BINARY_CODE, a: Tensor<'float32'>, b: T
   checkTensor(`${name}(b)`, b, 'float32');
   const dims = broadcastShapes(name, a.dims, b.dims);
   const c = common(name, opts);
-  const out = new Float32Array(product(dims));
+  const out = allocOutput(Float32Array, product(dims));
   await run(site, c.signal, (token) =>
     native().elementwiseBinary(BINARY_CODE[name], a.data, a.dims, b.data, b.dims, out, c.variant, c.threads, token));
   return new Tensor('float32', out, dims);
@@ -121,7 +122,7 @@ async function unary(where: string, op: keyof typeof UNARY_CODE, x: Tensor<'floa
   site: Error): Promise<Tensor<'float32'>> {
   checkTensor(`${where}(x)`, x, 'float32');
   const c = common(where, opts);
-  const out = new Float32Array(x.size);
+  const out = allocOutput(Float32Array, x.size);
   await run(site, c.signal, (token) => native().elementwiseUnary(UNARY_CODE[op], x.data, out, c.variant, c.threads, token));
   return new Tensor('float32', out, x.dims);
 }
@@ -179,7 +180,7 @@ export async function softmax(x: Tensor<'float32'>, options?: SoftmaxOptions): P
   checkTensor(`${where}(x)`, x, 'float32');
   const axis = checkAxis(where, opts.axis ?? -1, x.dims.length);
   const c = common(where, opts);
-  const out = new Float32Array(x.size);
+  const out = allocOutput(Float32Array, x.size);
   await run(site, c.signal, (token) => native().softmax(x.data, x.dims, axis, out, c.variant, c.threads, token));
   return new Tensor('float32', out, x.dims);
 }
@@ -219,7 +220,7 @@ export async function layerNorm(x: Tensor<'float32'>, options?: LayerNormOptions
   const c = common(where, opts);
   const n = product(normDims);
   const rows = product(x.dims.slice(0, axis));
-  const out = new Float32Array(x.size);
+  const out = allocOutput(Float32Array, x.size);
   await run(site, c.signal, (token) =>
     native().layerNorm(x.data, rows, n, gamma, beta, epsilon, out, c.variant, c.threads, token));
   return new Tensor('float32', out, x.dims);
@@ -243,7 +244,7 @@ export async function rmsNorm(x: Tensor<'float32'>, options?: RmsNormOptions): P
   const gamma = checkAffine(`${where}: options.gamma`, opts.gamma, [n], "x's last dim");
   const epsilon = checkEpsilon(`${where}: options.epsilon`, opts.epsilon ?? 1e-6);
   const c = common(where, opts);
-  const out = new Float32Array(x.size);
+  const out = allocOutput(Float32Array, x.size);
   await run(site, c.signal, (token) =>
     native().rmsNorm(x.data, n === 0 ? 0 : x.size / n, n, gamma, null, epsilon, out, c.variant, c.threads, token));
   return new Tensor('float32', out, x.dims);
@@ -270,7 +271,7 @@ export async function argmax(x: Tensor<'float32'>, options?: ArgmaxOptions): Pro
   const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
   const signal = checkSignal(`${where}: options.signal`, opts.signal);
   const dims = keepDims ? x.dims.map((d, i) => (i === axis ? 1 : d)) : x.dims.filter((_, i) => i !== axis);
-  const out = new BigInt64Array(product(dims));
+  const out = allocOutput(BigInt64Array, product(dims));
   await run(site, signal, (token) => native().argmax(x.data, x.dims, axis, out, threads, token));
   return new Tensor('int64', out, dims);
 }
@@ -301,8 +302,8 @@ export async function topK(x: Tensor<'float32'>, k: number, options?: TopKOption
   const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
   const signal = checkSignal(`${where}: options.signal`, opts.signal);
   const dims = x.dims.map((d, i) => (i === axis ? k : d));
-  const values = new Float32Array(product(dims));
-  const indices = new BigInt64Array(values.length);
+  const values = allocOutput(Float32Array, product(dims));
+  const indices = allocOutput(BigInt64Array, values.length);
   await run(site, signal, (token) => native().topK(x.data, x.dims, axis, k, largest, values, indices, threads, token));
   return { values: new Tensor('float32', values, dims), indices: new Tensor('int64', indices, dims) };
 }
@@ -325,7 +326,7 @@ export async function cast<D extends CastDType>(x: Tensor<CastDType>, dtype: D, 
   }
   const to = checkOneOf(`${where}(dtype)`, dtype, CAST_DTYPES);
   const c = common(where, opts);
-  const out = to === 'float32' ? new Float32Array(x.size) : new Uint16Array(x.size);
+  const out = to === 'float32' ? allocOutput(Float32Array, x.size) : allocOutput(Uint16Array, x.size);
   await run(site, c.signal, (token) =>
     native().cast(x.data as Float32Array | Uint16Array, x.dtype as CastDType, out, to, c.variant, c.threads, token));
   return new Tensor(to, out as Tensor<D>['data'], x.dims) as Tensor<D>;

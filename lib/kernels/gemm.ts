@@ -8,6 +8,7 @@ import {
 } from '../binding.js';
 import { InvalidArgumentError, callNative, fromNative } from '../errors.js';
 import { NativeResource, withSignal } from '../lifetime.js';
+import { allocOutput } from '../buffers.js';
 import { Tensor, checkTensor } from '../tensor.js';
 import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
 
@@ -258,7 +259,7 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
       }
     }
   } else {
-    out = new Tensor('float32', new Float32Array(m * n), [m, n]);
+    out = new Tensor('float32', allocOutput(Float32Array, m * n), [m, n]);
   }
   const ldc = out.dims[1]!;
   if (lowp) {

@@ -24,6 +24,12 @@ Napi::Error MakeError(Napi::Env env, const char* code, const std::string& messag
 
 Addon::Addon(Napi::Env env, Napi::Object exports) {
   pool_ = std::make_shared<ThreadPool>(Cpu().cores);
+  {
+    // Cap on idle output memory kept for reuse; SONDE_BUFFER_CACHE_MB overrides (0: never keep).
+    const char* v = std::getenv("SONDE_BUFFER_CACHE_MB");
+    long mb = v ? std::strtol(v, nullptr, 10) : 256;
+    buffers_ = std::make_shared<BufferPool>(static_cast<size_t>(mb < 0 ? 0 : mb) << 20);
+  }
   tsfn_ = CompletionTsfn::New(env, "sonde.complete", 0, 1, this);
   // Idle addon must not keep the process alive; Start() refs while jobs are in flight.
   tsfn_.Unref(env);
@@ -43,6 +49,8 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
       InstanceMethod("peakFma", &Addon::PeakFma),
       InstanceMethod("readBandwidth", &Addon::ReadBandwidth),
       InstanceMethod("externalMemory", &Addon::ExternalMemory),
+      InstanceMethod("allocBuffer", &Addon::AllocBuffer),
+      InstanceMethod("bufferPoolStats", &Addon::BufferPoolStats),
       InstanceValue("version", Napi::String::New(env, SONDE_VERSION)),
       InstanceValue("CancelToken", cancel_ctor_.Value()),
   });
@@ -169,6 +177,52 @@ Napi::Value Addon::SetThreads(const Napi::CallbackInfo& info) {
 // reads it. Tests use it to check that native allocations are reported.
 Napi::Value Addon::ExternalMemory(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(Napi::MemoryManagement::AdjustExternalMemory(info.Env(), 0)));
+}
+
+namespace {
+struct LentBuffer {
+  std::shared_ptr<BufferPool> pool;
+  size_t capacity;
+};
+}  // namespace
+
+// allocBuffer(bytes) -> ArrayBuffer of exactly `bytes` (contents unspecified) whose memory comes
+// from, and returns to, this environment's BufferPool. Its size class is reported to V8 while the
+// ArrayBuffer lives, so collection keeps pace with output allocation.
+Napi::Value Addon::AllocBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  double d = info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
+  if (!(d >= 1 && d <= 9007199254740991.0) || d != static_cast<double>(static_cast<uint64_t>(d)))
+    throw MakeError(env, codes::kInvalidArgument, "allocBuffer(bytes): bytes must be a positive integer");
+  size_t capacity = 0;
+  void* p = buffers_->Acquire(static_cast<size_t>(d), &capacity);
+  if (!p) throw MakeError(env, codes::kOutOfMemory, "sonde: out of host memory allocating an output of " +
+                                                        std::to_string(static_cast<size_t>(d)) + " bytes");
+  auto* lent = new LentBuffer{buffers_, capacity};
+  napi_value ab;
+  napi_status st = napi_create_external_arraybuffer(
+      env, p, static_cast<size_t>(d),
+      [](napi_env fenv, void* data, void* hint) {
+        auto* l = static_cast<LentBuffer*>(hint);
+        int64_t total;
+        if (fenv) napi_adjust_external_memory(fenv, -static_cast<int64_t>(l->capacity), &total);
+        l->pool->Release(data, l->capacity);
+        delete l;
+      },
+      lent, &ab);
+  if (st != napi_ok) {
+    buffers_->Release(p, capacity);
+    delete lent;
+    throw MakeError(env, codes::kInternal, "sonde: could not create an external ArrayBuffer");
+  }
+  Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(capacity));
+  return Napi::Value(env, ab);
+}
+
+Napi::Value Addon::BufferPoolStats(const Napi::CallbackInfo& info) {
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("cachedBytes", static_cast<double>(buffers_->cached_bytes()));
+  return o;
 }
 
 Napi::Value Addon::GetThreads(const Napi::CallbackInfo& info) {

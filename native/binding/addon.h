@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/buffer_pool.h"
 #include "runtime/thread_pool.h"
 
 namespace sonde {
@@ -79,6 +80,8 @@ class Addon : public Napi::Addon<Addon> {
   Napi::Value SetThreads(const Napi::CallbackInfo& info);
   Napi::Value GetThreads(const Napi::CallbackInfo& info);
   Napi::Value ExternalMemory(const Napi::CallbackInfo& info);
+  Napi::Value AllocBuffer(const Napi::CallbackInfo& info);
+  Napi::Value BufferPoolStats(const Napi::CallbackInfo& info);
   Napi::Value CpuInfo(const Napi::CallbackInfo& info);
   Napi::Value CudaInfo(const Napi::CallbackInfo& info);
   Napi::Value PeakFma(const Napi::CallbackInfo& info);
@@ -87,6 +90,8 @@ class Addon : public Napi::Addon<Addon> {
   using CompletionTsfn = Napi::TypedThreadSafeFunction<Addon, AsyncJob, Complete>;
   // Shared with the environment cleanup hook, which may run after this object is gone.
   std::shared_ptr<ThreadPool> pool_;
+  // Shared with the finalizers of the ArrayBuffers it lends, which can run after this object dies.
+  std::shared_ptr<BufferPool> buffers_;
   CompletionTsfn tsfn_;
   size_t in_flight_ = 0;
   bool torn_down_ = false;
