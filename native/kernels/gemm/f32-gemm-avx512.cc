@@ -25,8 +25,8 @@ void Tile(size_t nr, size_t kc, const float* a, size_t lda, const float* w, floa
   }
   for (size_t k = 0; k < kc; ++k) {
     // Few rows do too little work per W row to hide DRAM latency behind FMAs: fetch ahead.
-    if (MR <= 4) _mm_prefetch(reinterpret_cast<const char*>(w + (k + 16) * kNr), _MM_HINT_T0);
-    if (MR <= 4) _mm_prefetch(reinterpret_cast<const char*>(w + (k + 16) * kNr + 16), _MM_HINT_T0);
+    if (MR <= 8) _mm_prefetch(reinterpret_cast<const char*>(w + (k + 16) * kNr), _MM_HINT_T0);
+    if (MR <= 8) _mm_prefetch(reinterpret_cast<const char*>(w + (k + 16) * kNr + 16), _MM_HINT_T0);
     const __m512 w0 = _mm512_load_ps(w + k * kNr);
     const __m512 w1 = _mm512_load_ps(w + k * kNr + 16);
 #pragma GCC unroll 16
