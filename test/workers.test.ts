@@ -5,14 +5,16 @@ import { Tensor, kernels } from '../dist/index.js';
 const script = new URL('./fixtures/worker-gemm.mjs', import.meta.url);
 const fill = (len: number, s: number) => Float32Array.from({ length: len }, (_, i) => Math.sin(i * 0.37 + s));
 
-function runWorker(data: object): { worker: Worker; result: Promise<{ sum: number; threads: number }> } {
+function runWorker(data: object): { worker: Worker; running: Promise<void>; result: Promise<{ sum: number; threads: number }> } {
   const worker = new Worker(script, { workerData: data });
+  let markRunning: () => void = () => {};
+  const running = new Promise<void>((r) => { markRunning = r; });
   const result = new Promise<{ sum: number; threads: number }>((resolve, reject) => {
-    worker.once('message', resolve);
+    worker.on('message', (m: { running?: boolean; sum: number; threads: number }) => (m.running ? markRunning() : resolve(m)));
     worker.once('error', reject);
     worker.once('exit', (code) => reject(new Error(`worker exited with ${code}`)));
   });
-  return { worker, result };
+  return { worker, running, result };
 }
 
 async function mainSum(m: number, k: number, n: number, seed: number): Promise<number> {
@@ -39,7 +41,9 @@ describe('worker_threads', () => {
     const victim = runWorker({ m: 700, k: 700, n: 700, seed: 9, repeat: 1000 });
     victim.result.catch(() => {});
     const other = runWorker({ m: 30, k: 50, n: 40, seed: 5, repeat: 20 });
-    await new Promise((r) => setTimeout(r, 300));
+    // Terminate once the victim is inside its GEMM loop (not still loading, on a busy machine).
+    await victim.running;
+    await new Promise((r) => setTimeout(r, 100));
     const code = await victim.worker.terminate();
     expect(code).toBe(1);
     expect((await other.result).sum).toBe(await mainSum(30, 50, 40, 5));
