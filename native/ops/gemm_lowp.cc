@@ -143,17 +143,12 @@ void QuantizeRow(const float* a, size_t k, size_t kq, uint8_t* dst, float* scale
     *zero_out = 0;
     return;
   }
-  if (hi == lo) {  // an all-zero row: any scale represents it
-    *scale_out = 1.0f;
+  float s, inv, z;
+  if (!kernels::LowpU8Params(lo, hi, &s, &inv, &z)) {
+    *scale_out = s;
     *zero_out = 0;
     return;
   }
-  // hi/255 - lo/255 rather than (hi - lo)/255: the difference of two large finite values could
-  // overflow. A scale below FLT_MIN would make 1/s infinite, so it is clamped there.
-  float s = hi / 255.0f - lo / 255.0f;
-  if (!(s >= FLT_MIN)) s = FLT_MIN;
-  const float inv = 1.0f / s;
-  const float z = std::min(255.0f, std::max(0.0f, std::nearbyint(-lo / s)));
   for (size_t p = 0; p < k; ++p) {
     const float u = std::nearbyint(a[p] * inv) + z;
     dst[p] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, u)));
@@ -320,9 +315,14 @@ bool PrepareA(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, cons
   pa->zero.resize(m);
   pa->rows = pa->u8.data();
   pa->stride = kq;
+  // The SIMD quantiser gives the same bytes as QuantizeRow (same LowpU8Params, same rounding).
+  kernels::LowpQuantizeRowU8 quantize = QuantizeRow;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (Cpu().Supports(IsaLevel::kAvx512)) quantize = kernels::LowpQuantizeRowU8Avx512;
+#endif
   return pool.ParallelFor(tasks, threads, [&](size_t t) {
     for (size_t i = t * rows_per_task; i < std::min(m, (t + 1) * rows_per_task); ++i)
-      QuantizeRow(args.a + i * args.lda, k, kq, pa->u8.data() + i * kq, &pa->scale[i], &pa->zero[i]);
+      quantize(args.a + i * args.lda, k, kq, pa->u8.data() + i * kq, &pa->scale[i], &pa->zero[i]);
   }, cancel);
 }
 

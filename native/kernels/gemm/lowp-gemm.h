@@ -14,6 +14,8 @@
 //   u8 quads (K rounded up to 4, zero-padded) with per-row scale and zero point (qs8).
 // Only C headers here: ISA-specific translation units include this file.
 #pragma once
+#include <float.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -21,6 +23,37 @@
 
 namespace sonde {
 namespace kernels {
+
+// Scale, reciprocal and zero point of one row of A quantised to u8, from the row's range
+// [lo, hi] (lo <= 0 <= hi, both finite; the definition is in native/ops/gemm_lowp.h). Shared by
+// the scalar and SIMD quantisers so that every variant produces the same integers.
+// Returns 0 for an all-zero row (scale 1, zero point 0, every byte 0).
+static inline int LowpU8Params(float lo, float hi, float* scale, float* inv, float* zero) {
+  if (hi == lo) {
+    *scale = 1.0f;
+    *inv = 1.0f;
+    *zero = 0.0f;
+    return 0;
+  }
+  // hi/255 - lo/255 rather than (hi - lo)/255: the difference of two large finite values could
+  // overflow. A scale below FLT_MIN would make 1/s infinite, so it is clamped there.
+  float s = hi / 255.0f - lo / 255.0f;
+  if (!(s >= FLT_MIN)) s = FLT_MIN;
+  float z = nearbyintf(-lo / s);
+  z = z < 0.0f ? 0.0f : (z > 255.0f ? 255.0f : z);
+  *scale = s;
+  *inv = 1.0f / s;
+  *zero = z;
+  return 1;
+}
+
+// Quantises one row of A (k floats) to kq >= k u8 values (zero-padded), its scale and zero point.
+// A row holding NaN or Inf gets scale NaN (its output row becomes NaN) and zeros.
+typedef void (*LowpQuantizeRowU8)(const float* a, size_t k, size_t kq, uint8_t* dst, float* scale,
+                                  int32_t* zero);
+#if defined(__x86_64__) || defined(_M_X64)
+void LowpQuantizeRowU8Avx512(const float* a, size_t k, size_t kq, uint8_t* dst, float* scale, int32_t* zero);
+#endif
 
 // Per-tile quantisation terms of the qs8 kernels (offset to the tile's first row / column):
 //   C[i][j] = (float)(acc_s32[i][j] - a_zero[i] * w_sum[j]) * (a_scale[i] * w_scale[j])
