@@ -201,22 +201,24 @@ async function* gemmLowpSuite(ctx) {
   const square = ctx.quick ? [512, 1024] : [1024, 2048];
   const decode = [[4096, 1024]];
   const shapes = [...square.map((s) => [s, s, s]), ...decode.map(([nn, k]) => [1, k, nn])];
+  const precisions = ['fp32', 'bf16', 'int8', 'fp16'];
   for (const [m, k, nn] of shapes) {
     const a = new Tensor('float32', rand(m * k), [m, k]);
     const b = new Tensor('float32', rand(k * nn), [k, nn]);
-    const f32 = kernels.packGemmWeights(b);
-    const reps = m === 1 ? { reps: 50, minMs: 200 } : { reps: ctx.quick ? 3 : 7, minMs: 200 };
+    const ws = precisions.map((precision) => kernels.packGemmWeights(b, { precision }));
     for (const t of [1, n]) {
-      const msF32 = await timeIt(() => kernels.gemm(a, f32, { threads: t }), reps);
-      for (const precision of ['fp32', 'bf16', 'int8', 'fp16']) {
-        const w = precision === 'fp32' ? f32 : kernels.packGemmWeights(b, { precision });
-        const ms = precision === 'fp32' ? msF32 : await timeIt(() => kernels.gemm(a, w, { threads: t }), reps);
-        yield { case: `${precision} ${m}x${k}x${nn} t${t}`, ms, gflops: (2 * m * k * nn) / ms / 1e6,
-          gbps: w.bytes / ms / 1e6, vs: 'fp32', ratio: msF32 / ms, ukernel: w.ukernel };
-        if (w !== f32) w.dispose();
+      // All precisions interleaved call by call, so each ratio to fp32 is measured under the same
+      // machine conditions.
+      const times = await timeInterleaved(ws.map((w) => () => kernels.gemm(a, w, { threads: t })),
+        { minMs: ctx.quick ? 200 : 600, maxMs: ctx.quick ? 1500 : 5000 });
+      for (let i = 0; i < ws.length; i++) {
+        const w = ws[i];
+        const ms = times[i];
+        yield { case: `${precisions[i]} ${m}x${k}x${nn} t${t}`, ms, gflops: (2 * m * k * nn) / ms / 1e6,
+          gbps: w.bytes / ms / 1e6, vs: 'fp32', ratio: times[0] / ms, ukernel: w.ukernel };
       }
     }
-    f32.dispose();
+    for (const w of ws) w.dispose();
   }
 }
 
