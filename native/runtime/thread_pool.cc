@@ -36,8 +36,15 @@ bool SpinUntil(Ready ready) {
   const auto until = std::chrono::steady_clock::now() + spin;
   for (unsigned i = 0;; ++i) {
     if (ready()) return true;
-    SONDE_PAUSE();
-    if ((i & 63) == 63 && std::chrono::steady_clock::now() >= until) return ready();
+    // A short burst of pause, then yield: on a machine with more runnable threads than cores (the
+    // JS thread waiting to take this result, another process), a spinning worker must not hold the
+    // core the JS thread needs.
+    if (i < 64) {
+      SONDE_PAUSE();
+    } else {
+      std::this_thread::yield();
+    }
+    if ((i & 15) == 15 && std::chrono::steady_clock::now() >= until) return ready();
   }
 }
 }  // namespace
