@@ -26,14 +26,26 @@ describe('output buffer pool', () => {
       const a = new Tensor('float32', new Float32Array(256 * 256).fill(1), [256, 256]);
       const w = kernels.packGemmWeights(a);
       const stats = () => native().bufferPoolStats().cachedBytes;
-      globalThis.gc(); await new Promise((r) => setTimeout(r, 10)); globalThis.gc();
+      // Finalizers of external ArrayBuffers can run after gc() returns: collect until the pool and
+      // V8's external total stop changing.
+      const settle = async () => {
+        let prev = -1;
+        for (let i = 0; i < 50; i++) {
+          globalThis.gc();
+          await new Promise((r) => setTimeout(r, 5));
+          const now = stats() * 1e15 + reportedExternalMemory();
+          if (now === prev) return;
+          prev = now;
+        }
+      };
+      await settle();
       const ext0 = reportedExternalMemory();
       let outs = [];
       for (let i = 0; i < 8; i++) outs.push(await kernels.gemm(a, w));
       const ext1 = reportedExternalMemory();
       const cached0 = stats();
       outs = null;
-      globalThis.gc(); await new Promise((r) => setTimeout(r, 10)); globalThis.gc();
+      await settle();
       const cached1 = stats();
       const ext2 = reportedExternalMemory();
       const c = await kernels.gemm(a, w);
