@@ -36,3 +36,21 @@ if (!(maxErr < 1e-3)) {
   console.error('GEMM result does not match the reference');
   process.exit(1);
 }
+
+// The same layer with weights stored in low precision: speed and error against the fp32 result.
+const fp32 = await kernels.gemm(a, b, { bias });
+let norm = 0;
+for (const v of fp32.data) norm = Math.max(norm, Math.abs(v));
+for (const precision of ['fp32', 'bf16', 'fp16', 'int8']) {
+  const w = kernels.packGemmWeights(b, { precision });
+  await kernels.gemm(a, w, { bias });
+  const t = performance.now();
+  let out;
+  for (let i = 0; i < reps; i++) out = await kernels.gemm(a, w, { bias });
+  const msP = (performance.now() - t) / reps;
+  let err = 0;
+  for (let i = 0; i < out.size; i++) err = Math.max(err, Math.abs(out.data[i] - fp32.data[i]));
+  console.log(`  ${precision.padEnd(5)} weights (${(w.bytes / 2 ** 20).toFixed(1)} MiB, ${w.ukernel}): ${msP.toFixed(2)} ms, ` +
+    `${((2 * m * n * k) / msP / 1e6).toFixed(1)} GFLOP/s, max |error| vs fp32 ${(err / norm).toExponential(1)} of max |C|`);
+  w.dispose();
+}
