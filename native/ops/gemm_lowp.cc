@@ -369,7 +369,17 @@ bool RunLowpGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cance
       for (size_t j = 0; j < n; ++j) args.c[i * args.ldc + j] = kernels::GemmEpilogueScalar(0.0f, i, j, &args.epilogue);
     return true;
   }
-  PreparedA pa;
+  // The prepared copy of A is per-run scratch: reused from run to run by the thread that runs the
+  // job (a fresh multi-megabyte vector costs page faults on every run), and released after a run
+  // whose copy was unusually large so an occasional big batch does not pin that memory.
+  thread_local PreparedA pa_scratch;
+  PreparedA& pa = pa_scratch;
+  struct Trim {
+    PreparedA& pa;
+    ~Trim() {
+      if (pa.bf16.capacity() * 2 + pa.u8.capacity() > (static_cast<size_t>(64) << 20)) pa = PreparedA();
+    }
+  } trim{pa};
   if (!PrepareA(pool, threads, cancel, args, k, uk.a_form, &pa)) return false;
   if (reference) return RunReference(pool, threads, cancel, args, w, pa);
 
