@@ -259,6 +259,7 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
     return op;
   }
 
+#if defined(__x86_64__) || defined(_M_X64)
   if (variant == ConvVariant::kAvx512Bf16) {
     op->path_ = Path::kGemmBf16;
     op->bf16_uk_ = kernels::Bf16GemmUkernelAvx512Bf16();
@@ -276,6 +277,7 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
     op->bytes_ = RoundUp(spec.c_out * op->ldw_ * sizeof(uint32_t), 64) + spec.c_out * sizeof(float);
     return op;
   }
+#endif
 
   op->path_ = Path::kGemm;
   op->f32_uk_ = F32Ukernel(variant);
