@@ -129,61 +129,6 @@ ConvVariant ResolveFp32(ConvVariant v) {
   }
 }
 
-// What one GEMM task needs to im2col its panels: the input of one image and group, the geometry,
-// and where the bias row(s) sit in K.
-struct Im2col {
-  const float* x;  // first channel of the group in this image
-  size_t h, w, oh, ow, kh, kw, sh, sw, dh, dw, pad_t, pad_l;
-  size_t kg;        // weight rows of K; rows kg .. kg+bias_rows-1 are ones, later rows zero
-  size_t bias_rows;
-  bool pointwise;   // 1x1, stride 1, no pads: cols(X) is X itself
-};
-
-// Row k of cols(X) for output pixels j0 .. j0+ncols-1 into dst[0 .. nr), zero past ncols.
-void FillRow(const Im2col& c, size_t k, size_t j0, size_t ncols, size_t nr, float* dst) {
-  if (k >= c.kg) {
-    const float v = k < c.kg + c.bias_rows ? 1.0f : 0.0f;
-    for (size_t l = 0; l < ncols; ++l) dst[l] = v;
-  } else if (c.pointwise) {
-    std::memcpy(dst, c.x + k * c.h * c.w + j0, ncols * sizeof(float));
-  } else {
-    const size_t taps = c.kh * c.kw;
-    const size_t ch = k / taps, r = k % taps, ky = r / c.kw, kx = r % c.kw;
-    const float* plane = c.x + ch * c.h * c.w;
-    size_t j = j0, l = 0;
-    while (l < ncols) {
-      const size_t oy = j / c.ow, ox = j % c.ow;
-      const size_t len = std::min(c.ow - ox, ncols - l);
-      const ptrdiff_t iy = static_cast<ptrdiff_t>(oy * c.sh + ky * c.dh) - static_cast<ptrdiff_t>(c.pad_t);
-      float* d = dst + l;
-      if (iy < 0 || iy >= static_cast<ptrdiff_t>(c.h)) {
-        std::memset(d, 0, len * sizeof(float));
-      } else {
-        const float* src = plane + iy * c.w;
-        const ptrdiff_t ix0 = static_cast<ptrdiff_t>(ox * c.sw + kx * c.dw) - static_cast<ptrdiff_t>(c.pad_l);
-        const ptrdiff_t W = static_cast<ptrdiff_t>(c.w), L = static_cast<ptrdiff_t>(len);
-        if (c.sw == 1) {
-          // In-bounds run [lo, hi) of the segment: one memcpy between two zero fills.
-          const ptrdiff_t lo = std::min(L, std::max<ptrdiff_t>(0, -ix0));
-          const ptrdiff_t hi = std::max(lo, std::min(L, W - ix0));
-          std::memset(d, 0, lo * sizeof(float));
-          std::memcpy(d + lo, src + ix0 + lo, (hi - lo) * sizeof(float));
-          std::memset(d + hi, 0, (L - hi) * sizeof(float));
-        } else {
-          const ptrdiff_t sw = static_cast<ptrdiff_t>(c.sw);
-          for (ptrdiff_t t = 0; t < L; ++t) {
-            const ptrdiff_t ix = ix0 + t * sw;
-            d[t] = ix >= 0 && ix < W ? src[ix] : 0.0f;
-          }
-        }
-      }
-      l += len;
-      j += len;
-    }
-  }
-  for (size_t l = ncols; l < nr; ++l) dst[l] = 0.0f;
-}
-
 // fp32 -> bf16 split of the bias into three terms whose fp32 sum is b to within ~2^-24 relative
 // (each term holds the next 8 significant bits), so a bias row of ones keeps it fp32-exact.
 void SplitBf16(float b, uint16_t out[3]) {
@@ -263,6 +208,7 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   if (variant == ConvVariant::kAvx512Bf16) {
     op->path_ = Path::kGemmBf16;
     op->bf16_uk_ = kernels::Bf16GemmUkernelAvx512Bf16();
+    op->im2col_uk_ = kernels::F32Im2colUkernelAvx512();
     op->k_run_ = kg + (op->has_bias_ ? 3 : 0);
     op->ldw_ = (op->k_run_ + 1) / 2;
     op->w_pairs_ = static_cast<uint32_t*>(AlignedAlloc(spec.c_out * op->ldw_ * sizeof(uint32_t)));
@@ -281,6 +227,9 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
 
   op->path_ = Path::kGemm;
   op->f32_uk_ = F32Ukernel(variant);
+#if defined(__x86_64__) || defined(_M_X64)
+  if (variant == ConvVariant::kAvx512) op->im2col_uk_ = kernels::F32Im2colUkernelAvx512();
+#endif
   op->k_run_ = kg + (op->has_bias_ ? 1 : 0);
   op->ldw_ = op->k_run_;
   op->w_ = static_cast<float*>(AlignedAlloc(spec.c_out * op->ldw_ * sizeof(float)));
@@ -374,8 +323,6 @@ bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cance
   }
   const size_t p_blocks = (panels + nb - 1) / nb, m_blocks = (m_tiles + mb - 1) / mb;
   const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
-  const bool pointwise = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && s.pad_t == 0 && s.pad_l == 0 &&
-                         s.oh == h && s.ow == w;
   const size_t bias_rows = has_bias_ ? (bf16 ? 3 : 1) : 0;
   const size_t kc_max = bf16 ? k_run_ : std::min(kKc, k_run_);
   // fp32: nb panels of kc x nr floats. bf16: one panel of all K pairs (uint32) + two fp32 rows.
@@ -389,8 +336,8 @@ bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cance
       oom.store(true);
       return;
     }
-    const Im2col c{x + (b * spec_.c_in + gi * cg) * h * w, h, w, s.oh, s.ow, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw,
-                   s.pad_t, s.pad_l, kg_, bias_rows, pointwise};
+    const kernels::Im2colArgs c{x + (b * spec_.c_in + gi * cg) * h * w, h, w, s.oh, s.ow, g.kh, g.kw, g.sh, g.sw,
+                                g.dh, g.dw, s.pad_t, s.pad_l, kg_, bias_rows};
     const size_t t0 = mbi * mb, t1 = std::min(m_tiles, t0 + mb);
     const size_t p0 = pbi * nb, p1 = std::min(panels, p0 + nb);
     const size_t row0 = gi * cog;  // first output channel of the group
@@ -405,8 +352,8 @@ bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cance
       for (size_t p = p0; p < p1; ++p) {
         const size_t j0 = p * nr, ncols = std::min(nr, hwo - j0);
         for (size_t q = 0; q < pairs; ++q) {
-          FillRow(c, 2 * q, j0, ncols, nr, r0);
-          FillRow(c, 2 * q + 1, j0, ncols, nr, r1);
+          im2col_uk_(&c, 2 * q, 1, j0, ncols, nr, r0);
+          im2col_uk_(&c, 2 * q + 1, 1, j0, ncols, nr, r1);
           uint32_t* dst = panel + q * nr;
           for (size_t l = 0; l < nr; ++l)
             dst[l] = static_cast<uint32_t>(kernels::LowpF32ToBf16(r0[l])) |
@@ -427,7 +374,7 @@ bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cance
       for (size_t p = p0; p < p1; ++p) {
         const size_t j0 = p * nr, ncols = std::min(nr, hwo - j0);
         float* panel = buf + (p - p0) * kc * nr;
-        for (size_t k = 0; k < kc; ++k) FillRow(c, k0 + k, j0, ncols, nr, panel + k * nr);
+        im2col_uk_(&c, k0, kc, j0, ncols, nr, panel);
       }
       for (size_t p = p0; p < p1; ++p) {
         const size_t j0 = p * nr, ncols = std::min(nr, hwo - j0);

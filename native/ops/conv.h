@@ -116,6 +116,8 @@ class ConvOp {
   kernels::F32GemmUkernelInfo f32_uk_{};
   kernels::LowpGemmUkernelInfo bf16_uk_{};
   kernels::F32WindowUkernel window_uk_ = nullptr;
+  // im2col into B panels: AVX-512 next to the AVX-512 GEMM kernels (its rows are 32-float panels).
+  kernels::F32Im2colUkernel im2col_uk_ = kernels::F32Im2colUkernelScalar();
   const char* window_name_ = "";
 };
 

@@ -61,6 +61,22 @@ F32WindowUkernel F32WindowUkernelAvx512();
 F32SumUkernel F32SumUkernelAvx512();
 #endif
 
+// im2col straight into a GEMM B panel: rows k0 .. k0+kc-1 of cols(X) for output pixels
+// j0 .. j0+ncols-1, each row nr floats (zero past ncols), row k at panel + (k - k0) * nr. Row k < kg
+// is (channel, ky, kx) = (k / (kh kw), k / kw % kh, k % kw) of x; rows kg .. kg+bias_rows-1 are
+// ones (the bias row of the weights), later rows zero.
+struct Im2colArgs {
+  const float* x;  // the group's first channel plane of one image
+  size_t h, w, oh, ow, kh, kw, sh, sw, dh, dw, pad_t, pad_l;
+  size_t kg, bias_rows;
+};
+typedef void (*F32Im2colUkernel)(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_t ncols, size_t nr,
+                                 float* panel);
+F32Im2colUkernel F32Im2colUkernelScalar();
+#if defined(__x86_64__) || defined(_M_X64)
+F32Im2colUkernel F32Im2colUkernelAvx512();
+#endif
+
 // The independent reference convolution, straight from the definition, accumulating in double:
 // y[b][co][oy][ox] = act(bias[co] + sum_{c, ky, kx} w[co][c][ky][kx] * x[b][g*cg + c][iy][ix])
 // (+ residual, before or after act as ep says; ep may be null). Weights: c_out rows of ldw floats,

@@ -70,7 +70,46 @@ float F32SumScalar(const float* x, size_t n) {
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
+// Row k of cols(X) for pixels j0 .. j0+ncols-1 into dst[0 .. nr).
+void FillRow(const Im2colArgs* c, size_t k, size_t j0, size_t ncols, size_t nr, float* dst) {
+  if (k >= c->kg) {
+    const float v = k < c->kg + c->bias_rows ? 1.0f : 0.0f;
+    for (size_t l = 0; l < ncols; ++l) dst[l] = v;
+  } else {
+    const size_t taps = c->kh * c->kw;
+    const size_t ch = k / taps, r = k % taps, ky = r / c->kw, kx = r % c->kw;
+    const float* plane = c->x + ch * c->h * c->w;
+    size_t j = j0, l = 0;
+    while (l < ncols) {
+      const size_t oy = j / c->ow, ox = j % c->ow;
+      const size_t len = c->ow - ox < ncols - l ? c->ow - ox : ncols - l;
+      const ptrdiff_t iy = static_cast<ptrdiff_t>(oy * c->sh + ky * c->dh) - static_cast<ptrdiff_t>(c->pad_t);
+      float* d = dst + l;
+      if (iy < 0 || iy >= static_cast<ptrdiff_t>(c->h)) {
+        for (size_t t = 0; t < len; ++t) d[t] = 0.0f;
+      } else {
+        const float* src = plane + iy * c->w;
+        const ptrdiff_t ix0 = static_cast<ptrdiff_t>(ox * c->sw + kx * c->dw) - static_cast<ptrdiff_t>(c->pad_l);
+        const ptrdiff_t W = static_cast<ptrdiff_t>(c->w), sw = static_cast<ptrdiff_t>(c->sw);
+        for (size_t t = 0; t < len; ++t) {
+          const ptrdiff_t ix = ix0 + static_cast<ptrdiff_t>(t) * sw;
+          d[t] = ix >= 0 && ix < W ? src[ix] : 0.0f;
+        }
+      }
+      l += len;
+      j += len;
+    }
+  }
+  for (size_t l = ncols; l < nr; ++l) dst[l] = 0.0f;
+}
+
+void F32Im2colScalar(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_t ncols, size_t nr, float* panel) {
+  for (size_t k = 0; k < kc; ++k) FillRow(a, k0 + k, j0, ncols, nr, panel + k * nr);
+}
+
 }  // namespace
+
+F32Im2colUkernel F32Im2colUkernelScalar() { return F32Im2colScalar; }
 
 F32WindowUkernel F32WindowUkernelScalar() { return F32WindowScalar; }
 F32SumUkernel F32SumUkernelScalar() { return F32SumScalar; }

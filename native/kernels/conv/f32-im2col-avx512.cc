@@ -1,0 +1,104 @@
+// AVX-512 im2col into a GEMM B panel (see conv.h). The panel's pixels are split once per call into
+// segments that stay on one output row; each row k of the panel is then one masked load/store
+// pair per 16 pixels of a segment (stride 1: contiguous source, out-of-bounds lanes masked to 0;
+// other strides: a masked gather). Masked-off lanes never touch memory, so reads stay inside x.
+// This pass is what a small C_out conv pays per packed element (2 C_out FLOPs per element), so it
+// must cost a fraction of a nanosecond per element: the portable version's per-element bounds
+// checks cost as much as the GEMM at C_out = 64.
+// GCC 12 reports a false -Wmaybe-uninitialized inside avx512fintrin.h for masked loads/gathers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#include <stddef.h>
+
+#include "kernels/conv/conv.h"
+
+namespace sonde {
+namespace kernels {
+namespace {
+
+struct Segment {
+  size_t l, oy, ox, len;  // panel column, output row, output column, pixels
+};
+
+inline __mmask16 Range(ptrdiff_t lo, ptrdiff_t hi) {
+  // Lanes t with lo <= t < hi, for 0 <= t < 16.
+  if (lo < 0) lo = 0;
+  if (hi > 16) hi = 16;
+  if (hi <= lo) return 0;
+  return static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+}
+
+void F32Im2colAvx512(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_t ncols, size_t nr, float* panel) {
+  Segment seg[64];
+  size_t nseg = 0;
+  for (size_t j = j0, l = 0; l < ncols && nseg < 64;) {
+    const size_t oy = j / a->ow, ox = j % a->ow;
+    const size_t len = a->ow - ox < ncols - l ? a->ow - ox : ncols - l;
+    seg[nseg++] = {l, oy, ox, len};
+    l += len;
+    j += len;
+  }
+  const bool pointwise = a->kh == 1 && a->kw == 1 && a->sh == 1 && a->sw == 1 && a->pad_t == 0 && a->pad_l == 0 &&
+                         a->oh == a->h && a->ow == a->w;
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i gstep = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(a->sw)));
+  const size_t taps = a->kh * a->kw, plane = a->h * a->w;
+  const ptrdiff_t H = static_cast<ptrdiff_t>(a->h), W = static_cast<ptrdiff_t>(a->w);
+  for (size_t kk = 0; kk < kc; ++kk) {
+    const size_t k = k0 + kk;
+    float* dst = panel + kk * nr;
+    // Zero the whole row first (nr is a multiple of 16 for this kernel's callers: 32), then write
+    // the valid lanes; two stores per 16 lanes at most, all in L1.
+    for (size_t l = 0; l < nr; l += 16) _mm512_storeu_ps(dst + l, zero);
+    if (k >= a->kg) {
+      if (k < a->kg + a->bias_rows)
+        for (size_t l = 0; l < ncols; l += 16) _mm512_mask_storeu_ps(dst + l, Range(0, static_cast<ptrdiff_t>(ncols - l)), one);
+      continue;
+    }
+    if (pointwise) {
+      const float* src = a->x + k * plane + j0;
+      for (size_t l = 0; l < ncols; l += 16) {
+        const __mmask16 m = Range(0, static_cast<ptrdiff_t>(ncols - l));
+        _mm512_mask_storeu_ps(dst + l, m, _mm512_maskz_loadu_ps(m, src + l));
+      }
+      continue;
+    }
+    const size_t ch = k / taps, r = k % taps, ky = r / a->kw, kx = r % a->kw;
+    const float* xp = a->x + ch * plane;
+    for (size_t s = 0; s < nseg; ++s) {
+      const Segment& g = seg[s];
+      const ptrdiff_t iy = static_cast<ptrdiff_t>(g.oy * a->sh + ky * a->dh) - static_cast<ptrdiff_t>(a->pad_t);
+      if (iy < 0 || iy >= H) continue;  // already zero
+      const float* src = xp + iy * W;
+      const ptrdiff_t ix0 = static_cast<ptrdiff_t>(g.ox * a->sw + kx * a->dw) - static_cast<ptrdiff_t>(a->pad_l);
+      for (size_t t = 0; t < g.len; t += 16) {
+        const ptrdiff_t base = ix0 + static_cast<ptrdiff_t>(t * a->sw);
+        const ptrdiff_t n = static_cast<ptrdiff_t>(g.len - t);
+        __mmask16 m;
+        __m512 v;
+        if (a->sw == 1) {
+          // Lanes u with 0 <= base + u < W and u < n.
+          m = Range(-base, W - base) & Range(0, n);
+          v = _mm512_maskz_loadu_ps(m, src + base);
+        } else {
+          const ptrdiff_t sw = static_cast<ptrdiff_t>(a->sw);
+          const ptrdiff_t lo = base >= 0 ? 0 : (-base + sw - 1) / sw;
+          const ptrdiff_t hi = base >= W ? 0 : (W - base + sw - 1) / sw;
+          m = Range(lo, hi) & Range(0, n);
+          // Indices relative to src + base stay small; masked-off lanes are not read.
+          v = _mm512_mask_i32gather_ps(zero, m, gstep, src + base, 4);
+        }
+        _mm512_mask_storeu_ps(dst + g.l + t, m, v);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+F32Im2colUkernel F32Im2colUkernelAvx512() { return F32Im2colAvx512; }
+
+}  // namespace kernels
+}  // namespace sonde
