@@ -18,7 +18,8 @@ namespace kernels {
 namespace {
 
 struct Segment {
-  size_t l, oy, ox, len;  // panel column, output row, output column, pixels
+  size_t l, len;       // first panel column, pixels
+  ptrdiff_t iy0, ix0;  // input row / column of tap (0, 0) for the segment's first pixel
 };
 
 inline __mmask16 Range(ptrdiff_t lo, ptrdiff_t hi) {
@@ -35,7 +36,8 @@ void F32Im2colAvx512(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_
   for (size_t j = j0, l = 0; l < ncols && nseg < 64;) {
     const size_t oy = j / a->ow, ox = j % a->ow;
     const size_t len = a->ow - ox < ncols - l ? a->ow - ox : ncols - l;
-    seg[nseg++] = {l, oy, ox, len};
+    seg[nseg++] = {l, len, static_cast<ptrdiff_t>(oy * a->sh) - static_cast<ptrdiff_t>(a->pad_t),
+                   static_cast<ptrdiff_t>(ox * a->sw) - static_cast<ptrdiff_t>(a->pad_l)};
     l += len;
     j += len;
   }
@@ -46,6 +48,9 @@ void F32Im2colAvx512(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_
   const __m512i gstep = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(static_cast<int>(a->sw)));
   const size_t taps = a->kh * a->kw, plane = a->h * a->w;
   const ptrdiff_t H = static_cast<ptrdiff_t>(a->h), W = static_cast<ptrdiff_t>(a->w);
+  // (channel, ky, kx) of row k advance by one tap per row: no integer division per row (four
+  // 64-bit divisions cost more than the row's loads and stores).
+  size_t ch = k0 / taps, ky = k0 % taps / a->kw, kx = k0 % a->kw;
   for (size_t kk = 0; kk < kc; ++kk) {
     const size_t k = k0 + kk;
     float* dst = panel + kk * nr;
@@ -65,14 +70,21 @@ void F32Im2colAvx512(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_
       }
       continue;
     }
-    const size_t ch = k / taps, r = k % taps, ky = r / a->kw, kx = r % a->kw;
     const float* xp = a->x + ch * plane;
+    const ptrdiff_t dy = static_cast<ptrdiff_t>(ky * a->dh), dx = static_cast<ptrdiff_t>(kx * a->dw);
+    if (++kx == a->kw) {
+      kx = 0;
+      if (++ky == a->kh) {
+        ky = 0;
+        ++ch;
+      }
+    }
     for (size_t s = 0; s < nseg; ++s) {
       const Segment& g = seg[s];
-      const ptrdiff_t iy = static_cast<ptrdiff_t>(g.oy * a->sh + ky * a->dh) - static_cast<ptrdiff_t>(a->pad_t);
+      const ptrdiff_t iy = g.iy0 + dy;
       if (iy < 0 || iy >= H) continue;  // already zero
       const float* src = xp + iy * W;
-      const ptrdiff_t ix0 = static_cast<ptrdiff_t>(g.ox * a->sw + kx * a->dw) - static_cast<ptrdiff_t>(a->pad_l);
+      const ptrdiff_t ix0 = g.ix0 + dx;
       for (size_t t = 0; t < g.len; t += 16) {
         const ptrdiff_t base = ix0 + static_cast<ptrdiff_t>(t * a->sw);
         const ptrdiff_t n = static_cast<ptrdiff_t>(g.len - t);
