@@ -117,10 +117,12 @@ const shapes: Shape[] = [
   { name: '3x3 K = 360 (two K blocks), 400 pixels (two panel blocks)', x: [1, 40, 20, 20], w: [33, 40, 3, 3], g: { pads: [1, 1, 1, 1] } },
   { name: '5x5 SAME_UPPER stride 2', x: [1, 4, 11, 13], w: [7, 4, 5, 5], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
   { name: '3x3 SAME_LOWER stride 2, asymmetric', x: [1, 3, 10, 9], w: [6, 3, 3, 2], g: { strides: [2, 1], autoPad: 'SAME_LOWER' } },
+  { name: '3x3 stride 3 (gathered im2col), asymmetric pads', x: [1, 5, 17, 20], w: [9, 5, 3, 3], g: { strides: [3, 3], pads: [1, 2, 1, 0] } },
   { name: '3x3 VALID, N=3', x: [3, 5, 6, 8], w: [4, 5, 3, 3], g: { autoPad: 'VALID' } },
   { name: 'grouped: 8 -> 12 channels, 2 groups', x: [1, 8, 9, 7], w: [12, 4, 3, 3], g: { group: 2, pads: [1, 0, 1, 2] } },
   { name: 'depthwise 3x3 s1 p1, 19 channels', x: [2, 19, 13, 21], w: [19, 1, 3, 3], g: { group: 19, pads: [1, 1, 1, 1] } },
   { name: 'depthwise 3x3 s2 p1', x: [1, 17, 15, 35], w: [17, 1, 3, 3], g: { group: 17, strides: [2, 2], pads: [1, 1, 1, 1] } },
+  { name: 'depthwise 3x3 s2 d2 (row pairs share input rows)', x: [1, 5, 19, 23], w: [5, 1, 3, 3], g: { group: 5, strides: [2, 2], dilations: [2, 2], pads: [2, 1, 2, 2] } },
   { name: 'depthwise 5x5 s3 d2 SAME_UPPER', x: [1, 6, 17, 19], w: [6, 1, 5, 5], g: { group: 6, strides: [3, 3], dilations: [2, 2], autoPad: 'SAME_UPPER' } },
   { name: 'channel multiplier 2 (group = C_in)', x: [1, 3, 6, 6], w: [6, 1, 3, 3], g: { group: 3, pads: [1, 1, 1, 1] } },
 ];
