@@ -118,6 +118,7 @@ const shapes: Shape[] = [
   { name: '5x5 SAME_UPPER stride 2', x: [1, 4, 11, 13], w: [7, 4, 5, 5], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
   { name: '3x3 SAME_LOWER stride 2, asymmetric', x: [1, 3, 10, 9], w: [6, 3, 3, 2], g: { strides: [2, 1], autoPad: 'SAME_LOWER' } },
   { name: '3x3 stride 3 (gathered im2col), asymmetric pads', x: [1, 5, 17, 20], w: [9, 5, 3, 3], g: { strides: [3, 3], pads: [1, 2, 1, 0] } },
+  { name: '3x3 on 5x5, 40 output channels, N=2 (rows split: shared im2col)', x: [2, 16, 5, 5], w: [40, 16, 3, 3], g: { pads: [1, 1, 1, 1] } },
   { name: '3x3 VALID, N=3', x: [3, 5, 6, 8], w: [4, 5, 3, 3], g: { autoPad: 'VALID' } },
   { name: 'grouped: 8 -> 12 channels, 2 groups', x: [1, 8, 9, 7], w: [12, 4, 3, 3], g: { group: 2, pads: [1, 0, 1, 2] } },
   { name: 'depthwise 3x3 s1 p1, 19 channels', x: [2, 19, 13, 21], w: [19, 1, 3, 3], g: { group: 19, pads: [1, 1, 1, 1] } },
@@ -126,6 +127,9 @@ const shapes: Shape[] = [
   { name: 'depthwise 5x5 s3 d2 SAME_UPPER', x: [1, 6, 17, 19], w: [6, 1, 5, 5], g: { group: 6, strides: [3, 3], dilations: [2, 2], autoPad: 'SAME_UPPER' } },
   { name: 'channel multiplier 2 (group = C_in)', x: [1, 3, 6, 6], w: [6, 1, 3, 3], g: { group: 3, pads: [1, 1, 1, 1] } },
 ];
+
+/** A shape of the list by a fragment of its name. */
+const S = (fragment: string): Shape => shapes.find((c) => c.name.includes(fragment))!;
 
 describe.each(variants)('conv2d, variant %s', (variant) => {
   it.each(shapes)('$name', async ({ x: xd, w: wd, g }) => {
@@ -137,7 +141,7 @@ describe.each(variants)('conv2d, variant %s', (variant) => {
   });
 
   it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after (dense and depthwise)', async (act) => {
-    for (const s of [shapes[0]!, shapes[3]!, shapes[8]!]) {
+    for (const s of [S('1x3x7x5'), S('K = 360'), S('depthwise 3x3 s1')]) {
       const x = randomTensor(s.x, 6);
       const w = randomTensor(s.w, 7);
       for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);
@@ -154,7 +158,7 @@ describe.each(variants)('conv2d, variant %s', (variant) => {
   });
 
   it('BatchNormalization folded equals conv then BN (tiny variance, large epsilon)', async () => {
-    for (const s of [shapes[0]!, shapes[3]!, shapes[8]!]) {
+    for (const s of [S('1x3x7x5'), S('K = 360'), S('depthwise 3x3 s1')]) {
       const co = s.w[0]!;
       const x = randomTensor(s.x, 10);
       const w = randomTensor(s.w, 11);
@@ -191,7 +195,7 @@ describe('bf16 weights', () => {
     return f[0]!;
   };
   it.each([...variants.filter((v) => v !== 'reference'), ...(bf16Cpu ? ['avx512bf16' as const] : [])])('%s: within the bf16 bound of the fp32 reference', async (variant) => {
-    for (const s of [shapes[0]!, shapes[1]!, shapes[3]!, shapes[7]!, shapes[8]!]) {
+    for (const s of [S('1x3x7x5'), S('1x1 N=2'), S('K = 360'), S('grouped'), S('depthwise 3x3 s1')]) {
       const x = randomTensor(s.x, 20);
       const w = randomTensor(s.w, 21);
       const bias = randomTensor([s.w[0]!], 22);
@@ -206,7 +210,7 @@ describe('bf16 weights', () => {
   });
 
   it('reference variant equals the fp32 reference of the bf16-rounded weights', async () => {
-    const s = shapes[0]!;
+    const s = S('1x3x7x5');
     const x = randomTensor(s.x, 23);
     const w = randomTensor(s.w, 24);
     const y = await kernels.conv2d(x, w, { ...s.g, precision: 'bf16', variant: 'reference' });
@@ -219,7 +223,7 @@ describe('bf16 weights', () => {
 
 describe('threads', () => {
   it('1 and 2 threads give identical results (dense, grouped, depthwise, pooling)', async () => {
-    for (const s of [shapes[1]!, shapes[3]!, shapes[7]!, shapes[8]!]) {
+    for (const s of [S('1x1 N=2'), S('K = 360'), S('shared im2col'), S('grouped'), S('depthwise 3x3 s1')]) {
       const x = randomTensor(s.x, 30);
       const conv = kernels.createConv2d(randomTensor(s.w, 31), { ...s.g, bias: randomTensor([s.w[0]!], 32), activation: 'relu' });
       const a = await conv.run(x, { threads: 1 });
