@@ -228,14 +228,24 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   op->path_ = Path::kGemm;
   op->f32_uk_ = F32Ukernel(variant);
 #if defined(__x86_64__) || defined(_M_X64)
-  if (variant == ConvVariant::kAvx512) op->im2col_uk_ = kernels::F32Im2colUkernelAvx512();
+  if (variant == ConvVariant::kAvx512) {
+    op->im2col_uk_ = kernels::F32Im2colUkernelAvx512();
+    // 1x1, stride 1, no padding (explicit zeros, or any auto_pad: SAME pads a 1x1 stride-1 window
+    // by 0): B is the input itself, read in place by the pointwise kernel; the bias seeds the
+    // accumulators instead of riding in a K row.
+    const bool zero_pads = g.auto_pad != ConvAutoPad::kNotSet || (g.pad_t == 0 && g.pad_l == 0 && g.pad_b == 0 && g.pad_r == 0);
+    if (g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && zero_pads) {
+      op->pointwise_uk_ = kernels::F32ConvGemmUkernelAvx512();
+      op->pointwise_ = true;
+    }
+  }
 #endif
-  op->k_run_ = kg + (op->has_bias_ ? 1 : 0);
+  op->k_run_ = kg + (op->has_bias_ && !op->pointwise_ ? 1 : 0);
   op->ldw_ = op->k_run_;
   op->w_ = static_cast<float*>(AlignedAlloc(spec.c_out * op->ldw_ * sizeof(float)));
   for (size_t co = 0; co < spec.c_out; ++co) {
     for (size_t k = 0; k < kg; ++k) op->w_[co * op->ldw_ + k] = folded(co, k);
-    if (op->has_bias_) op->w_[co * op->ldw_ + kg] = op->bias_[co];
+    if (op->k_run_ > kg) op->w_[co * op->ldw_ + kg] = op->bias_[co];
   }
   op->bytes_ = RoundUp(spec.c_out * op->ldw_ * sizeof(float), 64) + spec.c_out * sizeof(float);
   return op;
@@ -258,7 +268,7 @@ const char* ConvOp::path() const {
 
 const char* ConvOp::ukernel() const {
   switch (path_) {
-    case Path::kGemm: return f32_uk_.name;
+    case Path::kGemm: return pointwise_ ? pointwise_uk_.name : f32_uk_.name;
     case Path::kGemmBf16: return bf16_uk_.name;
     case Path::kDepthwise: return window_name_;
     case Path::kReference: return "f32_conv__reference";
@@ -291,7 +301,10 @@ bool ConvOp::Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, c
     }
     case Path::kDepthwise: ok = RunDepthwise(pool, threads, cancel, x, n, h, w, s, y, ep); break;
     case Path::kGemm:
-    case Path::kGemmBf16: ok = RunGemm(pool, threads, cancel, x, n, h, w, s, y, ep); break;
+    case Path::kGemmBf16:
+      ok = pointwise_ ? RunPointwise(pool, threads, cancel, x, n, h * w, y, ep)
+                      : RunGemm(pool, threads, cancel, x, n, h, w, s, y, ep);
+      break;
   }
   if (!ok && error->empty()) *error = "aborted";
   return ok;
@@ -419,6 +432,52 @@ bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cance
   const bool ok = pool.ParallelFor(n * groups * p_blocks * m_blocks, nthreads, task, cancel);
   if (oom.load()) throw std::bad_alloc();
   return ok;
+}
+
+bool ConvOp::RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
+                          size_t hw, float* y, const kernels::GemmEpilogue& ep0) const {
+  const size_t mr = pointwise_uk_.mr, nr = pointwise_uk_.nr;
+  const size_t groups = spec_.group, cg = spec_.c_in / groups, cog = spec_.c_out / groups;
+  const size_t panels = (hw + nr - 1) / nr, m_tiles = (cog + mr - 1) / mr;
+  const unsigned nthreads = std::max(1u, std::min(threads, pool.size()));
+  // Same grid as RunGemm; with nothing to pack, splitting rows only costs re-reading input panels.
+  size_t nb = std::min(kPanelsPerTask, panels), mb = m_tiles;
+  auto tasks = [&] { return n * groups * ((panels + nb - 1) / nb) * ((m_tiles + mb - 1) / mb); };
+  const bool rows_first = cog > hw;
+  const size_t target = nthreads == 1 ? 1 : 4 * static_cast<size_t>(nthreads);
+  while (tasks() < target && (nb > 1 || mb > 1)) {
+    if (rows_first ? mb == 1 : nb > 1) nb = (nb + 1) / 2;
+    else mb = (mb + 1) / 2;
+  }
+  const size_t p_blocks = (panels + nb - 1) / nb, m_blocks = (m_tiles + mb - 1) / mb;
+  const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
+  const size_t kc_max = std::min(kKc, k_run_);
+  auto task = [&](size_t t) {
+    const size_t mbi = t % m_blocks, pbi = (t / m_blocks) % p_blocks, gi = (t / m_blocks / p_blocks) % groups,
+                 b = t / m_blocks / p_blocks / groups;
+    const size_t t0 = mbi * mb, t1 = std::min(m_tiles, t0 + mb);
+    const size_t p0 = pbi * nb, p1 = std::min(panels, p0 + nb);
+    const size_t row0 = gi * cog;
+    const float* xg = x + (b * spec_.c_in + gi * cg) * hw;
+    float* yb = y + (b * spec_.c_out + row0) * hw;
+    kernels::GemmEpilogue ep = ep0;
+    if (ep.residual) ep.residual += (b * spec_.c_out + row0) * hw;
+    for (size_t k0 = 0; k0 < k_run_; k0 += kc_max) {
+      const size_t kc = std::min(kc_max, k_run_ - k0);
+      const bool last = k0 + kc == k_run_;
+      for (size_t p = p0; p < p1; ++p) {
+        const size_t j0 = p * nr, ncols = std::min(nr, hw - j0);
+        for (size_t ti = t0; ti < t1; ++ti) {
+          const size_t m0 = ti * mr, rows = std::min(mr, cog - m0);
+          const kernels::GemmEpilogue tep = OffsetEpilogue(ep, m0, j0);
+          pointwise_uk_.fn(rows, ncols, kc, w_ + (row0 + m0) * ldw_ + k0, ldw_, xg + k0 * hw + j0, hw,
+                           k0 == 0 && has_bias_ ? bias_.data() + row0 + m0 : nullptr, yb + m0 * hw + j0, hw, k0 > 0,
+                           last && !trivial ? &tep : nullptr);
+        }
+      }
+    }
+  };
+  return pool.ParallelFor(n * groups * p_blocks * m_blocks, nthreads, task, cancel);
 }
 
 namespace {

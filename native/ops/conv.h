@@ -98,6 +98,8 @@ class ConvOp {
   ConvOp() = default;
   bool RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
                size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
+  bool RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t hw,
+                    float* y, const kernels::GemmEpilogue& ep) const;
   bool RunDepthwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
                     size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
 
@@ -109,6 +111,8 @@ class ConvOp {
   size_t ldw_ = 0;    // floats (fp32) or uint32 pairs (bf16) per weight row
   size_t k_run_ = 0;  // K the GEMM runs: kg_ plus the bias row(s)
   bool has_bias_ = false;
+  bool pointwise_ = false;  // 1x1 stride 1 unpadded on AVX-512: B read in place, no im2col
+  kernels::F32ConvGemmUkernelInfo pointwise_uk_{};
   float* w_ = nullptr;          // fp32: c_out x ldw_ (bias in column kg_ on the GEMM path)
   uint32_t* w_pairs_ = nullptr; // bf16 pairs: c_out x ldw_
   std::vector<float> bias_;     // folded bias (reference / depthwise)

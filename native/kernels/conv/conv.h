@@ -77,6 +77,22 @@ F32Im2colUkernel F32Im2colUkernelScalar();
 F32Im2colUkernel F32Im2colUkernelAvx512();
 #endif
 
+// Pointwise (1x1, stride 1, no pads) convolution straight from NCHW: C[mr x nr] (+)= A[mr x kc]
+// (rows lda apart) * B[kc x nr] with B row k at b + k * ldb (the input's channel planes, read in
+// place; lanes past nr are not read), accumulators seeded with row_bias[i] when it is non-null (the
+// first K block), GemmEpilogue on the last block (null otherwise).
+typedef void (*F32ConvGemmUkernel)(size_t mr, size_t nr, size_t kc, const float* a, size_t lda, const float* b,
+                                   size_t ldb, const float* row_bias, float* c, size_t ldc, bool accumulate,
+                                   const GemmEpilogue* ep);
+struct F32ConvGemmUkernelInfo {
+  F32ConvGemmUkernel fn;
+  uint32_t mr, nr;
+  const char* name;
+};
+#if defined(__x86_64__) || defined(_M_X64)
+F32ConvGemmUkernelInfo F32ConvGemmUkernelAvx512();
+#endif
+
 // The independent reference convolution, straight from the definition, accumulating in double:
 // y[b][co][oy][ox] = act(bias[co] + sum_{c, ky, kx} w[co][c][ky][kx] * x[b][g*cg + c][iy][ix])
 // (+ residual, before or after act as ep says; ep may be null). Weights: c_out rows of ldw floats,
