@@ -113,6 +113,7 @@ interface Shape { name: string; x: number[]; w: number[]; g: Geo }
 const shapes: Shape[] = [
   { name: '1x3x7x5 * 5x3x3x3 s2 p1 d2', x: [1, 3, 7, 5], w: [5, 3, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1], dilations: [2, 2] } },
   { name: '1x1 N=2, 19 -> 21 channels', x: [2, 19, 9, 11], w: [21, 19, 1, 1], g: {} },
+  { name: '1x1 C_in = 300 (pointwise kernel, two K blocks)', x: [2, 300, 6, 7], w: [20, 300, 1, 1], g: { autoPad: 'SAME_UPPER' } },
   { name: '1x1 stride 2 with pads', x: [1, 5, 8, 7], w: [13, 5, 1, 1], g: { strides: [2, 2], pads: [0, 0, 0, 0] } },
   { name: '3x3 K = 360 (two K blocks), 400 pixels (two panel blocks)', x: [1, 40, 20, 20], w: [33, 40, 3, 3], g: { pads: [1, 1, 1, 1] } },
   { name: '5x5 SAME_UPPER stride 2', x: [1, 4, 11, 13], w: [7, 4, 5, 5], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
@@ -141,7 +142,7 @@ describe.each(variants)('conv2d, variant %s', (variant) => {
   });
 
   it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after (dense and depthwise)', async (act) => {
-    for (const s of [S('1x3x7x5'), S('K = 360'), S('depthwise 3x3 s1')]) {
+    for (const s of [S('1x3x7x5'), S('K = 360'), S('C_in = 300'), S('depthwise 3x3 s1')]) {
       const x = randomTensor(s.x, 6);
       const w = randomTensor(s.w, 7);
       for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);
@@ -158,7 +159,7 @@ describe.each(variants)('conv2d, variant %s', (variant) => {
   });
 
   it('BatchNormalization folded equals conv then BN (tiny variance, large epsilon)', async () => {
-    for (const s of [S('1x3x7x5'), S('K = 360'), S('depthwise 3x3 s1')]) {
+    for (const s of [S('1x3x7x5'), S('K = 360'), S('C_in = 300'), S('depthwise 3x3 s1')]) {
       const co = s.w[0]!;
       const x = randomTensor(s.x, 10);
       const w = randomTensor(s.w, 11);
