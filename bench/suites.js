@@ -222,4 +222,160 @@ async function* gemmLowpSuite(ctx) {
   }
 }
 
-export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite };
+
+// Distinct convolutions of ResNet-50 (v1.5: stride on the 3x3) and MobileNetV2 at 224x224, as
+// [name, C_in, H (= W), C_out, k, stride, group]; pads are k/2 (SAME for odd kernels).
+const RESNET50 = [
+  ['r50 conv1 7x7/2', 3, 224, 64, 7, 2, 1],
+  ['r50 56 1x1 64-64', 64, 56, 64, 1, 1, 1],
+  ['r50 56 3x3 64', 64, 56, 64, 3, 1, 1],
+  ['r50 56 1x1 64-256', 64, 56, 256, 1, 1, 1],
+  ['r50 56 1x1 256-64', 256, 56, 64, 1, 1, 1],
+  ['r50 56 1x1 256-128', 256, 56, 128, 1, 1, 1],
+  ['r50 56 3x3/2 128', 128, 56, 128, 3, 2, 1],
+  ['r50 56 1x1/2 256-512', 256, 56, 512, 1, 2, 1],
+  ['r50 28 3x3 128', 128, 28, 128, 3, 1, 1],
+  ['r50 28 1x1 128-512', 128, 28, 512, 1, 1, 1],
+  ['r50 28 1x1 512-128', 512, 28, 128, 1, 1, 1],
+  ['r50 28 1x1 512-256', 512, 28, 256, 1, 1, 1],
+  ['r50 28 3x3/2 256', 256, 28, 256, 3, 2, 1],
+  ['r50 28 1x1/2 512-1024', 512, 28, 1024, 1, 2, 1],
+  ['r50 14 3x3 256', 256, 14, 256, 3, 1, 1],
+  ['r50 14 1x1 256-1024', 256, 14, 1024, 1, 1, 1],
+  ['r50 14 1x1 1024-256', 1024, 14, 256, 1, 1, 1],
+  ['r50 14 1x1 1024-512', 1024, 14, 512, 1, 1, 1],
+  ['r50 14 3x3/2 512', 512, 14, 512, 3, 2, 1],
+  ['r50 14 1x1/2 1024-2048', 1024, 14, 2048, 1, 2, 1],
+  ['r50 7 3x3 512', 512, 7, 512, 3, 1, 1],
+  ['r50 7 1x1 512-2048', 512, 7, 2048, 1, 1, 1],
+  ['r50 7 1x1 2048-512', 2048, 7, 512, 1, 1, 1],
+];
+const MOBILENETV2 = [
+  ['mv2 conv 3x3/2 3-32', 3, 224, 32, 3, 2, 1],
+  ['mv2 112 dw 32', 32, 112, 32, 3, 1, 32],
+  ['mv2 112 1x1 32-16', 32, 112, 16, 1, 1, 1],
+  ['mv2 112 1x1 16-96', 16, 112, 96, 1, 1, 1],
+  ['mv2 112 dw/2 96', 96, 112, 96, 3, 2, 96],
+  ['mv2 56 1x1 96-24', 96, 56, 24, 1, 1, 1],
+  ['mv2 56 1x1 24-144', 24, 56, 144, 1, 1, 1],
+  ['mv2 56 dw 144', 144, 56, 144, 3, 1, 144],
+  ['mv2 56 1x1 144-24', 144, 56, 24, 1, 1, 1],
+  ['mv2 56 dw/2 144', 144, 56, 144, 3, 2, 144],
+  ['mv2 28 1x1 144-32', 144, 28, 32, 1, 1, 1],
+  ['mv2 28 1x1 32-192', 32, 28, 192, 1, 1, 1],
+  ['mv2 28 dw 192', 192, 28, 192, 3, 1, 192],
+  ['mv2 28 1x1 192-32', 192, 28, 32, 1, 1, 1],
+  ['mv2 28 dw/2 192', 192, 28, 192, 3, 2, 192],
+  ['mv2 14 1x1 192-64', 192, 14, 64, 1, 1, 1],
+  ['mv2 14 1x1 64-384', 64, 14, 384, 1, 1, 1],
+  ['mv2 14 dw 384', 384, 14, 384, 3, 1, 384],
+  ['mv2 14 1x1 384-64', 384, 14, 64, 1, 1, 1],
+  ['mv2 14 1x1 384-96', 384, 14, 96, 1, 1, 1],
+  ['mv2 14 1x1 96-576', 96, 14, 576, 1, 1, 1],
+  ['mv2 14 dw 576', 576, 14, 576, 3, 1, 576],
+  ['mv2 14 1x1 576-96', 576, 14, 96, 1, 1, 1],
+  ['mv2 14 dw/2 576', 576, 14, 576, 3, 2, 576],
+  ['mv2 7 1x1 576-160', 576, 7, 160, 1, 1, 1],
+  ['mv2 7 1x1 160-960', 160, 7, 960, 1, 1, 1],
+  ['mv2 7 dw 960', 960, 7, 960, 3, 1, 960],
+  ['mv2 7 1x1 960-160', 960, 7, 160, 1, 1, 1],
+  ['mv2 7 1x1 960-320', 960, 7, 320, 1, 1, 1],
+  ['mv2 7 1x1 320-1280', 320, 7, 1280, 1, 1, 1],
+];
+
+/**
+ * One conv shape, sonde (createConv2d with bias + ReLU fused) against onnxruntime-node's one-node
+ * Conv + Relu graph with the same weights and threads; checks both computed the same thing.
+ */
+async function convPair(ctx, n, cin, hw, cout, k, stride, group, threads) {
+  const pad = Math.floor(k / 2);
+  const xDims = [n, cin, hw, hw];
+  const wDims = [cout, cin / group, k, k];
+  const w = rand(wDims.reduce((a, b) => a * b, 1));
+  const b = rand(cout);
+  const x = rand(xDims.reduce((a, b2) => a * b2, 1));
+  const geo = { strides: [stride, stride], pads: [pad, pad, pad, pad], group };
+  const ort = await onnxruntime.prepareConv(xDims, wDims, w, b, { threads, relu: true, spin: ctx.ortSpin, ...geo });
+  const conv = kernels.createConv2d(new Tensor('float32', w, wDims), { ...geo, bias: new Tensor('float32', b, [cout]), activation: 'relu' });
+  const X = new Tensor('float32', x, xDims);
+  const got = (await conv.run(X, { threads })).data;
+  const want = await ort.run(x);
+  // Both sides are float32 sums of K = cin/group*k*k products of values in [-1, 1); each is within
+  // (K + 2) u K of the exact value, hence twice that between them.
+  const kk = (cin / group) * k * k;
+  const bound = 2 * (kk + 2) * 2 ** -24 * (kk + 1);
+  for (let s = 0; s < 256; s++) {
+    const i = Math.floor(Math.random() * got.length);
+    if (!(Math.abs(got[i] - want[i]) <= bound)) throw new Error(`conv ${xDims} * ${wDims}: sonde y[${i}] = ${got[i]}, onnxruntime-node ${want[i]}`);
+  }
+  const [, , oh, ow] = ort.outDims;
+  // The output tensor is reused, as a planned runtime does (a fresh 0.8-3 MiB output per call costs
+  // page faults that were measured at over half of a 56x56 conv's time on this VM); ORT reuses its
+  // arena for the same reason.
+  const out = new Tensor('float32', new Float32Array(got.length), ort.outDims);
+  return {
+    sonde: () => conv.run(X, { threads, out }),
+    anchor: () => ort.run(x),
+    flops: 2 * n * cout * oh * ow * kk,
+    // Depthwise is memory bound: bytes of input read and output written.
+    bytes: 4 * (x.length + n * cout * oh * ow),
+    conv, X,
+    async release() { conv.dispose(); await ort.release(); },
+  };
+}
+
+/**
+ * The distinct convolutions of ResNet-50 and MobileNetV2 at 224x224 (batch 1; batch 8 for a few),
+ * fused bias + ReLU, against onnxruntime-node's Conv + Relu in the same run (ratio = ort ms / sonde
+ * ms), with GFLOP/s and % of the FMA peak; depthwise also GB/s. Then fusion: conv + BN + ReLU fused
+ * at creation against the same conv followed by separate BN (mul, add) and ReLU passes.
+ */
+async function* convSuite(ctx) {
+  const pool = getThreads();
+  const threadCounts = [...new Set([1, Math.min(2, pool)])];
+  const timing = ctx.quick ? { minRounds: 3, minMs: 60, maxMs: 400 } : { minRounds: 5, minMs: 150, maxMs: 1200 };
+  const pick = (list, names) => list.filter((s) => names.includes(s[0]));
+  const cases = ctx.quick
+    ? [...pick(RESNET50, ['r50 56 3x3 64', 'r50 56 1x1 64-256', 'r50 7 3x3 512']), ...pick(MOBILENETV2, ['mv2 56 dw 144'])].map((s) => [1, ...s])
+    : [...RESNET50, ...MOBILENETV2].map((s) => [1, ...s]);
+  if (!ctx.quick) {
+    cases.push(...[...pick(RESNET50, ['r50 56 3x3 64', 'r50 56 1x1 64-256', 'r50 14 3x3 256', 'r50 7 1x1 512-2048']),
+      ...pick(MOBILENETV2, ['mv2 56 dw 144', 'mv2 14 1x1 96-576'])].map((s) => [8, ...s]));
+  }
+  for (const [n, name, cin, hw, cout, k, stride, group] of cases) {
+    for (const t of threadCounts) {
+      const p = await convPair(ctx, n, cin, hw, cout, k, stride, group, t);
+      const [ms, ortMs] = await timeInterleaved([p.sonde, p.anchor], timing);
+      const path = p.conv.path;
+      await p.release();
+      const g = p.flops / ms / 1e6;
+      const row = { case: `${name} n${n} t${t}`, ms, gflops: g, pctPeak: (100 * g) / (await peak(ctx, t)) };
+      if (group > 1) row.gbps = p.bytes / ms / 1e6;
+      yield { ...row, ortMs, ratio: ortMs / ms, path, vs: 'onnxruntime-node' };
+    }
+  }
+
+  // Fusion pays: the same 56x56x64 conv with BN and ReLU folded/fused, against conv then BN as
+  // separate broadcast mul and add passes, then a ReLU pass (sonde's own elementwise ops).
+  for (const [name, cin, hw, cout, k] of [['r50 56 3x3 64', 64, 56, 64, 3], ['r50 56 1x1 64-64', 64, 56, 64, 1]]) {
+    const t = pool;
+    const pad = Math.floor(k / 2);
+    const w = new Tensor('float32', rand(cout * cin * k * k), [cout, cin, k, k]);
+    const x = new Tensor('float32', rand(cin * hw * hw), [1, cin, hw, hw]);
+    const v = (f) => new Tensor('float32', rand(cout).map(f), [cout]);
+    const bn = { scale: v((a) => a), bias: v((a) => a), mean: v((a) => a), variance: v((a) => a + 1.5), epsilon: 1e-5 };
+    const fused = kernels.createConv2d(w, { pads: [pad, pad, pad, pad], bn, activation: 'relu' });
+    const plain = kernels.createConv2d(w, { pads: [pad, pad, pad, pad] });
+    const s = new Tensor('float32', bn.scale.data.map((g, i) => g / Math.sqrt(bn.variance.data[i] + bn.epsilon)), [1, cout, 1, 1]);
+    const sh = new Tensor('float32', bn.bias.data.map((b, i) => b - bn.mean.data[i] * s.data[i]), [1, cout, 1, 1]);
+    // Both sides allocate their outputs (the elementwise ops have no out option), so the comparison
+    // is like for like.
+    const separate = async () => kernels.relu(await kernels.add(await kernels.mul(await plain.run(x, { threads: t }), s, { threads: t }), sh, { threads: t }), { threads: t });
+    const [ms, sepMs] = await timeInterleaved([() => fused.run(x, { threads: t }), separate], timing);
+    fused.dispose();
+    plain.dispose();
+    yield { case: `${name} +bn+relu fused t${t}`, ms, separateMs: sepMs, vs: 'conv, bn, relu passes', ratio: sepMs / ms };
+  }
+}
+
+export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite };

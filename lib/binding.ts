@@ -67,6 +67,29 @@ export interface NativeGemmOptions {
 }
 
 export type NativeGemmVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512';
+export type NativeConvVariant = NativeGemmVariant | 'avx512bf16';
+
+/** Window of a conv or pooling: kernel [kh, kw], strides, dilations, pads [t, l, b, r], autoPad 0 NOTSET, 1 SAME_UPPER, 2 SAME_LOWER, 3 VALID. */
+export interface NativeWindow {
+  kernel: [number, number]; strides: [number, number]; dilations: [number, number];
+  pads: [number, number, number, number]; autoPad: number;
+}
+
+export interface NativeConvCreateOptions extends NativeWindow {
+  cOut: number; cIn: number; group: number;
+  bias?: Float32Array; bnScale?: Float32Array; bnBias?: Float32Array; bnMean?: Float32Array; bnVariance?: Float32Array;
+  bnEpsilon: number;
+  /** GemmActivation code (native/kernels/gemm/gemm.h). */
+  activation: number; alpha: number; beta: number;
+  precision: 'fp32' | 'bf16'; variant: NativeConvVariant;
+}
+
+/** A created convolution (native/binding/conv_binding.cc). */
+export interface NativeConvHandle {
+  dispose(): void;
+  info(): { disposed: boolean; bytes?: number; path?: 'gemm' | 'depthwise' | 'reference'; ukernel?: string;
+    variant?: Exclude<NativeConvVariant, 'auto'>; precision?: 'fp32' | 'bf16' };
+}
 export type NativeElementwiseVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512';
 export type NativeCastType = 'float32' | 'float16' | 'bfloat16';
 
@@ -116,6 +139,14 @@ export interface NativeBinding {
   /** Packs (and rounds / quantises) B once for a low-precision kernel. */
   packGemmWeightsLowp(b: Float32Array, k: number, n: number, precision: NativeGemmLowPrecision,
     variant: Exclude<NativeGemmLowpVariant, 'reference'>): NativePackedGemmLowp;
+  /** Validates, folds BN into and packs the weights ([cOut, cIn/group, kh, kw]) once. */
+  createConv(weights: Float32Array, options: NativeConvCreateOptions): NativeConvHandle;
+  /** out ([N, cOut, OH, OW]) = the convolution of x ([N, C, H, W]) with its fused epilogue. */
+  convRun(handle: NativeConvHandle, x: Float32Array, dims: readonly number[], out: Float32Array,
+    options: { residual?: Float32Array; residualBeforeActivation: boolean; threads: number; cancel?: NativeCancelToken }): Promise<void>;
+  /** kind 0 max, 1 average, 2 global average (window fields ignored) over NCHW planes. */
+  pool2d(kind: 0 | 1 | 2, x: Float32Array, dims: readonly number[], out: Float32Array,
+    options: NativeWindow & { countIncludePad: boolean; variant: NativeConvVariant; threads: number; cancel?: NativeCancelToken }): Promise<void>;
   peakFma(simd: 'scalar' | 'avx2' | 'avx512', threads: number, seconds: number): Promise<{ flops: number; seconds: number; threads: number; simd: string }>;
   readBandwidth(bytes: number, threads: number): Promise<{ bytes: number; seconds: number; threads: number }>;
 }

@@ -17,3 +17,11 @@ export function prepareWith(m: number, k: number, n: number, b: Float32Array,
 export function prepare(m: number, k: number, n: number,
   options?: OrtGemmOptions & { bias?: boolean; weights?: { b: Float32Array; bias?: Float32Array | null } }):
   Promise<OrtGemm & { weights: { b: Float32Array; bias: Float32Array | null } }>;
+export interface ConvGeometry {
+  strides?: number[]; pads?: number[]; dilations?: number[]; group?: number; relu?: boolean;
+}
+export function convModel(xDims: number[], wDims: number[], wData: Float32Array, bData: Float32Array,
+  options?: ConvGeometry): { bytes: Uint8Array; outDims: number[] };
+export function prepareConv(xDims: number[], wDims: number[], wData: Float32Array, bData: Float32Array,
+  options?: ConvGeometry & { threads?: number; spin?: boolean }): Promise<{
+    outDims: number[]; run(xData: Float32Array): Promise<Float32Array>; release(): Promise<void> }>;

@@ -107,3 +107,68 @@ function randomF32(len) {
   for (let i = 0; i < len; i++) a[i] = Math.random() * 2 - 1;
   return a;
 }
+
+const INTS = onnx.AttributeProto.AttributeType.INTS;
+const INT = onnx.AttributeProto.AttributeType.INT;
+
+/**
+ * The serialized model for Y = [Relu](Conv(X, W, B)) with NCHW X of `xDims`, W [cOut, cIn/group, kh,
+ * kw] and B [cOut] as initializers (ORT prepacks them into its blocked NCHWc layout at session
+ * creation and fuses Conv + Relu, as for a user's exported CNN).
+ */
+export function convModel(xDims, wDims, wData, bData, { strides = [1, 1], pads = [0, 0, 0, 0], dilations = [1, 1], group = 1, relu = false } = {}) {
+  const [n, , h, w] = xDims;
+  const oh = Math.floor((h + pads[0] + pads[2] - ((wDims[2] - 1) * dilations[0] + 1)) / strides[0]) + 1;
+  const ow = Math.floor((w + pads[1] + pads[3] - ((wDims[3] - 1) * dilations[1] + 1)) / strides[1]) + 1;
+  const nodes = [{
+    opType: 'Conv', input: ['X', 'W', 'B'], output: [relu ? 'C' : 'Y'], name: 'conv',
+    attribute: [
+      { name: 'kernel_shape', type: INTS, ints: [wDims[2], wDims[3]] },
+      { name: 'strides', type: INTS, ints: strides },
+      { name: 'pads', type: INTS, ints: pads },
+      { name: 'dilations', type: INTS, ints: dilations },
+      { name: 'group', type: INT, i: group },
+    ],
+  }];
+  if (relu) nodes.push({ opType: 'Relu', input: ['C'], output: ['Y'], name: 'relu' });
+  const model = onnx.ModelProto.create({
+    irVersion: IR_VERSION,
+    producerName: 'sonde-bench',
+    opsetImport: [{ domain: '', version: OPSET }],
+    graph: {
+      name: 'conv',
+      node: nodes,
+      initializer: [initializer('W', wDims, wData), initializer('B', [wDims[0]], bData)],
+      input: [valueInfo('X', xDims)],
+      output: [valueInfo('Y', [n, wDims[0], oh, ow])],
+    },
+  });
+  return { bytes: onnx.ModelProto.encode(model).finish(), outDims: [n, wDims[0], oh, ow] };
+}
+
+/** A session for convModel on `threads` threads; run(xData) resolves to Y's data. */
+export async function prepareConv(xDims, wDims, wData, bData, { threads = 1, spin = true, ...geo } = {}) {
+  const { bytes, outDims } = convModel(xDims, wDims, wData, bData, geo);
+  const session = await ort.InferenceSession.create(bytes, {
+    executionProviders: ['cpu'],
+    intraOpNumThreads: threads,
+    interOpNumThreads: 1,
+    executionMode: 'sequential',
+    graphOptimizationLevel: 'all',
+    ...(spin ? {} : { extra: { session: { intra_op: { allow_spinning: '0' } } } }),
+    logSeverityLevel: 3,
+  });
+  let released = false;
+  return {
+    outDims,
+    async run(xData) {
+      const out = await session.run({ X: new ort.Tensor('float32', xData, xDims) });
+      return out.Y.data;
+    },
+    async release() {
+      if (released) return;
+      released = true;
+      await session.release();
+    },
+  };
+}

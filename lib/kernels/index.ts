@@ -9,3 +9,8 @@ export type {
   ElementwiseOptions, ElementwiseVariant, GeluOptions, GeluApproximation, SoftmaxOptions, LayerNormOptions,
   RmsNormOptions, ArgmaxOptions, TopKOptions, CastDType,
 } from './elementwise.js';
+export { createConv2d, conv2d, Conv2d, maxPool2d, averagePool2d, globalAveragePool } from './conv.js';
+export type {
+  Conv2dOptions, Conv2dRunOptions, BatchNormOptions, ConvVariant, ConvAutoPad, ConvActivation, PoolOptions,
+  AveragePoolOptions,
+} from './conv.js';

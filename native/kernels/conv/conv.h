@@ -1,0 +1,114 @@
+// Convolution-family microkernels that are not a GEMM: the sliding-window kernel (depthwise
+// convolution, max pool, average pool) on one NCHW channel plane, global average pooling, and the
+// direct reference convolution. Dense and grouped convolutions run on the GEMM microkernels of
+// kernels/gemm (see ops/conv.cc). Pure functions: no allocation, no threads, no globals; only C
+// headers, because ISA-specific translation units include this file.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/gemm/gemm.h"
+
+namespace sonde {
+namespace kernels {
+
+enum WindowOp : int32_t {
+  kWindowConv = 0,  // depthwise: sum of w[ky][kx] * x, + bias, then the GemmEpilogue activation/residual
+  kWindowMax = 1,
+  kWindowAvg = 2,
+};
+
+// One channel plane. The kernel first copies the plane into `scratch` surrounded by the padding
+// value (0 for conv and avg, -inf for max) so that the inner loops are branch-free vector loads;
+// the scratch plane is rows x cols = WindowScratchRows x WindowScratchCols floats.
+struct WindowArgs {
+  const float* in;
+  size_t ih, iw;
+  float* out;
+  size_t oh, ow;
+  size_t kh, kw, sh, sw, dh, dw, pad_t, pad_l;
+  int32_t op;              // WindowOp
+  const float* weights;    // conv: kh*kw taps of this channel
+  float bias;              // conv
+  // avg without pad counting: in-bounds taps per output row (oh) and column (ow); null: divide by
+  // kh*kw (count_include_pad).
+  const float* row_count;
+  const float* col_count;
+  // conv only, may be null: activation and residual (residual points at this plane, ldr = ow;
+  // scale and bias of the epilogue are unused: the bias is the scalar above).
+  const GemmEpilogue* ep;
+  float* scratch;
+};
+
+// Scratch plane: every row/column a window can touch, plus slack for full 16-lane (or 32-lane,
+// for the stride-2 deinterleave) loads past the last output.
+static inline size_t WindowScratchRows(const WindowArgs* a) { return (a->oh - 1) * a->sh + (a->kh - 1) * a->dh + 1; }
+static inline size_t WindowScratchCols(const WindowArgs* a) {
+  const size_t ow16 = (a->ow + 15) / 16 * 16;
+  size_t c = ow16 * a->sw + (a->kw - 1) * a->dw + 32;
+  if (c < a->pad_l + a->iw) c = a->pad_l + a->iw;
+  return c;
+}
+
+typedef void (*F32WindowUkernel)(const WindowArgs* a);
+// Sum of n floats (global average pooling divides by n).
+typedef float (*F32SumUkernel)(const float* x, size_t n);
+
+F32WindowUkernel F32WindowUkernelScalar();
+F32SumUkernel F32SumUkernelScalar();
+#if defined(__x86_64__) || defined(_M_X64)
+F32WindowUkernel F32WindowUkernelAvx512();
+F32SumUkernel F32SumUkernelAvx512();
+#endif
+
+// im2col straight into a GEMM B panel: rows k0 .. k0+kc-1 of cols(X) for output pixels
+// j0 .. j0+ncols-1, each row nr floats (zero past ncols), row k at panel + (k - k0) * nr. Row k < kg
+// is (channel, ky, kx) = (k / (kh kw), k / kw % kh, k % kw) of x; rows kg .. kg+bias_rows-1 are
+// ones (the bias row of the weights), later rows zero.
+struct Im2colArgs {
+  const float* x;  // the group's first channel plane of one image
+  size_t h, w, oh, ow, kh, kw, sh, sw, dh, dw, pad_t, pad_l;
+  size_t kg, bias_rows;
+};
+typedef void (*F32Im2colUkernel)(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_t ncols, size_t nr,
+                                 float* panel);
+F32Im2colUkernel F32Im2colUkernelScalar();
+#if defined(__x86_64__) || defined(_M_X64)
+F32Im2colUkernel F32Im2colUkernelAvx512();
+#endif
+
+// Pointwise (1x1, stride 1, no pads) convolution straight from NCHW: C[mr x nr] (+)= A[mr x kc]
+// (rows lda apart) * B[kc x nr] with B row k at b + k * ldb (the input's channel planes, read in
+// place; lanes past nr are not read), accumulators seeded with row_bias[i] when it is non-null (the
+// first K block), GemmEpilogue on the last block (null otherwise).
+typedef void (*F32ConvGemmUkernel)(size_t mr, size_t nr, size_t kc, const float* a, size_t lda, const float* b,
+                                   size_t ldb, const float* row_bias, float* c, size_t ldc, bool accumulate,
+                                   const GemmEpilogue* ep);
+struct F32ConvGemmUkernelInfo {
+  F32ConvGemmUkernel fn;
+  uint32_t mr, nr;
+  const char* name;
+};
+#if defined(__x86_64__) || defined(_M_X64)
+F32ConvGemmUkernelInfo F32ConvGemmUkernelAvx512();
+#endif
+
+// The independent reference convolution, straight from the definition, accumulating in double:
+// y[b][co][oy][ox] = act(bias[co] + sum_{c, ky, kx} w[co][c][ky][kx] * x[b][g*cg + c][iy][ix])
+// (+ residual, before or after act as ep says; ep may be null). Weights: c_out rows of ldw floats,
+// the first cg*kh*kw of each used. Slow on purpose; tests and the 'reference' variant use it.
+struct ConvRefArgs {
+  const float* x;
+  size_t n, c_in, h, w;
+  const float* weights;
+  size_t ldw;
+  const float* bias;  // c_out or null
+  size_t c_out, group, kh, kw, sh, sw, dh, dw, pad_t, pad_l, oh, ow;
+  float* y;
+  const float* residual;  // same shape as y, or null
+  const GemmEpilogue* ep; // activation and residual order; its pointers are ignored
+};
+void F32ConvReference(const ConvRefArgs* a, size_t batch_index, size_t out_channel);
+
+}  // namespace kernels
+}  // namespace sonde

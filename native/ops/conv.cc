@@ -1,0 +1,611 @@
+#include "ops/conv.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "ops/gemm.h"
+#include "runtime/cpu.h"
+
+namespace sonde {
+
+bool ParseConvVariant(const std::string& name, ConvVariant* out) {
+  if (name == "auto") *out = ConvVariant::kAuto;
+  else if (name == "reference") *out = ConvVariant::kReference;
+  else if (name == "scalar") *out = ConvVariant::kScalar;
+  else if (name == "avx2") *out = ConvVariant::kAvx2;
+  else if (name == "avx512") *out = ConvVariant::kAvx512;
+  else if (name == "avx512bf16") *out = ConvVariant::kAvx512Bf16;
+  else return false;
+  return true;
+}
+
+const char* ConvVariantName(ConvVariant v) {
+  switch (v) {
+    case ConvVariant::kAuto: return "auto";
+    case ConvVariant::kReference: return "reference";
+    case ConvVariant::kScalar: return "scalar";
+    case ConvVariant::kAvx2: return "avx2";
+    case ConvVariant::kAvx512: return "avx512";
+    case ConvVariant::kAvx512Bf16: return "avx512bf16";
+  }
+  return "?";
+}
+
+std::string ConvVariantUnavailable(ConvVariant v, ConvPrecision p) {
+  if (v == ConvVariant::kAvx512Bf16) {
+    if (p != ConvPrecision::kBf16) return "variant 'avx512bf16' needs precision 'bf16'";
+    if (!Cpu().HasBf16()) return "this CPU (or SONDE_ISA) has no AVX512_BF16";
+    return "";
+  }
+  if (v == ConvVariant::kAvx2) return GemmVariantUnavailable(GemmVariant::kAvx2);
+  if (v == ConvVariant::kAvx512) return GemmVariantUnavailable(GemmVariant::kAvx512);
+  return "";
+}
+
+std::string ResolveWindow(const WindowGeometry& g, size_t h, size_t w, WindowShape* out) {
+  if (g.kh == 0 || g.kw == 0) return "kernel size must be >= 1";
+  if (g.sh == 0 || g.sw == 0) return "strides must be >= 1";
+  if (g.dh == 0 || g.dw == 0) return "dilations must be >= 1";
+  const size_t ekh = (g.kh - 1) * g.dh + 1, ekw = (g.kw - 1) * g.dw + 1;
+  WindowShape s;
+  auto axis = [&](size_t in, size_t ek, size_t stride, size_t pb, size_t pe, size_t* o, size_t* p0, size_t* p1) -> std::string {
+    switch (g.auto_pad) {
+      case ConvAutoPad::kSameUpper:
+      case ConvAutoPad::kSameLower: {
+        *o = (in + stride - 1) / stride;
+        if (*o == 0) return "output size would be 0 (empty input)";
+        const size_t need = (*o - 1) * stride + ek;
+        const size_t total = need > in ? need - in : 0;
+        *p0 = g.auto_pad == ConvAutoPad::kSameUpper ? total / 2 : total - total / 2;
+        *p1 = total - *p0;
+        return "";
+      }
+      case ConvAutoPad::kValid: pb = pe = 0; break;
+      case ConvAutoPad::kNotSet: break;
+    }
+    if (pb >= ek || pe >= ek) return "pads must be smaller than the dilated kernel extent";
+    if (in + pb + pe < ek) return "output size would be <= 0 (input plus pads smaller than the dilated kernel)";
+    *o = (in + pb + pe - ek) / stride + 1;
+    *p0 = pb;
+    *p1 = pe;
+    return "";
+  };
+  std::string e = axis(h, ekh, g.sh, g.pad_t, g.pad_b, &s.oh, &s.pad_t, &s.pad_b);
+  if (e.empty()) e = axis(w, ekw, g.sw, g.pad_l, g.pad_r, &s.ow, &s.pad_l, &s.pad_r);
+  if (!e.empty()) return e;
+  *out = s;
+  return "";
+}
+
+namespace {
+
+size_t RoundUp(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+void* AlignedAlloc(size_t bytes) {
+  // 64 bytes: the aligned panel loads of the AVX-512 kernels, and one cache line.
+  void* p = std::aligned_alloc(64, RoundUp(std::max<size_t>(bytes, 64), 64));
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
+// Per-thread scratch (packed panels, padded planes), grown on demand and kept for the thread's
+// lifetime so a run allocates nothing after the first. Null when the allocation fails: the task
+// then reports failure instead of throwing on a pool thread.
+float* ThreadScratch(size_t floats) {
+  struct Buf {
+    float* p = nullptr;
+    size_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf buf;
+  if (buf.n < floats) {
+    std::free(buf.p);
+    buf.n = 0;
+    buf.p = static_cast<float*>(std::aligned_alloc(64, RoundUp(floats * sizeof(float), 64)));
+    if (!buf.p) return nullptr;
+    buf.n = floats;
+  }
+  return buf.p;
+}
+
+kernels::F32GemmUkernelInfo F32Ukernel(ConvVariant v) {
+  switch (v) {
+    case ConvVariant::kAvx512: return GemmUkernel(GemmVariant::kAvx512);
+    case ConvVariant::kAvx2: return GemmUkernel(GemmVariant::kAvx2);
+    default: return GemmUkernel(GemmVariant::kScalar);
+  }
+}
+
+ConvVariant ResolveFp32(ConvVariant v) {
+  if (v != ConvVariant::kAuto) return v;
+  switch (Cpu().level) {
+    case IsaLevel::kAvx512: return ConvVariant::kAvx512;
+    case IsaLevel::kAvx2: return ConvVariant::kAvx2;
+    default: return ConvVariant::kScalar;
+  }
+}
+
+// fp32 -> bf16 split of the bias into three terms whose fp32 sum is b to within ~2^-24 relative
+// (each term holds the next 8 significant bits), so a bias row of ones keeps it fp32-exact.
+void SplitBf16(float b, uint16_t out[3]) {
+  float r = b;
+  for (int i = 0; i < 3; ++i) {
+    out[i] = kernels::LowpF32ToBf16(r);
+    r -= kernels::LowpBf16ToF32(out[i]);
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, const BatchNormParams* bn,
+                                       const ConvSpec& spec, ConvPrecision precision, ConvVariant variant,
+                                       std::string* error) {
+  const WindowGeometry& g = spec.window;
+  if (spec.group == 0 || spec.c_in == 0 || spec.c_out == 0 || spec.c_in % spec.group || spec.c_out % spec.group) {
+    *error = "channels must be positive multiples of group";
+    return nullptr;
+  }
+  if (g.kh == 0 || g.kw == 0 || g.sh == 0 || g.sw == 0 || g.dh == 0 || g.dw == 0) {
+    *error = "kernel size, strides and dilations must be >= 1";
+    return nullptr;
+  }
+  std::unique_ptr<ConvOp> op(new ConvOp());
+  op->spec_ = spec;
+  op->precision_ = precision;
+  const size_t cg = spec.c_in / spec.group, cog = spec.c_out / spec.group;
+  const size_t kg = cg * g.kh * g.kw;
+  op->kg_ = kg;
+  op->has_bias_ = bias || bn;
+  // Fold BatchNormalization in double: s = gamma / sqrt(var + eps); w' = w s; b' = (b - mean) s + beta.
+  std::vector<double> s(spec.c_out, 1.0);
+  op->bias_.assign(spec.c_out, 0.0f);
+  for (size_t co = 0; co < spec.c_out; ++co) {
+    double b = bias ? bias[co] : 0.0;
+    if (bn) {
+      s[co] = static_cast<double>(bn->scale[co]) / std::sqrt(static_cast<double>(bn->variance[co]) + bn->epsilon);
+      b = (b - bn->mean[co]) * s[co] + bn->bias[co];
+    }
+    op->bias_[co] = static_cast<float>(b);
+  }
+  auto folded = [&](size_t co, size_t k) {
+    const float v = static_cast<float>(weights[co * kg + k] * s[co]);
+    return precision == ConvPrecision::kBf16 ? kernels::LowpBf16ToF32(kernels::LowpF32ToBf16(v)) : v;
+  };
+
+  const bool depthwise = cg == 1 && cog == 1;
+  if (variant == ConvVariant::kAvx512Bf16 && depthwise) variant = ConvVariant::kAvx512;
+  if (precision == ConvPrecision::kBf16 && variant == ConvVariant::kAuto && Cpu().HasBf16() && !depthwise)
+    variant = ConvVariant::kAvx512Bf16;
+  if (variant != ConvVariant::kReference && variant != ConvVariant::kAvx512Bf16) variant = ResolveFp32(variant);
+  op->variant_ = variant;
+
+  if (variant == ConvVariant::kReference || depthwise) {
+    op->path_ = variant == ConvVariant::kReference ? Path::kReference : Path::kDepthwise;
+    op->ldw_ = kg;
+    op->w_ = static_cast<float*>(AlignedAlloc(spec.c_out * kg * sizeof(float)));
+    for (size_t co = 0; co < spec.c_out; ++co)
+      for (size_t k = 0; k < kg; ++k) op->w_[co * kg + k] = folded(co, k);
+    op->bytes_ = RoundUp(spec.c_out * kg * sizeof(float), 64) + spec.c_out * sizeof(float);
+#if defined(__x86_64__) || defined(_M_X64)
+    if (variant == ConvVariant::kAvx512) {
+      op->window_uk_ = kernels::F32WindowUkernelAvx512();
+      op->window_name_ = "f32_window__avx512";
+    }
+#endif
+    if (!op->window_uk_) {
+      // AVX2 machines run the portable window kernel (no AVX2 variant of it yet).
+      op->window_uk_ = kernels::F32WindowUkernelScalar();
+      op->window_name_ = "f32_window__scalar";
+    }
+    return op;
+  }
+
+#if defined(__x86_64__) || defined(_M_X64)
+  if (variant == ConvVariant::kAvx512Bf16) {
+    op->path_ = Path::kGemmBf16;
+    op->bf16_uk_ = kernels::Bf16GemmUkernelAvx512Bf16();
+    op->im2col_uk_ = kernels::F32Im2colUkernelAvx512();
+    op->k_run_ = kg + (op->has_bias_ ? 3 : 0);
+    op->ldw_ = (op->k_run_ + 1) / 2;
+    op->w_pairs_ = static_cast<uint32_t*>(AlignedAlloc(spec.c_out * op->ldw_ * sizeof(uint32_t)));
+    std::vector<uint16_t> row(op->ldw_ * 2);
+    for (size_t co = 0; co < spec.c_out; ++co) {
+      std::fill(row.begin(), row.end(), 0);
+      for (size_t k = 0; k < kg; ++k) row[k] = kernels::LowpF32ToBf16(folded(co, k));
+      if (op->has_bias_) SplitBf16(op->bias_[co], &row[kg]);
+      for (size_t p = 0; p < op->ldw_; ++p)
+        op->w_pairs_[co * op->ldw_ + p] = static_cast<uint32_t>(row[2 * p]) | (static_cast<uint32_t>(row[2 * p + 1]) << 16);
+    }
+    op->bytes_ = RoundUp(spec.c_out * op->ldw_ * sizeof(uint32_t), 64) + spec.c_out * sizeof(float);
+    return op;
+  }
+#endif
+
+  op->path_ = Path::kGemm;
+  op->f32_uk_ = F32Ukernel(variant);
+#if defined(__x86_64__) || defined(_M_X64)
+  if (variant == ConvVariant::kAvx512) {
+    op->im2col_uk_ = kernels::F32Im2colUkernelAvx512();
+    // 1x1, stride 1, no padding (explicit zeros, or any auto_pad: SAME pads a 1x1 stride-1 window
+    // by 0): B is the input itself, read in place by the pointwise kernel; the bias seeds the
+    // accumulators instead of riding in a K row.
+    const bool zero_pads = g.auto_pad != ConvAutoPad::kNotSet || (g.pad_t == 0 && g.pad_l == 0 && g.pad_b == 0 && g.pad_r == 0);
+    if (g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && zero_pads) {
+      op->pointwise_uk_ = kernels::F32ConvGemmUkernelAvx512();
+      op->pointwise_ = true;
+    }
+  }
+#endif
+  op->k_run_ = kg + (op->has_bias_ && !op->pointwise_ ? 1 : 0);
+  op->ldw_ = op->k_run_;
+  op->w_ = static_cast<float*>(AlignedAlloc(spec.c_out * op->ldw_ * sizeof(float)));
+  for (size_t co = 0; co < spec.c_out; ++co) {
+    for (size_t k = 0; k < kg; ++k) op->w_[co * op->ldw_ + k] = folded(co, k);
+    if (op->k_run_ > kg) op->w_[co * op->ldw_ + kg] = op->bias_[co];
+  }
+  op->bytes_ = RoundUp(spec.c_out * op->ldw_ * sizeof(float), 64) + spec.c_out * sizeof(float);
+  return op;
+}
+
+ConvOp::~ConvOp() {
+  std::free(w_);
+  std::free(w_pairs_);
+}
+
+const char* ConvOp::path() const {
+  switch (path_) {
+    case Path::kGemm:
+    case Path::kGemmBf16: return "gemm";
+    case Path::kDepthwise: return "depthwise";
+    case Path::kReference: return "reference";
+  }
+  return "?";
+}
+
+const char* ConvOp::ukernel() const {
+  switch (path_) {
+    case Path::kGemm: return pointwise_ ? pointwise_uk_.name : f32_uk_.name;
+    case Path::kGemmBf16: return bf16_uk_.name;
+    case Path::kDepthwise: return window_name_;
+    case Path::kReference: return "f32_conv__reference";
+  }
+  return "?";
+}
+
+bool ConvOp::Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
+                 size_t w, float* y, const float* residual, bool residual_before_activation,
+                 std::string* error) const {
+  WindowShape s;
+  std::string e = ResolveWindow(spec_.window, h, w, &s);
+  if (!e.empty()) {
+    *error = e;
+    return false;
+  }
+  kernels::GemmEpilogue ep{nullptr, nullptr, residual, s.oh * s.ow, spec_.activation,
+                           residual_before_activation ? 1 : 0, spec_.alpha, spec_.beta};
+  bool ok = true;
+  switch (path_) {
+    case Path::kReference: {
+      kernels::ConvRefArgs a{x, n, spec_.c_in, h, w, w_, ldw_, has_bias_ ? bias_.data() : nullptr, spec_.c_out,
+                             spec_.group, spec_.window.kh, spec_.window.kw, spec_.window.sh, spec_.window.sw,
+                             spec_.window.dh, spec_.window.dw, s.pad_t, s.pad_l, s.oh, s.ow, y, residual, &ep};
+      ok = pool.ParallelFor(n * spec_.c_out, threads, [&](size_t t) {
+        kernels::F32ConvReference(&a, t / spec_.c_out, t % spec_.c_out);
+      }, cancel);
+      if (!ok) *error = "aborted";
+      return ok;
+    }
+    case Path::kDepthwise: ok = RunDepthwise(pool, threads, cancel, x, n, h, w, s, y, ep); break;
+    case Path::kGemm:
+    case Path::kGemmBf16:
+      ok = pointwise_ ? RunPointwise(pool, threads, cancel, x, n, h * w, y, ep)
+                      : RunGemm(pool, threads, cancel, x, n, h, w, s, y, ep);
+      break;
+  }
+  if (!ok && error->empty()) *error = "aborted";
+  return ok;
+}
+
+namespace {
+// K block of the fp32 path: a 256 x 32 panel slice is 32 KiB (L1/L2) and the 12 x 256 weight
+// slice of a row tile 12 KiB; up to 8 panels (256 output pixels) per task share each weight slice.
+// Measured (1 thread, best of 60, ResNet 3x3 and 1x1 layers): kc 128 and 256 within noise, 64 and
+// 512 5-20% slower. Weights pre-packed in 12-row k-major tiles (one broadcast stream instead of 12
+// rows) were tried and were no faster (2x slower on 7x7x512 3x3), so A is read in place.
+constexpr size_t kKc = 256;
+constexpr size_t kPanelsPerTask = 8;
+}  // namespace
+
+bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
+                     size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep0) const {
+  const WindowGeometry& g = spec_.window;
+  const bool bf16 = path_ == Path::kGemmBf16;
+  const size_t mr = bf16 ? bf16_uk_.mr : f32_uk_.mr, nr = bf16 ? bf16_uk_.nr : f32_uk_.nr;
+  const size_t groups = spec_.group, cg = spec_.c_in / groups, cog = spec_.c_out / groups;
+  const size_t hwo = s.oh * s.ow;
+  const size_t panels = (hwo + nr - 1) / nr, m_tiles = (cog + mr - 1) / mr;
+  const unsigned nthreads = std::max(1u, std::min(threads, pool.size()));
+  // Task grid: (image, group, panel block, row block). Start with all rows and 8 panels per task,
+  // then split until every thread has a few tasks. Splitting panels re-reads the weights once more
+  // per extra block; splitting rows repeats the im2col. So split rows first when the group's
+  // weights (cog x K) outweigh its im2col (K x OH*OW): on 7x7x512 3x3 (9.4 MB of weights) streaming
+  // them once instead of twice took 1 thread from 2.2 to ~1.7 ms.
+  size_t nb = std::min(kPanelsPerTask, panels), mb = m_tiles;
+  auto tasks = [&] { return n * groups * ((panels + nb - 1) / nb) * ((m_tiles + mb - 1) / mb); };
+  const bool rows_first = cog > hwo;
+  const size_t target = nthreads == 1 ? 1 : 4 * static_cast<size_t>(nthreads);
+  while (tasks() < target && (nb > 1 || mb > 1)) {
+    if (rows_first ? mb == 1 : nb > 1) nb = (nb + 1) / 2;
+    else mb = (mb + 1) / 2;
+  }
+  auto m_blocks_of = [&](size_t rows_per_block) { return (m_tiles + rows_per_block - 1) / rows_per_block; };
+  const size_t p_blocks = (panels + nb - 1) / nb, m_blocks = m_blocks_of(mb);
+  const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
+  const size_t bias_rows = has_bias_ ? (bf16 ? 3 : 1) : 0;
+  const size_t kc_max = bf16 ? k_run_ : std::min(kKc, k_run_);
+  // fp32: nb panels of kc x nr floats. bf16: one panel of all K pairs (uint32) + two fp32 rows.
+  // Rows split across tasks would each repeat the im2col of the same panels; then pack every panel
+  // once, in parallel, into one shared buffer (small: these layers have few output pixels, e.g.
+  // 7 panels x K = 2305 x 32 floats = 2 MiB at 14x14x256 3x3) and let the row blocks read it.
+  const bool shared = !bf16 && m_blocks_of(mb) > 1;
+  std::unique_ptr<float, decltype(&std::free)> packed(nullptr, &std::free);
+  if (shared) {
+    const size_t panel_floats = k_run_ * nr, count = n * groups * panels;
+    packed.reset(static_cast<float*>(AlignedAlloc(count * panel_floats * sizeof(float))));
+    float* base = packed.get();
+    if (!pool.ParallelFor(count, nthreads, [&](size_t t) {
+          const size_t p = t % panels, gi = (t / panels) % groups, b = t / panels / groups;
+          const kernels::Im2colArgs c{x + (b * spec_.c_in + gi * cg) * h * w, h, w, s.oh, s.ow, g.kh, g.kw, g.sh,
+                                      g.sw, g.dh, g.dw, s.pad_t, s.pad_l, kg_, bias_rows};
+          im2col_uk_(&c, 0, k_run_, p * nr, std::min(nr, hwo - p * nr), nr, base + t * panel_floats);
+        }, cancel))
+      return false;
+  }
+  const size_t scratch = bf16 ? ldw_ * nr + 2 * nr : shared ? 0 : nb * kc_max * nr;
+  std::atomic<bool> oom{false};
+  auto task = [&](size_t t) {
+    const size_t mbi = t % m_blocks, pbi = (t / m_blocks) % p_blocks, gi = (t / m_blocks / p_blocks) % groups,
+                 b = t / m_blocks / p_blocks / groups;
+    float* buf = scratch ? ThreadScratch(scratch) : nullptr;
+    if (scratch && !buf) {
+      oom.store(true);
+      return;
+    }
+    const kernels::Im2colArgs c{x + (b * spec_.c_in + gi * cg) * h * w, h, w, s.oh, s.ow, g.kh, g.kw, g.sh, g.sw,
+                                g.dh, g.dw, s.pad_t, s.pad_l, kg_, bias_rows};
+    const size_t t0 = mbi * mb, t1 = std::min(m_tiles, t0 + mb);
+    const size_t p0 = pbi * nb, p1 = std::min(panels, p0 + nb);
+    const size_t row0 = gi * cog;  // first output channel of the group
+    float* yb = y + (b * spec_.c_out + row0) * hwo;
+    kernels::GemmEpilogue ep = ep0;
+    if (ep.residual) ep.residual += (b * spec_.c_out + row0) * hwo;
+    if (bf16) {
+      const size_t pairs = ldw_;
+      uint32_t* panel = reinterpret_cast<uint32_t*>(buf);
+      float* r0 = buf + pairs * nr;
+      float* r1 = r0 + nr;
+      for (size_t p = p0; p < p1; ++p) {
+        const size_t j0 = p * nr, ncols = std::min(nr, hwo - j0);
+        for (size_t q = 0; q < pairs; ++q) {
+          im2col_uk_(&c, 2 * q, 1, j0, ncols, nr, r0);
+          im2col_uk_(&c, 2 * q + 1, 1, j0, ncols, nr, r1);
+          uint32_t* dst = panel + q * nr;
+          for (size_t l = 0; l < nr; ++l)
+            dst[l] = static_cast<uint32_t>(kernels::LowpF32ToBf16(r0[l])) |
+                     (static_cast<uint32_t>(kernels::LowpF32ToBf16(r1[l])) << 16);
+        }
+        for (size_t ti = t0; ti < t1; ++ti) {
+          const size_t m0 = ti * mr, rows = std::min(mr, cog - m0);
+          const kernels::GemmEpilogue tep = OffsetEpilogue(ep, m0, j0);
+          bf16_uk_.fn(rows, ncols, k_run_, w_pairs_ + (row0 + m0) * ldw_, ldw_ * sizeof(uint32_t), panel,
+                      yb + m0 * hwo + j0, hwo, nullptr, trivial ? nullptr : &tep);
+        }
+      }
+      return;
+    }
+    for (size_t k0 = 0; k0 < k_run_; k0 += kc_max) {
+      const size_t kc = std::min(kc_max, k_run_ - k0);
+      const bool last = k0 + kc == k_run_;
+      if (!shared) {
+        for (size_t p = p0; p < p1; ++p) {
+          const size_t j0 = p * nr, ncols = std::min(nr, hwo - j0);
+          im2col_uk_(&c, k0, kc, j0, ncols, nr, buf + (p - p0) * kc * nr);
+        }
+      }
+      for (size_t p = p0; p < p1; ++p) {
+        const size_t j0 = p * nr, ncols = std::min(nr, hwo - j0);
+        const float* panel = shared ? packed.get() + (((b * groups + gi) * panels + p) * k_run_ + k0) * nr
+                                    : buf + (p - p0) * kc * nr;
+        for (size_t ti = t0; ti < t1; ++ti) {
+          const size_t m0 = ti * mr, rows = std::min(mr, cog - m0);
+          const kernels::GemmEpilogue tep = OffsetEpilogue(ep, m0, j0);
+          f32_uk_.fn(rows, ncols, kc, w_ + (row0 + m0) * ldw_ + k0, ldw_, panel, yb + m0 * hwo + j0, hwo, k0 > 0,
+                     last && !trivial ? &tep : nullptr);
+        }
+      }
+    }
+  };
+  const bool ok = pool.ParallelFor(n * groups * p_blocks * m_blocks, nthreads, task, cancel);
+  if (oom.load()) throw std::bad_alloc();
+  return ok;
+}
+
+bool ConvOp::RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
+                          size_t hw, float* y, const kernels::GemmEpilogue& ep0) const {
+  const size_t mr = pointwise_uk_.mr, nr = pointwise_uk_.nr;
+  const size_t groups = spec_.group, cg = spec_.c_in / groups, cog = spec_.c_out / groups;
+  const size_t panels = (hw + nr - 1) / nr, m_tiles = (cog + mr - 1) / mr;
+  const unsigned nthreads = std::max(1u, std::min(threads, pool.size()));
+  // Same grid as RunGemm; with nothing to pack, splitting rows only costs re-reading input panels.
+  size_t nb = std::min(kPanelsPerTask, panels), mb = m_tiles;
+  auto tasks = [&] { return n * groups * ((panels + nb - 1) / nb) * ((m_tiles + mb - 1) / mb); };
+  const bool rows_first = cog > hw;
+  const size_t target = nthreads == 1 ? 1 : 4 * static_cast<size_t>(nthreads);
+  while (tasks() < target && (nb > 1 || mb > 1)) {
+    if (rows_first ? mb == 1 : nb > 1) nb = (nb + 1) / 2;
+    else mb = (mb + 1) / 2;
+  }
+  const size_t p_blocks = (panels + nb - 1) / nb, m_blocks = (m_tiles + mb - 1) / mb;
+  const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
+  const size_t kc_max = std::min(kKc, k_run_);
+  auto task = [&](size_t t) {
+    const size_t mbi = t % m_blocks, pbi = (t / m_blocks) % p_blocks, gi = (t / m_blocks / p_blocks) % groups,
+                 b = t / m_blocks / p_blocks / groups;
+    const size_t t0 = mbi * mb, t1 = std::min(m_tiles, t0 + mb);
+    const size_t p0 = pbi * nb, p1 = std::min(panels, p0 + nb);
+    const size_t row0 = gi * cog;
+    const float* xg = x + (b * spec_.c_in + gi * cg) * hw;
+    float* yb = y + (b * spec_.c_out + row0) * hw;
+    kernels::GemmEpilogue ep = ep0;
+    if (ep.residual) ep.residual += (b * spec_.c_out + row0) * hw;
+    for (size_t k0 = 0; k0 < k_run_; k0 += kc_max) {
+      const size_t kc = std::min(kc_max, k_run_ - k0);
+      const bool last = k0 + kc == k_run_;
+      for (size_t p = p0; p < p1; ++p) {
+        const size_t j0 = p * nr, ncols = std::min(nr, hw - j0);
+        for (size_t ti = t0; ti < t1; ++ti) {
+          const size_t m0 = ti * mr, rows = std::min(mr, cog - m0);
+          const kernels::GemmEpilogue tep = OffsetEpilogue(ep, m0, j0);
+          pointwise_uk_.fn(rows, ncols, kc, w_ + (row0 + m0) * ldw_ + k0, ldw_, xg + k0 * hw + j0, hw,
+                           k0 == 0 && has_bias_ ? bias_.data() + row0 + m0 : nullptr, yb + m0 * hw + j0, hw, k0 > 0,
+                           last && !trivial ? &tep : nullptr);
+        }
+      }
+    }
+  };
+  return pool.ParallelFor(n * groups * p_blocks * m_blocks, nthreads, task, cancel);
+}
+
+namespace {
+// Depthwise/pooling planes per ParallelFor index: a 7x7 plane is ~200 FLOPs, too little to hand out alone.
+size_t PlanesPerTask(size_t plane_floats) { return std::max<size_t>(1, 4096 / std::max<size_t>(1, plane_floats)); }
+}  // namespace
+
+bool ConvOp::RunDepthwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
+                          size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep0) const {
+  const WindowGeometry& g = spec_.window;
+  const size_t planes = n * spec_.c_out, hwo = s.oh * s.ow;
+  kernels::WindowArgs proto{};
+  proto.ih = h; proto.iw = w; proto.oh = s.oh; proto.ow = s.ow;
+  proto.kh = g.kh; proto.kw = g.kw; proto.sh = g.sh; proto.sw = g.sw; proto.dh = g.dh; proto.dw = g.dw;
+  proto.pad_t = s.pad_t; proto.pad_l = s.pad_l;
+  proto.op = kernels::kWindowConv;
+  const size_t scratch = kernels::WindowScratchRows(&proto) * kernels::WindowScratchCols(&proto);
+  const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
+  const size_t per = PlanesPerTask(h * w), tasks = (planes + per - 1) / per;
+  std::atomic<bool> oom{false};
+  const bool ok = pool.ParallelFor(tasks, std::max(1u, threads), [&](size_t t) {
+    float* buf = ThreadScratch(scratch);
+    if (!buf) {
+      oom.store(true);
+      return;
+    }
+    for (size_t p = t * per; p < std::min(planes, (t + 1) * per); ++p) {
+      const size_t co = p % spec_.c_out;
+      kernels::GemmEpilogue ep = ep0;
+      if (ep.residual) ep.residual += p * hwo;
+      kernels::WindowArgs a = proto;
+      a.in = x + p * h * w;
+      a.out = y + p * hwo;
+      a.weights = w_ + co * ldw_;
+      a.bias = bias_[co];
+      a.ep = trivial ? nullptr : &ep;
+      a.scratch = buf;
+      window_uk_(&a);
+    }
+  }, cancel);
+  if (oom.load()) throw std::bad_alloc();
+  return ok;
+}
+
+bool RunPool(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, PoolKind kind, const float* x,
+             size_t planes, size_t h, size_t w, const WindowGeometry& g, bool count_include_pad, ConvVariant variant,
+             float* y, std::string* error) {
+  WindowShape s;
+  std::string e = ResolveWindow(g, h, w, &s);
+  if (!e.empty()) {
+    *error = e;
+    return false;
+  }
+  kernels::F32WindowUkernel uk = kernels::F32WindowUkernelScalar();
+#if defined(__x86_64__) || defined(_M_X64)
+  if (variant != ConvVariant::kReference && variant != ConvVariant::kScalar && variant != ConvVariant::kAvx2 &&
+      Cpu().Supports(IsaLevel::kAvx512))
+    uk = kernels::F32WindowUkernelAvx512();
+#endif
+  kernels::WindowArgs proto{};
+  proto.ih = h; proto.iw = w; proto.oh = s.oh; proto.ow = s.ow;
+  proto.kh = g.kh; proto.kw = g.kw; proto.sh = g.sh; proto.sw = g.sw; proto.dh = g.dh; proto.dw = g.dw;
+  proto.pad_t = s.pad_t; proto.pad_l = s.pad_l;
+  proto.op = kind == PoolKind::kMax ? kernels::kWindowMax : kernels::kWindowAvg;
+  // Without pad counting, the divisor of output (oy, ox) is (taps in rows) x (taps in columns).
+  std::vector<float> row_count, col_count;
+  if (kind == PoolKind::kAverage && !count_include_pad) {
+    auto count = [](size_t o, size_t stride, size_t k, size_t d, size_t pad, size_t in) {
+      float c = 0;
+      for (size_t t = 0; t < k; ++t) {
+        const ptrdiff_t i = static_cast<ptrdiff_t>(o * stride + t * d) - static_cast<ptrdiff_t>(pad);
+        c += i >= 0 && i < static_cast<ptrdiff_t>(in) ? 1.0f : 0.0f;
+      }
+      return c;
+    };
+    row_count.resize(s.oh);
+    col_count.resize(s.ow);
+    for (size_t o = 0; o < s.oh; ++o) row_count[o] = count(o, g.sh, g.kh, g.dh, s.pad_t, h);
+    for (size_t o = 0; o < s.ow; ++o) col_count[o] = count(o, g.sw, g.kw, g.dw, s.pad_l, w);
+    proto.row_count = row_count.data();
+    proto.col_count = col_count.data();
+  }
+  const size_t scratch = kernels::WindowScratchRows(&proto) * kernels::WindowScratchCols(&proto);
+  const size_t hwo = s.oh * s.ow;
+  const size_t per = PlanesPerTask(h * w), tasks = (planes + per - 1) / per;
+  std::atomic<bool> oom{false};
+  const bool ok = pool.ParallelFor(tasks, std::max(1u, threads), [&](size_t t) {
+    float* buf = ThreadScratch(scratch);
+    if (!buf) {
+      oom.store(true);
+      return;
+    }
+    for (size_t p = t * per; p < std::min(planes, (t + 1) * per); ++p) {
+      kernels::WindowArgs a = proto;
+      a.in = x + p * h * w;
+      a.out = y + p * hwo;
+      a.scratch = buf;
+      uk(&a);
+    }
+  }, cancel);
+  if (oom.load()) throw std::bad_alloc();
+  if (!ok) *error = "aborted";
+  return ok;
+}
+
+bool RunGlobalAveragePool(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,
+                          size_t planes, size_t hw, ConvVariant variant, float* y, std::string* error) {
+  kernels::F32SumUkernel sum = kernels::F32SumUkernelScalar();
+#if defined(__x86_64__) || defined(_M_X64)
+  if (variant != ConvVariant::kScalar && variant != ConvVariant::kAvx2 && Cpu().Supports(IsaLevel::kAvx512))
+    sum = kernels::F32SumUkernelAvx512();
+#endif
+  const bool reference = variant == ConvVariant::kReference;
+  const size_t per = PlanesPerTask(hw), tasks = (planes + per - 1) / per;
+  const bool ok = pool.ParallelFor(tasks, std::max(1u, threads), [&](size_t t) {
+    for (size_t p = t * per; p < std::min(planes, (t + 1) * per); ++p) {
+      const float* xp = x + p * hw;
+      if (reference) {
+        double s = 0;
+        for (size_t i = 0; i < hw; ++i) s += xp[i];
+        y[p] = static_cast<float>(s / static_cast<double>(hw));
+      } else {
+        y[p] = sum(xp, hw) / static_cast<float>(hw);
+      }
+    }
+  }, cancel);
+  if (!ok) *error = "aborted";
+  return ok;
+}
+
+}  // namespace sonde

@@ -1,0 +1,141 @@
+// Convolution-family operators (NCHW float32 at the edges): Conv2d with BatchNormalization folded
+// and the bias/activation/residual epilogue fused, created once (validate, fold, pack) and run many
+// times; max/average pooling and global average pooling.
+//
+// How a convolution runs (chosen at creation):
+// - dense and grouped: per image and group, Y[C_out/g x OH*OW] = W[C_out/g x K] * cols(X)[K x OH*OW]
+//   on the GEMM microkernels of kernels/gemm, with K = C_in/g * kh * kw. The weights are the GEMM's
+//   A operand (rows read in place, folded once at creation); the activations are im2col'ed straight
+//   into the microkernel's B panels (32 output pixels x a K block, in L1/L2) inside each task, so the
+//   output is written in NCHW with no layout pass, and a 1x1 stride-1 conv's "im2col" is a memcpy of
+//   input rows. The bias is one more K row (weights column = bias, activation row = 1), so the
+//   unmodified per-column GemmEpilogue applies the activation and the residual (NCHW, ldr = OH*OW)
+//   in registers.
+// - depthwise (group = C_in = C_out): the window kernel of kernels/conv on each channel plane.
+// - bf16 precision: weights rounded to bf16 once. Where the CPU has AVX512_BF16 they are stored as
+//   bf16 pairs and run on the vdpbf16ps GEMM kernel (the activations are then rounded to bf16 as they
+//   are packed, like the bf16 GEMM; the bias is split into three bf16 terms hi+mid+lo so it stays
+//   fp32-exact); elsewhere (or with an explicit fp32 variant) the rounded weights run on the fp32
+//   kernels with fp32 activations.
+// - 'reference': the direct double-accumulating loop of kernels/conv (slow; what tests compare to).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/conv/conv.h"
+#include "kernels/gemm/gemm.h"
+#include "kernels/gemm/lowp-gemm.h"
+#include "runtime/thread_pool.h"
+
+namespace sonde {
+
+enum class ConvAutoPad : int32_t { kNotSet = 0, kSameUpper = 1, kSameLower = 2, kValid = 3 };
+enum class ConvVariant { kAuto, kReference, kScalar, kAvx2, kAvx512, kAvx512Bf16 };
+enum class ConvPrecision { kFp32, kBf16 };
+
+bool ParseConvVariant(const std::string& name, ConvVariant* out);
+const char* ConvVariantName(ConvVariant v);
+// Empty if the variant can run on this CPU (for this precision); otherwise why not.
+std::string ConvVariantUnavailable(ConvVariant v, ConvPrecision p);
+
+// Kernel window, strides, dilations and padding of a conv or pooling over H x W.
+struct WindowGeometry {
+  size_t kh = 1, kw = 1, sh = 1, sw = 1, dh = 1, dw = 1;
+  size_t pad_t = 0, pad_l = 0, pad_b = 0, pad_r = 0;  // used when auto_pad is kNotSet
+  ConvAutoPad auto_pad = ConvAutoPad::kNotSet;
+};
+
+struct WindowShape {
+  size_t oh = 0, ow = 0, pad_t = 0, pad_l = 0, pad_b = 0, pad_r = 0;
+};
+
+// Output size and the effective pads for an input of h x w (ONNX rules: SAME_UPPER puts the odd
+// pad at the end, SAME_LOWER at the beginning). Empty string if valid; otherwise why not (a zero
+// stride or dilation, a pad as large as the dilated kernel, an output size <= 0).
+std::string ResolveWindow(const WindowGeometry& g, size_t h, size_t w, WindowShape* out);
+
+struct BatchNormParams {
+  const float* scale = nullptr;  // gamma
+  const float* bias = nullptr;   // beta
+  const float* mean = nullptr;
+  const float* variance = nullptr;
+  double epsilon = 1e-5;
+};
+
+struct ConvSpec {
+  size_t c_in = 0, c_out = 0, group = 1;
+  WindowGeometry window;
+  int32_t activation = kernels::kActNone;  // GemmActivation
+  float alpha = 0.0f, beta = 0.0f;
+};
+
+class ConvOp {
+ public:
+  // weights: [c_out][c_in/group][kh][kw]; bias: c_out or null; bn: null or all four arrays of c_out.
+  // Returns null with *error set when the spec is inconsistent. Throws std::bad_alloc.
+  static std::unique_ptr<ConvOp> Create(const float* weights, const float* bias, const BatchNormParams* bn,
+                                        const ConvSpec& spec, ConvPrecision precision, ConvVariant variant,
+                                        std::string* error);
+  ~ConvOp();
+
+  // x: [n][c_in][h][w]; y: [n][c_out][oh][ow] (see ResolveWindow); residual: y's shape or null.
+  // Returns false with *error set (cancelled: error "aborted"; out of memory: "out of memory").
+  bool Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
+           size_t w, float* y, const float* residual, bool residual_before_activation, std::string* error) const;
+
+  const ConvSpec& spec() const { return spec_; }
+  size_t bytes() const { return bytes_; }
+  const char* path() const;     // "gemm", "depthwise" or "reference"
+  const char* ukernel() const;  // the microkernel's name
+  ConvVariant variant() const { return variant_; }
+  ConvPrecision precision() const { return precision_; }
+
+ private:
+  enum class Path { kGemm, kGemmBf16, kDepthwise, kReference };
+  ConvOp() = default;
+  bool RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
+               size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
+  bool RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t hw,
+                    float* y, const kernels::GemmEpilogue& ep) const;
+  bool RunDepthwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
+                    size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
+
+  ConvSpec spec_;
+  ConvPrecision precision_ = ConvPrecision::kFp32;
+  ConvVariant variant_ = ConvVariant::kScalar;
+  Path path_ = Path::kReference;
+  size_t kg_ = 0;     // K of one group: c_in/group * kh * kw
+  size_t ldw_ = 0;    // floats (fp32) or uint32 pairs (bf16) per weight row
+  size_t k_run_ = 0;  // K the GEMM runs: kg_ plus the bias row(s)
+  bool has_bias_ = false;
+  bool pointwise_ = false;  // 1x1 stride 1 unpadded on AVX-512: B read in place, no im2col
+  kernels::F32ConvGemmUkernelInfo pointwise_uk_{};
+  float* w_ = nullptr;          // fp32: c_out x ldw_ (bias in column kg_ on the GEMM path)
+  uint32_t* w_pairs_ = nullptr; // bf16 pairs: c_out x ldw_
+  std::vector<float> bias_;     // folded bias (reference / depthwise)
+  size_t bytes_ = 0;
+  kernels::F32GemmUkernelInfo f32_uk_{};
+  kernels::LowpGemmUkernelInfo bf16_uk_{};
+  kernels::F32WindowUkernel window_uk_ = nullptr;
+  // im2col into B panels: AVX-512 next to the AVX-512 GEMM kernels (its rows are 32-float panels).
+  kernels::F32Im2colUkernel im2col_uk_ = kernels::F32Im2colUkernelScalar();
+  const char* window_name_ = "";
+};
+
+enum class PoolKind { kMax = 0, kAverage = 1 };
+
+// x: [n*c planes][h][w] -> y: [n*c][oh][ow]. count_include_pad: average divides by kh*kw (ONNX's
+// count_include_pad = 1) instead of by the in-bounds taps. variant: kReference runs the scalar
+// kernel (it is the reference), kAuto the widest available.
+bool RunPool(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, PoolKind kind, const float* x,
+             size_t planes, size_t h, size_t w, const WindowGeometry& g, bool count_include_pad, ConvVariant variant,
+             float* y, std::string* error);
+
+// y[p] = mean of plane p (h*w floats); reference sums in double.
+bool RunGlobalAveragePool(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,
+                          size_t planes, size_t hw, ConvVariant variant, float* y, std::string* error);
+
+}  // namespace sonde

@@ -1,0 +1,373 @@
+import { describe, expect, it } from 'vitest';
+import { DisposedError, InvalidArgumentError, Tensor, devices, kernels } from '../dist/index.js';
+import { randomTensor } from './helpers.js';
+
+const simd = devices().cpu.simd;
+const bf16Cpu = devices().cpu.bf16;
+const variants: kernels.ConvVariant[] = ['reference', 'scalar',
+  ...(simd !== 'scalar' ? ['avx2' as const] : []), ...(simd === 'avx512' ? ['avx512' as const] : [])];
+const u = 2 ** -24;
+
+type Act = kernels.ConvActivation;
+// Double-precision activations and their Lipschitz constants (max |d act / dv|).
+const acts: Partial<Record<Act, { f: (v: number) => number; lip: number; opts?: Partial<kernels.Conv2dOptions> }>> = {
+  none: { f: (v) => v, lip: 1 },
+  relu: { f: (v) => (v < 0 ? 0 : v), lip: 1 },
+  relu6: { f: (v) => Math.min(Math.max(v, 0), 6), lip: 1 },
+  clip: { f: (v) => Math.min(Math.max(v, -0.5), 0.75), lip: 1, opts: { clipMin: -0.5, clipMax: 0.75 } },
+  silu: { f: (v) => v / (1 + Math.exp(-v)), lip: 1.1 },
+  sigmoid: { f: (v) => 1 / (1 + Math.exp(-v)), lip: 0.25 },
+  leakyRelu: { f: (v) => (v < 0 ? 0.2 * v : v), lip: 1, opts: { alpha: 0.2 } },
+  hardSwish: { f: (v) => (v * Math.min(Math.max(v + 3, 0), 6)) / 6, lip: 1.5 },
+};
+
+interface Geo {
+  strides?: number[]; pads?: number[]; dilations?: number[]; group?: number; autoPad?: kernels.ConvAutoPad;
+}
+
+/** ONNX output size and begin pads, written independently of lib/ (for the reference). */
+function resolve(h: number, k: number, s: number, d: number, p0: number, p1: number, autoPad: kernels.ConvAutoPad) {
+  const ext = (k - 1) * d + 1;
+  if (autoPad === 'SAME_UPPER' || autoPad === 'SAME_LOWER') {
+    const o = Math.ceil(h / s);
+    const total = Math.max(0, (o - 1) * s + ext - h);
+    return { o, pad: autoPad === 'SAME_UPPER' ? Math.floor(total / 2) : total - Math.floor(total / 2) };
+  }
+  if (autoPad === 'VALID') return { o: Math.floor((h - ext) / s) + 1, pad: 0 };
+  return { o: Math.floor((h + p0 + p1 - ext) / s) + 1, pad: p0 };
+}
+
+/**
+ * Direct convolution in double: returns the pre-activation values v (bias included) and, per
+ * output, sum |w x| + |bias| (the magnitude the float32 error bound scales with).
+ */
+function refConv(x: Tensor<'float32'>, w: Float32Array, wd: number[], g: Geo, bias?: Float32Array) {
+  const [n, c, h, wi] = x.dims as number[];
+  const [co, cg, kh, kw] = wd as [number, number, number, number];
+  const [sh, sw] = g.strides ?? [1, 1];
+  const [dh, dw] = g.dilations ?? [1, 1];
+  const p = g.pads ?? [0, 0, 0, 0];
+  const ap = g.autoPad ?? 'NOTSET';
+  const ry = resolve(h!, kh, sh!, dh!, p[0]!, p[2]!, ap);
+  const rx = resolve(wi!, kw, sw!, dw!, p[1]!, p[3]!, ap);
+  const group = g.group ?? 1;
+  const cog = co / group;
+  const dims = [n!, co, ry.o, rx.o];
+  const v = new Float64Array(n! * co * ry.o * rx.o);
+  const mag = new Float64Array(v.length);
+  let idx = 0;
+  for (let b = 0; b < n!; b++) {
+    for (let o = 0; o < co; o++) {
+      const gi = Math.floor(o / cog);
+      for (let oy = 0; oy < ry.o; oy++) {
+        for (let ox = 0; ox < rx.o; ox++, idx++) {
+          let s = bias ? bias[o]! : 0;
+          let m = Math.abs(s);
+          for (let ci = 0; ci < cg; ci++) {
+            for (let ky = 0; ky < kh; ky++) {
+              const iy = oy * sh! - ry.pad + ky * dh!;
+              if (iy < 0 || iy >= h!) continue;
+              for (let kx = 0; kx < kw; kx++) {
+                const ix = ox * sw! - rx.pad + kx * dw!;
+                if (ix < 0 || ix >= wi!) continue;
+                const t = w[((o * cg + ci) * kh + ky) * kw + kx]! * x.data[((b * c! + gi * cg + ci) * h! + iy) * wi! + ix]!;
+                s += t;
+                m += Math.abs(t);
+              }
+            }
+          }
+          v[idx] = s;
+          mag[idx] = m;
+        }
+      }
+    }
+  }
+  return { v, mag, dims, k: cg * kh * kw };
+}
+
+/**
+ * float32 bound per element, as in the GEMM tests: the sum has |err| <= (k + 3) u sum|w x| (one more
+ * term for the bias), the activation multiplies it by its Lipschitz constant and adds its own few
+ * ulp; a residual add adds u of the result. relMag adds a relative error per product (bf16 rounding).
+ */
+function expectConv(got: Tensor<'float32'>, ref: ReturnType<typeof refConv>, act: Act = 'none',
+  residual?: { r: Float32Array; before: boolean }, relMag = 0): void {
+  expect(got.dims).toEqual(ref.dims);
+  const { f, lip } = acts[act]!;
+  for (let i = 0; i < ref.v.length; i++) {
+    let v = ref.v[i]!;
+    let err = ((ref.k + 3) * u + relMag) * ref.mag[i]!;
+    const r = residual ? residual.r[i]! : 0;
+    if (residual?.before) { v += r; err += u * Math.abs(v); }
+    let want = f(v);
+    err = lip * err + 4 * u * Math.abs(want) + 1e-7 * Math.abs(v);
+    if (residual && !residual.before) { want += r; err += u * Math.abs(want); }
+    const g = got.data[i]!;
+    if (!(Math.abs(g - want) <= err + 1e-30)) {
+      throw new Error(`y[${i}] = ${g}, want ${want} (|err| ${Math.abs(g - want).toExponential(3)} > ${err.toExponential(3)}) act ${act}`);
+    }
+  }
+}
+
+interface Shape { name: string; x: number[]; w: number[]; g: Geo }
+const shapes: Shape[] = [
+  { name: '1x3x7x5 * 5x3x3x3 s2 p1 d2', x: [1, 3, 7, 5], w: [5, 3, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1], dilations: [2, 2] } },
+  { name: '1x1 N=2, 19 -> 21 channels', x: [2, 19, 9, 11], w: [21, 19, 1, 1], g: {} },
+  { name: '1x1 C_in = 300 (pointwise kernel, two K blocks)', x: [2, 300, 6, 7], w: [20, 300, 1, 1], g: { autoPad: 'SAME_UPPER' } },
+  { name: '1x1 stride 2 with pads', x: [1, 5, 8, 7], w: [13, 5, 1, 1], g: { strides: [2, 2], pads: [0, 0, 0, 0] } },
+  { name: '3x3 K = 360 (two K blocks), 400 pixels (two panel blocks)', x: [1, 40, 20, 20], w: [33, 40, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '5x5 SAME_UPPER stride 2', x: [1, 4, 11, 13], w: [7, 4, 5, 5], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
+  { name: '3x3 SAME_LOWER stride 2, asymmetric', x: [1, 3, 10, 9], w: [6, 3, 3, 2], g: { strides: [2, 1], autoPad: 'SAME_LOWER' } },
+  { name: '3x3 stride 3 (gathered im2col), asymmetric pads', x: [1, 5, 17, 20], w: [9, 5, 3, 3], g: { strides: [3, 3], pads: [1, 2, 1, 0] } },
+  { name: '3x3 on 5x5, 40 output channels, N=2 (rows split: shared im2col)', x: [2, 16, 5, 5], w: [40, 16, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '3x3 VALID, N=3', x: [3, 5, 6, 8], w: [4, 5, 3, 3], g: { autoPad: 'VALID' } },
+  { name: 'grouped: 8 -> 12 channels, 2 groups', x: [1, 8, 9, 7], w: [12, 4, 3, 3], g: { group: 2, pads: [1, 0, 1, 2] } },
+  { name: 'depthwise 3x3 s1 p1, 19 channels', x: [2, 19, 13, 21], w: [19, 1, 3, 3], g: { group: 19, pads: [1, 1, 1, 1] } },
+  { name: 'depthwise 3x3 s2 p1', x: [1, 17, 15, 35], w: [17, 1, 3, 3], g: { group: 17, strides: [2, 2], pads: [1, 1, 1, 1] } },
+  { name: 'depthwise 3x3 s2 d2 (row pairs share input rows)', x: [1, 5, 19, 23], w: [5, 1, 3, 3], g: { group: 5, strides: [2, 2], dilations: [2, 2], pads: [2, 1, 2, 2] } },
+  { name: 'depthwise 5x5 s3 d2 SAME_UPPER', x: [1, 6, 17, 19], w: [6, 1, 5, 5], g: { group: 6, strides: [3, 3], dilations: [2, 2], autoPad: 'SAME_UPPER' } },
+  { name: 'channel multiplier 2 (group = C_in)', x: [1, 3, 6, 6], w: [6, 1, 3, 3], g: { group: 3, pads: [1, 1, 1, 1] } },
+];
+
+/** A shape of the list by a fragment of its name. */
+const S = (fragment: string): Shape => shapes.find((c) => c.name.includes(fragment))!;
+
+describe.each(variants)('conv2d, variant %s', (variant) => {
+  it.each(shapes)('$name', async ({ x: xd, w: wd, g }) => {
+    const x = randomTensor(xd, 3);
+    const w = randomTensor(wd, 4);
+    const bias = randomTensor([wd[0]!], 5);
+    const y = await kernels.conv2d(x, w, { ...g, bias, variant });
+    expectConv(y, refConv(x, w.data, wd, g, bias.data));
+  });
+
+  it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after (dense and depthwise)', async (act) => {
+    for (const s of [S('1x3x7x5'), S('K = 360'), S('C_in = 300'), S('depthwise 3x3 s1')]) {
+      const x = randomTensor(s.x, 6);
+      const w = randomTensor(s.w, 7);
+      for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);
+      const bias = randomTensor([s.w[0]!], 8);
+      const conv = kernels.createConv2d(w, { ...s.g, bias, activation: act, variant, ...acts[act]!.opts });
+      const ref = refConv(x, w.data, s.w, s.g, bias.data);
+      expectConv(await conv.run(x), ref, act);
+      const r = randomTensor(ref.dims, 9);
+      for (const before of [false, true]) {
+        expectConv(await conv.run(x, { residual: r, residualBeforeActivation: before }), ref, act, { r: r.data, before });
+      }
+      conv.dispose();
+    }
+  });
+
+  it('BatchNormalization folded equals conv then BN (tiny variance, large epsilon)', async () => {
+    for (const s of [S('1x3x7x5'), S('K = 360'), S('C_in = 300'), S('depthwise 3x3 s1')]) {
+      const co = s.w[0]!;
+      const x = randomTensor(s.x, 10);
+      const w = randomTensor(s.w, 11);
+      const bias = randomTensor([co], 12);
+      const gamma = randomTensor([co], 13);
+      const beta = randomTensor([co], 14);
+      const mean = randomTensor([co], 15);
+      for (const [variance, epsilon] of [[1e-6, 1e-5], [0.5, 10], [0, 1e-3]] as const) {
+        const v = new Tensor('float32', new Float32Array(co).map((_, i) => variance * (1 + (i % 3))), [co]);
+        const y = await kernels.conv2d(x, w, { ...s.g, bias, variant, activation: 'relu',
+          bn: { scale: gamma, bias: beta, mean, variance: v, epsilon } });
+        // Conv then BN in double; the folded kernel rounds w*s (u relative per product) and b'.
+        const ref = refConv(x, w.data, s.w, s.g, bias.data);
+        const hw = ref.dims[2]! * ref.dims[3]!;
+        for (let i = 0; i < ref.v.length; i++) {
+          const c = Math.floor(i / hw) % co;
+          const sc = gamma.data[c]! / Math.sqrt(v.data[c]! + epsilon);
+          const want = Math.max(0, (ref.v[i]! - mean.data[c]!) * sc + beta.data[c]!);
+          const bound = (ref.k + 5) * u * ref.mag[i]! * Math.abs(sc) + 4 * u * (Math.abs((bias.data[c]! - mean.data[c]!) * sc) + Math.abs(beta.data[c]!) + Math.abs(want));
+          if (!(Math.abs(y.data[i]! - want) <= bound)) {
+            throw new Error(`var ${variance} eps ${epsilon}: y[${i}] = ${y.data[i]}, want ${want} (bound ${bound.toExponential(3)})`);
+          }
+        }
+      }
+    }
+  });
+});
+
+describe('bf16 weights', () => {
+  const bf16 = (v: number) => {
+    const f = new Float32Array([v]);
+    const b = new Uint32Array(f.buffer);
+    b[0] = (b[0]! + 0x7fff + ((b[0]! >>> 16) & 1)) & 0xffff0000;
+    return f[0]!;
+  };
+  it.each([...variants.filter((v) => v !== 'reference'), ...(bf16Cpu ? ['avx512bf16' as const] : [])])('%s: within the bf16 bound of the fp32 reference', async (variant) => {
+    for (const s of [S('1x3x7x5'), S('1x1 N=2'), S('K = 360'), S('grouped'), S('depthwise 3x3 s1')]) {
+      const x = randomTensor(s.x, 20);
+      const w = randomTensor(s.w, 21);
+      const bias = randomTensor([s.w[0]!], 22);
+      const conv = kernels.createConv2d(w, { ...s.g, bias, precision: 'bf16', variant, activation: 'silu' });
+      expect(conv.precision).toBe('bf16');
+      // Weights rounded to bf16: |dw| <= 2^-9 |w|; the avx512bf16 kernel also rounds x: another
+      // 2^-9, so each product is within (2^-8 + 2^-18) of exact, on top of the fp32 sum bound.
+      const rel = conv.ukernel.includes('bf16') ? 2 ** -8 + 2 ** -18 : 2 ** -9;
+      expectConv(await conv.run(x), refConv(x, w.data, s.w, s.g, bias.data), 'silu', undefined, rel);
+      conv.dispose();
+    }
+  });
+
+  it('reference variant equals the fp32 reference of the bf16-rounded weights', async () => {
+    const s = S('1x3x7x5');
+    const x = randomTensor(s.x, 23);
+    const w = randomTensor(s.w, 24);
+    const y = await kernels.conv2d(x, w, { ...s.g, precision: 'bf16', variant: 'reference' });
+    expectConv(y, refConv(x, w.data.map(bf16), s.w, s.g));
+    // And it is not the fp32 result: the rounding really happened.
+    const y32 = await kernels.conv2d(x, w, { ...s.g, variant: 'reference' });
+    expect(Array.from(y.data)).not.toEqual(Array.from(y32.data));
+  });
+});
+
+describe('threads', () => {
+  it('1 and 2 threads give identical results (dense, grouped, depthwise, pooling)', async () => {
+    for (const s of [S('1x1 N=2'), S('K = 360'), S('shared im2col'), S('grouped'), S('depthwise 3x3 s1')]) {
+      const x = randomTensor(s.x, 30);
+      const conv = kernels.createConv2d(randomTensor(s.w, 31), { ...s.g, bias: randomTensor([s.w[0]!], 32), activation: 'relu' });
+      const a = await conv.run(x, { threads: 1 });
+      const b = await conv.run(x, { threads: 2 });
+      expect(Array.from(b.data)).toEqual(Array.from(a.data));
+      conv.dispose();
+    }
+    const x = randomTensor([2, 9, 33, 35], 33);
+    const p1 = await kernels.maxPool2d(x, { kernelShape: [3, 3], strides: [2, 2], pads: [1, 1, 1, 1], threads: 1 });
+    const p2 = await kernels.maxPool2d(x, { kernelShape: [3, 3], strides: [2, 2], pads: [1, 1, 1, 1], threads: 2 });
+    expect(Array.from(p2.data)).toEqual(Array.from(p1.data));
+  });
+});
+
+/** Pooling reference in double (max pads are -inf; avg divides by kh*kw or the in-bounds taps). */
+function refPool(x: Tensor<'float32'>, kind: 'max' | 'avg', k: number[], g: Geo, includePad = false) {
+  const [n, c, h, w] = x.dims as number[];
+  const [sh, sw] = g.strides ?? [1, 1];
+  const [dh, dw] = g.dilations ?? [1, 1];
+  const p = g.pads ?? [0, 0, 0, 0];
+  const ry = resolve(h!, k[0]!, sh!, dh!, p[0]!, p[2]!, g.autoPad ?? 'NOTSET');
+  const rx = resolve(w!, k[1]!, sw!, dw!, p[1]!, p[3]!, g.autoPad ?? 'NOTSET');
+  const out = new Float64Array(n! * c! * ry.o * rx.o);
+  let idx = 0;
+  for (let pl = 0; pl < n! * c!; pl++) {
+    for (let oy = 0; oy < ry.o; oy++) {
+      for (let ox = 0; ox < rx.o; ox++, idx++) {
+        let acc = kind === 'max' ? -Infinity : 0;
+        let cnt = 0;
+        for (let ky = 0; ky < k[0]!; ky++) {
+          for (let kx = 0; kx < k[1]!; kx++) {
+            const iy = oy * sh! - ry.pad + ky * dh!;
+            const ix = ox * sw! - rx.pad + kx * dw!;
+            if (iy < 0 || iy >= h! || ix < 0 || ix >= w!) continue;
+            const v = x.data[(pl * h! + iy) * w! + ix]!;
+            acc = kind === 'max' ? Math.max(acc, v) : acc + v;
+            cnt++;
+          }
+        }
+        out[idx] = kind === 'max' ? acc : acc / (includePad ? k[0]! * k[1]! : cnt);
+      }
+    }
+  }
+  return { out, dims: [n, c, ry.o, rx.o] };
+}
+
+const poolCases: { name: string; x: number[]; k: number[]; g: Geo }[] = [
+  { name: '3x3 s2 p1 (ResNet stem)', x: [1, 5, 17, 19], k: [3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
+  { name: '2x2 s2', x: [2, 3, 8, 9], k: [2, 2], g: { strides: [2, 2] } },
+  { name: '3x2 s1 asymmetric pads, dilation 2', x: [1, 4, 9, 40], k: [3, 2], g: { pads: [2, 0, 1, 1], dilations: [2, 2] } },
+  { name: '3x3 s3 SAME_LOWER', x: [1, 3, 10, 11], k: [3, 3], g: { strides: [3, 3], autoPad: 'SAME_LOWER' } },
+  { name: '5x5 s2 SAME_UPPER', x: [1, 2, 12, 13], k: [5, 5], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
+];
+
+describe.each(variants)('pooling, variant %s', (variant) => {
+  it.each(poolCases)('$name: max, average (with and without pad counting)', async ({ x: xd, k, g }) => {
+    const x = randomTensor(xd, 40);
+    const mx = await kernels.maxPool2d(x, { kernelShape: k, ...g, variant });
+    const rm = refPool(x, 'max', k, g);
+    expect(mx.dims).toEqual(rm.dims);
+    expect(Array.from(mx.data)).toEqual(Array.from(rm.out).map(Math.fround));
+    for (const countIncludePad of [false, true]) {
+      const av = await kernels.averagePool2d(x, { kernelShape: k, ...g, variant, countIncludePad });
+      const ra = refPool(x, 'avg', k, g, countIncludePad);
+      // Sum of <= k*k terms in float32, then one division or multiplication.
+      const taps = k[0]! * k[1]!;
+      for (let i = 0; i < ra.out.length; i++) {
+        expect(Math.abs(av.data[i]! - ra.out[i]!)).toBeLessThanOrEqual((taps + 2) * u * 1 + 1e-30);
+      }
+    }
+  });
+
+  it('global average pool', async () => {
+    const x = randomTensor([2, 7, 13, 11], 41);
+    const y = await kernels.globalAveragePool(x, { variant });
+    expect(y.dims).toEqual([2, 7, 1, 1]);
+    for (let p = 0; p < 14; p++) {
+      let s = 0;
+      let m = 0;
+      for (let i = 0; i < 143; i++) { s += x.data[p * 143 + i]!; m += Math.abs(x.data[p * 143 + i]!); }
+      // float32 sums of ~143/4 terms per chain, then the combine and the division.
+      expect(Math.abs(y.data[p]! - s / 143)).toBeLessThanOrEqual(((143 / 4 + 8) * u * m) / 143 + 2 * u * Math.abs(s / 143));
+    }
+  });
+});
+
+describe('bad input is a typed error naming the field', () => {
+  const x = randomTensor([1, 6, 8, 8]);
+  const w = randomTensor([4, 3, 3, 3]);
+  it('weight channels vs input channels and group', async () => {
+    await expect(kernels.conv2d(x, w)).rejects.toThrow(/x has 6 channels \(dims\[1\]\) but the weights expect 3/);
+    await expect(kernels.conv2d(x, w, { group: 3 })).rejects.toThrow(/options.group \(3\) must divide the output channels/);
+    await expect(kernels.conv2d(x, w, { group: 2 })).resolves.toBeInstanceOf(Tensor);
+    await expect(kernels.conv2d(x, randomTensor([4, 3, 3]))).rejects.toThrow(/weights\) must be 4-D/);
+    await expect(kernels.conv2d(randomTensor([6, 8, 8]), w)).rejects.toThrow(/x\) must be 4-D/);
+  });
+  it('strides, dilations, pads, output size', async () => {
+    await expect(kernels.conv2d(x, w, { group: 2, strides: [0, 1] })).rejects.toThrow(/options.strides\[0\] must be an integer in \[1,/);
+    await expect(kernels.conv2d(x, w, { group: 2, strides: [1, -2] })).rejects.toThrow(/options.strides\[1\]/);
+    await expect(kernels.conv2d(x, w, { group: 2, dilations: [1, 0] })).rejects.toThrow(/options.dilations\[1\]/);
+    await expect(kernels.conv2d(x, w, { group: 2, pads: [3, 0, 0, 0] })).rejects.toThrow(/options.pads\[0\] \(3\) must be smaller than the dilated kernel extent along H \(3\)/);
+    await expect(kernels.conv2d(x, w, { group: 2, pads: [1, 1, 1] })).rejects.toThrow(/options.pads must be an array of 4/);
+    await expect(kernels.conv2d(x, w, { group: 2, dilations: [5, 1] })).rejects.toThrow(/output height would be 0 <= 0 \(input H = 8, dilated kernel 11/);
+    await expect(kernels.conv2d(randomTensor([1, 6, 8, 2]), w, { group: 2 })).rejects.toThrow(/output width would be 0 <= 0/);
+    await expect(kernels.conv2d(x, w, { group: 2, autoPad: 'SAME' as kernels.ConvAutoPad })).rejects.toThrow(/options.autoPad must be one of/);
+    await expect(kernels.conv2d(x, w, { group: 2, autoPad: 'VALID', pads: [1, 1, 1, 1] })).rejects.toThrow(/options.pads must not be given with options.autoPad/);
+    await expect(kernels.conv2d(x, w, { group: 2, stride: [1, 1] } as never)).rejects.toThrow(/unknown option 'stride'; did you mean 'strides'/);
+  });
+  it('bias and bn arrays of the wrong length', async () => {
+    const v4 = randomTensor([4]);
+    await expect(kernels.conv2d(x, w, { group: 2, bias: randomTensor([5]) })).rejects.toThrow(/options.bias must have dims \[4\]/);
+    await expect(kernels.conv2d(x, w, { group: 2, bn: { scale: v4, bias: v4, mean: randomTensor([3]), variance: v4 } }))
+      .rejects.toThrow(/options.bn.mean must have dims \[4\] \(one per output channel\), got \[3\]/);
+    await expect(kernels.conv2d(x, w, { group: 2, bn: { scale: v4, bias: v4, mean: v4 } as kernels.BatchNormOptions }))
+      .rejects.toThrow(/options.bn.variance is required/);
+    const neg = new Tensor('float32', new Float32Array([1, 1, -2, 1]), [4]);
+    await expect(kernels.conv2d(x, w, { group: 2, bn: { scale: v4, bias: v4, mean: v4, variance: neg, epsilon: 1e-5 } }))
+      .rejects.toThrow(/options.bn.variance\[2\] \+ epsilon must be > 0/);
+  });
+  it('residual shape, activation options, variant', async () => {
+    const conv = kernels.createConv2d(w, { group: 2, pads: [1, 1, 1, 1] });
+    await expect(conv.run(x, { residual: randomTensor([1, 4, 8, 7]) })).rejects.toThrow(/options.residual must have the output's dims \[1, 4, 8, 8\], got \[1, 4, 8, 7\]/);
+    await expect(conv.run(x, { residual: randomTensor([1, 4, 8, 8]) })).resolves.toBeInstanceOf(Tensor);
+    expect(() => kernels.createConv2d(w, { activation: 'clip', clipMin: 1 })).toThrow(/needs options.clipMin and options.clipMax/);
+    expect(() => kernels.createConv2d(w, { activation: 'relu', alpha: 1 })).toThrow(/options.alpha has no effect/);
+    expect(() => kernels.createConv2d(w, { variant: 'avx512bf16' })).toThrow(/needs options.precision 'bf16'/);
+    expect(() => kernels.createConv2d(w, { precision: 'int8' as 'bf16' })).toThrow(InvalidArgumentError);
+    conv.dispose();
+  });
+  it('dispose then run is a DisposedError; dispose is idempotent; memory is reported', async () => {
+    const before = (await import('../dist/index.js')).reportedExternalMemory();
+    const conv = kernels.createConv2d(randomTensor([64, 64, 3, 3]), { pads: [1, 1, 1, 1] });
+    expect(conv.bytes).toBeGreaterThanOrEqual(64 * 64 * 9 * 4);
+    expect((await import('../dist/index.js')).reportedExternalMemory() - before).toBeGreaterThanOrEqual(conv.bytes);
+    conv.dispose();
+    conv.dispose();
+    await expect(conv.run(randomTensor([1, 64, 4, 4]))).rejects.toThrow(DisposedError);
+  });
+  it('pooling options', async () => {
+    await expect(kernels.maxPool2d(x, {} as kernels.PoolOptions)).rejects.toThrow(/options.kernelShape is required/);
+    await expect(kernels.maxPool2d(x, { kernelShape: [3, 3], strides: [0, 1] })).rejects.toThrow(/options.strides\[0\]/);
+    await expect(kernels.averagePool2d(x, { kernelShape: [2, 2], pads: [2, 0, 0, 0] })).rejects.toThrow(/options.pads\[0\] \(2\) must be smaller/);
+    await expect(kernels.maxPool2d(x, { kernelShape: [9, 1] })).rejects.toThrow(/output height would be 0 <= 0/);
+    await expect(kernels.maxPool2d(x, { kernelShape: [2, 2], countIncludePad: true } as kernels.PoolOptions)).rejects.toThrow(/unknown option 'countIncludePad'/);
+  });
+});
