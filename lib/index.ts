@@ -22,3 +22,4 @@ export {
 } from './errors.js';
 export type { SondeErrorCode } from './errors.js';
 export * as kernels from './kernels/index.js';
+export * as gguf from './llm/gguf.js';

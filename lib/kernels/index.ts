@@ -9,3 +9,5 @@ export type {
   ElementwiseOptions, ElementwiseVariant, GeluOptions, GeluApproximation, SoftmaxOptions, LayerNormOptions,
   RmsNormOptions, ArgmaxOptions, TopKOptions, CastDType,
 } from './elementwise.js';
+export { quantMatmul, quantizeWeights, dequantize, QuantizedWeights } from './quant.js';
+export type { QuantType, QuantVariant, QuantMatmulOptions } from './quant.js';

@@ -49,6 +49,8 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
   RegisterGemmBindings(env, exports, *this);
   RegisterElementwiseBindings(env, exports, *this);
   RegisterGemmLowpBindings(env, exports, *this);
+  RegisterGgufBindings(env, exports, *this);
+  RegisterQuantBindings(env, exports, *this);
 }
 
 void Addon::Export(Napi::Env env, Napi::Object exports, const char* name, BindingFn fn) {

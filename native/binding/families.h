@@ -10,5 +10,7 @@ class Addon;
 void RegisterGemmBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterElementwiseBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterGemmLowpBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+void RegisterGgufBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+void RegisterQuantBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 
 }  // namespace sonde

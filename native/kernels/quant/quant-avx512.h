@@ -1,0 +1,129 @@
+// AVX-512 block-weight (q8_0, q4_0) dot products shared by quant-avx512.cc (exact int16 path) and
+// quant-avx512vnni.cc (vpdpbusd). Everything is in an anonymous namespace, so each ISA translation
+// unit gets its own copy and no AVX512-VNNI code can be linked into the plain AVX-512 kernels.
+//
+// Two blocks per zmm: 64 weights, decoded once per pair and used for up to 4 activation rows.
+// A pair's int32 lanes 0-7 belong to block 2p and 8-15 to block 2p+1; they are converted to fp32
+// and FMA'd with [fp32(dw dx) of 2p x 8, of 2p+1 x 8]; one horizontal sum per row at the end.
+// An odd last block loads only its own bytes (the weights may end at the end of the mapping); the
+// activations are zero-padded to an even block count.
+//   plain:  |w| and x negated where w < 0 (masked subtract: AVX-512 has no vpsignb), vpmaddubsw
+//           (pairs <= 2 * 128 * 127, no saturation), vpmaddwd with ones.
+//   vnni:   weights made unsigned (q8_0: w + 128 by flipping the sign bit; q4_0: the raw nibble,
+//           w + 8), vpdpbusd(u8 w, s8 x) starting from the precomputed -offset * sum(x) of each block.
+#pragma once
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#include <string.h>
+
+#include "kernels/quant/quant.h"
+
+namespace sonde {
+namespace kernels {
+namespace {
+
+inline float BlockScale(const uint8_t* blk) {
+  uint16_t h;
+  memcpy(&h, blk, 2);
+  return _cvtsh_ss(h);
+}
+
+// The weights of blocks 2p and 2p+1 (only 2p when !two) as 64 bytes: signed values when !kUnsigned,
+// else the unsigned form of the vnni kernel.
+template <int32_t T, bool kUnsigned>
+inline __m512i LoadPair(const uint8_t* w, size_t b, bool two, float* d0, float* d1) {
+  if (T == kQuantQ8_0) {
+    const uint8_t* blk = w + b * kQ8_0BlockBytes;
+    *d0 = BlockScale(blk);
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    __m512i z;
+    if (two) {
+      *d1 = BlockScale(blk + kQ8_0BlockBytes);
+      z = _mm512_inserti64x4(_mm512_castsi256_si512(lo),
+                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + kQ8_0BlockBytes + 2)), 1);
+    } else {
+      *d1 = 0.0f;
+      z = _mm512_zextsi256_si512(lo);
+    }
+    return kUnsigned ? _mm512_xor_si512(z, _mm512_set1_epi8(static_cast<char>(0x80))) : z;
+  }
+  const uint8_t* blk = w + b * kQ4_0BlockBytes;
+  *d0 = BlockScale(blk);
+  const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+  __m256i t;
+  if (two) {
+    *d1 = BlockScale(blk + kQ4_0BlockBytes);
+    t = _mm256_inserti128_si256(_mm256_castsi128_si256(q0),
+                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + kQ4_0BlockBytes + 2)), 1);
+  } else {
+    *d1 = 0.0f;
+    t = _mm256_zextsi128_si256(q0);
+  }
+  const __m256i m = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(t, m), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), m);
+  // [lo 2p, lo 2p+1, hi 2p, hi 2p+1] -> [lo 2p, hi 2p, lo 2p+1, hi 2p+1]: elements 0-15 are the low
+  // nibbles, 16-31 the high ones.
+  __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  z = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
+  return kUnsigned ? z : _mm512_sub_epi8(z, _mm512_set1_epi8(8));
+}
+
+// vpdpbusd through inline asm, as in kernels/gemm/qs8-gemm-avx512vnni.cc: GCC 12 spills the
+// intrinsic's tied accumulator.
+#if defined(__AVX512VNNI__)
+inline __m512i Dpbusd(__m512i acc, __m512i a_u8, __m512i b_s8) {
+  __asm__("vpdpbusd %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a_u8), [b] "v"(b_s8));
+  return acc;
+}
+#endif
+
+template <int32_t T, bool kVnni, size_t MR>
+void BlockDotMr(size_t k, const uint8_t* w, const QuantActs* a, float* y, size_t ldy) {
+  __m512 acc[MR];
+  for (size_t i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  const size_t nb = k / kQuantBlock;
+  const __m512i ones = _mm512_set1_epi16(1);
+  for (size_t b = 0; b < nb; b += 2) {
+    float d0, d1;
+    const __m512i wq = LoadPair<T, kVnni>(w, b, b + 1 < nb, &d0, &d1);
+    __m512i wabs;
+    __mmask64 neg = 0;
+    if (!kVnni) {
+      wabs = _mm512_abs_epi8(wq);
+      neg = _mm512_movepi8_mask(wq);
+    }
+    for (size_t i = 0; i < MR; ++i) {
+      const __m512i xq = _mm512_loadu_si512(a->q + i * a->q_stride + b * kQuantBlock);
+      __m512i isum;
+#if defined(__AVX512VNNI__)
+      if (kVnni) {
+        isum = Dpbusd(_mm512_loadu_si512(a->corr + i * a->corr_stride + b * 8), wq, xq);
+      } else
+#endif
+      {
+        const __m512i xs = _mm512_mask_sub_epi8(xq, neg, _mm512_setzero_si512(), xq);
+        isum = _mm512_madd_epi16(_mm512_maddubs_epi16(wabs, xs), ones);
+      }
+      const float* dx = a->d + i * a->d_stride + b;
+      const __m512 s = _mm512_insertf32x8(_mm512_set1_ps(d0 * dx[0]), _mm256_set1_ps(d1 * dx[1]), 1);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[i]);
+    }
+  }
+  for (size_t i = 0; i < MR; ++i) y[i * ldy] = _mm512_reduce_add_ps(acc[i]);
+}
+
+template <int32_t T, bool kVnni>
+void BlockDot(size_t mr, size_t k, const uint8_t* w, const QuantActs* a, float* y, size_t ldy) {
+  switch (mr) {
+    case 4: return BlockDotMr<T, kVnni, 4>(k, w, a, y, ldy);
+    case 3: return BlockDotMr<T, kVnni, 3>(k, w, a, y, ldy);
+    case 2: return BlockDotMr<T, kVnni, 2>(k, w, a, y, ldy);
+    case 1: return BlockDotMr<T, kVnni, 1>(k, w, a, y, ldy);
+    default: return;
+  }
+}
+
+}  // namespace
+}  // namespace kernels
+}  // namespace sonde
