@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <new>
@@ -210,16 +211,18 @@ bool GgufFile::Parse(std::string* error) {
   }
   uint64_t n_tensors, n_kv;
   if (!c.U64(&n_tensors, "header (tensor count)") || !c.U64(&n_kv, "header (metadata count)")) return false;
-  // Each key/value takes at least 13 bytes (key length, type, one byte of value), each tensor info
-  // at least 28 (name length, n_dims, type, offset, with no dims), so a count that cannot fit in the
-  // file is rejected before anything is reserved.
-  if (n_kv > c.left() / 13)
+  // A count larger than the file cannot be real (every entry takes bytes): reject it outright.
+  // Smaller ones are only trusted as far as the file can hold them (at least 13 bytes per key/value:
+  // key length, type, one byte of value; 24 per tensor info: name length, n_dims, type, offset), so
+  // the reservations below are bounded by the file size and a truncated entry is reported by the
+  // loops, naming the section it is in.
+  if (n_kv > size_)
     return c.Fail("GGUF header: metadata count " + std::to_string(n_kv) + " cannot fit in a file of " +
                   std::to_string(size_) + " bytes");
-  if (n_tensors > c.left() / 28)
+  if (n_tensors > size_)
     return c.Fail("GGUF header: tensor count " + std::to_string(n_tensors) + " cannot fit in a file of " +
                   std::to_string(size_) + " bytes");
-  kvs_.reserve(n_kv);
+  kvs_.reserve(std::min<uint64_t>(n_kv, c.left() / 13));
   std::unordered_set<std::string> keys;
   for (uint64_t i = 0; i < n_kv; ++i) {
     GgufKv kv;
@@ -241,7 +244,7 @@ bool GgufFile::Parse(std::string* error) {
     }
     kvs_.push_back(std::move(kv));
   }
-  tensors_.reserve(n_tensors);
+  tensors_.reserve(std::min<uint64_t>(n_tensors, c.left() / 24));
   std::unordered_set<std::string> names;
   for (uint64_t i = 0; i < n_tensors; ++i) {
     GgufTensorInfo ti;

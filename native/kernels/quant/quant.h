@@ -16,9 +16,10 @@
 //   Blocks whose amax is below 2^-120 count as zero (dx = 0, q = 0): 127 / amax would overflow
 //   fp32 there, and their contribution is below 2^-115 |w|.
 //   Then y = sum over blocks b of dw_b * dx_b * isum_b with isum_b = sum_i qw_i * qx_i exact in
-//   int32 (|isum| <= 32 * 128 * 127). The reference sums that in double; the fast kernels compute
-//   fp32(fp32(dw_b * dx_b) * isum_b) and add the block terms in fp32 (in any order), so
-//   |err| <= (nb + 4) u sum_b |dw_b dx_b isum_b| with nb = K / 32 blocks.
+//   int32 (|isum| <= 32 * 128 * 127). The reference sums that in double. The fast kernels keep a
+//   block's integer sum in up to 8 int32 lanes, multiply each lane by fp32(dw_b * dx_b) and add all
+//   lane products in fp32 (in any order), so |err| <= (8 nb + 4) u sum_b |dw_b dx_b| sum_i |qw_i qx_i|
+//   with nb = K / 32 blocks.
 // Only C headers here: ISA-specific translation units include this file.
 #pragma once
 #include <stddef.h>
