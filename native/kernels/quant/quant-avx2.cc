@@ -93,23 +93,32 @@ inline __m256i LoadBlock(const uint8_t* w, size_t b, float* dw) {
 }
 
 template <int32_t T, size_t MR>
-void BlockDotMr(size_t k, const uint8_t* w, const QuantActs* a, float* y, size_t ldy) {
-  __m256 acc[MR];
-  for (size_t i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
-  const size_t nb = k / kQuantBlock;
-  for (size_t b = 0; b < nb; ++b) {
-    float dw;
-    const __m256i wq = LoadBlock<T>(w, b, &dw);
-    const __m256i wabs = _mm256_sign_epi8(wq, wq);
-    for (size_t i = 0; i < MR; ++i) {
-      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a->q + i * a->q_stride + b * kQuantBlock));
-      const __m256i p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xq, wq));
-      const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-      acc[i] = _mm256_fmadd_ps(f, _mm256_set1_ps(dw * a->d[i * a->d_stride + b]), acc[i]);
-    }
+inline void Block(const uint8_t* w, size_t b, const QuantActs* a, __m256* acc) {
+  float dw;
+  const __m256i wq = LoadBlock<T>(w, b, &dw);
+  const __m256i wabs = _mm256_sign_epi8(wq, wq);
+  for (size_t i = 0; i < MR; ++i) {
+    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a->q + i * a->q_stride + b * kQuantBlock));
+    const __m256i p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xq, wq));
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+    acc[i] = _mm256_fmadd_ps(f, _mm256_set1_ps(dw * a->d[i * a->d_stride + b]), acc[i]);
   }
-  for (size_t i = 0; i < MR; ++i) y[i * ldy] = HSum(acc[i]);
+}
+
+// Even and odd blocks go to two accumulator sets: a single row's FMA chain would otherwise bound
+// the loop at one block per FMA latency.
+template <int32_t T, size_t MR>
+void BlockDotMr(size_t k, const uint8_t* w, const QuantActs* a, float* y, size_t ldy) {
+  __m256 acc0[MR], acc1[MR];
+  for (size_t i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+  const size_t nb = k / kQuantBlock;
+  size_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    Block<T, MR>(w, b, a, acc0);
+    Block<T, MR>(w, b + 1, a, acc1);
+  }
+  if (b < nb) Block<T, MR>(w, b, a, acc0);
+  for (size_t i = 0; i < MR; ++i) y[i * ldy] = HSum(_mm256_add_ps(acc0[i], acc1[i]));
 }
 
 template <int32_t T, bool kBlock>
