@@ -124,16 +124,15 @@ bool RunQuantMatmul(ThreadPool& pool, unsigned max_threads, const CancelFlag* ca
     qa.q.resize(m * qa.q_stride);
     qa.d.resize(m * qa.nb_pad);
     qa.sums.resize(m * qa.nb_pad);
-    if (corr) qa.corr.resize(m * qa.nb_pad * 8);
+    if (corr) qa.corr.resize(m * qa.nb_pad);
     const bool ok = pool.ParallelFor(m, max_threads, [&](size_t i) {
       int32_t* sums = qa.sums.data() + i * qa.nb_pad;
       kernels::QuantizeActivationRow(args.x + i * args.ldx, k, qa.q.data() + i * qa.q_stride, qa.d.data() + i * qa.nb_pad, sums);
       if (corr) {
         // The vnni kernel adds corr_offset to every weight to make it unsigned; start each block's
         // int32 sum at -offset * sum(x) so the result is sum(w * x) again.
-        int32_t* c = qa.corr.data() + i * qa.nb_pad * 8;
-        std::fill(c, c + qa.nb_pad * 8, 0);
-        for (size_t b = 0; b < qa.nb_pad; ++b) c[(b / 2) * 16 + (b % 2) * 8] = -uk.corr_offset * sums[b];
+        int32_t* c = qa.corr.data() + i * qa.nb_pad;
+        for (size_t b = 0; b < qa.nb_pad; ++b) c[b] = -uk.corr_offset * sums[b];
       }
     }, cancel);
     if (!ok) return false;
@@ -167,8 +166,8 @@ bool RunQuantMatmul(ThreadPool& pool, unsigned max_threads, const CancelFlag* ca
         a.d = qa.d.data() + i0 * qa.nb_pad;
         a.d_stride = qa.nb_pad;
         if (corr) {
-          a.corr = qa.corr.data() + i0 * qa.nb_pad * 8;
-          a.corr_stride = qa.nb_pad * 8;
+          a.corr = qa.corr.data() + i0 * qa.nb_pad;
+          a.corr_stride = qa.nb_pad;
         }
       }
       for (size_t j = n0; j < n1; ++j) uk.fn(mr, k, args.w + j * row_bytes, &a, args.y + i0 * args.ldy + j, args.ldy);

@@ -40,9 +40,9 @@ const size_t kQuantMaxMr = 4;
 //   f32 form: x rows (x, ldx).
 //   q8 form: int8 q (q_stride bytes per row, K rounded up to an even number of blocks, zero
 //   padded), fp32 scales d (d_stride floats per row, one per block, zero padded);
-//   corr (VNNI kernels only): per pair of blocks, 16 int32 lanes, lane 0 = -offset * sum(q of block
-//   2p), lane 8 = -offset * sum(q of block 2p+1), others 0, where offset is what the kernel adds to
-//   the weights to make them unsigned (128 for q8_0, 8 for q4_0) -- the accumulator's start value.
+//   corr (VNNI kernels only): per block, -offset * sum(q of the block) (corr_stride int32 per row,
+//   zero padded), where offset is what the kernel adds to the weights to make them unsigned (128
+//   for q8_0, 8 for q4_0): the start value of the block's int32 sum.
 struct QuantActs {
   const float* x;
   size_t ldx;
