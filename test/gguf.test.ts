@@ -267,6 +267,12 @@ describe('gguf.read on bad input: a typed error, the process alive', () => {
     b.writeUInt32LE(4, 37);
     b.writeBigUInt64LE(2n ** 40n, 41);
     await expectFormatError(b, /array count 1099511627776 of uint32 cannot fit/);
+    // One that fits the file but would not fit the JS heap as an array: refused, not fatal.
+    const big = join(dir, 'bigarray.gguf');
+    await gguf.write(big, { metadata: { k: new Uint8Array(2 ** 26 + 1) } });
+    const err = await gguf.read(big).then(() => undefined, (e: unknown) => e);
+    expect(err).toBeInstanceOf(ModelFormatError);
+    expect((err as Error).message).toMatch(/array of 67108865 elements \(sonde reads at most 67108864\)/);
   });
 
   it('unknown types, too many dims, misaligned or duplicate entries', async () => {

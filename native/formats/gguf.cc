@@ -31,6 +31,9 @@ const TypeRow kTypes[] = {
 // Nested arrays deeper than this are rejected (real files use at most 2 levels); it bounds the
 // recursion of the validator and of the JS conversion.
 constexpr int kMaxDepth = 8;
+// Arrays are converted to JS arrays when the file is read; a count beyond this (real tokenizers have
+// a few hundred thousand entries) would exhaust the JS heap, which is fatal, so it is refused.
+constexpr uint64_t kMaxArrayElements = uint64_t(1) << 26;
 // ggml's GGML_MAX_DIMS.
 constexpr uint32_t kMaxDims = 4;
 
@@ -110,6 +113,9 @@ bool SkipValue(Cursor& c, GgufValueType t, const std::string& what, int depth) {
   if (count > c.left() / min_elem)
     return c.Fail("GGUF: " + what + ": array count " + std::to_string(count) + " of " + GgufValueTypeName(e) +
                   " cannot fit in the " + std::to_string(c.left()) + " bytes left in the file");
+  if (count > kMaxArrayElements)
+    return c.Fail("GGUF: " + what + ": array of " + std::to_string(count) + " elements (sonde reads at most " +
+                  std::to_string(kMaxArrayElements) + ")");
   if (es) return c.Skip(count * es, what);
   for (uint64_t i = 0; i < count; ++i)
     if (!SkipValue(c, e, what + "[" + std::to_string(i) + "]", depth + 1)) return false;
