@@ -378,4 +378,36 @@ async function* convSuite(ctx) {
   }
 }
 
-export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite };
+/**
+ * Quantised-weight GEMV (M = 1, the decode step of a language model) over GGUF-layout weights of
+ * type f32 / f16 / q8_0 / q4_0, at 1 and 2 threads. Decode is bound by streaming the weights, so
+ * each row reports GB/s of weight bytes read and % of the `peak` suite's read bandwidth at the same
+ * thread count. Calls cycle through copies of the weights that together exceed the last-level cache
+ * (as the gemm suite's model shapes do), so every call reads DRAM. (N, K): a 4096-wide model's
+ * q/k/v/o or up projection, its down projection, and Mixtral's expert FFN (14336 x 4096; 235 MB in
+ * f32, one copy already exceeds the cache; --quick uses a quarter of it).
+ */
+async function* quantSuite(ctx) {
+  const pool = getThreads();
+  const threadCounts = [...new Set([1, Math.min(2, pool)])];
+  const timing = ctx.quick ? { minRounds: 3, minMs: 100, maxMs: 1000 } : { minRounds: 5, minMs: 500, maxMs: 3000 };
+  const shapes = ctx.quick ? [[4096, 1024], [3584, 4096]] : [[4096, 1024], [1024, 4096], [14336, 4096]];
+  for (const [n, k] of shapes) {
+    const wf = new Tensor('float32', rand(n * k), [n, k]);
+    const x = new Tensor('float32', rand(k), [1, k]);
+    for (const type of ['f32', 'f16', 'q8_0', 'q4_0']) {
+      const w0 = kernels.quantizeWeights(wf, type);
+      const copies = copiesBeyondCache(w0.bytes);
+      const ws = [w0, ...Array.from({ length: copies - 1 }, () => new kernels.QuantizedWeights(type, n, k, w0.data.slice()))];
+      for (const t of threadCounts) {
+        let c = 0;
+        const [ms] = await timeInterleaved([() => kernels.quantMatmul(x, ws[c++ % ws.length], { threads: t })], timing);
+        const gbps = w0.bytes / ms / 1e6;
+        yield { case: `${type} gemv n=${n} k=${k} t${t}`, ms, gbps, pctBw: (100 * gbps) / (await readBandwidth(ctx, t)),
+          mib: w0.bytes / 2 ** 20, copies, gflops: (2 * n * k) / ms / 1e6 };
+      }
+    }
+  }
+}
+
+export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite };

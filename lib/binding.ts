@@ -93,6 +93,25 @@ export interface NativeConvHandle {
 export type NativeElementwiseVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512';
 export type NativeCastType = 'float32' | 'float16' | 'bfloat16';
 
+/** A mapped GGUF file (native/binding/gguf_binding.cc). */
+export interface NativeGgufHandle {
+  dispose(): void;
+}
+
+export interface NativeGgufOpenResult {
+  handle: NativeGgufHandle;
+  version: number;
+  alignment: number;
+  dataOffset: number;
+  fileSize: number;
+  metadata: Record<string, unknown>;
+  metadataTypes: Record<string, string>;
+  tensors: { name: string; dims: number[]; typeId: number; type: string; offset: number; bytes: number; elements: number }[];
+}
+
+export type NativeQuantType = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_0';
+export type NativeQuantVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512' | 'avx512vnni';
+
 export interface NativeBinding {
   readonly version: string;
   readonly CancelToken: new () => NativeCancelToken;
@@ -147,6 +166,15 @@ export interface NativeBinding {
   /** kind 0 max, 1 average, 2 global average (window fields ignored) over NCHW planes. */
   pool2d(kind: 0 | 1 | 2, x: Float32Array, dims: readonly number[], out: Float32Array,
     options: NativeWindow & { countIncludePad: boolean; variant: NativeConvVariant; threads: number; cancel?: NativeCancelToken }): Promise<void>;
+  /** Maps and validates a GGUF file on the pool; rejects with ERR_SONDE_MODEL_FORMAT. */
+  ggufOpen(path: string): Promise<NativeGgufOpenResult>;
+  /** out[m, n] = x[m, k] . W^T; W is n rows of k `type` values: bytes, or tensor `index` of a GGUF handle. */
+  quantMatmul(x: Float32Array, weights: Uint8Array | NativeGgufHandle, index: number, out: Float32Array,
+    options: { m: number; k: number; n: number; type: NativeQuantType; variant: NativeQuantVariant; threads: number;
+      cancel?: NativeCancelToken }): Promise<void>;
+  /** out[n, k] = W dequantised. */
+  quantDequantize(weights: Uint8Array | NativeGgufHandle, index: number, out: Float32Array,
+    options: { k: number; n: number; type: NativeQuantType; threads: number; cancel?: NativeCancelToken }): Promise<void>;
   peakFma(simd: 'scalar' | 'avx2' | 'avx512', threads: number, seconds: number): Promise<{ flops: number; seconds: number; threads: number; simd: string }>;
   readBandwidth(bytes: number, threads: number): Promise<{ bytes: number; seconds: number; threads: number }>;
 }

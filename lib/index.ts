@@ -23,3 +23,4 @@ export {
 export type { SondeErrorCode } from './errors.js';
 export * as kernels from './kernels/index.js';
 export * as metrics from './metrics/index.js';
+export * as gguf from './llm/gguf.js';

@@ -14,3 +14,5 @@ export type {
   Conv2dOptions, Conv2dRunOptions, BatchNormOptions, ConvVariant, ConvAutoPad, ConvActivation, PoolOptions,
   AveragePoolOptions,
 } from './conv.js';
+export { quantMatmul, quantizeWeights, dequantize, QuantizedWeights } from './quant.js';
+export type { QuantType, QuantVariant, QuantMatmulOptions } from './quant.js';

@@ -58,6 +58,8 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
   RegisterElementwiseBindings(env, exports, *this);
   RegisterGemmLowpBindings(env, exports, *this);
   RegisterConvBindings(env, exports, *this);
+  RegisterGgufBindings(env, exports, *this);
+  RegisterQuantBindings(env, exports, *this);
 }
 
 void Addon::Export(Napi::Env env, Napi::Object exports, const char* name, BindingFn fn) {

@@ -17,6 +17,7 @@ namespace sonde {
 namespace codes {
 constexpr const char* kInvalidArgument = "ERR_SONDE_INVALID_ARGUMENT";
 constexpr const char* kDeviceUnavailable = "ERR_SONDE_DEVICE_UNAVAILABLE";
+constexpr const char* kModelFormat = "ERR_SONDE_MODEL_FORMAT";
 constexpr const char* kOutOfMemory = "ERR_SONDE_OUT_OF_MEMORY";
 constexpr const char* kDisposed = "ERR_SONDE_DISPOSED";
 constexpr const char* kAborted = "ERR_SONDE_ABORTED";

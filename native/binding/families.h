@@ -11,5 +11,7 @@ void RegisterGemmBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterElementwiseBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterGemmLowpBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterConvBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+void RegisterGgufBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+void RegisterQuantBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 
 }  // namespace sonde

@@ -1,0 +1,103 @@
+// Quantised-weight matrix products: y[m][n] = sum_k x[m][k] * W[n][k] for weights W stored as GGUF
+// (and ggml) store them: N rows of K contiguous elements (ne0 = K, ne1 = N), each row of type
+//   f32 | f16 (IEEE half) | bf16 | q8_0 | q4_0.
+// Block layouts (ggml-common.h): q8_0 = { fp16 d; int8 q[32] } (34 bytes), value = q * d;
+// q4_0 = { fp16 d; uint8 qs[16] } (18 bytes), element j < 16 is the low nibble of qs[j] and element
+// j + 16 its high nibble, value = (nibble - 8) * d.
+//
+// Precision definition (what the 'reference' computes with exact double sums):
+// - f32/f16/bf16 weights: x is used as given (fp32); weights widen to fp32 exactly; the fast
+//   kernels sum in fp32 (so |err| <= (K + 2) u sum |x w|, u = 2^-24).
+// - q8_0/q4_0 weights: x is first quantised, per row and block of 32, to int8 with an fp32 scale
+//   (as llama.cpp does for its q8_0 . q8_0 and q4_0 . q8_0 dot products, but keeping the scale in
+//   fp32 where llama.cpp rounds it to fp16):
+//     amax = max |x_i|; dx = amax / 127; q_i = rint(x_i * (127 / amax)) (fp32 ops, round to nearest
+//     even; q = 0 when amax = 0); a block holding NaN or +-Inf gets dx = NaN (its rows' outputs NaN).
+//   Blocks whose amax is below 2^-120 count as zero (dx = 0, q = 0): 127 / amax would overflow
+//   fp32 there, and their contribution is below 2^-115 |w|.
+//   Then y = sum over blocks b of dw_b * dx_b * isum_b with isum_b = sum_i qw_i * qx_i exact in
+//   int32 (|isum| <= 32 * 128 * 127). The reference sums that in double. The fast kernels keep a
+//   block's integer sum in up to 8 int32 lanes, multiply each lane by fp32(dw_b * dx_b) and add all
+//   lane products in fp32 (in any order), so |err| <= (8 nb + 4) u sum_b |dw_b dx_b| sum_i |qw_i qx_i|
+//   with nb = K / 32 blocks.
+// Only C headers here: ISA-specific translation units include this file.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+namespace sonde {
+namespace kernels {
+
+enum QuantWeightType : int32_t { kQuantF32 = 0, kQuantF16 = 1, kQuantBf16 = 2, kQuantQ8_0 = 3, kQuantQ4_0 = 4, kQuantTypeCount = 5 };
+
+const size_t kQuantBlock = 32;
+const size_t kQ8_0BlockBytes = 34;
+const size_t kQ4_0BlockBytes = 18;
+// Activation rows one microkernel call handles (each weight block is decoded once for all of them).
+const size_t kQuantMaxMr = 4;
+
+// Activations as the kernel wants them, pointing at the group's first row.
+//   f32 form: x rows (x, ldx).
+//   q8 form: int8 q (q_stride bytes per row, K rounded up to an even number of blocks, zero
+//   padded), fp32 scales d (d_stride floats per row, one per block, zero padded);
+//   corr (VNNI kernels only): per block, -offset * sum(q of the block) (corr_stride int32 per row,
+//   zero padded), where offset is what the kernel adds to the weights to make them unsigned (128
+//   for q8_0, 8 for q4_0): the start value of the block's int32 sum.
+struct QuantActs {
+  const float* x;
+  size_t ldx;
+  const int8_t* q;
+  size_t q_stride;
+  const float* d;
+  size_t d_stride;
+  const int32_t* corr;
+  size_t corr_stride;  // int32 elements per row
+};
+
+enum QuantActForm : int32_t { kQuantActF32 = 0, kQuantActQ8 = 1, kQuantActQ8Corr = 2 };
+
+// y[i * ldy] = dot(row i of the activations, weight row w) for i < mr (mr <= kQuantMaxMr).
+// w: the weight row (K elements or K/32 blocks), any alignment; the kernel reads exactly its bytes.
+typedef void (*QuantDotUkernel)(size_t mr, size_t k, const uint8_t* w, const QuantActs* a, float* y, size_t ldy);
+
+struct QuantDotUkernelInfo {
+  QuantDotUkernel fn;  // null: no kernel for this type at this ISA
+  int32_t act_form;    // QuantActForm
+  int32_t corr_offset; // kQuantActQ8Corr: 128 (q8_0) or 8 (q4_0)
+  const char* name;
+};
+
+// Row bytes of K elements of type t (K a multiple of 32 for the block types).
+static inline size_t QuantRowBytes(int32_t t, size_t k) {
+  switch (t) {
+    case kQuantF32: return k * 4;
+    case kQuantF16: case kQuantBf16: return k * 2;
+    case kQuantQ8_0: return k / kQuantBlock * kQ8_0BlockBytes;
+    case kQuantQ4_0: return k / kQuantBlock * kQ4_0BlockBytes;
+    default: return 0;
+  }
+}
+
+static inline uint16_t QuantLoadU16(const uint8_t* p) {
+  uint16_t v;
+  __builtin_memcpy(&v, p, 2);
+  return v;
+}
+
+QuantDotUkernelInfo QuantDotUkernelScalar(int32_t type);
+#if defined(__x86_64__) || defined(_M_X64)
+QuantDotUkernelInfo QuantDotUkernelAvx2(int32_t type);
+QuantDotUkernelInfo QuantDotUkernelAvx512(int32_t type);
+QuantDotUkernelInfo QuantDotUkernelAvx512Vnni(int32_t type);
+#endif
+
+// The activation quantiser of the precision definition, for one row of k (a multiple of 32)
+// floats: writes nb_pad = round_up(k / 32, 2) blocks of q (zero padded) and d, and the block sums.
+void QuantizeActivationRow(const float* x, size_t k, int8_t* q, float* d, int32_t* sums);
+// Dequantises one weight row of k elements to fp32 (exactly: every stored value is representable).
+void DequantizeRow(int32_t type, const uint8_t* w, size_t k, float* out);
+// The reference: exact double sums of the precision definition for one output element.
+double QuantDotReference(int32_t type, const uint8_t* w, size_t k, const float* x, const int8_t* q, const float* d);
+
+}  // namespace kernels
+}  // namespace sonde

@@ -1,0 +1,51 @@
+// Quantised-weight matrix product operator: y[M x N] = x[M x K] . W^T with W stored as GGUF stores
+// it (N rows of K elements of type f32 | f16 | bf16 | q8_0 | q4_0; see kernels/quant/quant.h for
+// the layouts and the precision definition). W is used where it lies (a GGUF mapping or a
+// TypedArray): no packing, so a model's weights are read straight from the page cache.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "kernels/quant/quant.h"
+#include "runtime/thread_pool.h"
+
+namespace sonde {
+
+enum class QuantVariant { kAuto, kReference, kScalar, kAvx2, kAvx512, kAvx512Vnni };
+
+bool ParseQuantVariant(const std::string& name, QuantVariant* out);
+const char* QuantVariantName(QuantVariant v);
+// Maps a ggml type id (formats/gguf.h) to a kernel weight type; false if no kernel reads it.
+bool QuantTypeFromGgml(uint32_t ggml_type, int32_t* out);
+bool ParseQuantType(const std::string& name, int32_t* out);  // "f32" | "f16" | "bf16" | "q8_0" | "q4_0"
+const char* QuantTypeName(int32_t type);
+// Why variant v cannot run type here (empty if it can); *not_for_type when no CPU could (avx512vnni
+// for a float type) rather than this CPU lacking the ISA.
+std::string QuantVariantUnavailable(int32_t type, QuantVariant v, bool* not_for_type);
+// kAuto -> the fastest variant for type on this CPU.
+QuantVariant ResolveQuantVariant(int32_t type, QuantVariant v);
+// The microkernel of a resolved, runnable, non-reference variant.
+kernels::QuantDotUkernelInfo QuantUkernel(int32_t type, QuantVariant v);
+
+struct QuantMatmulArgs {
+  const float* x = nullptr;
+  size_t m = 0, k = 0, ldx = 0;
+  const uint8_t* w = nullptr;  // N rows of QuantRowBytes(type, k) bytes
+  size_t n = 0;
+  int32_t type = kernels::kQuantF32;
+  float* y = nullptr;
+  size_t ldy = 0;
+};
+
+// Quantises the activations (block types), then splits the N output rows over the calling pool
+// thread plus up to max_threads-1 helpers. v: resolved (not kAuto). Returns false if cancelled.
+// Throws std::bad_alloc for the activation buffers.
+bool RunQuantMatmul(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
+                    QuantVariant v);
+
+// out[N x K] = the dequantised weights (exact).
+bool RunDequantize(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const uint8_t* w, int32_t type,
+                   size_t n, size_t k, float* out);
+
+}  // namespace sonde
