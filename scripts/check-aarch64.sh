@@ -9,7 +9,7 @@ trap 'rm -rf "$out"' EXIT
 inc="-Inative -Inode_modules/node-api-headers/include -Inode_modules/node-addon-api"
 defs="-DNAPI_VERSION=8 -DNAPI_CPP_EXCEPTIONS -DNODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS -DNODE_ADDON_API_DISABLE_DEPRECATED"
 n=0
-for f in native/binding/*.cc native/runtime/*.cc native/ops/*.cc native/kernels/*/*-scalar.cc native/kernels/*/*-config.cc; do
+for f in native/binding/*.cc native/runtime/*.cc native/ops/*.cc native/formats/*.cc native/kernels/*/*-scalar.cc native/kernels/*/*-config.cc; do
   [ -e "$f" ] || continue
   "$CXX" -std=c++17 -O1 -fPIC -Wall $defs $inc -c "$f" -o "$out/$n.o"
   n=$((n + 1))
