@@ -57,6 +57,7 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
   RegisterGemmBindings(env, exports, *this);
   RegisterElementwiseBindings(env, exports, *this);
   RegisterGemmLowpBindings(env, exports, *this);
+  RegisterSparseBindings(env, exports, *this);
 }
 
 void Addon::Export(Napi::Env env, Napi::Object exports, const char* name, BindingFn fn) {

@@ -10,5 +10,6 @@ class Addon;
 void RegisterGemmBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterElementwiseBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterGemmLowpBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+void RegisterSparseBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 
 }  // namespace sonde
