@@ -130,9 +130,12 @@ async function run(variant: kernels.GemmVariant, format: 'csr' | 'bsr', m: numbe
   }
 }
 
-// Tile edges: M around the vector width and the 64/128-row blocks; K and N not multiples of 8/16/32.
+// Tile edges: M around the vector width and the 64/128-row blocks, and every count of M vectors per
+// CSR call (1..8 of 8 or 16 rows: each is its own instantiation with its own accumulator split);
+// K and N not multiples of 8/16/32.
 const shapes: [number, number, number][] = [
-  [1, 37, 45], [2, 16, 33], [7, 70, 17], [13, 37, 45], [64, 9, 50], [1, 1, 1], [130, 20, 19], [65, 33, 8],
+  [1, 37, 45], [2, 16, 33], [7, 70, 17], [13, 37, 45], [20, 11, 21], [40, 16, 33], [64, 9, 50], [1, 1, 1],
+  [100, 12, 18], [130, 20, 19], [65, 33, 8],
 ];
 const sparsities = [0, 0.5, 0.99, 1];
 
