@@ -201,7 +201,7 @@ std::string SpmmUkernelName(const SparseWeights& w, GemmVariant v) {
   v = ResolveGemmVariant(v);
   if (v == GemmVariant::kReference) return "f32_spmm_reference";
   if (w.format() == SparseFormat::kBsr) return BsrUkernel(v, w.block_width()).name;
-  return CsrUkernel(v).name;
+  return CsrUkernel(v).name;  // (M > 1 under 'auto' on AVX-512: the AVX2 kernel, see RunSpmm)
 }
 
 bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const GemmArgs& args,
@@ -212,6 +212,11 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   const kernels::GemmEpilogue& e = args.epilogue;
   const bool trivial = Trivial(e);
   const bool bsr = w.format() == SparseFormat::kBsr;
+  // 'auto' with CSR and M > 1 runs the AVX2 kernel on AVX-512 machines: measured here (1024x1024 at
+  // 90%, one thread) the AVX-512 one is slower (M = 64: 1.13 vs 0.64 ms; M = 256: 2.7 vs 2.6 ms),
+  // its per-row transpose and masked stores of C costing more than the wider FMAs save (open item).
+  if (variant == GemmVariant::kAuto && !bsr && m > 1 && ResolveGemmVariant(variant) == GemmVariant::kAvx512)
+    variant = GemmVariant::kAvx2;
   variant = ResolveGemmVariant(variant);
 
   if (variant == GemmVariant::kReference) {
@@ -282,7 +287,17 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   // Pack At (K x ldat, M contiguous, zero-padded to the vector width): per run, because A changes
   // every run; it costs K*M copies against 2*nnz*M flops.
   const size_t ldat = (m + uk.mv - 1) / uk.mv * uk.mv;
-  std::unique_ptr<float, SparseWeights::FreeDeleter> at(AlignedFloats(k * ldat));
+  // Kept per calling thread and reused: a fresh allocation of this size is an mmap, page faults
+  // and a zero fill every run (measured here: ~0.4 ms for a 256 KiB At, more than the SpMM itself).
+  // Only the thread that runs RunSpmm owns it; the pool threads only read it during this call.
+  thread_local std::unique_ptr<float, SparseWeights::FreeDeleter> at_cache;
+  thread_local size_t at_capacity = 0;
+  if (at_capacity < k * ldat) {
+    at_cache.reset(AlignedFloats(k * ldat));
+    at_capacity = k * ldat;
+  }
+  float* const at_data = at_cache.get();
+  struct { float* get() const { return p; } float* p; } at{at_data};
   constexpr size_t kPackK = 64;  // A read 64 columns (4 cache lines) per row at a time
   const size_t k_chunks = (k + kPackK - 1) / kPackK;
   if (!pool.ParallelFor(k_chunks, threads, [&](size_t kc) {
@@ -297,10 +312,16 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
       }, cancel))
     return false;
 
-  const size_t mb = uk.mb;
+  // Rows per call: each non-zero reads mb/vector-width vectors of At at a random k, so the K x mb
+  // slice of At should stay close (a 256 KiB slice, M = 64 at K = 1024, ran at 8 real GFLOP/s).
+  // Measured with SONDE_SPMM_MB on 1024x1024 at 90%, M = 64, one thread, AVX2 kernel: mb 16 / 32 /
+  // 64 / 128 = 0.80 / 0.52 / 0.61 / 0.65 ms; a quarter of L2 (32 rows at K = 1024) is that optimum.
+  const size_t cache_rows = Cpu().l2_bytes / 4 / (std::max<size_t>(1, k) * sizeof(float)) / uk.mv * uk.mv;
+  static const size_t mb_knob = [] { const char* v = std::getenv("SONDE_SPMM_MB"); return v ? std::strtoull(v, nullptr, 10) : 0; }();
+  const size_t mb = std::max<size_t>(uk.mv, std::min<size_t>(uk.mb, (mb_knob ? mb_knob : cache_rows) / uk.mv * uk.mv));
   return pool.ParallelFor(chunks, threads, [&](size_t t) {
-    // M blocks outer: the K x mb slice of At (up to 512 KiB at K = 1024) stays in L2 while the
-    // chunk's rows of W stream past it.
+    // M blocks outer: the K x mb slice of At stays in L1 while the chunk's rows of W stream past it
+    // (from L2: 8 bytes per non-zero).
     for (size_t m0 = 0; m0 < m; m0 += mb) {
       const size_t rows = std::min(mb, m - m0);
       for (size_t g = bounds[t]; g < bounds[t + 1]; ++g) {

@@ -57,12 +57,15 @@ void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t*
   alignas(32) float tile[kNg * kRows];
   for (size_t j = 0; j < nc; ++j)
     CsrColumn<MV, kU>(at, ldat, row_ptr[j], row_ptr[j + 1], col_idx, values, tile + j * kRows);
+  // Transposed with plain loads and stores, not a gather per row (see the AVX-512 kernel).
+  alignas(32) float rows[kRows * kNg];
+  for (size_t j = 0; j < nc; ++j)
+    for (size_t i = 0; i < m; ++i) rows[i * kNg + j] = tile[j * kRows + i];
   const __m256i mask = LaneMask(nc);
-  const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(kRows)));
   avx2::ColumnTerms t{};
   if (ep) t = avx2::LoadColumnTerms(ep, 0, mask);
   for (size_t i = 0; i < m; ++i) {
-    __m256 v = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), tile + i, idx, _mm256_castsi256_ps(mask), 4);
+    __m256 v = _mm256_maskload_ps(rows + i * kNg, mask);
     if (ep) v = avx2::ApplyEpilogue(v, t, ep, i, 0, mask);
     _mm256_maskstore_ps(c + i * ldc, mask, v);
   }

@@ -50,8 +50,8 @@ inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, con
   }
 }
 
-// The group's sums land in tile[j][i] (column j of C, row i); a gather with stride MV*16 reads row i
-// of C across the 16 columns, so the epilogue and the store work on rows of C like the GEMM's.
+// The group's sums land in tile[j][i] (column j of C, row i); rows[i][j] then holds row i
+// of C across the 16 columns after a transpose, so the epilogue and the store work on rows of C like the GEMM's.
 template <size_t MV>
 void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr, const uint32_t* col_idx,
               const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
@@ -60,13 +60,16 @@ void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t*
   alignas(64) float tile[kNg * kRows];
   for (size_t j = 0; j < nc; ++j)
     CsrColumn<MV, kU>(at, ldat, row_ptr[j], row_ptr[j + 1], col_idx, values, tile + j * kRows);
+  // Transpose through a second tile with plain loads and stores: a vgatherdps per row of C, reading
+  // the lines just stored, measured ~0.2 us each here (0.9 ms of overhead at M = 64, 1024 columns).
+  alignas(64) float rows[kRows * kNg];
+  for (size_t j = 0; j < nc; ++j)
+    for (size_t i = 0; i < m; ++i) rows[i * kNg + j] = tile[j * kRows + i];
   const __mmask16 mask = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
-  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                         _mm512_set1_epi32(static_cast<int>(kRows)));
   avx512::ColumnTerms t{};
   if (ep) t = avx512::LoadColumnTerms(ep, 0, mask);
   for (size_t i = 0; i < m; ++i) {
-    __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, tile + i, 4);
+    __m512 v = _mm512_maskz_load_ps(mask, rows + i * kNg);
     if (ep) v = avx512::ApplyEpilogue(v, t, ep, i, 0, mask);
     _mm512_mask_storeu_ps(c + i * ldc, mask, v);
   }
