@@ -410,4 +410,75 @@ async function* quantSuite(ctx) {
   }
 }
 
-export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite };
+/** Dense [k, n] weights with a random `sparsity` fraction of explicit zeros (in runs of `block` output columns). */
+function prunedWeights(k, n, sparsity, block = 1) {
+  const b = rand(k * n);
+  for (let p = 0; p < k; p++) {
+    for (let j0 = 0; j0 < n; j0 += block) {
+      if (Math.random() < sparsity) b.fill(0, p * n + j0, p * n + Math.min(n, j0 + block));
+    }
+  }
+  return new Tensor('float32', b, [k, n]);
+}
+
+/**
+ * SpMM on pruned weights against sonde's dense GEMM on the same weights (zeros included), timed
+ * interleaved call by call in this run: one timing group per (weights, M, threads) holds the dense
+ * GEMM and every sparsity. Cases are named N x K (weights as an nn.Linear / 1x1 conv: N outputs, K
+ * inputs). gflops counts the real work (2·nnz·M), denseEqGflops the dense work (2·N·K·M);
+ * ratio = dense ms / sparse ms. Unstructured (random) pruning, CSR; then block-pruned weights in
+ * BSR 1x8 / 1x16 / 1x32 against CSR on the same weights (the block-shape choice of ops/spmm.cc).
+ */
+async function* sparseSuite(ctx) {
+  const pool = getThreads();
+  const threadCounts = ctx.quick ? [1] : [...new Set([1, Math.min(2, pool)])];
+  const timing = ctx.quick ? { minRounds: 3, minMs: 80, maxMs: 600 } : { minRounds: 5, minMs: 250, maxMs: 1500 };
+  const shapes = ctx.quick ? [[1024, 1024], [256, 64]] : [[1024, 1024], [256, 64], [64, 256], [512, 128], [1024, 256], [2048, 512]];
+  const ms_ = ctx.quick ? [1, 64] : [1, 8, 64, 256];
+  const sparsities = ctx.quick ? [0.9] : [0.5, 0.7, 0.8, 0.9, 0.95];
+  for (const [n, k] of shapes) {
+    const cases = sparsities.map((s) => {
+      const b = prunedWeights(k, n, s);
+      return { s, b, dense: kernels.packGemmWeights(b), w: kernels.toSparse(b, { format: 'csr' }) };
+    });
+    for (const m of ms_) {
+      const a = new Tensor('float32', rand(m * k), [m, k]);
+      for (const t of threadCounts) {
+        // The dense GEMM of the 90% weights (any would do: dense work does not depend on zeros).
+        const ref = cases.find((c) => c.s === 0.9) ?? cases[0];
+        const fns = [() => kernels.gemm(a, ref.dense, { threads: t }), ...cases.map((c) => () => kernels.spmm(a, c.w, { threads: t }))];
+        const [denseMs, ...times] = await timeInterleaved(fns, timing);
+        for (let i = 0; i < cases.length; i++) {
+          const { s, w } = cases[i];
+          const ms = times[i];
+          yield { case: `csr ${Math.round(s * 100)}% ${n}x${k} m${m} t${t}`, ms, gflops: (2 * w.nnz * m) / ms / 1e6,
+            denseEqGflops: (2 * n * k * m) / ms / 1e6, denseMs, ratio: denseMs / ms, vs: 'sonde dense gemm', ukernel: w.ukernel };
+        }
+      }
+    }
+    for (const c of cases) { c.dense.dispose(); c.w.dispose(); }
+  }
+  // Block shape: 90% block-pruned weights (1 x 16 runs of output columns zeroed together), every
+  // BSR width and CSR on the same weights, with the dense GEMM.
+  const [n, k, m] = [1024, 1024, 64];
+  const b = prunedWeights(k, n, 0.9, 16);
+  const a = new Tensor('float32', rand(m * k), [m, k]);
+  const dense = kernels.packGemmWeights(b);
+  const ws = [
+    ['csr', kernels.toSparse(b, { format: 'csr' })],
+    ...[8, 16, 32].map((bw) => [`bsr1x${bw}`, kernels.toSparse(b, { format: 'bsr', blockShape: [1, bw] })]),
+  ];
+  for (const t of threadCounts) {
+    const [denseMs, ...times] = await timeInterleaved([() => kernels.gemm(a, dense, { threads: t }),
+      ...ws.map(([, w]) => () => kernels.spmm(a, w, { threads: t }))], timing);
+    for (let i = 0; i < ws.length; i++) {
+      const [name, w] = ws[i];
+      yield { case: `${name} block-pruned 90% ${n}x${k} m${m} t${t}`, ms: times[i], gflops: (2 * w.nnz * m) / times[i] / 1e6,
+        denseEqGflops: (2 * n * k * m) / times[i] / 1e6, denseMs, ratio: denseMs / times[i], vs: 'sonde dense gemm', ukernel: w.ukernel };
+    }
+  }
+  dense.dispose();
+  for (const [, w] of ws) w.dispose();
+}
+
+export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, sparse: sparseSuite };

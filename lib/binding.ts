@@ -51,6 +51,15 @@ export interface NativePackedGemmLowp {
   };
 }
 
+/** Sparse weights (native/binding/sparse_binding.cc). */
+export interface NativeSparseWeights {
+  dispose(): void;
+  info(): {
+    disposed: boolean; format?: 'csr' | 'bsr'; k?: number; n?: number; nnz?: number; bytes?: number;
+    blockWidth?: number; blocks?: number; ukernel?: string;
+  };
+}
+
 export type NativeGemmLowPrecision = 'bf16' | 'fp16' | 'int8';
 export type NativeGemmLowpVariant = NativeGemmVariant | 'avx512bf16' | 'avx512vnni';
 
@@ -175,6 +184,12 @@ export interface NativeBinding {
   /** out[n, k] = W dequantised. */
   quantDequantize(weights: Uint8Array | NativeGgufHandle, index: number, out: Float32Array,
     options: { k: number; n: number; type: NativeQuantType; threads: number; cancel?: NativeCancelToken }): Promise<void>;
+  /** Dense B [k, n] to sparse; blockWidth 0 = the default for this CPU. */
+  toSparse(b: Float32Array, k: number, n: number, format: 'csr' | 'bsr' | 'auto', blockWidth: number): NativeSparseWeights;
+  /** CSR of W = B^T: rows = n, cols = k. */
+  sparseFromCsr(rows: number, cols: number, rowPtr: Uint32Array, colIdx: Uint32Array, values: Float32Array): NativeSparseWeights;
+  /** gemm() with sparse weights: same options. */
+  spmm(a: Float32Array, w: NativeSparseWeights, out: Float32Array, options: NativeGemmOptions): Promise<void>;
   peakFma(simd: 'scalar' | 'avx2' | 'avx512', threads: number, seconds: number): Promise<{ flops: number; seconds: number; threads: number; simd: string }>;
   readBandwidth(bytes: number, threads: number): Promise<{ bytes: number; seconds: number; threads: number }>;
 }

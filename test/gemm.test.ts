@@ -155,7 +155,7 @@ describe('gemm bad inputs', () => {
 
   it('non-tensors', async () => {
     await expect(kernels.gemm(new Float32Array(12) as never, b)).rejects.toThrow('gemm(a) must be a Tensor, got Float32Array(12)');
-    await expect(kernels.gemm(a, [1, 2] as never)).rejects.toThrow(/gemm\(b\) must be a Tensor or PackedGemmWeights, got Array\(2\)/);
+    await expect(kernels.gemm(a, [1, 2] as never)).rejects.toThrow(/gemm\(b\) must be a Tensor, PackedGemmWeights or SparseWeights, got Array\(2\)/);
   });
 
   it('bad options, with a suggestion for misspellings', async () => {

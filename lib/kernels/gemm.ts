@@ -4,11 +4,12 @@
  * Packed weights may be stored in bf16, fp16 or int8 (options.precision); A and C stay float32.
  */
 import {
-  native, type NativeGemmLowPrecision, type NativeGemmLowpVariant, type NativePackedGemm, type NativePackedGemmLowp,
+  native, type NativeGemmLowPrecision, type NativeGemmOptions, type NativeGemmLowpVariant, type NativePackedGemm, type NativePackedGemmLowp,
 } from '../binding.js';
 import { InvalidArgumentError, callNative, fromNative } from '../errors.js';
 import { NativeResource, withSignal } from '../lifetime.js';
 import { allocOutput } from '../buffers.js';
+import { SparseWeights, spmm } from './sparse.js';
 import { Tensor, checkTensor } from '../tensor.js';
 import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
 
@@ -74,7 +75,7 @@ export interface GemmOptions {
   variant?: GemmVariant;
   signal?: AbortSignal;
 }
-const GEMM_OPTIONS = ['bias', 'scale', 'residual', 'residualBeforeActivation', 'activation', 'clipMin', 'clipMax',
+export const GEMM_OPTIONS = ['bias', 'scale', 'residual', 'residualBeforeActivation', 'activation', 'clipMin', 'clipMax',
   'alpha', 'k', 'out', 'threads', 'variant', 'signal'] as const;
 
 export interface PackGemmOptions {
@@ -128,7 +129,8 @@ export class PackedGemmWeights extends NativeResource {
   }
 }
 
-function check2d(where: string, t: Tensor<'float32'>): [number, number] {
+/** @internal */
+export function check2d(where: string, t: Tensor<'float32'>): [number, number] {
   if (t.dims.length !== 2) throw new InvalidArgumentError(`${where} must be 2-D [rows, cols], got dims [${t.dims.join(', ')}]`);
   return [t.dims[0]!, t.dims[1]!];
 }
@@ -173,30 +175,17 @@ function checkColumnVector(where: string, t: unknown, n: number): Float32Array {
   return v.data;
 }
 
-/**
- * C = epilogue(A·B) on sonde's thread pool (see GemmOptions). Resolves to a new [M, N] float32
- * tensor, or to options.out when given.
- */
-export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGemmWeights, options?: GemmOptions): Promise<Tensor<'float32'>> {
-  const site = new Error();
-  const where = 'gemm';
-  const opts = checkOptions<GemmOptions>(where, options, GEMM_OPTIONS);
-  checkTensor(`${where}(a)`, a, 'float32');
+/** @internal What gemm and spmm check alike: everything in GemmOptions once the weights' K and N are known. */
+export interface GemmCall {
+  m: number; k: number; lda: number; ldc: number; out: Tensor<'float32'>; variant: GemmVariant;
+  native: Omit<NativeGemmOptions, 'variant'>;
+  signal: AbortSignal | undefined;
+}
+
+/** @internal */
+export function checkGemmCall(where: string, a: Tensor<'float32'>, b: unknown, kb: number, n: number,
+  opts: Partial<GemmOptions>, variants: readonly GemmVariant[], bNote: string): GemmCall {
   const [m, lda] = check2d(`${where}(a)`, a);
-  let bArg: Float32Array | NativePackedGemm | NativePackedGemmLowp;
-  let kb: number;
-  let n: number;
-  if (b instanceof PackedGemmWeights) {
-    bArg = b.handle(`${where}(b)`);
-    kb = b.k;
-    n = b.n;
-  } else if (b instanceof Tensor) {
-    checkTensor(`${where}(b)`, b, 'float32');
-    [kb, n] = check2d(`${where}(b)`, b);
-    bArg = b.data;
-  } else {
-    throw new InvalidArgumentError(`${where}(b) must be a Tensor or PackedGemmWeights, got ${describe(b)}`);
-  }
   let k = lda;
   if (opts.k !== undefined) {
     k = checkInt(`${where}: options.k`, opts.k, 0);
@@ -205,9 +194,8 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
     }
   }
   if (kb !== k) {
-    const packed = b instanceof PackedGemmWeights ? ' (packed weights)' : '';
     throw new InvalidArgumentError(
-      `${where}: shape mismatch: a is [${m}, ${lda}]${opts.k !== undefined ? ` using k = ${k}` : ''} but b${packed} is [${kb}, ${n}] (a's columns must equal b's rows)`);
+      `${where}: shape mismatch: a is [${m}, ${lda}]${opts.k !== undefined ? ` using k = ${k}` : ''} but b${bNote} is [${kb}, ${n}] (a's columns must equal b's rows)`);
   }
   const bias = opts.bias === undefined ? undefined : checkColumnVector(`${where}: options.bias`, opts.bias, n);
   const scale = opts.scale === undefined ? undefined : checkColumnVector(`${where}: options.scale`, opts.scale, n);
@@ -241,10 +229,7 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
       throw new InvalidArgumentError(`${where}: options.${key} has no effect with activation '${activation}'`);
     }
   }
-  const lowp = b instanceof PackedGemmWeights && b.precision !== 'fp32' ? b : undefined;
-  // Low-precision weights run the kernel they were packed for ('auto'), or the exact reference.
-  const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto',
-    lowp ? ['auto', 'reference', lowp.variant] : VARIANTS);
+  const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto', variants);
   const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
   const signal = checkSignal(`${where}: options.signal`, opts.signal);
   let out: Tensor<'float32'>;
@@ -262,12 +247,50 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
     out = new Tensor('float32', allocOutput(Float32Array, m * n), [m, n]);
   }
   const ldc = out.dims[1]!;
+  return {
+    m, k, lda, ldc, out, variant, signal,
+    native: {
+      m, k, n, lda, ldc, bias, scale, residual, ldr, activation: ACTIVATION_CODE[activation], alpha, beta,
+      residualBeforeActivation: opts.residualBeforeActivation === true, threads,
+    },
+  };
+}
+
+/**
+ * C = epilogue(A·B) on sonde's thread pool (see GemmOptions). With SparseWeights, this is spmm(). Resolves to a new [M, N] float32
+ * tensor, or to options.out when given.
+ */
+export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGemmWeights | SparseWeights, options?: GemmOptions): Promise<Tensor<'float32'>> {
+  const site = new Error();
+  const where = 'gemm';
+  const opts = checkOptions<GemmOptions>(where, options, GEMM_OPTIONS);
+  if (b instanceof SparseWeights) return spmm(a, b, opts);
+  checkTensor(`${where}(a)`, a, 'float32');
+  check2d(`${where}(a)`, a);
+  let bArg: Float32Array | NativePackedGemm | NativePackedGemmLowp;
+  let kb: number;
+  let n: number;
+  if (b instanceof PackedGemmWeights) {
+    bArg = b.handle(`${where}(b)`);
+    kb = b.k;
+    n = b.n;
+  } else if (b instanceof Tensor) {
+    checkTensor(`${where}(b)`, b, 'float32');
+    [kb, n] = check2d(`${where}(b)`, b);
+    bArg = b.data;
+  } else {
+    throw new InvalidArgumentError(`${where}(b) must be a Tensor, PackedGemmWeights or SparseWeights, got ${describe(b)}`);
+  }
+  const lowp = b instanceof PackedGemmWeights && b.precision !== 'fp32' ? b : undefined;
+  // Low-precision weights run the kernel they were packed for ('auto'), or the exact reference.
+  const call = checkGemmCall(where, a, b, kb, n, opts, lowp ? ['auto', 'reference', lowp.variant] : VARIANTS,
+    b instanceof PackedGemmWeights ? ' (packed weights)' : '');
+  const { out, variant, signal } = call;
   if (lowp) {
     await callNative(
       () => withSignal(signal, (token) =>
         native().gemmLowp(a.data, bArg as NativePackedGemmLowp, out.data, {
-          m, k, n, lda, ldc, bias, scale, residual, ldr, activation: ACTIVATION_CODE[activation], alpha, beta,
-          residualBeforeActivation: opts.residualBeforeActivation === true, variant, threads, cancel: token,
+          ...call.native, variant, cancel: token,
         })),
       site,
     );
@@ -276,9 +299,7 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
   await callNative(
     () => withSignal(signal, (token) =>
       native().gemm(a.data, bArg as NativePackedGemm | Float32Array, out.data, {
-        m, k, n, lda, ldc, bias, scale, residual, ldr, activation: ACTIVATION_CODE[activation], alpha, beta,
-        residualBeforeActivation: opts.residualBeforeActivation === true,
-        variant: variant as Exclude<GemmVariant, 'avx512bf16' | 'avx512vnni'>, threads, cancel: token,
+        ...call.native, variant: variant as Exclude<GemmVariant, 'avx512bf16' | 'avx512vnni'>, cancel: token,
       })),
     site,
   );

@@ -1,6 +1,8 @@
 /** Compute kernels, exposed for tests, microbenchmarks and advanced users. */
 export { gemm, packGemmWeights, PackedGemmWeights } from './gemm.js';
 export type { GemmOptions, GemmPrecision, GemmVariant, GemmActivation, PackGemmOptions } from './gemm.js';
+export { toSparse, sparseFromCsr, spmm, SparseWeights } from './sparse.js';
+export type { SparseFormat, ToSparseOptions, CsrInput } from './sparse.js';
 export {
   add, sub, mul, div, gelu, silu, sigmoid, tanh, exp, relu, softmax, layerNorm, rmsNorm, argmax, topK, cast,
   broadcastShapes,

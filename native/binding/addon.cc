@@ -60,6 +60,7 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
   RegisterConvBindings(env, exports, *this);
   RegisterGgufBindings(env, exports, *this);
   RegisterQuantBindings(env, exports, *this);
+  RegisterSparseBindings(env, exports, *this);
 }
 
 void Addon::Export(Napi::Env env, Napi::Object exports, const char* name, BindingFn fn) {

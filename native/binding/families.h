@@ -13,5 +13,6 @@ void RegisterGemmLowpBindings(Napi::Env env, Napi::Object exports, Addon& addon)
 void RegisterConvBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterGgufBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterQuantBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+void RegisterSparseBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 
 }  // namespace sonde

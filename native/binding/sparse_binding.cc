@@ -1,0 +1,241 @@
+// Sparse weights (CSR / BSR) and SpMM. Follows gemm_binding.cc: lib/kernels/sparse.ts validates and
+// names the user's parameters; the checks here only guarantee that nothing reads or writes out of
+// bounds, whatever reaches the binding.
+#include <napi.h>
+
+#include <memory>
+#include <new>
+#include <stdexcept>
+
+#include "binding/addon.h"
+#include "binding/families.h"
+#include "ops/spmm.h"
+
+namespace sonde {
+
+namespace {
+
+// JS handle of sparse weights, shared with running jobs: dispose() during a run frees them when
+// that run finishes.
+class SparseWeightsHandle : public Napi::ObjectWrap<SparseWeightsHandle> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "SparseWeightsHandle", {
+        InstanceMethod("dispose", &SparseWeightsHandle::Dispose),
+        InstanceMethod("info", &SparseWeightsHandle::Info),
+    });
+  }
+  explicit SparseWeightsHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SparseWeightsHandle>(info) {}
+  ~SparseWeightsHandle() override {
+    // A GC finalizer, possibly during environment teardown: the C call cannot throw.
+    int64_t total;
+    if (reported_bytes_) napi_adjust_external_memory(Env(), -reported_bytes_, &total);
+  }
+  void Adopt(Napi::Env env, std::shared_ptr<const SparseWeights> w) {
+    weights_ = std::move(w);
+    reported_bytes_ = static_cast<int64_t>(weights_->bytes());
+    Napi::MemoryManagement::AdjustExternalMemory(env, reported_bytes_);
+  }
+  std::shared_ptr<const SparseWeights> weights() const { return weights_; }
+
+ private:
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    weights_.reset();
+    if (reported_bytes_) Napi::MemoryManagement::AdjustExternalMemory(info.Env(), -reported_bytes_);
+    reported_bytes_ = 0;
+    return info.Env().Undefined();
+  }
+  Napi::Value Info(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("disposed", !weights_);
+    if (weights_) {
+      o.Set("format", SparseFormatName(weights_->format()));
+      o.Set("k", static_cast<double>(weights_->k()));
+      o.Set("n", static_cast<double>(weights_->n()));
+      o.Set("nnz", static_cast<double>(weights_->nnz()));
+      o.Set("bytes", static_cast<double>(weights_->bytes()));
+      o.Set("blockWidth", static_cast<double>(weights_->block_width()));
+      o.Set("blocks", static_cast<double>(weights_->blocks()));
+      o.Set("ukernel", SpmmUkernelName(*weights_, GemmVariant::kAuto));
+    }
+    return o;
+  }
+  std::shared_ptr<const SparseWeights> weights_;
+  int64_t reported_bytes_ = 0;
+};
+
+Napi::Float32Array F32Value(Napi::Env env, Napi::Value v, const char* where, const char* name) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": " + name + " must be a Float32Array");
+  return v.As<Napi::Float32Array>();
+}
+
+Napi::Uint32Array U32Value(Napi::Env env, Napi::Value v, const char* where, const char* name) {
+  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array)
+    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": " + name + " must be a Uint32Array");
+  return v.As<Napi::Uint32Array>();
+}
+
+size_t SizeValue(Napi::Env env, Napi::Value v, const char* where, const char* name) {
+  double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+  if (!(d >= 0 && d <= 9007199254740991.0) || d != static_cast<double>(static_cast<uint64_t>(d)))
+    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": " + name + " must be a non-negative integer");
+  return static_cast<size_t>(d);
+}
+
+bool SpanOf(size_t rows, size_t cols, size_t ld, size_t* out) {
+  if (rows == 0 || cols == 0) { *out = 0; return true; }
+  size_t t;
+  if (ld < cols || __builtin_mul_overflow(rows - 1, ld, &t) || __builtin_add_overflow(t, cols, out)) return false;
+  return true;
+}
+
+Napi::Object Wrap(Addon& addon, Napi::Env env, std::shared_ptr<const SparseWeights> w) {
+  Napi::Object obj = addon.Class("SparseWeightsHandle").New({});
+  SparseWeightsHandle::Unwrap(obj)->Adopt(env, std::move(w));
+  return obj;
+}
+
+// toSparse(b, k, n, format, blockWidth) -> handle (synchronous: one pass over B at load).
+Napi::Value ToSparse(Addon& addon, const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* where = "toSparse";
+  if (info.Length() < 5) throw MakeError(env, codes::kInvalidArgument, "toSparse: expected 5 arguments");
+  Napi::Float32Array b = F32Value(env, info[0], where, "weights");
+  const size_t k = SizeValue(env, info[1], where, "k"), n = SizeValue(env, info[2], where, "n");
+  size_t kn;
+  if (__builtin_mul_overflow(k, n, &kn) || b.ElementLength() != kn)
+    throw MakeError(env, codes::kInvalidArgument, "toSparse: weights must hold k*n elements");
+  std::string fmt = info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
+  SparseFormat format;
+  if (fmt == "csr") format = SparseFormat::kCsr;
+  else if (fmt == "bsr") format = SparseFormat::kBsr;
+  else if (fmt == "auto") format = SparseFormat::kAuto;
+  else throw MakeError(env, codes::kInvalidArgument, "toSparse: unknown format");
+  const size_t bw = SizeValue(env, info[4], where, "blockWidth");
+  if (bw != 0 && !ValidBsrBlockWidth(static_cast<uint32_t>(bw)))
+    throw MakeError(env, codes::kInvalidArgument, "toSparse: block width must be 8, 16 or 32");
+  try {
+    return Wrap(addon, env, SparseWeights::FromDense(b.Data(), k, n, n, format, static_cast<uint32_t>(bw)));
+  } catch (const std::bad_alloc&) {
+    throw MakeError(env, codes::kOutOfMemory, "toSparse: out of host memory");
+  } catch (const std::length_error& e) {
+    throw MakeError(env, codes::kInvalidArgument, std::string("toSparse: weights too large: ") + e.what());
+  }
+}
+
+// sparseFromCsr(rows, cols, rowPtr, colIdx, values) -> handle
+Napi::Value SparseFromCsr(Addon& addon, const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* where = "sparseFromCsr";
+  if (info.Length() < 5) throw MakeError(env, codes::kInvalidArgument, "sparseFromCsr: expected 5 arguments");
+  const size_t rows = SizeValue(env, info[0], where, "rows"), cols = SizeValue(env, info[1], where, "cols");
+  Napi::Uint32Array rp = U32Value(env, info[2], where, "rowPtr");
+  Napi::Uint32Array ci = U32Value(env, info[3], where, "colIdx");
+  Napi::Float32Array vals = F32Value(env, info[4], where, "values");
+  if (rp.ElementLength() == 0) throw MakeError(env, codes::kInvalidArgument, "sparseFromCsr: rowPtr must hold rows + 1 entries");
+  std::string error;
+  std::unique_ptr<SparseWeights> w;
+  try {
+    w = SparseWeights::FromCsr(rows, cols, rp.Data(), rp.ElementLength(), ci.Data(), ci.ElementLength(), vals.Data(),
+                               vals.ElementLength(), &error);
+  } catch (const std::bad_alloc&) {
+    throw MakeError(env, codes::kOutOfMemory, "sparseFromCsr: out of host memory");
+  }
+  if (!w) throw MakeError(env, codes::kInvalidArgument, "sparseFromCsr: " + error);
+  return Wrap(addon, env, std::move(w));
+}
+
+class SpmmJob : public AsyncJob {
+ public:
+  GemmVariant variant = GemmVariant::kAuto;
+  GemmArgs args;
+  std::shared_ptr<const SparseWeights> weights;
+  void Execute(Addon& addon) override {
+    RunSpmm(addon.pool(), threads, cancel.get(), args, *weights, variant);
+  }
+};
+
+// spmm(a, handle, out, options) -> Promise<void>; options as gemm's (m, k, n, lda, ldc, bias?,
+// scale?, residual?, ldr?, activation, alpha, beta, residualBeforeActivation, variant, threads, cancel?).
+Napi::Value Spmm(Addon& addon, const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* where = "spmm";
+  if (info.Length() < 4 || !info[3].IsObject())
+    throw MakeError(env, codes::kInvalidArgument, "spmm: expected (a, weights, out, options)");
+  Napi::Object o = info[3].As<Napi::Object>();
+  auto job = std::make_unique<SpmmJob>();
+  const size_t m = SizeValue(env, o.Get("m"), where, "m"), k = SizeValue(env, o.Get("k"), where, "k"),
+               n = SizeValue(env, o.Get("n"), where, "n");
+  const size_t lda = SizeValue(env, o.Get("lda"), where, "lda"), ldc = SizeValue(env, o.Get("ldc"), where, "ldc");
+  size_t span;
+  Napi::Float32Array a = F32Value(env, info[0], where, "a");
+  if (!SpanOf(m, k, lda, &span) || a.ElementLength() < span)
+    throw MakeError(env, codes::kInvalidArgument, "spmm: a must hold m rows of lda >= k elements");
+  if (!info[1].IsObject() || !info[1].As<Napi::Object>().InstanceOf(addon.Class("SparseWeightsHandle").Value()))
+    throw MakeError(env, codes::kInvalidArgument, "spmm: weights must be sparse weights");
+  job->weights = SparseWeightsHandle::Unwrap(info[1].As<Napi::Object>())->weights();
+  if (!job->weights) throw MakeError(env, codes::kDisposed, "spmm: the sparse weights have been disposed");
+  if (job->weights->k() != k || job->weights->n() != n)
+    throw MakeError(env, codes::kInvalidArgument, "spmm: sparse weights do not match k and n");
+  Napi::Float32Array out = F32Value(env, info[2], where, "out");
+  if (!SpanOf(m, n, ldc, &span) || out.ElementLength() < span)
+    throw MakeError(env, codes::kInvalidArgument, "spmm: out must hold m rows of ldc >= n elements");
+  job->Keep(info[0]);
+  job->Keep(info[1]);
+  job->Keep(info[2]);
+  kernels::GemmEpilogue& ep = job->args.epilogue;
+  auto column_vector = [&](const char* key) -> const float* {
+    Napi::Value v = o.Get(key);
+    if (v.IsUndefined() || v.IsNull()) return nullptr;
+    Napi::Float32Array t = F32Value(env, v, where, key);
+    if (t.ElementLength() != n) throw MakeError(env, codes::kInvalidArgument, std::string("spmm: ") + key + " must hold n elements");
+    job->Keep(v);
+    return t.Data();
+  };
+  ep.bias = column_vector("bias");
+  ep.scale = column_vector("scale");
+  Napi::Value rv = o.Get("residual");
+  if (!rv.IsUndefined() && !rv.IsNull()) {
+    Napi::Float32Array r = F32Value(env, rv, where, "residual");
+    ep.ldr = SizeValue(env, o.Get("ldr"), where, "ldr");
+    if (!SpanOf(m, n, ep.ldr, &span) || r.ElementLength() < span)
+      throw MakeError(env, codes::kInvalidArgument, "spmm: residual must hold m rows of ldr >= n elements");
+    ep.residual = r.Data();
+    job->Keep(rv);
+  }
+  ep.residual_before_activation = o.Get("residualBeforeActivation").ToBoolean().Value() ? 1 : 0;
+  Napi::Value act = o.Get("activation");
+  ep.activation = act.IsNumber() ? act.As<Napi::Number>().Int32Value() : -1;
+  if (ep.activation < 0 || ep.activation >= kernels::kActCount)
+    throw MakeError(env, codes::kInvalidArgument, "spmm: unknown activation");
+  Napi::Value alpha = o.Get("alpha"), beta = o.Get("beta");
+  ep.alpha = alpha.IsNumber() ? alpha.As<Napi::Number>().FloatValue() : 0.0f;
+  ep.beta = beta.IsNumber() ? beta.As<Napi::Number>().FloatValue() : 0.0f;
+  Napi::Value variant = o.Get("variant");
+  if (!variant.IsString() || !ParseGemmVariant(variant.As<Napi::String>(), &job->variant))
+    throw MakeError(env, codes::kInvalidArgument, "spmm: unknown variant");
+  std::string why = GemmVariantUnavailable(job->variant);
+  if (!why.empty()) throw MakeError(env, codes::kDeviceUnavailable, "spmm: variant unavailable: " + why);
+  Napi::Value threads = o.Get("threads");
+  job->threads = threads.IsNumber() ? threads.As<Napi::Number>().Uint32Value() : 0;
+  job->args.a = a.Data();
+  job->args.m = m;
+  job->args.lda = lda;
+  job->args.c = out.Data();
+  job->args.ldc = ldc;
+  addon.AttachCancel(o.Get("cancel"), job.get());
+  return addon.Start(env, std::move(job));
+}
+
+}  // namespace
+
+void RegisterSparseBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
+  addon.Class("SparseWeightsHandle") = Napi::Persistent(SparseWeightsHandle::Define(env));
+  addon.Export(env, exports, "toSparse", ToSparse);
+  addon.Export(env, exports, "sparseFromCsr", SparseFromCsr);
+  addon.Export(env, exports, "spmm", Spmm);
+}
+
+}  // namespace sonde

@@ -1,0 +1,201 @@
+// AVX2 f32 SpMM: the AVX-512 kernels' structure with 8-wide vectors. CSR: 8 output columns per
+// call, up to 64 rows of At (8 ymm accumulators of the 16 registers); BSR 1x8 / 1x16 / 1x32 with
+// 12 ymm accumulators (12 rows x 1, 6 x 2, 3 x 4 vectors) + block vectors + one broadcast.
+#include <immintrin.h>
+
+#include "kernels/gemm/epilogue-avx2.h"
+#include "kernels/sparse/spmm.h"
+
+namespace sonde {
+namespace kernels {
+namespace {
+
+constexpr size_t kNg = 8;
+constexpr size_t kMaxMv = 8;
+
+inline __m256i LaneMask(size_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+template <size_t MV, size_t U>
+inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, const uint32_t* col_idx,
+                      const float* values, float* out) {
+  __m256 acc[U][MV];
+#pragma GCC unroll 32
+  for (size_t u = 0; u < U; ++u)
+#pragma GCC unroll 8
+    for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm256_setzero_ps();
+  for (; p + U <= p1; p += U) {
+#pragma GCC unroll 4
+    for (size_t u = 0; u < U; ++u) {
+      const __m256 w = _mm256_set1_ps(values[p + u]);
+      const float* ak = at + static_cast<size_t>(col_idx[p + u]) * ldat;
+#pragma GCC unroll 8
+      for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm256_fmadd_ps(w, _mm256_load_ps(ak + 8 * v), acc[u][v]);
+    }
+  }
+  for (; p < p1; ++p) {
+    const __m256 w = _mm256_set1_ps(values[p]);
+    const float* ak = at + static_cast<size_t>(col_idx[p]) * ldat;
+#pragma GCC unroll 8
+    for (size_t v = 0; v < MV; ++v) acc[0][v] = _mm256_fmadd_ps(w, _mm256_load_ps(ak + 8 * v), acc[0][v]);
+  }
+#pragma GCC unroll 8
+  for (size_t v = 0; v < MV; ++v) {
+    __m256 s = acc[0][v];
+    if (U == 2) s = _mm256_add_ps(s, acc[U - 1][v]);
+    if (U == 4) s = _mm256_add_ps(_mm256_add_ps(s, acc[1][v]), _mm256_add_ps(acc[2][v], acc[U - 1][v]));
+    _mm256_store_ps(out + 8 * v, s);
+  }
+}
+
+template <size_t MV>
+void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr, const uint32_t* col_idx,
+              const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
+  constexpr size_t kU = MV >= 4 ? 1 : 4 / MV;
+  constexpr size_t kRows = MV * 8;
+  alignas(32) float tile[kNg * kRows];
+  for (size_t j = 0; j < nc; ++j)
+    CsrColumn<MV, kU>(at, ldat, row_ptr[j], row_ptr[j + 1], col_idx, values, tile + j * kRows);
+  // Transposed with plain loads and stores, not a gather per row (see the AVX-512 kernel).
+  alignas(32) float rows[kRows * kNg];
+  for (size_t j = 0; j < nc; ++j)
+    for (size_t i = 0; i < m; ++i) rows[i * kNg + j] = tile[j * kRows + i];
+  const __m256i mask = LaneMask(nc);
+  avx2::ColumnTerms t{};
+  if (ep) t = avx2::LoadColumnTerms(ep, 0, mask);
+  for (size_t i = 0; i < m; ++i) {
+    __m256 v = _mm256_maskload_ps(rows + i * kNg, mask);
+    if (ep) v = avx2::ApplyEpilogue(v, t, ep, i, 0, mask);
+    _mm256_maskstore_ps(c + i * ldc, mask, v);
+  }
+}
+
+void F32SpmmCsr8x64Avx2(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
+                        const uint32_t* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
+  switch ((m + 7) / 8) {
+    case 1: return CsrGroup<1>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
+    case 2: return CsrGroup<2>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
+    case 3: return CsrGroup<3>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
+    case 4: return CsrGroup<4>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
+    case 5: return CsrGroup<5>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
+    case 6: return CsrGroup<6>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
+    case 7: return CsrGroup<7>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
+    case 8: return CsrGroup<8>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
+    default: return;
+  }
+}
+
+inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+void F32SpmvCsr8Avx2(size_t nc, const float* x, const uint32_t* row_ptr, const uint32_t* col_idx,
+                     const float* values, float* c, const GemmEpilogue* ep) {
+  alignas(32) float sums[kNg];
+  for (size_t j = 0; j < nc; ++j) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    size_t p = row_ptr[j];
+    const size_t p1 = row_ptr[j + 1];
+    for (; p + 16 <= p1; p += 16) {
+      const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_idx + p));
+      const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_idx + p + 8));
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + p), _mm256_i32gather_ps(x, i0, 4), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(values + p + 8), _mm256_i32gather_ps(x, i1, 4), acc1);
+    }
+    for (; p + 8 <= p1; p += 8) {
+      const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_idx + p));
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + p), _mm256_i32gather_ps(x, i0, 4), acc0);
+    }
+    if (p < p1) {
+      const __m256i mk = LaneMask(p1 - p);
+      const __m256i i0 = _mm256_maskload_epi32(reinterpret_cast<const int*>(col_idx + p), mk);
+      const __m256 g = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x, i0, _mm256_castsi256_ps(mk), 4);
+      acc1 = _mm256_fmadd_ps(_mm256_maskload_ps(values + p, mk), g, acc1);
+    }
+    sums[j] = HorizontalSum(_mm256_add_ps(acc0, acc1));
+  }
+  const __m256i mask = LaneMask(nc);
+  __m256 v = _mm256_maskload_ps(sums, mask);
+  if (ep) v = avx2::ApplyEpilogue(v, avx2::LoadColumnTerms(ep, 0, mask), ep, 0, 0, mask);
+  _mm256_maskstore_ps(c, mask, v);
+}
+
+template <size_t MR, size_t NV>
+void BsrTile(size_t nc, const float* a, size_t lda, size_t blocks, const uint32_t* block_k, const float* bv, float* c,
+             size_t ldc, const GemmEpilogue* ep) {
+  constexpr size_t kBw = 8 * NV;
+  __m256 acc[MR][NV];
+#pragma GCC unroll 16
+  for (size_t i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (size_t v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
+  for (size_t b = 0; b < blocks; ++b) {
+    const size_t k = block_k[b];
+    __m256 w[NV];
+#pragma GCC unroll 4
+    for (size_t v = 0; v < NV; ++v) w[v] = _mm256_load_ps(bv + b * kBw + 8 * v);
+#pragma GCC unroll 16
+    for (size_t i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+#pragma GCC unroll 4
+      for (size_t v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(av, w[v], acc[i][v]);
+    }
+  }
+  __m256i mk[NV];
+  avx2::ColumnTerms t[NV];
+#pragma GCC unroll 4
+  for (size_t v = 0; v < NV; ++v) {
+    const size_t lo = 8 * v;
+    mk[v] = LaneMask(nc > lo ? nc - lo : 0);
+    if (ep) t[v] = avx2::LoadColumnTerms(ep, lo, mk[v]);
+  }
+#pragma GCC unroll 16
+  for (size_t i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (size_t v = 0; v < NV; ++v) {
+      __m256 x = acc[i][v];
+      if (ep) x = avx2::ApplyEpilogue(x, t[v], ep, i, 8 * v, mk[v]);
+      _mm256_maskstore_ps(c + i * ldc + 8 * v, mk[v], x);
+    }
+  }
+}
+
+template <size_t NV, size_t MR>
+void BsrDispatch(size_t mr, size_t nc, const float* a, size_t lda, size_t blocks, const uint32_t* block_k,
+                 const float* bv, float* c, size_t ldc, const GemmEpilogue* ep) {
+  if (mr == MR) return BsrTile<MR, NV>(nc, a, lda, blocks, block_k, bv, c, ldc, ep);
+  if constexpr (MR > 1) BsrDispatch<NV, MR - 1>(mr, nc, a, lda, blocks, block_k, bv, c, ldc, ep);
+}
+
+void F32SpmmBsr1x8Avx2(size_t mr, size_t nc, const float* a, size_t lda, size_t blocks, const uint32_t* block_k,
+                       const float* bv, float* c, size_t ldc, const GemmEpilogue* ep) {
+  BsrDispatch<1, 12>(mr, nc, a, lda, blocks, block_k, bv, c, ldc, ep);
+}
+void F32SpmmBsr1x16Avx2(size_t mr, size_t nc, const float* a, size_t lda, size_t blocks, const uint32_t* block_k,
+                        const float* bv, float* c, size_t ldc, const GemmEpilogue* ep) {
+  BsrDispatch<2, 6>(mr, nc, a, lda, blocks, block_k, bv, c, ldc, ep);
+}
+void F32SpmmBsr1x32Avx2(size_t mr, size_t nc, const float* a, size_t lda, size_t blocks, const uint32_t* block_k,
+                        const float* bv, float* c, size_t ldc, const GemmEpilogue* ep) {
+  BsrDispatch<4, 3>(mr, nc, a, lda, blocks, block_k, bv, c, ldc, ep);
+}
+
+}  // namespace
+
+F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx2() {
+  return {F32SpmmCsr8x64Avx2, F32SpmvCsr8Avx2, kNg, kMaxMv * 8, 8, "f32_spmm_csr_8x64__avx2"};
+}
+
+F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx2(uint32_t bw) {
+  if (bw == 8) return {F32SpmmBsr1x8Avx2, 12, 8, "f32_spmm_bsr1x8_12x8__avx2"};
+  if (bw == 16) return {F32SpmmBsr1x16Avx2, 6, 16, "f32_spmm_bsr1x16_6x16__avx2"};
+  if (bw == 32) return {F32SpmmBsr1x32Avx2, 3, 32, "f32_spmm_bsr1x32_3x32__avx2"};
+  return {nullptr, 0, bw, ""};
+}
+
+}  // namespace kernels
+}  // namespace sonde

@@ -1,0 +1,86 @@
+// f32 sparse-weight x dense-activation microkernels (SpMM), with the GEMM's fused epilogue.
+//
+// Convention (the GEMM's): C[M x N] = A[M x K] * B[K x N], B the weights. Two stored forms of B:
+//
+// CSR over W = B^T (N x K): row n of W is output column n, its non-zeros are (k, w) pairs with k
+//   ascending. This is PyTorch's nn.Linear weight layout [out, in], so a pruned layer's CSR maps
+//   one to one. A kernel call covers a group of up to NG consecutive output columns. For M > 1 the
+//   operator packs A transposed per run (At: K rows of ldat >= M floats, M contiguous), so each
+//   non-zero w[n][k] is one broadcast times a vector of M values At[k][0..M) - no gathers in the
+//   inner loop, and an output column's M sums stay in registers across the whole row of W. The
+//   group's results (NG columns x MB rows) are transposed through a small stack tile to store rows
+//   of C with the row-wise GEMM epilogue (masked for the group's last columns).
+//   For M = 1 (SpMV, decode) At is A itself and the kernel gathers x[k] per non-zero instead.
+//
+// BSR with 1 x BW blocks over B (BW consecutive output columns sharing one k), stored per column
+//   panel of BW columns: the panel's non-zero blocks (k ascending) and their BW values each. The
+//   kernel is the dense GEMM tile with the K loop running over the panel's blocks only: each block
+//   is a vector load times a broadcast A[i][k] for MR rows; rows of C come out in registers, so the
+//   GEMM epilogue applies unchanged. Suits block-pruned weights (see ops/spmm.cc for the choice).
+//
+// Pure functions: no allocation, no threads, no globals. Only C headers here (included by ISA files).
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/gemm/gemm.h"
+
+namespace sonde {
+namespace kernels {
+
+// CSR, M > 1: output columns [0, nc) (nc <= NG) of the group, rows [0, m) (m <= MB).
+// row_ptr holds nc + 1 offsets into col_idx / values (absolute, not rebased to the group).
+// at: At at the first row of this M block; at[k * ldat + i] = A[i][k] (zero-padded past m to a
+// multiple of the vector width). c, ep: offset to (row 0, column 0) of the block.
+typedef void (*F32SpmmCsrUkernel)(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
+                                  const uint32_t* col_idx, const float* values, float* c, size_t ldc,
+                                  const GemmEpilogue* ep);
+// CSR, M = 1: c[0..nc) = epilogue(sum_p values[p] * x[col_idx[p]]) over each row's non-zeros.
+typedef void (*F32SpmvCsrUkernel)(size_t nc, const float* x, const uint32_t* row_ptr, const uint32_t* col_idx,
+                                  const float* values, float* c, const GemmEpilogue* ep);
+// BSR: rows [0, mr) (mr <= MR) of A times one column panel (nc <= BW columns) of 1 x BW blocks
+// block_k[0..blocks), block_values[b * BW .. b * BW + BW).
+typedef void (*F32SpmmBsrUkernel)(size_t mr, size_t nc, const float* a, size_t lda, size_t blocks,
+                                  const uint32_t* block_k, const float* block_values, float* c, size_t ldc,
+                                  const GemmEpilogue* ep);
+
+struct F32SpmmCsrUkernelInfo {
+  F32SpmmCsrUkernel spmm;
+  F32SpmvCsrUkernel spmv;
+  uint32_t ng;  // output columns per call (the SIMD width)
+  uint32_t mb;  // max rows per spmm call
+  uint32_t mv;  // At row padding (vector width in floats)
+  const char* name;
+};
+
+struct F32SpmmBsrUkernelInfo {
+  F32SpmmBsrUkernel fn;
+  uint32_t mr;  // rows per call (max)
+  uint32_t bw;  // block width it was written for
+  const char* name;
+};
+
+F32SpmmCsrUkernelInfo F32SpmmCsrUkernelScalar();
+// bw: 8, 16 or 32 (any multiple of 1 works for scalar).
+F32SpmmBsrUkernelInfo F32SpmmBsrUkernelScalar(uint32_t bw);
+#if defined(__x86_64__) || defined(_M_X64)
+F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx2();
+F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx512();
+// bw 8, 16, 32 for AVX2; 16, 32 for AVX-512 (an 8-wide block is an AVX2 vector: the operator uses
+// the AVX2 kernel for it). fn is null for an unsupported width.
+F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx2(uint32_t bw);
+F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx512(uint32_t bw);
+#endif
+
+// The reference: for each output, the CSR row's products summed in double, then the scalar
+// epilogue. Rows [0, m) of A (lda), output columns [n0, n1) of W; c, ep at (row 0, column 0).
+void F32SpmmCsrReference(size_t m, size_t n0, size_t n1, const float* a, size_t lda, const uint32_t* row_ptr,
+                         const uint32_t* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep);
+// The same for BSR: rows [0, m), column panels [p0, p1) of width bw, n columns in all; c, ep at
+// (row 0, column 0) of the whole output.
+void F32SpmmBsrReference(size_t m, size_t n, size_t bw, size_t p0, size_t p1, const float* a, size_t lda,
+                         const uint32_t* block_ptr, const uint32_t* block_k, const float* block_values, float* c,
+                         size_t ldc, const GemmEpilogue* ep);
+
+}  // namespace kernels
+}  // namespace sonde

@@ -1,0 +1,339 @@
+#include "ops/spmm.h"
+
+#include <algorithm>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+namespace sonde {
+
+namespace {
+
+// 'auto' format: BSR when at least this fraction of the stored block values is non-zero. A CSR
+// non-zero costs an index, a value and a broadcast per M-vector; a BSR block one index per bw values
+// but computes its zeros. Block width: on 90% block-pruned 1024x1024, M = 64, one thread (bench
+// `sparse --quick`, AVX-512 machine): BSR 1x16 0.43 ms, 1x32 0.47 ms, 1x8 0.55 ms, CSR 0.61 ms, dense
+// GEMM 1.39 ms, so the default width is one vector (16 with AVX-512). The 0.5 threshold is a
+// estimate from the per-value costs, not yet measured across fills (open item).
+constexpr double kBsrMinFill = 0.5;
+
+constexpr size_t kMaxOffset = 0xFFFFFFFFu;         // offsets are uint32
+constexpr size_t kMaxK = 0x7FFFFFFFu;              // gathers take signed 32-bit indices
+
+float* AlignedFloats(size_t count) {
+  const size_t bytes = (std::max<size_t>(1, count) * sizeof(float) + 63) / 64 * 64;
+  float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
+}  // namespace
+
+bool ValidBsrBlockWidth(uint32_t bw) { return bw == 8 || bw == 16 || bw == 32; }
+
+uint32_t DefaultBsrBlockWidth() { return Cpu().Supports(IsaLevel::kAvx512) ? 16 : 8; }
+
+const char* SparseFormatName(SparseFormat f) {
+  switch (f) {
+    case SparseFormat::kCsr: return "csr";
+    case SparseFormat::kBsr: return "bsr";
+    default: return "auto";
+  }
+}
+
+void SparseWeights::ComputeBytes() {
+  bytes_ = (row_ptr_.size() + col_idx_.size() + block_ptr_.size() + block_k_.size()) * sizeof(uint32_t) +
+           values_.size() * sizeof(float) + (block_values_ ? block_k_.size() * bw_ * sizeof(float) : 0);
+}
+
+std::unique_ptr<SparseWeights> SparseWeights::FromDense(const float* b, size_t k, size_t n, size_t ldb,
+                                                        SparseFormat format, uint32_t block_width) {
+  if (k > kMaxK) throw std::length_error("k exceeds 2^31 - 1");
+  std::unique_ptr<SparseWeights> w(new SparseWeights());
+  w->k_ = k;
+  w->n_ = n;
+  const uint32_t bw = ValidBsrBlockWidth(block_width) ? block_width : DefaultBsrBlockWidth();
+  const size_t panels = (n + bw - 1) / bw;
+  // One pass row by row (B is row-major): non-zeros per output column and non-zero blocks per panel.
+  std::vector<size_t> col_count(n, 0), panel_blocks(panels, 0);
+  size_t nnz = 0, blocks = 0;
+  for (size_t kk = 0; kk < k; ++kk) {
+    const float* row = b + kk * ldb;
+    for (size_t p = 0; p < panels; ++p) {
+      bool any = false;
+      for (size_t j = p * bw; j < std::min(n, p * bw + bw); ++j) {
+        if (row[j] != 0.0f) {
+          ++col_count[j];
+          any = true;
+        }
+      }
+      panel_blocks[p] += any;
+      blocks += any;
+    }
+  }
+  for (size_t c : col_count) nnz += c;
+  w->nnz_ = nnz;
+  if (format == SparseFormat::kAuto) {
+    const double fill = blocks ? static_cast<double>(nnz) / (static_cast<double>(blocks) * bw) : 0.0;
+    format = fill >= kBsrMinFill ? SparseFormat::kBsr : SparseFormat::kCsr;
+  }
+  w->format_ = format;
+  if (format == SparseFormat::kCsr) {
+    if (nnz > kMaxOffset) throw std::length_error("more than 2^32 - 1 non-zeros");
+    w->row_ptr_.resize(n + 1);
+    w->row_ptr_[0] = 0;
+    for (size_t j = 0; j < n; ++j) w->row_ptr_[j + 1] = w->row_ptr_[j] + static_cast<uint32_t>(col_count[j]);
+    w->col_idx_.resize(nnz);
+    w->values_.resize(nnz);
+    std::vector<uint32_t> pos(w->row_ptr_.begin(), w->row_ptr_.end() - 1);
+    // k ascending in the outer loop, so each row's column indices come out sorted.
+    for (size_t kk = 0; kk < k; ++kk) {
+      const float* row = b + kk * ldb;
+      for (size_t j = 0; j < n; ++j) {
+        if (row[j] != 0.0f) {
+          w->col_idx_[pos[j]] = static_cast<uint32_t>(kk);
+          w->values_[pos[j]++] = row[j];
+        }
+      }
+    }
+  } else {
+    size_t stored;
+    if (blocks > kMaxOffset || __builtin_mul_overflow(blocks, static_cast<size_t>(bw), &stored))
+      throw std::length_error("more than 2^32 - 1 blocks");
+    w->bw_ = bw;
+    w->block_ptr_.resize(panels + 1);
+    w->block_ptr_[0] = 0;
+    for (size_t p = 0; p < panels; ++p) w->block_ptr_[p + 1] = w->block_ptr_[p] + static_cast<uint32_t>(panel_blocks[p]);
+    w->block_k_.resize(blocks);
+    w->block_values_.reset(AlignedFloats(stored));
+    float* vals = w->block_values_.get();
+    std::vector<uint32_t> pos(w->block_ptr_.begin(), w->block_ptr_.end() - 1);
+    for (size_t kk = 0; kk < k; ++kk) {
+      const float* row = b + kk * ldb;
+      for (size_t p = 0; p < panels; ++p) {
+        const size_t j0 = p * bw, cols = std::min<size_t>(bw, n - j0);
+        bool any = false;
+        for (size_t j = 0; j < cols && !any; ++j) any = row[j0 + j] != 0.0f;
+        if (!any) continue;
+        const size_t bi = pos[p]++;
+        w->block_k_[bi] = static_cast<uint32_t>(kk);
+        float* dst = vals + bi * bw;
+        std::memcpy(dst, row + j0, cols * sizeof(float));
+        std::memset(dst + cols, 0, (bw - cols) * sizeof(float));
+      }
+    }
+  }
+  w->ComputeBytes();
+  return w;
+}
+
+std::unique_ptr<SparseWeights> SparseWeights::FromCsr(size_t rows, size_t cols, const uint32_t* row_ptr,
+                                                      size_t row_ptr_len, const uint32_t* col_idx, size_t col_idx_len,
+                                                      const float* values, size_t values_len, std::string* error) {
+  if (cols > kMaxK) return *error = "cols must be at most 2147483647", nullptr;
+  if (row_ptr_len != rows + 1) return *error = "rowPtr must hold rows + 1 entries", nullptr;
+  if (col_idx_len != values_len) return *error = "colIdx and values must have the same length", nullptr;
+  if (row_ptr[0] != 0) return *error = "rowPtr[0] must be 0", nullptr;
+  for (size_t r = 0; r < rows; ++r)
+    if (row_ptr[r + 1] < row_ptr[r]) return *error = "rowPtr must be non-decreasing", nullptr;
+  if (row_ptr[rows] != col_idx_len) return *error = "rowPtr[rows] must equal the length of colIdx and values", nullptr;
+  for (size_t r = 0; r < rows; ++r) {
+    for (uint32_t p = row_ptr[r]; p < row_ptr[r + 1]; ++p) {
+      if (col_idx[p] >= cols) return *error = "colIdx holds an index out of range [0, cols)", nullptr;
+      if (p > row_ptr[r] && col_idx[p] <= col_idx[p - 1])
+        return *error = "colIdx must be strictly increasing within each row", nullptr;
+    }
+  }
+  std::unique_ptr<SparseWeights> w(new SparseWeights());
+  w->format_ = SparseFormat::kCsr;
+  w->k_ = cols;
+  w->n_ = rows;
+  w->nnz_ = col_idx_len;
+  w->row_ptr_.assign(row_ptr, row_ptr + row_ptr_len);
+  w->col_idx_.assign(col_idx, col_idx + col_idx_len);
+  w->values_.assign(values, values + values_len);
+  w->ComputeBytes();
+  return w;
+}
+
+namespace {
+
+kernels::F32SpmmCsrUkernelInfo CsrUkernel(GemmVariant v) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (v == GemmVariant::kAvx512) return kernels::F32SpmmCsrUkernelAvx512();
+  if (v == GemmVariant::kAvx2) return kernels::F32SpmmCsrUkernelAvx2();
+#endif
+  return kernels::F32SpmmCsrUkernelScalar();
+}
+
+kernels::F32SpmmBsrUkernelInfo BsrUkernel(GemmVariant v, uint32_t bw) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (v == GemmVariant::kAvx512 && bw != 8) return kernels::F32SpmmBsrUkernelAvx512(bw);
+  // An 8-wide block is one ymm: the AVX2 kernel is the right one on AVX-512 machines too.
+  if (v == GemmVariant::kAvx512 || v == GemmVariant::kAvx2) return kernels::F32SpmmBsrUkernelAvx2(bw);
+#endif
+  return kernels::F32SpmmBsrUkernelScalar(bw);
+}
+
+bool Trivial(const kernels::GemmEpilogue& e) {
+  return !e.scale && !e.bias && !e.residual && e.activation == kernels::kActNone;
+}
+
+// Splits units [0, count) (CSR groups or BSR panels) into at most `parts` contiguous ranges of about
+// equal cost, cost(u) = work(u) + fixed: prefix sums of non-zeros, so that threads get equal work
+// rather than equal column counts (pruned layers have very uneven rows). `fixed` is the per-unit
+// cost that does not depend on non-zeros (epilogue, stores), so all-zero units still spread out.
+std::vector<size_t> BalancedSplit(size_t count, size_t parts, const uint32_t* unit_ptr, size_t fixed) {
+  auto prefix = [&](size_t u) { return static_cast<double>(unit_ptr[u]) + static_cast<double>(u * fixed); };
+  std::vector<size_t> bounds{0};
+  const double total = prefix(count);
+  size_t u = 0;
+  for (size_t t = 1; t < parts; ++t) {
+    const double target = total * static_cast<double>(t) / static_cast<double>(parts);
+    while (u < count && prefix(u) < target) ++u;
+    if (u > bounds.back() && u < count) bounds.push_back(u);
+  }
+  bounds.push_back(count);
+  return bounds;
+}
+
+}  // namespace
+
+std::string SpmmUkernelName(const SparseWeights& w, GemmVariant v) {
+  v = ResolveGemmVariant(v);
+  if (v == GemmVariant::kReference) return "f32_spmm_reference";
+  if (w.format() == SparseFormat::kBsr) return BsrUkernel(v, w.block_width()).name;
+  return CsrUkernel(v).name;  // (M > 1 under 'auto' on AVX-512: the AVX2 kernel, see RunSpmm)
+}
+
+bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const GemmArgs& args,
+             const SparseWeights& w, GemmVariant variant) {
+  const size_t m = args.m, n = w.n(), k = w.k();
+  if (m == 0 || n == 0) return true;
+  const unsigned threads = std::max(1u, std::min(max_threads, pool.size()));
+  const kernels::GemmEpilogue& e = args.epilogue;
+  const bool trivial = Trivial(e);
+  const bool bsr = w.format() == SparseFormat::kBsr;
+  // 'auto' with CSR and M > 1 runs the AVX2 kernel on AVX-512 machines: measured here (1024x1024 at
+  // 90%, one thread) the AVX-512 one is slower (M = 64: 1.13 vs 0.64 ms; M = 256: 2.7 vs 2.6 ms),
+  // its per-row transpose and masked stores of C costing more than the wider FMAs save (open item).
+  if (variant == GemmVariant::kAuto && !bsr && m > 1 && ResolveGemmVariant(variant) == GemmVariant::kAvx512)
+    variant = GemmVariant::kAvx2;
+  variant = ResolveGemmVariant(variant);
+
+  if (variant == GemmVariant::kReference) {
+    return pool.ParallelFor(m, threads, [&](size_t i) {
+      const kernels::GemmEpilogue ep = OffsetEpilogue(e, i, 0);
+      if (bsr) {
+        kernels::F32SpmmBsrReference(1, n, w.block_width(), 0, w.block_ptr_.size() - 1, args.a + i * args.lda, args.lda,
+                                     w.block_ptr_.data(), w.block_k_.data(), w.block_values_.get(),
+                                     args.c + i * args.ldc, args.ldc, &ep);
+      } else {
+        kernels::F32SpmmCsrReference(1, 0, n, args.a + i * args.lda, args.lda, w.row_ptr_.data(), w.col_idx_.data(),
+                                     w.values_.data(), args.c + i * args.ldc, args.ldc, &ep);
+      }
+    }, cancel);
+  }
+
+  if (bsr) {
+    const auto uk = BsrUkernel(variant, w.block_width());
+    const size_t bw = uk.bw, mr = uk.mr;
+    const size_t panels = w.block_ptr_.size() - 1;
+    const size_t m_tiles = (m + mr - 1) / mr;
+    // A few tasks per thread over panels (balanced by block counts); split rows too when there are
+    // few panels, so small-N layers still use every thread.
+    const std::vector<size_t> pb = BalancedSplit(panels, 4 * threads, w.block_ptr_.data(), 8);
+    const size_t p_chunks = pb.size() - 1;
+    const size_t m_chunks = std::min(m_tiles, std::max<size_t>(1, (4 * threads + p_chunks - 1) / p_chunks));
+    const size_t tiles_per = (m_tiles + m_chunks - 1) / m_chunks;
+    return pool.ParallelFor(p_chunks * m_chunks, threads, [&](size_t t) {
+      const size_t pc = t / m_chunks, mc = t % m_chunks;
+      const size_t t0 = mc * tiles_per, t1 = std::min(m_tiles, t0 + tiles_per);
+      for (size_t p = pb[pc]; p < pb[pc + 1]; ++p) {
+        const size_t n0 = p * bw, nc = std::min(bw, n - n0);
+        const uint32_t b0 = w.block_ptr_[p];
+        const size_t blocks = w.block_ptr_[p + 1] - b0;
+        for (size_t ti = t0; ti < t1; ++ti) {
+          const size_t m0 = ti * mr, rows = std::min(mr, m - m0);
+          const kernels::GemmEpilogue ep = OffsetEpilogue(e, m0, n0);
+          uk.fn(rows, nc, args.a + m0 * args.lda, args.lda, blocks, w.block_k_.data() + b0,
+                w.block_values_.get() + static_cast<size_t>(b0) * bw, args.c + m0 * args.ldc + n0, args.ldc,
+                trivial ? nullptr : &ep);
+        }
+      }
+    }, cancel);
+  }
+
+  const auto uk = CsrUkernel(variant);
+  const size_t ng = uk.ng;
+  const size_t groups = (n + ng - 1) / ng;
+  // Cost of a group: its non-zeros, plus ng for the work that does not depend on them (transpose,
+  // epilogue, stores).
+  std::vector<uint32_t> group_ptr(groups + 1);
+  for (size_t g = 0; g <= groups; ++g) group_ptr[g] = w.row_ptr_[std::min(g * ng, n)];
+  const std::vector<size_t> bounds = BalancedSplit(groups, 4 * threads, group_ptr.data(), ng);
+  const size_t chunks = bounds.size() - 1;
+
+  if (m == 1) {
+    // SpMV: x is A's row itself; no packing.
+    return pool.ParallelFor(chunks, threads, [&](size_t t) {
+      for (size_t g = bounds[t]; g < bounds[t + 1]; ++g) {
+        const size_t n0 = g * ng, nc = std::min(ng, n - n0);
+        const kernels::GemmEpilogue ep = OffsetEpilogue(e, 0, n0);
+        uk.spmv(nc, args.a, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(), args.c + n0,
+                trivial ? nullptr : &ep);
+      }
+    }, cancel);
+  }
+
+  // Pack At (K x ldat, M contiguous, zero-padded to the vector width): per run, because A changes
+  // every run; it costs K*M copies against 2*nnz*M flops.
+  const size_t ldat = (m + uk.mv - 1) / uk.mv * uk.mv;
+  // Kept per calling thread and reused: a fresh allocation of this size is an mmap, page faults
+  // and a zero fill every run (measured here: ~0.4 ms for a 256 KiB At, more than the SpMM itself).
+  // Only the thread that runs RunSpmm owns it; the pool threads only read it during this call.
+  thread_local std::unique_ptr<float, SparseWeights::FreeDeleter> at_cache;
+  thread_local size_t at_capacity = 0;
+  if (at_capacity < k * ldat) {
+    at_cache.reset(AlignedFloats(k * ldat));
+    at_capacity = k * ldat;
+  }
+  float* const at_data = at_cache.get();
+  struct { float* get() const { return p; } float* p; } at{at_data};
+  constexpr size_t kPackK = 64;  // A read 64 columns (4 cache lines) per row at a time
+  const size_t k_chunks = (k + kPackK - 1) / kPackK;
+  if (!pool.ParallelFor(k_chunks, threads, [&](size_t kc) {
+        const size_t k0 = kc * kPackK, k1 = std::min(k, k0 + kPackK);
+        float* dst = at.get();
+        for (size_t i = 0; i < m; ++i) {
+          const float* src = args.a + i * args.lda;
+          for (size_t kk = k0; kk < k1; ++kk) dst[kk * ldat + i] = src[kk];
+        }
+        for (size_t kk = k0; kk < k1; ++kk)
+          for (size_t i = m; i < ldat; ++i) dst[kk * ldat + i] = 0.0f;
+      }, cancel))
+    return false;
+
+  // Rows per call: each non-zero reads mb/vector-width vectors of At at a random k, so the K x mb
+  // slice of At should stay close (a 256 KiB slice, M = 64 at K = 1024, ran at 8 real GFLOP/s).
+  // Measured with SONDE_SPMM_MB on 1024x1024 at 90%, M = 64, one thread, AVX2 kernel: mb 16 / 32 /
+  // 64 / 128 = 0.80 / 0.52 / 0.61 / 0.65 ms; a quarter of L2 (32 rows at K = 1024) is that optimum.
+  const size_t cache_rows = Cpu().l2_bytes / 4 / (std::max<size_t>(1, k) * sizeof(float)) / uk.mv * uk.mv;
+  static const size_t mb_knob = [] { const char* v = std::getenv("SONDE_SPMM_MB"); return v ? std::strtoull(v, nullptr, 10) : 0; }();
+  const size_t mb = std::max<size_t>(uk.mv, std::min<size_t>(uk.mb, (mb_knob ? mb_knob : cache_rows) / uk.mv * uk.mv));
+  return pool.ParallelFor(chunks, threads, [&](size_t t) {
+    // M blocks outer: the K x mb slice of At stays in L1 while the chunk's rows of W stream past it
+    // (from L2: 8 bytes per non-zero).
+    for (size_t m0 = 0; m0 < m; m0 += mb) {
+      const size_t rows = std::min(mb, m - m0);
+      for (size_t g = bounds[t]; g < bounds[t + 1]; ++g) {
+        const size_t n0 = g * ng, nc = std::min(ng, n - n0);
+        const kernels::GemmEpilogue ep = OffsetEpilogue(e, m0, n0);
+        uk.spmm(rows, nc, at.get() + m0, ldat, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(),
+                args.c + m0 * args.ldc + n0, args.ldc, trivial ? nullptr : &ep);
+      }
+    }
+  }, cancel);
+}
+
+}  // namespace sonde

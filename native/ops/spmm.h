@@ -1,0 +1,72 @@
+// SpMM operator: sparse weights built once at load (CSR or BSR, see kernels/sparse/spmm.h for the
+// layouts), then C[M x N] = epilogue(A[M x K] * B[K x N]) on the pool, threads split over output
+// columns with balanced non-zero counts.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/sparse/spmm.h"
+#include "ops/gemm.h"
+
+namespace sonde {
+
+enum class SparseFormat { kAuto, kCsr, kBsr };
+
+// BSR blocks are 1 x block_width over B (block_width consecutive output columns).
+bool ValidBsrBlockWidth(uint32_t bw);
+// The block width 'auto' uses: one vector of the widest SIMD level (16 with AVX-512, else 8).
+uint32_t DefaultBsrBlockWidth();
+
+class SparseWeights {
+ public:
+  // From dense B (k x n, row-major, leading dimension ldb). Explicit zeros (+0 and -0) are dropped;
+  // NaN and Inf are kept. kAuto picks BSR when the blocks are mostly full (see spmm.cc).
+  // Throws std::length_error when the non-zeros do not fit 32-bit offsets, std::bad_alloc.
+  static std::unique_ptr<SparseWeights> FromDense(const float* b, size_t k, size_t n, size_t ldb, SparseFormat format,
+                                                  uint32_t block_width);
+  // From CSR of W = B^T (rows = n output columns, cols = k). Returns null with *error naming the
+  // field when the arrays are inconsistent (the TS layer checks the same first).
+  static std::unique_ptr<SparseWeights> FromCsr(size_t rows, size_t cols, const uint32_t* row_ptr, size_t row_ptr_len,
+                                                const uint32_t* col_idx, size_t col_idx_len, const float* values,
+                                                size_t values_len, std::string* error);
+
+  SparseFormat format() const { return format_; }
+  size_t k() const { return k_; }
+  size_t n() const { return n_; }
+  size_t nnz() const { return nnz_; }  // non-zero weights (BSR: not counting zeros inside blocks)
+  size_t bytes() const { return bytes_; }
+  uint32_t block_width() const { return bw_; }
+  size_t blocks() const { return block_k_.size(); }
+
+  // CSR of W.
+  std::vector<uint32_t> row_ptr_, col_idx_;
+  std::vector<float> values_;
+  // BSR: per column panel p of bw columns, blocks [block_ptr_[p], block_ptr_[p + 1]).
+  std::vector<uint32_t> block_ptr_, block_k_;
+  struct FreeDeleter {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, FreeDeleter> block_values_;  // 64-byte aligned: the kernels' aligned loads
+
+ private:
+  SparseWeights() = default;
+  void ComputeBytes();
+  SparseFormat format_ = SparseFormat::kCsr;
+  size_t k_ = 0, n_ = 0, nnz_ = 0, bytes_ = 0;
+  uint32_t bw_ = 0;
+};
+
+const char* SparseFormatName(SparseFormat f);
+// Name of the microkernel a (resolved) variant runs for these weights.
+std::string SpmmUkernelName(const SparseWeights& w, GemmVariant v);
+
+// Runs on the calling pool thread plus up to max_threads-1 helpers. Returns false if cancelled.
+// variant: resolved or kAuto; kReference is the double-accumulation reference.
+bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const GemmArgs& args,
+             const SparseWeights& w, GemmVariant variant);
+
+}  // namespace sonde
