@@ -31,7 +31,9 @@ describe('packed tarball', () => {
       copyFileSync(local, prebuilt);
     }
     work = mkdtempSync(join(tmpdir(), 'sonde-pack-'));
-    const tgz = run('npm', ['pack', '--silent', '--pack-destination', work], { cwd: root }).trim().split('\n').pop()!;
+    // --ignore-scripts: `npm test` built dist/ already, and prepack's tsc would rewrite dist/ while
+    // the other test files running beside this one import it.
+    const tgz = run('npm', ['pack', '--silent', '--ignore-scripts', '--pack-destination', work], { cwd: root }).trim().split('\n').pop()!;
     const app = join(work, 'app');
     mkdirSync(app);
     writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'app', version: '1.0.0', private: true }));
