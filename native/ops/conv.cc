@@ -347,7 +347,7 @@ bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cance
   const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
   const size_t bias_rows = has_bias_ ? (bf16 ? 3 : 1) : 0;
   const size_t kc_max = bf16 ? k_run_ : std::min(kKc, k_run_);
-  // fp32: nb panels of kc x nr floats. bf16: one panel of all K pairs (uint32) + two fp32 rows.
+  // fp32: nb panels of kc x nr floats. bf16: one panel of all K pairs (uint32) + its 2*pairs fp32 rows.
   // Rows split across tasks would each repeat the im2col of the same panels; then pack every panel
   // once, in parallel, into one shared buffer (small: these layers have few output pixels, e.g.
   // 7 panels x K = 2305 x 32 floats = 2 MiB at 14x14x256 3x3) and let the row blocks read it.
@@ -365,7 +365,7 @@ bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cance
         }, cancel))
       return false;
   }
-  const size_t scratch = bf16 ? ldw_ * nr + 2 * nr : shared ? 0 : nb * kc_max * nr;
+  const size_t scratch = bf16 ? 3 * ldw_ * nr : shared ? 0 : nb * kc_max * nr;
   std::atomic<bool> oom{false};
   auto task = [&](size_t t) {
     const size_t mbi = t % m_blocks, pbi = (t / m_blocks) % p_blocks, gi = (t / m_blocks / p_blocks) % groups,
@@ -386,13 +386,13 @@ bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cance
     if (bf16) {
       const size_t pairs = ldw_;
       uint32_t* panel = reinterpret_cast<uint32_t*>(buf);
-      float* r0 = buf + pairs * nr;
-      float* r1 = r0 + nr;
+      float* rows_f32 = buf + pairs * nr;  // 2 * pairs rows of nr floats: one im2col call per panel
       for (size_t p = p0; p < p1; ++p) {
         const size_t j0 = p * nr, ncols = std::min(nr, hwo - j0);
+        im2col_uk_(&c, 0, 2 * pairs, j0, ncols, nr, rows_f32);
         for (size_t q = 0; q < pairs; ++q) {
-          im2col_uk_(&c, 2 * q, 1, j0, ncols, nr, r0);
-          im2col_uk_(&c, 2 * q + 1, 1, j0, ncols, nr, r1);
+          const float* r0 = rows_f32 + 2 * q * nr;
+          const float* r1 = r0 + nr;
           uint32_t* dst = panel + q * nr;
           for (size_t l = 0; l < nr; ++l)
             dst[l] = static_cast<uint32_t>(kernels::LowpF32ToBf16(r0[l])) |
