@@ -86,6 +86,13 @@ void F32Im2colAvx512(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_
       if (iy < 0 || iy >= H) continue;  // already zero
       const float* src = xp + iy * W;
       const ptrdiff_t ix0 = g.ix0 + dx;
+      // The same window position one channel on is read kh*kw rows from now: fetch it into L1
+      // ahead (the loads otherwise wait on L2 one (channel, ky) group at a time; prefetches never
+      // fault, so the last channel's reach past the group is harmless).
+      if (dx == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(src + plane + ix0), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(src + plane + ix0 + static_cast<ptrdiff_t>(g.len * a->sw)), _MM_HINT_T0);
+      }
       for (size_t t = 0; t < g.len; t += 16) {
         const ptrdiff_t base = ix0 + static_cast<ptrdiff_t>(t * a->sw);
         const ptrdiff_t n = static_cast<ptrdiff_t>(g.len - t);
