@@ -333,7 +333,7 @@ async function convPair(ctx, n, cin, hw, cout, k, stride, group, threads) {
 async function* convSuite(ctx) {
   const pool = getThreads();
   const threadCounts = [...new Set([1, Math.min(2, pool)])];
-  const timing = ctx.quick ? { minRounds: 3, minMs: 60, maxMs: 400 } : { minRounds: 5, minMs: 150, maxMs: 1200 };
+  const timing = ctx.quick ? { minRounds: 3, minMs: 60, maxMs: 400 } : { minRounds: 9, minMs: 400, maxMs: 2000 };
   const pick = (list, names) => list.filter((s) => names.includes(s[0]));
   const cases = ctx.quick
     ? [...pick(RESNET50, ['r50 56 3x3 64', 'r50 56 1x1 64-256', 'r50 7 3x3 512']), ...pick(MOBILENETV2, ['mv2 56 dw 144'])].map((s) => [1, ...s])

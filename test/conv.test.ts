@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { DisposedError, InvalidArgumentError, Tensor, devices, kernels } from '../dist/index.js';
+import { AbortError, DisposedError, InvalidArgumentError, Tensor, devices, kernels, reportedExternalMemory } from '../dist/index.js';
 import { randomTensor } from './helpers.js';
 
 const simd = devices().cpu.simd;
@@ -354,14 +354,39 @@ describe('bad input is a typed error naming the field', () => {
     expect(() => kernels.createConv2d(w, { precision: 'int8' as 'bf16' })).toThrow(InvalidArgumentError);
     conv.dispose();
   });
-  it('dispose then run is a DisposedError; dispose is idempotent; memory is reported', async () => {
-    const before = (await import('../dist/index.js')).reportedExternalMemory();
-    const conv = kernels.createConv2d(randomTensor([64, 64, 3, 3]), { pads: [1, 1, 1, 1] });
+  it('dispose then run is a DisposedError; dispose is idempotent; memory is reported and released', async () => {
+    const weights = randomTensor([64, 64, 3, 3]);  // (its ArrayBuffer counts as external memory too)
+    const before = reportedExternalMemory();
+    const conv = kernels.createConv2d(weights, { pads: [1, 1, 1, 1] });
     expect(conv.bytes).toBeGreaterThanOrEqual(64 * 64 * 9 * 4);
-    expect((await import('../dist/index.js')).reportedExternalMemory() - before).toBeGreaterThanOrEqual(conv.bytes);
+    expect(reportedExternalMemory() - before).toBe(conv.bytes);
     conv.dispose();
     conv.dispose();
+    expect(reportedExternalMemory()).toBe(before);
     await expect(conv.run(randomTensor([1, 64, 4, 4]))).rejects.toThrow(DisposedError);
+  });
+  it('options.out is written and validated; an aborted signal rejects with AbortError', async () => {
+    const conv = kernels.createConv2d(w, { group: 2, pads: [1, 1, 1, 1], bias: randomTensor([4], 2) });
+    const want = await conv.run(x);
+    const out = new Tensor('float32', new Float32Array(4 * 64).fill(NaN), [1, 4, 8, 8]);
+    expect(await conv.run(x, { out })).toBe(out);
+    expect(Array.from(out.data)).toEqual(Array.from(want.data));
+    await expect(conv.run(x, { out: randomTensor([1, 4, 8, 9]) })).rejects.toThrow(/options.out must have the output's dims \[1, 4, 8, 8\]/);
+    await expect(conv.run(x, { out: x.reshape([1, 4, 8, 12]).reshape([1, 4, 8, 12]) as Tensor<'float32'> })).rejects.toThrow(InvalidArgumentError);
+    const ac = new AbortController();
+    ac.abort();
+    await expect(conv.run(x, { signal: ac.signal })).rejects.toThrow(AbortError);
+    await expect(kernels.maxPool2d(x, { kernelShape: [2, 2], signal: ac.signal })).rejects.toThrow(AbortError);
+    conv.dispose();
+  });
+  it('reports how it runs', () => {
+    const dense = kernels.createConv2d(w, { group: 2, variant: 'reference' });
+    expect([dense.path, dense.ukernel, dense.inChannels, dense.outChannels]).toEqual(['reference', 'f32_conv__reference', 6, 4]);
+    const dw = kernels.createConv2d(randomTensor([6, 1, 3, 3]), { group: 6 });
+    expect(dw.path).toBe('depthwise');
+    expect(dw.outputShape([2, 6, 10, 9])).toEqual([2, 6, 8, 7]);
+    dense.dispose();
+    dw.dispose();
   });
   it('pooling options', async () => {
     await expect(kernels.maxPool2d(x, {} as kernels.PoolOptions)).rejects.toThrow(/options.kernelShape is required/);

@@ -40,12 +40,14 @@ struct WindowArgs {
   float* scratch;
 };
 
-// Scratch plane: every row/column a window can touch, plus slack for full 16-lane (or 32-lane,
-// for the stride-2 deinterleave) loads past the last output.
+// Scratch plane: every row/column a window can touch. Columns run to the last 16-lane chunk's
+// reach: a chunk starting at output column ox reads input columns ox*sw + kx*dw + [0, 16*sw) (the
+// stride-2 path loads 32 consecutive floats, a gather at most lane 15*sw), all below
+// ow16*sw + (kw-1)*dw, so no slack is needed past that (and small planes fill little padding).
 static inline size_t WindowScratchRows(const WindowArgs* a) { return (a->oh - 1) * a->sh + (a->kh - 1) * a->dh + 1; }
 static inline size_t WindowScratchCols(const WindowArgs* a) {
   const size_t ow16 = (a->ow + 15) / 16 * 16;
-  size_t c = ow16 * a->sw + (a->kw - 1) * a->dw + 32;
+  size_t c = ow16 * a->sw + (a->kw - 1) * a->dw;
   if (c < a->pad_l + a->iw) c = a->pad_l + a->iw;
   return c;
 }

@@ -86,6 +86,13 @@ void F32Im2colAvx512(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_
       if (iy < 0 || iy >= H) continue;  // already zero
       const float* src = xp + iy * W;
       const ptrdiff_t ix0 = g.ix0 + dx;
+      // The same window position one channel on is read kh*kw rows from now: fetch it into L1
+      // ahead (the loads otherwise wait on L2 one (channel, ky) group at a time; prefetches never
+      // fault, so the last channel's reach past the group is harmless).
+      if (dx == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(src + plane + ix0), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(src + plane + ix0 + static_cast<ptrdiff_t>(g.len * a->sw)), _MM_HINT_T0);
+      }
       for (size_t t = 0; t < g.len; t += 16) {
         const ptrdiff_t base = ix0 + static_cast<ptrdiff_t>(t * a->sw);
         const ptrdiff_t n = static_cast<ptrdiff_t>(g.len - t);
@@ -103,7 +110,7 @@ void F32Im2colAvx512(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_
           m = Range(lo, hi) & Range(0, n);
           const __m512 v0 = _mm512_maskz_loadu_ps(Range(-base, W - base), src + base);
           const __m512 v1 = _mm512_maskz_loadu_ps(Range(-base - 16, W - base - 16), src + base + 16);
-          v = _mm512_permutex2var_ps(v0, even, v1);
+          v = _mm512_maskz_mov_ps(m, _mm512_permutex2var_ps(v0, even, v1));
         } else {
           const ptrdiff_t sw = static_cast<ptrdiff_t>(a->sw);
           const ptrdiff_t lo = base >= 0 ? 0 : (-base + sw - 1) / sw;
@@ -112,7 +119,12 @@ void F32Im2colAvx512(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_
           // Indices relative to src + base stay small; masked-off lanes are not read.
           v = _mm512_mask_i32gather_ps(zero, m, gstep, src + base, 4);
         }
-        _mm512_mask_storeu_ps(dst + g.l + t, m, v);
+        // v is zero outside m. A full store is much cheaper than a masked one on AMD cores, and the
+        // lanes it writes past this segment belong to later segments of the same row (written
+        // after this one) or to columns past ncols (zero, or ignored by the GEMM's masked stores);
+        // only a chunk reaching past the row end must be masked.
+        if (g.l + t + 16 <= nr) _mm512_storeu_ps(dst + g.l + t, v);
+        else _mm512_mask_storeu_ps(dst + g.l + t, m, v);
       }
     }
   }

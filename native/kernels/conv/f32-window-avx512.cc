@@ -24,7 +24,7 @@ void FillPadded(const WindowArgs* a, float pad) {
     float* dst = a->scratch + r * cols;
     const size_t iy = r - a->pad_t;  // wraps for r < pad_t: then >= ih
     const bool inside = r >= a->pad_t && iy < a->ih;
-    // Pad the whole row with vector stores (cols >= 32), then copy the input row over it.
+    // Pad the whole row with vector stores, then copy the input row over it.
     size_t c = 0;
     for (; c + 16 <= cols; c += 16) _mm512_storeu_ps(dst + c, pv);
     if (c < cols) _mm512_mask_storeu_ps(dst + c, static_cast<__mmask16>((1u << (cols - c)) - 1), pv);
