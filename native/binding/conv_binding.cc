@@ -9,6 +9,7 @@
 
 #include "binding/addon.h"
 #include "binding/families.h"
+#include "binding/shared_handle.h"
 #include "ops/conv.h"
 
 namespace sonde {
@@ -74,51 +75,20 @@ ConvVariant VariantValue(Napi::Env env, Napi::Value v, const char* where, ConvPr
   return variant;
 }
 
-// JS handle of a created convolution; running jobs share the op, so dispose() during a run frees it
-// when that run finishes.
-class ConvHandle : public Napi::ObjectWrap<ConvHandle> {
- public:
-  static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "ConvHandle", {
-        InstanceMethod("dispose", &ConvHandle::Dispose),
-        InstanceMethod("info", &ConvHandle::Info),
-    });
-  }
-  explicit ConvHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ConvHandle>(info) {}
-  ~ConvHandle() override {
-    int64_t total;  // a GC finalizer, possibly at teardown: the C call cannot throw
-    if (reported_bytes_) napi_adjust_external_memory(Env(), -reported_bytes_, &total);
-  }
-  void Adopt(Napi::Env env, std::shared_ptr<const ConvOp> op) {
-    op_ = std::move(op);
-    reported_bytes_ = static_cast<int64_t>(op_->bytes());
-    Napi::MemoryManagement::AdjustExternalMemory(env, reported_bytes_);
-  }
-  std::shared_ptr<const ConvOp> op() const { return op_; }
+}  // namespace
 
- private:
-  Napi::Value Dispose(const Napi::CallbackInfo& info) {
-    op_.reset();
-    if (reported_bytes_) Napi::MemoryManagement::AdjustExternalMemory(info.Env(), -reported_bytes_);
-    reported_bytes_ = 0;
-    return info.Env().Undefined();
-  }
-  Napi::Value Info(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    Napi::Object o = Napi::Object::New(env);
-    o.Set("disposed", !op_);
-    if (op_) {
-      o.Set("bytes", static_cast<double>(op_->bytes()));
-      o.Set("path", op_->path());
-      o.Set("ukernel", op_->ukernel());
-      o.Set("variant", ConvVariantName(op_->variant()));
-      o.Set("precision", op_->precision() == ConvPrecision::kBf16 ? "bf16" : "fp32");
-    }
-    return o;
-  }
-  std::shared_ptr<const ConvOp> op_;
-  int64_t reported_bytes_ = 0;
-};
+void Describe(Napi::Object& o, const ConvOp& w) {
+  o.Set("bytes", static_cast<double>(w.bytes()));
+  o.Set("path", w.path());
+  o.Set("ukernel", w.ukernel());
+  o.Set("variant", ConvVariantName(w.variant()));
+  o.Set("precision", w.precision() == ConvPrecision::kBf16 ? "bf16" : "fp32");
+}
+
+// JS handle (shared with running jobs; see shared_handle.h).
+using ConvHandle = SharedHandle<ConvOp>;
+
+namespace {
 
 // createConv(weights, options) where options = { cOut, cIn, group, kernel, strides, dilations, pads,
 // autoPad, bias?, bnScale?, bnBias?, bnMean?, bnVariance?, bnEpsilon, activation, alpha, beta,
@@ -173,9 +143,7 @@ Napi::Value CreateConv(Addon& addon, const Napi::CallbackInfo& info) {
     throw MakeError(env, codes::kOutOfMemory, "createConv: out of host memory");
   }
   if (!op) throw Invalid(env, where, error);
-  Napi::Object obj = addon.Class("ConvHandle").New({});
-  ConvHandle::Unwrap(obj)->Adopt(env, std::move(op));
-  return obj;
+  return ConvHandle::Wrap(env, addon, "ConvHandle", std::move(op));
 }
 
 class ConvJob : public AsyncJob {
@@ -210,10 +178,10 @@ Napi::Value ConvRun(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* where = "conv2d";
   if (info.Length() < 5 || !info[4].IsObject()) throw Invalid(env, where, "expected (handle, x, dims, out, options)");
-  if (!info[0].IsObject() || !info[0].As<Napi::Object>().InstanceOf(addon.Class("ConvHandle").Value()))
+  if (!ConvHandle::Is(addon, "ConvHandle", info[0]))
     throw Invalid(env, where, "handle must be a ConvHandle");
   auto job = std::make_unique<ConvJob>();
-  job->op = ConvHandle::Unwrap(info[0].As<Napi::Object>())->op();
+  job->op = ConvHandle::Get(info[0]);
   if (!job->op) throw MakeError(env, codes::kDisposed, "conv2d: the convolution has been disposed");
   const ConvSpec& spec = job->op->spec();
   const Dims4 d = DimsValue(env, info[2], where);
@@ -311,7 +279,7 @@ Napi::Value Pool2d(Addon& addon, const Napi::CallbackInfo& info) {
 }  // namespace
 
 void RegisterConvBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
-  addon.Class("ConvHandle") = Napi::Persistent(ConvHandle::Define(env));
+  ConvHandle::Register(env, addon, "ConvHandle");
   addon.Export(env, exports, "createConv", CreateConv);
   addon.Export(env, exports, "convRun", ConvRun);
   addon.Export(env, exports, "pool2d", Pool2d);

@@ -1,4 +1,5 @@
 #include "binding/gemm_binding.h"
+#include "binding/shared_handle.h"
 
 #include <new>
 
@@ -7,6 +8,15 @@
 #include "binding/gemm_call.h"
 
 namespace sonde {
+
+void Describe(Napi::Object& o, const PackedGemmWeights& w) {
+  o.Set("k", static_cast<double>(w.k()));
+  o.Set("n", static_cast<double>(w.n()));
+  o.Set("bytes", static_cast<double>(w.bytes()));
+  o.Set("variant", GemmVariantName(w.variant()));
+  o.Set("ukernel", w.ukernel().name);
+}
+
 
 namespace {
 
@@ -43,9 +53,8 @@ static Napi::Value Gemm(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto job = std::make_unique<GemmJob>();
   const GemmCall call = ParseGemmCall(addon, info, "gemm", job.get());
-  if (info[1].IsObject() && info[1].As<Napi::Object>().InstanceOf(addon.Class("PackedGemmHandle").Value())) {
-    auto* h = PackedGemmHandle::Unwrap(info[1].As<Napi::Object>());
-    job->packed = h->weights();
+  if (PackedGemmHandle::Is(addon, kPackedGemmClass, info[1])) {
+    job->packed = PackedGemmHandle::Get(info[1]);
     if (!job->packed) throw MakeError(env, codes::kDisposed, "gemm: the packed weights have been disposed");
     if (job->packed->k() != call.k || job->packed->n() != call.n)
       throw MakeError(env, codes::kInvalidArgument, "gemm: packed weights do not match k and n");
@@ -98,61 +107,13 @@ static Napi::Value PackGemmWeights(Addon& addon, const Napi::CallbackInfo& info)
   } catch (const std::bad_alloc&) {
     throw MakeError(env, codes::kOutOfMemory, "packGemmWeights: out of host memory");
   }
-  Napi::Object obj = addon.Class("PackedGemmHandle").New({});
-  PackedGemmHandle::Unwrap(obj)->Adopt(env, std::move(w));
-  return obj;
+  return PackedGemmHandle::Wrap(env, addon, kPackedGemmClass, std::move(w));
 }
 
 void RegisterGemmBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
-  addon.Class("PackedGemmHandle") = Napi::Persistent(PackedGemmHandle::Define(env));
+  PackedGemmHandle::Register(env, addon, kPackedGemmClass);
   addon.Export(env, exports, "gemm", Gemm);
   addon.Export(env, exports, "packGemmWeights", PackGemmWeights);
-}
-
-Napi::Function PackedGemmHandle::Define(Napi::Env env) {
-  return DefineClass(env, "PackedGemmHandle", {
-      InstanceMethod("dispose", &PackedGemmHandle::Dispose),
-      InstanceMethod("info", &PackedGemmHandle::Info),
-  });
-}
-
-PackedGemmHandle::PackedGemmHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PackedGemmHandle>(info) {}
-
-PackedGemmHandle::~PackedGemmHandle() {
-  // A GC finalizer, possibly during environment teardown: use the C call, which cannot throw.
-  int64_t total;
-  if (reported_bytes_) napi_adjust_external_memory(Env(), -reported_bytes_, &total);
-}
-
-void PackedGemmHandle::Adopt(Napi::Env env, std::shared_ptr<const PackedGemmWeights> w) {
-  weights_ = std::move(w);
-  reported_bytes_ = static_cast<int64_t>(weights_->bytes());
-  Napi::MemoryManagement::AdjustExternalMemory(env, reported_bytes_);
-}
-
-void PackedGemmHandle::Release(Napi::Env env) {
-  weights_.reset();
-  if (reported_bytes_) Napi::MemoryManagement::AdjustExternalMemory(env, -reported_bytes_);
-  reported_bytes_ = 0;
-}
-
-Napi::Value PackedGemmHandle::Dispose(const Napi::CallbackInfo& info) {
-  Release(info.Env());
-  return info.Env().Undefined();
-}
-
-Napi::Value PackedGemmHandle::Info(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  Napi::Object o = Napi::Object::New(env);
-  o.Set("disposed", !weights_);
-  if (weights_) {
-    o.Set("k", static_cast<double>(weights_->k()));
-    o.Set("n", static_cast<double>(weights_->n()));
-    o.Set("bytes", static_cast<double>(weights_->bytes()));
-    o.Set("variant", GemmVariantName(weights_->variant()));
-    o.Set("ukernel", weights_->ukernel().name);
-  }
-  return o;
 }
 
 }  // namespace sonde

@@ -8,6 +8,7 @@
 
 #include "binding/addon.h"
 #include "binding/families.h"
+#include "binding/shared_handle.h"
 #include "binding/gemm_call.h"
 #include "ops/gemm_lowp.h"
 
@@ -15,53 +16,22 @@ namespace sonde {
 
 namespace {
 
-// JS handle of packed low-precision weights; running jobs share them, so dispose() during a run
-// frees them when that run finishes.
-class PackedLowpGemmHandle : public Napi::ObjectWrap<PackedLowpGemmHandle> {
- public:
-  static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "PackedLowpGemmHandle", {
-        InstanceMethod("dispose", &PackedLowpGemmHandle::Dispose),
-        InstanceMethod("info", &PackedLowpGemmHandle::Info),
-    });
-  }
-  explicit PackedLowpGemmHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<PackedLowpGemmHandle>(info) {}
-  ~PackedLowpGemmHandle() override {
-    int64_t total;  // a GC finalizer, possibly at teardown: the C call cannot throw
-    if (reported_bytes_) napi_adjust_external_memory(Env(), -reported_bytes_, &total);
-  }
-  void Adopt(Napi::Env env, std::shared_ptr<const PackedLowpGemmWeights> w) {
-    weights_ = std::move(w);
-    reported_bytes_ = static_cast<int64_t>(weights_->bytes());
-    Napi::MemoryManagement::AdjustExternalMemory(env, reported_bytes_);
-  }
-  std::shared_ptr<const PackedLowpGemmWeights> weights() const { return weights_; }
+}  // namespace
 
- private:
-  Napi::Value Dispose(const Napi::CallbackInfo& info) {
-    weights_.reset();
-    if (reported_bytes_) Napi::MemoryManagement::AdjustExternalMemory(info.Env(), -reported_bytes_);
-    reported_bytes_ = 0;
-    return info.Env().Undefined();
-  }
-  Napi::Value Info(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    Napi::Object o = Napi::Object::New(env);
-    o.Set("disposed", !weights_);
-    if (weights_) {
-      o.Set("k", static_cast<double>(weights_->k()));
-      o.Set("n", static_cast<double>(weights_->n()));
-      o.Set("bytes", static_cast<double>(weights_->bytes()));
-      o.Set("precision", GemmPrecisionName(weights_->precision()));
-      o.Set("variant", LowpGemmVariantName(weights_->variant()));
-      o.Set("ukernel", weights_->ukernel().name);
-      o.Set("activations", weights_->ActivationForm());
-    }
-    return o;
-  }
-  std::shared_ptr<const PackedLowpGemmWeights> weights_;
-  int64_t reported_bytes_ = 0;
-};
+void Describe(Napi::Object& o, const PackedLowpGemmWeights& w) {
+  o.Set("k", static_cast<double>(w.k()));
+  o.Set("n", static_cast<double>(w.n()));
+  o.Set("bytes", static_cast<double>(w.bytes()));
+  o.Set("precision", GemmPrecisionName(w.precision()));
+  o.Set("variant", LowpGemmVariantName(w.variant()));
+  o.Set("ukernel", w.ukernel().name);
+  o.Set("activations", w.ActivationForm());
+}
+
+// JS handle (shared with running jobs; see shared_handle.h).
+using PackedLowpGemmHandle = SharedHandle<PackedLowpGemmWeights>;
+
+namespace {
 
 class GemmLowpJob : public AsyncJob {
  public:
@@ -78,9 +48,9 @@ Napi::Value GemmLowp(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Object o = info.Length() > 3 && info[3].IsObject() ? info[3].As<Napi::Object>() : Napi::Object::New(env);
   auto job = std::make_unique<GemmLowpJob>();
   const GemmCall call = ParseGemmCall(addon, info, where, job.get());
-  if (!info[1].IsObject() || !info[1].As<Napi::Object>().InstanceOf(addon.Class("PackedLowpGemmHandle").Value()))
+  if (!PackedLowpGemmHandle::Is(addon, "PackedLowpGemmHandle", info[1]))
     throw MakeError(env, codes::kInvalidArgument, "gemm: b must be low-precision packed weights");
-  job->packed = PackedLowpGemmHandle::Unwrap(info[1].As<Napi::Object>())->weights();
+  job->packed = PackedLowpGemmHandle::Get(info[1]);
   if (!job->packed) throw MakeError(env, codes::kDisposed, "gemm: the packed weights have been disposed");
   if (job->packed->k() != call.k || job->packed->n() != call.n)
     throw MakeError(env, codes::kInvalidArgument, "gemm: packed weights do not match k and n");
@@ -133,15 +103,13 @@ Napi::Value PackGemmWeightsLowp(Addon& addon, const Napi::CallbackInfo& info) {
     throw MakeError(env, codes::kOutOfMemory, "packGemmWeights: out of host memory");
   }
   if (!w) throw MakeError(env, codes::kInvalidArgument, "packGemmWeights(b): " + error);
-  Napi::Object obj = addon.Class("PackedLowpGemmHandle").New({});
-  PackedLowpGemmHandle::Unwrap(obj)->Adopt(env, std::move(w));
-  return obj;
+  return PackedLowpGemmHandle::Wrap(env, addon, "PackedLowpGemmHandle", std::move(w));
 }
 
 }  // namespace
 
 void RegisterGemmLowpBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
-  addon.Class("PackedLowpGemmHandle") = Napi::Persistent(PackedLowpGemmHandle::Define(env));
+  PackedLowpGemmHandle::Register(env, addon, "PackedLowpGemmHandle");
   addon.Export(env, exports, "gemmLowp", GemmLowp);
   addon.Export(env, exports, "packGemmWeightsLowp", PackGemmWeightsLowp);
 }

@@ -9,67 +9,32 @@
 
 #include "binding/addon.h"
 #include "binding/families.h"
+#include "binding/gemm_call.h"
+#include "binding/shared_handle.h"
 #include "ops/spmm.h"
 
 namespace sonde {
 
 namespace {
 
-// JS handle of sparse weights, shared with running jobs: dispose() during a run frees them when
-// that run finishes.
-class SparseWeightsHandle : public Napi::ObjectWrap<SparseWeightsHandle> {
- public:
-  static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "SparseWeightsHandle", {
-        InstanceMethod("dispose", &SparseWeightsHandle::Dispose),
-        InstanceMethod("info", &SparseWeightsHandle::Info),
-    });
-  }
-  explicit SparseWeightsHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SparseWeightsHandle>(info) {}
-  ~SparseWeightsHandle() override {
-    // A GC finalizer, possibly during environment teardown: the C call cannot throw.
-    int64_t total;
-    if (reported_bytes_) napi_adjust_external_memory(Env(), -reported_bytes_, &total);
-  }
-  void Adopt(Napi::Env env, std::shared_ptr<const SparseWeights> w) {
-    weights_ = std::move(w);
-    reported_bytes_ = static_cast<int64_t>(weights_->bytes());
-    Napi::MemoryManagement::AdjustExternalMemory(env, reported_bytes_);
-  }
-  std::shared_ptr<const SparseWeights> weights() const { return weights_; }
+}  // namespace
 
- private:
-  Napi::Value Dispose(const Napi::CallbackInfo& info) {
-    weights_.reset();
-    if (reported_bytes_) Napi::MemoryManagement::AdjustExternalMemory(info.Env(), -reported_bytes_);
-    reported_bytes_ = 0;
-    return info.Env().Undefined();
-  }
-  Napi::Value Info(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    Napi::Object o = Napi::Object::New(env);
-    o.Set("disposed", !weights_);
-    if (weights_) {
-      o.Set("format", SparseFormatName(weights_->format()));
-      o.Set("k", static_cast<double>(weights_->k()));
-      o.Set("n", static_cast<double>(weights_->n()));
-      o.Set("nnz", static_cast<double>(weights_->nnz()));
-      o.Set("bytes", static_cast<double>(weights_->bytes()));
-      o.Set("blockWidth", static_cast<double>(weights_->block_width()));
-      o.Set("blocks", static_cast<double>(weights_->blocks()));
-      o.Set("ukernel", SpmmUkernelName(*weights_, GemmVariant::kAuto));
-    }
-    return o;
-  }
-  std::shared_ptr<const SparseWeights> weights_;
-  int64_t reported_bytes_ = 0;
-};
-
-Napi::Float32Array F32Value(Napi::Env env, Napi::Value v, const char* where, const char* name) {
-  if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
-    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": " + name + " must be a Float32Array");
-  return v.As<Napi::Float32Array>();
+void Describe(Napi::Object& o, const SparseWeights& w) {
+  o.Set("format", SparseFormatName(w.format()));
+  o.Set("k", static_cast<double>(w.k()));
+  o.Set("n", static_cast<double>(w.n()));
+  o.Set("nnz", static_cast<double>(w.nnz()));
+  o.Set("bytes", static_cast<double>(w.bytes()));
+  o.Set("blockWidth", static_cast<double>(w.block_width()));
+  o.Set("blocks", static_cast<double>(w.blocks()));
+  o.Set("ukernel", SpmmUkernelName(w, GemmVariant::kAuto));
 }
+
+// JS handle (shared with running jobs; see shared_handle.h).
+using SparseWeightsHandle = SharedHandle<SparseWeights>;
+
+namespace {
+
 
 Napi::Uint32Array U32Value(Napi::Env env, Napi::Value v, const char* where, const char* name) {
   if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array)
@@ -77,24 +42,10 @@ Napi::Uint32Array U32Value(Napi::Env env, Napi::Value v, const char* where, cons
   return v.As<Napi::Uint32Array>();
 }
 
-size_t SizeValue(Napi::Env env, Napi::Value v, const char* where, const char* name) {
-  double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
-  if (!(d >= 0 && d <= 9007199254740991.0) || d != static_cast<double>(static_cast<uint64_t>(d)))
-    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": " + name + " must be a non-negative integer");
-  return static_cast<size_t>(d);
-}
 
-bool SpanOf(size_t rows, size_t cols, size_t ld, size_t* out) {
-  if (rows == 0 || cols == 0) { *out = 0; return true; }
-  size_t t;
-  if (ld < cols || __builtin_mul_overflow(rows - 1, ld, &t) || __builtin_add_overflow(t, cols, out)) return false;
-  return true;
-}
 
 Napi::Object Wrap(Addon& addon, Napi::Env env, std::shared_ptr<const SparseWeights> w) {
-  Napi::Object obj = addon.Class("SparseWeightsHandle").New({});
-  SparseWeightsHandle::Unwrap(obj)->Adopt(env, std::move(w));
-  return obj;
+  return SparseWeightsHandle::Wrap(env, addon, "SparseWeightsHandle", std::move(w));
 }
 
 // toSparse(b, k, n, format, blockWidth) -> handle (synchronous: one pass over B at load).
@@ -173,9 +124,9 @@ Napi::Value Spmm(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Float32Array a = F32Value(env, info[0], where, "a");
   if (!SpanOf(m, k, lda, &span) || a.ElementLength() < span)
     throw MakeError(env, codes::kInvalidArgument, "spmm: a must hold m rows of lda >= k elements");
-  if (!info[1].IsObject() || !info[1].As<Napi::Object>().InstanceOf(addon.Class("SparseWeightsHandle").Value()))
+  if (!SparseWeightsHandle::Is(addon, "SparseWeightsHandle", info[1]))
     throw MakeError(env, codes::kInvalidArgument, "spmm: weights must be sparse weights");
-  job->weights = SparseWeightsHandle::Unwrap(info[1].As<Napi::Object>())->weights();
+  job->weights = SparseWeightsHandle::Get(info[1]);
   if (!job->weights) throw MakeError(env, codes::kDisposed, "spmm: the sparse weights have been disposed");
   if (job->weights->k() != k || job->weights->n() != n)
     throw MakeError(env, codes::kInvalidArgument, "spmm: sparse weights do not match k and n");
@@ -232,7 +183,7 @@ Napi::Value Spmm(Addon& addon, const Napi::CallbackInfo& info) {
 }  // namespace
 
 void RegisterSparseBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
-  addon.Class("SparseWeightsHandle") = Napi::Persistent(SparseWeightsHandle::Define(env));
+  SparseWeightsHandle::Register(env, addon, "SparseWeightsHandle");
   addon.Export(env, exports, "toSparse", ToSparse);
   addon.Export(env, exports, "sparseFromCsr", SparseFromCsr);
   addon.Export(env, exports, "spmm", Spmm);

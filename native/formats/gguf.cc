@@ -215,7 +215,7 @@ bool GgufFile::Parse(std::string* error) {
       return c.Fail("unsupported GGUF version " + Hex(version_) + ": a big-endian file (sonde reads little-endian GGUF)");
     return c.Fail("unsupported GGUF version " + std::to_string(version_) + " (sonde reads versions 2 and 3)");
   }
-  uint64_t n_tensors, n_kv;
+  uint64_t n_tensors = 0, n_kv = 0;
   if (!c.U64(&n_tensors, "header (tensor count)") || !c.U64(&n_kv, "header (metadata count)")) return false;
   // A count larger than the file cannot be real (every entry takes bytes): reject it outright.
   // Smaller ones are only trusted as far as the file can hold them (at least 13 bytes per key/value:

@@ -129,8 +129,10 @@ ConvVariant ResolveFp32(ConvVariant v) {
   }
 }
 
+#if defined(__x86_64__) || defined(_M_X64)
 // fp32 -> bf16 split of the bias into three terms whose fp32 sum is b to within ~2^-24 relative
-// (each term holds the next 8 significant bits), so a bias row of ones keeps it fp32-exact.
+// (each term holds the next 8 significant bits), so a bias row of ones keeps it fp32-exact. Only
+// the x86 bf16 kernel uses it.
 void SplitBf16(float b, uint16_t out[3]) {
   float r = b;
   for (int i = 0; i < 3; ++i) {
@@ -138,6 +140,7 @@ void SplitBf16(float b, uint16_t out[3]) {
     r -= kernels::LowpBf16ToF32(out[i]);
   }
 }
+#endif
 
 }  // namespace
 
