@@ -1,4 +1,5 @@
 #include "ops/conv.h"
+#include "runtime/enum_names.h"
 
 #include <algorithm>
 #include <atomic>
@@ -12,28 +13,18 @@
 
 namespace sonde {
 
-bool ParseConvVariant(const std::string& name, ConvVariant* out) {
-  if (name == "auto") *out = ConvVariant::kAuto;
-  else if (name == "reference") *out = ConvVariant::kReference;
-  else if (name == "scalar") *out = ConvVariant::kScalar;
-  else if (name == "avx2") *out = ConvVariant::kAvx2;
-  else if (name == "avx512") *out = ConvVariant::kAvx512;
-  else if (name == "avx512bf16") *out = ConvVariant::kAvx512Bf16;
-  else return false;
-  return true;
-}
+const EnumName<ConvVariant> kConvVariantNames[] = {
+    {ConvVariant::kAuto, "auto"},
+    {ConvVariant::kReference, "reference"},
+    {ConvVariant::kScalar, "scalar"},
+    {ConvVariant::kAvx2, "avx2"},
+    {ConvVariant::kAvx512, "avx512"},
+    {ConvVariant::kAvx512Bf16, "avx512bf16"},
+};
 
-const char* ConvVariantName(ConvVariant v) {
-  switch (v) {
-    case ConvVariant::kAuto: return "auto";
-    case ConvVariant::kReference: return "reference";
-    case ConvVariant::kScalar: return "scalar";
-    case ConvVariant::kAvx2: return "avx2";
-    case ConvVariant::kAvx512: return "avx512";
-    case ConvVariant::kAvx512Bf16: return "avx512bf16";
-  }
-  return "?";
-}
+bool ParseConvVariant(const std::string& name, ConvVariant* out) { return ParseEnumName(kConvVariantNames, name, out); }
+
+const char* ConvVariantName(ConvVariant v) { return EnumNameOf(kConvVariantNames, v); }
 
 std::string ConvVariantUnavailable(ConvVariant v, ConvPrecision p) {
   if (v == ConvVariant::kAvx512Bf16) {

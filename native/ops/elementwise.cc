@@ -1,30 +1,22 @@
 #include "ops/elementwise.h"
+#include "runtime/enum_names.h"
 
 #include <algorithm>
 #include <cstring>
 
 namespace sonde {
 
-bool ParseElementwiseVariant(const std::string& name, ElementwiseVariant* out) {
-  if (name == "auto") *out = ElementwiseVariant::kAuto;
-  else if (name == "reference") *out = ElementwiseVariant::kReference;
-  else if (name == "scalar") *out = ElementwiseVariant::kScalar;
-  else if (name == "avx2") *out = ElementwiseVariant::kAvx2;
-  else if (name == "avx512") *out = ElementwiseVariant::kAvx512;
-  else return false;
-  return true;
-}
+const EnumName<ElementwiseVariant> kElementwiseVariantNames[] = {
+    {ElementwiseVariant::kAuto, "auto"},
+    {ElementwiseVariant::kReference, "reference"},
+    {ElementwiseVariant::kScalar, "scalar"},
+    {ElementwiseVariant::kAvx2, "avx2"},
+    {ElementwiseVariant::kAvx512, "avx512"},
+};
 
-const char* ElementwiseVariantName(ElementwiseVariant v) {
-  switch (v) {
-    case ElementwiseVariant::kAuto: return "auto";
-    case ElementwiseVariant::kReference: return "reference";
-    case ElementwiseVariant::kScalar: return "scalar";
-    case ElementwiseVariant::kAvx2: return "avx2";
-    case ElementwiseVariant::kAvx512: return "avx512";
-  }
-  return "?";
-}
+bool ParseElementwiseVariant(const std::string& name, ElementwiseVariant* out) { return ParseEnumName(kElementwiseVariantNames, name, out); }
+
+const char* ElementwiseVariantName(ElementwiseVariant v) { return EnumNameOf(kElementwiseVariantNames, v); }
 
 std::string ElementwiseVariantUnavailable(ElementwiseVariant v) {
   IsaLevel need = IsaLevel::kScalar;

@@ -1,4 +1,5 @@
 #include "ops/gemm.h"
+#include "runtime/enum_names.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -7,26 +8,17 @@
 
 namespace sonde {
 
-bool ParseGemmVariant(const std::string& name, GemmVariant* out) {
-  if (name == "auto") *out = GemmVariant::kAuto;
-  else if (name == "reference") *out = GemmVariant::kReference;
-  else if (name == "scalar") *out = GemmVariant::kScalar;
-  else if (name == "avx2") *out = GemmVariant::kAvx2;
-  else if (name == "avx512") *out = GemmVariant::kAvx512;
-  else return false;
-  return true;
-}
+const EnumName<GemmVariant> kGemmVariantNames[] = {
+    {GemmVariant::kAuto, "auto"},
+    {GemmVariant::kReference, "reference"},
+    {GemmVariant::kScalar, "scalar"},
+    {GemmVariant::kAvx2, "avx2"},
+    {GemmVariant::kAvx512, "avx512"},
+};
 
-const char* GemmVariantName(GemmVariant v) {
-  switch (v) {
-    case GemmVariant::kAuto: return "auto";
-    case GemmVariant::kReference: return "reference";
-    case GemmVariant::kScalar: return "scalar";
-    case GemmVariant::kAvx2: return "avx2";
-    case GemmVariant::kAvx512: return "avx512";
-  }
-  return "?";
-}
+bool ParseGemmVariant(const std::string& name, GemmVariant* out) { return ParseEnumName(kGemmVariantNames, name, out); }
+
+const char* GemmVariantName(GemmVariant v) { return EnumNameOf(kGemmVariantNames, v); }
 
 std::string GemmVariantUnavailable(GemmVariant v) {
   const CpuFeatures& cpu = Cpu();

@@ -1,4 +1,5 @@
 #include "ops/gemm_lowp.h"
+#include "runtime/enum_names.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -12,49 +13,30 @@
 
 namespace sonde {
 
-bool ParseGemmPrecision(const std::string& name, GemmPrecision* out) {
-  if (name == "fp32") *out = GemmPrecision::kFp32;
-  else if (name == "bf16") *out = GemmPrecision::kBf16;
-  else if (name == "fp16") *out = GemmPrecision::kFp16;
-  else if (name == "int8") *out = GemmPrecision::kInt8;
-  else return false;
-  return true;
-}
+const EnumName<GemmPrecision> kGemmPrecisionNames[] = {
+    {GemmPrecision::kFp32, "fp32"},
+    {GemmPrecision::kBf16, "bf16"},
+    {GemmPrecision::kFp16, "fp16"},
+    {GemmPrecision::kInt8, "int8"},
+};
 
-const char* GemmPrecisionName(GemmPrecision p) {
-  switch (p) {
-    case GemmPrecision::kFp32: return "fp32";
-    case GemmPrecision::kBf16: return "bf16";
-    case GemmPrecision::kFp16: return "fp16";
-    case GemmPrecision::kInt8: return "int8";
-  }
-  return "?";
-}
+bool ParseGemmPrecision(const std::string& name, GemmPrecision* out) { return ParseEnumName(kGemmPrecisionNames, name, out); }
 
-bool ParseLowpGemmVariant(const std::string& name, LowpGemmVariant* out) {
-  if (name == "auto") *out = LowpGemmVariant::kAuto;
-  else if (name == "reference") *out = LowpGemmVariant::kReference;
-  else if (name == "scalar") *out = LowpGemmVariant::kScalar;
-  else if (name == "avx2") *out = LowpGemmVariant::kAvx2;
-  else if (name == "avx512") *out = LowpGemmVariant::kAvx512;
-  else if (name == "avx512bf16") *out = LowpGemmVariant::kAvx512Bf16;
-  else if (name == "avx512vnni") *out = LowpGemmVariant::kAvx512Vnni;
-  else return false;
-  return true;
-}
+const char* GemmPrecisionName(GemmPrecision p) { return EnumNameOf(kGemmPrecisionNames, p); }
 
-const char* LowpGemmVariantName(LowpGemmVariant v) {
-  switch (v) {
-    case LowpGemmVariant::kAuto: return "auto";
-    case LowpGemmVariant::kReference: return "reference";
-    case LowpGemmVariant::kScalar: return "scalar";
-    case LowpGemmVariant::kAvx2: return "avx2";
-    case LowpGemmVariant::kAvx512: return "avx512";
-    case LowpGemmVariant::kAvx512Bf16: return "avx512bf16";
-    case LowpGemmVariant::kAvx512Vnni: return "avx512vnni";
-  }
-  return "?";
-}
+const EnumName<LowpGemmVariant> kLowpGemmVariantNames[] = {
+    {LowpGemmVariant::kAuto, "auto"},
+    {LowpGemmVariant::kReference, "reference"},
+    {LowpGemmVariant::kScalar, "scalar"},
+    {LowpGemmVariant::kAvx2, "avx2"},
+    {LowpGemmVariant::kAvx512, "avx512"},
+    {LowpGemmVariant::kAvx512Bf16, "avx512bf16"},
+    {LowpGemmVariant::kAvx512Vnni, "avx512vnni"},
+};
+
+bool ParseLowpGemmVariant(const std::string& name, LowpGemmVariant* out) { return ParseEnumName(kLowpGemmVariantNames, name, out); }
+
+const char* LowpGemmVariantName(LowpGemmVariant v) { return EnumNameOf(kLowpGemmVariantNames, v); }
 
 std::string LowpGemmVariantUnavailable(GemmPrecision p, LowpGemmVariant v, bool* not_for_precision) {
   *not_for_precision = false;

@@ -1,4 +1,5 @@
 #include "ops/quant_matmul.h"
+#include "runtime/enum_names.h"
 
 #include <algorithm>
 #include <vector>
@@ -8,28 +9,18 @@
 
 namespace sonde {
 
-bool ParseQuantVariant(const std::string& name, QuantVariant* out) {
-  if (name == "auto") *out = QuantVariant::kAuto;
-  else if (name == "reference") *out = QuantVariant::kReference;
-  else if (name == "scalar") *out = QuantVariant::kScalar;
-  else if (name == "avx2") *out = QuantVariant::kAvx2;
-  else if (name == "avx512") *out = QuantVariant::kAvx512;
-  else if (name == "avx512vnni") *out = QuantVariant::kAvx512Vnni;
-  else return false;
-  return true;
-}
+const EnumName<QuantVariant> kQuantVariantNames[] = {
+    {QuantVariant::kAuto, "auto"},
+    {QuantVariant::kReference, "reference"},
+    {QuantVariant::kScalar, "scalar"},
+    {QuantVariant::kAvx2, "avx2"},
+    {QuantVariant::kAvx512, "avx512"},
+    {QuantVariant::kAvx512Vnni, "avx512vnni"},
+};
 
-const char* QuantVariantName(QuantVariant v) {
-  switch (v) {
-    case QuantVariant::kAuto: return "auto";
-    case QuantVariant::kReference: return "reference";
-    case QuantVariant::kScalar: return "scalar";
-    case QuantVariant::kAvx2: return "avx2";
-    case QuantVariant::kAvx512: return "avx512";
-    case QuantVariant::kAvx512Vnni: return "avx512vnni";
-  }
-  return "?";
-}
+bool ParseQuantVariant(const std::string& name, QuantVariant* out) { return ParseEnumName(kQuantVariantNames, name, out); }
+
+const char* QuantVariantName(QuantVariant v) { return EnumNameOf(kQuantVariantNames, v); }
 
 bool QuantTypeFromGgml(uint32_t t, int32_t* out) {
   switch (t) {
