@@ -68,6 +68,12 @@ export class Tensor<D extends DType = DType> {
     if (!(data instanceof spec.ctor)) {
       throw new InvalidArgumentError(`Tensor.data must be a ${spec.name} for dtype '${dtype}', got ${describe(data)}`);
     }
+    // Native code holds a raw pointer into the buffer while a call runs; a buffer that can shrink
+    // under it would turn that into a read or write past its end.
+    const buf = data.buffer as ArrayBuffer & { resizable?: boolean; growable?: boolean };
+    if (buf.resizable || buf.growable) {
+      throw new InvalidArgumentError(`Tensor.data must not be backed by a resizable or growable buffer (native code keeps a pointer to it while a call runs)`);
+    }
     const shape = dims === undefined ? [data.length] : dims;
     const size = checkDims('Tensor.dims', shape);
     if (size !== data.length) {

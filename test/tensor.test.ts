@@ -45,6 +45,15 @@ describe('Tensor', () => {
     expect(() => new Tensor('float32', null as never)).toThrow(InvalidArgumentError);
   });
 
+  it('rejects data backed by a resizable or growable buffer', () => {
+    const resizable = new (ArrayBuffer as unknown as new (n: number, o: object) => ArrayBuffer)(16, { maxByteLength: 64 });
+    expect(() => new Tensor('float32', new Float32Array(resizable), [4])).toThrow(/must not be backed by a resizable or growable buffer/);
+    const growable = new (SharedArrayBuffer as unknown as new (n: number, o: object) => SharedArrayBuffer)(16, { maxByteLength: 64 });
+    expect(() => new Tensor('float32', new Float32Array(growable) as never, [4])).toThrow(InvalidArgumentError);
+    // A fixed-size SharedArrayBuffer is fine.
+    expect(new Tensor('float32', new Float32Array(new SharedArrayBuffer(16)) as never, [4]).size).toBe(4);
+  });
+
   it('rejects non-integer and negative dims, naming the index', () => {
     const d = new Float32Array(6);
     expect(() => new Tensor('float32', d, [2, 3, -1])).toThrow('Tensor.dims[2] must be a non-negative integer, got -1');

@@ -113,7 +113,10 @@ static Napi::Value ElementwiseBinary(Addon& addon, const Napi::CallbackInfo& inf
   Dims y_dims;
   if (!BroadcastDims(a_dims, b_dims, &y_dims)) Invalid(env, fn, "a and b do not broadcast");
   size_t ny = 1;
-  for (size_t d : y_dims) ny *= d;  // no overflow: each dim is one of a's or b's
+  // Broadcasting multiplies dims taken from both a and b, so the product can overflow even when
+  // each input's own size did not.
+  for (size_t d : y_dims)
+    if (__builtin_mul_overflow(ny, d, &ny)) Invalid(env, fn, "the broadcast shape has too many elements");
   if (out.ElementLength() != ny) Invalid(env, fn, "out must hold the broadcast shape's elements");
   job->uk = VariantArg(info, 6, fn);
   const float *pa = a.Data(), *pb = b.Data();

@@ -42,7 +42,10 @@ WeightsRef ResolveWeights(Addon& addon, Napi::Env env, const std::string& where,
   WeightsRef r;
   size_t nk;
   if (__builtin_mul_overflow(n, k, &nk)) throw MakeError(env, codes::kInvalidArgument, where + ": n * k overflows");
-  const size_t need = kernels::QuantRowBytes(type, k) * n;  // <= 4 * n * k, and n * k did not overflow
+  // Up to 4 bytes per element (f32): n * k not overflowing does not make the byte count safe.
+  size_t need;
+  if (__builtin_mul_overflow(kernels::QuantRowBytes(type, k), n, &need))
+    throw MakeError(env, codes::kInvalidArgument, where + ": the weights' byte size overflows");
   if (IsGgufHandle(addon, w)) {
     r.file = UnwrapGgufHandle(addon, w, where.c_str());
     const size_t i = SizeValue(env, index, where, "tensor index");

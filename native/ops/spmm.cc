@@ -299,6 +299,16 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
     at_capacity = k * ldat;
   }
   float* const at_data = at_cache.get();
+  // An unusually large batch must not pin its At for the thread's lifetime (as gemm_lowp trims
+  // its prepared A): release it when this run ends.
+  struct Trim {
+    ~Trim() {
+      if (at_capacity * sizeof(float) > (static_cast<size_t>(64) << 20)) {
+        at_cache.reset();
+        at_capacity = 0;
+      }
+    }
+  } trim;
   struct { float* get() const { return p; } float* p; } at{at_data};
   constexpr size_t kPackK = 64;  // A read 64 columns (4 cache lines) per row at a time
   const size_t k_chunks = (k + kPackK - 1) / kPackK;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <exception>
 #include <cstdlib>
 #include <thread>
 
@@ -118,6 +119,11 @@ struct ForState {
   std::atomic<bool> cancelled{false};
   std::mutex mu;
   std::condition_variable cv;
+  // The first exception a task threw (bad_alloc in a task's scratch, say): later indices are
+  // skipped and ParallelFor rethrows it on the calling thread, where the job's handler turns it
+  // into a rejected Promise. An exception escaping a pool thread would terminate the process.
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
 };
 
 // Runs indices until none are left; returns after accounting for every index it claimed.
@@ -125,12 +131,18 @@ void Drain(ForState& s, const std::atomic<bool>& stop) {
   for (;;) {
     size_t i = s.next.fetch_add(1);
     if (i >= s.n) return;
-    bool skip = stop.load(std::memory_order_relaxed) ||
+    bool skip = stop.load(std::memory_order_relaxed) || s.failed.load(std::memory_order_relaxed) ||
                 (s.cancel && s.cancel->load(std::memory_order_relaxed));
     if (skip) {
       s.cancelled = true;
     } else {
-      s.fn(i);
+      try {
+        s.fn(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        if (!s.error) s.error = std::current_exception();
+        s.failed = true;
+      }
     }
     if (s.done.fetch_add(1) + 1 == s.n) {
       std::lock_guard<std::mutex> lock(s.mu);
@@ -165,6 +177,7 @@ bool ThreadPool::ParallelFor(size_t n, unsigned max_threads, const std::function
     std::unique_lock<std::mutex> lock(state->mu);
     state->cv.wait(lock, [&] { return state->done.load() == state->n; });
   }
+  if (state->error) std::rethrow_exception(state->error);
   return !state->cancelled;
 }
 
