@@ -7,6 +7,7 @@ import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { NativeLoadError } from './errors.js';
+import type { PlanSpec } from './session/plan.js';
 
 export interface NativeCpuInfo {
   model: string;
@@ -118,6 +119,12 @@ export interface NativeGgufOpenResult {
   tensors: { name: string; dims: number[]; typeId: number; type: string; offset: number; bytes: number; elements: number }[];
 }
 
+/** A compiled graph plan (native/binding/plan_binding.cc; contract in lib/session/plan.ts). */
+export interface NativePlan {
+  dispose(): void;
+  info(): { disposed: boolean; steps?: number; arenaBytes?: number; bytes?: number };
+}
+
 export type NativeQuantType = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_0';
 export type NativeQuantVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512' | 'avx512vnni';
 
@@ -190,6 +197,19 @@ export interface NativeBinding {
   sparseFromCsr(rows: number, cols: number, rowPtr: Uint32Array, colIdx: Uint32Array, values: Float32Array): NativeSparseWeights;
   /** gemm() with sparse weights: same options. */
   spmm(a: Float32Array, w: NativeSparseWeights, out: Float32Array, options: NativeGemmOptions): Promise<void>;
+  /**
+   * Validates a PlanSpec (every ref and strided walk in bounds, every handle live) and builds the
+   * immutable native plan; throws ERR_SONDE_INTERNAL naming the step if the spec is inconsistent.
+   */
+  createPlan(spec: PlanSpec): NativePlan;
+  /**
+   * Runs every step in order on the pool; checks cancel between steps (rejects ERR_SONDE_ABORTED).
+   * inputs[i] / outputs[i] must have spec.inputBytes[i] / outputBytes[i] bytes. A data-dependent
+   * step failure rejects ERR_SONDE_INVALID_ARGUMENT with "node '<name>': <why>". timings, when
+   * given (length = steps), receives each step's wall time in nanoseconds.
+   */
+  planRun(plan: NativePlan, inputs: ArrayBufferView[], outputs: ArrayBufferView[], threads: number,
+    cancel?: NativeCancelToken, timings?: Float64Array): Promise<void>;
   peakFma(simd: 'scalar' | 'avx2' | 'avx512', threads: number, seconds: number): Promise<{ flops: number; seconds: number; threads: number; simd: string }>;
   readBandwidth(bytes: number, threads: number): Promise<{ bytes: number; seconds: number; threads: number }>;
 }

@@ -1,0 +1,126 @@
+/**
+ * The compiled-plan contract between the TS graph compiler (lib/session/compile.ts) and the native
+ * plan executor (native/runtime/plan.{h,cc}, binding native/binding/plan_binding.cc).
+ *
+ * A plan is built once per set of input shapes: every shape is concrete, every shape-arithmetic
+ * value has been evaluated in TS, every weight has been folded and packed at load. Running it is
+ * one native call that executes `steps` in order on sonde's pool, checking the cancel flag between
+ * steps. The plan is immutable, so concurrent runs are safe; each run gets its own arena.
+ *
+ * Conventions:
+ * - Sizes, dims, strides and offsets are in ELEMENTS of the step's dtype unless a name says bytes.
+ * - Strides may be 0 (broadcast) or negative (Slice with a negative step); an offset plus strided
+ *   walk is always in bounds (the compiler guarantees it; native checks it at createPlan and
+ *   rejects the plan with ERR_SONDE_INTERNAL if not, so a compiler bug cannot write out of bounds).
+ * - Tensors are row-major and contiguous in their buffer unless a step takes strides.
+ * - `node` names the ONNX node a step came from, for error messages ("node 'Gather_12': index 7 is
+ *   out of range [-5, 5)").
+ * - bool is one byte (0 or 1), like ONNX and onnxruntime.
+ */
+import type { NativeConvHandle, NativePackedGemm, NativePackedGemmLowp } from '../binding.js';
+
+export type PlanDType = 'float32' | 'int64' | 'int32' | 'bool' | 'uint8' | 'int8';
+
+/** Where a value's bytes live during a run. */
+export type PlanBuffer =
+  /** run()'s inputs[index]; read-only: no step may write it. */
+  | { kind: 'input'; index: number; bytes: number }
+  /** run()'s outputs[index]. */
+  | { kind: 'output'; index: number; bytes: number }
+  /** [offset, offset + bytes) of the run's arena; offset is a multiple of 64. */
+  | { kind: 'arena'; offset: number; bytes: number }
+  /** Constant data held by the plan (an initializer, a folded value); read-only. */
+  | { kind: 'const'; data: Float32Array | BigInt64Array | Int32Array | Uint8Array | Int8Array; bytes: number };
+
+/** A buffer index (into PlanSpec.buffers) plus an element offset into it. */
+export interface PlanRef { buffer: number; offset: number }
+
+export type UnaryKind =
+  | 'relu' | 'leakyRelu' /* alpha */ | 'clip' /* min alpha, max beta */ | 'sigmoid' | 'tanh'
+  | 'hardSigmoid' /* alpha, beta */ | 'hardSwish' | 'erf' | 'gelu' | 'geluTanh' | 'silu'
+  | 'exp' | 'log' | 'sqrt' | 'neg' | 'abs' | 'reciprocal' | 'not' /* bool */ | 'identity';
+
+export type BinaryKind = 'add' | 'sub' | 'mul' | 'div' | 'pow' | 'equal' | 'less' | 'greater' | 'and' | 'or';
+
+export type ReduceKind = 'sum' | 'mean' | 'max' | 'min';
+
+/** GemmActivation codes of native/kernels/gemm/gemm.h, by name. */
+export type PlanActivation = 'none' | 'relu' | 'clip' /* [alpha, beta]; ReLU6 = clip(0, 6) */ | 'silu' | 'gelu' | 'geluTanh'
+  | 'sigmoid' | 'leakyRelu' /* alpha */ | 'hardSwish';
+
+export type PlanStep = { node: string } & (
+  /** y [n, cOut, oh, ow] = conv(x [n, cIn, h, w]) with the handle's folded BN and fused epilogue. */
+  | { op: 'conv'; handle: NativeConvHandle; x: PlanRef; y: PlanRef; residual?: PlanRef; residualBeforeActivation: boolean;
+      n: number; h: number; w: number }
+  /** c [m, n] = act(a [m, k] . W + bias) (+ residual [m, n]); W packed at load (fp32 or low precision). */
+  | { op: 'gemm'; weights: NativePackedGemm | NativePackedGemmLowp; a: PlanRef; c: PlanRef; m: number; k: number; n: number;
+      bias?: PlanRef; residual?: PlanRef; residualBeforeActivation: boolean;
+      activation: PlanActivation; alpha: number; beta: number }
+  /**
+   * MatMul of two runtime tensors: for each index i of the (broadcast) batch dims,
+   * c[i] [m, n] = a[i] [m, k] . b[i] [k, n]; a/b batch strides (elements) may be 0. c is contiguous.
+   * transB: b[i] is stored [n, k] (row-major) instead.
+   */
+  | { op: 'matmul'; a: PlanRef; b: PlanRef; c: PlanRef; batchDims: number[]; aBatchStrides: number[]; bBatchStrides: number[];
+      m: number; k: number; n: number; transB: boolean }
+  /** y[i] = f(x[i]) for count elements; dtype float32 except neg/abs (also int64, int32) and not (bool). */
+  | { op: 'unary'; kind: UnaryKind; dtype: PlanDType; x: PlanRef; y: PlanRef; count: number; alpha: number; beta: number }
+  /**
+   * y (contiguous, `dims`) = a op b with a/b read through strides (0 where broadcast). dtype is the
+   * inputs' dtype (float32, int64, int32; bool for and/or); equal/less/greater write bool.
+   * Integer div truncates toward zero; division by zero is a run error naming the node.
+   */
+  | { op: 'binary'; kind: BinaryKind; dtype: PlanDType; a: PlanRef; b: PlanRef; y: PlanRef; dims: number[];
+      aStrides: number[]; bStrides: number[] }
+  /** out (contiguous, dims) = cond ? x : y, each read through strides; elemBytes of x/y/out. */
+  | { op: 'where'; cond: PlanRef; x: PlanRef; y: PlanRef; out: PlanRef; dims: number[]; condStrides: number[];
+      xStrides: number[]; yStrides: number[]; elemBytes: number }
+  /**
+   * Strided copy (Transpose, Slice, Expand, Concat/Split parts, Pad interior):
+   * for every index j of dims: y[yStrides . j] = x[xStrides . j] (offsets in the refs). elemBytes 1, 2, 4 or 8.
+   */
+  | { op: 'copy'; x: PlanRef; y: PlanRef; dims: number[]; xStrides: number[]; yStrides: number[]; elemBytes: number }
+  /** y[0..count) = value (cast to dtype). */
+  | { op: 'fill'; y: PlanRef; dtype: PlanDType; count: number; value: number }
+  /**
+   * y [outer, nIndices, inner] = data [outer, axisLen, inner] gathered along the middle axis;
+   * indices (int64 or int32) may be negative (counted from the end); out of range is a run error.
+   */
+  | { op: 'gather'; data: PlanRef; indices: PlanRef; indicesDtype: 'int64' | 'int32'; y: PlanRef; outer: number;
+      axisLen: number; inner: number; nIndices: number; elemBytes: number }
+  /** kind 0 max, 1 average over planes of h x w (NCHW), as pool2d. */
+  | { op: 'pool'; kind: 0 | 1; x: PlanRef; y: PlanRef; planes: number; h: number; w: number;
+      kernel: [number, number]; strides: [number, number]; dilations: [number, number];
+      pads: [number, number, number, number]; countIncludePad: boolean }
+  | { op: 'globalAveragePool'; x: PlanRef; y: PlanRef; planes: number; hw: number }
+  /** Softmax (or log-softmax) of x viewed as [outer, axis, inner] over the middle axis. */
+  | { op: 'softmax'; x: PlanRef; y: PlanRef; outer: number; axis: number; inner: number; log: boolean }
+  /** Normalises rows of cols: y = (x - mean) / sqrt(var + epsilon) * scale + bias; scale/bias hold cols (or absent). */
+  | { op: 'layerNorm'; x: PlanRef; y: PlanRef; scale?: PlanRef; bias?: PlanRef; rows: number; cols: number; epsilon: number }
+  /** y [outer, channels, inner] = x * scale[c] + shift[c] (a BatchNormalization that could not be folded). */
+  | { op: 'channelAffine'; x: PlanRef; y: PlanRef; scale: PlanRef; shift: PlanRef; outer: number; channels: number; inner: number }
+  /** y [outer, inner] = reduce of x [outer, r, inner] over the middle axis (float32; sum/max/min also int64). */
+  | { op: 'reduce'; kind: ReduceKind; dtype: PlanDType; x: PlanRef; y: PlanRef; outer: number; r: number; inner: number }
+  /** y (int64) [outer, inner] = index of the max of x [outer, r, inner] (first of ties unless selectLastIndex). */
+  | { op: 'argmax'; x: PlanRef; y: PlanRef; outer: number; r: number; inner: number; selectLastIndex: boolean }
+  /** values [outer, k, inner], indices (int64) = top k of x [outer, r, inner] along the middle axis, sorted. */
+  | { op: 'topk'; x: PlanRef; values: PlanRef; indices: PlanRef; outer: number; r: number; inner: number; k: number; largest: boolean }
+  /** y = x converted (ONNX Cast: float -> int truncates, -> bool is x != 0). */
+  | { op: 'cast'; x: PlanRef; y: PlanRef; from: PlanDType; to: PlanDType; count: number }
+  /**
+   * y = x padded: inDims, begin/end pads per axis (may be negative = crop, as ONNX Pad allows);
+   * mode constant (value), reflect or edge.
+   */
+  | { op: 'pad'; x: PlanRef; y: PlanRef; dtype: PlanDType; inDims: number[]; begin: number[]; end: number[];
+      mode: 'constant' | 'reflect' | 'edge'; value: number }
+);
+
+export interface PlanSpec {
+  buffers: PlanBuffer[];
+  steps: PlanStep[];
+  /** Bytes of scratch each run needs for arena buffers. */
+  arenaBytes: number;
+  /** Expected byte length of run()'s inputs[i] / outputs[i]. */
+  inputBytes: number[];
+  outputBytes: number[];
+}
