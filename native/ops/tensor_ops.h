@@ -89,4 +89,12 @@ bool RunBatchedMatMul(const TensorOpContext& ctx, const float* a, const ptrdiff_
                       const ptrdiff_t* b_batch_strides, float* c, const size_t* batch_dims, size_t batch_rank, size_t m,
                       size_t k, size_t n, bool trans_b);
 
+// y = log_softmax(x) over the middle axis of [outer][axis][inner] (x - max - log sum exp(x - max)).
+bool RunLogSoftmax(const TensorOpContext& ctx, const float* x, float* y, size_t outer, size_t axis, size_t inner);
+
+// y (int64) [outer][inner] = index of the max of x [outer][r][inner] over r; NaN counts as the
+// largest (as onnxruntime); ties go to the first index, or the last when select_last.
+bool RunArgMaxOp(const TensorOpContext& ctx, const float* x, int64_t* y, size_t outer, size_t r, size_t inner,
+                 bool select_last);
+
 }  // namespace sonde
