@@ -283,6 +283,42 @@ describe('optimize: basic', () => {
   });
 });
 
+describe('optimize: Shape of a static shape', () => {
+  it('folds Shape (with opset-15 start/end) of a tensor whose shape inference proves static', async () => {
+    const b = new GraphBuilder('shape', { opset: 15 });
+    b.input('x', 'float32', [2, 3, 6, 6]);
+    const [p] = b.node('MaxPool', ['x'], { kernel_shape: [3, 3], strides: [2, 2], ceil_mode: 1 });
+    const [c] = b.node('Conv', [p, b.init('w', randomTensor([4, 3, 2, 2], { seed: 2 }))], { auto_pad: 'SAME_UPPER', strides: [2, 1] });
+    const [s] = b.node('Shape', [c], { start: 1, end: -1 });
+    const [t] = b.node('Transpose', [c], { perm: [0, 2, 3, 1] });
+    b.node('Shape', [t], {}, ['whole']); // a graph output: stays a node
+    b.node('Reshape', [t, b.node('Shape', [b.node('Flatten', [t], { axis: 3 })[0]])[0]], {}, ['flat']);
+    b.node('Cast', [s], { to: 1 }, ['y']);
+    b.output('y', 'float32', [2]);
+    b.output('whole', 'int64', [4]);
+    b.output('flat', 'float32', [24, 4]);
+    const { graph, opset } = load(b);
+    const g = optimize(graph, 'basic', opset);
+    expect(ops(g).sort()).toEqual(['Cast', 'Conv', 'MaxPool', 'Reshape', 'Shape', 'Transpose']);
+    const cast = only(g, 'Cast')[0]!;
+    // MaxPool with ceil_mode: 6 -> 3; SAME_UPPER conv with strides [2, 1]: 3x3 -> 2x3, 4 channels.
+    expect(Array.from(g.initializers.get(cast.inputs[0]!)!.data as BigInt64Array)).toEqual([4n, 2n]);
+    expect(Array.from(g.initializers.get(only(g, 'Reshape')[0]!.inputs[1]!)!.data as BigInt64Array)).toEqual([12n, 4n]);
+    const want = await runOrt(b.toBytes() as Uint8Array, { x: input([2, 3, 6, 6]) });
+    const got = await runOrt(toOnnx(g, opset), { x: input([2, 3, 6, 6]) });
+    for (const k of ['y', 'flat']) expect(got[k]).toEqual(want[k]);
+  });
+
+  it('keeps Shape of a tensor with a symbolic dim', () => {
+    const b = new GraphBuilder('dyn', { opset: 13 });
+    b.input('x', 'float32', ['N', 3]);
+    b.node('Reshape', ['x', b.node('Shape', [b.node('Relu', ['x'])[0]])[0]], {}, ['y']);
+    b.output('y', 'float32', ['N', 3]);
+    const { graph, opset } = load(b);
+    expect(ops(optimize(graph, 'all', opset))).toEqual(['Relu', 'Shape', 'Reshape']);
+  });
+});
+
 describe('optimize: BatchNormalization folding', () => {
   it('folds BN into a Conv: W and B match a float64 computation, the originals are untouched', async () => {
     for (const withBias of [true, false]) {

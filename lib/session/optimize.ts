@@ -40,10 +40,15 @@ export function optimize(graph: OnnxGraph, level: OptimizationLevel, opset: numb
   if (level === 'none') return { ...graph };
   const g = new WorkGraph(graph, opset, options.initializerInputsAreConstant ?? false);
   removeIdentities(g);
-  foldConstants(g, options.evaluate ?? evaluateConstantNode);
+  // Folding makes Reshape targets known, which makes more shapes static, which folds more Shape
+  // nodes (PyTorch's Shape -> Gather -> Unsqueeze -> Concat -> Reshape); a few rounds reach the end.
+  let shapes = inferShapes(g);
+  for (let round = 0; round < 4 && foldConstants(g, options.evaluate ?? evaluateConstantNode, shapes); round++) {
+    g.compact();
+    shapes = inferShapes(g);
+  }
   removeDead(g);
   if (level === 'all') {
-    const shapes = inferShapes(g);
     foldBatchNorms(g, shapes);
     g.compact();
     recogniseLayerNorms(g, shapes);

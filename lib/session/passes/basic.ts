@@ -3,8 +3,9 @@
  */
 import type { OnnxNode } from '../../onnx/model.js';
 import { SondeError } from '../../errors.js';
-import type { Tensor } from '../../tensor.js';
+import { Tensor as TensorClass, type Tensor } from '../../tensor.js';
 import { sizeOf, type WorkGraph } from './graph.js';
+import type { SymShape } from './shapes.js';
 
 /** Folded outputs above this many elements stay computed at run time (memory over load speed). */
 export const MAX_FOLDED_ELEMENTS = 16 * 1024 * 1024;
@@ -67,11 +68,22 @@ const NON_DETERMINISTIC = new Set(['RandomNormal', 'RandomUniform', 'RandomNorma
  * produces a graph output stays (the compiler then has no output without a producing step), and
  * so does one the evaluator declines or whose result would be too large to keep in memory.
  */
-export function foldConstants(g: WorkGraph, evaluate: ConstantEvaluator): void {
+export function foldConstants(g: WorkGraph, evaluate: ConstantEvaluator, shapes: Map<string, SymShape>): boolean {
+  let folded = false;
   for (let i = 0; i < g.nodes.length; i++) {
     const node = g.nodes[i];
     if (!node || node.domain !== '' || NON_DETERMINISTIC.has(node.opType)) continue;
     if (node.outputs.some((o) => o && !g.isInternal(o))) continue;
+    if (node.opType === 'Shape') {
+      // The input's shape is fixed by the model (the session rejects feeds that contradict it).
+      const t = staticShape(node, shapes.get(node.inputs[0] ?? ''));
+      if (!t) continue;
+      g.inits.set(node.outputs[0]!, t);
+      g.nodes[i] = null;
+      g.reindex();
+      folded = true;
+      continue;
+    }
     if (Object.values(node.attributes).some((a) => typeof a === 'object' && a !== null && 'nodes' in a)) continue;
     const inputs = node.inputs.map((v) => (v ? g.constant(v) : undefined));
     if (node.inputs.some((v, k) => v && !inputs[k])) continue;
@@ -91,7 +103,20 @@ export function foldConstants(g: WorkGraph, evaluate: ConstantEvaluator): void {
     });
     g.nodes[i] = null;
     g.reindex();
+    folded = true;
   }
+  return folded;
+}
+
+/** Shape's output (with opset-15 start/end) when every dim of its input is a number. */
+function staticShape(node: OnnxNode, shape: SymShape | undefined): Tensor | undefined {
+  if (!shape || !shape.every((d) => typeof d === 'number')) return undefined;
+  const rank = shape.length;
+  const clamp = (v: number): number => Math.min(rank, Math.max(0, v < 0 ? v + rank : v));
+  const start = clamp(typeof node.attributes.start === 'number' ? node.attributes.start : 0);
+  const end = clamp(typeof node.attributes.end === 'number' ? node.attributes.end : rank);
+  const dims = (shape as number[]).slice(start, Math.max(start, end));
+  return new TensorClass('int64', BigInt64Array.from(dims, (d) => BigInt(d)), [dims.length]);
 }
 
 /**

@@ -1,10 +1,12 @@
 /**
  * Load-time shape inference with symbolic dims, just enough for the fusions to prove what they
  * need (a residual operand has exactly the conv's output shape, a MatMul's input rank, a
- * LayerNorm's last dim). Plans get concrete shapes per run; here a dim is a number, or a symbol:
- * the model's dim_param (the same name is the same value), or a fresh `?n` for anything not known,
- * which equals nothing but itself. A value whose rank is unknown has no entry. Ops not listed fall
- * back to the model's value_info, else stay unknown, which only ever prevents a fusion.
+ * LayerNorm's last dim) and to fold Shape of a tensor whose shape is static. Plans get concrete
+ * shapes per run; here a dim is a number, or a symbol: the model's dim_param (the same name is the
+ * same value), or a fresh `?n` for anything not known, which equals nothing but itself. A value
+ * whose rank is unknown has no entry. Only what the graph's inputs and constants prove counts: a
+ * model's value_info is not trusted (a wrong one would be baked into folded shapes), so the outputs
+ * of ops not listed stay unknown, which only ever prevents a fusion or a fold.
  */
 import type { OnnxNode } from '../../onnx/model.js';
 import type { WorkGraph } from './graph.js';
@@ -41,13 +43,7 @@ export function inferShapes(g: WorkGraph): Map<string, SymShape> {
       out = undefined;
     }
     const first = node.outputs[0];
-    if (!first) continue;
-    if (out) {
-      shapes.set(first, out);
-    } else {
-      const vi = g.source.valueInfo.get(first);
-      if (vi?.shape) shapes.set(first, vi.shape.map((d) => (d === null ? fresh() : d)));
-    }
+    if (first && out) shapes.set(first, out);
   }
   return shapes;
 }
@@ -143,7 +139,9 @@ function inferNode(n: OnnxNode, shape: (v: string | undefined) => SymShape | und
     }
     case 'Unsqueeze': case 'Squeeze': {
       if (!x) return undefined;
-      const axesT = g.opset >= 13 ? g.constant(n.inputs[1] ?? '') : undefined;
+      const axesInput = g.opset >= 13 ? n.inputs[1] : undefined;
+      const axesT = axesInput ? g.constant(axesInput) : undefined;
+      if (axesInput && (!axesT || axesT.dtype !== 'int64')) return undefined;
       const axes = axesT ? Array.from(axesT.data as BigInt64Array, Number) : (attr.axes as number[] | undefined);
       if (n.opType === 'Unsqueeze') {
         if (!axes) return undefined;
@@ -161,7 +159,8 @@ function inferNode(n: OnnxNode, shape: (v: string | undefined) => SymShape | und
     case 'Concat': {
       const all = n.inputs.map((v) => shape(v));
       if (!x || all.some((s) => !s || s.length !== x.length)) return undefined;
-      let axis = attr.axis as number;
+      if (typeof attr.axis !== 'number') return undefined;
+      let axis = attr.axis;
       if (axis < 0) axis += x.length;
       const along = all.map((s) => s![axis]!);
       const out = [...x];
