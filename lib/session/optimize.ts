@@ -25,8 +25,9 @@ export const OPTIMIZATION_LEVELS: readonly OptimizationLevel[] = ['none', 'basic
 export interface OptimizeOptions {
   /**
    * Whether initializers that are also listed as graph inputs are constants. ONNX IR < 4 lists
-   * every initializer as an input and they are constants; from IR 4 such an initializer is a
-   * default a feed may override, so it is not folded (the default, as onnxruntime does).
+   * every initializer as an input; from IR 4 onnxruntime lets a feed override such an initializer.
+   * sonde's Session takes them as constants, not inputs (lib/session/session.ts), hence the default
+   * true; false keeps them out of every fold and fusion.
    */
   initializerInputsAreConstant?: boolean;
   /** Evaluates a node on constant inputs (default: the compiler's own ops, evaluateConstantNode). */
@@ -38,7 +39,7 @@ export function optimize(graph: OnnxGraph, level: OptimizationLevel, opset: numb
     throw new InvalidArgumentError(`optimization must be one of ${OPTIMIZATION_LEVELS.map((l) => `'${l}'`).join(', ')}, got ${JSON.stringify(level)}`);
   }
   if (level === 'none') return { ...graph };
-  const g = new WorkGraph(graph, opset, options.initializerInputsAreConstant ?? false);
+  const g = new WorkGraph(graph, opset, options.initializerInputsAreConstant ?? true);
   removeIdentities(g);
   // Folding makes Reshape targets known, which makes more shapes static, which folds more Shape
   // nodes (PyTorch's Shape -> Gather -> Unsqueeze -> Concat -> Reshape); a few rounds reach the end.
