@@ -138,7 +138,7 @@ export function fuseGemms(g: WorkGraph, shapes: Map<string, SymShape>): void {
     const node = g.nodes[i];
     if (!node || node.domain !== '' || node.outputs.length !== 1) continue;
     let fused: { b: string; c?: string; transB: number; nodes: number[]; out: string } | undefined;
-    if (node.opType === 'Gemm') fused = gemmCore(g, node, i);
+    if (node.opType === 'Gemm') fused = gemmCore(g, node, i, shapes);
     else if (node.opType === 'MatMul') fused = matMulCore(g, node, i, shapes);
     if (!fused) continue;
     const ep = matchEpilogue(g, fused.out, shapes);
@@ -155,9 +155,12 @@ export function fuseGemms(g: WorkGraph, shapes: Map<string, SymShape>): void {
   }
 }
 
-function gemmCore(g: WorkGraph, node: OnnxNode, i: number) {
+function gemmCore(g: WorkGraph, node: OnnxNode, i: number, shapes: Map<string, SymShape>) {
   const bT = g.constant(node.inputs[1] ?? '');
   if (node.attributes.transA === 1 || !bT || bT.dtype !== 'float32' || bT.dims.length !== 2) return undefined;
+  // FusedGemm takes any rank of A; Gemm only 2-D, so a malformed model stays Gemm and fails there.
+  const rankA = shapes.get(node.inputs[0]!)?.length;
+  if (rankA !== undefined && rankA !== 2) return undefined;
   const transB = node.attributes.transB === 1 ? 1 : 0;
   const n = transB ? bT.dims[0]! : bT.dims[1]!;
   const alpha = num(node.attributes.alpha, 1);
