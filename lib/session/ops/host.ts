@@ -25,8 +25,11 @@ class HostEmitter implements Emitter {
   private readonly inputIds: (ValueId | undefined)[];
   private readonly outputIds: (ValueId | undefined)[];
 
-  constructor(private readonly ctx: OpContext, private readonly outputs: OutputInfo[]) {
-    this.inputIds = ctx.inputs.map((v) => (v?.value ? this.add(v.value) : undefined));
+  constructor(private readonly ctx: OpContext, private readonly outputs: OutputInfo[], data: (Tensor | undefined)[]) {
+    this.inputIds = ctx.inputs.map((v, i) => {
+      const t = v?.value ?? data[i];
+      return t ? this.add(t) : undefined;
+    });
     this.outputIds = outputs.map(() => undefined);
   }
 
@@ -85,7 +88,16 @@ function internal(ctx: OpContext, message: string): Error {
  */
 export function evaluateByLowering(def: OpDef, ctx: OpContext, outputs: OutputInfo[]): Tensor[] | undefined {
   if (ctx.inputs.some((v) => v !== undefined && v.value === undefined)) return undefined;
-  const e = new HostEmitter(ctx, outputs);
+  return lowerOnHost(def, ctx, outputs, []);
+}
+
+/**
+ * Runs a node's lowering on the host with `data[i]` standing in for input i where the compiler
+ * sees a run-time value (ctx.inputs[i].value undefined): the path a plan takes for run-time
+ * inputs, computed in TS. Tests use it to check lowerings without the native executor.
+ */
+export function lowerOnHost(def: OpDef, ctx: OpContext, outputs: OutputInfo[], data: (Tensor | undefined)[]): Tensor[] {
+  const e = new HostEmitter(ctx, outputs, data);
   def.lower(ctx, outputs, e);
   return e.results();
 }
@@ -114,7 +126,8 @@ function toDType(v: Elem, to: DType): Elem {
   const n = typeof v === 'bigint' ? Number(v) : v;
   switch (to) {
     case 'float32': return n;
-    case 'bool': return n !== 0 && !Number.isNaN(n) ? 1 : 0;
+    // NaN != 0, so NaN casts to true (as C++ and onnxruntime).
+    case 'bool': return n !== 0 ? 1 : 0;
     case 'int64':
       if (typeof v === 'bigint') return v;
       return Number.isFinite(n) ? BigInt(Math.trunc(n)) : 0n;
