@@ -1,0 +1,269 @@
+/**
+ * Session: an ONNX model loaded, optimised and prepared once (weights folded and packed into native
+ * handles), then run many times. Each distinct set of input shapes is compiled once into a native
+ * plan (lib/session/compile.ts) and cached; a run is one native call on sonde's pool.
+ */
+import { readFile } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
+import { native, type NativePlan } from '../binding.js';
+import { allocOutput } from '../buffers.js';
+import { resolveDevice } from '../device.js';
+import { AbortError, InvalidArgumentError, ModelFormatError, callNative, fromNative } from '../errors.js';
+import { NativeResource, withSignal } from '../lifetime.js';
+import { checkSupported, parseModel, type Dim, type OnnxGraph, type OnnxNode } from '../onnx/model.js';
+import { Tensor, type DType } from '../tensor.js';
+import { checkInt, checkOneOf, checkOptions, checkSignal, describe, suggest } from '../validate.js';
+import { compilePlan, opFor, type CompiledPlan, type PlanInput } from './compile.js';
+import { SONDE_DOMAIN } from './fused.js';
+import { isSupported } from './ops/index.js';
+import type { Prepared } from './ops/types.js';
+import { optimize, type OptimizationLevel } from './optimize.js';
+
+export type { OptimizationLevel };
+
+export interface SessionOptions {
+  /** 'auto' (default), 'cpu', 'cuda' or 'cuda:N'. Graph sessions compute on the CPU. */
+  device?: 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;
+  /** At most this many pool threads per run (default: the whole pool). */
+  threads?: number;
+  /** Load-time graph optimisation (default 'all'). */
+  optimization?: OptimizationLevel;
+  /** 'fp32' (default) or 'bf16': GEMM and conv weights stored in bf16, accumulation in fp32. */
+  precision?: 'fp32' | 'bf16';
+}
+const LOAD_OPTIONS = ['device', 'threads', 'optimization', 'precision'] as const;
+
+export interface SessionRunOptions {
+  /** Aborting rejects the run with AbortError; a run in progress stops at the next operator. */
+  signal?: AbortSignal;
+}
+const RUN_OPTIONS = ['signal'] as const;
+
+/** A model input or output: symbolic dims are strings ('?' where the model leaves a dim unnamed). */
+export interface ValueMetadata {
+  name: string;
+  /** Absent where the model does not declare it. */
+  dtype?: DType;
+  /** Absent for an unknown rank. */
+  shape?: (number | string)[];
+}
+
+/** Plans kept per session; a workload with more distinct input shapes recompiles the oldest. */
+const PLAN_CACHE_SIZE = 16;
+
+interface CachedPlan {
+  compiled: CompiledPlan;
+  /** Absent when every output is known at plan time (nothing to run natively). */
+  plan?: NativePlan;
+}
+
+interface InputSpec {
+  name: string;
+  dtype?: DType;
+  dims?: Dim[];
+}
+
+type ArrayCtor = { new (n: number): ArrayBufferView; new (b: ArrayBuffer, o: number, n: number): ArrayBufferView; BYTES_PER_ELEMENT: number };
+const ARRAY_CTOR: Record<DType, ArrayCtor> = {
+  float32: Float32Array, float16: Uint16Array, bfloat16: Uint16Array, int8: Int8Array, uint8: Uint8Array, int32: Int32Array,
+  int64: BigInt64Array, bool: Uint8Array,
+};
+
+function metadata(name: string, dtype: DType | undefined, dims: Dim[] | undefined): ValueMetadata {
+  return {
+    name,
+    ...(dtype ? { dtype } : {}),
+    ...(dims ? { shape: dims.map((d) => (d === null ? '?' : d)) } : {}),
+  };
+}
+
+export class Session extends NativeResource {
+  /** The model's runtime inputs (initializers listed as graph inputs are constants, not inputs). */
+  readonly inputs: readonly ValueMetadata[];
+  readonly outputs: readonly ValueMetadata[];
+  #graph: OnnxGraph;
+  #opset: number;
+  #inputs: InputSpec[];
+  #prepared: Map<OnnxNode, Prepared>;
+  #plans = new Map<string, CachedPlan>();
+  #threads: number;
+
+  private constructor(graph: OnnxGraph, opset: number, prepared: Map<OnnxNode, Prepared>, threads: number) {
+    super();
+    this.#graph = graph;
+    this.#opset = opset;
+    this.#prepared = prepared;
+    this.#threads = threads;
+    this.#inputs = graph.inputs.filter((i) => !graph.initializers.has(i.name)).map((i) => ({ name: i.name, dtype: i.dtype, dims: i.shape }));
+    this.inputs = Object.freeze(this.#inputs.map((i) => Object.freeze(metadata(i.name, i.dtype, i.dims))));
+    this.outputs = Object.freeze(graph.outputs.map((o) => Object.freeze(metadata(o.name, o.dtype, o.shape))));
+  }
+
+  /**
+   * Loads an ONNX model from a file path (external data is read from its folder) or from bytes,
+   * optimises it and prepares every weight once.
+   */
+  static async load(pathOrBytes: string | Uint8Array, options?: SessionOptions): Promise<Session> {
+    const where = 'Session.load';
+    const opts = checkOptions<SessionOptions>(where, options, LOAD_OPTIONS);
+    const device = resolveDevice(opts.device ?? 'auto', `${where}: options.device`);
+    // Graph plans execute on the CPU; 'auto' with a GPU present still runs here.
+    void device;
+    const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
+    const level = checkOneOf(`${where}: options.optimization`, opts.optimization ?? 'all', ['none', 'basic', 'all'] as const);
+    const precision = checkOneOf(`${where}: options.precision`, opts.precision ?? 'fp32', ['fp32', 'bf16'] as const);
+    let bytes: Uint8Array;
+    let source: string;
+    let baseDir: string | undefined;
+    if (typeof pathOrBytes === 'string') {
+      source = pathOrBytes;
+      baseDir = dirname(resolve(pathOrBytes));
+      try {
+        bytes = await readFile(pathOrBytes);
+      } catch (err) {
+        throw new InvalidArgumentError(`${where}: cannot read model file '${pathOrBytes}': ${(err as Error).message}`, { cause: err });
+      }
+    } else if (pathOrBytes instanceof Uint8Array) {
+      bytes = pathOrBytes;
+      source = 'the model bytes';
+    } else {
+      throw new InvalidArgumentError(`${where}: pathOrBytes must be a file path or a Uint8Array, got ${describe(pathOrBytes)}`);
+    }
+    const model = parseModel(bytes, { baseDir, source });
+    const own = model.graph.nodes.filter((n) => n.domain === SONDE_DOMAIN);
+    if (own.length > 0) {
+      throw new ModelFormatError(`${source}: nodes in domain '${SONDE_DOMAIN}' are reserved for sonde's optimiser: ` +
+        own.slice(0, 10).map((n) => `${n.opType} (node '${n.name}')`).join(', '));
+    }
+    checkSupported(model.graph, isSupported);
+    const graph = optimize(model.graph, level, model.opset);
+    const prepared = new Map<OnnxNode, Prepared>();
+    try {
+      for (const node of graph.nodes) {
+        const def = opFor(node.domain, node.opType);
+        if (!def?.prepare) continue;
+        const ins = node.inputs.map((name) => (name ? graph.initializers.get(name) : undefined));
+        const p = def.prepare(node, ins, { precision }, model.opset);
+        if (p) prepared.set(node, p);
+      }
+    } catch (err) {
+      for (const p of prepared.values()) p.dispose();
+      throw err;
+    }
+    return new Session(graph, model.opset, prepared, threads);
+  }
+
+  /** Runs the model on `feeds` (one Tensor per input, by name); resolves to one Tensor per output. */
+  async run(feeds: Record<string, Tensor>, options?: SessionRunOptions): Promise<Record<string, Tensor>> {
+    const site = new Error();
+    const where = 'Session.run';
+    this.checkAlive(where);
+    const opts = checkOptions<SessionRunOptions>(where, options, RUN_OPTIONS);
+    const signal = checkSignal(`${where}: options.signal`, opts.signal);
+    const tensors = this.#checkFeeds(where, feeds);
+    if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason });
+    const entry = this.#plan(tensors);
+    const results: Record<string, Tensor> = {};
+    const outs: ArrayBufferView[] = [];
+    for (const o of entry.compiled.outputs) {
+      if (o.constant) {
+        // A copy: the plan's constant must not change if the caller writes into a result.
+        results[o.name] = new Tensor(o.dtype, o.constant.data.slice() as never, o.shape);
+        continue;
+      }
+      const data = allocOutput(ARRAY_CTOR[o.dtype], o.shape.reduce((a, b) => a * b, 1));
+      outs[o.index!] = data;
+      results[o.name] = new Tensor(o.dtype, data as never, o.shape);
+    }
+    const plan = entry.plan;
+    if (plan) {
+      await callNative(() => withSignal(signal, (token) => native().planRun(plan, tensors.map((t) => t.data), outs, this.#threads, token)), site);
+    }
+    return results;
+  }
+
+  /** Feeds in input order, each checked against the model's declared dtype and dims. */
+  #checkFeeds(where: string, feeds: unknown): Tensor[] {
+    if (feeds === null || typeof feeds !== 'object' || Array.isArray(feeds) || feeds instanceof Tensor) {
+      throw new InvalidArgumentError(`${where}: feeds must be an object mapping input names to Tensors, got ${describe(feeds)}`);
+    }
+    const names = this.#inputs.map((i) => i.name);
+    for (const key of Object.keys(feeds)) {
+      if (!names.includes(key)) {
+        const s = suggest(key, names);
+        throw new InvalidArgumentError(`${where}: feeds['${key}'] is not an input of the model${s ? `; did you mean '${s}'?` : ''} (inputs: ${names.join(', ')})`);
+      }
+    }
+    const missing = names.filter((n) => (feeds as Record<string, unknown>)[n] === undefined);
+    if (missing.length) throw new InvalidArgumentError(`${where}: missing input${missing.length > 1 ? 's' : ''} ${missing.map((n) => `'${n}'`).join(', ')}`);
+    const bound = new Map<string, { value: number; input: string }>();
+    return this.#inputs.map((spec) => {
+      const t = (feeds as Record<string, unknown>)[spec.name];
+      const what = `${where}: feeds['${spec.name}']`;
+      if (!(t instanceof Tensor)) throw new InvalidArgumentError(`${what} must be a Tensor, got ${describe(t)}`);
+      if (spec.dtype && t.dtype !== spec.dtype) throw new InvalidArgumentError(`${what} must have dtype '${spec.dtype}', got '${t.dtype}'`);
+      if (t.data.length !== t.size) throw new InvalidArgumentError(`${what} has ${t.data.length} elements of data for dims [${t.dims.join(', ')}]`);
+      if (spec.dims) {
+        if (t.dims.length !== spec.dims.length) {
+          throw new InvalidArgumentError(`${what} must have rank ${spec.dims.length} ([${spec.dims.map((d) => d ?? '?').join(', ')}]), got dims [${t.dims.join(', ')}]`);
+        }
+        spec.dims.forEach((d, i) => {
+          const got = t.dims[i]!;
+          if (typeof d === 'number' && d !== got) {
+            throw new InvalidArgumentError(`${what}: dims[${i}] must be ${d}, got ${got} (dims [${t.dims.join(', ')}])`);
+          }
+          if (typeof d === 'string') {
+            const b = bound.get(d);
+            if (b && b.value !== got) {
+              throw new InvalidArgumentError(`${what}: dims[${i}] ('${d}') is ${got}, but input '${b.input}' set '${d}' to ${b.value}`);
+            }
+            if (!b) bound.set(d, { value: got, input: spec.name });
+          }
+        });
+      }
+      return t;
+    });
+  }
+
+  /** The plan for these input shapes: cached (most recently used last) or compiled now. */
+  #plan(tensors: Tensor[]): CachedPlan {
+    const key = tensors.map((t) => t.dims.join('x')).join('|');
+    const hit = this.#plans.get(key);
+    if (hit) {
+      this.#plans.delete(key);
+      this.#plans.set(key, hit);
+      return hit;
+    }
+    const inputs: PlanInput[] = this.#inputs.map((spec, i) => ({ name: spec.name, dtype: tensors[i]!.dtype, shape: [...tensors[i]!.dims] }));
+    const compiled = compilePlan(this.#graph, inputs, { opset: this.#opset, prepared: this.#prepared });
+    let plan: NativePlan | undefined;
+    if (compiled.spec.steps.length > 0 || compiled.spec.outputBytes.length > 0) {
+      try {
+        plan = native().createPlan(compiled.spec);
+      } catch (err) {
+        throw fromNative(err);
+      }
+    }
+    const entry: CachedPlan = { compiled, ...(plan ? { plan } : {}) };
+    this.#plans.set(key, entry);
+    if (this.#plans.size > PLAN_CACHE_SIZE) {
+      const [oldKey, old] = this.#plans.entries().next().value as [string, CachedPlan];
+      this.#plans.delete(oldKey);
+      // A run still using it holds the native plan until it finishes.
+      old.plan?.dispose();
+    }
+    return entry;
+  }
+
+  /** Plans compiled so far (one per distinct set of input shapes, at most 16 kept). */
+  get cachedPlans(): number {
+    return this.#plans.size;
+  }
+
+  protected release(): void {
+    for (const e of this.#plans.values()) e.plan?.dispose();
+    this.#plans.clear();
+    for (const p of this.#prepared.values()) p.dispose();
+    this.#prepared.clear();
+  }
+}

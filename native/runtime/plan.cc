@@ -1,0 +1,577 @@
+#include "runtime/plan.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <initializer_list>
+#include <new>
+#include <utility>
+
+namespace sonde {
+
+namespace {
+
+// Enough for concurrent runs on a few cores without holding many arenas of a large model idle.
+constexpr size_t kMaxIdleArenas = 4;
+constexpr size_t kArenaAlign = 64;
+// A matmul walk is its batch dims plus the two matrix dims.
+constexpr size_t kMaxWalkRank = kMaxRank + 2;
+
+using Wide = __int128;
+
+struct Walk {
+  size_t rank = 0;
+  size_t dims[kMaxWalkRank] = {};
+  ptrdiff_t strides[kMaxWalkRank] = {};
+};
+
+Walk ContiguousWalk(size_t count) {
+  Walk w;
+  w.rank = 1;
+  w.dims[0] = count;
+  w.strides[0] = 1;
+  return w;
+}
+
+Walk StridedWalk(const size_t* dims, const ptrdiff_t* strides, size_t rank) {
+  Walk w;
+  w.rank = rank;
+  for (size_t i = 0; i < rank; ++i) {
+    w.dims[i] = dims[i];
+    w.strides[i] = strides[i];
+  }
+  return w;
+}
+
+bool IsElemBytes(size_t b) { return b == 1 || b == 2 || b == 4 || b == 8; }
+
+// Checks one step against the buffers; the first problem found is kept in error().
+class StepValidator {
+ public:
+  explicit StepValidator(const std::vector<PlanBufferDesc>& buffers) : buffers_(buffers) {}
+
+  const std::string& error() const { return error_; }
+  bool ok() const { return error_.empty(); }
+  void Fail(const std::string& why) {
+    if (error_.empty()) error_ = why;
+  }
+
+  // Product of sizes; an overflow fails the step (and returns 0 so later checks stay harmless).
+  size_t Product(std::initializer_list<size_t> xs) {
+    size_t p = 1;
+    for (size_t x : xs) {
+      if (__builtin_mul_overflow(p, x, &p)) {
+        Fail("sizes overflow");
+        return 0;
+      }
+    }
+    return p;
+  }
+
+  void Read(PlanRef& r, size_t elem, const Walk& w, const char* what) { Check(r, elem, w, false, what); }
+  void Write(PlanRef& r, size_t elem, const Walk& w, const char* what) { Check(r, elem, w, true, what); }
+  void ReadOptional(PlanRef& r, size_t elem, const Walk& w, const char* what) {
+    if (r.present()) Read(r, elem, w, what);
+  }
+
+ private:
+  // The walk touches offset + sum_i j_i * stride_i for j_i < dims_i: its lowest and highest
+  // elements come from taking, per dim, 0 or dims-1 by the sign of the stride.
+  void Check(PlanRef& r, size_t elem, const Walk& w, bool write, const char* what) {
+    if (!r.present()) return Fail(std::string(what) + " is missing");
+    if (r.buffer >= buffers_.size())
+      return Fail(std::string(what) + " refers to buffer " + std::to_string(r.buffer) + " of " +
+                  std::to_string(buffers_.size()));
+    const PlanBufferDesc& b = buffers_[r.buffer];
+    if (write && (b.kind == PlanBufferKind::kInput || b.kind == PlanBufferKind::kConst))
+      return Fail(std::string(what) + " writes buffer " + std::to_string(r.buffer) + ", which is " +
+                  (b.kind == PlanBufferKind::kInput ? "an input" : "a const") + " (read-only)");
+    Wide lo = static_cast<Wide>(r.offset), hi = lo;
+    for (size_t i = 0; i < w.rank; ++i) {
+      if (w.dims[i] == 0) {
+        r.byte_offset = r.offset * elem;
+        return;  // touches nothing
+      }
+      const Wide span = static_cast<Wide>(w.dims[i] - 1) * w.strides[i];
+      (span < 0 ? lo : hi) += span;
+    }
+    if (lo < 0 || (hi + 1) * static_cast<Wide>(elem) > static_cast<Wide>(b.bytes))
+      return Fail(std::string(what) + " reaches elements [" + std::to_string(static_cast<long long>(lo)) + ", " +
+                  std::to_string(static_cast<long long>(hi)) + "] of buffer " + std::to_string(r.buffer) + ", which holds " +
+                  std::to_string(b.bytes / elem) + " of " + std::to_string(elem) + " bytes");
+    r.byte_offset = r.offset * elem;
+  }
+
+  const std::vector<PlanBufferDesc>& buffers_;
+  std::string error_;
+};
+
+bool IsIntegerArith(ElemType t) { return t == ElemType::kFloat32 || t == ElemType::kInt64 || t == ElemType::kInt32; }
+
+void ValidateConv(StepValidator& v, PlanStep& s) {
+  if (!s.conv) return v.Fail("no convolution");
+  const ConvSpec& spec = s.conv->spec();
+  WindowShape ws;
+  const std::string e = ResolveWindow(spec.window, s.h, s.w, &ws);
+  if (!e.empty()) return v.Fail(e);
+  const size_t y = v.Product({s.n, spec.c_out, ws.oh, ws.ow});
+  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.n, spec.c_in, s.h, s.w})), "x");
+  v.ReadOptional(s.in[1], 4, ContiguousWalk(y), "residual");
+  v.Write(s.out[0], 4, ContiguousWalk(y), "y");
+}
+
+void ValidateGemm(StepValidator& v, PlanStep& s) {
+  if (!s.gemm == !s.gemm_lowp) return v.Fail("needs exactly one packed weights handle");
+  const size_t wk = s.gemm ? s.gemm->k() : s.gemm_lowp->k(), wn = s.gemm ? s.gemm->n() : s.gemm_lowp->n();
+  if (wk != s.k || wn != s.n)
+    return v.Fail("weights are " + std::to_string(wk) + " x " + std::to_string(wn) + ", the step says k = " +
+                  std::to_string(s.k) + ", n = " + std::to_string(s.n));
+  if (s.kind < 0 || s.kind >= kernels::kActCount) return v.Fail("unknown activation");
+  const size_t c = v.Product({s.m, s.n});
+  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.m, s.k})), "a");
+  v.ReadOptional(s.in[1], 4, ContiguousWalk(s.n), "bias");
+  v.ReadOptional(s.in[2], 4, ContiguousWalk(c), "residual");
+  v.Write(s.out[0], 4, ContiguousWalk(c), "c");
+}
+
+void ValidateMatMul(StepValidator& v, PlanStep& s) {
+  const size_t rank = s.shape.rank;
+  Walk a = StridedWalk(s.shape.dims, s.strides[0], rank), b = StridedWalk(s.shape.dims, s.strides[1], rank);
+  a.rank = b.rank = rank + 2;
+  a.dims[rank] = s.m;
+  a.dims[rank + 1] = s.k;
+  a.strides[rank] = static_cast<ptrdiff_t>(s.k);
+  a.strides[rank + 1] = 1;
+  // b[i] is [k][n], or [n][k] when transB.
+  b.dims[rank] = s.flag ? s.n : s.k;
+  b.dims[rank + 1] = s.flag ? s.k : s.n;
+  b.strides[rank] = static_cast<ptrdiff_t>(b.dims[rank + 1]);
+  b.strides[rank + 1] = 1;
+  size_t batch = 1;
+  for (size_t i = 0; i < rank; ++i) batch = v.Product({batch, s.shape.dims[i]});
+  v.Read(s.in[0], 4, a, "a");
+  v.Read(s.in[1], 4, b, "b");
+  v.Write(s.out[0], 4, ContiguousWalk(v.Product({batch, s.m, s.n})), "c");
+}
+
+void ValidateUnary(StepValidator& v, PlanStep& s) {
+  const auto kind = static_cast<UnaryKind>(s.kind);
+  const bool ok = kind == UnaryKind::kNot ? s.dtype == ElemType::kBool
+                  : (kind == UnaryKind::kNeg || kind == UnaryKind::kAbs) ? IsIntegerArith(s.dtype)
+                                                                         : s.dtype == ElemType::kFloat32;
+  if (!ok) return v.Fail("this unary kind does not take this dtype");
+  const size_t eb = ElemBytes(s.dtype);
+  v.Read(s.in[0], eb, ContiguousWalk(s.count), "x");
+  v.Write(s.out[0], eb, ContiguousWalk(s.count), "y");
+}
+
+void ValidateBinary(StepValidator& v, PlanStep& s) {
+  const auto kind = static_cast<BinaryKind>(s.kind);
+  const bool logical = kind == BinaryKind::kAnd || kind == BinaryKind::kOr;
+  const bool compare = kind == BinaryKind::kEqual || kind == BinaryKind::kLess || kind == BinaryKind::kGreater;
+  if (logical ? s.dtype != ElemType::kBool : !IsIntegerArith(s.dtype))
+    return v.Fail("this binary kind does not take this dtype");
+  const size_t eb = ElemBytes(s.dtype), rank = s.shape.rank;
+  size_t count = 1;
+  for (size_t i = 0; i < rank; ++i) count = v.Product({count, s.shape.dims[i]});
+  v.Read(s.in[0], eb, StridedWalk(s.shape.dims, s.strides[0], rank), "a");
+  v.Read(s.in[1], eb, StridedWalk(s.shape.dims, s.strides[1], rank), "b");
+  v.Write(s.out[0], compare || logical ? 1 : eb, ContiguousWalk(count), "y");
+}
+
+void ValidateWhere(StepValidator& v, PlanStep& s) {
+  if (!IsElemBytes(s.elem_bytes)) return v.Fail("elemBytes must be 1, 2, 4 or 8");
+  const size_t rank = s.shape.rank;
+  size_t count = 1;
+  for (size_t i = 0; i < rank; ++i) count = v.Product({count, s.shape.dims[i]});
+  v.Read(s.in[0], 1, StridedWalk(s.shape.dims, s.strides[0], rank), "cond");
+  v.Read(s.in[1], s.elem_bytes, StridedWalk(s.shape.dims, s.strides[1], rank), "x");
+  v.Read(s.in[2], s.elem_bytes, StridedWalk(s.shape.dims, s.strides[2], rank), "y");
+  v.Write(s.out[0], s.elem_bytes, ContiguousWalk(count), "out");
+}
+
+void ValidateCopy(StepValidator& v, PlanStep& s) {
+  if (!IsElemBytes(s.elem_bytes)) return v.Fail("elemBytes must be 1, 2, 4 or 8");
+  v.Read(s.in[0], s.elem_bytes, StridedWalk(s.shape.dims, s.strides[0], s.shape.rank), "x");
+  v.Write(s.out[0], s.elem_bytes, StridedWalk(s.shape.dims, s.strides[1], s.shape.rank), "y");
+}
+
+void ValidateGather(StepValidator& v, PlanStep& s) {
+  if (!IsElemBytes(s.elem_bytes)) return v.Fail("elemBytes must be 1, 2, 4 or 8");
+  if (s.dtype_to != ElemType::kInt64 && s.dtype_to != ElemType::kInt32) return v.Fail("indices must be int64 or int32");
+  v.Read(s.in[0], s.elem_bytes, ContiguousWalk(v.Product({s.outer, s.mid, s.inner})), "data");
+  v.Read(s.in[1], ElemBytes(s.dtype_to), ContiguousWalk(s.count), "indices");
+  v.Write(s.out[0], s.elem_bytes, ContiguousWalk(v.Product({s.outer, s.count, s.inner})), "y");
+}
+
+void ValidatePool(StepValidator& v, PlanStep& s) {
+  if (s.kind != 0 && s.kind != 1) return v.Fail("pool kind must be 0 (max) or 1 (average)");
+  WindowShape ws;
+  const std::string e = ResolveWindow(s.window, s.h, s.w, &ws);
+  if (!e.empty()) return v.Fail(e);
+  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.outer, s.h, s.w})), "x");
+  v.Write(s.out[0], 4, ContiguousWalk(v.Product({s.outer, ws.oh, ws.ow})), "y");
+}
+
+void ValidateGlobalAveragePool(StepValidator& v, PlanStep& s) {
+  if (s.inner == 0) return v.Fail("hw must be >= 1");
+  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.outer, s.inner})), "x");
+  v.Write(s.out[0], 4, ContiguousWalk(s.outer), "y");
+}
+
+void ValidateSoftmax(StepValidator& v, PlanStep& s) {
+  const size_t count = v.Product({s.outer, s.mid, s.inner});
+  v.Read(s.in[0], 4, ContiguousWalk(count), "x");
+  v.Write(s.out[0], 4, ContiguousWalk(count), "y");
+  s.dims3 = {s.outer, s.mid, s.inner};
+}
+
+void ValidateLayerNorm(StepValidator& v, PlanStep& s) {
+  if (s.inner == 0 && s.outer != 0) return v.Fail("cols must be >= 1");
+  const size_t count = v.Product({s.outer, s.inner});
+  v.Read(s.in[0], 4, ContiguousWalk(count), "x");
+  v.ReadOptional(s.in[1], 4, ContiguousWalk(s.inner), "scale");
+  v.ReadOptional(s.in[2], 4, ContiguousWalk(s.inner), "bias");
+  v.Write(s.out[0], 4, ContiguousWalk(count), "y");
+}
+
+void ValidateChannelAffine(StepValidator& v, PlanStep& s) {
+  const size_t count = v.Product({s.outer, s.mid, s.inner});
+  v.Read(s.in[0], 4, ContiguousWalk(count), "x");
+  v.Read(s.in[1], 4, ContiguousWalk(s.mid), "scale");
+  v.Read(s.in[2], 4, ContiguousWalk(s.mid), "shift");
+  v.Write(s.out[0], 4, ContiguousWalk(count), "y");
+}
+
+void ValidateReduce(StepValidator& v, PlanStep& s) {
+  const auto kind = static_cast<ReduceKind>(s.kind);
+  if (!(s.dtype == ElemType::kFloat32 || (s.dtype == ElemType::kInt64 && kind != ReduceKind::kMean)))
+    return v.Fail("reduce takes float32 (sum, mean, max, min) or int64 (sum, max, min)");
+  if (s.mid == 0 && (kind == ReduceKind::kMax || kind == ReduceKind::kMin) && s.outer * s.inner != 0)
+    return v.Fail("max/min over an empty axis");
+  const size_t eb = ElemBytes(s.dtype);
+  v.Read(s.in[0], eb, ContiguousWalk(v.Product({s.outer, s.mid, s.inner})), "x");
+  v.Write(s.out[0], eb, ContiguousWalk(v.Product({s.outer, s.inner})), "y");
+}
+
+void ValidateArgMax(StepValidator& v, PlanStep& s) {
+  const size_t count = v.Product({s.outer, s.inner});
+  if (s.mid == 0 && count != 0) return v.Fail("argmax over an empty axis");
+  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.outer, s.mid, s.inner})), "x");
+  v.Write(s.out[0], 8, ContiguousWalk(count), "y");
+}
+
+void ValidateTopK(StepValidator& v, PlanStep& s) {
+  if (s.k > s.mid) return v.Fail("k = " + std::to_string(s.k) + " exceeds the axis length " + std::to_string(s.mid));
+  const size_t count = v.Product({s.outer, s.k, s.inner});
+  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.outer, s.mid, s.inner})), "x");
+  v.Write(s.out[0], 4, ContiguousWalk(count), "values");
+  v.Write(s.out[1], 8, ContiguousWalk(count), "indices");
+  s.dims3 = {s.outer, s.mid, s.inner};
+}
+
+void ValidateCast(StepValidator& v, PlanStep& s) {
+  v.Read(s.in[0], ElemBytes(s.dtype), ContiguousWalk(s.count), "x");
+  v.Write(s.out[0], ElemBytes(s.dtype_to), ContiguousWalk(s.count), "y");
+}
+
+// Output dims of a pad; negative pads crop. Reflect needs each pad smaller than the (cropped) axis,
+// edge needs a non-empty axis to repeat.
+void ValidatePad(StepValidator& v, PlanStep& s) {
+  const auto mode = static_cast<PadMode>(s.kind);
+  size_t in = 1, out = 1;
+  for (size_t i = 0; i < s.shape.rank; ++i) {
+    const Wide d = s.shape.dims[i], b = s.pad_begin[i], e = s.pad_end[i];
+    const Wide kept = d + (b < 0 ? b : 0) + (e < 0 ? e : 0);
+    if (kept < 0 || d + b + e < 0) return v.Fail("pads crop more than axis " + std::to_string(i) + " holds");
+    const Wide grow = (b > 0 ? b : 0) > (e > 0 ? e : 0) ? (b > 0 ? b : 0) : (e > 0 ? e : 0);
+    if (mode == PadMode::kReflect && grow > 0 && grow >= kept)
+      return v.Fail("reflect pads must be smaller than axis " + std::to_string(i));
+    if (mode == PadMode::kEdge && grow > 0 && kept == 0)
+      return v.Fail("edge padding of the empty axis " + std::to_string(i));
+    in = v.Product({in, s.shape.dims[i]});
+    out = v.Product({out, static_cast<size_t>(d + b + e)});
+  }
+  const size_t eb = ElemBytes(s.dtype);
+  v.Read(s.in[0], eb, ContiguousWalk(in), "x");
+  v.Write(s.out[0], eb, ContiguousWalk(out), "y");
+}
+
+// Enum codes and ranks come from name tables in the binding; checked again because a bad one would
+// index past a table or a dims array.
+bool CodesInRange(const PlanStep& s) {
+  if (s.shape.rank > kMaxRank) return false;
+  switch (s.op) {
+    case PlanOp::kUnary: return s.kind >= 0 && s.kind <= static_cast<int32_t>(UnaryKind::kIdentity);
+    case PlanOp::kBinary: return s.kind >= 0 && s.kind <= static_cast<int32_t>(BinaryKind::kOr);
+    case PlanOp::kReduce: return s.kind >= 0 && s.kind <= static_cast<int32_t>(ReduceKind::kMin);
+    case PlanOp::kPad: return s.kind >= 0 && s.kind <= static_cast<int32_t>(PadMode::kEdge);
+    default: return true;
+  }
+}
+
+void ValidateStep(StepValidator& v, PlanStep& s) {
+  if (!CodesInRange(s)) return v.Fail("kind or rank out of range");
+  switch (s.op) {
+    case PlanOp::kConv: return ValidateConv(v, s);
+    case PlanOp::kGemm: return ValidateGemm(v, s);
+    case PlanOp::kMatMul: return ValidateMatMul(v, s);
+    case PlanOp::kUnary: return ValidateUnary(v, s);
+    case PlanOp::kBinary: return ValidateBinary(v, s);
+    case PlanOp::kWhere: return ValidateWhere(v, s);
+    case PlanOp::kCopy: return ValidateCopy(v, s);
+    case PlanOp::kFill: return v.Write(s.out[0], ElemBytes(s.dtype), ContiguousWalk(s.count), "y");
+    case PlanOp::kGather: return ValidateGather(v, s);
+    case PlanOp::kPool: return ValidatePool(v, s);
+    case PlanOp::kGlobalAveragePool: return ValidateGlobalAveragePool(v, s);
+    case PlanOp::kSoftmax:
+    case PlanOp::kLogSoftmax: return ValidateSoftmax(v, s);
+    case PlanOp::kLayerNorm: return ValidateLayerNorm(v, s);
+    case PlanOp::kChannelAffine: return ValidateChannelAffine(v, s);
+    case PlanOp::kReduce: return ValidateReduce(v, s);
+    case PlanOp::kArgMax: return ValidateArgMax(v, s);
+    case PlanOp::kTopK: return ValidateTopK(v, s);
+    case PlanOp::kCast: return ValidateCast(v, s);
+    case PlanOp::kPad: return ValidatePad(v, s);
+  }
+  v.Fail("unknown op");
+}
+
+std::string ValidateBuffers(const std::vector<PlanBufferDesc>& buffers, size_t arena_bytes,
+                            const std::vector<size_t>& input_bytes, const std::vector<size_t>& output_bytes) {
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    const PlanBufferDesc& b = buffers[i];
+    const std::string where = "buffer " + std::to_string(i) + ": ";
+    switch (b.kind) {
+      case PlanBufferKind::kInput:
+      case PlanBufferKind::kOutput: {
+        const bool input = b.kind == PlanBufferKind::kInput;
+        const std::vector<size_t>& sizes = input ? input_bytes : output_bytes;
+        if (b.index >= sizes.size())
+          return where + (input ? "input " : "output ") + std::to_string(b.index) + " of " + std::to_string(sizes.size());
+        if (b.bytes > sizes[b.index])
+          return where + std::to_string(b.bytes) + " bytes, but " + (input ? "input " : "output ") +
+                 std::to_string(b.index) + " has " + std::to_string(sizes[b.index]);
+        break;
+      }
+      case PlanBufferKind::kArena:
+        if (b.offset % kArenaAlign) return where + "arena offset " + std::to_string(b.offset) + " is not a multiple of 64";
+        if (b.offset > arena_bytes || b.bytes > arena_bytes - b.offset)
+          return where + "[" + std::to_string(b.offset) + ", +" + std::to_string(b.bytes) + ") is outside the arena of " +
+                 std::to_string(arena_bytes) + " bytes";
+        break;
+      case PlanBufferKind::kConst:
+        if (!b.data || b.data->size() < b.bytes) return where + "const data holds fewer than its " + std::to_string(b.bytes) + " bytes";
+        break;
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
+const char* PlanOpName(PlanOp op) {
+  switch (op) {
+    case PlanOp::kConv: return "conv";
+    case PlanOp::kGemm: return "gemm";
+    case PlanOp::kMatMul: return "matmul";
+    case PlanOp::kUnary: return "unary";
+    case PlanOp::kBinary: return "binary";
+    case PlanOp::kWhere: return "where";
+    case PlanOp::kCopy: return "copy";
+    case PlanOp::kFill: return "fill";
+    case PlanOp::kGather: return "gather";
+    case PlanOp::kPool: return "pool";
+    case PlanOp::kGlobalAveragePool: return "globalAveragePool";
+    case PlanOp::kSoftmax: return "softmax";
+    case PlanOp::kLogSoftmax: return "softmax";
+    case PlanOp::kLayerNorm: return "layerNorm";
+    case PlanOp::kChannelAffine: return "channelAffine";
+    case PlanOp::kReduce: return "reduce";
+    case PlanOp::kArgMax: return "argmax";
+    case PlanOp::kTopK: return "topk";
+    case PlanOp::kCast: return "cast";
+    case PlanOp::kPad: return "pad";
+  }
+  return "?";
+}
+
+struct Plan::Arena {
+  unsigned char* data = nullptr;      // arena_bytes rounded up to 64, 64-byte aligned
+  std::vector<unsigned char*> bases;  // per buffer, filled at the start of each run
+  ~Arena() { std::free(data); }
+};
+
+std::unique_ptr<Plan> Plan::Create(std::vector<PlanBufferDesc> buffers, std::vector<PlanStep> steps,
+                                   size_t arena_bytes, std::vector<size_t> input_bytes,
+                                   std::vector<size_t> output_bytes, std::string* error) {
+  *error = ValidateBuffers(buffers, arena_bytes, input_bytes, output_bytes);
+  if (!error->empty()) return nullptr;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    StepValidator v(buffers);
+    ValidateStep(v, steps[i]);
+    if (!v.ok()) {
+      *error = "step " + std::to_string(i) + " (" + PlanOpName(steps[i].op) + ", node '" + steps[i].node + "'): " + v.error();
+      return nullptr;
+    }
+  }
+  std::unique_ptr<Plan> plan(new Plan());
+  for (const PlanBufferDesc& b : buffers)
+    if (b.kind == PlanBufferKind::kConst) plan->const_bytes_ += b.data->size();
+  plan->buffers_ = std::move(buffers);
+  plan->steps_ = std::move(steps);
+  plan->arena_bytes_ = arena_bytes;
+  plan->input_bytes_ = std::move(input_bytes);
+  plan->output_bytes_ = std::move(output_bytes);
+  plan->elementwise_uk_ = ElementwiseTable(ElementwiseVariant::kAuto);
+  plan->idle_arenas_.reserve(kMaxIdleArenas);  // so that returning an arena never allocates
+  return plan;
+}
+
+Plan::~Plan() = default;
+
+std::unique_ptr<Plan::Arena> Plan::AcquireArena() const {
+  {
+    std::lock_guard<std::mutex> lock(arenas_mu_);
+    if (!idle_arenas_.empty()) {
+      std::unique_ptr<Arena> a = std::move(idle_arenas_.back());
+      idle_arenas_.pop_back();
+      return a;
+    }
+  }
+  auto a = std::make_unique<Arena>();
+  a->bases.resize(buffers_.size());
+  if (arena_bytes_) {
+    const size_t rounded = (arena_bytes_ + kArenaAlign - 1) / kArenaAlign * kArenaAlign;
+    a->data = static_cast<unsigned char*>(std::aligned_alloc(kArenaAlign, rounded));
+    if (!a->data) throw std::bad_alloc();
+  }
+  return a;
+}
+
+void Plan::ReleaseArena(std::unique_ptr<Arena> arena) const {
+  std::lock_guard<std::mutex> lock(arenas_mu_);
+  if (idle_arenas_.size() < kMaxIdleArenas) idle_arenas_.push_back(std::move(arena));
+}
+
+bool Plan::Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const void* const* inputs,
+               void* const* outputs, double* timings, std::string* error) const {
+  std::unique_ptr<Arena> arena = AcquireArena();
+  for (size_t i = 0; i < buffers_.size(); ++i) {
+    const PlanBufferDesc& b = buffers_[i];
+    unsigned char* base = nullptr;
+    switch (b.kind) {
+      // Inputs and consts are never written (checked at creation); the cast only unifies the table.
+      case PlanBufferKind::kInput: base = static_cast<unsigned char*>(const_cast<void*>(inputs[b.index])); break;
+      case PlanBufferKind::kOutput: base = static_cast<unsigned char*>(outputs[b.index]); break;
+      case PlanBufferKind::kArena: base = arena->data + b.offset; break;
+      case PlanBufferKind::kConst: base = const_cast<unsigned char*>(b.data->data()); break;
+    }
+    arena->bases[i] = base;
+  }
+  const TensorOpContext ctx{&pool, threads, cancel};
+  const ElementwiseContext ew{&pool, threads, cancel, elementwise_uk_};
+  bool ok = true;
+  for (size_t i = 0; i < steps_.size(); ++i) {
+    if (cancel && cancel->load()) {
+      ok = false;
+      break;
+    }
+    const auto t0 = timings ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point();
+    std::string why;
+    if (!RunStep(steps_[i], ctx, ew, arena->bases.data(), &why)) {
+      ok = false;
+      if (!(cancel && cancel->load())) {
+        if (why.empty()) why = "stopped before finishing (the thread pool is shutting down)";
+        *error = "node '" + steps_[i].node + "': " + why;
+      }
+      break;
+    }
+    if (timings)
+      timings[i] = static_cast<double>(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+  }
+  ReleaseArena(std::move(arena));
+  return ok;
+}
+
+bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const ElementwiseContext& ew,
+                   unsigned char* const* bases, std::string* error) const {
+  auto at = [bases](const PlanRef& r) -> unsigned char* { return r.present() ? bases[r.buffer] + r.byte_offset : nullptr; };
+  auto f32 = [&](const PlanRef& r) { return reinterpret_cast<float*>(at(r)); };
+  const void* x = at(s.in[0]);
+  void* y = at(s.out[0]);
+  switch (s.op) {
+    case PlanOp::kConv:
+      return s.conv->Run(*ctx.pool, ctx.max_threads, ctx.cancel, f32(s.in[0]), s.n, s.h, s.w, f32(s.out[0]),
+                         f32(s.in[1]), s.flag, error);
+    case PlanOp::kGemm: {
+      const kernels::GemmEpilogue ep{nullptr, f32(s.in[1]), f32(s.in[2]), s.n, s.kind, s.flag ? 1 : 0, s.alpha, s.beta};
+      if (s.gemm) {
+        GemmArgs args;
+        args.a = f32(s.in[0]);
+        args.m = s.m;
+        args.lda = s.k;
+        args.c = f32(s.out[0]);
+        args.ldc = s.n;
+        args.epilogue = ep;
+        return RunGemm(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.gemm);
+      }
+      LowpGemmArgs args;
+      args.a = f32(s.in[0]);
+      args.m = s.m;
+      args.lda = s.k;
+      args.c = f32(s.out[0]);
+      args.ldc = s.n;
+      args.epilogue = ep;
+      return RunLowpGemm(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.gemm_lowp, false);
+    }
+    case PlanOp::kMatMul:
+      return RunBatchedMatMul(ctx, f32(s.in[0]), s.strides[0], f32(s.in[1]), s.strides[1], f32(s.out[0]),
+                              s.shape.dims, s.shape.rank, s.m, s.k, s.n, s.flag);
+    case PlanOp::kUnary:
+      return RunUnaryOp(ctx, static_cast<UnaryKind>(s.kind), s.dtype, x, y, s.count, s.alpha, s.beta, error);
+    case PlanOp::kBinary:
+      return RunBinaryOp(ctx, static_cast<BinaryKind>(s.kind), s.dtype, x, s.strides[0], at(s.in[1]), s.strides[1], y,
+                         s.shape.dims, s.shape.rank, error);
+    case PlanOp::kWhere:
+      return RunWhere(ctx, at(s.in[0]), s.strides[0], at(s.in[1]), s.strides[1], at(s.in[2]), s.strides[2], y,
+                      s.shape.dims, s.shape.rank, s.elem_bytes);
+    case PlanOp::kCopy:
+      return RunStridedCopy(ctx, x, s.strides[0], y, s.strides[1], s.shape.dims, s.shape.rank, s.elem_bytes);
+    case PlanOp::kFill:
+      RunFill(s.dtype, y, s.count, s.value);
+      return true;
+    case PlanOp::kGather:
+      return RunGather(ctx, x, at(s.in[1]), s.dtype_to == ElemType::kInt64, y, s.outer, s.mid, s.inner, s.count,
+                       s.elem_bytes, error);
+    case PlanOp::kPool:
+      return RunPool(*ctx.pool, ctx.max_threads, ctx.cancel, static_cast<PoolKind>(s.kind), f32(s.in[0]), s.outer, s.h,
+                     s.w, s.window, s.flag, ConvVariant::kAuto, f32(s.out[0]), error);
+    case PlanOp::kGlobalAveragePool:
+      return RunGlobalAveragePool(*ctx.pool, ctx.max_threads, ctx.cancel, f32(s.in[0]), s.outer, s.inner,
+                                  ConvVariant::kAuto, f32(s.out[0]), error);
+    case PlanOp::kSoftmax:
+      return RunSoftmax(ew, f32(s.in[0]), s.dims3, 1, f32(s.out[0]));
+    case PlanOp::kLogSoftmax:
+      return RunLogSoftmax(ctx, f32(s.in[0]), f32(s.out[0]), s.outer, s.mid, s.inner);
+    case PlanOp::kLayerNorm:
+      return RunLayerNorm(ew, f32(s.in[0]), s.outer, s.inner, f32(s.in[1]), f32(s.in[2]), s.epsilon, f32(s.out[0]));
+    case PlanOp::kChannelAffine:
+      return RunChannelAffine(ctx, f32(s.in[0]), f32(s.in[1]), f32(s.in[2]), f32(s.out[0]), s.outer, s.mid, s.inner);
+    case PlanOp::kReduce:
+      return RunReduce(ctx, static_cast<ReduceKind>(s.kind), s.dtype, x, y, s.outer, s.mid, s.inner);
+    case PlanOp::kArgMax:
+      return RunArgMaxOp(ctx, f32(s.in[0]), reinterpret_cast<int64_t*>(y), s.outer, s.mid, s.inner, s.flag);
+    case PlanOp::kTopK:
+      return RunTopK(ew, f32(s.in[0]), s.dims3, 1, s.k, s.flag, f32(s.out[0]), reinterpret_cast<int64_t*>(at(s.out[1])));
+    case PlanOp::kCast:
+      return RunCastOp(ctx, s.dtype, x, s.dtype_to, y, s.count);
+    case PlanOp::kPad:
+      return RunPad(ctx, s.dtype, x, s.shape.dims, s.shape.rank, s.pad_begin, s.pad_end, static_cast<PadMode>(s.kind),
+                    s.value, y);
+  }
+  *error = "unknown op";
+  return false;
+}
+
+}  // namespace sonde

@@ -1,0 +1,143 @@
+// The compiled-plan executor: an immutable, validated list of steps over buffers (contract:
+// lib/session/plan.ts). A run is one native call that executes the steps in order on the pool,
+// checking the cancel flag between steps. Everything that can be decided once (enum names, operand
+// byte offsets, element sizes, extents) is decided in Create(), so a run does no string work and no
+// allocation once its arena has been made.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernels/elementwise/elementwise.h"
+#include "ops/conv.h"
+#include "ops/elementwise.h"
+#include "ops/gemm.h"
+#include "ops/gemm_lowp.h"
+#include "ops/tensor_ops.h"
+#include "runtime/thread_pool.h"
+
+namespace sonde {
+
+enum class PlanBufferKind : uint8_t { kInput, kOutput, kArena, kConst };
+
+struct PlanBufferDesc {
+  PlanBufferKind kind = PlanBufferKind::kArena;
+  size_t index = 0;   // input / output: the run's inputs[index] / outputs[index]
+  size_t offset = 0;  // arena: byte offset, a multiple of 64
+  size_t bytes = 0;
+  // const: the plan's own copy (made once at creation; consts can be large, so never per run).
+  std::shared_ptr<const std::vector<unsigned char>> data;
+};
+
+constexpr uint32_t kNoBuffer = UINT32_MAX;
+
+// A buffer index and an element offset (in the operand's element type).
+struct PlanRef {
+  uint32_t buffer = kNoBuffer;
+  size_t offset = 0;
+  size_t byte_offset = 0;  // offset * element size, filled by Plan::Create
+  bool present() const { return buffer != kNoBuffer; }
+};
+
+enum class PlanOp : uint8_t {
+  kConv, kGemm, kMatMul, kUnary, kBinary, kWhere, kCopy, kFill, kGather, kPool, kGlobalAveragePool, kSoftmax,
+  kLogSoftmax, kLayerNorm, kChannelAffine, kReduce, kArgMax, kTopK, kCast, kPad,
+};
+
+const char* PlanOpName(PlanOp op);
+
+// One step. Operand slots by op (in = read, out = written; absent optional operands have no buffer):
+//   conv          in: x, residual                 out: y
+//   gemm          in: a, bias, residual           out: c
+//   matmul        in: a, b                        out: c
+//   unary, cast, copy, pool, globalAveragePool, softmax, logSoftmax, reduce, argmax, pad
+//                 in: x                           out: y
+//   binary        in: a, b                        out: y
+//   where         in: cond, x, y                  out: out
+//   fill          -                               out: y
+//   gather        in: data, indices               out: y
+//   layerNorm     in: x, scale, bias              out: y
+//   channelAffine in: x, scale, shift             out: y
+//   topk          in: x                           out: values, indices
+struct PlanStep {
+  PlanOp op = PlanOp::kFill;
+  std::string node;
+  PlanRef in[3], out[2];
+
+  // Sizes; which ones a step uses follows lib/session/plan.ts:
+  //   conv: n, h, w; gemm/matmul: m, k, n; unary/fill/cast: count; gather: outer, mid = axisLen,
+  //   inner, count = nIndices; pool: outer = planes, h, w; globalAveragePool: outer = planes,
+  //   inner = hw; softmax, reduce, argmax, topk (k), channelAffine: outer, mid, inner;
+  //   layerNorm: outer = rows, inner = cols.
+  size_t m = 0, k = 0, n = 0, h = 0, w = 0, count = 0, outer = 0, mid = 0, inner = 0;
+
+  // binary/where/copy: dims and one stride row per strided operand (binary a, b; where cond, x, y;
+  // copy x, y); matmul: batch dims and a, b batch strides; pad: the input dims, begin and end.
+  Strided shape;
+  ptrdiff_t strides[3][kMaxRank] = {};
+  ptrdiff_t pad_begin[kMaxRank] = {}, pad_end[kMaxRank] = {};
+
+  int32_t kind = 0;  // UnaryKind, BinaryKind, ReduceKind, PadMode, PoolKind, or a GemmActivation
+  ElemType dtype = ElemType::kFloat32;     // operands' type; cast: from
+  ElemType dtype_to = ElemType::kFloat32;  // cast: to; gather: the indices' type
+  size_t elem_bytes = 4;                   // where, copy, gather
+  float alpha = 0.0f, beta = 0.0f, epsilon = 0.0f;
+  double value = 0.0;  // fill, pad
+  // conv/gemm: residual before activation; matmul: transB; pool: countIncludePad; argmax:
+  // selectLastIndex; topk: largest.
+  bool flag = false;
+  WindowGeometry window;  // pool
+  Dims dims3;             // softmax / topk: {outer, mid, inner} for the elementwise ops' Dims form
+
+  std::shared_ptr<const ConvOp> conv;
+  std::shared_ptr<const PackedGemmWeights> gemm;
+  std::shared_ptr<const PackedLowpGemmWeights> gemm_lowp;
+};
+
+class Plan {
+ public:
+  // Validates everything a run relies on (every operand's strided extent inside its buffer, no
+  // write to an input or const buffer, handles present, sizes consistent) and fills the derived
+  // fields of the steps. Returns null with *error naming the step (or buffer) otherwise.
+  static std::unique_ptr<Plan> Create(std::vector<PlanBufferDesc> buffers, std::vector<PlanStep> steps,
+                                      size_t arena_bytes, std::vector<size_t> input_bytes,
+                                      std::vector<size_t> output_bytes, std::string* error);
+  ~Plan();
+
+  // inputs/outputs: input_bytes().size() / output_bytes().size() pointers to buffers of those
+  // lengths (the caller checks). timings: null or steps().size() slots for each step's wall time
+  // in ns. Returns false when cancelled (*cancel set) or with *error = "node '<name>': <why>".
+  bool Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const void* const* inputs,
+           void* const* outputs, double* timings, std::string* error) const;
+
+  const std::vector<PlanStep>& steps() const { return steps_; }
+  const std::vector<size_t>& input_bytes() const { return input_bytes_; }
+  const std::vector<size_t>& output_bytes() const { return output_bytes_; }
+  size_t arena_bytes() const { return arena_bytes_; }
+  size_t const_bytes() const { return const_bytes_; }
+  // What the plan holds while idle: its consts plus one arena.
+  size_t bytes() const { return const_bytes_ + arena_bytes_; }
+
+ private:
+  struct Arena;
+  Plan() = default;
+  std::unique_ptr<Arena> AcquireArena() const;
+  void ReleaseArena(std::unique_ptr<Arena> arena) const;
+  bool RunStep(const PlanStep& s, const TensorOpContext& ctx, const ElementwiseContext& ew,
+               unsigned char* const* bases, std::string* error) const;
+
+  std::vector<PlanBufferDesc> buffers_;
+  std::vector<PlanStep> steps_;
+  std::vector<size_t> input_bytes_, output_bytes_;
+  size_t arena_bytes_ = 0, const_bytes_ = 0;
+  kernels::ElementwiseUkernels elementwise_uk_{};
+
+  // Idle arenas: concurrent runs each take one; a few are kept so repeated runs do not reallocate.
+  mutable std::mutex arenas_mu_;
+  mutable std::vector<std::unique_ptr<Arena>> idle_arenas_;
+};
+
+}  // namespace sonde
