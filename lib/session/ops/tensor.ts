@@ -438,11 +438,17 @@ function padArgs(ctx: OpContext): PadArgs {
     end[a] = pads[i + axes.length]!;
   });
   shape.forEach((d, a) => {
-    if (d + begin[a]! + end[a]! < 0) ctx.fail(`pads [${pads.join(', ')}] crop more than dim ${a} (${d}) holds`, { input: true });
-    if (mode === 'reflect' && (begin[a]! > 0 || end[a]! > 0) && (begin[a]! >= d || end[a]! >= d)) {
-      ctx.fail(`reflect pads [${pads.join(', ')}] must be smaller than dim ${a} (${d})`, { input: true });
+    const b = begin[a]!;
+    const e = end[a]!;
+    // What is left of the axis after negative pads crop it; reflection and edges come from there
+    // (onnxruntime rejects a reflect pad beyond it, as the native step does).
+    const kept = d + Math.min(b, 0) + Math.min(e, 0);
+    const grow = Math.max(b, e, 0);
+    if (kept < 0 || d + b + e < 0) ctx.fail(`pads [${pads.join(', ')}] crop more than dim ${a} (${d}) holds`, { input: true });
+    if (mode === 'reflect' && grow > 0 && grow >= kept) {
+      ctx.fail(`reflect pads [${pads.join(', ')}] must be smaller than dim ${a} (${kept} after cropping)`, { input: true });
     }
-    if (mode === 'edge' && d === 0 && (begin[a]! > 0 || end[a]! > 0)) ctx.fail(`edge padding of an empty dim ${a}`, { input: true });
+    if (mode === 'edge' && grow > 0 && kept === 0) ctx.fail(`edge padding of an empty dim ${a}`, { input: true });
   });
   return { begin, end, mode, value };
 }
