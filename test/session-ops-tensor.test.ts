@@ -10,7 +10,8 @@ import { parseModel } from '../dist/onnx/model.js';
 import { TENSOR_OPS } from '../dist/session/ops/tensor.js';
 import { REDUCE_OPS } from '../dist/session/ops/reduce.js';
 import { lowerOnHost } from '../dist/session/ops/host.js';
-import { attrsOf, mergeDims } from '../dist/session/ops/util.js';
+import { mergeDims } from '../dist/session/ops/util.js';
+import { makeAttrs } from '../dist/session/attrs.js';
 import type { CValue, Emitter, OpContext, OpDef, OutputInfo } from '../lib/session/ops/types.js';
 import type { PlanStep } from '../lib/session/plan.js';
 
@@ -65,7 +66,7 @@ function context(c: Case, known: boolean): OpContext {
     const msg = `node '${node.name}': ${message}`;
     throw options?.input ? new InvalidArgumentError(msg) : new ModelFormatError(msg);
   };
-  return { node, opset: model.opset, inputs, attrs: attrsOf(node, fail), fail };
+  return { node, opset: model.opset, inputs, attrs: makeAttrs(node), fail };
 }
 
 async function runOrt(c: Case, outDtypes: string[]) {
@@ -186,6 +187,8 @@ const cases: Case[] = [
   { name: 'Pad constant value absent', op: 'Pad', opset: 13, inputs: [f32([2, 3]), i64([1, 1, 0, 0])] },
   { name: 'Pad negative (crop)', op: 'Pad', opset: 13, inputs: [f32([4, 5]), i64([-1, 2, 0, -2])] },
   { name: 'Pad reflect', op: 'Pad', opset: 13, inputs: [iota([3, 4]), i64([2, 3, 1, 2])], attrs: { mode: 'reflect' } },
+  { name: 'Pad reflect with a crop on the other side', op: 'Pad', opset: 13, inputs: [iota([6]), i64([-2, 3])], attrs: { mode: 'reflect' } },
+  { name: 'Pad edge with a crop on the other side', op: 'Pad', opset: 13, inputs: [iota([2, 5]), i64([0, 2, -1, -3])], attrs: { mode: 'edge' } },
   { name: 'Pad edge', op: 'Pad', opset: 13, inputs: [iota([2, 3]), i64([1, 2, 2, 1])], attrs: { mode: 'edge' } },
   { name: 'Pad axes input (18)', op: 'Pad', opset: 18, inputs: [f32([2, 3, 2]), i64([1, 2]), null, i64([-2])] },
   { name: 'Pad int64', op: 'Pad', opset: 13, inputs: [i64([1, 2, 3]), i64([2, 1]), i64([9], [])] },
@@ -329,6 +332,8 @@ describe('bad models and inputs are typed errors naming the node', () => {
   it('Cast to double', () => throwsOn({ name: '', op: 'Cast', inputs: [f32([2])], attrs: { to: 11 } }, UnsupportedOperatorError, /data type 11/));
   it('Pad wrap mode', () => throwsOn({ name: '', op: 'Pad', opset: 19, inputs: [f32([2]), i64([1, 1])], attrs: { mode: 'wrap' } }, UnsupportedOperatorError, /mode 'wrap'/));
   it('Pad reflect wider than the dim', () => throwsOn({ name: '', op: 'Pad', opset: 13, inputs: [f32([2]), i64([2, 0])], attrs: { mode: 'reflect' } }, InvalidArgumentError, /reflect pads/));
+  // onnxruntime: "pre-pad (3) exceeds maximum allowed (2)": reflection stays inside the cropped axis.
+  it('Pad reflect beyond the cropped length', () => throwsOn({ name: '', op: 'Pad', opset: 13, inputs: [iota([6]), i64([3, -3])], attrs: { mode: 'reflect' } }, InvalidArgumentError, /reflect pads/));
   it('ReduceMean over an empty set', () => throwsOn({ name: '', op: 'ReduceMean', opset: 18, inputs: [fl([], [2, 0]), i64([1])] }, InvalidArgumentError, /ReduceMean_node.*empty set/, 'lower'));
   it('ReduceMean of int64 at run time', () => throwsOn({ name: '', op: 'ReduceMean', opset: 18, inputs: [i64([1, 2]), i64([0])] }, UnsupportedOperatorError, /ReduceMean of int64/, 'lower'));
   it('TopK with k beyond the axis', () => throwsOn({ name: '', op: 'TopK', opset: 11, inputs: [f32([2, 3]), i64([4])], outputs: 2 }, InvalidArgumentError, /k = 4 is out of range/));
@@ -343,5 +348,97 @@ describe('Shape is evaluated from shapes alone', () => {
     expect(TENSOR_OPS.Shape!.shapeOnly).toBe(true);
     const [t] = TENSOR_OPS.Shape!.evaluate!(ctx, TENSOR_OPS.Shape!.infer(ctx))!;
     expect(Array.from(t!.data as BigInt64Array)).toEqual([4n, 1n, 3n]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// End to end: the same cases as models run by Session (compiled plans on the native executor),
+// with the run-time inputs as graph inputs and the others as initializers.
+
+/** Ops whose inputs decide output shapes entirely: their cases run with every input an initializer. */
+const ALL_KNOWN = new Set(['Range', 'ConstantOfShape']);
+
+function buildModel(c: Case, outDtypes: string[]) {
+  const runtime = new Set(ALL_KNOWN.has(c.op) ? [] : (c.runtime ?? [0]));
+  const g = new GraphBuilder('e2e', { opset: c.opset ?? 17 });
+  const names = c.inputs.map((t, i) => {
+    if (!t) return '';
+    return runtime.has(i) ? g.input(`in${i}`, t.dtype, t.dims) : g.init(`init${i}`, t);
+  });
+  const outs = outDtypes.map((_, i) => `out${i}`);
+  g.node(c.op, names, c.attrs ?? {}, outs, { name: `${c.op}_node` });
+  outs.forEach((o, i) => g.output(o, outDtypes[i]));
+  // A model with no run-time input still needs one for both runtimes to accept a feed: pass it through.
+  if (runtime.size === 0) {
+    g.input('pass', 'float32', [2]);
+    const [p] = g.node('Identity', ['pass'], {}, ['pass_out']);
+    g.output(p!, 'float32');
+  }
+  const feeds = c.inputs.flatMap((t, i) => (t && runtime.has(i) ? [[`in${i}`, t] as const] : []));
+  if (runtime.size === 0) feeds.push(['pass', fl([1, 2])]);
+  return { bytes: g.toBytes() as Uint8Array, feeds };
+}
+
+describe('end to end through Session.run against onnxruntime', async () => {
+  const { Session } = await import('../dist/index.js');
+  for (const c of cases) {
+    it(c.name, async () => {
+      const def = OPS[c.op]!;
+      const outDtypes = def.infer(context(c, true)).map((o) => o.dtype);
+      const { bytes, feeds } = buildModel(c, outDtypes);
+      const ortSession = await ort.InferenceSession.create(bytes);
+      const want = await ortSession.run(Object.fromEntries(feeds.map(([k, t]) => [k, new ort.Tensor(t.dtype, t.data as never, t.dims)])));
+      const session = await Session.load(bytes);
+      try {
+        const got = await session.run(Object.fromEntries(feeds.map(([k, t]) => [k, tensorOf(t)])));
+        outDtypes.forEach((_, i) => expectSame(got[`out${i}`]!, want[`out${i}`]!, c.tol ?? 0, `out${i}`));
+      } finally {
+        session.dispose();
+      }
+    });
+  }
+});
+
+/** PyTorch's flatten-by-shape chain: Shape -> Gather -> Unsqueeze -> Concat -> Reshape, on a run-time x. */
+function shapeChain() {
+  const g = new GraphBuilder('chain', { opset: 13 });
+  g.input('x', 'float32', ['batch', 3, 4]);
+  const [s] = g.node('Shape', ['x']);
+  const idx = g.init('idx', int64Tensor([0], []));
+  const [b] = g.node('Gather', [s!, idx], { axis: 0 });
+  const ax = g.init('ax', int64Tensor([0]));
+  const [bu] = g.node('Unsqueeze', [b!, ax]);
+  const rest = g.init('rest', int64Tensor([-1]));
+  const [shape] = g.node('Concat', [bu!, rest], { axis: 0 });
+  const [y] = g.node('Reshape', ['x', shape!]);
+  const [z] = g.node('Relu', [y!]);
+  g.output(z!, 'float32');
+  return g.toBytes() as Uint8Array;
+}
+
+describe('shape arithmetic folds at plan time', async () => {
+  const { compilePlan } = await import('../dist/session/compile.js');
+  it('a Shape -> Gather -> Unsqueeze -> Concat -> Reshape chain leaves only the Relu step', () => {
+    const m = parseModel(shapeChain());
+    const { spec } = compilePlan(m.graph, [{ name: 'x', dtype: 'float32', shape: [5, 3, 4] }], { opset: m.opset });
+    expect(spec.steps.map((s) => s.op)).toEqual(['unary']);
+    expect(spec.steps[0]).toMatchObject({ count: 60 });
+  });
+  it('and runs like onnxruntime for two batch sizes', async () => {
+    const { Session } = await import('../dist/index.js');
+    const bytes = shapeChain();
+    const ortSession = await ort.InferenceSession.create(bytes);
+    const session = await Session.load(bytes);
+    try {
+      for (const batch of [1, 6]) {
+        const x = f32([batch, 3, 4], batch);
+        const want = await ortSession.run({ x: new ort.Tensor('float32', x.data as Float32Array, x.dims) });
+        const got = await session.run({ x: tensorOf(x) });
+        const name = Object.keys(want)[0]!;
+        expectSame(got[name]!, want[name]!, 0, `batch ${batch}`);
+      }
+    } finally {
+      session.dispose();
+    }
   });
 });

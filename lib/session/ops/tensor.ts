@@ -14,7 +14,7 @@ import type { PlanRef } from '../plan.js';
 import { evaluateByLowering } from './host.js';
 import { ELEM_BYTES, planDType, type Emitter, type OpContext, type OpDef, type OutputInfo } from './types.js';
 import {
-  broadcastShapes, broadcastStrides, clampInts, emitCopy, intTensor, knownInput, mergeDims, MAX_STEP_RANK, normAxes,
+  broadcastShapes, claimingOutputs, broadcastStrides, clampInts, emitCopy, intTensor, knownInput, mergeDims, MAX_STEP_RANK, normAxes,
   normAxis, ONNX_DTYPE_CODE, readInts, requireInput, scalarOf, sizeOf, splitRank, stridesOf, unsupported,
 } from './util.js';
 
@@ -55,7 +55,7 @@ const Dropout = hostEvaluated({
     const x = requireInput(ctx, 0, 'data');
     if (ctx.opset >= 12 && ctx.inputs[2]) {
       const training = knownInput(ctx, 2, 'training_mode');
-      if (scalarOf(training) !== 0) unsupported(ctx, 'training_mode = true (sonde runs inference only)');
+      if (scalarOf(ctx, training, 'training_mode') !== 0) unsupported(ctx, 'training_mode = true (sonde runs inference only)');
     }
     const outs: OutputInfo[] = [{ dtype: x.dtype, shape: x.shape }];
     // The mask is bool from opset 10; before that it has the data's type.
@@ -427,7 +427,7 @@ function padArgs(ctx: OpContext): PadArgs {
     value = ctx.attrs.float('value', 0);
   } else {
     pads = readInts(ctx, knownInput(ctx, 1, 'pads'), 'pads');
-    if (ctx.inputs[2]) value = scalarOf(knownInput(ctx, 2, 'constant_value'));
+    if (ctx.inputs[2]) value = scalarOf(ctx, knownInput(ctx, 2, 'constant_value'), 'constant_value');
     if (ctx.opset >= 18 && ctx.inputs[3]) axes = normAxes(ctx, readInts(ctx, knownInput(ctx, 3, 'axes'), 'axes'), rank);
   }
   if (pads.length !== 2 * axes.length) ctx.fail(`pads has ${pads.length} values, expected ${2 * axes.length} (begin and end for each of ${axes.length} axes)`);
@@ -582,7 +582,7 @@ function rangeValue(ctx: OpContext): Tensor {
     return new Tensor('int64', BigInt64Array.from({ length: count }, (_, i) => start + BigInt(i) * delta), [count]);
   }
   if (dtype !== 'float32' && dtype !== 'int32') unsupported(ctx, `Range of ${dtype} is not supported`);
-  const [start, limit, delta] = ts.map(scalarOf) as [number, number, number];
+  const [start, limit, delta] = ts.map((t, i) => scalarOf(ctx, t, ['start', 'limit', 'delta'][i]!)) as [number, number, number];
   if (delta === 0) ctx.fail('delta is 0');
   const count = Math.max(0, Math.ceil((limit - start) / delta));
   if (!Number.isFinite(count) || count > 1 << 28) ctx.fail(`Range of ${count} elements is too large`);
@@ -606,8 +606,8 @@ const Range: OpDef = {
   lower: (ctx, _outputs, e) => emitKnown(e, rangeValue(ctx)),
 };
 
-export const TENSOR_OPS: Record<string, OpDef> = {
+export const TENSOR_OPS: Record<string, OpDef> = claimingOutputs({
   Identity, Dropout, Flatten, Reshape, Squeeze, Unsqueeze,
   Transpose, Slice, Concat, Split, Gather, Expand, Where, Cast, Pad,
   Shape, Constant, ConstantOfShape, Range,
-};
+});

@@ -3,10 +3,10 @@
  * broadcasting, merging the dims of strided copies, reading shape-arithmetic tensors, and typed
  * attribute access. Everything here works on concrete shapes (plans are compiled per input shape).
  */
-import { ModelFormatError, UnsupportedOperatorError } from '../../errors.js';
-import type { AttributeValue, OnnxNode } from '../../onnx/model.js';
+import { UnsupportedOperatorError } from '../../errors.js';
+import { nodeWhere } from '../attrs.js';
 import { Tensor, type DType } from '../../tensor.js';
-import type { Attrs, CValue, Emitter, OpContext, ValueId } from './types.js';
+import type { CValue, Emitter, OpContext, OpDef, ValueId } from './types.js';
 
 export function sizeOf(shape: readonly number[]): number {
   let n = 1;
@@ -73,10 +73,10 @@ export function clampInts(values: readonly number[]): number[] {
 }
 
 /** The first element of a numeric tensor as a number (a scalar input such as Pad's constant_value). */
-export function scalarOf(t: Tensor): number {
-  if (t.size === 0) return 0;
+export function scalarOf(ctx: OpContext, t: Tensor, what: string): number {
+  if (t.size !== 1) ctx.fail(`${what} must hold one value, it has ${t.size}`);
   const v = t.data[0]!;
-  if (t.dtype === 'float16' || t.dtype === 'bfloat16') throw new UnsupportedOperatorError(`${t.dtype} scalars are not supported`);
+  if (t.dtype === 'float16' || t.dtype === 'bfloat16') unsupported(ctx, `${what} of type ${t.dtype} is not supported`);
   return typeof v === 'bigint' ? Number(v) : (v as number);
 }
 
@@ -152,55 +152,13 @@ export function requireInput(ctx: OpContext, i: number, what: string): CValue {
 }
 
 export function unsupported(ctx: OpContext, message: string): never {
-  throw new UnsupportedOperatorError(`node '${ctx.node.name}' (${ctx.node.opType}): ${message}`);
+  throw new UnsupportedOperatorError(`${nodeWhere(ctx.node)}: ${message}`);
 }
 
 /** ONNX TensorProto.DataType codes of the dtypes sonde has. */
 export const ONNX_DTYPE_CODE: Record<number, DType> = {
   1: 'float32', 2: 'uint8', 3: 'int8', 6: 'int32', 7: 'int64', 9: 'bool', 10: 'float16', 16: 'bfloat16',
 };
-
-/**
- * The Attrs of a node with ONNX defaults; a wrong attribute type fails through `fail` (the
- * compiler's ModelFormatError naming the node). Shared by the compiler and the op tests.
- */
-export function attrsOf(node: OnnxNode, fail: (message: string) => never = (m) => { throw new ModelFormatError(`node '${node.name}' (${node.opType}): ${m}`); }): Attrs {
-  const a = node.attributes;
-  function get<T>(name: string, def: T | undefined, ok: (v: AttributeValue) => boolean, kind: string): T {
-    const v = a[name];
-    if (v === undefined) {
-      if (def === undefined) fail(`attribute '${name}' is required`);
-      return def;
-    }
-    if (!ok(v)) fail(`attribute '${name}' must be ${kind}`);
-    return v as T;
-  }
-  const isNum = (v: AttributeValue) => typeof v === 'number';
-  const isNums = (v: AttributeValue) => Array.isArray(v) && v.every((x) => typeof x === 'number');
-  return {
-    has: (name) => a[name] !== undefined,
-    int: (name, def) => {
-      const v = get<number>(name, def, isNum, 'an integer');
-      if (!Number.isInteger(v)) fail(`attribute '${name}' must be an integer, got ${v}`);
-      return v;
-    },
-    float: (name, def) => get<number>(name, def, isNum, 'a float'),
-    string: (name, def) => get<string>(name, def, (v) => typeof v === 'string', 'a string'),
-    ints: (name, def) => {
-      const v = get<number[]>(name, def, isNums, 'a list of integers');
-      if (!v.every(Number.isInteger)) fail(`attribute '${name}' must be a list of integers`);
-      return v;
-    },
-    floats: (name, def) => get<number[]>(name, def, isNums, 'a list of floats'),
-    tensor: (name) => {
-      const v = a[name];
-      if (v === undefined) return undefined;
-      if (!(v instanceof Tensor)) fail(`attribute '${name}' must be a tensor`);
-      return v;
-    },
-    raw: (name) => a[name],
-  };
-}
 
 /** Rank limit of native strided steps (kMaxRank of native/ops/tensor_ops.h). */
 export const MAX_STEP_RANK = 8;
@@ -228,4 +186,22 @@ export function emitCopy(e: Emitter, x: ValueId, xOffset: number, y: ValueId, yO
   splitRank(m.dims, m.strides, [xOffset, yOffset], (d, [xs, ys], [xo, yo]) => {
     e.emit({ op: 'copy', x: e.ref(x, xo), y: e.ref(y, yo), dims: d, xStrides: xs!, yStrides: ys!, elemBytes });
   });
+}
+
+/**
+ * Wraps each op's lowering so every output the node names gets storage even when no step writes
+ * it (an empty tensor: a zero-size Gather, TopK with k = 0): the compiler allocates a value's
+ * storage when the lowering asks for it, and a graph output must have some.
+ */
+export function claimingOutputs(table: Record<string, OpDef>): Record<string, OpDef> {
+  return Object.fromEntries(Object.entries(table).map(([name, def]) => {
+    const wrapped: OpDef = {
+      ...def,
+      lower(ctx, outputs, e) {
+        def.lower(ctx, outputs, e);
+        outputs.forEach((_, i) => { if (ctx.node.outputs[i]) e.output(i); });
+      },
+    };
+    return [name, wrapped];
+  }));
 }
