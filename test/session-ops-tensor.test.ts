@@ -230,6 +230,19 @@ const cases: Case[] = [
   { name: 'TopK ties keep lower index', op: 'TopK', opset: 11, inputs: [fl([2, 5, 2, 5, 1]), i64([4])], outputs: 2 },
   { name: 'TopK opset 9 k attr', op: 'TopK', opset: 9, inputs: [f32([2, 5])], attrs: { k: 2 }, outputs: 2 },
   { name: 'TopK k = 0', op: 'TopK', opset: 11, inputs: [f32([2, 5]), i64([0])], outputs: 2 },
+  // Sizes past the native ops' chunking and SIMD widths (odd, prime, larger than one task).
+  { name: 'large Transpose [3, 67, 129] perm 2 0 1', op: 'Transpose', inputs: [f32([3, 67, 129])], attrs: { perm: [2, 0, 1] } },
+  { name: 'large Slice negative step', op: 'Slice', inputs: [f32([257, 33]), i64([-2, 30]), i64([-300, 1]), i64([0, 1]), i64([-3, -7])] },
+  { name: 'large Gather run-time indices', op: 'Gather', inputs: [f32([1000, 33]), i64(Array.from({ length: 501 }, (_, i) => (i * 7919) % 1000 - 500))], runtime: [0, 1] },
+  { name: 'large Expand', op: 'Expand', inputs: [f32([1, 257]), i64([65, 1])] },
+  { name: 'large Where', op: 'Where', inputs: [bool(Array.from({ length: 257 }, (_, i) => (i * 31) % 3 === 0 ? 1 : 0), [257]), f32([64, 257], 4), f32([64, 1], 5)], runtime: [0, 1, 2] },
+  { name: 'large Cast float -> int32', op: 'Cast', inputs: [fl(Array.from({ length: 10007 }, (_, i) => (i - 5000) * 0.37))], attrs: { to: 6 } },
+  { name: 'large Pad reflect', op: 'Pad', opset: 13, inputs: [f32([3, 130, 70]), i64([0, 5, 69, 1, 3, 2])], attrs: { mode: 'reflect' } },
+  { name: 'large ReduceMean middle axis', op: 'ReduceMean', opset: 18, inputs: [f32([4, 513, 9]), i64([1])], tol: 1e-5 },
+  { name: 'large ReduceSum last axis', op: 'ReduceSum', opset: 13, inputs: [f32([3, 4099]), i64([-1])], tol: 1e-5 },
+  { name: 'large ReduceMax all', op: 'ReduceMax', opset: 18, inputs: [f32([2, 3001])], attrs: { keepdims: 0 } },
+  { name: 'large ArgMax', op: 'ArgMax', inputs: [f32([7, 1031])], attrs: { axis: 1 } },
+  { name: 'large TopK', op: 'TopK', opset: 11, inputs: [f32([5, 300]), i64([17])], outputs: 2 },
 ];
 
 describe('tensor and reduce ops against onnxruntime', () => {
@@ -437,6 +450,27 @@ describe('shape arithmetic folds at plan time', async () => {
         const name = Object.keys(want)[0]!;
         expectSame(got[name]!, want[name]!, 0, `batch ${batch}`);
       }
+    } finally {
+      session.dispose();
+    }
+  });
+});
+
+describe('run-time errors', () => {
+  it('a run-time Gather index out of range rejects naming the node, and the session keeps working', async () => {
+    const { Session } = await import('../dist/index.js');
+    const g = new GraphBuilder('gather', { opset: 13 });
+    g.input('data', 'float32', [4, 2]);
+    g.input('idx', 'int64', [2]);
+    const [y] = g.node('Gather', ['data', 'idx'], { axis: 0 }, 1, { name: 'pick_rows' });
+    g.output(y!, 'float32');
+    const session = await Session.load(g.toBytes());
+    try {
+      const data = tensorOf(iota([4, 2]));
+      await expect(session.run({ data, idx: tensorOf(i64([1, 4])) })).rejects.toThrow(InvalidArgumentError);
+      await expect(session.run({ data, idx: tensorOf(i64([1, -5])) })).rejects.toThrow(/pick_rows/);
+      const ok = await session.run({ data, idx: tensorOf(i64([3, -4])) });
+      expect(Array.from(ok[y!]!.data as Float32Array)).toEqual([6, 7, 0, 1]);
     } finally {
       session.dispose();
     }
