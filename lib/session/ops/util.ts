@@ -40,7 +40,7 @@ export function normAxes(ctx: OpContext, axes: readonly number[], rank: number, 
   return out;
 }
 
-/** Element count of ONNX integer tensors beyond which a JS number is no longer exact. */
+/** Largest integer a JS number holds exactly (2^53 - 1): beyond it sizes and indices would be rounded. */
 const SAFE = Number.MAX_SAFE_INTEGER;
 
 /**
