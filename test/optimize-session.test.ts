@@ -128,6 +128,18 @@ function dropoutChain(): Builder {
   return b;
 }
 
+/** x.view(x.size(0), -1) as PyTorch exports it (Shape -> Gather -> Unsqueeze -> Concat -> Reshape), then a Linear. */
+function flattenHead(batch: number | string): Builder {
+  const b = new GraphBuilder('head', { opset: 13 });
+  b.input('x', 'float32', [batch, 2, 4, 4]);
+  const [c] = b.node('Relu', [bn(b, conv(b, 'x', 2, 3, 1), 3, 60)]);
+  const [n] = b.node('Gather', [b.node('Shape', [c])[0], b.node('Constant', [], { value: int64Tensor([0], []) })[0]], { axis: 0 });
+  const [shape] = b.node('Concat', [b.node('Unsqueeze', [n, b.init('axes', int64Tensor([0]))])[0], b.node('Constant', [], { value: int64Tensor([-1]) })[0]], { axis: 0 });
+  b.node('Gemm', [b.node('Reshape', [c, shape])[0], b.init('fc', randomTensor([5, 48], { seed: 2 })), b.init('fcb', randomTensor([5], { seed: 3 }))], { transB: 1 }, ['y']);
+  b.output('y', 'float32', [batch, 5]);
+  return b;
+}
+
 function bnTwoConsumers(): Builder {
   const b = new GraphBuilder('twoReaders');
   b.input('x', 'float32', [1, 3, 5, 5]);
@@ -146,6 +158,8 @@ describe('optimisation levels end to end (Session vs onnxruntime-node)', () => {
     ['a decomposed LayerNorm', layerNorm, { x: input([2, 4, 12]) }],
     ['an Identity/Dropout chain', dropoutChain, { x: input([3, 6]) }],
     ['a BN whose conv output has a second reader', bnTwoConsumers, { x: input([1, 3, 5, 5]) }],
+    ['a PyTorch flatten chain on a static shape', () => flattenHead(2), { x: input([2, 2, 4, 4]) }],
+    ['a PyTorch flatten chain on a symbolic batch', () => flattenHead('N'), { x: input([3, 2, 4, 4]) }],
   ];
   for (const [what, make, feeds] of cases) {
     it.skipIf(!supported(make()))(`every level gives onnxruntime's outputs: ${what}`, async () => {

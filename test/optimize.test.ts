@@ -320,6 +320,45 @@ describe('optimize: constant folding', () => {
   });
 });
 
+describe('optimize: PyTorch shape chains', () => {
+  /** x.view(x.size(0), -1) as PyTorch exports it, after a conv, then a Linear. */
+  function flattenHead(batch: number | string): Builder {
+    const b = new GraphBuilder('head', { opset: 13 });
+    b.input('x', 'float32', [batch, 2, 4, 4]);
+    const [c] = b.node('Relu', [b.node('Conv', ['x', b.init('w', randomTensor([3, 2, 3, 3], { seed: 1 }))], { pads: [1, 1, 1, 1] })[0]]);
+    const [n] = b.node('Gather', [b.node('Shape', [c])[0], b.node('Constant', [], { value: int64Tensor([0], []) })[0]], { axis: 0 });
+    const [minus] = b.node('Constant', [], { value: int64Tensor([-1]) });
+    const [shape] = b.node('Concat', [b.node('Unsqueeze', [n, b.init('axes', int64Tensor([0]))])[0], minus], { axis: 0 });
+    const [flat] = b.node('Reshape', [c, shape]);
+    b.node('Gemm', [flat, b.init('fc', randomTensor([5, 48], { seed: 2 })), b.init('fcb', randomTensor([5], { seed: 3 }))], { transB: 1 }, ['y']);
+    b.output('y', 'float32', [batch, 5]);
+    return b;
+  }
+
+  it('folds Shape -> Gather -> Unsqueeze -> Concat into the Reshape target when the shape is static', async () => {
+    const g = await expectSameOutputs(flattenHead(2), { x: input([2, 2, 4, 4]) });
+    expect(ops(g.basic)).toEqual(['Conv', 'Relu', 'Reshape', 'Gemm']);
+    const target = g.basic.initializers.get(only(g.basic, 'Reshape')[0]!.inputs[1]!)!;
+    expect(Array.from(target.data as BigInt64Array)).toEqual([2n, -1n]);
+    expect(ops(g.all)).toEqual(['sonde.FusedConv', 'Reshape', 'sonde.FusedGemm']);
+  });
+
+  it('keeps the chain (the compiler evaluates it per shape) when the batch is symbolic, folding only its Constants', async () => {
+    const g = await expectSameOutputs(flattenHead('N'), { x: input([3, 2, 4, 4]) });
+    expect(ops(g.basic)).toEqual(['Conv', 'Relu', 'Shape', 'Gather', 'Unsqueeze', 'Concat', 'Reshape', 'Gemm']);
+  });
+
+  it('leaves a ConstantOfShape whose output would be over 16 M elements', () => {
+    const b = new GraphBuilder('fill', { opset: 13 });
+    b.input('x', 'float32', [1]);
+    const [big] = b.node('ConstantOfShape', [b.init('dims', int64Tensor([5000, 4000]))], { value: float32Tensor([1], [1]) });
+    b.node('Add', [big, 'x'], {}, ['y']);
+    b.output('y', 'float32', [5000, 4000]);
+    const { graph, opset } = load(b);
+    expect(ops(optimize(graph, 'basic', opset))).toEqual(['ConstantOfShape', 'Add']);
+  });
+});
+
 describe('optimize: Shape of a static shape', () => {
   it('folds Shape (with opset-15 start/end) of a tensor whose shape inference proves static', async () => {
     const b = new GraphBuilder('shape', { opset: 15 });
