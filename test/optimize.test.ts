@@ -348,6 +348,30 @@ describe('optimize: PyTorch shape chains', () => {
     expect(ops(g.basic)).toEqual(['Conv', 'Relu', 'Shape', 'Gather', 'Unsqueeze', 'Concat', 'Reshape', 'Gemm']);
   });
 
+  it('follows a symbolic batch through a runtime Reshape target to prove a residual and a LayerNorm', async () => {
+    const b = new GraphBuilder('heads', { opset: 13 });
+    b.input('x', 'float32', ['N', 5, 8]);
+    const [n] = b.node('Gather', [b.node('Shape', ['x'])[0], b.init('i0', int64Tensor([0], []))], { axis: 0 });
+    const [target] = b.node('Concat', [b.node('Unsqueeze', [n, b.init('a0', int64Tensor([0]))])[0], b.init('tail', int64Tensor([-1, 2, 4]))], { axis: 0 });
+    const [heads] = b.node('Transpose', [b.node('Reshape', ['x', target])[0]], { perm: [0, 2, 1, 3] }); // [N, 2, 5, 4]
+    const [back] = b.node('Reshape', [b.node('Transpose', [heads], { perm: [0, 2, 1, 3] })[0], b.init('merge', int64Tensor([0, 0, 8]))]);
+    const [p] = b.node('Add', [b.node('MatMul', [back, b.init('w', randomTensor([8, 8], { seed: 1 }))])[0], b.init('bias', randomTensor([8], { seed: 2 }))]);
+    const [res] = b.node('Add', ['x', p]);
+    const [m] = b.node('ReduceMean', [res], { axes: [-1] });
+    const [d] = b.node('Sub', [res, m]);
+    const [v] = b.node('ReduceMean', [b.node('Mul', [d, d])[0]], { axes: [2] });
+    const [sd] = b.node('Sqrt', [b.node('Add', [b.init('eps', float32Tensor([1e-6], [])), v])[0]]);
+    const [ln] = b.node('Div', [d, sd]);
+    b.node('Add', [ln, res], {}, ['y']);
+    b.output('y', 'float32', ['N', 5, 8]);
+    const g = await expectSameOutputs(b, { x: input([3, 5, 8]) });
+    const gemm = only(g.all, 'FusedGemm')[0]!;
+    expect(gemm.inputs).toEqual([back, 'w', 'bias', 'x']);
+    expect(only(g.all, 'LayerNormalization')).toHaveLength(1);
+    expect(only(g.all, 'LayerNormalization')[0]!.inputs[0]).toBe(res);
+    expect(ops(g.all)).not.toContain('ReduceMean');
+  });
+
   it('leaves a ConstantOfShape whose output would be over 16 M elements', () => {
     const b = new GraphBuilder('fill', { opset: 13 });
     b.input('x', 'float32', [1]);

@@ -75,13 +75,7 @@ function foldIntoConv(g: WorkGraph, conv: OnnxNode, bn: BnParams): OnnxNode | un
   const bias = conv.inputs[2] ? g.floatConstant(conv.inputs[2]) : undefined;
   if (!wT || wT.dtype !== 'float32' || wT.dims.length < 3 || wT.dims[0] !== bn.channels) return undefined;
   if (conv.inputs[2] && (!bias || bias.length !== bn.channels)) return undefined;
-  const w = wT.data as Float32Array;
-  const per = w.length / bn.channels;
-  const out = new Float32Array(w.length);
-  for (let c = 0; c < bn.channels; c++) {
-    const s = bn.scale[c]!;
-    for (let k = c * per; k < (c + 1) * per; k++) out[k] = w[k]! * s;
-  }
+  const out = scaleRows(wT.data as Float32Array, bn.scale);
   const wName = g.addConstant(`${conv.inputs[1]}_bn`, new Tensor('float32', out, wT.dims));
   const bName = g.addConstant(`${conv.inputs[2] || `${conv.name}_bias`}_bn`, foldedBias(bias, bn));
   return { ...conv, name: `${conv.name}+bn`, inputs: [conv.inputs[0]!, wName, bName] };
@@ -119,6 +113,21 @@ function foldIntoMatMul(g: WorkGraph, mm: OnnxNode, bn: BnParams, shapes: Map<st
   const wName = g.addConstant(`${mm.inputs[1]}_bn`, new Tensor('float32', w, bT.dims));
   const cName = g.addConstant(`${mm.name}_bias_bn`, foldedBias(undefined, bn));
   return { name: `${mm.name}+bn`, opType: 'Gemm', domain: '', inputs: [mm.inputs[0]!, wName, cName], outputs: mm.outputs, attributes: {} };
+}
+
+/** Row c of `w` (length / s.length elements) times s[c]. */
+function scaleRows(w: Float32Array, s: Float64Array): Float32Array {
+  const out = new Float32Array(w.length);
+  const per = w.length / s.length;
+  for (let c = 0; c < s.length; c++) {
+    const from = c * per;
+    scaleInto(out, w, from, from + per, s[c]!);
+  }
+  return out;
+}
+
+function scaleInto(out: Float32Array, w: Float32Array, from: number, to: number, s: number): void {
+  for (let k = from; k < to; k++) out[k] = w[k]! * s;
 }
 
 /** W * diag(s) over the output dim (columns of [K, N], rows of [N, K] when transposed), times alpha. */

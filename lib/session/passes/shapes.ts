@@ -32,23 +32,70 @@ export function inferShapes(g: WorkGraph): Map<string, SymShape> {
   for (const vi of g.source.inputs) {
     if (vi.shape) shapes.set(vi.name, vi.shape.map((d) => (d === null ? fresh() : d)));
   }
-  for (const [name, t] of g.inits) if (!g.graphInputs.has(name) || g.constant(name)) shapes.set(name, [...t.dims]);
+  // The elements of small int64 tensors computed from shapes (Shape -> Gather -> Unsqueeze ->
+  // Concat, as PyTorch exports x.view(x.size(0), -1)), so a Reshape target can be known as
+  // [N, -1, 4, 64] even while N is symbolic.
+  const values = new Map<string, SymDim[]>();
+  for (const [name, t] of g.inits) {
+    if (g.graphInputs.has(name) && !g.constant(name)) continue;
+    shapes.set(name, [...t.dims]);
+    if (t.dtype === 'int64' && t.dims.length <= 1 && t.size <= MAX_SHAPE_VALUES) values.set(name, Array.from(t.data as BigInt64Array, Number));
+  }
+  const shapeOf = (v: string | undefined): SymShape | undefined => (v ? shapes.get(v) : undefined);
+  const valueOf = (v: string | undefined): SymDim[] | undefined => (v ? values.get(v) : undefined);
   for (const node of g.nodes) {
-    if (!node) continue;
-    let out: SymShape | undefined;
+    if (!node || node.domain !== '') continue;
+    const first = node.outputs[0];
+    if (!first) continue;
     try {
-      out = node.domain === '' ? inferNode(node, (v) => (v ? shapes.get(v) : undefined), g, fresh) : undefined;
+      const out = inferNode(node, shapeOf, valueOf, fresh);
+      if (out) shapes.set(first, out);
+      const value = inferValue(node, shapeOf, valueOf, g);
+      if (value) values.set(first, value);
     } catch {
       // A malformed node: the compiler reports it with context; here it only stays unknown.
-      out = undefined;
     }
-    const first = node.outputs[0];
-    if (first && out) shapes.set(first, out);
   }
   return shapes;
 }
 
-function inferNode(n: OnnxNode, shape: (v: string | undefined) => SymShape | undefined, g: WorkGraph, fresh: () => string): SymShape | undefined {
+const MAX_SHAPE_VALUES = 16;
+
+/** The elements of a node's int64 output when they follow from shapes and known elements. */
+function inferValue(n: OnnxNode, shape: (v: string | undefined) => SymShape | undefined, value: (v: string | undefined) => SymDim[] | undefined,
+  g: WorkGraph): SymDim[] | undefined {
+  switch (n.opType) {
+    case 'Shape': {
+      const x = shape(n.inputs[0]);
+      if (!x) return undefined;
+      const rank = x.length;
+      const clamp = (v: number): number => Math.min(rank, Math.max(0, v < 0 ? v + rank : v));
+      const start = clamp(typeof n.attributes.start === 'number' ? n.attributes.start : 0);
+      const end = clamp(typeof n.attributes.end === 'number' ? n.attributes.end : rank);
+      return x.slice(start, Math.max(start, end));
+    }
+    case 'Gather': {
+      const data = value(n.inputs[0]);
+      const idx = g.constant(n.inputs[1] ?? '');
+      if (!data || !idx || idx.dtype !== 'int64' || idx.dims.length > 1 || (n.attributes.axis ?? 0) !== 0) return undefined;
+      const picked = Array.from(idx.data as BigInt64Array, (i) => data[Number(i) < 0 ? Number(i) + data.length : Number(i)]);
+      return picked.every((d) => d !== undefined) ? (picked as SymDim[]) : undefined;
+    }
+    case 'Unsqueeze': case 'Squeeze': case 'Identity':
+      return value(n.inputs[0]);
+    case 'Cast':
+      return n.attributes.to === 7 ? value(n.inputs[0]) : undefined;
+    case 'Concat': {
+      const parts = n.inputs.map((v) => value(v));
+      return parts.every((p) => p !== undefined) ? parts.flat() as SymDim[] : undefined;
+    }
+    default:
+      return undefined;
+  }
+}
+
+function inferNode(n: OnnxNode, shape: (v: string | undefined) => SymShape | undefined, value: (v: string | undefined) => SymDim[] | undefined,
+  fresh: () => string): SymShape | undefined {
   const x = shape(n.inputs[0]);
   const attr = n.attributes;
   if (SAME_SHAPE.has(n.opType)) return x;
@@ -93,6 +140,18 @@ function inferNode(n: OnnxNode, shape: (v: string | undefined) => SymShape | und
       });
       return [x[0]!, channels, ...dims];
     }
+    case 'ReduceMean': case 'ReduceSum': case 'ReduceMax': case 'ReduceMin': case 'ReduceProd': case 'ReduceL2': {
+      if (!x) return undefined;
+      // Axes: an attribute, or from ReduceSum-13 / the others at 18 an optional input.
+      const axesInput = n.inputs[1];
+      const axesValue = value(axesInput);
+      if (axesInput && (!axesValue || axesValue.some((a) => typeof a !== 'number'))) return undefined;
+      const listed = (axesValue as number[] | undefined) ?? (attr.axes as number[] | undefined) ?? [];
+      if (listed.length === 0 && attr.noop_with_empty_axes === 1) return x;
+      const axes = new Set(listed.length ? listed.map((a) => (a < 0 ? a + x.length : a)) : x.map((_, i) => i));
+      const keep = (attr.keepdims ?? 1) !== 0;
+      return x.flatMap((d, i) => (axes.has(i) ? (keep ? [1] : []) : [d]));
+    }
     case 'GlobalAveragePool': case 'GlobalMaxPool':
       return x && x.length >= 3 ? [x[0]!, x[1]!, ...x.slice(2).map(() => 1)] : undefined;
     case 'MatMul': {
@@ -123,26 +182,20 @@ function inferNode(n: OnnxNode, shape: (v: string | undefined) => SymShape | und
       return perm.length === x.length ? perm.map((p) => x[p]!) : undefined;
     }
     case 'Reshape': {
-      const target = g.constant(n.inputs[1] ?? '');
-      if (!x || !target || target.dtype !== 'int64') return undefined;
-      const want = Array.from(target.data as BigInt64Array, Number);
+      const want = value(n.inputs[1]);
+      if (!x || !want) return undefined;
       const allowZero = attr.allowzero === 1;
       const out: SymDim[] = want.map((d, i) => (d === 0 && !allowZero ? x[i] ?? fresh() : d));
       const minus = out.indexOf(-1);
-      if (minus >= 0) {
-        const known = out.filter((d, i) => i !== minus);
-        const total = x.every((d) => typeof d === 'number') ? (x as number[]).reduce((p, q) => p * q, 1) : undefined;
-        const rest = known.every((d) => typeof d === 'number') ? (known as number[]).reduce((p, q) => p * q, 1) : undefined;
-        out[minus] = total !== undefined && rest ? total / rest : fresh();
-      }
+      if (minus >= 0) out[minus] = quotient(x, out.filter((_, i) => i !== minus)) ?? fresh();
       return out;
     }
     case 'Unsqueeze': case 'Squeeze': {
       if (!x) return undefined;
-      const axesInput = g.opset >= 13 ? n.inputs[1] : undefined;
-      const axesT = axesInput ? g.constant(axesInput) : undefined;
-      if (axesInput && (!axesT || axesT.dtype !== 'int64')) return undefined;
-      const axes = axesT ? Array.from(axesT.data as BigInt64Array, Number) : (attr.axes as number[] | undefined);
+      const axesInput = n.inputs[1];
+      const axesValue = value(axesInput);
+      if (axesInput && (!axesValue || axesValue.some((a) => typeof a !== 'number'))) return undefined;
+      const axes = (axesValue as number[] | undefined) ?? (attr.axes as number[] | undefined);
       if (n.opType === 'Unsqueeze') {
         if (!axes) return undefined;
         const rank = x.length + axes.length;
@@ -170,6 +223,34 @@ function inferNode(n: OnnxNode, shape: (v: string | undefined) => SymShape | und
     default:
       return undefined;
   }
+}
+
+/**
+ * prod(total) / prod(part) over symbolic dims: the numbers divide and the symbols of `part` cancel
+ * against those of `total`; undefined when that leaves more than one symbol or a fraction.
+ */
+function quotient(total: SymShape, part: SymShape): SymDim | undefined {
+  let num = 1;
+  let den = 1;
+  const syms = new Map<string, number>();
+  for (const d of total) {
+    if (typeof d === 'number') num *= d;
+    else syms.set(d, (syms.get(d) ?? 0) + 1);
+  }
+  for (const d of part) {
+    if (typeof d === 'number') {
+      den *= d;
+    } else {
+      const k = syms.get(d);
+      if (!k) return undefined;
+      syms.set(d, k - 1);
+    }
+  }
+  const left = [...syms].flatMap(([s, k]) => new Array<string>(k).fill(s));
+  if (den === 0 || num % den !== 0) return undefined;
+  const ratio = num / den;
+  if (left.length === 0) return ratio;
+  return left.length === 1 && ratio === 1 ? left[0] : undefined;
 }
 
 /** Numpy broadcasting over symbolic dims; undefined when the shapes cannot broadcast. */
