@@ -67,6 +67,7 @@ const NON_DETERMINISTIC = new Set(['RandomNormal', 'RandomUniform', 'RandomNorma
  * Nodes whose inputs are all constants are computed now and become initializers. A node that
  * produces a graph output stays (the compiler then has no output without a producing step), and
  * so does one the evaluator declines or whose result would be too large to keep in memory.
+ * Reads no producer/consumer index, so it leaves reindexing to the caller's compact().
  */
 export function foldConstants(g: WorkGraph, evaluate: ConstantEvaluator, shapes: Map<string, SymShape>): boolean {
   let folded = false;
@@ -80,7 +81,6 @@ export function foldConstants(g: WorkGraph, evaluate: ConstantEvaluator, shapes:
       if (!t) continue;
       g.inits.set(node.outputs[0]!, t);
       g.nodes[i] = null;
-      g.reindex();
       folded = true;
       continue;
     }
@@ -102,7 +102,6 @@ export function foldConstants(g: WorkGraph, evaluate: ConstantEvaluator, shapes:
       if (o) g.inits.set(o, results![k]!);
     });
     g.nodes[i] = null;
-    g.reindex();
     folded = true;
   }
   return folded;

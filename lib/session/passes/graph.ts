@@ -156,20 +156,18 @@ export class WorkGraph {
 }
 
 function collectSubgraphRefs(a: AttributeValue, into: Set<string>): void {
-  const graphs = Array.isArray(a) ? [] : isGraph(a) ? [a] : [];
-  for (const g of graphs) {
-    const inner = new Set<string>([...g.initializers.keys(), ...g.inputs.map((i) => i.name)]);
-    for (const n of g.nodes) for (const o of n.outputs) inner.add(o);
-    for (const n of g.nodes) {
-      for (const v of n.inputs) if (v && !inner.has(v)) into.add(v);
-      for (const sub of Object.values(n.attributes)) collectSubgraphRefs(sub, into);
-    }
-    for (const o of g.outputs) if (!inner.has(o.name)) into.add(o.name);
+  if (!isGraph(a)) return;
+  const inner = new Set<string>([...a.initializers.keys(), ...a.inputs.map((i) => i.name)]);
+  for (const n of a.nodes) for (const o of n.outputs) inner.add(o);
+  for (const n of a.nodes) {
+    for (const v of n.inputs) if (v && !inner.has(v)) into.add(v);
+    for (const sub of Object.values(n.attributes)) collectSubgraphRefs(sub, into);
   }
+  for (const o of a.outputs) if (!inner.has(o.name)) into.add(o.name);
 }
 
 function isGraph(a: AttributeValue): a is OnnxGraph {
-  return typeof a === 'object' && a !== null && !(a instanceof Tensor) && 'nodes' in a && 'initializers' in a;
+  return typeof a === 'object' && a !== null && !Array.isArray(a) && !(a instanceof Tensor) && 'nodes' in a && 'initializers' in a;
 }
 
 /** Elements of a shape. */
