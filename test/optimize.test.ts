@@ -74,7 +74,11 @@ function activation(b: Builder, x: string, attrs: OnnxNode['attributes'], opset:
     case 'relu': b.node('Relu', [x], {}, [out]); return;
     case 'sigmoid': b.node('Sigmoid', [x], {}, [out]); return;
     case 'leakyRelu': b.node('LeakyRelu', [x], { alpha: floatAttr(alpha) }, [out]); return;
-    case 'hardSwish': b.node('HardSwish', [x], {}, [out]); return;
+    case 'hardSwish':
+      // HardSwish is opset 14; before it, its definition: x * HardSigmoid(x) with alpha 1/6, beta 0.5.
+      if (opset >= 14) b.node('HardSwish', [x], {}, [out]);
+      else b.node('Mul', [x, b.node('HardSigmoid', [x], { alpha: floatAttr(1 / 6), beta: floatAttr(0.5) })[0]], {}, [out]);
+      return;
     case 'silu': b.node('Mul', [x, b.node('Sigmoid', [x])[0]], {}, [out]); return;
     case 'clip':
       if (opset < 11) b.node('Clip', [x], { min: floatAttr(alpha), max: floatAttr(beta) }, [out]);
@@ -550,6 +554,7 @@ describe('optimize: conv fusion', () => {
       [13, (b, x) => b.node('Sigmoid', [x])[0], { activation: 'sigmoid' }],
       [13, (b, x) => b.node('Mul', [b.node('Sigmoid', [x])[0], x])[0], { activation: 'silu' }],
       [14, (b, x) => b.node('HardSwish', [x])[0], { activation: 'hardSwish' }],
+      [13, (b, x) => b.node('Mul', [x, b.node('HardSigmoid', [x], { alpha: floatAttr(1 / 6), beta: floatAttr(0.5) })[0]])[0], { activation: 'hardSwish' }],
     ];
     for (const [opset, act, want] of cases) {
       const b = new GraphBuilder('act', { opset });
@@ -560,6 +565,18 @@ describe('optimize: conv fusion', () => {
       expect(ops(g.all)).toEqual(['sonde.FusedConv']);
       expect(g.all.nodes[0]!.attributes).toMatchObject(want);
       expect(g.all.nodes[0]!.outputs).toEqual(['y']);
+    }
+  });
+
+  it('does not take x * HardSigmoid(x) with other constants, or x * Tanh(x), as an activation', async () => {
+    for (const gate of [(b: Builder, x: string) => b.node('HardSigmoid', [x])[0], (b: Builder, x: string) => b.node('Tanh', [x])[0]]) {
+      const b = new GraphBuilder('gate', { opset: 13 });
+      b.input('x', 'float32', [1, 2, 4, 3]);
+      const c = conv(b, 'x', 2, 3, 5);
+      b.node('Mul', [c, gate(b, c)], {}, ['y']);
+      b.output('y', 'float32', [1, 3, 4, 3]);
+      const g = await expectSameOutputs(b, { x: input([1, 2, 4, 3]) });
+      expect(ops(g.all)[0]).toBe('Conv');
     }
   });
 

@@ -7,7 +7,7 @@ import type { AttributeValue, OnnxNode } from '../../onnx/model.js';
 import { SONDE_DOMAIN, type FusedActivation } from '../fused.js';
 import { Tensor } from '../../tensor.js';
 import { broadcastsToRow } from './fold-bn.js';
-import { sizeOf, type WorkGraph } from './graph.js';
+import { near, sizeOf, type WorkGraph } from './graph.js';
 import { sameShape, type SymShape } from './shapes.js';
 
 // ONNX Clip's bounds when one is not given are the float limits (not infinities): Clip(inf) = FLT_MAX.
@@ -26,14 +26,17 @@ function matchActivation(g: WorkGraph, v: string): Activation | undefined {
   if (!g.isInternal(v)) return undefined;
   const readers = g.consumers(v);
   if (readers.length === 2) {
-    // SiLU: v * Sigmoid(v), the Mul reading v and the Sigmoid's output in either order.
+    // v * gate(v), the Mul reading v and the gate's output in either order: SiLU with Sigmoid,
+    // HardSwish with HardSigmoid(alpha 1/6, beta 0.5) (PyTorch's hardswish before opset 14).
     const [a, b] = readers.map((k) => g.nodes[k]!);
-    const [sig, mul, sigIndex, mulIndex] = a!.opType === 'Sigmoid' ? [a!, b!, readers[0]!, readers[1]!] : [b!, a!, readers[1]!, readers[0]!];
-    if (sig.opType !== 'Sigmoid' || mul.opType !== 'Mul' || sig.domain !== '' || mul.domain !== '') return undefined;
-    const s = sig.outputs[0]!;
+    const [gate, mul, gateIndex, mulIndex] = a!.opType === 'Mul' ? [b!, a!, readers[1]!, readers[0]!] : [a!, b!, readers[0]!, readers[1]!];
+    if (mul.opType !== 'Mul' || gate.domain !== '' || mul.domain !== '' || gate.inputs[0] !== v) return undefined;
+    const s = gate.outputs[0]!;
     const ins = mul.inputs;
     if (g.soleConsumer(s)?.index !== mulIndex || !((ins[0] === v && ins[1] === s) || (ins[0] === s && ins[1] === v))) return undefined;
-    return { activation: 'silu', nodes: [sigIndex, mulIndex], out: mul.outputs[0]! };
+    const hardSwishGate = gate.opType === 'HardSigmoid' && near(num(gate.attributes.alpha, 0.2), 1 / 6, 1e-6) && num(gate.attributes.beta, 0.5) === 0.5;
+    if (gate.opType !== 'Sigmoid' && !hardSwishGate) return undefined;
+    return { activation: hardSwishGate ? 'hardSwish' : 'silu', nodes: [gateIndex, mulIndex], out: mul.outputs[0]! };
   }
   const c = g.soleConsumer(v);
   if (!c || c.node.domain !== '' || c.node.inputs[0] !== v) return undefined;
