@@ -193,7 +193,8 @@ export function compilePlan(graph: OnnxGraph, inputs: PlanInput[], options: Comp
       if (node.outputs[i]) throw new UnsupportedOperatorError(`${nodeWhere(node)}: output ${i} ('${node.outputs[i]}') is not supported`);
     }
     const allKnown = ins.every((s) => s === undefined || s.value !== undefined);
-    const evaluated = allKnown && def.evaluate ? def.evaluate(ctx, infos) : undefined;
+    // Shape-only ops (Shape) fold from concrete shapes even when their input's data is a run-time value.
+    const evaluated = (allKnown || def.shapeOnly) && def.evaluate ? def.evaluate(ctx, infos) : undefined;
     if (evaluated) {
       node.outputs.forEach((name, i) => {
         if (!name) return;

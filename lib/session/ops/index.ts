@@ -5,10 +5,12 @@
 import { SONDE_DOMAIN } from '../fused.js';
 import { ELEMENTWISE_OPS } from './elementwise.js';
 import { NN_OPS, NN_SONDE_OPS } from './nn.js';
+import { REDUCE_OPS } from './reduce.js';
+import { TENSOR_OPS } from './tensor.js';
 import type { OpDef } from './types.js';
 
 /** Default ONNX domain. */
-export const OPS: Record<string, OpDef> = { ...NN_OPS, ...ELEMENTWISE_OPS };
+export const OPS: Record<string, OpDef> = { ...NN_OPS, ...ELEMENTWISE_OPS, ...TENSOR_OPS, ...REDUCE_OPS };
 
 /** Domain 'sonde': nodes only the optimiser creates. */
 export const SONDE_OPS: Record<string, OpDef> = { ...NN_SONDE_OPS };

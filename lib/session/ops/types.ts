@@ -82,6 +82,11 @@ export interface PrepareOptions {
 export interface OpDef {
   /** Output dtypes and shapes; throws via ctx.fail on inconsistent inputs or attributes. */
   infer(ctx: OpContext): OutputInfo[];
+  /**
+   * Set when `evaluate` needs only the inputs' shapes (Shape): the compiler calls it even when an
+   * input's data is a run-time value, so shape arithmetic downstream stays known at plan time.
+   */
+  shapeOnly?: boolean;
   /** TS computation when every present input has a known value; undefined = cannot (lower instead). */
   evaluate?(ctx: OpContext, outputs: OutputInfo[]): Tensor[] | undefined;
   lower(ctx: OpContext, outputs: OutputInfo[], e: Emitter): void;
