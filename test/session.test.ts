@@ -113,6 +113,45 @@ describe('Session', () => {
     s.dispose();
   });
 
+  it('a one-Identity graph round-trips at every optimization level', async () => {
+    const g = new GraphBuilder('identity', { opset: 17 });
+    g.input('x', 'float32', ['n', 3]);
+    const [y] = g.node('Identity', ['x']);
+    g.output(y, 'float32', ['n', 3]);
+    for (const optimization of ['none', 'basic', 'all'] as const) {
+      const s = await Session.load(g.toBytes(), { optimization });
+      for (const n of [1, 4]) {
+        const x = uniform([n, 3], n);
+        const out = await s.run({ x });
+        expect(Array.from(out[y]!.data as Float32Array), optimization).toEqual(Array.from(x.data));
+        expect(out[y]!.data.buffer).not.toBe(x.data.buffer);
+      }
+      s.dispose();
+    }
+  });
+
+  it('an MLP (MatMul + bias + Relu, Gemm head) matches onnxruntime-node at every level, and bf16 within its bound', async () => {
+    const g = new GraphBuilder('mlp', { opset: 17 });
+    g.input('x', 'float32', ['batch', 32]);
+    const t = (name: string, dims: number[], seed: number) => g.init(name, { dtype: 'float32', dims, data: uniform(dims, seed, -0.25, 0.25).data });
+    const [h] = g.node('MatMul', ['x', t('w1', [32, 48], 1)]);
+    const [hb] = g.node('Add', [h, t('b1', [48], 2)]);
+    const [hr] = g.node('Relu', [hb]);
+    const [y] = g.node('Gemm', [hr, t('w2', [10, 48], 3), t('b2', [10], 4)], { transB: 1 });
+    const [p] = g.node('Softmax', [y], { axis: -1 });
+    g.output(p, 'float32', ['batch', 10]);
+    const bytes = g.toBytes();
+    const x = uniform([3, 32], 9);
+    // Hidden units: |terms| sum <= 32 * 0.25; the head sums 48 of those times 0.25: values stay O(1).
+    const tol = { atol: 4 * 50 * 50 * U, rtol: 0 };
+    for (const optimization of ['none', 'basic', 'all'] as const) {
+      await expectMatchesOrt(bytes, { x }, { ...tol, options: { optimization } });
+    }
+    // bf16 weights: each weight within 2^-9 relative, so each layer's output within 2^-9 sum|terms|;
+    // through a 1-Lipschitz Relu and a softmax (Lipschitz 1/2 in the max norm), a loose 2^-9 * 24 bound.
+    await expectMatchesOrt(bytes, { x }, { atol: 2 ** -9 * 24, rtol: 0, options: { precision: 'bf16' } });
+  });
+
   it('10 concurrent runs with different inputs each get their own result', async () => {
     const bytes = cnn();
     const s = await Session.load(bytes);
