@@ -166,6 +166,33 @@ describe('Session', () => {
     s.dispose();
   });
 
+  it('keeps at most 16 plans, recompiling an evicted shape correctly', async () => {
+    const s = await Session.load(twoInputs());
+    for (const round of [0, 1]) {
+      for (let n = 1; n <= 18; n++) {
+        const a = uniform([n, 4], n + round);
+        const b = uniform([n, 4], 50 + n);
+        const out = await s.run({ a, b, ids });
+        expect(Array.from(out.add_0!.data as Float32Array)).toEqual(Array.from(a.data, (v, i) => Math.fround(v + b.data[i]!)));
+      }
+      expect(s.cachedPlans).toBe(16);
+    }
+    s.dispose();
+  });
+
+  it('dispose() while runs are in flight lets them finish', async () => {
+    const s = await Session.load(longChain());
+    const x = uniform([96, 96], 7, -0.1, 0.1);
+    const want = await s.run({ x });
+    const runs = [s.run({ x }), s.run({ x })];
+    s.dispose();
+    for (const got of await Promise.all(runs)) {
+      const name = Object.keys(want)[0]!;
+      expect(Array.from(got[name]!.data as Float32Array)).toEqual(Array.from(want[name]!.data as Float32Array));
+    }
+    await expect(s.run({ x })).rejects.toBeInstanceOf(DisposedError);
+  });
+
   it('optimization levels and options give the same outputs', async () => {
     const bytes = cnn(17);
     const image = uniform([2, 3, 12, 12], 5);
