@@ -917,7 +917,8 @@ bool RunCastOp(const TensorOpContext& ctx, ElemType from, const void* x, ElemTyp
 namespace {
 
 // Source index along one axis for output position o (src = o - begin before mapping), or -1 where
-// the output takes the constant value.
+// the output takes the constant value. Reflect and edge map off the original edges; createPlan keeps
+// every pad smaller than the axis left after cropping, so that is the same as ONNX's crop-then-pad.
 inline ptrdiff_t PadSource(ptrdiff_t src, ptrdiff_t len, PadMode mode) {
   if (src >= 0 && src < len) return src;
   if (mode == PadMode::kConstant || len == 0) return -1;
@@ -1156,15 +1157,16 @@ bool RunLogSoftmax(const TensorOpContext& ctx, const float* x, float* y, size_t 
           for (size_t i = 0; i < len; ++i) s += tmp[i];
           sum += s;
         }
-        const float shift = mx + static_cast<float>(std::log(sum));
-        for (size_t i = 0; i < axis; ++i) yr[i] = xr[i] - shift;
+        // (x - max) - lse, not x - (max + lse): with a huge max the sum would swallow lse.
+        const float lse = static_cast<float>(std::log(sum));
+        for (size_t i = 0; i < axis; ++i) yr[i] = (xr[i] - mx) - lse;
       }
     });
   }
   // Down columns, a block of inner positions at a time.
   const size_t blocks = (inner + kChunk - 1) / kChunk;
   return ForRanges(ctx, outer * blocks, axis * std::min(inner, kChunk), [&](size_t b, size_t e) {
-    float mx[kChunk], sum[kChunk], tmp[kChunk];
+    float mx[kChunk], sum[kChunk], tmp[kChunk];  // sum becomes log sum exp once summed
     for (size_t t = b; t < e; ++t) {
       const size_t o = t / blocks, j0 = (t % blocks) * kChunk, n = std::min(kChunk, inner - j0);
       const float* xo = x + o * axis * inner + j0;
@@ -1178,9 +1180,9 @@ bool RunLogSoftmax(const TensorOpContext& ctx, const float* x, float* y, size_t 
         uk.unary(kernels::kUnaryExp, n, tmp, tmp);
         for (size_t j = 0; j < n; ++j) sum[j] += tmp[j];
       }
-      for (size_t j = 0; j < n; ++j) mx[j] += std::log(sum[j]);
+      for (size_t j = 0; j < n; ++j) sum[j] = std::log(sum[j]);
       for (size_t i = 0; i < axis; ++i)
-        for (size_t j = 0; j < n; ++j) yo[i * inner + j] = xo[i * inner + j] - mx[j];
+        for (size_t j = 0; j < n; ++j) yo[i * inner + j] = (xo[i * inner + j] - mx[j]) - sum[j];
     }
   });
 }
