@@ -467,6 +467,24 @@ describe('plan runs', () => {
     f.packed.dispose();
   });
 
+  it('concurrent runs never see each other\'s arena', async () => {
+    // Each run parks its input in the arena, spends a while on a matmul, then reads the arena back:
+    // a run sharing another's arena would return the other's input.
+    const n = 4096, d = 96;
+    const plan = create(makeSpec([input(0, n * 4), input(1, d * d * 4), arena(0, n * 4), arena(n * 4, d * d * 4),
+      output(0, n * 4)], [
+      { node: 'Park', op: 'copy', x: ref(0), y: ref(2), dims: [n], xStrides: [1], yStrides: [1], elemBytes: 4 },
+      ...Array.from({ length: 4 }, (_, s): PlanStep => ({ node: `Busy${s}`, op: 'matmul', a: ref(1), b: ref(1), c: ref(3),
+        batchDims: [], aBatchStrides: [], bBatchStrides: [], m: d, k: d, n: d, transB: false })),
+      { node: 'Back', op: 'copy', x: ref(2), y: ref(4), dims: [n], xStrides: [1], yStrides: [1], elemBytes: 4 },
+    ], n * 4 + d * d * 4));
+    const m = rand(d * d, 7);
+    const xs = Array.from({ length: 20 }, (_, i) => rand(n, 2000 + i)), ys = xs.map(() => new Float32Array(n));
+    await Promise.all(xs.map((x, i) => run(plan, [x, m], [ys[i]], { threads: 1 })));
+    for (let i = 0; i < 20; i++) expect(Buffer.from(ys[i].buffer).equals(Buffer.from(xs[i].buffer))).toBe(true);
+    plan.dispose();
+  });
+
   it('timings receive each step\'s wall time', async () => {
     const f = convGemmFixture();
     const plan = create(f.spec);
