@@ -575,6 +575,8 @@ describe('plan validation', () => {
     await expect(run(plan, [new Float32Array(9)], [y])).rejects.toThrow(/inputs\[0\] has 36 bytes, the plan expects 40/);
     await expect(run(plan, [new Float32Array(10)], [new Float32Array(11)])).rejects.toThrow(InvalidArgumentError);
     await expect(run(plan, [[1, 2] as unknown as Float32Array], [y])).rejects.toThrow(/must be a TypedArray/);
+    // Steps read input 0 as float32: a view that does not start on a 4-byte boundary is refused.
+    await expect(run(plan, [new Uint8Array(41).subarray(1)], [y])).rejects.toThrow(/multiple of 4 bytes/);
     // A DataView over the right bytes is an ArrayBufferView too.
     const x = rand(10, 9);
     await run(plan, [new DataView(x.buffer)], [y]);
