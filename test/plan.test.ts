@@ -1,7 +1,8 @@
 // The native plan executor (native/runtime/plan.cc, binding native/binding/plan_binding.cc) driven by
 // hand-written PlanSpecs; every result is checked against a loop written here.
+import { Worker } from 'node:worker_threads';
 import { describe, expect, it } from 'vitest';
-import { native, type NativeCancelToken, type NativePlan } from '../lib/binding.js';
+import { native, packageRoot, type NativeCancelToken, type NativePlan } from '../lib/binding.js';
 import { AbortError, DisposedError, InternalError, InvalidArgumentError, callNative, fromNative } from '../lib/errors.js';
 import type { PlanBuffer, PlanRef, PlanSpec, PlanStep } from '../lib/session/plan.js';
 
@@ -582,5 +583,43 @@ describe('plan validation', () => {
     await run(plan, [new DataView(x.buffer)], [y]);
     expect([...y]).toEqual([...x]);
     plan.dispose();
+  });
+});
+
+describe('plan in worker_threads', () => {
+  // A worker loads the addon itself and runs `steps` 128^3 matmuls of an input with itself.
+  const workerCode = `
+    const { parentPort, workerData } = require('node:worker_threads');
+    const b = require(require.resolve('node-gyp-build', { paths: [workerData.root] }))(workerData.root);
+    const d = 128, steps = [];
+    for (let s = 0; s < workerData.steps; s++) steps.push({ node: 'MM' + s, op: 'matmul', a: { buffer: 0, offset: 0 },
+      b: { buffer: 0, offset: 0 }, c: { buffer: 1, offset: 0 }, batchDims: [], aBatchStrides: [], bBatchStrides: [],
+      m: d, k: d, n: d, transB: false });
+    const plan = b.createPlan({ buffers: [{ kind: 'input', index: 0, bytes: d * d * 4 }, { kind: 'output', index: 0, bytes: d * d * 4 }],
+      steps, arenaBytes: 0, inputBytes: [d * d * 4], outputBytes: [d * d * 4] });
+    const c = new Float32Array(d * d);
+    parentPort.postMessage({ running: true });
+    b.planRun(plan, [workerData.a], [c], 0).then(() => parentPort.postMessage({ c }));
+  `;
+  const start = (a: Float32Array, steps: number) => {
+    const worker = new Worker(workerCode, { eval: true, workerData: { root: packageRoot, a, steps } });
+    const running = new Promise<void>((resolve) => worker.on('message', (m: { running?: boolean }) => m.running && resolve()));
+    const result = new Promise<Float32Array>((resolve, reject) => {
+      worker.on('message', (m: { c?: Float32Array }) => m.c && resolve(m.c));
+      worker.once('error', reject);
+    });
+    return { worker, running, result };
+  };
+
+  it('runs in a worker, and terminating a worker mid-run leaves other runs working', async () => {
+    const d = 128, a = rand(d * d, 161);
+    const victim = start(a, 20000);
+    victim.result.catch(() => {});
+    const other = start(a, 2);
+    await victim.running;
+    await new Promise((r) => setTimeout(r, 50));
+    expect(await victim.worker.terminate()).toBe(1);
+    expectClose(await other.result, gemmRef(a, a, d, d, d), 1e-4);
+    await other.worker.terminate();
   });
 });
