@@ -1,5 +1,6 @@
 // The generic tensor ops of graph plans (native/ops/tensor_ops.cc), driven one step at a time
 // through createPlan/planRun and compared with scalar references written here.
+import { execFileSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
 import { native } from '../dist/binding.js';
 import type { PlanDType, PlanRef, PlanSpec, PlanStep } from '../dist/session/plan.js';
@@ -663,6 +664,58 @@ describe('argmax', () => {
       const y = new BigInt64Array(outer * inner);
       await runStep([x], [y], (c, o) => ({ op: 'argmax', x: c[0]!, y: o[0]!, outer, r, inner, selectLastIndex }));
       expect(Array.from(y)).toEqual(reference(x, outer, r, inner, selectLastIndex));
+    }
+  });
+});
+
+// The row-reduction kernels (native/kernels/reduce) have scalar, AVX2 and AVX-512 forms; SONDE_ISA
+// pins the level for a whole process, so each level runs in a child and is checked against the
+// scalar one on every row length around the vector and unroll widths (8, 16, 32, 64).
+describe('row reductions at each SIMD level match the scalar level', () => {
+  const order = ['scalar', 'avx2', 'avx512'] as const;
+  const detected = (native().cpuInfo() as { simdDetected?: string }).simdDetected ?? 'scalar';
+  const levels = order.filter((l) => order.indexOf(l) <= order.indexOf(detected as typeof order[number]));
+  const script = `import { native } from './dist/binding.js';
+    const n = native();
+    const out = {};
+    for (let r = 1; r <= 70; r++) {
+      const outer = 3;
+      const x = new Float32Array(outer * r);
+      for (let i = 0; i < x.length; i++) x[i] = Math.round(Math.sin(i * 7.1 + r) * 40) / 8;
+      if (r % 5 === 0) x[r + (r >> 1)] = NaN;
+      const bufs = (bytes) => [{ kind: 'const', data: x, bytes: x.byteLength }, { kind: 'output', index: 0, bytes }];
+      const run = async (step, y) => {
+        const plan = n.createPlan({ buffers: bufs(y.byteLength), steps: [{ node: 's', x: { buffer: 0, offset: 0 }, y: { buffer: 1, offset: 0 }, ...step }], arenaBytes: 0, inputBytes: [], outputBytes: [y.byteLength] });
+        await n.planRun(plan, [], [y], 1);
+        plan.dispose();
+        return Array.from(y, (v) => (typeof v === 'bigint' ? Number(v) : Number.isNaN(v) ? 'NaN' : v));
+      };
+      out[r] = {
+        max: await run({ op: 'reduce', kind: 'max', dtype: 'float32', outer, r, inner: 1 }, new Float32Array(outer)),
+        sum: await run({ op: 'reduce', kind: 'sum', dtype: 'float32', outer, r, inner: 1 }, new Float32Array(outer)),
+        argmax: await run({ op: 'argmax', outer, r, inner: 1, selectLastIndex: false }, new BigInt64Array(outer)),
+        argmaxLast: await run({ op: 'argmax', outer, r, inner: 1, selectLastIndex: true }, new BigInt64Array(outer)),
+        logSoftmax: await run({ op: 'softmax', outer, axis: r, inner: 1, log: true }, new Float32Array(outer * r)),
+      };
+    }
+    console.log(JSON.stringify(out));`;
+  const runAt = (level: string) => JSON.parse(execFileSync(process.execPath, ['--input-type=module', '-e', script], {
+    env: { ...process.env, SONDE_ISA: level }, timeout: 60_000,
+  }).toString()) as Record<string, Record<string, (number | string)[]>>;
+  const scalar = levels.length > 1 ? runAt('scalar') : undefined;
+  it.each(levels.filter((l) => l !== 'scalar'))('%s', (level) => {
+    const got = runAt(level);
+    for (const [r, ops] of Object.entries(scalar!)) {
+      expect(got[r]!.max, `max r=${r}`).toEqual(ops.max);
+      expect(got[r]!.argmax, `argmax r=${r}`).toEqual(ops.argmax);
+      expect(got[r]!.argmaxLast, `argmax last r=${r}`).toEqual(ops.argmaxLast);
+      // Sums of multiples of 1/8 below 2^20 are exact in any order.
+      expect(got[r]!.sum, `sum r=${r}`).toEqual(ops.sum);
+      const ls = got[r]!.logSoftmax!, want = ops.logSoftmax!;
+      for (let i = 0; i < want.length; i++) {
+        if (want[i] === 'NaN') expect(ls[i]).toBe('NaN');
+        else expect(Math.abs((ls[i] as number) - (want[i] as number))).toBeLessThanOrEqual(16 * u * (1 + Math.abs(want[i] as number)));
+      }
     }
   });
 });

@@ -12,8 +12,10 @@
 
 #include "kernels/elementwise/elementwise.h"
 #include "kernels/gemm/gemm.h"
+#include "kernels/reduce/reduce.h"
 #include "ops/elementwise.h"
 #include "ops/gemm.h"
+#include "runtime/cpu.h"
 
 namespace sonde {
 
@@ -135,6 +137,18 @@ void WalkRows(const Walk& w, size_t operands, size_t row0, size_t row1, Fn&& row
     row_fn(off);
     NextRow(w, idx, operands, off);
   }
+}
+
+// The row-reduction kernels for the dispatch level (Cpu().level, fixed for the process).
+const kernels::ReduceUkernels& ReduceTable() {
+  static const kernels::ReduceUkernels table = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (Cpu().Supports(IsaLevel::kAvx512)) return kernels::ReduceUkernelsAvx512();
+    if (Cpu().Supports(IsaLevel::kAvx2)) return kernels::ReduceUkernelsAvx2();
+#endif
+    return kernels::ReduceUkernelsScalar();
+  }();
+  return table;
 }
 
 bool Cancelled(const TensorOpContext& ctx) { return ctx.cancel && ctx.cancel->load(std::memory_order_relaxed); }
@@ -834,6 +848,13 @@ bool ReduceTyped(const TensorOpContext& ctx, const T* x, T* y, size_t outer, siz
     return v;
   };
   if (inner == 1) {
+    if constexpr (std::is_same<T, float>::value && K != ReduceKind::kMin) {
+      const kernels::ReduceUkernels& uk = ReduceTable();
+      auto row = K == ReduceKind::kMax ? uk.max_f32 : uk.sum_f32;
+      return ForRanges(ctx, outer, r, [&](size_t b, size_t e) {
+        for (size_t o = b; o < e; ++o) y[o] = finish(row(r, x + o * r));
+      });
+    }
     return ForRanges(ctx, outer, r, [&](size_t b, size_t e) {
       for (size_t o = b; o < e; ++o) y[o] = finish(ReduceRow<K, T>(x + o * r, r));
     });
@@ -1198,6 +1219,7 @@ bool RunBatchedMatMul(const TensorOpContext& ctx, const float* a, const ptrdiff_
 bool RunLogSoftmax(const TensorOpContext& ctx, const float* x, float* y, size_t outer, size_t axis, size_t inner) {
   if (outer == 0 || axis == 0 || inner == 0) return true;
   const kernels::ElementwiseUkernels uk = ElementwiseTable(ElementwiseVariant::kAuto);
+  const kernels::ReduceUkernels& red = ReduceTable();
   // exp of a chunk at a time into a stack buffer, through the SIMD exp kernel.
   constexpr size_t kChunk = 256;
   if (inner == 1) {
@@ -1206,16 +1228,13 @@ bool RunLogSoftmax(const TensorOpContext& ctx, const float* x, float* y, size_t 
       for (size_t o = b; o < e; ++o) {
         const float* xr = x + o * axis;
         float* yr = y + o * axis;
-        float mx = -std::numeric_limits<float>::infinity();
-        for (size_t i = 0; i < axis; ++i) mx = xr[i] > mx ? xr[i] : mx;
+        const float mx = red.max_f32(axis, xr);
         double sum = 0.0;
         for (size_t i0 = 0; i0 < axis; i0 += kChunk) {
           const size_t len = std::min(kChunk, axis - i0);
           for (size_t i = 0; i < len; ++i) tmp[i] = xr[i0 + i] - mx;
           uk.unary(kernels::kUnaryExp, len, tmp, tmp);
-          float s = 0.0f;
-          for (size_t i = 0; i < len; ++i) s += tmp[i];
-          sum += s;
+          sum += red.sum_f32(len, tmp);
         }
         // (x - max) - lse, not x - (max + lse): with a huge max the sum would swallow lse.
         const float lse = static_cast<float>(std::log(sum));
@@ -1269,17 +1288,31 @@ bool RunArgMaxOp(const TensorOpContext& ctx, const float* x, int64_t* y, size_t 
     return true;
   }
   if (inner == 1) {
+    // Two passes over a row that stays in cache: the max (branch-free, vectorisable, NaN noted
+    // apart), then the first or last position holding it. The one-pass compare-and-branch loop
+    // mispredicts on every new maximum.
+    const kernels::ReduceUkernels& red = ReduceTable();
     return ForRanges(ctx, outer, r, [&](size_t b, size_t e) {
       for (size_t o = b; o < e; ++o) {
         const float* xr = x + o * r;
-        float best = xr[0];
-        int64_t bi = 0;
-        for (size_t i = 1; i < r; ++i)
-          if (ArgMaxTakes(xr[i], best, select_last)) {
-            best = xr[i];
-            bi = static_cast<int64_t>(i);
-          }
-        y[o] = bi;
+        const float best = red.max_f32(r, xr);
+        const bool nan = best != best;
+        auto hit = [&](float v) { return nan ? v != v : v == best; };
+        int64_t found = 0;
+        if (select_last) {
+          for (size_t j = r; j-- > 0;)
+            if (hit(xr[j])) {
+              found = static_cast<int64_t>(j);
+              break;
+            }
+        } else {
+          for (size_t j = 0; j < r; ++j)
+            if (hit(xr[j])) {
+              found = static_cast<int64_t>(j);
+              break;
+            }
+        }
+        y[o] = found;
       }
     });
   }
