@@ -564,6 +564,8 @@ describe('batched matmul', () => {
   const sizes = [1, 7, 17, 33, 65];
   const mkn: [number, number, number][] = [];
   for (const m of sizes) for (const k of sizes) for (const n of sizes) if ((m + 2 * k + 3 * n) % 4 === 0 || m === k && k === n) mkn.push([m, k, n]);
+  // Around the row counts where B stops being packed (1, 4), and long rows for the SIMD dot/axpy tails.
+  mkn.push([2, 17, 65], [3, 65, 7], [4, 33, 17], [5, 7, 33], [1, 300, 259], [4, 259, 300]);
   for (const transB of [false, true]) {
     it(`tile-edge sizes, transB ${transB}`, async () => {
       for (const [m, k, n] of mkn) {
@@ -696,6 +698,9 @@ describe('row reductions at each SIMD level match the scalar level', () => {
         argmax: await run({ op: 'argmax', outer, r, inner: 1, selectLastIndex: false }, new BigInt64Array(outer)),
         argmaxLast: await run({ op: 'argmax', outer, r, inner: 1, selectLastIndex: true }, new BigInt64Array(outer)),
         logSoftmax: await run({ op: 'softmax', outer, axis: r, inner: 1, log: true }, new Float32Array(outer * r)),
+        // m = 1: the unpacked dot (transB) and axpy paths, x as both a [1, r] and b.
+        dot: await run({ op: 'matmul', a: { buffer: 0, offset: 0 }, b: { buffer: 0, offset: 0 }, c: { buffer: 1, offset: 0 }, batchDims: [], aBatchStrides: [], bBatchStrides: [], m: 1, k: r, n: 3, transB: true }, new Float32Array(3)),
+        axpy: await run({ op: 'matmul', a: { buffer: 0, offset: 0 }, b: { buffer: 0, offset: 0 }, c: { buffer: 1, offset: 0 }, batchDims: [], aBatchStrides: [], bBatchStrides: [], m: 1, k: r, n: 3, transB: false }, new Float32Array(3)),
       };
     }
     console.log(JSON.stringify(out));`;
@@ -709,8 +714,10 @@ describe('row reductions at each SIMD level match the scalar level', () => {
       expect(got[r]!.max, `max r=${r}`).toEqual(ops.max);
       expect(got[r]!.argmax, `argmax r=${r}`).toEqual(ops.argmax);
       expect(got[r]!.argmaxLast, `argmax last r=${r}`).toEqual(ops.argmaxLast);
-      // Sums of multiples of 1/8 below 2^20 are exact in any order.
+      // Sums of multiples of 1/8 (products: of 1/64) below 2^20 are exact in any order.
       expect(got[r]!.sum, `sum r=${r}`).toEqual(ops.sum);
+      expect(got[r]!.dot, `dot r=${r}`).toEqual(ops.dot);
+      expect(got[r]!.axpy, `axpy r=${r}`).toEqual(ops.axpy);
       const ls = got[r]!.logSoftmax!, want = ops.logSoftmax!;
       for (let i = 0; i < want.length; i++) {
         if (want[i] === 'NaN') expect(ls[i]).toBe('NaN');

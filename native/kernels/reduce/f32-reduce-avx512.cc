@@ -49,9 +49,37 @@ float SumAvx512(size_t n, const float* x) {
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 }
 
+__mmask16 TailMask(size_t rem) {
+  return rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
+}
+
+float DotAvx512(size_t n, const float* x, const float* y) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  size_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(y + i + 16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), _mm512_loadu_ps(y + i + 32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), _mm512_loadu_ps(y + i + 48), s3);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = TailMask(n - i);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + i), _mm512_maskz_loadu_ps(k, y + i), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+void AxpyAvx512(size_t n, float a, const float* x, float* y) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (size_t i = 0; i < n; i += 16) {
+    const __mmask16 k = TailMask(n - i);
+    _mm512_mask_storeu_ps(y + i, k, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(k, x + i), _mm512_maskz_loadu_ps(k, y + i)));
+  }
+}
+
 }  // namespace
 
-ReduceUkernels ReduceUkernelsAvx512() { return {"avx512", MaxAvx512, SumAvx512}; }
+ReduceUkernels ReduceUkernelsAvx512() { return {"avx512", MaxAvx512, SumAvx512, DotAvx512, AxpyAvx512}; }
 
 }  // namespace kernels
 }  // namespace sonde

@@ -36,9 +36,22 @@ float SumScalar(size_t n, const float* x) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
+float DotScalar(size_t n, const float* x, const float* y) {
+  float s[8] = {};
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (size_t l = 0; l < 8; ++l) s[l] += x[i + l] * y[i + l];
+  for (; i < n; ++i) s[0] += x[i] * y[i];
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+void AxpyScalar(size_t n, float a, const float* x, float* y) {
+  for (size_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
 }  // namespace
 
-ReduceUkernels ReduceUkernelsScalar() { return {"scalar", MaxScalar, SumScalar}; }
+ReduceUkernels ReduceUkernelsScalar() { return {"scalar", MaxScalar, SumScalar, DotScalar, AxpyScalar}; }
 
 }  // namespace kernels
 }  // namespace sonde
