@@ -199,7 +199,9 @@ export interface NativeBinding {
   spmm(a: Float32Array, w: NativeSparseWeights, out: Float32Array, options: NativeGemmOptions): Promise<void>;
   /**
    * Validates a PlanSpec (every ref and strided walk in bounds, every handle live) and builds the
-   * immutable native plan; throws ERR_SONDE_INTERNAL naming the step if the spec is inconsistent.
+   * immutable native plan; throws ERR_SONDE_INTERNAL naming the step if the spec is inconsistent,
+   * ERR_SONDE_DISPOSED if a step's conv or GEMM handle has been disposed. Const data is copied once
+   * here; the plan holds its own references to the handles, so disposing them later is safe.
    */
   createPlan(spec: PlanSpec): NativePlan;
   /**

@@ -1,7 +1,8 @@
 // The native plan executor (native/runtime/plan.cc, binding native/binding/plan_binding.cc) driven by
 // hand-written PlanSpecs; every result is checked against a loop written here.
+import { Worker } from 'node:worker_threads';
 import { describe, expect, it } from 'vitest';
-import { native, type NativeCancelToken, type NativePlan } from '../lib/binding.js';
+import { native, packageRoot, type NativeCancelToken, type NativePlan } from '../lib/binding.js';
 import { AbortError, DisposedError, InternalError, InvalidArgumentError, callNative, fromNative } from '../lib/errors.js';
 import type { PlanBuffer, PlanRef, PlanSpec, PlanStep } from '../lib/session/plan.js';
 
@@ -467,6 +468,24 @@ describe('plan runs', () => {
     f.packed.dispose();
   });
 
+  it('concurrent runs never see each other\'s arena', async () => {
+    // Each run parks its input in the arena, spends a while on a matmul, then reads the arena back:
+    // a run sharing another's arena would return the other's input.
+    const n = 4096, d = 96;
+    const plan = create(makeSpec([input(0, n * 4), input(1, d * d * 4), arena(0, n * 4), arena(n * 4, d * d * 4),
+      output(0, n * 4)], [
+      { node: 'Park', op: 'copy', x: ref(0), y: ref(2), dims: [n], xStrides: [1], yStrides: [1], elemBytes: 4 },
+      ...Array.from({ length: 4 }, (_, s): PlanStep => ({ node: `Busy${s}`, op: 'matmul', a: ref(1), b: ref(1), c: ref(3),
+        batchDims: [], aBatchStrides: [], bBatchStrides: [], m: d, k: d, n: d, transB: false })),
+      { node: 'Back', op: 'copy', x: ref(2), y: ref(4), dims: [n], xStrides: [1], yStrides: [1], elemBytes: 4 },
+    ], n * 4 + d * d * 4));
+    const m = rand(d * d, 7);
+    const xs = Array.from({ length: 20 }, (_, i) => rand(n, 2000 + i)), ys = xs.map(() => new Float32Array(n));
+    await Promise.all(xs.map((x, i) => run(plan, [x, m], [ys[i]], { threads: 1 })));
+    for (let i = 0; i < 20; i++) expect(Buffer.from(ys[i].buffer).equals(Buffer.from(xs[i].buffer))).toBe(true);
+    plan.dispose();
+  });
+
   it('timings receive each step\'s wall time', async () => {
     const f = convGemmFixture();
     const plan = create(f.spec);
@@ -557,10 +576,50 @@ describe('plan validation', () => {
     await expect(run(plan, [new Float32Array(9)], [y])).rejects.toThrow(/inputs\[0\] has 36 bytes, the plan expects 40/);
     await expect(run(plan, [new Float32Array(10)], [new Float32Array(11)])).rejects.toThrow(InvalidArgumentError);
     await expect(run(plan, [[1, 2] as unknown as Float32Array], [y])).rejects.toThrow(/must be a TypedArray/);
+    // Steps read input 0 as float32: a view that does not start on a 4-byte boundary is refused.
+    await expect(run(plan, [new Uint8Array(41).subarray(1)], [y])).rejects.toThrow(/multiple of 4 bytes/);
     // A DataView over the right bytes is an ArrayBufferView too.
     const x = rand(10, 9);
     await run(plan, [new DataView(x.buffer)], [y]);
     expect([...y]).toEqual([...x]);
     plan.dispose();
+  });
+});
+
+describe('plan in worker_threads', () => {
+  // A worker loads the addon itself and runs `steps` 128^3 matmuls of an input with itself.
+  const workerCode = `
+    const { parentPort, workerData } = require('node:worker_threads');
+    const b = require(require.resolve('node-gyp-build', { paths: [workerData.root] }))(workerData.root);
+    const d = 128, steps = [];
+    for (let s = 0; s < workerData.steps; s++) steps.push({ node: 'MM' + s, op: 'matmul', a: { buffer: 0, offset: 0 },
+      b: { buffer: 0, offset: 0 }, c: { buffer: 1, offset: 0 }, batchDims: [], aBatchStrides: [], bBatchStrides: [],
+      m: d, k: d, n: d, transB: false });
+    const plan = b.createPlan({ buffers: [{ kind: 'input', index: 0, bytes: d * d * 4 }, { kind: 'output', index: 0, bytes: d * d * 4 }],
+      steps, arenaBytes: 0, inputBytes: [d * d * 4], outputBytes: [d * d * 4] });
+    const c = new Float32Array(d * d);
+    parentPort.postMessage({ running: true });
+    b.planRun(plan, [workerData.a], [c], 0).then(() => parentPort.postMessage({ c }));
+  `;
+  const start = (a: Float32Array, steps: number) => {
+    const worker = new Worker(workerCode, { eval: true, workerData: { root: packageRoot, a, steps } });
+    const running = new Promise<void>((resolve) => worker.on('message', (m: { running?: boolean }) => m.running && resolve()));
+    const result = new Promise<Float32Array>((resolve, reject) => {
+      worker.on('message', (m: { c?: Float32Array }) => m.c && resolve(m.c));
+      worker.once('error', reject);
+    });
+    return { worker, running, result };
+  };
+
+  it('runs in a worker, and terminating a worker mid-run leaves other runs working', async () => {
+    const d = 128, a = rand(d * d, 161);
+    const victim = start(a, 20000);
+    victim.result.catch(() => {});
+    const other = start(a, 2);
+    await victim.running;
+    await new Promise((r) => setTimeout(r, 50));
+    expect(await victim.worker.terminate()).toBe(1);
+    expectClose(await other.result, gemmRef(a, a, d, d, d), 1e-4);
+    await other.worker.terminate();
   });
 });

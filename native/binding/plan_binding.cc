@@ -4,7 +4,7 @@
 // bug, so it throws ERR_SONDE_INTERNAL naming the step; every string enum is mapped here, once.
 #include <napi.h>
 
-#include <cstring>
+#include <cstdint>
 #include <memory>
 #include <new>
 #include <string>
@@ -518,11 +518,11 @@ bool ViewBytes(Napi::Value v, unsigned char** data, size_t* bytes) {
   return false;
 }
 
-// Checks views[i] against the plan's byte counts, keeps each view alive through the job and
-// returns its data pointers.
+// Checks views[i] against the plan's byte counts and alignments, keeps each view alive through the
+// job and returns its data pointers.
 template <typename Ptr>
-std::vector<Ptr> ReadViews(Napi::Env env, Napi::Value v, const std::vector<size_t>& expected, const char* what,
-                           AsyncJob* job) {
+std::vector<Ptr> ReadViews(Napi::Env env, Napi::Value v, const std::vector<size_t>& expected,
+                           const std::vector<size_t>& align, const char* what, AsyncJob* job) {
   if (!v.IsArray()) throw MakeError(env, codes::kInvalidArgument, std::string("planRun: ") + what + " must be an array");
   Napi::Array a = v.As<Napi::Array>();
   if (a.Length() != expected.size())
@@ -539,6 +539,9 @@ std::vector<Ptr> ReadViews(Napi::Env env, Napi::Value v, const std::vector<size_
     if (bytes != expected[i])
       throw MakeError(env, codes::kInvalidArgument, "planRun: " + name + " has " + std::to_string(bytes) +
                                                         " bytes, the plan expects " + std::to_string(expected[i]));
+    if (reinterpret_cast<uintptr_t>(data) % align[i])
+      throw MakeError(env, codes::kInvalidArgument, "planRun: " + name + " must start at a multiple of " +
+                                                        std::to_string(align[i]) + " bytes (its byteOffset)");
     out[i] = data;
     job->Keep(e);
   }
@@ -554,8 +557,9 @@ Napi::Value PlanRun(Addon& addon, const Napi::CallbackInfo& info) {
   auto job = std::make_unique<PlanJob>();
   job->plan = PlanHandle::Get(info[0]);
   if (!job->plan) throw MakeError(env, codes::kDisposed, "planRun: the plan has been disposed");
-  job->inputs = ReadViews<const void*>(env, info[1], job->plan->input_bytes(), "inputs", job.get());
-  job->outputs = ReadViews<void*>(env, info[2], job->plan->output_bytes(), "outputs", job.get());
+  job->inputs = ReadViews<const void*>(env, info[1], job->plan->input_bytes(), job->plan->input_align(), "inputs", job.get());
+  job->outputs = ReadViews<void*>(env, info[2], job->plan->output_bytes(), job->plan->output_align(), "outputs",
+                                          job.get());
   const double threads = info[3].IsNumber() ? info[3].As<Napi::Number>().DoubleValue() : -1;
   if (!(threads >= 0 && threads <= 1024) || threads != static_cast<double>(static_cast<unsigned>(threads)))
     throw MakeError(env, codes::kInvalidArgument, "planRun: threads must be an integer in [0, 1024]");

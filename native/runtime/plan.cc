@@ -1,5 +1,6 @@
 #include "runtime/plan.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <initializer_list>
@@ -47,7 +48,9 @@ bool IsElemBytes(size_t b) { return b == 1 || b == 2 || b == 4 || b == 8; }
 // Checks one step against the buffers; the first problem found is kept in error().
 class StepValidator {
  public:
-  explicit StepValidator(const std::vector<PlanBufferDesc>& buffers) : buffers_(buffers) {}
+  // align[b] is raised to the largest element size any step reads or writes buffer b with.
+  StepValidator(const std::vector<PlanBufferDesc>& buffers, std::vector<size_t>& align)
+      : buffers_(buffers), align_(align) {}
 
   const std::string& error() const { return error_; }
   bool ok() const { return error_.empty(); }
@@ -82,6 +85,7 @@ class StepValidator {
       return Fail(std::string(what) + " refers to buffer " + std::to_string(r.buffer) + " of " +
                   std::to_string(buffers_.size()));
     const PlanBufferDesc& b = buffers_[r.buffer];
+    if (elem > align_[r.buffer]) align_[r.buffer] = elem;
     if (write && (b.kind == PlanBufferKind::kInput || b.kind == PlanBufferKind::kConst))
       return Fail(std::string(what) + " writes buffer " + std::to_string(r.buffer) + ", which is " +
                   (b.kind == PlanBufferKind::kInput ? "an input" : "a const") + " (read-only)");
@@ -102,6 +106,7 @@ class StepValidator {
   }
 
   const std::vector<PlanBufferDesc>& buffers_;
+  std::vector<size_t>& align_;
   std::string error_;
 };
 
@@ -406,8 +411,9 @@ std::unique_ptr<Plan> Plan::Create(std::vector<PlanBufferDesc> buffers, std::vec
                                    std::vector<size_t> output_bytes, std::string* error) {
   *error = ValidateBuffers(buffers, arena_bytes, input_bytes, output_bytes);
   if (!error->empty()) return nullptr;
+  std::vector<size_t> align(buffers.size(), 1);
   for (size_t i = 0; i < steps.size(); ++i) {
-    StepValidator v(buffers);
+    StepValidator v(buffers, align);
     ValidateStep(v, steps[i]);
     if (!v.ok()) {
       *error = "step " + std::to_string(i) + " (" + PlanOpName(steps[i].op) + ", node '" + steps[i].node + "'): " + v.error();
@@ -417,6 +423,13 @@ std::unique_ptr<Plan> Plan::Create(std::vector<PlanBufferDesc> buffers, std::vec
   std::unique_ptr<Plan> plan(new Plan());
   for (const PlanBufferDesc& b : buffers)
     if (b.kind == PlanBufferKind::kConst) plan->const_bytes_ += b.data->size();
+  plan->input_align_.assign(input_bytes.size(), 1);
+  plan->output_align_.assign(output_bytes.size(), 1);
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    const PlanBufferDesc& b = buffers[i];
+    if (b.kind == PlanBufferKind::kInput) plan->input_align_[b.index] = std::max(plan->input_align_[b.index], align[i]);
+    if (b.kind == PlanBufferKind::kOutput) plan->output_align_[b.index] = std::max(plan->output_align_[b.index], align[i]);
+  }
   plan->buffers_ = std::move(buffers);
   plan->steps_ = std::move(steps);
   plan->arena_bytes_ = arena_bytes;

@@ -116,6 +116,10 @@ class Plan {
   const std::vector<PlanStep>& steps() const { return steps_; }
   const std::vector<size_t>& input_bytes() const { return input_bytes_; }
   const std::vector<size_t>& output_bytes() const { return output_bytes_; }
+  // The alignment inputs[i] / outputs[i] need: the largest element size a step uses them with (the
+  // element offsets keep every operand aligned once the base is).
+  const std::vector<size_t>& input_align() const { return input_align_; }
+  const std::vector<size_t>& output_align() const { return output_align_; }
   size_t arena_bytes() const { return arena_bytes_; }
   size_t const_bytes() const { return const_bytes_; }
   // What the plan holds while idle: its consts plus one arena.
@@ -131,7 +135,7 @@ class Plan {
 
   std::vector<PlanBufferDesc> buffers_;
   std::vector<PlanStep> steps_;
-  std::vector<size_t> input_bytes_, output_bytes_;
+  std::vector<size_t> input_bytes_, output_bytes_, input_align_, output_align_;
   size_t arena_bytes_ = 0, const_bytes_ = 0;
   kernels::ElementwiseUkernels elementwise_uk_{};
 
