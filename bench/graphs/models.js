@@ -275,8 +275,10 @@ function transformerReductions({ layers = 2, dModel = 256, heads = 4, tokens = 1
 export const MODELS = {
   resnet50: { generate: resnet50, inputDims: (b) => [b, 3, 224, 224], outputDims: (b) => [b, 1000], reductions: resnet50Reductions },
   mobilenetv2: { generate: mobilenetv2, inputDims: (b) => [b, 3, 224, 224], outputDims: (b) => [b, 1000], reductions: mobilenetv2Reductions },
-  mlp: { generate: mlp, inputDims: (b) => [b, 784], outputDims: (b) => [b, 10], reductions: () => [784, 1024, 1024] },
-  transformer: { generate: transformerEncoder, inputDims: (b) => [b, 128, 256], outputDims: (b) => [b, 128, 256], reductions: transformerReductions },
+  mlp: { generate: mlp, inputDims: (b, { sizes = [784, 1024, 1024, 10] } = {}) => [b, sizes[0]], outputDims: (b, { sizes = [784, 1024, 1024, 10] } = {}) => [b, sizes.at(-1)],
+    reductions: ({ sizes = [784, 1024, 1024, 10] } = {}) => sizes.slice(0, -1) },
+  transformer: { generate: transformerEncoder, inputDims: (b, { tokens = 128, dModel = 256 } = {}) => [b, tokens, dModel],
+    outputDims: (b, { tokens = 128, dModel = 256 } = {}) => [b, tokens, dModel], reductions: transformerReductions },
 };
 
 /**
@@ -321,9 +323,12 @@ export function modelBytes(name, params = {}) {
   return new Uint8Array(readFileSync(modelPath(name, params)));
 }
 
-/** A deterministic input for `name` at `batch`: uniform [-1, 1) (a normalised image, embeddings). */
-export function modelInput(name, batch, seed = 7) {
-  const dims = MODELS[name].inputDims(batch);
+/**
+ * A deterministic input for `name` (generated with `params`) at `batch`: uniform [-1, 1) (a
+ * normalised image, embeddings).
+ */
+export function modelInput(name, batch, seed = 7, params = {}) {
+  const dims = MODELS[name].inputDims(batch, params);
   return randomTensor(dims, { seed: seed + batch });
 }
 
