@@ -1,6 +1,9 @@
+import * as sonde from '../dist/index.js';
 import { Tensor, devices, getThreads, kernels } from '../dist/index.js';
 import { native } from '../dist/binding.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
+import { GraphBuilder } from './graphs/builder.js';
+import { BF16_RESNET50_BOUND, modelBytes, modelInput, relativeDifference, roundingTolerance } from './graphs/models.js';
 
 const rand = (len) => {
   const a = new Float32Array(len);
@@ -481,4 +484,119 @@ async function* sparseSuite(ctx) {
   for (const [, w] of ws) w.dispose();
 }
 
-export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, sparse: sparseSuite };
+/**
+ * Lags of a setInterval(1 ms) timer (ms late per tick) while `step` runs back to back for `ms`.
+ * A runtime that computes on the JS thread delays every tick by a whole run.
+ */
+async function timerLag(step, ms) {
+  const lags = [];
+  let last = performance.now();
+  const timer = setInterval(() => {
+    const now = performance.now();
+    lags.push(Math.max(0, now - last - 1));
+    last = now;
+  }, 1);
+  const end = performance.now() + ms;
+  while (performance.now() < end) await step();
+  clearInterval(timer);
+  lags.sort((a, b) => a - b);
+  return { p99: lags[Math.min(lags.length - 1, Math.floor(lags.length * 0.99))] ?? NaN, max: lags.at(-1) ?? NaN, ticks: lags.length };
+}
+
+/**
+ * Whole generated models (bench/graphs/models.js: ResNet-50, MobileNetV2, the 784-1024-1024-10
+ * MLP, a 2-layer transformer encoder) in a sonde Session (fp32) against an onnxruntime-node
+ * InferenceSession (graph optimisation 'all', sequential, intraOpNumThreads = threads) on the same
+ * bytes, timed pair by pair in this process; ratio = ort ms / sonde ms (above 1, sonde is faster).
+ * Before timing, sonde's outputs are checked against ORT's (roundingTolerance), so a ratio never
+ * compares different work. Then ResNet-50 with precision 'bf16' against ORT fp32, the round trip of
+ * a one-Identity graph (per-run overhead), and event-loop timer lag while ResNet-50 runs in a loop.
+ * Without a Session in this build (dist/index.js exports none), ORT's side alone is reported.
+ */
+async function* modelsSuite(ctx) {
+  const Session = sonde.Session;
+  const note = Session ? undefined : 'sonde Session not in this build';
+  const pool = getThreads();
+  const threadCounts = [...new Set([1, Math.min(2, pool)])];
+  const batches = ctx.quick ? [1] : [1, 8];
+  const timing = ctx.quick ? { minRounds: 3, minMs: 50, maxMs: 800 } : { minRounds: 5, minMs: 1000, maxMs: 8000 };
+  const feedOf = (x) => ({ input: new Tensor('float32', x.data, x.dims) });
+  const check = (what, got, want, bound) => {
+    const d = relativeDifference(got, want);
+    if (!(d <= bound)) throw new Error(`${what}: sonde differs from onnxruntime-node by ${d.toExponential(2)} of max|output| (bound ${bound.toExponential(2)})`);
+  };
+
+  for (const name of ['resnet50', 'mobilenetv2', 'mlp', 'transformer']) {
+    const bytes = modelBytes(name);
+    for (const t of threadCounts) {
+      const ort = await onnxruntime.prepareModel(bytes, { threads: t, spin: ctx.ortSpin });
+      const fp32 = Session ? await Session.load(bytes, { threads: t }) : null;
+      const bf16 = Session && name === 'resnet50' ? await Session.load(bytes, { threads: t, precision: 'bf16' }) : null;
+      for (const b of batches) {
+        const x = modelInput(name, b);
+        const feed = feedOf(x);
+        const ortRun = () => ort.run({ input: x });
+        const want = (await ortRun()).output.data;
+        const fns = [ortRun];
+        // A model sonde refuses (a SondeError: an unsupported operator or form) is reported in the
+        // row and ORT's side still timed; wrong outputs are not an error to report but a bug, and
+        // stop the suite.
+        let error = note;
+        try {
+          if (fp32) {
+            check(`${name} n${b} t${t}`, (await fp32.run(feed)).output.data, want, roundingTolerance(name));
+            fns.push(() => fp32.run(feed));
+          }
+          if (bf16) {
+            check(`${name} bf16 n${b} t${t}`, (await bf16.run(feed)).output.data, want, BF16_RESNET50_BOUND);
+            fns.push(() => bf16.run(feed));
+          }
+        } catch (e) {
+          if (!(e instanceof sonde.SondeError)) throw e;
+          error = `${e.name}: ${e.message}`;
+          fns.length = 1;
+        }
+        const [ortMs, ms, bf16Ms] = await timeInterleaved(fns, timing);
+        yield { case: `${name} n${b} t${t}`, ms, ortMs, ratio: ms ? ortMs / ms : undefined, vs: 'onnxruntime-node', note: error };
+        if (bf16Ms) yield { case: `${name} bf16 n${b} t${t}`, ms: bf16Ms, ortMs, ratio: ortMs / bf16Ms, fp32Ms: ms, vs: 'onnxruntime-node fp32' };
+      }
+      fp32?.dispose();
+      bf16?.dispose();
+      await ort.release();
+    }
+  }
+
+  // Per-run overhead: one Identity on 16 floats, so what is timed is the call itself.
+  const g = new GraphBuilder('identity', { opset: 13 });
+  g.input('x', 'float32', [1, 16]);
+  g.node('Identity', ['x'], {}, ['y']);
+  g.output('y', 'float32', [1, 16]);
+  const idBytes = g.toBytes();
+  const x16 = { data: new Float32Array(16).fill(0.5), dims: [1, 16] };
+  const ortId = await onnxruntime.prepareModel(idBytes, { threads: 1, spin: ctx.ortSpin });
+  const sondeId = Session ? await Session.load(idBytes, { threads: 1 }) : null;
+  const idFeed = { x: new Tensor('float32', x16.data, x16.dims) };
+  const idFns = [() => ortId.run({ x: x16 }), ...(sondeId ? [() => sondeId.run(idFeed)] : [])];
+  const [ortIdMs, idMs] = await timeInterleaved(idFns, { minRounds: 50, maxRounds: ctx.quick ? 300 : 5000, minMs: ctx.quick ? 50 : 1000, maxMs: ctx.quick ? 300 : 3000 });
+  yield { case: 'identity [1,16] round trip t1', us: idMs && idMs * 1e3, ortUs: ortIdMs * 1e3, ratio: idMs ? ortIdMs / idMs : undefined, vs: 'onnxruntime-node', note };
+  sondeId?.dispose();
+  await ortId.release();
+
+  // Responsiveness: a 1 ms timer's lag while ResNet-50 (batch 1, whole pool) runs back to back.
+  const rBytes = modelBytes('resnet50');
+  const x = modelInput('resnet50', 1);
+  const lagMs = ctx.quick ? 500 : 3000;
+  const ort = await onnxruntime.prepareModel(rBytes, { threads: pool, spin: ctx.ortSpin });
+  const ortLag = await timerLag(() => ort.run({ input: x }), lagMs);
+  await ort.release();
+  let lag = { p99: undefined, max: undefined };
+  if (Session) {
+    const s = await Session.load(rBytes, { threads: pool });
+    const feed = feedOf(x);
+    lag = await timerLag(() => s.run(feed), lagMs);
+    s.dispose();
+  }
+  yield { case: `event-loop lag, resnet50 n1 t${pool}`, p99Ms: lag.p99, maxMs: lag.max, ortP99Ms: ortLag.p99, ortMaxMs: ortLag.max, vs: 'onnxruntime-node', note };
+}
+
+export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, sparse: sparseSuite, models: modelsSuite };

@@ -25,3 +25,12 @@ export function convModel(xDims: number[], wDims: number[], wData: Float32Array,
 export function prepareConv(xDims: number[], wDims: number[], wData: Float32Array, bData: Float32Array,
   options?: ConvGeometry & { threads?: number; spin?: boolean }): Promise<{
     outDims: number[]; run(xData: Float32Array): Promise<Float32Array>; release(): Promise<void> }>;
+export interface FloatFeed { data: Float32Array; dims: readonly number[] }
+export interface OrtModel {
+  inputNames: readonly string[];
+  outputNames: readonly string[];
+  run(feeds: Record<string, FloatFeed>): Promise<Record<string, { data: Float32Array; dims: number[] }>>;
+  release(): Promise<void>;
+}
+export function prepareModel(bytes: Uint8Array, options?: { threads?: number; spin?: boolean;
+  optimization?: 'disabled' | 'basic' | 'extended' | 'all' }): Promise<OrtModel>;

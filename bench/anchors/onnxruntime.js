@@ -172,3 +172,38 @@ export async function prepareConv(xDims, wDims, wData, bData, { threads = 1, spi
     },
   };
 }
+
+/**
+ * A session on a whole model (ONNX bytes) as a user of onnxruntime-node opens it: CPU, `threads`
+ * intra-op threads, sequential, the given graph optimisation level ('all' unless told). run(feeds)
+ * takes { name: { data, dims } } float32 inputs and resolves to { name: { data, dims } }.
+ */
+export async function prepareModel(bytes, { threads = 1, spin = true, optimization = 'all' } = {}) {
+  const session = await ort.InferenceSession.create(bytes, {
+    executionProviders: ['cpu'],
+    intraOpNumThreads: threads,
+    interOpNumThreads: 1,
+    executionMode: 'sequential',
+    graphOptimizationLevel: optimization,
+    ...(spin ? {} : { extra: { session: { intra_op: { allow_spinning: '0' } } } }),
+    logSeverityLevel: 3,
+  });
+  let released = false;
+  return {
+    inputNames: session.inputNames,
+    outputNames: session.outputNames,
+    async run(feeds) {
+      const ortFeeds = {};
+      for (const [name, t] of Object.entries(feeds)) ortFeeds[name] = new ort.Tensor('float32', t.data, t.dims);
+      const out = await session.run(ortFeeds);
+      const result = {};
+      for (const [name, t] of Object.entries(out)) result[name] = { data: t.data, dims: t.dims.map(Number) };
+      return result;
+    },
+    async release() {
+      if (released) return;
+      released = true;
+      await session.release();
+    },
+  };
+}
