@@ -1,56 +1,140 @@
-// npm run demo: what this machine offers, then a GEMM run off the event loop, checked against the
-// reference kernel.
-import { devices, kernels, Tensor } from '../dist/index.js';
+// npm run demo: the embedded default model, a residual CNN trained on scikit-learn's 8x8 digits
+// (scripts/train-digits.py), classifies its held-out test split with sonde's Session: accuracy,
+// latency at batch 1 and throughput at batch 64, then the same with onnxruntime-node when it is
+// installed (a devDependency). Exits non-zero if an accuracy is off the one torch recorded.
+//
+// models/digits-test.bin layout (little-endian; read by models/digits.js):
+//   "SDG1" | uint32 n | uint32 height | uint32 width | float32 n*height*width pixels, already scaled
+//   as in training | uint8 n labels
+import * as sonde from '../dist/index.js';
+import { modelPath, readReport, readTestSplit, countCorrect } from '../models/digits.js';
 
-const d = devices();
-console.log('CPU :', `${d.cpu.model} (${d.cpu.arch}), ${d.cpu.cores} cores, SIMD ${d.cpu.simd}`);
-console.log('      features:', d.cpu.features.join(' '));
-if (d.cuda.devices.length) {
-  for (const g of d.cuda.devices) console.log(`CUDA: ${g.id} ${g.name}, sm ${g.computeCapability}, ${(g.totalMemory / 2 ** 30).toFixed(1)} GiB`);
+const THROUGHPUT_BATCH = 64;
+// Enough batch-64 runs for a stable rate without holding shared cores for long.
+const THROUGHPUT_SECONDS = 1;
+const LATENCY_WARMUP = 20;
+
+const report = readReport();
+const split = readTestSplit();
+const pixelsPerImage = split.height * split.width;
+const inputDims = (batch) => [batch, 1, split.height, split.width];
+
+const cpu = sonde.devices().cpu;
+console.log(`CPU : ${cpu.model} (${cpu.arch}), ${cpu.cores} cores, SIMD ${cpu.simd}`);
+console.log(`model: models/digits.onnx (${Object.entries(report.onnx_ops).map(([op, k]) => `${k} ${op}`).join(', ')}; ` +
+  `${report.parameters} parameters), test split ${split.n} images; torch measured ${report.test_correct}/${report.test_size}`);
+
+/** Runs a runtime over the test split; returns its logits for every image and its numbers. */
+async function measure(runtime) {
+  // Whole split in batches of THROUGHPUT_BATCH; the last one is partial (360 = 5 x 64 + 40), which
+  // exercises the dynamic batch axis.
+  const logits = new Float32Array(split.n * 10);
+  for (let start = 0; start < split.n; start += THROUGHPUT_BATCH) {
+    const batch = Math.min(THROUGHPUT_BATCH, split.n - start);
+    const out = await runtime.run(split.images.subarray(start * pixelsPerImage, (start + batch) * pixelsPerImage), batch);
+    logits.set(out, start * 10);
+  }
+  const correct = countCorrect(logits, split.labels);
+
+  // Batch 1, one image at a time: per-request latency, and the same predictions again.
+  for (let i = 0; i < LATENCY_WARMUP; i++) await runtime.run(split.images.subarray(0, pixelsPerImage), 1);
+  const times = [];
+  const single = new Float32Array(split.n * 10);
+  for (let i = 0; i < split.n; i++) {
+    const image = split.images.subarray(i * pixelsPerImage, (i + 1) * pixelsPerImage);
+    const t = performance.now();
+    const out = await runtime.run(image, 1);
+    times.push(performance.now() - t);
+    single.set(out, i * 10);
+  }
+  times.sort((a, b) => a - b);
+  const quantile = (q) => times[Math.min(times.length - 1, Math.floor(q * times.length))];
+  const correctAtBatch1 = countCorrect(single, split.labels);
+
+  const full = split.images.subarray(0, THROUGHPUT_BATCH * pixelsPerImage);
+  await runtime.run(full, THROUGHPUT_BATCH);
+  let images = 0;
+  const t0 = performance.now();
+  while (performance.now() - t0 < THROUGHPUT_SECONDS * 1000) {
+    await runtime.run(full, THROUGHPUT_BATCH);
+    images += THROUGHPUT_BATCH;
+  }
+  const perSecond = images / ((performance.now() - t0) / 1000);
+  return { logits, correct, correctAtBatch1, p50: quantile(0.5), p99: quantile(0.99), perSecond };
+}
+
+function print(name, r) {
+  console.log(`${name.padEnd(19)} accuracy ${r.correct}/${split.n} (${(100 * r.correct / split.n).toFixed(2)}%; ` +
+    `${r.correctAtBatch1} at batch 1); latency at batch 1 p50 ${r.p50.toFixed(3)} ms, p99 ${r.p99.toFixed(3)} ms; ` +
+    `batch ${THROUGHPUT_BATCH}: ${Math.round(r.perSecond)} images/s`);
+}
+
+const failures = [];
+function checkAccuracy(name, r) {
+  // Within one image: another runtime sums in another order, and an image on the edge between two
+  // classes may flip; more than that is a wrong result, not rounding.
+  for (const [what, got] of [['batched', r.correct], ['batch 1', r.correctAtBatch1]]) {
+    if (Math.abs(got - report.test_correct) > 1) {
+      failures.push(`${name} (${what}) classified ${got}/${split.n} correctly; torch recorded ${report.test_correct}/${report.test_size} in models/digits.json`);
+    }
+  }
+}
+
+let sondeResult = null;
+if (typeof sonde.Session !== 'function') {
+  failures.push('this build of sonde exports no Session (dist/index.js): run `npm run build` on a checkout that has lib/session');
 } else {
-  console.log('CUDA:', d.cuda.compiled ? 'compiled in; no device:' : 'not compiled in:', d.cuda.reason);
+  try {
+    const session = await sonde.Session.load(modelPath);
+    try {
+      const input = session.inputs[0].name;
+      const output = session.outputs[0].name;
+      sondeResult = await measure({
+        run: async (data, batch) => (await session.run({ [input]: new sonde.Tensor('float32', data, inputDims(batch)) }))[output].data,
+      });
+    } finally {
+      session.dispose();
+    }
+    print('sonde', sondeResult);
+    checkAccuracy('sonde', sondeResult);
+  } catch (e) {
+    // Still run onnxruntime-node below: it tells a broken model from a broken sonde.
+    failures.push(`sonde: ${e.name}: ${e.message}`);
+  }
 }
 
-const [m, k, n] = [512, 1024, 1024];
-const rand = (len) => Float32Array.from({ length: len }, () => Math.random() * 2 - 1);
-const a = new Tensor('float32', rand(m * k), [m, k]);
-const b = new Tensor('float32', rand(k * n), [k, n]);
-const bias = new Tensor('float32', rand(n), [n]);
-const packed = kernels.packGemmWeights(b);
-let ticks = 0;
-const timer = setInterval(() => ticks++, 1);
-const reps = 20;
-const t0 = performance.now();
-let c;
-for (let i = 0; i < reps; i++) c = await kernels.gemm(a, packed, { bias, activation: 'relu' });
-const ms = (performance.now() - t0) / reps;
-clearInterval(timer);
-const ref = await kernels.gemm(a, b, { bias, activation: 'relu', variant: 'reference' });
-let maxErr = 0;
-for (let i = 0; i < c.size; i++) maxErr = Math.max(maxErr, Math.abs(c.data[i] - ref.data[i]));
-console.log(`GEMM: ${m}x${k}x${n} f32 + bias + relu with ${packed.ukernel}: ${ms.toFixed(2)} ms, ` +
-  `${((2 * m * n * k) / ms / 1e6).toFixed(1)} GFLOP/s; max |error| vs reference ${maxErr.toExponential(2)}; ` +
-  `event loop ticked ${ticks} times meanwhile`);
-packed.dispose();
-if (!(maxErr < 1e-3)) {
-  console.error('GEMM result does not match the reference');
+let ort = null;
+try {
+  ort = (await import('onnxruntime-node')).default;
+} catch (e) {
+  console.log(`onnxruntime-node: not installed (${e.code ?? e.message}); the comparison with it is skipped`);
+}
+if (ort) {
+  const session = await ort.InferenceSession.create(modelPath);
+  let ortResult;
+  try {
+    ortResult = await measure({
+      run: async (data, batch) => (await session.run({ image: new ort.Tensor('float32', data, inputDims(batch)) })).logits.data,
+    });
+  } finally {
+    await session.release();
+  }
+  print(`onnxruntime ${ort.env.versions?.node ?? ''}`.trim(), ortResult);
+  checkAccuracy('onnxruntime-node', ortResult);
+  if (sondeResult) {
+    let scale = 0;
+    let diff = 0;
+    for (let i = 0; i < ortResult.logits.length; i++) {
+      scale = Math.max(scale, Math.abs(ortResult.logits[i]));
+      diff = Math.max(diff, Math.abs(sondeResult.logits[i] - ortResult.logits[i]));
+    }
+    console.log(`sonde vs onnxruntime-node: max |logit difference| ${(diff / scale).toExponential(2)} of max |logit|; ` +
+      `sonde's speed-up (above 1: sonde is faster): batch 1 p50 latency ${(ortResult.p50 / sondeResult.p50).toFixed(2)}x, ` +
+      `batch ${THROUGHPUT_BATCH} throughput ${(sondeResult.perSecond / ortResult.perSecond).toFixed(2)}x`);
+  }
+}
+
+if (failures.length) {
+  for (const f of failures) console.error(`demo failed: ${f}`);
   process.exit(1);
-}
-
-// The same layer with weights stored in low precision: speed and error against the fp32 result.
-const fp32 = await kernels.gemm(a, b, { bias });
-let norm = 0;
-for (const v of fp32.data) norm = Math.max(norm, Math.abs(v));
-for (const precision of ['fp32', 'bf16', 'fp16', 'int8']) {
-  const w = kernels.packGemmWeights(b, { precision });
-  await kernels.gemm(a, w, { bias });
-  const t = performance.now();
-  let out;
-  for (let i = 0; i < reps; i++) out = await kernels.gemm(a, w, { bias });
-  const msP = (performance.now() - t) / reps;
-  let err = 0;
-  for (let i = 0; i < out.size; i++) err = Math.max(err, Math.abs(out.data[i] - fp32.data[i]));
-  console.log(`  ${precision.padEnd(5)} weights (${(w.bytes / 2 ** 20).toFixed(1)} MiB, ${w.ukernel}): ${msP.toFixed(2)} ms, ` +
-    `${((2 * m * n * k) / msP / 1e6).toFixed(1)} GFLOP/s, max |error| vs fp32 ${(err / norm).toExponential(1)} of max |C|`);
-  w.dispose();
 }
