@@ -587,6 +587,14 @@ describe('batched matmul', () => {
       }
     });
   }
+  it('more distinct b[i] than it packs at once (16 MiB) goes in groups, broadcast b repacked per group', async () => {
+    const [m, k, n] = [2, 1024, 1024];
+    const batchDims = [5, 2], aBatchStrides = [2 * m * k, m * k], bBatchStrides = [k * n, 0];
+    const a = randomF32(10 * m * k, 4), b = randomF32(5 * k * n, 5);
+    const c = new Float32Array(10 * m * n);
+    await runStep([a, b], [c], (ci, o) => ({ op: 'matmul', a: ci[0]!, b: ci[1]!, c: o[0]!, batchDims, aBatchStrides, bBatchStrides, m, k, n, transB: false }));
+    expectMatMul(c, a, b, batchDims, aBatchStrides, bBatchStrides, m, k, n, false);
+  });
   it('attention shapes (Q.K^T and P.V over 12 heads) across the pool', async () => {
     const [heads, seq, d] = [12, 64, 64];
     const q = randomF32(heads * seq * d, 1), kk = randomF32(heads * seq * d, 2);

@@ -1100,6 +1100,9 @@ struct AlignedFloats {
   AlignedFloats& operator=(const AlignedFloats&) = delete;
 };
 
+// Packed copies of B a batched MatMul holds at once (16 MiB): beyond it, batches go in groups.
+constexpr size_t kMaxPackFloats = size_t{4} << 20;
+
 // Up to this many rows a batched MatMul skips packing B (see RunBatchedMatMul). Measured at
 // 12 x m x 256 x 256, one AVX-512 thread: each direct row costs ~69 us (axpy) or ~60 us (dot),
 // packing plus GEMM ~126 us (B row-major) or ~315 us (trans_b: the transposing pack) for m = 5.
@@ -1119,6 +1122,8 @@ void PackPanel(const float* b, size_t k, size_t n, bool trans_b, size_t n0, size
   // b[i] is [n][k]: each panel column is a contiguous row of b; write it down the panel.
   if (cols < nr)
     for (size_t kk = 0; kk < k; ++kk) std::memset(dst + kk * nr + cols, 0, (nr - cols) * sizeof(float));
+  // One element per load/store (about one per cycle): a SIMD transpose would pay where attention's
+  // K is stored [n][k], not done yet.
   for (size_t j = 0; j < cols; ++j) {
     const float* src = b + (n0 + j) * k;
     for (size_t kk = 0; kk < k; ++kk) dst[kk * nr + j] = src[kk];
@@ -1196,24 +1201,6 @@ bool RunBatchedMatMul(const TensorOpContext& ctx, const float* a, const ptrdiff_
     });
   }
 
-  std::vector<ptrdiff_t> b_offsets(b_count, 0);
-  for (size_t i = 0; i < batches; ++i) {
-    ptrdiff_t off;
-    const size_t p = b_index(i, &off);
-    b_offsets[p] = off;
-  }
-
-  AlignedFloats packed(b_count * panels * panel_floats);
-  const bool pack_ok = ForRanges(ctx, b_count * panels, panel_floats, [&](size_t t0, size_t t1) {
-    for (size_t t = t0; t < t1; ++t) {
-      const size_t bi = t / panels, p = t % panels;
-      const size_t n0 = p * nr;
-      PackPanel(b + b_offsets[bi], k, n, trans_b, n0, std::min(nr, n - n0), nr,
-                packed.p + (bi * panels + p) * panel_floats);
-    }
-  });
-  if (!pack_ok) return false;
-
   // Tasks: (batch, row block, panel block). Row blocks of ~64 rows keep a W panel in cache across
   // the row tiles that reuse it.
   const size_t m_tiles = (m + mr - 1) / mr;
@@ -1222,28 +1209,70 @@ bool RunBatchedMatMul(const TensorOpContext& ctx, const float* a, const ptrdiff_
   const size_t nb = std::max<size_t>(1, std::min(panels, size_t{4}));
   const size_t n_blocks = (panels + nb - 1) / nb;
   const size_t per_task_flops = mb * mr * nb * nr * k;
-  return ForRanges(ctx, batches * m_blocks * n_blocks, per_task_flops / 16, [&](size_t t0, size_t t1) {
-    for (size_t t = t0; t < t1; ++t) {
-      const size_t i = t / (m_blocks * n_blocks);
-      const size_t rest = t % (m_blocks * n_blocks);
-      const size_t mbi = rest / n_blocks, nbi = rest % n_blocks;
-      ptrdiff_t boff;
-      const size_t bi = b_index(i, &boff);
-      const float* ai = a + a_offset(i);
-      float* ci = c + i * m * n;
-      const size_t tile0 = mbi * mb, tile1 = std::min(m_tiles, tile0 + mb);
-      const size_t p0 = nbi * nb, p1 = std::min(panels, p0 + nb);
-      for (size_t p = p0; p < p1; ++p) {
+  const size_t per_b_floats = panels * panel_floats;
+
+  // Packs slot s from b + slot_offset(s) for s < slots, then multiplies batches [i0, i1), batch i
+  // against slot slot_of(i).
+  auto run = [&](float* packed, size_t slots, auto&& slot_offset, size_t i0, size_t i1, auto&& slot_of) {
+    const bool pack_ok = ForRanges(ctx, slots * panels, panel_floats, [&](size_t t0, size_t t1) {
+      for (size_t t = t0; t < t1; ++t) {
+        const size_t si = t / panels, p = t % panels;
         const size_t n0 = p * nr;
-        const float* wp = packed.p + (bi * panels + p) * panel_floats;
-        for (size_t ti = tile0; ti < tile1; ++ti) {
-          const size_t m0 = ti * mr;
-          uk.fn(std::min(mr, m - m0), std::min(nr, n - n0), k, ai + m0 * k, k, wp, ci + m0 * n + n0, n, false,
-                nullptr);
+        PackPanel(b + slot_offset(si), k, n, trans_b, n0, std::min(nr, n - n0), nr, packed + si * per_b_floats + p * panel_floats);
+      }
+    });
+    if (!pack_ok) return false;
+    return ForRanges(ctx, (i1 - i0) * m_blocks * n_blocks, per_task_flops / 16, [&](size_t t0, size_t t1) {
+      for (size_t t = t0; t < t1; ++t) {
+        const size_t i = i0 + t / (m_blocks * n_blocks);
+        const size_t rest = t % (m_blocks * n_blocks);
+        const size_t mbi = rest / n_blocks, nbi = rest % n_blocks;
+        const float* ai = a + a_offset(i);
+        const float* wb = packed + slot_of(i) * per_b_floats;
+        float* ci = c + i * m * n;
+        const size_t tile0 = mbi * mb, tile1 = std::min(m_tiles, tile0 + mb);
+        const size_t p0 = nbi * nb, p1 = std::min(panels, p0 + nb);
+        for (size_t p = p0; p < p1; ++p) {
+          const size_t n0 = p * nr;
+          const float* wp = wb + p * panel_floats;
+          for (size_t ti = tile0; ti < tile1; ++ti) {
+            const size_t m0 = ti * mr;
+            uk.fn(std::min(mr, m - m0), std::min(nr, n - n0), k, ai + m0 * k, k, wp, ci + m0 * n + n0, n, false,
+                  nullptr);
+          }
         }
       }
+    });
+  };
+
+  if (b_count * per_b_floats <= std::max(per_b_floats, kMaxPackFloats)) {
+    // Every distinct b[i] packed once, then all batches at once.
+    std::vector<ptrdiff_t> b_offsets(b_count, 0);
+    for (size_t i = 0; i < batches; ++i) {
+      ptrdiff_t off;
+      const size_t slot = b_index(i, &off);  // before reading off: `x[f()] = off` reads off first
+      b_offsets[slot] = off;
     }
-  });
+    AlignedFloats packed(b_count * per_b_floats);
+    return run(packed.p, b_count, [&](size_t s) { return b_offsets[s]; }, 0, batches, [&](size_t i) {
+      ptrdiff_t off;
+      return b_index(i, &off);
+    });
+  }
+  // Too many to hold packed at once: groups of batches, each packing its own b[i] (a b shared by
+  // several groups is packed again: k x n copies against m x k x n multiply-adds).
+  const size_t group = std::max<size_t>(1, kMaxPackFloats / per_b_floats);
+  AlignedFloats packed(group * per_b_floats);
+  for (size_t i0 = 0; i0 < batches; i0 += group) {
+    const size_t i1 = std::min(batches, i0 + group);
+    auto offset_of_slot = [&](size_t s) {
+      ptrdiff_t off;
+      b_index(i0 + s, &off);
+      return off;
+    };
+    if (!run(packed.p, i1 - i0, offset_of_slot, i0, i1, [&](size_t i) { return i - i0; })) return false;
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
