@@ -564,7 +564,7 @@ describe('batched matmul', () => {
   const sizes = [1, 7, 17, 33, 65];
   const mkn: [number, number, number][] = [];
   for (const m of sizes) for (const k of sizes) for (const n of sizes) if ((m + 2 * k + 3 * n) % 4 === 0 || m === k && k === n) mkn.push([m, k, n]);
-  // Around the row counts where B stops being packed (1, 4), and long rows for the SIMD dot/axpy tails.
+  // Around the row counts where B stops being packed (1, 2 when transB), and long rows for the SIMD dot/axpy tails.
   mkn.push([2, 17, 65], [3, 65, 7], [4, 33, 17], [5, 7, 33], [1, 300, 259], [4, 259, 300]);
   for (const transB of [false, true]) {
     it(`tile-edge sizes, transB ${transB}`, async () => {
@@ -678,7 +678,8 @@ describe('argmax', () => {
   });
 });
 
-// The row-reduction kernels (native/kernels/reduce) have scalar, AVX2 and AVX-512 forms; SONDE_ISA
+// The row kernels (native/kernels/reduce: scalar, AVX2, AVX-512) and the transpose kernel
+// (native/kernels/transpose: scalar, AVX2) behind reduce, log-softmax, argmax, copy and matmul; SONDE_ISA
 // pins the level for a whole process, so each level runs in a child and is checked against the
 // scalar one on every row length around the vector and unroll widths (8, 16, 32, 64).
 describe('row reductions at each SIMD level match the scalar level', () => {
@@ -689,7 +690,7 @@ describe('row reductions at each SIMD level match the scalar level', () => {
     const n = native();
     const out = {};
     for (let r = 1; r <= 70; r++) {
-      const outer = 3;
+      const outer = 9;
       const x = new Float32Array(outer * r);
       for (let i = 0; i < x.length; i++) x[i] = Math.round(Math.sin(i * 7.1 + r) * 40) / 8;
       if (r % 5 === 0) x[r + (r >> 1)] = NaN;
@@ -708,6 +709,9 @@ describe('row reductions at each SIMD level match the scalar level', () => {
         logSoftmax: await run({ op: 'softmax', outer, axis: r, inner: 1, log: true }, new Float32Array(outer * r)),
         // m = 1: the unpacked dot (transB) and axpy paths, x as both a [1, r] and b.
         dot: await run({ op: 'matmul', a: { buffer: 0, offset: 0 }, b: { buffer: 0, offset: 0 }, c: { buffer: 1, offset: 0 }, batchDims: [], aBatchStrides: [], bBatchStrides: [], m: 1, k: r, n: 3, transB: true }, new Float32Array(3)),
+        // the transpose kernel: a [9, r] -> [r, 9] copy, and the packing of a transposed b (m = 3)
+        transpose: await run({ op: 'copy', dims: [r, 9], xStrides: [1, r], yStrides: [9, 1], elemBytes: 4 }, new Float32Array(9 * r)),
+        packedT: await run({ op: 'matmul', a: { buffer: 0, offset: 0 }, b: { buffer: 0, offset: 0 }, c: { buffer: 1, offset: 0 }, batchDims: [], aBatchStrides: [], bBatchStrides: [], m: 3, k: r, n: 9, transB: true }, new Float32Array(27)),
         axpy: await run({ op: 'matmul', a: { buffer: 0, offset: 0 }, b: { buffer: 0, offset: 0 }, c: { buffer: 1, offset: 0 }, batchDims: [], aBatchStrides: [], bBatchStrides: [], m: 1, k: r, n: 3, transB: false }, new Float32Array(3)),
       };
     }
@@ -726,6 +730,8 @@ describe('row reductions at each SIMD level match the scalar level', () => {
       expect(got[r]!.sum, `sum r=${r}`).toEqual(ops.sum);
       expect(got[r]!.dot, `dot r=${r}`).toEqual(ops.dot);
       expect(got[r]!.axpy, `axpy r=${r}`).toEqual(ops.axpy);
+      expect(got[r]!.transpose, `transpose r=${r}`).toEqual(ops.transpose);
+      expect(got[r]!.packedT, `packed transB r=${r}`).toEqual(ops.packedT);
       const ls = got[r]!.logSoftmax!, want = ops.logSoftmax!;
       for (let i = 0; i < want.length; i++) {
         if (want[i] === 'NaN') expect(ls[i]).toBe('NaN');

@@ -13,6 +13,7 @@
 #include "kernels/elementwise/elementwise.h"
 #include "kernels/gemm/gemm.h"
 #include "kernels/reduce/reduce.h"
+#include "kernels/transpose/transpose.h"
 #include "ops/elementwise.h"
 #include "ops/gemm.h"
 #include "runtime/cpu.h"
@@ -149,6 +150,16 @@ const kernels::ReduceUkernels& ReduceTable() {
     return kernels::ReduceUkernelsScalar();
   }();
   return table;
+}
+
+kernels::X32TransposeUkernel TransposeKernel() {
+  static const kernels::X32TransposeUkernel fn = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (Cpu().Supports(IsaLevel::kAvx2)) return kernels::X32TransposeAvx2();
+#endif
+    return kernels::X32TransposeScalar();
+  }();
+  return fn;
 }
 
 bool Cancelled(const TensorOpContext& ctx) { return ctx.cancel && ctx.cancel->load(std::memory_order_relaxed); }
@@ -622,6 +633,7 @@ bool TransposeCopy(const TensorOpContext& ctx, const Walk& w, size_t a_dim, cons
   const size_t n_planes = Product(planes.dims, planes.rank - 1);
   const size_t a_tiles = (a_len + kTile - 1) / kTile;
   const ptrdiff_t eb = static_cast<ptrdiff_t>(elem_bytes);
+  const kernels::X32TransposeUkernel transpose32 = TransposeKernel();
   return ForRanges(ctx, n_planes * a_tiles, kTile * b_len, [&](size_t u0, size_t u1) {
     for (size_t t = u0; t < u1; ++t) {
       ptrdiff_t off[2];
@@ -632,7 +644,9 @@ bool TransposeCopy(const TensorOpContext& ctx, const Walk& w, size_t a_dim, cons
       switch (elem_bytes) {
         case 1: TransposeRows(reinterpret_cast<const uint8_t*>(xp), xb, reinterpret_cast<uint8_t*>(yp), ya, rows, b_len); break;
         case 2: TransposeRows(reinterpret_cast<const uint16_t*>(xp), xb, reinterpret_cast<uint16_t*>(yp), ya, rows, b_len); break;
-        case 4: TransposeRows(reinterpret_cast<const uint32_t*>(xp), xb, reinterpret_cast<uint32_t*>(yp), ya, rows, b_len); break;
+        case 4:
+          transpose32(b_len, rows, reinterpret_cast<const uint32_t*>(xp), xb, reinterpret_cast<uint32_t*>(yp), ya);
+          break;
         default: TransposeRows(reinterpret_cast<const uint64_t*>(xp), xb, reinterpret_cast<uint64_t*>(yp), ya, rows, b_len); break;
       }
     }
@@ -1104,10 +1118,10 @@ struct AlignedFloats {
 constexpr size_t kMaxPackFloats = size_t{4} << 20;
 
 // Up to this many rows a batched MatMul skips packing B (see RunBatchedMatMul). Measured at
-// 12 x m x 256 x 256, one AVX-512 thread: each direct row costs ~69 us (axpy) or ~60 us (dot),
-// packing plus GEMM ~126 us (B row-major) or ~315 us (trans_b: the transposing pack) for m = 5.
+// 12 x m x 256 x 256, one AVX-512 thread, direct vs packed: B row-major m = 1: ~70 vs ~140 us,
+// m = 2: 190 vs 148 us; trans_b m = 2: 108 vs 135 us, m = 3: 198 vs 143 us.
 constexpr size_t kDirectMatMulRows = 1;
-constexpr size_t kDirectMatMulRowsTransB = 4;
+constexpr size_t kDirectMatMulRowsTransB = 2;
 
 // Packs columns [n0, n0 + cols) of b (k x n row-major, or n x k when trans_b) into one GEMM panel
 // of width nr (ops/gemm.h's layout: row kk of the panel holds the panel's nr columns, zero-padded).
@@ -1122,12 +1136,8 @@ void PackPanel(const float* b, size_t k, size_t n, bool trans_b, size_t n0, size
   // b[i] is [n][k]: each panel column is a contiguous row of b; write it down the panel.
   if (cols < nr)
     for (size_t kk = 0; kk < k; ++kk) std::memset(dst + kk * nr + cols, 0, (nr - cols) * sizeof(float));
-  // One element per load/store (about one per cycle): a SIMD transpose would pay where attention's
-  // K is stored [n][k], not done yet.
-  for (size_t j = 0; j < cols; ++j) {
-    const float* src = b + (n0 + j) * k;
-    for (size_t kk = 0; kk < k; ++kk) dst[kk * nr + j] = src[kk];
-  }
+  TransposeKernel()(cols, k, reinterpret_cast<const uint32_t*>(b + n0 * k), static_cast<ptrdiff_t>(k),
+                    reinterpret_cast<uint32_t*>(dst), static_cast<ptrdiff_t>(nr));
 }
 
 }  // namespace
