@@ -327,8 +327,14 @@ bool RunUnaryOp(const TensorOpContext& ctx, UnaryKind kind, ElemType t, const vo
       UnaryInt(kind, static_cast<const int8_t*>(x) + b, static_cast<int8_t*>(y) + b, e - b);
     });
   }
-  if (error) *error = std::string("unary operator ") + std::to_string(static_cast<int>(kind)) + " is not supported for " +
-                      ElemTypeName(t);
+  // createPlan rejects these; this is the cheap second line.
+  static const char* const kUnaryNames[] = {"relu", "leakyRelu", "clip", "sigmoid", "tanh", "hardSigmoid", "hardSwish",
+                                            "erf", "gelu", "geluTanh", "silu", "exp", "log", "sqrt", "neg", "abs",
+                                            "reciprocal", "not", "identity"};
+  const size_t k = static_cast<size_t>(kind);
+  if (error)
+    *error = std::string("unary '") + (k < sizeof(kUnaryNames) / sizeof(kUnaryNames[0]) ? kUnaryNames[k] : "?") +
+             "' does not take " + ElemTypeName(t);
   return false;
 }
 
@@ -599,7 +605,8 @@ void WhereRow(const uint8_t* c, ptrdiff_t cs, const T* x, ptrdiff_t xs, const T*
 // Rows [0, a_len) of one plane of a transpose: y[a * ya + b] = x[a + b * xb]. Column blocks of
 // kTile keep the kTile x lines being read and the a_len (<= 16) y segments being written in L1, so
 // each line is fetched once instead of once per element. 8 measured ahead of 16 (1024^2 floats,
-// one thread: 14.5 vs 11.8 GB/s; row by row: 1.8 GB/s).
+// one thread: 14.5 vs 11.8 GB/s; row by row: 1.8 GB/s), before 4-byte elements moved to the
+// transpose kernel; 1-, 2- and 8-byte elements still come here.
 template <typename T>
 void TransposeRows(const T* x, ptrdiff_t xb, T* y, ptrdiff_t ya, size_t a_len, size_t b_len) {
   constexpr size_t kTile = 8;
