@@ -240,6 +240,13 @@ describe('binary', () => {
     });
   }
 
+  it('pow by a broadcast 2 (the squaring fast path) is the rounded x * x, NaN and infinities included', async () => {
+    const a = Float32Array.from([...randomF32(37, 12)].map((v) => v * 1e3).concat([0, -0, NaN, Infinity, -Infinity, 3e19, -1e-30]));
+    const y = new Float32Array(a.length);
+    await runStep([a, Float32Array.from([2])], [y], (c, o) => ({ op: 'binary', kind: 'pow', dtype: 'float32', a: c[0]!, b: c[1]!, y: o[0]!, dims: [a.length], aStrides: [1], bStrides: [0] }));
+    expect(Array.from(y)).toEqual(Array.from(a, (v) => Math.fround(v ** 2)));
+  });
+
   it('integer division truncates toward zero', async () => {
     const a = Int32Array.from([-7, 7, -7, 7, 0, -2147483648]);
     const b = Int32Array.from([2, 2, -2, -2, 5, -1]);
