@@ -240,6 +240,13 @@ describe('binary', () => {
     });
   }
 
+  it('pow by a broadcast 2 (the squaring fast path) is the rounded x * x, NaN and infinities included', async () => {
+    const a = Float32Array.from([...randomF32(37, 12)].map((v) => v * 1e3).concat([0, -0, NaN, Infinity, -Infinity, 3e19, -1e-30]));
+    const y = new Float32Array(a.length);
+    await runStep([a, Float32Array.from([2])], [y], (c, o) => ({ op: 'binary', kind: 'pow', dtype: 'float32', a: c[0]!, b: c[1]!, y: o[0]!, dims: [a.length], aStrides: [1], bStrides: [0] }));
+    expect(Array.from(y)).toEqual(Array.from(a, (v) => Math.fround(v ** 2)));
+  });
+
   it('integer division truncates toward zero', async () => {
     const a = Int32Array.from([-7, 7, -7, 7, 0, -2147483648]);
     const b = Int32Array.from([2, 2, -2, -2, 5, -1]);
@@ -564,7 +571,7 @@ describe('batched matmul', () => {
   const sizes = [1, 7, 17, 33, 65];
   const mkn: [number, number, number][] = [];
   for (const m of sizes) for (const k of sizes) for (const n of sizes) if ((m + 2 * k + 3 * n) % 4 === 0 || m === k && k === n) mkn.push([m, k, n]);
-  // Around the row counts where B stops being packed (1, 4), and long rows for the SIMD dot/axpy tails.
+  // Around the row counts where B stops being packed (1, 2 when transB), and long rows for the SIMD dot/axpy tails.
   mkn.push([2, 17, 65], [3, 65, 7], [4, 33, 17], [5, 7, 33], [1, 300, 259], [4, 259, 300]);
   for (const transB of [false, true]) {
     it(`tile-edge sizes, transB ${transB}`, async () => {
@@ -587,6 +594,14 @@ describe('batched matmul', () => {
       }
     });
   }
+  it('more distinct b[i] than it packs at once (16 MiB) goes in groups, broadcast b repacked per group', async () => {
+    const [m, k, n] = [2, 1024, 1024];
+    const batchDims = [5, 2], aBatchStrides = [2 * m * k, m * k], bBatchStrides = [k * n, 0];
+    const a = randomF32(10 * m * k, 4), b = randomF32(5 * k * n, 5);
+    const c = new Float32Array(10 * m * n);
+    await runStep([a, b], [c], (ci, o) => ({ op: 'matmul', a: ci[0]!, b: ci[1]!, c: o[0]!, batchDims, aBatchStrides, bBatchStrides, m, k, n, transB: false }));
+    expectMatMul(c, a, b, batchDims, aBatchStrides, bBatchStrides, m, k, n, false);
+  });
   it('attention shapes (Q.K^T and P.V over 12 heads) across the pool', async () => {
     const [heads, seq, d] = [12, 64, 64];
     const q = randomF32(heads * seq * d, 1), kk = randomF32(heads * seq * d, 2);
@@ -670,7 +685,8 @@ describe('argmax', () => {
   });
 });
 
-// The row-reduction kernels (native/kernels/reduce) have scalar, AVX2 and AVX-512 forms; SONDE_ISA
+// The row kernels (native/kernels/reduce: scalar, AVX2, AVX-512) and the transpose kernel
+// (native/kernels/transpose: scalar, AVX2) behind reduce, log-softmax, argmax, copy and matmul; SONDE_ISA
 // pins the level for a whole process, so each level runs in a child and is checked against the
 // scalar one on every row length around the vector and unroll widths (8, 16, 32, 64).
 describe('row reductions at each SIMD level match the scalar level', () => {
@@ -681,7 +697,7 @@ describe('row reductions at each SIMD level match the scalar level', () => {
     const n = native();
     const out = {};
     for (let r = 1; r <= 70; r++) {
-      const outer = 3;
+      const outer = 9;
       const x = new Float32Array(outer * r);
       for (let i = 0; i < x.length; i++) x[i] = Math.round(Math.sin(i * 7.1 + r) * 40) / 8;
       if (r % 5 === 0) x[r + (r >> 1)] = NaN;
@@ -700,6 +716,9 @@ describe('row reductions at each SIMD level match the scalar level', () => {
         logSoftmax: await run({ op: 'softmax', outer, axis: r, inner: 1, log: true }, new Float32Array(outer * r)),
         // m = 1: the unpacked dot (transB) and axpy paths, x as both a [1, r] and b.
         dot: await run({ op: 'matmul', a: { buffer: 0, offset: 0 }, b: { buffer: 0, offset: 0 }, c: { buffer: 1, offset: 0 }, batchDims: [], aBatchStrides: [], bBatchStrides: [], m: 1, k: r, n: 3, transB: true }, new Float32Array(3)),
+        // the transpose kernel: a [9, r] -> [r, 9] copy, and the packing of a transposed b (m = 3)
+        transpose: await run({ op: 'copy', dims: [r, 9], xStrides: [1, r], yStrides: [9, 1], elemBytes: 4 }, new Float32Array(9 * r)),
+        packedT: await run({ op: 'matmul', a: { buffer: 0, offset: 0 }, b: { buffer: 0, offset: 0 }, c: { buffer: 1, offset: 0 }, batchDims: [], aBatchStrides: [], bBatchStrides: [], m: 3, k: r, n: 9, transB: true }, new Float32Array(27)),
         axpy: await run({ op: 'matmul', a: { buffer: 0, offset: 0 }, b: { buffer: 0, offset: 0 }, c: { buffer: 1, offset: 0 }, batchDims: [], aBatchStrides: [], bBatchStrides: [], m: 1, k: r, n: 3, transB: false }, new Float32Array(3)),
       };
     }
@@ -718,6 +737,8 @@ describe('row reductions at each SIMD level match the scalar level', () => {
       expect(got[r]!.sum, `sum r=${r}`).toEqual(ops.sum);
       expect(got[r]!.dot, `dot r=${r}`).toEqual(ops.dot);
       expect(got[r]!.axpy, `axpy r=${r}`).toEqual(ops.axpy);
+      expect(got[r]!.transpose, `transpose r=${r}`).toEqual(ops.transpose);
+      expect(got[r]!.packedT, `packed transB r=${r}`).toEqual(ops.packedT);
       const ls = got[r]!.logSoftmax!, want = ops.logSoftmax!;
       for (let i = 0; i < want.length; i++) {
         if (want[i] === 'NaN') expect(ls[i]).toBe('NaN');

@@ -13,6 +13,7 @@
 #include "kernels/elementwise/elementwise.h"
 #include "kernels/gemm/gemm.h"
 #include "kernels/reduce/reduce.h"
+#include "kernels/transpose/transpose.h"
 #include "ops/elementwise.h"
 #include "ops/gemm.h"
 #include "runtime/cpu.h"
@@ -149,6 +150,16 @@ const kernels::ReduceUkernels& ReduceTable() {
     return kernels::ReduceUkernelsScalar();
   }();
   return table;
+}
+
+kernels::X32TransposeUkernel TransposeKernel() {
+  static const kernels::X32TransposeUkernel fn = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (Cpu().Supports(IsaLevel::kAvx2)) return kernels::X32TransposeAvx2();
+#endif
+    return kernels::X32TransposeScalar();
+  }();
+  return fn;
 }
 
 bool Cancelled(const TensorOpContext& ctx) { return ctx.cancel && ctx.cancel->load(std::memory_order_relaxed); }
@@ -316,8 +327,14 @@ bool RunUnaryOp(const TensorOpContext& ctx, UnaryKind kind, ElemType t, const vo
       UnaryInt(kind, static_cast<const int8_t*>(x) + b, static_cast<int8_t*>(y) + b, e - b);
     });
   }
-  if (error) *error = std::string("unary operator ") + std::to_string(static_cast<int>(kind)) + " is not supported for " +
-                      ElemTypeName(t);
+  // createPlan rejects these; this is the cheap second line.
+  static const char* const kUnaryNames[] = {"relu", "leakyRelu", "clip", "sigmoid", "tanh", "hardSigmoid", "hardSwish",
+                                            "erf", "gelu", "geluTanh", "silu", "exp", "log", "sqrt", "neg", "abs",
+                                            "reciprocal", "not", "identity"};
+  const size_t k = static_cast<size_t>(kind);
+  if (error)
+    *error = std::string("unary '") + (k < sizeof(kUnaryNames) / sizeof(kUnaryNames[0]) ? kUnaryNames[k] : "?") +
+             "' does not take " + ElemTypeName(t);
   return false;
 }
 
@@ -402,6 +419,14 @@ void BinaryRow(const T* a, ptrdiff_t as, const T* b, ptrdiff_t bs, Out* y, size_
     for (size_t j = 0; j < n; ++j) y[j] = BinaryScalar<K, T, Out>(a[j], b[j], f);
   } else if (as == 1 && bs == 0) {
     const T bv = *b;
+    if constexpr (K == BinaryKind::kPow && std::is_same<T, float>::value) {
+      // x^2 (decomposed LayerNorm's variance): powf's correctly rounded square is the one
+      // rounding of x * x, at a fraction of the cost.
+      if (bv == 2.0f) {
+        for (size_t j = 0; j < n; ++j) y[j] = a[j] * a[j];
+        return;
+      }
+    }
     for (size_t j = 0; j < n; ++j) y[j] = BinaryScalar<K, T, Out>(a[j], bv, f);
   } else if (as == 0 && bs == 1) {
     const T av = *a;
@@ -588,7 +613,8 @@ void WhereRow(const uint8_t* c, ptrdiff_t cs, const T* x, ptrdiff_t xs, const T*
 // Rows [0, a_len) of one plane of a transpose: y[a * ya + b] = x[a + b * xb]. Column blocks of
 // kTile keep the kTile x lines being read and the a_len (<= 16) y segments being written in L1, so
 // each line is fetched once instead of once per element. 8 measured ahead of 16 (1024^2 floats,
-// one thread: 14.5 vs 11.8 GB/s; row by row: 1.8 GB/s).
+// one thread: 14.5 vs 11.8 GB/s; row by row: 1.8 GB/s), before 4-byte elements moved to the
+// transpose kernel; 1-, 2- and 8-byte elements still come here.
 template <typename T>
 void TransposeRows(const T* x, ptrdiff_t xb, T* y, ptrdiff_t ya, size_t a_len, size_t b_len) {
   constexpr size_t kTile = 8;
@@ -622,6 +648,7 @@ bool TransposeCopy(const TensorOpContext& ctx, const Walk& w, size_t a_dim, cons
   const size_t n_planes = Product(planes.dims, planes.rank - 1);
   const size_t a_tiles = (a_len + kTile - 1) / kTile;
   const ptrdiff_t eb = static_cast<ptrdiff_t>(elem_bytes);
+  const kernels::X32TransposeUkernel transpose32 = TransposeKernel();
   return ForRanges(ctx, n_planes * a_tiles, kTile * b_len, [&](size_t u0, size_t u1) {
     for (size_t t = u0; t < u1; ++t) {
       ptrdiff_t off[2];
@@ -632,7 +659,9 @@ bool TransposeCopy(const TensorOpContext& ctx, const Walk& w, size_t a_dim, cons
       switch (elem_bytes) {
         case 1: TransposeRows(reinterpret_cast<const uint8_t*>(xp), xb, reinterpret_cast<uint8_t*>(yp), ya, rows, b_len); break;
         case 2: TransposeRows(reinterpret_cast<const uint16_t*>(xp), xb, reinterpret_cast<uint16_t*>(yp), ya, rows, b_len); break;
-        case 4: TransposeRows(reinterpret_cast<const uint32_t*>(xp), xb, reinterpret_cast<uint32_t*>(yp), ya, rows, b_len); break;
+        case 4:
+          transpose32(b_len, rows, reinterpret_cast<const uint32_t*>(xp), xb, reinterpret_cast<uint32_t*>(yp), ya);
+          break;
         default: TransposeRows(reinterpret_cast<const uint64_t*>(xp), xb, reinterpret_cast<uint64_t*>(yp), ya, rows, b_len); break;
       }
     }
@@ -1100,11 +1129,14 @@ struct AlignedFloats {
   AlignedFloats& operator=(const AlignedFloats&) = delete;
 };
 
+// Packed copies of B a batched MatMul holds at once (16 MiB): beyond it, batches go in groups.
+constexpr size_t kMaxPackFloats = size_t{4} << 20;
+
 // Up to this many rows a batched MatMul skips packing B (see RunBatchedMatMul). Measured at
-// 12 x m x 256 x 256, one AVX-512 thread: each direct row costs ~69 us (axpy) or ~60 us (dot),
-// packing plus GEMM ~126 us (B row-major) or ~315 us (trans_b: the transposing pack) for m = 5.
+// 12 x m x 256 x 256, one AVX-512 thread, direct vs packed: B row-major m = 1: ~70 vs ~140 us,
+// m = 2: 190 vs 148 us; trans_b m = 2: 108 vs 135 us, m = 3: 198 vs 143 us.
 constexpr size_t kDirectMatMulRows = 1;
-constexpr size_t kDirectMatMulRowsTransB = 4;
+constexpr size_t kDirectMatMulRowsTransB = 2;
 
 // Packs columns [n0, n0 + cols) of b (k x n row-major, or n x k when trans_b) into one GEMM panel
 // of width nr (ops/gemm.h's layout: row kk of the panel holds the panel's nr columns, zero-padded).
@@ -1119,10 +1151,8 @@ void PackPanel(const float* b, size_t k, size_t n, bool trans_b, size_t n0, size
   // b[i] is [n][k]: each panel column is a contiguous row of b; write it down the panel.
   if (cols < nr)
     for (size_t kk = 0; kk < k; ++kk) std::memset(dst + kk * nr + cols, 0, (nr - cols) * sizeof(float));
-  for (size_t j = 0; j < cols; ++j) {
-    const float* src = b + (n0 + j) * k;
-    for (size_t kk = 0; kk < k; ++kk) dst[kk * nr + j] = src[kk];
-  }
+  TransposeKernel()(cols, k, reinterpret_cast<const uint32_t*>(b + n0 * k), static_cast<ptrdiff_t>(k),
+                    reinterpret_cast<uint32_t*>(dst), static_cast<ptrdiff_t>(nr));
 }
 
 }  // namespace
@@ -1196,24 +1226,6 @@ bool RunBatchedMatMul(const TensorOpContext& ctx, const float* a, const ptrdiff_
     });
   }
 
-  std::vector<ptrdiff_t> b_offsets(b_count, 0);
-  for (size_t i = 0; i < batches; ++i) {
-    ptrdiff_t off;
-    const size_t p = b_index(i, &off);
-    b_offsets[p] = off;
-  }
-
-  AlignedFloats packed(b_count * panels * panel_floats);
-  const bool pack_ok = ForRanges(ctx, b_count * panels, panel_floats, [&](size_t t0, size_t t1) {
-    for (size_t t = t0; t < t1; ++t) {
-      const size_t bi = t / panels, p = t % panels;
-      const size_t n0 = p * nr;
-      PackPanel(b + b_offsets[bi], k, n, trans_b, n0, std::min(nr, n - n0), nr,
-                packed.p + (bi * panels + p) * panel_floats);
-    }
-  });
-  if (!pack_ok) return false;
-
   // Tasks: (batch, row block, panel block). Row blocks of ~64 rows keep a W panel in cache across
   // the row tiles that reuse it.
   const size_t m_tiles = (m + mr - 1) / mr;
@@ -1222,28 +1234,70 @@ bool RunBatchedMatMul(const TensorOpContext& ctx, const float* a, const ptrdiff_
   const size_t nb = std::max<size_t>(1, std::min(panels, size_t{4}));
   const size_t n_blocks = (panels + nb - 1) / nb;
   const size_t per_task_flops = mb * mr * nb * nr * k;
-  return ForRanges(ctx, batches * m_blocks * n_blocks, per_task_flops / 16, [&](size_t t0, size_t t1) {
-    for (size_t t = t0; t < t1; ++t) {
-      const size_t i = t / (m_blocks * n_blocks);
-      const size_t rest = t % (m_blocks * n_blocks);
-      const size_t mbi = rest / n_blocks, nbi = rest % n_blocks;
-      ptrdiff_t boff;
-      const size_t bi = b_index(i, &boff);
-      const float* ai = a + a_offset(i);
-      float* ci = c + i * m * n;
-      const size_t tile0 = mbi * mb, tile1 = std::min(m_tiles, tile0 + mb);
-      const size_t p0 = nbi * nb, p1 = std::min(panels, p0 + nb);
-      for (size_t p = p0; p < p1; ++p) {
+  const size_t per_b_floats = panels * panel_floats;
+
+  // Packs slot s from b + slot_offset(s) for s < slots, then multiplies batches [i0, i1), batch i
+  // against slot slot_of(i).
+  auto run = [&](float* packed, size_t slots, auto&& slot_offset, size_t i0, size_t i1, auto&& slot_of) {
+    const bool pack_ok = ForRanges(ctx, slots * panels, panel_floats, [&](size_t t0, size_t t1) {
+      for (size_t t = t0; t < t1; ++t) {
+        const size_t si = t / panels, p = t % panels;
         const size_t n0 = p * nr;
-        const float* wp = packed.p + (bi * panels + p) * panel_floats;
-        for (size_t ti = tile0; ti < tile1; ++ti) {
-          const size_t m0 = ti * mr;
-          uk.fn(std::min(mr, m - m0), std::min(nr, n - n0), k, ai + m0 * k, k, wp, ci + m0 * n + n0, n, false,
-                nullptr);
+        PackPanel(b + slot_offset(si), k, n, trans_b, n0, std::min(nr, n - n0), nr, packed + si * per_b_floats + p * panel_floats);
+      }
+    });
+    if (!pack_ok) return false;
+    return ForRanges(ctx, (i1 - i0) * m_blocks * n_blocks, per_task_flops / 16, [&](size_t t0, size_t t1) {
+      for (size_t t = t0; t < t1; ++t) {
+        const size_t i = i0 + t / (m_blocks * n_blocks);
+        const size_t rest = t % (m_blocks * n_blocks);
+        const size_t mbi = rest / n_blocks, nbi = rest % n_blocks;
+        const float* ai = a + a_offset(i);
+        const float* wb = packed + slot_of(i) * per_b_floats;
+        float* ci = c + i * m * n;
+        const size_t tile0 = mbi * mb, tile1 = std::min(m_tiles, tile0 + mb);
+        const size_t p0 = nbi * nb, p1 = std::min(panels, p0 + nb);
+        for (size_t p = p0; p < p1; ++p) {
+          const size_t n0 = p * nr;
+          const float* wp = wb + p * panel_floats;
+          for (size_t ti = tile0; ti < tile1; ++ti) {
+            const size_t m0 = ti * mr;
+            uk.fn(std::min(mr, m - m0), std::min(nr, n - n0), k, ai + m0 * k, k, wp, ci + m0 * n + n0, n, false,
+                  nullptr);
+          }
         }
       }
+    });
+  };
+
+  if (b_count * per_b_floats <= std::max(per_b_floats, kMaxPackFloats)) {
+    // Every distinct b[i] packed once, then all batches at once.
+    std::vector<ptrdiff_t> b_offsets(b_count, 0);
+    for (size_t i = 0; i < batches; ++i) {
+      ptrdiff_t off;
+      const size_t slot = b_index(i, &off);  // before reading off: `x[f()] = off` reads off first
+      b_offsets[slot] = off;
     }
-  });
+    AlignedFloats packed(b_count * per_b_floats);
+    return run(packed.p, b_count, [&](size_t s) { return b_offsets[s]; }, 0, batches, [&](size_t i) {
+      ptrdiff_t off;
+      return b_index(i, &off);
+    });
+  }
+  // Too many to hold packed at once: groups of batches, each packing its own b[i] (a b shared by
+  // several groups is packed again: k x n copies against m x k x n multiply-adds).
+  const size_t group = std::max<size_t>(1, kMaxPackFloats / per_b_floats);
+  AlignedFloats packed(group * per_b_floats);
+  for (size_t i0 = 0; i0 < batches; i0 += group) {
+    const size_t i1 = std::min(batches, i0 + group);
+    auto offset_of_slot = [&](size_t s) {
+      ptrdiff_t off;
+      b_index(i0 + s, &off);
+      return off;
+    };
+    if (!run(packed.p, i1 - i0, offset_of_slot, i0, i1, [&](size_t i) { return i - i0; })) return false;
+  }
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
