@@ -5,7 +5,7 @@
  */
 import { Tensor, type DType } from '../../tensor.js';
 import type { BinaryKind, UnaryKind } from '../plan.js';
-import { broadcastShapes, broadcastStrides, contiguousStrides, mergeAxes, sizeOf } from './broadcast.js';
+import { broadcastShapes, broadcastStrides, stridesOf, mergeAxes, sizeOf } from './util.js';
 import { planDType, type OpContext, type OpDef, type OutputInfo } from './types.js';
 
 /** Above this many elements TS evaluation would stall the load; the value is computed by the plan instead. */
@@ -195,7 +195,7 @@ function binaryOp(spec: BinarySpec): OpDef {
       } else {
         bId = e.input(1);
       }
-      const merged = mergeAxes(shape, [broadcastStrides(ia.shape, shape), broadcastStrides(ib.shape, shape), contiguousStrides(shape)]);
+      const merged = mergeAxes(shape, [broadcastStrides(ia.shape, shape), broadcastStrides(ib.shape, shape), stridesOf(shape)]);
       if (merged.dims.length > 8) ctx.fail(`broadcasting over ${merged.dims.length} non-mergeable axes; sonde supports 8`);
       e.emit({ op: 'binary', kind: spec.kind, dtype: planDType(ia.dtype), a: e.ref(e.input(0)), b: e.ref(bId), y: e.ref(e.output(0)),
         dims: merged.dims, aStrides: merged.strides[0]!, bStrides: merged.strides[1]! });

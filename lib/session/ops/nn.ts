@@ -10,7 +10,7 @@ import { Tensor } from '../../tensor.js';
 import { makeAttrs, nodeWhere } from '../attrs.js';
 import type { FusedActivation } from '../fused.js';
 import type { PlanActivation } from '../plan.js';
-import { broadcastShapes, broadcastStrides, contiguousStrides, mergeAxes, normAxis, sizeOf } from './broadcast.js';
+import { broadcastShapes, broadcastStrides, stridesOf, mergeAxes, normAxis, sizeOf } from './util.js';
 import type { Attrs, Emitter, OpContext, OpDef, PrepareOptions, Prepared, ValueId } from './types.js';
 
 // ------------------------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ function addScaled(ctx: OpContext, e: Emitter, x: ValueId, shape: number[], ci: 
     e.emit({ op: 'binary', kind: 'mul', dtype: 'float32', a: e.ref(e.input(ci)), b: e.ref(e.constant(new Tensor('float32', Float32Array.of(beta), [1]))),
       y: e.ref(cId), dims: [Math.max(1, sizeOf(c.shape))], aStrides: [1], bStrides: [0] });
   }
-  const merged = mergeAxes(shape, [contiguousStrides(shape), broadcastStrides(c.shape, shape), contiguousStrides(shape)]);
+  const merged = mergeAxes(shape, [stridesOf(shape), broadcastStrides(c.shape, shape), stridesOf(shape)]);
   e.emit({ op: 'binary', kind: 'add', dtype: 'float32', a: e.ref(x), b: e.ref(cId), y: e.ref(y), dims: merged.dims,
     aStrides: merged.strides[0]!, bStrides: merged.strides[1]! });
 }
@@ -453,7 +453,7 @@ const matMulOp: OpDef = {
     let batchDims = batch;
     let aBS = batchStrides(a2);
     let bBS = batchStrides(b2);
-    const cBS = contiguousStrides(batch).map((x) => x * m * n);
+    const cBS = stridesOf(batch).map((x) => x * m * n);
     const merged = mergeAxes(batchDims, [aBS, bBS, cBS]);
     batchDims = merged.dims;
     aBS = merged.strides[0]!;

@@ -136,6 +136,11 @@ export function mergeDims(dims: readonly number[], strides: readonly (readonly n
   return { dims: outDims, strides: outStrides };
 }
 
+/** mergeDims for a step that is emitted even when empty: an empty walk is dims [0]. */
+export function mergeAxes(dims: readonly number[], strides: readonly (readonly number[])[]): { dims: number[]; strides: number[][] } {
+  return mergeDims(dims, strides) ?? { dims: [0], strides: strides.map(() => [0]) };
+}
+
 /** The known value of input i, or an UnsupportedOperatorError saying it must be known at plan time. */
 export function knownInput(ctx: OpContext, i: number, what: string): Tensor {
   const v = ctx.inputs[i];
