@@ -166,7 +166,9 @@ const CASES: Record<string, string> = {
   punctuation: 'Hello , world . What ? Yes ! a \' b \'s',
   code: 'function f(x) { return x * 2 + 1; } // a != b && c <= d',
   greek: 'Ελληνικά κείμενα',
-  specials: '<|im_start|>user\nhi<|im_end|><s>text</s> <tool> <tool_call> <|endoftext|>',
+  specials: '<|im_start|>user\nhi<|im_end|><s>text</s> <tool> <tool_call> <|endoftext|><unk> <|im_start|><|im_start|>',
+  scripts: 'Աբգ Ⴀა Ꭰꭰ 𐐀𐐨 ǅǈ ʰʲ ﬀ Ａａ ℃ Ⅻ ١٢٣ ๑๒ ½',
+  newlineMix: 'a\n\n\nb \n \n c\r\n\r\n d  \n\t\n',
   unicodeSpaces: 'a\u00a0b\u3000c\u2003d\u0085e\ufeff',
   single: 'x',
   space: ' ',
@@ -196,17 +198,26 @@ function compare(tok: Tokenizer, ref: LlamaModel, text: string, label: string): 
     expect(got, `${label} encode (parseSpecial ${special}) of ${JSON.stringify(text)}`).toEqual(want);
     for (const render of [false, true]) {
       expect(tok.decode(got, { special: render }), `${label} decode (special ${render})`).toBe(ref.detokenize(want as never, render));
+      // A leading BOS changes what SentencePiece decoding strips.
+      const withBos = [tok.bos!, ...got];
+      expect(tok.decode(withBos, { special: render }), `${label} decode after BOS`).toBe(ref.detokenize(withBos as never, render));
     }
   }
 }
 
 const VOCABS: [string, () => Record<string, unknown>][] = [
   ['llama (SentencePiece)', spmVocab],
+  ['llama (SentencePiece) without add_space_prefix', () => ({ ...spmVocab(), 'tokenizer.ggml.add_space_prefix': false })],
   ['gpt2 pre=default', () => bpeVocab('default')],
   ['gpt2 pre=gpt-2', () => bpeVocab('gpt-2')],
   ['gpt2 pre=llama-bpe', () => bpeVocab('llama-bpe')],
   ['gpt2 pre=qwen2', () => bpeVocab('qwen2')],
   ['gpt2 pre=deepseek-llm', () => bpeVocab('deepseek-llm')],
+  ['gpt2 pre=deepseek-coder', () => bpeVocab('deepseek-coder')],
+  ['gpt2 pre=starcoder', () => bpeVocab('starcoder')],
+  ['gpt2 pre=smollm', () => bpeVocab('smollm')],
+  ['gpt2 pre=stablelm2', () => bpeVocab('stablelm2')],
+  ['gpt2 pre=smaug-bpe', () => bpeVocab('smaug-bpe')],
 ];
 
 describe.each(VOCABS)('%s vocabulary vs llama.cpp', (label, build) => {
@@ -218,9 +229,20 @@ describe.each(VOCABS)('%s vocabulary vs llama.cpp', (label, build) => {
     compare(tok, ref, text, `${label}/${name}`);
   });
 
+  it('agrees with llama.cpp on BOS, EOS, EOT and every end-of-generation token', () => {
+    expect(tok.bos ?? null).toBe(ref.tokens.bos);
+    expect(tok.eos ?? null).toBe(ref.tokens.eos);
+    // With several EOT-looking tokens (the BPE vocabularies have <|endoftext|> and <|im_end|>) llama.cpp
+    // takes whichever its hash map yields first; sonde takes the lowest id. Both are end-of-generation.
+    const eotTexts = ['<|endoftext|>', '<|im_end|>'].filter((t) => tok.tokenId(t) !== undefined);
+    if (eotTexts.length === 1) expect(tok.eot).toBe(ref.tokens.eot);
+    else expect(tok.isEog(ref.tokens.eot!) && tok.isEog(tok.eot!)).toBe(true);
+    for (let id = 0; id < tok.vocabSize; id++) expect(tok.isEog(id), `token ${id}`).toBe(ref.isEogToken(id as never));
+  });
+
   it('tokenises random UTF-8 like llama.cpp and round-trips it', () => {
-    for (let seed = 1; seed <= 40; seed++) {
-      const text = randomText(seed, 1 + (seed * 7) % 90);
+    for (let seed = 1; seed <= 60; seed++) {
+      const text = randomText(seed, 1 + (seed * 37) % 300);
       compare(tok, ref, text, `${label}/random ${seed}`);
       const ids = tok.encode(text, { addSpecial: false });
       expect(tok.decode(ids, { cleanUpSpaces: false }), `round trip ${seed}`).toBe(text);
@@ -397,7 +419,9 @@ describe('chat templates', () => {
     expect(tok.applyChatTemplate(messages, { template: chatml, addGenerationPrompt: false })).toContain('<|im_start|>system');
     expect(tok.applyChatTemplate([{ role: 'user', content: 'x' }], { template: '{{ greeting }} {{ messages[0].content }}', variables: { greeting: 'hey' } })).toBe('hey x');
     expect(() => tok.applyChatTemplate(messages, { template: "{{ raise_exception('no system role') }}" })).toThrow(/no system role/);
-    expect(() => tok.applyChatTemplate(messages, { template: '{% for %}' })).toThrow(ModelFormatError);
+    expect(() => tok.applyChatTemplate(messages, { template: '{% for %}' })).toThrow(InvalidArgumentError);
+    const broken = Tokenizer.fromGguf({ ...base(), 'tokenizer.chat_template': '{% if %}' } as never);
+    expect(() => broken.applyChatTemplate(messages)).toThrow(ModelFormatError);
   });
 });
 

@@ -572,12 +572,12 @@ export class Tokenizer {
     }
     let template: Template;
     if (o.template !== undefined) {
-      template = parseTemplate(o.template, 'options.template');
+      template = parseTemplate(o.template, `${where}: options.template`, InvalidArgumentError);
     } else {
       if (this.chatTemplate === undefined) {
         throw new ModelFormatError(`${where}: the model has no tokenizer.chat_template; pass options.template`);
       }
-      this.#template ??= parseTemplate(this.chatTemplate, 'tokenizer.chat_template');
+      this.#template ??= parseTemplate(this.chatTemplate, 'tokenizer.chat_template', ModelFormatError);
       template = this.#template;
     }
     const context: Record<string, unknown> = {
@@ -809,10 +809,11 @@ function checkBool(where: string, v: unknown, fallback: boolean): boolean {
   return v;
 }
 
-function parseTemplate(source: string, what: string): Template {
+/** A template from the file is a ModelFormatError when malformed; one passed in, an InvalidArgumentError. */
+function parseTemplate(source: string, what: string, Err: typeof ModelFormatError | typeof InvalidArgumentError): Template {
   try {
     return new Template(source);
   } catch (e) {
-    throw new ModelFormatError(`${what} is not a valid Jinja template: ${(e as Error).message}`, { cause: e });
+    throw new Err(`${what} is not a valid Jinja template: ${(e as Error).message}`, { cause: e });
   }
 }
