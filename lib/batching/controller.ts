@@ -1,0 +1,130 @@
+/**
+ * The latency controller behind `batching.targetLatencyMs`. It knows nothing about clocks or
+ * queues: the batcher tells it how long each batch size took to run and how long requests took end
+ * to end, and asks it, at each scheduling decision, how many rows to put in the next batch and how
+ * long a partial batch may wait. Being a pure function of what it was told, it is tested with
+ * made-up timings.
+ *
+ * The rule, in three parts:
+ * 1. Cost model: an EWMA of the run time per batch size. A size never run is predicted from its
+ *    observed neighbours: linearly between two, and beyond the largest as that size's time scaled
+ *    by rows (an upper bound where a batch costs a fixed overhead plus a per-row part).
+ * 2. Batch size: the oldest queued request finishes `waited + cost(rows)` after it arrived, so the
+ *    next batch takes the largest row count whose prediction keeps that under HEADROOM x target.
+ *    When no size fits, the target is already missed for that request: the batcher then takes
+ *    as many rows as it may, because clearing the backlog fastest is what brings the next
+ *    requests back under the target. Sizes more than twice the largest one measured are not
+ *    chosen, so the model is never trusted far beyond what it has seen.
+ * 3. Delay: a partial batch waits at most `maxDelayMs x scale`, and never so long that the
+ *    oldest request could not still finish in time. `scale` halves whenever the p99 of the last
+ *    LATENCY_WINDOW requests passes HIGH_WATER x target and recovers slowly below LOW_WATER x
+ *    target: waiting for company is the first thing to give up when latency runs short.
+ */
+
+/** EWMA weight of the newest run time: recent enough to follow load, smooth enough to ignore a blip. */
+const COST_ALPHA = 0.2;
+/** Share of the target a plan aims at; the rest absorbs prediction error and timer lateness. */
+const HEADROOM = 0.8;
+const LATENCY_WINDOW = 256;
+const HIGH_WATER = 0.9;
+const LOW_WATER = 0.6;
+/** Smallest delay scale: below this the delay is not worth a timer. */
+const MIN_SCALE = 1 / 64;
+
+export interface ControllerLimits {
+  targetMs: number;
+  maxBatchSize: number;
+  maxDelayMs: number;
+}
+
+export class LatencyController {
+  readonly limits: ControllerLimits;
+  /** EWMA run time (ms) per batch size. */
+  #cost = new Map<number, number>();
+  #sizes: number[] = [];
+  #latencies = new Float64Array(LATENCY_WINDOW);
+  #latencyCount = 0;
+  #scale = 1;
+
+  constructor(limits: ControllerLimits) {
+    this.limits = limits;
+  }
+
+  /** A batch of `rows` rows took `ms` to run natively. */
+  observeRun(rows: number, ms: number): void {
+    const old = this.#cost.get(rows);
+    if (old === undefined) {
+      this.#cost.set(rows, ms);
+      this.#sizes.push(rows);
+      this.#sizes.sort((a, b) => a - b);
+    } else {
+      this.#cost.set(rows, old + COST_ALPHA * (ms - old));
+    }
+  }
+
+  /** A request finished `ms` after it arrived; adjusts the delay scale. */
+  observeLatency(ms: number): void {
+    this.#latencies[this.#latencyCount++ % LATENCY_WINDOW] = ms;
+    const p99 = this.recentP99();
+    const target = this.limits.targetMs;
+    if (p99 > HIGH_WATER * target) this.#scale = Math.max(MIN_SCALE, this.#scale / 2);
+    else if (p99 < LOW_WATER * target) this.#scale = Math.min(1, this.#scale * 1.05);
+  }
+
+  /** p99 of the last LATENCY_WINDOW end-to-end latencies (NaN before any). */
+  recentP99(): number {
+    const n = Math.min(this.#latencyCount, LATENCY_WINDOW);
+    if (n === 0) return NaN;
+    const xs = Array.from(this.#latencies.subarray(0, n)).sort((a, b) => a - b);
+    return xs[Math.min(n - 1, Math.ceil(0.99 * n) - 1)]!;
+  }
+
+  /** Predicted run time (ms) of a batch of `rows`; 0 before any run was measured. */
+  predict(rows: number): number {
+    const sizes = this.#sizes;
+    if (sizes.length === 0) return 0;
+    const exact = this.#cost.get(rows);
+    if (exact !== undefined) return exact;
+    const first = sizes[0]!;
+    const last = sizes[sizes.length - 1]!;
+    if (rows < first) return this.#cost.get(first)!;
+    if (rows > last) return (this.#cost.get(last)! * rows) / last;
+    let hi = 1;
+    while (sizes[hi]! < rows) hi++;
+    const a = sizes[hi - 1]!;
+    const b = sizes[hi]!;
+    const ca = this.#cost.get(a)!;
+    const cb = this.#cost.get(b)!;
+    return ca + ((cb - ca) * (rows - a)) / (b - a);
+  }
+
+  /**
+   * How many rows the next batch should hold, given that its oldest request has waited
+   * `oldestWaitMs` and `queuedRows` rows are waiting.
+   */
+  batchRows(oldestWaitMs: number, queuedRows: number): number {
+    const largest = this.#sizes.length ? this.#sizes[this.#sizes.length - 1]! : 1;
+    const cap = Math.min(this.limits.maxBatchSize, Math.max(1, 2 * largest));
+    const upTo = Math.min(cap, Math.max(1, queuedRows));
+    const budget = HEADROOM * this.limits.targetMs - oldestWaitMs;
+    for (let rows = upTo; rows >= 1; rows--) {
+      if (this.predict(rows) <= budget) return rows;
+    }
+    return upTo;
+  }
+
+  /**
+   * How long (ms after its arrival) the oldest request of a partial batch may wait for more rows:
+   * the scaled maxDelayMs, cut so that a full batch could still run within the target afterwards.
+   */
+  delayMs(): number {
+    const scaled = this.limits.maxDelayMs * this.#scale;
+    const slack = HEADROOM * this.limits.targetMs - this.predict(this.batchRows(0, this.limits.maxBatchSize));
+    return Math.max(0, Math.min(scaled, slack));
+  }
+
+  /** The current delay scale in (0, 1] (for metrics and tests). */
+  get delayScale(): number {
+    return this.#scale;
+  }
+}
