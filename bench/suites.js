@@ -599,4 +599,98 @@ async function* modelsSuite(ctx) {
   yield { case: `event-loop lag, resnet50 n1 t${pool}`, p99Ms: lag.p99, maxMs: lag.max, ortP99Ms: ortLag.p99, ortMaxMs: ortLag.max, vs: 'onnxruntime-node', note };
 }
 
-export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, sparse: sparseSuite, models: modelsSuite };
+
+/**
+ * Closed-loop load: `callers` concurrent callers, each sending the next request as soon as its
+ * previous one answers, for `ms`. Returns throughput (requests/s), end-to-end latency p50/p99 (ms)
+ * and the lag of a 1 ms timer meanwhile (p99, ms).
+ */
+async function closedLoop(session, feedOf, callers, ms) {
+  const lat = [];
+  const lags = [];
+  let last = performance.now();
+  const timer = setInterval(() => {
+    const now = performance.now();
+    lags.push(Math.max(0, now - last - 1));
+    last = now;
+  }, 1);
+  const start = performance.now();
+  const end = start + ms;
+  await Promise.all(Array.from({ length: callers }, async (_, i) => {
+    const feed = feedOf(i);
+    while (performance.now() < end) {
+      const t0 = performance.now();
+      await session.run(feed);
+      lat.push(performance.now() - t0);
+    }
+  }));
+  const elapsed = performance.now() - start;
+  clearInterval(timer);
+  const q = (xs, p) => {
+    const sorted = [...xs].sort((a, b) => a - b);
+    return sorted[Math.min(sorted.length - 1, Math.ceil(p * sorted.length) - 1)] ?? NaN;
+  };
+  return { rps: (lat.length * 1000) / elapsed, p50: q(lat, 0.5), p99: q(lat, 0.99), lagP99: q(lags, 0.99), requests: lat.length };
+}
+
+/**
+ * Dynamic batching (issue #7): 64 closed-loop callers sending batch-1 requests to the MLP
+ * 784-1024-1024-10 and to MobileNetV2, 2 threads, with batching off, on (fixed maxBatchSize and
+ * maxDelayMs), and on with targetLatencyMs. Each row reports throughput, p50/p99 end-to-end latency,
+ * the mean batch size, the share of batch time spent copying rows in and out (copy%), the 1 ms
+ * timer's lag p99, and the checks of the issue: `speedup` (on / off throughput), `p99Bound`
+ * (maxDelayMs + 2x the batch run time's p99, for the MLP) and, for the target rows, the target.
+ * Every batched output is first checked against an unbatched run of the same request.
+ */
+async function* batchingSuite(ctx) {
+  const Session = sonde.Session;
+  const threads = Math.min(2, getThreads());
+  const callers = 64;
+  const cases = [
+    { name: 'mlp', maxDelayMs: 2, ms: ctx.quick ? 1500 : 6000, targetMs: 25 },
+    { name: 'mobilenetv2', maxDelayMs: 5, ms: ctx.quick ? 4000 : 15000, targetMs: null },
+  ];
+  for (const c of cases) {
+    const bytes = modelBytes(c.name);
+    // One distinct row per caller, so a mix-up of rows between callers changes an answer.
+    const inputs = Array.from({ length: callers }, (_, i) => modelInput(c.name, 1, 1000 + i));
+    const feedOf = (i) => ({ input: new Tensor('float32', inputs[i].data, inputs[i].dims) });
+    const off = await Session.load(bytes, { threads, name: `${c.name}-off` });
+    const want = [];
+    for (let i = 0; i < 8; i++) want.push((await off.run(feedOf(i))).output.data);
+    const offStats = await closedLoop(off, feedOf, callers, c.ms);
+    off.dispose();
+    yield { case: `${c.name} b1 x${callers} t${threads} batching off`, rps: offStats.rps, p50Ms: offStats.p50, p99Ms: offStats.p99, lagP99Ms: offStats.lagP99 };
+
+    const runOn = async (label, batching) => {
+      const s = await Session.load(bytes, { threads, name: `${c.name}-${label}`, batching });
+      const got = await Promise.all(want.map((_, i) => s.run(feedOf(i))));
+      got.forEach((g, i) => {
+        const d = relativeDifference(g.output.data, want[i]);
+        if (!(d <= roundingTolerance(c.name))) throw new Error(`${c.name} ${label}: request ${i}'s batched output differs from its unbatched one by ${d.toExponential(2)}`);
+      });
+      const before = s.metrics();
+      const st = await closedLoop(s, feedOf, callers, c.ms);
+      const m = s.metrics();
+      s.dispose();
+      const batches = m.batches - before.batches;
+      return { st, m, meanBatch: (m.batchSize.sum - before.batchSize.sum) / batches };
+    };
+    const fixed = { maxBatchSize: callers, maxDelayMs: c.maxDelayMs };
+    const on = await runOn('on', fixed);
+    const bound = c.maxDelayMs + 2 * on.m.computeTime.p99 * 1e3;
+    yield {
+      case: `${c.name} b1 x${callers} t${threads} batching on`, rps: on.st.rps, p50Ms: on.st.p50, p99Ms: on.st.p99, lagP99Ms: on.st.lagP99,
+      meanBatch: on.meanBatch, copyPct: on.m.copyFraction * 100, speedup: on.st.rps / offStats.rps, p99BoundMs: bound,
+    };
+    // A target this offered load can meet: a full batch of 64 and the wait for the one before it.
+    const targetMs = c.targetMs ?? Math.ceil(3 * on.m.computeTime.p50 * 1e3);
+    const tgt = await runOn('target', { ...fixed, targetLatencyMs: targetMs });
+    yield {
+      case: `${c.name} b1 x${callers} t${threads} target ${targetMs} ms`, rps: tgt.st.rps, p50Ms: tgt.st.p50, p99Ms: tgt.st.p99, lagP99Ms: tgt.st.lagP99,
+      meanBatch: tgt.meanBatch, copyPct: tgt.m.copyFraction * 100, speedup: tgt.st.rps / offStats.rps, targetMs,
+    };
+  }
+}
+
+export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, sparse: sparseSuite, models: modelsSuite, batching: batchingSuite };

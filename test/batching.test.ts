@@ -338,6 +338,22 @@ describe('LatencyController', () => {
     expect(fresh.batchRows(0, 64)).toBe(8); // explores at most 2x the largest size seen
   });
 
+  it('stays at the batch size with the lowest cost per row when larger batches cost more per row', () => {
+    // MobileNetV2 on sonde's conv kernels at 2 threads: per-row time grows with the batch.
+    const c = new LatencyController({ targetMs: 1000, maxBatchSize: 64, maxDelayMs: 5 });
+    c.observeRun(1, 12.7);
+    c.observeRun(2, 31.3);
+    c.observeRun(4, 77.2);
+    expect(c.batchRows(0, 64)).toBe(1);
+    expect(c.batchRows(5000, 64)).toBe(1); // late: still the fastest way through the backlog
+    // Cost per row falling then rising: the minimum in between wins.
+    const d = new LatencyController({ targetMs: 1000, maxBatchSize: 64, maxDelayMs: 5 });
+    d.observeRun(1, 10);
+    d.observeRun(8, 16);
+    d.observeRun(16, 64);
+    expect(d.batchRows(0, 64)).toBe(8);
+  });
+
   it('halves the delay when the recent p99 nears the target and recovers slowly when well under it', () => {
     const c = new LatencyController({ targetMs: 20, maxBatchSize: 64, maxDelayMs: 8 });
     c.observeRun(1, 1);

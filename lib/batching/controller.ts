@@ -9,12 +9,16 @@
  * 1. Cost model: an EWMA of the run time per batch size. A size never run is predicted from its
  *    observed neighbours: linearly between two, and beyond the largest as that size's time scaled
  *    by rows (an upper bound where a batch costs a fixed overhead plus a per-row part).
- * 2. Batch size: the oldest queued request finishes `waited + cost(rows)` after it arrived, so the
- *    next batch takes the largest row count whose prediction keeps that under HEADROOM x target.
- *    When no size fits, the target is already missed for that request: the batcher then takes
- *    as many rows as it may, because clearing the backlog fastest is what brings the next
- *    requests back under the target. Sizes more than twice the largest one measured are not
- *    chosen, so the model is never trusted far beyond what it has seen.
+ * 2. Batch size: the oldest queued request finishes `waited + cost(rows)` after it arrived. Of the
+ *    row counts whose prediction keeps that under HEADROOM x target, the next batch takes the one
+ *    with the lowest predicted cost per row (the largest on a tie): throughput is maximised within
+ *    the latency budget, and a model whose cost per row grows with the batch (a CNN whose
+ *    activations outgrow the cache) stays at small batches. When no size fits, the target is
+ *    already missed for that request, and the cheapest-per-row size among all is taken, because
+ *    clearing the backlog fastest is what brings the next requests back under the target. Sizes
+ *    more than twice the largest one measured are not chosen, so the model is never trusted far
+ *    beyond what it has seen; as beyond it the prediction keeps the per-row cost, ties make the
+ *    batcher explore upwards until a larger size measures worse.
  * 3. Delay: a partial batch waits at most `maxDelayMs x scale`, and never so long that the
  *    oldest request could not still finish in time. `scale` halves whenever the p99 of the last
  *    LATENCY_WINDOW requests passes HIGH_WATER x target and recovers slowly below LOW_WATER x
@@ -107,10 +111,18 @@ export class LatencyController {
     const cap = Math.min(this.limits.maxBatchSize, Math.max(1, 2 * largest));
     const upTo = Math.min(cap, Math.max(1, queuedRows));
     const budget = HEADROOM * this.limits.targetMs - oldestWaitMs;
+    // Downwards, replacing only on a clearly lower cost per row, so that ties keep the larger size.
+    let fit = 0;
+    let fitPerRow = Infinity;
+    let any = upTo;
+    let anyPerRow = Infinity;
     for (let rows = upTo; rows >= 1; rows--) {
-      if (this.predict(rows) <= budget) return rows;
+      const cost = this.predict(rows);
+      const perRow = cost / rows;
+      if (perRow < anyPerRow * (1 - 1e-9)) { any = rows; anyPerRow = perRow; }
+      if (cost <= budget && perRow < fitPerRow * (1 - 1e-9)) { fit = rows; fitPerRow = perRow; }
     }
-    return upTo;
+    return fit || any;
   }
 
   /**

@@ -58,8 +58,13 @@ export class MetricsRegistry {
   #families = new Map<string, Family>();
   #listeners = new Set<(name: string) => void>();
 
-  counter(name: string, help: string, labelNames: readonly string[] = []): CounterHandle {
+  /**
+   * `collect`, if given, runs before every snapshot or exposition and sets the totals kept
+   * elsewhere (a hot path then counts in a plain field instead of a labelled series lookup).
+   */
+  counter(name: string, help: string, labelNames: readonly string[] = [], collect?: (set: GaugeHandle['set']) => void): CounterHandle {
     const f = this.#family(name, help, 'counter', labelNames);
+    if (collect) f.collect = () => collect((labels, value) => { this.#series(f, labels ?? {}).value = value; });
     return {
       inc: (labels = {}, by = 1) => {
         if (!(by >= 0)) throw new InvalidArgumentError(`counter ${name}: increment must be >= 0, got ${by}`);

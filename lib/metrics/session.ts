@@ -9,9 +9,14 @@ import type { Histogram, HistogramSnapshot } from './histogram.js';
 import { metrics as registry, type Labels } from './registry.js';
 
 const L = ['session'] as const;
-const requestsTotal = registry.counter('sonde_requests_total', 'Session.run calls that settled (resolved or rejected).', L);
-const errorsTotal = registry.counter('sonde_request_errors_total', 'Session.run calls that rejected, by error code.', ['session', 'code']);
-const batchesTotal = registry.counter('sonde_batches_total', 'Native plan runs (one per batch when batching, else one per request).', L);
+/** Sessions whose series are exported: counters and gauges are read from them at scrape time. */
+const live = new Set<SessionMetrics>();
+registry.counter('sonde_requests_total', 'Session.run calls that settled (resolved or rejected).', L,
+  (set) => { for (const m of live) set(m.labels, m.counts.requests); });
+registry.counter('sonde_request_errors_total', 'Session.run calls that rejected, by error code.', ['session', 'code'],
+  (set) => { for (const m of live) for (const [code, n] of m.counts.errors) set({ session: m.name, code }, n); });
+registry.counter('sonde_batches_total', 'Native plan runs (one per batch when batching, else one per request).', L,
+  (set) => { for (const m of live) set(m.labels, m.counts.batches); });
 const requestDuration = registry.histogram('sonde_request_duration_seconds',
   'End-to-end latency of Session.run: from the call to its settlement, queueing included.', L);
 const queueDuration = registry.histogram('sonde_queue_duration_seconds',
@@ -20,8 +25,10 @@ const computeDuration = registry.histogram('sonde_compute_duration_seconds',
   'Duration of one native plan run (a whole batch), including the copies into and out of it.', L);
 // Bucket bounds double from 1 row: batch sizes are small integers, not latencies.
 const batchSize = registry.histogram('sonde_batch_size', 'Rows (sum of the requests\' batch dims) per native run.', L, { min: 1, max: 1 << 20 });
-const inFlight = registry.gauge('sonde_requests_in_flight', 'Session.run calls accepted and not yet settled (queued or running).', L);
-const queueLength = registry.gauge('sonde_queue_length', 'Requests waiting in the batching queue.', L);
+registry.gauge('sonde_requests_in_flight', 'Session.run calls accepted and not yet settled (queued or running).', L,
+  (set) => { for (const m of live) set(m.labels, m.counts.inFlight); });
+registry.gauge('sonde_queue_length', 'Requests waiting in the batching queue.', L,
+  (set) => { for (const m of live) set(m.labels, m.counts.queued); });
 
 export interface SessionMetricsSnapshot {
   /** The `session` label of this session's series. */
@@ -51,14 +58,10 @@ export interface SessionMetricsSnapshot {
 
 export class SessionMetrics {
   readonly name: string;
-  readonly #labels: Labels;
+  readonly labels: Labels;
   readonly #start = performance.now();
-  #open = true;
-  #requests = 0;
-  #errors = new Map<string, number>();
-  #batches = 0;
-  #inFlight = 0;
-  #queued = 0;
+  /** Plain fields on the hot path; the registry reads them when it is scraped. */
+  readonly counts = { requests: 0, errors: new Map<string, number>(), batches: 0, inFlight: 0, queued: 0 };
   #copySeconds = 0;
   #computeSeconds = 0;
   // Held directly so that a snapshot after dispose (when the series leave the registry) still works.
@@ -69,37 +72,29 @@ export class SessionMetrics {
 
   constructor(name: string) {
     this.name = name;
-    this.#labels = { session: name };
-    this.#latency = requestDuration.get(this.#labels);
-    this.#queue = queueDuration.get(this.#labels);
-    this.#compute = computeDuration.get(this.#labels);
-    this.#batchSize = batchSize.get(this.#labels);
-    requestsTotal.inc(this.#labels, 0);
-    batchesTotal.inc(this.#labels, 0);
-    this.#setGauges();
+    this.labels = { session: name };
+    this.#latency = requestDuration.get(this.labels);
+    this.#queue = queueDuration.get(this.labels);
+    this.#compute = computeDuration.get(this.labels);
+    this.#batchSize = batchSize.get(this.labels);
+    live.add(this);
   }
 
   requestStarted(): void {
-    this.#inFlight++;
-    this.#setGauges();
+    this.counts.inFlight++;
   }
 
   /** A request settled `seconds` after its call; `code` is its error's code when it rejected. */
   requestSettled(seconds: number, code?: string): void {
-    this.#inFlight--;
-    this.#requests++;
+    const c = this.counts;
+    c.inFlight--;
+    c.requests++;
     this.#latency.record(seconds);
-    if (this.#open) requestsTotal.inc(this.#labels);
-    if (code !== undefined) {
-      this.#errors.set(code, (this.#errors.get(code) ?? 0) + 1);
-      if (this.#open) errorsTotal.inc({ session: this.name, code });
-    }
-    this.#setGauges();
+    if (code !== undefined) c.errors.set(code, (c.errors.get(code) ?? 0) + 1);
   }
 
   queueChanged(queued: number): void {
-    this.#queued = queued;
-    this.#setGauges();
+    this.counts.queued = queued;
   }
 
   dequeued(waitSeconds: number): void {
@@ -108,38 +103,30 @@ export class SessionMetrics {
 
   /** A native run of `rows` rows took `seconds`, of which `copySeconds` went to batch copies. */
   ran(rows: number, seconds: number, copySeconds = 0): void {
-    this.#batches++;
+    this.counts.batches++;
     this.#batchSize.record(rows);
     this.#compute.record(seconds);
     this.#computeSeconds += seconds;
     this.#copySeconds += copySeconds;
-    if (this.#open) batchesTotal.inc(this.#labels);
   }
 
   /** The session was disposed: its series leave the registry (runs still in flight are not exported). */
   close(): void {
-    if (!this.#open) return;
-    this.#open = false;
-    registry.removeSeries(this.#labels);
+    if (!live.delete(this)) return;
+    registry.removeSeries(this.labels);
   }
 
   snapshot(): SessionMetricsSnapshot {
+    const c = this.counts;
     const uptime = (performance.now() - this.#start) / 1000;
-    const errors = Object.fromEntries(this.#errors) as SessionMetricsSnapshot['errors'];
-    const errorCount = [...this.#errors.values()].reduce((a, b) => a + b, 0);
+    const errors = Object.fromEntries(c.errors) as SessionMetricsSnapshot['errors'];
+    const errorCount = [...c.errors.values()].reduce((a, b) => a + b, 0);
     return {
-      session: this.name, uptime, requests: this.#requests, errors, batches: this.#batches,
-      inFlight: this.#inFlight, queued: this.#queued,
+      session: this.name, uptime, requests: c.requests, errors, batches: c.batches, inFlight: c.inFlight, queued: c.queued,
       latency: this.#latency.snapshot(), queueTime: this.#queue.snapshot(), computeTime: this.#compute.snapshot(),
       batchSize: this.#batchSize.snapshot(),
-      rates: { requests: this.#requests / uptime, errors: errorCount / uptime, batches: this.#batches / uptime },
+      rates: { requests: c.requests / uptime, errors: errorCount / uptime, batches: c.batches / uptime },
       copyFraction: this.#computeSeconds > 0 ? this.#copySeconds / this.#computeSeconds : 0,
     };
-  }
-
-  #setGauges(): void {
-    if (!this.#open) return;
-    inFlight.set(this.#labels, this.#inFlight);
-    queueLength.set(this.#labels, this.#queued);
   }
 }

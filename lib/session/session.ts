@@ -192,11 +192,10 @@ export class Session extends NativeResource {
    * With batching, the call may share a native run with others and resolves to its own rows.
    */
   async run(feeds: Record<string, Tensor>, options?: SessionRunOptions): Promise<Record<string, Tensor>> {
-    const site = new Error();
     const arrived = performance.now();
     this.#metrics.requestStarted();
     try {
-      const out = await this.#run(feeds, options, site, arrived);
+      const out = await this.#run(feeds, options, arrived);
       this.#metrics.requestSettled((performance.now() - arrived) / 1000);
       return out;
     } catch (err) {
@@ -210,7 +209,7 @@ export class Session extends NativeResource {
     return this.#metrics.snapshot();
   }
 
-  async #run(feeds: Record<string, Tensor>, options: SessionRunOptions | undefined, site: Error, arrived: number): Promise<Record<string, Tensor>> {
+  async #run(feeds: Record<string, Tensor>, options: SessionRunOptions | undefined, arrived: number): Promise<Record<string, Tensor>> {
     const where = 'Session.run';
     this.checkAlive(where);
     const opts = checkOptions<SessionRunOptions>(where, options, RUN_OPTIONS);
@@ -219,6 +218,10 @@ export class Session extends NativeResource {
     if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason });
     const rows = this.#batcher?.rowsOf(tensors);
     if (this.#batcher && rows !== undefined) return this.#batcher.submit(tensors, rows, signal, arrived);
+    // Made here, still on the caller's stack, so that a native error points at the caller's code.
+    // A batched request skips it: capturing a stack costs microseconds per call, and its native
+    // errors come from a run shared with other callers anyway.
+    const site = new Error();
     this.#metrics.dequeued(0);
     const t0 = performance.now();
     try {
