@@ -309,7 +309,10 @@ describe('LatencyController', () => {
   it('predicts run time per batch size from an EWMA, interpolating and scaling beyond what it saw', () => {
     const c = new LatencyController({ targetMs: 20, maxBatchSize: 64, maxDelayMs: 4 });
     expect(c.predict(8)).toBe(0);
+    c.observeRun(1, 1000); // its plan compiles: not measured
+    expect(c.predict(1)).toBe(0);
     c.observeRun(1, 2);
+    c.observeRun(8, 1000); // its plan compiles: not measured
     c.observeRun(8, 4);
     expect(c.predict(1)).toBe(2);
     expect(c.predict(8)).toBe(4);
@@ -319,21 +322,27 @@ describe('LatencyController', () => {
     expect(c.predict(8)).toBeCloseTo(5, 12);
   });
 
-  it('takes the largest batch that keeps the oldest request under 0.8 x target, and all it may once late', () => {
-    const c = new LatencyController({ targetMs: 20, maxBatchSize: 64, maxDelayMs: 4 });
+  it('takes the ladder size cheapest per row that keeps the oldest request under 0.8 x target', () => {
+    const c = new LatencyController({ targetMs: 20, maxBatchSize: 64, maxDelayMs: 4 }, [12]);
     // Cost 1 ms + 0.25 ms per row, measured at 1 and 32 rows.
+    c.observeRun(1, 1000); // its plan compiles: not measured
     c.observeRun(1, 1.25);
+    c.observeRun(32, 1000); // its plan compiles: not measured
     c.observeRun(32, 9);
-    // Budget 16 ms - 2 ms waited = 14 ms: cost(b) = 1.25 + (b - 1) * 0.25 <= 14 up to b = 52, and
-    // beyond 32 the prediction scales 9 ms by rows: 9 b / 32 <= 14 -> b <= 49.
-    expect(c.batchRows(2, 64)).toBe(49);
-    // Never more than the queue holds.
-    expect(c.batchRows(2, 10)).toBe(10);
-    // Waited 10 ms: budget 6 ms: 1.25 + (b - 1) * 0.25 <= 6 -> b <= 20.
-    expect(c.batchRows(10, 64)).toBe(20);
+    // Budget 16 ms - 2 ms waited = 14 ms: up to 32 rows cost(b) = 1.25 + (b - 1) * 0.25, beyond it
+    // 9 ms scaled by rows: 49 rows fit, but the ladder (64, 32, 16, 12, 8, 4, 2, 1) has 32 below it.
+    expect(c.batchRows(2, 64)).toBe(32);
+    // Never more than the queue holds: 10 queued, the ladder's 8.
+    expect(c.batchRows(2, 10)).toBe(8);
+    // Waited 10 ms: budget 6 ms: 1.25 + (b - 1) * 0.25 <= 6 -> b <= 20: 16.
+    expect(c.batchRows(10, 64)).toBe(16);
+    // Waited 11.5 ms: budget 4.5 ms -> b <= 14: the preferred 12.
+    expect(c.batchRows(11.5, 64)).toBe(12);
     // Already past the budget: every row it may take (at most twice the largest size measured).
     expect(c.batchRows(30, 64)).toBe(64);
     const fresh = new LatencyController({ targetMs: 20, maxBatchSize: 64, maxDelayMs: 4 });
+    expect(fresh.batchRows(0, 64)).toBe(1); // nothing measured yet: one row
+    fresh.observeRun(4, 1000); // its plan compiles: not measured
     fresh.observeRun(4, 1);
     expect(fresh.batchRows(0, 64)).toBe(8); // explores at most 2x the largest size seen
   });
@@ -341,22 +350,30 @@ describe('LatencyController', () => {
   it('stays at the batch size with the lowest cost per row when larger batches cost more per row', () => {
     // MobileNetV2 on sonde's conv kernels at 2 threads: per-row time grows with the batch.
     const c = new LatencyController({ targetMs: 1000, maxBatchSize: 64, maxDelayMs: 5 });
+    c.observeRun(1, 1000); // its plan compiles: not measured
     c.observeRun(1, 12.7);
+    c.observeRun(2, 1000); // its plan compiles: not measured
     c.observeRun(2, 31.3);
+    c.observeRun(4, 1000); // its plan compiles: not measured
     c.observeRun(4, 77.2);
     expect(c.batchRows(0, 64)).toBe(1);
     expect(c.batchRows(5000, 64)).toBe(1); // late: still the fastest way through the backlog
     // Cost per row falling then rising: the minimum in between wins.
     const d = new LatencyController({ targetMs: 1000, maxBatchSize: 64, maxDelayMs: 5 });
+    d.observeRun(1, 1000); // its plan compiles: not measured
     d.observeRun(1, 10);
+    d.observeRun(8, 1000); // its plan compiles: not measured
     d.observeRun(8, 16);
+    d.observeRun(16, 1000); // its plan compiles: not measured
     d.observeRun(16, 64);
     expect(d.batchRows(0, 64)).toBe(8);
   });
 
   it('halves the delay when the recent p99 nears the target and recovers slowly when well under it', () => {
     const c = new LatencyController({ targetMs: 20, maxBatchSize: 64, maxDelayMs: 8 });
+    c.observeRun(1, 1000); // its plan compiles: not measured
     c.observeRun(1, 1);
+    c.observeRun(64, 1000); // its plan compiles: not measured
     c.observeRun(64, 4);
     expect(c.delayMs()).toBe(8);
     c.observeLatency(19); // p99 19 > 0.9 x 20
@@ -370,7 +387,9 @@ describe('LatencyController', () => {
     // A delay never leaves too little time for a full batch: 16 - cost(64) = 12 here, so 8 stands;
     // with a 10 ms target it is 8 - 4 = 4.
     const tight = new LatencyController({ targetMs: 10, maxBatchSize: 64, maxDelayMs: 8 });
+    tight.observeRun(1, 1000); // its plan compiles: not measured
     tight.observeRun(1, 1);
+    tight.observeRun(64, 1000); // its plan compiles: not measured
     tight.observeRun(64, 4);
     expect(tight.delayMs()).toBe(4);
   });

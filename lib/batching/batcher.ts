@@ -185,7 +185,7 @@ export class Batcher {
     this.#run = run;
     this.#metrics = metrics;
     if (opts.targetLatencyMs !== undefined) {
-      this.controller = new LatencyController({ targetMs: opts.targetLatencyMs, maxBatchSize: opts.maxBatchSize, maxDelayMs: opts.maxDelayMs });
+      this.controller = new LatencyController({ targetMs: opts.targetLatencyMs, maxBatchSize: opts.maxBatchSize, maxDelayMs: opts.maxDelayMs }, opts.preferredBatchSizes);
     }
   }
 

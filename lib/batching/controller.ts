@@ -9,9 +9,9 @@
  * 1. Cost model: an EWMA of the run time per batch size. A size never run is predicted from its
  *    observed neighbours: linearly between two, and beyond the largest as that size's time scaled
  *    by rows (an upper bound where a batch costs a fixed overhead plus a per-row part).
- * 2. Batch size: the oldest queued request finishes `waited + cost(rows)` after it arrived. Of the
+ * 2. Batch size (chosen from a ladder: powers of two, maxBatchSize, the preferred sizes): the oldest queued request finishes `waited + cost(rows)` after it arrived. Of the
  *    row counts whose prediction keeps that under HEADROOM x target, the next batch takes the one
- *    with the lowest predicted cost per row (the largest on a tie): throughput is maximised within
+ *    with the lowest predicted cost per row (a smaller size must be 10% cheaper per row to win): throughput is maximised within
  *    the latency budget, and a model whose cost per row grows with the batch (a CNN whose
  *    activations outgrow the cache) stays at small batches. When no size fits, the target is
  *    already missed for that request, and the cheapest-per-row size among all is taken, because
@@ -32,6 +32,8 @@ const HEADROOM = 0.8;
 const LATENCY_WINDOW = 256;
 const HIGH_WATER = 0.9;
 const LOW_WATER = 0.6;
+/** A smaller batch is chosen over a larger one only if it costs at most this share per row. */
+const SMALLER_GAIN = 0.9;
 /** Smallest delay scale: below this the delay is not worth a timer. */
 const MIN_SCALE = 1 / 64;
 
@@ -46,16 +48,35 @@ export class LatencyController {
   /** EWMA run time (ms) per batch size. */
   #cost = new Map<number, number>();
   #sizes: number[] = [];
+  #seen = new Set<number>();
   #latencies = new Float64Array(LATENCY_WINDOW);
   #latencyCount = 0;
   #scale = 1;
 
-  constructor(limits: ControllerLimits) {
+  /**
+   * The batch sizes it chooses from, largest first: powers of two, maxBatchSize and the preferred
+   * sizes. Few sizes keep few plans compiled (the session caches 16), and keep each size measured
+   * often enough for its estimate to stay current.
+   */
+  readonly #ladder: number[];
+
+  constructor(limits: ControllerLimits, preferred: readonly number[] = []) {
     this.limits = limits;
+    const sizes = new Set([limits.maxBatchSize, ...preferred]);
+    for (let p = 1; p < limits.maxBatchSize; p *= 2) sizes.add(p);
+    this.#ladder = [...sizes].sort((a, b) => b - a);
   }
 
-  /** A batch of `rows` rows took `ms` to run natively. */
+  /**
+   * A batch of `rows` rows took `ms` to run natively. The first run of each size is not measured:
+   * it includes compiling the session's plan for that shape, often many times the run itself,
+   * and a size whose one measurement is inflated so would look too slow to be tried again.
+   */
   observeRun(rows: number, ms: number): void {
+    if (!this.#seen.has(rows)) {
+      this.#seen.add(rows);
+      return;
+    }
     const old = this.#cost.get(rows);
     if (old === undefined) {
       this.#cost.set(rows, ms);
@@ -107,20 +128,26 @@ export class LatencyController {
    * `oldestWaitMs` and `queuedRows` rows are waiting.
    */
   batchRows(oldestWaitMs: number, queuedRows: number): number {
-    const largest = this.#sizes.length ? this.#sizes[this.#sizes.length - 1]! : 1;
+    // Exploration starts at one row: a size below the smallest measured is never tried (its
+    // prediction is the smallest's whole cost), so the smallest must be 1.
+    if (this.#sizes.length === 0) return 1;
+    const largest = this.#sizes[this.#sizes.length - 1]!;
     const cap = Math.min(this.limits.maxBatchSize, Math.max(1, 2 * largest));
     const upTo = Math.min(cap, Math.max(1, queuedRows));
     const budget = HEADROOM * this.limits.targetMs - oldestWaitMs;
-    // Downwards, replacing only on a clearly lower cost per row, so that ties keep the larger size.
+    // Largest first; a smaller size replaces a larger one only at under SMALLER_GAIN of its cost per row,
+    // because every batch also costs event-loop work (dispatch, settling, the callers' next
+    // requests) that the measured run time does not show, and run times are noisy.
     let fit = 0;
     let fitPerRow = Infinity;
     let any = upTo;
     let anyPerRow = Infinity;
-    for (let rows = upTo; rows >= 1; rows--) {
+    for (const rows of this.#ladder) {
+      if (rows > upTo) continue;
       const cost = this.predict(rows);
       const perRow = cost / rows;
-      if (perRow < anyPerRow * (1 - 1e-9)) { any = rows; anyPerRow = perRow; }
-      if (cost <= budget && perRow < fitPerRow * (1 - 1e-9)) { fit = rows; fitPerRow = perRow; }
+      if (perRow < anyPerRow * SMALLER_GAIN) { any = rows; anyPerRow = perRow; }
+      if (cost <= budget && perRow < fitPerRow * SMALLER_GAIN) { fit = rows; fitPerRow = perRow; }
     }
     return fit || any;
   }
