@@ -175,7 +175,7 @@ export class Batcher {
   #queued = 0;
   #running = false;
   #closed = false;
-  #timer: ReturnType<typeof setTimeout> | undefined;
+  #timer: { timeout?: ReturnType<typeof setTimeout>; immediate?: ReturnType<typeof setImmediate> } | undefined;
   #timerAt = Infinity;
 
   constructor(layout: BatchLayout, opts: ReturnType<typeof checkBatchingOptions>, outputNames: readonly string[], run: BatchRunner, metrics: SessionMetrics) {
@@ -229,8 +229,7 @@ export class Batcher {
   close(error: () => Error): void {
     if (this.#closed) return;
     this.#closed = true;
-    if (this.#timer) clearTimeout(this.#timer);
-    this.#timer = undefined;
+    this.#clearTimer();
     for (const q of this.#queues.values()) for (const r of q.requests) this.#settle(r, error());
     this.#queues.clear();
     this.#queued = 0;
@@ -294,7 +293,14 @@ export class Batcher {
     return full || expired ? n : 0;
   }
 
-  #pump(): void {
+  /**
+   * Dispatches the batch that is due, if any, or arms the timer for the next one. A full or
+   * preferred batch goes at once; one that is due only by its delay goes from a timer callback
+   * (`fromTimer`), never from submit() or a completion. So requests made in the same turn of the
+   * event loop (callers answered by the last batch asking again) join one batch, even with
+   * maxDelayMs 0, instead of the first of them running alone.
+   */
+  #pump(fromTimer = false): void {
     if (this.#running || this.#closed) return;
     const t = now();
     let pick: { q: Queue; n: number } | undefined;
@@ -304,7 +310,7 @@ export class Batcher {
       const wait = t - head.arrived;
       const limit = this.controller ? this.controller.batchRows(wait, q.rows) : this.#opts.maxBatchSize;
       const delay = this.controller ? this.controller.delayMs() : this.#opts.maxDelayMs;
-      const n = this.#select(q, limit, wait >= delay);
+      const n = this.#select(q, limit, fromTimer && wait >= delay);
       if (n > 0) {
         if (!pick || head.arrived < pick.q.requests[0]!.arrived) pick = { q, n };
       } else {
@@ -316,16 +322,23 @@ export class Batcher {
       return;
     }
     if (this.#timer && nextAt >= this.#timerAt && nextAt !== Infinity) return;
-    if (this.#timer) clearTimeout(this.#timer);
-    this.#timer = undefined;
-    this.#timerAt = Infinity;
+    this.#clearTimer();
     if (nextAt === Infinity) return;
     this.#timerAt = nextAt;
-    this.#timer = setTimeout(() => {
+    const fire = () => {
       this.#timer = undefined;
       this.#timerAt = Infinity;
-      this.#pump();
-    }, Math.max(0, nextAt - t));
+      this.#pump(true);
+    };
+    // Already due: after this turn's I/O and microtasks (setTimeout(0) would wait a whole 1 ms).
+    this.#timer = nextAt <= t ? { immediate: setImmediate(fire) } : { timeout: setTimeout(fire, nextAt - t) };
+  }
+
+  #clearTimer(): void {
+    if (this.#timer?.immediate) clearImmediate(this.#timer.immediate);
+    if (this.#timer?.timeout) clearTimeout(this.#timer.timeout);
+    this.#timer = undefined;
+    this.#timerAt = Infinity;
   }
 
   async #dispatch(q: Queue, n: number): Promise<void> {
