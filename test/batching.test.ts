@@ -237,7 +237,7 @@ describe('Session batching', () => {
   });
 
   it('dispose rejects queued requests with DisposedError and lets the running batch finish', { timeout: T }, async () => {
-    const s = await Session.load(dense(), { batching: { maxBatchSize: 1, maxDelayMs: 10_000 } });
+    const s = await Session.load(dense(), { batching: { maxBatchSize: 1, maxDelayMs: 10_000, maxConcurrentBatches: 1 } });
     const running = s.run({ x: x(1, 1) }); // a full batch of one: running at once
     const queued = [s.run({ x: x(1, 2) }), s.run({ x: x(1, 3) })];
     expect(s.metrics().queued).toBe(2);
@@ -285,6 +285,7 @@ describe('Session batching', () => {
       [{ maxBatchSize: 4, maxDelayMs: 1, preferredBatchSizes: [2, 8] }, /preferredBatchSizes\[1\] must be an integer in \[1, 4\], got 8/],
       [{ maxBatchSize: 4, maxDelayMs: 1, maxQueue: 0 }, /maxQueue must be an integer/],
       [{ maxBatchSize: 4, maxDelayMs: 1, targetLatencyMs: 0 }, /targetLatencyMs must be a finite number > 0/],
+      [{ maxBatchSize: 4, maxDelayMs: 1, maxConcurrentBatches: 0 }, /maxConcurrentBatches must be an integer in \[1, 64\], got 0/],
       [true, /options\.batching must be an object/],
     ];
     for (const [batching, msg] of bad) {
@@ -358,6 +359,14 @@ describe('LatencyController', () => {
     c.observeRun(4, 77.2);
     expect(c.batchRows(0, 64)).toBe(1);
     expect(c.batchRows(5000, 64)).toBe(1); // late: still the fastest way through the backlog
+    // Every 32nd run probes the next size up, once: 6 runs so far, 26 more at one row.
+    for (let i = 0; i < 25; i++) c.observeRun(1, 12.7);
+    expect(c.batchRows(0, 64)).toBe(1);
+    c.observeRun(1, 12.7);
+    expect(c.batchRows(0, 64)).toBe(2);
+    c.observeRun(2, 20); // measured faster this time: EWMA 31.3 + 0.2 (20 - 31.3) = 29.04 ms
+    expect(c.predict(2)).toBeCloseTo(29.04, 10);
+    expect(c.batchRows(0, 64)).toBe(1);
     // Cost per row falling then rising: the minimum in between wins.
     const d = new LatencyController({ targetMs: 1000, maxBatchSize: 64, maxDelayMs: 5 });
     d.observeRun(1, 1000); // its plan compiles: not measured

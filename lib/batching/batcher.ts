@@ -3,8 +3,9 @@
  * agree on everything but the batch dim are concatenated along it, run as one native plan run, and
  * each caller gets a copy of its own rows of every output.
  *
- * Scheduling is event-loop code (one timer at most), compute stays native; at most one batch per
- * session runs at a time, so the rows that arrive while it runs form the next batch. A batch is
+ * Scheduling is event-loop code (one timer at most), compute stays native; at most
+ * maxConcurrentBatches batches per session run at a time, and the rows that arrive meanwhile form
+ * the next batch. A batch is
  * dispatched when its rows reach the batch limit, when a preferred size can be formed, or when
  * its oldest request has waited the delay (Triton's rules); with `targetLatencyMs` the limit and
  * delay come from a LatencyController instead of the fixed options.
@@ -35,8 +36,14 @@ export interface BatchingOptions {
   maxQueue?: number;
   /** Adapt batch size and delay to keep the p99 end-to-end latency under this (ms). */
   targetLatencyMs?: number;
+  /**
+   * Batches running at once (default 2): while one computes, the next can start, so the pool is
+   * not idle between batches, and a model whose best batch is small keeps both of a 2-thread
+   * pool's threads busy as unbatched concurrent runs would.
+   */
+  maxConcurrentBatches?: number;
 }
-const BATCHING_OPTIONS = ['maxBatchSize', 'maxDelayMs', 'preferredBatchSizes', 'maxQueue', 'targetLatencyMs'] as const;
+const BATCHING_OPTIONS = ['maxBatchSize', 'maxDelayMs', 'preferredBatchSizes', 'maxQueue', 'targetLatencyMs', 'maxConcurrentBatches'] as const;
 
 function checkPositive(where: string, value: unknown, allowZero: boolean): number {
   if (typeof value !== 'number' || !Number.isFinite(value) || value < 0 || (!allowZero && value === 0)) {
@@ -45,7 +52,9 @@ function checkPositive(where: string, value: unknown, allowZero: boolean): numbe
   return value;
 }
 
-export function checkBatchingOptions(where: string, value: unknown): Required<Omit<BatchingOptions, 'targetLatencyMs'>> & { targetLatencyMs?: number } {
+export type CheckedBatchingOptions = Required<Omit<BatchingOptions, 'targetLatencyMs'>> & { targetLatencyMs?: number };
+
+export function checkBatchingOptions(where: string, value: unknown): CheckedBatchingOptions {
   if (value === null || typeof value !== 'object' || Array.isArray(value)) {
     throw new InvalidArgumentError(`${where} must be an object ({ maxBatchSize, maxDelayMs, ... }), got ${describe(value)}`);
   }
@@ -62,7 +71,8 @@ export function checkBatchingOptions(where: string, value: unknown): Required<Om
     preferred = o.preferredBatchSizes.map((s, i) => checkInt(`${where}.preferredBatchSizes[${i}]`, s, 1, maxBatchSize));
   }
   const maxQueue = o.maxQueue === undefined ? Infinity : checkInt(`${where}.maxQueue`, o.maxQueue, 1);
-  const out: ReturnType<typeof checkBatchingOptions> = { maxBatchSize, maxDelayMs, preferredBatchSizes: [...new Set(preferred)].sort((a, b) => a - b), maxQueue };
+  const maxConcurrentBatches = o.maxConcurrentBatches === undefined ? 2 : checkInt(`${where}.maxConcurrentBatches`, o.maxConcurrentBatches, 1, 64);
+  const out: CheckedBatchingOptions = { maxBatchSize, maxDelayMs, preferredBatchSizes: [...new Set(preferred)].sort((a, b) => a - b), maxQueue, maxConcurrentBatches };
   if (o.targetLatencyMs !== undefined) out.targetLatencyMs = checkPositive(`${where}.targetLatencyMs`, o.targetLatencyMs, false);
   return out;
 }
@@ -166,19 +176,19 @@ type ArrayCtor = { new (n: number): Rows; BYTES_PER_ELEMENT: number; new (b: Arr
 
 export class Batcher {
   readonly #layout: BatchLayout;
-  readonly #opts: ReturnType<typeof checkBatchingOptions>;
+  readonly #opts: CheckedBatchingOptions;
   readonly #run: BatchRunner;
   readonly #metrics: SessionMetrics;
   readonly #outputNames: readonly string[];
   readonly controller?: LatencyController;
   #queues = new Map<string, Queue>();
   #queued = 0;
-  #running = false;
+  #running = 0;
   #closed = false;
   #timer: { timeout?: ReturnType<typeof setTimeout>; immediate?: ReturnType<typeof setImmediate> } | undefined;
   #timerAt = Infinity;
 
-  constructor(layout: BatchLayout, opts: ReturnType<typeof checkBatchingOptions>, outputNames: readonly string[], run: BatchRunner, metrics: SessionMetrics) {
+  constructor(layout: BatchLayout, opts: CheckedBatchingOptions, outputNames: readonly string[], run: BatchRunner, metrics: SessionMetrics) {
     this.#layout = layout;
     this.#opts = opts;
     this.#outputNames = outputNames;
@@ -301,7 +311,7 @@ export class Batcher {
    * maxDelayMs 0, instead of the first of them running alone.
    */
   #pump(fromTimer = false): void {
-    if (this.#running || this.#closed) return;
+    if (this.#running >= this.#opts.maxConcurrentBatches || this.#closed) return;
     const t = now();
     let pick: { q: Queue; n: number } | undefined;
     let nextAt = Infinity;
@@ -319,6 +329,8 @@ export class Batcher {
     }
     if (pick) {
       void this.#dispatch(pick.q, pick.n);
+      // Another batch may be due too, and may run beside it.
+      this.#pump(fromTimer);
       return;
     }
     if (this.#timer && nextAt >= this.#timerAt && nextAt !== Infinity) return;
@@ -352,11 +364,11 @@ export class Batcher {
     if (q.requests.length === 0) this.#queues.delete(q.key);
     this.#queued -= n;
     this.#metrics.queueChanged(this.#queued);
-    this.#running = true;
+    this.#running++;
     try {
       await this.#runBatch(reqs, t0);
     } finally {
-      this.#running = false;
+      this.#running--;
       this.#pump();
     }
   }

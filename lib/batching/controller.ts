@@ -19,6 +19,8 @@
  *    more than twice the largest one measured are not chosen, so the model is never trusted far
  *    beyond what it has seen; as beyond it the prediction keeps the per-row cost, ties make the
  *    batcher explore upwards until a larger size measures worse.
+ *    Every PROBE_EVERY-th batch is one ladder size larger than the rule says (still within the
+ *    budget where the rule's choice met it), so that an estimate spoiled by noise is measured again.
  * 3. Delay: a partial batch waits at most `maxDelayMs x scale`, and never so long that the
  *    oldest request could not still finish in time. `scale` halves whenever the p99 of the last
  *    LATENCY_WINDOW requests passes HIGH_WATER x target and recovers slowly below LOW_WATER x
@@ -34,6 +36,11 @@ const HIGH_WATER = 0.9;
 const LOW_WATER = 0.6;
 /** A smaller batch is chosen over a larger one only if it costs at most this share per row. */
 const SMALLER_GAIN = 0.9;
+/**
+ * Every PROBE_EVERY-th batch tries the next ladder size above the choice: an estimate made under a
+ * burst of load elsewhere would otherwise keep a size that looks too slow from ever running again.
+ */
+const PROBE_EVERY = 32;
 /** Smallest delay scale: below this the delay is not worth a timer. */
 const MIN_SCALE = 1 / 64;
 
@@ -49,6 +56,8 @@ export class LatencyController {
   #cost = new Map<number, number>();
   #sizes: number[] = [];
   #seen = new Set<number>();
+  #runs = 0;
+  #probing = false;
   #latencies = new Float64Array(LATENCY_WINDOW);
   #latencyCount = 0;
   #scale = 1;
@@ -73,6 +82,7 @@ export class LatencyController {
    * and a size whose one measurement is inflated so would look too slow to be tried again.
    */
   observeRun(rows: number, ms: number): void {
+    this.#probing = ++this.#runs % PROBE_EVERY === 0;
     if (!this.#seen.has(rows)) {
       this.#seen.add(rows);
       return;
@@ -149,7 +159,11 @@ export class LatencyController {
       if (perRow < anyPerRow * SMALLER_GAIN) { any = rows; anyPerRow = perRow; }
       if (cost <= budget && perRow < fitPerRow * SMALLER_GAIN) { fit = rows; fitPerRow = perRow; }
     }
-    return fit || any;
+    const choice = fit || any;
+    if (!this.#probing) return choice;
+    // Probe the next ladder size up (within the budget when the choice met it).
+    const up = this.#ladder.filter((r) => r > choice && r <= upTo).at(-1);
+    return up !== undefined && (!fit || this.predict(up) <= budget) ? up : choice;
   }
 
   /**
