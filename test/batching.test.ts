@@ -323,7 +323,7 @@ describe('LatencyController', () => {
     expect(c.predict(8)).toBeCloseTo(5, 12);
   });
 
-  it('takes the ladder size cheapest per row that keeps the oldest request under 0.8 x target', () => {
+  it('takes the largest ladder size that keeps the oldest request under 0.8 x target, and the largest once late', () => {
     const c = new LatencyController({ targetMs: 20, maxBatchSize: 64, maxDelayMs: 4 }, [12]);
     // Cost 1 ms + 0.25 ms per row, measured at 1 and 32 rows.
     c.observeRun(1, 1000); // its plan compiles: not measured
@@ -348,7 +348,7 @@ describe('LatencyController', () => {
     expect(fresh.batchRows(0, 64)).toBe(8); // explores at most 2x the largest size seen
   });
 
-  it('stays at the batch size with the lowest cost per row when larger batches cost more per row', () => {
+  it('skips sizes that cost over 15% more per row than a smaller one', () => {
     // MobileNetV2 on sonde's conv kernels at 2 threads: per-row time grows with the batch.
     const c = new LatencyController({ targetMs: 1000, maxBatchSize: 64, maxDelayMs: 5 });
     c.observeRun(1, 1000); // its plan compiles: not measured
@@ -364,9 +364,11 @@ describe('LatencyController', () => {
     expect(c.batchRows(0, 64)).toBe(1);
     c.observeRun(1, 12.7);
     expect(c.batchRows(0, 64)).toBe(2);
-    c.observeRun(2, 20); // measured faster this time: EWMA 31.3 + 0.2 (20 - 31.3) = 29.04 ms
-    expect(c.predict(2)).toBeCloseTo(29.04, 10);
+    c.observeRun(2, 25); // EWMA 31.3 + 0.2 (25 - 31.3) = 30.04 ms: 15.02 per row, 1.18x one row's
+    expect(c.predict(2)).toBeCloseTo(30.04, 10);
     expect(c.batchRows(0, 64)).toBe(1);
+    c.observeRun(2, 10); // 30.04 + 0.2 (10 - 30.04) = 26.03 ms: 13.02 per row, within 15%: two rows
+    expect(c.batchRows(0, 64)).toBe(2);
     // Cost per row falling then rising: the minimum in between wins.
     const d = new LatencyController({ targetMs: 1000, maxBatchSize: 64, maxDelayMs: 5 });
     d.observeRun(1, 1000); // its plan compiles: not measured

@@ -318,7 +318,9 @@ export class Batcher {
     for (const q of this.#queues.values()) {
       const head = q.requests[0]!;
       const wait = t - head.arrived;
-      const limit = this.controller ? this.controller.batchRows(wait, q.rows) : this.#opts.maxBatchSize;
+      // The limit is not capped at the rows queued now: a batch at its limit goes at once, and
+      // a partial one waits for the delay to grow.
+      const limit = this.controller ? this.controller.batchRows(wait, this.#opts.maxBatchSize) : this.#opts.maxBatchSize;
       const delay = this.controller ? this.controller.delayMs() : this.#opts.maxDelayMs;
       const n = this.#select(q, limit, fromTimer && wait >= delay);
       if (n > 0) {

@@ -9,16 +9,16 @@
  * 1. Cost model: an EWMA of the run time per batch size. A size never run is predicted from its
  *    observed neighbours: linearly between two, and beyond the largest as that size's time scaled
  *    by rows (an upper bound where a batch costs a fixed overhead plus a per-row part).
- * 2. Batch size (chosen from a ladder: powers of two, maxBatchSize, the preferred sizes): the oldest queued request finishes `waited + cost(rows)` after it arrived. Of the
- *    row counts whose prediction keeps that under HEADROOM x target, the next batch takes the one
- *    with the lowest predicted cost per row (a smaller size must be 10% cheaper per row to win): throughput is maximised within
- *    the latency budget, and a model whose cost per row grows with the batch (a CNN whose
- *    activations outgrow the cache) stays at small batches. When no size fits, the target is
- *    already missed for that request, and the cheapest-per-row size among all is taken, because
- *    clearing the backlog fastest is what brings the next requests back under the target. Sizes
- *    more than twice the largest one measured are not chosen, so the model is never trusted far
- *    beyond what it has seen; as beyond it the prediction keeps the per-row cost, ties make the
- *    batcher explore upwards until a larger size measures worse.
+ * 2. Batch size, from a ladder (powers of two, maxBatchSize, the preferred sizes): the oldest
+ *    queued request finishes `waited + cost(rows)` after it arrived, so the next batch takes the
+ *    largest size whose prediction keeps that under HEADROOM x target, skipping sizes that cost
+ *    more than LARGER_TOLERANCE times a smaller size per row: a model whose cost per row grows
+ *    with the batch (a CNN whose activations outgrow the cache) stays at small batches. When no
+ *    size fits, the target is already missed for that request, and the batch takes the largest
+ *    size not skipped, because clearing the backlog fastest is what brings the next requests
+ *    back under the target. Sizes more than twice the largest one measured are not chosen, so the
+ *    model is never trusted far beyond what it has seen; since beyond it the prediction keeps the
+ *    per-row cost, the batcher explores upwards until a larger size measures clearly worse.
  *    Every PROBE_EVERY-th batch is one ladder size larger than the rule says (still within the
  *    budget where the rule's choice met it), so that an estimate spoiled by noise is measured again.
  * 3. Delay: a partial batch waits at most `maxDelayMs x scale`, and never so long that the
@@ -34,8 +34,8 @@ const HEADROOM = 0.8;
 const LATENCY_WINDOW = 256;
 const HIGH_WATER = 0.9;
 const LOW_WATER = 0.6;
-/** A smaller batch is chosen over a larger one only if it costs at most this share per row. */
-const SMALLER_GAIN = 0.9;
+/** A larger batch is taken unless it costs more than this times a smaller one's per row. */
+const LARGER_TOLERANCE = 1.15;
 /**
  * Every PROBE_EVERY-th batch tries the next ladder size above the choice: an estimate made under a
  * burst of load elsewhere would otherwise keep a size that looks too slow from ever running again.
@@ -145,19 +145,23 @@ export class LatencyController {
     const cap = Math.min(this.limits.maxBatchSize, Math.max(1, 2 * largest));
     const upTo = Math.min(cap, Math.max(1, queuedRows));
     const budget = HEADROOM * this.limits.targetMs - oldestWaitMs;
-    // Largest first; a smaller size replaces a larger one only at under SMALLER_GAIN of its cost per row,
-    // because every batch also costs event-loop work (dispatch, settling, the callers' next
-    // requests) that the measured run time does not show, and run times are noisy.
+    // Smallest first; a size counts unless it costs over LARGER_TOLERANCE times the cheapest
+    // smaller size per row. Within that tolerance the larger wins: measured run times are noisy
+    // (other processes, the batch running beside it), and a flat cost per row means fewer batches
+    // for the same rows, each with its event-loop work that run times do not show.
     let fit = 0;
-    let fitPerRow = Infinity;
-    let any = upTo;
-    let anyPerRow = Infinity;
-    for (const rows of this.#ladder) {
-      if (rows > upTo) continue;
+    let any = 0;
+    let cheapest = Infinity;
+    for (let i = this.#ladder.length - 1; i >= 0; i--) {
+      const rows = this.#ladder[i]!;
+      if (rows > upTo) break;
       const cost = this.predict(rows);
       const perRow = cost / rows;
-      if (perRow < anyPerRow * SMALLER_GAIN) { any = rows; anyPerRow = perRow; }
-      if (cost <= budget && perRow < fitPerRow * SMALLER_GAIN) { fit = rows; fitPerRow = perRow; }
+      if (perRow <= cheapest * LARGER_TOLERANCE) {
+        any = rows;
+        if (cost <= budget) fit = rows;
+      }
+      cheapest = Math.min(cheapest, perRow);
     }
     const choice = fit || any;
     if (!this.#probing) return choice;
