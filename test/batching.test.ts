@@ -380,6 +380,19 @@ describe('LatencyController', () => {
     expect(d.batchRows(0, 64)).toBe(8);
   });
 
+  it('the recent p99 is that of the last 256 latencies', () => {
+    const c = new LatencyController({ targetMs: 20, maxBatchSize: 64, maxDelayMs: 8 });
+    expect(c.recentP99()).toBeNaN();
+    const all: number[] = [];
+    for (let i = 0; i < 600; i++) {
+      const v = ((i * 7919) % 1009) / 10;
+      all.push(v);
+      c.observeLatency(v);
+      const window = all.slice(-256).sort((a, b) => a - b);
+      expect(c.recentP99()).toBe(window[Math.ceil(0.99 * window.length) - 1]);
+    }
+  });
+
   it('halves the delay when the recent p99 nears the target and recovers slowly when well under it', () => {
     const c = new LatencyController({ targetMs: 20, maxBatchSize: 64, maxDelayMs: 8 });
     c.observeRun(1, 1000); // its plan compiles: not measured

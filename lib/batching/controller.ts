@@ -60,6 +60,7 @@ export class LatencyController {
   #probing = false;
   #latencies = new Float64Array(LATENCY_WINDOW);
   #latencyCount = 0;
+  #top = new Float64Array(LATENCY_WINDOW - Math.ceil(0.99 * LATENCY_WINDOW) + 1);
   #scale = 1;
 
   /**
@@ -106,12 +107,24 @@ export class LatencyController {
     else if (p99 < LOW_WATER * target) this.#scale = Math.min(1, this.#scale * 1.05);
   }
 
-  /** p99 of the last LATENCY_WINDOW end-to-end latencies (NaN before any). */
+  /**
+   * p99 of the last LATENCY_WINDOW end-to-end latencies (NaN before any). Called per request: the
+   * k-th largest (k <= 3 for 256) in one pass, with no sort and no allocation.
+   */
   recentP99(): number {
     const n = Math.min(this.#latencyCount, LATENCY_WINDOW);
     if (n === 0) return NaN;
-    const xs = Array.from(this.#latencies.subarray(0, n)).sort((a, b) => a - b);
-    return xs[Math.min(n - 1, Math.ceil(0.99 * n) - 1)]!;
+    const k = n - (Math.ceil(0.99 * n) - 1);
+    const top = this.#top;
+    top.fill(-Infinity, 0, k);
+    for (let i = 0; i < n; i++) {
+      const v = this.#latencies[i]!;
+      if (v <= top[k - 1]!) continue;
+      let j = k - 1;
+      while (j > 0 && top[j - 1]! < v) { top[j] = top[j - 1]!; j--; }
+      top[j] = v;
+    }
+    return top[k - 1]!;
   }
 
   /** Predicted run time (ms) of a batch of `rows`; 0 before any run was measured. */
