@@ -420,6 +420,11 @@ export class Batcher {
   async #runAlone(reqs: Request[]): Promise<void> {
     for (const r of reqs) {
       if (r.state !== 'running') continue;
+      // Disposed meanwhile: the session's plans and weights are gone.
+      if (this.#closed) {
+        this.#settle(r, new DisposedError('Session.run: the session was disposed before this request could run'));
+        continue;
+      }
       const t0 = now();
       try {
         const out = await this.#run(r.tensors, r.signal);
