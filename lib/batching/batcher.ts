@@ -17,12 +17,11 @@
  * ArrayBuffer between callers, and any caller could then overwrite another's rows through `.buffer`.
  */
 import { allocOutput } from '../buffers.js';
-import { AbortError, DisposedError, QueueFullError } from '../errors.js';
+import { AbortError, DisposedError, InvalidArgumentError, QueueFullError } from '../errors.js';
 import type { SessionMetrics } from '../metrics/session.js';
 import type { Dim } from '../onnx/model.js';
 import { Tensor } from '../tensor.js';
 import { checkInt, checkOptions, describe } from '../validate.js';
-import { InvalidArgumentError } from '../errors.js';
 import { LatencyController } from './controller.js';
 
 export interface BatchingOptions {
