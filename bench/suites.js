@@ -599,4 +599,105 @@ async function* modelsSuite(ctx) {
   yield { case: `event-loop lag, resnet50 n1 t${pool}`, p99Ms: lag.p99, maxMs: lag.max, ortP99Ms: ortLag.p99, ortMaxMs: ortLag.max, vs: 'onnxruntime-node', note };
 }
 
-export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, sparse: sparseSuite, models: modelsSuite };
+
+/**
+ * Closed-loop load: `callers` concurrent callers, each sending the next request as soon as its
+ * previous one answers, for `ms`. Appends end-to-end latencies (ms) and 1 ms timer lags (ms) to
+ * `into` and adds the requests answered and the elapsed time.
+ */
+async function closedLoop(session, feedOf, callers, ms, into) {
+  let last = performance.now();
+  const timer = setInterval(() => {
+    const now = performance.now();
+    into.lags.push(Math.max(0, now - last - 1));
+    last = now;
+  }, 1);
+  const start = performance.now();
+  const end = start + ms;
+  await Promise.all(Array.from({ length: callers }, async (_, i) => {
+    const feed = feedOf(i);
+    while (performance.now() < end) {
+      const t0 = performance.now();
+      await session.run(feed);
+      into.lat.push(performance.now() - t0);
+    }
+  }));
+  into.elapsed += performance.now() - start;
+  clearInterval(timer);
+}
+
+const quantile = (xs, p) => {
+  const sorted = [...xs].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.ceil(p * sorted.length) - 1)] ?? NaN;
+};
+
+/**
+ * Dynamic batching (issue #7): 64 closed-loop callers sending batch-1 requests to the MLP
+ * 784-1024-1024-10 and to MobileNetV2, 2 threads, with batching off, on (fixed maxBatchSize and
+ * maxDelayMs), and on with targetLatencyMs. The three run in turns (rounds of one slice each), so
+ * that a burst of load from elsewhere on a shared machine hits all three alike. Each row reports
+ * throughput, p50/p99 end-to-end latency, the mean batch size, the share of batch time spent
+ * copying rows in and out (copyPct), the 1 ms timer's lag p99, and the checks of the issue:
+ * `speedup` (throughput against batching off), `p99BoundMs` (maxDelayMs + 2x the batch run time's
+ * p99) and `targetMs`. Every batched output is first checked against an unbatched run.
+ */
+async function* batchingSuite(ctx) {
+  const Session = sonde.Session;
+  const threads = Math.min(2, getThreads());
+  const callers = 64;
+  const rounds = ctx.quick ? 3 : 6;
+  const cases = [
+    // MobileNetV2's batch is capped at 8: sonde's conv kernels cost more per row at larger batches
+    // (activations outgrow the cache), so a 64-row batch would only show that, 4 s at a time.
+    { name: 'mlp', maxBatchSize: 64, maxDelayMs: 2, sliceMs: ctx.quick ? 500 : 2000, targetMs: 25 },
+    { name: 'mobilenetv2', maxBatchSize: 8, maxDelayMs: 5, sliceMs: ctx.quick ? 1300 : 5000, targetMs: 2000 },
+  ];
+  for (const c of cases) {
+    const bytes = modelBytes(c.name);
+    // One distinct row per caller, so a mix-up of rows between callers changes an answer.
+    const inputs = Array.from({ length: callers }, (_, i) => modelInput(c.name, 1, 1000 + i));
+    const feedOf = (i) => ({ input: new Tensor('float32', inputs[i].data, inputs[i].dims) });
+    const fixed = { maxBatchSize: c.maxBatchSize, maxDelayMs: c.maxDelayMs };
+    const variants = [
+      { label: 'batching off', options: {} },
+      { label: 'batching on', options: { batching: fixed } },
+      // Within reach at this load: 64 requests in flight need at least 64x the best cost per row.
+      { label: `target ${c.targetMs} ms`, options: { batching: { ...fixed, targetLatencyMs: c.targetMs } } },
+    ];
+    for (const [k, v] of variants.entries()) {
+      v.session = await Session.load(bytes, { threads, name: `${c.name}-${k}`, ...v.options });
+      v.stats = { lat: [], lags: [], elapsed: 0 };
+    }
+    const want = [];
+    for (let i = 0; i < 8; i++) want.push((await variants[0].session.run(feedOf(i))).output.data);
+    for (const v of variants.slice(1)) {
+      const got = await Promise.all(want.map((_, i) => v.session.run(feedOf(i))));
+      got.forEach((g, i) => {
+        const d = relativeDifference(g.output.data, want[i]);
+        if (!(d <= roundingTolerance(c.name))) throw new Error(`${c.name} ${v.label}: request ${i}'s batched output differs from its unbatched one by ${d.toExponential(2)}`);
+      });
+      v.before = v.session.metrics();
+    }
+    for (let r = 0; r < rounds; r++) {
+      for (const v of r % 2 ? [...variants].reverse() : variants) await closedLoop(v.session, feedOf, callers, c.sliceMs, v.stats);
+    }
+    const offRps = (variants[0].stats.lat.length * 1000) / variants[0].stats.elapsed;
+    for (const v of variants) {
+      const st = v.stats;
+      const rps = (st.lat.length * 1000) / st.elapsed;
+      const row = { case: `${c.name} b1 x${callers} t${threads} ${v.label}`, rps, p50Ms: quantile(st.lat, 0.5), p99Ms: quantile(st.lat, 0.99), lagP99Ms: quantile(st.lags, 0.99) };
+      if (v.before) {
+        const m = v.session.metrics();
+        row.meanBatch = (m.batchSize.sum - v.before.batchSize.sum) / (m.batches - v.before.batches);
+        row.copyPct = m.copyFraction * 100;
+        row.speedup = rps / offRps;
+        if (v.options.batching.targetLatencyMs) row.targetMs = v.options.batching.targetLatencyMs;
+        else row.p99BoundMs = c.maxDelayMs + 2 * m.computeTime.p99 * 1e3;
+      }
+      v.session.dispose();
+      yield row;
+    }
+  }
+}
+
+export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, sparse: sparseSuite, models: modelsSuite, batching: batchingSuite };

@@ -6,7 +6,7 @@
  */
 import { native } from '../binding.js';
 import { InvalidArgumentError } from '../errors.js';
-import { Histogram, type HistogramSnapshot } from './histogram.js';
+import { Histogram, type HistogramOptions, type HistogramSnapshot } from './histogram.js';
 
 export type Labels = Readonly<Record<string, string>>;
 type Kind = 'counter' | 'gauge' | 'histogram';
@@ -21,6 +21,15 @@ interface Family {
   labelNames: readonly string[];
   series: Map<string, { labels: Labels; value: number; histogram?: Histogram }>;
   collect?: () => void;
+  histogramOptions?: HistogramOptions;
+}
+
+/** A family's live series (histograms as the objects themselves), as `collect()` returns them. */
+export interface CollectedFamily {
+  name: string;
+  help: string;
+  type: Kind;
+  series: { labels: Labels; value: number; histogram?: Histogram }[];
 }
 
 export interface CounterHandle { inc(labels?: Labels, by?: number): void }
@@ -47,9 +56,15 @@ function formatNumber(v: number): string {
 
 export class MetricsRegistry {
   #families = new Map<string, Family>();
+  #listeners = new Set<(name: string) => void>();
 
-  counter(name: string, help: string, labelNames: readonly string[] = []): CounterHandle {
+  /**
+   * `collect`, if given, runs before every snapshot or exposition and sets the totals kept
+   * elsewhere (a hot path then counts in a plain field instead of a labelled series lookup).
+   */
+  counter(name: string, help: string, labelNames: readonly string[] = [], collect?: (set: GaugeHandle['set']) => void): CounterHandle {
     const f = this.#family(name, help, 'counter', labelNames);
+    if (collect) f.collect = () => collect((labels, value) => { this.#series(f, labels ?? {}).value = value; });
     return {
       inc: (labels = {}, by = 1) => {
         if (!(by >= 0)) throw new InvalidArgumentError(`counter ${name}: increment must be >= 0, got ${by}`);
@@ -66,11 +81,13 @@ export class MetricsRegistry {
     return { set };
   }
 
-  histogram(name: string, help: string, labelNames: readonly string[] = []): HistogramHandle {
+  /** `options` sets the resolved range of every series (default 1 µs to 1e4 s, for latencies). */
+  histogram(name: string, help: string, labelNames: readonly string[] = [], options?: HistogramOptions): HistogramHandle {
     const f = this.#family(name, help, 'histogram', labelNames);
+    if (options) f.histogramOptions = options;
     const get = (labels: Labels = {}) => {
       const s = this.#series(f, labels);
-      return (s.histogram ??= new Histogram());
+      return (s.histogram ??= new Histogram(f.histogramOptions));
     };
     return { observe: (labels, value) => get(labels ?? {}).record(value), get };
   }
@@ -82,6 +99,20 @@ export class MetricsRegistry {
         if (Object.entries(match).every(([k, v]) => s.labels[k] === v)) f.series.delete(key);
       }
     }
+  }
+
+  /** Every family's live series after running the gauges' collect callbacks (for exporters). */
+  collect(): CollectedFamily[] {
+    return [...this.#families.values()].map((f) => {
+      f.collect?.();
+      return { name: f.name, help: f.help, type: f.kind, series: [...f.series.values()] };
+    });
+  }
+
+  /** Calls `listener` with the name of every family registered from now on; returns an unsubscribe. */
+  onFamily(listener: (name: string) => void): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
   }
 
   snapshot(): MetricSnapshot[] {
@@ -137,6 +168,7 @@ export class MetricsRegistry {
     }
     const f: Family = { name, help, kind, labelNames: [...labelNames], series: new Map() };
     this.#families.set(name, f);
+    for (const l of this.#listeners) l(name);
     return f;
   }
 

@@ -4,11 +4,13 @@
  * plan (lib/session/compile.ts) and cached; a run is one native call on sonde's pool.
  */
 import { readFile } from 'node:fs/promises';
-import { dirname, resolve } from 'node:path';
+import { basename, dirname, extname, resolve } from 'node:path';
 import { native, type NativePlan } from '../binding.js';
 import { allocOutput } from '../buffers.js';
 import { resolveDevice } from '../device.js';
-import { AbortError, InvalidArgumentError, ModelFormatError, callNative, fromNative } from '../errors.js';
+import { Batcher, checkBatchingOptions, findBatchLayout, type BatchingOptions } from '../batching/batcher.js';
+import { AbortError, DisposedError, InvalidArgumentError, ModelFormatError, SondeError, callNative, fromNative } from '../errors.js';
+import { SessionMetrics, type SessionMetricsSnapshot } from '../metrics/session.js';
 import { NativeResource, withSignal } from '../lifetime.js';
 import { checkSupported, parseModel, type Dim, type OnnxGraph, type OnnxNode } from '../onnx/model.js';
 import { Tensor, type DType } from '../tensor.js';
@@ -19,7 +21,7 @@ import { isSupported } from './ops/index.js';
 import type { Prepared } from './ops/types.js';
 import { optimize, type OptimizationLevel } from './optimize.js';
 
-export type { OptimizationLevel };
+export type { OptimizationLevel, BatchingOptions, SessionMetricsSnapshot };
 
 export interface SessionOptions {
   /** 'auto' (default), 'cpu', 'cuda' or 'cuda:N'. Graph sessions compute on the CPU. */
@@ -30,8 +32,17 @@ export interface SessionOptions {
   optimization?: OptimizationLevel;
   /** 'fp32' (default) or 'bf16': GEMM and conv weights stored in bf16, accumulation in fp32. */
   precision?: 'fp32' | 'bf16';
+  /**
+   * Dynamic batching: concurrent run() calls that differ only in the batch dim share one native
+   * run. Needs a model whose inputs all have a symbolic batch dim (see README, "Batching").
+   */
+  batching?: BatchingOptions;
+  /** The `session` label of this session's metrics (default: the model file's name and a number). */
+  name?: string;
 }
-const LOAD_OPTIONS = ['device', 'threads', 'optimization', 'precision'] as const;
+const LOAD_OPTIONS = ['device', 'threads', 'optimization', 'precision', 'batching', 'name'] as const;
+
+let sessionCount = 0;
 
 export interface SessionRunOptions {
   /** Aborting rejects the run with AbortError; a run in progress stops at the next operator. */
@@ -87,9 +98,14 @@ export class Session extends NativeResource {
   #prepared: Map<OnnxNode, Prepared>;
   #plans = new Map<string, CachedPlan>();
   #threads: number;
+  #metrics: SessionMetrics;
+  #batcher?: Batcher;
+  /** Where the model's batch dim is (for the batch-size metric), if it has one. */
+  #batchAxis?: number;
 
-  private constructor(graph: OnnxGraph, opset: number, prepared: Map<OnnxNode, Prepared>, threads: number) {
+  private constructor(graph: OnnxGraph, opset: number, prepared: Map<OnnxNode, Prepared>, threads: number, name: string) {
     super();
+    this.#metrics = new SessionMetrics(name);
     this.#graph = graph;
     this.#opset = opset;
     this.#prepared = prepared;
@@ -112,6 +128,10 @@ export class Session extends NativeResource {
     const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
     const level = checkOneOf(`${where}: options.optimization`, opts.optimization ?? 'all', ['none', 'basic', 'all'] as const);
     const precision = checkOneOf(`${where}: options.precision`, opts.precision ?? 'fp32', ['fp32', 'bf16'] as const);
+    const batching = opts.batching === undefined ? undefined : checkBatchingOptions(`${where}: options.batching`, opts.batching);
+    if (opts.name !== undefined && (typeof opts.name !== 'string' || opts.name.length === 0)) {
+      throw new InvalidArgumentError(`${where}: options.name must be a non-empty string, got ${describe(opts.name)}`);
+    }
     let bytes: Uint8Array;
     let source: string;
     let baseDir: string | undefined;
@@ -137,6 +157,12 @@ export class Session extends NativeResource {
     }
     checkSupported(model.graph, isSupported);
     const graph = optimize(model.graph, level, model.opset);
+    const layout = findBatchLayout(
+      graph.inputs.filter((i) => !graph.initializers.has(i.name)).map((i) => ({ name: i.name, ...(i.shape ? { dims: i.shape } : {}) })),
+      graph.outputs.map((o) => ({ name: o.name, ...(o.shape ? { dims: o.shape } : {}) })));
+    if (batching && typeof layout === 'string') {
+      throw new InvalidArgumentError(`${where}: options.batching needs a batch dim in every input and output of ${source}, but ${layout}`);
+    }
     const prepared = new Map<OnnxNode, Prepared>();
     try {
       for (const node of graph.nodes) {
@@ -150,18 +176,64 @@ export class Session extends NativeResource {
       for (const p of prepared.values()) p.dispose();
       throw err;
     }
-    return new Session(graph, model.opset, prepared, threads);
+    sessionCount++;
+    const name = opts.name ?? `${typeof pathOrBytes === 'string' ? basename(pathOrBytes, extname(pathOrBytes)) : 'session'}-${sessionCount}`;
+    const session = new Session(graph, model.opset, prepared, threads, name);
+    if (typeof layout !== 'string') session.#batchAxis = layout.axis;
+    if (batching && typeof layout !== 'string') {
+      session.#batcher = new Batcher(layout, batching, session.outputs.map((o) => o.name),
+        (tensors, signal) => session.#execute(tensors, signal, new Error()), session.#metrics);
+    }
+    return session;
   }
 
-  /** Runs the model on `feeds` (one Tensor per input, by name); resolves to one Tensor per output. */
+  /**
+   * Runs the model on `feeds` (one Tensor per input, by name); resolves to one Tensor per output.
+   * With batching, the call may share a native run with others and resolves to its own rows.
+   */
   async run(feeds: Record<string, Tensor>, options?: SessionRunOptions): Promise<Record<string, Tensor>> {
-    const site = new Error();
+    const arrived = performance.now();
+    this.#metrics.requestStarted();
+    try {
+      const out = await this.#run(feeds, options, arrived);
+      this.#metrics.requestSettled((performance.now() - arrived) / 1000);
+      return out;
+    } catch (err) {
+      this.#metrics.requestSettled((performance.now() - arrived) / 1000, err instanceof SondeError ? err.code : 'ERR_OTHER');
+      throw err;
+    }
+  }
+
+  /** A snapshot of this session's metrics (latencies in seconds; see README, "Metrics"). */
+  metrics(): SessionMetricsSnapshot {
+    return this.#metrics.snapshot();
+  }
+
+  async #run(feeds: Record<string, Tensor>, options: SessionRunOptions | undefined, arrived: number): Promise<Record<string, Tensor>> {
     const where = 'Session.run';
     this.checkAlive(where);
     const opts = checkOptions<SessionRunOptions>(where, options, RUN_OPTIONS);
     const signal = checkSignal(`${where}: options.signal`, opts.signal);
     const tensors = this.#checkFeeds(where, feeds);
     if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason });
+    const rows = this.#batcher?.rowsOf(tensors);
+    if (this.#batcher && rows !== undefined) return this.#batcher.submit(tensors, rows, signal, arrived);
+    // Made here, still on the caller's stack, so that a native error points at the caller's code.
+    // A batched request skips it: capturing a stack costs microseconds per call, and its native
+    // errors come from a run shared with other callers anyway.
+    const site = new Error();
+    this.#metrics.dequeued(0);
+    const t0 = performance.now();
+    try {
+      return await this.#execute(tensors, signal, site);
+    } finally {
+      const axis = this.#batchAxis;
+      this.#metrics.ran(axis === undefined ? 1 : (tensors[0]?.dims[axis] ?? 1), (performance.now() - t0) / 1000);
+    }
+  }
+
+  /** One native run of validated tensors. */
+  async #execute(tensors: Tensor[], signal: AbortSignal | undefined, site: Error): Promise<Record<string, Tensor>> {
     const entry = this.#plan(tensors);
     const results: Record<string, Tensor> = {};
     const outs: ArrayBufferView[] = [];
@@ -261,6 +333,8 @@ export class Session extends NativeResource {
   }
 
   protected release(): void {
+    this.#batcher?.close(() => new DisposedError('Session.run: the session was disposed while this request was queued'));
+    this.#metrics.close();
     for (const e of this.#plans.values()) e.plan?.dispose();
     this.#plans.clear();
     for (const p of this.#prepared.values()) p.dispose();
