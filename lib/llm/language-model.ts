@@ -20,13 +20,9 @@ import { checkInt, checkOptions, checkSignal, describe } from '../validate.js';
 import type { GgufFile } from './gguf.js';
 import type { LlmEngine, LlmSequence, ModelConfig } from './engine.js';
 import { SAMPLING_OPTIONS, Sampler, type SamplingOptions } from './sampling.js';
+import type { ChatMessage } from './tokenizer.js';
 
-/** One chat message; `content` is what the model's chat template reads. */
-export interface ChatMessage {
-  role: string;
-  content?: unknown;
-  [key: string]: unknown;
-}
+export type { ChatMessage };
 
 /** A streaming decoder: text for each token, never splitting a UTF-8 character. */
 export interface TokenStreamDecoder {
@@ -110,6 +106,7 @@ const TOKENIZE_OPTIONS = ['addSpecial', 'parseSpecial'] as const;
 const DETOKENIZE_OPTIONS = ['special'] as const;
 const LOGITS_OPTIONS = ['signal'] as const;
 const DEFAULT_CONTEXT = 4096;
+const MAX_CONTEXT = 1 << 24;
 
 type Prompt = string | readonly number[] | Int32Array | readonly ChatMessage[];
 
@@ -167,7 +164,7 @@ export class LanguageModel extends NativeResource {
   static #contextSize(where: string, value: unknown, config: ModelConfig): number {
     if (value === undefined) return Math.max(1, Math.min(config.contextLength, DEFAULT_CONTEXT));
     // Beyond the trained length RoPE positions are out of distribution; llama.cpp allows it too.
-    return checkInt(`${where}: options.contextSize`, value, 1, 1 << 24);
+    return checkInt(`${where}: options.contextSize`, value, 1, MAX_CONTEXT);
   }
 
   static #describe(config: ModelConfig, file: GgufFile, contextSize: number): LanguageModelInfo {
