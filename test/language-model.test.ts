@@ -9,6 +9,8 @@ import { AbortError, DisposedError, InvalidArgumentError } from '../lib/errors.j
 import type { EvalOptions, LlmEngine, LlmSequence, ModelConfig } from '../lib/llm/engine.js';
 import type { GgufFile } from '../lib/llm/gguf.js';
 import { LanguageModel, type ChatMessage, type LanguageModelTokenizer } from '../lib/llm/language-model.js';
+import { Tokenizer } from '../lib/llm/tokenizer.js';
+import { bpeVocab } from './llm-fixtures.js';
 
 const BOS = 256;
 const EOS = 257;
@@ -71,24 +73,24 @@ function hash(tokens: readonly number[]): number {
 }
 
 /** The fake model continues the script from the longest tail of `prefix` that begins it. */
-function nextScripted(prefix: readonly number[]): number {
-  for (let n = Math.min(prefix.length, SCRIPT.length - 1); n > 0; n--) {
+function nextScripted(prefix: readonly number[], script: readonly number[]): number {
+  for (let n = Math.min(prefix.length, script.length - 1); n > 0; n--) {
     let ok = true;
-    for (let i = 0; i < n && ok; i++) ok = prefix[prefix.length - n + i] === SCRIPT[i];
-    if (ok) return SCRIPT[n]!;
+    for (let i = 0; i < n && ok; i++) ok = prefix[prefix.length - n + i] === script[i];
+    if (ok) return script[n]!;
   }
-  return SCRIPT[0]!;
+  return script[0]!;
 }
 
 /** Logits of the fake model: the scripted token at 8, plus noise in [0, 0.5) from the whole prefix. */
-function fakeLogits(prefix: readonly number[]): Float32Array {
-  const out = new Float32Array(VOCAB);
+function fakeLogits(prefix: readonly number[], vocab = VOCAB, script: readonly number[] = SCRIPT): Float32Array {
+  const out = new Float32Array(vocab);
   let h = hash(prefix);
-  for (let v = 0; v < VOCAB; v++) {
+  for (let v = 0; v < vocab; v++) {
     h = Math.imul(h ^ (h >>> 15), 0x2c1b3c6d) >>> 0;
     out[v] = ((h >>> 8) / 2 ** 24) * 0.5;
   }
-  out[nextScripted(prefix)]! += 8;
+  out[nextScripted(prefix, script)]! += 8;
   return out;
 }
 
@@ -98,10 +100,10 @@ interface FakeStats {
   onEval?: (tokens: readonly number[]) => void;
 }
 
-function fakeEngine(contextLength = 64, delayMs = 0): { engine: LlmEngine; stats: FakeStats } {
+function fakeEngine(contextLength = 64, delayMs = 0, vocab = VOCAB, script: readonly number[] = SCRIPT): { engine: LlmEngine; stats: FakeStats } {
   const stats: FakeStats = { evals: [], inFlight: 0, maxInFlight: 0, disposed: false, seqDisposed: false };
   const config: ModelConfig = {
-    architecture: 'llama', vocabSize: VOCAB, contextLength, embeddingLength: 8, blockCount: 2, headCount: 2,
+    architecture: 'llama', vocabSize: vocab, contextLength, embeddingLength: 8, blockCount: 2, headCount: 2,
     headCountKv: 1, headDim: 4, feedForwardLength: 16, rmsEpsilon: 1e-5, ropeFreqBase: 10000, ropeScale: 1,
     ropeNeox: false, expertCount: 4, expertUsedCount: 2, expertFeedForwardLength: 16, sharedExpertFeedForwardLength: 0,
     parameterCount: 12345, activeParameterCount: 6789,
@@ -133,11 +135,11 @@ function fakeEngine(contextLength = 64, delayMs = 0): { engine: LlmEngine; stats
             const rows: Float32Array[] = [];
             for (const t of tokens) {
               cache.push(t);
-              rows.push(fakeLogits(cache));
+              rows.push(fakeLogits(cache, vocab, script));
             }
             if (!o.allLogits) return rows[rows.length - 1]!;
-            const all = new Float32Array(rows.length * VOCAB);
-            rows.forEach((r, i) => all.set(r, i * VOCAB));
+            const all = new Float32Array(rows.length * vocab);
+            rows.forEach((r, i) => all.set(r, i * vocab));
             return all;
           } finally {
             stats.inFlight--;
@@ -438,5 +440,43 @@ describe('LanguageModel (fake engine)', () => {
     expect(() => m.generate('p')).toThrow(DisposedError);
     expect(() => m.tokenize('p')).toThrow(DisposedError);
     await expect(m.logits([1])).rejects.toThrow(DisposedError);
+  });
+});
+
+describe('LanguageModel with the GGUF tokenizer (fake engine)', () => {
+  const v = bpeVocab();
+  const template = '{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}' +
+    '{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}';
+  const eos = v.tokens.indexOf('<|endoftext|>');
+  const tokenizer = Tokenizer.fromGguf({
+    'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.pre': 'qwen2', 'tokenizer.ggml.tokens': v.tokens,
+    'tokenizer.ggml.token_type': v.types, 'tokenizer.ggml.merges': v.merges, 'tokenizer.ggml.eos_token_id': eos,
+    'tokenizer.ggml.bos_token_id': eos, 'tokenizer.ggml.add_bos_token': false, 'tokenizer.chat_template': template,
+  });
+  const text = 'Hello world, 日本語 and 😀 the end';
+  const script = [...tokenizer.encode(text, { addSpecial: false }), tokenizer.tokenId('<|im_end|>')!];
+  const make = () => LanguageModel.fromEngine(fakeEngine(128, 0, tokenizer.vocabSize, script).engine, tokenizer);
+
+  it('streams the text of byte-level BPE tokens, multi-byte characters whole, and stops at <|im_end|>', async () => {
+    expect(eos).toBeGreaterThan(0);
+    const m = make();
+    const r = await collect(m.generate('Q:'));
+    expect(r.tokens).toEqual(script.slice(0, -1));
+    expect(r.text).toBe(text);
+    for (const t of r.texts) expect(t).toBe(t.toWellFormed());
+    expect(await m.complete('Q:', { stop: '日本' })).toBe('Hello world, ');
+    expect(await m.complete('Q:', { stop: 'nd 😀' })).toBe('Hello world, 日本語 a');
+  });
+
+  it('renders chat messages with the chat template, control tokens parsed, no BOS (add_bos_token false)', async () => {
+    const m = make();
+    const messages = [{ role: 'user', content: 'hello' }];
+    const { engine, stats } = fakeEngine(128, 0, tokenizer.vocabSize, script);
+    const m2 = LanguageModel.fromEngine(engine, tokenizer);
+    await collect(m2.generate(messages, { maxTokens: 1 }));
+    const want = tokenizer.encode('<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n', { addSpecial: false, parseSpecial: true });
+    expect(stats.evals[0]).toEqual(want);
+    expect(want.filter((t) => t === tokenizer.tokenId('<|im_start|>')).length).toBe(2);
+    expect(await m.complete(messages)).toBe(text);
   });
 });
