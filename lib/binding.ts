@@ -126,6 +126,22 @@ export interface NativePlan {
 }
 
 export type NativeQuantType = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_0';
+
+/** The native transformer (native/binding/llm_binding.cc): immutable, shared by its sequences. */
+export interface NativeLlmModel {
+  dispose(): void;
+  info(): { disposed: boolean; bytes?: number; layers?: number };
+}
+
+/** One sequence's KV cache (fp32, contextSize positions; its bytes are reported to V8). */
+export interface NativeLlmSequence {
+  dispose(): void;
+  /** Tokens held (the next position). */
+  length(): number;
+  /** Forgets positions >= length; throws while an eval runs on it. */
+  truncate(length: number): void;
+  info(): { disposed: boolean; bytes?: number; capacity?: number; length?: number };
+}
 export type NativeQuantVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512' | 'avx512vnni';
 
 export interface NativeBinding {
@@ -212,6 +228,20 @@ export interface NativeBinding {
    */
   planRun(plan: NativePlan, inputs: ArrayBufferView[], outputs: ArrayBufferView[], threads: number,
     cancel?: NativeCancelToken, timings?: Float64Array): Promise<void>;
+  /**
+   * Builds the transformer over a mapped GGUF: config is lib/llm/arch.ts's ModelConfig, indices its
+   * tensor table (lib/llm/arch.ts: tensorIndexTable). Throws ERR_SONDE_MODEL_FORMAT naming a
+   * missing / mistyped / misshapen tensor, ERR_SONDE_UNSUPPORTED_OPERATOR for what is not wired.
+   */
+  llmModelCreate(gguf: NativeGgufHandle, config: object, indices: Int32Array): NativeLlmModel;
+  llmSequenceCreate(model: NativeLlmModel, contextSize: number): NativeLlmSequence;
+  /**
+   * Appends tokens to the sequence and writes their logits ([tokens.length, vocab] if allLogits,
+   * else [vocab]). Rejects ERR_SONDE_INVALID_ARGUMENT for an id outside the vocabulary or a context
+   * overflow (before any work), ERR_SONDE_ABORTED when cancelled (the sequence keeps its length).
+   */
+  llmEval(model: NativeLlmModel, seq: NativeLlmSequence, tokens: Int32Array, logits: Float32Array, allLogits: boolean,
+    threads: number, cancel?: NativeCancelToken): Promise<void>;
   peakFma(simd: 'scalar' | 'avx2' | 'avx512', threads: number, seconds: number): Promise<{ flops: number; seconds: number; threads: number; simd: string }>;
   readBandwidth(bytes: number, threads: number): Promise<{ bytes: number; seconds: number; threads: number }>;
 }

@@ -15,5 +15,6 @@ void RegisterGgufBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterQuantBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterSparseBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterPlanBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+void RegisterLlmBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 
 }  // namespace sonde
