@@ -18,7 +18,9 @@ const IM_START = 258;
 const IM_END = 259;
 /** A word piece: one token of several characters, so a stop string can start inside an event. */
 const WORD = 260;
-const VOCAB = 261;
+/** '!' and the first byte of a 4-byte character: a token that ends inside a character. */
+const BANG_LEAD = 261;
+const VOCAB = 262;
 const SPECIAL: Record<number, string> = { [BOS]: '<s>', [EOS]: '</s>', [IM_START]: '<|im_start|>', [IM_END]: '<|im_end|>' };
 
 const utf8 = (s: string) => Array.from(new TextEncoder().encode(s));
@@ -31,6 +33,7 @@ function fakeTokenizer(): LanguageModelTokenizer {
       const t = tokens[i]!;
       if (t < 256) out.push(t);
       else if (t === WORD) out.push(...utf8('Bye.'));
+      else if (t === BANG_LEAD) out.push(0x21, 0xf0);
       else if (special) out.push(...utf8(SPECIAL[t]!));
     }
     return Uint8Array.from(out);
@@ -50,6 +53,7 @@ function fakeTokenizer(): LanguageModelTokenizer {
       return out;
     },
     decode: (tokens, o = {}) => new TextDecoder().decode(pieces(tokens, o.special ?? false)),
+    tokenBytes: (t) => pieces([t], false),
     createDecoder() {
       const td = new TextDecoder();
       return { push: (t) => td.decode(pieces([t], false), { stream: true }), flush: () => td.decode() };
@@ -204,7 +208,7 @@ describe('LanguageModel (fake engine)', () => {
     expect(m.tokenize('<|im_end|>', { addSpecial: false, parseSpecial: true })).toEqual([IM_END]);
     expect(m.detokenize([BOS, 0x68, 0xc3, 0xa9])).toBe('hé');
     expect(m.detokenize([BOS, 0x61], { special: true })).toBe('<s>a');
-    expect(() => m.detokenize([1, VOCAB])).toThrow(/tokens\[1\] must be a token id in \[0, 260\], got 261/);
+    expect(() => m.detokenize([1, VOCAB])).toThrow(/tokens\[1\] must be a token id in \[0, 261\], got 262/);
     expect(() => m.detokenize([1.5])).toThrow(InvalidArgumentError);
     expect(() => m.tokenize(5 as never)).toThrow(/tokenize\(text\) must be a string/);
     expect(() => m.tokenize('a', { addSpecials: true } as never)).toThrow(/did you mean 'addSpecial'/);
@@ -232,6 +236,11 @@ describe('LanguageModel (fake engine)', () => {
     expect(cut.text).toBe('Hello, wörld! \ufffd');
     expect(cut.text).toBe(fakeTokenizer().decode(cut.tokens));
     expect(cut.texts.at(-1)).toBe('\ufffd');
+    // A token with a whole character and the start of another, then the end: the flush joins it.
+    const m2 = LanguageModel.fromEngine(fakeEngine(64, 0, VOCAB, [0x61, BANG_LEAD, EOS]).engine, fakeTokenizer());
+    const r2 = await collect(m2.generate('x'));
+    expect(r2.tokens).toEqual([0x61, BANG_LEAD]);
+    expect(r2.texts).toEqual(['a', '!\ufffd']);
   });
 
   it('maxTokens counts generated tokens; 0 generates nothing', async () => {
@@ -272,7 +281,7 @@ describe('LanguageModel (fake engine)', () => {
     const { m } = model();
     expect(await m.complete('p', { stop: 0x21 })).toBe('Hello, wörld');
     expect(await m.complete('p', { stop: ['Bye', 0x2c] })).toBe('Hello');
-    expect(() => m.generate('p', { stop: VOCAB })).toThrow(/options\.stop must be an integer in \[0, 260\]/);
+    expect(() => m.generate('p', { stop: VOCAB })).toThrow(/options\.stop must be an integer in \[0, 261\]/);
     expect(() => m.generate('p', { stop: [''] })).toThrow(/options\.stop\[0\] must not be an empty string/);
     expect(() => m.generate('p', { stop: [{}] as never })).toThrow(/options\.stop\[0\] must be a string or a token id/);
   });
@@ -416,7 +425,7 @@ describe('LanguageModel (fake engine)', () => {
       ['p', { signal: {} }, /options\.signal must be an AbortSignal/],
       ['p', { parseSpecial: 1 }, /options\.parseSpecial must be a boolean/],
       [42, undefined, /prompt must be a string, an array of token ids or an array of chat messages, got 42/],
-      [[1, VOCAB], undefined, /prompt\[1\] must be a token id in \[0, 260\]/],
+      [[1, VOCAB], undefined, /prompt\[1\] must be a token id in \[0, 261\]/],
       [[], undefined, /the prompt has no tokens/],
     ];
     for (const [prompt, opts, msg] of bad) {

@@ -14,13 +14,15 @@
  * The cache keeps the tokens of the last call, so a prompt that extends them (a chat turn after
  * the previous one) only evaluates its new tokens.
  */
-import { AbortError, DisposedError, InvalidArgumentError } from '../errors.js';
+import { resolveDevice } from '../device.js';
+import { AbortError, DeviceUnavailableError, DisposedError, InvalidArgumentError, ModelFormatError } from '../errors.js';
 import { NativeResource } from '../lifetime.js';
 import { checkInt, checkOptions, checkSignal, describe } from '../validate.js';
 import type { GgufFile } from './gguf.js';
 import type { LlmEngine, LlmSequence, ModelConfig } from './engine.js';
 import { SAMPLING_OPTIONS, Sampler, type SamplingOptions } from './sampling.js';
-import type { ChatMessage } from './tokenizer.js';
+import { Tokenizer, type ChatMessage } from './tokenizer.js';
+import { loadTransformer } from './transformer.js';
 
 export type { ChatMessage };
 
@@ -37,6 +39,8 @@ export interface LanguageModelTokenizer {
   readonly addBos: boolean;
   encode(text: string, options?: { addSpecial?: boolean; parseSpecial?: boolean }): number[];
   decode(tokens: readonly number[] | Int32Array, options?: { special?: boolean }): string;
+  /** The bytes createDecoder() decodes for `token` (empty for control tokens). */
+  tokenBytes(token: number): Uint8Array;
   createDecoder(options?: { special?: boolean }): TokenStreamDecoder;
   applyChatTemplate(messages: readonly ChatMessage[], options?: { addGenerationPrompt?: boolean }): string;
   /** Tokens that end a generation (EOS, EOT, <|im_end|>...). */
@@ -120,6 +124,29 @@ function abortError(signal: AbortSignal): AbortError {
   return new AbortError(undefined, { cause: signal.reason });
 }
 
+/**
+ * Whether a UTF-8 stream stops inside a character: true whenever a streaming TextDecoder holds
+ * bytes back (it holds only valid prefixes, which this counts the same way; for some invalid ones
+ * it says true where the decoder has already given U+FFFD, which only delays an event).
+ */
+class Utf8Tracker {
+  #need = 0;
+
+  get open(): boolean {
+    return this.#need > 0;
+  }
+
+  push(bytes: Uint8Array): void {
+    for (const b of bytes) {
+      if (this.#need > 0 && (b & 0xc0) === 0x80) this.#need--;
+      else if (b >= 0xc2 && b <= 0xdf) this.#need = 1;
+      else if (b >= 0xe0 && b <= 0xef) this.#need = 2;
+      else if (b >= 0xf0 && b <= 0xf4) this.#need = 3;
+      else this.#need = 0;
+    }
+  }
+}
+
 /** The longest suffix of `text` that is a proper prefix of one of `stops` (text that must wait). */
 function heldSuffix(text: string, stops: readonly string[]): number {
   let best = 0;
@@ -148,6 +175,36 @@ export class LanguageModel extends NativeResource {
     this.contextSize = contextSize;
     this.#sequence = engine.createSequence(contextSize);
     this.info = Object.freeze(LanguageModel.#describe(engine.config, engine.file, contextSize));
+  }
+
+  /**
+   * Loads a GGUF language model: maps the file, builds the native transformer (architectures
+   * llama, qwen2, qwen2moe) and the tokenizer from its metadata. Language models run on the CPU:
+   * 'auto' picks it, and an explicit 'cuda' is a DeviceUnavailableError.
+   */
+  static async load(path: string, options?: LanguageModelLoadOptions): Promise<LanguageModel> {
+    const where = 'LanguageModel.load';
+    if (typeof path !== 'string' || path.length === 0) {
+      throw new InvalidArgumentError(`${where}: path must be a non-empty string, got ${describe(path)}`);
+    }
+    const o = checkOptions<LanguageModelLoadOptions>(where, options, LOAD_OPTIONS);
+    const device = resolveDevice(o.device ?? 'auto', `${where}: options.device`);
+    if (device.kind === 'cuda' && o.device !== undefined && o.device !== 'auto') {
+      throw new DeviceUnavailableError(`${where}: options.device '${o.device}': language models run on the CPU in this version; use 'cpu' or 'auto'`);
+    }
+    const threads = o.threads === undefined ? undefined : checkInt(`${where}: options.threads`, o.threads, 1, 1024);
+    if (o.contextSize !== undefined) checkInt(`${where}: options.contextSize`, o.contextSize, 1, MAX_CONTEXT);
+    const engine = await loadTransformer(path, threads === undefined ? {} : { threads });
+    try {
+      const tokenizer = Tokenizer.fromGguf(engine.file.metadata);
+      if (tokenizer.vocabSize !== engine.config.vocabSize) {
+        throw new ModelFormatError(`${path}: the tokenizer has ${tokenizer.vocabSize} tokens but the model's embedding has ${engine.config.vocabSize} rows`);
+      }
+      return new LanguageModel(engine, tokenizer, LanguageModel.#contextSize(where, o.contextSize, engine.config));
+    } catch (err) {
+      engine.dispose();
+      throw err;
+    }
   }
 
   /**
@@ -276,6 +333,7 @@ export class LanguageModel extends NativeResource {
       let logits = await this.#eval(where, prompt.slice(common), signal, false);
       const history = prompt.slice();
       const decoder = this.#tokenizer.createDecoder();
+      const utf8 = new Utf8Tracker();
       const pending: GeneratedToken[] = [];
       let pendingText = '';
       let generated = 0;
@@ -284,6 +342,7 @@ export class LanguageModel extends NativeResource {
         const token = sampler.sample(logits, history);
         if (stopTokens.has(token) || this.#tokenizer.isEog(token)) break;
         const text = decoder.push(token);
+        utf8.push(this.#tokenizer.tokenBytes(token));
         generated++;
         history.push(token);
         pending.push({ token, text });
@@ -301,27 +360,33 @@ export class LanguageModel extends NativeResource {
               if (end >= at) break;
               const take = Math.min(e.text.length, at - end);
               end += e.text.length;
+              if (signal?.aborted) throw abortError(signal);
               yield { token: e.token, text: e.text.slice(0, take) };
             }
             return;
           }
         }
         // Release the events whose text cannot be part of a stop string. The newest one waits
-        // while its text is empty (its bytes end mid-character): the end-of-stream flush joins it.
+        // while the decoder holds the start of a character, so the end-of-stream flush (U+FFFD
+        // for an unfinished character) has an event to join.
         const releasable = pendingText.length - (stopStrings.length > 0 ? heldSuffix(pendingText, stopStrings) : 0);
         let end = 0;
         let n = 0;
         while (n < pending.length) {
           const e = pending[n]!;
           if (end + e.text.length > releasable) break;
-          if (n === pending.length - 1 && e.text === '') break;
+          if (n === pending.length - 1 && utf8.open) break;
           end += e.text.length;
           n++;
         }
         if (n > 0) {
           const out = pending.splice(0, n);
           pendingText = pendingText.slice(end);
-          for (const e of out) yield e;
+          for (const e of out) {
+            // The consumer may abort while handling an event of this batch: stop at once.
+            if (signal?.aborted) throw abortError(signal);
+            yield e;
+          }
         }
         if (generated >= maxTokens || this.#cached.length >= this.contextSize) break;
         logits = await this.#eval(where, [token], signal, false);
@@ -330,7 +395,10 @@ export class LanguageModel extends NativeResource {
       const tail = decoder.flush();
       if (pending.length > 0) {
         pending[pending.length - 1]!.text += tail;
-        for (const e of pending) yield e;
+        for (const e of pending) {
+          if (signal?.aborted) throw abortError(signal);
+          yield e;
+        }
       }
     } finally {
       release();
