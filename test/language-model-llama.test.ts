@@ -3,10 +3,11 @@
  * (node-llama-cpp): greedy generations of 32 tokens are identical; stop strings, maxTokens, abort
  * and a prompt longer than the context on the real engine.
  */
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { getLlama, type Llama } from 'node-llama-cpp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AbortError, InvalidArgumentError } from '../lib/errors.js';
+import { AbortError, DeviceUnavailableError, InvalidArgumentError, ModelFormatError } from '../lib/errors.js';
 import { read } from '../lib/llm/gguf.js';
 import { LanguageModel } from '../lib/llm/language-model.js';
 import { Tokenizer } from '../lib/llm/tokenizer.js';
@@ -180,6 +181,30 @@ describe('LanguageModel.load', () => {
     await expect(LanguageModel.load('x.gguf', { contextSize: 0 })).rejects.toThrow(/options\.contextSize must be an integer/);
     await expect(LanguageModel.load('x.gguf', { threads: 0 })).rejects.toThrow(/options\.threads must be an integer/);
     await expect(LanguageModel.load('x.gguf', { device: 'gpu' as never })).rejects.toThrow(/options\.device must be/);
+    // No CUDA device, or one that language models do not use yet: either way the device is unavailable.
+    const path = join(dir, 'device.gguf');
+    await writeFixture(path, { kind: 'llama', seed: 4 });
+    await expect(LanguageModel.load(path, { device: 'cuda' })).rejects.toThrow(DeviceUnavailableError);
+    const cpu = await LanguageModel.load(path, { device: 'cpu' });
+    cpu.dispose();
+    const notGguf = join(dir, 'not.gguf');
+    writeFileSync(notGguf, 'this is not a model');
+    await expect(LanguageModel.load(notGguf)).rejects.toThrow(ModelFormatError);
+    await expect(LanguageModel.load(join(dir, 'missing.gguf'))).rejects.toThrow(/missing\.gguf/);
+    // A vocabulary that does not match the embedding.
+    const short = join(dir, 'short-vocab.gguf');
+    await writeFixture(short, { kind: 'llama', seed: 5 });
+    const f = await read(short);
+    const tokens = (f.metadata['tokenizer.ggml.tokens'] as string[]).slice(0, -1);
+    f.dispose();
+    await writeFixture(short, {
+      kind: 'llama', seed: 5, metadata: {
+        'tokenizer.ggml.tokens': tokens,
+        'tokenizer.ggml.scores': tokens.map(() => 0),
+        'tokenizer.ggml.token_type': tokens.map((_, i) => (i === 0 ? 2 : i < 3 ? 3 : 1)),
+      },
+    });
+    await expect(LanguageModel.load(short)).rejects.toThrow(/the tokenizer has \d+ tokens but the model.s embedding has \d+ rows/);
   });
 });
 

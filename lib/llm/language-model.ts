@@ -178,8 +178,8 @@ export class LanguageModel extends NativeResource {
   }
 
   /**
-   * Loads a GGUF language model: maps the file, builds the native transformer (architectures
-   * llama, qwen2, qwen2moe) and the tokenizer from its metadata. Language models run on the CPU:
+   * Loads a GGUF language model: maps the file, builds the native transformer (the architectures
+   * of lib/llm/arch.ts) and the tokenizer from its metadata. Language models run on the CPU:
    * 'auto' picks it, and an explicit 'cuda' is a DeviceUnavailableError.
    */
   static async load(path: string, options?: LanguageModelLoadOptions): Promise<LanguageModel> {
