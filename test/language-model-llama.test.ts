@@ -17,8 +17,10 @@ const dir = fixtureDir('sonde-lm-');
 let llama: Llama;
 beforeAll(async () => { llama = await getLlama({ gpu: false, build: 'never', logLevel: 'error' as never }); });
 
+interface Penalties { penalty: number; lastN: number; frequencyPenalty: number; presencePenalty: number }
+
 /** llama.cpp's greedy continuation (it stops at an end-of-generation token and does not yield it). */
-async function llamaGreedy(path: string, prompt: number[], n: number): Promise<number[]> {
+async function llamaGreedy(path: string, prompt: number[], n: number, penalties?: Penalties): Promise<number[]> {
   const model = await llama.loadModel({ modelPath: path });
   // f32 KV cache and no flash attention: the arithmetic sonde does. One thread: llama.cpp's
   // spinning workers crawl on a machine whose cores are busy.
@@ -28,7 +30,14 @@ async function llamaGreedy(path: string, prompt: number[], n: number): Promise<n
   } as never);
   try {
     const out: number[] = [];
-    for await (const t of ctx.getSequence().evaluate(prompt as never, { temperature: 0 })) {
+    // The penalised window is the last lastN tokens of prompt + output, as sonde's repeatLastN.
+    const history = prompt.slice();
+    const repeatPenalty = penalties && {
+      punishTokens: () => history.slice(-penalties.lastN), maxPunishTokens: penalties.lastN, penalty: penalties.penalty,
+      frequencyPenalty: penalties.frequencyPenalty, presencePenalty: penalties.presencePenalty,
+    };
+    for await (const t of ctx.getSequence().evaluate(prompt as never, { temperature: 0, ...(repeatPenalty ? { repeatPenalty } : {}) } as never)) {
+      history.push(t as number);
       out.push(t as number);
       if (out.length === n) break;
     }
@@ -84,6 +93,22 @@ describe.each(CASES)('%s', (label, fixture) => {
       expect(got.tokens, text).toEqual(want);
       // Streamed pieces: no leading-space strip or space clean-up, as llama.cpp's token_to_piece.
       expect(got.text).toBe(tokenizer.decode(got.tokens, { cleanUpSpaces: false, stripLeadingSpace: false }));
+    }
+  });
+
+  it('greedy generation with repetition, frequency and presence penalties equals llama.cpp\'s', async () => {
+    const prompt = model.tokenize('the cat sat on the');
+    const plain = (await tokensOf(model.generate(prompt, { maxTokens: 32, temperature: 0 }))).tokens;
+    for (const p of [{ penalty: 1.5, lastN: 16, frequencyPenalty: 0, presencePenalty: 0 },
+      { penalty: 1.2, lastN: 64, frequencyPenalty: 0.3, presencePenalty: 0.2 },
+      { penalty: 1, lastN: 64, frequencyPenalty: 1, presencePenalty: 0 }]) {
+      const want = await llamaGreedy(path, prompt, 32, p);
+      const got = await tokensOf(model.generate(prompt, {
+        maxTokens: 32, temperature: 0, repeatPenalty: p.penalty, repeatLastN: p.lastN,
+        frequencyPenalty: p.frequencyPenalty, presencePenalty: p.presencePenalty,
+      }));
+      expect(got.tokens, JSON.stringify(p)).toEqual(want);
+      expect(got.tokens).not.toEqual(plain); // the penalties changed the outcome
     }
   });
 
