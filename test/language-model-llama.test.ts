@@ -112,6 +112,17 @@ describe.each(CASES)('%s', (label, fixture) => {
     }
   });
 
+  it('sampling with a seed is reproducible', async () => {
+    const prompt = model.tokenize('Once upon a time');
+    const opts = { maxTokens: 24, temperature: 1.5, topK: 0, topP: 1, minP: 0 };
+    const a = (await tokensOf(model.generate(prompt, { ...opts, seed: 77 }))).tokens;
+    const b = (await tokensOf(model.generate(prompt, { ...opts, seed: 77 }))).tokens;
+    const c = (await tokensOf(model.generate(prompt, { ...opts, seed: 78 }))).tokens;
+    expect(a).toEqual(b);
+    expect(a).not.toEqual(c);
+    for (const t of a) expect(t >= 0 && t < model.info.vocabSize).toBe(true);
+  });
+
   it('maxTokens, stop strings, stop tokens', async () => {
     const prompt = model.tokenize('Once upon a time');
     const full = await tokensOf(model.generate(prompt, { maxTokens: 32, temperature: 0 }));
