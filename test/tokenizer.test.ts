@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { getLlama, type Llama, type LlamaModel } from 'node-llama-cpp';
 import { InvalidArgumentError, ModelFormatError, UnsupportedOperatorError } from '../lib/errors.js';
-import { typed, write } from '../lib/llm/gguf.js';
+import { read, typed, write } from '../lib/llm/gguf.js';
 import { Tokenizer } from '../lib/llm/tokenizer.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'sonde-tokenizer-'));
@@ -144,12 +144,11 @@ async function load(metadata: Record<string, unknown>): Promise<{ tok: Tokenizer
   await write(path, { metadata });
   const ref = await llama.loadModel({ modelPath: path, vocabOnly: true });
   models.push(ref);
-  // What gguf.read() would return for these keys: typed values unwrapped, float32 scores rounded.
-  const md = Object.fromEntries(Object.entries(metadata).map(([k, v]) => {
-    const raw = (v as { value?: unknown }).value ?? v;
-    return [k, k === 'tokenizer.ggml.scores' ? (raw as number[]).map(Math.fround) : raw];
-  }));
-  return { tok: Tokenizer.fromGguf(md as never), ref };
+  // The tokenizer reads the same file through sonde's own GGUF reader.
+  const file = await read(path);
+  const tok = Tokenizer.fromGguf(file.metadata);
+  file.dispose();
+  return { tok, ref };
 }
 
 // Texts every vocabulary is compared on.
@@ -363,15 +362,21 @@ describe('gpt2 byte-level BPE by hand', () => {
   });
 
   it('encodes 100 KB of text well under a second', () => {
+    // Random text is the worst case: few words repeat, so the BPE word cache rarely helps.
     const big = randomText(7, 60_000);
     expect(new TextEncoder().encode(big).length).toBeGreaterThan(100_000);
-    for (const metadata of [bpeVocab('llama-bpe'), spmVocab()]) {
-      const tok = Tokenizer.fromGguf(Object.fromEntries(Object.entries(metadata).map(([k, v]) => [k, (v as { value?: unknown }).value ?? v])) as never);
-      const t0 = performance.now();
-      const ids = tok.encode(big, { addSpecial: false });
-      const ms = performance.now() - t0;
-      expect(tok.decode(ids, { cleanUpSpaces: false })).toBe(big);
-      expect(ms, `${tok.model} encode of 100 KB took ${ms.toFixed(0)} ms`).toBeLessThan(1000);
+    for (const metadata of [bpeVocab('llama-bpe'), bpeVocab('default'), spmVocab()]) {
+      const md = Object.fromEntries(Object.entries(metadata).map(([k, v]) => [k, (v as { value?: unknown }).value ?? v]));
+      // Best of two fresh tokenizers (empty caches), so a busy shared machine does not decide the result.
+      let best = Infinity;
+      for (let run = 0; run < 2; run++) {
+        const tok = Tokenizer.fromGguf(md as never);
+        const t0 = performance.now();
+        const ids = tok.encode(big, { addSpecial: false });
+        best = Math.min(best, performance.now() - t0);
+        if (run === 0) expect(tok.decode(ids, { cleanUpSpaces: false })).toBe(big);
+      }
+      expect(best, `encode of 100 KB took ${best.toFixed(0)} ms`).toBeLessThan(1000);
     }
   });
 });
