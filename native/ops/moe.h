@@ -77,6 +77,7 @@ std::string ValidateMoeLayer(const MoeLayer& layer);
 // expert_counts (optional, n_experts): += tokens routed to each expert (before any capacity drop).
 // dropped (optional): += (token, expert) pairs dropped by the capacity limit.
 // Returns false with *error set on invalid layer ("cancelled" when cancel was set); never throws.
+// threads: at most this many pool threads (0: the whole pool).
 // Single token: the k expert GEMVs run one after another, each over all threads. Batches: token rows
 // are grouped by expert, and the experts' GEMMs run over the threads by work.
 bool RunMoe(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& layer, const float* x,
