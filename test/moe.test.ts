@@ -55,44 +55,67 @@ function rne(v: number): number {
   return r - v === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }
 
-/** x quantised and dequantised per block of 32 (block weight types); also each element's quantum dx. */
-function actQuant(x: ArrayLike<number>): { xq: Float64Array; dx: Float64Array } {
+/**
+ * x quantised and dequantised per block of 32 (block weight types), and what the native result may
+ * differ by when its x differs from this one by up to dxin[j] per element: `maybeFlips[j]` when the
+ * perturbed x[j] * 127 / amax can round to the other integer, `scaleRel` the relative change of
+ * a block's scale (amax moves by at most the largest perturbation in the block).
+ */
+function actQuant(x: ArrayLike<number>, dxin?: ArrayLike<number>): { xq: Float64Array; dx: Float64Array; maybeFlips: Uint8Array; scaleRel: Float64Array } {
   const xq = new Float64Array(x.length);
   const dx = new Float64Array(x.length);
+  const maybeFlips = new Uint8Array(x.length);
+  const scaleRel = new Float64Array(x.length);
   for (let b = 0; b < x.length / 32; b++) {
-    let amax = 0;
-    for (let j = 0; j < 32; j++) amax = Math.max(amax, Math.abs(Math.fround(x[b * 32 + j]!)));
+    let amax = 0, dmax = 0;
+    for (let j = 0; j < 32; j++) {
+      amax = Math.max(amax, Math.abs(Math.fround(x[b * 32 + j]!)));
+      dmax = Math.max(dmax, dxin ? dxin[b * 32 + j]! : 0);
+    }
     if (amax < 2 ** -120) continue;
     const id = Math.fround(127 / amax);
     const d = Math.fround(amax / 127);
+    const ra = dmax / amax + 4 * u;
     for (let j = 0; j < 32; j++) {
-      xq[b * 32 + j] = rne(Math.fround(Math.fround(x[b * 32 + j]!) * id)) * d;
+      const v = Math.fround(Math.fround(x[b * 32 + j]!) * id);
+      xq[b * 32 + j] = rne(v) * d;
       dx[b * 32 + j] = d;
+      scaleRel[b * 32 + j] = ra;
+      const dv = ((dxin ? dxin[b * 32 + j]! : 0) * 127) / amax + 1.01 * ra * Math.abs(v) + 2 * u * Math.abs(v);
+      if (dxin && Math.abs(Math.abs(v - Math.floor(v)) - 0.5) <= dv) maybeFlips[b * 32 + j] = 1;
     }
   }
-  return { xq, dx };
+  return { xq, dx, maybeFlips, scaleRel };
 }
 
 interface RefMat { type: QType; rows: number; cols: number; w: Float64Array }
 
-/** y[r] = x . W[r] with the precision definition; mag[r] = sum |x w|; flip[r] = max_j dx_j |W[r][j]|. */
-function matvec(m: RefMat, x: ArrayLike<number>): { y: Float64Array; mag: Float64Array; flip: Float64Array } {
+/**
+ * y[r] = x . W[r] by the precision definition, and err[r], a bound on how far the native kernels'
+ * value may be when their x is within dxin of this x: the fp32 dot product ((K + 2) u sum |x w|,
+ * which also covers the block kernels' (8 nb + 4) u), plus for float types the input error carried
+ * through |W|, for block types the possible rounding flips and scale change of the quantised x.
+ */
+function matvec(m: RefMat, x: ArrayLike<number>, dxin?: ArrayLike<number>): { y: Float64Array; err: Float64Array } {
   const block = isBlock(m.type);
-  const { xq, dx } = block ? actQuant(x) : { xq: Float64Array.from(x, (v) => Math.fround(v)), dx: new Float64Array(x.length) };
+  const q = block ? actQuant(x, dxin) : undefined;
+  const xq = q ? q.xq : Float64Array.from(x, (v) => Math.fround(v));
   const y = new Float64Array(m.rows);
-  const mag = new Float64Array(m.rows);
-  const flip = new Float64Array(m.rows);
+  const err = new Float64Array(m.rows);
   for (let r = 0; r < m.rows; r++) {
-    let s = 0, a = 0, f = 0;
+    let s = 0, e = 0;
     for (let j = 0; j < m.cols; j++) {
       const w = m.w[r * m.cols + j]!;
-      s += xq[j]! * w;
-      a += Math.abs(xq[j]! * w);
-      f = Math.max(f, dx[j]! * Math.abs(w));
+      const t = xq[j]! * w;
+      s += t;
+      e += (m.cols + 2) * u * Math.abs(t);
+      if (q) e += q.scaleRel[j]! * Math.abs(t) + (q.maybeFlips[j] ? q.dx[j]! * Math.abs(w) * 1.01 : 0);
+      else if (dxin) e += dxin[j]! * Math.abs(w);
     }
-    y[r] = s; mag[r] = a; flip[r] = f;
+    y[r] = s;
+    err[r] = e;
   }
-  return { y, mag, flip };
+  return { y, err };
 }
 
 interface Layer {
@@ -151,9 +174,13 @@ function makeLayer(o: LayerOpts = {}): Layer {
 const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
 const silu = (v: number) => v * sigmoid(v);
 
-/** Routing of one token by llama.cpp's rules, in double. */
-function route(l: Layer, x: ArrayLike<number>): { ids: number[]; w: number[]; p: number[] } {
-  const logits = matvec(l.router, x).y;
+/**
+ * Routing of one token by llama.cpp's rules, in double; dw bounds the relative error of the fp32
+ * weights: a logit error e moves a softmax or sigmoid score by at most 2 e relative, renormalising
+ * doubles that, plus the roundings of expf and the sums.
+ */
+function route(l: Layer, x: ArrayLike<number>): { ids: number[]; w: number[]; p: number[]; dw: number } {
+  const { y: logits, err } = matvec(l.router, x);
   let p: number[];
   if (l.scoring === 'sigmoid') p = Array.from(logits, sigmoid);
   else {
@@ -170,35 +197,25 @@ function route(l: Layer, x: ArrayLike<number>): { ids: number[]; w: number[]; p:
     const s = Math.max(w.reduce((a, b) => a + b, 0), 2 ** -14);
     w = w.map((v) => v / s);
   }
-  return { ids, w: w.map((v) => v * l.weightScale), p };
+  const dw = 2 * (2 * Math.max(...err) + (l.nExperts + 8) * u);
+  return { ids, w: w.map((v) => v * l.weightScale), p, dw };
 }
 
-interface FfnOut { y: Float64Array; mag: Float64Array; flip: Float64Array }
-
-function ffn(gate: RefMat, up: RefMat, down: RefMat, x: ArrayLike<number>): FfnOut {
+/** One SwiGLU feed-forward and the error bound of each output (see matvec). */
+function ffn(gate: RefMat, up: RefMat, down: RefMat, x: ArrayLike<number>): { y: Float64Array; err: Float64Array } {
   const g = matvec(gate, x), uu = matvec(up, x);
   const h = g.y.map((v, i) => silu(v) * uu.y[i]!);
-  const d = matvec(down, h);
-  // Magnitude that the fp32 errors of gate/up propagate through: |silu'| <= 1.1, so an error
-  // e_g in g moves h by <= 1.1 |u| e_g; summarised as |down| . (|h| + mag_g |u| + |silu g| mag_u).
-  const hm = h.map((v, i) => Math.abs(v) + 1.1 * g.mag[i]! * Math.abs(uu.y[i]!) + Math.abs(silu(g.y[i]!)) * uu.mag[i]!);
-  const mag = new Float64Array(down.rows);
-  for (let r = 0; r < down.rows; r++) {
-    let a = 0;
-    for (let j = 0; j < down.cols; j++) a += Math.abs(down.w[r * down.cols + j]!) * hm[j]!;
-    mag[r] = a + d.mag[r]!;
-  }
-  return { y: d.y, mag, flip: d.flip };
+  // |silu'| <= 1.1; the SIMD silu is within (4 + |g|) u relative, and the product rounds once more.
+  const dh = h.map((v, i) => 1.1 * Math.abs(uu.y[i]!) * g.err[i]! + Math.abs(silu(g.y[i]!)) * uu.err[i]! +
+    (6 + Math.abs(g.y[i]!)) * u * Math.abs(v));
+  return matvec(down, h, dh);
 }
 
 interface RefResult { y: Float64Array; bound: Float64Array; counts: number[]; dropped: number }
 
 /**
- * The naive per-token MoE and, per output, the error bound of the native result: the fp32
- * rounding of every dot product in the chain ((d_model + d_ff + 2) u of the magnitudes, times 4
- * for the SIMD exp, the softmax and the weighted sum), plus, for block weight types, up to 4
- * activations of the down projection quantised one step apart (h differs by rounding, and rint
- * can land on the other side of a half).
+ * The naive per-token MoE, and per output the first-order bound of the native result's error
+ * (every step's fp32 rounding, carried forward), times 2 for the second-order terms.
  */
 function reference(l: Layer, x: Float32Array, tokens: number, capacityFactor = 0): RefResult {
   const d = l.dModel;
@@ -207,7 +224,7 @@ function reference(l: Layer, x: Float32Array, tokens: number, capacityFactor = 0
   const taken = new Array<number>(l.nExperts).fill(0);
   const cap = capacityFactor > 0 ? Math.ceil((capacityFactor * tokens * l.k) / l.nExperts) : Infinity;
   let dropped = 0;
-  const eps = 4 * (l.dModel + l.dFf + (l.shared ? 64 : 0) + 2) * u;
+  const terms = l.k + 3;
   for (let t = 0; t < tokens; t++) {
     const xt = x.subarray(t * d, (t + 1) * d);
     const r = route(l, xt);
@@ -220,7 +237,7 @@ function reference(l: Layer, x: Float32Array, tokens: number, capacityFactor = 0
       const w = r.w[j]!;
       for (let i = 0; i < d; i++) {
         y[t * d + i]! += w * o.y[i]!;
-        bound[t * d + i]! += Math.abs(w) * (eps * o.mag[i]! + (isBlock(l.down[e]!.type) ? 4 * o.flip[i]! : 0)) + 1e-6 * Math.abs(w * o.y[i]!);
+        bound[t * d + i]! += 2 * (Math.abs(w) * o.err[i]! + (r.dw + terms * u) * Math.abs(w * o.y[i]!));
       }
     }
     if (l.shared) {
@@ -228,10 +245,10 @@ function reference(l: Layer, x: Float32Array, tokens: number, capacityFactor = 0
       const o = ffn(s.gate, s.up, s.down, xt);
       const gi = s.gateInput ? matvec(s.gateInput, xt) : undefined;
       const g = gi ? sigmoid(gi.y[0]!) : 1;
+      const dg = gi ? 0.25 * gi.err[0]! + 3 * u * g : 0;
       for (let i = 0; i < d; i++) {
         y[t * d + i]! += g * o.y[i]!;
-        bound[t * d + i]! += g * (eps * o.mag[i]! + (isBlock(s.down.type) ? 4 * o.flip[i]! : 0)) +
-          (gi ? 0.25 * eps * gi.mag[0]! * Math.abs(o.y[i]!) : 0);
+        bound[t * d + i]! += 2 * (g * o.err[i]! + (dg + terms * u * g) * Math.abs(o.y[i]!));
       }
     }
   }
