@@ -133,6 +133,27 @@ interface Stack {
   cols: number;
 }
 
+// The operator reads one stacked buffer, as GGUF stores the experts. Stacking copies every expert,
+// so the result is kept per array (and rebuilt if its elements are replaced): a layer passed again
+// and again, as in a decode loop, is copied once. QuantizedWeights are treated as immutable (as
+// quantizeWeights makes them); writing into one's bytes after a call is not seen by the next.
+const stacks = new WeakMap<readonly QuantizedWeights[], { items: QuantizedWeights[]; data: Uint8Array }>();
+
+function stacked(list: readonly QuantizedWeights[], bytes: number): Uint8Array {
+  const hit = stacks.get(list);
+  if (hit && hit.items.length === list.length && hit.items.every((q, e) => q === list[e])) {
+    return hit.data;
+  }
+  const data = new Uint8Array(bytes);
+  let at = 0;
+  for (const q of list) {
+    data.set(q.data, at);
+    at += q.data.byteLength;
+  }
+  stacks.set(list, { items: [...list], data });
+  return data;
+}
+
 function experts(where: string, name: string, s: unknown): Stack {
   if (s instanceof GgufTensor) {
     const [handle, index] = s.nativeRef(`${where}(${name})`);
@@ -160,13 +181,7 @@ function experts(where: string, name: string, s: unknown): Stack {
       }
       bytes += q.data.byteLength;
     }
-    // The operator reads one stacked buffer, as GGUF stores the experts.
-    const data = new Uint8Array(bytes);
-    let at = 0;
-    for (const q of s as readonly QuantizedWeights[]) {
-      data.set(q.data, at);
-      at += q.data.byteLength;
-    }
+    const data = stacked(s as readonly QuantizedWeights[], bytes);
     return { w: { ref: data, index: 0, type: first.type }, type: first.type, experts: s.length, rows: first.n, cols: first.k };
   }
   throw new InvalidArgumentError(`${where}: ${name} must be a GgufTensor [cols, rows, nExperts] or an array of QuantizedWeights, got ${describe(s)}`);
