@@ -140,9 +140,16 @@ export interface NativeLlmSequence {
   length(): number;
   /** Forgets positions >= length; throws while an eval runs on it. */
   truncate(length: number): void;
-  info(): { disposed: boolean; bytes?: number; capacity?: number; length?: number };
+  /** expertCounts (MoE models): tokens routed to each expert, [layer * expertCount + expert], over all evals. */
+  info(): { disposed: boolean; bytes?: number; capacity?: number; length?: number; expertCounts?: Float64Array };
 }
 export type NativeQuantVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512' | 'avx512vnni';
+export interface NativeMoeWeights { ref: Uint8Array | NativeGgufHandle; index: number; type: NativeQuantType }
+export interface NativeMoeSpec {
+  dModel: number; nExperts: number; k: number; router: NativeMoeWeights; scoring: 'softmax' | 'sigmoid';
+  renormalize: boolean; weightScale: number; selectionBias?: Float32Array; variant: NativeQuantVariant; threads: number;
+  cancel?: NativeCancelToken;
+}
 
 export interface NativeBinding {
   readonly version: string;
@@ -207,6 +214,15 @@ export interface NativeBinding {
   /** out[n, k] = W dequantised. */
   quantDequantize(weights: Uint8Array | NativeGgufHandle, index: number, out: Float32Array,
     options: { k: number; n: number; type: NativeQuantType; threads: number; cancel?: NativeCancelToken }): Promise<void>;
+  /** y = MoE(x) (native/ops/moe.h); x and out are [tokens, dModel]; stacked expert weights hold nExperts * rows rows. */
+  moe(x: Float32Array, out: Float32Array, spec: NativeMoeSpec & {
+    tokens: number; dFf: number; gate: NativeMoeWeights; up: NativeMoeWeights; down: NativeMoeWeights;
+    shared?: { dFf: number; gate: NativeMoeWeights; up: NativeMoeWeights; down: NativeMoeWeights; gateInput?: NativeMoeWeights };
+    capacityFactor: number;
+  }): Promise<{ expertCounts: number[]; dropped: number }>;
+  /** Routing only: ids/weights [tokens, k] (descending score), scores [tokens, nExperts]. */
+  moeRoute(x: Float32Array, ids: Int32Array, weights: Float32Array, scores: Float32Array,
+    spec: NativeMoeSpec & { tokens: number }): Promise<void>;
   /** Dense B [k, n] to sparse; blockWidth 0 = the default for this CPU. */
   toSparse(b: Float32Array, k: number, n: number, format: 'csr' | 'bsr' | 'auto', blockWidth: number): NativeSparseWeights;
   /** CSR of W = B^T: rows = n, cols = k. */

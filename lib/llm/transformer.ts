@@ -80,6 +80,11 @@ class TransformerSequence extends NativeResource implements LlmSequence {
     }
   }
 
+  expertCounts(): Float64Array | undefined {
+    this.checkAlive('LlmSequence.expertCounts');
+    return this.#seq.info().expertCounts;
+  }
+
   truncate(length: number): void {
     const where = 'LlmSequence.truncate(length)';
     this.checkAlive(where);
