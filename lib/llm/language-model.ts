@@ -268,6 +268,16 @@ export class LanguageModel extends NativeResource {
   }
 
   /**
+   * Mixture-of-Experts models: how many tokens each expert has been routed, indexed
+   * [layer * expertCount + expert], summed over every evaluation this model has run (expert load,
+   * for metrics). Undefined for dense models.
+   */
+  expertCounts(): Float64Array | undefined {
+    this.checkAlive('LanguageModel.expertCounts');
+    return this.#sequence.expertCounts?.();
+  }
+
+  /**
    * Logits at every position of `tokens`, evaluated from an empty cache: a Float32Array of
    * tokens.length rows of vocabSize (row i predicts the token after tokens[i]).
    */
