@@ -218,6 +218,25 @@ describe('seeded draws', () => {
   });
 });
 
+describe('NaN logits', () => {
+  it('are never drawn and do not disturb the others\' probabilities', () => {
+    const l = Float32Array.of(1, NaN, 0.5, NaN, -1);
+    const want = softmax([1, 0.5, -1]);
+    for (const opts of [{ ...plain }, { ...plain, topK: 4 }, { ...plain, topP: 0.999 }, { ...plain, minP: 0.01 }]) {
+      const c = new Sampler(opts).candidates(l);
+      const got = new Map<number, number>();
+      c.tokens.forEach((t, i) => got.set(t, c.probs[i]!));
+      expect(got.get(0), JSON.stringify(opts)).toBeCloseTo(want[0]!, 9);
+      expect(got.get(2)).toBeCloseTo(want[1]!, 9);
+      expect(got.get(4)).toBeCloseTo(want[2]!, 9);
+      expect(got.get(1) ?? 0).toBe(0);
+      expect(got.get(3) ?? 0).toBe(0);
+    }
+    const s = new Sampler({ ...plain, seed: 3 });
+    for (let i = 0; i < 200; i++) expect([0, 2, 4]).toContain(s.sample(l));
+  });
+});
+
 describe('validation', () => {
   const bad: [object, RegExp][] = [
     [{ temperature: -0.1 }, /options\.temperature must be a finite number >= 0, got -0\.1/],

@@ -284,7 +284,11 @@ export class Sampler {
       for (const id of sorted) z += Math.exp(values[id]! - max);
     } else {
       max = values[argmax(values)]!;
-      for (let i = 0; i < vocab; i++) z += Math.exp(values[i]! - max);
+      // NaN logits (a broken model) count as impossible rather than poisoning every sum.
+      for (let i = 0; i < vocab; i++) {
+        const e = Math.exp(values[i]! - max);
+        if (e > 0) z += e;
+      }
       if (o.minP > 0) {
         // min-p and top-p both keep a prefix of the ranking, so the result is their intersection
         // whatever the order: cut by min-p first (one pass) and sort only what survives.
@@ -321,7 +325,10 @@ export class Sampler {
     const tokens = sorted ? sorted.slice(0, kept) : Int32Array.from({ length: vocab }, (_, i) => i);
     const probs = new Float64Array(kept);
     let sum = 0;
-    for (let i = 0; i < kept; i++) sum += probs[i] = Math.exp((values[tokens[i]!]! - max) / o.temperature);
+    for (let i = 0; i < kept; i++) {
+      const e = Math.exp((values[tokens[i]!]! - max) / o.temperature);
+      sum += probs[i] = e > 0 ? e : 0;
+    }
     for (let i = 0; i < kept; i++) probs[i]! /= sum;
     return { tokens, probs };
   }
