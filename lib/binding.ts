@@ -126,7 +126,30 @@ export interface NativePlan {
 }
 
 export type NativeQuantType = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_0';
+
+/** The native transformer (native/binding/llm_binding.cc): immutable, shared by its sequences. */
+export interface NativeLlmModel {
+  dispose(): void;
+  info(): { disposed: boolean; bytes?: number; layers?: number };
+}
+
+/** One sequence's KV cache (fp32, contextSize positions; its bytes are reported to V8). */
+export interface NativeLlmSequence {
+  dispose(): void;
+  /** Tokens held (the next position). */
+  length(): number;
+  /** Forgets positions >= length; throws while an eval runs on it. */
+  truncate(length: number): void;
+  /** expertCounts (MoE models): tokens routed to each expert, [layer * expertCount + expert], over all evals. */
+  info(): { disposed: boolean; bytes?: number; capacity?: number; length?: number; expertCounts?: Float64Array };
+}
 export type NativeQuantVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512' | 'avx512vnni';
+export interface NativeMoeWeights { ref: Uint8Array | NativeGgufHandle; index: number; type: NativeQuantType }
+export interface NativeMoeSpec {
+  dModel: number; nExperts: number; k: number; router: NativeMoeWeights; scoring: 'softmax' | 'sigmoid';
+  renormalize: boolean; weightScale: number; selectionBias?: Float32Array; variant: NativeQuantVariant; threads: number;
+  cancel?: NativeCancelToken;
+}
 
 export interface NativeBinding {
   readonly version: string;
@@ -191,6 +214,15 @@ export interface NativeBinding {
   /** out[n, k] = W dequantised. */
   quantDequantize(weights: Uint8Array | NativeGgufHandle, index: number, out: Float32Array,
     options: { k: number; n: number; type: NativeQuantType; threads: number; cancel?: NativeCancelToken }): Promise<void>;
+  /** y = MoE(x) (native/ops/moe.h); x and out are [tokens, dModel]; stacked expert weights hold nExperts * rows rows. */
+  moe(x: Float32Array, out: Float32Array, spec: NativeMoeSpec & {
+    tokens: number; dFf: number; gate: NativeMoeWeights; up: NativeMoeWeights; down: NativeMoeWeights;
+    shared?: { dFf: number; gate: NativeMoeWeights; up: NativeMoeWeights; down: NativeMoeWeights; gateInput?: NativeMoeWeights };
+    capacityFactor: number;
+  }): Promise<{ expertCounts: number[]; dropped: number }>;
+  /** Routing only: ids/weights [tokens, k] (descending score), scores [tokens, nExperts]. */
+  moeRoute(x: Float32Array, ids: Int32Array, weights: Float32Array, scores: Float32Array,
+    spec: NativeMoeSpec & { tokens: number }): Promise<void>;
   /** Dense B [k, n] to sparse; blockWidth 0 = the default for this CPU. */
   toSparse(b: Float32Array, k: number, n: number, format: 'csr' | 'bsr' | 'auto', blockWidth: number): NativeSparseWeights;
   /** CSR of W = B^T: rows = n, cols = k. */
@@ -212,6 +244,20 @@ export interface NativeBinding {
    */
   planRun(plan: NativePlan, inputs: ArrayBufferView[], outputs: ArrayBufferView[], threads: number,
     cancel?: NativeCancelToken, timings?: Float64Array): Promise<void>;
+  /**
+   * Builds the transformer over a mapped GGUF: config is lib/llm/arch.ts's ModelConfig, indices its
+   * tensor table (lib/llm/arch.ts: tensorIndexTable). Throws ERR_SONDE_MODEL_FORMAT naming a
+   * missing / mistyped / misshapen tensor, ERR_SONDE_UNSUPPORTED_OPERATOR for what is not wired.
+   */
+  llmModelCreate(gguf: NativeGgufHandle, config: object, indices: Int32Array): NativeLlmModel;
+  llmSequenceCreate(model: NativeLlmModel, contextSize: number): NativeLlmSequence;
+  /**
+   * Appends tokens to the sequence and writes their logits ([tokens.length, vocab] if allLogits,
+   * else [vocab]). Rejects ERR_SONDE_INVALID_ARGUMENT for an id outside the vocabulary or a context
+   * overflow (before any work), ERR_SONDE_ABORTED when cancelled (the sequence keeps its length).
+   */
+  llmEval(model: NativeLlmModel, seq: NativeLlmSequence, tokens: Int32Array, logits: Float32Array, allLogits: boolean,
+    threads: number, cancel?: NativeCancelToken): Promise<void>;
   peakFma(simd: 'scalar' | 'avx2' | 'avx512', threads: number, seconds: number): Promise<{ flops: number; seconds: number; threads: number; simd: string }>;
   readBandwidth(bytes: number, threads: number): Promise<{ bytes: number; seconds: number; threads: number }>;
 }

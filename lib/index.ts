@@ -26,3 +26,9 @@ export type { SessionOptions, SessionRunOptions, ValueMetadata, OptimizationLeve
 export * as kernels from './kernels/index.js';
 export * as metrics from './metrics/index.js';
 export * as gguf from './llm/gguf.js';
+export { LanguageModel } from './llm/language-model.js';
+export type {
+  LanguageModelLoadOptions, GenerateOptions, GeneratedToken, LanguageModelInfo, ChatMessage, LanguageModelTokenizer,
+  TokenStreamDecoder,
+} from './llm/language-model.js';
+export type { SamplingOptions } from './llm/sampling.js';

@@ -18,3 +18,8 @@ export type {
 } from './conv.js';
 export { quantMatmul, quantizeWeights, dequantize, QuantizedWeights } from './quant.js';
 export type { QuantType, QuantVariant, QuantMatmulOptions } from './quant.js';
+export { moe, moeRoute } from './moe.js';
+export type {
+  MoeScoring, MoeMatrix, MoeExperts, MoeRouterSpec, MoeSharedExpert, MoeLayerSpec, MoeRunOptions, MoeOptions, MoeResult,
+  MoeRouteResult,
+} from './moe.js';

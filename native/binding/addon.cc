@@ -61,6 +61,8 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
   RegisterGgufBindings(env, exports, *this);
   RegisterQuantBindings(env, exports, *this);
   RegisterSparseBindings(env, exports, *this);
+  RegisterLlmBindings(env, exports, *this);
+  RegisterMoeBindings(env, exports, *this);
   // After the conv and GEMM families: plan steps hold their handle classes.
   RegisterPlanBindings(env, exports, *this);
 }

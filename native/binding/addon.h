@@ -21,6 +21,7 @@ constexpr const char* kModelFormat = "ERR_SONDE_MODEL_FORMAT";
 constexpr const char* kOutOfMemory = "ERR_SONDE_OUT_OF_MEMORY";
 constexpr const char* kDisposed = "ERR_SONDE_DISPOSED";
 constexpr const char* kAborted = "ERR_SONDE_ABORTED";
+constexpr const char* kUnsupportedOperator = "ERR_SONDE_UNSUPPORTED_OPERATOR";
 constexpr const char* kInternal = "ERR_SONDE_INTERNAL";
 }  // namespace codes
 

@@ -14,6 +14,8 @@ void RegisterConvBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterGgufBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterQuantBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterSparseBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+void RegisterMoeBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterPlanBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+void RegisterLlmBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 
 }  // namespace sonde

@@ -11,6 +11,7 @@
 #include "binding/addon.h"
 #include "binding/families.h"
 #include "binding/gguf_binding.h"
+#include "binding/quant_weights.h"
 #include "ops/quant_matmul.h"
 
 namespace sonde {
@@ -28,48 +29,6 @@ Napi::Float32Array F32Value(Napi::Env env, Napi::Value v, const std::string& whe
   if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
     throw MakeError(env, codes::kInvalidArgument, where + ": " + name + " must be a Float32Array");
   return v.As<Napi::Float32Array>();
-}
-
-struct WeightsRef {
-  const uint8_t* data = nullptr;
-  std::shared_ptr<const GgufFile> file;  // keeps a mapping alive while a job runs
-};
-
-// Second line of validation (lib/ checks first and names the user's parameter): after this, the
-// kernel can read n rows of k elements of `type` from the returned pointer.
-WeightsRef ResolveWeights(Addon& addon, Napi::Env env, const std::string& where, Napi::Value w, Napi::Value index,
-                          int32_t type, size_t k, size_t n) {
-  WeightsRef r;
-  size_t nk;
-  if (__builtin_mul_overflow(n, k, &nk)) throw MakeError(env, codes::kInvalidArgument, where + ": n * k overflows");
-  // Up to 4 bytes per element (f32): n * k not overflowing does not make the byte count safe.
-  size_t need;
-  if (__builtin_mul_overflow(kernels::QuantRowBytes(type, k), n, &need))
-    throw MakeError(env, codes::kInvalidArgument, where + ": the weights' byte size overflows");
-  if (IsGgufHandle(addon, w)) {
-    r.file = UnwrapGgufHandle(addon, w, where.c_str());
-    const size_t i = SizeValue(env, index, where, "tensor index");
-    if (i >= r.file->tensors().size()) throw MakeError(env, codes::kInvalidArgument, where + ": tensor index out of range");
-    const GgufTensorInfo& ti = r.file->tensors()[i];
-    int32_t t;
-    if (!QuantTypeFromGgml(ti.type, &t) || t != type)
-      throw MakeError(env, codes::kInvalidArgument, where + ": tensor '" + ti.name + "' is of type " + GgmlTypeInfo(ti.type)->name +
-                                                        ", not " + QuantTypeName(type));
-    if (ti.dims[0] != k || ti.elements != nk || ti.bytes != need)
-      throw MakeError(env, codes::kInvalidArgument, where + ": tensor '" + ti.name + "' is not " + std::to_string(n) + " rows of " +
-                                                        std::to_string(k));
-    r.data = r.file->TensorData(i);
-    return r;
-  }
-  if (!w.IsTypedArray() || w.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
-    throw MakeError(env, codes::kInvalidArgument, where + ": weights must be a Uint8Array or a GGUF tensor");
-  Napi::Uint8Array u = w.As<Napi::Uint8Array>();
-  if (u.ByteLength() != need)
-    throw MakeError(env, codes::kInvalidArgument, where + ": weights must hold " + std::to_string(need) + " bytes (" +
-                                                      std::to_string(n) + " rows of " + std::to_string(k) + " " +
-                                                      QuantTypeName(type) + ")");
-  r.data = u.Data();
-  return r;
 }
 
 int32_t TypeValue(Napi::Env env, Napi::Value v, const std::string& where, size_t k) {
@@ -171,6 +130,44 @@ Napi::Value QuantDequantize(Addon& addon, const Napi::CallbackInfo& info) {
 }
 
 }  // namespace
+
+// Second line of validation (lib/ checks first and names the user's parameter): after this, the
+// kernel can read n rows of k elements of `type` from the returned pointer.
+WeightsRef ResolveWeights(Addon& addon, Napi::Env env, const std::string& where, Napi::Value w, Napi::Value index,
+                          int32_t type, size_t k, size_t n) {
+  WeightsRef r;
+  size_t nk;
+  if (__builtin_mul_overflow(n, k, &nk)) throw MakeError(env, codes::kInvalidArgument, where + ": n * k overflows");
+  // Up to 4 bytes per element (f32): n * k not overflowing does not make the byte count safe.
+  size_t need;
+  if (__builtin_mul_overflow(kernels::QuantRowBytes(type, k), n, &need))
+    throw MakeError(env, codes::kInvalidArgument, where + ": the weights' byte size overflows");
+  if (IsGgufHandle(addon, w)) {
+    r.file = UnwrapGgufHandle(addon, w, where.c_str());
+    const size_t i = SizeValue(env, index, where, "tensor index");
+    if (i >= r.file->tensors().size()) throw MakeError(env, codes::kInvalidArgument, where + ": tensor index out of range");
+    const GgufTensorInfo& ti = r.file->tensors()[i];
+    int32_t t;
+    if (!QuantTypeFromGgml(ti.type, &t) || t != type)
+      throw MakeError(env, codes::kInvalidArgument, where + ": tensor '" + ti.name + "' is of type " + GgmlTypeInfo(ti.type)->name +
+                                                        ", not " + QuantTypeName(type));
+    if (ti.dims[0] != k || ti.elements != nk || ti.bytes != need)
+      throw MakeError(env, codes::kInvalidArgument, where + ": tensor '" + ti.name + "' is not " + std::to_string(n) + " rows of " +
+                                                        std::to_string(k));
+    r.data = r.file->TensorData(i);
+    return r;
+  }
+  if (!w.IsTypedArray() || w.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+    throw MakeError(env, codes::kInvalidArgument, where + ": weights must be a Uint8Array or a GGUF tensor");
+  Napi::Uint8Array u = w.As<Napi::Uint8Array>();
+  if (u.ByteLength() != need)
+    throw MakeError(env, codes::kInvalidArgument, where + ": weights must hold " + std::to_string(need) + " bytes (" +
+                                                      std::to_string(n) + " rows of " + std::to_string(k) + " " +
+                                                      QuantTypeName(type) + ")");
+  r.data = u.Data();
+  return r;
+}
+
 
 void RegisterQuantBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
   addon.Export(env, exports, "quantMatmul", QuantMatmul);

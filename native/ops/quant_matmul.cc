@@ -88,27 +88,16 @@ kernels::QuantDotUkernelInfo QuantUkernel(int32_t type, QuantVariant v) {
   }
 }
 
-namespace {
-
-// Activations in the q8 form (kernels/quant/quant.h: QuantActs), one buffer set per call.
-struct QuantizedActs {
-  size_t nb_pad = 0, q_stride = 0;
-  std::vector<int8_t> q;
-  std::vector<float> d;
-  std::vector<int32_t> sums, corr;
-};
-
-}  // namespace
-
 bool RunQuantMatmul(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
-                    QuantVariant v) {
+                    QuantVariant v, QuantMatmulScratch* scratch) {
   const size_t m = args.m, n = args.n, k = args.k;
   if (m == 0 || n == 0) return true;
   const bool block = IsBlockType(args.type);
   const bool reference = v == QuantVariant::kReference;
   const kernels::QuantDotUkernelInfo uk = reference ? kernels::QuantDotUkernelInfo{} : QuantUkernel(args.type, v);
   const bool corr = !reference && uk.act_form == kernels::kQuantActQ8Corr;
-  QuantizedActs qa;
+  QuantMatmulScratch local;
+  QuantMatmulScratch& qa = scratch ? *scratch : local;
   if (block) {
     qa.nb_pad = ((k / kernels::kQuantBlock) + 1) & ~static_cast<size_t>(1);
     qa.q_stride = qa.nb_pad * kernels::kQuantBlock;

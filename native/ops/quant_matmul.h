@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "kernels/quant/quant.h"
 #include "runtime/thread_pool.h"
@@ -38,11 +39,21 @@ struct QuantMatmulArgs {
   size_t ldy = 0;
 };
 
+// Activations in the q8 form (kernels/quant/quant.h: QuantActs). A caller that runs many products
+// (a transformer's decode loop) keeps one and passes it in, so that a step allocates nothing once
+// the buffers have grown to the largest M.
+struct QuantMatmulScratch {
+  size_t nb_pad = 0, q_stride = 0;
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> sums, corr;
+};
+
 // Quantises the activations (block types), then splits the N output rows over the calling pool
 // thread plus up to max_threads-1 helpers. v: resolved (not kAuto). Returns false if cancelled.
-// Throws std::bad_alloc for the activation buffers.
+// scratch: null for a buffer set of this call only. Throws std::bad_alloc for the activation buffers.
 bool RunQuantMatmul(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
-                    QuantVariant v);
+                    QuantVariant v, QuantMatmulScratch* scratch = nullptr);
 
 // out[N x K] = the dequantised weights (exact).
 bool RunDequantize(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const uint8_t* w, int32_t type,

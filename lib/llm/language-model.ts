@@ -1,0 +1,543 @@
+/**
+ * LanguageModel: a GGUF language model behind an async API (load, generate, complete, logits,
+ * tokenize, detokenize, info).
+ *
+ * Compute runs in the native transformer (one native call per prefill or decode step, off the JS
+ * thread); tokenising, sampling (lib/llm/sampling.ts) and stop matching run here, between steps.
+ *
+ * Concurrency: a model holds one sequence (one KV cache of `contextSize` tokens), and calls that
+ * use it (generate, complete, logits) are serialised in call order: a second generation starts
+ * when the first ends. Issue #9 replaces this with continuous batching over several sequences.
+ * A generation holds the model until its iterator finishes, throws, or is closed (leaving a
+ * `for await` loop early closes it); an iterator abandoned half-read without return() keeps it.
+ *
+ * The cache keeps the tokens of the last call, so a prompt that extends them (a chat turn after
+ * the previous one) only evaluates its new tokens.
+ */
+import { resolveDevice } from '../device.js';
+import { AbortError, DeviceUnavailableError, DisposedError, InvalidArgumentError, ModelFormatError } from '../errors.js';
+import { NativeResource } from '../lifetime.js';
+import { checkInt, checkOptions, checkSignal, describe } from '../validate.js';
+import type { GgufFile } from './gguf.js';
+import type { LlmEngine, LlmSequence, ModelConfig } from './engine.js';
+import { SAMPLING_OPTIONS, Sampler, type SamplingOptions } from './sampling.js';
+import { Tokenizer, type ChatMessage } from './tokenizer.js';
+import { loadTransformer } from './transformer.js';
+
+export type { ChatMessage };
+
+/** A streaming decoder: text for each token, never splitting a UTF-8 character. */
+export interface TokenStreamDecoder {
+  push(token: number): string;
+  flush(): string;
+}
+
+/** What a LanguageModel needs of its tokenizer (lib/llm/tokenizer.ts's Tokenizer provides it). */
+export interface LanguageModelTokenizer {
+  readonly vocabSize: number;
+  readonly bos: number | undefined;
+  readonly addBos: boolean;
+  encode(text: string, options?: { addSpecial?: boolean; parseSpecial?: boolean }): number[];
+  decode(tokens: readonly number[] | Int32Array, options?: { special?: boolean }): string;
+  /** The bytes createDecoder() decodes for `token` (empty for control tokens). */
+  tokenBytes(token: number): Uint8Array;
+  createDecoder(options?: { special?: boolean }): TokenStreamDecoder;
+  applyChatTemplate(messages: readonly ChatMessage[], options?: { addGenerationPrompt?: boolean }): string;
+  /** Tokens that end a generation (EOS, EOT, <|im_end|>...). */
+  isEog(token: number): boolean;
+}
+
+export interface LanguageModelLoadOptions {
+  device?: 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;
+  /** Threads of sonde's pool for this model (default: the pool's size). */
+  threads?: number;
+  /** Tokens the KV cache holds (prompt + generated). Default: min(the model's context length, 4096). */
+  contextSize?: number;
+}
+
+export interface GenerateOptions extends SamplingOptions {
+  /** Most tokens to generate (default: until an end-of-generation token or the context is full). */
+  maxTokens?: number;
+  /**
+   * Strings: generation stops when the generated text contains one, which is not emitted. Numbers:
+   * token ids that stop generation (not emitted). End-of-generation tokens of the vocabulary always stop.
+   */
+  stop?: string | number | readonly (string | number)[];
+  /** Aborting ends the iterator with AbortError; the model stays usable. */
+  signal?: AbortSignal;
+  /** For a string prompt: turn the text of control tokens ('<|im_start|>') into those tokens. Default false. */
+  parseSpecial?: boolean;
+}
+
+export interface GeneratedToken {
+  token: number;
+  /**
+   * The text this token adds. Concatenated over a generation it is the generated text: a token's
+   * bytes that end in the middle of a UTF-8 character come out with a later token, and an event is
+   * held back while its text could be the start of a stop string (the event cut by a stop string
+   * carries only the text before it).
+   */
+  text: string;
+}
+
+export interface LanguageModelInfo {
+  architecture: string;
+  name?: string;
+  parameterCount: number;
+  /** Parameters one token runs through (attention, k of E experts, shared expert, embeddings). */
+  activeParameterCount: number;
+  /** The context length the model was trained with (GGUF metadata). */
+  contextLength: number;
+  /** Tokens this model's cache holds (LanguageModelLoadOptions.contextSize). */
+  contextSize: number;
+  vocabSize: number;
+  embeddingLength: number;
+  blockCount: number;
+  headCount: number;
+  headCountKv: number;
+  /** 0 for dense models. */
+  expertCount: number;
+  expertUsedCount: number;
+  /** ggml types of the weights, by tensor count (e.g. { q8_0: 169, f32: 65 }). */
+  tensorTypes: Record<string, number>;
+  /** The weight types in use, most bytes first. */
+  quantizationTypes: string[];
+}
+
+const LOAD_OPTIONS = ['device', 'threads', 'contextSize'] as const;
+const GENERATE_OPTIONS = [...SAMPLING_OPTIONS, 'maxTokens', 'stop', 'signal', 'parseSpecial'] as const;
+const TOKENIZE_OPTIONS = ['addSpecial', 'parseSpecial'] as const;
+const DETOKENIZE_OPTIONS = ['special'] as const;
+const LOGITS_OPTIONS = ['signal'] as const;
+const DEFAULT_CONTEXT = 4096;
+const MAX_CONTEXT = 1 << 24;
+
+type Prompt = string | readonly number[] | Int32Array | readonly ChatMessage[];
+
+function checkBool(where: string, value: unknown, fallback: boolean): boolean {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'boolean') throw new InvalidArgumentError(`${where} must be a boolean, got ${describe(value)}`);
+  return value;
+}
+
+function abortError(signal: AbortSignal): AbortError {
+  return new AbortError(undefined, { cause: signal.reason });
+}
+
+/**
+ * Whether a UTF-8 stream stops inside a character: true whenever a streaming TextDecoder holds
+ * bytes back (it holds only valid prefixes, which this counts the same way; for some invalid ones
+ * it says true where the decoder has already given U+FFFD, which only delays an event).
+ */
+class Utf8Tracker {
+  #need = 0;
+
+  get open(): boolean {
+    return this.#need > 0;
+  }
+
+  push(bytes: Uint8Array): void {
+    for (const b of bytes) {
+      if (this.#need > 0 && (b & 0xc0) === 0x80) this.#need--;
+      else if (b >= 0xc2 && b <= 0xdf) this.#need = 1;
+      else if (b >= 0xe0 && b <= 0xef) this.#need = 2;
+      else if (b >= 0xf0 && b <= 0xf4) this.#need = 3;
+      else this.#need = 0;
+    }
+  }
+}
+
+/** The longest suffix of `text` that is a proper prefix of one of `stops` (text that must wait). */
+function heldSuffix(text: string, stops: readonly string[]): number {
+  let best = 0;
+  for (const s of stops) {
+    for (let n = Math.min(s.length - 1, text.length); n > best; n--) {
+      if (text.endsWith(s.slice(0, n))) { best = n; break; }
+    }
+  }
+  return best;
+}
+
+export class LanguageModel extends NativeResource {
+  readonly info: Readonly<LanguageModelInfo>;
+  readonly contextSize: number;
+  #engine: LlmEngine;
+  #tokenizer: LanguageModelTokenizer;
+  #sequence: LlmSequence;
+  /** The tokens in the sequence's cache, for prefix reuse. */
+  #cached: number[] = [];
+  #queue: Promise<void> = Promise.resolve();
+
+  private constructor(engine: LlmEngine, tokenizer: LanguageModelTokenizer, contextSize: number) {
+    super();
+    this.#engine = engine;
+    this.#tokenizer = tokenizer;
+    this.contextSize = contextSize;
+    this.#sequence = engine.createSequence(contextSize);
+    this.info = Object.freeze(LanguageModel.#describe(engine.config, engine.file, contextSize));
+  }
+
+  /**
+   * Loads a GGUF language model: maps the file, builds the native transformer (the architectures
+   * of lib/llm/arch.ts) and the tokenizer from its metadata. Language models run on the CPU:
+   * 'auto' picks it, and an explicit 'cuda' is a DeviceUnavailableError.
+   */
+  static async load(path: string, options?: LanguageModelLoadOptions): Promise<LanguageModel> {
+    const where = 'LanguageModel.load';
+    if (typeof path !== 'string' || path.length === 0) {
+      throw new InvalidArgumentError(`${where}: path must be a non-empty string, got ${describe(path)}`);
+    }
+    const o = checkOptions<LanguageModelLoadOptions>(where, options, LOAD_OPTIONS);
+    const device = resolveDevice(o.device ?? 'auto', `${where}: options.device`);
+    if (device.kind === 'cuda' && o.device !== undefined && o.device !== 'auto') {
+      throw new DeviceUnavailableError(`${where}: options.device '${o.device}': language models run on the CPU in this version; use 'cpu' or 'auto'`);
+    }
+    const threads = o.threads === undefined ? undefined : checkInt(`${where}: options.threads`, o.threads, 1, 1024);
+    if (o.contextSize !== undefined) checkInt(`${where}: options.contextSize`, o.contextSize, 1, MAX_CONTEXT);
+    const engine = await loadTransformer(path, threads === undefined ? {} : { threads });
+    try {
+      const tokenizer = Tokenizer.fromGguf(engine.file.metadata);
+      if (tokenizer.vocabSize !== engine.config.vocabSize) {
+        throw new ModelFormatError(`${path}: the tokenizer has ${tokenizer.vocabSize} tokens but the model's embedding has ${engine.config.vocabSize} rows`);
+      }
+      return new LanguageModel(engine, tokenizer, LanguageModel.#contextSize(where, o.contextSize, engine.config));
+    } catch (err) {
+      engine.dispose();
+      throw err;
+    }
+  }
+
+  /**
+   * A model over an engine and tokenizer that are already loaded. The model owns both from here:
+   * dispose() disposes the engine. `load()` is the usual way in; this is for custom engines.
+   */
+  static fromEngine(engine: LlmEngine, tokenizer: LanguageModelTokenizer, options?: Pick<LanguageModelLoadOptions, 'contextSize'>): LanguageModel {
+    const where = 'LanguageModel.fromEngine';
+    const o = checkOptions<LanguageModelLoadOptions>(where, options, ['contextSize']);
+    const contextSize = LanguageModel.#contextSize(where, o.contextSize, engine.config);
+    return new LanguageModel(engine, tokenizer, contextSize);
+  }
+
+  static #contextSize(where: string, value: unknown, config: ModelConfig): number {
+    if (value === undefined) return Math.max(1, Math.min(config.contextLength, DEFAULT_CONTEXT));
+    // Beyond the trained length RoPE positions are out of distribution; llama.cpp allows it too.
+    return checkInt(`${where}: options.contextSize`, value, 1, MAX_CONTEXT);
+  }
+
+  static #describe(config: ModelConfig, file: GgufFile, contextSize: number): LanguageModelInfo {
+    const bytes = file.info.tensorBytes;
+    const name = file.info.name;
+    return {
+      architecture: config.architecture,
+      ...(name !== undefined ? { name } : {}),
+      parameterCount: config.parameterCount,
+      activeParameterCount: config.activeParameterCount,
+      contextLength: config.contextLength,
+      contextSize,
+      vocabSize: config.vocabSize,
+      embeddingLength: config.embeddingLength,
+      blockCount: config.blockCount,
+      headCount: config.headCount,
+      headCountKv: config.headCountKv,
+      expertCount: config.expertCount,
+      expertUsedCount: config.expertUsedCount,
+      tensorTypes: { ...file.info.tensorTypes },
+      quantizationTypes: Object.keys(bytes).sort((a, b) => bytes[b]! - bytes[a]! || (a < b ? -1 : 1)),
+    };
+  }
+
+  /** Tokens of `text`; BOS is added as the vocabulary asks unless `addSpecial: false`. */
+  tokenize(text: string, options?: { addSpecial?: boolean; parseSpecial?: boolean }): number[] {
+    const where = 'LanguageModel.tokenize';
+    this.checkAlive(where);
+    if (typeof text !== 'string') throw new InvalidArgumentError(`${where}(text) must be a string, got ${describe(text)}`);
+    const o = checkOptions<{ addSpecial?: boolean; parseSpecial?: boolean }>(where, options, TOKENIZE_OPTIONS);
+    return this.#tokenizer.encode(text, {
+      addSpecial: checkBool(`${where}: options.addSpecial`, o.addSpecial, true),
+      parseSpecial: checkBool(`${where}: options.parseSpecial`, o.parseSpecial, false),
+    });
+  }
+
+  /** Text of `tokens`; control tokens render as '' unless `special: true`. */
+  detokenize(tokens: readonly number[] | Int32Array, options?: { special?: boolean }): string {
+    const where = 'LanguageModel.detokenize';
+    this.checkAlive(where);
+    const o = checkOptions<{ special?: boolean }>(where, options, DETOKENIZE_OPTIONS);
+    this.#checkTokens(where, 'tokens', tokens);
+    return this.#tokenizer.decode(tokens, { special: checkBool(`${where}: options.special`, o.special, false) });
+  }
+
+  /**
+   * Mixture-of-Experts models: how many tokens each expert has been routed, indexed
+   * [layer * expertCount + expert], summed over every evaluation this model has run (expert load,
+   * for metrics). Undefined for dense models.
+   */
+  expertCounts(): Float64Array | undefined {
+    this.checkAlive('LanguageModel.expertCounts');
+    return this.#sequence.expertCounts?.();
+  }
+
+  /**
+   * Logits at every position of `tokens`, evaluated from an empty cache: a Float32Array of
+   * tokens.length rows of vocabSize (row i predicts the token after tokens[i]).
+   */
+  async logits(tokens: readonly number[] | Int32Array, options?: { signal?: AbortSignal }): Promise<Float32Array> {
+    const where = 'LanguageModel.logits';
+    this.checkAlive(where);
+    const o = checkOptions<{ signal?: AbortSignal }>(where, options, LOGITS_OPTIONS);
+    const signal = checkSignal(`${where}: options.signal`, o.signal);
+    this.#checkTokens(where, 'tokens', tokens);
+    if (tokens.length === 0) throw new InvalidArgumentError(`${where}: tokens must not be empty`);
+    this.#checkFits(where, tokens.length);
+    const release = await this.#acquire(where, signal);
+    try {
+      this.#truncate(0);
+      const out = await this.#eval(where, Array.from(tokens), signal, true);
+      return out;
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * Generates tokens after a prompt: text (tokenised with BOS as the vocabulary asks), token ids
+   * (used as given), or chat messages (rendered with the model's chat template). Ends at an
+   * end-of-generation token, a stop string or token, maxTokens, or a full context.
+   */
+  generate(prompt: Prompt, options?: GenerateOptions): AsyncIterableIterator<GeneratedToken> {
+    const where = 'LanguageModel.generate';
+    this.checkAlive(where);
+    const o = checkOptions<GenerateOptions>(where, options, GENERATE_OPTIONS);
+    // The sampler validates (and names) every sampling option; the rest is checked here, so that
+    // a bad argument throws at the call rather than at the first next().
+    const sampling: SamplingOptions = {};
+    for (const k of SAMPLING_OPTIONS) if (o[k] !== undefined) (sampling as Record<string, unknown>)[k] = o[k];
+    const sampler = new Sampler(sampling, where);
+    const maxTokens = o.maxTokens === undefined ? Infinity : checkInt(`${where}: options.maxTokens`, o.maxTokens, 0);
+    const signal = checkSignal(`${where}: options.signal`, o.signal);
+    const parseSpecial = checkBool(`${where}: options.parseSpecial`, o.parseSpecial, false);
+    const { strings: stopStrings, tokens: stopTokens } = this.#stops(where, o.stop);
+    const tokens = this.#promptTokens(where, prompt, parseSpecial);
+    if (tokens.length === 0) throw new InvalidArgumentError(`${where}: the prompt has no tokens (the vocabulary adds no BOS; give some text)`);
+    this.#checkFits(where, tokens.length);
+    return this.#run(where, tokens, sampler, maxTokens, stopStrings, stopTokens, signal);
+  }
+
+  /** The generated text (what generate() streams, joined). */
+  async complete(prompt: Prompt, options?: GenerateOptions): Promise<string> {
+    let text = '';
+    for await (const t of this.generate(prompt, options)) text += t.text;
+    return text;
+  }
+
+  async *#run(where: string, prompt: number[], sampler: Sampler, maxTokens: number, stopStrings: string[],
+    stopTokens: Set<number>, signal: AbortSignal | undefined): AsyncGenerator<GeneratedToken> {
+    const release = await this.#acquire(where, signal);
+    try {
+      if (maxTokens === 0) return;
+      // Reuse the cached prefix; at least the last prompt token is evaluated, for its logits.
+      let common = 0;
+      const cached = this.#cached;
+      while (common < cached.length && common < prompt.length - 1 && cached[common] === prompt[common]) common++;
+      this.#truncate(common);
+      let logits = await this.#eval(where, prompt.slice(common), signal, false);
+      const history = prompt.slice();
+      const decoder = this.#tokenizer.createDecoder();
+      const utf8 = new Utf8Tracker();
+      const pending: GeneratedToken[] = [];
+      let pendingText = '';
+      let generated = 0;
+      for (;;) {
+        if (signal?.aborted) throw abortError(signal);
+        const token = sampler.sample(logits, history);
+        if (stopTokens.has(token) || this.#tokenizer.isEog(token)) break;
+        const text = decoder.push(token);
+        utf8.push(this.#tokenizer.tokenBytes(token));
+        generated++;
+        history.push(token);
+        pending.push({ token, text });
+        pendingText += text;
+        if (stopStrings.length > 0) {
+          let at = -1;
+          for (const s of stopStrings) {
+            const i = pendingText.indexOf(s);
+            if (i >= 0 && (at < 0 || i < at)) at = i;
+          }
+          if (at >= 0) {
+            // Emit what comes before the stop string, cutting the event it starts in.
+            let end = 0;
+            for (const e of pending) {
+              if (end >= at) break;
+              const take = Math.min(e.text.length, at - end);
+              end += e.text.length;
+              if (signal?.aborted) throw abortError(signal);
+              yield { token: e.token, text: e.text.slice(0, take) };
+            }
+            return;
+          }
+        }
+        // Release the events whose text cannot be part of a stop string. The newest one waits
+        // while the decoder holds the start of a character, so the end-of-stream flush (U+FFFD
+        // for an unfinished character) has an event to join.
+        const releasable = pendingText.length - (stopStrings.length > 0 ? heldSuffix(pendingText, stopStrings) : 0);
+        let end = 0;
+        let n = 0;
+        while (n < pending.length) {
+          const e = pending[n]!;
+          if (end + e.text.length > releasable) break;
+          if (n === pending.length - 1 && utf8.open) break;
+          end += e.text.length;
+          n++;
+        }
+        if (n > 0) {
+          const out = pending.splice(0, n);
+          pendingText = pendingText.slice(end);
+          for (const e of out) {
+            // The consumer may abort while handling an event of this batch: stop at once.
+            if (signal?.aborted) throw abortError(signal);
+            yield e;
+          }
+        }
+        if (generated >= maxTokens || this.#cached.length >= this.contextSize) break;
+        logits = await this.#eval(where, [token], signal, false);
+      }
+      // The end: held text is final now (a stop string can no longer complete).
+      const tail = decoder.flush();
+      if (pending.length > 0) {
+        pending[pending.length - 1]!.text += tail;
+        for (const e of pending) {
+          if (signal?.aborted) throw abortError(signal);
+          yield e;
+        }
+      }
+    } finally {
+      release();
+    }
+  }
+
+  /** Evaluates `tokens` after the cached ones; keeps #cached in step with the cache, also on failure. */
+  async #eval(where: string, tokens: number[], signal: AbortSignal | undefined, allLogits: boolean): Promise<Float32Array> {
+    if (this.disposed) throw new DisposedError(`${where}: LanguageModel has been disposed`);
+    if (signal?.aborted) throw abortError(signal);
+    try {
+      const logits = await this.#sequence.eval(tokens, signal ? { signal, allLogits } : { allLogits });
+      this.#cached.push(...tokens);
+      return logits;
+    } catch (err) {
+      // A failed or aborted step may have written part of its tokens to the cache; #cached does
+      // not list them, and every call truncates the cache to its reused prefix of #cached first.
+      if (signal?.aborted && !(err instanceof AbortError)) throw abortError(signal);
+      throw err;
+    }
+  }
+
+  #truncate(length: number): void {
+    this.#sequence.truncate(length);
+    this.#cached.length = length;
+  }
+
+  /** Waits for the calls before this one; resolves to the function that lets the next one in. */
+  async #acquire(where: string, signal: AbortSignal | undefined): Promise<() => void> {
+    let release!: () => void;
+    const mine = new Promise<void>((r) => { release = r; });
+    const previous = this.#queue;
+    this.#queue = previous.then(() => mine);
+    if (signal) {
+      if (signal.aborted) { previous.then(release); throw abortError(signal); }
+      let onAbort!: () => void;
+      const aborted = new Promise<never>((_, reject) => {
+        onAbort = () => reject(abortError(signal));
+        signal.addEventListener('abort', onAbort, { once: true });
+      });
+      try {
+        await Promise.race([previous, aborted]);
+      } catch (err) {
+        // Our turn is given up: pass it on as soon as it would have come.
+        previous.then(release);
+        throw err;
+      } finally {
+        signal.removeEventListener('abort', onAbort);
+      }
+    } else {
+      await previous;
+    }
+    if (this.disposed) {
+      release();
+      throw new DisposedError(`${where}: LanguageModel has been disposed`);
+    }
+    return release;
+  }
+
+  #promptTokens(where: string, prompt: unknown, parseSpecial: boolean): number[] {
+    if (typeof prompt === 'string') return this.#tokenizer.encode(prompt, { addSpecial: true, parseSpecial });
+    if (prompt instanceof Int32Array) {
+      this.#checkTokens(where, 'prompt', prompt);
+      return Array.from(prompt);
+    }
+    if (Array.isArray(prompt) && prompt.length > 0 && typeof prompt[0] === 'object' && prompt[0] !== null) {
+      prompt.forEach((m, i) => {
+        if (m === null || typeof m !== 'object' || typeof (m as ChatMessage).role !== 'string') {
+          throw new InvalidArgumentError(`${where}: prompt[${i}] must be a chat message { role, content }, got ${describe(m)}`);
+        }
+      });
+      const text = this.#tokenizer.applyChatTemplate(prompt as ChatMessage[], { addGenerationPrompt: true });
+      // Templates usually write the BOS token's text themselves; add it only when they do not.
+      const tokens = this.#tokenizer.encode(text, { addSpecial: false, parseSpecial: true });
+      const bos = this.#tokenizer.bos;
+      if (this.#tokenizer.addBos && bos !== undefined && tokens[0] !== bos) tokens.unshift(bos);
+      return tokens;
+    }
+    if (Array.isArray(prompt)) {
+      this.#checkTokens(where, 'prompt', prompt);
+      return prompt.slice() as number[];
+    }
+    throw new InvalidArgumentError(`${where}: prompt must be a string, an array of token ids or an array of chat messages, got ${describe(prompt)}`);
+  }
+
+  #stops(where: string, stop: unknown): { strings: string[]; tokens: Set<number> } {
+    const strings: string[] = [];
+    const tokens = new Set<number>();
+    if (stop === undefined) return { strings, tokens };
+    const list = Array.isArray(stop) ? stop : [stop];
+    list.forEach((s, i) => {
+      const name = Array.isArray(stop) ? `options.stop[${i}]` : 'options.stop';
+      if (typeof s === 'string') {
+        if (s.length === 0) throw new InvalidArgumentError(`${where}: ${name} must not be an empty string`);
+        strings.push(s);
+      } else if (typeof s === 'number') {
+        tokens.add(checkInt(`${where}: ${name}`, s, 0, this.info.vocabSize - 1));
+      } else {
+        throw new InvalidArgumentError(`${where}: ${name} must be a string or a token id, got ${describe(s)}`);
+      }
+    });
+    return { strings, tokens };
+  }
+
+  #checkTokens(where: string, name: string, tokens: unknown): void {
+    if (!Array.isArray(tokens) && !(tokens instanceof Int32Array)) {
+      throw new InvalidArgumentError(`${where}: ${name} must be an array of token ids, got ${describe(tokens)}`);
+    }
+    const vocab = this.info.vocabSize;
+    for (let i = 0; i < tokens.length; i++) {
+      const t = tokens[i];
+      if (typeof t !== 'number' || !Number.isInteger(t) || t < 0 || t >= vocab) {
+        throw new InvalidArgumentError(`${where}: ${name}[${i}] must be a token id in [0, ${vocab - 1}], got ${describe(t)}`);
+      }
+    }
+  }
+
+  #checkFits(where: string, n: number): void {
+    if (n > this.contextSize) {
+      throw new InvalidArgumentError(`${where}: the prompt is ${n} tokens, longer than the context of ${this.contextSize} tokens (LanguageModelLoadOptions.contextSize)`);
+    }
+  }
+
+  /** Native memory is freed once the call in progress (if any) has ended; later calls throw DisposedError. */
+  protected release(): void {
+    const free = () => {
+      this.#sequence.dispose();
+      this.#engine.dispose();
+    };
+    void this.#queue.then(free);
+  }
+}

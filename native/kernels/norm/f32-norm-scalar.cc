@@ -1,0 +1,38 @@
+#include <math.h>
+
+#include "kernels/norm/norm.h"
+
+namespace sonde {
+namespace kernels {
+
+void RmsNormRow(const float* x, const float* w, size_t n, float eps, float* y) {
+  double ss = 0;
+  for (size_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float scale = 1.0f / sqrtf(static_cast<float>(ss / static_cast<double>(n)) + eps);
+  for (size_t i = 0; i < n; ++i) y[i] = x[i] * scale * w[i];
+}
+
+void RopeRow(float* x, size_t heads, size_t hd, int64_t pos, float base, float freq_scale, bool neox) {
+  const size_t half = hd / 2;
+  const float theta_scale = powf(base, -2.0f / static_cast<float>(hd));
+  for (size_t h = 0; h < heads; ++h) {
+    float* r = x + h * hd;
+    float theta = static_cast<float>(pos) * freq_scale;
+    for (size_t j = 0; j < half; ++j) {
+      const float c = cosf(theta), s = sinf(theta);
+      float* a = neox ? r + j : r + 2 * j;
+      float* b = neox ? r + j + half : r + 2 * j + 1;
+      const float x0 = *a, x1 = *b;
+      *a = x0 * c - x1 * s;
+      *b = x0 * s + x1 * c;
+      theta *= theta_scale;
+    }
+  }
+}
+
+void SwigluRow(const float* gate, const float* up, size_t n, float* out) {
+  for (size_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+}  // namespace kernels
+}  // namespace sonde

@@ -1,0 +1,344 @@
+#include "ops/llm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include "kernels/attention/attention.h"
+#include "kernels/norm/norm.h"
+#include "runtime/cpu.h"
+
+namespace sonde {
+
+namespace {
+
+std::string Dims(const GgufTensorInfo& t) {
+  std::string s = "[";
+  for (uint32_t i = 0; i < t.n_dims; ++i) s += (i ? ", " : "") + std::to_string(t.dims[i]);
+  return s + "]";
+}
+
+// Checks tensor `slot` of the index table and returns it, or null with *error set. want: GGUF dims.
+const GgufTensorInfo* Find(const GgufFile& f, int32_t index, const std::string& what, std::vector<uint64_t> want,
+                           std::string* error) {
+  if (index < 0 || static_cast<size_t>(index) >= f.tensors().size()) {
+    *error = "tensor '" + what + "' is missing";
+    return nullptr;
+  }
+  const GgufTensorInfo& t = f.tensors()[index];
+  bool same = t.n_dims >= want.size();
+  for (size_t i = 0; same && i < 4; ++i) same = t.dims[i] == (i < want.size() ? want[i] : 1);
+  if (!same) {
+    std::string w = "[";
+    for (size_t i = 0; i < want.size(); ++i) w += (i ? ", " : "") + std::to_string(want[i]);
+    *error = "tensor '" + t.name + "' has shape " + Dims(t) + ", expected " + w + "]";
+    return nullptr;
+  }
+  return &t;
+}
+
+bool Matrix(const GgufFile& f, int32_t index, const std::string& what, uint64_t k, uint64_t n, uint64_t experts,
+            QuantVariant variant, LlmMatrix* m, std::string* error) {
+  std::vector<uint64_t> want{k, n};
+  if (experts) want.push_back(experts);
+  const GgufTensorInfo* t = Find(f, index, what, want, error);
+  if (!t) return false;
+  int32_t type;
+  if (!QuantTypeFromGgml(t->type, &type)) {
+    *error = "tensor '" + t->name + "' is of type " + GgmlTypeInfo(t->type)->name +
+             "; sonde reads f32, f16, bf16, q8_0 and q4_0";
+    return false;
+  }
+  if ((type == kernels::kQuantQ8_0 || type == kernels::kQuantQ4_0) && k % kernels::kQuantBlock != 0) {
+    *error = "tensor '" + t->name + "' of type " + QuantTypeName(type) + " needs ne0 to be a multiple of 32";
+    return false;
+  }
+  m->data = f.TensorData(static_cast<size_t>(index));
+  m->type = type;
+  m->variant = ResolveQuantVariant(type, variant);
+  m->k = k;
+  m->n = n * (experts ? experts : 1);
+  m->row_bytes = kernels::QuantRowBytes(type, k);
+  return true;
+}
+
+bool Vector(const GgufFile& f, int32_t index, const std::string& what, uint64_t n, const float** out,
+            std::string* error) {
+  const GgufTensorInfo* t = Find(f, index, what, {n}, error);
+  if (!t) return false;
+  if (t->type != kGgmlF32) {
+    *error = "tensor '" + t->name + "' is of type " + GgmlTypeInfo(t->type)->name + "; norm weights and biases must be f32";
+    return false;
+  }
+  // The data section is aligned to at least 8 bytes (general.alignment is a power of two >= 8 in
+  // every writer), but a float read must not assume it: copy-free reads need 4-byte alignment.
+  const uint8_t* p = f.TensorData(static_cast<size_t>(index));
+  if (reinterpret_cast<uintptr_t>(p) % alignof(float) != 0) {
+    *error = "tensor '" + t->name + "' is not 4-byte aligned in the file";
+    return false;
+  }
+  *out = reinterpret_cast<const float*>(p);
+  return true;
+}
+
+kernels::AttentionSpanUkernel AttentionKernel(QuantVariant v) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (v == QuantVariant::kAuto) {
+    if (Cpu().Supports(IsaLevel::kAvx512)) return kernels::AttentionUkernelsAvx512().span;
+    if (Cpu().Supports(IsaLevel::kAvx2)) return kernels::AttentionUkernelsAvx2().span;
+  }
+  if (v == QuantVariant::kAvx512 || v == QuantVariant::kAvx512Vnni) return kernels::AttentionUkernelsAvx512().span;
+  if (v == QuantVariant::kAvx2) return kernels::AttentionUkernelsAvx2().span;
+#endif
+  return kernels::AttentionUkernelsScalar().span;
+}
+
+}  // namespace
+
+std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile> file, const LlmConfig& c,
+                                                 const std::vector<int32_t>& idx, std::string* error,
+                                                 bool* unsupported) {
+  *unsupported = false;
+  if (c.embd == 0 || c.layers == 0 || c.heads == 0 || c.kv_heads == 0 || c.head_dim == 0 || c.vocab == 0 ||
+      c.heads % c.kv_heads != 0 || c.ff == 0) {
+    *error = "inconsistent model configuration (a zero size, or head_count not a multiple of head_count_kv)";
+    return nullptr;
+  }
+  if (c.head_dim % 2 != 0 || c.head_dim > 1024) {
+    *error = "head dimension " + std::to_string(c.head_dim) + " is not even or above 1024";
+    return nullptr;
+  }
+  if (idx.size() != kLlmGlobalSlots + c.layers * kLlmLayerSlots) {
+    *error = "tensor index table has " + std::to_string(idx.size()) + " entries, expected " +
+             std::to_string(kLlmGlobalSlots + c.layers * kLlmLayerSlots);
+    return nullptr;
+  }
+  const bool moe = c.experts > 0;
+  if (moe && (c.experts_used == 0 || c.experts_used > c.experts || c.expert_ff == 0)) {
+    *error = "inconsistent expert configuration";
+    return nullptr;
+  }
+  std::shared_ptr<LlmModel> m(new LlmModel());
+  m->file_ = file;
+  m->cfg_ = c;
+  m->attend_ = AttentionKernel(c.variant);
+  const GgufFile& f = *file;
+  const size_t d = c.embd, qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
+  if (!Matrix(f, idx[kSlotTokenEmbd], "token_embd.weight", d, c.vocab, 0, c.variant, &m->embd_, error)) return nullptr;
+  if (!Vector(f, idx[kSlotOutputNorm], "output_norm.weight", d, &m->output_norm_, error)) return nullptr;
+  if (idx[kSlotOutput] < 0) m->output_ = m->embd_;  // tied embeddings
+  else if (!Matrix(f, idx[kSlotOutput], "output.weight", d, c.vocab, 0, c.variant, &m->output_, error)) return nullptr;
+  m->layers_.resize(c.layers);
+  for (size_t l = 0; l < c.layers; ++l) {
+    const int32_t* s = idx.data() + kLlmGlobalSlots + l * kLlmLayerSlots;
+    const std::string b = "blk." + std::to_string(l) + ".";
+    LlmLayer& L = m->layers_[l];
+    if (!Vector(f, s[kSlotAttnNorm], b + "attn_norm.weight", d, &L.attn_norm, error) ||
+        !Matrix(f, s[kSlotQ], b + "attn_q.weight", d, qd, 0, c.variant, &L.q, error) ||
+        !Matrix(f, s[kSlotK], b + "attn_k.weight", d, kvd, 0, c.variant, &L.k, error) ||
+        !Matrix(f, s[kSlotV], b + "attn_v.weight", d, kvd, 0, c.variant, &L.v, error) ||
+        !Matrix(f, s[kSlotO], b + "attn_output.weight", qd, d, 0, c.variant, &L.o, error) ||
+        !Vector(f, s[kSlotFfnNorm], b + "ffn_norm.weight", d, &L.ffn_norm, error))
+      return nullptr;
+    if (s[kSlotQBias] >= 0 && !Vector(f, s[kSlotQBias], b + "attn_q.bias", qd, &L.q_bias, error)) return nullptr;
+    if (s[kSlotKBias] >= 0 && !Vector(f, s[kSlotKBias], b + "attn_k.bias", kvd, &L.k_bias, error)) return nullptr;
+    if (s[kSlotVBias] >= 0 && !Vector(f, s[kSlotVBias], b + "attn_v.bias", kvd, &L.v_bias, error)) return nullptr;
+    if (!moe) {
+      if (!Matrix(f, s[kSlotGate], b + "ffn_gate.weight", d, c.ff, 0, c.variant, &L.gate, error) ||
+          !Matrix(f, s[kSlotUp], b + "ffn_up.weight", d, c.ff, 0, c.variant, &L.up, error) ||
+          !Matrix(f, s[kSlotDown], b + "ffn_down.weight", c.ff, d, 0, c.variant, &L.down, error))
+        return nullptr;
+      continue;
+    }
+    const size_t e = c.experts, eff = c.expert_ff;
+    if (!Matrix(f, s[kSlotGateInp], b + "ffn_gate_inp.weight", d, e, 0, c.variant, &L.gate_inp, error) ||
+        !Matrix(f, s[kSlotGateExps], b + "ffn_gate_exps.weight", d, eff, e, c.variant, &L.gate_exps, error) ||
+        !Matrix(f, s[kSlotUpExps], b + "ffn_up_exps.weight", d, eff, e, c.variant, &L.up_exps, error) ||
+        !Matrix(f, s[kSlotDownExps], b + "ffn_down_exps.weight", eff, d, e, c.variant, &L.down_exps, error))
+      return nullptr;
+    if (c.shared_ff) {
+      if (!Vector(f, s[kSlotGateInpShexp], b + "ffn_gate_inp_shexp.weight", d, &L.gate_inp_shexp, error) ||
+          !Matrix(f, s[kSlotGateShexp], b + "ffn_gate_shexp.weight", d, c.shared_ff, 0, c.variant, &L.gate_shexp, error) ||
+          !Matrix(f, s[kSlotUpShexp], b + "ffn_up_shexp.weight", d, c.shared_ff, 0, c.variant, &L.up_shexp, error) ||
+          !Matrix(f, s[kSlotDownShexp], b + "ffn_down_shexp.weight", c.shared_ff, d, 0, c.variant, &L.down_shexp, error))
+        return nullptr;
+    }
+    MoeLayer& M = L.moe;
+    M.d_model = d;
+    M.d_ff = eff;
+    M.n_experts = e;
+    M.k = c.experts_used;
+    M.router = {L.gate_inp.data, L.gate_inp.type};
+    M.gate = {L.gate_exps.data, L.gate_exps.type, L.gate_exps.row_bytes * eff};
+    M.up = {L.up_exps.data, L.up_exps.type, L.up_exps.row_bytes * eff};
+    M.down = {L.down_exps.data, L.down_exps.type, L.down_exps.row_bytes * d};
+    M.scoring = MoeScoring::kSoftmax;
+    // llama.cpp's build_moe_ffn: Mixtral renormalises the k weights, qwen2moe does not.
+    M.renormalize = c.arch == LlmArch::kLlama;
+    if (c.shared_ff) {
+      M.shared_d_ff = c.shared_ff;
+      M.shared_gate = {L.gate_shexp.data, L.gate_shexp.type};
+      M.shared_up = {L.up_shexp.data, L.up_shexp.type};
+      M.shared_down = {L.down_shexp.data, L.down_shexp.type};
+      M.shared_gate_inp = {reinterpret_cast<const uint8_t*>(L.gate_inp_shexp), kernels::kQuantF32};
+    }
+    M.variant = c.variant;
+    const std::string why = ValidateMoeLayer(M);
+    if (!why.empty()) {
+      *error = b + "ffn: " + why;
+      return nullptr;
+    }
+  }
+  return m;
+}
+
+LlmSequence::LlmSequence(const LlmConfig& c, size_t capacity)
+    : capacity_(capacity), kv_heads_(c.kv_heads), head_dim_(c.head_dim) {
+  const size_t n = c.layers * c.kv_heads * capacity * c.head_dim;
+  keys_.assign(n, 0.f);
+  values_.assign(n, 0.f);
+  expert_counts_.assign(c.layers * c.experts, 0);
+}
+
+namespace {
+
+// y[m x n] = x[m x k] . W^T (+ bias), on the pool.
+bool MatMul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LlmMatrix& w, const float* x, size_t m,
+            float* y, QuantMatmulScratch* scratch, const float* bias = nullptr) {
+  QuantMatmulArgs a;
+  a.x = x;
+  a.m = m;
+  a.k = w.k;
+  a.ldx = w.k;
+  a.w = w.data;
+  a.n = w.n;
+  a.type = w.type;
+  a.y = y;
+  a.ldy = w.n;
+  if (!RunQuantMatmul(pool, threads, cancel, a, w.variant, scratch)) return false;
+  if (bias)
+    for (size_t i = 0; i < m; ++i)
+      for (size_t j = 0; j < w.n; ++j) y[i * w.n + j] += bias[j];
+  return true;
+}
+
+template <typename T>
+void Grow(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
+}  // namespace
+
+bool Forward(const LlmModel& model, LlmSequence& seq, const int32_t* tokens, size_t n, float* logits, bool all_logits,
+             ThreadPool& pool, unsigned threads, const CancelFlag* cancel) {
+  if (n == 0) return true;
+  const LlmConfig& c = model.cfg_;
+  const size_t d = c.embd, hd = c.head_dim, qd = c.heads * hd, kvd = c.kv_heads * hd;
+  const size_t pos0 = seq.length_;
+  const size_t group = c.heads / c.kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const float freq_scale = 1.0f / c.rope_scale;
+  const kernels::AttentionSpanUkernel attend = model.attend_;
+
+  if (seq.arena_rows_ < n) {
+    Grow(seq.x_, n * d);
+    Grow(seq.xn_, n * d);
+    Grow(seq.q_, n * qd);
+    Grow(seq.k_, n * kvd);
+    Grow(seq.v_, n * kvd);
+    Grow(seq.att_, n * qd);
+    Grow(seq.gate_, n * c.ff);
+    Grow(seq.up_, n * c.ff);
+    if (c.experts) Grow(seq.moe_out_, n * d);
+    seq.arena_rows_ = n;
+  }
+  float* x = seq.x_.data();
+  float* xn = seq.xn_.data();
+  float* q = seq.q_.data();
+  float* k = seq.k_.data();
+  float* v = seq.v_.data();
+  float* att = seq.att_.data();
+  float* gate = seq.gate_.data();
+  float* up = seq.up_.data();
+  QuantMatmulScratch* qs = &seq.qscratch_;
+
+  const LlmMatrix& E = model.embd_;
+  for (size_t i = 0; i < n; ++i) kernels::DequantizeRow(E.type, E.data + static_cast<size_t>(tokens[i]) * E.row_bytes, d, x + i * d);
+
+  // Row-wise work (norms, RoPE, SwiGLU) is a few flops per weight byte of the products around it;
+  // it runs on the pool only when there are rows enough to share.
+  auto rows = [&](size_t count, const std::function<void(size_t)>& fn) {
+    if (count == 1) {
+      fn(0);
+      return !(cancel && cancel->load());
+    }
+    return pool.ParallelFor(count, threads, fn, cancel);
+  };
+
+  for (size_t l = 0; l < c.layers; ++l) {
+    const LlmLayer& L = model.layers_[l];
+    if (!rows(n, [&](size_t i) { kernels::RmsNormRow(x + i * d, L.attn_norm, d, c.eps, xn + i * d); })) return false;
+    if (!MatMul(pool, threads, cancel, L.q, xn, n, q, qs, L.q_bias) ||
+        !MatMul(pool, threads, cancel, L.k, xn, n, k, qs, L.k_bias) ||
+        !MatMul(pool, threads, cancel, L.v, xn, n, v, qs, L.v_bias))
+      return false;
+    if (!rows(n, [&](size_t i) {
+          const int64_t pos = static_cast<int64_t>(pos0 + i);
+          kernels::RopeRow(q + i * qd, c.heads, hd, pos, c.rope_base, freq_scale, c.neox);
+          kernels::RopeRow(k + i * kvd, c.kv_heads, hd, pos, c.rope_base, freq_scale, c.neox);
+          for (size_t h = 0; h < c.kv_heads; ++h) {
+            std::memcpy(seq.KeysMut(l, h, pos0 + i), k + i * kvd + h * hd, hd * sizeof(float));
+            std::memcpy(seq.ValuesMut(l, h, pos0 + i), v + i * kvd + h * hd, hd * sizeof(float));
+          }
+        }))
+      return false;
+    // One task per (query row, head): causal, so row i sees positions [0, pos0 + i].
+    if (!pool.ParallelFor(n * c.heads, threads, [&](size_t task) {
+          const size_t i = task / c.heads, h = task % c.heads, kvh = h / group;
+          float* out = att + i * qd + h * hd;
+          std::fill(out, out + hd, 0.f);
+          kernels::AttentionState st{-INFINITY, 0.f, out};
+          const size_t end = pos0 + i + 1;
+          for (size_t p = 0; p < end;) {
+            const size_t span = std::min(end, seq.SpanEnd(p)) - p;
+            attend(q + i * qd + h * hd, hd, seq.Keys(l, kvh, p), seq.Values(l, kvh, p), hd, span, scale, &st);
+            p += span;
+          }
+          const float inv = 1.0f / st.sum;
+          for (size_t j = 0; j < hd; ++j) out[j] *= inv;
+        }, cancel))
+      return false;
+    // The projection's output goes to xn (free now), then joins the residual stream.
+    if (!MatMul(pool, threads, cancel, L.o, att, n, xn, qs)) return false;
+    for (size_t i = 0; i < n * d; ++i) x[i] += xn[i];
+
+    if (!rows(n, [&](size_t i) { kernels::RmsNormRow(x + i * d, L.ffn_norm, d, c.eps, xn + i * d); })) return false;
+    if (c.experts) {
+      std::string error;
+      float* y = seq.moe_out_.data();
+      if (!RunMoe(pool, threads, cancel, L.moe, xn, n, y, seq.expert_counts_.data() + l * c.experts, &error)) {
+        if (cancel && cancel->load()) return false;
+        throw std::runtime_error("blk." + std::to_string(l) + " MoE: " + error);
+      }
+      for (size_t i = 0; i < n * d; ++i) x[i] += y[i];
+      continue;
+    }
+    if (!MatMul(pool, threads, cancel, L.gate, xn, n, gate, qs) || !MatMul(pool, threads, cancel, L.up, xn, n, up, qs))
+      return false;
+    if (!rows(n, [&](size_t i) { kernels::SwigluRow(gate + i * c.ff, up + i * c.ff, c.ff, gate + i * c.ff); })) return false;
+    if (!MatMul(pool, threads, cancel, L.down, gate, n, xn, qs)) return false;
+    for (size_t i = 0; i < n * d; ++i) x[i] += xn[i];
+  }
+
+  const size_t first = all_logits ? 0 : n - 1, out_rows = n - first;
+  if (!rows(out_rows, [&](size_t r) {
+        kernels::RmsNormRow(x + (first + r) * d, model.output_norm_, d, c.eps, xn + r * d);
+      }))
+    return false;
+  if (!MatMul(pool, threads, cancel, model.output_, xn, out_rows, logits, qs)) return false;
+  seq.length_ = pos0 + n;
+  return true;
+}
+
+}  // namespace sonde

@@ -1,0 +1,283 @@
+#include "ops/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <new>
+#include <vector>
+
+#include "kernels/moe/moe.h"
+#include "runtime/cpu.h"
+
+namespace sonde {
+
+namespace {
+
+bool IsBlockType(int32_t t) { return t == kernels::kQuantQ8_0 || t == kernels::kQuantQ4_0; }
+
+// One variant names the whole layer, whose tensors may be of different types: avx512vnni applies
+// to the block types only, the float ones run the plain avx512 kernels.
+QuantVariant VariantFor(QuantVariant v, int32_t type) {
+  if (v == QuantVariant::kAvx512Vnni && !IsBlockType(type)) v = QuantVariant::kAvx512;
+  return ResolveQuantVariant(type, v);
+}
+
+kernels::MoeUkernels Ukernels(QuantVariant v) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (v == QuantVariant::kAuto) {
+    const CpuFeatures& cpu = Cpu();
+    v = cpu.Supports(IsaLevel::kAvx512) ? QuantVariant::kAvx512
+        : cpu.Supports(IsaLevel::kAvx2)  ? QuantVariant::kAvx2
+                                         : QuantVariant::kScalar;
+  }
+  if (v == QuantVariant::kAvx2) return kernels::MoeUkernelsAvx2();
+  if (v == QuantVariant::kAvx512 || v == QuantVariant::kAvx512Vnni) return kernels::MoeUkernelsAvx512();
+#endif
+  return kernels::MoeUkernelsScalar();
+}
+
+unsigned EffectiveThreads(ThreadPool& pool, unsigned threads) {
+  const unsigned size = std::max(1u, pool.size());
+  return threads == 0 ? size : std::min(threads, size);
+}
+
+// y[m x n] = x[m x k] . W^T, W = n rows of k of `type` at w.
+bool Matmul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, QuantVariant v, const float* x, size_t m,
+            size_t k, const uint8_t* w, int32_t type, size_t n, float* y) {
+  QuantMatmulArgs a;
+  a.x = x;
+  a.m = m;
+  a.k = k;
+  a.ldx = k;
+  a.w = w;
+  a.n = n;
+  a.type = type;
+  a.y = y;
+  a.ldy = n;
+  return RunQuantMatmul(pool, threads, cancel, a, VariantFor(v, type));
+}
+
+std::string CheckMatrix(const char* name, const uint8_t* data, int32_t type, size_t cols, QuantVariant v) {
+  if (!data) return std::string(name) + ": no data";
+  if (type < 0 || type >= kernels::kQuantTypeCount) return std::string(name) + ": unknown weight type";
+  if (IsBlockType(type) && cols % kernels::kQuantBlock != 0)
+    return std::string(name) + ": " + QuantTypeName(type) + " rows need a multiple of 32 elements, got " + std::to_string(cols);
+  if (v != QuantVariant::kAuto) {
+    bool not_for_type;
+    const std::string why = QuantVariantUnavailable(type, v == QuantVariant::kAvx512Vnni && !IsBlockType(type) ? QuantVariant::kAvx512 : v, &not_for_type);
+    if (!why.empty()) return std::string(name) + ": " + why;
+  }
+  return "";
+}
+
+std::string CheckExperts(const char* name, const MoeExpertWeights& w, size_t rows, size_t cols, QuantVariant v) {
+  std::string why = CheckMatrix(name, w.data, w.type, cols, v);
+  if (!why.empty()) return why;
+  size_t bytes;
+  if (__builtin_mul_overflow(kernels::QuantRowBytes(w.type, cols), rows, &bytes) || w.expert_stride < bytes)
+    return std::string(name) + ": expert_stride " + std::to_string(w.expert_stride) + " is below one expert's " +
+           std::to_string(rows) + " rows of " + std::to_string(cols) + " " + QuantTypeName(w.type);
+  return "";
+}
+
+}  // namespace
+
+std::string ValidateMoeLayer(const MoeLayer& l) {
+  if (l.d_model == 0 || l.d_ff == 0) return "d_model and d_ff must be positive";
+  if (l.n_experts == 0) return "n_experts must be positive";
+  if (l.n_experts > static_cast<size_t>(std::numeric_limits<int32_t>::max())) return "n_experts is too large";
+  if (l.k == 0 || l.k > l.n_experts)
+    return "k must be in [1, n_experts = " + std::to_string(l.n_experts) + "], got " + std::to_string(l.k);
+  if (l.scoring != MoeScoring::kSoftmax && l.scoring != MoeScoring::kSigmoid) return "unknown scoring";
+  if (!std::isfinite(l.weight_scale)) return "weight_scale must be finite";
+  if (!(l.capacity_factor >= 0) || !std::isfinite(l.capacity_factor)) return "capacity_factor must be finite and >= 0";
+  std::string why;
+  if (!(why = CheckMatrix("router", l.router.data, l.router.type, l.d_model, l.variant)).empty()) return why;
+  if (!(why = CheckExperts("gate", l.gate, l.d_ff, l.d_model, l.variant)).empty()) return why;
+  if (!(why = CheckExperts("up", l.up, l.d_ff, l.d_model, l.variant)).empty()) return why;
+  if (!(why = CheckExperts("down", l.down, l.d_model, l.d_ff, l.variant)).empty()) return why;
+  if (l.shared_d_ff > 0) {
+    if (!(why = CheckMatrix("shared_gate", l.shared_gate.data, l.shared_gate.type, l.d_model, l.variant)).empty()) return why;
+    if (!(why = CheckMatrix("shared_up", l.shared_up.data, l.shared_up.type, l.d_model, l.variant)).empty()) return why;
+    if (!(why = CheckMatrix("shared_down", l.shared_down.data, l.shared_down.type, l.shared_d_ff, l.variant)).empty()) return why;
+    if (l.shared_gate_inp.data &&
+        !(why = CheckMatrix("shared_gate_inp", l.shared_gate_inp.data, l.shared_gate_inp.type, l.d_model, l.variant)).empty())
+      return why;
+  }
+  return "";
+}
+
+bool RunMoeRoute(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& l, const float* x,
+                 size_t tokens, int32_t* expert_ids, float* expert_weights, float* scores) {
+  if (tokens == 0) return true;
+  threads = EffectiveThreads(pool, threads);
+  const size_t e = l.n_experts, k = l.k;
+  std::vector<float> logits(tokens * e);
+  if (!Matmul(pool, threads, cancel, l.variant, x, tokens, l.d_model, l.router.data, l.router.type, e, logits.data()))
+    return false;
+  std::vector<float> own_scores;
+  if (!scores) {
+    own_scores.resize(tokens * e);
+    scores = own_scores.data();
+  }
+  // Routing is O(E k) per token: chunks of tokens keep ParallelFor's per-index cost small.
+  const size_t chunk = 64;
+  return pool.ParallelFor((tokens + chunk - 1) / chunk, threads, [&](size_t c) {
+    for (size_t t = c * chunk, end = std::min(tokens, t + chunk); t < end; ++t)
+      kernels::MoeRouteToken(e, k, logits.data() + t * e, static_cast<int32_t>(l.scoring), l.selection_bias, l.renormalize,
+                             l.weight_scale, scores + t * e, expert_ids + t * k, expert_weights + t * k);
+  }, cancel);
+}
+
+namespace {
+
+bool RunMoeChecked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& l, const float* x,
+                   size_t tokens, float* y, uint64_t* expert_counts, uint64_t* dropped) {
+  const size_t n_exp = l.n_experts, k = l.k, d = l.d_model, f = l.d_ff;
+  threads = EffectiveThreads(pool, threads);
+  const unsigned nthreads = threads;
+  const kernels::MoeUkernels uk = Ukernels(l.variant);
+
+  std::vector<int32_t> ids(tokens * k);
+  std::vector<float> weights(tokens * k);
+  if (!RunMoeRoute(pool, threads, cancel, l, x, tokens, ids.data(), weights.data(), nullptr)) return false;
+
+  // Group the (token, slot) pairs by expert, in token order so that a capacity limit keeps the
+  // earliest tokens and the result does not depend on thread timing.
+  std::vector<size_t> routed(n_exp, 0);
+  for (size_t i = 0; i < tokens * k; ++i) ++routed[static_cast<size_t>(ids[i])];
+  size_t capacity = std::numeric_limits<size_t>::max();
+  if (l.capacity_factor > 0) {
+    const double c = std::ceil(static_cast<double>(l.capacity_factor) * static_cast<double>(tokens * k) / static_cast<double>(n_exp));
+    capacity = c >= static_cast<double>(tokens) ? tokens : static_cast<size_t>(c);
+  }
+  std::vector<size_t> rows(n_exp), offset(n_exp + 1, 0);
+  uint64_t drops = 0;
+  for (size_t e = 0; e < n_exp; ++e) {
+    rows[e] = std::min(routed[e], capacity);
+    drops += routed[e] - rows[e];
+    offset[e + 1] = offset[e] + rows[e];
+    if (expert_counts) expert_counts[e] += routed[e];
+  }
+  if (dropped) *dropped += drops;
+  const size_t total = offset[n_exp];
+  std::vector<int64_t> row_of(tokens * k, -1);
+  {
+    std::vector<size_t> fill(n_exp, 0);
+    for (size_t i = 0; i < tokens * k; ++i) {
+      const size_t e = static_cast<size_t>(ids[i]);
+      if (fill[e] < rows[e]) row_of[i] = static_cast<int64_t>(offset[e] + fill[e]++);
+    }
+  }
+
+  // A single token reads its row in place; a batch gathers each expert's rows contiguously so that
+  // the expert's GEMM streams its weights once for the whole group.
+  const bool single = tokens == 1;
+  std::vector<float> xg(single ? 0 : total * d);
+  if (!single) {
+    const bool ok = pool.ParallelFor(tokens, threads, [&](size_t t) {
+      for (size_t j = 0; j < k; ++j) {
+        const int64_t r = row_of[t * k + j];
+        if (r >= 0) std::memcpy(xg.data() + static_cast<size_t>(r) * d, x + t * d, d * sizeof(float));
+      }
+    }, cancel);
+    if (!ok) return false;
+  }
+  std::vector<float> hg(total * f), hu(total * f), yo(total * d);
+
+  auto run_expert = [&](size_t e, unsigned thr) -> bool {
+    const size_t m = rows[e], off = offset[e];
+    if (m == 0) return true;
+    const float* xe = single ? x : xg.data() + off * d;
+    float* g = hg.data() + off * f;
+    float* u = hu.data() + off * f;
+    if (!Matmul(pool, thr, cancel, l.variant, xe, m, d, l.gate.data + e * l.gate.expert_stride, l.gate.type, f, g)) return false;
+    if (!Matmul(pool, thr, cancel, l.variant, xe, m, d, l.up.data + e * l.up.expert_stride, l.up.type, f, u)) return false;
+    uk.swiglu(m * f, g, u, g);
+    return Matmul(pool, thr, cancel, l.variant, g, m, f, l.down.data + e * l.down.expert_stride, l.down.type, d,
+                  yo.data() + off * d);
+  };
+
+  // Threads by work. A group holding more than one thread's share of the rows (and every group of
+  // a single token: k GEMVs, bound by weight bandwidth) runs alone over all threads, its GEMMs split
+  // over N. The rest run side by side, one expert per thread: small GEMMs split over threads would
+  // spend more on synchronisation than on arithmetic, and each expert's weights are read once.
+  std::vector<size_t> wide, narrow;
+  for (size_t e = 0; e < n_exp; ++e) {
+    if (rows[e] == 0) continue;
+    const bool big = single || rows[e] * nthreads > total;
+    (big ? wide : narrow).push_back(e);
+  }
+  if (narrow.size() < nthreads) {
+    wide.insert(wide.end(), narrow.begin(), narrow.end());
+    narrow.clear();
+  }
+  for (size_t e : wide)
+    if (!run_expert(e, threads)) return false;
+  if (!narrow.empty()) {
+    // Largest groups first, so the last ones to start are short.
+    std::stable_sort(narrow.begin(), narrow.end(), [&](size_t a, size_t b) { return rows[a] > rows[b]; });
+    std::vector<char> ok(narrow.size(), 1);
+    const bool done = pool.ParallelFor(narrow.size(), threads, [&](size_t i) { ok[i] = run_expert(narrow[i], 1); }, cancel);
+    if (!done) return false;
+    for (char c : ok)
+      if (!c) return false;
+  }
+
+  // Shared expert on every token, its output gated per token.
+  std::vector<float> so, sgate;
+  if (l.shared_d_ff > 0) {
+    const size_t sf = l.shared_d_ff;
+    std::vector<float> sg(tokens * sf), su(tokens * sf);
+    so.resize(tokens * d);
+    if (!Matmul(pool, threads, cancel, l.variant, x, tokens, d, l.shared_gate.data, l.shared_gate.type, sf, sg.data()) ||
+        !Matmul(pool, threads, cancel, l.variant, x, tokens, d, l.shared_up.data, l.shared_up.type, sf, su.data()))
+      return false;
+    uk.swiglu(tokens * sf, sg.data(), su.data(), sg.data());
+    if (!Matmul(pool, threads, cancel, l.variant, sg.data(), tokens, sf, l.shared_down.data, l.shared_down.type, d, so.data()))
+      return false;
+    if (l.shared_gate_inp.data) {
+      sgate.resize(tokens);
+      if (!Matmul(pool, threads, cancel, l.variant, x, tokens, d, l.shared_gate_inp.data, l.shared_gate_inp.type, 1, sgate.data()))
+        return false;
+      for (float& s : sgate) s = 1.0f / (1.0f + std::exp(-s));
+    }
+  }
+
+  // Weighted scatter-add in slot order (llama.cpp's order: the experts' sum, then the shared
+  // expert); one token per task, so no two threads write the same row.
+  return pool.ParallelFor(tokens, threads, [&](size_t t) {
+    float* yt = y + t * d;
+    std::memset(yt, 0, d * sizeof(float));
+    for (size_t j = 0; j < k; ++j) {
+      const int64_t r = row_of[t * k + j];
+      if (r >= 0) uk.scale_add(d, weights[t * k + j], yo.data() + static_cast<size_t>(r) * d, yt);
+    }
+    if (!so.empty()) uk.scale_add(d, sgate.empty() ? 1.0f : sgate[t], so.data() + t * d, yt);
+  }, cancel);
+}
+
+}  // namespace
+
+bool RunMoe(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& layer, const float* x,
+            size_t tokens, float* y, uint64_t* expert_counts, std::string* error, uint64_t* dropped) {
+  const std::string why = ValidateMoeLayer(layer);
+  if (!why.empty()) {
+    if (error) *error = "MoE layer: " + why;
+    return false;
+  }
+  if (tokens == 0) return true;
+  try {
+    if (RunMoeChecked(pool, threads, cancel, layer, x, tokens, y, expert_counts, dropped)) return true;
+    if (error) *error = "cancelled";
+  } catch (const std::bad_alloc&) {
+    if (error) *error = "MoE layer: out of memory for the work buffers of " + std::to_string(tokens) + " tokens";
+  } catch (const std::exception& e) {
+    if (error) *error = std::string("MoE layer: ") + e.what();
+  }
+  return false;
+}
+
+}  // namespace sonde
