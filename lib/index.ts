@@ -26,3 +26,5 @@ export type { SessionOptions, SessionRunOptions, ValueMetadata, OptimizationLeve
 export * as kernels from './kernels/index.js';
 export * as metrics from './metrics/index.js';
 export * as gguf from './llm/gguf.js';
+export { prune } from './prune.js';
+export type { PruneOptions, PruneResult, PruneReport, PrunedLayer, PruneStructure, LayerPattern } from './prune.js';
