@@ -18,6 +18,7 @@ import { SONDE_DOMAIN } from './fused.js';
 import { isSupported } from './ops/index.js';
 import type { Prepared } from './ops/types.js';
 import { optimize, type OptimizationLevel } from './optimize.js';
+import type { SparseMode, SparsePrepared } from './sparse.js';
 
 export type { OptimizationLevel };
 
@@ -30,8 +31,32 @@ export interface SessionOptions {
   optimization?: OptimizationLevel;
   /** 'fp32' (default) or 'bf16': GEMM and conv weights stored in bf16, accumulation in fp32. */
   precision?: 'fp32' | 'bf16';
+  /**
+   * Sparse kernels for pruned weights (Gemm, MatMul with initializer weights, 1x1 Conv): 'auto' (default)
+   * times the dense and sparse kernels of every layer with at least 50% zero weights at load and
+   * runs it sparse only where that measured faster for the plan's row count; 'force' runs every
+   * such layer sparse whatever its sparsity; 'off' never. fp32 only (bf16 sessions stay dense).
+   * Session.sparseLayers says what was chosen.
+   */
+  sparse?: SparseMode;
 }
-const LOAD_OPTIONS = ['device', 'threads', 'optimization', 'precision'] as const;
+const LOAD_OPTIONS = ['device', 'threads', 'optimization', 'precision', 'sparse'] as const;
+
+/** One layer that has sparse weights, from Session.sparseLayers. */
+export interface SparseLayerInfo {
+  /** The ONNX node (after fusion: the fused node's name). */
+  layer: string;
+  /** [k, n] of the weights as a GEMM's B (a 1x1 Conv: [cIn, cOut]). */
+  shape: [number, number];
+  /** Fraction of zero weights. */
+  sparsity: number;
+  /** The sparse storage built at load. */
+  format: 'csr' | 'bsr';
+  /** 'auto': the load-time timings (best of 3, ms) of the dense and sparse kernels at these row counts. */
+  timings?: { m: number; denseMs: number; sparseMs: number }[];
+  /** The kernel each compiled plan runs, by row count M (a Gemm: the batch; a 1x1 Conv: N * H * W). */
+  kernel: Record<number, 'dense' | 'sparse'>;
+}
 
 export interface SessionRunOptions {
   /** Aborting rejects the run with AbortError; a run in progress stops at the next operator. */
@@ -112,6 +137,7 @@ export class Session extends NativeResource {
     const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
     const level = checkOneOf(`${where}: options.optimization`, opts.optimization ?? 'all', ['none', 'basic', 'all'] as const);
     const precision = checkOneOf(`${where}: options.precision`, opts.precision ?? 'fp32', ['fp32', 'bf16'] as const);
+    const sparse = checkOneOf(`${where}: options.sparse`, opts.sparse ?? 'auto', ['auto', 'off', 'force'] as const);
     let bytes: Uint8Array;
     let source: string;
     let baseDir: string | undefined;
@@ -143,8 +169,11 @@ export class Session extends NativeResource {
         const def = opFor(node.domain, node.opType);
         if (!def?.prepare) continue;
         const ins = node.inputs.map((name) => (name ? graph.initializers.get(name) : undefined));
-        const p = def.prepare(node, ins, { precision }, model.opset);
+        const p = def.prepare(node, ins, { precision, sparse }, model.opset);
         if (p) prepared.set(node, p);
+      }
+      if (sparse === 'auto') {
+        for (const p of prepared.values()) await (p as SparsePrepared).calibrate?.(threads);
       }
     } catch (err) {
       for (const p of prepared.values()) p.dispose();
@@ -253,6 +282,22 @@ export class Session extends NativeResource {
       old.plan?.dispose();
     }
     return entry;
+  }
+
+  /** Every layer that has sparse weights (empty with sparse: 'off' or when no layer is sparse enough). */
+  get sparseLayers(): SparseLayerInfo[] {
+    this.checkAlive('Session.sparseLayers');
+    const out: SparseLayerInfo[] = [];
+    for (const [node, p] of this.#prepared) {
+      const s = (p as SparsePrepared).sparse;
+      if (!s) continue;
+      out.push({
+        layer: node.name, shape: [s.k, s.n], sparsity: s.sparsity, format: s.format,
+        ...(s.timings ? { timings: s.timings.map((t) => ({ m: t.m, denseMs: t.denseNs / 1e6, sparseMs: t.sparseNs / 1e6 })) } : {}),
+        kernel: Object.fromEntries(s.chosen),
+      });
+    }
+    return out;
   }
 
   /** Plans compiled so far (one per distinct set of input shapes, at most 16 kept). */
