@@ -106,4 +106,25 @@ describe('Session.profile', () => {
     s.dispose();
     await expect(s.profile({ image: image(1) })).rejects.toThrow(DisposedError);
   });
+
+  it('a run error raised natively still names the caller in its stack (no stack captured up front)', async () => {
+    const g = new GraphBuilder('gather', { opset: 13 });
+    g.input('data', 'float32', [4]);
+    g.input('idx', 'int64', [1]);
+    const [y] = g.node('Gather', ['data', 'idx']);
+    g.output(y, 'float32', [1]);
+    const s = await Session.load(g.toBytes(), { threads: 1 });
+    const data = new Tensor('float32', Float32Array.from([1, 2, 3, 4]), [4]);
+    // V8's async stack traces name the awaiting callers.
+    async function callerOfRun() {
+      return await s.run({ data, idx: new Tensor('int64', BigInt64Array.from([7n]), [1]) });
+    }
+    const err = await callerOfRun().then(() => undefined, (e: unknown) => e as Error);
+    expect(err).toBeInstanceOf(InvalidArgumentError);
+    expect(err!.message).toMatch(/Gather_0.*7/);
+    expect(err!.stack).toContain('callerOfRun');
+    const ok = await s.run({ data, idx: new Tensor('int64', BigInt64Array.from([-1n]), [1]) });
+    expect(Array.from(ok[y as string]!.data as Float32Array)).toEqual([4]);
+    s.dispose();
+  });
 });

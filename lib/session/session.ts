@@ -202,7 +202,6 @@ export class Session extends NativeResource {
 
   /** Runs the model on `feeds` (one Tensor per input, by name); resolves to one Tensor per output. */
   async run(feeds: Record<string, Tensor>, options?: SessionRunOptions): Promise<Record<string, Tensor>> {
-    const site = new Error();
     const where = 'Session.run';
     this.checkAlive(where);
     const opts = checkOptions<SessionRunOptions>(where, options, RUN_OPTIONS);
@@ -213,7 +212,7 @@ export class Session extends NativeResource {
     const { results, outs } = this.#allocOutputs(entry);
     const plan = entry.plan;
     if (plan) {
-      await callNative(() => withSignal(signal, (token) => native().planRun(plan, tensors.map((t) => t.data), outs, this.#threads, token)), site);
+      await callNative(() => withSignal(signal, (token) => native().planRun(plan, tensors.map((t) => t.data), outs, this.#threads, token)));
     }
     return results;
   }
