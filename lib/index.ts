@@ -22,7 +22,7 @@ export {
 } from './errors.js';
 export type { SondeErrorCode } from './errors.js';
 export { Session } from './session/session.js';
-export type { SessionOptions, SessionRunOptions, ValueMetadata, OptimizationLevel, SparseLayerInfo } from './session/session.js';
+export type { SessionOptions, SessionRunOptions, SessionProfileOptions, StepProfile, ValueMetadata, OptimizationLevel, SparseLayerInfo } from './session/session.js';
 export * as kernels from './kernels/index.js';
 export * as metrics from './metrics/index.js';
 export * as gguf from './llm/gguf.js';

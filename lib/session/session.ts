@@ -17,6 +17,7 @@ import { compilePlan, opFor, type CompiledPlan, type PlanInput } from './compile
 import { SONDE_DOMAIN } from './fused.js';
 import { isSupported } from './ops/index.js';
 import type { Prepared } from './ops/types.js';
+import type { PlanStep } from './plan.js';
 import { optimize, type OptimizationLevel } from './optimize.js';
 import type { SparseMode, SparsePrepared } from './sparse.js';
 
@@ -64,6 +65,28 @@ export interface SessionRunOptions {
 }
 const RUN_OPTIONS = ['signal'] as const;
 
+export interface SessionProfileOptions {
+  /** Runs to aggregate (default 10); every step's time is averaged over them. */
+  runs?: number;
+  /** Aborting rejects with AbortError; a run in progress stops at the next operator. */
+  signal?: AbortSignal;
+}
+const PROFILE_OPTIONS = ['runs', 'signal'] as const;
+
+/** One plan step's share of a run, from Session.profile(). */
+export interface StepProfile {
+  /** The ONNX node the step came from (a fused node keeps the name of the node it replaced). */
+  node: string;
+  /** The plan step kind: 'conv', 'gemm', 'matmul', 'binary', 'copy', ... (lib/session/plan.ts). */
+  op: PlanStep['op'];
+  /** What computes it: the conv path and microkernel, the GEMM microkernel, or the op's kind. */
+  kernel: string;
+  /** Mean wall time of the step per run, in milliseconds. */
+  ms: number;
+  /** ms over the sum of every step's ms (the shares sum to 1). */
+  share: number;
+}
+
 /** A model input or output: symbolic dims are strings ('?' where the model leaves a dim unnamed). */
 export interface ValueMetadata {
   name: string;
@@ -100,6 +123,30 @@ function metadata(name: string, dtype: DType | undefined, dims: Dim[] | undefine
     ...(dtype ? { dtype } : {}),
     ...(dims ? { shape: dims.map((d) => (d === null ? '?' : d)) } : {}),
   };
+}
+
+/** What computes a step, for profiles: handles name their microkernel; other steps their kind. */
+function kernelOf(step: PlanStep): string {
+  switch (step.op) {
+    case 'conv': {
+      const info = step.handle.info();
+      return `${info.path ?? '?'}/${info.ukernel ?? '?'}`;
+    }
+    case 'gemm': {
+      const info = step.weights.info();
+      return `${info.ukernel ?? info.variant ?? '?'}${step.activation !== 'none' ? `+${step.activation}` : ''}`;
+    }
+    case 'matmul': return `matmul${step.transB ? ' transB' : ''} ${step.m}x${step.k}x${step.n}`;
+    case 'unary': return `${step.kind} ${step.dtype}`;
+    case 'binary': return `${step.kind} ${step.dtype}`;
+    case 'reduce': return `${step.kind} ${step.dtype}`;
+    case 'pool': return step.kind === 0 ? 'max' : 'average';
+    case 'softmax': return step.log ? 'logSoftmax' : 'softmax';
+    case 'cast': return `${step.from}->${step.to}`;
+    case 'pad': return step.mode;
+    case 'copy': return `copy rank ${step.dims.length}`;
+    default: return step.op;
+  }
 }
 
 export class Session extends NativeResource {
@@ -184,7 +231,6 @@ export class Session extends NativeResource {
 
   /** Runs the model on `feeds` (one Tensor per input, by name); resolves to one Tensor per output. */
   async run(feeds: Record<string, Tensor>, options?: SessionRunOptions): Promise<Record<string, Tensor>> {
-    const site = new Error();
     const where = 'Session.run';
     this.checkAlive(where);
     const opts = checkOptions<SessionRunOptions>(where, options, RUN_OPTIONS);
@@ -192,6 +238,54 @@ export class Session extends NativeResource {
     const tensors = this.#checkFeeds(where, feeds);
     if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason });
     const entry = this.#plan(tensors);
+    const { results, outs } = this.#allocOutputs(entry);
+    const plan = entry.plan;
+    if (plan) {
+      await callNative(() => withSignal(signal, (token) => native().planRun(plan, tensors.map((t) => t.data), outs, this.#threads, token)));
+    }
+    return results;
+  }
+
+  /**
+   * Runs the model `runs` times on `feeds` and reports where the time goes: one record per plan step
+   * (in execution order) with its mean wall time per run and its share of the steps' total. Steps
+   * are timed natively between steps, so a step's time includes waking the pool for it.
+   */
+  async profile(feeds: Record<string, Tensor>, options?: SessionProfileOptions): Promise<StepProfile[]> {
+    const site = new Error();
+    const where = 'Session.profile';
+    this.checkAlive(where);
+    const opts = checkOptions<SessionProfileOptions>(where, options, PROFILE_OPTIONS);
+    const runs = opts.runs === undefined ? 10 : checkInt(`${where}: options.runs`, opts.runs, 1, 100000);
+    const signal = checkSignal(`${where}: options.signal`, opts.signal);
+    const tensors = this.#checkFeeds(where, feeds);
+    if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason });
+    const entry = this.#plan(tensors);
+    const plan = entry.plan;
+    const steps = entry.compiled.spec.steps;
+    const total = new Float64Array(steps.length);
+    if (plan && steps.length > 0) {
+      const timings = new Float64Array(steps.length);
+      const { outs } = this.#allocOutputs(entry);
+      const inputs = tensors.map((t) => t.data);
+      for (let r = 0; r < runs; ++r) {
+        this.checkAlive(where);
+        await callNative(() => withSignal(signal, (token) => native().planRun(plan, inputs, outs, this.#threads, token, timings)), site);
+        for (let i = 0; i < steps.length; ++i) total[i]! += timings[i]!;
+      }
+    }
+    const sum = total.reduce((a, b) => a + b, 0);
+    return steps.map((step, i) => ({
+      node: step.node,
+      op: step.op,
+      kernel: kernelOf(step),
+      ms: total[i]! / runs / 1e6,
+      share: sum > 0 ? total[i]! / sum : 0,
+    }));
+  }
+
+  /** Output tensors for one run: plan-time constants copied, the rest allocated for the plan to fill. */
+  #allocOutputs(entry: CachedPlan): { results: Record<string, Tensor>; outs: ArrayBufferView[] } {
     const results: Record<string, Tensor> = {};
     const outs: ArrayBufferView[] = [];
     for (const o of entry.compiled.outputs) {
@@ -204,11 +298,7 @@ export class Session extends NativeResource {
       outs[o.index!] = data;
       results[o.name] = new Tensor(o.dtype, data as never, o.shape);
     }
-    const plan = entry.plan;
-    if (plan) {
-      await callNative(() => withSignal(signal, (token) => native().planRun(plan, tensors.map((t) => t.data), outs, this.#threads, token)), site);
-    }
-    return results;
+    return { results, outs };
   }
 
   /** Feeds in input order, each checked against the model's declared dtype and dims. */
