@@ -289,13 +289,41 @@ function pruneWeights(d: Float32Array, sparsity: number | undefined, threshold: 
   const k = Math.round(sparsity! * d.length);
   if (k === 0) return { removedSq, totalSq };
   const mags = new Float32Array(d.length);
-  for (let i = 0; i < d.length; i++) mags[i] = Math.abs(d[i]!);
-  mags.sort(); // typed-array sort is numeric; NaN sorts last, so NaN weights are never pruned before finite ones
-  const cut = mags[k - 1]!;
+  // NaN ranks above every number, so NaN weights are never pruned before finite ones.
+  for (let i = 0; i < d.length; i++) mags[i] = Number.isNaN(d[i]!) ? Infinity : Math.abs(d[i]!);
+  const cut = selectKth(mags, k - 1);
   let count = 0;
   for (let i = 0; i < d.length; i++) if (Math.abs(d[i]!) < cut) { zero(i); count++; }
   for (let i = 0; i < d.length && count < k; i++) if (Math.abs(d[i]!) === cut) { zero(i); count++; }
   return { removedSq, totalSq };
+}
+
+/**
+ * The value that would sit at index `k` if `a` were sorted ascending (a is reordered): Hoare's
+ * quickselect with a median-of-three pivot, O(n) on average where a sort is O(n log n); a
+ * ResNet-50 layer has up to 2.4M weights.
+ */
+export function selectKth(a: Float32Array, k: number): number {
+  let lo = 0, hi = a.length - 1;
+  while (hi > lo) {
+    const mid = (lo + hi) >>> 1;
+    // Median of three as the pivot, so sorted or constant runs do not degrade to O(n^2).
+    const x = a[lo]!, y = a[mid]!, z = a[hi]!;
+    const pivot = x < y ? (y < z ? y : x < z ? z : x) : (x < z ? x : y < z ? z : y);
+    let i = lo, j = hi;
+    while (i <= j) {
+      while (a[i]! < pivot) i++;
+      while (a[j]! > pivot) j--;
+      if (i <= j) {
+        const t = a[i]!; a[i] = a[j]!; a[j] = t;
+        i++; j--;
+      }
+    }
+    if (k <= j) hi = j;
+    else if (k >= i) lo = i;
+    else return a[k]!;
+  }
+  return a[k]!;
 }
 
 /**
