@@ -107,7 +107,22 @@ describe('sparse sessions: digits and a ResNet-style block', () => {
     const { bytes } = await prune(g.toBytes(), { sparsity: 0.85 });
     for (const batch of [1, 3]) {
       const feeds = { x: uniform([batch, 16, 7, 7], 5 + batch) };
-      for (const sparse of ['off', 'auto', 'force'] as const) (await expectAgrees(bytes, feeds, { sparse }, `resblock ${sparse} b${batch}`)).dispose();
+      for (const sparse of ['off', 'auto', 'force'] as const) {
+        const s = await expectAgrees(bytes, feeds, { sparse }, `resblock ${sparse} b${batch}`);
+        if (sparse === 'force') {
+          // The two 1x1 convs (one with the residual Add fused in) and the Gemm run on SpMM; the 3x3 conv cannot.
+          const names = s.sparseLayers.map((l) => l.layer).join(' ');
+          expect(names).toMatch(/reduce/);
+          expect(names).toMatch(/expand/);
+          expect(names).toMatch(/fc/);
+          expect(names).not.toMatch(/mid/);
+          for (const l of s.sparseLayers) expect(Object.values(l.kernel)).toEqual(['sparse']);
+          const prof = await s.profile(feeds, { runs: 1 });
+          expect(prof.filter((r) => r.op === 'spmm').length).toBe(3);
+          expect(prof.some((r) => r.op === 'conv' && /expand|reduce/.test(r.node))).toBe(false);
+        }
+        s.dispose();
+      }
     }
   });
 });
@@ -135,5 +150,32 @@ describe('sparse sessions: sparse_initializer and options', () => {
     expect(s.sparseLayers).toEqual([]);
     s.dispose();
     expect(() => s.sparseLayers).toThrow(/disposed/);
+  });
+});
+
+describe('sparse sessions: profile()', () => {
+  it('records the sparse kernel and sparsity per layer, and how often batch-1 steps skipped zero activations', async () => {
+    const { bytes } = await prune(mlp({ sizes: [256, 384, 10], seed: 15 }), { sparsity: 0.9 });
+    const force = await Session.load(bytes, { sparse: 'force' });
+    const prof = await force.profile({ input: uniform([4, 256], 1, 0, 1) }, { runs: 3 });
+    const spmm = prof.filter((r) => r.op === 'spmm');
+    expect(spmm.length).toBe(2);
+    for (const r of spmm) expect(r.kernel).toMatch(/^f32_spmm_/);
+    expect(spmm.map((r) => r.sparsity! > 0.85)).toEqual([false, true]); // the first layer was kept dense by prune()
+    expect(prof.reduce((a, r) => a + r.share, 0)).toBeCloseTo(1, 6);
+    force.dispose();
+
+    const off = await Session.load(bytes, { sparse: 'off' });
+    const mostlyZero = uniform([1, 256], 2, 0, 1);
+    (mostlyZero.data as Float32Array).forEach((_, i, d) => { if (i % 10 !== 0) d[i] = 0; });
+    const first = (p: Awaited<ReturnType<Session['profile']>>) => p.find((r) => r.op === 'gemm')!;
+    const sparseRow = await off.profile({ input: mostlyZero }, { runs: 4 });
+    expect(first(sparseRow).activationSkip).toBe(1);
+    expect(first(sparseRow).sparsity).toBeUndefined();
+    const denseRow = await off.profile({ input: uniform([1, 256], 3, 0.5, 1) }, { runs: 4 });
+    expect(first(denseRow).activationSkip).toBe(0);
+    // Not a batch-1 step: no activationSkip field.
+    expect(first(await off.profile({ input: uniform([2, 256], 3) }, { runs: 1 })).activationSkip).toBeUndefined();
+    off.dispose();
   });
 });

@@ -37,7 +37,7 @@ export interface SessionOptions {
    * times the dense and sparse kernels of every layer with at least 50% zero weights at load and
    * runs it sparse only where that measured faster for the plan's row count; 'force' runs every
    * such layer sparse whatever its sparsity; 'off' never. fp32 only (bf16 sessions stay dense).
-   * Session.sparseLayers says what was chosen.
+   * Session.sparseLayers says what was chosen; Session.profile() records carry each layer's sparsity.
    */
   sparse?: SparseMode;
 }
@@ -85,6 +85,16 @@ export interface StepProfile {
   ms: number;
   /** ms over the sum of every step's ms (the shares sum to 1). */
   share: number;
+  /**
+   * Fraction of zero weights, on the steps of a layer that has sparse weights (SessionOptions.sparse):
+   * its 'spmm' step when it runs sparse, its 'gemm' / 'conv' step when the session kept it dense.
+   */
+  sparsity?: number;
+  /**
+   * Batch-1 'gemm' steps: the fraction of the profiled runs in which the input row was at most 40%
+   * non-zero and the step read only the weight rows of the non-zero activations.
+   */
+  activationSkip?: number;
 }
 
 /** A model input or output: symbolic dims are strings ('?' where the model leaves a dim unnamed). */
@@ -135,6 +145,10 @@ function kernelOf(step: PlanStep): string {
     case 'gemm': {
       const info = step.weights.info();
       return `${info.ukernel ?? info.variant ?? '?'}${step.activation !== 'none' ? `+${step.activation}` : ''}`;
+    }
+    case 'spmm': {
+      const info = step.weights.info();
+      return `${info.ukernel ?? info.format ?? '?'}${step.activation !== 'none' ? `+${step.activation}` : ''}`;
     }
     case 'matmul': return `matmul${step.transB ? ' transB' : ''} ${step.m}x${step.k}x${step.n}`;
     case 'unary': return `${step.kind} ${step.dtype}`;
@@ -264,6 +278,7 @@ export class Session extends NativeResource {
     const plan = entry.plan;
     const steps = entry.compiled.spec.steps;
     const total = new Float64Array(steps.length);
+    const skipsBefore = plan?.info().skipZeroRuns;
     if (plan && steps.length > 0) {
       const timings = new Float64Array(steps.length);
       const { outs } = this.#allocOutputs(entry);
@@ -275,13 +290,20 @@ export class Session extends NativeResource {
       }
     }
     const sum = total.reduce((a, b) => a + b, 0);
-    return steps.map((step, i) => ({
-      node: step.node,
-      op: step.op,
-      kernel: kernelOf(step),
-      ms: total[i]! / runs / 1e6,
-      share: sum > 0 ? total[i]! / sum : 0,
-    }));
+    const skipsAfter = plan?.info().skipZeroRuns;
+    const sparsity = new Map<string, number>();
+    for (const [node, p] of this.#prepared) {
+      const s = (p as SparsePrepared).sparse;
+      if (s) sparsity.set(node.name, s.sparsity);
+    }
+    return steps.map((step, i) => {
+      const rec: StepProfile = { node: step.node, op: step.op, kernel: kernelOf(step), ms: total[i]! / runs / 1e6, share: sum > 0 ? total[i]! / sum : 0 };
+      const sp = (step.op === 'spmm' || step.op === 'gemm' || step.op === 'conv') ? sparsity.get(step.node) : undefined;
+      if (sp !== undefined) rec.sparsity = sp;
+      // Concurrent runs of the same plan also count: the fraction is capped at 1.
+      if (skipsBefore && skipsAfter && skipsAfter[i]! >= 0) rec.activationSkip = Math.min(1, (skipsAfter[i]! - skipsBefore[i]!) / runs);
+      return rec;
+    });
   }
 
   /** Output tensors for one run: plan-time constants copied, the rest allocated for the plan to fill. */

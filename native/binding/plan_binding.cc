@@ -28,6 +28,13 @@ void Describe(Napi::Object& o, const Plan& p) {
   o.Set("steps", static_cast<double>(p.steps().size()));
   o.Set("arenaBytes", static_cast<double>(p.arena_bytes()));
   o.Set("bytes", static_cast<double>(p.bytes()));
+  // Per step: runs so far in which a batch-1 gemm skipped zero activations (-1: not such a step).
+  Napi::Array skips = Napi::Array::New(o.Env(), p.steps().size());
+  for (size_t i = 0; i < p.steps().size(); ++i) {
+    const auto& c = p.steps()[i].skip_runs;
+    skips.Set(static_cast<uint32_t>(i), c ? static_cast<double>(c->load(std::memory_order_relaxed)) : -1.0);
+  }
+  o.Set("skipZeroRuns", skips);
 }
 
 using PlanHandle = SharedHandle<Plan>;

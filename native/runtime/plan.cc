@@ -449,6 +449,8 @@ std::unique_ptr<Plan> Plan::Create(std::vector<PlanBufferDesc> buffers, std::vec
   }
   plan->buffers_ = std::move(buffers);
   plan->steps_ = std::move(steps);
+  for (PlanStep& s : plan->steps_)
+    if (s.op == PlanOp::kGemm && s.gemm && s.m == 1) s.skip_runs = std::make_shared<std::atomic<uint64_t>>(0);
   plan->arena_bytes_ = arena_bytes;
   plan->input_bytes_ = std::move(input_bytes);
   plan->output_bytes_ = std::move(output_bytes);
@@ -545,9 +547,11 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
         args.ldc = s.n;
         args.epilogue = ep;
         if (s.m == 1) {
-          // Batch 1 after a ReLU: most activations are zero, and their weight rows need not be read.
+          // Batch 1 after a ReLU: many activations are zero, and their weight rows need not be read.
           switch (RunGemvSkipZeros(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.gemm)) {
-            case GemvSkipResult::kRan: return true;
+            case GemvSkipResult::kRan:
+              if (s.skip_runs) s.skip_runs->fetch_add(1, std::memory_order_relaxed);
+              return true;
             case GemvSkipResult::kCancelled: return false;
             case GemvSkipResult::kDense: break;
           }

@@ -5,6 +5,7 @@
 // allocation once its arena has been made.
 #pragma once
 #include <cstddef>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -97,6 +98,9 @@ struct PlanStep {
   std::shared_ptr<const PackedGemmWeights> gemm;
   std::shared_ptr<const PackedLowpGemmWeights> gemm_lowp;
   std::shared_ptr<const SparseWeights> sparse;  // spmm
+  // gemm with m = 1: runs that took the zero-activation-skipping GEMV (for profiles; counted
+  // relaxed, concurrent runs may interleave). Made by Plan::Create.
+  std::shared_ptr<std::atomic<uint64_t>> skip_runs;
 };
 
 class Plan {
