@@ -25,7 +25,7 @@ for (const [k, n] of [[1, 1], [7, 17], [64, 33], [300, 100], [1024, 257]]) {
   const [z] = g.node('Relu', [y]);
   g.output(z, 'float32', [1, n]);
   const s = await Session.load(g.toBytes(), { sparse: 'off' });
-  // Zero fractions: all zero, one non-zero, 90% and 60% (skipping path), 30% and none (dense path).
+  // Zero fractions: all zero, one non-zero, 90% (skipping path), 60% (near the cut: either), 30% and none (dense path).
   for (const zeros of [1, -1, 0.9, 0.6, 0.3, 0]) {
     const x = Float32Array.from({ length: k }, () => r() * 2);
     if (zeros === -1) { x.fill(0); x[k >> 1] = 1.5; } else for (let i = 0; i < k; i++) if (r() < zeros) x[i] = 0;

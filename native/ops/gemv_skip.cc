@@ -55,9 +55,8 @@ GemvSkipResult RunGemvSkipZeros(ThreadPool& pool, unsigned max_threads, const Ca
     nks += x[i] != 0.0f;
   }
   // A dense GEMV streams K*N floats at full read bandwidth; the skipping one reads nks rows of NR
-  // floats per panel at scattered k, a cache line or two per row, which the prefetchers cannot run
-  // ahead of. Half the rows is where the two cross over on the machines measured (bench `sparse`,
-  // activation cases), so above it the dense path runs.
+  // floats per panel at scattered k, which the prefetchers cannot run ahead of. The two cross over
+  // near half the rows (see kGemvSkipMaxDensity), so above the threshold the dense path runs.
   if (static_cast<double>(nks) > kGemvSkipMaxDensity * static_cast<double>(k)) return GemvSkipResult::kDense;
   const size_t panels = (n + nr - 1) / nr;
   const unsigned threads = std::max(1u, std::min(max_threads, pool.size()));
