@@ -9,6 +9,7 @@ import { mlp } from '../bench/graphs/models.js';
 import { GraphBuilder, randomTensor, rng } from '../bench/graphs/builder.js';
 import { countCorrect, modelPath as digitsPath, readTestSplit } from '../models/digits.js';
 import { ortRun, uniform } from './session-ort.js';
+import { SAFETY, useSparse, type SparseChoice } from '../dist/session/sparse.js';
 
 type Feeds = Record<string, Tensor>;
 
@@ -177,5 +178,39 @@ describe('sparse sessions: profile()', () => {
     // Not a batch-1 step: no activationSkip field.
     expect(first(await off.profile({ input: uniform([2, 256], 3) }, { runs: 1 })).activationSkip).toBeUndefined();
     off.dispose();
+  });
+});
+
+describe("sparse 'auto': the per-plan choice from load-time timings", () => {
+  const choice = (timings: SparseChoice['timings'], mode: SparseChoice['mode'] = 'auto') =>
+    ({ weights: null as never, k: 8, n: 8, mode, format: 'csr', sparsity: 0.9, timings, chosen: new Map() }) as SparseChoice;
+  const t = [
+    { m: 1, denseNs: 100, sparseNs: 80, denseSkipNs: 60 },
+    { m: 8, denseNs: 200, sparseNs: 200 },
+    { m: 64, denseNs: 1000, sparseNs: 500 },
+  ];
+  it('picks sparse only when it measured at least 1 - SAFETY faster, interpolating between and extrapolating past the timed M', () => {
+    expect(SAFETY).toBe(0.9);
+    const c = choice(t);
+    // M = 1: sparse 80 beats dense 100 but not the skipping GEMV's 60 (what 'off' runs after a ReLU).
+    expect(useSparse(c, 1)).toBe(false);
+    expect(useSparse(choice([{ ...t[0]!, denseSkipNs: undefined }, t[1]!, t[2]!]), 1)).toBe(true);
+    // M = 8: equal times: dense (a tie must not flip to sparse).
+    expect(useSparse(c, 8)).toBe(false);
+    // M = 36: halfway, dense 600 vs sparse 350.
+    expect(useSparse(c, 36)).toBe(true);
+    // M = 2: interpolated, dense 114.3 vs sparse 97.1: 0.85 < 0.9.
+    expect(useSparse(c, 2)).toBe(true);
+    // Past the last timing both scale linearly: the ratio of M = 64 holds.
+    expect(useSparse(c, 4096)).toBe(true);
+    expect(Object.fromEntries(c.chosen)).toEqual({ 1: 'dense', 8: 'dense', 36: 'sparse', 2: 'sparse', 4096: 'sparse' });
+    // Within 10%: dense.
+    expect(useSparse(choice([{ m: 1, denseNs: 100, sparseNs: 91 }]), 1)).toBe(false);
+  });
+
+  it("'force' is always sparse, no timings and no sparse weights are always dense", () => {
+    expect(useSparse(choice(undefined, 'force'), 1)).toBe(true);
+    expect(useSparse(choice(undefined), 64)).toBe(false);
+    expect(useSparse(undefined, 64)).toBe(false);
   });
 });
