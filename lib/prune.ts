@@ -230,6 +230,19 @@ export async function prune(model: string | Uint8Array, options: PruneOptions): 
   const g = proto.graph!;
   g.initializer = (g.initializer ?? []).filter((t) => !replaced.has(t.name ?? ''));
   g.sparseInitializer = (g.sparseInitializer ?? []).filter((st) => !replaced.has(st.values?.name ?? ''));
+  // Weights stored in external files are written inline: the pruned model goes wherever the caller
+  // writes it, where paths relative to the original model's folder would no longer resolve.
+  for (const t of g.initializer) {
+    if (t.dataLocation !== EXTERNAL) continue;
+    const dense = graph.initializers.get(t.name ?? '')!;
+    const d = dense.data as unknown as ArrayBufferView;
+    t.rawData = new Uint8Array(d.buffer, d.byteOffset, d.byteLength);
+    t.dataLocation = 0;
+    t.externalData = [];
+    t.floatData = [];
+    t.int32Data = [];
+    t.int64Data = [];
+  }
   for (const [name, data] of replaced) {
     const dims = [...graph.initializers.get(name)!.dims];
     if (storage === 'dense') {
@@ -393,9 +406,13 @@ function sparseProto(name: string, d: Float32Array, dims: number[]): ProtoSparse
 
 const FLOAT = 1;
 const INT64 = 7;
+const EXTERNAL = 1; // TensorProto.DataLocation
 
 // The parts of onnx-proto's generated types this file writes.
-interface ProtoTensorOut { name?: string | null; dataType?: number | null; dims?: unknown[] | null; rawData?: Uint8Array | null }
+interface ProtoTensorOut {
+  name?: string | null; dataType?: number | null; dims?: unknown[] | null; rawData?: Uint8Array | null; dataLocation?: number | null;
+  externalData?: unknown[] | null; floatData?: number[] | null; int32Data?: number[] | null; int64Data?: unknown[] | null;
+}
 interface ProtoSparseTensor { values?: ProtoTensorOut | null; indices?: ProtoTensorOut | null; dims?: unknown[] | null }
 interface ProtoGraphOut { initializer?: ProtoTensorOut[] | null; sparseInitializer?: ProtoSparseTensor[] | null }
 interface ProtoNamespace {

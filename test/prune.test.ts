@@ -3,7 +3,9 @@
 // loading (sonde vs the dense twin in onnxruntime-node), and every bad input.
 import { describe, expect, it } from 'vitest';
 import { createRequire } from 'node:module';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { InvalidArgumentError, ModelFormatError, Session, Tensor, prune } from '../dist/index.js';
 import { parseModel } from '../dist/onnx/model.js';
 import { GraphBuilder, randomTensor, rng } from '../bench/graphs/builder.js';
@@ -126,6 +128,40 @@ describe('prune: unstructured', () => {
     const { report } = await prune(digitsPath, { sparsity: 0.5 });
     expect(report.layers.filter((l) => l.pruned).length).toBe(report.layers.length - 1);
     expect(readFileSync(digitsPath)).toEqual(original);
+  });
+});
+
+describe('prune: external data', () => {
+  it('writes weights that were in an external file inline, so the output loads anywhere', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'sonde-prune-ext-'));
+    try {
+      const proto = onnx.ModelProto.decode(convNet());
+      const parts: Buffer[] = [];
+      let offset = 0;
+      for (const init of proto.graph.initializer) {
+        const raw = Buffer.from(init.rawData);
+        parts.push(raw);
+        init.rawData = new Uint8Array();
+        init.dataLocation = 1;
+        init.externalData = [{ key: 'location', value: 'w.bin' }, { key: 'offset', value: String(offset) }, { key: 'length', value: String(raw.length) }];
+        offset += raw.length;
+      }
+      writeFileSync(join(dir, 'w.bin'), Buffer.concat(parts));
+      writeFileSync(join(dir, 'm.onnx'), onnx.ModelProto.encode(proto).finish());
+      const { bytes } = await prune(join(dir, 'm.onnx'), { sparsity: 0.6 });
+      const out = onnx.ModelProto.decode(bytes);
+      for (const t of out.graph.initializer) expect(t.dataLocation ?? 0, t.name).toBe(0);
+      const want = weightsOf(convNet());
+      const got = weightsOf(bytes);
+      expect(got.get('c2.b')!.data).toEqual(want.get('c2.b')!.data);
+      expect(got.get('c1.w')!.data).toEqual(want.get('c1.w')!.data);
+      expect(zeros(got.get('fc.w')!.data)).toBe(Math.round(0.6 * 24 * 40));
+      // From bytes, with no folder to resolve files against: onnxruntime-node runs it.
+      const feeds = { x: uniform([1, 3, 9, 7], 4) };
+      expect(Object.values(await ortRun(bytes, feeds))[0]!.data.length).toBe(5);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 
