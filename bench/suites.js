@@ -482,6 +482,84 @@ async function* sparseSuite(ctx) {
   }
   dense.dispose();
   for (const [, w] of ws) w.dispose();
+  yield* prunedModels(ctx, timing, threadCounts);
+  yield* activationSparsity(ctx, timing, threadCounts);
+}
+
+/**
+ * Activation sparsity: the second layer of a ReLU FFN (K = 4096 hidden -> N = 1024) at batch 1 in
+ * a Session, fed a row with 90% (and 50%, 30%) zeros against the same row with no zeros (the dense
+ * GEMV), interleaved; ratio = dense ms / ms. The weights stream from memory: calls cycle through
+ * enough copies of the layer to exceed the cache, as a decode step's weights do.
+ */
+export async function* activationSparsity(ctx, timing, threadCounts) {
+  const [k, n] = [4096, 1024];
+  const copies = copiesBeyondCache(k * n * 4);
+  const sessions = [];
+  for (let c = 0; c < copies; c++) {
+    const g = new GraphBuilder('ffn2', { opset: 13 });
+    g.input('x', 'float32', [1, k]);
+    const [y] = g.node('MatMul', ['x', g.init('w', { dtype: 'float32', dims: [k, n], data: rand(k * n) })]);
+    g.output(y, 'float32', [1, n]);
+    sessions.push(g.toBytes());
+  }
+  for (const t of threadCounts) {
+    const ss = await Promise.all(sessions.map((b) => sonde.Session.load(b, { threads: t, sparse: 'off' })));
+    const row = (zeros) => {
+      const x = new Float32Array(k);
+      for (let i = 0; i < k; i++) x[i] = Math.random() < zeros ? 0 : Math.random() + 0.1;
+      return { x: new Tensor('float32', x, [1, k]) };
+    };
+    const zeroFractions = [0.9, 0.8, 0.7, 0.6, 0.5];
+    const feeds = [0, ...zeroFractions].map(row);
+    let i = 0;
+    const next = () => ss[i++ % ss.length];
+    const [denseMs, ...times] = await timeInterleaved(feeds.map((f) => () => next().run(f)), timing);
+    for (const [j, zeros] of zeroFractions.entries()) {
+      const ms = times[j];
+      yield { case: `activation-sparse gemv ${Math.round(zeros * 100)}% zeros ${k}->${n} m1 t${t}`, ms, denseMs, ratio: denseMs / ms,
+        denseGBs: (k * n * 4) / denseMs / 1e6, vs: 'same layer, dense row' };
+    }
+    for (const s of ss) s.dispose();
+  }
+}
+
+/**
+ * Whole pruned models: the generated ResNet-50 (first conv kept dense) and 784-1024-1024-10 MLP
+ * (every layer), magnitude-pruned to 90% per layer with sonde.prune(), in a sonde Session with sparse 'auto' and
+ * 'off' and in onnxruntime-node on the same pruned bytes, timed interleaved in this run after
+ * checking both sonde outputs against ORT's. ratio = ORT ms / sonde 'auto' ms; offRatio = sonde
+ * 'off' ms / 'auto' ms (what the sparse kernels bought).
+ */
+export async function* prunedModels(ctx, timing, threadCounts) {
+  const plan = ctx.quick ? [['mlp', [1, 32]]] : [['mlp', [1, 32]], ['resnet50', [1, 8]]];
+  for (const [name, batches] of plan) {
+    // ResNet-50 keeps its first conv dense (9k weights on the raw image); the MLP's first layer is
+    // its largest, so it is pruned too.
+    const { bytes, report } = await sonde.prune(modelBytes(name), { sparsity: 0.9, keepFirstLayerDense: name !== 'mlp' });
+    for (const t of threadCounts) {
+      const ort = await onnxruntime.prepareModel(bytes, { threads: t, spin: ctx.ortSpin });
+      const auto = await sonde.Session.load(bytes, { threads: t });
+      const off = await sonde.Session.load(bytes, { threads: t, sparse: 'off' });
+      for (const b of batches) {
+        const x = modelInput(name, b);
+        const feed = { input: new Tensor('float32', x.data, x.dims) };
+        const want = (await ort.run({ input: x })).output.data;
+        for (const [label, s] of [['auto', auto], ['off', off]]) {
+          const d = relativeDifference((await s.run(feed)).output.data, want);
+          if (!(d <= 4 * roundingTolerance(name))) throw new Error(`pruned ${name} ${label} n${b}: differs from onnxruntime-node by ${d.toExponential(2)}`);
+        }
+        const [ortMs, ms, offMs] = await timeInterleaved([() => ort.run({ input: x }), () => auto.run(feed), () => off.run(feed)], timing);
+        // Layers the 'auto' session runs sparse in some plan so far (a plan per batch size).
+        const sparseLayers = auto.sparseLayers.filter((l) => Object.values(l.kernel).includes('sparse')).length;
+        yield { case: `pruned 90% ${name} n${b} t${t}`, ms, ortMs, offMs, ratio: ortMs / ms, offRatio: offMs / ms, vs: 'onnxruntime-node',
+          sparsity: report.overallSparsity, sparseLayers: `${sparseLayers}/${auto.sparseLayers.length}` };
+      }
+      auto.dispose();
+      off.dispose();
+      await ort.release();
+    }
+  }
 }
 
 /**

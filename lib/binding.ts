@@ -122,7 +122,8 @@ export interface NativeGgufOpenResult {
 /** A compiled graph plan (native/binding/plan_binding.cc; contract in lib/session/plan.ts). */
 export interface NativePlan {
   dispose(): void;
-  info(): { disposed: boolean; steps?: number; arenaBytes?: number; bytes?: number };
+  /** skipZeroRuns[i]: runs in which step i (a batch-1 gemm) skipped zero activations; -1 for other steps. */
+  info(): { disposed: boolean; steps?: number; arenaBytes?: number; bytes?: number; skipZeroRuns?: number[] };
 }
 
 export type NativeQuantType = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_0';

@@ -126,8 +126,13 @@ export function fromNative(err: unknown, site?: Error): Error {
   return out;
 }
 
-/** Runs a native call and maps what it throws or rejects to SondeErrors with the caller's stack. */
-export async function callNative<T>(fn: () => Promise<T> | T, site: Error): Promise<T> {
+/**
+ * Runs a native call and maps what it throws or rejects to SondeErrors with the caller's stack.
+ * Without `site`, the error is created here after the await, so V8's async stack trace still names
+ * the awaiting callers; hot paths (Session.run) skip `site` because capturing a stack costs
+ * several microseconds per call (a quarter of a small model's run).
+ */
+export async function callNative<T>(fn: () => Promise<T> | T, site?: Error): Promise<T> {
   try {
     return await fn();
   } catch (err) {

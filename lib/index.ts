@@ -22,7 +22,10 @@ export {
 } from './errors.js';
 export type { SondeErrorCode } from './errors.js';
 export { Session } from './session/session.js';
-export type { SessionOptions, SessionRunOptions, ValueMetadata, OptimizationLevel, BatchingOptions, SessionMetricsSnapshot } from './session/session.js';
+export type {
+  SessionOptions, SessionRunOptions, SessionProfileOptions, StepProfile, ValueMetadata, OptimizationLevel, SparseLayerInfo,
+  BatchingOptions, SessionMetricsSnapshot,
+} from './session/session.js';
 export * as kernels from './kernels/index.js';
 export * as metrics from './metrics/index.js';
 export * as gguf from './llm/gguf.js';
@@ -32,3 +35,5 @@ export type {
   TokenStreamDecoder,
 } from './llm/language-model.js';
 export type { SamplingOptions } from './llm/sampling.js';
+export { prune } from './prune.js';
+export type { PruneOptions, PruneResult, PruneReport, PrunedLayer, PruneStructure, LayerPattern } from './prune.js';

@@ -439,7 +439,8 @@ describe('plan runs', () => {
       bin('B', 'mul', ref(0), ref(4), ref(2), 0),
       bin('Y2', 'sub', ref(2), ref(0), ref(6), 1),
     ], 192));
-    expect(plan.info()).toEqual({ disposed: false, steps: 4, arenaBytes: 192, bytes: 192 + 8 });
+    // skipZeroRuns: -1 for every step that is not a batch-1 gemm (none here).
+    expect(plan.info()).toEqual({ disposed: false, steps: 4, arenaBytes: 192, bytes: 192 + 8, skipZeroRuns: [-1, -1, -1, -1] });
     for (let rep = 0; rep < 3; rep++) {
       y1.fill(0); y2.fill(0);
       await run(plan, [x], [y1, y2]);
@@ -567,6 +568,32 @@ describe('plan validation', () => {
     plan.dispose();
     await expect(run(plan, [x], [y])).rejects.toThrow(DisposedError);
     f.packed.dispose();
+  });
+
+  it('spmm step: runs sparse weights with bias + ReLU against a scalar loop; rejects mismatched k/n, gemm weights, a disposed handle', async () => {
+    const [m, k, n] = [3, 37, 21];
+    const b = rand(k * n, 21).map((v, i) => (i % 3 ? 0 : v));
+    const bias = rand(n, 22);
+    const w = native().toSparse(b, k, n, 'csr', 0);
+    const spec = (kk: number, nn: number, weights: unknown = w) => makeSpec([input(0, m * k * 4), output(0, m * n * 4),
+      { kind: 'const', data: bias, bytes: n * 4 }], [{ node: 'S', op: 'spmm', weights: weights as never, a: ref(0), c: ref(1), m, k: kk, n: nn,
+      bias: ref(2), residualBeforeActivation: false, activation: 'relu', alpha: 0, beta: 0 }]);
+    const a = rand(m * k, 23);
+    const c = new Float32Array(m * n);
+    await runOnce(spec(k, n), [a], [c]);
+    const want = new Float32Array(m * n);
+    for (let i = 0; i < m; i++) for (let j = 0; j < n; j++) {
+      let acc = bias[j]!;
+      for (let q = 0; q < k; q++) acc += a[i * k + q]! * b[q * n + j]!;
+      want[i * n + j] = Math.max(0, acc);
+    }
+    expectClose(c, want, 1e-5);
+    expect(() => create(spec(k + 1, n))).toThrow(/sparse weights are 37 x 21, the step says k = 38/);
+    const packed = native().packGemmWeights(b, k, n, 'auto');
+    expect(() => create(spec(k, n, packed))).toThrow(/weights must be sparse weights/);
+    packed.dispose();
+    w.dispose();
+    expect(() => create(spec(k, n))).toThrow(DisposedError);
   });
 
   it('rejects wrong input counts, byte lengths and views (InvalidArgumentError)', async () => {

@@ -137,10 +137,12 @@ function convertGraph(g: ProtoGraph, ctx: Ctx, outer: Set<string>): OnnxGraph {
     if (initializers.has(t.name)) throw new ModelFormatError(`${where}: initializer '${t.name}' is defined twice`);
     initializers.set(t.name, convertTensor(t, ctx, `initializer '${t.name}'`));
   }
-  for (const st of g.sparseInitializer ?? []) {
+  (g.sparseInitializer ?? []).forEach((st, i) => {
     const name = st.values?.name ?? '';
-    throw new ModelFormatError(`${where}: sparse initializer '${name}' is not supported yet`);
-  }
+    if (!name) throw new ModelFormatError(`${where}: sparse initializer #${i} has no name (its values tensor names it)`);
+    if (initializers.has(name)) throw new ModelFormatError(`${where}: initializer '${name}' is defined twice`);
+    initializers.set(name, densifySparse(st, ctx, `sparse initializer '${name}'`));
+  });
   const valueInfo = new Map<string, ValueInfo>();
   for (const vi of g.valueInfo ?? []) valueInfo.set(vi.name ?? '', convertValueInfo(vi));
   const inputs = (g.input ?? []).map(convertValueInfo);
@@ -225,6 +227,76 @@ function convertTensor(t: ProtoTensor, ctx: Ctx, what: string): Tensor {
     }
   }
   return new Tensor(dtype, data as never, dims);
+}
+
+/**
+ * A SparseTensorProto as the dense tensor it stands for. Sessions see weights dense with explicit
+ * zeros and choose a sparse kernel per layer themselves, so a sparse initializer and its dense twin
+ * compile the same. ONNX stores the non-zeros as `values` [nnz] plus `indices`, either [nnz]
+ * linear positions or [nnz, rank] coordinates, in both cases sorted: that order is checked rather
+ * than assumed, as onnxruntime checks it, because an out-of-order or repeated index would silently
+ * overwrite a value.
+ */
+function densifySparse(st: ProtoSparseTensor, ctx: Ctx, what: string): Tensor {
+  const where = ctx.where;
+  if (!st.values) throw new ModelFormatError(`${where}: ${what} has no values tensor`);
+  const dims = (st.dims ?? []).map((d, i) => {
+    const v = int64(d);
+    if (!Number.isSafeInteger(v) || v < 0) throw new ModelFormatError(`${where}: ${what} has an invalid dims[${i}] = ${d}`);
+    return v;
+  });
+  const size = dims.reduce((a, b) => a * b, 1);
+  if (!Number.isSafeInteger(size) || size > 2 ** 32) throw new ModelFormatError(`${where}: ${what} is too large`);
+  const values = convertTensor(st.values, ctx, `the values of ${what}`);
+  if (values.dims.length !== 1) {
+    throw new ModelFormatError(`${where}: the values of ${what} must be 1-D [nnz], got dims [${values.dims.join(', ')}]`);
+  }
+  const nnz = values.dims[0]!;
+  if (nnz > size) throw new ModelFormatError(`${where}: ${what} has ${nnz} values but its dims [${dims.join(', ')}] hold only ${size} elements`);
+  const dense = new STORAGE[values.dtype](size) as TensorStorage;
+  if (nnz > 0) {
+    if (!st.indices) throw new ModelFormatError(`${where}: ${what} has ${nnz} values but no indices tensor`);
+    const idx = convertTensor(st.indices, ctx, `the indices of ${what}`);
+    if (idx.dtype !== 'int64' && idx.dtype !== 'int32') {
+      throw new ModelFormatError(`${where}: the indices of ${what} must be int64 (or int32), got ${idx.dtype}`);
+    }
+    const rank = dims.length;
+    const linear = idx.dims.length === 1;
+    if (!(linear && idx.dims[0] === nnz) && !(idx.dims.length === 2 && idx.dims[0] === nnz && idx.dims[1] === rank)) {
+      throw new ModelFormatError(
+        `${where}: the indices of ${what} must have dims [${nnz}] or [${nnz}, ${rank}] to match its ${nnz} values, got [${idx.dims.join(', ')}]`);
+    }
+    const raw = idx.data as BigInt64Array | Int32Array;
+    const at = (i: number) => Number(raw[i]!);
+    const src = values.data as unknown as ArrayLike<number | bigint>;
+    const dst = dense as unknown as Record<number, number | bigint>;
+    let prev = -1;
+    for (let i = 0; i < nnz; i++) {
+      let pos: number;
+      if (linear) {
+        pos = at(i);
+        if (!Number.isSafeInteger(pos) || pos < 0 || pos >= size) {
+          throw new ModelFormatError(`${where}: ${what} index ${i} is ${raw[i]}, out of range [0, ${size}) for dims [${dims.join(', ')}]`);
+        }
+      } else {
+        pos = 0;
+        for (let a = 0; a < rank; a++) {
+          const c = at(i * rank + a);
+          if (!Number.isSafeInteger(c) || c < 0 || c >= dims[a]!) {
+            throw new ModelFormatError(`${where}: ${what} index ${i} has coordinate ${raw[i * rank + a]} on axis ${a}, out of range [0, ${dims[a]})`);
+          }
+          pos = pos * dims[a]! + c;
+        }
+      }
+      if (pos <= prev) {
+        throw new ModelFormatError(
+          `${where}: the indices of ${what} must be sorted and distinct, but index ${i} (position ${pos}) follows position ${prev}`);
+      }
+      prev = pos;
+      dst[pos] = src[i]!;
+    }
+  }
+  return new Tensor(values.dtype, dense as never, dims);
 }
 
 function typedField(t: ProtoTensor, dtype: DType): ArrayLike<number | LongLike> {
@@ -357,6 +429,7 @@ interface ProtoTensor {
   floatData?: number[] | null; int32Data?: number[] | null; int64Data?: (number | LongLike)[] | null;
   dataLocation?: number | null; externalData?: { key?: string | null; value?: string | null }[] | null;
 }
+interface ProtoSparseTensor { values?: ProtoTensor | null; indices?: ProtoTensor | null; dims?: (number | LongLike)[] | null }
 interface ProtoAttribute {
   name?: string | null; type?: number | null; f?: number | null; i?: number | LongLike | null; s?: Uint8Array | null;
   t?: ProtoTensor | null; g?: ProtoGraph | null; floats?: number[] | null; ints?: (number | LongLike)[] | null;
@@ -369,7 +442,7 @@ interface ProtoValueInfo {
 interface ProtoGraph {
   name?: string | null; node?: { name?: string | null; opType?: string | null; domain?: string | null; input?: string[] | null;
     output?: string[] | null; attribute?: ProtoAttribute[] | null }[] | null;
-  initializer?: ProtoTensor[] | null; sparseInitializer?: { values?: ProtoTensor | null }[] | null;
+  initializer?: ProtoTensor[] | null; sparseInitializer?: ProtoSparseTensor[] | null;
   input?: ProtoValueInfo[] | null; output?: ProtoValueInfo[] | null; valueInfo?: ProtoValueInfo[] | null;
 }
 interface ProtoModel {

@@ -17,7 +17,7 @@
  *   out of range [-5, 5)").
  * - bool is one byte (0 or 1), like ONNX and onnxruntime.
  */
-import type { NativeConvHandle, NativePackedGemm, NativePackedGemmLowp } from '../binding.js';
+import type { NativeConvHandle, NativePackedGemm, NativePackedGemmLowp, NativeSparseWeights } from '../binding.js';
 
 export type PlanDType = 'float32' | 'int64' | 'int32' | 'bool' | 'uint8' | 'int8';
 
@@ -54,6 +54,13 @@ export type PlanStep = { node: string } & (
       n: number; h: number; w: number }
   /** c [m, n] = act(a [m, k] . W + bias) (+ residual [m, n]); W packed at load (fp32 or low precision). */
   | { op: 'gemm'; weights: NativePackedGemm | NativePackedGemmLowp; a: PlanRef; c: PlanRef; m: number; k: number; n: number;
+      bias?: PlanRef; residual?: PlanRef; residualBeforeActivation: boolean;
+      activation: PlanActivation; alpha: number; beta: number }
+  /**
+   * The gemm step on sparse weights (CSR or BSR, built at load from pruned weights): same operands,
+   * epilogue and result; the session chose it for this layer's shape (SessionOptions.sparse).
+   */
+  | { op: 'spmm'; weights: NativeSparseWeights; a: PlanRef; c: PlanRef; m: number; k: number; n: number;
       bias?: PlanRef; residual?: PlanRef; residualBeforeActivation: boolean;
       activation: PlanActivation; alpha: number; beta: number }
   /**

@@ -19,7 +19,9 @@ import { compilePlan, opFor, type CompiledPlan, type PlanInput } from './compile
 import { SONDE_DOMAIN } from './fused.js';
 import { isSupported } from './ops/index.js';
 import type { Prepared } from './ops/types.js';
+import type { PlanStep } from './plan.js';
 import { optimize, type OptimizationLevel } from './optimize.js';
+import type { SparseMode, SparsePrepared } from './sparse.js';
 
 export type { OptimizationLevel, BatchingOptions, SessionMetricsSnapshot };
 
@@ -39,16 +41,72 @@ export interface SessionOptions {
   batching?: BatchingOptions;
   /** The `session` label of this session's metrics (default: the model file's name and a number). */
   name?: string;
+  /**
+   * Sparse kernels for pruned weights (Gemm, MatMul with initializer weights, 1x1 Conv): 'auto' (default)
+   * times the dense and sparse kernels of every layer with at least 50% zero weights at load and
+   * runs it sparse only where that measured faster for the plan's row count; 'force' runs every
+   * such layer sparse whatever its sparsity; 'off' never. fp32 only (bf16 sessions stay dense).
+   * Session.sparseLayers says what was chosen; Session.profile() records carry each layer's sparsity.
+   */
+  sparse?: SparseMode;
 }
-const LOAD_OPTIONS = ['device', 'threads', 'optimization', 'precision', 'batching', 'name'] as const;
+const LOAD_OPTIONS = ['device', 'threads', 'optimization', 'precision', 'batching', 'name', 'sparse'] as const;
 
 let sessionCount = 0;
+
+/** One layer that has sparse weights, from Session.sparseLayers. */
+export interface SparseLayerInfo {
+  /** The ONNX node (after fusion: the fused node's name). */
+  layer: string;
+  /** [k, n] of the weights as a GEMM's B (a 1x1 Conv: [cIn, cOut]). */
+  shape: [number, number];
+  /** Fraction of zero weights. */
+  sparsity: number;
+  /** The sparse storage built at load. */
+  format: 'csr' | 'bsr';
+  /** 'auto': the load-time timings (best of 3, ms) of the dense and sparse kernels at these row counts. */
+  timings?: { m: number; denseMs: number; sparseMs: number }[];
+  /** The kernel each compiled plan runs, by row count M (a Gemm: the batch; a 1x1 Conv: N * H * W). */
+  kernel: Record<number, 'dense' | 'sparse'>;
+}
 
 export interface SessionRunOptions {
   /** Aborting rejects the run with AbortError; a run in progress stops at the next operator. */
   signal?: AbortSignal;
 }
 const RUN_OPTIONS = ['signal'] as const;
+
+export interface SessionProfileOptions {
+  /** Runs to aggregate (default 10); every step's time is averaged over them. */
+  runs?: number;
+  /** Aborting rejects with AbortError; a run in progress stops at the next operator. */
+  signal?: AbortSignal;
+}
+const PROFILE_OPTIONS = ['runs', 'signal'] as const;
+
+/** One plan step's share of a run, from Session.profile(). */
+export interface StepProfile {
+  /** The ONNX node the step came from (a fused node keeps the name of the node it replaced). */
+  node: string;
+  /** The plan step kind: 'conv', 'gemm', 'matmul', 'binary', 'copy', ... (lib/session/plan.ts). */
+  op: PlanStep['op'];
+  /** What computes it: the conv path and microkernel, the GEMM microkernel, or the op's kind. */
+  kernel: string;
+  /** Mean wall time of the step per run, in milliseconds. */
+  ms: number;
+  /** ms over the sum of every step's ms (the shares sum to 1). */
+  share: number;
+  /**
+   * Fraction of zero weights, on the steps of a layer that has sparse weights (SessionOptions.sparse):
+   * its 'spmm' step when it runs sparse, its 'gemm' / 'conv' step when the session kept it dense.
+   */
+  sparsity?: number;
+  /**
+   * Batch-1 'gemm' steps: the fraction of the profiled runs in which the input row was at most 40%
+   * non-zero and the step read only the weight rows of the non-zero activations.
+   */
+  activationSkip?: number;
+}
 
 /** A model input or output: symbolic dims are strings ('?' where the model leaves a dim unnamed). */
 export interface ValueMetadata {
@@ -86,6 +144,34 @@ function metadata(name: string, dtype: DType | undefined, dims: Dim[] | undefine
     ...(dtype ? { dtype } : {}),
     ...(dims ? { shape: dims.map((d) => (d === null ? '?' : d)) } : {}),
   };
+}
+
+/** What computes a step, for profiles: handles name their microkernel; other steps their kind. */
+function kernelOf(step: PlanStep): string {
+  switch (step.op) {
+    case 'conv': {
+      const info = step.handle.info();
+      return `${info.path ?? '?'}/${info.ukernel ?? '?'}`;
+    }
+    case 'gemm': {
+      const info = step.weights.info();
+      return `${info.ukernel ?? info.variant ?? '?'}${step.activation !== 'none' ? `+${step.activation}` : ''}`;
+    }
+    case 'spmm': {
+      const info = step.weights.info();
+      return `${info.ukernel ?? info.format ?? '?'}${step.activation !== 'none' ? `+${step.activation}` : ''}`;
+    }
+    case 'matmul': return `matmul${step.transB ? ' transB' : ''} ${step.m}x${step.k}x${step.n}`;
+    case 'unary': return `${step.kind} ${step.dtype}`;
+    case 'binary': return `${step.kind} ${step.dtype}`;
+    case 'reduce': return `${step.kind} ${step.dtype}`;
+    case 'pool': return step.kind === 0 ? 'max' : 'average';
+    case 'softmax': return step.log ? 'logSoftmax' : 'softmax';
+    case 'cast': return `${step.from}->${step.to}`;
+    case 'pad': return step.mode;
+    case 'copy': return `copy rank ${step.dims.length}`;
+    default: return step.op;
+  }
 }
 
 export class Session extends NativeResource {
@@ -132,6 +218,7 @@ export class Session extends NativeResource {
     if (opts.name !== undefined && (typeof opts.name !== 'string' || opts.name.length === 0)) {
       throw new InvalidArgumentError(`${where}: options.name must be a non-empty string, got ${describe(opts.name)}`);
     }
+    const sparse = checkOneOf(`${where}: options.sparse`, opts.sparse ?? 'auto', ['auto', 'off', 'force'] as const);
     let bytes: Uint8Array;
     let source: string;
     let baseDir: string | undefined;
@@ -169,8 +256,11 @@ export class Session extends NativeResource {
         const def = opFor(node.domain, node.opType);
         if (!def?.prepare) continue;
         const ins = node.inputs.map((name) => (name ? graph.initializers.get(name) : undefined));
-        const p = def.prepare(node, ins, { precision }, model.opset);
+        const p = def.prepare(node, ins, { precision, sparse }, model.opset);
         if (p) prepared.set(node, p);
+      }
+      if (sparse === 'auto') {
+        for (const p of prepared.values()) await (p as SparsePrepared).calibrate?.(threads);
       }
     } catch (err) {
       for (const p of prepared.values()) p.dispose();
@@ -235,6 +325,62 @@ export class Session extends NativeResource {
   /** One native run of validated tensors. */
   async #execute(tensors: Tensor[], signal: AbortSignal | undefined, site: Error): Promise<Record<string, Tensor>> {
     const entry = this.#plan(tensors);
+    const { results, outs } = this.#allocOutputs(entry);
+    const plan = entry.plan;
+    if (plan) {
+      await callNative(() => withSignal(signal, (token) => native().planRun(plan, tensors.map((t) => t.data), outs, this.#threads, token)));
+    }
+    return results;
+  }
+
+  /**
+   * Runs the model `runs` times on `feeds` and reports where the time goes: one record per plan step
+   * (in execution order) with its mean wall time per run and its share of the steps' total. Steps
+   * are timed natively between steps, so a step's time includes waking the pool for it.
+   */
+  async profile(feeds: Record<string, Tensor>, options?: SessionProfileOptions): Promise<StepProfile[]> {
+    const site = new Error();
+    const where = 'Session.profile';
+    this.checkAlive(where);
+    const opts = checkOptions<SessionProfileOptions>(where, options, PROFILE_OPTIONS);
+    const runs = opts.runs === undefined ? 10 : checkInt(`${where}: options.runs`, opts.runs, 1, 100000);
+    const signal = checkSignal(`${where}: options.signal`, opts.signal);
+    const tensors = this.#checkFeeds(where, feeds);
+    if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason });
+    const entry = this.#plan(tensors);
+    const plan = entry.plan;
+    const steps = entry.compiled.spec.steps;
+    const total = new Float64Array(steps.length);
+    const skipsBefore = plan?.info().skipZeroRuns;
+    if (plan && steps.length > 0) {
+      const timings = new Float64Array(steps.length);
+      const { outs } = this.#allocOutputs(entry);
+      const inputs = tensors.map((t) => t.data);
+      for (let r = 0; r < runs; ++r) {
+        this.checkAlive(where);
+        await callNative(() => withSignal(signal, (token) => native().planRun(plan, inputs, outs, this.#threads, token, timings)), site);
+        for (let i = 0; i < steps.length; ++i) total[i]! += timings[i]!;
+      }
+    }
+    const sum = total.reduce((a, b) => a + b, 0);
+    const skipsAfter = plan?.info().skipZeroRuns;
+    const sparsity = new Map<string, number>();
+    for (const [node, p] of this.#prepared) {
+      const s = (p as SparsePrepared).sparse;
+      if (s) sparsity.set(node.name, s.sparsity);
+    }
+    return steps.map((step, i) => {
+      const rec: StepProfile = { node: step.node, op: step.op, kernel: kernelOf(step), ms: total[i]! / runs / 1e6, share: sum > 0 ? total[i]! / sum : 0 };
+      const sp = (step.op === 'spmm' || step.op === 'gemm' || step.op === 'conv') ? sparsity.get(step.node) : undefined;
+      if (sp !== undefined) rec.sparsity = sp;
+      // Concurrent runs of the same plan also count: the fraction is capped at 1.
+      if (skipsBefore && skipsAfter && skipsAfter[i]! >= 0) rec.activationSkip = Math.min(1, (skipsAfter[i]! - skipsBefore[i]!) / runs);
+      return rec;
+    });
+  }
+
+  /** Output tensors for one run: plan-time constants copied, the rest allocated for the plan to fill. */
+  #allocOutputs(entry: CachedPlan): { results: Record<string, Tensor>; outs: ArrayBufferView[] } {
     const results: Record<string, Tensor> = {};
     const outs: ArrayBufferView[] = [];
     for (const o of entry.compiled.outputs) {
@@ -247,11 +393,7 @@ export class Session extends NativeResource {
       outs[o.index!] = data;
       results[o.name] = new Tensor(o.dtype, data as never, o.shape);
     }
-    const plan = entry.plan;
-    if (plan) {
-      await callNative(() => withSignal(signal, (token) => native().planRun(plan, tensors.map((t) => t.data), outs, this.#threads, token)), site);
-    }
-    return results;
+    return { results, outs };
   }
 
   /** Feeds in input order, each checked against the model's declared dtype and dims. */
@@ -325,6 +467,22 @@ export class Session extends NativeResource {
       old.plan?.dispose();
     }
     return entry;
+  }
+
+  /** Every layer that has sparse weights (empty with sparse: 'off' or when no layer is sparse enough). */
+  get sparseLayers(): SparseLayerInfo[] {
+    this.checkAlive('Session.sparseLayers');
+    const out: SparseLayerInfo[] = [];
+    for (const [node, p] of this.#prepared) {
+      const s = (p as SparsePrepared).sparse;
+      if (!s) continue;
+      out.push({
+        layer: node.name, shape: [s.k, s.n], sparsity: s.sparsity, format: s.format,
+        ...(s.timings ? { timings: s.timings.map((t) => ({ m: t.m, denseMs: t.denseNs / 1e6, sparseMs: t.sparseNs / 1e6 })) } : {}),
+        kernel: Object.fromEntries(s.chosen),
+      });
+    }
+    return out;
   }
 
   /** Plans compiled so far (one per distinct set of input shapes, at most 16 kept). */

@@ -22,16 +22,25 @@ namespace sonde {
 // Defined beside their handles (conv_binding.cc, gemm_lowp_binding.cc).
 void Describe(Napi::Object& o, const ConvOp& w);
 void Describe(Napi::Object& o, const PackedLowpGemmWeights& w);
+void Describe(Napi::Object& o, const SparseWeights& w);
 
 void Describe(Napi::Object& o, const Plan& p) {
   o.Set("steps", static_cast<double>(p.steps().size()));
   o.Set("arenaBytes", static_cast<double>(p.arena_bytes()));
   o.Set("bytes", static_cast<double>(p.bytes()));
+  // Per step: runs so far in which a batch-1 gemm skipped zero activations (-1: not such a step).
+  Napi::Array skips = Napi::Array::New(o.Env(), p.steps().size());
+  for (size_t i = 0; i < p.steps().size(); ++i) {
+    const auto& c = p.steps()[i].skip_runs;
+    skips.Set(static_cast<uint32_t>(i), c ? static_cast<double>(c->load(std::memory_order_relaxed)) : -1.0);
+  }
+  o.Set("skipZeroRuns", skips);
 }
 
 using PlanHandle = SharedHandle<Plan>;
 using ConvHandle = SharedHandle<ConvOp>;
 using PackedLowpGemmHandle = SharedHandle<PackedLowpGemmWeights>;
+using SparseWeightsHandle = SharedHandle<SparseWeights>;
 
 namespace {
 
@@ -184,6 +193,24 @@ void ReadGemm(const SpecReader& r, Napi::Object o, PlanStep& s) {
   } else {
     r.Fail("weights must be packed GEMM weights");
   }
+  s.in[0] = r.Ref(o, "a");
+  s.in[1] = r.Ref(o, "bias", true);
+  s.in[2] = r.Ref(o, "residual", true);
+  s.out[0] = r.Ref(o, "c");
+  s.m = r.Size(o, "m");
+  s.k = r.Size(o, "k");
+  s.n = r.Size(o, "n");
+  s.flag = r.Bool(o, "residualBeforeActivation");
+  s.kind = r.Enum(o, "activation", kActivations);
+  s.alpha = static_cast<float>(r.Number(o, "alpha"));
+  s.beta = static_cast<float>(r.Number(o, "beta"));
+}
+
+void ReadSpmm(const SpecReader& r, Napi::Object o, PlanStep& s) {
+  Napi::Value w = o.Get("weights");
+  if (!SparseWeightsHandle::Is(r.addon(), "SparseWeightsHandle", w)) r.Fail("weights must be sparse weights");
+  s.sparse = SparseWeightsHandle::Get(w);
+  if (!s.sparse) r.Disposed("the sparse weights handle");
   s.in[0] = r.Ref(o, "a");
   s.in[1] = r.Ref(o, "bias", true);
   s.in[2] = r.Ref(o, "residual", true);
@@ -401,6 +428,7 @@ constexpr StepForm kStepForms[] = {
     {"topk", PlanOp::kTopK, ReadTopK},
     {"cast", PlanOp::kCast, ReadCast},
     {"pad", PlanOp::kPad, ReadPad},
+    {"spmm", PlanOp::kSpmm, ReadSpmm},
 };
 
 PlanStep ReadStep(SpecReader& r, Napi::Value v, size_t index) {

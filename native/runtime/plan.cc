@@ -7,6 +7,8 @@
 #include <new>
 #include <utility>
 
+#include "ops/gemv_skip.h"
+
 namespace sonde {
 
 namespace {
@@ -130,6 +132,19 @@ void ValidateGemm(StepValidator& v, PlanStep& s) {
   if (wk != s.k || wn != s.n)
     return v.Fail("weights are " + std::to_string(wk) + " x " + std::to_string(wn) + ", the step says k = " +
                   std::to_string(s.k) + ", n = " + std::to_string(s.n));
+  if (s.kind < 0 || s.kind >= kernels::kActCount) return v.Fail("unknown activation");
+  const size_t c = v.Product({s.m, s.n});
+  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.m, s.k})), "a");
+  v.ReadOptional(s.in[1], 4, ContiguousWalk(s.n), "bias");
+  v.ReadOptional(s.in[2], 4, ContiguousWalk(c), "residual");
+  v.Write(s.out[0], 4, ContiguousWalk(c), "c");
+}
+
+void ValidateSpmm(StepValidator& v, PlanStep& s) {
+  if (!s.sparse) return v.Fail("needs a sparse weights handle");
+  if (s.sparse->k() != s.k || s.sparse->n() != s.n)
+    return v.Fail("sparse weights are " + std::to_string(s.sparse->k()) + " x " + std::to_string(s.sparse->n()) +
+                  ", the step says k = " + std::to_string(s.k) + ", n = " + std::to_string(s.n));
   if (s.kind < 0 || s.kind >= kernels::kActCount) return v.Fail("unknown activation");
   const size_t c = v.Product({s.m, s.n});
   v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.m, s.k})), "a");
@@ -337,6 +352,7 @@ void ValidateStep(StepValidator& v, PlanStep& s) {
     case PlanOp::kTopK: return ValidateTopK(v, s);
     case PlanOp::kCast: return ValidateCast(v, s);
     case PlanOp::kPad: return ValidatePad(v, s);
+    case PlanOp::kSpmm: return ValidateSpmm(v, s);
   }
   v.Fail("unknown op");
 }
@@ -396,6 +412,7 @@ const char* PlanOpName(PlanOp op) {
     case PlanOp::kTopK: return "topk";
     case PlanOp::kCast: return "cast";
     case PlanOp::kPad: return "pad";
+    case PlanOp::kSpmm: return "spmm";
   }
   return "?";
 }
@@ -432,6 +449,8 @@ std::unique_ptr<Plan> Plan::Create(std::vector<PlanBufferDesc> buffers, std::vec
   }
   plan->buffers_ = std::move(buffers);
   plan->steps_ = std::move(steps);
+  for (PlanStep& s : plan->steps_)
+    if (s.op == PlanOp::kGemm && s.gemm && s.m == 1) s.skip_runs = std::make_shared<std::atomic<uint64_t>>(0);
   plan->arena_bytes_ = arena_bytes;
   plan->input_bytes_ = std::move(input_bytes);
   plan->output_bytes_ = std::move(output_bytes);
@@ -527,6 +546,16 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
         args.c = f32(s.out[0]);
         args.ldc = s.n;
         args.epilogue = ep;
+        if (s.m == 1) {
+          // Batch 1 after a ReLU: many activations are zero, and their weight rows need not be read.
+          switch (RunGemvSkipZeros(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.gemm)) {
+            case GemvSkipResult::kRan:
+              if (s.skip_runs) s.skip_runs->fetch_add(1, std::memory_order_relaxed);
+              return true;
+            case GemvSkipResult::kCancelled: return false;
+            case GemvSkipResult::kDense: break;
+          }
+        }
         return RunGemm(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.gemm);
       }
       LowpGemmArgs args;
@@ -537,6 +566,16 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
       args.ldc = s.n;
       args.epilogue = ep;
       return RunLowpGemm(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.gemm_lowp, false);
+    }
+    case PlanOp::kSpmm: {
+      GemmArgs args;
+      args.a = f32(s.in[0]);
+      args.m = s.m;
+      args.lda = s.k;
+      args.c = f32(s.out[0]);
+      args.ldc = s.n;
+      args.epilogue = kernels::GemmEpilogue{nullptr, f32(s.in[1]), f32(s.in[2]), s.n, s.kind, s.flag ? 1 : 0, s.alpha, s.beta};
+      return RunSpmm(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.sparse, GemmVariant::kAuto);
     }
     case PlanOp::kMatMul:
       return RunBatchedMatMul(ctx, f32(s.in[0]), s.strides[0], f32(s.in[1]), s.strides[1], f32(s.out[0]),

@@ -5,6 +5,7 @@
 // allocation once its arena has been made.
 #pragma once
 #include <cstddef>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -16,6 +17,7 @@
 #include "ops/elementwise.h"
 #include "ops/gemm.h"
 #include "ops/gemm_lowp.h"
+#include "ops/spmm.h"
 #include "ops/tensor_ops.h"
 #include "runtime/thread_pool.h"
 
@@ -44,14 +46,14 @@ struct PlanRef {
 
 enum class PlanOp : uint8_t {
   kConv, kGemm, kMatMul, kUnary, kBinary, kWhere, kCopy, kFill, kGather, kPool, kGlobalAveragePool, kSoftmax,
-  kLogSoftmax, kLayerNorm, kChannelAffine, kReduce, kArgMax, kTopK, kCast, kPad,
+  kLogSoftmax, kLayerNorm, kChannelAffine, kReduce, kArgMax, kTopK, kCast, kPad, kSpmm,
 };
 
 const char* PlanOpName(PlanOp op);
 
 // One step. Operand slots by op (in = read, out = written; absent optional operands have no buffer):
 //   conv          in: x, residual                 out: y
-//   gemm          in: a, bias, residual           out: c
+//   gemm, spmm    in: a, bias, residual           out: c
 //   matmul        in: a, b                        out: c
 //   unary, cast, copy, pool, globalAveragePool, softmax, logSoftmax, reduce, argmax, pad
 //                 in: x                           out: y
@@ -68,7 +70,7 @@ struct PlanStep {
   PlanRef in[3], out[2];
 
   // Sizes; which ones a step uses follows lib/session/plan.ts:
-  //   conv: n, h, w; gemm/matmul: m, k, n; unary/fill/cast: count; gather: outer, mid = axisLen,
+  //   conv: n, h, w; gemm/spmm/matmul: m, k, n; unary/fill/cast: count; gather: outer, mid = axisLen,
   //   inner, count = nIndices; pool: outer = planes, h, w; globalAveragePool: outer = planes,
   //   inner = hw; softmax, reduce, argmax, topk (k), channelAffine: outer, mid, inner;
   //   layerNorm: outer = rows, inner = cols.
@@ -95,6 +97,10 @@ struct PlanStep {
   std::shared_ptr<const ConvOp> conv;
   std::shared_ptr<const PackedGemmWeights> gemm;
   std::shared_ptr<const PackedLowpGemmWeights> gemm_lowp;
+  std::shared_ptr<const SparseWeights> sparse;  // spmm
+  // gemm with m = 1: runs that took the zero-activation-skipping GEMV (for profiles; counted
+  // relaxed, concurrent runs may interleave). Made by Plan::Create.
+  std::shared_ptr<std::atomic<uint64_t>> skip_runs;
 };
 
 class Plan {

@@ -9,7 +9,8 @@ import type { OnnxNode } from '../../onnx/model.js';
 import { Tensor } from '../../tensor.js';
 import { makeAttrs, nodeWhere } from '../attrs.js';
 import type { FusedActivation } from '../fused.js';
-import type { PlanActivation } from '../plan.js';
+import type { PlanActivation, PlanStep } from '../plan.js';
+import { maybeSparse, timeConvLayer, timeGemmLayer, useSparse, type SparseChoice, type SparsePrepared } from '../sparse.js';
 import { broadcastShapes, broadcastStrides, stridesOf, mergeAxes, normAxis, sizeOf } from './util.js';
 import type { Attrs, Emitter, OpContext, OpDef, PrepareOptions, Prepared, ValueId } from './types.js';
 
@@ -112,11 +113,20 @@ const ACTIVATION_CODE: Record<FusedActivation, number> = {
   none: 0, relu: 1, clip: 2, silu: 3, gelu: 4, geluTanh: 5, sigmoid: 6, leakyRelu: 7, hardSwish: 8,
 };
 
-interface ConvPrepared extends Prepared {
+interface ConvPrepared extends Prepared, SparsePrepared {
   handle: NativeConvHandle;
   cOut: number;
   cIn: number;
   win: Window;
+  /** For the sparse path: the conv's bias and fused activation, applied by the SpMM epilogue. */
+  bias?: Float32Array;
+  act: { activation: FusedActivation; alpha: number; beta: number };
+}
+
+/** A 1x1 convolution is a GEMM per image: the only convolutions that run on SpMM (stride 1, no padding, one group). */
+function isPointwise(win: Window, group: number): boolean {
+  return group === 1 && win.kernel.every((k) => k === 1) && win.strides.every((s) => s === 1)
+    && (win.autoPad !== 'NOTSET' || win.pads.every((p) => p === 0));
 }
 
 function fusedActivation(node: OnnxNode, attrs: Attrs): { activation: FusedActivation; alpha: number; beta: number } {
@@ -164,7 +174,25 @@ function prepareConv(fused: boolean) {
     } catch (err) {
       throw fromNative(err);
     }
-    return { handle, cOut, cIn: w.dims[1]! * group, win, dispose: () => handle.dispose() };
+    const cIn = w.dims[1]! * group;
+    let sparse: SparseChoice | undefined;
+    if (options.precision === 'fp32' && isPointwise(win, group)) {
+      // SpMM's B is [K = cIn, N = cOut]: the weights [cOut, cIn, 1, 1] transposed.
+      const b = new Float32Array(cIn * cOut);
+      for (let o = 0; o < cOut; o++) for (let c = 0; c < cIn; c++) b[c * cOut + o] = wdata[o * cIn + c]!;
+      try {
+        sparse = maybeSparse(b, cIn, cOut, options.sparse);
+      } catch (err) {
+        handle.dispose();
+        throw err;
+      }
+    }
+    const epi = { ...(bias ? { bias } : {}), activation: act.activation as PlanActivation, alpha: act.alpha, beta: act.beta };
+    return {
+      handle, cOut, cIn, win, ...(bias ? { bias } : {}), act, ...(sparse ? { sparse } : {}),
+      calibrate: sparse ? (threads: number) => timeConvLayer(sparse, handle, cIn, cOut, epi, threads) : undefined,
+      dispose: () => { handle.dispose(); sparse?.weights.dispose(); },
+    };
   };
 }
 
@@ -195,6 +223,11 @@ function convOp(fused: boolean): OpDef {
       if (!p) throw new UnsupportedOperatorError(`${nodeWhere(ctx.node)}: the weights must be an initializer`);
       const [n, , h, w] = spatialDims(ctx, ctx.inputs[0]!.shape);
       if (sizeOf(outs[0]!.shape) === 0) return;
+      const rbefore = fused && ctx.attrs.int('residual_before_activation', 0) !== 0;
+      if (p.sparse && useSparse(p.sparse, n * h * w)) {
+        emitPointwiseSpmm(e, p, p.sparse, n, h * w, fused && ctx.inputs[3] ? e.input(3) : undefined, rbefore);
+        return;
+      }
       const r = fused && ctx.inputs[3] ? e.ref(e.input(3)) : undefined;
       e.emit({ op: 'conv', handle: p.handle, x: e.ref(e.input(0)), y: e.ref(e.output(0)), ...(r ? { residual: r } : {}),
         residualBeforeActivation: fused && ctx.attrs.int('residual_before_activation', 0) !== 0, n, h, w });
@@ -202,10 +235,34 @@ function convOp(fused: boolean): OpDef {
   };
 }
 
+/**
+ * A 1x1 convolution on SpMM: NCHW holds each image as [cIn, HW], the SpMM reads rows of A [M, cIn],
+ * so x (and a residual) are transposed into [N*HW, c] temps, and the result [N*HW, cOut] back.
+ * The copies are part of what 'auto' timed against the conv operator at load.
+ */
+function emitPointwiseSpmm(e: Emitter, p: ConvPrepared, s: SparseChoice, n: number, hw: number, residual: ValueId | undefined,
+  residualBeforeActivation: boolean): void {
+  const m = n * hw;
+  const toRows = (src: ValueId, c: number): ValueId => {
+    const t = e.temp('float32', [m, c]);
+    e.emit({ op: 'copy', x: e.ref(src), y: e.ref(t), dims: [n, hw, c], xStrides: [c * hw, 1, hw], yStrides: [hw * c, c, 1], elemBytes: 4 });
+    return t;
+  };
+  const a = toRows(e.input(0), p.cIn);
+  const r = residual !== undefined ? toRows(residual, p.cOut) : undefined;
+  const c = e.temp('float32', [m, p.cOut]);
+  e.emit({ op: 'spmm', weights: s.weights, a: e.ref(a), c: e.ref(c), m, k: p.cIn, n: p.cOut,
+    ...(p.bias ? { bias: e.ref(e.constant(new Tensor('float32', p.bias, [p.cOut]))) } : {}),
+    ...(r !== undefined ? { residual: e.ref(r) } : {}), residualBeforeActivation,
+    activation: p.act.activation as PlanActivation, alpha: p.act.alpha, beta: p.act.beta });
+  e.emit({ op: 'copy', x: e.ref(c), y: e.ref(e.output(0)), dims: [n, p.cOut, hw], xStrides: [hw * p.cOut, 1, p.cOut],
+    yStrides: [p.cOut * hw, hw, 1], elemBytes: 4 });
+}
+
 // ------------------------------------------------------------------------------------------------
 // Gemm, sonde.FusedGemm, MatMul
 
-interface GemmPrepared extends Prepared {
+export interface GemmPrepared extends Prepared, SparsePrepared {
   weights: NativePackedGemm | NativePackedGemmLowp;
   k: number;
   n: number;
@@ -213,14 +270,36 @@ interface GemmPrepared extends Prepared {
 
 /** Packs b [k, n] (row-major) for the session's precision. */
 function packWeights(b: Float32Array, k: number, n: number, options: PrepareOptions): GemmPrepared {
+  let weights: NativePackedGemm | NativePackedGemmLowp;
   try {
-    const weights = options.precision === 'bf16'
+    weights = options.precision === 'bf16'
       ? native().packGemmWeightsLowp(b, k, n, 'bf16', 'auto')
       : native().packGemmWeights(b, k, n, 'auto');
-    return { weights, k, n, dispose: () => weights.dispose() };
   } catch (err) {
     throw fromNative(err);
   }
+  let sparse: SparseChoice | undefined;
+  try {
+    // bf16 sessions stay dense: the sparse kernels are fp32, and mixing would change the rounding per layer.
+    if (options.precision === 'fp32') sparse = maybeSparse(b, k, n, options.sparse);
+  } catch (err) {
+    weights.dispose();
+    throw err;
+  }
+  // Sparse weights too when SessionOptions.sparse and the weights' zeros call for them (fp32 only).
+  return {
+    weights, k, n, ...(sparse ? { sparse } : {}),
+    calibrate: sparse ? (threads: number) => timeGemmLayer(sparse, weights, k, n, threads) : undefined,
+    dispose: () => { weights.dispose(); sparse?.weights.dispose(); },
+  };
+}
+
+type GemmFields = Omit<Extract<PlanStep, { op: 'gemm' }>, 'op' | 'weights' | 'node'>;
+
+/** The layer's gemm step, on the sparse weights when the session chose them for this M. */
+function gemmStep(p: GemmPrepared, fields: GemmFields): Omit<Extract<PlanStep, { op: 'gemm' | 'spmm' }>, 'node'> {
+  if (p.sparse && useSparse(p.sparse, fields.m)) return { op: 'spmm', weights: p.sparse.weights, ...fields };
+  return { op: 'gemm', weights: p.weights, ...fields };
 }
 
 /** [k, n] = scale * (trans ? b^T : b) for b of 2-D dims. */
@@ -325,9 +404,9 @@ const gemmOp: OpDef = {
       }
       const needsAdd = c && beta !== 0 && !bias && residual === undefined;
       const y = needsAdd ? e.temp('float32', [m, n]) : e.output(0);
-      e.emit({ op: 'gemm', weights: p.weights, a: e.ref(aId), c: e.ref(y), m, k, n,
+      e.emit(gemmStep(p, { a: e.ref(aId), c: e.ref(y), m, k, n,
         ...(bias ? { bias: e.ref(e.constant(bias)) } : {}), ...(residual !== undefined ? { residual: e.ref(residual) } : {}),
-        residualBeforeActivation: false, activation: 'none', alpha: 0, beta: 0 });
+        residualBeforeActivation: false, activation: 'none', alpha: 0, beta: 0 }));
       if (needsAdd) addScaled(ctx, e, y, [m, n], 2, beta, e.output(0));
       return;
     }
@@ -398,10 +477,10 @@ const fusedGemmOp: OpDef = {
     const act = fusedActivation(ctx.node, ctx.attrs);
     const c = ctx.inputs[2]?.value;
     const bias = c ? biasOf(c, 1, p.n, 1) : undefined;
-    e.emit({ op: 'gemm', weights: p.weights, a: e.ref(e.input(0)), c: e.ref(e.output(0)), m, k: p.k, n: p.n,
+    e.emit(gemmStep(p, { a: e.ref(e.input(0)), c: e.ref(e.output(0)), m, k: p.k, n: p.n,
       ...(bias ? { bias: e.ref(e.constant(bias)) } : {}), ...(ctx.inputs[3] ? { residual: e.ref(e.input(3)) } : {}),
       residualBeforeActivation: ctx.attrs.int('residual_before_activation', 0) !== 0,
-      activation: act.activation as PlanActivation, alpha: act.alpha, beta: act.beta });
+      activation: act.activation as PlanActivation, alpha: act.alpha, beta: act.beta }));
   },
 };
 
@@ -439,8 +518,8 @@ const matMulOp: OpDef = {
     const p = ctx.prepared as GemmPrepared | undefined;
     if (p) {
       // Weights shared by every batch entry: the leading dims of A are just more rows.
-      e.emit({ op: 'gemm', weights: p.weights, a: e.ref(e.input(0)), c: e.ref(e.output(0)), m: sizeOf(a.slice(0, -1)), k, n,
-        residualBeforeActivation: false, activation: 'none', alpha: 0, beta: 0 });
+      e.emit(gemmStep(p, { a: e.ref(e.input(0)), c: e.ref(e.output(0)), m: sizeOf(a.slice(0, -1)), k, n,
+        residualBeforeActivation: false, activation: 'none', alpha: 0, beta: 0 }));
       return;
     }
     const a2 = a.length === 1 ? [1, a[0]!] : a;

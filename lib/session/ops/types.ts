@@ -77,6 +77,8 @@ export type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omi
 /** Session options an op's load-time preparation depends on. */
 export interface PrepareOptions {
   precision: 'fp32' | 'bf16';
+  /** SessionOptions.sparse. */
+  sparse: 'auto' | 'off' | 'force';
 }
 
 export interface OpDef {

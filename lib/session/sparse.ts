@@ -1,0 +1,244 @@
+/**
+ * Dense or sparse per layer (SessionOptions.sparse). A layer whose weights are sparse enough gets
+ * sparse weights built at load beside its packed dense ones; which of the two a plan uses is decided
+ * per plan, when the layer's row count M is known, from timings taken at load.
+ *
+ * Why timing and not a cost model: whether SpMM beats the packed GEMM depends on the sparsity
+ * pattern (CSR vs BSR, non-zeros per row), on K and N (cache fit of the packed panels), on M (the
+ * GEMM's register tiles need rows to reach peak; SpMM's gather does not) and on the machine's SIMD
+ * level and memory bandwidth. A formula would need all of those calibrated anyway; timing both
+ * kernels on the layer's own weights measures exactly the thing to decide. It costs one native call
+ * per candidate layer at load (both paths at three row counts, best of 3, timed natively per step
+ * so the JS round trip is not in the numbers): a few milliseconds for an MLP layer, tens for a
+ * large 1x1 convolution. A 1x1 Conv's sparse path includes its two layout copies (NCHW is
+ * [cIn, M] per image, the SpMM wants [M, cIn]), so the comparison is of what would run.
+ *
+ * 'auto' picks sparse only when the measured time is below SAFETY x the dense one at the plan's M
+ * (interpolated between the measured M, linear beyond the largest), so a layer is never chosen
+ * sparse on noise: the rule that keeps 'auto' within 5% of 'off' per layer.
+ */
+import { native, type NativeConvHandle, type NativePackedGemm, type NativePackedGemmLowp, type NativeSparseWeights } from '../binding.js';
+import { fromNative } from '../errors.js';
+import type { PlanActivation, PlanBuffer, PlanStep, PlanSpec } from './plan.js';
+
+export type SparseMode = 'auto' | 'off' | 'force';
+
+/** Below this fraction of zeros 'auto' does not even build sparse weights (SpMM cannot win). */
+export const MIN_AUTO_SPARSITY = 0.5;
+/** Sparse must measure at most this fraction of dense to be chosen. */
+export const SAFETY = 0.9;
+/** The row counts timed at load. */
+export const TIMED_M = [1, 8, 64] as const;
+const REPS = 3;
+
+export interface SparseTiming {
+  m: number;
+  /** Best of REPS, nanoseconds. */
+  denseNs: number;
+  sparseNs: number;
+  /**
+   * m = 1 of a Gemm/MatMul: the dense path on a row with 60% of its activations zero, where a
+   * batch-1 gemm step reads only the non-zero rows (native/ops/gemv_skip.cc). After a ReLU that is
+   * what 'off' would run, so a sparse choice at M = 1 must beat it too.
+   */
+  denseSkipNs?: number;
+}
+
+/** The sparse side of a Gemm/MatMul layer's prepared weights. */
+export interface SparseChoice {
+  weights: NativeSparseWeights;
+  /** The weights as gemm's B: [k, n] (a 1x1 conv: [cIn, cOut]). */
+  k: number;
+  n: number;
+  mode: SparseMode;
+  format: 'csr' | 'bsr';
+  /** Zeros / (k * n) of the layer's weights. */
+  sparsity: number;
+  /** Filled at load in 'auto' (best of REPS, ns). */
+  timings?: SparseTiming[];
+  /** The kernel each compiled plan used, by M. */
+  chosen: Map<number, 'dense' | 'sparse'>;
+}
+
+/** What a prepared Conv/Gemm/MatMul with sparse weights adds: the session times it at load in 'auto'. */
+export interface SparsePrepared {
+  sparse?: SparseChoice;
+  calibrate?(threads: number): Promise<void>;
+}
+
+export function zeroFraction(d: Float32Array): number {
+  let z = 0;
+  for (let i = 0; i < d.length; i++) if (d[i] === 0) z++;
+  return d.length ? z / d.length : 0;
+}
+
+/** Sparse weights for b [k, n] when the mode and sparsity call for them. */
+export function maybeSparse(b: Float32Array, k: number, n: number, mode: SparseMode): SparseChoice | undefined {
+  if ((mode !== 'auto' && mode !== 'force') || k * n === 0) return undefined;
+  const sparsity = zeroFraction(b);
+  if (mode === 'auto' && sparsity < MIN_AUTO_SPARSITY) return undefined;
+  let weights: NativeSparseWeights;
+  try {
+    weights = native().toSparse(b, k, n, 'auto', 0);
+  } catch (err) {
+    throw fromNative(err);
+  }
+  return { weights, k, n, mode, format: weights.info().format!, sparsity, chosen: new Map() };
+}
+
+/** Estimated ns at M rows from the load-time timings. */
+function estimate(t: SparseTiming[], m: number, key: 'denseNs' | 'sparseNs'): number {
+  if (m <= t[0]!.m) return t[0]![key];
+  for (let i = 1; i < t.length; i++) {
+    const a = t[i - 1]!, b = t[i]!;
+    if (m <= b.m) return a[key] + ((b[key] - a[key]) * (m - a.m)) / (b.m - a.m);
+  }
+  const last = t[t.length - 1]!;
+  return (last[key] * m) / last.m;
+}
+
+/** Whether the plan for M rows runs this layer sparse; records the choice. */
+export function useSparse(s: SparseChoice | undefined, m: number): boolean {
+  if (!s) return false;
+  let sparse: boolean;
+  if (s.mode === 'force') sparse = true;
+  else if (!s.timings?.length) sparse = false;
+  else {
+    let dense = estimate(s.timings, m, 'denseNs');
+    const skip = s.timings[0]!.denseSkipNs;
+    if (m === 1 && skip !== undefined) dense = Math.min(dense, skip);
+    sparse = estimate(s.timings, m, 'sparseNs') < SAFETY * dense;
+  }
+  s.chosen.set(m, sparse ? 'sparse' : 'dense');
+  return sparse;
+}
+
+/** One row count to time: the steps of the dense path and of the sparse path for it. */
+export interface TimedCase { m: number; dense: PlanStep[]; sparse: PlanStep[] }
+
+/**
+ * Runs every case's dense and sparse steps REPS times in one plan (dense and sparse alternate so
+ * drift in the machine's load hits both alike), twice (the first run warms caches and the pool),
+ * and keeps the best time of each path per case; fills s.timings.
+ */
+async function timeCases(s: SparseChoice, buffers: PlanBuffer[], arenaBytes: number, cases: TimedCase[], threads: number): Promise<void> {
+  const steps: PlanStep[] = [];
+  const spans: { dense: [number, number]; sparse: [number, number] }[][] = cases.map(() => []);
+  cases.forEach((c, ci) => {
+    for (let r = 0; r < REPS; r++) {
+      const d0 = steps.length;
+      steps.push(...c.dense);
+      const s0 = steps.length;
+      steps.push(...c.sparse);
+      spans[ci]!.push({ dense: [d0, s0], sparse: [s0, steps.length] });
+    }
+  });
+  const spec: PlanSpec = { buffers, steps, arenaBytes, inputBytes: [], outputBytes: [] };
+  let plan;
+  try {
+    plan = native().createPlan(spec);
+  } catch (err) {
+    throw fromNative(err);
+  }
+  try {
+    const ns = new Float64Array(steps.length);
+    const sum = ([a, b]: [number, number]) => { let t = 0; for (let i = a; i < b; i++) t += ns[i]!; return t; };
+    const best = cases.map(() => ({ denseNs: Infinity, sparseNs: Infinity }));
+    for (let run = 0; run < 2; run++) {
+      await native().planRun(plan, [], [], threads, undefined, ns);
+      if (run === 0) continue;
+      spans.forEach((reps, ci) => {
+        for (const r of reps) {
+          best[ci]!.denseNs = Math.min(best[ci]!.denseNs, sum(r.dense));
+          best[ci]!.sparseNs = Math.min(best[ci]!.sparseNs, sum(r.sparse));
+        }
+      });
+    }
+    // A case with no sparse steps times the dense path alone: the skipping-GEMV variant of the one before it.
+    const timings: SparseTiming[] = [];
+    cases.forEach((c, ci) => {
+      if (c.sparse.length === 0) timings[timings.length - 1]!.denseSkipNs = best[ci]!.denseNs;
+      else timings.push({ m: c.m, ...best[ci]! });
+    });
+    s.timings = timings;
+  } catch (err) {
+    throw fromNative(err);
+  } finally {
+    plan.dispose();
+  }
+}
+
+/**
+ * Activations for timing: non-negative and non-zero like a ReLU layer's that is not sparse
+ * (zeros would flatter a kernel that skips them), free of denormals so neither kernel hits a slow path.
+ */
+function timingActivations(count: number): Float32Array {
+  const a = new Float32Array(count);
+  let seed = 12345;
+  for (let i = 0; i < count; i++) {
+    seed = (seed * 1103515245 + 12345) >>> 0;
+    a[i] = 0.25 + (seed >>> 8) / 2 ** 24;
+  }
+  return a;
+}
+
+const align64 = (b: number) => Math.ceil(b / 64) * 64;
+
+/** Times a Gemm/MatMul layer: packed dense GEMM against SpMM at TIMED_M rows. */
+export async function timeGemmLayer(s: SparseChoice, dense: NativePackedGemm | NativePackedGemmLowp, k: number, n: number,
+  threads: number): Promise<void> {
+  const maxM = TIMED_M[TIMED_M.length - 1]!;
+  const a = timingActivations(maxM * k);
+  // One row with 60% of its activations zero: the least sparse row the skipping GEMV still runs on
+  // (kGemvSkipMaxDensity, native/ops/gemv_skip.h), so its slowest skipping time.
+  const half = a.slice(0, k).map((v, i) => (i % 5 < 3 ? 0 : v));
+  const cBytes = maxM * n * 4;
+  const buffers: PlanBuffer[] = [{ kind: 'const', data: a, bytes: a.byteLength }, { kind: 'arena', offset: 0, bytes: cBytes },
+    { kind: 'const', data: half, bytes: half.byteLength }];
+  const step = (m: number, aBuffer: number) => ({ node: 'sparse-timing', a: { buffer: aBuffer, offset: 0 }, c: { buffer: 1, offset: 0 }, m, k, n,
+    residualBeforeActivation: false, activation: 'none' as const, alpha: 0, beta: 0 });
+  const cases = TIMED_M.flatMap((m): TimedCase[] => {
+    const c: TimedCase = { m, dense: [{ op: 'gemm', weights: dense, ...step(m, 0) }], sparse: [{ op: 'spmm', weights: s.weights, ...step(m, 0) }] };
+    // (Sparse weights exist in fp32 sessions only, so `dense` is fp32 and its batch-1 steps skip zeros.)
+    return m === 1 ? [c, { m, dense: [{ op: 'gemm', weights: dense, ...step(1, 2) }], sparse: [] }] : [c];
+  });
+  await timeCases(s, buffers, cBytes, cases, threads);
+}
+
+/** Row counts (N * H * W) timed for 1x1 convolutions: ResNet-50's 7x7 .. 28x28 planes at batch 1. */
+export const TIMED_CONV_M = [49, 196, 784] as const;
+
+/**
+ * Times a 1x1 convolution: the conv operator on NCHW against the sparse path the compiler emits
+ * (NCHW -> [M, cIn] copy, SpMM with the same epilogue, [M, cOut] -> NCHW copy), at TIMED_CONV_M
+ * positions laid out as one [1, cIn, 1, M] image.
+ */
+export async function timeConvLayer(s: SparseChoice, conv: NativeConvHandle, cIn: number, cOut: number,
+  epilogue: { bias?: Float32Array; activation: PlanActivation; alpha: number; beta: number }, threads: number): Promise<void> {
+  const maxM = TIMED_CONV_M[TIMED_CONV_M.length - 1]!;
+  const x = timingActivations(maxM * cIn);
+  const at = { off: 0, bytes: maxM * cIn * 4 };
+  const c = { off: align64(at.bytes), bytes: maxM * cOut * 4 };
+  const y = { off: align64(c.off + c.bytes), bytes: maxM * cOut * 4 };
+  const arenaBytes = y.off + y.bytes;
+  const buffers: PlanBuffer[] = [
+    { kind: 'const', data: x, bytes: x.byteLength },
+    { kind: 'arena', offset: at.off, bytes: at.bytes },
+    { kind: 'arena', offset: c.off, bytes: c.bytes },
+    { kind: 'arena', offset: y.off, bytes: y.bytes },
+  ];
+  if (epilogue.bias) buffers.push({ kind: 'const', data: epilogue.bias, bytes: epilogue.bias.byteLength });
+  const ref = (buffer: number) => ({ buffer, offset: 0 });
+  const cases = TIMED_CONV_M.map((m): TimedCase => ({
+    m,
+    dense: [{ op: 'conv', node: 'sparse-timing', handle: conv, x: ref(0), y: ref(3), residualBeforeActivation: false, n: 1, h: 1, w: m }],
+    sparse: [
+      { op: 'copy', node: 'sparse-timing', x: ref(0), y: ref(1), dims: [m, cIn], xStrides: [1, m], yStrides: [cIn, 1], elemBytes: 4 },
+      { op: 'spmm', node: 'sparse-timing', weights: s.weights, a: ref(1), c: ref(2), m, k: cIn, n: cOut,
+        ...(epilogue.bias ? { bias: ref(4) } : {}), residualBeforeActivation: false,
+        activation: epilogue.activation, alpha: epilogue.alpha, beta: epilogue.beta },
+      { op: 'copy', node: 'sparse-timing', x: ref(2), y: ref(3), dims: [cOut, m], xStrides: [1, cOut], yStrides: [m, 1], elemBytes: 4 },
+    ],
+  }));
+  await timeCases(s, buffers, arenaBytes, cases, threads);
+}

@@ -1,0 +1,216 @@
+// Sessions on pruned weights: sparse 'auto', 'off' and 'force' against onnxruntime-node on the same
+// pruned model (the independent reference), on a pruned MLP, the digits model and a ResNet-style
+// block; a sparse_initializer model against its dense twin in onnxruntime-node; the option's
+// validation and what Session.sparseLayers reports.
+import { describe, expect, it } from 'vitest';
+import { InvalidArgumentError, Session, Tensor, prune } from '../dist/index.js';
+import type { SessionOptions } from '../dist/index.js';
+import { mlp } from '../bench/graphs/models.js';
+import { GraphBuilder, randomTensor, rng } from '../bench/graphs/builder.js';
+import { countCorrect, modelPath as digitsPath, readTestSplit } from '../models/digits.js';
+import { ortRun, uniform } from './session-ort.js';
+import { SAFETY, useSparse, type SparseChoice } from '../dist/session/sparse.js';
+
+type Feeds = Record<string, Tensor>;
+
+/**
+ * sonde with `options` vs onnxruntime-node. The sparse kernels sum the non-zero products in another
+ * order than a dense GEMM, so the bound is the fp32 dot-product bound: K * u * sum |w x|, bounded
+ * here by a relative 1e-4 of the output's scale plus 1e-5.
+ */
+async function expectAgrees(bytes: Uint8Array, feeds: Feeds, options: SessionOptions, label: string): Promise<Session> {
+  const session = await Session.load(bytes, options);
+  const got = await session.run(feeds);
+  const want = await ortRun(bytes, feeds);
+  for (const [name, w] of Object.entries(want)) {
+    const g = got[name]!.data as Float32Array;
+    const wd = w.data as Float32Array;
+    let scale = 0;
+    for (const v of wd) scale = Math.max(scale, Math.abs(v));
+    for (let i = 0; i < wd.length; i++) {
+      const err = Math.abs(g[i]! - wd[i]!);
+      if (!(err <= 1e-5 + 1e-4 * scale)) throw new Error(`${label} ${name}[${i}]: sonde ${g[i]}, onnxruntime-node ${wd[i]}`);
+    }
+  }
+  return session;
+}
+
+describe('sparse sessions: pruned MLP', () => {
+  it('auto, off and force agree with onnxruntime-node at batch 1 and 32; force runs every layer sparse, off none', async () => {
+    const { bytes, report } = await prune(mlp({ sizes: [200, 384, 384, 10], seed: 11 }), { sparsity: 0.9 });
+    expect(report.prunedLayers).toBe(2);
+    for (const batch of [1, 32]) {
+      const feeds = { input: uniform([batch, 200], batch, 0, 1) };
+      const off = await expectAgrees(bytes, feeds, { sparse: 'off' }, `off b${batch}`);
+      expect(off.sparseLayers).toEqual([]);
+      off.dispose();
+      const force = await expectAgrees(bytes, feeds, { sparse: 'force' }, `force b${batch}`);
+      // Every Gemm has sparse weights in 'force', the dense first layer too.
+      expect(force.sparseLayers.length).toBe(3);
+      for (const l of force.sparseLayers) expect(l.kernel[batch]).toBe('sparse');
+      force.dispose();
+      const auto = await expectAgrees(bytes, feeds, {}, `auto b${batch}`);
+      // Only the pruned layers qualify; each was timed and got a decision for this batch.
+      expect(auto.sparseLayers.map((l) => l.sparsity >= 0.5)).toEqual([true, true]);
+      for (const l of auto.sparseLayers) {
+        expect(l.timings!.map((t) => t.m)).toEqual([1, 8, 64]);
+        for (const t of l.timings!) expect(t.denseMs > 0 && t.sparseMs > 0).toBe(true);
+        expect(['dense', 'sparse']).toContain(l.kernel[batch]);
+      }
+      auto.dispose();
+    }
+  });
+
+  it('a 1x16-block-pruned MLP (BSR weights) agrees in all three modes', async () => {
+    const { bytes } = await prune(mlp({ sizes: [96, 160, 48, 10], seed: 12 }), { sparsity: 0.8, structure: 'block', keepFirstLayerDense: false });
+    const feeds = { input: uniform([5, 96], 2, 0, 1) };
+    for (const sparse of ['off', 'auto', 'force'] as const) {
+      const s = await expectAgrees(bytes, feeds, { sparse }, `block ${sparse}`);
+      if (sparse === 'force') expect(s.sparseLayers.map((l) => l.format)).toEqual(['bsr', 'bsr', 'bsr']);
+      s.dispose();
+    }
+  });
+});
+
+describe('sparse sessions: digits and a ResNet-style block', () => {
+  it('the pruned digits model classifies the test split identically in auto, off and force', async () => {
+    const { bytes } = await prune(digitsPath, { sparsity: 0.7 });
+    const split = readTestSplit();
+    const feeds = { input: new Tensor('float32', split.images, [split.n, 1, split.height, split.width]) };
+    const name = (await Session.load(bytes)).inputs[0]!.name;
+    const results: Float32Array[] = [];
+    for (const sparse of ['off', 'auto', 'force'] as const) {
+      const s = await expectAgrees(bytes, { [name]: feeds.input }, { sparse }, `digits ${sparse}`);
+      results.push((await s.run({ [name]: feeds.input }))[s.outputs[0]!.name]!.data as Float32Array);
+      s.dispose();
+    }
+    const correct = results.map((r) => countCorrect(r, split.labels));
+    expect(correct[1]).toBe(correct[0]);
+    expect(correct[2]).toBe(correct[0]);
+  });
+
+  it('a pruned residual block (1x1 convs, BN, ReLU, residual Add, Gemm head) agrees in all three modes', async () => {
+    const r = rng(21);
+    const g = new GraphBuilder('resblock', { opset: 13 });
+    let x = g.input('x', 'float32', ['N', 16, 7, 7]);
+    const conv = (inp: string, cin: number, cout: number, k: number, name: string) => g.node('Conv',
+      [inp, g.init(`${name}.w`, randomTensor([cout, cin, k, k], { random: r, scale: Math.sqrt(2 / (cin * k * k)) })),
+        g.init(`${name}.b`, randomTensor([cout], { random: r, scale: 0.1 }))], k > 1 ? { pads: [1, 1, 1, 1] } : {}, 1, { name })[0]!;
+    const skip = x;
+    let y = g.node('Relu', [conv(x, 16, 32, 1, 'reduce')])[0]!;
+    y = g.node('Relu', [conv(y, 32, 32, 3, 'mid')])[0]!;
+    y = conv(y, 32, 16, 1, 'expand');
+    x = g.node('Relu', [g.node('Add', [y, skip])[0]!])[0]!;
+    x = g.node('Flatten', [g.node('GlobalAveragePool', [x])[0]!])[0]!;
+    const [out] = g.node('Gemm', [x, g.init('fc.w', randomTensor([10, 16], { random: r, scale: 0.3 })), g.init('fc.b', randomTensor([10], { random: r }))],
+      { transB: 1 }, 1, { name: 'fc' });
+    g.output(out!, 'float32', ['N', 10]);
+    const { bytes } = await prune(g.toBytes(), { sparsity: 0.85 });
+    for (const batch of [1, 3]) {
+      const feeds = { x: uniform([batch, 16, 7, 7], 5 + batch) };
+      for (const sparse of ['off', 'auto', 'force'] as const) {
+        const s = await expectAgrees(bytes, feeds, { sparse }, `resblock ${sparse} b${batch}`);
+        if (sparse === 'force') {
+          // The two 1x1 convs (one with the residual Add fused in) and the Gemm run on SpMM; the 3x3 conv cannot.
+          const names = s.sparseLayers.map((l) => l.layer).join(' ');
+          expect(names).toMatch(/reduce/);
+          expect(names).toMatch(/expand/);
+          expect(names).toMatch(/fc/);
+          expect(names).not.toMatch(/mid/);
+          for (const l of s.sparseLayers) expect(Object.values(l.kernel)).toEqual(['sparse']);
+          const prof = await s.profile(feeds, { runs: 1 });
+          expect(prof.filter((r) => r.op === 'spmm').length).toBe(3);
+          expect(prof.some((r) => r.op === 'conv' && /expand|reduce/.test(r.node))).toBe(false);
+        }
+        s.dispose();
+      }
+    }
+  });
+});
+
+describe('sparse sessions: sparse_initializer and options', () => {
+  it('a model with sparse_initializers matches its dense twin in onnxruntime-node, in every mode', async () => {
+    const source = mlp({ sizes: [64, 128, 10], seed: 13 });
+    const dense = await prune(source, { sparsity: 0.75, keepFirstLayerDense: false });
+    const sparse = await prune(source, { sparsity: 0.75, keepFirstLayerDense: false, storage: 'sparse' });
+    const feeds = { input: uniform([4, 64], 9, 0, 1) };
+    const want = Object.values(await ortRun(dense.bytes, feeds))[0]!.data as Float32Array;
+    for (const mode of ['off', 'auto', 'force'] as const) {
+      const s = await Session.load(sparse.bytes, { sparse: mode });
+      const got = Object.values(await s.run(feeds))[0]!.data as Float32Array;
+      s.dispose();
+      for (let i = 0; i < want.length; i++) expect(Math.abs(got[i]! - want[i]!), `${mode} [${i}]`).toBeLessThanOrEqual(1e-5 + 1e-4 * Math.abs(want[i]!));
+    }
+  });
+
+  it('bad sparse options are InvalidArgumentErrors; bf16 sessions stay dense', async () => {
+    const bytes = (await prune(mlp({ sizes: [32, 48, 10], seed: 14 }), { sparsity: 0.9, keepFirstLayerDense: false })).bytes;
+    await expect(Session.load(bytes, { sparse: 'yes' as never })).rejects.toThrow(InvalidArgumentError);
+    await expect(Session.load(bytes, { sparse: 'forced' as never })).rejects.toThrow(/options.sparse must be one of 'auto', 'off', 'force'.*did you mean 'force'/);
+    const s = await Session.load(bytes, { sparse: 'force', precision: 'bf16' });
+    expect(s.sparseLayers).toEqual([]);
+    s.dispose();
+    expect(() => s.sparseLayers).toThrow(/disposed/);
+  });
+});
+
+describe('sparse sessions: profile()', () => {
+  it('records the sparse kernel and sparsity per layer, and how often batch-1 steps skipped zero activations', async () => {
+    const { bytes } = await prune(mlp({ sizes: [256, 384, 10], seed: 15 }), { sparsity: 0.9 });
+    const force = await Session.load(bytes, { sparse: 'force' });
+    const prof = await force.profile({ input: uniform([4, 256], 1, 0, 1) }, { runs: 3 });
+    const spmm = prof.filter((r) => r.op === 'spmm');
+    expect(spmm.length).toBe(2);
+    for (const r of spmm) expect(r.kernel).toMatch(/^f32_spmm_/);
+    expect(spmm.map((r) => r.sparsity! > 0.85)).toEqual([false, true]); // the first layer was kept dense by prune()
+    expect(prof.reduce((a, r) => a + r.share, 0)).toBeCloseTo(1, 6);
+    force.dispose();
+
+    const off = await Session.load(bytes, { sparse: 'off' });
+    const mostlyZero = uniform([1, 256], 2, 0, 1);
+    (mostlyZero.data as Float32Array).forEach((_, i, d) => { if (i % 10 !== 0) d[i] = 0; });
+    const first = (p: Awaited<ReturnType<Session['profile']>>) => p.find((r) => r.op === 'gemm')!;
+    const sparseRow = await off.profile({ input: mostlyZero }, { runs: 4 });
+    expect(first(sparseRow).activationSkip).toBe(1);
+    expect(first(sparseRow).sparsity).toBeUndefined();
+    const denseRow = await off.profile({ input: uniform([1, 256], 3, 0.5, 1) }, { runs: 4 });
+    expect(first(denseRow).activationSkip).toBe(0);
+    // Not a batch-1 step: no activationSkip field.
+    expect(first(await off.profile({ input: uniform([2, 256], 3) }, { runs: 1 })).activationSkip).toBeUndefined();
+    off.dispose();
+  });
+});
+
+describe("sparse 'auto': the per-plan choice from load-time timings", () => {
+  const choice = (timings: SparseChoice['timings'], mode: SparseChoice['mode'] = 'auto') =>
+    ({ weights: null as never, k: 8, n: 8, mode, format: 'csr', sparsity: 0.9, timings, chosen: new Map() }) as SparseChoice;
+  const t = [
+    { m: 1, denseNs: 100, sparseNs: 80, denseSkipNs: 60 },
+    { m: 8, denseNs: 200, sparseNs: 200 },
+    { m: 64, denseNs: 1000, sparseNs: 500 },
+  ];
+  it('picks sparse only when it measured at least 1 - SAFETY faster, interpolating between and extrapolating past the timed M', () => {
+    expect(SAFETY).toBe(0.9);
+    const c = choice(t);
+    // M = 1: sparse 80 beats dense 100 but not the skipping GEMV's 60 (what 'off' runs after a ReLU).
+    expect(useSparse(c, 1)).toBe(false);
+    expect(useSparse(choice([{ ...t[0]!, denseSkipNs: undefined }, t[1]!, t[2]!]), 1)).toBe(true);
+    // M = 8: equal times: dense (a tie must not flip to sparse).
+    expect(useSparse(c, 8)).toBe(false);
+    // M = 36: halfway, dense 600 vs sparse 350.
+    expect(useSparse(c, 36)).toBe(true);
+    // M = 2: interpolated, dense 114.3 vs sparse 97.1: 0.85 < 0.9.
+    expect(useSparse(c, 2)).toBe(true);
+    // Past the last timing both scale linearly: the ratio of M = 64 holds.
+    expect(useSparse(c, 4096)).toBe(true);
+    expect(Object.fromEntries(c.chosen)).toEqual({ 1: 'dense', 8: 'dense', 36: 'sparse', 2: 'sparse', 4096: 'sparse' });
+    // Within 10%: dense.
+    expect(useSparse(choice([{ m: 1, denseNs: 100, sparseNs: 91 }]), 1)).toBe(false);
+  });
+
+  it("'force' is always sparse, no timings and no sparse weights are always dense", () => {
+    expect(useSparse(choice(undefined, 'force'), 1)).toBe(true);
+    expect(useSparse(choice(undefined), 64)).toBe(false);
+    expect(useSparse(undefined, 64)).toBe(false);
+  });
+});
