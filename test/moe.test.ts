@@ -2,7 +2,7 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { AbortError, InvalidArgumentError, Tensor, devices, gguf, kernels } from '../dist/index.js';
+import { AbortError, InvalidArgumentError, Tensor, devices, getThreads, gguf, kernels, setThreads } from '../dist/index.js';
 import { randomF32 } from './helpers.js';
 
 const cpu = devices().cpu;
@@ -373,13 +373,25 @@ describe('kernels.moe vs a naive per-token reference', () => {
     }
   });
 
-  it('threads: 1 and the whole pool give the same routing and results within the bound', async () => {
-    const l = makeLayer({ type: 'q8_0', nExperts: 16, k: 2 });
+  it('threads: big groups over all threads and small ones side by side give the reference result', async () => {
+    // A skewed router (expert 2 favoured by a selection bias) gives one group above a thread's
+    // share of the rows (run alone over every thread) and many small ones (one expert per thread).
+    const bias = Float32Array.from({ length: 16 }, (_, e) => (e === 2 ? 1 : 0));
+    const l = makeLayer({ type: 'q8_0', nExperts: 16, k: 2, bias, shared: 'gated' });
     const x = randomF32(64 * 64, 11);
     const ref = reference(l, x, 64);
-    for (const threads of [1, 2]) {
-      const r = await kernels.moe(new Tensor('float32', x, [64, 64]), l.spec, { threads });
-      expectMoeClose(r.output.data, ref, `threads=${threads}`);
+    expect(ref.counts[2]).toBe(64);
+    const before = getThreads();
+    setThreads(8);
+    try {
+      for (const threads of [1, 3, 8]) {
+        for (const tokens of [64, 1]) {
+          const r = await kernels.moe(new Tensor('float32', x.subarray(0, tokens * 64), [tokens, 64]), l.spec, { threads });
+          expectMoeClose(r.output.data, tokens === 64 ? ref : reference(l, x.subarray(0, 64), 1), `threads=${threads} tokens=${tokens}`);
+        }
+      }
+    } finally {
+      setThreads(before);
     }
   });
 
