@@ -497,6 +497,19 @@ describe('kernels.moe: invalid input gives typed errors', () => {
     await expect(kernels.moeRoute(x, { router: l.spec.router, k: 9 })).rejects.toThrow(/layer\.k/);
   });
 
+  it('an abort while the experts run rejects with AbortError and the kernel stays usable', async () => {
+    // 2048 tokens through 8 experts of 512 x 1024 in the exact 'reference' variant: seconds of work,
+    // so an abort 20 ms in lands mid-run (cancellation is checked at every task hand-out).
+    const big = makeLayer({ dModel: 512, dFf: 1024, nExperts: 8, k: 2 });
+    const xs = new Tensor('float32', randomF32(2048 * 512, 2), [2048, 512]);
+    const ac = new AbortController();
+    const t0 = performance.now();
+    setTimeout(() => ac.abort(), 20);
+    await expect(kernels.moe(xs, big.spec, { signal: ac.signal, variant: 'reference' })).rejects.toBeInstanceOf(AbortError);
+    expect(performance.now() - t0).toBeLessThan(2000);
+    await check(l, 3, 'after a mid-run abort');
+  });
+
   it('an aborted signal rejects with AbortError and the kernel stays usable', async () => {
     const ac = new AbortController();
     ac.abort();
