@@ -140,7 +140,8 @@ export interface NativeLlmSequence {
   length(): number;
   /** Forgets positions >= length; throws while an eval runs on it. */
   truncate(length: number): void;
-  info(): { disposed: boolean; bytes?: number; capacity?: number; length?: number };
+  /** expertCounts (MoE models): tokens routed to each expert, [layer * expertCount + expert], over all evals. */
+  info(): { disposed: boolean; bytes?: number; capacity?: number; length?: number; expertCounts?: Float64Array };
 }
 export type NativeQuantVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512' | 'avx512vnni';
 export interface NativeMoeWeights { ref: Uint8Array | NativeGgufHandle; index: number; type: NativeQuantType }

@@ -28,7 +28,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { getLlama, type Llama } from 'node-llama-cpp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AbortError, DeviceUnavailableError, InvalidArgumentError, ModelFormatError, UnsupportedOperatorError } from '../lib/errors.js';
+import { AbortError, DeviceUnavailableError, DisposedError, InvalidArgumentError, ModelFormatError } from '../lib/errors.js';
 import { configFromGguf } from '../lib/llm/arch.js';
 import type { LlmEngine } from '../lib/llm/engine.js';
 import { read, type GgufTensorType } from '../lib/llm/gguf.js';
@@ -110,7 +110,7 @@ async function fixture(name: string, o: FixtureOptions): Promise<FixtureInfo> {
 
 describe('logits equal llama.cpp on every position of a 64-token sequence', () => {
   const cases: [FixtureOptions['kind'], GgufTensorType][] = [];
-  for (const kind of ['llama', 'qwen2'] as const) for (const type of ['f32', 'f16', 'q8_0', 'q4_0'] as const) cases.push([kind, type]);
+  for (const kind of ['llama', 'qwen2', 'mixtral', 'qwen2moe'] as const) for (const type of ['f32', 'f16', 'q8_0', 'q4_0'] as const) cases.push([kind, type]);
   it.each(cases)('%s %s', async (kind, type) => {
     const info = await fixture(`${kind}-${type}`, { kind, type, seed: 7 });
     const tokens = tokenSequence(64, info.vocabSize, 99, [info.eosId]);
@@ -119,7 +119,15 @@ describe('logits equal llama.cpp on every position of a 64-token sequence', () =
     try {
       const got = await evalAll(engine, tokens);
       const products = 5 * info.layers + 1;
+      // Top-k routing is discontinuous: where the k-th and (k+1)-th router scores of a token are
+      // closer than the activations' error (block types: delta_q ~ 0.8%), llama.cpp and sonde may
+      // pick different experts for that token, and no tolerance on the logits covers it. Such a
+      // flip changes the token's own row (and later rows only through attention to it), so MoE
+      // models with block-quantised activations may have up to 2 of 64 positions over the bound
+      // (with these seeds: mixtral q8_0 has one, position 14); every other position must be within.
+      const flipsAllowed = info.experts > 0 && (type === 'q8_0' || type === 'q4_0') ? 2 : 0;
       let worst = 0;
+      const bad = new Set<number>();
       for (let i = 0; i < tokens.length; i++) {
         const lp = logSoftmax(got[i]!);
         let lo = Infinity, hi = -Infinity;
@@ -132,11 +140,14 @@ describe('logits equal llama.cpp on every position of a 64-token sequence', () =
           compared++;
           const err = Math.abs(lp[t]! - w);
           worst = Math.max(worst, err / bound);
-          if (err > bound) expect.fail(`position ${i} token ${t}: sonde ${lp[t]} llama.cpp ${w} (|diff| ${err} > bound ${bound})`);
+          if (err > bound) {
+            bad.add(i);
+            if (bad.size > flipsAllowed) expect.fail(`position ${i} token ${t}: sonde ${lp[t]} llama.cpp ${w} (|diff| ${err} > bound ${bound}; positions over: ${[...bad].join(', ')})`);
+          }
         }
         expect(compared).toBeGreaterThan(info.vocabSize / 2);
       }
-      expect(worst).toBeLessThanOrEqual(1);
+      if (flipsAllowed === 0) expect(worst).toBeLessThanOrEqual(1);
     } finally {
       engine.dispose();
     }
@@ -171,8 +182,8 @@ describe('logits equal llama.cpp on every position of a 64-token sequence', () =
 });
 
 describe('evaluation paths agree', () => {
-  it('prefill in one call equals token-by-token decode and a split prefill', async () => {
-    const info = await fixture('paths', { kind: 'qwen2', type: 'q8_0', seed: 11 });
+  it.each([['qwen2', 'q8_0'], ['mixtral', 'q4_0'], ['qwen2moe', 'f16']] as const)('%s %s: prefill in one call equals token-by-token decode and a split prefill', async (kind, type) => {
+    const info = await fixture(`paths-${kind}`, { kind, type, seed: 11 });
     const tokens = tokenSequence(40, info.vocabSize, 12, []);
     const engine = await loadTransformer(info.path, { threads: 2 });
     try {
@@ -194,6 +205,18 @@ describe('evaluation paths agree', () => {
           const got = tail[(i - 25) * info.vocabSize + t]!;
           expect(Math.abs(got - full[i]![t]!)).toBeLessThanOrEqual(1e-4 * (1 + Math.abs(full[i]![t]!)));
         }
+      }
+      if (info.experts) {
+        // Expert load: every evaluated token (40 decoded, then 15 again) goes to k experts per layer.
+        const counts = seq.expertCounts!();
+        expect(counts.length).toBe(info.layers * info.experts);
+        for (let l = 0; l < info.layers; l++) {
+          let sum = 0;
+          for (let e = 0; e < info.experts; e++) sum += counts[l * info.experts + e]!;
+          expect(sum).toBe((tokens.length + tokens.length - 25) * info.expertsUsed);
+        }
+      } else {
+        expect(seq.expertCounts?.()).toBeUndefined();
       }
       seq.dispose();
     } finally {
@@ -294,7 +317,7 @@ describe('loading: bad files are typed errors that say what is wrong', () => {
     await expect(loadTransformer(norm.path)).rejects.toThrow(/'output_norm\.weight' is of type f16/);
   });
 
-  it('an unsupported architecture lists the supported ones; MoE says it is not wired yet', async () => {
+  it('an unsupported architecture lists the supported ones; MoE tensors are checked too', async () => {
     const other = await fixture('falcon', { kind: 'llama', type: 'f32', metadata: { 'general.architecture': 'falcon' } });
     await expect(loadTransformer(other.path)).rejects.toThrow(/'falcon' is not supported \(supported: llama, qwen2, qwen2moe\)/);
     for (const kind of ['mixtral', 'qwen2moe'] as const) {
@@ -302,10 +325,21 @@ describe('loading: bad files are typed errors that say what is wrong', () => {
       const file = await read(moe.path);
       const config = configFromGguf(file);
       expect(config.expertCount).toBe(4);
-      expect(config.activeParameterCount).toBeLessThan(config.parameterCount);
+      expect(config.expertUsedCount).toBe(2);
+      // Each layer's 3 stacked expert tensors: a token touches 2 of 4 experts.
+      const expertElements = file.tensors.filter((t) => t.name.endsWith('_exps.weight')).reduce((a, t) => a + t.elements, 0);
+      expect(config.parameterCount).toBe(file.info.parameterCount);
+      expect(config.activeParameterCount).toBe(config.parameterCount - expertElements / 2);
       file.dispose();
-      await expect(loadTransformer(moe.path)).rejects.toThrow(UnsupportedOperatorError);
     }
+    const noExperts = await fixture('moe-missing', { kind: 'qwen2moe', type: 'f32', omit: ['blk.0.ffn_up_exps.weight'] });
+    await expect(loadTransformer(noExperts.path)).rejects.toThrow(/'blk\.0\.ffn_up_exps\.weight' is missing/);
+    const badShexp = await fixture('moe-shexp', {
+      kind: 'qwen2moe', type: 'f32', override: { 'blk.1.ffn_down_shexp.weight': { dims: [64, 96], data: new Float32Array(64 * 96) } },
+    });
+    await expect(loadTransformer(badShexp.path)).rejects.toThrow(/'blk\.1\.ffn_down_shexp\.weight' has shape \[64, 96\]/);
+    const noCount = await fixture('moe-count', { kind: 'qwen2moe', type: 'f32', metadata: { 'qwen2moe.expert_count': undefined } });
+    await expect(loadTransformer(noCount.path)).rejects.toThrow(/qwen2moe\.expert_count/);
   });
 });
 
@@ -375,8 +409,12 @@ describe('eval: bad input is a typed error and the model stays usable', () => {
     seq.dispose();
     await expect(seq.eval([1])).rejects.toThrow(/disposed/);
     const seq2 = e2.createSequence(8);
+    await seq2.eval([1, 2]);
     e2.dispose();
-    await expect(seq2.eval([1])).rejects.toThrow(/disposed/);
+    e2.dispose();
+    // The engine took its sequences (and their KV caches) with it.
+    expect(() => seq2.length).toThrow(DisposedError);
+    await expect(seq2.eval([1])).rejects.toThrow(DisposedError);
     expect(() => e2.createSequence(8)).toThrow(/disposed/);
   });
 });

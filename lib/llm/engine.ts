@@ -49,6 +49,11 @@ export interface LlmSequence {
   readonly contextSize: number;
   /** Appends `tokens` at position `length`, runs the model and resolves to their logits. */
   eval(tokens: readonly number[] | Int32Array, options?: EvalOptions): Promise<Float32Array>;
+  /**
+   * MoE models: tokens routed to each expert, [layer * expertCount + expert], summed over every
+   * eval of this sequence (expert load, for metrics). Undefined for dense models.
+   */
+  expertCounts?(): Float64Array | undefined;
   /** Forgets every cached position >= length (to reuse a common prefix). */
   truncate(length: number): void;
   dispose(): void;

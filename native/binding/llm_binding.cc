@@ -81,6 +81,12 @@ class LlmSequenceHandle : public Napi::ObjectWrap<LlmSequenceHandle> {
       o.Set("bytes", static_cast<double>(seq->bytes()));
       o.Set("capacity", static_cast<double>(seq->capacity()));
       o.Set("length", static_cast<double>(seq->length()));
+      const std::vector<uint64_t>& counts = seq->expert_counts();
+      if (!counts.empty()) {
+        Napi::Float64Array a = Napi::Float64Array::New(info.Env(), counts.size());
+        for (size_t i = 0; i < counts.size(); ++i) a[i] = static_cast<double>(counts[i]);
+        o.Set("expertCounts", a);
+      }
     }
     return o;
   }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 
 #include "kernels/attention/attention.h"
 #include "kernels/norm/norm.h"
@@ -163,12 +164,31 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
           !Matrix(f, s[kSlotDownShexp], b + "ffn_down_shexp.weight", c.shared_ff, d, 0, c.variant, &L.down_shexp, error))
         return nullptr;
     }
-  }
-  if (moe) {
-    *unsupported = true;
-    *error = "Mixture-of-Experts layers (expert_count " + std::to_string(c.experts) +
-             ") are not wired into the transformer yet (ops/moe)";
-    return nullptr;
+    MoeLayer& M = L.moe;
+    M.d_model = d;
+    M.d_ff = eff;
+    M.n_experts = e;
+    M.k = c.experts_used;
+    M.router = {L.gate_inp.data, L.gate_inp.type};
+    M.gate = {L.gate_exps.data, L.gate_exps.type, L.gate_exps.row_bytes * eff};
+    M.up = {L.up_exps.data, L.up_exps.type, L.up_exps.row_bytes * eff};
+    M.down = {L.down_exps.data, L.down_exps.type, L.down_exps.row_bytes * d};
+    M.scoring = MoeScoring::kSoftmax;
+    // llama.cpp's build_moe_ffn: Mixtral renormalises the k weights, qwen2moe does not.
+    M.renormalize = c.arch == LlmArch::kLlama;
+    if (c.shared_ff) {
+      M.shared_d_ff = c.shared_ff;
+      M.shared_gate = {L.gate_shexp.data, L.gate_shexp.type};
+      M.shared_up = {L.up_shexp.data, L.up_shexp.type};
+      M.shared_down = {L.down_shexp.data, L.down_shexp.type};
+      M.shared_gate_inp = {reinterpret_cast<const uint8_t*>(L.gate_inp_shexp), kernels::kQuantF32};
+    }
+    M.variant = c.variant;
+    const std::string why = ValidateMoeLayer(M);
+    if (!why.empty()) {
+      *error = b + "ffn: " + why;
+      return nullptr;
+    }
   }
   return m;
 }
@@ -178,6 +198,7 @@ LlmSequence::LlmSequence(const LlmConfig& c, size_t capacity)
   const size_t n = c.layers * c.kv_heads * capacity * c.head_dim;
   keys_.assign(n, 0.f);
   values_.assign(n, 0.f);
+  expert_counts_.assign(c.layers * c.experts, 0);
 }
 
 namespace {
@@ -229,6 +250,7 @@ bool Forward(const LlmModel& model, LlmSequence& seq, const int32_t* tokens, siz
     Grow(seq.att_, n * qd);
     Grow(seq.gate_, n * c.ff);
     Grow(seq.up_, n * c.ff);
+    if (c.experts) Grow(seq.moe_out_, n * d);
     seq.arena_rows_ = n;
   }
   float* x = seq.x_.data();
@@ -292,6 +314,16 @@ bool Forward(const LlmModel& model, LlmSequence& seq, const int32_t* tokens, siz
     for (size_t i = 0; i < n * d; ++i) x[i] += xn[i];
 
     if (!rows(n, [&](size_t i) { kernels::RmsNormRow(x + i * d, L.ffn_norm, d, c.eps, xn + i * d); })) return false;
+    if (c.experts) {
+      std::string error;
+      float* y = seq.moe_out_.data();
+      if (!RunMoe(pool, threads, cancel, L.moe, xn, n, y, seq.expert_counts_.data() + l * c.experts, &error)) {
+        if (cancel && cancel->load()) return false;
+        throw std::runtime_error("blk." + std::to_string(l) + " MoE: " + error);
+      }
+      for (size_t i = 0; i < n * d; ++i) x[i] += y[i];
+      continue;
+    }
     if (!MatMul(pool, threads, cancel, L.gate, xn, n, gate, qs) || !MatMul(pool, threads, cancel, L.up, xn, n, up, qs))
       return false;
     if (!rows(n, [&](size_t i) { kernels::SwigluRow(gate + i * c.ff, up + i * c.ff, c.ff, gate + i * c.ff); })) return false;

@@ -16,6 +16,7 @@
 
 #include "formats/gguf.h"
 #include "kernels/attention/attention.h"
+#include "ops/moe.h"
 #include "ops/quant_matmul.h"
 #include "runtime/thread_pool.h"
 
@@ -64,6 +65,7 @@ struct LlmLayer {
   LlmMatrix gate_inp, gate_exps, up_exps, down_exps;
   const float* gate_inp_shexp = nullptr;
   LlmMatrix gate_shexp, up_shexp, down_shexp;
+  MoeLayer moe;  // the above as ops/moe.h runs them (experts > 0)
 };
 
 class LlmModel;
@@ -104,6 +106,8 @@ class LlmSequence {
   size_t length() const { return length_; }
   void Truncate(size_t length) { if (length < length_) length_ = length; }
   size_t bytes() const { return (keys_.size() + values_.size()) * sizeof(float); }
+  // Tokens routed to each expert, [layer][expert], summed over this sequence's evals (MoE models).
+  const std::vector<uint64_t>& expert_counts() const { return expert_counts_; }
   // Set while an eval runs on it: truncate and a second eval are refused meanwhile.
   std::atomic<bool> busy{false};
 
@@ -127,7 +131,8 @@ class LlmSequence {
   std::vector<float> keys_, values_;
   // Scratch arena, sized for the largest n seen.
   size_t arena_rows_ = 0;
-  std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, hidden_;
+  std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, moe_out_;
+  std::vector<uint64_t> expert_counts_;
   QuantMatmulScratch qscratch_;
 };
 
