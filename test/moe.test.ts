@@ -395,6 +395,41 @@ describe('kernels.moe vs a naive per-token reference', () => {
     }
   });
 
+  it('mixed weight types in one layer (router f32, gate f16, up q8_0, down q4_0, shared bf16)', async () => {
+    const base = makeLayer({ type: 'f16', routerType: 'f32', shared: 'gated' });
+    const q8 = makeLayer({ type: 'q8_0', seed: 21 });
+    const q4 = makeLayer({ type: 'q4_0', seed: 22 });
+    const bf = makeLayer({ type: 'bf16', seed: 23, shared: 'gated' });
+    const l: Layer = {
+      ...base, up: q8.up, down: q4.down, shared: bf.shared,
+      spec: { ...base.spec, up: q8.spec.up, down: q4.spec.down, shared: bf.spec.shared },
+    };
+    for (const tokens of [1, 37]) await check(l, tokens, `mixed tokens=${tokens}`);
+  });
+
+  it('NaN in x: NaN outputs for that token only, valid expert ids, no crash', async () => {
+    const l = makeLayer({ type: 'q8_0', shared: 'gated' });
+    const x = randomF32(5 * 64, 8);
+    x[2 * 64 + 7] = NaN;
+    const r = await kernels.moe(new Tensor('float32', x, [5, 64]), l.spec);
+    expect(r.expertCounts.reduce((a, b) => a + b, 0)).toBe(5 * 2);
+    for (let t = 0; t < 5; t++) {
+      const row = r.output.data.subarray(t * 64, (t + 1) * 64);
+      expect(row.some((v) => Number.isNaN(v))).toBe(t === 2);
+    }
+    const route = await kernels.moeRoute(new Tensor('float32', x, [5, 64]), l.spec);
+    for (const e of route.experts.data) expect(e >= 0 && e < 8).toBe(true);
+    // The other tokens are as without the NaN.
+    const clean = x.slice();
+    clean[2 * 64 + 7] = 0;
+    const ref = reference(l, clean, 5);
+    for (const t of [0, 1, 3, 4]) {
+      for (let i = 0; i < 64; i++) {
+        expect(Math.abs(r.output.data[t * 64 + i]! - ref.y[t * 64 + i]!)).toBeLessThanOrEqual(ref.bound[t * 64 + i]!);
+      }
+    }
+  });
+
   it('a 1-D x is one token', async () => {
     const l = makeLayer();
     const x = randomF32(64, 4);
