@@ -1,6 +1,7 @@
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Worker } from 'node:worker_threads';
 import { describe, expect, it } from 'vitest';
 import { AbortError, InvalidArgumentError, Tensor, devices, getThreads, gguf, kernels, setThreads } from '../dist/index.js';
 import { randomF32 } from './helpers.js';
@@ -550,5 +551,46 @@ describe('kernels.moe: invalid input gives typed errors', () => {
     ac.abort();
     await expect(kernels.moe(x, l.spec, { signal: ac.signal })).rejects.toBeInstanceOf(AbortError);
     await check(l, 3, 'after abort');
+  });
+});
+
+describe('kernels.moe in worker_threads', () => {
+  it('workers compute what the main thread computes from a mapped GGUF; terminating them mid-run is safe', async () => {
+    const [d, f, e] = [128, 256, 8];
+    const path = join(mkdtempSync(join(tmpdir(), 'sonde-moew-')), 'moe.gguf');
+    await gguf.write(path, {
+      tensors: [
+        { name: 'blk.0.ffn_gate_inp.weight', dims: [d, e], type: 'f32', data: randomF32(d * e, 1) },
+        { name: 'blk.0.ffn_gate_exps.weight', dims: [d, f, e], type: 'q8_0', data: randomF32(d * f * e, 2).map((v) => v / 8) },
+        { name: 'blk.0.ffn_up_exps.weight', dims: [d, f, e], type: 'q4_0', data: randomF32(d * f * e, 3).map((v) => v / 8) },
+        { name: 'blk.0.ffn_down_exps.weight', dims: [f, d, e], type: 'f16', data: randomF32(d * f * e, 4).map((v) => v / 12) },
+      ],
+    });
+    await using file = await gguf.read(path);
+    const t = (name: string) => file.tensor(`blk.0.${name}.weight`)!;
+    const layer: kernels.MoeLayerSpec = { router: t('ffn_gate_inp'), k: 2, renormalize: true, gate: t('ffn_gate_exps'), up: t('ffn_up_exps'), down: t('ffn_down_exps') };
+    const tokens = 19;
+    const x = new Tensor('float32', Float32Array.from({ length: tokens * d }, (_, i) => Math.cos(i)), [tokens, d]);
+    const want = (await kernels.moe(x, layer)).output.data.reduce((s, v) => s + v, 0);
+    const script = new URL('./fixtures/worker-moe.mjs', import.meta.url);
+    const run = (repeat: number) => {
+      const worker = new Worker(script, { workerData: { path, d, tokens, repeat } });
+      const result = new Promise<{ sum: number }>((resolve, reject) => {
+        worker.once('message', resolve);
+        worker.once('error', reject);
+        worker.once('exit', (code) => reject(new Error(`worker exited with ${code}`)));
+      });
+      return { worker, result };
+    };
+    const runs = [0, 1].map(() => run(3));
+    for (const r of runs) expect((await r.result).sum).toBe(want);
+    await Promise.all(runs.map((r) => r.worker.terminate()));
+    for (let i = 0; i < 6; i++) {
+      const r = run(100000);
+      r.result.catch(() => {});
+      await new Promise((res) => setTimeout(res, 20 + ((i * 37) % 120)));
+      await r.worker.terminate();
+    }
+    expect((await kernels.moe(x, layer)).output.data.reduce((s, v) => s + v, 0)).toBe(want);
   });
 });
