@@ -413,6 +413,58 @@ async function* quantSuite(ctx) {
   }
 }
 
+/**
+ * MoE dispatch (kernels.moe) on one layer of the issue's Mixtral-layout model: hidden 1024, 8
+ * experts of FFN 1408, top-2, softmax + renormalisation. Decode (1 token): GB/s of the weights it
+ * must read (router + k experts' gate/up/down) and the % of this machine's read bandwidth, over
+ * enough copies of the layer to defeat the last-level cache. Prefill (512 tokens): GFLOP/s of the
+ * real work (2 * tokens * k * 3 * d * ff) and the expert load (largest group / mean group).
+ */
+async function* moeSuite(ctx) {
+  const pool = getThreads();
+  const threadCounts = [...new Set([1, Math.min(2, pool)])];
+  const timing = ctx.quick ? { minRounds: 3, minMs: 100, maxMs: 1000 } : { minRounds: 5, minMs: 500, maxMs: 3000 };
+  const d = 1024, ff = 1408, experts = 8, k = 2;
+  for (const type of ['f16', 'q8_0']) {
+    const q = (rows, cols, scale) => kernels.quantizeWeights(new Tensor('float32', rand(rows * cols).map((v) => v * scale), [rows, cols]), type);
+    const layer0 = {
+      router: q(experts, d, 1 / 32), k, renormalize: true,
+      gate: Array.from({ length: experts }, () => q(ff, d, 1 / 32)),
+      up: Array.from({ length: experts }, () => q(ff, d, 1 / 32)),
+      down: Array.from({ length: experts }, () => q(d, ff, 1 / 38)),
+    };
+    const expertBytes = layer0.gate[0].bytes + layer0.up[0].bytes + layer0.down[0].bytes;
+    const decodeBytes = layer0.router.bytes + k * expertBytes;
+    // One x routes to the same k experts every call: the copies must put those beyond the cache.
+    const copies = copiesBeyondCache(decodeBytes);
+    const clone = (w) => new kernels.QuantizedWeights(w.type, w.n, w.k, w.data.slice());
+    const layers = [layer0, ...Array.from({ length: copies - 1 }, () => ({
+      ...layer0, router: clone(layer0.router), gate: layer0.gate.map(clone), up: layer0.up.map(clone), down: layer0.down.map(clone),
+    }))];
+    const x1 = new Tensor('float32', rand(d), [1, d]);
+    // First use of a copy stacks its experts and touches fresh pages (slow on this VM): not timed.
+    for (const l of layers) await kernels.moe(x1, l);
+    for (const t of threadCounts) {
+      let c = 0;
+      const [ms] = await timeInterleaved([() => kernels.moe(x1, layers[c++ % layers.length], { threads: t })], timing);
+      const gbps = decodeBytes / ms / 1e6;
+      yield { case: `${type} decode d=${d} ff=${ff} E=${experts} k=${k} t${t}`, ms, gbps,
+        pctBw: (100 * gbps) / (await readBandwidth(ctx, t)), mib: decodeBytes / 2 ** 20, copies };
+    }
+    const tokens = ctx.quick ? 128 : 512;
+    const xp = new Tensor('float32', rand(tokens * d), [tokens, d]);
+    for (const t of threadCounts) {
+      let load = 0;
+      const [ms] = await timeInterleaved([async () => {
+        const r = await kernels.moe(xp, layer0, { threads: t });
+        load = Math.max(...r.expertCounts) / ((tokens * k) / experts);
+      }], timing);
+      yield { case: `${type} prefill tokens=${tokens} d=${d} ff=${ff} E=${experts} k=${k} t${t}`, ms,
+        gflops: (2 * tokens * k * 3 * d * ff) / ms / 1e6, maxLoad: Number(load.toFixed(2)) };
+    }
+  }
+}
+
 /** Dense [k, n] weights with a random `sparsity` fraction of explicit zeros (in runs of `block` output columns). */
 function prunedWeights(k, n, sparsity, block = 1) {
   const b = rand(k * n);
@@ -778,4 +830,4 @@ async function* batchingSuite(ctx) {
   }
 }
 
-export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, sparse: sparseSuite, models: modelsSuite, batching: batchingSuite };
+export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, moe: moeSuite, sparse: sparseSuite, models: modelsSuite, batching: batchingSuite };

@@ -28,7 +28,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { getLlama, type Llama } from 'node-llama-cpp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AbortError, DeviceUnavailableError, InvalidArgumentError, ModelFormatError } from '../lib/errors.js';
+import { AbortError, DeviceUnavailableError, DisposedError, InvalidArgumentError, ModelFormatError } from '../lib/errors.js';
 import { configFromGguf } from '../lib/llm/arch.js';
 import type { LlmEngine } from '../lib/llm/engine.js';
 import { read, type GgufTensorType } from '../lib/llm/gguf.js';
@@ -409,8 +409,12 @@ describe('eval: bad input is a typed error and the model stays usable', () => {
     seq.dispose();
     await expect(seq.eval([1])).rejects.toThrow(/disposed/);
     const seq2 = e2.createSequence(8);
+    await seq2.eval([1, 2]);
     e2.dispose();
-    await expect(seq2.eval([1])).rejects.toThrow(/disposed/);
+    e2.dispose();
+    // The engine took its sequences (and their KV caches) with it.
+    expect(() => seq2.length).toThrow(DisposedError);
+    await expect(seq2.eval([1])).rejects.toThrow(DisposedError);
     expect(() => e2.createSequence(8)).toThrow(/disposed/);
   });
 });

@@ -1,8 +1,9 @@
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Worker } from 'node:worker_threads';
 import { describe, expect, it } from 'vitest';
-import { AbortError, InvalidArgumentError, Tensor, devices, gguf, kernels } from '../dist/index.js';
+import { AbortError, InvalidArgumentError, Tensor, devices, getThreads, gguf, kernels, setThreads } from '../dist/index.js';
 import { randomF32 } from './helpers.js';
 
 const cpu = devices().cpu;
@@ -373,13 +374,60 @@ describe('kernels.moe vs a naive per-token reference', () => {
     }
   });
 
-  it('threads: 1 and the whole pool give the same routing and results within the bound', async () => {
-    const l = makeLayer({ type: 'q8_0', nExperts: 16, k: 2 });
+  it('threads: big groups over all threads and small ones side by side give the reference result', async () => {
+    // A skewed router (expert 2 favoured by a selection bias) gives one group above a thread's
+    // share of the rows (run alone over every thread) and many small ones (one expert per thread).
+    const bias = Float32Array.from({ length: 16 }, (_, e) => (e === 2 ? 1 : 0));
+    const l = makeLayer({ type: 'q8_0', nExperts: 16, k: 2, bias, shared: 'gated' });
     const x = randomF32(64 * 64, 11);
     const ref = reference(l, x, 64);
-    for (const threads of [1, 2]) {
-      const r = await kernels.moe(new Tensor('float32', x, [64, 64]), l.spec, { threads });
-      expectMoeClose(r.output.data, ref, `threads=${threads}`);
+    expect(ref.counts[2]).toBe(64);
+    const before = getThreads();
+    setThreads(8);
+    try {
+      for (const threads of [1, 3, 8]) {
+        for (const tokens of [64, 1]) {
+          const r = await kernels.moe(new Tensor('float32', x.subarray(0, tokens * 64), [tokens, 64]), l.spec, { threads });
+          expectMoeClose(r.output.data, tokens === 64 ? ref : reference(l, x.subarray(0, 64), 1), `threads=${threads} tokens=${tokens}`);
+        }
+      }
+    } finally {
+      setThreads(before);
+    }
+  });
+
+  it('mixed weight types in one layer (router f32, gate f16, up q8_0, down q4_0, shared bf16)', async () => {
+    const base = makeLayer({ type: 'f16', routerType: 'f32', shared: 'gated' });
+    const q8 = makeLayer({ type: 'q8_0', seed: 21 });
+    const q4 = makeLayer({ type: 'q4_0', seed: 22 });
+    const bf = makeLayer({ type: 'bf16', seed: 23, shared: 'gated' });
+    const l: Layer = {
+      ...base, up: q8.up, down: q4.down, shared: bf.shared,
+      spec: { ...base.spec, up: q8.spec.up, down: q4.spec.down, shared: bf.spec.shared },
+    };
+    for (const tokens of [1, 37]) await check(l, tokens, `mixed tokens=${tokens}`);
+  });
+
+  it('NaN in x: NaN outputs for that token only, valid expert ids, no crash', async () => {
+    const l = makeLayer({ type: 'q8_0', shared: 'gated' });
+    const x = randomF32(5 * 64, 8);
+    x[2 * 64 + 7] = NaN;
+    const r = await kernels.moe(new Tensor('float32', x, [5, 64]), l.spec);
+    expect(r.expertCounts.reduce((a, b) => a + b, 0)).toBe(5 * 2);
+    for (let t = 0; t < 5; t++) {
+      const row = r.output.data.subarray(t * 64, (t + 1) * 64);
+      expect(row.some((v) => Number.isNaN(v))).toBe(t === 2);
+    }
+    const route = await kernels.moeRoute(new Tensor('float32', x, [5, 64]), l.spec);
+    for (const e of route.experts.data) expect(e >= 0 && e < 8).toBe(true);
+    // The other tokens are as without the NaN.
+    const clean = x.slice();
+    clean[2 * 64 + 7] = 0;
+    const ref = reference(l, clean, 5);
+    for (const t of [0, 1, 3, 4]) {
+      for (let i = 0; i < 64; i++) {
+        expect(Math.abs(r.output.data[t * 64 + i]! - ref.y[t * 64 + i]!)).toBeLessThanOrEqual(ref.bound[t * 64 + i]!);
+      }
     }
   });
 
@@ -485,10 +533,64 @@ describe('kernels.moe: invalid input gives typed errors', () => {
     await expect(kernels.moeRoute(x, { router: l.spec.router, k: 9 })).rejects.toThrow(/layer\.k/);
   });
 
+  it('an abort while the experts run rejects with AbortError and the kernel stays usable', async () => {
+    // 2048 tokens through 8 experts of 512 x 1024 in the exact 'reference' variant: seconds of work,
+    // so an abort 20 ms in lands mid-run (cancellation is checked at every task hand-out).
+    const big = makeLayer({ dModel: 512, dFf: 1024, nExperts: 8, k: 2 });
+    const xs = new Tensor('float32', randomF32(2048 * 512, 2), [2048, 512]);
+    const ac = new AbortController();
+    const t0 = performance.now();
+    setTimeout(() => ac.abort(), 20);
+    await expect(kernels.moe(xs, big.spec, { signal: ac.signal, variant: 'reference' })).rejects.toBeInstanceOf(AbortError);
+    expect(performance.now() - t0).toBeLessThan(2000);
+    await check(l, 3, 'after a mid-run abort');
+  });
+
   it('an aborted signal rejects with AbortError and the kernel stays usable', async () => {
     const ac = new AbortController();
     ac.abort();
     await expect(kernels.moe(x, l.spec, { signal: ac.signal })).rejects.toBeInstanceOf(AbortError);
     await check(l, 3, 'after abort');
+  });
+});
+
+describe('kernels.moe in worker_threads', () => {
+  it('workers compute what the main thread computes from a mapped GGUF; terminating them mid-run is safe', async () => {
+    const [d, f, e] = [128, 256, 8];
+    const path = join(mkdtempSync(join(tmpdir(), 'sonde-moew-')), 'moe.gguf');
+    await gguf.write(path, {
+      tensors: [
+        { name: 'blk.0.ffn_gate_inp.weight', dims: [d, e], type: 'f32', data: randomF32(d * e, 1) },
+        { name: 'blk.0.ffn_gate_exps.weight', dims: [d, f, e], type: 'q8_0', data: randomF32(d * f * e, 2).map((v) => v / 8) },
+        { name: 'blk.0.ffn_up_exps.weight', dims: [d, f, e], type: 'q4_0', data: randomF32(d * f * e, 3).map((v) => v / 8) },
+        { name: 'blk.0.ffn_down_exps.weight', dims: [f, d, e], type: 'f16', data: randomF32(d * f * e, 4).map((v) => v / 12) },
+      ],
+    });
+    await using file = await gguf.read(path);
+    const t = (name: string) => file.tensor(`blk.0.${name}.weight`)!;
+    const layer: kernels.MoeLayerSpec = { router: t('ffn_gate_inp'), k: 2, renormalize: true, gate: t('ffn_gate_exps'), up: t('ffn_up_exps'), down: t('ffn_down_exps') };
+    const tokens = 19;
+    const x = new Tensor('float32', Float32Array.from({ length: tokens * d }, (_, i) => Math.cos(i)), [tokens, d]);
+    const want = (await kernels.moe(x, layer)).output.data.reduce((s, v) => s + v, 0);
+    const script = new URL('./fixtures/worker-moe.mjs', import.meta.url);
+    const run = (repeat: number) => {
+      const worker = new Worker(script, { workerData: { path, d, tokens, repeat } });
+      const result = new Promise<{ sum: number }>((resolve, reject) => {
+        worker.once('message', resolve);
+        worker.once('error', reject);
+        worker.once('exit', (code) => reject(new Error(`worker exited with ${code}`)));
+      });
+      return { worker, result };
+    };
+    const runs = [0, 1].map(() => run(3));
+    for (const r of runs) expect((await r.result).sum).toBe(want);
+    await Promise.all(runs.map((r) => r.worker.terminate()));
+    for (let i = 0; i < 6; i++) {
+      const r = run(100000);
+      r.result.catch(() => {});
+      await new Promise((res) => setTimeout(res, 20 + ((i * 37) % 120)));
+      await r.worker.terminate();
+    }
+    expect((await kernels.moe(x, layer)).output.data.reduce((s, v) => s + v, 0)).toBe(want);
   });
 });

@@ -112,6 +112,7 @@ class TransformerSequence extends NativeResource implements LlmSequence {
 
   protected release(): void {
     this.#seq.dispose();
+    this.#engine.forget(this);
   }
 }
 
@@ -121,6 +122,8 @@ class Transformer extends NativeResource implements LlmEngine {
   readonly threads: number;
   #model: NativeLlmModel;
   #ownsFile: boolean;
+  // Live sequences, disposed with the engine so their KV caches are freed at once, not at GC.
+  #sequences = new Set<TransformerSequence>();
 
   constructor(file: GgufFile, config: ModelConfig, model: NativeLlmModel, threads: number, ownsFile: boolean) {
     super();
@@ -141,14 +144,24 @@ class Transformer extends NativeResource implements LlmEngine {
     const where = 'LlmEngine.createSequence(contextSize)';
     this.checkAlive(where);
     checkInt(where, contextSize, 1, this.config.contextLength);
+    let seq: TransformerSequence;
     try {
-      return new TransformerSequence(this, native().llmSequenceCreate(this.#model, contextSize), contextSize);
+      seq = new TransformerSequence(this, native().llmSequenceCreate(this.#model, contextSize), contextSize);
     } catch (err) {
       throw fromNative(err, new Error());
     }
+    this.#sequences.add(seq);
+    return seq;
+  }
+
+  /** @internal */
+  forget(seq: TransformerSequence): void {
+    this.#sequences.delete(seq);
   }
 
   protected release(): void {
+    for (const seq of this.#sequences) seq.dispose();
+    this.#sequences.clear();
     this.#model.dispose();
     if (this.#ownsFile) this.file.dispose();
   }

@@ -107,9 +107,10 @@ class MoeJob : public MoeJobBase {
   void Execute(Addon& addon) override {
     counts.assign(layer.n_experts, 0);
     std::string error;
+    // The layer was validated when the call was made, so what is left is memory or cancellation.
     if (!RunMoe(addon.pool(), threads, cancel.get(), layer, x, tokens, y, counts.data(), &error, &dropped) &&
         !cancel->load())
-      Fail(codes::kInvalidArgument, "moe: " + error);
+      Fail(error.find("out of memory") != std::string::npos ? codes::kOutOfMemory : codes::kInternal, "moe: " + error);
   }
   Napi::Value Result(Napi::Env env) override {
     Napi::Object o = Napi::Object::New(env);

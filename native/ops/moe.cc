@@ -133,6 +133,81 @@ bool RunMoeRoute(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, c
 
 namespace {
 
+// One row-chunk of one matrix product of a single token: y[0, n) = x . W[0, n)^T.
+struct GemvPiece {
+  const float* x;
+  size_t k;
+  const uint8_t* w;
+  int32_t type;
+  size_t n;
+  float* y;
+};
+
+// Splits the product y = x . W^T (W: n rows of k of type) into chunks of rows and appends them.
+// The caller sizes chunks to about 8 per thread over the whole phase: enough to balance threads
+// whose speed differs (a shared machine), few enough that each chunk's fixed cost (it quantises x
+// again: k values, against rows * k weights it reads) stays small.
+void AddGemv(std::vector<GemvPiece>* pieces, const float* x, size_t k, const uint8_t* w, int32_t type, size_t n,
+             float* y, size_t chunk_rows) {
+  const size_t row_bytes = kernels::QuantRowBytes(type, k);
+  for (size_t r = 0; r < n; r += chunk_rows) {
+    const size_t rows = std::min(chunk_rows, n - r);
+    pieces->push_back(GemvPiece{x, k, w + r * row_bytes, type, rows, y + r});
+  }
+}
+
+bool RunGemvPieces(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, QuantVariant v,
+                   const std::vector<GemvPiece>& pieces) {
+  std::vector<char> ok(pieces.size(), 1);
+  const bool done = pool.ParallelFor(pieces.size(), threads, [&](size_t i) {
+    const GemvPiece& p = pieces[i];
+    ok[i] = Matmul(pool, 1, cancel, v, p.x, 1, p.k, p.w, p.type, p.n, p.y);
+  }, cancel);
+  if (!done) return false;
+  for (char c : ok)
+    if (!c) return false;
+  return true;
+}
+
+// A single token (decode): its k experts' GEMVs are bound by reading their weights, so all of
+// them (and the shared expert's) run as one phase of row chunks over every thread, gate and up
+// first, then down: two synchronisations instead of three per expert.
+bool RunMoeSingleToken(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& l,
+                       const kernels::MoeUkernels& uk, const float* x, const int32_t* ids, const float* weights,
+                       float* y) {
+  const size_t k = l.k, d = l.d_model, f = l.d_ff, sf = l.shared_d_ff;
+  std::vector<float> h(2 * (k * f + sf)), out((k + 1) * d);
+  float* g = h.data();
+  float* u = g + k * f + sf;
+  float sgate = 1.0f;
+  const size_t total_rows = 2 * (k * f + sf) + (k + 1) * d;
+  const size_t chunk = std::max<size_t>(16, (total_rows + 8 * threads - 1) / (8 * threads));
+  std::vector<GemvPiece> pieces;
+  for (size_t j = 0; j < k; ++j) {
+    const size_t e = static_cast<size_t>(ids[j]);
+    AddGemv(&pieces, x, d, l.gate.data + e * l.gate.expert_stride, l.gate.type, f, g + j * f, chunk);
+    AddGemv(&pieces, x, d, l.up.data + e * l.up.expert_stride, l.up.type, f, u + j * f, chunk);
+  }
+  if (sf) {
+    AddGemv(&pieces, x, d, l.shared_gate.data, l.shared_gate.type, sf, g + k * f, chunk);
+    AddGemv(&pieces, x, d, l.shared_up.data, l.shared_up.type, sf, u + k * f, chunk);
+    if (l.shared_gate_inp.data) AddGemv(&pieces, x, d, l.shared_gate_inp.data, l.shared_gate_inp.type, 1, &sgate, chunk);
+  }
+  if (!RunGemvPieces(pool, threads, cancel, l.variant, pieces)) return false;
+  uk.swiglu(k * f + sf, g, u, g);
+  pieces.clear();
+  for (size_t j = 0; j < k; ++j) {
+    const size_t e = static_cast<size_t>(ids[j]);
+    AddGemv(&pieces, g + j * f, f, l.down.data + e * l.down.expert_stride, l.down.type, d, out.data() + j * d, chunk);
+  }
+  if (sf) AddGemv(&pieces, g + k * f, sf, l.shared_down.data, l.shared_down.type, d, out.data() + k * d, chunk);
+  if (!RunGemvPieces(pool, threads, cancel, l.variant, pieces)) return false;
+  std::memset(y, 0, d * sizeof(float));
+  for (size_t j = 0; j < k; ++j) uk.scale_add(d, weights[j], out.data() + j * d, y);
+  if (sf) uk.scale_add(d, l.shared_gate_inp.data ? 1.0f / (1.0f + std::exp(-sgate)) : 1.0f, out.data() + k * d, y);
+  return true;
+}
+
 bool RunMoeChecked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& l, const float* x,
                    size_t tokens, float* y, uint64_t* expert_counts, uint64_t* dropped) {
   const size_t n_exp = l.n_experts, k = l.k, d = l.d_model, f = l.d_ff;
@@ -162,6 +237,8 @@ bool RunMoeChecked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel,
     if (expert_counts) expert_counts[e] += routed[e];
   }
   if (dropped) *dropped += drops;
+  // One token never exceeds a capacity (ceil of a positive number, and its k experts differ).
+  if (tokens == 1) return RunMoeSingleToken(pool, threads, cancel, l, uk, x, ids.data(), weights.data(), y);
   const size_t total = offset[n_exp];
   std::vector<int64_t> row_of(tokens * k, -1);
   {
@@ -172,11 +249,10 @@ bool RunMoeChecked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel,
     }
   }
 
-  // A single token reads its row in place; a batch gathers each expert's rows contiguously so that
-  // the expert's GEMM streams its weights once for the whole group.
-  const bool single = tokens == 1;
-  std::vector<float> xg(single ? 0 : total * d);
-  if (!single) {
+  // Each expert's rows gathered contiguously, so that its GEMM streams its weights once for the
+  // whole group.
+  std::vector<float> xg(total * d);
+  {
     const bool ok = pool.ParallelFor(tokens, threads, [&](size_t t) {
       for (size_t j = 0; j < k; ++j) {
         const int64_t r = row_of[t * k + j];
@@ -190,7 +266,7 @@ bool RunMoeChecked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel,
   auto run_expert = [&](size_t e, unsigned thr) -> bool {
     const size_t m = rows[e], off = offset[e];
     if (m == 0) return true;
-    const float* xe = single ? x : xg.data() + off * d;
+    const float* xe = xg.data() + off * d;
     float* g = hg.data() + off * f;
     float* u = hu.data() + off * f;
     if (!Matmul(pool, thr, cancel, l.variant, xe, m, d, l.gate.data + e * l.gate.expert_stride, l.gate.type, f, g)) return false;
@@ -200,14 +276,13 @@ bool RunMoeChecked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel,
                   yo.data() + off * d);
   };
 
-  // Threads by work. A group holding more than one thread's share of the rows (and every group of
-  // a single token: k GEMVs, bound by weight bandwidth) runs alone over all threads, its GEMMs split
-  // over N. The rest run side by side, one expert per thread: small GEMMs split over threads would
+  // Threads by work. A group holding more than one thread's share of the rows runs alone over all
+  // threads, its GEMMs split over N. The rest run side by side, one expert per thread: small GEMMs split over threads would
   // spend more on synchronisation than on arithmetic, and each expert's weights are read once.
   std::vector<size_t> wide, narrow;
   for (size_t e = 0; e < n_exp; ++e) {
     if (rows[e] == 0) continue;
-    const bool big = single || rows[e] * nthreads > total;
+    const bool big = rows[e] * nthreads > total;
     (big ? wide : narrow).push_back(e);
   }
   if (narrow.size() < nthreads) {

@@ -78,8 +78,9 @@ std::string ValidateMoeLayer(const MoeLayer& layer);
 // dropped (optional): += (token, expert) pairs dropped by the capacity limit.
 // Returns false with *error set on invalid layer ("cancelled" when cancel was set); never throws.
 // threads: at most this many pool threads (0: the whole pool).
-// Single token: the k expert GEMVs run one after another, each over all threads. Batches: token rows
-// are grouped by expert, and the experts' GEMMs run over the threads by work.
+// Single token: the GEMVs of its k experts (and the shared expert) run as two phases of row chunks
+// over all threads (gate/up, then down). Batches: token rows are grouped by expert, and the
+// experts' GEMMs run over the threads by work (big groups split over N, small ones side by side).
 bool RunMoe(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& layer, const float* x,
             size_t tokens, float* y, uint64_t* expert_counts, std::string* error, uint64_t* dropped = nullptr);
 
