@@ -30,7 +30,7 @@ import { getLlama, type Llama } from 'node-llama-cpp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AbortError, DeviceUnavailableError, DisposedError, InvalidArgumentError, ModelFormatError } from '../lib/errors.js';
 import { configFromGguf } from '../lib/llm/arch.js';
-import type { LlmEngine } from '../lib/llm/engine.js';
+import type { LlmEngine, LlmSequence } from '../lib/llm/engine.js';
 import { read, type GgufTensorType } from '../lib/llm/gguf.js';
 import { loadTransformer } from '../lib/llm/transformer.js';
 import { fixtureDir, rng, writeFixture, type FixtureInfo, type FixtureOptions } from './llm-fixtures.js';
@@ -229,10 +229,10 @@ describe('evaluation paths agree', () => {
     // attention kernels' 64-key chunk.
     const info = await fixture('isa', { kind: 'llama', type: 'f32', embedding: 96, heads: 4, kvHeads: 2, feedForward: 96, seed: 21 });
     const tokens = tokenSequence(70, info.vocabSize, 22, []);
-    const run = async (variant: 'scalar' | 'avx2' | 'avx512') => {
+    const run = async (variant: 'scalar' | 'avx2' | 'avx512', kvSpan?: number) => {
       const e = await loadTransformer(info.path, { variant });
       try {
-        const s = e.createSequence(80);
+        const s = (e as LlmEngine & { createSequence(n: number, o?: { kvSpan?: number }): LlmSequence }).createSequence(80, { kvSpan });
         return await s.eval(tokens, { allLogits: true });
       } finally {
         e.dispose();
@@ -241,6 +241,21 @@ describe('evaluation paths agree', () => {
     const scalar = await run('scalar');
     let max = 0;
     for (const v of scalar) max = Math.max(max, Math.abs(v));
+    // The cache read in spans of 7 positions (as a paged cache will hand it over): the kernels
+    // carry (max, sum, acc) across spans; only the exp rescaling order differs.
+    for (const variant of ['scalar', 'avx2', 'avx512'] as const) {
+      let whole: Float32Array, paged: Float32Array;
+      try {
+        whole = await run(variant);
+        paged = await run(variant, 7);
+      } catch (err) {
+        expect(err).toBeInstanceOf(DeviceUnavailableError);
+        continue;
+      }
+      for (let i = 0; i < whole.length; i++) {
+        if (Math.abs(paged[i]! - whole[i]!) > 1e-5 * max) expect.fail(`${variant} kvSpan 7: logit ${i}: ${paged[i]} vs ${whole[i]}`);
+      }
+    }
     let levels = 0;
     for (const variant of ['avx2', 'avx512'] as const) {
       let got: Float32Array;
