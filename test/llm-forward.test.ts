@@ -33,6 +33,7 @@ import { configFromGguf } from '../lib/llm/arch.js';
 import type { LlmEngine, LlmSequence } from '../lib/llm/engine.js';
 import { read, type GgufTensorType } from '../lib/llm/gguf.js';
 import { loadTransformer } from '../lib/llm/transformer.js';
+import { reportedExternalMemory } from '../lib/runtime.js';
 import { fixtureDir, rng, writeFixture, type FixtureInfo, type FixtureOptions } from './llm-fixtures.js';
 
 const dir = fixtureDir('sonde-llm-forward-');
@@ -415,6 +416,16 @@ describe('eval: bad input is a typed error and the model stays usable', () => {
     expect(first.length).toBe(info.vocabSize);
     seq.dispose();
     fresh.dispose();
+  });
+
+  it('a sequence reports its KV cache to V8 and gives it back on dispose', async () => {
+    const before = reportedExternalMemory();
+    const seq = engine.createSequence(100);
+    // K and V, fp32: layers * kvHeads * positions * headDim each.
+    const kv = 2 * info.layers * info.kvHeads * 100 * info.headDim * 4;
+    expect(reportedExternalMemory() - before).toBe(kv);
+    seq.dispose();
+    expect(reportedExternalMemory()).toBe(before);
   });
 
   it('disposed sequences and engines are DisposedErrors, not crashes', async () => {
