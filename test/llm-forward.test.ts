@@ -64,7 +64,7 @@ async function llamaCppLogProbs(path: string, tokens: number[], vocab: number): 
   const model = await llama.loadModel({ modelPath: path });
   try {
     const ctx = await model.createContext({
-      contextSize: 128, batchSize: 128, flashAttention: false,
+      contextSize: 128, batchSize: 128, threads: 1, flashAttention: false,
       experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32',
     } as never);
     try {
@@ -176,6 +176,48 @@ describe('logits equal llama.cpp on every position of a 64-token sequence', () =
           if (!Number.isNaN(w) && Math.abs(lp[t]! - w) > bound) expect.fail(`position ${i} token ${t}: ${lp[t]} vs ${w}`);
         }
       }
+    } finally {
+      engine.dispose();
+    }
+  }, 60_000);
+});
+
+describe('greedy generation of 32 tokens equals llama.cpp\'s', () => {
+  it.each(['llama', 'mixtral', 'qwen2moe'] as const)('%s f32', async (kind) => {
+    const info = await fixture(`greedy-${kind}`, { kind, type: 'f32', seed: 31 });
+    const prompt = tokenSequence(8, info.vocabSize, 32, [info.eosId]);
+    const model = await llama.loadModel({ modelPath: info.path });
+    const want: number[] = [];
+    try {
+      const ctx = await model.createContext({
+        // One thread: llama.cpp's workers spin between tokens, which on a shared 2-core machine
+        // costs seconds per token.
+        contextSize: 64, threads: 1, flashAttention: false, experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32',
+      } as never);
+      const seq = ctx.getSequence();
+      const greedy = { generateNext: { token: true, options: { temperature: 0 } } };
+      let res = await seq.controlledEvaluate(prompt.map((t, i) => (i === prompt.length - 1 ? [t, greedy] : t)) as never);
+      for (let i = 0; i < 32; i++) {
+        const next = res[res.length - 1]!.next.token!;
+        want.push(next);
+        res = await seq.controlledEvaluate([[next, greedy]] as never);
+      }
+      await ctx.dispose();
+    } finally {
+      await model.dispose();
+    }
+    const engine = await loadTransformer(info.path);
+    try {
+      const seq = engine.createSequence(64);
+      let logits = await seq.eval(prompt);
+      const got: number[] = [];
+      for (let i = 0; i < 32; i++) {
+        let best = 0;
+        for (let t = 1; t < logits.length; t++) if (logits[t]! > logits[best]!) best = t;
+        got.push(best);
+        logits = await seq.eval([best]);
+      }
+      expect(got).toEqual(want);
     } finally {
       engine.dispose();
     }
