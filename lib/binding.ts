@@ -251,7 +251,8 @@ export interface NativeBinding {
    * missing / mistyped / misshapen tensor, ERR_SONDE_UNSUPPORTED_OPERATOR for what is not wired.
    */
   llmModelCreate(gguf: NativeGgufHandle, config: object, indices: Int32Array): NativeLlmModel;
-  llmSequenceCreate(model: NativeLlmModel, contextSize: number): NativeLlmSequence;
+  /** kvSpan: positions attention reads per kernel call (0 / absent: the whole cache), as a paged cache will. */
+  llmSequenceCreate(model: NativeLlmModel, contextSize: number, kvSpan?: number): NativeLlmSequence;
   /**
    * Appends tokens to the sequence and writes their logits ([tokens.length, vocab] if allLogits,
    * else [vocab]). Rejects ERR_SONDE_INVALID_ARGUMENT for an id outside the vocabulary or a context

@@ -30,9 +30,10 @@ import { getLlama, type Llama } from 'node-llama-cpp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AbortError, DeviceUnavailableError, DisposedError, InvalidArgumentError, ModelFormatError } from '../lib/errors.js';
 import { configFromGguf } from '../lib/llm/arch.js';
-import type { LlmEngine } from '../lib/llm/engine.js';
+import type { LlmEngine, LlmSequence } from '../lib/llm/engine.js';
 import { read, type GgufTensorType } from '../lib/llm/gguf.js';
 import { loadTransformer } from '../lib/llm/transformer.js';
+import { reportedExternalMemory } from '../lib/runtime.js';
 import { fixtureDir, rng, writeFixture, type FixtureInfo, type FixtureOptions } from './llm-fixtures.js';
 
 const dir = fixtureDir('sonde-llm-forward-');
@@ -63,7 +64,7 @@ async function llamaCppLogProbs(path: string, tokens: number[], vocab: number): 
   const model = await llama.loadModel({ modelPath: path });
   try {
     const ctx = await model.createContext({
-      contextSize: 128, batchSize: 128, flashAttention: false,
+      contextSize: 128, batchSize: 128, threads: 1, flashAttention: false,
       experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32',
     } as never);
     try {
@@ -181,6 +182,48 @@ describe('logits equal llama.cpp on every position of a 64-token sequence', () =
   }, 60_000);
 });
 
+describe('greedy generation of 32 tokens equals llama.cpp\'s', () => {
+  it.each(['llama', 'mixtral', 'qwen2moe'] as const)('%s f32', async (kind) => {
+    const info = await fixture(`greedy-${kind}`, { kind, type: 'f32', seed: 31 });
+    const prompt = tokenSequence(8, info.vocabSize, 32, [info.eosId]);
+    const model = await llama.loadModel({ modelPath: info.path });
+    const want: number[] = [];
+    try {
+      const ctx = await model.createContext({
+        // One thread: llama.cpp's workers spin between tokens, which on a shared 2-core machine
+        // costs seconds per token.
+        contextSize: 64, threads: 1, flashAttention: false, experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32',
+      } as never);
+      const seq = ctx.getSequence();
+      const greedy = { generateNext: { token: true, options: { temperature: 0 } } };
+      let res = await seq.controlledEvaluate(prompt.map((t, i) => (i === prompt.length - 1 ? [t, greedy] : t)) as never);
+      for (let i = 0; i < 32; i++) {
+        const next = res[res.length - 1]!.next.token!;
+        want.push(next);
+        res = await seq.controlledEvaluate([[next, greedy]] as never);
+      }
+      await ctx.dispose();
+    } finally {
+      await model.dispose();
+    }
+    const engine = await loadTransformer(info.path);
+    try {
+      const seq = engine.createSequence(64);
+      let logits = await seq.eval(prompt);
+      const got: number[] = [];
+      for (let i = 0; i < 32; i++) {
+        let best = 0;
+        for (let t = 1; t < logits.length; t++) if (logits[t]! > logits[best]!) best = t;
+        got.push(best);
+        logits = await seq.eval([best]);
+      }
+      expect(got).toEqual(want);
+    } finally {
+      engine.dispose();
+    }
+  }, 60_000);
+});
+
 describe('evaluation paths agree', () => {
   it.each([['qwen2', 'q8_0'], ['mixtral', 'q4_0'], ['qwen2moe', 'f16']] as const)('%s %s: prefill in one call equals token-by-token decode and a split prefill', async (kind, type) => {
     const info = await fixture(`paths-${kind}`, { kind, type, seed: 11 });
@@ -229,10 +272,10 @@ describe('evaluation paths agree', () => {
     // attention kernels' 64-key chunk.
     const info = await fixture('isa', { kind: 'llama', type: 'f32', embedding: 96, heads: 4, kvHeads: 2, feedForward: 96, seed: 21 });
     const tokens = tokenSequence(70, info.vocabSize, 22, []);
-    const run = async (variant: 'scalar' | 'avx2' | 'avx512') => {
+    const run = async (variant: 'scalar' | 'avx2' | 'avx512', kvSpan?: number) => {
       const e = await loadTransformer(info.path, { variant });
       try {
-        const s = e.createSequence(80);
+        const s = (e as LlmEngine & { createSequence(n: number, o?: { kvSpan?: number }): LlmSequence }).createSequence(80, { kvSpan });
         return await s.eval(tokens, { allLogits: true });
       } finally {
         e.dispose();
@@ -241,6 +284,21 @@ describe('evaluation paths agree', () => {
     const scalar = await run('scalar');
     let max = 0;
     for (const v of scalar) max = Math.max(max, Math.abs(v));
+    // The cache read in spans of 7 positions (as a paged cache will hand it over): the kernels
+    // carry (max, sum, acc) across spans; only the exp rescaling order differs.
+    for (const variant of ['scalar', 'avx2', 'avx512'] as const) {
+      let whole: Float32Array, paged: Float32Array;
+      try {
+        whole = await run(variant);
+        paged = await run(variant, 7);
+      } catch (err) {
+        expect(err).toBeInstanceOf(DeviceUnavailableError);
+        continue;
+      }
+      for (let i = 0; i < whole.length; i++) {
+        if (Math.abs(paged[i]! - whole[i]!) > 1e-5 * max) expect.fail(`${variant} kvSpan 7: logit ${i}: ${paged[i]} vs ${whole[i]}`);
+      }
+    }
     let levels = 0;
     for (const variant of ['avx2', 'avx512'] as const) {
       let got: Float32Array;
@@ -400,6 +458,16 @@ describe('eval: bad input is a typed error and the model stays usable', () => {
     expect(first.length).toBe(info.vocabSize);
     seq.dispose();
     fresh.dispose();
+  });
+
+  it('a sequence reports its KV cache to V8 and gives it back on dispose', async () => {
+    const before = reportedExternalMemory();
+    const seq = engine.createSequence(100);
+    // K and V, fp32: layers * kvHeads * positions * headDim each.
+    const kv = 2 * info.layers * info.kvHeads * 100 * info.headDim * 4;
+    expect(reportedExternalMemory() - before).toBe(kv);
+    seq.dispose();
+    expect(reportedExternalMemory()).toBe(before);
   });
 
   it('disposed sequences and engines are DisposedErrors, not crashes', async () => {

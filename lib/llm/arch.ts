@@ -205,6 +205,7 @@ export function configFromGguf(file: GgufFile): ModelConfig {
     activeParameterCount: 0,
   };
   if (config.blockCount === 0) throw new ModelFormatError(`'${k('block_count')}' must be positive`);
+  if (config.contextLength === 0) throw new ModelFormatError(`'${k('context_length')}' must be positive`);
   if (feedForwardLength === 0 && expertCount === 0) throw new ModelFormatError(`'${k('feed_forward_length')}' must be positive`);
   const vocabKey = meta(file, k('vocab_size'));
   if (vocabKey !== undefined && uint(file, k('vocab_size')) !== config.vocabSize) {

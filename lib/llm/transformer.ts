@@ -140,13 +140,19 @@ class Transformer extends NativeResource implements LlmEngine {
     return this.#model;
   }
 
-  createSequence(contextSize: number): LlmSequence {
+  /**
+   * options.kvSpan (@internal, for tests): attention reads the cache this many positions per
+   * kernel call, as a paged cache (issue #9) will read it page by page.
+   */
+  createSequence(contextSize: number, options?: { kvSpan?: number }): LlmSequence {
     const where = 'LlmEngine.createSequence(contextSize)';
     this.checkAlive(where);
     checkInt(where, contextSize, 1, this.config.contextLength);
+    const o = checkOptions<{ kvSpan?: number }>('LlmEngine.createSequence(contextSize, options)', options ?? {}, ['kvSpan']);
+    const span = o.kvSpan === undefined ? 0 : checkInt('LlmEngine.createSequence: options.kvSpan', o.kvSpan, 1, contextSize);
     let seq: TransformerSequence;
     try {
-      seq = new TransformerSequence(this, native().llmSequenceCreate(this.#model, contextSize), contextSize);
+      seq = new TransformerSequence(this, native().llmSequenceCreate(this.#model, contextSize, span), contextSize);
     } catch (err) {
       throw fromNative(err, new Error());
     }

@@ -1,6 +1,6 @@
 // Bindings of the native transformer (ops/llm.h), wrapped by lib/llm/transformer.ts:
 //   llmModelCreate(gguf, config, tensorIndices) -> LlmModelHandle     (sync: checks shapes only)
-//   llmSequenceCreate(model, capacity)          -> LlmSequenceHandle  (the KV cache, reported to V8)
+//   llmSequenceCreate(model, capacity, kvSpan?) -> LlmSequenceHandle  (the KV cache, reported to V8)
 //   llmEval(model, seq, tokens, logits, allLogits, threads, cancel?) -> Promise<void>
 // A job holds the model (and with it the mapping) and the sequence, so disposing either while an
 // eval runs frees them when it finishes.
@@ -170,9 +170,12 @@ Napi::Value LlmSequenceCreate(Addon& addon, const Napi::CallbackInfo& info) {
   const double cap = info.Length() > 1 && info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : -1;
   if (!(cap >= 1 && cap <= 16777216) || cap != static_cast<double>(static_cast<size_t>(cap)))
     throw MakeError(env, codes::kInvalidArgument, "llmSequenceCreate: contextSize must be an integer in [1, 2^24]");
+  const double span = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().DoubleValue() : 0;
+  if (!(span >= 0 && span <= cap) || span != static_cast<double>(static_cast<size_t>(span)))
+    throw MakeError(env, codes::kInvalidArgument, "llmSequenceCreate: kvSpan must be an integer in [0, contextSize]");
   std::shared_ptr<LlmSequence> seq;
   try {
-    seq = std::make_shared<LlmSequence>(model->config(), static_cast<size_t>(cap));
+    seq = std::make_shared<LlmSequence>(model->config(), static_cast<size_t>(cap), static_cast<size_t>(span));
   } catch (const std::bad_alloc&) {
     const LlmConfig& c = model->config();
     throw MakeError(env, codes::kOutOfMemory, "llmSequenceCreate: cannot allocate the KV cache of " +

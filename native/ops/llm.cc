@@ -193,8 +193,8 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
   return m;
 }
 
-LlmSequence::LlmSequence(const LlmConfig& c, size_t capacity)
-    : capacity_(capacity), kv_heads_(c.kv_heads), head_dim_(c.head_dim) {
+LlmSequence::LlmSequence(const LlmConfig& c, size_t capacity, size_t span)
+    : capacity_(capacity), kv_heads_(c.kv_heads), head_dim_(c.head_dim), span_(span) {
   const size_t n = c.layers * c.kv_heads * capacity * c.head_dim;
   keys_.assign(n, 0.f);
   values_.assign(n, 0.f);

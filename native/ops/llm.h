@@ -7,6 +7,7 @@
 // (block-quantised weights see activations quantised to int8 per block of 32); attention softmax
 // is fp32 (kernels/attention/attention.h).
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -101,7 +102,9 @@ class LlmModel {
 // positions, plus the scratch arena of the evals on it (grown to the largest eval, then reused).
 class LlmSequence {
  public:
-  LlmSequence(const LlmConfig& config, size_t capacity);  // throws std::bad_alloc
+  // span: positions attention reads per call of its kernel (0 = the whole cache); a paged cache
+  // reads one page at a time, and a small span exercises that path today. Throws std::bad_alloc.
+  LlmSequence(const LlmConfig& config, size_t capacity, size_t span = 0);
   size_t capacity() const { return capacity_; }
   size_t length() const { return length_; }
   void Truncate(size_t length) { if (length < length_) length_ = length; }
@@ -115,7 +118,7 @@ class LlmSequence {
   // layer and KV head, contiguous in this cache (a paged cache hands out one span per page).
   const float* Keys(size_t layer, size_t kv_head, size_t pos) const { return keys_.data() + Offset(layer, kv_head, pos); }
   const float* Values(size_t layer, size_t kv_head, size_t pos) const { return values_.data() + Offset(layer, kv_head, pos); }
-  size_t SpanEnd(size_t /*pos*/) const { return capacity_; }
+  size_t SpanEnd(size_t pos) const { return span_ ? std::min(capacity_, (pos / span_ + 1) * span_) : capacity_; }
 
  private:
   friend bool Forward(const LlmModel&, LlmSequence&, const int32_t*, size_t, float*, bool, ThreadPool&, unsigned,
@@ -126,7 +129,7 @@ class LlmSequence {
   float* KeysMut(size_t layer, size_t kv_head, size_t pos) { return keys_.data() + Offset(layer, kv_head, pos); }
   float* ValuesMut(size_t layer, size_t kv_head, size_t pos) { return values_.data() + Offset(layer, kv_head, pos); }
 
-  size_t capacity_, kv_heads_, head_dim_;
+  size_t capacity_, kv_heads_, head_dim_, span_;
   size_t length_ = 0;
   std::vector<float> keys_, values_;
   // Scratch arena, sized for the largest n seen.
