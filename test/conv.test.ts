@@ -119,7 +119,10 @@ const shapes: Shape[] = [
   { name: '5x5 SAME_UPPER stride 2', x: [1, 4, 11, 13], w: [7, 4, 5, 5], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
   { name: '3x3 SAME_LOWER stride 2, asymmetric', x: [1, 3, 10, 9], w: [6, 3, 3, 2], g: { strides: [2, 1], autoPad: 'SAME_LOWER' } },
   { name: '3x3 stride 3 (gathered im2col), asymmetric pads', x: [1, 5, 17, 20], w: [9, 5, 3, 3], g: { strides: [3, 3], pads: [1, 2, 1, 0] } },
-  { name: '3x3 on 5x5, 40 output channels, N=2 (rows split: shared im2col)', x: [2, 16, 5, 5], w: [40, 16, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  // Convolutions under 1 MFLOP per thread run on one thread: this one (4.5 MFLOP) is large enough
+  // to be split across two, rows first (80 channels > 49 pixels), so row blocks share one im2col.
+  { name: '3x3 on 7x7, 80 output channels, N=2 (rows split: shared im2col)', x: [2, 32, 7, 7], w: [80, 32, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '1x1 N=2, 64 -> 48 channels on 16x16 (pointwise, split across threads)', x: [2, 64, 16, 16], w: [48, 64, 1, 1], g: {} },
   { name: '3x3 VALID, N=3', x: [3, 5, 6, 8], w: [4, 5, 3, 3], g: { autoPad: 'VALID' } },
   { name: 'grouped: 8 -> 12 channels, 2 groups', x: [1, 8, 9, 7], w: [12, 4, 3, 3], g: { group: 2, pads: [1, 0, 1, 2] } },
   { name: 'depthwise 3x3 s1 p1, 19 channels', x: [2, 19, 13, 21], w: [19, 1, 3, 3], g: { group: 19, pads: [1, 1, 1, 1] } },
@@ -224,7 +227,7 @@ describe('bf16 weights', () => {
 
 describe('threads', () => {
   it('1 and 2 threads give identical results (dense, grouped, depthwise, pooling)', async () => {
-    for (const s of [S('1x1 N=2'), S('K = 360'), S('shared im2col'), S('grouped'), S('depthwise 3x3 s1')]) {
+    for (const s of [S('1x1 N=2'), S('split across threads'), S('K = 360'), S('shared im2col'), S('grouped'), S('depthwise 3x3 s1')]) {
       const x = randomTensor(s.x, 30);
       const conv = kernels.createConv2d(randomTensor(s.w, 31), { ...s.g, bias: randomTensor([s.w[0]!], 32), activation: 'relu' });
       const a = await conv.run(x, { threads: 1 });

@@ -14,6 +14,9 @@ const runnable: kernels.GemmVariant[] = ['reference', 'scalar', 'auto',
 const shapes: [number, number, number][] = [
   [1, 1, 1], [17, 33, 65], [257, 3, 129], [1, 1000, 37], [12, 256, 32], [13, 257, 33], [11, 255, 31],
   [6, 16, 16], [7, 17, 15], [5, 512, 8], [24, 300, 96], [3, 1, 200], [100, 64, 1],
+  // M = 1 runs the AVX-512 matrix-vector tile (4 k-phases): K below, at and off a multiple of 4,
+  // N off the 16-lane halves, and an MLP layer split across threads.
+  [1, 3, 17], [1, 4, 16], [1, 6, 33], [1, 257, 48], [1, 1023, 15], [1, 784, 1024],
 ];
 
 describe('kernels.gemm', () => {
@@ -34,6 +37,16 @@ describe('kernels.gemm', () => {
       const c = await kernels.gemm(a, b, { variant, bias, activation: 'relu' });
       expectGemmClose(c.data, a.data, b.data, m, k, n, bias.data, true);
       expect(Math.min(...c.data)).toBe(0);
+    });
+
+    it('fuses bias and relu at M = 1 (and in the 1-row tail tile of M = 13)', async () => {
+      for (const [m, k, n] of [[1, 70, 45], [13, 261, 45]] as const) {
+        const a = randomTensor([m, k], 6);
+        const b = randomTensor([k, n], 7);
+        const bias = randomTensor([n], 8);
+        const c = await kernels.gemm(a, b, { variant, bias, activation: 'relu' });
+        expectGemmClose(c.data, a.data, b.data, m, k, n, bias.data, true);
+      }
     });
 
     it('runs on one thread and on many', async () => {

@@ -312,6 +312,9 @@ namespace {
 // rows) were tried and were no faster (2x slower on 7x7x512 3x3), so A is read in place.
 constexpr size_t kKc = 256;
 constexpr size_t kPanelsPerTask = 8;
+// Below this many FLOPs per thread a convolution runs on fewer threads (see ThreadsForWork): the
+// digits CNN's 8x8 layers (about 1 MFLOP) are faster on one.
+constexpr double kMinFlopsPerThread = 1024.0 * 1024;
 }  // namespace
 
 bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
@@ -322,7 +325,9 @@ bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cance
   const size_t groups = spec_.group, cg = spec_.c_in / groups, cog = spec_.c_out / groups;
   const size_t hwo = s.oh * s.ow;
   const size_t panels = (hwo + nr - 1) / nr, m_tiles = (cog + mr - 1) / mr;
-  const unsigned nthreads = std::max(1u, std::min(threads, pool.size()));
+  const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())),
+                                           2.0 * static_cast<double>(n * spec_.c_out * hwo) * static_cast<double>(kg_),
+                                           kMinFlopsPerThread);
   // Task grid: (image, group, panel block, row block). Start with all rows and 8 panels per task,
   // then split until every thread has a few tasks. Splitting panels re-reads the weights once more
   // per extra block; splitting rows would repeat the im2col (see `shared` below). So split rows
@@ -435,7 +440,9 @@ bool ConvOp::RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* 
   const size_t mr = pointwise_uk_.mr, nr = pointwise_uk_.nr;
   const size_t groups = spec_.group, cg = spec_.c_in / groups, cog = spec_.c_out / groups;
   const size_t panels = (hw + nr - 1) / nr, m_tiles = (cog + mr - 1) / mr;
-  const unsigned nthreads = std::max(1u, std::min(threads, pool.size()));
+  const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())),
+                                           2.0 * static_cast<double>(n * spec_.c_out * hw) * static_cast<double>(kg_),
+                                           kMinFlopsPerThread);
   // Same grid as RunGemm; with nothing to pack, splitting rows only costs re-reading input panels.
   size_t nb = std::min(kPanelsPerTask, panels), mb = m_tiles;
   auto tasks = [&] { return n * groups * ((panels + nb - 1) / nb) * ((m_tiles + mb - 1) / mb); };

@@ -83,6 +83,7 @@ namespace {
 // K block: a kc x NR slice of a W panel (32 KiB at kc=256, NR=32) stays in L1/L2 while every row
 // tile of the task streams past it.
 constexpr size_t kKc = 256;
+constexpr double kMinFlopsPerThread = 256.0 * 1024;
 // Developer tuning knobs (SONDE_GEMM_KC / _MB / _NB: K block, rows and columns per task), read once.
 // Measured on a shared 2-core EPYC (process CPU time, 1 thread, 1024^3): kc 128-512 and 48-192
 // rows are within noise of each other (150-170 GFLOP/s); a packed-A variant was slower (the
@@ -108,7 +109,11 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   const size_t mr = uk.mr, nr = uk.nr;
   const size_t m_tiles = (m + mr - 1) / mr;
   const size_t n_panels = (n + nr - 1) / nr;
-  const unsigned threads = std::max(1u, std::min(max_threads, pool.size()));
+  // 256K FLOPs (a few microseconds) per thread at least; a matrix-vector product is bound by
+  // streaming W, so it splits from there on (1 x 784 x 1024 takes two threads, 1 x 1024 x 10 one).
+  const unsigned threads = ThreadsForWork(std::max(1u, std::min(max_threads, pool.size())),
+                                          2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k),
+                                          kMinFlopsPerThread);
   // Task grid: start from blocks of ~96 rows x ~256 columns, then split further until every thread
   // has a few tasks (M=1 decode splits across N only).
   static const size_t kc_run = Knob("SONDE_GEMM_KC", kKc), mb_rows = Knob("SONDE_GEMM_MB", 96),

@@ -60,6 +60,52 @@ void Tile(size_t nr, size_t kc, const float* a, size_t lda, const float* w, floa
   }
 }
 
+// One row (a matrix-vector product: M = 1 decode, an MLP at batch 1): Tile<1> chains every FMA on
+// two accumulators, so it runs at one FMA per half FMA latency (4 cycles) however fast W arrives.
+// Four k-phases of two accumulators each give 8 independent chains, enough to keep up with W
+// streaming from L2/L3; their sum is taken once at the end.
+void Row(size_t nr, size_t kc, const float* a, const float* w, float* c, bool accumulate, const GemmEpilogue* ep) {
+  constexpr size_t kChains = 4;
+  __m512 acc0[kChains], acc1[kChains];
+  for (size_t j = 0; j < kChains; ++j) {
+    acc0[j] = _mm512_setzero_ps();
+    acc1[j] = _mm512_setzero_ps();
+  }
+  size_t k = 0;
+  for (; k + kChains <= kc; k += kChains) {
+    // W is streamed once: fetch a few rows (cache lines) ahead of use.
+    _mm_prefetch(reinterpret_cast<const char*>(w + (k + 16) * kNr), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (k + 16) * kNr + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (k + 18) * kNr), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + (k + 18) * kNr + 16), _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (size_t j = 0; j < kChains; ++j) {
+      const __m512 av = _mm512_set1_ps(a[k + j]);
+      acc0[j] = _mm512_fmadd_ps(av, _mm512_load_ps(w + (k + j) * kNr), acc0[j]);
+      acc1[j] = _mm512_fmadd_ps(av, _mm512_load_ps(w + (k + j) * kNr + 16), acc1[j]);
+    }
+  }
+  for (; k < kc; ++k) {
+    const __m512 av = _mm512_set1_ps(a[k]);
+    acc0[0] = _mm512_fmadd_ps(av, _mm512_load_ps(w + k * kNr), acc0[0]);
+    acc1[0] = _mm512_fmadd_ps(av, _mm512_load_ps(w + k * kNr + 16), acc1[0]);
+  }
+  __m512 v0 = _mm512_add_ps(_mm512_add_ps(acc0[0], acc0[1]), _mm512_add_ps(acc0[2], acc0[3]));
+  __m512 v1 = _mm512_add_ps(_mm512_add_ps(acc1[0], acc1[1]), _mm512_add_ps(acc1[2], acc1[3]));
+  const __mmask16 m0 = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
+  const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
+  if (accumulate) {
+    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c));
+    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + 16));
+  }
+  if (ep) {
+    v0 = avx512::ApplyEpilogue(v0, avx512::LoadColumnTerms(ep, 0, m0), ep, 0, 0, m0);
+    v1 = avx512::ApplyEpilogue(v1, avx512::LoadColumnTerms(ep, 16, m1), ep, 0, 16, m1);
+  }
+  _mm512_mask_storeu_ps(c, m0, v0);
+  _mm512_mask_storeu_ps(c + 16, m1, v1);
+}
+
 void F32Gemm12x32Avx512(size_t mr, size_t nr, size_t kc, const float* a, size_t lda, const float* w,
                         float* c, size_t ldc, bool accumulate, const GemmEpilogue* ep) {
   switch (mr) {
@@ -74,7 +120,7 @@ void F32Gemm12x32Avx512(size_t mr, size_t nr, size_t kc, const float* a, size_t 
     case 4: return Tile<4>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
     case 3: return Tile<3>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
     case 2: return Tile<2>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
-    case 1: return Tile<1>(nr, kc, a, lda, w, c, ldc, accumulate, ep);
+    case 1: return Row(nr, kc, a, w, c, accumulate, ep);
     default: return;
   }
 }
