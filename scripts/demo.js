@@ -194,6 +194,10 @@ async function languageModel() {
     console.log(`sonde: prefill ${promptTokens} tokens in ${prefillMs.toFixed(1)} ms (${Math.round(promptTokens / (prefillMs / 1000))} tokens/s), ` +
       `decode ${decoded} tokens at ${Math.round(decoded / (decodeMs / 1000))} tokens/s (${generated} generated)`);
     const counts = model.expertCounts();
+    if (!counts || info.expertCount === 0) {
+      failures.push('models/fortune-moe.gguf loaded as a dense model: no expert counts');
+      return;
+    }
     const E = info.expertCount;
     const total = new Float64Array(E);
     const lines = [];
