@@ -1,13 +1,18 @@
 // npm run demo: the embedded default model, a residual CNN trained on scikit-learn's 8x8 digits
 // (scripts/train-digits.py), classifies its held-out test split with sonde's Session: accuracy,
 // latency at batch 1 and throughput at batch 64, then the same with onnxruntime-node when it is
-// installed (a devDependency). Exits non-zero if an accuracy is off the one torch recorded.
+// installed (a devDependency). Then the embedded default language model (models/fortune-moe.gguf,
+// scripts/train-lm.py) generates text with LanguageModel: tokens/s and expert load. Exits non-zero
+// if an accuracy is off the one torch recorded or the language model fails.
 //
 // models/digits-test.bin layout (little-endian; read by models/digits.js):
 //   "SDG1" | uint32 n | uint32 height | uint32 width | float32 n*height*width pixels, already scaled
 //   as in training | uint8 n labels
 import * as sonde from '../dist/index.js';
+import { fileURLToPath } from 'node:url';
 import { modelPath, readReport, readTestSplit, countCorrect } from '../models/digits.js';
+
+const lmPath = fileURLToPath(new URL('../models/fortune-moe.gguf', import.meta.url));
 
 const THROUGHPUT_BATCH = 64;
 // Enough batch-64 runs for a stable rate without holding shared cores for long.
@@ -132,6 +137,94 @@ if (ort) {
       `sonde's speed-up (above 1: sonde is faster): batch 1 p50 latency ${(ortResult.p50 / sondeResult.p50).toFixed(2)}x, ` +
       `batch ${THROUGHPUT_BATCH} throughput ${(sondeResult.perSecond / ortResult.perSecond).toFixed(2)}x`);
   }
+}
+
+// The embedded default language model (scripts/train-lm.py): a Mixtral-layout MoE trained on the
+// Debian fortunes. A short generation with a fixed seed, streamed; prefill and decode rates apart
+// (prefill evaluates the prompt in one batch, decode one token per step), and how the routers
+// spread the tokens over the experts.
+const LM_PROMPT = 'The meaning of life is';
+const LM_TOKENS = 60;
+const LM_SEED = 42;
+
+async function languageModel() {
+  if (typeof sonde.LanguageModel !== 'function') {
+    failures.push('this build of sonde exports no LanguageModel (dist/index.js): run `npm run build`');
+    return;
+  }
+  const model = await sonde.LanguageModel.load(lmPath);
+  try {
+    const info = model.info;
+    console.log(`\nmodel: models/fortune-moe.gguf (${info.architecture}, ${info.blockCount} layers, ${info.expertCount} experts ` +
+      `top-${info.expertUsedCount}, ${info.parameterCount} parameters, ${info.activeParameterCount} active per token, ` +
+      `${info.quantizationTypes.join('/')}, vocabulary ${info.vocabSize})`);
+    // Warm the pages of the mapped weights and the thread pool, so the rates below are the model's.
+    // Not with the prompt itself: generate() would reuse the cached prefix and prefill one token.
+    await model.logits(model.tokenize('Warm-up text', { addSpecial: false }));
+    const countsBefore = model.expertCounts();
+    let prompt = model.tokenize(LM_PROMPT);
+    const promptTokens = prompt.length;
+    process.stdout.write(`\n${LM_PROMPT}`);
+    let generated = 0;
+    let prefillMs = 0;
+    let decodeMs = 0;
+    let decoded = 0;
+    // A fortune ends with the end-of-text token; the next one starts from BOS alone (its prefill is
+    // one token and counts as decode), as the fortune program separates them with '%'.
+    for (let fortune = 0; generated < LM_TOKENS; fortune++) {
+      if (fortune > 0) process.stdout.write('\n%\n');
+      let last = performance.now();
+      let first = fortune === 0;
+      let n = 0;
+      for await (const e of model.generate(prompt, { maxTokens: LM_TOKENS - generated, temperature: 0.8, seed: LM_SEED + fortune })) {
+        const now = performance.now();
+        if (first) prefillMs = now - last;
+        else { decodeMs += now - last; decoded++; }
+        first = false;
+        last = now;
+        process.stdout.write(e.text);
+        n++;
+      }
+      generated += n;
+      if (n === 0) break;
+      prompt = model.tokenize('');
+    }
+    process.stdout.write('\n\n');
+    if (generated === 0) failures.push('the language model generated no tokens');
+    console.log(`sonde: prefill ${promptTokens} tokens in ${prefillMs.toFixed(1)} ms (${Math.round(promptTokens / (prefillMs / 1000))} tokens/s), ` +
+      `decode ${decoded} tokens at ${Math.round(decoded / (decodeMs / 1000))} tokens/s (${generated} generated)`);
+    const counts = model.expertCounts();
+    if (!counts || info.expertCount === 0) {
+      failures.push('models/fortune-moe.gguf loaded as a dense model: no expert counts');
+      return;
+    }
+    const E = info.expertCount;
+    const total = new Float64Array(E);
+    const lines = [];
+    for (let l = 0; l < info.blockCount; l++) {
+      let sum = 0;
+      for (let e = 0; e < E; e++) sum += counts[l * E + e] - countsBefore[l * E + e];
+      const shares = [];
+      for (let e = 0; e < E; e++) {
+        const n = counts[l * E + e] - countsBefore[l * E + e];
+        total[e] += n;
+        shares.push(`${(100 * n / sum).toFixed(0).padStart(3)}%`);
+      }
+      lines.push(`  layer ${l}: ${shares.join(' ')}`);
+    }
+    const all = total.reduce((a, b) => a + b, 0);
+    console.log(`expert load (share of routed tokens per expert, ${E} experts, each token to ${info.expertUsedCount}):`);
+    for (const line of lines) console.log(line);
+    console.log(`  summed : ${Array.from(total, (n) => `${(100 * n / all).toFixed(0).padStart(3)}%`).join(' ')}`);
+  } finally {
+    model.dispose();
+  }
+}
+
+try {
+  await languageModel();
+} catch (e) {
+  failures.push(`language model: ${e.name}: ${e.message}`);
 }
 
 if (failures.length) {
