@@ -191,6 +191,34 @@ describe.each(variants)('conv2d, variant %s', (variant) => {
   });
 });
 
+// 1x1 convolutions whose batch input exceeds 2 MiB copy each task's block of B rows into a
+// contiguous scratch before the pointwise kernel reads it (native/ops/conv.cc, RunPointwise):
+// batches 1, 2, 3, 7, odd plane sizes (a partial last panel and panel block), several K blocks,
+// groups, and the activation + residual epilogue, against the double reference.
+describe('pointwise conv over a batch larger than L2 (packed B blocks)', () => {
+  const big: Shape[] = [
+    { name: 'N=1, 520 -> 19 on 33x31 (three K blocks)', x: [1, 520, 33, 31], w: [19, 520, 1, 1], g: {} },
+    { name: 'N=2, 300 -> 25 on 33x29', x: [2, 300, 33, 29], w: [25, 300, 1, 1], g: {} },
+    { name: 'N=3, 64 -> 26 on 57x55, 2 groups', x: [3, 64, 57, 55], w: [26, 32, 1, 1], g: { group: 2 } },
+    { name: 'N=7, 40 -> 13 on 45x43', x: [7, 40, 45, 43], w: [13, 40, 1, 1], g: {} },
+  ];
+  it.each(big)('$name', async (s) => {
+    expect(s.x.reduce((a, b) => a * b) * 4).toBeGreaterThan(2 ** 21);
+    const x = randomTensor(s.x, 30);
+    const w = randomTensor(s.w, 31);
+    const bias = randomTensor([s.w[0]!], 32);
+    const conv = kernels.createConv2d(w, { ...s.g, bias, activation: 'relu6' });
+    if (simd === 'avx512') expect(conv.ukernel).toContain('conv1x1');
+    const ref = refConv(x, w.data, s.w, s.g, bias.data);
+    expectConv(await conv.run(x), ref, 'relu6');
+    const r = randomTensor(ref.dims, 33);
+    for (const threads of [1, 2]) {
+      expectConv(await conv.run(x, { residual: r, residualBeforeActivation: false, threads }), ref, 'relu6', { r: r.data, before: false });
+    }
+    conv.dispose();
+  });
+});
+
 describe('bf16 weights', () => {
   const bf16 = (v: number) => {
     const f = new Float32Array([v]);

@@ -315,6 +315,15 @@ constexpr size_t kPanelsPerTask = 8;
 // Below this many FLOPs per thread a convolution runs on fewer threads (see ThreadsForWork): the
 // digits CNN's 8x8 layers (about 1 MFLOP) are faster on one.
 constexpr double kMinFlopsPerThread = 1024.0 * 1024;
+// Pointwise inputs larger than this are assumed to come from beyond L2 (see RunPointwise).
+size_t PackPointwiseBytes() {
+  static const size_t v = [] {
+    const char* e = std::getenv("SONDE_CONV_PACK_BYTES");
+    return e ? static_cast<size_t>(std::strtoull(e, nullptr, 10)) : size_t{1} << 21;
+  }();
+  return v;
+}
+bool PackPointwise(size_t input_bytes) { return input_bytes > PackPointwiseBytes(); }
 }  // namespace
 
 bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
@@ -455,6 +464,15 @@ bool ConvOp::RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* 
   const size_t p_blocks = (panels + nb - 1) / nb, m_blocks = (m_tiles + mb - 1) / mb;
   const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
   const size_t kc_max = std::min(kKc, k_run_);
+  // Reading B in place walks kc rows hw floats apart, nr floats of each per panel: kc concurrent
+  // streams, more than the hardware prefetchers follow. That is free while the batch's input sits in
+  // cache (batch 1, small planes) but starves the kernel once it comes from DRAM (a batch of large
+  // planes), which made the per-image cost grow with the batch. Then each task first copies its
+  // kc x (nb panels) block row by row into a contiguous scratch (sequential, prefetched reads) and
+  // the kernel reads that from L1/L2.
+  const size_t block_cols = nb * nr;
+  const bool pack = PackPointwise(n * spec_.c_in * hw * sizeof(float));
+  std::atomic<bool> oom{false};
   auto task = [&](size_t t) {
     const size_t mbi = t % m_blocks, pbi = (t / m_blocks) % p_blocks, gi = (t / m_blocks / p_blocks) % groups,
                  b = t / m_blocks / p_blocks / groups;
@@ -465,22 +483,34 @@ bool ConvOp::RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* 
     float* yb = y + (b * spec_.c_out + row0) * hw;
     kernels::GemmEpilogue ep = ep0;
     if (ep.residual) ep.residual += (b * spec_.c_out + row0) * hw;
+    float* buf = nullptr;
+    if (pack && !(buf = ThreadScratch(kc_max * block_cols))) {
+      oom.store(true);
+      return;
+    }
+    const size_t c0 = p0 * nr, width = std::min(p1 * nr, hw) - c0;
     for (size_t k0 = 0; k0 < k_run_; k0 += kc_max) {
       const size_t kc = std::min(kc_max, k_run_ - k0);
       const bool last = k0 + kc == k_run_;
+      if (pack)
+        for (size_t kk = 0; kk < kc; ++kk) std::memcpy(buf + kk * block_cols, xg + (k0 + kk) * hw + c0, width * sizeof(float));
       for (size_t p = p0; p < p1; ++p) {
         const size_t j0 = p * nr, ncols = std::min(nr, hw - j0);
+        const float* panel = pack ? buf + (j0 - c0) : xg + k0 * hw + j0;
+        const size_t ldb = pack ? block_cols : hw;
         for (size_t ti = t0; ti < t1; ++ti) {
           const size_t m0 = ti * mr, rows = std::min(mr, cog - m0);
           const kernels::GemmEpilogue tep = OffsetEpilogue(ep, m0, j0);
-          pointwise_uk_.fn(rows, ncols, kc, w_ + (row0 + m0) * ldw_ + k0, ldw_, xg + k0 * hw + j0, hw,
+          pointwise_uk_.fn(rows, ncols, kc, w_ + (row0 + m0) * ldw_ + k0, ldw_, panel, ldb,
                            k0 == 0 && has_bias_ ? bias_.data() + row0 + m0 : nullptr, yb + m0 * hw + j0, hw, k0 > 0,
                            last && !trivial ? &tep : nullptr);
         }
       }
     }
   };
-  return pool.ParallelFor(n * groups * p_blocks * m_blocks, nthreads, task, cancel);
+  const bool ok = pool.ParallelFor(n * groups * p_blocks * m_blocks, nthreads, task, cancel);
+  if (oom.load()) throw std::bad_alloc();
+  return ok;
 }
 
 namespace {
