@@ -16,6 +16,7 @@
  * llama.cpp's converters write them); every matrix (embedding and output included) is `type`.
  */
 import { mkdtempSync } from 'node:fs';
+import type { Llama } from 'node-llama-cpp';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { typed, write, type GgufTensorType, type GgufWriteTensor } from '../lib/llm/gguf.js';
@@ -69,17 +70,9 @@ export function fixtureDir(prefix = 'sonde-llm-'): string {
   return mkdtempSync(join(tmpdir(), prefix));
 }
 
-/** Deterministic uniform [0, 1) (mulberry32). */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Deterministic uniform [0, 1) (mulberry32), the generator the graph builder uses too. */
+export { rng } from '../bench/graphs/builder.js';
+import { rng } from '../bench/graphs/builder.js';
 
 function uniform(rand: () => number, n: number, scale: number, offset = 0): Float32Array {
   const out = new Float32Array(n);
@@ -290,4 +283,41 @@ export async function writeFixture(path: string, o: FixtureOptions): Promise<Fix
     path, architecture: arch, vocabSize: vocab, embedding: d, layers, heads, kvHeads, headDim: hd,
     feedForward: ff, experts, expertsUsed: used, bosId, eosId,
   };
+}
+
+/** Log-probabilities of every next token after every position, from llama.cpp. */
+export async function llamaCppLogProbs(llama: Llama, path: string, tokens: number[], vocab: number,
+  options: { threads?: number } = {}): Promise<Float64Array[]> {
+  const model = await llama.loadModel({ modelPath: path });
+  try {
+    const ctx = await model.createContext({
+      contextSize: 128, batchSize: 128, ...(options.threads ? { threads: options.threads } : {}), flashAttention: false,
+      experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32',
+    } as never);
+    try {
+      const seq = ctx.getSequence();
+      const res = await seq.controlledEvaluate(tokens.map((t) => [t, { generateNext: { probabilities: true } }] as never));
+      return tokens.map((_, i) => {
+        const probs = res[i]?.next.probabilities;
+        if (!probs) throw new Error(`llama.cpp returned no probabilities for position ${i}`);
+        const lp = new Float64Array(vocab).fill(Number.NaN);
+        for (const [tok, p] of probs) if (p > 0) lp[tok as number] = Math.log(p);
+        return lp;
+      });
+    } finally {
+      await ctx.dispose();
+    }
+  } finally {
+    await model.dispose();
+  }
+}
+
+/** log softmax of one row of logits, in float64. */
+export function logSoftmax(row: Float32Array): Float64Array {
+  let max = -Infinity;
+  for (const v of row) max = Math.max(max, v);
+  let s = 0;
+  for (const v of row) s += Math.exp(v - max);
+  const lse = max + Math.log(s);
+  return Float64Array.from(row, (v) => v - lse);
 }

@@ -35,7 +35,9 @@ import { read, type GgufTensorType } from '../lib/llm/gguf.js';
 import { loadTransformer } from '../lib/llm/transformer.js';
 import { native } from '../lib/binding.js';
 import { reportedExternalMemory } from '../lib/runtime.js';
-import { fixtureDir, rng, writeFixture, type FixtureInfo, type FixtureOptions } from './llm-fixtures.js';
+import {
+  fixtureDir, llamaCppLogProbs, logSoftmax, rng, writeFixture, type FixtureInfo, type FixtureOptions,
+} from './llm-fixtures.js';
 
 const dir = fixtureDir('sonde-llm-forward-');
 let llama: Llama;
@@ -60,41 +62,6 @@ function tokenSequence(n: number, vocab: number, seed: number, avoid: number[]):
   return out;
 }
 
-/** Log-probabilities of every next token after every position, from llama.cpp. */
-async function llamaCppLogProbs(path: string, tokens: number[], vocab: number): Promise<Float64Array[]> {
-  const model = await llama.loadModel({ modelPath: path });
-  try {
-    const ctx = await model.createContext({
-      contextSize: 128, batchSize: 128, threads: 1, flashAttention: false,
-      experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32',
-    } as never);
-    try {
-      const seq = ctx.getSequence();
-      const res = await seq.controlledEvaluate(tokens.map((t) => [t, { generateNext: { probabilities: true } }] as never));
-      return tokens.map((_, i) => {
-        const probs = res[i]?.next.probabilities;
-        if (!probs) throw new Error(`llama.cpp returned no probabilities for position ${i}`);
-        const lp = new Float64Array(vocab).fill(Number.NaN);
-        for (const [tok, p] of probs) if (p > 0) lp[tok as number] = Math.log(p);
-        return lp;
-      });
-    } finally {
-      await ctx.dispose();
-    }
-  } finally {
-    await model.dispose();
-  }
-}
-
-function logSoftmax(row: Float32Array): Float64Array {
-  let max = -Infinity;
-  for (const v of row) max = Math.max(max, v);
-  let s = 0;
-  for (const v of row) s += Math.exp(v - max);
-  const lse = max + Math.log(s);
-  return Float64Array.from(row, (v) => v - lse);
-}
-
 async function evalAll(engine: LlmEngine, tokens: number[]): Promise<Float32Array[]> {
   const seq = engine.createSequence(128);
   try {
@@ -116,7 +83,7 @@ describe('logits equal llama.cpp on every position of a 64-token sequence', () =
   it.each(cases)('%s %s', async (kind, type) => {
     const info = await fixture(`${kind}-${type}`, { kind, type, seed: 7 });
     const tokens = tokenSequence(64, info.vocabSize, 99, [info.eosId]);
-    const want = await llamaCppLogProbs(info.path, tokens, info.vocabSize);
+    const want = await llamaCppLogProbs(llama, info.path, tokens, info.vocabSize, { threads: 1 });
     const engine = await loadTransformer(info.path);
     try {
       const got = await evalAll(engine, tokens);
@@ -161,7 +128,7 @@ describe('logits equal llama.cpp on every position of a 64-token sequence', () =
       tied: true, ropeScale: 2, ropeFreqBase: 5000, seed: 3,
     });
     const tokens = tokenSequence(70, info.vocabSize, 5, [info.eosId]);
-    const want = await llamaCppLogProbs(info.path, tokens, info.vocabSize);
+    const want = await llamaCppLogProbs(llama, info.path, tokens, info.vocabSize, { threads: 1 });
     const engine = await loadTransformer(info.path);
     try {
       expect(engine.config.ropeScale).toBe(2);

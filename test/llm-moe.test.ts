@@ -18,7 +18,7 @@ import { getLlama, type Llama } from 'node-llama-cpp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { GgufTensorType } from '../lib/llm/gguf.js';
 import { loadTransformer } from '../lib/llm/transformer.js';
-import { fixtureDir, rng, writeFixture, type FixtureInfo } from './llm-fixtures.js';
+import { fixtureDir, llamaCppLogProbs, logSoftmax, rng, writeFixture, type FixtureInfo } from './llm-fixtures.js';
 
 const dir = fixtureDir('sonde-llm-moe-');
 let llama: Llama;
@@ -41,40 +41,6 @@ function tokenSequence(n: number, vocab: number, seed: number, avoid: number[]):
     if (!avoid.includes(t)) out.push(t);
   }
   return out;
-}
-
-async function llamaCppLogProbs(path: string, tokens: number[], vocab: number): Promise<Float64Array[]> {
-  const model = await llama.loadModel({ modelPath: path });
-  try {
-    const ctx = await model.createContext({
-      contextSize: 128, batchSize: 128, flashAttention: false,
-      experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32',
-    } as never);
-    try {
-      const seq = ctx.getSequence();
-      const res = await seq.controlledEvaluate(tokens.map((t) => [t, { generateNext: { probabilities: true } }] as never));
-      return tokens.map((_, i) => {
-        const probs = res[i]?.next.probabilities;
-        if (!probs) throw new Error(`llama.cpp returned no probabilities for position ${i}`);
-        const lp = new Float64Array(vocab).fill(Number.NaN);
-        for (const [tok, p] of probs) if (p > 0) lp[tok as number] = Math.log(p);
-        return lp;
-      });
-    } finally {
-      await ctx.dispose();
-    }
-  } finally {
-    await model.dispose();
-  }
-}
-
-function logSoftmax(row: Float32Array): Float64Array {
-  let max = -Infinity;
-  for (const v of row) max = Math.max(max, v);
-  let s = 0;
-  for (const v of row) s += Math.exp(v - max);
-  const lse = max + Math.log(s);
-  return Float64Array.from(row, (v) => v - lse);
 }
 
 function expectLogProbsClose(got: Float32Array[], want: Float64Array[], info: FixtureInfo, type: GgufTensorType): void {
@@ -104,7 +70,7 @@ describe('MoE routing edge cases: logits equal llama.cpp', () => {
   ] as const)('%s: %i experts, %i used, %s', async (kind, experts, expertsUsed, type) => {
     const info = await writeFixture(join(dir, `${kind}-${experts}-${expertsUsed}.gguf`), { kind, type, experts, expertsUsed, seed: 9 });
     const tokens = tokenSequence(40, info.vocabSize, 3, [info.eosId]);
-    const want = await llamaCppLogProbs(info.path, tokens, info.vocabSize);
+    const want = await llamaCppLogProbs(llama, info.path, tokens, info.vocabSize);
     const engine = await loadTransformer(info.path);
     try {
       const seq = engine.createSequence(64);

@@ -5,21 +5,10 @@ import { describe, expect, it } from 'vitest';
 import { native, packageRoot, type NativeCancelToken, type NativePlan } from '../lib/binding.js';
 import { AbortError, DisposedError, InternalError, InvalidArgumentError, callNative, fromNative } from '../lib/errors.js';
 import type { PlanBuffer, PlanRef, PlanSpec, PlanStep } from '../lib/session/plan.js';
+import { randomF32 as rand } from './helpers.js';
 
 type View = Float32Array | BigInt64Array | Int32Array | Uint8Array | Int8Array;
 
-/** Deterministic values in [-1, 1) (xorshift) so a failure reproduces. */
-function rand(len: number, seed: number): Float32Array {
-  let s = seed >>> 0 || 1;
-  const out = new Float32Array(len);
-  for (let i = 0; i < len; i++) {
-    s ^= s << 13; s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5; s >>>= 0;
-    out[i] = s / 2 ** 31 - 1;
-  }
-  return out;
-}
 
 const input = (index: number, bytes: number): PlanBuffer => ({ kind: 'input', index, bytes });
 const output = (index: number, bytes: number): PlanBuffer => ({ kind: 'output', index, bytes });

@@ -1,19 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import { InvalidArgumentError } from '../lib/errors.js';
 import { Rng, Sampler, argmax, topK } from '../lib/llm/sampling.js';
+import { randomF32 } from './helpers.js';
 
-/** Deterministic uniform [-1, 1) values (xorshift), independent of the generator under test. */
-function randomF32(len: number, seed: number): Float32Array {
-  let s = seed >>> 0 || 1;
-  const out = new Float32Array(len);
-  for (let i = 0; i < len; i++) {
-    s ^= s << 13; s >>>= 0;
-    s ^= s >>> 17;
-    s ^= s << 5; s >>>= 0;
-    out[i] = s / 2 ** 31 - 1;
-  }
-  return out;
-}
 
 const plain = { topK: 0, topP: 1, minP: 0, temperature: 1, seed: 1 };
 const logitsOf = (probs: number[]) => Float32Array.from(probs, Math.log);
