@@ -129,3 +129,19 @@ describe('Session.load: external data', () => {
     await expect(Session.load(new Uint8Array(bytes))).rejects.toThrow(/load the model from its path/);
   });
 });
+
+describe('Session.run: an empty batch', () => {
+  it('zero rows give zero-row outputs, alone and batched with other requests', async () => {
+    const empty = new Tensor('float32', new Float32Array(0), [0, 8]);
+    const s = await Session.load(mlp().toBytes());
+    const out = await s.run({ x: empty });
+    expect(out.y!.dims).toEqual([0, 4]);
+    expect(out.y!.data.length).toBe(0);
+    const b = await Session.load(mlp().toBytes(), { batching: { maxBatchSize: 8, maxDelayMs: 1 } });
+    const [full, none] = await Promise.all([b.run({ x }), b.run({ x: empty })]);
+    expect(Array.from(full.y!.data as Float32Array)).toEqual(Array.from((await s.run({ x })).y!.data as Float32Array));
+    expect(none.y!.dims).toEqual([0, 4]);
+    s.dispose();
+    b.dispose();
+  });
+});

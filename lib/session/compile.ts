@@ -261,6 +261,10 @@ export function compilePlan(graph: OnnxGraph, inputs: PlanInput[], options: Comp
       },
     };
     def.lower(ctx, infos, emitter);
+    // An empty output has nothing to compute, so a lowering may emit no step for it; it still
+    // needs (zero bytes of) storage to be read or returned. A non-empty output left unclaimed stays
+    // an error where it is read.
+    infos.forEach((info, i) => { if (node.outputs[i] && sizeOf(info.shape) === 0) emitter.output(i); });
     // Temps live from the node's first step to its last, never beyond.
     for (const t of temps) {
       pvalues[t]!.first = nodeStepStart;

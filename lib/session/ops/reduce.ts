@@ -8,7 +8,7 @@ import { Tensor, type DType } from '../../tensor.js';
 import type { ReduceKind } from '../plan.js';
 import { evaluateByLowering } from './host.js';
 import { planDType, type OpContext, type OpDef, type OutputInfo } from './types.js';
-import { claimingOutputs, knownInput, normAxes, normAxis, readInts, requireInput, sizeOf, unsupported } from './util.js';
+import { knownInput, normAxes, normAxis, readInts, requireInput, sizeOf, unsupported } from './util.js';
 
 interface ReducePlan {
   /** Normalised reduced axes; empty with noop = the output is the input. */
@@ -168,11 +168,11 @@ const TopK: OpDef = {
   },
 };
 
-export const REDUCE_OPS: Record<string, OpDef> = claimingOutputs({
+export const REDUCE_OPS: Record<string, OpDef> = {
   ReduceSum: reduceOp('sum', 13),
   ReduceMean: reduceOp('mean', 18),
   ReduceMax: reduceOp('max', 18),
   ReduceMin: reduceOp('min', 18),
   ArgMax,
   TopK,
-});
+};

@@ -14,7 +14,7 @@ import type { PlanRef } from '../plan.js';
 import { evaluateByLowering } from './host.js';
 import { ELEM_BYTES, planDType, type Emitter, type OpContext, type OpDef, type OutputInfo } from './types.js';
 import {
-  broadcastShapes, claimingOutputs, broadcastStrides, clampInts, emitCopy, intTensor, knownInput, mergeDims, MAX_STEP_RANK, normAxes,
+  broadcastShapes, broadcastStrides, clampInts, emitCopy, intTensor, knownInput, mergeDims, MAX_STEP_RANK, normAxes,
   normAxis, ONNX_DTYPE_CODE, readInts, requireInput, scalarOf, sizeOf, splitRank, stridesOf, unsupported,
 } from './util.js';
 
@@ -606,8 +606,8 @@ const Range: OpDef = {
   lower: (ctx, _outputs, e) => emitKnown(e, rangeValue(ctx)),
 };
 
-export const TENSOR_OPS: Record<string, OpDef> = claimingOutputs({
+export const TENSOR_OPS: Record<string, OpDef> = {
   Identity, Dropout, Flatten, Reshape, Squeeze, Unsqueeze,
   Transpose, Slice, Concat, Split, Gather, Expand, Where, Cast, Pad,
   Shape, Constant, ConstantOfShape, Range,
-});
+};

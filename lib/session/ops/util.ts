@@ -193,20 +193,3 @@ export function emitCopy(e: Emitter, x: ValueId, xOffset: number, y: ValueId, yO
   });
 }
 
-/**
- * Wraps each op's lowering so every output the node names gets storage even when no step writes
- * it (an empty tensor: a zero-size Gather, TopK with k = 0): the compiler allocates a value's
- * storage when the lowering asks for it, and a graph output must have some.
- */
-export function claimingOutputs(table: Record<string, OpDef>): Record<string, OpDef> {
-  return Object.fromEntries(Object.entries(table).map(([name, def]) => {
-    const wrapped: OpDef = {
-      ...def,
-      lower(ctx, outputs, e) {
-        def.lower(ctx, outputs, e);
-        outputs.forEach((_, i) => { if (ctx.node.outputs[i]) e.output(i); });
-      },
-    };
-    return [name, wrapped];
-  }));
-}
