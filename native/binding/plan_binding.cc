@@ -182,17 +182,8 @@ void ReadConv(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.w = r.Size(o, "w");
 }
 
-void ReadGemm(const SpecReader& r, Napi::Object o, PlanStep& s) {
-  Napi::Value w = o.Get("weights");
-  if (PackedGemmHandle::Is(r.addon(), kPackedGemmClass, w)) {
-    s.gemm = PackedGemmHandle::Get(w);
-    if (!s.gemm) r.Disposed("the gemm weights handle");
-  } else if (PackedLowpGemmHandle::Is(r.addon(), "PackedLowpGemmHandle", w)) {
-    s.gemm_lowp = PackedLowpGemmHandle::Get(w);
-    if (!s.gemm_lowp) r.Disposed("the gemm weights handle");
-  } else {
-    r.Fail("weights must be packed GEMM weights");
-  }
+// The operands, sizes and epilogue every GEMM-shaped step (dense or sparse weights) carries.
+void ReadGemmShaped(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.in[0] = r.Ref(o, "a");
   s.in[1] = r.Ref(o, "bias", true);
   s.in[2] = r.Ref(o, "residual", true);
@@ -206,22 +197,26 @@ void ReadGemm(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.beta = static_cast<float>(r.Number(o, "beta"));
 }
 
+void ReadGemm(const SpecReader& r, Napi::Object o, PlanStep& s) {
+  Napi::Value w = o.Get("weights");
+  if (PackedGemmHandle::Is(r.addon(), kPackedGemmClass, w)) {
+    s.gemm = PackedGemmHandle::Get(w);
+    if (!s.gemm) r.Disposed("the gemm weights handle");
+  } else if (PackedLowpGemmHandle::Is(r.addon(), "PackedLowpGemmHandle", w)) {
+    s.gemm_lowp = PackedLowpGemmHandle::Get(w);
+    if (!s.gemm_lowp) r.Disposed("the gemm weights handle");
+  } else {
+    r.Fail("weights must be packed GEMM weights");
+  }
+  ReadGemmShaped(r, o, s);
+}
+
 void ReadSpmm(const SpecReader& r, Napi::Object o, PlanStep& s) {
   Napi::Value w = o.Get("weights");
   if (!SparseWeightsHandle::Is(r.addon(), "SparseWeightsHandle", w)) r.Fail("weights must be sparse weights");
   s.sparse = SparseWeightsHandle::Get(w);
   if (!s.sparse) r.Disposed("the sparse weights handle");
-  s.in[0] = r.Ref(o, "a");
-  s.in[1] = r.Ref(o, "bias", true);
-  s.in[2] = r.Ref(o, "residual", true);
-  s.out[0] = r.Ref(o, "c");
-  s.m = r.Size(o, "m");
-  s.k = r.Size(o, "k");
-  s.n = r.Size(o, "n");
-  s.flag = r.Bool(o, "residualBeforeActivation");
-  s.kind = r.Enum(o, "activation", kActivations);
-  s.alpha = static_cast<float>(r.Number(o, "alpha"));
-  s.beta = static_cast<float>(r.Number(o, "beta"));
+  ReadGemmShaped(r, o, s);
 }
 
 void ReadMatMul(const SpecReader& r, Napi::Object o, PlanStep& s) {
