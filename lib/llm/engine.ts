@@ -62,7 +62,77 @@ export interface LlmSequence {
 export interface LlmEngine {
   readonly config: ModelConfig;
   readonly file: GgufFile;
-  /** A fresh sequence whose cache holds up to contextSize tokens. */
+  /** A fresh sequence whose cache holds up to contextSize tokens (a private pool, one block table). */
   createSequence(contextSize: number): LlmSequence;
+  /** A paged KV pool (issue #9) that many sequences share; see KvPool. */
+  createKvPool?(options: KvPoolOptions): KvPool;
   dispose(): void;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Paged KV cache (issue #9). One pool per model holds every sequence's keys and values in blocks
+// of `blockSize` positions; a sequence is a block table (block ids in position order). Which
+// block belongs to whom, sharing, hashing and eviction are TS decisions (lib/llm/kv/blocks.ts);
+// the pool is storage plus the batched forward step that reads and writes it.
+// ---------------------------------------------------------------------------------------------
+
+export type KvDtype = 'f32' | 'f16';
+
+export interface KvPoolOptions {
+  /** Positions per block (default 16). */
+  blockSize?: number;
+  /** Hard cap on blocks; native memory grows in chunks as block ids are first used, never beyond. */
+  maxBlocks: number;
+  /** Storage of K and V (default 'f32'); attention always computes in fp32. */
+  dtype?: KvDtype;
+}
+
+/** What a step does for one sequence: append `tokens` at positions [start, start + tokens.length). */
+export interface StepSequence {
+  /** Block ids covering positions [0, start + tokens.length), in position order. */
+  blockTable: Int32Array;
+  /** Positions already in the cache (the position of tokens[0]). */
+  start: number;
+  tokens: Int32Array;
+  /** Logits rows returned for this sequence: none, the last new token's, or every new token's. */
+  logits: 'none' | 'last' | 'all';
+}
+
+export interface StepBatch {
+  sequences: readonly StepSequence[];
+  /**
+   * Block copies done before anything else in the step, as [src0, dst0, src1, dst1, ...]
+   * (copy-on-write of a shared block that a sequence is about to write into).
+   */
+  copies?: Int32Array;
+}
+
+export interface KvPool {
+  readonly blockSize: number;
+  readonly maxBlocks: number;
+  readonly dtype: KvDtype;
+  /** Bytes of one block (K and V of every layer and KV head, blockSize positions). */
+  readonly blockBytes: number;
+  /** Native bytes held now, and the most ever held (both <= maxBlocks * blockBytes + a chunk's rounding). */
+  readonly bytes: number;
+  readonly highWaterBytes: number;
+  /**
+   * One native call: the copies, then every sequence's tokens through the model as one batch of
+   * rows (matrix products over all rows; attention per sequence through its block table, causal).
+   * Resolves to the requested logits rows, concatenated in sequence order ([rows x vocab]).
+   * Steps on one pool run one after another. On abort or error no logits are returned and the
+   * positions the step was writing hold unspecified values (the caller treats them as unwritten).
+   */
+  step(batch: StepBatch, options?: { signal?: AbortSignal }): Promise<Float32Array>;
+  /** The raw bytes of blocks (for saving a sequence's state), in the order given. */
+  readBlocks(ids: Int32Array): Promise<Uint8Array>;
+  /** Writes blocks from bytes that readBlocks gave (same dtype and model shape), in the order given. */
+  writeBlocks(ids: Int32Array, bytes: Uint8Array): Promise<void>;
+  /**
+   * MoE models: tokens routed to each expert by this pool's steps, [layer * expertCount + expert]
+   * (expert load, for metrics). Undefined for dense models.
+   */
+  expertCounts(): Float64Array | undefined;
+  dispose(): void;
+}
+
