@@ -163,7 +163,6 @@ export class BlockManager {
    */
   open(tokens: readonly number[], limit: number, countHit = true): SequenceBlocks {
     const seq = new SequenceBlocks();
-    if (countHit) this.#queriedTokens += tokens.length;
     if (!this.prefixCaching || limit <= 0) return seq;
     const bs = this.blockSize;
     let node = this.#root;
@@ -192,8 +191,14 @@ export class BlockManager {
       this.#take(seq, best.block, undefined);
       for (let i = 0; i < bestLength; i++) seq.tokens.push(tokens[at + i]!);
     }
-    if (countHit) this.#hitTokens += seq.length;
+    if (countHit) this.recordLookup(tokens.length, seq.length);
     return seq;
+  }
+
+  /** Counts a prompt of `queried` tokens of which `hit` came from the cache (hit-rate statistics). */
+  recordLookup(queried: number, hit: number): void {
+    this.#queriedTokens += queried;
+    this.#hitTokens += hit;
   }
 
   /** A second sequence over the first `length` positions of `seq`, sharing its blocks (copy-on-write). */

@@ -410,15 +410,27 @@ export class Scheduler {
   #admit(): void {
     while (this.#waiting.length > 0 && this.#running.length < this.maxConcurrency) {
       const e = this.#waiting[0]!;
-      if (!e.seq) {
+      const looked = !e.seq;
+      if (looked) {
         const all = e.req.logits === 'all';
-        e.seq = this.blocks.open(e.pending, all ? 0 : e.pending.length - 1, !e.resumed);
+        e.seq = this.blocks.open(e.pending, all ? 0 : e.pending.length - 1, false);
         e.pending = e.pending.slice(e.seq.length);
       }
       const want = (x: Entry) => this.blocks.blocksToGrow(x.seq!, Math.min(x.pending.length + 1, this.contextSize - x.seq!.length));
       let committed = 0;
       for (const r of this.#running) if (r.prefill) committed += want(r);
-      if (want(e) + committed > this.blocks.available) return;
+      if (want(e) + committed > this.blocks.available) {
+        // Waiting must not pin cached blocks that running sequences may need to evict; the
+        // lookup is made again at the next try. (A continuation keeps its retained blocks.)
+        if (looked) {
+          const seq = e.seq!;
+          e.pending = [...seq.tokens, ...e.pending];
+          this.blocks.release(seq, false);
+          e.seq = undefined;
+        }
+        return;
+      }
+      if (looked && !e.resumed) this.blocks.recordLookup(e.req.tokens.length, e.seq!.length);
       this.#waiting.shift();
       e.order = ++this.#order;
       e.prefill = true;
