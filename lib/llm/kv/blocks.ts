@@ -86,11 +86,13 @@ export class BlockManager {
   readonly blockSize: number;
   readonly maxBlocks: number;
   readonly prefixCaching: boolean;
-  readonly #refs: Int32Array;
+  /** References per block id, for the ids handed out so far (the rest are fresh). */
+  readonly #refs: number[] = [];
   /** The node a block is published as, if any. */
-  readonly #nodeOf: (Node | undefined)[];
-  /** Free block ids, lowest on top: the native pool grows its memory as ids are first used. */
+  readonly #nodeOf = new Map<number, Node>();
+  /** Freed block ids, reused first; then fresh ids in increasing order, so the native pool grows its memory only as far as ids are used. */
   readonly #free: number[] = [];
+  #fresh = 0;
   /** Cached (published, unreferenced) blocks in release order, oldest first. */
   readonly #lru = new Map<number, Node>();
   readonly #root: Node;
@@ -109,9 +111,6 @@ export class BlockManager {
     this.prefixCaching = options.prefixCaching ?? true;
     if (!Number.isInteger(this.blockSize) || this.blockSize < 1) throw new InvalidArgumentError(`BlockManager: blockSize must be an integer >= 1, got ${this.blockSize}`);
     if (!Number.isInteger(this.maxBlocks) || this.maxBlocks < 1) throw new InvalidArgumentError(`BlockManager: maxBlocks must be an integer >= 1, got ${this.maxBlocks}`);
-    this.#refs = new Int32Array(this.maxBlocks);
-    this.#nodeOf = new Array(this.maxBlocks).fill(undefined);
-    for (let b = this.maxBlocks - 1; b >= 0; b--) this.#free.push(b);
     this.#root = { id: 0, parent: undefined, key: '', tokens: [], block: -1, children: new Map() };
   }
 
@@ -133,7 +132,7 @@ export class BlockManager {
   }
 
   isPublished(block: number): boolean {
-    return this.#nodeOf[block] !== undefined;
+    return this.#nodeOf.has(block);
   }
 
   /** Positions after `seq.length` that reserve() could make writable now. */
@@ -320,7 +319,7 @@ export class BlockManager {
   }
 
   #writable(block: number): boolean {
-    return this.#refs[block] === 1 && this.#nodeOf[block] === undefined;
+    return this.#refs[block] === 1 && !this.#nodeOf.has(block);
   }
 
   #take(seq: SequenceBlocks, block: number, node: Node | undefined): void {
@@ -337,7 +336,7 @@ export class BlockManager {
     if (r > 0) return;
     if (r < 0) throw new InternalError(`BlockManager: block ${block} released more often than taken`);
     this.#used--;
-    const node = this.#nodeOf[block];
+    const node = this.#nodeOf.get(block);
     if (node) {
       this.#lru.delete(block);
       this.#lru.set(block, node);
@@ -353,7 +352,7 @@ export class BlockManager {
     // referenced by whoever references it, which the LRU order (leaves first) relies on.
     if (index > 0 && parent.block !== seq.blocks[index - 1]) return;
     const block = seq.blocks[index]!;
-    if (this.#nodeOf[block]) return;
+    if (this.#nodeOf.has(block)) return;
     const tokens = seq.tokens.slice(index * this.blockSize, index * this.blockSize + count);
     const key = keyOf(tokens);
     const existing = parent.children.get(key);
@@ -362,13 +361,17 @@ export class BlockManager {
     if (existing) return;
     const node: Node = { id: this.#nextNodeId++, parent, key, tokens, block, children: new Map() };
     parent.children.set(key, node);
-    this.#nodeOf[block] = node;
+    this.#nodeOf.set(block, node);
     if (count === this.blockSize) seq.chain[index] = node;
   }
 
   #allocate(): number {
     const b = this.#free.pop();
     if (b !== undefined) return b;
+    if (this.#fresh < this.maxBlocks) {
+      this.#refs.push(0);
+      return this.#fresh++;
+    }
     return this.#evictOne();
   }
 
@@ -383,7 +386,7 @@ export class BlockManager {
     const [block, node] = victim;
     this.#lru.delete(block);
     node.parent!.children.delete(node.key);
-    this.#nodeOf[block] = undefined;
+    this.#nodeOf.delete(block);
     this.#evictions++;
     return block;
   }
