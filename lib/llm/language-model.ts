@@ -25,12 +25,12 @@ import { LlmMetrics, type LanguageModelMetricsSnapshot } from '../metrics/llm.js
 import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
 import type { GgufFile } from './gguf.js';
 import type { KvDtype, KvPool, LlmEngine, LlmSequence, ModelConfig } from './engine.js';
-import { Scheduler } from './kv/scheduler.js';
+import { Scheduler, type RetainedSequence } from './kv/scheduler.js';
 import { SAMPLING_OPTIONS, Sampler, type SamplingOptions } from './sampling.js';
 import { Tokenizer, type ChatMessage } from './tokenizer.js';
 import { loadTransformer } from './transformer.js';
 
-export type { ChatMessage, LanguageModelMetricsSnapshot };
+export type { ChatMessage, LanguageModelMetricsSnapshot, RetainedSequence };
 
 /** A streaming decoder: text for each token, never splitting a UTF-8 character. */
 export interface TokenStreamDecoder {
@@ -312,7 +312,7 @@ export class LanguageModel extends NativeResource {
     this.#engine = engine;
     this.#tokenizer = tokenizer;
     this.contextSize = serving.contextSize;
-    if (engine.createKvPool) {
+    if (typeof engine.createKvPool === 'function') {
       const pool = LanguageModel.#createPool(engine, serving);
       this.#pool = pool;
       try {
@@ -539,7 +539,27 @@ export class LanguageModel extends NativeResource {
    * end-of-generation token, a stop string or token, maxTokens, or a full context.
    */
   generate(prompt: Prompt, options?: GenerateOptions): AsyncIterableIterator<GeneratedToken> {
-    const where = 'LanguageModel.generate';
+    return this.#generate('LanguageModel.generate', prompt, options, undefined);
+  }
+
+  /**
+   * @internal For chats (lib/llm/chat.ts): generate() that starts from `keep.from` (a sequence
+   * this model retained for an earlier call; the new call takes its own references at its first
+   * next(), so `from` may be released right after that) and, when the generation ends without
+   * error, hands its own sequence, still in the cache, to `keep.retained` instead of releasing it.
+   * What `retained` receives is the caller's to release(). The retained tokens are the prompt and
+   * the generated tokens but the last (which was sampled, never computed). Needs an engine with a
+   * KV pool (InvalidArgumentError otherwise).
+   */
+  generateRetained(prompt: Prompt, options: GenerateOptions | undefined,
+    keep: { from?: RetainedSequence; retained: (sequence: RetainedSequence) => void }): AsyncIterableIterator<GeneratedToken> {
+    const where = 'LanguageModel.generateRetained';
+    if (!this.#scheduler) throw new InvalidArgumentError(`${where}: this model's engine has no paged KV pool (LlmEngine.createKvPool)`);
+    return this.#generate(where, prompt, options, keep);
+  }
+
+  #generate(where: string, prompt: Prompt, options: GenerateOptions | undefined,
+    keep: { from?: RetainedSequence; retained: (sequence: RetainedSequence) => void } | undefined): AsyncIterableIterator<GeneratedToken> {
     this.checkAlive(where);
     const o = checkOptions<GenerateOptions>(where, options, GENERATE_OPTIONS);
     // The sampler validates (and names) every sampling option; the rest is checked here, so that
@@ -556,7 +576,7 @@ export class LanguageModel extends NativeResource {
     this.#checkFits(where, tokens.length);
     const emitter = new Emitter(this.#tokenizer, stopStrings, stopTokens, maxTokens);
     return this.#scheduler
-      ? this.#runBatched(where, tokens, sampler, maxTokens, emitter, signal)
+      ? this.#runBatched(where, tokens, sampler, maxTokens, emitter, signal, keep)
       : this.#runSerial(where, tokens, sampler, maxTokens, emitter, signal);
   }
 
@@ -568,7 +588,7 @@ export class LanguageModel extends NativeResource {
   }
 
   async *#runBatched(where: string, prompt: number[], sampler: Sampler, maxTokens: number, emitter: Emitter,
-    signal: AbortSignal | undefined): AsyncGenerator<GeneratedToken> {
+    signal: AbortSignal | undefined, keep?: { from?: RetainedSequence; retained: (sequence: RetainedSequence) => void }): AsyncGenerator<GeneratedToken> {
     if (this.disposed) throw new DisposedError(`${where}: LanguageModel has been disposed`);
     if (signal?.aborted) throw abortError(signal);
     if (maxTokens === 0) return;
@@ -582,6 +602,7 @@ export class LanguageModel extends NativeResource {
     signal?.addEventListener('abort', onAbort, { once: true });
     const done = this.#scheduler!.submit({
       tokens: prompt, logits: 'last', signal: ending.signal,
+      ...(keep ? { retain: true, ...(keep.from ? { continueFrom: keep.from } : {}) } : {}),
       onLogits: (logits, length) => {
         const token = sampler.sample(logits, history);
         const more = emitter.accept(token, length >= this.contextSize);
@@ -591,7 +612,15 @@ export class LanguageModel extends NativeResource {
         return token;
       },
     });
-    done.then(() => { settled = true; wake?.(); }, (err) => { settled = true; failure = err; wake?.(); });
+    done.then((r) => {
+      settled = true;
+      if (r.retained) {
+        // Handed over even when the consumer has gone: the caller owns it either way.
+        if (keep) keep.retained(r.retained);
+        else r.retained.release();
+      }
+      wake?.();
+    }, (err) => { settled = true; failure = err; wake?.(); });
     try {
       for (;;) {
         if (signal?.aborted) throw abortError(signal);
