@@ -63,7 +63,7 @@ export interface SequenceRequest {
    */
   logits: 'last' | 'all';
   /**
-   * Receives the logits (vocabSize values, the caller's to keep) after the prompt and after each
+   * Receives the logits (vocabSize values, a view valid only during the call) after the prompt and after each
    * token it returned, and `length`, the tokens now in the sequence's cache. Returns the next token
    * to feed, or undefined to end. A token is not fed when the cache is full (length ===
    * contextSize): the request ends instead. Throwing ends the request with that error.
@@ -501,7 +501,7 @@ export class Scheduler {
       e.prefill = false;
       let next: number | undefined;
       try {
-        next = e.req.onLogits?.(logits.slice(), e.seq.length);
+        next = e.req.onLogits?.(logits, e.seq.length);
       } catch (err) {
         this.#end(e, err as Error, true);
         continue;
