@@ -95,6 +95,32 @@ describe('BlockManager', () => {
     expect(m.open([1, 1, 2, 2, 9], 4).length).toBe(2);
   });
 
+  it('fork shares blocks and truncate drops the tail; the kept partial block is copied on the next write', () => {
+    const m = new BlockManager({ blockSize: 4, maxBlocks: 8 });
+    const a = m.open([], 0);
+    expect(m.reserve(a, 10)).toBe(true);
+    m.append(a, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    const b = m.fork(a, 6);
+    expect(b.blocks).toEqual(a.blocks.slice(0, 2));
+    expect(b.tokens).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(m.refCount(a.blocks[1]!)).toBe(2);
+    expect(m.reserve(b, 1)).toBe(true); // shared second block: copied
+    expect(Array.from(m.takeCopies()!)).toEqual([a.blocks[1], b.blocks[1]]);
+    m.endStep();
+    m.truncate(a, 5);
+    expect(a.blocks.length).toBe(2);
+    expect(m.stats().used).toBe(3); // the shared first block, a's second, b's copy of it (a's third was dropped)
+    expect(m.reserve(a, 3)).toBe(true); // a's second block is published (full): copied
+    expect(m.takeCopies()!.length).toBe(2);
+    m.endStep();
+    expect(() => m.truncate(a, 9)).toThrow(/outside \[0, 5\]/);
+    expect(() => m.fork(a, 6)).toThrow(/outside \[0, 5\]/);
+    m.release(a, false);
+    m.release(b, false);
+    expect(() => m.fork(a)).toThrow(/released/);
+    expectStats(m);
+  });
+
   it('rejects bad sizes', () => {
     expect(() => new BlockManager({ blockSize: 0, maxBlocks: 4 })).toThrow(InvalidArgumentError);
     expect(() => new BlockManager({ blockSize: 4, maxBlocks: 1.5 })).toThrow(/maxBlocks/);
@@ -154,6 +180,10 @@ describe('Scheduler over the reference pool', () => {
     expect(x.tokens).toEqual(greedyDirect(fn, c1, 5));
     expect(y.tokens).toEqual(greedyDirect(fn, c2, 5));
     await expect(sched.submit({ tokens: [1], logits: 'last', continueFrom: kept })).rejects.toThrow(/continueFrom has been released/);
+    const other = withCheck().sched;
+    const foreign = (await gen(other, [1, 2], 2, { retain: true }).done).result.retained!;
+    await expect(sched.submit({ tokens: [1, 2, 3], logits: 'last', continueFrom: foreign })).rejects.toThrow(/retained by another model/);
+    foreign.release();
     expectNoLeaks(sched);
   });
 

@@ -212,6 +212,9 @@ export class Scheduler {
       return Promise.reject(new OutOfMemoryError(`${where}: the prompt of ${n} tokens and one generated token need ${need} KV blocks of ${this.blocks.blockSize} positions, more than the whole cache holds (${this.blocks.maxBlocks} blocks; raise kvCache.maxBytes)`));
     }
     if (req.continueFrom?.released) return Promise.reject(new InvalidArgumentError(`${where}: continueFrom has been released`));
+    if (req.continueFrom && !this.#retained.has(req.continueFrom)) {
+      return Promise.reject(new InvalidArgumentError(`${where}: continueFrom was retained by another model`));
+    }
     if (req.signal?.aborted) return Promise.reject(abortError(req.signal));
     if (this.#waiting.length >= this.maxQueue) {
       return Promise.reject(new QueueFullError(`${where}: ${this.#waiting.length} requests are waiting, the most allowed (maxQueue ${this.maxQueue})`));
