@@ -324,6 +324,44 @@ describe('Scheduler over the reference pool', () => {
     expectNoLeaks(sched);
   });
 
+  it('a mixed load (shared prefixes, aborts at random steps, a small pool) stays exact and leaks nothing', async () => {
+    let seed = 12345;
+    const rand = (n: number) => { seed = (Math.imul(seed, 1103515245) + 12345) >>> 0; return (seed >>> 8) % n; };
+    const { sched, pool } = withCheck({ maxBlocks: 16, blockSize: 4 }, { prefillBudget: 6, maxConcurrency: 5 });
+    const roots = [prompt(1, 10), prompt(2, 7), prompt(3, 13)];
+    const jobs = Array.from({ length: 40 }, () => {
+      const root = roots[rand(3)]!;
+      const p = [...root.slice(0, 1 + rand(root.length)), ...prompt(rand(50), 1 + rand(6))];
+      const n = 1 + rand(12);
+      const ac = new AbortController();
+      const abortAfter = rand(4) === 0 ? rand(8) : -1;
+      const g = gen(sched, p, n, { signal: ac.signal });
+      if (abortAfter >= 0) {
+        const at = pool.steps.length + abortAfter;
+        const poll = setInterval(() => { if (pool.steps.length >= at) { ac.abort(); clearInterval(poll); } }, 0);
+        void g.done.finally(() => clearInterval(poll)).catch(() => {});
+      }
+      return { p, n, g, aborted: () => ac.signal.aborted };
+    });
+    let exact = 0;
+    for (const j of jobs) {
+      try {
+        const r = await j.g.done;
+        expect(r.tokens).toEqual(greedyDirect(fn, j.p, j.n));
+        exact++;
+      } catch (err) {
+        expect(err).toBeInstanceOf(AbortError);
+        expect(j.aborted()).toBe(true);
+      }
+    }
+    expect(exact).toBeGreaterThan(20);
+    const st = sched.stats();
+    expect(st.evictions).toBeGreaterThan(0);
+    expect(st.hitTokens).toBeGreaterThan(0);
+    await sched.whenIdle();
+    expectNoLeaks(sched);
+  });
+
   it('dispose rejects waiting requests, ends running ones, and frees every block', async () => {
     const { sched, pool } = withCheck({ delayMs: 2 }, { maxConcurrency: 2 });
     const kept = (await gen(sched, prompt(4, 6), 2, { retain: true }).done).result.retained!;
