@@ -8,7 +8,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { AbortError, DisposedError, InvalidArgumentError, OutOfMemoryError, QueueFullError } from '../lib/errors.js';
 import type { EvalOptions, KvPoolOptions, LlmEngine, LlmSequence, ModelConfig, StepBatch } from '../lib/llm/engine.js';
 import type { GgufFile } from '../lib/llm/gguf.js';
-import { LanguageModel, type ChatMessage, type LanguageModelTokenizer, type RetainedSequence } from '../lib/llm/language-model.js';
+import { LanguageModel, type ChatMessage, type LanguageModelTokenizer } from '../lib/llm/language-model.js';
 import { Tokenizer } from '../lib/llm/tokenizer.js';
 import { ReferenceKvPool } from './kv-reference.js';
 import { bpeVocab } from './llm-fixtures.js';
@@ -202,12 +202,6 @@ function fakeEngine(contextLength = 64, delayMs = 0, vocab = VOCAB, script: read
     };
   }
   return { engine, stats };
-}
-
-function withoutPool(): LlmEngine {
-  const { engine } = fakeEngine();
-  delete engine.createKvPool;
-  return engine;
 }
 
 function model(o: { contextSize?: number; delayMs?: number } = {}) {
@@ -492,30 +486,6 @@ for (const withPool of [false, true]) describe(`LanguageModel (fake engine, ${wi
     m.dispose();
     expect(m.metrics().requests).toBe(5);
     expect((await import('../lib/metrics/index.js')).toPrometheus()).not.toMatch(/model="fake-batched"/);
-  });
-
-  it.runIf(withPool)('generateRetained: a later turn continues from a retained sequence and computes only its new tokens', async () => {
-    const { engine, stats } = fakeEngine(128);
-    const m = LanguageModel.fromEngine(engine, fakeTokenizer(), { kvCache: { maxBytes: 64 * 16 * 4 } });
-    const kept: RetainedSequence[] = [];
-    const turn1 = m.tokenize('Q: hi');
-    const a = await collect(m.generateRetained(turn1, { maxTokens: 5 }, { retained: (r) => kept.push(r) }));
-    expect(a.tokens).toEqual(greedyReference(turn1, 5));
-    expect(kept.length).toBe(1);
-    expect(kept[0]!.tokens).toEqual([...turn1, ...a.tokens.slice(0, 4)]);
-    expect(m.metrics().kv.blocks.used).toBe(1);
-    const turn2 = [...turn1, ...a.tokens, ...utf8('\nQ: more')];
-    stats.evals.length = 0;
-    const it2 = m.generateRetained(turn2, { maxTokens: 4 }, { from: kept[0]!, retained: (r) => kept.push(r) });
-    const first = await it2.next();
-    kept[0]!.release();
-    const rest = await collect(it2);
-    expect([first.value.token, ...rest.tokens]).toEqual(greedyReference(turn2, 4));
-    expect(stats.evals[0]).toEqual(turn2.slice(turn1.length + 4));
-    expect(kept.length).toBe(2);
-    kept[1]!.release();
-    expect(m.metrics().kv.blocks.used).toBe(0);
-    expect(() => LanguageModel.fromEngine(withoutPool(), fakeTokenizer()).generateRetained('p', {}, { retained: () => {} })).toThrow(/no paged KV pool/);
   });
 
   it.runIf(withPool)('serving options: QueueFullError, a prompt that never fits the cache, typed option errors', async () => {

@@ -30,7 +30,7 @@ import { SAMPLING_OPTIONS, Sampler, type SamplingOptions } from './sampling.js';
 import { Tokenizer, type ChatMessage } from './tokenizer.js';
 import { loadTransformer } from './transformer.js';
 
-export type { ChatMessage, LanguageModelMetricsSnapshot, RetainedSequence };
+export type { ChatMessage, LanguageModelMetricsSnapshot };
 
 /** A streaming decoder: text for each token, never splitting a UTF-8 character. */
 export interface TokenStreamDecoder {
@@ -144,6 +144,12 @@ const KV_OPTIONS = ['maxBytes', 'dtype', 'blockSize', 'prefixCaching'] as const;
 /** Share of os.freemem() the KV cache may take by default. */
 const DEFAULT_KV_FRACTION = 0.25;
 let modelCount = 0;
+
+/** A generation that continues a chat's retained sequence and hands back the one it leaves. */
+interface RetainChain {
+  from: RetainedSequence | undefined;
+  retained(r: RetainedSequence): void;
+}
 
 interface Serving {
   contextSize: number;
@@ -542,24 +548,7 @@ export class LanguageModel extends NativeResource {
     return this.#generate('LanguageModel.generate', prompt, options, undefined);
   }
 
-  /**
-   * @internal For chats (lib/llm/chat.ts): generate() that starts from `keep.from` (a sequence
-   * this model retained for an earlier call; the new call takes its own references at its first
-   * next(), so `from` may be released right after that) and, when the generation ends without
-   * error, hands its own sequence, still in the cache, to `keep.retained` instead of releasing it.
-   * What `retained` receives is the caller's to release(). The retained tokens are the prompt and
-   * the generated tokens but the last (which was sampled, never computed). Needs an engine with a
-   * KV pool (InvalidArgumentError otherwise).
-   */
-  generateRetained(prompt: Prompt, options: GenerateOptions | undefined,
-    keep: { from?: RetainedSequence; retained: (sequence: RetainedSequence) => void }): AsyncIterableIterator<GeneratedToken> {
-    const where = 'LanguageModel.generateRetained';
-    if (!this.#scheduler) throw new InvalidArgumentError(`${where}: this model's engine has no paged KV pool (LlmEngine.createKvPool)`);
-    return this.#generate(where, prompt, options, keep);
-  }
-
-  #generate(where: string, prompt: Prompt, options: GenerateOptions | undefined,
-    keep: { from?: RetainedSequence; retained: (sequence: RetainedSequence) => void } | undefined): AsyncIterableIterator<GeneratedToken> {
+  #generate(where: string, prompt: Prompt, options: GenerateOptions | undefined, chain: RetainChain | undefined): AsyncIterableIterator<GeneratedToken> {
     this.checkAlive(where);
     const o = checkOptions<GenerateOptions>(where, options, GENERATE_OPTIONS);
     // The sampler validates (and names) every sampling option; the rest is checked here, so that
@@ -576,7 +565,7 @@ export class LanguageModel extends NativeResource {
     this.#checkFits(where, tokens.length);
     const emitter = new Emitter(this.#tokenizer, stopStrings, stopTokens, maxTokens);
     return this.#scheduler
-      ? this.#runBatched(where, tokens, sampler, maxTokens, emitter, signal, keep)
+      ? this.#runBatched(where, tokens, sampler, maxTokens, emitter, signal, chain)
       : this.#runSerial(where, tokens, sampler, maxTokens, emitter, signal);
   }
 
@@ -588,7 +577,7 @@ export class LanguageModel extends NativeResource {
   }
 
   async *#runBatched(where: string, prompt: number[], sampler: Sampler, maxTokens: number, emitter: Emitter,
-    signal: AbortSignal | undefined, keep?: { from?: RetainedSequence; retained: (sequence: RetainedSequence) => void }): AsyncGenerator<GeneratedToken> {
+    signal: AbortSignal | undefined, chain?: RetainChain): AsyncGenerator<GeneratedToken> {
     if (this.disposed) throw new DisposedError(`${where}: LanguageModel has been disposed`);
     if (signal?.aborted) throw abortError(signal);
     if (maxTokens === 0) return;
@@ -602,7 +591,7 @@ export class LanguageModel extends NativeResource {
     signal?.addEventListener('abort', onAbort, { once: true });
     const done = this.#scheduler!.submit({
       tokens: prompt, logits: 'last', signal: ending.signal,
-      ...(keep ? { retain: true, ...(keep.from ? { continueFrom: keep.from } : {}) } : {}),
+      ...(chain ? { retain: true, ...(chain.from ? { continueFrom: chain.from } : {}) } : {}),
       onLogits: (logits, length) => {
         const token = sampler.sample(logits, history);
         const more = emitter.accept(token, length >= this.contextSize);
@@ -613,12 +602,8 @@ export class LanguageModel extends NativeResource {
       },
     });
     done.then((r) => {
+      if (r.retained) chain?.retained(r.retained);
       settled = true;
-      if (r.retained) {
-        // Handed over even when the consumer has gone: the caller owns it either way.
-        if (keep) keep.retained(r.retained);
-        else r.retained.release();
-      }
       wake?.();
     }, (err) => { settled = true; failure = err; wake?.(); });
     try {
