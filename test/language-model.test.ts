@@ -488,6 +488,17 @@ for (const withPool of [false, true]) describe(`LanguageModel (fake engine, ${wi
     expect((await import('../lib/metrics/index.js')).toPrometheus()).not.toMatch(/model="fake-batched"/);
   });
 
+  it.runIf(withPool)('seeded sampling per request: concurrent generations equal the same ones alone', async () => {
+    const { m } = model({ delayMs: 1 });
+    const opts = (seed: number) => ({ temperature: 30, topK: 0, topP: 1, minP: 0, maxTokens: 16, seed });
+    const prompts = ['s', 't', 'u', 'v'].map((p) => m.tokenize(p));
+    const alone: number[][] = [];
+    for (const [i, p] of prompts.entries()) alone.push((await collect(m.generate(p, opts(i)))).tokens);
+    const together = await Promise.all(prompts.map((p, i) => collect(m.generate(p, opts(i)))));
+    together.forEach((r, i) => expect(r.tokens).toEqual(alone[i]));
+    expect(new Set(alone.map((a) => a.join())).size).toBe(4);
+  });
+
   it.runIf(withPool)('serving options: QueueFullError, a prompt that never fits the cache, typed option errors', async () => {
     const { engine } = fakeEngine(64, 2);
     // 4 blocks of 4 positions: 16 tokens in all.
