@@ -421,7 +421,9 @@ for (const withPool of [false, true]) describe(`LanguageModel (fake engine, ${wi
     stats.onEval = (tokens) => { if (tokens.length > 1) ac3.abort(); };
     const before = stats.evals.length;
     await expect(m.complete(m.tokenize('a longer prompt that is prefilled'), { signal: ac3.signal })).rejects.toThrow(AbortError);
-    expect(stats.evals.length).toBe(before); // the step was cut, not completed
+    // The prefill step was cut, not completed (a decode step of the generation aborted above may
+    // still finish meanwhile: a scheduler does not cancel decode steps).
+    expect(stats.evals.slice(before).filter((e) => e.length > 1)).toEqual([]);
     stats.onEval = undefined;
     // Already aborted: rejects on the first next().
     await expect(m.complete('p', { signal: ac.signal })).rejects.toThrow(AbortError);
