@@ -63,8 +63,9 @@ export interface ReferencePoolOptions {
   maxBlocks: number;
   vocab: number;
   logits: LogitsFn;
-  /** Milliseconds a step takes (a timer, so other work interleaves). */
+  /** Milliseconds a step takes (a timer, so other work interleaves), plus rowDelayMs per token. */
   delayMs?: number;
+  rowDelayMs?: number;
   /** Called as a step starts (a test aborts from here, deterministically mid-step). */
   onStep?: (batch: StepBatch) => void;
   /** Called with every block a step writes, before it writes (a test asserts ownership here). */
@@ -127,7 +128,9 @@ export class ReferenceKvPool implements KvPool {
     this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
     try {
       this.#options.onStep?.(batch);
-      if (this.#options.delayMs) await new Promise((r) => setTimeout(r, this.#options.delayMs));
+      const tokens = batch.sequences.reduce((n, q) => n + q.tokens.length, 0);
+      const delay = (this.#options.delayMs ?? 0) + (this.#options.rowDelayMs ?? 0) * tokens;
+      if (delay > 0) await new Promise((r) => setTimeout(r, delay));
       if (signal?.aborted) throw new AbortError();
       const bs = this.blockSize;
       const copies = Array.from(batch.copies ?? []);

@@ -233,6 +233,30 @@ describe('Scheduler over the reference pool', () => {
     expectNoLeaks(sched);
   });
 
+  it('beside running decodes, prompt chunks are sized to keep a step within about twice a decode step', async () => {
+    // A step costs 8 ms plus 0.1 ms per token: 2 decodes ~8 ms, a 512-token chunk ~60 ms.
+    const { sched, pool } = withCheck({ maxBlocks: 512, delayMs: 8, rowDelayMs: 0.1 }, { prefillBudget: 512, contextSize: 1024 });
+    const decodes = [gen(sched, prompt(1, 3), 60), gen(sched, prompt(2, 4), 60)];
+    while (decodes[1]!.out.length < 5) await new Promise((r) => setTimeout(r, 1));
+    const longPrompt = prompt(5, 600);
+    const long = gen(sched, longPrompt, 2);
+    const from = pool.steps.length;
+    const rs = await Promise.all([...decodes.map((g) => g.done), long.done]);
+    expect(rs[2]!.tokens).toEqual(greedyDirect(fn, longPrompt, 2));
+    const chunks = pool.steps.slice(from)
+      .filter((st) => st.sequences.some((q) => q.tokens.length === 1) && st.sequences.some((q) => q.tokens.length > 1))
+      .map((st) => st.sequences.find((q) => q.tokens.length > 1)!.tokens.length);
+    // The first chunk probes (64 tokens); then ~ 8 ms / 0.1 ms = 80 tokens, never the whole budget.
+    expect(chunks[0]).toBe(64);
+    expect(chunks.length).toBeGreaterThanOrEqual(5);
+    expect(Math.max(...chunks)).toBeLessThan(200);
+    // Alone, a prompt takes the whole budget per step.
+    const before = pool.steps.length;
+    await gen(sched, prompt(6, 600), 1).done;
+    expect(pool.steps[before]!.sequences[0]!.tokens.length).toBe(512);
+    expectNoLeaks(sched);
+  });
+
   it('aborts while waiting, while prefilling and while decoding; the others are unaffected', async () => {
     const { sched } = withCheck({ delayMs: 1 }, { maxConcurrency: 2, prefillBudget: 4 });
     const acWait = new AbortController();

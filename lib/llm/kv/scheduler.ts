@@ -10,6 +10,11 @@
  * caller (lib/llm/sampling.ts), and a slow consumer never stalls a step.
  *
  * Rules:
+ * - Prompt chunks beside running decodes are sized so that a step takes at most about twice a
+ *   decode-only step (PREFILL_STALL): the scheduler keeps running averages of a decode step's
+ *   time and of one prompt token's, and gives prompts `prefillBudget` tokens only when nothing
+ *   is decoding. So a long prompt arriving among running generations stretches their
+ *   inter-token latency by at most ~2x instead of by a whole 512-token prefill.
  * - Admission is first come, first served, up to `maxConcurrency` running sequences, and only
  *   when the pool can hold the rest of the prompt and one more token beside what the running
  *   prompts still need; otherwise the request waits (at most `maxQueue` wait; beyond that
@@ -46,7 +51,10 @@ export interface SchedulerOptions {
   vocabSize: number;
   /** Most sequences running at once (default 16). */
   maxConcurrency?: number;
-  /** Prompt tokens per step, over all prefilling sequences (default 512). */
+  /**
+   * Prompt tokens per step, over all prefilling sequences (default 512). While other sequences
+   * decode, a step carries fewer: as many as keep it within about twice a decode step's time.
+   */
   prefillBudget?: number;
   /** Most requests waiting for admission (default Infinity). */
   maxQueue?: number;
@@ -146,6 +154,14 @@ interface Item {
   logits: StepSequence['logits'];
 }
 
+/** A prompt chunk beside running decodes may add this many decode-step times to a step. */
+const PREFILL_STALL = 1;
+/** Prompt tokens per step beside running decodes while the costs are not measured yet, and at least. */
+const PROBE_CHUNK = 64;
+const MIN_CHUNK = 16;
+/** Weight of the newest measurement in the running averages. */
+const EMA = 0.25;
+
 const abortError = (signal: AbortSignal | undefined) => new AbortError(undefined, signal ? { cause: signal.reason } : undefined);
 
 export class Scheduler {
@@ -166,6 +182,9 @@ export class Scheduler {
   #order = 0;
   #disposed = false;
   #retained = new Set<RetainedSequence>();
+  /** Running averages: seconds of a step with decodes only, and per prompt token beyond that. */
+  #decodeSeconds = 0;
+  #promptTokenSeconds = 0;
 
   constructor(pool: KvPool, options: SchedulerOptions) {
     const int = (name: string, v: number | undefined, fallback: number, min: number) => {
@@ -354,7 +373,7 @@ export class Scheduler {
     for (;;) {
       this.#admit();
       const items = this.#planDecodes();
-      let budget = this.prefillBudget;
+      let budget = items.length > 0 ? this.#chunkBesideDecodes() : this.prefillBudget;
       for (const e of this.#running) {
         if (!e.prefill || budget === 0) continue;
         const n = Math.min(e.pending.length, budget, this.blocks.capacity(e.seq!), this.contextSize - e.seq!.length);
@@ -393,6 +412,27 @@ export class Scheduler {
       if (ok) items.push({ entry: e, start: e.seq!.length, tokens: e.pending.slice(), logits: 'last' });
     }
     return items;
+  }
+
+  /** Prompt tokens a step with running decodes may carry (see PREFILL_STALL). */
+  #chunkBesideDecodes(): number {
+    if (this.#decodeSeconds === 0 || this.#promptTokenSeconds === 0) return Math.min(this.prefillBudget, PROBE_CHUNK);
+    const n = Math.floor((PREFILL_STALL * this.#decodeSeconds) / this.#promptTokenSeconds);
+    return Math.min(this.prefillBudget, Math.max(MIN_CHUNK, n));
+  }
+
+  /** Updates the running averages of step costs with a step of `promptRows` prompt tokens. */
+  #measure(decodes: number, promptRows: number, seconds: number): void {
+    const avg = (old: number, v: number) => (old === 0 ? v : old + EMA * (v - old));
+    if (promptRows === 0) {
+      if (decodes > 0) this.#decodeSeconds = avg(this.#decodeSeconds, seconds);
+      return;
+    }
+    // Small chunks say little about the per-token cost (a step's fixed cost dominates them).
+    if (promptRows < MIN_CHUNK) return;
+    const fixed = decodes > 0 ? this.#decodeSeconds : 0;
+    const perToken = Math.max(seconds - fixed, seconds * 0.1) / promptRows;
+    this.#promptTokenSeconds = avg(this.#promptTokenSeconds, perToken);
   }
 
   #newest(): Entry {
@@ -479,6 +519,7 @@ export class Scheduler {
     let promptRows = 0;
     for (const it of items) if (it.entry.prefill) promptRows += it.tokens.length;
     const rows = items.reduce((n, it) => n + it.tokens.length, 0);
+    this.#measure(rows - promptRows, promptRows, (now - t0) / 1000);
     this.observer?.stepped(rows, promptRows, items.length, (now - t0) / 1000);
     const V = this.vocabSize;
     const wantRows = items.reduce((n, it) => n + (it.logits === 'none' ? 0 : it.logits === 'last' ? 1 : it.tokens.length), 0);
