@@ -8,11 +8,17 @@
  * or a reply whose text re-tokenises differently just move the first difference earlier, and the
  * cache is recomputed from there.
  *
- * This file holds the decisions that need no model: rendering, prefix diffing and the context
- * overflow policy.
+ * The decisions that need no model (rendering, prefix diffing, the context overflow policy) are
+ * plain functions; Chat runs them over a ChatHost, which LanguageModel implements on its
+ * scheduler's retained sequences (lib/llm/kv/scheduler.ts): the conversation's blocks stay
+ * referenced between turns, so nothing it relies on is evicted, and blocks it shares with other
+ * chats (the same system prompt) are shared through the prefix cache and copied on write.
  */
-import { InvalidArgumentError } from '../errors.js';
-import { checkInt, describe } from '../validate.js';
+import { DisposedError, InvalidArgumentError, ModelFormatError } from '../errors.js';
+import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
+import { readKvState, writeKvState, type KvStateLayout, type KvStateModel } from './kv/state.js';
+import type { GeneratedToken } from './language-model.js';
+import { SAMPLING_OPTIONS, Sampler, type SamplingOptions } from './sampling.js';
 import type { ChatMessage } from './tokenizer.js';
 
 /**
@@ -139,4 +145,247 @@ export function replyReserve(where: string, contextSize: number, reserve: unknow
   if (reserve !== undefined) return checkInt(`${where}: options.replyReserve`, reserve, 0, contextSize - 1);
   if (maxTokens !== undefined && Number.isFinite(maxTokens)) return Math.min(maxTokens, contextSize - 1);
   return Math.min(256, Math.floor(contextSize / 4));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chat: the conversation object over a retained sequence.
+
+/** A sequence whose KV blocks stay between turns (the scheduler's retained sequence). */
+export interface ChatSequence {
+  /** Token ids whose K/V the sequence holds, in position order. */
+  readonly tokens: readonly number[];
+  /**
+   * Keeps the longest common prefix of the held tokens and `prompt` (at least the last prompt
+   * token is evaluated), evaluates the rest, then streams the reply as LanguageModel.generate
+   * does. Afterwards the sequence holds the prompt and the reply tokens it evaluated.
+   */
+  generate(prompt: readonly number[], options: ChatGenerateOptions): AsyncIterableIterator<GeneratedToken>;
+  /** The held tokens and the bytes of the blocks that cover them (KvPool.readBlocks), in position order. */
+  snapshot(): Promise<{ tokens: Int32Array; blocks: Uint8Array }>;
+  dispose(): void;
+}
+
+/** What a chat needs of its model. */
+export interface ChatHost {
+  readonly contextSize: number;
+  readonly vocabSize: number;
+  readonly tokenizer: ChatRenderer;
+  /** The cache layout a saved state must have (the pool's dtype, block size and block bytes). */
+  readonly layout: KvStateLayout;
+  identity(): Promise<KvStateModel>;
+  /** A new, empty retained sequence. */
+  retain(): ChatSequence;
+  /** A retained sequence holding `tokens`, its blocks written from `blocks` (a saved state's). */
+  restore(tokens: Int32Array, blocks: Uint8Array): Promise<ChatSequence>;
+}
+
+export interface ChatGenerateOptions extends SamplingOptions {
+  maxTokens?: number;
+  stop?: string | number | readonly (string | number)[];
+  signal?: AbortSignal;
+}
+
+export interface ChatOptions extends SamplingOptions {
+  /** A system message that opens the conversation (and is never dropped). */
+  system?: string;
+  /** What send() does when the conversation outgrows the context (default 'error'); see ContextOverflow. */
+  contextOverflow?: ContextOverflow;
+  /** Tokens kept free for each reply when fitting the conversation; see replyReserve(). */
+  replyReserve?: number;
+  /** Default most tokens of a reply. */
+  maxTokens?: number;
+  /** Default stop strings and tokens of a reply (end-of-generation tokens always stop). */
+  stop?: string | number | readonly (string | number)[];
+}
+
+export interface ChatSendOptions extends ChatGenerateOptions {
+  replyReserve?: number;
+}
+
+/** The stream of one reply; text() gives the whole reply once it has ended. */
+export interface ChatReply extends AsyncIterableIterator<GeneratedToken> {
+  /** Reads what is left of the stream and resolves to the whole reply's text. */
+  text(): Promise<string>;
+}
+
+/** What a saved state's chat section holds. */
+interface SavedChat {
+  messages: ChatMessage[];
+  options: ChatOptions;
+}
+
+export const CHAT_OPTIONS = [...SAMPLING_OPTIONS, 'system', 'contextOverflow', 'replyReserve', 'maxTokens', 'stop'] as const;
+export const CHAT_SEND_OPTIONS = [...SAMPLING_OPTIONS, 'maxTokens', 'stop', 'signal', 'replyReserve'] as const;
+
+function checkChatOptions(where: string, options: unknown, contextSize: number): ChatOptions {
+  const o = checkOptions<ChatOptions>(where, options, CHAT_OPTIONS);
+  if (o.system !== undefined && typeof o.system !== 'string') throw new InvalidArgumentError(`${where}: options.system must be a string, got ${describe(o.system)}`);
+  if (o.contextOverflow !== undefined) checkOneOf(`${where}: options.contextOverflow`, o.contextOverflow, CONTEXT_OVERFLOW);
+  if (o.replyReserve !== undefined) checkInt(`${where}: options.replyReserve`, o.replyReserve, 0, contextSize - 1);
+  if (o.maxTokens !== undefined) checkInt(`${where}: options.maxTokens`, o.maxTokens, 0);
+  // The sampler names any bad sampling option now rather than at the first send.
+  const sampling: SamplingOptions = {};
+  for (const k of SAMPLING_OPTIONS) if (o[k] !== undefined) (sampling as Record<string, unknown>)[k] = o[k];
+  new Sampler(sampling, where);
+  return { ...o };
+}
+
+/**
+ * A conversation with a model (LanguageModel.chat): its messages, and a retained sequence whose
+ * KV blocks hold the conversation so far. One reply streams at a time.
+ */
+export class Chat {
+  #host: ChatHost;
+  #sequence: ChatSequence;
+  #messages: ChatMessage[];
+  #options: ChatOptions;
+  #streaming = false;
+  #disposed = false;
+
+  /** @internal use LanguageModel.chat() or LanguageModel.restoreChat() */
+  constructor(host: ChatHost, sequence: ChatSequence, options: ChatOptions, messages?: ChatMessage[]) {
+    this.#host = host;
+    this.#sequence = sequence;
+    this.#options = options;
+    this.#messages = messages ?? (options.system !== undefined ? [{ role: 'system', content: options.system }] : []);
+  }
+
+  /** The conversation so far (a copy): system message, then user and assistant turns. */
+  get messages(): ChatMessage[] {
+    return structuredClone(this.#messages);
+  }
+
+  /** Tokens the chat's cache holds now. */
+  get cachedTokens(): number {
+    return this.#disposed ? 0 : this.#sequence.tokens.length;
+  }
+
+  get disposed(): boolean {
+    return this.#disposed;
+  }
+
+  /**
+   * Sends a user message (or any { role, content } message) and streams the assistant's reply.
+   * The turn is rendered when the stream is first read; the conversation keeps the message and
+   * the reply once the stream ends (also when it is closed early: the reply is what was read),
+   * and is left as it was if the reply fails or is aborted. A second send() while a reply is
+   * streaming is an InvalidArgumentError.
+   */
+  send(message: string | ChatMessage, options?: ChatSendOptions): ChatReply {
+    const where = 'Chat.send';
+    this.#checkAlive(where);
+    const next = toMessage(where, message);
+    const o = checkOptions<ChatSendOptions>(where, options, CHAT_SEND_OPTIONS);
+    if (this.#streaming) throw new InvalidArgumentError(`${where}: the previous reply is still streaming; read it to the end or close it first`);
+    const merged: ChatSendOptions = { ...this.#options, ...o };
+    delete (merged as ChatOptions).system;
+    delete (merged as ChatOptions).contextOverflow;
+    const reserve = replyReserve(`${where}`, this.#host.contextSize, merged.replyReserve, merged.maxTokens);
+    delete merged.replyReserve;
+    const generateOptions = merged as ChatGenerateOptions;
+    const sampling: SamplingOptions = {};
+    for (const k of SAMPLING_OPTIONS) if (generateOptions[k] !== undefined) (sampling as Record<string, unknown>)[k] = generateOptions[k];
+    new Sampler(sampling, where);
+    if (generateOptions.maxTokens !== undefined) checkInt(`${where}: options.maxTokens`, generateOptions.maxTokens, 0);
+    checkSignal(`${where}: options.signal`, generateOptions.signal);
+    let text = '';
+    const stream = this.#turn(where, next, reserve, generateOptions, (t) => { text += t; });
+    const reply: ChatReply = {
+      next: () => stream.next(),
+      return: (value?: unknown) => stream.return(value as undefined),
+      throw: (err?: unknown) => stream.throw(err),
+      [Symbol.asyncIterator]() { return reply; },
+      text: async () => {
+        for (let r = await stream.next(); !r.done; r = await stream.next());
+        return text;
+      },
+    };
+    return reply;
+  }
+
+  async *#turn(where: string, next: ChatMessage, reserve: number, options: ChatGenerateOptions,
+    onText: (text: string) => void): AsyncGenerator<GeneratedToken, void, undefined> {
+    this.#checkAlive(where);
+    if (this.#streaming) throw new InvalidArgumentError(`${where}: the previous reply is still streaming; read it to the end or close it first`);
+    this.#streaming = true;
+    let reply = '';
+    let fit: FittedConversation | undefined;
+    let failed = false;
+    try {
+      fit = fitConversation(where, (m) => renderChat(this.#host.tokenizer, m), this.#messages, next,
+        this.#host.contextSize, reserve, this.#options.contextOverflow ?? 'error');
+      for await (const t of this.#sequence.generate(fit.tokens, options)) {
+        reply += t.text;
+        onText(t.text);
+        yield t;
+      }
+    } catch (err) {
+      failed = true;
+      throw err;
+    } finally {
+      // Ended, or closed early by the reader (return() at a yield): the reply is what was read.
+      if (!failed && fit && !this.#disposed) this.#messages = [...fit.messages, { role: 'assistant', content: reply }];
+      this.#streaming = false;
+    }
+  }
+
+  /**
+   * Saves the conversation to `path`: its messages and options, the tokens its cache holds and
+   * their KV blocks, with the model's identity and a checksum (lib/llm/kv/state.ts). Written
+   * atomically; LanguageModel.restoreChat(path) gives the chat back.
+   */
+  async save(path: string): Promise<void> {
+    const where = 'Chat.save';
+    this.#checkAlive(where);
+    if (typeof path !== 'string' || path.length === 0) throw new InvalidArgumentError(`${where}(path): path must be a non-empty string, got ${describe(path)}`);
+    if (this.#streaming) throw new InvalidArgumentError(`${where}: a reply is streaming; save between turns`);
+    const [model, snap] = await Promise.all([this.#host.identity(), this.#sequence.snapshot()]);
+    const chat: SavedChat = { messages: this.#messages, options: this.#options };
+    await writeKvState(path, { model, kv: this.#host.layout, tokens: snap.tokens, blocks: snap.blocks, chat });
+  }
+
+  /** Releases the chat's blocks (those shared with other chats stay theirs). Idempotent. */
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    this.#sequence.dispose();
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
+  #checkAlive(where: string): void {
+    if (this.#disposed) throw new DisposedError(`${where}: Chat has been disposed`);
+  }
+
+  /** @internal a chat from a saved state file, checked against the host's model and layout. */
+  static async restore(host: ChatHost, path: string, options?: ChatOptions): Promise<Chat> {
+    const where = 'LanguageModel.restoreChat';
+    if (typeof path !== 'string' || path.length === 0) throw new InvalidArgumentError(`${where}(path): path must be a non-empty string, got ${describe(path)}`);
+    const overrides = checkChatOptions(where, options, host.contextSize);
+    const model = await host.identity();
+    const state = await readKvState(path, { model, kv: host.layout });
+    const saved = state.chat as Partial<SavedChat> | null;
+    if (saved === null || typeof saved !== 'object' || !Array.isArray(saved.messages) || saved.options === null || typeof saved.options !== 'object'
+      || !saved.messages.every((m) => m !== null && typeof m === 'object' && typeof (m as ChatMessage).role === 'string')) {
+      throw new ModelFormatError(`${path}: the state's chat section is not a saved chat (messages and options)`);
+    }
+    if (state.tokens.length > host.contextSize) {
+      throw new InvalidArgumentError(`${path}: the state holds ${state.tokens.length} tokens, more than this model's context of ${host.contextSize}`);
+    }
+    for (let i = 0; i < state.tokens.length; i++) {
+      const t = state.tokens[i]!;
+      if (t < 0 || t >= host.vocabSize) throw new ModelFormatError(`${path}: token ${i} is ${t}, outside the vocabulary of ${host.vocabSize}`);
+    }
+    const chatOptions = checkChatOptions(where, { ...saved.options, ...overrides }, host.contextSize);
+    const sequence = await host.restore(state.tokens, state.blocks);
+    return new Chat(host, sequence, chatOptions, saved.messages);
+  }
+
+  /** @internal */
+  static create(host: ChatHost, options?: ChatOptions): Chat {
+    const o = checkChatOptions('LanguageModel.chat', options, host.contextSize);
+    return new Chat(host, host.retain(), o);
+  }
 }
