@@ -4,13 +4,20 @@
  * what the fake model must produce (computed independently here). The end-to-end comparison with
  * llama.cpp on real GGUF fixtures is in language-model-llama.test.ts.
  */
-import { describe, expect, it } from 'vitest';
-import { AbortError, DisposedError, InvalidArgumentError } from '../lib/errors.js';
-import type { EvalOptions, LlmEngine, LlmSequence, ModelConfig } from '../lib/llm/engine.js';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { AbortError, DisposedError, InvalidArgumentError, OutOfMemoryError, QueueFullError } from '../lib/errors.js';
+import type { EvalOptions, KvPoolOptions, LlmEngine, LlmSequence, ModelConfig, StepBatch } from '../lib/llm/engine.js';
 import type { GgufFile } from '../lib/llm/gguf.js';
 import { LanguageModel, type ChatMessage, type LanguageModelTokenizer } from '../lib/llm/language-model.js';
 import { Tokenizer } from '../lib/llm/tokenizer.js';
+import { ReferenceKvPool } from './kv-reference.js';
 import { bpeVocab } from './llm-fixtures.js';
+
+/**
+ * Whether fake engines offer a paged KV pool (the scheduler path of LanguageModel) or only
+ * single sequences (the serialised path); every test of the first suite runs on both.
+ */
+let paged = false;
 
 const BOS = 256;
 const EOS = 257;
@@ -104,6 +111,29 @@ interface FakeStats {
   onEval?: (tokens: readonly number[]) => void;
 }
 
+/** The reference pool over the fake model, recording each sequence's step tokens as an eval. */
+class FakePool extends ReferenceKvPool {
+  #stats: FakeStats;
+  constructor(stats: FakeStats, options: KvPoolOptions, vocab: number, script: readonly number[], delayMs: number) {
+    super({
+      maxBlocks: options.maxBlocks, blockSize: options.blockSize ?? 16, vocab, delayMs, logits: (prefix) => fakeLogits(prefix, vocab, script),
+      onStep: (batch) => { for (const q of batch.sequences) stats.onEval?.(Array.from(q.tokens)); },
+    });
+    this.#stats = stats;
+  }
+
+  override async step(batch: StepBatch, options?: { signal?: AbortSignal }): Promise<Float32Array> {
+    const out = await super.step(batch, options);
+    for (const q of batch.sequences) this.#stats.evals.push(Array.from(q.tokens));
+    return out;
+  }
+
+  override dispose(): void {
+    super.dispose();
+    this.#stats.seqDisposed = true;
+  }
+}
+
 function fakeEngine(contextLength = 64, delayMs = 0, vocab = VOCAB, script: readonly number[] = SCRIPT): { engine: LlmEngine; stats: FakeStats } {
   const stats: FakeStats = { evals: [], inFlight: 0, maxInFlight: 0, disposed: false, seqDisposed: false };
   const config: ModelConfig = {
@@ -158,6 +188,19 @@ function fakeEngine(contextLength = 64, delayMs = 0, vocab = VOCAB, script: read
     },
     dispose() { stats.disposed = true; },
   };
+  if (paged) {
+    engine.createKvPool = (o: KvPoolOptions) => {
+      const pool = new FakePool(stats, o, vocab, script, delayMs);
+      const step = pool.step.bind(pool);
+      // Steps in flight, as the serialised path counts evals.
+      pool.step = async (batch, opts) => {
+        stats.inFlight++;
+        stats.maxInFlight = Math.max(stats.maxInFlight, stats.inFlight);
+        try { return await step(batch, opts); } finally { stats.inFlight--; }
+      };
+      return pool;
+    };
+  }
   return { engine, stats };
 }
 
@@ -190,7 +233,9 @@ function greedyReference(prompt: number[], max = Infinity, context = Infinity): 
   return out;
 }
 
-describe('LanguageModel (fake engine)', () => {
+for (const withPool of [false, true]) describe(`LanguageModel (fake engine, ${withPool ? 'paged KV pool, continuous batching' : 'single sequence, serialised'})`, () => {
+  beforeAll(() => { paged = withPool; });
+
   it('info comes from the engine config and file', () => {
     const { m } = model({ contextSize: 32 });
     expect(m.info).toMatchObject({
@@ -402,6 +447,71 @@ describe('LanguageModel (fake engine)', () => {
     await expect(waiting).rejects.toThrow(AbortError);
     expect((await first).tokens).toEqual(greedyReference(prompts[0]!, 5));
     expect((await third).tokens).toEqual(greedyReference(prompts[2]!, 5));
+  });
+
+  it.runIf(withPool)('concurrent generations share batched steps, each exact; metrics count them', async () => {
+    const { engine, stats } = fakeEngine(64, 1);
+    const m = LanguageModel.fromEngine(engine, fakeTokenizer(), { name: 'fake-batched', kvCache: { maxBytes: 64 * 16 * 4, blockSize: 16 } });
+    const prompts = ['a', 'bb', 'Hello', 'ccc'].map((p) => m.tokenize(p));
+    const steps: number[] = [];
+    stats.onEval = () => { steps.push(stats.evals.length); };
+    const results = await Promise.all(prompts.map((p) => collect(m.generate(p, { maxTokens: 6 }))));
+    results.forEach((r, i) => expect(r.tokens).toEqual(greedyReference(prompts[i]!, 6)));
+    // One step carried all four decodes: four sequences' evals were recorded together.
+    const perStep = new Map<number, number>();
+    for (const at of steps) perStep.set(at, (perStep.get(at) ?? 0) + 1);
+    expect(Math.max(...perStep.values())).toBe(4);
+    // Same prompt again: served from the prefix cache.
+    await m.complete(prompts[2]!, { maxTokens: 2 });
+    const s = m.metrics();
+    expect(s.model).toBe('fake-batched');
+    expect(s.requests).toBe(5);
+    expect(s.generatedTokens).toBe(4 * 6 + 2);
+    expect(s.timeToFirstToken.count).toBe(5);
+    expect(s.interTokenLatency.count).toBe(4 * 5 + 1);
+    expect(s.prefix.queriedTokens).toBe(prompts.reduce((n, p) => n + p.length, 0) + prompts[2]!.length);
+    expect(s.prefix.hitTokens).toBe(prompts[2]!.length - 1);
+    expect(s.kv.blocks).toMatchObject({ total: 64, used: 0 });
+    expect(s.kv.blocks.cached + s.kv.blocks.free).toBe(64);
+    expect(s.kv.maxBytes).toBe(64 * 16 * 4);
+    expect(s.kv.highWaterBytes).toBeLessThanOrEqual(s.kv.maxBytes);
+    expect(s.running + s.waiting).toBe(0);
+    // Expert load is the pool's (the reference pool routes each computed token to expert t % 4).
+    const computed = stats.evals.flat();
+    expect(s.expertLoad).toEqual([[0, 1, 2, 3].map((e) => computed.filter((t) => t % 4 === e).length)]);
+    const text = (await import('../lib/metrics/index.js')).toPrometheus();
+    expect(text).toMatch(/sonde_llm_time_to_first_token_seconds_count\{model="fake-batched"\} 5/);
+    expect(text).toMatch(/sonde_llm_kv_blocks\{model="fake-batched",state="used"\} 0/);
+    expect(text).toMatch(/sonde_llm_expert_tokens_total\{model="fake-batched",layer="0",expert="1"\} \d+/);
+    m.dispose();
+    expect(m.metrics().requests).toBe(5);
+    expect((await import('../lib/metrics/index.js')).toPrometheus()).not.toMatch(/model="fake-batched"/);
+  });
+
+  it.runIf(withPool)('serving options: QueueFullError, a prompt that never fits the cache, typed option errors', async () => {
+    const { engine } = fakeEngine(64, 2);
+    // 4 blocks of 4 positions: 16 tokens in all.
+    const m = LanguageModel.fromEngine(engine, fakeTokenizer(), { maxConcurrency: 1, maxQueue: 1, kvCache: { maxBytes: 4 * 4 * 4, blockSize: 4 } });
+    const a = collect(m.generate('p', { maxTokens: 3 }));
+    const b = collect(m.generate('q', { maxTokens: 3 }));
+    await new Promise((r) => setTimeout(r, 0));
+    await expect(m.complete('r', { maxTokens: 3 })).rejects.toThrow(QueueFullError);
+    expect((await a).tokens).toEqual(SCRIPT_TOKENS.slice(0, 3));
+    expect((await b).tokens).toEqual(SCRIPT_TOKENS.slice(0, 3));
+    await expect(m.complete(Array.from({ length: 16 }, () => 0x61))).rejects.toThrow(OutOfMemoryError);
+    await expect(m.logits(Array.from({ length: 16 }, () => 0x61))).rejects.toThrow(/more than the whole cache holds \(4 blocks/);
+    const bad: [unknown, RegExp][] = [
+      [{ kvCache: { maxBytes: 0 } }, /options\.kvCache\.maxBytes must be an integer/],
+      [{ kvCache: { maxBytes: 8 } }, /kvCache\.maxBytes 8 is smaller than one KV block/],
+      [{ kvCache: { dtype: 'f8' } }, /options\.kvCache\.dtype/],
+      [{ kvCache: { blocksize: 8 } }, /did you mean 'blockSize'/],
+      [{ kvCache: { prefixCaching: 1 } }, /options\.kvCache\.prefixCaching must be a boolean/],
+      [{ maxConcurrency: 0 }, /options\.maxConcurrency must be an integer/],
+      [{ prefillBudget: 1.5 }, /options\.prefillBudget must be an integer/],
+      [{ maxQueue: -1 }, /options\.maxQueue must be an integer/],
+      [{ name: '' }, /options\.name must be a non-empty string/],
+    ];
+    for (const [o, msg] of bad) expect(() => LanguageModel.fromEngine(fakeEngine().engine, fakeTokenizer(), o as never), String(msg)).toThrow(msg);
   });
 
   it('leaving a for-await early lets the next call in', async () => {

@@ -5,26 +5,32 @@
  * Compute runs in the native transformer (one native call per prefill or decode step, off the JS
  * thread); tokenising, sampling (lib/llm/sampling.ts) and stop matching run here, between steps.
  *
- * Concurrency: a model holds one sequence (one KV cache of `contextSize` tokens), and calls that
- * use it (generate, complete, logits) are serialised in call order: a second generation starts
- * when the first ends. Issue #9 replaces this with continuous batching over several sequences.
- * A generation holds the model until its iterator finishes, throws, or is closed (leaving a
- * `for await` loop early closes it); an iterator abandoned half-read without return() keeps it.
+ * Concurrency (issue #9): over an engine with a paged KV pool (LlmEngine.createKvPool), calls run
+ * through the continuous-batching scheduler of lib/llm/kv/scheduler.ts: concurrent generations
+ * share each batched step, a long prompt is prefilled in chunks beside them, and every prompt
+ * starts from the longest prefix any earlier request left in the cache (so a prompt that extends
+ * a finished one, as the next turn of a chat does, only computes its new tokens). A generation
+ * decodes ahead of its consumer; leaving a `for await` loop early (or aborting) ends it at the
+ * next step. Sampling and stop matching run here, in the scheduler's per-step callback.
  *
- * The cache keeps the tokens of the last call, so a prompt that extends them (a chat turn after
- * the previous one) only evaluates its new tokens.
+ * An engine without a pool (a custom engine, or a transformer built before the paged pool) gets
+ * the single-sequence path: calls are serialised in call order, each holding the model until its
+ * iterator finishes, throws or is closed, and the one cache keeps the last call's tokens for reuse.
  */
+import { freemem } from 'node:os';
 import { resolveDevice } from '../device.js';
 import { AbortError, DeviceUnavailableError, DisposedError, InvalidArgumentError, ModelFormatError } from '../errors.js';
 import { NativeResource } from '../lifetime.js';
-import { checkInt, checkOptions, checkSignal, describe } from '../validate.js';
+import { LlmMetrics, type LanguageModelMetricsSnapshot } from '../metrics/llm.js';
+import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
 import type { GgufFile } from './gguf.js';
-import type { LlmEngine, LlmSequence, ModelConfig } from './engine.js';
+import type { KvDtype, KvPool, LlmEngine, LlmSequence, ModelConfig } from './engine.js';
+import { Scheduler } from './kv/scheduler.js';
 import { SAMPLING_OPTIONS, Sampler, type SamplingOptions } from './sampling.js';
 import { Tokenizer, type ChatMessage } from './tokenizer.js';
 import { loadTransformer } from './transformer.js';
 
-export type { ChatMessage };
+export type { ChatMessage, LanguageModelMetricsSnapshot };
 
 /** A streaming decoder: text for each token, never splitting a UTF-8 character. */
 export interface TokenStreamDecoder {
@@ -51,9 +57,37 @@ export interface LanguageModelLoadOptions {
   device?: 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;
   /** Threads of sonde's pool for this model (default: the pool's size). */
   threads?: number;
-  /** Tokens the KV cache holds (prompt + generated). Default: min(the model's context length, 4096). */
+  /** Tokens one sequence holds (prompt + generated). Default: min(the model's context length, 4096). */
   contextSize?: number;
+  /** The paged KV cache shared by every sequence of this model. */
+  kvCache?: KvCacheOptions;
+  /** Most sequences computed together (default 16); more requests wait. */
+  maxConcurrency?: number;
+  /** Prompt tokens per batched step, over all prompts being prefilled (default 512). */
+  prefillBudget?: number;
+  /** Most requests waiting (default: unbounded); one more is a QueueFullError at once. */
+  maxQueue?: number;
+  /** The `model` label of this model's metrics (default: the file's name and a number). */
+  name?: string;
 }
+
+export interface KvCacheOptions {
+  /**
+   * Hard cap on the cache's native memory. Default: a quarter of the free memory (os.freemem())
+   * at load. Memory is taken only as blocks are first used, and finished requests' blocks stay
+   * cached for prefix reuse until the cap needs them.
+   */
+  maxBytes?: number;
+  /** Storage of K and V (default 'f32'; 'f16' halves the memory, attention computes in fp32). */
+  dtype?: KvDtype;
+  /** Positions per block (default 16). */
+  blockSize?: number;
+  /** Reuse cached prompt prefixes across requests (default true). */
+  prefixCaching?: boolean;
+}
+
+/** The serving options fromEngine() takes (the device and threads belong to the engine). */
+export type LanguageModelEngineOptions = Pick<LanguageModelLoadOptions, 'contextSize' | 'kvCache' | 'maxConcurrency' | 'prefillBudget' | 'maxQueue' | 'name'>;
 
 export interface GenerateOptions extends SamplingOptions {
   /** Most tokens to generate (default: until an end-of-generation token or the context is full). */
@@ -104,7 +138,21 @@ export interface LanguageModelInfo {
   quantizationTypes: string[];
 }
 
-const LOAD_OPTIONS = ['device', 'threads', 'contextSize'] as const;
+const ENGINE_OPTIONS = ['contextSize', 'kvCache', 'maxConcurrency', 'prefillBudget', 'maxQueue', 'name'] as const;
+const LOAD_OPTIONS = ['device', 'threads', ...ENGINE_OPTIONS] as const;
+const KV_OPTIONS = ['maxBytes', 'dtype', 'blockSize', 'prefixCaching'] as const;
+/** Share of os.freemem() the KV cache may take by default. */
+const DEFAULT_KV_FRACTION = 0.25;
+let modelCount = 0;
+
+interface Serving {
+  contextSize: number;
+  kv: { maxBytes: number; dtype: KvDtype; blockSize: number; prefixCaching: boolean };
+  maxConcurrency: number | undefined;
+  prefillBudget: number | undefined;
+  maxQueue: number | undefined;
+  name: string | undefined;
+}
 const GENERATE_OPTIONS = [...SAMPLING_OPTIONS, 'maxTokens', 'stop', 'signal', 'parseSpecial'] as const;
 const TOKENIZE_OPTIONS = ['addSpecial', 'parseSpecial'] as const;
 const DETOKENIZE_OPTIONS = ['special'] as const;
@@ -158,23 +206,169 @@ function heldSuffix(text: string, stops: readonly string[]): number {
   return best;
 }
 
+/**
+ * The text side of a generation: stop tokens and strings, UTF-8 characters kept whole, and the
+ * events ready to emit. accept() takes each sampled token and says whether generation goes on.
+ */
+class Emitter {
+  /** Events ready for the consumer, in order. */
+  readonly ready: GeneratedToken[] = [];
+  #tokenizer: LanguageModelTokenizer;
+  #stopStrings: readonly string[];
+  #stopTokens: ReadonlySet<number>;
+  #maxTokens: number;
+  #decoder: TokenStreamDecoder;
+  #utf8 = new Utf8Tracker();
+  #pending: GeneratedToken[] = [];
+  #pendingText = '';
+  #generated = 0;
+
+  constructor(tokenizer: LanguageModelTokenizer, stopStrings: readonly string[], stopTokens: ReadonlySet<number>, maxTokens: number) {
+    this.#tokenizer = tokenizer;
+    this.#stopStrings = stopStrings;
+    this.#stopTokens = stopTokens;
+    this.#maxTokens = maxTokens;
+    this.#decoder = tokenizer.createDecoder();
+  }
+
+  /** Takes a sampled token; false when the generation ends here (`full`: the cache has no room for it). */
+  accept(token: number, full: boolean): boolean {
+    if (this.#stopTokens.has(token) || this.#tokenizer.isEog(token)) return this.#end();
+    const text = this.#decoder.push(token);
+    this.#utf8.push(this.#tokenizer.tokenBytes(token));
+    this.#generated++;
+    this.#pending.push({ token, text });
+    this.#pendingText += text;
+    const stops = this.#stopStrings;
+    if (stops.length > 0) {
+      let at = -1;
+      for (const s of stops) {
+        const i = this.#pendingText.indexOf(s);
+        if (i >= 0 && (at < 0 || i < at)) at = i;
+      }
+      if (at >= 0) {
+        // Emit what comes before the stop string, cutting the event it starts in.
+        let end = 0;
+        for (const e of this.#pending) {
+          if (end >= at) break;
+          const take = Math.min(e.text.length, at - end);
+          end += e.text.length;
+          this.ready.push({ token: e.token, text: e.text.slice(0, take) });
+        }
+        this.#pending = [];
+        return false;
+      }
+    }
+    // Release the events whose text cannot be part of a stop string. The newest one waits while
+    // the decoder holds the start of a character, so the end-of-stream flush (U+FFFD for an
+    // unfinished character) has an event to join.
+    const releasable = this.#pendingText.length - (stops.length > 0 ? heldSuffix(this.#pendingText, stops) : 0);
+    let end = 0;
+    let n = 0;
+    while (n < this.#pending.length) {
+      const e = this.#pending[n]!;
+      if (end + e.text.length > releasable) break;
+      if (n === this.#pending.length - 1 && this.#utf8.open) break;
+      end += e.text.length;
+      n++;
+    }
+    if (n > 0) {
+      this.ready.push(...this.#pending.splice(0, n));
+      this.#pendingText = this.#pendingText.slice(end);
+    }
+    if (this.#generated >= this.#maxTokens || full) return this.#end();
+    return true;
+  }
+
+  /** The end: held text is final now (a stop string can no longer complete). */
+  #end(): false {
+    const tail = this.#decoder.flush();
+    if (this.#pending.length > 0) {
+      this.#pending[this.#pending.length - 1]!.text += tail;
+      this.ready.push(...this.#pending);
+      this.#pending = [];
+    }
+    return false;
+  }
+}
+
 export class LanguageModel extends NativeResource {
   readonly info: Readonly<LanguageModelInfo>;
   readonly contextSize: number;
   #engine: LlmEngine;
   #tokenizer: LanguageModelTokenizer;
-  #sequence: LlmSequence;
+  #metrics: LlmMetrics;
+  /** The paged path (an engine with a KV pool). */
+  #pool: KvPool | undefined;
+  #scheduler: Scheduler | undefined;
+  /** The single-sequence path (an engine without one). */
+  #sequence: LlmSequence | undefined;
   /** The tokens in the sequence's cache, for prefix reuse. */
   #cached: number[] = [];
   #queue: Promise<void> = Promise.resolve();
 
-  private constructor(engine: LlmEngine, tokenizer: LanguageModelTokenizer, contextSize: number) {
+  private constructor(engine: LlmEngine, tokenizer: LanguageModelTokenizer, serving: Serving) {
     super();
     this.#engine = engine;
     this.#tokenizer = tokenizer;
-    this.contextSize = contextSize;
-    this.#sequence = engine.createSequence(contextSize);
-    this.info = Object.freeze(LanguageModel.#describe(engine.config, engine.file, contextSize));
+    this.contextSize = serving.contextSize;
+    if (engine.createKvPool) {
+      const pool = LanguageModel.#createPool(engine, serving);
+      this.#pool = pool;
+      try {
+        this.#scheduler = new Scheduler(pool, {
+          contextSize: serving.contextSize, vocabSize: engine.config.vocabSize, prefixCaching: serving.kv.prefixCaching,
+          ...(serving.maxConcurrency !== undefined ? { maxConcurrency: serving.maxConcurrency } : {}),
+          ...(serving.prefillBudget !== undefined ? { prefillBudget: serving.prefillBudget } : {}),
+          ...(serving.maxQueue !== undefined ? { maxQueue: serving.maxQueue } : {}),
+        });
+      } catch (err) {
+        pool.dispose();
+        throw err;
+      }
+    } else {
+      this.#sequence = engine.createSequence(serving.contextSize);
+    }
+    this.info = Object.freeze(LanguageModel.#describe(engine.config, engine.file, serving.contextSize));
+    modelCount++;
+    const maxBytes = serving.kv.maxBytes;
+    const scheduler = this.#scheduler;
+    const pool = this.#pool;
+    this.#metrics = new LlmMetrics(serving.name ?? `${engine.file.info.name ?? 'model'}-${modelCount}`, () => {
+      if (!scheduler || !pool || scheduler.disposed) return undefined;
+      return {
+        running: scheduler.running, waiting: scheduler.waiting, blocks: scheduler.stats(), blockSize: pool.blockSize,
+        bytes: pool.bytes, highWaterBytes: pool.highWaterBytes, maxBytes, expertCounts: pool.expertCounts(), experts: engine.config.expertCount,
+      };
+    });
+    if (scheduler) {
+      const m = this.#metrics;
+      scheduler.observer = {
+        stepped: (rows, promptRows, _sequences, seconds) => m.stepped(rows, promptRows, seconds),
+        firstToken: (seconds) => m.firstToken(seconds),
+        interToken: (seconds) => m.interToken(seconds),
+      };
+    }
+  }
+
+  /** A pool of at most kvCache.maxBytes: its block count from the pool's own block size. */
+  static #createPool(engine: LlmEngine, serving: Serving): KvPool {
+    const { maxBytes, dtype, blockSize } = serving.kv;
+    const c = engine.config;
+    // K and V of every layer and KV head for blockSize positions (KvPool.blockBytes).
+    const estimate = 2 * c.blockCount * c.headCountKv * c.headDim * blockSize * (dtype === 'f16' ? 2 : 4);
+    const blocksFor = (bytes: number) => Math.floor(maxBytes / bytes);
+    const tooSmall = (bytes: number) => new InvalidArgumentError(`LanguageModel: kvCache.maxBytes ${maxBytes} is smaller than one KV block of ${blockSize} positions (${bytes} bytes)`);
+    // Native memory is taken only as blocks are used, so a pool made only to learn its block
+    // size (an engine whose layout differs from the estimate) costs nothing.
+    let pool = engine.createKvPool!({ maxBlocks: Math.max(1, blocksFor(estimate)), blockSize, dtype });
+    if (pool.blockBytes !== estimate || blocksFor(estimate) < 1) {
+      const bytes = pool.blockBytes;
+      pool.dispose();
+      if (blocksFor(bytes) < 1) throw tooSmall(bytes);
+      pool = engine.createKvPool!({ maxBlocks: blocksFor(bytes), blockSize, dtype });
+    }
+    return pool;
   }
 
   /**
@@ -194,13 +388,14 @@ export class LanguageModel extends NativeResource {
     }
     const threads = o.threads === undefined ? undefined : checkInt(`${where}: options.threads`, o.threads, 1, 1024);
     if (o.contextSize !== undefined) checkInt(`${where}: options.contextSize`, o.contextSize, 1, MAX_CONTEXT);
+    LanguageModel.#serving(where, o, undefined);
     const engine = await loadTransformer(path, threads === undefined ? {} : { threads });
     try {
       const tokenizer = Tokenizer.fromGguf(engine.file.metadata);
       if (tokenizer.vocabSize !== engine.config.vocabSize) {
         throw new ModelFormatError(`${path}: the tokenizer has ${tokenizer.vocabSize} tokens but the model's embedding has ${engine.config.vocabSize} rows`);
       }
-      return new LanguageModel(engine, tokenizer, LanguageModel.#contextSize(where, o.contextSize, engine.config));
+      return new LanguageModel(engine, tokenizer, LanguageModel.#serving(where, o, engine.config));
     } catch (err) {
       engine.dispose();
       throw err;
@@ -211,11 +406,30 @@ export class LanguageModel extends NativeResource {
    * A model over an engine and tokenizer that are already loaded. The model owns both from here:
    * dispose() disposes the engine. `load()` is the usual way in; this is for custom engines.
    */
-  static fromEngine(engine: LlmEngine, tokenizer: LanguageModelTokenizer, options?: Pick<LanguageModelLoadOptions, 'contextSize'>): LanguageModel {
+  static fromEngine(engine: LlmEngine, tokenizer: LanguageModelTokenizer, options?: LanguageModelEngineOptions): LanguageModel {
     const where = 'LanguageModel.fromEngine';
-    const o = checkOptions<LanguageModelLoadOptions>(where, options, ['contextSize']);
-    const contextSize = LanguageModel.#contextSize(where, o.contextSize, engine.config);
-    return new LanguageModel(engine, tokenizer, contextSize);
+    const o = checkOptions<LanguageModelLoadOptions>(where, options, ENGINE_OPTIONS);
+    return new LanguageModel(engine, tokenizer, LanguageModel.#serving(where, o, engine.config));
+  }
+
+  /** Validates the serving options (each error names its option); with no config, only checks. */
+  static #serving(where: string, o: Partial<LanguageModelLoadOptions>, config: ModelConfig | undefined): Serving {
+    const kv = checkOptions<KvCacheOptions>(`${where}: options.kvCache`, o.kvCache, KV_OPTIONS);
+    const maxBytes = kv.maxBytes === undefined ? Math.floor(freemem() * DEFAULT_KV_FRACTION) : checkInt(`${where}: options.kvCache.maxBytes`, kv.maxBytes, 1);
+    const dtype = kv.dtype === undefined ? 'f32' : checkOneOf(`${where}: options.kvCache.dtype`, kv.dtype, ['f32', 'f16'] as const);
+    const blockSize = kv.blockSize === undefined ? 16 : checkInt(`${where}: options.kvCache.blockSize`, kv.blockSize, 1, 4096);
+    const prefixCaching = checkBool(`${where}: options.kvCache.prefixCaching`, kv.prefixCaching, true);
+    const opt = (name: 'maxConcurrency' | 'prefillBudget' | 'maxQueue', min: number) =>
+      (o[name] === undefined ? undefined : checkInt(`${where}: options.${name}`, o[name], min));
+    if (o.name !== undefined && (typeof o.name !== 'string' || o.name.length === 0)) {
+      throw new InvalidArgumentError(`${where}: options.name must be a non-empty string, got ${describe(o.name)}`);
+    }
+    return {
+      contextSize: config ? LanguageModel.#contextSize(where, o.contextSize, config) : 0,
+      kv: { maxBytes, dtype, blockSize, prefixCaching },
+      maxConcurrency: opt('maxConcurrency', 1), prefillBudget: opt('prefillBudget', 1), maxQueue: opt('maxQueue', 0),
+      name: o.name,
+    };
   }
 
   static #contextSize(where: string, value: unknown, config: ModelConfig): number {
@@ -274,7 +488,17 @@ export class LanguageModel extends NativeResource {
    */
   expertCounts(): Float64Array | undefined {
     this.checkAlive('LanguageModel.expertCounts');
-    return this.#sequence.expertCounts?.();
+    return this.#pool ? this.#pool.expertCounts() : this.#sequence!.expertCounts?.();
+  }
+
+  /**
+   * This model's serving metrics (latencies in seconds): time to first token, inter-token
+   * latency, tokens/s, running and waiting sequences, KV blocks, prefix hits, evictions, expert
+   * load. The same figures are in the process-wide registry (sonde.metrics) under the label
+   * `model`. Works after dispose (the last figures).
+   */
+  metrics(): LanguageModelMetricsSnapshot {
+    return this.#metrics.snapshot();
   }
 
   /**
@@ -289,6 +513,16 @@ export class LanguageModel extends NativeResource {
     this.#checkTokens(where, 'tokens', tokens);
     if (tokens.length === 0) throw new InvalidArgumentError(`${where}: tokens must not be empty`);
     this.#checkFits(where, tokens.length);
+    if (this.#scheduler) {
+      try {
+        const r = await this.#scheduler.submit({ tokens: Array.from(tokens), logits: 'all', ...(signal ? { signal } : {}) });
+        return r.logits!;
+      } catch (err) {
+        throw this.#mapError(where, err, signal);
+      } finally {
+        this.#metrics.requestSettled();
+      }
+    }
     const release = await this.#acquire(where, signal);
     try {
       this.#truncate(0);
@@ -320,7 +554,10 @@ export class LanguageModel extends NativeResource {
     const tokens = this.#promptTokens(where, prompt, parseSpecial);
     if (tokens.length === 0) throw new InvalidArgumentError(`${where}: the prompt has no tokens (the vocabulary adds no BOS; give some text)`);
     this.#checkFits(where, tokens.length);
-    return this.#run(where, tokens, sampler, maxTokens, stopStrings, stopTokens, signal);
+    const emitter = new Emitter(this.#tokenizer, stopStrings, stopTokens, maxTokens);
+    return this.#scheduler
+      ? this.#runBatched(where, tokens, sampler, maxTokens, emitter, signal)
+      : this.#runSerial(where, tokens, sampler, maxTokens, emitter, signal);
   }
 
   /** The generated text (what generate() streams, joined). */
@@ -330,8 +567,63 @@ export class LanguageModel extends NativeResource {
     return text;
   }
 
-  async *#run(where: string, prompt: number[], sampler: Sampler, maxTokens: number, stopStrings: string[],
-    stopTokens: Set<number>, signal: AbortSignal | undefined): AsyncGenerator<GeneratedToken> {
+  async *#runBatched(where: string, prompt: number[], sampler: Sampler, maxTokens: number, emitter: Emitter,
+    signal: AbortSignal | undefined): AsyncGenerator<GeneratedToken> {
+    if (this.disposed) throw new DisposedError(`${where}: LanguageModel has been disposed`);
+    if (signal?.aborted) throw abortError(signal);
+    if (maxTokens === 0) return;
+    const history = prompt.slice();
+    // Ends the request: the caller's abort, or the iterator closed early.
+    const ending = new AbortController();
+    let wake: (() => void) | undefined;
+    let settled = false;
+    let failure: unknown;
+    const onAbort = () => { ending.abort(signal!.reason); wake?.(); };
+    signal?.addEventListener('abort', onAbort, { once: true });
+    const done = this.#scheduler!.submit({
+      tokens: prompt, logits: 'last', signal: ending.signal,
+      onLogits: (logits, length) => {
+        const token = sampler.sample(logits, history);
+        const more = emitter.accept(token, length >= this.contextSize);
+        wake?.();
+        if (!more) return undefined;
+        history.push(token);
+        return token;
+      },
+    });
+    done.then(() => { settled = true; wake?.(); }, (err) => { settled = true; failure = err; wake?.(); });
+    try {
+      for (;;) {
+        if (signal?.aborted) throw abortError(signal);
+        if (this.disposed) throw new DisposedError(`${where}: LanguageModel has been disposed`);
+        const e = emitter.ready.shift();
+        if (e) {
+          yield e;
+          continue;
+        }
+        if (settled) {
+          if (failure !== undefined) throw this.#mapError(where, failure, signal);
+          return;
+        }
+        await new Promise<void>((r) => { wake = r; });
+        wake = undefined;
+      }
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+      if (!settled) ending.abort();
+      this.#metrics.requestSettled();
+    }
+  }
+
+  /** An error of the scheduler as this call reports it. */
+  #mapError(where: string, err: unknown, signal: AbortSignal | undefined): unknown {
+    if (signal?.aborted) return abortError(signal);
+    if (err instanceof DisposedError) return new DisposedError(`${where}: LanguageModel has been disposed`, { cause: err });
+    return err;
+  }
+
+  async *#runSerial(where: string, prompt: number[], sampler: Sampler, maxTokens: number, emitter: Emitter,
+    signal: AbortSignal | undefined): AsyncGenerator<GeneratedToken> {
     const release = await this.#acquire(where, signal);
     try {
       if (maxTokens === 0) return;
@@ -342,76 +634,22 @@ export class LanguageModel extends NativeResource {
       this.#truncate(common);
       let logits = await this.#eval(where, prompt.slice(common), signal, false);
       const history = prompt.slice();
-      const decoder = this.#tokenizer.createDecoder();
-      const utf8 = new Utf8Tracker();
-      const pending: GeneratedToken[] = [];
-      let pendingText = '';
-      let generated = 0;
       for (;;) {
         if (signal?.aborted) throw abortError(signal);
         const token = sampler.sample(logits, history);
-        if (stopTokens.has(token) || this.#tokenizer.isEog(token)) break;
-        const text = decoder.push(token);
-        utf8.push(this.#tokenizer.tokenBytes(token));
-        generated++;
-        history.push(token);
-        pending.push({ token, text });
-        pendingText += text;
-        if (stopStrings.length > 0) {
-          let at = -1;
-          for (const s of stopStrings) {
-            const i = pendingText.indexOf(s);
-            if (i >= 0 && (at < 0 || i < at)) at = i;
-          }
-          if (at >= 0) {
-            // Emit what comes before the stop string, cutting the event it starts in.
-            let end = 0;
-            for (const e of pending) {
-              if (end >= at) break;
-              const take = Math.min(e.text.length, at - end);
-              end += e.text.length;
-              if (signal?.aborted) throw abortError(signal);
-              yield { token: e.token, text: e.text.slice(0, take) };
-            }
-            return;
-          }
-        }
-        // Release the events whose text cannot be part of a stop string. The newest one waits
-        // while the decoder holds the start of a character, so the end-of-stream flush (U+FFFD
-        // for an unfinished character) has an event to join.
-        const releasable = pendingText.length - (stopStrings.length > 0 ? heldSuffix(pendingText, stopStrings) : 0);
-        let end = 0;
-        let n = 0;
-        while (n < pending.length) {
-          const e = pending[n]!;
-          if (end + e.text.length > releasable) break;
-          if (n === pending.length - 1 && utf8.open) break;
-          end += e.text.length;
-          n++;
-        }
-        if (n > 0) {
-          const out = pending.splice(0, n);
-          pendingText = pendingText.slice(end);
-          for (const e of out) {
-            // The consumer may abort while handling an event of this batch: stop at once.
-            if (signal?.aborted) throw abortError(signal);
-            yield e;
-          }
-        }
-        if (generated >= maxTokens || this.#cached.length >= this.contextSize) break;
-        logits = await this.#eval(where, [token], signal, false);
-      }
-      // The end: held text is final now (a stop string can no longer complete).
-      const tail = decoder.flush();
-      if (pending.length > 0) {
-        pending[pending.length - 1]!.text += tail;
-        for (const e of pending) {
+        const more = emitter.accept(token, this.#cached.length >= this.contextSize);
+        for (const e of emitter.ready.splice(0)) {
+          // The consumer may abort while handling an event of this batch: stop at once.
           if (signal?.aborted) throw abortError(signal);
           yield e;
         }
+        if (!more) return;
+        history.push(token);
+        logits = await this.#eval(where, [token], signal, false);
       }
     } finally {
       release();
+      this.#metrics.requestSettled();
     }
   }
 
@@ -420,7 +658,7 @@ export class LanguageModel extends NativeResource {
     if (this.disposed) throw new DisposedError(`${where}: LanguageModel has been disposed`);
     if (signal?.aborted) throw abortError(signal);
     try {
-      const logits = await this.#sequence.eval(tokens, signal ? { signal, allLogits } : { allLogits });
+      const logits = await this.#sequence!.eval(tokens, signal ? { signal, allLogits } : { allLogits });
       this.#cached.push(...tokens);
       return logits;
     } catch (err) {
@@ -432,7 +670,7 @@ export class LanguageModel extends NativeResource {
   }
 
   #truncate(length: number): void {
-    this.#sequence.truncate(length);
+    this.#sequence!.truncate(length);
     this.#cached.length = length;
   }
 
@@ -532,10 +770,23 @@ export class LanguageModel extends NativeResource {
     }
   }
 
-  /** Native memory is freed once the call in progress (if any) has ended; later calls throw DisposedError. */
+  /**
+   * Waiting requests reject and running ones end with DisposedError; native memory is freed once
+   * the step (or call) in progress has ended; later calls throw DisposedError.
+   */
   protected release(): void {
+    this.#metrics.close();
+    const scheduler = this.#scheduler;
+    if (scheduler) {
+      scheduler.dispose();
+      void scheduler.whenIdle().then(() => {
+        this.#pool!.dispose();
+        this.#engine.dispose();
+      });
+      return;
+    }
     const free = () => {
-      this.#sequence.dispose();
+      this.#sequence!.dispose();
       this.#engine.dispose();
     };
     void this.#queue.then(free);

@@ -3,12 +3,14 @@ import { registerWith } from './prometheus.js';
 import { metrics as processRegistry, type MetricSnapshot } from './registry.js';
 // Declares the per-session families before any exporter attaches.
 import './session.js';
+import './llm.js';
 
 export { Histogram } from './histogram.js';
 export type { HistogramOptions, HistogramSnapshot } from './histogram.js';
 export { MetricsRegistry } from './registry.js';
 export type { Labels, CounterHandle, GaugeHandle, HistogramHandle, MetricSnapshot, CollectedFamily } from './registry.js';
 export type { SessionMetricsSnapshot } from './session.js';
+export type { LanguageModelMetricsSnapshot } from './llm.js';
 export type { PromRegistryLike } from './prometheus.js';
 
 /** The registry sonde's sessions and models record into. */

@@ -1,0 +1,516 @@
+/**
+ * Continuous batching over one paged KV pool (issue #9). Every step is ONE KvPool.step call that
+ * carries the decode token of every running sequence plus up to `prefillBudget` prompt tokens
+ * (chunked prefill: a long prompt is spread over several steps, so the running decodes keep their
+ * pace). Sequences join and leave at step boundaries; block ownership is the BlockManager's.
+ *
+ * A request is a prompt plus a callback: after the prompt, and after every token fed back, the
+ * scheduler hands the callback that position's logits (synchronously, between steps) and the
+ * callback returns the next token to feed, or undefined to end. Sampling thus stays with the
+ * caller (lib/llm/sampling.ts), and a slow consumer never stalls a step.
+ *
+ * Rules:
+ * - Admission is first come, first served, up to `maxConcurrency` running sequences, and only
+ *   when the pool can hold the rest of the prompt and one more token beside what the running
+ *   prompts still need; otherwise the request waits (at most `maxQueue` wait; beyond that
+ *   QueueFullError at once). A request that could never fit (its prompt and one generated token
+ *   need more blocks than the whole pool, or the prompt is longer than the context) fails at once.
+ * - A new prompt starts from the longest cached prefix (BlockManager.open), always computing at
+ *   least its last token (whose logits it needs). Requests for every prompt row ('all') compute
+ *   from position 0.
+ * - When a running decode needs a block and none is free or cached, the newest running sequence
+ *   is preempted: its blocks are released (its published blocks stay cached, so it resumes cheaply)
+ *   and it is queued again at the head, to recompute what it had. A sequence alone that fills the
+ *   whole pool fails with OutOfMemoryError.
+ * - An aborted request leaves at the next step boundary (a waiting one at once), its unshared
+ *   blocks freed; a step whose sequences are all aborted is cancelled. A failed step fails the
+ *   requests in it and publishes none of their unfinished blocks.
+ * - dispose() rejects waiting requests and ends running ones with DisposedError; whenIdle() tells
+ *   when the last step has returned (the pool may be disposed then).
+ *
+ * Retained sequences (for chats, lib/llm/chat.ts): a request with `retain: true` ends with its
+ * blocks still referenced, as a RetainedSequence holding the tokens in its cache. A later request
+ * with `continueFrom: retained` starts from those blocks (the longest common prefix of its prompt
+ * and the retained tokens) instead of a cache lookup, so nothing it relies on can be evicted.
+ * The new request takes its own references when submitted: release() the old handle right after
+ * submitting (or keep it to branch the conversation; a shared last block is then copied on write).
+ */
+import { AbortError, DisposedError, InternalError, InvalidArgumentError, OutOfMemoryError, QueueFullError } from '../../errors.js';
+import type { KvPool, StepSequence } from '../engine.js';
+import { BlockManager, type BlockStats, type SequenceBlocks } from './blocks.js';
+
+export interface SchedulerOptions {
+  /** Tokens one sequence may hold (prompt and generated). */
+  contextSize: number;
+  /** Rows of a logits vector (the pool's model). */
+  vocabSize: number;
+  /** Most sequences running at once (default 16). */
+  maxConcurrency?: number;
+  /** Prompt tokens per step, over all prefilling sequences (default 512). */
+  prefillBudget?: number;
+  /** Most requests waiting for admission (default Infinity). */
+  maxQueue?: number;
+  /** Reuse cached prefixes across requests (default true). */
+  prefixCaching?: boolean;
+}
+
+export interface SequenceRequest {
+  /** The whole prompt (token ids; at least one). */
+  tokens: readonly number[];
+  /**
+   * 'last': the prompt's last row goes to onLogits, which drives the decoding. 'all': every prompt
+   * row is computed (from position 0, no reuse) and returned in the result; there is no decoding.
+   */
+  logits: 'last' | 'all';
+  /**
+   * Receives the logits (vocabSize values, the caller's to keep) after the prompt and after each
+   * token it returned, and `length`, the tokens now in the sequence's cache. Returns the next token
+   * to feed, or undefined to end. A token is not fed when the cache is full (length ===
+   * contextSize): the request ends instead. Throwing ends the request with that error.
+   */
+  onLogits?: (logits: Float32Array, length: number) => number | undefined;
+  signal?: AbortSignal;
+  /** End with the blocks still referenced, as `result.retained` (see the header). */
+  retain?: boolean;
+  /** Start from a retained sequence's blocks rather than from a cache lookup. */
+  continueFrom?: RetainedSequence;
+}
+
+export interface SequenceResult {
+  /** 'all' requests: [tokens.length x vocabSize]. */
+  logits?: Float32Array;
+  retained?: RetainedSequence;
+}
+
+/** What the scheduler reports as it runs (metrics). */
+export interface SchedulerObserver {
+  /** One step: its rows (tokens), how many were prompt tokens, sequences, and its duration. */
+  stepped(rows: number, promptRows: number, sequences: number, seconds: number): void;
+  /** Seconds from submit to the first logits handed to onLogits (time to first token). */
+  firstToken(seconds: number): void;
+  /** Seconds between two onLogits calls of one sequence (inter-token latency). */
+  interToken(seconds: number): void;
+}
+
+/** A finished sequence whose blocks are kept for a later request (see the header). */
+export class RetainedSequence {
+  readonly #scheduler: Scheduler;
+  /** @internal */
+  readonly blocks: SequenceBlocks;
+
+  /** @internal */
+  constructor(scheduler: Scheduler, blocks: SequenceBlocks) {
+    this.#scheduler = scheduler;
+    this.blocks = blocks;
+  }
+
+  /** The token ids the cache holds for it. */
+  get tokens(): readonly number[] {
+    return this.blocks.tokens;
+  }
+
+  get released(): boolean {
+    return this.blocks.released;
+  }
+
+  /** Drops its blocks' references (published ones stay cached). Idempotent. */
+  release(): void {
+    this.#scheduler.releaseRetained(this);
+  }
+}
+
+interface Entry {
+  readonly req: SequenceRequest;
+  readonly resolve: (r: SequenceResult) => void;
+  readonly reject: (err: unknown) => void;
+  readonly submitted: number;
+  seq: SequenceBlocks | undefined;
+  /** Tokens to write after seq.length: the rest of the prompt, or the token to decode. */
+  pending: number[];
+  /** Whether `pending` is prompt (chunked under the budget) rather than one decode token. */
+  prefill: boolean;
+  /** Preempted and queued again: its lookup is not a new request's. */
+  resumed: boolean;
+  rows: Float32Array | undefined;
+  lastLogitsAt: number;
+  order: number;
+  aborted: boolean;
+  done: boolean;
+  detach: () => void;
+}
+
+interface Item {
+  entry: Entry;
+  start: number;
+  tokens: number[];
+  logits: StepSequence['logits'];
+}
+
+const abortError = (signal: AbortSignal | undefined) => new AbortError(undefined, signal ? { cause: signal.reason } : undefined);
+
+export class Scheduler {
+  readonly pool: KvPool;
+  readonly blocks: BlockManager;
+  readonly contextSize: number;
+  readonly vocabSize: number;
+  readonly maxConcurrency: number;
+  readonly prefillBudget: number;
+  readonly maxQueue: number;
+  observer: SchedulerObserver | undefined;
+  #waiting: Entry[] = [];
+  #running: Entry[] = [];
+  #inStep: Entry[] = [];
+  #stepAbort: AbortController | undefined;
+  #looping = false;
+  #idle: (() => void)[] = [];
+  #order = 0;
+  #disposed = false;
+  #retained = new Set<RetainedSequence>();
+
+  constructor(pool: KvPool, options: SchedulerOptions) {
+    const int = (name: string, v: number | undefined, fallback: number, min: number) => {
+      if (v === undefined) return fallback;
+      if (!(v === Infinity || (Number.isInteger(v) && v >= min))) throw new InvalidArgumentError(`Scheduler: options.${name} must be an integer >= ${min}, got ${v}`);
+      return v;
+    };
+    this.pool = pool;
+    this.contextSize = int('contextSize', options.contextSize, 0, 1);
+    this.vocabSize = int('vocabSize', options.vocabSize, 0, 1);
+    this.maxConcurrency = int('maxConcurrency', options.maxConcurrency, 16, 1);
+    this.prefillBudget = int('prefillBudget', options.prefillBudget, 512, 1);
+    this.maxQueue = int('maxQueue', options.maxQueue, Infinity, 0);
+    this.blocks = new BlockManager({ blockSize: pool.blockSize, maxBlocks: pool.maxBlocks, prefixCaching: options.prefixCaching ?? true });
+  }
+
+  get running(): number {
+    return this.#running.length;
+  }
+
+  get waiting(): number {
+    return this.#waiting.length;
+  }
+
+  get disposed(): boolean {
+    return this.#disposed;
+  }
+
+  stats(): BlockStats {
+    return this.blocks.stats();
+  }
+
+  /** Queues a request; settles when it ends (see SequenceRequest). */
+  submit(req: SequenceRequest): Promise<SequenceResult> {
+    const where = 'Scheduler.submit';
+    if (this.#disposed) return Promise.reject(new DisposedError(`${where}: the model has been disposed`));
+    const n = req.tokens.length;
+    if (n === 0) return Promise.reject(new InvalidArgumentError(`${where}: the prompt has no tokens`));
+    if (n > this.contextSize) {
+      return Promise.reject(new InvalidArgumentError(`${where}: the prompt is ${n} tokens, longer than the context of ${this.contextSize} tokens`));
+    }
+    const need = this.blocks.blocksFor(Math.min(n + 1, this.contextSize));
+    if (need > this.blocks.maxBlocks) {
+      return Promise.reject(new OutOfMemoryError(`${where}: the prompt of ${n} tokens and one generated token need ${need} KV blocks of ${this.blocks.blockSize} positions, more than the whole cache holds (${this.blocks.maxBlocks} blocks; raise kvCache.maxBytes)`));
+    }
+    if (req.continueFrom?.released) return Promise.reject(new InvalidArgumentError(`${where}: continueFrom has been released`));
+    if (req.signal?.aborted) return Promise.reject(abortError(req.signal));
+    if (this.#waiting.length >= this.maxQueue) {
+      return Promise.reject(new QueueFullError(`${where}: ${this.#waiting.length} requests are waiting, the most allowed (maxQueue ${this.maxQueue})`));
+    }
+    return new Promise<SequenceResult>((resolve, reject) => {
+      const entry: Entry = {
+        req, resolve, reject, submitted: performance.now(), seq: undefined, pending: req.tokens.slice(), prefill: true,
+        resumed: false, rows: undefined, lastLogitsAt: 0, order: 0, aborted: false, done: false, detach: () => {},
+      };
+      if (req.logits === 'all') entry.rows = new Float32Array(n * this.vocabSize);
+      const from = req.continueFrom;
+      if (from) {
+        // The references are taken now, so the caller may release its handle at once.
+        let common = 0;
+        const limit = req.logits === 'all' ? 0 : Math.min(from.tokens.length, n - 1);
+        while (common < limit && from.tokens[common] === req.tokens[common]) common++;
+        entry.seq = this.blocks.fork(from.blocks, common);
+        entry.pending = req.tokens.slice(common);
+      }
+      const signal = req.signal;
+      if (signal) {
+        const onAbort = () => this.#abort(entry);
+        signal.addEventListener('abort', onAbort, { once: true });
+        entry.detach = () => signal.removeEventListener('abort', onAbort);
+      }
+      this.#waiting.push(entry);
+      this.#kick();
+    });
+  }
+
+  /** Resolves when no step is running (at once if none is). */
+  whenIdle(): Promise<void> {
+    if (!this.#looping) return Promise.resolve();
+    return new Promise((resolve) => this.#idle.push(resolve));
+  }
+
+  /**
+   * Rejects waiting requests and ends running ones with DisposedError, cancelling the step in
+   * flight; releases retained sequences. Idempotent. The pool is the caller's to dispose, after
+   * whenIdle().
+   */
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    const err = () => new DisposedError('the model was disposed while this request was queued or running');
+    for (const e of this.#waiting.splice(0)) this.#end(e, err(), false);
+    for (const e of this.#running.slice()) {
+      if (this.#inStep.includes(e)) this.#settle(e, err()); // its blocks go when the step returns
+      else this.#end(e, err(), false);
+    }
+    this.#stepAbort?.abort();
+    for (const r of this.#retained) this.releaseRetained(r);
+  }
+
+  /** @internal (RetainedSequence.release) */
+  releaseRetained(r: RetainedSequence): void {
+    if (!this.#retained.delete(r)) return;
+    this.blocks.release(r.blocks, true);
+    this.#kick();
+  }
+
+  #abort(e: Entry): void {
+    if (e.done) return;
+    const w = this.#waiting.indexOf(e);
+    if (w >= 0) {
+      this.#waiting.splice(w, 1);
+      this.#end(e, abortError(e.req.signal), true);
+      this.#kick();
+      return;
+    }
+    e.aborted = true;
+    // A step that now computes only for aborted requests is not worth finishing.
+    if (this.#inStep.length > 0 && this.#inStep.every((x) => x.aborted || x.done)) this.#stepAbort?.abort();
+    this.#kick();
+  }
+
+  /** Settles the request once (later calls are no-ops). */
+  #settle(e: Entry, outcome: Error | SequenceResult): void {
+    if (e.done) return;
+    e.done = true;
+    e.detach();
+    if (outcome instanceof Error) e.reject(outcome);
+    else e.resolve(outcome);
+  }
+
+  /** Removes `e` from the running list, releases its blocks (unless retained) and settles it. */
+  #end(e: Entry, outcome: Error | SequenceResult, publish: boolean, retain = false): void {
+    const r = this.#running.indexOf(e);
+    if (r >= 0) this.#running.splice(r, 1);
+    const seq = e.seq;
+    e.seq = undefined;
+    if (seq && retain && !(outcome instanceof Error) && !this.#disposed) {
+      const kept = new RetainedSequence(this, seq);
+      this.#retained.add(kept);
+      this.#settle(e, { ...outcome, retained: kept });
+      return;
+    }
+    if (seq) this.blocks.release(seq, publish);
+    this.#settle(e, outcome);
+  }
+
+  #kick(): void {
+    if (this.#looping) return;
+    this.#looping = true;
+    void this.#loop();
+  }
+
+  async #loop(): Promise<void> {
+    try {
+      for (;;) {
+        const items = this.#plan();
+        if (items.length === 0) break;
+        await this.#step(items);
+        // Let the event loop run (consumers, timers, new requests) between steps.
+        await new Promise<void>((r) => setImmediate(r));
+      }
+    } catch (err) {
+      // A bug in planning: fail everything rather than leave requests hanging.
+      const e = err instanceof Error ? err : new InternalError(String(err));
+      for (const x of [...this.#waiting.splice(0), ...this.#running.slice()]) this.#end(x, e, false);
+    } finally {
+      this.#looping = false;
+      for (const r of this.#idle.splice(0)) r();
+    }
+  }
+
+  /** The next step's items; empty when there is nothing to compute. */
+  #plan(): Item[] {
+    if (this.#disposed) {
+      for (const e of this.#running.slice()) this.#end(e, new DisposedError('the model was disposed'), false);
+      return [];
+    }
+    for (const e of this.#running.slice()) if (e.aborted) this.#end(e, abortError(e.req.signal), true);
+    for (;;) {
+      this.#admit();
+      const items = this.#planDecodes();
+      let budget = this.prefillBudget;
+      for (const e of this.#running) {
+        if (!e.prefill || budget === 0) continue;
+        const n = Math.min(e.pending.length, budget, this.blocks.capacity(e.seq!), this.contextSize - e.seq!.length);
+        if (n <= 0 || !this.blocks.reserve(e.seq!, n)) continue;
+        budget -= n;
+        const last = n === e.pending.length;
+        items.push({ entry: e, start: e.seq!.length, tokens: e.pending.slice(0, n), logits: e.req.logits === 'all' ? 'all' : last ? 'last' : 'none' });
+      }
+      if (items.length > 0 || this.#running.length === 0) return items;
+      // Prompts stuck for want of blocks, nothing decoding: make room, or give up on a lone one.
+      if (this.#running.length > 1) {
+        this.#preempt(this.#newest());
+      } else {
+        const e = this.#running[0]!;
+        this.#end(e, new OutOfMemoryError(`the KV cache is full (${this.blocks.maxBlocks} blocks, ${this.blocks.stats().used} in use); raise kvCache.maxBytes`), true);
+      }
+    }
+  }
+
+  /** One block slot for every decoding sequence, preempting the newest when the pool is full. */
+  #planDecodes(): Item[] {
+    const items: Item[] = [];
+    for (const e of this.#running.slice()) {
+      if (e.prefill || !this.#running.includes(e)) continue;
+      let ok = this.blocks.reserve(e.seq!, 1);
+      while (!ok) {
+        const victim = this.#newest();
+        if (victim === e && this.#running.length === 1) {
+          this.#end(e, new OutOfMemoryError(`a sequence of ${e.seq!.length} tokens fills the KV cache (${this.blocks.maxBlocks} blocks); raise kvCache.maxBytes`), true);
+          break;
+        }
+        this.#preempt(victim);
+        if (victim === e) break;
+        ok = this.blocks.reserve(e.seq!, 1);
+      }
+      if (ok) items.push({ entry: e, start: e.seq!.length, tokens: e.pending.slice(), logits: 'last' });
+    }
+    return items;
+  }
+
+  #newest(): Entry {
+    let n = this.#running[0]!;
+    for (const e of this.#running) if (e.order > n.order) n = e;
+    return n;
+  }
+
+  /** Releases `e`'s blocks (its published ones stay cached) and queues it again at the head. */
+  #preempt(e: Entry): void {
+    const seq = e.seq!;
+    this.#running.splice(this.#running.indexOf(e), 1);
+    e.pending = [...seq.tokens, ...e.pending];
+    this.blocks.release(seq, true);
+    e.seq = undefined;
+    e.prefill = true;
+    e.resumed = true;
+    this.#waiting.unshift(e);
+  }
+
+  #admit(): void {
+    while (this.#waiting.length > 0 && this.#running.length < this.maxConcurrency) {
+      const e = this.#waiting[0]!;
+      const looked = !e.seq;
+      if (looked) {
+        const all = e.req.logits === 'all';
+        e.seq = this.blocks.open(e.pending, all ? 0 : e.pending.length - 1, false);
+        e.pending = e.pending.slice(e.seq.length);
+      }
+      const want = (x: Entry) => this.blocks.blocksToGrow(x.seq!, Math.min(x.pending.length + 1, this.contextSize - x.seq!.length));
+      let committed = 0;
+      for (const r of this.#running) if (r.prefill) committed += want(r);
+      if (want(e) + committed > this.blocks.available) {
+        // Waiting must not pin cached blocks that running sequences may need to evict; the
+        // lookup is made again at the next try. (A continuation keeps its retained blocks.)
+        if (looked) {
+          const seq = e.seq!;
+          e.pending = [...seq.tokens, ...e.pending];
+          this.blocks.release(seq, false);
+          e.seq = undefined;
+        }
+        return;
+      }
+      if (looked && !e.resumed) this.blocks.recordLookup(e.req.tokens.length, e.seq!.length);
+      this.#waiting.shift();
+      e.order = ++this.#order;
+      e.prefill = true;
+      this.#running.push(e);
+    }
+  }
+
+  async #step(items: Item[]): Promise<void> {
+    const bs = this.blocks.blockSize;
+    const copies = this.blocks.takeCopies();
+    const sequences: StepSequence[] = items.map((it) => ({
+      blockTable: it.entry.seq!.table(it.start + it.tokens.length, bs),
+      start: it.start,
+      tokens: Int32Array.from(it.tokens),
+      logits: it.logits,
+    }));
+    const ac = new AbortController();
+    this.#stepAbort = ac;
+    this.#inStep = items.map((it) => it.entry);
+    const t0 = performance.now();
+    let out: Float32Array;
+    try {
+      out = await this.pool.step(copies ? { sequences, copies } : { sequences }, { signal: ac.signal });
+    } catch (err) {
+      this.blocks.endStep();
+      for (const it of items) {
+        const e = it.entry;
+        const why = this.#disposed ? new DisposedError('the model was disposed') : e.aborted ? abortError(e.req.signal) : err as Error;
+        this.#end(e, why, false);
+      }
+      return;
+    } finally {
+      this.#stepAbort = undefined;
+      this.#inStep = [];
+    }
+    this.blocks.endStep();
+    const now = performance.now();
+    let promptRows = 0;
+    for (const it of items) if (it.entry.prefill) promptRows += it.tokens.length;
+    const rows = items.reduce((n, it) => n + it.tokens.length, 0);
+    this.observer?.stepped(rows, promptRows, items.length, (now - t0) / 1000);
+    const V = this.vocabSize;
+    const wantRows = items.reduce((n, it) => n + (it.logits === 'none' ? 0 : it.logits === 'last' ? 1 : it.tokens.length), 0);
+    if (out.length !== wantRows * V) {
+      const err = new InternalError(`KvPool.step returned ${out.length} logits, expected ${wantRows} rows of ${V}`);
+      for (const it of items) this.#end(it.entry, err, false);
+      return;
+    }
+    let row = 0;
+    for (const it of items) {
+      const e = it.entry;
+      const n = it.logits === 'none' ? 0 : it.logits === 'last' ? 1 : it.tokens.length;
+      const logits = out.subarray(row * V, (row + n) * V);
+      row += n;
+      if (!e.seq) continue; // disposed during the step
+      this.blocks.append(e.seq, it.tokens);
+      e.pending.splice(0, it.tokens.length);
+      if (e.done || e.aborted) {
+        if (e.done) this.#end(e, new DisposedError('the model was disposed'), true);
+        continue; // an aborted one leaves at the next boundary, its cache valid
+      }
+      if (e.req.logits === 'all') {
+        e.rows!.set(logits, it.start * V);
+        if (e.pending.length === 0) this.#end(e, { logits: e.rows! }, true);
+        continue;
+      }
+      if (n === 0) continue;
+      e.prefill = false;
+      let next: number | undefined;
+      try {
+        next = e.req.onLogits?.(logits.slice(), e.seq.length);
+      } catch (err) {
+        this.#end(e, err as Error, true);
+        continue;
+      }
+      if (e.lastLogitsAt === 0) this.observer?.firstToken((now - e.submitted) / 1000);
+      else this.observer?.interToken((now - e.lastLogitsAt) / 1000);
+      e.lastLogitsAt = now;
+      if (next === undefined || e.seq.length >= this.contextSize) this.#end(e, {}, true, e.req.retain === true);
+      else e.pending = [next];
+    }
+  }
+}

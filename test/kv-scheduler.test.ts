@@ -1,0 +1,313 @@
+/**
+ * The block manager and the continuous-batching scheduler (lib/llm/kv) against the reference pool
+ * of kv-reference.ts, whose logits are a function of the tokens read back through each block
+ * table: every generation is compared with a direct evaluation of the same prompt.
+ */
+import { describe, expect, it } from 'vitest';
+import { AbortError, DisposedError, InvalidArgumentError, OutOfMemoryError, QueueFullError } from '../lib/errors.js';
+import { BlockManager } from '../lib/llm/kv/blocks.js';
+import { Scheduler, type SchedulerOptions, type SequenceRequest } from '../lib/llm/kv/scheduler.js';
+import { ReferenceKvPool, argmax, greedyDirect, hashLogits, type ReferencePoolOptions } from './kv-reference.js';
+
+const VOCAB = 50;
+const fn = hashLogits(VOCAB);
+
+/** A scheduler over a reference pool that checks copy-on-write: no step writes a shared or published block. */
+function withCheck(pool: Partial<ReferencePoolOptions> = {}, options: Partial<SchedulerOptions> = {}) {
+  let sched: Scheduler | undefined;
+  const p = new ReferenceKvPool({
+    maxBlocks: 64, blockSize: 4, vocab: VOCAB, logits: fn, ...pool,
+    onWrite: (id) => {
+      const refs = sched!.blocks.refCount(id);
+      if (refs !== 1 || sched!.blocks.isPublished(id)) throw new Error(`wrote block ${id}: ${refs} references, published ${sched!.blocks.isPublished(id)}`);
+    },
+  });
+  sched = new Scheduler(p, { contextSize: 256, vocabSize: VOCAB, ...options });
+  return { pool: p, sched };
+}
+
+/** Greedy generation of `count` tokens through the scheduler. */
+function gen(s: Scheduler, prompt: number[], count: number, extra: Partial<SequenceRequest> = {}) {
+  const out: number[] = [];
+  const done = s.submit({
+    tokens: prompt, logits: 'last', ...extra,
+    onLogits: (l) => {
+      const t = argmax(l);
+      out.push(t);
+      return out.length < count ? t : undefined;
+    },
+  });
+  return { out, done: done.then((r) => ({ tokens: out, result: r })) };
+}
+
+const prompt = (seed: number, n: number) => Array.from({ length: n }, (_, i) => (seed * 7 + i * 13 + ((seed * i) % 5)) % VOCAB);
+
+function expectNoLeaks(s: Scheduler) {
+  const st = s.stats();
+  expect(st.used).toBe(0);
+  expect(st.used + st.cached + st.free).toBe(st.total);
+}
+
+describe('BlockManager', () => {
+  it('matches exact block chains only, partial blocks by copy, and counts hits', () => {
+    const m = new BlockManager({ blockSize: 4, maxBlocks: 8 });
+    const a = m.open([1, 2, 3, 4, 5, 6, 7, 8, 9], 8);
+    expect(a.length).toBe(0);
+    expect(m.reserve(a, 9)).toBe(true);
+    m.append(a, [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    m.release(a, true); // publishes [1..4], [5..8] and the partial [9]
+    expect(m.stats()).toMatchObject({ used: 0, cached: 3, free: 5, queriedTokens: 9, hitTokens: 0 });
+    // Same first block, different second: one block reused; a diverging block is not.
+    const b = m.open([1, 2, 3, 4, 5, 6, 0, 0, 0], 8);
+    expect(b.tokens).toEqual([1, 2, 3, 4, 5, 6]);
+    // The second block is shared from the cache: the next write copies it.
+    expect(m.blocksToGrow(b, 1)).toBe(1);
+    expect(m.reserve(b, 3)).toBe(true);
+    const copies = Array.from(m.takeCopies()!);
+    expect(copies.length).toBe(2);
+    expect(m.isPublished(copies[0]!)).toBe(true);
+    expect(m.isPublished(copies[1]!)).toBe(false);
+    expect(b.blocks[1]).toBe(copies[1]);
+    m.endStep();
+    m.append(b, [0, 0, 0]);
+    m.release(b, true);
+    // Only exact keys: [1,2,3,5] matches nothing of the first block beyond its 3 common tokens.
+    const c = m.open([1, 2, 3, 5, 6], 4);
+    expect(c.tokens).toEqual([1, 2, 3]);
+    m.release(c, false);
+    expectStats(m);
+  });
+
+  it('evicts least recently released leaves first and never leaves a hole in a chain', () => {
+    const m = new BlockManager({ blockSize: 2, maxBlocks: 4 });
+    const fill = (tokens: number[]) => {
+      const s = m.open(tokens, tokens.length - 1);
+      expect(m.reserve(s, tokens.length - s.length)).toBe(true);
+      m.endStep();
+      m.append(s, tokens.slice(s.length));
+      m.release(s, true);
+    };
+    fill([1, 1, 2, 2]); // blocks A=[1,1], B=[2,2] under A
+    fill([3, 3, 4, 4]); // C, D
+    expect(m.stats()).toMatchObject({ cached: 4, free: 0 });
+    fill([5, 5]); // needs one block: evicts B (the oldest leaf), not A
+    expect(m.stats().evictions).toBe(1);
+    expect(m.open([1, 1, 2, 2, 9], 4).length).toBe(2);
+  });
+
+  it('rejects bad sizes', () => {
+    expect(() => new BlockManager({ blockSize: 0, maxBlocks: 4 })).toThrow(InvalidArgumentError);
+    expect(() => new BlockManager({ blockSize: 4, maxBlocks: 1.5 })).toThrow(/maxBlocks/);
+  });
+});
+
+function expectStats(m: BlockManager) {
+  const st = m.stats();
+  expect(st.used).toBe(0);
+  expect(st.used + st.cached + st.free).toBe(st.total);
+}
+
+describe('Scheduler over the reference pool', () => {
+  it('a generation equals the direct evaluation; prefix caching on and off give the same tokens', async () => {
+    for (const prefixCaching of [true, false]) {
+      const { sched, pool } = withCheck({}, { prefixCaching });
+      const base = prompt(1, 13);
+      const prompts = [base, [...base, 3, 4, 5], [...base.slice(0, 6), 9, 9], base];
+      for (const p of prompts) {
+        const r = await gen(sched, p, 9).done;
+        expect(r.tokens).toEqual(greedyDirect(fn, p, 9));
+      }
+      const computed = pool.steps.reduce((n, st) => n + st.sequences.reduce((k, q) => k + q.tokens.length, 0), 0);
+      const st = sched.stats();
+      if (prefixCaching) {
+        // The second prompt reuses the first's 13 + 8 cached tokens but computes its own 3.
+        expect(st.hitTokens).toBeGreaterThanOrEqual(13 + 6 + 12);
+        expect(computed).toBeLessThan(13 + 16 + 8 + 13 + 4 * 8);
+      } else {
+        expect(st.hitTokens).toBe(0);
+        expect(computed).toBe(13 + 16 + 8 + 13 + 4 * 8);
+      }
+      expectNoLeaks(sched);
+    }
+  });
+
+  it('never writes a shared or published block (copy-on-write inside a block, forks of retained sequences)', async () => {
+    const { sched, pool } = withCheck({ blockSize: 8 });
+    const p = prompt(2, 11);
+    await gen(sched, p, 4).done; // leaves [p, 3 generated] cached: one full block and a partial one
+    // Diverging inside the partial block, and extending it: both copy it.
+    const q1 = [...p.slice(0, 10), 7, 7];
+    const q2 = [...p, 1, 2, 3];
+    const [r1, r2] = await Promise.all([gen(sched, q1, 6).done, gen(sched, q2, 6).done]);
+    expect(r1.tokens).toEqual(greedyDirect(fn, q1, 6));
+    expect(r2.tokens).toEqual(greedyDirect(fn, q2, 6));
+    expect(pool.steps.some((s) => s.copies.length > 0)).toBe(true);
+    // Retained: two continuations from one retained sequence share its last block.
+    const a = await gen(sched, prompt(3, 5), 3, { retain: true }).done;
+    const kept = a.result.retained!;
+    expect(kept.tokens).toEqual([...prompt(3, 5), ...a.tokens.slice(0, 2)]);
+    const c1 = [...kept.tokens, a.tokens[2]!, 4];
+    const c2 = [...kept.tokens, 11];
+    const [x, y] = await Promise.all([gen(sched, c1, 5, { continueFrom: kept }).done, gen(sched, c2, 5, { continueFrom: kept }).done]);
+    kept.release();
+    kept.release();
+    expect(x.tokens).toEqual(greedyDirect(fn, c1, 5));
+    expect(y.tokens).toEqual(greedyDirect(fn, c2, 5));
+    await expect(sched.submit({ tokens: [1], logits: 'last', continueFrom: kept })).rejects.toThrow(/continueFrom has been released/);
+    expectNoLeaks(sched);
+  });
+
+  it('eviction under a small cap keeps results exact', async () => {
+    const { sched } = withCheck({ maxBlocks: 12, blockSize: 4 });
+    const common = prompt(9, 8);
+    for (let round = 0; round < 3; round++) {
+      for (let k = 0; k < 6; k++) {
+        const p = [...common, ...prompt(k, 1 + k)];
+        const r = await gen(sched, p, 6).done;
+        expect(r.tokens).toEqual(greedyDirect(fn, p, 6));
+      }
+    }
+    const st = sched.stats();
+    expect(st.evictions).toBeGreaterThan(0);
+    expect(st.hitTokens).toBeGreaterThan(0);
+    expectNoLeaks(sched);
+  });
+
+  it('8 concurrent generations are batched and each equals the same generation alone', async () => {
+    const { sched, pool } = withCheck({ delayMs: 1 }, { prefillBudget: 16 });
+    const prompts = Array.from({ length: 8 }, (_, i) => prompt(i + 10, 5 + 3 * i));
+    const rs = await Promise.all(prompts.map((p, i) => gen(sched, p, 10 + i).done));
+    rs.forEach((r, i) => expect(r.tokens).toEqual(greedyDirect(fn, prompts[i]!, 10 + i)));
+    expect(Math.max(...pool.steps.map((s) => s.sequences.length))).toBe(8);
+    expect(pool.maxInFlight).toBe(1);
+    // Chunked prefill: no step carries more than 16 prompt tokens beside its decodes.
+    for (const st of pool.steps) {
+      const prefill = st.sequences.filter((q) => q.tokens.length > 1 || q.logits !== 'last').reduce((n, q) => n + q.tokens.length, 0);
+      expect(prefill).toBeLessThanOrEqual(16);
+    }
+    expectNoLeaks(sched);
+  });
+
+  it('a long prompt arriving during decodes is chunked: the decodes run in every step', async () => {
+    const { sched, pool } = withCheck({ maxBlocks: 128, delayMs: 1 }, { prefillBudget: 8 });
+    const short = [gen(sched, prompt(1, 3), 40), gen(sched, prompt(2, 4), 40)];
+    while (short[1]!.out.length < 2) await new Promise((r) => setTimeout(r, 1));
+    const longPrompt = prompt(5, 70);
+    const long = gen(sched, longPrompt, 3);
+    const before = pool.steps.length;
+    const rs = await Promise.all([...short.map((g) => g.done), long.done]);
+    expect(rs[2]!.tokens).toEqual(greedyDirect(fn, longPrompt, 3));
+    const during = pool.steps.slice(before).filter((st) => st.sequences.some((q) => q.tokens.length > 1 && q.start < 70));
+    expect(during.length).toBeGreaterThanOrEqual(70 / 8 - 1);
+    for (const st of during) expect(st.sequences.filter((q) => q.tokens.length === 1).length).toBe(2);
+    expectNoLeaks(sched);
+  });
+
+  it('aborts while waiting, while prefilling and while decoding; the others are unaffected', async () => {
+    const { sched } = withCheck({ delayMs: 1 }, { maxConcurrency: 2, prefillBudget: 4 });
+    const acWait = new AbortController();
+    const acPrefill = new AbortController();
+    const acDecode = new AbortController();
+    const good = gen(sched, prompt(1, 6), 20);
+    const decoding = gen(sched, prompt(2, 3), 50, { signal: acDecode.signal });
+    const waiting = gen(sched, prompt(3, 5), 5, { signal: acWait.signal });
+    const waitingGood = gen(sched, prompt(4, 5), 5);
+    acWait.abort();
+    await expect(waiting.done).rejects.toThrow(AbortError);
+    // Decoding: abort after a few tokens.
+    while (decoding.out.length < 3) await new Promise((r) => setTimeout(r, 1));
+    acDecode.abort('stop');
+    await expect(decoding.done).rejects.toMatchObject({ name: 'AbortError', cause: 'stop' });
+    // Prefilling: a 40-token prompt at 4 tokens per step, aborted after its first chunk.
+    const prefilling = gen(sched, prompt(5, 40), 5, { signal: acPrefill.signal });
+    while (sched.running < 2 || sched.waiting > 0) await new Promise((r) => setTimeout(r, 1));
+    acPrefill.abort();
+    await expect(prefilling.done).rejects.toThrow(AbortError);
+    expect(prefilling.out.length).toBe(0);
+    expect((await good.done).tokens).toEqual(greedyDirect(fn, prompt(1, 6), 20));
+    expect((await waitingGood.done).tokens).toEqual(greedyDirect(fn, prompt(4, 5), 5));
+    // Already aborted: at once.
+    await expect(sched.submit({ tokens: [1], logits: 'last', signal: acWait.signal })).rejects.toThrow(AbortError);
+    await sched.whenIdle();
+    expectNoLeaks(sched);
+  });
+
+  it('a bad request among good ones fails alone with a typed error', async () => {
+    const { sched } = withCheck({ maxBlocks: 8, blockSize: 4 }, { contextSize: 20 });
+    const goods = [gen(sched, prompt(1, 5), 6), gen(sched, prompt(2, 7), 6)];
+    const tooLong = sched.submit({ tokens: prompt(3, 21), logits: 'last' });
+    const neverFits = new Scheduler(new ReferenceKvPool({ maxBlocks: 2, blockSize: 4, vocab: VOCAB, logits: fn }), { contextSize: 64, vocabSize: VOCAB })
+      .submit({ tokens: prompt(3, 8), logits: 'last' });
+    const throwing = sched.submit({ tokens: prompt(4, 4), logits: 'last', onLogits: () => { throw new RangeError('consumer bug'); } });
+    await expect(tooLong).rejects.toThrow(InvalidArgumentError);
+    await expect(tooLong).rejects.toThrow(/21 tokens, longer than the context of 20/);
+    await expect(neverFits).rejects.toThrow(OutOfMemoryError);
+    await expect(neverFits).rejects.toThrow(/need 3 KV blocks .* more than the whole cache holds \(2 blocks/);
+    await expect(throwing).rejects.toThrow(RangeError);
+    await expect(sched.submit({ tokens: [], logits: 'last' })).rejects.toThrow(/no tokens/);
+    const rs = await Promise.all(goods.map((g) => g.done));
+    expect(rs[0]!.tokens).toEqual(greedyDirect(fn, prompt(1, 5), 6));
+    expect(rs[1]!.tokens).toEqual(greedyDirect(fn, prompt(2, 7), 6));
+    // A generation ends when its context is full (20 tokens: 13 generated after 7, the last unfed).
+    const full = await gen(sched, prompt(5, 7), 100).done;
+    expect(full.tokens).toEqual(greedyDirect(fn, prompt(5, 7), 14));
+    expectNoLeaks(sched);
+  });
+
+  it('QueueFullError at once when maxQueue requests wait', async () => {
+    const { sched } = withCheck({ delayMs: 1 }, { maxConcurrency: 1, maxQueue: 2 });
+    const a = gen(sched, prompt(1, 3), 5);
+    const b = gen(sched, prompt(2, 3), 5);
+    const c = gen(sched, prompt(3, 3), 5);
+    const d = sched.submit({ tokens: prompt(4, 3), logits: 'last' });
+    await expect(d).rejects.toThrow(QueueFullError);
+    await expect(d).rejects.toThrow(/2 requests are waiting/);
+    for (const [i, g] of [a, b, c].entries()) expect((await g.done).tokens).toEqual(greedyDirect(fn, prompt(i + 1, 3), 5));
+  });
+
+  it('preempts the newest sequence when the pool is full, and both still finish exactly', async () => {
+    // 10 blocks of 4: two sequences of 5 + 30 tokens need 18 blocks together.
+    const { sched, pool } = withCheck({ maxBlocks: 10, blockSize: 4 }, { prefillBudget: 64 });
+    const p1 = prompt(1, 5);
+    const p2 = prompt(2, 5);
+    const [r1, r2] = await Promise.all([gen(sched, p1, 30).done, gen(sched, p2, 30).done]);
+    expect(r1.tokens).toEqual(greedyDirect(fn, p1, 30));
+    expect(r2.tokens).toEqual(greedyDirect(fn, p2, 30));
+    // The preempted one was prefilled again, after its cached blocks: a prompt row run past position 5.
+    const prefills = pool.steps.flatMap((s) => s.sequences).filter((q) => q.tokens.length > 1);
+    expect(prefills.some((q) => q.start + q.tokens.length > 5)).toBe(true);
+    expect(pool.highWaterBytes).toBeLessThanOrEqual(10 * pool.blockBytes);
+    expectNoLeaks(sched);
+    // A sequence alone that outgrows the whole pool fails with OutOfMemoryError, blocks returned.
+    await expect(gen(sched, p1, 60).done).rejects.toThrow(OutOfMemoryError);
+    expectNoLeaks(sched);
+  });
+
+  it('logits "all" gives every prompt row from position 0, chunked or not', async () => {
+    const { sched } = withCheck({}, { prefillBudget: 5 });
+    const p = prompt(7, 13);
+    await gen(sched, p, 3).done; // cached: must not be reused for 'all'
+    const r = await sched.submit({ tokens: p, logits: 'all' });
+    for (let i = 0; i < p.length; i++) {
+      expect(Array.from(r.logits!.subarray(i * VOCAB, (i + 1) * VOCAB))).toEqual(Array.from(fn(p.slice(0, i + 1))));
+    }
+    expectNoLeaks(sched);
+  });
+
+  it('dispose rejects waiting requests, ends running ones, and frees every block', async () => {
+    const { sched, pool } = withCheck({ delayMs: 2 }, { maxConcurrency: 2 });
+    const kept = (await gen(sched, prompt(4, 6), 2, { retain: true }).done).result.retained!;
+    const running = [gen(sched, prompt(1, 4), 50), gen(sched, prompt(2, 4), 50)];
+    const waiting = gen(sched, prompt(3, 4), 5);
+    while (running[0]!.out.length < 2) await new Promise((r) => setTimeout(r, 1));
+    expect(sched.stats().used).toBeGreaterThan(0);
+    sched.dispose();
+    sched.dispose();
+    await Promise.all([...running, waiting].map((g) => expect(g.done).rejects.toThrow(DisposedError)));
+    await sched.whenIdle();
+    expect(pool.inFlight).toBe(0);
+    expect(kept.released).toBe(true);
+    expectNoLeaks(sched);
+    await expect(sched.submit({ tokens: [1], logits: 'last' })).rejects.toThrow(DisposedError);
+  });
+});
