@@ -160,6 +160,12 @@ export interface ChatSequence {
    * does. Afterwards the sequence holds the prompt and the reply tokens it evaluated.
    */
   generate(prompt: readonly number[], options: ChatGenerateOptions): AsyncIterableIterator<GeneratedToken>;
+  /**
+   * Ends the turn generate() started: `keep` (the reply ended, or was closed early) holds what
+   * that generation left in the cache from now on; otherwise (it failed or was aborted) the
+   * sequence goes back to the tokens it held before, as the conversation does.
+   */
+  settle(keep: boolean): void;
   /** The held tokens and the bytes of the blocks that cover them (KvPool.readBlocks), in position order. */
   snapshot(): Promise<{ tokens: Int32Array; blocks: Uint8Array }>;
   dispose(): void;
@@ -325,6 +331,7 @@ export class Chat {
     } finally {
       // Ended, or closed early by the reader (return() at a yield): the reply is what was read.
       if (!failed && fit && !this.#disposed) this.#messages = [...fit.messages, { role: 'assistant', content: reply }];
+      if (!this.#disposed) this.#sequence.settle(!failed);
       this.#streaming = false;
     }
   }

@@ -25,7 +25,9 @@ import { LlmMetrics, type LanguageModelMetricsSnapshot } from '../metrics/llm.js
 import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
 import type { GgufFile } from './gguf.js';
 import type { KvDtype, KvPool, LlmEngine, LlmSequence, ModelConfig } from './engine.js';
-import { Scheduler } from './kv/scheduler.js';
+import { Chat, type ChatHost, type ChatOptions, type ChatSequence } from './chat.js';
+import { modelDigest, type KvStateModel } from './kv/state.js';
+import { Scheduler, type RetainedSequence } from './kv/scheduler.js';
 import { SAMPLING_OPTIONS, Sampler, type SamplingOptions } from './sampling.js';
 import { Tokenizer, type ChatMessage } from './tokenizer.js';
 import { loadTransformer } from './transformer.js';
@@ -144,6 +146,12 @@ const KV_OPTIONS = ['maxBytes', 'dtype', 'blockSize', 'prefixCaching'] as const;
 /** Share of os.freemem() the KV cache may take by default. */
 const DEFAULT_KV_FRACTION = 0.25;
 let modelCount = 0;
+
+/** A generation that continues a chat's retained sequence and hands back the one it leaves. */
+interface RetainChain {
+  from: RetainedSequence | undefined;
+  retained(r: RetainedSequence): void;
+}
 
 interface Serving {
   contextSize: number;
@@ -539,7 +547,10 @@ export class LanguageModel extends NativeResource {
    * end-of-generation token, a stop string or token, maxTokens, or a full context.
    */
   generate(prompt: Prompt, options?: GenerateOptions): AsyncIterableIterator<GeneratedToken> {
-    const where = 'LanguageModel.generate';
+    return this.#generate('LanguageModel.generate', prompt, options, undefined);
+  }
+
+  #generate(where: string, prompt: Prompt, options: GenerateOptions | undefined, chain: RetainChain | undefined): AsyncIterableIterator<GeneratedToken> {
     this.checkAlive(where);
     const o = checkOptions<GenerateOptions>(where, options, GENERATE_OPTIONS);
     // The sampler validates (and names) every sampling option; the rest is checked here, so that
@@ -556,7 +567,7 @@ export class LanguageModel extends NativeResource {
     this.#checkFits(where, tokens.length);
     const emitter = new Emitter(this.#tokenizer, stopStrings, stopTokens, maxTokens);
     return this.#scheduler
-      ? this.#runBatched(where, tokens, sampler, maxTokens, emitter, signal)
+      ? this.#runBatched(where, tokens, sampler, maxTokens, emitter, signal, chain)
       : this.#runSerial(where, tokens, sampler, maxTokens, emitter, signal);
   }
 
@@ -567,8 +578,102 @@ export class LanguageModel extends NativeResource {
     return text;
   }
 
+  /**
+   * A conversation (lib/llm/chat.ts): `send(message)` renders the whole conversation with the
+   * chat template and computes only the tokens after what the chat's cache already holds; the
+   * chat keeps its KV blocks between turns, and chats with the same system prompt share its
+   * blocks. `contextOverflow` ('error', the default, or 'drop-oldest') says what happens when
+   * the conversation and `replyReserve` outgrow the context. Sampling options, maxTokens and
+   * stop given here are the defaults of every send().
+   */
+  chat(options?: ChatOptions): Chat {
+    this.checkAlive('LanguageModel.chat');
+    return Chat.create(this.#chatHost('LanguageModel.chat'), options);
+  }
+
+  /**
+   * A chat saved with chat.save(path): its messages, options and KV blocks, so its next reply
+   * computes only the new message. A file of another model (or another KV dtype or block size),
+   * a corrupted or a truncated one is refused with a typed error that says which. `options`
+   * override the saved chat options.
+   */
+  async restoreChat(path: string, options?: ChatOptions): Promise<Chat> {
+    this.checkAlive('LanguageModel.restoreChat');
+    return Chat.restore(this.#chatHost('LanguageModel.restoreChat'), path, options);
+  }
+
+  #host: ChatHost | undefined;
+  #identity: Promise<KvStateModel> | undefined;
+
+  #chatHost(where: string): ChatHost {
+    if (this.#host) return this.#host;
+    const scheduler = this.#scheduler;
+    const pool = this.#pool;
+    if (!scheduler || !pool) {
+      throw new InvalidArgumentError(`${where}: chats need an engine with a paged KV pool (LlmEngine.createKvPool); this model's engine has none`);
+    }
+    const config = this.#engine.config;
+    const file = this.#engine.file;
+    const identity = () => (this.#identity ??= modelDigest(file).then((digest) => ({
+      digest, architecture: config.architecture, ...(file.info.name !== undefined ? { name: file.info.name } : {}),
+      layers: config.blockCount, kvHeads: config.headCountKv, headDim: config.headDim,
+    })));
+    const sequence = (initial: RetainedSequence | undefined): ChatSequence => {
+      let held = initial;
+      // What the turn in progress left, adopted only when the chat keeps the turn: a failed or
+      // aborted reply leaves the cache as the conversation is, as before the turn.
+      let next: RetainedSequence | undefined;
+      let open = false;
+      let disposed = false;
+      return {
+        get tokens() { return held?.tokens ?? []; },
+        generate: (prompt, options) => {
+          open = true;
+          return this.#generate('Chat.send', prompt, options, {
+            from: held,
+            retained: (r) => {
+              if (disposed || !open) r.release();
+              else next = r;
+            },
+          });
+        },
+        settle: (keep) => {
+          open = false;
+          if (keep && next) {
+            held?.release();
+            held = next;
+          } else {
+            next?.release();
+          }
+          next = undefined;
+        },
+        snapshot: async () => {
+          const tokens = Int32Array.from(held?.tokens ?? []);
+          const table = held ? held.blocks.table(tokens.length, pool.blockSize) : new Int32Array(0);
+          return { tokens, blocks: table.length > 0 ? await pool.readBlocks(table) : new Uint8Array(0) };
+        },
+        dispose: () => {
+          disposed = true;
+          held?.release();
+          next?.release();
+          held = next = undefined;
+        },
+      };
+    };
+    this.#host = {
+      contextSize: this.contextSize,
+      vocabSize: this.info.vocabSize,
+      tokenizer: this.#tokenizer,
+      layout: { dtype: pool.dtype, blockSize: pool.blockSize, blockBytes: pool.blockBytes },
+      identity,
+      retain: () => sequence(undefined),
+      restore: async (tokens, blocks) => sequence(await scheduler.restoreRetained(Array.from(tokens), (table) => pool.writeBlocks(table, blocks))),
+    };
+    return this.#host;
+  }
+
   async *#runBatched(where: string, prompt: number[], sampler: Sampler, maxTokens: number, emitter: Emitter,
-    signal: AbortSignal | undefined): AsyncGenerator<GeneratedToken> {
+    signal: AbortSignal | undefined, chain?: RetainChain): AsyncGenerator<GeneratedToken> {
     if (this.disposed) throw new DisposedError(`${where}: LanguageModel has been disposed`);
     if (signal?.aborted) throw abortError(signal);
     if (maxTokens === 0) return;
@@ -582,6 +687,7 @@ export class LanguageModel extends NativeResource {
     signal?.addEventListener('abort', onAbort, { once: true });
     const done = this.#scheduler!.submit({
       tokens: prompt, logits: 'last', signal: ending.signal,
+      ...(chain ? { retain: true, ...(chain.from ? { continueFrom: chain.from } : {}) } : {}),
       onLogits: (logits, length) => {
         const token = sampler.sample(logits, history);
         const more = emitter.accept(token, length >= this.contextSize);
@@ -591,7 +697,11 @@ export class LanguageModel extends NativeResource {
         return token;
       },
     });
-    done.then(() => { settled = true; wake?.(); }, (err) => { settled = true; failure = err; wake?.(); });
+    done.then((r) => {
+      if (r.retained) chain?.retained(r.retained);
+      settled = true;
+      wake?.();
+    }, (err) => { settled = true; failure = err; wake?.(); });
     try {
       for (;;) {
         if (signal?.aborted) throw abortError(signal);
