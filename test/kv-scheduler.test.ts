@@ -95,6 +95,32 @@ describe('BlockManager', () => {
     expect(m.open([1, 1, 2, 2, 9], 4).length).toBe(2);
   });
 
+  it('fork shares blocks and truncate drops the tail; the kept partial block is copied on the next write', () => {
+    const m = new BlockManager({ blockSize: 4, maxBlocks: 8 });
+    const a = m.open([], 0);
+    expect(m.reserve(a, 10)).toBe(true);
+    m.append(a, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    const b = m.fork(a, 6);
+    expect(b.blocks).toEqual(a.blocks.slice(0, 2));
+    expect(b.tokens).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(m.refCount(a.blocks[1]!)).toBe(2);
+    expect(m.reserve(b, 1)).toBe(true); // shared second block: copied
+    expect(Array.from(m.takeCopies()!)).toEqual([a.blocks[1], b.blocks[1]]);
+    m.endStep();
+    m.truncate(a, 5);
+    expect(a.blocks.length).toBe(2);
+    expect(m.stats().used).toBe(3); // the shared first block, a's second, b's copy of it (a's third was dropped)
+    expect(m.reserve(a, 3)).toBe(true); // a's second block is published (full): copied
+    expect(m.takeCopies()!.length).toBe(2);
+    m.endStep();
+    expect(() => m.truncate(a, 9)).toThrow(/outside \[0, 5\]/);
+    expect(() => m.fork(a, 6)).toThrow(/outside \[0, 5\]/);
+    m.release(a, false);
+    m.release(b, false);
+    expect(() => m.fork(a)).toThrow(/released/);
+    expectStats(m);
+  });
+
   it('rejects bad sizes', () => {
     expect(() => new BlockManager({ blockSize: 0, maxBlocks: 4 })).toThrow(InvalidArgumentError);
     expect(() => new BlockManager({ blockSize: 4, maxBlocks: 1.5 })).toThrow(/maxBlocks/);
@@ -154,6 +180,10 @@ describe('Scheduler over the reference pool', () => {
     expect(x.tokens).toEqual(greedyDirect(fn, c1, 5));
     expect(y.tokens).toEqual(greedyDirect(fn, c2, 5));
     await expect(sched.submit({ tokens: [1], logits: 'last', continueFrom: kept })).rejects.toThrow(/continueFrom has been released/);
+    const other = withCheck().sched;
+    const foreign = (await gen(other, [1, 2], 2, { retain: true }).done).result.retained!;
+    await expect(sched.submit({ tokens: [1, 2, 3], logits: 'last', continueFrom: foreign })).rejects.toThrow(/retained by another model/);
+    foreign.release();
     expectNoLeaks(sched);
   });
 
@@ -291,6 +321,44 @@ describe('Scheduler over the reference pool', () => {
     for (let i = 0; i < p.length; i++) {
       expect(Array.from(r.logits!.subarray(i * VOCAB, (i + 1) * VOCAB))).toEqual(Array.from(fn(p.slice(0, i + 1))));
     }
+    expectNoLeaks(sched);
+  });
+
+  it('a mixed load (shared prefixes, aborts at random steps, a small pool) stays exact and leaks nothing', async () => {
+    let seed = 12345;
+    const rand = (n: number) => { seed = (Math.imul(seed, 1103515245) + 12345) >>> 0; return (seed >>> 8) % n; };
+    const { sched, pool } = withCheck({ maxBlocks: 16, blockSize: 4 }, { prefillBudget: 6, maxConcurrency: 5 });
+    const roots = [prompt(1, 10), prompt(2, 7), prompt(3, 13)];
+    const jobs = Array.from({ length: 40 }, () => {
+      const root = roots[rand(3)]!;
+      const p = [...root.slice(0, 1 + rand(root.length)), ...prompt(rand(50), 1 + rand(6))];
+      const n = 1 + rand(12);
+      const ac = new AbortController();
+      const abortAfter = rand(4) === 0 ? rand(8) : -1;
+      const g = gen(sched, p, n, { signal: ac.signal });
+      if (abortAfter >= 0) {
+        const at = pool.steps.length + abortAfter;
+        const poll = setInterval(() => { if (pool.steps.length >= at) { ac.abort(); clearInterval(poll); } }, 0);
+        void g.done.finally(() => clearInterval(poll)).catch(() => {});
+      }
+      return { p, n, g, aborted: () => ac.signal.aborted };
+    });
+    let exact = 0;
+    for (const j of jobs) {
+      try {
+        const r = await j.g.done;
+        expect(r.tokens).toEqual(greedyDirect(fn, j.p, j.n));
+        exact++;
+      } catch (err) {
+        expect(err).toBeInstanceOf(AbortError);
+        expect(j.aborted()).toBe(true);
+      }
+    }
+    expect(exact).toBeGreaterThan(20);
+    const st = sched.stats();
+    expect(st.evictions).toBeGreaterThan(0);
+    expect(st.hitTokens).toBeGreaterThan(0);
+    await sched.whenIdle();
     expectNoLeaks(sched);
   });
 

@@ -320,7 +320,7 @@ export class LanguageModel extends NativeResource {
     this.#engine = engine;
     this.#tokenizer = tokenizer;
     this.contextSize = serving.contextSize;
-    if (engine.createKvPool) {
+    if (typeof engine.createKvPool === 'function') {
       const pool = LanguageModel.#createPool(engine, serving);
       this.#pool = pool;
       try {

@@ -63,7 +63,7 @@ export interface SequenceRequest {
    */
   logits: 'last' | 'all';
   /**
-   * Receives the logits (vocabSize values, the caller's to keep) after the prompt and after each
+   * Receives the logits (vocabSize values, a view valid only during the call) after the prompt and after each
    * token it returned, and `length`, the tokens now in the sequence's cache. Returns the next token
    * to feed, or undefined to end. A token is not fed when the cache is full (length ===
    * contextSize): the request ends instead. Throwing ends the request with that error.
@@ -212,6 +212,9 @@ export class Scheduler {
       return Promise.reject(new OutOfMemoryError(`${where}: the prompt of ${n} tokens and one generated token need ${need} KV blocks of ${this.blocks.blockSize} positions, more than the whole cache holds (${this.blocks.maxBlocks} blocks; raise kvCache.maxBytes)`));
     }
     if (req.continueFrom?.released) return Promise.reject(new InvalidArgumentError(`${where}: continueFrom has been released`));
+    if (req.continueFrom && !this.#retained.has(req.continueFrom)) {
+      return Promise.reject(new InvalidArgumentError(`${where}: continueFrom was retained by another model`));
+    }
     if (req.signal?.aborted) return Promise.reject(abortError(req.signal));
     if (this.#waiting.length >= this.maxQueue) {
       return Promise.reject(new QueueFullError(`${where}: ${this.#waiting.length} requests are waiting, the most allowed (maxQueue ${this.maxQueue})`));
@@ -529,7 +532,7 @@ export class Scheduler {
       e.prefill = false;
       let next: number | undefined;
       try {
-        next = e.req.onLogits?.(logits.slice(), e.seq.length);
+        next = e.req.onLogits?.(logits, e.seq.length);
       } catch (err) {
         this.#end(e, err as Error, true);
         continue;
