@@ -280,6 +280,9 @@ describe('chat lifetime', () => {
       expect(await chat.send('more').text()).toBe(chat.messages.slice(-1)[0]!.content);
       expect(() => chat.send(42 as never)).toThrow(InvalidArgumentError);
       expect(() => chat.send('x', { temprature: 1 } as never)).toThrow(/did you mean 'temperature'/);
+      expect(() => chat.send('x', { maxTokens: -1 })).toThrow(/options.maxTokens must be an integer/);
+      expect(() => chat.send('x', { replyReserve: 1e9 })).toThrow(/options.replyReserve must be an integer/);
+      expect(() => chat.send('x', { signal: 'no' as never })).toThrow(/options.signal must be an AbortSignal/);
       expect(() => model.chat({ contextOverflow: 'drop' as never })).toThrow(/contextOverflow must be one of 'error', 'drop-oldest'/);
       expect(() => model.chat({ topP: 2 })).toThrow(/topP/);
       chat.dispose();
@@ -327,6 +330,27 @@ describe('chat save and restore', () => {
     } finally {
       a.model.dispose();
       b.model.dispose();
+    }
+  });
+
+  it('a chat saved before its first turn restores to its system message and an empty cache', async () => {
+    const { model, tokenizer, logits } = await load(pathA);
+    const file = join(dir, 'empty.kv');
+    try {
+      const chat = model.chat({ system: SYSTEM, temperature: 0, maxTokens: 3 });
+      await chat.save(file);
+      const back = await model.restoreChat(file, { maxTokens: 5 });
+      expect(back.messages).toEqual([{ role: 'system', content: SYSTEM }]);
+      expect(back.cachedTokens).toBe(0);
+      // The saved options come back, the ones given to restoreChat win.
+      const r = await tokensOf(back.send('hello'));
+      expect(r.tokens).toEqual(greedy(logits, renderChat(tokenizer, [{ role: 'system', content: SYSTEM }, { role: 'user', content: 'hello' }]), 5));
+      await expect(chat.save('')).rejects.toThrow(/path must be a non-empty string/);
+      await expect(model.restoreChat(file, { contextOverflow: 'never' as never })).rejects.toThrow(/contextOverflow/);
+      chat.dispose();
+      back.dispose();
+    } finally {
+      model.dispose();
     }
   });
 

@@ -228,6 +228,20 @@ describe('model identity digest', () => {
     expect(existsSync(a)).toBe(true);
   });
 
+  it('a model file removed or resized since it was mapped is a ModelFormatError', async () => {
+    const p = join(dir, 'moved.gguf');
+    await writeFixture(p, { kind: 'llama', seed: 4 });
+    const f = await read(p);
+    try {
+      writeFileSync(p, Buffer.concat([readFileSync(p), Buffer.alloc(1)]));
+      await expect(modelDigest(f)).rejects.toThrow(/changed since it was loaded \(\d+ bytes, \d+ when mapped\)/);
+      rmSync(p);
+      await expect(modelDigest(f)).rejects.toThrow(ModelFormatError);
+    } finally {
+      f.dispose();
+    }
+  });
+
   it('changes when a single weight byte in the middle of a tensor changes', async () => {
     const a = join(dir, 'w.gguf');
     await writeFixture(a, { kind: 'qwen2', seed: 3 });

@@ -283,17 +283,18 @@ export class Chat {
     const next = toMessage(where, message);
     const o = checkOptions<ChatSendOptions>(where, options, CHAT_SEND_OPTIONS);
     if (this.#streaming) throw new InvalidArgumentError(`${where}: the previous reply is still streaming; read it to the end or close it first`);
+    // This send's options over the chat's defaults; the sampler names any bad sampling option.
     const merged: ChatSendOptions = { ...this.#options, ...o };
     delete (merged as ChatOptions).system;
     delete (merged as ChatOptions).contextOverflow;
-    const reserve = replyReserve(`${where}`, this.#host.contextSize, merged.replyReserve, merged.maxTokens);
+    const sampling: SamplingOptions = {};
+    for (const k of SAMPLING_OPTIONS) if (merged[k] !== undefined) (sampling as Record<string, unknown>)[k] = merged[k];
+    new Sampler(sampling, where);
+    if (merged.maxTokens !== undefined) checkInt(`${where}: options.maxTokens`, merged.maxTokens, 0);
+    checkSignal(`${where}: options.signal`, merged.signal);
+    const reserve = replyReserve(where, this.#host.contextSize, merged.replyReserve, merged.maxTokens);
     delete merged.replyReserve;
     const generateOptions = merged as ChatGenerateOptions;
-    const sampling: SamplingOptions = {};
-    for (const k of SAMPLING_OPTIONS) if (generateOptions[k] !== undefined) (sampling as Record<string, unknown>)[k] = generateOptions[k];
-    new Sampler(sampling, where);
-    if (generateOptions.maxTokens !== undefined) checkInt(`${where}: options.maxTokens`, generateOptions.maxTokens, 0);
-    checkSignal(`${where}: options.signal`, generateOptions.signal);
     let text = '';
     const stream = this.#turn(where, next, reserve, generateOptions, (t) => { text += t; });
     const reply: ChatReply = {

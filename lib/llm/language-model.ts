@@ -617,7 +617,10 @@ export class LanguageModel extends NativeResource {
     const identity = () => (this.#identity ??= modelDigest(file).then((digest) => ({
       digest, architecture: config.architecture, ...(file.info.name !== undefined ? { name: file.info.name } : {}),
       layers: config.blockCount, kvHeads: config.headCountKv, headDim: config.headDim,
-    })));
+    }), (err: unknown) => {
+      this.#identity = undefined;
+      throw err;
+    }));
     const sequence = (initial: RetainedSequence | undefined): ChatSequence => {
       let held = initial;
       // What the turn in progress left, adopted only when the chat keeps the turn: a failed or

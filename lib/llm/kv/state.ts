@@ -99,7 +99,8 @@ function canonical(value: GgufValue): string {
 
 /**
  * The identity digest (hex sha256) of a mapped GGUF file; see the file comment for what it covers.
- * Reads only the sampled bytes of each tensor from `file.path`.
+ * Reads only the sampled bytes of each tensor, from `file.path` (the mapping has no byte accessor
+ * in JS); a file that is gone or has another size than the mapped one is a ModelFormatError.
  */
 export async function modelDigest(file: GgufFile): Promise<string> {
   const h = createHash('sha256');
@@ -112,8 +113,17 @@ export async function modelDigest(file: GgufFile): Promise<string> {
     dataBytes += t.bytes;
   }
   h.update(`data=${dataBytes}\0`);
-  const fd = await open(file.path, 'r');
+  const changed = (why: string, cause?: unknown) => new ModelFormatError(
+    `${file.path}: cannot compute the model's identity, the file changed since it was loaded (${why})`, { cause });
+  let fd: Awaited<ReturnType<typeof open>>;
   try {
+    fd = await open(file.path, 'r');
+  } catch (err) {
+    throw changed((err as Error).message, err);
+  }
+  try {
+    const size = (await fd.stat()).size;
+    if (size !== file.fileSize) throw changed(`${size} bytes, ${file.fileSize} when mapped`);
     const sample = Buffer.alloc(IDENTITY_SAMPLE_BYTES);
     for (const t of file.tensors) {
       const n = Math.min(IDENTITY_SAMPLE_BYTES, t.bytes);
