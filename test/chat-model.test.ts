@@ -65,7 +65,7 @@ interface Loaded {
   pool(): ReferenceKvPool;
 }
 
-async function load(path: string, o: { blockSize?: number; maxBlocks?: number; contextSize?: number } = {}): Promise<Loaded> {
+async function load(path: string, o: { blockSize?: number; maxBlocks?: number; contextSize?: number; paged?: boolean } = {}): Promise<Loaded> {
   const file = await read(path);
   const config = configFromGguf(file);
   const tokenizer = Tokenizer.fromGguf(file.metadata);
@@ -76,7 +76,27 @@ async function load(path: string, o: { blockSize?: number; maxBlocks?: number; c
   const engine: LlmEngine = {
     config,
     file,
-    createSequence() { throw new Error('this engine is paged only'); },
+    // The single-sequence path, a contiguous cache over the same logits function.
+    createSequence(contextSize) {
+      const cache: number[] = [];
+      return {
+        get length() { return cache.length; },
+        contextSize,
+        async eval(tokens, e = {}) {
+          const rows: Float32Array[] = [];
+          for (const t of tokens) {
+            cache.push(t);
+            rows.push(logits(cache));
+          }
+          if (!e.allLogits) return rows[rows.length - 1]!;
+          const all = new Float32Array(rows.length * config.vocabSize);
+          rows.forEach((r, i) => all.set(r, i * config.vocabSize));
+          return all;
+        },
+        truncate(n) { cache.length = n; },
+        dispose() {},
+      };
+    },
     createKvPool(p) {
       const pool = new ReferenceKvPool({ maxBlocks: p.maxBlocks, blockSize: p.blockSize ?? 16, vocab: config.vocabSize, logits });
       pools.push(pool);
@@ -84,6 +104,7 @@ async function load(path: string, o: { blockSize?: number; maxBlocks?: number; c
     },
     dispose() { file.dispose(); },
   };
+  if (o.paged === false) delete engine.createKvPool;
   const blockSize = o.blockSize ?? 4;
   // The reference pool stores one int per position: blockSize * 4 bytes a block.
   const model = LanguageModel.fromEngine(engine, tokenizer, {
@@ -288,6 +309,11 @@ describe('chat lifetime', () => {
       chat.dispose();
       chat.dispose();
       expect(() => chat.send('x')).toThrow(DisposedError);
+      const serial = await load(pathA, { paged: false });
+      expect(await serial.model.complete([0x61], { temperature: 0, maxTokens: 3 })).toBe(await model.complete([0x61], { temperature: 0, maxTokens: 3 }));
+      expect(() => serial.model.chat()).toThrow(/chats need an engine with a paged KV pool/);
+      await expect(serial.model.restoreChat('x.kv')).rejects.toThrow(InvalidArgumentError);
+      serial.model.dispose();
       const live = model.chat();
       model.dispose();
       expect(() => model.chat()).toThrow(DisposedError);
