@@ -363,6 +363,10 @@ export class Chat {
     this.dispose();
   }
 
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.dispose();
+  }
+
   #checkAlive(where: string): void {
     if (this.#disposed) throw new DisposedError(`${where}: Chat has been disposed`);
   }
