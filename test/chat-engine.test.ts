@@ -41,7 +41,7 @@ const LOAD = { contextSize: 256, kvCache: { maxBytes: 64 << 20, blockSize: 8 } }
 
 /** Greedy tokens by the single-sequence path (its own contiguous cache), one eval per token. */
 async function greedySequence(engine: LlmEngine, tokenizer: Tokenizer, prompt: number[], n: number): Promise<number[]> {
-  const seq = engine.createSequence(512);
+  const seq = engine.createSequence(256);
   try {
     let logits = await seq.eval(prompt);
     const out: number[] = [];
@@ -86,6 +86,7 @@ describe.each(CASES)('%s', (label) => {
       const prompt1 = renderChat(tokenizer, m1);
       const r1 = await tokensOf(chat.send('hello'));
       expect(r1.tokens).toEqual(await greedySequence(reference, tokenizer, prompt1, N));
+      expect(r1.tokens).toHaveLength(N);
       // What the cache holds: the prompt and the reply tokens fed back (all but a last one that ended it).
       const fed = chat.cachedTokens - prompt1.length;
       expect(fed === r1.tokens.length || fed === r1.tokens.length - 1).toBe(true);
@@ -97,6 +98,7 @@ describe.each(CASES)('%s', (label) => {
       expect(reused).toBeGreaterThanOrEqual(prompt1.length);
       expect(model.metrics().promptTokens - before).toBe(prompt2.length - reused);
       expect(r2.tokens).toEqual(await greedySequence(reference, tokenizer, prompt2, N));
+      expect(r2.tokens).toHaveLength(N);
       expect((await tokensOf(model.generate(prompt2, OPTIONS))).tokens).toEqual(r2.tokens);
       chat.dispose();
       expect(model.metrics().kv.blocks.used).toBe(0);
