@@ -104,7 +104,8 @@ async function load(path: string, o: { blockSize?: number; maxBlocks?: number; c
     },
     dispose() { file.dispose(); },
   };
-  if (o.paged === false) delete engine.createKvPool;
+  // An engine from before the paged pool (LanguageModel still serves it on one sequence).
+  if (o.paged === false) delete (engine as Partial<LlmEngine>).createKvPool;
   const blockSize = o.blockSize ?? 4;
   // The reference pool stores one int per position: blockSize * 4 bytes a block.
   const model = LanguageModel.fromEngine(engine, tokenizer, {
