@@ -129,11 +129,12 @@ describe.each(CASES)('%s', (label) => {
     }
   });
 
-  it('a saved chat restores into a fresh model with the same KV bytes and the same next reply', async (ctx) => {
+  it.each(['f32', 'f16'] as const)('a saved chat (%s KV) restores into a fresh model with the same KV bytes and the same next reply', async (dtype, ctx) => {
     if (!pooled) ctx.skip();
-    const file = join(dir, `${label.replace(/\W+/g, '-')}.kv`);
-    const a = await LanguageModel.load(path(), LOAD);
-    const b = await LanguageModel.load(path(), LOAD);
+    const file = join(dir, `${label.replace(/\W+/g, '-')}-${dtype}.kv`);
+    const options = { ...LOAD, kvCache: { ...LOAD.kvCache, dtype } };
+    const a = await LanguageModel.load(path(), options);
+    const b = await LanguageModel.load(path(), options);
     try {
       const chat = a.chat({ system: SYSTEM, ...OPTIONS });
       await tokensOf(chat.send('hello'));
@@ -168,6 +169,7 @@ describe.each(CASES)('%s', (label) => {
     const file = join(dir, `${label.replace(/\W+/g, '-')}-refuse.kv`);
     const a = await LanguageModel.load(path(), LOAD);
     const other = await LanguageModel.load(join(dir, 'other.gguf'), LOAD);
+    const half = await LanguageModel.load(path(), { ...LOAD, kvCache: { ...LOAD.kvCache, dtype: 'f16' } });
     try {
       const chat = a.chat({ ...OPTIONS });
       await tokensOf(chat.send('hello'));
@@ -179,12 +181,14 @@ describe.each(CASES)('%s', (label) => {
       await expect(a.restoreChat(corrupt)).rejects.toThrow(ModelFormatError);
       await expect(other.restoreChat(file)).rejects.toThrow(InvalidArgumentError);
       await expect(other.restoreChat(file)).rejects.toThrow(/saved by another model/);
+      await expect(half.restoreChat(file)).rejects.toThrow(/KV dtype 'f32', this model's pool stores 'f16'/);
       chat.dispose();
       expect(a.metrics().kv.blocks.used).toBe(0);
       expect(other.metrics().kv.blocks.used).toBe(0);
     } finally {
       a.dispose();
       other.dispose();
+      half.dispose();
     }
   });
 });
