@@ -54,6 +54,8 @@ interface Node {
   readonly tokens: readonly number[];
   readonly block: number;
   readonly children: Map<string, Node>;
+  /** The children by their first token: a prompt that diverges inside a block looks only there. */
+  readonly byFirst: Map<number, Node[]>;
 }
 
 /**
@@ -111,7 +113,7 @@ export class BlockManager {
     this.prefixCaching = options.prefixCaching ?? true;
     if (!Number.isInteger(this.blockSize) || this.blockSize < 1) throw new InvalidArgumentError(`BlockManager: blockSize must be an integer >= 1, got ${this.blockSize}`);
     if (!Number.isInteger(this.maxBlocks) || this.maxBlocks < 1) throw new InvalidArgumentError(`BlockManager: maxBlocks must be an integer >= 1, got ${this.maxBlocks}`);
-    this.#root = { id: 0, parent: undefined, key: '', tokens: [], block: -1, children: new Map() };
+    this.#root = { id: 0, parent: undefined, key: '', tokens: [], block: -1, children: new Map(), byFirst: new Map() };
   }
 
   stats(): BlockStats {
@@ -162,7 +164,11 @@ export class BlockManager {
    */
   open(tokens: readonly number[], limit: number, countHit = true): SequenceBlocks {
     const seq = new SequenceBlocks();
-    if (!this.prefixCaching || limit <= 0) return seq;
+    if (!this.prefixCaching) return seq;
+    if (limit <= 0) {
+      if (countHit) this.recordLookup(tokens.length, 0);
+      return seq;
+    }
     const bs = this.blockSize;
     let node = this.#root;
     let at = 0;
@@ -179,7 +185,7 @@ export class BlockManager {
     let bestLength = 0;
     const room = Math.min(limit - at, bs);
     if (room > 0) {
-      for (const child of node.children.values()) {
+      for (const child of node.byFirst.get(tokens[at]!) ?? []) {
         let n = 0;
         const max = Math.min(room, child.tokens.length);
         while (n < max && child.tokens[n] === tokens[at + n]) n++;
@@ -359,8 +365,11 @@ export class BlockManager {
     // Computed twice (two sequences prefilled the same prefix at once): this copy stays private
     // and is freed with its sequence, and so do the blocks after it.
     if (existing) return;
-    const node: Node = { id: this.#nextNodeId++, parent, key, tokens, block, children: new Map() };
+    const node: Node = { id: this.#nextNodeId++, parent, key, tokens, block, children: new Map(), byFirst: new Map() };
     parent.children.set(key, node);
+    const siblings = parent.byFirst.get(tokens[0]!);
+    if (siblings) siblings.push(node);
+    else parent.byFirst.set(tokens[0]!, [node]);
     this.#nodeOf.set(block, node);
     if (count === this.blockSize) seq.chain[index] = node;
   }
@@ -385,7 +394,11 @@ export class BlockManager {
     if (!victim) throw new InternalError('BlockManager: no free or cached block to allocate (reserve checks availability first)');
     const [block, node] = victim;
     this.#lru.delete(block);
-    node.parent!.children.delete(node.key);
+    const parent = node.parent!;
+    parent.children.delete(node.key);
+    const siblings = parent.byFirst.get(node.tokens[0]!)!;
+    siblings.splice(siblings.indexOf(node), 1);
+    if (siblings.length === 0) parent.byFirst.delete(node.tokens[0]!);
     this.#nodeOf.delete(block);
     this.#evictions++;
     return block;
