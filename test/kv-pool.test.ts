@@ -327,6 +327,46 @@ describe('fp16 storage', () => {
     expect(ran).toBeGreaterThan(0);
   });
 
+  it('K and V are rounded to the nearest half when written (layer 0, whose inputs the f32 pool shares)', async () => {
+    const info = await fixture('f16-round', { kind: 'qwen2', type: 'f32', seed: 64 });
+    const engine = await loadTransformer(info.path, { threads: 2 });
+    try {
+      const toks = tokens(11, info.vocabSize, 65);
+      const read = async (dtype: 'f32' | 'f16') => {
+        const pool = engine.createKvPool({ blockSize: 8, maxBlocks: 2, dtype });
+        await pool.step({ sequences: [{ blockTable: ids(1, 0), start: 0, tokens: toks, logits: 'none' }] });
+        const bytes = await pool.readBlocks(ids(1, 0));
+        pool.dispose();
+        return bytes;
+      };
+      const f32 = await read('f32'), f16 = await read('f16');
+      const wide = new Float32Array(f32.buffer, f32.byteOffset, f32.length / 4);
+      const narrow = new Uint16Array(f16.buffer, f16.byteOffset, f16.length / 2);
+      // Per block: [layer][K, V][kv_head][position][head_dim]; layer 0 is the first 2 * kvHeads *
+      // 8 * headDim elements, all positions of the block written (11 tokens over blocks 1 and 0).
+      const perBlock = wide.length / 2, layer0 = 2 * info.kvHeads * 8 * info.headDim;
+      let checked = 0;
+      for (let b = 0; b < 2; b++) {
+        for (let e = 0; e < layer0; e++) {
+          const pos = b * 8 + Math.floor(e / info.headDim) % 8;
+          if (pos >= toks.length) continue;
+          const x = wide[b * perBlock + e]!, h = narrow[b * perBlock + e]!;
+          const err = Math.abs(half(h) - x);
+          // Nearest: neither neighbouring half is closer.
+          for (const n of [h - 1, h + 1]) {
+            if ((n & 0x7fff) < 0x7c00 && (n >> 15) === (h >> 15) && Math.abs(half(n) - x) < err) {
+              expect.fail(`block ${b} element ${e}: ${x} stored as ${half(h)}, ${half(n)} is nearer`);
+            }
+          }
+          if (x !== 0) checked++;
+        }
+      }
+      expect(checked).toBeGreaterThan(layer0);
+    } finally {
+      engine.dispose();
+    }
+  });
+
   it('an f16 pool gives the f32 pool\'s log-probabilities within the rounding of K and V', async () => {
     const info = await fixture('f16', { kind: 'llama', type: 'f32', seed: 62 });
     const engine = await loadTransformer(info.path, { threads: 2 });
