@@ -1,13 +1,18 @@
 /**
  * The paged KV pool and its batched step (lib/llm/engine.ts: KvPool; native/ops/kv_pool.*, RunStep
- * in native/ops/llm.cc). The reference for a step is each of its sequences evaluated alone through
- * createSequence (a private pool of one block holding the whole context, one sequence per call),
- * whose logits llm-forward.test.ts checks against llama.cpp.
+ * in native/ops/llm.cc). The reference for a step is each of its sequences evaluated alone, all its
+ * tokens in one step of a fresh pool with the same block size; createSequence (whose logits
+ * llm-forward.test.ts checks against llama.cpp) is the reference where the weights are f32.
  *
- * Tolerance of batched vs alone (f32 pool): the same arithmetic per row except that a product over
- * M rows may run another kernel tile than M = 1 (another summation order), and attention folds
- * blocks of 16 instead of one span: relative differences of a few fp32 ulps per product, far below
- * the 1e-4 * (1 + |logit|) used here (the bound llm-forward's "evaluation paths agree" uses).
+ * Tolerance of batched vs alone: with the same block size attention folds the same spans in the
+ * same order, so a row's arithmetic differs only where a product over M rows runs another kernel
+ * tile than over the reference's M: another fp32 summation order for f32/f16 weights (a few ulps
+ * per product), none for block-quantised weights (exact int32 sums per block, then the same fp32
+ * scaling per row). That is far below the 1e-4 * (1 + |logit|) used here (llm-forward's "evaluation
+ * paths agree" bound). Against createSequence (one block of the whole context) the attention spans
+ * differ too; that comparison uses f32 weights only: with int8 activations an ulp of difference
+ * can flip the rounding of an activation (a step of amax / 127) or, in MoE layers, the choice of an
+ * expert, which no small tolerance covers.
  * Block tables that differ only in which ids they name run identical arithmetic: exact equality.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -34,13 +39,26 @@ function ids(...values: number[]): Int32Array {
   return Int32Array.from(values);
 }
 
-/** Logits of every position of `toks` evaluated alone from an empty cache. */
-async function alone(engine: LlmEngine, toks: Int32Array): Promise<Float32Array[]> {
+/**
+ * Logits of every position of `toks` evaluated alone from an empty cache: in one step of a fresh
+ * pool of `blockSize` (contiguous table), or without it through createSequence.
+ */
+async function alone(engine: LlmEngine, toks: Int32Array, blockSize?: number): Promise<Float32Array[]> {
+  const v = engine.config.vocabSize;
+  const split = (all: Float32Array) => Array.from(toks, (_, i) => all.subarray(i * v, (i + 1) * v));
+  if (blockSize !== undefined) {
+    const blocks = Math.ceil(toks.length / blockSize);
+    const pool = engine.createKvPool({ blockSize, maxBlocks: blocks });
+    try {
+      const blockTable = Int32Array.from({ length: blocks }, (_, i) => i);
+      return split(await pool.step({ sequences: [{ blockTable, start: 0, tokens: toks, logits: 'all' }] }));
+    } finally {
+      pool.dispose();
+    }
+  }
   const seq = engine.createSequence(toks.length);
   try {
-    const all = await seq.eval(toks, { allLogits: true });
-    const v = engine.config.vocabSize;
-    return Array.from(toks, (_, i) => all.subarray(i * v, (i + 1) * v));
+    return split(await seq.eval(toks, { allLogits: true }));
   } finally {
     seq.dispose();
   }
@@ -85,7 +103,7 @@ describe('a step of several sequences equals each sequence alone', () => {
         ],
       });
       expect(out.length).toBe((1 + 23 + 1) * V);
-      const [ra, rb, rc, rd] = await Promise.all([alone(engine, a), alone(engine, b), alone(engine, c), alone(engine, d)]);
+      const [ra, rb, rc, rd] = await Promise.all([alone(engine, a, 16), alone(engine, b, 16), alone(engine, c, 16), alone(engine, d, 16)]);
       expectClose(row(first, 0, V), rb[16]!, 'B first step');
       expectClose(row(out, 0, V), ra[20]!, 'A decode');
       for (let i = 0; i < 23; i++) expectClose(row(out, 1 + i, V), rb[17 + i]!, `B row ${17 + i}`);
@@ -93,7 +111,7 @@ describe('a step of several sequences equals each sequence alone', () => {
       // D's K/V were written although no logits came back: its next token sees them.
       const dn = tokens(3, V, 5);
       const next = await pool.step({ sequences: [{ blockTable: tables.d, start: 2, tokens: dn, logits: 'all' }] });
-      const rd2 = await alone(engine, Int32Array.from([...d, ...dn]));
+      const rd2 = await alone(engine, Int32Array.from([...d, ...dn]), 16);
       for (let i = 0; i < 3; i++) expectClose(row(next, i, V), rd2[2 + i]!, `D row ${2 + i}`);
       expect(rd.length).toBe(2);
       if (info.experts) {
@@ -127,7 +145,7 @@ describe('a step of several sequences equals each sequence alone', () => {
         sequences: prompts.map((p, s) => ({ blockTable: tables[s]!, start: p.length, tokens: ids(next[s]!), logits: 'last' as const })),
       });
       for (let s = 0; s < 8; s++) {
-        const want = await alone(engine, Int32Array.from([...prompts[s]!, next[s]!]));
+        const want = await alone(engine, Int32Array.from([...prompts[s]!, next[s]!]), 8);
         expectClose(row(batched, s, V), want[prompts[s]!.length]!, `sequence ${s}`);
       }
     } finally {
@@ -307,6 +325,46 @@ describe('fp16 storage', () => {
       }
     }
     expect(ran).toBeGreaterThan(0);
+  });
+
+  it('K and V are rounded to the nearest half when written (layer 0, whose inputs the f32 pool shares)', async () => {
+    const info = await fixture('f16-round', { kind: 'qwen2', type: 'f32', seed: 64 });
+    const engine = await loadTransformer(info.path, { threads: 2 });
+    try {
+      const toks = tokens(11, info.vocabSize, 65);
+      const read = async (dtype: 'f32' | 'f16') => {
+        const pool = engine.createKvPool({ blockSize: 8, maxBlocks: 2, dtype });
+        await pool.step({ sequences: [{ blockTable: ids(1, 0), start: 0, tokens: toks, logits: 'none' }] });
+        const bytes = await pool.readBlocks(ids(1, 0));
+        pool.dispose();
+        return bytes;
+      };
+      const f32 = await read('f32'), f16 = await read('f16');
+      const wide = new Float32Array(f32.buffer, f32.byteOffset, f32.length / 4);
+      const narrow = new Uint16Array(f16.buffer, f16.byteOffset, f16.length / 2);
+      // Per block: [layer][K, V][kv_head][position][head_dim]; layer 0 is the first 2 * kvHeads *
+      // 8 * headDim elements, all positions of the block written (11 tokens over blocks 1 and 0).
+      const perBlock = wide.length / 2, layer0 = 2 * info.kvHeads * 8 * info.headDim;
+      let checked = 0;
+      for (let b = 0; b < 2; b++) {
+        for (let e = 0; e < layer0; e++) {
+          const pos = b * 8 + Math.floor(e / info.headDim) % 8;
+          if (pos >= toks.length) continue;
+          const x = wide[b * perBlock + e]!, h = narrow[b * perBlock + e]!;
+          const err = Math.abs(half(h) - x);
+          // Nearest: neither neighbouring half is closer.
+          for (const n of [h - 1, h + 1]) {
+            if ((n & 0x7fff) < 0x7c00 && (n >> 15) === (h >> 15) && Math.abs(half(n) - x) < err) {
+              expect.fail(`block ${b} element ${e}: ${x} stored as ${half(h)}, ${half(n)} is nearer`);
+            }
+          }
+          if (x !== 0) checked++;
+        }
+      }
+      expect(checked).toBeGreaterThan(layer0);
+    } finally {
+      engine.dispose();
+    }
   });
 
   it('an f16 pool gives the f32 pool\'s log-probabilities within the rounding of K and V', async () => {

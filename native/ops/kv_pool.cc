@@ -10,9 +10,9 @@ namespace sonde {
 
 namespace {
 
-// Chunks of at least this many bytes: a pool of small blocks (a test model's few KiB) still grows
-// in few allocations, while a real model's blocks (hundreds of KiB) get a chunk each, so the
-// memory held tracks the highest block used closely.
+// Chunks of whole blocks up to this many bytes (one block when a block is larger): a pool of small
+// blocks (a test model's few KiB) grows in few allocations, while a real model's blocks (hundreds
+// of KiB) come a few per chunk, so the memory held tracks the highest block used closely.
 constexpr size_t kChunkBytes = size_t{2} << 20;
 
 }  // namespace

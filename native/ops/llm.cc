@@ -230,12 +230,12 @@ bool MatMul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const 
   return true;
 }
 
-// Grows v to n elements, rounded up to the arena's row class (see LlmArena).
 template <typename T>
 void Grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
 }
 
+// The arena's row count for a step of `rows`: the next power of two (see LlmArena).
 size_t RowClass(size_t rows) {
   size_t c = 1;
   while (c < rows) c <<= 1;
