@@ -278,7 +278,7 @@ describe('fp16 storage', () => {
     for (let t = 0; t < n; t++) {
       const p = Math.exp(s[t]! - max);
       sum += p;
-      for (let j = 0; j < hd; j++) out[j] += p * v[t * hd + j]!;
+      for (let j = 0; j < hd; j++) out[j] = out[j]! + p * v[t * hd + j]!;
     }
     return out.map((x) => x / sum);
   }

@@ -171,8 +171,6 @@ class TransformerKvPool extends NativeResource implements KvPool {
     const bs = this.blockSize, maxBlocks = this.maxBlocks;
     const meta = new Int32Array(seqs.length * 4);
     let tokenCount = 0, tableCount = 0, rows = 0;
-    // [block, sequence, entry, written] of every table entry the step touches.
-    const uses: [number, number, number, boolean][] = [];
     for (let s = 0; s < seqs.length; s++) {
       const at = `${where}: batch.sequences[${s}]`;
       const q = checkOptions<StepSequence>(at, seqs[s] ?? null, SEQUENCE_KEYS);
@@ -195,8 +193,6 @@ class TransformerKvPool extends NativeResource implements KvPool {
         const t = tokens[i]!;
         if (t < 0 || t >= vocab) throw new InvalidArgumentError(`${at}.tokens[${i}]: token id ${t} is outside the vocabulary [0, ${vocab})`);
       }
-      const used = Math.ceil(end / bs), firstWritten = Math.floor(start / bs);
-      for (let i = 0; i < used; i++) uses.push([table[i]!, s, i, i >= firstWritten]);
       meta[4 * s] = table.length;
       meta[4 * s + 1] = start;
       meta[4 * s + 2] = tokens.length;
@@ -206,13 +202,25 @@ class TransformerKvPool extends NativeResource implements KvPool {
       rows += logits === 'none' ? 0 : logits === 'last' ? 1 : tokens.length;
     }
     // A block written by this step must appear nowhere else in it: another writer or a reader on
-    // another thread would race (copy-on-write belongs before the step, in batch.copies).
-    uses.sort((x, y) => x[0] - y[0] || Number(y[3]) - Number(x[3]));
-    for (let i = 1; i < uses.length; i++) {
-      const [block, ws, we, written] = uses[i - 1]!;
-      const [other, os, oe] = uses[i]!;
-      if (block === other && written) {
-        throw new InvalidArgumentError(`${where}: batch.sequences[${ws}].blockTable[${we}]: block ${block} is written by this step and also used at batch.sequences[${os}].blockTable[${oe}] (copy it first)`);
+    // another thread would race (copy-on-write belongs before the step, in batch.copies). Written
+    // entries are few (a block or two per sequence), read ones many: a map of the written ones,
+    // then one pass over the rest.
+    const written = new Map<number, string>();
+    const conflict = (block: number, writer: string, other: string) => new InvalidArgumentError(
+      `${where}: ${writer}: block ${block} is written by this step and also used at ${other} (copy it first)`);
+    for (let s = 0; s < seqs.length; s++) {
+      const q = seqs[s]!, table = q.blockTable, end = q.start + q.tokens.length;
+      for (let i = Math.floor(q.start / bs); i < Math.ceil(end / bs); i++) {
+        const at = `batch.sequences[${s}].blockTable[${i}]`, w = written.get(table[i]!);
+        if (w !== undefined) throw conflict(table[i]!, w, at);
+        written.set(table[i]!, at);
+      }
+    }
+    for (let s = 0; s < seqs.length && written.size > 0; s++) {
+      const q = seqs[s]!, table = q.blockTable;
+      for (let i = 0; i < Math.floor(q.start / bs); i++) {
+        const w = written.get(table[i]!);
+        if (w !== undefined) throw conflict(table[i]!, w, `batch.sequences[${s}].blockTable[${i}]`);
       }
     }
     const copies = b.copies === undefined ? new Int32Array(0) : b.copies;

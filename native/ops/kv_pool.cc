@@ -78,30 +78,33 @@ std::string ValidateKvStep(const KvPool& pool, size_t vocab, const KvStep& step)
   if (row != step.tokens.size()) return "step: token count does not match the sequences";
   // A block this step writes must be used by no other table entry of the step: two writers, or a
   // writer and a reader, of one block on different threads would race (copy-on-write is the
-  // caller's job; this keeps a mistake in it from becoming a data race).
+  // caller's job; this keeps a mistake in it from becoming a data race). Written entries are few (a
+  // block or two per sequence): sorted, then every read entry is looked up among them.
   struct Use {
     int32_t block;
     uint32_t seq, entry;
-    bool written;
+    bool operator<(const Use& o) const { return block < o.block; }
   };
-  std::vector<Use> uses;
+  auto conflict = [](const Use& w, const Use& o) {
+    return "sequences[" + std::to_string(w.seq) + "].blockTable[" + std::to_string(w.entry) + "]: block " +
+           std::to_string(w.block) + " is written by this step and also used at sequences[" + std::to_string(o.seq) +
+           "].blockTable[" + std::to_string(o.entry) + "] (copy it first)";
+  };
+  std::vector<Use> written;
   for (size_t s = 0; s < step.seqs.size(); ++s) {
     const KvStepSequence& q = step.seqs[s];
-    const size_t used = (q.start + q.tokens + bs - 1) / bs, first_written = q.start / bs;
-    for (size_t i = 0; i < used; ++i)
-      uses.push_back({step.tables[q.table_offset + i], static_cast<uint32_t>(s), static_cast<uint32_t>(i), i >= first_written});
+    for (size_t i = q.start / bs; i < (q.start + q.tokens + bs - 1) / bs; ++i)
+      written.push_back({step.tables[q.table_offset + i], static_cast<uint32_t>(s), static_cast<uint32_t>(i)});
   }
-  std::sort(uses.begin(), uses.end(), [](const Use& a, const Use& b) {
-    return a.block != b.block ? a.block < b.block : a.written > b.written;
-  });
-  for (size_t i = 1; i < uses.size(); ++i) {
-    const Use &a = uses[i - 1], &b = uses[i];
-    if (a.block == b.block && a.written) {
-      const Use& w = a;
-      const Use& o = b;
-      return "sequences[" + std::to_string(w.seq) + "].blockTable[" + std::to_string(w.entry) + "]: block " +
-             std::to_string(w.block) + " is written by this step and also used at sequences[" + std::to_string(o.seq) +
-             "].blockTable[" + std::to_string(o.entry) + "] (copy it first)";
+  std::stable_sort(written.begin(), written.end());
+  for (size_t i = 1; i < written.size(); ++i)
+    if (written[i - 1].block == written[i].block) return conflict(written[i - 1], written[i]);
+  for (size_t s = 0; s < step.seqs.size() && !written.empty(); ++s) {
+    const KvStepSequence& q = step.seqs[s];
+    for (size_t i = 0; i < q.start / bs; ++i) {
+      const Use read{step.tables[q.table_offset + i], static_cast<uint32_t>(s), static_cast<uint32_t>(i)};
+      auto w = std::lower_bound(written.begin(), written.end(), read);
+      if (w != written.end() && w->block == read.block) return conflict(*w, read);
     }
   }
   if (step.copies.size() % 2) return "copies must hold [src, dst] pairs";
