@@ -134,15 +134,17 @@ export interface NativeLlmModel {
   info(): { disposed: boolean; bytes?: number; layers?: number };
 }
 
-/** One sequence's KV cache (fp32, contextSize positions; its bytes are reported to V8). */
-export interface NativeLlmSequence {
+/**
+ * A paged KV pool of one model (native/ops/kv_pool.h): blocks of blockSize positions holding K and V
+ * of every layer and KV head; chunks of blocks are allocated as ids are first used and reported to V8.
+ */
+export interface NativeKvPool {
   dispose(): void;
-  /** Tokens held (the next position). */
-  length(): number;
-  /** Forgets positions >= length; throws while an eval runs on it. */
-  truncate(length: number): void;
-  /** expertCounts (MoE models): tokens routed to each expert, [layer * expertCount + expert], over all evals. */
-  info(): { disposed: boolean; bytes?: number; capacity?: number; length?: number; expertCounts?: Float64Array };
+  /** expertCounts (MoE models): tokens routed to each expert by this pool's steps, [layer * expertCount + expert]. */
+  info(): {
+    disposed: boolean; bytes?: number; highWaterBytes?: number; blockBytes?: number; chunkBlocks?: number;
+    allocatedBlocks?: number; expertCounts?: Float64Array;
+  };
 }
 export type NativeQuantVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512' | 'avx512vnni';
 export interface NativeMoeWeights { ref: Uint8Array | NativeGgufHandle; index: number; type: NativeQuantType }
@@ -251,15 +253,31 @@ export interface NativeBinding {
    * missing / mistyped / misshapen tensor, ERR_SONDE_UNSUPPORTED_OPERATOR for what is not wired.
    */
   llmModelCreate(gguf: NativeGgufHandle, config: object, indices: Int32Array): NativeLlmModel;
-  /** kvSpan: positions attention reads per kernel call (0 / absent: the whole cache), as a paged cache will. */
-  llmSequenceCreate(model: NativeLlmModel, contextSize: number, kvSpan?: number): NativeLlmSequence;
   /**
-   * Appends tokens to the sequence and writes their logits ([tokens.length, vocab] if allLogits,
-   * else [vocab]). Rejects ERR_SONDE_INVALID_ARGUMENT for an id outside the vocabulary or a context
-   * overflow (before any work), ERR_SONDE_ABORTED when cancelled (the sequence keeps its length).
+   * A KV pool for the model; reserveBlocks blocks are allocated at once (a private sequence's whole
+   * cache), the rest as steps first use them. Throws ERR_SONDE_INVALID_ARGUMENT for sizes out of
+   * range, ERR_SONDE_OUT_OF_MEMORY when the reserve cannot be allocated.
    */
-  llmEval(model: NativeLlmModel, seq: NativeLlmSequence, tokens: Int32Array, logits: Float32Array, allLogits: boolean,
-    threads: number, cancel?: NativeCancelToken): Promise<void>;
+  kvPoolCreate(model: NativeLlmModel, blockSize: number, maxBlocks: number, dtype: 'f32' | 'f16', reserveBlocks: number): NativeKvPool;
+  /**
+   * One batched step (lib/llm/engine.ts: KvPool.step). meta: per sequence [tableLength, start,
+   * tokenCount, logits (0 none, 1 last, 2 all)]; tokens and tables: every sequence's, concatenated;
+   * copies: [src, dst] pairs done first; logits: [rows requested x vocab]. Rejects
+   * ERR_SONDE_INVALID_ARGUMENT (naming the sequence and field) before any work, ERR_SONDE_ABORTED
+   * when cancelled.
+   */
+  kvPoolStep(model: NativeLlmModel, pool: NativeKvPool, tokens: Int32Array, meta: Int32Array, tables: Int32Array,
+    copies: Int32Array, logits: Float32Array, threads: number, cancel?: NativeCancelToken): Promise<void>;
+  /** Copies blocks ids[i] to out[i * blockBytes ...]. */
+  kvPoolRead(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void>;
+  /** Copies bytes[i * blockBytes ...] into blocks ids[i] (ids distinct). */
+  kvPoolWrite(pool: NativeKvPool, ids: Int32Array, bytes: Uint8Array): Promise<void>;
+  /**
+   * Kernel test entry: the normalised attention output of query q against n rows of K/V (f32:
+   * Float32Array, f16: Uint16Array of IEEE halves), folded span rows per call of the chosen kernel.
+   */
+  kvAttention(q: Float32Array, k: Float32Array | Uint16Array, v: Float32Array | Uint16Array, headDim: number, n: number,
+    span: number, dtype: 'f32' | 'f16', variant: 'scalar' | 'avx2' | 'avx512'): Promise<Float32Array>;
   peakFma(simd: 'scalar' | 'avx2' | 'avx512', threads: number, seconds: number): Promise<{ flops: number; seconds: number; threads: number; simd: string }>;
   readBandwidth(bytes: number, threads: number): Promise<{ bytes: number; seconds: number; threads: number }>;
 }

@@ -35,5 +35,7 @@ export type {
   TokenStreamDecoder, KvCacheOptions, LanguageModelEngineOptions, LanguageModelMetricsSnapshot,
 } from './llm/language-model.js';
 export type { SamplingOptions } from './llm/sampling.js';
+export { Chat } from './llm/chat.js';
+export type { ChatOptions, ChatSendOptions, ChatReply, ContextOverflow } from './llm/chat.js';
 export { prune } from './prune.js';
 export type { PruneOptions, PruneResult, PruneReport, PrunedLayer, PruneStructure, LayerPattern } from './prune.js';

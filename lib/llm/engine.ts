@@ -64,8 +64,8 @@ export interface LlmEngine {
   readonly file: GgufFile;
   /** A fresh sequence whose cache holds up to contextSize tokens (a private pool, one block table). */
   createSequence(contextSize: number): LlmSequence;
-  /** A paged KV pool (issue #9) that many sequences share; see KvPool. */
-  createKvPool?(options: KvPoolOptions): KvPool;
+  /** A paged KV pool (issue #9) that many sequences share; see KvPool. Disposed with the engine. */
+  createKvPool(options: KvPoolOptions): KvPool;
   dispose(): void;
 }
 

@@ -25,6 +25,8 @@ import { LlmMetrics, type LanguageModelMetricsSnapshot } from '../metrics/llm.js
 import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
 import type { GgufFile } from './gguf.js';
 import type { KvDtype, KvPool, LlmEngine, LlmSequence, ModelConfig } from './engine.js';
+import { Chat, type ChatHost, type ChatOptions, type ChatSequence } from './chat.js';
+import { modelDigest, type KvStateModel } from './kv/state.js';
 import { Scheduler, type RetainedSequence } from './kv/scheduler.js';
 import { SAMPLING_OPTIONS, Sampler, type SamplingOptions } from './sampling.js';
 import { Tokenizer, type ChatMessage } from './tokenizer.js';
@@ -574,6 +576,103 @@ export class LanguageModel extends NativeResource {
     let text = '';
     for await (const t of this.generate(prompt, options)) text += t.text;
     return text;
+  }
+
+  /**
+   * A conversation (lib/llm/chat.ts): `send(message)` renders the whole conversation with the
+   * chat template and computes only the tokens after what the chat's cache already holds; the
+   * chat keeps its KV blocks between turns, and chats with the same system prompt share its
+   * blocks. `contextOverflow` ('error', the default, or 'drop-oldest') says what happens when
+   * the conversation and `replyReserve` outgrow the context. Sampling options, maxTokens and
+   * stop given here are the defaults of every send().
+   */
+  chat(options?: ChatOptions): Chat {
+    this.checkAlive('LanguageModel.chat');
+    return Chat.create(this.#chatHost('LanguageModel.chat'), options);
+  }
+
+  /**
+   * A chat saved with chat.save(path): its messages, options and KV blocks, so its next reply
+   * computes only the new message. A file of another model (or another KV dtype or block size),
+   * a corrupted or a truncated one is refused with a typed error that says which. `options`
+   * override the saved chat options.
+   */
+  async restoreChat(path: string, options?: ChatOptions): Promise<Chat> {
+    this.checkAlive('LanguageModel.restoreChat');
+    return Chat.restore(this.#chatHost('LanguageModel.restoreChat'), path, options);
+  }
+
+  #host: ChatHost | undefined;
+  #identity: Promise<KvStateModel> | undefined;
+
+  #chatHost(where: string): ChatHost {
+    if (this.#host) return this.#host;
+    const scheduler = this.#scheduler;
+    const pool = this.#pool;
+    if (!scheduler || !pool) {
+      throw new InvalidArgumentError(`${where}: chats need an engine with a paged KV pool (LlmEngine.createKvPool); this model's engine has none`);
+    }
+    const config = this.#engine.config;
+    const file = this.#engine.file;
+    const identity = () => (this.#identity ??= modelDigest(file).then((digest) => ({
+      digest, architecture: config.architecture, ...(file.info.name !== undefined ? { name: file.info.name } : {}),
+      layers: config.blockCount, kvHeads: config.headCountKv, headDim: config.headDim,
+    }), (err: unknown) => {
+      this.#identity = undefined;
+      throw err;
+    }));
+    const sequence = (initial: RetainedSequence | undefined): ChatSequence => {
+      let held = initial;
+      // What the turn in progress left, adopted only when the chat keeps the turn: a failed or
+      // aborted reply leaves the cache as the conversation is, as before the turn.
+      let next: RetainedSequence | undefined;
+      let open = false;
+      let disposed = false;
+      return {
+        get tokens() { return held?.tokens ?? []; },
+        generate: (prompt, options) => {
+          open = true;
+          return this.#generate('Chat.send', prompt, options, {
+            from: held,
+            retained: (r) => {
+              if (disposed || !open) r.release();
+              else next = r;
+            },
+          });
+        },
+        settle: (keep) => {
+          open = false;
+          if (keep && next) {
+            held?.release();
+            held = next;
+          } else {
+            next?.release();
+          }
+          next = undefined;
+        },
+        snapshot: async () => {
+          const tokens = Int32Array.from(held?.tokens ?? []);
+          const table = held ? held.blocks.table(tokens.length, pool.blockSize) : new Int32Array(0);
+          return { tokens, blocks: table.length > 0 ? await pool.readBlocks(table) : new Uint8Array(0) };
+        },
+        dispose: () => {
+          disposed = true;
+          held?.release();
+          next?.release();
+          held = next = undefined;
+        },
+      };
+    };
+    this.#host = {
+      contextSize: this.contextSize,
+      vocabSize: this.info.vocabSize,
+      tokenizer: this.#tokenizer,
+      layout: { dtype: pool.dtype, blockSize: pool.blockSize, blockBytes: pool.blockBytes },
+      identity,
+      retain: () => sequence(undefined),
+      restore: async (tokens, blocks) => sequence(await scheduler.restoreRetained(Array.from(tokens), (table) => pool.writeBlocks(table, blocks))),
+    };
+    return this.#host;
   }
 
   async *#runBatched(where: string, prompt: number[], sampler: Sampler, maxTokens: number, emitter: Emitter,

@@ -1,15 +1,18 @@
 /**
  * The native transformer behind LlmEngine (lib/llm/engine.ts): loadTransformer(path) maps the GGUF,
- * reads and checks its configuration (lib/llm/arch.ts) and builds the native model; sequences own
- * their KV caches. One native call per eval; evals on one sequence run one after another (a
- * promise chain), so a caller may issue the next eval without awaiting the previous one.
+ * reads and checks its configuration (lib/llm/arch.ts) and builds the native model. K/V live in
+ * paged pools (createKvPool); one native call per step, steps on one pool run one after another (a
+ * promise chain), so a caller may issue the next step without awaiting the previous one. A sequence
+ * (createSequence) is a private pool of one block table: there is one forward implementation.
  */
-import { native, type NativeLlmModel, type NativeLlmSequence } from '../binding.js';
+import { native, type NativeKvPool, type NativeLlmModel } from '../binding.js';
 import { InvalidArgumentError, callNative, fromNative } from '../errors.js';
 import { NativeResource, withSignal } from '../lifetime.js';
 import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
 import { configFromGguf, tensorIndexTable } from './arch.js';
-import type { EvalOptions, LlmEngine, LlmSequence, ModelConfig } from './engine.js';
+import type {
+  EvalOptions, KvDtype, KvPool, KvPoolOptions, LlmEngine, LlmSequence, ModelConfig, StepBatch, StepSequence,
+} from './engine.js';
 import { read, type GgufFile } from './gguf.js';
 
 export type TransformerVariant = 'auto' | 'scalar' | 'avx2' | 'avx512';
@@ -29,27 +32,250 @@ const VARIANTS: readonly TransformerVariant[] = ['auto', 'scalar', 'avx2', 'avx5
 interface Parsed { threads: number; variant: TransformerVariant }
 const EVAL_KEYS = ['allLogits', 'signal'] as const;
 
+const POOL_KEYS = ['blockSize', 'maxBlocks', 'dtype'] as const;
+const DTYPES: readonly KvDtype[] = ['f32', 'f16'];
+const STEP_KEYS = ['signal'] as const;
+const BATCH_KEYS = ['sequences', 'copies'] as const;
+const SEQUENCE_KEYS = ['blockTable', 'start', 'tokens', 'logits'] as const;
+const LOGITS: readonly StepSequence['logits'][] = ['none', 'last', 'all'];
+const LOGITS_CODE = { none: 0, last: 1, all: 2 } as const;
+/** The largest block size createKvPool takes (a private sequence pool may use one block of its whole context). */
+const MAX_BLOCK_SIZE = 65536;
+
+/** A step packed for the native call (snapshotted when step() is called, so later edits of the caller's arrays do not leak in). */
+interface PackedStep { tokens: Int32Array; meta: Int32Array; tables: Int32Array; copies: Int32Array; rows: number }
+
+class TransformerKvPool extends NativeResource implements KvPool {
+  readonly blockSize: number;
+  readonly maxBlocks: number;
+  readonly dtype: KvDtype;
+  readonly blockBytes: number;
+  #engine: Transformer;
+  #pool: NativeKvPool;
+  #chain: Promise<unknown> = Promise.resolve();
+
+  constructor(engine: Transformer, pool: NativeKvPool, blockSize: number, maxBlocks: number, dtype: KvDtype) {
+    super();
+    this.#engine = engine;
+    this.#pool = pool;
+    this.blockSize = blockSize;
+    this.maxBlocks = maxBlocks;
+    this.dtype = dtype;
+    this.blockBytes = pool.info().blockBytes!;
+  }
+
+  get bytes(): number {
+    this.checkAlive('KvPool.bytes');
+    return this.#pool.info().bytes!;
+  }
+
+  get highWaterBytes(): number {
+    this.checkAlive('KvPool.highWaterBytes');
+    return this.#pool.info().highWaterBytes!;
+  }
+
+  step(batch: StepBatch, options?: { signal?: AbortSignal }): Promise<Float32Array> {
+    const site = new Error();
+    const where = 'KvPool.step';
+    try {
+      this.checkAlive(where);
+      const o = checkOptions<{ signal?: AbortSignal }>(`${where}(batch, options)`, options, STEP_KEYS);
+      const signal = checkSignal(`${where}: options.signal`, o.signal);
+      const packed = this.#pack(where, batch);
+      return this.#enqueue(async () => {
+        this.checkAlive(where);
+        const logits = new Float32Array(packed.rows * this.#engine.config.vocabSize);
+        const model = this.#engine.nativeModel(where);
+        await callNative(() => withSignal(signal, (token) => native().kvPoolStep(model, this.#pool, packed.tokens, packed.meta,
+          packed.tables, packed.copies, logits, this.#engine.threads, token)), site);
+        return logits;
+      });
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  readBlocks(ids: Int32Array): Promise<Uint8Array> {
+    const site = new Error();
+    const where = 'KvPool.readBlocks(ids)';
+    try {
+      this.checkAlive(where);
+      const copy = this.#ids(where, ids);
+      return this.#enqueue(async () => {
+        this.checkAlive(where);
+        const out = new Uint8Array(copy.length * this.blockBytes);
+        await callNative(() => native().kvPoolRead(this.#pool, copy, out), site);
+        return out;
+      });
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  writeBlocks(ids: Int32Array, bytes: Uint8Array): Promise<void> {
+    const site = new Error();
+    const where = 'KvPool.writeBlocks(ids, bytes)';
+    try {
+      this.checkAlive(where);
+      const copy = this.#ids(where, ids);
+      const seen = new Set<number>();
+      for (let i = 0; i < copy.length; i++) {
+        if (seen.has(copy[i]!)) throw new InvalidArgumentError(`${where}: ids[${i}] repeats block ${copy[i]}`);
+        seen.add(copy[i]!);
+      }
+      if (!(bytes instanceof Uint8Array)) throw new InvalidArgumentError(`${where}: bytes must be a Uint8Array, got ${describe(bytes)}`);
+      if (bytes.length !== copy.length * this.blockBytes) {
+        throw new InvalidArgumentError(`${where}: bytes must hold ${copy.length} blocks of ${this.blockBytes} bytes (${copy.length * this.blockBytes}), got ${bytes.length}`);
+      }
+      const data = bytes.slice();
+      return this.#enqueue(async () => {
+        this.checkAlive(where);
+        await callNative(() => native().kvPoolWrite(this.#pool, copy, data), site);
+      });
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  expertCounts(): Float64Array | undefined {
+    this.checkAlive('KvPool.expertCounts');
+    return this.#pool.info().expertCounts;
+  }
+
+  /** @internal For tests: the native pool's allocation state. */
+  nativeInfo(): ReturnType<NativeKvPool['info']> {
+    return this.#pool.info();
+  }
+
+  #enqueue<T>(run: () => Promise<T>): Promise<T> {
+    const result = this.#chain.then(run, run);
+    this.#chain = result.catch(() => undefined);
+    return result;
+  }
+
+  #ids(where: string, ids: Int32Array): Int32Array {
+    if (!(ids instanceof Int32Array)) throw new InvalidArgumentError(`${where}: ids must be an Int32Array, got ${describe(ids)}`);
+    for (let i = 0; i < ids.length; i++) {
+      if (ids[i]! < 0 || ids[i]! >= this.maxBlocks) throw new InvalidArgumentError(`${where}: ids[${i}] = ${ids[i]} is outside [0, ${this.maxBlocks})`);
+    }
+    return ids.slice();
+  }
+
+  // Every check the native side repeats, here first, so each error names the sequence and field.
+  #pack(where: string, batch: StepBatch): PackedStep {
+    const b = checkOptions<StepBatch>(`${where}(batch)`, batch, BATCH_KEYS);
+    if (batch === undefined) throw new InvalidArgumentError(`${where}(batch): batch must be an object, got undefined`);
+    const seqs = b.sequences;
+    if (!Array.isArray(seqs)) throw new InvalidArgumentError(`${where}: batch.sequences must be an array, got ${describe(seqs)}`);
+    const vocab = this.#engine.config.vocabSize, context = this.#engine.config.contextLength;
+    const bs = this.blockSize, maxBlocks = this.maxBlocks;
+    const meta = new Int32Array(seqs.length * 4);
+    let tokenCount = 0, tableCount = 0, rows = 0;
+    for (let s = 0; s < seqs.length; s++) {
+      const at = `${where}: batch.sequences[${s}]`;
+      const q = checkOptions<StepSequence>(at, seqs[s] ?? null, SEQUENCE_KEYS);
+      const table = q.blockTable, tokens = q.tokens;
+      if (!(table instanceof Int32Array)) throw new InvalidArgumentError(`${at}.blockTable must be an Int32Array, got ${describe(table)}`);
+      if (!(tokens instanceof Int32Array)) throw new InvalidArgumentError(`${at}.tokens must be an Int32Array, got ${describe(tokens)}`);
+      if (tokens.length === 0) throw new InvalidArgumentError(`${at}.tokens must not be empty`);
+      const start = checkInt(`${at}.start`, q.start, 0, context);
+      const logits = checkOneOf(`${at}.logits`, q.logits, LOGITS);
+      for (let i = 0; i < table.length; i++) {
+        const id = table[i]!;
+        if (id < 0 || id >= maxBlocks) throw new InvalidArgumentError(`${at}.blockTable[${i}]: block id ${id} is outside [0, ${maxBlocks})`);
+      }
+      const end = start + tokens.length;
+      if (end > context) throw new InvalidArgumentError(`${at}: start + tokens.length = ${end} exceeds the model's context length ${context}`);
+      if (end > table.length * bs) {
+        throw new InvalidArgumentError(`${at}.blockTable: ${table.length} blocks of ${bs} positions do not cover start + tokens.length = ${end}`);
+      }
+      for (let i = 0; i < tokens.length; i++) {
+        const t = tokens[i]!;
+        if (t < 0 || t >= vocab) throw new InvalidArgumentError(`${at}.tokens[${i}]: token id ${t} is outside the vocabulary [0, ${vocab})`);
+      }
+      meta[4 * s] = table.length;
+      meta[4 * s + 1] = start;
+      meta[4 * s + 2] = tokens.length;
+      meta[4 * s + 3] = LOGITS_CODE[logits];
+      tokenCount += tokens.length;
+      tableCount += table.length;
+      rows += logits === 'none' ? 0 : logits === 'last' ? 1 : tokens.length;
+    }
+    // A block written by this step must appear nowhere else in it: another writer or a reader on
+    // another thread would race (copy-on-write belongs before the step, in batch.copies). Written
+    // entries are few (a block or two per sequence), read ones many: a map of the written ones,
+    // then one pass over the rest.
+    const written = new Map<number, string>();
+    const conflict = (block: number, writer: string, other: string) => new InvalidArgumentError(
+      `${where}: ${writer}: block ${block} is written by this step and also used at ${other} (copy it first)`);
+    for (let s = 0; s < seqs.length; s++) {
+      const q = seqs[s]!, table = q.blockTable, end = q.start + q.tokens.length;
+      for (let i = Math.floor(q.start / bs); i < Math.ceil(end / bs); i++) {
+        const at = `batch.sequences[${s}].blockTable[${i}]`, w = written.get(table[i]!);
+        if (w !== undefined) throw conflict(table[i]!, w, at);
+        written.set(table[i]!, at);
+      }
+    }
+    for (let s = 0; s < seqs.length && written.size > 0; s++) {
+      const q = seqs[s]!, table = q.blockTable;
+      for (let i = 0; i < Math.floor(q.start / bs); i++) {
+        const w = written.get(table[i]!);
+        if (w !== undefined) throw conflict(table[i]!, w, `batch.sequences[${s}].blockTable[${i}]`);
+      }
+    }
+    const copies = b.copies === undefined ? new Int32Array(0) : b.copies;
+    if (!(copies instanceof Int32Array)) throw new InvalidArgumentError(`${where}: batch.copies must be an Int32Array of [src, dst] pairs, got ${describe(copies)}`);
+    if (copies.length % 2 !== 0) throw new InvalidArgumentError(`${where}: batch.copies must hold [src, dst] pairs, got ${copies.length} values`);
+    for (let i = 0; i < copies.length; i++) {
+      if (copies[i]! < 0 || copies[i]! >= maxBlocks) throw new InvalidArgumentError(`${where}: batch.copies[${i}]: block id ${copies[i]} is outside [0, ${maxBlocks})`);
+    }
+    for (let i = 1; i < copies.length; i += 2) {
+      for (let j = 0; j < copies.length; j++) {
+        if (j !== i && copies[j] === copies[i]) {
+          throw new InvalidArgumentError(`${where}: batch.copies[${i}]: destination block ${copies[i]} is ${j % 2 ? 'the destination of another copy' : 'also a copy source'}`);
+        }
+      }
+    }
+    const tokens = new Int32Array(tokenCount), tables = new Int32Array(tableCount);
+    let t = 0, u = 0;
+    for (const q of seqs as StepSequence[]) {
+      tokens.set(q.tokens, t);
+      tables.set(q.blockTable, u);
+      t += q.tokens.length;
+      u += q.blockTable.length;
+    }
+    return { tokens, meta, tables, copies: copies.slice(), rows };
+  }
+
+  protected release(): void {
+    this.#pool.dispose();
+    this.#engine.forget(this);
+  }
+}
+
 class TransformerSequence extends NativeResource implements LlmSequence {
   readonly contextSize: number;
   #engine: Transformer;
-  #seq: NativeLlmSequence;
+  #pool: TransformerKvPool;
+  #table: Int32Array;
+  #length = 0;
   #chain: Promise<unknown> = Promise.resolve();
   #pending = 0;
 
-  constructor(engine: Transformer, seq: NativeLlmSequence, contextSize: number) {
+  constructor(engine: Transformer, pool: TransformerKvPool, contextSize: number) {
     super();
     this.#engine = engine;
-    this.#seq = seq;
+    this.#pool = pool;
     this.contextSize = contextSize;
+    this.#table = Int32Array.from({ length: pool.maxBlocks }, (_, i) => i);
   }
 
   get length(): number {
     this.checkAlive('LlmSequence.length');
-    return this.#seq.length();
+    return this.#length;
   }
 
   eval(tokens: readonly number[] | Int32Array, options: EvalOptions = {}): Promise<Float32Array> {
-    const site = new Error();
     const where = 'LlmSequence.eval';
     try {
       this.checkAlive(where);
@@ -61,15 +287,14 @@ class TransformerSequence extends NativeResource implements LlmSequence {
       this.#pending++;
       const run = async () => {
         this.checkAlive(where);
-        const length = this.#seq.length();
+        const length = this.#length;
         if (length + ids.length > this.contextSize) {
           throw new InvalidArgumentError(`${where}: ${ids.length} tokens after the ${length} already in the sequence exceed its context size ${this.contextSize}`);
         }
-        const vocab = this.#engine.config.vocabSize;
-        const logits = new Float32Array((allLogits ? ids.length : 1) * vocab);
-        const model = this.#engine.nativeModel(where);
-        await callNative(() => withSignal(signal, (token) =>
-          native().llmEval(model, this.#seq, ids, logits, allLogits, this.#engine.threads, token)), site);
+        const logits = await this.#pool.step({
+          sequences: [{ blockTable: this.#table, start: length, tokens: ids, logits: allLogits ? 'all' : 'last' }],
+        }, { signal });
+        this.#length = length + ids.length;
         return logits;
       };
       const result = this.#chain.then(run, run).finally(() => { this.#pending--; });
@@ -82,7 +307,7 @@ class TransformerSequence extends NativeResource implements LlmSequence {
 
   expertCounts(): Float64Array | undefined {
     this.checkAlive('LlmSequence.expertCounts');
-    return this.#seq.info().expertCounts;
+    return this.#pool.expertCounts();
   }
 
   truncate(length: number): void {
@@ -90,7 +315,7 @@ class TransformerSequence extends NativeResource implements LlmSequence {
     this.checkAlive(where);
     checkInt(where, length, 0);
     if (this.#pending > 0) throw new InvalidArgumentError(`${where}: ${this.#pending} eval(s) on this sequence are still running; await them first`);
-    this.#seq.truncate(length);
+    if (length < this.#length) this.#length = length;
   }
 
   #tokens(where: string, tokens: readonly number[] | Int32Array): Int32Array {
@@ -111,7 +336,7 @@ class TransformerSequence extends NativeResource implements LlmSequence {
   }
 
   protected release(): void {
-    this.#seq.dispose();
+    this.#pool.dispose();
     this.#engine.forget(this);
   }
 }
@@ -122,8 +347,8 @@ class Transformer extends NativeResource implements LlmEngine {
   readonly threads: number;
   #model: NativeLlmModel;
   #ownsFile: boolean;
-  // Live sequences, disposed with the engine so their KV caches are freed at once, not at GC.
-  #sequences = new Set<TransformerSequence>();
+  // Live sequences and pools, disposed with the engine so their KV blocks are freed at once, not at GC.
+  #resources = new Set<TransformerSequence | TransformerKvPool>();
 
   constructor(file: GgufFile, config: ModelConfig, model: NativeLlmModel, threads: number, ownsFile: boolean) {
     super();
@@ -141,33 +366,54 @@ class Transformer extends NativeResource implements LlmEngine {
   }
 
   /**
-   * options.kvSpan (@internal, for tests): attention reads the cache this many positions per
-   * kernel call, as a paged cache (issue #9) will read it page by page.
+   * options.kvSpan (@internal, for tests): the block size of the sequence's private pool (default:
+   * one block of contextSize positions), so attention reads the cache block by block.
    */
   createSequence(contextSize: number, options?: { kvSpan?: number }): LlmSequence {
     const where = 'LlmEngine.createSequence(contextSize)';
     this.checkAlive(where);
     checkInt(where, contextSize, 1, this.config.contextLength);
     const o = checkOptions<{ kvSpan?: number }>('LlmEngine.createSequence(contextSize, options)', options ?? {}, ['kvSpan']);
-    const span = o.kvSpan === undefined ? 0 : checkInt('LlmEngine.createSequence: options.kvSpan', o.kvSpan, 1, contextSize);
-    let seq: TransformerSequence;
-    try {
-      seq = new TransformerSequence(this, native().llmSequenceCreate(this.#model, contextSize, span), contextSize);
-    } catch (err) {
-      throw fromNative(err, new Error());
-    }
-    this.#sequences.add(seq);
+    const span = o.kvSpan === undefined ? contextSize : checkInt('LlmEngine.createSequence: options.kvSpan', o.kvSpan, 1, contextSize);
+    const blocks = Math.ceil(contextSize / span);
+    // The whole cache is allocated at once: a sequence's memory is known when it is created.
+    const pool = this.#newPool(span, blocks, 'f32', blocks);
+    const seq = new TransformerSequence(this, pool, contextSize);
+    this.#resources.delete(pool);
+    this.#resources.add(seq);
     return seq;
   }
 
+  createKvPool(options: KvPoolOptions): KvPool {
+    const where = 'LlmEngine.createKvPool(options)';
+    this.checkAlive(where);
+    if (options === undefined) throw new InvalidArgumentError(`${where}: options.maxBlocks is required`);
+    const o = checkOptions<KvPoolOptions>(where, options, POOL_KEYS);
+    const blockSize = o.blockSize === undefined ? 16 : checkInt(`${where}: options.blockSize`, o.blockSize, 1, MAX_BLOCK_SIZE);
+    const maxBlocks = checkInt(`${where}: options.maxBlocks`, o.maxBlocks, 1, 2 ** 31 - 1);
+    const dtype = o.dtype === undefined ? 'f32' : checkOneOf(`${where}: options.dtype`, o.dtype, DTYPES);
+    return this.#newPool(blockSize, maxBlocks, dtype, 0);
+  }
+
+  #newPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number): TransformerKvPool {
+    let pool: TransformerKvPool;
+    try {
+      pool = new TransformerKvPool(this, native().kvPoolCreate(this.#model, blockSize, maxBlocks, dtype, reserve), blockSize, maxBlocks, dtype);
+    } catch (err) {
+      throw fromNative(err, new Error());
+    }
+    this.#resources.add(pool);
+    return pool;
+  }
+
   /** @internal */
-  forget(seq: TransformerSequence): void {
-    this.#sequences.delete(seq);
+  forget(resource: TransformerSequence | TransformerKvPool): void {
+    this.#resources.delete(resource);
   }
 
   protected release(): void {
-    for (const seq of this.#sequences) seq.dispose();
-    this.#sequences.clear();
+    for (const r of [...this.#resources]) r.dispose();
+    this.#resources.clear();
     this.#model.dispose();
     if (this.#ownsFile) this.file.dispose();
   }

@@ -1,11 +1,18 @@
-// Bindings of the native transformer (ops/llm.h), wrapped by lib/llm/transformer.ts:
-//   llmModelCreate(gguf, config, tensorIndices) -> LlmModelHandle     (sync: checks shapes only)
-//   llmSequenceCreate(model, capacity, kvSpan?) -> LlmSequenceHandle  (the KV cache, reported to V8)
-//   llmEval(model, seq, tokens, logits, allLogits, threads, cancel?) -> Promise<void>
-// A job holds the model (and with it the mapping) and the sequence, so disposing either while an
-// eval runs frees them when it finishes.
+// Bindings of the native transformer (ops/llm.h) and its paged KV pool (ops/kv_pool.h), wrapped by
+// lib/llm/transformer.ts:
+//   llmModelCreate(gguf, config, tensorIndices) -> LlmModelHandle      (sync: checks shapes only)
+//   kvPoolCreate(model, blockSize, maxBlocks, dtype, reserveBlocks) -> KvPoolHandle
+//   kvPoolStep(model, pool, tokens, meta, tables, copies, logits, threads, cancel?) -> Promise<void>
+//   kvPoolRead(pool, ids, out) / kvPoolWrite(pool, ids, bytes) -> Promise<void>
+//   kvAttention(q, k, v, headDim, n, span, dtype, variant) -> Promise<Float32Array>  (kernel tests)
+// A job holds the model (and with it the mapping) and the pool, so disposing either while a step
+// runs frees them when it finishes. Chunks of the pool are allocated here, on the JS thread, before
+// a job starts (so they can be reported to V8); a job only reads and writes allocated blocks.
 #include <napi.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <memory>
 #include <new>
 #include <string>
@@ -15,7 +22,10 @@
 #include "binding/families.h"
 #include "binding/gguf_binding.h"
 #include "binding/shared_handle.h"
+#include "kernels/attention/attention.h"
+#include "ops/kv_pool.h"
 #include "ops/llm.h"
+#include "runtime/cpu.h"
 
 namespace sonde {
 
@@ -29,59 +39,58 @@ namespace {
 using LlmModelHandle = SharedHandle<LlmModel>;
 constexpr const char* kModelClass = "LlmModelHandle";
 
-class LlmSequenceHandle : public Napi::ObjectWrap<LlmSequenceHandle> {
+class KvPoolHandle : public Napi::ObjectWrap<KvPoolHandle> {
  public:
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "LlmSequenceHandle", {
-        InstanceMethod("dispose", &LlmSequenceHandle::Dispose),
-        InstanceMethod("length", &LlmSequenceHandle::Length),
-        InstanceMethod("truncate", &LlmSequenceHandle::Truncate),
-        InstanceMethod("info", &LlmSequenceHandle::Info),
+    return DefineClass(env, "KvPoolHandle", {
+        InstanceMethod("dispose", &KvPoolHandle::Dispose),
+        InstanceMethod("info", &KvPoolHandle::Info),
     });
   }
-  explicit LlmSequenceHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<LlmSequenceHandle>(info) {}
-  ~LlmSequenceHandle() override {
+  explicit KvPoolHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<KvPoolHandle>(info) {}
+  ~KvPoolHandle() override {
     int64_t total;
     if (reported_) napi_adjust_external_memory(Env(), -reported_, &total);
   }
-  void Set(Napi::Env env, std::shared_ptr<LlmSequence> s, const LlmModel* model) {
-    seq = std::move(s);
-    owner = model;
-    reported_ = static_cast<int64_t>(seq->bytes());
-    Napi::MemoryManagement::AdjustExternalMemory(env, reported_);
+  // Allocates the chunks up to block `last` and reports them. Throws an OutOfMemory error.
+  void Reserve(Napi::Env env, int64_t last, const char* where) {
+    if (last < 0) return;
+    size_t added = 0;
+    try {
+      added = pool->Reserve(static_cast<size_t>(last));
+    } catch (const std::bad_alloc&) {
+      Report(env);
+      throw MakeError(env, codes::kOutOfMemory, std::string(where) + ": cannot allocate KV blocks up to id " +
+                                                    std::to_string(last) + " (" + std::to_string(pool->bytes()) +
+                                                    " bytes held)");
+    }
+    if (added) Report(env);
   }
-  std::shared_ptr<LlmSequence> seq;
-  const LlmModel* owner = nullptr;  // the model whose shapes the cache has
+  std::shared_ptr<KvPool> pool;
+  const LlmModel* owner = nullptr;  // the model whose shapes the blocks have
 
  private:
+  void Report(Napi::Env env) {
+    const int64_t now = static_cast<int64_t>(pool->bytes());
+    if (now != reported_) Napi::MemoryManagement::AdjustExternalMemory(env, now - reported_);
+    reported_ = now;
+  }
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
-    seq.reset();
+    pool.reset();
     if (reported_) Napi::MemoryManagement::AdjustExternalMemory(info.Env(), -reported_);
     reported_ = 0;
     return info.Env().Undefined();
   }
-  Napi::Value Length(const Napi::CallbackInfo& info) {
-    if (!seq) throw MakeError(info.Env(), codes::kDisposed, "sequence: disposed");
-    return Napi::Number::New(info.Env(), static_cast<double>(seq->length()));
-  }
-  Napi::Value Truncate(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    if (!seq) throw MakeError(env, codes::kDisposed, "sequence.truncate: the sequence has been disposed");
-    if (seq->busy.load()) throw MakeError(env, codes::kInvalidArgument, "sequence.truncate: an eval is running on it");
-    const double n = info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
-    if (!(n >= 0) || n != static_cast<double>(static_cast<size_t>(n)))
-      throw MakeError(env, codes::kInvalidArgument, "sequence.truncate(length): length must be a non-negative integer");
-    seq->Truncate(static_cast<size_t>(n));
-    return env.Undefined();
-  }
   Napi::Value Info(const Napi::CallbackInfo& info) {
     Napi::Object o = Napi::Object::New(info.Env());
-    o.Set("disposed", !seq);
-    if (seq) {
-      o.Set("bytes", static_cast<double>(seq->bytes()));
-      o.Set("capacity", static_cast<double>(seq->capacity()));
-      o.Set("length", static_cast<double>(seq->length()));
-      const std::vector<uint64_t>& counts = seq->expert_counts();
+    o.Set("disposed", !pool);
+    if (pool) {
+      o.Set("bytes", static_cast<double>(pool->bytes()));
+      o.Set("highWaterBytes", static_cast<double>(pool->high_water_bytes()));
+      o.Set("blockBytes", static_cast<double>(pool->block_bytes()));
+      o.Set("chunkBlocks", static_cast<double>(pool->chunk_blocks()));
+      o.Set("allocatedBlocks", static_cast<double>(pool->allocated_blocks()));
+      const std::vector<uint64_t>& counts = pool->expert_counts();
       if (!counts.empty()) {
         Napi::Float64Array a = Napi::Float64Array::New(info.Env(), counts.size());
         for (size_t i = 0; i < counts.size(); ++i) a[i] = static_cast<double>(counts[i]);
@@ -164,86 +173,283 @@ std::shared_ptr<const LlmModel> UnwrapModel(Addon& addon, Napi::Value v, const c
   return m;
 }
 
-Napi::Value LlmSequenceCreate(Addon& addon, const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  std::shared_ptr<const LlmModel> model = UnwrapModel(addon, info[0], "llmSequenceCreate");
-  const double cap = info.Length() > 1 && info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : -1;
-  if (!(cap >= 1 && cap <= 16777216) || cap != static_cast<double>(static_cast<size_t>(cap)))
-    throw MakeError(env, codes::kInvalidArgument, "llmSequenceCreate: contextSize must be an integer in [1, 2^24]");
-  const double span = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().DoubleValue() : 0;
-  if (!(span >= 0 && span <= cap) || span != static_cast<double>(static_cast<size_t>(span)))
-    throw MakeError(env, codes::kInvalidArgument, "llmSequenceCreate: kvSpan must be an integer in [0, contextSize]");
-  std::shared_ptr<LlmSequence> seq;
-  try {
-    seq = std::make_shared<LlmSequence>(model->config(), static_cast<size_t>(cap), static_cast<size_t>(span));
-  } catch (const std::bad_alloc&) {
-    const LlmConfig& c = model->config();
-    throw MakeError(env, codes::kOutOfMemory, "llmSequenceCreate: cannot allocate the KV cache of " +
-                                                  std::to_string(2.0 * c.layers * c.kv_heads * c.head_dim * 4 * cap / 1048576) + " MiB");
-  }
-  Napi::Object obj = addon.Class("LlmSequenceHandle").New({});
-  LlmSequenceHandle::Unwrap(obj)->Set(env, std::move(seq), model.get());
-  return obj;
+bool IsInt32Array(Napi::Value v) {
+  return v.IsTypedArray() && v.As<Napi::TypedArray>().TypedArrayType() == napi_int32_array;
 }
 
-class EvalJob : public AsyncJob {
+double NumberArg(const Napi::CallbackInfo& info, size_t i) {
+  return info.Length() > i && info[i].IsNumber() ? info[i].As<Napi::Number>().DoubleValue() : -1;
+}
+
+bool IsInteger(double d, double lo, double hi) {
+  return d >= lo && d <= hi && d == static_cast<double>(static_cast<int64_t>(d));
+}
+
+Napi::Value KvPoolCreate(Addon& addon, const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* where = "kvPoolCreate";
+  std::shared_ptr<const LlmModel> model = UnwrapModel(addon, info[0], where);
+  const double block_size = NumberArg(info, 1), max_blocks = NumberArg(info, 2), reserve = NumberArg(info, 4);
+  if (!IsInteger(block_size, 1, 16777216))
+    throw MakeError(env, codes::kInvalidArgument, "kvPoolCreate: blockSize must be an integer in [1, 2^24]");
+  if (!IsInteger(max_blocks, 1, 2147483647))
+    throw MakeError(env, codes::kInvalidArgument, "kvPoolCreate: maxBlocks must be an integer in [1, 2^31 - 1]");
+  if (!IsInteger(reserve, 0, max_blocks))
+    throw MakeError(env, codes::kInvalidArgument, "kvPoolCreate: reserveBlocks must be an integer in [0, maxBlocks]");
+  const std::string dtype = info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
+  if (dtype != "f32" && dtype != "f16") throw MakeError(env, codes::kInvalidArgument, "kvPoolCreate: dtype must be 'f32' or 'f16'");
+  const LlmConfig& c = model->config();
+  const double block_bytes = 2.0 * c.layers * c.kv_heads * c.head_dim * block_size * (dtype == "f16" ? 2 : 4);
+  // 2^50 bytes: beyond any machine, and far below where size_t arithmetic on it could wrap.
+  if (block_bytes * max_blocks > 1125899906842624.0)
+    throw MakeError(env, codes::kInvalidArgument, "kvPoolCreate: maxBlocks * blockBytes is beyond any memory");
+  auto handle = addon.Class("KvPoolHandle").New({});
+  KvPoolHandle* h = KvPoolHandle::Unwrap(handle);
+  try {
+    h->pool = std::make_shared<KvPool>(c, static_cast<size_t>(block_size), static_cast<size_t>(max_blocks),
+                                       dtype == "f16" ? KvDtype::kF16 : KvDtype::kF32);
+  } catch (const std::bad_alloc&) {
+    throw MakeError(env, codes::kOutOfMemory, "kvPoolCreate: cannot allocate the block table");
+  }
+  h->owner = model.get();
+  h->Reserve(env, static_cast<int64_t>(reserve) - 1, where);
+  return handle;
+}
+
+KvPoolHandle* UnwrapPool(Addon& addon, Napi::Value v, const char* where) {
+  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(addon.Class("KvPoolHandle").Value()))
+    throw MakeError(v.Env(), codes::kInvalidArgument, std::string(where) + ": expected a KV pool handle");
+  KvPoolHandle* h = KvPoolHandle::Unwrap(v.As<Napi::Object>());
+  if (!h->pool) throw MakeError(v.Env(), codes::kDisposed, std::string(where) + ": the KV pool has been disposed");
+  return h;
+}
+
+// Marks the pool busy for one job; the job clears it when it ends, whichever way.
+struct PoolJob : public AsyncJob {
+  std::shared_ptr<KvPool> pool;
+  void Claim(Napi::Env env, const char* where) {
+    bool expected = false;
+    if (!pool->busy.compare_exchange_strong(expected, true))
+      throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": another job is running on this KV pool");
+  }
+  struct Release {
+    KvPool* p;
+    ~Release() { p->busy.store(false); }
+  };
+};
+
+class StepJob : public PoolJob {
  public:
   std::shared_ptr<const LlmModel> model;
-  std::shared_ptr<LlmSequence> seq;
-  std::vector<int32_t> tokens;
+  KvStep step;
   float* logits = nullptr;
-  bool all = false;
   void Execute(Addon& addon) override {
-    struct Release {
-      LlmSequence* s;
-      ~Release() { s->busy.store(false); }
-    } release{seq.get()};
-    if (!Forward(*model, *seq, tokens.data(), tokens.size(), logits, all, addon.pool(), threads, cancel.get()))
-      Fail(codes::kAborted, "llmEval: aborted");
+    Release release{pool.get()};
+    if (!RunStep(*model, *pool, step, logits, addon.pool(), threads, cancel.get())) Fail(codes::kAborted, "kvPoolStep: aborted");
   }
 };
 
-Napi::Value LlmEval(Addon& addon, const Napi::CallbackInfo& info) {
+Napi::Value KvPoolStep(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const char* where = "llmEval";
-  if (info.Length() < 6) throw MakeError(env, codes::kInvalidArgument, "llmEval: expected (model, seq, tokens, logits, allLogits, threads, cancel?)");
-  auto job = std::make_unique<EvalJob>();
+  const char* where = "kvPoolStep";
+  if (info.Length() < 8 || !IsInt32Array(info[2]) || !IsInt32Array(info[3]) || !IsInt32Array(info[4]) ||
+      !IsInt32Array(info[5]) || !info[6].IsTypedArray() || info[6].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    throw MakeError(env, codes::kInvalidArgument,
+                    "kvPoolStep: expected (model, pool, tokens, meta, tables, copies: Int32Array, logits: Float32Array, threads, cancel?)");
+  auto job = std::make_unique<StepJob>();
   job->model = UnwrapModel(addon, info[0], where);
-  if (!info[1].IsObject() || !info[1].As<Napi::Object>().InstanceOf(addon.Class("LlmSequenceHandle").Value()))
-    throw MakeError(env, codes::kInvalidArgument, "llmEval: expected a sequence handle");
-  LlmSequenceHandle* sh = LlmSequenceHandle::Unwrap(info[1].As<Napi::Object>());
-  if (!sh->seq) throw MakeError(env, codes::kDisposed, "llmEval: the sequence has been disposed");
-  if (sh->owner != job->model.get()) throw MakeError(env, codes::kInvalidArgument, "llmEval: the sequence belongs to another model");
-  job->seq = sh->seq;
+  KvPoolHandle* h = UnwrapPool(addon, info[1], where);
+  if (h->owner != job->model.get()) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: the pool belongs to another model");
+  job->pool = h->pool;
+  Napi::Int32Array tokens = info[2].As<Napi::Int32Array>(), meta = info[3].As<Napi::Int32Array>();
+  Napi::Int32Array tables = info[4].As<Napi::Int32Array>(), copies = info[5].As<Napi::Int32Array>();
+  // meta: per sequence [tableLength, start, tokenCount, logits (0 none, 1 last, 2 all)].
+  if (meta.ElementLength() % 4) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: meta must hold 4 values per sequence");
+  KvStep& st = job->step;
+  st.tokens.assign(tokens.Data(), tokens.Data() + tokens.ElementLength());
+  st.tables.assign(tables.Data(), tables.Data() + tables.ElementLength());
+  st.copies.assign(copies.Data(), copies.Data() + copies.ElementLength());
+  const size_t seqs = meta.ElementLength() / 4;
+  st.seqs.resize(seqs);
+  size_t table = 0, row = 0;
+  for (size_t s = 0; s < seqs; ++s) {
+    const int32_t* m = meta.Data() + 4 * s;
+    if (m[0] < 0 || m[1] < 0 || m[2] < 0 || m[3] < 0 || m[3] > 2)
+      throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: meta of sequences[" + std::to_string(s) + "] is invalid");
+    KvStepSequence& q = st.seqs[s];
+    q.table_offset = table;
+    q.table_length = static_cast<size_t>(m[0]);
+    q.start = static_cast<size_t>(m[1]);
+    q.tokens = static_cast<size_t>(m[2]);
+    q.row0 = row;
+    table += q.table_length;
+    row += q.tokens;
+    if (m[3] == 1 && q.tokens) st.out_rows.push_back(static_cast<uint32_t>(row - 1));
+    if (m[3] == 2)
+      for (size_t i = q.row0; i < row; ++i) st.out_rows.push_back(static_cast<uint32_t>(i));
+  }
+  if (table != st.tables.size()) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: tables must hold every sequence's table");
   const LlmConfig& c = job->model->config();
-  if (!info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
-    throw MakeError(env, codes::kInvalidArgument, "llmEval: tokens must be an Int32Array");
-  Napi::Int32Array t = info[2].As<Napi::Int32Array>();
-  const size_t n = t.ElementLength();
-  if (n == 0) throw MakeError(env, codes::kInvalidArgument, "llmEval: tokens must not be empty");
-  for (size_t i = 0; i < n; ++i)
-    if (t[i] < 0 || static_cast<size_t>(t[i]) >= c.vocab)
-      throw MakeError(env, codes::kInvalidArgument, "llmEval: token id " + std::to_string(t[i]) + " at index " + std::to_string(i) +
-                                                        " is outside the vocabulary [0, " + std::to_string(c.vocab) + ")");
-  if (job->seq->length() + n > job->seq->capacity())
-    throw MakeError(env, codes::kInvalidArgument, "llmEval: " + std::to_string(n) + " tokens after the " +
-                                                      std::to_string(job->seq->length()) + " in the sequence exceed its context size " +
-                                                      std::to_string(job->seq->capacity()));
-  job->tokens.assign(t.Data(), t.Data() + n);
-  job->all = info[4].ToBoolean();
-  if (!info[3].IsTypedArray() || info[3].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
-    throw MakeError(env, codes::kInvalidArgument, "llmEval: logits must be a Float32Array");
-  Napi::Float32Array out = info[3].As<Napi::Float32Array>();
-  const size_t need = (job->all ? n : 1) * c.vocab;
-  if (out.ElementLength() != need)
-    throw MakeError(env, codes::kInvalidArgument, "llmEval: logits must hold " + std::to_string(need) + " floats");
+  const std::string why = ValidateKvStep(*job->pool, c.vocab, st);
+  if (!why.empty()) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: " + why);
+  for (const KvStepSequence& q : st.seqs)
+    if (q.start + q.tokens > c.context)
+      throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: positions up to " + std::to_string(q.start + q.tokens) +
+                                                        " exceed the model's context length " + std::to_string(c.context));
+  Napi::Float32Array out = info[6].As<Napi::Float32Array>();
+  if (out.ElementLength() != st.out_rows.size() * c.vocab)
+    throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: logits must hold " + std::to_string(st.out_rows.size() * c.vocab) + " floats");
   job->logits = out.Data();
-  job->threads = info[5].IsNumber() ? info[5].As<Napi::Number>().Uint32Value() : 0;
-  if (info.Length() > 6) addon.AttachCancel(info[6], job.get());
-  bool expected = false;
-  if (!job->seq->busy.compare_exchange_strong(expected, true))
-    throw MakeError(env, codes::kInvalidArgument, "llmEval: another eval is running on this sequence");
-  job->Keep(info[3]);
+  job->threads = info[7].IsNumber() ? info[7].As<Napi::Number>().Uint32Value() : 0;
+  if (info.Length() > 8) addon.AttachCancel(info[8], job.get());
+  job->Claim(env, where);
+  try {
+    h->Reserve(env, KvStepLastBlock(*job->pool, st), where);
+  } catch (...) {
+    job->pool->busy.store(false);
+    throw;
+  }
+  job->Keep(info[6]);
+  return addon.Start(env, std::move(job));
+}
+
+class BlocksJob : public PoolJob {
+ public:
+  std::vector<int32_t> ids;
+  uint8_t* bytes = nullptr;
+  bool write = false;
+  void Execute(Addon& addon) override {
+    Release release{pool.get()};
+    const size_t bb = pool->block_bytes();
+    addon.pool().ParallelFor(ids.size(), threads, [&](size_t i) {
+      uint8_t* block = pool->Block(static_cast<size_t>(ids[i]));
+      if (write) std::memcpy(block, bytes + i * bb, bb);
+      else std::memcpy(bytes + i * bb, block, bb);
+    }, cancel.get());
+  }
+};
+
+// kvPoolRead(pool, ids, out: Uint8Array) / kvPoolWrite(pool, ids, bytes: Uint8Array).
+Napi::Value KvPoolBlocks(Addon& addon, const Napi::CallbackInfo& info, bool write) {
+  Napi::Env env = info.Env();
+  const char* where = write ? "kvPoolWrite" : "kvPoolRead";
+  KvPoolHandle* h = UnwrapPool(addon, info[0], where);
+  if (info.Length() < 3 || !IsInt32Array(info[1]) || !info[2].IsTypedArray() ||
+      info[2].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": expected (pool, ids: Int32Array, bytes: Uint8Array)");
+  auto job = std::make_unique<BlocksJob>();
+  job->pool = h->pool;
+  job->write = write;
+  Napi::Int32Array ids = info[1].As<Napi::Int32Array>();
+  Napi::Uint8Array bytes = info[2].As<Napi::Uint8Array>();
+  const size_t max = job->pool->max_blocks();
+  int64_t last = -1;
+  for (size_t i = 0; i < ids.ElementLength(); ++i) {
+    if (ids[i] < 0 || static_cast<size_t>(ids[i]) >= max)
+      throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": ids[" + std::to_string(i) + "] = " +
+                                                        std::to_string(ids[i]) + " is outside [0, " + std::to_string(max) + ")");
+    last = std::max<int64_t>(last, ids[i]);
+  }
+  if (write)
+    for (size_t i = 0; i < ids.ElementLength(); ++i)
+      for (size_t j = 0; j < i; ++j)
+        if (ids[i] == ids[j])
+          throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": ids[" + std::to_string(i) + "] repeats block " +
+                                                            std::to_string(ids[i]));
+  const size_t need = ids.ElementLength() * job->pool->block_bytes();
+  if (bytes.ElementLength() != need)
+    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": bytes must hold " + std::to_string(need) +
+                                                      " bytes (" + std::to_string(ids.ElementLength()) + " blocks), got " +
+                                                      std::to_string(bytes.ElementLength()));
+  job->ids.assign(ids.Data(), ids.Data() + ids.ElementLength());
+  job->bytes = bytes.Data();
+  job->Claim(env, where);
+  try {
+    h->Reserve(env, last, where);
+  } catch (...) {
+    job->pool->busy.store(false);
+    throw;
+  }
+  job->Keep(info[2]);
+  return addon.Start(env, std::move(job));
+}
+
+Napi::Value KvPoolRead(Addon& addon, const Napi::CallbackInfo& info) { return KvPoolBlocks(addon, info, false); }
+Napi::Value KvPoolWrite(Addon& addon, const Napi::CallbackInfo& info) { return KvPoolBlocks(addon, info, true); }
+
+// One query row against n cached rows of K/V (fp32 or IEEE half), folded `span` rows per kernel
+// call as a paged cache hands them over; out = the normalised attention output. For kernel tests.
+class AttentionJob : public AsyncJob {
+ public:
+  std::vector<float> q, out;
+  std::vector<uint8_t> k, v;
+  size_t hd = 0, n = 0, span = 0;
+  bool f16 = false;
+  kernels::AttentionSpanUkernel f32_kernel = nullptr;
+  kernels::AttentionSpanF16Ukernel f16_kernel = nullptr;
+  void Execute(Addon&) override {
+    out.assign(hd, 0.f);
+    kernels::AttentionState st{-INFINITY, 0.f, out.data()};
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    for (size_t p = 0; p < n; p += span) {
+      const size_t c = std::min(span, n - p);
+      if (f16)
+        f16_kernel(q.data(), hd, reinterpret_cast<const uint16_t*>(k.data()) + p * hd,
+                   reinterpret_cast<const uint16_t*>(v.data()) + p * hd, hd, c, scale, &st);
+      else
+        f32_kernel(q.data(), hd, reinterpret_cast<const float*>(k.data()) + p * hd,
+                   reinterpret_cast<const float*>(v.data()) + p * hd, hd, c, scale, &st);
+    }
+    for (float& o : out) o /= st.sum;
+  }
+  Napi::Value Result(Napi::Env env) override {
+    Napi::Float32Array a = Napi::Float32Array::New(env, out.size());
+    std::copy(out.begin(), out.end(), a.Data());
+    return a;
+  }
+};
+
+Napi::Value KvAttention(Addon& addon, const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const double hd = NumberArg(info, 3), n = NumberArg(info, 4), span = NumberArg(info, 5);
+  const std::string dtype = info.Length() > 6 && info[6].IsString() ? info[6].As<Napi::String>().Utf8Value() : "";
+  const std::string variant = info.Length() > 7 && info[7].IsString() ? info[7].As<Napi::String>().Utf8Value() : "";
+  if (!IsInteger(hd, 1, 1024) || !IsInteger(n, 1, 1 << 20) || !IsInteger(span, 1, n) || (dtype != "f32" && dtype != "f16") ||
+      !info[0].IsTypedArray() || !info[1].IsTypedArray() || !info[2].IsTypedArray())
+    throw MakeError(env, codes::kInvalidArgument, "kvAttention: expected (q, k, v, headDim, n, span, 'f32' | 'f16', variant)");
+  auto job = std::make_unique<AttentionJob>();
+  job->hd = static_cast<size_t>(hd);
+  job->n = static_cast<size_t>(n);
+  job->span = static_cast<size_t>(span);
+  job->f16 = dtype == "f16";
+  const napi_typedarray_type want = job->f16 ? napi_uint16_array : napi_float32_array;
+  Napi::TypedArray q = info[0].As<Napi::TypedArray>(), k = info[1].As<Napi::TypedArray>(), v = info[2].As<Napi::TypedArray>();
+  if (q.TypedArrayType() != napi_float32_array || q.ElementLength() != job->hd || k.TypedArrayType() != want ||
+      v.TypedArrayType() != want || k.ElementLength() != job->n * job->hd || v.ElementLength() != job->n * job->hd)
+    throw MakeError(env, codes::kInvalidArgument, "kvAttention: q must be a Float32Array of headDim, k and v n * headDim of the dtype");
+  const float* qd = reinterpret_cast<const float*>(static_cast<const uint8_t*>(q.ArrayBuffer().Data()) + q.ByteOffset());
+  job->q.assign(qd, qd + job->hd);
+  const uint8_t* kd = static_cast<const uint8_t*>(k.ArrayBuffer().Data()) + k.ByteOffset();
+  const uint8_t* vd = static_cast<const uint8_t*>(v.ArrayBuffer().Data()) + v.ByteOffset();
+  job->k.assign(kd, kd + k.ByteLength());
+  job->v.assign(vd, vd + v.ByteLength());
+  if (variant == "scalar") {
+    job->f32_kernel = kernels::AttentionUkernelsScalar().span;
+    job->f16_kernel = kernels::AttentionF16UkernelsScalar().span;
+  }
+#if defined(__x86_64__) || defined(_M_X64)
+  else if (variant == "avx2" && Cpu().Supports(IsaLevel::kAvx2)) {
+    job->f32_kernel = kernels::AttentionUkernelsAvx2().span;
+    job->f16_kernel = kernels::AttentionF16UkernelsAvx2().span;
+  } else if (variant == "avx512" && Cpu().Supports(IsaLevel::kAvx512)) {
+    job->f32_kernel = kernels::AttentionUkernelsAvx512().span;
+    job->f16_kernel = kernels::AttentionF16UkernelsAvx512().span;
+  }
+#endif
+  else if (variant == "avx2" || variant == "avx512")
+    throw MakeError(env, codes::kDeviceUnavailable, "kvAttention: this CPU does not run the " + variant + " kernels");
+  else
+    throw MakeError(env, codes::kInvalidArgument, "kvAttention: variant must be 'scalar', 'avx2' or 'avx512'");
   return addon.Start(env, std::move(job));
 }
 
@@ -251,10 +457,13 @@ Napi::Value LlmEval(Addon& addon, const Napi::CallbackInfo& info) {
 
 void RegisterLlmBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
   LlmModelHandle::Register(env, addon, kModelClass);
-  addon.Class("LlmSequenceHandle") = Napi::Persistent(LlmSequenceHandle::Define(env));
+  addon.Class("KvPoolHandle") = Napi::Persistent(KvPoolHandle::Define(env));
   addon.Export(env, exports, "llmModelCreate", LlmModelCreate);
-  addon.Export(env, exports, "llmSequenceCreate", LlmSequenceCreate);
-  addon.Export(env, exports, "llmEval", LlmEval);
+  addon.Export(env, exports, "kvPoolCreate", KvPoolCreate);
+  addon.Export(env, exports, "kvPoolStep", KvPoolStep);
+  addon.Export(env, exports, "kvPoolRead", KvPoolRead);
+  addon.Export(env, exports, "kvPoolWrite", KvPoolWrite);
+  addon.Export(env, exports, "kvAttention", KvAttention);
 }
 
 }  // namespace sonde

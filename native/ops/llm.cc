@@ -6,7 +6,9 @@
 #include <stdexcept>
 
 #include "kernels/attention/attention.h"
+#include "kernels/gemm/lowp-gemm.h"
 #include "kernels/norm/norm.h"
+#include "ops/kv_pool.h"
 #include "runtime/cpu.h"
 
 namespace sonde {
@@ -94,6 +96,18 @@ kernels::AttentionSpanUkernel AttentionKernel(QuantVariant v) {
   return kernels::AttentionUkernelsScalar().span;
 }
 
+kernels::AttentionSpanF16Ukernel AttentionF16Kernel(QuantVariant v) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (v == QuantVariant::kAuto) {
+    if (Cpu().Supports(IsaLevel::kAvx512)) return kernels::AttentionF16UkernelsAvx512().span;
+    if (Cpu().Supports(IsaLevel::kAvx2)) return kernels::AttentionF16UkernelsAvx2().span;
+  }
+  if (v == QuantVariant::kAvx512 || v == QuantVariant::kAvx512Vnni) return kernels::AttentionF16UkernelsAvx512().span;
+  if (v == QuantVariant::kAvx2) return kernels::AttentionF16UkernelsAvx2().span;
+#endif
+  return kernels::AttentionF16UkernelsScalar().span;
+}
+
 }  // namespace
 
 std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile> file, const LlmConfig& c,
@@ -123,6 +137,7 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
   m->file_ = file;
   m->cfg_ = c;
   m->attend_ = AttentionKernel(c.variant);
+  m->attend_f16_ = AttentionF16Kernel(c.variant);
   const GgufFile& f = *file;
   const size_t d = c.embd, qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
   if (!Matrix(f, idx[kSlotTokenEmbd], "token_embd.weight", d, c.vocab, 0, c.variant, &m->embd_, error)) return nullptr;
@@ -193,14 +208,6 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
   return m;
 }
 
-LlmSequence::LlmSequence(const LlmConfig& c, size_t capacity, size_t span)
-    : capacity_(capacity), kv_heads_(c.kv_heads), head_dim_(c.head_dim), span_(span) {
-  const size_t n = c.layers * c.kv_heads * capacity * c.head_dim;
-  keys_.assign(n, 0.f);
-  values_.assign(n, 0.f);
-  expert_counts_.assign(c.layers * c.experts, 0);
-}
-
 namespace {
 
 // y[m x n] = x[m x k] . W^T (+ bias), on the pool.
@@ -228,47 +235,96 @@ void Grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
 }
 
+// The arena's row count for a step of `rows`: the next power of two (see LlmArena).
+size_t RowClass(size_t rows) {
+  size_t c = 1;
+  while (c < rows) c <<= 1;
+  return c;
+}
+
+void StoreRow(const float* src, size_t n, KvDtype dtype, uint8_t* dst) {
+  if (dtype == KvDtype::kF32) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  uint16_t* h = reinterpret_cast<uint16_t*>(dst);
+  for (size_t j = 0; j < n; ++j) h[j] = kernels::LowpF32ToF16(src[j]);
+}
+
 }  // namespace
 
-bool Forward(const LlmModel& model, LlmSequence& seq, const int32_t* tokens, size_t n, float* logits, bool all_logits,
-             ThreadPool& pool, unsigned threads, const CancelFlag* cancel) {
+bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logits, ThreadPool& pool, unsigned threads,
+             const CancelFlag* cancel) {
+  const size_t bs = kv.block_size(), eb = kv.elem_bytes();
+  const KvDtype dtype = kv.dtype();
+  // Copy-on-write first: a sequence may be about to write into a block's copy.
+  if (!step.copies.empty() &&
+      !pool.ParallelFor(step.copies.size() / 2, threads, [&](size_t i) {
+        std::memcpy(kv.Block(static_cast<size_t>(step.copies[2 * i + 1])), kv.Block(static_cast<size_t>(step.copies[2 * i])),
+                    kv.block_bytes());
+      }, cancel))
+    return false;
+  const size_t n = step.tokens.size();
   if (n == 0) return true;
   const LlmConfig& c = model.cfg_;
   const size_t d = c.embd, hd = c.head_dim, qd = c.heads * hd, kvd = c.kv_heads * hd;
-  const size_t pos0 = seq.length_;
   const size_t group = c.heads / c.kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const float freq_scale = 1.0f / c.rope_scale;
   const kernels::AttentionSpanUkernel attend = model.attend_;
+  const kernels::AttentionSpanF16Ukernel attend_f16 = model.attend_f16_;
 
-  if (seq.arena_rows_ < n) {
-    Grow(seq.x_, n * d);
-    Grow(seq.xn_, n * d);
-    Grow(seq.q_, n * qd);
-    Grow(seq.k_, n * kvd);
-    Grow(seq.v_, n * kvd);
-    Grow(seq.att_, n * qd);
-    Grow(seq.gate_, n * c.ff);
-    Grow(seq.up_, n * c.ff);
-    if (c.experts) Grow(seq.moe_out_, n * d);
-    seq.arena_rows_ = n;
+  LlmArena& a = kv.arena();
+  if (a.rows < n) {
+    const size_t r = RowClass(n);
+    Grow(a.x, r * d);
+    Grow(a.xn, r * d);
+    Grow(a.q, r * qd);
+    Grow(a.k, r * kvd);
+    Grow(a.v, r * kvd);
+    Grow(a.att, r * qd);
+    if (!c.experts) {
+      Grow(a.gate, r * c.ff);
+      Grow(a.up, r * c.ff);
+    } else {
+      Grow(a.moe_out, r * d);
+    }
+    Grow(a.row_pos, r);
+    Grow(a.row_seq, r);
+    a.rows = r;
   }
-  float* x = seq.x_.data();
-  float* xn = seq.xn_.data();
-  float* q = seq.q_.data();
-  float* k = seq.k_.data();
-  float* v = seq.v_.data();
-  float* att = seq.att_.data();
-  float* gate = seq.gate_.data();
-  float* up = seq.up_.data();
-  QuantMatmulScratch* qs = &seq.qscratch_;
+  for (size_t s = 0; s < step.seqs.size(); ++s) {
+    const KvStepSequence& q = step.seqs[s];
+    for (size_t i = 0; i < q.tokens; ++i) {
+      a.row_pos[q.row0 + i] = static_cast<uint32_t>(q.start + i);
+      a.row_seq[q.row0 + i] = static_cast<uint32_t>(s);
+    }
+  }
+  float* x = a.x.data();
+  float* xn = a.xn.data();
+  float* q = a.q.data();
+  float* k = a.k.data();
+  float* v = a.v.data();
+  float* att = a.att.data();
+  float* gate = a.gate.data();
+  float* up = a.up.data();
+  const uint32_t* row_pos = a.row_pos.data();
+  const uint32_t* row_seq = a.row_seq.data();
+  QuantMatmulScratch* qs = &a.qscratch;
+  // The block holding position p of sequence s.
+  auto block_of = [&](size_t s, size_t p) {
+    const KvStepSequence& sq = step.seqs[s];
+    return kv.Block(static_cast<size_t>(step.tables[sq.table_offset + p / bs]));
+  };
 
   const LlmMatrix& E = model.embd_;
-  for (size_t i = 0; i < n; ++i) kernels::DequantizeRow(E.type, E.data + static_cast<size_t>(tokens[i]) * E.row_bytes, d, x + i * d);
+  for (size_t i = 0; i < n; ++i)
+    kernels::DequantizeRow(E.type, E.data + static_cast<size_t>(step.tokens[i]) * E.row_bytes, d, x + i * d);
 
   // Row-wise work (norms, RoPE, SwiGLU) is a few flops per weight byte of the products around it;
-  // it runs on the pool only when there are rows enough to share.
-  auto rows = [&](size_t count, const std::function<void(size_t)>& fn) {
+  // it runs on the pool only when there are rows enough to share. A single row (a decode step of one
+  // sequence) calls fn directly, without wrapping it in the pool's std::function.
+  auto rows = [&](size_t count, const auto& fn) {
     if (count == 1) {
       fn(0);
       return !(cancel && cancel->load());
@@ -283,27 +339,39 @@ bool Forward(const LlmModel& model, LlmSequence& seq, const int32_t* tokens, siz
         !MatMul(pool, threads, cancel, L.k, xn, n, k, qs, L.k_bias) ||
         !MatMul(pool, threads, cancel, L.v, xn, n, v, qs, L.v_bias))
       return false;
+    // Every row's K/V is in its block before any row attends: a sequence's later rows read its
+    // earlier rows of this step.
     if (!rows(n, [&](size_t i) {
-          const int64_t pos = static_cast<int64_t>(pos0 + i);
-          kernels::RopeRow(q + i * qd, c.heads, hd, pos, c.rope_base, freq_scale, c.neox);
-          kernels::RopeRow(k + i * kvd, c.kv_heads, hd, pos, c.rope_base, freq_scale, c.neox);
+          const size_t pos = row_pos[i];
+          kernels::RopeRow(q + i * qd, c.heads, hd, static_cast<int64_t>(pos), c.rope_base, freq_scale, c.neox);
+          kernels::RopeRow(k + i * kvd, c.kv_heads, hd, static_cast<int64_t>(pos), c.rope_base, freq_scale, c.neox);
+          uint8_t* block = block_of(row_seq[i], pos);
+          const size_t off = (pos % bs) * hd * eb;
           for (size_t h = 0; h < c.kv_heads; ++h) {
-            std::memcpy(seq.KeysMut(l, h, pos0 + i), k + i * kvd + h * hd, hd * sizeof(float));
-            std::memcpy(seq.ValuesMut(l, h, pos0 + i), v + i * kvd + h * hd, hd * sizeof(float));
+            StoreRow(k + i * kvd + h * hd, hd, dtype, block + kv.KeyOffset(l, h) + off);
+            StoreRow(v + i * kvd + h * hd, hd, dtype, block + kv.ValueOffset(l, h) + off);
           }
         }))
       return false;
-    // One task per (query row, head): causal, so row i sees positions [0, pos0 + i].
+    // One task per (row, head): causal, so a row at position p sees its sequence's [0, p], folded
+    // block by block through the sequence's table.
     if (!pool.ParallelFor(n * c.heads, threads, [&](size_t task) {
           const size_t i = task / c.heads, h = task % c.heads, kvh = h / group;
+          const size_t s = row_seq[i], end = static_cast<size_t>(row_pos[i]) + 1;
+          const float* qrow = q + i * qd + h * hd;
           float* out = att + i * qd + h * hd;
           std::fill(out, out + hd, 0.f);
           kernels::AttentionState st{-INFINITY, 0.f, out};
-          const size_t end = pos0 + i + 1;
-          for (size_t p = 0; p < end;) {
-            const size_t span = std::min(end, seq.SpanEnd(p)) - p;
-            attend(q + i * qd + h * hd, hd, seq.Keys(l, kvh, p), seq.Values(l, kvh, p), hd, span, scale, &st);
-            p += span;
+          const size_t koff = kv.KeyOffset(l, kvh), voff = kv.ValueOffset(l, kvh);
+          for (size_t p = 0; p < end; p += bs) {
+            const uint8_t* block = block_of(s, p);
+            const size_t span = std::min(bs, end - p);
+            if (dtype == KvDtype::kF32)
+              attend(qrow, hd, reinterpret_cast<const float*>(block + koff), reinterpret_cast<const float*>(block + voff), hd,
+                     span, scale, &st);
+            else
+              attend_f16(qrow, hd, reinterpret_cast<const uint16_t*>(block + koff),
+                         reinterpret_cast<const uint16_t*>(block + voff), hd, span, scale, &st);
           }
           const float inv = 1.0f / st.sum;
           for (size_t j = 0; j < hd; ++j) out[j] *= inv;
@@ -316,8 +384,8 @@ bool Forward(const LlmModel& model, LlmSequence& seq, const int32_t* tokens, siz
     if (!rows(n, [&](size_t i) { kernels::RmsNormRow(x + i * d, L.ffn_norm, d, c.eps, xn + i * d); })) return false;
     if (c.experts) {
       std::string error;
-      float* y = seq.moe_out_.data();
-      if (!RunMoe(pool, threads, cancel, L.moe, xn, n, y, seq.expert_counts_.data() + l * c.experts, &error)) {
+      float* y = a.moe_out.data();
+      if (!RunMoe(pool, threads, cancel, L.moe, xn, n, y, kv.expert_counts().data() + l * c.experts, &error)) {
         if (cancel && cancel->load()) return false;
         throw std::runtime_error("blk." + std::to_string(l) + " MoE: " + error);
       }
@@ -331,14 +399,13 @@ bool Forward(const LlmModel& model, LlmSequence& seq, const int32_t* tokens, siz
     for (size_t i = 0; i < n * d; ++i) x[i] += xn[i];
   }
 
-  const size_t first = all_logits ? 0 : n - 1, out_rows = n - first;
-  if (!rows(out_rows, [&](size_t r) {
-        kernels::RmsNormRow(x + (first + r) * d, model.output_norm_, d, c.eps, xn + r * d);
-      }))
+  // Only the requested rows reach the output norm and the vocabulary product (the largest matrix
+  // of a small model): a prefill chunk asks for one row, or none.
+  const size_t out_rows = step.out_rows.size();
+  if (out_rows == 0) return true;
+  if (!rows(out_rows, [&](size_t r) { kernels::RmsNormRow(x + step.out_rows[r] * d, model.output_norm_, d, c.eps, xn + r * d); }))
     return false;
-  if (!MatMul(pool, threads, cancel, model.output_, xn, out_rows, logits, qs)) return false;
-  seq.length_ = pos0 + n;
-  return true;
+  return MatMul(pool, threads, cancel, model.output_, xn, out_rows, logits, qs);
 }
 
 }  // namespace sonde

@@ -1,11 +1,11 @@
-// The native transformer of sonde's language models (llama, qwen2; MoE layers through ops/moe.h
-// once wired). An LlmModel is immutable and shared by every sequence and running eval: the
-// weights are read in place from the GGUF mapping it holds. An LlmSequence owns one sequence's KV
-// cache and its scratch arena; Forward() appends tokens to it and computes their logits.
+// The native transformer of sonde's language models (llama, qwen2, qwen2moe; MoE layers through
+// ops/moe.h). An LlmModel is immutable and shared by every pool and running step: the weights are
+// read in place from the GGUF mapping it holds. K/V live in a paged pool (ops/kv_pool.h), which also
+// owns the scratch arena of the steps on it; RunStep() is the one forward pass.
 //
-// Precision: activations and the KV cache are fp32; matrix products follow kernels/quant/quant.h
-// (block-quantised weights see activations quantised to int8 per block of 32); attention softmax
-// is fp32 (kernels/attention/attention.h).
+// Precision: activations are fp32, K/V fp32 or fp16 as the pool stores them; matrix products follow
+// kernels/quant/quant.h (block-quantised weights see activations quantised to int8 per block of
+// 32); attention softmax is fp32 (kernels/attention/attention.h).
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -70,15 +70,16 @@ struct LlmLayer {
 };
 
 class LlmModel;
-class LlmSequence;
-bool Forward(const LlmModel& model, LlmSequence& seq, const int32_t* tokens, size_t n, float* logits, bool all_logits,
-             ThreadPool& pool, unsigned threads, const CancelFlag* cancel);
+class KvPool;
+struct KvStep;
+bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logits, ThreadPool& pool, unsigned threads,
+             const CancelFlag* cancel);
 
 class LlmModel {
  public:
   // Null with *error set (a message naming the tensor) if a tensor is missing, of a type no kernel
   // reads, or of the wrong shape, or the configuration is inconsistent; *unsupported is set when
-  // the model is valid but uses something not implemented (MoE layers before ops/moe is wired).
+  // the model is valid but uses something not implemented.
   static std::shared_ptr<const LlmModel> Create(std::shared_ptr<const GgufFile> file, const LlmConfig& config,
                                                 const std::vector<int32_t>& indices, std::string* error,
                                                 bool* unsupported);
@@ -87,8 +88,7 @@ class LlmModel {
   size_t bytes() const { return sizeof(*this) + layers_.size() * sizeof(LlmLayer); }
 
  private:
-  friend bool Forward(const LlmModel&, LlmSequence&, const int32_t*, size_t, float*, bool, ThreadPool&, unsigned,
-                      const CancelFlag*);
+  friend bool RunStep(const LlmModel&, KvPool&, const KvStep&, float*, ThreadPool&, unsigned, const CancelFlag*);
   LlmModel() = default;
   std::shared_ptr<const GgufFile> file_;
   LlmConfig cfg_;
@@ -96,53 +96,19 @@ class LlmModel {
   const float* output_norm_ = nullptr;
   std::vector<LlmLayer> layers_;
   kernels::AttentionSpanUkernel attend_ = nullptr;
+  kernels::AttentionSpanF16Ukernel attend_f16_ = nullptr;
 };
 
-// One sequence: fp32 KV cache [layer][kv_head][pos][head_dim] (K and V separately) of `capacity`
-// positions, plus the scratch arena of the evals on it (grown to the largest eval, then reused).
-class LlmSequence {
- public:
-  // span: positions attention reads per call of its kernel (0 = the whole cache); a paged cache
-  // reads one page at a time, and a small span exercises that path today. Throws std::bad_alloc.
-  LlmSequence(const LlmConfig& config, size_t capacity, size_t span = 0);
-  size_t capacity() const { return capacity_; }
-  size_t length() const { return length_; }
-  void Truncate(size_t length) { if (length < length_) length_ = length; }
-  size_t bytes() const { return (keys_.size() + values_.size()) * sizeof(float); }
-  // Tokens routed to each expert, [layer][expert], summed over this sequence's evals (MoE models).
-  const std::vector<uint64_t>& expert_counts() const { return expert_counts_; }
-  // Set while an eval runs on it: truncate and a second eval are refused meanwhile.
-  std::atomic<bool> busy{false};
-
-  // The cache accessor attention reads through: the span of positions [pos, pos + n) of one
-  // layer and KV head, contiguous in this cache (a paged cache hands out one span per page).
-  const float* Keys(size_t layer, size_t kv_head, size_t pos) const { return keys_.data() + Offset(layer, kv_head, pos); }
-  const float* Values(size_t layer, size_t kv_head, size_t pos) const { return values_.data() + Offset(layer, kv_head, pos); }
-  size_t SpanEnd(size_t pos) const { return span_ ? std::min(capacity_, (pos / span_ + 1) * span_) : capacity_; }
-
- private:
-  friend bool Forward(const LlmModel&, LlmSequence&, const int32_t*, size_t, float*, bool, ThreadPool&, unsigned,
-                      const CancelFlag*);
-  size_t Offset(size_t layer, size_t kv_head, size_t pos) const {
-    return ((layer * kv_heads_ + kv_head) * capacity_ + pos) * head_dim_;
-  }
-  float* KeysMut(size_t layer, size_t kv_head, size_t pos) { return keys_.data() + Offset(layer, kv_head, pos); }
-  float* ValuesMut(size_t layer, size_t kv_head, size_t pos) { return values_.data() + Offset(layer, kv_head, pos); }
-
-  size_t capacity_, kv_heads_, head_dim_, span_;
-  size_t length_ = 0;
-  std::vector<float> keys_, values_;
-  // Scratch arena, sized for the largest n seen.
-  size_t arena_rows_ = 0;
-  std::vector<float> x_, xn_, q_, k_, v_, att_, gate_, up_, moe_out_;
-  std::vector<uint64_t> expert_counts_;
-  QuantMatmulScratch qscratch_;
-};
-
-// Appends tokens[0..n) at positions [seq.length(), seq.length() + n) and writes their logits:
-// [n x vocab] if all_logits, else the last row's [vocab]. Token ids and capacity are the caller's
-// to check (the binding does). On cancel returns false and leaves the sequence's length unchanged.
-bool Forward(const LlmModel& model, LlmSequence& seq, const int32_t* tokens, size_t n, float* logits, bool all_logits,
-             ThreadPool& pool, unsigned threads, const CancelFlag* cancel);
+// One batched forward step on a paged pool (ops/kv_pool.h; lib/llm/engine.ts: KvPool.step): the
+// block copies, then every sequence's new tokens as rows of one pass through the layers (each
+// weight matrix is read once for all rows), RoPE at each row's own position, K/V written through
+// each sequence's block table (rounded to fp16 in an f16 pool), attention per (row, head) reading
+// its sequence's blocks in position order, causal. logits: [step.out_rows.size() x vocab], only
+// those rows go through the output norm and the vocabulary product. The step must have passed
+// ValidateKvStep and its blocks must be allocated (KvPool::Reserve). Returns false when cancelled
+// (the positions being written then hold unspecified values). Throws std::bad_alloc while the arena
+// grows, std::runtime_error if an MoE layer fails.
+bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logits, ThreadPool& pool, unsigned threads,
+             const CancelFlag* cancel);
 
 }  // namespace sonde

@@ -288,6 +288,34 @@ export class Scheduler {
     for (const r of this.#retained) this.releaseRetained(r);
   }
 
+  /**
+   * A retained sequence holding `tokens` in fresh blocks that `write` fills (a saved chat state,
+   * lib/llm/kv/state.ts) before any step can read them. Its full blocks are published like any
+   * computed ones. OutOfMemoryError when the pool cannot spare the blocks now.
+   */
+  async restoreRetained(tokens: readonly number[], write: (table: Int32Array) => Promise<void>): Promise<RetainedSequence> {
+    const where = 'Scheduler.restoreRetained';
+    if (this.#disposed) throw new DisposedError(`${where}: the model has been disposed`);
+    if (tokens.length > this.contextSize) throw new InvalidArgumentError(`${where}: ${tokens.length} tokens, more than the context of ${this.contextSize}`);
+    const seq = this.blocks.open([], 0, false);
+    if (!this.blocks.reserve(seq, tokens.length)) {
+      this.blocks.release(seq, false);
+      throw new OutOfMemoryError(`${where}: ${this.blocks.blocksFor(tokens.length)} KV blocks are needed, ${this.blocks.available} can be had now (raise kvCache.maxBytes)`);
+    }
+    try {
+      await write(seq.table(tokens.length, this.blocks.blockSize));
+      if (this.#disposed) throw new DisposedError(`${where}: the model has been disposed`);
+    } catch (err) {
+      this.blocks.release(seq, false);
+      this.#kick();
+      throw err;
+    }
+    this.blocks.append(seq, tokens);
+    const kept = new RetainedSequence(this, seq);
+    this.#retained.add(kept);
+    return kept;
+  }
+
   /** @internal (RetainedSequence.release) */
   releaseRetained(r: RetainedSequence): void {
     if (!this.#retained.delete(r)) return;

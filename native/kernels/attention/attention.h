@@ -21,7 +21,7 @@ struct AttentionState {
 };
 
 // For t < n: s_t = scale * dot(q, k + t * stride); folds the span into *st.
-// k, v: n rows of head_dim floats, `stride` floats apart.
+// k, v: n rows of head_dim floats, `stride` floats apart. n may be 0 (nothing folded).
 typedef void (*AttentionSpanUkernel)(const float* q, size_t head_dim, const float* k, const float* v, size_t stride,
                                      size_t n, float scale, AttentionState* st);
 
@@ -34,6 +34,23 @@ AttentionUkernels AttentionUkernelsScalar();
 #if defined(__x86_64__) || defined(_M_X64)
 AttentionUkernels AttentionUkernelsAvx2();
 AttentionUkernels AttentionUkernelsAvx512();
+#endif
+
+// The same fold over K/V stored as IEEE half (a paged KV pool of dtype f16, ops/kv_pool.h): each
+// element is widened to fp32 exactly, then the arithmetic is the fp32 kernel's, so the f16 kernels
+// of every ISA agree with the scalar one as closely as the fp32 ones do.
+typedef void (*AttentionSpanF16Ukernel)(const float* q, size_t head_dim, const uint16_t* k, const uint16_t* v,
+                                        size_t stride, size_t n, float scale, AttentionState* st);
+
+struct AttentionF16Ukernels {
+  const char* name;
+  AttentionSpanF16Ukernel span;
+};
+
+AttentionF16Ukernels AttentionF16UkernelsScalar();
+#if defined(__x86_64__) || defined(_M_X64)
+AttentionF16Ukernels AttentionF16UkernelsAvx2();
+AttentionF16Ukernels AttentionF16UkernelsAvx512();
 #endif
 
 }  // namespace kernels

@@ -1,0 +1,107 @@
+// The paged KV cache of a language model (issue #9): one pool per model holds the keys and values
+// of every sequence in blocks of block_size positions; a sequence is a table of block ids in
+// position order. Which block belongs to whom, sharing, hashing and eviction are decided in TS
+// (lib/llm/kv/); the pool is storage, and RunStep (ops/llm.h) is the batched forward that reads and
+// writes it.
+//
+// Block layout: [layer][K, V][kv_head][position][head_dim] of fp32 or IEEE half. Attention of one
+// (layer, head) reads the block's position rows of that head contiguously (head_dim elements
+// apart), which is the stride the span kernels take; K and V of a layer sit side by side.
+//
+// Memory: chunks of chunk_blocks blocks are allocated as block ids are first used (on the JS
+// thread, between steps: the binding reports them to V8), never past max_blocks; the chunk table is
+// sized once, so a step reading allocated blocks never sees it move.
+#pragma once
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ops/quant_matmul.h"
+
+namespace sonde {
+
+enum class KvDtype : int32_t { kF32 = 0, kF16 = 1 };
+
+struct LlmConfig;
+
+// Scratch of the forward pass over a step's rows, grown to the largest row count seen (rounded up
+// to a power of two, so a server's varying batch sizes settle after a few steps) and then reused:
+// a step allocates nothing once its shape class has been seen.
+struct LlmArena {
+  size_t rows = 0, out_rows = 0;
+  std::vector<float> x, xn, q, k, v, att, gate, up, moe_out;
+  std::vector<uint32_t> row_pos;  // each row's position in its sequence
+  std::vector<uint32_t> row_seq;  // each row's sequence index in the step
+  QuantMatmulScratch qscratch;
+};
+
+// One step (lib/llm/engine.ts: StepBatch), as plain data for a pool thread.
+struct KvStepSequence {
+  size_t table_offset = 0, table_length = 0;  // into KvStep::tables
+  size_t start = 0, tokens = 0, row0 = 0;      // row0: first row of this sequence in the step
+};
+
+struct KvStep {
+  std::vector<int32_t> tokens;      // every sequence's new tokens, concatenated
+  std::vector<int32_t> tables;      // every sequence's block table, concatenated
+  std::vector<KvStepSequence> seqs;
+  std::vector<int32_t> copies;      // [src, dst] pairs, done first
+  std::vector<uint32_t> out_rows;   // rows whose logits are returned, ascending
+};
+
+class KvPool {
+ public:
+  // No block memory yet (Reserve allocates). Throws std::bad_alloc for the chunk table.
+  KvPool(const LlmConfig& config, size_t block_size, size_t max_blocks, KvDtype dtype);
+  ~KvPool();
+  KvPool(const KvPool&) = delete;
+  KvPool& operator=(const KvPool&) = delete;
+
+  size_t block_size() const { return block_size_; }
+  size_t max_blocks() const { return max_blocks_; }
+  KvDtype dtype() const { return dtype_; }
+  size_t elem_bytes() const { return dtype_ == KvDtype::kF16 ? 2 : 4; }
+  size_t block_bytes() const { return block_bytes_; }
+  size_t chunk_blocks() const { return chunk_blocks_; }
+  // Blocks [0, allocated_blocks()) have memory.
+  size_t allocated_blocks() const { return allocated_; }
+  size_t bytes() const { return bytes_; }
+  size_t high_water_bytes() const { return high_water_; }
+
+  // Allocates the chunks that hold blocks [0, last] (zeroed). Returns the bytes added. JS thread,
+  // never while a step runs. Throws std::bad_alloc (what was allocated before stays).
+  size_t Reserve(size_t last);
+
+  uint8_t* Block(size_t id) const { return chunks_[id / chunk_blocks_] + (id % chunk_blocks_) * block_bytes_; }
+  // Byte offsets inside a block of (layer, kv_head)'s key and value rows.
+  size_t KeyOffset(size_t layer, size_t kv_head) const { return ((2 * layer) * kv_heads_ + kv_head) * head_bytes_; }
+  size_t ValueOffset(size_t layer, size_t kv_head) const { return ((2 * layer + 1) * kv_heads_ + kv_head) * head_bytes_; }
+
+  // Tokens routed to each expert by this pool's steps, [layer][expert] (MoE models).
+  std::vector<uint64_t>& expert_counts() { return expert_counts_; }
+  const std::vector<uint64_t>& expert_counts() const { return expert_counts_; }
+  LlmArena& arena() { return arena_; }
+
+  // Set while a job (step, read, write) runs on the pool: the binding refuses a second one.
+  std::atomic<bool> busy{false};
+
+ private:
+  size_t block_size_, max_blocks_, kv_heads_, head_bytes_, block_bytes_, chunk_blocks_;
+  KvDtype dtype_;
+  std::vector<uint8_t*> chunks_;
+  size_t allocated_ = 0, bytes_ = 0, high_water_ = 0;
+  std::vector<uint64_t> expert_counts_;
+  LlmArena arena_;
+};
+
+// The C++ second line behind lib/llm/transformer.ts's checks: empty when the step may run on this
+// pool, else what is wrong, naming the sequence index and field. vocab: the model's.
+std::string ValidateKvStep(const KvPool& pool, size_t vocab, const KvStep& step);
+
+// Highest block id the step touches (tables up to the last written position, copies), or -1.
+int64_t KvStepLastBlock(const KvPool& pool, const KvStep& step);
+
+}  // namespace sonde
