@@ -4,6 +4,7 @@ import { native } from '../dist/binding.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
 import { GraphBuilder } from './graphs/builder.js';
 import { BF16_RESNET50_BOUND, modelBytes, modelInput, relativeDifference, roundingTolerance } from './graphs/models.js';
+import { llmSuite, servingSuite } from './llm/suites.js';
 
 const rand = (len) => {
   const a = new Float32Array(len);
@@ -37,7 +38,7 @@ async function* peakSuite(ctx) {
 }
 
 /** Memory read bandwidth (GB/s) at `threads`, measured like the `peak` suite; cached per run. */
-async function readBandwidth(ctx, threads) {
+export async function readBandwidth(ctx, threads) {
   const key = `bw${threads}`;
   if (!ctx.cache.has(key)) {
     const r = await native().readBandwidth(ctx.quick ? 128 << 20 : 512 << 20, threads);
@@ -53,7 +54,7 @@ async function readBandwidth(ctx, threads) {
  * after the other (cache contents, clock boost). Stops after `minRounds` rounds once `minMs` has
  * passed, or at `maxMs` (but never before 3 rounds).
  */
-async function timeInterleaved(fns, { minRounds = 5, maxRounds = 200, minMs = 300, maxMs = 3000 } = {}) {
+export async function timeInterleaved(fns, { minRounds = 5, maxRounds = 200, minMs = 300, maxMs = 3000 } = {}) {
   for (const f of fns) await f();
   const times = fns.map(() => []);
   const forward = fns.map((_, i) => i);
@@ -756,7 +757,7 @@ async function closedLoop(session, feedOf, callers, ms, into) {
   clearInterval(timer);
 }
 
-const quantile = (xs, p) => {
+export const quantile = (xs, p) => {
   const sorted = [...xs].sort((a, b) => a - b);
   return sorted[Math.min(sorted.length - 1, Math.ceil(p * sorted.length) - 1)] ?? NaN;
 };
@@ -830,4 +831,4 @@ async function* batchingSuite(ctx) {
   }
 }
 
-export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, moe: moeSuite, sparse: sparseSuite, models: modelsSuite, batching: batchingSuite };
+export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, moe: moeSuite, sparse: sparseSuite, models: modelsSuite, batching: batchingSuite, llm: llmSuite, serving: servingSuite };

@@ -23,8 +23,8 @@ export interface LlmModelOptions {
   ropeScale?: number;
   /** Leave out output.weight (the output projection is then tied to token_embd.weight). */
   tied?: boolean;
-  /** Zero output rows for control tokens, so greedy decoding never picks EOS (benchmarks). */
-  quietControl?: boolean;
+  /** Zero output rows for all but normal tokens, so greedy decoding emits word pieces only (benchmarks). */
+  wordsOnly?: boolean;
   seed?: number;
   /** Tensors to drop or replace, by name, to build malformed files in tests. */
   omit?: readonly string[];

@@ -151,12 +151,12 @@ export function llmModelSpec(o, typed) {
   let vocab;
   let bosId;
   let eosId;
-  let controlIds;
+  let nonWordIds;
   if (qwen) {
     const v = bpeVocab();
     vocab = v.tokens.length;
     eosId = v.tokens.indexOf('<|endoftext|>');
-    controlIds = v.types.flatMap((t, i) => (t === 3 ? [i] : []));
+    nonWordIds = v.types.flatMap((t, i) => (t !== 1 ? [i] : []));
     Object.assign(md, {
       'tokenizer.ggml.model': 'gpt2',
       'tokenizer.ggml.pre': 'qwen2',
@@ -173,7 +173,7 @@ export function llmModelSpec(o, typed) {
     vocab = v.tokens.length;
     bosId = 1;
     eosId = 2;
-    controlIds = [0, 1, 2];
+    nonWordIds = v.types.flatMap((t, i) => (t !== 1 ? [i] : []));
     Object.assign(md, {
       'tokenizer.ggml.model': 'llama',
       'tokenizer.ggml.tokens': v.tokens,
@@ -252,12 +252,14 @@ export function llmModelSpec(o, typed) {
     }
   }
   vec('output_norm.weight', d, 0.2, 1);
-  // quietControl: zero output rows for the control tokens (EOS among them), so their logit is 0
-  // while the largest of the others is well above: greedy decoding never ends a generation early,
-  // and a benchmark's generations run the length it asks for on both runtimes.
-  const quiet = o.quietControl ? (w) => { for (const id of controlIds) w.fill(0, id * d, (id + 1) * d); } : undefined;
+  // wordsOnly: zero output rows for every token but the normal ones (control tokens, EOS among
+  // them, and SPM's byte tokens), so their logit is 0 while the largest of the others is well
+  // above: greedy decoding neither ends a generation early nor emits half a UTF-8 character (whose
+  // text a streaming API holds back), and a benchmark's generations run the length it asks for on
+  // both runtimes, one event per token.
+  const quiet = o.wordsOnly ? (w) => { for (const id of nonWordIds) w.fill(0, id * d, (id + 1) * d); } : undefined;
   if (!o.tied) mat('output.weight', d, vocab, 2 * gain(d), 0, quiet);
-  else if (quiet) throw new Error('quietControl needs an output.weight (not tied)');
+  else if (quiet) throw new Error('wordsOnly needs an output.weight (not tied)');
 
   const omit = new Set(o.omit ?? []);
   const out = tensors.filter((t) => !omit.has(t.name)).map((t) => ({ ...t, ...(o.override?.[t.name] ?? {}) }));
@@ -283,7 +285,7 @@ const CACHE_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '.cache');
  * layers, 16 heads, 4 KV heads, 8 experts of FFN 1408, top-2: 0.45 B parameters, 0.13 B active per
  * token). 'dense': the ~50 M dense llama of the `serving` suite. Both with the small SPM vocab of
  * the fixtures (311 tokens: the output projection costs next to nothing, as in the issue's count)
- * and quiet control tokens (see llmModelSpec).
+ * and greedy outputs limited to word pieces (wordsOnly, see llmModelSpec).
  */
 export const LLM_MODELS = {
   moe: { kind: 'mixtral', embedding: 1024, layers: 12, heads: 16, kvHeads: 4, feedForward: 1408, experts: 8, expertsUsed: 2, contextLength: 4096 },
@@ -297,7 +299,7 @@ export const LLM_MODELS = {
 export async function llmModelPath(gguf, name, type) {
   const base = LLM_MODELS[name];
   if (!base) throw new Error(`unknown language model '${name}' (have ${Object.keys(LLM_MODELS).join(', ')})`);
-  const options = { ...base, type, seed: 2024, quietControl: true, name: `sonde-bench-${name}-${type}` };
+  const options = { ...base, type, seed: 2024, wordsOnly: true, name: `sonde-bench-${name}-${type}` };
   const key = createHash('sha256').update(JSON.stringify({ options, version: GENERATOR_VERSION })).digest('hex').slice(0, 16);
   const path = join(CACHE_DIR, `llm-${name}-${type}-${key}.gguf`);
   if (!existsSync(path)) {
