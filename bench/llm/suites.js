@@ -279,8 +279,19 @@ async function arrivalRound(server, running, longTokens, vocab, warmup, deadline
   return { steady, during, arrivalToFirst: longFirst - arrival };
 }
 
-/** Whether this build batches concurrent generations (issue #9's scheduler, with model.metrics()). */
-const sondeServes = () => typeof LanguageModel.prototype.metrics === 'function';
+/**
+ * sonde's model for the serving cases, or undefined when this build does not batch concurrent
+ * generations: issue #9's load options (kvCache, maxConcurrency) are not known to it, or the
+ * engine has no paged KV pool (the model then serves one request after another, and its metrics
+ * show no KV blocks).
+ */
+async function servingModel(path, options) {
+  if (typeof LanguageModel.prototype.metrics !== 'function') return undefined;
+  const model = await LanguageModel.load(path, options);
+  if (model.metrics().kv?.blocks?.total > 0) return model;
+  model.dispose();
+  return undefined;
+}
 
 /**
  * Issue #9's serving measurements on the dense (~50 M) and Mixtral-layout (0.45 B) Q8_0 models, 2
@@ -292,21 +303,26 @@ const sondeServes = () => typeof LanguageModel.prototype.metrics === 'function';
  *   streams, at least 1.2).
  * - `itl 7 + 1024 arrival`: inter-token latency p99 of 7 running generations while a 1024-token
  *   prompt arrives, against their steady state (p99Ratio, at most 3 with chunked prefill).
+ * - `kv pool high-water`: the most bytes sonde's KV pool held over those cases, against
+ *   kvCache.maxBytes (it must never exceed it), with the evictions and prefix hit rate.
  * Without the scheduler in this build, the sonde columns are empty and `note` says so: a one-
  * sequence model serving requests one after another would measure something else.
  */
 export async function* servingSuite(ctx) {
   const llama = await llamaCpp(ctx);
   const threads = Math.min(2, getThreads());
-  const serves = sondeServes();
-  const note = serves ? undefined : 'sonde: continuous batching (issue #9) not in this build';
+  const missing = 'sonde: continuous batching (issue #9) not in this build';
   const rounds = ctx.quick ? 1 : 2;
   const streamTokens = ctx.quick ? 16 : 64;
   const contextSize = 2048;
   const deadlineMs = ctx.quick ? 20_000 : 60_000;
+  // A cap that every case fits in (at most ~3k positions live, ~24 KB each in f32 for both models),
+  // so the high-water mark says how close the pool came to it.
+  const maxBytes = 128 << 20;
   for (const name of ['dense', 'moe']) {
     const path = await llmModelPath(sonde.gguf, name, 'q8_0');
-    const model = serves ? await LanguageModel.load(path, { threads, contextSize }) : undefined;
+    const model = await servingModel(path, { threads, contextSize, maxConcurrency: 8, kvCache: { maxBytes } });
+    const note = model ? undefined : missing;
     const lmodel = await llama.loadModel({ modelPath: path });
     const { vocab } = await modelFacts(path);
     const sondeSide = model && sondeServer(model);
@@ -363,6 +379,12 @@ export async function* servingSuite(ctx) {
         p99Ratio: sondeSide ? p99(itl.during) / p99(itl.steady) : undefined, longTtftMs: sondeSide ? quantile(itl.wait, 0.5) : undefined,
         llamaSteadyP99Ms: p99(itl.lsteady), llamaDuringP99Ms: p99(itl.lduring), llamaP99Ratio: p99(itl.lduring) / p99(itl.lsteady),
         llamaLongTtftMs: quantile(itl.lwait, 0.5), vs: 'node-llama-cpp', note };
+
+      // The pool's most bytes held over all the cases above, against its cap.
+      const kv = model?.metrics().kv;
+      yield { case: `${label} kv pool high-water`, highWaterBytes: kv?.highWaterBytes, maxBytes: kv?.maxBytes ?? maxBytes,
+        pctOfCap: kv ? (100 * kv.highWaterBytes) / kv.maxBytes : undefined, withinCap: kv ? kv.highWaterBytes <= kv.maxBytes : undefined,
+        evictions: model?.metrics().evictions, prefixHitRate: model?.metrics().prefix.hitRate, note };
     } finally {
       await llamaSide.dispose();
       await lmodel.dispose();
