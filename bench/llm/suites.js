@@ -80,14 +80,19 @@ function agreement(a, b) {
  * measurement) / bytes per token; pctBound = tokens/s / bound. Prefill: 512 tokens from an empty
  * cache. ratio = sonde speed / node-llama-cpp speed (above 1, sonde is faster). `agree`: how many
  * leading greedy tokens the two generated alike (all of them means the same model ran on both;
- * fewer is rounding near a tie, not an error).
+ * fewer is rounding near a tie, not an error: on Q8_0 llama.cpp also rounds the activations to 8
+ * bits, and a flipped expert choice in a random 12-layer model moves the logits a lot).
+ * --quick: 16 decode tokens, one round; --full: 128 tokens, 5 rounds, 1 to all threads.
  */
 export async function* llmSuite(ctx) {
   const llama = await llamaCpp(ctx);
-  const threadCounts = [...new Set([1, Math.min(2, getThreads())])];
+  const pool = getThreads();
+  // --full: every power of two up to the pool, and the pool itself.
+  const threadCounts = ctx.full ? [...new Set([...Array.from({ length: Math.floor(Math.log2(pool)) + 1 }, (_, i) => 2 ** i), pool])]
+    : [...new Set([1, Math.min(2, pool)])];
   const types = ['f16', 'q8_0'];
-  const decodeTokens = ctx.quick ? 16 : 64;
-  const rounds = ctx.quick ? 1 : 3;
+  const decodeTokens = ctx.quick ? 16 : ctx.full ? 128 : 64;
+  const rounds = ctx.quick ? 1 : ctx.full ? 5 : 3;
   const prefillTokens = 512;
   for (const type of types) {
     const path = await llmModelPath(sonde.gguf, 'moe', type);
@@ -306,14 +311,16 @@ async function servingModel(path, options) {
  * - `kv pool high-water`: the most bytes sonde's KV pool held over those cases, against
  *   kvCache.maxBytes (it must never exceed it), with the evictions and prefix hit rate.
  * Without the scheduler in this build, the sonde columns are empty and `note` says so: a one-
- * sequence model serving requests one after another would measure something else.
+ * sequence model serving requests one after another would measure something else. The ttft case
+ * runs first and touches every weight on both sides, so the later cases start warm.
+ * --quick: one round, 16-token streams; --full: 4 rounds, 128-token streams.
  */
 export async function* servingSuite(ctx) {
   const llama = await llamaCpp(ctx);
   const threads = Math.min(2, getThreads());
   const missing = 'sonde: continuous batching (issue #9) not in this build';
-  const rounds = ctx.quick ? 1 : 2;
-  const streamTokens = ctx.quick ? 16 : 64;
+  const rounds = ctx.quick ? 1 : ctx.full ? 4 : 2;
+  const streamTokens = ctx.quick ? 16 : ctx.full ? 128 : 64;
   const contextSize = 2048;
   const deadlineMs = ctx.quick ? 20_000 : 60_000;
   // A cap that every case fits in (at most ~3k positions live, ~24 KB each in f32 for both models),
