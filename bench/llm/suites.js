@@ -254,18 +254,19 @@ async function concurrentStreams(server, n, maxTokens, vocab, seed) {
  * arrives (and generates 4 tokens). Inter-token gaps of the running generations: steady = those
  * before the arrival (after each stream's first 4 tokens, which overlap the others' prompts);
  * during = those overlapping [arrival, the long request's first token]. The running generations
- * stop 4 tokens after that first token, or `deadlineMs` after the arrival.
+ * stop 4 tokens after that first token, or `deadlineMs` after the arrival. Prompts come from
+ * `seed`, fresh per round, so that the long prompt is never in sonde's prefix cache.
  */
-async function arrivalRound(server, running, longTokens, vocab, warmup, deadlineMs) {
+async function arrivalRound(server, running, longTokens, vocab, warmup, deadlineMs, seed) {
   let arrival = Infinity;
   let long;
   let longFirst = Infinity;
   let after = 0;
   const launch = () => {
     arrival = performance.now();
-    long = server.generate(promptTokens(longTokens, 6000, vocab), { maxTokens: 4, onToken: (k, t) => { if (k === 1) longFirst = t; } });
+    long = server.generate(promptTokens(longTokens, seed, vocab), { maxTokens: 4, onToken: (k, t) => { if (k === 1) longFirst = t; } });
   };
-  const rs = await Promise.all(Array.from({ length: running }, (_, i) => server.generate(promptTokens(16, 7000 + i, vocab), {
+  const rs = await Promise.all(Array.from({ length: running }, (_, i) => server.generate(promptTokens(16, seed + 1 + i, vocab), {
     maxTokens: 4096,
     onToken: (k, t) => {
       if (i === 0 && k === warmup) launch();
@@ -373,12 +374,12 @@ export async function* servingSuite(ctx) {
       const itl = { steady: [], during: [], wait: [], lsteady: [], lduring: [], lwait: [] };
       for (let r = 0; r < rounds; r++) {
         if (sondeSide) {
-          const s = await arrivalRound(sondeSide, 7, 1024, vocab, 16, deadlineMs);
+          const s = await arrivalRound(sondeSide, 7, 1024, vocab, 16, deadlineMs, 6000 + 100 * r);
           itl.steady.push(...s.steady);
           itl.during.push(...s.during);
           itl.wait.push(s.arrivalToFirst);
         }
-        const l = await arrivalRound(llamaSide, 7, 1024, vocab, 16, deadlineMs);
+        const l = await arrivalRound(llamaSide, 7, 1024, vocab, 16, deadlineMs, 6000 + 100 * r);
         itl.lsteady.push(...l.steady);
         itl.lduring.push(...l.during);
         itl.lwait.push(l.arrivalToFirst);
