@@ -54,7 +54,7 @@ export async function readBandwidth(ctx, threads) {
  * after the other (cache contents, clock boost). Stops after `minRounds` rounds once `minMs` has
  * passed, or at `maxMs` (but never before 3 rounds).
  */
-export async function timeInterleaved(fns, { minRounds = 5, maxRounds = 200, minMs = 300, maxMs = 3000 } = {}) {
+async function timeInterleaved(fns, { minRounds = 5, maxRounds = 200, minMs = 300, maxMs = 3000 } = {}) {
   for (const f of fns) await f();
   const times = fns.map(() => []);
   const forward = fns.map((_, i) => i);
