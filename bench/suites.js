@@ -4,6 +4,7 @@ import { native } from '../dist/binding.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
 import { GraphBuilder } from './graphs/builder.js';
 import { BF16_RESNET50_BOUND, modelBytes, modelInput, relativeDifference, roundingTolerance } from './graphs/models.js';
+import { llmSuite, servingSuite } from './llm/suites.js';
 
 const rand = (len) => {
   const a = new Float32Array(len);
@@ -37,7 +38,7 @@ async function* peakSuite(ctx) {
 }
 
 /** Memory read bandwidth (GB/s) at `threads`, measured like the `peak` suite; cached per run. */
-async function readBandwidth(ctx, threads) {
+export async function readBandwidth(ctx, threads) {
   const key = `bw${threads}`;
   if (!ctx.cache.has(key)) {
     const r = await native().readBandwidth(ctx.quick ? 128 << 20 : 512 << 20, threads);
@@ -756,7 +757,7 @@ async function closedLoop(session, feedOf, callers, ms, into) {
   clearInterval(timer);
 }
 
-const quantile = (xs, p) => {
+export const quantile = (xs, p) => {
   const sorted = [...xs].sort((a, b) => a - b);
   return sorted[Math.min(sorted.length - 1, Math.ceil(p * sorted.length) - 1)] ?? NaN;
 };
@@ -830,4 +831,4 @@ async function* batchingSuite(ctx) {
   }
 }
 
-export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, moe: moeSuite, sparse: sparseSuite, models: modelsSuite, batching: batchingSuite };
+export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, moe: moeSuite, sparse: sparseSuite, models: modelsSuite, batching: batchingSuite, llm: llmSuite, serving: servingSuite };

@@ -1,4 +1,4 @@
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -308,6 +308,30 @@ describe('gguf.read on bad input: a typed error, the process alive', () => {
         expect(e).toBeInstanceOf(ModelFormatError);
       }
     }
+  });
+
+  it('tensor data given as functions is produced in tensor order and written like eager data', async () => {
+    const x = randomF32(32 * 3);
+    const y = randomF32(5);
+    const eager = tmp('eager');
+    await gguf.write(eager, { tensors: [{ name: 'x', dims: [32, 3], type: 'q8_0', data: x }, { name: 'y', dims: [5], type: 'f16', data: y }] });
+    const calls: string[] = [];
+    const lazy = tmp('lazy');
+    await gguf.write(lazy, { tensors: [
+      { name: 'x', dims: [32, 3], type: 'q8_0', data: () => { calls.push('x'); return x; } },
+      { name: 'y', dims: [5], type: 'f16', data: () => { calls.push('y'); return y; } },
+    ] });
+    expect(calls).toEqual(['x', 'y']);
+    expect(readFileSync(lazy).equals(readFileSync(eager))).toBe(true);
+    // A function that produces the wrong size fails the write and leaves no partial file behind.
+    const bad = tmp('lazy-bad');
+    await expect(gguf.write(bad, { tensors: [
+      { name: 'x', dims: [32, 3], type: 'q8_0', data: () => x },
+      { name: 'y', dims: [5], type: 'f16', data: () => randomF32(4) },
+    ] })).rejects.toThrow(/tensors\[1\]\.data has 4 values, dims \[5\] need 5/);
+    expect(existsSync(bad)).toBe(false);
+    await expect(gguf.write(bad, { tensors: [{ name: 'z', dims: [2], type: 'f32', data: (() => 'no') as never }] }))
+      .rejects.toThrow(InvalidArgumentError);
   });
 
   it('a missing file or a bad path is an InvalidArgumentError', async () => {

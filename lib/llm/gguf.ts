@@ -15,7 +15,7 @@
  * with gguf.typed()) and tensors of type f32, f16, bf16, q8_0 or q4_0, quantised from float32 with
  * ggml's reference formulas (lib/llm/quants.ts), each aligned to general.alignment (default 32).
  */
-import { open } from 'node:fs/promises';
+import { open, rm } from 'node:fs/promises';
 import { native, type NativeGgufHandle, type NativeGgufOpenResult } from '../binding.js';
 import { InvalidArgumentError, callNative } from '../errors.js';
 import { NativeResource } from '../lifetime.js';
@@ -349,10 +349,14 @@ export interface GgufWriteTensor {
   type: GgufTensorType;
   /**
    * float32 values (encoded, quantised for q8_0 / q4_0), or the already encoded bytes of `type`
-   * (e.g. kernels.quantizeWeights(...).data).
+   * (e.g. kernels.quantizeWeights(...).data); or a function returning either, called when the
+   * tensor is written (in tensor order, once), so a large model is generated one tensor at a time
+   * instead of being held whole in the JS heap.
    */
-  data: Float32Array | Uint8Array;
+  data: GgufTensorData | (() => GgufTensorData);
 }
+
+export type GgufTensorData = Float32Array | Uint8Array;
 
 export interface GgufWriteSpec {
   metadata?: Record<string, unknown>;
@@ -396,7 +400,7 @@ export async function write(path: string, spec: GgufWriteSpec): Promise<void> {
     head.u32('array' in t ? ARRAY_ID : SCALAR_IDS[t.scalar]);
     encodeValue(head, w, t, value);
   }
-  const blobs: Uint8Array[] = [];
+  const blobs: (() => Uint8Array)[] = [];
   const names = new Set<string>();
   let offset = 0;
   tensors.forEach((t, i) => {
@@ -419,24 +423,22 @@ export async function write(path: string, spec: GgufWriteSpec): Promise<void> {
     if ((t.type === 'q8_0' || t.type === 'q4_0') && t.dims[0]! % 32 !== 0) {
       throw new InvalidArgumentError(`${w}: ${t.type} needs dims[0] (ne0 = ${t.dims[0]}) to be a multiple of 32`);
     }
-    let blob: Uint8Array;
-    if (t.data instanceof Float32Array) {
-      if (t.data.length !== elements) throw new InvalidArgumentError(`${w}.data has ${t.data.length} values, dims [${t.dims.join(', ')}] need ${elements}`);
-      blob = encode(t.type, t.data);
-    } else if (t.data instanceof Uint8Array) {
-      const need = encodedBytes(t.type, elements);
-      if (t.data.length !== need) throw new InvalidArgumentError(`${w}.data has ${t.data.length} bytes, ${elements} ${t.type} values need ${need}`);
-      blob = t.data;
-    } else {
-      throw new InvalidArgumentError(`${w}.data must be a Float32Array or the encoded Uint8Array, got ${describe(t.data)}`);
-    }
+    const size = encodedBytes(t.type, elements);
     head.str(t.name);
     head.u32(t.dims.length);
     for (const d of t.dims) head.u64(BigInt(d));
     head.u32(GGML_TYPE_IDS[t.type]);
     head.u64(BigInt(offset));
-    blobs.push(blob);
-    offset += Math.ceil(blob.length / alignment) * alignment;
+    // Eager data is checked now, before the file is opened; produced data when it is produced.
+    const data = t.data;
+    const encodeData = (d: unknown) => encodeTensorData(w, t.type, t.dims, elements, d);
+    if (typeof data === 'function') {
+      blobs.push(() => encodeData(data()));
+    } else {
+      const blob = encodeData(data);
+      blobs.push(() => blob);
+    }
+    offset += Math.ceil(size / alignment) * alignment;
   });
   const pad = (n: number) => new Uint8Array((alignment - (n % alignment)) % alignment);
   const fh = await open(path, 'w');
@@ -444,11 +446,29 @@ export async function write(path: string, spec: GgufWriteSpec): Promise<void> {
     const header = head.bytes();
     await fh.write(header);
     await fh.write(pad(header.length));
-    for (const b of blobs) {
+    for (const blob of blobs) {
+      const b = blob();
       await fh.write(b);
       await fh.write(pad(b.length));
     }
-  } finally {
+  } catch (err) {
+    // A tensor whose produced data was invalid: no truncated file is left behind.
     await fh.close();
+    await rm(path, { force: true });
+    throw err;
   }
+  await fh.close();
+}
+
+function encodeTensorData(w: string, type: GgufTensorType, dims: readonly number[], elements: number, data: unknown): Uint8Array {
+  if (data instanceof Float32Array) {
+    if (data.length !== elements) throw new InvalidArgumentError(`${w}.data has ${data.length} values, dims [${dims.join(', ')}] need ${elements}`);
+    return encode(type, data);
+  }
+  if (data instanceof Uint8Array) {
+    const need = encodedBytes(type, elements);
+    if (data.length !== need) throw new InvalidArgumentError(`${w}.data has ${data.length} bytes, ${elements} ${type} values need ${need}`);
+    return data;
+  }
+  throw new InvalidArgumentError(`${w}.data must be a Float32Array, the encoded Uint8Array or a function returning one, got ${describe(data)}`);
 }

@@ -1,0 +1,58 @@
+// Types of models.js, for test/llm-fixtures.ts (the generators themselves are plain JS).
+import type { GgufTensorType, GgufWriteSpec, GgufWriteTensor, typed } from '../../lib/llm/gguf.js';
+
+export type LlmModelKind = 'llama' | 'qwen2' | 'mixtral' | 'qwen2moe';
+
+export interface LlmModelOptions {
+  kind: LlmModelKind;
+  type?: GgufTensorType;
+  /** general.name (default sonde-fixture-<kind>-<type>). */
+  name?: string;
+  embedding?: number;
+  layers?: number;
+  heads?: number;
+  kvHeads?: number;
+  feedForward?: number;
+  experts?: number;
+  expertsUsed?: number;
+  expertFeedForward?: number;
+  sharedFeedForward?: number;
+  contextLength?: number;
+  ropeFreqBase?: number;
+  /** Linear RoPE scaling factor written as {arch}.rope.scaling.{type,factor} (omitted when 1). */
+  ropeScale?: number;
+  /** Leave out output.weight (the output projection is then tied to token_embd.weight). */
+  tied?: boolean;
+  /** Zero output rows for all but normal tokens, so greedy decoding emits word pieces only (benchmarks). */
+  wordsOnly?: boolean;
+  seed?: number;
+  /** Tensors to drop or replace, by name, to build malformed files in tests. */
+  omit?: readonly string[];
+  override?: Readonly<Record<string, Partial<GgufWriteTensor>>>;
+  /** Metadata keys to add or replace (undefined values remove the key). */
+  metadata?: Readonly<Record<string, unknown>>;
+}
+
+export interface LlmModelInfo {
+  architecture: 'llama' | 'qwen2' | 'qwen2moe';
+  vocabSize: number;
+  embedding: number;
+  layers: number;
+  heads: number;
+  kvHeads: number;
+  headDim: number;
+  feedForward: number;
+  experts: number;
+  expertsUsed: number;
+  bosId: number | undefined;
+  eosId: number;
+}
+
+export function spmVocab(): { tokens: string[]; scores: number[]; types: number[] };
+export function gpt2ByteSymbols(): string[];
+export function bpeVocab(): { tokens: string[]; types: number[]; merges: string[] };
+export function llmModelSpec(o: LlmModelOptions, typedValue: typeof typed): { spec: GgufWriteSpec & { tensors: GgufWriteTensor[] }; info: LlmModelInfo };
+
+export type LlmBenchModel = 'moe' | 'dense';
+export const LLM_MODELS: Record<LlmBenchModel, LlmModelOptions>;
+export function llmModelPath(gguf: { write: (path: string, spec: GgufWriteSpec) => Promise<void>; typed: typeof typed }, name: LlmBenchModel, type: GgufTensorType): Promise<string>;
