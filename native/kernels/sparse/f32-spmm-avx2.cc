@@ -17,6 +17,7 @@ inline __m256i LaneMask(size_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// As the AVX-512 kernel: U*MV >= 8 independent FMA chains (two FMA pipes at 4 cycles latency).
 template <size_t MV, size_t U>
 inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, const uint32_t* col_idx,
                       const float* values, float* out) {
@@ -26,7 +27,7 @@ inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, con
 #pragma GCC unroll 8
     for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm256_setzero_ps();
   for (; p + U <= p1; p += U) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (size_t u = 0; u < U; ++u) {
       const __m256 w = _mm256_set1_ps(values[p + u]);
       const float* ak = at + static_cast<size_t>(col_idx[p + u]) * ldat;
@@ -42,17 +43,18 @@ inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, con
   }
 #pragma GCC unroll 8
   for (size_t v = 0; v < MV; ++v) {
-    __m256 s = acc[0][v];
-    if (U == 2) s = _mm256_add_ps(s, acc[U - 1][v]);
-    if (U == 4) s = _mm256_add_ps(_mm256_add_ps(s, acc[1][v]), _mm256_add_ps(acc[2][v], acc[U - 1][v]));
-    _mm256_store_ps(out + 8 * v, s);
+#pragma GCC unroll 8
+    for (size_t step = 1; step < U; step *= 2)
+#pragma GCC unroll 8
+      for (size_t u = 0; u + step < U; u += 2 * step) acc[u][v] = _mm256_add_ps(acc[u][v], acc[u + step][v]);
+    _mm256_store_ps(out + 8 * v, acc[0][v]);
   }
 }
 
 template <size_t MV>
 void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr, const uint32_t* col_idx,
               const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
-  constexpr size_t kU = MV >= 4 ? 1 : 4 / MV;
+  constexpr size_t kU = MV >= 8 ? 1 : 8 / MV;
   constexpr size_t kRows = MV * 8;
   alignas(32) float tile[kNg * kRows];
   for (size_t j = 0; j < nc; ++j)
@@ -73,17 +75,20 @@ void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t*
 
 void F32SpmmCsr8x64Avx2(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
                         const uint32_t* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
+#define SONDE_CSR_GROUP(MV) \
+  CsrGroup<MV>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep)
   switch ((m + 7) / 8) {
-    case 1: return CsrGroup<1>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 2: return CsrGroup<2>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 3: return CsrGroup<3>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 4: return CsrGroup<4>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 5: return CsrGroup<5>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 6: return CsrGroup<6>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 7: return CsrGroup<7>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 8: return CsrGroup<8>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
+    case 1: return SONDE_CSR_GROUP(1);
+    case 2: return SONDE_CSR_GROUP(2);
+    case 3: return SONDE_CSR_GROUP(3);
+    case 4: return SONDE_CSR_GROUP(4);
+    case 5: return SONDE_CSR_GROUP(5);
+    case 6: return SONDE_CSR_GROUP(6);
+    case 7: return SONDE_CSR_GROUP(7);
+    case 8: return SONDE_CSR_GROUP(8);
     default: return;
   }
+#undef SONDE_CSR_GROUP
 }
 
 inline float HorizontalSum(__m256 v) {
@@ -118,6 +123,16 @@ void F32SpmvCsr8Avx2(size_t nc, const float* x, const uint32_t* row_ptr, const u
     }
     sums[j] = HorizontalSum(_mm256_add_ps(acc0, acc1));
   }
+  const __m256i mask = LaneMask(nc);
+  __m256 v = _mm256_maskload_ps(sums, mask);
+  if (ep) v = avx2::ApplyEpilogue(v, avx2::LoadColumnTerms(ep, 0, mask), ep, 0, 0, mask);
+  _mm256_maskstore_ps(c, mask, v);
+}
+
+void F32SpmvCsr8x16bitAvx2(size_t nc, const float* x, const uint32_t* row_ptr, const uint16_t* col_idx,
+                           const float* values, float* c, const GemmEpilogue* ep) {
+  alignas(32) float sums[kNg];
+  for (size_t j = 0; j < nc; ++j) sums[j] = F32SpmvRow16(x, row_ptr[j], row_ptr[j + 1], col_idx, values);
   const __m256i mask = LaneMask(nc);
   __m256 v = _mm256_maskload_ps(sums, mask);
   if (ep) v = avx2::ApplyEpilogue(v, avx2::LoadColumnTerms(ep, 0, mask), ep, 0, 0, mask);
@@ -187,7 +202,7 @@ void F32SpmmBsr1x32Avx2(size_t mr, size_t nc, const float* a, size_t lda, size_t
 }  // namespace
 
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx2() {
-  return {F32SpmmCsr8x64Avx2, F32SpmvCsr8Avx2, kNg, kMaxMv * 8, 8, "f32_spmm_csr_8x64__avx2"};
+  return {F32SpmmCsr8x64Avx2, F32SpmvCsr8Avx2, F32SpmvCsr8x16bitAvx2, F32TransposePackScalar, kNg, kMaxMv * 8, 8, "f32_spmm_csr_8x64__avx2"};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx2(uint32_t bw) {
