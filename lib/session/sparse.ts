@@ -38,12 +38,6 @@ export interface SparseTiming {
   /** Best of REPS, nanoseconds. */
   denseNs: number;
   sparseNs: number;
-  /**
-   * m = 1 of a Gemm/MatMul: the dense path on a row with 60% of its activations zero, where a
-   * batch-1 gemm step reads only the non-zero rows (native/ops/gemv_skip.cc). After a ReLU that is
-   * what 'off' would run, so a sparse choice at M = 1 must beat it too.
-   */
-  denseSkipNs?: number;
 }
 
 /** The sparse side of a Gemm/MatMul layer's prepared weights. */
@@ -106,10 +100,9 @@ export function useSparse(s: SparseChoice | undefined, m: number): boolean {
   if (s.mode === 'force') sparse = true;
   else if (!s.timings?.length) sparse = false;
   else {
-    let dense = estimate(s.timings, m, 'denseNs');
-    const skip = s.timings[0]!.denseSkipNs;
-    if (m === 1 && skip !== undefined) dense = Math.min(dense, skip);
-    sparse = estimate(s.timings, m, 'sparseNs') < SAFETY * dense;
+    // (At M = 1 a row that is mostly zeros runs the dense zero-skipping GEMV in either step, see
+    // the spmm step's skipWeights: the choice is between the SpMV and the full dense GEMV.)
+    sparse = estimate(s.timings, m, 'sparseNs') < SAFETY * estimate(s.timings, m, 'denseNs');
   }
   s.chosen.set(m, sparse ? 'sparse' : 'dense');
   return sparse;
@@ -168,23 +161,12 @@ async function measure(cases: TimedCase[], reps: number, warm: boolean, buffers:
  */
 async function timeCases(s: SparseChoice, buffers: PlanBuffer[], arenaBytes: number, cases: TimedCase[], threads: number): Promise<void> {
   let best = await measure(cases, 2, true, buffers, arenaBytes, threads);
-  // A case with no sparse steps times the dense path alone: the skipping-GEMV variant of the one before it.
-  const ratio = (ci: number) => {
-    let dense = best[ci]!.denseNs;
-    if (cases[ci + 1]?.sparse.length === 0) dense = Math.min(dense, best[ci + 1]!.denseNs);
-    return best[ci]!.sparseNs / (SAFETY * dense);
-  };
-  const close = cases.some((c, ci) => c.sparse.length > 0 && ratio(ci) > 1 / CLOSE && ratio(ci) < CLOSE);
-  if (close) {
+  const ratio = (ci: number) => best[ci]!.sparseNs / (SAFETY * best[ci]!.denseNs);
+  if (cases.some((_, ci) => ratio(ci) > 1 / CLOSE && ratio(ci) < CLOSE)) {
     const again = await measure(cases, REPS, false, buffers, arenaBytes, threads);
     best = best.map((b, ci) => ({ denseNs: Math.min(b.denseNs, again[ci]!.denseNs), sparseNs: Math.min(b.sparseNs, again[ci]!.sparseNs) }));
   }
-  const timings: SparseTiming[] = [];
-  cases.forEach((c, ci) => {
-    if (c.sparse.length === 0) timings[timings.length - 1]!.denseSkipNs = best[ci]!.denseNs;
-    else timings.push({ m: c.m, ...best[ci]! });
-  });
-  s.timings = timings;
+  s.timings = cases.map((c, ci) => ({ m: c.m, ...best[ci]! }));
 }
 
 /**
@@ -208,19 +190,14 @@ export async function timeGemmLayer(s: SparseChoice, dense: NativePackedGemm | N
   threads: number): Promise<void> {
   const maxM = TIMED_M[TIMED_M.length - 1]!;
   const a = timingActivations(maxM * k);
-  // One row with 60% of its activations zero: the least sparse row the skipping GEMV still runs on
-  // (kGemvSkipMaxDensity, native/ops/gemv_skip.h), so its slowest skipping time.
-  const half = a.slice(0, k).map((v, i) => (i % 5 < 3 ? 0 : v));
   const cBytes = maxM * n * 4;
-  const buffers: PlanBuffer[] = [{ kind: 'const', data: a, bytes: a.byteLength }, { kind: 'arena', offset: 0, bytes: cBytes },
-    { kind: 'const', data: half, bytes: half.byteLength }];
-  const step = (m: number, aBuffer: number) => ({ node: 'sparse-timing', a: { buffer: aBuffer, offset: 0 }, c: { buffer: 1, offset: 0 }, m, k, n,
+  const buffers: PlanBuffer[] = [{ kind: 'const', data: a, bytes: a.byteLength }, { kind: 'arena', offset: 0, bytes: cBytes }];
+  const step = (m: number) => ({ node: 'sparse-timing', a: { buffer: 0, offset: 0 }, c: { buffer: 1, offset: 0 }, m, k, n,
     residualBeforeActivation: false, activation: 'none' as const, alpha: 0, beta: 0 });
-  const cases = TIMED_M.flatMap((m): TimedCase[] => {
-    const c: TimedCase = { m, dense: [{ op: 'gemm', weights: dense, ...step(m, 0) }], sparse: [{ op: 'spmm', weights: s.weights, ...step(m, 0) }] };
-    // (Sparse weights exist in fp32 sessions only, so `dense` is fp32 and its batch-1 steps skip zeros.)
-    return m === 1 ? [c, { m, dense: [{ op: 'gemm', weights: dense, ...step(1, 2) }], sparse: [] }] : [c];
-  });
+  // (Rows without zeros: a mostly-zero row runs the dense zero-skipping GEMV in both steps at M = 1.)
+  const cases = TIMED_M.map((m): TimedCase => ({
+    m, dense: [{ op: 'gemm', weights: dense, ...step(m) }], sparse: [{ op: 'spmm', weights: s.weights, ...step(m) }],
+  }));
   await timeCases(s, buffers, cBytes, cases, threads);
 }
 

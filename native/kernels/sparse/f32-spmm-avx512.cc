@@ -261,7 +261,8 @@ void F32SpmmBsr1x32Avx512(size_t mr, size_t nc, const float* a, size_t lda, size
 }  // namespace
 
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx512() {
-  return {F32SpmmCsr16x128Avx512, F32SpmvCsr16Avx512, F32SpmvCsr16x16bitAvx512, F32TransposePack16Avx512, kNg, kMaxMv * 16, 16, "f32_spmm_csr_16x128__avx512"};
+  return {F32SpmmCsr16x128Avx512, F32SpmvCsr16Avx512, F32SpmvCsr16x16bitAvx512, F32TransposePack16Avx512,
+          kNg, kMaxMv * 16, 16, "f32_spmm_csr_16x128__avx512"};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx512(uint32_t bw) {
