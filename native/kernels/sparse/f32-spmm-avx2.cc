@@ -1,6 +1,6 @@
-// AVX2 f32 SpMM: the AVX-512 kernels' structure with 8-wide vectors. CSR: 8 output columns per
-// call, up to 64 rows of At (8 ymm accumulators of the 16 registers); BSR 1x8 / 1x16 / 1x32 with
-// 12 ymm accumulators (12 rows x 1, 6 x 2, 3 x 4 vectors) + block vectors + one broadcast.
+// AVX2 f32 SpMM: the AVX-512 kernels' structure with 8-wide vectors (8x8 register transposes).
+// CSR: 8 output columns per call, up to 64 rows of At (8 ymm accumulators of the 16 registers);
+// BSR 1x8 / 1x16 / 1x32 with 12 ymm accumulators (12 rows x 1, 6 x 2, 3 x 4 vectors) + block vectors + one broadcast.
 #include <immintrin.h>
 
 #include "kernels/gemm/epilogue-avx2.h"
@@ -51,6 +51,29 @@ inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, con
   }
 }
 
+// r[j] = row j of an 8x8 block in, column j out: unpacks, shuffles and 128-bit lane swaps (24
+// shuffles against the 64 scalar loads and stores of an element-wise transpose).
+inline void Transpose8x8(__m256 r[8]) {
+  __m256 t[8], u[8];
+#pragma GCC unroll 4
+  for (size_t i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 2
+  for (size_t i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (size_t q = 0; q < 4; ++q) {
+    r[q] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x20);
+    r[q + 4] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x31);
+  }
+}
+
 template <size_t MV>
 void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr, const uint32_t* col_idx,
               const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
@@ -59,17 +82,43 @@ void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t*
   alignas(32) float tile[kNg * kRows];
   for (size_t j = 0; j < nc; ++j)
     CsrColumn<MV, kU>(at, ldat, row_ptr[j], row_ptr[j + 1], col_idx, values, tile + j * kRows);
-  // Transposed with plain loads and stores, not a gather per row (see the AVX-512 kernel).
-  alignas(32) float rows[kRows * kNg];
-  for (size_t j = 0; j < nc; ++j)
-    for (size_t i = 0; i < m; ++i) rows[i * kNg + j] = tile[j * kRows + i];
   const __m256i mask = LaneMask(nc);
   avx2::ColumnTerms t{};
   if (ep) t = avx2::LoadColumnTerms(ep, 0, mask);
-  for (size_t i = 0; i < m; ++i) {
-    __m256 v = _mm256_maskload_ps(rows + i * kNg, mask);
-    if (ep) v = avx2::ApplyEpilogue(v, t, ep, i, 0, mask);
-    _mm256_maskstore_ps(c + i * ldc, mask, v);
+  for (size_t v = 0; v * 8 < m; ++v) {
+    __m256 r[8];
+#pragma GCC unroll 8
+    for (size_t j = 0; j < 8; ++j) r[j] = j < nc ? _mm256_load_ps(tile + j * kRows + 8 * v) : _mm256_setzero_ps();
+    Transpose8x8(r);
+    const size_t rows = m - 8 * v < 8 ? m - 8 * v : 8;
+#pragma GCC unroll 8
+    for (size_t i = 0; i < 8; ++i) {
+      if (i >= rows) break;
+      __m256 x = r[i];
+      if (ep) x = avx2::ApplyEpilogue(x, t, ep, 8 * v + i, 0, mask);
+      _mm256_maskstore_ps(c + (8 * v + i) * ldc, mask, x);
+    }
+  }
+}
+
+// At = A^T through 8x8 register transposes (see the AVX-512 pack for why not element-wise).
+void F32TransposePack8Avx2(size_t m, size_t k, const float* a, size_t lda, float* at, size_t ldat) {
+  for (size_t i0 = 0; i0 < ldat; i0 += 8) {
+    const size_t rows = i0 >= m ? 0 : (m - i0 < 8 ? m - i0 : 8);
+    for (size_t k0 = 0; k0 < k; k0 += 8) {
+      const size_t cols = k - k0 < 8 ? k - k0 : 8;
+      const __m256i cm = LaneMask(cols);
+      __m256 r[8];
+#pragma GCC unroll 8
+      for (size_t i = 0; i < 8; ++i)
+        r[i] = i < rows ? _mm256_maskload_ps(a + (i0 + i) * lda + k0, cm) : _mm256_setzero_ps();
+      Transpose8x8(r);
+#pragma GCC unroll 8
+      for (size_t j = 0; j < 8; ++j) {
+        if (j >= cols) break;
+        _mm256_storeu_ps(at + (k0 + j) * ldat + i0, r[j]);
+      }
+    }
   }
 }
 
@@ -202,7 +251,7 @@ void F32SpmmBsr1x32Avx2(size_t mr, size_t nc, const float* a, size_t lda, size_t
 }  // namespace
 
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx2() {
-  return {F32SpmmCsr8x64Avx2, F32SpmvCsr8Avx2, F32SpmvCsr8x16bitAvx2, F32TransposePackScalar,
+  return {F32SpmmCsr8x64Avx2, F32SpmvCsr8Avx2, F32SpmvCsr8x16bitAvx2, F32TransposePack8Avx2,
           kNg, kMaxMv * 8, 8, "f32_spmm_csr_8x64__avx2"};
 }
 
