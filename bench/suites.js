@@ -499,10 +499,13 @@ async function* sparseSuite(ctx) {
     });
     for (const m of ms_) {
       const a = new Tensor('float32', rand(m * k), [m, k]);
+      // One output for every call: a fresh [m, n] result per call costs an allocation and page
+      // faults that are no part of either kernel (a tenth of a 90%-sparse M = 64 SpMM).
+      const out = new Tensor('float32', new Float32Array(m * n), [m, n]);
       for (const t of threadCounts) {
         // The dense GEMM of the 90% weights (any would do: dense work does not depend on zeros).
         const ref = cases.find((c) => c.s === 0.9) ?? cases[0];
-        const fns = [() => kernels.gemm(a, ref.dense, { threads: t }), ...cases.map((c) => () => kernels.spmm(a, c.w, { threads: t }))];
+        const fns = [() => kernels.gemm(a, ref.dense, { threads: t, out }), ...cases.map((c) => () => kernels.spmm(a, c.w, { threads: t, out }))];
         const [denseMs, ...times] = await timeInterleaved(fns, timing);
         for (let i = 0; i < cases.length; i++) {
           const { s, w } = cases[i];
@@ -519,14 +522,15 @@ async function* sparseSuite(ctx) {
   const [n, k, m] = [1024, 1024, 64];
   const b = prunedWeights(k, n, 0.9, 16);
   const a = new Tensor('float32', rand(m * k), [m, k]);
+  const out = new Tensor('float32', new Float32Array(m * n), [m, n]);
   const dense = kernels.packGemmWeights(b);
   const ws = [
     ['csr', kernels.toSparse(b, { format: 'csr' })],
     ...[8, 16, 32].map((bw) => [`bsr1x${bw}`, kernels.toSparse(b, { format: 'bsr', blockShape: [1, bw] })]),
   ];
   for (const t of threadCounts) {
-    const [denseMs, ...times] = await timeInterleaved([() => kernels.gemm(a, dense, { threads: t }),
-      ...ws.map(([, w]) => () => kernels.spmm(a, w, { threads: t }))], timing);
+    const [denseMs, ...times] = await timeInterleaved([() => kernels.gemm(a, dense, { threads: t, out }),
+      ...ws.map(([, w]) => () => kernels.spmm(a, w, { threads: t, out }))], timing);
     for (let i = 0; i < ws.length; i++) {
       const [name, w] = ws[i];
       yield { case: `${name} block-pruned 90% ${n}x${k} m${m} t${t}`, ms: times[i], gflops: (2 * w.nnz * m) / times[i] / 1e6,

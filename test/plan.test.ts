@@ -580,6 +580,22 @@ describe('plan validation', () => {
     expect(() => create(spec(k + 1, n))).toThrow(/sparse weights are 37 x 21, the step says k = 38/);
     const packed = native().packGemmWeights(b, k, n, 'auto');
     expect(() => create(spec(k, n, packed))).toThrow(/weights must be sparse weights/);
+    // skipWeights: the layer's dense weights for batch-1 rows, so m = 1 and the same k x n only.
+    const withSkip = (mm: number, skip: unknown) => makeSpec([input(0, mm * k * 4), output(0, mm * n * 4)],
+      [{ node: 'S', op: 'spmm', weights: w, a: ref(0), c: ref(1), m: mm, k, n, residualBeforeActivation: false, activation: 'none',
+        alpha: 0, beta: 0, skipWeights: skip as never }]);
+    const x1 = rand(k, 24).map((v, i) => (i % 10 ? 0 : v));  // 90% zeros: the skipping GEMV runs
+    const [viaSkip, viaSpmv] = [new Float32Array(n), new Float32Array(n)];
+    await runOnce(withSkip(1, packed), [x1], [viaSkip]);
+    await runOnce(withSkip(1, undefined), [x1], [viaSpmv]);
+    const want1 = new Float32Array(n).map((_, j) => { let acc = 0; for (let q = 0; q < k; q++) acc += x1[q]! * b[q * n + j]!; return acc; });
+    expectClose(viaSkip, want1, 1e-5);
+    expectClose(viaSpmv, want1, 1e-5);
+    expect(() => create(withSkip(2, packed))).toThrow(/skipWeights must be the layer's k x n weights, for m = 1 only/);
+    const other = native().packGemmWeights(rand((k + 1) * n, 25), k + 1, n, 'auto');
+    expect(() => create(withSkip(1, other))).toThrow(/skipWeights must be the layer's k x n weights/);
+    expect(() => create(withSkip(1, w))).toThrow(/skipWeights must be packed fp32 GEMM weights/);
+    other.dispose();
     packed.dispose();
     w.dispose();
     expect(() => create(spec(k, n))).toThrow(DisposedError);

@@ -132,10 +132,13 @@ async function run(variant: kernels.GemmVariant, format: 'csr' | 'bsr', m: numbe
 
 // Tile edges: M around the vector width and the 64/128-row blocks, and every count of M vectors per
 // CSR call (1..8 of 8 or 16 rows: each is its own instantiation with its own accumulator split);
-// K and N not multiples of 8/16/32.
+// K and N not multiples of 8/16/32. M = 16 / 17 / 33: the 16x16 register transposes of the AVX-512
+// CSR kernel (full, one row over, a slab of one row); 128 / 129 / 257: one M block of the AVX-512
+// kernel, then two and three equal blocks; K = 70, 131: At packed in 64-column chunks of 16x16 tiles.
 const shapes: [number, number, number][] = [
   [1, 37, 45], [2, 16, 33], [7, 70, 17], [13, 37, 45], [20, 11, 21], [40, 16, 33], [64, 9, 50], [1, 1, 1],
-  [100, 12, 18], [130, 20, 19], [65, 33, 8],
+  [100, 12, 18], [130, 20, 19], [65, 33, 8], [16, 21, 16], [17, 131, 31], [33, 19, 47], [128, 20, 19],
+  [129, 17, 40], [257, 5, 33],
 ];
 const sparsities = [0, 0.5, 0.99, 1];
 
@@ -193,6 +196,19 @@ describe.each(variants)('spmm %s', (variant) => {
     ws.dispose();
   });
 
+  it('csr SpMV: 16-bit column indices up to K = 65536, 32-bit above', async () => {
+    // The last column index 65535 is the largest a 16-bit index holds; K = 65537 keeps 32-bit indices.
+    for (const k of [65536, 65537]) {
+      const n = 3;
+      const b = prunedWeights(k, n, 0.995, k);
+      for (let j = 0; j < n; j++) b.data[(k - 1) * n + j] = 0.5 + j;  // non-zeros at the last k
+      const w = kernels.toSparse(b, { format: 'csr' });
+      expect(w.bytes).toBe(4 * (n + 1 + 2 * w.nnz) + (k <= 65536 ? 2 * w.nnz : 0));
+      w.dispose();
+      await run(variant, 'csr', 1, k, n, b, { act: 'relu', bias: randomF32(n, 7) });
+    }
+  });
+
   it.each(formats)('%s: 1 and 2 threads give identical results', async (format) => {
     const [k, n] = [300, 203];
     const b = prunedWeights(k, n, 0.8, 21, format === 'bsr' ? 16 : 1);
@@ -218,7 +234,7 @@ describe('sparse weights', () => {
     expect(w.nnz).toBe(nz);
     expect(w.sparsity).toBeCloseTo(1 - nz / (64 * 96), 12);
     expect(w.shape).toEqual([64, 96]);
-    expect(w.bytes).toBe(4 * (97 + 2 * nz));
+    expect(w.bytes).toBe(4 * (97 + 2 * nz) + 2 * nz);  // + 16-bit indices for the SpMV path (K <= 65536)
     w.dispose();
     const bw = simd === 'avx512' ? 16 : 8;
     const blocky = kernels.toSparse(prunedWeights(64, 96, 0.9, 3, bw));

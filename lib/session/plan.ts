@@ -59,10 +59,13 @@ export type PlanStep = { node: string } & (
   /**
    * The gemm step on sparse weights (CSR or BSR, built at load from pruned weights): same operands,
    * epilogue and result; the session chose it for this layer's shape (SessionOptions.sparse).
+   * skipWeights (m = 1 only): the layer's packed fp32 weights; a run whose row of A is at most 40%
+   * non-zero takes the gemm step's zero-skipping GEMV on them instead of the SpMV, as the gemm step
+   * would, so choosing sparse at batch 1 never gives up activation sparsity.
    */
   | { op: 'spmm'; weights: NativeSparseWeights; a: PlanRef; c: PlanRef; m: number; k: number; n: number;
       bias?: PlanRef; residual?: PlanRef; residualBeforeActivation: boolean;
-      activation: PlanActivation; alpha: number; beta: number }
+      activation: PlanActivation; alpha: number; beta: number; skipWeights?: NativePackedGemm }
   /**
    * MatMul of two runtime tensors: for each index i of the (broadcast) batch dims,
    * c[i] [m, n] = a[i] [m, k] . b[i] [k, n]; a/b batch strides (elements) may be 0. c is contiguous.

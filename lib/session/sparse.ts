@@ -8,9 +8,9 @@
  * GEMM's register tiles need rows to reach peak; SpMM's gather does not) and on the machine's SIMD
  * level and memory bandwidth. A formula would need all of those calibrated anyway; timing both
  * kernels on the layer's own weights measures exactly the thing to decide. It costs one native call
- * per candidate layer at load (both paths at three row counts, best of 3, timed natively per step
- * so the JS round trip is not in the numbers): a few milliseconds for an MLP layer, tens for a
- * large 1x1 convolution. A 1x1 Conv's sparse path includes its two layout copies (NCHW is
+ * per candidate layer at load (both paths at three row counts, best of 2, timed natively per step
+ * so the JS round trip is not in the numbers; best of 3 more where the choice is close, see
+ * timeCases): a few milliseconds for an MLP layer, tens for a large 1x1 convolution. A 1x1 Conv's sparse path includes its two layout copies (NCHW is
  * [cIn, M] per image, the SpMM wants [M, cIn]), so the comparison is of what would run.
  *
  * 'auto' picks sparse only when the measured time is below SAFETY x the dense one at the plan's M
@@ -30,18 +30,14 @@ export const SAFETY = 0.9;
 /** The row counts timed at load. */
 export const TIMED_M = [1, 8, 64] as const;
 const REPS = 3;
+/** A layer is timed again when sparse / (SAFETY x dense) is within this factor of 1 in some case. */
+const CLOSE = 1.5;
 
 export interface SparseTiming {
   m: number;
   /** Best of REPS, nanoseconds. */
   denseNs: number;
   sparseNs: number;
-  /**
-   * m = 1 of a Gemm/MatMul: the dense path on a row with 60% of its activations zero, where a
-   * batch-1 gemm step reads only the non-zero rows (native/ops/gemv_skip.cc). After a ReLU that is
-   * what 'off' would run, so a sparse choice at M = 1 must beat it too.
-   */
-  denseSkipNs?: number;
 }
 
 /** The sparse side of a Gemm/MatMul layer's prepared weights. */
@@ -104,10 +100,9 @@ export function useSparse(s: SparseChoice | undefined, m: number): boolean {
   if (s.mode === 'force') sparse = true;
   else if (!s.timings?.length) sparse = false;
   else {
-    let dense = estimate(s.timings, m, 'denseNs');
-    const skip = s.timings[0]!.denseSkipNs;
-    if (m === 1 && skip !== undefined) dense = Math.min(dense, skip);
-    sparse = estimate(s.timings, m, 'sparseNs') < SAFETY * dense;
+    // (At M = 1 a row that is mostly zeros runs the dense zero-skipping GEMV in either step, see
+    // the spmm step's skipWeights: the choice is between the SpMV and the full dense GEMV.)
+    sparse = estimate(s.timings, m, 'sparseNs') < SAFETY * estimate(s.timings, m, 'denseNs');
   }
   s.chosen.set(m, sparse ? 'sparse' : 'dense');
   return sparse;
@@ -116,23 +111,25 @@ export function useSparse(s: SparseChoice | undefined, m: number): boolean {
 /** One row count to time: the steps of the dense path and of the sparse path for it. */
 export interface TimedCase { m: number; dense: PlanStep[]; sparse: PlanStep[] }
 
-/**
- * Runs every case's dense and sparse steps REPS times in one plan (dense and sparse alternate so
- * drift in the machine's load hits both alike), twice (the first run warms caches and the pool),
- * and keeps the best time of each path per case; fills s.timings.
- */
-async function timeCases(s: SparseChoice, buffers: PlanBuffer[], arenaBytes: number, cases: TimedCase[], threads: number): Promise<void> {
+/** Best ns per case of each path over `reps` interleaved repetitions, after one untimed warm-up pass when `warm`. */
+async function measure(cases: TimedCase[], reps: number, warm: boolean, buffers: PlanBuffer[], arenaBytes: number,
+  threads: number): Promise<{ denseNs: number; sparseNs: number }[]> {
   const steps: PlanStep[] = [];
+  if (warm) for (const c of cases) steps.push(...c.dense, ...c.sparse);
   const spans: { dense: [number, number]; sparse: [number, number] }[][] = cases.map(() => []);
-  cases.forEach((c, ci) => {
-    for (let r = 0; r < REPS; r++) {
-      const d0 = steps.length;
-      steps.push(...c.dense);
-      const s0 = steps.length;
-      steps.push(...c.sparse);
-      spans[ci]!.push({ dense: [d0, s0], sparse: [s0, steps.length] });
-    }
-  });
+  for (let r = 0; r < reps; r++) {
+    cases.forEach((c, ci) => {
+      // Alternating which path goes first, so a drift in the machine's load hits both alike.
+      const first = r % 2 ? c.sparse : c.dense;
+      const second = r % 2 ? c.dense : c.sparse;
+      const a0 = steps.length;
+      steps.push(...first);
+      const b0 = steps.length;
+      steps.push(...second);
+      const x: [number, number] = [a0, b0], y: [number, number] = [b0, steps.length];
+      spans[ci]!.push(r % 2 ? { sparse: x, dense: y } : { dense: x, sparse: y });
+    });
+  }
   const spec: PlanSpec = { buffers, steps, arenaBytes, inputBytes: [], outputBytes: [] };
   let plan;
   try {
@@ -142,30 +139,34 @@ async function timeCases(s: SparseChoice, buffers: PlanBuffer[], arenaBytes: num
   }
   try {
     const ns = new Float64Array(steps.length);
+    await native().planRun(plan, [], [], threads, undefined, ns);
     const sum = ([a, b]: [number, number]) => { let t = 0; for (let i = a; i < b; i++) t += ns[i]!; return t; };
-    const best = cases.map(() => ({ denseNs: Infinity, sparseNs: Infinity }));
-    for (let run = 0; run < 2; run++) {
-      await native().planRun(plan, [], [], threads, undefined, ns);
-      if (run === 0) continue;
-      spans.forEach((reps, ci) => {
-        for (const r of reps) {
-          best[ci]!.denseNs = Math.min(best[ci]!.denseNs, sum(r.dense));
-          best[ci]!.sparseNs = Math.min(best[ci]!.sparseNs, sum(r.sparse));
-        }
-      });
-    }
-    // A case with no sparse steps times the dense path alone: the skipping-GEMV variant of the one before it.
-    const timings: SparseTiming[] = [];
-    cases.forEach((c, ci) => {
-      if (c.sparse.length === 0) timings[timings.length - 1]!.denseSkipNs = best[ci]!.denseNs;
-      else timings.push({ m: c.m, ...best[ci]! });
-    });
-    s.timings = timings;
+    return spans.map((reps) => ({
+      denseNs: Math.min(...reps.map((r) => sum(r.dense))),
+      sparseNs: Math.min(...reps.map((r) => sum(r.sparse))),
+    }));
   } catch (err) {
     throw fromNative(err);
   } finally {
     plan.dispose();
   }
+}
+
+/**
+ * Fills s.timings: every case's dense and sparse steps in one plan run (an untimed warm-up pass for
+ * caches, the pool and the arena's pages, then best of 2). Most layers are decided by that: sparse
+ * clearly faster or clearly slower than SAFETY x dense. Only a layer with some case within a factor
+ * CLOSE of that line is timed again, best of REPS more, so that noise cannot tip a close choice;
+ * this halves the load-time cost of 'auto' against timing every layer REPS times twice.
+ */
+async function timeCases(s: SparseChoice, buffers: PlanBuffer[], arenaBytes: number, cases: TimedCase[], threads: number): Promise<void> {
+  let best = await measure(cases, 2, true, buffers, arenaBytes, threads);
+  const ratio = (ci: number) => best[ci]!.sparseNs / (SAFETY * best[ci]!.denseNs);
+  if (cases.some((_, ci) => ratio(ci) > 1 / CLOSE && ratio(ci) < CLOSE)) {
+    const again = await measure(cases, REPS, false, buffers, arenaBytes, threads);
+    best = best.map((b, ci) => ({ denseNs: Math.min(b.denseNs, again[ci]!.denseNs), sparseNs: Math.min(b.sparseNs, again[ci]!.sparseNs) }));
+  }
+  s.timings = cases.map((c, ci) => ({ m: c.m, ...best[ci]! }));
 }
 
 /**
@@ -189,33 +190,37 @@ export async function timeGemmLayer(s: SparseChoice, dense: NativePackedGemm | N
   threads: number): Promise<void> {
   const maxM = TIMED_M[TIMED_M.length - 1]!;
   const a = timingActivations(maxM * k);
-  // One row with 60% of its activations zero: the least sparse row the skipping GEMV still runs on
-  // (kGemvSkipMaxDensity, native/ops/gemv_skip.h), so its slowest skipping time.
-  const half = a.slice(0, k).map((v, i) => (i % 5 < 3 ? 0 : v));
   const cBytes = maxM * n * 4;
-  const buffers: PlanBuffer[] = [{ kind: 'const', data: a, bytes: a.byteLength }, { kind: 'arena', offset: 0, bytes: cBytes },
-    { kind: 'const', data: half, bytes: half.byteLength }];
-  const step = (m: number, aBuffer: number) => ({ node: 'sparse-timing', a: { buffer: aBuffer, offset: 0 }, c: { buffer: 1, offset: 0 }, m, k, n,
+  const buffers: PlanBuffer[] = [{ kind: 'const', data: a, bytes: a.byteLength }, { kind: 'arena', offset: 0, bytes: cBytes }];
+  const step = (m: number) => ({ node: 'sparse-timing', a: { buffer: 0, offset: 0 }, c: { buffer: 1, offset: 0 }, m, k, n,
     residualBeforeActivation: false, activation: 'none' as const, alpha: 0, beta: 0 });
-  const cases = TIMED_M.flatMap((m): TimedCase[] => {
-    const c: TimedCase = { m, dense: [{ op: 'gemm', weights: dense, ...step(m, 0) }], sparse: [{ op: 'spmm', weights: s.weights, ...step(m, 0) }] };
-    // (Sparse weights exist in fp32 sessions only, so `dense` is fp32 and its batch-1 steps skip zeros.)
-    return m === 1 ? [c, { m, dense: [{ op: 'gemm', weights: dense, ...step(1, 2) }], sparse: [] }] : [c];
-  });
+  // (Rows without zeros: a mostly-zero row runs the dense zero-skipping GEMV in both steps at M = 1.)
+  const cases = TIMED_M.map((m): TimedCase => ({
+    m, dense: [{ op: 'gemm', weights: dense, ...step(m) }], sparse: [{ op: 'spmm', weights: s.weights, ...step(m) }],
+  }));
   await timeCases(s, buffers, cBytes, cases, threads);
 }
 
 /** Row counts (N * H * W) timed for 1x1 convolutions: ResNet-50's 7x7 .. 28x28 planes at batch 1. */
 export const TIMED_CONV_M = [49, 196, 784] as const;
+/**
+ * Layers with at least this many weights (cIn * cOut) skip the largest TIMED_CONV_M and extrapolate
+ * from 196. Channels grow as planes shrink in CNNs: ResNet-50's 512x2048 layers run on 7x7 planes
+ * and reach 784 rows only at batch 16, yet their 784-row timings were most of the load-time cost
+ * of 'auto' (about 20 ms per dense run of each of six such layers here).
+ */
+export const LARGE_CONV_WEIGHTS = 512 * 1024;
 
 /**
  * Times a 1x1 convolution: the conv operator on NCHW against the sparse path the compiler emits
  * (NCHW -> [M, cIn] copy, SpMM with the same epilogue, [M, cOut] -> NCHW copy), at TIMED_CONV_M
- * positions laid out as one [1, cIn, 1, M] image.
+ * positions laid out as one square image (7x7, 14x14, 28x28: an [1, cIn, 1, M] strip measured the
+ * dense conv up to 2.6x slower than on the square plane of the same size, a bias towards sparse).
  */
 export async function timeConvLayer(s: SparseChoice, conv: NativeConvHandle, cIn: number, cOut: number,
   epilogue: { bias?: Float32Array; activation: PlanActivation; alpha: number; beta: number }, threads: number): Promise<void> {
-  const maxM = TIMED_CONV_M[TIMED_CONV_M.length - 1]!;
+  const timedM = cIn * cOut >= LARGE_CONV_WEIGHTS ? TIMED_CONV_M.slice(0, -1) : TIMED_CONV_M;
+  const maxM = timedM[timedM.length - 1]!;
   const x = timingActivations(maxM * cIn);
   const at = { off: 0, bytes: maxM * cIn * 4 };
   const c = { off: align64(at.bytes), bytes: maxM * cOut * 4 };
@@ -229,9 +234,10 @@ export async function timeConvLayer(s: SparseChoice, conv: NativeConvHandle, cIn
   ];
   if (epilogue.bias) buffers.push({ kind: 'const', data: epilogue.bias, bytes: epilogue.bias.byteLength });
   const ref = (buffer: number) => ({ buffer, offset: 0 });
-  const cases = TIMED_CONV_M.map((m): TimedCase => ({
+  const cases = timedM.map((m): TimedCase => ({
     m,
-    dense: [{ op: 'conv', node: 'sparse-timing', handle: conv, x: ref(0), y: ref(3), residualBeforeActivation: false, n: 1, h: 1, w: m }],
+    dense: [{ op: 'conv', node: 'sparse-timing', handle: conv, x: ref(0), y: ref(3), residualBeforeActivation: false, n: 1,
+      h: Math.sqrt(m), w: Math.sqrt(m) }],
     sparse: [
       { op: 'copy', node: 'sparse-timing', x: ref(0), y: ref(1), dims: [m, cIn], xStrides: [1, m], yStrides: [cIn, 1], elemBytes: 4 },
       { op: 'spmm', node: 'sparse-timing', weights: s.weights, a: ref(1), c: ref(2), m, k: cIn, n: cOut,

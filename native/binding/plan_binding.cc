@@ -216,6 +216,12 @@ void ReadSpmm(const SpecReader& r, Napi::Object o, PlanStep& s) {
   if (!SparseWeightsHandle::Is(r.addon(), "SparseWeightsHandle", w)) r.Fail("weights must be sparse weights");
   s.sparse = SparseWeightsHandle::Get(w);
   if (!s.sparse) r.Disposed("the sparse weights handle");
+  Napi::Value dense = o.Get("skipWeights");
+  if (!dense.IsUndefined()) {
+    if (!PackedGemmHandle::Is(r.addon(), kPackedGemmClass, dense)) r.Fail("skipWeights must be packed fp32 GEMM weights");
+    s.gemm = PackedGemmHandle::Get(dense);
+    if (!s.gemm) r.Disposed("the skipWeights handle");
+  }
   ReadGemmShaped(r, o, s);
 }
 

@@ -41,9 +41,15 @@ const char* SparseFormatName(SparseFormat f) {
   }
 }
 
+void SparseWeights::NarrowIndices() {
+  if (k_ > 65536) return;
+  col_idx16_.assign(col_idx_.begin(), col_idx_.end());
+}
+
 void SparseWeights::ComputeBytes() {
   bytes_ = (row_ptr_.size() + col_idx_.size() + block_ptr_.size() + block_k_.size()) * sizeof(uint32_t) +
-           values_.size() * sizeof(float) + (block_values_ ? block_k_.size() * bw_ * sizeof(float) : 0);
+           col_idx16_.size() * sizeof(uint16_t) + values_.size() * sizeof(float) +
+           (block_values_ ? block_k_.size() * bw_ * sizeof(float) : 0);
 }
 
 std::unique_ptr<SparseWeights> SparseWeights::FromDense(const float* b, size_t k, size_t n, size_t ldb,
@@ -96,6 +102,7 @@ std::unique_ptr<SparseWeights> SparseWeights::FromDense(const float* b, size_t k
         }
       }
     }
+    w->NarrowIndices();
   } else {
     size_t stored;
     if (blocks > kMaxOffset || __builtin_mul_overflow(blocks, static_cast<size_t>(bw), &stored))
@@ -152,6 +159,7 @@ std::unique_ptr<SparseWeights> SparseWeights::FromCsr(size_t rows, size_t cols, 
   w->row_ptr_.assign(row_ptr, row_ptr + row_ptr_len);
   w->col_idx_.assign(col_idx, col_idx + col_idx_len);
   w->values_.assign(values, values + values_len);
+  w->NarrowIndices();
   w->ComputeBytes();
   return w;
 }
@@ -203,7 +211,7 @@ std::string SpmmUkernelName(const SparseWeights& w, GemmVariant v) {
   v = ResolveGemmVariant(v);
   if (v == GemmVariant::kReference) return "f32_spmm_reference";
   if (w.format() == SparseFormat::kBsr) return BsrUkernel(v, w.block_width()).name;
-  return CsrUkernel(v).name;  // (M > 1 under 'auto' on AVX-512: the AVX2 kernel, see RunSpmm)
+  return CsrUkernel(v).name;  // (1 < M <= 8 under 'auto' on AVX-512: the AVX2 kernel, see RunSpmm)
 }
 
 bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const GemmArgs& args,
@@ -214,10 +222,9 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   const kernels::GemmEpilogue& e = args.epilogue;
   const bool trivial = Trivial(e);
   const bool bsr = w.format() == SparseFormat::kBsr;
-  // 'auto' with CSR and M > 1 runs the AVX2 kernel on AVX-512 machines: measured here (1024x1024 at
-  // 90%, one thread) the AVX-512 one is slower (M = 64: 1.13 vs 0.64 ms; M = 256: 2.7 vs 2.6 ms),
-  // its per-row transpose and masked stores of C costing more than the wider FMAs save (open item).
-  if (variant == GemmVariant::kAuto && !bsr && m > 1 && ResolveGemmVariant(variant) == GemmVariant::kAvx512)
+  // 'auto' with CSR and 1 < M <= 8 on AVX-512 machines: the AVX2 kernel, whose 8-row vectors are
+  // not half padding (1024x1024 at 90%, M = 8, one thread: 0.076 vs 0.093 ms).
+  if (variant == GemmVariant::kAuto && !bsr && m > 1 && m <= 8 && ResolveGemmVariant(variant) == GemmVariant::kAvx512)
     variant = GemmVariant::kAvx2;
   variant = ResolveGemmVariant(variant);
 
@@ -280,8 +287,12 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
       for (size_t g = bounds[t]; g < bounds[t + 1]; ++g) {
         const size_t n0 = g * ng, nc = std::min(ng, n - n0);
         const kernels::GemmEpilogue ep = OffsetEpilogue(e, 0, n0);
-        uk.spmv(nc, args.a, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(), args.c + n0,
-                trivial ? nullptr : &ep);
+        if (w.col_idx16_.empty())
+          uk.spmv(nc, args.a, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(), args.c + n0,
+                  trivial ? nullptr : &ep);
+        else
+          uk.spmv16(nc, args.a, w.row_ptr_.data() + n0, w.col_idx16_.data(), w.values_.data(), args.c + n0,
+                    trivial ? nullptr : &ep);
       }
     }, cancel);
   }
@@ -289,16 +300,24 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   // Pack At (K x ldat, M contiguous, zero-padded to the vector width): per run, because A changes
   // every run; it costs K*M copies against 2*nnz*M flops.
   const size_t ldat = (m + uk.mv - 1) / uk.mv * uk.mv;
+  // Rows per kernel call: all of M up to the kernel's register budget (128 with AVX-512), in equal
+  // blocks (M = 130 as 2 x 65, not 128 + 2): each block is one more pass over the weights. The whole
+  // K x mb slice of At is read from L2 at random k; walking K in L1-sized slabs instead (sums kept
+  // in a partial tile between slabs) measured slower at every M and K tried (1024x1024 and K = 4096
+  // at 90%, M 32-256): at 90% a column has only 6-13 non-zeros per L1-sized slab, too few to pay for
+  // loading and storing its sums once per slab.
+  const size_t m_blocks = (ldat + uk.mb - 1) / uk.mb;
+  const size_t mb = ((m + m_blocks - 1) / m_blocks + uk.mv - 1) / uk.mv * uk.mv;
   // Kept per calling thread and reused: a fresh allocation of this size is an mmap, page faults
   // and a zero fill every run (measured here: ~0.4 ms for a 256 KiB At, more than the SpMM itself).
-  // Only the thread that runs RunSpmm owns it; the pool threads only read it during this call.
+  // Only the thread that runs RunSpmm owns it; the pool threads only use it during this call.
   thread_local std::unique_ptr<float, SparseWeights::FreeDeleter> at_cache;
   thread_local size_t at_capacity = 0;
   if (at_capacity < k * ldat) {
     at_cache.reset(AlignedFloats(k * ldat));
     at_capacity = k * ldat;
   }
-  float* const at_data = at_cache.get();
+  float* const at = at_cache.get();
   // An unusually large batch must not pin its At for the thread's lifetime (as gemm_lowp trims
   // its prepared A): release it when this run ends.
   struct Trim {
@@ -309,37 +328,21 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
       }
     }
   } trim;
-  struct { float* get() const { return p; } float* p; } at{at_data};
   constexpr size_t kPackK = 64;  // A read 64 columns (4 cache lines) per row at a time
   const size_t k_chunks = (k + kPackK - 1) / kPackK;
   if (!pool.ParallelFor(k_chunks, threads, [&](size_t kc) {
         const size_t k0 = kc * kPackK, k1 = std::min(k, k0 + kPackK);
-        float* dst = at.get();
-        for (size_t i = 0; i < m; ++i) {
-          const float* src = args.a + i * args.lda;
-          for (size_t kk = k0; kk < k1; ++kk) dst[kk * ldat + i] = src[kk];
-        }
-        for (size_t kk = k0; kk < k1; ++kk)
-          for (size_t i = m; i < ldat; ++i) dst[kk * ldat + i] = 0.0f;
+        uk.pack(m, k1 - k0, args.a + k0, args.lda, at + k0 * ldat, ldat);
       }, cancel))
     return false;
 
-  // Rows per call: each non-zero reads mb/vector-width vectors of At at a random k, so the K x mb
-  // slice of At should stay close (a 256 KiB slice, M = 64 at K = 1024, ran at 8 real GFLOP/s).
-  // Measured with SONDE_SPMM_MB on 1024x1024 at 90%, M = 64, one thread, AVX2 kernel: mb 16 / 32 /
-  // 64 / 128 = 0.80 / 0.52 / 0.61 / 0.65 ms; a quarter of L2 (32 rows at K = 1024) is that optimum.
-  const size_t cache_rows = Cpu().l2_bytes / 4 / (std::max<size_t>(1, k) * sizeof(float)) / uk.mv * uk.mv;
-  static const size_t mb_knob = [] { const char* v = std::getenv("SONDE_SPMM_MB"); return v ? std::strtoull(v, nullptr, 10) : 0; }();
-  const size_t mb = std::max<size_t>(uk.mv, std::min<size_t>(uk.mb, (mb_knob ? mb_knob : cache_rows) / uk.mv * uk.mv));
   return pool.ParallelFor(chunks, threads, [&](size_t t) {
-    // M blocks outer: the K x mb slice of At stays in L1 while the chunk's rows of W stream past it
-    // (from L2: 8 bytes per non-zero).
     for (size_t m0 = 0; m0 < m; m0 += mb) {
       const size_t rows = std::min(mb, m - m0);
       for (size_t g = bounds[t]; g < bounds[t + 1]; ++g) {
         const size_t n0 = g * ng, nc = std::min(ng, n - n0);
         const kernels::GemmEpilogue ep = OffsetEpilogue(e, m0, n0);
-        uk.spmm(rows, nc, at.get() + m0, ldat, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(),
+        uk.spmm(rows, nc, at + m0, ldat, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(),
                 args.c + m0 * args.ldc + n0, args.ldc, trivial ? nullptr : &ep);
       }
     }

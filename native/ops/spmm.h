@@ -45,6 +45,8 @@ class SparseWeights {
   // CSR of W.
   std::vector<uint32_t> row_ptr_, col_idx_;
   std::vector<float> values_;
+  // col_idx_ narrowed to 16 bits when k <= 65536 (else empty): the SpMV (M = 1) path reads these.
+  std::vector<uint16_t> col_idx16_;
   // BSR: per column panel p of bw columns, blocks [block_ptr_[p], block_ptr_[p + 1]).
   std::vector<uint32_t> block_ptr_, block_k_;
   struct FreeDeleter {
@@ -55,6 +57,7 @@ class SparseWeights {
  private:
   SparseWeights() = default;
   void ComputeBytes();
+  void NarrowIndices();
   SparseFormat format_ = SparseFormat::kCsr;
   size_t k_ = 0, n_ = 0, nnz_ = 0, bytes_ = 0;
   uint32_t bw_ = 0;

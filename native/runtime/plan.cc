@@ -145,6 +145,8 @@ void ValidateSpmm(StepValidator& v, PlanStep& s) {
   if (s.sparse->k() != s.k || s.sparse->n() != s.n)
     return v.Fail("sparse weights are " + std::to_string(s.sparse->k()) + " x " + std::to_string(s.sparse->n()) +
                   ", the step says k = " + std::to_string(s.k) + ", n = " + std::to_string(s.n));
+  if (s.gemm && (s.m != 1 || s.gemm->k() != s.k || s.gemm->n() != s.n))
+    return v.Fail("skipWeights must be the layer's k x n weights, for m = 1 only");
   if (s.kind < 0 || s.kind >= kernels::kActCount) return v.Fail("unknown activation");
   const size_t c = v.Product({s.m, s.n});
   v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.m, s.k})), "a");
@@ -450,7 +452,8 @@ std::unique_ptr<Plan> Plan::Create(std::vector<PlanBufferDesc> buffers, std::vec
   plan->buffers_ = std::move(buffers);
   plan->steps_ = std::move(steps);
   for (PlanStep& s : plan->steps_)
-    if (s.op == PlanOp::kGemm && s.gemm && s.m == 1) s.skip_runs = std::make_shared<std::atomic<uint64_t>>(0);
+    if ((s.op == PlanOp::kGemm || s.op == PlanOp::kSpmm) && s.gemm && s.m == 1)
+      s.skip_runs = std::make_shared<std::atomic<uint64_t>>(0);
   plan->arena_bytes_ = arena_bytes;
   plan->input_bytes_ = std::move(input_bytes);
   plan->output_bytes_ = std::move(output_bytes);
@@ -575,6 +578,16 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
       args.c = f32(s.out[0]);
       args.ldc = s.n;
       args.epilogue = kernels::GemmEpilogue{nullptr, f32(s.in[1]), f32(s.in[2]), s.n, s.kind, s.flag ? 1 : 0, s.alpha, s.beta};
+      if (s.m == 1 && s.gemm) {
+        // A mostly-zero row reads fewer weights through the dense GEMV that skips them than through the SpMV.
+        switch (RunGemvSkipZeros(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.gemm)) {
+          case GemvSkipResult::kRan:
+            if (s.skip_runs) s.skip_runs->fetch_add(1, std::memory_order_relaxed);
+            return true;
+          case GemvSkipResult::kCancelled: return false;
+          case GemvSkipResult::kDense: break;
+        }
+      }
       return RunSpmm(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.sparse, GemmVariant::kAuto);
     }
     case PlanOp::kMatMul:

@@ -298,7 +298,11 @@ type GemmFields = Omit<Extract<PlanStep, { op: 'gemm' }>, 'op' | 'weights' | 'no
 
 /** The layer's gemm step, on the sparse weights when the session chose them for this M. */
 function gemmStep(p: GemmPrepared, fields: GemmFields): Omit<Extract<PlanStep, { op: 'gemm' | 'spmm' }>, 'node'> {
-  if (p.sparse && useSparse(p.sparse, fields.m)) return { op: 'spmm', weights: p.sparse.weights, ...fields };
+  if (p.sparse && useSparse(p.sparse, fields.m)) {
+    // Sparse weights exist in fp32 sessions only, so p.weights is the fp32 packed GEMM.
+    const skip = fields.m === 1 ? { skipWeights: p.weights as NativePackedGemm } : {};
+    return { op: 'spmm', weights: p.sparse.weights, ...fields, ...skip };
+  }
   return { op: 'gemm', weights: p.weights, ...fields };
 }
 

@@ -1,6 +1,6 @@
-// AVX2 f32 SpMM: the AVX-512 kernels' structure with 8-wide vectors. CSR: 8 output columns per
-// call, up to 64 rows of At (8 ymm accumulators of the 16 registers); BSR 1x8 / 1x16 / 1x32 with
-// 12 ymm accumulators (12 rows x 1, 6 x 2, 3 x 4 vectors) + block vectors + one broadcast.
+// AVX2 f32 SpMM: the AVX-512 kernels' structure with 8-wide vectors (8x8 register transposes).
+// CSR: 8 output columns per call, up to 64 rows of At (8 ymm accumulators of the 16 registers);
+// BSR 1x8 / 1x16 / 1x32 with 12 ymm accumulators (12 rows x 1, 6 x 2, 3 x 4 vectors) + block vectors + one broadcast.
 #include <immintrin.h>
 
 #include "kernels/gemm/epilogue-avx2.h"
@@ -17,6 +17,7 @@ inline __m256i LaneMask(size_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// As the AVX-512 kernel: U*MV >= 8 independent FMA chains (two FMA pipes at 4 cycles latency).
 template <size_t MV, size_t U>
 inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, const uint32_t* col_idx,
                       const float* values, float* out) {
@@ -26,7 +27,7 @@ inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, con
 #pragma GCC unroll 8
     for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm256_setzero_ps();
   for (; p + U <= p1; p += U) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (size_t u = 0; u < U; ++u) {
       const __m256 w = _mm256_set1_ps(values[p + u]);
       const float* ak = at + static_cast<size_t>(col_idx[p + u]) * ldat;
@@ -42,48 +43,101 @@ inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, con
   }
 #pragma GCC unroll 8
   for (size_t v = 0; v < MV; ++v) {
-    __m256 s = acc[0][v];
-    if (U == 2) s = _mm256_add_ps(s, acc[U - 1][v]);
-    if (U == 4) s = _mm256_add_ps(_mm256_add_ps(s, acc[1][v]), _mm256_add_ps(acc[2][v], acc[U - 1][v]));
-    _mm256_store_ps(out + 8 * v, s);
+#pragma GCC unroll 8
+    for (size_t step = 1; step < U; step *= 2)
+#pragma GCC unroll 8
+      for (size_t u = 0; u + step < U; u += 2 * step) acc[u][v] = _mm256_add_ps(acc[u][v], acc[u + step][v]);
+    _mm256_store_ps(out + 8 * v, acc[0][v]);
+  }
+}
+
+// r[j] = row j of an 8x8 block in, column j out: unpacks, shuffles and 128-bit lane swaps (24
+// shuffles against the 64 scalar loads and stores of an element-wise transpose).
+inline void Transpose8x8(__m256 r[8]) {
+  __m256 t[8], u[8];
+#pragma GCC unroll 4
+  for (size_t i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 2
+  for (size_t i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (size_t q = 0; q < 4; ++q) {
+    r[q] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x20);
+    r[q + 4] = _mm256_permute2f128_ps(u[q], u[q + 4], 0x31);
   }
 }
 
 template <size_t MV>
 void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr, const uint32_t* col_idx,
               const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
-  constexpr size_t kU = MV >= 4 ? 1 : 4 / MV;
+  constexpr size_t kU = MV >= 8 ? 1 : 8 / MV;
   constexpr size_t kRows = MV * 8;
   alignas(32) float tile[kNg * kRows];
   for (size_t j = 0; j < nc; ++j)
     CsrColumn<MV, kU>(at, ldat, row_ptr[j], row_ptr[j + 1], col_idx, values, tile + j * kRows);
-  // Transposed with plain loads and stores, not a gather per row (see the AVX-512 kernel).
-  alignas(32) float rows[kRows * kNg];
-  for (size_t j = 0; j < nc; ++j)
-    for (size_t i = 0; i < m; ++i) rows[i * kNg + j] = tile[j * kRows + i];
   const __m256i mask = LaneMask(nc);
   avx2::ColumnTerms t{};
   if (ep) t = avx2::LoadColumnTerms(ep, 0, mask);
-  for (size_t i = 0; i < m; ++i) {
-    __m256 v = _mm256_maskload_ps(rows + i * kNg, mask);
-    if (ep) v = avx2::ApplyEpilogue(v, t, ep, i, 0, mask);
-    _mm256_maskstore_ps(c + i * ldc, mask, v);
+  for (size_t v = 0; v * 8 < m; ++v) {
+    __m256 r[8];
+#pragma GCC unroll 8
+    for (size_t j = 0; j < 8; ++j) r[j] = j < nc ? _mm256_load_ps(tile + j * kRows + 8 * v) : _mm256_setzero_ps();
+    Transpose8x8(r);
+    const size_t rows = m - 8 * v < 8 ? m - 8 * v : 8;
+#pragma GCC unroll 8
+    for (size_t i = 0; i < 8; ++i) {
+      if (i >= rows) break;
+      __m256 x = r[i];
+      if (ep) x = avx2::ApplyEpilogue(x, t, ep, 8 * v + i, 0, mask);
+      _mm256_maskstore_ps(c + (8 * v + i) * ldc, mask, x);
+    }
+  }
+}
+
+// At = A^T through 8x8 register transposes (see the AVX-512 pack for why not element-wise).
+void F32TransposePack8Avx2(size_t m, size_t k, const float* a, size_t lda, float* at, size_t ldat) {
+  for (size_t i0 = 0; i0 < ldat; i0 += 8) {
+    const size_t rows = i0 >= m ? 0 : (m - i0 < 8 ? m - i0 : 8);
+    for (size_t k0 = 0; k0 < k; k0 += 8) {
+      const size_t cols = k - k0 < 8 ? k - k0 : 8;
+      const __m256i cm = LaneMask(cols);
+      __m256 r[8];
+#pragma GCC unroll 8
+      for (size_t i = 0; i < 8; ++i)
+        r[i] = i < rows ? _mm256_maskload_ps(a + (i0 + i) * lda + k0, cm) : _mm256_setzero_ps();
+      Transpose8x8(r);
+#pragma GCC unroll 8
+      for (size_t j = 0; j < 8; ++j) {
+        if (j >= cols) break;
+        _mm256_storeu_ps(at + (k0 + j) * ldat + i0, r[j]);
+      }
+    }
   }
 }
 
 void F32SpmmCsr8x64Avx2(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
                         const uint32_t* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
+#define SONDE_CSR_GROUP(MV) \
+  CsrGroup<MV>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep)
   switch ((m + 7) / 8) {
-    case 1: return CsrGroup<1>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 2: return CsrGroup<2>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 3: return CsrGroup<3>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 4: return CsrGroup<4>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 5: return CsrGroup<5>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 6: return CsrGroup<6>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 7: return CsrGroup<7>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 8: return CsrGroup<8>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
+    case 1: return SONDE_CSR_GROUP(1);
+    case 2: return SONDE_CSR_GROUP(2);
+    case 3: return SONDE_CSR_GROUP(3);
+    case 4: return SONDE_CSR_GROUP(4);
+    case 5: return SONDE_CSR_GROUP(5);
+    case 6: return SONDE_CSR_GROUP(6);
+    case 7: return SONDE_CSR_GROUP(7);
+    case 8: return SONDE_CSR_GROUP(8);
     default: return;
   }
+#undef SONDE_CSR_GROUP
 }
 
 inline float HorizontalSum(__m256 v) {
@@ -118,6 +172,16 @@ void F32SpmvCsr8Avx2(size_t nc, const float* x, const uint32_t* row_ptr, const u
     }
     sums[j] = HorizontalSum(_mm256_add_ps(acc0, acc1));
   }
+  const __m256i mask = LaneMask(nc);
+  __m256 v = _mm256_maskload_ps(sums, mask);
+  if (ep) v = avx2::ApplyEpilogue(v, avx2::LoadColumnTerms(ep, 0, mask), ep, 0, 0, mask);
+  _mm256_maskstore_ps(c, mask, v);
+}
+
+void F32SpmvCsr8x16bitAvx2(size_t nc, const float* x, const uint32_t* row_ptr, const uint16_t* col_idx,
+                           const float* values, float* c, const GemmEpilogue* ep) {
+  alignas(32) float sums[kNg];
+  for (size_t j = 0; j < nc; ++j) sums[j] = F32SpmvRow16(x, row_ptr[j], row_ptr[j + 1], col_idx, values);
   const __m256i mask = LaneMask(nc);
   __m256 v = _mm256_maskload_ps(sums, mask);
   if (ep) v = avx2::ApplyEpilogue(v, avx2::LoadColumnTerms(ep, 0, mask), ep, 0, 0, mask);
@@ -187,7 +251,8 @@ void F32SpmmBsr1x32Avx2(size_t mr, size_t nc, const float* a, size_t lda, size_t
 }  // namespace
 
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx2() {
-  return {F32SpmmCsr8x64Avx2, F32SpmvCsr8Avx2, kNg, kMaxMv * 8, 8, "f32_spmm_csr_8x64__avx2"};
+  return {F32SpmmCsr8x64Avx2, F32SpmvCsr8Avx2, F32SpmvCsr8x16bitAvx2, F32TransposePack8Avx2,
+          kNg, kMaxMv * 8, 8, "f32_spmm_csr_8x64__avx2"};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx2(uint32_t bw) {

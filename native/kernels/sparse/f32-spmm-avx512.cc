@@ -1,8 +1,10 @@
 // AVX-512 f32 SpMM. CSR: 16 output columns per call (one zmm of C across a row in the epilogue),
 // up to 128 rows of At per call (8 zmm accumulators); BSR 1x16 / 1x32: the dense GEMM's register
 // tile with the K loop over the panel's non-zero blocks.
-// GCC 12 reports a false -Wmaybe-uninitialized inside avx512fintrin.h for _mm512_setzero_ps/masked loads.
+// GCC 12 reports a false -Wmaybe-uninitialized inside avx512fintrin.h for _mm512_setzero_ps/masked loads,
+// and a false -Wuninitialized for the unpack/shuffle intrinsics (their _mm512_undefined_ps pass-through).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include "kernels/gemm/epilogue-avx512.h"
@@ -15,9 +17,10 @@ namespace {
 constexpr size_t kNg = 16;
 constexpr size_t kMaxMv = 8;  // 8 zmm = 128 rows of At per call
 
-// One output column (one row of W) over MV*16 rows of At. With few vectors per non-zero, the FMA
-// chain of one accumulator set would wait on FMA latency (4 cycles) every non-zero, so U independent
-// sets take consecutive non-zeros (U*MV >= 4 chains), summed pairwise at the end.
+// One output column (one row of W) over MV*16 rows of At. Zen 4/5 and Skylake-X retire two
+// 512-bit FMAs a cycle at 4 cycles latency, so 8 independent accumulator chains keep both pipes busy:
+// U sets of MV take consecutive non-zeros (U*MV >= 8), summed pairwise at the end. With U*MV = 4
+// (the first version) M = 64 ran at half the FMA rate, latency-bound.
 template <size_t MV, size_t U>
 inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, const uint32_t* col_idx,
                       const float* values, float* out) {
@@ -27,7 +30,7 @@ inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, con
 #pragma GCC unroll 8
     for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm512_setzero_ps();
   for (; p + U <= p1; p += U) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (size_t u = 0; u < U; ++u) {
       const __m512 w = _mm512_set1_ps(values[p + u]);
       const float* ak = at + static_cast<size_t>(col_idx[p + u]) * ldat;
@@ -43,51 +46,113 @@ inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, con
   }
 #pragma GCC unroll 8
   for (size_t v = 0; v < MV; ++v) {
-    __m512 s = acc[0][v];
-    if (U == 2) s = _mm512_add_ps(s, acc[U - 1][v]);
-    if (U == 4) s = _mm512_add_ps(_mm512_add_ps(s, acc[1][v]), _mm512_add_ps(acc[2][v], acc[U - 1][v]));
-    _mm512_store_ps(out + 16 * v, s);
+#pragma GCC unroll 8
+    for (size_t step = 1; step < U; step *= 2)
+#pragma GCC unroll 8
+      for (size_t u = 0; u + step < U; u += 2 * step) acc[u][v] = _mm512_add_ps(acc[u][v], acc[u + step][v]);
+    _mm512_store_ps(out + 16 * v, acc[0][v]);
   }
 }
 
-// The group's sums land in tile[j][i] (column j of C, row i); rows[i][j] then holds row i
-// of C across the 16 columns after a transpose, so the epilogue and the store work on rows of C like the GEMM's.
+// r[j] = row j of a 16x16 block in, column j out: the unpack / 128-bit-lane shuffle network,
+// 64 shuffles against the 256 scalar loads and stores of an element-wise transpose.
+inline void Transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (size_t i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 4
+  for (size_t i = 0; i < 16; i += 4) {
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 4
+  for (size_t q = 0; q < 4; ++q) {
+    t[q] = _mm512_shuffle_f32x4(r[q], r[q + 4], 0x88);
+    t[q + 4] = _mm512_shuffle_f32x4(r[q], r[q + 4], 0xdd);
+    t[q + 8] = _mm512_shuffle_f32x4(r[q + 8], r[q + 12], 0x88);
+    t[q + 12] = _mm512_shuffle_f32x4(r[q + 8], r[q + 12], 0xdd);
+  }
+#pragma GCC unroll 8
+  for (size_t q = 0; q < 8; ++q) {
+    r[q] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0x88);
+    r[q + 8] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0xdd);
+  }
+}
+
+// The group's sums land in tile[j][i] (column j of C, row i); each 16-row slab is transposed in
+// registers to rows of C across the 16 columns, so the epilogue and the store work on rows of C like the GEMM's.
 template <size_t MV>
 void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr, const uint32_t* col_idx,
               const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
-  constexpr size_t kU = MV >= 4 ? 1 : 4 / MV;
+  constexpr size_t kU = MV >= 8 ? 1 : 8 / MV;
   constexpr size_t kRows = MV * 16;
   alignas(64) float tile[kNg * kRows];
   for (size_t j = 0; j < nc; ++j)
     CsrColumn<MV, kU>(at, ldat, row_ptr[j], row_ptr[j + 1], col_idx, values, tile + j * kRows);
-  // Transpose through a second tile with plain loads and stores: a vgatherdps per row of C, reading
-  // the lines just stored, measured ~0.2 us each here (0.9 ms of overhead at M = 64, 1024 columns).
-  alignas(64) float rows[kRows * kNg];
-  for (size_t j = 0; j < nc; ++j)
-    for (size_t i = 0; i < m; ++i) rows[i * kNg + j] = tile[j * kRows + i];
   const __mmask16 mask = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
   avx512::ColumnTerms t{};
   if (ep) t = avx512::LoadColumnTerms(ep, 0, mask);
-  for (size_t i = 0; i < m; ++i) {
-    __m512 v = _mm512_maskz_load_ps(mask, rows + i * kNg);
-    if (ep) v = avx512::ApplyEpilogue(v, t, ep, i, 0, mask);
-    _mm512_mask_storeu_ps(c + i * ldc, mask, v);
+  for (size_t v = 0; v * 16 < m; ++v) {
+    __m512 r[16];
+#pragma GCC unroll 16
+    for (size_t j = 0; j < 16; ++j) r[j] = j < nc ? _mm512_load_ps(tile + j * kRows + 16 * v) : _mm512_setzero_ps();
+    Transpose16x16(r);
+    const size_t rows = m - 16 * v < 16 ? m - 16 * v : 16;
+#pragma GCC unroll 16
+    for (size_t i = 0; i < 16; ++i) {
+      if (i >= rows) break;
+      __m512 x = r[i];
+      if (ep) x = avx512::ApplyEpilogue(x, t, ep, 16 * v + i, 0, mask);
+      _mm512_mask_storeu_ps(c + (16 * v + i) * ldc, mask, x);
+    }
   }
 }
 
 void F32SpmmCsr16x128Avx512(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
-                            const uint32_t* col_idx, const float* values, float* c, size_t ldc,
-                            const GemmEpilogue* ep) {
+    const uint32_t* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
+#define SONDE_CSR_GROUP(MV) \
+  CsrGroup<MV>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep)
   switch ((m + 15) / 16) {
-    case 1: return CsrGroup<1>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 2: return CsrGroup<2>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 3: return CsrGroup<3>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 4: return CsrGroup<4>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 5: return CsrGroup<5>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 6: return CsrGroup<6>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 7: return CsrGroup<7>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
-    case 8: return CsrGroup<8>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep);
+    case 1: return SONDE_CSR_GROUP(1);
+    case 2: return SONDE_CSR_GROUP(2);
+    case 3: return SONDE_CSR_GROUP(3);
+    case 4: return SONDE_CSR_GROUP(4);
+    case 5: return SONDE_CSR_GROUP(5);
+    case 6: return SONDE_CSR_GROUP(6);
+    case 7: return SONDE_CSR_GROUP(7);
+    case 8: return SONDE_CSR_GROUP(8);
     default: return;
+  }
+#undef SONDE_CSR_GROUP
+}
+
+// At = A^T through 16x16 register transposes: an element-wise copy writes each At row 4 bytes at a
+// time at a stride of ldat floats, which at M = 256 (1 KiB stride, every store in the same few L1
+// sets) cost as much as the SpMM itself.
+void F32TransposePack16Avx512(size_t m, size_t k, const float* a, size_t lda, float* at, size_t ldat) {
+  for (size_t i0 = 0; i0 < ldat; i0 += 16) {
+    const size_t rows = i0 >= m ? 0 : (m - i0 < 16 ? m - i0 : 16);
+    for (size_t k0 = 0; k0 < k; k0 += 16) {
+      const size_t cols = k - k0 < 16 ? k - k0 : 16;
+      const __mmask16 cm = static_cast<__mmask16>((1u << cols) - 1);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (size_t i = 0; i < 16; ++i)
+        r[i] = i < rows ? _mm512_maskz_loadu_ps(cm, a + (i0 + i) * lda + k0) : _mm512_setzero_ps();
+      Transpose16x16(r);
+#pragma GCC unroll 16
+      for (size_t j = 0; j < 16; ++j) {
+        if (j >= cols) break;
+        _mm512_storeu_ps(at + (k0 + j) * ldat + i0, r[j]);
+      }
+    }
   }
 }
 
@@ -116,6 +181,16 @@ void F32SpmvCsr16Avx512(size_t nc, const float* x, const uint32_t* row_ptr, cons
     }
     sums[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
   }
+  const __mmask16 mask = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
+  __m512 v = _mm512_maskz_load_ps(mask, sums);
+  if (ep) v = avx512::ApplyEpilogue(v, avx512::LoadColumnTerms(ep, 0, mask), ep, 0, 0, mask);
+  _mm512_mask_storeu_ps(c, mask, v);
+}
+
+void F32SpmvCsr16x16bitAvx512(size_t nc, const float* x, const uint32_t* row_ptr, const uint16_t* col_idx,
+                              const float* values, float* c, const GemmEpilogue* ep) {
+  alignas(64) float sums[kNg];
+  for (size_t j = 0; j < nc; ++j) sums[j] = F32SpmvRow16(x, row_ptr[j], row_ptr[j + 1], col_idx, values);
   const __mmask16 mask = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
   __m512 v = _mm512_maskz_load_ps(mask, sums);
   if (ep) v = avx512::ApplyEpilogue(v, avx512::LoadColumnTerms(ep, 0, mask), ep, 0, 0, mask);
@@ -186,7 +261,8 @@ void F32SpmmBsr1x32Avx512(size_t mr, size_t nc, const float* a, size_t lda, size
 }  // namespace
 
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx512() {
-  return {F32SpmmCsr16x128Avx512, F32SpmvCsr16Avx512, kNg, kMaxMv * 16, 16, "f32_spmm_csr_16x128__avx512"};
+  return {F32SpmmCsr16x128Avx512, F32SpmvCsr16Avx512, F32SpmvCsr16x16bitAvx512, F32TransposePack16Avx512,
+          kNg, kMaxMv * 16, 16, "f32_spmm_csr_16x128__avx512"};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx512(uint32_t bw) {

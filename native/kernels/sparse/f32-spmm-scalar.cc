@@ -32,6 +32,14 @@ void F32SpmvCsr8Scalar(size_t nc, const float* x, const uint32_t* row_ptr, const
   }
 }
 
+void F32SpmvCsr8x16bitScalar(size_t nc, const float* x, const uint32_t* row_ptr, const uint16_t* col_idx,
+                             const float* values, float* c, const GemmEpilogue* ep) {
+  for (size_t j = 0; j < nc; ++j) {
+    const float acc = F32SpmvRow16(x, row_ptr[j], row_ptr[j + 1], col_idx, values);
+    c[j] = ep ? GemmEpilogueScalar(acc, 0, j, ep) : acc;
+  }
+}
+
 constexpr size_t kBsrMr = 4;
 constexpr size_t kBsrMaxBw = 32;
 
@@ -53,8 +61,24 @@ void F32SpmmBsrScalar(size_t mr, size_t nc, const float* a, size_t lda, size_t b
 
 }  // namespace
 
+void F32TransposePackScalar(size_t m, size_t k, const float* a, size_t lda, float* at, size_t ldat) {
+  // 8 x 8 blocks: one block's 8 source rows and 8 destination rows stay in L1 whatever the strides.
+  constexpr size_t kB = 8;
+  for (size_t i0 = 0; i0 < m; i0 += kB) {
+    const size_t i1 = i0 + kB < m ? i0 + kB : m;
+    for (size_t k0 = 0; k0 < k; k0 += kB) {
+      const size_t k1 = k0 + kB < k ? k0 + kB : k;
+      for (size_t kk = k0; kk < k1; ++kk)
+        for (size_t i = i0; i < i1; ++i) at[kk * ldat + i] = a[i * lda + kk];
+    }
+  }
+  for (size_t kk = 0; kk < k; ++kk)
+    for (size_t i = m; i < ldat; ++i) at[kk * ldat + i] = 0.0f;
+}
+
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelScalar() {
-  return {F32SpmmCsr8x64Scalar, F32SpmvCsr8Scalar, kNg, kMb, 1, "f32_spmm_csr_8x64__scalar"};
+  return {F32SpmmCsr8x64Scalar, F32SpmvCsr8Scalar, F32SpmvCsr8x16bitScalar, F32TransposePackScalar,
+          kNg, kMb, 1, "f32_spmm_csr_8x64__scalar"};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelScalar(uint32_t bw) {

@@ -8,7 +8,7 @@
 //   operator packs A transposed per run (At: K rows of ldat >= M floats, M contiguous), so each
 //   non-zero w[n][k] is one broadcast times a vector of M values At[k][0..M) - no gathers in the
 //   inner loop, and an output column's M sums stay in registers across the whole row of W. The
-//   group's results (NG columns x MB rows) are transposed through a small stack tile to store rows
+//   group's results (NG columns x MB rows) are transposed (in registers where the ISA has the shuffles) to store rows
 //   of C with the row-wise GEMM epilogue (masked for the group's last columns).
 //   For M = 1 (SpMV, decode) At is A itself and the kernel gathers x[k] per non-zero instead.
 //
@@ -35,9 +35,30 @@ namespace kernels {
 typedef void (*F32SpmmCsrUkernel)(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
                                   const uint32_t* col_idx, const float* values, float* c, size_t ldc,
                                   const GemmEpilogue* ep);
+// At packing: at[k * ldat + i] = a[i * lda + k] for i < m, k < k; zero for m <= i < ldat.
+typedef void (*F32TransposePackUkernel)(size_t m, size_t k, const float* a, size_t lda, float* at, size_t ldat);
 // CSR, M = 1: c[0..nc) = epilogue(sum_p values[p] * x[col_idx[p]]) over each row's non-zeros.
 typedef void (*F32SpmvCsrUkernel)(size_t nc, const float* x, const uint32_t* row_ptr, const uint32_t* col_idx,
                                   const float* values, float* c, const GemmEpilogue* ep);
+// The same with 16-bit column indices (K <= 65536), the form the operator uses when it can: SpMV is
+// bound by streaming the weights (from L2 at best), and 6 bytes per non-zero instead of 8 is what
+// made it faster; its x[k] are scalar loads, which beat vgatherdps on Zen 4/5 (measured 1024x1024
+// at 90%, one thread, weights in L2: gather 42 us, scalar with 32-bit indices 54, with 16-bit 35).
+typedef void (*F32SpmvCsr16Ukernel)(size_t nc, const float* x, const uint32_t* row_ptr, const uint16_t* col_idx,
+                                    const float* values, float* c, const GemmEpilogue* ep);
+
+// One row's sum for the 16-bit SpMV kernels: 8 independent chains, so the loop runs at the rate of
+// its loads (index, value, x[k]) rather than at the FMA latency. static: each ISA file compiles its own.
+static inline float F32SpmvRow16(const float* x, uint32_t p, uint32_t p1, const uint16_t* col_idx,
+                                 const float* values) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (; p + 8 <= p1; p += 8) {
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) acc[u] += values[p + u] * x[col_idx[p + u]];
+  }
+  for (; p < p1; ++p) acc[0] += values[p] * x[col_idx[p]];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
 // BSR: rows [0, mr) (mr <= MR) of A times one column panel (nc <= BW columns) of 1 x BW blocks
 // block_k[0..blocks), block_values[b * BW .. b * BW + BW).
 typedef void (*F32SpmmBsrUkernel)(size_t mr, size_t nc, const float* a, size_t lda, size_t blocks,
@@ -47,6 +68,8 @@ typedef void (*F32SpmmBsrUkernel)(size_t mr, size_t nc, const float* a, size_t l
 struct F32SpmmCsrUkernelInfo {
   F32SpmmCsrUkernel spmm;
   F32SpmvCsrUkernel spmv;
+  F32SpmvCsr16Ukernel spmv16;
+  F32TransposePackUkernel pack;
   uint32_t ng;  // output columns per call (the SIMD width)
   uint32_t mb;  // max rows per spmm call
   uint32_t mv;  // At row padding (vector width in floats)
@@ -61,6 +84,7 @@ struct F32SpmmBsrUkernelInfo {
 };
 
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelScalar();
+void F32TransposePackScalar(size_t m, size_t k, const float* a, size_t lda, float* at, size_t ldat);
 // bw: 8, 16 or 32 (any multiple of 1 works for scalar).
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelScalar(uint32_t bw);
 #if defined(__x86_64__) || defined(_M_X64)
