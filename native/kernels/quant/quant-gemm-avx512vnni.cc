@@ -1,0 +1,126 @@
+// AVX-512 VNNI blocked GEMM of q8_0 / q4_0 weights (layouts and precision: quant.h).
+//
+// Tile: 4 activation rows x 32 weight rows (two zmm of 16 rows). Per block and row group the
+// kernel holds 8 fp32 accumulators and 8 int32 block sums: 16 of the 32 zmm, with room for the
+// weights, the broadcast activations, the scales and the corrections, so nothing spills. Each
+// group of 4 bytes of a row's activations is broadcast from memory (a load-port uop, no shuffle)
+// and feeds two vpdpbusd; the weights, packed so that one 64-byte load holds the same 4-byte group
+// of 16 rows, feed 4 rows' vpdpbusd. Packing moves the decode (q4_0 nibbles, fp16 scales) and the
+// per-row correction of the unsigned activations out of the inner loop: it runs once per panel per
+// call, against M / 4 microkernel calls that reuse it.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#include <string.h>
+
+#include "kernels/quant/quant.h"
+
+namespace sonde {
+namespace kernels {
+namespace {
+
+const size_t kMr = 4;
+
+// vpdpbusd(acc, u8, s8) through inline asm, as in kernels/gemm/qs8-gemm-avx512vnni.cc: GCC 12
+// spills the intrinsic's tied accumulator.
+inline __m512i Dpbusd(__m512i acc, __m512i a_u8, __m512i b_s8) {
+  __asm__("vpdpbusd %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a_u8), [b] "v"(b_s8));
+  return acc;
+}
+
+template <int32_t T>
+void PackBlocks(size_t nr, size_t k, const uint8_t* w, size_t row_bytes, uint8_t* panel) {
+  const size_t block_bytes = T == kQuantQ8_0 ? kQ8_0BlockBytes : kQ4_0BlockBytes;
+  for (size_t b = 0; b < k / kQuantBlock; ++b) {
+    uint8_t* dst = panel + b * kQuantGemmBlockPanelBytes;
+    float* dw = reinterpret_cast<float*>(dst + 1024);
+    int32_t* corr = reinterpret_cast<int32_t*>(dst + 1024 + 128);
+    for (size_t r = 0; r < kQuantGemmNr; ++r) {
+      alignas(32) int8_t q[32];
+      float d = 0.0f;
+      int32_t s = 0;
+      if (r < nr) {
+        const uint8_t* blk = w + r * row_bytes + b * block_bytes;
+        d = _cvtsh_ss(QuantLoadU16(blk));
+        if (T == kQuantQ8_0) {
+          memcpy(q, blk + 2, 32);
+        } else {
+          for (size_t j = 0; j < 16; ++j) {
+            q[j] = static_cast<int8_t>((blk[2 + j] & 0x0F) - 8);
+            q[j + 16] = static_cast<int8_t>((blk[2 + j] >> 4) - 8);
+          }
+        }
+        for (size_t j = 0; j < 32; ++j) s += q[j];
+      } else {
+        memset(q, 0, 32);
+      }
+      dw[r] = d;
+      // The activations enter as x + 128: sum (x + 128) w = sum x w + 128 sum w.
+      corr[r] = -128 * s;
+      for (size_t g = 0; g < 8; ++g) memcpy(dst + g * 128 + (r / 16) * 64 + (r % 16) * 4, q + 4 * g, 4);
+    }
+  }
+}
+
+template <size_t MR>
+void GemmMr(size_t nr, size_t k, const uint8_t* panel, const QuantActs* a, float* y, size_t ldy) {
+  __m512 acc0[MR], acc1[MR];
+  for (size_t i = 0; i < MR; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+  const size_t nb = k / kQuantBlock;
+  for (size_t b = 0; b < nb; ++b) {
+    const uint8_t* pb = panel + b * kQuantGemmBlockPanelBytes;
+    const __m512i c0 = _mm512_load_si512(pb + 1152), c1 = _mm512_load_si512(pb + 1216);
+    __m512i s0[MR], s1[MR];
+    for (size_t i = 0; i < MR; ++i) {
+      s0[i] = c0;
+      s1[i] = c1;
+    }
+    const uint8_t* xb = reinterpret_cast<const uint8_t*>(a->q) + b * kQuantBlock;
+    for (size_t g = 0; g < 8; ++g) {
+      const __m512i w0 = _mm512_load_si512(pb + g * 128), w1 = _mm512_load_si512(pb + g * 128 + 64);
+      for (size_t i = 0; i < MR; ++i) {
+        int32_t x4;
+        memcpy(&x4, xb + i * a->q_stride + 4 * g, 4);
+        const __m512i xv = _mm512_set1_epi32(x4);
+        s0[i] = Dpbusd(s0[i], xv, w0);
+        s1[i] = Dpbusd(s1[i], xv, w1);
+      }
+    }
+    const __m512 dw0 = _mm512_load_ps(reinterpret_cast<const float*>(pb + 1024));
+    const __m512 dw1 = _mm512_load_ps(reinterpret_cast<const float*>(pb + 1088));
+    for (size_t i = 0; i < MR; ++i) {
+      const __m512 dx = _mm512_set1_ps(a->d[i * a->d_stride + b]);
+      acc0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0[i]), _mm512_mul_ps(dw0, dx), acc0[i]);
+      acc1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1[i]), _mm512_mul_ps(dw1, dx), acc1[i]);
+    }
+  }
+  const __mmask16 m0 = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
+  const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
+  for (size_t i = 0; i < MR; ++i) {
+    _mm512_mask_storeu_ps(y + i * ldy, m0, acc0[i]);
+    _mm512_mask_storeu_ps(y + i * ldy + 16, m1, acc1[i]);
+  }
+}
+
+void Gemm(size_t mr, size_t nr, size_t k, const uint8_t* panel, const QuantActs* a, float* y, size_t ldy) {
+  switch (mr) {
+    case 4: return GemmMr<4>(nr, k, panel, a, y, ldy);
+    case 3: return GemmMr<3>(nr, k, panel, a, y, ldy);
+    case 2: return GemmMr<2>(nr, k, panel, a, y, ldy);
+    case 1: return GemmMr<1>(nr, k, panel, a, y, ldy);
+    default: return;
+  }
+}
+
+}  // namespace
+
+QuantGemmUkernelInfo QuantGemmUkernelAvx512Vnni(int32_t type) {
+  switch (type) {
+    case kQuantQ8_0: return {PackBlocks<kQuantQ8_0>, Gemm, kMr, kQuantActU8, "q8_0_qu8_gemm_4x32__avx512vnni"};
+    case kQuantQ4_0: return {PackBlocks<kQuantQ4_0>, Gemm, kMr, kQuantActU8, "q4_0_qu8_gemm_4x32__avx512vnni"};
+    default: return {nullptr, nullptr, 0, 0, "?"};
+  }
+}
+
+}  // namespace kernels
+}  // namespace sonde
