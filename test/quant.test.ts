@@ -266,6 +266,24 @@ describe('kernels.quantMatmul algorithm gemm', () => {
     }
   });
 
+  it.skipIf(!hasVnni)('block types: a row gives the same bits alone (16-row dot kernel) and in a GEMM of any M', async () => {
+    // Batch invariance: a prefill equals its token-by-token decode, a sequence decoded alone equals
+    // it decoded in a batch. N = 47: two groups of 16 rows and a partial one, one panel and a half.
+    const [n, k] = [47, 288];
+    for (const type of ['q8_0', 'q4_0'] as const) {
+      const w = kernels.quantizeWeights(new Tensor('float32', randomF32(n * k, 21), [n, k]), type);
+      const m = 19;
+      const x = randomF32(m * k, 22);
+      const gemm = await kernels.quantMatmul(new Tensor('float32', x, [m, k]), w, { algorithm: 'gemm' });
+      const gemv = await kernels.quantMatmul(new Tensor('float32', x, [m, k]), w, { algorithm: 'gemv' });
+      expect(gemv.data, `${type} gemv M = ${m}`).toEqual(gemm.data);
+      for (const i of [0, 7, 18]) {
+        const one = await kernels.quantMatmul(new Tensor('float32', x.slice(i * k, (i + 1) * k), [1, k]), w);
+        expect(one.data, `${type} row ${i}`).toEqual(gemm.data.subarray(i * n, (i + 1) * n));
+      }
+    }
+  });
+
   it.skipIf(!hasVnni)('a block of activations holding NaN or Inf gives NaN rows', async () => {
     const k = 96;
     const x = randomF32(9 * k, 4);

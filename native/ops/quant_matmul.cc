@@ -190,8 +190,9 @@ Plan PlanFor(const QuantMatmulArgs& args, QuantVariant v) {
   p.reference = v == QuantVariant::kReference;
   p.uk = p.reference ? kernels::QuantDotUkernelInfo{} : QuantUkernel(args.type, v);
   p.gk = kernels::QuantGemmUkernelInfo{nullptr, nullptr, 0, 0, "?"};
-  if (!p.reference && args.algorithm != QuantAlgorithm::kGemv) p.gk = QuantGemmUkernel(args.type, v);
-  p.gemm = p.gk.pack && (args.algorithm == QuantAlgorithm::kGemm || args.m >= kQuantGemmMinRows);
+  if (!p.reference) p.gk = QuantGemmUkernel(args.type, v);
+  p.gemm = p.gk.pack && args.algorithm != QuantAlgorithm::kGemv &&
+           (args.algorithm == QuantAlgorithm::kGemm || args.m >= kQuantGemmMinRows);
   return p;
 }
 
@@ -257,15 +258,34 @@ bool RunQuantMatmulQuantized(ThreadPool& pool, unsigned max_threads, const Cance
   const kernels::QuantDotUkernelInfo& uk = plan.uk;
   if (plan.gemm) return RunGemm(pool, max_threads, cancel, args, plan.gk, qa, row0, block);
   const size_t row_bytes = kernels::QuantRowBytes(args.type, k);
+  // The GEMM's row-dot companion (bit-identical to it) where there is one for these activations.
+  const bool gemv16 = corr && plan.gk.gemv && qa.corr_offset == plan.gk.gemv_corr_offset;
   // Tasks of whole weight rows: about 64 KiB of weights each (small enough to balance two threads
   // and to stay in L2 while a group of 4 activation rows after another re-reads them), and at
-  // least 4 per thread.
+  // least 4 per thread; whole groups of 16 rows for the 16-row kernel.
   const unsigned threads = std::max(1u, std::min(max_threads ? max_threads : pool.size(), std::max(1u, pool.size())));
   size_t rows = std::max<size_t>(1, (64 << 10) / std::max<size_t>(1, row_bytes));
   rows = std::min(rows, std::max<size_t>(1, (n + 4 * threads - 1) / (4 * threads)));
+  if (gemv16) rows = (rows + kernels::kQuantGemvRows - 1) / kernels::kQuantGemvRows * kernels::kQuantGemvRows;
   const size_t tasks = (n + rows - 1) / rows;
   auto task = [&](size_t t) {
     const size_t n0 = t * rows, n1 = std::min(n, n0 + rows);
+    if (gemv16) {
+      for (size_t i0 = 0; i0 < m; i0 += kernels::kQuantGemvMaxMr) {
+        kernels::QuantActs a{};
+        a.q = qa.q.data() + (row0 + i0) * qa.q_stride;
+        a.q_stride = qa.q_stride;
+        a.d = qa.d.data() + (row0 + i0) * qa.nb_pad;
+        a.d_stride = qa.nb_pad;
+        a.corr = qa.corr.data() + (row0 + i0) * qa.nb_pad;
+        a.corr_stride = qa.nb_pad;
+        const size_t mr = std::min(kernels::kQuantGemvMaxMr, m - i0);
+        for (size_t j = n0; j < n1; j += kernels::kQuantGemvRows)
+          plan.gk.gemv(mr, std::min(kernels::kQuantGemvRows, n1 - j), k, args.w + j * row_bytes, row_bytes, &a,
+                       args.y + i0 * args.ldy + j, args.ldy);
+      }
+      return;
+    }
     if (reference) {
       for (size_t i = 0; i < m; ++i)
         for (size_t j = n0; j < n1; ++j)

@@ -28,6 +28,91 @@ inline __m512i Dpbusd(__m512i acc, __m512i a_u8, __m512i b_s8) {
   return acc;
 }
 
+inline __m256i Dpbusd256(__m256i acc, __m256i a_u8, __m256i b_s8) {
+  __asm__("vpdpbusd %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a_u8), [b] "v"(b_s8));
+  return acc;
+}
+
+// Block b of a weight row (blk points at it) as 32 unsigned bytes in element order: q8_0 w + 128,
+// q4_0 the raw nibble (w + 8).
+template <int32_t T>
+inline __m256i RowBlockU8(const uint8_t* blk) {
+  if (T == kQuantQ8_0)
+    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2)), _mm256_set1_epi8(static_cast<char>(0x80)));
+  const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m), _mm_and_si128(qs, m));
+}
+
+// Lane r = the sum of p[r]'s 8 lanes (exact int32), r < 8.
+inline __m256i Sum8(const __m256i* p) {
+  const __m256i h01 = _mm256_hadd_epi32(p[0], p[1]), h23 = _mm256_hadd_epi32(p[2], p[3]);
+  const __m256i h45 = _mm256_hadd_epi32(p[4], p[5]), h67 = _mm256_hadd_epi32(p[6], p[7]);
+  const __m256i q0 = _mm256_hadd_epi32(h01, h23), q1 = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20), _mm256_permute2x128_si256(q0, q1, 0x31));
+}
+
+// The GEMM's arithmetic for few activation rows, without packing: for 16 weight rows and each
+// block, every row's exact integer sum (8 partial lanes from vpdpbusd, added by a horizontal tree),
+// then lane r of one zmm holds row r and the same cvt / mul / FMA as GemmMr follow. Rows past nr
+// re-read row nr - 1 (valid memory) and are not stored.
+template <int32_t T, size_t MR>
+void Gemv16Mr(size_t nr, size_t k, const uint8_t* w, size_t row_bytes, const QuantActs* a, float* y, size_t ldy) {
+  const size_t block_bytes = T == kQuantQ8_0 ? kQ8_0BlockBytes : kQ4_0BlockBytes;
+  const uint8_t* rows[kQuantGemvRows];
+  alignas(64) int32_t offsets[kQuantGemvRows];
+  for (size_t r = 0; r < kQuantGemvRows; ++r) {
+    const size_t rr = r < nr ? r : nr - 1;
+    rows[r] = w + rr * row_bytes;
+    offsets[r] = static_cast<int32_t>(rr * row_bytes);
+  }
+  const __m512i offs = _mm512_load_si512(offsets);
+  __m512 acc[MR];
+  for (size_t i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  const size_t nb = k / kQuantBlock;
+  // The next 16 rows (contiguous after these), fetched as one sequential stream while these run:
+  // walking 16 rows side by side is 16 short streams, more than the hardware prefetchers follow
+  // (measured: 5 GB/s from DRAM without this, against 15-18 GB/s for one row at a time).
+  const uint8_t* next = w + kQuantGemvRows * row_bytes;
+  const size_t lines_per_block = (kQuantGemvRows * block_bytes + 63) / 64;
+  for (size_t b = 0; b < nb; ++b) {
+    const size_t off = b * block_bytes;
+    for (size_t l = 0; l < lines_per_block; ++l)
+      _mm_prefetch(reinterpret_cast<const char*>(next + (b * lines_per_block + l) * 64), _MM_HINT_T0);
+    // The 16 rows' fp16 scales: one gather of 4 bytes at each block start, the low half kept.
+    const __m512i h = _mm512_i32gather_epi32(offs, w + off, 1);
+    const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+    for (size_t i = 0; i < MR; ++i) {
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a->q + i * a->q_stride + b * kQuantBlock));
+      __m256i p[8];
+      for (size_t r = 0; r < 8; ++r) p[r] = Dpbusd256(_mm256_setzero_si256(), RowBlockU8<T>(rows[r] + off), xq);
+      const __m256i lo = Sum8(p);
+      for (size_t r = 0; r < 8; ++r) p[r] = Dpbusd256(_mm256_setzero_si256(), RowBlockU8<T>(rows[8 + r] + off), xq);
+      __m512i isum = _mm512_inserti64x4(_mm512_castsi256_si512(lo), Sum8(p), 1);
+      isum = _mm512_add_epi32(isum, _mm512_set1_epi32(a->corr[i * a->corr_stride + b]));
+      const __m512 dx = _mm512_set1_ps(a->d[i * a->d_stride + b]);
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, dx), acc[i]);
+    }
+  }
+  const __mmask16 m = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
+  for (size_t i = 0; i < MR; ++i) _mm512_mask_storeu_ps(y + i * ldy, m, acc[i]);
+}
+
+template <int32_t T>
+void Gemv16(size_t mr, size_t nr, size_t k, const uint8_t* w, size_t row_bytes, const QuantActs* a, float* y, size_t ldy) {
+  switch (mr) {
+    case 1: return Gemv16Mr<T, 1>(nr, k, w, row_bytes, a, y, ldy);
+    case 2: return Gemv16Mr<T, 2>(nr, k, w, row_bytes, a, y, ldy);
+    case 3: return Gemv16Mr<T, 3>(nr, k, w, row_bytes, a, y, ldy);
+    case 4: return Gemv16Mr<T, 4>(nr, k, w, row_bytes, a, y, ldy);
+    case 5: return Gemv16Mr<T, 5>(nr, k, w, row_bytes, a, y, ldy);
+    case 6: return Gemv16Mr<T, 6>(nr, k, w, row_bytes, a, y, ldy);
+    case 7: return Gemv16Mr<T, 7>(nr, k, w, row_bytes, a, y, ldy);
+    case 8: return Gemv16Mr<T, 8>(nr, k, w, row_bytes, a, y, ldy);
+    default: return;
+  }
+}
+
 template <int32_t T>
 void PackBlocks(size_t nr, size_t k, const uint8_t* w, size_t row_bytes, uint8_t* panel) {
   const size_t block_bytes = T == kQuantQ8_0 ? kQ8_0BlockBytes : kQ4_0BlockBytes;
@@ -116,8 +201,10 @@ void Gemm(size_t mr, size_t nr, size_t k, const uint8_t* panel, const QuantActs*
 
 QuantGemmUkernelInfo QuantGemmUkernelAvx512Vnni(int32_t type) {
   switch (type) {
-    case kQuantQ8_0: return {PackBlocks<kQuantQ8_0>, Gemm, kMr, kQuantActU8, "q8_0_qu8_gemm_4x32__avx512vnni"};
-    case kQuantQ4_0: return {PackBlocks<kQuantQ4_0>, Gemm, kMr, kQuantActU8, "q4_0_qu8_gemm_4x32__avx512vnni"};
+    case kQuantQ8_0:
+      return {PackBlocks<kQuantQ8_0>, Gemm, kMr, kQuantActU8, "q8_0_qu8_gemm_4x32__avx512vnni", Gemv16<kQuantQ8_0>, 128};
+    case kQuantQ4_0:
+      return {PackBlocks<kQuantQ4_0>, Gemm, kMr, kQuantActU8, "q4_0_qu8_gemm_4x32__avx512vnni", Gemv16<kQuantQ4_0>, 8};
     default: return {nullptr, nullptr, 0, 0, "?"};
   }
 }

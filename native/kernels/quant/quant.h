@@ -90,12 +90,25 @@ typedef void (*QuantGemmPack)(size_t nr, size_t k, const uint8_t* w, size_t row_
 typedef void (*QuantGemmUkernel)(size_t mr, size_t nr, size_t k, const uint8_t* panel, const QuantActs* a, float* y,
                                  size_t ldy);
 
+// The row-dot (GEMV, few activation rows) companion of a blocked GEMM whose every output equals the
+// GEMM's bit for bit, so that a token's results do not depend on how many rows share the call (a
+// prefill against its token-by-token decode, a sequence decoded alone or in a batch): 16 weight rows
+// per call, read where they lie, each output the same exact per-block integer sums and the same
+// fp32 FMA chain over the blocks as the GEMM. y[i * ldy + j] for i < mr (< kQuantGemvMaxMr), j < nr
+// (<= 16); activations in the kQuantActQ8Corr form (corr_offset of the info).
+const size_t kQuantGemvRows = 16;
+const size_t kQuantGemvMaxMr = 8;
+typedef void (*QuantGemvUkernel)(size_t mr, size_t nr, size_t k, const uint8_t* w, size_t row_bytes, const QuantActs* a,
+                                 float* y, size_t ldy);
+
 struct QuantGemmUkernelInfo {
   QuantGemmPack pack;   // null: no blocked GEMM for this type at this ISA
   QuantGemmUkernel fn;
   size_t mr;            // activation rows per microkernel call
   int32_t act_form;     // kQuantActF32 | kQuantActU8
   const char* name;
+  QuantGemvUkernel gemv = nullptr;  // null: the dot kernels serve few rows (not bit-identical)
+  int32_t gemv_corr_offset = 0;
 };
 
 static inline size_t QuantGemmPanelBytes(int32_t t, size_t k) {
