@@ -28,11 +28,6 @@ inline __m512i Dpbusd(__m512i acc, __m512i a_u8, __m512i b_s8) {
   return acc;
 }
 
-inline __m256i Dpbusd256(__m256i acc, __m256i a_u8, __m256i b_s8) {
-  __asm__("vpdpbusd %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a_u8), [b] "v"(b_s8));
-  return acc;
-}
-
 // Block b of a weight row (blk points at it) as 32 unsigned bytes in element order: q8_0 w + 128,
 // q4_0 the raw nibble (w + 8).
 template <int32_t T>
@@ -44,18 +39,17 @@ inline __m256i RowBlockU8(const uint8_t* blk) {
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), m), _mm_and_si128(qs, m));
 }
 
-// Lane r = the sum of p[r]'s 8 lanes (exact int32), r < 8.
-inline __m256i Sum8(const __m256i* p) {
-  const __m256i h01 = _mm256_hadd_epi32(p[0], p[1]), h23 = _mm256_hadd_epi32(p[2], p[3]);
-  const __m256i h45 = _mm256_hadd_epi32(p[4], p[5]), h67 = _mm256_hadd_epi32(p[6], p[7]);
-  const __m256i q0 = _mm256_hadd_epi32(h01, h23), q1 = _mm256_hadd_epi32(h45, h67);
-  return _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20), _mm256_permute2x128_si256(q0, q1, 0x31));
-}
+// Two rows' pair partials folded once: lane L of the result holds, per 128-bit lane,
+// [a0 + a2, b0 + b2, a1 + a3, b1 + b3].
+inline __m512i Fold32(__m512i a, __m512i b) { return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b)); }
+inline __m512i Fold64(__m512i c, __m512i d) { return _mm512_add_epi32(_mm512_unpacklo_epi64(c, d), _mm512_unpackhi_epi64(c, d)); }
 
-// The GEMM's arithmetic for few activation rows, without packing: for 16 weight rows and each
-// block, every row's exact integer sum (8 partial lanes from vpdpbusd, added by a horizontal tree),
-// then lane r of one zmm holds row r and the same cvt / mul / FMA as GemmMr follow. Rows past nr
-// re-read row nr - 1 (valid memory) and are not stored.
+// The GEMM's arithmetic for few activation rows, without packing. Each row's blocks b and b+1 fill
+// one zmm (lanes 0-7 and 8-15 after vpdpbusd: partial sums of 4 products each); a tree of unpacks
+// and adds over the 16 rows (44 single-uop ops per 32 row-blocks: the AVX2 vphaddd tree costs about
+// twice that) leaves each block's exact integer sums with lane r = row r, and the same cvt / mul /
+// FMA chain as GemmMr follows, block by block. Rows past nr re-read row nr - 1 (valid memory) and
+// are not stored.
 template <int32_t T, size_t MR>
 void Gemv16Mr(size_t nr, size_t k, const uint8_t* w, size_t row_bytes, const QuantActs* a, float* y, size_t ldy) {
   const size_t block_bytes = T == kQuantQ8_0 ? kQ8_0BlockBytes : kQ4_0BlockBytes;
@@ -72,26 +66,46 @@ void Gemv16Mr(size_t nr, size_t k, const uint8_t* w, size_t row_bytes, const Qua
   const size_t nb = k / kQuantBlock;
   // The next 16 rows (contiguous after these), fetched as one sequential stream while these run:
   // walking 16 rows side by side is 16 short streams, more than the hardware prefetchers follow
-  // (measured: 5 GB/s from DRAM without this, against 15-18 GB/s for one row at a time).
+  // (measured: 5 GB/s from DRAM without this).
   const uint8_t* next = w + kQuantGemvRows * row_bytes;
   const size_t lines_per_block = (kQuantGemvRows * block_bytes + 63) / 64;
-  for (size_t b = 0; b < nb; ++b) {
+  for (size_t b = 0; b < nb; b += 2) {
+    const bool two = b + 1 < nb;
     const size_t off = b * block_bytes;
-    for (size_t l = 0; l < lines_per_block; ++l)
+    for (size_t l = 0; l < 2 * lines_per_block; ++l)
       _mm_prefetch(reinterpret_cast<const char*>(next + (b * lines_per_block + l) * 64), _MM_HINT_T0);
     // The 16 rows' fp16 scales: one gather of 4 bytes at each block start, the low half kept.
-    const __m512i h = _mm512_i32gather_epi32(offs, w + off, 1);
-    const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+    const __m512 dw0 = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(offs, w + off, 1)));
+    const __m512 dw1 = two ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32(offs, w + off + block_bytes, 1)))
+                           : _mm512_setzero_ps();
     for (size_t i = 0; i < MR; ++i) {
-      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a->q + i * a->q_stride + b * kQuantBlock));
-      __m256i p[8];
-      for (size_t r = 0; r < 8; ++r) p[r] = Dpbusd256(_mm256_setzero_si256(), RowBlockU8<T>(rows[r] + off), xq);
-      const __m256i lo = Sum8(p);
-      for (size_t r = 0; r < 8; ++r) p[r] = Dpbusd256(_mm256_setzero_si256(), RowBlockU8<T>(rows[8 + r] + off), xq);
-      __m512i isum = _mm512_inserti64x4(_mm512_castsi256_si512(lo), Sum8(p), 1);
-      isum = _mm512_add_epi32(isum, _mm512_set1_epi32(a->corr[i * a->corr_stride + b]));
-      const __m512 dx = _mm512_set1_ps(a->d[i * a->d_stride + b]);
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, dx), acc[i]);
+      // Blocks b and b+1 of the activations (zero padded to an even block count).
+      const __m512i xq = _mm512_loadu_si512(a->q + i * a->q_stride + b * kQuantBlock);
+      __m512i u[8];
+      for (size_t j = 0; j < 8; ++j) {
+        __m512i pr[2];
+        for (size_t h = 0; h < 2; ++h) {
+          const uint8_t* blk = rows[2 * j + h] + off;
+          const __m256i lo = RowBlockU8<T>(blk);
+          const __m256i hi = two ? RowBlockU8<T>(blk + block_bytes) : _mm256_setzero_si256();
+          pr[h] = Dpbusd(_mm512_setzero_si512(), _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), xq);
+        }
+        u[j] = Fold32(pr[0], pr[1]);
+      }
+      // v[j], 128-bit lane L: rows 4j .. 4j+3, each the sum over lane L's 4 elements.
+      __m512i v[4];
+      for (size_t j = 0; j < 4; ++j) v[j] = Fold64(u[2 * j], u[2 * j + 1]);
+      // Lanes 0-1 are block b, 2-3 block b+1: [rows 0-3 b, rows 0-3 b+1, rows 4-7 b, rows 4-7 b+1].
+      const __m512i s01 = _mm512_add_epi32(_mm512_shuffle_i32x4(v[0], v[1], 0x88), _mm512_shuffle_i32x4(v[0], v[1], 0xDD));
+      const __m512i s23 = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2], v[3], 0x88), _mm512_shuffle_i32x4(v[2], v[3], 0xDD));
+      const int32_t* corr = a->corr + i * a->corr_stride + b;
+      const float* dx = a->d + i * a->d_stride + b;
+      const __m512i i0 = _mm512_add_epi32(_mm512_shuffle_i32x4(s01, s23, 0x88), _mm512_set1_epi32(corr[0]));
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_mul_ps(dw0, _mm512_set1_ps(dx[0])), acc[i]);
+      if (two) {
+        const __m512i i1 = _mm512_add_epi32(_mm512_shuffle_i32x4(s01, s23, 0xDD), _mm512_set1_epi32(corr[1]));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_mul_ps(dw1, _mm512_set1_ps(dx[1])), acc[i]);
+      }
     }
   }
   const __mmask16 m = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
