@@ -13,6 +13,7 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include "kernels/quant/quant-transpose-avx512.h"
 #include "kernels/quant/quant.h"
 
 namespace sonde {
@@ -127,36 +128,54 @@ void Gemv16(size_t mr, size_t nr, size_t k, const uint8_t* w, size_t row_bytes, 
   }
 }
 
+// Block b of a weight row (blk points at it) as 32 signed bytes in element order.
+template <int32_t T>
+inline __m256i RowBlockS8(const uint8_t* blk) {
+  if (T == kQuantQ8_0) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+  return _mm256_sub_epi8(RowBlockU8<T>(blk), _mm256_set1_epi8(8));
+}
+
+// Packs 16 rows x 2 blocks per 16 x 16 dword transpose: row i's blocks b and b+1 (32 bytes each,
+// 8 groups of 4) fill the two halves of one zmm; after the transpose, vector c holds group c % 8 of
+// block b + c / 8 for the 16 rows, which is the panel's layout. The weight sums of the correction
+// come from the transposed groups (vpdpbusd with ones), the scales from scalar fp16 loads.
 template <int32_t T>
 void PackBlocks(size_t nr, size_t k, const uint8_t* w, size_t row_bytes, uint8_t* panel) {
   const size_t block_bytes = T == kQuantQ8_0 ? kQ8_0BlockBytes : kQ4_0BlockBytes;
-  for (size_t b = 0; b < k / kQuantBlock; ++b) {
-    uint8_t* dst = panel + b * kQuantGemmBlockPanelBytes;
-    float* dw = reinterpret_cast<float*>(dst + 1024);
-    int32_t* corr = reinterpret_cast<int32_t*>(dst + 1024 + 128);
-    for (size_t r = 0; r < kQuantGemmNr; ++r) {
-      alignas(32) int8_t q[32];
-      float d = 0.0f;
-      int32_t s = 0;
-      if (r < nr) {
-        const uint8_t* blk = w + r * row_bytes + b * block_bytes;
-        d = _cvtsh_ss(QuantLoadU16(blk));
-        if (T == kQuantQ8_0) {
-          memcpy(q, blk + 2, 32);
-        } else {
-          for (size_t j = 0; j < 16; ++j) {
-            q[j] = static_cast<int8_t>((blk[2 + j] & 0x0F) - 8);
-            q[j + 16] = static_cast<int8_t>((blk[2 + j] >> 4) - 8);
-          }
+  const size_t nb = k / kQuantBlock;
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (size_t b = 0; b < nb; b += 2) {
+    const bool two = b + 1 < nb;
+    for (size_t half = 0; half < 2; ++half) {
+      __m512 r[16];
+      for (size_t i = 0; i < 16; ++i) {
+        const size_t row = half * 16 + i;
+        if (row >= nr) {
+          r[i] = _mm512_setzero_ps();
+          continue;
         }
-        for (size_t j = 0; j < 32; ++j) s += q[j];
-      } else {
-        memset(q, 0, 32);
+        const uint8_t* blk = w + row * row_bytes + b * block_bytes;
+        const __m256i lo = RowBlockS8<T>(blk);
+        const __m256i hi = two ? RowBlockS8<T>(blk + block_bytes) : _mm256_setzero_si256();
+        r[i] = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
       }
-      dw[r] = d;
-      // The activations enter as x + 128: sum (x + 128) w = sum x w + 128 sum w.
-      corr[r] = -128 * s;
-      for (size_t g = 0; g < 8; ++g) memcpy(dst + g * 128 + (r / 16) * 64 + (r % 16) * 4, q + 4 * g, 4);
+      Transpose16(r);
+      for (size_t blk = 0; blk < (two ? 2u : 1u); ++blk) {
+        uint8_t* dst = panel + (b + blk) * kQuantGemmBlockPanelBytes;
+        __m512i sum = _mm512_setzero_si512();
+        for (size_t g = 0; g < 8; ++g) {
+          const __m512i v = _mm512_castps_si512(r[blk * 8 + g]);
+          _mm512_store_si512(dst + g * 128 + half * 64, v);
+          sum = Dpbusd(sum, ones, v);
+        }
+        // The activations enter as x + 128: sum (x + 128) w = sum x w + 128 sum w.
+        _mm512_store_si512(dst + 1152 + half * 64, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sum, 7)));
+      }
+    }
+    for (size_t blk = 0; blk < (two ? 2u : 1u); ++blk) {
+      float* dw = reinterpret_cast<float*>(panel + (b + blk) * kQuantGemmBlockPanelBytes + 1024);
+      for (size_t row = 0; row < kQuantGemmNr; ++row)
+        dw[row] = row < nr ? _cvtsh_ss(QuantLoadU16(w + row * row_bytes + (b + blk) * block_bytes)) : 0.0f;
     }
   }
 }
