@@ -114,7 +114,10 @@ kernels::QuantGemmUkernelInfo QuantGemmUkernel(int32_t type, QuantVariant v) {
 namespace {
 
 // From this many activation rows the blocked GEMM beats the row-dot kernels (bench/quant-shapes.js
-// threshold, 1408 x 1024, one thread on the 2-core AVX-512 VM):
+// threshold, 1408 x 1024, one thread on the 2-core AVX-512 VM, gemv/gemm time: q8_0 M=4 0.85,
+// M=6 1.02, M=8 1.02, M=12 1.40; f16 M=4 0.92, M=6 1.51, M=8 1.22), with the scalar panel pack that
+// the SIMD one has since made cheaper. For q8_0 / q4_0 on VNNI the choice changes no result bit
+// (Gemv16 is the GEMM's arithmetic), only the speed.
 const size_t kQuantGemmMinRows = 8;
 
 // The calling thread's panel buffer, grown to the largest panel it has packed and kept: a
