@@ -213,7 +213,7 @@ export interface NativeBinding {
   /** out[m, n] = x[m, k] . W^T; W is n rows of k `type` values: bytes, or tensor `index` of a GGUF handle. */
   quantMatmul(x: Float32Array, weights: Uint8Array | NativeGgufHandle, index: number, out: Float32Array,
     options: { m: number; k: number; n: number; type: NativeQuantType; variant: NativeQuantVariant; threads: number;
-      cancel?: NativeCancelToken }): Promise<void>;
+      algorithm?: 'auto' | 'gemv' | 'gemm'; cancel?: NativeCancelToken }): Promise<void>;
   /** out[n, k] = W dequantised. */
   quantDequantize(weights: Uint8Array | NativeGgufHandle, index: number, out: Float32Array,
     options: { k: number; n: number; type: NativeQuantType; threads: number; cancel?: NativeCancelToken }): Promise<void>;

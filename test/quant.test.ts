@@ -221,6 +221,83 @@ describe('kernels.quantMatmul', () => {
   });
 });
 
+// The blocked GEMM: avx512 for the float types, avx512vnni for the block types. Shapes walk its
+// tile edges: M = 1, below / at / above the 4-row (vnni) and 12-row (float) tiles and several
+// tiles plus a remainder; N below / at / above the 32-row panel and several panels plus a
+// remainder; K of one block (32), an odd block count, and for the float types K not a multiple of
+// the 16-wide pack.
+const gemmVariant = (t: kernels.QuantType): kernels.QuantVariant | undefined =>
+  isBlock(t) ? (hasVnni ? 'avx512vnni' : undefined) : (cpu.simd === 'avx512' ? 'avx512' : undefined);
+
+describe('kernels.quantMatmul algorithm gemm', () => {
+  const gemmTypes = TYPES.filter((t) => gemmVariant(t) !== undefined);
+  for (const type of gemmTypes) it(`${type}: within the derived bound of the exact value on tile-edge shapes`, async () => {
+    const variant = gemmVariant(type)!;
+    const ks = isBlock(type) ? [32, 96, 1056] : [5, 17, 32, 96, 1056];
+    for (const k of ks) {
+      for (const n of [1, 31, 32, 33, 70]) {
+        const wf = randomF32(n * k, k + n).map((v, i) => v * (1 + (Math.floor(i / 32) % 7)));
+        const w = kernels.quantizeWeights(new Tensor('float32', wf, [n, k]), type);
+        const wdeq = (await kernels.dequantize(w)).data;
+        for (const m of [1, 3, 4, 5, 12, 13, 29]) {
+          const x = randomF32(m * k, 3 * k + m).map((v, i) => v * 2 ** ((i % 5) - 2));
+          const xt = new Tensor('float32', x, [m, k]);
+          const { want, bound } = expected(x, m, w, wdeq);
+          const y = await kernels.quantMatmul(xt, w, { variant, algorithm: 'gemm' });
+          expectWithin(`${type} gemm m=${m} n=${n} k=${k}`, y.data, want, bound);
+        }
+      }
+    }
+  });
+
+  it.skipIf(gemmTypes.length === 0)('auto takes the GEMM from 8 rows: the same bits as gemm there and as gemv below; threads do not change a bit', async () => {
+    const [n, k] = [100, 320];
+    for (const type of gemmTypes) {
+      const w = kernels.quantizeWeights(new Tensor('float32', randomF32(n * k, 7), [n, k]), type);
+      for (const m of [7, 8, 40]) {
+        const x = new Tensor('float32', randomF32(m * k, 8 + m), [m, k]);
+        const auto = await kernels.quantMatmul(x, w);
+        const gemv = await kernels.quantMatmul(x, w, { algorithm: 'gemv' });
+        const gemm = await kernels.quantMatmul(x, w, { algorithm: 'gemm', threads: 1 });
+        expect(auto.data, `${type} m=${m}`).toEqual(m >= 8 ? gemm.data : gemv.data);
+        // 4 panels over 2 threads: the rows are split too, each output still one kernel call.
+        expect((await kernels.quantMatmul(x, w, { algorithm: 'gemm', threads: 2 })).data, `${type} m=${m} t2`).toEqual(gemm.data);
+      }
+    }
+  });
+
+  it.skipIf(!hasVnni)('block types: a row gives the same bits alone (16-row dot kernel) and in a GEMM of any M', async () => {
+    // Batch invariance: a prefill equals its token-by-token decode, a sequence decoded alone equals
+    // it decoded in a batch. N = 47: two groups of 16 rows and a partial one, one panel and a half.
+    const [n, k] = [47, 288];
+    for (const type of ['q8_0', 'q4_0'] as const) {
+      const w = kernels.quantizeWeights(new Tensor('float32', randomF32(n * k, 21), [n, k]), type);
+      const m = 19;
+      const x = randomF32(m * k, 22);
+      const gemm = await kernels.quantMatmul(new Tensor('float32', x, [m, k]), w, { algorithm: 'gemm' });
+      const gemv = await kernels.quantMatmul(new Tensor('float32', x, [m, k]), w, { algorithm: 'gemv' });
+      expect(gemv.data, `${type} gemv M = ${m}`).toEqual(gemm.data);
+      for (const i of [0, 7, 18]) {
+        const one = await kernels.quantMatmul(new Tensor('float32', x.slice(i * k, (i + 1) * k), [1, k]), w);
+        expect(one.data, `${type} row ${i}`).toEqual(gemm.data.subarray(i * n, (i + 1) * n));
+      }
+    }
+  });
+
+  it.skipIf(!hasVnni)('a block of activations holding NaN or Inf gives NaN rows', async () => {
+    const k = 96;
+    const x = randomF32(9 * k, 4);
+    x[40] = NaN;  // row 0, block 1
+    x[k + 70] = Infinity;  // row 1, block 2
+    for (const type of ['q8_0', 'q4_0'] as const) {
+      const w = kernels.quantizeWeights(new Tensor('float32', randomF32(33 * k, 5), [33, k]), type);
+      const y = await kernels.quantMatmul(new Tensor('float32', x, [9, k]), w, { algorithm: 'gemm' });
+      expect(Array.from(y.data.subarray(0, 66)).every(Number.isNaN), type).toBe(true);
+      expect(Array.from(y.data.subarray(66)).some(Number.isNaN), type).toBe(false);
+    }
+  });
+});
+
 describe('quantMatmul / quantizeWeights / dequantize: bad input is a typed error', () => {
   const w = kernels.quantizeWeights(new Tensor('float32', randomF32(4 * 64), [4, 64]), 'q8_0');
   const wf = kernels.quantizeWeights(new Tensor('float32', randomF32(4 * 64), [4, 64]), 'f32');
@@ -244,6 +321,9 @@ describe('quantMatmul / quantizeWeights / dequantize: bad input is a typed error
     await expect(kernels.quantMatmul(x, wf, { variant: 'avx512vnni' })).rejects.toThrow(/q8_0 and q4_0 only/);
     await expect(kernels.quantMatmul(x, w, { thread: 1 } as never)).rejects.toThrow(/did you mean 'threads'/);
     await expect(kernels.quantMatmul(x, w, { threads: 0 })).rejects.toThrow(/options.threads/);
+    await expect(kernels.quantMatmul(x, w, { algorithm: 'blocked' as never })).rejects.toThrow(/options.algorithm/);
+    await expect(kernels.quantMatmul(x, w, { algorithm: 'gemm', variant: 'scalar' })).rejects.toThrow(/options.algorithm 'gemm' has no kernel for q8_0 weights at variant 'scalar'/);
+    await expect(kernels.quantMatmul(x, wf, { algorithm: 'gemm', variant: 'avx2' })).rejects.toThrow(InvalidArgumentError);
     await expect(kernels.quantMatmul(x, new Float32Array(4) as never)).rejects.toThrow(/GgufTensor or QuantizedWeights/);
     await expect(kernels.quantMatmul(new Tensor('float16', new Uint16Array(64), [1, 64]) as never, w)).rejects.toThrow(/dtype 'float32'/);
     expect(() => kernels.quantizeWeights(new Tensor('float32', new Float32Array(64), [64]), 'q8_0')).toThrow(/2-D/);

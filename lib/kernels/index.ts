@@ -17,7 +17,7 @@ export type {
   AveragePoolOptions,
 } from './conv.js';
 export { quantMatmul, quantizeWeights, dequantize, QuantizedWeights } from './quant.js';
-export type { QuantType, QuantVariant, QuantMatmulOptions } from './quant.js';
+export type { QuantType, QuantVariant, QuantAlgorithm, QuantMatmulOptions } from './quant.js';
 export { moe, moeRoute } from './moe.js';
 export type {
   MoeScoring, MoeMatrix, MoeExperts, MoeRouterSpec, MoeSharedExpert, MoeLayerSpec, MoeRunOptions, MoeOptions, MoeResult,

@@ -90,8 +90,19 @@ function weightsArg(where: string, w: unknown): WeightsArg {
   throw new InvalidArgumentError(`${where}(weights) must be a GgufTensor or QuantizedWeights, got ${describe(w)}`);
 }
 
+/**
+ * 'gemv': each activation row dotted with each weight row (decode); 'gemm': weights packed per panel
+ * of 32 rows, tiles of activation rows over it (prefill; kernels: avx512 for f32/f16/bf16,
+ * avx512vnni for q8_0/q4_0); 'auto' (default): 'gemm' from 8 rows where it has a kernel.
+ */
+const isBlockType = (t: QuantType): boolean => t === 'q8_0' || t === 'q4_0';
+
+export type QuantAlgorithm = 'auto' | 'gemv' | 'gemm';
+const ALGORITHMS: readonly QuantAlgorithm[] = ['auto', 'gemv', 'gemm'];
+
 export interface QuantMatmulOptions {
   variant?: QuantVariant;
+  algorithm?: QuantAlgorithm;
   /** At most this many pool threads (default: the whole pool). */
   threads?: number;
   signal?: AbortSignal;
@@ -105,7 +116,7 @@ export async function quantMatmul(x: Tensor<'float32'>, weights: GgufTensor | Qu
   options?: QuantMatmulOptions): Promise<Tensor<'float32'>> {
   const site = new Error();
   const where = 'quantMatmul';
-  const opts = checkOptions<QuantMatmulOptions>(where, options, ['variant', 'threads', 'signal']);
+  const opts = checkOptions<QuantMatmulOptions>(where, options, ['variant', 'algorithm', 'threads', 'signal']);
   checkTensor(`${where}(x)`, x, 'float32');
   if (x.dims.length !== 1 && x.dims.length !== 2) {
     throw new InvalidArgumentError(`${where}(x) must be [K] or [M, K], got dims [${x.dims.join(', ')}]`);
@@ -120,11 +131,15 @@ export async function quantMatmul(x: Tensor<'float32'>, weights: GgufTensor | Qu
   if (variant === 'avx512vnni' && w.type !== 'q8_0' && w.type !== 'q4_0') {
     throw new InvalidArgumentError(`${where}: options.variant 'avx512vnni' has kernels for q8_0 and q4_0 only, the weights are ${w.type}`);
   }
+  const algorithm = checkOneOf(`${where}: options.algorithm`, opts.algorithm ?? 'auto', ALGORITHMS);
+  if (algorithm === 'gemm' && variant !== 'auto' && variant !== (isBlockType(w.type) ? 'avx512vnni' : 'avx512')) {
+    throw new InvalidArgumentError(`${where}: options.algorithm 'gemm' has no kernel for ${w.type} weights at variant '${variant}' (avx512 runs f32, f16 and bf16; avx512vnni q8_0 and q4_0)`);
+  }
   const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
   const signal = checkSignal(`${where}: options.signal`, opts.signal);
   const out = new Float32Array(m * w.n);
   await callNative(() => withSignal(signal, (token) =>
-    native().quantMatmul(x.data, w.ref, w.index, out, { m, k, n: w.n, type: w.type, variant, threads, cancel: token })), site);
+    native().quantMatmul(x.data, w.ref, w.index, out, { m, k, n: w.n, type: w.type, variant, algorithm, threads, cancel: token })), site);
   return new Tensor('float32', out, x.dims.length === 2 ? [m, w.n] : [w.n]);
 }
 

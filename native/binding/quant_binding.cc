@@ -48,7 +48,7 @@ class QuantMatmulJob : public AsyncJob {
   void Execute(Addon& addon) override { RunQuantMatmul(addon.pool(), threads, cancel.get(), args, variant); }
 };
 
-// quantMatmul(x, weights, tensorIndex, out, { m, k, n, type, variant, threads, cancel }) -> Promise<void>
+// quantMatmul(x, weights, tensorIndex, out, { m, k, n, type, variant, algorithm?, threads, cancel }) -> Promise<void>
 Napi::Value QuantMatmul(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const std::string where = "quantMatmul";
@@ -78,6 +78,14 @@ Napi::Value QuantMatmul(Addon& addon, const Napi::CallbackInfo& info) {
   if (!why.empty())
     throw MakeError(env, not_for_type ? codes::kInvalidArgument : codes::kDeviceUnavailable, "quantMatmul: options.variant: " + why);
   job->variant = ResolveQuantVariant(a.type, v);
+  Napi::Value algorithm = o.Get("algorithm");
+  if (!algorithm.IsUndefined() && (!algorithm.IsString() || !ParseQuantAlgorithm(algorithm.As<Napi::String>(), &a.algorithm)))
+    throw MakeError(env, codes::kInvalidArgument, "quantMatmul: options.algorithm must be 'auto', 'gemv' or 'gemm'");
+  if (a.algorithm == QuantAlgorithm::kGemm && !QuantGemmUkernel(a.type, job->variant).pack)
+    throw MakeError(env, codes::kInvalidArgument, std::string("quantMatmul: options.algorithm 'gemm' has no kernel for ") +
+                                                      QuantTypeName(a.type) + " weights at variant '" +
+                                                      QuantVariantName(job->variant) +
+                                                      "' (avx512 runs f32, f16 and bf16; avx512vnni q8_0 and q4_0)");
   Napi::Value threads = o.Get("threads");
   job->threads = threads.IsNumber() ? threads.As<Napi::Number>().Uint32Value() : 0;
   a.x = x.Data();

@@ -43,9 +43,9 @@ unsigned EffectiveThreads(ThreadPool& pool, unsigned threads) {
   return threads == 0 ? size : std::min(threads, size);
 }
 
-// y[m x n] = x[m x k] . W^T, W = n rows of k of `type` at w.
+// y[m x n] = x[m x k] . W^T, W = n rows of k of `type` at w; qs holds the activations' int8 form.
 bool Matmul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, QuantVariant v, const float* x, size_t m,
-            size_t k, const uint8_t* w, int32_t type, size_t n, float* y) {
+            size_t k, const uint8_t* w, int32_t type, size_t n, float* y, QuantMatmulScratch* qs) {
   QuantMatmulArgs a;
   a.x = x;
   a.m = m;
@@ -56,7 +56,20 @@ bool Matmul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, QuantV
   a.type = type;
   a.y = y;
   a.ldy = n;
-  return RunQuantMatmul(pool, threads, cancel, a, VariantFor(v, type));
+  return RunQuantMatmul(pool, threads, cancel, a, VariantFor(v, type), qs);
+}
+
+// x's rows (m of k, ldx apart) quantised for the dot kernels of `type` (a single token's products).
+bool QuantizeForGemv(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, QuantVariant v, const float* x,
+                     size_t m, size_t k, size_t ldx, int32_t type, QuantMatmulScratch* qs) {
+  QuantMatmulArgs a;
+  a.x = x;
+  a.m = m;
+  a.k = k;
+  a.ldx = ldx;
+  a.type = type;
+  a.algorithm = QuantAlgorithm::kGemv;
+  return QuantizeActivations(pool, threads, cancel, a, VariantFor(v, type), qs);
 }
 
 std::string CheckMatrix(const char* name, const uint8_t* data, int32_t type, size_t cols, QuantVariant v) {
@@ -109,62 +122,78 @@ std::string ValidateMoeLayer(const MoeLayer& l) {
   return "";
 }
 
-bool RunMoeRoute(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& l, const float* x,
-                 size_t tokens, int32_t* expert_ids, float* expert_weights, float* scores) {
+namespace {
+
+bool RouteTokens(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& l, const float* x,
+                 size_t tokens, int32_t* expert_ids, float* expert_weights, float* scores, MoeScratch& s) {
   if (tokens == 0) return true;
   threads = EffectiveThreads(pool, threads);
   const size_t e = l.n_experts, k = l.k;
-  std::vector<float> logits(tokens * e);
-  if (!Matmul(pool, threads, cancel, l.variant, x, tokens, l.d_model, l.router.data, l.router.type, e, logits.data()))
+  s.logits.resize(tokens * e);
+  if (!Matmul(pool, threads, cancel, l.variant, x, tokens, l.d_model, l.router.data, l.router.type, e, s.logits.data(), &s.acts))
     return false;
-  std::vector<float> own_scores;
   if (!scores) {
-    own_scores.resize(tokens * e);
-    scores = own_scores.data();
+    s.scores.resize(tokens * e);
+    scores = s.scores.data();
+  }
+  const float* logits = s.logits.data();
+  auto route = [&](size_t t) {
+    kernels::MoeRouteToken(e, k, logits + t * e, static_cast<int32_t>(l.scoring), l.selection_bias, l.renormalize,
+                           l.weight_scale, scores + t * e, expert_ids + t * k, expert_weights + t * k);
+  };
+  if (tokens == 1) {
+    route(0);
+    return true;
   }
   // Routing is O(E k) per token: chunks of tokens keep ParallelFor's per-index cost small.
   const size_t chunk = 64;
   return pool.ParallelFor((tokens + chunk - 1) / chunk, threads, [&](size_t c) {
-    for (size_t t = c * chunk, end = std::min(tokens, t + chunk); t < end; ++t)
-      kernels::MoeRouteToken(e, k, logits.data() + t * e, static_cast<int32_t>(l.scoring), l.selection_bias, l.renormalize,
-                             l.weight_scale, scores + t * e, expert_ids + t * k, expert_weights + t * k);
+    for (size_t t = c * chunk, end = std::min(tokens, t + chunk); t < end; ++t) route(t);
   }, cancel);
+}
+
+}  // namespace
+
+bool RunMoeRoute(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& l, const float* x,
+                 size_t tokens, int32_t* expert_ids, float* expert_weights, float* scores) {
+  MoeScratch s;
+  return RouteTokens(pool, threads, cancel, l, x, tokens, expert_ids, expert_weights, scores, s);
 }
 
 namespace {
 
-// One row-chunk of one matrix product of a single token: y[0, n) = x . W[0, n)^T.
-struct GemvPiece {
-  const float* x;
-  size_t k;
-  const uint8_t* w;
-  int32_t type;
-  size_t n;
-  float* y;
-};
-
 // Splits the product y = x . W^T (W: n rows of k of type) into chunks of rows and appends them.
 // The caller sizes chunks to about 8 per thread over the whole phase: enough to balance threads
-// whose speed differs (a shared machine), few enough that each chunk's fixed cost (it quantises x
-// again: k values, against rows * k weights it reads) stays small.
-void AddGemv(std::vector<GemvPiece>* pieces, const float* x, size_t k, const uint8_t* w, int32_t type, size_t n,
-             float* y, size_t chunk_rows) {
+// whose speed differs (a shared machine); x is quantised once for all of them.
+void AddGemv(std::vector<MoeGemvPiece>* pieces, const float* x, size_t k, const uint8_t* w, int32_t type, size_t n,
+             float* y, size_t chunk_rows, const QuantMatmulScratch* acts, size_t row0) {
   const size_t row_bytes = kernels::QuantRowBytes(type, k);
   for (size_t r = 0; r < n; r += chunk_rows) {
     const size_t rows = std::min(chunk_rows, n - r);
-    pieces->push_back(GemvPiece{x, k, w + r * row_bytes, type, rows, y + r});
+    pieces->push_back(MoeGemvPiece{x, k, w + r * row_bytes, type, rows, y + r, acts, row0});
   }
 }
 
-bool RunGemvPieces(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, QuantVariant v,
-                   const std::vector<GemvPiece>& pieces) {
-  std::vector<char> ok(pieces.size(), 1);
+bool RunGemvPieces(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, QuantVariant v, MoeScratch& s) {
+  const std::vector<MoeGemvPiece>& pieces = s.pieces;
+  s.ok.assign(pieces.size(), 1);
   const bool done = pool.ParallelFor(pieces.size(), threads, [&](size_t i) {
-    const GemvPiece& p = pieces[i];
-    ok[i] = Matmul(pool, 1, cancel, v, p.x, 1, p.k, p.w, p.type, p.n, p.y);
+    const MoeGemvPiece& p = pieces[i];
+    QuantMatmulArgs a;
+    a.x = p.x;
+    a.m = 1;
+    a.k = p.k;
+    a.ldx = p.k;
+    a.w = p.w;
+    a.n = p.n;
+    a.type = p.type;
+    a.y = p.y;
+    a.ldy = p.n;
+    a.algorithm = QuantAlgorithm::kGemv;
+    s.ok[i] = RunQuantMatmulQuantized(pool, 1, cancel, a, VariantFor(v, p.type), *p.acts, p.row0);
   }, cancel);
   if (!done) return false;
-  for (char c : ok)
+  for (char c : s.ok)
     if (!c) return false;
   return true;
 }
@@ -174,112 +203,149 @@ bool RunGemvPieces(ThreadPool& pool, unsigned threads, const CancelFlag* cancel,
 // first, then down: two synchronisations instead of three per expert.
 bool RunMoeSingleToken(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& l,
                        const kernels::MoeUkernels& uk, const float* x, const int32_t* ids, const float* weights,
-                       float* y) {
+                       float* y, MoeScratch& s) {
   const size_t k = l.k, d = l.d_model, f = l.d_ff, sf = l.shared_d_ff;
-  std::vector<float> h(2 * (k * f + sf)), out((k + 1) * d);
-  float* g = h.data();
+  s.h.resize(2 * (k * f + sf));
+  s.out.resize((k + 1) * d);
+  float* g = s.h.data();
   float* u = g + k * f + sf;
+  float* out = s.out.data();
   float sgate = 1.0f;
   const size_t total_rows = 2 * (k * f + sf) + (k + 1) * d;
   const size_t chunk = std::max<size_t>(16, (total_rows + 8 * threads - 1) / (8 * threads));
-  std::vector<GemvPiece> pieces;
+  // x once per weight type it meets (the tensors of a layer may differ in type).
+  bool quantized[kernels::kQuantTypeCount] = {};
+  auto x_acts = [&](int32_t type) -> const QuantMatmulScratch* {
+    if (!quantized[type]) {
+      if (!QuantizeForGemv(pool, threads, cancel, l.variant, x, 1, d, d, type, &s.x_acts[type])) return nullptr;
+      quantized[type] = true;
+    }
+    return &s.x_acts[type];
+  };
+  const QuantMatmulScratch *xg = x_acts(l.gate.type), *xu = x_acts(l.up.type);
+  if (!xg || !xu) return false;
+  s.pieces.clear();
   for (size_t j = 0; j < k; ++j) {
     const size_t e = static_cast<size_t>(ids[j]);
-    AddGemv(&pieces, x, d, l.gate.data + e * l.gate.expert_stride, l.gate.type, f, g + j * f, chunk);
-    AddGemv(&pieces, x, d, l.up.data + e * l.up.expert_stride, l.up.type, f, u + j * f, chunk);
+    AddGemv(&s.pieces, x, d, l.gate.data + e * l.gate.expert_stride, l.gate.type, f, g + j * f, chunk, xg, 0);
+    AddGemv(&s.pieces, x, d, l.up.data + e * l.up.expert_stride, l.up.type, f, u + j * f, chunk, xu, 0);
   }
   if (sf) {
-    AddGemv(&pieces, x, d, l.shared_gate.data, l.shared_gate.type, sf, g + k * f, chunk);
-    AddGemv(&pieces, x, d, l.shared_up.data, l.shared_up.type, sf, u + k * f, chunk);
-    if (l.shared_gate_inp.data) AddGemv(&pieces, x, d, l.shared_gate_inp.data, l.shared_gate_inp.type, 1, &sgate, chunk);
+    const QuantMatmulScratch *sxg = x_acts(l.shared_gate.type), *sxu = x_acts(l.shared_up.type);
+    if (!sxg || !sxu) return false;
+    AddGemv(&s.pieces, x, d, l.shared_gate.data, l.shared_gate.type, sf, g + k * f, chunk, sxg, 0);
+    AddGemv(&s.pieces, x, d, l.shared_up.data, l.shared_up.type, sf, u + k * f, chunk, sxu, 0);
+    if (l.shared_gate_inp.data) {
+      const QuantMatmulScratch* sxi = x_acts(l.shared_gate_inp.type);
+      if (!sxi) return false;
+      AddGemv(&s.pieces, x, d, l.shared_gate_inp.data, l.shared_gate_inp.type, 1, &sgate, chunk, sxi, 0);
+    }
   }
-  if (!RunGemvPieces(pool, threads, cancel, l.variant, pieces)) return false;
+  if (!RunGemvPieces(pool, threads, cancel, l.variant, s)) return false;
   uk.swiglu(k * f + sf, g, u, g);
-  pieces.clear();
+  // The k experts' down inputs are the rows of g (f apart): quantised together, row j for expert j.
+  if (!QuantizeForGemv(pool, threads, cancel, l.variant, g, k, f, f, l.down.type, &s.h_acts)) return false;
+  if (sf && !QuantizeForGemv(pool, threads, cancel, l.variant, g + k * f, 1, sf, sf, l.shared_down.type, &s.shared_h_acts))
+    return false;
+  s.pieces.clear();
   for (size_t j = 0; j < k; ++j) {
     const size_t e = static_cast<size_t>(ids[j]);
-    AddGemv(&pieces, g + j * f, f, l.down.data + e * l.down.expert_stride, l.down.type, d, out.data() + j * d, chunk);
+    AddGemv(&s.pieces, g + j * f, f, l.down.data + e * l.down.expert_stride, l.down.type, d, out + j * d, chunk, &s.h_acts, j);
   }
-  if (sf) AddGemv(&pieces, g + k * f, sf, l.shared_down.data, l.shared_down.type, d, out.data() + k * d, chunk);
-  if (!RunGemvPieces(pool, threads, cancel, l.variant, pieces)) return false;
+  if (sf) AddGemv(&s.pieces, g + k * f, sf, l.shared_down.data, l.shared_down.type, d, out + k * d, chunk, &s.shared_h_acts, 0);
+  if (!RunGemvPieces(pool, threads, cancel, l.variant, s)) return false;
   std::memset(y, 0, d * sizeof(float));
-  for (size_t j = 0; j < k; ++j) uk.scale_add(d, weights[j], out.data() + j * d, y);
-  if (sf) uk.scale_add(d, l.shared_gate_inp.data ? 1.0f / (1.0f + std::exp(-sgate)) : 1.0f, out.data() + k * d, y);
+  for (size_t j = 0; j < k; ++j) uk.scale_add(d, weights[j], out + j * d, y);
+  if (sf) uk.scale_add(d, l.shared_gate_inp.data ? 1.0f / (1.0f + std::exp(-sgate)) : 1.0f, out + k * d, y);
   return true;
 }
 
 bool RunMoeChecked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& l, const float* x,
-                   size_t tokens, float* y, uint64_t* expert_counts, uint64_t* dropped) {
+                   size_t tokens, float* y, uint64_t* expert_counts, uint64_t* dropped, MoeScratch& s) {
   const size_t n_exp = l.n_experts, k = l.k, d = l.d_model, f = l.d_ff;
   threads = EffectiveThreads(pool, threads);
   const unsigned nthreads = threads;
   const kernels::MoeUkernels uk = Ukernels(l.variant);
 
-  std::vector<int32_t> ids(tokens * k);
-  std::vector<float> weights(tokens * k);
-  if (!RunMoeRoute(pool, threads, cancel, l, x, tokens, ids.data(), weights.data(), nullptr)) return false;
+  s.ids.resize(tokens * k);
+  s.weights.resize(tokens * k);
+  const int32_t* ids = s.ids.data();
+  const float* weights = s.weights.data();
+  if (!RouteTokens(pool, threads, cancel, l, x, tokens, s.ids.data(), s.weights.data(), nullptr, s)) return false;
 
   // Group the (token, slot) pairs by expert, in token order so that a capacity limit keeps the
   // earliest tokens and the result does not depend on thread timing.
-  std::vector<size_t> routed(n_exp, 0);
-  for (size_t i = 0; i < tokens * k; ++i) ++routed[static_cast<size_t>(ids[i])];
+  s.routed.assign(n_exp, 0);
+  for (size_t i = 0; i < tokens * k; ++i) ++s.routed[static_cast<size_t>(ids[i])];
   size_t capacity = std::numeric_limits<size_t>::max();
   if (l.capacity_factor > 0) {
     const double c = std::ceil(static_cast<double>(l.capacity_factor) * static_cast<double>(tokens * k) / static_cast<double>(n_exp));
     capacity = c >= static_cast<double>(tokens) ? tokens : static_cast<size_t>(c);
   }
-  std::vector<size_t> rows(n_exp), offset(n_exp + 1, 0);
+  std::vector<size_t>& rows = s.rows;
+  std::vector<size_t>& offset = s.offset;
+  rows.assign(n_exp, 0);
+  offset.assign(n_exp + 1, 0);
   uint64_t drops = 0;
   for (size_t e = 0; e < n_exp; ++e) {
-    rows[e] = std::min(routed[e], capacity);
-    drops += routed[e] - rows[e];
+    rows[e] = std::min(s.routed[e], capacity);
+    drops += s.routed[e] - rows[e];
     offset[e + 1] = offset[e] + rows[e];
-    if (expert_counts) expert_counts[e] += routed[e];
+    if (expert_counts) expert_counts[e] += s.routed[e];
   }
   if (dropped) *dropped += drops;
   // One token never exceeds a capacity (ceil of a positive number, and its k experts differ).
-  if (tokens == 1) return RunMoeSingleToken(pool, threads, cancel, l, uk, x, ids.data(), weights.data(), y);
+  if (tokens == 1) return RunMoeSingleToken(pool, threads, cancel, l, uk, x, ids, weights, y, s);
   const size_t total = offset[n_exp];
-  std::vector<int64_t> row_of(tokens * k, -1);
-  {
-    std::vector<size_t> fill(n_exp, 0);
-    for (size_t i = 0; i < tokens * k; ++i) {
-      const size_t e = static_cast<size_t>(ids[i]);
-      if (fill[e] < rows[e]) row_of[i] = static_cast<int64_t>(offset[e] + fill[e]++);
-    }
+  s.row_of.assign(tokens * k, -1);
+  const int64_t* row_of = s.row_of.data();
+  s.fill.assign(n_exp, 0);
+  for (size_t i = 0; i < tokens * k; ++i) {
+    const size_t e = static_cast<size_t>(ids[i]);
+    if (s.fill[e] < rows[e]) s.row_of[i] = static_cast<int64_t>(offset[e] + s.fill[e]++);
   }
 
   // Each expert's rows gathered contiguously, so that its GEMM streams its weights once for the
   // whole group.
-  std::vector<float> xg(total * d);
+  s.xg.resize(total * d);
+  float* xg = s.xg.data();
   {
     const bool ok = pool.ParallelFor(tokens, threads, [&](size_t t) {
       for (size_t j = 0; j < k; ++j) {
         const int64_t r = row_of[t * k + j];
-        if (r >= 0) std::memcpy(xg.data() + static_cast<size_t>(r) * d, x + t * d, d * sizeof(float));
+        if (r >= 0) std::memcpy(xg + static_cast<size_t>(r) * d, x + t * d, d * sizeof(float));
       }
     }, cancel);
     if (!ok) return false;
   }
-  std::vector<float> hg(total * f), hu(total * f), yo(total * d);
+  s.hg.resize(total * f);
+  s.hu.resize(total * f);
+  s.yo.resize(total * d);
+  if (s.expert_acts.size() < n_exp) s.expert_acts.resize(n_exp);
 
+  // Each expert's gate, up and down products through RunQuantMatmul, which takes the blocked GEMM
+  // for groups of kQuantGemmMinRows rows and more.
   auto run_expert = [&](size_t e, unsigned thr) -> bool {
     const size_t m = rows[e], off = offset[e];
     if (m == 0) return true;
-    const float* xe = xg.data() + off * d;
-    float* g = hg.data() + off * f;
-    float* u = hu.data() + off * f;
-    if (!Matmul(pool, thr, cancel, l.variant, xe, m, d, l.gate.data + e * l.gate.expert_stride, l.gate.type, f, g)) return false;
-    if (!Matmul(pool, thr, cancel, l.variant, xe, m, d, l.up.data + e * l.up.expert_stride, l.up.type, f, u)) return false;
+    QuantMatmulScratch* qs = &s.expert_acts[e];
+    const float* xe = xg + off * d;
+    float* g = s.hg.data() + off * f;
+    float* u = s.hu.data() + off * f;
+    if (!Matmul(pool, thr, cancel, l.variant, xe, m, d, l.gate.data + e * l.gate.expert_stride, l.gate.type, f, g, qs)) return false;
+    if (!Matmul(pool, thr, cancel, l.variant, xe, m, d, l.up.data + e * l.up.expert_stride, l.up.type, f, u, qs)) return false;
     uk.swiglu(m * f, g, u, g);
     return Matmul(pool, thr, cancel, l.variant, g, m, f, l.down.data + e * l.down.expert_stride, l.down.type, d,
-                  yo.data() + off * d);
+                  s.yo.data() + off * d, qs);
   };
 
   // Threads by work. A group holding more than one thread's share of the rows runs alone over all
   // threads, its GEMMs split over N. The rest run side by side, one expert per thread: small GEMMs split over threads would
   // spend more on synchronisation than on arithmetic, and each expert's weights are read once.
-  std::vector<size_t> wide, narrow;
+  std::vector<size_t>& wide = s.wide;
+  std::vector<size_t>& narrow = s.narrow;
+  wide.clear();
+  narrow.clear();
   for (size_t e = 0; e < n_exp; ++e) {
     if (rows[e] == 0) continue;
     const bool big = rows[e] * nthreads > total;
@@ -294,30 +360,31 @@ bool RunMoeChecked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel,
   if (!narrow.empty()) {
     // Largest groups first, so the last ones to start are short.
     std::stable_sort(narrow.begin(), narrow.end(), [&](size_t a, size_t b) { return rows[a] > rows[b]; });
-    std::vector<char> ok(narrow.size(), 1);
-    const bool done = pool.ParallelFor(narrow.size(), threads, [&](size_t i) { ok[i] = run_expert(narrow[i], 1); }, cancel);
+    s.ok.assign(narrow.size(), 1);
+    const bool done = pool.ParallelFor(narrow.size(), threads, [&](size_t i) { s.ok[i] = run_expert(narrow[i], 1); }, cancel);
     if (!done) return false;
-    for (char c : ok)
+    for (char c : s.ok)
       if (!c) return false;
   }
 
   // Shared expert on every token, its output gated per token.
-  std::vector<float> so, sgate;
-  if (l.shared_d_ff > 0) {
+  const bool shared = l.shared_d_ff > 0, shared_gate = shared && l.shared_gate_inp.data;
+  if (shared) {
     const size_t sf = l.shared_d_ff;
-    std::vector<float> sg(tokens * sf), su(tokens * sf);
-    so.resize(tokens * d);
-    if (!Matmul(pool, threads, cancel, l.variant, x, tokens, d, l.shared_gate.data, l.shared_gate.type, sf, sg.data()) ||
-        !Matmul(pool, threads, cancel, l.variant, x, tokens, d, l.shared_up.data, l.shared_up.type, sf, su.data()))
+    s.sg.resize(tokens * sf);
+    s.su.resize(tokens * sf);
+    s.so.resize(tokens * d);
+    if (!Matmul(pool, threads, cancel, l.variant, x, tokens, d, l.shared_gate.data, l.shared_gate.type, sf, s.sg.data(), &s.acts) ||
+        !Matmul(pool, threads, cancel, l.variant, x, tokens, d, l.shared_up.data, l.shared_up.type, sf, s.su.data(), &s.acts))
       return false;
-    uk.swiglu(tokens * sf, sg.data(), su.data(), sg.data());
-    if (!Matmul(pool, threads, cancel, l.variant, sg.data(), tokens, sf, l.shared_down.data, l.shared_down.type, d, so.data()))
+    uk.swiglu(tokens * sf, s.sg.data(), s.su.data(), s.sg.data());
+    if (!Matmul(pool, threads, cancel, l.variant, s.sg.data(), tokens, sf, l.shared_down.data, l.shared_down.type, d, s.so.data(), &s.acts))
       return false;
-    if (l.shared_gate_inp.data) {
-      sgate.resize(tokens);
-      if (!Matmul(pool, threads, cancel, l.variant, x, tokens, d, l.shared_gate_inp.data, l.shared_gate_inp.type, 1, sgate.data()))
+    if (shared_gate) {
+      s.sgate.resize(tokens);
+      if (!Matmul(pool, threads, cancel, l.variant, x, tokens, d, l.shared_gate_inp.data, l.shared_gate_inp.type, 1, s.sgate.data(), &s.acts))
         return false;
-      for (float& s : sgate) s = 1.0f / (1.0f + std::exp(-s));
+      for (size_t t = 0; t < tokens; ++t) s.sgate[t] = 1.0f / (1.0f + std::exp(-s.sgate[t]));
     }
   }
 
@@ -328,9 +395,9 @@ bool RunMoeChecked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel,
     std::memset(yt, 0, d * sizeof(float));
     for (size_t j = 0; j < k; ++j) {
       const int64_t r = row_of[t * k + j];
-      if (r >= 0) uk.scale_add(d, weights[t * k + j], yo.data() + static_cast<size_t>(r) * d, yt);
+      if (r >= 0) uk.scale_add(d, weights[t * k + j], s.yo.data() + static_cast<size_t>(r) * d, yt);
     }
-    if (!so.empty()) uk.scale_add(d, sgate.empty() ? 1.0f : sgate[t], so.data() + t * d, yt);
+    if (shared) uk.scale_add(d, shared_gate ? s.sgate[t] : 1.0f, s.so.data() + t * d, yt);
   }, cancel);
 }
 
@@ -338,6 +405,12 @@ bool RunMoeChecked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel,
 
 bool RunMoe(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& layer, const float* x,
             size_t tokens, float* y, uint64_t* expert_counts, std::string* error, uint64_t* dropped) {
+  return RunMoe(pool, threads, cancel, layer, x, tokens, y, expert_counts, error, dropped, nullptr);
+}
+
+bool RunMoe(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& layer, const float* x,
+            size_t tokens, float* y, uint64_t* expert_counts, std::string* error, uint64_t* dropped,
+            MoeScratch* scratch) {
   const std::string why = ValidateMoeLayer(layer);
   if (!why.empty()) {
     if (error) *error = "MoE layer: " + why;
@@ -345,7 +418,9 @@ bool RunMoe(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const 
   }
   if (tokens == 0) return true;
   try {
-    if (RunMoeChecked(pool, threads, cancel, layer, x, tokens, y, expert_counts, dropped)) return true;
+    MoeScratch local;
+    if (RunMoeChecked(pool, threads, cancel, layer, x, tokens, y, expert_counts, dropped, scratch ? *scratch : local))
+      return true;
     if (error) *error = "cancelled";
   } catch (const std::bad_alloc&) {
     if (error) *error = "MoE layer: out of memory for the work buffers of " + std::to_string(tokens) + " tokens";

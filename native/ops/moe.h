@@ -23,6 +23,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "ops/quant_matmul.h"
 #include "runtime/thread_pool.h"
@@ -70,6 +71,40 @@ bool RunMoeRoute(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, c
                  size_t tokens, int32_t* expert_ids /* tokens x k */, float* expert_weights /* tokens x k */,
                  float* scores /* optional, tokens x n_experts: p before selection */);
 
+// One row-chunk of one matrix product of a single token: y[0, n) = x . W[0, n)^T, x's activations
+// already quantised (row row0 of *acts).
+struct MoeGemvPiece {
+  const float* x;
+  size_t k;
+  const uint8_t* w;
+  int32_t type;
+  size_t n;
+  float* y;
+  const QuantMatmulScratch* acts;
+  size_t row0;
+};
+
+// RunMoe's work buffers. A caller that runs many layers and steps (a transformer's forward pass)
+// keeps one per sequence or batch and passes it to every RunMoe call, so that once the buffers
+// have grown to the largest batch, a decode step allocates nothing. Not shared between concurrent
+// calls.
+struct MoeScratch {
+  std::vector<int32_t> ids;
+  std::vector<float> weights, logits, scores;
+  std::vector<size_t> routed, rows, offset, fill, wide, narrow;
+  std::vector<int64_t> row_of;
+  std::vector<float> xg, hg, hu, yo, h, out, so, sg, su, sgate;
+  std::vector<MoeGemvPiece> pieces;
+  std::vector<char> ok;
+  // Activations quantised once per weight type (indexed by kernels::QuantWeightType) for a single
+  // token's gate/up chunks, its down inputs, and the shared expert's down input.
+  QuantMatmulScratch x_acts[kernels::kQuantTypeCount], h_acts, shared_h_acts;
+  // One per expert (batched prefill runs small experts side by side, each on its own thread), plus
+  // the router's and the shared expert's.
+  std::vector<QuantMatmulScratch> expert_acts;
+  QuantMatmulScratch acts;
+};
+
 // Checks a layer's sizes and types; empty when valid, else what is wrong.
 std::string ValidateMoeLayer(const MoeLayer& layer);
 
@@ -81,7 +116,11 @@ std::string ValidateMoeLayer(const MoeLayer& layer);
 // Single token: the GEMVs of its k experts (and the shared expert) run as two phases of row chunks
 // over all threads (gate/up, then down). Batches: token rows are grouped by expert, and the
 // experts' GEMMs run over the threads by work (big groups split over N, small ones side by side).
+// scratch: null for buffers of this call only.
 bool RunMoe(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& layer, const float* x,
             size_t tokens, float* y, uint64_t* expert_counts, std::string* error, uint64_t* dropped = nullptr);
+bool RunMoe(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const MoeLayer& layer, const float* x,
+            size_t tokens, float* y, uint64_t* expert_counts, std::string* error, uint64_t* dropped,
+            MoeScratch* scratch);
 
 }  // namespace sonde

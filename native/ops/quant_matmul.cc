@@ -2,6 +2,9 @@
 #include "runtime/enum_names.h"
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
+#include <new>
 #include <vector>
 
 #include "formats/gguf.h"
@@ -19,6 +22,16 @@ const EnumName<QuantVariant> kQuantVariantNames[] = {
 };
 
 bool ParseQuantVariant(const std::string& name, QuantVariant* out) { return ParseEnumName(kQuantVariantNames, name, out); }
+
+const EnumName<QuantAlgorithm> kQuantAlgorithmNames[] = {
+    {QuantAlgorithm::kAuto, "auto"},
+    {QuantAlgorithm::kGemv, "gemv"},
+    {QuantAlgorithm::kGemm, "gemm"},
+};
+
+bool ParseQuantAlgorithm(const std::string& name, QuantAlgorithm* out) {
+  return ParseEnumName(kQuantAlgorithmNames, name, out);
+}
 
 const char* QuantVariantName(QuantVariant v) { return EnumNameOf(kQuantVariantNames, v); }
 
@@ -88,51 +101,200 @@ kernels::QuantDotUkernelInfo QuantUkernel(int32_t type, QuantVariant v) {
   }
 }
 
-bool RunQuantMatmul(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
-                    QuantVariant v, QuantMatmulScratch* scratch) {
+kernels::QuantGemmUkernelInfo QuantGemmUkernel(int32_t type, QuantVariant v) {
+  switch (v) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case QuantVariant::kAvx512: return kernels::QuantGemmUkernelAvx512(type);
+    case QuantVariant::kAvx512Vnni: return kernels::QuantGemmUkernelAvx512Vnni(type);
+#endif
+    default: return kernels::QuantGemmUkernelInfo{nullptr, nullptr, 0, 0, "?"};
+  }
+}
+
+namespace {
+
+// From this many activation rows the blocked GEMM beats the row-dot kernels (bench/quant-shapes.js
+// threshold, 1408 x 1024, one thread on the 2-core AVX-512 VM, gemv/gemm time: q8_0 M=4 0.85,
+// M=6 1.02, M=8 1.02, M=12 1.40; f16 M=4 0.92, M=6 1.51, M=8 1.22), with the scalar panel pack that
+// the SIMD one has since made cheaper. For q8_0 / q4_0 on VNNI the choice changes no result bit
+// (Gemv16 is the GEMM's arithmetic), only the speed.
+const size_t kQuantGemmMinRows = 8;
+
+// The calling thread's panel buffer, grown to the largest panel it has packed and kept: a
+// transformer's prefill allocates it once per pool thread. Null when the allocation fails.
+uint8_t* PanelBuffer(size_t bytes) {
+  thread_local std::unique_ptr<uint8_t[]> buffer;
+  thread_local size_t capacity = 0;
+  if (capacity < bytes) {
+    buffer.reset(new (std::nothrow) uint8_t[bytes + 64]);
+    capacity = buffer ? bytes : 0;
+    if (!buffer) return nullptr;
+  }
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buffer.get());
+  return reinterpret_cast<uint8_t*>((p + 63) & ~static_cast<uintptr_t>(63));
+}
+
+// Tasks of one panel of 32 weight rows each, packed by the task and run over a chunk of the
+// activation rows. The activation rows are split only when there are too few panels to keep every
+// thread busy (a narrow product: K/V projections of a few heads), because each chunk packs its
+// panel again.
+bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
+             const kernels::QuantGemmUkernelInfo& gk, const QuantMatmulScratch& qa, size_t row0, bool block) {
+  const size_t m = args.m, n = args.n, k = args.k, mr = gk.mr;
+  const unsigned threads = std::max(1u, std::min(max_threads ? max_threads : pool.size(), std::max(1u, pool.size())));
+  const size_t panels = (n + kernels::kQuantGemmNr - 1) / kernels::kQuantGemmNr;
+  size_t m_chunks = 1;
+  if (panels < 4 * static_cast<size_t>(threads))
+    m_chunks = std::min((m + mr - 1) / mr, (4 * static_cast<size_t>(threads) + panels - 1) / panels);
+  const size_t m_per = ((m + m_chunks - 1) / m_chunks + mr - 1) / mr * mr;
+  m_chunks = (m + m_per - 1) / m_per;
+  const size_t row_bytes = kernels::QuantRowBytes(args.type, k);
+  const size_t panel_bytes = kernels::QuantGemmPanelBytes(args.type, k);
+  std::atomic<bool> out_of_memory{false};
+  const bool ok = pool.ParallelFor(panels * m_chunks, max_threads, [&](size_t t) {
+    uint8_t* panel = PanelBuffer(panel_bytes);
+    if (!panel) {
+      out_of_memory = true;
+      return;
+    }
+    const size_t n0 = t / m_chunks * kernels::kQuantGemmNr, nr = std::min(kernels::kQuantGemmNr, n - n0);
+    gk.pack(nr, k, args.w + n0 * row_bytes, row_bytes, panel);
+    const size_t i_end = std::min(m, (t % m_chunks + 1) * m_per);
+    for (size_t i0 = t % m_chunks * m_per; i0 < i_end; i0 += mr) {
+      kernels::QuantActs a{};
+      a.x = args.x + i0 * args.ldx;
+      a.ldx = args.ldx;
+      if (block) {
+        a.q = qa.q.data() + (row0 + i0) * qa.q_stride;
+        a.q_stride = qa.q_stride;
+        a.d = qa.d.data() + (row0 + i0) * qa.nb_pad;
+        a.d_stride = qa.nb_pad;
+      }
+      gk.fn(std::min(mr, i_end - i0), nr, k, panel, &a, args.y + i0 * args.ldy + n0, args.ldy);
+    }
+  }, cancel);
+  if (out_of_memory) throw std::bad_alloc();
+  return ok;
+}
+
+}  // namespace
+
+namespace {
+
+struct Plan {
+  bool block, reference, gemm;
+  kernels::QuantDotUkernelInfo uk;
+  kernels::QuantGemmUkernelInfo gk;
+};
+
+Plan PlanFor(const QuantMatmulArgs& args, QuantVariant v) {
+  Plan p;
+  p.block = IsBlockType(args.type);
+  p.reference = v == QuantVariant::kReference;
+  p.uk = p.reference ? kernels::QuantDotUkernelInfo{} : QuantUkernel(args.type, v);
+  p.gk = kernels::QuantGemmUkernelInfo{nullptr, nullptr, 0, 0, "?"};
+  if (!p.reference) p.gk = QuantGemmUkernel(args.type, v);
+  p.gemm = p.gk.pack && args.algorithm != QuantAlgorithm::kGemv &&
+           (args.algorithm == QuantAlgorithm::kGemm || args.m >= kQuantGemmMinRows);
+  return p;
+}
+
+int32_t ActForm(const Plan& p) {
+  if (!p.block) return kernels::kQuantActF32;
+  if (p.gemm) return kernels::kQuantActU8;
+  return p.reference ? kernels::kQuantActQ8 : p.uk.act_form;
+}
+
+}  // namespace
+
+bool QuantizeActivations(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
+                         QuantVariant v, QuantMatmulScratch* scratch) {
+  const size_t m = args.m, k = args.k;
+  const Plan plan = PlanFor(args, v);
+  QuantMatmulScratch& qa = *scratch;
+  qa.form = ActForm(plan);
+  qa.corr_offset = plan.reference ? 0 : plan.uk.corr_offset;
+  qa.rows = m;
+  qa.k = k;
+  if (!plan.block || m == 0) return true;
+  const bool corr = qa.form == kernels::kQuantActQ8Corr;
+  qa.nb_pad = ((k / kernels::kQuantBlock) + 1) & ~static_cast<size_t>(1);
+  qa.q_stride = qa.nb_pad * kernels::kQuantBlock;
+  // resize() keeps the capacity: a caller that reuses its scratch allocates only while M grows.
+  qa.q.resize(m * qa.q_stride);
+  qa.d.resize(m * qa.nb_pad);
+  qa.sums.resize(m * qa.nb_pad);
+  if (corr) qa.corr.resize(m * qa.nb_pad);
+  auto row = [&](size_t i) {
+    int32_t* sums = qa.sums.data() + i * qa.nb_pad;
+    int8_t* q = qa.q.data() + i * qa.q_stride;
+    kernels::QuantizeActivationRow(args.x + i * args.ldx, k, q, qa.d.data() + i * qa.nb_pad, sums);
+    if (qa.form == kernels::kQuantActU8) {
+      // The GEMM's vpdpbusd takes the activations as its unsigned operand: q + 128.
+      for (size_t j = 0; j < k; ++j) q[j] = static_cast<int8_t>(static_cast<uint8_t>(q[j]) ^ 0x80);
+    }
+    if (corr) {
+      // The vnni kernel adds corr_offset to every weight to make it unsigned; start each block's
+      // int32 sum at -offset * sum(x) so the result is sum(w * x) again.
+      int32_t* c = qa.corr.data() + i * qa.nb_pad;
+      for (size_t b = 0; b < qa.nb_pad; ++b) c[b] = -qa.corr_offset * sums[b];
+    }
+  };
+  // One row (decode) is a few microseconds: not worth waking a helper thread.
+  if (m == 1) {
+    if (cancel && cancel->load()) return false;
+    row(0);
+    return true;
+  }
+  return pool.ParallelFor(m, max_threads, row, cancel);
+}
+
+bool RunQuantMatmulQuantized(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel,
+                             const QuantMatmulArgs& args, QuantVariant v, const QuantMatmulScratch& qa, size_t row0) {
   const size_t m = args.m, n = args.n, k = args.k;
   if (m == 0 || n == 0) return true;
-  const bool block = IsBlockType(args.type);
-  const bool reference = v == QuantVariant::kReference;
-  const kernels::QuantDotUkernelInfo uk = reference ? kernels::QuantDotUkernelInfo{} : QuantUkernel(args.type, v);
-  const bool corr = !reference && uk.act_form == kernels::kQuantActQ8Corr;
-  QuantMatmulScratch local;
-  QuantMatmulScratch& qa = scratch ? *scratch : local;
-  if (block) {
-    qa.nb_pad = ((k / kernels::kQuantBlock) + 1) & ~static_cast<size_t>(1);
-    qa.q_stride = qa.nb_pad * kernels::kQuantBlock;
-    qa.q.resize(m * qa.q_stride);
-    qa.d.resize(m * qa.nb_pad);
-    qa.sums.resize(m * qa.nb_pad);
-    if (corr) qa.corr.resize(m * qa.nb_pad);
-    const bool ok = pool.ParallelFor(m, max_threads, [&](size_t i) {
-      int32_t* sums = qa.sums.data() + i * qa.nb_pad;
-      kernels::QuantizeActivationRow(args.x + i * args.ldx, k, qa.q.data() + i * qa.q_stride, qa.d.data() + i * qa.nb_pad, sums);
-      if (corr) {
-        // The vnni kernel adds corr_offset to every weight to make it unsigned; start each block's
-        // int32 sum at -offset * sum(x) so the result is sum(w * x) again.
-        int32_t* c = qa.corr.data() + i * qa.nb_pad;
-        for (size_t b = 0; b < qa.nb_pad; ++b) c[b] = -uk.corr_offset * sums[b];
-      }
-    }, cancel);
-    if (!ok) return false;
-  }
+  Plan plan = PlanFor(args, v);
+  // The activations decide: a scratch quantised for more rows than this call may be in the GEMM
+  // form while these few rows alone would have taken the dot kernels.
+  if (plan.block) plan.gemm = qa.form == kernels::kQuantActU8 && plan.gk.pack;
+  const bool block = plan.block, reference = plan.reference, corr = block && qa.form == kernels::kQuantActQ8Corr;
+  const kernels::QuantDotUkernelInfo& uk = plan.uk;
+  if (plan.gemm) return RunGemm(pool, max_threads, cancel, args, plan.gk, qa, row0, block);
   const size_t row_bytes = kernels::QuantRowBytes(args.type, k);
+  // The GEMM's row-dot companion (bit-identical to it) where there is one for these activations.
+  const bool gemv16 = corr && plan.gk.gemv && qa.corr_offset == plan.gk.gemv_corr_offset;
   // Tasks of whole weight rows: about 64 KiB of weights each (small enough to balance two threads
   // and to stay in L2 while a group of 4 activation rows after another re-reads them), and at
-  // least 4 per thread.
+  // least 4 per thread; whole groups of 16 rows for the 16-row kernel.
   const unsigned threads = std::max(1u, std::min(max_threads ? max_threads : pool.size(), std::max(1u, pool.size())));
   size_t rows = std::max<size_t>(1, (64 << 10) / std::max<size_t>(1, row_bytes));
   rows = std::min(rows, std::max<size_t>(1, (n + 4 * threads - 1) / (4 * threads)));
+  if (gemv16) rows = (rows + kernels::kQuantGemvRows - 1) / kernels::kQuantGemvRows * kernels::kQuantGemvRows;
   const size_t tasks = (n + rows - 1) / rows;
-  return pool.ParallelFor(tasks, max_threads, [&](size_t t) {
+  auto task = [&](size_t t) {
     const size_t n0 = t * rows, n1 = std::min(n, n0 + rows);
+    if (gemv16) {
+      for (size_t i0 = 0; i0 < m; i0 += kernels::kQuantGemvMaxMr) {
+        kernels::QuantActs a{};
+        a.q = qa.q.data() + (row0 + i0) * qa.q_stride;
+        a.q_stride = qa.q_stride;
+        a.d = qa.d.data() + (row0 + i0) * qa.nb_pad;
+        a.d_stride = qa.nb_pad;
+        a.corr = qa.corr.data() + (row0 + i0) * qa.nb_pad;
+        a.corr_stride = qa.nb_pad;
+        const size_t mr = std::min(kernels::kQuantGemvMaxMr, m - i0);
+        for (size_t j = n0; j < n1; j += kernels::kQuantGemvRows)
+          plan.gk.gemv(mr, std::min(kernels::kQuantGemvRows, n1 - j), k, args.w + j * row_bytes, row_bytes, &a,
+                       args.y + i0 * args.ldy + j, args.ldy);
+      }
+      return;
+    }
     if (reference) {
       for (size_t i = 0; i < m; ++i)
         for (size_t j = n0; j < n1; ++j)
           args.y[i * args.ldy + j] = static_cast<float>(kernels::QuantDotReference(
               args.type, args.w + j * row_bytes, k, args.x + i * args.ldx,
-              block ? qa.q.data() + i * qa.q_stride : nullptr, block ? qa.d.data() + i * qa.nb_pad : nullptr));
+              block ? qa.q.data() + (row0 + i) * qa.q_stride : nullptr, block ? qa.d.data() + (row0 + i) * qa.nb_pad : nullptr));
       return;
     }
     for (size_t i0 = 0; i0 < m; i0 += kernels::kQuantMaxMr) {
@@ -141,18 +303,37 @@ bool RunQuantMatmul(ThreadPool& pool, unsigned max_threads, const CancelFlag* ca
       a.x = args.x + i0 * args.ldx;
       a.ldx = args.ldx;
       if (block) {
-        a.q = qa.q.data() + i0 * qa.q_stride;
+        a.q = qa.q.data() + (row0 + i0) * qa.q_stride;
         a.q_stride = qa.q_stride;
-        a.d = qa.d.data() + i0 * qa.nb_pad;
+        a.d = qa.d.data() + (row0 + i0) * qa.nb_pad;
         a.d_stride = qa.nb_pad;
         if (corr) {
-          a.corr = qa.corr.data() + i0 * qa.nb_pad;
+          a.corr = qa.corr.data() + (row0 + i0) * qa.nb_pad;
           a.corr_stride = qa.nb_pad;
         }
       }
       for (size_t j = n0; j < n1; ++j) uk.fn(mr, k, args.w + j * row_bytes, &a, args.y + i0 * args.ldy + j, args.ldy);
     }
-  }, cancel);
+  };
+  if (tasks == 1 || max_threads == 1) {
+    // A single-thread call (an MoE chunk that already runs on its own pool thread) needs no
+    // ParallelFor round.
+    for (size_t t = 0; t < tasks; ++t) {
+      if (cancel && cancel->load()) return false;
+      task(t);
+    }
+    return true;
+  }
+  return pool.ParallelFor(tasks, max_threads, task, cancel);
+}
+
+bool RunQuantMatmul(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
+                    QuantVariant v, QuantMatmulScratch* scratch) {
+  if (args.m == 0 || args.n == 0) return true;
+  QuantMatmulScratch local;
+  QuantMatmulScratch& qa = scratch ? *scratch : local;
+  if (!QuantizeActivations(pool, max_threads, cancel, args, v, &qa)) return false;
+  return RunQuantMatmulQuantized(pool, max_threads, cancel, args, v, qa, 0);
 }
 
 bool RunDequantize(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const uint8_t* w, int32_t type,

@@ -29,6 +29,15 @@ QuantVariant ResolveQuantVariant(int32_t type, QuantVariant v);
 // The microkernel of a resolved, runnable, non-reference variant.
 kernels::QuantDotUkernelInfo QuantUkernel(int32_t type, QuantVariant v);
 
+// kGemv: every activation row dotted against every weight row (kQuantMaxMr rows share a decoded
+// weight block); kGemm: weights packed per panel once, tiles of activation rows over the panel
+// (kernels/quant/quant.h); kAuto: kGemm from kQuantGemmMinRows rows where a GEMM kernel exists.
+enum class QuantAlgorithm { kAuto, kGemv, kGemm };
+
+bool ParseQuantAlgorithm(const std::string& name, QuantAlgorithm* out);
+// The blocked GEMM kernels of a resolved variant for type (pack null: none).
+kernels::QuantGemmUkernelInfo QuantGemmUkernel(int32_t type, QuantVariant v);
+
 struct QuantMatmulArgs {
   const float* x = nullptr;
   size_t m = 0, k = 0, ldx = 0;
@@ -37,12 +46,16 @@ struct QuantMatmulArgs {
   int32_t type = kernels::kQuantF32;
   float* y = nullptr;
   size_t ldy = 0;
+  QuantAlgorithm algorithm = QuantAlgorithm::kAuto;
 };
 
 // Activations in the q8 form (kernels/quant/quant.h: QuantActs). A caller that runs many products
 // (a transformer's decode loop) keeps one and passes it in, so that a step allocates nothing once
 // the buffers have grown to the largest M.
 struct QuantMatmulScratch {
+  int32_t form = 0;         // kernels::QuantActForm the activations were quantised to
+  int32_t corr_offset = 0;  // kQuantActQ8Corr: the weight type's offset
+  size_t rows = 0, k = 0;   // activation rows and their length
   size_t nb_pad = 0, q_stride = 0;
   std::vector<int8_t> q;
   std::vector<float> d;
@@ -54,6 +67,17 @@ struct QuantMatmulScratch {
 // scratch: null for a buffer set of this call only. Throws std::bad_alloc for the activation buffers.
 bool RunQuantMatmul(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
                     QuantVariant v, QuantMatmulScratch* scratch = nullptr);
+
+// The two halves of RunQuantMatmul, for callers that run several products on the same activations
+// (an MoE layer's gate and up chunks): QuantizeActivations puts args' activations (x, m, k, ldx)
+// into scratch in the form that args.type, args.algorithm and v need (nothing for float types);
+// RunQuantMatmulQuantized then reads rows [row0, row0 + args.m) of it for args.x's rows, for any
+// weights of the same type and k (args.m may be less than the quantised rows).
+bool QuantizeActivations(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
+                         QuantVariant v, QuantMatmulScratch* scratch);
+bool RunQuantMatmulQuantized(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel,
+                             const QuantMatmulArgs& args, QuantVariant v, const QuantMatmulScratch& scratch,
+                             size_t row0 = 0);
 
 // out[N x K] = the dequantised weights (exact).
 bool RunDequantize(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const uint8_t* w, int32_t type,

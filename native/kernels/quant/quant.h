@@ -54,7 +54,9 @@ struct QuantActs {
   size_t corr_stride;  // int32 elements per row
 };
 
-enum QuantActForm : int32_t { kQuantActF32 = 0, kQuantActQ8 = 1, kQuantActQ8Corr = 2 };
+// kQuantActU8 (the blocked GEMM of the block types): q holds q + 128 as uint8 (the unsigned operand
+// of vpdpbusd); the weights' own sums carry the correction, so there is no corr.
+enum QuantActForm : int32_t { kQuantActF32 = 0, kQuantActQ8 = 1, kQuantActQ8Corr = 2, kQuantActU8 = 3 };
 
 // y[i * ldy] = dot(row i of the activations, weight row w) for i < mr (mr <= kQuantMaxMr).
 // w: the weight row (K elements or K/32 blocks), any alignment; the kernel reads exactly its bytes.
@@ -66,6 +68,52 @@ struct QuantDotUkernelInfo {
   int32_t corr_offset; // kQuantActQ8Corr: 128 (q8_0) or 8 (q4_0)
   const char* name;
 };
+
+// Blocked GEMM (prefill, M rows at once): the weights are packed per panel of kQuantGemmNr rows
+// into a layout whose one vector load serves 16 weight rows, then every tile of activation rows
+// runs over the packed panel, so each weight is decoded once per call instead of once per group
+// of kQuantMaxMr rows. The precision definition is the same as the dot kernels':
+// - float types: panel = K x 32 fp32 (element p of row r at p * 32 + r); each output is one fp32
+//   FMA chain over p in order.
+// - q8_0 / q4_0: panel = K/32 blocks of { int8 w[8 groups][32 rows][4], fp32 dw[32],
+//   int32 corr[32] = -128 * sum of the row's 32 w } (1280 bytes); a block's integer sum of one
+//   output lives in one int32 lane (vpdpbusd of u8 x + 128 by s8 w, started at corr), converted to
+//   fp32 and FMA'd with fp32(dw * dx).
+// Rows past nr in the last panel are packed as zeros (dw = 0) and never stored.
+const size_t kQuantGemmNr = 32;
+const size_t kQuantGemmBlockPanelBytes = 1280;
+
+// Packs rows [0, nr) (nr <= 32) of the weights (row r at w + r * row_bytes) into panel (64-byte
+// aligned, QuantGemmPanelBytes(type, k) bytes).
+typedef void (*QuantGemmPack)(size_t nr, size_t k, const uint8_t* w, size_t row_bytes, uint8_t* panel);
+// y[i * ldy + j] = dot(activation row i, panel row j) for i < mr (<= the kernel's mr), j < nr.
+typedef void (*QuantGemmUkernel)(size_t mr, size_t nr, size_t k, const uint8_t* panel, const QuantActs* a, float* y,
+                                 size_t ldy);
+
+// The row-dot (GEMV, few activation rows) companion of a blocked GEMM whose every output equals the
+// GEMM's bit for bit, so that a token's results do not depend on how many rows share the call (a
+// prefill against its token-by-token decode, a sequence decoded alone or in a batch): 16 weight rows
+// per call, read where they lie, each output the same exact per-block integer sums and the same
+// fp32 FMA chain over the blocks as the GEMM. y[i * ldy + j] for i < mr (< kQuantGemvMaxMr), j < nr
+// (<= 16); activations in the kQuantActQ8Corr form (corr_offset of the info).
+const size_t kQuantGemvRows = 16;
+const size_t kQuantGemvMaxMr = 8;
+typedef void (*QuantGemvUkernel)(size_t mr, size_t nr, size_t k, const uint8_t* w, size_t row_bytes, const QuantActs* a,
+                                 float* y, size_t ldy);
+
+struct QuantGemmUkernelInfo {
+  QuantGemmPack pack;   // null: no blocked GEMM for this type at this ISA
+  QuantGemmUkernel fn;
+  size_t mr;            // activation rows per microkernel call
+  int32_t act_form;     // kQuantActF32 | kQuantActU8
+  const char* name;
+  QuantGemvUkernel gemv = nullptr;  // null: the dot kernels serve few rows (not bit-identical)
+  int32_t gemv_corr_offset = 0;
+};
+
+static inline size_t QuantGemmPanelBytes(int32_t t, size_t k) {
+  return t == kQuantQ8_0 || t == kQuantQ4_0 ? k / 32 * kQuantGemmBlockPanelBytes : k * kQuantGemmNr * 4;
+}
 
 // Row bytes of K elements of type t (K a multiple of 32 for the block types).
 static inline size_t QuantRowBytes(int32_t t, size_t k) {
@@ -89,6 +137,9 @@ QuantDotUkernelInfo QuantDotUkernelScalar(int32_t type);
 QuantDotUkernelInfo QuantDotUkernelAvx2(int32_t type);
 QuantDotUkernelInfo QuantDotUkernelAvx512(int32_t type);
 QuantDotUkernelInfo QuantDotUkernelAvx512Vnni(int32_t type);
+// Blocked GEMM kernels: float types (avx512) and block types (avx512vnni); others return nulls.
+QuantGemmUkernelInfo QuantGemmUkernelAvx512(int32_t type);
+QuantGemmUkernelInfo QuantGemmUkernelAvx512Vnni(int32_t type);
 #endif
 
 // The activation quantiser of the precision definition, for one row of k (a multiple of 32)
