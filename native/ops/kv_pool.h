@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "ops/moe.h"
 #include "ops/quant_matmul.h"
 
 namespace sonde {
@@ -36,6 +37,7 @@ struct LlmArena {
   std::vector<uint32_t> row_pos;  // each row's position in its sequence
   std::vector<uint32_t> row_seq;  // each row's sequence index in the step
   QuantMatmulScratch qscratch;
+  MoeScratch moe;  // RunMoe's buffers, so a MoE decode step allocates nothing either
 };
 
 // One step (lib/llm/engine.ts: StepBatch), as plain data for a pool thread.

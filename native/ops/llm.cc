@@ -385,7 +385,8 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
     if (c.experts) {
       std::string error;
       float* y = a.moe_out.data();
-      if (!RunMoe(pool, threads, cancel, L.moe, xn, n, y, kv.expert_counts().data() + l * c.experts, &error)) {
+      if (!RunMoe(pool, threads, cancel, L.moe, xn, n, y, kv.expert_counts().data() + l * c.experts, &error, nullptr,
+                  &a.moe)) {
         if (cancel && cancel->load()) return false;
         throw std::runtime_error("blk." + std::to_string(l) + " MoE: " + error);
       }
