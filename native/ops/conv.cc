@@ -133,6 +133,22 @@ void SplitBf16(float b, uint16_t out[3]) {
 }
 #endif
 
+// Shapes the direct NCHWc kernel handles: whole 16-channel input blocks (a partial block would
+// spend FMAs on zero channels), strides its tile table has, no dilation, one group.
+bool DirectFits(const ConvSpec& spec) {
+  const WindowGeometry& g = spec.window;
+  return spec.group == 1 && spec.c_in % kernels::kNchwcBlock == 0 && g.dh == 1 && g.dw == 1 && g.sh == g.sw &&
+         (g.sw == 1 || g.sw == 2);
+}
+
+// SONDE_CONV_DIRECT=1 / 0 forces the direct path on / off where it fits (read at each creation, so a
+// benchmark can create both kinds in one process); otherwise the measured rule.
+bool DirectWanted(const ConvSpec& spec) {
+  if (const char* e = std::getenv("SONDE_CONV_DIRECT"); e && *e) return *e == '1';
+  const WindowGeometry& g = spec.window;
+  return g.kh * g.kw > 1 || g.sw > 1;
+}
+
 }  // namespace
 
 std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, const BatchNormParams* bn,
@@ -219,6 +235,34 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   }
 #endif
 
+#if defined(__x86_64__) || defined(_M_X64)
+  if (variant == ConvVariant::kAvx512 && DirectFits(spec) && DirectWanted(spec)) {
+    op->path_ = Path::kDirect;
+    op->direct_uk_ = kernels::F32NchwcConvUkernelAvx512();
+    op->pack_uk_ = kernels::F32PackNchwcRowUkernelAvx512();
+    constexpr size_t kB = kernels::kNchwcBlock, kO = kernels::kNchwcOutBlock;
+    const size_t c_blocks = spec.c_in / kB, o_blocks = (spec.c_out + kO - 1) / kO;
+    const size_t taps = g.kh * g.kw, block_floats = c_blocks * taps * kB * kO;
+    op->ldw_ = block_floats;
+    op->w_ = static_cast<float*>(AlignedAlloc(o_blocks * block_floats * sizeof(float)));
+    op->bias_blocks_ = static_cast<float*>(AlignedAlloc(o_blocks * kO * sizeof(float)));
+    // [o_block][c_block][ky][kx][16 inputs][32 outputs]: the kernel walks it front to back.
+    float* dst = op->w_;
+    for (size_t ob = 0; ob < o_blocks; ++ob)
+      for (size_t cb = 0; cb < c_blocks; ++cb)
+        for (size_t t = 0; t < taps; ++t)
+          for (size_t l = 0; l < kB; ++l)
+            for (size_t o = 0; o < kO; ++o) {
+              const size_t co = ob * kO + o;
+              *dst++ = co < spec.c_out ? folded(co, (cb * kB + l) * taps + t) : 0.0f;
+            }
+    for (size_t co = 0; co < o_blocks * kO; ++co) op->bias_blocks_[co] = co < spec.c_out ? op->bias_[co] : 0.0f;
+    op->bytes_ = RoundUp(o_blocks * block_floats * sizeof(float), 64) + RoundUp(o_blocks * kO * sizeof(float), 64) +
+                 spec.c_out * sizeof(float);
+    return op;
+  }
+#endif
+
   op->path_ = Path::kGemm;
   op->f32_uk_ = F32Ukernel(variant);
 #if defined(__x86_64__) || defined(_M_X64)
@@ -247,6 +291,7 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
 
 ConvOp::~ConvOp() {
   std::free(w_);
+  std::free(bias_blocks_);
   std::free(w_pairs_);
 }
 
@@ -255,6 +300,7 @@ const char* ConvOp::path() const {
     case Path::kGemm:
     case Path::kGemmBf16: return "gemm";
     case Path::kDepthwise: return "depthwise";
+    case Path::kDirect: return "direct";
     case Path::kReference: return "reference";
   }
   return "?";
@@ -265,6 +311,7 @@ const char* ConvOp::ukernel() const {
     case Path::kGemm: return pointwise_ ? pointwise_uk_.name : f32_uk_.name;
     case Path::kGemmBf16: return bf16_uk_.name;
     case Path::kDepthwise: return window_name_;
+    case Path::kDirect: return "f32_conv_nchw16c_14x32__avx512";
     case Path::kReference: return "f32_conv__reference";
   }
   return "?";
@@ -294,6 +341,7 @@ bool ConvOp::Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, c
       return ok;
     }
     case Path::kDepthwise: ok = RunDepthwise(pool, threads, cancel, x, n, h, w, s, y, ep); break;
+    case Path::kDirect: ok = RunDirect(pool, threads, cancel, x, n, h, w, s, y, ep); break;
     case Path::kGemm:
     case Path::kGemmBf16:
       ok = pointwise_ ? RunPointwise(pool, threads, cancel, x, n, h * w, y, ep)
@@ -511,6 +559,83 @@ bool ConvOp::RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* 
   const bool ok = pool.ParallelFor(n * groups * p_blocks * m_blocks, nthreads, task, cancel);
   if (oom.load()) throw std::bad_alloc();
   return ok;
+}
+
+namespace {
+// The channel-blocked input copy of the direct path, on the thread that runs the op (kept like
+// ThreadScratch, but a separate buffer: the tasks of the same run may use ThreadScratch).
+float* BlockedInputScratch(size_t floats) {
+  struct Buf {
+    float* p = nullptr;
+    size_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf buf;
+  if (buf.n < floats) {
+    std::free(buf.p);
+    buf.n = 0;
+    buf.p = static_cast<float*>(std::aligned_alloc(64, RoundUp(floats * sizeof(float), 64)));
+    if (!buf.p) return nullptr;
+    buf.n = floats;
+  }
+  return buf.p;
+}
+}  // namespace
+
+bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
+                       size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep0) const {
+  constexpr size_t kB = kernels::kNchwcBlock, kO = kernels::kNchwcOutBlock;
+  const WindowGeometry& g = spec_.window;
+  const size_t c_blocks = spec_.c_in / kB, o_blocks = (spec_.c_out + kO - 1) / kO, hwo = s.oh * s.ow;
+  const size_t hp = std::max(s.pad_t + h, (s.oh - 1) * g.sh + g.kh);
+  const size_t wp = std::max(s.pad_l + w, (s.ow - 1) * g.sw + g.kw);
+  const size_t plane = hp * wp * kB, image = c_blocks * plane;
+  const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())),
+                                           2.0 * static_cast<double>(n * spec_.c_out * hwo) * static_cast<double>(kg_),
+                                           kMinFlopsPerThread);
+  float* xb = BlockedInputScratch(n * image);
+  if (!xb) throw std::bad_alloc();
+  // Blocked copy: zero the border rows/columns, transpose 16 channel planes into pixel-major rows
+  // (16x16 register transposes; a scalar copy took ~0.3 ms of a 56x56x256 input).
+  if (!pool.ParallelFor(n * c_blocks, nthreads, [&](size_t t) {
+        const size_t b = t / c_blocks, cb = t % c_blocks;
+        float* dst = xb + b * image + cb * plane;
+        const float* src = x + (b * spec_.c_in + cb * kB) * h * w;
+        for (size_t r = 0; r < hp; ++r) {
+          float* row = dst + r * wp * kB;
+          if (r < s.pad_t || r >= s.pad_t + h) {
+            std::memset(row, 0, wp * kB * sizeof(float));
+            continue;
+          }
+          std::memset(row, 0, s.pad_l * kB * sizeof(float));
+          std::memset(row + (s.pad_l + w) * kB, 0, (wp - s.pad_l - w) * kB * sizeof(float));
+          pack_uk_(src + (r - s.pad_t) * w, h * w, w, row + s.pad_l * kB);
+        }
+      }, cancel))
+    return false;
+  // Tasks: runs of output rows of one image and 32-channel block, rows innermost so consecutive tiles
+  // reuse the block's weights from L2. One thread takes everything in one task.
+  // Output rows of at most 7 pixels go two at a time (one 14-pixel tile).
+  const size_t row_step = 2 * s.ow <= kernels::kNchwcMaxPixels ? 2 : 1, row_groups = (s.oh + row_step - 1) / row_step;
+  const size_t items = n * o_blocks * row_groups;
+  const size_t target = nthreads == 1 ? 1 : 8 * static_cast<size_t>(nthreads);
+  const size_t per = (items + target - 1) / target, tasks = (items + per - 1) / per;
+  const size_t segs = (s.ow + kernels::kNchwcMaxPixels - 1) / kernels::kNchwcMaxPixels;
+  const size_t seg_w = (s.ow + segs - 1) / segs;
+  const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
+  return pool.ParallelFor(tasks, nthreads, [&](size_t t) {
+    for (size_t it = t * per; it < std::min(items, (t + 1) * per); ++it) {
+      const size_t oy = it % row_groups * row_step, ob = (it / row_groups) % o_blocks, b = it / row_groups / o_blocks;
+      const size_t rows = std::min(row_step, s.oh - oy);
+      const size_t oc0 = ob * kO;
+      kernels::GemmEpilogue ep = ep0;
+      if (ep.residual) ep.residual += (b * spec_.c_out + oc0) * hwo;
+      const kernels::NchwcConvArgs a{xb + b * image, c_blocks, hp, wp, w_ + ob * ldw_, g.kh, g.kw, g.sh, g.sw,
+                                     bias_blocks_ + oc0, std::min(kO, spec_.c_out - oc0),
+                                     y + (b * spec_.c_out + oc0) * hwo, s.oh, s.ow, trivial ? nullptr : &ep};
+      for (size_t ox0 = 0; ox0 < s.ow; ox0 += seg_w) direct_uk_(&a, oy, ox0, std::min(seg_w, s.ow - ox0), rows);
+    }
+  }, cancel);
 }
 
 namespace {
