@@ -2,7 +2,8 @@
 // The direct NCHW16c path against the im2col + GEMM path and onnxruntime-node on the ResNet-50 and
 // MobileNetV2 convolutions it can run (C_in a multiple of 16, stride 1 or 2), bias + ReLU fused,
 // interleaved call by call in one process (SONDE_CONV_DIRECT forces the path at creation). Prints
-// median ms of each and the ratios; checks the two sonde paths agree first.
+// median ms of each and the ratios of the medians and, in brackets, of the best calls (less
+// disturbed on a loaded machine); checks the two sonde paths agree first.
 import { Tensor, kernels } from '../dist/index.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
 
@@ -39,7 +40,7 @@ function create(direct, w, wDims, b, geo) {
 }
 
 console.log(`threads ${threads}, batch ${n}; ratio = other ms / direct ms`);
-console.log('case | direct ms | gemm ms | ort ms | vs gemm | vs ort | direct GFLOP/s');
+console.log('case | direct ms | gemm ms | ort ms | vs gemm (best) | vs ort (best) | direct GFLOP/s (best)');
 for (const [name, cin, hw, cout, k, stride] of shapes) {
   if (!name.includes(filter)) continue;
   const pad = Math.floor(k / 2);
@@ -69,8 +70,10 @@ for (const [name, cin, hw, cout, k, stride] of shapes) {
     }
   }
   const [d, g, o] = times.map(median);
+  const [db, gb, ob] = times.map((t) => Math.min(...t));
   const flops = 2 * n * cout * dims[2] * dims[3] * kk;
-  console.log(`${name} | ${d.toFixed(3)} | ${g.toFixed(3)} | ${o.toFixed(3)} | ${(g / d).toFixed(2)} | ${(o / d).toFixed(2)} | ${(flops / d / 1e6).toFixed(0)}`);
+  console.log(`${name} | ${d.toFixed(3)} | ${g.toFixed(3)} | ${o.toFixed(3)} | ${(g / d).toFixed(2)} (${(gb / db).toFixed(2)}) | ` +
+    `${(o / d).toFixed(2)} (${(ob / db).toFixed(2)}) | ${(flops / d / 1e6).toFixed(0)} (${(flops / db / 1e6).toFixed(0)})`);
   direct.dispose();
   gemm.dispose();
   await ort.release();

@@ -297,6 +297,10 @@ describe.runIf(simd === 'avx512')('direct NCHW16c kernel', () => {
     { name: '3x1 SAME_LOWER, 32 -> 96 on 56x7', x: [1, 32, 56, 7], w: [96, 32, 3, 1], g: { autoPad: 'SAME_LOWER' } },
     { name: '3x3 p1, 16 -> 16 on 56x56 (rows of 4 x 14 tiles)', x: [1, 16, 56, 56], w: [16, 16, 3, 3], g: { pads: [1, 1, 1, 1] } },
     { name: '3x3 VALID, 80 -> 50 on 9x10', x: [1, 80, 9, 10], w: [50, 80, 3, 3], g: { autoPad: 'VALID' } },
+    // 1x1 stride 1 on a plane of >= 784 pixels runs the pointwise GEMM kernel on the blocked weights:
+    // row tiles 12 + 12 + 8 of a block, a partial block (45 = 32 + 13), two K blocks (320 > 256).
+    { name: '1x1 N=2, 320 -> 45 on 29x28 (pointwise kernel, blocked weights)', x: [2, 320, 29, 28], w: [45, 320, 1, 1], g: {} },
+    { name: '1x1 SAME_UPPER, 16 -> 77 on 28x28 (pointwise kernel, blocked weights)', x: [1, 16, 28, 28], w: [77, 16, 1, 1], g: { autoPad: 'SAME_UPPER' } },
   ];
   const D = (fragment: string): Shape => direct.find((c) => c.name.includes(fragment))!;
   it.each(direct)('$name', async (s) => {
@@ -310,7 +314,7 @@ describe.runIf(simd === 'avx512')('direct NCHW16c kernel', () => {
   });
 
   it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after, 1 and 2 threads', async (act) => {
-    for (const s of [D('tiles 10+10+9'), D('5x5 s2'), D('16 -> 5 on 1x1'), D('1x1 s2, 64')]) {
+    for (const s of [D('tiles 10+10+9'), D('5x5 s2'), D('16 -> 5 on 1x1'), D('1x1 s2, 64'), D('320 -> 45')]) {
       const x = randomTensor(s.x, 43);
       const w = randomTensor(s.w, 44);
       for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);

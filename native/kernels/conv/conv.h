@@ -80,10 +80,10 @@ F32Im2colUkernel F32Im2colUkernelAvx512();
 #endif
 
 // Pointwise (1x1, stride 1, no pads) convolution straight from NCHW: C[mr x nr] (+)= A[mr x kc]
-// (rows lda apart) * B[kc x nr] with B row k at b + k * ldb (the input's channel planes, read in
+// (element (i, k) at a[i * lda + k * ldk]) * B[kc x nr] with B row k at b + k * ldb (the input's channel planes, read in
 // place; lanes past nr are not read), accumulators seeded with row_bias[i] when it is non-null (the
 // first K block), GemmEpilogue on the last block (null otherwise).
-typedef void (*F32ConvGemmUkernel)(size_t mr, size_t nr, size_t kc, const float* a, size_t lda, const float* b,
+typedef void (*F32ConvGemmUkernel)(size_t mr, size_t nr, size_t kc, const float* a, size_t lda, size_t ldk, const float* b,
                                    size_t ldb, const float* row_bias, float* c, size_t ldc, bool accumulate,
                                    const GemmEpilogue* ep);
 struct F32ConvGemmUkernelInfo {
