@@ -97,7 +97,7 @@ export interface NativeConvCreateOptions extends NativeWindow {
 /** A created convolution (native/binding/conv_binding.cc). */
 export interface NativeConvHandle {
   dispose(): void;
-  info(): { disposed: boolean; bytes?: number; path?: 'gemm' | 'depthwise' | 'reference'; ukernel?: string;
+  info(): { disposed: boolean; bytes?: number; path?: 'gemm' | 'direct' | 'depthwise' | 'reference'; ukernel?: string;
     variant?: Exclude<NativeConvVariant, 'auto'>; precision?: 'fp32' | 'bf16' };
 }
 export type NativeElementwiseVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512';

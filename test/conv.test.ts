@@ -270,6 +270,101 @@ describe('threads', () => {
   });
 });
 
+// The direct NCHW16c kernel (AVX-512; group 1, C_in a multiple of 16, stride 1 or 2, no dilation),
+// forced on at creation with SONDE_CONV_DIRECT=1 so each shape below runs it whatever the automatic
+// rule picks: output rows of every tile width 1..14 and rows split into several tiles (15 = 8 + 7,
+// 29 = 10 + 10 + 9, 56 = 4 x 14), output-channel blocks of 32, of 16 (one vector) and partial ones,
+// 1x1/3x3/5x5 and non-square kernels, stride 2 with odd sizes, asymmetric and SAME pads, batches.
+function createDirect(w: Tensor<'float32'>, opts: kernels.Conv2dOptions): kernels.Conv2d {
+  process.env.SONDE_CONV_DIRECT = '1';
+  try {
+    return kernels.createConv2d(w, opts);
+  } finally {
+    delete process.env.SONDE_CONV_DIRECT;
+  }
+}
+
+describe.runIf(simd === 'avx512')('direct NCHW16c kernel', () => {
+  const direct: Shape[] = [
+    { name: '3x3 p1, 16 -> 5 on 1x1 (one pixel, one partial channel block)', x: [1, 16, 1, 1], w: [5, 16, 3, 3], g: { pads: [1, 1, 1, 1] } },
+    ...Array.from({ length: 14 }, (_, i): Shape => ({
+      name: `3x3 p1, 32 -> 40 on 3x${i + 1} (tile width ${i + 1})`, x: [1, 32, 3, i + 1], w: [40, 32, 3, 3], g: { pads: [1, 1, 1, 1] } })),
+    { name: '1x1 N=2, 48 -> 33 on 15x29 (tiles 10+10+9, rows of 8+7)', x: [2, 48, 15, 29], w: [33, 48, 1, 1], g: {} },
+    { name: '3x3 s2 p1, 32 -> 64 on 28x28', x: [1, 32, 28, 28], w: [64, 32, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
+    { name: '5x5 s2 asymmetric pads, 16 -> 20 on 13x17', x: [1, 16, 13, 17], w: [20, 16, 5, 5], g: { strides: [2, 2], pads: [2, 0, 1, 2] } },
+    { name: '1x1 s2, 64 -> 48 on 14x14', x: [1, 64, 14, 14], w: [48, 64, 1, 1], g: { strides: [2, 2] } },
+    { name: '3x3 SAME_UPPER s2, 16 -> 17 on 8x9, N=3', x: [3, 16, 8, 9], w: [17, 16, 3, 3], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
+    { name: '3x1 SAME_LOWER, 32 -> 96 on 56x7', x: [1, 32, 56, 7], w: [96, 32, 3, 1], g: { autoPad: 'SAME_LOWER' } },
+    { name: '3x3 p1, 16 -> 16 on 56x56 (rows of 4 x 14 tiles)', x: [1, 16, 56, 56], w: [16, 16, 3, 3], g: { pads: [1, 1, 1, 1] } },
+    { name: '3x3 VALID, 80 -> 50 on 9x10', x: [1, 80, 9, 10], w: [50, 80, 3, 3], g: { autoPad: 'VALID' } },
+    // 1x1 stride 1 on a plane of >= 784 pixels runs the pointwise GEMM kernel on the blocked weights:
+    // row tiles 12 + 12 + 8 of a block, a partial block (45 = 32 + 13), two K blocks (320 > 256).
+    { name: '1x1 N=2, 320 -> 45 on 29x28 (pointwise kernel, blocked weights)', x: [2, 320, 29, 28], w: [45, 320, 1, 1], g: {} },
+    { name: '1x1 SAME_UPPER, 16 -> 77 on 28x28 (pointwise kernel, blocked weights)', x: [1, 16, 28, 28], w: [77, 16, 1, 1], g: { autoPad: 'SAME_UPPER' } },
+  ];
+  const D = (fragment: string): Shape => direct.find((c) => c.name.includes(fragment))!;
+  it.each(direct)('$name', async (s) => {
+    const x = randomTensor(s.x, 40);
+    const w = randomTensor(s.w, 41);
+    const bias = randomTensor([s.w[0]!], 42);
+    const conv = createDirect(w, { ...s.g, bias });
+    expect([conv.path, conv.ukernel]).toEqual(['direct', 'f32_conv_nchw16c_14x32__avx512']);
+    expectConv(await conv.run(x), refConv(x, w.data, s.w, s.g, bias.data));
+    conv.dispose();
+  });
+
+  it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after, 1 and 2 threads', async (act) => {
+    for (const s of [D('tiles 10+10+9'), D('5x5 s2'), D('16 -> 5 on 1x1'), D('1x1 s2, 64'), D('320 -> 45')]) {
+      const x = randomTensor(s.x, 43);
+      const w = randomTensor(s.w, 44);
+      for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);
+      const bias = randomTensor([s.w[0]!], 45);
+      const conv = createDirect(w, { ...s.g, bias, activation: act, ...acts[act]!.opts });
+      const ref = refConv(x, w.data, s.w, s.g, bias.data);
+      expectConv(await conv.run(x), ref, act);
+      const r = randomTensor(ref.dims, 46);
+      for (const before of [false, true]) {
+        const y1 = await conv.run(x, { residual: r, residualBeforeActivation: before, threads: 1 });
+        expectConv(y1, ref, act, { r: r.data, before });
+        const y2 = await conv.run(x, { residual: r, residualBeforeActivation: before, threads: 2 });
+        expect(Array.from(y2.data)).toEqual(Array.from(y1.data));
+      }
+      conv.dispose();
+    }
+  });
+
+  it('BatchNormalization folded, without a bias', async () => {
+    const s = D('3x3 s2 p1, 32 -> 64');
+    const co = s.w[0]!;
+    const x = randomTensor(s.x, 47);
+    const w = randomTensor(s.w, 48);
+    const [gamma, beta, mean] = [49, 50, 51].map((seed) => randomTensor([co], seed));
+    const variance = new Tensor('float32', new Float32Array(co).map((_, i) => 0.25 + (i % 5)), [co]);
+    const conv = createDirect(w, { ...s.g, bn: { scale: gamma!, bias: beta!, mean: mean!, variance } });
+    expect(conv.path).toBe('direct');
+    const y = await conv.run(x);
+    const ref = refConv(x, w.data, s.w, s.g);
+    const hw = ref.dims[2]! * ref.dims[3]!;
+    for (let i = 0; i < ref.v.length; i++) {
+      const c = Math.floor(i / hw) % co;
+      const sc = gamma!.data[c]! / Math.sqrt(variance.data[c]! + 1e-5);
+      const want = (ref.v[i]! - mean!.data[c]!) * sc + beta!.data[c]!;
+      const bound = (ref.k + 5) * u * ref.mag[i]! * Math.abs(sc) + 4 * u * (Math.abs(mean!.data[c]! * sc) + Math.abs(beta!.data[c]!) + Math.abs(want));
+      if (!(Math.abs(y.data[i]! - want) <= bound)) throw new Error(`y[${i}] = ${y.data[i]}, want ${want}`);
+    }
+    conv.dispose();
+  });
+
+  it('shapes it does not fit keep their path when forced', () => {
+    for (const [wd, g] of [[[8, 24, 3, 3], {}], [[8, 32, 3, 3], { dilations: [2, 2] }], [[8, 32, 3, 3], { strides: [3, 3] }],
+      [[8, 16, 3, 3], { group: 2 }]] as const) {
+      const conv = createDirect(randomTensor([...wd], 52), { ...g } as kernels.Conv2dOptions);
+      expect(conv.path).toBe('gemm');
+      conv.dispose();
+    }
+  });
+});
+
 /** Pooling reference in double (max pads are -inf; avg divides by kh*kw or the in-bounds taps). */
 function refPool(x: Tensor<'float32'>, kind: 'max' | 'avg', k: number[], g: Geo, includePad = false) {
   const [n, c, h, w] = x.dims as number[];

@@ -172,8 +172,11 @@ export class Conv2d extends NativeResource {
   readonly group: number;
   /** Native bytes held (reported to V8 as external memory). */
   readonly bytes: number;
-  /** How it runs: 'gemm' (im2col panels + GEMM microkernel), 'depthwise' (window kernel) or 'reference'. */
-  readonly path: 'gemm' | 'depthwise' | 'reference';
+  /**
+   * How it runs: 'gemm' (im2col panels + GEMM microkernel), 'direct' (channel-blocked NCHW16c direct
+   * kernel), 'depthwise' (window kernel) or 'reference'.
+   */
+  readonly path: 'gemm' | 'direct' | 'depthwise' | 'reference';
   readonly ukernel: string;
   readonly variant: Exclude<ConvVariant, 'auto'>;
   readonly precision: 'fp32' | 'bf16';

@@ -11,6 +11,11 @@
 //   input rows. The bias is one more K row (weights column = bias, activation row = 1), so the
 //   unmodified per-column GemmEpilogue applies the activation and the residual (NCHW, ldr = OH*OW)
 //   in registers.
+// - direct (AVX-512, group 1, C_in a multiple of 16, stride 1 or 2, no dilation): weights packed
+//   once in 32-output-channel blocks; each run copies the input into a zero-padded channel-blocked
+//   (NCHW16c) buffer and the NCHWc kernel of kernels/conv computes 14-pixel x 32-channel tiles,
+//   writing NCHW with the same epilogue. It replaces the GEMM path where the GEMM wastes panel lanes
+//   or repeats its im2col (small planes, many channels); see ConvOp::Create for the measured rule.
 // - depthwise (group = C_in = C_out): the window kernel of kernels/conv on each channel plane.
 // - bf16 precision: weights rounded to bf16 once. Where the CPU has AVX512_BF16 they are stored as
 //   bf16 pairs and run on the vdpbf16ps GEMM kernel (the activations are then rounded to bf16 as they
@@ -94,12 +99,14 @@ class ConvOp {
   ConvPrecision precision() const { return precision_; }
 
  private:
-  enum class Path { kGemm, kGemmBf16, kDepthwise, kReference };
+  enum class Path { kGemm, kGemmBf16, kDepthwise, kDirect, kReference };
   ConvOp() = default;
   bool RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
                size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
   bool RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t hw,
                     float* y, const kernels::GemmEpilogue& ep) const;
+  bool RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
+                 size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
   bool RunDepthwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
                     size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
 
@@ -116,10 +123,13 @@ class ConvOp {
   float* w_ = nullptr;          // fp32: c_out x ldw_ (bias in column kg_ on the GEMM path)
   uint32_t* w_pairs_ = nullptr; // bf16 pairs: c_out x ldw_
   std::vector<float> bias_;     // folded bias (reference / depthwise)
+  float* bias_blocks_ = nullptr;  // direct: folded bias, zero-padded to whole 32-channel blocks
   size_t bytes_ = 0;
   kernels::F32GemmUkernelInfo f32_uk_{};
   kernels::LowpGemmUkernelInfo bf16_uk_{};
   kernels::F32WindowUkernel window_uk_ = nullptr;
+  kernels::F32NchwcConvUkernel direct_uk_ = nullptr;
+  kernels::F32PackNchwcRowUkernel pack_uk_ = nullptr;
   // im2col into B panels: AVX-512 next to the AVX-512 GEMM kernels (its rows are 32-float panels).
   kernels::F32Im2colUkernel im2col_uk_ = kernels::F32Im2colUkernelScalar();
   const char* window_name_ = "";

@@ -80,10 +80,10 @@ F32Im2colUkernel F32Im2colUkernelAvx512();
 #endif
 
 // Pointwise (1x1, stride 1, no pads) convolution straight from NCHW: C[mr x nr] (+)= A[mr x kc]
-// (rows lda apart) * B[kc x nr] with B row k at b + k * ldb (the input's channel planes, read in
+// (element (i, k) at a[i * lda + k * ldk]) * B[kc x nr] with B row k at b + k * ldb (the input's channel planes, read in
 // place; lanes past nr are not read), accumulators seeded with row_bias[i] when it is non-null (the
 // first K block), GemmEpilogue on the last block (null otherwise).
-typedef void (*F32ConvGemmUkernel)(size_t mr, size_t nr, size_t kc, const float* a, size_t lda, const float* b,
+typedef void (*F32ConvGemmUkernel)(size_t mr, size_t nr, size_t kc, const float* a, size_t lda, size_t ldk, const float* b,
                                    size_t ldb, const float* row_bias, float* c, size_t ldc, bool accumulate,
                                    const GemmEpilogue* ep);
 struct F32ConvGemmUkernelInfo {
@@ -93,6 +93,37 @@ struct F32ConvGemmUkernelInfo {
 };
 #if defined(__x86_64__) || defined(_M_X64)
 F32ConvGemmUkernelInfo F32ConvGemmUkernelAvx512();
+#endif
+
+// Direct convolution on a channel-blocked copy of the input (NCHW16c), output written in NCHW.
+// Input of one image: [c_blocks][hp][wp][16] floats, zero in the padding and in channels past C_in,
+// so every tap of every output pixel is in range (hp >= (oh-1)*sh + kh, wp >= (ow-1)*sw + kw).
+// Weights of one block of 32 output channels: [c_blocks][kh][kw][16 input channels][32 outputs],
+// zero past C_out, 64-byte aligned. Strides sw of 1 or 2, no dilation. One call computes output rows
+// oy .. oy+rows-1 (rows 1, or 2 with np <= 7), columns ox0 .. ox0+np-1 (np <= kNchwcMaxPixels) of
+// the block's first oc_valid channels, adds
+// bias[0..31] and applies ep's activation and residual (ep->residual at the same NCHW offset as y;
+// ldr, scale and bias of ep unused), or none when ep is null.
+constexpr size_t kNchwcBlock = 16;
+constexpr size_t kNchwcOutBlock = 32;
+constexpr size_t kNchwcMaxPixels = 14;
+struct NchwcConvArgs {
+  const float* x;
+  size_t c_blocks, hp, wp;
+  const float* w;
+  size_t kh, kw, sh, sw;
+  const float* bias;
+  size_t oc_valid;
+  float* y;  // channel oc0 of one image, NCHW
+  size_t oh, ow;
+  const GemmEpilogue* ep;
+};
+typedef void (*F32NchwcConvUkernel)(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t rows);
+// One input row of 16 channel planes into blocked form: dst[ix * 16 + l] = src[l * plane + ix], ix < w.
+typedef void (*F32PackNchwcRowUkernel)(const float* src, size_t plane, size_t w, float* dst);
+#if defined(__x86_64__) || defined(_M_X64)
+F32NchwcConvUkernel F32NchwcConvUkernelAvx512();
+F32PackNchwcRowUkernel F32PackNchwcRowUkernelAvx512();
 #endif
 
 // The independent reference convolution, straight from the definition, accumulating in double:
