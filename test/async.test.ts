@@ -60,6 +60,30 @@ describe('thread pool size', () => {
     expect(() => setThreads('4' as never)).toThrow(InvalidArgumentError);
   });
 
+  it('calls back to back, after the workers have gone to sleep, and in bursts all complete (no lost wake-up)', async () => {
+    // The pool skips waking a sleeper when a spinning worker will take the task, and workers stop
+    // spinning when no job runs: a task missed between the two would hang this test. Sizes on both
+    // sides of the one-thread threshold, so some calls split across the pool and some run inline.
+    const before = getThreads();
+    setThreads(2);
+    try {
+      const b = randomTensor([64, 64], 5);
+      for (let round = 0; round < 6; round++) {
+        const as = Array.from({ length: 8 }, (_, i) => randomTensor([1 + ((i * 37 + round) % 80), 64], 200 + 8 * round + i));
+        for (const a of as) {
+          const c = await kernels.gemm(a, b, { threads: 1 + (round % 2) });
+          expectGemmClose(c.data, a.data, b.data, a.dims[0]!, 64, 64);
+        }
+        const burst = await Promise.all(as.map((a) => kernels.gemm(a, b)));
+        burst.forEach((c, i) => expectGemmClose(c.data, as[i]!.data, b.data, as[i]!.dims[0]!, 64, 64));
+        // Long enough for every worker to stop spinning and sleep.
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    } finally {
+      setThreads(before);
+    }
+  });
+
   it('many concurrent calls all complete correctly', async () => {
     const b = randomTensor([50, 40], 3);
     const as = Array.from({ length: 40 }, (_, i) => randomTensor([1 + (i % 7), 50], 100 + i));

@@ -180,6 +180,27 @@ describe('Session', () => {
     s.dispose();
   });
 
+  it('alternating shapes, repeated shapes and a shape that differs in one input only each run their own plan', async () => {
+    // The last plan is found by comparing dims without the cache key: a change in any input's
+    // dims, or back to a shape used before, must not reuse the last plan.
+    const s = await Session.load(twoInputs());
+    const rows = [1, 1, 3, 1, 3, 3, 2, 1, 2];
+    for (const [i, n] of rows.entries()) {
+      const a = uniform([n, 4], 10 + i);
+      const b = uniform([n, 4], 40 + i);
+      const out = await s.run({ a, b, ids });
+      expect(out.add_0!.dims).toEqual([n, 4]);
+      expect(Array.from(out.add_0!.data as Float32Array)).toEqual(Array.from(a.data, (v, j) => Math.fround(v + b.data[j]!)));
+    }
+    expect(s.cachedPlans).toBe(3);
+    // Same a, b dims as the last run but a different 'n' between them is refused before any plan.
+    await expect(s.run({ a: uniform([2, 4], 1), b: uniform([3, 4], 2), ids })).rejects.toThrow(InvalidArgumentError);
+    const a = uniform([2, 4], 5);
+    const out = await s.run({ a, b: a, ids });
+    expect(Array.from(out.add_0!.data as Float32Array)).toEqual(Array.from(a.data, (v) => Math.fround(v + v)));
+    s.dispose();
+  });
+
   it('dispose() while runs are in flight lets them finish', async () => {
     const s = await Session.load(longChain());
     const x = uniform([96, 96], 7, -0.1, 0.1);

@@ -562,14 +562,15 @@ std::vector<Ptr> ReadViews(Napi::Env env, Napi::Value v, const std::vector<size_
     Napi::Value e = a.Get(i);
     unsigned char* data;
     size_t bytes;
-    const std::string name = std::string(what) + "[" + std::to_string(i) + "]";
+    // Only built for an error: this runs for every view of every run.
+    auto name = [&] { return std::string(what) + "[" + std::to_string(i) + "]"; };
     if (!ViewBytes(e, &data, &bytes))
-      throw MakeError(env, codes::kInvalidArgument, "planRun: " + name + " must be a TypedArray or DataView");
+      throw MakeError(env, codes::kInvalidArgument, "planRun: " + name() + " must be a TypedArray or DataView");
     if (bytes != expected[i])
-      throw MakeError(env, codes::kInvalidArgument, "planRun: " + name + " has " + std::to_string(bytes) +
+      throw MakeError(env, codes::kInvalidArgument, "planRun: " + name() + " has " + std::to_string(bytes) +
                                                         " bytes, the plan expects " + std::to_string(expected[i]));
     if (reinterpret_cast<uintptr_t>(data) % align[i])
-      throw MakeError(env, codes::kInvalidArgument, "planRun: " + name + " must start at a multiple of " +
+      throw MakeError(env, codes::kInvalidArgument, "planRun: " + name() + " must start at a multiple of " +
                                                         std::to_string(align[i]) + " bytes (its byteOffset)");
     out[i] = data;
     job->Keep(e);

@@ -4,11 +4,13 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <chrono>
@@ -28,6 +30,23 @@ inline unsigned ThreadsForWork(unsigned max_threads, double work, double min_per
   return useful < static_cast<double>(max_threads) ? static_cast<unsigned>(useful) : (max_threads > 0 ? max_threads : 1);
 }
 
+// A non-owning reference to a callable taking an index: what ParallelFor hands its helpers. Unlike
+// a std::function it never allocates (a lambda capturing more than two pointers would), and the
+// callable lives on the caller's stack until every index has run.
+class IndexFnRef {
+ public:
+  // Not a template over IndexFnRef itself, which would wrap a reference to a copy's source.
+  template <typename Fn, typename = std::enable_if_t<!std::is_same_v<std::decay_t<Fn>, IndexFnRef>>>
+  explicit IndexFnRef(Fn& fn)
+      : obj_(const_cast<void*>(static_cast<const void*>(&fn))),
+        call_([](void* o, size_t i) { (*static_cast<Fn*>(o))(i); }) {}
+  void operator()(size_t i) const { call_(obj_, i); }
+
+ private:
+  void* obj_;
+  void (*call_)(void*, size_t);
+};
+
 class ThreadPool {
  public:
   explicit ThreadPool(unsigned threads);
@@ -42,9 +61,25 @@ class ThreadPool {
   // Calls fn(i) for every i in [0, n), on up to max_threads threads including the caller, and
   // returns when all calls have finished. Indices are handed out one at a time, so uneven tasks
   // balance themselves. Stops handing out indices once the pool shuts down or *cancel is set;
-  // returns false in that case.
-  bool ParallelFor(size_t n, unsigned max_threads, const std::function<void(size_t)>& fn,
-                   const CancelFlag* cancel = nullptr);
+  // returns false in that case. An exception from fn skips the remaining indices and is rethrown
+  // here, on the calling thread.
+  //
+  // A loop that gets one thread (one index, max_threads 1, a one-thread pool) runs inline: no
+  // shared state, no lock, no helper task. Most steps of a small model are such loops (the ops
+  // choose one thread below a few microseconds of work), and the bookkeeping of the shared path
+  // was a measurable part of their time.
+  template <typename Fn>
+  bool ParallelFor(size_t n, unsigned max_threads, Fn&& fn, const CancelFlag* cancel = nullptr) {
+    if (n == 0) return true;
+    if (n == 1 || max_threads <= 1 || target_.load(std::memory_order_relaxed) <= 1) {
+      for (size_t i = 0; i < n; ++i) {
+        if (stop_.load(std::memory_order_relaxed) || (cancel && cancel->load(std::memory_order_relaxed))) return false;
+        fn(i);
+      }
+      return true;
+    }
+    return ParallelForShared(n, max_threads, IndexFnRef(fn), cancel);
+  }
 
   // Number of workers that take work. Shrinking parks the extra threads (they finish their
   // current task first); growing wakes parked threads or starts new ones.
@@ -59,7 +94,12 @@ class ThreadPool {
   struct Task {
     std::function<void()> run;
     std::function<void()> dropped;
+    bool helper = false;  // a ParallelFor helper (part of a running job), not a job of its own
   };
+  bool ParallelForShared(size_t n, unsigned max_threads, IndexFnRef fn, const CancelFlag* cancel);
+  // Waits (spinning, then sleeping) until worker `index` has a task to take or the pool stops;
+  // after_job: it ran a job last, and may spin for the next one while no job runs (see the .cc).
+  void WaitForTask(unsigned index, bool after_job);
   void WorkerLoop(unsigned index);
   void StartThreadsLocked(unsigned count);
   // Wakes sleeping workers for `tasks` new queue entries; parked: some threads are parked (see .cc).
@@ -73,6 +113,16 @@ class ThreadPool {
   std::atomic<unsigned> threads_count_{0};  // threads_.size(), readable without the lock
   std::atomic<bool> stop_{false};
   std::atomic<size_t> queued_{0};  // queue_.size(), readable without the lock while spinning
+  // Jobs (Submit) running now. While one runs, idle workers stay awake for its next ParallelFor;
+  // with none, they go to sleep after a short spin.
+  std::atomic<unsigned> running_jobs_{0};
+  // Workers spinning for a task: Notify skips the futex wake-up (microseconds on the submitting
+  // thread, often the JS thread) when one of them will take it anyway.
+  std::atomic<unsigned> spinning_{0};
+  // When the last job ended and the gap from there to the next Submit (steady clock ns; 0 / max
+  // before any): how long it is worth spinning for the next job.
+  std::atomic<int64_t> last_job_end_ns_{0};
+  std::atomic<int64_t> last_gap_ns_{INT64_MAX};
 };
 
 }  // namespace sonde
