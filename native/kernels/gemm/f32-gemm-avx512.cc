@@ -13,6 +13,7 @@ namespace {
 
 constexpr size_t kMr = 12;
 constexpr size_t kNr = 32;
+constexpr size_t kPrefetchRows = 64;
 
 template <size_t MR>
 void Tile(size_t nr, size_t kc, const float* a, size_t lda, const float* w, float* c, size_t ldc,
@@ -24,9 +25,12 @@ void Tile(size_t nr, size_t kc, const float* a, size_t lda, const float* w, floa
     acc1[i] = _mm512_setzero_ps();
   }
   for (size_t k = 0; k < kc; ++k) {
-    // Few rows do too little work per W row to hide DRAM latency behind FMAs: fetch ahead.
-    if (MR <= 8) _mm_prefetch(reinterpret_cast<const char*>(w + (k + 16) * kNr), _MM_HINT_T0);
-    if (MR <= 8) _mm_prefetch(reinterpret_cast<const char*>(w + (k + 16) * kNr + 16), _MM_HINT_T0);
+    // Few rows do too little work per W row to hide DRAM latency behind FMAs: fetch ahead. 64 rows
+    // (8 KiB, ~500 cycles at 8 rows) rather than 16: 8x1024x4096 with W from DRAM went from 62-63
+    // to 69-72 GFLOP/s on one thread (32 rows: 68-70). Past the panel's end this fetches the next
+    // panel, which the next call reads.
+    if (MR <= 8) _mm_prefetch(reinterpret_cast<const char*>(w + (k + kPrefetchRows) * kNr), _MM_HINT_T0);
+    if (MR <= 8) _mm_prefetch(reinterpret_cast<const char*>(w + (k + kPrefetchRows) * kNr + 16), _MM_HINT_T0);
     const __m512 w0 = _mm512_load_ps(w + k * kNr);
     const __m512 w1 = _mm512_load_ps(w + k * kNr + 16);
 #pragma GCC unroll 16
