@@ -140,6 +140,8 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   // no next tile, and streaming each panel whole lets the prefetcher run (M=1 decode: 14.7 -> 21
   // GB/s on one thread, 1x1024x4096).
   const size_t k_block = mb > 1 ? kc_run : k;
+  // The first row tile over each W slice reads it from L3 or DRAM (the later ones find it in L2).
+  const kernels::F32GemmUkernel fn_cold_w = uk.fn_cold_w ? uk.fn_cold_w : uk.fn;
   auto task = [&](size_t t) {
     const size_t mbi = t % m_blocks, nbi = t / m_blocks;
     const size_t t0 = mbi * mb, t1 = std::min(m_tiles, t0 + mb);
@@ -155,8 +157,8 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
           const size_t m0 = ti * mr;
           const size_t rows = std::min(mr, m - m0);
           const kernels::GemmEpilogue ep = OffsetEpilogue(args.epilogue, m0, n0);
-          uk.fn(rows, ncols, kc, args.a + m0 * args.lda + k0, args.lda, wp, args.c + m0 * args.ldc + n0,
-                args.ldc, k0 > 0, last && !trivial ? &ep : nullptr);
+          (ti == t0 ? fn_cold_w : uk.fn)(rows, ncols, kc, args.a + m0 * args.lda + k0, args.lda, wp,
+                                         args.c + m0 * args.ldc + n0, args.ldc, k0 > 0, last && !trivial ? &ep : nullptr);
         }
       }
     }
