@@ -2,8 +2,11 @@
 // to an older sonde.node) and onnxruntime-node, all three in one process, call by call interleaved,
 // because this shared machine's speed drifts by more than the changes being measured.
 //   node bench/gemm-ab.js [MxKxN[@threads][*copies] ...]
-// Default cases: the squares and model shapes of the `gemm` suite. Prints best and median ms and the
-// ratios before/after and ORT/after (above 1: this build is faster).
+// Default cases: the squares and model shapes of the `gemm` suite. Prints best/median GFLOP/s by wall
+// time and the ratios of medians before/after and ORT/after (above 1: this build is faster). With
+// the host loaded (load average above its 2 cores), wall time mostly measures the wait for a core,
+// so each line also gives GFLOP/s per CPU-second of this process (process.cpuUsage: every thread,
+// the pool's spin-waits included) and the ratio of those medians.
 import { createRequire } from 'node:module';
 import { native } from '../dist/binding.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
@@ -47,6 +50,7 @@ for (const spec of process.argv.length > 2 ? process.argv.slice(2) : defaults) {
   if (before) fns.before = async () => { await before.gemm(a, sides[ci % copies].wb, outB, opts); };
   const names = Object.keys(fns);
   const times = Object.fromEntries(names.map((x) => [x, []]));
+  const cpu = Object.fromEntries(names.map((x) => [x, []]));
   for (const x of names) await fns[x]();
   const ref = await sides[0].ort.run(a);
   await after.gemm(a, sides[0].w, outA, opts);
@@ -55,9 +59,12 @@ for (const spec of process.argv.length > 2 ? process.argv.slice(2) : defaults) {
   for (let r = 0; r < rounds; r++) {
     const order = r % 2 ? [...names].reverse() : names;
     for (const x of order) {
+      const c0 = process.cpuUsage();
       const t0 = performance.now();
       await fns[x]();
       times[x].push(performance.now() - t0);
+      const c = process.cpuUsage(c0);
+      cpu[x].push((c.user + c.system) / 1000);
     }
     ci++;
   }
@@ -69,6 +76,10 @@ for (const spec of process.argv.length > 2 ? process.argv.slice(2) : defaults) {
   if (before) line.push(`before ${gf(st.before.best)}/${gf(st.before.median)}`, `before/after ${(st.before.median / st.after.median).toFixed(2)}`);
   line.push(`ort ${gf(st.ort.best)}/${gf(st.ort.median)}`, `ort/after ${(st.ort.median / st.after.median).toFixed(2)}`);
   if (before) line.push(`ort/before ${(st.ort.median / st.before.median).toFixed(2)}`);
+  const cm = Object.fromEntries(names.map((x) => [x, stats(cpu[x]).median]));
+  line.push(`| per CPU-s: after ${gf(cm.after)}`);
+  if (before) line.push(`before ${gf(cm.before)}`, `before/after ${(cm.before / cm.after).toFixed(2)}`);
+  line.push(`ort ${gf(cm.ort)}`, `ort/after ${(cm.ort / cm.after).toFixed(2)}`);
   line.push(`maxdiff ${maxErr.toExponential(1)}`);
   console.log(line.join('  '));
   for (const s of sides) await s.ort.release();
