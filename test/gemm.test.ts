@@ -10,13 +10,16 @@ const runnable: kernels.GemmVariant[] = ['reference', 'scalar', 'auto',
   ...(simd !== 'scalar' ? ['avx2' as const] : []), ...(simd === 'avx512' ? ['avx512' as const] : [])];
 
 // Tile edges of every variant: MR is 4 (scalar), 6 (avx2), 12 (avx512); NR is 8, 16, 32; the K
-// block is 256. Each shape sits below, at or above one of those.
+// block is 1024 and a task starts from 192 rows. Each shape sits below, at or above one of those.
 const shapes: [number, number, number][] = [
   [1, 1, 1], [17, 33, 65], [257, 3, 129], [1, 1000, 37], [12, 256, 32], [13, 257, 33], [11, 255, 31],
   [6, 16, 16], [7, 17, 15], [5, 512, 8], [24, 300, 96], [3, 1, 200], [100, 64, 1],
   // M = 1 runs the AVX-512 matrix-vector tile (4 k-phases): K below, at and off a multiple of 4,
   // N off the 16-lane halves, and an MLP layer split across threads.
   [1, 3, 17], [1, 4, 16], [1, 6, 33], [1, 257, 48], [1, 1023, 15], [1, 784, 1024],
+  // K blocks (accumulating into C, the epilogue on the last): at, one above and two-and-a-bit;
+  // row tiles crossing the 192-row task blocks, with a 1-row tail; 8 rows (the prefetching tile).
+  [25, 1024, 33], [13, 1025, 31], [5, 2049, 40], [193, 1100, 17], [385, 40, 33], [8, 1500, 70],
 ];
 
 describe('kernels.gemm', () => {
@@ -55,6 +58,20 @@ describe('kernels.gemm', () => {
       const one = await kernels.gemm(a, b, { variant, threads: 1 });
       const many = await kernels.gemm(a, b, { variant, threads: 8 });
       expect(Array.from(many.data)).toEqual(Array.from(one.data));
+    });
+
+    it('gives identical results on 1 and 2 threads across K blocks and row blocks', async () => {
+      // 3 K blocks and 3 row blocks of tasks, so the task grid differs between the two runs while
+      // each output's summation order must not.
+      for (const [m, k, n] of [[400, 2100, 70], [1, 2100, 300], [8, 1030, 130]] as const) {
+        const a = randomTensor([m, k], 11 + m);
+        const b = randomTensor([k, n], 12 + n);
+        const bias = randomTensor([n], 13);
+        const one = await kernels.gemm(a, b, { variant, threads: 1, bias, activation: 'relu' });
+        const two = await kernels.gemm(a, b, { variant, threads: 2, bias, activation: 'relu' });
+        expect(Array.from(two.data)).toEqual(Array.from(one.data));
+        if (variant !== 'reference') expectGemmClose(one.data, a.data, b.data, m, k, n, bias.data, true);
+      }
     });
   });
 

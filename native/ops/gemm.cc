@@ -80,14 +80,20 @@ std::unique_ptr<PackedGemmWeights> PackedGemmWeights::Pack(const float* b, size_
 PackedGemmWeights::~PackedGemmWeights() { std::free(data_); }
 
 namespace {
-// K block: a kc x NR slice of a W panel (32 KiB at kc=256, NR=32) stays in L1/L2 while every row
-// tile of the task streams past it.
-constexpr size_t kKc = 256;
+// K block and rows per task. The 12x32 AVX-512 tile needs only 128 B of W and 48 B of A per 24 FMAs
+// (12 cycles), ~15 B/cycle, which L2 delivers with room to spare; so the W slice (kc x NR: 128 KiB
+// at kc = 1024) and the task's A block (192 rows x kc: 768 KiB) are sized for the 1 MiB L2, not
+// for L1. What a smaller K block costs instead is a reload and store of every C tile per block and
+// a fresh W slice (whose first tile waits on L3/DRAM) per panel per block. Measured in a
+// standalone driver of this loop (thread CPU time, interleaved, best of 5-12, Zen 5 EPYC, 1
+// thread; in place of the old kc = 256 / 96 rows): 2048^3 151 -> 177 GFLOP/s, 1024^3 182 -> 193,
+// 64x1024x4096 with W from DRAM 138 -> 152 (kc 1024 vs 256). Copying A into a padded block (no 4K
+// aliasing between its 12 rows) gained 0-8% at kc = 256 and nothing at kc = 512, so A is read in
+// place.
+constexpr size_t kKc = 1024;
+constexpr size_t kRowsPerTask = 192;
 constexpr double kMinFlopsPerThread = 256.0 * 1024;
 // Developer tuning knobs (SONDE_GEMM_KC / _MB / _NB: K block, rows and columns per task), read once.
-// Measured on a shared 2-core EPYC (process CPU time, 1 thread, 1024^3): kc 128-512 and 48-192
-// rows are within noise of each other (150-170 GFLOP/s); a packed-A variant was slower (the
-// scalar packing pass costs more than the 12 row streams do), so A is read in place.
 size_t Knob(const char* name, size_t dflt) {
   const char* v = std::getenv(name);
   size_t x = v ? std::strtoull(v, nullptr, 10) : 0;
@@ -114,9 +120,9 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   const unsigned threads = ThreadsForWork(std::max(1u, std::min(max_threads, pool.size())),
                                           2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k),
                                           kMinFlopsPerThread);
-  // Task grid: start from blocks of ~96 rows x ~256 columns, then split further until every thread
+  // Task grid: start from blocks of ~192 rows x ~256 columns, then split further until every thread
   // has a few tasks (M=1 decode splits across N only).
-  static const size_t kc_run = Knob("SONDE_GEMM_KC", kKc), mb_rows = Knob("SONDE_GEMM_MB", 96),
+  static const size_t kc_run = Knob("SONDE_GEMM_KC", kKc), mb_rows = Knob("SONDE_GEMM_MB", kRowsPerTask),
                       nb_cols = Knob("SONDE_GEMM_NB", 256);
   size_t mb = std::max<size_t>(1, mb_rows / mr), nb = std::max<size_t>(1, nb_cols / nr);
   mb = std::min(mb, m_tiles);
@@ -134,6 +140,8 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   // no next tile, and streaming each panel whole lets the prefetcher run (M=1 decode: 14.7 -> 21
   // GB/s on one thread, 1x1024x4096).
   const size_t k_block = mb > 1 ? kc_run : k;
+  // The first row tile over each W slice reads it from L3 or DRAM (the later ones find it in L2).
+  const kernels::F32GemmUkernel fn_cold_w = uk.fn_cold_w ? uk.fn_cold_w : uk.fn;
   auto task = [&](size_t t) {
     const size_t mbi = t % m_blocks, nbi = t / m_blocks;
     const size_t t0 = mbi * mb, t1 = std::min(m_tiles, t0 + mb);
@@ -149,8 +157,8 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
           const size_t m0 = ti * mr;
           const size_t rows = std::min(mr, m - m0);
           const kernels::GemmEpilogue ep = OffsetEpilogue(args.epilogue, m0, n0);
-          uk.fn(rows, ncols, kc, args.a + m0 * args.lda + k0, args.lda, wp, args.c + m0 * args.ldc + n0,
-                args.ldc, k0 > 0, last && !trivial ? &ep : nullptr);
+          (ti == t0 ? fn_cold_w : uk.fn)(rows, ncols, kc, args.a + m0 * args.lda + k0, args.lda, wp,
+                                         args.c + m0 * args.ldc + n0, args.ldc, k0 > 0, last && !trivial ? &ep : nullptr);
         }
       }
     }

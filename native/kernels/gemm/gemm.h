@@ -83,6 +83,10 @@ struct F32GemmUkernelInfo {
   uint32_t mr;  // rows per call (max)
   uint32_t nr;  // panel width, fixed by the packing
   const char* name;
+  // Same contract and result as fn, for a call whose W slice is not in cache yet (the first row
+  // tile over a panel's K block, which reads it from L3 or DRAM): fetches W ahead of use. Null
+  // where fn already does, or where it does not pay.
+  F32GemmUkernel fn_cold_w;
 };
 
 // One per ISA; each variant's file defines its own. Unavailable ISAs are not linked on other archs.
