@@ -10,6 +10,8 @@
  *               the 256 byte symbols, merged tokens, then <|endoftext|> <|im_start|> <|im_end|>.
  * - 'mixtral':  llama with expert_count experts of stacked ffn_{gate,up,down}_exps and a router.
  * - 'qwen2moe': qwen2 layout with routed experts plus a shared expert and its sigmoid gate.
+ * - 'deepseek2': multi-head latent attention (FixtureOptions.mla) and DeepSeekMoE (leading dense
+ *               layers, routed + ungated shared experts, FixtureOptions.routing), gpt2 vocab.
  *
  * Weights are deterministic (seeded) and scaled by 1/sqrt(fan-in) so activations stay O(1) through
  * the layers and the logits are neither flat nor saturated. Norm weights and biases are f32 (as
@@ -21,7 +23,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { typed, write, type GgufTensorType, type GgufWriteTensor } from '../lib/llm/gguf.js';
 
-export type FixtureKind = 'llama' | 'qwen2' | 'mixtral' | 'qwen2moe';
+export type FixtureKind = 'llama' | 'qwen2' | 'mixtral' | 'qwen2moe' | 'deepseek2';
 
 export interface FixtureOptions {
   kind: FixtureKind;
@@ -42,6 +44,13 @@ export interface FixtureOptions {
   /** Leave out output.weight (the output projection is then tied to token_embd.weight). */
   tied?: boolean;
   seed?: number;
+  /** deepseek2 attention: q LoRA rank (0: attn_q), kv LoRA rank, rope/no-rope key and value head sizes, kv_b form. */
+  mla?: { qLoraRank?: number; kvLoraRank?: number; ropeDim?: number; keyNope?: number; valueLength?: number; kvB?: 'joined' | 'split' };
+  /** deepseek2 routing; gatingFunc is written as expert_gating_func (1 softmax, 2 sigmoid). */
+  routing?: {
+    denseLead?: number; sharedCount?: number; gatingFunc?: number; groups?: number; groupsUsed?: number;
+    weightsNorm?: boolean; weightsScale?: number; probsBias?: boolean;
+  };
   /** Tensors to drop or replace, by name, to build malformed files in tests. */
   omit?: readonly string[];
   override?: Readonly<Record<string, Partial<GgufWriteTensor>>>;
@@ -51,7 +60,7 @@ export interface FixtureOptions {
 
 export interface FixtureInfo {
   path: string;
-  architecture: 'llama' | 'qwen2' | 'qwen2moe';
+  architecture: 'llama' | 'qwen2' | 'qwen2moe' | 'deepseek2';
   vocabSize: number;
   embedding: number;
   layers: number;
@@ -151,9 +160,10 @@ export function bpeVocab(): { tokens: string[]; types: number[]; merges: string[
 
 /** Writes one model and returns what a test needs to know about it. */
 export async function writeFixture(path: string, o: FixtureOptions): Promise<FixtureInfo> {
-  const moe = o.kind === 'mixtral' || o.kind === 'qwen2moe';
+  const moe = o.kind === 'mixtral' || o.kind === 'qwen2moe' || o.kind === 'deepseek2';
   const arch = o.kind === 'mixtral' ? 'llama' : o.kind;
-  const qwen = arch === 'qwen2' || arch === 'qwen2moe';
+  const ds = arch === 'deepseek2';
+  const qwen = arch === 'qwen2' || arch === 'qwen2moe' || ds;
   const type = o.type ?? 'f32';
   const d = o.embedding ?? 64;
   const layers = o.layers ?? 2;
@@ -192,6 +202,49 @@ export async function writeFixture(path: string, o: FixtureOptions): Promise<Fix
   if (o.kind === 'qwen2moe') {
     md['qwen2moe.expert_feed_forward_length'] = eff;
     md['qwen2moe.expert_shared_feed_forward_length'] = sff;
+  }
+  const mla = {
+    qLoraRank: o.mla?.qLoraRank ?? 0, kvLoraRank: o.mla?.kvLoraRank ?? 32, ropeDim: o.mla?.ropeDim ?? 8,
+    keyNope: o.mla?.keyNope ?? 16, valueLength: o.mla?.valueLength ?? 16, kvB: o.mla?.kvB ?? 'split',
+  };
+  const route = {
+    denseLead: o.routing?.denseLead ?? 1, sharedCount: o.routing?.sharedCount ?? 2, gatingFunc: o.routing?.gatingFunc ?? 1,
+    groups: o.routing?.groups ?? 0, groupsUsed: o.routing?.groupsUsed ?? 0, weightsNorm: o.routing?.weightsNorm ?? false,
+    weightsScale: o.routing?.weightsScale ?? 1, probsBias: o.routing?.probsBias ?? false,
+  };
+  if (ds) {
+    const qk = mla.keyNope + mla.ropeDim;
+    Object.assign(md, {
+      'deepseek2.rope.dimension_count': mla.ropeDim,
+      'deepseek2.attention.q_lora_rank': mla.qLoraRank,
+      'deepseek2.attention.kv_lora_rank': mla.kvLoraRank,
+      'deepseek2.leading_dense_block_count': route.denseLead,
+      'deepseek2.expert_feed_forward_length': eff,
+      'deepseek2.expert_shared_count': route.sharedCount,
+      'deepseek2.expert_gating_func': route.gatingFunc,
+      'deepseek2.expert_weights_norm': route.weightsNorm,
+      'deepseek2.expert_weights_scale': typed('float32', route.weightsScale),
+    });
+    if (route.groups > 0) {
+      md['deepseek2.expert_group_count'] = route.groups;
+      md['deepseek2.expert_group_used_count'] = route.groupsUsed;
+    }
+    if (mla.kvB === 'split') {
+      // The newer converter's form: the cache row sizes under key/value_length, MQA of one head.
+      Object.assign(md, {
+        'deepseek2.attention.head_count_kv': 1,
+        'deepseek2.attention.key_length': mla.kvLoraRank + mla.ropeDim,
+        'deepseek2.attention.value_length': mla.kvLoraRank,
+        'deepseek2.attention.key_length_mla': qk,
+        'deepseek2.attention.value_length_mla': mla.valueLength,
+      });
+    } else {
+      Object.assign(md, {
+        'deepseek2.attention.head_count_kv': heads,
+        'deepseek2.attention.key_length': qk,
+        'deepseek2.attention.value_length': mla.valueLength,
+      });
+    }
   }
   let vocab: number;
   let bosId: number | undefined;
@@ -241,7 +294,47 @@ export async function writeFixture(path: string, o: FixtureOptions): Promise<Fix
     tensors.push({ name, dims: [n], type: 'f32', data: uniform(rand, n, scale, offset) });
 
   mat('token_embd.weight', d, vocab, 1);
-  for (let l = 0; l < layers; l++) {
+  for (let l = 0; l < layers && ds; l++) {
+    const b = `blk.${l}`;
+    const qk = mla.keyNope + mla.ropeDim, r = mla.kvLoraRank;
+    vec(`${b}.attn_norm.weight`, d, 0.2, 1);
+    if (mla.qLoraRank > 0) {
+      mat(`${b}.attn_q_a.weight`, d, mla.qLoraRank);
+      vec(`${b}.attn_q_a_norm.weight`, mla.qLoraRank, 0.2, 1);
+      mat(`${b}.attn_q_b.weight`, mla.qLoraRank, heads * qk);
+    } else {
+      mat(`${b}.attn_q.weight`, d, heads * qk);
+    }
+    mat(`${b}.attn_kv_a_mqa.weight`, d, r + mla.ropeDim);
+    vec(`${b}.attn_kv_a_norm.weight`, r, 0.2, 1);
+    if (mla.kvB === 'split') {
+      tensors.push({ name: `${b}.attn_k_b.weight`, dims: [mla.keyNope, r, heads], type, data: uniform(rand, mla.keyNope * r * heads, gain(mla.keyNope)) });
+      tensors.push({ name: `${b}.attn_v_b.weight`, dims: [r, mla.valueLength, heads], type, data: uniform(rand, r * mla.valueLength * heads, gain(r)) });
+    } else {
+      mat(`${b}.attn_kv_b.weight`, r, heads * (mla.keyNope + mla.valueLength));
+    }
+    mat(`${b}.attn_output.weight`, heads * mla.valueLength, d);
+    vec(`${b}.ffn_norm.weight`, d, 0.2, 1);
+    if (l < route.denseLead) {
+      mat(`${b}.ffn_gate.weight`, d, ff);
+      mat(`${b}.ffn_up.weight`, d, ff);
+      mat(`${b}.ffn_down.weight`, ff, d);
+      continue;
+    }
+    tensors.push({ name: `${b}.ffn_gate_inp.weight`, dims: [d, experts], type: 'f32', data: uniform(rand, d * experts, 2 * gain(d)) });
+    // A bias of the scores' size, so that it changes which experts are chosen.
+    if (route.probsBias) vec(`${b}.exp_probs_b.bias`, experts, 0.3, 0);
+    mat(`${b}.ffn_gate_exps.weight`, d, eff, gain(d), experts);
+    mat(`${b}.ffn_up_exps.weight`, d, eff, gain(d), experts);
+    mat(`${b}.ffn_down_exps.weight`, eff, d, gain(eff), experts);
+    if (route.sharedCount > 0) {
+      const s2 = eff * route.sharedCount;
+      mat(`${b}.ffn_gate_shexp.weight`, d, s2);
+      mat(`${b}.ffn_up_shexp.weight`, d, s2);
+      mat(`${b}.ffn_down_shexp.weight`, s2, d);
+    }
+  }
+  for (let l = 0; l < layers && !ds; l++) {
     const b = `blk.${l}`;
     vec(`${b}.attn_norm.weight`, d, 0.2, 1);
     mat(`${b}.attn_q.weight`, d, heads * hd);
