@@ -16,7 +16,7 @@ import { getLlama, type Llama } from 'node-llama-cpp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ModelFormatError } from '../lib/errors.js';
 import type { LlmEngine } from '../lib/llm/engine.js';
-import type { GgufTensorType } from '../lib/llm/gguf.js';
+import { typed, type GgufTensorType } from '../lib/llm/gguf.js';
 import { loadTransformer } from '../lib/llm/transformer.js';
 import {
   fixtureDir, llamaCppLogProbs, logSoftmax, rng, writeFixture, type FixtureInfo, type FixtureOptions,
@@ -87,7 +87,6 @@ function compare(got: Float32Array[], want: Float64Array[], vocab: number, produ
     }
     expect(compared).toBeGreaterThan(vocab / 2);
   }
-  if (process.env.A2_DEBUG) console.log('worst', worst, 'bad', [...bad]);
   return worst;
 }
 
@@ -100,6 +99,18 @@ describe('deepseek2 logits equal llama.cpp on every position of a 64-token seque
     ['softmax, group-limited (4 groups, 2 used), weights scale 2.5', { routing: { groups: 4, groupsUsed: 2, weightsScale: 2.5 } }],
     ['sigmoid, exp_probs_b bias, weights norm, scale 1.5, groups', {
       routing: { gatingFunc: 2, probsBias: true, weightsNorm: true, weightsScale: 1.5, groups: 4, groupsUsed: 3 },
+    }],
+    // YaRN with llama.cpp's mscale rules; an original context of 64 puts the correction range
+    // (dims 0..2 of 4 rope pairs) inside the rope dims, so the blend is exercised.
+    ['YaRN factor 4, log multiplier 0.0707 (mscale_all_dim 0.707)', {
+      metadata: {
+        'deepseek2.rope.scaling.type': 'yarn', 'deepseek2.rope.scaling.factor': typed('float32', 4),
+        'deepseek2.rope.scaling.original_context_length': 64, 'deepseek2.rope.scaling.yarn_log_multiplier': typed('float32', 0.0707),
+      },
+    }],
+    ['YaRN factor 8, no log multiplier, q LoRA', {
+      mla: { qLoraRank: 24 },
+      metadata: { 'deepseek2.rope.scaling.type': 'yarn', 'deepseek2.rope.scaling.factor': typed('float32', 8), 'deepseek2.rope.scaling.original_context_length': 32 },
     }],
     ['odd sizes: rope 6, nope 10, value 12, kv rank 20, all layers MoE, 1 shared', {
       heads: 3, mla: { ropeDim: 6, keyNope: 10, valueLength: 12, kvLoraRank: 20, qLoraRank: 0 }, routing: { denseLead: 0, sharedCount: 1 },
@@ -138,15 +149,61 @@ describe('deepseek2 logits equal llama.cpp on every position of a 64-token seque
   }, 120_000);
 });
 
+describe('greedy generation of 32 tokens equals llama.cpp\'s', () => {
+  it.each([
+    ['split kv_b, groups', { mla: { kvB: 'split' }, routing: { groups: 4, groupsUsed: 2 } }],
+    ['q LoRA, joined kv_b, sigmoid + bias', { mla: { qLoraRank: 24, kvB: 'joined' }, routing: { gatingFunc: 2, probsBias: true, weightsNorm: true } }],
+  ] as const)('%s', async (name, o) => {
+    const info = await fixture(`greedy-${name.replace(/\W+/g, '-')}`, { ...(o as Partial<FixtureOptions>), type: 'f32', seed: 31 });
+    const prompt = tokenSequence(8, info.vocabSize, 32, [info.eosId]);
+    const model = await llama.loadModel({ modelPath: info.path });
+    const want: number[] = [];
+    try {
+      const ctx = await model.createContext({
+        contextSize: 64, threads: 1, flashAttention: false, experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32',
+      } as never);
+      const seq = ctx.getSequence();
+      const greedy = { generateNext: { token: true, options: { temperature: 0 } } };
+      let res = await seq.controlledEvaluate(prompt.map((t, i) => (i === prompt.length - 1 ? [t, greedy] : t)) as never);
+      for (let i = 0; i < 32; i++) {
+        const next = res[res.length - 1]!.next.token!;
+        want.push(next);
+        res = await seq.controlledEvaluate([[next, greedy]] as never);
+      }
+      await ctx.dispose();
+    } finally {
+      await model.dispose();
+    }
+    const engine = await loadTransformer(info.path);
+    try {
+      const seq = engine.createSequence(64);
+      let logits = await seq.eval(prompt);
+      const got: number[] = [];
+      for (let i = 0; i < 32; i++) {
+        let best = 0;
+        for (let t = 1; t < logits.length; t++) if (logits[t]! > logits[best]!) best = t;
+        got.push(best);
+        logits = await seq.eval([best]);
+      }
+      expect(got).toEqual(want);
+    } finally {
+      engine.dispose();
+    }
+  }, 60_000);
+});
+
 describe('deepseek2 routing options change the result (the fixtures exercise them)', () => {
   // Same seed, same weights: only the metadata (or the bias tensor) differs.
+  const yarn = { 'deepseek2.rope.scaling.type': 'yarn', 'deepseek2.rope.scaling.factor': typed('float32', 4), 'deepseek2.rope.scaling.original_context_length': 64 };
   it.each([
-    ['group limit', { groups: 4, groupsUsed: 1 }, {}],
-    ['exp_probs_b bias', { gatingFunc: 2, probsBias: true }, { gatingFunc: 2 }],
-    ['weights norm', { weightsNorm: true }, {}],
-  ] as const)('%s', async (name, withIt, without) => {
-    const a = await fixture(`on-${name.replace(/\W+/g, '-')}`, { type: 'f32', seed: 21, routing: withIt });
-    const b = await fixture(`off-${name.replace(/\W+/g, '-')}`, { type: 'f32', seed: 21, routing: without });
+    ['group limit', { routing: { groups: 4, groupsUsed: 1 } }, {}],
+    ['exp_probs_b bias', { routing: { gatingFunc: 2, probsBias: true } }, { routing: { gatingFunc: 2 } }],
+    ['weights norm', { routing: { weightsNorm: true } }, {}],
+    ['YaRN', { metadata: yarn }, {}],
+    ['YaRN log multiplier', { metadata: { ...yarn, 'deepseek2.rope.scaling.yarn_log_multiplier': typed('float32', 0.0707) } }, { metadata: yarn }],
+  ] as [string, Partial<FixtureOptions>, Partial<FixtureOptions>][])('%s', async (name, withIt, without) => {
+    const a = await fixture(`on-${name.replace(/\W+/g, '-')}`, { type: 'f32', seed: 21, ...withIt });
+    const b = await fixture(`off-${name.replace(/\W+/g, '-')}`, { type: 'f32', seed: 21, ...without });
     const tokens = tokenSequence(16, a.vocabSize, 3, [a.eosId]);
     const ea = await loadTransformer(a.path), eb = await loadTransformer(b.path);
     try {
@@ -182,5 +239,46 @@ describe('deepseek2 bad files are typed errors naming what is wrong', () => {
     const err = await loadTransformer(info.path).then((e) => { e.dispose(); return undefined; }, (e: unknown) => e);
     expect(err).toBeInstanceOf(ModelFormatError);
     expect(String((err as Error).message)).toMatch(message);
+  });
+});
+
+describe('the latent KV cache', () => {
+  it('holds kv_lora_rank + rope dims per layer and position, against full per-head K/V', async () => {
+    const info = await fixture('kv-bytes', { type: 'f32', layers: 3, heads: 4, mla: { kvLoraRank: 32, ropeDim: 8, keyNope: 16, valueLength: 16 } });
+    const engine = await loadTransformer(info.path);
+    try {
+      for (const dtype of ['f32', 'f16'] as const) {
+        const pool = engine.createKvPool({ maxBlocks: 4, blockSize: 16, dtype });
+        const elem = dtype === 'f16' ? 2 : 4;
+        const perToken = pool.blockBytes / pool.blockSize;
+        expect(perToken).toBe((32 + 8) * 3 * elem);
+        // Multi-head K/V of the same model: per head a key of 16 + 8 and a value of 16.
+        const full = 3 * 4 * ((16 + 8) + 16) * elem;
+        expect(perToken / full).toBeCloseTo(40 / 160, 10);
+        pool.dispose();
+      }
+    } finally {
+      engine.dispose();
+    }
+  });
+
+  it('prefix reuse on latent blocks is exact: a cached prefix then the rest equals one pass', async () => {
+    const info = await fixture('prefix', { type: 'f32', seed: 9, mla: { qLoraRank: 16 } });
+    const tokens = tokenSequence(40, info.vocabSize, 4, [info.eosId]);
+    const engine = await loadTransformer(info.path);
+    try {
+      const pool = engine.createKvPool({ maxBlocks: 8, blockSize: 16 });
+      const vocab = info.vocabSize;
+      // Sequence A writes blocks 0, 1 (positions 0..31) and 2; sequence B shares blocks 0 and 1 and
+      // computes only positions 32..39 into its own block 3.
+      const a = await pool.step({ sequences: [{ blockTable: Int32Array.from([0, 1, 2]), start: 0, tokens: Int32Array.from(tokens), logits: 'all' }] });
+      const b = await pool.step({ sequences: [{ blockTable: Int32Array.from([0, 1, 3]), start: 32, tokens: Int32Array.from(tokens.slice(32)), logits: 'all' }] });
+      for (let i = 0; i < 8; i++) {
+        for (let t = 0; t < vocab; t++) expect(b[i * vocab + t]).toBe(a[(32 + i) * vocab + t]);
+      }
+      pool.dispose();
+    } finally {
+      engine.dispose();
+    }
   });
 });

@@ -212,13 +212,41 @@ function configDeepseek2(file: GgufFile): ModelConfig {
   const feedForwardLength = uint(file, k('feed_forward_length'), leadingDenseBlockCount > 0 ? undefined : 0);
   if (leadingDenseBlockCount > 0 && feedForwardLength === 0) throw new ModelFormatError(`'${k('feed_forward_length')}' must be positive`);
   const scaling = meta(file, k('rope.scaling.type'));
-  if (scaling !== undefined && scaling !== 'none') {
-    throw new ModelFormatError(`'${k('rope.scaling.type')}' = '${String(scaling)}' is not supported for deepseek2 (supported: none)`);
+  if (scaling !== undefined && scaling !== 'none' && scaling !== 'yarn') {
+    throw new ModelFormatError(`'${k('rope.scaling.type')}' = '${String(scaling)}' is not supported for deepseek2 (supported: none, yarn)`);
+  }
+  const contextLength = uint(file, k('context_length'));
+  const keyScale = 1 / Math.sqrt(keyLength);
+  let ropeScale = 1, attentionScale = keyScale, ropeYarn: ModelConfig['ropeYarn'];
+  if (scaling === 'yarn') {
+    // llama.cpp's rules (llama_context's YaRN set-up and the deepseek2 graph): the file's
+    // yarn_log_multiplier is 0.1 * mscale_all_dim; the rotation's magnitude is rope.scaling.attn_factor
+    // (times get_mscale(s) when no multiplier is given), and the scores are scaled by
+    // mscale^2 / sqrt(key length) with mscale = (that magnitude) * (1 + 0.1 * mscale_all_dim * ln s).
+    const factor = positive(file, k('rope.scaling.factor'));
+    const logMul = meta(file, k('rope.scaling.yarn_log_multiplier'));
+    if (logMul !== undefined && (typeof logMul !== 'number' || !Number.isFinite(logMul))) {
+      throw new ModelFormatError(`'${k('rope.scaling.yarn_log_multiplier')}' must be a number, got ${String(logMul)}`);
+    }
+    const mscaleAllDim = logMul === undefined ? 0 : logMul / 0.1;
+    const ropeAttnFactor = positive(file, k('rope.scaling.attn_factor'), 1);
+    const lnS = Math.log(factor);
+    const getMscale = (m: number) => (factor <= 1 ? 1 : 0.1 * m * lnS + 1);
+    const ropeFactor = (mscaleAllDim !== 0 ? 1 : getMscale(1)) / (1 + 0.1 * lnS) * ropeAttnFactor;
+    const mscale = ropeFactor * (1 + 0.1 * lnS) * (1 + 0.1 * mscaleAllDim * lnS);
+    ropeScale = factor;
+    attentionScale = (mscale * mscale) * keyScale;
+    ropeYarn = {
+      originalContextLength: uint(file, k('rope.scaling.original_context_length'), contextLength),
+      betaFast: positive(file, k('rope.scaling.yarn_beta_fast'), 32),
+      betaSlow: positive(file, k('rope.scaling.yarn_beta_slow'), 1),
+      magnitude: ropeFactor,
+    };
   }
   return {
     architecture: 'deepseek2',
     vocabSize: embd.dims[1]!,
-    contextLength: uint(file, k('context_length')),
+    contextLength,
     embeddingLength,
     blockCount,
     headCount,
@@ -228,8 +256,9 @@ function configDeepseek2(file: GgufFile): ModelConfig {
     feedForwardLength: feedForwardLength || expertFeedForwardLength,
     rmsEpsilon: positive(file, k('attention.layer_norm_rms_epsilon')),
     ropeFreqBase: positive(file, k('rope.freq_base'), 10000),
-    ropeScale: 1,
+    ropeScale,
     ropeNeox: false,
+    ...(ropeYarn ? { ropeYarn } : {}),
     expertCount,
     expertUsedCount,
     expertFeedForwardLength,
@@ -252,7 +281,7 @@ function configDeepseek2(file: GgufFile): ModelConfig {
       keyNopeLength: keyLength - ropeDim,
       valueLength,
       kvB: split ? 'split' : 'joined',
-      attentionScale: 1 / Math.sqrt(keyLength),
+      attentionScale,
     },
   };
 }

@@ -21,8 +21,14 @@ export interface ModelConfig {
   feedForwardLength: number;
   rmsEpsilon: number;
   ropeFreqBase: number;
-  /** Linear RoPE scaling factor (1 = none). */
+  /** RoPE scaling factor (1 = none): linear, or YaRN's when ropeYarn is set. */
   ropeScale: number;
+  /**
+   * YaRN RoPE (deepseek2's rope.scaling.type = yarn): frequencies blended between interpolation
+   * and extrapolation over the correction range from the original context length and the beta
+   * bounds; the rotation is scaled by `magnitude` (times 1 + 0.1 ln ropeScale, as ggml does).
+   */
+  ropeYarn?: { originalContextLength: number; betaFast: number; betaSlow: number; magnitude: number };
   /** NeoX ordering (rotate halves) vs normal (rotate adjacent pairs). */
   ropeNeox: boolean;
   /** 0 for dense models. */

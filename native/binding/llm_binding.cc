@@ -171,6 +171,21 @@ Napi::Value LlmModelCreate(Addon& addon, const Napi::CallbackInfo& info) {
     c.v_dim = SizeField(env, mo, "valueLength");
     c.kq_scale = FloatField(env, mo, "attentionScale");
   }
+  Napi::Value yarn = o.Get("ropeYarn");
+  if (yarn.IsObject()) {
+    // ggml_rope_yarn_corr_dims, in fp32 as ggml computes them.
+    Napi::Object yo = yarn.As<Napi::Object>();
+    const float n_dims = static_cast<float>(c.kv_lora > 0 ? c.rope_dim : c.head_dim);
+    const float orig = static_cast<float>(SizeField(env, yo, "originalContextLength"));
+    const float beta_fast = FloatField(env, yo, "betaFast"), beta_slow = FloatField(env, yo, "betaSlow");
+    const float pi2 = 2.0f * 3.14159265358979323846f;
+    const float start = std::floor(n_dims * std::log(orig / (beta_fast * pi2)) / (2.0f * std::log(c.rope_base)));
+    const float end = std::ceil(n_dims * std::log(orig / (beta_slow * pi2)) / (2.0f * std::log(c.rope_base)));
+    c.yarn_ext_factor = 1.0f;
+    c.yarn_corr_low = std::max(0.0f, start);
+    c.yarn_corr_high = std::min(n_dims - 1.0f, end);
+    c.yarn_magnitude = FloatField(env, yo, "magnitude");
+  }
   Napi::Value variant = o.Get("variant");
   if (!variant.IsUndefined()) {
     const std::string name = variant.ToString();

@@ -456,6 +456,13 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
   // row as key and as value (the value's trailing rope_dim sums are computed and ignored).
   auto mla_attention = [&](const LlmLayer& L, size_t l) -> bool {
     const size_t r = c.kv_lora, rd = c.rope_dim, nope = c.k_nope, heads = c.heads;
+    auto rope = [&](float* v, int64_t pos) {
+      if (c.yarn_ext_factor != 0.f)
+        kernels::RopeRowYarn(v, 1, rd, pos, c.rope_base, freq_scale, c.yarn_ext_factor, c.yarn_corr_low, c.yarn_corr_high,
+                             c.yarn_magnitude, c.neox);
+      else
+        kernels::RopeRow(v, 1, rd, pos, c.rope_base, freq_scale, c.neox);
+    };
     float* qa = a.q_lora.data();
     float* qabs = a.q_abs.data();
     float* lat = a.latent.data();
@@ -474,10 +481,10 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
           const size_t pos = row_pos[i];
           float* kr = k + i * hd;
           kernels::RmsNormRow(kr, L.kv_a_norm, r, c.eps, kr);
-          kernels::RopeRow(kr + r, 1, rd, static_cast<int64_t>(pos), c.rope_base, freq_scale, c.neox);
+          rope(kr + r, static_cast<int64_t>(pos));
           for (size_t h = 0; h < heads; ++h) {
             float* qh = q + i * qd + h * qk;
-            kernels::RopeRow(qh + nope, 1, rd, static_cast<int64_t>(pos), c.rope_base, freq_scale, c.neox);
+            rope(qh + nope, static_cast<int64_t>(pos));
             std::memcpy(qabs + (i * heads + h) * hd + r, qh + nope, rd * sizeof(float));
           }
           StoreRow(kr, hd, dtype, block_of(row_seq[i], pos) + kv.KeyOffset(l, 0) + (pos % bs) * hd * eb);

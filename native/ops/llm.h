@@ -46,6 +46,10 @@ struct LlmConfig {
   // kq_scale: the attention's softmax scale (YaRN's mscale^2 / sqrt(k_nope + rope_dim)).
   size_t q_lora = 0, kv_lora = 0, rope_dim = 0, k_nope = 0, v_dim = 0;
   float kq_scale = 0.f;
+  // YaRN RoPE (yarn_ext_factor != 0; rope_scale is then its factor): the correction range from
+  // the original context length and beta_fast/beta_slow, and the magnitude given to the rotation
+  // (kernels/norm/norm.h: RopeRowYarn).
+  float yarn_ext_factor = 0.f, yarn_corr_low = 0.f, yarn_corr_high = 0.f, yarn_magnitude = 1.f;
   // Kernel level for every product and attention: kAuto = the fastest here; kScalar, kAvx2,
   // kAvx512 pin one (tests compare them; the caller checked the CPU runs it).
   QuantVariant variant = QuantVariant::kAuto;
