@@ -51,6 +51,8 @@ export interface FixtureOptions {
     denseLead?: number; sharedCount?: number; gatingFunc?: number; groups?: number; groupsUsed?: number;
     weightsNorm?: boolean; weightsScale?: number; probsBias?: boolean;
   };
+  /** Control tokens appended to a gpt2 vocabulary (e.g. R1's '<think>', '</think>'). */
+  extraSpecialTokens?: readonly string[];
   /** Tensors to drop or replace, by name, to build malformed files in tests. */
   omit?: readonly string[];
   override?: Readonly<Record<string, Partial<GgufWriteTensor>>>;
@@ -251,6 +253,10 @@ export async function writeFixture(path: string, o: FixtureOptions): Promise<Fix
   let eosId: number;
   if (qwen) {
     const v = bpeVocab();
+    for (const t of o.extraSpecialTokens ?? []) {
+      v.tokens.push(t);
+      v.types.push(3);
+    }
     vocab = v.tokens.length;
     eosId = v.tokens.indexOf('<|endoftext|>');
     Object.assign(md, {
