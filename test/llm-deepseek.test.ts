@@ -262,6 +262,33 @@ describe('the latent KV cache', () => {
     }
   });
 
+  it('an f16 latent cache gives the f32 one\'s logits within the rounding of the cached rows', async () => {
+    const info = await fixture('kv-f16', { type: 'f32', seed: 12 });
+    const tokens = tokenSequence(40, info.vocabSize, 6, [info.eosId]);
+    const engine = await loadTransformer(info.path);
+    try {
+      const run = async (dtype: 'f32' | 'f16') => {
+        const pool = engine.createKvPool({ maxBlocks: 4, blockSize: 16, dtype });
+        try {
+          return await pool.step({ sequences: [{ blockTable: Int32Array.from([0, 1, 2]), start: 0, tokens: Int32Array.from(tokens), logits: 'all' }] });
+        } finally {
+          pool.dispose();
+        }
+      };
+      const [a, b] = [await run('f32'), await run('f16')];
+      // Half precision keeps 11 bits: each cached value moves by <= 2^-11 relative, the scores and
+      // the latent sums by about as much; through 3 layers the logits move by a few 2^-11 of
+      // their spread, and not by nothing (the f16 path is really taken).
+      let worst = 0, spread = 0;
+      for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i]! - b[i]!));
+      for (let i = 0; i < info.vocabSize; i++) spread = Math.max(spread, Math.abs(a[i]!));
+      expect(worst).toBeGreaterThan(0);
+      expect(worst).toBeLessThanOrEqual(3 * 10 * 2 ** -11 * spread);
+    } finally {
+      engine.dispose();
+    }
+  });
+
   it('prefix reuse on latent blocks is exact: a cached prefix then the rest equals one pass', async () => {
     const info = await fixture('prefix', { type: 'f32', seed: 9, mla: { qLoraRank: 16 } });
     const tokens = tokenSequence(40, info.vocabSize, 4, [info.eosId]);
