@@ -463,6 +463,16 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
       else
         kernels::RopeRow(v, 1, rd, pos, c.rope_base, freq_scale, c.neox);
     };
+    // The per-head up-projections (W_uk, W_uv) are small (kv_lora x k_nope each): one task per head
+    // on one thread each, instead of 2 x heads products each spread over the pool, whose
+    // hand-outs cost more than the products at decode.
+    if (a.head_scratch.size() < heads) a.head_scratch.resize(heads);
+    auto per_head = [&](const std::vector<LlmMatrix>& w, const float* in, size_t in_step, size_t ldx, float* out,
+                        size_t out_step, size_t ldy) {
+      return pool.ParallelFor(heads, threads, [&](size_t h) {
+        MatMulRows(pool, 1, cancel, w[h], in + h * in_step, ldx, n, out + h * out_step, ldy, &a.head_scratch[h]);
+      }, cancel) && !(cancel && cancel->load());
+    };
     float* qa = a.q_lora.data();
     float* qabs = a.q_abs.data();
     float* lat = a.latent.data();
@@ -490,8 +500,7 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
           StoreRow(kr, hd, dtype, block_of(row_seq[i], pos) + kv.KeyOffset(l, 0) + (pos % bs) * hd * eb);
         }))
       return false;
-    for (size_t h = 0; h < heads; ++h)
-      if (!MatMulRows(pool, threads, cancel, L.uk[h], q + h * qk, qd, n, qabs + h * hd, heads * hd, qs)) return false;
+    if (!per_head(L.uk, q, qk, qd, qabs, hd, heads * hd)) return false;
     const size_t off = kv.KeyOffset(l, 0);
     if (!pool.ParallelFor(n * heads, threads, [&](size_t task) {
           const size_t i = task / heads, s = row_seq[i], end = static_cast<size_t>(row_pos[i]) + 1;
@@ -512,9 +521,7 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
           for (size_t j = 0; j < r; ++j) out[j] *= inv;
         }, cancel))
       return false;
-    for (size_t h = 0; h < heads; ++h)
-      if (!MatMulRows(pool, threads, cancel, L.uv[h], lat + h * hd, heads * hd, n, att + h * c.v_dim, ad, qs)) return false;
-    return true;
+    return per_head(L.uv, lat, hd, heads * hd, att, c.v_dim, ad);
   };
 
   for (size_t l = 0; l < c.layers; ++l) {
