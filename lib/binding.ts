@@ -151,6 +151,8 @@ export interface NativeMoeWeights { ref: Uint8Array | NativeGgufHandle; index: n
 export interface NativeMoeSpec {
   dModel: number; nExperts: number; k: number; router: NativeMoeWeights; scoring: 'softmax' | 'sigmoid';
   renormalize: boolean; weightScale: number; selectionBias?: Float32Array; variant: NativeQuantVariant; threads: number;
+  /** Group-limited routing (native/ops/moe.h); absent or 1: none. */
+  groups?: number; groupsUsed?: number;
   cancel?: NativeCancelToken;
 }
 

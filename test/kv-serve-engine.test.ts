@@ -17,6 +17,11 @@ const dir = fixtureDir('sonde-kv-serve-');
 const CASES: [string, FixtureOptions][] = [
   ['llama f32', { kind: 'llama', type: 'f32', seed: 11 }],
   ['mixtral q8_0 (4 experts, top 2)', { kind: 'mixtral', type: 'q8_0', seed: 15 }],
+  // Latent (MLA) cache blocks: one row of kv_lora_rank + rope dims per layer and position.
+  ['deepseek2 f32 (latent cache, grouped routing)', { kind: 'deepseek2', type: 'f32', seed: 13, routing: { groups: 4, groupsUsed: 2 } }],
+  ['deepseek2 f16 (q LoRA, joined kv_b, sigmoid + bias)', {
+    kind: 'deepseek2', type: 'f16', seed: 17, mla: { qLoraRank: 16, kvB: 'joined' }, routing: { gatingFunc: 2, probsBias: true, weightsNorm: true },
+  }],
 ];
 
 /** Greedy tokens by the single-sequence path, one eval per token. */
@@ -133,7 +138,7 @@ describe.each(CASES)('%s', (label, fixture) => {
       expect(s.prefix.hitTokens).toBeGreaterThanOrEqual(0);
       expect(s.kv.blocks.used).toBe(0);
       expect(s.kv.highWaterBytes).toBeLessThanOrEqual(1 << 24);
-      if (fixture.kind === 'mixtral') expect(s.expertLoad!.flat().reduce((a, b) => a + b, 0)).toBeGreaterThan(0);
+      if (fixture.kind === 'mixtral' || fixture.kind === 'deepseek2') expect(s.expertLoad!.flat().reduce((a, b) => a + b, 0)).toBeGreaterThan(0);
       else expect(s.expertLoad).toBeUndefined();
     } finally {
       m.dispose();

@@ -346,7 +346,7 @@ describe('loading: bad files are typed errors that say what is wrong', () => {
 
   it('an unsupported architecture lists the supported ones; MoE tensors are checked too', async () => {
     const other = await fixture('falcon', { kind: 'llama', type: 'f32', metadata: { 'general.architecture': 'falcon' } });
-    await expect(loadTransformer(other.path)).rejects.toThrow(/'falcon' is not supported \(supported: llama, qwen2, qwen2moe\)/);
+    await expect(loadTransformer(other.path)).rejects.toThrow(/'falcon' is not supported \(supported: llama, qwen2, qwen2moe, deepseek2\)/);
     for (const kind of ['mixtral', 'qwen2moe'] as const) {
       const moe = await fixture(`moe-${kind}`, { kind, type: 'q8_0' });
       const file = await read(moe.path);

@@ -1,7 +1,7 @@
 // Types of models.js, for test/llm-fixtures.ts (the generators themselves are plain JS).
 import type { GgufTensorType, GgufWriteSpec, GgufWriteTensor, typed } from '../../lib/llm/gguf.js';
 
-export type LlmModelKind = 'llama' | 'qwen2' | 'mixtral' | 'qwen2moe';
+export type LlmModelKind = 'llama' | 'qwen2' | 'mixtral' | 'qwen2moe' | 'deepseek2';
 
 export interface LlmModelOptions {
   kind: LlmModelKind;
@@ -26,6 +26,15 @@ export interface LlmModelOptions {
   /** Zero output rows for all but normal tokens, so greedy decoding emits word pieces only (benchmarks). */
   wordsOnly?: boolean;
   seed?: number;
+  /** deepseek2 attention: q LoRA rank (0: attn_q), kv LoRA rank, rope/no-rope key and value head sizes, kv_b form. */
+  mla?: { qLoraRank?: number; kvLoraRank?: number; ropeDim?: number; keyNope?: number; valueLength?: number; kvB?: 'joined' | 'split' };
+  /** deepseek2 routing; gatingFunc is written as expert_gating_func (1 softmax, 2 sigmoid). */
+  routing?: {
+    denseLead?: number; sharedCount?: number; gatingFunc?: number; groups?: number; groupsUsed?: number;
+    weightsNorm?: boolean; weightsScale?: number; probsBias?: boolean;
+  };
+  /** Control tokens appended to a gpt2 vocabulary (e.g. R1's '<think>', '</think>'). */
+  extraSpecialTokens?: readonly string[];
   /** Tensors to drop or replace, by name, to build malformed files in tests. */
   omit?: readonly string[];
   override?: Readonly<Record<string, Partial<GgufWriteTensor>>>;
@@ -34,7 +43,7 @@ export interface LlmModelOptions {
 }
 
 export interface LlmModelInfo {
-  architecture: 'llama' | 'qwen2' | 'qwen2moe';
+  architecture: 'llama' | 'qwen2' | 'qwen2moe' | 'deepseek2';
   vocabSize: number;
   embedding: number;
   layers: number;

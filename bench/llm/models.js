@@ -11,6 +11,8 @@
 //               the 256 byte symbols, merged tokens, then <|endoftext|> <|im_start|> <|im_end|>.
 // - 'mixtral':  llama with expert_count experts of stacked ffn_{gate,up,down}_exps and a router.
 // - 'qwen2moe': qwen2 layout with routed experts plus a shared expert and its sigmoid gate.
+// - 'deepseek2': multi-head latent attention (options.mla) and DeepSeekMoE (leading dense layers,
+//               routed + ungated shared experts, options.routing), gpt2 vocab.
 //
 // Weights are deterministic (seeded) and scaled by 1/sqrt(fan-in) so activations stay O(1) through
 // the layers and the logits are neither flat nor saturated. Norm weights and biases are f32 (as
@@ -106,9 +108,10 @@ export function bpeVocab() {
  * needs explicit float32 values.
  */
 export function llmModelSpec(o, typed) {
-  const moe = o.kind === 'mixtral' || o.kind === 'qwen2moe';
+  const moe = o.kind === 'mixtral' || o.kind === 'qwen2moe' || o.kind === 'deepseek2';
   const arch = o.kind === 'mixtral' ? 'llama' : o.kind;
-  const qwen = arch === 'qwen2' || arch === 'qwen2moe';
+  const ds = arch === 'deepseek2';
+  const qwen = arch === 'qwen2' || arch === 'qwen2moe' || ds;
   const type = o.type ?? 'f32';
   const d = o.embedding ?? 64;
   const layers = o.layers ?? 2;
@@ -148,12 +151,59 @@ export function llmModelSpec(o, typed) {
     md['qwen2moe.expert_feed_forward_length'] = eff;
     md['qwen2moe.expert_shared_feed_forward_length'] = sff;
   }
+  const mla = {
+    qLoraRank: o.mla?.qLoraRank ?? 0, kvLoraRank: o.mla?.kvLoraRank ?? 32, ropeDim: o.mla?.ropeDim ?? 8,
+    keyNope: o.mla?.keyNope ?? 16, valueLength: o.mla?.valueLength ?? 16, kvB: o.mla?.kvB ?? 'split',
+  };
+  const route = {
+    denseLead: o.routing?.denseLead ?? 1, sharedCount: o.routing?.sharedCount ?? 2, gatingFunc: o.routing?.gatingFunc ?? 1,
+    groups: o.routing?.groups ?? 0, groupsUsed: o.routing?.groupsUsed ?? 0, weightsNorm: o.routing?.weightsNorm ?? false,
+    weightsScale: o.routing?.weightsScale ?? 1, probsBias: o.routing?.probsBias ?? false,
+  };
+  if (ds) {
+    const qk = mla.keyNope + mla.ropeDim;
+    Object.assign(md, {
+      'deepseek2.rope.dimension_count': mla.ropeDim,
+      'deepseek2.attention.q_lora_rank': mla.qLoraRank,
+      'deepseek2.attention.kv_lora_rank': mla.kvLoraRank,
+      'deepseek2.leading_dense_block_count': route.denseLead,
+      'deepseek2.expert_feed_forward_length': eff,
+      'deepseek2.expert_shared_count': route.sharedCount,
+      'deepseek2.expert_gating_func': route.gatingFunc,
+      'deepseek2.expert_weights_norm': route.weightsNorm,
+      'deepseek2.expert_weights_scale': typed('float32', route.weightsScale),
+    });
+    if (route.groups > 0) {
+      md['deepseek2.expert_group_count'] = route.groups;
+      md['deepseek2.expert_group_used_count'] = route.groupsUsed;
+    }
+    if (mla.kvB === 'split') {
+      // The newer converter's form: the cache row sizes under key/value_length, MQA of one head.
+      Object.assign(md, {
+        'deepseek2.attention.head_count_kv': 1,
+        'deepseek2.attention.key_length': mla.kvLoraRank + mla.ropeDim,
+        'deepseek2.attention.value_length': mla.kvLoraRank,
+        'deepseek2.attention.key_length_mla': qk,
+        'deepseek2.attention.value_length_mla': mla.valueLength,
+      });
+    } else {
+      Object.assign(md, {
+        'deepseek2.attention.head_count_kv': heads,
+        'deepseek2.attention.key_length': qk,
+        'deepseek2.attention.value_length': mla.valueLength,
+      });
+    }
+  }
   let vocab;
   let bosId;
   let eosId;
   let nonWordIds;
   if (qwen) {
     const v = bpeVocab();
+    for (const t of o.extraSpecialTokens ?? []) {
+      v.tokens.push(t);
+      v.types.push(3);
+    }
     vocab = v.tokens.length;
     eosId = v.tokens.indexOf('<|endoftext|>');
     nonWordIds = v.types.flatMap((t, i) => (t !== 1 ? [i] : []));
@@ -219,7 +269,47 @@ export function llmModelSpec(o, typed) {
   const vec = (name, n, scale, offset) => add(name, [n], 'f32', () => uniform(rand, n, scale, offset));
 
   mat('token_embd.weight', d, vocab, 1);
-  for (let l = 0; l < layers; l++) {
+  for (let l = 0; l < layers && ds; l++) {
+    const b = `blk.${l}`;
+    const qk = mla.keyNope + mla.ropeDim, r = mla.kvLoraRank;
+    vec(`${b}.attn_norm.weight`, d, 0.2, 1);
+    if (mla.qLoraRank > 0) {
+      mat(`${b}.attn_q_a.weight`, d, mla.qLoraRank);
+      vec(`${b}.attn_q_a_norm.weight`, mla.qLoraRank, 0.2, 1);
+      mat(`${b}.attn_q_b.weight`, mla.qLoraRank, heads * qk);
+    } else {
+      mat(`${b}.attn_q.weight`, d, heads * qk);
+    }
+    mat(`${b}.attn_kv_a_mqa.weight`, d, r + mla.ropeDim);
+    vec(`${b}.attn_kv_a_norm.weight`, r, 0.2, 1);
+    if (mla.kvB === 'split') {
+      add(`${b}.attn_k_b.weight`, [mla.keyNope, r, heads], type, () => uniform(rand, mla.keyNope * r * heads, gain(mla.keyNope)));
+      add(`${b}.attn_v_b.weight`, [r, mla.valueLength, heads], type, () => uniform(rand, r * mla.valueLength * heads, gain(r)));
+    } else {
+      mat(`${b}.attn_kv_b.weight`, r, heads * (mla.keyNope + mla.valueLength));
+    }
+    mat(`${b}.attn_output.weight`, heads * mla.valueLength, d);
+    vec(`${b}.ffn_norm.weight`, d, 0.2, 1);
+    if (l < route.denseLead) {
+      mat(`${b}.ffn_gate.weight`, d, ff);
+      mat(`${b}.ffn_up.weight`, d, ff);
+      mat(`${b}.ffn_down.weight`, ff, d);
+      continue;
+    }
+    add(`${b}.ffn_gate_inp.weight`, [d, experts], 'f32', () => uniform(rand, d * experts, 2 * gain(d)));
+    // A bias of the scores' size, so that it changes which experts are chosen.
+    if (route.probsBias) vec(`${b}.exp_probs_b.bias`, experts, 0.3, 0);
+    mat(`${b}.ffn_gate_exps.weight`, d, eff, gain(d), experts);
+    mat(`${b}.ffn_up_exps.weight`, d, eff, gain(d), experts);
+    mat(`${b}.ffn_down_exps.weight`, eff, d, gain(eff), experts);
+    if (route.sharedCount > 0) {
+      const s2 = eff * route.sharedCount;
+      mat(`${b}.ffn_gate_shexp.weight`, d, s2);
+      mat(`${b}.ffn_up_shexp.weight`, d, s2);
+      mat(`${b}.ffn_down_shexp.weight`, s2, d);
+    }
+  }
+  for (let l = 0; l < layers && !ds; l++) {
     const b = `blk.${l}`;
     vec(`${b}.attn_norm.weight`, d, 0.2, 1);
     mat(`${b}.attn_q.weight`, d, heads * hd);

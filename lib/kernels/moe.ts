@@ -42,6 +42,13 @@ export interface MoeRouterSpec {
   weightScale?: number;
   /** Added to the scores for selection only (DeepSeek-V3's exp_probs_b), nExperts values. */
   selectionBias?: Float32Array;
+  /**
+   * Group-limited routing (DeepSeek): the experts form `groups` groups of nExperts / groups
+   * consecutive experts; only the `groupsUsed` groups whose two best selection keys (score + bias)
+   * sum highest are chosen from, as llama.cpp does for V2 and V3. Default 1 (no limit).
+   */
+  groups?: number;
+  groupsUsed?: number;
 }
 
 export interface MoeSharedExpert {
@@ -233,7 +240,15 @@ function routerSpec(where: string, layer: unknown, dModel: number) {
     }
     selectionBias = l.selectionBias;
   }
-  return { router, nExperts, k, scoring, renormalize: l.renormalize ?? false, weightScale, selectionBias };
+  const groups = l.groups === undefined ? 1 : checkInt(`${where}: layer.groups`, l.groups, 1, nExperts);
+  if (nExperts % groups !== 0) {
+    throw new InvalidArgumentError(`${where}: layer.groups = ${groups} does not divide the ${nExperts} experts`);
+  }
+  const groupsUsed = l.groupsUsed === undefined ? groups : checkInt(`${where}: layer.groupsUsed`, l.groupsUsed, 1, groups);
+  if (k > groupsUsed * (nExperts / groups)) {
+    throw new InvalidArgumentError(`${where}: layer.k = ${k} experts do not fit in groupsUsed = ${groupsUsed} groups of ${nExperts / groups}`);
+  }
+  return { router, nExperts, k, scoring, renormalize: l.renormalize ?? false, weightScale, selectionBias, groups, groupsUsed };
 }
 
 function runOptions(where: string, opts: Partial<MoeOptions>) {
@@ -256,7 +271,8 @@ export async function moeRoute(x: Tensor<'float32'>, layer: MoeRouterSpec, optio
   const scores = new Float32Array(tokens * r.nExperts);
   await callNative(() => withSignal(signal, (token) => native().moeRoute(t.data, ids, weights, scores, {
     tokens, dModel, nExperts: r.nExperts, k: r.k, router: r.router.w, scoring: r.scoring, renormalize: r.renormalize,
-    weightScale: r.weightScale, selectionBias: r.selectionBias, variant, threads, cancel: token,
+    weightScale: r.weightScale, selectionBias: r.selectionBias, groups: r.groups, groupsUsed: r.groupsUsed, variant, threads,
+    cancel: token,
   })), site);
   const expertCounts = new Array<number>(r.nExperts).fill(0);
   for (const e of ids) expertCounts[e]! += 1;
@@ -321,7 +337,8 @@ export async function moe(x: Tensor<'float32'>, layer: MoeLayerSpec, options?: M
   const out = new Float32Array(tokens * dModel);
   const res = await callNative(() => withSignal(signal, (token) => native().moe(t.data, out, {
     tokens, dModel, dFf, nExperts: r.nExperts, k: r.k, router: r.router.w, gate: gate.w, up: up.w, down: down.w,
-    scoring: r.scoring, renormalize: r.renormalize, weightScale: r.weightScale, selectionBias: r.selectionBias, shared,
+    scoring: r.scoring, renormalize: r.renormalize, weightScale: r.weightScale, selectionBias: r.selectionBias,
+    groups: r.groups, groupsUsed: r.groupsUsed, shared,
     capacityFactor, variant, threads, cancel: token,
   })), site);
   return { output: new Tensor('float32', out, x.dims.length === 2 ? [tokens, dModel] : [dModel]), expertCounts: res.expertCounts, dropped: res.dropped };

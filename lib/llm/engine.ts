@@ -6,7 +6,7 @@
  */
 import type { GgufFile } from './gguf.js';
 
-export type LlmArchitecture = 'llama' | 'qwen2' | 'qwen2moe';
+export type LlmArchitecture = 'llama' | 'qwen2' | 'qwen2moe' | 'deepseek2';
 
 /** Hyperparameters read from GGUF metadata (lib/llm/arch.ts), validated against the tensors. */
 export interface ModelConfig {
@@ -21,8 +21,14 @@ export interface ModelConfig {
   feedForwardLength: number;
   rmsEpsilon: number;
   ropeFreqBase: number;
-  /** Linear RoPE scaling factor (1 = none). */
+  /** RoPE scaling factor (1 = none): linear, or YaRN's when ropeYarn is set. */
   ropeScale: number;
+  /**
+   * YaRN RoPE (deepseek2's rope.scaling.type = yarn): frequencies blended between interpolation
+   * and extrapolation over the correction range from the original context length and the beta
+   * bounds; the rotation is scaled by `magnitude` (times 1 + 0.1 ln ropeScale, as ggml does).
+   */
+  ropeYarn?: { originalContextLength: number; betaFast: number; betaSlow: number; magnitude: number };
   /** NeoX ordering (rotate halves) vs normal (rotate adjacent pairs). */
   ropeNeox: boolean;
   /** 0 for dense models. */
@@ -34,6 +40,45 @@ export interface ModelConfig {
   /** Parameters in the file, and those one token touches (attention + k of E experts + shared). */
   parameterCount: number;
   activeParameterCount: number;
+  /** DeepSeekMoE routing (deepseek2); absent: the architecture's fixed rule. */
+  routing?: MoeRoutingConfig;
+  /**
+   * Multi-head latent attention (deepseek2). headCountKv is then 1 and headDim the cached row per
+   * position and layer: kvLoraRank + ropeDim (the latent and the shared rope key part).
+   */
+  mla?: MlaConfig;
+}
+
+export interface MoeRoutingConfig {
+  /** expert_gating_func: softmax over all experts (V2) or element-wise sigmoid (V3/R1). */
+  gating: 'softmax' | 'sigmoid';
+  /** Renormalise the k chosen weights to sum 1 (expert_weights_norm). */
+  weightsNorm: boolean;
+  /** Multiplies the final weights (expert_weights_scale; 1 = none). */
+  weightsScale: number;
+  /** Group-limited choice: groupCount groups, the best groupUsedCount kept (groupCount <= 1: none). */
+  groupCount: number;
+  groupUsedCount: number;
+  /** Layers [0, leadingDenseBlockCount) have a dense FFN of feedForwardLength. */
+  leadingDenseBlockCount: number;
+  /** Shared experts (always run, ungated) of expertFeedForwardLength each. */
+  sharedCount: number;
+}
+
+export interface MlaConfig {
+  /** 0: q projected directly (attn_q, V2-Lite); else attn_q_a -> norm -> attn_q_b. */
+  qLoraRank: number;
+  kvLoraRank: number;
+  /** The rotated part of each query/key head (rope.dimension_count). */
+  ropeDim: number;
+  /** The unrotated part of each query/key head (key length - ropeDim). */
+  keyNopeLength: number;
+  /** Each head's value size. */
+  valueLength: number;
+  /** The key/value up-projection as one attn_kv_b tensor (older GGUFs) or attn_k_b + attn_v_b. */
+  kvB: 'joined' | 'split';
+  /** Softmax scale of the scores: mscale^2 / sqrt(keyNopeLength + ropeDim) (mscale 1 without YaRN). */
+  attentionScale: number;
 }
 
 export interface EvalOptions {

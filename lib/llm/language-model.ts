@@ -103,6 +103,12 @@ export interface GenerateOptions extends SamplingOptions {
   signal?: AbortSignal;
   /** For a string prompt: turn the text of control tokens ('<|im_start|>') into those tokens. Default false. */
   parseSpecial?: boolean;
+  /**
+   * Reasoning models (DeepSeek-R1 style, whose vocabulary has `<think>` and `</think>` tokens):
+   * 'show' (default) emits the reasoning with `reasoning: true` on its events, 'hide' leaves it
+   * out (the answer alone is emitted; maxTokens still counts every generated token).
+   */
+  reasoning?: 'show' | 'hide';
 }
 
 export interface GeneratedToken {
@@ -114,6 +120,46 @@ export interface GeneratedToken {
    * carries only the text before it).
    */
   text: string;
+  /**
+   * True for the tokens of a `<think>…</think>` section (the markers included) of a reasoning
+   * model; absent for the answer and for models whose vocabulary has no such markers. A prompt
+   * that ends inside a section (R1's template opens `<think>` for the reply) starts in it.
+   */
+  reasoning?: true;
+}
+
+/**
+ * Which events of a generation are reasoning: the single tokens whose text is `<think>` and
+ * `</think>` (absent from the vocabulary: none is) open and close a section; the state carries
+ * over from the prompt.
+ */
+export class ReasoningSplitter {
+  readonly open: number | undefined;
+  readonly close: number | undefined;
+  #inside: boolean;
+
+  constructor(tokenizer: Pick<LanguageModelTokenizer, 'encode'>, prompt: readonly number[]) {
+    const marker = (text: string) => {
+      const ids = tokenizer.encode(text, { addSpecial: false, parseSpecial: true });
+      return ids.length === 1 ? ids[0] : undefined;
+    };
+    this.open = marker('<think>');
+    this.close = marker('</think>');
+    if (this.open === undefined || this.close === undefined) {
+      this.open = this.close = undefined;
+    }
+    this.#inside = this.open !== undefined && prompt.lastIndexOf(this.open) > prompt.lastIndexOf(this.close!);
+  }
+
+  /** Marks `e` (events in generation order) and says whether it is reasoning. */
+  mark(e: GeneratedToken): boolean {
+    if (this.open === undefined) return false;
+    if (e.token === this.open) this.#inside = true;
+    const reasoning = this.#inside;
+    if (e.token === this.close) this.#inside = false;
+    if (reasoning) e.reasoning = true;
+    return reasoning;
+  }
 }
 
 export interface LanguageModelInfo {
@@ -161,7 +207,7 @@ interface Serving {
   maxQueue: number | undefined;
   name: string | undefined;
 }
-const GENERATE_OPTIONS = [...SAMPLING_OPTIONS, 'maxTokens', 'stop', 'signal', 'parseSpecial'] as const;
+const GENERATE_OPTIONS = [...SAMPLING_OPTIONS, 'maxTokens', 'stop', 'signal', 'parseSpecial', 'reasoning'] as const;
 const TOKENIZE_OPTIONS = ['addSpecial', 'parseSpecial'] as const;
 const DETOKENIZE_OPTIONS = ['special'] as const;
 const LOGITS_OPTIONS = ['signal'] as const;
@@ -230,8 +276,13 @@ class Emitter {
   #pending: GeneratedToken[] = [];
   #pendingText = '';
   #generated = 0;
+  #reasoning: ReasoningSplitter;
+  #hideReasoning: boolean;
 
-  constructor(tokenizer: LanguageModelTokenizer, stopStrings: readonly string[], stopTokens: ReadonlySet<number>, maxTokens: number) {
+  constructor(tokenizer: LanguageModelTokenizer, stopStrings: readonly string[], stopTokens: ReadonlySet<number>, maxTokens: number,
+    reasoning: ReasoningSplitter, hideReasoning: boolean) {
+    this.#reasoning = reasoning;
+    this.#hideReasoning = hideReasoning;
     this.#tokenizer = tokenizer;
     this.#stopStrings = stopStrings;
     this.#stopTokens = stopTokens;
@@ -261,7 +312,7 @@ class Emitter {
           if (end >= at) break;
           const take = Math.min(e.text.length, at - end);
           end += e.text.length;
-          this.ready.push({ token: e.token, text: e.text.slice(0, take) });
+          this.#release([{ token: e.token, text: e.text.slice(0, take) }]);
         }
         this.#pending = [];
         return false;
@@ -281,7 +332,7 @@ class Emitter {
       n++;
     }
     if (n > 0) {
-      this.ready.push(...this.#pending.splice(0, n));
+      this.#release(this.#pending.splice(0, n));
       this.#pendingText = this.#pendingText.slice(end);
     }
     if (this.#generated >= this.#maxTokens || full) return this.#end();
@@ -293,10 +344,14 @@ class Emitter {
     const tail = this.#decoder.flush();
     if (this.#pending.length > 0) {
       this.#pending[this.#pending.length - 1]!.text += tail;
-      this.ready.push(...this.#pending);
+      this.#release(this.#pending);
       this.#pending = [];
     }
     return false;
+  }
+
+  #release(events: GeneratedToken[]): void {
+    for (const e of events) if (!this.#reasoning.mark(e) || !this.#hideReasoning) this.ready.push(e);
   }
 }
 
@@ -565,7 +620,9 @@ export class LanguageModel extends NativeResource {
     const tokens = this.#promptTokens(where, prompt, parseSpecial);
     if (tokens.length === 0) throw new InvalidArgumentError(`${where}: the prompt has no tokens (the vocabulary adds no BOS; give some text)`);
     this.#checkFits(where, tokens.length);
-    const emitter = new Emitter(this.#tokenizer, stopStrings, stopTokens, maxTokens);
+    const reasoning = checkOneOf(`${where}: options.reasoning`, o.reasoning ?? 'show', ['show', 'hide'] as const);
+    const emitter = new Emitter(this.#tokenizer, stopStrings, stopTokens, maxTokens, new ReasoningSplitter(this.#tokenizer, tokens),
+      reasoning === 'hide');
     return this.#scheduler
       ? this.#runBatched(where, tokens, sampler, maxTokens, emitter, signal, chain)
       : this.#runSerial(where, tokens, sampler, maxTokens, emitter, signal);

@@ -128,6 +128,7 @@ Napi::Value LlmModelCreate(Addon& addon, const Napi::CallbackInfo& info) {
   if (arch == "llama") c.arch = LlmArch::kLlama;
   else if (arch == "qwen2") c.arch = LlmArch::kQwen2;
   else if (arch == "qwen2moe") c.arch = LlmArch::kQwen2Moe;
+  else if (arch == "deepseek2") c.arch = LlmArch::kDeepseek2;
   else throw MakeError(env, codes::kUnsupportedOperator, "llmModelCreate: unsupported architecture '" + arch + "'");
   c.vocab = SizeField(env, o, "vocabSize");
   c.context = SizeField(env, o, "contextLength");
@@ -145,6 +146,46 @@ Napi::Value LlmModelCreate(Addon& addon, const Napi::CallbackInfo& info) {
   c.experts_used = SizeField(env, o, "expertUsedCount");
   c.expert_ff = SizeField(env, o, "expertFeedForwardLength");
   c.shared_ff = SizeField(env, o, "sharedExpertFeedForwardLength");
+  // deepseek2's routing and attention (lib/llm/engine.ts: ModelConfig.routing, .mla); absent for
+  // the other architectures.
+  Napi::Value routing = o.Get("routing");
+  if (routing.IsObject()) {
+    Napi::Object ro = routing.As<Napi::Object>();
+    const std::string gating = ro.Get("gating").ToString();
+    if (gating == "softmax") c.gating = MoeScoring::kSoftmax;
+    else if (gating == "sigmoid") c.gating = MoeScoring::kSigmoid;
+    else throw MakeError(env, codes::kInvalidArgument, "llmModelCreate: config.routing.gating must be 'softmax' or 'sigmoid'");
+    c.weights_norm = ro.Get("weightsNorm").ToBoolean();
+    c.weights_scale = FloatField(env, ro, "weightsScale");
+    c.expert_groups = SizeField(env, ro, "groupCount");
+    c.expert_groups_used = SizeField(env, ro, "groupUsedCount");
+    c.dense_lead = SizeField(env, ro, "leadingDenseBlockCount");
+  }
+  Napi::Value mla = o.Get("mla");
+  if (mla.IsObject()) {
+    Napi::Object mo = mla.As<Napi::Object>();
+    c.q_lora = SizeField(env, mo, "qLoraRank");
+    c.kv_lora = SizeField(env, mo, "kvLoraRank");
+    c.rope_dim = SizeField(env, mo, "ropeDim");
+    c.k_nope = SizeField(env, mo, "keyNopeLength");
+    c.v_dim = SizeField(env, mo, "valueLength");
+    c.kq_scale = FloatField(env, mo, "attentionScale");
+  }
+  Napi::Value yarn = o.Get("ropeYarn");
+  if (yarn.IsObject()) {
+    // ggml_rope_yarn_corr_dims, in fp32 as ggml computes them.
+    Napi::Object yo = yarn.As<Napi::Object>();
+    const float n_dims = static_cast<float>(c.kv_lora > 0 ? c.rope_dim : c.head_dim);
+    const float orig = static_cast<float>(SizeField(env, yo, "originalContextLength"));
+    const float beta_fast = FloatField(env, yo, "betaFast"), beta_slow = FloatField(env, yo, "betaSlow");
+    const float pi2 = 2.0f * 3.14159265358979323846f;
+    const float start = std::floor(n_dims * std::log(orig / (beta_fast * pi2)) / (2.0f * std::log(c.rope_base)));
+    const float end = std::ceil(n_dims * std::log(orig / (beta_slow * pi2)) / (2.0f * std::log(c.rope_base)));
+    c.yarn_ext_factor = 1.0f;
+    c.yarn_corr_low = std::max(0.0f, start);
+    c.yarn_corr_high = std::min(n_dims - 1.0f, end);
+    c.yarn_magnitude = FloatField(env, yo, "magnitude");
+  }
   Napi::Value variant = o.Get("variant");
   if (!variant.IsUndefined()) {
     const std::string name = variant.ToString();
@@ -199,7 +240,8 @@ Napi::Value KvPoolCreate(Addon& addon, const Napi::CallbackInfo& info) {
   const std::string dtype = info.Length() > 3 && info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
   if (dtype != "f32" && dtype != "f16") throw MakeError(env, codes::kInvalidArgument, "kvPoolCreate: dtype must be 'f32' or 'f16'");
   const LlmConfig& c = model->config();
-  const double block_bytes = 2.0 * c.layers * c.kv_heads * c.head_dim * block_size * (dtype == "f16" ? 2 : 4);
+  const KvCacheShape shape = KvCacheShapeOf(c);
+  const double block_bytes = 1.0 * c.layers * shape.streams * shape.row_width * block_size * (dtype == "f16" ? 2 : 4);
   // 2^50 bytes: beyond any machine, and far below where size_t arithmetic on it could wrap.
   if (block_bytes * max_blocks > 1125899906842624.0)
     throw MakeError(env, codes::kInvalidArgument, "kvPoolCreate: maxBlocks * blockBytes is beyond any memory");

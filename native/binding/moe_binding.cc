@@ -80,6 +80,13 @@ class MoeJobBase : public AsyncJob {
       bias.assign(fb.Data(), fb.Data() + l.n_experts);  // copied: the job owns what it reads
       l.selection_bias = bias.data();
     }
+    if (!o.Get("groups").IsUndefined()) {
+      l.groups = Size(env, o.Get("groups"), "groups");
+      l.groups_used = Size(env, o.Get("groupsUsed"), "groupsUsed");
+      if (l.groups > 1 && (l.n_experts % l.groups != 0 || l.groups_used == 0 || l.groups_used > l.groups ||
+                           l.k > l.groups_used * (l.n_experts / l.groups)))
+        throw MakeError(env, codes::kInvalidArgument, "moe: groups must divide nExperts, groupsUsed be in [1, groups], and k fit in groupsUsed groups");
+    }
     Napi::Value variant = o.Get("variant");
     if (!variant.IsString() || !ParseQuantVariant(variant.As<Napi::String>(), &l.variant))
       throw MakeError(env, codes::kInvalidArgument, "moe: unknown variant");

@@ -17,10 +17,25 @@ constexpr size_t kChunkBytes = size_t{2} << 20;
 
 }  // namespace
 
+KvCacheShape KvCacheShapeOf(const LlmConfig& c) {
+  KvCacheShape s;
+  if (c.kv_lora > 0) {
+    s.streams = 1;
+    s.row_width = c.kv_lora + c.rope_dim;
+    s.kv_heads = 1;
+    s.values_in_keys = true;
+  } else {
+    s.streams = 2 * c.kv_heads;
+    s.row_width = c.head_dim;
+    s.kv_heads = c.kv_heads;
+  }
+  return s;
+}
+
 KvPool::KvPool(const LlmConfig& c, size_t block_size, size_t max_blocks, KvDtype dtype)
-    : block_size_(block_size), max_blocks_(max_blocks), kv_heads_(c.kv_heads), dtype_(dtype) {
-  head_bytes_ = block_size * c.head_dim * elem_bytes();
-  block_bytes_ = 2 * c.layers * c.kv_heads * head_bytes_;
+    : block_size_(block_size), max_blocks_(max_blocks), shape_(KvCacheShapeOf(c)), dtype_(dtype) {
+  stream_bytes_ = block_size * shape_.row_width * elem_bytes();
+  block_bytes_ = c.layers * shape_.streams * stream_bytes_;
   chunk_blocks_ = std::max<size_t>(1, std::min(max_blocks, kChunkBytes / block_bytes_));
   chunks_.assign((max_blocks + chunk_blocks_ - 1) / chunk_blocks_, nullptr);
   expert_counts_.assign(c.layers * c.experts, 0);

@@ -4,9 +4,13 @@
 // (lib/llm/kv/); the pool is storage, and RunStep (ops/llm.h) is the batched forward that reads and
 // writes it.
 //
-// Block layout: [layer][K, V][kv_head][position][head_dim] of fp32 or IEEE half. Attention of one
-// (layer, head) reads the block's position rows of that head contiguously (head_dim elements
-// apart), which is the stride the span kernels take; K and V of a layer sit side by side.
+// Block layout: [layer][stream][position][row_width] of fp32 or IEEE half, where what a layer
+// caches per position is the architecture's (KvCacheShape): K and V of each KV head as separate
+// streams (llama, qwen2: 2 * kv_heads streams of head_dim), or one row that is both key and value
+// (deepseek2's MLA latent cache: the normalised kv_lora_rank latent, then the roped key part, read
+// as key in full and as value in its first kv_lora_rank elements). Attention of one (layer, stream)
+// reads the block's position rows contiguously (row_width elements apart), which is the stride the
+// span kernels take.
 //
 // Memory: chunks of chunk_blocks blocks are allocated as block ids are first used (on the JS
 // thread, between steps: the binding reports them to V8), never past max_blocks; the chunk table is
@@ -28,12 +32,23 @@ enum class KvDtype : int32_t { kF32 = 0, kF16 = 1 };
 
 struct LlmConfig;
 
+// What one layer caches per position: `streams` rows of `row_width` elements. kv_heads: heads
+// whose key (and value) rows are addressed; values_in_keys: a head's value row is its key row (the
+// MLA latent) instead of a separate stream after the kv_heads key streams.
+struct KvCacheShape {
+  size_t streams = 0, row_width = 0, kv_heads = 0;
+  bool values_in_keys = false;
+};
+KvCacheShape KvCacheShapeOf(const LlmConfig& config);
+
 // Scratch of the forward pass over a step's rows, grown to the largest row count seen (rounded up
 // to a power of two, so a server's varying batch sizes settle after a few steps) and then reused:
 // a step allocates nothing once its shape class has been seen.
 struct LlmArena {
   size_t rows = 0, out_rows = 0;
   std::vector<float> x, xn, q, k, v, att, gate, up, moe_out;
+  std::vector<float> q_lora, q_abs, latent;  // MLA: the q LoRA rows, absorbed queries, latent outputs
+  std::vector<QuantMatmulScratch> head_scratch;  // MLA: one per head for the per-head products
   std::vector<uint32_t> row_pos;  // each row's position in its sequence
   std::vector<uint32_t> row_seq;  // each row's sequence index in the step
   QuantMatmulScratch qscratch;
@@ -79,8 +94,12 @@ class KvPool {
 
   uint8_t* Block(size_t id) const { return chunks_[id / chunk_blocks_] + (id % chunk_blocks_) * block_bytes_; }
   // Byte offsets inside a block of (layer, kv_head)'s key and value rows.
-  size_t KeyOffset(size_t layer, size_t kv_head) const { return ((2 * layer) * kv_heads_ + kv_head) * head_bytes_; }
-  size_t ValueOffset(size_t layer, size_t kv_head) const { return ((2 * layer + 1) * kv_heads_ + kv_head) * head_bytes_; }
+  size_t KeyOffset(size_t layer, size_t kv_head) const { return (layer * shape_.streams + kv_head) * stream_bytes_; }
+  size_t ValueOffset(size_t layer, size_t kv_head) const {
+    return shape_.values_in_keys ? KeyOffset(layer, kv_head)
+                                 : (layer * shape_.streams + shape_.kv_heads + kv_head) * stream_bytes_;
+  }
+  const KvCacheShape& shape() const { return shape_; }
 
   // Tokens routed to each expert by this pool's steps, [layer][expert] (MoE models).
   std::vector<uint64_t>& expert_counts() { return expert_counts_; }
@@ -91,7 +110,8 @@ class KvPool {
   std::atomic<bool> busy{false};
 
  private:
-  size_t block_size_, max_blocks_, kv_heads_, head_bytes_, block_bytes_, chunk_blocks_;
+  size_t block_size_, max_blocks_, stream_bytes_, block_bytes_, chunk_blocks_;
+  KvCacheShape shape_;
   KvDtype dtype_;
   std::vector<uint8_t*> chunks_;
   size_t allocated_ = 0, bytes_ = 0, high_water_ = 0;

@@ -145,21 +145,101 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
   if (idx[kSlotOutput] < 0) m->output_ = m->embd_;  // tied embeddings
   else if (!Matrix(f, idx[kSlotOutput], "output.weight", d, c.vocab, 0, c.variant, &m->output_, error)) return nullptr;
   m->layers_.resize(c.layers);
+  const bool mla = c.kv_lora > 0;
+  if (mla) {
+    if (c.arch != LlmArch::kDeepseek2 || c.rope_dim == 0 || c.rope_dim % 2 != 0 || c.k_nope == 0 || c.v_dim == 0 ||
+        c.kv_heads != 1 || c.head_dim != c.kv_lora + c.rope_dim || !(c.kq_scale > 0)) {
+      *error = "inconsistent multi-head latent attention configuration (kv_lora_rank " + std::to_string(c.kv_lora) +
+               ", rope dims " + std::to_string(c.rope_dim) + ", key/value head sizes " + std::to_string(c.k_nope + c.rope_dim) +
+               "/" + std::to_string(c.v_dim) + ")";
+      return nullptr;
+    }
+    // Room for the transposed key halves of joined attn_kv_b tensors, sized once: views into it
+    // must not move.
+    for (size_t l = 0; l < c.layers; ++l)
+      if (idx[kLlmGlobalSlots + l * kLlmLayerSlots + kSlotKB] < 0) {
+        m->owned_.resize(c.layers * c.heads * c.kv_lora * c.k_nope);
+        break;
+      }
+  } else if (c.arch == LlmArch::kDeepseek2) {
+    *error = "a deepseek2 model needs attention.kv_lora_rank > 0";
+    return nullptr;
+  }
   for (size_t l = 0; l < c.layers; ++l) {
     const int32_t* s = idx.data() + kLlmGlobalSlots + l * kLlmLayerSlots;
     const std::string b = "blk." + std::to_string(l) + ".";
     LlmLayer& L = m->layers_[l];
-    if (!Vector(f, s[kSlotAttnNorm], b + "attn_norm.weight", d, &L.attn_norm, error) ||
-        !Matrix(f, s[kSlotQ], b + "attn_q.weight", d, qd, 0, c.variant, &L.q, error) ||
-        !Matrix(f, s[kSlotK], b + "attn_k.weight", d, kvd, 0, c.variant, &L.k, error) ||
-        !Matrix(f, s[kSlotV], b + "attn_v.weight", d, kvd, 0, c.variant, &L.v, error) ||
-        !Matrix(f, s[kSlotO], b + "attn_output.weight", qd, d, 0, c.variant, &L.o, error) ||
-        !Vector(f, s[kSlotFfnNorm], b + "ffn_norm.weight", d, &L.ffn_norm, error))
-      return nullptr;
-    if (s[kSlotQBias] >= 0 && !Vector(f, s[kSlotQBias], b + "attn_q.bias", qd, &L.q_bias, error)) return nullptr;
-    if (s[kSlotKBias] >= 0 && !Vector(f, s[kSlotKBias], b + "attn_k.bias", kvd, &L.k_bias, error)) return nullptr;
-    if (s[kSlotVBias] >= 0 && !Vector(f, s[kSlotVBias], b + "attn_v.bias", kvd, &L.v_bias, error)) return nullptr;
-    if (!moe) {
+    if (mla) {
+      const size_t h = c.heads, qk = c.k_nope + c.rope_dim, r = c.kv_lora;
+      if (!Vector(f, s[kSlotAttnNorm], b + "attn_norm.weight", d, &L.attn_norm, error) ||
+          !Matrix(f, s[kSlotKvAMqa], b + "attn_kv_a_mqa.weight", d, r + c.rope_dim, 0, c.variant, &L.kv_a, error) ||
+          !Vector(f, s[kSlotKvANorm], b + "attn_kv_a_norm.weight", r, &L.kv_a_norm, error) ||
+          !Matrix(f, s[kSlotO], b + "attn_output.weight", h * c.v_dim, d, 0, c.variant, &L.o, error) ||
+          !Vector(f, s[kSlotFfnNorm], b + "ffn_norm.weight", d, &L.ffn_norm, error))
+        return nullptr;
+      if (c.q_lora > 0) {
+        if (!Matrix(f, s[kSlotQA], b + "attn_q_a.weight", d, c.q_lora, 0, c.variant, &L.q_a, error) ||
+            !Vector(f, s[kSlotQANorm], b + "attn_q_a_norm.weight", c.q_lora, &L.q_a_norm, error) ||
+            !Matrix(f, s[kSlotQB], b + "attn_q_b.weight", c.q_lora, h * qk, 0, c.variant, &L.q_b, error))
+          return nullptr;
+      } else if (!Matrix(f, s[kSlotQ], b + "attn_q.weight", d, h * qk, 0, c.variant, &L.q, error)) {
+        return nullptr;
+      }
+      auto view = [](const LlmMatrix& w, size_t row0, size_t rows) {
+        LlmMatrix v = w;
+        v.data = w.data + row0 * w.row_bytes;
+        v.n = rows;
+        return v;
+      };
+      L.uk.resize(h);
+      L.uv.resize(h);
+      if (s[kSlotKB] >= 0 || s[kSlotVB] >= 0) {
+        LlmMatrix kb, vb;
+        if (!Matrix(f, s[kSlotKB], b + "attn_k_b.weight", c.k_nope, r, h, c.variant, &kb, error) ||
+            !Matrix(f, s[kSlotVB], b + "attn_v_b.weight", r, c.v_dim, h, c.variant, &vb, error))
+          return nullptr;
+        for (size_t i = 0; i < h; ++i) {
+          L.uk[i] = view(kb, i * r, r);
+          L.uv[i] = view(vb, i * c.v_dim, c.v_dim);
+        }
+      } else {
+        LlmMatrix kvb;
+        const size_t per = c.k_nope + c.v_dim;
+        if (!Matrix(f, s[kSlotKvB], b + "attn_kv_b.weight", r, h * per, 0, c.variant, &kvb, error)) return nullptr;
+        // Head i's key rows are k_nope rows of r; the absorbed form multiplies q_nope by their
+        // transpose, so they are stored transposed (r rows of k_nope) in f32.
+        float* own = m->owned_.data() + l * h * r * c.k_nope;
+        std::vector<float> row(r);
+        for (size_t i = 0; i < h; ++i) {
+          for (size_t j = 0; j < c.k_nope; ++j) {
+            kernels::DequantizeRow(kvb.type, kvb.data + (i * per + j) * kvb.row_bytes, r, row.data());
+            for (size_t t = 0; t < r; ++t) own[(i * r + t) * c.k_nope + j] = row[t];
+          }
+          LlmMatrix uk;
+          uk.data = reinterpret_cast<const uint8_t*>(own + i * r * c.k_nope);
+          uk.type = kernels::kQuantF32;
+          uk.variant = ResolveQuantVariant(kernels::kQuantF32, c.variant);
+          uk.k = c.k_nope;
+          uk.n = r;
+          uk.row_bytes = kernels::QuantRowBytes(kernels::kQuantF32, c.k_nope);
+          L.uk[i] = uk;
+          L.uv[i] = view(kvb, i * per + c.k_nope, c.v_dim);
+        }
+      }
+    } else {
+      if (!Vector(f, s[kSlotAttnNorm], b + "attn_norm.weight", d, &L.attn_norm, error) ||
+          !Matrix(f, s[kSlotQ], b + "attn_q.weight", d, qd, 0, c.variant, &L.q, error) ||
+          !Matrix(f, s[kSlotK], b + "attn_k.weight", d, kvd, 0, c.variant, &L.k, error) ||
+          !Matrix(f, s[kSlotV], b + "attn_v.weight", d, kvd, 0, c.variant, &L.v, error) ||
+          !Matrix(f, s[kSlotO], b + "attn_output.weight", qd, d, 0, c.variant, &L.o, error) ||
+          !Vector(f, s[kSlotFfnNorm], b + "ffn_norm.weight", d, &L.ffn_norm, error))
+        return nullptr;
+      if (s[kSlotQBias] >= 0 && !Vector(f, s[kSlotQBias], b + "attn_q.bias", qd, &L.q_bias, error)) return nullptr;
+      if (s[kSlotKBias] >= 0 && !Vector(f, s[kSlotKBias], b + "attn_k.bias", kvd, &L.k_bias, error)) return nullptr;
+      if (s[kSlotVBias] >= 0 && !Vector(f, s[kSlotVBias], b + "attn_v.bias", kvd, &L.v_bias, error)) return nullptr;
+    }
+    L.moe_ffn = moe && l >= c.dense_lead;
+    if (!L.moe_ffn) {
       if (!Matrix(f, s[kSlotGate], b + "ffn_gate.weight", d, c.ff, 0, c.variant, &L.gate, error) ||
           !Matrix(f, s[kSlotUp], b + "ffn_up.weight", d, c.ff, 0, c.variant, &L.up, error) ||
           !Matrix(f, s[kSlotDown], b + "ffn_down.weight", c.ff, d, 0, c.variant, &L.down, error))
@@ -172,8 +252,12 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
         !Matrix(f, s[kSlotUpExps], b + "ffn_up_exps.weight", d, eff, e, c.variant, &L.up_exps, error) ||
         !Matrix(f, s[kSlotDownExps], b + "ffn_down_exps.weight", eff, d, e, c.variant, &L.down_exps, error))
       return nullptr;
+    if (s[kSlotExpProbsB] >= 0 && !Vector(f, s[kSlotExpProbsB], b + "exp_probs_b.bias", e, &L.exp_probs_b, error))
+      return nullptr;
     if (c.shared_ff) {
-      if (!Vector(f, s[kSlotGateInpShexp], b + "ffn_gate_inp_shexp.weight", d, &L.gate_inp_shexp, error) ||
+      // deepseek2's shared experts are ungated; qwen2moe's has a sigmoid gate.
+      if ((c.arch != LlmArch::kDeepseek2 &&
+           !Vector(f, s[kSlotGateInpShexp], b + "ffn_gate_inp_shexp.weight", d, &L.gate_inp_shexp, error)) ||
           !Matrix(f, s[kSlotGateShexp], b + "ffn_gate_shexp.weight", d, c.shared_ff, 0, c.variant, &L.gate_shexp, error) ||
           !Matrix(f, s[kSlotUpShexp], b + "ffn_up_shexp.weight", d, c.shared_ff, 0, c.variant, &L.up_shexp, error) ||
           !Matrix(f, s[kSlotDownShexp], b + "ffn_down_shexp.weight", c.shared_ff, d, 0, c.variant, &L.down_shexp, error))
@@ -188,15 +272,20 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
     M.gate = {L.gate_exps.data, L.gate_exps.type, L.gate_exps.row_bytes * eff};
     M.up = {L.up_exps.data, L.up_exps.type, L.up_exps.row_bytes * eff};
     M.down = {L.down_exps.data, L.down_exps.type, L.down_exps.row_bytes * d};
-    M.scoring = MoeScoring::kSoftmax;
-    // llama.cpp's build_moe_ffn: Mixtral renormalises the k weights, qwen2moe does not.
-    M.renormalize = c.arch == LlmArch::kLlama;
+    M.scoring = c.gating;
+    // llama.cpp's build_moe_ffn: Mixtral renormalises the k weights, qwen2moe does not, deepseek2
+    // as its expert_weights_norm says.
+    M.renormalize = c.arch == LlmArch::kLlama || (c.arch == LlmArch::kDeepseek2 && c.weights_norm);
+    M.weight_scale = c.weights_scale;
+    M.selection_bias = L.exp_probs_b;
+    M.groups = c.expert_groups;
+    M.groups_used = c.expert_groups_used;
     if (c.shared_ff) {
       M.shared_d_ff = c.shared_ff;
       M.shared_gate = {L.gate_shexp.data, L.gate_shexp.type};
       M.shared_up = {L.up_shexp.data, L.up_shexp.type};
       M.shared_down = {L.down_shexp.data, L.down_shexp.type};
-      M.shared_gate_inp = {reinterpret_cast<const uint8_t*>(L.gate_inp_shexp), kernels::kQuantF32};
+      if (L.gate_inp_shexp) M.shared_gate_inp = {reinterpret_cast<const uint8_t*>(L.gate_inp_shexp), kernels::kQuantF32};
     }
     M.variant = c.variant;
     const std::string why = ValidateMoeLayer(M);
@@ -228,6 +317,22 @@ bool MatMul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const 
     for (size_t i = 0; i < m; ++i)
       for (size_t j = 0; j < w.n; ++j) y[i * w.n + j] += bias[j];
   return true;
+}
+
+// y rows (ldy apart) = x rows (ldx apart) . W^T: one head's slice of a row-major batch.
+bool MatMulRows(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LlmMatrix& w, const float* x,
+                size_t ldx, size_t m, float* y, size_t ldy, QuantMatmulScratch* scratch) {
+  QuantMatmulArgs a;
+  a.x = x;
+  a.m = m;
+  a.k = w.k;
+  a.ldx = ldx;
+  a.w = w.data;
+  a.n = w.n;
+  a.type = w.type;
+  a.y = y;
+  a.ldy = ldy;
+  return RunQuantMatmul(pool, threads, cancel, a, w.variant, scratch);
 }
 
 template <typename T>
@@ -267,9 +372,14 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
   const size_t n = step.tokens.size();
   if (n == 0) return true;
   const LlmConfig& c = model.cfg_;
-  const size_t d = c.embd, hd = c.head_dim, qd = c.heads * hd, kvd = c.kv_heads * hd;
+  const bool mla = c.kv_lora > 0;
+  const size_t d = c.embd, hd = c.head_dim, kvd = c.kv_heads * hd;
+  // MLA: q holds per head k_nope + rope_dim, att per head v_dim; the cache row (hd) is the latent
+  // plus the rope key part.
+  const size_t qk = mla ? c.k_nope + c.rope_dim : hd;
+  const size_t qd = c.heads * qk, ad = mla ? c.heads * c.v_dim : qd;
   const size_t group = c.heads / c.kv_heads;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const float scale = mla ? c.kq_scale : 1.0f / std::sqrt(static_cast<float>(hd));
   const float freq_scale = 1.0f / c.rope_scale;
   const kernels::AttentionSpanUkernel attend = model.attend_;
   const kernels::AttentionSpanF16Ukernel attend_f16 = model.attend_f16_;
@@ -281,14 +391,19 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
     Grow(a.xn, r * d);
     Grow(a.q, r * qd);
     Grow(a.k, r * kvd);
-    Grow(a.v, r * kvd);
-    Grow(a.att, r * qd);
-    if (!c.experts) {
+    Grow(a.att, r * ad);
+    if (mla) {
+      Grow(a.q_lora, r * c.q_lora);
+      Grow(a.q_abs, r * c.heads * hd);
+      Grow(a.latent, r * c.heads * hd);
+    } else {
+      Grow(a.v, r * kvd);
+    }
+    if (!c.experts || c.dense_lead > 0) {
       Grow(a.gate, r * c.ff);
       Grow(a.up, r * c.ff);
-    } else {
-      Grow(a.moe_out, r * d);
     }
+    if (c.experts) Grow(a.moe_out, r * d);
     Grow(a.row_pos, r);
     Grow(a.row_seq, r);
     a.rows = r;
@@ -332,57 +447,138 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
     return pool.ParallelFor(count, threads, fn, cancel);
   };
 
+  // Multi-head latent attention of layer l (deepseek2), in the absorbed form for every row: the
+  // cache holds per position only the normalised latent c (kv_lora) and the roped key part k_r;
+  // head h's score is (W_uk[h]^T q_nope) . c + q_rope . k_r, so q_nope is taken into latent space
+  // once per row instead of every cached latent being expanded to per-head keys, and the softmax-
+  // weighted sum of latents goes through W_uv[h] once per row. The absorbed query and the cache
+  // row line up element for element ([latent | rope]), so the span kernels run unchanged with the
+  // row as key and as value (the value's trailing rope_dim sums are computed and ignored).
+  auto mla_attention = [&](const LlmLayer& L, size_t l) -> bool {
+    const size_t r = c.kv_lora, rd = c.rope_dim, nope = c.k_nope, heads = c.heads;
+    auto rope = [&](float* v, int64_t pos) {
+      if (c.yarn_ext_factor != 0.f)
+        kernels::RopeRowYarn(v, 1, rd, pos, c.rope_base, freq_scale, c.yarn_ext_factor, c.yarn_corr_low, c.yarn_corr_high,
+                             c.yarn_magnitude, c.neox);
+      else
+        kernels::RopeRow(v, 1, rd, pos, c.rope_base, freq_scale, c.neox);
+    };
+    // The per-head up-projections (W_uk, W_uv) are small (kv_lora x k_nope each): one task per head
+    // on one thread each, instead of 2 x heads products each spread over the pool, whose
+    // hand-outs cost more than the products at decode.
+    if (a.head_scratch.size() < heads) a.head_scratch.resize(heads);
+    auto per_head = [&](const std::vector<LlmMatrix>& w, const float* in, size_t in_step, size_t ldx, float* out,
+                        size_t out_step, size_t ldy) {
+      return pool.ParallelFor(heads, threads, [&](size_t h) {
+        MatMulRows(pool, 1, cancel, w[h], in + h * in_step, ldx, n, out + h * out_step, ldy, &a.head_scratch[h]);
+      }, cancel) && !(cancel && cancel->load());
+    };
+    float* qa = a.q_lora.data();
+    float* qabs = a.q_abs.data();
+    float* lat = a.latent.data();
+    if (c.q_lora > 0) {
+      if (!MatMul(pool, threads, cancel, L.q_a, xn, n, qa, qs) ||
+          !rows(n, [&](size_t i) { kernels::RmsNormRow(qa + i * c.q_lora, L.q_a_norm, c.q_lora, c.eps, qa + i * c.q_lora); }) ||
+          !MatMul(pool, threads, cancel, L.q_b, qa, n, q, qs))
+        return false;
+    } else if (!MatMul(pool, threads, cancel, L.q, xn, n, q, qs)) {
+      return false;
+    }
+    if (!MatMul(pool, threads, cancel, L.kv_a, xn, n, k, qs)) return false;
+    // Every row's cache entry is in its block before any row attends (a sequence's later rows
+    // read its earlier rows of this step).
+    if (!rows(n, [&](size_t i) {
+          const size_t pos = row_pos[i];
+          float* kr = k + i * hd;
+          kernels::RmsNormRow(kr, L.kv_a_norm, r, c.eps, kr);
+          rope(kr + r, static_cast<int64_t>(pos));
+          for (size_t h = 0; h < heads; ++h) {
+            float* qh = q + i * qd + h * qk;
+            rope(qh + nope, static_cast<int64_t>(pos));
+            std::memcpy(qabs + (i * heads + h) * hd + r, qh + nope, rd * sizeof(float));
+          }
+          StoreRow(kr, hd, dtype, block_of(row_seq[i], pos) + kv.KeyOffset(l, 0) + (pos % bs) * hd * eb);
+        }))
+      return false;
+    if (!per_head(L.uk, q, qk, qd, qabs, hd, heads * hd)) return false;
+    const size_t off = kv.KeyOffset(l, 0);
+    if (!pool.ParallelFor(n * heads, threads, [&](size_t task) {
+          const size_t i = task / heads, s = row_seq[i], end = static_cast<size_t>(row_pos[i]) + 1;
+          const float* qrow = qabs + task * hd;
+          float* out = lat + task * hd;
+          std::fill(out, out + hd, 0.f);
+          kernels::AttentionState st{-INFINITY, 0.f, out};
+          for (size_t p = 0; p < end; p += bs) {
+            const uint8_t* block = block_of(s, p) + off;
+            const size_t span = std::min(bs, end - p);
+            if (dtype == KvDtype::kF32)
+              attend(qrow, hd, reinterpret_cast<const float*>(block), reinterpret_cast<const float*>(block), hd, span, scale, &st);
+            else
+              attend_f16(qrow, hd, reinterpret_cast<const uint16_t*>(block), reinterpret_cast<const uint16_t*>(block), hd, span,
+                         scale, &st);
+          }
+          const float inv = 1.0f / st.sum;
+          for (size_t j = 0; j < r; ++j) out[j] *= inv;
+        }, cancel))
+      return false;
+    return per_head(L.uv, lat, hd, heads * hd, att, c.v_dim, ad);
+  };
+
   for (size_t l = 0; l < c.layers; ++l) {
     const LlmLayer& L = model.layers_[l];
     if (!rows(n, [&](size_t i) { kernels::RmsNormRow(x + i * d, L.attn_norm, d, c.eps, xn + i * d); })) return false;
-    if (!MatMul(pool, threads, cancel, L.q, xn, n, q, qs, L.q_bias) ||
-        !MatMul(pool, threads, cancel, L.k, xn, n, k, qs, L.k_bias) ||
-        !MatMul(pool, threads, cancel, L.v, xn, n, v, qs, L.v_bias))
-      return false;
-    // Every row's K/V is in its block before any row attends: a sequence's later rows read its
-    // earlier rows of this step.
-    if (!rows(n, [&](size_t i) {
-          const size_t pos = row_pos[i];
-          kernels::RopeRow(q + i * qd, c.heads, hd, static_cast<int64_t>(pos), c.rope_base, freq_scale, c.neox);
-          kernels::RopeRow(k + i * kvd, c.kv_heads, hd, static_cast<int64_t>(pos), c.rope_base, freq_scale, c.neox);
-          uint8_t* block = block_of(row_seq[i], pos);
-          const size_t off = (pos % bs) * hd * eb;
-          for (size_t h = 0; h < c.kv_heads; ++h) {
-            StoreRow(k + i * kvd + h * hd, hd, dtype, block + kv.KeyOffset(l, h) + off);
-            StoreRow(v + i * kvd + h * hd, hd, dtype, block + kv.ValueOffset(l, h) + off);
-          }
-        }))
-      return false;
-    // One task per (row, head): causal, so a row at position p sees its sequence's [0, p], folded
-    // block by block through the sequence's table.
-    if (!pool.ParallelFor(n * c.heads, threads, [&](size_t task) {
-          const size_t i = task / c.heads, h = task % c.heads, kvh = h / group;
-          const size_t s = row_seq[i], end = static_cast<size_t>(row_pos[i]) + 1;
-          const float* qrow = q + i * qd + h * hd;
-          float* out = att + i * qd + h * hd;
-          std::fill(out, out + hd, 0.f);
-          kernels::AttentionState st{-INFINITY, 0.f, out};
-          const size_t koff = kv.KeyOffset(l, kvh), voff = kv.ValueOffset(l, kvh);
-          for (size_t p = 0; p < end; p += bs) {
-            const uint8_t* block = block_of(s, p);
-            const size_t span = std::min(bs, end - p);
-            if (dtype == KvDtype::kF32)
-              attend(qrow, hd, reinterpret_cast<const float*>(block + koff), reinterpret_cast<const float*>(block + voff), hd,
-                     span, scale, &st);
-            else
-              attend_f16(qrow, hd, reinterpret_cast<const uint16_t*>(block + koff),
-                         reinterpret_cast<const uint16_t*>(block + voff), hd, span, scale, &st);
-          }
-          const float inv = 1.0f / st.sum;
-          for (size_t j = 0; j < hd; ++j) out[j] *= inv;
-        }, cancel))
-      return false;
+    if (mla) {
+      if (!mla_attention(L, l)) return false;
+    } else {
+      if (!MatMul(pool, threads, cancel, L.q, xn, n, q, qs, L.q_bias) ||
+          !MatMul(pool, threads, cancel, L.k, xn, n, k, qs, L.k_bias) ||
+          !MatMul(pool, threads, cancel, L.v, xn, n, v, qs, L.v_bias))
+        return false;
+      // Every row's K/V is in its block before any row attends: a sequence's later rows read its
+      // earlier rows of this step.
+      if (!rows(n, [&](size_t i) {
+            const size_t pos = row_pos[i];
+            kernels::RopeRow(q + i * qd, c.heads, hd, static_cast<int64_t>(pos), c.rope_base, freq_scale, c.neox);
+            kernels::RopeRow(k + i * kvd, c.kv_heads, hd, static_cast<int64_t>(pos), c.rope_base, freq_scale, c.neox);
+            uint8_t* block = block_of(row_seq[i], pos);
+            const size_t off = (pos % bs) * hd * eb;
+            for (size_t h = 0; h < c.kv_heads; ++h) {
+              StoreRow(k + i * kvd + h * hd, hd, dtype, block + kv.KeyOffset(l, h) + off);
+              StoreRow(v + i * kvd + h * hd, hd, dtype, block + kv.ValueOffset(l, h) + off);
+            }
+          }))
+        return false;
+      // One task per (row, head): causal, so a row at position p sees its sequence's [0, p], folded
+      // block by block through the sequence's table.
+      if (!pool.ParallelFor(n * c.heads, threads, [&](size_t task) {
+            const size_t i = task / c.heads, h = task % c.heads, kvh = h / group;
+            const size_t s = row_seq[i], end = static_cast<size_t>(row_pos[i]) + 1;
+            const float* qrow = q + i * qd + h * hd;
+            float* out = att + i * qd + h * hd;
+            std::fill(out, out + hd, 0.f);
+            kernels::AttentionState st{-INFINITY, 0.f, out};
+            const size_t koff = kv.KeyOffset(l, kvh), voff = kv.ValueOffset(l, kvh);
+            for (size_t p = 0; p < end; p += bs) {
+              const uint8_t* block = block_of(s, p);
+              const size_t span = std::min(bs, end - p);
+              if (dtype == KvDtype::kF32)
+                attend(qrow, hd, reinterpret_cast<const float*>(block + koff), reinterpret_cast<const float*>(block + voff), hd,
+                       span, scale, &st);
+              else
+                attend_f16(qrow, hd, reinterpret_cast<const uint16_t*>(block + koff),
+                           reinterpret_cast<const uint16_t*>(block + voff), hd, span, scale, &st);
+            }
+            const float inv = 1.0f / st.sum;
+            for (size_t j = 0; j < hd; ++j) out[j] *= inv;
+          }, cancel))
+        return false;
+    }
     // The projection's output goes to xn (free now), then joins the residual stream.
     if (!MatMul(pool, threads, cancel, L.o, att, n, xn, qs)) return false;
     for (size_t i = 0; i < n * d; ++i) x[i] += xn[i];
 
     if (!rows(n, [&](size_t i) { kernels::RmsNormRow(x + i * d, L.ffn_norm, d, c.eps, xn + i * d); })) return false;
-    if (c.experts) {
+    if (L.moe_ffn) {
       std::string error;
       float* y = a.moe_out.data();
       if (!RunMoe(pool, threads, cancel, L.moe, xn, n, y, kv.expert_counts().data() + l * c.experts, &error, nullptr,

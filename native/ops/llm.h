@@ -1,4 +1,4 @@
-// The native transformer of sonde's language models (llama, qwen2, qwen2moe; MoE layers through
+// The native transformer of sonde's language models (llama, qwen2, qwen2moe, deepseek2; MoE layers through
 // ops/moe.h). An LlmModel is immutable and shared by every pool and running step: the weights are
 // read in place from the GGUF mapping it holds. K/V live in a paged pool (ops/kv_pool.h), which also
 // owns the scratch arena of the steps on it; RunStep() is the one forward pass.
@@ -23,7 +23,7 @@
 
 namespace sonde {
 
-enum class LlmArch : int32_t { kLlama = 0, kQwen2 = 1, kQwen2Moe = 2 };
+enum class LlmArch : int32_t { kLlama = 0, kQwen2 = 1, kQwen2Moe = 2, kDeepseek2 = 3 };
 
 // Hyperparameters as lib/llm/arch.ts read and validated them (ModelConfig).
 struct LlmConfig {
@@ -32,6 +32,24 @@ struct LlmConfig {
   float eps = 1e-5f, rope_base = 10000.f, rope_scale = 1.f;
   bool neox = false;
   size_t experts = 0, experts_used = 0, expert_ff = 0, shared_ff = 0;
+  // Layers [0, dense_lead) of an MoE model are dense (deepseek2's leading_dense_block_count).
+  size_t dense_lead = 0;
+  // Routing (ops/moe.h): gating, the k weights' renormalisation and scale, group-limited choice
+  // (expert_groups > 1: the best expert_groups_used groups by the sum of their two best keys).
+  MoeScoring gating = MoeScoring::kSoftmax;
+  bool weights_norm = false;
+  float weights_scale = 1.f;
+  size_t expert_groups = 0, expert_groups_used = 0;
+  // Multi-head latent attention (deepseek2; kv_lora > 0): q through a LoRA of rank q_lora (0: one
+  // projection), per head a k_nope + rope_dim query and a v_dim value; the cache holds per
+  // position the kv_lora latent and the rope_dim roped key part (ops/kv_pool.h: KvCacheShape).
+  // kq_scale: the attention's softmax scale (YaRN's mscale^2 / sqrt(k_nope + rope_dim)).
+  size_t q_lora = 0, kv_lora = 0, rope_dim = 0, k_nope = 0, v_dim = 0;
+  float kq_scale = 0.f;
+  // YaRN RoPE (yarn_ext_factor != 0; rope_scale is then its factor): the correction range from
+  // the original context length and beta_fast/beta_slow, and the magnitude given to the rotation
+  // (kernels/norm/norm.h: RopeRowYarn).
+  float yarn_ext_factor = 0.f, yarn_corr_low = 0.f, yarn_corr_high = 0.f, yarn_magnitude = 1.f;
   // Kernel level for every product and attention: kAuto = the fastest here; kScalar, kAvx2,
   // kAvx512 pin one (tests compare them; the caller checked the CPU runs it).
   QuantVariant variant = QuantVariant::kAuto;
@@ -43,7 +61,8 @@ enum LlmGlobalSlot : int32_t { kSlotTokenEmbd = 0, kSlotOutputNorm = 1, kSlotOut
 enum LlmLayerSlot : int32_t {
   kSlotAttnNorm = 0, kSlotQ, kSlotK, kSlotV, kSlotQBias, kSlotKBias, kSlotVBias, kSlotO, kSlotFfnNorm,
   kSlotGate, kSlotUp, kSlotDown, kSlotGateInp, kSlotGateExps, kSlotUpExps, kSlotDownExps,
-  kSlotGateInpShexp, kSlotGateShexp, kSlotUpShexp, kSlotDownShexp, kLlmLayerSlots,
+  kSlotGateInpShexp, kSlotGateShexp, kSlotUpShexp, kSlotDownShexp,
+  kSlotQA, kSlotQANorm, kSlotQB, kSlotKvAMqa, kSlotKvANorm, kSlotKvB, kSlotKB, kSlotVB, kSlotExpProbsB, kLlmLayerSlots,
 };
 
 // A weight matrix of n rows of k elements (n * experts rows for stacked experts), read in place.
@@ -67,6 +86,14 @@ struct LlmLayer {
   const float* gate_inp_shexp = nullptr;
   LlmMatrix gate_shexp, up_shexp, down_shexp;
   MoeLayer moe;  // the above as ops/moe.h runs them (experts > 0)
+  bool moe_ffn = false;
+  // MLA: q_a/q_b (q LoRA) or q; kv_a (the latent and the rope key part); per head the absorbed key
+  // up-projection (kv_lora rows of k_nope: q_nope -> latent space) and the value up-projection
+  // (v_dim rows of kv_lora: latent -> value), views of attn_k_b/attn_v_b or of attn_kv_b.
+  LlmMatrix q_a, q_b, kv_a;
+  const float *q_a_norm = nullptr, *kv_a_norm = nullptr;
+  std::vector<LlmMatrix> uk, uv;
+  const float* exp_probs_b = nullptr;
 };
 
 class LlmModel;
@@ -85,7 +112,7 @@ class LlmModel {
                                                 bool* unsupported);
   const LlmConfig& config() const { return cfg_; }
   // Bytes owned natively beyond the mapping (the mapping is the file's, not reported).
-  size_t bytes() const { return sizeof(*this) + layers_.size() * sizeof(LlmLayer); }
+  size_t bytes() const { return sizeof(*this) + layers_.size() * sizeof(LlmLayer) + owned_.size() * sizeof(float); }
 
  private:
   friend bool RunStep(const LlmModel&, KvPool&, const KvStep&, float*, ThreadPool&, unsigned, const CancelFlag*);
@@ -95,6 +122,9 @@ class LlmModel {
   LlmMatrix embd_, output_;
   const float* output_norm_ = nullptr;
   std::vector<LlmLayer> layers_;
+  // The transposed key halves of a joined attn_kv_b (the absorbed form needs them row-major over
+  // k_nope), in f32.
+  std::vector<float> owned_;
   kernels::AttentionSpanUkernel attend_ = nullptr;
   kernels::AttentionSpanF16Ukernel attend_f16_ = nullptr;
 };

@@ -105,6 +105,15 @@ std::string ValidateMoeLayer(const MoeLayer& l) {
     return "k must be in [1, n_experts = " + std::to_string(l.n_experts) + "], got " + std::to_string(l.k);
   if (l.scoring != MoeScoring::kSoftmax && l.scoring != MoeScoring::kSigmoid) return "unknown scoring";
   if (!std::isfinite(l.weight_scale)) return "weight_scale must be finite";
+  if (l.groups > 1) {
+    if (l.n_experts % l.groups != 0)
+      return "expert group count " + std::to_string(l.groups) + " does not divide the expert count " + std::to_string(l.n_experts);
+    if (l.groups_used == 0 || l.groups_used > l.groups)
+      return "expert groups used must be in [1, " + std::to_string(l.groups) + "], got " + std::to_string(l.groups_used);
+    if (l.k > l.groups_used * (l.n_experts / l.groups))
+      return "k = " + std::to_string(l.k) + " experts do not fit in " + std::to_string(l.groups_used) + " groups of " +
+             std::to_string(l.n_experts / l.groups);
+  }
   if (!(l.capacity_factor >= 0) || !std::isfinite(l.capacity_factor)) return "capacity_factor must be finite and >= 0";
   std::string why;
   if (!(why = CheckMatrix("router", l.router.data, l.router.type, l.d_model, l.variant)).empty()) return why;
@@ -147,6 +156,15 @@ bool RouteTokens(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, c
   }
   // Routing is O(E k) per token: chunks of tokens keep ParallelFor's per-index cost small.
   const size_t chunk = 64;
+  if (l.groups > 1) {
+    std::vector<float> keys(tokens * e);
+    return pool.ParallelFor((tokens + chunk - 1) / chunk, threads, [&](size_t c) {
+      for (size_t t = c * chunk, end = std::min(tokens, t + chunk); t < end; ++t)
+        kernels::MoeRouteTokenGrouped(e, k, l.groups, l.groups_used, logits.data() + t * e, static_cast<int32_t>(l.scoring),
+                                      l.selection_bias, l.renormalize, l.weight_scale, scores + t * e, keys.data() + t * e,
+                                      expert_ids + t * k, expert_weights + t * k);
+    }, cancel);
+  }
   return pool.ParallelFor((tokens + chunk - 1) / chunk, threads, [&](size_t c) {
     for (size_t t = c * chunk, end = std::min(tokens, t + chunk); t < end; ++t) route(t);
   }, cancel);

@@ -6,7 +6,9 @@
 //   p = softmax(logits) over ALL experts            (kSoftmax: Mixtral, qwen2moe)
 //     | sigmoid(logits) element-wise                (kSigmoid: DeepSeek-V3 style)
 //   the k experts with the largest p (+ selection_bias, if given; the bias only chooses, the
-//   weights stay p) are chosen; ties go to the lower expert index;
+//   weights stay p) are chosen; ties go to the lower expert index; with groups > 1 (DeepSeek's
+//   group-limited routing) only among the groups_used groups (of n_experts / groups consecutive
+//   experts) whose two largest keys sum highest (llama.cpp's rule for V2 and V3 alike);
 //   w_j = p[chosen_j]; if renormalize: w_j /= max(sum_j w_j, 2^-14) (Mixtral: true; qwen2moe: false,
 //   unless the model sets norm_topk_prob); then w_j *= weight_scale;
 //   y = sum_j w_j * down_e(silu(gate_e . x) * (up_e . x))   e = chosen_j (SwiGLU)
@@ -55,6 +57,7 @@ struct MoeLayer {
   bool renormalize = false;
   float weight_scale = 1.0f;
   const float* selection_bias = nullptr;  // optional, n_experts floats (exp_probs_b)
+  size_t groups = 0, groups_used = 0;      // groups <= 1: no group limit
   // Shared expert (qwen2moe: ffn_{gate,up,down}_shexp, ffn_gate_inp_shexp). shared_d_ff = 0: none.
   size_t shared_d_ff = 0;
   MoeMatrix shared_gate, shared_up;  // shared_d_ff x d_model

@@ -39,5 +39,14 @@ MoeUkernels MoeUkernelsAvx512();
 void MoeRouteToken(size_t n_experts, size_t k, const float* logits, int32_t scoring, const float* bias,
                    bool renormalize, float scale, float* probs, int32_t* ids, float* weights);
 
+// MoeRouteToken limited to groups: experts are `groups` consecutive groups of n_experts / groups;
+// a group's score is the sum of its two largest keys (its one key when a group has one expert),
+// the groups_used best groups (ties to the lower group) stay, and the k experts are chosen among
+// them as above. keys (scratch, n_experts floats). The caller checked groups divides n_experts,
+// groups_used in [1, groups] and k <= groups_used * (n_experts / groups).
+void MoeRouteTokenGrouped(size_t n_experts, size_t k, size_t groups, size_t groups_used, const float* logits,
+                          int32_t scoring, const float* bias, bool renormalize, float scale, float* probs, float* keys,
+                          int32_t* ids, float* weights);
+
 }  // namespace kernels
 }  // namespace sonde

@@ -30,6 +30,34 @@ void RopeRow(float* x, size_t heads, size_t hd, int64_t pos, float base, float f
   }
 }
 
+void RopeRowYarn(float* x, size_t heads, size_t hd, int64_t pos, float base, float freq_scale, float ext_factor,
+                 float corr_low, float corr_high, float magnitude, bool neox) {
+  const size_t half = hd / 2;
+  const float theta_scale = powf(base, -2.0f / static_cast<float>(hd));
+  const float m = ext_factor != 0.0f ? magnitude * (1.0f + 0.1f * logf(1.0f / freq_scale)) : magnitude;
+  const float span = corr_high - corr_low > 0.001f ? corr_high - corr_low : 0.001f;
+  for (size_t h = 0; h < heads; ++h) {
+    float* r = x + h * hd;
+    float extrap = static_cast<float>(pos);
+    for (size_t j = 0; j < half; ++j) {
+      const float interp = freq_scale * extrap;
+      float theta = interp;
+      if (ext_factor != 0.0f) {
+        const float y = (static_cast<float>(j) - corr_low) / span;
+        const float mix = (1.0f - fminf(1.0f, fmaxf(0.0f, y))) * ext_factor;
+        theta = interp * (1.0f - mix) + extrap * mix;
+      }
+      const float c = cosf(theta) * m, s = sinf(theta) * m;
+      float* a = neox ? r + j : r + 2 * j;
+      float* b = neox ? r + j + half : r + 2 * j + 1;
+      const float x0 = *a, x1 = *b;
+      *a = x0 * c - x1 * s;
+      *b = x0 * s + x1 * c;
+      extrap *= theta_scale;
+    }
+  }
+}
+
 void SwigluRow(const float* gate, const float* up, size_t n, float* out) {
   for (size_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }

@@ -18,6 +18,13 @@ void RmsNormRow(const float* x, const float* w, size_t n, float eps, float* y);
 // theta_{j+1} = theta_j * base^(-2 / head_dim) in fp32, then cos/sin in fp32.
 void RopeRow(float* x, size_t heads, size_t head_dim, int64_t pos, float base, float freq_scale, bool neox);
 
+// YaRN (as ggml's rope with ext_factor): pair j's angle blends the interpolated pos * freq_scale *
+// t_j and the extrapolated pos * t_j (t_j = base^(-2j / head_dim), iterated in fp32) by
+// ramp_j * ext_factor, ramp_j = 1 - clamp((j - corr_low) / max(0.001, corr_high - corr_low), 0, 1);
+// cos and sin are multiplied by magnitude (times 1 + 0.1 ln(1 / freq_scale) when ext_factor != 0).
+void RopeRowYarn(float* x, size_t heads, size_t head_dim, int64_t pos, float base, float freq_scale, float ext_factor,
+                 float corr_low, float corr_high, float magnitude, bool neox);
+
 // out = silu(gate) * up = gate / (1 + exp(-gate)) * up.
 void SwigluRow(const float* gate, const float* up, size_t n, float* out);
 
