@@ -10,8 +10,8 @@
  * kernels on the layer's own weights measures exactly the thing to decide. It costs one native call
  * per candidate layer at load (both paths at three row counts, best of 2, timed natively per step
  * so the JS round trip is not in the numbers; best of 3 more where the choice is close, see
- * timeCases): a few milliseconds for an MLP layer, tens for a large 1x1 convolution. A 1x1 Conv's sparse path includes its two layout copies (NCHW is
- * [cIn, M] per image, the SpMM wants [M, cIn]), so the comparison is of what would run.
+ * timeCases): a few milliseconds for an MLP layer, tens for a large 1x1 convolution. A 1x1 Conv's
+ * sparse path is timed as it would run (CSR in place on NCHW; BSR with its two layout copies).
  *
  * 'auto' picks sparse only when the measured time is below SAFETY x the dense one at the plan's M
  * (interpolated between the measured M, linear beyond the largest), so a layer is never chosen
@@ -213,7 +213,8 @@ export const LARGE_CONV_WEIGHTS = 512 * 1024;
 
 /**
  * Times a 1x1 convolution: the conv operator on NCHW against the sparse path the compiler emits
- * (NCHW -> [M, cIn] copy, SpMM with the same epilogue, [M, cOut] -> NCHW copy), at TIMED_CONV_M
+ * (CSR: the SpMM reading and writing NCHW in place; BSR: NCHW -> [M, cIn] copy, SpMM with the same
+ * epilogue, [M, cOut] -> NCHW copy), at TIMED_CONV_M
  * positions laid out as one square image (7x7, 14x14, 28x28: an [1, cIn, 1, M] strip measured the
  * dense conv up to 2.6x slower than on the square plane of the same size, a bias towards sparse).
  */
@@ -234,17 +235,20 @@ export async function timeConvLayer(s: SparseChoice, conv: NativeConvHandle, cIn
   ];
   if (epilogue.bias) buffers.push({ kind: 'const', data: epilogue.bias, bytes: epilogue.bias.byteLength });
   const ref = (buffer: number) => ({ buffer, offset: 0 });
+  const epi = { ...(epilogue.bias ? { bias: ref(4) } : {}), residualBeforeActivation: false,
+    activation: epilogue.activation, alpha: epilogue.alpha, beta: epilogue.beta };
   const cases = timedM.map((m): TimedCase => ({
     m,
     dense: [{ op: 'conv', node: 'sparse-timing', handle: conv, x: ref(0), y: ref(3), residualBeforeActivation: false, n: 1,
       h: Math.sqrt(m), w: Math.sqrt(m) }],
-    sparse: [
-      { op: 'copy', node: 'sparse-timing', x: ref(0), y: ref(1), dims: [m, cIn], xStrides: [1, m], yStrides: [cIn, 1], elemBytes: 4 },
-      { op: 'spmm', node: 'sparse-timing', weights: s.weights, a: ref(1), c: ref(2), m, k: cIn, n: cOut,
-        ...(epilogue.bias ? { bias: ref(4) } : {}), residualBeforeActivation: false,
-        activation: epilogue.activation, alpha: epilogue.alpha, beta: epilogue.beta },
-      { op: 'copy', node: 'sparse-timing', x: ref(2), y: ref(3), dims: [cOut, m], xStrides: [1, cOut], yStrides: [m, 1], elemBytes: 4 },
-    ],
+    sparse: s.format === 'csr'
+      ? [{ op: 'spmm', node: 'sparse-timing', weights: s.weights, a: ref(0), c: ref(3), m, k: cIn, n: cOut, ...epi,
+        batch: 1, aStrides: [cIn * m, 1, m], cStrides: [cOut * m, 1, m] }]
+      : [
+        { op: 'copy', node: 'sparse-timing', x: ref(0), y: ref(1), dims: [m, cIn], xStrides: [1, m], yStrides: [cIn, 1], elemBytes: 4 },
+        { op: 'spmm', node: 'sparse-timing', weights: s.weights, a: ref(1), c: ref(2), m, k: cIn, n: cOut, ...epi },
+        { op: 'copy', node: 'sparse-timing', x: ref(2), y: ref(3), dims: [cOut, m], xStrides: [1, cOut], yStrides: [m, 1], elemBytes: 4 },
+      ],
   }));
   await timeCases(s, buffers, arenaBytes, cases, threads);
 }

@@ -236,12 +236,23 @@ function convOp(fused: boolean): OpDef {
 }
 
 /**
- * A 1x1 convolution on SpMM: NCHW holds each image as [cIn, HW], the SpMM reads rows of A [M, cIn],
- * so x (and a residual) are transposed into [N*HW, c] temps, and the result [N*HW, cOut] back.
- * The copies are part of what 'auto' timed against the conv operator at load.
+ * A 1x1 convolution on SpMM. NCHW holds each image as [cIn, HW] = A^T with HW contiguous, which is
+ * what the SpMM's inner loop reads per non-zero; with CSR weights the step reads x and writes y (and
+ * the residual) in place, column-major, one product per image. BSR's register tile wants rows of A,
+ * so those weights go through [N*HW, c] temps and back. Either way 'auto' timed what runs here.
  */
 function emitPointwiseSpmm(e: Emitter, p: ConvPrepared, s: SparseChoice, n: number, hw: number, residual: ValueId | undefined,
   residualBeforeActivation: boolean): void {
+  const epilogue = {
+    ...(p.bias ? { bias: e.ref(e.constant(new Tensor('float32', p.bias, [p.cOut]))) } : {}),
+    residualBeforeActivation, activation: p.act.activation as PlanActivation, alpha: p.act.alpha, beta: p.act.beta,
+  };
+  if (s.format === 'csr') {
+    e.emit({ op: 'spmm', weights: s.weights, a: e.ref(e.input(0)), c: e.ref(e.output(0)), m: hw, k: p.cIn, n: p.cOut,
+      ...(residual !== undefined ? { residual: e.ref(residual) } : {}), ...epilogue,
+      batch: n, aStrides: [p.cIn * hw, 1, hw], cStrides: [p.cOut * hw, 1, hw] });
+    return;
+  }
   const m = n * hw;
   const toRows = (src: ValueId, c: number): ValueId => {
     const t = e.temp('float32', [m, c]);
@@ -252,9 +263,7 @@ function emitPointwiseSpmm(e: Emitter, p: ConvPrepared, s: SparseChoice, n: numb
   const r = residual !== undefined ? toRows(residual, p.cOut) : undefined;
   const c = e.temp('float32', [m, p.cOut]);
   e.emit({ op: 'spmm', weights: s.weights, a: e.ref(a), c: e.ref(c), m, k: p.cIn, n: p.cOut,
-    ...(p.bias ? { bias: e.ref(e.constant(new Tensor('float32', p.bias, [p.cOut]))) } : {}),
-    ...(r !== undefined ? { residual: e.ref(r) } : {}), residualBeforeActivation,
-    activation: p.act.activation as PlanActivation, alpha: p.act.alpha, beta: p.act.beta });
+    ...(r !== undefined ? { residual: e.ref(r) } : {}), ...epilogue });
   e.emit({ op: 'copy', x: e.ref(c), y: e.ref(e.output(0)), dims: [n, p.cOut, hw], xStrides: [hw * p.cOut, 1, p.cOut],
     yStrides: [p.cOut * hw, hw, 1], elemBytes: 4 });
 }
