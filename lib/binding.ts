@@ -58,6 +58,8 @@ export interface NativeSparseWeights {
   info(): {
     disposed: boolean; format?: 'csr' | 'bsr'; k?: number; n?: number; nnz?: number; bytes?: number;
     blockWidth?: number; blocks?: number; ukernel?: string;
+    /** CSR: the microkernel of column-major (NCHW) spmm steps. */
+    columnsUkernel?: string;
   };
 }
 

@@ -119,6 +119,13 @@ describe('sparse sessions: digits and a ResNet-style block', () => {
           const prof = await s.profile(feeds, { runs: 1 });
           const spmm = prof.filter((r) => r.op === 'spmm');
           for (const layer of [/reduce/, /mid/, /expand/, /fc/]) expect(spmm.some((r) => layer.test(r.node))).toBe(true);
+          // Convs with CSR weights run the column-major (NCHW in place) kernel; BSR ones (the row kernel
+          // after layout copies) and the Gemm the row-major one.
+          const format = new Map(s.sparseLayers.map((l) => [l.layer, l.format]));
+          for (const r of spmm) {
+            expect([r.node, /columns/.test(r.kernel)]).toEqual([r.node, format.get(r.node) === 'csr' && !/fc/.test(r.node)]);
+          }
+          expect(spmm.filter((r) => /columns/.test(r.kernel)).length).toBeGreaterThanOrEqual(2);
           expect(prof.some((r) => r.op === 'conv')).toBe(false);
         }
         s.dispose();

@@ -28,6 +28,7 @@ void Describe(Napi::Object& o, const SparseWeights& w) {
   o.Set("blockWidth", static_cast<double>(w.block_width()));
   o.Set("blocks", static_cast<double>(w.blocks()));
   o.Set("ukernel", SpmmUkernelName(w, GemmVariant::kAuto));
+  if (w.format() == SparseFormat::kCsr) o.Set("columnsUkernel", SpmmColumnsUkernelName(GemmVariant::kAuto));
 }
 
 // JS handle (shared with running jobs; see shared_handle.h).
