@@ -58,6 +58,8 @@ export interface NativeSparseWeights {
   info(): {
     disposed: boolean; format?: 'csr' | 'bsr'; k?: number; n?: number; nnz?: number; bytes?: number;
     blockWidth?: number; blocks?: number; ukernel?: string;
+    /** CSR: the microkernel of column-major (NCHW) spmm steps. */
+    columnsUkernel?: string;
   };
 }
 
@@ -232,8 +234,12 @@ export interface NativeBinding {
   toSparse(b: Float32Array, k: number, n: number, format: 'csr' | 'bsr' | 'auto', blockWidth: number): NativeSparseWeights;
   /** CSR of W = B^T: rows = n, cols = k. */
   sparseFromCsr(rows: number, cols: number, rowPtr: Uint32Array, colIdx: Uint32Array, values: Float32Array): NativeSparseWeights;
-  /** gemm() with sparse weights: same options. */
-  spmm(a: Float32Array, w: NativeSparseWeights, out: Float32Array, options: NativeGemmOptions): Promise<void>;
+  /**
+   * gemm() with sparse weights: same options. columns: A, C and the residual stored column-major
+   * (a: k rows of lda >= m; out, residual: n rows of ldc, ldr >= m; CSR weights only), the layout a
+   * 1x1 conv's NCHW images have; scale/bias stay per output column.
+   */
+  spmm(a: Float32Array, w: NativeSparseWeights, out: Float32Array, options: NativeGemmOptions & { columns?: boolean }): Promise<void>;
   /**
    * Validates a PlanSpec (every ref and strided walk in bounds, every handle live) and builds the
    * immutable native plan; throws ERR_SONDE_INTERNAL naming the step if the spec is inconsistent,

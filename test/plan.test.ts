@@ -559,6 +559,59 @@ describe('plan validation', () => {
     f.packed.dispose();
   });
 
+  it('spmm step layouts: batch with column-major (NCHW) or strided row-major operands and a residual; bad layouts rejected', async () => {
+    const [batch, m, k, n] = [2, 13, 19, 11];
+    const b = rand(k * n, 31).map((v, i) => (i % 4 ? 0 : v));
+    const bias = rand(n, 32);
+    const csr = native().toSparse(b, k, n, 'csr', 0);
+    const bsr = native().toSparse(b, k, n, 'bsr', 8);
+    // A[b][i][q] and R[b][i][j] in the test's own row-major form; the step reads them through strides.
+    const A = rand(batch * m * k, 33), R = rand(batch * m * n, 34);
+    const want = new Float32Array(batch * m * n);
+    for (let t = 0; t < batch; t++) for (let i = 0; i < m; i++) for (let j = 0; j < n; j++) {
+      let acc = bias[j]!;
+      for (let q = 0; q < k; q++) acc += A[(t * m + i) * k + q]! * b[q * n + j]!;
+      want[(t * m + i) * n + j] = Math.max(0, acc + R[(t * m + i) * n + j]!);
+    }
+    const step = (weights: unknown, aStrides: number[], cStrides: number[], aLen: number, cLen: number) => makeSpec(
+      [input(0, aLen * 4), input(1, cLen * 4), output(0, cLen * 4), { kind: 'const', data: bias, bytes: n * 4 }],
+      [{ node: 'S', op: 'spmm', weights: weights as never, a: ref(0), c: ref(2), residual: ref(1), m, k, n, bias: ref(3),
+        residualBeforeActivation: true, activation: 'relu', alpha: 0, beta: 0, batch,
+        aStrides: aStrides as [number, number, number], cStrides: cStrides as [number, number, number] }]);
+    // Column-major, as NCHW images [k, m] and [n, m] (with ldc = m + 2 between output rows).
+    const ldc = m + 2;
+    const at = new Float32Array(batch * k * m), rt = new Float32Array(batch * n * ldc), ct = new Float32Array(batch * n * ldc).fill(-9);
+    for (let t = 0; t < batch; t++) for (let i = 0; i < m; i++) {
+      for (let q = 0; q < k; q++) at[t * k * m + q * m + i] = A[(t * m + i) * k + q]!;
+      for (let j = 0; j < n; j++) rt[t * n * ldc + j * ldc + i] = R[(t * m + i) * n + j]!;
+    }
+    await runOnce(step(csr, [k * m, 1, m], [n * ldc, 1, ldc], at.length, ct.length), [at, rt], [ct]);
+    const got = new Float32Array(batch * m * n);
+    for (let t = 0; t < batch; t++) for (let j = 0; j < n; j++) for (let i = 0; i < ldc; i++) {
+      if (i < m) got[(t * m + i) * n + j] = ct[t * n * ldc + j * ldc + i]!;
+      else expect(ct[t * n * ldc + j * ldc + i]).toBe(-9);
+    }
+    expectClose(got, want, 1e-5);
+    // Row-major with a batch and a padded ldc, on both formats.
+    const ldr = n + 3;
+    for (const w of [csr, bsr]) {
+      const rr = new Float32Array(batch * m * ldr), cr = new Float32Array(batch * m * ldr);
+      for (let t = 0; t < batch; t++) for (let i = 0; i < m; i++) for (let j = 0; j < n; j++) rr[(t * m + i) * ldr + j] = R[(t * m + i) * n + j]!;
+      await runOnce(step(w, [m * k, k, 1], [m * ldr, ldr, 1], A.length, cr.length), [A, rr], [cr]);
+      const g = new Float32Array(batch * m * n);
+      for (let t = 0; t < batch; t++) for (let i = 0; i < m; i++) for (let j = 0; j < n; j++) g[(t * m + i) * n + j] = cr[(t * m + i) * ldr + j]!;
+      expectClose(g, want, 1e-5);
+    }
+    expect(() => create(step(bsr, [k * m, 1, m], [n * m, 1, m], at.length, batch * n * m))).toThrow(/column-major a and c need CSR weights/);
+    expect(() => create(step(csr, [k * m, 1, m], [m * n, n, 1], at.length, batch * n * m))).toThrow(/both be row-major .* or both column-major/);
+    expect(() => create(step(csr, [k * m, -1, m], [n * m, 1, m], at.length, batch * n * m))).toThrow(/must not be negative/);
+    expect(() => create(step(csr, [k * m, 1, m], [n * m, 1, m - 1], at.length, batch * n * m))).toThrow(/cStrides\[2\] >= m/);
+    expect(() => create(step(csr, [k * m, 1, m], [n * m - 1, 1, m], at.length, batch * n * m))).toThrow(/cStrides\[0\] overlaps/);
+    expect(() => create(step(csr, [k * m, 1, m], [n * m, 1, m], at.length - 1, batch * n * m))).toThrow(/a reaches elements/);
+    csr.dispose();
+    bsr.dispose();
+  });
+
   it('spmm step: runs sparse weights with bias + ReLU against a scalar loop; rejects mismatched k/n, gemm weights, a disposed handle', async () => {
     const [m, k, n] = [3, 37, 21];
     const b = rand(k * n, 21).map((v, i) => (i % 3 ? 0 : v));

@@ -111,17 +111,53 @@ describe('sparse sessions: digits and a ResNet-style block', () => {
       for (const sparse of ['off', 'auto', 'force'] as const) {
         const s = await expectAgrees(bytes, feeds, { sparse }, `resblock ${sparse} b${batch}`);
         if (sparse === 'force') {
-          // The two 1x1 convs (one with the residual Add fused in) and the Gemm run on SpMM; the 3x3 conv cannot.
+          // The two 1x1 convs (one with the residual Add fused in, read and written in place on NCHW), the
+          // 3x3 conv (per-image im2col panels: pad, copy, SpMM) and the Gemm run on SpMM.
           const names = s.sparseLayers.map((l) => l.layer).join(' ');
-          expect(names).toMatch(/reduce/);
-          expect(names).toMatch(/expand/);
-          expect(names).toMatch(/fc/);
-          expect(names).not.toMatch(/mid/);
+          for (const layer of [/reduce/, /mid/, /expand/, /fc/]) expect(names).toMatch(layer);
           for (const l of s.sparseLayers) expect(Object.values(l.kernel)).toEqual(['sparse']);
           const prof = await s.profile(feeds, { runs: 1 });
-          expect(prof.filter((r) => r.op === 'spmm').length).toBe(3);
-          expect(prof.some((r) => r.op === 'conv' && /expand|reduce/.test(r.node))).toBe(false);
+          const spmm = prof.filter((r) => r.op === 'spmm');
+          for (const layer of [/reduce/, /mid/, /expand/, /fc/]) expect(spmm.some((r) => layer.test(r.node))).toBe(true);
+          // Convs with CSR weights run the column-major (NCHW in place) kernel; BSR ones (the row kernel
+          // after layout copies) and the Gemm the row-major one.
+          const format = new Map(s.sparseLayers.map((l) => [l.layer, l.format]));
+          for (const r of spmm) {
+            expect([r.node, /columns/.test(r.kernel)]).toEqual([r.node, format.get(r.node) === 'csr' && !/fc/.test(r.node)]);
+          }
+          expect(spmm.filter((r) => /columns/.test(r.kernel)).length).toBeGreaterThanOrEqual(2);
+          expect(prof.some((r) => r.op === 'conv')).toBe(false);
         }
+        s.dispose();
+      }
+    }
+  });
+});
+
+describe('sparse sessions: KxK convolutions on im2col panels', () => {
+  it('3x3, 5x3, strided, dilated, unpadded and asymmetric-padded convs and a strided 1x1 agree with onnxruntime-node in force', async () => {
+    const r = rng(33);
+    // [cIn, cOut, kernel, attrs, input h x w]: odd sizes so the output planes are not whole vectors.
+    const cases: [number, number, [number, number], Record<string, number[]>, [number, number]][] = [
+      [5, 7, [3, 3], { pads: [1, 1, 1, 1] }, [9, 11]],
+      [3, 17, [3, 3], { pads: [1, 1, 1, 1], strides: [2, 2] }, [13, 10]],
+      [4, 9, [5, 3], { pads: [2, 0, 1, 1] }, [7, 6]],
+      [6, 5, [3, 3], { dilations: [2, 2], pads: [2, 2, 2, 2] }, [8, 9]],
+      [8, 16, [3, 3], {}, [6, 19]],
+      [9, 11, [1, 1], { strides: [2, 2] }, [9, 9]],
+      [2, 3, [3, 3], { pads: [1, 1, 1, 1] }, [1, 1]],
+    ];
+    for (const [ci, [cin, cout, [kh, kw], attrs, [h, w]]] of cases.entries()) {
+      const g = new GraphBuilder(`kxk${ci}`, { opset: 13 });
+      const x = g.input('x', 'float32', ['N', cin, h, w]);
+      const [y] = g.node('Conv', [x, g.init('c.w', randomTensor([cout, cin, kh, kw], { random: r, scale: Math.sqrt(2 / (cin * kh * kw)) })),
+        g.init('c.b', randomTensor([cout], { random: r, scale: 0.1 }))], attrs, 1, { name: 'c' });
+      const [z] = g.node('Relu', [y!]);
+      g.output(z!, 'float32', ['N', cout, '?', '?'] as never);
+      const { bytes } = await prune(g.toBytes(), { sparsity: 0.6, keepFirstLayerDense: false });
+      for (const batch of [1, 2]) {
+        const s = await expectAgrees(bytes, { x: uniform([batch, cin, h, w], ci + batch) }, { sparse: 'force' }, `kxk case ${ci} b${batch}`);
+        expect(s.sparseLayers.map((l) => Object.values(l.kernel))).toEqual([['sparse']]);
         s.dispose();
       }
     }

@@ -209,6 +209,58 @@ describe.each(variants)('spmm %s', (variant) => {
     }
   });
 
+  it('csr columns layout (A, C, residual column-major, as NCHW 1x1 convs): tile edges, sparsities, epilogues, strides', async () => {
+    // GemmActivation codes (native/kernels/gemm/gemm.h) for the activations tried here.
+    const codes: [kernels.GemmActivation, number, number, number][] = [
+      ['none', 0, 0, 0], ['relu', 1, 0, 0], ['clip', 2, -0.5, 0.75], ['silu', 3, 0, 0], ['sigmoid', 6, 0, 0], ['hardSwish', 8, 0, 0]];
+    // M around the 8/16-lane vectors (a masked last vector), every vector count per call, the
+    // 64/128-row call limits and the equal row blocks past them; 49 and 196: 7x7 and 14x14 planes.
+    const colShapes: [number, number, number][] = [
+      [1, 37, 45], [7, 70, 17], [8, 16, 9], [9, 16, 9], [15, 21, 16], [16, 5, 8], [17, 131, 31], [33, 19, 47],
+      [49, 64, 33], [63, 12, 18], [64, 9, 50], [65, 33, 8], [127, 20, 19], [128, 20, 19], [129, 17, 40], [196, 20, 19], [257, 5, 33]];
+    const nat = native();
+    let c = 0;
+    for (const [m, k, n] of colShapes) {
+      for (const s of sparsities) {
+        const [name, code, alpha, beta] = codes[c++ % codes.length]!;
+        const b = prunedWeights(k, n, s, m * 17 + k + n);
+        const a = randomF32(m * k, m + k);
+        for (let i = 0; i < a.length; i++) a[i]! *= 3 / Math.sqrt(k);
+        const e: Epi = { act: name, bias: randomF32(n, 4), scale: c % 2 ? randomF32(n, 3) : undefined,
+          residual: c % 3 ? randomF32(m * n, 6) : undefined, before: c % 4 === 0 };
+        // Leading dimensions past m (odd, so rows are unaligned); pads of out are a sentinel that must survive.
+        const lda = m + 3, ldc = m + 5, ldr = m + 2;
+        const at = new Float32Array(k * lda).fill(Number.NaN);
+        for (let i = 0; i < m; i++) for (let p = 0; p < k; p++) at[p * lda + i] = a[i * k + p]!;
+        const rt = new Float32Array(n * ldr).fill(Number.NaN);
+        if (e.residual) for (let i = 0; i < m; i++) for (let j = 0; j < n; j++) rt[j * ldr + i] = e.residual[i * n + j]!;
+        const w = kernels.toSparse(b, { format: 'csr' });
+        try {
+          const out = new Float32Array(n * ldc).fill(-7);
+          await nat.spmm(at, w.handle('t'), out, {
+            m, k, n, lda, ldc, bias: e.bias, ...(e.scale ? { scale: e.scale } : {}), ...(e.residual ? { residual: rt, ldr } : {}),
+            activation: code, alpha, beta, residualBeforeActivation: e.before === true, variant, threads: 2, columns: true,
+          });
+          for (let j = 0; j < n; j++) {
+            for (let i = 0; i < ldc; i++) {
+              const g = out[j * ldc + i]!;
+              if (i >= m) {
+                if (g !== -7) throw new Error(`${variant} columns ${m}x${k}x${n}: wrote C^T[${j}][${i}] past m`);
+                continue;
+              }
+              const { want, err } = expected(a, b.data, m, k, n, i, j, e);
+              if (!(Math.abs(g - want) <= err)) {
+                throw new Error(`${variant} columns ${m}x${k}x${n} s=${s} ${name}: C[${i},${j}] = ${g}, want ${want} (> ${err.toExponential(3)})`);
+              }
+            }
+          }
+        } finally {
+          w.dispose();
+        }
+      }
+    }
+  });
+
   it.each(formats)('%s: 1 and 2 threads give identical results', async (format) => {
     const [k, n] = [300, 203];
     const b = prunedWeights(k, n, 0.8, 21, format === 'bsr' ? 16 : 1);
@@ -345,6 +397,14 @@ describe('sparse bad inputs', () => {
     expect(() => n.spmm(new Float32Array(12), h, new Float32Array(9), opts)).toThrow('spmm: out must hold m rows of ldc >= n elements');
     expect(() => n.spmm(new Float32Array(12), h, new Float32Array(10), { ...opts, k: 5, lda: 5 })).toThrow('spmm: sparse weights do not match k and n');
     expect(() => n.spmm(new Float32Array(12), {} as never, new Float32Array(10), opts)).toThrow('spmm: weights must be sparse weights');
+    // columns: A is k rows of lda >= m, C n rows of ldc >= m; BSR weights are refused.
+    const col = { ...opts, lda: 2, ldc: 2, columns: true };
+    expect(() => n.spmm(new Float32Array(11), h, new Float32Array(10), col)).toThrow('spmm: a must hold k rows of lda >= m elements');
+    expect(() => n.spmm(new Float32Array(12), h, new Float32Array(9), col)).toThrow('spmm: out must hold n rows of ldc >= m elements');
+    expect(() => n.spmm(new Float32Array(12), h, new Float32Array(10), { ...col, ldc: 1 })).toThrow('spmm: out must hold n rows of ldc >= m elements');
+    const bsr = kernels.toSparse(b, { format: 'bsr' });
+    expect(() => n.spmm(new Float32Array(12), bsr.handle('t'), new Float32Array(10), col)).toThrow('spmm: columns needs CSR weights');
+    bsr.dispose();
     w.dispose();
   });
 

@@ -65,7 +65,15 @@ export type PlanStep = { node: string } & (
    */
   | { op: 'spmm'; weights: NativeSparseWeights; a: PlanRef; c: PlanRef; m: number; k: number; n: number;
       bias?: PlanRef; residual?: PlanRef; residualBeforeActivation: boolean;
-      activation: PlanActivation; alpha: number; beta: number; skipWeights?: NativePackedGemm }
+      activation: PlanActivation; alpha: number; beta: number; skipWeights?: NativePackedGemm;
+      /**
+       * Operand layout (absent: one row-major product, [m*k, k, 1] and [m*n, n, 1]). `batch` products;
+       * item b's A[i][kk] is a[b*aStrides[0] + i*aStrides[1] + kk*aStrides[2]], its C[i][j] (and
+       * residual) at c[b*cStrides[0] + i*cStrides[1] + j*cStrides[2]]. Both row-major (strides[2] = 1)
+       * or both column-major (strides[1] = 1; CSR weights, no skipWeights): a 1x1 conv on NCHW is
+       * batch n, m = H*W, aStrides [cIn*m, 1, m], cStrides [cOut*m, 1, m], read and written in place.
+       */
+      batch?: number; aStrides?: [number, number, number]; cStrides?: [number, number, number] }
   /**
    * MatMul of two runtime tensors: for each index i of the (broadcast) batch dims,
    * c[i] [m, n] = a[i] [m, k] . b[i] [k, n]; a/b batch strides (elements) may be 0. c is contiguous.

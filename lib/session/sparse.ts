@@ -10,8 +10,8 @@
  * kernels on the layer's own weights measures exactly the thing to decide. It costs one native call
  * per candidate layer at load (both paths at three row counts, best of 2, timed natively per step
  * so the JS round trip is not in the numbers; best of 3 more where the choice is close, see
- * timeCases): a few milliseconds for an MLP layer, tens for a large 1x1 convolution. A 1x1 Conv's sparse path includes its two layout copies (NCHW is
- * [cIn, M] per image, the SpMM wants [M, cIn]), so the comparison is of what would run.
+ * timeCases): a few milliseconds for an MLP layer, tens for a large 1x1 convolution. A 1x1 Conv's
+ * sparse path is timed as it would run (CSR in place on NCHW; BSR with its two layout copies).
  *
  * 'auto' picks sparse only when the measured time is below SAFETY x the dense one at the plan's M
  * (interpolated between the measured M, linear beyond the largest), so a layer is never chosen
@@ -19,7 +19,7 @@
  */
 import { native, type NativeConvHandle, type NativePackedGemm, type NativePackedGemmLowp, type NativeSparseWeights } from '../binding.js';
 import { fromNative } from '../errors.js';
-import type { PlanActivation, PlanBuffer, PlanStep, PlanSpec } from './plan.js';
+import type { PlanActivation, PlanBuffer, PlanRef, PlanStep, PlanSpec } from './plan.js';
 
 export type SparseMode = 'auto' | 'off' | 'force';
 
@@ -69,13 +69,13 @@ export function zeroFraction(d: Float32Array): number {
 }
 
 /** Sparse weights for b [k, n] when the mode and sparsity call for them. */
-export function maybeSparse(b: Float32Array, k: number, n: number, mode: SparseMode): SparseChoice | undefined {
+export function maybeSparse(b: Float32Array, k: number, n: number, mode: SparseMode, format: 'auto' | 'csr' = 'auto'): SparseChoice | undefined {
   if ((mode !== 'auto' && mode !== 'force') || k * n === 0) return undefined;
   const sparsity = zeroFraction(b);
   if (mode === 'auto' && sparsity < MIN_AUTO_SPARSITY) return undefined;
   let weights: NativeSparseWeights;
   try {
-    weights = native().toSparse(b, k, n, 'auto', 0);
+    weights = native().toSparse(b, k, n, format, 0);
   } catch (err) {
     throw fromNative(err);
   }
@@ -201,6 +201,85 @@ export async function timeGemmLayer(s: SparseChoice, dense: NativePackedGemm | N
   await timeCases(s, buffers, cBytes, cases, threads);
 }
 
+/** A ref to a value at an element offset (the compiler's refs are placeholders its planner rewrites, so offsets go through it). */
+export type OffsetRef = (offset: number) => PlanRef;
+
+/** A convolution's geometry for the sparse KxK path (one group, 2-D, pads resolved). */
+export interface SparseConvGeometry {
+  cIn: number; cOut: number; h: number; w: number; oh: number; ow: number;
+  kernel: [number, number]; strides: [number, number]; dilations: [number, number]; pads: [number, number, number, number];
+}
+
+/**
+ * A KxK (or strided 1x1) convolution on the columns-layout SpMM, per image: zero-pad the image (a
+ * pad step, skipped without pads), gather its im2col panel [cIn*kh*kw, oh*ow] with one strided
+ * copy (row (c, ky, kx) is the padded plane read at stride (sh, sw) from (ky*dh, kx*dw): the K
+ * order of the weights [cOut, cIn, kh, kw]), then C^T [cOut, oh*ow] = W . panel written straight
+ * into the image's NCHW output. One image's panel at a time: at batch 8 a whole-batch panel of
+ * ResNet-50's first 3x3 layer would be 58 MB. `x`, `y`, `residual` at image 0 (NCHW), `padded`
+ * and `cols` scratch of one image each.
+ */
+export function sparseConvSteps(g: SparseConvGeometry, n: number, s: SparseChoice, refs: {
+  x: OffsetRef; y: OffsetRef; residual?: OffsetRef; padded: PlanRef; cols: PlanRef; bias?: PlanRef },
+epilogue: { residualBeforeActivation: boolean; activation: PlanActivation; alpha: number; beta: number }, node: string): PlanStep[] {
+  const [kh, kw] = g.kernel, [sh, sw] = g.strides, [dh, dw] = g.dilations, [pt, pl, pb, pr] = g.pads;
+  const hp = g.h + pt + pb, wp = g.w + pl + pr, m = g.oh * g.ow, k = g.cIn * kh * kw;
+  const padding = pt + pl + pb + pr > 0;
+  const steps: PlanStep[] = [];
+  for (let b = 0; b < n; b++) {
+    const x = refs.x(b * g.cIn * g.h * g.w);
+    if (padding) {
+      steps.push({ op: 'pad', node, x, y: refs.padded, dtype: 'float32', inDims: [g.cIn, g.h, g.w], begin: [0, pt, pl], end: [0, pb, pr],
+        mode: 'constant', value: 0 });
+    }
+    steps.push({ op: 'copy', node, x: padding ? refs.padded : x, y: refs.cols, dims: [g.cIn, kh, kw, g.oh, g.ow],
+      xStrides: [hp * wp, dh * wp, dw, sh * wp, sw], yStrides: [kh * kw * m, kw * m, m, g.ow, 1], elemBytes: 4 });
+    steps.push({ op: 'spmm', node, weights: s.weights, a: refs.cols, c: refs.y(b * g.cOut * m), m, k, n: g.cOut,
+      ...(refs.bias ? { bias: refs.bias } : {}), ...(refs.residual ? { residual: refs.residual(b * g.cOut * m) } : {}), ...epilogue,
+      batch: 1, aStrides: [k * m, 1, m], cStrides: [g.cOut * m, 1, m] });
+  }
+  return steps;
+}
+
+/**
+ * Times a KxK convolution like timeConvLayer: the conv operator against sparseConvSteps at output
+ * planes of TIMED_CONV_M positions (7x7, 14x14, 28x28), the input sized to give them with the
+ * layer's own kernel, strides, dilations and pads.
+ */
+export async function timeSparseConvLayer(s: SparseChoice, conv: NativeConvHandle, g0: Omit<SparseConvGeometry, 'h' | 'w' | 'oh' | 'ow'>,
+  epilogue: { bias?: Float32Array; activation: PlanActivation; alpha: number; beta: number }, threads: number): Promise<void> {
+  const k = g0.cIn * g0.kernel[0] * g0.kernel[1];
+  const timedM = k * g0.cOut >= LARGE_CONV_WEIGHTS ? TIMED_CONV_M.slice(0, -1) : TIMED_CONV_M;
+  const geoms = timedM.map((m): SparseConvGeometry => {
+    const o = Math.sqrt(m);
+    // The input size whose output is o x o: (o - 1) * stride + dilated extent - pads.
+    const size = (axis: 0 | 1) => Math.max(1, (o - 1) * g0.strides[axis] + (g0.kernel[axis] - 1) * g0.dilations[axis] + 1
+      - g0.pads[axis] - g0.pads[axis + 2]!);
+    return { ...g0, h: size(0), w: size(1), oh: o, ow: o };
+  });
+  const big = geoms[geoms.length - 1]!;
+  const x = timingActivations(g0.cIn * big.h * big.w);
+  const padded = { off: 0, bytes: g0.cIn * (big.h + g0.pads[0] + g0.pads[2]) * (big.w + g0.pads[1] + g0.pads[3]) * 4 };
+  const cols = { off: align64(padded.bytes), bytes: k * big.oh * big.ow * 4 };
+  const y = { off: align64(cols.off + cols.bytes), bytes: g0.cOut * big.oh * big.ow * 4 };
+  const buffers: PlanBuffer[] = [
+    { kind: 'const', data: x, bytes: x.byteLength },
+    { kind: 'arena', offset: padded.off, bytes: padded.bytes },
+    { kind: 'arena', offset: cols.off, bytes: cols.bytes },
+    { kind: 'arena', offset: y.off, bytes: y.bytes },
+  ];
+  if (epilogue.bias) buffers.push({ kind: 'const', data: epilogue.bias, bytes: epilogue.bias.byteLength });
+  const ref = (buffer: number) => ({ buffer, offset: 0 });
+  const epi = { residualBeforeActivation: false, activation: epilogue.activation, alpha: epilogue.alpha, beta: epilogue.beta };
+  const cases = geoms.map((g): TimedCase => ({
+    m: g.oh * g.ow,
+    dense: [{ op: 'conv', node: 'sparse-timing', handle: conv, x: ref(0), y: ref(3), residualBeforeActivation: false, n: 1, h: g.h, w: g.w }],
+    sparse: sparseConvSteps(g, 1, s, { x: () => ref(0), y: () => ref(3), padded: ref(1), cols: ref(2), ...(epilogue.bias ? { bias: ref(4) } : {}) },
+      epi, 'sparse-timing'),
+  }));
+  await timeCases(s, buffers, y.off + y.bytes, cases, threads);
+}
+
 /** Row counts (N * H * W) timed for 1x1 convolutions: ResNet-50's 7x7 .. 28x28 planes at batch 1. */
 export const TIMED_CONV_M = [49, 196, 784] as const;
 /**
@@ -213,7 +292,8 @@ export const LARGE_CONV_WEIGHTS = 512 * 1024;
 
 /**
  * Times a 1x1 convolution: the conv operator on NCHW against the sparse path the compiler emits
- * (NCHW -> [M, cIn] copy, SpMM with the same epilogue, [M, cOut] -> NCHW copy), at TIMED_CONV_M
+ * (CSR: the SpMM reading and writing NCHW in place; BSR: NCHW -> [M, cIn] copy, SpMM with the same
+ * epilogue, [M, cOut] -> NCHW copy), at TIMED_CONV_M
  * positions laid out as one square image (7x7, 14x14, 28x28: an [1, cIn, 1, M] strip measured the
  * dense conv up to 2.6x slower than on the square plane of the same size, a bias towards sparse).
  */
@@ -234,17 +314,20 @@ export async function timeConvLayer(s: SparseChoice, conv: NativeConvHandle, cIn
   ];
   if (epilogue.bias) buffers.push({ kind: 'const', data: epilogue.bias, bytes: epilogue.bias.byteLength });
   const ref = (buffer: number) => ({ buffer, offset: 0 });
+  const epi = { ...(epilogue.bias ? { bias: ref(4) } : {}), residualBeforeActivation: false,
+    activation: epilogue.activation, alpha: epilogue.alpha, beta: epilogue.beta };
   const cases = timedM.map((m): TimedCase => ({
     m,
     dense: [{ op: 'conv', node: 'sparse-timing', handle: conv, x: ref(0), y: ref(3), residualBeforeActivation: false, n: 1,
       h: Math.sqrt(m), w: Math.sqrt(m) }],
-    sparse: [
-      { op: 'copy', node: 'sparse-timing', x: ref(0), y: ref(1), dims: [m, cIn], xStrides: [1, m], yStrides: [cIn, 1], elemBytes: 4 },
-      { op: 'spmm', node: 'sparse-timing', weights: s.weights, a: ref(1), c: ref(2), m, k: cIn, n: cOut,
-        ...(epilogue.bias ? { bias: ref(4) } : {}), residualBeforeActivation: false,
-        activation: epilogue.activation, alpha: epilogue.alpha, beta: epilogue.beta },
-      { op: 'copy', node: 'sparse-timing', x: ref(2), y: ref(3), dims: [cOut, m], xStrides: [1, cOut], yStrides: [m, 1], elemBytes: 4 },
-    ],
+    sparse: s.format === 'csr'
+      ? [{ op: 'spmm', node: 'sparse-timing', weights: s.weights, a: ref(0), c: ref(3), m, k: cIn, n: cOut, ...epi,
+        batch: 1, aStrides: [cIn * m, 1, m], cStrides: [cOut * m, 1, m] }]
+      : [
+        { op: 'copy', node: 'sparse-timing', x: ref(0), y: ref(1), dims: [m, cIn], xStrides: [1, m], yStrides: [cIn, 1], elemBytes: 4 },
+        { op: 'spmm', node: 'sparse-timing', weights: s.weights, a: ref(1), c: ref(2), m, k: cIn, n: cOut, ...epi },
+        { op: 'copy', node: 'sparse-timing', x: ref(2), y: ref(3), dims: [cOut, m], xStrides: [1, cOut], yStrides: [m, 1], elemBytes: 4 },
+      ],
   }));
   await timeCases(s, buffers, arenaBytes, cases, threads);
 }

@@ -223,6 +223,24 @@ void ReadSpmm(const SpecReader& r, Napi::Object o, PlanStep& s) {
     if (!s.gemm) r.Disposed("the skipWeights handle");
   }
   ReadGemmShaped(r, o, s);
+  // The operand layout: batch and [batch, row, col] strides of a and of c (and the residual);
+  // absent, one row-major product. Plan::Create checks the combination.
+  Napi::Value batch = o.Get("batch");
+  s.outer = batch.IsUndefined() ? 1 : r.Size(o, "batch");
+  if (o.Get("aStrides").IsUndefined()) {
+    s.strides[0][0] = static_cast<ptrdiff_t>(s.m * s.k);
+    s.strides[0][1] = static_cast<ptrdiff_t>(s.k);
+    s.strides[0][2] = 1;
+  } else {
+    r.Signed(o, "aStrides", 3, s.strides[0]);
+  }
+  if (o.Get("cStrides").IsUndefined()) {
+    s.strides[1][0] = static_cast<ptrdiff_t>(s.m * s.n);
+    s.strides[1][1] = static_cast<ptrdiff_t>(s.n);
+    s.strides[1][2] = 1;
+  } else {
+    r.Signed(o, "cStrides", 3, s.strides[1]);
+  }
 }
 
 void ReadMatMul(const SpecReader& r, Napi::Object o, PlanStep& s) {

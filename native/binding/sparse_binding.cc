@@ -28,6 +28,7 @@ void Describe(Napi::Object& o, const SparseWeights& w) {
   o.Set("blockWidth", static_cast<double>(w.block_width()));
   o.Set("blocks", static_cast<double>(w.blocks()));
   o.Set("ukernel", SpmmUkernelName(w, GemmVariant::kAuto));
+  if (w.format() == SparseFormat::kCsr) o.Set("columnsUkernel", SpmmColumnsUkernelName(GemmVariant::kAuto));
 }
 
 // JS handle (shared with running jobs; see shared_handle.h).
@@ -102,14 +103,28 @@ class SpmmJob : public AsyncJob {
  public:
   GemmVariant variant = GemmVariant::kAuto;
   GemmArgs args;
+  bool columns = false;
   std::shared_ptr<const SparseWeights> weights;
   void Execute(Addon& addon) override {
-    RunSpmm(addon.pool(), threads, cancel.get(), args, *weights, variant);
+    if (!columns) {
+      RunSpmm(addon.pool(), threads, cancel.get(), args, *weights, variant);
+      return;
+    }
+    SpmmColumnsArgs c;
+    c.a = args.a;
+    c.c = args.c;
+    c.m = args.m;
+    c.lda = args.lda;
+    c.ldc = args.ldc;
+    c.epilogue = args.epilogue;
+    RunSpmmColumns(addon.pool(), threads, cancel.get(), c, *weights, variant);
   }
 };
 
 // spmm(a, handle, out, options) -> Promise<void>; options as gemm's (m, k, n, lda, ldc, bias?,
-// scale?, residual?, ldr?, activation, alpha, beta, residualBeforeActivation, variant, threads, cancel?).
+// scale?, residual?, ldr?, activation, alpha, beta, residualBeforeActivation, variant, threads, cancel?,
+// columns?). columns: A, C and the residual column-major (a: k rows of lda >= m; out, residual: n
+// rows of ldc, ldr >= m), CSR weights only: the kernels 1x1 convs on NCHW run.
 Napi::Value Spmm(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* where = "spmm";
@@ -120,19 +135,27 @@ Napi::Value Spmm(Addon& addon, const Napi::CallbackInfo& info) {
   const size_t m = SizeValue(env, o.Get("m"), where, "m"), k = SizeValue(env, o.Get("k"), where, "k"),
                n = SizeValue(env, o.Get("n"), where, "n");
   const size_t lda = SizeValue(env, o.Get("lda"), where, "lda"), ldc = SizeValue(env, o.Get("ldc"), where, "ldc");
+  const bool columns = o.Get("columns").ToBoolean().Value();
+  job->columns = columns;
+  // (rows, cols) of A, C as stored: transposed in the columns layout.
+  auto stored = [&](size_t r, size_t c, size_t ld, size_t* span) { return columns ? SpanOf(c, r, ld, span) : SpanOf(r, c, ld, span); };
   size_t span;
   Napi::Float32Array a = F32Value(env, info[0], where, "a");
-  if (!SpanOf(m, k, lda, &span) || a.ElementLength() < span)
-    throw MakeError(env, codes::kInvalidArgument, "spmm: a must hold m rows of lda >= k elements");
+  if (!stored(m, k, lda, &span) || a.ElementLength() < span)
+    throw MakeError(env, codes::kInvalidArgument, columns ? "spmm: a must hold k rows of lda >= m elements"
+                                                          : "spmm: a must hold m rows of lda >= k elements");
   if (!SparseWeightsHandle::Is(addon, "SparseWeightsHandle", info[1]))
     throw MakeError(env, codes::kInvalidArgument, "spmm: weights must be sparse weights");
   job->weights = SparseWeightsHandle::Get(info[1]);
   if (!job->weights) throw MakeError(env, codes::kDisposed, "spmm: the sparse weights have been disposed");
   if (job->weights->k() != k || job->weights->n() != n)
     throw MakeError(env, codes::kInvalidArgument, "spmm: sparse weights do not match k and n");
+  if (columns && job->weights->format() != SparseFormat::kCsr)
+    throw MakeError(env, codes::kInvalidArgument, "spmm: columns needs CSR weights");
   Napi::Float32Array out = F32Value(env, info[2], where, "out");
-  if (!SpanOf(m, n, ldc, &span) || out.ElementLength() < span)
-    throw MakeError(env, codes::kInvalidArgument, "spmm: out must hold m rows of ldc >= n elements");
+  if (!stored(m, n, ldc, &span) || out.ElementLength() < span)
+    throw MakeError(env, codes::kInvalidArgument, columns ? "spmm: out must hold n rows of ldc >= m elements"
+                                                          : "spmm: out must hold m rows of ldc >= n elements");
   job->Keep(info[0]);
   job->Keep(info[1]);
   job->Keep(info[2]);
@@ -151,8 +174,9 @@ Napi::Value Spmm(Addon& addon, const Napi::CallbackInfo& info) {
   if (!rv.IsUndefined() && !rv.IsNull()) {
     Napi::Float32Array r = F32Value(env, rv, where, "residual");
     ep.ldr = SizeValue(env, o.Get("ldr"), where, "ldr");
-    if (!SpanOf(m, n, ep.ldr, &span) || r.ElementLength() < span)
-      throw MakeError(env, codes::kInvalidArgument, "spmm: residual must hold m rows of ldr >= n elements");
+    if (!stored(m, n, ep.ldr, &span) || r.ElementLength() < span)
+      throw MakeError(env, codes::kInvalidArgument, columns ? "spmm: residual must hold n rows of ldr >= m elements"
+                                                            : "spmm: residual must hold m rows of ldr >= n elements");
     ep.residual = r.Data();
     job->Keep(rv);
   }

@@ -72,4 +72,21 @@ std::string SpmmUkernelName(const SparseWeights& w, GemmVariant v);
 bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const GemmArgs& args,
              const SparseWeights& w, GemmVariant variant);
 
+// The product in the columns layout (kernels/sparse/spmm.h), `batch` times: item b's A^T is k rows
+// of lda >= m at a + b * a_batch_stride, its C^T (and residual) n rows of ldc (ldr) >= m at
+// c + b * c_batch_stride (residual + b * r_batch_stride). One NCHW image per item for a 1x1 conv
+// (A^T = the image, C^T = the output image), so the layout copies of the row form disappear.
+// Scale/bias are per output column (channel). CSR weights only (callers check format()).
+struct SpmmColumnsArgs {
+  const float* a = nullptr;
+  float* c = nullptr;
+  size_t m = 0, lda = 0, ldc = 0;
+  size_t batch = 1, a_batch_stride = 0, c_batch_stride = 0, r_batch_stride = 0;
+  kernels::GemmEpilogue epilogue{nullptr, nullptr, nullptr, 0, kernels::kActNone, 0, 0.0f, 0.0f};
+};
+bool RunSpmmColumns(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const SpmmColumnsArgs& args,
+                    const SparseWeights& w, GemmVariant variant);
+// Name of the columns-layout microkernel a (resolved) variant runs.
+std::string SpmmColumnsUkernelName(GemmVariant v);
+
 }  // namespace sonde

@@ -148,11 +148,31 @@ void ValidateSpmm(StepValidator& v, PlanStep& s) {
   if (s.gemm && (s.m != 1 || s.gemm->k() != s.k || s.gemm->n() != s.n))
     return v.Fail("skipWeights must be the layer's k x n weights, for m = 1 only");
   if (s.kind < 0 || s.kind >= kernels::kActCount) return v.Fail("unknown activation");
-  const size_t c = v.Product({s.m, s.n});
-  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.m, s.k})), "a");
+  const ptrdiff_t* as = s.strides[0];
+  const ptrdiff_t* cs = s.strides[1];
+  for (size_t i = 0; i < 3; ++i)
+    if (as[i] < 0 || cs[i] < 0) return v.Fail("aStrides and cStrides must not be negative");
+  const bool rows = as[2] == 1 && cs[2] == 1, columns = as[1] == 1 && cs[1] == 1;
+  // Distinct outputs must not share an element (pool threads write them concurrently).
+  if (rows && !(static_cast<size_t>(cs[1]) >= s.n || s.m <= 1))
+    return v.Fail("row-major c needs cStrides[1] >= n");
+  if (!rows && columns) {
+    if (s.sparse->format() != SparseFormat::kCsr) return v.Fail("column-major a and c need CSR weights");
+    if (s.gemm) return v.Fail("skipWeights is for row-major a and c only");
+    if (!(static_cast<size_t>(cs[2]) >= s.m || s.n <= 1)) return v.Fail("column-major c needs cStrides[2] >= m");
+  }
+  if (!rows && !columns)
+    return v.Fail("a and c must both be row-major (aStrides[2] = cStrides[2] = 1) or both column-major "
+                  "(aStrides[1] = cStrides[1] = 1)");
+  if (s.outer > 1) {
+    const size_t c_item = rows ? (s.m - 1) * cs[1] + s.n : (s.n - 1) * cs[2] + s.m;
+    if (s.m && s.n && static_cast<size_t>(cs[0]) < c_item) return v.Fail("cStrides[0] overlaps the batch's outputs");
+  }
+  const size_t a_dims[3] = {s.outer, s.m, s.k}, c_dims[3] = {s.outer, s.m, s.n};
+  v.Read(s.in[0], 4, StridedWalk(a_dims, as, 3), "a");
   v.ReadOptional(s.in[1], 4, ContiguousWalk(s.n), "bias");
-  v.ReadOptional(s.in[2], 4, ContiguousWalk(c), "residual");
-  v.Write(s.out[0], 4, ContiguousWalk(c), "c");
+  v.ReadOptional(s.in[2], 4, StridedWalk(c_dims, cs, 3), "residual");
+  v.Write(s.out[0], 4, StridedWalk(c_dims, cs, 3), "c");
 }
 
 void ValidateMatMul(StepValidator& v, PlanStep& s) {
@@ -571,13 +591,47 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
       return RunLowpGemm(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.gemm_lowp, false);
     }
     case PlanOp::kSpmm: {
+      const ptrdiff_t* as = s.strides[0];
+      const ptrdiff_t* cs = s.strides[1];
+      const kernels::GemmEpilogue ep{nullptr, f32(s.in[1]), f32(s.in[2]), 0, s.kind, s.flag ? 1 : 0, s.alpha, s.beta};
+      if (!(as[2] == 1 && cs[2] == 1)) {
+        // Column-major (NCHW): the transpose-free kernels read and write the images in place.
+        SpmmColumnsArgs args;
+        args.a = f32(s.in[0]);
+        args.c = f32(s.out[0]);
+        args.m = s.m;
+        args.lda = static_cast<size_t>(as[2]);
+        args.ldc = static_cast<size_t>(cs[2]);
+        args.batch = s.outer;
+        args.a_batch_stride = static_cast<size_t>(as[0]);
+        args.c_batch_stride = args.r_batch_stride = static_cast<size_t>(cs[0]);
+        args.epilogue = ep;
+        args.epilogue.ldr = args.ldc;
+        return RunSpmmColumns(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.sparse, GemmVariant::kAuto);
+      }
+      if (s.outer > 1) {
+        for (size_t b = 0; b < s.outer; ++b) {
+          GemmArgs args;
+          args.a = f32(s.in[0]) + b * static_cast<size_t>(as[0]);
+          args.m = s.m;
+          args.lda = static_cast<size_t>(as[1]);
+          args.c = f32(s.out[0]) + b * static_cast<size_t>(cs[0]);
+          args.ldc = static_cast<size_t>(cs[1]);
+          args.epilogue = ep;
+          args.epilogue.ldr = args.ldc;
+          if (args.epilogue.residual) args.epilogue.residual += b * static_cast<size_t>(cs[0]);
+          if (!RunSpmm(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.sparse, GemmVariant::kAuto)) return false;
+        }
+        return true;
+      }
       GemmArgs args;
       args.a = f32(s.in[0]);
       args.m = s.m;
-      args.lda = s.k;
+      args.lda = static_cast<size_t>(as[1]);
       args.c = f32(s.out[0]);
-      args.ldc = s.n;
-      args.epilogue = kernels::GemmEpilogue{nullptr, f32(s.in[1]), f32(s.in[2]), s.n, s.kind, s.flag ? 1 : 0, s.alpha, s.beta};
+      args.ldc = static_cast<size_t>(cs[1]);
+      args.epilogue = ep;
+      args.epilogue.ldr = args.ldc;
       if (s.m == 1 && s.gemm) {
         // A mostly-zero row reads fewer weights through the dense GEMV that skips them than through the SpMV.
         switch (RunGemvSkipZeros(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.gemm)) {

@@ -10,7 +10,9 @@ import { Tensor } from '../../tensor.js';
 import { makeAttrs, nodeWhere } from '../attrs.js';
 import type { FusedActivation } from '../fused.js';
 import type { PlanActivation, PlanStep } from '../plan.js';
-import { maybeSparse, timeConvLayer, timeGemmLayer, useSparse, type SparseChoice, type SparsePrepared } from '../sparse.js';
+import {
+  maybeSparse, sparseConvSteps, timeConvLayer, timeGemmLayer, timeSparseConvLayer, useSparse, type SparseChoice, type SparsePrepared,
+} from '../sparse.js';
 import { broadcastShapes, broadcastStrides, stridesOf, mergeAxes, normAxis, sizeOf } from './util.js';
 import type { Attrs, Emitter, OpContext, OpDef, PrepareOptions, Prepared, ValueId } from './types.js';
 
@@ -129,6 +131,14 @@ function isPointwise(win: Window, group: number): boolean {
     && (win.autoPad !== 'NOTSET' || win.pads.every((p) => p === 0));
 }
 
+/**
+ * Other convolutions on SpMM (KxK, or a strided 1x1): one group, 2-D, explicit or VALID pads (the
+ * load-time timing needs the pads before any input size is known), through im2col panels.
+ */
+function isSparseKxK(win: Window, group: number, spatial: number): boolean {
+  return group === 1 && spatial === 2 && (win.autoPad === 'NOTSET' || win.autoPad === 'VALID');
+}
+
 function fusedActivation(node: OnnxNode, attrs: Attrs): { activation: FusedActivation; alpha: number; beta: number } {
   const activation = attrs.string('activation', 'none') as FusedActivation;
   if (!(activation in ACTIVATION_CODE)) fail(node, `activation '${activation}' is not one of ${Object.keys(ACTIVATION_CODE).join(', ')}`);
@@ -176,21 +186,29 @@ function prepareConv(fused: boolean) {
     }
     const cIn = w.dims[1]! * group;
     let sparse: SparseChoice | undefined;
-    if (options.precision === 'fp32' && isPointwise(win, group)) {
-      // SpMM's B is [K = cIn, N = cOut]: the weights [cOut, cIn, 1, 1] transposed.
-      const b = new Float32Array(cIn * cOut);
-      for (let o = 0; o < cOut; o++) for (let c = 0; c < cIn; c++) b[c * cOut + o] = wdata[o * cIn + c]!;
+    const pointwise = isPointwise(win, group);
+    const kxk = !pointwise && isSparseKxK(win, group, spatial);
+    if (options.precision === 'fp32' && (pointwise || kxk)) {
+      // SpMM's B is [K = cIn*kh*kw, N = cOut]: the weights [cOut, cIn, kh, kw] transposed (K in im2col's order).
+      const kk = cIn * kernel.reduce((a, b) => a * b, 1);
+      const b = new Float32Array(kk * cOut);
+      for (let o = 0; o < cOut; o++) for (let c = 0; c < kk; c++) b[c * cOut + o] = wdata[o * kk + c]!;
       try {
-        sparse = maybeSparse(b, cIn, cOut, options.sparse);
+        // KxK runs only in the columns layout, which takes CSR.
+        sparse = maybeSparse(b, kk, cOut, options.sparse, kxk ? 'csr' : 'auto');
       } catch (err) {
         handle.dispose();
         throw err;
       }
     }
     const epi = { ...(bias ? { bias } : {}), activation: act.activation as PlanActivation, alpha: act.alpha, beta: act.beta };
+    const geometry = { cIn, cOut, kernel: win.kernel as [number, number], strides: win.strides as [number, number],
+      dilations: win.dilations as [number, number], pads: win.autoPad === 'VALID' ? [0, 0, 0, 0] as [number, number, number, number] : win.pads };
     return {
       handle, cOut, cIn, win, ...(bias ? { bias } : {}), act, ...(sparse ? { sparse } : {}),
-      calibrate: sparse ? (threads: number) => timeConvLayer(sparse, handle, cIn, cOut, epi, threads) : undefined,
+      calibrate: !sparse ? undefined
+        : pointwise ? (threads: number) => timeConvLayer(sparse, handle, cIn, cOut, epi, threads)
+          : (threads: number) => timeSparseConvLayer(sparse, handle, geometry, epi, threads),
       dispose: () => { handle.dispose(); sparse?.weights.dispose(); },
     };
   };
@@ -224,8 +242,12 @@ function convOp(fused: boolean): OpDef {
       const [n, , h, w] = spatialDims(ctx, ctx.inputs[0]!.shape);
       if (sizeOf(outs[0]!.shape) === 0) return;
       const rbefore = fused && ctx.attrs.int('residual_before_activation', 0) !== 0;
-      if (p.sparse && useSparse(p.sparse, n * h * w)) {
-        emitPointwiseSpmm(e, p, p.sparse, n, h * w, fused && ctx.inputs[3] ? e.input(3) : undefined, rbefore);
+      const pointwise = isPointwise(p.win, 1);
+      const { out: [oh, ow], pads } = resolveWindow(ctx, { ...p.win, ceil: false }, h, w);
+      if (p.sparse && useSparse(p.sparse, n * (pointwise ? h * w : oh * ow))) {
+        const residual = fused && ctx.inputs[3] ? e.input(3) : undefined;
+        if (pointwise) emitPointwiseSpmm(e, p, p.sparse, n, h * w, residual, rbefore);
+        else emitSparseConv(e, p, p.sparse, n, { h, w, oh, ow, pads }, residual, rbefore);
         return;
       }
       const r = fused && ctx.inputs[3] ? e.ref(e.input(3)) : undefined;
@@ -236,12 +258,23 @@ function convOp(fused: boolean): OpDef {
 }
 
 /**
- * A 1x1 convolution on SpMM: NCHW holds each image as [cIn, HW], the SpMM reads rows of A [M, cIn],
- * so x (and a residual) are transposed into [N*HW, c] temps, and the result [N*HW, cOut] back.
- * The copies are part of what 'auto' timed against the conv operator at load.
+ * A 1x1 convolution on SpMM. NCHW holds each image as [cIn, HW] = A^T with HW contiguous, which is
+ * what the SpMM's inner loop reads per non-zero; with CSR weights the step reads x and writes y (and
+ * the residual) in place, column-major, one product per image. BSR's register tile wants rows of A,
+ * so those weights go through [N*HW, c] temps and back. Either way 'auto' timed what runs here.
  */
 function emitPointwiseSpmm(e: Emitter, p: ConvPrepared, s: SparseChoice, n: number, hw: number, residual: ValueId | undefined,
   residualBeforeActivation: boolean): void {
+  const epilogue = {
+    ...(p.bias ? { bias: e.ref(e.constant(new Tensor('float32', p.bias, [p.cOut]))) } : {}),
+    residualBeforeActivation, activation: p.act.activation as PlanActivation, alpha: p.act.alpha, beta: p.act.beta,
+  };
+  if (s.format === 'csr') {
+    e.emit({ op: 'spmm', weights: s.weights, a: e.ref(e.input(0)), c: e.ref(e.output(0)), m: hw, k: p.cIn, n: p.cOut,
+      ...(residual !== undefined ? { residual: e.ref(residual) } : {}), ...epilogue,
+      batch: n, aStrides: [p.cIn * hw, 1, hw], cStrides: [p.cOut * hw, 1, hw] });
+    return;
+  }
   const m = n * hw;
   const toRows = (src: ValueId, c: number): ValueId => {
     const t = e.temp('float32', [m, c]);
@@ -252,11 +285,28 @@ function emitPointwiseSpmm(e: Emitter, p: ConvPrepared, s: SparseChoice, n: numb
   const r = residual !== undefined ? toRows(residual, p.cOut) : undefined;
   const c = e.temp('float32', [m, p.cOut]);
   e.emit({ op: 'spmm', weights: s.weights, a: e.ref(a), c: e.ref(c), m, k: p.cIn, n: p.cOut,
-    ...(p.bias ? { bias: e.ref(e.constant(new Tensor('float32', p.bias, [p.cOut]))) } : {}),
-    ...(r !== undefined ? { residual: e.ref(r) } : {}), residualBeforeActivation,
-    activation: p.act.activation as PlanActivation, alpha: p.act.alpha, beta: p.act.beta });
+    ...(r !== undefined ? { residual: e.ref(r) } : {}), ...epilogue });
   e.emit({ op: 'copy', x: e.ref(c), y: e.ref(e.output(0)), dims: [n, p.cOut, hw], xStrides: [hw * p.cOut, 1, p.cOut],
     yStrides: [p.cOut * hw, hw, 1], elemBytes: 4 });
+}
+
+/** A KxK convolution on SpMM through per-image im2col panels (see sparseConvSteps). */
+function emitSparseConv(e: Emitter, p: ConvPrepared, s: SparseChoice, n: number,
+  g: { h: number; w: number; oh: number; ow: number; pads: [number, number, number, number] }, residual: ValueId | undefined,
+  residualBeforeActivation: boolean): void {
+  const [kh, kw] = p.win.kernel as [number, number];
+  const [pt, pl, pb, pr] = g.pads;
+  const padded = e.temp('float32', [p.cIn, g.h + pt + pb, g.w + pl + pr]);
+  const cols = e.temp('float32', [p.cIn * kh * kw, g.oh * g.ow]);
+  const geometry = { cIn: p.cIn, cOut: p.cOut, ...g, kernel: [kh, kw] as [number, number], strides: p.win.strides as [number, number],
+    dilations: p.win.dilations as [number, number] };
+  const steps = sparseConvSteps(geometry, n, s, {
+    x: (o) => e.ref(e.input(0), o), y: (o) => e.ref(e.output(0), o),
+    ...(residual !== undefined ? { residual: (o: number) => e.ref(residual, o) } : {}),
+    padded: e.ref(padded), cols: e.ref(cols), ...(p.bias ? { bias: e.ref(e.constant(new Tensor('float32', p.bias, [p.cOut]))) } : {}),
+  }, { residualBeforeActivation, activation: p.act.activation as PlanActivation, alpha: p.act.alpha, beta: p.act.beta }, '');
+  // (emit names each step after the ONNX node, over the '' given here.)
+  for (const step of steps) e.emit(step);
 }
 
 // ------------------------------------------------------------------------------------------------

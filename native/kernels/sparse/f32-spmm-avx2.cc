@@ -140,6 +140,82 @@ void F32SpmmCsr8x64Avx2(size_t m, size_t nc, const float* at, size_t ldat, const
 #undef SONDE_CSR_GROUP
 }
 
+// The columns layout (see spmm.h): one output column's MV vectors of rows in registers over its
+// non-zeros, as CsrColumn, but read from the caller's At (unaligned loads, the last vector masked so
+// nothing past m is touched) and stored straight to the column's row of C^T with a broadcast
+// bias/scale: no tile, no transpose, no pack.
+template <size_t MV>
+void CsrColumnsGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
+                     const uint32_t* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
+  constexpr size_t kU = MV >= 8 ? 1 : 8 / MV;
+  const __m256i tail = LaneMask(m - 8 * (MV - 1));
+  const __m256i all = _mm256_set1_epi32(-1);
+  auto load = [&](const float* ak, size_t v) {
+    return v + 1 < MV ? _mm256_loadu_ps(ak + 8 * v) : _mm256_maskload_ps(ak + 8 * v, tail);
+  };
+  for (size_t j = 0; j < nc; ++j) {
+    __m256 acc[kU][MV];
+#pragma GCC unroll 32
+    for (size_t u = 0; u < kU; ++u)
+#pragma GCC unroll 8
+      for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm256_setzero_ps();
+    uint32_t p = row_ptr[j];
+    const uint32_t p1 = row_ptr[j + 1];
+    for (; p + kU <= p1; p += kU) {
+#pragma GCC unroll 8
+      for (size_t u = 0; u < kU; ++u) {
+        const __m256 w = _mm256_set1_ps(values[p + u]);
+        const float* ak = at + static_cast<size_t>(col_idx[p + u]) * ldat;
+#pragma GCC unroll 8
+        for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm256_fmadd_ps(w, load(ak, v), acc[u][v]);
+      }
+    }
+    for (; p < p1; ++p) {
+      const __m256 w = _mm256_set1_ps(values[p]);
+      const float* ak = at + static_cast<size_t>(col_idx[p]) * ldat;
+#pragma GCC unroll 8
+      for (size_t v = 0; v < MV; ++v) acc[0][v] = _mm256_fmadd_ps(w, load(ak, v), acc[0][v]);
+    }
+    avx2::ColumnTerms t{};
+    if (ep) {
+      t.has_scale = ep->scale != nullptr;
+      t.scale = _mm256_set1_ps(t.has_scale ? ep->scale[j] : 1.0f);
+      t.bias = _mm256_set1_ps(ep->bias ? ep->bias[j] : 0.0f);
+    }
+#pragma GCC unroll 8
+    for (size_t v = 0; v < MV; ++v) {
+#pragma GCC unroll 8
+      for (size_t step = 1; step < kU; step *= 2)
+#pragma GCC unroll 8
+        for (size_t u = 0; u + step < kU; u += 2 * step) acc[u][v] = _mm256_add_ps(acc[u][v], acc[u + step][v]);
+      const __m256i mk = v + 1 < MV ? all : tail;
+      __m256 x = acc[0][v];
+      // ApplyEpilogue's residual is at i * ldr + col: column j's row of C^T, rows from 8v.
+      if (ep) x = avx2::ApplyEpilogue(x, t, ep, j, 8 * v, mk);
+      _mm256_maskstore_ps(c + j * ldc + 8 * v, mk, x);
+    }
+  }
+}
+
+void F32SpmmCsrColumns64Avx2(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
+                             const uint32_t* col_idx, const float* values, float* c, size_t ldc,
+                             const GemmEpilogue* ep) {
+#define SONDE_CSR_COLUMNS(MV) \
+  CsrColumnsGroup<MV>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep)
+  switch ((m + 7) / 8) {
+    case 1: return SONDE_CSR_COLUMNS(1);
+    case 2: return SONDE_CSR_COLUMNS(2);
+    case 3: return SONDE_CSR_COLUMNS(3);
+    case 4: return SONDE_CSR_COLUMNS(4);
+    case 5: return SONDE_CSR_COLUMNS(5);
+    case 6: return SONDE_CSR_COLUMNS(6);
+    case 7: return SONDE_CSR_COLUMNS(7);
+    case 8: return SONDE_CSR_COLUMNS(8);
+    default: return;
+  }
+#undef SONDE_CSR_COLUMNS
+}
+
 inline float HorizontalSum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -252,7 +328,7 @@ void F32SpmmBsr1x32Avx2(size_t mr, size_t nc, const float* a, size_t lda, size_t
 
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx2() {
   return {F32SpmmCsr8x64Avx2, F32SpmvCsr8Avx2, F32SpmvCsr8x16bitAvx2, F32TransposePack8Avx2,
-          kNg, kMaxMv * 8, 8, "f32_spmm_csr_8x64__avx2"};
+          kNg, kMaxMv * 8, 8, "f32_spmm_csr_8x64__avx2", F32SpmmCsrColumns64Avx2, "f32_spmm_csr_columns_64__avx2"};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx2(uint32_t bw) {

@@ -258,11 +258,84 @@ void F32SpmmBsr1x32Avx512(size_t mr, size_t nc, const float* a, size_t lda, size
   BsrDispatch<2, kBsr32Mr>(mr, nc, a, lda, blocks, block_k, bv, c, ldc, ep);
 }
 
+// The columns layout (see spmm.h and the AVX2 file): unaligned loads of the caller's At with the
+// last vector masked (a k-mask costs nothing extra here), C^T rows stored directly.
+template <size_t MV>
+void CsrColumnsGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
+                     const uint32_t* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
+  constexpr size_t kU = MV >= 8 ? 1 : 8 / MV;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (m - 16 * (MV - 1))) - 1u);
+  auto mask = [&](size_t v) { return v + 1 < MV ? static_cast<__mmask16>(0xFFFF) : tail; };
+  for (size_t j = 0; j < nc; ++j) {
+    __m512 acc[kU][MV];
+#pragma GCC unroll 32
+    for (size_t u = 0; u < kU; ++u)
+#pragma GCC unroll 8
+      for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm512_setzero_ps();
+    uint32_t p = row_ptr[j];
+    const uint32_t p1 = row_ptr[j + 1];
+    for (; p + kU <= p1; p += kU) {
+#pragma GCC unroll 8
+      for (size_t u = 0; u < kU; ++u) {
+        const __m512 w = _mm512_set1_ps(values[p + u]);
+        const float* ak = at + static_cast<size_t>(col_idx[p + u]) * ldat;
+#pragma GCC unroll 8
+        for (size_t v = 0; v < MV; ++v)
+          acc[u][v] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask(v), ak + 16 * v), acc[u][v]);
+      }
+    }
+    for (; p < p1; ++p) {
+      const __m512 w = _mm512_set1_ps(values[p]);
+      const float* ak = at + static_cast<size_t>(col_idx[p]) * ldat;
+#pragma GCC unroll 8
+      for (size_t v = 0; v < MV; ++v)
+        acc[0][v] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask(v), ak + 16 * v), acc[0][v]);
+    }
+    avx512::ColumnTerms t{};
+    if (ep) {
+      t.has_scale = ep->scale != nullptr;
+      t.scale = _mm512_set1_ps(t.has_scale ? ep->scale[j] : 1.0f);
+      t.bias = _mm512_set1_ps(ep->bias ? ep->bias[j] : 0.0f);
+    }
+#pragma GCC unroll 8
+    for (size_t v = 0; v < MV; ++v) {
+#pragma GCC unroll 8
+      for (size_t step = 1; step < kU; step *= 2)
+#pragma GCC unroll 8
+        for (size_t u = 0; u + step < kU; u += 2 * step) acc[u][v] = _mm512_add_ps(acc[u][v], acc[u + step][v]);
+      __m512 x = acc[0][v];
+      // ApplyEpilogue's residual is at i * ldr + col: column j's row of C^T, rows from 16v.
+      if (ep) x = avx512::ApplyEpilogue(x, t, ep, j, 16 * v, mask(v));
+      _mm512_mask_storeu_ps(c + j * ldc + 16 * v, mask(v), x);
+    }
+  }
+}
+
+void F32SpmmCsrColumns128Avx512(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
+                                const uint32_t* col_idx, const float* values, float* c, size_t ldc,
+                                const GemmEpilogue* ep) {
+#define SONDE_CSR_COLUMNS(MV) \
+  CsrColumnsGroup<MV>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep)
+  switch ((m + 15) / 16) {
+    case 1: return SONDE_CSR_COLUMNS(1);
+    case 2: return SONDE_CSR_COLUMNS(2);
+    case 3: return SONDE_CSR_COLUMNS(3);
+    case 4: return SONDE_CSR_COLUMNS(4);
+    case 5: return SONDE_CSR_COLUMNS(5);
+    case 6: return SONDE_CSR_COLUMNS(6);
+    case 7: return SONDE_CSR_COLUMNS(7);
+    case 8: return SONDE_CSR_COLUMNS(8);
+    default: return;
+  }
+#undef SONDE_CSR_COLUMNS
+}
+
 }  // namespace
 
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx512() {
   return {F32SpmmCsr16x128Avx512, F32SpmvCsr16Avx512, F32SpmvCsr16x16bitAvx512, F32TransposePack16Avx512,
-          kNg, kMaxMv * 16, 16, "f32_spmm_csr_16x128__avx512"};
+          kNg, kMaxMv * 16, 16, "f32_spmm_csr_16x128__avx512", F32SpmmCsrColumns128Avx512,
+          "f32_spmm_csr_columns_128__avx512"};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx512(uint32_t bw) {

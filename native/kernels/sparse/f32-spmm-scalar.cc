@@ -23,6 +23,29 @@ void F32SpmmCsr8x64Scalar(size_t m, size_t nc, const float* at, size_t ldat, con
   }
 }
 
+// The scalar epilogue with the columns layout's operands: scale/bias by column j, residual at j * ldr + i.
+inline float ColumnsEpilogueScalar(float v, size_t i, size_t j, const GemmEpilogue* ep) {
+  GemmEpilogue t = *ep;
+  if (t.scale) t.scale += j;
+  if (t.bias) t.bias += j;
+  if (t.residual) t.residual += j * ep->ldr + i;
+  return GemmEpilogueScalar(v, 0, 0, &t);
+}
+
+void F32SpmmCsrColumns8x64Scalar(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
+                                 const uint32_t* col_idx, const float* values, float* c, size_t ldc,
+                                 const GemmEpilogue* ep) {
+  for (size_t j = 0; j < nc; ++j) {
+    float acc[kMb] = {};
+    for (uint32_t p = row_ptr[j]; p < row_ptr[j + 1]; ++p) {
+      const float w = values[p];
+      const float* ak = at + static_cast<size_t>(col_idx[p]) * ldat;
+      for (size_t i = 0; i < m; ++i) acc[i] += w * ak[i];
+    }
+    for (size_t i = 0; i < m; ++i) c[j * ldc + i] = ep ? ColumnsEpilogueScalar(acc[i], i, j, ep) : acc[i];
+  }
+}
+
 void F32SpmvCsr8Scalar(size_t nc, const float* x, const uint32_t* row_ptr, const uint32_t* col_idx,
                        const float* values, float* c, const GemmEpilogue* ep) {
   for (size_t j = 0; j < nc; ++j) {
@@ -78,7 +101,7 @@ void F32TransposePackScalar(size_t m, size_t k, const float* a, size_t lda, floa
 
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelScalar() {
   return {F32SpmmCsr8x64Scalar, F32SpmvCsr8Scalar, F32SpmvCsr8x16bitScalar, F32TransposePackScalar,
-          kNg, kMb, 1, "f32_spmm_csr_8x64__scalar"};
+          kNg, kMb, 1, "f32_spmm_csr_8x64__scalar", F32SpmmCsrColumns8x64Scalar, "f32_spmm_csr_columns_64__scalar"};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelScalar(uint32_t bw) {
@@ -98,6 +121,19 @@ void F32SpmmCsrReference(size_t m, size_t n0, size_t n1, const float* a, size_t 
       for (uint32_t p = row_ptr[n]; p < row_ptr[n + 1]; ++p)
         s += static_cast<double>(values[p]) * a[i * lda + col_idx[p]];
       c[i * ldc + n] = ep ? GemmEpilogueScalar(static_cast<float>(s), i, n, ep) : static_cast<float>(s);
+    }
+  }
+}
+
+void F32SpmmCsrColumnsReference(size_t m, size_t n0, size_t n1, const float* at, size_t ldat, const uint32_t* row_ptr,
+                                const uint32_t* col_idx, const float* values, float* c, size_t ldc,
+                                const GemmEpilogue* ep) {
+  for (size_t n = n0; n < n1; ++n) {
+    for (size_t i = 0; i < m; ++i) {
+      double s = 0.0;
+      for (uint32_t p = row_ptr[n]; p < row_ptr[n + 1]; ++p)
+        s += static_cast<double>(values[p]) * at[static_cast<size_t>(col_idx[p]) * ldat + i];
+      c[n * ldc + i] = ep ? ColumnsEpilogueScalar(static_cast<float>(s), i, n, ep) : static_cast<float>(s);
     }
   }
 }

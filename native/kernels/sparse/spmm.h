@@ -59,6 +59,16 @@ static inline float F32SpmvRow16(const float* x, uint32_t p, uint32_t p1, const 
   for (; p < p1; ++p) acc[0] += values[p] * x[col_idx[p]];
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
+// CSR with A and C column-major (the "columns" layout: an NCHW image is A^T [C_in x H*W] for a 1x1
+// conv, an im2col panel is A^T [C_in*KH*KW x OH*OW], and C^T [C_out x OH*OW] is the output image):
+// c[j * ldc + i] = epilogue(sum_p values[p] * at[col_idx[p] * ldat + i]) for output columns j < nc,
+// rows i < m (m <= mb). Each non-zero is a broadcast times contiguous rows of At as in the row
+// layout, but At is the caller's tensor (no pack, no alignment, nothing read or written past m: a
+// masked last vector) and an output column's sums are stored as they are (no transpose). ep:
+// scale/bias at column 0 (one value per column j), residual at (column 0, row 0), ldr between columns.
+typedef void (*F32SpmmCsrColumnsUkernel)(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
+                                         const uint32_t* col_idx, const float* values, float* c, size_t ldc,
+                                         const GemmEpilogue* ep);
 // BSR: rows [0, mr) (mr <= MR) of A times one column panel (nc <= BW columns) of 1 x BW blocks
 // block_k[0..blocks), block_values[b * BW .. b * BW + BW).
 typedef void (*F32SpmmBsrUkernel)(size_t mr, size_t nc, const float* a, size_t lda, size_t blocks,
@@ -74,6 +84,8 @@ struct F32SpmmCsrUkernelInfo {
   uint32_t mb;  // max rows per spmm call
   uint32_t mv;  // At row padding (vector width in floats)
   const char* name;
+  F32SpmmCsrColumnsUkernel columns;  // rows [0, mb) per call too
+  const char* columns_name;
 };
 
 struct F32SpmmBsrUkernelInfo {
@@ -100,6 +112,11 @@ F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx512(uint32_t bw);
 // epilogue. Rows [0, m) of A (lda), output columns [n0, n1) of W; c, ep at (row 0, column 0).
 void F32SpmmCsrReference(size_t m, size_t n0, size_t n1, const float* a, size_t lda, const uint32_t* row_ptr,
                          const uint32_t* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep);
+// The columns layout's reference (double sums, scalar epilogue as F32SpmmCsrColumnsUkernel's):
+// rows [0, m), output columns [n0, n1); c, ep at (column 0, row 0).
+void F32SpmmCsrColumnsReference(size_t m, size_t n0, size_t n1, const float* at, size_t ldat, const uint32_t* row_ptr,
+                                const uint32_t* col_idx, const float* values, float* c, size_t ldc,
+                                const GemmEpilogue* ep);
 // The same for BSR: rows [0, m), column panels [p0, p1) of width bw, n columns in all; c, ep at
 // (row 0, column 0) of the whole output.
 void F32SpmmBsrReference(size_t m, size_t n, size_t bw, size_t p0, size_t p1, const float* a, size_t lda,
