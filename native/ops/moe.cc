@@ -146,9 +146,17 @@ bool RouteTokens(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, c
     scores = s.scores.data();
   }
   const float* logits = s.logits.data();
+  // Group-limited routing (DeepSeek) needs a key per expert to rank groups by.
+  if (l.groups > 1) s.keys.resize(tokens * e);
+  float* keys = s.keys.data();
   auto route = [&](size_t t) {
-    kernels::MoeRouteToken(e, k, logits + t * e, static_cast<int32_t>(l.scoring), l.selection_bias, l.renormalize,
-                           l.weight_scale, scores + t * e, expert_ids + t * k, expert_weights + t * k);
+    if (l.groups > 1)
+      kernels::MoeRouteTokenGrouped(e, k, l.groups, l.groups_used, logits + t * e, static_cast<int32_t>(l.scoring),
+                                    l.selection_bias, l.renormalize, l.weight_scale, scores + t * e, keys + t * e,
+                                    expert_ids + t * k, expert_weights + t * k);
+    else
+      kernels::MoeRouteToken(e, k, logits + t * e, static_cast<int32_t>(l.scoring), l.selection_bias, l.renormalize,
+                             l.weight_scale, scores + t * e, expert_ids + t * k, expert_weights + t * k);
   };
   if (tokens == 1) {
     route(0);
@@ -156,15 +164,6 @@ bool RouteTokens(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, c
   }
   // Routing is O(E k) per token: chunks of tokens keep ParallelFor's per-index cost small.
   const size_t chunk = 64;
-  if (l.groups > 1) {
-    std::vector<float> keys(tokens * e);
-    return pool.ParallelFor((tokens + chunk - 1) / chunk, threads, [&](size_t c) {
-      for (size_t t = c * chunk, end = std::min(tokens, t + chunk); t < end; ++t)
-        kernels::MoeRouteTokenGrouped(e, k, l.groups, l.groups_used, logits.data() + t * e, static_cast<int32_t>(l.scoring),
-                                      l.selection_bias, l.renormalize, l.weight_scale, scores + t * e, keys.data() + t * e,
-                                      expert_ids + t * k, expert_weights + t * k);
-    }, cancel);
-  }
   return pool.ParallelFor((tokens + chunk - 1) / chunk, threads, [&](size_t c) {
     for (size_t t = c * chunk, end = std::min(tokens, t + chunk); t < end; ++t) route(t);
   }, cancel);

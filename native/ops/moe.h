@@ -93,7 +93,7 @@ struct MoeGemvPiece {
 // calls.
 struct MoeScratch {
   std::vector<int32_t> ids;
-  std::vector<float> weights, logits, scores;
+  std::vector<float> weights, logits, scores, keys;
   std::vector<size_t> routed, rows, offset, fill, wide, narrow;
   std::vector<int64_t> row_of;
   std::vector<float> xg, hg, hu, yo, h, out, so, sg, su, sgate;
