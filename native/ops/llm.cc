@@ -392,8 +392,11 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
       return false;
     StepProfileMark(prof.p, kPhaseRope);
     // One task per (row, head): causal, so a row at position p sees its sequence's [0, p], folded
-    // block by block through the sequence's table.
-    if (!pool.ParallelFor(n * c.heads, threads, [&](size_t task) {
+    // block by block through the sequence's table. A decode step over a short context is a few
+    // microseconds of work, less than a helper's hand-off: then the step's thread does it alone.
+    size_t attended = 0;
+    for (size_t i = 0; i < n && attended < 4096; ++i) attended += static_cast<size_t>(row_pos[i]) + 1;
+    if (!pool.ParallelFor(n * c.heads, attended * c.heads < 4096 ? 1 : threads, [&](size_t task) {
           const size_t i = task / c.heads, h = task % c.heads, kvh = h / group;
           const size_t s = row_seq[i], end = static_cast<size_t>(row_pos[i]) + 1;
           const float* qrow = q + i * qd + h * hd;

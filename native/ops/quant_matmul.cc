@@ -241,10 +241,14 @@ bool QuantizeActivations(ThreadPool& pool, unsigned max_threads, const CancelFla
       for (size_t b = 0; b < qa.nb_pad; ++b) c[b] = -qa.corr_offset * sums[b];
     }
   };
-  // One row (decode) is a few microseconds: not worth waking a helper thread.
-  if (m == 1) {
-    if (cancel && cancel->load()) return false;
-    row(0);
+  // A few rows (a decode step's one, an MoE token's k down inputs) are a few microseconds: a
+  // helper's hand-off costs more, and on a loaded machine the caller may wait for a helper that
+  // claimed a row and was descheduled.
+  if (m * k <= (16u << 10)) {
+    for (size_t i = 0; i < m; ++i) {
+      if (cancel && cancel->load()) return false;
+      row(i);
+    }
     return true;
   }
   return pool.ParallelFor(m, max_threads, row, cancel);
