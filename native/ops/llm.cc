@@ -9,6 +9,7 @@
 #include "kernels/gemm/lowp-gemm.h"
 #include "kernels/norm/norm.h"
 #include "ops/kv_pool.h"
+#include "ops/step_profile.h"
 #include "runtime/cpu.h"
 
 namespace sonde {
@@ -335,6 +336,37 @@ bool MatMulRows(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, co
   return RunQuantMatmul(pool, threads, cancel, a, w.variant, scratch);
 }
 
+// The q, k and v projections of xn in one pool hand-off (ops/quant_matmul.h: RunQuantMatmuls).
+bool QkvMatMul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LlmLayer& L, const float* xn, size_t m,
+               float* q, float* k, float* v, QuantMatmulScratch* scratch) {
+  const LlmMatrix* w[3] = {&L.q, &L.k, &L.v};
+  float* y[3] = {q, k, v};
+  const float* bias[3] = {L.q_bias, L.k_bias, L.v_bias};
+  QuantMatmulArgs a[3];
+  for (size_t i = 0; i < 3; ++i) {
+    a[i].x = xn;
+    a[i].m = m;
+    a[i].k = w[i]->k;
+    a[i].ldx = w[i]->k;
+    a[i].w = w[i]->data;
+    a[i].n = w[i]->n;
+    a[i].type = w[i]->type;
+    a[i].y = y[i];
+    a[i].ldy = w[i]->n;
+  }
+  const bool same = L.q.variant == L.k.variant && L.q.variant == L.v.variant;
+  if (same ? !RunQuantMatmuls(pool, threads, cancel, a, 3, L.q.variant, scratch)
+           : !RunQuantMatmul(pool, threads, cancel, a[0], L.q.variant, scratch) ||
+                 !RunQuantMatmul(pool, threads, cancel, a[1], L.k.variant, scratch) ||
+                 !RunQuantMatmul(pool, threads, cancel, a[2], L.v.variant, scratch))
+    return false;
+  for (size_t p = 0; p < 3; ++p)
+    if (bias[p])
+      for (size_t i = 0; i < m; ++i)
+        for (size_t j = 0; j < w[p]->n; ++j) y[p][i * w[p]->n + j] += bias[p][j];
+  return true;
+}
+
 template <typename T>
 void Grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
@@ -432,9 +464,15 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
     return kv.Block(static_cast<size_t>(step.tables[sq.table_offset + p / bs]));
   };
 
+  struct ProfileScope {
+    StepProfile* p;
+    ~ProfileScope() { StepProfileEnd(p); }
+  } prof{StepProfileBegin(n)};
+  auto bytes = [](const LlmMatrix& w) { return static_cast<double>(w.row_bytes * w.n); };
   const LlmMatrix& E = model.embd_;
   for (size_t i = 0; i < n; ++i)
     kernels::DequantizeRow(E.type, E.data + static_cast<size_t>(step.tokens[i]) * E.row_bytes, d, x + i * d);
+  StepProfileMark(prof.p, kPhaseEmbed);
 
   // Row-wise work (norms, RoPE, SwiGLU) is a few flops per weight byte of the products around it;
   // it runs on the pool only when there are rows enough to share. A single row (a decode step of one
@@ -527,13 +565,13 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
   for (size_t l = 0; l < c.layers; ++l) {
     const LlmLayer& L = model.layers_[l];
     if (!rows(n, [&](size_t i) { kernels::RmsNormRow(x + i * d, L.attn_norm, d, c.eps, xn + i * d); })) return false;
+    StepProfileMark(prof.p, kPhaseNorm);
     if (mla) {
       if (!mla_attention(L, l)) return false;
+      StepProfileMark(prof.p, kPhaseAttention);
     } else {
-      if (!MatMul(pool, threads, cancel, L.q, xn, n, q, qs, L.q_bias) ||
-          !MatMul(pool, threads, cancel, L.k, xn, n, k, qs, L.k_bias) ||
-          !MatMul(pool, threads, cancel, L.v, xn, n, v, qs, L.v_bias))
-        return false;
+      if (!QkvMatMul(pool, threads, cancel, L, xn, n, q, k, v, qs)) return false;
+      StepProfileMark(prof.p, kPhaseQkv, bytes(L.q) + bytes(L.k) + bytes(L.v));
       // Every row's K/V is in its block before any row attends: a sequence's later rows read its
       // earlier rows of this step.
       if (!rows(n, [&](size_t i) {
@@ -548,9 +586,13 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
             }
           }))
         return false;
+      StepProfileMark(prof.p, kPhaseRope);
       // One task per (row, head): causal, so a row at position p sees its sequence's [0, p], folded
-      // block by block through the sequence's table.
-      if (!pool.ParallelFor(n * c.heads, threads, [&](size_t task) {
+      // block by block through the sequence's table. A decode step over a short context is a few
+      // microseconds of work, less than a helper's hand-off: then the step's thread does it alone.
+      size_t attended = 0;
+      for (size_t i = 0; i < n && attended < 4096; ++i) attended += static_cast<size_t>(row_pos[i]) + 1;
+      if (!pool.ParallelFor(n * c.heads, attended * c.heads < 4096 ? 1 : threads, [&](size_t task) {
             const size_t i = task / c.heads, h = task % c.heads, kvh = h / group;
             const size_t s = row_seq[i], end = static_cast<size_t>(row_pos[i]) + 1;
             const float* qrow = q + i * qd + h * hd;
@@ -572,12 +614,15 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
             for (size_t j = 0; j < hd; ++j) out[j] *= inv;
           }, cancel))
         return false;
+      StepProfileMark(prof.p, kPhaseAttention);
     }
     // The projection's output goes to xn (free now), then joins the residual stream.
     if (!MatMul(pool, threads, cancel, L.o, att, n, xn, qs)) return false;
+    StepProfileMark(prof.p, kPhaseAttnOut, bytes(L.o));
     for (size_t i = 0; i < n * d; ++i) x[i] += xn[i];
 
     if (!rows(n, [&](size_t i) { kernels::RmsNormRow(x + i * d, L.ffn_norm, d, c.eps, xn + i * d); })) return false;
+    StepProfileMark(prof.p, kPhaseNorm);
     if (L.moe_ffn) {
       std::string error;
       float* y = a.moe_out.data();
@@ -586,14 +631,18 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
         if (cancel && cancel->load()) return false;
         throw std::runtime_error("blk." + std::to_string(l) + " MoE: " + error);
       }
+      StepProfileMark(prof.p, kPhaseExpertsSum);
       for (size_t i = 0; i < n * d; ++i) x[i] += y[i];
+      StepProfileMark(prof.p, kPhaseNorm);
       continue;
     }
     if (!MatMul(pool, threads, cancel, L.gate, xn, n, gate, qs) || !MatMul(pool, threads, cancel, L.up, xn, n, up, qs))
       return false;
     if (!rows(n, [&](size_t i) { kernels::SwigluRow(gate + i * c.ff, up + i * c.ff, c.ff, gate + i * c.ff); })) return false;
     if (!MatMul(pool, threads, cancel, L.down, gate, n, xn, qs)) return false;
+    StepProfileMark(prof.p, kPhaseFfn, bytes(L.gate) + bytes(L.up) + bytes(L.down));
     for (size_t i = 0; i < n * d; ++i) x[i] += xn[i];
+    StepProfileMark(prof.p, kPhaseNorm);
   }
 
   // Only the requested rows reach the output norm and the vocabulary product (the largest matrix
@@ -602,7 +651,9 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
   if (out_rows == 0) return true;
   if (!rows(out_rows, [&](size_t r) { kernels::RmsNormRow(x + step.out_rows[r] * d, model.output_norm_, d, c.eps, xn + r * d); }))
     return false;
-  return MatMul(pool, threads, cancel, model.output_, xn, out_rows, logits, qs);
+  const bool ok = MatMul(pool, threads, cancel, model.output_, xn, out_rows, logits, qs);
+  StepProfileMark(prof.p, kPhaseOutput, bytes(model.output_));
+  return ok;
 }
 
 }  // namespace sonde

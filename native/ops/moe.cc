@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/moe/moe.h"
+#include "ops/step_profile.h"
 #include "runtime/cpu.h"
 
 namespace sonde {
@@ -139,6 +140,10 @@ bool RouteTokens(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, c
   threads = EffectiveThreads(pool, threads);
   const size_t e = l.n_experts, k = l.k;
   s.logits.resize(tokens * e);
+  // A decode step's router is a few KiB of weights (8 experts x 1 KiB rows): handing it to a
+  // helper costs more than reading it.
+  const size_t router_bytes = tokens * e * kernels::QuantRowBytes(l.router.type, l.d_model);
+  if (router_bytes < (64u << 10)) threads = 1;
   if (!Matmul(pool, threads, cancel, l.variant, x, tokens, l.d_model, l.router.data, l.router.type, e, s.logits.data(), &s.acts))
     return false;
   if (!scores) {
@@ -258,7 +263,14 @@ bool RunMoeSingleToken(ThreadPool& pool, unsigned threads, const CancelFlag* can
       AddGemv(&s.pieces, x, d, l.shared_gate_inp.data, l.shared_gate_inp.type, 1, &sgate, chunk, sxi, 0);
     }
   }
+  StepProfile* prof = StepProfileCurrent();
+  auto piece_bytes = [&] {
+    double b = 0;
+    for (const MoeGemvPiece& p : s.pieces) b += static_cast<double>(kernels::QuantRowBytes(p.type, p.k) * p.n);
+    return b;
+  };
   if (!RunGemvPieces(pool, threads, cancel, l.variant, s)) return false;
+  StepProfileMark(prof, kPhaseExpertsUp, prof ? piece_bytes() : 0);
   uk.swiglu(k * f + sf, g, u, g);
   // The k experts' down inputs are the rows of g (f apart): quantised together, row j for expert j.
   if (!QuantizeForGemv(pool, threads, cancel, l.variant, g, k, f, f, l.down.type, &s.h_acts)) return false;
@@ -270,7 +282,9 @@ bool RunMoeSingleToken(ThreadPool& pool, unsigned threads, const CancelFlag* can
     AddGemv(&s.pieces, g + j * f, f, l.down.data + e * l.down.expert_stride, l.down.type, d, out + j * d, chunk, &s.h_acts, j);
   }
   if (sf) AddGemv(&s.pieces, g + k * f, sf, l.shared_down.data, l.shared_down.type, d, out + k * d, chunk, &s.shared_h_acts, 0);
+  StepProfileMark(prof, kPhaseExpertsAct);
   if (!RunGemvPieces(pool, threads, cancel, l.variant, s)) return false;
+  StepProfileMark(prof, kPhaseExpertsDown, prof ? piece_bytes() : 0);
   std::memset(y, 0, d * sizeof(float));
   for (size_t j = 0; j < k; ++j) uk.scale_add(d, weights[j], out + j * d, y);
   if (sf) uk.scale_add(d, l.shared_gate_inp.data ? 1.0f / (1.0f + std::exp(-sgate)) : 1.0f, out + k * d, y);
@@ -289,6 +303,8 @@ bool RunMoeChecked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel,
   const int32_t* ids = s.ids.data();
   const float* weights = s.weights.data();
   if (!RouteTokens(pool, threads, cancel, l, x, tokens, s.ids.data(), s.weights.data(), nullptr, s)) return false;
+  StepProfileMark(StepProfileCurrent(), kPhaseRouter,
+                  static_cast<double>(kernels::QuantRowBytes(l.router.type, d) * n_exp));
 
   // Group the (token, slot) pairs by expert, in token order so that a capacity limit keeps the
   // earliest tokens and the result does not depend on thread timing.
@@ -384,6 +400,12 @@ bool RunMoeChecked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel,
       if (!c) return false;
   }
 
+  // A prefill's experts, gate/up/down together, under one phase.
+  if (StepProfile* prof = StepProfileCurrent()) {
+    size_t used = 0;
+    for (size_t e = 0; e < n_exp; ++e) used += rows[e] > 0;
+    StepProfileMark(prof, kPhaseExpertsUp, static_cast<double>(used * (l.gate.expert_stride + l.up.expert_stride + l.down.expert_stride)));
+  }
   // Shared expert on every token, its output gated per token.
   const bool shared = l.shared_d_ff > 0, shared_gate = shared && l.shared_gate_inp.data;
   if (shared) {

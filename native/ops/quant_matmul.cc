@@ -5,6 +5,7 @@
 #include <atomic>
 #include <memory>
 #include <new>
+#include <stdexcept>
 #include <vector>
 
 #include "formats/gguf.h"
@@ -240,91 +241,175 @@ bool QuantizeActivations(ThreadPool& pool, unsigned max_threads, const CancelFla
       for (size_t b = 0; b < qa.nb_pad; ++b) c[b] = -qa.corr_offset * sums[b];
     }
   };
-  // One row (decode) is a few microseconds: not worth waking a helper thread.
-  if (m == 1) {
-    if (cancel && cancel->load()) return false;
-    row(0);
+  // A few rows (a decode step's one, an MoE token's k down inputs) are a few microseconds: a
+  // helper's hand-off costs more, and on a loaded machine the caller may wait for a helper that
+  // claimed a row and was descheduled.
+  if (m * k <= (16u << 10)) {
+    for (size_t i = 0; i < m; ++i) {
+      if (cancel && cancel->load()) return false;
+      row(i);
+    }
     return true;
   }
   return pool.ParallelFor(m, max_threads, row, cancel);
 }
 
-bool RunQuantMatmulQuantized(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel,
-                             const QuantMatmulArgs& args, QuantVariant v, const QuantMatmulScratch& qa, size_t row0) {
-  const size_t m = args.m, n = args.n, k = args.k;
-  if (m == 0 || n == 0) return true;
-  Plan plan = PlanFor(args, v);
-  // The activations decide: a scratch quantised for more rows than this call may be in the GEMM
-  // form while these few rows alone would have taken the dot kernels.
-  if (plan.block) plan.gemm = qa.form == kernels::kQuantActU8 && plan.gk.pack;
-  const bool block = plan.block, reference = plan.reference, corr = block && qa.form == kernels::kQuantActQ8Corr;
-  const kernels::QuantDotUkernelInfo& uk = plan.uk;
-  if (plan.gemm) return RunGemm(pool, max_threads, cancel, args, plan.gk, qa, row0, block);
-  const size_t row_bytes = kernels::QuantRowBytes(args.type, k);
+namespace {
+
+// One product's row-dot (GEMV) work, split into tasks of whole weight rows.
+struct GemvJob {
+  const QuantMatmulArgs* args;
+  Plan plan;
+  bool block, reference, corr, gemv16;
+  size_t row_bytes, rows, tasks, row0;
+};
+
+GemvJob MakeGemvJob(unsigned threads, const QuantMatmulArgs& args, const Plan& plan, const QuantMatmulScratch& qa,
+                    size_t row0) {
+  GemvJob j;
+  j.args = &args;
+  j.plan = plan;
+  j.block = plan.block;
+  j.reference = plan.reference;
+  j.corr = plan.block && qa.form == kernels::kQuantActQ8Corr;
+  j.row0 = row0;
+  const size_t n = args.n;
+  j.row_bytes = kernels::QuantRowBytes(args.type, args.k);
   // The GEMM's row-dot companion (bit-identical to it) where there is one for these activations.
-  const bool gemv16 = corr && plan.gk.gemv && qa.corr_offset == plan.gk.gemv_corr_offset;
+  j.gemv16 = j.corr && plan.gk.gemv && qa.corr_offset == plan.gk.gemv_corr_offset;
   // Tasks of whole weight rows: about 64 KiB of weights each (small enough to balance two threads
   // and to stay in L2 while a group of 4 activation rows after another re-reads them), and at
   // least 4 per thread; whole groups of 16 rows for the 16-row kernel.
-  const unsigned threads = std::max(1u, std::min(max_threads ? max_threads : pool.size(), std::max(1u, pool.size())));
-  size_t rows = std::max<size_t>(1, (64 << 10) / std::max<size_t>(1, row_bytes));
+  size_t rows = std::max<size_t>(1, (64 << 10) / std::max<size_t>(1, j.row_bytes));
   rows = std::min(rows, std::max<size_t>(1, (n + 4 * threads - 1) / (4 * threads)));
-  if (gemv16) rows = (rows + kernels::kQuantGemvRows - 1) / kernels::kQuantGemvRows * kernels::kQuantGemvRows;
-  const size_t tasks = (n + rows - 1) / rows;
-  auto task = [&](size_t t) {
-    const size_t n0 = t * rows, n1 = std::min(n, n0 + rows);
-    if (gemv16) {
-      for (size_t i0 = 0; i0 < m; i0 += kernels::kQuantGemvMaxMr) {
-        kernels::QuantActs a{};
-        a.q = qa.q.data() + (row0 + i0) * qa.q_stride;
-        a.q_stride = qa.q_stride;
-        a.d = qa.d.data() + (row0 + i0) * qa.nb_pad;
-        a.d_stride = qa.nb_pad;
+  if (j.gemv16) rows = (rows + kernels::kQuantGemvRows - 1) / kernels::kQuantGemvRows * kernels::kQuantGemvRows;
+  j.rows = rows;
+  j.tasks = (n + rows - 1) / rows;
+  return j;
+}
+
+void RunGemvTask(const GemvJob& j, const QuantMatmulScratch& qa, size_t t) {
+  const QuantMatmulArgs& args = *j.args;
+  const size_t m = args.m, n = args.n, k = args.k, row0 = j.row0, row_bytes = j.row_bytes;
+  const size_t n0 = t * j.rows, n1 = std::min(n, n0 + j.rows);
+  if (j.gemv16) {
+    for (size_t i0 = 0; i0 < m; i0 += kernels::kQuantGemvMaxMr) {
+      kernels::QuantActs a{};
+      a.q = qa.q.data() + (row0 + i0) * qa.q_stride;
+      a.q_stride = qa.q_stride;
+      a.d = qa.d.data() + (row0 + i0) * qa.nb_pad;
+      a.d_stride = qa.nb_pad;
+      a.corr = qa.corr.data() + (row0 + i0) * qa.nb_pad;
+      a.corr_stride = qa.nb_pad;
+      const size_t mr = std::min(kernels::kQuantGemvMaxMr, m - i0);
+      for (size_t r = n0; r < n1; r += kernels::kQuantGemvRows)
+        j.plan.gk.gemv(mr, std::min(kernels::kQuantGemvRows, n1 - r), k, args.w + r * row_bytes, row_bytes, &a,
+                       args.y + i0 * args.ldy + r, args.ldy);
+    }
+    return;
+  }
+  const bool block = j.block;
+  if (j.reference) {
+    for (size_t i = 0; i < m; ++i)
+      for (size_t r = n0; r < n1; ++r)
+        args.y[i * args.ldy + r] = static_cast<float>(kernels::QuantDotReference(
+            args.type, args.w + r * row_bytes, k, args.x + i * args.ldx,
+            block ? qa.q.data() + (row0 + i) * qa.q_stride : nullptr, block ? qa.d.data() + (row0 + i) * qa.nb_pad : nullptr));
+    return;
+  }
+  for (size_t i0 = 0; i0 < m; i0 += kernels::kQuantMaxMr) {
+    const size_t mr = std::min(kernels::kQuantMaxMr, m - i0);
+    kernels::QuantActs a{};
+    a.x = args.x + i0 * args.ldx;
+    a.ldx = args.ldx;
+    if (block) {
+      a.q = qa.q.data() + (row0 + i0) * qa.q_stride;
+      a.q_stride = qa.q_stride;
+      a.d = qa.d.data() + (row0 + i0) * qa.nb_pad;
+      a.d_stride = qa.nb_pad;
+      if (j.corr) {
         a.corr = qa.corr.data() + (row0 + i0) * qa.nb_pad;
         a.corr_stride = qa.nb_pad;
-        const size_t mr = std::min(kernels::kQuantGemvMaxMr, m - i0);
-        for (size_t j = n0; j < n1; j += kernels::kQuantGemvRows)
-          plan.gk.gemv(mr, std::min(kernels::kQuantGemvRows, n1 - j), k, args.w + j * row_bytes, row_bytes, &a,
-                       args.y + i0 * args.ldy + j, args.ldy);
       }
-      return;
     }
-    if (reference) {
-      for (size_t i = 0; i < m; ++i)
-        for (size_t j = n0; j < n1; ++j)
-          args.y[i * args.ldy + j] = static_cast<float>(kernels::QuantDotReference(
-              args.type, args.w + j * row_bytes, k, args.x + i * args.ldx,
-              block ? qa.q.data() + (row0 + i) * qa.q_stride : nullptr, block ? qa.d.data() + (row0 + i) * qa.nb_pad : nullptr));
-      return;
-    }
-    for (size_t i0 = 0; i0 < m; i0 += kernels::kQuantMaxMr) {
-      const size_t mr = std::min(kernels::kQuantMaxMr, m - i0);
-      kernels::QuantActs a{};
-      a.x = args.x + i0 * args.ldx;
-      a.ldx = args.ldx;
-      if (block) {
-        a.q = qa.q.data() + (row0 + i0) * qa.q_stride;
-        a.q_stride = qa.q_stride;
-        a.d = qa.d.data() + (row0 + i0) * qa.nb_pad;
-        a.d_stride = qa.nb_pad;
-        if (corr) {
-          a.corr = qa.corr.data() + (row0 + i0) * qa.nb_pad;
-          a.corr_stride = qa.nb_pad;
-        }
-      }
-      for (size_t j = n0; j < n1; ++j) uk.fn(mr, k, args.w + j * row_bytes, &a, args.y + i0 * args.ldy + j, args.ldy);
-    }
-  };
-  if (tasks == 1 || max_threads == 1) {
+    for (size_t r = n0; r < n1; ++r) j.plan.uk.fn(mr, k, args.w + r * row_bytes, &a, args.y + i0 * args.ldy + r, args.ldy);
+  }
+}
+
+unsigned PoolThreads(ThreadPool& pool, unsigned max_threads) {
+  return std::max(1u, std::min(max_threads ? max_threads : pool.size(), std::max(1u, pool.size())));
+}
+
+// The plan for args on activations qa: the activations decide, since a scratch quantised for more
+// rows than this call may be in the GEMM form while these few rows alone would have taken the dot
+// kernels.
+Plan PlanForActs(const QuantMatmulArgs& args, QuantVariant v, const QuantMatmulScratch& qa) {
+  Plan plan = PlanFor(args, v);
+  if (plan.block) plan.gemm = qa.form == kernels::kQuantActU8 && plan.gk.pack;
+  return plan;
+}
+
+}  // namespace
+
+bool RunQuantMatmulQuantized(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel,
+                             const QuantMatmulArgs& args, QuantVariant v, const QuantMatmulScratch& qa, size_t row0) {
+  if (args.m == 0 || args.n == 0) return true;
+  const Plan plan = PlanForActs(args, v, qa);
+  if (plan.gemm) return RunGemm(pool, max_threads, cancel, args, plan.gk, qa, row0, plan.block);
+  const GemvJob job = MakeGemvJob(PoolThreads(pool, max_threads), args, plan, qa, row0);
+  if (job.tasks == 1 || max_threads == 1) {
     // A single-thread call (an MoE chunk that already runs on its own pool thread) needs no
     // ParallelFor round.
-    for (size_t t = 0; t < tasks; ++t) {
+    for (size_t t = 0; t < job.tasks; ++t) {
+      if (cancel && cancel->load()) return false;
+      RunGemvTask(job, qa, t);
+    }
+    return true;
+  }
+  return pool.ParallelFor(job.tasks, max_threads, [&](size_t t) { RunGemvTask(job, qa, t); }, cancel);
+}
+
+bool RunQuantMatmuls(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs* args,
+                     size_t count, QuantVariant v, QuantMatmulScratch* scratch) {
+  if (count == 0) return true;
+  QuantMatmulScratch local;
+  QuantMatmulScratch& qa = scratch ? *scratch : local;
+  const QuantMatmulArgs& a0 = args[0];
+  bool together = a0.m > 0;
+  for (size_t i = 1; i < count && together; ++i)
+    together = args[i].x == a0.x && args[i].m == a0.m && args[i].k == a0.k && args[i].ldx == a0.ldx &&
+               args[i].type == a0.type && args[i].algorithm == a0.algorithm;
+  if (together) together = !PlanFor(a0, v).gemm;
+  if (!together) {
+    // Products on many rows (the GEMM) are long enough that one hand-off each costs nothing.
+    for (size_t i = 0; i < count; ++i)
+      if (!RunQuantMatmul(pool, max_threads, cancel, args[i], v, &qa)) return false;
+    return true;
+  }
+  if (!QuantizeActivations(pool, max_threads, cancel, a0, v, &qa)) return false;
+  const unsigned threads = PoolThreads(pool, max_threads);
+  // At most a layer's q, k and v (and a fused gate/up pair): a fixed array, nothing allocated.
+  const size_t kMaxJobs = 8;
+  if (count > kMaxJobs) throw std::invalid_argument("RunQuantMatmuls takes at most 8 products");
+  GemvJob jobs[kMaxJobs];
+  size_t first[kMaxJobs + 1] = {0};
+  for (size_t i = 0; i < count; ++i) {
+    jobs[i] = MakeGemvJob(threads, args[i], PlanForActs(args[i], v, qa), qa, 0);
+    first[i + 1] = first[i] + (args[i].n ? jobs[i].tasks : 0);
+  }
+  auto task = [&](size_t t) {
+    size_t i = 0;
+    while (t >= first[i + 1]) ++i;
+    RunGemvTask(jobs[i], qa, t - first[i]);
+  };
+  if (threads == 1) {
+    for (size_t t = 0; t < first[count]; ++t) {
       if (cancel && cancel->load()) return false;
       task(t);
     }
     return true;
   }
-  return pool.ParallelFor(tasks, max_threads, task, cancel);
+  return pool.ParallelFor(first[count], max_threads, task, cancel);
 }
 
 bool RunQuantMatmul(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,

@@ -79,6 +79,14 @@ bool RunQuantMatmulQuantized(ThreadPool& pool, unsigned max_threads, const Cance
                              const QuantMatmulArgs& args, QuantVariant v, const QuantMatmulScratch& scratch,
                              size_t row0 = 0);
 
+// Several products of the same activations (x, m, k, ldx) and weight type, at most 8 (a layer's q,
+// k and v projections): the activations quantised once and, for the row-dot kernels (few rows),
+// every product's tasks in one ParallelFor, so that a decode step hands work to the pool once
+// instead of once per product. Each y is what RunQuantMatmul would write. Products that differ in
+// their activations or type, or that take the GEMM, run one after another.
+bool RunQuantMatmuls(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs* args,
+                     size_t count, QuantVariant v, QuantMatmulScratch* scratch = nullptr);
+
 // out[N x K] = the dequantised weights (exact).
 bool RunDequantize(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const uint8_t* w, int32_t type,
                    size_t n, size_t k, float* out);
