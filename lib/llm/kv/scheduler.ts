@@ -13,7 +13,7 @@
  * - Prompt chunks beside running decodes are sized so that a step takes at most about twice a
  *   decode-only step (PREFILL_STALL): the scheduler keeps the median of recent decode steps'
  *   times (one step in WINDOW + 1 carries decodes only, to keep it current) and the cost of a
- *   prompt token pooled over recent chunks, and gives prompts `prefillBudget` tokens only when
+ *   prompt token beside them pooled over recent chunks, and gives prompts `prefillBudget` tokens only when
  *   nothing is decoding. So a long prompt arriving among running generations stretches their
  *   inter-token latency by at most ~2x instead of by a whole 512-token prefill. The chunk has no
  *   floor above one token: where a prompt token costs more than a decode step (an MoE model on
@@ -164,8 +164,12 @@ interface Item {
 const PREFILL_STALL = 1;
 /** Prompt tokens per step beside running decodes while the costs are not measured yet. */
 const PROBE_CHUNK = 64;
-/** A chunk says little about the per-token cost below this many tokens (see #measure). */
-const MEASURE_MIN_ROWS = 16;
+/**
+ * Fewest prompt tokens of a step that measures a prompt token's cost: alone, a step's fixed cost
+ * dominates fewer; beside decodes, a step's noise (see #measure).
+ */
+const MEASURE_MIN_ALONE = 16;
+const MEASURE_MIN_MIXED = 4;
 /** Recent steps that size the chunks: enough to outvote a few preempted steps. */
 const WINDOW = 16;
 
@@ -219,7 +223,8 @@ export class Scheduler {
   #retained = new Set<RetainedSequence>();
   /** Seconds of recent decode-only steps; recent prompt chunks' seconds beyond their decodes, by tokens. */
   #decodeSteps = new Recent();
-  #promptChunks = new Recent();
+  #chunksMixed = new Recent();
+  #chunksAlone = new Recent();
   /**
    * Steps with decodes and prompt rows since the last decode-only one. After WINDOW of them a step
    * carries decodes only: a decode step's cost drifts (the machine's load, which sequences run),
@@ -486,22 +491,23 @@ export class Scheduler {
 
   /** Prompt tokens a step with running decodes may carry (see PREFILL_STALL); at least one. */
   #chunkBesideDecodes(): number {
-    const decode = this.#decodeSteps.median(), perToken = this.#promptChunks.pooled();
+    const decode = this.#decodeSteps.median();
+    const perToken = this.#chunksMixed.empty ? this.#chunksAlone.pooled() : this.#chunksMixed.pooled();
     if (decode === 0 || perToken === 0) return Math.min(this.prefillBudget, PROBE_CHUNK);
     return Math.min(this.prefillBudget, Math.max(1, Math.floor((PREFILL_STALL * decode) / perToken)));
   }
 
   /**
    * Feeds the step costs a step of `decodes` decode rows and `promptRows` prompt tokens. A prompt
-   * token's cost comes from chunks of MEASURE_MIN_ROWS tokens or more only (pooled: their time
-   * beyond their decodes over their tokens): a step's noise (hundreds of ms when preempted on a
-   * loaded machine) divided by a chunk of one or two tokens made one slow step look like a costly
-   * token, shrank the next chunks, and so fed on itself down to one-token chunks. Chunks sized
-   * from the cost of long ones are, if anything, smaller than needed (a token beside running
-   * decodes shares their weight reads). The decodes a chunk rode with are subtracted at their
-   * median: a preempted mixed step then reads as dearer tokens (smaller chunks, the safe side),
-   * where subtracting a mean that one preempted decode step pulled up reads a typical mixed step
-   * as nearly free tokens (a chunk of the whole budget).
+   * token beside decodes costs less than one in a long chunk alone (it shares the decodes' weight
+   * reads), so chunks are sized from chunks beside decodes once there are some, and from chunks
+   * alone until then (smaller chunks: the safe side). Costs are pooled (recent chunks' time beyond
+   * their decodes over their tokens), and chunks of fewer than MEASURE_MIN_MIXED tokens are not
+   * measured: a step's noise (hundreds of ms when preempted on a loaded machine) divided by one
+   * or two tokens made one slow step look like a costly token, shrank the next chunks, and so fed
+   * on itself down to one-token chunks. The decodes a chunk rode with are subtracted at their
+   * median: a preempted mixed step then reads as dearer tokens (smaller chunks), where a mean
+   * pulled up by one preempted decode step would read a typical mixed step as free tokens.
    */
   #measure(decodes: number, promptRows: number, seconds: number): void {
     if (promptRows === 0) {
@@ -509,11 +515,14 @@ export class Scheduler {
       this.#mixedSteps = 0;
       return;
     }
-    if (decodes > 0) this.#mixedSteps++;
-    if (promptRows < MEASURE_MIN_ROWS || (decodes > 0 && this.#decodeSteps.empty)) return;
-    const fixed = decodes > 0 ? this.#decodeSteps.median() : 0;
+    if (decodes === 0) {
+      if (promptRows >= MEASURE_MIN_ALONE) this.#chunksAlone.push(seconds, promptRows);
+      return;
+    }
+    this.#mixedSteps++;
+    if (promptRows < MEASURE_MIN_MIXED || this.#decodeSteps.empty) return;
     // A step is never cheaper than its decodes, but noise can make it look so.
-    this.#promptChunks.push(Math.max(seconds - fixed, seconds * 0.1), promptRows);
+    this.#chunksMixed.push(Math.max(seconds - this.#decodeSteps.median(), seconds * 0.1), promptRows);
   }
 
   #newest(): Entry {
