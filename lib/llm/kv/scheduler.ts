@@ -232,6 +232,8 @@ export class Scheduler {
    * the drift counted as prompt cost (chunks of one token, each step still ~2x a decode step).
    */
   #mixedSteps = 0;
+  /** The last chunk size given beside decodes (0 before the first). */
+  #lastChunk = 0;
 
   constructor(pool: KvPool, options: SchedulerOptions) {
     const int = (name: string, v: number | undefined, fallback: number, min: number) => {
@@ -493,8 +495,12 @@ export class Scheduler {
   #chunkBesideDecodes(): number {
     const decode = this.#decodeSteps.median();
     const perToken = this.#chunksMixed.empty ? this.#chunksAlone.pooled() : this.#chunksMixed.pooled();
-    if (decode === 0 || perToken === 0) return Math.min(this.prefillBudget, PROBE_CHUNK);
-    return Math.min(this.prefillBudget, Math.max(1, Math.floor((PREFILL_STALL * decode) / perToken)));
+    if (decode === 0 || perToken === 0) return (this.#lastChunk = Math.min(this.prefillBudget, PROBE_CHUNK));
+    // At most double the last chunk: a chunk whose cost hid in a step's noise reads as nearly free
+    // tokens, and the next chunk should test that before a whole budget stalls the decodes on it.
+    const grown = this.#lastChunk > 0 ? 2 * this.#lastChunk : this.prefillBudget;
+    const n = Math.min(this.prefillBudget, grown, Math.max(1, Math.floor((PREFILL_STALL * decode) / perToken)));
+    return (this.#lastChunk = n);
   }
 
   /**
