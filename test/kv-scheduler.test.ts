@@ -257,6 +257,37 @@ describe('Scheduler over the reference pool', () => {
     expectNoLeaks(sched);
   });
 
+  it('a prompt token dearer than a decode step gets chunks below 16 tokens, and decode-only steps keep the decode cost current', async () => {
+    // A step costs 4 ms plus 2 ms per token: 2 decodes ~8 ms, a token ~2 ms: chunks of ~4 tokens.
+    const { sched, pool } = withCheck({ maxBlocks: 512, delayMs: 4, rowDelayMs: 2 }, { prefillBudget: 512, contextSize: 1024 });
+    const decodes = [gen(sched, prompt(1, 3), 400), gen(sched, prompt(2, 4), 400)];
+    while (decodes[1]!.out.length < 5) await new Promise((r) => setTimeout(r, 1));
+    const longPrompt = prompt(5, 200);
+    const long = gen(sched, longPrompt, 2);
+    const from = pool.steps.length;
+    const rs = await long.done;
+    expect(rs.tokens).toEqual(greedyDirect(fn, longPrompt, 2));
+    // A step lists the decodes first, then the prompt chunk: [decode, decode, chunk] while mixed.
+    const steps = pool.steps.slice(from).map((st) => ({
+      decodes: Math.min(2, st.sequences.length), chunk: st.sequences.length === 3 ? st.sequences[2]!.tokens.length : 0,
+    }));
+    const mixed = steps.filter((st) => st.chunk > 0 && st.decodes === 2);
+    // The first chunk probes (64 tokens); the others stay well below the 16 of a fixed floor.
+    expect(mixed[0]!.chunk).toBe(64);
+    expect(Math.max(...mixed.slice(1).map((st) => st.chunk))).toBeLessThan(16);
+    // A decode-only step at least every 17 steps re-measures the decodes.
+    let run = 0;
+    let decodeOnly = 0;
+    for (const st of steps) {
+      run = st.chunk > 0 && st.decodes === 2 ? run + 1 : 0;
+      if (st.chunk === 0 && st.decodes === 2) decodeOnly++;
+      expect(run).toBeLessThanOrEqual(17);
+    }
+    expect(decodeOnly).toBeGreaterThanOrEqual(2);
+    for (const g of decodes) await g.done;
+    expectNoLeaks(sched);
+  });
+
   it('aborts while waiting, while prefilling and while decoding; the others are unaffected', async () => {
     const { sched } = withCheck({ delayMs: 1 }, { maxConcurrency: 2, prefillBudget: 4 });
     const acWait = new AbortController();

@@ -11,10 +11,16 @@
  *
  * Rules:
  * - Prompt chunks beside running decodes are sized so that a step takes at most about twice a
- *   decode-only step (PREFILL_STALL): the scheduler keeps running averages of a decode step's
- *   time and of one prompt token's, and gives prompts `prefillBudget` tokens only when nothing
- *   is decoding. So a long prompt arriving among running generations stretches their
- *   inter-token latency by at most ~2x instead of by a whole 512-token prefill.
+ *   decode-only step (PREFILL_STALL): the scheduler keeps the median of recent decode steps'
+ *   times (one step in WINDOW + 1 carries decodes only, to keep it current) and the cost of a
+ *   prompt token beside them pooled over recent chunks, and gives prompts `prefillBudget` tokens only when
+ *   nothing is decoding. So a long prompt arriving among running generations stretches their
+ *   inter-token latency by at most ~2x instead of by a whole 512-token prefill. The chunk has no
+ *   floor above one token: where a prompt token costs more than a decode step (an MoE model on
+ *   two threads: ~17 ms against ~70 ms for 7 decodes), a fixed 16-token floor made every step
+ *   ~5x a decode step. A median decode step rather than a mean: a preempted step on a shared
+ *   machine is 2-4x the typical one, and a mean pulled up by it would size the chunks for a
+ *   slower machine.
  * - Admission is first come, first served, up to `maxConcurrency` running sequences, and only
  *   when the pool can hold the rest of the prompt and one more token beside what the running
  *   prompts still need; otherwise the request waits (at most `maxQueue` wait; beyond that
@@ -156,11 +162,44 @@ interface Item {
 
 /** A prompt chunk beside running decodes may add this many decode-step times to a step. */
 const PREFILL_STALL = 1;
-/** Prompt tokens per step beside running decodes while the costs are not measured yet, and at least. */
+/** Prompt tokens per step beside running decodes while the costs are not measured yet. */
 const PROBE_CHUNK = 64;
-const MIN_CHUNK = 16;
-/** Weight of the newest measurement in the running averages. */
-const EMA = 0.25;
+/**
+ * Fewest prompt tokens of a step that measures a prompt token's cost: alone, a step's fixed cost
+ * dominates fewer; beside decodes, a step's noise (see #measure).
+ */
+const MEASURE_MIN_ALONE = 16;
+const MEASURE_MIN_MIXED = 4;
+/** Recent steps that size the chunks: enough to outvote a few preempted steps. */
+const WINDOW = 16;
+
+/** The last WINDOW (value, weight) pairs pushed, with their median and pooled sums. */
+class Recent {
+  #values: number[] = [];
+  #weights: number[] = [];
+  #next = 0;
+
+  push(value: number, weight = 1): void {
+    this.#values[this.#next] = value;
+    this.#weights[this.#next] = weight;
+    this.#next = (this.#next + 1) % WINDOW;
+  }
+
+  get empty(): boolean {
+    return this.#values.length === 0;
+  }
+
+  median(): number {
+    const sorted = [...this.#values].sort((a, b) => a - b);
+    return sorted[sorted.length >> 1] ?? 0;
+  }
+
+  /** Sum of the values over sum of the weights. */
+  pooled(): number {
+    const w = this.#weights.reduce((a, b) => a + b, 0);
+    return w > 0 ? this.#values.reduce((a, b) => a + b, 0) / w : 0;
+  }
+}
 
 const abortError = (signal: AbortSignal | undefined) => new AbortError(undefined, signal ? { cause: signal.reason } : undefined);
 
@@ -182,9 +221,19 @@ export class Scheduler {
   #order = 0;
   #disposed = false;
   #retained = new Set<RetainedSequence>();
-  /** Running averages: seconds of a step with decodes only, and per prompt token beyond that. */
-  #decodeSeconds = 0;
-  #promptTokenSeconds = 0;
+  /** Seconds of recent decode-only steps; recent prompt chunks' seconds beyond their decodes, by tokens. */
+  #decodeSteps = new Recent();
+  #chunksMixed = new Recent();
+  #chunksAlone = new Recent();
+  /**
+   * Steps with decodes and prompt rows since the last decode-only one. After WINDOW of them a step
+   * carries decodes only: a decode step's cost drifts (the machine's load, which sequences run),
+   * and measured only before a long prompt arrived it would stay stale for the whole prompt, with
+   * the drift counted as prompt cost (chunks of one token, each step still ~2x a decode step).
+   */
+  #mixedSteps = 0;
+  /** The last chunk size given beside decodes (0 before the first). */
+  #lastChunk = 0;
 
   constructor(pool: KvPool, options: SchedulerOptions) {
     const int = (name: string, v: number | undefined, fallback: number, min: number) => {
@@ -401,7 +450,7 @@ export class Scheduler {
     for (;;) {
       this.#admit();
       const items = this.#planDecodes();
-      let budget = items.length > 0 ? this.#chunkBesideDecodes() : this.prefillBudget;
+      let budget = items.length === 0 ? this.prefillBudget : this.#mixedSteps >= WINDOW ? 0 : this.#chunkBesideDecodes();
       for (const e of this.#running) {
         if (!e.prefill || budget === 0) continue;
         const n = Math.min(e.pending.length, budget, this.blocks.capacity(e.seq!), this.contextSize - e.seq!.length);
@@ -442,25 +491,44 @@ export class Scheduler {
     return items;
   }
 
-  /** Prompt tokens a step with running decodes may carry (see PREFILL_STALL). */
+  /** Prompt tokens a step with running decodes may carry (see PREFILL_STALL); at least one. */
   #chunkBesideDecodes(): number {
-    if (this.#decodeSeconds === 0 || this.#promptTokenSeconds === 0) return Math.min(this.prefillBudget, PROBE_CHUNK);
-    const n = Math.floor((PREFILL_STALL * this.#decodeSeconds) / this.#promptTokenSeconds);
-    return Math.min(this.prefillBudget, Math.max(MIN_CHUNK, n));
+    const decode = this.#decodeSteps.median();
+    const perToken = this.#chunksMixed.empty ? this.#chunksAlone.pooled() : this.#chunksMixed.pooled();
+    if (decode === 0 || perToken === 0) return (this.#lastChunk = Math.min(this.prefillBudget, PROBE_CHUNK));
+    // At most double the last chunk: a chunk whose cost hid in a step's noise reads as nearly free
+    // tokens, and the next chunk should test that before a whole budget stalls the decodes on it.
+    const grown = this.#lastChunk > 0 ? 2 * this.#lastChunk : this.prefillBudget;
+    const n = Math.min(this.prefillBudget, grown, Math.max(1, Math.floor((PREFILL_STALL * decode) / perToken)));
+    return (this.#lastChunk = n);
   }
 
-  /** Updates the running averages of step costs with a step of `promptRows` prompt tokens. */
+  /**
+   * Feeds the step costs a step of `decodes` decode rows and `promptRows` prompt tokens. A prompt
+   * token beside decodes costs less than one in a long chunk alone (it shares the decodes' weight
+   * reads), so chunks are sized from chunks beside decodes once there are some, and from chunks
+   * alone until then (smaller chunks: the safe side). Costs are pooled (recent chunks' time beyond
+   * their decodes over their tokens), and chunks of fewer than MEASURE_MIN_MIXED tokens are not
+   * measured: a step's noise (hundreds of ms when preempted on a loaded machine) divided by one
+   * or two tokens made one slow step look like a costly token, shrank the next chunks, and so fed
+   * on itself down to one-token chunks. The decodes a chunk rode with are subtracted at their
+   * median: a preempted mixed step then reads as dearer tokens (smaller chunks), where a mean
+   * pulled up by one preempted decode step would read a typical mixed step as free tokens.
+   */
   #measure(decodes: number, promptRows: number, seconds: number): void {
-    const avg = (old: number, v: number) => (old === 0 ? v : old + EMA * (v - old));
     if (promptRows === 0) {
-      if (decodes > 0) this.#decodeSeconds = avg(this.#decodeSeconds, seconds);
+      if (decodes > 0) this.#decodeSteps.push(seconds);
+      this.#mixedSteps = 0;
       return;
     }
-    // Small chunks say little about the per-token cost (a step's fixed cost dominates them).
-    if (promptRows < MIN_CHUNK) return;
-    const fixed = decodes > 0 ? this.#decodeSeconds : 0;
-    const perToken = Math.max(seconds - fixed, seconds * 0.1) / promptRows;
-    this.#promptTokenSeconds = avg(this.#promptTokenSeconds, perToken);
+    if (decodes === 0) {
+      if (promptRows >= MEASURE_MIN_ALONE) this.#chunksAlone.push(seconds, promptRows);
+      return;
+    }
+    this.#mixedSteps++;
+    if (promptRows < MEASURE_MIN_MIXED || this.#decodeSteps.empty) return;
+    // A step is never cheaper than its decodes, but noise can make it look so.
+    this.#chunksMixed.push(Math.max(seconds - this.#decodeSteps.median(), seconds * 0.1), promptRows);
   }
 
   #newest(): Entry {
