@@ -9,6 +9,7 @@ import type { Llama } from 'node-llama-cpp';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { typed, write } from '../lib/llm/gguf.js';
+import { loadTransformer } from '../lib/llm/transformer.js';
 import { llmModelSpec, type LlmModelInfo, type LlmModelKind, type LlmModelOptions } from '../bench/llm/models.js';
 
 export { bpeVocab, gpt2ByteSymbols, spmVocab } from '../bench/llm/models.js';
@@ -68,4 +69,46 @@ export function logSoftmax(row: Float32Array): Float64Array {
   for (const v of row) s += Math.exp(v - max);
   const lse = max + Math.log(s);
   return Float64Array.from(row, (v) => v - lse);
+}
+
+/**
+ * Greedy continuations of `prompt` (n tokens) by llama.cpp and by sonde's engine on one sequence,
+ * for the tests that require them to be identical.
+ */
+export async function greedyBoth(llama: Llama, path: string, prompt: number[], n: number): Promise<{ want: number[]; got: number[] }> {
+  const model = await llama.loadModel({ modelPath: path });
+  const want: number[] = [];
+  try {
+    const ctx = await model.createContext({
+      // One thread: llama.cpp's workers spin between tokens, which on a shared 2-core machine
+      // costs seconds per token.
+      contextSize: 64, threads: 1, flashAttention: false, experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32',
+    } as never);
+    const seq = ctx.getSequence();
+    const greedy = { generateNext: { token: true, options: { temperature: 0 } } };
+    let res = await seq.controlledEvaluate(prompt.map((t, i) => (i === prompt.length - 1 ? [t, greedy] : t)) as never);
+    for (let i = 0; i < n; i++) {
+      const next = res[res.length - 1]!.next.token!;
+      want.push(next);
+      res = await seq.controlledEvaluate([[next, greedy]] as never);
+    }
+    await ctx.dispose();
+  } finally {
+    await model.dispose();
+  }
+  const engine = await loadTransformer(path);
+  const got: number[] = [];
+  try {
+    const seq = engine.createSequence(64);
+    let logits = await seq.eval(prompt);
+    for (let i = 0; i < n; i++) {
+      let best = 0;
+      for (let t = 1; t < logits.length; t++) if (logits[t]! > logits[best]!) best = t;
+      got.push(best);
+      logits = await seq.eval([best]);
+    }
+  } finally {
+    engine.dispose();
+  }
+  return { want, got };
 }

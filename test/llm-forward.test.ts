@@ -36,7 +36,7 @@ import { loadTransformer } from '../lib/llm/transformer.js';
 import { native } from '../lib/binding.js';
 import { reportedExternalMemory } from '../lib/runtime.js';
 import {
-  fixtureDir, llamaCppLogProbs, logSoftmax, rng, writeFixture, type FixtureInfo, type FixtureOptions,
+  fixtureDir, greedyBoth, llamaCppLogProbs, logSoftmax, rng, writeFixture, type FixtureInfo, type FixtureOptions,
 } from './llm-fixtures.js';
 
 const dir = fixtureDir('sonde-llm-forward-');
@@ -154,41 +154,8 @@ describe('greedy generation of 32 tokens equals llama.cpp\'s', () => {
   it.each(['llama', 'mixtral', 'qwen2moe'] as const)('%s f32', async (kind) => {
     const info = await fixture(`greedy-${kind}`, { kind, type: 'f32', seed: 31 });
     const prompt = tokenSequence(8, info.vocabSize, 32, [info.eosId]);
-    const model = await llama.loadModel({ modelPath: info.path });
-    const want: number[] = [];
-    try {
-      const ctx = await model.createContext({
-        // One thread: llama.cpp's workers spin between tokens, which on a shared 2-core machine
-        // costs seconds per token.
-        contextSize: 64, threads: 1, flashAttention: false, experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32',
-      } as never);
-      const seq = ctx.getSequence();
-      const greedy = { generateNext: { token: true, options: { temperature: 0 } } };
-      let res = await seq.controlledEvaluate(prompt.map((t, i) => (i === prompt.length - 1 ? [t, greedy] : t)) as never);
-      for (let i = 0; i < 32; i++) {
-        const next = res[res.length - 1]!.next.token!;
-        want.push(next);
-        res = await seq.controlledEvaluate([[next, greedy]] as never);
-      }
-      await ctx.dispose();
-    } finally {
-      await model.dispose();
-    }
-    const engine = await loadTransformer(info.path);
-    try {
-      const seq = engine.createSequence(64);
-      let logits = await seq.eval(prompt);
-      const got: number[] = [];
-      for (let i = 0; i < 32; i++) {
-        let best = 0;
-        for (let t = 1; t < logits.length; t++) if (logits[t]! > logits[best]!) best = t;
-        got.push(best);
-        logits = await seq.eval([best]);
-      }
-      expect(got).toEqual(want);
-    } finally {
-      engine.dispose();
-    }
+    const { want, got } = await greedyBoth(llama, info.path, prompt, 32);
+    expect(got).toEqual(want);
   }, 60_000);
 });
 
