@@ -16,10 +16,10 @@ import { getLlama, type Llama } from 'node-llama-cpp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ModelFormatError } from '../lib/errors.js';
 import type { LlmEngine } from '../lib/llm/engine.js';
-import { typed, type GgufTensorType } from '../lib/llm/gguf.js';
+import { typed } from '../lib/llm/gguf.js';
 import { loadTransformer } from '../lib/llm/transformer.js';
 import {
-  fixtureDir, greedyBoth, llamaCppLogProbs, logSoftmax, rng, writeFixture, type FixtureInfo, type FixtureOptions,
+  DELTA, fixtureDir, greedyBoth, llamaCppLogProbs, logSoftmax, tokenSequence, writeFixture, type FixtureInfo, type FixtureOptions,
 } from './llm-fixtures.js';
 
 const dir = fixtureDir('sonde-llm-deepseek-');
@@ -32,18 +32,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await llama?.dispose();
 });
-
-const DELTA: Record<GgufTensorType, number> = { f32: 130 * 2 ** -24, f16: 2 ** -11, bf16: 2 ** -8, q8_0: 8e-3, q4_0: 8e-3 };
-
-function tokenSequence(n: number, vocab: number, seed: number, avoid: number[]): number[] {
-  const r = rng(seed);
-  const out: number[] = [];
-  while (out.length < n) {
-    const t = Math.floor(r() * vocab);
-    if (!avoid.includes(t)) out.push(t);
-  }
-  return out;
-}
 
 async function evalAll(engine: LlmEngine, tokens: number[], kvSpan?: number): Promise<Float32Array[]> {
   const seq = (engine.createSequence as (n: number, o?: { kvSpan?: number }) => ReturnType<LlmEngine['createSequence']>)(

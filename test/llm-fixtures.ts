@@ -8,8 +8,9 @@ import { mkdtempSync } from 'node:fs';
 import type { Llama } from 'node-llama-cpp';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { typed, write } from '../lib/llm/gguf.js';
+import { typed, write, type GgufTensorType } from '../lib/llm/gguf.js';
 import { loadTransformer } from '../lib/llm/transformer.js';
+import { rng as rngOf } from '../bench/graphs/builder.js';
 import { llmModelSpec, type LlmModelInfo, type LlmModelKind, type LlmModelOptions } from '../bench/llm/models.js';
 
 export { bpeVocab, gpt2ByteSymbols, spmVocab } from '../bench/llm/models.js';
@@ -26,6 +27,23 @@ export function fixtureDir(prefix = 'sonde-llm-'): string {
 
 /** Deterministic uniform [0, 1) (mulberry32), the generator the graph builder uses too. */
 export { rng } from '../bench/graphs/builder.js';
+
+/**
+ * Per-element relative error of a weight type's products against llama.cpp's (f32: accumulated
+ * rounding over ~130 terms; block types: their activations quantised to 8 bits).
+ */
+export const DELTA: Record<GgufTensorType, number> = { f32: 130 * 2 ** -24, f16: 2 ** -11, bf16: 2 ** -8, q8_0: 8e-3, q4_0: 8e-3 };
+
+/** n seeded token ids in [0, vocab), none of them in `avoid` (e.g. EOS). */
+export function tokenSequence(n: number, vocab: number, seed: number, avoid: number[]): number[] {
+  const r = rngOf(seed);
+  const out: number[] = [];
+  while (out.length < n) {
+    const t = Math.floor(r() * vocab);
+    if (!avoid.includes(t)) out.push(t);
+  }
+  return out;
+}
 
 /** Writes one model and returns what a test needs to know about it. */
 export async function writeFixture(path: string, o: FixtureOptions): Promise<FixtureInfo> {

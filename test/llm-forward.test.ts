@@ -36,7 +36,7 @@ import { loadTransformer } from '../lib/llm/transformer.js';
 import { native } from '../lib/binding.js';
 import { reportedExternalMemory } from '../lib/runtime.js';
 import {
-  fixtureDir, greedyBoth, llamaCppLogProbs, logSoftmax, rng, writeFixture, type FixtureInfo, type FixtureOptions,
+  DELTA, fixtureDir, greedyBoth, llamaCppLogProbs, logSoftmax, tokenSequence, writeFixture, type FixtureInfo, type FixtureOptions,
 } from './llm-fixtures.js';
 
 const dir = fixtureDir('sonde-llm-forward-');
@@ -49,18 +49,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await llama?.dispose();
 });
-
-const DELTA: Record<GgufTensorType, number> = { f32: 130 * 2 ** -24, f16: 2 ** -11, bf16: 2 ** -8, q8_0: 8e-3, q4_0: 8e-3 };
-
-function tokenSequence(n: number, vocab: number, seed: number, avoid: number[]): number[] {
-  const r = rng(seed);
-  const out: number[] = [];
-  while (out.length < n) {
-    const t = Math.floor(r() * vocab);
-    if (!avoid.includes(t)) out.push(t);
-  }
-  return out;
-}
 
 async function evalAll(engine: LlmEngine, tokens: number[]): Promise<Float32Array[]> {
   const seq = engine.createSequence(128);

@@ -18,7 +18,7 @@ import { getLlama, type Llama } from 'node-llama-cpp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { GgufTensorType } from '../lib/llm/gguf.js';
 import { loadTransformer } from '../lib/llm/transformer.js';
-import { fixtureDir, llamaCppLogProbs, logSoftmax, rng, writeFixture, type FixtureInfo } from './llm-fixtures.js';
+import { fixtureDir, llamaCppLogProbs, logSoftmax, tokenSequence, writeFixture, type FixtureInfo } from './llm-fixtures.js';
 
 const dir = fixtureDir('sonde-llm-moe-');
 let llama: Llama;
@@ -32,16 +32,6 @@ afterAll(async () => {
 });
 
 const DELTA: Record<GgufTensorType, number> = { f32: 1e-4, f16: 2 ** -11, bf16: 2 ** -8, q8_0: 8e-3, q4_0: 8e-3 };
-
-function tokenSequence(n: number, vocab: number, seed: number, avoid: number[]): number[] {
-  const r = rng(seed);
-  const out: number[] = [];
-  while (out.length < n) {
-    const t = Math.floor(r() * vocab);
-    if (!avoid.includes(t)) out.push(t);
-  }
-  return out;
-}
 
 function expectLogProbsClose(got: Float32Array[], want: Float64Array[], info: FixtureInfo, type: GgufTensorType): void {
   const products = 5 * info.layers + 1;
