@@ -23,8 +23,9 @@ describe('compute runs off the event loop', () => {
       }
       n = Math.ceil(n * Math.cbrt(600 / Math.max(elapsed, 1)));
     }
-    // A blocked loop would fire 0 or 1 times; an idle one ~elapsed/5 times. Ask for a third.
-    expect(ticks).toBeGreaterThan(elapsed / 5 / 3);
+    // A blocked loop would fire 0 or 1 times; an idle one ~elapsed/5 times. Ask for a tenth, as
+    // a loaded machine delays timers without blocking the loop.
+    expect(ticks).toBeGreaterThan(Math.max(5, elapsed / 5 / 10));
   });
 
   it('the process can exit while idle (no handle keeps it alive)', async () => {

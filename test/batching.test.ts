@@ -226,9 +226,11 @@ describe('Session batching', () => {
     const s = await Session.load(dense(), { batching: { maxBatchSize: 8, maxDelayMs: 40, maxQueue: 2 } });
     const a = s.run({ x: x(1, 1) });
     const b = s.run({ x: x(1, 2) });
-    const t0 = performance.now();
+    // "At once": the rejection settles before the queued requests, which wait out the 40 ms delay.
+    let queuedSettled = false;
+    void Promise.allSettled([a, b]).then(() => { queuedSettled = true; });
     await expect(s.run({ x: x(1, 3) })).rejects.toBeInstanceOf(QueueFullError);
-    expect(performance.now() - t0).toBeLessThan(20);
+    expect(queuedSettled).toBe(false);
     const [ra, rb] = await Promise.all([a, b]);
     expectClose(ra[s.outputs[0]!.name]!.data as Float32Array, denseRef(x(1, 1).data, 1), TOL);
     expectClose(rb[s.outputs[0]!.name]!.data as Float32Array, denseRef(x(1, 2).data, 1), TOL);
@@ -299,7 +301,7 @@ describe('Session batching', () => {
     const s = await Session.load(dense(), { batching: { maxBatchSize: 16, maxDelayMs: 5000, preferredBatchSizes: [4] } });
     const t0 = performance.now();
     const got = await Promise.all([1, 3].map((rows, i) => s.run({ x: x(rows, 50 + i) })));
-    expect(performance.now() - t0).toBeLessThan(2000);
+    expect(performance.now() - t0).toBeLessThan(4000);
     expectClose(got[1]![s.outputs[0]!.name]!.data as Float32Array, denseRef(x(3, 51).data, 3), TOL);
     expect(s.metrics().batchSize.max).toBe(4);
     s.dispose();

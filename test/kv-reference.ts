@@ -63,7 +63,11 @@ export interface ReferencePoolOptions {
   maxBlocks: number;
   vocab: number;
   logits: LogitsFn;
-  /** Milliseconds a step takes (a timer, so other work interleaves), plus rowDelayMs per token. */
+  /**
+   * Milliseconds a step takes (a timer, so other work interleaves), plus rowDelayMs per token. The
+   * pool's `now` clock advances by exactly this per step, so costs measured on it do not depend on
+   * how busy the machine is.
+   */
   delayMs?: number;
   rowDelayMs?: number;
   /** Called as a step starts (a test aborts from here, deterministically mid-step). */
@@ -87,6 +91,9 @@ export class ReferenceKvPool implements KvPool {
   #experts = new Float64Array(4);
   #options: ReferencePoolOptions;
   #chain: Promise<unknown> = Promise.resolve();
+  #clockMs = 0;
+  /** A simulated clock (ms): the sum of the delays of the steps run so far. */
+  readonly now = (): number => this.#clockMs;
 
   constructor(options: ReferencePoolOptions) {
     this.blockSize = options.blockSize ?? 16;
@@ -131,6 +138,7 @@ export class ReferenceKvPool implements KvPool {
       const tokens = batch.sequences.reduce((n, q) => n + q.tokens.length, 0);
       const delay = (this.#options.delayMs ?? 0) + (this.#options.rowDelayMs ?? 0) * tokens;
       if (delay > 0) await new Promise((r) => setTimeout(r, delay));
+      this.#clockMs += delay;
       if (signal?.aborted) throw new AbortError();
       const bs = this.blockSize;
       const copies = Array.from(batch.copies ?? []);

@@ -22,7 +22,7 @@ function withCheck(pool: Partial<ReferencePoolOptions> = {}, options: Partial<Sc
       if (refs !== 1 || sched!.blocks.isPublished(id)) throw new Error(`wrote block ${id}: ${refs} references, published ${sched!.blocks.isPublished(id)}`);
     },
   });
-  sched = new Scheduler(p, { contextSize: 256, vocabSize: VOCAB, ...options });
+  sched = new Scheduler(p, { contextSize: 256, vocabSize: VOCAB, now: p.now, ...options });
   return { pool: p, sched };
 }
 

@@ -539,10 +539,12 @@ describe('kernels.moe: invalid input gives typed errors', () => {
     const big = makeLayer({ dModel: 512, dFf: 1024, nExperts: 8, k: 2 });
     const xs = new Tensor('float32', randomF32(2048 * 512, 2), [2048, 512]);
     const ac = new AbortController();
-    const t0 = performance.now();
-    setTimeout(() => ac.abort(), 20);
+    // Timed from the abort, not from the call: the first call's setup (fresh pages for the gathered
+    // experts and the scratch) is not what is checked, and a loaded machine can stretch it.
+    let abortedAt = Infinity;
+    setTimeout(() => { abortedAt = performance.now(); ac.abort(); }, 20);
     await expect(kernels.moe(xs, big.spec, { signal: ac.signal, variant: 'reference' })).rejects.toBeInstanceOf(AbortError);
-    expect(performance.now() - t0).toBeLessThan(2000);
+    expect(performance.now() - abortedAt).toBeLessThan(1500);
     await check(l, 3, 'after a mid-run abort');
   });
 

@@ -361,7 +361,7 @@ describe('gpt2 byte-level BPE by hand', () => {
     expect(digits('qwen2')).toBe('1|2|3|4|5');
   });
 
-  it('encodes 100 KB of text well under a second', () => {
+  it('encodes 100 KB of text in linear time (seconds, not the minutes of a quadratic merge)', () => {
     // Random text is the worst case: few words repeat, so the BPE word cache rarely helps.
     const big = randomText(7, 60_000);
     expect(new TextEncoder().encode(big).length).toBeGreaterThan(100_000);
@@ -376,7 +376,9 @@ describe('gpt2 byte-level BPE by hand', () => {
         best = Math.min(best, performance.now() - t0);
         if (run === 0) expect(tok.decode(ids, { cleanUpSpaces: false })).toBe(big);
       }
-      expect(best, `encode of 100 KB took ${best.toFixed(0)} ms`).toBeLessThan(1000);
+      // About 0.3 s on an idle machine. The bound only catches a merge loop gone quadratic (minutes),
+      // with room for a loaded CI machine; it is not a speed target.
+      expect(best, `encode of 100 KB took ${best.toFixed(0)} ms`).toBeLessThan(5000);
     }
   });
 });

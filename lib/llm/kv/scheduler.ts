@@ -66,6 +66,11 @@ export interface SchedulerOptions {
   maxQueue?: number;
   /** Reuse cached prefixes across requests (default true). */
   prefixCaching?: boolean;
+  /**
+   * The clock (milliseconds) that step costs are measured with (default performance.now). Chunk
+   * sizes follow measured costs, so a test gives a simulated clock to make them reproducible.
+   */
+  now?: () => number;
 }
 
 export interface SequenceRequest {
@@ -218,6 +223,7 @@ export class Scheduler {
   #stepAbort: AbortController | undefined;
   #looping = false;
   #idle: (() => void)[] = [];
+  readonly #now: () => number;
   #order = 0;
   #disposed = false;
   #retained = new Set<RetainedSequence>();
@@ -247,6 +253,7 @@ export class Scheduler {
     this.maxConcurrency = int('maxConcurrency', options.maxConcurrency, 16, 1);
     this.prefillBudget = int('prefillBudget', options.prefillBudget, 512, 1);
     this.maxQueue = int('maxQueue', options.maxQueue, Infinity, 0);
+    this.#now = options.now ?? (() => performance.now());
     this.blocks = new BlockManager({ blockSize: pool.blockSize, maxBlocks: pool.maxBlocks, prefixCaching: options.prefixCaching ?? true });
   }
 
@@ -289,7 +296,7 @@ export class Scheduler {
     }
     return new Promise<SequenceResult>((resolve, reject) => {
       const entry: Entry = {
-        req, resolve, reject, submitted: performance.now(), seq: undefined, pending: req.tokens.slice(), prefill: true,
+        req, resolve, reject, submitted: this.#now(), seq: undefined, pending: req.tokens.slice(), prefill: true,
         resumed: false, rows: undefined, lastLogitsAt: 0, order: 0, aborted: false, done: false, detach: () => {},
       };
       if (req.logits === 'all') entry.rows = new Float32Array(n * this.vocabSize);
@@ -594,7 +601,7 @@ export class Scheduler {
     const ac = items.some((it) => it.entry.prefill) ? new AbortController() : undefined;
     this.#stepAbort = ac;
     this.#inStep = items.map((it) => it.entry);
-    const t0 = performance.now();
+    const t0 = this.#now();
     let out: Float32Array;
     try {
       out = await this.pool.step(copies ? { sequences, copies } : { sequences }, ac ? { signal: ac.signal } : undefined);
@@ -611,7 +618,7 @@ export class Scheduler {
       this.#inStep = [];
     }
     this.blocks.endStep();
-    const now = performance.now();
+    const now = this.#now();
     let promptRows = 0;
     for (const it of items) if (it.entry.prefill) promptRows += it.tokens.length;
     const rows = items.reduce((n, it) => n + it.tokens.length, 0);
