@@ -26,15 +26,17 @@ describe('output buffer pool', () => {
       const a = new Tensor('float32', new Float32Array(256 * 256).fill(1), [256, 256]);
       const w = kernels.packGemmWeights(a);
       const stats = () => native().bufferPoolStats().cachedBytes;
-      // Finalizers of external ArrayBuffers can run after gc() returns: collect until the pool and
-      // V8's external total stop changing.
-      const settle = async () => {
-        let prev = -1;
-        for (let i = 0; i < 50; i++) {
+      // Finalizers of external ArrayBuffers run after gc() returns, in later tasks, and a loaded
+      // machine can delay them well past a few quiet readings: collect until \`done\` holds, or
+      // until the pool and V8's external total have been still for 20 readings.
+      const settle = async (done = () => false) => {
+        let prev = -1, still = 0;
+        for (let i = 0; i < 1000 && still < 20; i++) {
           globalThis.gc();
           await new Promise((r) => setTimeout(r, 5));
+          if (done()) return;
           const now = stats() * 1e15 + reportedExternalMemory();
-          if (now === prev) return;
+          still = now === prev ? still + 1 : 0;
           prev = now;
         }
       };
@@ -45,7 +47,8 @@ describe('output buffer pool', () => {
       const ext1 = reportedExternalMemory();
       const cached0 = stats();
       outs = null;
-      await settle();
+      const bytes = 256 * 256 * 4;
+      await settle(() => stats() - cached0 >= 6 * bytes && ext1 - reportedExternalMemory() >= 6 * bytes);
       const cached1 = stats();
       const ext2 = reportedExternalMemory();
       const c = await kernels.gemm(a, w);
