@@ -57,6 +57,27 @@ describe('gguf.write / gguf.read', () => {
     }
   });
 
+  it('typed arrays round-trip (views at an offset included), as their own type or converted', async () => {
+    const path = tmp('typed');
+    const base = new ArrayBuffer(64);
+    new Uint8Array(base).forEach((_, i, a) => { a[i] = (i * 37 + 11) & 255; });
+    const kinds = [Int8Array, Uint8Array, Int16Array, Uint16Array, Int32Array, Uint32Array, Float32Array, Float64Array,
+      BigInt64Array, BigUint64Array] as const;
+    // A view 8 bytes into a shared buffer: the written bytes are the view's, not the buffer's start.
+    const views = kinds.map((K) => new K(base, 8, 48 / K.BYTES_PER_ELEMENT));
+    const metadata: Record<string, unknown> = Object.fromEntries(views.map((v, i) => [`v${i}`, v]));
+    metadata.f64as32 = gguf.typed('array<float32>', new Float64Array([0.1, -2.5]));
+    await gguf.write(path, { metadata });
+    const f = await readBack(path);
+    views.forEach((v, i) => {
+      const want = Array.from(v as ArrayLike<number | bigint>, (e) => typeof e === 'bigint' && e <= 2n ** 53n && e >= -(2n ** 53n) ? Number(e) : e);
+      const got = Array.from(f.metadata[`v${i}`] as ArrayLike<number | bigint>);
+      // NaN patterns among the float views compare by Object.is inside toEqual.
+      expect(got, kinds[i]!.name).toEqual(want);
+    });
+    expect(f.metadata.f64as32).toEqual([Math.fround(0.1), -2.5]);
+  });
+
   it('infers plain value types and keeps the order of keys', async () => {
     const path = tmp('infer');
     await gguf.write(path, {
