@@ -146,6 +146,8 @@ export interface NativeKvPool {
   info(): {
     disposed: boolean; bytes?: number; highWaterBytes?: number; blockBytes?: number; chunkBlocks?: number;
     allocatedBlocks?: number; expertCounts?: Float64Array;
+    /** The step arena's bytes (absent while a step runs); reportedBytes: what V8 was last told (blocks + arena). */
+    arenaBytes?: number; reportedBytes?: number;
   };
 }
 export type NativeQuantVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512' | 'avx512vnni';

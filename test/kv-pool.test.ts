@@ -443,9 +443,32 @@ describe('memory', () => {
       last = highest;
     }
     expect(pool.bytes).toBe(cap);
+    // What V8 was told: the blocks and the step arena as of the last step's start.
+    const reported = (pool as KvPool & { nativeInfo(): { reportedBytes: number } }).nativeInfo().reportedBytes;
+    expect(reported).toBeGreaterThanOrEqual(cap);
     const held = reportedExternalMemory();
     pool.dispose();
-    expect(held - reportedExternalMemory()).toBe(cap);
+    expect(held - reportedExternalMemory()).toBe(reported);
+  });
+
+  it("a step's scratch (the arena) is reported to V8 as the next job starts, and released with the pool", async () => {
+    const pool = engine.createKvPool({ blockSize: 16, maxBlocks: 64 }) as KvPool & {
+      nativeInfo(): { arenaBytes: number; reportedBytes: number; bytes: number };
+    };
+    const native = () => pool.nativeInfo();
+    await pool.step({ sequences: [{ blockTable: ids(0), start: 0, tokens: ids(1, 2), logits: 'last' }] });
+    const small = native().arenaBytes;
+    // A 200-row prompt step: the arena holds at least its hidden rows (x, normed x, q) in fp32.
+    await pool.step({ sequences: [{ blockTable: Int32Array.from({ length: 13 }, (_, i) => i), start: 0, tokens: tokens(200, info.vocabSize, 5), logits: 'last' }] });
+    const big = native().arenaBytes;
+    expect(big).toBeGreaterThanOrEqual(small + 3 * 200 * info.embedding * 4 - 3 * 2 * info.embedding * 4);
+    // Reported as the next job starts (a step runs on a pool thread; V8 is told on the JS thread).
+    await pool.step({ sequences: [{ blockTable: ids(0), start: 2, tokens: ids(1), logits: 'none' }] });
+    const n = native();
+    expect(n.reportedBytes).toBe(n.bytes + n.arenaBytes);
+    const held = reportedExternalMemory();
+    pool.dispose();
+    expect(held - reportedExternalMemory()).toBe(n.reportedBytes);
   });
 
   it('a sequence allocates its whole cache at creation; the engine frees its pools on dispose', async () => {
@@ -461,9 +484,12 @@ describe('memory', () => {
     expect(pool.bytes).toBe(8 * pool.blockBytes);
     // The model's own bytes go with the engine too.
     const modelBytes = (e as unknown as { nativeModel(w: string): { info(): { bytes: number } } }).nativeModel('test').info().bytes;
+    const reported = (pool as KvPool & { nativeInfo(): { reportedBytes: number } }).nativeInfo().reportedBytes;
+    expect(reported).toBeGreaterThanOrEqual(8 * pool.blockBytes);
     const held = reportedExternalMemory();
     e.dispose();
-    expect(held - reportedExternalMemory()).toBe(modelBytes + 2 * info.layers * info.kvHeads * 100 * info.headDim * 4 + 8 * pool.blockBytes);
+    // The sequence's pool: created with its whole cache, and no step yet (no arena).
+    expect(held - reportedExternalMemory()).toBe(modelBytes + 2 * info.layers * info.kvHeads * 100 * info.headDim * 4 + reported);
     expect(() => pool.bytes).toThrow(DisposedError);
     await expect(pool.step({ sequences: [] })).rejects.toThrow(DisposedError);
     expect(() => seq.length).toThrow(DisposedError);

@@ -52,26 +52,26 @@ class KvPoolHandle : public Napi::ObjectWrap<KvPoolHandle> {
     int64_t total;
     if (reported_) napi_adjust_external_memory(Env(), -reported_, &total);
   }
-  // Allocates the chunks up to block `last` and reports them. Throws an OutOfMemory error.
+  // Allocates the chunks up to block `last` and reports what the pool holds, its step arena
+  // included: called as every job starts, so the arena's growth in earlier steps is reported too
+  // (a job never runs while this reads the arena). Throws an OutOfMemory error.
   void Reserve(Napi::Env env, int64_t last, const char* where) {
-    if (last < 0) return;
-    size_t added = 0;
     try {
-      added = pool->Reserve(static_cast<size_t>(last));
+      if (last >= 0) pool->Reserve(static_cast<size_t>(last));
     } catch (const std::bad_alloc&) {
       Report(env);
       throw MakeError(env, codes::kOutOfMemory, std::string(where) + ": cannot allocate KV blocks up to id " +
                                                     std::to_string(last) + " (" + std::to_string(pool->bytes()) +
                                                     " bytes held)");
     }
-    if (added) Report(env);
+    Report(env);
   }
   std::shared_ptr<KvPool> pool;
   const LlmModel* owner = nullptr;  // the model whose shapes the blocks have
 
  private:
   void Report(Napi::Env env) {
-    const int64_t now = static_cast<int64_t>(pool->bytes());
+    const int64_t now = static_cast<int64_t>(pool->HeldBytes());
     if (now != reported_) Napi::MemoryManagement::AdjustExternalMemory(env, now - reported_);
     reported_ = now;
   }
@@ -90,6 +90,9 @@ class KvPoolHandle : public Napi::ObjectWrap<KvPoolHandle> {
       o.Set("blockBytes", static_cast<double>(pool->block_bytes()));
       o.Set("chunkBlocks", static_cast<double>(pool->chunk_blocks()));
       o.Set("allocatedBlocks", static_cast<double>(pool->allocated_blocks()));
+      // The arena only at rest: a running step may be growing it.
+      if (!pool->busy.load()) o.Set("arenaBytes", static_cast<double>(pool->arena().Bytes()));
+      o.Set("reportedBytes", static_cast<double>(reported_));
       const std::vector<uint64_t>& counts = pool->expert_counts();
       if (!counts.empty()) {
         Napi::Float64Array a = Napi::Float64Array::New(info.Env(), counts.size());

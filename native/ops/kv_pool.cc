@@ -45,6 +45,29 @@ KvPool::~KvPool() {
   for (uint8_t* p : chunks_) std::free(p);
 }
 
+namespace {
+
+template <typename T>
+size_t Held(const std::vector<T>& v) { return v.capacity() * sizeof(T); }
+
+size_t Held(const QuantMatmulScratch& s) { return Held(s.q) + Held(s.d) + Held(s.sums) + Held(s.corr); }
+
+template <typename... V>
+size_t HeldAll(const V&... v) { return (Held(v) + ... + 0); }
+
+}  // namespace
+
+size_t LlmArena::Bytes() const {
+  size_t b = HeldAll(x, xn, q, k, v, att, gate, up, moe_out, q_lora, q_abs, latent, row_pos, row_seq, qscratch);
+  for (const QuantMatmulScratch& s : head_scratch) b += Held(s);
+  b += HeldAll(moe.ids, moe.weights, moe.logits, moe.scores, moe.keys, moe.routed, moe.rows, moe.offset, moe.fill,
+               moe.wide, moe.narrow, moe.row_of, moe.xg, moe.hg, moe.hu, moe.yo, moe.h, moe.out, moe.so, moe.sg,
+               moe.su, moe.sgate, moe.pieces, moe.ok, moe.h_acts, moe.shared_h_acts, moe.acts);
+  for (const QuantMatmulScratch& s : moe.x_acts) b += Held(s);
+  for (const QuantMatmulScratch& s : moe.expert_acts) b += Held(s);
+  return b;
+}
+
 size_t KvPool::Reserve(size_t last) {
   if (last >= max_blocks_) last = max_blocks_ - 1;
   size_t added = 0;

@@ -53,6 +53,9 @@ struct LlmArena {
   std::vector<uint32_t> row_seq;  // each row's sequence index in the step
   QuantMatmulScratch qscratch;
   MoeScratch moe;  // RunMoe's buffers, so a MoE decode step allocates nothing either
+
+  // Bytes held (capacities), for reporting to V8: a long prompt's step grows this to tens of MB.
+  size_t Bytes() const;
 };
 
 // One step (lib/llm/engine.ts: StepBatch), as plain data for a pool thread.
@@ -86,6 +89,8 @@ class KvPool {
   // Blocks [0, allocated_blocks()) have memory.
   size_t allocated_blocks() const { return allocated_; }
   size_t bytes() const { return bytes_; }
+  // Block memory plus the step arena: what the binding reports to V8.
+  size_t HeldBytes() const { return bytes_ + arena_.Bytes(); }
   size_t high_water_bytes() const { return high_water_; }
 
   // Allocates the chunks that hold blocks [0, last] (zeroed). Returns the bytes added. JS thread,
