@@ -161,8 +161,10 @@ function kernelOf(step: PlanStep): string {
   switch (step.op) {
     case 'conv': {
       const info = step.handle.info();
-      return `${info.path ?? '?'}/${info.ukernel ?? '?'}`;
+      const blocked = step.xBlocked ? (step.yBlocked ? '+nchw16c-in-out' : '+nchw16c-in') : '';
+      return `${info.path ?? '?'}/${info.ukernel ?? '?'}${blocked}`;
     }
+    case 'reorder': return step.toBlocked ? 'reorder-to-nchw16c' : 'reorder-to-nchw';
     case 'gemm': {
       const info = step.weights.info();
       return `${info.ukernel ?? info.variant ?? '?'}${step.activation !== 'none' ? `+${step.activation}` : ''}`;

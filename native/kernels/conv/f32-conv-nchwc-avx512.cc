@@ -53,6 +53,29 @@ void Tile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
       }
     }
   }
+  const GemmEpilogue* ep = a->ep;
+  if (a->y_row) {
+    const float* res = ep ? ep->residual : nullptr;
+#pragma GCC unroll 16
+    for (size_t p = 0; p < kPix; ++p) {
+      const size_t pix = (oy + p / P) * a->y_row + (ox0 + p % P) * kB;
+      const size_t rpix = (oy + p / P) * a->res_row + (ox0 + p % P) * kB;
+      for (size_t v = 0; v < NV; ++v) {
+        __m512 r = _mm512_add_ps(acc[v][p], _mm512_load_ps(a->bias + v * 16));
+        if (ep) {
+          if (res) {
+            const __m512 rv = _mm512_loadu_ps(res + v * a->res_block + rpix);
+            r = ep->residual_before_activation ? avx512::Activate(_mm512_add_ps(r, rv), ep)
+                                               : _mm512_add_ps(avx512::Activate(r, ep), rv);
+          } else {
+            r = avx512::Activate(r, ep);
+          }
+        }
+        _mm512_storeu_ps(a->y + v * a->y_block + pix, r);
+      }
+    }
+    return;
+  }
   // Stack tile [pixel][32 channels]; channel i of a row's P pixels is then lanes (r P + p) * 32 + i.
   alignas(64) float tile[kPix * kOcb];
 #pragma GCC unroll 16
@@ -63,7 +86,6 @@ void Tile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
                                          _mm512_set1_epi32(static_cast<int>(kOcb)));
   const __mmask16 m = static_cast<__mmask16>((1u << P) - 1);
   const size_t hwo = a->oh * a->ow;
-  const GemmEpilogue* ep = a->ep;
   for (size_t i = 0; i < a->oc_valid; ++i) {
     for (size_t r = 0; r < R; ++r) {
       const size_t at = i * hwo + (oy + r) * a->ow + ox0;
@@ -145,10 +167,23 @@ void F32PackNchwcRowAvx512(const float* src, size_t plane, size_t w, float* dst)
   }
 }
 
+// 16 pixels at a time: their 16-channel vectors in, transposed, one masked row of each channel out.
+void F32UnpackNchwcRowAvx512(const float* src, size_t w, float* dst, size_t plane) {
+  __m512 r[16];
+  for (size_t x0 = 0; x0 < w; x0 += 16, src += 16 * kB) {
+    const size_t np = w - x0 < 16 ? w - x0 : 16;
+    const __mmask16 m = static_cast<__mmask16>((1u << np) - 1);
+    for (size_t p = 0; p < 16; ++p) r[p] = p < np ? _mm512_loadu_ps(src + p * kB) : _mm512_setzero_ps();
+    Transpose16x16(r);
+    for (size_t l = 0; l < kB; ++l) _mm512_mask_storeu_ps(dst + l * plane + x0, m, r[l]);
+  }
+}
+
 }  // namespace
 
 F32NchwcConvUkernel F32NchwcConvUkernelAvx512() { return F32NchwcConvAvx512; }
 F32PackNchwcRowUkernel F32PackNchwcRowUkernelAvx512() { return F32PackNchwcRowAvx512; }
+F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelAvx512() { return F32UnpackNchwcRowAvx512; }
 
 }  // namespace kernels
 }  // namespace sonde
