@@ -137,6 +137,22 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
     expectClose(on.out.pooled!.data as Float32Array, want.pooled!.data as Float32Array, ORT_TOL, ORT_TOL, 'pooled');
   });
 
+  it('a conv output read only as the residual of a conv with an NCHW y stays NCHW (no reorder back)', async () => {
+    const n = new Net();
+    const x = n.g.input('x', 'float32', [1, 32, 9, 11]);
+    const a = n.conv(x, 32, 32, 3, 1, { relu: false });
+    const y = n.conv(x, 32, 32, 1, 1, { residual: a });
+    n.g.node('Identity', [y], {}, ['y']);
+    n.g.output('y', 'float32');
+    const bytes = n.g.toBytes();
+    const feeds = { x: uniform([1, 32, 9, 11], 9) };
+    const on = await runWith(bytes, feeds, {});
+    expect(on.prof.filter((r) => r.op === 'conv').map((r) => r.kernel)).toEqual(Array(2).fill('direct/f32_conv_nchw16c_14x32__avx512'));
+    expect(on.prof.some((r) => r.op === 'reorder')).toBe(false);
+    const want = await ortRun(bytes, feeds);
+    expectClose(on.out.y!.data as Float32Array, want.y!.data as Float32Array, ORT_TOL, ORT_TOL, 'y');
+  });
+
   it('SONDE_CONV_DIRECT=0 turns the blocked runs off with the direct path', async () => {
     const bytes = resnetLike(32, 9, 9);
     const feeds = { x: uniform([1, 32, 9, 9], 5) };

@@ -33,7 +33,7 @@ export interface LayoutIo {
   pinned(root: ValueId): boolean;
   bytes(id: ValueId): number;
   name(id: ValueId): string;
-  /** A new intermediate value of `bytes`, and a ref to it for a step. */
+  /** A new intermediate value of `bytes`. */
   newValue(bytes: number, name: string): ValueId;
   /** Gives an intermediate value a new byte size (a blocked value holds its border too). */
   resize(root: ValueId, bytes: number): void;
@@ -89,6 +89,8 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
 
   // Values produced blocked: root -> batch, channels and layout (border: what its readers need).
   const blocked = new Map<ValueId, { n: number; c: number; layout: PlanBlocked }>();
+  // Residual readers whose own y ends up blocked; the rest read NCHW (see the loop's end).
+  const residualReaders = new Map<ValueId, number[]>();
   for (const [i, g] of geom) {
     const s = steps[i] as Extract<PlanStep, { op: 'conv' }>;
     const root = io.rootOf(io.valueOf(s.y)!);
@@ -96,17 +98,33 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
     if (io.bytes(root) !== s.n * g.cOut * g.oh * g.ow * 4) continue;
     let border: Pads = [0, 0, 0, 0];
     let wanted = false;
+    const readers: number[] = [];
     for (const u of uses.get(root) ?? []) {
       if (u.step === i || !plain(u, root)) continue;
       const cg = geom.get(u.step);
       if (cg && u.field === 'x') {
         wanted = true;
         border = maxPads(border, cg.border);
-      } else if ((cg && cg.cOut % BLOCK === 0 && u.field === 'residual') || (steps[u.step]!.op === 'globalAveragePool' && u.field === 'x')) {
+      } else if (steps[u.step]!.op === 'globalAveragePool' && u.field === 'x') {
         wanted = true;
+      } else if (cg && cg.cOut % BLOCK === 0 && u.field === 'residual') {
+        readers.push(u.step);
       }
     }
-    if (wanted) blocked.set(root, { n: s.n, c: g.cOut, layout: { h: g.oh, w: g.ow, pads: border } });
+    if (wanted || readers.length) blocked.set(root, { n: s.n, c: g.cOut, layout: { h: g.oh, w: g.ow, pads: border } });
+    if (!wanted && readers.length) residualReaders.set(root, readers);
+  }
+  // A value read only as residuals is worth blocking only where a reader's y is blocked (an NCHW y
+  // reads an NCHW residual, which would cost a reorder back); dropping one can drop others.
+  for (let changed = true; changed;) {
+    changed = false;
+    for (const [root, readers] of residualReaders) {
+      const yOf = (j: number) => io.rootOf(io.valueOf((steps[j] as Extract<PlanStep, { op: 'conv' }>).y)!);
+      if (blocked.has(root) && !readers.some((j) => blocked.has(yOf(j)))) {
+        blocked.delete(root);
+        changed = true;
+      }
+    }
   }
   if (blocked.size === 0) return steps;
 
