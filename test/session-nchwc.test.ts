@@ -137,6 +137,38 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
     expectClose(on.out.pooled!.data as Float32Array, want.pooled!.data as Float32Array, ORT_TOL, ORT_TOL, 'pooled');
   });
 
+  it('MobileNetV2-like blocks (1x1 expand, depthwise 3x3 stride 1 and 2, 1x1 project + residual) run blocked and match onnxruntime-node', async () => {
+    const n = new Net();
+    const g = n.g;
+    const x = g.input('x', 'float32', ['N', 32, 15, 13]);
+    const dw = (v: string, c: number, stride: number) => {
+      const w = g.init(g.fresh('w'), weights([c, 1, 3, 3], n.seed++));
+      const b = g.init(g.fresh('b'), weights([c], n.seed++));
+      const [y] = g.node('Conv', [v, w, b], { kernel_shape: [3, 3], strides: [stride, stride], pads: [1, 1, 1, 1], group: c });
+      return g.node('Relu', [y!])[0]!;
+    };
+    const e1 = n.conv(x, 32, 96, 1);
+    const p1 = n.conv(dw(e1, 96, 1), 96, 32, 1, 1, { relu: false, residual: x });
+    const e2 = n.conv(p1, 32, 96, 1);
+    const p2 = n.conv(dw(e2, 96, 2), 96, 48, 1, 1, { relu: false });
+    g.node('GlobalAveragePool', [p2], {}, ['pooled']);
+    g.output('pooled', 'float32');
+    const bytes = g.toBytes();
+    for (const batch of [1, 2]) {
+      const feeds = { x: uniform([batch, 32, 15, 13], 40 + batch) };
+      const on = await runWith(bytes, feeds, {});
+      const kernels = on.prof.filter((r) => r.op === 'conv').map((r) => r.kernel.replace(/\/.*\+/, '/+'));
+      // Every conv but the first expand (its x is the graph input: one reorder) reads and writes blocked.
+      expect(kernels).toEqual(['direct/+nchw16c-in-out', 'depthwise/+nchw16c-in-out', 'direct/+nchw16c-in-out',
+        'direct/+nchw16c-in-out', 'depthwise/+nchw16c-in-out', 'direct/+nchw16c-in-out']);
+      expect(on.prof.filter((r) => r.op === 'reorder')).toHaveLength(1);
+      const want = await ortRun(bytes, feeds);
+      expectClose(on.out.pooled!.data as Float32Array, want.pooled!.data as Float32Array, ORT_TOL, ORT_TOL, `pooled n${batch}`);
+      const off = await runWith(bytes, feeds, { SONDE_CONV_DIRECT: '0' });
+      expect(off.prof.some((r) => r.op === 'reorder' || r.kernel.includes('+nchw16c'))).toBe(false);
+    }
+  });
+
   it('a conv output read only as the residual of a conv with an NCHW y stays NCHW (no reorder back)', async () => {
     const n = new Net();
     const x = n.g.input('x', 'float32', [1, 32, 9, 11]);

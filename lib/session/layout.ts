@@ -6,12 +6,13 @@
  * planning (a blocked value is a new, larger value with a border; the planner places it like any
  * other).
  *
- * Which values go blocked: the output y of a direct conv with whole 16-channel blocks, when it is
- * not pinned to NCHW (a graph input/output, a const, aliased by a Reshape/Flatten...) and at least
- * one step can read it blocked: a direct conv's x, a direct conv's residual, a GlobalAveragePool.
- * Its border is the largest any consuming conv's padding needs, so each conv reads it in place.
- * Then per step:
- * - a direct conv with a blocked y reads x and the residual blocked; an NCHW x or residual gets a
+ * Which values go blocked: the output y of a blockable conv (the direct path; a depthwise conv with
+ * whole 16-channel blocks, which reads blocked only when it writes blocked) with whole 16-channel
+ * blocks, when it is not pinned to NCHW (a graph input/output, a const, aliased by a
+ * Reshape/Flatten...) and at least one step reads it blocked: a blockable conv's x, the residual of
+ * a conv whose y is blocked, a GlobalAveragePool. Its border is the largest any reading conv's
+ * padding needs, so each conv reads it in place. Then per step:
+ * - a conv with a blocked y reads x and the residual blocked; an NCHW x or residual gets a
  *   blocked copy (one reorder, shared by every conv that reads it);
  * - a direct conv with an NCHW y reads a blocked x in place, and an NCHW copy of a blocked residual;
  * - every other read of a blocked value reads one NCHW copy of it (one reorder before its first use).
@@ -87,44 +88,48 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
   // A use reads the value's bytes as they are (same value, from element 0).
   const plain = (u: Use, root: ValueId) => u.id === root && u.ref.offset === 0;
 
-  // Values produced blocked: root -> batch, channels and layout (border: what its readers need).
-  const blocked = new Map<ValueId, { n: number; c: number; layout: PlanBlocked }>();
-  // Residual readers whose own y ends up blocked; the rest read NCHW (see the loop's end).
-  const residualReaders = new Map<ValueId, number[]>();
+  // Candidates: outputs of convs that can write blocked (whole 16-channel blocks, not pinned).
+  const producers = new Map<ValueId, number>();
+  const convAt = (j: number) => steps[j] as Extract<PlanStep, { op: 'conv' }>;
   for (const [i, g] of geom) {
-    const s = steps[i] as Extract<PlanStep, { op: 'conv' }>;
+    const s = convAt(i);
     const root = io.rootOf(io.valueOf(s.y)!);
     if (g.cOut % BLOCK || io.pinned(root) || !plain({ step: i, field: 'y', ref: s.y, id: io.valueOf(s.y)! }, root)) continue;
     if (io.bytes(root) !== s.n * g.cOut * g.oh * g.ow * 4) continue;
-    let border: Pads = [0, 0, 0, 0];
-    let wanted = false;
-    const readers: number[] = [];
-    for (const u of uses.get(root) ?? []) {
-      if (u.step === i || !plain(u, root)) continue;
-      const cg = geom.get(u.step);
-      if (cg && u.field === 'x') {
-        wanted = true;
-        border = maxPads(border, cg.border);
-      } else if (steps[u.step]!.op === 'globalAveragePool' && u.field === 'x') {
-        wanted = true;
-      } else if (cg && cg.cOut % BLOCK === 0 && u.field === 'residual') {
-        readers.push(u.step);
-      }
-    }
-    if (wanted || readers.length) blocked.set(root, { n: s.n, c: g.cOut, layout: { h: g.oh, w: g.ow, pads: border } });
-    if (!wanted && readers.length) residualReaders.set(root, readers);
+    producers.set(root, i);
   }
-  // A value read only as residuals is worth blocking only where a reader's y is blocked (an NCHW y
-  // reads an NCHW residual, which would cost a reorder back); dropping one can drop others.
+  // All of them blocked, then drop the values no step would read blocked, until none changes: a
+  // depthwise conv reads blocked only when its y is blocked, and a residual is read blocked only
+  // where the reader's y is (an NCHW y reads an NCHW residual: blocking it would cost a reorder back).
+  const isBlocked = new Set(producers.keys());
+  const yOf = (j: number) => io.rootOf(io.valueOf(convAt(j).y)!);
+  const readsBlocked = (u: Use, root: ValueId): boolean => {
+    if (!plain(u, root)) return false;
+    const cg = geom.get(u.step);
+    if (cg && u.field === 'x') return !cg.needsBlockedY || isBlocked.has(yOf(u.step));
+    if (cg && u.field === 'residual') return isBlocked.has(yOf(u.step));
+    return steps[u.step]!.op === 'globalAveragePool' && u.field === 'x';
+  };
   for (let changed = true; changed;) {
     changed = false;
-    for (const [root, readers] of residualReaders) {
-      const yOf = (j: number) => io.rootOf(io.valueOf((steps[j] as Extract<PlanStep, { op: 'conv' }>).y)!);
-      if (blocked.has(root) && !readers.some((j) => blocked.has(yOf(j)))) {
-        blocked.delete(root);
+    for (const root of [...isBlocked]) {
+      const i = producers.get(root)!;
+      if (!(uses.get(root) ?? []).some((u) => u.step !== i && readsBlocked(u, root))) {
+        isBlocked.delete(root);
         changed = true;
       }
     }
+  }
+  // Values produced blocked: batch, channels and layout (border: the widest any reading conv needs).
+  const blocked = new Map<ValueId, { n: number; c: number; layout: PlanBlocked }>();
+  for (const root of isBlocked) {
+    const i = producers.get(root)!;
+    const g = geom.get(i)!;
+    let border: Pads = [0, 0, 0, 0];
+    for (const u of uses.get(root)!) {
+      if (u.step !== i && u.field === 'x' && geom.has(u.step) && readsBlocked(u, root)) border = maxPads(border, geom.get(u.step)!.border);
+    }
+    blocked.set(root, { n: convAt(i).n, c: g.cOut, layout: { h: g.oh, w: g.ow, pads: border } });
   }
   if (blocked.size === 0) return steps;
 
@@ -150,9 +155,11 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
 
   const handled = new Set<Use>();
   for (const [i, g] of geom) {
-    const s = steps[i] as Extract<PlanStep, { op: 'conv' }>;
+    const s = convAt(i);
     const y = io.rootOf(io.valueOf(s.y)!);
     const yb = blocked.get(y);
+    // Runs as before (NCHW x and y); a blocked x is then an NCHW use (below).
+    if (g.needsBlockedY && !yb) continue;
     const x = io.rootOf(io.valueOf(s.x)!);
     const xUse = uses.get(x)!.find((u) => u.ref === s.x)!;
     if (blocked.has(x) && plain(xUse, x)) {

@@ -206,6 +206,17 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
     if (variant == ConvVariant::kAvx512) {
       op->window_uk_ = kernels::F32WindowUkernelAvx512();
       op->window_name_ = "f32_window__avx512";
+      // Blocked runs (plan layout pass) may carry a depthwise conv: its weights once more, per block.
+      constexpr size_t kB = kernels::kNchwcBlock;
+      if (depthwise && spec.c_out % kB == 0 && g.dh == 1 && g.dw == 1 && DirectWanted(spec)) {
+        const size_t taps = g.kh * g.kw;
+        op->dw_blocked_uk_ = kernels::F32NchwcDepthwiseUkernelAvx512();
+        op->dw_blocked_w_ = static_cast<float*>(AlignedAlloc(spec.c_out * taps * sizeof(float)));
+        for (size_t cb = 0; cb < spec.c_out / kB; ++cb)
+          for (size_t t = 0; t < taps; ++t)
+            for (size_t l = 0; l < kB; ++l) op->dw_blocked_w_[(cb * taps + t) * kB + l] = op->w_[(cb * kB + l) * kg + t];
+        op->bytes_ += RoundUp(spec.c_out * taps * sizeof(float), 64);
+      }
     }
 #endif
     if (!op->window_uk_) {
@@ -301,6 +312,7 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
 
 ConvOp::~ConvOp() {
   std::free(w_);
+  std::free(dw_blocked_w_);
   std::free(bias_blocks_);
   std::free(w_pairs_);
 }
@@ -725,7 +737,8 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
 
 std::string ConvOp::CheckBlocked(size_t h, size_t w, const BlockedLayout& xl, const BlockedLayout* yl,
                                  const BlockedLayout* rl) const {
-  if (path_ != Path::kDirect) return "this convolution does not run on the blocked (direct) path";
+  if (!blocked()) return "this convolution does not run on blocked activations";
+  if (blocked_needs_blocked_y() && !yl) return "a blocked depthwise convolution needs a blocked y";
   WindowShape s;
   std::string e = ResolveWindow(spec_.window, h, w, &s);
   if (!e.empty()) return e;
@@ -765,9 +778,38 @@ bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* ca
                                            kMinFlopsPerThread);
   // This conv's padded (0, 0) inside x's (possibly wider) border.
   const float* xo = x + ((xl.pad_t - s.pad_t) * xl.wp() + (xl.pad_l - s.pad_l)) * kernels::kNchwcBlock;
-  const bool ok = RunDirectTiles(pool, nthreads, cancel, xo, xl.hp(), xl.wp(), n, s, y, yl, ep, rl);
+  const bool ok = path_ == Path::kDepthwise
+                      ? RunDepthwiseBlocked(pool, nthreads, cancel, xo, xl, n, s, y, *yl, residual, rl, ep)
+                      : RunDirectTiles(pool, nthreads, cancel, xo, xl.hp(), xl.wp(), n, s, y, yl, ep, rl);
   if (!ok && error->empty()) *error = "aborted";
   return ok;
+}
+
+bool ConvOp::RunDepthwiseBlocked(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const float* xo,
+                                 const BlockedLayout& xl, size_t n, const WindowShape& s, float* y,
+                                 const BlockedLayout& yl, const float* residual, const BlockedLayout* rl,
+                                 const kernels::GemmEpilogue& ep0) const {
+  constexpr size_t kB = kernels::kNchwcBlock;
+  const WindowGeometry& g = spec_.window;
+  const size_t blocks = n * spec_.c_out / kB, taps = g.kh * g.kw, y_row = yl.wp() * kB;
+  const bool trivial = !residual && ep0.activation == kernels::kActNone;
+  // A task is one block's plane (a 56x56 one is ~450 KFLOP); planes are what the threads split.
+  return pool.ParallelFor(blocks, nthreads, [&](size_t t) {
+    const size_t cb = t % (spec_.c_out / kB);
+    float* yb = y + t * yl.block_floats();
+    if (yl.pad_t) std::memset(yb, 0, yl.pad_t * y_row * sizeof(float));
+    if (yl.pad_b) std::memset(yb + (yl.pad_t + s.oh) * y_row, 0, yl.pad_b * y_row * sizeof(float));
+    for (size_t r = 0; r < s.oh; ++r) {
+      float* row = yb + (yl.pad_t + r) * y_row;
+      if (yl.pad_l) std::memset(row, 0, yl.pad_l * kB * sizeof(float));
+      if (yl.pad_r) std::memset(row + (yl.pad_l + s.ow) * kB, 0, yl.pad_r * kB * sizeof(float));
+    }
+    const kernels::NchwcDepthwiseArgs a{xo + t * xl.block_floats(), xl.wp() * kB, dw_blocked_w_ + cb * taps * kB,
+                                        bias_.data() + cb * kB, g.kh, g.kw, g.sh, g.sw, yb + yl.origin(), y_row, s.ow,
+                                        residual ? residual + t * rl->block_floats() + rl->origin() : nullptr,
+                                        residual ? rl->wp() * kB : 0, trivial ? nullptr : &ep0};
+    for (size_t oy = 0; oy < s.oh; ++oy) dw_blocked_uk_(&a, oy);
+  }, cancel);
 }
 
 bool ReorderNchwc(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, bool to_blocked, const float* x,

@@ -104,8 +104,10 @@ class ConvOp {
   bool Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
            size_t w, float* y, const float* residual, bool residual_before_activation, std::string* error) const;
 
-  // Whether RunBlocked can run this conv (the direct NCHW16c path).
-  bool blocked() const { return path_ == Path::kDirect; }
+  // Whether RunBlocked can run this conv: the direct NCHW16c path (y blocked or NCHW), or a depthwise
+  // conv with whole 16-channel blocks and no dilation on AVX-512 (y blocked only).
+  bool blocked() const { return path_ == Path::kDirect || dw_blocked_uk_ != nullptr; }
+  bool blocked_needs_blocked_y() const { return path_ == Path::kDepthwise; }
   // Empty if RunBlocked may run with these layouts on an h x w input: x's border covers this conv's
   // padding and every tap, y's (and the residual's) interior is the output size, channels whole
   // blocks. Otherwise why not.
@@ -141,6 +143,9 @@ class ConvOp {
                       const kernels::GemmEpilogue& ep, const BlockedLayout* rl) const;
   bool RunDepthwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
                     size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
+  bool RunDepthwiseBlocked(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const float* xo,
+                           const BlockedLayout& xl, size_t n, const WindowShape& s, float* y, const BlockedLayout& yl,
+                           const float* residual, const BlockedLayout* rl, const kernels::GemmEpilogue& ep) const;
 
   ConvSpec spec_;
   ConvPrecision precision_ = ConvPrecision::kFp32;
@@ -162,6 +167,9 @@ class ConvOp {
   kernels::F32WindowUkernel window_uk_ = nullptr;
   kernels::F32NchwcConvUkernel direct_uk_ = nullptr;
   kernels::F32PackNchwcRowUkernel pack_uk_ = nullptr;
+  // Depthwise on blocked activations: weights [c / 16][kh * kw][16].
+  kernels::F32NchwcDepthwiseUkernel dw_blocked_uk_ = nullptr;
+  float* dw_blocked_w_ = nullptr;
   // im2col into B panels: AVX-512 next to the AVX-512 GEMM kernels (its rows are 32-float panels).
   kernels::F32Im2colUkernel im2col_uk_ = kernels::F32Im2colUkernelScalar();
   const char* window_name_ = "";

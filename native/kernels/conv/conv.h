@@ -127,6 +127,24 @@ struct NchwcConvArgs {
   size_t res_row, res_block;  // blocked residual
 };
 typedef void (*F32NchwcConvUkernel)(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t rows);
+// Depthwise convolution on NCHW16c (one weight per channel and tap, no dilation): output row oy of
+// one 16-channel block. x points at this conv's padded (0, 0) of the block (rows x_row floats
+// apart, every tap in range); w holds kh*kw vectors of 16 channel weights; bias 16 floats; y (and
+// the residual, may be null) at the block's interior (0, 0), rows y_row (res_row) apart. ep: the
+// activation and residual order (its pointers unused), or null for none.
+struct NchwcDepthwiseArgs {
+  const float* x;
+  size_t x_row;
+  const float* w;
+  const float* bias;
+  size_t kh, kw, sh, sw;
+  float* y;
+  size_t y_row, ow;
+  const float* residual;
+  size_t res_row;
+  const GemmEpilogue* ep;
+};
+typedef void (*F32NchwcDepthwiseUkernel)(const NchwcDepthwiseArgs* a, size_t oy);
 // One input row of 16 channel planes into blocked form: dst[ix * 16 + l] = src[l * plane + ix], ix < w.
 typedef void (*F32PackNchwcRowUkernel)(const float* src, size_t plane, size_t w, float* dst);
 // The inverse: dst[l * plane + ix] = src[ix * 16 + l], ix < w, l < 16.
@@ -137,6 +155,7 @@ F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelScalar();
 F32NchwcConvUkernel F32NchwcConvUkernelAvx512();
 F32PackNchwcRowUkernel F32PackNchwcRowUkernelAvx512();
 F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelAvx512();
+F32NchwcDepthwiseUkernel F32NchwcDepthwiseUkernelAvx512();
 #endif
 
 // The independent reference convolution, straight from the definition, accumulating in double:
