@@ -272,6 +272,79 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
     }
   });
 
+  it('blocked depthwise in a hand-written plan: stride 1 with a blocked residual and ReLU, then stride 2 reading its border', async () => {
+    // 48 channels (three blocks), 5x7: rows of 7 and 4 pixels run the 4-pixel pass and the tail.
+    const n = 2, c = 48, h = 5, w = 7, oh2 = 3, ow2 = 4;
+    const w1 = weights([c, 1, 3, 3], 51).data, b1 = weights([c], 52).data;
+    const w2 = weights([c, 1, 3, 3], 53).data, b2 = weights([c], 54).data;
+    const mk = (wt: Float32Array, bias: Float32Array, stride: number, activation: number) => native().createConv(wt, {
+      cOut: c, cIn: c, group: c, kernel: [3, 3], strides: [stride, stride], dilations: [1, 1], pads: [1, 1, 1, 1],
+      autoPad: 0, bias, bnEpsilon: 1e-5, activation, alpha: 0, beta: 0, precision: 'fp32', variant: 'auto',
+    });
+    const dw1 = mk(w1, b1, 1, 1), dw2 = mk(w2, b2, 2, 0);
+    try {
+      expect([dw1.info().blocked, dw2.info().blocked]).toEqual(['xy', 'xy']);
+      const x = uniform([n, c, h, w], 61).data as Float32Array, r = uniform([n, c, h, w], 62).data as Float32Array;
+      const P = (t: number, l: number, b: number, rr: number) => [t, l, b, rr] as [number, number, number, number];
+      const xl = { h, w, pads: P(1, 1, 1, 1) }, rl = { h, w, pads: P(0, 0, 0, 0) }, yl = { h, w, pads: P(1, 1, 1, 1) };
+      const y2l = { h: oh2, w: ow2, pads: P(0, 0, 0, 0) };
+      const nchw = n * c * h * w * 4, xb = n * c * 7 * 9 * 4, yb = xb, y2 = n * c * oh2 * ow2 * 4;
+      const up = (v: number) => Math.ceil(v / 64) * 64;
+      const ref = (buffer: number) => ({ buffer, offset: 0 });
+      const at = [0, up(xb), up(xb) + up(nchw), up(xb) + up(nchw) + up(yb)];
+      const spec: PlanSpec = {
+        buffers: [{ kind: 'input', index: 0, bytes: nchw }, { kind: 'input', index: 1, bytes: nchw },
+          { kind: 'arena', offset: at[0]!, bytes: xb }, { kind: 'arena', offset: at[1]!, bytes: nchw },
+          { kind: 'arena', offset: at[2]!, bytes: yb }, { kind: 'arena', offset: at[3]!, bytes: y2 },
+          { kind: 'output', index: 0, bytes: nchw }, { kind: 'output', index: 1, bytes: y2 }],
+        steps: [
+          { node: 'fill', op: 'fill', y: ref(4), dtype: 'float32', count: yb / 4, value: 7 },
+          { node: 'rx', op: 'reorder', x: ref(0), y: ref(2), n, c, layout: xl, toBlocked: true },
+          { node: 'rr', op: 'reorder', x: ref(1), y: ref(3), n, c, layout: rl, toBlocked: true },
+          { node: 'dw1', op: 'conv', handle: dw1, x: ref(2), y: ref(4), residual: ref(3), residualBeforeActivation: false,
+            n, h, w, xBlocked: xl, yBlocked: yl, residualBlocked: rl },
+          { node: 'dw2', op: 'conv', handle: dw2, x: ref(4), y: ref(5), residualBeforeActivation: false, n, h, w,
+            xBlocked: yl, yBlocked: y2l },
+          { node: 'back1', op: 'reorder', x: ref(4), y: ref(6), n, c, layout: yl, toBlocked: false },
+          { node: 'back2', op: 'reorder', x: ref(5), y: ref(7), n, c, layout: y2l, toBlocked: false },
+        ],
+        arenaBytes: at[3]! + y2, inputBytes: [nchw, nchw], outputBytes: [nchw, y2],
+      };
+      // A depthwise conv never reads blocked into an NCHW y.
+      expect(() => native().createPlan({ ...spec, steps: [{ ...spec.steps[4]!, yBlocked: undefined } as never] })).toThrow(/needs a blocked y/);
+      const plan = native().createPlan(spec);
+      const got1 = new Float32Array(nchw / 4), got2 = new Float32Array(y2 / 4);
+      try {
+        await native().planRun(plan, [x, r], [got1, got2], 2);
+      } finally {
+        plan.dispose();
+      }
+      const dw = (src: ArrayLike<number>, wt: Float32Array, bias: Float32Array, stride: number, oh: number, ow: number,
+        res: Float32Array | undefined, relu: boolean) => {
+        const out = new Float64Array(n * c * oh * ow);
+        for (let p = 0; p < n * c; p++) for (let oy = 0; oy < oh; oy++) for (let ox = 0; ox < ow; ox++) {
+          let acc = bias[p % c]!;
+          for (let ky = 0; ky < 3; ky++) for (let kx = 0; kx < 3; kx++) {
+            const iy = oy * stride + ky - 1, ix = ox * stride + kx - 1;
+            if (iy >= 0 && iy < h && ix >= 0 && ix < w) acc += wt[(p % c) * 9 + ky * 3 + kx]! * src[(p * h + iy) * w + ix]!;
+          }
+          if (relu) acc = Math.max(0, acc);
+          const i = (p * oh + oy) * ow + ox;
+          out[i] = res ? acc + res[i]! : acc;
+        }
+        return out;
+      };
+      // About 10 roundings (nine FMAs, the residual add), each within U of a partial sum bounded by
+      // the terms' magnitudes: weights and bias below 1/3, dw1's inputs and residual below 1 (sum
+      // <= 4.4), dw2's inputs below 4.4 (sum <= 13.6).
+      expectClose(got1, dw(x, w1, b1, 1, h, w, r, true), 10 * 4.4 * U, 0, 'dw1');
+      expectClose(got2, dw(got1, w2, b2, 2, oh2, ow2, undefined, false), 10 * 13.6 * U, 0, 'dw2');
+    } finally {
+      dw1.dispose();
+      dw2.dispose();
+    }
+  });
+
   it('the native plan rejects a blocked x whose border does not cover the padding, and a blocked residual with an NCHW y', () => {
     const conv = native().createConv(weights([16, 16, 3, 3], 1).data, {
       cOut: 16, cIn: 16, group: 1, kernel: [3, 3], strides: [1, 1], dilations: [1, 1], pads: [1, 1, 1, 1],
