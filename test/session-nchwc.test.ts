@@ -376,3 +376,16 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
     }
   });
 });
+
+describe.runIf(simd !== 'avx512')('without AVX-512 (no direct path)', () => {
+  it('plans keep NCHW: no reorder steps, no blocked convs, outputs match onnxruntime-node', async () => {
+    const bytes = resnetLike(32, 9, 9);
+    const feeds = { x: uniform([1, 32, 9, 9], 5) };
+    const got = await runWith(bytes, feeds, {});
+    expect(got.prof.some((r) => r.op === 'reorder' || r.kernel.includes('nchw16c'))).toBe(false);
+    const want = await ortRun(bytes, feeds);
+    for (const name of ['pooled', 'middle', 'branch']) {
+      expectClose(got.out[name]!.data as Float32Array, want[name]!.data as Float32Array, ORT_TOL, ORT_TOL, name);
+    }
+  });
+});
