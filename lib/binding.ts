@@ -100,7 +100,9 @@ export interface NativeConvCreateOptions extends NativeWindow {
 export interface NativeConvHandle {
   dispose(): void;
   info(): { disposed: boolean; bytes?: number; path?: 'gemm' | 'direct' | 'depthwise' | 'reference'; ukernel?: string;
-    variant?: Exclude<NativeConvVariant, 'auto'>; precision?: 'fp32' | 'bf16' };
+    variant?: Exclude<NativeConvVariant, 'auto'>; precision?: 'fp32' | 'bf16';
+    /** Plan steps may give it NCHW16c operands (PlanBlocked): 'x' a blocked x (y either), 'xy' x and y both. */
+    blocked?: 'x' | 'xy' };
 }
 export type NativeElementwiseVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512';
 export type NativeCastType = 'float32' | 'float16' | 'bfloat16';

@@ -14,6 +14,7 @@ import {
 } from './ops/types.js';
 import { SONDE_DOMAIN } from './fused.js';
 import { OPS, SONDE_OPS } from './ops/index.js';
+import { blockConvRuns, blockedPassEnabled } from './layout.js';
 
 /** Arena offsets are multiples of this: a cache line, and the widest SIMD load (AVX-512). */
 export const ARENA_ALIGN = 64;
@@ -310,12 +311,40 @@ export function compilePlan(graph: OnnxGraph, inputs: PlanInput[], options: Comp
     steps.push({ op: 'copy', node: `output '${c.name}'`, x, y, dims: [c.count], xStrides: [1], yStrides: [1], elemBytes: c.elemBytes });
   }
 
-  // Liveness: every ref marks its root live at that step.
   const rootOf = (id: ValueId): ValueId => {
     let r = id;
     while (pvalues[r]!.aliasOf !== undefined) r = pvalues[r]!.aliasOf!;
     return r;
   };
+
+  // Runs of direct convs in NCHW16c (lib/session/layout.ts): may insert reorder steps, re-point
+  // refs and grow blocked values, so it runs before liveness and storage.
+  if (blockedPassEnabled()) {
+    const idOfRef = new Map<PlanRef, ValueId>(refs.map((r) => [r.ref, r.id]));
+    const aliased = new Set<ValueId>();
+    for (const p of pvalues) if (p.aliasOf !== undefined) aliased.add(rootOf(p.id));
+    const blockedSteps = blockConvRuns({
+      steps,
+      valueOf: (ref) => idOfRef.get(ref),
+      rootOf,
+      pinned: (root) => {
+        const p = pvalues[root]!;
+        return p.kind !== 'node' || p.outputIndex !== undefined || aliased.has(root) || p.dtype !== 'float32';
+      },
+      bytes: (id) => pvalues[id]!.bytes,
+      name: (id) => pvalues[id]!.name,
+      newValue: (bytes, name) => newPValue({ kind: 'node', dtype: 'float32', bytes, name }),
+      resize: (root, bytes) => { pvalues[root]!.bytes = bytes; },
+      ref: (id) => {
+        const r: PlanRef = { buffer: id, offset: 0 };
+        refs.push({ ref: r, id });
+        return r;
+      },
+    });
+    steps.splice(0, steps.length, ...blockedSteps);
+  }
+
+  // Liveness: every ref marks its root live at that step.
   const refStep = new Map<PlanRef, number>();
   steps.forEach((s, i) => {
     for (const v of Object.values(s)) if (v && typeof v === 'object' && 'buffer' in v && 'offset' in v) refStep.set(v as PlanRef, i);
@@ -352,6 +381,8 @@ export function compilePlan(graph: OnnxGraph, inputs: PlanInput[], options: Comp
     bufferOf.set(id, buffers.push({ kind: 'arena', offset: arena.offsets[i]!, bytes: pvalues[id]!.bytes }) - 1);
   });
   for (const { ref, id } of refs) {
+    // A ref the layout pass replaced is in no step any more.
+    if (!refStep.has(ref)) continue;
     const b = bufferOf.get(rootOf(id));
     if (b === undefined) throw new InternalError(`value '${pvalues[id]!.name}' is referenced but has no storage`);
     ref.buffer = b;

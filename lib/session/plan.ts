@@ -48,10 +48,25 @@ export type ReduceKind = 'sum' | 'mean' | 'max' | 'min';
 export type PlanActivation = 'none' | 'relu' | 'clip' /* [alpha, beta]; ReLU6 = clip(0, 6) */ | 'silu' | 'gelu' | 'geluTanh'
   | 'sigmoid' | 'leakyRelu' /* alpha */ | 'hardSwish';
 
+/**
+ * A channel-blocked (NCHW16c) float32 tensor of c channels (a multiple of 16):
+ * [n][c / 16][pads[0] + h + pads[2]][pads[1] + w + pads[3]][16], zero outside the h x w interior
+ * (the border is what a following conv reads as its padding, so it needs no copy). Runs of convs on
+ * the direct path keep their activations in it (lib/session/layout.ts).
+ */
+export interface PlanBlocked { h: number; w: number; pads: [number, number, number, number] }
+
 export type PlanStep = { node: string } & (
-  /** y [n, cOut, oh, ow] = conv(x [n, cIn, h, w]) with the handle's folded BN and fused epilogue. */
+  /**
+   * y [n, cOut, oh, ow] = conv(x [n, cIn, h, w]) with the handle's folded BN and fused epilogue.
+   * Blocked operands (the handle on the direct path only): xBlocked, whose border covers the conv's
+   * padding; then y and the residual both blocked (yBlocked, residualBlocked; cOut a multiple of 16)
+   * or both NCHW.
+   */
   | { op: 'conv'; handle: NativeConvHandle; x: PlanRef; y: PlanRef; residual?: PlanRef; residualBeforeActivation: boolean;
-      n: number; h: number; w: number }
+      n: number; h: number; w: number; xBlocked?: PlanBlocked; yBlocked?: PlanBlocked; residualBlocked?: PlanBlocked }
+  /** NCHW x [n, c, layout.h, layout.w] to blocked y (toBlocked; border zeroed), or blocked x to NCHW y. */
+  | { op: 'reorder'; x: PlanRef; y: PlanRef; n: number; c: number; layout: PlanBlocked; toBlocked: boolean }
   /** c [m, n] = act(a [m, k] . W + bias) (+ residual [m, n]); W packed at load (fp32 or low precision). */
   | { op: 'gemm'; weights: NativePackedGemm | NativePackedGemmLowp; a: PlanRef; c: PlanRef; m: number; k: number; n: number;
       bias?: PlanRef; residual?: PlanRef; residualBeforeActivation: boolean;
@@ -110,7 +125,8 @@ export type PlanStep = { node: string } & (
   | { op: 'pool'; kind: 0 | 1; x: PlanRef; y: PlanRef; planes: number; h: number; w: number;
       kernel: [number, number]; strides: [number, number]; dilations: [number, number];
       pads: [number, number, number, number]; countIncludePad: boolean }
-  | { op: 'globalAveragePool'; x: PlanRef; y: PlanRef; planes: number; hw: number }
+  /** y [planes] = mean of each h x w plane of x; xBlocked: x is blocked (planes = n * c, hw = h * w). */
+  | { op: 'globalAveragePool'; x: PlanRef; y: PlanRef; planes: number; hw: number; xBlocked?: PlanBlocked }
   /** Softmax (or log-softmax) of x viewed as [outer, axis, inner] over the middle axis. */
   | { op: 'softmax'; x: PlanRef; y: PlanRef; outer: number; axis: number; inner: number; log: boolean }
   /** Normalises rows of cols: y = (x - mean) / sqrt(var + epsilon) * scale + bias; scale/bias hold cols (or absent). */

@@ -161,8 +161,12 @@ function kernelOf(step: PlanStep): string {
   switch (step.op) {
     case 'conv': {
       const info = step.handle.info();
-      return `${info.path ?? '?'}/${info.ukernel ?? '?'}`;
+      const blocked = step.xBlocked ? (step.yBlocked ? '+nchw16c-in-out' : '+nchw16c-in') : '';
+      // The handle names its NCHW kernel; a depthwise conv in a blocked run uses its blocked one.
+      const ukernel = step.xBlocked && info.path === 'depthwise' ? 'f32_dwconv_nchw16c_4px__avx512' : info.ukernel ?? '?';
+      return `${info.path ?? '?'}/${ukernel}${blocked}`;
     }
+    case 'reorder': return step.toBlocked ? 'reorder-to-nchw16c' : 'reorder-to-nchw';
     case 'gemm': {
       const info = step.weights.info();
       return `${info.ukernel ?? info.variant ?? '?'}${step.activation !== 'none' ? `+${step.activation}` : ''}`;

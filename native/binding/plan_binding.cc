@@ -168,6 +168,18 @@ class SpecReader {
 
 using StepReader = void (*)(const SpecReader& r, Napi::Object o, PlanStep& s);
 
+// An optional PlanBlocked { h, w, pads: [t, l, b, r] }; absent leaves the layout NCHW.
+void ReadBlocked(const SpecReader& r, Napi::Object o, const char* key, BlockedLayout* l) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) return;
+  Napi::Object b = r.Object(v, key);
+  l->h = static_cast<size_t>(r.Int(b.Get("h"), key, 1));
+  l->w = static_cast<size_t>(r.Int(b.Get("w"), key, 1));
+  size_t pads[4];
+  r.Fixed(b, "pads", 4, 0, pads);
+  l->pad_t = pads[0], l->pad_l = pads[1], l->pad_b = pads[2], l->pad_r = pads[3];
+}
+
 void ReadConv(const SpecReader& r, Napi::Object o, PlanStep& s) {
   Napi::Value h = o.Get("handle");
   if (!ConvHandle::Is(r.addon(), "ConvHandle", h)) r.Fail("handle must be a ConvHandle");
@@ -180,6 +192,19 @@ void ReadConv(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.n = r.Size(o, "n");
   s.h = r.Size(o, "h");
   s.w = r.Size(o, "w");
+  ReadBlocked(r, o, "xBlocked", &s.blocked[0]);
+  ReadBlocked(r, o, "residualBlocked", &s.blocked[1]);
+  ReadBlocked(r, o, "yBlocked", &s.blocked[2]);
+}
+
+void ReadReorder(const SpecReader& r, Napi::Object o, PlanStep& s) {
+  s.in[0] = r.Ref(o, "x");
+  s.out[0] = r.Ref(o, "y");
+  s.n = r.Size(o, "n");
+  s.count = r.Size(o, "c");
+  s.flag = r.Bool(o, "toBlocked");
+  ReadBlocked(r, o, "layout", &s.blocked[0]);
+  if (!s.blocked[0].present()) r.Fail("layout is required");
 }
 
 // The operands, sizes and epilogue every GEMM-shaped step (dense or sparse weights) carries.
@@ -341,6 +366,7 @@ void ReadGlobalAveragePool(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.out[0] = r.Ref(o, "y");
   s.outer = r.Size(o, "planes");
   s.inner = r.Size(o, "hw");
+  ReadBlocked(r, o, "xBlocked", &s.blocked[0]);
 }
 
 void ReadSoftmax(const SpecReader& r, Napi::Object o, PlanStep& s) {
@@ -448,6 +474,7 @@ constexpr StepForm kStepForms[] = {
     {"cast", PlanOp::kCast, ReadCast},
     {"pad", PlanOp::kPad, ReadPad},
     {"spmm", PlanOp::kSpmm, ReadSpmm},
+    {"reorder", PlanOp::kReorder, ReadReorder},
 };
 
 PlanStep ReadStep(SpecReader& r, Napi::Value v, size_t index) {

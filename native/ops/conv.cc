@@ -206,6 +206,17 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
     if (variant == ConvVariant::kAvx512) {
       op->window_uk_ = kernels::F32WindowUkernelAvx512();
       op->window_name_ = "f32_window__avx512";
+      // Blocked runs (plan layout pass) may carry a depthwise conv: its weights once more, per block.
+      constexpr size_t kB = kernels::kNchwcBlock;
+      if (depthwise && spec.c_out % kB == 0 && g.dh == 1 && g.dw == 1 && DirectWanted(spec)) {
+        const size_t taps = g.kh * g.kw;
+        op->dw_blocked_uk_ = kernels::F32NchwcDepthwiseUkernelAvx512();
+        op->dw_blocked_w_ = static_cast<float*>(AlignedAlloc(spec.c_out * taps * sizeof(float)));
+        for (size_t cb = 0; cb < spec.c_out / kB; ++cb)
+          for (size_t t = 0; t < taps; ++t)
+            for (size_t l = 0; l < kB; ++l) op->dw_blocked_w_[(cb * taps + t) * kB + l] = op->w_[(cb * kB + l) * kg + t];
+        op->bytes_ += RoundUp(spec.c_out * taps * sizeof(float), 64);
+      }
     }
 #endif
     if (!op->window_uk_) {
@@ -301,6 +312,7 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
 
 ConvOp::~ConvOp() {
   std::free(w_);
+  std::free(dw_blocked_w_);
   std::free(bias_blocks_);
   std::free(w_pairs_);
 }
@@ -604,6 +616,9 @@ bool ConvOp::RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* 
 }
 
 namespace {
+// Depthwise/pooling planes per ParallelFor index: a 7x7 plane is ~200 FLOPs, too little to hand out alone.
+size_t PlanesPerTask(size_t plane_floats) { return std::max<size_t>(1, 4096 / std::max<size_t>(1, plane_floats)); }
+
 // The channel-blocked input copy of the direct path, on the thread that runs the op (kept like
 // ThreadScratch, but a separate buffer: the tasks of the same run may use ThreadScratch).
 float* BlockedInputScratch(size_t floats) {
@@ -626,9 +641,9 @@ float* BlockedInputScratch(size_t floats) {
 
 bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
                        size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep0) const {
-  constexpr size_t kB = kernels::kNchwcBlock, kO = kernels::kNchwcOutBlock;
+  constexpr size_t kB = kernels::kNchwcBlock;
   const WindowGeometry& g = spec_.window;
-  const size_t c_blocks = spec_.c_in / kB, o_blocks = (spec_.c_out + kO - 1) / kO, hwo = s.oh * s.ow;
+  const size_t c_blocks = spec_.c_in / kB, hwo = s.oh * s.ow;
   const size_t hp = std::max(s.pad_t + h, (s.oh - 1) * g.sh + g.kh);
   const size_t wp = std::max(s.pad_l + w, (s.ow - 1) * g.sw + g.kw);
   const size_t plane = hp * wp * kB, image = c_blocks * plane;
@@ -655,6 +670,18 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
         }
       }, cancel))
     return false;
+  return RunDirectTiles(pool, nthreads, cancel, xb, hp, wp, n, s, y, nullptr, ep0, nullptr);
+}
+
+bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const float* xo,
+                            size_t hp, size_t wp, size_t n, const WindowShape& s, float* y, const BlockedLayout* yl,
+                            const kernels::GemmEpilogue& ep0, const BlockedLayout* rl) const {
+  constexpr size_t kB = kernels::kNchwcBlock, kO = kernels::kNchwcOutBlock;
+  const WindowGeometry& g = spec_.window;
+  const size_t c_blocks = spec_.c_in / kB, o_blocks = (spec_.c_out + kO - 1) / kO, hwo = s.oh * s.ow;
+  const size_t image = c_blocks * hp * wp * kB;
+  // Blocked output: 16-channel blocks per image.
+  const size_t yc_blocks = spec_.c_out / kB;
   // Tasks: runs of output rows of one image and 32-channel block, rows innermost so consecutive tiles
   // reuse the block's weights from L2. One thread takes everything in one task.
   // Output rows of at most 7 pixels go two at a time (one 14-pixel tile).
@@ -671,19 +698,174 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
       const size_t rows = std::min(row_step, s.oh - oy);
       const size_t oc0 = ob * kO;
       kernels::GemmEpilogue ep = ep0;
-      if (ep.residual) ep.residual += (b * spec_.c_out + oc0) * hwo;
-      const kernels::NchwcConvArgs a{xb + b * image, c_blocks, hp, wp, w_ + ob * ldw_, g.kh, g.kw, g.sh, g.sw,
-                                     bias_blocks_ + oc0, std::min(kO, spec_.c_out - oc0),
-                                     y + (b * spec_.c_out + oc0) * hwo, s.oh, s.ow, trivial ? nullptr : &ep};
+      float* yt;
+      size_t y_row = 0, y_block = 0, res_row = 0, res_block = 0;
+      if (yl) {
+        y_row = yl->wp() * kB;
+        y_block = yl->block_floats();
+        yt = y + (b * yc_blocks + oc0 / kB) * y_block + yl->origin();
+        if (ep.residual) {
+          res_row = rl->wp() * kB;
+          res_block = rl->block_floats();
+          ep.residual += (b * yc_blocks + oc0 / kB) * res_block + rl->origin();
+        }
+        // The border a later conv reads as padding: the rows' side columns, and the top/bottom rows
+        // with the first/last row group.
+        const size_t nblk = std::min<size_t>(2, yc_blocks - oc0 / kB);
+        for (size_t v = 0; v < nblk; ++v) {
+          float* blk = y + (b * yc_blocks + oc0 / kB + v) * y_block;
+          for (size_t r = 0; r < rows; ++r) {
+            float* row = blk + (yl->pad_t + oy + r) * y_row;
+            if (yl->pad_l) std::memset(row, 0, yl->pad_l * kB * sizeof(float));
+            if (yl->pad_r) std::memset(row + (yl->pad_l + s.ow) * kB, 0, yl->pad_r * kB * sizeof(float));
+          }
+          if (oy == 0 && yl->pad_t) std::memset(blk, 0, yl->pad_t * y_row * sizeof(float));
+          if (oy + rows == s.oh && yl->pad_b)
+            std::memset(blk + (yl->pad_t + s.oh) * y_row, 0, yl->pad_b * y_row * sizeof(float));
+        }
+      } else {
+        yt = y + (b * spec_.c_out + oc0) * hwo;
+        if (ep.residual) ep.residual += (b * spec_.c_out + oc0) * hwo;
+      }
+      const kernels::NchwcConvArgs a{xo + b * image, c_blocks, hp, wp, w_ + ob * ldw_, g.kh, g.kw, g.sh, g.sw,
+                                     bias_blocks_ + oc0, std::min(kO, spec_.c_out - oc0), yt, s.oh, s.ow,
+                                     trivial ? nullptr : &ep, y_row, y_block, res_row, res_block};
       for (size_t ox0 = 0; ox0 < s.ow; ox0 += seg_w) direct_uk_(&a, oy, ox0, std::min(seg_w, s.ow - ox0), rows);
     }
   }, cancel);
 }
 
-namespace {
-// Depthwise/pooling planes per ParallelFor index: a 7x7 plane is ~200 FLOPs, too little to hand out alone.
-size_t PlanesPerTask(size_t plane_floats) { return std::max<size_t>(1, 4096 / std::max<size_t>(1, plane_floats)); }
-}  // namespace
+std::string ConvOp::CheckBlocked(size_t h, size_t w, const BlockedLayout& xl, const BlockedLayout* yl,
+                                 const BlockedLayout* rl) const {
+  if (!blocked()) return "this convolution does not run on blocked activations";
+  if (blocked_needs_blocked_y() && !yl) return "a blocked depthwise convolution needs a blocked y";
+  WindowShape s;
+  std::string e = ResolveWindow(spec_.window, h, w, &s);
+  if (!e.empty()) return e;
+  const WindowGeometry& g = spec_.window;
+  if (xl.h != h || xl.w != w) return "x's blocked layout is not the input size";
+  // Rows/columns the kernel reads past the interior: the far padding, and the taps of the last
+  // output row/column beyond it.
+  const size_t need_b = std::max(s.pad_t + h, (s.oh - 1) * g.sh + g.kh) - s.pad_t - h;
+  const size_t need_r = std::max(s.pad_l + w, (s.ow - 1) * g.sw + g.kw) - s.pad_l - w;
+  if (xl.pad_t < s.pad_t || xl.pad_l < s.pad_l || xl.pad_b < need_b || xl.pad_r < need_r)
+    return "x's blocked border is smaller than the convolution's padding";
+  if (!yl != !rl && rl) return "a blocked residual needs a blocked y";
+  if (yl) {
+    if (spec_.c_out % kernels::kNchwcBlock) return "a blocked y needs output channels in whole blocks of 16";
+    if (yl->h != s.oh || yl->w != s.ow) return "y's blocked layout is not the output size";
+    if (rl && (rl->h != s.oh || rl->w != s.ow)) return "the residual's blocked layout is not the output size";
+  }
+  return "";
+}
+
+bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,
+                        const BlockedLayout& xl, size_t n, size_t h, size_t w, float* y, const BlockedLayout* yl,
+                        const float* residual, const BlockedLayout* rl, bool residual_before_activation,
+                        std::string* error) const {
+  std::string e = CheckBlocked(h, w, xl, yl, residual ? rl : nullptr);
+  if (e.empty() && residual && !yl != !rl) e = "the residual must be blocked exactly when y is";
+  if (!e.empty()) {
+    *error = e;
+    return false;
+  }
+  WindowShape s;
+  ResolveWindow(spec_.window, h, w, &s);
+  kernels::GemmEpilogue ep{nullptr, nullptr, residual, s.oh * s.ow, spec_.activation,
+                           residual_before_activation ? 1 : 0, spec_.alpha, spec_.beta};
+  const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())),
+                                           2.0 * static_cast<double>(n * spec_.c_out * s.oh * s.ow) * static_cast<double>(kg_),
+                                           kMinFlopsPerThread);
+  // This conv's padded (0, 0) inside x's (possibly wider) border.
+  const float* xo = x + ((xl.pad_t - s.pad_t) * xl.wp() + (xl.pad_l - s.pad_l)) * kernels::kNchwcBlock;
+  const bool ok = path_ == Path::kDepthwise
+                      ? RunDepthwiseBlocked(pool, nthreads, cancel, xo, xl, n, s, y, *yl, residual, rl, ep)
+                      : RunDirectTiles(pool, nthreads, cancel, xo, xl.hp(), xl.wp(), n, s, y, yl, ep, rl);
+  if (!ok && error->empty()) *error = "aborted";
+  return ok;
+}
+
+bool ConvOp::RunDepthwiseBlocked(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const float* xo,
+                                 const BlockedLayout& xl, size_t n, const WindowShape& s, float* y,
+                                 const BlockedLayout& yl, const float* residual, const BlockedLayout* rl,
+                                 const kernels::GemmEpilogue& ep0) const {
+  constexpr size_t kB = kernels::kNchwcBlock;
+  const WindowGeometry& g = spec_.window;
+  const size_t blocks = n * spec_.c_out / kB, taps = g.kh * g.kw, y_row = yl.wp() * kB;
+  const bool trivial = !residual && ep0.activation == kernels::kActNone;
+  // A task is one block's plane (a 56x56 one is ~450 KFLOP); planes are what the threads split.
+  return pool.ParallelFor(blocks, nthreads, [&](size_t t) {
+    const size_t cb = t % (spec_.c_out / kB);
+    float* yb = y + t * yl.block_floats();
+    if (yl.pad_t) std::memset(yb, 0, yl.pad_t * y_row * sizeof(float));
+    if (yl.pad_b) std::memset(yb + (yl.pad_t + s.oh) * y_row, 0, yl.pad_b * y_row * sizeof(float));
+    for (size_t r = 0; r < s.oh; ++r) {
+      float* row = yb + (yl.pad_t + r) * y_row;
+      if (yl.pad_l) std::memset(row, 0, yl.pad_l * kB * sizeof(float));
+      if (yl.pad_r) std::memset(row + (yl.pad_l + s.ow) * kB, 0, yl.pad_r * kB * sizeof(float));
+    }
+    const kernels::NchwcDepthwiseArgs a{xo + t * xl.block_floats(), xl.wp() * kB, dw_blocked_w_ + cb * taps * kB,
+                                        bias_.data() + cb * kB, g.kh, g.kw, g.sh, g.sw, yb + yl.origin(), y_row, s.ow,
+                                        residual ? residual + t * rl->block_floats() + rl->origin() : nullptr,
+                                        residual ? rl->wp() * kB : 0, trivial ? nullptr : &ep0};
+    for (size_t oy = 0; oy < s.oh; ++oy) dw_blocked_uk_(&a, oy);
+  }, cancel);
+}
+
+bool ReorderNchwc(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, bool to_blocked, const float* x,
+                  float* y, size_t n, size_t c, const BlockedLayout& l, std::string* error) {
+  constexpr size_t kB = kernels::kNchwcBlock;
+  kernels::F32PackNchwcRowUkernel pack = kernels::F32PackNchwcRowUkernelScalar();
+  kernels::F32UnpackNchwcRowUkernel unpack = kernels::F32UnpackNchwcRowUkernelScalar();
+#if defined(__x86_64__) || defined(_M_X64)
+  if (Cpu().Supports(IsaLevel::kAvx512)) {
+    pack = kernels::F32PackNchwcRowUkernelAvx512();
+    unpack = kernels::F32UnpackNchwcRowUkernelAvx512();
+  }
+#endif
+  const size_t blocks = n * c / kB, hw = l.h * l.w, wp = l.wp(), row = wp * kB;
+  // A block is one 16-channel slab of a plane: a 56x56 one is 200 KB, enough work for a task.
+  const bool ok = pool.ParallelFor(blocks, std::max(1u, threads), [&](size_t t) {
+    const float* src = to_blocked ? x + t * kB * hw : x + t * l.block_floats();
+    float* dst = to_blocked ? y + t * l.block_floats() : y + t * kB * hw;
+    if (to_blocked) {
+      if (l.pad_t) std::memset(dst, 0, l.pad_t * row * sizeof(float));
+      for (size_t r = 0; r < l.h; ++r) {
+        float* d = dst + (l.pad_t + r) * row;
+        if (l.pad_l) std::memset(d, 0, l.pad_l * kB * sizeof(float));
+        if (l.pad_r) std::memset(d + (l.pad_l + l.w) * kB, 0, l.pad_r * kB * sizeof(float));
+        pack(src + r * l.w, hw, l.w, d + l.pad_l * kB);
+      }
+      if (l.pad_b) std::memset(dst + (l.pad_t + l.h) * row, 0, l.pad_b * row * sizeof(float));
+    } else {
+      for (size_t r = 0; r < l.h; ++r) unpack(src + (l.pad_t + r) * row + l.pad_l * kB, l.w, dst + r * l.w, hw);
+    }
+  }, cancel);
+  if (!ok) *error = "aborted";
+  return ok;
+}
+
+bool RunGlobalAveragePoolBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,
+                                 size_t blocks, const BlockedLayout& l, float* y, std::string* error) {
+  constexpr size_t kB = kernels::kNchwcBlock;
+  const size_t row = l.wp() * kB;
+  const float inv = 1.0f / static_cast<float>(l.h * l.w);
+  const size_t per = PlanesPerTask(l.h * l.w * kB), tasks = (blocks + per - 1) / per;
+  const bool ok = pool.ParallelFor(tasks, std::max(1u, threads), [&](size_t t) {
+    for (size_t blk = t * per; blk < std::min(blocks, (t + 1) * per); ++blk) {
+      // 16 lanes of one pixel are 16 channels: a plain lane-wise sum, which the compiler vectorises.
+      float acc[kB] = {};
+      const float* base = x + blk * l.block_floats() + l.origin();
+      for (size_t r = 0; r < l.h; ++r)
+        for (size_t ix = 0; ix < l.w; ++ix)
+          for (size_t i = 0; i < kB; ++i) acc[i] += base[r * row + ix * kB + i];
+      for (size_t i = 0; i < kB; ++i) y[blk * kB + i] = acc[i] * inv;
+    }
+  }, cancel);
+  if (!ok) *error = "aborted";
+  return ok;
+}
+
 
 bool ConvOp::RunDepthwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
                           size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep0) const {

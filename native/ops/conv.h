@@ -77,6 +77,19 @@ struct ConvSpec {
   float alpha = 0.0f, beta = 0.0f;
 };
 
+// A channel-blocked (NCHW16c) activation: c channels (a multiple of 16) of an h x w interior inside
+// a zero border (what a later conv's padding reads). Image b, channel ch, pixel (y, x) is float
+//   (((b * c / 16 + ch / 16) * hp() + pad_t + y) * wp() + pad_l + x) * 16 + ch % 16.
+// A run of direct convs keeps its activations in this layout (lib/session/plan.ts, PlanBlocked).
+struct BlockedLayout {
+  size_t h = 0, w = 0, pad_t = 0, pad_l = 0, pad_b = 0, pad_r = 0;
+  size_t hp() const { return pad_t + h + pad_b; }
+  size_t wp() const { return pad_l + w + pad_r; }
+  size_t block_floats() const { return hp() * wp() * 16; }
+  size_t origin() const { return (pad_t * wp() + pad_l) * 16; }
+  bool present() const { return h != 0; }
+};
+
 class ConvOp {
  public:
   // weights: [c_out][c_in/group][kh][kw]; bias: c_out or null; bn: null or all four arrays of c_out.
@@ -90,6 +103,22 @@ class ConvOp {
   // Returns false with *error set (cancelled: error "aborted"; out of memory: "out of memory").
   bool Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
            size_t w, float* y, const float* residual, bool residual_before_activation, std::string* error) const;
+
+  // Whether RunBlocked can run this conv: the direct NCHW16c path (y blocked or NCHW), or a depthwise
+  // conv with whole 16-channel blocks and no dilation on AVX-512 (y blocked only).
+  bool blocked() const { return path_ == Path::kDirect || dw_blocked_uk_ != nullptr; }
+  bool blocked_needs_blocked_y() const { return path_ == Path::kDepthwise; }
+  // Empty if RunBlocked may run with these layouts on an h x w input: x's border covers this conv's
+  // padding and every tap, y's (and the residual's) interior is the output size, channels whole
+  // blocks. Otherwise why not.
+  std::string CheckBlocked(size_t h, size_t w, const BlockedLayout& xl, const BlockedLayout* yl,
+                           const BlockedLayout* rl) const;
+  // Run() on a blocked x (layout xl, border zero). y and the residual are both blocked (yl, rl;
+  // y's border is zeroed here) or both NCHW (null layouts); the residual may be null.
+  bool RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,
+                  const BlockedLayout& xl, size_t n, size_t h, size_t w, float* y, const BlockedLayout* yl,
+                  const float* residual, const BlockedLayout* rl, bool residual_before_activation,
+                  std::string* error) const;
 
   const ConvSpec& spec() const { return spec_; }
   size_t bytes() const { return bytes_; }
@@ -107,8 +136,16 @@ class ConvOp {
                     float* y, const kernels::GemmEpilogue& ep) const;
   bool RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
                  size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
+  // The direct kernel over a blocked input whose origin xo is this conv's padded (0, 0) (hp x wp
+  // pixels per channel block): y NCHW (yl null) or blocked (residual too, rl).
+  bool RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const float* xo, size_t hp,
+                      size_t wp, size_t n, const WindowShape& s, float* y, const BlockedLayout* yl,
+                      const kernels::GemmEpilogue& ep, const BlockedLayout* rl) const;
   bool RunDepthwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
                     size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
+  bool RunDepthwiseBlocked(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const float* xo,
+                           const BlockedLayout& xl, size_t n, const WindowShape& s, float* y, const BlockedLayout& yl,
+                           const float* residual, const BlockedLayout* rl, const kernels::GemmEpilogue& ep) const;
 
   ConvSpec spec_;
   ConvPrecision precision_ = ConvPrecision::kFp32;
@@ -130,6 +167,9 @@ class ConvOp {
   kernels::F32WindowUkernel window_uk_ = nullptr;
   kernels::F32NchwcConvUkernel direct_uk_ = nullptr;
   kernels::F32PackNchwcRowUkernel pack_uk_ = nullptr;
+  // Depthwise on blocked activations: weights [c / 16][kh * kw][16].
+  kernels::F32NchwcDepthwiseUkernel dw_blocked_uk_ = nullptr;
+  float* dw_blocked_w_ = nullptr;
   // im2col into B panels: AVX-512 next to the AVX-512 GEMM kernels (its rows are 32-float panels).
   kernels::F32Im2colUkernel im2col_uk_ = kernels::F32Im2colUkernelScalar();
   const char* window_name_ = "";
@@ -143,6 +183,15 @@ enum class PoolKind { kMax = 0, kAverage = 1 };
 bool RunPool(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, PoolKind kind, const float* x,
              size_t planes, size_t h, size_t w, const WindowGeometry& g, bool count_include_pad, ConvVariant variant,
              float* y, std::string* error);
+
+// NCHW x [n][c][l.h][l.w] -> blocked y (to_blocked, border zeroed), or blocked x -> NCHW y.
+// c a multiple of 16.
+bool ReorderNchwc(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, bool to_blocked, const float* x,
+                  float* y, size_t n, size_t c, const BlockedLayout& l, std::string* error);
+
+// y[b * c + ch] = mean of the interior of channel ch of image b of a blocked x; blocks = n * c / 16.
+bool RunGlobalAveragePoolBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,
+                                 size_t blocks, const BlockedLayout& l, float* y, std::string* error);
 
 // y[p] = mean of plane p (h*w floats); reference sums in double.
 bool RunGlobalAveragePool(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,

@@ -121,9 +121,32 @@ void ValidateConv(StepValidator& v, PlanStep& s) {
   const std::string e = ResolveWindow(spec.window, s.h, s.w, &ws);
   if (!e.empty()) return v.Fail(e);
   const size_t y = v.Product({s.n, spec.c_out, ws.oh, ws.ow});
-  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.n, spec.c_in, s.h, s.w})), "x");
-  v.ReadOptional(s.in[1], 4, ContiguousWalk(y), "residual");
-  v.Write(s.out[0], 4, ContiguousWalk(y), "y");
+  const BlockedLayout &xl = s.blocked[0], &rl = s.blocked[1], &yl = s.blocked[2];
+  if (!xl.present()) {
+    if (rl.present() || yl.present()) return v.Fail("a blocked residual or y needs a blocked x");
+    v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.n, spec.c_in, s.h, s.w})), "x");
+    v.ReadOptional(s.in[1], 4, ContiguousWalk(y), "residual");
+    v.Write(s.out[0], 4, ContiguousWalk(y), "y");
+    return;
+  }
+  if (s.in[1].present() && rl.present() != yl.present()) return v.Fail("the residual must be blocked exactly when y is");
+  const std::string why = s.conv->CheckBlocked(s.h, s.w, xl, yl.present() ? &yl : nullptr, rl.present() ? &rl : nullptr);
+  if (!why.empty()) return v.Fail(why);
+  constexpr size_t kB = kernels::kNchwcBlock;
+  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.n, spec.c_in / kB, xl.block_floats()})), "x");
+  const size_t yb = yl.present() ? v.Product({s.n, spec.c_out / kB, yl.block_floats()}) : y;
+  if (s.in[1].present()) v.Read(s.in[1], 4, ContiguousWalk(rl.present() ? v.Product({s.n, spec.c_out / kB, rl.block_floats()}) : y), "residual");
+  v.Write(s.out[0], 4, ContiguousWalk(yb), "y");
+}
+
+void ValidateReorder(StepValidator& v, PlanStep& s) {
+  const BlockedLayout& l = s.blocked[0];
+  if (!l.present() || l.w == 0) return v.Fail("needs a blocked layout with a non-empty interior");
+  if (s.count % kernels::kNchwcBlock) return v.Fail("channels must be a multiple of 16");
+  const size_t nchw = v.Product({s.n, s.count, l.h, l.w});
+  const size_t blocked = v.Product({s.n, s.count / kernels::kNchwcBlock, l.block_floats()});
+  v.Read(s.in[0], 4, ContiguousWalk(s.flag ? nchw : blocked), "x");
+  v.Write(s.out[0], 4, ContiguousWalk(s.flag ? blocked : nchw), "y");
 }
 
 void ValidateGemm(StepValidator& v, PlanStep& s) {
@@ -256,7 +279,11 @@ void ValidatePool(StepValidator& v, PlanStep& s) {
 
 void ValidateGlobalAveragePool(StepValidator& v, PlanStep& s) {
   if (s.inner == 0) return v.Fail("hw must be >= 1");
-  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.outer, s.inner})), "x");
+  const BlockedLayout& l = s.blocked[0];
+  if (l.present() && (s.outer % kernels::kNchwcBlock || l.h * l.w != s.inner))
+    return v.Fail("a blocked x needs planes in whole blocks of 16 and an interior of hw pixels");
+  v.Read(s.in[0], 4, ContiguousWalk(l.present() ? v.Product({s.outer / kernels::kNchwcBlock, l.block_floats()})
+                                                 : v.Product({s.outer, s.inner})), "x");
   v.Write(s.out[0], 4, ContiguousWalk(s.outer), "y");
 }
 
@@ -375,6 +402,7 @@ void ValidateStep(StepValidator& v, PlanStep& s) {
     case PlanOp::kCast: return ValidateCast(v, s);
     case PlanOp::kPad: return ValidatePad(v, s);
     case PlanOp::kSpmm: return ValidateSpmm(v, s);
+    case PlanOp::kReorder: return ValidateReorder(v, s);
   }
   v.Fail("unknown op");
 }
@@ -435,6 +463,7 @@ const char* PlanOpName(PlanOp op) {
     case PlanOp::kCast: return "cast";
     case PlanOp::kPad: return "pad";
     case PlanOp::kSpmm: return "spmm";
+    case PlanOp::kReorder: return "reorder";
   }
   return "?";
 }
@@ -557,8 +586,15 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
   void* y = at(s.out[0]);
   switch (s.op) {
     case PlanOp::kConv:
+      if (s.blocked[0].present())
+        return s.conv->RunBlocked(*ctx.pool, ctx.max_threads, ctx.cancel, f32(s.in[0]), s.blocked[0], s.n, s.h, s.w,
+                                  f32(s.out[0]), s.blocked[2].present() ? &s.blocked[2] : nullptr, f32(s.in[1]),
+                                  s.blocked[1].present() ? &s.blocked[1] : nullptr, s.flag, error);
       return s.conv->Run(*ctx.pool, ctx.max_threads, ctx.cancel, f32(s.in[0]), s.n, s.h, s.w, f32(s.out[0]),
                          f32(s.in[1]), s.flag, error);
+    case PlanOp::kReorder:
+      return ReorderNchwc(*ctx.pool, ctx.max_threads, ctx.cancel, s.flag, f32(s.in[0]), f32(s.out[0]), s.n, s.count,
+                          s.blocked[0], error);
     case PlanOp::kGemm: {
       const kernels::GemmEpilogue ep{nullptr, f32(s.in[1]), f32(s.in[2]), s.n, s.kind, s.flag ? 1 : 0, s.alpha, s.beta};
       if (s.gemm) {
@@ -667,6 +703,9 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
       return RunPool(*ctx.pool, ctx.max_threads, ctx.cancel, static_cast<PoolKind>(s.kind), f32(s.in[0]), s.outer, s.h,
                      s.w, s.window, s.flag, ConvVariant::kAuto, f32(s.out[0]), error);
     case PlanOp::kGlobalAveragePool:
+      if (s.blocked[0].present())
+        return RunGlobalAveragePoolBlocked(*ctx.pool, ctx.max_threads, ctx.cancel, f32(s.in[0]),
+                                           s.outer / kernels::kNchwcBlock, s.blocked[0], f32(s.out[0]), error);
       return RunGlobalAveragePool(*ctx.pool, ctx.max_threads, ctx.cancel, f32(s.in[0]), s.outer, s.inner,
                                   ConvVariant::kAuto, f32(s.out[0]), error);
     case PlanOp::kSoftmax:

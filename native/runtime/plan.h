@@ -46,7 +46,7 @@ struct PlanRef {
 
 enum class PlanOp : uint8_t {
   kConv, kGemm, kMatMul, kUnary, kBinary, kWhere, kCopy, kFill, kGather, kPool, kGlobalAveragePool, kSoftmax,
-  kLogSoftmax, kLayerNorm, kChannelAffine, kReduce, kArgMax, kTopK, kCast, kPad, kSpmm,
+  kLogSoftmax, kLayerNorm, kChannelAffine, kReduce, kArgMax, kTopK, kCast, kPad, kSpmm, kReorder,
 };
 
 const char* PlanOpName(PlanOp op);
@@ -64,6 +64,7 @@ const char* PlanOpName(PlanOp op);
 //   layerNorm     in: x, scale, bias              out: y
 //   channelAffine in: x, scale, shift             out: y
 //   topk          in: x                           out: values, indices
+//   reorder       in: x                           out: y
 struct PlanStep {
   PlanOp op = PlanOp::kFill;
   std::string node;
@@ -73,7 +74,7 @@ struct PlanStep {
   //   conv: n, h, w; gemm/spmm/matmul: m, k, n; unary/fill/cast: count; gather: outer, mid = axisLen,
   //   inner, count = nIndices; pool: outer = planes, h, w; globalAveragePool: outer = planes,
   //   inner = hw; softmax, reduce, argmax, topk (k), channelAffine: outer, mid, inner;
-  //   layerNorm: outer = rows, inner = cols.
+  //   layerNorm: outer = rows, inner = cols; reorder: n, count = channels.
   size_t m = 0, k = 0, n = 0, h = 0, w = 0, count = 0, outer = 0, mid = 0, inner = 0;
 
   // binary/where/copy: dims and one stride row per strided operand (binary a, b; where cond, x, y;
@@ -89,8 +90,11 @@ struct PlanStep {
   float alpha = 0.0f, beta = 0.0f, epsilon = 0.0f;
   double value = 0.0;  // fill, pad
   // conv/gemm: residual before activation; matmul: transB; pool: countIncludePad; argmax:
-  // selectLastIndex; topk: largest.
+  // selectLastIndex; topk: largest; reorder: to blocked.
   bool flag = false;
+  // NCHW16c operands (absent: NCHW): conv x, residual, y; globalAveragePool x; reorder: the
+  // blocked side in blocked[0].
+  BlockedLayout blocked[3];
   WindowGeometry window;  // pool
   Dims dims3;             // softmax / topk: {outer, mid, inner} for the elementwise ops' Dims form
 

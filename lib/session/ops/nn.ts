@@ -4,7 +4,7 @@
  * the packed kernels of sonde.kernels; everything else is one plan step per node.
  */
 import { native, type NativeConvHandle, type NativePackedGemm, type NativePackedGemmLowp } from '../../binding.js';
-import { UnsupportedOperatorError, ModelFormatError, fromNative } from '../../errors.js';
+import { InternalError, UnsupportedOperatorError, ModelFormatError, fromNative } from '../../errors.js';
 import type { OnnxNode } from '../../onnx/model.js';
 import { Tensor } from '../../tensor.js';
 import { makeAttrs, nodeWhere } from '../attrs.js';
@@ -115,6 +115,33 @@ const ACTIVATION_CODE: Record<FusedActivation, number> = {
   none: 0, relu: 1, clip: 2, silu: 3, gelu: 4, geluTanh: 5, sigmoid: 6, leakyRelu: 7, hardSwish: 8,
 };
 
+/** Convolutions that can read and write blocked (NCHW16c) activations, by handle. */
+const directConvs = new WeakMap<NativeConvHandle, { cIn: number; cOut: number; win: Window; needsBlockedY: boolean }>();
+
+/** What the layout pass (lib/session/layout.ts) needs of a conv that can run on blocked operands. */
+export interface BlockedConvGeometry {
+  cIn: number;
+  cOut: number;
+  oh: number;
+  ow: number;
+  /** The border [t, l, b, r] a blocked x needs around its h x w interior: every tap in range. */
+  border: [number, number, number, number];
+  /** It reads a blocked x only when it also writes a blocked y (depthwise). */
+  needsBlockedY: boolean;
+}
+
+/** Undefined unless the handle can run on blocked activations (the direct path, blocked depthwise). */
+export function blockedConvGeometry(handle: NativeConvHandle, h: number, w: number): BlockedConvGeometry | undefined {
+  const d = directConvs.get(handle);
+  if (!d) return undefined;
+  const ctx = { fail: (m: string) => { throw new InternalError(`blocked conv: ${m}`); } } as unknown as OpContext;
+  const { out: [oh, ow], pads } = resolveWindow(ctx, { ...d.win, ceil: false }, h, w);
+  // The direct path has no dilation: the last output row reads rows up to (oh-1)*sh + kh of the padded input.
+  const needB = Math.max(pads[0] + h, (oh - 1) * d.win.strides[0] + d.win.kernel[0]) - pads[0] - h;
+  const needR = Math.max(pads[1] + w, (ow - 1) * d.win.strides[1] + d.win.kernel[1]) - pads[1] - w;
+  return { cIn: d.cIn, cOut: d.cOut, oh, ow, border: [pads[0], pads[1], needB, needR], needsBlockedY: d.needsBlockedY };
+}
+
 interface ConvPrepared extends Prepared, SparsePrepared {
   handle: NativeConvHandle;
   cOut: number;
@@ -185,6 +212,8 @@ function prepareConv(fused: boolean) {
       throw fromNative(err);
     }
     const cIn = w.dims[1]! * group;
+    const blockedIo = spatial === 2 ? handle.info().blocked : undefined;
+    if (blockedIo) directConvs.set(handle, { cIn, cOut, win, needsBlockedY: blockedIo === 'xy' });
     let sparse: SparseChoice | undefined;
     const pointwise = isPointwise(win, group);
     const kxk = !pointwise && isSparseKxK(win, group, spatial);

@@ -107,6 +107,12 @@ F32ConvGemmUkernelInfo F32ConvGemmUkernelAvx512();
 constexpr size_t kNchwcBlock = 16;
 constexpr size_t kNchwcOutBlock = 32;
 constexpr size_t kNchwcMaxPixels = 14;
+// Blocked output (y_row != 0): y points at output pixel (0, 0) of the channel block oc0 / 16 of one
+// image, in a blocked tensor whose rows are y_row floats apart and whose 16-channel blocks are
+// y_block floats apart (border columns and rows around the oh x ow interior are not written); the
+// residual (ep->residual, may be null) is blocked the same way with its own res_row / res_block,
+// and oc_valid must then be 16 or 32. The tile leaves as it is held, 16 channels of a pixel per
+// vector, so no transpose or gather is needed.
 struct NchwcConvArgs {
   const float* x;
   size_t c_blocks, hp, wp;
@@ -114,16 +120,42 @@ struct NchwcConvArgs {
   size_t kh, kw, sh, sw;
   const float* bias;
   size_t oc_valid;
-  float* y;  // channel oc0 of one image, NCHW
+  float* y;  // channel oc0 of one image, NCHW (y_row == 0) or blocked
   size_t oh, ow;
   const GemmEpilogue* ep;
+  size_t y_row, y_block;      // blocked output; 0: NCHW
+  size_t res_row, res_block;  // blocked residual
 };
 typedef void (*F32NchwcConvUkernel)(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t rows);
+// Depthwise convolution on NCHW16c (one weight per channel and tap, no dilation): output row oy of
+// one 16-channel block. x points at this conv's padded (0, 0) of the block (rows x_row floats
+// apart, every tap in range); w holds kh*kw vectors of 16 channel weights; bias 16 floats; y (and
+// the residual, may be null) at the block's interior (0, 0), rows y_row (res_row) apart. ep: the
+// activation and residual order (its pointers unused), or null for none.
+struct NchwcDepthwiseArgs {
+  const float* x;
+  size_t x_row;
+  const float* w;
+  const float* bias;
+  size_t kh, kw, sh, sw;
+  float* y;
+  size_t y_row, ow;
+  const float* residual;
+  size_t res_row;
+  const GemmEpilogue* ep;
+};
+typedef void (*F32NchwcDepthwiseUkernel)(const NchwcDepthwiseArgs* a, size_t oy);
 // One input row of 16 channel planes into blocked form: dst[ix * 16 + l] = src[l * plane + ix], ix < w.
 typedef void (*F32PackNchwcRowUkernel)(const float* src, size_t plane, size_t w, float* dst);
+// The inverse: dst[l * plane + ix] = src[ix * 16 + l], ix < w, l < 16.
+typedef void (*F32UnpackNchwcRowUkernel)(const float* src, size_t w, float* dst, size_t plane);
+F32PackNchwcRowUkernel F32PackNchwcRowUkernelScalar();
+F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelScalar();
 #if defined(__x86_64__) || defined(_M_X64)
 F32NchwcConvUkernel F32NchwcConvUkernelAvx512();
 F32PackNchwcRowUkernel F32PackNchwcRowUkernelAvx512();
+F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelAvx512();
+F32NchwcDepthwiseUkernel F32NchwcDepthwiseUkernelAvx512();
 #endif
 
 // The independent reference convolution, straight from the definition, accumulating in double:

@@ -53,6 +53,29 @@ void Tile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
       }
     }
   }
+  const GemmEpilogue* ep = a->ep;
+  if (a->y_row) {
+    const float* res = ep ? ep->residual : nullptr;
+#pragma GCC unroll 16
+    for (size_t p = 0; p < kPix; ++p) {
+      const size_t pix = (oy + p / P) * a->y_row + (ox0 + p % P) * kB;
+      const size_t rpix = (oy + p / P) * a->res_row + (ox0 + p % P) * kB;
+      for (size_t v = 0; v < NV; ++v) {
+        __m512 r = _mm512_add_ps(acc[v][p], _mm512_load_ps(a->bias + v * 16));
+        if (ep) {
+          if (res) {
+            const __m512 rv = _mm512_loadu_ps(res + v * a->res_block + rpix);
+            r = ep->residual_before_activation ? avx512::Activate(_mm512_add_ps(r, rv), ep)
+                                               : _mm512_add_ps(avx512::Activate(r, ep), rv);
+          } else {
+            r = avx512::Activate(r, ep);
+          }
+        }
+        _mm512_storeu_ps(a->y + v * a->y_block + pix, r);
+      }
+    }
+    return;
+  }
   // Stack tile [pixel][32 channels]; channel i of a row's P pixels is then lanes (r P + p) * 32 + i.
   alignas(64) float tile[kPix * kOcb];
 #pragma GCC unroll 16
@@ -63,7 +86,6 @@ void Tile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
                                          _mm512_set1_epi32(static_cast<int>(kOcb)));
   const __mmask16 m = static_cast<__mmask16>((1u << P) - 1);
   const size_t hwo = a->oh * a->ow;
-  const GemmEpilogue* ep = a->ep;
   for (size_t i = 0; i < a->oc_valid; ++i) {
     for (size_t r = 0; r < R; ++r) {
       const size_t at = i * hwo + (oy + r) * a->ow + ox0;
@@ -145,10 +167,72 @@ void F32PackNchwcRowAvx512(const float* src, size_t plane, size_t w, float* dst)
   }
 }
 
+// 16 pixels at a time: their 16-channel vectors in, transposed, one masked row of each channel out.
+void F32UnpackNchwcRowAvx512(const float* src, size_t w, float* dst, size_t plane) {
+  __m512 r[16];
+  for (size_t x0 = 0; x0 < w; x0 += 16, src += 16 * kB) {
+    const size_t np = w - x0 < 16 ? w - x0 : 16;
+    const __mmask16 m = static_cast<__mmask16>((1u << np) - 1);
+    for (size_t p = 0; p < 16; ++p) r[p] = p < np ? _mm512_loadu_ps(src + p * kB) : _mm512_setzero_ps();
+    Transpose16x16(r);
+    for (size_t l = 0; l < kB; ++l) _mm512_mask_storeu_ps(dst + l * plane + x0, m, r[l]);
+  }
+}
+
+// Each tap of a pixel is one FMA over its 16 channels (the blocked layout's point: NCHW needs a
+// shuffle or a gather per tap at stride 2). Four pixels per pass keep four independent FMA chains
+// in flight against the 4-cycle latency; the tap weights come from L1.
+inline __m512 DepthwiseFinish(const NchwcDepthwiseArgs* a, __m512 v, const float* res) {
+  const GemmEpilogue* ep = a->ep;
+  if (!ep) return v;
+  if (!res) return avx512::Activate(v, ep);
+  const __m512 r = _mm512_loadu_ps(res);
+  return ep->residual_before_activation ? avx512::Activate(_mm512_add_ps(v, r), ep)
+                                        : _mm512_add_ps(avx512::Activate(v, ep), r);
+}
+
+void F32NchwcDepthwiseAvx512(const NchwcDepthwiseArgs* a, size_t oy) {
+  const __m512 bias = _mm512_loadu_ps(a->bias);
+  const float* xr = a->x + oy * a->sh * a->x_row;
+  float* yr = a->y + oy * a->y_row;
+  const float* rr = a->residual ? a->residual + oy * a->res_row : nullptr;
+  const size_t step = a->sw * kB;
+  size_t ox = 0;
+  for (; ox + 4 <= a->ow; ox += 4) {
+    __m512 acc0 = bias, acc1 = bias, acc2 = bias, acc3 = bias;
+    const float* wt = a->w;
+    for (size_t ky = 0; ky < a->kh; ++ky) {
+      const float* xt = xr + ky * a->x_row + ox * step;
+      for (size_t kx = 0; kx < a->kw; ++kx, xt += kB, wt += kB) {
+        const __m512 w = _mm512_loadu_ps(wt);
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(xt), w, acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(xt + step), w, acc1);
+        acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(xt + 2 * step), w, acc2);
+        acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(xt + 3 * step), w, acc3);
+      }
+    }
+    const __m512 accs[4] = {acc0, acc1, acc2, acc3};
+    for (size_t p = 0; p < 4; ++p)
+      _mm512_storeu_ps(yr + (ox + p) * kB, DepthwiseFinish(a, accs[p], rr ? rr + (ox + p) * kB : nullptr));
+  }
+  for (; ox < a->ow; ++ox) {
+    __m512 acc = bias;
+    const float* wt = a->w;
+    for (size_t ky = 0; ky < a->kh; ++ky) {
+      const float* xt = xr + ky * a->x_row + ox * step;
+      for (size_t kx = 0; kx < a->kw; ++kx, xt += kB, wt += kB)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(xt), _mm512_loadu_ps(wt), acc);
+    }
+    _mm512_storeu_ps(yr + ox * kB, DepthwiseFinish(a, acc, rr ? rr + ox * kB : nullptr));
+  }
+}
+
 }  // namespace
 
+F32NchwcDepthwiseUkernel F32NchwcDepthwiseUkernelAvx512() { return F32NchwcDepthwiseAvx512; }
 F32NchwcConvUkernel F32NchwcConvUkernelAvx512() { return F32NchwcConvAvx512; }
 F32PackNchwcRowUkernel F32PackNchwcRowUkernelAvx512() { return F32PackNchwcRowAvx512; }
+F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelAvx512() { return F32UnpackNchwcRowAvx512; }
 
 }  // namespace kernels
 }  // namespace sonde

@@ -107,9 +107,21 @@ void F32Im2colScalar(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_
   for (size_t k = 0; k < kc; ++k) FillRow(a, k0 + k, j0, ncols, nr, panel + k * nr);
 }
 
+void F32PackNchwcRowScalar(const float* src, size_t plane, size_t w, float* dst) {
+  for (size_t ix = 0; ix < w; ++ix)
+    for (size_t l = 0; l < kNchwcBlock; ++l) dst[ix * kNchwcBlock + l] = src[l * plane + ix];
+}
+
+void F32UnpackNchwcRowScalar(const float* src, size_t w, float* dst, size_t plane) {
+  for (size_t l = 0; l < kNchwcBlock; ++l)
+    for (size_t ix = 0; ix < w; ++ix) dst[l * plane + ix] = src[ix * kNchwcBlock + l];
+}
+
 }  // namespace
 
 F32Im2colUkernel F32Im2colUkernelScalar() { return F32Im2colScalar; }
+F32PackNchwcRowUkernel F32PackNchwcRowUkernelScalar() { return F32PackNchwcRowScalar; }
+F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelScalar() { return F32UnpackNchwcRowScalar; }
 
 F32WindowUkernel F32WindowUkernelScalar() { return F32WindowScalar; }
 F32SumUkernel F32SumUkernelScalar() { return F32SumScalar; }
