@@ -183,6 +183,28 @@ describe('kernels.quantMatmul', () => {
     });
   });
 
+  it('M = 1 (the decode rows kernel): float types at K off its 16- and 64-element steps, N off the rows per task, 1 and 2 threads', async () => {
+    // K: below one 16-lane step, one step plus one, one short of / at / past the 64-element unroll,
+    // and a long row with a masked tail. N = 33 at K = 1056 splits into tasks of 5 rows on 2 threads.
+    for (const type of ['f32', 'f16', 'bf16'] as const) {
+      for (const k of [5, 17, 63, 64, 65, 127, 1056]) {
+        for (const n of [1, 3, 33]) {
+          const wf = randomF32(n * k, 5 * k + n).map((v, i) => v * (1 + (i % 3)));
+          const w = kernels.quantizeWeights(new Tensor('float32', wf, [n, k]), type);
+          const wdeq = (await kernels.dequantize(w)).data;
+          const x = randomF32(k, 7 * k + n).map((v, i) => v * 2 ** ((i % 5) - 2));
+          const { want, bound } = expected(x, 1, w, wdeq);
+          for (const variant of variantsOf(type)) {
+            for (const threads of [1, 2]) {
+              const y = await kernels.quantMatmul(new Tensor('float32', x, [1, k]), w, { variant, threads });
+              expectWithin(`${type} ${variant} t${threads} m=1 n=${n} k=${k}`, y.data, want, bound);
+            }
+          }
+        }
+      }
+    }
+  });
+
   it('auto is the fastest variant: the same bits as avx512vnni (block types) or the widest SIMD level', async () => {
     const x = new Tensor('float32', randomF32(2 * 256, 1), [2, 256]);
     for (const type of TYPES) {

@@ -51,6 +51,7 @@ struct LlmArena {
   std::vector<QuantMatmulScratch> head_scratch;  // MLA: one per head for the per-head products
   std::vector<uint32_t> row_pos;  // each row's position in its sequence
   std::vector<uint32_t> row_seq;  // each row's sequence index in the step
+  std::vector<float> rope;        // per row: RoPE's cos and sin per pair at its position (head_dim floats)
   QuantMatmulScratch qscratch;
   MoeScratch moe;  // RunMoe's buffers, so a MoE decode step allocates nothing either
 

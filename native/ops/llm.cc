@@ -438,6 +438,7 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
     if (c.experts) Grow(a.moe_out, r * d);
     Grow(a.row_pos, r);
     Grow(a.row_seq, r);
+    if (!mla) Grow(a.rope, r * hd);
     a.rows = r;
   }
   for (size_t s = 0; s < step.seqs.size(); ++s) {
@@ -484,6 +485,14 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
     }
     return pool.ParallelFor(count, threads, fn, cancel);
   };
+
+  // Each row's RoPE angles, once for all its layers and heads.
+  float* rope = a.rope.data();
+  if (!mla && !rows(n, [&](size_t i) {
+        kernels::RopeAngles(hd, static_cast<int64_t>(row_pos[i]), c.rope_base, freq_scale, rope + i * hd);
+      }))
+    return false;
+  StepProfileMark(prof.p, kPhaseRope);
 
   // Multi-head latent attention of layer l (deepseek2), in the absorbed form for every row: the
   // cache holds per position only the normalised latent c (kv_lora) and the roped key part k_r;
@@ -576,8 +585,8 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
       // earlier rows of this step.
       if (!rows(n, [&](size_t i) {
             const size_t pos = row_pos[i];
-            kernels::RopeRow(q + i * qd, c.heads, hd, static_cast<int64_t>(pos), c.rope_base, freq_scale, c.neox);
-            kernels::RopeRow(k + i * kvd, c.kv_heads, hd, static_cast<int64_t>(pos), c.rope_base, freq_scale, c.neox);
+            kernels::RopeRowAngles(q + i * qd, c.heads, hd, rope + i * hd, c.neox);
+            kernels::RopeRowAngles(k + i * kvd, c.kv_heads, hd, rope + i * hd, c.neox);
             uint8_t* block = block_of(row_seq[i], pos);
             const size_t off = (pos % bs) * hd * eb;
             for (size_t h = 0; h < c.kv_heads; ++h) {

@@ -233,8 +233,11 @@ bool RunMoeSingleToken(ThreadPool& pool, unsigned threads, const CancelFlag* can
   float* u = g + k * f + sf;
   float* out = s.out.data();
   float sgate = 1.0f;
-  const size_t total_rows = 2 * (k * f + sf) + (k + 1) * d;
-  const size_t chunk = std::max<size_t>(16, (total_rows + 8 * threads - 1) / (8 * threads));
+  // Each phase in about 8 chunks per thread: sized from both phases' rows together, the down
+  // phase (a third of the rows) got under 3 per thread, and a thread that drew the last one left
+  // the other waiting for up to a chunk.
+  auto chunk_for = [&](size_t rows) { return std::max<size_t>(16, (rows + 8 * threads - 1) / (8 * threads)); };
+  size_t chunk = chunk_for(2 * (k * f + sf));
   // x once per weight type it meets (the tensors of a layer may differ in type).
   bool quantized[kernels::kQuantTypeCount] = {};
   auto x_acts = [&](int32_t type) -> const QuantMatmulScratch* {
@@ -277,6 +280,7 @@ bool RunMoeSingleToken(ThreadPool& pool, unsigned threads, const CancelFlag* can
   if (sf && !QuantizeForGemv(pool, threads, cancel, l.variant, g + k * f, 1, sf, sf, l.shared_down.type, &s.shared_h_acts))
     return false;
   s.pieces.clear();
+  chunk = chunk_for(k * d + (sf ? d : 0));
   for (size_t j = 0; j < k; ++j) {
     const size_t e = static_cast<size_t>(ids[j]);
     AddGemv(&s.pieces, g + j * f, f, l.down.data + e * l.down.expert_stride, l.down.type, d, out + j * d, chunk, &s.h_acts, j);

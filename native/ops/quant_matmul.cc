@@ -200,6 +200,19 @@ Plan PlanFor(const QuantMatmulArgs& args, QuantVariant v) {
   return p;
 }
 
+// The activation quantiser: the AVX-512 one where the CPU runs it (the same bits as the scalar
+// definition, for every variant), chosen once.
+using ActivationQuantizer = void (*)(const float*, size_t, int8_t*, float*, int32_t*);
+ActivationQuantizer ActivationQuantizerHere() {
+  static const ActivationQuantizer fn = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (Cpu().Supports(IsaLevel::kAvx512)) return &kernels::QuantizeActivationRowAvx512;
+#endif
+    return &kernels::QuantizeActivationRow;
+  }();
+  return fn;
+}
+
 int32_t ActForm(const Plan& p) {
   if (!p.block) return kernels::kQuantActF32;
   if (p.gemm) return kernels::kQuantActU8;
@@ -226,10 +239,11 @@ bool QuantizeActivations(ThreadPool& pool, unsigned max_threads, const CancelFla
   qa.d.resize(m * qa.nb_pad);
   qa.sums.resize(m * qa.nb_pad);
   if (corr) qa.corr.resize(m * qa.nb_pad);
+  const ActivationQuantizer quantize_row = ActivationQuantizerHere();
   auto row = [&](size_t i) {
     int32_t* sums = qa.sums.data() + i * qa.nb_pad;
     int8_t* q = qa.q.data() + i * qa.q_stride;
-    kernels::QuantizeActivationRow(args.x + i * args.ldx, k, q, qa.d.data() + i * qa.nb_pad, sums);
+    quantize_row(args.x + i * args.ldx, k, q, qa.d.data() + i * qa.nb_pad, sums);
     if (qa.form == kernels::kQuantActU8) {
       // The GEMM's vpdpbusd takes the activations as its unsigned operand: q + 128.
       for (size_t j = 0; j < k; ++j) q[j] = static_cast<int8_t>(static_cast<uint8_t>(q[j]) ^ 0x80);
@@ -292,6 +306,14 @@ void RunGemvTask(const GemvJob& j, const QuantMatmulScratch& qa, size_t t) {
   const QuantMatmulArgs& args = *j.args;
   const size_t m = args.m, n = args.n, k = args.k, row0 = j.row0, row_bytes = j.row_bytes;
   const size_t n0 = t * j.rows, n1 = std::min(n, n0 + j.rows);
+  // One activation row (a decode step) of a float type: the kernel that streams the task's rows.
+  if (m == 1 && !j.reference && !j.block && j.plan.uk.rows) {
+    kernels::QuantActs a{};
+    a.x = args.x;
+    a.ldx = args.ldx;
+    j.plan.uk.rows(n1 - n0, k, args.w + n0 * row_bytes, row_bytes, &a, args.y + n0);
+    return;
+  }
   if (j.gemv16) {
     for (size_t i0 = 0; i0 < m; i0 += kernels::kQuantGemvMaxMr) {
       kernels::QuantActs a{};

@@ -30,6 +30,31 @@ void RopeRow(float* x, size_t heads, size_t hd, int64_t pos, float base, float f
   }
 }
 
+void RopeAngles(size_t hd, int64_t pos, float base, float freq_scale, float* cs) {
+  const float theta_scale = powf(base, -2.0f / static_cast<float>(hd));
+  float theta = static_cast<float>(pos) * freq_scale;
+  for (size_t j = 0; j < hd / 2; ++j) {
+    cs[2 * j] = cosf(theta);
+    cs[2 * j + 1] = sinf(theta);
+    theta *= theta_scale;
+  }
+}
+
+void RopeRowAngles(float* x, size_t heads, size_t hd, const float* cs, bool neox) {
+  const size_t half = hd / 2;
+  for (size_t h = 0; h < heads; ++h) {
+    float* r = x + h * hd;
+    for (size_t j = 0; j < half; ++j) {
+      const float c = cs[2 * j], s = cs[2 * j + 1];
+      float* a = neox ? r + j : r + 2 * j;
+      float* b = neox ? r + j + half : r + 2 * j + 1;
+      const float x0 = *a, x1 = *b;
+      *a = x0 * c - x1 * s;
+      *b = x0 * s + x1 * c;
+    }
+  }
+}
+
 void RopeRowYarn(float* x, size_t heads, size_t hd, int64_t pos, float base, float freq_scale, float ext_factor,
                  float corr_low, float corr_high, float magnitude, bool neox) {
   const size_t half = hd / 2;

@@ -18,6 +18,13 @@ void RmsNormRow(const float* x, const float* w, size_t n, float eps, float* y);
 // theta_{j+1} = theta_j * base^(-2 / head_dim) in fp32, then cos/sin in fp32.
 void RopeRow(float* x, size_t heads, size_t head_dim, int64_t pos, float base, float freq_scale, bool neox);
 
+// RopeRow in two parts, for a position whose angles serve many heads and layers (a decode step
+// rotates 12 layers x (q + k heads) at one position: the cosf/sinf, recomputed per head, were most
+// of RoPE's time): cs[2j], cs[2j + 1] = the cos and sin RopeRow computes for pair j (head_dim / 2
+// pairs), then RopeRowAngles rotates with them, equal to RopeRow bit for bit.
+void RopeAngles(size_t head_dim, int64_t pos, float base, float freq_scale, float* cs);
+void RopeRowAngles(float* x, size_t heads, size_t head_dim, const float* cs, bool neox);
+
 // YaRN (as ggml's rope with ext_factor): pair j's angle blends the interpolated pos * freq_scale *
 // t_j and the extrapolated pos * t_j (t_j = base^(-2j / head_dim), iterated in fp32) by
 // ramp_j * ext_factor, ramp_j = 1 - clamp((j - corr_low) / max(0.001, corr_high - corr_low), 0, 1);
