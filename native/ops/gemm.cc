@@ -172,8 +172,8 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   const unsigned threads = ThreadsForWork(std::max(1u, std::min(max_threads, pool.size())),
                                           2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k),
                                           kMinFlopsPerThread);
-  // Task grid: start from blocks of ~192 rows x ~256 columns, then split further until every thread
-  // has a few tasks (M=1 decode splits across N only).
+  // Task grid: start from blocks of ~192 rows x ~256 columns (1024 where A may be packed), then split
+  // further until every thread has a few tasks (M=1 decode splits across N only).
   static const size_t kc_run = Knob("SONDE_GEMM_KC", kKc), mb_rows = Knob("SONDE_GEMM_MB", kRowsPerTask),
                       nb_cols = Knob("SONDE_GEMM_NB", kColsPerTask),
                       nb_cols_packed = Knob("SONDE_GEMM_NB_PACKED", kColsPerPackedTask);
@@ -201,7 +201,7 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   // The first row tile over each W slice reads it from L3 or DRAM (the later ones find it in L2).
   const kernels::F32GemmUkernel fn_cold_w = uk.fn_cold_w ? uk.fn_cold_w : uk.fn;
   // Packed A is bounded by the K block (mb > 1), so a thread's buffer never holds a whole long row.
-  const bool pack_a = may_pack_a && RowsShareL1Set(args.lda) && mb > 1 && nb >= kMinPanelsToPackA;
+  const bool pack_a = may_pack_a && mb > 1 && nb >= kMinPanelsToPackA;
   const size_t packed_tile_floats = pack_a ? mr * ((k_block + pa.k_group - 1) / pa.k_group * pa.k_group) : 0;
   auto task = [&](size_t t) {
     const size_t mbi = t % m_blocks, nbi = t / m_blocks;
