@@ -3,12 +3,15 @@
 // because this shared machine's speed drifts by more than the changes being measured.
 //   node bench/gemm-ab.js [MxKxN[@threads][*copies] ...]
 // Default cases: the squares and model shapes of the `gemm` suite. Prints best/median GFLOP/s by wall
-// time and the ratios of medians before/after and ORT/after (above 1: this build is faster). With
+// time, the medians as % of the FMA peak (measured after each case's rounds) and the ratios of
+// medians before/after and ORT/after (above 1: this build is faster). With
 // the host loaded (load average above its 2 cores), wall time mostly measures the wait for a core,
 // so each line also gives GFLOP/s per CPU-second of this process (process.cpuUsage: every thread,
 // the pool's spin-waits included) and the ratio of those medians.
 import { createRequire } from 'node:module';
+import { loadavg } from 'node:os';
 import { native } from '../dist/binding.js';
+import { devices } from '../dist/index.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
 
 const require = createRequire(import.meta.url);
@@ -31,6 +34,10 @@ function stats(ts) {
   return { best: s[0], median: s[Math.floor(s.length / 2)] };
 }
 
+// The load average says how far wall times can be trusted on this shared machine (above the core
+// count, a call mostly waits for a core); printed before and after so a drift shows.
+const load = () => loadavg().map((x) => x.toFixed(2)).join(' ');
+console.log(`load average ${load()}`);
 for (const spec of process.argv.length > 2 ? process.argv.slice(2) : defaults) {
   const { m, k, n, threads, copies } = parse(spec);
   const a = rand(m * k);
@@ -68,12 +75,21 @@ for (const spec of process.argv.length > 2 ? process.argv.slice(2) : defaults) {
     }
     ci++;
   }
+  // The FMA peak at these threads, measured right after the rounds (best of 3 short runs, wall
+  // time like the GEMM's), for the % of peak of the after/before medians.
+  let peak = 0;
+  for (let r = 0; r < 3; r++) {
+    const p = await after.peakFma(devices().cpu.simd, threads, 0.05);
+    peak = Math.max(peak, p.flops / p.seconds / 1e9);
+  }
   const st = Object.fromEntries(names.map((x) => [x, stats(times[x])]));
   const gf = (ms) => ((2 * m * k * n) / ms / 1e6).toFixed(1);
   const gb = (ms) => ((k * n * 4) / ms / 1e6).toFixed(1);
   const line = [`${spec.padEnd(22)}`, `after ${gf(st.after.best)}/${gf(st.after.median)} GFLOP/s`];
   if (m === 1) line.push(`(${gb(st.after.best)}/${gb(st.after.median)} GB/s)`);
-  if (before) line.push(`before ${gf(st.before.best)}/${gf(st.before.median)}`, `before/after ${(st.before.median / st.after.median).toFixed(2)}`);
+  const pct = (ms) => `${((100 * 2 * m * k * n) / ms / 1e6 / peak).toFixed(0)}%`;
+  line.push(`(${pct(st.after.median)} of peak ${peak.toFixed(0)})`);
+  if (before) line.push(`before ${gf(st.before.best)}/${gf(st.before.median)} (${pct(st.before.median)})`, `before/after ${(st.before.median / st.after.median).toFixed(2)}`);
   line.push(`ort ${gf(st.ort.best)}/${gf(st.ort.median)}`, `ort/after ${(st.ort.median / st.after.median).toFixed(2)}`);
   if (before) line.push(`ort/before ${(st.ort.median / st.before.median).toFixed(2)}`);
   const cm = Object.fromEntries(names.map((x) => [x, stats(cpu[x]).median]));
@@ -84,3 +100,4 @@ for (const spec of process.argv.length > 2 ? process.argv.slice(2) : defaults) {
   console.log(line.join('  '));
   for (const s of sides) await s.ort.release();
 }
+console.log(`load average ${load()}`);

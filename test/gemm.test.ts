@@ -21,6 +21,19 @@ const shapes: [number, number, number][] = [
   // row tiles crossing the 192-row task blocks, with a 1-row tail; 8 rows (the prefetching tile).
   [25, 1024, 33], [13, 1025, 31], [5, 2049, 40], [193, 1100, 17], [385, 40, 33], [8, 1500, 70],
 ];
+// M x K x N, lda. AVX-512 packs A in runs of 4 k where rows are a multiple of 4 KiB apart and, on
+// one thread here, a task has 2+ row tiles and 8+ panels: a 1-row tail tile (the packed
+// matrix-vector row) with a last K block of 5; K = 3 (one zero-padded run); a 1-row tail with K = 5;
+// a 2-row tail with tasks of 8 panels and a last of 5 (read in place in the same run).
+const packedAShapes: [number, number, number, number][] = [
+  [37, 1029, 1000, 2048], [100, 3, 1000, 1024], [13, 5, 1000, 1024], [26, 258, 900, 1024]];
+
+/** The first k columns of each of a's rows, as a dense [m, k] array (the reference's input). */
+function denseRows(a: Float32Array, m: number, k: number, lda: number): Float32Array {
+  const dense = new Float32Array(m * k);
+  for (let i = 0; i < m; i++) dense.set(a.subarray(i * lda, i * lda + k), i * k);
+  return dense;
+}
 
 describe('kernels.gemm', () => {
   describe.each(runnable)('variant %s', (variant) => {
@@ -30,6 +43,26 @@ describe('kernels.gemm', () => {
       const c = await kernels.gemm(a, b, { variant });
       expect(c.dims).toEqual([m, n]);
       expectGemmClose(c.data, a.data, b.data, m, k, n);
+    });
+
+    it.each(packedAShapes)('%i x %i x %i, lda %i, on one thread (packed A) matches the reference', async (m, k, n, lda) => {
+      const a = randomTensor([m, lda], m * 5 + k);
+      const b = randomTensor([k, n], n * 11 + k);
+      const bias = randomTensor([n], 14);
+      const c = await kernels.gemm(a, b, { variant, threads: 1, k, bias, activation: 'relu' });
+      expectGemmClose(c.data, denseRows(a.data, m, k, lda), b.data, m, k, n, bias.data, true);
+    });
+
+    it('gives identical results on 1 and 2 threads whether A is packed or read in place', async () => {
+      // 37 x 1100 x 1000 with lda 2048: one thread packs A (tasks of 8 panels), two threads read it
+      // in place (tasks of 4 panels), each over two K blocks.
+      const [m, k, n, lda] = [37, 1100, 1000, 2048];
+      const a = randomTensor([m, lda], 15);
+      const b = randomTensor([k, n], 16);
+      const one = await kernels.gemm(a, b, { variant, threads: 1, k });
+      const two = await kernels.gemm(a, b, { variant, threads: 2, k });
+      expect(Array.from(two.data)).toEqual(Array.from(one.data));
+      expectGemmClose(one.data, denseRows(a.data, m, k, lda), b.data, m, k, n);
     });
 
     it('fuses bias and relu', async () => {

@@ -75,7 +75,7 @@ void F32Gemm6x16Avx2(size_t mr, size_t nr, size_t kc, const float* a, size_t lda
 
 }  // namespace
 
-F32GemmUkernelInfo F32GemmUkernelAvx2() { return {F32Gemm6x16Avx2, kMr, kNr, "f32_gemm_6x16__avx2", nullptr}; }
+F32GemmUkernelInfo F32GemmUkernelAvx2() { return {F32Gemm6x16Avx2, kMr, kNr, "f32_gemm_6x16__avx2", nullptr, {}}; }
 
 }  // namespace kernels
 }  // namespace sonde

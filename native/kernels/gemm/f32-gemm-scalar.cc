@@ -28,7 +28,7 @@ void F32Gemm4x8Scalar(size_t mr, size_t nr, size_t kc, const float* a, size_t ld
 
 }  // namespace
 
-F32GemmUkernelInfo F32GemmUkernelScalar() { return {F32Gemm4x8Scalar, kMr, kNr, "f32_gemm_4x8__scalar", nullptr}; }
+F32GemmUkernelInfo F32GemmUkernelScalar() { return {F32Gemm4x8Scalar, kMr, kNr, "f32_gemm_4x8__scalar", nullptr, {}}; }
 
 void F32GemmReference(size_t m, size_t n, size_t k, const float* a, size_t lda, const float* b,
                       size_t ldb, float* c, size_t ldc, const GemmEpilogue* ep) {

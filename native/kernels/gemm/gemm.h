@@ -78,6 +78,23 @@ typedef void (*F32GemmUkernel)(size_t mr, size_t nr, size_t kc, const float* a, 
                                const float* w, float* c, size_t ldc, bool accumulate,
                                const GemmEpilogue* epilogue);
 
+// A microkernel that reads A packed by its own pack function instead of in place: pack(a, lda,
+// rows, kc, ap) writes rows (<= mr) rows of A[rows x kc] as ceil(kc / k_group) groups of mr * k_group
+// floats, group g holding row i's values k = g*k_group .. g*k_group + k_group - 1 at
+// ap[g*mr*k_group + i*k_group ..] (zero past kc; rows past `rows` are left unwritten and never read).
+// fn/fn_cold_w then take that ap in place of (a, lda) and give results identical to the unpacked
+// forms. Worth it where one packed row tile serves several panels and its rows, lda apart, would
+// otherwise crowd one L1 set (ops/gemm.cc says when).
+typedef void (*F32GemmPackA)(const float* a, size_t lda, size_t rows, size_t kc, float* ap);
+typedef void (*F32GemmPackedAUkernel)(size_t mr, size_t nr, size_t kc, const float* ap, const float* w,
+                                      float* c, size_t ldc, bool accumulate, const GemmEpilogue* epilogue);
+struct F32GemmPackedA {
+  F32GemmPackA pack;  // null: the variant has no packed-A form
+  uint32_t k_group;
+  F32GemmPackedAUkernel fn;
+  F32GemmPackedAUkernel fn_cold_w;
+};
+
 struct F32GemmUkernelInfo {
   F32GemmUkernel fn;
   uint32_t mr;  // rows per call (max)
@@ -87,6 +104,7 @@ struct F32GemmUkernelInfo {
   // tile over a panel's K block, which reads it from L3 or DRAM): fetches W ahead of use. Null
   // where fn already does, or where it does not pay.
   F32GemmUkernel fn_cold_w;
+  F32GemmPackedA packed_a;
 };
 
 // One per ISA; each variant's file defines its own. Unavailable ISAs are not linked on other archs.
