@@ -114,12 +114,13 @@ kernels::QuantGemmUkernelInfo QuantGemmUkernel(int32_t type, QuantVariant v) {
 
 namespace {
 
-// From this many activation rows the blocked GEMM beats the row-dot kernels (bench/quant-shapes.js
-// threshold, 1408 x 1024, one thread on the 2-core AVX-512 VM, gemv/gemm time: q8_0 M=4 0.85,
-// M=6 1.02, M=8 1.02, M=12 1.40; f16 M=4 0.92, M=6 1.51, M=8 1.22), with the scalar panel pack that
-// the SIMD one has since made cheaper. For q8_0 / q4_0 on VNNI the choice changes no result bit
-// (Gemv16 is the GEMM's arithmetic), only the speed.
-const size_t kQuantGemmMinRows = 8;
+// From this many activation rows the blocked GEMM beats the 16-row dot kernel (q8_0, one thread on
+// the 2-core AVX-512 VNNI VM, weights not cached as in a decode step, since the packing prefetches
+// its next panel: 2048 x 512 M=4 65 / 57 us (gemm / gemv), M=5 69 / 62, M=6 71 / 72, M=7 74 / 82,
+// M=8 75 / 89; 512 x 2048 M=6 77 / 75, M=7 74 / 80, M=8 72 / 91). Packing costs about 2 weight
+// reads, the dot kernel about 1 more per activation row. For q8_0 / q4_0 on VNNI the choice
+// changes no result bit (Gemv16 is the GEMM's arithmetic), only the speed.
+const size_t kQuantGemmMinRows = 6;
 
 // The calling thread's panel buffer, grown to the largest panel it has packed and kept: a
 // transformer's prefill allocates it once per pool thread. Null when the allocation fails.
@@ -149,29 +150,37 @@ bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
     m_chunks = std::min((m + mr - 1) / mr, (4 * static_cast<size_t>(threads) + panels - 1) / panels);
   const size_t m_per = ((m + m_chunks - 1) / m_chunks + mr - 1) / mr * mr;
   m_chunks = (m + m_per - 1) / m_per;
+  // Consecutive panels per task, at least 4 tasks per thread: the packing prefetches the panel after
+  // its own (kernels/quant/quant-gemm-avx512vnni.cc), which is then this thread's next one rather
+  // than another core's (tasks are handed out one at a time).
+  const size_t panels_per_task = m_chunks == 1 ? std::max<size_t>(1, panels / (4 * static_cast<size_t>(threads))) : 1;
+  const size_t panel_tasks = (panels + panels_per_task - 1) / panels_per_task;
   const size_t row_bytes = kernels::QuantRowBytes(args.type, k);
   const size_t panel_bytes = kernels::QuantGemmPanelBytes(args.type, k);
   std::atomic<bool> out_of_memory{false};
-  const bool ok = pool.ParallelFor(panels * m_chunks, max_threads, [&](size_t t) {
+  const bool ok = pool.ParallelFor(panel_tasks * m_chunks, max_threads, [&](size_t t) {
     uint8_t* panel = PanelBuffer(panel_bytes);
     if (!panel) {
       out_of_memory = true;
       return;
     }
-    const size_t n0 = t / m_chunks * kernels::kQuantGemmNr, nr = std::min(kernels::kQuantGemmNr, n - n0);
-    gk.pack(nr, k, args.w + n0 * row_bytes, row_bytes, panel);
-    const size_t i_end = std::min(m, (t % m_chunks + 1) * m_per);
-    for (size_t i0 = t % m_chunks * m_per; i0 < i_end; i0 += mr) {
-      kernels::QuantActs a{};
-      a.x = args.x + i0 * args.ldx;
-      a.ldx = args.ldx;
-      if (block) {
-        a.q = qa.q.data() + (row0 + i0) * qa.q_stride;
-        a.q_stride = qa.q_stride;
-        a.d = qa.d.data() + (row0 + i0) * qa.nb_pad;
-        a.d_stride = qa.nb_pad;
+    const size_t p_end = std::min(panels, (t / m_chunks + 1) * panels_per_task);
+    for (size_t p = t / m_chunks * panels_per_task; p < p_end; ++p) {
+      const size_t n0 = p * kernels::kQuantGemmNr, nr = std::min(kernels::kQuantGemmNr, n - n0);
+      gk.pack(nr, k, args.w + n0 * row_bytes, row_bytes, panel);
+      const size_t i_end = std::min(m, (t % m_chunks + 1) * m_per);
+      for (size_t i0 = t % m_chunks * m_per; i0 < i_end; i0 += mr) {
+        kernels::QuantActs a{};
+        a.x = args.x + i0 * args.ldx;
+        a.ldx = args.ldx;
+        if (block) {
+          a.q = qa.q.data() + (row0 + i0) * qa.q_stride;
+          a.q_stride = qa.q_stride;
+          a.d = qa.d.data() + (row0 + i0) * qa.nb_pad;
+          a.d_stride = qa.nb_pad;
+        }
+        gk.fn(std::min(mr, i_end - i0), nr, k, panel, &a, args.y + i0 * args.ldy + n0, args.ldy);
       }
-      gk.fn(std::min(mr, i_end - i0), nr, k, panel, &a, args.y + i0 * args.ldy + n0, args.ldy);
     }
   }, cancel);
   if (out_of_memory) throw std::bad_alloc();
