@@ -477,12 +477,17 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
   // Row-wise work (norms, RoPE, SwiGLU) is a few flops per weight byte of the products around it;
   // it runs on the pool only when there are rows enough to share. A single row (a decode step of one
   // sequence) calls fn directly, without wrapping it in the pool's std::function.
+  // A batch of decode rows (8 streams: 8 x 512 floats a norm) is a few microseconds too, less than
+  // handing half of it to a helper (48 such loops a step of the dense model, each waiting for its
+  // helper: on a loaded machine for one that was descheduled), so rows share the pool only from
+  // some 16k elements of the model's width per thread.
   auto rows = [&](size_t count, const auto& fn) {
     if (count == 1) {
       fn(0);
       return !(cancel && cancel->load());
     }
-    return pool.ParallelFor(count, threads, fn, cancel);
+    const unsigned most = threads ? threads : pool.size();  // 0: the whole pool
+    return pool.ParallelFor(count, ThreadsForWork(most, static_cast<double>(count * d), 16384.0), fn, cancel);
   };
 
   // Multi-head latent attention of layer l (deepseek2), in the absorbed form for every row: the
