@@ -367,6 +367,28 @@ bool QkvMatMul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, con
   return true;
 }
 
+// The FFN's gate and up products of xn in one pool hand-off, like QkvMatMul.
+bool GateUpMatMul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LlmLayer& L, const float* xn,
+                  size_t m, float* gate, float* up, QuantMatmulScratch* scratch) {
+  if (L.gate.variant != L.up.variant)
+    return MatMul(pool, threads, cancel, L.gate, xn, m, gate, scratch) && MatMul(pool, threads, cancel, L.up, xn, m, up, scratch);
+  const LlmMatrix* w[2] = {&L.gate, &L.up};
+  float* y[2] = {gate, up};
+  QuantMatmulArgs a[2];
+  for (size_t i = 0; i < 2; ++i) {
+    a[i].x = xn;
+    a[i].m = m;
+    a[i].k = w[i]->k;
+    a[i].ldx = w[i]->k;
+    a[i].w = w[i]->data;
+    a[i].n = w[i]->n;
+    a[i].type = w[i]->type;
+    a[i].y = y[i];
+    a[i].ldy = w[i]->n;
+  }
+  return RunQuantMatmuls(pool, threads, cancel, a, 2, L.gate.variant, scratch);
+}
+
 template <typename T>
 void Grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
@@ -645,8 +667,7 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
       StepProfileMark(prof.p, kPhaseNorm);
       continue;
     }
-    if (!MatMul(pool, threads, cancel, L.gate, xn, n, gate, qs) || !MatMul(pool, threads, cancel, L.up, xn, n, up, qs))
-      return false;
+    if (!GateUpMatMul(pool, threads, cancel, L, xn, n, gate, up, qs)) return false;
     if (!rows(n, [&](size_t i) { kernels::SwigluRow(gate + i * c.ff, up + i * c.ff, c.ff, gate + i * c.ff); })) return false;
     if (!MatMul(pool, threads, cancel, L.down, gate, n, xn, qs)) return false;
     StepProfileMark(prof.p, kPhaseFfn, bytes(L.gate) + bytes(L.up) + bytes(L.down));
