@@ -261,7 +261,7 @@ describe('kernels.quantMatmul algorithm gemm', () => {
         const wf = randomF32(n * k, k + n).map((v, i) => v * (1 + (Math.floor(i / 32) % 7)));
         const w = kernels.quantizeWeights(new Tensor('float32', wf, [n, k]), type);
         const wdeq = (await kernels.dequantize(w)).data;
-        for (const m of [1, 3, 4, 5, 12, 13, 29]) {
+        for (const m of [...Array.from({ length: 17 }, (_, i) => i + 1), 29]) {
           const x = randomF32(m * k, 3 * k + m).map((v, i) => v * 2 ** ((i % 5) - 2));
           const xt = new Tensor('float32', x, [m, k]);
           const { want, bound } = expected(x, m, w, wdeq);
@@ -272,16 +272,16 @@ describe('kernels.quantMatmul algorithm gemm', () => {
     }
   });
 
-  it.skipIf(gemmTypes.length === 0)('auto takes the GEMM from 8 rows: the same bits as gemm there and as gemv below; threads do not change a bit', async () => {
+  it.skipIf(gemmTypes.length === 0)('auto takes the GEMM from 6 rows: the same bits as gemm there and as gemv below; threads do not change a bit', async () => {
     const [n, k] = [100, 320];
     for (const type of gemmTypes) {
       const w = kernels.quantizeWeights(new Tensor('float32', randomF32(n * k, 7), [n, k]), type);
-      for (const m of [7, 8, 40]) {
+      for (const m of [5, 6, 8, 40]) {
         const x = new Tensor('float32', randomF32(m * k, 8 + m), [m, k]);
         const auto = await kernels.quantMatmul(x, w);
         const gemv = await kernels.quantMatmul(x, w, { algorithm: 'gemv' });
         const gemm = await kernels.quantMatmul(x, w, { algorithm: 'gemm', threads: 1 });
-        expect(auto.data, `${type} m=${m}`).toEqual(m >= 8 ? gemm.data : gemv.data);
+        expect(auto.data, `${type} m=${m}`).toEqual(m >= 6 ? gemm.data : gemv.data);
         // 4 panels over 2 threads: the rows are split too, each output still one kernel call.
         expect((await kernels.quantMatmul(x, w, { algorithm: 'gemm', threads: 2 })).data, `${type} m=${m} t2`).toEqual(gemm.data);
       }
@@ -302,6 +302,23 @@ describe('kernels.quantMatmul algorithm gemm', () => {
       for (const i of [0, 7, 18]) {
         const one = await kernels.quantMatmul(new Tensor('float32', x.slice(i * k, (i + 1) * k), [1, k]), w);
         expect(one.data, `${type} row ${i}`).toEqual(gemm.data.subarray(i * n, (i + 1) * n));
+      }
+    }
+  });
+
+  it.skipIf(!hasVnni)('block types: a decode batch over many panels (tasks of several panels, a partial last one) gives the 16-row kernel\'s bits on 1 and 2 threads', async () => {
+    // N = 1100: 35 panels of 32 rows, the last of 12; on 2 threads tasks of 4 consecutive panels
+    // (the packing prefetches the panel after its own), on 1 thread of 8.
+    const [n, k] = [1100, 96];
+    for (const type of ['q8_0', 'q4_0'] as const) {
+      const w = kernels.quantizeWeights(new Tensor('float32', randomF32(n * k, 23), [n, k]), type);
+      for (const m of [6, 8, 16]) {
+        const x = new Tensor('float32', randomF32(m * k, 24 + m), [m, k]);
+        const gemv = await kernels.quantMatmul(x, w, { algorithm: 'gemv' });
+        for (const threads of [1, 2]) {
+          const gemm = await kernels.quantMatmul(x, w, { algorithm: 'gemm', threads });
+          expect(gemm.data, `${type} m=${m} t${threads}`).toEqual(gemv.data);
+        }
       }
     }
   });

@@ -93,7 +93,7 @@ function weightsArg(where: string, w: unknown): WeightsArg {
 /**
  * 'gemv': each activation row dotted with each weight row (decode); 'gemm': weights packed per panel
  * of 32 rows, tiles of activation rows over it (prefill; kernels: avx512 for f32/f16/bf16,
- * avx512vnni for q8_0/q4_0); 'auto' (default): 'gemm' from 8 rows where it has a kernel.
+ * avx512vnni for q8_0/q4_0); 'auto' (default): 'gemm' from 6 rows where it has a kernel.
  */
 const isBlockType = (t: QuantType): boolean => t === 'q8_0' || t === 'q4_0';
 

@@ -367,6 +367,28 @@ bool QkvMatMul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, con
   return true;
 }
 
+// The FFN's gate and up products of xn in one pool hand-off, like QkvMatMul.
+bool GateUpMatMul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LlmLayer& L, const float* xn,
+                  size_t m, float* gate, float* up, QuantMatmulScratch* scratch) {
+  if (L.gate.variant != L.up.variant)
+    return MatMul(pool, threads, cancel, L.gate, xn, m, gate, scratch) && MatMul(pool, threads, cancel, L.up, xn, m, up, scratch);
+  const LlmMatrix* w[2] = {&L.gate, &L.up};
+  float* y[2] = {gate, up};
+  QuantMatmulArgs a[2];
+  for (size_t i = 0; i < 2; ++i) {
+    a[i].x = xn;
+    a[i].m = m;
+    a[i].k = w[i]->k;
+    a[i].ldx = w[i]->k;
+    a[i].w = w[i]->data;
+    a[i].n = w[i]->n;
+    a[i].type = w[i]->type;
+    a[i].y = y[i];
+    a[i].ldy = w[i]->n;
+  }
+  return RunQuantMatmuls(pool, threads, cancel, a, 2, L.gate.variant, scratch);
+}
+
 template <typename T>
 void Grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
@@ -478,12 +500,17 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
   // Row-wise work (norms, RoPE, SwiGLU) is a few flops per weight byte of the products around it;
   // it runs on the pool only when there are rows enough to share. A single row (a decode step of one
   // sequence) calls fn directly, without wrapping it in the pool's std::function.
+  // A batch of decode rows (8 streams: 8 x 512 floats a norm) is a few microseconds too, less than
+  // handing half of it to a helper (48 such loops a step of the dense model, each waiting for its
+  // helper: on a loaded machine for one that was descheduled), so rows share the pool only from
+  // some 16k elements of the model's width per thread.
   auto rows = [&](size_t count, const auto& fn) {
     if (count == 1) {
       fn(0);
       return !(cancel && cancel->load());
     }
-    return pool.ParallelFor(count, threads, fn, cancel);
+    const unsigned most = threads ? threads : pool.size();  // 0: the whole pool
+    return pool.ParallelFor(count, ThreadsForWork(most, static_cast<double>(count * d), 16384.0), fn, cancel);
   };
 
   // Each row's RoPE angles, once for all its layers and heads.
@@ -599,9 +626,13 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
       // One task per (row, head): causal, so a row at position p sees its sequence's [0, p], folded
       // block by block through the sequence's table. A decode step over a short context is a few
       // microseconds of work, less than a helper's hand-off: then the step's thread does it alone.
+      // A (position, head) pair costs some 20-30 ns here, so from 1024 of them (a batch of 8
+      // sequences 16 tokens in, with 8 heads) a helper pays off; at 4096 the dense serving model's
+      // 8-stream decode ran its attention on one of the two cores (a fifth of the step).
+      const size_t kAttendedPerHelper = 1024;
       size_t attended = 0;
-      for (size_t i = 0; i < n && attended < 4096; ++i) attended += static_cast<size_t>(row_pos[i]) + 1;
-      if (!pool.ParallelFor(n * c.heads, attended * c.heads < 4096 ? 1 : threads, [&](size_t task) {
+      for (size_t i = 0; i < n && attended < kAttendedPerHelper; ++i) attended += static_cast<size_t>(row_pos[i]) + 1;
+      if (!pool.ParallelFor(n * c.heads, attended * c.heads < kAttendedPerHelper ? 1 : threads, [&](size_t task) {
             const size_t i = task / c.heads, h = task % c.heads, kvh = h / group;
             const size_t s = row_seq[i], end = static_cast<size_t>(row_pos[i]) + 1;
             const float* qrow = q + i * qd + h * hd;
@@ -645,8 +676,7 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
       StepProfileMark(prof.p, kPhaseNorm);
       continue;
     }
-    if (!MatMul(pool, threads, cancel, L.gate, xn, n, gate, qs) || !MatMul(pool, threads, cancel, L.up, xn, n, up, qs))
-      return false;
+    if (!GateUpMatMul(pool, threads, cancel, L, xn, n, gate, up, qs)) return false;
     if (!rows(n, [&](size_t i) { kernels::SwigluRow(gate + i * c.ff, up + i * c.ff, c.ff, gate + i * c.ff); })) return false;
     if (!MatMul(pool, threads, cancel, L.down, gate, n, xn, qs)) return false;
     StepProfileMark(prof.p, kPhaseFfn, bytes(L.gate) + bytes(L.up) + bytes(L.down));

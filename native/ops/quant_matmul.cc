@@ -114,12 +114,13 @@ kernels::QuantGemmUkernelInfo QuantGemmUkernel(int32_t type, QuantVariant v) {
 
 namespace {
 
-// From this many activation rows the blocked GEMM beats the row-dot kernels (bench/quant-shapes.js
-// threshold, 1408 x 1024, one thread on the 2-core AVX-512 VM, gemv/gemm time: q8_0 M=4 0.85,
-// M=6 1.02, M=8 1.02, M=12 1.40; f16 M=4 0.92, M=6 1.51, M=8 1.22), with the scalar panel pack that
-// the SIMD one has since made cheaper. For q8_0 / q4_0 on VNNI the choice changes no result bit
-// (Gemv16 is the GEMM's arithmetic), only the speed.
-const size_t kQuantGemmMinRows = 8;
+// From this many activation rows the blocked GEMM beats the 16-row dot kernel (q8_0, one thread on
+// the 2-core AVX-512 VNNI VM, weights not cached as in a decode step, since the packing prefetches
+// its next panel: 2048 x 512 M=4 65 / 57 us (gemm / gemv), M=5 69 / 62, M=6 71 / 72, M=7 74 / 82,
+// M=8 75 / 89; 512 x 2048 M=6 77 / 75, M=7 74 / 80, M=8 72 / 91). Packing costs about 2 weight
+// reads, the dot kernel about 1 more per activation row. For q8_0 / q4_0 on VNNI the choice
+// changes no result bit (Gemv16 is the GEMM's arithmetic), only the speed.
+const size_t kQuantGemmMinRows = 6;
 
 // The calling thread's panel buffer, grown to the largest panel it has packed and kept: a
 // transformer's prefill allocates it once per pool thread. Null when the allocation fails.
@@ -135,44 +136,75 @@ uint8_t* PanelBuffer(size_t bytes) {
   return reinterpret_cast<uint8_t*>((p + 63) & ~static_cast<uintptr_t>(63));
 }
 
-// Tasks of one panel of 32 weight rows each, packed by the task and run over a chunk of the
-// activation rows. The activation rows are split only when there are too few panels to keep every
-// thread busy (a narrow product: K/V projections of a few heads), because each chunk packs its
-// panel again.
-bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
-             const kernels::QuantGemmUkernelInfo& gk, const QuantMatmulScratch& qa, size_t row0, bool block) {
-  const size_t m = args.m, n = args.n, k = args.k, mr = gk.mr;
-  const unsigned threads = std::max(1u, std::min(max_threads ? max_threads : pool.size(), std::max(1u, pool.size())));
-  const size_t panels = (n + kernels::kQuantGemmNr - 1) / kernels::kQuantGemmNr;
+// One product's GEMM work: tasks of consecutive panels of 32 weight rows, each panel packed by the
+// task and run over a chunk of the activation rows. The activation rows are split only when there
+// are too few panels to keep every thread busy (a narrow product: K/V projections of a few heads),
+// because each chunk packs its panel again.
+struct GemmJob {
+  const QuantMatmulArgs* args;
+  kernels::QuantGemmUkernelInfo gk;
+  bool block;
+  size_t row0, panels, m_chunks, m_per, panels_per_task, tasks, row_bytes, panel_bytes;
+};
+
+GemmJob MakeGemmJob(unsigned threads, const QuantMatmulArgs& args, const kernels::QuantGemmUkernelInfo& gk, bool block,
+                    size_t row0) {
+  GemmJob j;
+  j.args = &args;
+  j.gk = gk;
+  j.block = block;
+  j.row0 = row0;
+  const size_t m = args.m, mr = gk.mr;
+  j.panels = (args.n + kernels::kQuantGemmNr - 1) / kernels::kQuantGemmNr;
   size_t m_chunks = 1;
-  if (panels < 4 * static_cast<size_t>(threads))
-    m_chunks = std::min((m + mr - 1) / mr, (4 * static_cast<size_t>(threads) + panels - 1) / panels);
-  const size_t m_per = ((m + m_chunks - 1) / m_chunks + mr - 1) / mr * mr;
-  m_chunks = (m + m_per - 1) / m_per;
-  const size_t row_bytes = kernels::QuantRowBytes(args.type, k);
-  const size_t panel_bytes = kernels::QuantGemmPanelBytes(args.type, k);
-  std::atomic<bool> out_of_memory{false};
-  const bool ok = pool.ParallelFor(panels * m_chunks, max_threads, [&](size_t t) {
-    uint8_t* panel = PanelBuffer(panel_bytes);
-    if (!panel) {
-      out_of_memory = true;
-      return;
-    }
-    const size_t n0 = t / m_chunks * kernels::kQuantGemmNr, nr = std::min(kernels::kQuantGemmNr, n - n0);
-    gk.pack(nr, k, args.w + n0 * row_bytes, row_bytes, panel);
-    const size_t i_end = std::min(m, (t % m_chunks + 1) * m_per);
-    for (size_t i0 = t % m_chunks * m_per; i0 < i_end; i0 += mr) {
+  if (j.panels < 4 * static_cast<size_t>(threads))
+    m_chunks = std::min((m + mr - 1) / mr, (4 * static_cast<size_t>(threads) + j.panels - 1) / j.panels);
+  j.m_per = ((m + m_chunks - 1) / m_chunks + mr - 1) / mr * mr;
+  j.m_chunks = (m + j.m_per - 1) / j.m_per;
+  // Consecutive panels per task, at least 4 tasks per thread: the packing prefetches the panel after
+  // its own (kernels/quant/quant-gemm-avx512vnni.cc), which is then this thread's next one rather
+  // than another core's (tasks are handed out one at a time).
+  j.panels_per_task = j.m_chunks == 1 ? std::max<size_t>(1, j.panels / (4 * static_cast<size_t>(threads))) : 1;
+  j.tasks = (j.panels + j.panels_per_task - 1) / j.panels_per_task * j.m_chunks;
+  j.row_bytes = kernels::QuantRowBytes(args.type, args.k);
+  j.panel_bytes = kernels::QuantGemmPanelBytes(args.type, args.k);
+  return j;
+}
+
+// False when the panel buffer cannot be allocated.
+bool RunGemmTask(const GemmJob& j, const QuantMatmulScratch& qa, size_t t) {
+  uint8_t* panel = PanelBuffer(j.panel_bytes);
+  if (!panel) return false;
+  const QuantMatmulArgs& args = *j.args;
+  const size_t m = args.m, n = args.n, k = args.k, mr = j.gk.mr, m_chunks = j.m_chunks;
+  const size_t p_end = std::min(j.panels, (t / m_chunks + 1) * j.panels_per_task);
+  for (size_t p = t / m_chunks * j.panels_per_task; p < p_end; ++p) {
+    const size_t n0 = p * kernels::kQuantGemmNr, nr = std::min(kernels::kQuantGemmNr, n - n0);
+    j.gk.pack(nr, k, args.w + n0 * j.row_bytes, j.row_bytes, panel);
+    const size_t i_end = std::min(m, (t % m_chunks + 1) * j.m_per);
+    for (size_t i0 = t % m_chunks * j.m_per; i0 < i_end; i0 += mr) {
       kernels::QuantActs a{};
       a.x = args.x + i0 * args.ldx;
       a.ldx = args.ldx;
-      if (block) {
-        a.q = qa.q.data() + (row0 + i0) * qa.q_stride;
+      if (j.block) {
+        a.q = qa.q.data() + (j.row0 + i0) * qa.q_stride;
         a.q_stride = qa.q_stride;
-        a.d = qa.d.data() + (row0 + i0) * qa.nb_pad;
+        a.d = qa.d.data() + (j.row0 + i0) * qa.nb_pad;
         a.d_stride = qa.nb_pad;
       }
-      gk.fn(std::min(mr, i_end - i0), nr, k, panel, &a, args.y + i0 * args.ldy + n0, args.ldy);
+      j.gk.fn(std::min(mr, i_end - i0), nr, k, panel, &a, args.y + i0 * args.ldy + n0, args.ldy);
     }
+  }
+  return true;
+}
+
+bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
+             const kernels::QuantGemmUkernelInfo& gk, const QuantMatmulScratch& qa, size_t row0, bool block) {
+  const unsigned threads = std::max(1u, std::min(max_threads ? max_threads : pool.size(), std::max(1u, pool.size())));
+  const GemmJob job = MakeGemmJob(threads, args, gk, block, row0);
+  std::atomic<bool> out_of_memory{false};
+  const bool ok = pool.ParallelFor(job.tasks, max_threads, [&](size_t t) {
+    if (!RunGemmTask(job, qa, t)) out_of_memory = true;
   }, cancel);
   if (out_of_memory) throw std::bad_alloc();
   return ok;
@@ -401,9 +433,7 @@ bool RunQuantMatmuls(ThreadPool& pool, unsigned max_threads, const CancelFlag* c
   for (size_t i = 1; i < count && together; ++i)
     together = args[i].x == a0.x && args[i].m == a0.m && args[i].k == a0.k && args[i].ldx == a0.ldx &&
                args[i].type == a0.type && args[i].algorithm == a0.algorithm;
-  if (together) together = !PlanFor(a0, v).gemm;
   if (!together) {
-    // Products on many rows (the GEMM) are long enough that one hand-off each costs nothing.
     for (size_t i = 0; i < count; ++i)
       if (!RunQuantMatmul(pool, max_threads, cancel, args[i], v, &qa)) return false;
     return true;
@@ -413,25 +443,43 @@ bool RunQuantMatmuls(ThreadPool& pool, unsigned max_threads, const CancelFlag* c
   // At most a layer's q, k and v (and a fused gate/up pair): a fixed array, nothing allocated.
   const size_t kMaxJobs = 8;
   if (count > kMaxJobs) throw std::invalid_argument("RunQuantMatmuls takes at most 8 products");
+  // The same activations, type and algorithm: every product takes the same plan. A batch of decode
+  // rows (the GEMM from kQuantGemmMinRows) is as short as the dot kernels' few rows, so it too runs
+  // all its products in one hand-off.
+  const bool gemm = PlanFor(a0, v).gemm;
   GemvJob jobs[kMaxJobs];
+  GemmJob gemm_jobs[kMaxJobs];
   size_t first[kMaxJobs + 1] = {0};
   for (size_t i = 0; i < count; ++i) {
-    jobs[i] = MakeGemvJob(threads, args[i], PlanForActs(args[i], v, qa), qa, 0);
-    first[i + 1] = first[i] + (args[i].n ? jobs[i].tasks : 0);
+    first[i + 1] = first[i];
+    if (args[i].n == 0) continue;
+    const Plan plan = PlanForActs(args[i], v, qa);
+    if (gemm)
+      gemm_jobs[i] = MakeGemmJob(threads, args[i], plan.gk, plan.block, 0);
+    else
+      jobs[i] = MakeGemvJob(threads, args[i], plan, qa, 0);
+    first[i + 1] += gemm ? gemm_jobs[i].tasks : jobs[i].tasks;
   }
+  std::atomic<bool> out_of_memory{false};
   auto task = [&](size_t t) {
     size_t i = 0;
     while (t >= first[i + 1]) ++i;
-    RunGemvTask(jobs[i], qa, t - first[i]);
+    if (!gemm)
+      RunGemvTask(jobs[i], qa, t - first[i]);
+    else if (!RunGemmTask(gemm_jobs[i], qa, t - first[i]))
+      out_of_memory = true;
   };
+  bool ok = true;
   if (threads == 1) {
-    for (size_t t = 0; t < first[count]; ++t) {
-      if (cancel && cancel->load()) return false;
-      task(t);
+    for (size_t t = 0; t < first[count] && ok; ++t) {
+      if (cancel && cancel->load()) ok = false;
+      else task(t);
     }
-    return true;
+  } else {
+    ok = pool.ParallelFor(first[count], max_threads, task, cancel);
   }
-  return pool.ParallelFor(first[count], max_threads, task, cancel);
+  if (out_of_memory) throw std::bad_alloc();
+  return ok;
 }
 
 bool RunQuantMatmul(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,

@@ -80,10 +80,10 @@ bool RunQuantMatmulQuantized(ThreadPool& pool, unsigned max_threads, const Cance
                              size_t row0 = 0);
 
 // Several products of the same activations (x, m, k, ldx) and weight type, at most 8 (a layer's q,
-// k and v projections): the activations quantised once and, for the row-dot kernels (few rows),
-// every product's tasks in one ParallelFor, so that a decode step hands work to the pool once
+// k and v projections, an FFN's gate and up): the activations quantised once and every product's
+// tasks (row-dot or GEMM) in one ParallelFor, so that a decode step hands work to the pool once
 // instead of once per product. Each y is what RunQuantMatmul would write. Products that differ in
-// their activations or type, or that take the GEMM, run one after another.
+// their activations or type run one after another.
 bool RunQuantMatmuls(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs* args,
                      size_t count, QuantVariant v, QuantMatmulScratch* scratch = nullptr);
 
