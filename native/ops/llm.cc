@@ -541,29 +541,30 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
     return pool.ParallelFor(count, threads, fn, cancel);
   };
 
-  // MLA's form for this step. Against the absorbed form, the decompressed one up-projects every
-  // cached position of the step's sequences, not just the new rows (the per-row up-projections
-  // cost the same in both), and attends with products over qk-wide keys and v_dim-wide values
-  // instead of the span kernel over (kv_lora + rope)-wide latents as both. It pays once the rows'
-  // attention saving exceeds the extra decompressed context: kMlaSpanCost weighs a span-kernel
-  // multiply-add against a product's (measured in the bench `llm` suite's mla prefill cases).
-  bool mla_decompress = false;
-  if (mla && model.mla_form_ != LlmModel::MlaForm::kAbsorbed && n > 1) {
-    if (model.mla_form_ == LlmModel::MlaForm::kDecompressed) {
-      mla_decompress = true;
-    } else {
-      constexpr double kMlaSpanCost = 3.0;
-      const double up = static_cast<double>(c.heads) * c.kv_lora * (c.k_nope + c.v_dim);
-      double extra_positions = 0, pairs = 0;
-      for (const KvStepSequence& sq : step.seqs) {
-        extra_positions += static_cast<double>(sq.start);
-        pairs += static_cast<double>(sq.tokens) * (2.0 * sq.start + sq.tokens + 1) / 2;
-      }
-      const double absorbed = pairs * c.heads * 2.0 * static_cast<double>(hd) * kMlaSpanCost;
-      const double decompressed = extra_positions * up + pairs * c.heads * static_cast<double>(qk + c.v_dim);
-      mla_decompress = decompressed < absorbed;
+  // MLA's form for this step. Steps of one row per sequence (decode) attend absorbed, row by row,
+  // with the span kernel. Steps with prompt chunks attend with products, in one of two forms:
+  // absorbed (queries in latent space against the cached latents: (kv_lora + rope)-wide scores
+  // and latent sums, every head against the same keys) or decompressed (the cached latents
+  // up-projected to per-head keys and values: qk-wide scores and v_dim-wide sums, but every cached
+  // position of the step's sequences up-projected, not just the new rows; the rows' own
+  // up-projections cost the same in both). Decompressed pays on long chunks, absorbed on short
+  // chunks after a long cached prefix (measured in the bench `llm` suite's mla prefill and ttft
+  // cases); the products' multiply-adds decide.
+  enum class MlaStepForm { kSpan, kAbsorbed, kDecompressed } mla_step = MlaStepForm::kSpan;
+  if (mla && n > step.seqs.size()) {
+    const double up = static_cast<double>(c.heads) * c.kv_lora * (c.k_nope + c.v_dim);
+    double extra_positions = 0, pairs = 0;
+    for (const KvStepSequence& sq : step.seqs) {
+      extra_positions += static_cast<double>(sq.start);
+      pairs += static_cast<double>(sq.tokens) * (2.0 * sq.start + sq.tokens + 1) / 2;
     }
+    const double absorbed = pairs * c.heads * 2.0 * static_cast<double>(hd);
+    const double decompressed = extra_positions * up + pairs * c.heads * static_cast<double>(qk + c.v_dim);
+    const bool dec = model.mla_form_ == LlmModel::MlaForm::kDecompressed ||
+                     (model.mla_form_ == LlmModel::MlaForm::kAuto && decompressed < absorbed);
+    mla_step = dec ? MlaStepForm::kDecompressed : MlaStepForm::kAbsorbed;
   }
+  const bool mla_decompress = mla_step == MlaStepForm::kDecompressed;
 
   // Multi-head latent attention of layer l (deepseek2), in the absorbed form for every row: the
   // cache holds per position only the normalised latent c (kv_lora) and the roped key part k_r;
@@ -618,6 +619,64 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
         }))
       return false;
     const size_t off = kv.KeyOffset(l, 0);
+    // Sequence s's cached rows [0, end) (this step's included) into a.mla_c, in f32.
+    auto gather = [&](size_t s, size_t end) {
+      Grow(a.mla_c, end * hd);
+      float* cl = a.mla_c.data();
+      for (size_t p = 0; p < end; p += bs) {
+        const uint8_t* src = block_of(s, p) + off;
+        const size_t span = std::min(bs, end - p);
+        if (dtype == KvDtype::kF32) {
+          std::memcpy(cl + p * hd, src, span * hd * sizeof(float));
+        } else {
+          const uint16_t* h16 = reinterpret_cast<const uint16_t*>(src);
+          for (size_t j = 0; j < span * hd; ++j) cl[p * hd + j] = kernels::LowpF16ToF32(h16[j]);
+        }
+      }
+      return cl;
+    };
+    if (mla_step == MlaStepForm::kAbsorbed) {
+      // Per sequence and block of kRowBlock rows, all heads at once (they share the keys): scores
+      // = Q_abs . C^T over the cache rows [latent | rope] the block's last row sees, a causal
+      // softmax in place, then the latent sums^T = C_lat^T . P^T (P's rows are the products'
+      // contiguous weight rows; the transposed latents are activations, read end apart).
+      constexpr size_t kRowBlock = 16;
+      if (!per_head(L.uk, q, qk, qd, qabs, hd, heads * hd)) return false;
+      for (size_t s = 0; s < step.seqs.size(); ++s) {
+        const KvStepSequence& sq = step.seqs[s];
+        const size_t end = sq.start + sq.tokens, mb = kRowBlock * heads;
+        const float* cl = gather(s, end);
+        Grow(a.mla_kv, r * end + mb * end + r * mb);
+        Grow(a.mla_acc, mb);
+        float* ct = a.mla_kv.data();  // r x end
+        float* sc = ct + r * end;     // mb x keys
+        float* ot = sc + mb * end;    // r x mb
+        float* inv = a.mla_acc.data();
+        for (size_t p = 0; p < end; ++p)
+          for (size_t j = 0; j < r; ++j) ct[j * end + p] = cl[p * hd + j];
+        for (size_t b0 = 0; b0 < sq.tokens; b0 += kRowBlock) {
+          const size_t nb = std::min(kRowBlock, sq.tokens - b0), keys = sq.start + b0 + nb, m = nb * heads;
+          float* qb = qabs + (sq.row0 + b0) * heads * hd;
+          if (!MatMulRows(pool, threads, cancel, F32Matrix(cl, hd, keys, c.variant), qb, hd, m, sc, keys, qs) ||
+              !rows(m, [&](size_t t) {
+                float* row = sc + t * keys;
+                const size_t see = sq.start + b0 + t / heads + 1;
+                float mx = -INFINITY;
+                for (size_t p = 0; p < see; ++p) mx = std::max(mx, row[p] * scale);
+                float sum = 0.f;
+                for (size_t p = 0; p < see; ++p) sum += row[p] = std::exp(row[p] * scale - mx);
+                std::fill(row + see, row + keys, 0.f);
+                inv[t] = 1.0f / sum;
+              }) ||
+              !MatMulRows(pool, threads, cancel, F32Matrix(sc, keys, m, c.variant), ct, end, r, ot, m, qs))
+            return false;
+          float* out = lat + (sq.row0 + b0) * heads * hd;
+          for (size_t t = 0; t < m; ++t)
+            for (size_t j = 0; j < r; ++j) out[t * hd + j] = ot[j * m + t] * inv[t];
+        }
+      }
+      return per_head(L.uv, lat, hd, heads * hd, att, c.v_dim, ad);
+    }
     if (mla_decompress) {
       // Per sequence and head: the cached latents (this step's rows included) up-projected to
       // keys [k_nope | rope] (end x qk) and values (end x v_dim, then transposed), and attention
@@ -632,19 +691,8 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
         const KvStepSequence& sq = step.seqs[s];
         const size_t end = sq.start + sq.tokens, vd = c.v_dim;
         const size_t per = end * qk + 2 * end * vd + kRowBlock * end + vd * kRowBlock;
-        Grow(a.mla_c, end * hd);
+        const float* cl = gather(s, end);
         Grow(a.mla_kv, heads * per);
-        float* cl = a.mla_c.data();
-        for (size_t p = 0; p < end; p += bs) {
-          const uint8_t* src = block_of(s, p) + off;
-          const size_t span = std::min(bs, end - p);
-          if (dtype == KvDtype::kF32) {
-            std::memcpy(cl + p * hd, src, span * hd * sizeof(float));
-          } else {
-            const uint16_t* h16 = reinterpret_cast<const uint16_t*>(src);
-            for (size_t j = 0; j < span * hd; ++j) cl[p * hd + j] = kernels::LowpF16ToF32(h16[j]);
-          }
-        }
         if (!pool.ParallelFor(heads, threads, [&](size_t h) {
               float* kh = a.mla_kv.data() + h * per;  // end x qk
               float* vh = kh + end * qk;               // end x vd
