@@ -168,8 +168,9 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
                "/" + std::to_string(c.v_dim) + ")";
       return nullptr;
     }
-    // SONDE_MLA_PREFILL pins one form for multi-row steps (read at load, so that a benchmark or a
-    // test can load the same file both ways in one process); decode steps are absorbed regardless.
+    // SONDE_MLA_PREFILL pins one form for steps with prompt chunks (read at load, so that a
+    // benchmark or a test can load the same file both ways in one process); decode steps attend
+    // absorbed regardless.
     if (const char* e = std::getenv("SONDE_MLA_PREFILL"); e && *e) {
       if (std::strcmp(e, "absorbed") == 0) m->mla_form_ = MlaForm::kAbsorbed;
       else if (std::strcmp(e, "decompressed") == 0) m->mla_form_ = MlaForm::kDecompressed;
@@ -565,14 +566,24 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
     mla_step = dec ? MlaStepForm::kDecompressed : MlaStepForm::kAbsorbed;
   }
   const bool mla_decompress = mla_step == MlaStepForm::kDecompressed;
+  // A decode step's per-head up-projections and span attention over a short context are well
+  // under a millisecond of work (about 1 M multiply-adds), less than what handing half of it to a
+  // helper thread costs on a busy machine: then the step's thread does them alone.
+  unsigned span_threads = threads;
+  if (mla && mla_step == MlaStepForm::kSpan) {
+    double work = static_cast<double>(n) * c.heads * c.kv_lora * (c.k_nope + c.v_dim);
+    for (size_t i = 0; i < n; ++i) work += (static_cast<double>(a.row_pos[i]) + 1) * c.heads * 2.0 * hd;
+    if (work < 1e6) span_threads = 1;
+  }
 
-  // Multi-head latent attention of layer l (deepseek2), in the absorbed form for every row: the
+  // Multi-head latent attention of layer l (deepseek2). The span form, absorbed, per row: the
   // cache holds per position only the normalised latent c (kv_lora) and the roped key part k_r;
   // head h's score is (W_uk[h]^T q_nope) . c + q_rope . k_r, so q_nope is taken into latent space
   // once per row instead of every cached latent being expanded to per-head keys, and the softmax-
   // weighted sum of latents goes through W_uv[h] once per row. The absorbed query and the cache
   // row line up element for element ([latent | rope]), so the span kernels run unchanged with the
-  // row as key and as value (the value's trailing rope_dim sums are computed and ignored).
+  // row as key and as value (the value's trailing rope_dim sums are computed and ignored). Steps
+  // with prompt chunks run one of the two product forms instead (mla_step above).
   auto mla_attention = [&](const LlmLayer& L, size_t l) -> bool {
     const size_t r = c.kv_lora, rd = c.rope_dim, nope = c.k_nope, heads = c.heads;
     auto rope = [&](float* v, int64_t pos) {
@@ -588,7 +599,7 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
     if (a.head_scratch.size() < heads) a.head_scratch.resize(heads);
     auto per_head = [&](const std::vector<LlmMatrix>& w, const float* in, size_t in_step, size_t ldx, float* out,
                         size_t out_step, size_t ldy) {
-      return pool.ParallelFor(heads, threads, [&](size_t h) {
+      return pool.ParallelFor(heads, span_threads, [&](size_t h) {
         MatMulRows(pool, 1, cancel, w[h], in + h * in_step, ldx, n, out + h * out_step, ldy, &a.head_scratch[h]);
       }, cancel) && !(cancel && cancel->load());
     };
@@ -736,7 +747,7 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
       return true;
     }
     if (!per_head(L.uk, q, qk, qd, qabs, hd, heads * hd)) return false;
-    if (!pool.ParallelFor(n * heads, threads, [&](size_t task) {
+    if (!pool.ParallelFor(n * heads, span_threads, [&](size_t task) {
           const size_t i = task / heads, s = row_seq[i], end = static_cast<size_t>(row_pos[i]) + 1;
           const float* qrow = qabs + task * hd;
           float* out = lat + task * hd;

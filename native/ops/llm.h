@@ -118,8 +118,8 @@ class LlmModel {
   size_t bytes() const {
     return sizeof(*this) + layers_.size() * sizeof(LlmLayer) + (owned_.size() + owned_wk_.size()) * sizeof(float);
   }
-  // How a multi-row MLA step attends (SONDE_MLA_PREFILL at load: 'absorbed', 'decompressed', else
-  // chosen per step by cost, see RunStep).
+  // How an MLA step with prompt chunks attends (SONDE_MLA_PREFILL at load: 'absorbed',
+  // 'decompressed', else chosen per step by cost, see RunStep).
   enum class MlaForm : int32_t { kAuto = 0, kAbsorbed = 1, kDecompressed = 2 };
 
  private:
