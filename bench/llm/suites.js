@@ -186,11 +186,13 @@ async function* speedCases(ctx, llama, { name, label, types, threadCounts, decod
  *   at most 512) with MLA pinned absorbed, pinned decompressed (SONDE_MLA_PREFILL at load) and
  *   chosen per step (the default), interleaved; `faster` names the faster pinned form and
  *   autoOverBest is the default's time over the faster one's (about 1 when the choice is right).
+ *   `mla chunk 32 after 1024`: the same for the first token of a 32-token suffix of a cached
+ *   1024-token prefix.
  * - `ttft 1024-prefix`: time to first token with a cached 1024-token prefix against cold, as the
  *   serving suite measures it for the other models (warmOverCold at most 0.1).
  * Q8_0, 2 threads (or the pool, if smaller).
  */
-async function* deepseekCases(ctx, llama, { rounds }) {
+export async function* deepseekCases(ctx, llama, { rounds }) {
   const { loadTransformer } = await import('../../dist/llm/transformer.js');
   const threads = Math.min(2, getThreads());
   const path = await llmModelPath(sonde.gguf, 'deepseek', 'q8_0');
@@ -218,7 +220,7 @@ async function* deepseekCases(ctx, llama, { rounds }) {
     for (const form of forms) {
       if (form) process.env.SONDE_MLA_PREFILL = form;
       else delete process.env.SONDE_MLA_PREFILL;
-      models.push(await LanguageModel.load(path, { threads, contextSize: 2048 }));
+      models.push(await LanguageModel.load(path, { threads, contextSize: 2048, kvCache: { maxBytes: 128 << 20 } }));
     }
   } finally {
     delete process.env.SONDE_MLA_PREFILL;
@@ -235,6 +237,21 @@ async function* deepseekCases(ctx, llama, { rounds }) {
       yield { case: `deepseek2 q8_0 mla prefill ${n} t${threads}`, absorbedMs: abs, decompressedMs: dec, autoMs: auto,
         decompressedSpeedup: abs / dec, faster: dec < abs ? 'decompressed' : 'absorbed', autoOverBest: auto / Math.min(abs, dec) };
     }
+    // A 32-token chunk after a cached 1024-token prefix (a fresh suffix each call): the time to
+    // its first token, the form deciding how the cached prefix is attended.
+    const prefix = promptTokens(1024, 77, vocab);
+    const firstTokenMs = async (model, tokens) => {
+      const t0 = performance.now();
+      for await (const e of model.generate(tokens, { maxTokens: 1, temperature: 0 })) break;
+      return performance.now() - t0;
+    };
+    let calls = 0;
+    const suffix = () => promptTokens(33, 5000 + calls++, vocab).slice(1);
+    for (const model of models) await firstTokenMs(model, [...prefix, ...suffix()]);
+    const [abs, dec, auto] = await interleavedRounds(models.map((model) => () => firstTokenMs(model, [...prefix, ...suffix()])),
+      ctx.quick ? 1 : Math.max(3, rounds) + 2);
+    yield { case: `deepseek2 q8_0 mla chunk 32 after 1024 t${threads}`, absorbedMs: abs, decompressedMs: dec, autoMs: auto,
+      decompressedSpeedup: abs / dec, faster: dec < abs ? 'decompressed' : 'absorbed', autoOverBest: auto / Math.min(abs, dec) };
   } finally {
     for (const model of models) model.dispose();
   }
