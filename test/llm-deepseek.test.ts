@@ -199,6 +199,74 @@ describe('deepseek2 bad files are typed errors naming what is wrong', () => {
   });
 });
 
+/** An engine with MLA's multi-row form pinned (SONDE_MLA_PREFILL is read when the model loads). */
+async function loadForm(path: string, form: 'absorbed' | 'decompressed'): Promise<LlmEngine> {
+  process.env.SONDE_MLA_PREFILL = form;
+  try {
+    return await loadTransformer(path);
+  } finally {
+    delete process.env.SONDE_MLA_PREFILL;
+  }
+}
+
+describe('absorbed and decompressed MLA give the same logits', () => {
+  // Decompressed: the cached latents up-projected to per-head keys and values, then plain
+  // attention; absorbed: queries into the latent space. Same products in another association, so
+  // the tolerance is the one against llama.cpp (its rounding of f32 products). The f16 weights
+  // case also checks the f32 transposed copy of attn_k_b the decompressed form multiplies by.
+  const cases: [string, Partial<FixtureOptions>][] = [
+    ['split kv_b', { mla: { kvB: 'split' } }],
+    ['joined kv_b, q LoRA', { mla: { kvB: 'joined', qLoraRank: 24 } }],
+    ['odd sizes: rope 6, nope 10, value 12, kv rank 20', { heads: 3, mla: { ropeDim: 6, keyNope: 10, valueLength: 12, kvLoraRank: 20 } }],
+    ['f16 weights, split kv_b', { type: 'f16', mla: { kvB: 'split' } }],
+  ];
+  it.each(cases)('%s: every position of 64 tokens, one pass and in 16-position blocks', async (name, o) => {
+    const info = await fixture(`forms-${name.replace(/[^a-z0-9]+/gi, '-')}`, { type: 'f32', seed: 41, ...o });
+    const tokens = tokenSequence(64, info.vocabSize, 17, [info.eosId]);
+    const absorbed = await loadForm(info.path, 'absorbed');
+    const decompressed = await loadForm(info.path, 'decompressed');
+    try {
+      const want = (await evalAll(absorbed, tokens)).map((row) => Float64Array.from(logSoftmax(row)));
+      const got = await evalAll(decompressed, tokens);
+      const delta = DELTA[(o.type ?? 'f32') as keyof typeof DELTA];
+      expect(compare(got, want, info.vocabSize, 9 * info.layers + 1, delta, 0)).toBeLessThanOrEqual(1);
+      // The forms really differ in rounding (the decompressed path ran), if by little.
+      let moved = 0;
+      for (let i = 0; i < tokens.length; i++) moved = Math.max(moved, ...logSoftmax(got[i]!).map((v, t) => Math.abs(v - want[i]![t]!)));
+      expect(moved).toBeGreaterThan(0);
+      const paged = await evalAll(decompressed, tokens, 16);
+      for (let i = 0; i < tokens.length; i++) {
+        for (let t = 0; t < info.vocabSize; t++) expect(Math.abs(paged[i]![t]! - got[i]![t]!)).toBeLessThanOrEqual(1e-4 * (1 + Math.abs(got[i]![t]!)));
+      }
+    } finally {
+      absorbed.dispose();
+      decompressed.dispose();
+    }
+  }, 120_000);
+
+  it.each(['f32', 'f16'] as const)('decompressed, %s cache: a cached prefix then the rest equals one pass (prefix reuse stays exact)', async (dtype) => {
+    const info = await fixture('forms-prefix', { type: 'f32', seed: 9, mla: { qLoraRank: 16 } });
+    const tokens = tokenSequence(40, info.vocabSize, 4, [info.eosId]);
+    const engine = await loadForm(info.path, 'decompressed');
+    try {
+      const pool = engine.createKvPool({ maxBlocks: 8, blockSize: 16, dtype });
+      const vocab = info.vocabSize;
+      // A writes blocks 0, 1 and 2; B shares 0 and 1 and decompresses A's cached latents of
+      // positions 0..31 with its own 8 rows.
+      const a = await pool.step({ sequences: [{ blockTable: Int32Array.from([0, 1, 2]), start: 0, tokens: Int32Array.from(tokens), logits: 'all' }] });
+      const b = await pool.step({ sequences: [{ blockTable: Int32Array.from([0, 1, 3]), start: 32, tokens: Int32Array.from(tokens.slice(32)), logits: 'all' }] });
+      for (let i = 0; i < 8; i++) {
+        let scale = 0;
+        for (let t = 0; t < vocab; t++) scale = Math.max(scale, Math.abs(a[(32 + i) * vocab + t]!));
+        for (let t = 0; t < vocab; t++) expect(Math.abs(b[i * vocab + t]! - a[(32 + i) * vocab + t]!)).toBeLessThanOrEqual(1e-5 * scale);
+      }
+      pool.dispose();
+    } finally {
+      engine.dispose();
+    }
+  });
+});
+
 describe('the latent KV cache', () => {
   it('holds kv_lora_rank + rope dims per layer and position, against full per-head K/V', async () => {
     const info = await fixture('kv-bytes', { type: 'f32', layers: 3, heads: 4, mla: { kvLoraRank: 32, ropeDim: 8, keyNope: 16, valueLength: 16 } });

@@ -13,8 +13,13 @@ const dir = fixtureDir('sonde-reasoning-');
 let model: LanguageModel;
 let open: number, close: number;
 
+// R1's template opens the reasoning section for the reply: the generation prompt ends in <think>.
+const R1_TEMPLATE = '{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}'
+  + '{% if add_generation_prompt %}<|im_start|>assistant\n<think>{% endif %}';
+
 beforeAll(async () => {
-  const info = await writeFixture(join(dir, 'r1.gguf'), { kind: 'deepseek2', type: 'f32', seed: 4, extraSpecialTokens: ['<think>', '</think>'] });
+  const info = await writeFixture(join(dir, 'r1.gguf'), { kind: 'deepseek2', type: 'f32', seed: 4, extraSpecialTokens: ['<think>', '</think>'],
+    metadata: { 'tokenizer.chat_template': R1_TEMPLATE } });
   open = info.vocabSize - 2;
   close = info.vocabSize - 1;
   model = await LanguageModel.load(info.path, { threads: 1, contextSize: 128 });
@@ -50,6 +55,43 @@ describe('reasoning split in generate()', () => {
   it('options.reasoning is checked', () => {
     expect(() => model.generate([1], { reasoning: 'fold' as never })).toThrow(InvalidArgumentError);
     expect(() => model.generate([1], { reasoning: 'fold' as never })).toThrow(/options\.reasoning/);
+  });
+});
+
+describe('reasoning in Chat.send', () => {
+  const collect = async (it: AsyncIterable<GeneratedToken>) => {
+    const out: GeneratedToken[] = [];
+    for await (const e of it) out.push(e);
+    return out;
+  };
+
+  it('passes options.reasoning through: the reply starts inside <think>, hide leaves the section out', async () => {
+    // Two fresh chats render the same prompt, so greedy replies differ only in what is emitted.
+    const shownChat = model.chat({ temperature: 0, maxTokens: 12 });
+    const hiddenChat = model.chat({ temperature: 0, maxTokens: 12 });
+    try {
+      const shown = await collect(shownChat.send('hello world'));
+      expect(shown.length).toBe(12);
+      const closeAt = shown.findIndex((e) => e.token === close);
+      shown.forEach((e, i) => expect(e.reasoning === true, `event ${i}`).toBe(closeAt < 0 || i <= closeAt));
+      const hidden = await collect(hiddenChat.send('hello world', { reasoning: 'hide' }));
+      expect(hidden).toEqual(shown.filter((e) => !e.reasoning));
+      // The conversation keeps what the reader got: the hidden chat's reply is the answer alone.
+      expect(hiddenChat.messages.at(-1)).toEqual({ role: 'assistant', content: hidden.map((e) => e.text).join('') });
+    } finally {
+      shownChat.dispose();
+      hiddenChat.dispose();
+    }
+  });
+
+  it('options.reasoning of send is checked', () => {
+    const chat = model.chat();
+    try {
+      expect(() => chat.send('hi', { reasoning: 'fold' as never })).toThrow(InvalidArgumentError);
+      expect(() => chat.send('hi', { reasoning: 'fold' as never })).toThrow(/Chat\.send: options\.reasoning/);
+    } finally {
+      chat.dispose();
+    }
   });
 });
 

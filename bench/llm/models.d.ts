@@ -62,6 +62,6 @@ export function gpt2ByteSymbols(): string[];
 export function bpeVocab(): { tokens: string[]; types: number[]; merges: string[] };
 export function llmModelSpec(o: LlmModelOptions, typedValue: typeof typed): { spec: GgufWriteSpec & { tensors: GgufWriteTensor[] }; info: LlmModelInfo };
 
-export type LlmBenchModel = 'moe' | 'dense';
+export type LlmBenchModel = 'moe' | 'dense' | 'deepseek';
 export const LLM_MODELS: Record<LlmBenchModel, LlmModelOptions>;
 export function llmModelPath(gguf: { write: (path: string, spec: GgufWriteSpec) => Promise<void>; typed: typeof typed }, name: LlmBenchModel, type: GgufTensorType): Promise<string>;

@@ -371,19 +371,31 @@ const GENERATOR_VERSION = 1;
 const CACHE_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '.cache');
 
 /**
- * The models of issues #8 and #9. 'moe': the Mixtral layout of the `llm` suite (hidden 1024, 12
- * layers, 16 heads, 4 KV heads, 8 experts of FFN 1408, top-2: 0.45 B parameters, 0.13 B active per
- * token). 'dense': the ~50 M dense llama of the `serving` suite. Both with the small SPM vocab of
- * the fixtures (311 tokens: the output projection costs next to nothing, as in the issue's count)
- * and greedy outputs limited to word pieces (wordsOnly, see llmModelSpec).
+ * The models of issues #8, #9 and #10. 'moe': the Mixtral layout of the `llm` suite (hidden 1024,
+ * 12 layers, 16 heads, 4 KV heads, 8 experts of FFN 1408, top-2: 0.45 B parameters, 0.13 B active
+ * per token). 'dense': the ~50 M dense llama of the `serving` suite. Both with the small SPM vocab
+ * of the fixtures (311 tokens: the output projection costs next to nothing, as in the issue's
+ * count) and greedy outputs limited to word pieces (wordsOnly, see llmModelSpec). 'deepseek':
+ * deepseek2 in DeepSeek-V2-Lite's proportions at about half its width, as issue #10 gives them
+ * (V2-Lite: hidden 2048, kv_lora 512, rope 64, nope/value 128, 64 experts of 1408 top-6, 2
+ * shared): hidden 1024, 8 layers of which 1
+ * dense (FFN 5472), 16 heads, kv_lora_rank 128, rope dims 32, nope and value 64, no q LoRA (as
+ * V2-Lite), the split attn_k_b/attn_v_b tensors of current converters, 16 routed experts of 704
+ * top-4 in 4 groups of which 2 are used (softmax scores) plus 2 shared: 0.31 B parameters, 0.13 B
+ * active per token; gpt2 vocab (297 tokens).
  */
 export const LLM_MODELS = {
   moe: { kind: 'mixtral', embedding: 1024, layers: 12, heads: 16, kvHeads: 4, feedForward: 1408, experts: 8, expertsUsed: 2, contextLength: 4096 },
   dense: { kind: 'llama', embedding: 512, layers: 12, heads: 8, kvHeads: 4, feedForward: 2048, contextLength: 4096 },
+  deepseek: {
+    kind: 'deepseek2', embedding: 1024, layers: 8, heads: 16, feedForward: 5472, experts: 16, expertsUsed: 4, expertFeedForward: 704,
+    contextLength: 4096, mla: { qLoraRank: 0, kvLoraRank: 128, ropeDim: 32, keyNope: 64, valueLength: 64, kvB: 'split' },
+    routing: { denseLead: 1, sharedCount: 2, gatingFunc: 1, groups: 4, groupsUsed: 2 },
+  },
 };
 
 /**
- * Path of the benchmark model `name` ('moe' | 'dense') in tensor type `type`, generated into
+ * Path of the benchmark model `name` ('moe' | 'dense' | 'deepseek') in tensor type `type`, generated into
  * bench/.cache/ on first use (`gguf` is the sonde.gguf module whose writer to use).
  */
 export async function llmModelPath(gguf, name, type) {

@@ -1,4 +1,4 @@
-// Language-model suites: `llm` (issue #8: decode and prefill speed against node-llama-cpp) and
+// Language-model suites: `llm` (issues #8 and #10: decode and prefill speed against node-llama-cpp) and
 // `serving` (issue #9: prefix reuse, continuous batching, chunked prefill, the KV cap). Both run
 // sonde and node-llama-cpp (prebuilt llama.cpp, CPU only, offline) in the same process on the same
 // generated GGUF files (bench/llm/models.js), interleaved round by round.
@@ -17,7 +17,7 @@ async function llamaCpp(ctx) {
 }
 
 /**
- * The vocabulary size, and the bytes of weights one decode step reads (perToken): every attention
+ * The ids prompts may use (vocab: below the trailing control tokens), and the bytes of weights one decode step reads (perToken): every attention
  * and norm tensor and the router whole, k of E experts' slices of the stacked expert tensors, one
  * row of the embedding, the output projection whole. KV-cache reads are left out (a few KB at
  * these context lengths).
@@ -33,7 +33,12 @@ async function modelFacts(path) {
       else if (/_exps\.weight$/.test(t.name)) perToken += (t.bytes * used) / experts;
       else perToken += t.bytes;
     }
-    return { perToken, vocab: file.metadata['tokenizer.ggml.tokens'].length };
+    // Prompts draw from the ids below the vocabulary's trailing control tokens (the gpt2 vocab
+    // ends in <|endoftext|> <|im_start|> <|im_end|>; the SPM one in word pieces).
+    const types = file.metadata['tokenizer.ggml.token_type'];
+    let vocab = types.length;
+    while (vocab > 0 && types[vocab - 1] !== 1) vocab--;
+    return { perToken, vocab };
   } finally {
     file.dispose();
   }
@@ -83,6 +88,8 @@ function agreement(a, b) {
  * fewer is rounding near a tie, not an error: on Q8_0 llama.cpp also rounds the activations to 8
  * bits, and a flipped expert choice in a random 12-layer model moves the logits a lot).
  * --quick: 16 decode tokens, one round; --full: 128 tokens, 5 rounds, 1 to all threads.
+ * The same decode and prefill cases then run on issue #10's deepseek2 model ('deepseek2 ...'),
+ * followed by its KV-size, MLA prefill form and prefix TTFT cases (deepseekCases).
  */
 export async function* llmSuite(ctx) {
   const llama = await llamaCpp(ctx);
@@ -94,8 +101,19 @@ export async function* llmSuite(ctx) {
   const decodeTokens = ctx.quick ? 16 : ctx.full ? 128 : 64;
   const rounds = ctx.quick ? 1 : ctx.full ? 5 : 3;
   const prefillTokens = 512;
+  // SONDE_BENCH_LLM=moe or =deepseek2 runs one model's cases.
+  const only = process.env.SONDE_BENCH_LLM;
+  for (const [name, label] of [['moe', 'moe'], ['deepseek', 'deepseek2']]) {
+    if (only && only !== label) continue;
+    yield* speedCases(ctx, llama, { name, label, types, threadCounts, decodeTokens, rounds, prefillTokens });
+    if (name === 'deepseek') yield* deepseekCases(ctx, llama, { rounds });
+  }
+}
+
+/** Decode and prefill of one benchmark model against node-llama-cpp (see llmSuite). */
+async function* speedCases(ctx, llama, { name, label, types, threadCounts, decodeTokens, rounds, prefillTokens }) {
   for (const type of types) {
-    const path = await llmModelPath(sonde.gguf, 'moe', type);
+    const path = await llmModelPath(sonde.gguf, name, type);
     const { perToken, vocab } = await modelFacts(path);
     const prompt = promptTokens(16, 11, vocab);
     const long = promptTokens(prefillTokens, 12, vocab);
@@ -134,7 +152,7 @@ export async function* llmSuite(ctx) {
       const ltps = (decodeTokens * 1000) / lms;
       const bw = await readBandwidth(ctx, t);
       const bound = (bw * 1e9) / perToken;
-      yield { case: `moe ${type} decode t${t}`, tokPerS: tps, gbps: (perToken * tps) / 1e9, boundTokPerS: bound, pctBound: (100 * tps) / bound,
+      yield { case: `${label} ${type} decode t${t}`, tokPerS: tps, gbps: (perToken * tps) / 1e9, boundTokPerS: bound, pctBound: (100 * tps) / bound,
         llamaTokPerS: ltps, llamaGbps: (perToken * ltps) / 1e9, ratio: tps / ltps, vs: 'node-llama-cpp', agree: `${agreement(got.sonde, got.llama)}/${decodeTokens}` };
 
       const sondePrefill = async () => {
@@ -149,13 +167,117 @@ export async function* llmSuite(ctx) {
         return performance.now() - t0;
       };
       const [pms, lpms] = await interleavedRounds([sondePrefill, llamaPrefill], rounds);
-      yield { case: `moe ${type} prefill ${prefillTokens} t${t}`, ms: pms, tokPerS: (prefillTokens * 1000) / pms, llamaMs: lpms,
+      yield { case: `${label} ${type} prefill ${prefillTokens} t${t}`, ms: pms, tokPerS: (prefillTokens * 1000) / pms, llamaMs: lpms,
         llamaTokPerS: (prefillTokens * 1000) / lpms, ratio: lpms / pms, vs: 'node-llama-cpp' };
       await seq.clearHistory();
       await lctx.dispose();
       model.dispose();
     }
     await lmodel.dispose();
+  }
+}
+
+/**
+ * Issue #10's deepseek2 measurements beyond speed, on the 'deepseek' model:
+ * - `kv bytes/token`: the latent cache's bytes per position (KvPool.blockBytes / blockSize) in f16
+ *   and f32, against the issue's bound (kv_lora_rank + rope dims) x layers x element size and
+ *   against full per-head K/V of the same attention (layers x heads x (k_nope + rope + value)).
+ * - `mla prefill N`: prefill (logits of N tokens from an empty cache, in the scheduler's chunks of
+ *   at most 512) with MLA pinned absorbed, pinned decompressed (SONDE_MLA_PREFILL at load) and
+ *   chosen per step (the default), interleaved; `faster` names the faster pinned form and
+ *   autoOverBest is the default's time over the faster one's (about 1 when the choice is right).
+ *   `mla chunk 32 after 1024`: the same for the first token of a 32-token suffix of a cached
+ *   1024-token prefix.
+ * - `ttft 1024-prefix`: time to first token with a cached 1024-token prefix against cold, as the
+ *   serving suite measures it for the other models (warmOverCold at most 0.1).
+ * Q8_0, 2 threads (or the pool, if smaller).
+ */
+export async function* deepseekCases(ctx, llama, { rounds }) {
+  const { loadTransformer } = await import('../../dist/llm/transformer.js');
+  const threads = Math.min(2, getThreads());
+  const path = await llmModelPath(sonde.gguf, 'deepseek', 'q8_0');
+  const { vocab } = await modelFacts(path);
+
+  const engine = await loadTransformer(path);
+  try {
+    const c = engine.config, m = c.mla;
+    for (const [dtype, elem] of [['f16', 2], ['f32', 4]]) {
+      const kvPool = engine.createKvPool({ maxBlocks: 1, blockSize: 16, dtype });
+      const perToken = kvPool.blockBytes / kvPool.blockSize;
+      kvPool.dispose();
+      const bound = (m.kvLoraRank + m.ropeDim) * c.blockCount * elem;
+      const full = c.blockCount * c.headCount * (m.keyNopeLength + m.ropeDim + m.valueLength) * elem;
+      yield { case: `deepseek2 kv bytes/token ${dtype}`, bytesPerToken: perToken, boundBytes: bound, withinBound: perToken <= bound,
+        fullKvBytes: full, latentOverFull: perToken / full };
+    }
+  } finally {
+    engine.dispose();
+  }
+
+  const forms = ['absorbed', 'decompressed', undefined];
+  const models = [];
+  try {
+    for (const form of forms) {
+      if (form) process.env.SONDE_MLA_PREFILL = form;
+      else delete process.env.SONDE_MLA_PREFILL;
+      models.push(await LanguageModel.load(path, { threads, contextSize: 2048, kvCache: { maxBytes: 128 << 20 } }));
+    }
+  } finally {
+    delete process.env.SONDE_MLA_PREFILL;
+  }
+  try {
+    for (const n of [16, 64, 256, 1024]) {
+      const tokens = promptTokens(n, 40 + n, vocab);
+      const runs = models.map((model) => async () => {
+        const t0 = performance.now();
+        await model.logits(tokens);
+        return performance.now() - t0;
+      });
+      const [abs, dec, auto] = await interleavedRounds(runs, ctx.quick ? 1 : Math.max(3, rounds) + (n <= 64 ? 4 : 0));
+      yield { case: `deepseek2 q8_0 mla prefill ${n} t${threads}`, absorbedMs: abs, decompressedMs: dec, autoMs: auto,
+        decompressedSpeedup: abs / dec, faster: dec < abs ? 'decompressed' : 'absorbed', autoOverBest: auto / Math.min(abs, dec) };
+    }
+    // A 32-token chunk after a cached 1024-token prefix (a fresh suffix each call): the time to
+    // its first token, the form deciding how the cached prefix is attended.
+    const prefix = promptTokens(1024, 77, vocab);
+    const firstTokenMs = async (model, tokens) => {
+      const t0 = performance.now();
+      for await (const e of model.generate(tokens, { maxTokens: 1, temperature: 0 })) break;
+      return performance.now() - t0;
+    };
+    let calls = 0;
+    const suffix = () => promptTokens(33, 5000 + calls++, vocab).slice(1);
+    for (const model of models) await firstTokenMs(model, [...prefix, ...suffix()]);
+    const [abs, dec, auto] = await interleavedRounds(models.map((model) => () => firstTokenMs(model, [...prefix, ...suffix()])),
+      ctx.quick ? 1 : Math.max(3, rounds) + 2);
+    yield { case: `deepseek2 q8_0 mla chunk 32 after 1024 t${threads}`, absorbedMs: abs, decompressedMs: dec, autoMs: auto,
+      decompressedSpeedup: abs / dec, faster: dec < abs ? 'decompressed' : 'absorbed', autoOverBest: auto / Math.min(abs, dec) };
+  } finally {
+    for (const model of models) model.dispose();
+  }
+
+  const model = await servingModel(path, { threads, contextSize: 2048, maxConcurrency: 8, kvCache: { maxBytes: 128 << 20 } });
+  const lmodel = await llama.loadModel({ modelPath: path });
+  const llamaSide = await llamaServer(lmodel, { threads, sequences: 1, contextSize: 2048 });
+  try {
+    const ttft = { cold: [], warm: [], llamaCold: [] };
+    for (let r = 0; r < (ctx.quick ? 1 : 2); r++) {
+      if (model) {
+        const s = await prefixRound(sondeServer(model), vocab, r);
+        ttft.cold.push(s.cold);
+        ttft.warm.push(s.warm);
+      }
+      const l = await prefixRound(llamaSide, vocab, r);
+      ttft.llamaCold.push(l.cold, l.warm);
+    }
+    const coldMs = model ? quantile(ttft.cold, 0.5) : undefined;
+    const warmMs = model ? quantile(ttft.warm, 0.5) : undefined;
+    yield { case: `deepseek2 q8_0 ttft 1024-prefix t${threads}`, coldMs, warmMs, warmOverCold: model ? warmMs / coldMs : undefined,
+      llamaColdMs: quantile(ttft.llamaCold, 0.5), vs: 'node-llama-cpp', note: model ? undefined : 'sonde: no paged KV pool in this build' };
+  } finally {
+    await llamaSide.dispose();
+    await lmodel.dispose();
+    model?.dispose();
   }
 }
 

@@ -189,6 +189,8 @@ export interface ChatGenerateOptions extends SamplingOptions {
   maxTokens?: number;
   stop?: string | number | readonly (string | number)[];
   signal?: AbortSignal;
+  /** A reasoning model's `<think>` section: shown (marked `reasoning: true`) or hidden, as in LanguageModel.generate. */
+  reasoning?: 'show' | 'hide';
 }
 
 export interface ChatOptions extends SamplingOptions {
@@ -221,7 +223,7 @@ interface SavedChat {
 }
 
 export const CHAT_OPTIONS = [...SAMPLING_OPTIONS, 'system', 'contextOverflow', 'replyReserve', 'maxTokens', 'stop'] as const;
-export const CHAT_SEND_OPTIONS = [...SAMPLING_OPTIONS, 'maxTokens', 'stop', 'signal', 'replyReserve'] as const;
+export const CHAT_SEND_OPTIONS = [...SAMPLING_OPTIONS, 'maxTokens', 'stop', 'signal', 'reasoning', 'replyReserve'] as const;
 
 function checkChatOptions(where: string, options: unknown, contextSize: number): ChatOptions {
   const o = checkOptions<ChatOptions>(where, options, CHAT_OPTIONS);
@@ -292,6 +294,7 @@ export class Chat {
     new Sampler(sampling, where);
     if (merged.maxTokens !== undefined) checkInt(`${where}: options.maxTokens`, merged.maxTokens, 0);
     checkSignal(`${where}: options.signal`, merged.signal);
+    if (merged.reasoning !== undefined) checkOneOf(`${where}: options.reasoning`, merged.reasoning, ['show', 'hide'] as const);
     const reserve = replyReserve(where, this.#host.contextSize, merged.replyReserve, merged.maxTokens);
     delete merged.replyReserve;
     const generateOptions = merged as ChatGenerateOptions;

@@ -49,6 +49,7 @@ struct LlmArena {
   std::vector<float> x, xn, q, k, v, att, gate, up, moe_out;
   std::vector<float> q_lora, q_abs, latent;  // MLA: the q LoRA rows, absorbed queries, latent outputs
   std::vector<QuantMatmulScratch> head_scratch;  // MLA: one per head for the per-head products
+  std::vector<float> mla_c, mla_kv, mla_acc;  // MLA decompressed form: latents, per-head K/V, sums
   std::vector<uint32_t> row_pos;  // each row's position in its sequence
   std::vector<uint32_t> row_seq;  // each row's sequence index in the step
   std::vector<float> rope;        // per row: RoPE's cos and sin per pair at its position (head_dim floats)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -85,6 +86,18 @@ bool Vector(const GgufFile& f, int32_t index, const std::string& what, uint64_t 
   return true;
 }
 
+// An f32 matrix of n rows of k owned by the model.
+LlmMatrix F32Matrix(const float* data, size_t k, size_t n, QuantVariant variant) {
+  LlmMatrix w;
+  w.data = reinterpret_cast<const uint8_t*>(data);
+  w.type = kernels::kQuantF32;
+  w.variant = ResolveQuantVariant(kernels::kQuantF32, variant);
+  w.k = k;
+  w.n = n;
+  w.row_bytes = kernels::QuantRowBytes(kernels::kQuantF32, k);
+  return w;
+}
+
 kernels::AttentionSpanUkernel AttentionKernel(QuantVariant v) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (v == QuantVariant::kAuto) {
@@ -155,13 +168,22 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
                "/" + std::to_string(c.v_dim) + ")";
       return nullptr;
     }
-    // Room for the transposed key halves of joined attn_kv_b tensors, sized once: views into it
-    // must not move.
-    for (size_t l = 0; l < c.layers; ++l)
+    // SONDE_MLA_PREFILL pins one form for steps with prompt chunks (read at load, so that a
+    // benchmark or a test can load the same file both ways in one process); decode steps attend
+    // absorbed regardless.
+    if (const char* e = std::getenv("SONDE_MLA_PREFILL"); e && *e) {
+      if (std::strcmp(e, "absorbed") == 0) m->mla_form_ = MlaForm::kAbsorbed;
+      else if (std::strcmp(e, "decompressed") == 0) m->mla_form_ = MlaForm::kDecompressed;
+    }
+    // Room for the transposed key halves of attn_kv_b or attn_k_b tensors (whichever orientation
+    // the file lacks), sized once: views into it must not move.
+    for (size_t l = 0; l < c.layers; ++l) {
       if (idx[kLlmGlobalSlots + l * kLlmLayerSlots + kSlotKB] < 0) {
-        m->owned_.resize(c.layers * c.heads * c.kv_lora * c.k_nope);
-        break;
+        if (m->owned_.empty()) m->owned_.resize(c.layers * c.heads * c.kv_lora * c.k_nope);
+      } else if (m->mla_form_ != MlaForm::kAbsorbed && m->owned_wk_.empty()) {
+        m->owned_wk_.resize(c.layers * c.heads * c.kv_lora * c.k_nope);
       }
+    }
   } else if (c.arch == LlmArch::kDeepseek2) {
     *error = "a deepseek2 model needs attention.kv_lora_rank > 0";
     return nullptr;
@@ -203,6 +225,20 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
           L.uk[i] = view(kb, i * r, r);
           L.uv[i] = view(vb, i * c.v_dim, c.v_dim);
         }
+        if (m->mla_form_ != MlaForm::kAbsorbed) {
+          // attn_k_b holds head i as r rows of k_nope (the absorbed orientation); decompression
+          // multiplies latents by its transpose, kept in f32 (exact for every weight type).
+          float* own = m->owned_wk_.data() + l * h * r * c.k_nope;
+          std::vector<float> row(c.k_nope);
+          L.wk.resize(h);
+          for (size_t i = 0; i < h; ++i) {
+            for (size_t t = 0; t < r; ++t) {
+              kernels::DequantizeRow(kb.type, kb.data + (i * r + t) * kb.row_bytes, c.k_nope, row.data());
+              for (size_t j = 0; j < c.k_nope; ++j) own[(i * c.k_nope + j) * r + t] = row[j];
+            }
+            L.wk[i] = F32Matrix(own + i * c.k_nope * r, r, c.k_nope, c.variant);
+          }
+        }
       } else {
         LlmMatrix kvb;
         const size_t per = c.k_nope + c.v_dim;
@@ -216,15 +252,13 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
             kernels::DequantizeRow(kvb.type, kvb.data + (i * per + j) * kvb.row_bytes, r, row.data());
             for (size_t t = 0; t < r; ++t) own[(i * r + t) * c.k_nope + j] = row[t];
           }
-          LlmMatrix uk;
-          uk.data = reinterpret_cast<const uint8_t*>(own + i * r * c.k_nope);
-          uk.type = kernels::kQuantF32;
-          uk.variant = ResolveQuantVariant(kernels::kQuantF32, c.variant);
-          uk.k = c.k_nope;
-          uk.n = r;
-          uk.row_bytes = kernels::QuantRowBytes(kernels::kQuantF32, c.k_nope);
-          L.uk[i] = uk;
+          L.uk[i] = F32Matrix(own + i * r * c.k_nope, c.k_nope, r, c.variant);
           L.uv[i] = view(kvb, i * per + c.k_nope, c.v_dim);
+        }
+        // The file's key rows (k_nope of r per head) are the decompression orientation already.
+        if (m->mla_form_ != MlaForm::kAbsorbed) {
+          L.wk.resize(h);
+          for (size_t i = 0; i < h; ++i) L.wk[i] = view(kvb, i * per, c.k_nope);
         }
       }
     } else {
@@ -334,6 +368,29 @@ bool MatMulRows(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, co
   a.y = y;
   a.ldy = ldy;
   return RunQuantMatmul(pool, threads, cancel, a, w.variant, scratch);
+}
+
+// y0 = x . W0^T and y1 = x . W1^T in one pool hand-off where the variants agree (MLA's query (or
+// q LoRA) and kv_a projections of the same normalised rows).
+bool MatMulPair(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t m, const LlmMatrix& w0,
+                float* y0, const LlmMatrix& w1, float* y1, QuantMatmulScratch* scratch) {
+  if (w0.variant != w1.variant || w0.k != w1.k)
+    return MatMul(pool, threads, cancel, w0, x, m, y0, scratch) && MatMul(pool, threads, cancel, w1, x, m, y1, scratch);
+  QuantMatmulArgs a[2];
+  const LlmMatrix* w[2] = {&w0, &w1};
+  float* y[2] = {y0, y1};
+  for (size_t i = 0; i < 2; ++i) {
+    a[i].x = x;
+    a[i].m = m;
+    a[i].k = w[i]->k;
+    a[i].ldx = w[i]->k;
+    a[i].w = w[i]->data;
+    a[i].n = w[i]->n;
+    a[i].type = w[i]->type;
+    a[i].y = y[i];
+    a[i].ldy = w[i]->n;
+  }
+  return RunQuantMatmuls(pool, threads, cancel, a, 2, w0.variant, scratch);
 }
 
 // The q, k and v projections of xn in one pool hand-off (ops/quant_matmul.h: RunQuantMatmuls).
@@ -521,13 +578,48 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
     return false;
   StepProfileMark(prof.p, kPhaseRope);
 
-  // Multi-head latent attention of layer l (deepseek2), in the absorbed form for every row: the
+  // MLA's form for this step. Steps of one row per sequence (decode) attend absorbed, row by row,
+  // with the span kernel. Steps with prompt chunks attend with products, in one of two forms:
+  // absorbed (queries in latent space against the cached latents: (kv_lora + rope)-wide scores
+  // and latent sums, every head against the same keys) or decompressed (the cached latents
+  // up-projected to per-head keys and values: qk-wide scores and v_dim-wide sums, but every cached
+  // position of the step's sequences up-projected, not just the new rows; the rows' own
+  // up-projections cost the same in both). Decompressed pays on long chunks, absorbed on short
+  // chunks after a long cached prefix (measured in the bench `llm` suite's mla prefill and ttft
+  // cases); the products' multiply-adds decide.
+  enum class MlaStepForm { kSpan, kAbsorbed, kDecompressed } mla_step = MlaStepForm::kSpan;
+  if (mla && n > step.seqs.size()) {
+    const double up = static_cast<double>(c.heads) * c.kv_lora * (c.k_nope + c.v_dim);
+    double extra_positions = 0, pairs = 0;
+    for (const KvStepSequence& sq : step.seqs) {
+      extra_positions += static_cast<double>(sq.start);
+      pairs += static_cast<double>(sq.tokens) * (2.0 * sq.start + sq.tokens + 1) / 2;
+    }
+    const double absorbed = pairs * c.heads * 2.0 * static_cast<double>(hd);
+    const double decompressed = extra_positions * up + pairs * c.heads * static_cast<double>(qk + c.v_dim);
+    const bool dec = model.mla_form_ == LlmModel::MlaForm::kDecompressed ||
+                     (model.mla_form_ == LlmModel::MlaForm::kAuto && decompressed < absorbed);
+    mla_step = dec ? MlaStepForm::kDecompressed : MlaStepForm::kAbsorbed;
+  }
+  const bool mla_decompress = mla_step == MlaStepForm::kDecompressed;
+  // A decode step's per-head up-projections and span attention over a short context are well
+  // under a millisecond of work (about 1 M multiply-adds), less than what handing half of it to a
+  // helper thread costs on a busy machine: then the step's thread does them alone.
+  unsigned span_threads = threads;
+  if (mla && mla_step == MlaStepForm::kSpan) {
+    double work = static_cast<double>(n) * c.heads * c.kv_lora * (c.k_nope + c.v_dim);
+    for (size_t i = 0; i < n; ++i) work += (static_cast<double>(a.row_pos[i]) + 1) * c.heads * 2.0 * hd;
+    if (work < 1e6) span_threads = 1;
+  }
+
+  // Multi-head latent attention of layer l (deepseek2). The span form, absorbed, per row: the
   // cache holds per position only the normalised latent c (kv_lora) and the roped key part k_r;
   // head h's score is (W_uk[h]^T q_nope) . c + q_rope . k_r, so q_nope is taken into latent space
   // once per row instead of every cached latent being expanded to per-head keys, and the softmax-
   // weighted sum of latents goes through W_uv[h] once per row. The absorbed query and the cache
   // row line up element for element ([latent | rope]), so the span kernels run unchanged with the
-  // row as key and as value (the value's trailing rope_dim sums are computed and ignored).
+  // row as key and as value (the value's trailing rope_dim sums are computed and ignored). Steps
+  // with prompt chunks run one of the two product forms instead (mla_step above).
   auto mla_attention = [&](const LlmLayer& L, size_t l) -> bool {
     const size_t r = c.kv_lora, rd = c.rope_dim, nope = c.k_nope, heads = c.heads;
     auto rope = [&](float* v, int64_t pos) {
@@ -543,7 +635,7 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
     if (a.head_scratch.size() < heads) a.head_scratch.resize(heads);
     auto per_head = [&](const std::vector<LlmMatrix>& w, const float* in, size_t in_step, size_t ldx, float* out,
                         size_t out_step, size_t ldy) {
-      return pool.ParallelFor(heads, threads, [&](size_t h) {
+      return pool.ParallelFor(heads, span_threads, [&](size_t h) {
         MatMulRows(pool, 1, cancel, w[h], in + h * in_step, ldx, n, out + h * out_step, ldy, &a.head_scratch[h]);
       }, cancel) && !(cancel && cancel->load());
     };
@@ -551,14 +643,13 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
     float* qabs = a.q_abs.data();
     float* lat = a.latent.data();
     if (c.q_lora > 0) {
-      if (!MatMul(pool, threads, cancel, L.q_a, xn, n, qa, qs) ||
+      if (!MatMulPair(pool, threads, cancel, xn, n, L.q_a, qa, L.kv_a, k, qs) ||
           !rows(n, [&](size_t i) { kernels::RmsNormRow(qa + i * c.q_lora, L.q_a_norm, c.q_lora, c.eps, qa + i * c.q_lora); }) ||
           !MatMul(pool, threads, cancel, L.q_b, qa, n, q, qs))
         return false;
-    } else if (!MatMul(pool, threads, cancel, L.q, xn, n, q, qs)) {
+    } else if (!MatMulPair(pool, threads, cancel, xn, n, L.q, q, L.kv_a, k, qs)) {
       return false;
     }
-    if (!MatMul(pool, threads, cancel, L.kv_a, xn, n, k, qs)) return false;
     // Every row's cache entry is in its block before any row attends (a sequence's later rows
     // read its earlier rows of this step).
     if (!rows(n, [&](size_t i) {
@@ -574,9 +665,125 @@ bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logit
           StoreRow(kr, hd, dtype, block_of(row_seq[i], pos) + kv.KeyOffset(l, 0) + (pos % bs) * hd * eb);
         }))
       return false;
-    if (!per_head(L.uk, q, qk, qd, qabs, hd, heads * hd)) return false;
     const size_t off = kv.KeyOffset(l, 0);
-    if (!pool.ParallelFor(n * heads, threads, [&](size_t task) {
+    // Sequence s's cached rows [0, end) (this step's included) into a.mla_c, in f32.
+    auto gather = [&](size_t s, size_t end) {
+      Grow(a.mla_c, end * hd);
+      float* cl = a.mla_c.data();
+      for (size_t p = 0; p < end; p += bs) {
+        const uint8_t* src = block_of(s, p) + off;
+        const size_t span = std::min(bs, end - p);
+        if (dtype == KvDtype::kF32) {
+          std::memcpy(cl + p * hd, src, span * hd * sizeof(float));
+        } else {
+          const uint16_t* h16 = reinterpret_cast<const uint16_t*>(src);
+          for (size_t j = 0; j < span * hd; ++j) cl[p * hd + j] = kernels::LowpF16ToF32(h16[j]);
+        }
+      }
+      return cl;
+    };
+    if (mla_step == MlaStepForm::kAbsorbed) {
+      // Per sequence and block of kRowBlock rows, all heads at once (they share the keys): scores
+      // = Q_abs . C^T over the cache rows [latent | rope] the block's last row sees, a causal
+      // softmax in place, then the latent sums^T = C_lat^T . P^T (P's rows are the products'
+      // contiguous weight rows; the transposed latents are activations, read end apart).
+      constexpr size_t kRowBlock = 16;
+      if (!per_head(L.uk, q, qk, qd, qabs, hd, heads * hd)) return false;
+      for (size_t s = 0; s < step.seqs.size(); ++s) {
+        const KvStepSequence& sq = step.seqs[s];
+        const size_t end = sq.start + sq.tokens, mb = kRowBlock * heads;
+        const float* cl = gather(s, end);
+        Grow(a.mla_kv, r * end + mb * end + r * mb);
+        Grow(a.mla_acc, mb);
+        float* ct = a.mla_kv.data();  // r x end
+        float* sc = ct + r * end;     // mb x keys
+        float* ot = sc + mb * end;    // r x mb
+        float* inv = a.mla_acc.data();
+        for (size_t p = 0; p < end; ++p)
+          for (size_t j = 0; j < r; ++j) ct[j * end + p] = cl[p * hd + j];
+        for (size_t b0 = 0; b0 < sq.tokens; b0 += kRowBlock) {
+          const size_t nb = std::min(kRowBlock, sq.tokens - b0), keys = sq.start + b0 + nb, m = nb * heads;
+          float* qb = qabs + (sq.row0 + b0) * heads * hd;
+          if (!MatMulRows(pool, threads, cancel, F32Matrix(cl, hd, keys, c.variant), qb, hd, m, sc, keys, qs) ||
+              !rows(m, [&](size_t t) {
+                float* row = sc + t * keys;
+                const size_t see = sq.start + b0 + t / heads + 1;
+                float mx = -INFINITY;
+                for (size_t p = 0; p < see; ++p) mx = std::max(mx, row[p] * scale);
+                float sum = 0.f;
+                for (size_t p = 0; p < see; ++p) sum += row[p] = std::exp(row[p] * scale - mx);
+                std::fill(row + see, row + keys, 0.f);
+                inv[t] = 1.0f / sum;
+              }) ||
+              !MatMulRows(pool, threads, cancel, F32Matrix(sc, keys, m, c.variant), ct, end, r, ot, m, qs))
+            return false;
+          float* out = lat + (sq.row0 + b0) * heads * hd;
+          for (size_t t = 0; t < m; ++t)
+            for (size_t j = 0; j < r; ++j) out[t * hd + j] = ot[j * m + t] * inv[t];
+        }
+      }
+      return per_head(L.uv, lat, hd, heads * hd, att, c.v_dim, ad);
+    }
+    if (mla_decompress) {
+      // Per sequence and head: the cached latents (this step's rows included) up-projected to
+      // keys [k_nope | rope] (end x qk) and values (end x v_dim, then transposed), and attention
+      // as two products per block of kRowBlock rows over the keys its last row sees: scores =
+      // Q . K^T, a causal softmax in place, then out^T = V^T . P^T (P's rows are the products'
+      // contiguous weight rows; the transposed value rows are activations, read end apart).
+      // Blocks keep the causal waste (scores past a row's position, zeroed) under one block per
+      // row; products, not the span kernel's row-at-a-time dots, because a prefill's rows share
+      // every key.
+      constexpr size_t kRowBlock = 64;
+      for (size_t s = 0; s < step.seqs.size(); ++s) {
+        const KvStepSequence& sq = step.seqs[s];
+        const size_t end = sq.start + sq.tokens, vd = c.v_dim;
+        const size_t per = end * qk + 2 * end * vd + kRowBlock * end + vd * kRowBlock;
+        const float* cl = gather(s, end);
+        Grow(a.mla_kv, heads * per);
+        if (!pool.ParallelFor(heads, threads, [&](size_t h) {
+              float* kh = a.mla_kv.data() + h * per;  // end x qk
+              float* vh = kh + end * qk;               // end x vd
+              float* vt = vh + end * vd;               // vd x end
+              float* sc = vt + vd * end;               // kRowBlock x keys
+              float* ot = sc + kRowBlock * end;        // vd x kRowBlock
+              QuantMatmulScratch* hs = &a.head_scratch[h];
+              if (!MatMulRows(pool, 1, cancel, L.wk[h], cl, hd, end, kh, qk, hs) ||
+                  !MatMulRows(pool, 1, cancel, L.uv[h], cl, hd, end, vh, vd, hs))
+                return;
+              for (size_t p = 0; p < end; ++p) {
+                std::memcpy(kh + p * qk + nope, cl + p * hd + r, rd * sizeof(float));
+                for (size_t j = 0; j < vd; ++j) vt[j * end + p] = vh[p * vd + j];
+              }
+              float inv[kRowBlock];
+              for (size_t b0 = 0; b0 < sq.tokens; b0 += kRowBlock) {
+                const size_t nb = std::min(kRowBlock, sq.tokens - b0), keys = sq.start + b0 + nb;
+                if (!MatMulRows(pool, 1, cancel, F32Matrix(kh, qk, keys, c.variant), q + (sq.row0 + b0) * qd + h * qk, qd, nb,
+                                sc, keys, hs))
+                  return;
+                for (size_t i = 0; i < nb; ++i) {
+                  float* row = sc + i * keys;
+                  const size_t see = sq.start + b0 + i + 1;
+                  float mx = -INFINITY;
+                  for (size_t p = 0; p < see; ++p) mx = std::max(mx, row[p] * scale);
+                  float sum = 0.f;
+                  for (size_t p = 0; p < see; ++p) sum += row[p] = std::exp(row[p] * scale - mx);
+                  std::fill(row + see, row + keys, 0.f);
+                  inv[i] = 1.0f / sum;
+                }
+                if (!MatMulRows(pool, 1, cancel, F32Matrix(sc, keys, nb, c.variant), vt, end, vd, ot, nb, hs)) return;
+                for (size_t i = 0; i < nb; ++i) {
+                  float* out = att + (sq.row0 + b0 + i) * ad + h * vd;
+                  for (size_t j = 0; j < vd; ++j) out[j] = ot[j * nb + i] * inv[i];
+                }
+              }
+            }, cancel) ||
+            (cancel && cancel->load()))
+          return false;
+      }
+      return true;
+    }
+    if (!per_head(L.uk, q, qk, qd, qabs, hd, heads * hd)) return false;
+    if (!pool.ParallelFor(n * heads, span_threads, [&](size_t task) {
           const size_t i = task / heads, s = row_seq[i], end = static_cast<size_t>(row_pos[i]) + 1;
           const float* qrow = qabs + task * hd;
           float* out = lat + task * hd;

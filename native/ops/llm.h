@@ -93,6 +93,9 @@ struct LlmLayer {
   LlmMatrix q_a, q_b, kv_a;
   const float *q_a_norm = nullptr, *kv_a_norm = nullptr;
   std::vector<LlmMatrix> uk, uv;
+  // MLA's decompressed form (prefill): per head the key up-projection in the other orientation,
+  // k_nope rows of kv_lora (latent -> key); empty when SONDE_MLA_PREFILL pins the absorbed form.
+  std::vector<LlmMatrix> wk;
   const float* exp_probs_b = nullptr;
 };
 
@@ -112,7 +115,12 @@ class LlmModel {
                                                 bool* unsupported);
   const LlmConfig& config() const { return cfg_; }
   // Bytes owned natively beyond the mapping (the mapping is the file's, not reported).
-  size_t bytes() const { return sizeof(*this) + layers_.size() * sizeof(LlmLayer) + owned_.size() * sizeof(float); }
+  size_t bytes() const {
+    return sizeof(*this) + layers_.size() * sizeof(LlmLayer) + (owned_.size() + owned_wk_.size()) * sizeof(float);
+  }
+  // How an MLA step with prompt chunks attends (SONDE_MLA_PREFILL at load: 'absorbed',
+  // 'decompressed', else chosen per step by cost, see RunStep).
+  enum class MlaForm : int32_t { kAuto = 0, kAbsorbed = 1, kDecompressed = 2 };
 
  private:
   friend bool RunStep(const LlmModel&, KvPool&, const KvStep&, float*, ThreadPool&, unsigned, const CancelFlag*);
@@ -125,6 +133,10 @@ class LlmModel {
   // The transposed key halves of a joined attn_kv_b (the absorbed form needs them row-major over
   // k_nope), in f32.
   std::vector<float> owned_;
+  // The decompression key matrices of split attn_k_b tensors (transposed to k_nope rows of
+  // kv_lora), in f32.
+  std::vector<float> owned_wk_;
+  MlaForm mla_form_ = MlaForm::kAuto;
   kernels::AttentionSpanUkernel attend_ = nullptr;
   kernels::AttentionSpanF16Ukernel attend_f16_ = nullptr;
 };
