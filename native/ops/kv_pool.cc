@@ -58,7 +58,8 @@ size_t HeldAll(const V&... v) { return (Held(v) + ... + 0); }
 }  // namespace
 
 size_t LlmArena::Bytes() const {
-  size_t b = HeldAll(x, xn, q, k, v, att, gate, up, moe_out, q_lora, q_abs, latent, rope, row_pos, row_seq, qscratch);
+  size_t b = HeldAll(x, xn, q, k, v, att, gate, up, moe_out, q_lora, q_abs, latent, mla_c, mla_kv, mla_acc, rope, row_pos,
+                     row_seq, qscratch);
   for (const QuantMatmulScratch& s : head_scratch) b += Held(s);
   b += HeldAll(moe.ids, moe.weights, moe.logits, moe.scores, moe.keys, moe.routed, moe.rows, moe.offset, moe.fill,
                moe.wide, moe.narrow, moe.row_of, moe.xg, moe.hg, moe.hu, moe.yo, moe.h, moe.out, moe.so, moe.sg,
