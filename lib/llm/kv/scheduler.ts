@@ -167,8 +167,13 @@ interface Item {
 
 /** A prompt chunk beside running decodes may add this many decode-step times to a step. */
 const PREFILL_STALL = 1;
-/** Prompt tokens per step beside running decodes while the costs are not measured yet. */
-const PROBE_CHUNK = 64;
+/**
+ * Prompt tokens per step beside running decodes while a prompt token's cost is not measured yet:
+ * few, since the probe step stalls every running stream (64 tokens of a 50 M model were ~9 decode
+ * steps once decode steps got cheap, the p99 of the streams' inter-token latency), yet at least
+ * MEASURE_MIN_MIXED so that it is measured; later chunks grow from it at most twofold a step.
+ */
+const PROBE_CHUNK = 8;
 /**
  * Fewest prompt tokens of a step that measures a prompt token's cost: alone, a step's fixed cost
  * dominates fewer; beside decodes, a step's noise (see #measure).
