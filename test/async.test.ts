@@ -85,6 +85,30 @@ describe('thread pool size', () => {
     }
   });
 
+  it('wake-ups reach a worker that can take the task while the pool shrinks and grows (parked workers)', async () => {
+    // Sleeping workers are woken most recent first, and a parked worker (above the pool size) is
+    // never the one chosen: a wake-up spent on it would leave the task queued with every active
+    // worker asleep. Each round parks workers, lets everyone fall asleep, then sends calls that
+    // need a wake-up, one by one and in a burst.
+    const before = getThreads();
+    const b = randomTensor([96, 64], 7);
+    try {
+      for (const size of [3, 1, 2, 1, 3, 2]) {
+        setThreads(size);
+        await new Promise((r) => setTimeout(r, 5));
+        const as = Array.from({ length: 6 }, (_, i) => randomTensor([1 + ((i * 29 + size) % 70), 96], 300 + 10 * size + i));
+        for (const a of as) {
+          expectGemmClose((await kernels.gemm(a, b, { threads: 1 })).data, a.data, b.data, a.dims[0]!, 96, 64);
+          await new Promise((r) => setTimeout(r, 2));
+        }
+        const burst = await Promise.all(as.map((a) => kernels.gemm(a, b, { threads: 4 })));
+        burst.forEach((c, i) => expectGemmClose(c.data, as[i]!.data, b.data, as[i]!.dims[0]!, 96, 64));
+      }
+    } finally {
+      setThreads(before);
+    }
+  });
+
   it('many concurrent calls all complete correctly', async () => {
     const b = randomTensor([50, 40], 3);
     const as = Array.from({ length: 40 }, (_, i) => randomTensor([1 + (i % 7), 50], 100 + i));
