@@ -23,29 +23,35 @@ namespace {
 constexpr size_t kB = kNchwcBlock;    // input channels per block (one zmm of floats)
 constexpr size_t kOcb = kNchwcOutBlock;  // output channels per weight block
 
-// R output rows of P pixels each (R * P <= 14 accumulators per output-channel vector).
-template <size_t NV, size_t P, size_t SW, size_t R>
-void Tile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
+// R output rows of P pixels each (R * P <= 14 accumulators per output-channel vector); KB input
+// channels per block: 16 (NCHW16c), or 1 for a plain padded NCHW input (see F32NchwConvUkernelAvx512).
+// No predictive commoning: at KB = 1 and stride 2, pixel p's input at tap kx + 2 is pixel p + 1's at
+// kx, and GCC kept those broadcasts alive across taps, spilling 14 of them and half the accumulators
+// to the stack (a 7x7/2 stem ran at ~110 GFLOP/s that way).
+template <size_t NV, size_t P, size_t SW, size_t R, size_t KB>
+__attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
   constexpr size_t kPix = R * P;
   __m512 acc[NV][kPix];
 #pragma GCC unroll 16
   for (size_t p = 0; p < kPix; ++p)
     for (size_t v = 0; v < NV; ++v) acc[v][p] = _mm512_setzero_ps();
-  const size_t row = a->wp * kB, plane = a->hp * row, row_step = a->sh * row;
+  const size_t row = a->wp * KB, plane = a->hp * row, row_step = a->sh * row;
   const float* w = a->w;
-  const float* xb = a->x + oy * row_step + ox0 * SW * kB;
+  const float* xb = a->x + oy * row_step + ox0 * SW * KB;
   for (size_t cb = 0; cb < a->c_blocks; ++cb, xb += plane) {
     for (size_t ky = 0; ky < a->kh; ++ky) {
+      // With KB = 1 this is the innermost loop, and GCC's unroll by 2 spilled half the accumulators.
+#pragma GCC unroll 1
       for (size_t kx = 0; kx < a->kw; ++kx) {
-        const float* xt = xb + ky * row + kx * kB;
+        const float* xt = xb + ky * row + kx * KB;
         // Unrolling the 16 input channels too made GCC spill accumulators; this loop keeps all in registers.
 #pragma GCC unroll 1
-        for (size_t c = 0; c < kB; ++c, w += kOcb) {
+        for (size_t c = 0; c < KB; ++c, w += kOcb) {
           const __m512 w0 = _mm512_load_ps(w);
           const __m512 w1 = NV > 1 ? _mm512_load_ps(w + 16) : w0;
 #pragma GCC unroll 16
           for (size_t p = 0; p < kPix; ++p) {
-            const __m512 xv = _mm512_set1_ps(xt[(p / P) * row_step + (p % P) * SW * kB + c]);
+            const __m512 xv = _mm512_set1_ps(xt[(p / P) * row_step + (p % P) * SW * KB + c]);
             acc[0][p] = _mm512_fmadd_ps(xv, w0, acc[0][p]);
             if (NV > 1) acc[NV - 1][p] = _mm512_fmadd_ps(xv, w1, acc[NV - 1][p]);
           }
@@ -106,26 +112,32 @@ void Tile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
 
 typedef void (*TileFn)(const NchwcConvArgs*, size_t, size_t);
 
-#define SONDE_NCHWC_ROW(NV, SW)                                                                              \
-  {&Tile<NV, 1, SW, 1>, &Tile<NV, 2, SW, 1>, &Tile<NV, 3, SW, 1>, &Tile<NV, 4, SW, 1>, &Tile<NV, 5, SW, 1>,      \
-   &Tile<NV, 6, SW, 1>, &Tile<NV, 7, SW, 1>, &Tile<NV, 8, SW, 1>, &Tile<NV, 9, SW, 1>, &Tile<NV, 10, SW, 1>,     \
-   &Tile<NV, 11, SW, 1>, &Tile<NV, 12, SW, 1>, &Tile<NV, 13, SW, 1>, &Tile<NV, 14, SW, 1>}
-#define SONDE_NCHWC_ROW_PAIR(NV, SW)                                                                         \
-  {&Tile<NV, 1, SW, 2>, &Tile<NV, 2, SW, 2>, &Tile<NV, 3, SW, 2>, &Tile<NV, 4, SW, 2>, &Tile<NV, 5, SW, 2>,      \
-   &Tile<NV, 6, SW, 2>, &Tile<NV, 7, SW, 2>}
+#define SONDE_NCHWC_ROW(NV, SW, KB)                                                                            \
+  {&Tile<NV, 1, SW, 1, KB>, &Tile<NV, 2, SW, 1, KB>, &Tile<NV, 3, SW, 1, KB>, &Tile<NV, 4, SW, 1, KB>,          \
+   &Tile<NV, 5, SW, 1, KB>, &Tile<NV, 6, SW, 1, KB>, &Tile<NV, 7, SW, 1, KB>, &Tile<NV, 8, SW, 1, KB>,          \
+   &Tile<NV, 9, SW, 1, KB>, &Tile<NV, 10, SW, 1, KB>, &Tile<NV, 11, SW, 1, KB>, &Tile<NV, 12, SW, 1, KB>,       \
+   &Tile<NV, 13, SW, 1, KB>, &Tile<NV, 14, SW, 1, KB>}
+#define SONDE_NCHWC_ROW_PAIR(NV, SW, KB)                                                                       \
+  {&Tile<NV, 1, SW, 2, KB>, &Tile<NV, 2, SW, 2, KB>, &Tile<NV, 3, SW, 2, KB>, &Tile<NV, 4, SW, 2, KB>,          \
+   &Tile<NV, 5, SW, 2, KB>, &Tile<NV, 6, SW, 2, KB>, &Tile<NV, 7, SW, 2, KB>}
 static_assert(kNchwcMaxPixels == 14, "the tables below list 14 tile widths (7 for row pairs)");
 // [vectors of output channels - 1][stride - 1][pixels - 1]
-const TileFn kTiles[2][2][kNchwcMaxPixels] = {{SONDE_NCHWC_ROW(1, 1), SONDE_NCHWC_ROW(1, 2)},
-                                              {SONDE_NCHWC_ROW(2, 1), SONDE_NCHWC_ROW(2, 2)}};
-const TileFn kRowPairTiles[2][2][kNchwcMaxPixels / 2] = {{SONDE_NCHWC_ROW_PAIR(1, 1), SONDE_NCHWC_ROW_PAIR(1, 2)},
-                                                         {SONDE_NCHWC_ROW_PAIR(2, 1), SONDE_NCHWC_ROW_PAIR(2, 2)}};
+template <size_t KB>
+struct TileTables {
+  static constexpr TileFn kTiles[2][2][kNchwcMaxPixels] = {{SONDE_NCHWC_ROW(1, 1, KB), SONDE_NCHWC_ROW(1, 2, KB)},
+                                                           {SONDE_NCHWC_ROW(2, 1, KB), SONDE_NCHWC_ROW(2, 2, KB)}};
+  static constexpr TileFn kRowPairTiles[2][2][kNchwcMaxPixels / 2] = {
+      {SONDE_NCHWC_ROW_PAIR(1, 1, KB), SONDE_NCHWC_ROW_PAIR(1, 2, KB)},
+      {SONDE_NCHWC_ROW_PAIR(2, 1, KB), SONDE_NCHWC_ROW_PAIR(2, 2, KB)}};
+};
 #undef SONDE_NCHWC_ROW
 #undef SONDE_NCHWC_ROW_PAIR
 
-void F32NchwcConvAvx512(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t rows) {
+template <size_t KB>
+void F32DirectConvAvx512(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t rows) {
   const size_t nv = a->oc_valid > 16 ? 1 : 0;
-  if (rows == 2) kRowPairTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
-  else kTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
+  if (rows == 2) TileTables<KB>::kRowPairTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
+  else TileTables<KB>::kTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
 }
 
 // In-register 16x16 transpose: r[l] = 16 pixels of channel l in, r[p] = 16 channels of pixel p out.
@@ -230,7 +242,8 @@ void F32NchwcDepthwiseAvx512(const NchwcDepthwiseArgs* a, size_t oy) {
 }  // namespace
 
 F32NchwcDepthwiseUkernel F32NchwcDepthwiseUkernelAvx512() { return F32NchwcDepthwiseAvx512; }
-F32NchwcConvUkernel F32NchwcConvUkernelAvx512() { return F32NchwcConvAvx512; }
+F32NchwcConvUkernel F32NchwcConvUkernelAvx512() { return F32DirectConvAvx512<kB>; }
+F32NchwcConvUkernel F32NchwConvUkernelAvx512() { return F32DirectConvAvx512<1>; }
 F32PackNchwcRowUkernel F32PackNchwcRowUkernelAvx512() { return F32PackNchwcRowAvx512; }
 F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelAvx512() { return F32UnpackNchwcRowAvx512; }
 
