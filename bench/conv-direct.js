@@ -1,6 +1,7 @@
 // node bench/conv-direct.js [threads=1] [filter] [batch=1]
 // The direct NCHW16c path against the im2col + GEMM path and onnxruntime-node on the ResNet-50 and
-// MobileNetV2 convolutions it can run (C_in a multiple of 16, stride 1 or 2), bias + ReLU fused,
+// MobileNetV2 convolutions it can run (C_in a multiple of 16, or the 3-channel stems on the NCHW
+// input variant; stride 1 or 2), bias + ReLU fused,
 // interleaved call by call in one process (SONDE_CONV_DIRECT forces the path at creation). Prints
 // median ms of each and the ratios of the medians and, in brackets, of the best calls (less
 // disturbed on a loaded machine); checks the two sonde paths agree first.
@@ -12,6 +13,7 @@ const filter = process.argv[3] ?? '';
 const n = Number(process.argv[4] ?? 1);
 // [name, C_in, H (= W), C_out, k, stride]
 const shapes = [
+  ['r50 conv1 7x7/2 3-64', 3, 224, 64, 7, 2], ['mv2 conv 3x3/2 3-32', 3, 224, 32, 3, 2],
   ['r50 56 1x1 64-64', 64, 56, 64, 1, 1], ['r50 56 3x3 64', 64, 56, 64, 3, 1], ['r50 56 1x1 64-256', 64, 56, 256, 1, 1],
   ['r50 56 1x1 256-64', 256, 56, 64, 1, 1], ['r50 56 1x1 256-128', 256, 56, 128, 1, 1], ['r50 56 3x3/2 128', 128, 56, 128, 3, 2],
   ['r50 56 1x1/2 256-512', 256, 56, 512, 1, 2], ['r50 28 3x3 128', 128, 28, 128, 3, 1], ['r50 28 1x1 128-512', 128, 28, 512, 1, 1],

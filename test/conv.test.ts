@@ -357,9 +357,61 @@ describe.runIf(simd === 'avx512')('direct NCHW16c kernel', () => {
 
   it('shapes it does not fit keep their path when forced', () => {
     for (const [wd, g] of [[[8, 24, 3, 3], {}], [[8, 32, 3, 3], { dilations: [2, 2] }], [[8, 32, 3, 3], { strides: [3, 3] }],
-      [[8, 16, 3, 3], { group: 2 }]] as const) {
+      [[8, 16, 3, 3], { group: 2 }], [[8, 5, 3, 3], {}], [[8, 3, 3, 3], { dilations: [2, 1] }], [[8, 3, 7, 7], { strides: [2, 1] }]] as const) {
       const conv = createDirect(randomTensor([...wd], 52), { ...g } as kernels.Conv2dOptions);
       expect(conv.path).toBe('gemm');
+      conv.dispose();
+    }
+  });
+});
+
+// The same direct tiles on a zero-padded NCHW copy for convs of at most 4 input channels (image
+// stems: ResNet-50's 3 -> 64 7x7/2, MobileNetV2's 3 -> 32 3x3/2): one input channel per "block", so
+// K walks channels x taps with no zero lanes. Tile widths 1..14 and split rows, row pairs (2 rows of
+// <= 7 pixels), 1..4 input channels, one or two output vectors and partial blocks, stride 1 and 2
+// with odd sizes and asymmetric / SAME pads, batches, against the double reference.
+describe.runIf(simd === 'avx512')('direct kernel on NCHW input (few input channels)', () => {
+  const stem: Shape[] = [
+    { name: '7x7 s2 p3, 3 -> 64 on 45x37 (stem, tiles 10+9, N=2)', x: [2, 3, 45, 37], w: [64, 3, 7, 7], g: { strides: [2, 2], pads: [3, 3, 3, 3] } },
+    ...Array.from({ length: 14 }, (_, i): Shape => ({
+      name: `3x3 s2 p1, 3 -> 40 on 5x${2 * i + 1} (tile width ${i + 1})`, x: [1, 3, 5, 2 * i + 1], w: [40, 3, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } })),
+    { name: '3x3 p1, 1 -> 16 on 7x7 (row pairs, one output vector)', x: [1, 1, 7, 7], w: [16, 1, 3, 3], g: { pads: [1, 1, 1, 1] } },
+    { name: '5x3 asymmetric pads, 2 -> 33 on 11x30 (tiles 10+10+10)', x: [1, 2, 11, 30], w: [33, 2, 5, 3], g: { pads: [2, 0, 1, 2] } },
+    { name: '3x3 SAME_UPPER s2, 4 -> 7 on 9x8, N=3', x: [3, 4, 9, 8], w: [7, 4, 3, 3], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
+    { name: '1x1, 3 -> 20 on 29x28 (pointwise kernel, blocked weights)', x: [1, 3, 29, 28], w: [20, 3, 1, 1], g: {} },
+    { name: '2x2 VALID s2, 3 -> 96 on 2x2 (one pixel)', x: [1, 3, 2, 2], w: [96, 3, 2, 2], g: { strides: [2, 2], autoPad: 'VALID' } },
+  ];
+  it.each(stem)('$name', async (s) => {
+    const x = randomTensor(s.x, 60);
+    const w = randomTensor(s.w, 61);
+    const bias = randomTensor([s.w[0]!], 62);
+    const conv = createDirect(w, { ...s.g, bias });
+    expect([conv.path, conv.ukernel]).toEqual(['direct', 'f32_conv_nchw_14x32__avx512']);
+    expectConv(await conv.run(x), refConv(x, w.data, s.w, s.g, bias.data));
+    conv.dispose();
+  });
+
+  it('the automatic choice takes it for ResNet-50\'s stem', () => {
+    const conv = kernels.createConv2d(randomTensor([64, 3, 7, 7], 63), { strides: [2, 2], pads: [3, 3, 3, 3] });
+    expect([conv.path, conv.ukernel]).toEqual(['direct', 'f32_conv_nchw_14x32__avx512']);
+    conv.dispose();
+  });
+
+  it.each(['relu', 'hardSwish'] as Act[])('epilogue %s with residual before/after, 1 and 2 threads', async (act) => {
+    for (const s of [stem[0]!, stem[15]!, stem[17]!]) {
+      const x = randomTensor(s.x, 64);
+      const w = randomTensor(s.w, 65);
+      const bias = randomTensor([s.w[0]!], 66);
+      const conv = createDirect(w, { ...s.g, bias, activation: act, ...acts[act]!.opts });
+      const ref = refConv(x, w.data, s.w, s.g, bias.data);
+      expectConv(await conv.run(x), ref, act);
+      const r = randomTensor(ref.dims, 67);
+      for (const before of [false, true]) {
+        const y1 = await conv.run(x, { residual: r, residualBeforeActivation: before, threads: 1 });
+        expectConv(y1, ref, act, { r: r.data, before });
+        const y2 = await conv.run(x, { residual: r, residualBeforeActivation: before, threads: 2 });
+        expect(Array.from(y2.data)).toEqual(Array.from(y1.data));
+      }
       conv.dispose();
     }
   });

@@ -135,10 +135,19 @@ void SplitBf16(float b, uint16_t out[3]) {
 
 // Shapes the direct NCHWc kernel handles: whole 16-channel input blocks (a partial block would
 // spend FMAs on zero channels), strides its tile table has, no dilation, one group.
+// Convs of at most kDirectNchwMaxChannels input channels (image stems) run the same tiles on a
+// padded NCHW copy instead (one input channel per "block"); SONDE_CONV_DIRECT_NCHW=0 at creation
+// leaves them on im2col + GEMM (A/B: bench/conv-direct.js, bench/models-direct.js).
+constexpr size_t kDirectNchwMaxChannels = 4;
+bool DirectNchwWanted() {
+  const char* e = std::getenv("SONDE_CONV_DIRECT_NCHW");
+  return !(e && *e == '0');
+}
 bool DirectFits(const ConvSpec& spec) {
   const WindowGeometry& g = spec.window;
-  return spec.group == 1 && spec.c_in % kernels::kNchwcBlock == 0 && g.dh == 1 && g.dw == 1 && g.sh == g.sw &&
-         (g.sw == 1 || g.sw == 2);
+  const bool channels = spec.c_in % kernels::kNchwcBlock == 0 ||
+                        (spec.c_in <= kDirectNchwMaxChannels && DirectNchwWanted());
+  return spec.group == 1 && channels && g.dh == 1 && g.dw == 1 && g.sh == g.sw && (g.sw == 1 || g.sw == 2);
 }
 
 // SONDE_CONV_DIRECT=1 / 0 turns the direct path on / off where it fits (read at each creation, so a
@@ -251,15 +260,18 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
 #if defined(__x86_64__) || defined(_M_X64)
   if (variant == ConvVariant::kAvx512 && DirectFits(spec) && DirectWanted(spec)) {
     op->path_ = Path::kDirect;
-    op->direct_uk_ = kernels::F32NchwcConvUkernelAvx512();
+    const bool nchw = spec.c_in % kernels::kNchwcBlock != 0;
+    op->in_block_ = nchw ? 1 : kernels::kNchwcBlock;
+    op->direct_uk_ = nchw ? kernels::F32NchwConvUkernelAvx512() : kernels::F32NchwcConvUkernelAvx512();
     op->pack_uk_ = kernels::F32PackNchwcRowUkernelAvx512();
-    constexpr size_t kB = kernels::kNchwcBlock, kO = kernels::kNchwcOutBlock;
+    constexpr size_t kO = kernels::kNchwcOutBlock;
+    const size_t kB = op->in_block_;
     const size_t c_blocks = spec.c_in / kB, o_blocks = (spec.c_out + kO - 1) / kO;
     const size_t taps = g.kh * g.kw, block_floats = c_blocks * taps * kB * kO;
     op->ldw_ = block_floats;
     op->w_ = static_cast<float*>(AlignedAlloc(o_blocks * block_floats * sizeof(float)));
     op->bias_blocks_ = static_cast<float*>(AlignedAlloc(o_blocks * kO * sizeof(float)));
-    // [o_block][c_block][ky][kx][16 inputs][32 outputs]: the kernel walks it front to back.
+    // [o_block][c_block][ky][kx][16 (or 1) inputs][32 outputs]: the kernel walks it front to back.
     float* dst = op->w_;
     for (size_t ob = 0; ob < o_blocks; ++ob)
       for (size_t cb = 0; cb < c_blocks; ++cb)
@@ -333,7 +345,7 @@ const char* ConvOp::ukernel() const {
     case Path::kGemm: return pointwise_ ? pointwise_uk_.name : f32_uk_.name;
     case Path::kGemmBf16: return bf16_uk_.name;
     case Path::kDepthwise: return window_name_;
-    case Path::kDirect: return "f32_conv_nchw16c_14x32__avx512";
+    case Path::kDirect: return in_block_ == 1 ? "f32_conv_nchw_14x32__avx512" : "f32_conv_nchw16c_14x32__avx512";
     case Path::kReference: return "f32_conv__reference";
   }
   return "?";
@@ -641,7 +653,7 @@ float* BlockedInputScratch(size_t floats) {
 
 bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
                        size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep0) const {
-  constexpr size_t kB = kernels::kNchwcBlock;
+  const size_t kB = in_block_;
   const WindowGeometry& g = spec_.window;
   const size_t c_blocks = spec_.c_in / kB, hwo = s.oh * s.ow;
   const size_t hp = std::max(s.pad_t + h, (s.oh - 1) * g.sh + g.kh);
@@ -666,7 +678,8 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
           }
           std::memset(row, 0, s.pad_l * kB * sizeof(float));
           std::memset(row + (s.pad_l + w) * kB, 0, (wp - s.pad_l - w) * kB * sizeof(float));
-          pack_uk_(src + (r - s.pad_t) * w, h * w, w, row + s.pad_l * kB);
+          if (kB == 1) std::memcpy(row + s.pad_l, src + (r - s.pad_t) * w, w * sizeof(float));
+          else pack_uk_(src + (r - s.pad_t) * w, h * w, w, row + s.pad_l * kB);
         }
       }, cancel))
     return false;
@@ -678,8 +691,8 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
                             const kernels::GemmEpilogue& ep0, const BlockedLayout* rl) const {
   constexpr size_t kB = kernels::kNchwcBlock, kO = kernels::kNchwcOutBlock;
   const WindowGeometry& g = spec_.window;
-  const size_t c_blocks = spec_.c_in / kB, o_blocks = (spec_.c_out + kO - 1) / kO, hwo = s.oh * s.ow;
-  const size_t image = c_blocks * hp * wp * kB;
+  const size_t c_blocks = spec_.c_in / in_block_, o_blocks = (spec_.c_out + kO - 1) / kO, hwo = s.oh * s.ow;
+  const size_t image = c_blocks * hp * wp * in_block_;
   // Blocked output: 16-channel blocks per image.
   const size_t yc_blocks = spec_.c_out / kB;
   // Tasks: runs of output rows of one image and 32-channel block, rows innermost so consecutive tiles

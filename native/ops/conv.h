@@ -106,7 +106,9 @@ class ConvOp {
 
   // Whether RunBlocked can run this conv: the direct NCHW16c path (y blocked or NCHW), or a depthwise
   // conv with whole 16-channel blocks and no dilation on AVX-512 (y blocked only).
-  bool blocked() const { return path_ == Path::kDirect || dw_blocked_uk_ != nullptr; }
+  bool blocked() const {
+    return (path_ == Path::kDirect && in_block_ == kernels::kNchwcBlock) || dw_blocked_uk_ != nullptr;
+  }
   bool blocked_needs_blocked_y() const { return path_ == Path::kDepthwise; }
   // Empty if RunBlocked may run with these layouts on an h x w input: x's border covers this conv's
   // padding and every tap, y's (and the residual's) interior is the output size, channels whole
@@ -167,6 +169,9 @@ class ConvOp {
   kernels::F32WindowUkernel window_uk_ = nullptr;
   kernels::F32NchwcConvUkernel direct_uk_ = nullptr;
   kernels::F32PackNchwcRowUkernel pack_uk_ = nullptr;
+  // Input channels per block of the direct path: 16 (NCHW16c), or 1 for a few-channel input (a
+  // stem) that runs on a zero-padded NCHW copy and never on blocked activations.
+  size_t in_block_ = kernels::kNchwcBlock;
   // Depthwise on blocked activations: weights [c / 16][kh * kw][16].
   kernels::F32NchwcDepthwiseUkernel dw_blocked_uk_ = nullptr;
   float* dw_blocked_w_ = nullptr;

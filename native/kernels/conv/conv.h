@@ -153,6 +153,11 @@ F32PackNchwcRowUkernel F32PackNchwcRowUkernelScalar();
 F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelScalar();
 #if defined(__x86_64__) || defined(_M_X64)
 F32NchwcConvUkernel F32NchwcConvUkernelAvx512();
+// The same tiles on a plain zero-padded NCHW input, for convs with a few input channels (image
+// stems: 3 of them would fill 3 of a block's 16 lanes): x of one image is [c_in][hp][wp] (c_blocks
+// = c_in), weights [c_in][kh][kw][32 outputs]; everything else as above. Each tap is then one
+// broadcast per pixel against the 32-channel weight vectors, with no zero channels multiplied.
+F32NchwcConvUkernel F32NchwConvUkernelAvx512();
 F32PackNchwcRowUkernel F32PackNchwcRowUkernelAvx512();
 F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelAvx512();
 F32NchwcDepthwiseUkernel F32NchwcDepthwiseUkernelAvx512();

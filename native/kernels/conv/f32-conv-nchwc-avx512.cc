@@ -6,11 +6,13 @@
 // stays FMA-bound on two load ports, and no pixel lane is wasted at 7x7 or 14x14 the way a
 // 32-pixel GEMM panel is (7x7: 49 of 64 lanes used). Rows of 7 go in pairs: one 7-pixel tile
 // re-streams the weights from L2 for half the FMAs (7x7x512 3x3 ran at ~110 GFLOP/s that way).
-// The tile leaves in NCHW: its vectors hold 16 channels of one pixel, so they go to a stack tile and
-// come back one channel at a time as a P-lane gather, then bias, residual and activation apply on
-// that row segment and a masked store writes it.
+// The tile leaves in NCHW through 16x16 register transposes (its vectors hold 16 channels of one
+// pixel), then bias, residual and activation apply on each channel's row segment and a masked
+// store writes it.
 // GCC 12 reports a false -Wmaybe-uninitialized inside avx512fintrin.h for _mm512_setzero_ps/masked loads.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The same false report as -Wuninitialized where Transpose16x16 inlines into the tiles.
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include "kernels/conv/conv.h"
@@ -23,29 +25,63 @@ namespace {
 constexpr size_t kB = kNchwcBlock;    // input channels per block (one zmm of floats)
 constexpr size_t kOcb = kNchwcOutBlock;  // output channels per weight block
 
-// R output rows of P pixels each (R * P <= 14 accumulators per output-channel vector).
-template <size_t NV, size_t P, size_t SW, size_t R>
-void Tile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
+// In-register 16x16 transpose: r[l] = 16 pixels of channel l in, r[p] = 16 channels of pixel p out.
+// Pairs (unpack ps), then quads (unpack pd), then 128-bit lanes across the four row groups.
+inline void Transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // r[4i + j], 128-bit lane k: column 4k + j of rows 4i .. 4i+3.
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    const __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+    t[j] = _mm512_shuffle_f32x4(a, c, 0x88);
+    t[8 + j] = _mm512_shuffle_f32x4(a, c, 0xDD);
+    t[4 + j] = _mm512_shuffle_f32x4(b, d, 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(b, d, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// R output rows of P pixels each (R * P <= 14 accumulators per output-channel vector); KB input
+// channels per block: 16 (NCHW16c), or 1 for a plain padded NCHW input (see F32NchwConvUkernelAvx512).
+// No predictive commoning: at KB = 1 and stride 2, pixel p's input at tap kx + 2 is pixel p + 1's at
+// kx, and GCC kept those broadcasts alive across taps, spilling 14 of them and half the accumulators
+// to the stack (a 7x7/2 stem ran at ~110 GFLOP/s that way).
+template <size_t NV, size_t P, size_t SW, size_t R, size_t KB>
+__attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
   constexpr size_t kPix = R * P;
   __m512 acc[NV][kPix];
 #pragma GCC unroll 16
   for (size_t p = 0; p < kPix; ++p)
     for (size_t v = 0; v < NV; ++v) acc[v][p] = _mm512_setzero_ps();
-  const size_t row = a->wp * kB, plane = a->hp * row, row_step = a->sh * row;
+  const size_t row = a->wp * KB, plane = a->hp * row, row_step = a->sh * row;
   const float* w = a->w;
-  const float* xb = a->x + oy * row_step + ox0 * SW * kB;
+  const float* xb = a->x + oy * row_step + ox0 * SW * KB;
   for (size_t cb = 0; cb < a->c_blocks; ++cb, xb += plane) {
     for (size_t ky = 0; ky < a->kh; ++ky) {
+      // With KB = 1 this is the innermost loop, and GCC's unroll by 2 spilled half the accumulators.
+#pragma GCC unroll 1
       for (size_t kx = 0; kx < a->kw; ++kx) {
-        const float* xt = xb + ky * row + kx * kB;
+        const float* xt = xb + ky * row + kx * KB;
         // Unrolling the 16 input channels too made GCC spill accumulators; this loop keeps all in registers.
 #pragma GCC unroll 1
-        for (size_t c = 0; c < kB; ++c, w += kOcb) {
+        for (size_t c = 0; c < KB; ++c, w += kOcb) {
           const __m512 w0 = _mm512_load_ps(w);
           const __m512 w1 = NV > 1 ? _mm512_load_ps(w + 16) : w0;
 #pragma GCC unroll 16
           for (size_t p = 0; p < kPix; ++p) {
-            const __m512 xv = _mm512_set1_ps(xt[(p / P) * row_step + (p % P) * SW * kB + c]);
+            const __m512 xv = _mm512_set1_ps(xt[(p / P) * row_step + (p % P) * SW * KB + c]);
             acc[0][p] = _mm512_fmadd_ps(xv, w0, acc[0][p]);
             if (NV > 1) acc[NV - 1][p] = _mm512_fmadd_ps(xv, w1, acc[NV - 1][p]);
           }
@@ -76,84 +112,67 @@ void Tile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
     }
     return;
   }
-  // Stack tile [pixel][32 channels]; channel i of a row's P pixels is then lanes (r P + p) * 32 + i.
-  alignas(64) float tile[kPix * kOcb];
-#pragma GCC unroll 16
-  for (size_t p = 0; p < kPix; ++p)
-    for (size_t v = 0; v < NV; ++v)
-      _mm512_store_ps(tile + p * kOcb + v * 16, _mm512_add_ps(acc[v][p], _mm512_load_ps(a->bias + v * 16)));
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int>(kOcb)));
-  const __mmask16 m = static_cast<__mmask16>((1u << P) - 1);
+  // NCHW: a 16x16 register transpose per output vector turns the pixel-major accumulators into
+  // one vector per channel (lane r P + p = pixel p of row r); each row leaves by a masked store
+  // whose address is shifted back by r P lanes. A P-lane gather per channel did this before at
+  // ~12% of a 7x7/2 stem tile's time (K = 147); the transposes are ~128 shuffles per tile.
   const size_t hwo = a->oh * a->ow;
-  for (size_t i = 0; i < a->oc_valid; ++i) {
-    for (size_t r = 0; r < R; ++r) {
-      const size_t at = i * hwo + (oy + r) * a->ow + ox0;
-      __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, tile + r * P * kOcb + i, 4);
-      if (ep) {
-        if (ep->residual) {
-          const __m512 res = _mm512_maskz_loadu_ps(m, ep->residual + at);
-          v = ep->residual_before_activation ? avx512::Activate(_mm512_add_ps(v, res), ep)
-                                             : _mm512_add_ps(avx512::Activate(v, ep), res);
-        } else {
-          v = avx512::Activate(v, ep);
+  for (size_t v = 0; v < NV && v * 16 < a->oc_valid; ++v) {
+    const __m512 b = _mm512_load_ps(a->bias + v * 16);
+    __m512 t[16];
+#pragma GCC unroll 16
+    for (size_t p = 0; p < 16; ++p) t[p] = p < kPix ? _mm512_add_ps(acc[v][p], b) : _mm512_setzero_ps();
+    Transpose16x16(t);
+    const size_t channels = a->oc_valid - v * 16 < 16 ? a->oc_valid - v * 16 : 16;
+    for (size_t l = 0; l < channels; ++l) {
+      for (size_t r = 0; r < R; ++r) {
+        const __mmask16 m = static_cast<__mmask16>(((1u << P) - 1) << (r * P));
+        // Element (row oy + r, column ox0) sits at lane r P of t[l]; at >= r P since ow >= P.
+        const size_t at = (v * 16 + l) * hwo + (oy + r) * a->ow + ox0 - r * P;
+        __m512 o = t[l];
+        if (ep) {
+          if (ep->residual) {
+            const __m512 res = _mm512_maskz_loadu_ps(m, ep->residual + at);
+            o = ep->residual_before_activation ? avx512::Activate(_mm512_add_ps(o, res), ep)
+                                               : _mm512_add_ps(avx512::Activate(o, ep), res);
+          } else {
+            o = avx512::Activate(o, ep);
+          }
         }
+        _mm512_mask_storeu_ps(a->y + at, m, o);
       }
-      _mm512_mask_storeu_ps(a->y + at, m, v);
     }
   }
 }
 
 typedef void (*TileFn)(const NchwcConvArgs*, size_t, size_t);
 
-#define SONDE_NCHWC_ROW(NV, SW)                                                                              \
-  {&Tile<NV, 1, SW, 1>, &Tile<NV, 2, SW, 1>, &Tile<NV, 3, SW, 1>, &Tile<NV, 4, SW, 1>, &Tile<NV, 5, SW, 1>,      \
-   &Tile<NV, 6, SW, 1>, &Tile<NV, 7, SW, 1>, &Tile<NV, 8, SW, 1>, &Tile<NV, 9, SW, 1>, &Tile<NV, 10, SW, 1>,     \
-   &Tile<NV, 11, SW, 1>, &Tile<NV, 12, SW, 1>, &Tile<NV, 13, SW, 1>, &Tile<NV, 14, SW, 1>}
-#define SONDE_NCHWC_ROW_PAIR(NV, SW)                                                                         \
-  {&Tile<NV, 1, SW, 2>, &Tile<NV, 2, SW, 2>, &Tile<NV, 3, SW, 2>, &Tile<NV, 4, SW, 2>, &Tile<NV, 5, SW, 2>,      \
-   &Tile<NV, 6, SW, 2>, &Tile<NV, 7, SW, 2>}
+#define SONDE_NCHWC_ROW(NV, SW, KB)                                                                            \
+  {&Tile<NV, 1, SW, 1, KB>, &Tile<NV, 2, SW, 1, KB>, &Tile<NV, 3, SW, 1, KB>, &Tile<NV, 4, SW, 1, KB>,          \
+   &Tile<NV, 5, SW, 1, KB>, &Tile<NV, 6, SW, 1, KB>, &Tile<NV, 7, SW, 1, KB>, &Tile<NV, 8, SW, 1, KB>,          \
+   &Tile<NV, 9, SW, 1, KB>, &Tile<NV, 10, SW, 1, KB>, &Tile<NV, 11, SW, 1, KB>, &Tile<NV, 12, SW, 1, KB>,       \
+   &Tile<NV, 13, SW, 1, KB>, &Tile<NV, 14, SW, 1, KB>}
+#define SONDE_NCHWC_ROW_PAIR(NV, SW, KB)                                                                       \
+  {&Tile<NV, 1, SW, 2, KB>, &Tile<NV, 2, SW, 2, KB>, &Tile<NV, 3, SW, 2, KB>, &Tile<NV, 4, SW, 2, KB>,          \
+   &Tile<NV, 5, SW, 2, KB>, &Tile<NV, 6, SW, 2, KB>, &Tile<NV, 7, SW, 2, KB>}
 static_assert(kNchwcMaxPixels == 14, "the tables below list 14 tile widths (7 for row pairs)");
 // [vectors of output channels - 1][stride - 1][pixels - 1]
-const TileFn kTiles[2][2][kNchwcMaxPixels] = {{SONDE_NCHWC_ROW(1, 1), SONDE_NCHWC_ROW(1, 2)},
-                                              {SONDE_NCHWC_ROW(2, 1), SONDE_NCHWC_ROW(2, 2)}};
-const TileFn kRowPairTiles[2][2][kNchwcMaxPixels / 2] = {{SONDE_NCHWC_ROW_PAIR(1, 1), SONDE_NCHWC_ROW_PAIR(1, 2)},
-                                                         {SONDE_NCHWC_ROW_PAIR(2, 1), SONDE_NCHWC_ROW_PAIR(2, 2)}};
+template <size_t KB>
+struct TileTables {
+  static constexpr TileFn kTiles[2][2][kNchwcMaxPixels] = {{SONDE_NCHWC_ROW(1, 1, KB), SONDE_NCHWC_ROW(1, 2, KB)},
+                                                           {SONDE_NCHWC_ROW(2, 1, KB), SONDE_NCHWC_ROW(2, 2, KB)}};
+  static constexpr TileFn kRowPairTiles[2][2][kNchwcMaxPixels / 2] = {
+      {SONDE_NCHWC_ROW_PAIR(1, 1, KB), SONDE_NCHWC_ROW_PAIR(1, 2, KB)},
+      {SONDE_NCHWC_ROW_PAIR(2, 1, KB), SONDE_NCHWC_ROW_PAIR(2, 2, KB)}};
+};
 #undef SONDE_NCHWC_ROW
 #undef SONDE_NCHWC_ROW_PAIR
 
-void F32NchwcConvAvx512(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t rows) {
+template <size_t KB>
+void F32DirectConvAvx512(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t rows) {
   const size_t nv = a->oc_valid > 16 ? 1 : 0;
-  if (rows == 2) kRowPairTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
-  else kTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
-}
-
-// In-register 16x16 transpose: r[l] = 16 pixels of channel l in, r[p] = 16 channels of pixel p out.
-// Pairs (unpack ps), then quads (unpack pd), then 128-bit lanes across the four row groups.
-inline void Transpose16x16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  // r[4i + j], 128-bit lane k: column 4k + j of rows 4i .. 4i+3.
-  for (int i = 0; i < 4; ++i) {
-    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
-    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
-    const __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
-    t[j] = _mm512_shuffle_f32x4(a, c, 0x88);
-    t[8 + j] = _mm512_shuffle_f32x4(a, c, 0xDD);
-    t[4 + j] = _mm512_shuffle_f32x4(b, d, 0x88);
-    t[12 + j] = _mm512_shuffle_f32x4(b, d, 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
+  if (rows == 2) TileTables<KB>::kRowPairTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
+  else TileTables<KB>::kTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
 }
 
 void F32PackNchwcRowAvx512(const float* src, size_t plane, size_t w, float* dst) {
@@ -230,7 +249,8 @@ void F32NchwcDepthwiseAvx512(const NchwcDepthwiseArgs* a, size_t oy) {
 }  // namespace
 
 F32NchwcDepthwiseUkernel F32NchwcDepthwiseUkernelAvx512() { return F32NchwcDepthwiseAvx512; }
-F32NchwcConvUkernel F32NchwcConvUkernelAvx512() { return F32NchwcConvAvx512; }
+F32NchwcConvUkernel F32NchwcConvUkernelAvx512() { return F32DirectConvAvx512<kB>; }
+F32NchwcConvUkernel F32NchwConvUkernelAvx512() { return F32DirectConvAvx512<1>; }
 F32PackNchwcRowUkernel F32PackNchwcRowUkernelAvx512() { return F32PackNchwcRowAvx512; }
 F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelAvx512() { return F32UnpackNchwcRowAvx512; }
 
