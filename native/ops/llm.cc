@@ -334,29 +334,8 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
 
 namespace {
 
-// y[m x n] = x[m x k] . W^T (+ bias), on the pool.
-bool MatMul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LlmMatrix& w, const float* x, size_t m,
-            float* y, QuantMatmulScratch* scratch, const float* bias = nullptr) {
-  QuantMatmulArgs a;
-  a.x = x;
-  a.m = m;
-  a.k = w.k;
-  a.ldx = w.k;
-  a.w = w.data;
-  a.n = w.n;
-  a.type = w.type;
-  a.y = y;
-  a.ldy = w.n;
-  if (!RunQuantMatmul(pool, threads, cancel, a, w.variant, scratch)) return false;
-  if (bias)
-    for (size_t i = 0; i < m; ++i)
-      for (size_t j = 0; j < w.n; ++j) y[i * w.n + j] += bias[j];
-  return true;
-}
-
-// y rows (ldy apart) = x rows (ldx apart) . W^T: one head's slice of a row-major batch.
-bool MatMulRows(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LlmMatrix& w, const float* x,
-                size_t ldx, size_t m, float* y, size_t ldy, QuantMatmulScratch* scratch) {
+// The product y rows (ldy apart) = x rows (ldx apart) . W^T as RunQuantMatmul takes it.
+QuantMatmulArgs ArgsOf(const LlmMatrix& w, const float* x, size_t ldx, size_t m, float* y, size_t ldy) {
   QuantMatmulArgs a;
   a.x = x;
   a.m = m;
@@ -367,83 +346,71 @@ bool MatMulRows(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, co
   a.type = w.type;
   a.y = y;
   a.ldy = ldy;
-  return RunQuantMatmul(pool, threads, cancel, a, w.variant, scratch);
+  return a;
 }
 
-// y0 = x . W0^T and y1 = x . W1^T in one pool hand-off where the variants agree (MLA's query (or
-// q LoRA) and kv_a projections of the same normalised rows).
+void AddBias(const float* bias, size_t m, size_t n, float* y) {
+  if (!bias) return;
+  for (size_t i = 0; i < m; ++i)
+    for (size_t j = 0; j < n; ++j) y[i * n + j] += bias[j];
+}
+
+// y[m x n] = x[m x k] . W^T (+ bias), on the pool.
+bool MatMul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LlmMatrix& w, const float* x, size_t m,
+            float* y, QuantMatmulScratch* scratch, const float* bias = nullptr) {
+  if (!RunQuantMatmul(pool, threads, cancel, ArgsOf(w, x, w.k, m, y, w.n), w.variant, scratch)) return false;
+  AddBias(bias, m, w.n, y);
+  return true;
+}
+
+// y rows (ldy apart) = x rows (ldx apart) . W^T: one head's slice of a row-major batch.
+bool MatMulRows(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LlmMatrix& w, const float* x,
+                size_t ldx, size_t m, float* y, size_t ldy, QuantMatmulScratch* scratch) {
+  return RunQuantMatmul(pool, threads, cancel, ArgsOf(w, x, ldx, m, y, ldy), w.variant, scratch);
+}
+
+// y[i] = x . W[i]^T for up to 3 matrices over the same rows, in one pool hand-off where their
+// variants agree (RunQuantMatmuls: the activations are quantised once), else one by one.
+bool MatMuls(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t m,
+             const LlmMatrix* const* w, float* const* y, size_t count, QuantMatmulScratch* scratch) {
+  bool same = true;
+  for (size_t i = 1; i < count; ++i) same = same && w[i]->variant == w[0]->variant && w[i]->k == w[0]->k;
+  if (!same) {
+    for (size_t i = 0; i < count; ++i)
+      if (!MatMul(pool, threads, cancel, *w[i], x, m, y[i], scratch)) return false;
+    return true;
+  }
+  QuantMatmulArgs a[3];
+  for (size_t i = 0; i < count; ++i) a[i] = ArgsOf(*w[i], x, w[i]->k, m, y[i], w[i]->n);
+  return RunQuantMatmuls(pool, threads, cancel, a, count, w[0]->variant, scratch);
+}
+
+// MLA's query (or q LoRA) and kv_a projections of the same normalised rows.
 bool MatMulPair(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t m, const LlmMatrix& w0,
                 float* y0, const LlmMatrix& w1, float* y1, QuantMatmulScratch* scratch) {
-  if (w0.variant != w1.variant || w0.k != w1.k)
-    return MatMul(pool, threads, cancel, w0, x, m, y0, scratch) && MatMul(pool, threads, cancel, w1, x, m, y1, scratch);
-  QuantMatmulArgs a[2];
   const LlmMatrix* w[2] = {&w0, &w1};
   float* y[2] = {y0, y1};
-  for (size_t i = 0; i < 2; ++i) {
-    a[i].x = x;
-    a[i].m = m;
-    a[i].k = w[i]->k;
-    a[i].ldx = w[i]->k;
-    a[i].w = w[i]->data;
-    a[i].n = w[i]->n;
-    a[i].type = w[i]->type;
-    a[i].y = y[i];
-    a[i].ldy = w[i]->n;
-  }
-  return RunQuantMatmuls(pool, threads, cancel, a, 2, w0.variant, scratch);
+  return MatMuls(pool, threads, cancel, x, m, w, y, 2, scratch);
 }
 
-// The q, k and v projections of xn in one pool hand-off (ops/quant_matmul.h: RunQuantMatmuls).
+// The q, k and v projections of xn (plus their biases, qwen2).
 bool QkvMatMul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LlmLayer& L, const float* xn, size_t m,
                float* q, float* k, float* v, QuantMatmulScratch* scratch) {
   const LlmMatrix* w[3] = {&L.q, &L.k, &L.v};
   float* y[3] = {q, k, v};
-  const float* bias[3] = {L.q_bias, L.k_bias, L.v_bias};
-  QuantMatmulArgs a[3];
-  for (size_t i = 0; i < 3; ++i) {
-    a[i].x = xn;
-    a[i].m = m;
-    a[i].k = w[i]->k;
-    a[i].ldx = w[i]->k;
-    a[i].w = w[i]->data;
-    a[i].n = w[i]->n;
-    a[i].type = w[i]->type;
-    a[i].y = y[i];
-    a[i].ldy = w[i]->n;
-  }
-  const bool same = L.q.variant == L.k.variant && L.q.variant == L.v.variant;
-  if (same ? !RunQuantMatmuls(pool, threads, cancel, a, 3, L.q.variant, scratch)
-           : !RunQuantMatmul(pool, threads, cancel, a[0], L.q.variant, scratch) ||
-                 !RunQuantMatmul(pool, threads, cancel, a[1], L.k.variant, scratch) ||
-                 !RunQuantMatmul(pool, threads, cancel, a[2], L.v.variant, scratch))
-    return false;
-  for (size_t p = 0; p < 3; ++p)
-    if (bias[p])
-      for (size_t i = 0; i < m; ++i)
-        for (size_t j = 0; j < w[p]->n; ++j) y[p][i * w[p]->n + j] += bias[p][j];
+  if (!MatMuls(pool, threads, cancel, xn, m, w, y, 3, scratch)) return false;
+  AddBias(L.q_bias, m, L.q.n, q);
+  AddBias(L.k_bias, m, L.k.n, k);
+  AddBias(L.v_bias, m, L.v.n, v);
   return true;
 }
 
-// The FFN's gate and up products of xn in one pool hand-off, like QkvMatMul.
+// The FFN's gate and up products of xn.
 bool GateUpMatMul(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LlmLayer& L, const float* xn,
                   size_t m, float* gate, float* up, QuantMatmulScratch* scratch) {
-  if (L.gate.variant != L.up.variant)
-    return MatMul(pool, threads, cancel, L.gate, xn, m, gate, scratch) && MatMul(pool, threads, cancel, L.up, xn, m, up, scratch);
   const LlmMatrix* w[2] = {&L.gate, &L.up};
   float* y[2] = {gate, up};
-  QuantMatmulArgs a[2];
-  for (size_t i = 0; i < 2; ++i) {
-    a[i].x = xn;
-    a[i].m = m;
-    a[i].k = w[i]->k;
-    a[i].ldx = w[i]->k;
-    a[i].w = w[i]->data;
-    a[i].n = w[i]->n;
-    a[i].type = w[i]->type;
-    a[i].y = y[i];
-    a[i].ldy = w[i]->n;
-  }
-  return RunQuantMatmuls(pool, threads, cancel, a, 2, L.gate.variant, scratch);
+  return MatMuls(pool, threads, cancel, xn, m, w, y, 2, scratch);
 }
 
 template <typename T>
