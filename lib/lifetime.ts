@@ -33,7 +33,9 @@ export abstract class NativeResource {
 
 /**
  * Starts a cancellable native call: rejects with AbortError at once if `signal` is already aborted,
- * and otherwise cancels the native work (between tiles) when the signal fires.
+ * and otherwise cancels the native work (between tiles) when the signal fires. A signal that fires
+ * before the call settles always gives AbortError, also when the work had just finished: whether a
+ * short run beat the abort is a race the caller should not see.
  */
 export async function withSignal<T>(signal: AbortSignal | undefined, start: (token: NativeCancelToken | undefined) => Promise<T>): Promise<T> {
   if (!signal) return start(undefined);
@@ -42,7 +44,9 @@ export async function withSignal<T>(signal: AbortSignal | undefined, start: (tok
   const onAbort = () => token.cancel();
   signal.addEventListener('abort', onAbort, { once: true });
   try {
-    return await start(token);
+    const result = await start(token);
+    if (signal.aborted) throw new AbortError(undefined, { cause: signal.reason });
+    return result;
   } finally {
     signal.removeEventListener('abort', onAbort);
   }
