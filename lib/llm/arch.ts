@@ -75,6 +75,15 @@ function positive(file: GgufFile, key: string, fallback?: number): number {
   return v;
 }
 
+/** A dense SwiGLU FFN's tensors of the layer whose names start with `b`. */
+function denseFfn(b: string, d: number, ff: number): Want[] {
+  return [
+    { name: `${b}ffn_gate.weight`, dims: [d, ff], kind: 'matrix' },
+    { name: `${b}ffn_up.weight`, dims: [d, ff], kind: 'matrix' },
+    { name: `${b}ffn_down.weight`, dims: [ff, d], kind: 'matrix' },
+  ];
+}
+
 /** The tensors a deepseek2 `config` needs, with their GGUF dims (ne0 first). */
 function wantedDeepseek2(c: ModelConfig, hasOutput: boolean): Want[] {
   const m = c.mla!, r = c.routing!;
@@ -113,12 +122,7 @@ function wantedDeepseek2(c: ModelConfig, hasOutput: boolean): Want[] {
       { name: `${b}ffn_norm.weight`, dims: [d], kind: 'f32' },
     );
     if (l < r.leadingDenseBlockCount) {
-      const ff = c.feedForwardLength;
-      out.push(
-        { name: `${b}ffn_gate.weight`, dims: [d, ff], kind: 'matrix' },
-        { name: `${b}ffn_up.weight`, dims: [d, ff], kind: 'matrix' },
-        { name: `${b}ffn_down.weight`, dims: [ff, d], kind: 'matrix' },
-      );
+      out.push(...denseFfn(b, d, c.feedForwardLength));
       continue;
     }
     const e = c.expertCount, eff = c.expertFeedForwardLength, sff = c.sharedExpertFeedForwardLength;
@@ -310,12 +314,7 @@ function wanted(c: ModelConfig, hasOutput: boolean): Want[] {
       { name: `${b}ffn_norm.weight`, dims: [d], kind: 'f32' },
     );
     if (c.expertCount === 0) {
-      const ff = c.feedForwardLength;
-      out.push(
-        { name: `${b}ffn_gate.weight`, dims: [d, ff], kind: 'matrix' },
-        { name: `${b}ffn_up.weight`, dims: [d, ff], kind: 'matrix' },
-        { name: `${b}ffn_down.weight`, dims: [ff, d], kind: 'matrix' },
-      );
+      out.push(...denseFfn(b, d, c.feedForwardLength));
       continue;
     }
     const e = c.expertCount, eff = c.expertFeedForwardLength;

@@ -83,24 +83,29 @@ void* AlignedAlloc(size_t bytes) {
   return p;
 }
 
-// Per-thread scratch (packed panels, padded planes), grown on demand and kept for the thread's
-// lifetime so a run allocates nothing after the first. Null when the allocation fails: the task
-// then reports failure instead of throwing on a pool thread.
-float* ThreadScratch(size_t floats) {
-  struct Buf {
-    float* p = nullptr;
-    size_t n = 0;
-    ~Buf() { std::free(p); }
-  };
-  thread_local Buf buf;
-  if (buf.n < floats) {
-    std::free(buf.p);
-    buf.n = 0;
-    buf.p = static_cast<float*>(std::aligned_alloc(64, RoundUp(floats * sizeof(float), 64)));
-    if (!buf.p) return nullptr;
-    buf.n = floats;
+// A 64-byte aligned float buffer grown on demand and kept for its thread's lifetime (each user
+// holds its own thread_local one), so a run allocates nothing after the first. Null when the
+// allocation fails: the task then reports failure instead of throwing on a pool thread.
+struct GrowingBuffer {
+  float* p = nullptr;
+  size_t n = 0;
+  ~GrowingBuffer() { std::free(p); }
+  float* Get(size_t floats) {
+    if (n < floats) {
+      std::free(p);
+      n = 0;
+      p = static_cast<float*>(std::aligned_alloc(64, RoundUp(floats * sizeof(float), 64)));
+      if (!p) return nullptr;
+      n = floats;
+    }
+    return p;
   }
-  return buf.p;
+};
+
+// Per-thread scratch of the tasks (packed panels, padded planes).
+float* ThreadScratch(size_t floats) {
+  thread_local GrowingBuffer buf;
+  return buf.Get(floats);
 }
 
 kernels::F32GemmUkernelInfo F32Ukernel(ConvVariant v) {
@@ -634,20 +639,8 @@ size_t PlanesPerTask(size_t plane_floats) { return std::max<size_t>(1, 4096 / st
 // The channel-blocked input copy of the direct path, on the thread that runs the op (kept like
 // ThreadScratch, but a separate buffer: the tasks of the same run may use ThreadScratch).
 float* BlockedInputScratch(size_t floats) {
-  struct Buf {
-    float* p = nullptr;
-    size_t n = 0;
-    ~Buf() { std::free(p); }
-  };
-  thread_local Buf buf;
-  if (buf.n < floats) {
-    std::free(buf.p);
-    buf.n = 0;
-    buf.p = static_cast<float*>(std::aligned_alloc(64, RoundUp(floats * sizeof(float), 64)));
-    if (!buf.p) return nullptr;
-    buf.n = floats;
-  }
-  return buf.p;
+  thread_local GrowingBuffer buf;
+  return buf.Get(floats);
 }
 }  // namespace
 

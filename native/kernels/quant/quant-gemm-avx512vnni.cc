@@ -229,12 +229,7 @@ void GemmMr(size_t nr, size_t k, const uint8_t* panel, const QuantActs* a, float
       acc1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1[i]), _mm512_mul_ps(dw1, dx), acc1[i]);
     }
   }
-  const __mmask16 m0 = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
-  const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
-  for (size_t i = 0; i < MR; ++i) {
-    _mm512_mask_storeu_ps(y + i * ldy, m0, acc0[i]);
-    _mm512_mask_storeu_ps(y + i * ldy + 16, m1, acc1[i]);
-  }
+  StoreTile32<MR>(nr, acc0, acc1, y, ldy);
 }
 
 void Gemm(size_t mr, size_t nr, size_t k, const uint8_t* panel, const QuantActs* a, float* y, size_t ldy) {

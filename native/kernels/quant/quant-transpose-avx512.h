@@ -37,6 +37,18 @@ inline void Transpose16(__m512* r) {
   }
 }
 
+// Stores the first nr (<= 32) columns of an MR x 32 tile held as two vectors per row, masked so
+// that a partial panel writes nothing past its columns.
+template <size_t MR>
+inline void StoreTile32(size_t nr, const __m512* acc0, const __m512* acc1, float* y, size_t ldy) {
+  const __mmask16 m0 = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
+  const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
+  for (size_t i = 0; i < MR; ++i) {
+    _mm512_mask_storeu_ps(y + i * ldy, m0, acc0[i]);
+    _mm512_mask_storeu_ps(y + i * ldy + 16, m1, acc1[i]);
+  }
+}
+
 }  // namespace
 }  // namespace kernels
 }  // namespace sonde
