@@ -2,6 +2,7 @@
 // Prints the machine first, then one line per case (a table, or with --json one JSON object per
 // case). Ratios against an anchor are measured in the same process, pair by pair.
 // --full runs the suites that have one (llm, serving) longer: more rounds, longer generations.
+// --emulated runs the cuda suite on the CUDA emulator when there is no GPU (checks the suite, not speed).
 // --ort-spin leaves onnxruntime-node's pool threads spinning between runs (its default); the suites
 // turn spinning off because a spinning thread holds a core while sonde's next run is timed.
 import { devices, getThreads } from '../dist/index.js';
@@ -12,10 +13,11 @@ const json = args.includes('--json');
 const quick = args.includes('--quick');
 const full = args.includes('--full');
 const ortSpin = args.includes('--ort-spin');
+const emulated = args.includes('--emulated');
 const names = args.filter((a) => !a.startsWith('--'));
 const unknown = names.filter((n) => !(n in suites));
 if (names.length === 0 || unknown.length) {
-  console.error(`usage: npm run bench -- <${Object.keys(suites).join('|')}|all> [--json] [--quick] [--full] [--ort-spin]`);
+  console.error(`usage: npm run bench -- <${Object.keys(suites).join('|')}|all> [--json] [--quick] [--full] [--ort-spin] [--emulated]`);
   if (unknown.length && !(unknown.length === 1 && unknown[0] === 'all')) process.exit(2);
 }
 const selected = names.includes('all') || names.length === 0 ? Object.keys(suites) : names;
@@ -27,7 +29,7 @@ const machine = { cpu: d.cpu.model, cores: d.cpu.cores, simd: d.cpu.simd, thread
 if (json) console.log(JSON.stringify({ machine }));
 else console.log(`machine: ${machine.cpu}, ${machine.cores} cores, SIMD ${machine.simd}, ${machine.threads} threads, Node ${machine.node}; CUDA: ${machine.cuda}`);
 
-const ctx = { quick, full, ortSpin, cache: new Map() };
+const ctx = { quick, full, ortSpin, emulated, cache: new Map() };
 for (const name of selected) {
   if (!json) console.log(`\n## ${name}`);
   let header = '';

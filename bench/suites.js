@@ -5,6 +5,7 @@ import * as onnxruntime from './anchors/onnxruntime.js';
 import { GraphBuilder } from './graphs/builder.js';
 import { BF16_RESNET50_BOUND, modelBytes, modelInput, relativeDifference, roundingTolerance } from './graphs/models.js';
 import { llmSuite, servingSuite } from './llm/suites.js';
+import { cudaSuite } from './cuda/suite.js';
 
 const rand = (len) => {
   const a = new Float32Array(len);
@@ -843,4 +844,4 @@ async function* batchingSuite(ctx) {
   }
 }
 
-export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, moe: moeSuite, sparse: sparseSuite, models: modelsSuite, batching: batchingSuite, llm: llmSuite, serving: servingSuite };
+export const suites = { peak: peakSuite, gemm: gemmSuite, gemmLowp: gemmLowpSuite, conv: convSuite, quant: quantSuite, moe: moeSuite, sparse: sparseSuite, models: modelsSuite, batching: batchingSuite, llm: llmSuite, serving: servingSuite, cuda: cudaSuite };

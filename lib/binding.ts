@@ -38,6 +38,25 @@ export interface NativeCudaInfo {
   reason?: string;
 }
 
+export interface NativeGpuDeviceInfo {
+  id: string;
+  name: string;
+  emulated: boolean;
+  totalMemory: number;
+  computeCapability: string;
+  multiprocessors: number;
+  sharedPerBlock: number;
+  /** Bytes of the device's pool held by live buffers, and cached for reuse. */
+  inUse: number;
+  cached: number;
+}
+
+/** Device memory (native/binding/gpu_binding.cc). */
+export interface NativeGpuBuffer {
+  dispose(): void;
+  info(): { disposed: boolean; bytes?: number; device?: string };
+}
+
 export interface NativePackedGemm {
   dispose(): void;
   info(): { disposed: boolean; k?: number; n?: number; bytes?: number; variant?: string; ukernel?: string };
@@ -290,6 +309,17 @@ export interface NativeBinding {
    */
   kvAttention(q: Float32Array, k: Float32Array | Uint16Array, v: Float32Array | Uint16Array, headDim: number, n: number,
     span: number, dtype: 'f32' | 'f16', variant: 'scalar' | 'avx2' | 'avx512'): Promise<Float32Array>;
+  /** A GPU device (runtime/cuda/gpu.h): 'cuda:N' or 'emulated'; throws ERR_SONDE_DEVICE_UNAVAILABLE. */
+  gpuDevice(id: string): NativeGpuDeviceInfo;
+  /** Device memory from the device's caching pool; throws ERR_SONDE_OUT_OF_MEMORY naming `what`. */
+  gpuAlloc(id: string, bytes: number, what: string): NativeGpuBuffer;
+  /** Copies data's bytes to (toDevice) or from the buffer at offset. */
+  gpuCopy(buffer: NativeGpuBuffer, offset: number, data: ArrayBufferView, toDevice: boolean): Promise<number>;
+  /** Runs a registered GPU op; with reps > 0 also times reps more runs and resolves to ms per run. */
+  gpuRun(id: string, op: string, buffers: NativeGpuBuffer[], params: Record<string, number | boolean>, reps?: number): Promise<number>;
+  /** Registered op names of the emulated or the real-device build. */
+  gpuOps(emulated: boolean): string[];
+  gpuTrim(id: string): void;
   peakFma(simd: 'scalar' | 'avx2' | 'avx512', threads: number, seconds: number): Promise<{ flops: number; seconds: number; threads: number; simd: string }>;
   readBandwidth(bytes: number, threads: number): Promise<{ bytes: number; seconds: number; threads: number }>;
 }

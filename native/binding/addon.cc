@@ -62,6 +62,7 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
   RegisterQuantBindings(env, exports, *this);
   RegisterSparseBindings(env, exports, *this);
   RegisterLlmBindings(env, exports, *this);
+  RegisterGpuBindings(env, exports, *this);
   RegisterMoeBindings(env, exports, *this);
   // After the conv and GEMM families: plan steps hold their handle classes.
   RegisterPlanBindings(env, exports, *this);

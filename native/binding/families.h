@@ -17,5 +17,6 @@ void RegisterSparseBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterMoeBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterPlanBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 void RegisterLlmBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+void RegisterGpuBindings(Napi::Env env, Napi::Object exports, Addon& addon);
 
 }  // namespace sonde

@@ -1,0 +1,41 @@
+/**
+ * Where the GPU kernel tests run: always on the CUDA emulator (the same kernel source compiled for
+ * the CPU), and on cuda:0 when this machine has a GPU. SONDE_TEST_CUDA=1 demands the GPU: its
+ * absence then fails instead of skipping. The emulator does not depend on the CPU's SIMD level, so
+ * CI's SONDE_ISA=avx2/scalar passes skip it (it ran in the default pass).
+ */
+import { describe } from 'vitest';
+import { devices } from '../../dist/index.js';
+import type { GpuDeviceId } from '../../dist/cuda/runtime.js';
+
+export interface GpuTarget {
+  id: GpuDeviceId;
+  emulated: boolean;
+  /** Why this target does not run here; undefined when it runs. */
+  skip?: string;
+}
+
+export function gpuTargets(): GpuTarget[] {
+  const targets: GpuTarget[] = [{
+    id: 'emulated',
+    emulated: true,
+    skip: process.env.SONDE_ISA ? `the CUDA emulator does not depend on SONDE_ISA=${process.env.SONDE_ISA}` : undefined,
+  }];
+  const cuda = devices().cuda;
+  if (cuda.devices.length > 0) {
+    targets.push({ id: 'cuda:0', emulated: false });
+  } else if (process.env.SONDE_TEST_CUDA === '1') {
+    throw new Error(`SONDE_TEST_CUDA=1 but there is no CUDA device: ${cuda.reason ?? 'unknown reason'}`);
+  } else {
+    targets.push({ id: 'cuda:0', emulated: false, skip: `no CUDA device: ${cuda.reason ?? 'unknown reason'}` });
+  }
+  return targets;
+}
+
+/** describe() per target; a target that cannot run is a skipped block whose name says why. */
+export function describeGpu(name: string, body: (t: GpuTarget) => void): void {
+  for (const t of gpuTargets()) {
+    if (t.skip) describe.skip(`${name} on ${t.id} (skipped: ${t.skip})`, () => body(t));
+    else describe(`${name} on ${t.id}`, () => body(t));
+  }
+}
