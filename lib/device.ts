@@ -1,6 +1,6 @@
 /** Devices: what this process can compute on, and the one function that resolves a device spec. */
 import { native } from './binding.js';
-import { DeviceUnavailableError, InvalidArgumentError } from './errors.js';
+import { DeviceUnavailableError, InvalidArgumentError, UnsupportedOperatorError } from './errors.js';
 import { describe } from './validate.js';
 
 export type DeviceSpec = 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;
@@ -95,4 +95,31 @@ export function resolveDevice(spec: unknown, where = 'device'): ResolvedDevice {
     );
   }
   return { kind: 'cuda', index };
+}
+
+/** Where a session or model computes, and why there when the caller did not pick it. */
+export interface Placement {
+  kind: 'cpu' | 'cuda';
+  id: 'cpu' | `cuda:${number}`;
+  reason?: string;
+}
+
+/**
+ * Places work none of whose operators (`unsupported`, by name) has a CUDA path yet. Without a GPU
+ * it runs on the CPU ('cuda' already failed in resolveDevice); with one, 'auto' and
+ * fallback: 'cpu' run it on the CPU and say why, and an explicit 'cuda' / 'cuda:N' is an
+ * UnsupportedOperatorError naming the operators, so no caller believes it runs on the GPU.
+ */
+export function placeWithoutCuda(where: string, spec: unknown, device: ResolvedDevice, unsupported: readonly string[],
+  fallback: 'none' | 'cpu'): Placement {
+  if (device.kind === 'cpu') {
+    if (spec === 'cpu') return { kind: 'cpu', id: 'cpu' };
+    return { kind: 'cpu', id: 'cpu', reason: `no CUDA device: ${native().cudaInfo().reason ?? 'none found'}` };
+  }
+  const ops = unsupported.length > 12 ? `${unsupported.slice(0, 12).join(', ')}, ...` : unsupported.join(', ');
+  if (spec === undefined || spec === 'auto' || fallback === 'cpu') {
+    return { kind: 'cpu', id: 'cpu', reason: `these operators have no CUDA kernel in this version: ${ops}` };
+  }
+  throw new UnsupportedOperatorError(`${where}: options.device '${String(spec)}': these operators have no CUDA kernel in ` +
+    `this version: ${ops}; use device 'cpu' or 'auto', or fallback: 'cpu' to run them on the CPU`);
 }

@@ -1,6 +1,8 @@
 import { describe, expect, it } from 'vitest';
-import { DeviceUnavailableError, InvalidArgumentError, devices, resolveDevice } from '../dist/index.js';
+import { DeviceUnavailableError, InvalidArgumentError, Session, UnsupportedOperatorError, devices, resolveDevice } from '../dist/index.js';
+import { placeWithoutCuda } from '../dist/device.js';
 import { readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 
 describe('devices()', () => {
   const d = devices();
@@ -66,5 +68,33 @@ describe('resolveDevice', () => {
 
   it('a CUDA index past the last device is DeviceUnavailableError', () => {
     expect(() => resolveDevice('cuda:99')).toThrow(DeviceUnavailableError);
+  });
+});
+
+describe('placement of work without CUDA kernels', () => {
+  const hasCuda = devices().cuda.devices.length > 0;
+  const model = fileURLToPath(new URL('../models/digits.onnx', import.meta.url));
+
+  it("with a GPU: 'auto' and fallback 'cpu' run on the CPU and say why; an explicit device names the operators", () => {
+    const gpu = { kind: 'cuda', index: 0 } as const;
+    for (const [spec, fallback] of [[undefined, 'none'], ['auto', 'none'], ['cuda', 'cpu'], ['cuda:0', 'cpu']] as const) {
+      const p = placeWithoutCuda('Session.load', spec, gpu, ['Conv', 'Relu'], fallback);
+      expect(p).toEqual({ kind: 'cpu', id: 'cpu', reason: 'these operators have no CUDA kernel in this version: Conv, Relu' });
+    }
+    expect(() => placeWithoutCuda('Session.load', 'cuda:0', gpu, ['Conv', 'Relu'], 'none')).toThrow(UnsupportedOperatorError);
+    expect(() => placeWithoutCuda('Session.load', 'cuda', gpu, ['Conv', 'Relu'], 'none'))
+      .toThrow(/Session.load: options.device 'cuda': these operators have no CUDA kernel in this version: Conv, Relu; use device 'cpu' or 'auto', or fallback: 'cpu'/);
+  });
+
+  it('Session.device says where runs compute and why', async () => {
+    const auto = await Session.load(model);
+    expect(auto.device.kind).toBe('cpu');
+    expect(auto.device.reason).toMatch(hasCuda ? /no CUDA kernel/ : /no CUDA device/);
+    auto.dispose();
+    const cpu = await Session.load(model, { device: 'cpu' });
+    expect(cpu.device).toEqual({ kind: 'cpu', id: 'cpu' });
+    cpu.dispose();
+    await expect(Session.load(model, { fallback: 'gpu' as 'cpu' })).rejects.toThrow(/options.fallback/);
+    await expect(Session.load(model, { device: 'cuda' })).rejects.toThrow(hasCuda ? UnsupportedOperatorError : DeviceUnavailableError);
   });
 });

@@ -7,7 +7,7 @@ import { readFile } from 'node:fs/promises';
 import { basename, dirname, extname, resolve } from 'node:path';
 import { native, type NativePlan } from '../binding.js';
 import { allocOutput } from '../buffers.js';
-import { resolveDevice } from '../device.js';
+import { placeWithoutCuda, resolveDevice, type Placement } from '../device.js';
 import { Batcher, checkBatchingOptions, findBatchLayout, type BatchingOptions } from '../batching/batcher.js';
 import { AbortError, DisposedError, InvalidArgumentError, ModelFormatError, SondeError, callNative, fromNative } from '../errors.js';
 import { SessionMetrics, type SessionMetricsSnapshot } from '../metrics/session.js';
@@ -26,8 +26,14 @@ import type { SparseMode, SparsePrepared } from './sparse.js';
 export type { OptimizationLevel, BatchingOptions, SessionMetricsSnapshot };
 
 export interface SessionOptions {
-  /** 'auto' (default), 'cpu', 'cuda' or 'cuda:N'. Graph sessions compute on the CPU. */
+  /**
+   * 'auto' (default), 'cpu', 'cuda' or 'cuda:N'. Graph operators have no CUDA kernels in this
+   * version: 'auto' computes on the CPU (Session.device says why), and an explicit CUDA device is an
+   * UnsupportedOperatorError naming the operators unless fallback is 'cpu'.
+   */
   device?: 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;
+  /** What runs operators a CUDA device has no kernel for: 'none' (default: an error at load) or 'cpu'. */
+  fallback?: 'none' | 'cpu';
   /** At most this many pool threads per run (default: the whole pool). */
   threads?: number;
   /** Load-time graph optimisation (default 'all'). */
@@ -50,7 +56,7 @@ export interface SessionOptions {
    */
   sparse?: SparseMode;
 }
-const LOAD_OPTIONS = ['device', 'threads', 'optimization', 'precision', 'batching', 'name', 'sparse'] as const;
+const LOAD_OPTIONS = ['device', 'fallback', 'threads', 'optimization', 'precision', 'batching', 'name', 'sparse'] as const;
 
 let sessionCount = 0;
 
@@ -208,6 +214,12 @@ export class Session extends NativeResource {
   #batcher?: Batcher;
   /** Where the model's batch dim is (for the batch-size metric), if it has one. */
   #batchAxis?: number;
+  #placement: Placement = { kind: 'cpu', id: 'cpu' };
+
+  /** Where runs compute, with the reason when options.device did not choose it ('auto', fallback). */
+  get device(): Placement {
+    return { ...this.#placement };
+  }
 
   private constructor(graph: OnnxGraph, opset: number, prepared: Map<OnnxNode, Prepared>, threads: number, name: string) {
     super();
@@ -229,8 +241,7 @@ export class Session extends NativeResource {
     const where = 'Session.load';
     const opts = checkOptions<SessionOptions>(where, options, LOAD_OPTIONS);
     const device = resolveDevice(opts.device ?? 'auto', `${where}: options.device`);
-    // Graph plans execute on the CPU; 'auto' with a GPU present still runs here.
-    void device;
+    const fallback = checkOneOf(`${where}: options.fallback`, opts.fallback ?? 'none', ['none', 'cpu'] as const);
     const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
     const level = checkOneOf(`${where}: options.optimization`, opts.optimization ?? 'all', ['none', 'basic', 'all'] as const);
     const precision = checkOneOf(`${where}: options.precision`, opts.precision ?? 'fp32', ['fp32', 'bf16'] as const);
@@ -263,6 +274,7 @@ export class Session extends NativeResource {
         own.slice(0, 10).map((n) => `${n.opType} (node '${n.name}')`).join(', '));
     }
     checkSupported(model.graph, isSupported);
+    const placement = placeWithoutCuda(where, opts.device, device, [...new Set(model.graph.nodes.map((n) => n.opType))], fallback);
     const graph = optimize(model.graph, level, model.opset);
     const layout = findBatchLayout(
       graph.inputs.filter((i) => !graph.initializers.has(i.name)).map((i) => ({ name: i.name, ...(i.shape ? { dims: i.shape } : {}) })),
@@ -290,6 +302,7 @@ export class Session extends NativeResource {
     const name = opts.name ?? `${typeof pathOrBytes === 'string' ? basename(pathOrBytes, extname(pathOrBytes)) : 'session'}-${sessionCount}`;
     const session = new Session(graph, model.opset, prepared, threads, name);
     if (typeof layout !== 'string') session.#batchAxis = layout.axis;
+    session.#placement = placement;
     if (batching && typeof layout !== 'string') {
       session.#batcher = new Batcher(layout, batching, session.outputs.map((o) => o.name),
         (tensors, signal) => session.#execute(tensors, signal), session.#metrics);

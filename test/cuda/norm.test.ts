@@ -9,8 +9,10 @@ import {
 import { randomF32 } from '../helpers.js';
 import { describeGpu } from './targets.js';
 
-// Row lengths around the warp (32) and block (256) sizes, and one far above.
-const SHAPES: [number, number][] = [[1, 1], [3, 31], [2, 32], [2, 33], [1, 255], [2, 256], [2, 257], [3, 1000]];
+// Row lengths around the warp (32) and block (256) sizes, the register-cached kernels' limits
+// (n % 4 == 0 up to 4 x 256 x 8 = 8192) and beyond them.
+const SHAPES: [number, number][] = [[1, 1], [3, 31], [2, 32], [2, 33], [1, 255], [2, 256], [2, 257], [3, 1000],
+  [1, 1028], [1, 4096], [1, 8192], [1, 8196]];
 
 function expectClose(got: Float32Array, want: Float64Array | number[], rel: number, what: string): void {
   for (let i = 0; i < want.length; i++) {
@@ -58,6 +60,12 @@ describeGpu('GPU norms and elementwise', (t) => {
       expectClose(await yb.read(new Float32Array(rows * n)), ln, 2e-5, `layer ${rows}x${n}`);
       await gpuSoftmax(t.id, xb, yb, rows, n);
       expectClose(await yb.read(new Float32Array(rows * n)), sm, 2e-6, `softmax ${rows}x${n}`);
+      if (n % 4 === 0) {  // the looping kernels on rows the cached ones would take
+        await runGpuOp(t.id, 'rms_norm', [xb, wb, yb], { rows, n, eps: 1e-6, looping: true });
+        expectClose(await yb.read(new Float32Array(rows * n)), rms, 2e-5, `rms looping ${rows}x${n}`);
+        await runGpuOp(t.id, 'softmax', [xb, yb], { rows, n, looping: true });
+        expectClose(await yb.read(new Float32Array(rows * n)), sm, 2e-6, `softmax looping ${rows}x${n}`);
+      }
     }
   });
 

@@ -81,6 +81,80 @@ __global__ void __launch_bounds__(kRowThreads) SoftmaxKernel(const float* __rest
   for (unsigned i = threadIdx.x; i < n; i += blockDim.x) yr[i] *= inv;
 }
 
+// Rows of n % 4 == 0 and n <= 4 * kRowThreads * kVec: each thread keeps its kVec float4s of the row
+// in registers, so the row is read from memory once (the loops above read it two or three times).
+template <int kVec>
+struct RowCache {
+  float4 v[kVec];
+  __device__ __forceinline__ void Load(const float* row, unsigned n4) {
+    const float4* r = reinterpret_cast<const float4*>(row);
+    for (int j = 0; j < kVec; ++j) {
+      const unsigned i = threadIdx.x + j * kRowThreads;
+      v[j] = i < n4 ? r[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+  }
+};
+
+template <int kVec>
+__global__ void __launch_bounds__(kRowThreads) RmsNormRegKernel(const float* __restrict__ x, const float* __restrict__ w,
+                                                               float* __restrict__ y, unsigned n, float eps) {
+  __shared__ float scratch[32];
+  const size_t row = blockIdx.x;
+  const unsigned n4 = n / 4;
+  RowCache<kVec> c;
+  c.Load(x + row * n, n4);
+  float ss = 0.0f;
+  for (int j = 0; j < kVec; ++j) ss += c.v[j].x * c.v[j].x + c.v[j].y * c.v[j].y + c.v[j].z * c.v[j].z + c.v[j].w * c.v[j].w;
+  const float scale = rsqrtf(BlockReduce<false>(ss, scratch) / static_cast<float>(n) + eps);
+  const float4* w4 = reinterpret_cast<const float4*>(w);
+  float4* y4 = reinterpret_cast<float4*>(y + row * n);
+  for (int j = 0; j < kVec; ++j) {
+    const unsigned i = threadIdx.x + j * kRowThreads;
+    if (i >= n4) break;
+    const float4 g = w4[i], a = c.v[j];
+    y4[i] = make_float4(a.x * scale * g.x, a.y * scale * g.y, a.z * scale * g.z, a.w * scale * g.w);
+  }
+}
+
+template <int kVec>
+__global__ void __launch_bounds__(kRowThreads) SoftmaxRegKernel(const float* __restrict__ x, float* __restrict__ y, unsigned n) {
+  __shared__ float scratch[32];
+  const size_t row = blockIdx.x;
+  const unsigned n4 = n / 4;
+  RowCache<kVec> c;
+  c.Load(x + row * n, n4);
+  float m = -INFINITY;
+  for (int j = 0; j < kVec; ++j)
+    if (threadIdx.x + j * kRowThreads < n4) m = fmaxf(m, fmaxf(fmaxf(c.v[j].x, c.v[j].y), fmaxf(c.v[j].z, c.v[j].w)));
+  m = BlockReduce<true>(m, scratch);
+  float s = 0.0f;
+  for (int j = 0; j < kVec; ++j) {
+    if (threadIdx.x + j * kRowThreads >= n4) break;
+    float4& a = c.v[j];
+    a = make_float4(expf(a.x - m), expf(a.y - m), expf(a.z - m), expf(a.w - m));
+    s += a.x + a.y + a.z + a.w;
+  }
+  const float inv = 1.0f / BlockReduce<false>(s, scratch);
+  float4* y4 = reinterpret_cast<float4*>(y + row * n);
+  for (int j = 0; j < kVec; ++j) {
+    const unsigned i = threadIdx.x + j * kRowThreads;
+    if (i >= n4) break;
+    const float4 a = c.v[j];
+    y4[i] = make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
+  }
+}
+
+// The register-cached kernel for rows that fit (kVec float4s per thread), else the looping one.
+template <typename Kernel, typename... Args>
+bool LaunchCached(Kernel k1, Kernel k2, Kernel k4, Kernel k8, int64_t rows, int64_t n, GpuStream& s, Args... args) {
+  if (n % 4 != 0) return false;
+  const int64_t per_thread = (n / 4 + kRowThreads - 1) / kRowThreads;
+  Kernel k = per_thread <= 1 ? k1 : per_thread <= 2 ? k2 : per_thread <= 4 ? k4 : per_thread <= 8 ? k8 : nullptr;
+  if (!k) return false;
+  Launch(k, dim3(static_cast<unsigned>(rows)), dim3(kRowThreads), 0, s, args...);
+  return true;
+}
+
 // Unary op codes, shared with lib/cuda (GPU_UNARY there).
 enum Unary : int { kRelu, kSigmoid, kTanh, kExp, kSilu, kGeluErf, kGeluTanh, kUnaryCount };
 
@@ -152,7 +226,13 @@ void RmsNormOp(GpuStream& s, const GpuDeviceInfo&, const GpuOpCall& c) {
   const float* x = c.Buffer<float>(0, count, "x");
   const float* w = c.Buffer<float>(1, n, "weight");
   float* y = c.Buffer<float>(2, count, "y");
-  if (rows) Launch(RmsNormKernel, dim3(rows), dim3(kRowThreads), 0, s, x, w, y, n, static_cast<float>(c.NumOr("eps", 1e-6)));
+  const float eps = static_cast<float>(c.NumOr("eps", 1e-6));
+  if (!rows) return;
+  if (!c.IntOr("looping", 0, 0, 1) &&
+      LaunchCached(RmsNormRegKernel<1>, RmsNormRegKernel<2>, RmsNormRegKernel<4>, RmsNormRegKernel<8>, rows, n, s, x, w, y,
+                   static_cast<unsigned>(n), eps))
+    return;
+  Launch(RmsNormKernel, dim3(rows), dim3(kRowThreads), 0, s, x, w, y, n, eps);
 }
 
 void LayerNormOp(GpuStream& s, const GpuDeviceInfo&, const GpuOpCall& c) {
@@ -173,7 +253,12 @@ void SoftmaxOp(GpuStream& s, const GpuDeviceInfo&, const GpuOpCall& c) {
   const size_t count = c.Count({rows, n});
   const float* x = c.Buffer<float>(0, count, "x");
   float* y = c.Buffer<float>(1, count, "y");
-  if (rows) Launch(SoftmaxKernel, dim3(rows), dim3(kRowThreads), 0, s, x, y, n);
+  if (!rows) return;
+  if (!c.IntOr("looping", 0, 0, 1) &&
+      LaunchCached(SoftmaxRegKernel<1>, SoftmaxRegKernel<2>, SoftmaxRegKernel<4>, SoftmaxRegKernel<8>, rows, n, s, x, y,
+                   static_cast<unsigned>(n)))
+    return;
+  Launch(SoftmaxKernel, dim3(rows), dim3(kRowThreads), 0, s, x, y, n);
 }
 
 void UnaryOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
