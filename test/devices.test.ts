@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { DeviceUnavailableError, InvalidArgumentError, Session, UnsupportedOperatorError, devices, resolveDevice } from '../dist/index.js';
+import { DeviceUnavailableError, InvalidArgumentError, LanguageModel, Session, UnsupportedOperatorError, devices, resolveDevice } from '../dist/index.js';
 import { placeWithoutCuda } from '../dist/device.js';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -96,5 +96,15 @@ describe('placement of work without CUDA kernels', () => {
     cpu.dispose();
     await expect(Session.load(model, { fallback: 'gpu' as 'cpu' })).rejects.toThrow(/options.fallback/);
     await expect(Session.load(model, { device: 'cuda' })).rejects.toThrow(hasCuda ? UnsupportedOperatorError : DeviceUnavailableError);
+  });
+
+  it('LanguageModel.device likewise', async () => {
+    const gguf = fileURLToPath(new URL('../models/fortune-moe.gguf', import.meta.url));
+    const lm = await LanguageModel.load(gguf);
+    expect(lm.device.kind).toBe('cpu');
+    expect(lm.device.reason).toMatch(hasCuda ? /no CUDA kernel in this version: the transformer forward pass/ : /no CUDA device/);
+    lm.dispose();
+    await expect(LanguageModel.load(gguf, { fallback: 'yes' as 'cpu' })).rejects.toThrow(/options.fallback/);
+    await expect(LanguageModel.load(gguf, { device: 'cuda' })).rejects.toThrow(hasCuda ? UnsupportedOperatorError : DeviceUnavailableError);
   });
 });

@@ -18,7 +18,7 @@
  * iterator finishes, throws or is closed, and the one cache keeps the last call's tokens for reuse.
  */
 import { freemem } from 'node:os';
-import { resolveDevice } from '../device.js';
+import { placeWithoutCuda, resolveDevice, type Placement } from '../device.js';
 import { AbortError, DeviceUnavailableError, DisposedError, InvalidArgumentError, ModelFormatError } from '../errors.js';
 import { NativeResource } from '../lifetime.js';
 import { LlmMetrics, type LanguageModelMetricsSnapshot } from '../metrics/llm.js';
@@ -56,7 +56,14 @@ export interface LanguageModelTokenizer {
 }
 
 export interface LanguageModelLoadOptions {
+  /**
+   * 'auto' (default), 'cpu', 'cuda' or 'cuda:N'. The transformer has no CUDA path in this version:
+   * 'auto' computes on the CPU (LanguageModel.device says why), and an explicit CUDA device is an
+   * UnsupportedOperatorError unless fallback is 'cpu'.
+   */
   device?: 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;
+  /** What runs work a CUDA device has no kernel for: 'none' (default: an error at load) or 'cpu'. */
+  fallback?: 'none' | 'cpu';
   /** Threads of sonde's pool for this model (default: the pool's size). */
   threads?: number;
   /** Tokens one sequence holds (prompt + generated). Default: min(the model's context length, 4096). */
@@ -187,7 +194,7 @@ export interface LanguageModelInfo {
 }
 
 const ENGINE_OPTIONS = ['contextSize', 'kvCache', 'maxConcurrency', 'prefillBudget', 'maxQueue', 'name'] as const;
-const LOAD_OPTIONS = ['device', 'threads', ...ENGINE_OPTIONS] as const;
+const LOAD_OPTIONS = ['device', 'fallback', 'threads', ...ENGINE_OPTIONS] as const;
 const KV_OPTIONS = ['maxBytes', 'dtype', 'blockSize', 'prefixCaching'] as const;
 /** Share of os.freemem() the KV cache may take by default. */
 const DEFAULT_KV_FRACTION = 0.25;
@@ -358,6 +365,12 @@ class Emitter {
 export class LanguageModel extends NativeResource {
   readonly info: Readonly<LanguageModelInfo>;
   readonly contextSize: number;
+  #placement: Placement = { kind: 'cpu', id: 'cpu' };
+
+  /** Where the model computes, with the reason when options.device did not choose it. */
+  get device(): Placement {
+    return { ...this.#placement };
+  }
   #engine: LlmEngine;
   #tokenizer: LanguageModelTokenizer;
   #metrics: LlmMetrics;
@@ -446,9 +459,8 @@ export class LanguageModel extends NativeResource {
     }
     const o = checkOptions<LanguageModelLoadOptions>(where, options, LOAD_OPTIONS);
     const device = resolveDevice(o.device ?? 'auto', `${where}: options.device`);
-    if (device.kind === 'cuda' && o.device !== undefined && o.device !== 'auto') {
-      throw new DeviceUnavailableError(`${where}: options.device '${o.device}': language models run on the CPU in this version; use 'cpu' or 'auto'`);
-    }
+    const fallback = checkOneOf(`${where}: options.fallback`, o.fallback ?? 'none', ['none', 'cpu'] as const);
+    const placement = placeWithoutCuda(where, o.device, device, ['the transformer forward pass'], fallback);
     const threads = o.threads === undefined ? undefined : checkInt(`${where}: options.threads`, o.threads, 1, 1024);
     if (o.contextSize !== undefined) checkInt(`${where}: options.contextSize`, o.contextSize, 1, MAX_CONTEXT);
     LanguageModel.#serving(where, o, undefined);
@@ -458,7 +470,9 @@ export class LanguageModel extends NativeResource {
       if (tokenizer.vocabSize !== engine.config.vocabSize) {
         throw new ModelFormatError(`${path}: the tokenizer has ${tokenizer.vocabSize} tokens but the model's embedding has ${engine.config.vocabSize} rows`);
       }
-      return new LanguageModel(engine, tokenizer, LanguageModel.#serving(where, o, engine.config));
+      const model = new LanguageModel(engine, tokenizer, LanguageModel.#serving(where, o, engine.config));
+      model.#placement = placement;
+      return model;
     } catch (err) {
       engine.dispose();
       throw err;
