@@ -52,7 +52,7 @@ __host__ __device__ constexpr int GroupPerBlock(int per) { return per <= 4 ? 8 :
 template <int kType, int kPer, int kV>
 __global__ void __launch_bounds__(kDecodeWarps * 32) DecodeKernel(DecodeArgs a) {
   using T = typename KvElem<kType>::T;
-  constexpr int kG = GroupPerBlock(kPer), kChunks = kPer / kV;
+  constexpr int kG = GroupPerBlock(kPer), kChunks = kPer / kV, kU = kPer <= 8 ? 4 : 2;
   const int chunks_per_kv = (a.group + kG - 1) / kG;
   const int hc = static_cast<int>(blockIdx.x) % chunks_per_kv, split = static_cast<int>(blockIdx.x) / chunks_per_kv;
   const int kvh = blockIdx.y, s = blockIdx.z;
@@ -79,44 +79,68 @@ SONDE_ATTN_UNROLL
   const int32_t* table = a.tables + size_t(s) * a.width;
   const size_t key_at = a.kv.key + size_t(kvh) * a.kv.stream;
   const bool values_in_keys = a.kv.value == 0;
-  for (int p = p0 + warp; p < p1; p += kDecodeWarps) {
-    const int id = table[p / a.kv.block_size];
-    if (id < 0 || id >= a.kv.blocks) continue;  // rejected in lib/cuda; here it only must not fault
-    const T* kr = pool + size_t(id) * a.kv.block + key_at + size_t(p % a.kv.block_size) * a.kv.row;
-    float kx[kPer], vx[kPer];
-SONDE_ATTN_UNROLL
-    for (int c = 0; c < kChunks; ++c) {
-      const int d = c * 32 * kV + lane * kV;
-      if (d < a.head_dim) {
-        LoadWide<kType, kV>(kr + d, kx + c * kV);
-      } else {
-SONDE_ATTN_UNROLL
-        for (int j = 0; j < kV; ++j) kx[c * kV + j] = 0.0f;
-      }
-      if (values_in_keys) {
-SONDE_ATTN_UNROLL
-        for (int j = 0; j < kV; ++j) vx[c * kV + j] = d < a.value_dim ? kx[c * kV + j] : 0.0f;
-      } else if (d < a.value_dim) {
-        LoadWide<kType, kV>(kr + a.kv.value + d, vx + c * kV);
-      } else {
-SONDE_ATTN_UNROLL
-        for (int j = 0; j < kV; ++j) vx[c * kV + j] = 0.0f;
+  // kU consecutive positions per warp and round: their 2 * kU row loads are in flight together
+  // (decode is latency-bound on memory without them), and the online softmax rescales once per
+  // round instead of once per position.
+  for (int pb = p0 + warp * kU; pb < p1; pb += kDecodeWarps * kU) {
+    float kx[kU][kPer], vx[kU][kPer];
+    bool ok[kU];
+    SONDE_ATTN_UNROLL
+    for (int u = 0; u < kU; ++u) {
+      const int p = pb + u;
+      const int id = p < p1 ? table[p / a.kv.block_size] : -1;
+      ok[u] = id >= 0 && id < a.kv.blocks;  // lib/cuda rejects bad ids; here they only must not fault
+      const T* kr = ok[u] ? pool + size_t(id) * a.kv.block + key_at + size_t(p % a.kv.block_size) * a.kv.row : pool;
+      SONDE_ATTN_UNROLL
+      for (int c = 0; c < kChunks; ++c) {
+        const int d = c * 32 * kV + lane * kV;
+        float* kd = kx[u] + c * kV;
+        float* vd = vx[u] + c * kV;
+        if (ok[u] && d < a.head_dim) {
+          LoadWide<kType, kV>(kr + d, kd);
+        } else {
+          SONDE_ATTN_UNROLL
+          for (int j = 0; j < kV; ++j) kd[j] = 0.0f;
+        }
+        if (values_in_keys) {
+          SONDE_ATTN_UNROLL
+          for (int j = 0; j < kV; ++j) vd[j] = d < a.value_dim ? kd[j] : 0.0f;
+        } else if (ok[u] && d < a.value_dim) {
+          LoadWide<kType, kV>(kr + a.kv.value + d, vd);
+        } else {
+          SONDE_ATTN_UNROLL
+          for (int j = 0; j < kV; ++j) vd[j] = 0.0f;
+        }
       }
     }
-SONDE_ATTN_UNROLL
+    SONDE_ATTN_UNROLL
     for (int g = 0; g < kG; ++g) {
       if (g >= nh) break;
-      float dot = 0.0f;
-SONDE_ATTN_UNROLL
-      for (int e = 0; e < kPer; ++e) dot += q[g][e] * kx[e];
-SONDE_ATTN_UNROLL
-      for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-      const float mn = fmaxf(m[g], dot);
-      const float rescale = __expf(m[g] - mn), pe = __expf(dot - mn);
-      l[g] = l[g] * rescale + pe;
-SONDE_ATTN_UNROLL
-      for (int e = 0; e < kPer; ++e) acc[g][e] = acc[g][e] * rescale + pe * vx[e];
-      m[g] = mn;
+      float sc[kU];
+      float mx = m[g];
+      SONDE_ATTN_UNROLL
+      for (int u = 0; u < kU; ++u) {
+        float dot = 0.0f;
+        SONDE_ATTN_UNROLL
+        for (int e = 0; e < kPer; ++e) dot += q[g][e] * kx[u][e];
+        SONDE_ATTN_UNROLL
+        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        sc[u] = ok[u] ? dot : -INFINITY;
+        mx = fmaxf(mx, sc[u]);
+      }
+      if (mx == -INFINITY) continue;  // nothing seen yet (the same in every lane)
+      const float rescale = __expf(m[g] - mx);
+      l[g] *= rescale;
+      SONDE_ATTN_UNROLL
+      for (int e = 0; e < kPer; ++e) acc[g][e] *= rescale;
+      SONDE_ATTN_UNROLL
+      for (int u = 0; u < kU; ++u) {
+        const float pe = __expf(sc[u] - mx);  // 0 for a skipped position
+        l[g] += pe;
+        SONDE_ATTN_UNROLL
+        for (int e = 0; e < kPer; ++e) acc[g][e] += pe * vx[u][e];
+      }
+      m[g] = mx;
     }
   }
 
