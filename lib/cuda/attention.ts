@@ -147,9 +147,9 @@ async function decode(w: string, op: string, device: GpuDeviceId, buffers: GpuDe
   const lens = new Int32Array(n);
   let maxLen = 1;
   for (let s = 0; s < n; s++) {
-    const cap = (seqs.blockTables[s]!.length) * pool.blockSize;
-    lens[s] = checkInt(`${w}: seqLens[${s}]`, seqs.seqLens[s], 1, Math.max(1, cap));
+    const cap = seqs.blockTables[s]!.length * pool.blockSize;
     if (cap === 0) throw new InvalidArgumentError(`${w}: blockTables[${s}] is empty: a sequence attends at least one position`);
+    lens[s] = checkInt(`${w}: seqLens[${s}]`, seqs.seqLens[s], 1, cap);
     maxLen = Math.max(maxLen, lens[s]!);
   }
   if (width * pool.blockSize > 2 ** 31 - 1) throw new InvalidArgumentError(`${w}: the longest block table (${width} blocks of ${pool.blockSize}) exceeds 2^31 positions`);

@@ -288,7 +288,7 @@ describeGpu('GPU paged attention', (t) => {
     await expect(decode({}, { seqLens: [0] })).rejects.toThrow(/seqLens\[0\] must be an integer in \[1, 32\], got 0/);
     await expect(decode({}, { seqLens: [3, 4] })).rejects.toThrow(/blockTables must be an array of 2 block tables/);
     await expect(decode({ kvHeads: 3 }, {})).rejects.toThrow(/heads \(4\) must be a multiple of kvHeads \(3\)/);
-    await expect(decode({ dtype: 'f64' }, {})).rejects.toThrow(/dtype must be one of 'f32', 'f16', 'bf16', got 'f64'/);
+    await expect(decode({ dtype: 'f64' }, {})).rejects.toThrow(/dtype must be one of 'f32', 'f16', 'bf16', got "f64"/);
     await expect(decode({ headDim: 128 }, {})).rejects.toThrow(/gpuPagedAttentionDecode: q holds 1024 bytes, needs 2048/);
     await expect(decode({ numBlocks: 5 }, {})).rejects.toThrow(/pool holds 32768 bytes, needs 40960/);
     await expect(decode({ layer: 1 }, {})).rejects.toThrow(/layer must be an integer in \[0, 0\]/);

@@ -6,7 +6,8 @@
 //
 // Two kernels:
 // - tensor cores (16-bit KV, head_dim 64/96/128, compute capability >= 8.0): 4 warps x 16 query
-//   rows, 64-key tiles of K and V staged in shared memory with 16-byte loads; S = Q K^T and O += P V
+//   rows, 64-key tiles of K and V staged in shared memory with 16-byte loads (V pair-interleaved so
+//   every B fragment is one 32-bit read, as K's are); S = Q K^T and O += P V
 //   on mma.m16n8k16 (f16 or bf16 by the KV's type) with fp32 accumulators. Q is converted to the
 //   KV's 16-bit type once into registers (the A fragments); the S accumulators are re-packed as the
 //   A fragments of P V without leaving registers (their layouts coincide, dialect.h).
@@ -63,14 +64,17 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], const
 
 template <int kType, int kD>
 __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a) {
-  constexpr int kStride = kD + 8;  // halves per shared row: 16 bytes of skew move rows off one bank
+  // Shared row pitches, chosen so that the fragment reads of a warp hit 32 different banks: K rows
+  // of kD + 8 halves (lane (g, t) reads word 4g + t mod 32), V key-pair rows of kD + 8 words (word
+  // 8t + g mod 32); both keep rows 16-byte aligned for the vector stores.
+  constexpr int kStride = kD + 8, kStrideW = kD + 8;
   const int s = blockIdx.z, h = blockIdx.y, qt = blockIdx.x;
   int start, tokens, row0;
   if (!SequenceOf(a, s, &start, &tokens, &row0) || qt * kMmaRows >= tokens) return;  // the whole block leaves
   const int kvh = h / a.group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  SONDE_DYNAMIC_SHARED(uint16_t, sk);
-  uint16_t* sv = sk + kMmaKeys * kStride;
+  SONDE_DYNAMIC_SHARED(uint16_t, sk);  // [key][kStride]
+  uint32_t* svw = reinterpret_cast<uint32_t*>(sk + kMmaKeys * kStride);  // [key pair][kStrideW]
   __shared__ int key_ok[kMmaKeys];
 
   // Q's A fragments: rows warp*16 + g (+8), columns kc*16 + 2t (+1, +8, +9) of the tile.
@@ -99,19 +103,37 @@ __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a
 
   for (int k0 = 0; k0 <= q_last; k0 += kMmaKeys) {
     __syncthreads();  // the previous tile is consumed
-    for (int i = threadIdx.x; i < kMmaKeys * (kD / 8); i += blockDim.x) {
-      const int r = i / (kD / 8), c = i % (kD / 8), pos = k0 + r;
-      const int id = pos <= q_last ? table[pos / a.kv.block_size] : -1;
-      const bool ok = id >= 0 && id < a.kv.blocks;
-      uint4 kx = make_uint4(0, 0, 0, 0), vx = make_uint4(0, 0, 0, 0);
-      if (ok) {
-        const uint16_t* kr = pool + size_t(id) * a.kv.block + key_at + size_t(pos % a.kv.block_size) * kD + c * 8;
-        kx = *reinterpret_cast<const uint4*>(kr);
-        vx = *reinterpret_cast<const uint4*>(kr + a.kv.value);
+    // Each thread takes 8 dims of a pair of keys: K rows go to shared memory as they are; V goes
+    // pair-interleaved, word (pair, dim) = {V[2 pair][dim], V[2 pair + 1][dim]}, which is exactly
+    // a 32-bit half of P V's B fragment (k = keys 2t, 2t+1; n = dim g).
+    for (int i = threadIdx.x; i < (kMmaKeys / 2) * (kD / 8); i += blockDim.x) {
+      const int kp = i / (kD / 8), c = i % (kD / 8);
+      uint4 vx[2];
+      SONDE_ATTN_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int r = 2 * kp + e, pos = k0 + r;
+        const int id = pos <= q_last ? table[pos / a.kv.block_size] : -1;
+        const bool ok = id >= 0 && id < a.kv.blocks;
+        uint4 kx = make_uint4(0, 0, 0, 0);
+        vx[e] = make_uint4(0, 0, 0, 0);
+        if (ok) {
+          const uint16_t* kr = pool + size_t(id) * a.kv.block + key_at + size_t(pos % a.kv.block_size) * kD + c * 8;
+          kx = *reinterpret_cast<const uint4*>(kr);
+          vx[e] = *reinterpret_cast<const uint4*>(kr + a.kv.value);
+        }
+        *reinterpret_cast<uint4*>(sk + r * kStride + c * 8) = kx;
+        if (c == 0) key_ok[r] = ok;
       }
-      *reinterpret_cast<uint4*>(sk + r * kStride + c * 8) = kx;
-      *reinterpret_cast<uint4*>(sv + r * kStride + c * 8) = vx;
-      if (c == 0) key_ok[r] = ok;
+      const uint32_t lo[4] = {vx[0].x, vx[0].y, vx[0].z, vx[0].w}, hi[4] = {vx[1].x, vx[1].y, vx[1].z, vx[1].w};
+      uint32_t w[8];
+      SONDE_ATTN_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        w[2 * j] = (lo[j] & 0xffffu) | (hi[j] << 16);
+        w[2 * j + 1] = (lo[j] >> 16) | (hi[j] & 0xffff0000u);
+      }
+      uint4* dst = reinterpret_cast<uint4*>(svw + kp * kStrideW + c * 8);
+      dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+      dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
     }
     __syncthreads();
 
@@ -166,12 +188,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a
       const uint32_t pa[4] = {Pack2<kType>(sc[2 * kc][0], sc[2 * kc][1]), Pack2<kType>(sc[2 * kc][2], sc[2 * kc][3]),
                               Pack2<kType>(sc[2 * kc + 1][0], sc[2 * kc + 1][1]),
                               Pack2<kType>(sc[2 * kc + 1][2], sc[2 * kc + 1][3])};
-      const uint16_t* v0 = sv + (kc * 16 + 2 * t) * kStride + g;
+      const uint32_t* v0 = svw + (kc * 8 + t) * kStrideW + g;
       SONDE_ATTN_UNROLL
       for (int dt = 0; dt < kD / 8; ++dt) {
-        const uint16_t* vr = v0 + dt * 8;
-        const uint32_t b[2] = {uint32_t(vr[0]) | uint32_t(vr[kStride]) << 16,
-                               uint32_t(vr[8 * kStride]) | uint32_t(vr[9 * kStride]) << 16};
+        const uint32_t b[2] = {v0[dt * 8], v0[4 * kStrideW + dt * 8]};
         Mma<kType>(o[dt], pa, b);
       }
     }
@@ -298,7 +318,7 @@ void LaunchSimt(const PrefillArgs& a, int max_tokens, int seqs, size_t shared, G
 template <int kType>
 void LaunchMma(const PrefillArgs& a, int max_tokens, int seqs, GpuStream& st) {
   const dim3 grid(CeilDiv(max_tokens, kMmaRows), a.heads, seqs), block(kMmaWarps * 32);
-  const size_t shared = size_t(2) * kMmaKeys * (a.head_dim + 8) * sizeof(uint16_t);
+  const size_t shared = size_t(kMmaKeys) * (a.head_dim + 8) * sizeof(uint16_t) + size_t(kMmaKeys / 2) * (a.head_dim + 8) * sizeof(uint32_t);
   if (a.head_dim == 64)
     Launch(PrefillMmaKernel<kType, 64>, grid, block, shared, st, a);
   else if (a.head_dim == 96)
