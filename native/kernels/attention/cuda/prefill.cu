@@ -68,7 +68,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a
   // of kD + 8 halves (lane (g, t) reads word 4g + t mod 32), V key-pair rows of kD + 8 words (word
   // 8t + g mod 32); both keep rows 16-byte aligned for the vector stores.
   constexpr int kStride = kD + 8, kStrideW = kD + 8;
-  const int s = blockIdx.z, h = blockIdx.y, qt = blockIdx.x;
+  // Causal tiles further down see more keys: the grid hands out the longest ones first, so the
+  // short ones fill the tail instead of one long tile running alone at the end.
+  const int s = blockIdx.z, h = blockIdx.y, qt = gridDim.x - 1 - blockIdx.x;
   int start, tokens, row0;
   if (!SequenceOf(a, s, &start, &tokens, &row0) || qt * kMmaRows >= tokens) return;  // the whole block leaves
   const int kvh = h / a.group;
@@ -221,7 +223,7 @@ template <int kType, int kPer>
 __global__ void __launch_bounds__(kSimtWarps * 32) PrefillSimtKernel(PrefillArgs a) {
   using T = typename KvElem<kType>::T;
   using E = KvElem<kType>;
-  const int s = blockIdx.z, h = blockIdx.y, qt = blockIdx.x;
+  const int s = blockIdx.z, h = blockIdx.y, qt = gridDim.x - 1 - blockIdx.x;  // longest tiles first
   int start, tokens, row0;
   if (!SequenceOf(a, s, &start, &tokens, &row0) || qt * kSimtRows >= tokens) return;
   const int kvh = h / a.group, d_all = a.head_dim;
