@@ -224,6 +224,33 @@ export async function gpuMlaAttentionDecode(device: GpuDeviceId, buffers: GpuDec
     pool, sequences, options);
 }
 
+/** Sequences of new rows as [start, tokens, row0] triples, tables checked against the pool. */
+function packSequences(w: string, sequences: unknown, pool: PoolParams):
+  { tables: Int32Array; width: number; meta: Int32Array; rows: number; maxTokens: number } {
+  if (!Array.isArray(sequences) || sequences.length > 65535) throw new InvalidArgumentError(`${w}: sequences must be an array of at most 65535, got ${describe(sequences)}`);
+  const n = sequences.length;
+  for (let s = 0; s < n; s++)
+    if (sequences[s] === null || typeof sequences[s] !== 'object') throw new InvalidArgumentError(`${w}: sequences[${s}] must be an object, got ${describe(sequences[s])}`);
+  const list = sequences as GpuPrefillSequence[];
+  const { data: tables, width } = packTables(w, list.map((s) => s.blockTable), n, pool.numBlocks);
+  const meta = new Int32Array(3 * n);
+  let rows = 0, maxTokens = 0;
+  for (let s = 0; s < n; s++) {
+    const q = list[s]!;
+    const start = checkInt(`${w}: sequences[${s}].start`, q.start, 0, 2 ** 31 - 1);
+    const tokens = checkInt(`${w}: sequences[${s}].tokens`, q.tokens, 1, 2 ** 31 - 1);
+    const cap = q.blockTable.length * pool.blockSize;
+    if (start + tokens > cap)
+      throw new InvalidArgumentError(`${w}: sequences[${s}].blockTable: ${q.blockTable.length} blocks of ${pool.blockSize} positions do not cover start + tokens = ${start + tokens}`);
+    meta.set([start, tokens, rows], 3 * s);
+    rows += tokens;
+    maxTokens = Math.max(maxTokens, tokens);
+  }
+  if (rows > 2 ** 31 - 1) throw new InvalidArgumentError(`${w}: ${rows} rows exceed 2^31 - 1`);
+  if (width * pool.blockSize > 2 ** 31 - 1) throw new InvalidArgumentError(`${w}: the longest block table (${width} blocks of ${pool.blockSize}) exceeds 2^31 positions`);
+  return { tables, width, meta, rows, maxTokens };
+}
+
 export interface GpuPrefillSequence {
   /** Position of the sequence's first new row (its earlier positions are cached). */
   start: number;
@@ -246,29 +273,13 @@ export async function gpuPagedAttentionPrefill(device: GpuDeviceId, buffers: { q
   if (heads % kvHeads) throw new InvalidArgumentError(`${w}: heads (${heads}) must be a multiple of kvHeads (${kvHeads})`);
   const headDim = checkInt(`${w}: headDim`, shape.headDim, 1, MAX_HEAD_DIM);
   const scale = checkScale(w, shape.scale, 1 / Math.sqrt(headDim));
-  if (!Array.isArray(sequences) || sequences.length > 65535) throw new InvalidArgumentError(`${w}: sequences must be an array of at most 65535, got ${describe(sequences)}`);
-  const n = sequences.length;
-  const { data: tables, width } = packTables(w, sequences.map((s) => s?.blockTable), n, pool.numBlocks);
-  const meta = new Int32Array(3 * n);
-  let rows = 0, maxTokens = 0;
-  for (let s = 0; s < n; s++) {
-    const q = sequences[s]!;
-    const start = checkInt(`${w}: sequences[${s}].start`, q.start, 0, 2 ** 31 - 1);
-    const tokens = checkInt(`${w}: sequences[${s}].tokens`, q.tokens, 1, 2 ** 31 - 1);
-    const cap = q.blockTable.length * pool.blockSize;
-    if (start + tokens > cap)
-      throw new InvalidArgumentError(`${w}: sequences[${s}].blockTable: ${q.blockTable.length} blocks of ${pool.blockSize} positions do not cover start + tokens = ${start + tokens}`);
-    meta.set([start, tokens, rows], 3 * s);
-    rows += tokens;
-    maxTokens = Math.max(maxTokens, tokens);
-  }
-  if (rows > 2 ** 31 - 1) throw new InvalidArgumentError(`${w}: ${rows} rows exceed 2^31 - 1`);
+  const { tables, width, meta, rows, maxTokens } = packSequences(w, sequences, pool);
   checkGpuBuffer(w, 'q', buffers.q, device, rows * heads * headDim * 4);
   checkGpuBuffer(w, 'pool', buffers.pool, device, poolBytes(pool, 2 * kvHeads, headDim));
   checkGpuBuffer(w, 'out', buffers.out, device, rows * heads * headDim * 4);
   if (o.simt !== undefined && typeof o.simt !== 'boolean') throw new InvalidArgumentError(`${w}: options.simt must be a boolean, got ${describe(o.simt)}`);
   const params = {
-    seqs: n, rows, maxTokens, heads, kvHeads, headDim, scale, width, numBlocks: pool.numBlocks, blockSize: pool.blockSize,
+    seqs: sequences.length, rows, maxTokens, heads, kvHeads, headDim, scale, width, numBlocks: pool.numBlocks, blockSize: pool.blockSize,
     dtype: pool.dtype, layers: pool.layers, layer: pool.layer, simt: o.simt ? 1 : 0,
   };
   return withUploads(device, [tables, meta], ([tb, mb]) =>
@@ -319,4 +330,30 @@ export async function gpuRope(device: GpuDeviceId, x: GpuBuffer, positions: GpuB
     params.yarn = 1;
   }
   return runGpuOp(device, 'rope', [x, positions], params, options);
+}
+
+/**
+ * Writes the new rows' keys and values (float32 [rows][kvHeads][headDim], rows in the order of
+ * `sequences`) into the pool at positions [start, start + tokens) of each sequence, converted to
+ * the pool's dtype (round to nearest even). With mla, `k` holds the latent cache rows
+ * ([latent | rope key], headDim wide, one per position) and `v` is not used.
+ */
+export async function gpuKvStore(device: GpuDeviceId, buffers: { k: GpuBuffer; v?: GpuBuffer; pool: GpuBuffer },
+  shape: { kvHeads: number; headDim: number; mla?: boolean } & GpuKvPoolLayout, sequences: readonly GpuPrefillSequence[],
+  options: GpuRunOptions = {}): Promise<number> {
+  const w = 'gpuKvStore';
+  const pool = checkPool(w, shape);
+  const mla = shape.mla === true;
+  const kvHeads = mla ? 1 : checkInt(`${w}: kvHeads`, shape.kvHeads, 1, 65535);
+  const headDim = checkInt(`${w}: headDim`, shape.headDim, 1, 65536);
+  const { tables, width, meta, rows, maxTokens } = packSequences(w, sequences, pool);
+  checkGpuBuffer(w, 'k', buffers.k, device, rows * kvHeads * headDim * 4);
+  if (!mla) checkGpuBuffer(w, 'v', buffers.v, device, rows * kvHeads * headDim * 4);
+  checkGpuBuffer(w, 'pool', buffers.pool, device, poolBytes(pool, mla ? 1 : 2 * kvHeads, headDim));
+  const params = {
+    seqs: sequences.length, rows, maxTokens, kvHeads, headDim, width, numBlocks: pool.numBlocks, blockSize: pool.blockSize,
+    dtype: pool.dtype, layers: pool.layers, layer: pool.layer, mla: mla ? 1 : 0,
+  };
+  return withUploads(device, [tables, meta], ([tb, mb]) =>
+    runGpuOp(device, 'kv_store', [buffers.k, mla ? buffers.k : buffers.v!, buffers.pool, tb!, mb!], params, options));
 }

@@ -8,7 +8,7 @@ import { DisposedError, InvalidArgumentError, Tensor, kernels } from '../../dist
 import { native } from '../../dist/binding.js';
 import { GpuBuffer, runGpuOp } from '../../dist/cuda/runtime.js';
 import {
-  gpuMlaAttentionDecode, gpuPagedAttentionDecode, gpuPagedAttentionPrefill, gpuRope, type GpuKvDtype,
+  gpuKvStore, gpuMlaAttentionDecode, gpuPagedAttentionDecode, gpuPagedAttentionPrefill, gpuRope, type GpuKvDtype,
 } from '../../dist/cuda/attention.js';
 import { randomF32 } from '../helpers.js';
 import { describeGpu } from './targets.js';
@@ -273,6 +273,47 @@ describeGpu('GPU paged attention', (t) => {
     }
   });
 
+  it('kv_store writes new rows into their blocks in the pool dtype, and nothing else', async () => {
+    const cases = [
+      { dtype: 'f16' as const, kvHeads: 2, headDim: 24, blockSize: 5, layers: 2, layer: 1, mla: false },
+      { dtype: 'bf16' as const, kvHeads: 1, headDim: 8, blockSize: 4, layers: 1, layer: 0, mla: false },
+      { dtype: 'f32' as const, kvHeads: 1, headDim: 36, blockSize: 3, layers: 3, layer: 2, mla: true },
+    ];
+    const seqs = [{ start: 0, tokens: 7 }, { start: 4, tokens: 1 }, { start: 9, tokens: 6 }];
+    for (const [ci, c] of cases.entries()) {
+      const streams = c.mla ? 1 : 2 * c.kvHeads;
+      const blocksPer = seqs.map((q) => Math.ceil((q.start + q.tokens) / c.blockSize));
+      const numBlocks = blocksPer.reduce((a, b) => a + b, 0) + 2;
+      const tables = scatteredTables(blocksPer, numBlocks, 21 + ci);
+      const rows = seqs.reduce((a, q) => a + q.tokens, 0), count = rows * c.kvHeads * c.headDim;
+      const k = randomF32(count, 500 + ci), v = randomF32(count, 600 + ci);
+      const elems = numBlocks * c.layers * streams * c.blockSize * c.headDim;
+      const poolb = await up(c.dtype === 'f32' ? new Float32Array(elems).fill(7) : new Uint16Array(elems).fill(0x4700));
+      await gpuKvStore(t.id, { k: await up(k), v: c.mla ? undefined : await up(v), pool: poolb },
+        { kvHeads: c.kvHeads, headDim: c.headDim, mla: c.mla, numBlocks, blockSize: c.blockSize, dtype: c.dtype, layers: c.layers, layer: c.layer },
+        seqs.map((q, i) => ({ ...q, blockTable: tables[i]! })));
+      const got = await poolb.read(c.dtype === 'f32' ? new Float32Array(elems) : new Uint16Array(elems));
+      const want = c.dtype === 'f32' ? new Float32Array(elems).fill(7) : new Uint16Array(elems).fill(0x4700);
+      const conv = async (x: Float32Array) => c.dtype === 'f32' ? x
+        : (await kernels.cast(new Tensor('float32', x, [x.length]), c.dtype === 'f16' ? 'float16' : 'bfloat16')).data as Uint16Array;
+      const [kc, vc] = [await conv(k), await conv(v)];
+      const streamElems = c.blockSize * c.headDim, blockElems = c.layers * streams * streamElems;
+      let row0 = 0;
+      for (const [s, q] of seqs.entries()) {
+        for (let i = 0; i < q.tokens; i++) {
+          const pos = q.start + i, base = tables[s]![Math.floor(pos / c.blockSize)]! * blockElems + c.layer * streams * streamElems + (pos % c.blockSize) * c.headDim;
+          for (let h = 0; h < c.kvHeads; h++) {
+            const src = ((row0 + i) * c.kvHeads + h) * c.headDim;
+            want.set(kc.subarray(src, src + c.headDim), base + h * streamElems);
+            if (!c.mla) want.set(vc.subarray(src, src + c.headDim), base + (c.kvHeads + h) * streamElems);
+          }
+        }
+        row0 += q.tokens;
+      }
+      expect(Array.from(got), `kv_store case ${ci}`).toEqual(Array.from(want));
+    }
+  });
+
   it('rejects bad input with typed errors naming the parameter; bad device data never faults', async () => {
     const layout = { heads: 4, kvHeads: 2, headDim: 64, numBlocks: 4, blockSize: 16, dtype: 'f16' as const };
     const poolBytes = 4 * 2 * 2 * 16 * 64 * 2;
@@ -303,6 +344,10 @@ describeGpu('GPU paged attention', (t) => {
     await expect(gpuMlaAttentionDecode(t.id, bufs, { heads: 1, kvLora: 512, ropeDim: 128, scale: 1, numBlocks: 1, blockSize: 1, dtype: 'f32' },
       { blockTables: [[0]], seqLens: [1] })).rejects.toThrow(/kvLora \+ ropeDim must be at most 576, got 640/);
     await expect(gpuRope(t.id, qb, pb, { rows: 1, heads: 1, dims: 3 })).rejects.toThrow(/dims must be even, got 3/);
+    await expect(gpuKvStore(t.id, { k: qb, v: qb, pool: pb }, { ...layout, kvHeads: 2 }, [{ start: 0, tokens: 2, blockTable: [7] }]))
+      .rejects.toThrow(/gpuKvStore: blockTables\[0\]\[0\]: block id 7 is outside \[0, 4\)/);
+    await expect(gpuKvStore(t.id, { k: qb, pool: pb }, { ...layout, kvHeads: 2 }, [{ start: 0, tokens: 2, blockTable: [0] }]))
+      .rejects.toThrow(/gpuKvStore: v must be a GpuBuffer, got undefined/);
     await expect(gpuRope(t.id, qb, pb, { rows: 4, heads: 5, dims: 64 })).rejects.toThrow(/gpuRope: x holds 1024 bytes, needs 5120/);
     const gone = alloc(64);
     gone.dispose();
