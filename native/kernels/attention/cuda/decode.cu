@@ -46,8 +46,11 @@ struct DecodeArgs {
   float scale;
 };
 
-// Query heads per block for kPer elements per lane: q and acc take 2 * kG * kPer registers.
-__host__ __device__ constexpr int GroupPerBlock(int per) { return per <= 4 ? 8 : per <= 8 ? 4 : 2; }
+// Query heads per block for kPer elements per lane: q and acc take 2 * kG * kPer registers, so
+// the most a block may serve shrinks with the head size; a GQA group of at most half of that gets
+// a kernel of half the width (fewer registers, more resident warps to keep loads in flight).
+constexpr int GroupPerBlock(int per) { return per <= 4 ? 8 : per <= 8 ? 4 : 2; }
+int GroupPerBlock(int per, int group) { return group <= GroupPerBlock(per) / 2 ? GroupPerBlock(per) / 2 : GroupPerBlock(per); }
 
 // Replaces each v[u] by its sum over the warp's 32 lanes. For 4 values, a butterfly that halves
 // the values each lane carries (2 shuffles at distance 16, 1 at 8, 3 on the last value, then 4 to
@@ -75,10 +78,10 @@ __device__ __forceinline__ void WarpSums(float (&v)[kN], int lane) {
   }
 }
 
-template <int kType, int kPer, int kV>
+template <int kType, int kPer, int kV, int kG>
 __global__ void __launch_bounds__(kDecodeWarps * 32) DecodeKernel(DecodeArgs a) {
   using T = typename KvElem<kType>::T;
-  constexpr int kG = GroupPerBlock(kPer), kChunks = kPer / kV, kU = kPer <= 8 ? 4 : 2;
+  constexpr int kChunks = kPer / kV, kU = kPer <= 8 ? 4 : 2;
   const int chunks_per_kv = (a.group + kG - 1) / kG;
   const int hc = static_cast<int>(blockIdx.x) % chunks_per_kv, split = static_cast<int>(blockIdx.x) / chunks_per_kv;
   const int kvh = blockIdx.y, s = blockIdx.z;
@@ -239,27 +242,31 @@ __global__ void __launch_bounds__(128) CombineKernel(DecodeArgs a) {
 }
 
 template <int kType, int kPer, int kV>
-void LaunchDecode(const DecodeArgs& a, dim3 grid, size_t shared, GpuStream& st) {
-  Launch(DecodeKernel<kType, kPer, kV>, grid, dim3(kDecodeWarps * 32), shared, st, a);
+void LaunchDecode(const DecodeArgs& a, int kg, dim3 grid, size_t shared, GpuStream& st) {
+  constexpr int kMax = GroupPerBlock(kPer);
+  if (kg == kMax)
+    Launch(DecodeKernel<kType, kPer, kV, kMax>, grid, dim3(kDecodeWarps * 32), shared, st, a);
+  else
+    Launch(DecodeKernel<kType, kPer, kV, kMax / 2>, grid, dim3(kDecodeWarps * 32), shared, st, a);
 }
 
 // kV: the widest load (4 or 2 elements) that divides a lane's share and both row widths, else 1.
 template <int kType, int kPer>
-void LaunchDecodePer(const DecodeArgs& a, dim3 grid, size_t shared, GpuStream& st) {
+void LaunchDecodePer(const DecodeArgs& a, int kg, dim3 grid, size_t shared, GpuStream& st) {
   constexpr int kV = kPer % 4 == 0 ? 4 : 2;
   if (a.head_dim % kV == 0 && a.value_dim % kV == 0)
-    LaunchDecode<kType, kPer, kV>(a, grid, shared, st);
+    LaunchDecode<kType, kPer, kV>(a, kg, grid, shared, st);
   else
-    LaunchDecode<kType, kPer, 1>(a, grid, shared, st);
+    LaunchDecode<kType, kPer, 1>(a, kg, grid, shared, st);
 }
 
 template <int kType>
-void LaunchDecodeType(const DecodeArgs& a, int per, dim3 grid, size_t shared, GpuStream& st) {
+void LaunchDecodeType(const DecodeArgs& a, int per, int kg, dim3 grid, size_t shared, GpuStream& st) {
   switch (per) {
-    case 2: return LaunchDecodePer<kType, 2>(a, grid, shared, st);
-    case 4: return LaunchDecodePer<kType, 4>(a, grid, shared, st);
-    case 8: return LaunchDecodePer<kType, 8>(a, grid, shared, st);
-    default: return LaunchDecodePer<kType, 18>(a, grid, shared, st);
+    case 2: return LaunchDecodePer<kType, 2>(a, kg, grid, shared, st);
+    case 4: return LaunchDecodePer<kType, 4>(a, kg, grid, shared, st);
+    case 8: return LaunchDecodePer<kType, 8>(a, kg, grid, shared, st);
+    default: return LaunchDecodePer<kType, 18>(a, kg, grid, shared, st);
   }
 }
 
@@ -300,7 +307,7 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
   if (seqs == 0) return;
 
   const int per = a.head_dim <= 64 ? 2 : a.head_dim <= 128 ? 4 : a.head_dim <= 256 ? 8 : 18;
-  const int kg = GroupPerBlock(per), chunks_per_kv = (a.group + kg - 1) / kg;
+  const int kg = GroupPerBlock(per, a.group), chunks_per_kv = (a.group + kg - 1) / kg;
   // Splits: enough blocks for 8 per SM (32 warps, the occupancy the register use allows), split
   // no shorter than kMinSplitLen, as many as the workspace holds; splitLen forces a length.
   const int64_t max_len = c.IntOr("maxLen", cap, 1, cap);
@@ -333,9 +340,9 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
   const dim3 grid(static_cast<unsigned>(a.splits * chunks_per_kv), static_cast<unsigned>(kv_heads), static_cast<unsigned>(seqs));
   const size_t shared = size_t(kDecodeWarps) * kg * (2 + a.value_dim) * sizeof(float);
   switch (type) {
-    case kKvF32: LaunchDecodeType<kKvF32>(a, per, grid, shared, st); break;
-    case kKvF16: LaunchDecodeType<kKvF16>(a, per, grid, shared, st); break;
-    default: LaunchDecodeType<kKvBf16>(a, per, grid, shared, st); break;
+    case kKvF32: LaunchDecodeType<kKvF32>(a, per, kg, grid, shared, st); break;
+    case kKvF16: LaunchDecodeType<kKvF16>(a, per, kg, grid, shared, st); break;
+    default: LaunchDecodeType<kKvBf16>(a, per, kg, grid, shared, st); break;
   }
   if (a.splits > 1) Launch(CombineKernel, dim3(static_cast<unsigned>(heads), static_cast<unsigned>(seqs)), dim3(128),
                            size_t(a.splits) * sizeof(float), st, a);
