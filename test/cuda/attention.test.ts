@@ -353,6 +353,23 @@ describeGpu('GPU paged attention', (t) => {
     await expect(gpuKvStore(t.id, { k: qb, pool: pb }, { ...layout, kvHeads: 2 }, [{ start: 0, tokens: 2, blockTable: [0] }]))
       .rejects.toThrow(/gpuKvStore: v must be a GpuBuffer, got undefined/);
     await expect(gpuRope(t.id, qb, pb, { rows: 4, heads: 5, dims: 64 })).rejects.toThrow(/gpuRope: x holds 1024 bytes, needs 5120/);
+    await expect(gpuPagedAttentionDecode(t.id, { ...bufs, out: alloc(512) }, layout, { blockTables: [[0, 1]], seqLens: [20] }))
+      .rejects.toThrow(/gpuPagedAttentionDecode: out holds 512 bytes, needs 1024/);
+    await expect(gpuPagedAttentionDecode(t.id, { ...bufs, workspace: alloc(16) }, layout, { blockTables: [[0, 1]], seqLens: [20] }, { splitLen: 8 }))
+      .rejects.toThrow(/workspace holds 16 bytes, needs 3168/);
+    await expect(gpuPagedAttentionDecode(t.id, bufs, { ...layout, scale: NaN }, { blockTables: [[0, 1]], seqLens: [20] }))
+      .rejects.toThrow(/scale must be a finite number, got NaN/);
+    await expect(gpuPagedAttentionDecode(t.id, bufs, layout, { blockTables: [[]], seqLens: [1] }))
+      .rejects.toThrow(/blockTables\[0\] is empty/);
+    await expect(gpuPagedAttentionPrefill(t.id, bufs, layout, [{ start: 0, tokens: 2, blockTable: [0] }]))
+      .rejects.toThrow(/gpuPagedAttentionPrefill: q holds 1024 bytes, needs 2048/);
+    await expect(gpuPagedAttentionPrefill(t.id, bufs, layout, [{ start: 0, tokens: 1, blockTable: [0] }], { simt: 'yes' as never }))
+      .rejects.toThrow(/options\.simt must be a boolean/);
+    await expect(gpuMlaAttentionDecode(t.id, bufs, { heads: 2, kvLora: 128, ropeDim: 64, scale: 0.1, numBlocks: 1, blockSize: 16, dtype: 'f32' },
+      { blockTables: [[0]], seqLens: [3] })).rejects.toThrow(/gpuMlaAttentionDecode: q holds 1024 bytes, needs 1536/);
+    await expect(gpuRope(t.id, qb, alloc(8), { rows: 4, heads: 1, dims: 64 })).rejects.toThrow(/gpuRope: positions holds 8 bytes, needs 16/);
+    await expect(gpuKvStore(t.id, { k: qb, v: qb, pool: alloc(64) }, { ...layout, kvHeads: 2 }, [{ start: 0, tokens: 2, blockTable: [0] }]))
+      .rejects.toThrow(/gpuKvStore: pool holds 64 bytes, needs 32768/);
     const gone = alloc(64);
     gone.dispose();
     await expect(gpuPagedAttentionDecode(t.id, { ...bufs, q: gone }, { ...layout, heads: 2, kvHeads: 2, headDim: 8 } as never,
