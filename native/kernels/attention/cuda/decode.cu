@@ -9,8 +9,10 @@
 // row with its 32 lanes side by side (lane l holds elements l*kV.. of each 32*kV-wide chunk: 8- or
 // 16-byte loads, whole 128-byte lines per warp), reduces the dot products with shuffles, and keeps
 // its own online-softmax state, merged across warps through shared memory at the end. Decode is
-// bound by the KV bytes read, so this SIMT form is the path on every device: tensor cores would
-// only help when many query rows share the keys (prefill, prefill.cu).
+// bound by the KV bytes read, so this SIMT form is the path on every device. Its arithmetic grows
+// with the GQA group (a dot product, its reduction and a value update per head and position); at
+// 8 or more heads per KV head the shuffles come near the memory time, and the next step would be
+// the group's heads as the rows of an mma (as prefill.cu does with query rows).
 //
 // MLA (deepseek2) decode is the same kernel over the latent cache: one stream whose row is
 // [latent | rope key], every query head attends to it as key (absorbed query, kv_lora + rope wide)
