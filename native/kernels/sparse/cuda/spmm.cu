@@ -1,0 +1,224 @@
+// SpMM on the GPU (the CPU family: kernels/sparse, ops/spmm.cc): C[M x N] = epilogue(A[M x K] * B)
+// with the weights B stored sparse in the CPU's two forms (kernels/sparse/spmm.h):
+// - CSR of W = B^T (N rows of K): row n is output column n. Rows are grouped into chunks of about
+//   equal non-zero count on the host (lib/cuda/sparse.ts), one warp per chunk, so a skewed row
+//   length distribution does not leave most warps idle behind a few long rows.
+//   M > 1: A is first transposed (At, K rows of M) so that one non-zero w[n][k] times the M
+//   activations At[k][0..M) is a coalesced 128-byte load per 32 rows of A; the non-zero's index and
+//   value are warp-uniform (broadcast) loads. Each lane keeps 2 rows' sums in registers across the
+//   whole row of W. M = 1 (SpMV): the warp splits each row's non-zeros across lanes (x gathered)
+//   and reduces with shuffles.
+// - BSR of 1 x BW blocks over B (BW consecutive output columns sharing one k), per panel of BW
+//   columns: lanes take a panel's BW columns (coalesced value loads) and several rows of A each.
+// The fused epilogue is the GEMM's (kernels/conv/cuda/epilogue.h): scale, bias, activation, residual.
+#include "kernels/conv/cuda/epilogue.h"
+#include "runtime/cuda/dialect.h"
+
+namespace sonde {
+namespace SONDE_GPU_NS {
+
+namespace {
+
+// At[k][i] = A[i][k] for i < m, k < k; 32 x 32 tiles through shared memory (one padding column so
+// that the transposed reads hit 32 different banks).
+__global__ void __launch_bounds__(256) TransposeKernel(const float* __restrict__ a, size_t lda, float* __restrict__ at,
+                                                       int m, int k) {
+  __shared__ float tile[32][33];
+  const int k0 = blockIdx.x * 32, m0 = blockIdx.y * 32;
+  for (int r = threadIdx.y; r < 32; r += 8) {
+    const int i = m0 + r, kk = k0 + threadIdx.x;
+    if (i < m && kk < k) tile[r][threadIdx.x] = a[size_t(i) * lda + kk];
+  }
+  __syncthreads();
+  for (int r = threadIdx.y; r < 32; r += 8) {
+    const int kk = k0 + r, i = m0 + threadIdx.x;
+    if (i < m && kk < k) at[size_t(kk) * m + i] = tile[threadIdx.x][r];
+  }
+}
+
+constexpr int kCsrWarps = 4, kCsrRowsPerLane = 2, kCsrRowsPerBlock = 32 * kCsrRowsPerLane;
+
+struct SpmmOut {
+  float* c;
+  size_t ldc, ldr;
+  int m, n;
+};
+
+// One warp per chunk of W rows, one block row per 64 rows of A.
+__global__ void __launch_bounds__(kCsrWarps * 32)
+    SpmmCsrKernel(const float* __restrict__ at, const uint32_t* __restrict__ row_ptr, const uint32_t* __restrict__ col_idx,
+                  const float* __restrict__ values, const uint32_t* __restrict__ chunk_rows, int chunks, SpmmOut out,
+                  GpuEpilogue ep) {
+  const int chunk = blockIdx.x * kCsrWarps + threadIdx.x / 32;
+  if (chunk >= chunks) return;  // whole warps leave together
+  const int lane = threadIdx.x % 32, i0 = blockIdx.y * kCsrRowsPerBlock + lane, i1 = i0 + 32;
+  // Rows past M read row M - 1 (valid memory) and are not stored: no branch in the inner loop.
+  const int r0 = min(i0, out.m - 1), r1 = min(i1, out.m - 1);
+  const size_t ldat = size_t(out.m);
+  for (uint32_t row = chunk_rows[chunk]; row < chunk_rows[chunk + 1]; ++row) {
+    // Two chains per output row: the loop runs at the rate of its loads, not at the FMA latency.
+    float s0 = 0.0f, s1 = 0.0f, t0 = 0.0f, t1 = 0.0f;
+    uint32_t p = row_ptr[row];
+    const uint32_t p1 = row_ptr[row + 1];
+    for (; p + 2 <= p1; p += 2) {
+      const float* ra = at + size_t(col_idx[p]) * ldat;
+      const float* rb = at + size_t(col_idx[p + 1]) * ldat;
+      const float va = values[p], vb = values[p + 1];
+      s0 += va * ra[r0];
+      s1 += va * ra[r1];
+      t0 += vb * rb[r0];
+      t1 += vb * rb[r1];
+    }
+    if (p < p1) {
+      const float* ra = at + size_t(col_idx[p]) * ldat;
+      s0 += values[p] * ra[r0];
+      s1 += values[p] * ra[r1];
+    }
+    if (i0 < out.m) out.c[size_t(i0) * out.ldc + row] = GpuApplyEpilogue(s0 + t0, row, size_t(i0) * out.ldr + row, ep);
+    if (i1 < out.m) out.c[size_t(i1) * out.ldc + row] = GpuApplyEpilogue(s1 + t1, row, size_t(i1) * out.ldr + row, ep);
+  }
+}
+
+// M = 1: one warp per chunk; each row's non-zeros spread over the lanes, then a shuffle reduction.
+__global__ void __launch_bounds__(kCsrWarps * 32)
+    SpmvCsrKernel(const float* __restrict__ x, const uint32_t* __restrict__ row_ptr, const uint32_t* __restrict__ col_idx,
+                  const float* __restrict__ values, const uint32_t* __restrict__ chunk_rows, int chunks, SpmmOut out,
+                  GpuEpilogue ep) {
+  const int chunk = blockIdx.x * kCsrWarps + threadIdx.x / 32;
+  if (chunk >= chunks) return;
+  const unsigned lane = threadIdx.x % 32;
+  for (uint32_t row = chunk_rows[chunk]; row < chunk_rows[chunk + 1]; ++row) {
+    float s = 0.0f;
+    for (uint32_t p = row_ptr[row] + lane; p < row_ptr[row + 1]; p += 32) s += values[p] * x[col_idx[p]];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) out.c[row] = GpuApplyEpilogue(s, row, row, ep);
+  }
+}
+
+// BSR: one block per (panel, 4 * 128 / BW rows of A). Lane j of a BW-wide group takes output column
+// panel * BW + j; the block's 128 / BW groups take interleaved rows, kBsrRowsPerThread each.
+constexpr int kBsrThreads = 128, kBsrRowsPerThread = 4;
+
+template <int BW>
+__global__ void __launch_bounds__(kBsrThreads)
+    SpmmBsrKernel(const float* __restrict__ a, size_t lda, const uint32_t* __restrict__ panel_ptr,
+                  const uint32_t* __restrict__ block_k, const float* __restrict__ block_values, SpmmOut out,
+                  GpuEpilogue ep) {
+  constexpr int kGroups = kBsrThreads / BW;
+  const int j = threadIdx.x % BW, grp = threadIdx.x / BW, panel = blockIdx.x;
+  const int i_base = blockIdx.y * kGroups * kBsrRowsPerThread + grp;
+  const float* rows[kBsrRowsPerThread];
+  SONDE_UNROLL
+  for (int r = 0; r < kBsrRowsPerThread; ++r) rows[r] = a + size_t(min(i_base + r * kGroups, out.m - 1)) * lda;
+  float acc[kBsrRowsPerThread] = {};
+  for (uint32_t b = panel_ptr[panel]; b < panel_ptr[panel + 1]; ++b) {
+    const uint32_t k = block_k[b];
+    const float v = block_values[size_t(b) * BW + j];
+    SONDE_UNROLL
+    for (int r = 0; r < kBsrRowsPerThread; ++r) acc[r] += v * rows[r][k];
+  }
+  const int col = panel * BW + j;
+  if (col >= out.n) return;
+  SONDE_UNROLL
+  for (int r = 0; r < kBsrRowsPerThread; ++r) {
+    const int i = i_base + r * kGroups;
+    if (i < out.m) out.c[size_t(i) * out.ldc + col] = GpuApplyEpilogue(acc[r], col, size_t(i) * out.ldr + col, ep);
+  }
+}
+
+// Shapes and the optional epilogue buffers (after the op's fixed ones, in the order bias, scale,
+// residual, each present when its flag is 1).
+struct SpmmShape {
+  int64_t m, k, n, lda, ldc, ldr;
+};
+
+SpmmShape ReadShape(const GpuOpCall& c) {
+  SpmmShape s;
+  s.m = c.Int("m");
+  s.k = c.Int("k", 1);
+  s.n = c.Int("n", 1);
+  s.lda = c.IntOr("lda", s.k, 1);
+  s.ldc = c.IntOr("ldc", s.n, 1);
+  s.ldr = c.IntOr("ldr", s.n, 1);
+  if (s.lda < s.k) c.Invalid("lda must be >= k");
+  if (s.ldc < s.n) c.Invalid("ldc must be >= n");
+  if (s.ldr < s.n) c.Invalid("ldr must be >= n");
+  return s;
+}
+
+// Elements a row-major [rows x cols] matrix with leading dimension ld spans.
+size_t Span(const GpuOpCall& c, int64_t rows, int64_t cols, int64_t ld) {
+  return rows == 0 ? 0 : c.Count({rows - 1, ld}) + size_t(cols);
+}
+
+GpuEpilogue ReadEpilogue(const GpuOpCall& c, size_t first, const SpmmShape& s) {
+  GpuEpilogue ep = GpuEpilogueParams(c);
+  size_t i = first;
+  if (c.IntOr("hasBias", 0, 0, 1)) ep.bias = c.Buffer<float>(i++, s.n, "bias");
+  if (c.IntOr("hasScale", 0, 0, 1)) ep.scale = c.Buffer<float>(i++, s.n, "scale");
+  if (c.IntOr("hasResidual", 0, 0, 1)) ep.residual = c.Buffer<float>(i++, Span(c, s.m, s.n, s.ldr), "residual");
+  if (i != c.buffers.size()) c.Invalid("expected " + std::to_string(i) + " buffers, got " + std::to_string(c.buffers.size()));
+  return ep;
+}
+
+// Buffers: 0 a [m, lda], 1 rowPtr u32 [n + 1], 2 colIdx u32 [nnz], 3 values [nnz], 4 chunkRows u32
+// [chunks + 1], 5 c [m, ldc], 6 scratch (k * m floats when m > 1), then the epilogue's. The index
+// arrays come from lib/cuda/sparse.ts, which checked them when it built them.
+void SpmmCsrOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
+  const SpmmShape s = ReadShape(c);
+  const int64_t nnz = c.Int("nnz"), chunks = c.Int("chunks", 0, s.n);
+  const float* a = c.Buffer<float>(0, Span(c, s.m, s.k, s.lda), "a");
+  const uint32_t* row_ptr = c.Buffer<uint32_t>(1, size_t(s.n) + 1, "rowPtr");
+  const uint32_t* col_idx = c.Buffer<uint32_t>(2, size_t(nnz), "colIdx");
+  const float* values = c.Buffer<float>(3, size_t(nnz), "values");
+  const uint32_t* chunk_rows = c.Buffer<uint32_t>(4, size_t(chunks) + 1, "chunkRows");
+  float* out = c.Buffer<float>(5, Span(c, s.m, s.n, s.ldc), "c");
+  float* scratch = c.Buffer<float>(6, s.m > 1 ? c.Count({s.k, s.m}) : 0, "scratch");
+  const GpuEpilogue ep = ReadEpilogue(c, 7, s);
+  if (s.m == 0 || chunks == 0) return;
+  const SpmmOut o{out, size_t(s.ldc), size_t(s.ldr), static_cast<int>(s.m), static_cast<int>(s.n)};
+  const unsigned blocks = CeilDiv(size_t(chunks), kCsrWarps);
+  if (s.m == 1) {
+    Launch(SpmvCsrKernel, dim3(blocks), dim3(kCsrWarps * 32), 0, st, a, row_ptr, col_idx, values, chunk_rows,
+           static_cast<int>(chunks), o, ep);
+    return;
+  }
+  if (CeilDiv(size_t(s.k), 32) > 0x7fffffffu || CeilDiv(size_t(s.m), 32) > 65535 ||
+      CeilDiv(size_t(s.m), kCsrRowsPerBlock) > 65535)
+    c.Invalid("m is too large (over 2 million rows)");
+  Launch(TransposeKernel, dim3(CeilDiv(size_t(s.k), 32), CeilDiv(size_t(s.m), 32)), dim3(32, 8), 0, st, a,
+         size_t(s.lda), scratch, static_cast<int>(s.m), static_cast<int>(s.k));
+  Launch(SpmmCsrKernel, dim3(blocks, CeilDiv(size_t(s.m), kCsrRowsPerBlock)), dim3(kCsrWarps * 32), 0, st, scratch,
+         row_ptr, col_idx, values, chunk_rows, static_cast<int>(chunks), o, ep);
+}
+
+// Buffers: 0 a [m, lda], 1 panelPtr u32 [ceil(n / bw) + 1], 2 blockK u32 [blocks], 3 values
+// [blocks * bw] (zero past column n), 4 c [m, ldc], then the epilogue's.
+void SpmmBsrOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
+  const SpmmShape s = ReadShape(c);
+  const int64_t bw = c.Int("bw", 8, 32), blocks = c.Int("blocks");
+  if (bw != 8 && bw != 16 && bw != 32) c.Invalid("bw must be 8, 16 or 32");
+  const size_t panels = CeilDiv(size_t(s.n), size_t(bw));
+  const float* a = c.Buffer<float>(0, Span(c, s.m, s.k, s.lda), "a");
+  const uint32_t* panel_ptr = c.Buffer<uint32_t>(1, panels + 1, "panelPtr");
+  const uint32_t* block_k = c.Buffer<uint32_t>(2, size_t(blocks), "blockK");
+  const float* values = c.Buffer<float>(3, c.Count({blocks, bw}), "values");
+  float* out = c.Buffer<float>(4, Span(c, s.m, s.n, s.ldc), "c");
+  const GpuEpilogue ep = ReadEpilogue(c, 5, s);
+  if (s.m == 0) return;
+  const SpmmOut o{out, size_t(s.ldc), size_t(s.ldr), static_cast<int>(s.m), static_cast<int>(s.n)};
+  const size_t rows_per_block = size_t(kBsrThreads / bw) * kBsrRowsPerThread;
+  if (CeilDiv(size_t(s.m), rows_per_block) > 65535) c.Invalid("m is too large (over 65535 row tiles)");
+  const dim3 grid(static_cast<unsigned>(panels), CeilDiv(size_t(s.m), rows_per_block));
+  if (bw == 8) Launch(SpmmBsrKernel<8>, grid, dim3(kBsrThreads), 0, st, a, size_t(s.lda), panel_ptr, block_k, values, o, ep);
+  else if (bw == 16) Launch(SpmmBsrKernel<16>, grid, dim3(kBsrThreads), 0, st, a, size_t(s.lda), panel_ptr, block_k, values, o, ep);
+  else Launch(SpmmBsrKernel<32>, grid, dim3(kBsrThreads), 0, st, a, size_t(s.lda), panel_ptr, block_k, values, o, ep);
+}
+
+}  // namespace
+
+SONDE_GPU_OP("spmm_csr", SpmmCsrOp);
+SONDE_GPU_OP("spmm_bsr", SpmmBsrOp);
+
+}  // namespace SONDE_GPU_NS
+}  // namespace sonde
