@@ -55,13 +55,34 @@ __device__ __forceinline__ PixelCursor LocatePixel(const float* x, int m, int gr
   return c;
 }
 
-// A[m][k] of the implicit im2col matrix; zero in the padding and past K.
-__device__ __forceinline__ float Im2colAt(const PixelCursor& c, int k, const ConvGeometry& g) {
-  if (!c.valid || k >= g.k) return 0.0f;
-  const int taps = g.kh * g.kw, ci = k / taps, r = k - ci * taps, ky = r / g.kw, kx = r - ky * g.kw;
-  const int iy = c.ih0 + ky * g.dh, ix = c.iw0 + kx * g.dw;
-  if (unsigned(iy) >= unsigned(g.h) || unsigned(ix) >= unsigned(g.w)) return 0.0f;
-  return c.x[(size_t(ci) * g.h + iy) * g.w + ix];
+// The im2col gather without divisions in the load loop: for each k of a K tile, where its tap sits
+// relative to a window's top-left pixel (offset in the group's input, and dy / dx for the bounds
+// check). Built by the first BK threads one K tile ahead, into the table half the loads of the
+// current iteration do not read, so the one barrier per K step also publishes it.
+struct TapTable {
+  int off, dy, dx;
+};
+constexpr int kTapPastK = -(1 << 30);  // dy of k >= K: every window's row check fails, giving zero
+
+__device__ __forceinline__ void BuildTaps(TapTable* taps, int k0, int count, const ConvGeometry& g) {
+  const int i = threadIdx.x;
+  if (i >= count) return;
+  const int k = k0 + i;
+  TapTable t{0, kTapPastK, 0};
+  if (k < g.k) {
+    const int per = g.kh * g.kw, ci = k / per, r = k - ci * per, ky = r / g.kw, kx = r - ky * g.kw;
+    t.dy = ky * g.dh;
+    t.dx = kx * g.dw;
+    t.off = ci * g.h * g.w + t.dy * g.w + t.dx;
+  }
+  taps[i] = t;
+}
+
+// A[m][k] of the implicit im2col matrix for the tap of k; zero in the padding and past K.
+__device__ __forceinline__ float Im2colAt(const PixelCursor& c, const TapTable& t, const ConvGeometry& g) {
+  const int iy = c.ih0 + t.dy, ix = c.iw0 + t.dx;
+  if (!c.valid || unsigned(iy) >= unsigned(g.h) || unsigned(ix) >= unsigned(g.w)) return 0.0f;
+  return c.x[ptrdiff_t(t.off) + ptrdiff_t(c.ih0) * g.w + c.iw0];
 }
 
 // ---- SIMT implicit GEMM: 64 pixels x 64 channels per block, K in steps of 16 ----
@@ -76,6 +97,7 @@ __global__ void __launch_bounds__(kSimtThreads)
                    GpuEpilogue ep) {
   __align__(16) __shared__ float As[2][kSimtBK][kSimtBM];
   __align__(16) __shared__ float Bs[2][kSimtBK][kSimtBN];
+  __shared__ TapTable taps[2][kSimtBK];
   const int tid = threadIdx.x, group = blockIdx.z;
   const int m0 = blockIdx.x * kSimtBM, n0 = blockIdx.y * kSimtBN;
   // Loader roles: A by pixel (coalesced along m), B by k (coalesced along a weight row).
@@ -89,10 +111,10 @@ __global__ void __launch_bounds__(kSimtThreads)
     return kBf16 ? Bf16ToFloat(static_cast<const uint16_t*>(weights)[i]) : static_cast<const float*>(weights)[i];
   };
   float ra[4], rb[4];
-  auto load = [&](int k0) {
+  auto load = [&](int k0, const TapTable* t) {
     SONDE_UNROLL
     for (int i = 0; i < 4; ++i) {
-      const float v = Im2colAt(pix, k0 + a_k + 4 * i, g);
+      const float v = Im2colAt(pix, t[a_k + 4 * i], g);
       ra[i] = kBf16 ? RoundBf16(v) : v;
       rb[i] = weight(n0 + b_n + 16 * i, k0 + b_k);
     }
@@ -106,13 +128,16 @@ __global__ void __launch_bounds__(kSimtThreads)
   };
   const int tm = (tid % 16) * 4, tn = (tid / 16) * 4;
   float acc[4][4] = {};
-  load(0);
+  BuildTaps(taps[0], 0, kSimtBK, g);
+  BuildTaps(taps[1], kSimtBK, kSimtBK, g);
+  __syncthreads();
+  load(0, taps[0]);
   store(0);
   __syncthreads();
   int buf = 0;
   for (int k0 = 0; k0 < g.k; k0 += kSimtBK) {
     const bool more = k0 + kSimtBK < g.k;
-    if (more) load(k0 + kSimtBK);
+    if (more) load(k0 + kSimtBK, taps[buf ^ 1]);
     SONDE_UNROLL
     for (int kk = 0; kk < kSimtBK; ++kk) {
       const float4 a = *reinterpret_cast<const float4*>(&As[buf][kk][tm]);
@@ -124,6 +149,7 @@ __global__ void __launch_bounds__(kSimtThreads)
         for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
     }
     if (more) store(buf ^ 1);
+    BuildTaps(taps[buf], k0 + 2 * kSimtBK, kSimtBK, g);  // for the load two steps on
     __syncthreads();
     buf ^= 1;
   }
@@ -158,6 +184,7 @@ __global__ void __launch_bounds__(kMmaThreads)
                       ConvGeometry g, GpuEpilogue ep) {
   __align__(16) __shared__ uint16_t As[2][kMmaBM][kMmaLd];
   __align__(16) __shared__ uint16_t Bs[2][kMmaBN][kMmaLd];
+  __shared__ TapTable taps[2][kMmaBK];
   const int tid = threadIdx.x, group = blockIdx.z;
   const int m0 = blockIdx.x * kMmaBM, n0 = blockIdx.y * kMmaBN;
   // Loader roles: A by pixel (coalesced along m), B by k pair (coalesced along a weight row); each
@@ -167,11 +194,11 @@ __global__ void __launch_bounds__(kMmaThreads)
   const PixelCursor pix = LocatePixel(x, m0 + a_m, group, g);
   const size_t wrow0 = size_t(group) * g.cout_g;
   uint32_t ra[8], rb[8];
-  auto load = [&](int k0) {
+  auto load = [&](int k0, const TapTable* t) {
     SONDE_UNROLL
     for (int i = 0; i < 8; ++i) {
-      const int ka = k0 + a_k + 4 * i;
-      ra[i] = PackBf16(Im2colAt(pix, ka, g), Im2colAt(pix, ka + 1, g));
+      const int ka = a_k + 4 * i;
+      ra[i] = PackBf16(Im2colAt(pix, t[ka], g), Im2colAt(pix, t[ka + 1], g));
       const int co = n0 + b_n + 8 * i, kb = k0 + b_k;
       uint32_t lo = 0, hi = 0;
       if (co < g.cout_g) {
@@ -192,13 +219,16 @@ __global__ void __launch_bounds__(kMmaThreads)
   const int warp = tid / 32, lane = tid % 32, gq = lane / 4, tq = lane % 4;
   const int wm = (warp % 2) * 32, wn = (warp / 2) * 32;
   float acc[2][4][4] = {};
-  load(0);
+  BuildTaps(taps[0], 0, kMmaBK, g);
+  BuildTaps(taps[1], kMmaBK, kMmaBK, g);
+  __syncthreads();
+  load(0, taps[0]);
   store(0);
   __syncthreads();
   int buf = 0;
   for (int k0 = 0; k0 < g.k; k0 += kMmaBK) {
     const bool more = k0 + kMmaBK < g.k;
-    if (more) load(k0 + kMmaBK);
+    if (more) load(k0 + kMmaBK, taps[buf ^ 1]);
     SONDE_UNROLL
     for (int kk = 0; kk < kMmaBK; kk += 16) {
       uint32_t a[2][4], b[4][2];
@@ -222,6 +252,7 @@ __global__ void __launch_bounds__(kMmaThreads)
         for (int ni = 0; ni < 4; ++ni) MmaBf16(acc[mi][ni], a[mi], b[ni]);
     }
     if (more) store(buf ^ 1);
+    BuildTaps(taps[buf], k0 + 2 * kMmaBK, kMmaBK, g);  // for the load two steps on
     __syncthreads();
     buf ^= 1;
   }
@@ -372,7 +403,8 @@ void ConvOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   const bool bf16 = c.IntOr("bf16", 0, 0, 1) != 0, simt = c.IntOr("simt", 0, 0, 1) != 0;
   const bool residual = c.IntOr("residual", 0, 0, 1) != 0;
   const int64_t cin_g = c_in / groups, k = cin_g * kh * kw;
-  if (k > INT32_MAX || c.Count({n, oh, ow}) > size_t(INT32_MAX)) c.Invalid("n*oh*ow and cIn/groups*kh*kw must fit in int32");
+  if (k > INT32_MAX || c.Count({n, oh, ow}) > size_t(INT32_MAX) || c.Count({c_in, h, w}) > size_t(INT32_MAX))
+    c.Invalid("n*oh*ow, cIn*h*w and cIn/groups*kh*kw must fit in int32");
   const size_t x_count = c.Count({n, c_in, h, w}), y_count = c.Count({n, c_out, oh, ow});
   const float* x = c.Buffer<float>(0, x_count, "x");
   const size_t w_count = c.Count({c_out, k});

@@ -9,7 +9,8 @@
 //   whole row of W. M = 1 (SpMV): the warp splits each row's non-zeros across lanes (x gathered)
 //   and reduces with shuffles.
 // - BSR of 1 x BW blocks over B (BW consecutive output columns sharing one k), per panel of BW
-//   columns: lanes take a panel's BW columns (coalesced value loads) and several rows of A each.
+//   columns: lanes take a panel's BW columns (coalesced value loads), thread groups split the
+//   panel's blocks, and 8 rows of A share each value load (1 for M = 1).
 // The fused epilogue is the GEMM's (kernels/conv/cuda/epilogue.h): scale, bias, activation, residual.
 #include "kernels/conv/cuda/epilogue.h"
 #include "runtime/cuda/dialect.h"
@@ -95,35 +96,51 @@ __global__ void __launch_bounds__(kCsrWarps * 32)
   }
 }
 
-// BSR: one block per (panel, 4 * 128 / BW rows of A). Lane j of a BW-wide group takes output column
-// panel * BW + j; the block's 128 / BW groups take interleaved rows, kBsrRowsPerThread each.
-constexpr int kBsrThreads = 128, kBsrRowsPerThread = 4;
+// BSR: one block per (panel, MR rows of A). Lane j of a BW-wide thread group takes output column
+// panel * BW + j (coalesced value loads); the block's 256 / BW groups split the panel's blocks
+// between them (a panel holds ~K / 10 blocks at 90% sparsity: one group alone would be a long
+// dependent walk, and a panel per group leaves a large GPU mostly idle at small M), each keeping MR
+// rows' partial sums in registers, then sum the groups' partials through shared memory.
+constexpr int kBsrThreads = 256;
 
-template <int BW>
+template <int BW, int MR>
 __global__ void __launch_bounds__(kBsrThreads)
     SpmmBsrKernel(const float* __restrict__ a, size_t lda, const uint32_t* __restrict__ panel_ptr,
                   const uint32_t* __restrict__ block_k, const float* __restrict__ block_values, SpmmOut out,
                   GpuEpilogue ep) {
-  constexpr int kGroups = kBsrThreads / BW;
-  const int j = threadIdx.x % BW, grp = threadIdx.x / BW, panel = blockIdx.x;
-  const int i_base = blockIdx.y * kGroups * kBsrRowsPerThread + grp;
-  const float* rows[kBsrRowsPerThread];
+  constexpr int kSlices = kBsrThreads / BW;
+  __shared__ float partial[kSlices * MR * BW];
+  const int j = threadIdx.x % BW, slice = threadIdx.x / BW, panel = blockIdx.x, i0 = blockIdx.y * MR;
+  const float* rows[MR];
   SONDE_UNROLL
-  for (int r = 0; r < kBsrRowsPerThread; ++r) rows[r] = a + size_t(min(i_base + r * kGroups, out.m - 1)) * lda;
-  float acc[kBsrRowsPerThread] = {};
-  for (uint32_t b = panel_ptr[panel]; b < panel_ptr[panel + 1]; ++b) {
+  for (int r = 0; r < MR; ++r) rows[r] = a + size_t(min(i0 + r, out.m - 1)) * lda;  // past M: read, never stored
+  float acc[MR] = {};
+  for (uint32_t b = panel_ptr[panel] + slice; b < panel_ptr[panel + 1]; b += kSlices) {
     const uint32_t k = block_k[b];
     const float v = block_values[size_t(b) * BW + j];
     SONDE_UNROLL
-    for (int r = 0; r < kBsrRowsPerThread; ++r) acc[r] += v * rows[r][k];
+    for (int r = 0; r < MR; ++r) acc[r] += v * rows[r][k];
   }
-  const int col = panel * BW + j;
-  if (col >= out.n) return;
   SONDE_UNROLL
-  for (int r = 0; r < kBsrRowsPerThread; ++r) {
-    const int i = i_base + r * kGroups;
-    if (i < out.m) out.c[size_t(i) * out.ldc + col] = GpuApplyEpilogue(acc[r], col, size_t(i) * out.ldr + col, ep);
+  for (int r = 0; r < MR; ++r) partial[(slice * MR + r) * BW + j] = acc[r];
+  __syncthreads();
+  for (int o = threadIdx.x; o < MR * BW; o += kBsrThreads) {
+    const int r = o / BW, jj = o % BW, i = i0 + r, col = panel * BW + jj;
+    float sum = 0.0f;
+    for (int sl = 0; sl < kSlices; ++sl) sum += partial[(sl * MR + r) * BW + jj];
+    if (i < out.m && col < out.n) out.c[size_t(i) * out.ldc + col] = GpuApplyEpilogue(sum, col, size_t(i) * out.ldr + col, ep);
   }
+}
+
+template <int BW>
+void LaunchBsr(GpuStream& st, const GpuOpCall& c, size_t panels, const float* a, size_t lda, const uint32_t* panel_ptr,
+               const uint32_t* block_k, const float* values, const SpmmOut& o, const GpuEpilogue& ep) {
+  // One row of A (decode, SpMV) needs no row tile; otherwise 8 rows share each value load.
+  constexpr int kRows = 8;
+  const unsigned row_tiles = o.m == 1 ? 1 : CeilDiv(size_t(o.m), kRows);
+  if (row_tiles > 65535) c.Invalid("m is too large (over 65535 row tiles)");
+  if (o.m == 1) Launch(SpmmBsrKernel<BW, 1>, dim3(unsigned(panels), 1), dim3(kBsrThreads), 0, st, a, lda, panel_ptr, block_k, values, o, ep);
+  else Launch(SpmmBsrKernel<BW, kRows>, dim3(unsigned(panels), row_tiles), dim3(kBsrThreads), 0, st, a, lda, panel_ptr, block_k, values, o, ep);
 }
 
 // Shapes and the optional epilogue buffers (after the op's fixed ones, in the order bias, scale,
@@ -207,12 +224,9 @@ void SpmmBsrOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
   const GpuEpilogue ep = ReadEpilogue(c, 5, s);
   if (s.m == 0) return;
   const SpmmOut o{out, size_t(s.ldc), size_t(s.ldr), static_cast<int>(s.m), static_cast<int>(s.n)};
-  const size_t rows_per_block = size_t(kBsrThreads / bw) * kBsrRowsPerThread;
-  if (CeilDiv(size_t(s.m), rows_per_block) > 65535) c.Invalid("m is too large (over 65535 row tiles)");
-  const dim3 grid(static_cast<unsigned>(panels), CeilDiv(size_t(s.m), rows_per_block));
-  if (bw == 8) Launch(SpmmBsrKernel<8>, grid, dim3(kBsrThreads), 0, st, a, size_t(s.lda), panel_ptr, block_k, values, o, ep);
-  else if (bw == 16) Launch(SpmmBsrKernel<16>, grid, dim3(kBsrThreads), 0, st, a, size_t(s.lda), panel_ptr, block_k, values, o, ep);
-  else Launch(SpmmBsrKernel<32>, grid, dim3(kBsrThreads), 0, st, a, size_t(s.lda), panel_ptr, block_k, values, o, ep);
+  if (bw == 8) LaunchBsr<8>(st, c, panels, a, size_t(s.lda), panel_ptr, block_k, values, o, ep);
+  else if (bw == 16) LaunchBsr<16>(st, c, panels, a, size_t(s.lda), panel_ptr, block_k, values, o, ep);
+  else LaunchBsr<32>(st, c, panels, a, size_t(s.lda), panel_ptr, block_k, values, o, ep);
 }
 
 }  // namespace
