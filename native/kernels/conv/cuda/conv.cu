@@ -168,38 +168,45 @@ __global__ void __launch_bounds__(kSimtThreads)
   }
 }
 
-// ---- Tensor cores: 64 pixels x 64 channels per block, K in steps of 32, bf16 mma.sync ----
-// 4 warps in 2 x 2, each 32 x 32 (2 m16 x 4 n8 tiles, 32 fp32 accumulators). Shared tiles hold
-// bf16 pairs k-contiguous ([row][k]) so that every A and B fragment register is one 32-bit shared
-// load; rows are padded by 8 halves (16 bytes) so the 8 rows a fragment load touches fall in
-// different banks.
-constexpr int kMmaBM = 64, kMmaBN = 64, kMmaBK = 32, kMmaThreads = 128, kMmaLd = kMmaBK + 8;
+// ---- Tensor cores: bf16 mma.sync, K in steps of 32 ----
+// Warps in a kWarpsM x kWarpsN grid, each 32 pixels x 32 channels (2 m16 x 4 n8 tiles, 32 fp32
+// accumulators): 64 x 64 with 4 warps, or 64 x 128 with 8 for layers of >= 128 channels, where the
+// wider tile halves the im2col gathers (the kernel's bottleneck) per FLOP. Shared tiles hold bf16
+// pairs k-contiguous ([row][k]) so that every A and B fragment register is one 32-bit shared load;
+// rows are padded by 8 halves (16 bytes) so the 8 rows a fragment load touches fall in different banks.
+constexpr int kMmaBK = 32, kMmaLd = kMmaBK + 8;
 
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   return uint32_t(FloatToBf16(lo)) | (uint32_t(FloatToBf16(hi)) << 16);
 }
 
-__global__ void __launch_bounds__(kMmaThreads)
+template <int kWarpsM, int kWarpsN>
+__global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
     ConvMmaBf16Kernel(const float* __restrict__ x, const uint16_t* __restrict__ weights, float* __restrict__ y,
                       ConvGeometry g, GpuEpilogue ep) {
-  __align__(16) __shared__ uint16_t As[2][kMmaBM][kMmaLd];
-  __align__(16) __shared__ uint16_t Bs[2][kMmaBN][kMmaLd];
+  constexpr int kBM = 32 * kWarpsM, kBN = 32 * kWarpsN, kThreads = 32 * kWarpsM * kWarpsN;
+  // Loader roles: A by pixel (coalesced along m), B by k pair (coalesced along a weight row).
+  constexpr int kAStep = 2 * (kThreads / kBM), kAPairs = kMmaBK / kAStep;  // k pairs per thread
+  constexpr int kBStep = kThreads / 16, kBPairs = kBN / kBStep;
+  __align__(16) __shared__ uint16_t As[2][kBM][kMmaLd];
+  __align__(16) __shared__ uint16_t Bs[2][kBN][kMmaLd];
   __shared__ TapTable taps[2][kMmaBK];
   const int tid = threadIdx.x, group = blockIdx.z;
-  const int m0 = blockIdx.x * kMmaBM, n0 = blockIdx.y * kMmaBN;
-  // Loader roles: A by pixel (coalesced along m), B by k pair (coalesced along a weight row); each
-  // thread moves 8 k pairs of A and 8 of B per K step.
-  const int a_m = tid % kMmaBM, a_k = (tid / kMmaBM) * 2;  // pairs a_k + 4i
-  const int b_k = (tid % 16) * 2, b_n = tid / 16;           // channels b_n + 8i
+  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
+  const int a_m = tid % kBM, a_k = (tid / kBM) * 2;  // pairs a_k + kAStep i
+  const int b_k = (tid % 16) * 2, b_n = tid / 16;     // channels b_n + kBStep i
   const PixelCursor pix = LocatePixel(x, m0 + a_m, group, g);
   const size_t wrow0 = size_t(group) * g.cout_g;
-  uint32_t ra[8], rb[8];
+  uint32_t ra[kAPairs], rb[kBPairs];
   auto load = [&](int k0, const TapTable* t) {
     SONDE_UNROLL
-    for (int i = 0; i < 8; ++i) {
-      const int ka = a_k + 4 * i;
+    for (int i = 0; i < kAPairs; ++i) {
+      const int ka = a_k + kAStep * i;
       ra[i] = PackBf16(Im2colAt(pix, t[ka], g), Im2colAt(pix, t[ka + 1], g));
-      const int co = n0 + b_n + 8 * i, kb = k0 + b_k;
+    }
+    SONDE_UNROLL
+    for (int i = 0; i < kBPairs; ++i) {
+      const int co = n0 + b_n + kBStep * i, kb = k0 + b_k;
       uint32_t lo = 0, hi = 0;
       if (co < g.cout_g) {
         const uint16_t* wr = weights + (wrow0 + co) * g.k;
@@ -211,13 +218,12 @@ __global__ void __launch_bounds__(kMmaThreads)
   };
   auto store = [&](int buf) {
     SONDE_UNROLL
-    for (int i = 0; i < 8; ++i) {
-      *reinterpret_cast<uint32_t*>(&As[buf][a_m][a_k + 4 * i]) = ra[i];
-      *reinterpret_cast<uint32_t*>(&Bs[buf][b_n + 8 * i][b_k]) = rb[i];
-    }
+    for (int i = 0; i < kAPairs; ++i) *reinterpret_cast<uint32_t*>(&As[buf][a_m][a_k + kAStep * i]) = ra[i];
+    SONDE_UNROLL
+    for (int i = 0; i < kBPairs; ++i) *reinterpret_cast<uint32_t*>(&Bs[buf][b_n + kBStep * i][b_k]) = rb[i];
   };
   const int warp = tid / 32, lane = tid % 32, gq = lane / 4, tq = lane % 4;
-  const int wm = (warp % 2) * 32, wn = (warp / 2) * 32;
+  const int wm = (warp % kWarpsM) * 32, wn = (warp / kWarpsM) * 32;
   float acc[2][4][4] = {};
   BuildTaps(taps[0], 0, kMmaBK, g);
   BuildTaps(taps[1], kMmaBK, kMmaBK, g);
@@ -428,9 +434,12 @@ void ConvOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
     return;
   }
   if (bf16 && !simt && ComputeCapability(d) >= 80) {
-    const dim3 grid(CeilDiv(g.m, kMmaBM), CeilDiv(g.cout_g, kMmaBN), g.groups);
+    const bool wide = g.cout_g >= 128;
+    const dim3 grid(CeilDiv(g.m, 64), CeilDiv(g.cout_g, wide ? 128 : 64), g.groups);
     if (grid.y > 65535) c.Invalid("cOut/groups is too large (over 65535 tiles of 64 channels)");
-    Launch(ConvMmaBf16Kernel, grid, dim3(kMmaThreads), 0, s, x, static_cast<const uint16_t*>(weights), y, g, ep);
+    const uint16_t* w16 = static_cast<const uint16_t*>(weights);
+    if (wide) Launch(ConvMmaBf16Kernel<2, 4>, grid, dim3(256), 0, s, x, w16, y, g, ep);
+    else Launch(ConvMmaBf16Kernel<2, 2>, grid, dim3(128), 0, s, x, w16, y, g, ep);
     return;
   }
   const dim3 grid(CeilDiv(g.m, kSimtBM), CeilDiv(g.cout_g, kSimtBN), g.groups);
