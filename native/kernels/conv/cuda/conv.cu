@@ -15,6 +15,8 @@
 // - otherwise SIMT fp32 (with bf16-rounded operands when precision is bf16: the same numbers as the
 //   mma path on devices without bf16 tensor cores, and the path `simt` forces for tests).
 // BatchNorm is folded into the weights and bias on the host (lib/cuda/conv.ts) before upload.
+#include <algorithm>
+
 #include "kernels/conv/cuda/epilogue.h"
 #include "runtime/cuda/dialect.h"
 
@@ -301,35 +303,56 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
     }
 }
 
-// ---- Depthwise (one input channel per group): one output per thread, grid-stride ----
-// Consecutive threads take consecutive output columns, so input reads are coalesced (stride sw) and
-// each window's overlap with its neighbours' is served from L1; the kh*kw weights of a channel are
-// the same for a whole row of threads (broadcast loads).
+// ---- Depthwise (one input channel per group) ----
+// One block per 32 x 8 tile of an output plane: its input window (with halo, zeros for padding) and
+// the channel's kh*kw weights go to shared memory once, coalesced, and each thread then computes one
+// output from shared memory; a plain per-output gather from global memory re-reads every input
+// kh*kw times through L1 and ran at 0.44 TB/s on an H200. Planes go along grid.y (looping past
+// 65535), tiles along grid.x, so no thread divides a 64-bit index.
+constexpr int kDwTileW = 32, kDwTileH = 8;
+
+// Shared floats the tile needs: its input window plus the weights.
+size_t DepthwiseShared(int kh, int kw, int sh, int sw, int dh, int dw) {
+  const size_t th = size_t(kDwTileH - 1) * sh + size_t(kh - 1) * dh + 1, tw = size_t(kDwTileW - 1) * sw + size_t(kw - 1) * dw + 1;
+  return th * tw + size_t(kh) * kw;
+}
+
 template <bool kBf16>
-__global__ void ConvDepthwiseKernel(const float* __restrict__ x, const void* __restrict__ weights, float* __restrict__ y,
-                                    ConvGeometry g, GpuEpilogue ep) {
-  const size_t ohw = size_t(g.oh) * g.ow, total = size_t(g.n) * g.c_out * ohw;
+__global__ void __launch_bounds__(kDwTileW * kDwTileH)
+    ConvDepthwiseKernel(const float* __restrict__ x, const void* __restrict__ weights, float* __restrict__ y,
+                        ConvGeometry g, GpuEpilogue ep) {
+  SONDE_DYNAMIC_SHARED(float, tile);
+  const int th = (kDwTileH - 1) * g.sh + (g.kh - 1) * g.dh + 1, tw = (kDwTileW - 1) * g.sw + (g.kw - 1) * g.dw + 1;
   const int taps = g.kh * g.kw;
-  for (size_t o = size_t(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += size_t(gridDim.x) * blockDim.x) {
-    const size_t plane = o / ohw;
-    const int p = static_cast<int>(o - plane * ohw), oy = p / g.ow, ox = p - oy * g.ow;
-    const int co = static_cast<int>(plane % g.c_out), img = static_cast<int>(plane / g.c_out);
+  float* wt = tile + th * tw;
+  const int tiles_x = (g.ow + kDwTileW - 1) / kDwTileW;
+  const int ty0 = (blockIdx.x / tiles_x) * kDwTileH, tx0 = (blockIdx.x % tiles_x) * kDwTileW;
+  const int iy0 = ty0 * g.sh - g.pt, ix0 = tx0 * g.sw - g.pl;
+  const int tid = threadIdx.y * kDwTileW + threadIdx.x, threads = kDwTileW * kDwTileH;
+  const int oy = ty0 + threadIdx.y, ox = tx0 + threadIdx.x;
+  const size_t ohw = size_t(g.oh) * g.ow, planes = size_t(g.n) * g.c_out;
+  for (size_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const int co = static_cast<int>(plane % g.c_out), img = static_cast<int>(plane / g.c_out);  // once per plane
     const float* xp = x + (size_t(img) * g.c_in + co / g.cout_g) * g.h * g.w;
-    const size_t w0 = size_t(co) * taps;
-    float acc = 0.0f;
-    for (int ky = 0; ky < g.kh; ++ky) {
-      const int iy = oy * g.sh - g.pt + ky * g.dh;
-      if (unsigned(iy) >= unsigned(g.h)) continue;
-      for (int kx = 0; kx < g.kw; ++kx) {
-        const int ix = ox * g.sw - g.pl + kx * g.dw;
-        if (unsigned(ix) >= unsigned(g.w)) continue;
-        const size_t wi = w0 + ky * g.kw + kx;
-        const float wv = kBf16 ? Bf16ToFloat(static_cast<const uint16_t*>(weights)[wi]) : static_cast<const float*>(weights)[wi];
-        const float xv = xp[size_t(iy) * g.w + ix];
-        acc += (kBf16 ? RoundBf16(xv) : xv) * wv;
-      }
+    for (int i = tid; i < th * tw; i += threads) {
+      const int r = i / tw, c = i - r * tw, iy = iy0 + r, ix = ix0 + c;
+      const float v = unsigned(iy) < unsigned(g.h) && unsigned(ix) < unsigned(g.w) ? xp[size_t(iy) * g.w + ix] : 0.0f;
+      tile[i] = kBf16 ? RoundBf16(v) : v;
     }
-    y[o] = GpuApplyEpilogue(acc, co, o, ep);
+    for (int i = tid; i < taps; i += threads) {
+      const size_t wi = size_t(co) * taps + i;
+      wt[i] = kBf16 ? Bf16ToFloat(static_cast<const uint16_t*>(weights)[wi]) : static_cast<const float*>(weights)[wi];
+    }
+    __syncthreads();
+    if (oy < g.oh && ox < g.ow) {
+      const float* base = tile + threadIdx.y * g.sh * tw + threadIdx.x * g.sw;
+      float acc = 0.0f;
+      for (int ky = 0; ky < g.kh; ++ky)
+        for (int kx = 0; kx < g.kw; ++kx) acc += base[ky * g.dh * tw + kx * g.dw] * wt[ky * g.kw + kx];
+      const size_t o = plane * ohw + size_t(oy) * g.ow + ox;
+      y[o] = GpuApplyEpilogue(acc, co, o, ep);
+    }
+    __syncthreads();  // the next plane overwrites the tile
   }
 }
 
@@ -341,13 +364,15 @@ struct PoolGeometry {
   int count_include_pad;
 };
 
-// One output per thread, grid-stride. Max ignores padding (-inf when a window holds no input, as
+// One output per thread. Max ignores padding (-inf when a window holds no input, as
 // the CPU's padded plane gives); average divides by the taps inside the input unless pads count.
+// Pixels of a plane along grid.x, planes along grid.y (looping past 65535): no 64-bit division.
 __global__ void PoolKernel(int kind, const float* __restrict__ x, float* __restrict__ y, size_t planes, PoolGeometry g) {
-  const size_t ohw = size_t(g.oh) * g.ow, total = planes * ohw;
-  for (size_t o = size_t(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += size_t(gridDim.x) * blockDim.x) {
-    const size_t plane = o / ohw;
-    const int p = static_cast<int>(o - plane * ohw), oy = p / g.ow, ox = p - oy * g.ow;
+  const int ohw = g.oh * g.ow, p = blockIdx.x * blockDim.x + threadIdx.x;
+  if (p >= ohw) return;
+  const int oy = p / g.ow, ox = p - oy * g.ow;
+  for (size_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const size_t o = plane * ohw + p;
     const float* xp = x + plane * g.h * g.w;
     float acc = kind == kPoolMax ? -INFINITY : 0.0f;
     int rows = 0, cols = 0;
@@ -386,12 +411,6 @@ __global__ void __launch_bounds__(kGlobalPoolWarps * 32)
   for (size_t i = lane; i < hw; i += 32) s += xp[i];
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   if (lane == 0) y[plane] = s / static_cast<float>(hw);
-}
-
-// Grid for a grid-stride loop: enough blocks to fill the device, no more than the work needs.
-dim3 StrideGrid(const GpuDeviceInfo& d, size_t count, unsigned threads) {
-  const size_t want = (count + threads - 1) / threads, cap = size_t(d.multiprocessors > 0 ? d.multiprocessors : 1) * 16;
-  return dim3(static_cast<unsigned>(want < cap ? want : cap));
 }
 
 // Output size along one axis with explicit pads (lib/cuda resolves autoPad); 0 when it would be empty.
@@ -449,8 +468,11 @@ void ConvOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   g.k = static_cast<int>(k); g.m = static_cast<int>(n * oh * ow);
   if (y_count == 0) return;
   if (cin_g == 1) {
-    if (bf16) Launch(ConvDepthwiseKernel<true>, StrideGrid(d, y_count, 256), dim3(256), 0, s, x, weights, y, g, ep);
-    else Launch(ConvDepthwiseKernel<false>, StrideGrid(d, y_count, 256), dim3(256), 0, s, x, weights, y, g, ep);
+    const size_t shared = DepthwiseShared(g.kh, g.kw, g.sh, g.sw, g.dh, g.dw) * sizeof(float);
+    if (shared > d.shared_per_block && shared > 48 * 1024) c.Invalid("the depthwise window (kernel, stride, dilation) needs more shared memory than the device has");
+    const dim3 grid(CeilDiv(g.ow, kDwTileW) * CeilDiv(g.oh, kDwTileH), static_cast<unsigned>(std::min<int64_t>(n * c_out, 65535)));
+    if (bf16) Launch(ConvDepthwiseKernel<true>, grid, dim3(kDwTileW, kDwTileH), shared, s, x, weights, y, g, ep);
+    else Launch(ConvDepthwiseKernel<false>, grid, dim3(kDwTileW, kDwTileH), shared, s, x, weights, y, g, ep);
     return;
   }
   if (bf16 && !simt && ComputeCapability(d) >= 80) {
@@ -488,7 +510,10 @@ void PoolOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
                  static_cast<int>(kh), static_cast<int>(kw), static_cast<int>(v[0]), static_cast<int>(v[1]),
                  static_cast<int>(v[4]), static_cast<int>(v[5]), static_cast<int>(v[2]), static_cast<int>(v[3]),
                  static_cast<int>(c.IntOr("countIncludePad", 0, 0, 1))};
-  if (y_count) Launch(PoolKernel, StrideGrid(d, y_count, 256), dim3(256), 0, s, kind, x, y, size_t(planes), g);
+  if (oh * ow > INT32_MAX - 256) c.Invalid("oh*ow must fit in int32");
+  if (y_count)
+    Launch(PoolKernel, dim3(CeilDiv(size_t(oh * ow), 256), static_cast<unsigned>(std::min<int64_t>(planes, 65535))), dim3(256), 0, s,
+           kind, x, y, size_t(planes), g);
 }
 
 }  // namespace
