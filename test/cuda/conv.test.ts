@@ -31,7 +31,7 @@ const CASES: ConvCase[] = [
   { name: 'SAME_UPPER, K = 16 (one SIMT step), 64 pixels', x: [1, 16, 8, 8], cOut: 16, k: [1, 1], opts: { autoPad: 'SAME_UPPER', activation: 'sigmoid' } },
   { name: 'SAME_LOWER 4x4 stride 2, K = 32 (one mma step)', x: [2, 2, 7, 10], cOut: 5, k: [4, 4], opts: { autoPad: 'SAME_LOWER', strides: [2, 2], activation: 'leakyRelu', alpha: 0.2 } },
   { name: 'depthwise 3x3, batch 3, odd plane', x: [3, 6, 7, 9], cOut: 6, k: [3, 3], opts: { group: 6, pads: [1, 1, 1, 1], activation: 'clip', clipMin: -0.25, clipMax: 0.5 }, residual: 'after' },
-  { name: 'depthwise 5x5 dilation 2 on a 9 x 33 plane (a 32 x 8 tile plus one each way)', x: [1, 3, 9, 33], cOut: 3, k: [5, 5], opts: { group: 3, dilations: [2, 2], pads: [4, 4, 4, 4], activation: 'relu' } },
+  { name: 'depthwise 5x5 dilation 2 on a 33 x 34 plane (a 32 x 32 tile plus one or two)', x: [1, 3, 33, 34], cOut: 3, k: [5, 5], opts: { group: 3, dilations: [2, 2], pads: [4, 4, 4, 4], activation: 'relu' } },
   { name: 'depthwise stride 2 with channel multiplier 2', x: [1, 4, 9, 8], cOut: 8, k: [3, 3], opts: { group: 4, strides: [2, 2], pads: [1, 1, 1, 1], activation: 'geluTanh' } },
   { name: '7x7 stride 2 stem, 65 output columns', x: [1, 3, 20, 130], cOut: 9, k: [7, 7], opts: { strides: [2, 2], pads: [3, 3, 3, 3], activation: 'gelu' } },
 ];

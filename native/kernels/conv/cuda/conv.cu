@@ -304,12 +304,13 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
 }
 
 // ---- Depthwise (one input channel per group) ----
-// One block per 32 x 8 tile of an output plane: its input window (with halo, zeros for padding) and
-// the channel's kh*kw weights go to shared memory once, coalesced, and each thread then computes one
-// output from shared memory; a plain per-output gather from global memory re-reads every input
-// kh*kw times through L1 and ran at 0.44 TB/s on an H200. Planes go along grid.y (looping past
-// 65535), tiles along grid.x, so no thread divides a 64-bit index.
-constexpr int kDwTileW = 32, kDwTileH = 8;
+// One block of 32 x 8 threads per 32 x 32 tile of an output plane: its input window (with halo, zeros
+// for padding) and the channel's kh*kw weights go to shared memory once, coalesced, and each thread
+// then computes 4 outputs of a column from shared memory. (A per-output gather from global memory
+// re-reads every input kh*kw times through L1, and 32 x 8 tiles of one output per thread left the
+// blocks too short to hide their load latency: both ran at ~0.45 TB/s on an H200.) Planes go along
+// grid.y (looping past 65535), tiles along grid.x, so no thread divides a 64-bit index.
+constexpr int kDwTileW = 32, kDwThreadsY = 8, kDwRowsPerThread = 4, kDwTileH = kDwThreadsY * kDwRowsPerThread;
 
 // Shared floats the tile needs: its input window plus the weights.
 size_t DepthwiseShared(int kh, int kw, int sh, int sw, int dh, int dw) {
@@ -318,7 +319,7 @@ size_t DepthwiseShared(int kh, int kw, int sh, int sw, int dh, int dw) {
 }
 
 template <bool kBf16>
-__global__ void __launch_bounds__(kDwTileW * kDwTileH)
+__global__ void __launch_bounds__(kDwTileW * kDwThreadsY)
     ConvDepthwiseKernel(const float* __restrict__ x, const void* __restrict__ weights, float* __restrict__ y,
                         ConvGeometry g, GpuEpilogue ep) {
   SONDE_DYNAMIC_SHARED(float, tile);
@@ -328,8 +329,8 @@ __global__ void __launch_bounds__(kDwTileW * kDwTileH)
   const int tiles_x = (g.ow + kDwTileW - 1) / kDwTileW;
   const int ty0 = (blockIdx.x / tiles_x) * kDwTileH, tx0 = (blockIdx.x % tiles_x) * kDwTileW;
   const int iy0 = ty0 * g.sh - g.pt, ix0 = tx0 * g.sw - g.pl;
-  const int tid = threadIdx.y * kDwTileW + threadIdx.x, threads = kDwTileW * kDwTileH;
-  const int oy = ty0 + threadIdx.y, ox = tx0 + threadIdx.x;
+  const int tid = threadIdx.y * kDwTileW + threadIdx.x, threads = kDwTileW * kDwThreadsY;
+  const int ox = tx0 + threadIdx.x;
   const size_t ohw = size_t(g.oh) * g.ow, planes = size_t(g.n) * g.c_out;
   for (size_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
     const int co = static_cast<int>(plane % g.c_out), img = static_cast<int>(plane / g.c_out);  // once per plane
@@ -344,8 +345,11 @@ __global__ void __launch_bounds__(kDwTileW * kDwTileH)
       wt[i] = kBf16 ? Bf16ToFloat(static_cast<const uint16_t*>(weights)[wi]) : static_cast<const float*>(weights)[wi];
     }
     __syncthreads();
-    if (oy < g.oh && ox < g.ow) {
-      const float* base = tile + threadIdx.y * g.sh * tw + threadIdx.x * g.sw;
+    SONDE_UNROLL
+    for (int j = 0; j < kDwRowsPerThread; ++j) {
+      const int row = threadIdx.y + kDwThreadsY * j, oy = ty0 + row;
+      if (oy >= g.oh || ox >= g.ow) continue;
+      const float* base = tile + row * g.sh * tw + threadIdx.x * g.sw;
       float acc = 0.0f;
       for (int ky = 0; ky < g.kh; ++ky)
         for (int kx = 0; kx < g.kw; ++kx) acc += base[ky * g.dh * tw + kx * g.dw] * wt[ky * g.kw + kx];
@@ -471,8 +475,8 @@ void ConvOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
     const size_t shared = DepthwiseShared(g.kh, g.kw, g.sh, g.sw, g.dh, g.dw) * sizeof(float);
     if (shared > d.shared_per_block && shared > 48 * 1024) c.Invalid("the depthwise window (kernel, stride, dilation) needs more shared memory than the device has");
     const dim3 grid(CeilDiv(g.ow, kDwTileW) * CeilDiv(g.oh, kDwTileH), static_cast<unsigned>(std::min<int64_t>(n * c_out, 65535)));
-    if (bf16) Launch(ConvDepthwiseKernel<true>, grid, dim3(kDwTileW, kDwTileH), shared, s, x, weights, y, g, ep);
-    else Launch(ConvDepthwiseKernel<false>, grid, dim3(kDwTileW, kDwTileH), shared, s, x, weights, y, g, ep);
+    if (bf16) Launch(ConvDepthwiseKernel<true>, grid, dim3(kDwTileW, kDwThreadsY), shared, s, x, weights, y, g, ep);
+    else Launch(ConvDepthwiseKernel<false>, grid, dim3(kDwTileW, kDwThreadsY), shared, s, x, weights, y, g, ep);
     return;
   }
   if (bf16 && !simt && ComputeCapability(d) >= 80) {
