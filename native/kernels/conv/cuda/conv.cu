@@ -87,24 +87,30 @@ __device__ __forceinline__ float Im2colAt(const PixelCursor& c, const TapTable& 
   return c.x[ptrdiff_t(t.off) + ptrdiff_t(c.ih0) * g.w + c.iw0];
 }
 
-// ---- SIMT implicit GEMM: 64 pixels x 64 channels per block, K in steps of 16 ----
-// 256 threads, each 4 consecutive pixels x 4 channels in registers: 16 FMAs per two float4 shared
-// loads. Shared tiles are double-buffered with the next tile's global loads issued before the
-// current tile's FMAs, so one barrier per K step covers both hazards.
-constexpr int kSimtBM = 64, kSimtBN = 64, kSimtBK = 16, kSimtThreads = 256;
+// ---- SIMT implicit GEMM: (16 kT) pixels x (16 kT) channels per block, K in steps of 16 ----
+// 256 threads, each kT x kT outputs in registers, taken as kT/4 groups of 4 consecutive pixels (and
+// channels) 64 apart, so that the 16 threads reading one shared row read 64 consecutive floats (no
+// bank conflicts) with float4 loads. kT = 4 (64 x 64): 16 FMAs per two float4 loads; kT = 8
+// (128 x 128, for wide layers with enough tiles to fill the device): 64 FMAs per four, and half the
+// im2col gathers per FLOP. Shared tiles are double-buffered with the next tile's global loads
+// issued before the current tile's FMAs, so one barrier per K step covers both hazards.
+constexpr int kSimtBK = 16, kSimtThreads = 256;
 
-template <bool kBf16>
+template <bool kBf16, int kT>
 __global__ void __launch_bounds__(kSimtThreads)
     ConvSimtKernel(const float* __restrict__ x, const void* __restrict__ weights, float* __restrict__ y, ConvGeometry g,
                    GpuEpilogue ep) {
-  __align__(16) __shared__ float As[2][kSimtBK][kSimtBM];
-  __align__(16) __shared__ float Bs[2][kSimtBK][kSimtBN];
+  constexpr int kB = 16 * kT, kHalves = kT / 4;
+  constexpr int kARows = kSimtThreads / kB, kAPer = kSimtBK / kARows;  // k rows a_k + kARows i
+  constexpr int kBPer = kB / 16;                                        // channels b_n + 16 i
+  __align__(16) __shared__ float As[2][kSimtBK][kB];
+  __align__(16) __shared__ float Bs[2][kSimtBK][kB];
   __shared__ TapTable taps[2][kSimtBK];
   const int tid = threadIdx.x, group = blockIdx.z;
-  const int m0 = blockIdx.x * kSimtBM, n0 = blockIdx.y * kSimtBN;
+  const int m0 = blockIdx.x * kB, n0 = blockIdx.y * kB;
   // Loader roles: A by pixel (coalesced along m), B by k (coalesced along a weight row).
-  const int a_m = tid % kSimtBM, a_k = tid / kSimtBM;  // k rows a_k + 4i
-  const int b_k = tid % kSimtBK, b_n = tid / kSimtBK;  // channels b_n + 16i
+  const int a_m = tid % kB, a_k = tid / kB;
+  const int b_k = tid % kSimtBK, b_n = tid / kSimtBK;
   const PixelCursor pix = LocatePixel(x, m0 + a_m, group, g);
   const size_t wrow0 = size_t(group) * g.cout_g;
   auto weight = [&](int co, int k) -> float {
@@ -112,24 +118,27 @@ __global__ void __launch_bounds__(kSimtThreads)
     const size_t i = (wrow0 + co) * g.k + k;
     return kBf16 ? Bf16ToFloat(static_cast<const uint16_t*>(weights)[i]) : static_cast<const float*>(weights)[i];
   };
-  float ra[4], rb[4];
+  float ra[kAPer], rb[kBPer];
   auto load = [&](int k0, const TapTable* t) {
     SONDE_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      const float v = Im2colAt(pix, t[a_k + 4 * i], g);
+    for (int i = 0; i < kAPer; ++i) {
+      const float v = Im2colAt(pix, t[a_k + kARows * i], g);
       ra[i] = kBf16 ? RoundBf16(v) : v;
-      rb[i] = weight(n0 + b_n + 16 * i, k0 + b_k);
     }
+    SONDE_UNROLL
+    for (int i = 0; i < kBPer; ++i) rb[i] = weight(n0 + b_n + 16 * i, k0 + b_k);
   };
   auto store = [&](int buf) {
     SONDE_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      As[buf][a_k + 4 * i][a_m] = ra[i];
-      Bs[buf][b_k][b_n + 16 * i] = rb[i];
-    }
+    for (int i = 0; i < kAPer; ++i) As[buf][a_k + kARows * i][a_m] = ra[i];
+    SONDE_UNROLL
+    for (int i = 0; i < kBPer; ++i) Bs[buf][b_k][b_n + 16 * i] = rb[i];
   };
-  const int tm = (tid % 16) * 4, tn = (tid / 16) * 4;
-  float acc[4][4] = {};
+  // Output (i, j) of this thread is pixel m0 + tm(i), channel n0 + tn(j).
+  const int tx = (tid % 16) * 4, ty = (tid / 16) * 4;
+  auto tm = [&](int i) { return (i / 4) * 64 + tx + i % 4; };
+  auto tn = [&](int j) { return (j / 4) * 64 + ty + j % 4; };
+  float acc[kT][kT] = {};
   BuildTaps(taps[0], 0, kSimtBK, g);
   BuildTaps(taps[1], kSimtBK, kSimtBK, g);
   __syncthreads();
@@ -142,13 +151,18 @@ __global__ void __launch_bounds__(kSimtThreads)
     if (more) load(k0 + kSimtBK, taps[buf ^ 1]);
     SONDE_UNROLL
     for (int kk = 0; kk < kSimtBK; ++kk) {
-      const float4 a = *reinterpret_cast<const float4*>(&As[buf][kk][tm]);
-      const float4 b = *reinterpret_cast<const float4*>(&Bs[buf][kk][tn]);
-      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+      float av[kT], bv[kT];
       SONDE_UNROLL
-      for (int i = 0; i < 4; ++i)
+      for (int h = 0; h < kHalves; ++h) {
+        const float4 a = *reinterpret_cast<const float4*>(&As[buf][kk][h * 64 + tx]);
+        const float4 b = *reinterpret_cast<const float4*>(&Bs[buf][kk][h * 64 + ty]);
+        av[4 * h] = a.x, av[4 * h + 1] = a.y, av[4 * h + 2] = a.z, av[4 * h + 3] = a.w;
+        bv[4 * h] = b.x, bv[4 * h + 1] = b.y, bv[4 * h + 2] = b.z, bv[4 * h + 3] = b.w;
+      }
+      SONDE_UNROLL
+      for (int i = 0; i < kT; ++i)
         SONDE_UNROLL
-        for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+        for (int j = 0; j < kT; ++j) acc[i][j] += av[i] * bv[j];
     }
     if (more) store(buf ^ 1);
     BuildTaps(taps[buf], k0 + 2 * kSimtBK, kSimtBK, g);  // for the load two steps on
@@ -157,12 +171,12 @@ __global__ void __launch_bounds__(kSimtThreads)
   }
   const size_t ohw = size_t(g.oh) * g.ow;
   SONDE_UNROLL
-  for (int i = 0; i < 4; ++i) {
-    const PixelCursor c = LocatePixel(x, m0 + tm + i, group, g);
+  for (int i = 0; i < kT; ++i) {
+    const PixelCursor c = LocatePixel(x, m0 + tm(i), group, g);
     if (!c.valid) continue;
     SONDE_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      const int co = n0 + tn + j;
+    for (int j = 0; j < kT; ++j) {
+      const int co = n0 + tn(j);
       if (co >= g.cout_g) continue;
       const size_t ch = wrow0 + co, o = c.out + ch * ohw;
       y[o] = GpuApplyEpilogue(acc[i][j], ch, o, ep);
@@ -172,8 +186,9 @@ __global__ void __launch_bounds__(kSimtThreads)
 
 // ---- Tensor cores: bf16 mma.sync, K in steps of 32 ----
 // Warps in a kWarpsM x kWarpsN grid, each 32 pixels x 32 channels (2 m16 x 4 n8 tiles, 32 fp32
-// accumulators): 64 x 64 with 4 warps, or 64 x 128 with 8 for layers of >= 128 channels, where the
-// wider tile halves the im2col gathers (the kernel's bottleneck) per FLOP. Shared tiles hold bf16
+// accumulators): 64 x 64 with 4 warps, or 64 x 128 with 8 for layers of >= 128 channels (with enough
+// tiles to fill the device), where the wider tile halves the im2col gathers (the kernel's
+// bottleneck) per FLOP. Shared tiles hold bf16
 // pairs k-contiguous ([row][k]) so that every A and B fragment register is one 32-bit shared load;
 // rows are padded by 8 halves (16 bytes) so the 8 rows a fragment load touches fall in different banks.
 constexpr int kMmaBK = 32, kMmaLd = kMmaBK + 8;
@@ -479,19 +494,28 @@ void ConvOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
     else Launch(ConvDepthwiseKernel<false>, grid, dim3(kDwTileW, kDwThreadsY), shared, s, x, weights, y, g, ep);
     return;
   }
+  // Wide tiles (128 channels) where the layer has them and the grid still fills the device twice.
+  const size_t fill = size_t(d.multiprocessors > 0 ? d.multiprocessors : 1) * 2;
+  auto wide = [&](unsigned bm) { return g.cout_g >= 128 && size_t(CeilDiv(g.m, bm)) * CeilDiv(g.cout_g, 128) * g.groups >= fill; };
   if (bf16 && !simt && ComputeCapability(d) >= 80) {
-    const bool wide = g.cout_g >= 128;
-    const dim3 grid(CeilDiv(g.m, 64), CeilDiv(g.cout_g, wide ? 128 : 64), g.groups);
+    const bool w = wide(64);
+    const dim3 grid(CeilDiv(g.m, 64), CeilDiv(g.cout_g, w ? 128 : 64), g.groups);
     if (grid.y > 65535) c.Invalid("cOut/groups is too large (over 65535 tiles of 64 channels)");
     const uint16_t* w16 = static_cast<const uint16_t*>(weights);
-    if (wide) Launch(ConvMmaBf16Kernel<2, 4>, grid, dim3(256), 0, s, x, w16, y, g, ep);
+    if (w) Launch(ConvMmaBf16Kernel<2, 4>, grid, dim3(256), 0, s, x, w16, y, g, ep);
     else Launch(ConvMmaBf16Kernel<2, 2>, grid, dim3(128), 0, s, x, w16, y, g, ep);
     return;
   }
-  const dim3 grid(CeilDiv(g.m, kSimtBM), CeilDiv(g.cout_g, kSimtBN), g.groups);
+  const int tile = wide(128) ? 128 : 64;
+  const dim3 grid(CeilDiv(g.m, tile), CeilDiv(g.cout_g, tile), g.groups);
   if (grid.y > 65535) c.Invalid("cOut/groups is too large (over 65535 tiles of 64 channels)");
-  if (bf16) Launch(ConvSimtKernel<true>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
-  else Launch(ConvSimtKernel<false>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
+  if (tile == 128) {
+    if (bf16) Launch(ConvSimtKernel<true, 8>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
+    else Launch(ConvSimtKernel<false, 8>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
+  } else {
+    if (bf16) Launch(ConvSimtKernel<true, 4>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
+    else Launch(ConvSimtKernel<false, 4>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
+  }
 }
 
 // Buffers: 0 x [planes, h, w], 1 y [planes, oh, ow] (global: [planes]). kind: PoolKind.
