@@ -1,7 +1,7 @@
 // GPU Conv2d (implicit GEMM: SIMT fp32, SIMT and mma.sync bf16; the depthwise direct kernel) and
 // pooling against the CPU kernels (sonde.kernels.conv2d / maxPool2d / averagePool2d /
 // globalAveragePool, themselves tested against scalar loops), on the tile edges of the GPU kernels:
-// 64 x 64 and 128 x 128 (SIMT) / 64 x 128 (mma) blocks, K steps of 16 (SIMT) and 32 (mma), 32 x 32
+// 64 x 64 (SIMT, mma) and 64 x 128 (mma) blocks, K steps of 16 (SIMT) and 32 (mma), 32 x 32
 // depthwise tiles, plus odd planes, batch 1 and 3, every window feature and every epilogue.
 import { afterAll, expect, it } from 'vitest';
 import { DisposedError, InvalidArgumentError, Tensor, kernels } from '../../dist/index.js';
@@ -26,7 +26,7 @@ const CASES: ConvCase[] = [
   { name: '1x1, K = 33 (a K step plus one), 65 channels (a channel tile plus one)', x: [1, 33, 3, 5], cOut: 65, k: [1, 1], opts: { activation: 'relu6' } },
   { name: '3x3 stride 2 pad 1, batch 3, 63 channels', x: [3, 5, 9, 11], cOut: 63, k: [3, 3], opts: { strides: [2, 2], pads: [1, 1, 1, 1], activation: 'relu' }, residual: 'before' },
   { name: '3x3 dilation 2, 65 pixels (a pixel tile plus one)', x: [1, 4, 9, 9], cOut: 7, k: [3, 3], opts: { dilations: [2, 2], pads: [1, 0, 1, 1], activation: 'silu' }, residual: 'after' },
-  { name: '3x3, 130 channels (a wide 128-channel tile plus two; 1040 pixels fill the emulated device), batch 2', x: [2, 9, 20, 26], cOut: 130, k: [3, 3], opts: { pads: [1, 1, 1, 1], activation: 'relu' }, residual: 'after' },
+  { name: '3x3, 130 channels (the 128-channel mma tile plus two), batch 2', x: [2, 9, 20, 26], cOut: 130, k: [3, 3], opts: { pads: [1, 1, 1, 1], activation: 'relu' }, residual: 'after' },
   { name: '3x5 groups 2, asymmetric stride and pads', x: [1, 6, 12, 13], cOut: 8, k: [3, 5], opts: { group: 2, strides: [1, 2], pads: [1, 2, 0, 1], activation: 'hardSwish' } },
   { name: 'SAME_UPPER, K = 16 (one SIMT step), 64 pixels', x: [1, 16, 8, 8], cOut: 16, k: [1, 1], opts: { autoPad: 'SAME_UPPER', activation: 'sigmoid' } },
   { name: 'SAME_LOWER 4x4 stride 2, K = 32 (one mma step)', x: [2, 2, 7, 10], cOut: 5, k: [4, 4], opts: { autoPad: 'SAME_LOWER', strides: [2, 2], activation: 'leakyRelu', alpha: 0.2 } },

@@ -87,20 +87,21 @@ __device__ __forceinline__ float Im2colAt(const PixelCursor& c, const TapTable& 
   return c.x[ptrdiff_t(t.off) + ptrdiff_t(c.ih0) * g.w + c.iw0];
 }
 
-// ---- SIMT implicit GEMM: (16 kT) pixels x (16 kT) channels per block, K in steps of 16 ----
-// 256 threads, each kT x kT outputs in registers, taken as kT/4 groups of 4 consecutive pixels (and
-// channels) 64 apart, so that the 16 threads reading one shared row read 64 consecutive floats (no
-// bank conflicts) with float4 loads. kT = 4 (64 x 64): 16 FMAs per two float4 loads; kT = 8
-// (128 x 128, for wide layers with enough tiles to fill the device): 64 FMAs per four, and half the
-// im2col gathers per FLOP. Shared tiles are double-buffered with the next tile's global loads
-// issued before the current tile's FMAs, so one barrier per K step covers both hazards.
-constexpr int kSimtBK = 16, kSimtThreads = 256;
+// ---- SIMT implicit GEMM: 64 pixels x 64 channels per block, K in steps of 16 ----
+// 256 threads, each 4 consecutive pixels x 4 channels in registers: 16 FMAs per two float4 shared
+// loads. (The same code with kSimtT = 8, 128 x 128 tiles and 64 FMAs per four loads, ran 1.1 to 2.2x
+// slower on an H200 at ResNet-50 shapes: 148 registers and a quarter of the blocks leave too few
+// warps to hide the im2col gathers.) kSimtT/4 groups of 4 pixels (channels) 64 apart per thread, so
+// the 16 threads reading one shared row read 64 consecutive floats. Shared tiles are
+// double-buffered with the next tile's global loads issued before the current tile's FMAs, so one
+// barrier per K step covers both hazards.
+constexpr int kSimtBK = 16, kSimtThreads = 256, kSimtT = 4;
 
-template <bool kBf16, int kT>
+template <bool kBf16>
 __global__ void __launch_bounds__(kSimtThreads)
     ConvSimtKernel(const float* __restrict__ x, const void* __restrict__ weights, float* __restrict__ y, ConvGeometry g,
                    GpuEpilogue ep) {
-  constexpr int kB = 16 * kT, kHalves = kT / 4;
+  constexpr int kB = 16 * kSimtT, kHalves = kSimtT / 4;
   constexpr int kARows = kSimtThreads / kB, kAPer = kSimtBK / kARows;  // k rows a_k + kARows i
   constexpr int kBPer = kB / 16;                                        // channels b_n + 16 i
   __align__(16) __shared__ float As[2][kSimtBK][kB];
@@ -138,7 +139,7 @@ __global__ void __launch_bounds__(kSimtThreads)
   const int tx = (tid % 16) * 4, ty = (tid / 16) * 4;
   auto tm = [&](int i) { return (i / 4) * 64 + tx + i % 4; };
   auto tn = [&](int j) { return (j / 4) * 64 + ty + j % 4; };
-  float acc[kT][kT] = {};
+  float acc[kSimtT][kSimtT] = {};
   BuildTaps(taps[0], 0, kSimtBK, g);
   BuildTaps(taps[1], kSimtBK, kSimtBK, g);
   __syncthreads();
@@ -151,7 +152,7 @@ __global__ void __launch_bounds__(kSimtThreads)
     if (more) load(k0 + kSimtBK, taps[buf ^ 1]);
     SONDE_UNROLL
     for (int kk = 0; kk < kSimtBK; ++kk) {
-      float av[kT], bv[kT];
+      float av[kSimtT], bv[kSimtT];
       SONDE_UNROLL
       for (int h = 0; h < kHalves; ++h) {
         const float4 a = *reinterpret_cast<const float4*>(&As[buf][kk][h * 64 + tx]);
@@ -160,9 +161,9 @@ __global__ void __launch_bounds__(kSimtThreads)
         bv[4 * h] = b.x, bv[4 * h + 1] = b.y, bv[4 * h + 2] = b.z, bv[4 * h + 3] = b.w;
       }
       SONDE_UNROLL
-      for (int i = 0; i < kT; ++i)
+      for (int i = 0; i < kSimtT; ++i)
         SONDE_UNROLL
-        for (int j = 0; j < kT; ++j) acc[i][j] += av[i] * bv[j];
+        for (int j = 0; j < kSimtT; ++j) acc[i][j] += av[i] * bv[j];
     }
     if (more) store(buf ^ 1);
     BuildTaps(taps[buf], k0 + 2 * kSimtBK, kSimtBK, g);  // for the load two steps on
@@ -171,11 +172,11 @@ __global__ void __launch_bounds__(kSimtThreads)
   }
   const size_t ohw = size_t(g.oh) * g.ow;
   SONDE_UNROLL
-  for (int i = 0; i < kT; ++i) {
+  for (int i = 0; i < kSimtT; ++i) {
     const PixelCursor c = LocatePixel(x, m0 + tm(i), group, g);
     if (!c.valid) continue;
     SONDE_UNROLL
-    for (int j = 0; j < kT; ++j) {
+    for (int j = 0; j < kSimtT; ++j) {
       const int co = n0 + tn(j);
       if (co >= g.cout_g) continue;
       const size_t ch = wrow0 + co, o = c.out + ch * ohw;
@@ -186,9 +187,8 @@ __global__ void __launch_bounds__(kSimtThreads)
 
 // ---- Tensor cores: bf16 mma.sync, K in steps of 32 ----
 // Warps in a kWarpsM x kWarpsN grid, each 32 pixels x 32 channels (2 m16 x 4 n8 tiles, 32 fp32
-// accumulators): 64 x 64 with 4 warps, or 64 x 128 with 8 for layers of >= 128 channels (with enough
-// tiles to fill the device), where the wider tile halves the im2col gathers (the kernel's
-// bottleneck) per FLOP. Shared tiles hold bf16
+// accumulators): 64 x 64 with 4 warps, or 64 x 128 with 8 for layers of >= 128 channels, where the
+// wider tile halves the im2col gathers (the kernel's bottleneck) per FLOP. Shared tiles hold bf16
 // pairs k-contiguous ([row][k]) so that every A and B fragment register is one 32-bit shared load;
 // rows are padded by 8 halves (16 bytes) so the 8 rows a fragment load touches fall in different banks.
 constexpr int kMmaBK = 32, kMmaLd = kMmaBK + 8;
@@ -494,11 +494,10 @@ void ConvOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
     else Launch(ConvDepthwiseKernel<false>, grid, dim3(kDwTileW, kDwThreadsY), shared, s, x, weights, y, g, ep);
     return;
   }
-  // Wide tiles (128 channels) where the layer has them and the grid still fills the device twice.
-  const size_t fill = size_t(d.multiprocessors > 0 ? d.multiprocessors : 1) * 2;
-  auto wide = [&](unsigned bm) { return g.cout_g >= 128 && size_t(CeilDiv(g.m, bm)) * CeilDiv(g.cout_g, 128) * g.groups >= fill; };
   if (bf16 && !simt && ComputeCapability(d) >= 80) {
-    const bool w = wide(64);
+    // 128-channel tiles wherever a group has that many: on an H200 they beat 64 x 64 at every
+    // ResNet-50 shape, even layer4's, whose grid they halve to 28 blocks (6.9 vs 5.1 TFLOP/s).
+    const bool w = g.cout_g >= 128;
     const dim3 grid(CeilDiv(g.m, 64), CeilDiv(g.cout_g, w ? 128 : 64), g.groups);
     if (grid.y > 65535) c.Invalid("cOut/groups is too large (over 65535 tiles of 64 channels)");
     const uint16_t* w16 = static_cast<const uint16_t*>(weights);
@@ -506,16 +505,10 @@ void ConvOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
     else Launch(ConvMmaBf16Kernel<2, 2>, grid, dim3(128), 0, s, x, w16, y, g, ep);
     return;
   }
-  const int tile = wide(128) ? 128 : 64;
-  const dim3 grid(CeilDiv(g.m, tile), CeilDiv(g.cout_g, tile), g.groups);
+  const dim3 grid(CeilDiv(g.m, 16 * kSimtT), CeilDiv(g.cout_g, 16 * kSimtT), g.groups);
   if (grid.y > 65535) c.Invalid("cOut/groups is too large (over 65535 tiles of 64 channels)");
-  if (tile == 128) {
-    if (bf16) Launch(ConvSimtKernel<true, 8>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
-    else Launch(ConvSimtKernel<false, 8>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
-  } else {
-    if (bf16) Launch(ConvSimtKernel<true, 4>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
-    else Launch(ConvSimtKernel<false, 4>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
-  }
+  if (bf16) Launch(ConvSimtKernel<true>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
+  else Launch(ConvSimtKernel<false>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
 }
 
 // Buffers: 0 x [planes, h, w], 1 y [planes, oh, ow] (global: [planes]). kind: PoolKind.
