@@ -281,7 +281,7 @@ export async function gpuSpmm(device: GpuDeviceId, a: GpuBuffer, m: number, weig
   }
   const [rowPtr, colIdx, values, chunks] = wbufs as [GpuBuffer, GpuBuffer, GpuBuffer, GpuBuffer];
   // At (a transposed) for M > 1; from the device's caching pool, so a repeated call costs no cudaMalloc.
-  const scratch = GpuBuffer.alloc(device, m > 1 ? k * m * 4 : 4, 'the SpMM transpose of a');
+  const scratch = GpuBuffer.alloc(device, m > 1 ? k * (m + (m & 1)) * 4 : 4, 'the SpMM transpose of a');
   try {
     return await runGpuOp(device, 'spmm_csr', [a, rowPtr, colIdx, values, chunks, c, scratch, ...extra],
       { ...params, nnz: weights.nnz, chunks: weights.units }, { reps: opts.reps });
