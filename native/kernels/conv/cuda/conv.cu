@@ -9,8 +9,8 @@
 // contiguous), which is also the layout the mma B fragment wants (pairs of consecutive k).
 //
 // Paths, chosen in ConvOp:
-// - depthwise (one input channel per group, incl. channel multipliers): a direct kernel, one output
-//   per thread; its work is too thin (K = kh*kw) for a GEMM tile.
+// - depthwise (one input channel per group, incl. channel multipliers): a direct kernel over
+//   shared-memory tiles of the plane; its work is too thin (K = kh*kw) for a GEMM tile.
 // - bf16 on cc >= 8.0: mma.sync m16n8k16 with both operands rounded to bf16, fp32 accumulation.
 // - otherwise SIMT fp32 (with bf16-rounded operands when precision is bf16: the same numbers as the
 //   mma path on devices without bf16 tensor cores, and the path `simt` forces for tests).
