@@ -8,8 +8,9 @@ import { GpuBuffer, gpuDevice } from '../../dist/cuda/runtime.js';
 import { timeOp } from './common.js';
 import { normCases } from './norm.js';
 import { attentionCases } from './attention.js';
+import { convCases } from './conv.js';
 
-const FAMILIES = [normCases, attentionCases];
+const FAMILIES = [normCases, attentionCases, convCases];
 
 // Dense datasheet peaks: bf16 tensor-core and fp32 TFLOP/s, HBM GB/s. First match wins.
 const DATASHEET = [

@@ -21,8 +21,9 @@ export type ConvActivation =
 
 const VARIANTS: readonly ConvVariant[] = ['auto', 'reference', 'scalar', 'avx2', 'avx512', 'avx512bf16'];
 const AUTO_PADS: readonly ConvAutoPad[] = ['NOTSET', 'SAME_UPPER', 'SAME_LOWER', 'VALID'];
-// Codes of GemmActivation in native/kernels/gemm/gemm.h (the conv epilogue is the GEMM's).
-const ACTIVATION_CODE: Record<ConvActivation, number> = {
+// Codes of GemmActivation in native/kernels/gemm/gemm.h (the conv epilogue is the GEMM's). Exported,
+// with the window and option checks below, for the GPU conv (lib/cuda/conv.ts).
+export const ACTIVATION_CODE: Record<ConvActivation, number> = {
   none: 0, relu: 1, relu6: 2, clip: 2, silu: 3, gelu: 4, geluTanh: 5, sigmoid: 6, leakyRelu: 7, hardSwish: 8,
 };
 const ACTIVATIONS = Object.keys(ACTIVATION_CODE) as ConvActivation[];
@@ -83,7 +84,7 @@ export interface Conv2dRunOptions {
 }
 const RUN_OPTIONS = ['residual', 'residualBeforeActivation', 'out', 'threads', 'signal'] as const;
 
-interface Window {
+export interface Window {
   kernel: [number, number];
   strides: [number, number];
   dilations: [number, number];
@@ -91,7 +92,7 @@ interface Window {
   autoPad: ConvAutoPad;
 }
 
-function checkInts(where: string, v: unknown, len: number, min: number, dflt: number[]): number[] {
+export function checkInts(where: string, v: unknown, len: number, min: number, dflt: number[]): number[] {
   if (v === undefined) return dflt;
   if (!Array.isArray(v) || v.length !== len) {
     throw new InvalidArgumentError(`${where} must be an array of ${len} integers, got ${describe(v)}`);
@@ -99,7 +100,7 @@ function checkInts(where: string, v: unknown, len: number, min: number, dflt: nu
   return v.map((x, i) => checkInt(`${where}[${i}]`, x, min, 2 ** 31 - 1));
 }
 
-function checkWindow(where: string, kernel: number[], opts: { strides?: unknown; pads?: unknown; autoPad?: unknown; dilations?: unknown }): Window {
+export function checkWindow(where: string, kernel: number[], opts: { strides?: unknown; pads?: unknown; autoPad?: unknown; dilations?: unknown }): Window {
   const autoPad = checkOneOf(`${where}: options.autoPad`, opts.autoPad ?? 'NOTSET', AUTO_PADS);
   const strides = checkInts(`${where}: options.strides`, opts.strides, 2, 1, [1, 1]);
   const dilations = checkInts(`${where}: options.dilations`, opts.dilations, 2, 1, [1, 1]);
@@ -119,7 +120,7 @@ function checkWindow(where: string, kernel: number[], opts: { strides?: unknown;
 }
 
 /** Output [OH, OW] for an input of h x w (ONNX rules), or a typed error naming the axis. */
-function outputSize(where: string, win: Window, h: number, w: number): [number, number] {
+export function outputSize(where: string, win: Window, h: number, w: number): [number, number] {
   const out: number[] = [];
   for (const [axis, size] of [[0, h], [1, w]] as const) {
     const ext = (win.kernel[axis] - 1) * win.dilations[axis] + 1;
@@ -150,12 +151,12 @@ function check4d(where: string, t: Tensor<'float32'>): [number, number, number, 
   return t.dims as unknown as [number, number, number, number];
 }
 
-function checkNumber(where: string, v: unknown): number {
+export function checkNumber(where: string, v: unknown): number {
   if (typeof v !== 'number' || Number.isNaN(v)) throw new InvalidArgumentError(`${where} must be a number, got ${describe(v)}`);
   return v;
 }
 
-function checkChannelVector(where: string, t: unknown, n: number): Float32Array {
+export function checkChannelVector(where: string, t: unknown, n: number): Float32Array {
   const v = checkTensor(where, t, 'float32');
   if (v.dims.length !== 1 || v.size !== n) {
     throw new InvalidArgumentError(`${where} must have dims [${n}] (one per output channel), got [${v.dims.join(', ')}]`);

@@ -1,0 +1,112 @@
+// Conv2d (ResNet-50 layers at batch 8), pooling and SpMM on the GPU. Convs and SpMM report TFLOP/s
+// against the measured ceilings (SIMT FMA for fp32, mma.sync for bf16) and the datasheet; pooling
+// reports GB/s against the measured read bandwidth; sparse cases also give dense-equivalent TFLOP/s.
+import { Tensor } from '../../dist/index.js';
+import { GpuBuffer } from '../../dist/cuda/runtime.js';
+import { createGpuConv2d, gpuGlobalAveragePool, gpuMaxPool2d, gpuPoolOutputShape } from '../../dist/cuda/conv.js';
+import { gpuSpmm, gpuToSparse } from '../../dist/cuda/sparse.js';
+import { randomBuffer } from './common.js';
+
+function randomTensor(dims, scale = 1) {
+  const size = dims.reduce((a, b) => a * b, 1);
+  const a = new Float32Array(size);
+  for (let i = 0; i < size; i++) a[i] = (Math.random() * 2 - 1) * scale;
+  return new Tensor('float32', a, dims);
+}
+
+// [name, cIn, H (= W), cOut, k, stride]: the stem and one conv of each stage's bottleneck.
+const RESNET50 = [
+  ['conv1 7x7/2', 3, 224, 64, 7, 2],
+  ['layer1 3x3', 64, 56, 64, 3, 1],
+  ['layer2 3x3', 128, 28, 128, 3, 1],
+  ['layer3 1x1 256->1024', 256, 14, 1024, 1, 1],
+  ['layer4 3x3', 512, 7, 512, 3, 1],
+];
+
+async function time(fn, reps) {
+  await fn(0);
+  return fn(reps);
+}
+
+export async function* convCases(env) {
+  const { id, emulated, measured, sheet } = env;
+  const batch = emulated ? 1 : 8, reps = emulated ? 1 : 20;
+  const pct = (v, peak) => (peak ? 100 * v / peak : undefined);
+  for (const [name, cIn, hw0, cOut, k, stride] of RESNET50) {
+    // The emulator runs the same layer shapes shrunk (channels / 16, planes / 8) to check the suite.
+    const c = emulated ? Math.max(3, cIn >> 4) : cIn, co = emulated ? Math.max(4, cOut >> 4) : cOut;
+    const hw = emulated ? Math.max(7, hw0 >> 3) : hw0;
+    const dims = [batch, c, hw, hw];
+    const x = await randomBuffer(id, dims.reduce((a, b) => a * b, 1));
+    const pad = (k - 1) >> 1;
+    for (const precision of ['fp32', 'bf16']) {
+      if (precision === 'bf16' && !measured.mma) continue;
+      const conv = await createGpuConv2d(id, randomTensor([co, c, k, k], 0.1), {
+        strides: [stride, stride], pads: [pad, pad, pad, pad], activation: 'relu', bias: randomTensor([co]), precision,
+      });
+      const out = conv.outputShape(dims);
+      const y = GpuBuffer.alloc(id, out.reduce((a, b) => a * b, 1) * 4);
+      const ms = await time((r) => conv.run(x, dims, y, { reps: r }), reps);
+      const tflops = 2 * out[0] * out[1] * out[2] * out[3] * c * k * k / ms / 1e9;
+      const ceiling = precision === 'bf16' ? measured.mma : measured.fp32;
+      yield {
+        case: `conv ${name} ${precision} ${dims.join('x')} -> ${out.join('x')}`, ms, tflops,
+        pctOfMeasured: pct(tflops, ceiling), pctOfDatasheet: pct(tflops, precision === 'bf16' ? sheet?.bf16 : sheet?.fp32),
+      };
+      y.dispose();
+      conv.dispose();
+    }
+    if (name.startsWith('conv1')) {
+      // The stem's max pool 3x3/2 on its output: memory-bound.
+      const pdims = [batch, co, (hw + 1) >> 1, (hw + 1) >> 1];
+      const px = await randomBuffer(id, pdims.reduce((a, b) => a * b, 1));
+      const win = { kernelShape: [3, 3], strides: [2, 2], pads: [1, 1, 1, 1] };
+      const pout = gpuPoolOutputShape(pdims, win);
+      const py = GpuBuffer.alloc(id, pout.reduce((a, b) => a * b, 1) * 4);
+      const ms = await time((r) => gpuMaxPool2d(id, px, pdims, py, win, { reps: r }), reps);
+      const gbps = (pdims.reduce((a, b) => a * b, 1) + pout.reduce((a, b) => a * b, 1)) * 4 / ms / 1e6;
+      yield { case: `maxpool 3x3/2 ${pdims.join('x')}`, ms, gbps, pctOfRead: pct(gbps, measured.gbps) };
+      px.dispose();
+      py.dispose();
+    }
+    x.dispose();
+  }
+  {
+    const gdims = emulated ? [1, 64, 7, 7] : [batch, 2048, 7, 7];
+    const planes = gdims[0] * gdims[1];
+    const gx = await randomBuffer(id, planes * 49), gy = GpuBuffer.alloc(id, planes * 4);
+    const ms = await time((r) => gpuGlobalAveragePool(id, gx, gdims, gy, { reps: r }), reps);
+    const gbps = planes * 50 * 4 / ms / 1e6;
+    yield { case: `global average pool ${gdims.join('x')}`, ms, gbps, pctOfRead: pct(gbps, measured.gbps) };
+    gx.dispose();
+    gy.dispose();
+  }
+  // SpMM: 90%-sparse weights [K, N] = 4096 x 4096 times activations [M, K], M = 64 (and SpMV, M = 1).
+  const kn = emulated ? 256 : 4096;
+  const dense = randomTensor([kn, kn]);
+  for (let i = 0; i < dense.data.length; i++) if (Math.random() >= 0.1) dense.data[i] = 0;
+  // Block-pruned weights for BSR: whole 1 x 32 blocks kept with probability 0.1.
+  const blocked = randomTensor([kn, kn]);
+  for (let r = 0; r < kn; r++) {
+    for (let p = 0; p < kn; p += 32) {
+      if (Math.random() >= 0.1) blocked.data.fill(0, r * kn + p, r * kn + p + 32);
+    }
+  }
+  for (const [format, weights] of [['csr', await gpuToSparse(id, dense)], ['bsr 1x32', await gpuToSparse(id, blocked, { format: 'bsr', blockShape: [1, 32] })]]) {
+    for (const m of [64, 1]) {
+      const a = await randomBuffer(id, m * kn), c = GpuBuffer.alloc(id, m * kn * 4);
+      const ms = await time((r) => gpuSpmm(id, a, m, weights, c, { activation: 'relu', reps: r }), reps);
+      const stored = format === 'csr' ? weights.nnz : weights.units * 32;
+      const tflops = 2 * stored * m / ms / 1e9;
+      // Bytes the kernel must move at least: the weights (value + index) once, a and c once.
+      const bytes = (format === 'csr' ? weights.nnz * 8 : weights.units * (32 * 4 + 4)) + (m * kn * 2) * 4;
+      yield {
+        case: `spmm ${format} ${kn}x${kn} ${(100 * (1 - weights.nnz / (kn * kn))).toFixed(0)}% sparse, M=${m}`, ms, tflops,
+        denseEquivTflops: 2 * kn * kn * m / ms / 1e9, gbps: bytes / ms / 1e6, pctOfRead: pct(bytes / ms / 1e6, measured.gbps),
+      };
+      a.dispose();
+      c.dispose();
+    }
+    weights.dispose();
+  }
+}
