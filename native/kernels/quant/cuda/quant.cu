@@ -16,7 +16,9 @@
 //   quant_matmul  [x f32 m*k, packed, y f32 m*n, scratch]   {type, m, n, k, algorithm?, simt?}
 //     scratch holds the quantised activations: m * k int8, then m * (k / 32) fp32 scales.
 //     algorithm 0 auto (GEMV up to 8 rows, else GEMM), 1 GEMV, 2 GEMM; simt forces the SIMT GEMM
-//     (dp4a) that devices below compute capability 8.0 run instead of the int8 mma.sync one.
+//     (dp4a) that devices below compute capability 8.0 run instead of the int8 mma.sync one;
+//     reuse: scratch already holds this x quantised (by an earlier call with the same x, m and k,
+//     as Q, K and V share their input), so the quantiser is skipped: one launch per product.
 #include <cfloat>
 
 #include "kernels/quant/quant.h"
@@ -417,6 +419,7 @@ void MatmulOp(GpuStream& stream, const GpuDeviceInfo& device, const GpuOpCall& c
   const int64_t m = c.Int("m");
   const int algorithm = static_cast<int>(c.IntOr("algorithm", 0, 0, 2));
   const bool simt = c.IntOr("simt", 0, 0, 1) != 0 || ComputeCapability(device) < 80;
+  const bool reuse = c.IntOr("reuse", 0, 0, 1) != 0;
   const float* x = c.Buffer<float>(0, c.Count({m, s.k}), "x");
   const uint8_t* packed = c.Buffer<uint8_t>(1, s.packed_bytes, "packed weights");
   float* y = c.Buffer<float>(2, c.Count({m, s.n}), "y");
@@ -426,8 +429,9 @@ void MatmulOp(GpuStream& stream, const GpuDeviceInfo& device, const GpuOpCall& c
   if (gemm && m > int64_t(65535) * (simt ? kSimtTile : kMmaBm)) c.Invalid("m exceeds the GEMM grid's limit");
   if (m == 0 || s.n == 0) return;
   const size_t act_blocks = c.Count({m, s.nb});
-  Launch(QuantizeActsKernel, dim3(CeilDiv(act_blocks * 32, kActThreads)), dim3(kActThreads), 0, stream, x, xq, xd,
-         act_blocks);
+  if (!reuse)
+    Launch(QuantizeActsKernel, dim3(CeilDiv(act_blocks * 32, kActThreads)), dim3(kActThreads), 0, stream, x, xq, xd,
+           act_blocks);
   const uint16_t* wd = reinterpret_cast<const uint16_t*>(packed + s.quant_bytes);
   if (s.type == kQ8)
     Matmul<kQ8>(stream, gemm, simt, unsigned(m), unsigned(s.n), unsigned(s.k), xq, xd, packed, wd, y);
