@@ -44,15 +44,22 @@ __device__ __forceinline__ uint32_t NibblesToS8(uint32_t v) {
   return t | ((t & 0x08080808u) * 0x1Eu);
 }
 
-// One block's 32 quants as 8 words of 4 int8 each, element order (word w = elements 4w..4w+3).
+// One block's quants as loaded (q8_0: 32 bytes, q4_0: 16 bytes in raw[0]), then widened to 8
+// words of 4 int8 each in element order (word w = elements 4w..4w+3). Loads and widening are apart
+// so that a loop can issue several blocks' loads before it waits on the first.
 template <int T>
-__device__ __forceinline__ void LoadBlockS8(const uint8_t* __restrict__ q, uint32_t (&w)[8]) {
+__device__ __forceinline__ void LoadBlock(const uint8_t* __restrict__ q, uint4 (&raw)[2]) {
+  raw[0] = __ldg(reinterpret_cast<const uint4*>(q));
+  if (T == kQ8) raw[1] = __ldg(reinterpret_cast<const uint4*>(q) + 1);
+}
+
+template <int T>
+__device__ __forceinline__ void WidenBlock(const uint4 (&raw)[2], uint32_t (&w)[8]) {
   if (T == kQ8) {
-    const uint4 a = __ldg(reinterpret_cast<const uint4*>(q)), b = __ldg(reinterpret_cast<const uint4*>(q) + 1);
-    w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+    w[0] = raw[0].x, w[1] = raw[0].y, w[2] = raw[0].z, w[3] = raw[0].w;
+    w[4] = raw[1].x, w[5] = raw[1].y, w[6] = raw[1].z, w[7] = raw[1].w;
   } else {
-    const uint4 p = __ldg(reinterpret_cast<const uint4*>(q));
-    const uint32_t v[4] = {p.x, p.y, p.z, p.w};
+    const uint32_t v[4] = {raw[0].x, raw[0].y, raw[0].z, raw[0].w};
     for (int i = 0; i < 4; ++i) {
       w[i] = NibblesToS8(v[i] & 0x0F0F0F0Fu);
       w[i + 4] = NibblesToS8((v[i] >> 4) & 0x0F0F0F0Fu);
@@ -106,6 +113,7 @@ __global__ void PackKernel(const uint8_t* __restrict__ raw, uint8_t* __restrict_
 
 constexpr unsigned kGemvWarps = 4;
 constexpr unsigned kGemvMaxRows = 8;
+constexpr unsigned kGemvUnroll = 4;
 
 template <int T, int M>
 __global__ void __launch_bounds__(kGemvWarps * 32) QuantGemvKernel(const int8_t* __restrict__ xq, const float* __restrict__ xd,
@@ -119,25 +127,36 @@ __global__ void __launch_bounds__(kGemvWarps * 32) QuantGemvKernel(const int8_t*
   const uint16_t* drow = wd + size_t(row) * nb;
   float acc[M];
   for (int i = 0; i < M; ++i) acc[i] = 0.0f;
-#if !SONDE_GPU_EMULATED
-#pragma unroll 4  // four blocks' loads in flight per lane before the first dp4a needs them
-#endif
-  for (unsigned b = lane; b < nb; b += 32) {
-    uint32_t w[8];
-    LoadBlockS8<T>(wrow + size_t(b) * kQuantBytes<T>, w);
-    const float dw = HalfToFloat(__ldg(drow + b));
-    for (int i = 0; i < M; ++i) {
-      const uint4* xp = reinterpret_cast<const uint4*>(xq + size_t(i) * k + size_t(b) * 32);
-      const uint4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
-      int s = __dp4a(static_cast<int>(w[0]), static_cast<int>(x0.x), 0);
-      s = __dp4a(static_cast<int>(w[1]), static_cast<int>(x0.y), s);
-      s = __dp4a(static_cast<int>(w[2]), static_cast<int>(x0.z), s);
-      s = __dp4a(static_cast<int>(w[3]), static_cast<int>(x0.w), s);
-      s = __dp4a(static_cast<int>(w[4]), static_cast<int>(x1.x), s);
-      s = __dp4a(static_cast<int>(w[5]), static_cast<int>(x1.y), s);
-      s = __dp4a(static_cast<int>(w[6]), static_cast<int>(x1.z), s);
-      s = __dp4a(static_cast<int>(w[7]), static_cast<int>(x1.w), s);
-      acc[i] = fmaf(dw * __ldg(xd + size_t(i) * nb + b), static_cast<float>(s), acc[i]);
+  // kGemvUnroll blocks' loads in flight per lane (128 bytes of q8_0) before the first dp4a: with
+  // ~30 warps per SM that is the ~100 KiB per SM an HBM3 part needs in flight to stay busy.
+  for (unsigned b0 = lane; b0 < nb; b0 += 32 * kGemvUnroll) {
+    uint4 raw[kGemvUnroll][2];
+    float dw[kGemvUnroll];
+    for (unsigned u = 0; u < kGemvUnroll; ++u) {
+      const unsigned b = b0 + 32 * u;
+      if (b < nb) {
+        LoadBlock<T>(wrow + size_t(b) * kQuantBytes<T>, raw[u]);
+        dw[u] = HalfToFloat(__ldg(drow + b));
+      }
+    }
+    for (unsigned u = 0; u < kGemvUnroll; ++u) {
+      const unsigned b = b0 + 32 * u;
+      if (b >= nb) break;
+      uint32_t w[8];
+      WidenBlock<T>(raw[u], w);
+      for (int i = 0; i < M; ++i) {
+        const uint4* xp = reinterpret_cast<const uint4*>(xq + size_t(i) * k + size_t(b) * 32);
+        const uint4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+        int s = __dp4a(static_cast<int>(w[0]), static_cast<int>(x0.x), 0);
+        s = __dp4a(static_cast<int>(w[1]), static_cast<int>(x0.y), s);
+        s = __dp4a(static_cast<int>(w[2]), static_cast<int>(x0.z), s);
+        s = __dp4a(static_cast<int>(w[3]), static_cast<int>(x0.w), s);
+        s = __dp4a(static_cast<int>(w[4]), static_cast<int>(x1.x), s);
+        s = __dp4a(static_cast<int>(w[5]), static_cast<int>(x1.y), s);
+        s = __dp4a(static_cast<int>(w[6]), static_cast<int>(x1.z), s);
+        s = __dp4a(static_cast<int>(w[7]), static_cast<int>(x1.w), s);
+        acc[i] = fmaf(dw[u] * __ldg(xd + size_t(i) * nb + b), static_cast<float>(s), acc[i]);
+      }
     }
   }
   for (int i = 0; i < M; ++i)
