@@ -105,84 +105,105 @@ __global__ void PackKernel(const uint8_t* __restrict__ raw, uint8_t* __restrict_
   for (unsigned i = 0; i < kBytes / 16; ++i) dst[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
 }
 
-// ---- GEMV (decode, up to 8 activation rows): one warp per weight row ----
+// ---- GEMV (decode, up to 8 activation rows): each warp takes R weight rows ----
 // Each lane takes whole blocks (lane, lane + 32, ...), so a warp's loads cover 32 consecutive blocks
-// of the row (1 KiB of q8_0, 512 B of q4_0) in 16-byte pieces. The activations (at most 8 x 32 int8
-// per block) are re-read from L1 by every warp of the SM instead of staged in shared memory: K up
-// to 14336 would need 112 KiB of it at 8 rows. Lanes' partial sums meet in a shuffle tree.
+// of a row (1 KiB of q8_0, 512 B of q4_0) in 16-byte pieces, and U blocks of each of its R rows are
+// loaded before the first dp4a needs them: 128 bytes per lane in flight, which with ~30 warps per SM
+// is the ~100 KiB per SM an HBM3 part needs in flight to stay busy. R = 2 halves the activation
+// loads per weight byte (they come from L1: every warp of the SM reads the same x) wherever that
+// does not cost warps: always for q4_0, from 2 activation rows for q8_0. The activations are not
+// staged in shared memory: K up to 14336 would need 112 KiB of it at 8 rows.
 
 constexpr unsigned kGemvWarps = 4;
 constexpr unsigned kGemvMaxRows = 8;
-constexpr unsigned kGemvUnroll = 4;
+
+// An int32 sum added to this bit pattern reads as the float 1.5 * 2^23 + sum for |sum| < 2^22, so
+// subtracting 1.5 * 2^23 converts it exactly with two full-rate ops (the int-to-float conversion
+// unit runs at a quarter of the FMA rate). A block's sum is at most 32 * 128 * 127 < 2^19.
+constexpr int32_t kMagicInt = 0x4B400000;
+constexpr float kMagicFloat = 12582912.0f;
+__device__ __forceinline__ float MagicToFloat(int32_t v) { return __int_as_float(v) - kMagicFloat; }
+
+template <int T, int M>
+constexpr unsigned kGemvRowsPerWarp = T == kQ4 || M > 1 ? 2 : 1;
+template <int T, int M>
+constexpr unsigned kGemvUnroll = (T == kQ8 ? 4 : 8) / kGemvRowsPerWarp<T, M>;
 
 template <int T, int M>
 __global__ void __launch_bounds__(kGemvWarps * 32) QuantGemvKernel(const int8_t* __restrict__ xq, const float* __restrict__ xd,
                                                                    const uint8_t* __restrict__ wq,
                                                                    const uint16_t* __restrict__ wd, float* __restrict__ y,
                                                                    unsigned n, unsigned k) {
-  const unsigned row = blockIdx.x * kGemvWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (row >= n) return;  // warp-uniform, and no block barrier below
-  const unsigned nb = k / 32;
-  const uint8_t* wrow = wq + size_t(row) * nb * kQuantBytes<T>;
-  const uint16_t* drow = wd + size_t(row) * nb;
-  float acc[M];
-  for (int i = 0; i < M; ++i) acc[i] = 0.0f;
-  // kGemvUnroll blocks' loads in flight per lane (128 bytes of q8_0) before the first dp4a: with
-  // ~30 warps per SM that is the ~100 KiB per SM an HBM3 part needs in flight to stay busy.
-  for (unsigned b0 = lane; b0 < nb; b0 += 32 * kGemvUnroll) {
-    uint4 raw[kGemvUnroll][2];
-    float dw[kGemvUnroll];
-    for (unsigned u = 0; u < kGemvUnroll; ++u) {
+  constexpr unsigned R = kGemvRowsPerWarp<T, M>, U = kGemvUnroll<T, M>;
+  const unsigned row0 = (blockIdx.x * kGemvWarps + threadIdx.x / 32) * R, lane = threadIdx.x % 32;
+  if (row0 >= n) return;  // warp-uniform, and no block barrier below
+  const unsigned rows = n - row0 < R ? n - row0 : R, nb = k / 32;
+  float acc[R][M];
+  for (unsigned r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i) acc[r][i] = 0.0f;
+  for (unsigned b0 = lane; b0 < nb; b0 += 32 * U) {
+    uint4 raw[U][R][2];
+    float dw[U][R];
+    for (unsigned u = 0; u < U; ++u) {
       const unsigned b = b0 + 32 * u;
-      if (b < nb) {
-        LoadBlock<T>(wrow + size_t(b) * kQuantBytes<T>, raw[u]);
-        dw[u] = HalfToFloat(__ldg(drow + b));
-      }
+      for (unsigned r = 0; r < R; ++r)
+        if (b < nb && r < rows) {
+          const size_t blk = size_t(row0 + r) * nb + b;
+          LoadBlock<T>(wq + blk * kQuantBytes<T>, raw[u][r]);
+          dw[u][r] = HalfToFloat(__ldg(wd + blk));
+        }
     }
-    for (unsigned u = 0; u < kGemvUnroll; ++u) {
+    for (unsigned u = 0; u < U; ++u) {
       const unsigned b = b0 + 32 * u;
       if (b >= nb) break;
-      uint32_t w[8];
-      WidenBlock<T>(raw[u], w);
+      uint32_t w[R][8];
+      for (unsigned r = 0; r < R; ++r)
+        if (r < rows) WidenBlock<T>(raw[u][r], w[r]);
       for (int i = 0; i < M; ++i) {
         const uint4* xp = reinterpret_cast<const uint4*>(xq + size_t(i) * k + size_t(b) * 32);
         const uint4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
-        int s = __dp4a(static_cast<int>(w[0]), static_cast<int>(x0.x), 0);
-        s = __dp4a(static_cast<int>(w[1]), static_cast<int>(x0.y), s);
-        s = __dp4a(static_cast<int>(w[2]), static_cast<int>(x0.z), s);
-        s = __dp4a(static_cast<int>(w[3]), static_cast<int>(x0.w), s);
-        s = __dp4a(static_cast<int>(w[4]), static_cast<int>(x1.x), s);
-        s = __dp4a(static_cast<int>(w[5]), static_cast<int>(x1.y), s);
-        s = __dp4a(static_cast<int>(w[6]), static_cast<int>(x1.z), s);
-        s = __dp4a(static_cast<int>(w[7]), static_cast<int>(x1.w), s);
-        acc[i] = fmaf(dw[u] * __ldg(xd + size_t(i) * nb + b), static_cast<float>(s), acc[i]);
+        const int xv[8] = {static_cast<int>(x0.x), static_cast<int>(x0.y), static_cast<int>(x0.z), static_cast<int>(x0.w),
+                           static_cast<int>(x1.x), static_cast<int>(x1.y), static_cast<int>(x1.z), static_cast<int>(x1.w)};
+        const float dx = __ldg(xd + size_t(i) * nb + b);
+        for (unsigned r = 0; r < R; ++r) {
+          if (r >= rows) break;
+          int s = kMagicInt;
+          for (int j = 0; j < 8; ++j) s = __dp4a(static_cast<int>(w[r][j]), xv[j], s);
+          acc[r][i] = fmaf(dw[u][r] * dx, MagicToFloat(s), acc[r][i]);
+        }
       }
     }
   }
-  for (int i = 0; i < M; ++i)
-    for (int o = 16; o > 0; o >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+  for (unsigned r = 0; r < R; ++r)
+    for (int i = 0; i < M; ++i)
+      for (int o = 16; o > 0; o >>= 1) acc[r][i] += __shfl_xor_sync(0xffffffffu, acc[r][i], o);
   if (lane == 0)
-    for (int i = 0; i < M; ++i) y[size_t(i) * n + row] = acc[i];
+    for (unsigned r = 0; r < rows; ++r)
+      for (int i = 0; i < M; ++i) y[size_t(i) * n + row0 + r] = acc[r][i];
 }
 
 // ---- GEMM with int8 tensor cores (prefill) ----
 // A block tile is 64 activation rows x 128 weight rows; 8 warps as 2 (rows) x 4 (weight rows), each
 // 32 x 32 = 2 x 4 mma tiles of m16n8k32. One m16n8k32 covers exactly one quant block in k, so its
-// int32 result is the block's exact integer sum, scaled by fp32(dw * dx) and FMA'd into the fp32
-// accumulator right after the mma: each output is one fp32 chain over the blocks in order, as in
-// the CPU's blocked GEMM. Stages of 2 blocks (64 bytes of k) go through shared memory with the
-// next stage's global loads held in registers meanwhile. Shared rows are 80 bytes: the 16 bytes of
-// padding put the 8 rows g = 0..7 a fragment load touches (4 words each) in 32 distinct banks.
+// int32 result is the block's exact integer sum (accumulated onto kMagicInt, so that it converts to
+// fp32 with one FADD), scaled by fp32(dw * dx) and FMA'd into the fp32 accumulator right after the
+// mma: each output is one fp32 chain over the blocks in order, as in the CPU's blocked GEMM.
+// Stages of 4 blocks (128 bytes of k) go through shared memory with the next stage's global loads
+// held in registers meanwhile: 4 blocks of compute cover one load's latency. Shared rows are 144
+// bytes (36 words): the 8 rows g = 0..7 a fragment load touches (4 words each) fall in 32
+// distinct banks.
 
 constexpr unsigned kMmaBm = 64, kMmaBn = 128, kMmaThreads = 256;
-constexpr unsigned kStageBlocks = 2, kStageBytes = kStageBlocks * 32, kRowStride = kStageBytes + 16;
+constexpr unsigned kStageBlocks = 4, kStageBytes = kStageBlocks * 32, kRowStride = kStageBytes + 16;
+constexpr unsigned kChunksPerRow = kStageBytes / 16;
 
 template <int T>
 struct MmaStage {  // one stage's global loads, in registers between the loads and the shared stores
-  uint4 a;         // activation row tid / 4, 16 bytes at (tid % 4) * 16
-  uint4 b[2];      // q8_0: weight rows tid / 4 and 64 + tid / 4; q4_0: b[0] is block (tid % 2) of row tid / 2
-  float dx;        // tid < 128: scale of activation row tid / 2, block tid % 2
-  float dw;        // scale of weight row tid / 2, block tid % 2
+  uint4 a[kMmaBm * kChunksPerRow / kMmaThreads];          // 16-byte chunks tid + 256 h of the activations
+  uint4 b[T == kQ8 ? kMmaBn * kChunksPerRow / kMmaThreads  // q8_0: chunks of the weight rows
+                   : kMmaBn * kStageBlocks / kMmaThreads];  // q4_0: one packed block each
+  float dx;                                                // scale [row tid / 4][block tid % 4]
+  float dw[kMmaBn * kStageBlocks / kMmaThreads];           // scales tid + 256 h, as dx
 };
 
 template <int T>
@@ -192,45 +213,52 @@ __device__ __forceinline__ void LoadMmaStage(MmaStage<T>& s, const int8_t* __res
                                              unsigned blk0) {
   const unsigned tid = threadIdx.x, nb = k / 32;
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  {
-    const unsigned r = row0 + tid / 4, kb = blk0 * 32 + (tid % 4) * 16;
-    s.a = r < m && kb < k ? __ldg(reinterpret_cast<const uint4*>(xq + size_t(r) * k + kb)) : zero;
+  for (unsigned h = 0; h < sizeof(s.a) / sizeof(s.a[0]); ++h) {
+    const unsigned c = tid + kMmaThreads * h, r = row0 + c / kChunksPerRow, kb = blk0 * 32 + (c % kChunksPerRow) * 16;
+    s.a[h] = r < m && kb < k ? __ldg(reinterpret_cast<const uint4*>(xq + size_t(r) * k + kb)) : zero;
   }
-  if (T == kQ8) {
-    for (int h = 0; h < 2; ++h) {
-      const unsigned c = col0 + tid / 4 + h * 64, kb = blk0 * 32 + (tid % 4) * 16;
-      s.b[h] = c < n && kb < k ? __ldg(reinterpret_cast<const uint4*>(wq + size_t(c) * k + kb)) : zero;
+  for (unsigned h = 0; h < sizeof(s.b) / sizeof(s.b[0]); ++h) {
+    const unsigned c = tid + kMmaThreads * h;
+    if (T == kQ8) {
+      const unsigned r = col0 + c / kChunksPerRow, kb = blk0 * 32 + (c % kChunksPerRow) * 16;
+      s.b[h] = r < n && kb < k ? __ldg(reinterpret_cast<const uint4*>(wq + size_t(r) * k + kb)) : zero;
+    } else {
+      const unsigned r = col0 + c / kStageBlocks, b = blk0 + c % kStageBlocks;
+      s.b[h] = r < n && b < nb ? __ldg(reinterpret_cast<const uint4*>(wq + (size_t(r) * nb + b) * 16)) : zero;
     }
-  } else {
-    const unsigned c = col0 + tid / 2, b = blk0 + tid % 2;
-    s.b[0] = c < n && b < nb ? __ldg(reinterpret_cast<const uint4*>(wq + (size_t(c) * nb + b) * 16)) : zero;
   }
   {
-    const unsigned r = row0 + tid / 2, c = col0 + tid / 2, b = blk0 + tid % 2;
-    s.dx = tid < 2 * kMmaBm && r < m && b < nb ? __ldg(xd + size_t(r) * nb + b) : 0.0f;
-    s.dw = c < n && b < nb ? HalfToFloat(__ldg(wd + size_t(c) * nb + b)) : 0.0f;
+    const unsigned r = row0 + tid / kStageBlocks, b = blk0 + tid % kStageBlocks;
+    s.dx = r < m && b < nb ? __ldg(xd + size_t(r) * nb + b) : 0.0f;
+  }
+  for (unsigned h = 0; h < sizeof(s.dw) / sizeof(s.dw[0]); ++h) {
+    const unsigned c = tid + kMmaThreads * h, r = col0 + c / kStageBlocks, b = blk0 + c % kStageBlocks;
+    s.dw[h] = r < n && b < nb ? HalfToFloat(__ldg(wd + size_t(r) * nb + b)) : 0.0f;
   }
 }
 
 template <int T>
 __device__ __forceinline__ void StoreMmaStage(const MmaStage<T>& s, uint8_t* as, uint8_t* bs, float* sdx, float* sdw) {
   const unsigned tid = threadIdx.x;
-  *reinterpret_cast<uint4*>(as + (tid / 4) * kRowStride + (tid % 4) * 16) = s.a;
-  if (T == kQ8) {
-    for (int h = 0; h < 2; ++h) *reinterpret_cast<uint4*>(bs + (tid / 4 + h * 64) * kRowStride + (tid % 4) * 16) = s.b[h];
-  } else {
-    const uint32_t v[4] = {s.b[0].x, s.b[0].y, s.b[0].z, s.b[0].w};
-    uint32_t lo[4], hi[4];
-    for (int i = 0; i < 4; ++i) {
-      lo[i] = NibblesToS8(v[i] & 0x0F0F0F0Fu);
-      hi[i] = NibblesToS8((v[i] >> 4) & 0x0F0F0F0Fu);
-    }
-    uint8_t* dst = bs + (tid / 2) * kRowStride + (tid % 2) * 32;
-    *reinterpret_cast<uint4*>(dst) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-    *reinterpret_cast<uint4*>(dst + 16) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+  for (unsigned h = 0; h < sizeof(s.a) / sizeof(s.a[0]); ++h) {
+    const unsigned c = tid + kMmaThreads * h;
+    *reinterpret_cast<uint4*>(as + (c / kChunksPerRow) * kRowStride + (c % kChunksPerRow) * 16) = s.a[h];
   }
-  if (tid < 2 * kMmaBm) sdx[tid] = s.dx;  // [row][block of the stage]
-  sdw[tid] = s.dw;
+  for (unsigned h = 0; h < sizeof(s.b) / sizeof(s.b[0]); ++h) {
+    const unsigned c = tid + kMmaThreads * h;
+    if (T == kQ8) {
+      *reinterpret_cast<uint4*>(bs + (c / kChunksPerRow) * kRowStride + (c % kChunksPerRow) * 16) = s.b[h];
+    } else {
+      uint4 raw[2] = {s.b[h], s.b[h]};
+      uint32_t w[8];
+      WidenBlock<kQ4>(raw, w);
+      uint8_t* dst = bs + (c / kStageBlocks) * kRowStride + (c % kStageBlocks) * 32;
+      *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+      *reinterpret_cast<uint4*>(dst + 16) = make_uint4(w[4], w[5], w[6], w[7]);
+    }
+  }
+  sdx[tid] = s.dx;  // [row][block of the stage]
+  for (unsigned h = 0; h < sizeof(s.dw) / sizeof(s.dw[0]); ++h) sdw[tid + kMmaThreads * h] = s.dw[h];
 }
 
 template <int T>
@@ -238,11 +266,12 @@ __global__ void __launch_bounds__(kMmaThreads) QuantGemmMmaKernel(const int8_t* 
                                                                   const uint8_t* __restrict__ wq,
                                                                   const uint16_t* __restrict__ wd, float* __restrict__ y,
                                                                   unsigned m, unsigned n, unsigned k) {
+  static_assert(kMmaBm * kStageBlocks == kMmaThreads, "one activation scale per thread and stage");
   __shared__ uint4 as_words[kMmaBm * kRowStride / 16], bs_words[kMmaBn * kRowStride / 16];  // uint4: 16-byte aligned
-  uint8_t* as = reinterpret_cast<uint8_t*>(as_words);
-  uint8_t* bs = reinterpret_cast<uint8_t*>(bs_words);
   __shared__ float sdx[kMmaBm * kStageBlocks];
   __shared__ float sdw[kMmaBn * kStageBlocks];
+  uint8_t* as = reinterpret_cast<uint8_t*>(as_words);
+  uint8_t* bs = reinterpret_cast<uint8_t*>(bs_words);
   const unsigned row0 = blockIdx.y * kMmaBm, col0 = blockIdx.x * kMmaBn, nb = k / 32;
   const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const unsigned wm = (warp / 4) * 32, wn = (warp % 4) * 32;  // the warp's tile within the block's
@@ -278,10 +307,10 @@ __global__ void __launch_bounds__(kMmaThreads) QuantGemmMmaKernel(const int8_t* 
         for (int e = 0; e < 2; ++e) dw[j][e] = sdw[(wn + j * 8 + t * 2 + e) * kStageBlocks + sb];
       for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 4; ++j) {
-          int32_t d[4] = {0, 0, 0, 0};
+          int32_t d[4] = {kMagicInt, kMagicInt, kMagicInt, kMagicInt};
           MmaS8(d, a[i], b[j]);
           for (int e = 0; e < 4; ++e)
-            acc[i][j][e] = fmaf(dw[j][e & 1] * dx[i][e >> 1], static_cast<float>(d[e]), acc[i][j][e]);
+            acc[i][j][e] = fmaf(dw[j][e & 1] * dx[i][e >> 1], MagicToFloat(d[e]), acc[i][j][e]);
         }
     }
     __syncthreads();
@@ -339,7 +368,7 @@ __global__ void __launch_bounds__(256) QuantGemmSimtKernel(const int8_t* __restr
     __syncthreads();
     int32_t s[4][4];
     for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) s[i][j] = 0;
+      for (int j = 0; j < 4; ++j) s[i][j] = kMagicInt;
     for (int w = 0; w < 8; ++w) {
       int32_t av[4], bv[4];
       for (int i = 0; i < 4; ++i) av[i] = *reinterpret_cast<const int32_t*>(as + (ty + 16 * i) * kSimtStride + w * 4);
@@ -349,7 +378,7 @@ __global__ void __launch_bounds__(256) QuantGemmSimtKernel(const int8_t* __restr
     }
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j)
-        acc[i][j] = fmaf(sdw[tx + 16 * j] * sdx[ty + 16 * i], static_cast<float>(s[i][j]), acc[i][j]);
+        acc[i][j] = fmaf(sdw[tx + 16 * j] * sdx[ty + 16 * i], MagicToFloat(s[i][j]), acc[i][j]);
     __syncthreads();
   }
   for (int i = 0; i < 4; ++i)
@@ -396,7 +425,8 @@ void PackOp(GpuStream& stream, const GpuDeviceInfo&, const GpuOpCall& c) {
 template <int T, int M>
 void LaunchGemv(GpuStream& stream, const int8_t* xq, const float* xd, const uint8_t* wq, const uint16_t* wd, float* y,
                 unsigned n, unsigned k) {
-  Launch(QuantGemvKernel<T, M>, dim3(CeilDiv(n, kGemvWarps)), dim3(kGemvWarps * 32), 0, stream, xq, xd, wq, wd, y, n, k);
+  Launch(QuantGemvKernel<T, M>, dim3(CeilDiv(n, kGemvWarps * kGemvRowsPerWarp<T, M>)), dim3(kGemvWarps * 32), 0, stream, xq,
+         xd, wq, wd, y, n, k);
 }
 
 template <int T>
