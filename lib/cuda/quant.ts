@@ -8,7 +8,7 @@
  * them on the device into aligned arrays of quants and fp16 scales (gpuQuantPackedBytes() bytes),
  * which the kernels read with 16-byte loads. The bytes a product reads are the GGUF ones.
  *
- * Up to 8 activation rows run a GEMV that streams the weights (decode); more rows a tiled GEMM on
+ * Up to 16 activation rows run a GEMV that streams the weights (decode); more rows a tiled GEMM on
  * int8 tensor cores (mma.sync, compute capability 8.0 and up) or a SIMT dp4a GEMM below that.
  */
 import { InvalidArgumentError } from '../errors.js';
@@ -111,7 +111,7 @@ export type GpuQuantAlgorithm = 'auto' | 'gemv' | 'gemm';
 const ALGORITHMS: readonly GpuQuantAlgorithm[] = ['auto', 'gemv', 'gemm'];
 
 export interface GpuQuantMatmulOptions {
-  /** 'auto' (default): the GEMV up to 8 rows, the GEMM above. */
+  /** 'auto' (default): the GEMV up to 16 rows, the GEMM above. */
   algorithm?: GpuQuantAlgorithm;
   /** Run the SIMT (dp4a) GEMM even where int8 tensor cores exist (devices below 8.0 always do). */
   simt?: boolean;

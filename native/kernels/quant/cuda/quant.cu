@@ -15,7 +15,7 @@
 //   quant_pack    [raw GGUF rows, packed]                   {type, n, k}
 //   quant_matmul  [x f32 m*k, packed, y f32 m*n, scratch]   {type, m, n, k, algorithm?, simt?}
 //     scratch holds the quantised activations: m * k int8, then m * (k / 32) fp32 scales.
-//     algorithm 0 auto (GEMV up to 8 rows, else GEMM), 1 GEMV, 2 GEMM; simt forces the SIMT GEMM
+//     algorithm 0 auto (GEMV up to 16 rows, else GEMM), 1 GEMV, 2 GEMM; simt forces the SIMT GEMM
 //     (dp4a) that devices below compute capability 8.0 run instead of the int8 mma.sync one;
 //     reuse: scratch already holds this x quantised (by an earlier call with the same x, m and k,
 //     as Q, K and V share their input), so the quantiser is skipped: one launch per product.
@@ -105,29 +105,31 @@ __global__ void PackKernel(const uint8_t* __restrict__ raw, uint8_t* __restrict_
   for (unsigned i = 0; i < kBytes / 16; ++i) dst[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
 }
 
-// ---- GEMV (decode, up to 8 activation rows): each warp takes R weight rows ----
+// ---- GEMV (decode, up to 8 activation rows per launch): each warp takes R weight rows ----
 // Each lane takes whole blocks (lane, lane + 32, ...), so a warp's loads cover 32 consecutive blocks
 // of a row (1 KiB of q8_0, 512 B of q4_0) in 16-byte pieces, and U blocks of each of its R rows are
-// loaded before the first dp4a needs them: 128 bytes per lane in flight, which with ~30 warps per SM
-// is the ~100 KiB per SM an HBM3 part needs in flight to stay busy. R = 2 halves the activation
-// loads per weight byte (they come from L1: every warp of the SM reads the same x) wherever that
-// does not cost warps: always for q4_0, from 2 activation rows for q8_0. The activations are not
-// staged in shared memory: K up to 14336 would need 112 KiB of it at 8 rows.
+// loaded before the first dp4a needs them (64 to 128 bytes per lane in flight). R = 2 from two
+// activation rows halves the activation loads per weight byte (they come from L1: every warp of
+// the SM reads the same x); for one row it measured slower on an H200 (fewer warps in flight). The
+// activations are not staged in shared memory: K up to 14336 would need 112 KiB of it at 8 rows.
 
 constexpr unsigned kGemvWarps = 4;
 constexpr unsigned kGemvMaxRows = 8;
+// 'auto' runs the GEMV (in launches of up to 8 rows) up to this many rows: on an H200 at K = N =
+// 4096 the GEMV took 29 us for 16 rows against the GEMM's 54 us, and broke even near 32.
+constexpr unsigned kGemvAutoRows = 16;
 
-// An int32 sum added to this bit pattern reads as the float 1.5 * 2^23 + sum for |sum| < 2^22, so
-// subtracting 1.5 * 2^23 converts it exactly with two full-rate ops (the int-to-float conversion
-// unit runs at a quarter of the FMA rate). A block's sum is at most 32 * 128 * 127 < 2^19.
+// An int32 sum started at this bit pattern reads as the float 1.5 * 2^23 + sum for |sum| < 2^22, so
+// one full-rate FADD of -1.5 * 2^23 converts it exactly (the int-to-float unit runs at a quarter
+// of the FMA rate). A block's sum is at most 32 * 128 * 127 < 2^19.
 constexpr int32_t kMagicInt = 0x4B400000;
 constexpr float kMagicFloat = 12582912.0f;
 __device__ __forceinline__ float MagicToFloat(int32_t v) { return __int_as_float(v) - kMagicFloat; }
 
 template <int T, int M>
-constexpr unsigned kGemvRowsPerWarp = T == kQ4 || M > 1 ? 2 : 1;
+constexpr unsigned kGemvRowsPerWarp = M > 1 ? 2 : 1;
 template <int T, int M>
-constexpr unsigned kGemvUnroll = (T == kQ8 ? 4 : 8) / kGemvRowsPerWarp<T, M>;
+constexpr unsigned kGemvUnroll = M == 1 ? 4 : (T == kQ8 ? 4 : 8) / kGemvRowsPerWarp<T, M>;
 
 template <int T, int M>
 __global__ void __launch_bounds__(kGemvWarps * 32) QuantGemvKernel(const int8_t* __restrict__ xq, const float* __restrict__ xd,
@@ -141,17 +143,29 @@ __global__ void __launch_bounds__(kGemvWarps * 32) QuantGemvKernel(const int8_t*
   float acc[R][M];
   for (unsigned r = 0; r < R; ++r)
     for (int i = 0; i < M; ++i) acc[r][i] = 0.0f;
+  // With one activation row its blocks are loaded with the weights' (kXAhead): x comes from L1, but
+  // a load issued beside its dot product left each block waiting on it in turn (an H200 profile of
+  // the q4_0 GEMV: half the cycles stalled on L1); loaded ahead, the 4096 x 14336 q8_0 GEMV went
+  // from 3.12 to 3.60 TB/s. More rows would need too many registers for it.
+  constexpr bool kXAhead = M == 1;
   for (unsigned b0 = lane; b0 < nb; b0 += 32 * U) {
-    uint4 raw[U][R][2];
-    float dw[U][R];
+    uint4 raw[U][R][2], xa[U][2];
+    float dw[U][R], dxa[U];
     for (unsigned u = 0; u < U; ++u) {
       const unsigned b = b0 + 32 * u;
-      for (unsigned r = 0; r < R; ++r)
-        if (b < nb && r < rows) {
-          const size_t blk = size_t(row0 + r) * nb + b;
-          LoadBlock<T>(wq + blk * kQuantBytes<T>, raw[u][r]);
-          dw[u][r] = HalfToFloat(__ldg(wd + blk));
+      if (b < nb) {
+        for (unsigned r = 0; r < R; ++r)
+          if (r < rows) {
+            const size_t blk = size_t(row0 + r) * nb + b;
+            LoadBlock<T>(wq + blk * kQuantBytes<T>, raw[u][r]);
+            dw[u][r] = HalfToFloat(__ldg(wd + blk));
+          }
+        if (kXAhead) {
+          xa[u][0] = __ldg(reinterpret_cast<const uint4*>(xq + size_t(b) * 32));
+          xa[u][1] = __ldg(reinterpret_cast<const uint4*>(xq + size_t(b) * 32) + 1);
+          dxa[u] = __ldg(xd + b);
         }
+      }
     }
     for (unsigned u = 0; u < U; ++u) {
       const unsigned b = b0 + 32 * u;
@@ -161,10 +175,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32) QuantGemvKernel(const int8_t*
         if (r < rows) WidenBlock<T>(raw[u][r], w[r]);
       for (int i = 0; i < M; ++i) {
         const uint4* xp = reinterpret_cast<const uint4*>(xq + size_t(i) * k + size_t(b) * 32);
-        const uint4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+        const uint4 x0 = kXAhead ? xa[u][0] : __ldg(xp), x1 = kXAhead ? xa[u][1] : __ldg(xp + 1);
         const int xv[8] = {static_cast<int>(x0.x), static_cast<int>(x0.y), static_cast<int>(x0.z), static_cast<int>(x0.w),
                            static_cast<int>(x1.x), static_cast<int>(x1.y), static_cast<int>(x1.z), static_cast<int>(x1.w)};
-        const float dx = __ldg(xd + size_t(i) * nb + b);
+        const float dx = kXAhead ? dxa[u] : __ldg(xd + size_t(i) * nb + b);
         for (unsigned r = 0; r < R; ++r) {
           if (r >= rows) break;
           int s = kMagicInt;
@@ -305,13 +319,17 @@ __global__ void __launch_bounds__(kMmaThreads) QuantGemmMmaKernel(const int8_t* 
         for (int h = 0; h < 2; ++h) dx[i][h] = sdx[(wm + i * 16 + g + h * 8) * kStageBlocks + sb];
       for (int j = 0; j < 4; ++j)
         for (int e = 0; e < 2; ++e) dw[j][e] = sdw[(wn + j * 8 + t * 2 + e) * kStageBlocks + sb];
+      // All 8 products of the block issue before the first scaling waits on one.
+      int32_t d[2][4][4];
       for (int i = 0; i < 2; ++i)
         for (int j = 0; j < 4; ++j) {
-          int32_t d[4] = {kMagicInt, kMagicInt, kMagicInt, kMagicInt};
-          MmaS8(d, a[i], b[j]);
-          for (int e = 0; e < 4; ++e)
-            acc[i][j][e] = fmaf(dw[j][e & 1] * dx[i][e >> 1], MagicToFloat(d[e]), acc[i][j][e]);
+          for (int e = 0; e < 4; ++e) d[i][j][e] = kMagicInt;
+          MmaS8(d[i][j], a[i], b[j]);
         }
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 4; ++j)
+          for (int e = 0; e < 4; ++e)
+            acc[i][j][e] = fmaf(dw[j][e & 1] * dx[i][e >> 1], MagicToFloat(d[i][j][e]), acc[i][j][e]);
     }
     __syncthreads();
   }
@@ -474,7 +492,7 @@ void MatmulOp(GpuStream& stream, const GpuDeviceInfo& device, const GpuOpCall& c
   float* y = c.Buffer<float>(2, c.Count({m, s.n}), "y");
   int8_t* xq = c.Buffer<int8_t>(3, c.Count({m, s.k}) + c.Count({m, s.nb, 4}), "scratch");
   float* xd = reinterpret_cast<float*>(xq + c.Count({m, s.k}));
-  const bool gemm = algorithm == 2 || (algorithm == 0 && m > int64_t(kGemvMaxRows));
+  const bool gemm = algorithm == 2 || (algorithm == 0 && m > int64_t(kGemvAutoRows));
   if (gemm && m > int64_t(65535) * (simt ? kSimtTile : kMmaBm)) c.Invalid("m exceeds the GEMM grid's limit");
   if (m == 0 || s.n == 0) return;
   const size_t act_blocks = c.Count({m, s.nb});
