@@ -1,7 +1,9 @@
 // q8_0 / q4_0 matrix products: the decode GEMV is bound by reading the weights, so it reports GB/s
-// of weight bytes (the GGUF bytes: 34 / 18 per block of 32) against the measured read ceiling; the
-// prefill GEMM reports TFLOP/s against the int8 mma.sync rate (twice the bf16 rate the suite
-// measures on sm_80 and sm_90). Each time includes the activation quantiser the op runs first.
+// of weight bytes (the GGUF bytes: 34 / 18 per block of 32) against the measured read ceiling, with
+// the activation quantiser the op runs first and without it (x quantised once, as projections that
+// share an input run); the prefill GEMM reports TFLOP/s against the int8 mma.sync rate (twice the
+// bf16 rate the suite measures on sm_80 and sm_90). Repeated runs of one matrix below ~50 MB read it
+// partly from L2, which flatters the 4096 x 4096 cases.
 import { GpuBuffer } from '../../dist/cuda/runtime.js';
 import { GpuQuantWeights, gpuQuantScratchBytes } from '../../dist/cuda/quant.js';
 import { randomBuffer, timeOp } from './common.js';

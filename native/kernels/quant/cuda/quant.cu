@@ -13,7 +13,7 @@
 //
 // Ops:
 //   quant_pack    [raw GGUF rows, packed]                   {type, n, k}
-//   quant_matmul  [x f32 m*k, packed, y f32 m*n, scratch]   {type, m, n, k, algorithm?, simt?}
+//   quant_matmul  [x f32 m*k, packed, y f32 m*n, scratch]   {type, m, n, k, algorithm?, simt?, reuse?}
 //     scratch holds the quantised activations: m * k int8, then m * (k / 32) fp32 scales.
 //     algorithm 0 auto (GEMV up to 16 rows, else GEMM), 1 GEMV, 2 GEMM; simt forces the SIMT GEMM
 //     (dp4a) that devices below compute capability 8.0 run instead of the int8 mma.sync one;
