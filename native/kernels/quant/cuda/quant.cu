@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) QuantGemvKernel(const int8_t*
     for (unsigned u = 0; u < U; ++u) {
       const unsigned b = b0 + 32 * u;
       if (b >= nb) break;
-      uint32_t w[R][8];
+      uint32_t w[R][8] = {};  // rows past n stay unread; zeros keep the host compiler from warning
       for (unsigned r = 0; r < R; ++r)
         if (r < rows) WidenBlock<T>(raw[u][r], w[r]);
       for (int i = 0; i < M; ++i) {
