@@ -9,8 +9,9 @@ import { timeOp } from './common.js';
 import { normCases } from './norm.js';
 import { attentionCases } from './attention.js';
 import { convCases } from './conv.js';
+import { quantCases } from './quant.js';
 
-const FAMILIES = [normCases, attentionCases, convCases];
+const FAMILIES = [normCases, attentionCases, convCases, quantCases];
 
 // Dense datasheet peaks: bf16 tensor-core and fp32 TFLOP/s, HBM GB/s. First match wins.
 const DATASHEET = [
