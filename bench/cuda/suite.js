@@ -6,9 +6,10 @@
 import { devices } from '../../dist/index.js';
 import { GpuBuffer, gpuDevice } from '../../dist/cuda/runtime.js';
 import { timeOp } from './common.js';
+import { moeCases } from './moe.js';
 import { normCases } from './norm.js';
 
-const FAMILIES = [normCases];
+const FAMILIES = [normCases, moeCases];
 
 // Dense datasheet peaks: bf16 tensor-core and fp32 TFLOP/s, HBM GB/s. First match wins.
 const DATASHEET = [
