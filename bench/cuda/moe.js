@@ -2,8 +2,7 @@
 // through gpuMoe at 1, 16 and 512 tokens: the whole layer (router GEMM, routing, dispatch, grouped
 // gate/up and down GEMMs, combine) per call. TFLOP/s counts the active FLOPs (tokens * k * 3
 // GEMMs of 2 * dModel * dFf); GB/s counts the expert weights read (each expert that received a
-// token read once), the bound of small batches, against the measured read ceiling. 512 tokens
-// also runs the SIMT kernel for the tensor-core speed-up in the same process.
+// token read once), the bound of small batches, against the measured read ceiling.
 import { GpuBuffer } from '../../dist/cuda/runtime.js';
 import { gpuMoe, gpuMoeWorkspaceBytes } from '../../dist/cuda/moe.js';
 import { randomBuffer } from './common.js';
@@ -39,14 +38,16 @@ export async function* moeCases(env) {
   const peak = measured.mma ?? sheet?.bf16;
   try {
     for (const tokens of tokenCounts) {
-      for (const simt of tokens === 512 ? [false, true] : [false]) {
+      // 'auto' picks gemv below 8 rows per expert and tensor cores above; the forced kernel beside
+      // it is the alternative that was not picked, measured in the same process.
+      for (const kernel of ['auto', tokens >= 512 ? 'simt' : 'tensor']) {
         const reps = emulated ? 1 : quick ? 5 : tokens >= 512 ? 20 : 50;
-        const { ms, expertCounts } = await gpuMoe(id, x, tokens, layer, y, { reps, workspace, simt });
+        const { ms, expertCounts } = await gpuMoe(id, x, tokens, layer, y, { reps, workspace, kernel });
         const tflops = tokens * k * 3 * 2 * dModel * dFf / ms / 1e9;
         const used = expertCounts.filter((c) => c > 0).length;
         const gbps = used * 3 * count * 2 / ms / 1e6;
         yield {
-          case: `moe bf16 E${nExperts} top${k} ${dModel}x${dFf} tokens ${tokens}${simt ? ' simt' : ''}`, ms, tflops,
+          case: `moe bf16 E${nExperts} top${k} ${dModel}x${dFf} tokens ${tokens} ${kernel}`, ms, tflops,
           pctOfMma: peak ? 100 * tflops / peak : undefined, expertsUsed: used, gbps, pctOfRead: 100 * gbps / measured.gbps,
         };
       }

@@ -9,8 +9,9 @@
  * weights renormalised if asked, times weightScale; capacityFactor keeps the earliest tokens.
  * Weights: float32 or bfloat16 (raw bits), each expert row-major [rows, cols] as GGUF stacks them
  * (gate/up [nExperts, dFf, dModel], down [nExperts, dModel, dFf], router [nExperts, dModel]).
- * Precision: float32 weights and `simt` run fp32 products; bf16 weights on a device of compute
- * capability >= 8.0 run on tensor cores with the activations rounded to bf16 (fp32 sums).
+ * Precision: the 'simt' and 'gemv' kernels (GpuMoeKernel) compute fp32 products of the weights
+ * as stored; 'tensor' (bf16 weights, cc >= 8.0) rounds the activations to bf16, fp32 sums. The
+ * router GEMM picks its kernel by the same rule as 'auto'.
  * Results are deterministic: no float atomics (see moe.cu).
  */
 import { InvalidArgumentError } from '../errors.js';
@@ -59,9 +60,18 @@ export interface GpuMoeLayer extends GpuMoeRouting, GpuMoeExperts {
   routerType?: GpuMoeWeightType;
 }
 
+/**
+ * The expert GEMMs' kernel. 'auto' (default): 'gemv' while the experts average at most 8 rows
+ * (decode, small batches), else 'tensor' for bf16 weights on compute capability >= 8.0, else
+ * 'simt'. 'tensor': 64 x 64 tiles on tensor cores (bf16 weights only; activations rounded to bf16).
+ * 'simt': 64 x 64 tiles in fp32. 'gemv': a warp per output column, fp32.
+ */
+export type GpuMoeKernel = 'auto' | 'tensor' | 'simt' | 'gemv';
+const KERNEL_CODE = { auto: 0, tensor: 1, simt: 2, gemv: 3 } as const;
+const KERNELS = Object.keys(KERNEL_CODE) as GpuMoeKernel[];
+
 export interface GpuMoeKernelOptions extends GpuRunOptions {
-  /** Run bf16 weights on the SIMT kernel (fp32 products) even where tensor cores exist. */
-  simt?: boolean;
+  kernel?: GpuMoeKernel;
 }
 
 export interface GpuMoeOptions extends GpuMoeKernelOptions {
@@ -82,14 +92,15 @@ export interface GpuMoeResult {
 
 /** Experts a routing warp can hold (moe.cu's kMaxExperts). */
 export const GPU_MOE_MAX_EXPERTS = 1024;
-const MAX_DIM = 2 ** 22;
+const MAX_DIM = 2 ** 21;
 const WEIGHT_TYPES = ['f32', 'bf16'] as const;
 const WEIGHT_CODE = { f32: 0, bf16: 1 } as const;
 const BYTES = { f32: 4, bf16: 2 } as const;
 
-function simtFlag(where: string, simt: unknown): number {
-  if (simt !== undefined && typeof simt !== 'boolean') throw new InvalidArgumentError(`${where}: options.simt must be a boolean, got ${describe(simt)}`);
-  return simt ? 1 : 0;
+function kernelCode(where: string, kernel: unknown, weightType: GpuMoeWeightType): number {
+  const k = checkOneOf(`${where}: options.kernel`, kernel ?? 'auto', KERNELS);
+  if (k === 'tensor' && weightType !== 'bf16') throw new InvalidArgumentError(`${where}: options.kernel 'tensor' needs bf16 weights, got ${weightType}`);
+  return KERNEL_CODE[k];
 }
 
 function runOpts(opts: GpuRunOptions): GpuRunOptions {
@@ -210,8 +221,9 @@ export async function gpuMoeDispatch(device: GpuDeviceId, ids: GpuBuffer, tokens
 export async function gpuMoeGateUp(device: GpuDeviceId, x: GpuBuffer, tokens: number, rowToken: GpuBuffer, offsets: GpuBuffer,
   rows: number, layer: GpuMoeExperts, h: GpuBuffer, options: GpuMoeKernelOptions = {}): Promise<number> {
   const w = 'gpuMoeGateUp';
-  const opts = checkOptions<GpuMoeKernelOptions>(w, options, ['reps', 'simt']);
+  const opts = checkOptions<GpuMoeKernelOptions>(w, options, ['reps', 'kernel']);
   const e = experts(w, layer);
+  const kernel = kernelCode(w, opts.kernel, e.weightType);
   tokens = checkInt(`${w}: tokens`, tokens, 0, 2 ** 31 - 1);
   rows = checkInt(`${w}: rows`, rows, 0, 2 ** 31 - 1);
   checkGpuBuffer(w, 'x', x, device, tokens * e.dModel * 4);
@@ -221,8 +233,7 @@ export async function gpuMoeGateUp(device: GpuDeviceId, x: GpuBuffer, tokens: nu
   checkGpuBuffer(w, 'layer.up', layer.up, device, e.nExperts * e.expertBytes);
   checkGpuBuffer(w, 'h', h, device, rows * e.dFf * 4);
   return runGpuOp(device, 'moe_gate_up', [x, rowToken, offsets, layer.gate, layer.up, h], {
-    tokens, rows, experts: e.nExperts, dModel: e.dModel, dFf: e.dFf, weightType: WEIGHT_CODE[e.weightType],
-    simt: simtFlag(w, opts.simt),
+    tokens, rows, experts: e.nExperts, dModel: e.dModel, dFf: e.dFf, weightType: WEIGHT_CODE[e.weightType], kernel,
   }, runOpts(opts));
 }
 
@@ -230,15 +241,16 @@ export async function gpuMoeGateUp(device: GpuDeviceId, x: GpuBuffer, tokens: nu
 export async function gpuMoeDown(device: GpuDeviceId, h: GpuBuffer, offsets: GpuBuffer, rows: number, layer: GpuMoeExperts,
   yo: GpuBuffer, options: GpuMoeKernelOptions = {}): Promise<number> {
   const w = 'gpuMoeDown';
-  const opts = checkOptions<GpuMoeKernelOptions>(w, options, ['reps', 'simt']);
+  const opts = checkOptions<GpuMoeKernelOptions>(w, options, ['reps', 'kernel']);
   const e = experts(w, layer);
+  const kernel = kernelCode(w, opts.kernel, e.weightType);
   rows = checkInt(`${w}: rows`, rows, 0, 2 ** 31 - 1);
   checkGpuBuffer(w, 'h', h, device, rows * e.dFf * 4);
   checkGpuBuffer(w, 'offsets', offsets, device, (e.nExperts + 1) * 4);
   checkGpuBuffer(w, 'layer.down', layer.down, device, e.nExperts * e.expertBytes);
   checkGpuBuffer(w, 'yo', yo, device, rows * e.dModel * 4);
   return runGpuOp(device, 'moe_down', [h, offsets, layer.down, yo], {
-    rows, experts: e.nExperts, dModel: e.dModel, dFf: e.dFf, weightType: WEIGHT_CODE[e.weightType], simt: simtFlag(w, opts.simt),
+    rows, experts: e.nExperts, dModel: e.dModel, dFf: e.dFf, weightType: WEIGHT_CODE[e.weightType], kernel,
   }, runOpts(opts));
 }
 
@@ -263,11 +275,11 @@ export async function gpuMoeCombine(device: GpuDeviceId, yo: GpuBuffer, rows: nu
 export async function gpuMoe(device: GpuDeviceId, x: GpuBuffer, tokens: number, layer: GpuMoeLayer, y: GpuBuffer,
   options: GpuMoeOptions = {}): Promise<GpuMoeResult> {
   const w = 'gpuMoe';
-  const opts = checkOptions<GpuMoeOptions>(w, options, ['reps', 'simt', 'capacityFactor', 'workspace']);
+  const opts = checkOptions<GpuMoeOptions>(w, options, ['reps', 'kernel', 'capacityFactor', 'workspace']);
   tokens = checkInt(`${w}: tokens`, tokens, 0, 2 ** 31 - 1);
   const r = routing(w, device, layer);
   const e = experts(w, layer);
-  const simt = simtFlag(w, opts.simt);
+  const kernel = kernelCode(w, opts.kernel, e.weightType);
   const routerType = checkOneOf(`${w}: routerType`, layer.routerType ?? 'f32', WEIGHT_TYPES);
   pairsOf(w, tokens, r.k);
   checkGpuBuffer(w, 'x', x, device, tokens * e.dModel * 4);
@@ -290,7 +302,7 @@ export async function gpuMoe(device: GpuDeviceId, x: GpuBuffer, tokens: number, 
     const buffers = [x, layer.router, layer.gate, layer.up, layer.down, y, counts, workspace, ...(r.bias ? [r.bias] : [])];
     const ms = await runGpuOp(device, 'moe', buffers, {
       tokens, ...r.params, dModel: e.dModel, dFf: e.dFf, weightType: WEIGHT_CODE[e.weightType],
-      routerType: WEIGHT_CODE[routerType], simt, capacity,
+      routerType: WEIGHT_CODE[routerType], kernel, capacity,
     }, runOpts(opts));
     const expertCounts = Array.from(await counts.read(new Int32Array(e.nExperts)));
     const dropped = capacity > 0 ? expertCounts.reduce((s, c) => s + Math.max(0, c - capacity), 0) : 0;

@@ -5,8 +5,9 @@
 // lengths below/at/above the 32 (tensor-core) and 16 (SIMT) k steps, odd sizes that take the
 // unaligned load path, experts that receive no tokens, k = 1 and k = nExperts.
 //
-// Tolerances: fp32 products (float32 weights, or bf16 weights on the SIMT kernel) differ from the
-// CPU only in summation order, so 3e-5 of the row's largest value. The tensor-core path rounds its
+// Every GEMM kernel runs forced ('tensor', 'simt', 'gemv'), and 'auto' where it picks them.
+// Tolerances: fp32 products (the 'simt' and 'gemv' kernels) differ from the CPU only in summation
+// order, so 3e-5 of the row's largest value. The tensor-core path rounds its
 // activations to bf16 (relative 2^-9 per element): x is made bf16-exact here, so only h = silu(g) * u
 // is rounded before the down GEMM; 2^-6 of the row's largest value is 8x the error a random-sign
 // sum of such roundings reaches, and a wrong fragment layout or a lost tile is O(1) of it.
@@ -123,31 +124,35 @@ describeGpu('GPU MoE dispatch', (t) => {
     { tokens: 63, nExperts: 4, k: 1, dModel: 31, dFf: 63, skew: true },  // a group of 63
     { tokens: 21, nExperts: 16, k: 3, dModel: 40, dFf: 24, scoring: 'sigmoid', renormalize: true, bias: true,
       groups: 4, groupsUsed: 2, weightScale: 1.5 },  // DeepSeek-V3-style routing
+    { tokens: 2, nExperts: 3, k: 2, dModel: 264, dFf: 40 },  // gate/up K past gemv's 256-wide step
+    { tokens: 4, nExperts: 2, k: 1, dModel: 24, dFf: 520 },  // down K of two 256 steps and a tail
   ];
 
-  for (const type of ['f32', 'bf16'] as const) {
-    for (const simt of type === 'bf16' ? [false, true] : [true]) {
-      it(`a whole layer against kernels.moe: ${type} weights, ${simt ? 'SIMT' : 'tensor cores'}`, async () => {
-        const tensor = type === 'bf16' && !simt;
-        let seed = 1;
-        for (const c of CASES) {
-          const { cpu, gpu } = await layerOf(c, type, seed += 1000);
-          const x = bf16Exact(randomF32(c.tokens * c.dModel, seed));
-          const want = await kernels.moe(new Tensor('float32', x, [c.tokens, c.dModel]), cpu);
-          const xb = await up(x), yb = alloc(c.tokens * c.dModel * 4);
-          const res = await gpuMoe(t.id, xb, c.tokens, gpu, yb, { simt });
-          const what = `${type}${simt ? ' simt' : ''} ${JSON.stringify(c)}`;
-          expect(res.expertCounts, what).toEqual(want.expertCounts);
-          expect(res.dropped).toBe(0);
-          const got = await yb.read(new Float32Array(c.tokens * c.dModel));
-          expectRowsClose(got, want.output.data as Float32Array, c.tokens, c.dModel, tensor ? 2 ** -6 : 3e-5, what);
-          if (c.tokens === 37) {  // deterministic: a second run is bitwise the same
-            await gpuMoe(t.id, xb, c.tokens, gpu, yb, { simt });
-            expect(Array.from(await yb.read(new Float32Array(c.tokens * c.dModel)))).toEqual(Array.from(got));
-          }
+  const KERNELS = [['f32', 'simt'], ['f32', 'gemv'], ['bf16', 'tensor'], ['bf16', 'simt'], ['bf16', 'gemv']] as const;
+  for (const [type, kernel] of KERNELS) {
+    it(`a whole layer against kernels.moe: ${type} weights, ${kernel} kernel`, async () => {
+      let seed = 1;
+      for (const c of CASES) {
+        seed += 1000;
+        // gemv's tile is 8 rows: the cases of a few rows per expert, and 37 tokens (groups of ~9),
+        // cover its edges; the emulator takes long over the 64-row groups with it.
+        if (kernel === 'gemv' && c.tokens * c.k > 8 * c.nExperts && c.tokens !== 37) continue;
+        const { cpu, gpu } = await layerOf(c, type, seed);
+        const x = bf16Exact(randomF32(c.tokens * c.dModel, seed));
+        const want = await kernels.moe(new Tensor('float32', x, [c.tokens, c.dModel]), cpu);
+        const xb = await up(x), yb = alloc(c.tokens * c.dModel * 4);
+        const res = await gpuMoe(t.id, xb, c.tokens, gpu, yb, { kernel });
+        const what = `${type} ${kernel} ${JSON.stringify(c)}`;
+        expect(res.expertCounts, what).toEqual(want.expertCounts);
+        expect(res.dropped).toBe(0);
+        const got = await yb.read(new Float32Array(c.tokens * c.dModel));
+        expectRowsClose(got, want.output.data as Float32Array, c.tokens, c.dModel, kernel === 'tensor' ? 2 ** -6 : 3e-5, what);
+        if (c.tokens === 37) {  // deterministic: a second run is bitwise the same
+          await gpuMoe(t.id, xb, c.tokens, gpu, yb, { kernel });
+          expect(Array.from(await yb.read(new Float32Array(c.tokens * c.dModel)))).toEqual(Array.from(got));
         }
-      });
-    }
+      }
+    });
   }
 
   it('a bf16 router, the capacity limit, and a reused workspace', async () => {
@@ -164,13 +169,13 @@ describeGpu('GPU MoE dispatch', (t) => {
     const workspace = alloc(gpuMoeWorkspaceBytes(c.tokens, c));
     for (const capacityFactor of [0.5, 0]) {
       const want = await kernels.moe(xt, cpu, { capacityFactor });
-      for (const simt of [true, false]) {
-        const res = await gpuMoe(t.id, xb, c.tokens, gpu, yb, { simt, capacityFactor, workspace });
+      for (const kernel of ['auto', 'simt'] as const) {
+        const res = await gpuMoe(t.id, xb, c.tokens, gpu, yb, { kernel, capacityFactor, workspace });
         expect(res.expertCounts).toEqual(want.expertCounts);
         expect(res.dropped).toBe(want.dropped);
         if (capacityFactor) expect(res.dropped).toBeGreaterThan(0);
         expectRowsClose(await yb.read(new Float32Array(c.tokens * c.dModel)), want.output.data as Float32Array,
-          c.tokens, c.dModel, simt ? 3e-5 : 2 ** -6, `capacity ${capacityFactor} simt ${simt}`);
+          c.tokens, c.dModel, kernel === 'simt' ? 3e-5 : 2 ** -6, `capacity ${capacityFactor} ${kernel}`);
       }
     }
     // No tokens: nothing to compute, the counts are zeros.
@@ -277,12 +282,13 @@ describeGpu('GPU MoE dispatch', (t) => {
           }
         }
         const [xb, rtb, offb, hb, yob] = [await up(x), await up(rowToken), await up(Int32Array.from(offsets)), alloc(rows * f * 4), alloc(rows * d * 4)];
-        for (const simt of type === 'bf16' ? [true, false] : [true]) {
-          const tol = type === 'bf16' && !simt ? 2 ** -6 : 3e-5;
-          await gpuMoeGateUp(t.id, xb, tokens, rtb, offb, rows, layer, hb, { simt });
+        for (const kernel of type === 'bf16' ? ['tensor', 'simt', 'gemv'] as const : ['simt', 'gemv'] as const) {
+          const tol = kernel === 'tensor' ? 2 ** -6 : 3e-5;
+          await gpuMoeGateUp(t.id, xb, tokens, rtb, offb, rows, layer, hb, { kernel });
           const hGot = await hb.read(new Float32Array(rows * f));
-          // Gate/up see bf16-exact x and weights: every path is fp32 accuracy here.
-          expectRowsClose(hGot, Float32Array.from(h), rows, f, 3e-5, `gate_up ${type} simt ${simt} ${d}x${f}`);
+          // Gate/up see bf16-exact x and weights, so every kernel's products are exact and only the
+          // order of the fp32 sums differs (tensor cores may round their partial sums differently).
+          expectRowsClose(hGot, Float32Array.from(h), rows, f, 1e-4, `gate_up ${type} ${kernel} ${d}x${f}`);
           // The down GEMM from the GPU's own h, so that only this step's error is measured.
           for (let x0 = 0; x0 < e; x0++)
             for (let r = offsets[x0]!; r < offsets[x0 + 1]!; r++)
@@ -291,9 +297,9 @@ describeGpu('GPU MoE dispatch', (t) => {
                 for (let i = 0; i < f; i++) s += hGot[r * f + i]! * down[(x0 * d + n) * f + i]!;
                 yo[r * d + n] = s;
               }
-          await gpuMoeDown(t.id, hb, offb, rows, layer, yob, { simt });
+          await gpuMoeDown(t.id, hb, offb, rows, layer, yob, { kernel });
           const yoGot = await yob.read(new Float32Array(rows * d));
-          expectRowsClose(yoGot, Float32Array.from(yo), rows, d, tol, `down ${type} simt ${simt} ${d}x${f}`);
+          expectRowsClose(yoGot, Float32Array.from(yo), rows, d, tol, `down ${type} ${kernel} ${d}x${f}`);
           // Combine: 2 slots per token, one of them dropped (-1) for every third token.
           const k = 2, rowOf = Int32Array.from({ length: tokens * k }, (_, i) => (i % 6 === 1 ? -1 : (i * 31) % rows));
           const weights = randomF32(tokens * k, 9);
@@ -332,7 +338,8 @@ describeGpu('GPU MoE dispatch', (t) => {
     await expect(gpuMoe(t.id, x, 2, { ...gpu, selectionBias: small }, y)).rejects.toThrow(/selectionBias holds 8 bytes, needs 16/);
     await expect(gpuMoe(t.id, x, 2, { ...gpu, router: 'r' as unknown as GpuBuffer }, y)).rejects.toThrow(/layer.router must be a GpuBuffer/);
     await expect(gpuMoe(t.id, x, 2, gpu, y, { capacityFactor: -1 })).rejects.toThrow(/capacityFactor/);
-    await expect(gpuMoe(t.id, x, 2, gpu, y, { simt: 'yes' as unknown as boolean })).rejects.toThrow(/options.simt must be a boolean/);
+    await expect(gpuMoe(t.id, x, 2, gpu, y, { kernel: 'fast' as 'auto' })).rejects.toThrow(/options.kernel must be one of/);
+    await expect(gpuMoe(t.id, x, 2, gpu, y, { kernel: 'tensor' })).rejects.toThrow(/options.kernel 'tensor' needs bf16 weights, got f32/);
     await expect(gpuMoe(t.id, x, 2, gpu, y, { workspace: small })).rejects.toThrow(/options.workspace holds 8 bytes/);
     await expect(gpuMoe(t.id, x, 2, gpu, y, { capacity: 1 } as object)).rejects.toThrow(/unknown option 'capacity'/);
     await expect(gpuMoeDispatch(t.id, small, 2, 4, 2, { counts: small, offsets: small, rowOf: small, rowToken: small }))
@@ -346,6 +353,8 @@ describeGpu('GPU MoE dispatch', (t) => {
     await expect(runGpuOp(t.id, 'moe_route', [small, small, small, small], { tokens: 1, experts: 2, k: 1, bias: 1 })).rejects.toThrow(/bias/);
     await expect(runGpuOp(t.id, 'moe_dispatch', [small, small, small, small, small], { tokens: 4, experts: 2, k: 1 })).rejects.toThrow(/ids \(buffer 0\) holds 8 bytes/);
     await expect(runGpuOp(t.id, 'moe_down', [small, small, small, small], { rows: 0, experts: 1, dModel: 1, dFf: 1, weightType: 2 })).rejects.toThrow(/weightType/);
+    await expect(runGpuOp(t.id, 'moe_down', [small, small, small, small], { rows: 0, experts: 1, dModel: 1, dFf: 1, kernel: 1 })).rejects.toThrow(/kernel 'tensor' needs bf16 weights/);
+    await expect(runGpuOp(t.id, 'moe_down', [small, small, small, small], { rows: 0, experts: 1, dModel: 1, dFf: 1, kernel: 4 })).rejects.toThrow(/'kernel'/);
     await expect(runGpuOp(t.id, 'moe', [x, gpu.router, gpu.gate, gpu.up, gpu.down, y, alloc(16), small],
       { tokens: 2, experts: 4, k: 2, dModel: 8, dFf: 8 })).rejects.toThrow(/workspace \(buffer 7\) holds 8 bytes/);
     const gone = alloc(64);

@@ -17,10 +17,24 @@
 // order. Results are therefore bitwise the same from run to run, whatever the scheduling.
 //
 // Weights are float32 or bfloat16 (raw uint16 bits), each expert's matrix row-major [rows, cols] as
-// GGUF stores it (y = x W^T). bf16 weights run on tensor cores (MmaBf16, cc >= 8.0; activations
-// are rounded to bf16, accumulation in fp32); float32 weights, and bf16 below cc 8.0 or when the
-// caller asks for `simt`, run the SIMT kernel in fp32 (bf16 weights widened exactly).
+// GGUF stores it (y = x W^T). Three GEMM kernels, chosen per launch (ResolveKernel) or forced by
+// the `kernel` parameter: 64 x 64 tiles on tensor cores for bf16 weights (MmaBf16, cc >= 8.0;
+// activations rounded to bf16, fp32 sums), 64 x 64 tiles on the SIMT cores in fp32 (float32
+// weights, or bf16 below cc 8.0; bf16 widened exactly), and a warp-per-column kernel for groups of
+// a few rows (decode), also fp32.
+#include <algorithm>
+#include <cmath>
+#include <string>
+
 #include "runtime/cuda/dialect.h"
+
+// Full unrolling keeps the accumulator arrays in registers (nvcc left the dual tensor-core
+// kernel's 64 accumulators in local memory without it); the host compiler has no such pragma.
+#if SONDE_GPU_EMULATED
+#define MOE_UNROLL
+#else
+#define MOE_UNROLL _Pragma("unroll")
+#endif
 
 namespace sonde {
 namespace SONDE_GPU_NS {
@@ -29,6 +43,8 @@ namespace {
 
 enum WeightType : int { kWeightF32 = 0, kWeightBf16 = 1 };
 enum Scoring : int { kSoftmax = 0, kSigmoid = 1 };
+// Which GEMM kernel: chosen from the shapes and the device, or forced (tests, benchmarks).
+enum GemmKernel : int { kAutoKernel = 0, kTensorKernel = 1, kSimtKernel = 2, kGemvKernel = 3 };
 
 // Routing keeps three rows of E floats per warp in shared memory (scores, keys, group flags) and a
 // lane's taken-experts set in one 32-bit mask (experts lane, lane + 32, ...): E <= 32 * 32.
@@ -46,7 +62,9 @@ constexpr unsigned kSimtThreads = 256;  // 16 x 16 threads, 4 x 4 outputs each
 constexpr int kMmaK = 32;
 constexpr int kMmaStride = kMmaK / 2 + 4;  // 32-bit words per shared row
 constexpr unsigned kMmaThreads = 128;
-constexpr int kMaxDim = 1 << 22;  // keeps CeilDiv(dim, 64) within the grid's y limit
+constexpr int kGemvRows = 8;
+constexpr unsigned kGemvWarps = 8;  // output columns per block of the skinny kernel
+constexpr int kMaxDim = 1 << 21;  // keeps CeilDiv(dim, 64) within the grid's y limit (65535)
 
 __device__ __forceinline__ float ToFloat(float v) { return v; }
 __device__ __forceinline__ float ToFloat(uint16_t v) { return Bf16ToFloat(v); }
@@ -268,11 +286,12 @@ struct Tile {
   int row0, row_end, expert;
 };
 
-__device__ __forceinline__ Tile FindTile(const int32_t* offsets, int groups, int rows, unsigned tile, int* shared) {
+__device__ __forceinline__ Tile FindTile(const int32_t* offsets, int groups, int rows, unsigned tile, int tile_rows,
+                                         int* shared) {
   if (threadIdx.x == 0) {
     Tile t{-1, -1, 0};
     if (!offsets) {
-      const long long r0 = static_cast<long long>(tile) * kTileM;
+      const long long r0 = static_cast<long long>(tile) * tile_rows;
       if (r0 < rows) t = Tile{static_cast<int>(r0), rows, 0};
     } else {
       long long seen = 0;
@@ -281,9 +300,9 @@ __device__ __forceinline__ Tile FindTile(const int32_t* offsets, int groups, int
         const int lo = max(start, min(max(offsets[e], 0), rows));
         const int hi = max(lo, min(offsets[e + 1], rows));
         start = hi;
-        const long long tiles = (hi - lo + kTileM - 1) / kTileM;
+        const long long tiles = (hi - lo + tile_rows - 1) / tile_rows;
         if (tile < seen + tiles) {
-          const int r0 = lo + static_cast<int>(tile - seen) * kTileM;
+          const int r0 = lo + static_cast<int>(tile - seen) * tile_rows;
           t = Tile{r0, hi, e};
           break;
         }
@@ -320,16 +339,18 @@ __global__ void __launch_bounds__(kSimtThreads)
   __shared__ float as[kSimtK][kTileM + 1];
   __shared__ float bs[kDual ? 2 : 1][kSimtK][kTileN + 1];
   __shared__ int tile_info[3];
-  const Tile tile = FindTile(offsets, groups, rows, blockIdx.x, tile_info);
+  const Tile tile = FindTile(offsets, groups, rows, blockIdx.x, kTileM, tile_info);
   if (tile.row0 < 0) return;  // the whole block: the grid is an upper bound on the tiles
   const int col0 = static_cast<int>(blockIdx.y) * kTileN;
   const unsigned tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int lk = static_cast<int>(threadIdx.x % kSimtK), lr = static_cast<int>(threadIdx.x / kSimtK);
   const float* arow[4];
   const W* brow[2][4];
+  MOE_UNROLL
   for (int p = 0; p < 4; ++p) {
     arow[p] = ARow(a, a_rows, a_limit, tile.row0 + lr + 16 * p, tile.row_end, kdim);
     const int col = col0 + lr + 16 * p;
+    MOE_UNROLL
     for (int m = 0; m < (kDual ? 2 : 1); ++m) {
       const W* base = (m ? b1 : b0) + size_t(tile.expert) * expert_stride;
       brow[m][p] = col < n ? base + size_t(col) * kdim : nullptr;
@@ -338,26 +359,35 @@ __global__ void __launch_bounds__(kSimtThreads)
   float acc[kDual ? 2 : 1][4][4] = {};
   for (int k0 = 0; k0 < kdim; k0 += kSimtK) {
     const int kk = k0 + lk;
+    MOE_UNROLL
     for (int p = 0; p < 4; ++p) {
       as[lk][lr + 16 * p] = arow[p] && kk < kdim ? arow[p][kk] : 0.0f;
+      MOE_UNROLL
       for (int m = 0; m < (kDual ? 2 : 1); ++m)
         bs[m][lk][lr + 16 * p] = brow[m][p] && kk < kdim ? ToFloat(brow[m][p][kk]) : 0.0f;
     }
     __syncthreads();
+    MOE_UNROLL
     for (int q = 0; q < kSimtK; ++q) {
       float av[4];
+      MOE_UNROLL
       for (int i = 0; i < 4; ++i) av[i] = as[q][ty + 16 * i];
+      MOE_UNROLL
       for (int m = 0; m < (kDual ? 2 : 1); ++m)
+        MOE_UNROLL
         for (int j = 0; j < 4; ++j) {
           const float bv = bs[m][q][tx + 16 * j];
+          MOE_UNROLL
           for (int i = 0; i < 4; ++i) acc[m][i][j] += av[i] * bv;
         }
     }
     __syncthreads();
   }
+  MOE_UNROLL
   for (int i = 0; i < 4; ++i) {
     const int r = tile.row0 + static_cast<int>(ty) + 16 * i;
     if (r >= tile.row_end) continue;
+    MOE_UNROLL
     for (int j = 0; j < 4; ++j) {
       const int col = col0 + static_cast<int>(tx) + 16 * j;
       if (col < n) c[size_t(r) * n + col] = kDual ? Silu(acc[0][i][j]) * acc[kDual ? 1 : 0][i][j] : acc[0][i][j];
@@ -384,7 +414,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   __align__(16) __shared__ uint32_t as[kTileM][kMmaStride];
   __align__(16) __shared__ uint32_t bs[kMats][kTileN][kMmaStride];
   __shared__ int tile_info[3];
-  const Tile tile = FindTile(offsets, groups, rows, blockIdx.x, tile_info);
+  const Tile tile = FindTile(offsets, groups, rows, blockIdx.x, kTileM, tile_info);
   if (tile.row0 < 0) return;
   const int col0 = static_cast<int>(blockIdx.y) * kTileN;
   const unsigned tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -395,8 +425,11 @@ __global__ void __launch_bounds__(kMmaThreads)
   const int b_r = static_cast<int>(tid / 4), b_c = static_cast<int>(tid % 4) * 8;
   const float* arow[4];
   const uint16_t* brow[kMats][2];
+  MOE_UNROLL
   for (int p = 0; p < 4; ++p) arow[p] = ARow(a, a_rows, a_limit, tile.row0 + a_r + 16 * p, tile.row_end, kdim);
+  MOE_UNROLL
   for (int m = 0; m < kMats; ++m)
+    MOE_UNROLL
     for (int p = 0; p < 2; ++p) {
       const int col = col0 + b_r + 32 * p;
       brow[m][p] = col < n ? (m ? b1 : b0) + size_t(tile.expert) * expert_stride + size_t(col) * kdim : nullptr;
@@ -405,23 +438,31 @@ __global__ void __launch_bounds__(kMmaThreads)
   uint4 rb[kMats][2];
   auto load = [&](int k0) {
     if (vec && k0 + kMmaK <= kdim) {
+      MOE_UNROLL
       for (int p = 0; p < 4; ++p)
         ra[p] = arow[p] ? *reinterpret_cast<const float4*>(arow[p] + k0 + a_c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      MOE_UNROLL
       for (int m = 0; m < kMats; ++m)
+        MOE_UNROLL
         for (int p = 0; p < 2; ++p)
           rb[m][p] = brow[m][p] ? *reinterpret_cast<const uint4*>(brow[m][p] + k0 + b_c) : make_uint4(0, 0, 0, 0);
     } else {  // a k tail, or rows that are not 16-byte aligned: element by element, zeros outside
+      MOE_UNROLL
       for (int p = 0; p < 4; ++p) {
         float v[4];
+        MOE_UNROLL
         for (int q = 0; q < 4; ++q) {
           const int kk = k0 + a_c + q;
           v[q] = arow[p] && kk < kdim ? arow[p][kk] : 0.0f;
         }
         ra[p] = make_float4(v[0], v[1], v[2], v[3]);
       }
+      MOE_UNROLL
       for (int m = 0; m < kMats; ++m)
+        MOE_UNROLL
         for (int p = 0; p < 2; ++p) {
           uint32_t w[4];
+          MOE_UNROLL
           for (int q = 0; q < 4; ++q) {
             const int kk = k0 + b_c + 2 * q;
             const uint32_t lo = brow[m][p] && kk < kdim ? brow[m][p][kk] : 0u;
@@ -435,15 +476,20 @@ __global__ void __launch_bounds__(kMmaThreads)
   float acc[kMats][2][4][4] = {};
   load(0);
   for (int k0 = 0; k0 < kdim; k0 += kMmaK) {
+    MOE_UNROLL
     for (int p = 0; p < 4; ++p)
       *reinterpret_cast<uint2*>(&as[a_r + 16 * p][a_c / 2]) =
           make_uint2(PackBf16(ra[p].x, ra[p].y), PackBf16(ra[p].z, ra[p].w));
+    MOE_UNROLL
     for (int m = 0; m < kMats; ++m)
+      MOE_UNROLL
       for (int p = 0; p < 2; ++p) *reinterpret_cast<uint4*>(&bs[m][b_r + 32 * p][b_c / 2]) = rb[m][p];
     __syncthreads();
     if (k0 + kMmaK < kdim) load(k0 + kMmaK);
+    MOE_UNROLL
     for (int ks = 0; ks < kMmaK / 2; ks += 8) {  // two k16 steps, in words
       uint32_t af[2][4];
+      MOE_UNROLL
       for (int mi = 0; mi < 2; ++mi) {
         const int r = wm + mi * 16 + static_cast<int>(g);
         af[mi][0] = as[r][ks + t];
@@ -451,26 +497,125 @@ __global__ void __launch_bounds__(kMmaThreads)
         af[mi][2] = as[r][ks + t + 4];
         af[mi][3] = as[r + 8][ks + t + 4];
       }
+      MOE_UNROLL
       for (int m = 0; m < kMats; ++m)
+        MOE_UNROLL
         for (int ni = 0; ni < 4; ++ni) {
           const int col = wn + ni * 8 + static_cast<int>(g);
           const uint32_t bf[2] = {bs[m][col][ks + t], bs[m][col][ks + t + 4]};
+          MOE_UNROLL
           for (int mi = 0; mi < 2; ++mi) MmaBf16(acc[m][mi][ni], af[mi], bf);
         }
     }
     __syncthreads();
   }
+  MOE_UNROLL
   for (int mi = 0; mi < 2; ++mi)
+    MOE_UNROLL
     for (int half = 0; half < 2; ++half) {
       const int r = tile.row0 + wm + mi * 16 + static_cast<int>(g) + half * 8;
       if (r >= tile.row_end) continue;
+      MOE_UNROLL
       for (int ni = 0; ni < 4; ++ni)
+        MOE_UNROLL
         for (int q = 0; q < 2; ++q) {
           const int col = col0 + wn + ni * 8 + static_cast<int>(t) * 2 + q;
           const float v = acc[0][mi][ni][half * 2 + q];
           if (col < n) c[size_t(r) * n + col] = kDual ? Silu(v) * acc[kMats - 1][mi][ni][half * 2 + q] : v;
         }
     }
+}
+
+// Small groups (decode, small batches): a warp per output column and tile of up to kGemvRows rows,
+// its lanes streaming the column's weight row 16 bytes at a time. Weight traffic is then the
+// whole cost, and it is spread over N / 8 x tiles blocks instead of the N / 64 x tiles of the
+// 64 x 64 kernels (a down GEMM of dModel 4096 would fill only 64 blocks per expert there). The
+// A rows are re-read by every warp, from L1/L2: they are kGemvRows x K floats next to K x 8 columns
+// of weights per block. fp32 products, as the SIMT tile kernel.
+// vec: kdim % 8 == 0, so rows start 16-byte aligned.
+__device__ __forceinline__ void Load8(const float* p, float (&v)[8]) {
+  const float4 lo = *reinterpret_cast<const float4*>(p), hi = *reinterpret_cast<const float4*>(p + 4);
+  v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+__device__ __forceinline__ void Load8(const uint16_t* p, float (&v)[8]) {
+  const uint4 q = *reinterpret_cast<const uint4*>(p);
+  const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+  MOE_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = __uint_as_float(w[i] << 16);
+    v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+template <typename W, bool kDual>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    GroupedGemv(const float* __restrict__ a, const int32_t* __restrict__ a_rows, int a_limit,
+                const int32_t* __restrict__ offsets, int groups, int rows, const W* __restrict__ b0,
+                const W* __restrict__ b1, size_t expert_stride, float* __restrict__ c, int n, int kdim, int vec) {
+  constexpr int kMats = kDual ? 2 : 1;
+  __shared__ int tile_info[3];
+  __shared__ float partial[kGemvWarps][kMats * kGemvRows][33];  // 33: lane r's reads hit 32 banks
+  const Tile tile = FindTile(offsets, groups, rows, blockIdx.y, kGemvRows, tile_info);
+  if (tile.row0 < 0) return;
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int col = static_cast<int>(blockIdx.x * kGemvWarps + warp);
+  if (col >= n) return;  // a whole warp; no block barrier follows
+  const float* arow[kGemvRows];
+  MOE_UNROLL
+  for (int r = 0; r < kGemvRows; ++r) arow[r] = ARow(a, a_rows, a_limit, tile.row0 + r, tile.row_end, kdim);
+  const W* wrow[kMats];
+  MOE_UNROLL
+  for (int m = 0; m < kMats; ++m) wrow[m] = (m ? b1 : b0) + size_t(tile.expert) * expert_stride + size_t(col) * kdim;
+  float acc[kMats][kGemvRows] = {};
+  int k0 = 0;
+  if (vec) {
+    for (; k0 + 256 <= kdim; k0 += 256) {
+      const int kk = k0 + static_cast<int>(lane) * 8;
+      float wv[kMats][8];
+      MOE_UNROLL
+      for (int m = 0; m < kMats; ++m) Load8(wrow[m] + kk, wv[m]);
+      MOE_UNROLL
+      for (int r = 0; r < kGemvRows; ++r) {
+        if (!arow[r]) continue;
+        float xv[8];
+        Load8(arow[r] + kk, xv);
+        MOE_UNROLL
+        for (int m = 0; m < kMats; ++m)
+          MOE_UNROLL
+          for (int i = 0; i < 8; ++i) acc[m][r] += xv[i] * wv[m][i];
+      }
+    }
+  }
+  for (int kk = k0 + static_cast<int>(lane); kk < kdim; kk += 32) {
+    float wv[kMats];
+    MOE_UNROLL
+    for (int m = 0; m < kMats; ++m) wv[m] = ToFloat(wrow[m][kk]);
+    MOE_UNROLL
+    for (int r = 0; r < kGemvRows; ++r) {
+      if (!arow[r]) continue;
+      const float xv = arow[r][kk];
+      MOE_UNROLL
+      for (int m = 0; m < kMats; ++m) acc[m][r] += xv * wv[m];
+    }
+  }
+  // The lanes' partial sums through shared memory, lane r then adding row r's 32 in lane order:
+  // one warp barrier instead of 5 shuffles per row and matrix, and a fixed order of the sums.
+  float* mine = &partial[warp][0][0];
+  MOE_UNROLL
+  for (int m = 0; m < kMats; ++m)
+    MOE_UNROLL
+    for (int r = 0; r < kGemvRows; ++r) mine[(m * kGemvRows + r) * 33 + lane] = acc[m][r];
+  __syncwarp();
+  const int r = static_cast<int>(lane);
+  if (r < kGemvRows && tile.row0 + r < tile.row_end) {
+    float v[kMats];
+    MOE_UNROLL
+    for (int m = 0; m < kMats; ++m) {
+      v[m] = 0.0f;
+      for (int i = 0; i < 32; ++i) v[m] += mine[(m * kGemvRows + r) * 33 + i];
+    }
+    c[size_t(tile.row0 + r) * n + col] = kDual ? Silu(v[0]) * v[kMats - 1] : v[0];
+  }
 }
 
 // y[t, :] = sum_j weights[t, j] * yo[row_of[t, j], :], j in slot order, one thread per element;
@@ -549,38 +694,50 @@ struct GemmArgs {
   int n, kdim;
 };
 
-void LaunchGroupedGemm(GpuStream& s, const GpuDeviceInfo& d, bool simt, int wtype, bool dual, const GemmArgs& g) {
-  if (g.rows == 0) return;
-  // Each group's last tile may be partial: at most rows / 64 full tiles plus one per non-empty group.
-  const size_t m_tiles = g.offsets ? CeilDiv(g.rows, kTileM) + std::min(g.groups, g.rows) : CeilDiv(g.rows, kTileM);
-  const dim3 grid(static_cast<unsigned>(m_tiles), CeilDiv(g.n, kTileN));
-  const bool tensor = wtype == kWeightBf16 && !simt && ComputeCapability(d) >= 80;
-  if (tensor) {
-    const int vec = g.kdim % 8 == 0;
-    const uint16_t *b0 = static_cast<const uint16_t*>(g.b0), *b1 = static_cast<const uint16_t*>(g.b1);
-    if (dual)
-      Launch(GroupedGemmMma<true>, grid, dim3(kMmaThreads), 0, s, g.a, g.a_rows, g.a_limit, g.offsets, g.groups, g.rows,
-             b0, b1, g.expert_stride, g.c, g.n, g.kdim, vec);
-    else
-      Launch(GroupedGemmMma<false>, grid, dim3(kMmaThreads), 0, s, g.a, g.a_rows, g.a_limit, g.offsets, g.groups, g.rows,
-             b0, b0, g.expert_stride, g.c, g.n, g.kdim, vec);
-  } else if (wtype == kWeightBf16) {
-    const uint16_t *b0 = static_cast<const uint16_t*>(g.b0), *b1 = static_cast<const uint16_t*>(g.b1);
-    if (dual)
-      Launch(GroupedGemmSimt<uint16_t, true>, grid, dim3(kSimtThreads), 0, s, g.a, g.a_rows, g.a_limit, g.offsets,
-             g.groups, g.rows, b0, b1, g.expert_stride, g.c, g.n, g.kdim);
-    else
-      Launch(GroupedGemmSimt<uint16_t, false>, grid, dim3(kSimtThreads), 0, s, g.a, g.a_rows, g.a_limit, g.offsets,
-             g.groups, g.rows, b0, b0, g.expert_stride, g.c, g.n, g.kdim);
-  } else {
-    const float *b0 = static_cast<const float*>(g.b0), *b1 = static_cast<const float*>(g.b1);
-    if (dual)
-      Launch(GroupedGemmSimt<float, true>, grid, dim3(kSimtThreads), 0, s, g.a, g.a_rows, g.a_limit, g.offsets,
-             g.groups, g.rows, b0, b1, g.expert_stride, g.c, g.n, g.kdim);
-    else
-      Launch(GroupedGemmSimt<float, false>, grid, dim3(kSimtThreads), 0, s, g.a, g.a_rows, g.a_limit, g.offsets,
-             g.groups, g.rows, b0, b0, g.expert_stride, g.c, g.n, g.kdim);
+// The kernel `kernel` asks for, kAutoKernel resolved: the skinny kernel while the groups average
+// at most kGemvRows rows (weights read about once either way, and it has 8x the blocks), tensor
+// cores for bf16 weights on cc >= 8.0, else the SIMT tiles.
+int ResolveKernel(int kernel, int wtype, const GpuDeviceInfo& d, int rows, int groups) {
+  if (kernel != kAutoKernel) return kernel;
+  if (static_cast<long long>(rows) <= static_cast<long long>(kGemvRows) * groups) return kGemvKernel;
+  return wtype == kWeightBf16 && ComputeCapability(d) >= 80 ? kTensorKernel : kSimtKernel;
+}
+
+template <typename W, bool kDual>
+void LaunchTyped(GpuStream& s, int kernel, const GemmArgs& g) {
+  const W* b0 = static_cast<const W*>(g.b0);
+  const W* b1 = static_cast<const W*>(kDual ? g.b1 : g.b0);
+  const int vec = g.kdim % 8 == 0;
+  const unsigned groups_in_use = static_cast<unsigned>(std::min(g.groups, g.rows));
+  // Each group's last tile may be partial: at most rows / tile full tiles plus one per non-empty group.
+  const unsigned gemv_tiles = g.offsets ? CeilDiv(g.rows, kGemvRows) + groups_in_use : CeilDiv(g.rows, kGemvRows);
+  // The gemv grid's y is its tiles: a forced gemv over more rows than that limit takes the SIMT tiles.
+  if (kernel == kGemvKernel && gemv_tiles <= 65535) {
+    Launch(GroupedGemv<W, kDual>, dim3(CeilDiv(g.n, kGemvWarps), gemv_tiles), dim3(kGemvWarps * 32), 0, s, g.a, g.a_rows,
+           g.a_limit, g.offsets, g.groups, g.rows, b0, b1, g.expert_stride, g.c, g.n, g.kdim, vec);
+    return;
   }
+  const unsigned tiles = g.offsets ? CeilDiv(g.rows, kTileM) + groups_in_use : CeilDiv(g.rows, kTileM);
+  const dim3 grid(tiles, CeilDiv(g.n, kTileN));
+  if constexpr (std::is_same<W, uint16_t>::value) {
+    if (kernel == kTensorKernel) {
+      Launch(GroupedGemmMma<kDual>, grid, dim3(kMmaThreads), 0, s, g.a, g.a_rows, g.a_limit, g.offsets, g.groups, g.rows,
+             b0, b1, g.expert_stride, g.c, g.n, g.kdim, vec);
+      return;
+    }
+  }
+  Launch(GroupedGemmSimt<W, kDual>, grid, dim3(kSimtThreads), 0, s, g.a, g.a_rows, g.a_limit, g.offsets, g.groups,
+         g.rows, b0, b1, g.expert_stride, g.c, g.n, g.kdim);
+}
+
+// kernel: already checked by CheckKernel (tensor only for bf16 on cc >= 8.0).
+void LaunchGroupedGemm(GpuStream& s, const GpuDeviceInfo& d, int kernel, int wtype, bool dual, const GemmArgs& g) {
+  if (g.rows == 0) return;
+  kernel = ResolveKernel(kernel, wtype, d, g.rows, g.groups);
+  if (wtype == kWeightBf16)
+    dual ? LaunchTyped<uint16_t, true>(s, kernel, g) : LaunchTyped<uint16_t, false>(s, kernel, g);
+  else
+    dual ? LaunchTyped<float, true>(s, kernel, g) : LaunchTyped<float, false>(s, kernel, g);
 }
 
 void LaunchCombine(GpuStream& s, const GpuDeviceInfo& d, size_t tokens, int k, int dm, int rows, const float* yo,
@@ -592,6 +749,16 @@ void LaunchCombine(GpuStream& s, const GpuDeviceInfo& d, size_t tokens, int k, i
 const void* WeightBuffer(const GpuOpCall& c, size_t i, int wtype, size_t count, const char* what) {
   return wtype == kWeightBf16 ? static_cast<const void*>(c.Buffer<uint16_t>(i, count, what))
                               : static_cast<const void*>(c.Buffer<float>(i, count, what));
+}
+
+// The `kernel` parameter (GemmKernel, default auto); tensor cores need bf16 weights and cc >= 8.0.
+int ReadKernel(const GpuOpCall& c, const GpuDeviceInfo& d, int wtype) {
+  const int kernel = static_cast<int>(c.IntOr("kernel", kAutoKernel, kAutoKernel, kGemvKernel));
+  if (kernel == kTensorKernel && wtype != kWeightBf16) c.Invalid("kernel 'tensor' needs bf16 weights");
+  if (kernel == kTensorKernel && ComputeCapability(d) < 80)
+    c.Invalid("kernel 'tensor' needs compute capability 8.0 or newer, " + d.id + " has " + std::to_string(d.cc_major) +
+              "." + std::to_string(d.cc_minor));
+  return kernel;
 }
 
 int WeightType(const GpuOpCall& c, const char* name) {
@@ -642,7 +809,6 @@ void DispatchOp(GpuStream& s, const GpuDeviceInfo&, const GpuOpCall& c) {
 struct FfnShape {
   int64_t rows, experts, d, f;
   int wtype;
-  bool simt;
 };
 
 FfnShape ReadFfn(const GpuOpCall& c) {
@@ -652,7 +818,6 @@ FfnShape ReadFfn(const GpuOpCall& c) {
   f.d = c.Int("dModel", 1, kMaxDim);
   f.f = c.Int("dFf", 1, kMaxDim);
   f.wtype = WeightType(c, "weightType");
-  f.simt = c.IntOr("simt", 0, 0, 1) != 0;
   return f;
 }
 
@@ -660,6 +825,7 @@ FfnShape ReadFfn(const GpuOpCall& c) {
 // [experts, dFf, dModel] (weightType), h [rows, dFf] f32 (out).
 void GateUpOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   const FfnShape f = ReadFfn(c);
+  const int kernel = ReadKernel(c, d, f.wtype);
   const int64_t tokens = c.Int("tokens");
   const float* x = c.Buffer<float>(0, c.Count({tokens, f.d}), "x");
   const int32_t* row_token = c.Buffer<int32_t>(1, f.rows, "rowToken");
@@ -668,7 +834,7 @@ void GateUpOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   const void* gate = WeightBuffer(c, 3, f.wtype, wcount, "gate");
   const void* up = WeightBuffer(c, 4, f.wtype, wcount, "up");
   float* h = c.Buffer<float>(5, c.Count({f.rows, f.f}), "h");
-  LaunchGroupedGemm(s, d, f.simt, f.wtype, true,
+  LaunchGroupedGemm(s, d, kernel, f.wtype, true,
                     GemmArgs{x, row_token, static_cast<int>(tokens), offsets, static_cast<int>(f.experts),
                              static_cast<int>(f.rows), gate, up, size_t(f.f) * f.d, h, static_cast<int>(f.f),
                              static_cast<int>(f.d)});
@@ -678,11 +844,12 @@ void GateUpOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
 // yo [rows, dModel] f32 (out).
 void DownOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   const FfnShape f = ReadFfn(c);
+  const int kernel = ReadKernel(c, d, f.wtype);
   const float* h = c.Buffer<float>(0, c.Count({f.rows, f.f}), "h");
   const int32_t* offsets = c.Buffer<int32_t>(1, f.experts + 1, "offsets");
   const void* down = WeightBuffer(c, 2, f.wtype, c.Count({f.experts, f.d, f.f}), "down");
   float* yo = c.Buffer<float>(3, c.Count({f.rows, f.d}), "yo");
-  LaunchGroupedGemm(s, d, f.simt, f.wtype, false,
+  LaunchGroupedGemm(s, d, kernel, f.wtype, false,
                     GemmArgs{h, nullptr, static_cast<int>(f.rows), offsets, static_cast<int>(f.experts),
                              static_cast<int>(f.rows), down, down, size_t(f.d) * f.f, yo, static_cast<int>(f.d),
                              static_cast<int>(f.f)});
@@ -716,7 +883,7 @@ void MoeOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   const RouteParams p = ReadRoute(c);
   const int64_t dm = c.Int("dModel", 1, kMaxDim), ff = c.Int("dFf", 1, kMaxDim);
   const int wtype = WeightType(c, "weightType"), rtype = WeightType(c, "routerType");
-  const bool simt = c.IntOr("simt", 0, 0, 1) != 0;
+  const int kernel = ReadKernel(c, d, wtype);
   const size_t pairs = Pairs(c, p.tokens, p.k), te = c.Count({p.tokens, p.experts});
   const float* x = c.Buffer<float>(0, c.Count({p.tokens, dm}), "x");
   const void* router = WeightBuffer(c, 1, rtype, c.Count({p.experts, dm}), "router");
@@ -746,15 +913,15 @@ void MoeOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   float* h = reinterpret_cast<float*>(ws + o_h);
   float* yo = reinterpret_cast<float*>(ws + o_yo);
   const int rows = static_cast<int>(pairs), experts = static_cast<int>(p.experts);
-  LaunchGroupedGemm(s, d, simt, rtype, false,
+  LaunchGroupedGemm(s, d, kAutoKernel, rtype, false,
                     GemmArgs{x, nullptr, static_cast<int>(p.tokens), nullptr, 1, static_cast<int>(p.tokens), router,
                              router, 0, logits, experts, static_cast<int>(dm)});
   LaunchRoute(s, p, logits, bias, reinterpret_cast<float*>(ws + o_scores), ids, weights);
   LaunchDispatch(s, pairs, static_cast<int>(p.k), experts, Capacity(c), ids, counts, offsets, row_of, row_token);
-  LaunchGroupedGemm(s, d, simt, wtype, true,
+  LaunchGroupedGemm(s, d, kernel, wtype, true,
                     GemmArgs{x, row_token, static_cast<int>(p.tokens), offsets, experts, rows, gate, up,
                              size_t(ff) * dm, h, static_cast<int>(ff), static_cast<int>(dm)});
-  LaunchGroupedGemm(s, d, simt, wtype, false,
+  LaunchGroupedGemm(s, d, kernel, wtype, false,
                     GemmArgs{h, nullptr, rows, offsets, experts, rows, down, down, size_t(dm) * ff, yo,
                              static_cast<int>(dm), static_cast<int>(ff)});
   LaunchCombine(s, d, p.tokens, static_cast<int>(p.k), static_cast<int>(dm), rows, yo, row_of, weights, y);
