@@ -282,7 +282,10 @@ describeGpu('GPU MoE dispatch', (t) => {
           }
         }
         const [xb, rtb, offb, hb, yob] = [await up(x), await up(rowToken), await up(Int32Array.from(offsets)), alloc(rows * f * 4), alloc(rows * d * 4)];
-        for (const kernel of type === 'bf16' ? ['tensor', 'simt', 'gemv'] as const : ['simt', 'gemv'] as const) {
+        // gemv on the narrow shape only: its 8-row tiles over 137 rows are many blocks for the emulator.
+        const kernelsHere = (type === 'bf16' ? ['tensor', 'simt', 'gemv'] as const : ['simt', 'gemv'] as const)
+          .filter((k) => k !== 'gemv' || f < 64);
+        for (const kernel of kernelsHere) {
           const tol = kernel === 'tensor' ? 2 ** -6 : 3e-5;
           await gpuMoeGateUp(t.id, xb, tokens, rtb, offb, rows, layer, hb, { kernel });
           const hGot = await hb.read(new Float32Array(rows * f));
