@@ -402,7 +402,8 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 // The same product on tensor cores for bf16 weights: A rounded to bf16 as it is staged, fp32
 // accumulators. Warp w computes rows (w / 2) * 32 .. +32 and columns (w % 2) * 32 .. +32 of the
 // block's tile as 2 x 4 m16n8k16 products per 16-wide k step. The next k tile's global loads are
-// issued into registers before the current tile's products, so their latency hides behind them.
+// issued into registers before the current tile's products, so their latency hides behind them,
+// and stored into the second shared buffer after them.
 // vec: kdim % 8 == 0, so rows start 16-byte aligned and whole k tiles load as float4 / 8 x bf16.
 template <bool kDual>
 __global__ void __launch_bounds__(kMmaThreads)
@@ -411,8 +412,8 @@ __global__ void __launch_bounds__(kMmaThreads)
                    const uint16_t* __restrict__ b1, size_t expert_stride, float* __restrict__ c, int n, int kdim,
                    int vec) {
   constexpr int kMats = kDual ? 2 : 1;
-  __align__(16) __shared__ uint32_t as[kTileM][kMmaStride];
-  __align__(16) __shared__ uint32_t bs[kMats][kTileN][kMmaStride];
+  __align__(16) __shared__ uint32_t as[2][kTileM][kMmaStride];
+  __align__(16) __shared__ uint32_t bs[2][kMats][kTileN][kMmaStride];
   __shared__ int tile_info[3];
   const Tile tile = FindTile(offsets, groups, rows, blockIdx.x, kTileM, tile_info);
   if (tile.row0 < 0) return;
@@ -473,41 +474,50 @@ __global__ void __launch_bounds__(kMmaThreads)
         }
     }
   };
-  float acc[kMats][2][4][4] = {};
-  load(0);
-  for (int k0 = 0; k0 < kdim; k0 += kMmaK) {
+  auto store = [&](int buf) {
     MOE_UNROLL
     for (int p = 0; p < 4; ++p)
-      *reinterpret_cast<uint2*>(&as[a_r + 16 * p][a_c / 2]) =
+      *reinterpret_cast<uint2*>(&as[buf][a_r + 16 * p][a_c / 2]) =
           make_uint2(PackBf16(ra[p].x, ra[p].y), PackBf16(ra[p].z, ra[p].w));
     MOE_UNROLL
     for (int m = 0; m < kMats; ++m)
       MOE_UNROLL
-      for (int p = 0; p < 2; ++p) *reinterpret_cast<uint4*>(&bs[m][b_r + 32 * p][b_c / 2]) = rb[m][p];
-    __syncthreads();
-    if (k0 + kMmaK < kdim) load(k0 + kMmaK);
+      for (int p = 0; p < 2; ++p) *reinterpret_cast<uint4*>(&bs[buf][m][b_r + 32 * p][b_c / 2]) = rb[m][p];
+  };
+  float acc[kMats][2][4][4] = {};
+  load(0);
+  store(0);
+  __syncthreads();
+  // Two shared buffers: tile i + 1 is stored into the other one while (other warps') products of
+  // tile i may still read this one, so one barrier per k tile suffices.
+  int cur = 0;
+  for (int k0 = 0; k0 < kdim; k0 += kMmaK) {
+    const bool more = k0 + kMmaK < kdim;
+    if (more) load(k0 + kMmaK);
     MOE_UNROLL
     for (int ks = 0; ks < kMmaK / 2; ks += 8) {  // two k16 steps, in words
       uint32_t af[2][4];
       MOE_UNROLL
       for (int mi = 0; mi < 2; ++mi) {
         const int r = wm + mi * 16 + static_cast<int>(g);
-        af[mi][0] = as[r][ks + t];
-        af[mi][1] = as[r + 8][ks + t];
-        af[mi][2] = as[r][ks + t + 4];
-        af[mi][3] = as[r + 8][ks + t + 4];
+        af[mi][0] = as[cur][r][ks + t];
+        af[mi][1] = as[cur][r + 8][ks + t];
+        af[mi][2] = as[cur][r][ks + t + 4];
+        af[mi][3] = as[cur][r + 8][ks + t + 4];
       }
       MOE_UNROLL
       for (int m = 0; m < kMats; ++m)
         MOE_UNROLL
         for (int ni = 0; ni < 4; ++ni) {
           const int col = wn + ni * 8 + static_cast<int>(g);
-          const uint32_t bf[2] = {bs[m][col][ks + t], bs[m][col][ks + t + 4]};
+          const uint32_t bf[2] = {bs[cur][m][col][ks + t], bs[cur][m][col][ks + t + 4]};
           MOE_UNROLL
           for (int mi = 0; mi < 2; ++mi) MmaBf16(acc[m][mi][ni], af[mi], bf);
         }
     }
+    if (more) store(cur ^ 1);
     __syncthreads();
+    cur ^= 1;
   }
   MOE_UNROLL
   for (int mi = 0; mi < 2; ++mi)
