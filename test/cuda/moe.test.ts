@@ -137,6 +137,8 @@ describeGpu('GPU MoE dispatch', (t) => {
         // gemv's tile is 8 rows: the cases of a few rows per expert, and 37 tokens (groups of ~9),
         // cover its edges; the emulator takes long over the 64-row groups with it.
         if (kernel === 'gemv' && c.tokens * c.k > 8 * c.nExperts && c.tokens !== 37) continue;
+        // bf16 on the SIMT tiles differs from f32 only in how a weight is widened: its 64-row edges.
+        if (type === 'bf16' && kernel === 'simt' && !c.skew && c.tokens !== 37) continue;
         const { cpu, gpu } = await layerOf(c, type, seed);
         const x = bf16Exact(randomF32(c.tokens * c.dModel, seed));
         const want = await kernels.moe(new Tensor('float32', x, [c.tokens, c.dModel]), cpu);
