@@ -7,8 +7,9 @@ import { devices } from '../../dist/index.js';
 import { GpuBuffer, gpuDevice } from '../../dist/cuda/runtime.js';
 import { timeOp } from './common.js';
 import { normCases } from './norm.js';
+import { gemmCases } from './gemm.js';
 
-const FAMILIES = [normCases];
+const FAMILIES = [normCases, gemmCases];
 
 // Dense datasheet peaks: bf16 tensor-core and fp32 TFLOP/s, HBM GB/s. First match wins.
 const DATASHEET = [
