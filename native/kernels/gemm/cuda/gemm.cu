@@ -238,10 +238,10 @@ SONDE_UNROLL
 
 // ------------------------------------------------------- tensor cores (mma.sync) ----
 constexpr int kMmaBM = 128, kMmaBN = 128, kMmaThreads = 256;
-// Shared rows in 32-bit words. A: 32 16-bit k (or 64 int8 k) + 4 words of padding, so the eight
-// rows g of a fragment load start 20 words apart and the warp's 32 loads hit 32 distinct banks.
-// B: 128 16-bit columns (or 128 int8 quads, a word each) + padding that shifts the rows 2t of a
-// fragment load by 8 banks each.
+// Shared rows in 32-bit words. A: 32 16-bit k (or 64 int8 k) + 4 words of padding: the 8 rows an
+// ldmatrix phase reads (16 bytes each) start 80 bytes apart, on 8 distinct groups of 4 banks.
+// 16-bit B: 128 columns + 4 words, rows 272 bytes apart, likewise. int8 B: 128 quads (a word each)
+// + 8, which puts the rows t of a fragment load 8 banks apart.
 constexpr int kAStride = 20;
 constexpr int kB16Stride = kMmaBN / 2 + 4;
 constexpr int kBS8Stride = kMmaBN + 8;
@@ -285,6 +285,17 @@ SONDE_UNROLL
       }
 }
 
+// The warp's four m16 A fragments of K step ks (32 bytes: k16 of 16-bit values or k32 of int8)
+// from a shared A tile of kAStride-word rows: ldmatrix matrices rows 0-7 / 8-15 x bytes 0-15 / 16-31.
+__device__ __forceinline__ void LoadAFragments(const uint32_t* as, int row0, int ks, uint32_t (&af)[4][4]) {
+  const int lane = threadIdx.x % 32;
+SONDE_UNROLL
+  for (int mi = 0; mi < 4; ++mi) {
+    const int row = row0 + mi * 16 + lane % 8 + ((lane / 8) % 2) * 8;
+    LdMatrixX4(af[mi], &as[row * kAStride + ks * 8 + (lane / 16) * 4]);
+  }
+}
+
 template <int TA, int TB>
 __global__ void __launch_bounds__(kMmaThreads, 2) MmaGemmKernel(const void* a_, const uint16_t* __restrict__ b,
                                                             float* __restrict__ c, Shape sh, Epilogue ep) {
@@ -292,7 +303,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) MmaGemmKernel(const void* a_, 
   const SA* a = static_cast<const SA*>(a_);
   __align__(16) __shared__ uint32_t As[2][kMmaBM * kAStride];
   __align__(16) __shared__ uint32_t Bs[2][kMmaBK16 * kB16Stride];
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp / 4, wn = warp % 4;  // the warp's 64x32 tile in the block's 128x128
   const int bm = blockIdx.y * kMmaBM, bn = blockIdx.x * kMmaBN;
   // Staging registers: fp32 A as 4 chunks of 4 floats (rounded when stored), 16-bit A as 2 chunks
@@ -351,27 +362,18 @@ SONDE_UNROLL
   for (int tile = 0; tile < tiles; ++tile) {
     const int cur = tile & 1;
     if (tile + 1 < tiles) load((tile + 1) * kMmaBK16);
-    const uint32_t* as = As[cur];
-    const uint32_t* bs = Bs[cur];
 SONDE_UNROLL
     for (int ks = 0; ks < 2; ++ks) {
       uint32_t af[4][4], bf[4][2];
+      LoadAFragments(As[cur], wm * 64, ks, af);
 SONDE_UNROLL
-      for (int mi = 0; mi < 4; ++mi) {
-        const int r = (wm * 64 + mi * 16 + g) * kAStride + ks * 8 + t;
-        af[mi][0] = as[r];
-        af[mi][1] = as[r + 8 * kAStride];
-        af[mi][2] = as[r + 4];
-        af[mi][3] = as[r + 8 * kAStride + 4];
-      }
-SONDE_UNROLL
-      for (int ni = 0; ni < 4; ++ni) {
-        // B is k-major in shared memory: a fragment register pairs rows 2t and 2t+1 of column g.
-        const int col = wn * 32 + ni * 8 + g, shift = (col & 1) * 16;
-        const int w = (ks * 16 + 2 * t) * kB16Stride + col / 2;
-        const auto half = [&](int word) { return static_cast<uint16_t>(bs[word] >> shift); };
-        bf[ni][0] = Pack2(half(w), half(w + kB16Stride));
-        bf[ni][1] = Pack2(half(w + 8 * kB16Stride), half(w + 9 * kB16Stride));
+      for (int p = 0; p < 2; ++p) {
+        // B is k-major in shared memory: the transposing load pairs rows 2t, 2t+1 of column g, for
+        // two n8 tiles (matrices: k 0-7 / 8-15 of columns n0.., then of n0 + 8..).
+        const int k = ks * 16 + lane % 8 + ((lane / 8) % 2) * 8, n = wn * 32 + p * 16 + (lane / 16) * 8;
+        uint32_t r[4];
+        LdMatrixX4Trans(r, &Bs[cur][k * kB16Stride + n / 2]);
+        bf[2 * p][0] = r[0], bf[2 * p][1] = r[1], bf[2 * p + 1][0] = r[2], bf[2 * p + 1][1] = r[3];
       }
 SONDE_UNROLL
       for (int mi = 0; mi < 4; ++mi)
@@ -454,19 +456,11 @@ SONDE_UNROLL
   for (int tile = 0; tile < tiles; ++tile) {
     const int cur = tile & 1;
     if (tile + 1 < tiles) load((tile + 1) * kMmaBK8);
-    const uint32_t* as = As[cur];
     const uint32_t* bs = Bs[cur];
 SONDE_UNROLL
     for (int ks = 0; ks < 2; ++ks) {
       uint32_t af[4][4], bf[4][2];
-SONDE_UNROLL
-      for (int mi = 0; mi < 4; ++mi) {
-        const int r = (wm * 64 + mi * 16 + g) * kAStride + ks * 8 + t;
-        af[mi][0] = as[r];
-        af[mi][1] = as[r + 8 * kAStride];
-        af[mi][2] = as[r + 4];
-        af[mi][3] = as[r + 8 * kAStride + 4];
-      }
+      LoadAFragments(As[cur], wm * 64, ks, af);
 SONDE_UNROLL
       for (int ni = 0; ni < 4; ++ni) {
         const int col = wn * 32 + ni * 8 + g;
@@ -487,13 +481,13 @@ SONDE_UNROLL
 
 // ------------------------------------------------------------------------- GEMV ----
 // 64 row groups of 4 lanes; the 4 lanes read one 64-byte run of a B row (two full sectors), the
-// 64 groups split K, and each group keeps Unroll<R> 16-byte loads in flight, so that a block has
+// 64 groups split K, and each group keeps kGemvUnroll<R> 16-byte loads in flight, so that a block has
 // 16-32 KiB of B requested at once: what it takes to cover DRAM latency at full bandwidth. R rows
 // of A per block: 8, or 1 for decode, where the registers 8 rows' sums would take hold twice as
 // many loads in flight instead.
 constexpr int kGemvThreads = 256, kGemvLanes = 4, kGemvGroups = kGemvThreads / kGemvLanes, kGemvRows = 8;
 template <int R>
-constexpr int Unroll() { return R == 1 ? 8 : 4; }
+constexpr int kGemvUnroll = R == 1 ? 8 : 4;
 
 // Sums acc over the block's row groups (warp shuffles, then the 8 warps through shared memory)
 // and hands each (row, column-in-block) total to out.
@@ -531,7 +525,7 @@ __global__ void __launch_bounds__(kGemvThreads) GemvKernel(const void* a_, const
   __shared__ float red[(kGemvThreads / 32) * kGemvRows * kGemvLanes * 8];
   const int tid = threadIdx.x, sub = tid % kGemvLanes, group = tid / kGemvLanes;
   const int col0 = blockIdx.x * (kGemvLanes * VW) + sub * VW;
-  constexpr int kUnroll = Unroll<R>();
+  constexpr int kUnroll = kGemvUnroll<R>;
   const int row0 = blockIdx.y * R, rows = sh.m - row0 < R ? sh.m - row0 : R;
   const int bav = col0 < sh.n ? (sh.n - col0 < VW ? sh.n - col0 : VW) : 0;
   float acc[R][VW] = {};
@@ -582,7 +576,7 @@ __global__ void __launch_bounds__(kGemvThreads) GemvS8Kernel(QuantA qa, QuantB q
   __shared__ int32_t red[(kGemvThreads / 32) * kGemvRows * kGemvLanes * VW];
   const int tid = threadIdx.x, sub = tid % kGemvLanes, group = tid / kGemvLanes;
   const int col0 = blockIdx.x * (kGemvLanes * VW) + sub * VW;
-  constexpr int kUnroll = Unroll<R>();
+  constexpr int kUnroll = kGemvUnroll<R>;
   const int row0 = blockIdx.y * R, rows = sh.m - row0 < R ? sh.m - row0 : R;
   const int bav = col0 < sh.n ? (sh.n - col0 < VW ? sh.n - col0 : VW) : 0;
   const int quads = qa.kq / 4;
