@@ -5,7 +5,8 @@
 // vector loads; int8 against the CPU int8 precision (same quantisation, so the same integer sums).
 // 16-bit values are produced by the CPU casts (kernels.cast), so both sides see identical inputs.
 import { afterAll, expect, it } from 'vitest';
-import { DisposedError, InvalidArgumentError, Tensor, kernels, type GemmActivation } from '../../dist/index.js';
+import { DisposedError, InvalidArgumentError, Tensor, kernels } from '../../dist/index.js';
+import type { GemmActivation } from '../../dist/kernels/gemm.js';
 import { GpuBuffer, runGpuOp } from '../../dist/cuda/runtime.js';
 import {
   gpuGemm, gpuGemmInt8, gpuPackGemmInt8, type GpuGemmKernel, type GpuGemmOptions, type GpuGemmType,

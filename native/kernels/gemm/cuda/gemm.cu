@@ -530,34 +530,43 @@ __global__ void __launch_bounds__(kGemvThreads) GemvKernel(const void* a_, const
   const int bav = col0 < sh.n ? (sh.n - col0 < VW ? sh.n - col0 : VW) : 0;
   float acc[R][VW] = {};
   for (int k0 = 0; k0 < sh.k; k0 += kGemvGroups * kUnroll) {
-    float bv[kUnroll][VW];
+    // Raw 16-byte vectors: held as loaded (4 registers each) until used, so that 8 of them fit
+    // in flight beside the sums; widened to fp32 only in the FMA loop.
+    uint4 raw[kUnroll];
 SONDE_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       const int kk = k0 + u * kGemvGroups + group;
       const int av = kk < sh.k ? bav : 0;
       const SB* p = b + size_t(kk < sh.k ? kk : 0) * sh.ldb + (bav > 0 ? col0 : 0);
       if constexpr (TB == kF32) {
-        Load4<kF32>(p, av, sh.vec_b, bv[u]);
+        float v[4];
+        Load4<kF32>(p, av, sh.vec_b, v);
+        raw[u] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
       } else {
-        const uint4 q = Load8Raw(p, av, sh.vec_b);
-        const uint32_t w[4] = {q.x, q.y, q.z, q.w};
-SONDE_UNROLL
-        for (int i = 0; i < 4; ++i) {
-          bv[u][2 * i] = Ty<TB>::Get(static_cast<uint16_t>(w[i]));
-          bv[u][2 * i + 1] = Ty<TB>::Get(static_cast<uint16_t>(w[i] >> 16));
-        }
+        raw[u] = Load8Raw(p, av, sh.vec_b);
       }
     }
 SONDE_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       const int kk = k0 + u * kGemvGroups + group;
       if (kk >= sh.k) break;
+      float bv[VW];
+      const uint32_t w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+SONDE_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        if constexpr (TB == kF32) {
+          bv[i] = __uint_as_float(w[i]);
+        } else {
+          bv[2 * i] = Ty<TB>::Get(static_cast<uint16_t>(w[i]));
+          bv[2 * i + 1] = Ty<TB>::Get(static_cast<uint16_t>(w[i] >> 16));
+        }
+      }
 SONDE_UNROLL
       for (int r = 0; r < R; ++r) {
         if (r >= rows) break;
         const float x = Ty<TA>::Get(a[size_t(row0 + r) * sh.lda + kk]);
 SONDE_UNROLL
-        for (int v = 0; v < VW; ++v) acc[r][v] = fmaf(x, bv[u][v], acc[r][v]);
+        for (int v = 0; v < VW; ++v) acc[r][v] = fmaf(x, bv[v], acc[r][v]);
       }
     }
   }
