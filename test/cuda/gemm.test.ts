@@ -149,7 +149,9 @@ describeGpu('GPU GEMM', (t) => {
     compare(got, want, p, c, `${JSON.stringify(c)}`, c.kernel === 'mma' ? 4 : 1);
   }
 
-  // Rows and columns around the 128 tile, K around the kernels' K tiles and 16-byte vectors.
+  // Rows and columns around the 128 tile, K around the kernels' K tiles and 16-byte vectors. (The
+// emulator pays for every warp shuffle and barrier with fiber switches, so the GEMV and int8 cases,
+// whose reductions and per-row quantisation are made of them, keep few blocks.)
   const TILE_SHAPES: [number, number, number][] = [
     [1, 1, 1], [5, 13, 7], [17, 9, 9], [129, 130, 33], [127, 128, 64], [130, 127, 31],
   ];
@@ -176,10 +178,10 @@ describeGpu('GPU GEMM', (t) => {
   it('gemv (m <= 8 by default) on column and K edges, and row groups past 8 when forced', async () => {
     let seed = 200;
     for (const [aType, bType] of TYPES) {
-      for (const [m, n, k] of [[1, 1, 1], [1, 33, 257], [3, 31, 255], [8, 17, 300], [1, 65, 64]] as const) {
+      for (const [m, n, k] of [[1, 1, 1], [1, 33, 257], [3, 31, 255], [8, 17, 300]] as const) {
         await check({ m, n, k, aType, bType, ep: { bias: true, activation: 'silu' } }, seed++);  // 'auto' picks gemv
       }
-      await check({ m: 19, n: 40, k: 70, aType, bType, kernel: 'gemv' }, seed++);
+      await check({ m: 10, n: 40, k: 70, aType, bType, kernel: 'gemv' }, seed++);
       await check({ m: 2, n: 35, k: 33, aType, bType, kernel: 'gemv', lda: 35, ldb: 37, ldc: 41 }, seed++);
     }
   });
@@ -221,8 +223,8 @@ describeGpu('GPU GEMM', (t) => {
     // K around the 16-byte quad rows, the 64-byte mma K tile and the gemv's 256-quad stride.
     const shapes: [number, number, number, GpuGemmKernel][] = [
       [1, 1, 1, 'auto'], [3, 17, 15, 'auto'], [8, 33, 65, 'auto'], [1, 20, 1100, 'auto'],
-      [1, 1, 1, 'mma'], [9, 17, 16, 'mma'], [129, 127, 65, 'mma'], [127, 130, 64, 'mma'], [130, 129, 17, 'mma'],
-      [19, 21, 63, 'simt'], [9, 23, 257, 'gemv'],
+      [1, 1, 1, 'mma'], [9, 17, 16, 'mma'], [129, 127, 65, 'mma'], [17, 130, 64, 'mma'], [20, 129, 17, 'mma'],
+      [10, 21, 63, 'simt'], [9, 23, 257, 'gemv'],
     ];
     const eps: Epi[] = [{}, { bias: true, activation: 'relu' }, { bias: true, scale: true, residual: true, activation: 'gelu' },
       { bias: true, residual: true, residualBeforeActivation: true, activation: 'clip', clipMin: -1, clipMax: 2 }];
