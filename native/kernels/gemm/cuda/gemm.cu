@@ -3,7 +3,8 @@
 // with the CPU GEMM's epilogue (per-column scale and bias, activation, residual before or after it)
 // applied while the tile is still in registers. Kernels:
 //   mma   fp16/bf16 B (A fp32 or B's type): 128x128x32 block tiles, 8 warps of 64x32, mma.sync
-//         m16n8k16; fp32 A is rounded to B's type as it is staged into shared memory.
+//         m16n8k16 with fragments from ldmatrix (.trans for B, which stays row-major [k][n] in
+//         shared memory); fp32 A is rounded to B's type as it is staged into shared memory.
 //   simt  any B type: 128x128x8 block tiles, 8x8 outputs per thread, fp32 FMA (cc < 8.0, fp32 B).
 //   gemv  m small (decode): streams B once per 8 rows of A with 16-byte loads, K split over the
 //         block's 64 row groups and reduced in shared memory.
