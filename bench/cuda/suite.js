@@ -10,10 +10,10 @@ import { moeCases } from './moe.js';
 import { normCases } from './norm.js';
 import { attentionCases } from './attention.js';
 import { convCases } from './conv.js';
+import { gemmCases } from './gemm.js';
 import { quantCases } from './quant.js';
 
-
-const FAMILIES = [normCases, attentionCases, convCases, quantCases, moeCases];
+const FAMILIES = [normCases, attentionCases, convCases, quantCases, moeCases, gemmCases];
 
 // Dense datasheet peaks: bf16 tensor-core and fp32 TFLOP/s, HBM GB/s. First match wins.
 const DATASHEET = [

@@ -91,6 +91,25 @@ describeGpu('CUDA execution model', (t) => {
     });
   }
 
+  it('ldmatrix x4 and x4.trans hand each lane the fragment registers dialect.h documents', async () => {
+    const inBuf = await GpuBuffer.from(t.id, Uint16Array.from({ length: 256 }, (_, i) => i));  // value = row * 16 + col
+    const outBuf = GpuBuffer.alloc(t.id, 32 * 8 * 4);
+    await runGpuOp(t.id, 'selftest_ldmatrix', [inBuf, outBuf], {});
+    const got = await outBuf.read(new Uint32Array(256));
+    for (const b of [inBuf, outBuf]) b.dispose();
+    const at = (row: number, col: number) => row * 16 + col;
+    for (let l = 0; l < 32; l++) {
+      for (let i = 0; i < 4; i++) {
+        // Matrix i: rows (i % 2) * 8.., columns (i >> 1) * 8.. (lanes 8i..8i+7 gave its rows).
+        const r0 = (i % 2) * 8, c0 = (i >> 1) * 8;
+        const plain = at(r0 + (l >> 2), c0 + 2 * (l % 4)) | (at(r0 + (l >> 2), c0 + 2 * (l % 4) + 1) << 16);
+        const trans = at(r0 + 2 * (l % 4), c0 + (l >> 2)) | (at(r0 + 2 * (l % 4) + 1, c0 + (l >> 2)) << 16);
+        expect(got[l * 8 + i], `lane ${l} r[${i}]`).toBe(plain >>> 0);
+        expect(got[l * 8 + 4 + i], `lane ${l} trans r[${i}]`).toBe(trans >>> 0);
+      }
+    }
+  });
+
   if (t.emulated) {
     it('reports a stuck barrier, an exited lane in a warp sync and bad launch configurations', async () => {
       const out = GpuBuffer.alloc(t.id, 32 * 4);

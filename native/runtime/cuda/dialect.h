@@ -227,6 +227,46 @@ __device__ __forceinline__ void MmaS8(int32_t (&d)[4], const uint32_t (&a)[4], c
 }
 #endif
 
+// ---- ldmatrix: a warp loads four 8x8 16-bit matrices from shared memory (sm_75 and newer) ----
+// Lanes 8i..8i+7 point at the 8 rows of matrix i (16 contiguous bytes each, 16-byte aligned).
+// LdMatrixX4: lane l gets in r[i] matrix i's row l/4, columns 2(l%4) and 2(l%4)+1 (low half first),
+//   an m16n8k16 A register (or 4 bytes of an m16n8k32 s8 A row).
+// LdMatrixX4Trans: r[i] holds column l/4, rows 2(l%4) and 2(l%4)+1: the B register of m16n8k16
+//   read from a k-major tile (B row-major [k][n] in shared memory).
+#if SONDE_GPU_EMULATED
+namespace detail {
+template <bool kTrans>
+inline void EmulatedLdMatrixX4(uint32_t (&r)[4], const void* row) {
+  const unsigned char* slots = emu::detail::WarpExchange(0xffffffffu, &row, sizeof row);
+  const unsigned lane = emu::detail::LaneId();
+  const auto elem = [&](unsigned src, unsigned col) {
+    const unsigned char* p;
+    std::memcpy(&p, slots + src * emu::detail::kLaneSlotBytes, sizeof p);
+    uint16_t v;
+    std::memcpy(&v, p + 2 * col, 2);
+    return uint32_t(v);
+  };
+  for (unsigned i = 0; i < 4; ++i) {
+    if (kTrans) r[i] = elem(8 * i + 2 * (lane % 4), lane / 4) | elem(8 * i + 2 * (lane % 4) + 1, lane / 4) << 16;
+    else r[i] = elem(8 * i + lane / 4, 2 * (lane % 4)) | elem(8 * i + lane / 4, 2 * (lane % 4) + 1) << 16;
+  }
+}
+}  // namespace detail
+inline void LdMatrixX4(uint32_t (&r)[4], const void* row) { detail::EmulatedLdMatrixX4<false>(r, row); }
+inline void LdMatrixX4Trans(uint32_t (&r)[4], const void* row) { detail::EmulatedLdMatrixX4<true>(r, row); }
+#else
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+#endif
+
 // Compute capability of the device an op runs on, as one number (80 for 8.0).
 inline int ComputeCapability(const GpuDeviceInfo& d) { return d.cc_major * 10 + d.cc_minor; }
 

@@ -94,6 +94,27 @@ __global__ void MmaKernel(int kind, const void* a, const void* bt, void* d) {
   }
 }
 
+// One warp: ldmatrix x4 and x4.trans of a 16x16 16-bit tile in shared memory (rows padded to 48
+// bytes), lane l pointing at row l % 16, columns (l / 16) * 8: out[l][0..3] plain, [4..7] transposed.
+__global__ void LdMatrixKernel(const uint16_t* in, uint32_t* out) {
+  __align__(16) __shared__ uint16_t tile[16 * 24];
+  for (int i = static_cast<int>(threadIdx.x); i < 256; i += 32) tile[(i / 16) * 24 + i % 16] = in[i];
+  __syncwarp();
+  const int l = static_cast<int>(threadIdx.x);
+  uint32_t r[4], rt[4];
+  const uint16_t* row = &tile[(l % 16) * 24 + (l / 16) * 8];
+  LdMatrixX4(r, row);
+  LdMatrixX4Trans(rt, row);
+  for (int i = 0; i < 4; ++i) out[l * 8 + i] = r[i], out[l * 8 + 4 + i] = rt[i];
+}
+
+void LdMatrix(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
+  if (ComputeCapability(d) < 75) c.Invalid("ldmatrix needs compute capability 7.5");
+  const uint16_t* in = c.Buffer<uint16_t>(0, 256, "in");
+  uint32_t* out = c.Buffer<uint32_t>(1, 32 * 8, "out");
+  Launch(LdMatrixKernel, dim3(1), dim3(32), 0, s, in, out);
+}
+
 void WarpOps(GpuStream& s, const GpuDeviceInfo&, const GpuOpCall& c) {
   const int64_t blocks = c.Int("blocks", 1, 64), threads = c.Int("threads", 32, 1024);
   if (threads % 32) c.Invalid("threads must be a multiple of 32");
@@ -149,6 +170,7 @@ SONDE_GPU_OP("selftest_misuse", Misuse);
 SONDE_GPU_OP("selftest_warp", WarpOps);
 SONDE_GPU_OP("selftest_block", BlockOps);
 SONDE_GPU_OP("selftest_mma", Mma);
+SONDE_GPU_OP("selftest_ldmatrix", LdMatrix);
 
 }  // namespace SONDE_GPU_NS
 }  // namespace sonde

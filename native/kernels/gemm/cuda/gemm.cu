@@ -1,0 +1,851 @@
+// GEMM on the GPU (the CPU family: kernels/gemm, ops/gemm.cc, ops/gemm_lowp.cc):
+//   C[m, n] = epilogue(A[m, k] . B[k, n]), row-major with leading dimensions, fp32 accumulation, fp32 C,
+// with the CPU GEMM's epilogue (per-column scale and bias, activation, residual before or after it)
+// applied while the tile is still in registers. Kernels:
+//   mma   fp16/bf16 B (A fp32 or B's type): 128x128x32 block tiles, 8 warps of 64x32, mma.sync
+//         m16n8k16 with fragments from ldmatrix (.trans for B, which stays row-major [k][n] in
+//         shared memory); fp32 A is rounded to B's type as it is staged into shared memory.
+//   simt  any B type: 128x128x8 block tiles, 8x8 outputs per thread, fp32 FMA (cc < 8.0, fp32 B).
+//   gemv  m small (decode): streams B once per 8 rows of A with 16-byte loads, K split over the
+//         block's 64 row groups and reduced in shared memory.
+//   int8  s8 weights quantised per column (gemm_pack_s8) and A quantised per row to u8 at run time,
+//         both exactly as ops/gemm_lowp.cc does, so the s32 sums equal the CPU int8 path's; the
+//         product runs on mma.sync m16n8k32 (s8 x s8) with A stored as u8 - 128 and the shift
+//         folded back through the column sums of the weights, or on dp4a (gemv form) below cc 8.0.
+// Shared tiles are double-buffered through registers: the next K tile is loaded from global
+// memory while the tensor cores work on the current one, so one __syncthreads per K tile suffices.
+#include <cfloat>
+#include <vector>
+
+#include "runtime/cuda/dialect.h"
+
+// Full unrolling matters on the GPU (accumulators stay in registers only with constant indices);
+// the host compiler does not know nvcc's pragma.
+#if SONDE_GPU_EMULATED
+#define SONDE_UNROLL
+#else
+#define SONDE_UNROLL _Pragma("unroll")
+#endif
+
+namespace sonde {
+namespace SONDE_GPU_NS {
+
+namespace {
+
+// Element types of A and B, shared with lib/cuda/gemm.ts (GPU_GEMM_TYPE there).
+enum DType : int { kF32 = 0, kF16 = 1, kBf16 = 2 };
+// Activation codes of native/kernels/gemm/gemm.h (relu6 is clip [0, 6]).
+enum Act : int {
+  kActNone, kActRelu, kActClip, kActSilu, kActGeluErf, kActGeluTanh, kActSigmoid, kActLeakyRelu, kActHardSwish, kActCount
+};
+// Kernel choice, shared with lib/cuda/gemm.ts.
+enum Choice : int { kAuto = 0, kMma = 1, kSimt = 2, kGemv = 3 };
+
+// int8: |sum of K products (u8 - z) x s8| <= K * 255 * 127 must fit in int32 (as on the CPU).
+constexpr int64_t kS8MaxK = 66311;
+
+struct Epilogue {
+  const float* scale;
+  const float* bias;
+  const float* residual;
+  size_t ldr;
+  int act;
+  int residual_before;
+  float alpha, beta;
+};
+
+struct Shape {
+  int m, n, k;
+  size_t lda, ldb, ldc;
+  int vec_a, vec_b, vec_c;  // 16-byte loads/stores allowed (aligned base, leading dimension a multiple)
+};
+
+template <int T>
+struct Ty;
+template <>
+struct Ty<kF32> {
+  using S = float;
+  __device__ __forceinline__ static float Get(float v) { return v; }
+};
+template <>
+struct Ty<kF16> {
+  using S = uint16_t;
+  __device__ __forceinline__ static float Get(uint16_t v) { return HalfToFloat(v); }
+  __device__ __forceinline__ static uint16_t Put(float f) { return FloatToHalf(f); }
+};
+template <>
+struct Ty<kBf16> {
+  using S = uint16_t;
+  __device__ __forceinline__ static float Get(uint16_t v) { return Bf16ToFloat(v); }
+  __device__ __forceinline__ static uint16_t Put(float f) { return FloatToBf16(f); }
+};
+
+// A vector load from global memory; the emulator copies bytes so that reading 16-bit or 8-bit
+// data through a wider type stays within the host compiler's aliasing rules.
+template <typename V>
+__device__ __forceinline__ V LoadVec(const void* p) {
+#if SONDE_GPU_EMULATED
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+#else
+  return *reinterpret_cast<const V*>(p);
+#endif
+}
+
+__device__ __forceinline__ bool Finite(float v) { return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u; }
+
+__device__ __forceinline__ float Activate(float v, const Epilogue& e) {
+  switch (e.act) {  // as GemmActivateScalar: a NaN input comes out as NaN
+    case kActRelu: return v < 0.0f ? 0.0f : v;
+    case kActClip: return v < e.alpha ? e.alpha : (v > e.beta ? e.beta : v);
+    case kActSilu: return v / (1.0f + expf(-v));
+    case kActGeluErf: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case kActGeluTanh: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    case kActSigmoid: return 1.0f / (1.0f + expf(-v));
+    case kActLeakyRelu: return v < 0.0f ? e.alpha * v : v;
+    case kActHardSwish: {
+      float t = v + 3.0f;
+      t = t < 0.0f ? 0.0f : (t > 6.0f ? 6.0f : t);
+      return v * t * (1.0f / 6.0f);
+    }
+    default: return v;
+  }
+}
+
+__device__ __forceinline__ float ApplyEpilogue(float acc, int row, int col, const Epilogue& e) {
+  float v = e.scale ? acc * e.scale[col] : acc;
+  if (e.bias) v += e.bias[col];
+  const float r = e.residual ? e.residual[size_t(row) * e.ldr + col] : 0.0f;
+  if (e.residual && e.residual_before) v += r;
+  v = Activate(v, e);
+  if (e.residual && !e.residual_before) v += r;
+  return v;
+}
+
+// Four consecutive elements of a row as floats; `avail` of them exist (<= 0: none, p unused).
+template <int T>
+__device__ __forceinline__ void Load4(const typename Ty<T>::S* p, int avail, bool vec, float (&v)[4]) {
+  if (vec && avail >= 4) {
+    if constexpr (T == kF32) {
+      const float4 q = LoadVec<float4>(p);
+      v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+    } else {
+      const uint2 q = LoadVec<uint2>(p);
+      v[0] = Ty<T>::Get(static_cast<uint16_t>(q.x)), v[1] = Ty<T>::Get(static_cast<uint16_t>(q.x >> 16));
+      v[2] = Ty<T>::Get(static_cast<uint16_t>(q.y)), v[3] = Ty<T>::Get(static_cast<uint16_t>(q.y >> 16));
+    }
+  } else {
+SONDE_UNROLL
+    for (int i = 0; i < 4; ++i) v[i] = i < avail ? Ty<T>::Get(p[i]) : 0.0f;
+  }
+}
+
+// Eight consecutive 16-bit values as raw bits in a uint4 (low half first), zero past `avail`.
+__device__ __forceinline__ uint4 Load8Raw(const uint16_t* p, int avail, bool vec) {
+  if (vec && avail >= 8) return LoadVec<uint4>(p);
+  uint32_t w[4];
+SONDE_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t lo = 2 * i < avail ? p[2 * i] : 0u, hi = 2 * i + 1 < avail ? p[2 * i + 1] : 0u;
+    w[i] = lo | (hi << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ int Avail(int row, int rows, int col, int cols, int width) {
+  if (row >= rows || col >= cols) return 0;
+  return cols - col < width ? cols - col : width;
+}
+
+// ---------------------------------------------------------------- SIMT (fp32 FMA) ----
+constexpr int kSimtBM = 128, kSimtBN = 128, kSimtBK = 8, kSimtThreads = 256;
+
+// 16 x 16 threads, each owning rows {ty*4.., 64+ty*4..} and columns {tx*4.., 64+tx*4..}: the two
+// halves keep each warp's float4 reads of a shared row on distinct banks.
+template <int TA, int TB>
+__global__ void __launch_bounds__(kSimtThreads) SimtGemmKernel(const void* a_, const void* b_, float* __restrict__ c,
+                                                              Shape sh, Epilogue ep) {
+  using SA = typename Ty<TA>::S;
+  using SB = typename Ty<TB>::S;
+  const SA* a = static_cast<const SA*>(a_);
+  const SB* b = static_cast<const SB*>(b_);
+  // A transposed (k-major) so a thread's four rows are one float4; +4 keeps that alignment.
+  __align__(16) __shared__ float As[2][kSimtBK][kSimtBM + 4];
+  __align__(16) __shared__ float Bs[2][kSimtBK][kSimtBN];
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int bm = blockIdx.y * kSimtBM, bn = blockIdx.x * kSimtBN;
+  const int a_row = tid / 2, a_k = (tid % 2) * 4;    // A tile: 128 rows x 8 k
+  const int b_k = tid / 32, b_col = (tid % 32) * 4;  // B tile: 8 k x 128 columns
+  float ra[4], rb[4];
+  auto load = [&](int k0) {
+    const int arow = bm + a_row, acol = k0 + a_k;
+    const int aav = Avail(arow, sh.m, acol, sh.k, 4);
+    Load4<TA>(aav > 0 ? a + size_t(arow) * sh.lda + acol : a, aav, sh.vec_a, ra);
+    const int brow = k0 + b_k, bcol = bn + b_col;
+    const int bav = Avail(brow, sh.k, bcol, sh.n, 4);
+    Load4<TB>(bav > 0 ? b + size_t(brow) * sh.ldb + bcol : b, bav, sh.vec_b, rb);
+  };
+  auto store = [&](int buf) {
+SONDE_UNROLL
+    for (int i = 0; i < 4; ++i) As[buf][a_k + i][a_row] = ra[i];
+    *reinterpret_cast<float4*>(&Bs[buf][b_k][b_col]) = make_float4(rb[0], rb[1], rb[2], rb[3]);
+  };
+  float acc[8][8] = {};
+  const int tiles = (sh.k + kSimtBK - 1) / kSimtBK;
+  if (tiles > 0) {
+    load(0);
+    store(0);
+    __syncthreads();
+  }
+  for (int t = 0; t < tiles; ++t) {
+    const int cur = t & 1;
+    if (t + 1 < tiles) load((t + 1) * kSimtBK);
+SONDE_UNROLL
+    for (int kk = 0; kk < kSimtBK; ++kk) {
+      const float4 a0 = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
+      const float4 a1 = *reinterpret_cast<const float4*>(&As[cur][kk][64 + ty * 4]);
+      const float4 b0 = *reinterpret_cast<const float4*>(&Bs[cur][kk][tx * 4]);
+      const float4 b1 = *reinterpret_cast<const float4*>(&Bs[cur][kk][64 + tx * 4]);
+      const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+SONDE_UNROLL
+      for (int i = 0; i < 8; ++i)
+SONDE_UNROLL
+        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+    if (t + 1 < tiles) store(cur ^ 1);
+    __syncthreads();
+  }
+SONDE_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    const int row = bm + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
+    if (row >= sh.m) continue;
+SONDE_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const int col = bn + h * 64 + tx * 4;
+      float v[4];
+SONDE_UNROLL
+      for (int j = 0; j < 4; ++j) v[j] = col + j < sh.n ? ApplyEpilogue(acc[i][h * 4 + j], row, col + j, ep) : 0.0f;
+      float* out = c + size_t(row) * sh.ldc + col;
+      if (sh.vec_c && col + 3 < sh.n) {
+        *reinterpret_cast<float4*>(out) = make_float4(v[0], v[1], v[2], v[3]);
+      } else {
+        for (int j = 0; j < 4 && col + j < sh.n; ++j) out[j] = v[j];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------- tensor cores (mma.sync) ----
+constexpr int kMmaBM = 128, kMmaBN = 128, kMmaThreads = 256;
+// Shared rows in 32-bit words. A: 32 16-bit k (or 64 int8 k) + 4 words of padding: the 8 rows an
+// ldmatrix phase reads (16 bytes each) start 80 bytes apart, on 8 distinct groups of 4 banks.
+// 16-bit B: 128 columns + 4 words, rows 272 bytes apart, likewise. int8 B: 128 quads (a word each)
+// + 8, which puts the rows t of a fragment load 8 banks apart.
+constexpr int kAStride = 20;
+constexpr int kB16Stride = kMmaBN / 2 + 4;
+constexpr int kBS8Stride = kMmaBN + 8;
+constexpr int kMmaBK16 = 32;  // 16-bit elements per K tile: two m16n8k16 steps
+constexpr int kMmaBK8 = 64;   // int8 elements per K tile: two m16n8k32 steps
+
+__device__ __forceinline__ uint32_t Pack2(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
+
+template <int TB>
+__device__ __forceinline__ void Mma16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (TB == kBf16) MmaBf16(d, a, b);
+  else MmaF16(d, a, b);
+}
+
+// Stores the warp's 64x32 accumulator tile (4 x 4 m16n8 fragments) through the epilogue.
+template <typename Value>
+__device__ __forceinline__ void StoreMmaTile(float* c, const Shape& sh, const Epilogue& ep, int row_base, int col_base,
+                                             Value value) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+SONDE_UNROLL
+  for (int mi = 0; mi < 4; ++mi)
+SONDE_UNROLL
+    for (int ni = 0; ni < 4; ++ni)
+SONDE_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        const int row = row_base + mi * 16 + g + h * 8, col = col_base + ni * 8 + 2 * t;
+        if (row >= sh.m || col >= sh.n) continue;
+        float* out = c + size_t(row) * sh.ldc + col;
+        const float v0 = ApplyEpilogue(value(mi, ni, 2 * h, row, col), row, col, ep);
+        if (col + 1 < sh.n) {
+          const float v1 = ApplyEpilogue(value(mi, ni, 2 * h + 1, row, col + 1), row, col + 1, ep);
+          if (sh.vec_c) {
+            *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
+          } else {
+            out[0] = v0;
+            out[1] = v1;
+          }
+        } else {
+          out[0] = v0;
+        }
+      }
+}
+
+// The warp's four m16 A fragments of K step ks (32 bytes: k16 of 16-bit values or k32 of int8)
+// from a shared A tile of kAStride-word rows: ldmatrix matrices rows 0-7 / 8-15 x bytes 0-15 / 16-31.
+__device__ __forceinline__ void LoadAFragments(const uint32_t* as, int row0, int ks, uint32_t (&af)[4][4]) {
+  const int lane = threadIdx.x % 32;
+SONDE_UNROLL
+  for (int mi = 0; mi < 4; ++mi) {
+    const int row = row0 + mi * 16 + lane % 8 + ((lane / 8) % 2) * 8;
+    LdMatrixX4(af[mi], &as[row * kAStride + ks * 8 + (lane / 16) * 4]);
+  }
+}
+
+template <int TA, int TB>
+__global__ void __launch_bounds__(kMmaThreads, 2) MmaGemmKernel(const void* a_, const uint16_t* __restrict__ b,
+                                                            float* __restrict__ c, Shape sh, Epilogue ep) {
+  using SA = typename Ty<TA>::S;
+  const SA* a = static_cast<const SA*>(a_);
+  __align__(16) __shared__ uint32_t As[2][kMmaBM * kAStride];
+  __align__(16) __shared__ uint32_t Bs[2][kMmaBK16 * kB16Stride];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wm = warp / 4, wn = warp % 4;  // the warp's 64x32 tile in the block's 128x128
+  const int bm = blockIdx.y * kMmaBM, bn = blockIdx.x * kMmaBN;
+  // Staging registers: fp32 A as 4 chunks of 4 floats (rounded when stored), 16-bit A as 2 chunks
+  // of 8; B as 2 chunks of 8 (row idx/16, columns (idx%16)*8).
+  constexpr int kAChunks = TA == kF32 ? 4 : 2;
+  float ra32[TA == kF32 ? 4 : 1][4];
+  uint4 ra16[TA == kF32 ? 1 : 2];
+  uint4 rb[2];
+  auto load = [&](int k0) {
+SONDE_UNROLL
+    for (int ch = 0; ch < kAChunks; ++ch) {
+      const int idx = tid + ch * kMmaThreads;
+      if constexpr (TA == kF32) {
+        const int row = bm + idx / 8, col = k0 + (idx % 8) * 4;
+        const int av = Avail(row, sh.m, col, sh.k, 4);
+        Load4<kF32>(av > 0 ? a + size_t(row) * sh.lda + col : a, av, sh.vec_a, ra32[ch]);
+      } else {
+        const int row = bm + idx / 4, col = k0 + (idx % 4) * 8;
+        const int av = Avail(row, sh.m, col, sh.k, 8);
+        ra16[ch] = Load8Raw(av > 0 ? a + size_t(row) * sh.lda + col : a, av, sh.vec_a);
+      }
+    }
+SONDE_UNROLL
+    for (int ch = 0; ch < 2; ++ch) {
+      const int idx = tid + ch * kMmaThreads;
+      const int row = k0 + idx / 16, col = bn + (idx % 16) * 8;
+      const int av = Avail(row, sh.k, col, sh.n, 8);
+      rb[ch] = Load8Raw(av > 0 ? b + size_t(row) * sh.ldb + col : b, av, sh.vec_b);
+    }
+  };
+  auto store = [&](int buf) {
+SONDE_UNROLL
+    for (int ch = 0; ch < kAChunks; ++ch) {
+      const int idx = tid + ch * kMmaThreads;
+      if constexpr (TA == kF32) {
+        const float* v = ra32[ch];
+        *reinterpret_cast<uint2*>(&As[buf][(idx / 8) * kAStride + (idx % 8) * 2]) =
+            make_uint2(Pack2(Ty<TB>::Put(v[0]), Ty<TB>::Put(v[1])), Pack2(Ty<TB>::Put(v[2]), Ty<TB>::Put(v[3])));
+      } else {
+        *reinterpret_cast<uint4*>(&As[buf][(idx / 4) * kAStride + (idx % 4) * 4]) = ra16[ch];
+      }
+    }
+SONDE_UNROLL
+    for (int ch = 0; ch < 2; ++ch) {
+      const int idx = tid + ch * kMmaThreads;
+      *reinterpret_cast<uint4*>(&Bs[buf][(idx / 16) * kB16Stride + (idx % 16) * 4]) = rb[ch];
+    }
+  };
+  float acc[4][4][4] = {};
+  const int tiles = (sh.k + kMmaBK16 - 1) / kMmaBK16;
+  if (tiles > 0) {
+    load(0);
+    store(0);
+    __syncthreads();
+  }
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int cur = tile & 1;
+    if (tile + 1 < tiles) load((tile + 1) * kMmaBK16);
+SONDE_UNROLL
+    for (int ks = 0; ks < 2; ++ks) {
+      uint32_t af[4][4], bf[4][2];
+      LoadAFragments(As[cur], wm * 64, ks, af);
+SONDE_UNROLL
+      for (int p = 0; p < 2; ++p) {
+        // B is k-major in shared memory: the transposing load pairs rows 2t, 2t+1 of column g, for
+        // two n8 tiles (matrices: k 0-7 / 8-15 of columns n0.., then of n0 + 8..).
+        const int k = ks * 16 + lane % 8 + ((lane / 8) % 2) * 8, n = wn * 32 + p * 16 + (lane / 16) * 8;
+        uint32_t r[4];
+        LdMatrixX4Trans(r, &Bs[cur][k * kB16Stride + n / 2]);
+        bf[2 * p][0] = r[0], bf[2 * p][1] = r[1], bf[2 * p + 1][0] = r[2], bf[2 * p + 1][1] = r[3];
+      }
+SONDE_UNROLL
+      for (int mi = 0; mi < 4; ++mi)
+SONDE_UNROLL
+        for (int ni = 0; ni < 4; ++ni) Mma16<TB>(acc[mi][ni], af[mi], bf[ni]);
+    }
+    if (tile + 1 < tiles) store(cur ^ 1);
+    __syncthreads();
+  }
+  StoreMmaTile(c, sh, ep, bm + wm * 64, bn + wn * 32,
+               [&](int mi, int ni, int i, int, int) { return acc[mi][ni][i]; });
+}
+
+// Per-row quantisation of A for the int8 kernels, in the scratch buffer: kq bytes per row (K
+// rounded up to 16, zero-padded), then m float scales, then m int32 zero points.
+struct QuantA {
+  const int8_t* q;  // u8 - 128, so that s8 x s8 tensor-core products apply
+  const float* scale;
+  const int32_t* zero;
+  int kq;
+};
+
+// s8 weights: K quads x n int32 (b[4q..4q+3][j] as s8, the m16n8k32 B register), per-column
+// scale and sum of the quantised weights.
+struct QuantB {
+  const int32_t* q;
+  const float* scale;
+  const int32_t* sum;
+};
+
+// sum((u - z) w) = sum((u - 128) w) + (128 - z) sum(w), exactly in int32; then as the CPU's qs8
+// kernels: (float)s * (a_scale * w_scale).
+__device__ __forceinline__ float Dequant(int32_t acc, int row, int col, const QuantA& qa, const QuantB& qb) {
+  const int32_t s = acc + (128 - qa.zero[row]) * qb.sum[col];
+  return static_cast<float>(s) * (qa.scale[row] * qb.scale[col]);
+}
+
+__global__ void __launch_bounds__(kMmaThreads) MmaS8GemmKernel(QuantA qa, QuantB qb, float* __restrict__ c, Shape sh,
+                                                              Epilogue ep) {
+  __align__(16) __shared__ uint32_t As[2][kMmaBM * kAStride];
+  __align__(16) __shared__ uint32_t Bs[2][(kMmaBK8 / 4) * kBS8Stride];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int wm = warp / 4, wn = warp % 4;
+  const int bm = blockIdx.y * kMmaBM, bn = blockIdx.x * kMmaBN;
+  const int quads = qa.kq / 4;
+  uint4 ra[2], rb[2];
+  auto load = [&](int k0) {  // k0 in bytes (int8 elements)
+SONDE_UNROLL
+    for (int ch = 0; ch < 2; ++ch) {
+      const int idx = tid + ch * kMmaThreads;
+      const int row = bm + idx / 4, col = k0 + (idx % 4) * 16;  // kq is a multiple of 16
+      ra[ch] = row < sh.m && col < qa.kq ? LoadVec<uint4>(qa.q + size_t(row) * qa.kq + col) : make_uint4(0, 0, 0, 0);
+      const int qrow = k0 / 4 + idx / 32, qcol = bn + (idx % 32) * 4;
+      const int av = Avail(qrow, quads, qcol, sh.n, 4);
+      const int32_t* p = qb.q + size_t(qrow) * sh.n + qcol;
+      if (sh.vec_b && av == 4) {
+        rb[ch] = LoadVec<uint4>(p);
+      } else {
+        uint32_t w[4];
+        for (int i = 0; i < 4; ++i) w[i] = i < av ? static_cast<uint32_t>(p[i]) : 0u;
+        rb[ch] = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    }
+  };
+  auto store = [&](int buf) {
+SONDE_UNROLL
+    for (int ch = 0; ch < 2; ++ch) {
+      const int idx = tid + ch * kMmaThreads;
+      *reinterpret_cast<uint4*>(&As[buf][(idx / 4) * kAStride + (idx % 4) * 4]) = ra[ch];
+      *reinterpret_cast<uint4*>(&Bs[buf][(idx / 32) * kBS8Stride + (idx % 32) * 4]) = rb[ch];
+    }
+  };
+  int32_t acc[4][4][4] = {};
+  const int tiles = (qa.kq + kMmaBK8 - 1) / kMmaBK8;
+  if (tiles > 0) {
+    load(0);
+    store(0);
+    __syncthreads();
+  }
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int cur = tile & 1;
+    if (tile + 1 < tiles) load((tile + 1) * kMmaBK8);
+    const uint32_t* bs = Bs[cur];
+SONDE_UNROLL
+    for (int ks = 0; ks < 2; ++ks) {
+      uint32_t af[4][4], bf[4][2];
+      LoadAFragments(As[cur], wm * 64, ks, af);
+SONDE_UNROLL
+      for (int ni = 0; ni < 4; ++ni) {
+        const int col = wn * 32 + ni * 8 + g;
+        bf[ni][0] = bs[(ks * 8 + t) * kBS8Stride + col];
+        bf[ni][1] = bs[(ks * 8 + 4 + t) * kBS8Stride + col];
+      }
+SONDE_UNROLL
+      for (int mi = 0; mi < 4; ++mi)
+SONDE_UNROLL
+        for (int ni = 0; ni < 4; ++ni) MmaS8(acc[mi][ni], af[mi], bf[ni]);
+    }
+    if (tile + 1 < tiles) store(cur ^ 1);
+    __syncthreads();
+  }
+  StoreMmaTile(c, sh, ep, bm + wm * 64, bn + wn * 32,
+               [&](int mi, int ni, int i, int row, int col) { return Dequant(acc[mi][ni][i], row, col, qa, qb); });
+}
+
+// ------------------------------------------------------------------------- GEMV ----
+// 64 row groups of 4 lanes; the 4 lanes read one 64-byte run of a B row (two full sectors), the
+// 64 groups split K, and each group keeps kGemvUnroll<R> 16-byte loads in flight, so that a block has
+// 16-32 KiB of B requested at once: what it takes to cover DRAM latency at full bandwidth. R rows
+// of A per block: 8, or 1 for decode, where the registers 8 rows' sums would take hold twice as
+// many loads in flight instead.
+constexpr int kGemvThreads = 256, kGemvLanes = 4, kGemvGroups = kGemvThreads / kGemvLanes, kGemvRows = 8;
+template <int R>
+constexpr int kGemvUnroll = R == 1 ? 8 : 4;
+
+// Sums acc over the block's row groups (warp shuffles, then the 8 warps through shared memory)
+// and hands each (row, column-in-block) total to out.
+template <typename Acc, int VW, int R, typename Out>
+__device__ __forceinline__ void GemvReduce(Acc (&acc)[R][VW], int rows, Acc* red, Out out) {
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  constexpr int kCols = kGemvLanes * VW;
+SONDE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+SONDE_UNROLL
+    for (int v = 0; v < VW; ++v) {
+      Acc s = acc[r][v];
+      for (int o = kGemvLanes; o < 32; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (lane < kGemvLanes) red[(warp * kGemvRows + r) * kCols + lane * VW + v] = s;
+    }
+  }
+  __syncthreads();
+  for (int o = tid; o < rows * kCols; o += kGemvThreads) {
+    const int r = o / kCols, cc = o % kCols;
+    Acc s = 0;
+    for (int w = 0; w < kGemvThreads / 32; ++w) s += red[(w * kGemvRows + r) * kCols + cc];
+    out(r, cc, s);
+  }
+}
+
+template <int TA, int TB, int R>
+__global__ void __launch_bounds__(kGemvThreads) GemvKernel(const void* a_, const void* b_, float* __restrict__ c,
+                                                          Shape sh, Epilogue ep) {
+  using SA = typename Ty<TA>::S;
+  using SB = typename Ty<TB>::S;
+  constexpr int VW = 16 / sizeof(SB);  // columns per lane: one 16-byte load
+  const SA* a = static_cast<const SA*>(a_);
+  const SB* b = static_cast<const SB*>(b_);
+  __shared__ float red[(kGemvThreads / 32) * kGemvRows * kGemvLanes * 8];
+  const int tid = threadIdx.x, sub = tid % kGemvLanes, group = tid / kGemvLanes;
+  const int col0 = blockIdx.x * (kGemvLanes * VW) + sub * VW;
+  constexpr int kUnroll = kGemvUnroll<R>;
+  const int row0 = blockIdx.y * R, rows = sh.m - row0 < R ? sh.m - row0 : R;
+  const int bav = col0 < sh.n ? (sh.n - col0 < VW ? sh.n - col0 : VW) : 0;
+  float acc[R][VW] = {};
+  for (int k0 = 0; k0 < sh.k; k0 += kGemvGroups * kUnroll) {
+    // Raw 16-byte vectors: held as loaded (4 registers each) until used, so that 8 of them fit
+    // in flight beside the sums; widened to fp32 only in the FMA loop.
+    uint4 raw[kUnroll];
+SONDE_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      const int kk = k0 + u * kGemvGroups + group;
+      const int av = kk < sh.k ? bav : 0;
+      const SB* p = b + size_t(kk < sh.k ? kk : 0) * sh.ldb + (bav > 0 ? col0 : 0);
+      if constexpr (TB == kF32) {
+        float v[4];
+        Load4<kF32>(p, av, sh.vec_b, v);
+        raw[u] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+      } else {
+        raw[u] = Load8Raw(p, av, sh.vec_b);
+      }
+    }
+SONDE_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      const int kk = k0 + u * kGemvGroups + group;
+      if (kk >= sh.k) break;
+      float bv[VW];
+      const uint32_t w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+SONDE_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        if constexpr (TB == kF32) {
+          bv[i] = __uint_as_float(w[i]);
+        } else {
+          bv[2 * i] = Ty<TB>::Get(static_cast<uint16_t>(w[i]));
+          bv[2 * i + 1] = Ty<TB>::Get(static_cast<uint16_t>(w[i] >> 16));
+        }
+      }
+SONDE_UNROLL
+      for (int r = 0; r < R; ++r) {
+        if (r >= rows) break;
+        const float x = Ty<TA>::Get(a[size_t(row0 + r) * sh.lda + kk]);
+SONDE_UNROLL
+        for (int v = 0; v < VW; ++v) acc[r][v] = fmaf(x, bv[v], acc[r][v]);
+      }
+    }
+  }
+  GemvReduce<float, VW, R>(acc, rows, red, [&](int r, int cc, float s) {
+    const int col = blockIdx.x * (kGemvLanes * VW) + cc, row = row0 + r;
+    if (col < sh.n) c[size_t(row) * sh.ldc + col] = ApplyEpilogue(s, row, col, ep);
+  });
+}
+
+// The int8 product as a GEMV (and the SIMT int8 path below cc 8.0): dp4a over one K quad of 4
+// columns per 16-byte load.
+template <int R>
+__global__ void __launch_bounds__(kGemvThreads) GemvS8Kernel(QuantA qa, QuantB qb, float* __restrict__ c, Shape sh,
+                                                            Epilogue ep) {
+  constexpr int VW = 4;
+  __shared__ int32_t red[(kGemvThreads / 32) * kGemvRows * kGemvLanes * VW];
+  const int tid = threadIdx.x, sub = tid % kGemvLanes, group = tid / kGemvLanes;
+  const int col0 = blockIdx.x * (kGemvLanes * VW) + sub * VW;
+  constexpr int kUnroll = kGemvUnroll<R>;
+  const int row0 = blockIdx.y * R, rows = sh.m - row0 < R ? sh.m - row0 : R;
+  const int bav = col0 < sh.n ? (sh.n - col0 < VW ? sh.n - col0 : VW) : 0;
+  const int quads = qa.kq / 4;
+  int32_t acc[R][VW] = {};
+  for (int q0 = 0; q0 < quads; q0 += kGemvGroups * kUnroll) {
+    int32_t bv[kUnroll][VW];
+SONDE_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      const int qq = q0 + u * kGemvGroups + group;
+      const int av = qq < quads ? bav : 0;
+      const int32_t* p = qb.q + size_t(qq < quads ? qq : 0) * sh.n + (bav > 0 ? col0 : 0);
+      if (sh.vec_b && av == VW) {
+        const int4 v = LoadVec<int4>(p);
+        bv[u][0] = v.x, bv[u][1] = v.y, bv[u][2] = v.z, bv[u][3] = v.w;
+      } else {
+SONDE_UNROLL
+        for (int i = 0; i < VW; ++i) bv[u][i] = i < av ? p[i] : 0;
+      }
+    }
+SONDE_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      const int qq = q0 + u * kGemvGroups + group;
+      if (qq >= quads) break;
+SONDE_UNROLL
+      for (int r = 0; r < R; ++r) {
+        if (r >= rows) break;
+        const int32_t x = LoadVec<int32_t>(qa.q + size_t(row0 + r) * qa.kq + size_t(qq) * 4);
+SONDE_UNROLL
+        for (int v = 0; v < VW; ++v) acc[r][v] = __dp4a(x, bv[u][v], acc[r][v]);
+      }
+    }
+  }
+  GemvReduce<int32_t, VW, R>(acc, rows, red, [&](int r, int cc, int32_t s) {
+    const int col = blockIdx.x * (kGemvLanes * VW) + cc, row = row0 + r;
+    if (col < sh.n) c[size_t(row) * sh.ldc + col] = ApplyEpilogue(Dequant(s, row, col, qa, qb), row, col, ep);
+  });
+}
+
+// ------------------------------------------------------------ int8 quantisation ----
+// One block per row of A: its range, then ops/gemm_lowp.cc's QuantizeRow (LowpU8Params) step for
+// step, so the bytes equal the CPU's; stored as u - 128.
+__global__ void __launch_bounds__(256) QuantizeRowsKernel(const float* __restrict__ a, size_t lda, int k, int kq,
+                                                         int8_t* __restrict__ q, float* __restrict__ scale,
+                                                         int32_t* __restrict__ zero) {
+  __shared__ float s_lo[32], s_hi[32];
+  __shared__ int s_bad[32];
+  const size_t row = blockIdx.x;
+  const float* x = a + row * lda;
+  float lo = 0.0f, hi = 0.0f;
+  int bad = 0;
+  for (int p = threadIdx.x; p < k; p += blockDim.x) {
+    const float v = x[p];
+    bad |= !Finite(v);
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (lane == 0) s_lo[warp] = lo, s_hi[warp] = hi, s_bad[warp] = bad;
+  __syncthreads();
+  lo = 0.0f, hi = 0.0f, bad = 0;
+  for (int w = 0; w < warps; ++w) lo = fminf(lo, s_lo[w]), hi = fmaxf(hi, s_hi[w]), bad |= s_bad[w];
+  int8_t* dst = q + row * size_t(kq);
+  if (bad || hi == lo) {  // a non-finite row becomes NaN; an all-zero row is u8 0 at zero point 0
+    for (int p = threadIdx.x; p < kq; p += blockDim.x) dst[p] = -128;
+    if (threadIdx.x == 0) scale[row] = bad ? NAN : 1.0f, zero[row] = 0;
+    return;
+  }
+  // hi/255 - lo/255 rather than (hi - lo)/255, and the FLT_MIN floor: as LowpU8Params.
+  float s = hi / 255.0f - lo / 255.0f;
+  if (!(s >= FLT_MIN)) s = FLT_MIN;
+  float z = rintf(-lo / s);
+  z = z < 0.0f ? 0.0f : (z > 255.0f ? 255.0f : z);
+  const float inv = 1.0f / s;
+  for (int p = threadIdx.x; p < kq; p += blockDim.x) {
+    float u = p < k ? rintf(x[p] * inv) + z : 0.0f;
+    u = u < 0.0f ? 0.0f : (u > 255.0f ? 255.0f : u);
+    dst[p] = static_cast<int8_t>(static_cast<int>(u) - 128);
+  }
+  if (threadIdx.x == 0) scale[row] = s, zero[row] = static_cast<int32_t>(z);
+}
+
+// One thread per column of B: symmetric per-column scale amax / 127 and round-to-nearest-even
+// quantisation, as PackedLowpGemmWeights::Pack. A column holding NaN or Inf gets scale NaN, which
+// the op reports.
+__global__ void PackS8Kernel(const float* __restrict__ b, size_t ldb, int k, int n, int quads, int32_t* __restrict__ q,
+                             float* __restrict__ scale, int32_t* __restrict__ sum) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  float amax = 0.0f;
+  bool finite = true;
+  for (int p = 0; p < k; ++p) {
+    const float v = b[size_t(p) * ldb + j];
+    finite &= Finite(v);
+    amax = fmaxf(amax, fabsf(v));
+  }
+  const float s = amax / 127.0f;
+  int32_t total = 0;
+  for (int qq = 0; qq < quads; ++qq) {
+    uint32_t word = 0;
+    for (int e = 0; e < 4; ++e) {
+      const int p = qq * 4 + e;
+      float v = 0.0f;
+      if (p < k && s > 0.0f) v = fminf(127.0f, fmaxf(-127.0f, rintf(b[size_t(p) * ldb + j] / s)));
+      const int iv = static_cast<int>(v);
+      total += iv;
+      word |= (static_cast<uint32_t>(iv) & 0xffu) << (8 * e);
+    }
+    q[size_t(qq) * n + j] = static_cast<int32_t>(word);
+  }
+  scale[j] = finite ? s : NAN;
+  sum[j] = total;
+}
+
+// ------------------------------------------------------------------------- ops ----
+bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// The optional epilogue buffers follow the op's fixed ones, in the order bias, scale, residual.
+Epilogue ReadEpilogue(const GpuOpCall& c, size_t next, int64_t m, int64_t n) {
+  Epilogue e{};
+  if (c.IntOr("hasBias", 0, 0, 1)) e.bias = c.Buffer<float>(next++, n, "bias");
+  if (c.IntOr("hasScale", 0, 0, 1)) e.scale = c.Buffer<float>(next++, n, "scale");
+  if (c.IntOr("hasResidual", 0, 0, 1)) {
+    e.ldr = static_cast<size_t>(c.IntOr("ldr", n, n > 0 ? n : 1));
+    e.residual = c.Buffer<float>(next++, m > 0 ? (m - 1) * e.ldr + n : 0, "residual");
+  }
+  e.act = static_cast<int>(c.IntOr("activation", kActNone, 0, kActCount - 1));
+  e.alpha = static_cast<float>(c.NumOr("alpha", 0.0));
+  e.beta = static_cast<float>(c.NumOr("beta", 0.0));
+  if (e.act == kActClip && !(e.alpha <= e.beta)) c.Invalid("clip needs alpha <= beta");
+  e.residual_before = static_cast<int>(c.IntOr("residualBeforeActivation", 0, 0, 1));
+  return e;
+}
+
+// Rows * leading dimension, less the unused tail of the last row: the elements an operand spans.
+size_t Span(const GpuOpCall& c, int64_t rows, int64_t ld, int64_t cols) {
+  return rows > 0 && cols > 0 ? c.Count({rows - 1, ld}) + static_cast<size_t>(cols) : 0;
+}
+
+template <int TA, int TB>
+void RunGemm(GpuStream& s, int choice, const void* a, const void* b, float* c, const Shape& sh, const Epilogue& ep) {
+  if (choice == kGemv) {
+    const dim3 grid(CeilDiv(sh.n, kGemvLanes * (16 / sizeof(typename Ty<TB>::S))), sh.m == 1 ? 1 : CeilDiv(sh.m, kGemvRows));
+    if (sh.m == 1) Launch(GemvKernel<TA, TB, 1>, grid, dim3(kGemvThreads), 0, s, a, b, c, sh, ep);
+    else Launch(GemvKernel<TA, TB, kGemvRows>, grid, dim3(kGemvThreads), 0, s, a, b, c, sh, ep);
+    return;
+  }
+  const dim3 grid(CeilDiv(sh.n, kMmaBN), CeilDiv(sh.m, kMmaBM));
+  if constexpr (TB != kF32) {
+    if (choice == kMma) {
+      Launch(MmaGemmKernel<TA, TB>, grid, dim3(kMmaThreads), 0, s, a, static_cast<const uint16_t*>(b), c, sh, ep);
+      return;
+    }
+  }
+  Launch(SimtGemmKernel<TA, TB>, grid, dim3(kSimtThreads), 0, s, a, b, c, sh, ep);
+}
+
+// buffers: a, b, c, then bias / scale / residual as flagged. params: m, n, k, lda, ldb, ldc,
+// aType, bType (DType), kernel (Choice), the epilogue's.
+void GemmOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
+  const int64_t m = c.Int("m"), n = c.Int("n"), k = c.Int("k");
+  const int64_t lda = c.IntOr("lda", k, k > 0 ? k : 1), ldb = c.IntOr("ldb", n, n > 0 ? n : 1);
+  const int64_t ldc = c.IntOr("ldc", n, n > 0 ? n : 1);
+  const int b_type = static_cast<int>(c.Int("bType", 0, 2));
+  const int a_type = static_cast<int>(c.IntOr("aType", kF32, 0, 2));
+  if (a_type != kF32 && a_type != b_type) c.Invalid("aType must be f32 or the same type as bType");
+  int choice = static_cast<int>(c.IntOr("kernel", kAuto, 0, 3));
+  const bool tensor_cores = ComputeCapability(d) >= 80;
+  if (choice == kMma && b_type == kF32) c.Invalid("kernel 'mma' needs fp16 or bf16 weights");
+  if (choice == kMma && !tensor_cores) c.Invalid("kernel 'mma' needs compute capability 8.0 or newer");
+  if (choice == kAuto) choice = m <= kGemvRows ? kGemv : (b_type != kF32 && tensor_cores ? kMma : kSimt);
+  const size_t a_elem = a_type == kF32 ? 4 : 2, b_elem = b_type == kF32 ? 4 : 2;
+  const void* a = a_elem == 4 ? static_cast<const void*>(c.Buffer<float>(0, Span(c, m, lda, k), "a"))
+                              : c.Buffer<uint16_t>(0, Span(c, m, lda, k), "a");
+  const void* b = b_elem == 4 ? static_cast<const void*>(c.Buffer<float>(1, Span(c, k, ldb, n), "b"))
+                              : c.Buffer<uint16_t>(1, Span(c, k, ldb, n), "b");
+  float* out = c.Buffer<float>(2, Span(c, m, ldc, n), "c");
+  const Epilogue ep = ReadEpilogue(c, 3, m, n);
+  if (m == 0 || n == 0) return;
+  Shape sh{static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), size_t(lda), size_t(ldb), size_t(ldc),
+           Aligned16(a) && (lda * a_elem) % 16 == 0, Aligned16(b) && (ldb * b_elem) % 16 == 0,
+           Aligned16(out) && ldc % 4 == 0};
+  if (choice == kMma || choice == kGemv) {  // float2 stores (mma) need only 8-byte alignment
+    sh.vec_c = (reinterpret_cast<uintptr_t>(out) & 7) == 0 && ldc % 2 == 0;
+  }
+  switch (b_type * 3 + a_type) {
+    case kF32 * 3 + kF32: RunGemm<kF32, kF32>(s, choice, a, b, out, sh, ep); break;
+    case kF16 * 3 + kF32: RunGemm<kF32, kF16>(s, choice, a, b, out, sh, ep); break;
+    case kF16 * 3 + kF16: RunGemm<kF16, kF16>(s, choice, a, b, out, sh, ep); break;
+    case kBf16 * 3 + kF32: RunGemm<kF32, kBf16>(s, choice, a, b, out, sh, ep); break;
+    default: RunGemm<kBf16, kBf16>(s, choice, a, b, out, sh, ep); break;
+  }
+}
+
+int64_t RoundUp16(int64_t k) { return (k + 15) / 16 * 16; }
+
+// buffers: b (fp32 [k, ldb]), q (int32 [ceil16(k) / 4, n]), scale [n], sum [n]. params: k, n, ldb.
+void PackS8Op(GpuStream& s, const GpuDeviceInfo&, const GpuOpCall& c) {
+  const int64_t k = c.Int("k", 0, kS8MaxK), n = c.Int("n"), ldb = c.IntOr("ldb", n, n > 0 ? n : 1);
+  const int64_t quads = RoundUp16(k) / 4;
+  const float* b = c.Buffer<float>(0, Span(c, k, ldb, n), "b");
+  int32_t* q = c.Buffer<int32_t>(1, c.Count({quads, n}), "q");
+  float* scale = c.Buffer<float>(2, n, "scale");
+  int32_t* sum = c.Buffer<int32_t>(3, n, "sum");
+  if (n == 0) return;
+  Launch(PackS8Kernel, dim3(CeilDiv(n, 128)), dim3(128), 0, s, b, size_t(ldb), static_cast<int>(k),
+         static_cast<int>(n), static_cast<int>(quads), q, scale, sum);
+  // Weights are packed once per load, so waiting here to name a bad column costs nothing that matters.
+  std::vector<float> host(static_cast<size_t>(n));
+  s.Download(host.data(), scale, host.size() * sizeof(float));
+  s.Synchronize();
+  for (int64_t j = 0; j < n; ++j)
+    if (std::isnan(host[j]))
+      c.Invalid("int8 quantisation needs finite weights, but column " + std::to_string(j) + " of b holds NaN or Inf");
+}
+
+// buffers: a (fp32), q, wscale, wsum (from gemm_pack_s8), c, scratch (m * ceil16(k) + 8 m bytes),
+// then bias / scale / residual as flagged. params: m, n, k, lda, ldc, kernel, the epilogue's.
+void GemmS8Op(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
+  const int64_t m = c.Int("m"), n = c.Int("n"), k = c.Int("k", 0, kS8MaxK);
+  const int64_t lda = c.IntOr("lda", k, k > 0 ? k : 1), ldc = c.IntOr("ldc", n, n > 0 ? n : 1);
+  const int64_t kq = RoundUp16(k);
+  int choice = static_cast<int>(c.IntOr("kernel", kAuto, 0, 3));
+  const bool tensor_cores = ComputeCapability(d) >= 80;
+  if (choice == kMma && !tensor_cores) c.Invalid("kernel 'mma' needs compute capability 8.0 or newer");
+  if (choice == kAuto) choice = m > kGemvRows && tensor_cores ? kMma : kGemv;
+  const float* a = c.Buffer<float>(0, Span(c, m, lda, k), "a");
+  QuantB qb{c.Buffer<int32_t>(1, c.Count({kq / 4, n}), "q"), c.Buffer<float>(2, n, "wscale"),
+            c.Buffer<int32_t>(3, n, "wsum")};
+  float* out = c.Buffer<float>(4, Span(c, m, ldc, n), "c");
+  unsigned char* scratch = c.Buffer<unsigned char>(5, c.Count({m, kq + 8}), "scratch");
+  const Epilogue ep = ReadEpilogue(c, 6, m, n);
+  if (m == 0 || n == 0) return;
+  int8_t* aq = reinterpret_cast<int8_t*>(scratch);
+  float* ascale = reinterpret_cast<float*>(scratch + size_t(m) * kq);
+  int32_t* azero = reinterpret_cast<int32_t*>(ascale + m);
+  Launch(QuantizeRowsKernel, dim3(static_cast<unsigned>(m)), dim3(256), 0, s, a, size_t(lda), static_cast<int>(k),
+         static_cast<int>(kq), aq, ascale, azero);
+  const QuantA qa{aq, ascale, azero, static_cast<int>(kq)};
+  Shape sh{static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), size_t(lda), size_t(n), size_t(ldc),
+           1, Aligned16(qb.q) && n % 4 == 0, (reinterpret_cast<uintptr_t>(out) & 7) == 0 && ldc % 2 == 0};
+  if (choice == kMma) {
+    Launch(MmaS8GemmKernel, dim3(CeilDiv(n, kMmaBN), CeilDiv(m, kMmaBM)), dim3(kMmaThreads), 0, s, qa, qb, out, sh, ep);
+  } else {
+    const dim3 grid(CeilDiv(n, kGemvLanes * 4), m == 1 ? 1 : CeilDiv(m, kGemvRows));
+    if (m == 1) Launch(GemvS8Kernel<1>, grid, dim3(kGemvThreads), 0, s, qa, qb, out, sh, ep);
+    else Launch(GemvS8Kernel<kGemvRows>, grid, dim3(kGemvThreads), 0, s, qa, qb, out, sh, ep);
+  }
+}
+
+}  // namespace
+
+SONDE_GPU_OP("gemm", GemmOp);
+SONDE_GPU_OP("gemm_pack_s8", PackS8Op);
+SONDE_GPU_OP("gemm_s8", GemmS8Op);
+
+}  // namespace SONDE_GPU_NS
+}  // namespace sonde
