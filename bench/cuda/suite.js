@@ -6,14 +6,14 @@
 import { devices } from '../../dist/index.js';
 import { GpuBuffer, gpuDevice } from '../../dist/cuda/runtime.js';
 import { timeOp } from './common.js';
-import { moeCases } from './moe.js';
-import { normCases } from './norm.js';
 import { attentionCases } from './attention.js';
 import { convCases } from './conv.js';
 import { gemmCases } from './gemm.js';
+import { moeCases } from './moe.js';
+import { normCases } from './norm.js';
 import { quantCases } from './quant.js';
 
-const FAMILIES = [normCases, attentionCases, convCases, quantCases, moeCases, gemmCases];
+const FAMILIES = [normCases, gemmCases, quantCases, attentionCases, moeCases, convCases];
 
 // Dense datasheet peaks: bf16 tensor-core and fp32 TFLOP/s, HBM GB/s. First match wins.
 const DATASHEET = [
