@@ -19,12 +19,13 @@ export function gpuTargets(): GpuTarget[] {
   const targets: GpuTarget[] = [{
     id: 'emulated',
     emulated: true,
-    skip: process.env.SONDE_ISA ? `the CUDA emulator does not depend on SONDE_ISA=${process.env.SONDE_ISA}` : undefined,
+    skip: process.env.SONDE_TEST_CUDA === 'only' ? 'SONDE_TEST_CUDA=only'
+      : process.env.SONDE_ISA ? `the CUDA emulator does not depend on SONDE_ISA=${process.env.SONDE_ISA}` : undefined,
   }];
   const cuda = devices().cuda;
   if (cuda.devices.length > 0) {
     targets.push({ id: 'cuda:0', emulated: false });
-  } else if (process.env.SONDE_TEST_CUDA === '1') {
+  } else if (process.env.SONDE_TEST_CUDA === '1' || process.env.SONDE_TEST_CUDA === 'only') {
     throw new Error(`SONDE_TEST_CUDA=1 but there is no CUDA device: ${cuda.reason ?? 'unknown reason'}`);
   } else {
     targets.push({ id: 'cuda:0', emulated: false, skip: `no CUDA device: ${cuda.reason ?? 'unknown reason'}` });
