@@ -32,6 +32,14 @@
 #define SONDE_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::sonde::emu::detail::DynamicShared())
 #endif
 
+// Full unrolling of constant-trip loops over register arrays: without it nvcc may keep such an array
+// in local memory. The host compiler does not know the pragma, so the emulator gets none.
+#if SONDE_GPU_EMULATED
+#define SONDE_UNROLL
+#else
+#define SONDE_UNROLL _Pragma("unroll")
+#endif
+
 namespace sonde {
 namespace SONDE_GPU_NS {
 

@@ -17,7 +17,7 @@
 // BatchNorm is folded into the weights and bias on the host (lib/cuda/conv.ts) before upload.
 #include <algorithm>
 
-#include "kernels/conv/cuda/epilogue.h"
+#include "kernels/gemm/cuda/epilogue.h"
 #include "runtime/cuda/dialect.h"
 
 namespace sonde {

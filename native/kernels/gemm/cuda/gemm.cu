@@ -17,15 +17,8 @@
 #include <cfloat>
 #include <vector>
 
+#include "kernels/gemm/cuda/epilogue.h"
 #include "runtime/cuda/dialect.h"
-
-// Full unrolling matters on the GPU (accumulators stay in registers only with constant indices);
-// the host compiler does not know nvcc's pragma.
-#if SONDE_GPU_EMULATED
-#define SONDE_UNROLL
-#else
-#define SONDE_UNROLL _Pragma("unroll")
-#endif
 
 namespace sonde {
 namespace SONDE_GPU_NS {
@@ -34,10 +27,6 @@ namespace {
 
 // Element types of A and B, shared with lib/cuda/gemm.ts (GPU_GEMM_TYPE there).
 enum DType : int { kF32 = 0, kF16 = 1, kBf16 = 2 };
-// Activation codes of native/kernels/gemm/gemm.h (relu6 is clip [0, 6]).
-enum Act : int {
-  kActNone, kActRelu, kActClip, kActSilu, kActGeluErf, kActGeluTanh, kActSigmoid, kActLeakyRelu, kActHardSwish, kActCount
-};
 // Kernel choice, shared with lib/cuda/gemm.ts.
 enum Choice : int { kAuto = 0, kMma = 1, kSimt = 2, kGemv = 3 };
 
@@ -95,23 +84,7 @@ __device__ __forceinline__ V LoadVec(const void* p) {
 
 __device__ __forceinline__ bool Finite(float v) { return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u; }
 
-__device__ __forceinline__ float Activate(float v, const Epilogue& e) {
-  switch (e.act) {  // as GemmActivateScalar: a NaN input comes out as NaN
-    case kActRelu: return v < 0.0f ? 0.0f : v;
-    case kActClip: return v < e.alpha ? e.alpha : (v > e.beta ? e.beta : v);
-    case kActSilu: return v / (1.0f + expf(-v));
-    case kActGeluErf: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    case kActGeluTanh: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
-    case kActSigmoid: return 1.0f / (1.0f + expf(-v));
-    case kActLeakyRelu: return v < 0.0f ? e.alpha * v : v;
-    case kActHardSwish: {
-      float t = v + 3.0f;
-      t = t < 0.0f ? 0.0f : (t > 6.0f ? 6.0f : t);
-      return v * t * (1.0f / 6.0f);
-    }
-    default: return v;
-  }
-}
+__device__ __forceinline__ float Activate(float v, const Epilogue& e) { return ActivateCode(v, e.act, e.alpha, e.beta); }
 
 __device__ __forceinline__ float ApplyEpilogue(float acc, int row, int col, const Epilogue& e) {
   float v = e.scale ? acc * e.scale[col] : acc;
@@ -717,10 +690,10 @@ Epilogue ReadEpilogue(const GpuOpCall& c, size_t next, int64_t m, int64_t n) {
     e.ldr = static_cast<size_t>(c.IntOr("ldr", n, n > 0 ? n : 1));
     e.residual = c.Buffer<float>(next++, m > 0 ? (m - 1) * e.ldr + n : 0, "residual");
   }
-  e.act = static_cast<int>(c.IntOr("activation", kActNone, 0, kActCount - 1));
+  e.act = static_cast<int>(c.IntOr("activation", kGpuActNone, 0, kGpuActCount - 1));
   e.alpha = static_cast<float>(c.NumOr("alpha", 0.0));
   e.beta = static_cast<float>(c.NumOr("beta", 0.0));
-  if (e.act == kActClip && !(e.alpha <= e.beta)) c.Invalid("clip needs alpha <= beta");
+  if (e.act == kGpuActClip && !(e.alpha <= e.beta)) c.Invalid("clip needs alpha <= beta");
   e.residual_before = static_cast<int>(c.IntOr("residualBeforeActivation", 0, 0, 1));
   return e;
 }

@@ -11,8 +11,8 @@
 // - BSR of 1 x BW blocks over B (BW consecutive output columns sharing one k), per panel of BW
 //   columns: lanes take a panel's BW columns (coalesced value loads), thread groups split the
 //   panel's blocks, and 8 rows of A share each value load (1 for M = 1).
-// The fused epilogue is the GEMM's (kernels/conv/cuda/epilogue.h): scale, bias, activation, residual.
-#include "kernels/conv/cuda/epilogue.h"
+// The fused epilogue is the GEMM's (kernels/gemm/cuda/epilogue.h): scale, bias, activation, residual.
+#include "kernels/gemm/cuda/epilogue.h"
 #include "runtime/cuda/dialect.h"
 
 namespace sonde {

@@ -1,19 +1,9 @@
 // The GEMM family's fused epilogue (kernels/gemm/gemm.h, GemmEpilogueScalar) for GPU kernels, applied
 // to each output while it is still in a register: v = acc * scale[j] + bias[j], then the activation,
-// with the residual added before or after it. Shared by the conv and sparse GPU families; the codes
-// are GemmActivation's so that lib/ passes the same numbers to the CPU and the GPU.
+// with the residual added before or after it. Shared by the GEMM, conv and sparse GPU families; the
+// codes are GemmActivation's so that lib/ passes the same numbers to the CPU and the GPU.
 #pragma once
 #include "runtime/cuda/dialect.h"
-
-// Full unrolling of constant-trip loops over register arrays: without it nvcc may keep such an array
-// in local memory. The host compiler warns about the CUDA pragma, so the emulator gets none.
-#ifndef SONDE_UNROLL
-#if SONDE_GPU_EMULATED
-#define SONDE_UNROLL
-#else
-#define SONDE_UNROLL _Pragma("unroll")
-#endif
-#endif
 
 namespace sonde {
 namespace SONDE_GPU_NS {
@@ -41,16 +31,17 @@ struct GpuEpilogue {
   float alpha, beta;  // Clip bounds; LeakyRelu slope in alpha
 };
 
-// Comparisons arranged as the CPU's so that NaN propagates the same way.
-__device__ __forceinline__ float GpuActivate(float v, const GpuEpilogue& ep) {
-  switch (ep.activation) {
+// Comparisons arranged as the CPU's so that NaN propagates the same way. alpha: Clip's lower bound
+// or LeakyRelu's slope; beta: Clip's upper bound.
+__device__ __forceinline__ float ActivateCode(float v, int activation, float alpha, float beta) {
+  switch (activation) {
     case kGpuActRelu: return v < 0.0f ? 0.0f : v;
-    case kGpuActClip: return v < ep.alpha ? ep.alpha : (v > ep.beta ? ep.beta : v);
+    case kGpuActClip: return v < alpha ? alpha : (v > beta ? beta : v);
     case kGpuActSilu: return v / (1.0f + expf(-v));
     case kGpuActGeluErf: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
     case kGpuActGeluTanh: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
     case kGpuActSigmoid: return 1.0f / (1.0f + expf(-v));
-    case kGpuActLeakyRelu: return v < 0.0f ? ep.alpha * v : v;
+    case kGpuActLeakyRelu: return v < 0.0f ? alpha * v : v;
     case kGpuActHardSwish: {
       float t = v + 3.0f;
       t = t < 0.0f ? 0.0f : (t > 6.0f ? 6.0f : t);
@@ -58,6 +49,10 @@ __device__ __forceinline__ float GpuActivate(float v, const GpuEpilogue& ep) {
     }
     default: return v;
   }
+}
+
+__device__ __forceinline__ float GpuActivate(float v, const GpuEpilogue& ep) {
+  return ActivateCode(v, ep.activation, ep.alpha, ep.beta);
 }
 
 // channel: index into scale/bias; out_index: into residual (the output's own index).
