@@ -1,6 +1,7 @@
 // Bindings of the native transformer (ops/llm.h) and its paged KV pool (ops/kv_pool.h), wrapped by
 // lib/llm/transformer.ts:
 //   llmModelCreate(gguf, config, tensorIndices) -> LlmModelHandle      (sync: checks shapes only)
+//   llmModelPrepare(model, threads) -> Promise<void>                  (the load's pool work: repacking)
 //   kvPoolCreate(model, blockSize, maxBlocks, dtype, reserveBlocks) -> KvPoolHandle
 //   kvPoolStep(model, pool, tokens, meta, tables, copies, logits, threads, cancel?) -> Promise<void>
 //   kvPoolRead(pool, ids, out) / kvPoolWrite(pool, ids, bytes) -> Promise<void>
@@ -261,6 +262,22 @@ Napi::Value KvPoolCreate(Addon& addon, const Napi::CallbackInfo& info) {
   return handle;
 }
 
+class PrepareJob : public AsyncJob {
+ public:
+  std::shared_ptr<const LlmModel> model;
+  void Execute(Addon& addon) override { model->Prepare(addon.pool(), threads); }
+};
+
+Napi::Value LlmModelPrepare(Addon& addon, const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto job = std::make_unique<PrepareJob>();
+  job->model = UnwrapModel(addon, info[0], "llmModelPrepare");
+  const double threads = NumberArg(info, 1);
+  if (!IsInteger(threads, 0, 1024)) throw MakeError(env, codes::kInvalidArgument, "llmModelPrepare: threads must be an integer in [0, 1024]");
+  job->threads = static_cast<unsigned>(threads);
+  return addon.Start(env, std::move(job));
+}
+
 KvPoolHandle* UnwrapPool(Addon& addon, Napi::Value v, const char* where) {
   if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(addon.Class("KvPoolHandle").Value()))
     throw MakeError(v.Env(), codes::kInvalidArgument, std::string(where) + ": expected a KV pool handle");
@@ -504,6 +521,7 @@ void RegisterLlmBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
   LlmModelHandle::Register(env, addon, kModelClass);
   addon.Class("KvPoolHandle") = Napi::Persistent(KvPoolHandle::Define(env));
   addon.Export(env, exports, "llmModelCreate", LlmModelCreate);
+  addon.Export(env, exports, "llmModelPrepare", LlmModelPrepare);
   addon.Export(env, exports, "kvPoolCreate", KvPoolCreate);
   addon.Export(env, exports, "kvPoolStep", KvPoolStep);
   addon.Export(env, exports, "kvPoolRead", KvPoolRead);

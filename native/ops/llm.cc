@@ -6,6 +6,9 @@
 #include <cstring>
 #include <stdexcept>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "kernels/attention/attention.h"
 #include "kernels/gemm/lowp-gemm.h"
 #include "kernels/norm/norm.h"
@@ -150,6 +153,7 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
   std::shared_ptr<LlmModel> m(new LlmModel());
   m->file_ = file;
   m->cfg_ = c;
+  if (const char* e = std::getenv("SONDE_Q8_REPACK"); e && std::strcmp(e, "0") == 0) m->repack_q8_ = false;
   m->attend_ = AttentionKernel(c.variant);
   m->attend_f16_ = AttentionF16Kernel(c.variant);
   const GgufFile& f = *file;
@@ -332,6 +336,84 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
   return m;
 }
 
+LlmModel::~LlmModel() {
+  if (repacked_) munmap(repacked_, repacked_map_bytes_);
+}
+
+void LlmModel::Prepare(ThreadPool& pool, unsigned threads) const {
+  // The model is immutable to every reader: they all pass here first, and call_once orders the
+  // repack's writes before any of their reads.
+  std::call_once(prepared_, [&] { const_cast<LlmModel*>(this)->RepackQ8(pool, threads); });
+}
+
+void LlmModel::RepackQ8(ThreadPool& pool, unsigned threads) {
+  if (!repack_q8_) return;
+  // rows_per: the rows of one matrix of a stack; an expert must start on a group of 32 rows.
+  struct Item {
+    LlmMatrix* w;
+    size_t offset;
+  };
+  std::vector<Item> items;
+  size_t total = 0;
+  auto want = [&](LlmMatrix& w, size_t rows_per) {
+    if (!w.data || w.type != kernels::kQuantQ8_0 || w.variant != QuantVariant::kAvx512Vnni) return;
+    if (rows_per != w.n && rows_per % kernels::kQ8_0x32Rows != 0) return;
+    items.push_back({&w, total});
+    total += kernels::QuantQ8_0x32Bytes(w.n, w.k);
+  };
+  const LlmConfig& c = cfg_;
+  for (LlmLayer& L : layers_) {
+    // Not the MLA up-projections (per-head views whose rows need not fall on groups).
+    for (LlmMatrix* w : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down, &L.q_a, &L.q_b, &L.kv_a, &L.gate_shexp,
+                         &L.up_shexp, &L.down_shexp})
+      want(*w, w->n);
+    want(L.gate_exps, c.expert_ff);
+    want(L.up_exps, c.expert_ff);
+    want(L.down_exps, c.embd);
+  }
+  // Tied embeddings: the output product gets the copy, the embedding lookup keeps the rows.
+  want(output_, output_.n);
+  if (items.empty()) return;
+  const size_t huge = 2u << 20;
+  const size_t map_bytes = (total + huge - 1) / huge * huge;
+  void* p = mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return;
+#ifdef MADV_HUGEPAGE
+  madvise(p, map_bytes, MADV_HUGEPAGE);
+#endif
+  uint8_t* base = static_cast<uint8_t*>(p);
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  for (const Item& it : items) {
+    LlmMatrix& w = *it.w;
+    RepackQ8_0x32(pool, threads, nullptr, w.data, w.n, w.k, base + it.offset);
+    // The file's pages of this matrix leave the process (the page cache keeps them; anything that
+    // still reads them, such as tied embeddings, faults them back in).
+    const uintptr_t lo = (reinterpret_cast<uintptr_t>(w.data) + page - 1) & ~(page - 1);
+    const uintptr_t hi = (reinterpret_cast<uintptr_t>(w.data) + w.n * w.row_bytes) & ~(page - 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+    w.data = base + it.offset;
+    w.type = kernels::kQuantQ8_0x32;
+  }
+  for (LlmLayer& L : layers_) {
+    if (!L.moe_ffn) continue;
+    MoeLayer& M = L.moe;
+    M.gate.data = L.gate_exps.data;
+    M.gate.type = L.gate_exps.type;
+    M.up.data = L.up_exps.data;
+    M.up.type = L.up_exps.type;
+    M.down.data = L.down_exps.data;
+    M.down.type = L.down_exps.type;
+    if (M.shared_d_ff) {
+      M.shared_gate = {L.gate_shexp.data, L.gate_shexp.type};
+      M.shared_up = {L.up_shexp.data, L.up_shexp.type};
+      M.shared_down = {L.down_shexp.data, L.down_shexp.type};
+    }
+  }
+  repacked_ = p;
+  repacked_map_bytes_ = map_bytes;
+  repacked_bytes_ = map_bytes;
+}
+
 namespace {
 
 // The product y rows (ldy apart) = x rows (ldx apart) . W^T as RunQuantMatmul takes it.
@@ -438,6 +520,7 @@ void StoreRow(const float* src, size_t n, KvDtype dtype, uint8_t* dst) {
 
 bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logits, ThreadPool& pool, unsigned threads,
              const CancelFlag* cancel) {
+  model.Prepare(pool, threads);
   const size_t bs = kv.block_size(), eb = kv.elem_bytes();
   const KvDtype dtype = kv.dtype();
   // Copy-on-write first: a sequence may be about to write into a block's copy.
