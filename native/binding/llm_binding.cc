@@ -265,13 +265,20 @@ Napi::Value KvPoolCreate(Addon& addon, const Napi::CallbackInfo& info) {
 class PrepareJob : public AsyncJob {
  public:
   std::shared_ptr<const LlmModel> model;
+  Napi::Reference<Napi::Value> handle;
   void Execute(Addon& addon) override { model->Prepare(addon.pool(), threads); }
+  Napi::Value Result(Napi::Env env) override {
+    // The repacked weights are the model's own memory now.
+    LlmModelHandle::ReportBytes(env, handle.Value());
+    return env.Undefined();
+  }
 };
 
 Napi::Value LlmModelPrepare(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto job = std::make_unique<PrepareJob>();
   job->model = UnwrapModel(addon, info[0], "llmModelPrepare");
+  job->handle = Napi::Persistent(info[0]);
   const double threads = NumberArg(info, 1);
   if (!IsInteger(threads, 0, 1024)) throw MakeError(env, codes::kInvalidArgument, "llmModelPrepare: threads must be an integer in [0, 1024]");
   job->threads = static_cast<unsigned>(threads);
@@ -320,6 +327,8 @@ Napi::Value KvPoolStep(Addon& addon, const Napi::CallbackInfo& info) {
                     "kvPoolStep: expected (model, pool, tokens, meta, tables, copies: Int32Array, logits: Float32Array, threads, cancel?)");
   auto job = std::make_unique<StepJob>();
   job->model = UnwrapModel(addon, info[0], where);
+  // A model created without llmModelPrepare repacks in its first step: report it at the next.
+  LlmModelHandle::ReportBytes(env, info[0]);
   KvPoolHandle* h = UnwrapPool(addon, info[1], where);
   if (h->owner != job->model.get()) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: the pool belongs to another model");
   job->pool = h->pool;
