@@ -12,7 +12,9 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { native, type NativeLlmModel } from '../lib/binding.js';
 import type { LlmEngine } from '../lib/llm/engine.js';
-import { loadTransformer } from '../lib/llm/transformer.js';
+import { read } from '../lib/llm/gguf.js';
+import { loadTransformer, transformerFromFile } from '../lib/llm/transformer.js';
+import { reportedExternalMemory } from '../lib/runtime.js';
 import { fixtureDir, rng, writeFixture, type FixtureOptions } from './llm-fixtures.js';
 
 const dir = fixtureDir('sonde-llm-q8-repack-');
@@ -89,6 +91,38 @@ describe.skipIf(!hasVnni)('q8_0 repacked at load gives the row layout\'s logits 
     } finally {
       rows.dispose();
       packed.dispose();
+    }
+  }, 60_000);
+
+  it('a transformer built synchronously repacks in its first step, reports the copy to V8 at the next, and gives the same logits', async () => {
+    const info = await writeFixture(join(dir, 'lazy.gguf'), { kind: 'mixtral', type: 'q8_0', seed: 45 });
+    const toks = Array.from(tokens(9, info.vocabSize, 46));
+    const prepared = await load(info.path, true);
+    const file = await read(info.path);
+    const lazy = transformerFromFile(file, { threads: 2 });
+    try {
+      const bytes = (e: LlmEngine) => (e as unknown as { nativeModel(w: string): NativeLlmModel }).nativeModel('test').info().bytes!;
+      const before = bytes(lazy);
+      const seq = lazy.createSequence(16);
+      const want = prepared.createSequence(16);
+      const first = await seq.eval(toks.slice(0, 8), { allLogits: true });
+      expect(bytes(lazy)).toBe(bytes(prepared));
+      expect(bytes(lazy)).toBeGreaterThan(before);
+      const reported = reportedExternalMemory();
+      const next = await seq.eval(toks.slice(8));
+      // The step that found the model grown reported the difference, beside the KV pool's step
+      // arena grown in the first step (tens of KiB here).
+      const delta = reportedExternalMemory() - reported;
+      expect(delta).toBeGreaterThanOrEqual(bytes(lazy) - before);
+      expect(delta).toBeLessThan(bytes(lazy) - before + (256 << 10));
+      expect(first).toEqual(await want.eval(toks.slice(0, 8), { allLogits: true }));
+      expect(next).toEqual(await want.eval(toks.slice(8)));
+      seq.dispose();
+      want.dispose();
+    } finally {
+      lazy.dispose();
+      file.dispose();
+      prepared.dispose();
     }
   }, 60_000);
 });
