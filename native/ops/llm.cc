@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <stdexcept>
 
 #include <chrono>
@@ -351,13 +352,13 @@ void LlmModel::Prepare(ThreadPool& pool, unsigned threads) const {
 
 void LlmModel::RepackQ8(ThreadPool& pool, unsigned threads) {
   if (!repack_q8_) return;
-  // rows_per: the rows of one matrix of a stack; an expert must start on a group of 32 rows.
   struct Item {
     LlmMatrix* w;
     size_t offset;
   };
   std::vector<Item> items;
   size_t total = 0;
+  // rows_per: the rows of one matrix of a stack, whose every expert must start on a group of 32.
   auto want = [&](LlmMatrix& w, size_t rows_per) {
     if (!w.data || w.type != kernels::kQuantQ8_0 || w.variant != QuantVariant::kAvx512Vnni) return;
     if (rows_per != w.n && rows_per % kernels::kQ8_0x32Rows != 0) return;
@@ -411,19 +412,29 @@ void LlmModel::RepackQ8(ThreadPool& pool, unsigned threads) {
     for (size_t g = 0; g < groups; g += per) tasks.push_back({i, g, std::min(groups, g + per)});
   }
   const GgufFile& f = *file_;
-  pool.ParallelFor(tasks.size(), threads, [&](size_t t) {
+  const bool done = pool.ParallelFor(tasks.size(), threads, [&](size_t t) {
     thread_local std::vector<uint8_t> staging;
     const Task& task = tasks[t];
     const LlmMatrix& w = *items[task.item].w;
     const size_t rb = w.row_bytes, r0 = task.g0 * kernels::kQ8_0x32Rows;
     const size_t rows = std::min(w.n, task.g1 * kernels::kQ8_0x32Rows) - r0;
     const uint8_t* src = w.data + r0 * rb;
-    if (staging.size() < rows * rb) staging.resize(rows * rb);
-    if (f.ReadAt(static_cast<uint64_t>(src - f.bytes()), rows * rb, staging.data())) src = staging.data();
+    try {
+      if (staging.size() < rows * rb) staging.resize(rows * rb);
+      if (f.ReadAt(static_cast<uint64_t>(src - f.bytes()), rows * rb, staging.data())) src = staging.data();
+    } catch (const std::bad_alloc&) {
+      // Read through the mapping instead.
+    }
     uint8_t* dst = base + items[task.item].offset + r0 * rb;
     for (size_t r = 0; r < rows; r += kernels::kQ8_0x32Rows)
       kernels::RepackQ8_0x32Group(std::min(kernels::kQ8_0x32Rows, rows - r), w.k, src + r * rb, rb, dst + r * rb);
   });
+  if (!done) {
+    // The pool stopped (its environment is going away) before every group was written: keep the
+    // file's rows.
+    munmap(p, map_bytes);
+    return;
+  }
   const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   for (const Item& it : items) {
     LlmMatrix& w = *it.w;

@@ -528,9 +528,10 @@ bool RunQuantMatmuls(ThreadPool& pool, unsigned max_threads, const CancelFlag* c
 
 bool RepackQ8_0x32(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const uint8_t* w, size_t n, size_t k,
                    uint8_t* out) {
-  const size_t row_bytes = kernels::QuantRowBytes(kernels::kQuantQ8_0, k), groups = (n + 31) / 32;
+  const size_t row_bytes = kernels::QuantRowBytes(kernels::kQuantQ8_0, k);
+  const size_t groups = (n + kernels::kQ8_0x32Rows - 1) / kernels::kQ8_0x32Rows;
   // About 1 MiB of weights per task: few hand-offs, and a task's source is one sequential run.
-  const size_t per_task = std::max<size_t>(1, (1u << 20) / std::max<size_t>(1, 32 * row_bytes));
+  const size_t per_task = std::max<size_t>(1, (1u << 20) / std::max<size_t>(1, kernels::kQ8_0x32Rows * row_bytes));
   return pool.ParallelFor((groups + per_task - 1) / per_task, max_threads, [&](size_t t) {
     for (size_t g = t * per_task; g < std::min(groups, (t + 1) * per_task); ++g) {
       const size_t r0 = g * kernels::kQ8_0x32Rows;
