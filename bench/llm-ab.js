@@ -1,7 +1,10 @@
 // node bench/llm-ab.js <before-package-dir> [--quick] [--types f16,q8_0] [--threads 1,2] [--tokens N] [--rounds R]
+// node bench/llm-ab.js --before-env NAME=VALUE [...]
 // Issue 8's decode (batch 1) of the Mixtral-layout benchmark model through two builds of sonde in
 // one process: <before-package-dir> holds a copy of another build's dist/ and
-// build/Release/sonde.node (e.g. main's), this tree is the other. Greedy generations alternate
+// build/Release/sonde.node (e.g. main's), this tree is the other. With --before-env, this tree is
+// both, "before" being the model loaded with the environment variable set (one read at load, such
+// as SONDE_Q8_REPACK=0); the load times of both are printed too. Greedy generations alternate
 // call by call (order flipped every round), so both see the same machine load; prints tokens/s,
 // % of the read-bandwidth bound (the `llm` suite's definition: bytes of weights a token reads /
 // the `peak` suite's read bandwidth at the same thread count) and the after/before speed ratio.
@@ -19,11 +22,21 @@ const opt = (name, dflt) => {
   return i >= 0 ? args[i + 1] : dflt;
 };
 const dir = args.find((a, i) => !a.startsWith('--') && !(i > 0 && args[i - 1].startsWith('--') && args[i - 1] !== '--quick'));
-if (!dir) {
-  console.error('usage: node bench/llm-ab.js <before-package-dir> [--quick] [--types f16,q8_0] [--threads 1,2]');
+const beforeEnv = opt('before-env', undefined)?.split('=');
+if (!dir && !beforeEnv) {
+  console.error('usage: node bench/llm-ab.js <before-package-dir> | --before-env NAME=VALUE [--quick] [--types f16,q8_0] [--threads 1,2]');
   process.exit(2);
 }
-const before = await import(pathToFileURL(resolve(dir, 'dist', 'index.js')).href);
+const before = beforeEnv ? after : await import(pathToFileURL(resolve(dir, 'dist', 'index.js')).href);
+async function loadBefore(path, options) {
+  if (!beforeEnv) return before.LanguageModel.load(path, options);
+  process.env[beforeEnv[0]] = beforeEnv.slice(1).join('=');
+  try {
+    return await before.LanguageModel.load(path, options);
+  } finally {
+    delete process.env[beforeEnv[0]];
+  }
+}
 const quick = args.includes('--quick');
 const types = opt('types', 'f16,q8_0').split(',');
 const threads = opt('threads', '1,2').split(',').map(Number);
@@ -59,8 +72,15 @@ for (const type of types) {
     const bw = await native().readBandwidth(quick ? 128 << 20 : 512 << 20, t);
     const gbps = bw.bytes / bw.seconds / 1e9;
     const bound = (gbps * 1e9) / bytes;
-    const models = [await before.LanguageModel.load(path, { threads: t, contextSize: 256 }),
-      await after.LanguageModel.load(path, { threads: t, contextSize: 256 })];
+    const loadMs = [];
+    const timed = async (load) => {
+      const t0 = performance.now();
+      const m = await load();
+      loadMs.push(performance.now() - t0);
+      return m;
+    };
+    const models = [await timed(() => loadBefore(path, { threads: t, contextSize: 256 })),
+      await timed(() => after.LanguageModel.load(path, { threads: t, contextSize: 256 }))];
     const got = [[], []];
     const run = async (i) => {
       const out = [];
@@ -79,7 +99,8 @@ for (const type of types) {
     while (agree < tokens && got[0][agree] === got[1][agree]) agree++;
     console.log(`${type} decode t${t}: before ${b.toFixed(1)} tok/s (${((100 * b) / bound).toFixed(1)}% of bound), ` +
       `after ${a.toFixed(1)} tok/s (${((100 * a) / bound).toFixed(1)}%), after/before x${(a / b).toFixed(3)}; ` +
-      `read bw ${gbps.toFixed(1)} GB/s, bound ${bound.toFixed(1)} tok/s; agree ${agree}/${tokens}; load ${load()}`);
+      `read bw ${gbps.toFixed(1)} GB/s, bound ${bound.toFixed(1)} tok/s; agree ${agree}/${tokens}; ` +
+      `load ms ${loadMs.map((v) => v.toFixed(0)).join(' / ')}; loadavg ${load()}`);
     for (const m of models) m.dispose();
   }
 }

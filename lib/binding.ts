@@ -240,7 +240,7 @@ export interface NativeBinding {
   /** out[m, n] = x[m, k] . W^T; W is n rows of k `type` values: bytes, or tensor `index` of a GGUF handle. */
   quantMatmul(x: Float32Array, weights: Uint8Array | NativeGgufHandle, index: number, out: Float32Array,
     options: { m: number; k: number; n: number; type: NativeQuantType; variant: NativeQuantVariant; threads: number;
-      algorithm?: 'auto' | 'gemv' | 'gemm'; cancel?: NativeCancelToken }): Promise<void>;
+      algorithm?: 'auto' | 'gemv' | 'gemm' | 'repacked'; cancel?: NativeCancelToken }): Promise<void>;
   /** out[n, k] = W dequantised. */
   quantDequantize(weights: Uint8Array | NativeGgufHandle, index: number, out: Float32Array,
     options: { k: number; n: number; type: NativeQuantType; threads: number; cancel?: NativeCancelToken }): Promise<void>;
@@ -284,6 +284,11 @@ export interface NativeBinding {
    * missing / mistyped / misshapen tensor, ERR_SONDE_UNSUPPORTED_OPERATOR for what is not wired.
    */
   llmModelCreate(gguf: NativeGgufHandle, config: object, indices: Int32Array): NativeLlmModel;
+  /**
+   * The model's load work that needs the pool, once (q8_0 weights repacked for the avx512vnni
+   * kernels); a step runs it first otherwise. threads: at most this many pool threads (0: all).
+   */
+  llmModelPrepare(model: NativeLlmModel, threads: number): Promise<void>;
   /**
    * A KV pool for the model; reserveBlocks blocks are allocated at once (a private sequence's whole
    * cache), the rest as steps first use them. Throws ERR_SONDE_INVALID_ARGUMENT for sizes out of

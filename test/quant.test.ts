@@ -323,6 +323,35 @@ describe('kernels.quantMatmul algorithm gemm', () => {
     }
   });
 
+  it.skipIf(!hasVnni)('q8_0 repacked (the layout language models load q8_0 into): within the derived bound on tile-edge shapes, the bits of gemm and gemv, 1 and 2 threads', async () => {
+    // K: one block, an odd block count, 33 blocks. N below / at / above a group of 32 rows and two
+    // groups plus a remainder (a padded last group). M: 1 (decode), tiles of 4 rows and remainders.
+    for (const k of [32, 96, 1056]) {
+      for (const n of [1, 31, 32, 33, 70]) {
+        const wf = randomF32(n * k, k + n).map((v, i) => v * (1 + (Math.floor(i / 32) % 7)));
+        const w = kernels.quantizeWeights(new Tensor('float32', wf, [n, k]), 'q8_0');
+        const wdeq = (await kernels.dequantize(w)).data;
+        for (const m of [1, 2, 3, 4, 5, 6, 7, 9, 17]) {
+          const x = randomF32(m * k, 3 * k + m).map((v, i) => v * 2 ** ((i % 5) - 2));
+          const xt = new Tensor('float32', x, [m, k]);
+          const { want, bound } = expected(x, m, w, wdeq);
+          const y = await kernels.quantMatmul(xt, w, { algorithm: 'repacked', threads: 1 });
+          expectWithin(`q8_0 repacked m=${m} n=${n} k=${k}`, y.data, want, bound);
+          expect(y.data, `m=${m} n=${n} k=${k} vs gemm`).toEqual((await kernels.quantMatmul(xt, w, { algorithm: 'gemm' })).data);
+          expect(y.data, `m=${m} n=${n} k=${k} vs gemv`).toEqual((await kernels.quantMatmul(xt, w, { algorithm: 'gemv' })).data);
+          expect((await kernels.quantMatmul(xt, w, { algorithm: 'repacked', threads: 2 })).data, `m=${m} n=${n} k=${k} t2`).toEqual(y.data);
+        }
+      }
+    }
+    // A block of activations holding NaN gives NaN rows, the others none.
+    const k = 96;
+    const x = randomF32(5 * k, 4);
+    x[k + 40] = NaN;  // row 1, block 1
+    const w = kernels.quantizeWeights(new Tensor('float32', randomF32(33 * k, 5), [33, k]), 'q8_0');
+    const y = await kernels.quantMatmul(new Tensor('float32', x, [5, k]), w, { algorithm: 'repacked' });
+    for (let i = 0; i < 5; i++) expect(Array.from(y.data.subarray(i * 33, (i + 1) * 33)).every(Number.isNaN), `row ${i}`).toBe(i === 1);
+  });
+
   it.skipIf(!hasVnni)('a block of activations holding NaN or Inf gives NaN rows', async () => {
     const k = 96;
     const x = randomF32(9 * k, 4);
@@ -363,6 +392,8 @@ describe('quantMatmul / quantizeWeights / dequantize: bad input is a typed error
     await expect(kernels.quantMatmul(x, w, { algorithm: 'blocked' as never })).rejects.toThrow(/options.algorithm/);
     await expect(kernels.quantMatmul(x, w, { algorithm: 'gemm', variant: 'scalar' })).rejects.toThrow(/options.algorithm 'gemm' has no kernel for q8_0 weights at variant 'scalar'/);
     await expect(kernels.quantMatmul(x, wf, { algorithm: 'gemm', variant: 'avx2' })).rejects.toThrow(InvalidArgumentError);
+    await expect(kernels.quantMatmul(x, wf, { algorithm: 'repacked' })).rejects.toThrow(/options.algorithm 'repacked' has a kernel for q8_0 weights at variant 'avx512vnni' only, got f32/);
+    await expect(kernels.quantMatmul(x, w, { algorithm: 'repacked', variant: 'avx2' })).rejects.toThrow(InvalidArgumentError);
     await expect(kernels.quantMatmul(x, new Float32Array(4) as never)).rejects.toThrow(/GgufTensor or QuantizedWeights/);
     await expect(kernels.quantMatmul(new Tensor('float16', new Uint16Array(64), [1, 64]) as never, w)).rejects.toThrow(/dtype 'float32'/);
     expect(() => kernels.quantizeWeights(new Tensor('float32', new Float32Array(64), [64]), 'q8_0')).toThrow(/2-D/);

@@ -93,12 +93,15 @@ function weightsArg(where: string, w: unknown): WeightsArg {
 /**
  * 'gemv': each activation row dotted with each weight row (decode); 'gemm': weights packed per panel
  * of 32 rows, tiles of activation rows over it (prefill; kernels: avx512 for f32/f16/bf16,
- * avx512vnni for q8_0/q4_0); 'auto' (default): 'gemm' from 6 rows where it has a kernel.
+ * avx512vnni for q8_0/q4_0); 'auto' (default): 'gemm' from 6 rows where it has a kernel;
+ * 'repacked' (q8_0 at avx512vnni): the weights repacked for the call into the 32-row interleaved
+ * layout a language model repacks its q8_0 tensors to at load, then its one kernel for every M
+ * (the same bits as 'gemm' and 'gemv').
  */
 const isBlockType = (t: QuantType): boolean => t === 'q8_0' || t === 'q4_0';
 
-export type QuantAlgorithm = 'auto' | 'gemv' | 'gemm';
-const ALGORITHMS: readonly QuantAlgorithm[] = ['auto', 'gemv', 'gemm'];
+export type QuantAlgorithm = 'auto' | 'gemv' | 'gemm' | 'repacked';
+const ALGORITHMS: readonly QuantAlgorithm[] = ['auto', 'gemv', 'gemm', 'repacked'];
 
 export interface QuantMatmulOptions {
   variant?: QuantVariant;
@@ -134,6 +137,9 @@ export async function quantMatmul(x: Tensor<'float32'>, weights: GgufTensor | Qu
   const algorithm = checkOneOf(`${where}: options.algorithm`, opts.algorithm ?? 'auto', ALGORITHMS);
   if (algorithm === 'gemm' && variant !== 'auto' && variant !== (isBlockType(w.type) ? 'avx512vnni' : 'avx512')) {
     throw new InvalidArgumentError(`${where}: options.algorithm 'gemm' has no kernel for ${w.type} weights at variant '${variant}' (avx512 runs f32, f16 and bf16; avx512vnni q8_0 and q4_0)`);
+  }
+  if (algorithm === 'repacked' && (w.type !== 'q8_0' || (variant !== 'auto' && variant !== 'avx512vnni'))) {
+    throw new InvalidArgumentError(`${where}: options.algorithm 'repacked' has a kernel for q8_0 weights at variant 'avx512vnni' only, got ${w.type} at '${variant}'`);
   }
   const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
   const signal = checkSignal(`${where}: options.signal`, opts.signal);

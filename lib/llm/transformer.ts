@@ -359,6 +359,15 @@ class Transformer extends NativeResource implements LlmEngine {
     this.#ownsFile = ownsFile;
   }
 
+  /**
+   * @internal The load's work that needs the pool (q8_0 weights repacked for the VNNI kernels), on
+   * the pool; the first step does it otherwise.
+   */
+  async prepare(): Promise<void> {
+    const site = new Error();
+    await callNative(() => native().llmModelPrepare(this.#model, this.threads), site);
+  }
+
   /** @internal */
   nativeModel(where: string): NativeLlmModel {
     this.checkAlive(where);
@@ -432,7 +441,7 @@ export function transformerFromFile(file: GgufFile, options?: TransformerOptions
   return build(file, parseOptions('transformerFromFile(file, options)', options), false);
 }
 
-function build(file: GgufFile, options: Parsed, ownsFile: boolean): LlmEngine {
+function build(file: GgufFile, options: Parsed, ownsFile: boolean): Transformer {
   const config = configFromGguf(file);
   const table = tensorIndexTable(file, config);
   let model: NativeLlmModel;
@@ -448,10 +457,18 @@ function build(file: GgufFile, options: Parsed, ownsFile: boolean): LlmEngine {
 export async function loadTransformer(path: string, options?: TransformerOptions): Promise<LlmEngine> {
   const parsed = parseOptions('loadTransformer(path, options)', options);
   const file = await read(path);
+  let engine: Transformer;
   try {
-    return build(file, parsed, true);
+    engine = build(file, parsed, true);
   } catch (err) {
     file.dispose();
     throw err;
   }
+  try {
+    await engine.prepare();
+  } catch (err) {
+    engine.dispose();
+    throw err;
+  }
+  return engine;
 }

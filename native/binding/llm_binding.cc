@@ -1,6 +1,7 @@
 // Bindings of the native transformer (ops/llm.h) and its paged KV pool (ops/kv_pool.h), wrapped by
 // lib/llm/transformer.ts:
 //   llmModelCreate(gguf, config, tensorIndices) -> LlmModelHandle      (sync: checks shapes only)
+//   llmModelPrepare(model, threads) -> Promise<void>                  (the load's pool work: repacking)
 //   kvPoolCreate(model, blockSize, maxBlocks, dtype, reserveBlocks) -> KvPoolHandle
 //   kvPoolStep(model, pool, tokens, meta, tables, copies, logits, threads, cancel?) -> Promise<void>
 //   kvPoolRead(pool, ids, out) / kvPoolWrite(pool, ids, bytes) -> Promise<void>
@@ -261,6 +262,29 @@ Napi::Value KvPoolCreate(Addon& addon, const Napi::CallbackInfo& info) {
   return handle;
 }
 
+class PrepareJob : public AsyncJob {
+ public:
+  std::shared_ptr<const LlmModel> model;
+  Napi::Reference<Napi::Value> handle;
+  void Execute(Addon& addon) override { model->Prepare(addon.pool(), threads); }
+  Napi::Value Result(Napi::Env env) override {
+    // The repacked weights are the model's own memory now.
+    LlmModelHandle::ReportBytes(env, handle.Value());
+    return env.Undefined();
+  }
+};
+
+Napi::Value LlmModelPrepare(Addon& addon, const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto job = std::make_unique<PrepareJob>();
+  job->model = UnwrapModel(addon, info[0], "llmModelPrepare");
+  job->handle = Napi::Persistent(info[0]);
+  const double threads = NumberArg(info, 1);
+  if (!IsInteger(threads, 0, 1024)) throw MakeError(env, codes::kInvalidArgument, "llmModelPrepare: threads must be an integer in [0, 1024]");
+  job->threads = static_cast<unsigned>(threads);
+  return addon.Start(env, std::move(job));
+}
+
 KvPoolHandle* UnwrapPool(Addon& addon, Napi::Value v, const char* where) {
   if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(addon.Class("KvPoolHandle").Value()))
     throw MakeError(v.Env(), codes::kInvalidArgument, std::string(where) + ": expected a KV pool handle");
@@ -303,6 +327,8 @@ Napi::Value KvPoolStep(Addon& addon, const Napi::CallbackInfo& info) {
                     "kvPoolStep: expected (model, pool, tokens, meta, tables, copies: Int32Array, logits: Float32Array, threads, cancel?)");
   auto job = std::make_unique<StepJob>();
   job->model = UnwrapModel(addon, info[0], where);
+  // A model created without llmModelPrepare repacks in its first step: report it at the next.
+  LlmModelHandle::ReportBytes(env, info[0]);
   KvPoolHandle* h = UnwrapPool(addon, info[1], where);
   if (h->owner != job->model.get()) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: the pool belongs to another model");
   job->pool = h->pool;
@@ -504,6 +530,7 @@ void RegisterLlmBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
   LlmModelHandle::Register(env, addon, kModelClass);
   addon.Class("KvPoolHandle") = Napi::Persistent(KvPoolHandle::Define(env));
   addon.Export(env, exports, "llmModelCreate", LlmModelCreate);
+  addon.Export(env, exports, "llmModelPrepare", LlmModelPrepare);
   addon.Export(env, exports, "kvPoolCreate", KvPoolCreate);
   addon.Export(env, exports, "kvPoolStep", KvPoolStep);
   addon.Export(env, exports, "kvPoolRead", KvPoolRead);

@@ -80,7 +80,10 @@ Napi::Value QuantMatmul(Addon& addon, const Napi::CallbackInfo& info) {
   job->variant = ResolveQuantVariant(a.type, v);
   Napi::Value algorithm = o.Get("algorithm");
   if (!algorithm.IsUndefined() && (!algorithm.IsString() || !ParseQuantAlgorithm(algorithm.As<Napi::String>(), &a.algorithm)))
-    throw MakeError(env, codes::kInvalidArgument, "quantMatmul: options.algorithm must be 'auto', 'gemv' or 'gemm'");
+    throw MakeError(env, codes::kInvalidArgument, "quantMatmul: options.algorithm must be 'auto', 'gemv', 'gemm' or 'repacked'");
+  if (a.algorithm == QuantAlgorithm::kRepacked && (a.type != kernels::kQuantQ8_0 || job->variant != QuantVariant::kAvx512Vnni))
+    throw MakeError(env, codes::kInvalidArgument, std::string("quantMatmul: options.algorithm 'repacked' has a kernel for q8_0 weights at variant 'avx512vnni' only, got ") +
+                                                      QuantTypeName(a.type) + " at '" + QuantVariantName(job->variant) + "'");
   if (a.algorithm == QuantAlgorithm::kGemm && !QuantGemmUkernel(a.type, job->variant).pack)
     throw MakeError(env, codes::kInvalidArgument, std::string("quantMatmul: options.algorithm 'gemm' has no kernel for ") +
                                                       QuantTypeName(a.type) + " weights at variant '" +

@@ -37,6 +37,16 @@ class SharedHandle : public Napi::ObjectWrap<SharedHandle<T>> {
     return v.IsObject() && v.As<Napi::Object>().InstanceOf(addon.Class(name).Value());
   }
 
+  // Brings V8's accounting of a handle checked with Is() up to its object's bytes() now, for an
+  // object that grows once after its handle was made (a language model's repacked weights).
+  static void ReportBytes(Napi::Env env, Napi::Value v) {
+    SharedHandle* h = SharedHandle::Unwrap(v.As<Napi::Object>());
+    if (!h->value_) return;
+    const int64_t now = static_cast<int64_t>(h->value_->bytes());
+    if (now != h->reported_bytes_) Napi::MemoryManagement::AdjustExternalMemory(env, now - h->reported_bytes_);
+    h->reported_bytes_ = now;
+  }
+
   // The object behind a handle checked with Is(); null once disposed.
   static std::shared_ptr<const T> Get(Napi::Value v) { return SharedHandle::Unwrap(v.As<Napi::Object>())->value_; }
 

@@ -185,7 +185,7 @@ std::shared_ptr<const GgufFile> GgufFile::Open(const std::string& path, std::str
     }
     f->base_ = static_cast<uint8_t*>(p);
   }
-  close(fd);  // the mapping keeps the file alive
+  f->fd_ = fd;  // for ReadAt; the mapping alone would keep the file alive
   try {
     if (!f->Parse(error)) {
       *format_error = true;
@@ -201,6 +201,20 @@ std::shared_ptr<const GgufFile> GgufFile::Open(const std::string& path, std::str
 
 GgufFile::~GgufFile() {
   if (base_) munmap(base_, size_);
+  if (fd_ >= 0) close(fd_);
+}
+
+bool GgufFile::ReadAt(uint64_t offset, size_t n, uint8_t* dst) const {
+  if (offset > size_ || n > size_ - offset) return false;
+  while (n > 0) {
+    const ssize_t r = pread(fd_, dst, n, static_cast<off_t>(offset));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    dst += r;
+    offset += static_cast<uint64_t>(r);
+    n -= static_cast<size_t>(r);
+  }
+  return true;
 }
 
 bool GgufFile::Parse(std::string* error) {

@@ -4,7 +4,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <stdexcept>
+
+#include <chrono>
+#include <cstdio>
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "kernels/attention/attention.h"
 #include "kernels/gemm/lowp-gemm.h"
@@ -150,6 +157,7 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
   std::shared_ptr<LlmModel> m(new LlmModel());
   m->file_ = file;
   m->cfg_ = c;
+  if (const char* e = std::getenv("SONDE_Q8_REPACK"); e && std::strcmp(e, "0") == 0) m->repack_q8_ = false;
   m->attend_ = AttentionKernel(c.variant);
   m->attend_f16_ = AttentionF16Kernel(c.variant);
   const GgufFile& f = *file;
@@ -332,6 +340,138 @@ std::shared_ptr<const LlmModel> LlmModel::Create(std::shared_ptr<const GgufFile>
   return m;
 }
 
+LlmModel::~LlmModel() {
+  if (repacked_) munmap(repacked_, repacked_map_bytes_);
+}
+
+void LlmModel::Prepare(ThreadPool& pool, unsigned threads) const {
+  // The model is immutable to every reader: they all pass here first, and call_once orders the
+  // repack's writes before any of their reads.
+  std::call_once(prepared_, [&] { const_cast<LlmModel*>(this)->RepackQ8(pool, threads); });
+}
+
+void LlmModel::RepackQ8(ThreadPool& pool, unsigned threads) {
+  if (!repack_q8_) return;
+  struct Item {
+    LlmMatrix* w;
+    size_t offset;
+  };
+  std::vector<Item> items;
+  size_t total = 0;
+  // rows_per: the rows of one matrix of a stack, whose every expert must start on a group of 32.
+  auto want = [&](LlmMatrix& w, size_t rows_per) {
+    if (!w.data || w.type != kernels::kQuantQ8_0 || w.variant != QuantVariant::kAvx512Vnni) return;
+    if (rows_per != w.n && rows_per % kernels::kQ8_0x32Rows != 0) return;
+    items.push_back({&w, total});
+    total += kernels::QuantQ8_0x32Bytes(w.n, w.k);
+  };
+  const LlmConfig& c = cfg_;
+  for (LlmLayer& L : layers_) {
+    // Not the MLA up-projections (per-head views whose rows need not fall on groups).
+    for (LlmMatrix* w : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down, &L.q_a, &L.q_b, &L.kv_a, &L.gate_shexp,
+                         &L.up_shexp, &L.down_shexp})
+      want(*w, w->n);
+    want(L.gate_exps, c.expert_ff);
+    want(L.up_exps, c.expert_ff);
+    want(L.down_exps, c.embd);
+  }
+  // Tied embeddings: the output product gets the copy, the embedding lookup keeps the rows.
+  want(output_, output_.n);
+  if (items.empty()) return;
+  const size_t huge = 2u << 20;
+  const size_t map_bytes = (total + huge - 1) / huge * huge;
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point t0 = Clock::now();
+  void* p = mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return;
+#ifdef MADV_HUGEPAGE
+  madvise(p, map_bytes, MADV_HUGEPAGE);
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+  // The pages up front, in parallel slices: a VM backs fresh guest memory slowly (first touch of
+  // never-used pages ran at 0.1-0.4 GB/s here), and the faults of several threads overlap.
+  const size_t slice = 16 * huge, slices = (map_bytes + slice - 1) / slice;
+  pool.ParallelFor(slices, threads, [&](size_t i) {
+    madvise(static_cast<uint8_t*>(p) + i * slice, std::min(slice, map_bytes - i * slice), MADV_POPULATE_WRITE);
+  });
+  const Clock::time_point t1 = Clock::now();
+  uint8_t* base = static_cast<uint8_t*>(p);
+  // Tasks of about 1 MiB of source over all the matrices: few hand-offs, each task's source one
+  // run read with pread into the thread's staging buffer (GgufFile::ReadAt: several times faster
+  // than faulting the mapped pages in on this kind of VM), its destination in the task's own groups.
+  struct Task {
+    size_t item, g0, g1;
+  };
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const LlmMatrix& w = *items[i].w;
+    const size_t groups = (w.n + kernels::kQ8_0x32Rows - 1) / kernels::kQ8_0x32Rows;
+    const size_t per = std::max<size_t>(1, (1u << 20) / (kernels::kQ8_0x32Rows * w.row_bytes));
+    for (size_t g = 0; g < groups; g += per) tasks.push_back({i, g, std::min(groups, g + per)});
+  }
+  const GgufFile& f = *file_;
+  const bool done = pool.ParallelFor(tasks.size(), threads, [&](size_t t) {
+    thread_local std::vector<uint8_t> staging;
+    const Task& task = tasks[t];
+    const LlmMatrix& w = *items[task.item].w;
+    const size_t rb = w.row_bytes, r0 = task.g0 * kernels::kQ8_0x32Rows;
+    const size_t rows = std::min(w.n, task.g1 * kernels::kQ8_0x32Rows) - r0;
+    const uint8_t* src = w.data + r0 * rb;
+    try {
+      if (staging.size() < rows * rb) staging.resize(rows * rb);
+      if (f.ReadAt(static_cast<uint64_t>(src - f.bytes()), rows * rb, staging.data())) src = staging.data();
+    } catch (const std::bad_alloc&) {
+      // Read through the mapping instead.
+    }
+    uint8_t* dst = base + items[task.item].offset + r0 * rb;
+    for (size_t r = 0; r < rows; r += kernels::kQ8_0x32Rows)
+      kernels::RepackQ8_0x32Group(std::min(kernels::kQ8_0x32Rows, rows - r), w.k, src + r * rb, rb, dst + r * rb);
+  });
+  if (!done) {
+    // The pool stopped (its environment is going away) before every group was written: keep the
+    // file's rows.
+    munmap(p, map_bytes);
+    return;
+  }
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  for (const Item& it : items) {
+    LlmMatrix& w = *it.w;
+    // The file's pages of this matrix leave the process if a failed read made the repack fault
+    // them in (the page cache keeps them; whatever still reads them, such as tied embeddings,
+    // faults them back).
+    const uintptr_t lo = (reinterpret_cast<uintptr_t>(w.data) + page - 1) & ~(page - 1);
+    const uintptr_t hi = (reinterpret_cast<uintptr_t>(w.data) + w.n * w.row_bytes) & ~(page - 1);
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+    w.data = base + it.offset;
+    w.type = kernels::kQuantQ8_0x32;
+  }
+  for (LlmLayer& L : layers_) {
+    if (!L.moe_ffn) continue;
+    MoeLayer& M = L.moe;
+    M.gate.data = L.gate_exps.data;
+    M.gate.type = L.gate_exps.type;
+    M.up.data = L.up_exps.data;
+    M.up.type = L.up_exps.type;
+    M.down.data = L.down_exps.data;
+    M.down.type = L.down_exps.type;
+    if (M.shared_d_ff) {
+      M.shared_gate = {L.gate_shexp.data, L.gate_shexp.type};
+      M.shared_up = {L.up_shexp.data, L.up_shexp.type};
+      M.shared_down = {L.down_shexp.data, L.down_shexp.type};
+    }
+  }
+  repacked_ = p;
+  repacked_map_bytes_ = map_bytes;
+  repacked_bytes_ = map_bytes;
+  if (const char* e = std::getenv("SONDE_LLM_PROFILE"); e && *e && std::strcmp(e, "0") != 0) {
+    const auto ms = [](Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
+    std::fprintf(stderr, "q8_0 repack: %zu matrices, %.1f MB; memory %.0f ms, repack %.0f ms\n", items.size(), total / 1e6,
+                 ms(t1 - t0), ms(Clock::now() - t1));
+  }
+}
+
 namespace {
 
 // The product y rows (ldy apart) = x rows (ldx apart) . W^T as RunQuantMatmul takes it.
@@ -438,6 +578,7 @@ void StoreRow(const float* src, size_t n, KvDtype dtype, uint8_t* dst) {
 
 bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logits, ThreadPool& pool, unsigned threads,
              const CancelFlag* cancel) {
+  model.Prepare(pool, threads);
   const size_t bs = kv.block_size(), eb = kv.elem_bytes();
   const KvDtype dtype = kv.dtype();
   // Copy-on-write first: a sequence may be about to write into a block's copy.

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -116,8 +117,17 @@ class LlmModel {
   const LlmConfig& config() const { return cfg_; }
   // Bytes owned natively beyond the mapping (the mapping is the file's, not reported).
   size_t bytes() const {
-    return sizeof(*this) + layers_.size() * sizeof(LlmLayer) + (owned_.size() + owned_wk_.size()) * sizeof(float);
+    return sizeof(*this) + layers_.size() * sizeof(LlmLayer) + (owned_.size() + owned_wk_.size()) * sizeof(float) +
+           repacked_bytes_.load();
   }
+  // The work of a load that needs the pool, once (thread safe; the first step calls it, and
+  // lib/llm/transformer.ts runs it as the load's last, asynchronous part): the q8_0 matrices that
+  // run at avx512vnni are repacked into the q8_0x32 layout (kernels/quant/quant.h), whose one
+  // kernel streams full cache lines for a decode row and equals the row layout's bit for bit; the
+  // mapped pages they came from are released. SONDE_Q8_REPACK=0 at load keeps the file's rows (an
+  // A/B switch). A repack that cannot get its memory keeps the file's rows too.
+  void Prepare(ThreadPool& pool, unsigned threads) const;
+  ~LlmModel();
   // How an MLA step with prompt chunks attends (SONDE_MLA_PREFILL at load: 'absorbed',
   // 'decompressed', else chosen per step by cost, see RunStep).
   enum class MlaForm : int32_t { kAuto = 0, kAbsorbed = 1, kDecompressed = 2 };
@@ -137,6 +147,14 @@ class LlmModel {
   // kv_lora), in f32.
   std::vector<float> owned_wk_;
   MlaForm mla_form_ = MlaForm::kAuto;
+  void RepackQ8(ThreadPool& pool, unsigned threads);
+  bool repack_q8_ = true;
+  mutable std::once_flag prepared_;
+  // One anonymous mapping holding every repacked matrix (huge pages where the kernel gives them:
+  // fewer faults while it fills, fewer TLB misses in the decode stream).
+  void* repacked_ = nullptr;
+  size_t repacked_map_bytes_ = 0;
+  std::atomic<size_t> repacked_bytes_{0};
   kernels::AttentionSpanUkernel attend_ = nullptr;
   kernels::AttentionSpanF16Ukernel attend_f16_ = nullptr;
 };

@@ -16,7 +16,9 @@ namespace sonde {
 
 namespace {
 
-bool IsBlockType(int32_t t) { return t == kernels::kQuantQ8_0 || t == kernels::kQuantQ4_0; }
+bool IsBlockType(int32_t t) {
+  return t == kernels::kQuantQ8_0 || t == kernels::kQuantQ4_0 || t == kernels::kQuantQ8_0x32;
+}
 
 // One variant names the whole layer, whose tensors may be of different types: avx512vnni applies
 // to the block types only, the float ones run the plain avx512 kernels.
@@ -190,6 +192,8 @@ namespace {
 void AddGemv(std::vector<MoeGemvPiece>* pieces, const float* x, size_t k, const uint8_t* w, int32_t type, size_t n,
              float* y, size_t chunk_rows, const QuantMatmulScratch* acts, size_t row0) {
   const size_t row_bytes = kernels::QuantRowBytes(type, k);
+  // q8_0x32 is addressed by whole groups of 32 rows.
+  if (type == kernels::kQuantQ8_0x32) chunk_rows = (chunk_rows + kernels::kQ8_0x32Rows - 1) / kernels::kQ8_0x32Rows * kernels::kQ8_0x32Rows;
   for (size_t r = 0; r < n; r += chunk_rows) {
     const size_t rows = std::min(chunk_rows, n - r);
     pieces->push_back(MoeGemvPiece{x, k, w + r * row_bytes, type, rows, y + r, acts, row0});

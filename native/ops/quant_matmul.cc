@@ -28,6 +28,7 @@ const EnumName<QuantAlgorithm> kQuantAlgorithmNames[] = {
     {QuantAlgorithm::kAuto, "auto"},
     {QuantAlgorithm::kGemv, "gemv"},
     {QuantAlgorithm::kGemm, "gemm"},
+    {QuantAlgorithm::kRepacked, "repacked"},
 };
 
 bool ParseQuantAlgorithm(const std::string& name, QuantAlgorithm* out) {
@@ -47,10 +48,11 @@ bool QuantTypeFromGgml(uint32_t t, int32_t* out) {
   }
 }
 
-static const char* const kTypeNames[] = {"f32", "f16", "bf16", "q8_0", "q4_0"};
+static const char* const kTypeNames[] = {"f32", "f16", "bf16", "q8_0", "q4_0", "q8_0x32"};
 
 bool ParseQuantType(const std::string& name, int32_t* out) {
-  for (int32_t t = 0; t < kernels::kQuantTypeCount; ++t)
+  // Only the file types: q8_0x32 exists only as sonde repacks q8_0 weights itself.
+  for (int32_t t = 0; t < kernels::kQuantFileTypeCount; ++t)
     if (name == kTypeNames[t]) { *out = t; return true; }
   return false;
 }
@@ -59,10 +61,16 @@ const char* QuantTypeName(int32_t type) {
   return type >= 0 && type < kernels::kQuantTypeCount ? kTypeNames[type] : "?";
 }
 
-static bool IsBlockType(int32_t t) { return t == kernels::kQuantQ8_0 || t == kernels::kQuantQ4_0; }
+static bool IsBlockType(int32_t t) {
+  return t == kernels::kQuantQ8_0 || t == kernels::kQuantQ4_0 || t == kernels::kQuantQ8_0x32;
+}
 
 std::string QuantVariantUnavailable(int32_t type, QuantVariant v, bool* not_for_type) {
   *not_for_type = false;
+  if (type == kernels::kQuantQ8_0x32 && v != QuantVariant::kAuto && v != QuantVariant::kAvx512Vnni) {
+    *not_for_type = true;
+    return std::string("variant '") + QuantVariantName(v) + "' has no kernel for repacked q8_0 weights (only avx512vnni)";
+  }
   if (v == QuantVariant::kAvx512Vnni && !IsBlockType(type)) {
     *not_for_type = true;
     return std::string("variant 'avx512vnni' has no kernel for type '") + QuantTypeName(type) + "' (only q8_0 and q4_0)";
@@ -143,15 +151,17 @@ uint8_t* PanelBuffer(size_t bytes) {
 struct GemmJob {
   const QuantMatmulArgs* args;
   kernels::QuantGemmUkernelInfo gk;
+  kernels::QuantQ8_0x32Ukernel x32;  // non-null: args.w is q8_0x32, read in place (no packing)
   bool block;
   size_t row0, panels, m_chunks, m_per, panels_per_task, tasks, row_bytes, panel_bytes;
 };
 
 GemmJob MakeGemmJob(unsigned threads, const QuantMatmulArgs& args, const kernels::QuantGemmUkernelInfo& gk, bool block,
-                    size_t row0) {
+                    size_t row0, kernels::QuantQ8_0x32Ukernel x32 = nullptr) {
   GemmJob j;
   j.args = &args;
   j.gk = gk;
+  j.x32 = x32;
   j.block = block;
   j.row0 = row0;
   const size_t m = args.m, mr = gk.mr;
@@ -173,14 +183,17 @@ GemmJob MakeGemmJob(unsigned threads, const QuantMatmulArgs& args, const kernels
 
 // False when the panel buffer cannot be allocated.
 bool RunGemmTask(const GemmJob& j, const QuantMatmulScratch& qa, size_t t) {
-  uint8_t* panel = PanelBuffer(j.panel_bytes);
-  if (!panel) return false;
+  uint8_t* panel = j.x32 ? nullptr : PanelBuffer(j.panel_bytes);
+  if (!j.x32 && !panel) return false;
   const QuantMatmulArgs& args = *j.args;
   const size_t m = args.m, n = args.n, k = args.k, mr = j.gk.mr, m_chunks = j.m_chunks;
   const size_t p_end = std::min(j.panels, (t / m_chunks + 1) * j.panels_per_task);
   for (size_t p = t / m_chunks * j.panels_per_task; p < p_end; ++p) {
     const size_t n0 = p * kernels::kQuantGemmNr, nr = std::min(kernels::kQuantGemmNr, n - n0);
-    j.gk.pack(nr, k, args.w + n0 * j.row_bytes, j.row_bytes, panel);
+    if (j.x32)
+      panel = const_cast<uint8_t*>(args.w + n0 * j.row_bytes);  // a whole group (q8_0x32 pads the last)
+    else
+      j.gk.pack(nr, k, args.w + n0 * j.row_bytes, j.row_bytes, panel);
     const size_t i_end = std::min(m, (t % m_chunks + 1) * j.m_per);
     for (size_t i0 = t % m_chunks * j.m_per; i0 < i_end; i0 += mr) {
       kernels::QuantActs a{};
@@ -192,6 +205,12 @@ bool RunGemmTask(const GemmJob& j, const QuantMatmulScratch& qa, size_t t) {
         a.d = qa.d.data() + (j.row0 + i0) * qa.nb_pad;
         a.d_stride = qa.nb_pad;
       }
+      if (j.x32) {
+        a.corr = qa.corr.data() + (j.row0 + i0) * qa.nb_pad;
+        a.corr_stride = qa.nb_pad;
+        j.x32(std::min(mr, i_end - i0), nr, k, panel, &a, args.y + i0 * args.ldy + n0, args.ldy);
+        continue;
+      }
       j.gk.fn(std::min(mr, i_end - i0), nr, k, panel, &a, args.y + i0 * args.ldy + n0, args.ldy);
     }
   }
@@ -199,9 +218,19 @@ bool RunGemmTask(const GemmJob& j, const QuantMatmulScratch& qa, size_t t) {
 }
 
 bool RunGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
-             const kernels::QuantGemmUkernelInfo& gk, const QuantMatmulScratch& qa, size_t row0, bool block) {
+             const kernels::QuantGemmUkernelInfo& gk, const QuantMatmulScratch& qa, size_t row0, bool block,
+             kernels::QuantQ8_0x32Ukernel x32) {
   const unsigned threads = std::max(1u, std::min(max_threads ? max_threads : pool.size(), std::max(1u, pool.size())));
-  const GemmJob job = MakeGemmJob(threads, args, gk, block, row0);
+  const GemmJob job = MakeGemmJob(threads, args, gk, block, row0, x32);
+  if (job.tasks == 1 || max_threads == 1) {
+    // A single-thread call (an MoE decode chunk that already runs on its own pool thread) needs
+    // no ParallelFor round.
+    for (size_t t = 0; t < job.tasks; ++t) {
+      if (cancel && cancel->load()) return false;
+      if (!RunGemmTask(job, qa, t)) throw std::bad_alloc();
+    }
+    return true;
+  }
   std::atomic<bool> out_of_memory{false};
   const bool ok = pool.ParallelFor(job.tasks, max_threads, [&](size_t t) {
     if (!RunGemmTask(job, qa, t)) out_of_memory = true;
@@ -218,6 +247,7 @@ struct Plan {
   bool block, reference, gemm;
   kernels::QuantDotUkernelInfo uk;
   kernels::QuantGemmUkernelInfo gk;
+  kernels::QuantQ8_0x32Ukernel x32 = nullptr;  // q8_0x32 weights: the one kernel of every M
 };
 
 Plan PlanFor(const QuantMatmulArgs& args, QuantVariant v) {
@@ -226,6 +256,17 @@ Plan PlanFor(const QuantMatmulArgs& args, QuantVariant v) {
   p.reference = v == QuantVariant::kReference;
   p.uk = p.reference ? kernels::QuantDotUkernelInfo{} : QuantUkernel(args.type, v);
   p.gk = kernels::QuantGemmUkernelInfo{nullptr, nullptr, 0, 0, "?"};
+#if defined(__x86_64__) || defined(_M_X64)
+  if (args.type == kernels::kQuantQ8_0x32 && v == QuantVariant::kAvx512Vnni) {
+    // The weights are panels already: the GEMM's task split, without packing, for every M.
+    p.x32 = kernels::QuantQ8_0x32UkernelAvx512Vnni();
+    p.uk.act_form = kernels::kQuantActQ8Corr;
+    p.uk.corr_offset = 128;
+    p.gk.mr = kernels::kQ8_0x32MaxMr;
+    p.gemm = true;
+    return p;
+  }
+#endif
   if (!p.reference) p.gk = QuantGemmUkernel(args.type, v);
   p.gemm = p.gk.pack && args.algorithm != QuantAlgorithm::kGemv &&
            (args.algorithm == QuantAlgorithm::kGemm || args.m >= kQuantGemmMinRows);
@@ -247,6 +288,7 @@ ActivationQuantizer ActivationQuantizerHere() {
 
 int32_t ActForm(const Plan& p) {
   if (!p.block) return kernels::kQuantActF32;
+  if (p.x32) return kernels::kQuantActQ8Corr;
   if (p.gemm) return kernels::kQuantActU8;
   return p.reference ? kernels::kQuantActQ8 : p.uk.act_form;
 }
@@ -399,7 +441,7 @@ unsigned PoolThreads(ThreadPool& pool, unsigned max_threads) {
 // kernels.
 Plan PlanForActs(const QuantMatmulArgs& args, QuantVariant v, const QuantMatmulScratch& qa) {
   Plan plan = PlanFor(args, v);
-  if (plan.block) plan.gemm = qa.form == kernels::kQuantActU8 && plan.gk.pack;
+  if (plan.block && !plan.x32) plan.gemm = qa.form == kernels::kQuantActU8 && plan.gk.pack;
   return plan;
 }
 
@@ -409,7 +451,9 @@ bool RunQuantMatmulQuantized(ThreadPool& pool, unsigned max_threads, const Cance
                              const QuantMatmulArgs& args, QuantVariant v, const QuantMatmulScratch& qa, size_t row0) {
   if (args.m == 0 || args.n == 0) return true;
   const Plan plan = PlanForActs(args, v, qa);
-  if (plan.gemm) return RunGemm(pool, max_threads, cancel, args, plan.gk, qa, row0, plan.block);
+  if (plan.x32 && (qa.form != kernels::kQuantActQ8Corr || qa.corr_offset != 128))
+    throw std::invalid_argument("q8_0x32 weights need activations quantised for them");
+  if (plan.gemm) return RunGemm(pool, max_threads, cancel, args, plan.gk, qa, row0, plan.block, plan.x32);
   const GemvJob job = MakeGemvJob(PoolThreads(pool, max_threads), args, plan, qa, row0);
   if (job.tasks == 1 || max_threads == 1) {
     // A single-thread call (an MoE chunk that already runs on its own pool thread) needs no
@@ -455,7 +499,7 @@ bool RunQuantMatmuls(ThreadPool& pool, unsigned max_threads, const CancelFlag* c
     if (args[i].n == 0) continue;
     const Plan plan = PlanForActs(args[i], v, qa);
     if (gemm)
-      gemm_jobs[i] = MakeGemmJob(threads, args[i], plan.gk, plan.block, 0);
+      gemm_jobs[i] = MakeGemmJob(threads, args[i], plan.gk, plan.block, 0, plan.x32);
     else
       jobs[i] = MakeGemvJob(threads, args[i], plan, qa, 0);
     first[i + 1] += gemm ? gemm_jobs[i].tasks : jobs[i].tasks;
@@ -482,9 +526,36 @@ bool RunQuantMatmuls(ThreadPool& pool, unsigned max_threads, const CancelFlag* c
   return ok;
 }
 
+bool RepackQ8_0x32(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const uint8_t* w, size_t n, size_t k,
+                   uint8_t* out) {
+  const size_t row_bytes = kernels::QuantRowBytes(kernels::kQuantQ8_0, k);
+  const size_t groups = (n + kernels::kQ8_0x32Rows - 1) / kernels::kQ8_0x32Rows;
+  // About 1 MiB of weights per task: few hand-offs, and a task's source is one sequential run.
+  const size_t per_task = std::max<size_t>(1, (1u << 20) / std::max<size_t>(1, kernels::kQ8_0x32Rows * row_bytes));
+  return pool.ParallelFor((groups + per_task - 1) / per_task, max_threads, [&](size_t t) {
+    for (size_t g = t * per_task; g < std::min(groups, (t + 1) * per_task); ++g) {
+      const size_t r0 = g * kernels::kQ8_0x32Rows;
+      kernels::RepackQ8_0x32Group(std::min(kernels::kQ8_0x32Rows, n - r0), k, w + r0 * row_bytes, row_bytes,
+                                  out + r0 * row_bytes);
+    }
+  }, cancel);
+}
+
 bool RunQuantMatmul(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs& args,
                     QuantVariant v, QuantMatmulScratch* scratch) {
   if (args.m == 0 || args.n == 0) return true;
+  if (args.algorithm == QuantAlgorithm::kRepacked && args.type == kernels::kQuantQ8_0) {
+    if (v != QuantVariant::kAvx512Vnni) throw std::invalid_argument("the repacked q8_0 kernel runs at avx512vnni only");
+    const size_t bytes = kernels::QuantQ8_0x32Bytes(args.n, args.k);
+    std::unique_ptr<uint8_t[]> raw(new uint8_t[bytes + 64]);
+    uint8_t* packed = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) & ~static_cast<uintptr_t>(63));
+    if (!RepackQ8_0x32(pool, max_threads, cancel, args.w, args.n, args.k, packed)) return false;
+    QuantMatmulArgs r = args;
+    r.w = packed;
+    r.type = kernels::kQuantQ8_0x32;
+    r.algorithm = QuantAlgorithm::kAuto;
+    return RunQuantMatmul(pool, max_threads, cancel, r, v, scratch);
+  }
   QuantMatmulScratch local;
   QuantMatmulScratch& qa = scratch ? *scratch : local;
   if (!QuantizeActivations(pool, max_threads, cancel, args, v, &qa)) return false;

@@ -32,7 +32,10 @@ kernels::QuantDotUkernelInfo QuantUkernel(int32_t type, QuantVariant v);
 // kGemv: every activation row dotted against every weight row (kQuantMaxMr rows share a decoded
 // weight block); kGemm: weights packed per panel once, tiles of activation rows over the panel
 // (kernels/quant/quant.h); kAuto: kGemm from kQuantGemmMinRows rows where a GEMM kernel exists.
-enum class QuantAlgorithm { kAuto, kGemv, kGemm };
+// kRepacked (q8_0 at avx512vnni): the weights repacked to q8_0x32 for this call, then its kernel,
+// as a language model runs its q8_0 tensors after repacking them at load (for tests and
+// benchmarks). Weights of type kQuantQ8_0x32 take that kernel whatever the algorithm.
+enum class QuantAlgorithm { kAuto, kGemv, kGemm, kRepacked };
 
 bool ParseQuantAlgorithm(const std::string& name, QuantAlgorithm* out);
 // The blocked GEMM kernels of a resolved variant for type (pack null: none).
@@ -86,6 +89,11 @@ bool RunQuantMatmulQuantized(ThreadPool& pool, unsigned max_threads, const Cance
 // their activations or type run one after another.
 bool RunQuantMatmuls(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const QuantMatmulArgs* args,
                      size_t count, QuantVariant v, QuantMatmulScratch* scratch = nullptr);
+
+// n rows of k q8_0 weights (row layout at w) repacked into the q8_0x32 layout at out
+// (kernels::QuantQ8_0x32Bytes(n, k) bytes, 64-byte aligned), one task per run of groups.
+bool RepackQ8_0x32(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const uint8_t* w, size_t n, size_t k,
+                   uint8_t* out);
 
 // out[N x K] = the dequantised weights (exact).
 bool RunDequantize(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const uint8_t* w, int32_t type,

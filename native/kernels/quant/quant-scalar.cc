@@ -139,6 +139,32 @@ void DequantizeRow(int32_t type, const uint8_t* w, size_t k, float* out) {
   }
 }
 
+void RepackQ8_0x32Group(size_t nr, size_t k, const uint8_t* w, size_t row_bytes, uint8_t* out) {
+  const size_t nb = k / kQuantBlock;
+  // Row by row: the group's source rows are one contiguous run, read in order (32 rows side by
+  // side would be 32 short streams), while the scattered 4-byte writes stay within the group's
+  // 32 * row_bytes bytes, a few tens of KiB that stay in L1/L2.
+  for (size_t r = 0; r < kQ8_0x32Rows; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    for (size_t b = 0; b < nb; ++b) {
+      uint8_t* dst = out + b * kQ8_0x32BlockBytes;
+      const uint8_t* blk = row + b * kQ8_0BlockBytes;
+      if (r < nr) {
+        memcpy(dst + 2 * r, blk, 2);
+      } else {
+        dst[2 * r] = dst[2 * r + 1] = 0;
+      }
+      for (size_t g = 0; g < 8; ++g) {
+        // Flipping the sign bit of each byte is + 128: the unsigned operand of vpdpbusd.
+        uint32_t v = 0;
+        if (r < nr) memcpy(&v, blk + 2 + 4 * g, 4);
+        v ^= 0x80808080u;
+        memcpy(dst + 64 + g * 128 + 4 * r, &v, 4);
+      }
+    }
+  }
+}
+
 double QuantDotReference(int32_t type, const uint8_t* w, size_t k, const float* x, const int8_t* q, const float* d) {
   double acc = 0.0;
   if (type == kQuantF32 || type == kQuantF16 || type == kQuantBf16) {

@@ -28,7 +28,12 @@
 namespace sonde {
 namespace kernels {
 
-enum QuantWeightType : int32_t { kQuantF32 = 0, kQuantF16 = 1, kQuantBf16 = 2, kQuantQ8_0 = 3, kQuantQ4_0 = 4, kQuantTypeCount = 5 };
+// kQuantQ8_0x32 is no file type: q8_0 weights repacked at load (below); the first
+// kQuantFileTypeCount types are the ones a GGUF tensor or a caller's bytes can hold.
+enum QuantWeightType : int32_t {
+  kQuantF32 = 0, kQuantF16 = 1, kQuantBf16 = 2, kQuantQ8_0 = 3, kQuantQ4_0 = 4, kQuantQ8_0x32 = 5, kQuantTypeCount = 6
+};
+const int32_t kQuantFileTypeCount = 5;
 
 const size_t kQuantBlock = 32;
 const size_t kQ8_0BlockBytes = 34;
@@ -122,12 +127,42 @@ static inline size_t QuantGemmPanelBytes(int32_t t, size_t k) {
   return t == kQuantQ8_0 || t == kQuantQ4_0 ? k / 32 * kQuantGemmBlockPanelBytes : k * kQuantGemmNr * 4;
 }
 
+// q8_0x32: q8_0 weights repacked once (at a model's load) for the VNNI kernels, so that a decode
+// step's single activation row streams aligned full cache lines and needs no shuffle: rows in
+// groups of 32 (the last group padded with zero rows), each group K/32 blocks of 1088 bytes
+// (= 32 rows x 34, 17 cache lines): the 32 rows' fp16 scales (64 bytes), then for each 4-byte
+// group j < 8 of the block the 32 rows' bytes 4j..4j+3 as uint8 q + 128 (128 bytes, row r at 4r).
+// A group takes exactly 32 * row_bytes bytes, so a row offset that is a multiple of 32 (a group,
+// an expert of a stacked tensor) lies at the same byte offset as in the row layout.
+// One kernel reads it for every M (tiles of up to 4 activation rows over a group, vpdpbusd of the
+// unsigned weights by the broadcast int8 activations, started at -128 * sum(x) of the block: the
+// kQuantActQ8Corr form), with each output the GEMM's arithmetic: the block's exact integer sum in
+// one int32 lane, converted and FMA'd with fp32(dw * dx), blocks in order. So its results equal the
+// row-layout q8_0 kernels of kQuantGemmUkernelInfo (GEMM and gemv companion) bit for bit, and a row
+// does not depend on the batch it is in.
+const size_t kQ8_0x32Rows = 32;
+const size_t kQ8_0x32BlockBytes = kQ8_0x32Rows * kQ8_0BlockBytes;  // 1088
+const size_t kQ8_0x32MaxMr = 4;
+
+// Bytes of n rows of k (a multiple of 32) in the q8_0x32 layout: whole groups of 32 rows.
+static inline size_t QuantQ8_0x32Bytes(size_t n, size_t k) {
+  return (n + kQ8_0x32Rows - 1) / kQ8_0x32Rows * kQ8_0x32Rows * (k / kQuantBlock * kQ8_0BlockBytes);
+}
+
+// Repacks rows [0, nr) (nr <= 32; row r at w + r * row_bytes, q8_0) into one q8_0x32 group at out
+// (32 * row_bytes bytes; rows past nr get scale 0 and weights 0).
+void RepackQ8_0x32Group(size_t nr, size_t k, const uint8_t* w, size_t row_bytes, uint8_t* out);
+// y[i * ldy + j] = dot(activation row i, row j of the group) for i < mr (<= kQ8_0x32MaxMr), j < nr
+// (<= 32; the group is whole). Activations in the kQuantActQ8Corr form with offset 128.
+typedef void (*QuantQ8_0x32Ukernel)(size_t mr, size_t nr, size_t k, const uint8_t* group, const QuantActs* a, float* y,
+                                    size_t ldy);
+
 // Row bytes of K elements of type t (K a multiple of 32 for the block types).
 static inline size_t QuantRowBytes(int32_t t, size_t k) {
   switch (t) {
     case kQuantF32: return k * 4;
     case kQuantF16: case kQuantBf16: return k * 2;
-    case kQuantQ8_0: return k / kQuantBlock * kQ8_0BlockBytes;
+    case kQuantQ8_0: case kQuantQ8_0x32: return k / kQuantBlock * kQ8_0BlockBytes;
     case kQuantQ4_0: return k / kQuantBlock * kQ4_0BlockBytes;
     default: return 0;
   }
@@ -147,6 +182,7 @@ QuantDotUkernelInfo QuantDotUkernelAvx512Vnni(int32_t type);
 // Blocked GEMM kernels: float types (avx512) and block types (avx512vnni); others return nulls.
 QuantGemmUkernelInfo QuantGemmUkernelAvx512(int32_t type);
 QuantGemmUkernelInfo QuantGemmUkernelAvx512Vnni(int32_t type);
+QuantQ8_0x32Ukernel QuantQ8_0x32UkernelAvx512Vnni();
 #endif
 
 // The activation quantiser of the precision definition, for one row of k (a multiple of 32)
