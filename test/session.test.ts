@@ -297,6 +297,111 @@ describe('Session errors', () => {
   });
 });
 
+describe('Session feeds like the last run\'s (the fast path)', () => {
+  // After one good run, feeds with the same names, dtypes and dims skip the general checks. Every
+  // feed that differs in any of those must still get the general path's error, and a good run
+  // after each must compute its own feeds.
+  const add = (a: Tensor, b: Tensor) => Array.from(a.data as Float32Array, (v, j) => Math.fround(v + (b.data as Float32Array)[j]!));
+
+  it('rejects a changed dim, rank, dtype, an extra, missing or undefined feed, a non-Tensor, and an inherited feed', async () => {
+    const s = await Session.load(twoInputs());
+    const a = uniform([2, 4], 1);
+    const b = uniform([2, 4], 2);
+    expect(Array.from((await s.run({ a, b, ids })).add_0!.data as Float32Array)).toEqual(add(a, b));
+    const bad: [unknown, RegExp][] = [
+      [{ a, b: uniform([3, 4], 2), ids }, /feeds\['b'\]: dims\[0\] \('n'\) is 3, but input 'a' set 'n' to 2/],
+      [{ a: uniform([2, 5], 1), b, ids }, /feeds\['a'\]: dims\[1\] must be 4, got 5/],
+      [{ a: uniform([8], 1), b, ids }, /feeds\['a'\] must have rank 2/],
+      [{ a, b, ids: new Tensor('int32', Int32Array.of(1, 2, 3)) }, /feeds\['ids'\] must have dtype 'int64', got 'int32'/],
+      [{ a, b, ids, idz: ids }, /feeds\['idz'\] is not an input.*did you mean 'ids'/],
+      [{ a, ids }, /missing input 'b'/],
+      [{ a, b: undefined, ids }, /missing input 'b'/],
+      [{ a, b: b.data, ids }, /feeds\['b'\] must be a Tensor, got Float32Array/],
+      [b, /feeds must be an object mapping input names to Tensors/],
+    ];
+    for (const [feeds, why] of bad) {
+      await expect(s.run(feeds as never)).rejects.toThrow(why);
+      expect(Array.from((await s.run({ a, b, ids })).add_0!.data as Float32Array)).toEqual(add(a, b));
+    }
+    // An input found on the prototype with an unknown own key beside it: the unknown key is named.
+    const inherited = Object.assign(Object.create({ b }), { a, ids, c: b });
+    await expect(s.run(inherited)).rejects.toThrow(/feeds\['c'\] is not an input/);
+    // A Tensor whose data no longer fits its dims (fields rewritten after construction).
+    const shrunk = uniform([2, 4], 3);
+    (shrunk as { data: Float32Array }).data = new Float32Array(4);
+    await expect(s.run({ a, b: shrunk, ids })).rejects.toThrow(/feeds\['b'\] has 4 elements of data for dims \[2, 4\]/);
+    // A new shape after the fast path: its own plan and its own result.
+    const a3 = uniform([3, 4], 7), b3 = uniform([3, 4], 8);
+    expect(Array.from((await s.run({ a: a3, b: b3, ids })).add_0!.data as Float32Array)).toEqual(add(a3, b3));
+    const a2 = uniform([2, 4], 9);
+    expect(Array.from((await s.run({ a: a2, b, ids })).add_0!.data as Float32Array)).toEqual(add(a2, b));
+    expect(s.cachedPlans).toBe(2);
+    s.dispose();
+  });
+
+  it('an aborted signal rejects feeds like the last run\'s; unknown options are still named', async () => {
+    const s = await Session.load(twoInputs());
+    const feeds = { a: uniform([2, 4], 1), b: uniform([2, 4], 2), ids };
+    await s.run(feeds);
+    const ctl = new AbortController();
+    ctl.abort(new Error('stop'));
+    const err = await s.run(feeds, { signal: ctl.signal }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(AbortError);
+    expect((err as AbortError).cause).toEqual(new Error('stop'));
+    await expect(s.run(feeds, { sigal: ctl.signal } as never)).rejects.toThrow(/unknown option 'sigal'/);
+    await expect(s.run(feeds, { signal: 'no' } as never)).rejects.toBeInstanceOf(InvalidArgumentError);
+    expect(Array.from((await s.run(feeds, { signal: new AbortController().signal })).add_0!.data as Float32Array))
+      .toEqual(add(feeds.a, feeds.b));
+    s.dispose();
+    await expect(s.run(feeds)).rejects.toBeInstanceOf(DisposedError);
+  });
+
+  it('back-to-back runs of a one-Identity model each get their own result and let the event loop turn', async () => {
+    // Runs of a few microseconds may settle on the calling thread (native/binding/addon.cc,
+    // Addon::Start); at most 8 in a row may do so before one completes through the event loop.
+    const g = new GraphBuilder('identity', { opset: 13 });
+    g.input('x', 'float32', [1, 3]);
+    g.node('Identity', ['x'], {}, ['y']);
+    g.output('y', 'float32', [1, 3]);
+    const s = await Session.load(g.toBytes(), { threads: 1 });
+    let turns = 0;
+    let stop = false;
+    const tick = () => { turns++; if (!stop) setImmediate(tick); };
+    setImmediate(tick);
+    const runs = 900;
+    let wrong = 0;
+    for (let i = 0; i < runs; i++) {
+      const x = new Tensor('float32', Float32Array.of(i, -i, i / 3), [1, 3]);
+      const y = (await s.run({ x })).y!;
+      if (y.data[0] !== x.data[0] || y.data[1] !== x.data[1] || y.data[2] !== x.data[2]) wrong++;
+    }
+    stop = true;
+    expect(wrong).toBe(0);
+    expect(turns).toBeGreaterThanOrEqual(Math.floor(runs / 9) - 1);
+    s.dispose();
+  });
+
+  it('an input whose dtype the model leaves open runs one plan per dtype at the same dims', async () => {
+    const g = new GraphBuilder('open-dtype', { opset: 13 });
+    g.input('x', 'float32', [2, 3]);
+    g.node('Identity', ['x'], {}, ['y']);
+    g.output('y', 'float32', [2, 3]);
+    // elemType 0: the model does not say which dtype x has.
+    (g.inputs[0] as { type: { tensorType: { elemType: number } } }).type.tensorType.elemType = 0;
+    const s = await Session.load(g.toBytes());
+    expect(s.inputs[0]!.dtype).toBeUndefined();
+    const f = new Tensor('float32', Float32Array.of(1.5, -2, 3, 4, 5, 6), [2, 3]);
+    const i = new Tensor('int32', Int32Array.of(7, -8, 9, 10, 11, 12), [2, 3]);
+    for (const t of [f, i, i, f, f, i]) {
+      const y = (await s.run({ x: t })).y!;
+      expect(y.dtype).toBe(t.dtype);
+      expect(Array.from(y.data as Float32Array)).toEqual(Array.from(t.data as Float32Array));
+    }
+    expect(s.cachedPlans).toBe(2);
+    s.dispose();
+  });
+});
+
 describe('Session abort', () => {
   it('an already aborted signal rejects at once; the session stays usable', async () => {
     const s = await Session.load(twoInputs());

@@ -130,6 +130,8 @@ interface CachedPlan {
   compiled: CompiledPlan;
   /** Absent when every output is known at plan time (nothing to run natively). */
   plan?: NativePlan;
+  /** Each output's element count, in compiled.outputs order (so a run does not recompute it). */
+  outputSizes: number[];
 }
 
 interface InputSpec {
@@ -152,9 +154,10 @@ function metadata(name: string, dtype: DType | undefined, dims: Dim[] | undefine
   };
 }
 
-function sameDims(dims: readonly (readonly number[])[], tensors: readonly Tensor[]): boolean {
+function sameFeeds(dims: readonly (readonly number[])[], dtypes: readonly DType[], tensors: readonly Tensor[]): boolean {
   if (dims.length !== tensors.length) return false;
   for (let i = 0; i < dims.length; ++i) {
+    if (dtypes[i] !== tensors[i]!.dtype) return false;
     const a = dims[i]!, b = tensors[i]!.dims;
     if (a.length !== b.length) return false;
     for (let j = 0; j < a.length; ++j) if (a[j] !== b[j]) return false;
@@ -205,10 +208,12 @@ export class Session extends NativeResource {
   #prepared: Map<OnnxNode, Prepared>;
   #plans = new Map<string, CachedPlan>();
   /**
-   * The plan used last and its input dims (copied): a steady stream of one shape finds its plan
-   * without building the cache key string. It is always the most recent entry of #plans.
+   * The plan used last with the dims and dtypes of the feeds it ran (copied): a steady stream of one
+   * shape finds its plan without building the cache key string, and feeds that match it in every
+   * name, dtype and dim skip the general feed checks (#sameAsLast). Always the most recent entry of
+   * #plans.
    */
-  #lastPlan?: { dims: number[][]; entry: CachedPlan };
+  #lastPlan?: { dims: number[][]; dtypes: DType[]; entry: CachedPlan };
   #threads: number;
   #metrics: SessionMetrics;
   #batcher?: Batcher;
@@ -317,8 +322,46 @@ export class Session extends NativeResource {
   async run(feeds: Record<string, Tensor>, options?: SessionRunOptions): Promise<Record<string, Tensor>> {
     const arrived = performance.now();
     this.#metrics.requestStarted();
+    // One async function from the caller to the native Promise: each one between them would add its
+    // own promise and microtask turns to a round trip of a few microseconds.
     try {
-      const out = await this.#run(feeds, options, arrived);
+      const where = 'Session.run';
+      this.checkAlive(where);
+      const opts = checkOptions<SessionRunOptions>(where, options, RUN_OPTIONS);
+      const signal = checkSignal(`${where}: options.signal`, opts.signal);
+      const same = this.#sameAsLast(feeds);
+      const tensors = same ?? this.#checkFeeds(where, feeds);
+      if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason });
+      const rows = this.#batcher?.rowsOf(tensors);
+      let out: Record<string, Tensor>;
+      if (this.#batcher && rows !== undefined) {
+        out = await this.#batcher.submit(tensors, rows, signal, arrived);
+      } else {
+        // No stack is captured up front for native errors: fromNative makes the error after the
+        // await, where V8's async stack trace already names the awaiting callers, while a
+        // `new Error()` here cost ~6 us per call, a quarter of a small model's round trip.
+        this.#metrics.dequeued(0);
+        const t0 = performance.now();
+        try {
+          const entry = same ? this.#lastPlan!.entry : this.#plan(tensors);
+          const allocated = this.#allocOutputs(entry);
+          out = allocated.results;
+          const plan = entry.plan;
+          if (plan) {
+            const inputs = tensors.map((t) => t.data);
+            try {
+              await (signal
+                ? withSignal(signal, (token) => native().planRun(plan, inputs, allocated.outs, this.#threads, token))
+                : native().planRun(plan, inputs, allocated.outs, this.#threads));
+            } catch (err) {
+              throw fromNative(err);
+            }
+          }
+        } finally {
+          const axis = this.#batchAxis;
+          this.#metrics.ran(axis === undefined ? 1 : (tensors[0]?.dims[axis] ?? 1), (performance.now() - t0) / 1000);
+        }
+      }
       this.#metrics.requestSettled((performance.now() - arrived) / 1000);
       return out;
     } catch (err) {
@@ -332,37 +375,13 @@ export class Session extends NativeResource {
     return this.#metrics.snapshot();
   }
 
-  async #run(feeds: Record<string, Tensor>, options: SessionRunOptions | undefined, arrived: number): Promise<Record<string, Tensor>> {
-    const where = 'Session.run';
-    this.checkAlive(where);
-    const opts = checkOptions<SessionRunOptions>(where, options, RUN_OPTIONS);
-    const signal = checkSignal(`${where}: options.signal`, opts.signal);
-    const tensors = this.#checkFeeds(where, feeds);
-    if (signal?.aborted) throw new AbortError(undefined, { cause: signal.reason });
-    const rows = this.#batcher?.rowsOf(tensors);
-    if (this.#batcher && rows !== undefined) return this.#batcher.submit(tensors, rows, signal, arrived);
-    // No stack is captured up front for native errors: fromNative makes the error after the await,
-    // where V8's async stack trace already names the awaiting callers, while a `new Error()` here
-    // cost ~6 us per call, a quarter of a small model's round trip.
-    this.#metrics.dequeued(0);
-    const t0 = performance.now();
-    try {
-      return await this.#execute(tensors, signal);
-    } finally {
-      const axis = this.#batchAxis;
-      this.#metrics.ran(axis === undefined ? 1 : (tensors[0]?.dims[axis] ?? 1), (performance.now() - t0) / 1000);
-    }
-  }
-
-  /** One native run of validated tensors. */
+  /** One native run of validated tensors (the batcher's runs). */
   async #execute(tensors: Tensor[], signal: AbortSignal | undefined): Promise<Record<string, Tensor>> {
     const entry = this.#plan(tensors);
     const { results, outs } = this.#allocOutputs(entry);
     const plan = entry.plan;
     if (plan) {
       const inputs = tensors.map((t) => t.data);
-      // Awaited directly when there is no signal: each async wrapper (withSignal, callNative) costs
-      // promise ticks on every call of a model whose whole run takes microseconds.
       try {
         await (signal
           ? withSignal(signal, (token) => native().planRun(plan, inputs, outs, this.#threads, token))
@@ -424,17 +443,45 @@ export class Session extends NativeResource {
   #allocOutputs(entry: CachedPlan): { results: Record<string, Tensor>; outs: ArrayBufferView[] } {
     const results: Record<string, Tensor> = {};
     const outs: ArrayBufferView[] = [];
-    for (const o of entry.compiled.outputs) {
+    const outputs = entry.compiled.outputs;
+    for (let i = 0; i < outputs.length; ++i) {
+      const o = outputs[i]!;
       if (o.constant) {
         // A copy: the plan's constant must not change if the caller writes into a result.
         results[o.name] = new Tensor(o.dtype, o.constant.data.slice() as never, o.shape);
         continue;
       }
-      const data = allocOutput(ARRAY_CTOR[o.dtype], o.shape.reduce((a, b) => a * b, 1));
+      const data = allocOutput(ARRAY_CTOR[o.dtype], entry.outputSizes[i]!);
       outs[o.index!] = data;
       results[o.name] = new Tensor(o.dtype, data as never, o.shape);
     }
     return { results, outs };
+  }
+
+  /**
+   * The feeds in input order when they are exactly the last run's kind: own properties named as the
+   * inputs and nothing else, Tensors of the same dtypes and dims. Such feeds passed every check of
+   * #checkFeeds then and would pass them again, and the last plan is theirs; anything else
+   * (undefined) goes through #checkFeeds, which names what is wrong.
+   */
+  #sameAsLast(feeds: unknown): Tensor[] | undefined {
+    const last = this.#lastPlan;
+    if (!last || feeds === null || typeof feeds !== 'object') return undefined;
+    const specs = this.#inputs;
+    const tensors: Tensor[] = new Array(specs.length);
+    for (let i = 0; i < specs.length; ++i) {
+      const name = specs[i]!.name;
+      if (!Object.hasOwn(feeds, name)) return undefined;
+      const t = (feeds as Record<string, unknown>)[name];
+      if (!(t instanceof Tensor) || t.dtype !== last.dtypes[i] || t.data.length !== t.size) return undefined;
+      const want = last.dims[i]!, got = t.dims;
+      if (got.length !== want.length) return undefined;
+      for (let j = 0; j < want.length; ++j) if (got[j] !== want[j]) return undefined;
+      tensors[i] = t;
+    }
+    // Own keys that are all input names and as many: no unknown name slipped in.
+    if (Object.keys(feeds).length !== specs.length) return undefined;
+    return tensors;
   }
 
   /** Feeds in input order, each checked against the model's declared dtype and dims. */
@@ -480,16 +527,17 @@ export class Session extends NativeResource {
     });
   }
 
-  /** The plan for these input shapes: cached (most recently used last) or compiled now. */
+  /** The plan for these input dtypes and shapes: cached (most recently used last) or compiled now. */
   #plan(tensors: Tensor[]): CachedPlan {
     const last = this.#lastPlan;
-    if (last && sameDims(last.dims, tensors)) return last.entry;
-    const key = tensors.map((t) => t.dims.join('x')).join('|');
+    if (last && sameFeeds(last.dims, last.dtypes, tensors)) return last.entry;
+    // The dtype too: an input whose dtype the model leaves open compiles one plan per dtype.
+    const key = tensors.map((t) => `${t.dtype}:${t.dims.join('x')}`).join('|');
     const hit = this.#plans.get(key);
     if (hit) {
       this.#plans.delete(key);
       this.#plans.set(key, hit);
-      this.#lastPlan = { dims: tensors.map((t) => [...t.dims]), entry: hit };
+      this.#lastPlan = { dims: tensors.map((t) => [...t.dims]), dtypes: tensors.map((t) => t.dtype), entry: hit };
       return hit;
     }
     const inputs: PlanInput[] = this.#inputs.map((spec, i) => ({ name: spec.name, dtype: tensors[i]!.dtype, shape: [...tensors[i]!.dims] }));
@@ -502,9 +550,10 @@ export class Session extends NativeResource {
         throw fromNative(err);
       }
     }
-    const entry: CachedPlan = { compiled, ...(plan ? { plan } : {}) };
+    const outputSizes = compiled.outputs.map((o) => o.shape.reduce((a, b) => a * b, 1));
+    const entry: CachedPlan = { compiled, outputSizes, ...(plan ? { plan } : {}) };
     this.#plans.set(key, entry);
-    this.#lastPlan = { dims: tensors.map((t) => [...t.dims]), entry };
+    this.#lastPlan = { dims: tensors.map((t) => [...t.dims]), dtypes: tensors.map((t) => t.dtype), entry };
     if (this.#plans.size > PLAN_CACHE_SIZE) {
       const [oldKey, old] = this.#plans.entries().next().value as [string, CachedPlan];
       this.#plans.delete(oldKey);

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <new>
+#include <thread>
 
 #include "binding/families.h"
 #include "kernels/peak/peak.h"
@@ -82,13 +83,43 @@ void Addon::Teardown() {
   pool_->Shutdown();
 }
 
-Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job) {
+namespace {
+
+// Bounds the wait of Addon::Start; SONDE_RUN_WAIT_US overrides it (0: never wait).
+int64_t RunWaitCapNs() {
+  static const int64_t ns = [] {
+    const char* v = std::getenv("SONDE_RUN_WAIT_US");
+    const long us = v ? std::strtol(v, nullptr, 10) : 20;
+    return static_cast<int64_t>(us < 0 ? 0 : us > 1000 ? 1000 : us) * 1000;
+  }();
+  return ns;
+}
+
+}  // namespace
+
+int64_t Addon::RunWaitNs(int64_t expected_ns) const {
+  // Twice the expected time leaves room for the hand-off and for jitter; a job expected to take
+  // longer than half the cap is not waited for at all (the event loop would be held too long).
+  const int64_t cap = RunWaitCapNs();
+  if (expected_ns < 0 || 2 * expected_ns > cap) return 0;
+  return cap;
+}
+
+Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t wait_ns) {
   job->deferred_ = std::make_unique<Napi::Promise::Deferred>(env);
   Napi::Promise promise = job->deferred_->Promise();
   if (job->threads == 0) job->threads = pool_->size();
+  // Waiting pays only when a worker is spinning to take the job at once: a sleeping one takes
+  // tens of microseconds to wake. A job settled here resumes its awaiting caller in a microtask,
+  // without a turn of the event loop, so a loop of `await session.run()` on a tiny model would
+  // hold timers and I/O off for as long as it ran: after kMaxSettledInline such jobs in a row, the
+  // next one completes through the event loop again.
+  const bool wait = wait_ns > 0 && settled_inline_ < kMaxSettledInline && pool_->HasSpinningWorker();
+  if (wait) job->handoff_.store(AsyncJob::kJsWaiting, std::memory_order_relaxed);
   AsyncJob* raw = job.release();
   CompletionTsfn tsfn = tsfn_;
   auto run = [this, raw, tsfn]() mutable {
+    raw->started_.store(true, std::memory_order_relaxed);
     try {
       raw->Execute(*this);
     } catch (const std::bad_alloc&) {
@@ -97,6 +128,8 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job) {
       raw->Fail(codes::kInternal, std::string("sonde: internal error: ") + e.what());
     }
     if (raw->cancel->load() && !raw->error_code_) raw->Fail(codes::kAborted, "The operation was aborted");
+    // The JS thread still waiting owns the job from here on: nothing below may touch it.
+    if (raw->handoff_.exchange(AsyncJob::kDone, std::memory_order_acq_rel) == AsyncJob::kJsWaiting) return;
     if (tsfn.NonBlockingCall(raw) != napi_ok) {
       // The environment is being torn down: nothing can be settled; drop JS references unreleased.
       for (auto& r : raw->kept_) r.SuppressDestruct();
@@ -107,6 +140,7 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job) {
   // Called by Shutdown for a job that never started; `this` may be gone by then.
   auto dropped = [raw, tsfn]() mutable {
     raw->Fail(codes::kAborted, "sonde: the thread pool shut down before the job started");
+    if (raw->handoff_.exchange(AsyncJob::kDone, std::memory_order_acq_rel) == AsyncJob::kJsWaiting) return;
     if (tsfn.NonBlockingCall(raw) != napi_ok) {
       for (auto& r : raw->kept_) r.SuppressDestruct();
       raw->deferred_.release();
@@ -120,7 +154,43 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job) {
     return promise;
   }
   if (in_flight_++ == 0) tsfn_.Ref(env);
+  if (wait && WaitForJob(raw, wait_ns)) {
+    ++settled_inline_;
+    Settle(env, raw);
+  }
   return promise;
+}
+
+// The JS thread waits for a job of a few microseconds instead of going back to the event loop to
+// sleep in epoll until the TSFN's eventfd wakes it: on the 2-vCPU VM that sleep and wake-up (two
+// epoll calls, the eventfd read, the context switches and the TSFN's lock, which the pool thread
+// holds while it writes the eventfd) were most of a one-Identity round trip of ~20 us, the job
+// itself ~1 us. The event loop is held at most wait_ns (SONDE_RUN_WAIT_US, 20 us by default), no
+// compute runs here, and the Promise still settles in a later microtask. Returns true when the job
+// finished and this thread owns it; false when the pool thread will settle it through the TSFN.
+bool Addon::WaitForJob(AsyncJob* job, int64_t wait_ns) {
+  // A spinning worker takes the job within a microsecond or two; one that has not started it by
+  // then has yielded its core to another process (on a loaded machine for a scheduler slice,
+  // milliseconds) or taken other work, and waiting on would only hold the event loop.
+  constexpr int64_t kStartNs = 5000;
+  const auto start = std::chrono::steady_clock::now();
+  for (unsigned i = 1;; ++i) {
+    if (job->handoff_.load(std::memory_order_acquire) == AsyncJob::kDone) return true;
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_ia32_pause();
+#endif
+    if ((i & 31) == 0) {
+      const auto waited = std::chrono::steady_clock::now() - start;
+      if (waited >= std::chrono::nanoseconds(wait_ns) ||
+          (waited >= std::chrono::nanoseconds(kStartNs) && !job->started_.load(std::memory_order_relaxed))) {
+        int expected = AsyncJob::kJsWaiting;
+        // Lost the race: the job finished just now, and its thread left it to this one.
+        return !job->handoff_.compare_exchange_strong(expected, AsyncJob::kJsGaveUp, std::memory_order_acq_rel);
+      }
+      // Where the pool thread shares this vCPU (more runnable threads than cores), it must get it.
+      std::this_thread::yield();
+    }
+  }
 }
 
 void Addon::Complete(Napi::Env env, Napi::Function, Addon* self, AsyncJob* job) {
@@ -131,6 +201,7 @@ void Addon::Complete(Napi::Env env, Napi::Function, Addon* self, AsyncJob* job) 
     delete job;
     return;
   }
+  self->settled_inline_ = 0;
   self->Settle(env, job);
 }
 

@@ -3,6 +3,8 @@
 #pragma once
 #include <napi.h>
 
+#include <atomic>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
@@ -49,6 +51,12 @@ class AsyncJob {
 
  private:
   friend class Addon;
+  // Who settles the job (see Addon::Start): the pool thread exchanges in kDone when it finishes;
+  // if the JS thread was waiting (kJsWaiting) it settles the job, else the completion goes through
+  // the TSFN. The JS thread that stops waiting first exchanges in kJsGaveUp.
+  enum Handoff : int { kTsfn = 0, kJsWaiting = 1, kDone = 2, kJsGaveUp = 3 };
+  std::atomic<int> handoff_{kTsfn};
+  std::atomic<bool> started_{false};  // set by the pool thread as Execute begins
   const char* error_code_ = nullptr;
   std::string error_message_;
   std::vector<Napi::Reference<Napi::Value>> kept_;
@@ -64,8 +72,11 @@ class Addon : public Napi::Addon<Addon> {
   ~Addon();
 
   ThreadPool& pool() { return *pool_; }
-  // Starts job on the pool and returns its Promise.
-  Napi::Value Start(Napi::Env env, std::unique_ptr<AsyncJob> job);
+  // Starts job on the pool and returns its Promise. wait_ns > 0: the job is expected to take only
+  // microseconds, and if a pool worker is spinning to take it at once, this thread waits up to
+  // wait_ns for it and settles the Promise itself (see the .cc); otherwise, or past that, the job
+  // settles through the event loop as usual.
+  Napi::Value Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t wait_ns = 0);
   // Adds exports[name] calling fn with this addon. Families register through binding/families.h.
   void Export(Napi::Env env, Napi::Object exports, const char* name, BindingFn fn);
   // Keeps a class constructor for the environment's lifetime (for InstanceOf checks and New).
@@ -73,9 +84,13 @@ class Addon : public Napi::Addon<Addon> {
   // Links job->cancel to the CancelToken passed as info[i], if any.
   void AttachCancel(const Napi::CallbackInfo& info, size_t i, AsyncJob* job);
   void AttachCancel(Napi::Value token, AsyncJob* job);
+  // What Start's wait_ns should be for a job expected to take expected_ns (-1: unknown): 0 (do not
+  // wait) unless it is a few microseconds.
+  int64_t RunWaitNs(int64_t expected_ns) const;
 
  private:
   static void Complete(Napi::Env env, Napi::Function, Addon* self, AsyncJob* job);
+  bool WaitForJob(AsyncJob* job, int64_t wait_ns);
   void Settle(Napi::Env env, AsyncJob* job);
   void Teardown();
 
@@ -96,6 +111,9 @@ class Addon : public Napi::Addon<Addon> {
   std::shared_ptr<BufferPool> buffers_;
   CompletionTsfn tsfn_;
   size_t in_flight_ = 0;
+  // Jobs settled by Start's wait since a completion last came through the event loop (the TSFN).
+  static constexpr unsigned kMaxSettledInline = 8;
+  unsigned settled_inline_ = 0;
   bool torn_down_ = false;
   Napi::FunctionReference cancel_ctor_;
   std::map<std::string, Napi::FunctionReference> classes_;

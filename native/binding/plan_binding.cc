@@ -649,7 +649,10 @@ Napi::Value PlanRun(Addon& addon, const Napi::CallbackInfo& info) {
   }
   job->Keep(info[0]);
   addon.AttachCancel(info, 4, job.get());
-  return addon.Start(env, std::move(job));
+  // A plan whose last run took a few microseconds (a tiny model, a graph of shape ops) is waited
+  // for on this thread rather than completed through the event loop (Addon::Start).
+  const int64_t wait_ns = addon.RunWaitNs(job->plan->last_run_ns());
+  return addon.Start(env, std::move(job), wait_ns);
 }
 
 }  // namespace

@@ -539,6 +539,7 @@ void Plan::ReleaseArena(std::unique_ptr<Arena> arena) const {
 
 bool Plan::Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const void* const* inputs,
                void* const* outputs, double* timings, std::string* error) const {
+  const auto started = std::chrono::steady_clock::now();
   std::unique_ptr<Arena> arena = AcquireArena();
   for (size_t i = 0; i < buffers_.size(); ++i) {
     const PlanBufferDesc& b = buffers_[i];
@@ -575,6 +576,8 @@ bool Plan::Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, con
           std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
   }
   ReleaseArena(std::move(arena));
+  last_run_ns_.store(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - started).count(),
+                     std::memory_order_relaxed);
   return ok;
 }
 

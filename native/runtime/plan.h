@@ -131,6 +131,8 @@ class Plan {
   const std::vector<size_t>& input_align() const { return input_align_; }
   const std::vector<size_t>& output_align() const { return output_align_; }
   size_t arena_bytes() const { return arena_bytes_; }
+  // Wall time of the last Run() to finish, in ns (-1 before any): how long the next is likely to take.
+  int64_t last_run_ns() const { return last_run_ns_.load(std::memory_order_relaxed); }
   size_t const_bytes() const { return const_bytes_; }
   // What the plan holds while idle: its consts plus one arena.
   size_t bytes() const { return const_bytes_ + arena_bytes_; }
@@ -152,6 +154,7 @@ class Plan {
   // Idle arenas: concurrent runs each take one; a few are kept so repeated runs do not reallocate.
   mutable std::mutex arenas_mu_;
   mutable std::vector<std::unique_ptr<Arena>> idle_arenas_;
+  mutable std::atomic<int64_t> last_run_ns_{-1};
 };
 
 }  // namespace sonde

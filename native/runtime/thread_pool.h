@@ -89,6 +89,10 @@ class ThreadPool {
   // Drops queued jobs, cancels running ParallelFor loops, joins every thread. Idempotent.
   void Shutdown();
   bool stopping() const { return stop_.load(); }
+  // Whether a worker is spinning for work now: a job submitted next may start within a microsecond
+  // instead of after a futex wake-up (a hint: the worker may take other work, give up, or have
+  // yielded its core to another process).
+  bool HasSpinningWorker() const { return spinning_.load(std::memory_order_relaxed) > 0; }
 
  private:
   struct Task {
