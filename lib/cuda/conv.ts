@@ -7,30 +7,15 @@
  */
 import { InvalidArgumentError } from '../errors.js';
 import {
-  ACTIVATION_CODE, checkChannelVector, checkInts, checkNumber, checkWindow, outputSize,
-  type BatchNormOptions, type ConvActivation, type ConvAutoPad, type Window,
+  ACTIVATION_CODE, checkConvSpec, checkInts, checkWindow, outputSize, type Conv2dOptions, type Window,
 } from '../kernels/conv.js';
 import { NativeResource } from '../lifetime.js';
-import { checkTensor, type Tensor } from '../tensor.js';
-import { checkInt, checkOneOf, checkOptions, describe } from '../validate.js';
+import type { Tensor } from '../tensor.js';
+import { checkInt, checkOptions, describe } from '../validate.js';
 import { checkGpuBuffer, gpuConvert } from './kernels.js';
 import { GpuBuffer, runGpuOp, type GpuDeviceId, type GpuRunOptions } from './runtime.js';
 
-export interface GpuConv2dOptions {
-  /** float32 [C_out]. */
-  bias?: Tensor<'float32'>;
-  /** A BatchNormalization after the conv, folded into its weights and bias at creation. */
-  bn?: BatchNormOptions;
-  strides?: readonly number[];
-  /** [top, left, bottom, right]. */
-  pads?: readonly number[];
-  autoPad?: ConvAutoPad;
-  dilations?: readonly number[];
-  group?: number;
-  activation?: ConvActivation;
-  clipMin?: number;
-  clipMax?: number;
-  alpha?: number;
+export interface GpuConv2dOptions extends Omit<Conv2dOptions, 'variant' | 'precision'> {
   /**
    * 'fp32' (default): SIMT float32. 'bf16': weights and activations rounded to bf16 (nearest even),
    * products accumulated in fp32: tensor cores (mma.sync) on compute capability >= 8.0.
@@ -169,38 +154,8 @@ export class GpuConv2d extends NativeResource {
 export async function createGpuConv2d(device: GpuDeviceId, weights: Tensor<'float32'>, options?: GpuConv2dOptions): Promise<GpuConv2d> {
   const where = 'createGpuConv2d';
   const opts = checkOptions<GpuConv2dOptions>(where, options, CREATE_OPTIONS);
-  checkTensor(`${where}(weights)`, weights, 'float32');
-  if (weights.dims.length !== 4) {
-    throw new InvalidArgumentError(`${where}(weights) must be 4-D [C_out, C_in/group, kH, kW], got dims [${weights.dims.join(', ')}]`);
-  }
-  const [cOut, cg, kh, kw] = weights.dims as unknown as [number, number, number, number];
-  for (const [i, d] of weights.dims.entries()) {
-    if (d < 1) throw new InvalidArgumentError(`${where}(weights).dims[${i}] must be >= 1, got ${d}`);
-  }
-  const group = opts.group === undefined ? 1 : checkInt(`${where}: options.group`, opts.group, 1, 65535);
-  if (cOut % group !== 0) {
-    throw new InvalidArgumentError(`${where}: options.group (${group}) must divide the output channels (weights.dims[0] = ${cOut})`);
-  }
-  const win = checkWindow(where, [kh, kw], opts);
-  const bias = opts.bias === undefined ? undefined : checkChannelVector(`${where}: options.bias`, opts.bias, cOut);
-  const activation = checkOneOf(`${where}: options.activation`, opts.activation ?? 'none', Object.keys(ACTIVATION_CODE) as ConvActivation[]);
-  let alpha = 0, beta = 0;
-  if (activation === 'clip') {
-    if (opts.clipMin === undefined || opts.clipMax === undefined) {
-      throw new InvalidArgumentError(`${where}: activation 'clip' needs options.clipMin and options.clipMax`);
-    }
-    alpha = checkNumber(`${where}: options.clipMin`, opts.clipMin);
-    beta = checkNumber(`${where}: options.clipMax`, opts.clipMax);
-    if (alpha > beta) throw new InvalidArgumentError(`${where}: options.clipMin (${alpha}) must not exceed options.clipMax (${beta})`);
-  } else if (activation === 'relu6') {
-    [alpha, beta] = [0, 6];
-  } else if (activation === 'leakyRelu') {
-    alpha = opts.alpha === undefined ? 0.01 : checkNumber(`${where}: options.alpha`, opts.alpha);
-  }
-  for (const [key, used] of [['clipMin', activation === 'clip'], ['clipMax', activation === 'clip'], ['alpha', activation === 'leakyRelu']] as const) {
-    if (opts[key] !== undefined && !used) throw new InvalidArgumentError(`${where}: options.${key} has no effect with activation '${activation}'`);
-  }
-  const precision = checkOneOf(`${where}: options.precision`, opts.precision ?? 'fp32', ['fp32', 'bf16'] as const);
+  // The conv kernels put groups on a grid dimension, which holds at most 65535.
+  const { cOut, cg, kh, kw, group, win, bias, bn, activation, alpha, beta, precision } = checkConvSpec(where, weights, opts, 65535);
   if (opts.simt !== undefined && typeof opts.simt !== 'boolean') {
     throw new InvalidArgumentError(`${where}: options.simt must be a boolean, got ${describe(opts.simt)}`);
   }
@@ -209,22 +164,11 @@ export async function createGpuConv2d(device: GpuDeviceId, weights: Tensor<'floa
   const w = new Float32Array(weights.data);
   const b = new Float32Array(cOut);
   if (bias) b.set(bias);
-  if (opts.bn !== undefined) {
-    const bn = checkOptions<BatchNormOptions>(`${where}: options.bn`, opts.bn, ['scale', 'bias', 'mean', 'variance', 'epsilon']);
-    const vec = (key: 'scale' | 'bias' | 'mean' | 'variance') => {
-      if (bn[key] === undefined) throw new InvalidArgumentError(`${where}: options.bn.${key} is required`);
-      return checkChannelVector(`${where}: options.bn.${key}`, bn[key], cOut);
-    };
-    const [scale, shift, mean, variance] = [vec('scale'), vec('bias'), vec('mean'), vec('variance')];
-    const eps = bn.epsilon === undefined ? 1e-5 : checkNumber(`${where}: options.bn.epsilon`, bn.epsilon);
-    if (!(eps >= 0) || !Number.isFinite(eps)) throw new InvalidArgumentError(`${where}: options.bn.epsilon must be a finite number >= 0, got ${eps}`);
+  if (bn) {
     for (let co = 0; co < cOut; co++) {
-      if (!(variance[co]! + eps > 0)) {
-        throw new InvalidArgumentError(`${where}: options.bn.variance[${co}] + epsilon must be > 0, got ${variance[co]} + ${eps}`);
-      }
-      const s = scale[co]! / Math.sqrt(variance[co]! + eps);
+      const s = bn.scale[co]! / Math.sqrt(bn.variance[co]! + bn.epsilon);
       for (let i = co * k; i < (co + 1) * k; i++) w[i] = weights.data[i]! * s;
-      b[co] = ((bias ? bias[co]! : 0) - mean[co]!) * s + shift[co]!;
+      b[co] = ((bias ? bias[co]! : 0) - bn.mean[co]!) * s + bn.bias[co]!;
     }
   }
   const f32 = await GpuBuffer.from(device, w, 'the conv weights');

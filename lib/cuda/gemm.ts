@@ -10,7 +10,7 @@
  * the integer sums agree with the CPU int8 path.
  */
 import { DisposedError, InvalidArgumentError } from '../errors.js';
-import type { GemmActivation } from '../kernels/gemm.js';
+import { checkActivation, type GemmActivation } from '../kernels/gemm.js';
 import { checkInt, checkOneOf, checkOptions, describe } from '../validate.js';
 import { checkGpuBuffer } from './kernels.js';
 import { GpuBuffer, runGpuOp, type GpuDeviceId, type GpuRunOptions } from './runtime.js';
@@ -25,12 +25,8 @@ export type GpuGemmKernel = 'auto' | 'mma' | 'simt' | 'gemv';
 // Codes shared with gemm.cu (DType, Choice) and native/kernels/gemm/gemm.h (activations).
 const TYPE_CODE: Record<GpuGemmType, number> = { f32: 0, f16: 1, bf16: 2 };
 const KERNEL_CODE: Record<GpuGemmKernel, number> = { auto: 0, mma: 1, simt: 2, gemv: 3 };
-const ACTIVATION_CODE: Record<GemmActivation, number> = {
-  none: 0, relu: 1, relu6: 2, clip: 2, silu: 3, gelu: 4, geluTanh: 5, sigmoid: 6, leakyRelu: 7, hardSwish: 8,
-};
 const TYPES = Object.keys(TYPE_CODE) as GpuGemmType[];
 const KERNELS = Object.keys(KERNEL_CODE) as GpuGemmKernel[];
-const ACTIVATIONS = Object.keys(ACTIVATION_CODE) as GemmActivation[];
 /** int8: |sum of K products (u8 - zero) x s8| <= K * 255 * 127 must fit the s32 sums (as on the CPU). */
 const INT8_MAX_K = 66311;
 const INT32_MAX = 2 ** 31 - 1;
@@ -80,11 +76,6 @@ function span(rows: number, ld: number, cols: number, elemBytes: number): number
   return rows > 0 && cols > 0 ? ((rows - 1) * ld + cols) * elemBytes : 0;
 }
 
-function checkNumber(where: string, v: unknown): number {
-  if (typeof v !== 'number' || !Number.isFinite(v)) throw new InvalidArgumentError(`${where} must be a finite number, got ${describe(v)}`);
-  return v;
-}
-
 function checkLd(where: string, v: unknown, fallback: number, min: number): number {
   return v === undefined ? Math.max(fallback, 1) : checkInt(where, v, Math.max(min, 1), INT32_MAX);
 }
@@ -105,22 +96,8 @@ function epilogue(w: string, device: GpuDeviceId, o: Partial<GpuGemmEpilogue>, m
   } else if (o.ldr !== undefined || o.residualBeforeActivation !== undefined) {
     throw new InvalidArgumentError(`${w}: options.${o.ldr !== undefined ? 'ldr' : 'residualBeforeActivation'} has no effect without options.residual`);
   }
-  const activation = checkOneOf(`${w}: options.activation`, o.activation ?? 'none', ACTIVATIONS);
-  params.activation = ACTIVATION_CODE[activation];
-  if (activation === 'clip') {
-    if (o.clipMin === undefined || o.clipMax === undefined) throw new InvalidArgumentError(`${w}: activation 'clip' needs options.clipMin and options.clipMax`);
-    params.alpha = checkNumber(`${w}: options.clipMin`, o.clipMin);
-    params.beta = checkNumber(`${w}: options.clipMax`, o.clipMax);
-    if (params.alpha > params.beta) throw new InvalidArgumentError(`${w}: options.clipMin (${params.alpha}) must not exceed options.clipMax (${params.beta})`);
-  } else if (activation === 'relu6') {
-    params.alpha = 0;
-    params.beta = 6;
-  } else if (activation === 'leakyRelu') {
-    params.alpha = o.alpha === undefined ? 0.01 : checkNumber(`${w}: options.alpha`, o.alpha);
-  }
-  for (const [key, used] of [['clipMin', activation === 'clip'], ['clipMax', activation === 'clip'], ['alpha', activation === 'leakyRelu']] as const) {
-    if (o[key] !== undefined && !used) throw new InvalidArgumentError(`${w}: options.${key} has no effect with activation '${activation}'`);
-  }
+  const { code, alpha, beta } = checkActivation(w, o, true);
+  Object.assign(params, { activation: code, alpha, beta });
   return { buffers, params };
 }
 

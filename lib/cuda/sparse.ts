@@ -6,12 +6,11 @@
  * the device), so skewed rows do not serialise behind the longest one.
  */
 import { InvalidArgumentError } from '../errors.js';
-import { ACTIVATION_CODE, checkNumber } from '../kernels/conv.js';
 import type { CsrInput } from '../kernels/sparse.js';
 import { NativeResource } from '../lifetime.js';
 import { checkTensor, type Tensor } from '../tensor.js';
 import { checkInt, checkOneOf, checkOptions, describe } from '../validate.js';
-import type { GemmActivation } from '../kernels/gemm.js';
+import { checkActivation, type GemmActivation } from '../kernels/gemm.js';
 import { checkGpuBuffer } from './kernels.js';
 import { GpuBuffer, runGpuOp, type GpuDeviceId, type GpuRunOptions } from './runtime.js';
 
@@ -244,21 +243,7 @@ export async function gpuSpmm(device: GpuDeviceId, a: GpuBuffer, m: number, weig
   checkGpuBuffer(where, 'a', a, device, span(lda, k));
   checkGpuBuffer(where, 'c', c, device, span(ldc, n));
   if (c === a) throw new InvalidArgumentError(`${where}: c must not be a`);
-  const activation = checkOneOf(`${where}: options.activation`, opts.activation ?? 'none', Object.keys(ACTIVATION_CODE) as GemmActivation[]);
-  let alpha = 0, beta = 0;
-  if (activation === 'clip') {
-    if (opts.clipMin === undefined || opts.clipMax === undefined) throw new InvalidArgumentError(`${where}: activation 'clip' needs options.clipMin and options.clipMax`);
-    alpha = checkNumber(`${where}: options.clipMin`, opts.clipMin);
-    beta = checkNumber(`${where}: options.clipMax`, opts.clipMax);
-    if (alpha > beta) throw new InvalidArgumentError(`${where}: options.clipMin (${alpha}) must not exceed options.clipMax (${beta})`);
-  } else if (activation === 'relu6') {
-    [alpha, beta] = [0, 6];
-  } else if (activation === 'leakyRelu') {
-    alpha = opts.alpha === undefined ? 0.01 : checkNumber(`${where}: options.alpha`, opts.alpha);
-  }
-  for (const [key, used] of [['clipMin', activation === 'clip'], ['clipMax', activation === 'clip'], ['alpha', activation === 'leakyRelu']] as const) {
-    if (opts[key] !== undefined && !used) throw new InvalidArgumentError(`${where}: options.${key} has no effect with activation '${activation}'`);
-  }
+  const { code: activation, alpha, beta } = checkActivation(where, opts, true);
   if (opts.residualBeforeActivation !== undefined && typeof opts.residualBeforeActivation !== 'boolean') {
     throw new InvalidArgumentError(`${where}: options.residualBeforeActivation must be a boolean, got ${describe(opts.residualBeforeActivation)}`);
   }
@@ -270,7 +255,7 @@ export async function gpuSpmm(device: GpuDeviceId, a: GpuBuffer, m: number, weig
     if (opts.residual === c) throw new InvalidArgumentError(`${where}: c must not be options.residual`);
   }
   const params = {
-    m, k, n, lda, ldc, ldr, activation: ACTIVATION_CODE[activation], alpha, beta,
+    m, k, n, lda, ldc, ldr, activation, alpha, beta,
     residualBeforeActivation: opts.residualBeforeActivation ? 1 : 0, hasBias: opts.bias ? 1 : 0,
     hasScale: opts.scale ? 1 : 0, hasResidual: opts.residual ? 1 : 0,
   };

@@ -7,6 +7,7 @@
 import { native, type NativeConvHandle, type NativeConvVariant, type NativeWindow } from '../binding.js';
 import { InvalidArgumentError, callNative, fromNative } from '../errors.js';
 import { NativeResource, withSignal } from '../lifetime.js';
+import { ACTIVATION_CODE, checkActivation, checkNumber, type GemmActivation } from './gemm.js';
 import { Tensor, checkTensor } from '../tensor.js';
 import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
 
@@ -16,17 +17,13 @@ import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../va
  */
 export type ConvVariant = NativeConvVariant;
 export type ConvAutoPad = 'NOTSET' | 'SAME_UPPER' | 'SAME_LOWER' | 'VALID';
-export type ConvActivation =
-  | 'none' | 'relu' | 'relu6' | 'clip' | 'silu' | 'gelu' | 'geluTanh' | 'sigmoid' | 'leakyRelu' | 'hardSwish';
+export type ConvActivation = GemmActivation;
 
 const VARIANTS: readonly ConvVariant[] = ['auto', 'reference', 'scalar', 'avx2', 'avx512', 'avx512bf16'];
 const AUTO_PADS: readonly ConvAutoPad[] = ['NOTSET', 'SAME_UPPER', 'SAME_LOWER', 'VALID'];
 // Codes of GemmActivation in native/kernels/gemm/gemm.h (the conv epilogue is the GEMM's). Exported,
 // with the window and option checks below, for the GPU conv (lib/cuda/conv.ts).
-export const ACTIVATION_CODE: Record<ConvActivation, number> = {
-  none: 0, relu: 1, relu6: 2, clip: 2, silu: 3, gelu: 4, geluTanh: 5, sigmoid: 6, leakyRelu: 7, hardSwish: 8,
-};
-const ACTIVATIONS = Object.keys(ACTIVATION_CODE) as ConvActivation[];
+export { ACTIVATION_CODE, checkNumber };
 
 /** Folded into the weights at creation: y = (conv(x) + bias - mean) * scale / sqrt(variance + epsilon) + bias. */
 export interface BatchNormOptions {
@@ -151,11 +148,6 @@ function check4d(where: string, t: Tensor<'float32'>): [number, number, number, 
   return t.dims as unknown as [number, number, number, number];
 }
 
-export function checkNumber(where: string, v: unknown): number {
-  if (typeof v !== 'number' || Number.isNaN(v)) throw new InvalidArgumentError(`${where} must be a number, got ${describe(v)}`);
-  return v;
-}
-
 export function checkChannelVector(where: string, t: unknown, n: number): Float32Array {
   const v = checkTensor(where, t, 'float32');
   if (v.dims.length !== 1 || v.size !== n) {
@@ -266,10 +258,31 @@ export class Conv2d extends NativeResource {
  * Creates a Conv2d from weights [C_out, C_in/group, kH, kW]: validates, folds options.bn into the
  * weights and bias, and packs once (per-load work).
  */
-export function createConv2d(weights: Tensor<'float32'>, options?: Conv2dOptions): Conv2d {
-  const where = 'createConv2d';
-  const site = new Error();
-  const opts = checkOptions<Conv2dOptions>(where, options, CREATE_OPTIONS);
+/** A conv's creation options, validated: what createConv2d and the GPU's createGpuConv2d both take. */
+export interface ConvSpec {
+  cOut: number;
+  /** Input channels per group. */
+  cg: number;
+  kh: number;
+  kw: number;
+  group: number;
+  win: Window;
+  bias: Float32Array | undefined;
+  bn: { scale: Float32Array; bias: Float32Array; mean: Float32Array; variance: Float32Array; epsilon: number } | undefined;
+  activation: ConvActivation;
+  /** Clip bounds, or LeakyRelu's slope in alpha. */
+  alpha: number;
+  beta: number;
+  precision: 'fp32' | 'bf16';
+}
+
+/**
+ * Validates weights [C_out, C_in/group, kH, kW] and the creation options shared by every conv
+ * (window, bias, BatchNorm, activation, precision); each error names the parameter. maxGroup: the
+ * most groups the kernels take.
+ */
+export function checkConvSpec(where: string, weights: Tensor<'float32'>,
+  opts: Partial<Omit<Conv2dOptions, 'variant'>>, maxGroup = 2 ** 31 - 1): ConvSpec {
   checkTensor(`${where}(weights)`, weights, 'float32');
   if (weights.dims.length !== 4) {
     throw new InvalidArgumentError(`${where}(weights) must be 4-D [C_out, C_in/group, kH, kW], got dims [${weights.dims.join(', ')}]`);
@@ -278,13 +291,13 @@ export function createConv2d(weights: Tensor<'float32'>, options?: Conv2dOptions
   for (const [i, d] of weights.dims.entries()) {
     if (d < 1) throw new InvalidArgumentError(`${where}(weights).dims[${i}] must be >= 1, got ${d}`);
   }
-  const group = opts.group === undefined ? 1 : checkInt(`${where}: options.group`, opts.group, 1, 2 ** 31 - 1);
+  const group = opts.group === undefined ? 1 : checkInt(`${where}: options.group`, opts.group, 1, maxGroup);
   if (cOut % group !== 0) {
     throw new InvalidArgumentError(`${where}: options.group (${group}) must divide the output channels (weights.dims[0] = ${cOut})`);
   }
   const win = checkWindow(where, [kh, kw], opts);
   const bias = opts.bias === undefined ? undefined : checkChannelVector(`${where}: options.bias`, opts.bias, cOut);
-  let bn: { scale: Float32Array; bias: Float32Array; mean: Float32Array; variance: Float32Array; epsilon: number } | undefined;
+  let bn: ConvSpec['bn'];
   if (opts.bn !== undefined) {
     const b = checkOptions<BatchNormOptions>(`${where}: options.bn`, opts.bn, ['scale', 'bias', 'mean', 'variance', 'epsilon']);
     const vec = (k: 'scale' | 'bias' | 'mean' | 'variance') => {
@@ -300,27 +313,16 @@ export function createConv2d(weights: Tensor<'float32'>, options?: Conv2dOptions
       }
     }
   }
-  const activation = checkOneOf(`${where}: options.activation`, opts.activation ?? 'none', ACTIVATIONS);
-  let alpha = 0;
-  let beta = 0;
-  if (activation === 'clip') {
-    if (opts.clipMin === undefined || opts.clipMax === undefined) {
-      throw new InvalidArgumentError(`${where}: activation 'clip' needs options.clipMin and options.clipMax`);
-    }
-    alpha = checkNumber(`${where}: options.clipMin`, opts.clipMin);
-    beta = checkNumber(`${where}: options.clipMax`, opts.clipMax);
-    if (alpha > beta) throw new InvalidArgumentError(`${where}: options.clipMin (${alpha}) must not exceed options.clipMax (${beta})`);
-  } else if (activation === 'relu6') {
-    [alpha, beta] = [0, 6];
-  } else if (activation === 'leakyRelu') {
-    alpha = opts.alpha === undefined ? 0.01 : checkNumber(`${where}: options.alpha`, opts.alpha);
-  }
-  for (const [key, used] of [['clipMin', activation === 'clip'], ['clipMax', activation === 'clip'], ['alpha', activation === 'leakyRelu']] as const) {
-    if (opts[key] !== undefined && !used) {
-      throw new InvalidArgumentError(`${where}: options.${key} has no effect with activation '${activation}'`);
-    }
-  }
+  const { activation, alpha, beta } = checkActivation(where, opts);
   const precision = checkOneOf(`${where}: options.precision`, opts.precision ?? 'fp32', ['fp32', 'bf16'] as const);
+  return { cOut, cg, kh, kw, group, win, bias, bn, activation, alpha, beta, precision };
+}
+
+export function createConv2d(weights: Tensor<'float32'>, options?: Conv2dOptions): Conv2d {
+  const where = 'createConv2d';
+  const site = new Error();
+  const opts = checkOptions<Conv2dOptions>(where, options, CREATE_OPTIONS);
+  const { cOut, cg, group, win, bias, bn, activation, alpha, beta, precision } = checkConvSpec(where, weights, opts);
   const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto', VARIANTS);
   if (variant === 'avx512bf16' && precision !== 'bf16') {
     throw new InvalidArgumentError(`${where}: options.variant 'avx512bf16' needs options.precision 'bf16'`);

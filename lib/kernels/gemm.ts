@@ -38,7 +38,8 @@ const LOWP_VARIANTS: Record<NativeGemmLowPrecision, readonly GemmVariant[]> = {
 /** int8: |sum of K products u8 x s8| <= K * 255 * 127 must fit the s32 accumulators. */
 const INT8_MAX_K = 66311;
 // Codes of GemmActivation in native/kernels/gemm/gemm.h.
-const ACTIVATION_CODE: Record<GemmActivation, number> = {
+/** Activation codes of native/kernels/gemm/gemm.h, shared by every epilogue (CPU and GPU, GEMM and conv). */
+export const ACTIVATION_CODE: Record<GemmActivation, number> = {
   none: 0, relu: 1, relu6: 2, clip: 2, silu: 3, gelu: 4, geluTanh: 5, sigmoid: 6, leakyRelu: 7, hardSwish: 8,
 };
 const ACTIVATIONS = Object.keys(ACTIVATION_CODE) as GemmActivation[];
@@ -162,9 +163,49 @@ export function packGemmWeights(b: Tensor<'float32'>, options?: PackGemmOptions)
   }
 }
 
-function checkFinite(where: string, v: unknown): number {
-  if (typeof v !== 'number' || Number.isNaN(v)) throw new InvalidArgumentError(`${where} must be a number, got ${describe(v)}`);
+/** A number option: NaN and non-numbers are errors; with finite, so are the infinities. */
+export function checkNumber(where: string, v: unknown, finite = false): number {
+  if (typeof v !== 'number' || Number.isNaN(v) || (finite && !Number.isFinite(v))) {
+    throw new InvalidArgumentError(`${where} must be a ${finite ? 'finite ' : ''}number, got ${describe(v)}`);
+  }
   return v;
+}
+
+/** An epilogue's activation options. */
+export interface ActivationOptions {
+  activation?: GemmActivation;
+  clipMin?: number;
+  clipMax?: number;
+  alpha?: number;
+}
+
+/**
+ * The activation of an epilogue with its parameters: alpha/beta are clip's bounds (relu6: 0 and 6)
+ * and alpha is leakyRelu's slope (default 0.01); a parameter the activation does not use is an
+ * error. finite: the kernels that run it take no infinite bounds (the GPU's).
+ */
+export function checkActivation(where: string, opts: ActivationOptions, finite = false): { activation: GemmActivation; code: number; alpha: number; beta: number } {
+  const activation = checkOneOf(`${where}: options.activation`, opts.activation ?? 'none', ACTIVATIONS);
+  let alpha = 0;
+  let beta = 0;
+  if (activation === 'clip') {
+    if (opts.clipMin === undefined || opts.clipMax === undefined) {
+      throw new InvalidArgumentError(`${where}: activation 'clip' needs options.clipMin and options.clipMax`);
+    }
+    alpha = checkNumber(`${where}: options.clipMin`, opts.clipMin, finite);
+    beta = checkNumber(`${where}: options.clipMax`, opts.clipMax, finite);
+    if (alpha > beta) throw new InvalidArgumentError(`${where}: options.clipMin (${alpha}) must not exceed options.clipMax (${beta})`);
+  } else if (activation === 'relu6') {
+    [alpha, beta] = [0, 6];
+  } else if (activation === 'leakyRelu') {
+    alpha = opts.alpha === undefined ? 0.01 : checkNumber(`${where}: options.alpha`, opts.alpha, finite);
+  }
+  for (const [key, used] of [['clipMin', activation === 'clip'], ['clipMax', activation === 'clip'], ['alpha', activation === 'leakyRelu']] as const) {
+    if (opts[key] !== undefined && !used) {
+      throw new InvalidArgumentError(`${where}: options.${key} has no effect with activation '${activation}'`);
+    }
+  }
+  return { activation, code: ACTIVATION_CODE[activation], alpha, beta };
 }
 
 function checkColumnVector(where: string, t: unknown, n: number): Float32Array {
@@ -209,26 +250,7 @@ export function checkGemmCall(where: string, a: Tensor<'float32'>, b: unknown, k
     residual = r.data;
     ldr = r.dims[1]!;
   }
-  const activation = checkOneOf(`${where}: options.activation`, opts.activation ?? 'none', ACTIVATIONS);
-  let alpha = 0;
-  let beta = 0;
-  if (activation === 'clip') {
-    if (opts.clipMin === undefined || opts.clipMax === undefined) {
-      throw new InvalidArgumentError(`${where}: activation 'clip' needs options.clipMin and options.clipMax`);
-    }
-    alpha = checkFinite(`${where}: options.clipMin`, opts.clipMin);
-    beta = checkFinite(`${where}: options.clipMax`, opts.clipMax);
-    if (alpha > beta) throw new InvalidArgumentError(`${where}: options.clipMin (${alpha}) must not exceed options.clipMax (${beta})`);
-  } else if (activation === 'relu6') {
-    [alpha, beta] = [0, 6];
-  } else if (activation === 'leakyRelu') {
-    alpha = opts.alpha === undefined ? 0.01 : checkFinite(`${where}: options.alpha`, opts.alpha);
-  }
-  for (const [key, used] of [['clipMin', activation === 'clip'], ['clipMax', activation === 'clip'], ['alpha', activation === 'leakyRelu']] as const) {
-    if (opts[key] !== undefined && !used) {
-      throw new InvalidArgumentError(`${where}: options.${key} has no effect with activation '${activation}'`);
-    }
-  }
+  const { activation, alpha, beta } = checkActivation(where, opts);
   const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto', variants);
   const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
   const signal = checkSignal(`${where}: options.signal`, opts.signal);

@@ -3,15 +3,15 @@
 // from the host copy of the pool through the block tables, and a scalar RoPE loop written here.
 // Shapes walk the tile edges: context 1, block size -1/0/+1, several non-contiguous blocks, split
 // lengths that do not divide the context, head sizes 64/128 and odd ones, GQA ratios 1/2/4/8/12.
-import { afterAll, expect, it } from 'vitest';
+import { expect, it } from 'vitest';
 import { DisposedError, InvalidArgumentError, Tensor, kernels } from '../../dist/index.js';
 import { native } from '../../dist/binding.js';
-import { GpuBuffer, runGpuOp } from '../../dist/cuda/runtime.js';
+import { runGpuOp } from '../../dist/cuda/runtime.js';
 import {
   gpuKvStore, gpuMlaAttentionDecode, gpuPagedAttentionDecode, gpuPagedAttentionPrefill, gpuRope, type GpuKvDtype,
 } from '../../dist/cuda/attention.js';
 import { randomF32 } from '../helpers.js';
-import { describeGpu } from './targets.js';
+import { describeGpu, gpuBuffers } from './targets.js';
 
 interface HostPool {
   raw: Float32Array | Uint16Array;  // what the device holds
@@ -115,18 +115,7 @@ const PREFILL: PrefillCase[] = [
 ];
 
 describeGpu('GPU paged attention', (t) => {
-  const held: GpuBuffer[] = [];
-  const up = async (data: ArrayBufferView) => {
-    const b = await GpuBuffer.from(t.id, data);
-    held.push(b);
-    return b;
-  };
-  const alloc = (bytes: number) => {
-    const b = GpuBuffer.alloc(t.id, bytes);
-    held.push(b);
-    return b;
-  };
-  afterAll(() => held.forEach((b) => b.dispose()));
+  const { up, alloc } = gpuBuffers(t);
 
   it('decode matches the CPU attention (GQA, block tables, split-K)', async () => {
     for (const [ci, c] of DECODE.entries()) {

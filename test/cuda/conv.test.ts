@@ -3,14 +3,14 @@
 // globalAveragePool, themselves tested against scalar loops), on the tile edges of the GPU kernels:
 // 64 x 64 (SIMT, mma) and 64 x 128 (mma) blocks, K steps of 16 (SIMT) and 32 (mma), 32 x 32
 // depthwise tiles, plus odd planes, batch 1 and 3, every window feature and every epilogue.
-import { afterAll, expect, it } from 'vitest';
+import { expect, it } from 'vitest';
 import { DisposedError, InvalidArgumentError, Tensor, kernels } from '../../dist/index.js';
-import { GpuBuffer, runGpuOp } from '../../dist/cuda/runtime.js';
+import { runGpuOp } from '../../dist/cuda/runtime.js';
 import {
   createGpuConv2d, gpuAveragePool2d, gpuGlobalAveragePool, gpuMaxPool2d, gpuPoolOutputShape, type GpuConv2dOptions,
 } from '../../dist/cuda/conv.js';
 import { randomF32 } from '../helpers.js';
-import { describeGpu } from './targets.js';
+import { describeGpu, gpuBuffers } from './targets.js';
 
 interface ConvCase {
   name: string;
@@ -56,18 +56,7 @@ function expectConvClose(got: Float32Array, want: Float32Array, mag: Float32Arra
 }
 
 describeGpu('GPU conv2d and pooling', (t) => {
-  const held: GpuBuffer[] = [];
-  const up = async (data: Float32Array) => {
-    const b = await GpuBuffer.from(t.id, data);
-    held.push(b);
-    return b;
-  };
-  const alloc = (bytes: number) => {
-    const b = GpuBuffer.alloc(t.id, bytes);
-    held.push(b);
-    return b;
-  };
-  afterAll(() => held.forEach((b) => b.dispose()));
+  const { up, alloc } = gpuBuffers(t);
 
   for (const [mode, extra] of [['fp32', {}], ['bf16 mma', { precision: 'bf16' }], ['bf16 simt', { precision: 'bf16', simt: true }]] as const) {
     it(`conv2d ${mode} matches the CPU conv on every case`, async () => {

@@ -4,7 +4,7 @@
 // groups x 4 (gemv); 16-byte vectors), every epilogue, leading dimensions that allow or forbid
 // vector loads; int8 against the CPU int8 precision (same quantisation, so the same integer sums).
 // 16-bit values are produced by the CPU casts (kernels.cast), so both sides see identical inputs.
-import { afterAll, expect, it } from 'vitest';
+import { expect, it } from 'vitest';
 import { DisposedError, InvalidArgumentError, Tensor, kernels } from '../../dist/index.js';
 import type { GemmActivation } from '../../dist/kernels/gemm.js';
 import { GpuBuffer, runGpuOp } from '../../dist/cuda/runtime.js';
@@ -12,7 +12,7 @@ import {
   gpuGemm, gpuGemmInt8, gpuPackGemmInt8, type GpuGemmKernel, type GpuGemmOptions, type GpuGemmType,
 } from '../../dist/cuda/gemm.js';
 import { randomF32 } from '../helpers.js';
-import { describeGpu } from './targets.js';
+import { describeGpu, gpuBuffers } from './targets.js';
 
 const SENTINEL = 12345.5;
 
@@ -42,13 +42,7 @@ async function roundTo(type: GpuGemmType, x: Float32Array): Promise<{ bits: Uint
 }
 
 describeGpu('GPU GEMM', (t) => {
-  const held: GpuBuffer[] = [];
-  const up = async (data: ArrayBufferView) => {
-    const b = await GpuBuffer.from(t.id, data);
-    held.push(b);
-    return b;
-  };
-  afterAll(() => held.forEach((b) => b.dispose()));
+  const { up } = gpuBuffers(t);
 
   interface Prepared {
     a: Float32Array; aBuf: GpuBuffer; bDense: Float32Array; bRaw: Float32Array;

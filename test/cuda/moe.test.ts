@@ -11,15 +11,15 @@
 // activations to bf16 (relative 2^-9 per element): x is made bf16-exact here, so only h = silu(g) * u
 // is rounded before the down GEMM; 2^-6 of the row's largest value is 8x the error a random-sign
 // sum of such roundings reaches, and a wrong fragment layout or a lost tile is O(1) of it.
-import { afterAll, expect, it } from 'vitest';
+import { expect, it } from 'vitest';
 import { DisposedError, InvalidArgumentError, Tensor, kernels } from '../../dist/index.js';
-import { GpuBuffer, runGpuOp } from '../../dist/cuda/runtime.js';
+import { runGpuOp, type GpuBuffer } from '../../dist/cuda/runtime.js';
 import {
   gpuMoe, gpuMoeCombine, gpuMoeDispatch, gpuMoeDown, gpuMoeGateUp, gpuMoeRoute, gpuMoeWorkspaceBytes,
   type GpuMoeLayer, type GpuMoeWeightType,
 } from '../../dist/cuda/moe.js';
 import { randomF32 } from '../helpers.js';
-import { describeGpu } from './targets.js';
+import { describeGpu, gpuBuffers } from './targets.js';
 
 /** Rounds to the nearest bf16 value (ties to even), kept as float32. */
 function bf16Exact(a: Float32Array): Float32Array {
@@ -75,18 +75,10 @@ interface Case {
 }
 
 describeGpu('GPU MoE dispatch', (t) => {
-  const held: GpuBuffer[] = [];
-  const up = async (data: ArrayBufferView) => {
-    const b = await GpuBuffer.from(t.id, data);
-    held.push(b);
-    return b;
-  };
-  const alloc = (bytes: number) => {
-    const b = GpuBuffer.alloc(t.id, Math.max(bytes, 4));
-    held.push(b);
-    return b;
-  };
-  afterAll(() => held.forEach((b) => b.dispose()));
+  const buffers = gpuBuffers(t);
+  const up = buffers.up;
+  // A zero-byte request still gets a buffer of its own (4 bytes), so no two arguments alias.
+  const alloc = (bytes: number) => buffers.alloc(Math.max(bytes, 4));
 
   // A layer's weights on both sides: QuantizedWeights for the CPU, stacked bytes on the device.
   async function layerOf(c: Case, type: GpuMoeWeightType, seed: number) {

@@ -1,13 +1,13 @@
 // GPU norms, softmax and elementwise ops against independent references: double-precision loops
 // written here, and the CPU kernels' float16/bfloat16 casts (themselves tested against scalar code).
-import { afterAll, expect, it } from 'vitest';
+import { expect, it } from 'vitest';
 import { DeviceUnavailableError, DisposedError, InvalidArgumentError, OutOfMemoryError, Tensor, kernels } from '../../dist/index.js';
 import { GpuBuffer, gpuDevice, runGpuOp } from '../../dist/cuda/runtime.js';
 import {
   gpuBinary, gpuConvert, gpuLayerNorm, gpuRmsNorm, gpuSiluMul, gpuSoftmax, gpuUnary, type GpuUnaryOp,
 } from '../../dist/cuda/kernels.js';
 import { randomF32 } from '../helpers.js';
-import { describeGpu } from './targets.js';
+import { describeGpu, gpuBuffers } from './targets.js';
 
 // Row lengths around the warp (32) and block (256) sizes, the register-cached kernels' limits
 // (n % 4 == 0 up to 4 x 256 x 8 = 8192) and beyond them.
@@ -22,18 +22,7 @@ function expectClose(got: Float32Array, want: Float64Array | number[], rel: numb
 }
 
 describeGpu('GPU norms and elementwise', (t) => {
-  const held: GpuBuffer[] = [];
-  const up = async (data: ArrayBufferView) => {
-    const b = await GpuBuffer.from(t.id, data);
-    held.push(b);
-    return b;
-  };
-  const alloc = (bytes: number) => {
-    const b = GpuBuffer.alloc(t.id, bytes);
-    held.push(b);
-    return b;
-  };
-  afterAll(() => held.forEach((b) => b.dispose()));
+  const { up, alloc } = gpuBuffers(t);
 
   it('rms_norm, layer_norm and softmax per row', async () => {
     for (const [rows, n] of SHAPES) {

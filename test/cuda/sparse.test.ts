@@ -2,14 +2,14 @@
 // sparse kernels (sonde.kernels.spmm over sparseFromCsr / toSparse weights of the same matrix), on
 // weights with empty output columns, a fully dense one, N and K off the block and warp sizes, and M
 // around the CSR kernel's 32-row lanes and 64-row tiles and the BSR kernel's 8-row tiles, with every epilogue.
-import { afterAll, expect, it } from 'vitest';
+import { expect, it } from 'vitest';
 import { DisposedError, InvalidArgumentError, Tensor, kernels } from '../../dist/index.js';
-import { GpuBuffer, runGpuOp } from '../../dist/cuda/runtime.js';
+import { runGpuOp } from '../../dist/cuda/runtime.js';
 import { balancedChunks, gpuSparseFromCsr, gpuSpmm, gpuToSparse, type GpuSpmmOptions } from '../../dist/cuda/sparse.js';
 import { randomF32 } from '../helpers.js';
 
 type GemmActivation = NonNullable<GpuSpmmOptions['activation']>;
-import { describeGpu } from './targets.js';
+import { describeGpu, gpuBuffers } from './targets.js';
 
 const U = 2 ** -24;
 
@@ -34,18 +34,7 @@ function csrOf(b: Float32Array, k: number, n: number) {
 }
 
 describeGpu('GPU SpMM', (t) => {
-  const held: GpuBuffer[] = [];
-  const up = async (data: Float32Array) => {
-    const b = await GpuBuffer.from(t.id, data);
-    held.push(b);
-    return b;
-  };
-  const alloc = (bytes: number) => {
-    const b = GpuBuffer.alloc(t.id, bytes);
-    held.push(b);
-    return b;
-  };
-  afterAll(() => held.forEach((b) => b.dispose()));
+  const { up, alloc } = gpuBuffers(t);
 
   const EPILOGUES: { name: string; activation: GemmActivation; bias?: boolean; scale?: boolean; residual?: 'after' | 'before'; clip?: [number, number]; alpha?: number }[] = [
     { name: 'plain', activation: 'none' },

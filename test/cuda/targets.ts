@@ -4,9 +4,9 @@
  * absence then fails instead of skipping. The emulator does not depend on the CPU's SIMD level, so
  * CI's SONDE_ISA=avx2/scalar passes skip it (it ran in the default pass).
  */
-import { describe } from 'vitest';
+import { afterAll, describe } from 'vitest';
 import { devices } from '../../dist/index.js';
-import type { GpuDeviceId } from '../../dist/cuda/runtime.js';
+import { GpuBuffer, type GpuDeviceId } from '../../dist/cuda/runtime.js';
 
 export interface GpuTarget {
   id: GpuDeviceId;
@@ -39,4 +39,21 @@ export function describeGpu(name: string, body: (t: GpuTarget) => void): void {
     if (t.skip) describe.skip(`${name} on ${t.id} (skipped: ${t.skip})`, () => body(t));
     else describe(`${name} on ${t.id}`, () => body(t));
   }
+}
+
+/**
+ * Device buffers for one describeGpu block: up() copies data to the device, alloc() leaves the
+ * contents undefined; every buffer is disposed after the block.
+ */
+export function gpuBuffers(t: GpuTarget): { up(data: ArrayBufferView): Promise<GpuBuffer>; alloc(bytes: number): GpuBuffer } {
+  const held: GpuBuffer[] = [];
+  afterAll(() => held.forEach((b) => b.dispose()));
+  const keep = (b: GpuBuffer) => {
+    held.push(b);
+    return b;
+  };
+  return {
+    up: async (data) => keep(await GpuBuffer.from(t.id, data)),
+    alloc: (bytes) => keep(GpuBuffer.alloc(t.id, bytes)),
+  };
 }

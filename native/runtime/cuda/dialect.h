@@ -140,6 +140,53 @@ __device__ __forceinline__ float Bf16ToFloat(uint16_t b) { return __uint_as_floa
 __device__ __forceinline__ uint16_t FloatToBf16(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
 #endif
 
+// ---- float storage types and vector access ----
+// Float tensors are stored as f32, f16 or bf16 (codes shared with lib/cuda); Stored<code>::T is the
+// storage type, Get widens to fp32 and Put rounds to nearest even.
+enum FloatStorage : int { kStoreF32 = 0, kStoreF16 = 1, kStoreBf16 = 2 };
+template <int kCode>
+struct Stored;
+template <>
+struct Stored<kStoreF32> {
+  using T = float;
+  __device__ __forceinline__ static float Get(float v) { return v; }
+  __device__ __forceinline__ static float Put(float v) { return v; }
+};
+template <>
+struct Stored<kStoreF16> {
+  using T = uint16_t;
+  __device__ __forceinline__ static float Get(uint16_t v) { return HalfToFloat(v); }
+  __device__ __forceinline__ static uint16_t Put(float v) { return FloatToHalf(v); }
+};
+template <>
+struct Stored<kStoreBf16> {
+  using T = uint16_t;
+  __device__ __forceinline__ static float Get(uint16_t v) { return Bf16ToFloat(v); }
+  __device__ __forceinline__ static uint16_t Put(float v) { return FloatToBf16(v); }
+};
+
+// One access of sizeof(V) bytes at p (aligned to it): a plain wide access on the GPU; the emulator's
+// host compiler goes through memcpy, since reading 8- or 16-bit data through a wider type breaks
+// C++'s aliasing rules there.
+template <typename V>
+__device__ __forceinline__ V LoadVec(const void* p) {
+#if SONDE_GPU_EMULATED
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+#else
+  return *reinterpret_cast<const V*>(p);
+#endif
+}
+template <typename V>
+__device__ __forceinline__ void StoreVec(void* p, const V& v) {
+#if SONDE_GPU_EMULATED
+  std::memcpy(p, &v, sizeof v);
+#else
+  *reinterpret_cast<V*>(p) = v;
+#endif
+}
+
 // ---- warp-level tensor-core products (mma.sync), D += A * B per warp ----
 // Fragments as the PTX ISA lays them out ("Matrix fragments for mma.m16n8k16" and "m16n8k32"),
 // with g = lane / 4 and t = lane % 4:

@@ -26,24 +26,7 @@ namespace attention {
 enum KvType : int { kKvF32 = 0, kKvF16 = 1, kKvBf16 = 2, kKvTypeCount };
 
 template <int kType>
-struct KvElem;
-template <>
-struct KvElem<kKvF32> {
-  using T = float;
-  static __device__ __forceinline__ float Get(float v) { return v; }
-};
-template <>
-struct KvElem<kKvF16> {
-  using T = uint16_t;
-  static __device__ __forceinline__ float Get(uint16_t v) { return HalfToFloat(v); }
-  static __device__ __forceinline__ uint16_t Put(float v) { return FloatToHalf(v); }
-};
-template <>
-struct KvElem<kKvBf16> {
-  using T = uint16_t;
-  static __device__ __forceinline__ float Get(uint16_t v) { return Bf16ToFloat(v); }
-  static __device__ __forceinline__ uint16_t Put(float v) { return FloatToBf16(v); }
-};
+using KvElem = Stored<kType>;
 
 // kV consecutive elements at p widened to fp32, as one 4-, 8- or 16-byte load (p aligned to it).
 template <int kType, int kV>

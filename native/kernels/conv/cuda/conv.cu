@@ -193,25 +193,6 @@ __global__ void __launch_bounds__(kSimtThreads)
 // rows are padded by 8 halves (16 bytes) so the 8 rows a fragment load touches fall in different banks.
 constexpr int kMmaBK = 32, kMmaLd = kMmaBK + 8;
 
-// Two consecutive bf16 in shared memory as one 32-bit register (the fragment layout's pairs). On the
-// GPU a plain 32-bit access; the host compiler of the emulator goes through memcpy, since reading a
-// uint16_t array through a uint32_t pointer breaks C++'s aliasing rules there.
-__device__ __forceinline__ uint32_t LoadPair(const uint16_t* p) {
-#if SONDE_GPU_EMULATED
-  uint32_t v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-#else
-  return *reinterpret_cast<const uint32_t*>(p);
-#endif
-}
-__device__ __forceinline__ void StorePair(uint16_t* p, uint32_t v) {
-#if SONDE_GPU_EMULATED
-  std::memcpy(p, &v, sizeof v);
-#else
-  *reinterpret_cast<uint32_t*>(p) = v;
-#endif
-}
 
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   return uint32_t(FloatToBf16(lo)) | (uint32_t(FloatToBf16(hi)) << 16);
@@ -255,9 +236,9 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
   };
   auto store = [&](int buf) {
     SONDE_UNROLL
-    for (int i = 0; i < kAPairs; ++i) StorePair(&As[buf][a_m][a_k + kAStep * i], ra[i]);
+    for (int i = 0; i < kAPairs; ++i) StoreVec<uint32_t>(&As[buf][a_m][a_k + kAStep * i], ra[i]);
     SONDE_UNROLL
-    for (int i = 0; i < kBPairs; ++i) StorePair(&Bs[buf][b_n + kBStep * i][b_k], rb[i]);
+    for (int i = 0; i < kBPairs; ++i) StoreVec<uint32_t>(&Bs[buf][b_n + kBStep * i][b_k], rb[i]);
   };
   const int warp = tid / 32, lane = tid % 32, gq = lane / 4, tq = lane % 4;
   const int wm = (warp % kWarpsM) * 32, wn = (warp / kWarpsM) * 32;
@@ -278,16 +259,16 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
       SONDE_UNROLL
       for (int mi = 0; mi < 2; ++mi) {
         const int r = wm + mi * 16 + gq;
-        a[mi][0] = LoadPair(&As[buf][r][kk + 2 * tq]);
-        a[mi][1] = LoadPair(&As[buf][r + 8][kk + 2 * tq]);
-        a[mi][2] = LoadPair(&As[buf][r][kk + 2 * tq + 8]);
-        a[mi][3] = LoadPair(&As[buf][r + 8][kk + 2 * tq + 8]);
+        a[mi][0] = LoadVec<uint32_t>(&As[buf][r][kk + 2 * tq]);
+        a[mi][1] = LoadVec<uint32_t>(&As[buf][r + 8][kk + 2 * tq]);
+        a[mi][2] = LoadVec<uint32_t>(&As[buf][r][kk + 2 * tq + 8]);
+        a[mi][3] = LoadVec<uint32_t>(&As[buf][r + 8][kk + 2 * tq + 8]);
       }
       SONDE_UNROLL
       for (int ni = 0; ni < 4; ++ni) {
         const int c = wn + ni * 8 + gq;
-        b[ni][0] = LoadPair(&Bs[buf][c][kk + 2 * tq]);
-        b[ni][1] = LoadPair(&Bs[buf][c][kk + 2 * tq + 8]);
+        b[ni][0] = LoadVec<uint32_t>(&Bs[buf][c][kk + 2 * tq]);
+        b[ni][1] = LoadVec<uint32_t>(&Bs[buf][c][kk + 2 * tq + 8]);
       }
       SONDE_UNROLL
       for (int mi = 0; mi < 2; ++mi)

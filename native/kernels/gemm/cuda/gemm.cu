@@ -49,38 +49,8 @@ struct Shape {
   int vec_a, vec_b, vec_c;  // 16-byte loads/stores allowed (aligned base, leading dimension a multiple)
 };
 
-template <int T>
-struct Ty;
-template <>
-struct Ty<kF32> {
-  using S = float;
-  __device__ __forceinline__ static float Get(float v) { return v; }
-};
-template <>
-struct Ty<kF16> {
-  using S = uint16_t;
-  __device__ __forceinline__ static float Get(uint16_t v) { return HalfToFloat(v); }
-  __device__ __forceinline__ static uint16_t Put(float f) { return FloatToHalf(f); }
-};
-template <>
-struct Ty<kBf16> {
-  using S = uint16_t;
-  __device__ __forceinline__ static float Get(uint16_t v) { return Bf16ToFloat(v); }
-  __device__ __forceinline__ static uint16_t Put(float f) { return FloatToBf16(f); }
-};
-
-// A vector load from global memory; the emulator copies bytes so that reading 16-bit or 8-bit
-// data through a wider type stays within the host compiler's aliasing rules.
-template <typename V>
-__device__ __forceinline__ V LoadVec(const void* p) {
-#if SONDE_GPU_EMULATED
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-#else
-  return *reinterpret_cast<const V*>(p);
-#endif
-}
+template <int kCode>
+using Ty = Stored<kCode>;
 
 __device__ __forceinline__ bool Finite(float v) { return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u; }
 
@@ -98,7 +68,7 @@ __device__ __forceinline__ float ApplyEpilogue(float acc, int row, int col, cons
 
 // Four consecutive elements of a row as floats; `avail` of them exist (<= 0: none, p unused).
 template <int T>
-__device__ __forceinline__ void Load4(const typename Ty<T>::S* p, int avail, bool vec, float (&v)[4]) {
+__device__ __forceinline__ void Load4(const typename Ty<T>::T* p, int avail, bool vec, float (&v)[4]) {
   if (vec && avail >= 4) {
     if constexpr (T == kF32) {
       const float4 q = LoadVec<float4>(p);
@@ -139,8 +109,8 @@ constexpr int kSimtBM = 128, kSimtBN = 128, kSimtBK = 8, kSimtThreads = 256;
 template <int TA, int TB>
 __global__ void __launch_bounds__(kSimtThreads) SimtGemmKernel(const void* a_, const void* b_, float* __restrict__ c,
                                                               Shape sh, Epilogue ep) {
-  using SA = typename Ty<TA>::S;
-  using SB = typename Ty<TB>::S;
+  using SA = typename Ty<TA>::T;
+  using SB = typename Ty<TB>::T;
   const SA* a = static_cast<const SA*>(a_);
   const SB* b = static_cast<const SB*>(b_);
   // A transposed (k-major) so a thread's four rows are one float4; +4 keeps that alignment.
@@ -273,7 +243,7 @@ SONDE_UNROLL
 template <int TA, int TB>
 __global__ void __launch_bounds__(kMmaThreads, 2) MmaGemmKernel(const void* a_, const uint16_t* __restrict__ b,
                                                             float* __restrict__ c, Shape sh, Epilogue ep) {
-  using SA = typename Ty<TA>::S;
+  using SA = typename Ty<TA>::T;
   const SA* a = static_cast<const SA*>(a_);
   __align__(16) __shared__ uint32_t As[2][kMmaBM * kAStride];
   __align__(16) __shared__ uint32_t Bs[2][kMmaBK16 * kB16Stride];
@@ -491,8 +461,8 @@ SONDE_UNROLL
 template <int TA, int TB, int R>
 __global__ void __launch_bounds__(kGemvThreads) GemvKernel(const void* a_, const void* b_, float* __restrict__ c,
                                                           Shape sh, Epilogue ep) {
-  using SA = typename Ty<TA>::S;
-  using SB = typename Ty<TB>::S;
+  using SA = typename Ty<TA>::T;
+  using SB = typename Ty<TB>::T;
   constexpr int VW = 16 / sizeof(SB);  // columns per lane: one 16-byte load
   const SA* a = static_cast<const SA*>(a_);
   const SB* b = static_cast<const SB*>(b_);
@@ -706,7 +676,7 @@ size_t Span(const GpuOpCall& c, int64_t rows, int64_t ld, int64_t cols) {
 template <int TA, int TB>
 void RunGemm(GpuStream& s, int choice, const void* a, const void* b, float* c, const Shape& sh, const Epilogue& ep) {
   if (choice == kGemv) {
-    const dim3 grid(CeilDiv(sh.n, kGemvLanes * (16 / sizeof(typename Ty<TB>::S))), sh.m == 1 ? 1 : CeilDiv(sh.m, kGemvRows));
+    const dim3 grid(CeilDiv(sh.n, kGemvLanes * (16 / sizeof(typename Ty<TB>::T))), sh.m == 1 ? 1 : CeilDiv(sh.m, kGemvRows));
     if (sh.m == 1) Launch(GemvKernel<TA, TB, 1>, grid, dim3(kGemvThreads), 0, s, a, b, c, sh, ep);
     else Launch(GemvKernel<TA, TB, kGemvRows>, grid, dim3(kGemvThreads), 0, s, a, b, c, sh, ep);
     return;
