@@ -64,7 +64,20 @@ export function devices(): Devices {
   };
 }
 
-export type ResolvedDevice = { kind: 'cpu' } | { kind: 'cuda'; index: number };
+/**
+ * Where work runs. `gpu` is the device id of the GPU runtime (lib/cuda/runtime.ts): 'cuda:N', or
+ * 'emulated' when SONDE_CUDA_DEVICE=emulated routed an explicit 'cuda' to the CUDA emulator.
+ */
+export type ResolvedDevice = { kind: 'cpu' } | { kind: 'cuda'; index: number; gpu: 'emulated' | `cuda:${number}` };
+
+/**
+ * SONDE_CUDA_DEVICE=emulated (a test hook): an explicit 'cuda' / 'cuda:0' runs on the CUDA
+ * emulator, which executes the same kernel sources on the CPU, slowly, so that the GPU executors of
+ * sessions and language models are tested on machines without a GPU. 'auto' never picks it.
+ */
+function emulatedCuda(): boolean {
+  return process.env['SONDE_CUDA_DEVICE'] === 'emulated';
+}
 
 /**
  * Resolves a device spec. 'auto' is the first CUDA device when there is one, else the CPU;
@@ -73,7 +86,9 @@ export type ResolvedDevice = { kind: 'cpu' } | { kind: 'cuda'; index: number };
 export function resolveDevice(spec: unknown, where = 'device'): ResolvedDevice {
   if (spec === undefined || spec === 'auto') {
     const cu = native().cudaInfo();
-    return cu.devices.length > 0 ? { kind: 'cuda', index: cu.devices[0]!.index } : { kind: 'cpu' };
+    if (cu.devices.length === 0) return { kind: 'cpu' };
+    const index = cu.devices[0]!.index;
+    return { kind: 'cuda', index, gpu: `cuda:${index}` };
   }
   if (spec === 'cpu') return { kind: 'cpu' };
   if (typeof spec !== 'string') {
@@ -85,6 +100,10 @@ export function resolveDevice(spec: unknown, where = 'device'): ResolvedDevice {
     throw new InvalidArgumentError(`${where} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got ${describe(spec)}${hint}`);
   }
   const index = m[1] === undefined ? 0 : Number(m[1]);
+  if (emulatedCuda()) {
+    if (index !== 0) throw new DeviceUnavailableError(`${where} '${spec}' is unavailable: SONDE_CUDA_DEVICE=emulated provides cuda:0 only`);
+    return { kind: 'cuda', index: 0, gpu: 'emulated' };
+  }
   const cu = native().cudaInfo();
   if (cu.devices.length === 0) {
     throw new DeviceUnavailableError(`${where} '${spec}' is unavailable: ${cu.reason ?? 'no CUDA devices'}`);
@@ -94,7 +113,7 @@ export function resolveDevice(spec: unknown, where = 'device'): ResolvedDevice {
       `${where} '${spec}' is unavailable: there ${cu.devices.length === 1 ? 'is 1 CUDA device' : `are ${cu.devices.length} CUDA devices`} (cuda:0..cuda:${cu.devices.length - 1})`,
     );
   }
-  return { kind: 'cuda', index };
+  return { kind: 'cuda', index, gpu: `cuda:${index}` };
 }
 
 /** Where a session or model computes, and why there when the caller did not pick it. */

@@ -45,7 +45,7 @@ describe('resolveDevice', () => {
 
   it("resolves 'cpu', and 'auto' to CUDA when present else the CPU", () => {
     expect(resolveDevice('cpu')).toEqual({ kind: 'cpu' });
-    expect(resolveDevice('auto')).toEqual(hasCuda ? { kind: 'cuda', index: 0 } : { kind: 'cpu' });
+    expect(resolveDevice('auto')).toEqual(hasCuda ? { kind: 'cuda', index: 0, gpu: 'cuda:0' } : { kind: 'cpu' });
     expect(resolveDevice(undefined)).toEqual(resolveDevice('auto'));
   });
 
@@ -76,7 +76,7 @@ describe('placement of work without CUDA kernels', () => {
   const model = fileURLToPath(new URL('../models/digits.onnx', import.meta.url));
 
   it("with a GPU: 'auto' and fallback 'cpu' run on the CPU and say why; an explicit device names the operators", () => {
-    const gpu = { kind: 'cuda', index: 0 } as const;
+    const gpu = { kind: 'cuda', index: 0, gpu: 'cuda:0' } as const;
     for (const [spec, fallback] of [[undefined, 'none'], ['auto', 'none'], ['cuda', 'cpu'], ['cuda:0', 'cpu']] as const) {
       const p = placeWithoutCuda('Session.load', spec, gpu, ['Conv', 'Relu'], fallback);
       expect(p).toEqual({ kind: 'cpu', id: 'cpu', reason: 'these operators have no CUDA kernel in this version: Conv, Relu' });
@@ -106,5 +106,22 @@ describe('placement of work without CUDA kernels', () => {
     lm.dispose();
     await expect(LanguageModel.load(gguf, { fallback: 'yes' as 'cpu' })).rejects.toThrow(/options.fallback/);
     await expect(LanguageModel.load(gguf, { device: 'cuda' })).rejects.toThrow(hasCuda ? UnsupportedOperatorError : DeviceUnavailableError);
+  });
+});
+
+describe('SONDE_CUDA_DEVICE=emulated', () => {
+  it("routes an explicit 'cuda' / 'cuda:0' to the CUDA emulator and leaves 'auto' alone", () => {
+    const before = process.env['SONDE_CUDA_DEVICE'];
+    process.env['SONDE_CUDA_DEVICE'] = 'emulated';
+    try {
+      expect(resolveDevice('cuda')).toEqual({ kind: 'cuda', index: 0, gpu: 'emulated' });
+      expect(resolveDevice('cuda:0')).toEqual({ kind: 'cuda', index: 0, gpu: 'emulated' });
+      expect(() => resolveDevice('cuda:1')).toThrow(/SONDE_CUDA_DEVICE=emulated provides cuda:0 only/);
+      expect(resolveDevice('auto').kind).toBe(devices().cuda.devices.length > 0 ? 'cuda' : 'cpu');
+      expect(resolveDevice('cpu')).toEqual({ kind: 'cpu' });
+    } finally {
+      if (before === undefined) delete process.env['SONDE_CUDA_DEVICE'];
+      else process.env['SONDE_CUDA_DEVICE'] = before;
+    }
   });
 });
