@@ -321,7 +321,8 @@ export interface NativeBinding {
   /** Copies data's bytes to (toDevice) or from the buffer at offset. */
   gpuCopy(buffer: NativeGpuBuffer, offset: number, data: ArrayBufferView, toDevice: boolean): Promise<number>;
   /** Runs a registered GPU op; with reps > 0 also times reps more runs and resolves to ms per run. */
-  gpuRun(id: string, op: string, buffers: NativeGpuBuffer[], params: Record<string, number | boolean>, reps?: number): Promise<number>;
+  gpuRun(id: string, op: string, buffers: NativeGpuBuffer[], params: Record<string, number | boolean>, reps?: number,
+    graph?: boolean): Promise<number>;
   /** Registered op names of the emulated or the real-device build. */
   gpuOps(emulated: boolean): string[];
   gpuTrim(id: string): void;
@@ -358,6 +359,16 @@ function load(): NativeBinding {
   const problem = cpuBaselineProblem();
   if (problem) throw new NativeLoadError(`sonde cannot run here: ${problem}.`);
   const require = createRequire(import.meta.url);
+  // SONDE_NATIVE_BINARY: an addon file to load instead of the usual search (another build of the
+  // same version, e.g. CI's CPU-only build/nocuda/sonde.node).
+  const explicit = process.env['SONDE_NATIVE_BINARY'];
+  if (explicit) {
+    try {
+      return require(explicit) as NativeBinding;
+    } catch (err) {
+      throw new NativeLoadError(`sonde: SONDE_NATIVE_BINARY=${explicit} could not be loaded: ${(err as Error).message}`, { cause: err });
+    }
+  }
   try {
     const nodeGypBuild = require('node-gyp-build') as (dir: string) => unknown;
     return nodeGypBuild(packageRoot) as NativeBinding;

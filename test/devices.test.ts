@@ -28,6 +28,16 @@ describe('devices()', () => {
 
   it('reports CUDA devices or the reason there are none', () => {
     expect(typeof d.cuda.compiled).toBe('boolean');
+    // CI's pass over the CPU-only twin build (SONDE_NATIVE_BINARY=build/nocuda/sonde.node) says
+    // which kind of binary it loaded.
+    if (process.env.SONDE_TEST_CUDA_BUILD === '0') {
+      expect(d.cuda.compiled).toBe(false);
+      expect(d.cuda.devices).toEqual([]);
+      expect(d.cuda.reason).toMatch(/built without CUDA/);
+      expect(() => resolveDevice('cuda')).toThrow(/built without CUDA/);
+    } else if (process.env.SONDE_TEST_CUDA_BUILD === '1') {
+      expect(d.cuda.compiled).toBe(true);
+    }
     if (d.cuda.devices.length === 0) {
       expect(d.cuda.reason).toMatch(/\w/);
     } else {

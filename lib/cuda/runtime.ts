@@ -107,6 +107,11 @@ function checkView(where: string, v: unknown): asserts v is View {
 export interface GpuRunOptions {
   /** After the run, time this many more runs with device events; the result is ms per run. */
   reps?: number;
+  /**
+   * Time replays of one captured run (a CUDA graph on a GPU) instead of separate launches: what the
+   * kernels cost without the host's launch overhead. The op must not allocate device memory.
+   */
+  graph?: boolean;
 }
 
 /**
@@ -122,7 +127,11 @@ export async function runGpuOp(device: GpuDeviceId, op: string, buffers: readonl
     return b.handle(op);
   });
   const reps = options.reps === undefined ? 0 : checkInt(`${op}: options.reps`, options.reps, 0, 1e6);
-  return callNative(() => native().gpuRun(device, op, handles, params, reps));
+  if (options.graph !== undefined && typeof options.graph !== 'boolean') {
+    throw new InvalidArgumentError(`${op}: options.graph must be a boolean, got ${describe(options.graph)}`);
+  }
+  const graph = options.graph ?? false;
+  return callNative(() => native().gpuRun(device, op, handles, params, reps, graph));
 }
 
 /** Names of the ops this binary registered for the emulator or for real devices. */

@@ -137,8 +137,9 @@ Napi::Value GpuCopyFn(Addon& addon, const Napi::CallbackInfo& info) {
   return addon.Start(env, std::move(job));
 }
 
-// gpuRun(id, op, buffers[], params{}, reps) -> Promise<number>: runs op; with reps > 0 runs it reps
-// more times between timing marks and resolves to the mean milliseconds per run.
+// gpuRun(id, op, buffers[], params{}, reps, graph) -> Promise<number>: runs op; with reps > 0 runs it
+// reps more times between timing marks (graph: replays of one captured run) and resolves to the
+// mean milliseconds per run.
 Napi::Value GpuRunFn(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::shared_ptr<GpuDevice> d = DeviceArg(info, 0);
@@ -166,15 +167,23 @@ Napi::Value GpuRunFn(Addon& addon, const Napi::CallbackInfo& info) {
     call.params[k] = v.IsBoolean() ? (v.As<Napi::Boolean>().Value() ? 1.0 : 0.0) : v.As<Napi::Number>().DoubleValue();
   }
   const size_t reps = info.Length() > 4 && !info[4].IsUndefined() ? SizeArg(env, info[4], "reps") : 0;
+  const bool graph = info.Length() > 5 && info[5].ToBoolean();
   auto job = std::make_unique<GpuJob>();
   job->device = d;
   GpuJob* raw = job.get();
   const GpuDeviceInfo* dev_info = &d->info();
-  job->run = [fn, call = std::move(call), held = std::move(held), reps, raw, dev_info](GpuStream& s) {
+  job->run = [fn, call = std::move(call), held = std::move(held), reps, graph, raw, dev_info](GpuStream& s) {
     fn(s, *dev_info, call);
     if (reps == 0) return;
+    std::unique_ptr<GpuGraph> g;
+    if (graph) g = CaptureGraph(s, [&] { fn(s, *dev_info, call); });
     s.MarkStart();
-    for (size_t r = 0; r < reps; ++r) fn(s, *dev_info, call);
+    for (size_t r = 0; r < reps; ++r) {
+      if (g)
+        g->Replay(s);
+      else
+        fn(s, *dev_info, call);
+    }
     raw->result = s.MarkStopMs() / static_cast<double>(reps);
   };
   job->threads = 1;

@@ -26,6 +26,24 @@ void Check(cudaError_t e, const char* what) {
 
 constexpr size_t kStagingChunk = size_t(8) << 20;
 
+class HardwareGraph : public GpuGraph {
+ public:
+  HardwareGraph(int device, cudaGraphExec_t exec) : device_(device), exec_(exec) {}
+  ~HardwareGraph() override {
+    cudaSetDevice(device_);
+    cudaGraphExecDestroy(exec_);
+    cudaGetLastError();
+  }
+  void Replay(GpuStream& stream) override {
+    if (stream.capturing()) throw GpuError(GpuErrc::kInvalidArgument, "graph replay while the stream is capturing");
+    Check(cudaGraphLaunch(exec_, static_cast<cudaStream_t>(stream.handle())), "cudaGraphLaunch");
+  }
+
+ private:
+  int device_;
+  cudaGraphExec_t exec_;
+};
+
 class HardwareStream : public GpuStream {
  public:
   explicit HardwareStream(int device) : device_(device) {
@@ -52,6 +70,7 @@ class HardwareStream : public GpuStream {
   }
 
   void Upload(void* dst, const void* src, size_t n) override {
+    NotCapturing("upload");
     for (size_t off = 0; off < n; off += kStagingChunk) {
       const size_t len = std::min(kStagingChunk, n - off);
       Slot& s = NextSlot();
@@ -63,6 +82,7 @@ class HardwareStream : public GpuStream {
     }
   }
   void Download(void* dst, const void* src, size_t n) override {
+    NotCapturing("download");
     for (size_t off = 0; off < n; off += kStagingChunk) {
       const size_t len = std::min(kStagingChunk, n - off);
       Slot& s = NextSlot();
@@ -78,11 +98,16 @@ class HardwareStream : public GpuStream {
     Check(cudaMemsetAsync(dst, v, n, stream_), "cudaMemsetAsync");
   }
   void Synchronize() override {
+    NotCapturing("synchronize");
     Check(cudaStreamSynchronize(stream_), "stream");
     for (Slot& s : slots_) Drain(s);
   }
-  void MarkStart() override { Check(cudaEventRecord(start_, stream_), "cudaEventRecord"); }
+  void MarkStart() override {
+    NotCapturing("timing mark");
+    Check(cudaEventRecord(start_, stream_), "cudaEventRecord");
+  }
   double MarkStopMs() override {
+    NotCapturing("timing mark");
     Check(cudaEventRecord(stop_, stream_), "cudaEventRecord");
     Check(cudaEventSynchronize(stop_), "stream");
     float ms = 0;
@@ -90,11 +115,41 @@ class HardwareStream : public GpuStream {
     return ms;
   }
   void* handle() override { return stream_; }
+  void BeginCapture() override {
+    NotCapturing("BeginCapture");
+    // Thread-local mode: an unsafe call on this thread (cudaMalloc, a synchronising copy) fails
+    // the capture instead of silently running outside the graph.
+    Check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+    capturing_ = true;
+    SetThreadCapturing(true);
+  }
+  std::unique_ptr<GpuGraph> EndCapture() override {
+    if (!capturing_) throw GpuError(GpuErrc::kInvalidArgument, "EndCapture without BeginCapture");
+    capturing_ = false;
+    SetThreadCapturing(false);
+    cudaGraph_t graph = nullptr;
+    Check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    Check(e, "cudaGraphInstantiate");
+    return std::make_unique<HardwareGraph>(device_, exec);
+  }
+  void AbortCapture() noexcept override {
+    if (!capturing_) return;
+    capturing_ = false;
+    SetThreadCapturing(false);
+    cudaGraph_t graph = nullptr;
+    if (cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
+    cudaGetLastError();
+  }
+  bool capturing() const override { return capturing_; }
   void Bind() { Check(cudaSetDevice(device_), "cudaSetDevice"); }
   // Before the stream goes back to the pool: a run that failed part-way may have left downloads
   // queued into host buffers that are gone now; wait for the stream and drop them.
   void Abandon() {
     cudaSetDevice(device_);
+    AbortCapture();
     cudaStreamSynchronize(stream_);
     cudaGetLastError();
     for (Slot& s : slots_) {
@@ -125,7 +180,12 @@ class HardwareStream : public GpuStream {
     s.out = nullptr;
   }
 
+  void NotCapturing(const char* what) const {
+    if (capturing_) throw GpuError(GpuErrc::kInvalidArgument, std::string(what) + " while the stream is capturing a graph");
+  }
+
   int device_;
+  bool capturing_ = false;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t start_ = nullptr, stop_ = nullptr;
   Slot slots_[2];
@@ -161,6 +221,7 @@ class HardwareDevice : public GpuDevice, public std::enable_shared_from_this<Har
   }
   const GpuDeviceInfo& info() const override { return info_; }
   void* Alloc(size_t bytes, const std::string& what) override {
+    CheckNotCapturing(what);
     void* p = pool_.Alloc(bytes);
     if (!p) {
       size_t free_b = 0, total_b = 0;

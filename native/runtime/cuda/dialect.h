@@ -60,16 +60,26 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared, GpuStrea
   static_assert(sizeof...(P) == sizeof...(A), "Launch: argument count differs from the kernel's");
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
 #if SONDE_GPU_EMULATED
-  struct Ctx {
-    void (*kernel)(P...);
-    std::tuple<std::decay_t<P>...>* params;
-  } ctx{kernel, &params};
-  const std::string error = detail::RunGrid(grid, block, shared, [](void* p) {
-    Ctx* c = static_cast<Ctx*>(p);
-    std::apply(c->kernel, *c->params);
-  }, &ctx);
-  if (!error.empty()) throw GpuError(GpuErrc::kKernel, "emulated kernel: " + error);
-  (void)stream;
+  auto run = [kernel, grid, block, shared](std::tuple<std::decay_t<P>...>& args) {
+    struct Ctx {
+      void (*kernel)(P...);
+      std::tuple<std::decay_t<P>...>* params;
+    } ctx{kernel, &args};
+    const std::string error = detail::RunGrid(grid, block, shared, [](void* p) {
+      Ctx* c = static_cast<Ctx*>(p);
+      std::apply(c->kernel, *c->params);
+    }, &ctx);
+    if (!error.empty()) throw GpuError(GpuErrc::kKernel, "emulated kernel: " + error);
+  };
+  if (stream.capturing()) {
+    // Each replay gets the captured arguments afresh, as a CUDA graph's kernel node does.
+    stream.Record([run, params]() {
+      std::tuple<std::decay_t<P>...> args = params;
+      run(args);
+    });
+    return;
+  }
+  run(params);
 #else
   void* pointers[sizeof...(P) + 1] = {};
   std::apply([&](auto&... p) {

@@ -118,6 +118,29 @@ std::shared_ptr<GpuDevice> OpenGpuDevice(const std::string& id) {
   return d;
 }
 
+namespace {
+thread_local bool thread_capturing = false;
+}
+
+void SetThreadCapturing(bool on) { thread_capturing = on; }
+
+void CheckNotCapturing(const std::string& what) {
+  if (thread_capturing)
+    throw GpuError(GpuErrc::kInvalidArgument, "device allocation for " + what +
+                                                  " during a graph capture (ops under capture must use buffers allocated before it)");
+}
+
+std::unique_ptr<GpuGraph> CaptureGraph(GpuStream& stream, const std::function<void()>& body) {
+  stream.BeginCapture();
+  try {
+    body();
+  } catch (...) {
+    stream.AbortCapture();
+    throw;
+  }
+  return stream.EndCapture();
+}
+
 #ifndef SONDE_WITH_CUDA
 std::shared_ptr<GpuDevice> OpenHardwareDevice(int index) {
   throw GpuError(GpuErrc::kUnavailable, "cuda:" + std::to_string(index) + " is unavailable: " + QueryCuda().reason);

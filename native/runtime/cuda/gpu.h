@@ -8,6 +8,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <map>
 #include <memory>
@@ -36,6 +37,18 @@ struct GpuDeviceInfo {
   size_t shared_per_block = 0;  // opt-in maximum of dynamic shared memory per block
 };
 
+class GpuStream;
+
+// Stream work recorded once and replayed with one call (a CUDA graph on a GPU): a decode step's
+// hundreds of kernel launches then cost the host one launch. A replay runs the recorded kernels
+// with the recorded arguments, so what changes between replays lives in device buffers the caller
+// writes (Upload) before Replay().
+class GpuGraph {
+ public:
+  virtual ~GpuGraph() = default;
+  virtual void Replay(GpuStream& stream) = 0;
+};
+
 // One in-order queue of work on a device. Uploads copy the host bytes before returning (through
 // pinned staging on a GPU), so the caller may reuse its buffer at once; downloads land in host
 // memory at Synchronize(), which also reports any asynchronous kernel failure as a GpuError.
@@ -51,6 +64,21 @@ class GpuStream {
   virtual double MarkStopMs() = 0;
   // The native queue (cudaStream_t) for kernels launched on it; nullptr on the emulator.
   virtual void* handle() = 0;
+
+  // Between BeginCapture() and EndCapture() the stream records kernel launches and fills instead of
+  // running them. Uploads, downloads, timing marks and Synchronize() are errors while capturing (their
+  // host side would not be replayed), and so is device allocation: ops run under capture must use
+  // buffers allocated before it, which must outlive the graph. Use CaptureGraph() below, which ends
+  // a capture that failed part-way.
+  virtual void BeginCapture() = 0;
+  virtual std::unique_ptr<GpuGraph> EndCapture() = 0;
+  // Drops a capture in progress (nothing recorded is kept); a no-op when not capturing.
+  virtual void AbortCapture() noexcept = 0;
+  virtual bool capturing() const = 0;
+  // The emulator's capture: Launch() hands it the launch to replay (a GPU records through the driver).
+  virtual void Record(std::function<void()> work) {
+    throw GpuError(GpuErrc::kInvalidArgument, "this stream records launches through the driver");
+  }
 };
 
 class GpuDevice {
@@ -135,6 +163,16 @@ std::shared_ptr<GpuDevice> OpenGpuDevice(const std::string& id);
 // Implemented in runtime/cuda/device_hw.cu when CUDA is compiled, else reports why not.
 std::shared_ptr<GpuDevice> OpenHardwareDevice(int index);
 std::shared_ptr<GpuDevice> OpenEmulatedDevice();
+
+// Records body()'s work on stream as a graph; if body throws, the capture is dropped and the error
+// rethrown, leaving the stream usable.
+std::unique_ptr<GpuGraph> CaptureGraph(GpuStream& stream, const std::function<void()>& body);
+
+// Whether a stream is capturing a graph on this thread: device allocation is then an error (the
+// graph would keep using a block the pool hands to someone else once the op frees it). Streams set
+// it in BeginCapture/EndCapture; devices check it in Alloc.
+void SetThreadCapturing(bool on);
+void CheckNotCapturing(const std::string& what);
 
 // "1.50 GiB": sizes in error messages.
 std::string FormatBytes(size_t bytes);
