@@ -38,6 +38,11 @@ export interface CompileOptions {
   opset: number;
   /** What each node's load-time prepare returned (keyed by the node object of `graph`). */
   prepared?: Map<OnnxNode, unknown>;
+  /**
+   * 'gpu': a plan for native().createGpuPlan, without the CPU-only passes (NCHW16c layout); its convs
+   * and GEMMs lower to gpuConv / gpuGemm because their prepare ran for the GPU. Default 'cpu'.
+   */
+  target?: 'cpu' | 'gpu';
 }
 
 export { makeAttrs, nodeWhere };
@@ -319,7 +324,7 @@ export function compilePlan(graph: OnnxGraph, inputs: PlanInput[], options: Comp
 
   // Runs of direct convs in NCHW16c (lib/session/layout.ts): may insert reorder steps, re-point
   // refs and grow blocked values, so it runs before liveness and storage.
-  if (blockedPassEnabled()) {
+  if (options.target !== 'gpu' && blockedPassEnabled()) {
     const idOfRef = new Map<PlanRef, ValueId>(refs.map((r) => [r.ref, r.id]));
     const aliased = new Set<ValueId>();
     for (const p of pvalues) if (p.aliasOf !== undefined) aliased.add(rootOf(p.id));
