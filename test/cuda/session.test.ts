@@ -11,7 +11,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
 import { GraphBuilder, floatAttr } from '../../bench/graphs/builder.js';
 import {
-  AbortError, InvalidArgumentError, Session, Tensor, UnsupportedOperatorError, devices,
+  AbortError, InvalidArgumentError, OutOfMemoryError, Session, Tensor, UnsupportedOperatorError, devices,
 } from '../../dist/index.js';
 import { gpuDevice } from '../../dist/cuda/runtime.js';
 import { modelPath, readTestSplit } from '../../models/digits.js';
@@ -417,6 +417,24 @@ describe(`sessions on the GPU (${GPU_ID})`, () => {
       if (r instanceof Error) expect(r).toBeInstanceOf(AbortError);
       const ok = await gpu.run({ x: f32([2, 8], 1) });
       expect(Object.values(ok)[0]!.dims).toEqual([2, 4]);
+    });
+
+    it('a run whose arena exceeds the device memory is OutOfMemoryError naming the device and the request', async () => {
+      // x [1] expanded to more floats than the device holds, then summed to one value: the
+      // intermediate lives in the run's arena, which cannot be allocated.
+      const total = gpuDevice(GPU_ID).totalMemory;
+      const n = Math.ceil(total / 4) + (1 << 20);
+      const g = new GraphBuilder('big', { opset: 17 });
+      g.input('x', 'float32', [1]);
+      const [big] = g.node('Expand', ['x', g.init('shape', tensorData(i64([n])))]);
+      const [sum] = g.node('ReduceSum', [big], { keepdims: 0 });
+      g.output(sum, 'float32');
+      const s = await load(g.toBytes(), 'cuda');
+      const before = gpuDevice(GPU_ID).inUse;
+      const err = await s.run({ x: new Tensor('float32', Float32Array.of(1), [1]) }).catch((e: Error) => e);
+      expect(err).toBeInstanceOf(OutOfMemoryError);
+      expect((err as Error).message).toMatch(new RegExp(`${GPU_ID}.*arena|arena.*${GPU_ID}`));
+      expect(gpuDevice(GPU_ID).inUse).toBe(before);
     });
 
     it('bad feeds give the same typed errors as on the CPU', async () => {
