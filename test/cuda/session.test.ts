@@ -216,6 +216,9 @@ describe(`sessions on the GPU (${GPU_ID})`, () => {
       await sameOnGpu(oneNode('MatMul', [{ name: 'a', t: f32([2, 3, 7], 1) }, { name: 'b', t: f32([7, 5], 2), init: true }]), dot(7), 'MatMul W');
       await sameOnGpu(oneNode('MatMul', [{ name: 'a', t: f32([2, 1, 3, 17], 1) }, { name: 'b', t: f32([3, 17, 5], 2) }]), dot(17), 'MatMul bcast');
       await sameOnGpu(oneNode('MatMul', [{ name: 'a', t: f32([6], 1) }, { name: 'b', t: f32([2, 6, 3], 2) }]), dot(6), 'MatMul 1-D');
+      // Runtime operands across the 64 x 64 tile's edges (m, n above one tile, k not a multiple of 16).
+      await sameOnGpu(oneNode('MatMul', [{ name: 'a', t: f32([2, 70, 33], 1) }, { name: 'b', t: f32([33, 67], 2) }]), dot(33), 'MatMul tiles');
+      await sameOnGpu(oneNode('Gemm', [{ name: 'a', t: f32([65, 17], 1) }, { name: 'b', t: f32([66, 17], 2) }], { transB: 1 }), dot(17), 'Gemm transB tiles');
     });
 
     it('fused Gemm + bias + activation + residual (sonde.FusedGemm through the optimiser)', async () => {

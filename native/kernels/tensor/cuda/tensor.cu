@@ -43,10 +43,13 @@ struct Walk {
   int64_t strides[4][kMaxRank];
 };
 
-__device__ __forceinline__ void Offsets(const Walk& w, int operands, uint64_t i, int64_t* off) {
+// I: the index type of the division chain; 32-bit whenever the walk has fewer than 2^32 elements,
+// because a 64-bit integer division is a long instruction sequence on a GPU.
+template <typename I>
+__device__ __forceinline__ void Offsets(const Walk& w, int operands, I i, int64_t* off) {
   for (int o = 0; o < operands; ++o) off[o] = 0;
   for (int d = w.rank - 1; d >= 0; --d) {
-    const uint64_t len = static_cast<uint64_t>(w.dims[d]);
+    const I len = static_cast<I>(w.dims[d]);
     const int64_t j = static_cast<int64_t>(i % len);
     i /= len;
     for (int o = 0; o < operands; ++o) off[o] += j * w.strides[o][d];
@@ -105,11 +108,11 @@ size_t WalkCount(const Walk& w) {
 
 // ------------------------------------------------------------------------------------ copy ----
 
-template <typename T>
-__global__ void CopyKernel(const T* __restrict__ x, T* __restrict__ y, Walk w, uint64_t count) {
-  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += uint64_t(gridDim.x) * blockDim.x) {
+template <typename T, typename I>
+__global__ void CopyKernel(const T* __restrict__ x, T* __restrict__ y, Walk w, I count) {
+  for (I i = I(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += I(gridDim.x) * blockDim.x) {
     int64_t off[2];
-    Offsets(w, 2, i, off);
+    Offsets<I>(w, 2, i, off);
     y[off[1]] = x[off[0]];
   }
 }
@@ -125,11 +128,20 @@ void CopyOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   const size_t count = WalkCount(w);
   if (!count) return;
   const dim3 grid = StrideGrid(d, count);
+  auto run = [&](auto elem, auto index) {
+    using T = decltype(elem);
+    using I = decltype(index);
+    Launch(CopyKernel<T, I>, grid, dim3(kThreads), 0, s, reinterpret_cast<const T*>(x), reinterpret_cast<T*>(y), w, static_cast<I>(count));
+  };
+  auto by_index = [&](auto elem) {
+    if (count <= UINT32_MAX - kThreads * grid.x) run(elem, uint32_t{});
+    else run(elem, uint64_t{});
+  };
   switch (eb) {
-    case 1: Launch(CopyKernel<uint8_t>, grid, dim3(kThreads), 0, s, reinterpret_cast<const uint8_t*>(x), reinterpret_cast<uint8_t*>(y), w, count); break;
-    case 2: Launch(CopyKernel<uint16_t>, grid, dim3(kThreads), 0, s, reinterpret_cast<const uint16_t*>(x), reinterpret_cast<uint16_t*>(y), w, count); break;
-    case 4: Launch(CopyKernel<uint32_t>, grid, dim3(kThreads), 0, s, reinterpret_cast<const uint32_t*>(x), reinterpret_cast<uint32_t*>(y), w, count); break;
-    default: Launch(CopyKernel<uint64_t>, grid, dim3(kThreads), 0, s, reinterpret_cast<const uint64_t*>(x), reinterpret_cast<uint64_t*>(y), w, count); break;
+    case 1: by_index(uint8_t{}); break;
+    case 2: by_index(uint16_t{}); break;
+    case 4: by_index(uint32_t{}); break;
+    default: by_index(uint64_t{}); break;
   }
 }
 
@@ -263,13 +275,13 @@ __device__ __forceinline__ T Arith(int kind, T a, T b, int* fault) {
   }
 }
 
-template <typename T>
+template <typename T, typename I>
 __global__ void BinaryKernel(int kind, const T* __restrict__ a, const T* __restrict__ b, void* __restrict__ y, Walk w,
-                             uint64_t count, unsigned long long* err, unsigned long long code) {
+                             I count, unsigned long long* err, unsigned long long code) {
   const bool compare = kind >= kEqual;
-  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += uint64_t(gridDim.x) * blockDim.x) {
+  for (I i = I(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += I(gridDim.x) * blockDim.x) {
     int64_t off[2];
-    Offsets(w, 2, i, off);
+    Offsets<I>(w, 2, i, off);
     const T av = a[off[0]], bv = b[off[1]];
     if (compare) {
       bool r;
@@ -306,11 +318,21 @@ void BinaryOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   const auto code = static_cast<unsigned long long>(c.Int("code", 1));
   if (!count) return;
   const dim3 grid = StrideGrid(d, count);
+  auto run = [&](auto elem, auto index) {
+    using T = decltype(elem);
+    using I = decltype(index);
+    Launch(BinaryKernel<T, I>, grid, dim3(kThreads), 0, s, kind, reinterpret_cast<const T*>(a), reinterpret_cast<const T*>(b), y, w,
+           static_cast<I>(count), err, code);
+  };
+  auto by_index = [&](auto elem) {
+    if (count <= UINT32_MAX - kThreads * grid.x) run(elem, uint32_t{});
+    else run(elem, uint64_t{});
+  };
   switch (t) {
-    case kF32: Launch(BinaryKernel<float>, grid, dim3(kThreads), 0, s, kind, reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b), y, w, count, err, code); break;
-    case kI64: Launch(BinaryKernel<int64_t>, grid, dim3(kThreads), 0, s, kind, reinterpret_cast<const int64_t*>(a), reinterpret_cast<const int64_t*>(b), y, w, count, err, code); break;
-    case kI32: Launch(BinaryKernel<int32_t>, grid, dim3(kThreads), 0, s, kind, reinterpret_cast<const int32_t*>(a), reinterpret_cast<const int32_t*>(b), y, w, count, err, code); break;
-    default: Launch(BinaryKernel<uint8_t>, grid, dim3(kThreads), 0, s, kind, reinterpret_cast<const uint8_t*>(a), reinterpret_cast<const uint8_t*>(b), y, w, count, err, code); break;
+    case kF32: by_index(float{}); break;
+    case kI64: by_index(int64_t{}); break;
+    case kI32: by_index(int32_t{}); break;
+    default: by_index(uint8_t{}); break;
   }
 }
 
@@ -321,7 +343,7 @@ __global__ void WhereKernel(const uint8_t* __restrict__ cond, const T* __restric
                             T* __restrict__ out, Walk w, uint64_t count) {
   for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += uint64_t(gridDim.x) * blockDim.x) {
     int64_t off[3];
-    Offsets(w, 3, i, off);
+    Offsets<uint64_t>(w, 3, i, off);
     out[i] = cond[off[0]] ? x[off[1]] : y[off[2]];
   }
 }
@@ -892,11 +914,13 @@ void ChannelAffineOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
 
 // ---------------------------------------------------------------------------- batched matmul ----
 // c[i] [m, n] = a[i] [m, k] . b[i] [k, n] (transB: b[i] stored [n, k]) for every index i of the
-// broadcast batch dims, a/b at their batch strides (0 where broadcast). 16 x 16 output tiles with
-// 16-deep K slices staged in shared memory; fp32 throughout (the runtime-operand MatMuls of an
-// attention block, where the weights-times-activations GEMMs go to the gemm family).
+// broadcast batch dims, a/b at their batch strides (0 where broadcast). fp32 SIMT: the runtime-operand
+// MatMuls of an attention block (scores, context), where the weights-times-activations GEMMs go to
+// the gemm family. A block computes a 64 x 64 tile of c, each thread a 4 x 4 patch in registers, so
+// every shared-memory value loaded feeds four FMAs; K advances in slices of 16 staged through shared
+// memory with loads that run along the operands' contiguous dimension.
 
-constexpr int kTile = 16;
+constexpr int kTileM = 64, kTileN = 64, kTileK = 16, kPatch = 4, kMatMulThreads = 256;
 
 struct MatMulShape {
   int rank;
@@ -906,11 +930,13 @@ struct MatMulShape {
   int trans_b;
 };
 
-__global__ void MatMulKernel(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c, MatMulShape sh) {
-  __shared__ float as[kTile][kTile + 1];
-  __shared__ float bs[kTile][kTile + 1];
-  const unsigned tx = threadIdx.x, ty = threadIdx.y;
-  const uint64_t row = uint64_t(blockIdx.y) * kTile + ty, col = uint64_t(blockIdx.x) * kTile + tx;
+__global__ void __launch_bounds__(kMatMulThreads) MatMulKernel(const float* __restrict__ a, const float* __restrict__ b,
+                                                              float* __restrict__ c, MatMulShape sh) {
+  // +4: the column reads of a thread's patch fall in different banks across a warp's rows.
+  __shared__ float as[kTileK][kTileM + 4];
+  __shared__ float bs[kTileK][kTileN + 4];
+  const unsigned tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const uint64_t row0 = uint64_t(blockIdx.y) * kTileM, col0 = uint64_t(blockIdx.x) * kTileN;
   for (uint64_t batch = blockIdx.z; batch < sh.batch; batch += gridDim.z) {
     int64_t ao = 0, bo = 0;
     uint64_t rem = batch;
@@ -922,19 +948,57 @@ __global__ void MatMulKernel(const float* __restrict__ a, const float* __restric
     }
     const float* ab = a + ao;
     const float* bb = b + bo;
-    float acc = 0.0f;
-    for (uint64_t k0 = 0; k0 < sh.k; k0 += kTile) {
-      const uint64_t ka = k0 + tx, kb = k0 + ty;
-      as[ty][tx] = row < sh.m && ka < sh.k ? ab[row * sh.k + ka] : 0.0f;
-      float bv = 0.0f;
-      if (col < sh.n && kb < sh.k) bv = sh.trans_b ? bb[col * sh.k + kb] : bb[kb * sh.n + col];
-      bs[ty][tx] = bv;
+    float acc[kPatch][kPatch];
+    SONDE_UNROLL
+    for (int i = 0; i < kPatch; ++i) {
+      SONDE_UNROLL
+      for (int j = 0; j < kPatch; ++j) acc[i][j] = 0.0f;
+    }
+    for (uint64_t k0 = 0; k0 < sh.k; k0 += kTileK) {
+      // A tile: 64 rows x 16 k, a row's 16 k values read by 16 neighbouring threads.
+      SONDE_UNROLL
+      for (int l = 0; l < kTileM * kTileK / kMatMulThreads; ++l) {
+        const unsigned e = tid + l * kMatMulThreads, r = e / kTileK, kk = e % kTileK;
+        const uint64_t gr = row0 + r, gk = k0 + kk;
+        as[kk][r] = gr < sh.m && gk < sh.k ? ab[gr * sh.k + gk] : 0.0f;
+      }
+      SONDE_UNROLL
+      for (int l = 0; l < kTileN * kTileK / kMatMulThreads; ++l) {
+        const unsigned e = tid + l * kMatMulThreads;
+        // B [k, n] is read along n; transposed B [n, k] along k.
+        const unsigned kk = sh.trans_b ? e % kTileK : e / kTileN, nn = sh.trans_b ? e / kTileK : e % kTileN;
+        const uint64_t gk = k0 + kk, gc = col0 + nn;
+        float v = 0.0f;
+        if (gk < sh.k && gc < sh.n) v = sh.trans_b ? bb[gc * sh.k + gk] : bb[gk * sh.n + gc];
+        bs[kk][nn] = v;
+      }
       __syncthreads();
       SONDE_UNROLL
-      for (int q = 0; q < kTile; ++q) acc += as[ty][q] * bs[q][tx];
+      for (int kk = 0; kk < kTileK; ++kk) {
+        float af[kPatch], bf[kPatch];
+        SONDE_UNROLL
+        for (int i = 0; i < kPatch; ++i) af[i] = as[kk][ty * kPatch + i];
+        SONDE_UNROLL
+        for (int j = 0; j < kPatch; ++j) bf[j] = bs[kk][tx * kPatch + j];
+        SONDE_UNROLL
+        for (int i = 0; i < kPatch; ++i) {
+          SONDE_UNROLL
+          for (int j = 0; j < kPatch; ++j) acc[i][j] += af[i] * bf[j];
+        }
+      }
       __syncthreads();
     }
-    if (row < sh.m && col < sh.n) c[batch * sh.m * sh.n + row * sh.n + col] = acc;
+    float* cb = c + batch * sh.m * sh.n;
+    SONDE_UNROLL
+    for (int i = 0; i < kPatch; ++i) {
+      const uint64_t r = row0 + ty * kPatch + i;
+      if (r >= sh.m) continue;
+      SONDE_UNROLL
+      for (int j = 0; j < kPatch; ++j) {
+        const uint64_t col = col0 + tx * kPatch + j;
+        if (col < sh.n) cb[r * sh.n + col] = acc[i][j];
+      }
+    }
   }
 }
 
@@ -981,9 +1045,9 @@ void MatMulOp(GpuStream& s, const GpuDeviceInfo&, const GpuOpCall& c) {
   }
   float* out = c.Buffer<float>(2, c.Count({static_cast<int64_t>(sh.batch), static_cast<int64_t>(sh.m), static_cast<int64_t>(sh.n)}), "c");
   if (!sh.batch || !sh.m || !sh.n) return;
-  const dim3 grid(CeilDiv(sh.n, kTile), CeilDiv(sh.m, kTile), static_cast<unsigned>(sh.batch < 65535 ? sh.batch : 65535));
-  if (grid.y > 65535) c.Invalid("m is too large (over 65535 tiles of 16 rows)");
-  Launch(MatMulKernel, grid, dim3(kTile, kTile), 0, s, a, b, out, sh);
+  const dim3 grid(CeilDiv(sh.n, kTileN), CeilDiv(sh.m, kTileM), static_cast<unsigned>(sh.batch < 65535 ? sh.batch : 65535));
+  if (grid.y > 65535) c.Invalid("m is too large (over 65535 tiles of 64 rows)");
+  Launch(MatMulKernel, grid, dim3(kMatMulThreads), 0, s, a, b, out, sh);
 }
 
 }  // namespace
