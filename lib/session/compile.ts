@@ -9,6 +9,7 @@ import { makeAttrs, nodeWhere } from './attrs.js';
 import { InternalError, InvalidArgumentError, ModelFormatError, UnsupportedOperatorError } from '../errors.js';
 import { Tensor, type DType } from '../tensor.js';
 import type { PlanBuffer, PlanRef, PlanSpec, PlanStep } from './plan.js';
+import type { NativeGpuBuffer } from '../binding.js';
 import {
   ELEM_BYTES, type CValue, type Emitter, type OpContext, type OpDef, type OutputInfo, type ValueId,
 } from './ops/types.js';
@@ -43,6 +44,8 @@ export interface CompileOptions {
    * and GEMMs lower to gpuConv / gpuGemm because their prepare ran for the GPU. Default 'cpu'.
    */
   target?: 'cpu' | 'gpu';
+  /** GPU plans: the device copy of a constant tensor when the session holds one (else it becomes plan data). */
+  deviceConstant?: (t: Tensor) => NativeGpuBuffer | undefined;
 }
 
 export { makeAttrs, nodeWhere };
@@ -376,7 +379,9 @@ export function compilePlan(graph: OnnxGraph, inputs: PlanInput[], options: Comp
       bufferOf.set(p.id, buffers.push({ kind: 'output', index: p.outputIndex, bytes: p.bytes }) - 1);
     } else if (p.kind === 'const') {
       if (p.first < 0) continue;
-      bufferOf.set(p.id, buffers.push({ kind: 'const', data: p.tensor!.data as Float32Array, bytes: p.bytes }) - 1);
+      const device = options.deviceConstant?.(p.tensor!);
+      bufferOf.set(p.id, buffers.push(device ? { kind: 'device', buffer: device, bytes: p.bytes }
+        : { kind: 'const', data: p.tensor!.data as Float32Array, bytes: p.bytes }) - 1);
     } else if (p.first >= 0) {
       arenaIds.push(p.id);
     }

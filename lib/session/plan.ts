@@ -35,7 +35,12 @@ export type PlanBuffer =
   /** [offset, offset + bytes) of the run's arena; offset is a multiple of 64. */
   | { kind: 'arena'; offset: number; bytes: number }
   /** Constant data held by the plan (an initializer, a folded value); read-only. */
-  | { kind: 'const'; data: Float32Array | BigInt64Array | Int32Array | Uint8Array | Int8Array; bytes: number };
+  | { kind: 'const'; data: Float32Array | BigInt64Array | Int32Array | Uint8Array | Int8Array; bytes: number }
+  /**
+   * GPU plans only: constant data already in device memory (an initializer the session uploaded once
+   * at load, shared by all its plans); read-only.
+   */
+  | { kind: 'device'; buffer: NativeGpuBuffer; bytes: number };
 
 /** A buffer index (into PlanSpec.buffers) plus an element offset into it. */
 export interface PlanRef { buffer: number; offset: number }

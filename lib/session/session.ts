@@ -23,7 +23,7 @@ import type { PlanStep } from './plan.js';
 import { optimize, type OptimizationLevel } from './optimize.js';
 import type { SparseMode, SparsePrepared } from './sparse.js';
 import { gpuUnsupported, type GpuLayer } from './gpu.js';
-import { gpuDevice, type GpuDeviceId } from '../cuda/runtime.js';
+import { GpuBuffer, gpuDevice, type GpuDeviceId } from '../cuda/runtime.js';
 
 export type { OptimizationLevel, BatchingOptions, SessionMetricsSnapshot };
 
@@ -204,6 +204,31 @@ function kernelOf(step: PlanStep): string {
   }
 }
 
+/** Below this, an initializer a step reads is copied into each plan: one allocation per tiny tensor would cost more. */
+const DEVICE_CONSTANT_MIN_BYTES = 16 * 1024;
+
+/**
+ * GPU sessions: uploads the initializers that plan steps may read as data (a Gather's table, a
+ * LayerNorm's scale...), so that every plan shares one device copy. Weights a GPU layer already holds
+ * (a conv's or GEMM's input 1, a conv's bias) are not uploaded twice.
+ */
+async function uploadConstants(graph: OnnxGraph, prepared: Map<OnnxNode, Prepared>, device: GpuDeviceId,
+  out: Map<Tensor, GpuBuffer>): Promise<void> {
+  const wanted = new Set<string>();
+  for (const node of graph.nodes) {
+    const layer = (prepared.get(node) as { gpu?: GpuLayer } | undefined)?.gpu !== undefined;
+    const conv = node.opType === 'Conv' || node.opType === 'FusedConv';
+    node.inputs.forEach((name, i) => {
+      if (name && !(layer && (i === 1 || (conv && i === 2)))) wanted.add(name);
+    });
+  }
+  for (const name of wanted) {
+    const t = graph.initializers.get(name);
+    if (!t || t.dtype === 'float16' || t.dtype === 'bfloat16' || t.data.byteLength < DEVICE_CONSTANT_MIN_BYTES) continue;
+    out.set(t, await GpuBuffer.from(device, t.data, `the initializer '${name}'`));
+  }
+}
+
 export class Session extends NativeResource {
   /** The model's runtime inputs (initializers listed as graph inputs are constants, not inputs). */
   readonly inputs: readonly ValueMetadata[];
@@ -228,6 +253,8 @@ export class Session extends NativeResource {
   #placement: Placement = { kind: 'cpu', id: 'cpu' };
   /** The GPU runtime's device when the session runs there. */
   #gpu?: GpuDeviceId;
+  /** GPU sessions: large initializers that steps read, uploaded once at load and shared by every plan. */
+  #deviceConstants = new Map<Tensor, GpuBuffer>();
 
   /** Where runs compute, with the reason when options.device did not choose it ('auto', fallback). */
   get device(): Placement {
@@ -308,6 +335,7 @@ export class Session extends NativeResource {
       throw new InvalidArgumentError(`${where}: options.batching needs a batch dim in every input and output of ${source}, but ${layout}`);
     }
     const prepared = new Map<OnnxNode, Prepared>();
+    const deviceConstants = new Map<Tensor, GpuBuffer>();
     try {
       for (const node of graph.nodes) {
         const def = opFor(node.domain, node.opType);
@@ -319,11 +347,13 @@ export class Session extends NativeResource {
       }
       if (gpu) {
         for (const p of prepared.values()) await (p as { gpu?: GpuLayer }).gpu?.upload(gpu);
+        await uploadConstants(graph, prepared, gpu, deviceConstants);
       } else if (sparse === 'auto') {
         for (const p of prepared.values()) await (p as SparsePrepared).calibrate?.(threads);
       }
     } catch (err) {
       for (const p of prepared.values()) p.dispose();
+      for (const b of deviceConstants.values()) b.dispose();
       throw err;
     }
     sessionCount++;
@@ -332,6 +362,7 @@ export class Session extends NativeResource {
     if (typeof layout !== 'string') session.#batchAxis = layout.axis;
     session.#placement = placement;
     if (gpu) session.#gpu = gpu;
+    session.#deviceConstants = deviceConstants;
     if (batching && typeof layout !== 'string') {
       session.#batcher = new Batcher(layout, batching, session.outputs.map((o) => o.name),
         (tensors, signal) => session.#execute(tensors, signal), session.#metrics);
@@ -575,7 +606,11 @@ export class Session extends NativeResource {
     }
     const inputs: PlanInput[] = this.#inputs.map((spec, i) => ({ name: spec.name, dtype: tensors[i]!.dtype, shape: [...tensors[i]!.dims] }));
     const gpu = this.#gpu;
-    const compiled = compilePlan(this.#graph, inputs, { opset: this.#opset, prepared: this.#prepared, target: gpu ? 'gpu' : 'cpu' });
+    const constants = this.#deviceConstants;
+    const compiled = compilePlan(this.#graph, inputs, {
+      opset: this.#opset, prepared: this.#prepared, target: gpu ? 'gpu' : 'cpu',
+      ...(gpu ? { deviceConstant: (t: Tensor) => constants.get(t)?.handle('Session.run') } : {}),
+    });
     let plan: NativePlan | NativeGpuPlan | undefined;
     if (compiled.spec.steps.length > 0 || compiled.spec.outputBytes.length > 0) {
       try {
@@ -622,6 +657,7 @@ export class Session extends NativeResource {
     if (!this.#gpu) return 0;
     let total = 0;
     for (const p of this.#prepared.values()) total += (p as { gpu?: GpuLayer }).gpu?.deviceBytes ?? 0;
+    for (const b of this.#deviceConstants.values()) total += b.bytes;
     for (const e of this.#plans.values()) total += (e.plan as NativeGpuPlan | undefined)?.info().deviceBytes ?? 0;
     return total;
   }
@@ -639,5 +675,7 @@ export class Session extends NativeResource {
     this.#lastPlan = undefined;
     for (const p of this.#prepared.values()) p.dispose();
     this.#prepared.clear();
+    for (const b of this.#deviceConstants.values()) b.dispose();
+    this.#deviceConstants.clear();
   }
 }

@@ -566,8 +566,11 @@ PlanBufferDesc ReadBuffer(SpecReader& r, Napi::Value v, size_t index) {
     if (t.ByteLength() < b.bytes) r.Fail("const data holds " + std::to_string(t.ByteLength()) + " bytes, not " + std::to_string(b.bytes));
     const auto* src = static_cast<const unsigned char*>(t.ArrayBuffer().Data()) + t.ByteOffset();
     b.data = std::make_shared<const std::vector<unsigned char>>(src, src + b.bytes);
+  } else if (k == "device") {
+    b.kind = PlanBufferKind::kDevice;
+    b.device = ReadGpuBuffer(r, o, "buffer");
   } else {
-    r.Fail("kind must be 'input', 'output', 'arena' or 'const'");
+    r.Fail("kind must be 'input', 'output', 'arena', 'const' or 'device'");
   }
   return b;
 }

@@ -48,6 +48,20 @@ std::unique_ptr<GpuPlan> GpuPlan::Create(std::shared_ptr<GpuDevice> device, std:
   plan->arena_bytes_ = arena_bytes;
   plan->input_bytes_ = std::move(input_bytes);
   plan->output_bytes_ = std::move(output_bytes);
+  // Device data from another device would be read through a foreign pointer.
+  for (size_t i = 0; i < plan->buffers_.size(); ++i) {
+    const PlanBufferDesc& b = plan->buffers_[i];
+    if (b.kind == PlanBufferKind::kDevice && &b.device->device() != plan->device_.get())
+      return *error = "buffer " + std::to_string(i) + ": device data lives on " + b.device->device().info().id + ", not " +
+                      plan->device_->info().id, nullptr;
+  }
+  for (size_t i = 0; i < plan->steps_.size(); ++i) {
+    const PlanStep& s = plan->steps_[i];
+    for (const auto* a : {s.gpu_weights.get(), s.gpu_bias.get()})
+      if (a && &a->device() != plan->device_.get())
+        return *error = "step " + std::to_string(i) + " (node '" + s.node + "'): its weights live on " + a->device().info().id +
+                        ", not " + plan->device_->info().id, nullptr;
+  }
   plan->calls_.resize(plan->steps_.size());
   for (size_t i = 0; i < plan->steps_.size(); ++i) {
     std::string why;
@@ -313,6 +327,7 @@ std::unique_ptr<GpuPlan::RunState> GpuPlan::AcquireState() const {
       case PlanBufferKind::kOutput: base = static_cast<unsigned char*>(st->outputs[b.index]->data()); break;
       case PlanBufferKind::kArena: base = static_cast<unsigned char*>(st->arena->data()) + b.offset; break;
       case PlanBufferKind::kConst: base = static_cast<unsigned char*>(consts_[i]->data()); break;
+      case PlanBufferKind::kDevice: base = static_cast<unsigned char*>(b.device->data()); break;
     }
     st->bases[i] = base;
   }

@@ -88,9 +88,9 @@ class StepValidator {
                   std::to_string(buffers_.size()));
     const PlanBufferDesc& b = buffers_[r.buffer];
     if (elem > align_[r.buffer]) align_[r.buffer] = elem;
-    if (write && (b.kind == PlanBufferKind::kInput || b.kind == PlanBufferKind::kConst))
+    if (write && (b.kind == PlanBufferKind::kInput || b.kind == PlanBufferKind::kConst || b.kind == PlanBufferKind::kDevice))
       return Fail(std::string(what) + " writes buffer " + std::to_string(r.buffer) + ", which is " +
-                  (b.kind == PlanBufferKind::kInput ? "an input" : "a const") + " (read-only)");
+                  (b.kind == PlanBufferKind::kInput ? "an input" : "a constant") + " (read-only)");
     Wide lo = static_cast<Wide>(r.offset), hi = lo;
     for (size_t i = 0; i < w.rank; ++i) {
       if (w.dims[i] == 0) {
@@ -462,6 +462,9 @@ std::string ValidateBuffers(const std::vector<PlanBufferDesc>& buffers, size_t a
       case PlanBufferKind::kConst:
         if (!b.data || b.data->size() < b.bytes) return where + "const data holds fewer than its " + std::to_string(b.bytes) + " bytes";
         break;
+      case PlanBufferKind::kDevice:
+        if (!b.device || b.device->bytes() < b.bytes) return where + "device data holds fewer than its " + std::to_string(b.bytes) + " bytes";
+        break;
     }
   }
   return {};
@@ -532,6 +535,12 @@ std::unique_ptr<Plan> Plan::Create(std::vector<PlanBufferDesc> buffers, std::vec
   std::unique_ptr<Plan> plan(new Plan());
   *error = ValidatePlanSpec(buffers, steps, arena_bytes, input_bytes, output_bytes, &plan->input_align_, &plan->output_align_);
   if (!error->empty()) return nullptr;
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    if (buffers[i].kind == PlanBufferKind::kDevice) {
+      *error = "buffer " + std::to_string(i) + ": device data is for GPU plans only";
+      return nullptr;
+    }
+  }
   for (size_t i = 0; i < steps.size(); ++i) {
     if (steps[i].op == PlanOp::kGpuConv || steps[i].op == PlanOp::kGpuGemm) {
       *error = "step " + std::to_string(i) + " (" + PlanOpName(steps[i].op) + ", node '" + steps[i].node + "'): runs on a GPU plan only";
@@ -592,6 +601,7 @@ bool Plan::Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, con
       case PlanBufferKind::kOutput: base = static_cast<unsigned char*>(outputs[b.index]); break;
       case PlanBufferKind::kArena: base = arena->data + b.offset; break;
       case PlanBufferKind::kConst: base = const_cast<unsigned char*>(b.data->data()); break;
+      case PlanBufferKind::kDevice: break;  // rejected by Create
     }
     arena->bases[i] = base;
   }

@@ -24,7 +24,9 @@
 
 namespace sonde {
 
-enum class PlanBufferKind : uint8_t { kInput, kOutput, kArena, kConst };
+// kDevice: GPU plans only, constant data already in device memory (an initializer a session uploaded
+// once at load, shared by all its plans).
+enum class PlanBufferKind : uint8_t { kInput, kOutput, kArena, kConst, kDevice };
 
 struct PlanBufferDesc {
   PlanBufferKind kind = PlanBufferKind::kArena;
@@ -33,6 +35,7 @@ struct PlanBufferDesc {
   size_t bytes = 0;
   // const: the plan's own copy (made once at creation; consts can be large, so never per run).
   std::shared_ptr<const std::vector<unsigned char>> data;
+  std::shared_ptr<const GpuAllocation> device;  // kDevice
 };
 
 constexpr uint32_t kNoBuffer = UINT32_MAX;

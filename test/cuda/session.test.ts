@@ -286,6 +286,24 @@ describe(`sessions on the GPU (${GPU_ID})`, () => {
       expect((gpuErr as Error).message).toMatch(/index 7 is out of range \[-5, 5\)/);
     });
 
+    it('a large initializer (an embedding table) is uploaded once and shared by every plan', async () => {
+      const rows = 100, width = 64;
+      const g = new GraphBuilder('embed', { opset: 17 });
+      g.input('ids', 'int64', ['n']);
+      const [e] = g.node('Gather', [g.init('table', tensorData(f32([rows, width], 3))), 'ids'], { axis: 0 });
+      g.output(e, 'float32');
+      const s = await load(g.toBytes(), 'cuda');
+      const cpu = await load(g.toBytes(), 'cpu');
+      for (const ids of [[3, 99], [0, -1, 42]]) {
+        const feeds = { ids: i64(ids) };
+        expectClose(Object.values(await s.run(feeds))[0]!, Object.values(await cpu.run(feeds))[0]!, EW, `embed ${ids.length}`);
+      }
+      expect(s.cachedPlans).toBe(2);
+      // One device copy of the table (plus two small arenas), not one per plan.
+      expect(s.deviceBytes).toBeGreaterThanOrEqual(rows * width * 4);
+      expect(s.deviceBytes).toBeLessThan(2 * rows * width * 4);
+    });
+
     it('Where (broadcast, every element size), Cast (float <-> ints <-> bool, truncation)', async () => {
       const cond = bool([1, 0, 1], [3]);
       await sameOnGpu(oneNode('Where', [{ name: 'c', t: cond }, { name: 'x', t: f32([2, 3], 1) }, { name: 'y', t: f32([2, 1], 2) }]));
