@@ -425,6 +425,15 @@ describe(`sessions on the GPU (${GPU_ID})`, () => {
       for (let i = 0; i < feeds.length; i++) expectClose(Object.values(got[i]!)[0]!, Object.values(want[i]!)[0]!, dot(9), `run ${i}`);
     });
 
+    it('dynamic batching merges concurrent runs into one GPU run and splits the rows back', async () => {
+      const cpu = await load(mlp(), 'cpu');
+      const gpu = await load(mlp(), 'cuda', { batching: { maxBatchSize: 8, maxDelayMs: 20 } });
+      const feeds = [1, 2, 1].map((rows, i) => ({ x: f32([rows, 8], 10 + i) }));
+      const [want, got] = await Promise.all([Promise.all(feeds.map((f) => cpu.run(f))), Promise.all(feeds.map((f) => gpu.run(f)))]);
+      for (let i = 0; i < feeds.length; i++) expectClose(Object.values(got[i]!)[0]!, Object.values(want[i]!)[0]!, dot(9), `batched ${i}`);
+      expect(gpu.metrics().batchSize.count).toBeGreaterThan(0);
+    });
+
     it('abort: an aborted signal rejects with AbortError, and the session still runs', async () => {
       const gpu = await load(mlp(), 'cuda');
       const ac = new AbortController();
