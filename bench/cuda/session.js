@@ -2,7 +2,7 @@
 // (bench/graphs/models.js), at batch 1 and 8, latency (median ms per run, inputs uploaded and
 // outputs downloaded in each) and throughput (batch / latency), with the same process's CPU session
 // time for reference. Outputs are checked against the CPU session first, so a speed never comes
-// from different work. `--emulated` runs a tiny MLP on the emulator (checks the suite, not speed).
+// from different work. `--emulated` runs a tiny MLP and transformer on the emulator (checks the suite, not speed).
 import { Session, Tensor } from '../../dist/index.js';
 import { modelBytes, modelInput, relativeDifference, roundingTolerance } from '../graphs/models.js';
 
@@ -25,7 +25,7 @@ export async function* sessionCases(env) {
   // An explicit 'cuda' reaches the emulator only through this hook (lib/device.ts).
   if (emulated) process.env.SONDE_CUDA_DEVICE = 'emulated';
   const plan = emulated
-    ? [['mlp', { sizes: [16, 32, 8] }, [1, 2]]]
+    ? [['mlp', { sizes: [16, 32, 8] }, [1, 2]], ['transformer', { layers: 1, dModel: 16, heads: 2, tokens: 8, ffn: 32 }, [1]]]
     : [['resnet50', {}, [1, 8]], ['mobilenetv2', {}, [1, 8]], ['transformer', {}, [1, 8]], ['mlp', {}, [1, 8]]];
   const timing = emulated ? { minRuns: 1, minMs: 0 } : quick ? { minRuns: 5, minMs: 300 } : { minRuns: 20, minMs: 2000 };
   const cpuTiming = emulated ? { minRuns: 1, minMs: 0 } : { minRuns: 3, minMs: quick ? 300 : 1000 };
