@@ -1,7 +1,10 @@
 /**
  * Session: an ONNX model loaded, optimised and prepared once (weights folded and packed into native
  * handles), then run many times. Each distinct set of input shapes is compiled once into a native
- * plan (lib/session/compile.ts) and cached; a run is one native call on sonde's pool.
+ * plan (lib/session/compile.ts) and cached; a run is one native call on sonde's pool. On a CUDA
+ * device the conv/GEMM weights and large initializers are uploaded once at load (lib/session/gpu.ts),
+ * each plan is a GPU plan (native/runtime/gpu_plan.h), and a run uploads the inputs, runs every step
+ * on one stream and downloads the outputs.
  */
 import { readFile } from 'node:fs/promises';
 import { basename, dirname, extname, resolve } from 'node:path';
