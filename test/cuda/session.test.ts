@@ -9,6 +9,7 @@
 // results, indices and shapes must be exact.
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
+import { Worker } from 'node:worker_threads';
 import { GraphBuilder, floatAttr } from '../../bench/graphs/builder.js';
 import {
   AbortError, InvalidArgumentError, OutOfMemoryError, Session, Tensor, UnsupportedOperatorError,
@@ -443,6 +444,33 @@ for (const t of gpuTargets()) {
         const [want, got] = await Promise.all([Promise.all(feeds.map((f) => cpu.run(f))), Promise.all(feeds.map((f) => gpu.run(f)))]);
         for (let i = 0; i < feeds.length; i++) expectClose(Object.values(got[i]!)[0]!, Object.values(want[i]!)[0]!, dot(9), `batched ${i}`);
         expect(gpu.metrics().batchSize.count).toBeGreaterThan(0);
+      });
+
+      it('a GPU session in a worker_thread gives the main thread\'s results', async () => {
+        const bytes = mlp();
+        const x = f32([3, 8], 4);
+        const code = `const { parentPort, workerData } = require('node:worker_threads');
+          (async () => {
+            if (workerData.emulated) process.env.SONDE_CUDA_DEVICE = 'emulated';
+            else delete process.env.SONDE_CUDA_DEVICE;
+            const { Session, Tensor } = await import(workerData.index);
+            const s = await Session.load(workerData.bytes, { device: 'cuda' });
+            const out = await s.run({ x: new Tensor('float32', workerData.x, [3, 8]) });
+            parentPort.postMessage({ kind: s.device.kind, data: Object.values(out)[0].data });
+            s.dispose();
+          })().catch((e) => parentPort.postMessage({ error: String(e && e.stack || e) }));`;
+        const worker = new Worker(code, { eval: true, workerData: { bytes, x: x.data, emulated: target.emulated,
+          index: new URL('../../dist/index.js', import.meta.url).href } });
+        const msg = await new Promise<{ kind?: string; data?: Float32Array; error?: string }>((resolve, reject) => {
+          worker.once('message', resolve);
+          worker.once('error', reject);
+        });
+        await worker.terminate();
+        expect(msg.error).toBeUndefined();
+        expect(msg.kind).toBe('cuda');
+        const cpu = await load(bytes, 'cpu');
+        const want = Object.values(await cpu.run({ x }))[0]!;
+        expectClose(new Tensor('float32', msg.data!, [3, 4]), want, dot(9), 'worker');
       });
 
       it('abort: an aborted signal rejects with AbortError, and the session still runs', async () => {
