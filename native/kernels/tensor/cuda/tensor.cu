@@ -246,7 +246,9 @@ __device__ __forceinline__ T Arith(int kind, T a, T b, int* fault) {
       case kSub: return a - b;
       case kMul: return a * b;
       case kDiv: return a / b;
-      default: return b == 2.0f ? a * a : powf(a, b);  // x^2: the one rounding of x * x, as the CPU
+      // x^2: the one rounding of x * x, as the CPU. Otherwise in double, rounded once: the device's
+      // powf may be 4 ulp off where the CPU's is within one.
+      default: return b == 2.0f ? a * a : static_cast<float>(pow(static_cast<double>(a), static_cast<double>(b)));
     }
   } else {
     using U = typename std::make_unsigned<T>::type;
@@ -893,11 +895,21 @@ void LayerNormOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
          uint64_t(cols), static_cast<float>(c.Num("epsilon")));
 }
 
+// x * s rounded on its own before + h, as the CPU computes it: nvcc would otherwise contract the two
+// into one FMA (one rounding), and the affine results would no longer equal the CPU's bit for bit.
+__device__ __forceinline__ float MulRounded(float a, float b) {
+#if SONDE_GPU_EMULATED
+  return a * b;
+#else
+  return __fmul_rn(a, b);
+#endif
+}
+
 __global__ void ChannelAffineKernel(const float* __restrict__ x, const float* __restrict__ scale, const float* __restrict__ shift,
                                     float* __restrict__ y, uint64_t count, uint64_t channels, uint64_t inner) {
   for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += uint64_t(gridDim.x) * blockDim.x) {
     const uint64_t ch = (i / inner) % channels;
-    y[i] = x[i] * scale[ch] + shift[ch];
+    y[i] = MulRounded(x[i], scale[ch]) + shift[ch];
   }
 }
 
