@@ -562,7 +562,7 @@ export async function* activationSparsity(ctx, timing, threadCounts) {
     sessions.push(g.toBytes());
   }
   for (const t of threadCounts) {
-    const ss = await Promise.all(sessions.map((b) => sonde.Session.load(b, { threads: t, sparse: 'off' })));
+    const ss = await Promise.all(sessions.map((b) => sonde.Session.load(b, { device: 'cpu', threads: t, sparse: 'off' })));
     const row = (zeros) => {
       const x = new Float32Array(k);
       for (let i = 0; i < k; i++) x[i] = Math.random() < zeros ? 0 : Math.random() + 0.1;
@@ -597,8 +597,8 @@ export async function* prunedModels(ctx, timing, threadCounts) {
     const { bytes, report } = await sonde.prune(modelBytes(name), { sparsity: 0.9, keepFirstLayerDense: name !== 'mlp' });
     for (const t of threadCounts) {
       const ort = await onnxruntime.prepareModel(bytes, { threads: t, spin: ctx.ortSpin });
-      const auto = await sonde.Session.load(bytes, { threads: t });
-      const off = await sonde.Session.load(bytes, { threads: t, sparse: 'off' });
+      const auto = await sonde.Session.load(bytes, { device: 'cpu', threads: t });
+      const off = await sonde.Session.load(bytes, { device: 'cpu', threads: t, sparse: 'off' });
       for (const b of batches) {
         const x = modelInput(name, b);
         const feed = { input: new Tensor('float32', x.data, x.dims) };
@@ -666,8 +666,8 @@ async function* modelsSuite(ctx) {
     const bytes = modelBytes(name);
     for (const t of threadCounts) {
       const ort = await onnxruntime.prepareModel(bytes, { threads: t, spin: ctx.ortSpin });
-      const fp32 = Session ? await Session.load(bytes, { threads: t }) : null;
-      const bf16 = Session && name === 'resnet50' ? await Session.load(bytes, { threads: t, precision: 'bf16' }) : null;
+      const fp32 = Session ? await Session.load(bytes, { device: 'cpu', threads: t }) : null;
+      const bf16 = Session && name === 'resnet50' ? await Session.load(bytes, { device: 'cpu', threads: t, precision: 'bf16' }) : null;
       for (const b of batches) {
         const x = modelInput(name, b);
         const feed = feedOf(x);
@@ -710,7 +710,7 @@ async function* modelsSuite(ctx) {
   const idBytes = g.toBytes();
   const x16 = { data: new Float32Array(16).fill(0.5), dims: [1, 16] };
   const ortId = await onnxruntime.prepareModel(idBytes, { threads: 1, spin: ctx.ortSpin });
-  const sondeId = Session ? await Session.load(idBytes, { threads: 1 }) : null;
+  const sondeId = Session ? await Session.load(idBytes, { device: 'cpu', threads: 1 }) : null;
   const idFeed = { x: new Tensor('float32', x16.data, x16.dims) };
   const idFns = [() => ortId.run({ x: x16 }), ...(sondeId ? [() => sondeId.run(idFeed)] : [])];
   // Twenty calls each first, as bench/overhead.js does, so that the two tools take this number the
@@ -735,7 +735,7 @@ async function* modelsSuite(ctx) {
   await ort.release();
   let lag = { p99: undefined, max: undefined };
   if (Session) {
-    const s = await Session.load(rBytes, { threads: pool });
+    const s = await Session.load(rBytes, { device: 'cpu', threads: pool });
     const feed = feedOf(x);
     lag = await timerLag(() => s.run(feed), lagMs);
     s.dispose();
@@ -809,7 +809,7 @@ async function* batchingSuite(ctx) {
       { label: `target ${c.targetMs} ms`, options: { batching: { ...fixed, targetLatencyMs: c.targetMs } } },
     ];
     for (const [k, v] of variants.entries()) {
-      v.session = await Session.load(bytes, { threads, name: `${c.name}-${k}`, ...v.options });
+      v.session = await Session.load(bytes, { device: 'cpu', threads, name: `${c.name}-${k}`, ...v.options });
       v.stats = { lat: [], lags: [], elapsed: 0 };
     }
     const want = [];

@@ -149,6 +149,13 @@ export interface NativePlan {
   info(): { disposed: boolean; steps?: number; arenaBytes?: number; bytes?: number; skipZeroRuns?: number[] };
 }
 
+/** A compiled graph plan on a GPU (native/binding/plan_gpu_binding.cc; contract in lib/session/plan.ts). */
+export interface NativeGpuPlan {
+  dispose(): void;
+  /** deviceBytes: device memory the plan holds while idle (its consts and pooled run arenas). */
+  info(): { disposed: boolean; steps?: number; arenaBytes?: number; bytes?: number; deviceBytes?: number; device?: string };
+}
+
 export type NativeQuantType = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_0';
 
 /** The native transformer (native/binding/llm_binding.cc): immutable, shared by its sequences. */
@@ -278,6 +285,20 @@ export interface NativeBinding {
    */
   planRun(plan: NativePlan, inputs: ArrayBufferView[], outputs: ArrayBufferView[], threads: number,
     cancel?: NativeCancelToken, timings?: Float64Array): Promise<void>;
+  /**
+   * createPlan for a GPU ('cuda:N' or 'emulated'): the same checks, then every step bound to a
+   * registered GPU op and the consts uploaded once. A CPU-only step (conv/gemm/spmm on CPU handles,
+   * reorder) or a missing op is ERR_SONDE_INTERNAL naming the step; out of device memory is
+   * ERR_SONDE_OUT_OF_MEMORY naming the device and the request.
+   */
+  createGpuPlan(device: string, spec: PlanSpec): NativeGpuPlan;
+  /**
+   * Uploads inputs, runs every step on one stream of the plan's device, downloads outputs. Cancel
+   * is checked between steps; data-dependent failures reject ERR_SONDE_INVALID_ARGUMENT with
+   * "node '<name>': <why>", as planRun. timings receives each step's device time in nanoseconds.
+   */
+  gpuPlanRun(plan: NativeGpuPlan, inputs: ArrayBufferView[], outputs: ArrayBufferView[], cancel?: NativeCancelToken,
+    timings?: Float64Array): Promise<void>;
   /**
    * Builds the transformer over a mapped GGUF: config is lib/llm/arch.ts's ModelConfig, indices its
    * tensor table (lib/llm/arch.ts: tensorIndexTable). Throws ERR_SONDE_MODEL_FORMAT naming a

@@ -24,7 +24,7 @@ for (const [k, n] of [[1, 1], [7, 17], [64, 33], [300, 100], [1024, 257]]) {
   const [y] = g.node('Gemm', ['x', g.init('w', { dtype: 'float32', dims: [k, n], data: w }), g.init('b', { dtype: 'float32', dims: [n], data: b })]);
   const [z] = g.node('Relu', [y]);
   g.output(z, 'float32', [1, n]);
-  const s = await Session.load(g.toBytes(), { sparse: 'off' });
+  const s = await Session.load(g.toBytes(), { device: 'cpu', sparse: 'off' });
   // Zero fractions: all zero, one non-zero, 90% (skipping path), 60% (near the cut: either), 30% and none (dense path).
   for (const zeros of [1, -1, 0.9, 0.6, 0.3, 0]) {
     const x = Float32Array.from({ length: k }, () => r() * 2);

@@ -216,7 +216,7 @@ describe('prune: outputs in onnxruntime-node, sparse_initializer storage', () =>
     expect(Array.from(b[key]!.data as Float32Array)).toEqual(Array.from(a[key]!.data as Float32Array));
     // Pruning changed the function (else the test above proves nothing).
     expect(Array.from(original[key]!.data as Float32Array)).not.toEqual(Array.from(a[key]!.data as Float32Array));
-    const session = await Session.load(sparse.bytes);
+    const session = await Session.load(sparse.bytes, { device: 'cpu' });
     try {
       const got = (await session.run(feeds))[key]!.data as Float32Array;
       const want = a[key]!.data as Float32Array;
@@ -271,7 +271,7 @@ describe('sparse_initializer loading', () => {
       const bytes = sparseModel(st);
       expect(() => parseModel(bytes), String(msg)).toThrow(ModelFormatError);
       expect(() => parseModel(bytes), String(msg)).toThrow(msg);
-      await expect(Session.load(bytes)).rejects.toThrow(ModelFormatError);
+      await expect(Session.load(bytes, { device: 'cpu' })).rejects.toThrow(ModelFormatError);
     }
   });
 });

@@ -64,7 +64,7 @@ async function runWith(bytes: Uint8Array, feeds: Record<string, Tensor>, env: Re
   Object.assign(process.env, env);
   try {
     // Both switches are read when the conv is created (load) and when the plan is built (first run).
-    const s = await Session.load(bytes, { threads: 1, ...options });
+    const s = await Session.load(bytes, { device: 'cpu', threads: 1, ...options });
     try {
       const out = await s.run(feeds);
       const prof = await s.profile(feeds, { runs: 1 });

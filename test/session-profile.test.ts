@@ -31,7 +31,7 @@ describe('Session.profile', () => {
   it('reports every step of the plan, named after graph nodes, with shares summing to 1', async () => {
     const { bytes, nodes } = cnn();
     for (const optimization of ['none', 'all'] as const) {
-      const s = await Session.load(bytes, { optimization, threads: 1 });
+      const s = await Session.load(bytes, { device: 'cpu', optimization, threads: 1 });
       const prof = await s.profile({ image: image(2) }, { runs: 3 });
       expect(prof.length).toBeGreaterThan(0);
       // Without optimisation every step names a node of the model; the optimiser names a fused node
@@ -74,7 +74,7 @@ describe('Session.profile', () => {
     let v = 'x';
     for (let i = 0; i < 40; i++) [v] = g.node('MatMul', [v, 'x']).map(String) as [string];
     g.output(v);
-    const s = await Session.load(g.toBytes(), { threads: 1 });
+    const s = await Session.load(g.toBytes(), { device: 'cpu', threads: 1 });
     const x = new Tensor('float32', uniform([64, 64], 3, -0.1, 0.1).data, [64, 64]);
     const runs = 20;
     const t0 = performance.now();
@@ -91,7 +91,7 @@ describe('Session.profile', () => {
 
   it('gives typed errors for bad options and feeds, and the session stays usable', async () => {
     const { bytes } = cnn();
-    const s = await Session.load(bytes, { threads: 1 });
+    const s = await Session.load(bytes, { device: 'cpu', threads: 1 });
     await expect(s.profile({ image: image(1) }, { runs: 0 })).rejects.toThrow(InvalidArgumentError);
     await expect(s.profile({ image: image(1) }, { runs: 1.5 })).rejects.toThrow(/runs/);
     await expect(s.profile({ image: image(1) }, { run: 3 } as never)).rejects.toThrow(/did you mean 'runs'/);
@@ -114,7 +114,7 @@ describe('Session.profile', () => {
     g.input('idx', 'int64', [1]);
     const [y] = g.node('Gather', ['data', 'idx']);
     g.output(y, 'float32', [1]);
-    const s = await Session.load(g.toBytes(), { threads: 1 });
+    const s = await Session.load(g.toBytes(), { device: 'cpu', threads: 1 });
     const data = new Tensor('float32', Float32Array.from([1, 2, 3, 4]), [4]);
     // V8's async stack traces name the awaiting callers.
     async function callerOfRun() {

@@ -19,7 +19,7 @@ type Feeds = Record<string, Tensor>;
  * here by a relative 1e-4 of the output's scale plus 1e-5.
  */
 async function expectAgrees(bytes: Uint8Array, feeds: Feeds, options: SessionOptions, label: string): Promise<Session> {
-  const session = await Session.load(bytes, options);
+  const session = await Session.load(bytes, { device: 'cpu', ...options });
   const got = await session.run(feeds);
   const want = await ortRun(bytes, feeds);
   for (const [name, w] of Object.entries(want)) {
@@ -77,7 +77,7 @@ describe('sparse sessions: digits and a ResNet-style block', () => {
     const { bytes } = await prune(digitsPath, { sparsity: 0.7 });
     const split = readTestSplit();
     const feeds = { input: new Tensor('float32', split.images, [split.n, 1, split.height, split.width]) };
-    const name = (await Session.load(bytes)).inputs[0]!.name;
+    const name = (await Session.load(bytes, { device: 'cpu' })).inputs[0]!.name;
     const results: Float32Array[] = [];
     for (const sparse of ['off', 'auto', 'force'] as const) {
       const s = await expectAgrees(bytes, { [name]: feeds.input }, { sparse }, `digits ${sparse}`);
@@ -172,7 +172,7 @@ describe('sparse sessions: sparse_initializer and options', () => {
     const feeds = { input: uniform([4, 64], 9, 0, 1) };
     const want = Object.values(await ortRun(dense.bytes, feeds))[0]!.data as Float32Array;
     for (const mode of ['off', 'auto', 'force'] as const) {
-      const s = await Session.load(sparse.bytes, { sparse: mode });
+      const s = await Session.load(sparse.bytes, { device: 'cpu', sparse: mode });
       const got = Object.values(await s.run(feeds))[0]!.data as Float32Array;
       s.dispose();
       for (let i = 0; i < want.length; i++) expect(Math.abs(got[i]! - want[i]!), `${mode} [${i}]`).toBeLessThanOrEqual(1e-5 + 1e-4 * Math.abs(want[i]!));
@@ -181,9 +181,9 @@ describe('sparse sessions: sparse_initializer and options', () => {
 
   it('bad sparse options are InvalidArgumentErrors; bf16 sessions stay dense', async () => {
     const bytes = (await prune(mlp({ sizes: [32, 48, 10], seed: 14 }), { sparsity: 0.9, keepFirstLayerDense: false })).bytes;
-    await expect(Session.load(bytes, { sparse: 'yes' as never })).rejects.toThrow(InvalidArgumentError);
-    await expect(Session.load(bytes, { sparse: 'forced' as never })).rejects.toThrow(/options.sparse must be one of 'auto', 'off', 'force'.*did you mean 'force'/);
-    const s = await Session.load(bytes, { sparse: 'force', precision: 'bf16' });
+    await expect(Session.load(bytes, { device: 'cpu', sparse: 'yes' as never })).rejects.toThrow(InvalidArgumentError);
+    await expect(Session.load(bytes, { device: 'cpu', sparse: 'forced' as never })).rejects.toThrow(/options.sparse must be one of 'auto', 'off', 'force'.*did you mean 'force'/);
+    const s = await Session.load(bytes, { device: 'cpu', sparse: 'force', precision: 'bf16' });
     expect(s.sparseLayers).toEqual([]);
     s.dispose();
     expect(() => s.sparseLayers).toThrow(/disposed/);
@@ -193,7 +193,7 @@ describe('sparse sessions: sparse_initializer and options', () => {
 describe('sparse sessions: profile()', () => {
   it('records the sparse kernel and sparsity per layer, and how often batch-1 steps skipped zero activations', async () => {
     const { bytes } = await prune(mlp({ sizes: [256, 384, 10], seed: 15 }), { sparsity: 0.9 });
-    const force = await Session.load(bytes, { sparse: 'force' });
+    const force = await Session.load(bytes, { device: 'cpu', sparse: 'force' });
     const prof = await force.profile({ input: uniform([4, 256], 1, 0, 1) }, { runs: 3 });
     const spmm = prof.filter((r) => r.op === 'spmm');
     expect(spmm.length).toBe(2);
@@ -201,7 +201,7 @@ describe('sparse sessions: profile()', () => {
     expect(spmm.map((r) => r.sparsity! > 0.85)).toEqual([false, true]); // the first layer was kept dense by prune()
     expect(prof.reduce((a, r) => a + r.share, 0)).toBeCloseTo(1, 6);
 
-    const off = await Session.load(bytes, { sparse: 'off' });
+    const off = await Session.load(bytes, { device: 'cpu', sparse: 'off' });
     const mostlyZero = uniform([1, 256], 2, 0, 1);
     (mostlyZero.data as Float32Array).forEach((_, i, d) => { if (i % 10 !== 0) d[i] = 0; });
     const first = (p: Awaited<ReturnType<Session['profile']>>) => p.find((r) => r.op === 'gemm')!;
@@ -219,8 +219,8 @@ describe('sparse sessions: profile()', () => {
     expect(firstSpmm(await force.profile({ input: mostlyZero }, { runs: 4 })).activationSkip).toBe(1);
     expect(firstSpmm(await force.profile({ input: uniform([1, 256], 3, 0.5, 1) }, { runs: 4 })).activationSkip).toBe(0);
     const one = (await prune(mlp({ sizes: [256, 384], seed: 15 }), { sparsity: 0.9, keepFirstLayerDense: false })).bytes;
-    const layer1 = await Session.load(one, { sparse: 'force' });
-    const layer1Off = await Session.load(one, { sparse: 'off' });
+    const layer1 = await Session.load(one, { device: 'cpu', sparse: 'force' });
+    const layer1Off = await Session.load(one, { device: 'cpu', sparse: 'off' });
     const out = async (x: Session) => (await x.run({ input: mostlyZero }))[x.outputs[0]!.name]!.data as Float32Array;
     const [a, b] = [await out(layer1), await out(layer1Off)];
     expect(Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength))).toBe(true);

@@ -12,8 +12,9 @@ import { gemmCases } from './gemm.js';
 import { moeCases } from './moe.js';
 import { normCases } from './norm.js';
 import { quantCases } from './quant.js';
+import { sessionCases } from './session.js';
 
-const FAMILIES = [normCases, gemmCases, quantCases, attentionCases, moeCases, convCases];
+const FAMILIES = [normCases, gemmCases, quantCases, attentionCases, moeCases, convCases, sessionCases];
 
 // Dense datasheet peaks: bf16 tensor-core and fp32 TFLOP/s, HBM GB/s. First match wins.
 const DATASHEET = [

@@ -9,6 +9,7 @@ import { makeAttrs, nodeWhere } from './attrs.js';
 import { InternalError, InvalidArgumentError, ModelFormatError, UnsupportedOperatorError } from '../errors.js';
 import { Tensor, type DType } from '../tensor.js';
 import type { PlanBuffer, PlanRef, PlanSpec, PlanStep } from './plan.js';
+import type { NativeGpuBuffer } from '../binding.js';
 import {
   ELEM_BYTES, type CValue, type Emitter, type OpContext, type OpDef, type OutputInfo, type ValueId,
 } from './ops/types.js';
@@ -38,6 +39,13 @@ export interface CompileOptions {
   opset: number;
   /** What each node's load-time prepare returned (keyed by the node object of `graph`). */
   prepared?: Map<OnnxNode, unknown>;
+  /**
+   * 'gpu': a plan for native().createGpuPlan, without the CPU-only passes (NCHW16c layout); its convs
+   * and GEMMs lower to gpuConv / gpuGemm because their prepare ran for the GPU. Default 'cpu'.
+   */
+  target?: 'cpu' | 'gpu';
+  /** GPU plans: the device copy of a constant tensor when the session holds one (else it becomes plan data). */
+  deviceConstant?: (t: Tensor) => NativeGpuBuffer | undefined;
 }
 
 export { makeAttrs, nodeWhere };
@@ -319,7 +327,7 @@ export function compilePlan(graph: OnnxGraph, inputs: PlanInput[], options: Comp
 
   // Runs of direct convs in NCHW16c (lib/session/layout.ts): may insert reorder steps, re-point
   // refs and grow blocked values, so it runs before liveness and storage.
-  if (blockedPassEnabled()) {
+  if (options.target !== 'gpu' && blockedPassEnabled()) {
     const idOfRef = new Map<PlanRef, ValueId>(refs.map((r) => [r.ref, r.id]));
     const aliased = new Set<ValueId>();
     for (const p of pvalues) if (p.aliasOf !== undefined) aliased.add(rootOf(p.id));
@@ -371,7 +379,9 @@ export function compilePlan(graph: OnnxGraph, inputs: PlanInput[], options: Comp
       bufferOf.set(p.id, buffers.push({ kind: 'output', index: p.outputIndex, bytes: p.bytes }) - 1);
     } else if (p.kind === 'const') {
       if (p.first < 0) continue;
-      bufferOf.set(p.id, buffers.push({ kind: 'const', data: p.tensor!.data as Float32Array, bytes: p.bytes }) - 1);
+      const device = options.deviceConstant?.(p.tensor!);
+      bufferOf.set(p.id, buffers.push(device ? { kind: 'device', buffer: device, bytes: p.bytes }
+        : { kind: 'const', data: p.tensor!.data as Float32Array, bytes: p.bytes }) - 1);
     } else if (p.first >= 0) {
       arenaIds.push(p.id);
     }

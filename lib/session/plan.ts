@@ -16,8 +16,13 @@
  * - `node` names the ONNX node a step came from, for error messages ("node 'Gather_12': index 7 is
  *   out of range [-5, 5)").
  * - bool is one byte (0 or 1), like ONNX and onnxruntime.
+ * - GPU plans (native().createGpuPlan, a session on 'cuda') take the same spec without the
+ *   CPU-only steps (conv, gemm and spmm on CPU handles, reorder, blocked operands): their convs
+ *   and GEMMs are gpuConv / gpuGemm steps on weights the session uploaded to the device at load.
  */
-import type { NativeConvHandle, NativePackedGemm, NativePackedGemmLowp, NativeSparseWeights } from '../binding.js';
+import type {
+  NativeConvHandle, NativeGpuBuffer, NativePackedGemm, NativePackedGemmLowp, NativeSparseWeights,
+} from '../binding.js';
 
 export type PlanDType = 'float32' | 'int64' | 'int32' | 'bool' | 'uint8' | 'int8';
 
@@ -30,7 +35,12 @@ export type PlanBuffer =
   /** [offset, offset + bytes) of the run's arena; offset is a multiple of 64. */
   | { kind: 'arena'; offset: number; bytes: number }
   /** Constant data held by the plan (an initializer, a folded value); read-only. */
-  | { kind: 'const'; data: Float32Array | BigInt64Array | Int32Array | Uint8Array | Int8Array; bytes: number };
+  | { kind: 'const'; data: Float32Array | BigInt64Array | Int32Array | Uint8Array | Int8Array; bytes: number }
+  /**
+   * GPU plans only: constant data already in device memory (an initializer the session uploaded once
+   * at load, shared by all its plans); read-only.
+   */
+  | { kind: 'device'; buffer: NativeGpuBuffer; bytes: number };
 
 /** A buffer index (into PlanSpec.buffers) plus an element offset into it. */
 export interface PlanRef { buffer: number; offset: number }
@@ -147,6 +157,18 @@ export type PlanStep = { node: string } & (
    */
   | { op: 'pad'; x: PlanRef; y: PlanRef; dtype: PlanDType; inDims: number[]; begin: number[]; end: number[];
       mode: 'constant' | 'reflect' | 'edge'; value: number }
+  /**
+   * GPU plans only: y [n, cOut, oh, ow] = act(conv(x [n, cIn, h, w]) + bias) (+ residual) with the
+   * weights [cOut, cIn / group, kh, kw] (BN folded; float32, or bf16 bits when bf16) and bias [cOut]
+   * in device memory. pads are concrete [top, left, bottom, right].
+   */
+  | { op: 'gpuConv'; weights: NativeGpuBuffer; bias: NativeGpuBuffer; bf16: boolean; x: PlanRef; y: PlanRef; residual?: PlanRef;
+      residualBeforeActivation: boolean; n: number; cIn: number; h: number; w: number; cOut: number; group: number;
+      kernel: [number, number]; strides: [number, number]; dilations: [number, number]; pads: [number, number, number, number];
+      activation: PlanActivation; alpha: number; beta: number }
+  /** GPU plans only: the gemm step with W [k, n] (float32, or bf16 bits when bf16) in device memory. */
+  | { op: 'gpuGemm'; weights: NativeGpuBuffer; bf16: boolean; a: PlanRef; c: PlanRef; m: number; k: number; n: number;
+      bias?: PlanRef; residual?: PlanRef; residualBeforeActivation: boolean; activation: PlanActivation; alpha: number; beta: number }
 );
 
 export interface PlanSpec {

@@ -1,11 +1,14 @@
 /**
  * Session: an ONNX model loaded, optimised and prepared once (weights folded and packed into native
  * handles), then run many times. Each distinct set of input shapes is compiled once into a native
- * plan (lib/session/compile.ts) and cached; a run is one native call on sonde's pool.
+ * plan (lib/session/compile.ts) and cached; a run is one native call on sonde's pool. On a CUDA
+ * device the conv/GEMM weights and large initializers are uploaded once at load (lib/session/gpu.ts),
+ * each plan is a GPU plan (native/runtime/gpu_plan.h), and a run uploads the inputs, runs every step
+ * on one stream and downloads the outputs.
  */
 import { readFile } from 'node:fs/promises';
 import { basename, dirname, extname, resolve } from 'node:path';
-import { native, type NativePlan } from '../binding.js';
+import { native, type NativeCancelToken, type NativeGpuPlan, type NativePlan } from '../binding.js';
 import { allocOutput } from '../buffers.js';
 import { placeWithoutCuda, resolveDevice, type Placement } from '../device.js';
 import { Batcher, checkBatchingOptions, findBatchLayout, type BatchingOptions } from '../batching/batcher.js';
@@ -22,14 +25,18 @@ import type { Prepared } from './ops/types.js';
 import type { PlanStep } from './plan.js';
 import { optimize, type OptimizationLevel } from './optimize.js';
 import type { SparseMode, SparsePrepared } from './sparse.js';
+import { gpuUnsupported, type GpuLayer } from './gpu.js';
+import { GpuBuffer, gpuDevice, type GpuDeviceId } from '../cuda/runtime.js';
 
 export type { OptimizationLevel, BatchingOptions, SessionMetricsSnapshot };
 
 export interface SessionOptions {
   /**
-   * 'auto' (default), 'cpu', 'cuda' or 'cuda:N'. Graph operators have no CUDA kernels in this
-   * version: 'auto' computes on the CPU (Session.device says why), and an explicit CUDA device is an
-   * UnsupportedOperatorError naming the operators unless fallback is 'cpu'.
+   * 'auto' (default: the first CUDA device when there is one, else the CPU), 'cpu', 'cuda' or
+   * 'cuda:N'. On a CUDA device the weights are uploaded once at load and every run computes there
+   * (inputs uploaded, outputs downloaded). A node with no GPU path is an UnsupportedOperatorError at
+   * load naming it, unless fallback is 'cpu' (or the device was 'auto'): then the whole session
+   * runs on the CPU and Session.device.reason says why.
    */
   device?: 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;
   /** What runs operators a CUDA device has no kernel for: 'none' (default: an error at load) or 'cpu'. */
@@ -129,7 +136,7 @@ const PLAN_CACHE_SIZE = 16;
 interface CachedPlan {
   compiled: CompiledPlan;
   /** Absent when every output is known at plan time (nothing to run natively). */
-  plan?: NativePlan;
+  plan?: NativePlan | NativeGpuPlan;
   /** Each output's element count, in compiled.outputs order (so a run does not recompute it). */
   outputSizes: number[];
 }
@@ -193,8 +200,35 @@ function kernelOf(step: PlanStep): string {
     case 'softmax': return step.log ? 'logSoftmax' : 'softmax';
     case 'cast': return `${step.from}->${step.to}`;
     case 'pad': return step.mode;
+    case 'gpuConv': return `gpu conv ${step.kernel.join('x')}${step.group > 1 ? ` group ${step.group}` : ''}${step.bf16 ? ' bf16' : ''}${step.activation !== 'none' ? `+${step.activation}` : ''}`;
+    case 'gpuGemm': return `gpu gemm ${step.m}x${step.k}x${step.n}${step.bf16 ? ' bf16' : ''}${step.activation !== 'none' ? `+${step.activation}` : ''}`;
     case 'copy': return `copy rank ${step.dims.length}`;
     default: return step.op;
+  }
+}
+
+/** Below this, an initializer a step reads is copied into each plan: one allocation per tiny tensor would cost more. */
+const DEVICE_CONSTANT_MIN_BYTES = 16 * 1024;
+
+/**
+ * GPU sessions: uploads the initializers that plan steps may read as data (a Gather's table, a
+ * LayerNorm's scale...), so that every plan shares one device copy. Weights a GPU layer already holds
+ * (a conv's or GEMM's input 1, a conv's bias) are not uploaded twice.
+ */
+async function uploadConstants(graph: OnnxGraph, prepared: Map<OnnxNode, Prepared>, device: GpuDeviceId,
+  out: Map<Tensor, GpuBuffer>): Promise<void> {
+  const wanted = new Set<string>();
+  for (const node of graph.nodes) {
+    const layer = (prepared.get(node) as { gpu?: GpuLayer } | undefined)?.gpu !== undefined;
+    const conv = node.opType === 'Conv' || node.opType === 'FusedConv';
+    node.inputs.forEach((name, i) => {
+      if (name && !(layer && (i === 1 || (conv && i === 2)))) wanted.add(name);
+    });
+  }
+  for (const name of wanted) {
+    const t = graph.initializers.get(name);
+    if (!t || t.dtype === 'float16' || t.dtype === 'bfloat16' || t.data.byteLength < DEVICE_CONSTANT_MIN_BYTES) continue;
+    out.set(t, await GpuBuffer.from(device, t.data, `the initializer '${name}'`));
   }
 }
 
@@ -220,6 +254,10 @@ export class Session extends NativeResource {
   /** Where the model's batch dim is (for the batch-size metric), if it has one. */
   #batchAxis?: number;
   #placement: Placement = { kind: 'cpu', id: 'cpu' };
+  /** The GPU runtime's device when the session runs there. */
+  #gpu?: GpuDeviceId;
+  /** GPU sessions: large initializers that steps read, uploaded once at load and shared by every plan. */
+  #deviceConstants = new Map<Tensor, GpuBuffer>();
 
   /** Where runs compute, with the reason when options.device did not choose it ('auto', fallback). */
   get device(): Placement {
@@ -279,7 +317,19 @@ export class Session extends NativeResource {
         own.slice(0, 10).map((n) => `${n.opType} (node '${n.name}')`).join(', '));
     }
     checkSupported(model.graph, isSupported);
-    const placement = placeWithoutCuda(where, opts.device, device, [...new Set(model.graph.nodes.map((n) => n.opType))], fallback);
+    let placement: Placement;
+    let gpu: GpuDeviceId | undefined;
+    if (device.kind === 'cuda') {
+      const missing = gpuUnsupported(model.graph, gpuDevice(device.gpu).sharedPerBlock);
+      if (missing.length === 0) {
+        placement = { kind: 'cuda', id: `cuda:${device.index}` };
+        gpu = device.gpu;
+      } else {
+        placement = placeWithoutCuda(where, opts.device, device, missing, fallback);
+      }
+    } else {
+      placement = placeWithoutCuda(where, opts.device, device, [], fallback);
+    }
     const graph = optimize(model.graph, level, model.opset);
     const layout = findBatchLayout(
       graph.inputs.filter((i) => !graph.initializers.has(i.name)).map((i) => ({ name: i.name, ...(i.shape ? { dims: i.shape } : {}) })),
@@ -288,19 +338,25 @@ export class Session extends NativeResource {
       throw new InvalidArgumentError(`${where}: options.batching needs a batch dim in every input and output of ${source}, but ${layout}`);
     }
     const prepared = new Map<OnnxNode, Prepared>();
+    const deviceConstants = new Map<Tensor, GpuBuffer>();
     try {
       for (const node of graph.nodes) {
         const def = opFor(node.domain, node.opType);
         if (!def?.prepare) continue;
         const ins = node.inputs.map((name) => (name ? graph.initializers.get(name) : undefined));
-        const p = def.prepare(node, ins, { precision, sparse }, model.opset);
+        // On the GPU the dense kernels run every layer: there are no GPU sparse steps in plans yet.
+        const p = def.prepare(node, ins, gpu ? { precision, sparse: 'off', target: 'gpu' } : { precision, sparse }, model.opset);
         if (p) prepared.set(node, p);
       }
-      if (sparse === 'auto') {
+      if (gpu) {
+        for (const p of prepared.values()) await (p as { gpu?: GpuLayer }).gpu?.upload(gpu);
+        await uploadConstants(graph, prepared, gpu, deviceConstants);
+      } else if (sparse === 'auto') {
         for (const p of prepared.values()) await (p as SparsePrepared).calibrate?.(threads);
       }
     } catch (err) {
       for (const p of prepared.values()) p.dispose();
+      for (const b of deviceConstants.values()) b.dispose();
       throw err;
     }
     sessionCount++;
@@ -308,6 +364,8 @@ export class Session extends NativeResource {
     const session = new Session(graph, model.opset, prepared, threads, name);
     if (typeof layout !== 'string') session.#batchAxis = layout.axis;
     session.#placement = placement;
+    if (gpu) session.#gpu = gpu;
+    session.#deviceConstants = deviceConstants;
     if (batching && typeof layout !== 'string') {
       session.#batcher = new Batcher(layout, batching, session.outputs.map((o) => o.name),
         (tensors, signal) => session.#execute(tensors, signal), session.#metrics);
@@ -351,8 +409,8 @@ export class Session extends NativeResource {
             const inputs = tensors.map((t) => t.data);
             try {
               await (signal
-                ? withSignal(signal, (token) => native().planRun(plan, inputs, allocated.outs, this.#threads, token))
-                : native().planRun(plan, inputs, allocated.outs, this.#threads));
+                ? withSignal(signal, (token) => this.#launch(plan, inputs, allocated.outs, token))
+                : this.#launch(plan, inputs, allocated.outs));
             } catch (err) {
               throw fromNative(err);
             }
@@ -375,6 +433,14 @@ export class Session extends NativeResource {
     return this.#metrics.snapshot();
   }
 
+  /** One native run of a plan on the session's device. */
+  #launch(plan: NativePlan | NativeGpuPlan, inputs: ArrayBufferView[], outs: ArrayBufferView[], token?: NativeCancelToken,
+    timings?: Float64Array): Promise<void> {
+    return this.#gpu
+      ? native().gpuPlanRun(plan as NativeGpuPlan, inputs, outs, token, timings)
+      : native().planRun(plan as NativePlan, inputs, outs, this.#threads, token, timings);
+  }
+
   /** One native run of validated tensors (the batcher's runs). */
   async #execute(tensors: Tensor[], signal: AbortSignal | undefined): Promise<Record<string, Tensor>> {
     const entry = this.#plan(tensors);
@@ -384,8 +450,8 @@ export class Session extends NativeResource {
       const inputs = tensors.map((t) => t.data);
       try {
         await (signal
-          ? withSignal(signal, (token) => native().planRun(plan, inputs, outs, this.#threads, token))
-          : native().planRun(plan, inputs, outs, this.#threads));
+          ? withSignal(signal, (token) => this.#launch(plan, inputs, outs, token))
+          : this.#launch(plan, inputs, outs));
       } catch (err) {
         throw fromNative(err);
       }
@@ -396,7 +462,8 @@ export class Session extends NativeResource {
   /**
    * Runs the model `runs` times on `feeds` and reports where the time goes: one record per plan step
    * (in execution order) with its mean wall time per run and its share of the steps' total. Steps
-   * are timed natively between steps, so a step's time includes waking the pool for it.
+   * are timed natively between steps, so a step's time includes waking the pool for it. On a GPU a
+   * step's time is its device time between stream events (each timed step waits for the last).
    */
   async profile(feeds: Record<string, Tensor>, options?: SessionProfileOptions): Promise<StepProfile[]> {
     const site = new Error();
@@ -411,19 +478,19 @@ export class Session extends NativeResource {
     const plan = entry.plan;
     const steps = entry.compiled.spec.steps;
     const total = new Float64Array(steps.length);
-    const skipsBefore = plan?.info().skipZeroRuns;
+    const skipsBefore = (plan as NativePlan | undefined)?.info().skipZeroRuns;
     if (plan && steps.length > 0) {
       const timings = new Float64Array(steps.length);
       const { outs } = this.#allocOutputs(entry);
       const inputs = tensors.map((t) => t.data);
       for (let r = 0; r < runs; ++r) {
         this.checkAlive(where);
-        await callNative(() => withSignal(signal, (token) => native().planRun(plan, inputs, outs, this.#threads, token, timings)), site);
+        await callNative(() => withSignal(signal, (token) => this.#launch(plan, inputs, outs, token, timings)), site);
         for (let i = 0; i < steps.length; ++i) total[i]! += timings[i]!;
       }
     }
     const sum = total.reduce((a, b) => a + b, 0);
-    const skipsAfter = plan?.info().skipZeroRuns;
+    const skipsAfter = (plan as NativePlan | undefined)?.info().skipZeroRuns;
     const sparsity = new Map<string, number>();
     for (const [node, p] of this.#prepared) {
       const s = (p as SparsePrepared).sparse;
@@ -541,11 +608,16 @@ export class Session extends NativeResource {
       return hit;
     }
     const inputs: PlanInput[] = this.#inputs.map((spec, i) => ({ name: spec.name, dtype: tensors[i]!.dtype, shape: [...tensors[i]!.dims] }));
-    const compiled = compilePlan(this.#graph, inputs, { opset: this.#opset, prepared: this.#prepared });
-    let plan: NativePlan | undefined;
+    const gpu = this.#gpu;
+    const constants = this.#deviceConstants;
+    const compiled = compilePlan(this.#graph, inputs, {
+      opset: this.#opset, prepared: this.#prepared, target: gpu ? 'gpu' : 'cpu',
+      ...(gpu ? { deviceConstant: (t: Tensor) => constants.get(t)?.handle('Session.run') } : {}),
+    });
+    let plan: NativePlan | NativeGpuPlan | undefined;
     if (compiled.spec.steps.length > 0 || compiled.spec.outputBytes.length > 0) {
       try {
-        plan = native().createPlan(compiled.spec);
+        plan = gpu ? native().createGpuPlan(gpu, compiled.spec) : native().createPlan(compiled.spec);
       } catch (err) {
         throw fromNative(err);
       }
@@ -579,6 +651,20 @@ export class Session extends NativeResource {
     return out;
   }
 
+  /**
+   * Device memory the session holds on its GPU, in bytes (0 on the CPU): the weights uploaded at
+   * load, each cached plan's constants and its pooled run arenas. dispose() frees all of it.
+   */
+  get deviceBytes(): number {
+    this.checkAlive('Session.deviceBytes');
+    if (!this.#gpu) return 0;
+    let total = 0;
+    for (const p of this.#prepared.values()) total += (p as { gpu?: GpuLayer }).gpu?.deviceBytes ?? 0;
+    for (const b of this.#deviceConstants.values()) total += b.bytes;
+    for (const e of this.#plans.values()) total += (e.plan as NativeGpuPlan | undefined)?.info().deviceBytes ?? 0;
+    return total;
+  }
+
   /** Plans compiled so far (one per distinct set of input shapes, at most 16 kept). */
   get cachedPlans(): number {
     return this.#plans.size;
@@ -592,5 +678,7 @@ export class Session extends NativeResource {
     this.#lastPlan = undefined;
     for (const p of this.#prepared.values()) p.dispose();
     this.#prepared.clear();
+    for (const b of this.#deviceConstants.values()) b.dispose();
+    this.#deviceConstants.clear();
   }
 }

@@ -20,9 +20,8 @@ void Describe(Napi::Object& o, const GpuAllocation& a) {
   o.Set("device", a.device().info().id);
 }
 
-namespace {
-
-const char* CodeOf(GpuErrc c) {
+// Also used by the GPU plan binding (plan_gpu_binding.cc).
+const char* GpuErrorCode(GpuErrc c) {
   switch (c) {
     case GpuErrc::kOutOfMemory: return codes::kOutOfMemory;
     case GpuErrc::kUnavailable: return codes::kDeviceUnavailable;
@@ -31,6 +30,10 @@ const char* CodeOf(GpuErrc c) {
   }
   return codes::kInternal;
 }
+
+namespace {
+
+const char* CodeOf(GpuErrc c) { return GpuErrorCode(c); }
 
 [[noreturn]] void Invalid(Napi::Env env, const std::string& what) { throw MakeError(env, codes::kInvalidArgument, what); }
 

@@ -13,6 +13,7 @@
 #include "binding/addon.h"
 #include "binding/families.h"
 #include "binding/gemm_binding.h"
+#include "binding/plan_spec.h"
 #include "binding/shared_handle.h"
 #include "runtime/enum_names.h"
 #include "runtime/plan.h"
@@ -447,6 +448,49 @@ void ReadPad(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.value = r.Number(o, "value");
 }
 
+// Device weights of a GPU step: a GpuBuffer handle of lib/cuda/runtime.ts.
+std::shared_ptr<const GpuAllocation> ReadGpuBuffer(const SpecReader& r, Napi::Object o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (!SharedHandle<GpuAllocation>::Is(r.addon(), "GpuBuffer", v)) r.Fail(std::string(key) + " must be a GpuBuffer");
+  std::shared_ptr<const GpuAllocation> a = SharedHandle<GpuAllocation>::Get(v);
+  if (!a) r.Disposed(key);
+  return a;
+}
+
+void ReadGpuConv(const SpecReader& r, Napi::Object o, PlanStep& s) {
+  s.gpu_weights = ReadGpuBuffer(r, o, "weights");
+  s.gpu_bias = ReadGpuBuffer(r, o, "bias");
+  s.bf16 = r.Bool(o, "bf16");
+  s.in[0] = r.Ref(o, "x");
+  s.in[1] = r.Ref(o, "residual", true);
+  s.out[0] = r.Ref(o, "y");
+  s.flag = r.Bool(o, "residualBeforeActivation");
+  s.n = r.Size(o, "n");
+  s.h = r.Size(o, "h");
+  s.w = r.Size(o, "w");
+  s.c_in = r.Size(o, "cIn");
+  s.c_out = r.Size(o, "cOut");
+  s.groups = static_cast<size_t>(r.Int(o.Get("group"), "group", 1));
+  size_t v[4];
+  r.Fixed(o, "kernel", 2, 1, v);
+  s.window.kh = v[0], s.window.kw = v[1];
+  r.Fixed(o, "strides", 2, 1, v);
+  s.window.sh = v[0], s.window.sw = v[1];
+  r.Fixed(o, "dilations", 2, 1, v);
+  s.window.dh = v[0], s.window.dw = v[1];
+  r.Fixed(o, "pads", 4, 0, v);
+  s.window.pad_t = v[0], s.window.pad_l = v[1], s.window.pad_b = v[2], s.window.pad_r = v[3];
+  s.kind = r.Enum(o, "activation", kActivations);
+  s.alpha = static_cast<float>(r.Number(o, "alpha"));
+  s.beta = static_cast<float>(r.Number(o, "beta"));
+}
+
+void ReadGpuGemm(const SpecReader& r, Napi::Object o, PlanStep& s) {
+  s.gpu_weights = ReadGpuBuffer(r, o, "weights");
+  s.bf16 = r.Bool(o, "bf16");
+  ReadGemmShaped(r, o, s);
+}
+
 struct StepForm {
   const char* name;
   PlanOp op;
@@ -475,6 +519,8 @@ constexpr StepForm kStepForms[] = {
     {"pad", PlanOp::kPad, ReadPad},
     {"spmm", PlanOp::kSpmm, ReadSpmm},
     {"reorder", PlanOp::kReorder, ReadReorder},
+    {"gpuConv", PlanOp::kGpuConv, ReadGpuConv},
+    {"gpuGemm", PlanOp::kGpuGemm, ReadGpuGemm},
 };
 
 PlanStep ReadStep(SpecReader& r, Napi::Value v, size_t index) {
@@ -520,8 +566,11 @@ PlanBufferDesc ReadBuffer(SpecReader& r, Napi::Value v, size_t index) {
     if (t.ByteLength() < b.bytes) r.Fail("const data holds " + std::to_string(t.ByteLength()) + " bytes, not " + std::to_string(b.bytes));
     const auto* src = static_cast<const unsigned char*>(t.ArrayBuffer().Data()) + t.ByteOffset();
     b.data = std::make_shared<const std::vector<unsigned char>>(src, src + b.bytes);
+  } else if (k == "device") {
+    b.kind = PlanBufferKind::kDevice;
+    b.device = ReadGpuBuffer(r, o, "buffer");
   } else {
-    r.Fail("kind must be 'input', 'output', 'arena' or 'const'");
+    r.Fail("kind must be 'input', 'output', 'arena', 'const' or 'device'");
   }
   return b;
 }
@@ -534,26 +583,38 @@ std::vector<size_t> ReadByteCounts(SpecReader& r, Napi::Object spec, const char*
   return out;
 }
 
+}  // namespace
+
+PlanSpecParts ReadPlanSpec(Napi::Env env, Addon& addon, Napi::Value value) {
+  SpecReader r(env, addon);
+  Napi::Object spec = r.Object(value, "spec");
+  PlanSpecParts p;
+  p.input_bytes = ReadByteCounts(r, spec, "inputBytes");
+  p.output_bytes = ReadByteCounts(r, spec, "outputBytes");
+  p.arena_bytes = r.Size(spec, "arenaBytes");
+  Napi::Array bs = r.Array(spec, "buffers"), ss = r.Array(spec, "steps");
+  try {
+    p.buffers.reserve(bs.Length());
+    for (uint32_t i = 0; i < bs.Length(); ++i) p.buffers.push_back(ReadBuffer(r, bs.Get(i), i));
+    p.steps.reserve(ss.Length());
+    for (uint32_t i = 0; i < ss.Length(); ++i) p.steps.push_back(ReadStep(r, ss.Get(i), i));
+  } catch (const std::bad_alloc&) {
+    throw MakeError(env, codes::kOutOfMemory, "createPlan: out of host memory");
+  }
+  return p;
+}
+
+namespace {
+
 // createPlan(spec) -> PlanHandle (synchronous: validation and the const copies are one pass).
 Napi::Value CreatePlan(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  SpecReader r(env, addon);
-  Napi::Object spec = r.Object(info.Length() > 0 ? info[0] : env.Undefined(), "spec");
-  std::vector<PlanBufferDesc> buffers;
-  std::vector<PlanStep> steps;
-  std::vector<size_t> input_bytes = ReadByteCounts(r, spec, "inputBytes");
-  std::vector<size_t> output_bytes = ReadByteCounts(r, spec, "outputBytes");
-  const size_t arena_bytes = r.Size(spec, "arenaBytes");
-  Napi::Array bs = r.Array(spec, "buffers"), ss = r.Array(spec, "steps");
+  PlanSpecParts p = ReadPlanSpec(env, addon, info.Length() > 0 ? info[0] : env.Undefined());
   std::unique_ptr<Plan> plan;
   std::string error;
   try {
-    buffers.reserve(bs.Length());
-    for (uint32_t i = 0; i < bs.Length(); ++i) buffers.push_back(ReadBuffer(r, bs.Get(i), i));
-    steps.reserve(ss.Length());
-    for (uint32_t i = 0; i < ss.Length(); ++i) steps.push_back(ReadStep(r, ss.Get(i), i));
-    plan = Plan::Create(std::move(buffers), std::move(steps), arena_bytes, std::move(input_bytes),
-                        std::move(output_bytes), &error);
+    plan = Plan::Create(std::move(p.buffers), std::move(p.steps), p.arena_bytes, std::move(p.input_bytes),
+                        std::move(p.output_bytes), &error);
   } catch (const std::bad_alloc&) {
     throw MakeError(env, codes::kOutOfMemory, "createPlan: out of host memory");
   }
@@ -575,7 +636,8 @@ class PlanJob : public AsyncJob {
   }
 };
 
-// The bytes of an ArrayBufferView (a TypedArray or a DataView); false for anything else.
+}  // namespace
+
 bool ViewBytes(Napi::Value v, unsigned char** data, size_t* bytes) {
   if (v.IsTypedArray()) {
     Napi::TypedArray t = v.As<Napi::TypedArray>();
@@ -592,11 +654,9 @@ bool ViewBytes(Napi::Value v, unsigned char** data, size_t* bytes) {
   return false;
 }
 
-// Checks views[i] against the plan's byte counts and alignments, keeps each view alive through the
-// job and returns its data pointers.
 template <typename Ptr>
-std::vector<Ptr> ReadViews(Napi::Env env, Napi::Value v, const std::vector<size_t>& expected,
-                           const std::vector<size_t>& align, const char* what, AsyncJob* job) {
+std::vector<Ptr> ReadPlanViews(Napi::Env env, Napi::Value v, const std::vector<size_t>& expected,
+                               const std::vector<size_t>& align, const char* what, AsyncJob* job) {
   if (!v.IsArray()) throw MakeError(env, codes::kInvalidArgument, std::string("planRun: ") + what + " must be an array");
   Napi::Array a = v.As<Napi::Array>();
   if (a.Length() != expected.size())
@@ -622,6 +682,13 @@ std::vector<Ptr> ReadViews(Napi::Env env, Napi::Value v, const std::vector<size_
   }
   return out;
 }
+// The two forms the CPU and GPU run bindings use.
+template std::vector<const void*> ReadPlanViews<const void*>(Napi::Env, Napi::Value, const std::vector<size_t>&,
+                                                             const std::vector<size_t>&, const char*, AsyncJob*);
+template std::vector<void*> ReadPlanViews<void*>(Napi::Env, Napi::Value, const std::vector<size_t>&,
+                                                 const std::vector<size_t>&, const char*, AsyncJob*);
+
+namespace {
 
 // planRun(plan, inputs, outputs, threads, cancel?, timings?) -> Promise<void>
 Napi::Value PlanRun(Addon& addon, const Napi::CallbackInfo& info) {
@@ -632,8 +699,8 @@ Napi::Value PlanRun(Addon& addon, const Napi::CallbackInfo& info) {
   auto job = std::make_unique<PlanJob>();
   job->plan = PlanHandle::Get(info[0]);
   if (!job->plan) throw MakeError(env, codes::kDisposed, "planRun: the plan has been disposed");
-  job->inputs = ReadViews<const void*>(env, info[1], job->plan->input_bytes(), job->plan->input_align(), "inputs", job.get());
-  job->outputs = ReadViews<void*>(env, info[2], job->plan->output_bytes(), job->plan->output_align(), "outputs",
+  job->inputs = ReadPlanViews<const void*>(env, info[1], job->plan->input_bytes(), job->plan->input_align(), "inputs", job.get());
+  job->outputs = ReadPlanViews<void*>(env, info[2], job->plan->output_bytes(), job->plan->output_align(), "outputs",
                                           job.get());
   const double threads = info[3].IsNumber() ? info[3].As<Napi::Number>().DoubleValue() : -1;
   if (!(threads >= 0 && threads <= 1024) || threads != static_cast<double>(static_cast<unsigned>(threads)))
@@ -661,6 +728,7 @@ void RegisterPlanBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
   PlanHandle::Register(env, addon, kPlanClass);
   addon.Export(env, exports, "createPlan", CreatePlan);
   addon.Export(env, exports, "planRun", PlanRun);
+  RegisterGpuPlanBindings(env, exports, addon);
 }
 
 }  // namespace sonde

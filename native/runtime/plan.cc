@@ -88,9 +88,9 @@ class StepValidator {
                   std::to_string(buffers_.size()));
     const PlanBufferDesc& b = buffers_[r.buffer];
     if (elem > align_[r.buffer]) align_[r.buffer] = elem;
-    if (write && (b.kind == PlanBufferKind::kInput || b.kind == PlanBufferKind::kConst))
+    if (write && (b.kind == PlanBufferKind::kInput || b.kind == PlanBufferKind::kConst || b.kind == PlanBufferKind::kDevice))
       return Fail(std::string(what) + " writes buffer " + std::to_string(r.buffer) + ", which is " +
-                  (b.kind == PlanBufferKind::kInput ? "an input" : "a const") + " (read-only)");
+                  (b.kind == PlanBufferKind::kInput ? "an input" : "a constant") + " (read-only)");
     Wide lo = static_cast<Wide>(r.offset), hi = lo;
     for (size_t i = 0; i < w.rank; ++i) {
       if (w.dims[i] == 0) {
@@ -365,6 +365,33 @@ void ValidatePad(StepValidator& v, PlanStep& s) {
   v.Write(s.out[0], eb, ContiguousWalk(out), "y");
 }
 
+void ValidateGpuConv(StepValidator& v, PlanStep& s) {
+  if (!s.gpu_weights || !s.gpu_bias) return v.Fail("needs device weights and bias");
+  if (s.groups == 0 || s.c_in % s.groups || s.c_out % s.groups) return v.Fail("groups must divide cIn and cOut");
+  WindowShape ws;
+  const std::string e = ResolveWindow(s.window, s.h, s.w, &ws);
+  if (!e.empty()) return v.Fail(e);
+  const size_t wbytes = v.Product({s.c_out, s.c_in / (s.groups ? s.groups : 1), s.window.kh, s.window.kw, s.bf16 ? 2u : 4u});
+  if (s.gpu_weights->bytes() < wbytes || s.gpu_bias->bytes() < v.Product({s.c_out, 4}))
+    return v.Fail("the device weights or bias are smaller than the conv's shape needs");
+  const size_t y = v.Product({s.n, s.c_out, ws.oh, ws.ow});
+  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.n, s.c_in, s.h, s.w})), "x");
+  v.ReadOptional(s.in[1], 4, ContiguousWalk(y), "residual");
+  v.Write(s.out[0], 4, ContiguousWalk(y), "y");
+}
+
+void ValidateGpuGemm(StepValidator& v, PlanStep& s) {
+  if (!s.gpu_weights) return v.Fail("needs device weights");
+  if (s.gpu_weights->bytes() < v.Product({s.k, s.n, s.bf16 ? 2u : 4u}))
+    return v.Fail("the device weights are smaller than k x n");
+  if (s.kind < 0 || s.kind >= kernels::kActCount) return v.Fail("unknown activation");
+  const size_t c = v.Product({s.m, s.n});
+  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.m, s.k})), "a");
+  v.ReadOptional(s.in[1], 4, ContiguousWalk(s.n), "bias");
+  v.ReadOptional(s.in[2], 4, ContiguousWalk(c), "residual");
+  v.Write(s.out[0], 4, ContiguousWalk(c), "c");
+}
+
 // Enum codes and ranks come from name tables in the binding; checked again because a bad one would
 // index past a table or a dims array.
 bool CodesInRange(const PlanStep& s) {
@@ -403,6 +430,8 @@ void ValidateStep(StepValidator& v, PlanStep& s) {
     case PlanOp::kPad: return ValidatePad(v, s);
     case PlanOp::kSpmm: return ValidateSpmm(v, s);
     case PlanOp::kReorder: return ValidateReorder(v, s);
+    case PlanOp::kGpuConv: return ValidateGpuConv(v, s);
+    case PlanOp::kGpuGemm: return ValidateGpuGemm(v, s);
   }
   v.Fail("unknown op");
 }
@@ -432,6 +461,9 @@ std::string ValidateBuffers(const std::vector<PlanBufferDesc>& buffers, size_t a
         break;
       case PlanBufferKind::kConst:
         if (!b.data || b.data->size() < b.bytes) return where + "const data holds fewer than its " + std::to_string(b.bytes) + " bytes";
+        break;
+      case PlanBufferKind::kDevice:
+        if (!b.device || b.device->bytes() < b.bytes) return where + "device data holds fewer than its " + std::to_string(b.bytes) + " bytes";
         break;
     }
   }
@@ -464,6 +496,8 @@ const char* PlanOpName(PlanOp op) {
     case PlanOp::kPad: return "pad";
     case PlanOp::kSpmm: return "spmm";
     case PlanOp::kReorder: return "reorder";
+    case PlanOp::kGpuConv: return "gpuConv";
+    case PlanOp::kGpuGemm: return "gpuGemm";
   }
   return "?";
 }
@@ -474,30 +508,47 @@ struct Plan::Arena {
   ~Arena() { std::free(data); }
 };
 
-std::unique_ptr<Plan> Plan::Create(std::vector<PlanBufferDesc> buffers, std::vector<PlanStep> steps,
-                                   size_t arena_bytes, std::vector<size_t> input_bytes,
-                                   std::vector<size_t> output_bytes, std::string* error) {
-  *error = ValidateBuffers(buffers, arena_bytes, input_bytes, output_bytes);
-  if (!error->empty()) return nullptr;
+std::string ValidatePlanSpec(std::vector<PlanBufferDesc>& buffers, std::vector<PlanStep>& steps, size_t arena_bytes,
+                             const std::vector<size_t>& input_bytes, const std::vector<size_t>& output_bytes,
+                             std::vector<size_t>* input_align, std::vector<size_t>* output_align) {
+  std::string error = ValidateBuffers(buffers, arena_bytes, input_bytes, output_bytes);
+  if (!error.empty()) return error;
   std::vector<size_t> align(buffers.size(), 1);
   for (size_t i = 0; i < steps.size(); ++i) {
     StepValidator v(buffers, align);
     ValidateStep(v, steps[i]);
-    if (!v.ok()) {
-      *error = "step " + std::to_string(i) + " (" + PlanOpName(steps[i].op) + ", node '" + steps[i].node + "'): " + v.error();
+    if (!v.ok()) return "step " + std::to_string(i) + " (" + PlanOpName(steps[i].op) + ", node '" + steps[i].node + "'): " + v.error();
+  }
+  input_align->assign(input_bytes.size(), 1);
+  output_align->assign(output_bytes.size(), 1);
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    const PlanBufferDesc& b = buffers[i];
+    if (b.kind == PlanBufferKind::kInput) (*input_align)[b.index] = std::max((*input_align)[b.index], align[i]);
+    if (b.kind == PlanBufferKind::kOutput) (*output_align)[b.index] = std::max((*output_align)[b.index], align[i]);
+  }
+  return {};
+}
+
+std::unique_ptr<Plan> Plan::Create(std::vector<PlanBufferDesc> buffers, std::vector<PlanStep> steps,
+                                   size_t arena_bytes, std::vector<size_t> input_bytes,
+                                   std::vector<size_t> output_bytes, std::string* error) {
+  std::unique_ptr<Plan> plan(new Plan());
+  *error = ValidatePlanSpec(buffers, steps, arena_bytes, input_bytes, output_bytes, &plan->input_align_, &plan->output_align_);
+  if (!error->empty()) return nullptr;
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    if (buffers[i].kind == PlanBufferKind::kDevice) {
+      *error = "buffer " + std::to_string(i) + ": device data is for GPU plans only";
       return nullptr;
     }
   }
-  std::unique_ptr<Plan> plan(new Plan());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (steps[i].op == PlanOp::kGpuConv || steps[i].op == PlanOp::kGpuGemm) {
+      *error = "step " + std::to_string(i) + " (" + PlanOpName(steps[i].op) + ", node '" + steps[i].node + "'): runs on a GPU plan only";
+      return nullptr;
+    }
+  }
   for (const PlanBufferDesc& b : buffers)
     if (b.kind == PlanBufferKind::kConst) plan->const_bytes_ += b.data->size();
-  plan->input_align_.assign(input_bytes.size(), 1);
-  plan->output_align_.assign(output_bytes.size(), 1);
-  for (size_t i = 0; i < buffers.size(); ++i) {
-    const PlanBufferDesc& b = buffers[i];
-    if (b.kind == PlanBufferKind::kInput) plan->input_align_[b.index] = std::max(plan->input_align_[b.index], align[i]);
-    if (b.kind == PlanBufferKind::kOutput) plan->output_align_[b.index] = std::max(plan->output_align_[b.index], align[i]);
-  }
   plan->buffers_ = std::move(buffers);
   plan->steps_ = std::move(steps);
   for (PlanStep& s : plan->steps_)
@@ -550,6 +601,7 @@ bool Plan::Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, con
       case PlanBufferKind::kOutput: base = static_cast<unsigned char*>(outputs[b.index]); break;
       case PlanBufferKind::kArena: base = arena->data + b.offset; break;
       case PlanBufferKind::kConst: base = const_cast<unsigned char*>(b.data->data()); break;
+      case PlanBufferKind::kDevice: break;  // rejected by Create
     }
     arena->bases[i] = base;
   }
@@ -730,6 +782,9 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
     case PlanOp::kPad:
       return RunPad(ctx, s.dtype, x, s.shape.dims, s.shape.rank, s.pad_begin, s.pad_end, static_cast<PadMode>(s.kind),
                     s.value, y);
+    case PlanOp::kGpuConv:
+    case PlanOp::kGpuGemm:
+      break;  // rejected by Create
   }
   *error = "unknown op";
   return false;

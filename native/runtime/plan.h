@@ -19,11 +19,14 @@
 #include "ops/gemm_lowp.h"
 #include "ops/spmm.h"
 #include "ops/tensor_ops.h"
+#include "runtime/cuda/gpu.h"
 #include "runtime/thread_pool.h"
 
 namespace sonde {
 
-enum class PlanBufferKind : uint8_t { kInput, kOutput, kArena, kConst };
+// kDevice: GPU plans only, constant data already in device memory (an initializer a session uploaded
+// once at load, shared by all its plans).
+enum class PlanBufferKind : uint8_t { kInput, kOutput, kArena, kConst, kDevice };
 
 struct PlanBufferDesc {
   PlanBufferKind kind = PlanBufferKind::kArena;
@@ -32,6 +35,7 @@ struct PlanBufferDesc {
   size_t bytes = 0;
   // const: the plan's own copy (made once at creation; consts can be large, so never per run).
   std::shared_ptr<const std::vector<unsigned char>> data;
+  std::shared_ptr<const GpuAllocation> device;  // kDevice
 };
 
 constexpr uint32_t kNoBuffer = UINT32_MAX;
@@ -47,6 +51,8 @@ struct PlanRef {
 enum class PlanOp : uint8_t {
   kConv, kGemm, kMatMul, kUnary, kBinary, kWhere, kCopy, kFill, kGather, kPool, kGlobalAveragePool, kSoftmax,
   kLogSoftmax, kLayerNorm, kChannelAffine, kReduce, kArgMax, kTopK, kCast, kPad, kSpmm, kReorder,
+  // GPU plans only (runtime/gpu_plan.h): conv and gemm on weights already in device memory.
+  kGpuConv, kGpuGemm,
 };
 
 const char* PlanOpName(PlanOp op);
@@ -65,6 +71,8 @@ const char* PlanOpName(PlanOp op);
 //   channelAffine in: x, scale, shift             out: y
 //   topk          in: x                           out: values, indices
 //   reorder       in: x                           out: y
+//   gpuConv       in: x, residual                 out: y     (weights, bias: gpu_weights, gpu_bias)
+//   gpuGemm       in: a, bias, residual           out: c     (weights: gpu_weights)
 struct PlanStep {
   PlanOp op = PlanOp::kFill;
   std::string node;
@@ -102,10 +110,24 @@ struct PlanStep {
   std::shared_ptr<const PackedGemmWeights> gemm;
   std::shared_ptr<const PackedLowpGemmWeights> gemm_lowp;
   std::shared_ptr<const SparseWeights> sparse;  // spmm
+  // gpuConv / gpuGemm: weights in device memory, uploaded once at load and shared by every plan of
+  // a session: conv [c_out, c_in / groups, kh, kw] (window), gemm [k, n]; float32, or bf16 when
+  // bf16. gpuConv's bias holds c_out floats (zeros when the model has none).
+  std::shared_ptr<const GpuAllocation> gpu_weights, gpu_bias;
+  bool bf16 = false;
+  size_t c_in = 0, c_out = 0, groups = 1;
   // gemm with m = 1: runs that took the zero-activation-skipping GEMV (for profiles; counted
   // relaxed, concurrent runs may interleave). Made by Plan::Create.
   std::shared_ptr<std::atomic<uint64_t>> skip_runs;
 };
+
+// The checks Plan::Create and GpuPlan::Create share: every buffer against the arena and the run's
+// inputs and outputs, every step's operands against the buffers (filling the refs' byte offsets).
+// input_align / output_align get the alignment each input / output needs. Returns "" or the first
+// problem, naming the step (or buffer).
+std::string ValidatePlanSpec(std::vector<PlanBufferDesc>& buffers, std::vector<PlanStep>& steps, size_t arena_bytes,
+                             const std::vector<size_t>& input_bytes, const std::vector<size_t>& output_bytes,
+                             std::vector<size_t>* input_align, std::vector<size_t>* output_align);
 
 class Plan {
  public:

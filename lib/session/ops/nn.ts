@@ -14,7 +14,8 @@ import {
   maybeSparse, sparseConvSteps, timeConvLayer, timeGemmLayer, timeSparseConvLayer, useSparse, type SparseChoice, type SparsePrepared,
 } from '../sparse.js';
 import { broadcastShapes, broadcastStrides, stridesOf, mergeAxes, normAxis, sizeOf } from './util.js';
-import type { Attrs, Emitter, OpContext, OpDef, PrepareOptions, Prepared, ValueId } from './types.js';
+import type { Attrs, DistributiveOmit, Emitter, OpContext, OpDef, PrepareOptions, Prepared, ValueId } from './types.js';
+import { GpuLayer } from '../gpu.js';
 
 // ------------------------------------------------------------------------------------------------
 // Windows (Conv, pooling): 1-D windows are lifted to 2-D with a height of 1.
@@ -143,7 +144,10 @@ export function blockedConvGeometry(handle: NativeConvHandle, h: number, w: numb
 }
 
 interface ConvPrepared extends Prepared, SparsePrepared {
-  handle: NativeConvHandle;
+  /** The CPU's packed conv; absent in a GPU session, whose weights are `gpu`. */
+  handle?: NativeConvHandle;
+  gpu?: GpuLayer;
+  group: number;
   cOut: number;
   cIn: number;
   win: Window;
@@ -201,6 +205,11 @@ function prepareConv(fused: boolean) {
     }
     const act = fused ? fusedActivation(node, attrs) : { activation: 'none' as const, alpha: 0, beta: 0 };
     const wdata = w.data as Float32Array;
+    if (options.target === 'gpu') {
+      // The GPU conv always adds a bias: zeros stand in for a model's absent one.
+      const gpu = new GpuLayer(nodeWhere(node), wdata, options.precision === 'bf16', bias ?? new Float32Array(cOut));
+      return { gpu, group, cOut, cIn: w.dims[1]! * group, win, ...(bias ? { bias } : {}), act, dispose: () => gpu.dispose() };
+    }
     let handle: NativeConvHandle;
     try {
       handle = native().createConv(wdata, {
@@ -234,7 +243,7 @@ function prepareConv(fused: boolean) {
     const geometry = { cIn, cOut, kernel: win.kernel as [number, number], strides: win.strides as [number, number],
       dilations: win.dilations as [number, number], pads: win.autoPad === 'VALID' ? [0, 0, 0, 0] as [number, number, number, number] : win.pads };
     return {
-      handle, cOut, cIn, win, ...(bias ? { bias } : {}), act, ...(sparse ? { sparse } : {}),
+      handle, group, cOut, cIn, win, ...(bias ? { bias } : {}), act, ...(sparse ? { sparse } : {}),
       calibrate: !sparse ? undefined
         : pointwise ? (threads: number) => timeConvLayer(sparse, handle, cIn, cOut, epi, threads)
           : (threads: number) => timeSparseConvLayer(sparse, handle, geometry, epi, threads),
@@ -273,6 +282,18 @@ function convOp(fused: boolean): OpDef {
       const rbefore = fused && ctx.attrs.int('residual_before_activation', 0) !== 0;
       const pointwise = isPointwise(p.win, 1);
       const { out: [oh, ow], pads } = resolveWindow(ctx, { ...p.win, ceil: false }, h, w);
+      if (p.gpu) {
+        const dil = p.win.dilations;
+        if (pads.some((pad, i) => pad >= (p.win.kernel[i % 2]! - 1) * dil[i % 2]! + 1)) {
+          throw new UnsupportedOperatorError(`${nodeWhere(ctx.node)}: pads [${pads.join(', ')}] as large as the kernel have no GPU path`);
+        }
+        const r = fused && ctx.inputs[3] ? e.ref(e.input(3)) : undefined;
+        e.emit({ op: 'gpuConv', weights: p.gpu.weights(), bias: p.gpu.bias(), bf16: p.gpu.bf16, x: e.ref(e.input(0)), y: e.ref(e.output(0)),
+          ...(r ? { residual: r } : {}), residualBeforeActivation: rbefore, n, cIn: p.cIn, h, w, cOut: p.cOut, group: p.group,
+          kernel: p.win.kernel, strides: p.win.strides, dilations: p.win.dilations, pads,
+          activation: p.act.activation as PlanActivation, alpha: p.act.alpha, beta: p.act.beta });
+        return;
+      }
       if (p.sparse && useSparse(p.sparse, n * (pointwise ? h * w : oh * ow))) {
         const residual = fused && ctx.inputs[3] ? e.input(3) : undefined;
         if (pointwise) emitPointwiseSpmm(e, p, p.sparse, n, h * w, residual, rbefore);
@@ -280,7 +301,7 @@ function convOp(fused: boolean): OpDef {
         return;
       }
       const r = fused && ctx.inputs[3] ? e.ref(e.input(3)) : undefined;
-      e.emit({ op: 'conv', handle: p.handle, x: e.ref(e.input(0)), y: e.ref(e.output(0)), ...(r ? { residual: r } : {}),
+      e.emit({ op: 'conv', handle: p.handle!, x: e.ref(e.input(0)), y: e.ref(e.output(0)), ...(r ? { residual: r } : {}),
         residualBeforeActivation: fused && ctx.attrs.int('residual_before_activation', 0) !== 0, n, h, w });
     },
   };
@@ -342,13 +363,19 @@ function emitSparseConv(e: Emitter, p: ConvPrepared, s: SparseChoice, n: number,
 // Gemm, sonde.FusedGemm, MatMul
 
 export interface GemmPrepared extends Prepared, SparsePrepared {
-  weights: NativePackedGemm | NativePackedGemmLowp;
+  /** The CPU's packed weights; absent in a GPU session, whose weights are `gpu`. */
+  weights?: NativePackedGemm | NativePackedGemmLowp;
+  gpu?: GpuLayer;
   k: number;
   n: number;
 }
 
 /** Packs b [k, n] (row-major) for the session's precision. */
-function packWeights(b: Float32Array, k: number, n: number, options: PrepareOptions): GemmPrepared {
+function packWeights(b: Float32Array, k: number, n: number, options: PrepareOptions, node: OnnxNode): GemmPrepared {
+  if (options.target === 'gpu') {
+    const gpu = new GpuLayer(nodeWhere(node), b, options.precision === 'bf16');
+    return { gpu, k, n, dispose: () => gpu.dispose() };
+  }
   let weights: NativePackedGemm | NativePackedGemmLowp;
   try {
     weights = options.precision === 'bf16'
@@ -368,7 +395,7 @@ function packWeights(b: Float32Array, k: number, n: number, options: PrepareOpti
   // Sparse weights too when SessionOptions.sparse and the weights' zeros call for them (fp32 only).
   return {
     weights, k, n, ...(sparse ? { sparse } : {}),
-    calibrate: sparse ? (threads: number) => timeGemmLayer(sparse, weights, k, n, threads) : undefined,
+    calibrate: sparse ? (threads: number) => timeGemmLayer(sparse, weights as NativePackedGemm, k, n, threads) : undefined,
     dispose: () => { weights.dispose(); sparse?.weights.dispose(); },
   };
 }
@@ -376,13 +403,14 @@ function packWeights(b: Float32Array, k: number, n: number, options: PrepareOpti
 type GemmFields = Omit<Extract<PlanStep, { op: 'gemm' }>, 'op' | 'weights' | 'node'>;
 
 /** The layer's gemm step, on the sparse weights when the session chose them for this M. */
-function gemmStep(p: GemmPrepared, fields: GemmFields): Omit<Extract<PlanStep, { op: 'gemm' | 'spmm' }>, 'node'> {
+function gemmStep(p: GemmPrepared, fields: GemmFields): DistributiveOmit<Extract<PlanStep, { op: 'gemm' | 'spmm' | 'gpuGemm' }>, 'node'> {
+  if (p.gpu) return { op: 'gpuGemm', weights: p.gpu.weights(), bf16: p.gpu.bf16, ...fields };
   if (p.sparse && useSparse(p.sparse, fields.m)) {
     // Sparse weights exist in fp32 sessions only, so p.weights is the fp32 packed GEMM.
     const skip = fields.m === 1 ? { skipWeights: p.weights as NativePackedGemm } : {};
     return { op: 'spmm', weights: p.sparse.weights, ...fields, ...skip };
   }
-  return { op: 'gemm', weights: p.weights, ...fields };
+  return { op: 'gemm', weights: p.weights!, ...fields };
 }
 
 /** [k, n] = scale * (trans ? b^T : b) for b of 2-D dims. */
@@ -444,7 +472,7 @@ const gemmOp: OpDef = {
     if (!b) return undefined;
     const attrs = makeAttrs(node);
     const o = orientWeights(b, attrs.int('transB', 0) !== 0, attrs.float('alpha', 1));
-    return packWeights(o.data, o.k, o.n, options);
+    return packWeights(o.data, o.k, o.n, options, node);
   },
   infer(ctx) {
     const a = requireFloat(ctx, 0);
@@ -530,7 +558,7 @@ const fusedGemmOp: OpDef = {
     const b = weightTensor(node, inputs);
     if (!b) throw new UnsupportedOperatorError(`${nodeWhere(node)}: B (input 1) must be a 2-D float32 initializer`);
     const o = orientWeights(b, makeAttrs(node).int('trans_b', 0) !== 0, 1);
-    return packWeights(o.data, o.k, o.n, options);
+    return packWeights(o.data, o.k, o.n, options, node);
   },
   infer(ctx) {
     const a = requireFloat(ctx, 0);
@@ -586,7 +614,7 @@ const matMulOp: OpDef = {
   prepare(node, inputs, options) {
     const b = weightTensor(node, inputs);
     if (!b) return undefined;
-    return packWeights(b.data as Float32Array, b.dims[0]!, b.dims[1]!, options);
+    return packWeights(b.data as Float32Array, b.dims[0]!, b.dims[1]!, options, node);
   },
   infer(ctx) {
     const a = requireFloat(ctx, 0);

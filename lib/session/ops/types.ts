@@ -79,6 +79,11 @@ export interface PrepareOptions {
   precision: 'fp32' | 'bf16';
   /** SessionOptions.sparse. */
   sparse: 'auto' | 'off' | 'force';
+  /**
+   * 'gpu': conv and GEMM weights are kept for the device (lib/session/gpu.ts GpuLayer, uploaded by
+   * Session.load) instead of packed into CPU handles, and nothing is made sparse. Default 'cpu'.
+   */
+  target?: 'cpu' | 'gpu';
 }
 
 export interface OpDef {
