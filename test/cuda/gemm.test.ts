@@ -182,8 +182,9 @@ describeGpu('GPU GEMM', (t) => {
       return;
     }
     let seed = 600;
-    // K = 520: 9 K tiles, so stages are refilled twice (barrier phases 0, 1, 0).
-    const shapes: [number, number, number][] = [[1, 1, 1], [5, 13, 7], [127, 255, 64], [129, 257, 65], [64, 300, 520]];
+    // K = 520: 9 K tiles, so stages are refilled twice (barrier phases 0, 1, 0). M = 1100: 9 row
+    // tiles, a full group of 8 and a group of 1 in the block order.
+    const shapes: [number, number, number][] = [[1, 1, 1], [5, 13, 7], [127, 255, 64], [129, 257, 65], [64, 300, 520], [1100, 300, 70]];
     for (const type of ['bf16', 'f16'] as const) {
       for (const [m, n, k] of shapes) {
         await check({ m, n, k, aType: type, bType: type, kernel: 'wgmma', lda: pad8(k), ldb: pad8(n), ep: { bias: true, activation: 'relu' } }, seed++);

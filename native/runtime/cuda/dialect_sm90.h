@@ -177,15 +177,22 @@ __device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes
   __trap();
 #endif
 }
+// On a GPU a phase that never completes (a protocol bug) traps after about 2^35 cycles (some
+// seconds) instead of hanging the device: the launch then fails with an error at Synchronize().
 __device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
 #if SONDE_GPU_SM90A
   const uint32_t addr = SharedAddress(bar);
   uint32_t done = 0;
-  do {
+  long long start = 0;
+  for (;;) {
     asm volatile(
         "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done) : "r"(addr), "r"(parity & 1) : "memory");
-  } while (!done);
+    if (done) break;
+    const long long now = clock64();
+    if (start == 0) start = now;
+    else if (now - start > (1ll << 35)) __trap();
+  }
 #else
   __trap();
 #endif

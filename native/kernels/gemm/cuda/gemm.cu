@@ -469,7 +469,15 @@ __global__ void __launch_bounds__(kWgThreads, 1) WgmmaGemmKernel(const __grid_co
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kWgStages * kWgStageBytes);
   uint64_t* empty = full + kWgStages;
   const int tid = threadIdx.x, wg = tid / 128;
-  const int bm = blockIdx.y * kWgBM, bn = blockIdx.x * kWgBN;
+  // Block tiles in groups of kGroupRows row tiles, column-major inside a group: a wave of blocks
+  // then shares a few row tiles of A and a band of B columns in L2 instead of sweeping all of B for
+  // every row tile (which, for B past L2's size, reads B from memory once per row tile).
+  constexpr int kGroupRows = 8;
+  const int tiles_m = (sh.m + kWgBM - 1) / kWgBM, tiles_n = (sh.n + kWgBN - 1) / kWgBN;
+  const int per_group = kGroupRows * tiles_n, group = static_cast<int>(blockIdx.x) / per_group;
+  const int first_m = group * kGroupRows, rows_in_group = min(kGroupRows, tiles_m - first_m);
+  const int in_group = static_cast<int>(blockIdx.x) - group * per_group;
+  const int bm = (first_m + in_group % rows_in_group) * kWgBM, bn = (in_group / rows_in_group) * kWgBN;
   const int tiles = (sh.k + kWgBK - 1) / kWgBK;
   if (tid == 0) {
     for (int s = 0; s < kWgStages; ++s) {
@@ -483,17 +491,22 @@ __global__ void __launch_bounds__(kWgThreads, 1) WgmmaGemmKernel(const __grid_co
     // The producer needs few registers; giving them up lets the consumers hold 128 accumulators
     // each without spilling.
     SetMaxNRegDec<40>();
+    // B boxes wholly past column n are not copied: their stale columns only reach accumulator
+    // columns that are never stored. (Row and K boxes always start inside the matrix.)
+    const int b_boxes = min(4, (sh.n - bn + 63) / 64);
     if (tid == 0) {
       for (int t = 0; t < tiles; ++t) {
         const int s = t % kWgStages;
         // Round r of a stage waits for the consumers' release of round r - 1 (parity (r - 1) & 1);
         // round 0 waits for parity 1, which a fresh barrier reports complete.
         MbarWait(&empty[s], ((t / kWgStages) & 1) ^ 1);
-        MbarArriveExpectTx(&full[s], kWgStageBytes);
+        MbarArriveExpectTx(&full[s], kWgABytes + b_boxes * kWgBBoxBytes);
         unsigned char* stage = smem + s * kWgStageBytes;
         TmaLoad2d(stage, &a_map, t * kWgBK, bm, &full[s]);
 SONDE_UNROLL
-        for (int j = 0; j < 4; ++j) TmaLoad2d(stage + kWgABytes + j * kWgBBoxBytes, &b_map, bn + 64 * j, t * kWgBK, &full[s]);
+        for (int j = 0; j < 4; ++j) {
+          if (j < b_boxes) TmaLoad2d(stage + kWgABytes + j * kWgBBoxBytes, &b_map, bn + 64 * j, t * kWgBK, &full[s]);
+        }
       }
     }
   } else {
@@ -912,8 +925,10 @@ void RunWgmmaGemm(GpuStream& s, const GpuOpCall& call, const void* a, const void
     if (e.empty()) e = EncodeTmaMap2d(&b_map, b, uint64_t(sh.k), uint64_t(sh.n), sh.ldb * 2, kWgBK, 64, Swizzle::k128B);
     if (!e.empty()) call.Invalid("kernel 'wgmma': " + e);
   }
-  Launch(WgmmaGemmKernel<TB>, dim3(CeilDiv(sh.n, kWgBN), CeilDiv(sh.m, kWgBM)), dim3(kWgThreads), kWgSharedBytes, s,
-         a_map, b_map, c, sh, ep);
+  const uint64_t blocks = uint64_t(CeilDiv(sh.n, kWgBN)) * CeilDiv(sh.m, kWgBM);
+  if (blocks > 0x7fffffffu) call.Invalid("kernel 'wgmma': more than 2^31 - 1 block tiles");
+  Launch(WgmmaGemmKernel<TB>, dim3(static_cast<unsigned>(blocks)), dim3(kWgThreads), kWgSharedBytes, s, a_map, b_map, c,
+         sh, ep);
 }
 
 template <int TA, int TB>
