@@ -6,9 +6,10 @@
 //         m16n8k16 with fragments from ldmatrix (.trans for B, which stays row-major [k][n] in
 //         shared memory); fp32 A is rounded to B's type as it is staged into shared memory.
 //         16-bit A and B with 16-byte aligned rows skip the registers: cp.async into 4 stages.
-//   wgmma fp16/bf16 A and B of one type on Hopper (sm_90a, cc 9.0): 128x256x64 block tiles, a
-//         producer warpgroup streaming 4 shared stages through the tensor copy engine (mbarriers),
-//         two consumer warpgroups on wgmma m64n256k16 from shared memory. 'auto' takes it when the
+//   wgmma fp16/bf16 A and B of one type on Hopper (sm_90a, cc 9.0): 128x256x64 tiles, one
+//         persistent block per SM, a producer warpgroup streaming 4 shared stages through the
+//         tensor copy engine (mbarriers), two consumer warpgroups on wgmma m64n256k16 from shared
+//         memory. 'auto' takes it when the
 //         device and build have it, lda/ldb allow the copies, and SONDE_GPU_WGMMA is not 0.
 //   simt  any B type: 128x128x8 block tiles, 8x8 outputs per thread, fp32 FMA (cc < 8.0, fp32 B).
 //   gemv  m small (decode): streams B once per 8 rows of A with 16-byte loads, K split over the
@@ -469,16 +470,21 @@ __global__ void __launch_bounds__(kWgThreads, 1) WgmmaGemmKernel(const __grid_co
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kWgStages * kWgStageBytes);
   uint64_t* empty = full + kWgStages;
   const int tid = threadIdx.x, wg = tid / 128;
-  // Block tiles in groups of kGroupRows row tiles, column-major inside a group: a wave of blocks
-  // then shares a few row tiles of A and a band of B columns in L2 instead of sweeping all of B for
-  // every row tile (which, for B past L2's size, reads B from memory once per row tile).
+  // Persistent: block b runs tiles b, b + gridDim.x, ... (the grid is one block per SM), so the
+  // producer streams the next tile's first stages while the consumers store the last one.
+  // Tiles go in groups of kGroupRows row tiles, column-major inside a group: the blocks at work
+  // at once then share a few row tiles of A and a band of B columns in L2 instead of sweeping all
+  // of B for every row tile (which, for B past L2's size, reads B from memory once per row tile).
   constexpr int kGroupRows = 8;
   const int tiles_m = (sh.m + kWgBM - 1) / kWgBM, tiles_n = (sh.n + kWgBN - 1) / kWgBN;
-  const int per_group = kGroupRows * tiles_n, group = static_cast<int>(blockIdx.x) / per_group;
-  const int first_m = group * kGroupRows, rows_in_group = min(kGroupRows, tiles_m - first_m);
-  const int in_group = static_cast<int>(blockIdx.x) - group * per_group;
-  const int bm = (first_m + in_group % rows_in_group) * kWgBM, bn = (in_group / rows_in_group) * kWgBN;
-  const int tiles = (sh.k + kWgBK - 1) / kWgBK;
+  const int total = tiles_m * tiles_n, per_group = kGroupRows * tiles_n;
+  const auto origin = [&](int tile, int& bm, int& bn) {
+    const int group = tile / per_group, first_m = group * kGroupRows;
+    const int rows_in_group = min(kGroupRows, tiles_m - first_m), in_group = tile - group * per_group;
+    bm = (first_m + in_group % rows_in_group) * kWgBM;
+    bn = (in_group / rows_in_group) * kWgBN;
+  };
+  const int k_tiles = (sh.k + kWgBK - 1) / kWgBK;
   if (tid == 0) {
     for (int s = 0; s < kWgStages; ++s) {
       MbarInit(&full[s], 1);
@@ -487,60 +493,73 @@ __global__ void __launch_bounds__(kWgThreads, 1) WgmmaGemmKernel(const __grid_co
     MbarInitFence();
   }
   __syncthreads();
+  // Stage use number `it` (counted over all of this block's tiles) goes to stage it % kWgStages in
+  // round it / kWgStages; round r of a stage completes the barriers' phase r, of parity r & 1.
   if (wg == 0) {
     // The producer needs few registers; giving them up lets the consumers hold 128 accumulators
     // each without spilling.
     SetMaxNRegDec<40>();
-    // B boxes wholly past column n are not copied: their stale columns only reach accumulator
-    // columns that are never stored. (Row and K boxes always start inside the matrix.)
-    const int b_boxes = min(4, (sh.n - bn + 63) / 64);
     if (tid == 0) {
-      for (int t = 0; t < tiles; ++t) {
-        const int s = t % kWgStages;
-        // Round r of a stage waits for the consumers' release of round r - 1 (parity (r - 1) & 1);
-        // round 0 waits for parity 1, which a fresh barrier reports complete.
-        MbarWait(&empty[s], ((t / kWgStages) & 1) ^ 1);
-        MbarArriveExpectTx(&full[s], kWgABytes + b_boxes * kWgBBoxBytes);
-        unsigned char* stage = smem + s * kWgStageBytes;
-        TmaLoad2d(stage, &a_map, t * kWgBK, bm, &full[s]);
+      int it = 0;
+      for (int tile = static_cast<int>(blockIdx.x); tile < total; tile += static_cast<int>(gridDim.x)) {
+        int bm, bn;
+        origin(tile, bm, bn);
+        // B boxes wholly past column n are not copied: their stale columns only reach accumulator
+        // columns that are never stored. (Row and K boxes always start inside the matrix.)
+        const int b_boxes = min(4, (sh.n - bn + 63) / 64);
+        for (int t = 0; t < k_tiles; ++t, ++it) {
+          const int s = it % kWgStages;
+          // Waits for the consumers' release of the stage's previous round; round 0 waits for
+          // parity 1, which a fresh barrier reports complete.
+          MbarWait(&empty[s], ((it / kWgStages) & 1) ^ 1);
+          MbarArriveExpectTx(&full[s], kWgABytes + b_boxes * kWgBBoxBytes);
+          unsigned char* stage = smem + s * kWgStageBytes;
+          TmaLoad2d(stage, &a_map, t * kWgBK, bm, &full[s]);
 SONDE_UNROLL
-        for (int j = 0; j < 4; ++j) {
-          if (j < b_boxes) TmaLoad2d(stage + kWgABytes + j * kWgBBoxBytes, &b_map, bn + 64 * j, t * kWgBK, &full[s]);
+          for (int j = 0; j < 4; ++j) {
+            if (j < b_boxes) TmaLoad2d(stage + kWgABytes + j * kWgBBoxBytes, &b_map, bn + 64 * j, t * kWgBK, &full[s]);
+          }
         }
       }
     }
   } else {
     SetMaxNRegInc<232>();
-    const int cw = wg - 1;  // rows 64 cw .. 64 cw + 63 of the block tile
-    float acc[128];
+    const int cw = wg - 1;  // rows 64 cw .. 64 cw + 63 of each block tile
+    int it = 0;
+    for (int tile = static_cast<int>(blockIdx.x); tile < total; tile += static_cast<int>(gridDim.x)) {
+      int bm, bn;
+      origin(tile, bm, bn);
+      float acc[128];
 SONDE_UNROLL
-    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-    for (int t = 0; t < tiles; ++t) {
-      const int s = t % kWgStages;
-      MbarWait(&full[s], (t / kWgStages) & 1);
-      const unsigned char* a_tile = smem + s * kWgStageBytes + cw * 64 * 128;
-      const unsigned char* b_tile = smem + s * kWgStageBytes + kWgABytes;
-      WgmmaFenceOperands(acc);
-      WgmmaFence();
+      for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+      for (int t = 0; t < k_tiles; ++t, ++it) {
+        const int s = it % kWgStages;
+        MbarWait(&full[s], (it / kWgStages) & 1);
+        const unsigned char* a_tile = smem + s * kWgStageBytes + cw * 64 * 128;
+        const unsigned char* b_tile = smem + s * kWgStageBytes + kWgABytes;
+        WgmmaFenceOperands(acc);
+        WgmmaFence();
 SONDE_UNROLL
-      for (int ks = 0; ks < kWgBK / 16; ++ks) {
-        // A: k16 is 32 bytes into each 128-byte swizzled row (the swizzle applies to the address,
-        // so stepping the start within the pattern is exact); 8-row groups 1024 bytes apart.
-        // B: k16 is two 8-row groups (2048 bytes) down; 64-column boxes 8 KiB apart (LBO).
-        const uint64_t da = WgmmaDescriptor(a_tile + ks * 32, 16, 1024, Swizzle::k128B);
-        const uint64_t db = WgmmaDescriptor(b_tile + ks * 2048, kWgBBoxBytes, 1024, Swizzle::k128B);
-        if constexpr (TB == kBf16) WgmmaBf16<256, true>(acc, da, db);
-        else WgmmaF16<256, true>(acc, da, db);
+        for (int ks = 0; ks < kWgBK / 16; ++ks) {
+          // A: k16 is 32 bytes into each 128-byte swizzled row (the swizzle applies to the address,
+          // so stepping the start within the pattern is exact); 8-row groups 1024 bytes apart.
+          // B: k16 is two 8-row groups (2048 bytes) down; 64-column boxes 8 KiB apart (LBO).
+          const uint64_t da = WgmmaDescriptor(a_tile + ks * 32, 16, 1024, Swizzle::k128B);
+          const uint64_t db = WgmmaDescriptor(b_tile + ks * 2048, kWgBBoxBytes, 1024, Swizzle::k128B);
+          if constexpr (TB == kBf16) WgmmaBf16<256, true>(acc, da, db);
+          else WgmmaF16<256, true>(acc, da, db);
+        }
+        WgmmaCommit();
+        // One group stays in flight: once use it - 1's wgmmas have retired its stage may be refilled.
+        WgmmaWait<1>();
+        WgmmaFenceOperands(acc);
+        if (t > 0) MbarArrive(&empty[(it - 1) % kWgStages]);
       }
-      WgmmaCommit();
-      // Keeping one group in flight: once tile t - 1's wgmmas have retired its stage may be refilled.
-      WgmmaWait<1>();
+      WgmmaWait<0>();
       WgmmaFenceOperands(acc);
-      if (t > 0) MbarArrive(&empty[(t - 1) % kWgStages]);
+      if (k_tiles > 0) MbarArrive(&empty[(it - 1) % kWgStages]);  // the tile's last stage
+      StoreWgmmaTile(c, sh, ep, bm + cw * 64, bn, acc);
     }
-    WgmmaWait<0>();
-    WgmmaFenceOperands(acc);
-    StoreWgmmaTile(c, sh, ep, bm + cw * 64, bn, acc);
   }
 #else
   __trap();  // this image was built without sm_90a; the op never launches it there
@@ -917,7 +936,7 @@ bool WgmmaLayoutOk(const void* a, size_t lda, const void* b, size_t ldb) {
 }
 
 template <int TB>
-void RunWgmmaGemm(GpuStream& s, const GpuOpCall& call, const void* a, const void* b, float* c, const Shape& sh,
+void RunWgmmaGemm(GpuStream& s, const GpuOpCall& call, int sms, const void* a, const void* b, float* c, const Shape& sh,
                   const Epilogue& ep) {
   TmaMap2d a_map{}, b_map{};
   if (sh.k > 0) {  // K = 0 runs no K tile, so the maps stay unused (and could not describe an empty matrix)
@@ -925,8 +944,10 @@ void RunWgmmaGemm(GpuStream& s, const GpuOpCall& call, const void* a, const void
     if (e.empty()) e = EncodeTmaMap2d(&b_map, b, uint64_t(sh.k), uint64_t(sh.n), sh.ldb * 2, kWgBK, 64, Swizzle::k128B);
     if (!e.empty()) call.Invalid("kernel 'wgmma': " + e);
   }
-  const uint64_t blocks = uint64_t(CeilDiv(sh.n, kWgBN)) * CeilDiv(sh.m, kWgBM);
-  if (blocks > 0x7fffffffu) call.Invalid("kernel 'wgmma': more than 2^31 - 1 block tiles");
+  const uint64_t tiles = uint64_t(CeilDiv(sh.n, kWgBN)) * CeilDiv(sh.m, kWgBM);
+  if (tiles > 0x7fffffffu) call.Invalid("kernel 'wgmma': more than 2^31 - 1 block tiles");
+  // One block per SM (its shared stages fill the SM), each looping over tiles.
+  const uint64_t blocks = sms > 0 && uint64_t(sms) < tiles ? uint64_t(sms) : tiles;
   Launch(WgmmaGemmKernel<TB>, dim3(static_cast<unsigned>(blocks)), dim3(kWgThreads), kWgSharedBytes, s, a_map, b_map, c,
          sh, ep);
 }
@@ -995,8 +1016,8 @@ void GemmOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
     sh.vec_c = (reinterpret_cast<uintptr_t>(out) & 7) == 0 && ldc % 2 == 0;
   }
   if (choice == kWgmma) {
-    if (b_type == kBf16) RunWgmmaGemm<kBf16>(s, c, a, b, out, sh, ep);
-    else RunWgmmaGemm<kF16>(s, c, a, b, out, sh, ep);
+    if (b_type == kBf16) RunWgmmaGemm<kBf16>(s, c, d.multiprocessors, a, b, out, sh, ep);
+    else RunWgmmaGemm<kF16>(s, c, d.multiprocessors, a, b, out, sh, ep);
     return;
   }
   switch (b_type * 3 + a_type) {
