@@ -420,7 +420,7 @@ SONDE_UNROLL
 // K works without predicates); warpgroups 1 and 2 each own 64 rows x 256 columns and run
 // m64n256k16 wgmma straight from shared memory (A K-major, B [k][n] = MN-major), 4 per K tile.
 // Per stage two mbarriers: `full` completes when the producer's arrival and the copies' bytes are
-// in, `empty` when all 256 consumer threads have seen their wgmmas on it retire.
+// in, `empty` when all 8 consumer warps have seen their wgmmas on it retire.
 constexpr int kWgBM = 128, kWgBN = 256, kWgBK = 64, kWgStages = 4, kWgThreads = 384;
 constexpr int kWgABytes = kWgBM * kWgBK * 2;             // 16 KiB: 128 rows of 128 bytes
 constexpr int kWgBBoxBytes = kWgBK * 64 * 2;             // 8 KiB: 64 k rows of 64 columns
@@ -488,7 +488,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) WgmmaGemmKernel(const __grid_co
   if (tid == 0) {
     for (int s = 0; s < kWgStages; ++s) {
       MbarInit(&full[s], 1);
-      MbarInit(&empty[s], 2 * 128);  // every consumer thread releases
+      MbarInit(&empty[s], 2 * 4);  // one release per consumer warp
     }
     MbarInitFence();
   }
@@ -524,7 +524,7 @@ SONDE_UNROLL
     }
   } else {
     SetMaxNRegInc<232>();
-    const int cw = wg - 1;  // rows 64 cw .. 64 cw + 63 of each block tile
+    const int cw = wg - 1, lane = tid % 32;  // rows 64 cw .. 64 cw + 63 of each block tile
     int it = 0;
     for (int tile = static_cast<int>(blockIdx.x); tile < total; tile += static_cast<int>(gridDim.x)) {
       int bm, bn;
@@ -553,11 +553,12 @@ SONDE_UNROLL
         // One group stays in flight: once use it - 1's wgmmas have retired its stage may be refilled.
         WgmmaWait<1>();
         WgmmaFenceOperands(acc);
-        if (t > 0) MbarArrive(&empty[(it - 1) % kWgStages]);
+        // After its warp's wait (.sync.aligned: every lane has retired its share), lane 0 releases.
+        if (t > 0 && lane == 0) MbarArrive(&empty[(it - 1) % kWgStages]);
       }
       WgmmaWait<0>();
       WgmmaFenceOperands(acc);
-      if (k_tiles > 0) MbarArrive(&empty[(it - 1) % kWgStages]);  // the tile's last stage
+      if (k_tiles > 0 && lane == 0) MbarArrive(&empty[(it - 1) % kWgStages]);  // the tile's last stage
       StoreWgmmaTile(c, sh, ep, bm + cw * 64, bn, acc);
     }
   }
