@@ -79,7 +79,7 @@ constexpr size_t kLaneSlotBytes = 64;
 const unsigned char* WarpExchange(unsigned mask, const void* data, size_t bytes);
 unsigned LaneId();
 // The launch's dynamic shared memory (per OS thread, so per block), 1024-byte aligned as the
-// largest swizzle pattern of the tensor-memory copies and wgmma descriptors needs.
+// largest swizzle pattern of the tensor copies and wgmma descriptors (runtime/cuda/dialect_sm90.h) needs.
 unsigned char* DynamicShared();
 // Parks the calling thread until ready(arg) holds: the emulated form of a spin-wait on memory that
 // other threads (or the emulated copy engine) change, such as an mbarrier phase. The scheduler
