@@ -244,13 +244,14 @@ describeGpu('CUDA execution model', (t) => {
   }
 
   if (t.emulated) {
-    it('reports a stuck barrier, an exited lane in a warp sync and bad launch configurations', async () => {
+    it('reports a stuck barrier, an mbarrier phase that never completes, an exited lane in a warp sync and bad launch configurations', async () => {
       const out = GpuBuffer.alloc(t.id, 32 * 4);
       const cases: [number, RegExp][] = [
         [0, /cannot progress.*thread \(0,0,0\) waits at a warp sync.*thread \(1,0,0\) waits at __syncthreads/],
         [1, /thread \(3,0,0\) exited before a warp sync/],
         [2, /invalid configuration: a block of 2048x1x1/],
         [3, /invalid configuration: 1048576 bytes of dynamic shared memory/],
+        [4, /cannot progress.*thread \(0,0,0\) waits for an mbarrier phase/],
       ];
       for (const [kind, msg] of cases) {
         const err = await runGpuOp(t.id, 'selftest_misuse', [out], { kind }).catch((e: Error) => e);

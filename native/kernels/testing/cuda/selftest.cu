@@ -342,8 +342,17 @@ __global__ void ExitedLaneKernel(int* out) {
   if (threadIdx.x == 3) return;
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
 }
+// Waits for a phase of an mbarrier that nobody arrives at (its expected arrival never comes).
+__global__ void StuckMbarrierKernel() {
+  __shared__ uint64_t bar;
+  if (threadIdx.x == 0) MbarInit(&bar, 2);
+  __syncthreads();
+  if (threadIdx.x == 0) MbarArrive(&bar);
+  MbarWait(&bar, 0);
+}
 void Misuse(GpuStream& s, const GpuDeviceInfo&, const GpuOpCall& c) {
-  const int kind = static_cast<int>(c.Int("kind", 0, 3));
+  const int kind = static_cast<int>(c.Int("kind", 0, 4));
+  if (kind == 4) Launch(StuckMbarrierKernel, dim3(1), dim3(32), 0, s);
   if (kind == 0) Launch(StuckBarrierKernel, dim3(1), dim3(64), 0, s);
   if (kind == 1) Launch(ExitedLaneKernel, dim3(1), dim3(32), 0, s, c.Buffer<int>(0, 32, "out"));
   if (kind == 2) Launch(StuckBarrierKernel, dim3(1), dim3(2048), 0, s);  // too many threads per block
