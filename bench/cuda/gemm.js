@@ -1,6 +1,6 @@
 // GEMM on the GPU: TFLOP/s at 4096^3 per type against the datasheet peak (int8 against twice the
 // bf16 peak, as the tensor cores run s8 at double rate) and against the measured mma.sync bf16
-// ceiling; decode GEMVs (m = 1) in GB/s of weights streamed against the measured read bandwidth.
+// ceiling, for Hopper's wgmma kernel and the mma.sync kernel side by side (and on LLM prefill shapes); decode GEMVs (m = 1) in GB/s of weights streamed against the measured read bandwidth.
 import { GpuBuffer } from '../../dist/cuda/runtime.js';
 import { gpuGemm, gpuGemmInt8, gpuPackGemmInt8 } from '../../dist/cuda/gemm.js';
 import { randomBuffer } from './common.js';
@@ -23,7 +23,11 @@ async function time(run, reps) {
 }
 
 export async function* gemmCases(env) {
-  const { id, emulated, sheet, measured } = env;
+  const { id, info, emulated, sheet, measured, quick } = env;
+  // Hopper's wgmma kernel runs on cc 9.0 (and on the emulator); both tensor-core paths are timed
+  // in the same run so their ratio is a fair one, mma first so that a failing wgmma launch (which
+  // leaves the CUDA context unusable) cannot take the baseline with it.
+  const hopper = emulated || Number(info.computeCapability) === 9;
   const size = emulated ? 64 : 4096;
   const reps = emulated ? 1 : 20;
   const flops = 2 * size ** 3;
@@ -41,14 +45,32 @@ export async function* gemmCases(env) {
   yield report('f32 simt', ms, sheet?.fp32);
   for (const type of ['f16', 'bf16']) {
     const a16 = await GpuBuffer.from(id, random16(size * size, type)), b16 = await GpuBuffer.from(id, random16(size * size, type));
-    ms = await time((r) => gpuGemm(id, a16, b16, c, size, size, size, { aType: type, bType: type, reps: r }), reps);
-    yield report(`${type} mma`, ms, sheet?.bf16);
+    for (const kernel of hopper ? ['mma', 'wgmma'] : ['mma']) {
+      ms = await time((r) => gpuGemm(id, a16, b16, c, size, size, size, { aType: type, bType: type, kernel, reps: r }), reps);
+      yield report(`${type} ${kernel}`, ms, sheet?.bf16);
+    }
     if (type === 'bf16') {
       ms = await time((r) => gpuGemm(id, a32, b16, c, size, size, size, { bType: type, reps: r }), reps);
       yield report('bf16 mma, f32 A', ms, sheet?.bf16);
     }
     a16.dispose();
     b16.dispose();
+  }
+  // LLM prefill shapes (bf16, 2048 tokens): attention projections, MLP up and down (llama 8B sizes).
+  if (!emulated && !quick) {
+    for (const [m, n, k] of [[2048, 4096, 4096], [2048, 14336, 4096], [2048, 4096, 14336], [512, 4096, 4096]]) {
+      const a16 = await GpuBuffer.from(id, random16(m * k, 'bf16')), b16 = await GpuBuffer.from(id, random16(k * n, 'bf16'));
+      const out = GpuBuffer.alloc(id, m * n * 4, 'gemm bench C');
+      for (const kernel of hopper ? ['mma', 'wgmma'] : ['mma']) {
+        ms = await time((r) => gpuGemm(id, a16, b16, out, m, n, k, { aType: 'bf16', bType: 'bf16', kernel, reps: r }), reps);
+        const t = 2 * m * n * k / ms / 1e9;
+        yield {
+          case: `bf16 ${kernel} ${m}x${n}x${k}`, ms, tflops: t, peakTflops: sheet?.bf16,
+          pct: sheet ? 100 * t / sheet.bf16 : undefined, pctOfMma: measured.mma ? 100 * t / measured.mma : undefined,
+        };
+      }
+      for (const x of [a16, b16, out]) x.dispose();
+    }
   }
   const w8 = await gpuPackGemmInt8(id, b32, size, size);
   ms = await time((r) => gpuGemmInt8(id, a32, w8, c, size, { reps: r }), reps);

@@ -4,7 +4,7 @@
  * with the CPU GEMM's epilogue (lib/kernels/gemm.ts GemmOptions): v = acc * scale[j] + bias[j], then
  * act(v + residual) or act(v) + residual. B is fp32, fp16 or bf16 (16-bit values as raw bits); A is
  * fp32 or B's type. The tensor-core kernel ('mma', fp16/bf16 B on compute capability >= 8.0) rounds
- * an fp32 A to B's type; 'simt' and 'gemv' use A as given.
+ * an fp32 A to B's type; 'simt' and 'gemv' use A as given; Hopper's 'wgmma' takes A of B's type.
  * int8: weights packed on the device with gpuPackGemmInt8 (s8 per output column), A quantised per
  * row at run time, both exactly as the CPU's int8 precision (packGemmWeights precision 'int8'), so
  * the integer sums agree with the CPU int8 path.
@@ -17,14 +17,18 @@ import { GpuBuffer, runGpuOp, type GpuDeviceId, type GpuRunOptions } from './run
 
 export type GpuGemmType = 'f32' | 'f16' | 'bf16';
 /**
- * 'auto': 'gemv' for m <= 8, else 'mma' for fp16/bf16 B on compute capability >= 8.0, else 'simt'.
- * int8 has no separate SIMT tile kernel: 'simt' and 'gemv' both run its dp4a kernel.
+ * 'auto': 'gemv' for m <= 8; else 'wgmma' on Hopper (compute capability 9.0 with the build's sm_90a
+ * code) when A and B are both fp16 or both bf16 with 16-byte aligned rows (lda, ldb multiples of 8)
+ * and the environment does not set SONDE_GPU_WGMMA=0; else 'mma' for fp16/bf16 B on compute
+ * capability >= 8.0; else 'simt'. 'wgmma' forced elsewhere is an InvalidArgumentError (the emulator
+ * runs it, for tests). int8 has no separate SIMT tile kernel: 'simt' and 'gemv' both run its dp4a
+ * kernel; it has no 'wgmma' kernel.
  */
-export type GpuGemmKernel = 'auto' | 'mma' | 'simt' | 'gemv';
+export type GpuGemmKernel = 'auto' | 'mma' | 'simt' | 'gemv' | 'wgmma';
 
 // Codes shared with gemm.cu (DType, Choice) and native/kernels/gemm/gemm.h (activations).
 const TYPE_CODE: Record<GpuGemmType, number> = { f32: 0, f16: 1, bf16: 2 };
-const KERNEL_CODE: Record<GpuGemmKernel, number> = { auto: 0, mma: 1, simt: 2, gemv: 3 };
+const KERNEL_CODE: Record<GpuGemmKernel, number> = { auto: 0, mma: 1, simt: 2, gemv: 3, wgmma: 4 };
 const TYPES = Object.keys(TYPE_CODE) as GpuGemmType[];
 const KERNELS = Object.keys(KERNEL_CODE) as GpuGemmKernel[];
 /** int8: |sum of K products (u8 - zero) x s8| <= K * 255 * 127 must fit the s32 sums (as on the CPU). */
@@ -119,6 +123,9 @@ export async function gpuGemm(device: GpuDeviceId, a: GpuBuffer, b: GpuBuffer, c
   if (aType !== 'f32' && aType !== bType) throw new InvalidArgumentError(`${w}: options.aType must be 'f32' or bType ('${bType}'), got '${aType}'`);
   const kernel = checkOneOf(`${w}: options.kernel`, o.kernel ?? 'auto', KERNELS);
   if (kernel === 'mma' && bType === 'f32') throw new InvalidArgumentError(`${w}: options.kernel 'mma' needs bType 'f16' or 'bf16'`);
+  if (kernel === 'wgmma' && (bType === 'f32' || aType !== bType)) {
+    throw new InvalidArgumentError(`${w}: options.kernel 'wgmma' needs aType and bType both 'f16' or both 'bf16', got '${aType}' and '${bType}'`);
+  }
   const lda = checkLd(`${w}: options.lda`, o.lda, k, k), ldb = checkLd(`${w}: options.ldb`, o.ldb, n, n);
   const ldc = checkLd(`${w}: options.ldc`, o.ldc, n, n);
   checkGpuBuffer(w, 'a', a, device, span(m, lda, k, aType === 'f32' ? 4 : 2));
@@ -210,6 +217,7 @@ export async function gpuGemmInt8(device: GpuDeviceId, a: GpuBuffer, weights: Gp
   const { k, n } = weights;
   m = checkInt(`${w}: m`, m, 0, INT32_MAX);
   const kernel = checkOneOf(`${w}: options.kernel`, o.kernel ?? 'auto', KERNELS);
+  if (kernel === 'wgmma') throw new InvalidArgumentError(`${w}: options.kernel 'wgmma' is for fp16/bf16 weights (gpuGemm), not int8`);
   const lda = checkLd(`${w}: options.lda`, o.lda, k, k), ldc = checkLd(`${w}: options.ldc`, o.ldc, n, n);
   checkGpuBuffer(w, 'a', a, device, span(m, lda, k, 4));
   checkGpuBuffer(w, 'c', c, device, span(m, ldc, n, 4));

@@ -1,9 +1,10 @@
 // The execution model the emulator implements, pinned by hand-derived expectations. On a GPU the
 // same expectations are checked against the hardware, which is what lets the emulator stand in for
-// it in the other kernel tests.
+// it in the other kernel tests. The Hopper primitives (mbarrier, tensor copies, wgmma) run on the
+// emulator and on cc 9.0 GPUs; their expectations come from the PTX ISA's layouts, computed here.
 import { expect, it } from 'vitest';
 import { InternalError } from '../../dist/index.js';
-import { GpuBuffer, runGpuOp } from '../../dist/cuda/runtime.js';
+import { GpuBuffer, gpuDevice, runGpuOp } from '../../dist/cuda/runtime.js';
 import { describeGpu } from './targets.js';
 
 function toBf16(x: number): number {
@@ -110,14 +111,147 @@ describeGpu('CUDA execution model', (t) => {
     }
   });
 
+  it('cp.async copies the given bytes and zero-fills the rest of each 16', async () => {
+    const src = Uint8Array.from({ length: 512 }, (_, i) => (i * 37) % 251 + 1);
+    const srcBuf = await GpuBuffer.from(t.id, src);
+    const outBuf = await GpuBuffer.from(t.id, new Uint8Array(512).fill(0xee));
+    await runGpuOp(t.id, 'selftest_cp_async', [srcBuf, outBuf], {});
+    const got = await outBuf.read(new Uint8Array(512));
+    for (const b of [srcBuf, outBuf]) b.dispose();
+    for (let l = 0; l < 32; l++) {
+      for (let i = 0; i < 16; i++) expect(got[16 * l + i], `lane ${l} byte ${i}`).toBe(i < l % 17 ? src[16 * l + i] : 0);
+    }
+  });
+
+  // ---- Hopper (sm_90a) ----
+  const hopper = () => t.emulated || Number(gpuDevice(t.id).computeCapability) === 9;
+  // The 128B / 64B / 32B swizzles: the 16-byte chunk bits 4.. of a shared address XOR its bits 7..
+  // (Swizzle<3,4,3>, <2,4,3>, <1,4,3> in the ISA's canonical layouts); span 16 is no swizzle.
+  const swizzle = (addr: number, span: number) => (span === 16 ? addr : addr ^ (((addr >> 7) & (span / 16 - 1)) << 4));
+  const SWIZZLE_CODE: Record<number, number> = { 16: 0, 128: 1, 64: 2, 32: 3 };
+
+  it('mbarrier phases: a producer and 32 consumers over two slots, parity waits', async () => {
+    const out = GpuBuffer.alloc(t.id, 32 * 4);
+    if (!hopper()) {
+      await expect(runGpuOp(t.id, 'selftest_mbarrier', [out], { rounds: 7 })).rejects.toThrow(/compute capability 9.0/);
+      out.dispose();
+      return;
+    }
+    for (const rounds of [0, 1, 7]) {
+      await runGpuOp(t.id, 'selftest_mbarrier', [out], { rounds });
+      const got = await out.read(new Int32Array(32));
+      let total = 0;
+      for (let r = 0; r < rounds; r++) total += r * r + 1;
+      for (let lane = 0; lane < 32; lane++) expect(got[lane], `rounds ${rounds}, consumer ${lane}`).toBe(total * (lane + 1));
+    }
+    out.dispose();
+  });
+
+  it('tensor copies: boxes swizzled as the ISA lays them out, zero outside the matrix', async () => {
+    const rows = 70, cols = 100, ld = 104;
+    const src = Uint16Array.from({ length: rows * ld }, (_, i) => ((Math.floor(i / ld) * 131 + (i % ld)) & 0x7fff) + 1);
+    const srcBuf = await GpuBuffer.from(t.id, src);
+    // [boxRows, boxCols, span, row0, col0]: past the bottom and right edges, before the top and left.
+    const cases: [number, number, number, number, number][] = [
+      [40, 64, 128, 50, 60], [16, 64, 128, -3, -8], [9, 32, 64, 5, 80], [11, 16, 32, 66, 3], [5, 24, 16, 1, 2],
+    ];
+    for (const [boxRows, boxCols, span, row0, col0] of cases) {
+      const out = GpuBuffer.alloc(t.id, boxRows * boxCols * 2);
+      const params = { rows, cols, ld, boxRows, boxCols, swizzle: SWIZZLE_CODE[span]!, row0, col0 };
+      if (!hopper()) {
+        await expect(runGpuOp(t.id, 'selftest_tma', [srcBuf, out], params)).rejects.toThrow(/compute capability 9.0/);
+        out.dispose();
+        break;
+      }
+      await runGpuOp(t.id, 'selftest_tma', [srcBuf, out], params);
+      const got = await out.read(new Uint16Array(boxRows * boxCols));
+      out.dispose();
+      for (let r = 0; r < boxRows; r++) {
+        for (let c = 0; c < boxCols; c++) {
+          const gr = row0 + r, gc = col0 + c;
+          const want = gr >= 0 && gr < rows && gc >= 0 && gc < cols ? src[gr * ld + gc]! : 0;
+          const at = swizzle((r * boxCols + c) * 2, span) / 2;
+          expect(got[at], `box ${JSON.stringify(params)} element (${r}, ${c})`).toBe(want);
+        }
+      }
+    }
+    srcBuf.dispose();
+  });
+
+  // Element (i along M/N, j along K) of a 16-bit operand in a shared image, per the ISA's canonical
+  // layouts (T = 8 elements per 16 bytes), then swizzled; `start` is the descriptor's offset.
+  interface Operand { mnMajor: boolean; span: number; lbo: number; sbo: number; start: number }
+  function byteOf(o: Operand, i: number, j: number): number {
+    let off: number;
+    if (!o.mnMajor) {
+      off = o.span === 16 ? (i % 8) * 16 + Math.floor(i / 8) * o.sbo + (j % 8) * 2 + Math.floor(j / 8) * o.lbo
+        : (i % 8) * o.span + Math.floor(i / 8) * o.sbo + j * 2;
+    } else {
+      off = o.span === 16 ? (i % 8) * 2 + Math.floor(i / 8) * o.sbo + (j % 8) * 16 + Math.floor(j / 8) * o.lbo
+        : (i % (o.span / 2)) * 2 + Math.floor(i / (o.span / 2)) * o.lbo + (j % 8) * o.span + Math.floor(j / 8) * o.sbo;
+    }
+    return swizzle(o.start + off, o.span);
+  }
+
+  // [name, kind (0 bf16, 1 f16), A operand, B operand (mnMajor = B stored [k][n], imm-trans-b 1), image bytes]
+  const WGMMA_CASES: [string, number, Operand, Operand, number, number][] = [
+    // The GEMM's own: A 64 rows x 64 k (128-byte rows) at k step 1 (32 bytes in), B four boxes of
+    // 64 k x 64 columns 8 KiB apart at k step 1 (two 8-row groups, 2048 bytes, down).
+    ['K-major A, MN-major B, 128B swizzle, k step 1', 0,
+      { mnMajor: false, span: 128, lbo: 16, sbo: 1024, start: 32 }, { mnMajor: true, span: 128, lbo: 8192, sbo: 1024, start: 2048 }, 8192, 32768],
+    ['K-major A and B, 128B swizzle', 1,
+      { mnMajor: false, span: 128, lbo: 16, sbo: 1024, start: 0 }, { mnMajor: false, span: 128, lbo: 16, sbo: 1024, start: 0 }, 8192, 32768],
+    ['no swizzle (interleaved core matrices)', 0,
+      { mnMajor: false, span: 16, lbo: 128, sbo: 256, start: 0 }, { mnMajor: true, span: 16, lbo: 4096, sbo: 128, start: 0 }, 2048, 8192],
+    ['MN-major B, 64B swizzle; A 32B swizzle', 1,
+      { mnMajor: false, span: 32, lbo: 16, sbo: 256, start: 0 }, { mnMajor: true, span: 64, lbo: 512, sbo: 4096, start: 0 }, 2048, 8192],
+  ];
+  for (const [name, kind, ao, bo, aBytes, bBytes] of WGMMA_CASES) {
+    it(`wgmma m64n256k16 from descriptors: ${name}`, async () => {
+      const enc = (x: number) => (kind === 0 ? toBf16(x) : toF16Exact(x));
+      const aVal = (i: number, j: number) => ((i * 7 + j * 3) % 7) - 3;
+      const bVal = (j: number, n: number) => ((j * 5 + n * 11) % 7) - 3;
+      // The multiplied K columns sit at j0.. of the image's (start offsets step K by 16).
+      const aJ0 = ao.mnMajor ? 0 : (ao.start % ao.span) / 2, bJ0 = bo.mnMajor ? (bo.start / bo.sbo) * 8 : (bo.start % bo.span) / 2;
+      const aImg = new Uint16Array(aBytes / 2), bImg = new Uint16Array(bBytes / 2);
+      for (let i = 0; i < 64; i++) for (let j = 0; j < 16; j++) aImg[byteOf(ao, i, j) / 2] = enc(aVal(i, aJ0 + j));
+      for (let n = 0; n < 256; n++) for (let j = 0; j < 16; j++) bImg[byteOf(bo, n, j) / 2] = enc(bVal(bJ0 + j, n));
+      const aBuf = await GpuBuffer.from(t.id, aImg), bBuf = await GpuBuffer.from(t.id, bImg);
+      const dBuf = GpuBuffer.alloc(t.id, 64 * 256 * 4);
+      const params = {
+        kind, transB: bo.mnMajor ? 1 : 0, aBytes, bBytes,
+        aSwizzle: SWIZZLE_CODE[ao.span]!, aLbo: ao.lbo, aSbo: ao.sbo, aOffset: ao.start,
+        bSwizzle: SWIZZLE_CODE[bo.span]!, bLbo: bo.lbo, bSbo: bo.sbo, bOffset: bo.start,
+      };
+      try {
+        if (!hopper()) {
+          await expect(runGpuOp(t.id, 'selftest_wgmma', [aBuf, bBuf, dBuf], params)).rejects.toThrow(/compute capability 9.0/);
+          return;
+        }
+        await runGpuOp(t.id, 'selftest_wgmma', [aBuf, bBuf, dBuf], params);
+        const d = await dBuf.read(new Float32Array(64 * 256));
+        for (let i = 0; i < 64; i++) {
+          for (let n = 0; n < 256; n++) {
+            let s = 0;
+            for (let j = 0; j < 16; j++) s += aVal(i, aJ0 + j) * bVal(bJ0 + j, n);
+            if (d[i * 256 + n] !== s) expect(d[i * 256 + n], `D[${i}][${n}]`).toBe(s);
+          }
+        }
+      } finally {
+        for (const b of [aBuf, bBuf, dBuf]) b.dispose();
+      }
+    });
+  }
+
   if (t.emulated) {
-    it('reports a stuck barrier, an exited lane in a warp sync and bad launch configurations', async () => {
+    it('reports a stuck barrier, an mbarrier phase that never completes, an exited lane in a warp sync and bad launch configurations', async () => {
       const out = GpuBuffer.alloc(t.id, 32 * 4);
       const cases: [number, RegExp][] = [
         [0, /cannot progress.*thread \(0,0,0\) waits at a warp sync.*thread \(1,0,0\) waits at __syncthreads/],
         [1, /thread \(3,0,0\) exited before a warp sync/],
         [2, /invalid configuration: a block of 2048x1x1/],
         [3, /invalid configuration: 1048576 bytes of dynamic shared memory/],
+        [4, /cannot progress.*thread \(0,0,0\) waits for an mbarrier phase/],
       ];
       for (const [kind, msg] of cases) {
         const err = await runGpuOp(t.id, 'selftest_misuse', [out], { kind }).catch((e: Error) => e);

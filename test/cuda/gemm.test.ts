@@ -1,13 +1,15 @@
 // GPU GEMM (native/kernels/gemm/cuda/gemm.cu) against the CPU GEMM (sonde.kernels.gemm, itself tested
-// against scalar loops): fp32 / fp16 / bf16 through every kernel (mma, simt, gemv) on shapes one
-// below, at and above each tile (128 rows and columns; K tiles of 32 (mma), 8 (simt), 64-row
+// against scalar loops): fp32 / fp16 / bf16 through every kernel (mma, register-staged or, for
+// 16-bit A with 16-byte rows, cp.async-pipelined; simt; gemv; and Hopper's wgmma on the emulator
+// and on cc 9.0 GPUs) on shapes one below, at and above each tile (128 rows
+// and columns, 256 wgmma columns; K tiles of 32 (mma), 64 (wgmma, 4 stages), 8 (simt), 64-row
 // groups x 4 (gemv); 16-byte vectors), every epilogue, leading dimensions that allow or forbid
 // vector loads; int8 against the CPU int8 precision (same quantisation, so the same integer sums).
 // 16-bit values are produced by the CPU casts (kernels.cast), so both sides see identical inputs.
 import { expect, it } from 'vitest';
 import { DisposedError, InvalidArgumentError, Tensor, kernels } from '../../dist/index.js';
 import type { GemmActivation } from '../../dist/kernels/gemm.js';
-import { GpuBuffer, runGpuOp } from '../../dist/cuda/runtime.js';
+import { GpuBuffer, gpuDevice, runGpuOp } from '../../dist/cuda/runtime.js';
 import {
   gpuGemm, gpuGemmInt8, gpuPackGemmInt8, type GpuGemmKernel, type GpuGemmOptions, type GpuGemmType,
 } from '../../dist/cuda/gemm.js';
@@ -140,7 +142,7 @@ describeGpu('GPU GEMM', (t) => {
     const { m, n, k } = c;
     const want = (await kernels.gemm(new Tensor('float32', p.a, [m, p.lda]), new Tensor('float32', bDense, [k, n]), p.cpuOpts)).data;
     const got = await runC(m, n, p.ldc, (cb) => gpuGemm(t.id, p.aBuf, bBuf, cb, m, n, k, p.opts));
-    compare(got, want, p, c, `${JSON.stringify(c)}`, c.kernel === 'mma' ? 4 : 1);
+    compare(got, want, p, c, `${JSON.stringify(c)}`, c.kernel === 'mma' || c.kernel === 'wgmma' ? 4 : 1);
   }
 
   // Rows and columns around the 128 tile, K around the kernels' K tiles and 16-byte vectors. (The
@@ -166,6 +168,49 @@ describeGpu('GPU GEMM', (t) => {
       for (const [m, n, k] of TILE_SHAPES) await check({ m, n, k, aType, bType, kernel: 'mma', ep: { bias: true, activation: 'relu' } }, seed++);
       await check({ m: 33, n: 35, k: 47, aType, bType, kernel: 'mma', lda: 49, ldb: 37, ldc: 39 }, seed++);
       await check({ m: 20, n: 24, k: 40, aType, bType, kernel: 'mma', lda: 48, ldb: 32, ldc: 28 }, seed++);
+    }
+  });
+
+  // The emulator runs the Hopper kernel whatever the cc it reports; a GPU only when it is cc 9.0.
+  const wgmmaRuns = () => t.emulated || Number(gpuDevice(t.id).computeCapability) === 9;
+  const pad8 = (x: number) => Math.ceil(Math.max(x, 1) / 8) * 8;
+
+  it('wgmma (Hopper) tiles: fp16 and bf16 around the 128x256 tile, K around 64 and past the 4-stage ring', async () => {
+    if (!wgmmaRuns()) {
+      await expect(check({ m: 9, n: 8, k: 8, aType: 'bf16', bType: 'bf16', kernel: 'wgmma' }, 1))
+        .rejects.toThrow(/'wgmma' needs a compute capability 9.0 GPU/);
+      return;
+    }
+    let seed = 600;
+    // K = 520: 9 K tiles, so stages are refilled twice (barrier phases 0, 1, 0). M = 1100: 9 row
+    // tiles, a full group of 8 and a group of 1 in the block order.
+    const shapes: [number, number, number][] = [[1, 1, 1], [5, 13, 7], [127, 255, 64], [129, 257, 65], [64, 300, 520], [1100, 300, 70]];
+    for (const type of ['bf16', 'f16'] as const) {
+      for (const [m, n, k] of shapes) {
+        await check({ m, n, k, aType: type, bType: type, kernel: 'wgmma', lda: pad8(k), ldb: pad8(n), ep: { bias: true, activation: 'relu' } }, seed++);
+      }
+      // Row strides past the data (the copies' bounds are the matrix, not the stride), odd ldc.
+      await check({ m: 33, n: 35, k: 47, aType: type, bType: type, kernel: 'wgmma', lda: 56, ldb: 40, ldc: 39 }, seed++);
+      await check({ m: 21, n: 19, k: 24, aType: type, bType: type, kernel: 'wgmma', lda: 24, ldb: 24, ldr: 23,
+        ep: { bias: true, scale: true, residual: true, activation: 'gelu' } }, seed++);
+    }
+    // k = 0: the epilogue of zero, and no tensor copy of an empty matrix.
+    const bias = await up(new Float32Array([1, -2, 3]));
+    const c = await up(new Float32Array(6).fill(SENTINEL));
+    const dummy = await up(new Uint16Array(64));
+    await gpuGemm(t.id, dummy, dummy, c, 2, 3, 0, { aType: 'bf16', bType: 'bf16', kernel: 'wgmma', lda: 8, ldb: 8, bias, activation: 'relu' });
+    expect(Array.from(await c.read(new Float32Array(6)))).toEqual([1, 0, 3, 1, 0, 3]);
+    // Copies need 16-byte rows.
+    await expect(gpuGemm(t.id, dummy, dummy, c, 2, 3, 4, { aType: 'bf16', bType: 'bf16', kernel: 'wgmma', ldb: 8 }))
+      .rejects.toThrow(/'wgmma' needs a and b 16-byte aligned with lda and ldb multiples of 8/);
+  });
+
+  it('mma with 16-bit A and 16-byte rows: the cp.async pipeline, K past its 4-stage ring', async () => {
+    let seed = 700;
+    for (const type of ['bf16', 'f16'] as const) {
+      for (const [m, n, k] of [[5, 13, 7], [129, 130, 33], [127, 128, 64], [64, 200, 300]] as const) {
+        await check({ m, n, k, aType: type, bType: type, kernel: 'mma', lda: pad8(k), ldb: pad8(n), ep: { bias: true, activation: 'silu' } }, seed++);
+      }
     }
   });
 
@@ -275,6 +320,8 @@ describeGpu('GPU GEMM', (t) => {
     await expect(gpuGemm(t.id, big, big, big, 2, 4, 4, { bType: 'bf16', aType: 'f16' })).rejects.toThrow(/options.aType must be 'f32' or bType/);
     await expect(gpuGemm(t.id, big, big, big, 2, 4, 4, { kernel: 'mma' })).rejects.toThrow(/'mma' needs bType 'f16' or 'bf16'/);
     await expect(gpuGemm(t.id, big, big, big, 2, 4, 4, { kernel: 'fast' as GpuGemmKernel })).rejects.toThrow(/options.kernel must be one of/);
+    await expect(gpuGemm(t.id, big, big, big, 2, 4, 4, { kernel: 'wgmma', bType: 'bf16' })).rejects.toThrow(/'wgmma' needs aType and bType both 'f16' or both 'bf16', got 'f32' and 'bf16'/);
+    await expect(runGpuOp(t.id, 'gemm', [big, big, big], { m: 2, n: 4, k: 4, aType: 0, bType: 2, kernel: 4 })).rejects.toThrow(/kernel 'wgmma' needs A and B both fp16 or both bf16/);
     await expect(gpuGemm(t.id, big, big, big, 2, 4, 4, { activation: 'tanh' as GemmActivation })).rejects.toThrow(/options.activation must be one of/);
     await expect(gpuGemm(t.id, big, big, big, 2, 4, 4, { activation: 'clip', clipMin: 0 })).rejects.toThrow(/needs options.clipMin and options.clipMax/);
     await expect(gpuGemm(t.id, big, big, big, 2, 4, 4, { activation: 'clip', clipMin: 1, clipMax: 0 })).rejects.toThrow(/must not exceed/);
@@ -311,6 +358,7 @@ describeGpu('GPU GEMM', (t) => {
     await expect(gpuGemmInt8(t.id, a, weights, c, 3)).rejects.toThrow(/gpuGemmInt8: a holds 24 bytes, needs 36/);
     await expect(gpuGemmInt8(t.id, a, {} as never, c, 2)).rejects.toThrow(/weights must be GpuInt8Weights/);
     await expect(gpuGemmInt8(t.id, a, weights, c, 2, { kernel: 'x' as GpuGemmKernel })).rejects.toThrow(/options.kernel must be one of/);
+    await expect(gpuGemmInt8(t.id, a, weights, c, 2, { kernel: 'wgmma' })).rejects.toThrow(/'wgmma' is for fp16\/bf16 weights/);
     weights.dispose();
     weights.dispose();
     await expect(gpuGemmInt8(t.id, a, weights, c, 2)).rejects.toThrow(DisposedError);

@@ -332,6 +332,43 @@ __device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* ro
 }
 #endif
 
+// ---- cp.async: 16-byte global -> shared copies that bypass registers (sm_80 and newer) ----
+// CpAsync16 copies `src_bytes` (0..16) bytes from src and zero-fills the rest of the 16 at dst
+// (both 16-byte aligned; src must be a valid address even when src_bytes is 0). Copies complete in
+// commit-group order: CpAsyncWait<N> returns once at most N of this thread's committed groups are
+// pending; a __syncthreads after it publishes the data to the block. The emulator copies at once,
+// so it cannot catch a missing wait.
+#if SONDE_GPU_EMULATED
+inline void CpAsync16(void* dst, const void* src, int src_bytes) {
+  unsigned char* d = static_cast<unsigned char*>(dst);
+  std::memcpy(d, src, static_cast<size_t>(src_bytes));
+  std::memset(d + src_bytes, 0, static_cast<size_t>(16 - src_bytes));
+}
+inline void CpAsyncCommit() {}
+template <int N>
+inline void CpAsyncWait() {}
+#else
+__device__ __forceinline__ void CpAsync16(void* dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(dst))), "l"(src), "r"(src_bytes) : "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+#endif
+
 // Compute capability of the device an op runs on, as one number (80 for 8.0).
 inline int ComputeCapability(const GpuDeviceInfo& d) { return d.cc_major * 10 + d.cc_minor; }
 

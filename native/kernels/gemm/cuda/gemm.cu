@@ -5,6 +5,12 @@
 //   mma   fp16/bf16 B (A fp32 or B's type): 128x128x32 block tiles, 8 warps of 64x32, mma.sync
 //         m16n8k16 with fragments from ldmatrix (.trans for B, which stays row-major [k][n] in
 //         shared memory); fp32 A is rounded to B's type as it is staged into shared memory.
+//         16-bit A and B with 16-byte aligned rows skip the registers: cp.async into 4 stages.
+//   wgmma fp16/bf16 A and B of one type on Hopper (sm_90a, cc 9.0): 128x256x64 tiles, one
+//         persistent block per SM, a producer warpgroup streaming 4 shared stages through the
+//         tensor copy engine (mbarriers), two consumer warpgroups on wgmma m64n256k16 from shared
+//         memory. 'auto' takes it when the
+//         device and build have it, lda/ldb allow the copies, and SONDE_GPU_WGMMA is not 0.
 //   simt  any B type: 128x128x8 block tiles, 8x8 outputs per thread, fp32 FMA (cc < 8.0, fp32 B).
 //   gemv  m small (decode): streams B once per 8 rows of A with 16-byte loads, K split over the
 //         block's 64 row groups and reduced in shared memory.
@@ -12,13 +18,15 @@
 //         both exactly as ops/gemm_lowp.cc does, so the s32 sums equal the CPU int8 path's; the
 //         product runs on mma.sync m16n8k32 (s8 x s8) with A stored as u8 - 128 and the shift
 //         folded back through the column sums of the weights, or on dp4a (gemv form) below cc 8.0.
-// Shared tiles are double-buffered through registers: the next K tile is loaded from global
-// memory while the tensor cores work on the current one, so one __syncthreads per K tile suffices.
+// The other shared tiles are double-buffered through registers: the next K tile is loaded from
+// global memory while the cores work on the current one, so one __syncthreads per K tile suffices.
 #include <cfloat>
+#include <cstdlib>
 #include <vector>
 
 #include "kernels/gemm/cuda/epilogue.h"
 #include "runtime/cuda/dialect.h"
+#include "runtime/cuda/dialect_sm90.h"
 
 namespace sonde {
 namespace SONDE_GPU_NS {
@@ -28,7 +36,7 @@ namespace {
 // Element types of A and B, shared with lib/cuda/gemm.ts (GPU_GEMM_TYPE there).
 enum DType : int { kF32 = 0, kF16 = 1, kBf16 = 2 };
 // Kernel choice, shared with lib/cuda/gemm.ts.
-enum Choice : int { kAuto = 0, kMma = 1, kSimt = 2, kGemv = 3 };
+enum Choice : int { kAuto = 0, kMma = 1, kSimt = 2, kGemv = 3, kWgmma = 4 };
 
 // int8: |sum of K products (u8 - z) x s8| <= K * 255 * 127 must fit in int32 (as on the CPU).
 constexpr int64_t kS8MaxK = 66311;
@@ -329,6 +337,234 @@ SONDE_UNROLL
   }
   StoreMmaTile(c, sh, ep, bm + wm * 64, bn + wn * 32,
                [&](int mi, int ni, int i, int, int) { return acc[mi][ni][i]; });
+}
+
+// The same block and warp tiles for 16-bit A and B with 16-byte aligned rows, fed by cp.async into
+// kMmaStages shared stages instead of through registers: up to kMmaStages - 1 K tiles are in flight
+// while the tensor cores work, and no staging registers compete with the accumulators. Edge chunks
+// copy only the bytes inside the matrix and zero-fill the rest.
+constexpr int kMmaStages = 4;
+constexpr int kMmaAStageWords = kMmaBM * kAStride, kMmaBStageWords = kMmaBK16 * kB16Stride;
+constexpr size_t kMmaPipeSharedBytes = size_t(kMmaStages) * (kMmaAStageWords + kMmaBStageWords) * 4;  // 74 KiB
+
+template <int TB>
+__global__ void __launch_bounds__(kMmaThreads, 2) MmaPipeGemmKernel(const uint16_t* __restrict__ a,
+                                                                const uint16_t* __restrict__ b, float* __restrict__ c,
+                                                                Shape sh, Epilogue ep) {
+  SONDE_DYNAMIC_SHARED(uint32_t, smem);
+  uint32_t* As = smem;                                   // [stage][kMmaAStageWords]
+  uint32_t* Bs = smem + kMmaStages * kMmaAStageWords;    // [stage][kMmaBStageWords]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wm = warp / 4, wn = warp % 4;
+  const int bm = blockIdx.y * kMmaBM, bn = blockIdx.x * kMmaBN;
+  const int tiles = (sh.k + kMmaBK16 - 1) / kMmaBK16;
+  // Tile t into stage t % kMmaStages: A 128 rows x 4 chunks of 8, B 32 rows x 16 chunks, 2 + 2 per thread.
+  auto issue = [&](int t) {
+    const int st = t % kMmaStages, k0 = t * kMmaBK16;
+SONDE_UNROLL
+    for (int ch = 0; ch < 2; ++ch) {
+      const int idx = tid + ch * kMmaThreads;
+      const int arow = idx / 4, acol = (idx % 4) * 8;
+      const int aav = Avail(bm + arow, sh.m, k0 + acol, sh.k, 8);
+      CpAsync16(&As[st * kMmaAStageWords + arow * kAStride + (idx % 4) * 4],
+                aav > 0 ? a + size_t(bm + arow) * sh.lda + k0 + acol : a, 2 * (aav > 0 ? aav : 0));
+      const int brow = idx / 16, bcol = (idx % 16) * 8;
+      const int bav = Avail(k0 + brow, sh.k, bn + bcol, sh.n, 8);
+      CpAsync16(&Bs[st * kMmaBStageWords + brow * kB16Stride + (idx % 16) * 4],
+                bav > 0 ? b + size_t(k0 + brow) * sh.ldb + bn + bcol : b, 2 * (bav > 0 ? bav : 0));
+    }
+  };
+  // One commit group per tile slot, empty ones included, so that "at most kMmaStages - 2 pending"
+  // always means tile t has landed.
+SONDE_UNROLL
+  for (int t = 0; t < kMmaStages - 1; ++t) {
+    if (t < tiles) issue(t);
+    CpAsyncCommit();
+  }
+  float acc[4][4][4] = {};
+  for (int tile = 0; tile < tiles; ++tile) {
+    CpAsyncWait<kMmaStages - 2>();
+    // Publishes tile's stage to every warp, and tells the issuing threads below that every warp is
+    // done with tile - 1, whose stage the next issue overwrites.
+    __syncthreads();
+    if (tile + kMmaStages - 1 < tiles) issue(tile + kMmaStages - 1);
+    CpAsyncCommit();
+    const uint32_t* as = As + (tile % kMmaStages) * kMmaAStageWords;
+    const uint32_t* bs = Bs + (tile % kMmaStages) * kMmaBStageWords;
+SONDE_UNROLL
+    for (int ks = 0; ks < 2; ++ks) {
+      uint32_t af[4][4], bf[4][2];
+      LoadAFragments(as, wm * 64, ks, af);
+SONDE_UNROLL
+      for (int p = 0; p < 2; ++p) {
+        const int k = ks * 16 + lane % 8 + ((lane / 8) % 2) * 8, n = wn * 32 + p * 16 + (lane / 16) * 8;
+        uint32_t r[4];
+        LdMatrixX4Trans(r, &bs[k * kB16Stride + n / 2]);
+        bf[2 * p][0] = r[0], bf[2 * p][1] = r[1], bf[2 * p + 1][0] = r[2], bf[2 * p + 1][1] = r[3];
+      }
+SONDE_UNROLL
+      for (int mi = 0; mi < 4; ++mi)
+SONDE_UNROLL
+        for (int ni = 0; ni < 4; ++ni) Mma16<TB>(acc[mi][ni], af[mi], bf[ni]);
+    }
+  }
+  CpAsyncWait<0>();  // nothing may be left writing shared memory when the block exits
+  StoreMmaTile(c, sh, ep, bm + wm * 64, bn + wn * 32,
+               [&](int mi, int ni, int i, int, int) { return acc[mi][ni][i]; });
+}
+
+// ------------------------------------------------- Hopper tensor cores (wgmma, sm_90a) ----
+// 128x256 block tiles, K tiles of 64, kWgStages shared stages. Warpgroup 0 is the producer: one
+// thread streams each stage's A box (128 rows x 64 k) and B boxes (64 k x 64 columns, 4 of them)
+// through the tensor copy engine, 128B-swizzled, out-of-bounds elements zero-filled (so any M, N,
+// K works without predicates); warpgroups 1 and 2 each own 64 rows x 256 columns and run
+// m64n256k16 wgmma straight from shared memory (A K-major, B [k][n] = MN-major), 4 per K tile.
+// Per stage two mbarriers: `full` completes when the producer's arrival and the copies' bytes are
+// in, `empty` when all 8 consumer warps have seen their wgmmas on it retire.
+constexpr int kWgBM = 128, kWgBN = 256, kWgBK = 64, kWgStages = 4, kWgThreads = 384;
+constexpr int kWgABytes = kWgBM * kWgBK * 2;             // 16 KiB: 128 rows of 128 bytes
+constexpr int kWgBBoxBytes = kWgBK * 64 * 2;             // 8 KiB: 64 k rows of 64 columns
+constexpr int kWgStageBytes = kWgABytes + 4 * kWgBBoxBytes;  // 48 KiB, a multiple of 1024
+// Stages, their barriers, and slack to align the stages to the swizzle pattern's 1024 bytes.
+constexpr size_t kWgSharedBytes = size_t(kWgStages) * kWgStageBytes + 2 * kWgStages * sizeof(uint64_t) + 1024;
+
+#if SONDE_GPU_SM90A
+// Stores a consumer's 64x256 accumulators (the m64nNk16 fragment) through the epilogue.
+__device__ __forceinline__ void StoreWgmmaTile(float* c, const Shape& sh, const Epilogue& ep, int row_base, int col_base,
+                                               const float (&acc)[128]) {
+  const int t = threadIdx.x % 128, lane = t % 32;
+  const int row0 = row_base + 16 * (t / 32) + lane / 4, col0 = col_base + 2 * (lane % 4);
+SONDE_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + 8 * h;
+    if (row >= sh.m) continue;
+    float* out_row = c + size_t(row) * sh.ldc;
+SONDE_UNROLL
+    for (int i = 0; i < 32; ++i) {
+      const int col = col0 + 8 * i;
+      if (col >= sh.n) continue;
+      const float v0 = ApplyEpilogue(acc[4 * i + 2 * h], row, col, ep);
+      if (col + 1 < sh.n) {
+        const float v1 = ApplyEpilogue(acc[4 * i + 2 * h + 1], row, col + 1, ep);
+        if (sh.vec_c) {
+          *reinterpret_cast<float2*>(out_row + col) = make_float2(v0, v1);
+        } else {
+          out_row[col] = v0;
+          out_row[col + 1] = v1;
+        }
+      } else {
+        out_row[col] = v0;
+      }
+    }
+  }
+}
+#endif
+
+template <int TB>
+__global__ void __launch_bounds__(kWgThreads, 1) WgmmaGemmKernel(const __grid_constant__ TmaMap2d a_map,
+                                                                 const __grid_constant__ TmaMap2d b_map,
+                                                                 float* __restrict__ c, Shape sh, Epilogue ep) {
+#if SONDE_GPU_SM90A
+  SONDE_DYNAMIC_SHARED(unsigned char, raw);
+  unsigned char* smem = AlignShared1024(raw);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kWgStages * kWgStageBytes);
+  uint64_t* empty = full + kWgStages;
+  const int tid = threadIdx.x, wg = tid / 128;
+  // Persistent: block b runs tiles b, b + gridDim.x, ... (the grid is one block per SM), so the
+  // producer streams the next tile's first stages while the consumers store the last one.
+  // Tiles go in groups of kGroupRows row tiles, column-major inside a group: the blocks at work
+  // at once then share a few row tiles of A and a band of B columns in L2 instead of sweeping all
+  // of B for every row tile (which, for B past L2's size, reads B from memory once per row tile).
+  constexpr int kGroupRows = 8;
+  const int tiles_m = (sh.m + kWgBM - 1) / kWgBM, tiles_n = (sh.n + kWgBN - 1) / kWgBN;
+  const int total = tiles_m * tiles_n, per_group = kGroupRows * tiles_n;
+  const auto origin = [&](int tile, int& bm, int& bn) {
+    const int group = tile / per_group, first_m = group * kGroupRows;
+    const int rows_in_group = min(kGroupRows, tiles_m - first_m), in_group = tile - group * per_group;
+    bm = (first_m + in_group % rows_in_group) * kWgBM;
+    bn = (in_group / rows_in_group) * kWgBN;
+  };
+  const int k_tiles = (sh.k + kWgBK - 1) / kWgBK;
+  if (tid == 0) {
+    for (int s = 0; s < kWgStages; ++s) {
+      MbarInit(&full[s], 1);
+      MbarInit(&empty[s], 2 * 4);  // one release per consumer warp
+    }
+    MbarInitFence();
+  }
+  __syncthreads();
+  // Stage use number `it` (counted over all of this block's tiles) goes to stage it % kWgStages in
+  // round it / kWgStages; round r of a stage completes the barriers' phase r, of parity r & 1.
+  if (wg == 0) {
+    // The producer needs few registers; giving them up lets the consumers hold 128 accumulators
+    // each without spilling.
+    SetMaxNRegDec<40>();
+    if (tid == 0) {
+      int it = 0;
+      for (int tile = static_cast<int>(blockIdx.x); tile < total; tile += static_cast<int>(gridDim.x)) {
+        int bm, bn;
+        origin(tile, bm, bn);
+        // B boxes wholly past column n are not copied: their stale columns only reach accumulator
+        // columns that are never stored. (Row and K boxes always start inside the matrix.)
+        const int b_boxes = min(4, (sh.n - bn + 63) / 64);
+        for (int t = 0; t < k_tiles; ++t, ++it) {
+          const int s = it % kWgStages;
+          // Waits for the consumers' release of the stage's previous round; round 0 waits for
+          // parity 1, which a fresh barrier reports complete.
+          MbarWait(&empty[s], ((it / kWgStages) & 1) ^ 1);
+          MbarArriveExpectTx(&full[s], kWgABytes + b_boxes * kWgBBoxBytes);
+          unsigned char* stage = smem + s * kWgStageBytes;
+          TmaLoad2d(stage, &a_map, t * kWgBK, bm, &full[s]);
+SONDE_UNROLL
+          for (int j = 0; j < 4; ++j) {
+            if (j < b_boxes) TmaLoad2d(stage + kWgABytes + j * kWgBBoxBytes, &b_map, bn + 64 * j, t * kWgBK, &full[s]);
+          }
+        }
+      }
+    }
+  } else {
+    SetMaxNRegInc<232>();
+    const int cw = wg - 1, lane = tid % 32;  // rows 64 cw .. 64 cw + 63 of each block tile
+    int it = 0;
+    for (int tile = static_cast<int>(blockIdx.x); tile < total; tile += static_cast<int>(gridDim.x)) {
+      int bm, bn;
+      origin(tile, bm, bn);
+      float acc[128];
+SONDE_UNROLL
+      for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+      for (int t = 0; t < k_tiles; ++t, ++it) {
+        const int s = it % kWgStages;
+        MbarWait(&full[s], (it / kWgStages) & 1);
+        const unsigned char* a_tile = smem + s * kWgStageBytes + cw * 64 * 128;
+        const unsigned char* b_tile = smem + s * kWgStageBytes + kWgABytes;
+        WgmmaFenceOperands(acc);
+        WgmmaFence();
+SONDE_UNROLL
+        for (int ks = 0; ks < kWgBK / 16; ++ks) {
+          // A: k16 is 32 bytes into each 128-byte swizzled row (the swizzle applies to the address,
+          // so stepping the start within the pattern is exact); 8-row groups 1024 bytes apart.
+          // B: k16 is two 8-row groups (2048 bytes) down; 64-column boxes 8 KiB apart (LBO).
+          const uint64_t da = WgmmaDescriptor(a_tile + ks * 32, 16, 1024, Swizzle::k128B);
+          const uint64_t db = WgmmaDescriptor(b_tile + ks * 2048, kWgBBoxBytes, 1024, Swizzle::k128B);
+          if constexpr (TB == kBf16) WgmmaBf16<256, true>(acc, da, db);
+          else WgmmaF16<256, true>(acc, da, db);
+        }
+        WgmmaCommit();
+        // One group stays in flight: once use it - 1's wgmmas have retired its stage may be refilled.
+        WgmmaWait<1>();
+        WgmmaFenceOperands(acc);
+        // After its warp's wait (.sync.aligned: every lane has retired its share), lane 0 releases.
+        if (t > 0 && lane == 0) MbarArrive(&empty[(it - 1) % kWgStages]);
+      }
+      WgmmaWait<0>();
+      WgmmaFenceOperands(acc);
+      if (k_tiles > 0 && lane == 0) MbarArrive(&empty[(it - 1) % kWgStages]);  // the tile's last stage
+      StoreWgmmaTile(c, sh, ep, bm + cw * 64, bn, acc);
+    }
+  }
+#else
+  __trap();  // this image was built without sm_90a; the op never launches it there
+#endif
 }
 
 // Per-row quantisation of A for the int8 kernels, in the scratch buffer: kq bytes per row (K
@@ -673,6 +909,50 @@ size_t Span(const GpuOpCall& c, int64_t rows, int64_t ld, int64_t cols) {
   return rows > 0 && cols > 0 ? c.Count({rows - 1, ld}) + static_cast<size_t>(cols) : 0;
 }
 
+// Whether this device runs the wgmma kernel (asked once: the answer is the build's and the
+// driver's, the same for every cc 9.0 device).
+bool WgmmaAvailable(const GpuDeviceInfo& d) {
+  if (SONDE_GPU_EMULATED) return true;
+  if (ComputeCapability(d) != 90) return false;
+  static const bool loaded = Sm90aImageLoaded(d, WgmmaGemmKernel<kBf16>);
+  return loaded;
+}
+
+// SONDE_GPU_WGMMA=0 keeps 'auto' off the wgmma kernel (a safety valve; 'wgmma' forced still runs it).
+bool WgmmaDisabledByEnv() {
+  const char* v = std::getenv("SONDE_GPU_WGMMA");
+  return v && v[0] == '0' && v[1] == 0;
+}
+
+// SONDE_GPU_MMA_PIPE=0 keeps 16-bit A on the register-staged mma kernel (the safety valve of the
+// cp.async one).
+bool MmaPipeDisabledByEnv() {
+  const char* v = std::getenv("SONDE_GPU_MMA_PIPE");
+  return v && v[0] == '0' && v[1] == 0;
+}
+
+// The tensor copies read A and B in place: 16-byte aligned bases and rows (lda, ldb multiples of 8).
+bool WgmmaLayoutOk(const void* a, size_t lda, const void* b, size_t ldb) {
+  return Aligned16(a) && Aligned16(b) && lda % 8 == 0 && ldb % 8 == 0;
+}
+
+template <int TB>
+void RunWgmmaGemm(GpuStream& s, const GpuOpCall& call, int sms, const void* a, const void* b, float* c, const Shape& sh,
+                  const Epilogue& ep) {
+  TmaMap2d a_map{}, b_map{};
+  if (sh.k > 0) {  // K = 0 runs no K tile, so the maps stay unused (and could not describe an empty matrix)
+    std::string e = EncodeTmaMap2d(&a_map, a, uint64_t(sh.m), uint64_t(sh.k), sh.lda * 2, kWgBM, kWgBK, Swizzle::k128B);
+    if (e.empty()) e = EncodeTmaMap2d(&b_map, b, uint64_t(sh.k), uint64_t(sh.n), sh.ldb * 2, kWgBK, 64, Swizzle::k128B);
+    if (!e.empty()) call.Invalid("kernel 'wgmma': " + e);
+  }
+  const uint64_t tiles = uint64_t(CeilDiv(sh.n, kWgBN)) * CeilDiv(sh.m, kWgBM);
+  if (tiles > 0x7fffffffu) call.Invalid("kernel 'wgmma': more than 2^31 - 1 block tiles");
+  // One block per SM (its shared stages fill the SM), each looping over tiles.
+  const uint64_t blocks = sms > 0 && uint64_t(sms) < tiles ? uint64_t(sms) : tiles;
+  Launch(WgmmaGemmKernel<TB>, dim3(static_cast<unsigned>(blocks)), dim3(kWgThreads), kWgSharedBytes, s, a_map, b_map, c,
+         sh, ep);
+}
+
 template <int TA, int TB>
 void RunGemm(GpuStream& s, int choice, const void* a, const void* b, float* c, const Shape& sh, const Epilogue& ep) {
   if (choice == kGemv) {
@@ -684,6 +964,13 @@ void RunGemm(GpuStream& s, int choice, const void* a, const void* b, float* c, c
   const dim3 grid(CeilDiv(sh.n, kMmaBN), CeilDiv(sh.m, kMmaBM));
   if constexpr (TB != kF32) {
     if (choice == kMma) {
+      if constexpr (TA == TB) {
+        if (sh.vec_a && sh.vec_b && !MmaPipeDisabledByEnv()) {
+          Launch(MmaPipeGemmKernel<TB>, grid, dim3(kMmaThreads), kMmaPipeSharedBytes, s, static_cast<const uint16_t*>(a),
+                 static_cast<const uint16_t*>(b), c, sh, ep);
+          return;
+        }
+      }
       Launch(MmaGemmKernel<TA, TB>, grid, dim3(kMmaThreads), 0, s, a, static_cast<const uint16_t*>(b), c, sh, ep);
       return;
     }
@@ -700,11 +987,13 @@ void GemmOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   const int b_type = static_cast<int>(c.Int("bType", 0, 2));
   const int a_type = static_cast<int>(c.IntOr("aType", kF32, 0, 2));
   if (a_type != kF32 && a_type != b_type) c.Invalid("aType must be f32 or the same type as bType");
-  int choice = static_cast<int>(c.IntOr("kernel", kAuto, 0, 3));
+  int choice = static_cast<int>(c.IntOr("kernel", kAuto, 0, 4));
   const bool tensor_cores = ComputeCapability(d) >= 80;
   if (choice == kMma && b_type == kF32) c.Invalid("kernel 'mma' needs fp16 or bf16 weights");
   if (choice == kMma && !tensor_cores) c.Invalid("kernel 'mma' needs compute capability 8.0 or newer");
-  if (choice == kAuto) choice = m <= kGemvRows ? kGemv : (b_type != kF32 && tensor_cores ? kMma : kSimt);
+  if (choice == kWgmma && (b_type == kF32 || a_type != b_type)) c.Invalid("kernel 'wgmma' needs A and B both fp16 or both bf16");
+  if (choice == kWgmma && !WgmmaAvailable(d))
+    c.Invalid("kernel 'wgmma' needs a compute capability 9.0 GPU and a build with sm_90a code");
   const size_t a_elem = a_type == kF32 ? 4 : 2, b_elem = b_type == kF32 ? 4 : 2;
   const void* a = a_elem == 4 ? static_cast<const void*>(c.Buffer<float>(0, Span(c, m, lda, k), "a"))
                               : c.Buffer<uint16_t>(0, Span(c, m, lda, k), "a");
@@ -712,12 +1001,25 @@ void GemmOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
                               : c.Buffer<uint16_t>(1, Span(c, k, ldb, n), "b");
   float* out = c.Buffer<float>(2, Span(c, m, ldc, n), "c");
   const Epilogue ep = ReadEpilogue(c, 3, m, n);
+  const bool wgmma_layout = WgmmaLayoutOk(a, size_t(lda), b, size_t(ldb));
+  if (choice == kWgmma && !wgmma_layout)
+    c.Invalid("kernel 'wgmma' needs a and b 16-byte aligned with lda and ldb multiples of 8");
+  if (choice == kAuto) {
+    if (m <= kGemvRows) choice = kGemv;
+    else if (b_type != kF32 && a_type == b_type && wgmma_layout && WgmmaAvailable(d) && !WgmmaDisabledByEnv()) choice = kWgmma;
+    else choice = b_type != kF32 && tensor_cores ? kMma : kSimt;
+  }
   if (m == 0 || n == 0) return;
   Shape sh{static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), size_t(lda), size_t(ldb), size_t(ldc),
            Aligned16(a) && (lda * a_elem) % 16 == 0, Aligned16(b) && (ldb * b_elem) % 16 == 0,
            Aligned16(out) && ldc % 4 == 0};
-  if (choice == kMma || choice == kGemv) {  // float2 stores (mma) need only 8-byte alignment
+  if (choice == kMma || choice == kGemv || choice == kWgmma) {  // float2 stores need only 8-byte alignment
     sh.vec_c = (reinterpret_cast<uintptr_t>(out) & 7) == 0 && ldc % 2 == 0;
+  }
+  if (choice == kWgmma) {
+    if (b_type == kBf16) RunWgmmaGemm<kBf16>(s, c, d.multiprocessors, a, b, out, sh, ep);
+    else RunWgmmaGemm<kF16>(s, c, d.multiprocessors, a, b, out, sh, ep);
+    return;
   }
   switch (b_type * 3 + a_type) {
     case kF32 * 3 + kF32: RunGemm<kF32, kF32>(s, choice, a, b, out, sh, ep); break;

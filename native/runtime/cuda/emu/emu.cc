@@ -29,7 +29,7 @@ constexpr unsigned kMaxThreadsPerBlock = 1024;
 // Hopper's opt-in maximum: an emulated kernel may not ask for more than a real one could get.
 constexpr size_t kMaxDynamicShared = 227 * 1024;
 
-enum class State { kRunnable, kAtBlockBarrier, kAtWarpSync, kDone };
+enum class State { kRunnable, kAtBlockBarrier, kAtWarpSync, kWaiting, kDone };
 
 struct Fiber {
   ucontext_t ctx;
@@ -39,6 +39,9 @@ struct Fiber {
   unsigned warp_mask = 0;
   int predicate = 0;
   unsigned exchanges = 0;  // parity picks which of the warp's two slot buffers this lane writes
+  bool (*ready)(const void*) = nullptr;  // kWaiting: released when ready(ready_arg) holds
+  const void* ready_arg = nullptr;
+  const char* waits_for = nullptr;
 };
 
 struct Block {
@@ -78,7 +81,7 @@ struct DynamicSharedBuffer {
   ~DynamicSharedBuffer() { std::free(data); }
   bool Reserve(size_t n) {
     if (n <= bytes) return true;
-    unsigned char* p = static_cast<unsigned char*>(std::aligned_alloc(128, (n + 127) / 128 * 128));
+    unsigned char* p = static_cast<unsigned char*>(std::aligned_alloc(1024, (n + 1023) / 1024 * 1024));
     if (!p) return false;
     std::free(data);
     data = p;
@@ -138,6 +141,18 @@ bool ReleaseWarps(Block& b) {
   return released;
 }
 
+// Releases every parked spin-wait whose condition now holds.
+bool ReleaseWaits(Block& b) {
+  bool released = false;
+  for (Fiber& f : b.fibers) {
+    if (f.state == State::kWaiting && f.ready(f.ready_arg)) {
+      f.state = State::kRunnable;
+      released = true;
+    }
+  }
+  return released;
+}
+
 bool ReleaseBlockBarrier(Block& b) {
   int count = 0, total = 0;
   for (const Fiber& f : b.fibers) {
@@ -164,7 +179,8 @@ std::string DescribeStuck(const Block& b) {
       break;
     }
     s += " " + Describe(f) + (f.state == State::kAtBlockBarrier ? " waits at __syncthreads;"
-                                                               : " waits at a warp sync of mask " + std::to_string(f.warp_mask) + ";");
+                              : f.state == State::kWaiting ? std::string(" waits for ") + f.waits_for + ";"
+                                                           : " waits at a warp sync of mask " + std::to_string(f.warp_mask) + ";");
   }
   return s;
 }
@@ -194,8 +210,9 @@ std::string RunBlock(Block& b) {
     bool all_done = true;
     for (const Fiber& f : b.fibers) all_done &= f.state == State::kDone;
     if (all_done) return {};
-    const bool released = ReleaseWarps(b);
+    bool released = ReleaseWarps(b);
     if (!b.error.empty()) return b.error;
+    released = ReleaseWaits(b) || released;
     if (!released && !ReleaseBlockBarrier(b)) return DescribeStuck(b);
   }
 }
@@ -249,6 +266,16 @@ namespace detail {
 unsigned LaneId() { return Current().linear & 31; }
 
 unsigned char* DynamicShared() { return tl_dynamic.data; }
+
+void WaitUntil(bool (*ready)(const void*), const void* arg, const char* what) {
+  while (!ready(arg)) {
+    Fiber& f = Current();
+    f.ready = ready;
+    f.ready_arg = arg;
+    f.waits_for = what;
+    SwitchToScheduler(State::kWaiting);
+  }
+}
 
 const unsigned char* WarpExchange(unsigned mask, const void* data, size_t bytes) {
   Block& b = *tl_block;

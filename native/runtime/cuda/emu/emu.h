@@ -27,6 +27,7 @@
 #define __restrict__ __restrict
 #define __align__(n) alignas(n)
 #define __shared__ static thread_local
+#define __grid_constant__
 
 namespace sonde {
 namespace emu {
@@ -77,8 +78,14 @@ constexpr size_t kLaneSlotBytes = 64;
 // returns the warp's 32 slots, kLaneSlotBytes apart, valid until this lane's next exchange.
 const unsigned char* WarpExchange(unsigned mask, const void* data, size_t bytes);
 unsigned LaneId();
-// The launch's dynamic shared memory (per OS thread, so per block).
+// The launch's dynamic shared memory (per OS thread, so per block), 1024-byte aligned as the
+// largest swizzle pattern of the tensor copies and wgmma descriptors (runtime/cuda/dialect_sm90.h) needs.
 unsigned char* DynamicShared();
+// Parks the calling thread until ready(arg) holds: the emulated form of a spin-wait on memory that
+// other threads (or the emulated copy engine) change, such as an mbarrier phase. The scheduler
+// re-checks ready after every sweep; a kernel in which nobody can make it true is reported stuck,
+// with `what` naming the wait.
+void WaitUntil(bool (*ready)(const void* arg), const void* arg, const char* what);
 // Runs body() once per thread of every block; returns an empty string or what went wrong.
 std::string RunGrid(dim3 grid, dim3 block, size_t dynamic_shared, void (*body)(void*), void* ctx);
 }  // namespace detail
