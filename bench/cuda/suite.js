@@ -62,5 +62,10 @@ export async function* cudaSuite(ctx) {
   fmaOut.dispose();
   out.dispose();
   const env = { id, info, emulated, sheet, measured: { gbps, fp32, mma }, quick: ctx.quick || emulated };
-  for (const family of FAMILIES) yield* family(env);
+  // ctx.families (e.g. ['gemm', 'session'], or SONDE_CUDA_FAMILIES=gemm,session): only those.
+  const only = ctx.families ?? process.env.SONDE_CUDA_FAMILIES?.split(',').filter(Boolean);
+  for (const family of FAMILIES) {
+    if (only && !only.includes(family.name.replace(/Cases$/, ''))) continue;
+    yield* family(env);
+  }
 }
