@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <utility>
 
 namespace sonde {
@@ -33,7 +34,23 @@ struct GpuPlan::RunState {
   std::vector<unsigned char*> bases;  // per plan buffer
   std::vector<GpuOpCall> calls;       // the plan's calls, buffers filled for this state
   size_t bytes = 0;
+  // Every step of a run as one graph over this state's buffers (captured at its first untimed run):
+  // one launch instead of one per step, which for a CNN of a hundred small layers is most of the
+  // host's work per run.
+  std::unique_ptr<GpuGraph> graph;
 };
+
+namespace {
+// SONDE_GPU_GRAPHS=0 launches every step separately (an A/B switch, and the way back if a driver
+// misbehaves with graphs).
+bool GraphsEnabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("SONDE_GPU_GRAPHS");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+}  // namespace
 
 std::unique_ptr<GpuPlan> GpuPlan::Create(std::shared_ptr<GpuDevice> device, std::vector<PlanBufferDesc> buffers,
                                          std::vector<PlanStep> steps, size_t arena_bytes,
@@ -370,14 +387,32 @@ bool GpuPlan::Run(const CancelFlag* cancel, const void* const* inputs, void* con
   for (size_t i = 0; i < input_bytes_.size(); ++i)
     if (input_bytes_[i]) stream->Upload(st->inputs[i]->data(), inputs[i], input_bytes_[i]);
   bool cancelled = false;
-  for (size_t i = 0; i < calls_.size(); ++i) {
-    if (cancel && cancel->load()) {
-      cancelled = true;
-      break;
+  // A profiled run times each step, so it launches them one by one; so does a run on a plan whose
+  // capture failed once (an op that cannot be captured), and a cancelled run stops between steps.
+  if (!st->graph && !timings && GraphsEnabled() && capturable_.load(std::memory_order_relaxed)) {
+    try {
+      st->graph = CaptureGraph(*stream, [&] {
+        for (size_t i = 0; i < calls_.size(); ++i) calls_[i].fn(*stream, info, st->calls[i]);
+      });
+    } catch (const GpuError&) {
+      capturable_.store(false, std::memory_order_relaxed);  // ran directly below, where a real error rethrows
     }
-    if (timings) stream->MarkStart();
-    calls_[i].fn(*stream, info, st->calls[i]);
-    if (timings) timings[i] = stream->MarkStopMs() * 1e6;
+  }
+  if (st->graph && !timings) {
+    if (cancel && cancel->load())
+      cancelled = true;
+    else
+      st->graph->Replay(*stream);
+  } else {
+    for (size_t i = 0; i < calls_.size(); ++i) {
+      if (cancel && cancel->load()) {
+        cancelled = true;
+        break;
+      }
+      if (timings) stream->MarkStart();
+      calls_[i].fn(*stream, info, st->calls[i]);
+      if (timings) timings[i] = stream->MarkStopMs() * 1e6;
+    }
   }
   uint64_t record[kErrorWords] = {};
   if (!cancelled) {

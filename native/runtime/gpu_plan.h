@@ -3,9 +3,11 @@
 // validates the plan with the CPU executor's checks (ValidatePlanSpec), uploads its consts once, and
 // turns every step into a call of a registered GPU op (found once, by name, for the device's mode);
 // the conv and gemm steps carry weights that the session uploaded at load. A run uploads the inputs,
-// launches every step in order on one stream (checking the cancel flag between launches), downloads
-// the outputs and synchronises once. Concurrent runs each take their own device state (arena,
-// input/output buffers, error record) from a small pool.
+// runs every step in order on one stream, downloads the outputs and synchronises once. The steps'
+// launches are captured once per run state as a graph (runtime/cuda/gpu.h) that each run replays
+// with one launch; a profiled run (per-step timings) and SONDE_GPU_GRAPHS=0 launch step by step,
+// checking the cancel flag between launches (a replay checks it before). Concurrent runs each take
+// their own device state (arena, input/output buffers, error record, graph) from a small pool.
 #pragma once
 #include <atomic>
 #include <cstddef>
@@ -83,6 +85,8 @@ class GpuPlan {
   mutable std::mutex states_mu_;
   mutable std::vector<std::unique_ptr<RunState>> idle_states_;
   mutable std::atomic<int64_t> last_run_ns_{-1};
+  // Cleared when capturing the steps as a graph failed: runs then launch them one by one.
+  mutable std::atomic<bool> capturable_{true};
 };
 
 }  // namespace sonde

@@ -26,6 +26,9 @@ void Check(cudaError_t e, const char* what) {
 
 constexpr size_t kStagingChunk = size_t(8) << 20;
 
+// The driver's answer to the last cudaMalloc of the caching pool on this thread.
+thread_local cudaError_t last_alloc_error = cudaSuccess;
+
 class HardwareGraph : public GpuGraph {
  public:
   HardwareGraph(int device, cudaGraphExec_t exec) : device_(device), exec_(exec) {}
@@ -199,7 +202,10 @@ class HardwareDevice : public GpuDevice, public std::enable_shared_from_this<Har
         pool_(
             [index](size_t n) -> void* {
               void* p = nullptr;
-              if (cudaSetDevice(index) != cudaSuccess || cudaMalloc(&p, n) != cudaSuccess) {
+              cudaError_t e = cudaSetDevice(index);
+              if (e == cudaSuccess) e = cudaMalloc(&p, n);
+              last_alloc_error = e;
+              if (e != cudaSuccess) {
                 cudaGetLastError();
                 return nullptr;
               }
@@ -222,7 +228,14 @@ class HardwareDevice : public GpuDevice, public std::enable_shared_from_this<Har
   const GpuDeviceInfo& info() const override { return info_; }
   void* Alloc(size_t bytes, const std::string& what) override {
     CheckNotCapturing(what);
+    last_alloc_error = cudaSuccess;
     void* p = pool_.Alloc(bytes);
+    if (!p && last_alloc_error != cudaSuccess && last_alloc_error != cudaErrorMemoryAllocation) {
+      // Not a full device: most often an earlier kernel fault that left the context unusable
+      // (every later call fails with it), which an out-of-memory error would misname.
+      throw GpuError(GpuErrc::kKernel, info_.id + " (" + info_.name + "): cannot allocate " + FormatBytes(bytes) + " for " +
+                                           what + ": " + CudaMessage(last_alloc_error));
+    }
     if (!p) {
       size_t free_b = 0, total_b = 0;
       cudaSetDevice(index_);
