@@ -27,12 +27,14 @@ export interface GpuTransformerOptions {
 export type GpuTransformer = LlmEngine & { readonly gpu: string | undefined; readonly deviceBytes: number };
 
 const OPTION_KEYS = ['device', 'signal'] as const;
-const ARCHITECTURES: ReadonlySet<string> = new Set(['llama', 'qwen2', 'qwen2moe']);
+const ARCHITECTURES: ReadonlySet<string> = new Set(['llama', 'qwen2', 'qwen2moe', 'deepseek2']);
 /** The GPU MoE routing's most experts (native/kernels/moe/cuda/moe.cu: kMaxExperts). */
 const MAX_EXPERTS = 1024;
 const TENSOR_TYPES: ReadonlySet<string> = new Set(['f32', 'f16', 'bf16', 'q8_0', 'q4_0']);
 /** The GPU prefill attention's largest head (native/kernels/attention/cuda/prefill.cu). */
 const MAX_HEAD_DIM = 256;
+/** The GPU MLA attention's widest cached row, latent + rope key (native/kernels/attention/cuda/decode.cu). */
+const MAX_MLA_ROW = 576;
 
 /**
  * What of this model the GPU transformer does not run, one entry per reason ('architecture
@@ -43,7 +45,12 @@ export function gpuUnsupported(file: GgufFile, config: ModelConfig): string[] {
   const out: string[] = [];
   if (!ARCHITECTURES.has(config.architecture)) out.push(`architecture ${config.architecture}`);
   else if (config.expertCount > MAX_EXPERTS) out.push(`mixture-of-experts layers of ${config.expertCount} experts (the GPU routes up to ${MAX_EXPERTS})`);
-  if (config.headDim > MAX_HEAD_DIM) out.push(`head dimension ${config.headDim} (the GPU attention takes up to ${MAX_HEAD_DIM})`);
+  if (config.mla) {
+    const row = config.mla.kvLoraRank + config.mla.ropeDim;
+    if (row > MAX_MLA_ROW) out.push(`latent attention rows of ${row} (the GPU attention takes up to ${MAX_MLA_ROW})`);
+  } else if (config.headDim > MAX_HEAD_DIM) {
+    out.push(`head dimension ${config.headDim} (the GPU attention takes up to ${MAX_HEAD_DIM})`);
+  }
   const seen = new Set<string>();
   for (const t of file.tensors) {
     if (!TENSOR_TYPES.has(t.type) && !seen.has(t.type)) {

@@ -321,6 +321,7 @@ GpuLlmArena::Product Product(const GpuLlmModel::Ops& ops, const GpuLlmArena& a, 
 }
 
 void RunProduct(GpuLlmArena::Product& p, size_t rows, GpuStream& s, const GpuDeviceInfo& d) {
+  if (!p.mm.fn) throw GpuError(GpuErrc::kKernel, "internal error: a product of the GPU transformer was not prepared");
   p.mm.call.params["m"] = static_cast<double>(rows);
   p.mm.Run(s, d);
   if (p.has_bias) {
@@ -653,9 +654,12 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
     max_len = std::max(max_len, q.start + q.tokens);
     decode = decode && q.tokens == 1;
   }
+  // MLA attends each row as its own sequence of positions [0, pos]: a table and a length per row,
+  // after the sequences' tables (which kv_store writes through).
+  const bool mla = c.kv_lora > 0;
   GpuLlmArena& a = kv.arena();
   Fit(*this, *ops_, layers_, output_, embd_, embd_type_, output_norm_, a, std::max<size_t>(n, 1), std::max<size_t>(seqs, 1),
-      std::max<size_t>(seqs, 1) * width, pairs, out);
+      (std::max<size_t>(seqs, 1) + (mla ? n : 0)) * width, pairs, out);
 
   // The step's integers, laid out as the arena's regions, in one upload.
   std::vector<int32_t>& h = a.host;
@@ -679,7 +683,17 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
     std::copy(step.tables.begin() + static_cast<std::ptrdiff_t>(q.table_offset),
               step.tables.begin() + static_cast<std::ptrdiff_t>(q.table_offset + q.table_length), tables + si * width);
   }
-  const size_t used = static_cast<size_t>((tables + seqs * width) - h.data());
+  int32_t* row_tables = tables + seqs * width;
+  if (mla) {
+    for (size_t si = 0; si < seqs; ++si) {
+      const KvStepSequence& q = step.seqs[si];
+      for (size_t i = 0; i < q.tokens; ++i) {
+        std::copy(tables + si * width, tables + (si + 1) * width, row_tables + (q.row0 + i) * width);
+        at(a.lens)[q.row0 + i] = static_cast<int32_t>(q.start + i + 1);
+      }
+    }
+  }
+  const size_t used = static_cast<size_t>((row_tables + (mla ? n * width : 0)) - h.data());
   s.Upload(base, h.data(), used * sizeof(int32_t));
 
   if (pairs) {
@@ -705,28 +719,60 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
     GpuLlmArena::Layer& C = a.layers[l];
     C.attn_norm.call.params["rows"] = rows;
     C.attn_norm.Run(s, dev);
-    RunProduct(C.q, n, s, dev);
-    RunProduct(C.k, n, s, dev);
-    RunProduct(C.v, n, s, dev);
-    C.rope_q.call.params["rows"] = rows;
-    C.rope_q.Run(s, dev);
-    C.rope_k.call.params["rows"] = rows;
-    C.rope_k.Run(s, dev);
-    // Every row's K/V is in its block before any row attends (a sequence's later rows read its
-    // earlier rows of this step).
-    BindPool(C.store, 2, kv, seqs, width);
-    C.store.call.params["rows"] = rows;
-    C.store.call.params["maxTokens"] = static_cast<double>(max_tokens);
-    C.store.Run(s, dev);
-    if (decode) {
-      BindPool(C.decode, 1, kv, seqs, width);
-      C.decode.call.params["maxLen"] = static_cast<double>(max_len);
-      C.decode.Run(s, dev);
+    if (mla) {
+      if (c.q_lora > 0) {
+        RunProduct(C.q_a, n, s, dev);
+        RunProduct(C.kv_a, n, s, dev);
+        C.q_a_norm.call.params["rows"] = rows;
+        C.q_a_norm.Run(s, dev);
+        RunProduct(C.q_b, n, s, dev);
+      } else {
+        RunProduct(C.q, n, s, dev);
+        RunProduct(C.kv_a, n, s, dev);
+      }
+      for (GpuLlmCall* call : {&C.kv_norm, &C.rope_k, &C.rope_q}) {
+        call->call.params["rows"] = rows;
+        call->Run(s, dev);
+      }
+      // Every row's cache entry is in its block before any row attends.
+      BindPool(C.store, 2, kv, seqs, width);
+      C.store.call.params["rows"] = rows;
+      C.store.call.params["maxTokens"] = static_cast<double>(max_tokens);
+      C.store.Run(s, dev);
+      C.absorb.call.params["rows"] = rows;
+      C.absorb.Run(s, dev);
+      C.copy_rope.call.params["rows"] = rows;
+      C.copy_rope.Run(s, dev);
+      BindPool(C.mla, 1, kv, n, width);
+      C.mla.call.buffers[2] = Arg(a.tables_dev + seqs * width, n * width * sizeof(int32_t));
+      C.mla.call.params["maxLen"] = static_cast<double>(max_len);
+      C.mla.Run(s, dev);
+      C.uv.call.params["rows"] = rows;
+      C.uv.Run(s, dev);
     } else {
-      BindPool(C.prefill, 1, kv, seqs, width);
-      C.prefill.call.params["rows"] = rows;
-      C.prefill.call.params["maxTokens"] = static_cast<double>(max_tokens);
-      C.prefill.Run(s, dev);
+      RunProduct(C.q, n, s, dev);
+      RunProduct(C.k, n, s, dev);
+      RunProduct(C.v, n, s, dev);
+      C.rope_q.call.params["rows"] = rows;
+      C.rope_q.Run(s, dev);
+      C.rope_k.call.params["rows"] = rows;
+      C.rope_k.Run(s, dev);
+      // Every row's K/V is in its block before any row attends (a sequence's later rows read its
+      // earlier rows of this step).
+      BindPool(C.store, 2, kv, seqs, width);
+      C.store.call.params["rows"] = rows;
+      C.store.call.params["maxTokens"] = static_cast<double>(max_tokens);
+      C.store.Run(s, dev);
+      if (decode) {
+        BindPool(C.decode, 1, kv, seqs, width);
+        C.decode.call.params["maxLen"] = static_cast<double>(max_len);
+        C.decode.Run(s, dev);
+      } else {
+        BindPool(C.prefill, 1, kv, seqs, width);
+        C.prefill.call.params["rows"] = rows;
+        C.prefill.call.params["maxTokens"] = static_cast<double>(max_tokens);
+        C.prefill.Run(s, dev);
+      }
     }
     RunProduct(C.o, n, s, dev);
     C.add_attn.call.params["count"] = static_cast<double>(n * d);

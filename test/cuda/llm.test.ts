@@ -19,7 +19,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 import { AbortError, DisposedError, InvalidArgumentError, OutOfMemoryError, UnsupportedOperatorError } from '../../lib/errors.js';
 import type { KvPool, LlmEngine } from '../../lib/llm/engine.js';
-import type { GgufTensorType } from '../../lib/llm/gguf.js';
+import { typed, type GgufTensorType } from '../../lib/llm/gguf.js';
 import { LanguageModel } from '../../lib/llm/language-model.js';
 import { loadTransformer } from '../../lib/llm/transformer.js';
 import { loadGpuTransformer, type GpuTransformer } from '../../lib/llm/transformer-gpu.js';
@@ -123,6 +123,40 @@ describeGpu('language model on the GPU', (t) => {
         let sum = 0;
         for (let e = 0; e < info.experts; e++) sum += got![e]!;
         expect(sum).toBe(14 * info.expertsUsed);
+      } finally {
+        a.dispose();
+        b.dispose();
+      }
+    }, 120_000);
+  });
+
+  describe('deepseek2 (multi-head latent attention, DeepSeekMoE routing): logits and expert counts equal the CPU\'s', () => {
+    // The options of llm-deepseek.test.ts's cases, combined: q LoRA or not, split or joined kv_b,
+    // YaRN, sigmoid gating with a selection bias and group-limited routing, odd sizes.
+    const base: FixtureOptions = { kind: 'deepseek2', embedding: 64, layers: 3, heads: 4, experts: 8, expertsUsed: 2, expertFeedForward: 32, feedForward: 96 };
+    const cases: [string, Partial<FixtureOptions>][] = [
+      ['q LoRA, split kv_b, YaRN factor 8', {
+        mla: { qLoraRank: 24, kvB: 'split' },
+        metadata: { 'deepseek2.rope.scaling.type': 'yarn', 'deepseek2.rope.scaling.factor': typed('float32', 8), 'deepseek2.rope.scaling.original_context_length': 32 },
+      }],
+      ['joined kv_b, sigmoid gating, exp_probs_b, weights norm and scale, 4 groups of which 3 used', {
+        mla: { kvB: 'joined' }, routing: { gatingFunc: 2, probsBias: true, weightsNorm: true, weightsScale: 1.5, groups: 4, groupsUsed: 3 },
+      }],
+      ['odd sizes: rope 6, nope 10, value 12, kv rank 20, all layers MoE, 1 shared', {
+        heads: 3, mla: { ropeDim: 6, keyNope: 10, valueLength: 12, kvLoraRank: 20, qLoraRank: 0 }, routing: { denseLead: 0, sharedCount: 1 },
+      }],
+    ];
+    it.each(cases)('%s', async (name, o) => {
+      const info = await fixture(`ds-${name.replace(/[^a-z0-9]+/gi, '-')}`, { ...base, ...o, type: 'f32', seed: 11 });
+      const { cpu, gpu } = await both(info);
+      expect(gpu.config.architecture).toBe('deepseek2');
+      const v = info.vocabSize, toks = tokens(13, v, 17);
+      const a = cpu.createSequence(32, { kvSpan: 8 } as never), b = gpu.createSequence(32, { kvSpan: 8 } as never);
+      try {
+        expectClose(await b.eval(toks.subarray(0, 11), { allLogits: true }), await a.eval(toks.subarray(0, 11), { allLogits: true }),
+          v, info.layers, DELTA.f32, 'prefill');
+        for (let i = 11; i < 13; i++) expectClose(await b.eval([toks[i]!]), await a.eval([toks[i]!]), v, info.layers, DELTA.f32, `decode at ${i}`);
+        expect(b.expertCounts!()).toEqual(a.expertCounts!());
       } finally {
         a.dispose();
         b.dispose();
@@ -350,14 +384,14 @@ describeGpu('language model on the GPU', (t) => {
       }
     }, 120_000);
 
-    it('an architecture the GPU path does not run: \'cuda\' names it, fallback \'cpu\' runs it on the CPU and says why', async () => {
-      const info = await fixture('deepseek2', { kind: 'deepseek2', type: 'f32', seed: 7 });
+    it('a model the GPU path does not run (head size 288): \'cuda\' names what, fallback \'cpu\' runs it on the CPU and says why', async () => {
+      const info = await fixture('hd288', { kind: 'llama', type: 'f32', embedding: 288, heads: 1, kvHeads: 1, feedForward: 64, layers: 1, seed: 7 });
       await expect(LanguageModel.load(info.path, { device: 'cuda' })).rejects.toThrow(UnsupportedOperatorError);
-      await expect(LanguageModel.load(info.path, { device: 'cuda' })).rejects.toThrow(/architecture deepseek2/);
+      await expect(LanguageModel.load(info.path, { device: 'cuda' })).rejects.toThrow(/head dimension 288/);
       const m = await LanguageModel.load(info.path, { device: 'cuda', fallback: 'cpu', contextSize: 32 });
       try {
         expect(m.device.kind).toBe('cpu');
-        expect(m.device.reason).toMatch(/architecture deepseek2/);
+        expect(m.device.reason).toMatch(/head dimension 288/);
       } finally {
         m.dispose();
       }
