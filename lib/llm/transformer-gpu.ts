@@ -70,6 +70,7 @@ class GpuBackend implements TransformerBackend {
     this.gpu = device;
     this.deviceBytes = model.info().bytes ?? 0;
   }
+  get handle(): NativeGpuLlmModel { return this.#model; }
   createPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number): NativeKvPool {
     return native().llmGpuKvPoolCreate(this.#model, blockSize, maxBlocks, dtype, reserve);
   }

@@ -55,6 +55,8 @@ export interface TransformerBackend {
   readonly gpu: string | undefined;
   /** Device bytes of the weights (0 on the CPU: they are read from the file's mapping). */
   readonly deviceBytes: number;
+  /** The native model handle (for tests and info()). */
+  readonly handle: { info(): { disposed: boolean; bytes?: number } };
   createPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number): NativeKvPool;
   step(pool: NativeKvPool, packed: PackedStep, logits: Float32Array, token: NativeCancelToken | undefined): Promise<void>;
   read(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void>;
@@ -72,6 +74,7 @@ class CpuBackend implements TransformerBackend {
     this.#model = model;
     this.#threads = threads;
   }
+  get handle(): NativeLlmModel { return this.#model; }
   createPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number): NativeKvPool {
     return native().kvPoolCreate(this.#model, blockSize, maxBlocks, dtype, reserve);
   }
@@ -413,6 +416,12 @@ class Transformer extends NativeResource implements LlmEngine {
   async prepare(): Promise<void> {
     const site = new Error();
     await callNative(() => this.#backend.prepare(), site);
+  }
+
+  /** @internal For tests: the native model handle (llmModelCreate's, or the GPU model's). */
+  nativeModel(where: string): NativeLlmModel {
+    this.checkAlive(where);
+    return this.#backend.handle as NativeLlmModel;
   }
 
   /** @internal */
