@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "kernels/quant/quant.h"
@@ -32,7 +33,7 @@ GpuBufferArg Arg(const std::shared_ptr<GpuAllocation>& a) { return Arg(a->data()
 
 struct GpuLlmModel::Ops {
   GpuOpFn embed, add, bias, gather, copy_blocks, copy, rms_norm, silu_mul, quant_pack, quant_matmul, gemm, rope, kv_store,
-      decode, prefill, moe, gated_add, mla_decode, rms_norm_rows, head_matmul, copy_rows;
+      decode, prefill, moe, gated_add, mla_decode, rms_norm_rows, head_matmul, copy_rows, add_rms_norm;
 };
 
 namespace {
@@ -95,13 +96,28 @@ struct Uploader {
     stream.Synchronize();
     return a;
   }
-  // Every row of m in f32, as the file's rows (n rows of k): stacked experts for the MoE op.
-  std::shared_ptr<GpuAllocation> Dequantised(const LlmMatrix& m, const std::string& what) {
+  // Every row of m in f32 (or rounded to bf16), as the file's rows (n rows of k): stacked experts
+  // for the MoE op.
+  std::shared_ptr<GpuAllocation> Dequantised(const LlmMatrix& m, const std::string& what, bool bf16 = false) {
     std::vector<float> host(m.n * m.k);
     for (size_t r = 0; r < m.n; ++r) kernels::DequantizeRow(m.type, m.data + r * m.row_bytes, m.k, host.data() + r * m.k);
-    auto a = Bytes(host.data(), host.size() * sizeof(float), "language model weight " + what);
+    std::shared_ptr<GpuAllocation> a;
+    if (bf16) {
+      std::vector<uint16_t> half(host.size());
+      for (size_t i = 0; i < host.size(); ++i) half[i] = ToBf16(host[i]);
+      a = Bytes(half.data(), half.size() * sizeof(uint16_t), "language model weight " + what);
+    } else {
+      a = Bytes(host.data(), host.size() * sizeof(float), "language model weight " + what);
+    }
     stream.Synchronize();
     return a;
+  }
+  // Round to nearest even, NaN kept quiet (the dialect's FloatToBf16 on the host).
+  static uint16_t ToBf16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40);
+    return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
   }
   GpuLlmMatrix Matrix(const LlmMatrix& m, const std::string& what) {
     GpuLlmMatrix g;
@@ -176,6 +192,7 @@ std::shared_ptr<const GpuLlmModel> GpuLlmModel::Create(const LlmModel& cpu, std:
   ops->rms_norm_rows = Find("llm_rms_norm_rows", emu);
   ops->head_matmul = Find("llm_head_matmul", emu);
   ops->copy_rows = Find("llm_copy_rows", emu);
+  ops->add_rms_norm = Find("llm_add_rms_norm", emu);
 
   std::shared_ptr<GpuLlmModel> g(new GpuLlmModel());
   g->cfg_ = cpu.cfg_;
@@ -191,6 +208,20 @@ std::shared_ptr<const GpuLlmModel> GpuLlmModel::Create(const LlmModel& cpu, std:
   g->output_ = up.Matrix(cpu.output_, cpu.output_.data == E.data ? "token_embd.weight (as the output)" : "output.weight");
   g->layers_.resize(c.layers);
   const size_t qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
+  // The GPU's grouped expert GEMMs read f32 or bf16. f32 holds every GGUF type exactly, but is 4x a
+  // q8_0 file's experts (7x q4_0's): bf16 (2^-9 relative per weight, activations rounded to bf16
+  // by the tensor-core GEMM) when f32 experts would take more than 40% of the device.
+  // SONDE_GPU_EXPERTS=f32|bf16 at load pins one (an A/B switch, and the tests' way to the bf16 path).
+  if (c.experts > 0) {
+    size_t elems = 0;
+    for (size_t l = 0; l < c.layers; ++l)
+      if (cpu.layers_[l].moe_ffn) elems += 3 * c.experts * c.expert_ff * c.embd;
+    g->experts_bf16_ = static_cast<double>(elems) * 4 > 0.4 * static_cast<double>(device->info().total_bytes);
+    if (const char* e = std::getenv("SONDE_GPU_EXPERTS"); e && *e) {
+      if (std::strcmp(e, "bf16") == 0) g->experts_bf16_ = true;
+      else if (std::strcmp(e, "f32") == 0) g->experts_bf16_ = false;
+    }
+  }
   for (size_t l = 0; l < c.layers; ++l) {
     if (cancel && cancel->load()) return nullptr;
     const LlmLayer& L = cpu.layers_[l];
@@ -227,9 +258,9 @@ std::shared_ptr<const GpuLlmModel> GpuLlmModel::Create(const LlmModel& cpu, std:
     }
     G.moe = true;
     G.router = up.Dequantised(L.gate_inp, b + "ffn_gate_inp.weight");
-    G.gate_exps = up.Dequantised(L.gate_exps, b + "ffn_gate_exps.weight");
-    G.up_exps = up.Dequantised(L.up_exps, b + "ffn_up_exps.weight");
-    G.down_exps = up.Dequantised(L.down_exps, b + "ffn_down_exps.weight");
+    G.gate_exps = up.Dequantised(L.gate_exps, b + "ffn_gate_exps.weight", g->experts_bf16_);
+    G.up_exps = up.Dequantised(L.up_exps, b + "ffn_up_exps.weight", g->experts_bf16_);
+    G.down_exps = up.Dequantised(L.down_exps, b + "ffn_down_exps.weight", g->experts_bf16_);
     G.exp_probs_b = up.Vector(L.exp_probs_b, c.experts, "language model weight " + b + "exp_probs_b.bias");
     if (c.shared_ff) {
       G.gate_shexp = up.Matrix(L.gate_shexp, b + "ffn_gate_shexp.weight");
@@ -268,7 +299,7 @@ struct GpuLlmArena {
     bool has_bias = false;
   };
   struct Layer {
-    GpuLlmCall attn_norm, ffn_norm, rope_q, rope_k, store, decode, prefill, add_attn, add_ffn, silu;
+    GpuLlmCall attn_norm, rope_q, rope_k, store, decode, prefill, add_attn, add_ffn, silu;
     Product q, k, v, o, gate, up, down;
     GpuLlmCall moe, shared_silu, shared_add, add_moe;
     Product shared_gate, shared_up, shared_down;
@@ -494,8 +525,6 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
     const double layer = static_cast<double>(l), nl = static_cast<double>(c.layers);
     C.attn_norm = Call(ops.rms_norm, "rms_norm", {Arg(a.x, r * d * f), Arg(G.attn_norm), Arg(a.xn, r * d * f)},
                        {{"rows", 0}, {"n", static_cast<double>(d)}, {"eps", c.eps}});
-    C.ffn_norm = Call(ops.rms_norm, "rms_norm", {Arg(a.x, r * d * f), Arg(G.ffn_norm), Arg(a.xn, r * d * f)},
-                      {{"rows", 0}, {"n", static_cast<double>(d)}, {"eps", c.eps}});
     const std::map<std::string, double> rope{{"rows", 0}, {"dims", hd}, {"base", c.rope_base},
                                              {"freqScale", 1.0f / c.rope_scale}, {"neox", c.neox ? 1 : 0}};
     const std::map<std::string, double> pool{{"blockSize", 0},  {"numBlocks", 1}, {"layers", nl}, {"layer", layer},
@@ -579,8 +608,19 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
       C.prefill.call.params["scale"] = scale;
     }
     C.o = Product(ops, a, G.o, nullptr, a.att, a.xn, r, false);
-    C.add_attn = Call(ops.add, "llm_add", {Arg(a.x, r * d * f), Arg(a.xn, r * d * f)}, {{"count", 0}});
-    C.add_ffn = Call(ops.add, "llm_add", {Arg(a.x, r * d * f), Arg(a.xn, r * d * f)}, {{"count", 0}});
+    // Each residual add also computes the norm that reads its result next: the FFN's, and the
+    // next layer's attention norm (the last layer's add is plain: the output norm reads only the
+    // requested rows).
+    C.add_attn = Call(ops.add_rms_norm, "llm_add_rms_norm", {Arg(a.x, r * d * f), Arg(a.xn, r * d * f), Arg(G.ffn_norm), Arg(a.xn, r * d * f)},
+                      {{"rows", 0}, {"n", static_cast<double>(d)}, {"eps", c.eps}});
+    const auto add_into = [&](float* from) {
+      if (l + 1 < layers.size())
+        return Call(ops.add_rms_norm, "llm_add_rms_norm",
+                    {Arg(a.x, r * d * f), Arg(from, r * d * f), Arg(layers[l + 1].attn_norm), Arg(a.xn, r * d * f)},
+                    {{"rows", 0}, {"n", static_cast<double>(d)}, {"eps", c.eps}});
+      return Call(ops.add, "llm_add", {Arg(a.x, r * d * f), Arg(from, r * d * f)}, {{"count", 0}});
+    };
+    C.add_ffn = add_into(a.xn);
     C.moe_ffn = G.moe;
     if (G.moe) {
       const size_t e = c.experts, eff = c.expert_ff, sff = c.shared_ff;
@@ -597,8 +637,9 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
                     {"scoring", c.gating == MoeScoring::kSigmoid ? 1 : 0}, {"renormalize", renormalize ? 1 : 0},
                     {"scale", c.weights_scale}, {"groups", static_cast<double>(groups)},
                     {"groupsUsed", static_cast<double>(groups > 1 ? c.expert_groups_used : 1)}, {"bias", G.exp_probs_b ? 1 : 0},
-                    {"dModel", static_cast<double>(d)}, {"dFf", static_cast<double>(eff)}});
-      C.add_moe = Call(ops.add, "llm_add", {Arg(a.x, r * d * f), Arg(a.moe_out, r * d * f)}, {{"count", 0}});
+                    {"dModel", static_cast<double>(d)}, {"dFf", static_cast<double>(eff)},
+                    {"weightType", m.experts_bf16() ? 1 : 0}, {"routerType", 0}});
+      C.add_moe = add_into(a.moe_out);
       C.shared = sff > 0;
       if (C.shared) {
         C.shared_gate = Product(ops, a, G.gate_shexp, nullptr, a.xn, a.sg, r, false);
@@ -717,8 +758,10 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
       return false;
     }
     GpuLlmArena::Layer& C = a.layers[l];
-    C.attn_norm.call.params["rows"] = rows;
-    C.attn_norm.Run(s, dev);
+    if (l == 0) {  // later layers' attention norms ran with the previous layer's last add
+      C.attn_norm.call.params["rows"] = rows;
+      C.attn_norm.Run(s, dev);
+    }
     if (mla) {
       if (c.q_lora > 0) {
         RunProduct(C.q_a, n, s, dev);
@@ -775,10 +818,8 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
       }
     }
     RunProduct(C.o, n, s, dev);
-    C.add_attn.call.params["count"] = static_cast<double>(n * d);
+    C.add_attn.call.params["rows"] = rows;
     C.add_attn.Run(s, dev);
-    C.ffn_norm.call.params["rows"] = rows;
-    C.ffn_norm.Run(s, dev);
     if (C.moe_ffn) {
       C.moe.call.params["tokens"] = rows;
       C.moe.Run(s, dev);
@@ -791,6 +832,7 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
         C.shared_add.call.params["rows"] = rows;
         C.shared_add.Run(s, dev);
       }
+      C.add_moe.call.params["rows"] = rows;
       C.add_moe.call.params["count"] = static_cast<double>(n * d);
       C.add_moe.Run(s, dev);
       continue;
@@ -800,6 +842,7 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
     C.silu.call.params["count"] = static_cast<double>(n * c.ff);
     C.silu.Run(s, dev);
     RunProduct(C.down, n, s, dev);
+    C.add_ffn.call.params["rows"] = rows;
     C.add_ffn.call.params["count"] = static_cast<double>(n * d);
     C.add_ffn.Run(s, dev);
   }

@@ -46,9 +46,9 @@ struct GpuLlmMatrix {
 struct GpuLlmLayer {
   std::shared_ptr<GpuAllocation> attn_norm, ffn_norm, q_bias, k_bias, v_bias;
   GpuLlmMatrix q, k, v, o, gate, up, down;
-  // MoE FFN (moe/cuda/moe.cu's one-call op): the router and the stacked experts in f32 (the GPU's
-  // grouped GEMMs read f32 or bf16; f32 holds every GGUF type exactly), and qwen2moe's shared
-  // expert in its own type with its sigmoid gate (a vector of embd).
+  // MoE FFN (moe/cuda/moe.cu's one-call op): the router in f32 and the stacked experts in f32 or
+  // bf16 (GpuLlmModel::experts_bf16), and the shared experts in their own type with qwen2moe's
+  // sigmoid gate (a vector of embd).
   bool moe = false;
   std::shared_ptr<GpuAllocation> router, gate_exps, up_exps, down_exps, gate_inp_shexp, exp_probs_b;
   GpuLlmMatrix gate_shexp, up_shexp, down_shexp;
@@ -75,6 +75,8 @@ class GpuLlmModel {
   const std::shared_ptr<GpuDevice>& device_ptr() const { return device_; }
   // Device bytes of the weights.
   size_t bytes() const { return bytes_; }
+  // The stacked experts are bf16 on the device (else f32): see Create.
+  bool experts_bf16() const { return experts_bf16_; }
 
   // One batched step (ops/llm.h: RunStep) on the device; the step passed ValidateKvStep for this
   // pool. logits: host memory for step.out_rows.size() x vocab floats. Returns false when cancelled
@@ -90,6 +92,7 @@ class GpuLlmModel {
   LlmConfig cfg_;
   std::shared_ptr<GpuDevice> device_;
   size_t bytes_ = 0;
+  bool experts_bf16_ = false;
   int32_t embd_type_ = 0;
   std::shared_ptr<GpuAllocation> embd_;  // the GGUF rows, for the lookup
   std::shared_ptr<GpuAllocation> output_norm_;

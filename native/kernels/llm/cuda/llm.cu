@@ -13,6 +13,9 @@
 //   llm_gated_add    [y, x, w, s]                        {rows, n, gated}
 //                    y[r] += g_r * s[r], g_r = sigmoid(x[r] . w) (gated) or 1: qwen2moe's shared
 //                    expert joining the routed experts' sum (deepseek2's is ungated)
+//   llm_add_rms_norm [x, a, w, y]                       {rows, n, eps}
+//                    x += a, then y = RMSNorm(x) * w (y may be a): the residual add and the next
+//                    norm of a layer in one pass over the row, one launch fewer per add
 //   llm_rms_norm_rows [x, w, y]                          {rows, n, ldx, ldy, eps}
 //                    RMSNorm of the first n elements of rows ldx apart into rows ldy apart (in
 //                    place allowed): MLA's latent, the head of each [latent | rope key] row
@@ -162,6 +165,28 @@ __global__ void __launch_bounds__(kThreads) RmsNormRowsKernel(const float* x, co
   for (unsigned j = threadIdx.x; j < n; j += blockDim.x) yr[j] = xr[j] * scale * w[j];
 }
 
+// One block per row; every thread rewrites only the elements it read (y may alias a).
+__global__ void __launch_bounds__(kThreads) AddRmsNormKernel(float* __restrict__ x, const float* a, const float* __restrict__ w,
+                                                             float* y, unsigned n, float eps) {
+  __shared__ float partial[kThreads / 32];
+  float* xr = x + size_t(blockIdx.x) * n;
+  const float* ar = a + size_t(blockIdx.x) * n;
+  float* yr = y + size_t(blockIdx.x) * n;
+  float ss = 0.0f;
+  for (unsigned j = threadIdx.x; j < n; j += blockDim.x) {
+    const float v = xr[j] + ar[j];
+    xr[j] = v;
+    ss += v * v;
+  }
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  __syncthreads();
+  ss = 0.0f;
+  for (unsigned i = 0; i < kThreads / 32; ++i) ss += partial[i];
+  const float scale = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
+  for (unsigned j = threadIdx.x; j < n; j += blockDim.x) yr[j] = xr[j] * scale * w[j];
+}
+
 // One thread per output element: a dot product over k of the head's input and one weight row.
 // The per-head matrices are small (MLA: 512 x 128) and a decode step has few rows.
 __global__ void __launch_bounds__(kThreads) HeadMatmulKernel(const float* __restrict__ x, const float* __restrict__ w,
@@ -272,6 +297,18 @@ size_t Extent(const GpuOpCall& c, int64_t rows, int64_t heads, int64_t count, in
   return c.Count({rows - 1, ld}) + c.Count({heads - 1, h}) + static_cast<size_t>(o + count);
 }
 
+void AddRmsNormOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
+  const int64_t rows = c.Int("rows", 0, 1 << 24), n = c.Int("n", 1);
+  const size_t count = c.Count({rows, n});
+  float* x = c.Buffer<float>(0, count, "x");
+  const float* a = c.Buffer<float>(1, count, "a");
+  const float* w = c.Buffer<float>(2, static_cast<size_t>(n), "weight");
+  float* y = c.Buffer<float>(3, count, "y");
+  if (rows == 0) return;
+  Launch(AddRmsNormKernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, st, x, a, w, y, static_cast<unsigned>(n),
+         static_cast<float>(c.NumOr("eps", 1e-6)));
+}
+
 void RmsNormRowsOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
   const int64_t rows = c.Int("rows", 0, 1 << 24), n = c.Int("n", 1);
   const int64_t ldx = c.IntOr("ldx", n, n, INT64_C(1) << 32), ldy = c.IntOr("ldy", n, n, INT64_C(1) << 32);
@@ -312,6 +349,7 @@ void CopyRowsOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) {
 
 }  // namespace
 
+SONDE_GPU_OP("llm_add_rms_norm", AddRmsNormOp);
 SONDE_GPU_OP("llm_rms_norm_rows", RmsNormRowsOp);
 SONDE_GPU_OP("llm_head_matmul", HeadMatmulOp);
 SONDE_GPU_OP("llm_copy_rows", CopyRowsOp);
