@@ -12,6 +12,13 @@
 // never past max_blocks. A step uploads its token ids, positions and block tables in one copy,
 // launches every layer's ops on one stream and downloads only the requested logits rows.
 //
+// Forms: dense layers as ops/llm.cc runs them (qwen2's biases fused in the float GEMM's epilogue,
+// added after a quantised product); MoE layers through moe/cuda/moe.cu's one-call op (routing,
+// grouped expert GEMMs, combine) plus the shared experts; MLA (deepseek2) absorbed for every row,
+// each row attending as its own sequence through the MLA decode kernel (the decompressed prefill
+// form of the CPU is not mirrored: the same result, more work on long prompts). A residual add
+// also computes the RMSNorm that reads its result next (one launch instead of two).
+//
 // Every device failure is a GpuError (kOutOfMemory names the device and what was allocated).
 #pragma once
 #include <atomic>
