@@ -33,7 +33,7 @@ GpuBufferArg Arg(const std::shared_ptr<GpuAllocation>& a) { return Arg(a->data()
 
 struct GpuLlmModel::Ops {
   GpuOpFn embed, add, bias, gather, copy_blocks, copy, rms_norm, silu_mul, quant_pack, quant_matmul, gemm, rope, kv_store,
-      decode, prefill, moe, gated_add, mla_decode, rms_norm_rows, head_matmul, copy_rows, add_rms_norm;
+      decode, prefill, moe, gated_add, mla_decode, rms_norm_rows, head_matmul, copy_rows, add_rms_norm, rope_store;
 };
 
 namespace {
@@ -178,7 +178,7 @@ std::shared_ptr<const GpuLlmModel> GpuLlmModel::Create(const LlmModel& cpu, std:
   ops->copy_blocks = Find("llm_copy_blocks", emu);
   ops->copy = Find("llm_copy", emu);
   ops->rms_norm = Find("rms_norm", emu);
-  ops->silu_mul = Find("silu_mul", emu);
+  ops->silu_mul = Find("llm_silu_mul", emu);
   ops->quant_pack = Find("quant_pack", emu);
   ops->quant_matmul = Find("quant_matmul", emu);
   ops->gemm = Find("gemm", emu);
@@ -193,6 +193,7 @@ std::shared_ptr<const GpuLlmModel> GpuLlmModel::Create(const LlmModel& cpu, std:
   ops->head_matmul = Find("llm_head_matmul", emu);
   ops->copy_rows = Find("llm_copy_rows", emu);
   ops->add_rms_norm = Find("llm_add_rms_norm", emu);
+  ops->rope_store = Find("llm_rope_store", emu);
 
   std::shared_ptr<GpuLlmModel> g(new GpuLlmModel());
   g->cfg_ = cpu.cfg_;
@@ -288,7 +289,7 @@ struct GpuLlmArena {
   // MoE: tokens per expert of each layer in this step ([layer][expert] int32), and its download.
   std::shared_ptr<GpuAllocation> counts;
   std::vector<int32_t> counts_host;
-  int32_t *tokens = nullptr, *pos = nullptr, *meta = nullptr, *lens = nullptr, *out_rows = nullptr, *pairs_dev = nullptr,
+  int32_t *tokens = nullptr, *pos = nullptr, *row_seq = nullptr, *meta = nullptr, *lens = nullptr, *out_rows = nullptr, *pairs_dev = nullptr,
           *tables_dev = nullptr;
   std::vector<int32_t> host;  // the ints' staging, uploaded in one copy
 
@@ -482,13 +483,14 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
     p += round(sizes[kScratch]);
     a.moe_ws = p;
     a.moe_ws_bytes = moe_ws;
-    const size_t ints = 5 * r + 4 * sq + tb + 2 * pr + 64;
+    const size_t ints = 6 * r + 4 * sq + tb + 2 * pr + 64;
     a.ints.reset();
     a.ints = std::make_shared<GpuAllocation>(m.device_ptr(), ints * sizeof(int32_t), "language model step tables");
     int32_t* n = static_cast<int32_t*>(a.ints->data());
     a.tokens = n;
     a.pos = a.tokens + r;
-    a.out_rows = a.pos + r;
+    a.row_seq = a.pos + r;
+    a.out_rows = a.row_seq + r;
     a.meta = a.out_rows + r;  // 3 per sequence
     a.lens = a.meta + 3 * sq;  // per sequence, or per row for MLA (each row its own sequence)
     a.pairs_dev = a.lens + std::max(sq, r);
@@ -519,6 +521,12 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
   a.copy_blocks = Call(ops.copy_blocks, "llm_copy_blocks", {GpuBufferArg{}, Arg(a.pairs_dev, a.pairs * 8)},
                        {{"pairs", 0}, {"blockBytes", 0}, {"blocks", 1}});
   a.layers.resize(layers.size());
+  // Layer l's attention input comes quantised from the previous layer's last add (not layer 0's:
+  // the embedding goes through a plain norm; not MLA's, whose first products differ).
+  const auto QuantisedIn = [&](size_t l) { return l > 0 && c.kv_lora == 0 && Quantises(layers[l].q); };
+  const auto FfnQuantised = [&](const GpuLlmLayer& G) {
+    return G.moe ? c.shared_ff > 0 && Quantises(G.gate_shexp) : Quantises(G.gate);
+  };
   for (size_t l = 0; l < layers.size(); ++l) {
     const GpuLlmLayer& G = layers[l];
     GpuLlmArena::Layer& C = a.layers[l];
@@ -587,15 +595,16 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
                    {"ldx", static_cast<double>(heads * lr)}, {"hx", static_cast<double>(lr)},
                    {"ldy", static_cast<double>(heads * c.v_dim)}, {"hy", static_cast<double>(c.v_dim)}});
     } else {
-      C.q = Product(ops, a, G.q, G.q_bias, a.xn, a.q, r, false);
+      C.q = Product(ops, a, G.q, G.q_bias, a.xn, a.q, r, QuantisedIn(l));
       C.k = Product(ops, a, G.k, G.k_bias, a.xn, a.k, r, Quantises(G.q) && Quantises(G.k));
       C.v = Product(ops, a, G.v, G.v_bias, a.xn, a.v, r, Quantises(G.k) && Quantises(G.v));
-      C.rope_q = Call(ops.rope, "rope", {Arg(a.q, r * qd * f), Arg(a.pos, r * 4)}, rope);
-      C.rope_q.call.params["heads"] = static_cast<double>(c.heads);
-      C.rope_k = Call(ops.rope, "rope", {Arg(a.k, r * kvd * f), Arg(a.pos, r * 4)}, rope);
-      C.rope_k.call.params["heads"] = static_cast<double>(c.kv_heads);
-      C.store = Call(ops.kv_store, "kv_store",
-                     {Arg(a.k, r * kvd * f), Arg(a.v, r * kvd * f), GpuBufferArg{}, Arg(a.tables_dev, tb * 4), Arg(a.meta, sq * 12)}, pool);
+      // RoPE of q and k and the K/V rows into the pool, one launch (llm.cu: llm_rope_store).
+      C.store = Call(ops.rope_store, "llm_rope_store",
+                     {Arg(a.q, r * qd * f), Arg(a.k, r * kvd * f), Arg(a.v, r * kvd * f), Arg(a.pos, r * 4), Arg(a.row_seq, r * 4),
+                      GpuBufferArg{}, Arg(a.tables_dev, tb * 4)},
+                     pool);
+      for (const auto& [key, value] : rope) C.store.call.params[key] = value;
+      C.store.call.params["heads"] = static_cast<double>(c.heads);
       C.decode = Call(ops.decode, "paged_attention_decode",
                       {Arg(a.q, r * qd * f), GpuBufferArg{}, Arg(a.tables_dev, tb * 4), Arg(a.lens, sq * 4), Arg(a.att, r * qd * f),
                        Arg(a.ws, a.ws_bytes)}, pool);
@@ -611,13 +620,19 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
     // Each residual add also computes the norm that reads its result next: the FFN's, and the
     // next layer's attention norm (the last layer's add is plain: the output norm reads only the
     // requested rows).
-    C.add_attn = Call(ops.add_rms_norm, "llm_add_rms_norm", {Arg(a.x, r * d * f), Arg(a.xn, r * d * f), Arg(G.ffn_norm), Arg(a.xn, r * d * f)},
-                      {{"rows", 0}, {"n", static_cast<double>(d)}, {"eps", c.eps}});
+    // With a block-quantised product next, the norm also writes its output quantised into the
+    // products' scratch, and that product (with those after it over the same rows) skips the
+    // quantiser: FfnQuantised is the FFN's first product, QuantisedIn(l + 1) the next layer's q.
+    const bool ffn_q = FfnQuantised(G);
+    C.add_attn = Call(ops.add_rms_norm, "llm_add_rms_norm",
+                      {Arg(a.x, r * d * f), Arg(a.xn, r * d * f), Arg(G.ffn_norm), Arg(a.xn, r * d * f), Arg(a.qscratch, a.qscratch_bytes)},
+                      {{"rows", 0}, {"n", static_cast<double>(d)}, {"eps", c.eps}, {"quantize", ffn_q ? 1 : 0}});
     const auto add_into = [&](float* from) {
       if (l + 1 < layers.size())
         return Call(ops.add_rms_norm, "llm_add_rms_norm",
-                    {Arg(a.x, r * d * f), Arg(from, r * d * f), Arg(layers[l + 1].attn_norm), Arg(a.xn, r * d * f)},
-                    {{"rows", 0}, {"n", static_cast<double>(d)}, {"eps", c.eps}});
+                    {Arg(a.x, r * d * f), Arg(from, r * d * f), Arg(layers[l + 1].attn_norm), Arg(a.xn, r * d * f),
+                     Arg(a.qscratch, a.qscratch_bytes)},
+                    {{"rows", 0}, {"n", static_cast<double>(d)}, {"eps", c.eps}, {"quantize", QuantisedIn(l + 1) ? 1 : 0}});
       return Call(ops.add, "llm_add", {Arg(a.x, r * d * f), Arg(from, r * d * f)}, {{"count", 0}});
     };
     C.add_ffn = add_into(a.xn);
@@ -642,11 +657,12 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
       C.add_moe = add_into(a.moe_out);
       C.shared = sff > 0;
       if (C.shared) {
-        C.shared_gate = Product(ops, a, G.gate_shexp, nullptr, a.xn, a.sg, r, false);
+        C.shared_gate = Product(ops, a, G.gate_shexp, nullptr, a.xn, a.sg, r, ffn_q);
         C.shared_up = Product(ops, a, G.up_shexp, nullptr, a.xn, a.su, r, Quantises(G.gate_shexp) && Quantises(G.up_shexp));
-        C.shared_silu = Call(ops.silu_mul, "silu_mul", {Arg(a.sg, r * sff * f), Arg(a.su, r * sff * f), Arg(a.sh, r * sff * f)},
-                             {{"count", 0}});
-        C.shared_down = Product(ops, a, G.down_shexp, nullptr, a.sh, a.so, r, false);
+        C.shared_silu = Call(ops.silu_mul, "llm_silu_mul",
+                             {Arg(a.sg, r * sff * f), Arg(a.su, r * sff * f), Arg(a.sh, r * sff * f), Arg(a.qscratch, a.qscratch_bytes)},
+                             {{"rows", 0}, {"n", static_cast<double>(sff)}, {"quantize", Quantises(G.down_shexp) ? 1 : 0}});
+        C.shared_down = Product(ops, a, G.down_shexp, nullptr, a.sh, a.so, r, Quantises(G.down_shexp));
         C.shared_add = Call(ops.gated_add, "llm_gated_add",
                             {Arg(a.moe_out, r * d * f), Arg(a.xn, r * d * f),
                              G.gate_inp_shexp ? Arg(G.gate_inp_shexp) : GpuBufferArg{}, Arg(a.so, r * d * f)},
@@ -654,10 +670,12 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
       }
       continue;
     }
-    C.gate = Product(ops, a, G.gate, nullptr, a.xn, a.gate, r, false);
+    C.gate = Product(ops, a, G.gate, nullptr, a.xn, a.gate, r, ffn_q);
     C.up = Product(ops, a, G.up, nullptr, a.xn, a.up, r, Quantises(G.gate) && Quantises(G.up));
-    C.silu = Call(ops.silu_mul, "silu_mul", {Arg(a.gate, r * ff * f), Arg(a.up, r * ff * f), Arg(a.h, r * ff * f)}, {{"count", 0}});
-    C.down = Product(ops, a, G.down, nullptr, a.h, a.xn, r, false);
+    C.silu = Call(ops.silu_mul, "llm_silu_mul",
+                  {Arg(a.gate, r * ff * f), Arg(a.up, r * ff * f), Arg(a.h, r * ff * f), Arg(a.qscratch, a.qscratch_bytes)},
+                  {{"rows", 0}, {"n", static_cast<double>(ff)}, {"quantize", Quantises(G.down) ? 1 : 0}});
+    C.down = Product(ops, a, G.down, nullptr, a.h, a.xn, r, Quantises(G.down));
   }
   a.gather = Call(ops.gather, "llm_gather_rows", {Arg(a.x, r * d * f), Arg(a.out_rows, r * 4), Arg(a.xo, r * d * f)},
                   {{"rows", 0}, {"n", static_cast<double>(d)}, {"xRows", 0}});
@@ -712,7 +730,10 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
   int32_t* tables = at(a.tables_dev);
   for (size_t si = 0; si < seqs; ++si) {
     const KvStepSequence& q = step.seqs[si];
-    for (size_t i = 0; i < q.tokens; ++i) at(a.pos)[q.row0 + i] = static_cast<int32_t>(q.start + i);
+    for (size_t i = 0; i < q.tokens; ++i) {
+      at(a.pos)[q.row0 + i] = static_cast<int32_t>(q.start + i);
+      at(a.row_seq)[q.row0 + i] = static_cast<int32_t>(si);
+    }
     int32_t* m = at(a.meta) + 3 * si;
     m[0] = static_cast<int32_t>(q.start);
     m[1] = static_cast<int32_t>(q.tokens);
@@ -796,15 +817,10 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
       RunProduct(C.q, n, s, dev);
       RunProduct(C.k, n, s, dev);
       RunProduct(C.v, n, s, dev);
-      C.rope_q.call.params["rows"] = rows;
-      C.rope_q.Run(s, dev);
-      C.rope_k.call.params["rows"] = rows;
-      C.rope_k.Run(s, dev);
       // Every row's K/V is in its block before any row attends (a sequence's later rows read its
       // earlier rows of this step).
-      BindPool(C.store, 2, kv, seqs, width);
+      BindPool(C.store, 5, kv, seqs, width);
       C.store.call.params["rows"] = rows;
-      C.store.call.params["maxTokens"] = static_cast<double>(max_tokens);
       C.store.Run(s, dev);
       if (decode) {
         BindPool(C.decode, 1, kv, seqs, width);
@@ -826,7 +842,7 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
       if (C.shared) {
         RunProduct(C.shared_gate, n, s, dev);
         RunProduct(C.shared_up, n, s, dev);
-        C.shared_silu.call.params["count"] = static_cast<double>(n * c.shared_ff);
+        C.shared_silu.call.params["rows"] = rows;
         C.shared_silu.Run(s, dev);
         RunProduct(C.shared_down, n, s, dev);
         C.shared_add.call.params["rows"] = rows;
@@ -839,7 +855,7 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
     }
     RunProduct(C.gate, n, s, dev);
     RunProduct(C.up, n, s, dev);
-    C.silu.call.params["count"] = static_cast<double>(n * c.ff);
+    C.silu.call.params["rows"] = rows;
     C.silu.Run(s, dev);
     RunProduct(C.down, n, s, dev);
     C.add_ffn.call.params["rows"] = rows;

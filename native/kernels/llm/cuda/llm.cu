@@ -13,9 +13,21 @@
 //   llm_gated_add    [y, x, w, s]                        {rows, n, gated}
 //                    y[r] += g_r * s[r], g_r = sigmoid(x[r] . w) (gated) or 1: qwen2moe's shared
 //                    expert joining the routed experts' sum (deepseek2's is ungated)
-//   llm_add_rms_norm [x, a, w, y]                       {rows, n, eps}
+//   llm_add_rms_norm [x, a, w, y, scratch?]              {rows, n, eps, quantize?}
 //                    x += a, then y = RMSNorm(x) * w (y may be a): the residual add and the next
 //                    norm of a layer in one pass over the row, one launch fewer per add
+//   llm_silu_mul     [gate, up, y, scratch?]              {rows, n, quantize?}
+//                    y = silu(gate) * up (SwiGLU)
+//   llm_rope_store   [q, k, v, positions, rowSeq, pool, tables]
+//                    {rows, heads, kvHeads, headDim, base, freqScale, neox, dtype, blockSize,
+//                     numBlocks, layers, layer, seqs, width}
+//                    RoPE of every row's query and key heads in place (attention/cuda/rope.cu's
+//                    angles), and the roped keys and the values written into the KV pool at the
+//                    row's position through its sequence's block table (kv_store.cu's layout and
+//                    rounding): the three launches of a dense layer's attention input in one
+//   quantize: y also quantised into scratch as quant_matmul's activations (quant/cuda/quant.cu:
+//   rows * n int8, then rows * n / 32 fp32 scales, by its rule), so that the q8_0/q4_0 product
+//   reading y runs with reuse = 1: one quantiser launch fewer per product input (n % 32 == 0)
 //   llm_rms_norm_rows [x, w, y]                          {rows, n, ldx, ldy, eps}
 //                    RMSNorm of the first n elements of rows ldx apart into rows ldy apart (in
 //                    place allowed): MLA's latent, the head of each [latent | rope key] row
@@ -25,7 +37,10 @@
 //   llm_copy_rows    [x, y]                              {rows, heads, count, ldx, hx, ox, ldy, hy, oy}
 //                    y[r][h][oy + i] = x[r][h][ox + i], i < count (the roped query part of MLA)
 // Every op is memory-bound and reads and writes each element once; none needs shared memory.
+#include <cfloat>
+
 #include "kernels/quant/quant.h"
+#include "kernels/attention/cuda/paged.h"
 #include "runtime/cuda/dialect.h"
 
 namespace sonde {
@@ -165,9 +180,25 @@ __global__ void __launch_bounds__(kThreads) RmsNormRowsKernel(const float* x, co
   for (unsigned j = threadIdx.x; j < n; j += blockDim.x) yr[j] = xr[j] * scale * w[j];
 }
 
-// One block per row; every thread rewrites only the elements it read (y may alias a).
+// v, one of 32 consecutive values held by the 32 lanes of a warp (element i of the activations),
+// quantised as quant.cu's QuantizeActsKernel does it: int8 at xq[i], the block's scale at xd[i / 32].
+__device__ __forceinline__ void QuantizeLane(float v, size_t i, int8_t* xq, float* xd) {
+  const float a = fabsf(v);
+  const int finite = __all_sync(0xffffffffu, a <= FLT_MAX);  // false for NaN and +-Inf
+  float amax = finite ? a : 0.0f;
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  // Below 2^-120, 127 / amax overflows fp32: the CPU counts such blocks as zero.
+  const bool zero = !finite || amax < 7.52316384526264e-37f;
+  const float id = zero ? 0.0f : 127.0f / amax;
+  xq[i] = zero ? 0 : static_cast<int8_t>(static_cast<int>(rintf(v * id)));
+  if (i % 32 == 0) xd[i / 32] = !finite ? NAN : zero ? 0.0f : amax / 127.0f;
+}
+
+// One block per row; every thread rewrites only the elements it read (y may alias a). With xq, n
+// is a multiple of 32, so the loops are warp-uniform and a warp's 32 elements are one quant block.
 __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(float* __restrict__ x, const float* a, const float* __restrict__ w,
-                                                             float* y, unsigned n, float eps) {
+                                                             float* y, unsigned n, float eps, int8_t* __restrict__ xq,
+                                                             float* __restrict__ xd) {
   __shared__ float partial[kThreads / 32];
   float* xr = x + size_t(blockIdx.x) * n;
   const float* ar = a + size_t(blockIdx.x) * n;
@@ -184,7 +215,70 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(float* __restrict__
   ss = 0.0f;
   for (unsigned i = 0; i < kThreads / 32; ++i) ss += partial[i];
   const float scale = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
-  for (unsigned j = threadIdx.x; j < n; j += blockDim.x) yr[j] = xr[j] * scale * w[j];
+  for (unsigned j = threadIdx.x; j < n; j += blockDim.x) {
+    const float v = xr[j] * scale * w[j];
+    yr[j] = v;
+    if (xq) QuantizeLane(v, size_t(blockIdx.x) * n + j, xq, xd);
+  }
+}
+
+// Grid-stride over the elements; with xq the count is a multiple of 32 and the stride of whole
+// warps, so each warp's 32 elements are one quant block.
+__global__ void __launch_bounds__(kThreads) SiluMulKernel(const float* __restrict__ gate, const float* __restrict__ up,
+                                                          float* __restrict__ y, size_t count, int8_t* __restrict__ xq,
+                                                          float* __restrict__ xd) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) {
+    const float g = gate[i], v = g / (1.0f + expf(-g)) * up[i];
+    y[i] = v;
+    if (xq) QuantizeLane(v, i, xq, xd);
+  }
+}
+
+template <int kType>
+struct RopeStoreArgs {
+  float *q, *k;
+  const float* v;
+  const int32_t *pos, *row_seq, *tables;
+  typename attention::KvElem<kType>::T* pool;
+  attention::PoolLayout kv;
+  unsigned rows, heads, kv_heads, half, width;
+  float freq_scale, theta_scale;
+  int neox;
+};
+
+// One thread per (row, head, pair) of the query heads then the key heads. The angle is computed as
+// the rope op does (theta_0 = pos * freq_scale, then j multiplications by theta_scale in fp32).
+template <int kType>
+__global__ void __launch_bounds__(kThreads) RopeStoreKernel(RopeStoreArgs<kType> a) {
+  using E = attention::KvElem<kType>;
+  const unsigned all = a.heads + a.kv_heads, dims = 2 * a.half;
+  const size_t total = size_t(a.rows) * all * a.half;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += size_t(gridDim.x) * blockDim.x) {
+    const unsigned j = static_cast<unsigned>(i % a.half), h = static_cast<unsigned>(i / a.half % all);
+    const unsigned row = static_cast<unsigned>(i / a.half / all);
+    const int32_t p = a.pos[row];
+    float theta = static_cast<float>(p) * a.freq_scale;
+    for (unsigned t = 0; t < j; ++t) theta *= a.theta_scale;
+    const float c = cosf(theta), sn = sinf(theta);
+    const bool key = h >= a.heads;
+    const unsigned hh = key ? h - a.heads : h;
+    float* r = key ? a.k + (size_t(row) * a.kv_heads + hh) * dims : a.q + (size_t(row) * a.heads + hh) * dims;
+    const unsigned e0 = a.neox ? j : 2 * j, e1 = a.neox ? j + a.half : 2 * j + 1;
+    const float x0 = r[e0], x1 = r[e1], y0 = x0 * c - x1 * sn, y1 = x0 * sn + x1 * c;
+    r[e0] = y0;
+    r[e1] = y1;
+    if (!key) continue;
+    const int32_t s = a.row_seq[row];
+    const int32_t id = p < 0 ? -1 : a.tables[size_t(s) * a.width + p / a.kv.block_size];
+    if (id < 0 || id >= a.kv.blocks) continue;
+    typename E::T* at = a.pool + size_t(id) * a.kv.block + a.kv.key + size_t(hh) * a.kv.stream +
+                        size_t(p % a.kv.block_size) * a.kv.row;
+    const float* vr = a.v + (size_t(row) * a.kv_heads + hh) * dims;
+    at[e0] = E::Put(y0);
+    at[e1] = E::Put(y1);
+    at[a.kv.value + e0] = E::Put(vr[e0]);
+    at[a.kv.value + e1] = E::Put(vr[e1]);
+  }
 }
 
 // One thread per output element: a dot product over k of the head's input and one weight row.
@@ -297,6 +391,15 @@ size_t Extent(const GpuOpCall& c, int64_t rows, int64_t heads, int64_t count, in
   return c.Count({rows - 1, ld}) + c.Count({heads - 1, h}) + static_cast<size_t>(o + count);
 }
 
+// The optional quantised copy of an op's output: buffer i as quant_matmul's scratch for rows x n.
+void QuantOutput(const GpuOpCall& c, size_t i, int64_t rows, int64_t n, int8_t** xq, float** xd) {
+  *xq = nullptr, *xd = nullptr;
+  if (!c.IntOr("quantize", 0, 0, 1)) return;
+  if (n % 32) c.Invalid("n (" + std::to_string(n) + ") must be a multiple of 32 to quantise");
+  *xq = c.Buffer<int8_t>(i, c.Count({rows, n}) + c.Count({rows, n / 32, 4}), "scratch");
+  *xd = reinterpret_cast<float*>(*xq + c.Count({rows, n}));
+}
+
 void AddRmsNormOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
   const int64_t rows = c.Int("rows", 0, 1 << 24), n = c.Int("n", 1);
   const size_t count = c.Count({rows, n});
@@ -304,9 +407,67 @@ void AddRmsNormOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
   const float* a = c.Buffer<float>(1, count, "a");
   const float* w = c.Buffer<float>(2, static_cast<size_t>(n), "weight");
   float* y = c.Buffer<float>(3, count, "y");
+  int8_t* xq;
+  float* xd;
+  QuantOutput(c, 4, rows, n, &xq, &xd);
   if (rows == 0) return;
   Launch(AddRmsNormKernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, st, x, a, w, y, static_cast<unsigned>(n),
-         static_cast<float>(c.NumOr("eps", 1e-6)));
+         static_cast<float>(c.NumOr("eps", 1e-6)), xq, xd);
+}
+
+void SiluMulOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) {
+  const int64_t rows = c.Int("rows", 0, 1 << 24), n = c.Int("n", 1);
+  const size_t count = c.Count({rows, n});
+  const float* gate = c.Buffer<float>(0, count, "gate");
+  const float* up = c.Buffer<float>(1, count, "up");
+  float* y = c.Buffer<float>(2, count, "y");
+  int8_t* xq;
+  float* xd;
+  QuantOutput(c, 3, rows, n, &xq, &xd);
+  if (count) Launch(SiluMulKernel, StrideGrid(dev, count), dim3(kThreads), 0, st, gate, up, y, count, xq, xd);
+}
+
+template <int kType>
+void LaunchRopeStore(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, float* q, float* k, const float* v,
+                     const int32_t* pos, const int32_t* row_seq, const int32_t* tables, void* pool,
+                     const attention::PoolLayout& kv, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dims,
+                     int64_t width) {
+  RopeStoreArgs<kType> a{};
+  a.q = q, a.k = k, a.v = v, a.pos = pos, a.row_seq = row_seq, a.tables = tables;
+  a.pool = static_cast<typename attention::KvElem<kType>::T*>(pool);
+  a.kv = kv;
+  a.rows = static_cast<unsigned>(rows), a.heads = static_cast<unsigned>(heads), a.kv_heads = static_cast<unsigned>(kv_heads);
+  a.half = static_cast<unsigned>(dims / 2), a.width = static_cast<unsigned>(width);
+  const float base = static_cast<float>(c.NumOr("base", 10000.0));
+  if (!(base > 0.0f)) c.Invalid("base must be positive");
+  a.freq_scale = static_cast<float>(c.NumOr("freqScale", 1.0));
+  a.theta_scale = powf(base, -2.0f / static_cast<float>(dims));
+  a.neox = c.NumOr("neox", 0) != 0;
+  const size_t total = c.Count({rows, heads + kv_heads, dims / 2});
+  if (total) Launch(RopeStoreKernel<kType>, StrideGrid(dev, total), dim3(kThreads), 0, st, a);
+}
+
+void RopeStoreOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) {
+  const int type = attention::KvTypeOf(c);
+  const int64_t rows = c.Int("rows", 0, 1 << 24), heads = c.Int("heads", 1, 65535), kv_heads = c.Int("kvHeads", 1, 65535);
+  const int64_t dims = c.Int("headDim", 2, 1 << 16), seqs = c.Int("seqs", 0, 65535), width = c.Int("width", 1);
+  if (dims % 2) c.Invalid("headDim must be even, got " + std::to_string(dims));
+  const attention::PoolLayout kv = attention::PoolLayoutOf(c, 2 * kv_heads, dims, kv_heads);
+  float* q = c.Buffer<float>(0, c.Count({rows, heads, dims}), "q");
+  float* k = c.Buffer<float>(1, c.Count({rows, kv_heads, dims}), "k");
+  const float* v = c.Buffer<float>(2, c.Count({rows, kv_heads, dims}), "v");
+  const int32_t* pos = c.Buffer<int32_t>(3, static_cast<size_t>(rows), "positions");
+  const int32_t* row_seq = c.Buffer<int32_t>(4, static_cast<size_t>(rows), "rowSeq");
+  void* pool = c.Buffer<unsigned char>(5, c.Count({kv.blocks, static_cast<int64_t>(kv.block),
+                                                   static_cast<int64_t>(attention::KvElemBytes(type))}), "pool");
+  const int32_t* tables = c.Buffer<int32_t>(6, c.Count({seqs, width}), "blockTables");
+  // The kernel trusts row_seq < seqs and positions within the table (lib and ops/llm_gpu.cc build
+  // them from a validated step); ids are checked against the pool.
+  switch (type) {
+    case attention::kKvF32: LaunchRopeStore<attention::kKvF32>(st, dev, c, q, k, v, pos, row_seq, tables, pool, kv, rows, heads, kv_heads, dims, width); break;
+    case attention::kKvF16: LaunchRopeStore<attention::kKvF16>(st, dev, c, q, k, v, pos, row_seq, tables, pool, kv, rows, heads, kv_heads, dims, width); break;
+    default: LaunchRopeStore<attention::kKvBf16>(st, dev, c, q, k, v, pos, row_seq, tables, pool, kv, rows, heads, kv_heads, dims, width); break;
+  }
 }
 
 void RmsNormRowsOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
@@ -350,6 +511,8 @@ void CopyRowsOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) {
 }  // namespace
 
 SONDE_GPU_OP("llm_add_rms_norm", AddRmsNormOp);
+SONDE_GPU_OP("llm_rope_store", RopeStoreOp);
+SONDE_GPU_OP("llm_silu_mul", SiluMulOp);
 SONDE_GPU_OP("llm_rms_norm_rows", RmsNormRowsOp);
 SONDE_GPU_OP("llm_head_matmul", HeadMatmulOp);
 SONDE_GPU_OP("llm_copy_rows", CopyRowsOp);
