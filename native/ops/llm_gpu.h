@@ -16,8 +16,11 @@
 // added after a quantised product); MoE layers through moe/cuda/moe.cu's one-call op (routing,
 // grouped expert GEMMs, combine) plus the shared experts; MLA (deepseek2) absorbed for every row,
 // each row attending as its own sequence through the MLA decode kernel (the decompressed prefill
-// form of the CPU is not mirrored: the same result, more work on long prompts). A residual add
-// also computes the RMSNorm that reads its result next (one launch instead of two).
+// form of the CPU is not mirrored: the same result, more work on long prompts). Launches are few
+// per layer, since a decode step is a few microseconds of work per kernel: a residual add also
+// computes the RMSNorm that reads its result next, norms and SwiGLU also write their output
+// quantised for the q8_0/q4_0 product that reads it (which then skips its quantiser), and one
+// kernel ropes q and k and stores K/V (kernels/llm/cuda/llm.cu).
 //
 // Every device failure is a GpuError (kOutOfMemory names the device and what was allocated).
 #pragma once
