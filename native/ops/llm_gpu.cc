@@ -244,12 +244,31 @@ std::shared_ptr<const GpuLlmModel> GpuLlmModel::Create(const LlmModel& cpu, std:
       G.uk = up.Heads(L.uk, b + "attn_k_b.weight (absorbed, per head)");
       G.uv = up.Heads(L.uv, b + "attn_v_b.weight (per head)");
     } else {
-      G.q_bias = up.Vector(L.q_bias, qd, "language model weight " + b + "attn_q.bias");
-      G.k_bias = up.Vector(L.k_bias, kvd, "language model weight " + b + "attn_k.bias");
-      G.v_bias = up.Vector(L.v_bias, kvd, "language model weight " + b + "attn_v.bias");
-      G.q = up.Matrix(L.q, b + "attn_q.weight");
-      G.k = up.Matrix(L.k, b + "attn_k.weight");
-      G.v = up.Matrix(L.v, b + "attn_v.weight");
+      if (L.q.type == L.k.type && L.k.type == L.v.type) {
+        LlmMatrix joined = L.q;
+        std::vector<uint8_t> rows((L.q.n + L.k.n + L.v.n) * L.q.row_bytes);
+        std::memcpy(rows.data(), L.q.data, L.q.n * L.q.row_bytes);
+        std::memcpy(rows.data() + L.q.n * L.q.row_bytes, L.k.data, L.k.n * L.k.row_bytes);
+        std::memcpy(rows.data() + (L.q.n + L.k.n) * L.q.row_bytes, L.v.data, L.v.n * L.v.row_bytes);
+        joined.data = rows.data();
+        joined.n = L.q.n + L.k.n + L.v.n;
+        G.qkv = up.Matrix(joined, b + "attn_q/k/v.weight (joined)");
+        if (L.q_bias || L.k_bias || L.v_bias) {
+          std::vector<float> bias(qd + 2 * kvd, 0.f);
+          if (L.q_bias) std::copy(L.q_bias, L.q_bias + qd, bias.begin());
+          if (L.k_bias) std::copy(L.k_bias, L.k_bias + kvd, bias.begin() + qd);
+          if (L.v_bias) std::copy(L.v_bias, L.v_bias + kvd, bias.begin() + qd + kvd);
+          G.qkv_bias = up.Vector(bias.data(), bias.size(), "language model weight " + b + "attn_q/k/v.bias (joined)");
+          stream->Synchronize();  // the host vector dies here
+        }
+      } else {
+        G.q_bias = up.Vector(L.q_bias, qd, "language model weight " + b + "attn_q.bias");
+        G.k_bias = up.Vector(L.k_bias, kvd, "language model weight " + b + "attn_k.bias");
+        G.v_bias = up.Vector(L.v_bias, kvd, "language model weight " + b + "attn_v.bias");
+        G.q = up.Matrix(L.q, b + "attn_q.weight");
+        G.k = up.Matrix(L.k, b + "attn_k.weight");
+        G.v = up.Matrix(L.v, b + "attn_v.weight");
+      }
     }
     if (!L.moe_ffn) {
       G.gate = up.Matrix(L.gate, b + "ffn_gate.weight");
@@ -282,7 +301,7 @@ struct GpuLlmArena {
   std::shared_ptr<GpuAllocation> act, ints, logits;
   float *x = nullptr, *xn = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr, *gate = nullptr,
         *up = nullptr, *h = nullptr, *xo = nullptr, *ws = nullptr, *moe_out = nullptr, *so = nullptr, *sg = nullptr,
-        *su = nullptr, *sh = nullptr, *qa = nullptr, *qabs = nullptr, *lat = nullptr;
+        *su = nullptr, *sh = nullptr, *qa = nullptr, *qabs = nullptr, *lat = nullptr, *qkv = nullptr;
   uint8_t* qscratch = nullptr;
   uint8_t* moe_ws = nullptr;
   size_t qscratch_bytes = 0, ws_bytes = 0, moe_ws_bytes = 0;
@@ -301,7 +320,7 @@ struct GpuLlmArena {
   };
   struct Layer {
     GpuLlmCall attn_norm, rope_q, rope_k, store, decode, prefill, add_attn, add_ffn, silu;
-    Product q, k, v, o, gate, up, down;
+    Product q, k, v, o, gate, up, down, qkv;
     GpuLlmCall moe, shared_silu, shared_add, add_moe;
     Product shared_gate, shared_up, shared_down;
     bool moe_ffn = false, shared = false;
@@ -455,8 +474,9 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
                             r * ff * f,       r * ff * f,       r * ff * f,       r * d * f,   r * c.heads * (c.head_dim + 2) * kDecodeSplits * f,
                             moe_rows * d * f, moe_rows * d * f, moe_rows * sff * f, moe_rows * sff * f, moe_rows * sff * f,
                             mla_rows * c.q_lora * f, mla_rows * c.heads * c.head_dim * f, mla_rows * c.heads * c.kv_lora * f,
+                            mla ? 0 : r * (qd + 2 * kvd) * f,
                             r * kmax + r * (kmax / kernels::kQuantBlock) * 4};
-    constexpr size_t kScratch = 19;
+    constexpr size_t kScratch = 20;
     // The MoE op's workspace as moe.cu's MoeOp takes it (each piece rounded to 256 bytes).
     const size_t te = moe_rows * c.experts * f;
     const size_t moe_pieces[] = {te, te, moe_pairs * 4, moe_pairs * 4, (c.experts + 1) * 4, moe_pairs * 4, moe_pairs * 4,
@@ -470,7 +490,7 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
     a.act = std::make_shared<GpuAllocation>(m.device_ptr(), total, "language model activations of " + std::to_string(r) + " rows");
     uint8_t* p = static_cast<uint8_t*>(a.act->data());
     float** floats[] = {&a.x, &a.xn, &a.q, &a.k, &a.v, &a.att, &a.gate, &a.up, &a.h, &a.xo, &a.ws,
-                        &a.moe_out, &a.so, &a.sg, &a.su, &a.sh, &a.qa, &a.qabs, &a.lat};
+                        &a.moe_out, &a.so, &a.sg, &a.su, &a.sh, &a.qa, &a.qabs, &a.lat, &a.qkv};
     static_assert(sizeof(floats) / sizeof(floats[0]) == kScratch, "one size per buffer, then the scratch");
     size_t i = 0;
     for (float** fp : floats) {
@@ -523,7 +543,9 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
   a.layers.resize(layers.size());
   // Layer l's attention input comes quantised from the previous layer's last add (not layer 0's:
   // the embedding goes through a plain norm; not MLA's, whose first products differ).
-  const auto QuantisedIn = [&](size_t l) { return l > 0 && c.kv_lora == 0 && Quantises(layers[l].q); };
+  const auto QuantisedIn = [&](size_t l) {
+    return l > 0 && c.kv_lora == 0 && Quantises(layers[l].qkv.data ? layers[l].qkv : layers[l].q);
+  };
   const auto FfnQuantised = [&](const GpuLlmLayer& G) {
     return G.moe ? c.shared_ff > 0 && Quantises(G.gate_shexp) : Quantises(G.gate);
   };
@@ -595,14 +617,25 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
                    {"ldx", static_cast<double>(heads * lr)}, {"hx", static_cast<double>(lr)},
                    {"ldy", static_cast<double>(heads * c.v_dim)}, {"hy", static_cast<double>(c.v_dim)}});
     } else {
-      C.q = Product(ops, a, G.q, G.q_bias, a.xn, a.q, r, QuantisedIn(l));
-      C.k = Product(ops, a, G.k, G.k_bias, a.xn, a.k, r, Quantises(G.q) && Quantises(G.k));
-      C.v = Product(ops, a, G.v, G.v_bias, a.xn, a.v, r, Quantises(G.k) && Quantises(G.v));
-      // RoPE of q and k and the K/V rows into the pool, one launch (llm.cu: llm_rope_store).
-      C.store = Call(ops.rope_store, "llm_rope_store",
-                     {Arg(a.q, r * qd * f), Arg(a.k, r * kvd * f), Arg(a.v, r * kvd * f), Arg(a.pos, r * 4), Arg(a.row_seq, r * 4),
-                      GpuBufferArg{}, Arg(a.tables_dev, tb * 4)},
-                     pool);
+      // RoPE of q and k and the K/V rows into the pool, one launch (llm.cu: llm_rope_store), from
+      // the joined product's rows or the three products' outputs; the roped q is packed in a.q.
+      if (G.qkv.data) {
+        const size_t w = qd + 2 * kvd, bytes = r * w * f;
+        C.qkv = Product(ops, a, G.qkv, G.qkv_bias, a.xn, a.qkv, r, QuantisedIn(l));
+        C.store = Call(ops.rope_store, "llm_rope_store",
+                       {Arg(a.qkv, bytes), Arg(a.qkv + qd, bytes - qd * f), Arg(a.qkv + qd + kvd, bytes - (qd + kvd) * f),
+                        Arg(a.pos, r * 4), Arg(a.row_seq, r * 4), GpuBufferArg{}, Arg(a.tables_dev, tb * 4), Arg(a.q, r * qd * f)},
+                       pool);
+        for (const char* ld : {"ldq", "ldk", "ldv"}) C.store.call.params[ld] = static_cast<double>(w);
+      } else {
+        C.q = Product(ops, a, G.q, G.q_bias, a.xn, a.q, r, QuantisedIn(l));
+        C.k = Product(ops, a, G.k, G.k_bias, a.xn, a.k, r, Quantises(G.q) && Quantises(G.k));
+        C.v = Product(ops, a, G.v, G.v_bias, a.xn, a.v, r, Quantises(G.k) && Quantises(G.v));
+        C.store = Call(ops.rope_store, "llm_rope_store",
+                       {Arg(a.q, r * qd * f), Arg(a.k, r * kvd * f), Arg(a.v, r * kvd * f), Arg(a.pos, r * 4), Arg(a.row_seq, r * 4),
+                        GpuBufferArg{}, Arg(a.tables_dev, tb * 4)},
+                       pool);
+      }
       for (const auto& [key, value] : rope) C.store.call.params[key] = value;
       C.store.call.params["heads"] = static_cast<double>(c.heads);
       C.decode = Call(ops.decode, "paged_attention_decode",
@@ -814,9 +847,13 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
       C.uv.call.params["rows"] = rows;
       C.uv.Run(s, dev);
     } else {
-      RunProduct(C.q, n, s, dev);
-      RunProduct(C.k, n, s, dev);
-      RunProduct(C.v, n, s, dev);
+      if (layers_[l].qkv.data) {
+        RunProduct(C.qkv, n, s, dev);
+      } else {
+        RunProduct(C.q, n, s, dev);
+        RunProduct(C.k, n, s, dev);
+        RunProduct(C.v, n, s, dev);
+      }
       // Every row's K/V is in its block before any row attends (a sequence's later rows read its
       // earlier rows of this step).
       BindPool(C.store, 5, kv, seqs, width);

@@ -56,6 +56,11 @@ struct GpuLlmMatrix {
 struct GpuLlmLayer {
   std::shared_ptr<GpuAllocation> attn_norm, ffn_norm, q_bias, k_bias, v_bias;
   GpuLlmMatrix q, k, v, o, gate, up, down;
+  // q, k and v of one type joined into one matrix (their rows in that order) and their biases:
+  // one product for all three, whose k and v alone would be too small to fill a GPU at decode.
+  // Empty (qkv.data null) when the types differ; q, k, v are then uploaded apart.
+  GpuLlmMatrix qkv;
+  std::shared_ptr<GpuAllocation> qkv_bias;
   // MoE FFN (moe/cuda/moe.cu's one-call op): the router in f32 and the stacked experts in f32 or
   // bf16 (GpuLlmModel::experts_bf16), and the shared experts in their own type with qwen2moe's
   // sigmoid gate (a vector of embd).

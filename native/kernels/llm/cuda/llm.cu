@@ -18,13 +18,16 @@
 //                    norm of a layer in one pass over the row, one launch fewer per add
 //   llm_silu_mul     [gate, up, y, scratch?]              {rows, n, quantize?}
 //                    y = silu(gate) * up (SwiGLU)
-//   llm_rope_store   [q, k, v, positions, rowSeq, pool, tables]
+//   llm_rope_store   [q, k, v, positions, rowSeq, pool, tables, qOut?]
 //                    {rows, heads, kvHeads, headDim, base, freqScale, neox, dtype, blockSize,
-//                     numBlocks, layers, layer, seqs, width}
-//                    RoPE of every row's query and key heads in place (attention/cuda/rope.cu's
-//                    angles), and the roped keys and the values written into the KV pool at the
-//                    row's position through its sequence's block table (kv_store.cu's layout and
-//                    rounding): the three launches of a dense layer's attention input in one
+//                     numBlocks, layers, layer, seqs, width, ldq?, ldk?, ldv?}
+//                    RoPE of every row's query and key heads (attention/cuda/rope.cu's angles),
+//                    the roped keys and the values written into the KV pool at the row's position
+//                    through its sequence's block table (kv_store.cu's layout and rounding): the
+//                    three launches of a dense layer's attention input in one. Rows of q, k, v
+//                    are ldq, ldk, ldv apart (default packed: one joined QKV product's output is
+//                    read in place); keys are roped in place, queries into qOut (packed rows of
+//                    heads * headDim, as attention reads them; default q itself)
 //   quantize: y also quantised into scratch as quant_matmul's activations (quant/cuda/quant.cu:
 //   rows * n int8, then rows * n / 32 fp32 scales, by its rule), so that the q8_0/q4_0 product
 //   reading y runs with reuse = 1: one quantiser launch fewer per product input (n % 32 == 0)
@@ -236,8 +239,10 @@ __global__ void __launch_bounds__(kThreads) SiluMulKernel(const float* __restric
 
 template <int kType>
 struct RopeStoreArgs {
-  float *q, *k;
+  const float* q;
+  float *k, *q_out;
   const float* v;
+  size_t ldq, ldk, ldv;
   const int32_t *pos, *row_seq, *tables;
   typename attention::KvElem<kType>::T* pool;
   attention::PoolLayout kv;
@@ -262,18 +267,20 @@ __global__ void __launch_bounds__(kThreads) RopeStoreKernel(RopeStoreArgs<kType>
     const float c = cosf(theta), sn = sinf(theta);
     const bool key = h >= a.heads;
     const unsigned hh = key ? h - a.heads : h;
-    float* r = key ? a.k + (size_t(row) * a.kv_heads + hh) * dims : a.q + (size_t(row) * a.heads + hh) * dims;
     const unsigned e0 = a.neox ? j : 2 * j, e1 = a.neox ? j + a.half : 2 * j + 1;
+    const float* r = key ? a.k + row * a.ldk + size_t(hh) * dims : a.q + row * a.ldq + size_t(hh) * dims;
     const float x0 = r[e0], x1 = r[e1], y0 = x0 * c - x1 * sn, y1 = x0 * sn + x1 * c;
-    r[e0] = y0;
-    r[e1] = y1;
+    // A thread reads and writes only its own pair: in place (q_out == q) is safe.
+    float* w = key ? a.k + row * a.ldk + size_t(hh) * dims : a.q_out + (size_t(row) * a.heads + hh) * dims;
+    w[e0] = y0;
+    w[e1] = y1;
     if (!key) continue;
     const int32_t s = a.row_seq[row];
     const int32_t id = p < 0 ? -1 : a.tables[size_t(s) * a.width + p / a.kv.block_size];
     if (id < 0 || id >= a.kv.blocks) continue;
     typename E::T* at = a.pool + size_t(id) * a.kv.block + a.kv.key + size_t(hh) * a.kv.stream +
                         size_t(p % a.kv.block_size) * a.kv.row;
-    const float* vr = a.v + (size_t(row) * a.kv_heads + hh) * dims;
+    const float* vr = a.v + row * a.ldv + size_t(hh) * dims;
     at[e0] = E::Put(y0);
     at[e1] = E::Put(y1);
     at[a.kv.value + e0] = E::Put(vr[e0]);
@@ -428,12 +435,9 @@ void SiluMulOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) {
 }
 
 template <int kType>
-void LaunchRopeStore(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, float* q, float* k, const float* v,
-                     const int32_t* pos, const int32_t* row_seq, const int32_t* tables, void* pool,
+void LaunchRopeStore(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, RopeStoreArgs<kType> a, void* pool,
                      const attention::PoolLayout& kv, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dims,
                      int64_t width) {
-  RopeStoreArgs<kType> a{};
-  a.q = q, a.k = k, a.v = v, a.pos = pos, a.row_seq = row_seq, a.tables = tables;
   a.pool = static_cast<typename attention::KvElem<kType>::T*>(pool);
   a.kv = kv;
   a.rows = static_cast<unsigned>(rows), a.heads = static_cast<unsigned>(heads), a.kv_heads = static_cast<unsigned>(kv_heads);
@@ -452,21 +456,44 @@ void RopeStoreOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) {
   const int64_t rows = c.Int("rows", 0, 1 << 24), heads = c.Int("heads", 1, 65535), kv_heads = c.Int("kvHeads", 1, 65535);
   const int64_t dims = c.Int("headDim", 2, 1 << 16), seqs = c.Int("seqs", 0, 65535), width = c.Int("width", 1);
   if (dims % 2) c.Invalid("headDim must be even, got " + std::to_string(dims));
+  const int64_t qd = heads * dims, kvd = kv_heads * dims;
+  const int64_t ldq = c.IntOr("ldq", qd, qd, INT64_C(1) << 32), ldk = c.IntOr("ldk", kvd, kvd, INT64_C(1) << 32);
+  const int64_t ldv = c.IntOr("ldv", kvd, kvd, INT64_C(1) << 32);
   const attention::PoolLayout kv = attention::PoolLayoutOf(c, 2 * kv_heads, dims, kv_heads);
-  float* q = c.Buffer<float>(0, c.Count({rows, heads, dims}), "q");
-  float* k = c.Buffer<float>(1, c.Count({rows, kv_heads, dims}), "k");
-  const float* v = c.Buffer<float>(2, c.Count({rows, kv_heads, dims}), "v");
-  const int32_t* pos = c.Buffer<int32_t>(3, static_cast<size_t>(rows), "positions");
-  const int32_t* row_seq = c.Buffer<int32_t>(4, static_cast<size_t>(rows), "rowSeq");
+  const auto extent = [&](int64_t ld, int64_t n) { return rows == 0 ? 0 : c.Count({rows - 1, ld}) + static_cast<size_t>(n); };
+  RopeStoreArgs<attention::kKvF32> a{};  // the pointers and sizes; the pool's element type is the template's
+  a.q = c.Buffer<float>(0, extent(ldq, qd), "q");
+  a.k = c.Buffer<float>(1, extent(ldk, kvd), "k");
+  a.v = c.Buffer<float>(2, extent(ldv, kvd), "v");
+  a.pos = c.Buffer<int32_t>(3, static_cast<size_t>(rows), "positions");
+  a.row_seq = c.Buffer<int32_t>(4, static_cast<size_t>(rows), "rowSeq");
   void* pool = c.Buffer<unsigned char>(5, c.Count({kv.blocks, static_cast<int64_t>(kv.block),
                                                    static_cast<int64_t>(attention::KvElemBytes(type))}), "pool");
-  const int32_t* tables = c.Buffer<int32_t>(6, c.Count({seqs, width}), "blockTables");
-  // The kernel trusts row_seq < seqs and positions within the table (lib and ops/llm_gpu.cc build
-  // them from a validated step); ids are checked against the pool.
+  a.tables = c.Buffer<int32_t>(6, c.Count({seqs, width}), "blockTables");
+  // In place unless a packed output is given (a joined QKV product's rows are wider than q's).
+  a.q_out = c.buffers.size() > 7 && c.buffers[7].data ? c.Buffer<float>(7, c.Count({rows, heads, dims}), "qOut")
+                                                       : const_cast<float*>(a.q);
+  if (a.q_out == a.q && ldq != qd) c.Invalid("ldq must be heads * headDim without qOut");
+  a.ldq = static_cast<size_t>(ldq), a.ldk = static_cast<size_t>(ldk), a.ldv = static_cast<size_t>(ldv);
+  // The kernel trusts row_seq < seqs and positions within the table (ops/llm_gpu.cc builds them
+  // from a validated step); ids are checked against the pool.
+  const auto as = [&](auto tag) {
+    using A = RopeStoreArgs<decltype(tag)::value>;
+    A b{};
+    b.q = a.q, b.k = a.k, b.q_out = a.q_out, b.v = a.v, b.ldq = a.ldq, b.ldk = a.ldk, b.ldv = a.ldv;
+    b.pos = a.pos, b.row_seq = a.row_seq, b.tables = a.tables;
+    return b;
+  };
   switch (type) {
-    case attention::kKvF32: LaunchRopeStore<attention::kKvF32>(st, dev, c, q, k, v, pos, row_seq, tables, pool, kv, rows, heads, kv_heads, dims, width); break;
-    case attention::kKvF16: LaunchRopeStore<attention::kKvF16>(st, dev, c, q, k, v, pos, row_seq, tables, pool, kv, rows, heads, kv_heads, dims, width); break;
-    default: LaunchRopeStore<attention::kKvBf16>(st, dev, c, q, k, v, pos, row_seq, tables, pool, kv, rows, heads, kv_heads, dims, width); break;
+    case attention::kKvF32:
+      LaunchRopeStore<attention::kKvF32>(st, dev, c, as(std::integral_constant<int, attention::kKvF32>{}), pool, kv, rows, heads, kv_heads, dims, width);
+      break;
+    case attention::kKvF16:
+      LaunchRopeStore<attention::kKvF16>(st, dev, c, as(std::integral_constant<int, attention::kKvF16>{}), pool, kv, rows, heads, kv_heads, dims, width);
+      break;
+    default:
+      LaunchRopeStore<attention::kKvBf16>(st, dev, c, as(std::integral_constant<int, attention::kKvBf16>{}), pool, kv, rows, heads, kv_heads, dims, width);
+      break;
   }
 }
 
