@@ -164,6 +164,12 @@ export interface NativeLlmModel {
   info(): { disposed: boolean; bytes?: number; layers?: number };
 }
 
+/** The transformer's weights in device memory (native/binding/llm_gpu_binding.cc). */
+export interface NativeGpuLlmModel {
+  dispose(): void;
+  info(): { disposed: boolean; bytes?: number; layers?: number; device?: string };
+}
+
 /**
  * A paged KV pool of one model (native/ops/kv_pool.h): blocks of blockSize positions holding K and V
  * of every layer and KV head; chunks of blocks are allocated as ids are first used and reported to V8.
@@ -335,6 +341,19 @@ export interface NativeBinding {
    */
   kvAttention(q: Float32Array, k: Float32Array | Uint16Array, v: Float32Array | Uint16Array, headDim: number, n: number,
     span: number, dtype: 'f32' | 'f16', variant: 'scalar' | 'avx2' | 'avx512'): Promise<Float32Array>;
+  /**
+   * The transformer on a GPU (native/ops/llm_gpu.h): uploads the weights of a model llmModelCreate
+   * validated (which the caller may dispose afterwards). Rejects ERR_SONDE_OUT_OF_MEMORY naming the
+   * device and the tensor, ERR_SONDE_UNSUPPORTED_OPERATOR for what the GPU path does not run.
+   */
+  llmGpuModelCreate(model: NativeLlmModel, device: string, cancel?: NativeCancelToken): Promise<NativeGpuLlmModel>;
+  /** kvPoolCreate's GPU twin: blocks in device memory, in the CPU pool's layout. */
+  llmGpuKvPoolCreate(model: NativeGpuLlmModel, blockSize: number, maxBlocks: number, dtype: 'f32' | 'f16', reserveBlocks: number): NativeKvPool;
+  /** kvPoolStep's GPU twin (no threads: the step runs on the device). */
+  llmGpuKvPoolStep(model: NativeGpuLlmModel, pool: NativeKvPool, tokens: Int32Array, meta: Int32Array, tables: Int32Array,
+    copies: Int32Array, logits: Float32Array, cancel?: NativeCancelToken): Promise<void>;
+  llmGpuKvPoolRead(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void>;
+  llmGpuKvPoolWrite(pool: NativeKvPool, ids: Int32Array, bytes: Uint8Array): Promise<void>;
   /** A GPU device (runtime/cuda/gpu.h): 'cuda:N' or 'emulated'; throws ERR_SONDE_DEVICE_UNAVAILABLE. */
   gpuDevice(id: string): NativeGpuDeviceInfo;
   /** Device memory from the device's caching pool; throws ERR_SONDE_OUT_OF_MEMORY naming `what`. */

@@ -32,7 +32,7 @@ export * as gguf from './llm/gguf.js';
 export { LanguageModel } from './llm/language-model.js';
 export type {
   LanguageModelLoadOptions, GenerateOptions, GeneratedToken, LanguageModelInfo, ChatMessage, LanguageModelTokenizer,
-  TokenStreamDecoder, KvCacheOptions, LanguageModelEngineOptions, LanguageModelMetricsSnapshot,
+  TokenStreamDecoder, KvCacheOptions, LanguageModelEngineOptions, LanguageModelMetricsSnapshot, LanguageModelMemory,
 } from './llm/language-model.js';
 export type { SamplingOptions } from './llm/sampling.js';
 export { Chat } from './llm/chat.js';

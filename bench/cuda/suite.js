@@ -9,12 +9,13 @@ import { timeOp } from './common.js';
 import { attentionCases } from './attention.js';
 import { convCases } from './conv.js';
 import { gemmCases } from './gemm.js';
+import { llmCases } from './llm.js';
 import { moeCases } from './moe.js';
 import { normCases } from './norm.js';
 import { quantCases } from './quant.js';
 import { sessionCases } from './session.js';
 
-const FAMILIES = [normCases, gemmCases, quantCases, attentionCases, moeCases, convCases, sessionCases];
+const FAMILIES = [normCases, gemmCases, quantCases, attentionCases, moeCases, convCases, sessionCases, llmCases];
 
 // Dense datasheet peaks: bf16 tensor-core and fp32 TFLOP/s, HBM GB/s. First match wins.
 const DATASHEET = [

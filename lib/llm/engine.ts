@@ -111,6 +111,13 @@ export interface LlmEngine {
   createSequence(contextSize: number): LlmSequence;
   /** A paged KV pool (issue #9) that many sequences share; see KvPool. Disposed with the engine. */
   createKvPool(options: KvPoolOptions): KvPool;
+  /**
+   * The GPU runtime's device id ('cuda:N' or 'emulated') when the weights and KV pools are in
+   * device memory (lib/llm/transformer-gpu.ts); absent or undefined on the CPU.
+   */
+  readonly gpu?: string | undefined;
+  /** Device bytes of the weights (0 or absent on the CPU, which reads them from the file's mapping). */
+  readonly deviceBytes?: number;
   dispose(): void;
 }
 

@@ -18,6 +18,7 @@
  * iterator finishes, throws or is closed, and the one cache keeps the last call's tokens for reuse.
  */
 import { freemem } from 'node:os';
+import { native } from '../binding.js';
 import { placeWithoutCuda, resolveDevice, type Placement } from '../device.js';
 import { AbortError, DeviceUnavailableError, DisposedError, InvalidArgumentError, ModelFormatError } from '../errors.js';
 import { NativeResource } from '../lifetime.js';
@@ -30,7 +31,10 @@ import { modelDigest, type KvStateModel } from './kv/state.js';
 import { Scheduler, type RetainedSequence } from './kv/scheduler.js';
 import { SAMPLING_OPTIONS, Sampler, type SamplingOptions } from './sampling.js';
 import { Tokenizer, type ChatMessage } from './tokenizer.js';
+import { configFromGguf } from './arch.js';
+import { read } from './gguf.js';
 import { loadTransformer } from './transformer.js';
+import { gpuTransformerFromFile, gpuUnsupported } from './transformer-gpu.js';
 
 export type { ChatMessage, LanguageModelMetricsSnapshot };
 
@@ -193,11 +197,21 @@ export interface LanguageModelInfo {
   quantizationTypes: string[];
 }
 
+/** LanguageModel.memory(). */
+export interface LanguageModelMemory {
+  device: Placement['id'];
+  weightBytes: number;
+  kvCacheBytes: number;
+  kvCacheHighWaterBytes: number;
+}
+
 const ENGINE_OPTIONS = ['contextSize', 'kvCache', 'maxConcurrency', 'prefillBudget', 'maxQueue', 'name'] as const;
 const LOAD_OPTIONS = ['device', 'fallback', 'threads', ...ENGINE_OPTIONS] as const;
 const KV_OPTIONS = ['maxBytes', 'dtype', 'blockSize', 'prefixCaching'] as const;
 /** Share of os.freemem() the KV cache may take by default. */
 const DEFAULT_KV_FRACTION = 0.25;
+/** Share of a GPU's free memory (after the weights) the KV cache may take by default. */
+const DEFAULT_DEVICE_KV_FRACTION = 0.5;
 let modelCount = 0;
 
 /** A generation that continues a chat's retained sequence and hands back the one it leaves. */
@@ -371,6 +385,20 @@ export class LanguageModel extends NativeResource {
   get device(): Placement {
     return { ...this.#placement };
   }
+
+  /**
+   * Memory the model holds on its device: the weights (on a GPU, uploaded once at load; 0 on the
+   * CPU, which reads them from the file's mapping) and the KV cache's blocks now and at most so far.
+   */
+  memory(): LanguageModelMemory {
+    this.checkAlive('LanguageModel.memory');
+    return {
+      device: this.#placement.id,
+      weightBytes: this.#engine.deviceBytes ?? 0,
+      kvCacheBytes: this.#pool?.bytes ?? 0,
+      kvCacheHighWaterBytes: this.#pool?.highWaterBytes ?? 0,
+    };
+  }
   #engine: LlmEngine;
   #tokenizer: LanguageModelTokenizer;
   #metrics: LlmMetrics;
@@ -460,17 +488,46 @@ export class LanguageModel extends NativeResource {
     const o = checkOptions<LanguageModelLoadOptions>(where, options, LOAD_OPTIONS);
     const device = resolveDevice(o.device ?? 'auto', `${where}: options.device`);
     const fallback = checkOneOf(`${where}: options.fallback`, o.fallback ?? 'none', ['none', 'cpu'] as const);
-    const placement = placeWithoutCuda(where, o.device, device, ['the transformer forward pass'], fallback);
     const threads = o.threads === undefined ? undefined : checkInt(`${where}: options.threads`, o.threads, 1, 1024);
     if (o.contextSize !== undefined) checkInt(`${where}: options.contextSize`, o.contextSize, 1, MAX_CONTEXT);
     LanguageModel.#serving(where, o, undefined);
-    const engine = await loadTransformer(path, threads === undefined ? {} : { threads });
+    let engine: LlmEngine | undefined;
+    let placement: Placement | undefined;
+    let gpu: string | undefined;
+    if (device.kind === 'cuda') {
+      // What the GPU path runs is known from the file's metadata and tensor types: a model it does
+      // not run goes through the CPU fallback rules (placeWithoutCuda names what).
+      const file = await read(path);
+      let unsupported: string[];
+      try {
+        unsupported = gpuUnsupported(file, configFromGguf(file));
+      } catch (err) {
+        file.dispose();
+        throw err;
+      }
+      if (unsupported.length === 0) {
+        try {
+          engine = await gpuTransformerFromFile(file, { device: device.gpu }, true);
+        } catch (err) {
+          file.dispose();
+          throw err;
+        }
+        placement = { kind: 'cuda', id: `cuda:${device.index}` };
+        gpu = device.gpu;
+      } else {
+        file.dispose();
+        placement = placeWithoutCuda(where, o.device, device, unsupported, fallback);
+      }
+    } else {
+      placement = placeWithoutCuda(where, o.device, device, ['the transformer forward pass'], fallback);
+    }
+    engine ??= await loadTransformer(path, threads === undefined ? {} : { threads });
     try {
       const tokenizer = Tokenizer.fromGguf(engine.file.metadata);
       if (tokenizer.vocabSize !== engine.config.vocabSize) {
         throw new ModelFormatError(`${path}: the tokenizer has ${tokenizer.vocabSize} tokens but the model's embedding has ${engine.config.vocabSize} rows`);
       }
-      const model = new LanguageModel(engine, tokenizer, LanguageModel.#serving(where, o, engine.config));
+      const model = new LanguageModel(engine, tokenizer, LanguageModel.#serving(where, o, engine.config, gpu));
       model.#placement = placement;
       return model;
     } catch (err) {
@@ -490,9 +547,10 @@ export class LanguageModel extends NativeResource {
   }
 
   /** Validates the serving options (each error names its option); with no config, only checks. */
-  static #serving(where: string, o: Partial<LanguageModelLoadOptions>, config: ModelConfig | undefined): Serving {
+  static #serving(where: string, o: Partial<LanguageModelLoadOptions>, config: ModelConfig | undefined, gpu?: string): Serving {
     const kv = checkOptions<KvCacheOptions>(`${where}: options.kvCache`, o.kvCache, KV_OPTIONS);
-    const maxBytes = kv.maxBytes === undefined ? Math.floor(freemem() * DEFAULT_KV_FRACTION) : checkInt(`${where}: options.kvCache.maxBytes`, kv.maxBytes, 1);
+    const maxBytes = kv.maxBytes !== undefined ? checkInt(`${where}: options.kvCache.maxBytes`, kv.maxBytes, 1)
+      : gpu !== undefined ? LanguageModel.#deviceKvDefault(gpu) : Math.floor(freemem() * DEFAULT_KV_FRACTION);
     const dtype = kv.dtype === undefined ? 'f32' : checkOneOf(`${where}: options.kvCache.dtype`, kv.dtype, ['f32', 'f16'] as const);
     const blockSize = kv.blockSize === undefined ? 16 : checkInt(`${where}: options.kvCache.blockSize`, kv.blockSize, 1, 4096);
     const prefixCaching = checkBool(`${where}: options.kvCache.prefixCaching`, kv.prefixCaching, true);
@@ -507,6 +565,12 @@ export class LanguageModel extends NativeResource {
       maxConcurrency: opt('maxConcurrency', 1), prefillBudget: opt('prefillBudget', 1), maxQueue: opt('maxQueue', 0),
       name: o.name,
     };
+  }
+
+  /** The KV cache's default cap on a GPU: a share of the device memory the weights left free. */
+  static #deviceKvDefault(gpu: string): number {
+    const d = native().gpuDevice(gpu);
+    return Math.max(1, Math.floor((d.totalMemory - d.inUse) * DEFAULT_DEVICE_KV_FRACTION));
   }
 
   static #contextSize(where: string, value: unknown, config: ModelConfig): number {

@@ -5,7 +5,7 @@
  * promise chain), so a caller may issue the next step without awaiting the previous one. A sequence
  * (createSequence) is a private pool of one block table: there is one forward implementation.
  */
-import { native, type NativeKvPool, type NativeLlmModel } from '../binding.js';
+import { native, type NativeCancelToken, type NativeKvPool, type NativeLlmModel } from '../binding.js';
 import { InvalidArgumentError, callNative, fromNative } from '../errors.js';
 import { NativeResource, withSignal } from '../lifetime.js';
 import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
@@ -43,7 +43,49 @@ const LOGITS_CODE = { none: 0, last: 1, all: 2 } as const;
 const MAX_BLOCK_SIZE = 65536;
 
 /** A step packed for the native call (snapshotted when step() is called, so later edits of the caller's arrays do not leak in). */
-interface PackedStep { tokens: Int32Array; meta: Int32Array; tables: Int32Array; copies: Int32Array; rows: number }
+export interface PackedStep { tokens: Int32Array; meta: Int32Array; tables: Int32Array; copies: Int32Array; rows: number }
+
+/**
+ * @internal Where a transformer's weights and pools live: the CPU's native model (this file) or a
+ * GPU's (lib/llm/transformer-gpu.ts). The TS side (validation, packing, sequences, the step chain)
+ * is the same for both.
+ */
+export interface TransformerBackend {
+  /** The GPU runtime's device id ('cuda:N' or 'emulated'), undefined on the CPU. */
+  readonly gpu: string | undefined;
+  /** Device bytes of the weights (0 on the CPU: they are read from the file's mapping). */
+  readonly deviceBytes: number;
+  /** The native model handle (for tests and info()). */
+  readonly handle: { info(): { disposed: boolean; bytes?: number } };
+  createPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number): NativeKvPool;
+  step(pool: NativeKvPool, packed: PackedStep, logits: Float32Array, token: NativeCancelToken | undefined): Promise<void>;
+  read(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void>;
+  write(pool: NativeKvPool, ids: Int32Array, bytes: Uint8Array): Promise<void>;
+  prepare(): Promise<void>;
+  dispose(): void;
+}
+
+class CpuBackend implements TransformerBackend {
+  readonly gpu = undefined;
+  readonly deviceBytes = 0;
+  readonly #model: NativeLlmModel;
+  readonly #threads: number;
+  constructor(model: NativeLlmModel, threads: number) {
+    this.#model = model;
+    this.#threads = threads;
+  }
+  get handle(): NativeLlmModel { return this.#model; }
+  createPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number): NativeKvPool {
+    return native().kvPoolCreate(this.#model, blockSize, maxBlocks, dtype, reserve);
+  }
+  step(pool: NativeKvPool, p: PackedStep, logits: Float32Array, token: NativeCancelToken | undefined): Promise<void> {
+    return native().kvPoolStep(this.#model, pool, p.tokens, p.meta, p.tables, p.copies, logits, this.#threads, token);
+  }
+  read(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void> { return native().kvPoolRead(pool, ids, out); }
+  write(pool: NativeKvPool, ids: Int32Array, bytes: Uint8Array): Promise<void> { return native().kvPoolWrite(pool, ids, bytes); }
+  prepare(): Promise<void> { return native().llmModelPrepare(this.#model, this.#threads); }
+  dispose(): void { this.#model.dispose(); }
+}
 
 class TransformerKvPool extends NativeResource implements KvPool {
   readonly blockSize: number;
@@ -85,9 +127,8 @@ class TransformerKvPool extends NativeResource implements KvPool {
       return this.#enqueue(async () => {
         this.checkAlive(where);
         const logits = new Float32Array(packed.rows * this.#engine.config.vocabSize);
-        const model = this.#engine.nativeModel(where);
-        await callNative(() => withSignal(signal, (token) => native().kvPoolStep(model, this.#pool, packed.tokens, packed.meta,
-          packed.tables, packed.copies, logits, this.#engine.threads, token)), site);
+        const backend = this.#engine.backend(where);
+        await callNative(() => withSignal(signal, (token) => backend.step(this.#pool, packed, logits, token)), site);
         return logits;
       });
     } catch (err) {
@@ -104,7 +145,7 @@ class TransformerKvPool extends NativeResource implements KvPool {
       return this.#enqueue(async () => {
         this.checkAlive(where);
         const out = new Uint8Array(copy.length * this.blockBytes);
-        await callNative(() => native().kvPoolRead(this.#pool, copy, out), site);
+        await callNative(() => this.#engine.backend(where).read(this.#pool, copy, out), site);
         return out;
       });
     } catch (err) {
@@ -130,7 +171,7 @@ class TransformerKvPool extends NativeResource implements KvPool {
       const data = bytes.slice();
       return this.#enqueue(async () => {
         this.checkAlive(where);
-        await callNative(() => native().kvPoolWrite(this.#pool, copy, data), site);
+        await callNative(() => this.#engine.backend(where).write(this.#pool, copy, data), site);
       });
     } catch (err) {
       return Promise.reject(err);
@@ -344,19 +385,28 @@ class TransformerSequence extends NativeResource implements LlmSequence {
 class Transformer extends NativeResource implements LlmEngine {
   readonly config: ModelConfig;
   readonly file: GgufFile;
-  readonly threads: number;
-  #model: NativeLlmModel;
+  #backend: TransformerBackend;
   #ownsFile: boolean;
   // Live sequences and pools, disposed with the engine so their KV blocks are freed at once, not at GC.
   #resources = new Set<TransformerSequence | TransformerKvPool>();
 
-  constructor(file: GgufFile, config: ModelConfig, model: NativeLlmModel, threads: number, ownsFile: boolean) {
+  constructor(file: GgufFile, config: ModelConfig, backend: TransformerBackend, ownsFile: boolean) {
     super();
     this.file = file;
     this.config = Object.freeze({ ...config });
-    this.#model = model;
-    this.threads = threads;
+    this.#backend = backend;
     this.#ownsFile = ownsFile;
+  }
+
+  /** The GPU runtime's device id when the weights and pools are in device memory, else undefined. */
+  get gpu(): string | undefined {
+    return this.#backend.gpu;
+  }
+
+  /** Device bytes of the weights (0 on the CPU). */
+  get deviceBytes(): number {
+    this.checkAlive('LlmEngine.deviceBytes');
+    return this.#backend.deviceBytes;
   }
 
   /**
@@ -365,13 +415,19 @@ class Transformer extends NativeResource implements LlmEngine {
    */
   async prepare(): Promise<void> {
     const site = new Error();
-    await callNative(() => native().llmModelPrepare(this.#model, this.threads), site);
+    await callNative(() => this.#backend.prepare(), site);
+  }
+
+  /** @internal For tests: the native model handle (llmModelCreate's, or the GPU model's). */
+  nativeModel(where: string): NativeLlmModel {
+    this.checkAlive(where);
+    return this.#backend.handle as NativeLlmModel;
   }
 
   /** @internal */
-  nativeModel(where: string): NativeLlmModel {
+  backend(where: string): TransformerBackend {
     this.checkAlive(where);
-    return this.#model;
+    return this.#backend;
   }
 
   /**
@@ -407,7 +463,7 @@ class Transformer extends NativeResource implements LlmEngine {
   #newPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number): TransformerKvPool {
     let pool: TransformerKvPool;
     try {
-      pool = new TransformerKvPool(this, native().kvPoolCreate(this.#model, blockSize, maxBlocks, dtype, reserve), blockSize, maxBlocks, dtype);
+      pool = new TransformerKvPool(this, this.#backend.createPool(blockSize, maxBlocks, dtype, reserve), blockSize, maxBlocks, dtype);
     } catch (err) {
       throw fromNative(err, new Error());
     }
@@ -423,7 +479,7 @@ class Transformer extends NativeResource implements LlmEngine {
   protected release(): void {
     for (const r of [...this.#resources]) r.dispose();
     this.#resources.clear();
-    this.#model.dispose();
+    this.#backend.dispose();
     if (this.#ownsFile) this.file.dispose();
   }
 }
@@ -450,7 +506,17 @@ function build(file: GgufFile, options: Parsed, ownsFile: boolean): Transformer 
   } catch (err) {
     throw fromNative(err, new Error());
   }
-  return new Transformer(file, config, model, options.threads, ownsFile);
+  return new Transformer(file, config, new CpuBackend(model, options.threads), ownsFile);
+}
+
+/**
+ * @internal A transformer over another backend (lib/llm/transformer-gpu.ts). ownsFile: dispose()
+ * of the engine disposes the file too.
+ */
+export function transformerWithBackend(file: GgufFile, config: ModelConfig, backend: TransformerBackend, ownsFile: boolean): LlmEngine & {
+  readonly gpu: string | undefined; readonly deviceBytes: number;
+} {
+  return new Transformer(file, config, backend, ownsFile);
 }
 
 /** Maps the GGUF at `path` and builds its transformer; dispose() of the engine unmaps the file. */

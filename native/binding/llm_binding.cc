@@ -22,6 +22,7 @@
 #include "binding/addon.h"
 #include "binding/families.h"
 #include "binding/gguf_binding.h"
+#include "binding/llm_binding.h"
 #include "binding/shared_handle.h"
 #include "kernels/attention/attention.h"
 #include "ops/kv_pool.h"
@@ -33,6 +34,36 @@ namespace sonde {
 void Describe(Napi::Object& o, const LlmModel& m) {
   o.Set("bytes", static_cast<double>(m.bytes()));
   o.Set("layers", static_cast<double>(m.config().layers));
+}
+
+
+void UnpackKvStep(Napi::Env env, Napi::Int32Array tokens, Napi::Int32Array meta, Napi::Int32Array tables, Napi::Int32Array copies,
+                  KvStep* st) {
+  // meta: per sequence [tableLength, start, tokenCount, logits (0 none, 1 last, 2 all)].
+  if (meta.ElementLength() % 4) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: meta must hold 4 values per sequence");
+  st->tokens.assign(tokens.Data(), tokens.Data() + tokens.ElementLength());
+  st->tables.assign(tables.Data(), tables.Data() + tables.ElementLength());
+  st->copies.assign(copies.Data(), copies.Data() + copies.ElementLength());
+  const size_t seqs = meta.ElementLength() / 4;
+  st->seqs.resize(seqs);
+  size_t table = 0, row = 0;
+  for (size_t s = 0; s < seqs; ++s) {
+    const int32_t* m = meta.Data() + 4 * s;
+    if (m[0] < 0 || m[1] < 0 || m[2] < 0 || m[3] < 0 || m[3] > 2)
+      throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: meta of sequences[" + std::to_string(s) + "] is invalid");
+    KvStepSequence& q = st->seqs[s];
+    q.table_offset = table;
+    q.table_length = static_cast<size_t>(m[0]);
+    q.start = static_cast<size_t>(m[1]);
+    q.tokens = static_cast<size_t>(m[2]);
+    q.row0 = row;
+    table += q.table_length;
+    row += q.tokens;
+    if (m[3] == 1 && q.tokens) st->out_rows.push_back(static_cast<uint32_t>(row - 1));
+    if (m[3] == 2)
+      for (size_t i = q.row0; i < row; ++i) st->out_rows.push_back(static_cast<uint32_t>(i));
+  }
+  if (table != st->tables.size()) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: tables must hold every sequence's table");
 }
 
 namespace {
@@ -210,12 +241,20 @@ Napi::Value LlmModelCreate(Addon& addon, const Napi::CallbackInfo& info) {
   return LlmModelHandle::Wrap(env, addon, kModelClass, std::move(model));
 }
 
-std::shared_ptr<const LlmModel> UnwrapModel(Addon& addon, Napi::Value v, const char* where) {
+}  // namespace
+
+std::shared_ptr<const LlmModel> UnwrapLlmModel(Addon& addon, Napi::Value v, const char* where) {
   if (!LlmModelHandle::Is(addon, kModelClass, v))
     throw MakeError(v.Env(), codes::kInvalidArgument, std::string(where) + ": expected a model handle");
   std::shared_ptr<const LlmModel> m = LlmModelHandle::Get(v);
   if (!m) throw MakeError(v.Env(), codes::kDisposed, std::string(where) + ": the model has been disposed");
   return m;
+}
+
+namespace {
+
+std::shared_ptr<const LlmModel> UnwrapModel(Addon& addon, Napi::Value v, const char* where) {
+  return UnwrapLlmModel(addon, v, where);
 }
 
 bool IsInt32Array(Napi::Value v) {
@@ -332,34 +371,9 @@ Napi::Value KvPoolStep(Addon& addon, const Napi::CallbackInfo& info) {
   KvPoolHandle* h = UnwrapPool(addon, info[1], where);
   if (h->owner != job->model.get()) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: the pool belongs to another model");
   job->pool = h->pool;
-  Napi::Int32Array tokens = info[2].As<Napi::Int32Array>(), meta = info[3].As<Napi::Int32Array>();
-  Napi::Int32Array tables = info[4].As<Napi::Int32Array>(), copies = info[5].As<Napi::Int32Array>();
-  // meta: per sequence [tableLength, start, tokenCount, logits (0 none, 1 last, 2 all)].
-  if (meta.ElementLength() % 4) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: meta must hold 4 values per sequence");
+  UnpackKvStep(env, info[2].As<Napi::Int32Array>(), info[3].As<Napi::Int32Array>(), info[4].As<Napi::Int32Array>(),
+               info[5].As<Napi::Int32Array>(), &job->step);
   KvStep& st = job->step;
-  st.tokens.assign(tokens.Data(), tokens.Data() + tokens.ElementLength());
-  st.tables.assign(tables.Data(), tables.Data() + tables.ElementLength());
-  st.copies.assign(copies.Data(), copies.Data() + copies.ElementLength());
-  const size_t seqs = meta.ElementLength() / 4;
-  st.seqs.resize(seqs);
-  size_t table = 0, row = 0;
-  for (size_t s = 0; s < seqs; ++s) {
-    const int32_t* m = meta.Data() + 4 * s;
-    if (m[0] < 0 || m[1] < 0 || m[2] < 0 || m[3] < 0 || m[3] > 2)
-      throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: meta of sequences[" + std::to_string(s) + "] is invalid");
-    KvStepSequence& q = st.seqs[s];
-    q.table_offset = table;
-    q.table_length = static_cast<size_t>(m[0]);
-    q.start = static_cast<size_t>(m[1]);
-    q.tokens = static_cast<size_t>(m[2]);
-    q.row0 = row;
-    table += q.table_length;
-    row += q.tokens;
-    if (m[3] == 1 && q.tokens) st.out_rows.push_back(static_cast<uint32_t>(row - 1));
-    if (m[3] == 2)
-      for (size_t i = q.row0; i < row; ++i) st.out_rows.push_back(static_cast<uint32_t>(i));
-  }
-  if (table != st.tables.size()) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: tables must hold every sequence's table");
   const LlmConfig& c = job->model->config();
   const std::string why = ValidateKvStep(*job->pool, c.vocab, st);
   if (!why.empty()) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: " + why);
@@ -536,6 +550,7 @@ void RegisterLlmBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
   addon.Export(env, exports, "kvPoolRead", KvPoolRead);
   addon.Export(env, exports, "kvPoolWrite", KvPoolWrite);
   addon.Export(env, exports, "kvAttention", KvAttention);
+  RegisterLlmGpuBindings(env, exports, addon);
 }
 
 }  // namespace sonde

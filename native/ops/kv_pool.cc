@@ -89,7 +89,10 @@ size_t KvPool::Reserve(size_t last) {
 }
 
 std::string ValidateKvStep(const KvPool& pool, size_t vocab, const KvStep& step) {
-  const size_t bs = pool.block_size(), max = pool.max_blocks();
+  return ValidateKvStep(pool.block_size(), pool.max_blocks(), vocab, step);
+}
+
+std::string ValidateKvStep(size_t bs, size_t max, size_t vocab, const KvStep& step) {
   size_t row = 0;
   for (size_t s = 0; s < step.seqs.size(); ++s) {
     const KvStepSequence& q = step.seqs[s];
@@ -162,10 +165,12 @@ std::string ValidateKvStep(const KvPool& pool, size_t vocab, const KvStep& step)
   return {};
 }
 
-int64_t KvStepLastBlock(const KvPool& pool, const KvStep& step) {
+int64_t KvStepLastBlock(const KvPool& pool, const KvStep& step) { return KvStepLastBlock(pool.block_size(), step); }
+
+int64_t KvStepLastBlock(size_t bs, const KvStep& step) {
   int64_t last = -1;
   for (const KvStepSequence& q : step.seqs) {
-    const size_t used = std::min(q.table_length, (q.start + q.tokens + pool.block_size() - 1) / pool.block_size());
+    const size_t used = std::min(q.table_length, (q.start + q.tokens + bs - 1) / bs);
     for (size_t i = 0; i < used; ++i) last = std::max<int64_t>(last, step.tables[q.table_offset + i]);
   }
   for (int32_t b : step.copies) last = std::max<int64_t>(last, b);

@@ -129,8 +129,11 @@ class KvPool {
 // The C++ second line behind lib/llm/transformer.ts's checks: empty when the step may run on this
 // pool, else what is wrong, naming the sequence index and field. vocab: the model's.
 std::string ValidateKvStep(const KvPool& pool, size_t vocab, const KvStep& step);
+// The same for any pool of block_size positions and max_blocks blocks (the GPU's, ops/llm_gpu.h).
+std::string ValidateKvStep(size_t block_size, size_t max_blocks, size_t vocab, const KvStep& step);
 
 // Highest block id the step touches (tables up to the last written position, copies), or -1.
 int64_t KvStepLastBlock(const KvPool& pool, const KvStep& step);
+int64_t KvStepLastBlock(size_t block_size, const KvStep& step);
 
 }  // namespace sonde

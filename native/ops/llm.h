@@ -101,6 +101,7 @@ struct LlmLayer {
 };
 
 class LlmModel;
+class GpuLlmModel;
 class KvPool;
 struct KvStep;
 bool RunStep(const LlmModel& model, KvPool& kv, const KvStep& step, float* logits, ThreadPool& pool, unsigned threads,
@@ -134,6 +135,8 @@ class LlmModel {
 
  private:
   friend bool RunStep(const LlmModel&, KvPool&, const KvStep&, float*, ThreadPool&, unsigned, const CancelFlag*);
+  // ops/llm_gpu.h uploads the weights this validated (before any Prepare: the file's rows).
+  friend class GpuLlmModel;
   LlmModel() = default;
   std::shared_ptr<const GgufFile> file_;
   LlmConfig cfg_;

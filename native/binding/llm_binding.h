@@ -1,0 +1,25 @@
+// What the language model's GPU binding (llm_gpu_binding.cc) shares with its CPU one
+// (llm_binding.cc): the CPU model handle, which validated the file, and a step's unmarshalling.
+#pragma once
+#include <napi.h>
+
+#include <memory>
+
+#include "binding/addon.h"
+#include "ops/kv_pool.h"
+#include "ops/llm.h"
+
+namespace sonde {
+
+// The model behind an llmModelCreate handle; throws a JS error (invalid or disposed).
+std::shared_ptr<const LlmModel> UnwrapLlmModel(Addon& addon, Napi::Value v, const char* where);
+
+// A step as lib/llm/transformer.ts packs it (tokens, meta [tableLength, start, tokenCount, logits]
+// per sequence, tables, copies); throws ERR_SONDE_INVALID_ARGUMENT for inconsistent metadata.
+void UnpackKvStep(Napi::Env env, Napi::Int32Array tokens, Napi::Int32Array meta, Napi::Int32Array tables,
+                  Napi::Int32Array copies, KvStep* st);
+
+// Registered by RegisterLlmBindings.
+void RegisterLlmGpuBindings(Napi::Env env, Napi::Object exports, Addon& addon);
+
+}  // namespace sonde
