@@ -55,11 +55,13 @@ export interface GpuDecodeSequences {
 export interface GpuAttentionOptions extends GpuRunOptions {
   /** Decode: positions per split (default: chosen from the device's SM count). */
   splitLen?: number;
-  /** Prefill: use the SIMT kernel even where the tensor-core one applies. */
+  /** Use the SIMT kernel even where the tensor-core one applies (decode and prefill). */
   simt?: boolean;
+  /** Decode: positions per tensor-core tile, 32 or 64 (default: chosen from the device's shared memory). */
+  tile?: 32 | 64;
 }
 
-const OPTION_KEYS = ['reps', 'splitLen', 'simt'] as const;
+const OPTION_KEYS = ['reps', 'splitLen', 'simt', 'tile'] as const;
 const MAX_HEAD_DIM = 256, MAX_MLA_ROW = 576, MIN_SPLIT = 256;
 
 interface PoolParams {
@@ -154,6 +156,8 @@ async function decode(w: string, op: string, device: GpuDeviceId, buffers: GpuDe
   }
   if (width * pool.blockSize > 2 ** 31 - 1) throw new InvalidArgumentError(`${w}: the longest block table (${width} blocks of ${pool.blockSize}) exceeds 2^31 positions`);
   const splitLen = o.splitLen === undefined ? undefined : checkInt(`${w}: options.splitLen`, o.splitLen, 1, 2 ** 31 - 1);
+  if (o.simt !== undefined && typeof o.simt !== 'boolean') throw new InvalidArgumentError(`${w}: options.simt must be a boolean, got ${describe(o.simt)}`);
+  if (o.tile !== undefined && o.tile !== 32 && o.tile !== 64) throw new InvalidArgumentError(`${w}: options.tile must be 32 or 64, got ${describe(o.tile)}`);
   checkGpuBuffer(w, 'q', buffers.q, device, n * shape.heads * shape.keyDim * 4);
   checkGpuBuffer(w, 'pool', buffers.pool, device, poolBytes(pool, shape.streams, shape.keyDim));
   checkGpuBuffer(w, 'out', buffers.out, device, n * shape.heads * shape.valueDim * 4);
@@ -164,6 +168,7 @@ async function decode(w: string, op: string, device: GpuDeviceId, buffers: GpuDe
   const params = {
     ...shape.params, seqs: n, width, maxLen, numBlocks: pool.numBlocks, blockSize: pool.blockSize, dtype: pool.dtype,
     layers: pool.layers, layer: pool.layer, ...(splitLen !== undefined ? { splitLen } : {}),
+    ...(o.simt ? { simt: 1 } : {}), ...(o.tile !== undefined ? { tile: o.tile } : {}),
   };
   const own = buffers.workspace === undefined && need > 0 ? GpuBuffer.alloc(device, need, 'the attention split-K workspace') : undefined;
   try {
