@@ -134,6 +134,9 @@ const PREFILL: PrefillCase[] = [
   { dtype: 'f32', heads: 4, kvHeads: 1, headDim: 64, blockSize: 16, seqs: [{ start: 0, tokens: 33 }, { start: 10, tokens: 17 }] },
   { dtype: 'f16', heads: 2, kvHeads: 2, headDim: 40, blockSize: 8, seqs: [{ start: 0, tokens: 17 }, { start: 31, tokens: 2 }] },
   { dtype: 'bf16', heads: 2, kvHeads: 1, headDim: 33, blockSize: 4, seqs: [{ start: 1, tokens: 15 }] },
+  // Tensor cores: key tiles wholly before a warp's rows (no causal mask) and the 3-stage ring
+  // wrapping (5 key tiles for the last query tile), a query tile cut at 140 rows.
+  { dtype: 'f16', heads: 2, kvHeads: 1, headDim: 128, blockSize: 16, seqs: [{ start: 100, tokens: 140 }] },
 ];
 
 describeGpu('GPU paged attention', (t) => {

@@ -36,6 +36,7 @@ struct PrefillArgs {
   float* out;             // [row][head][head_dim]
   PoolLayout kv;
   int rows, heads, group, head_dim, width;
+  int stages;  // tensor cores: K/V tiles in the cp.async ring
   float scale;
 };
 
@@ -48,12 +49,21 @@ __device__ __forceinline__ bool SequenceOf(const PrefillArgs& a, int s, int* sta
 }
 
 // ---- tensor cores ----
-constexpr int kMmaRows = 64, kMmaKeys = 64, kMmaWarps = 4, kMmaStages = 2;
+constexpr int kMmaRows = 64, kMmaKeys = 64, kMmaWarps = 4;
 
 template <int kType>
 __device__ __forceinline__ uint32_t Pack2(float lo, float hi) {
   return uint32_t(KvElem<kType>::Put(lo)) | uint32_t(KvElem<kType>::Put(hi)) << 16;
 }
+
+__device__ __forceinline__ void CpAsyncWaitUpTo(int pending) {
+  if (pending <= 0)
+    CpAsyncWait<0>();
+  else
+    CpAsyncWait<1>();
+}
+
+size_t MmaShared(int head_dim, int stages) { return size_t(stages) * kMmaKeys * ((head_dim + 8) * 2 * sizeof(uint16_t) + sizeof(int)); }
 
 template <int kType>
 __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -76,8 +86,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a
   const int kvh = h / a.group;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   SONDE_DYNAMIC_SHARED(uint16_t, sk);  // [stage][key][kPitch]
-  uint16_t* sv = sk + kMmaStages * kMmaKeys * kPitch;  // [stage][key][kPitch]
-  __shared__ int key_ok[kMmaStages][kMmaKeys];
+  uint16_t* sv = sk + a.stages * kMmaKeys * kPitch;  // [stage][key][kPitch]
+  int* key_ok = reinterpret_cast<int*>(sv + a.stages * kMmaKeys * kPitch);  // [stage][key]
 
   // Q's A fragments: rows warp*16 + g (+8), columns kc*16 + 2t (+1, +8, +9) of the tile.
   const int r_lo = qt * kMmaRows + warp * 16 + g, r_hi = r_lo + 8;
@@ -89,7 +99,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a
       const int row = r & 1 ? r_hi : r_lo, col = kc * 16 + 2 * t + (r >> 1) * 8;
       float2 v = make_float2(0.0f, 0.0f);
       if (row < tokens) v = *reinterpret_cast<const float2*>(a.q + (size_t(row0 + row) * a.heads + h) * kD + col);
-      qa[kc][r] = Pack2<kType>(v.x, v.y);
+      qa[kc][r] = Pack2<kType>(v.x * a.scale, v.y * a.scale);  // scaled before rounding: the same relative error
     }
   }
 
@@ -105,7 +115,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a
   // cp.async lands tile it + 1 while the warps work on tile it.
   const int lrow_ = tid % kMmaKeys, lchunk = tid / kMmaKeys, tpr = kMmaWarps * 32 / kMmaKeys;
   const auto issue = [&](int it) {
-    const int st = it % kMmaStages, pos = it * kMmaKeys + lrow_;
+    const int st = it % a.stages, pos = it * kMmaKeys + lrow_;
     const int id = pos <= q_last ? table[pos / a.kv.block_size] : -1;
     const bool ok = id >= 0 && id < a.kv.blocks;
     const uint16_t* kr = ok ? pool + size_t(id) * a.kv.block + key_at + size_t(pos % a.kv.block_size) * kD : pool;
@@ -116,18 +126,23 @@ __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a
       CpAsync16(kd + c * 8, ok ? kr + c * 8 : pool, ok ? 16 : 0);
       CpAsync16(vd + c * 8, ok ? kr + a.kv.value + c * 8 : pool, ok ? 16 : 0);
     }
-    if (lchunk == 0) key_ok[st][lrow_] = ok;
+    if (lchunk == 0) key_ok[st * kMmaKeys + lrow_] = ok;
   };
-  const int tiles = q_last / kMmaKeys + 1;
-  issue(0);
-  CpAsyncCommit();
-  for (int it = 0; it < tiles; ++it) {
-    const int k0 = it * kMmaKeys, st = it % kMmaStages;
-    __syncthreads();  // every warp is done with tile it - 1, whose stage tile it + 1 takes
-    if (it + 1 < tiles) issue(it + 1);
+  const int tiles = q_last / kMmaKeys + 1, stages = a.stages;
+  // A ring of `stages` tiles (3 where shared memory allows): the loads of the next ones are in
+  // flight while the warps work on tile it.
+  for (int j = 0; j < stages - 1; ++j) {
+    if (j < tiles) issue(j);
     CpAsyncCommit();
-    CpAsyncWait<1>();
-    __syncthreads();  // tile it is in shared memory
+  }
+  // Keys wholly at or before the warp's first row need no causal mask.
+  const int warp_first = start + qt * kMmaRows + warp * 16;
+  for (int it = 0; it < tiles; ++it) {
+    const int k0 = it * kMmaKeys, st = it % stages;
+    CpAsyncWaitUpTo(stages - 2);
+    __syncthreads();  // tile it is in shared memory, and every warp is done with tile it - 1
+    if (it + stages - 1 < tiles) issue(it + stages - 1);
+    CpAsyncCommit();
     const uint16_t* kt = sk + st * kMmaKeys * kPitch;
     const uint16_t* vt = sv + st * kMmaKeys * kPitch;
 
@@ -147,13 +162,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a
     // Causal mask, scale, and the online softmax of this lane's two rows (reduced over the quad
     // of lanes that share them).
     float mx[2] = {-INFINITY, -INFINITY};
+    const bool masked = k0 + kMmaKeys - 1 > warp_first;  // (a bad block id there reads as a zero row, never faults)
     SONDE_ATTN_UNROLL
     for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
       SONDE_ATTN_UNROLL
       for (int i = 0; i < 4; ++i) {
-        const int col = nt * 8 + 2 * t + (i & 1), pos = k0 + col;
-        const bool seen = key_ok[st][col] && pos <= (i < 2 ? pos_lo : pos_hi);
-        sc[nt][i] = seen ? sc[nt][i] * a.scale : -INFINITY;
+        if (masked) {
+          const int col = nt * 8 + 2 * t + (i & 1), pos = k0 + col;
+          if (!key_ok[st * kMmaKeys + col] || pos > (i < 2 ? pos_lo : pos_hi)) sc[nt][i] = -INFINITY;
+        }
         mx[i >> 1] = fmaxf(mx[i >> 1], sc[nt][i]);
       }
     }
@@ -322,7 +339,7 @@ void LaunchSimt(const PrefillArgs& a, int max_tokens, int seqs, size_t shared, G
 template <int kType>
 void LaunchMma(const PrefillArgs& a, int max_tokens, int seqs, GpuStream& st) {
   const dim3 grid(CeilDiv(max_tokens, kMmaRows), a.heads, seqs), block(kMmaWarps * 32);
-  const size_t shared = size_t(kMmaStages) * 2 * kMmaKeys * (a.head_dim + 8) * sizeof(uint16_t);
+  const size_t shared = MmaShared(a.head_dim, a.stages);
   if (a.head_dim == 64)
     Launch(PrefillMmaKernel<kType, 64>, grid, block, shared, st, a);
   else if (a.head_dim == 96)
@@ -356,8 +373,10 @@ void PrefillOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) {
   a.out = c.Buffer<float>(4, c.Count({rows, heads, a.head_dim}), "out");
   if (seqs == 0 || max_tokens == 0) return;
   const bool simt = c.NumOr("simt", 0) != 0;
+  const size_t limit = dev.shared_per_block ? dev.shared_per_block : 48 * 1024;
+  a.stages = MmaShared(a.head_dim, 3) <= limit ? 3 : 2;
   const bool mma = !simt && type != kKvF32 && ComputeCapability(dev) >= 80 &&
-                   (a.head_dim == 64 || a.head_dim == 96 || a.head_dim == 128);
+                   (a.head_dim == 64 || a.head_dim == 96 || a.head_dim == 128) && MmaShared(a.head_dim, a.stages) <= limit;
   const int mt = static_cast<int>(max_tokens), ns = static_cast<int>(seqs);
   if (mma) {
     if (type == kKvF16)
