@@ -106,6 +106,9 @@ const DECODE: DecodeCase[] = [
   { dtype: 'f16', heads: 4, kvHeads: 1, headDim: 512, blockSize: 16, lens: [70] },
   { dtype: 'f16', heads: 8, kvHeads: 2, headDim: 128, blockSize: 16, lens: [600, 1] },  // automatic splits
   { dtype: 'f16', heads: 8, kvHeads: 2, headDim: 128, blockSize: 16, lens: [70, 5], splitLen: 32, simt: true },
+  // SIMT staged through shared memory (rows of whole 16-byte chunks): 32-position tiles cut by
+  // the split and the length, the ring wrapping over 13 tiles of a split.
+  { dtype: 'f32', heads: 12, kvHeads: 3, headDim: 64, blockSize: 16, lens: [417, 17, 32], splitLen: 416 },
 ];
 
 // The SIMT decode is fp32 throughout. The tensor-core one takes q and the probabilities as two

@@ -47,8 +47,19 @@ struct DecodeArgs {
   PoolLayout kv;
   int heads, group, head_dim, value_dim, width, split_len, splits;
   int limit;  // positions attended at most: the table's and the splits' capacity
+  int stages;  // SIMT kernel staged through shared memory: tiles of kSimtTile positions in the ring
   float scale;
 };
+
+// The SIMT kernel streams K/V through shared memory in tiles of this many positions (whole rounds
+// of the 4 warps' 4 or 2 positions) where rows are whole 16-byte chunks and cp.async exists.
+constexpr int kSimtTile = 32;
+
+// Bytes of the SIMT kernel's warp merge area; the staging ring follows it.
+__host__ __device__ inline size_t SimtMergeBytes(int kg, int value_dim) { return (size_t(kDecodeWarps) * kg * (2 + value_dim) * sizeof(float) + 15) / 16 * 16; }
+size_t SimtStageBytes(int head_dim, int value_dim, bool separate_v, size_t eb) {
+  return size_t(kSimtTile) * ((head_dim + (separate_v ? value_dim : 0)) * eb + sizeof(int));
+}
 
 // Query heads per block for kPer elements per lane: q and acc take 2 * kG * kPer registers, so
 // the most a block may serve shrinks with the head size; a GQA group of at most half of that gets
@@ -82,7 +93,7 @@ __device__ __forceinline__ void WarpSums(float (&v)[kN], int lane) {
   }
 }
 
-template <int kType, int kPer, int kV, int kG>
+template <int kType, int kPer, int kV, int kG, bool kStaged>
 __global__ void __launch_bounds__(kDecodeWarps * 32) DecodeKernel(DecodeArgs a) {
   using T = typename KvElem<kType>::T;
   constexpr int kChunks = kPer / kV, kU = kPer <= 8 ? 4 : 2;
@@ -114,16 +125,69 @@ SONDE_ATTN_UNROLL
   const bool values_in_keys = a.kv.value == 0;
   // kU consecutive positions per warp and round: their 2 * kU row loads are in flight together
   // (decode is latency-bound on memory without them), and the online softmax rescales once per
-  // round instead of once per position.
-  for (int pb = p0 + warp * kU; pb < p1; pb += kDecodeWarps * kU) {
+  // round instead of once per position. Staged, the rows come from a ring of tiles in shared memory
+  // that cp.async fills `stages - 1` tiles ahead, so far more bytes are in flight than a warp's
+  // registers hold.
+  const size_t eb = sizeof(T);
+  const int kchunks = int(a.head_dim * eb / 16), vchunks = int(a.value_dim * eb / 16);
+  T* ring_k = nullptr;
+  T* ring_v = nullptr;
+  int* ring_ok = nullptr;
+  int tiles = 1;
+  const int tid = threadIdx.x, tpr = kDecodeWarps * 32 / kSimtTile, lrow = tid % kSimtTile, lchunk = tid / kSimtTile;
+  const auto issue = [&](int it) {
+    const int st = it % a.stages, pos = p0 + it * kSimtTile + lrow;
+    const int id = pos < p1 ? table[pos / a.kv.block_size] : -1;
+    const bool ok = id >= 0 && id < a.kv.blocks;
+    const T* row = ok ? pool + size_t(id) * a.kv.block + key_at + size_t(pos % a.kv.block_size) * a.kv.row : pool;
+    T* kd = ring_k + (size_t(st) * kSimtTile + lrow) * a.head_dim;
+    for (int c = lchunk; c < kchunks; c += tpr) CpAsync16(kd + c * 16 / eb, ok ? row + c * 16 / eb : pool, ok ? 16 : 0);
+    if (!values_in_keys) {
+      T* vd = ring_v + (size_t(st) * kSimtTile + lrow) * a.value_dim;
+      for (int c = lchunk; c < vchunks; c += tpr) CpAsync16(vd + c * 16 / eb, ok ? row + a.kv.value + c * 16 / eb : pool, ok ? 16 : 0);
+    }
+    if (lchunk == 0) ring_ok[st * kSimtTile + lrow] = ok;
+  };
+  if constexpr (kStaged) {
+    SONDE_DYNAMIC_SHARED(unsigned char, raw);
+    unsigned char* ring = raw + SimtMergeBytes(kG, a.value_dim);
+    ring_k = reinterpret_cast<T*>(ring);
+    ring_v = ring_k + size_t(a.stages) * kSimtTile * a.head_dim;
+    ring_ok = reinterpret_cast<int*>(ring_v + (values_in_keys ? 0 : size_t(a.stages) * kSimtTile * a.value_dim));
+    tiles = p1 > p0 ? (p1 - p0 + kSimtTile - 1) / kSimtTile : 0;
+    for (int j = 0; j < a.stages - 1; ++j) {
+      if (j < tiles) issue(j);
+      CpAsyncCommit();
+    }
+  }
+  for (int it = 0; it < tiles; ++it) {
+  int q0 = p0, q1 = p1, st = 0;
+  if constexpr (kStaged) {
+    q0 = p0 + it * kSimtTile, q1 = min(p1, q0 + kSimtTile), st = it % a.stages;
+    if (a.stages <= 2) CpAsyncWait<0>(); else if (a.stages == 3) CpAsyncWait<1>(); else CpAsyncWait<2>();
+    __syncthreads();  // tile it has landed, and every warp is done with tile it - 1
+    if (it + a.stages - 1 < tiles) issue(it + a.stages - 1);
+    CpAsyncCommit();
+  }
+  for (int pb = q0 + warp * kU; pb < q1; pb += kDecodeWarps * kU) {
     float kx[kU][kPer], vx[kU][kPer];
     bool ok[kU];
     SONDE_ATTN_UNROLL
     for (int u = 0; u < kU; ++u) {
       const int p = pb + u;
-      const int id = p < p1 ? table[p / a.kv.block_size] : -1;
-      ok[u] = id >= 0 && id < a.kv.blocks;  // lib/cuda rejects bad ids; here they only must not fault
-      const T* kr = ok[u] ? pool + size_t(id) * a.kv.block + key_at + size_t(p % a.kv.block_size) * a.kv.row : pool;
+      const T* kr;
+      const T* vr;
+      if constexpr (kStaged) {
+        const int r = p - q0;  // < kSimtTile: tiles hold whole rounds
+        ok[u] = p < q1 && ring_ok[st * kSimtTile + r];
+        kr = ring_k + (size_t(st) * kSimtTile + r) * a.head_dim;
+        vr = values_in_keys ? kr : ring_v + (size_t(st) * kSimtTile + r) * a.value_dim;
+      } else {
+        const int id = p < p1 ? table[p / a.kv.block_size] : -1;
+        ok[u] = id >= 0 && id < a.kv.blocks;  // lib/cuda rejects bad ids; here they only must not fault
+        kr = ok[u] ? pool + size_t(id) * a.kv.block + key_at + size_t(p % a.kv.block_size) * a.kv.row : pool;
+        vr = kr + a.kv.value;
+      }
       SONDE_ATTN_UNROLL
       for (int c = 0; c < kChunks; ++c) {
         const int d = c * 32 * kV + lane * kV;
@@ -139,7 +203,7 @@ SONDE_ATTN_UNROLL
           SONDE_ATTN_UNROLL
           for (int j = 0; j < kV; ++j) vd[j] = d < a.value_dim ? kd[j] : 0.0f;
         } else if (ok[u] && d < a.value_dim) {
-          LoadWide<kType, kV>(kr + a.kv.value + d, vd);
+          LoadWide<kType, kV>(vr + d, vd);
         } else {
           SONDE_ATTN_UNROLL
           for (int j = 0; j < kV; ++j) vd[j] = 0.0f;
@@ -178,6 +242,8 @@ SONDE_ATTN_UNROLL
       m[g] = mx;
     }
   }
+
+  }  // tiles
 
   // Merge the warps: [warp][g] max and sum, then [warp][g][value_dim] sums.
   SONDE_DYNAMIC_SHARED(float, sh);
@@ -553,10 +619,18 @@ void LaunchDecodeMma(const DecodeArgs& a, const MmaPlan& plan, dim3 grid, GpuStr
 template <int kType, int kPer, int kV>
 void LaunchDecode(const DecodeArgs& a, int kg, dim3 grid, size_t shared, GpuStream& st) {
   constexpr int kMax = GroupPerBlock(kPer);
-  if (kg == kMax)
-    Launch(DecodeKernel<kType, kPer, kV, kMax>, grid, dim3(kDecodeWarps * 32), shared, st, a);
-  else
-    Launch(DecodeKernel<kType, kPer, kV, kMax / 2>, grid, dim3(kDecodeWarps * 32), shared, st, a);
+  const dim3 block(kDecodeWarps * 32);
+  if (a.stages) {
+    if (kg == kMax)
+      Launch(DecodeKernel<kType, kPer, kV, kMax, true>, grid, block, shared, st, a);
+    else
+      Launch(DecodeKernel<kType, kPer, kV, kMax / 2, true>, grid, block, shared, st, a);
+  } else {
+    if (kg == kMax)
+      Launch(DecodeKernel<kType, kPer, kV, kMax, false>, grid, block, shared, st, a);
+    else
+      Launch(DecodeKernel<kType, kPer, kV, kMax / 2, false>, grid, block, shared, st, a);
+  }
 }
 
 // kV: the widest load (4 or 2 elements) that divides a lane's share and both row widths, else 1.
@@ -683,7 +757,21 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
     else
       LaunchDecodeMma<kKvBf16>(a, plan, grid, st);
   } else {
-    const size_t shared = size_t(kDecodeWarps) * kg * (2 + a.value_dim) * sizeof(float);
+    // Staged through shared memory (cc 8.0+, rows of whole 16-byte chunks): the stage count (2..4)
+    // that keeps the most bytes in flight per SM; unstaged otherwise.
+    size_t shared = SimtMergeBytes(kg, a.value_dim);
+    const size_t limit = dev.shared_per_block ? dev.shared_per_block : 48 * 1024;
+    if (ComputeCapability(dev) >= 80 && a.head_dim * eb % 16 == 0 && a.value_dim * eb % 16 == 0) {
+      const size_t stage = SimtStageBytes(a.head_dim, a.value_dim, !mla, eb);
+      size_t best = 0;
+      for (int stages = 2; stages <= 4; ++stages) {
+        const size_t need = shared + stages * stage;
+        if (need > limit) break;
+        const size_t flight = std::min<size_t>((limit + 1024) / (need + 1024), 8) * (stages - 1) * stage;
+        if (flight > best) best = flight, a.stages = stages;
+      }
+      if (a.stages) shared += a.stages * stage;
+    }
     switch (type) {
       case kKvF32: LaunchDecodeType<kKvF32>(a, per, kg, grid, shared, st); break;
       case kKvF16: LaunchDecodeType<kKvF16>(a, per, kg, grid, shared, st); break;
