@@ -27,13 +27,16 @@ export async function* attentionCases(env) {
 
   // ---- decode ----
   // [seqs, context, dtype, simt]: the SIMT kernel on one shape as the anchor of the tensor-core one.
-  const decodeCases = emulated ? [[2, 64, 'f16', true], [2, 64, 'f16'], [1, 300, 'bf16']]
-    : [[8, 8192, 'f16', true], [8, 1024, 'f16'], [8, 8192, 'f16'], [8, 8192, 'bf16'], [1, 32768, 'f16'], [8, 32768, 'f16'], [64, 2048, 'f16']];
+  // f32 is the CPU pool's default KV type: the SIMT kernel staged through shared memory.
+  const decodeCases = emulated ? [[2, 64, 'f16', true], [2, 64, 'f16'], [1, 300, 'bf16'], [1, 100, 'f32']]
+    : [[8, 8192, 'f16', true], [8, 1024, 'f16'], [8, 8192, 'f16'], [8, 8192, 'bf16'], [1, 32768, 'f16'], [8, 32768, 'f16'], [64, 2048, 'f16'],
+      [8, 8192, 'f32'], [1, 32768, 'f32']];
   let decodeAnchor;
   for (const [seqs, ctx, dtype, simt] of decodeCases) {
     const blocksPer = Math.ceil(ctx / blockSize), numBlocks = seqs * blocksPer;
-    const blockBytes = 2 * kvHeads * blockSize * headDim * 2;
-    const pool = await randomPool(id, numBlocks * blockBytes);
+    const eb = dtype === 'f32' ? 4 : 2, blockBytes = 2 * kvHeads * blockSize * headDim * eb;
+    const pool = dtype === 'f32' ? GpuBuffer.alloc(id, numBlocks * blockBytes) : await randomPool(id, numBlocks * blockBytes);
+    if (dtype === 'f32') await pool.write(new Float32Array(pool.bytes / 4).fill(0.25));
     // Each sequence's blocks are every seqs-th block: a table that is not one contiguous run.
     const tables = await uploadInts(id, Array.from({ length: seqs * blocksPer }, (_, i) => (i % blocksPer) * seqs + Math.floor(i / blocksPer)));
     const lens = await uploadInts(id, new Array(seqs).fill(ctx));
@@ -42,7 +45,7 @@ export async function* attentionCases(env) {
     await q.write(new Float32Array(seqs * heads * headDim).fill(0.01));
     const params = { seqs, heads, kvHeads, headDim, width: blocksPer, maxLen: ctx, numBlocks, blockSize, dtype: KV[dtype], simt: simt ? 1 : 0 };
     const ms = await timeOp(id, 'paged_attention_decode', [q, pool, tables, lens, out, ws], params, reps);
-    const bytes = seqs * ctx * 2 * kvHeads * headDim * 2;
+    const bytes = seqs * ctx * 2 * kvHeads * headDim * eb;
     const gbps = bytes / ms / 1e6;
     const name = `decode ${dtype} ${simt ? 'simt ' : ''}${seqs}x${ctx} ${heads}/${kvHeads}x${headDim}`;
     if (simt) decodeAnchor = { name, seqs, ctx, ms };
