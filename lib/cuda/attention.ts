@@ -1,7 +1,8 @@
 /**
- * GPU attention over the paged KV block pool (native/kernels/attention/cuda/): decode (split-K),
- * causal prefill (tensor cores for 16-bit KV), MLA's absorbed decode over the latent cache, and
- * RoPE. The pool is one device buffer of `numBlocks` blocks laid out as the CPU pool's
+ * GPU attention over the paged KV block pool (native/kernels/attention/cuda/): decode (split-K;
+ * tensor cores for 16-bit KV, the query heads of a KV group as the rows of an mma), causal prefill
+ * (tensor cores for 16-bit KV), MLA's absorbed decode over the latent cache (each latent row read
+ * once for every head), and RoPE. The pool is one device buffer of `numBlocks` blocks laid out as the CPU pool's
  * (native/ops/kv_pool.h): [layer][stream][position][row] per block, so blocks move between the two
  * byte for byte. Block tables and lengths come from the TS scheduler as host arrays: they are
  * validated here (naming the sequence and entry) and uploaded with the call.
