@@ -26,29 +26,40 @@ export async function* attentionCases(env) {
   const reps = emulated ? 1 : 20;
 
   // ---- decode ----
-  const decodeCases = emulated ? [[2, 64], [1, 300]] : [[8, 1024], [8, 8192], [1, 32768], [8, 32768]];
-  for (const [seqs, ctx] of decodeCases) {
+  // [seqs, context, dtype, simt]: the SIMT kernel on one shape as the anchor of the tensor-core one.
+  // f32 is the CPU pool's default KV type: the SIMT kernel staged through shared memory.
+  const decodeCases = emulated ? [[2, 64, 'f16', true], [2, 64, 'f16'], [1, 300, 'bf16'], [1, 100, 'f32']]
+    : [[8, 8192, 'f16', true], [8, 1024, 'f16'], [8, 8192, 'f16'], [8, 8192, 'bf16'], [1, 32768, 'f16'], [8, 32768, 'f16'], [64, 2048, 'f16'],
+      [8, 8192, 'f32'], [1, 32768, 'f32']];
+  let decodeAnchor;
+  for (const [seqs, ctx, dtype, simt] of decodeCases) {
     const blocksPer = Math.ceil(ctx / blockSize), numBlocks = seqs * blocksPer;
-    const blockBytes = 2 * kvHeads * blockSize * headDim * 2;
-    const pool = await randomPool(id, numBlocks * blockBytes);
+    const eb = dtype === 'f32' ? 4 : 2, blockBytes = 2 * kvHeads * blockSize * headDim * eb;
+    const pool = dtype === 'f32' ? GpuBuffer.alloc(id, numBlocks * blockBytes) : await randomPool(id, numBlocks * blockBytes);
+    if (dtype === 'f32') await pool.write(new Float32Array(pool.bytes / 4).fill(0.25));
     // Each sequence's blocks are every seqs-th block: a table that is not one contiguous run.
     const tables = await uploadInts(id, Array.from({ length: seqs * blocksPer }, (_, i) => (i % blocksPer) * seqs + Math.floor(i / blocksPer)));
     const lens = await uploadInts(id, new Array(seqs).fill(ctx));
     const q = GpuBuffer.alloc(id, seqs * heads * headDim * 4), out = GpuBuffer.alloc(id, seqs * heads * headDim * 4);
     const ws = GpuBuffer.alloc(id, seqs * heads * (headDim + 2) * 4 * Math.ceil(ctx / 256));
     await q.write(new Float32Array(seqs * heads * headDim).fill(0.01));
-    const params = { seqs, heads, kvHeads, headDim, width: blocksPer, maxLen: ctx, numBlocks, blockSize, dtype: KV.f16 };
+    const params = { seqs, heads, kvHeads, headDim, width: blocksPer, maxLen: ctx, numBlocks, blockSize, dtype: KV[dtype], simt: simt ? 1 : 0 };
     const ms = await timeOp(id, 'paged_attention_decode', [q, pool, tables, lens, out, ws], params, reps);
-    const bytes = seqs * ctx * 2 * kvHeads * headDim * 2;
+    const bytes = seqs * ctx * 2 * kvHeads * headDim * eb;
     const gbps = bytes / ms / 1e6;
-    yield { case: `decode f16 ${seqs}x${ctx} ${heads}/${kvHeads}x${headDim}`, ms, gbps, pctOfRead: 100 * gbps / measured.gbps,
-      pctOfSheet: sheet ? 100 * gbps / sheet.gbps : undefined };
+    const name = `decode ${dtype} ${simt ? 'simt ' : ''}${seqs}x${ctx} ${heads}/${kvHeads}x${headDim}`;
+    if (simt) decodeAnchor = { name, seqs, ctx, ms };
+    const anchored = !simt && decodeAnchor && decodeAnchor.seqs === seqs && decodeAnchor.ctx === ctx;
+    yield { case: name, ms, gbps, pctOfRead: 100 * gbps / measured.gbps,
+      pctOfSheet: sheet ? 100 * gbps / sheet.gbps : undefined, ...(anchored ? { vs: decodeAnchor.name, ratio: decodeAnchor.ms / ms } : {}) };
     for (const b of [pool, tables, lens, q, out, ws]) b.dispose();
   }
 
-  // ---- MLA decode (absorbed, latent cache) ----
-  {
-    const seqs = emulated ? 1 : 8, ctx = emulated ? 40 : 8192, mHeads = emulated ? 2 : 16, kvLora = 512, ropeDim = 64, row = kvLora + ropeDim;
+  // ---- MLA decode (absorbed, latent cache): every head of a sequence reads its latent rows once ----
+  const mlaCases = emulated ? [[1, 40, 2, true], [1, 40, 2]] : [[8, 8192, 16, true], [8, 8192, 16], [1, 32768, 16], [32, 4096, 16], [8, 8192, 128]];
+  let mlaAnchor;
+  for (const [seqs, ctx, mHeads, simt] of mlaCases) {
+    const kvLora = 512, ropeDim = 64, row = kvLora + ropeDim;
     const blocksPer = Math.ceil(ctx / blockSize), numBlocks = seqs * blocksPer;
     const pool = await randomPool(id, numBlocks * blockSize * row * 2);
     const tables = await uploadInts(id, Array.from({ length: numBlocks }, (_, i) => i));
@@ -56,10 +67,14 @@ export async function* attentionCases(env) {
     const q = GpuBuffer.alloc(id, seqs * mHeads * row * 4), out = GpuBuffer.alloc(id, seqs * mHeads * kvLora * 4);
     const ws = GpuBuffer.alloc(id, seqs * mHeads * (kvLora + 2) * 4 * Math.ceil(ctx / 256));
     await q.write(new Float32Array(seqs * mHeads * row).fill(0.01));
-    const params = { seqs, heads: mHeads, kvLora, ropeDim, scale: 0.07, width: blocksPer, maxLen: ctx, numBlocks, blockSize, dtype: KV.f16 };
+    const params = { seqs, heads: mHeads, kvLora, ropeDim, scale: 0.07, width: blocksPer, maxLen: ctx, numBlocks, blockSize, dtype: KV.f16,
+      simt: simt ? 1 : 0 };
     const ms = await timeOp(id, 'mla_attention_decode', [q, pool, tables, lens, out, ws], params, reps);
     const gbps = seqs * ctx * row * 2 / ms / 1e6;
-    yield { case: `mla decode f16 ${seqs}x${ctx} ${mHeads}x(${kvLora}+${ropeDim})`, ms, gbps, pctOfRead: 100 * gbps / measured.gbps };
+    const name = `mla decode f16 ${simt ? 'simt ' : ''}${seqs}x${ctx} ${mHeads}x(${kvLora}+${ropeDim})`;
+    if (simt) mlaAnchor = { name, seqs, ctx, mHeads, ms };
+    const anchored = !simt && mlaAnchor && mlaAnchor.seqs === seqs && mlaAnchor.ctx === ctx && mlaAnchor.mHeads === mHeads;
+    yield { case: name, ms, gbps, pctOfRead: 100 * gbps / measured.gbps, ...(anchored ? { vs: mlaAnchor.name, ratio: mlaAnchor.ms / ms } : {}) };
     for (const b of [pool, tables, lens, q, out, ws]) b.dispose();
   }
 

@@ -1,7 +1,8 @@
 /**
- * GPU attention over the paged KV block pool (native/kernels/attention/cuda/): decode (split-K),
- * causal prefill (tensor cores for 16-bit KV), MLA's absorbed decode over the latent cache, and
- * RoPE. The pool is one device buffer of `numBlocks` blocks laid out as the CPU pool's
+ * GPU attention over the paged KV block pool (native/kernels/attention/cuda/): decode (split-K;
+ * tensor cores for 16-bit KV, the query heads of a KV group as the rows of an mma), causal prefill
+ * (tensor cores for 16-bit KV), MLA's absorbed decode over the latent cache (each latent row read
+ * once for every head), and RoPE. The pool is one device buffer of `numBlocks` blocks laid out as the CPU pool's
  * (native/ops/kv_pool.h): [layer][stream][position][row] per block, so blocks move between the two
  * byte for byte. Block tables and lengths come from the TS scheduler as host arrays: they are
  * validated here (naming the sequence and entry) and uploaded with the call.
@@ -55,11 +56,13 @@ export interface GpuDecodeSequences {
 export interface GpuAttentionOptions extends GpuRunOptions {
   /** Decode: positions per split (default: chosen from the device's SM count). */
   splitLen?: number;
-  /** Prefill: use the SIMT kernel even where the tensor-core one applies. */
+  /** Use the SIMT kernel even where the tensor-core one applies (decode and prefill). */
   simt?: boolean;
+  /** Decode: positions per tensor-core tile, 32 or 64 (default: chosen from the device's shared memory). */
+  tile?: 32 | 64;
 }
 
-const OPTION_KEYS = ['reps', 'splitLen', 'simt'] as const;
+const OPTION_KEYS = ['reps', 'splitLen', 'simt', 'tile'] as const;
 const MAX_HEAD_DIM = 256, MAX_MLA_ROW = 576, MIN_SPLIT = 256;
 
 interface PoolParams {
@@ -154,6 +157,8 @@ async function decode(w: string, op: string, device: GpuDeviceId, buffers: GpuDe
   }
   if (width * pool.blockSize > 2 ** 31 - 1) throw new InvalidArgumentError(`${w}: the longest block table (${width} blocks of ${pool.blockSize}) exceeds 2^31 positions`);
   const splitLen = o.splitLen === undefined ? undefined : checkInt(`${w}: options.splitLen`, o.splitLen, 1, 2 ** 31 - 1);
+  if (o.simt !== undefined && typeof o.simt !== 'boolean') throw new InvalidArgumentError(`${w}: options.simt must be a boolean, got ${describe(o.simt)}`);
+  if (o.tile !== undefined && o.tile !== 32 && o.tile !== 64) throw new InvalidArgumentError(`${w}: options.tile must be 32 or 64, got ${describe(o.tile)}`);
   checkGpuBuffer(w, 'q', buffers.q, device, n * shape.heads * shape.keyDim * 4);
   checkGpuBuffer(w, 'pool', buffers.pool, device, poolBytes(pool, shape.streams, shape.keyDim));
   checkGpuBuffer(w, 'out', buffers.out, device, n * shape.heads * shape.valueDim * 4);
@@ -164,6 +169,7 @@ async function decode(w: string, op: string, device: GpuDeviceId, buffers: GpuDe
   const params = {
     ...shape.params, seqs: n, width, maxLen, numBlocks: pool.numBlocks, blockSize: pool.blockSize, dtype: pool.dtype,
     layers: pool.layers, layer: pool.layer, ...(splitLen !== undefined ? { splitLen } : {}),
+    ...(o.simt ? { simt: 1 } : {}), ...(o.tile !== undefined ? { tile: o.tile } : {}),
   };
   const own = buffers.workspace === undefined && need > 0 ? GpuBuffer.alloc(device, need, 'the attention split-K workspace') : undefined;
   try {

@@ -82,8 +82,12 @@ interface DecodeCase {
   lens: number[];
   splitLen?: number;
   layers?: number;
+  simt?: boolean;
+  tile?: 32 | 64;
 }
 
+// 16-bit KV with head sizes of whole 16-byte chunks runs on tensor cores (heads of a KV group as
+// the rows of an mma, 16 per block), the rest on the SIMT kernel.
 const DECODE: DecodeCase[] = [
   { dtype: 'f32', heads: 4, kvHeads: 4, headDim: 64, blockSize: 16, lens: [1, 15, 16, 17, 50] },
   { dtype: 'f16', heads: 8, kvHeads: 2, headDim: 128, blockSize: 16, lens: [1, 33, 70], splitLen: 32, layers: 2 },
@@ -92,7 +96,28 @@ const DECODE: DecodeCase[] = [
   { dtype: 'f16', heads: 16, kvHeads: 2, headDim: 256, blockSize: 16, lens: [20, 3] },
   { dtype: 'f16', heads: 12, kvHeads: 1, headDim: 64, blockSize: 32, lens: [31, 65], splitLen: 64 },
   { dtype: 'f32', heads: 4, kvHeads: 1, headDim: 128, blockSize: 16, lens: [600] },  // automatic split-K (3 splits)
+  // Tensor cores: contexts at the 64- and 32-position tile edges, splits that cut tiles, the 2..4
+  // stage ring wrapping, keys padded to 32 columns (40, 80), 16-head blocks of a larger group (20:
+  // 16 + 4), one head per KV head, value rows split over the warps up to 16 n-tiles each (512).
+  { dtype: 'f16', heads: 4, kvHeads: 2, headDim: 64, blockSize: 16, lens: [1, 63, 64, 65, 300] },
+  { dtype: 'bf16', heads: 4, kvHeads: 2, headDim: 64, blockSize: 16, lens: [1, 31, 32, 33, 200], tile: 32 },
+  { dtype: 'f16', heads: 20, kvHeads: 1, headDim: 80, blockSize: 8, lens: [129, 7], splitLen: 40 },
+  { dtype: 'bf16', heads: 3, kvHeads: 3, headDim: 40, blockSize: 5, lens: [97, 2], splitLen: 64, tile: 32 },
+  { dtype: 'f16', heads: 4, kvHeads: 1, headDim: 512, blockSize: 16, lens: [70] },
+  { dtype: 'f16', heads: 8, kvHeads: 2, headDim: 128, blockSize: 16, lens: [600, 1] },  // automatic splits
+  { dtype: 'f16', heads: 8, kvHeads: 2, headDim: 128, blockSize: 16, lens: [70, 5], splitLen: 32, simt: true },
+  // SIMT staged through shared memory (rows of whole 16-byte chunks): 32-position tiles cut by
+  // the split and the length, the ring wrapping over 13 tiles of a split.
+  { dtype: 'f32', heads: 12, kvHeads: 3, headDim: 64, blockSize: 16, lens: [417, 17, 32], splitLen: 416 },
 ];
+
+// The SIMT decode is fp32 throughout. The tensor-core one takes q and the probabilities as two
+// 16-bit terms each (hi + the rounding error of hi): 22 significant bits in f16, 16 in bf16, so
+// bf16 scores carry errors near 2^-17 of their terms' sizes.
+function decodeTolerance(dtype: GpuKvDtype, keyDim: number, simt?: boolean): number {
+  const mma = !simt && dtype !== 'f32' && keyDim % 8 === 0;
+  return !mma ? 2e-5 : dtype === 'f16' ? 2e-5 : 1e-4;
+}
 
 interface PrefillCase {
   dtype: GpuKvDtype;
@@ -112,6 +137,9 @@ const PREFILL: PrefillCase[] = [
   { dtype: 'f32', heads: 4, kvHeads: 1, headDim: 64, blockSize: 16, seqs: [{ start: 0, tokens: 33 }, { start: 10, tokens: 17 }] },
   { dtype: 'f16', heads: 2, kvHeads: 2, headDim: 40, blockSize: 8, seqs: [{ start: 0, tokens: 17 }, { start: 31, tokens: 2 }] },
   { dtype: 'bf16', heads: 2, kvHeads: 1, headDim: 33, blockSize: 4, seqs: [{ start: 1, tokens: 15 }] },
+  // Tensor cores: key tiles wholly before a warp's rows (no causal mask) and the 3-stage ring
+  // wrapping (5 key tiles for the last query tile), a query tile cut at 140 rows.
+  { dtype: 'f16', heads: 2, kvHeads: 1, headDim: 128, blockSize: 16, seqs: [{ start: 100, tokens: 140 }] },
 ];
 
 describeGpu('GPU paged attention', (t) => {
@@ -131,16 +159,16 @@ describeGpu('GPU paged attention', (t) => {
       const scale = 1 / Math.sqrt(c.headDim);
       await gpuPagedAttentionDecode(t.id, { q: qb, pool: pb, out: ob },
         { heads: c.heads, kvHeads: c.kvHeads, headDim: c.headDim, numBlocks, blockSize: c.blockSize, dtype: c.dtype, layers, layer },
-        { blockTables: tables, seqLens: c.lens }, c.splitLen ? { splitLen: c.splitLen } : {});
+        { blockTables: tables, seqLens: c.lens }, { splitLen: c.splitLen, simt: c.simt, tile: c.tile });
       const got = await ob.read(new Float32Array(n * c.heads * c.headDim));
-      const group = c.heads / c.kvHeads;
+      const group = c.heads / c.kvHeads, tol = decodeTolerance(c.dtype, c.headDim, c.simt);
       for (let s = 0; s < n; s++) {
         for (let h = 0; h < c.heads; h++) {
           const kvh = Math.floor(h / group);
           const k = gather(pool.wide, g, tables[s]!, kvh, c.lens[s]!), v = gather(pool.wide, g, tables[s]!, c.kvHeads + kvh, c.lens[s]!);
           const at = (s * c.heads + h) * c.headDim;
           const want = await cpuAttention(q.subarray(at, at + c.headDim), k, v, c.headDim, c.lens[s]!, scale);
-          expectClose(got.subarray(at, at + c.headDim), want, 2e-5, `decode case ${ci} seq ${s} head ${h}`);
+          expectClose(got.subarray(at, at + c.headDim), want, tol, `decode case ${ci} seq ${s} head ${h}`);
         }
       }
     }
@@ -151,6 +179,11 @@ describeGpu('GPU paged attention', (t) => {
       { dtype: 'f16' as const, heads: 4, kvLora: 512, ropeDim: 64, blockSize: 16, lens: [1, 17, 40], splitLen: undefined },
       { dtype: 'f32' as const, heads: 16, kvLora: 32, ropeDim: 16, blockSize: 16, lens: [16, 47], splitLen: 16 },
       { dtype: 'bf16' as const, heads: 3, kvLora: 30, ropeDim: 6, blockSize: 3, lens: [10], splitLen: 4 },
+      // Tensor cores: one latent read for 16 heads per block (20 = 16 + 4), tile edges, the value as
+      // the first kvLora columns of the key tile.
+      { dtype: 'bf16' as const, heads: 20, kvLora: 32, ropeDim: 16, blockSize: 16, lens: [65, 1, 33], splitLen: undefined, tile: 32 },
+      { dtype: 'f16' as const, heads: 16, kvLora: 512, ropeDim: 64, blockSize: 16, lens: [130], splitLen: 64 },
+      { dtype: 'f16' as const, heads: 2, kvLora: 64, ropeDim: 8, blockSize: 7, lens: [64, 129], splitLen: 100, simt: true },
     ];
     for (const [ci, c] of cases.entries()) {
       const row = c.kvLora + c.ropeDim;
@@ -164,15 +197,16 @@ describeGpu('GPU paged attention', (t) => {
       const [qb, pb, ob] = [await up(q), await up(pool.raw), alloc(n * c.heads * c.kvLora * 4)];
       await gpuMlaAttentionDecode(t.id, { q: qb, pool: pb, out: ob },
         { heads: c.heads, kvLora: c.kvLora, ropeDim: c.ropeDim, scale, numBlocks, blockSize: c.blockSize, dtype: c.dtype },
-        { blockTables: tables, seqLens: c.lens }, c.splitLen ? { splitLen: c.splitLen } : {});
+        { blockTables: tables, seqLens: c.lens }, { splitLen: c.splitLen, simt: 'simt' in c ? c.simt : undefined, tile: 'tile' in c ? c.tile : undefined });
       const got = await ob.read(new Float32Array(n * c.heads * c.kvLora));
+      const tol = decodeTolerance(c.dtype, row, 'simt' in c ? c.simt : undefined);
       for (let s = 0; s < n; s++) {
         const rows = gather(pool.wide, g, tables[s]!, 0, c.lens[s]!);
         for (let h = 0; h < c.heads; h++) {
           const at = (s * c.heads + h) * row;
           const want = await cpuAttention(q.subarray(at, at + row), rows, rows, row, c.lens[s]!, scale);
           const o = (s * c.heads + h) * c.kvLora;
-          expectClose(got.subarray(o, o + c.kvLora), want.subarray(0, c.kvLora), 2e-5, `mla case ${ci} seq ${s} head ${h}`);
+          expectClose(got.subarray(o, o + c.kvLora), want.subarray(0, c.kvLora), tol, `mla case ${ci} seq ${s} head ${h}`);
         }
       }
     }
@@ -327,6 +361,10 @@ describeGpu('GPU paged attention', (t) => {
     await expect(decode({ numBlocks: 5 }, {})).rejects.toThrow(/pool holds 32768 bytes, needs 40960/);
     await expect(decode({ layer: 1 }, {})).rejects.toThrow(/layer must be an integer in \[0, 0\]/);
     await expect(decode({}, {}, { splitlen: 4 })).rejects.toThrow(/unknown option 'splitlen'; did you mean 'splitLen'/);
+    await expect(decode({}, {}, { tile: 48 })).rejects.toThrow(/options\.tile must be 32 or 64, got 48/);
+    await expect(decode({}, {}, { simt: 1 })).rejects.toThrow(/options\.simt must be a boolean, got 1/);
+    await expect(runGpuOp(t.id, 'paged_attention_decode', [qb, pb, await up(new Int32Array([0, 1])), await up(new Int32Array([20])), ob],
+      { seqs: 1, heads: 4, kvHeads: 2, headDim: 64, width: 2, numBlocks: 4, blockSize: 16, dtype: 1, tile: 48 })).rejects.toThrow(/tile must be 32 or 64, got 48/);
     await expect(decode({}, {}, { splitLen: 8, reps: 0 }).then(() => 'ran')).resolves.toBe('ran');
     await expect(gpuPagedAttentionPrefill(t.id, bufs, layout, [{ start: 30, tokens: 3, blockTable: [0, 1] }]))
       .rejects.toThrow(/sequences\[0\]\.blockTable: 2 blocks of 16 positions do not cover start \+ tokens = 33/);

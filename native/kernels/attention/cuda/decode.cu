@@ -4,19 +4,21 @@
 // combines the splits exactly (rescaling each by exp(max_i - max)). Long contexts so use many SMs
 // even for one sequence; with one split the first kernel writes the normalised output itself.
 //
-// A block serves one KV head and up to kG of the query heads that share it (GQA), so each K/V row
-// is read from memory once for the group. Its 4 warps take positions round-robin; a warp reads a
-// row with its 32 lanes side by side (lane l holds elements l*kV.. of each 32*kV-wide chunk: 8- or
-// 16-byte loads, whole 128-byte lines per warp), reduces the dot products with shuffles, and keeps
-// its own online-softmax state, merged across warps through shared memory at the end. Decode is
-// bound by the KV bytes read, so this SIMT form is the path on every device. Its arithmetic grows
-// with the GQA group (a dot product, its reduction and a value update per head and position); at
-// 8 or more heads per KV head the shuffles come near the memory time, and the next step would be
-// the group's heads as the rows of an mma (as prefill.cu does with query rows).
+// Two kernels compute a split:
+// - tensor cores (16-bit KV with rows of whole 16-byte chunks, cc >= 8.0; see DecodeMmaKernel):
+//   the query heads of a KV group are the rows of an mma, K/V tiles stream through shared memory
+//   by cp.async, each K/V byte is read once per 16 heads;
+// - SIMT (fp32 KV, odd head sizes, older GPUs, or simt forced): a block serves one KV head and up
+//   to kG of the query heads that share it. Its 4 warps take positions round-robin; a warp reads a
+//   row with its 32 lanes side by side (lane l holds elements l*kV.. of each 32*kV-wide chunk: 8-
+//   or 16-byte loads), reduces the dot products with shuffles, and keeps its own online-softmax
+//   state, merged across warps through shared memory at the end.
 //
-// MLA (deepseek2) decode is the same kernel over the latent cache: one stream whose row is
+// MLA (deepseek2) decode is the same kernels over the latent cache: one stream whose row is
 // [latent | rope key], every query head attends to it as key (absorbed query, kv_lora + rope wide)
-// and as value (its first kv_lora elements), output kv_lora wide per head.
+// and as value (its first kv_lora elements), output kv_lora wide per head. On tensor cores the
+// heads (16 per block) share one read of each latent row, and the value is the key tile's first
+// kv_lora columns: the cache is read once, not once per head.
 #include <algorithm>
 #include <cmath>
 
@@ -45,8 +47,19 @@ struct DecodeArgs {
   PoolLayout kv;
   int heads, group, head_dim, value_dim, width, split_len, splits;
   int limit;  // positions attended at most: the table's and the splits' capacity
+  int stages;  // SIMT kernel staged through shared memory: tiles of kSimtTile positions in the ring
   float scale;
 };
+
+// The SIMT kernel streams K/V through shared memory in tiles of this many positions (whole rounds
+// of the 4 warps' 4 or 2 positions) where rows are whole 16-byte chunks and cp.async exists.
+constexpr int kSimtTile = 32;
+
+// Bytes of the SIMT kernel's warp merge area; the staging ring follows it.
+__host__ __device__ inline size_t SimtMergeBytes(int kg, int value_dim) { return (size_t(kDecodeWarps) * kg * (2 + value_dim) * sizeof(float) + 15) / 16 * 16; }
+size_t SimtStageBytes(int head_dim, int value_dim, bool separate_v, size_t eb) {
+  return size_t(kSimtTile) * ((head_dim + (separate_v ? value_dim : 0)) * eb + sizeof(int));
+}
 
 // Query heads per block for kPer elements per lane: q and acc take 2 * kG * kPer registers, so
 // the most a block may serve shrinks with the head size; a GQA group of at most half of that gets
@@ -80,7 +93,7 @@ __device__ __forceinline__ void WarpSums(float (&v)[kN], int lane) {
   }
 }
 
-template <int kType, int kPer, int kV, int kG>
+template <int kType, int kPer, int kV, int kG, bool kStaged>
 __global__ void __launch_bounds__(kDecodeWarps * 32) DecodeKernel(DecodeArgs a) {
   using T = typename KvElem<kType>::T;
   constexpr int kChunks = kPer / kV, kU = kPer <= 8 ? 4 : 2;
@@ -112,16 +125,69 @@ SONDE_ATTN_UNROLL
   const bool values_in_keys = a.kv.value == 0;
   // kU consecutive positions per warp and round: their 2 * kU row loads are in flight together
   // (decode is latency-bound on memory without them), and the online softmax rescales once per
-  // round instead of once per position.
-  for (int pb = p0 + warp * kU; pb < p1; pb += kDecodeWarps * kU) {
+  // round instead of once per position. Staged, the rows come from a ring of tiles in shared memory
+  // that cp.async fills `stages - 1` tiles ahead, so far more bytes are in flight than a warp's
+  // registers hold.
+  const size_t eb = sizeof(T);
+  const int kchunks = int(a.head_dim * eb / 16), vchunks = int(a.value_dim * eb / 16);
+  T* ring_k = nullptr;
+  T* ring_v = nullptr;
+  int* ring_ok = nullptr;
+  int tiles = 1;
+  const int tid = threadIdx.x, tpr = kDecodeWarps * 32 / kSimtTile, lrow = tid % kSimtTile, lchunk = tid / kSimtTile;
+  const auto issue = [&](int it) {
+    const int st = it % a.stages, pos = p0 + it * kSimtTile + lrow;
+    const int id = pos < p1 ? table[pos / a.kv.block_size] : -1;
+    const bool ok = id >= 0 && id < a.kv.blocks;
+    const T* row = ok ? pool + size_t(id) * a.kv.block + key_at + size_t(pos % a.kv.block_size) * a.kv.row : pool;
+    T* kd = ring_k + (size_t(st) * kSimtTile + lrow) * a.head_dim;
+    for (int c = lchunk; c < kchunks; c += tpr) CpAsync16(kd + c * 16 / eb, ok ? row + c * 16 / eb : pool, ok ? 16 : 0);
+    if (!values_in_keys) {
+      T* vd = ring_v + (size_t(st) * kSimtTile + lrow) * a.value_dim;
+      for (int c = lchunk; c < vchunks; c += tpr) CpAsync16(vd + c * 16 / eb, ok ? row + a.kv.value + c * 16 / eb : pool, ok ? 16 : 0);
+    }
+    if (lchunk == 0) ring_ok[st * kSimtTile + lrow] = ok;
+  };
+  if constexpr (kStaged) {
+    SONDE_DYNAMIC_SHARED(unsigned char, raw);
+    unsigned char* ring = raw + SimtMergeBytes(kG, a.value_dim);
+    ring_k = reinterpret_cast<T*>(ring);
+    ring_v = ring_k + size_t(a.stages) * kSimtTile * a.head_dim;
+    ring_ok = reinterpret_cast<int*>(ring_v + (values_in_keys ? 0 : size_t(a.stages) * kSimtTile * a.value_dim));
+    tiles = p1 > p0 ? (p1 - p0 + kSimtTile - 1) / kSimtTile : 0;
+    for (int j = 0; j < a.stages - 1; ++j) {
+      if (j < tiles) issue(j);
+      CpAsyncCommit();
+    }
+  }
+  for (int it = 0; it < tiles; ++it) {
+  int q0 = p0, q1 = p1, st = 0;
+  if constexpr (kStaged) {
+    q0 = p0 + it * kSimtTile, q1 = min(p1, q0 + kSimtTile), st = it % a.stages;
+    if (a.stages <= 2) CpAsyncWait<0>(); else if (a.stages == 3) CpAsyncWait<1>(); else CpAsyncWait<2>();
+    __syncthreads();  // tile it has landed, and every warp is done with tile it - 1
+    if (it + a.stages - 1 < tiles) issue(it + a.stages - 1);
+    CpAsyncCommit();
+  }
+  for (int pb = q0 + warp * kU; pb < q1; pb += kDecodeWarps * kU) {
     float kx[kU][kPer], vx[kU][kPer];
     bool ok[kU];
     SONDE_ATTN_UNROLL
     for (int u = 0; u < kU; ++u) {
       const int p = pb + u;
-      const int id = p < p1 ? table[p / a.kv.block_size] : -1;
-      ok[u] = id >= 0 && id < a.kv.blocks;  // lib/cuda rejects bad ids; here they only must not fault
-      const T* kr = ok[u] ? pool + size_t(id) * a.kv.block + key_at + size_t(p % a.kv.block_size) * a.kv.row : pool;
+      const T* kr;
+      const T* vr;
+      if constexpr (kStaged) {
+        const int r = p - q0;  // < kSimtTile: tiles hold whole rounds
+        ok[u] = p < q1 && ring_ok[st * kSimtTile + r];
+        kr = ring_k + (size_t(st) * kSimtTile + r) * a.head_dim;
+        vr = values_in_keys ? kr : ring_v + (size_t(st) * kSimtTile + r) * a.value_dim;
+      } else {
+        const int id = p < p1 ? table[p / a.kv.block_size] : -1;
+        ok[u] = id >= 0 && id < a.kv.blocks;  // lib/cuda rejects bad ids; here they only must not fault
+        kr = ok[u] ? pool + size_t(id) * a.kv.block + key_at + size_t(p % a.kv.block_size) * a.kv.row : pool;
+        vr = kr + a.kv.value;
+      }
       SONDE_ATTN_UNROLL
       for (int c = 0; c < kChunks; ++c) {
         const int d = c * 32 * kV + lane * kV;
@@ -137,7 +203,7 @@ SONDE_ATTN_UNROLL
           SONDE_ATTN_UNROLL
           for (int j = 0; j < kV; ++j) vd[j] = d < a.value_dim ? kd[j] : 0.0f;
         } else if (ok[u] && d < a.value_dim) {
-          LoadWide<kType, kV>(kr + a.kv.value + d, vd);
+          LoadWide<kType, kV>(vr + d, vd);
         } else {
           SONDE_ATTN_UNROLL
           for (int j = 0; j < kV; ++j) vd[j] = 0.0f;
@@ -176,6 +242,8 @@ SONDE_ATTN_UNROLL
       m[g] = mx;
     }
   }
+
+  }  // tiles
 
   // Merge the warps: [warp][g] max and sum, then [warp][g][value_dim] sums.
   SONDE_DYNAMIC_SHARED(float, sh);
@@ -243,13 +311,326 @@ __global__ void __launch_bounds__(128) CombineKernel(DecodeArgs a) {
   }
 }
 
+// ---- tensor cores: the query heads of a KV group as the rows of an mma ----
+// One block per (16 query heads of a KV group, KV head, split): every K/V byte of the split is read
+// from memory once for all of its heads (for MLA, once for all heads of the sequence), streamed
+// through shared memory by cp.async in a ring of `stages` tiles of `tile` positions, so several
+// tiles' loads stay in flight while the tensor cores work on an earlier one; memory, not the
+// arithmetic, sets the pace. Per tile: each of the 4 warps scores tile/4 positions (S = Q K^T,
+// m16n8k16 with the heads as the 16 rows), the warps agree on the rows' new maximum through shared
+// memory, write P, and each warp accumulates O += P V for its own quarter of the value columns
+// (n-tiles warp, warp + 4, ...), so a wide MLA value row (512) is split over the warps instead of
+// held by each. Q and P enter the mma as two 16-bit terms each (hi + lo, lo = the rounding error of
+// hi): twice the mma work, which the memory time hides, for scores and weights near fp32 accuracy
+// where a single 16-bit Q would cost ~3 decimal digits.
+constexpr int kMmaWarps = 4, kMmaHeads = 16;
+
+struct MmaPlan {
+  int tile = 0, stages = 0, kpad = 0, pitch = 0;  // kpad: key width rounded to 32; pitch: smem row, halves
+  size_t shared = 0;
+  int per_sm = 0;  // blocks resident per SM by shared memory
+};
+
+__device__ __forceinline__ void CpAsyncWaitUpTo(int pending) {
+  if (pending <= 0)
+    CpAsyncWait<0>();
+  else if (pending == 1)
+    CpAsyncWait<1>();
+  else
+    CpAsyncWait<2>();
+}
+
+template <int kType>
+__device__ __forceinline__ void MmaKv(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (kType == kKvF16)
+    MmaF16(d, a, b);
+  else
+    MmaBf16(d, a, b);
+}
+
+template <int kType>
+__device__ __forceinline__ uint32_t PackPair(float lo, float hi) {
+  return uint32_t(KvElem<kType>::Put(lo)) | uint32_t(KvElem<kType>::Put(hi)) << 16;
+}
+
+// kNtw: value n-tiles (8 columns) per warp at most, value_dim <= 32 * kNtw.
+template <int kType, int kNtw>
+__global__ void __launch_bounds__(kMmaWarps * 32) DecodeMmaKernel(DecodeArgs a, MmaPlan plan) {
+  using E = KvElem<kType>;
+  const int chunks_per_kv = (a.group + kMmaHeads - 1) / kMmaHeads;
+  const int hc = static_cast<int>(blockIdx.x) % chunks_per_kv, split = static_cast<int>(blockIdx.x) / chunks_per_kv;
+  const int kvh = blockIdx.y, s = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  int len = a.lens[s];
+  len = len < 0 ? 0 : len > a.limit ? a.limit : len;
+  const int p0 = split * a.split_len, p1 = min(len, p0 + a.split_len);
+  if (a.splits > 1 && p0 >= p1) return;  // past the end: the combine reads no partial of this split
+  const int nh = min(kMmaHeads, a.group - hc * kMmaHeads), head0 = kvh * a.group + hc * kMmaHeads;
+  const int tile = plan.tile, stages = plan.stages, pitch = plan.pitch, kpad = plan.kpad;
+  const bool separate_v = a.kv.value != 0;
+
+  // Shared: K tiles [stage][tile][pitch], V tiles (dense models) likewise, Q [hi|lo][16][pitch],
+  // P [hi|lo][16][tile + 8], then fp32 row maxima / sums [warp][16] and the tiles' key flags.
+  SONDE_DYNAMIC_SHARED(uint16_t, sh);
+  uint16_t* sk = sh;
+  uint16_t* sv = sk + size_t(stages) * tile * pitch;
+  uint16_t* sq = sv + (separate_v ? size_t(stages) * tile * pitch : 0);
+  const int ppitch = tile + 8;
+  uint16_t* sp = sq + 2 * kMmaHeads * pitch;
+  float* smax = reinterpret_cast<float*>(sp + 2 * kMmaHeads * ppitch);
+  int* key_ok = reinterpret_cast<int*>(smax + kMmaWarps * kMmaHeads);
+
+  // Q (scaled) as hi + lo in the KV's 16-bit type; rows past the group's heads and columns past the
+  // key width are zero, so they add nothing to any score.
+  for (int i = tid; i < kMmaHeads * kpad; i += blockDim.x) {
+    const int r = i / kpad, c = i % kpad;
+    const float v = r < nh && c < a.head_dim ? a.q[(size_t(s) * a.heads + head0 + r) * a.head_dim + c] * a.scale : 0.0f;
+    const uint16_t hi = E::Put(v);
+    sq[r * pitch + c] = hi;
+    sq[(kMmaHeads + r) * pitch + c] = E::Put(v - E::Get(hi));
+  }
+
+  const uint16_t* pool = static_cast<const uint16_t*>(a.pool);
+  const int32_t* table = a.tables + size_t(s) * a.width;
+  const size_t key_at = a.kv.key + size_t(kvh) * a.kv.stream;
+  const int kchunks = kpad / 8, kreal = a.head_dim / 8, vchunks = a.value_dim / 8;
+  // Loader: threads_per_row threads share a row's 16-byte chunks; one table read per row and tile.
+  const int tpr = blockDim.x / tile, lrow = tid % tile, lchunk = tid / tile;
+  const int tiles = p1 > p0 ? (p1 - p0 + tile - 1) / tile : 0;
+  const auto issue = [&](int it) {
+    const int st = it % stages, pos = p0 + it * tile + lrow;
+    const int id = pos < p1 ? table[pos / a.kv.block_size] : -1;
+    const bool ok = id >= 0 && id < a.kv.blocks;  // lib/cuda rejects bad ids; here they only must not fault
+    const uint16_t* row = ok ? pool + size_t(id) * a.kv.block + key_at + size_t(pos % a.kv.block_size) * a.kv.row : pool;
+    uint16_t* kd = sk + (size_t(st) * tile + lrow) * pitch;
+    for (int c = lchunk; c < kchunks; c += tpr) {
+      const bool real = ok && c < kreal;  // columns past the key width are zero-filled
+      CpAsync16(kd + c * 8, real ? row + c * 8 : pool, real ? 16 : 0);
+    }
+    if (separate_v) {
+      uint16_t* vd = sv + (size_t(st) * tile + lrow) * pitch;
+      for (int c = lchunk; c < vchunks; c += tpr) CpAsync16(vd + c * 8, ok ? row + a.kv.value + c * 8 : pool, ok ? 16 : 0);
+    }
+    if (lchunk == 0) key_ok[st * tile + lrow] = ok;
+  };
+
+  float o[kNtw][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g and g + 8
+  const int wpos = warp * (tile / kMmaWarps), ntiles = tile / 32;  // this warp's first position; its 8-key n-tiles
+  const int vtiles = a.value_dim / 8;
+  // ldmatrix row addresses: A fragments (Q, P) take rows l%8 + 8((l/8)&1), columns +8 for l >= 16;
+  // K's B fragments rows l%8 of an n-tile, columns 8(l/8) over a pair of k-steps; V's (trans)
+  // rows l of a 32-position pair of k-steps.
+  const int arow = lane % 8 + 8 * ((lane / 8) & 1), acol = 8 * (lane / 16);
+
+  for (int j = 0; j < stages - 1; ++j) {
+    if (j < tiles) issue(j);
+    CpAsyncCommit();
+  }
+  for (int it = 0; it < tiles; ++it) {
+    CpAsyncWaitUpTo(stages - 2);
+    __syncthreads();  // tile `it` is in shared memory, and every warp is done with tile it - 1
+    if (it + stages - 1 < tiles) issue(it + stages - 1);
+    CpAsyncCommit();
+    const int st = it % stages;
+    const uint16_t* kt = sk + size_t(st) * tile * pitch;
+    const uint16_t* vt = separate_v ? sv + size_t(st) * tile * pitch : kt;
+
+    // S for this warp's positions [wpos, wpos + tile/4): ntiles n-tiles of 8.
+    float sc[2][4] = {};
+    for (int kc = 0; kc < kpad / 16; kc += 2) {
+      uint32_t qa[2][2][4];  // [hi|lo][k-step of the pair]
+      SONDE_UNROLL
+      for (int part = 0; part < 2; ++part)
+        SONDE_UNROLL
+        for (int k = 0; k < 2; ++k) LdMatrixX4(qa[part][k], sq + (part * kMmaHeads + arow) * pitch + 16 * (kc + k) + acol);
+      SONDE_UNROLL
+      for (int nt = 0; nt < 2; ++nt) {
+        if (nt >= ntiles) break;
+        uint32_t kb[4];
+        LdMatrixX4(kb, kt + (wpos + nt * 8 + lane % 8) * pitch + 16 * kc + 8 * (lane / 8));
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        SONDE_UNROLL
+        for (int part = 0; part < 2; ++part) {
+          MmaKv<kType>(sc[nt], qa[part][0], b0);
+          MmaKv<kType>(sc[nt], qa[part][1], b1);
+        }
+      }
+    }
+    // The tile's row maxima over all warps, then P = exp(S - m_new) and the rescale of what came before.
+    float mx[2] = {-INFINITY, -INFINITY};
+    SONDE_UNROLL
+    for (int nt = 0; nt < 2; ++nt) {
+      if (nt >= ntiles) break;
+      SONDE_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const int col = wpos + nt * 8 + 2 * t + (i & 1);
+        if (!key_ok[st * tile + col]) sc[nt][i] = -INFINITY;
+        mx[i >> 1] = fmaxf(mx[i >> 1], sc[nt][i]);
+      }
+    }
+    SONDE_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      if (t == 0) smax[warp * kMmaHeads + g + 8 * r] = mx[r];
+    }
+    __syncthreads();
+    float alpha[2];
+    SONDE_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      float mn = m[r];
+      SONDE_UNROLL
+      for (int w = 0; w < kMmaWarps; ++w) mn = fmaxf(mn, smax[w * kMmaHeads + g + 8 * r]);
+      alpha[r] = mn == -INFINITY ? 1.0f : __expf(m[r] - mn);
+      m[r] = mn;
+      l[r] *= alpha[r];
+    }
+    SONDE_UNROLL
+    for (int nt = 0; nt < 2; ++nt) {
+      if (nt >= ntiles) break;
+      float p[4];
+      SONDE_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        p[i] = sc[nt][i] == -INFINITY ? 0.0f : __expf(sc[nt][i] - m[i >> 1]);
+        l[i >> 1] += p[i];
+      }
+      const int col = wpos + nt * 8 + 2 * t;
+      SONDE_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const uint32_t hi = PackPair<kType>(p[2 * r], p[2 * r + 1]);
+        const uint32_t lo = PackPair<kType>(p[2 * r] - E::Get(static_cast<uint16_t>(hi)), p[2 * r + 1] - E::Get(static_cast<uint16_t>(hi >> 16)));
+        StoreVec<uint32_t>(sp + (g + 8 * r) * ppitch + col, hi);
+        StoreVec<uint32_t>(sp + (kMmaHeads + g + 8 * r) * ppitch + col, lo);
+      }
+    }
+    SONDE_UNROLL
+    for (int j = 0; j < kNtw; ++j)
+      SONDE_UNROLL
+      for (int i = 0; i < 4; ++i) o[j][i] *= alpha[i >> 1];
+    __syncthreads();  // P of every warp's positions is in shared memory
+
+    // O += P V over the tile's tile/16 k-steps, for this warp's value n-tiles.
+    for (int kp = 0; kp < ntiles; ++kp) {
+      uint32_t pa[2][2][4];  // [hi|lo][k-step of the pair]
+      SONDE_UNROLL
+      for (int part = 0; part < 2; ++part)
+        SONDE_UNROLL
+        for (int k = 0; k < 2; ++k) LdMatrixX4(pa[part][k], sp + (part * kMmaHeads + arow) * ppitch + 16 * (2 * kp + k) + acol);
+      SONDE_UNROLL
+      for (int j = 0; j < kNtw; ++j) {
+        const int nt = warp + kMmaWarps * j;
+        if (nt >= vtiles) break;
+        uint32_t vb[4];
+        LdMatrixX4Trans(vb, vt + (32 * kp + lane) * pitch + 8 * nt);
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        SONDE_UNROLL
+        for (int part = 0; part < 2; ++part) {
+          MmaKv<kType>(o[j], pa[part][0], b0);
+          MmaKv<kType>(o[j], pa[part][1], b1);
+        }
+      }
+    }
+  }
+
+  // The rows' sums over the quad's lanes and the warps (every warp rescaled by the same maxima).
+  SONDE_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  __syncthreads();  // smax is free
+  if (t == 0) smax[warp * kMmaHeads + g] = l[0], smax[warp * kMmaHeads + g + 8] = l[1];
+  __syncthreads();
+  SONDE_UNROLL
+  for (int r = 0; r < 2; ++r) {
+    float sum = 0.0f;
+    SONDE_UNROLL
+    for (int w = 0; w < kMmaWarps; ++w) sum += smax[w * kMmaHeads + g + 8 * r];
+    const int row = g + 8 * r;
+    if (row >= nh) continue;
+    const size_t head = size_t(s) * a.heads + head0 + row;
+    if (a.splits == 1) {
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      float* orow = a.out + head * a.value_dim;
+      SONDE_UNROLL
+      for (int j = 0; j < kNtw; ++j) {
+        const int nt = warp + kMmaWarps * j;
+        if (nt >= vtiles) break;
+        StoreVec<float2>(orow + 8 * nt + 2 * t, make_float2(o[j][2 * r] * inv, o[j][2 * r + 1] * inv));
+      }
+    } else {
+      float* pr = a.part + (head * a.splits + split) * (a.value_dim + 2);
+      SONDE_UNROLL
+      for (int j = 0; j < kNtw; ++j) {
+        const int nt = warp + kMmaWarps * j;
+        if (nt >= vtiles) break;
+        StoreVec<float2>(pr + 8 * nt + 2 * t, make_float2(o[j][2 * r], o[j][2 * r + 1]));
+      }
+      if (warp == 0 && t == 0) pr[a.value_dim] = m[r], pr[a.value_dim + 1] = sum;
+    }
+  }
+}
+
+// Shared memory of the mma kernel for a tile and stage count.
+size_t MmaShared(int tile, int stages, int pitch, bool separate_v) {
+  return size_t(stages) * tile * pitch * 2 * (separate_v ? 2 : 1) + size_t(2) * kMmaHeads * pitch * 2 +
+         size_t(2) * kMmaHeads * (tile + 8) * 2 + size_t(kMmaWarps) * kMmaHeads * 4 + size_t(stages) * tile * 4;
+}
+
+// The tile (64 positions, or 32 where 64 does not fit twice; only_tile pins one) and stage count
+// (2..4) that keep the most bytes in flight per SM; stage count 0 when not even two tiles fit.
+MmaPlan PlanMma(int head_dim, bool separate_v, size_t shared_limit, int only_tile) {
+  MmaPlan best;
+  const int kpad = (head_dim + 31) / 32 * 32, pitch = kpad + 8;  // pitch/8 odd: ldmatrix rows hit distinct banks
+  const size_t per_sm = shared_limit + 1024;  // what an SM has: the opt-in block maximum plus the 1 KiB it reserves
+  size_t best_flight = 0;
+  for (const int tile : {64, 32}) {
+    if (only_tile && tile != only_tile) continue;
+    for (int stages = 2; stages <= 4; ++stages) {
+      const size_t shared = MmaShared(tile, stages, pitch, separate_v);
+      if (shared > shared_limit) break;
+      const int resident = static_cast<int>(std::min<size_t>(per_sm / (shared + 1024), 8));
+      const size_t flight = size_t(resident) * (stages - 1) * tile * pitch * (separate_v ? 2 : 1);
+      if (flight > best_flight) {
+        best_flight = flight;
+        best = MmaPlan{tile, stages, kpad, pitch, shared, resident};
+      }
+    }
+    if (best.stages) break;  // 64 fits: a wider tile halves the per-tile fixed work
+  }
+  return best;
+}
+
+template <int kType>
+void LaunchDecodeMma(const DecodeArgs& a, const MmaPlan& plan, dim3 grid, GpuStream& st) {
+  const int ntw = (a.value_dim / 8 + kMmaWarps - 1) / kMmaWarps;
+  const dim3 block(kMmaWarps * 32);
+  if (ntw <= 2)
+    Launch(DecodeMmaKernel<kType, 2>, grid, block, plan.shared, st, a, plan);
+  else if (ntw <= 4)
+    Launch(DecodeMmaKernel<kType, 4>, grid, block, plan.shared, st, a, plan);
+  else if (ntw <= 8)
+    Launch(DecodeMmaKernel<kType, 8>, grid, block, plan.shared, st, a, plan);
+  else
+    Launch(DecodeMmaKernel<kType, 16>, grid, block, plan.shared, st, a, plan);
+}
+
 template <int kType, int kPer, int kV>
 void LaunchDecode(const DecodeArgs& a, int kg, dim3 grid, size_t shared, GpuStream& st) {
   constexpr int kMax = GroupPerBlock(kPer);
-  if (kg == kMax)
-    Launch(DecodeKernel<kType, kPer, kV, kMax>, grid, dim3(kDecodeWarps * 32), shared, st, a);
-  else
-    Launch(DecodeKernel<kType, kPer, kV, kMax / 2>, grid, dim3(kDecodeWarps * 32), shared, st, a);
+  const dim3 block(kDecodeWarps * 32);
+  if (a.stages) {
+    if (kg == kMax)
+      Launch(DecodeKernel<kType, kPer, kV, kMax, true>, grid, block, shared, st, a);
+    else
+      Launch(DecodeKernel<kType, kPer, kV, kMax / 2, true>, grid, block, shared, st, a);
+  } else {
+    if (kg == kMax)
+      Launch(DecodeKernel<kType, kPer, kV, kMax, false>, grid, block, shared, st, a);
+    else
+      Launch(DecodeKernel<kType, kPer, kV, kMax / 2, false>, grid, block, shared, st, a);
+  }
 }
 
 // kV: the widest load (4 or 2 elements) that divides a lane's share and both row widths, else 1.
@@ -308,14 +689,28 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
   a.out = c.Buffer<float>(4, c.Count({seqs, heads, a.value_dim}), "out");
   if (seqs == 0) return;
 
+  // Tensor cores for 16-bit KV whose rows are whole 16-byte chunks (cp.async, ldmatrix), on cc 8.0+,
+  // when two tiles fit in shared memory; the SIMT kernel otherwise (or with simt set). tile (32 or
+  // 64) pins the mma kernel's tile, for tests of both.
+  const bool simt = c.NumOr("simt", 0) != 0;
+  const int64_t forced_tile = c.IntOr("tile", 0, 0, 64);
+  if (forced_tile != 0 && forced_tile != 32 && forced_tile != 64) c.Invalid("tile must be 32 or 64, got " + std::to_string(forced_tile));
+  MmaPlan plan;
+  if (!simt && type != kKvF32 && ComputeCapability(dev) >= 80 && a.head_dim % 8 == 0 && a.value_dim % 8 == 0 &&
+      a.value_dim <= 32 * 16) {
+    plan = PlanMma(a.head_dim, !mla, dev.shared_per_block ? dev.shared_per_block : 48 * 1024, static_cast<int>(forced_tile));
+  }
+  const bool mma = plan.stages > 0;
+
   const int per = a.head_dim <= 64 ? 2 : a.head_dim <= 128 ? 4 : a.head_dim <= 256 ? 8 : 18;
-  const int kg = GroupPerBlock(per, a.group), chunks_per_kv = (a.group + kg - 1) / kg;
-  // Splits: enough blocks for 8 per SM (32 warps, the occupancy the register use allows), split
-  // no shorter than kMinSplitLen, as many as the workspace holds; splitLen forces a length.
+  const int kg = mma ? kMmaHeads : GroupPerBlock(per, a.group), chunks_per_kv = (a.group + kg - 1) / kg;
+  // Splits: as many as the workspace holds at most; splitLen forces a length.
   const int64_t max_len = c.IntOr("maxLen", cap, 1, cap);
   const int64_t forced = c.IntOr("splitLen", 0, 0, INT32_MAX);
   const size_t per_split = c.Count({seqs, heads, a.value_dim + 2}) * sizeof(float);
   const size_t room = c.buffers.size() > 5 ? c.buffers[5].bytes / per_split : 0;
+  const int64_t units = seqs * kv_heads * chunks_per_kv;
+  const int64_t sms = dev.multiprocessors > 0 ? dev.multiprocessors : 1;
   int64_t split_len;
   if (forced) {
     split_len = forced;
@@ -323,9 +718,25 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
     if (splits > 1 && room < static_cast<size_t>(splits))
       c.Invalid("workspace (buffer 5) holds " + std::to_string(c.buffers.size() > 5 ? c.buffers[5].bytes : 0) +
                 " bytes, " + std::to_string(splits) + " splits need " + std::to_string(splits * per_split));
+  } else if (mma) {
+    // The split count that finishes soonest: every block streams split_len positions, the blocks
+    // run in waves of (SMs x blocks per SM), and a block's fixed work (Q, pipeline fill, partial
+    // write and its share of the combine) costs about two tiles.
+    const int64_t slots = sms * std::min(plan.per_sm, 4), tile = plan.tile;
+    const int64_t most = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(std::min<size_t>(room, 1 << 16)),
+                                                                  (max_len + tile - 1) / tile, 4096}));
+    int64_t best_cost = INT64_MAX;
+    split_len = max_len;
+    for (int64_t want = 1; want <= most; ++want) {
+      const int64_t len = ((max_len + want - 1) / want + tile - 1) / tile * tile;
+      const int64_t n = (max_len + len - 1) / len;
+      const int64_t cost = (units * n + slots - 1) / slots * (len / tile + 2);
+      if (cost < best_cost) best_cost = cost, split_len = len;
+    }
   } else {
-    const int64_t units = seqs * kv_heads * chunks_per_kv;
-    const int64_t want_blocks = int64_t(dev.multiprocessors > 0 ? dev.multiprocessors : 1) * 8;
+    // Enough blocks for 8 per SM (32 warps, the occupancy the register use allows), splits no
+    // shorter than kMinSplitLen.
+    const int64_t want_blocks = sms * 8;
     int64_t splits = std::max<int64_t>(1, (want_blocks + units - 1) / units);
     splits = std::min<int64_t>(splits, (max_len + kMinSplitLen - 1) / kMinSplitLen);
     splits = std::max<int64_t>(1, std::min<int64_t>(splits, static_cast<int64_t>(std::min<size_t>(room, 1 << 16))));
@@ -340,11 +751,32 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
   if (a.splits > 1) a.part = static_cast<float*>(c.buffers[5].data);
 
   const dim3 grid(static_cast<unsigned>(a.splits * chunks_per_kv), static_cast<unsigned>(kv_heads), static_cast<unsigned>(seqs));
-  const size_t shared = size_t(kDecodeWarps) * kg * (2 + a.value_dim) * sizeof(float);
-  switch (type) {
-    case kKvF32: LaunchDecodeType<kKvF32>(a, per, kg, grid, shared, st); break;
-    case kKvF16: LaunchDecodeType<kKvF16>(a, per, kg, grid, shared, st); break;
-    default: LaunchDecodeType<kKvBf16>(a, per, kg, grid, shared, st); break;
+  if (mma) {
+    if (type == kKvF16)
+      LaunchDecodeMma<kKvF16>(a, plan, grid, st);
+    else
+      LaunchDecodeMma<kKvBf16>(a, plan, grid, st);
+  } else {
+    // Staged through shared memory (cc 8.0+, rows of whole 16-byte chunks): the stage count (2..4)
+    // that keeps the most bytes in flight per SM; unstaged otherwise.
+    size_t shared = SimtMergeBytes(kg, a.value_dim);
+    const size_t limit = dev.shared_per_block ? dev.shared_per_block : 48 * 1024;
+    if (ComputeCapability(dev) >= 80 && a.head_dim * eb % 16 == 0 && a.value_dim * eb % 16 == 0) {
+      const size_t stage = SimtStageBytes(a.head_dim, a.value_dim, !mla, eb);
+      size_t best = 0;
+      for (int stages = 2; stages <= 4; ++stages) {
+        const size_t need = shared + stages * stage;
+        if (need > limit) break;
+        const size_t flight = std::min<size_t>((limit + 1024) / (need + 1024), 8) * (stages - 1) * stage;
+        if (flight > best) best = flight, a.stages = stages;
+      }
+      if (a.stages) shared += a.stages * stage;
+    }
+    switch (type) {
+      case kKvF32: LaunchDecodeType<kKvF32>(a, per, kg, grid, shared, st); break;
+      case kKvF16: LaunchDecodeType<kKvF16>(a, per, kg, grid, shared, st); break;
+      default: LaunchDecodeType<kKvBf16>(a, per, kg, grid, shared, st); break;
+    }
   }
   if (a.splits > 1) Launch(CombineKernel, dim3(static_cast<unsigned>(heads), static_cast<unsigned>(seqs)), dim3(128),
                            size_t(a.splits) * sizeof(float), st, a);

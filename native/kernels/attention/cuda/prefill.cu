@@ -6,11 +6,12 @@
 //
 // Two kernels:
 // - tensor cores (16-bit KV, head_dim 64/96/128, compute capability >= 8.0): 4 warps x 16 query
-//   rows, 64-key tiles of K and V staged in shared memory with 16-byte loads (V pair-interleaved so
-//   every B fragment is one 32-bit read, as K's are); S = Q K^T and O += P V
-//   on mma.m16n8k16 (f16 or bf16 by the KV's type) with fp32 accumulators. Q is converted to the
-//   KV's 16-bit type once into registers (the A fragments); the S accumulators are re-packed as the
-//   A fragments of P V without leaving registers (their layouts coincide, dialect.h).
+//   rows, 64-key tiles of K and V streamed into shared memory by cp.async, two stages (tile it + 1
+//   lands while tile it is worked on), one table read per key row and tile; S = Q K^T and O += P V
+//   on mma.m16n8k16 (f16 or bf16 by the KV's type) with fp32 accumulators, B fragments by ldmatrix
+//   (K as stored; V through the transposing form). Q is converted to the KV's 16-bit type once into
+//   registers (the A fragments); the S accumulators are re-packed as the A fragments of P V without
+//   leaving registers (their layouts coincide, dialect.h).
 // - SIMT (fp32 KV, other head sizes, older GPUs, or simt forced): 4 warps x 4 query rows, 32-key
 //   tiles; lane j scores key j, then every lane accumulates its own output dims.
 #include <algorithm>
@@ -35,6 +36,7 @@ struct PrefillArgs {
   float* out;             // [row][head][head_dim]
   PoolLayout kv;
   int rows, heads, group, head_dim, width;
+  int stages;  // tensor cores: K/V tiles in the cp.async ring
   float scale;
 };
 
@@ -54,6 +56,15 @@ __device__ __forceinline__ uint32_t Pack2(float lo, float hi) {
   return uint32_t(KvElem<kType>::Put(lo)) | uint32_t(KvElem<kType>::Put(hi)) << 16;
 }
 
+__device__ __forceinline__ void CpAsyncWaitUpTo(int pending) {
+  if (pending <= 0)
+    CpAsyncWait<0>();
+  else
+    CpAsyncWait<1>();
+}
+
+size_t MmaShared(int head_dim, int stages) { return size_t(stages) * kMmaKeys * ((head_dim + 8) * 2 * sizeof(uint16_t) + sizeof(int)); }
+
 template <int kType>
 __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   if constexpr (kType == kKvF16)
@@ -64,20 +75,19 @@ __device__ __forceinline__ void Mma(float (&d)[4], const uint32_t (&a)[4], const
 
 template <int kType, int kD>
 __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a) {
-  // Shared row pitches, chosen so that the fragment reads of a warp hit 32 different banks: K rows
-  // of kD + 8 halves (lane (g, t) reads word 4g + t mod 32), V key-pair rows of kD + 8 words (word
-  // 8t + g mod 32); both keep rows 16-byte aligned for the vector stores.
-  constexpr int kStride = kD + 8, kStrideW = kD + 8;
+  // K and V tiles as they lie in the pool, rows of kD + 8 halves: a row pitch of an odd number of
+  // 16-byte units puts the 8 rows an ldmatrix reads on 8 different bank groups.
+  constexpr int kPitch = kD + 8;
   // Causal tiles further down see more keys: the grid hands out the longest ones first, so the
   // short ones fill the tail instead of one long tile running alone at the end.
   const int s = blockIdx.z, h = blockIdx.y, qt = gridDim.x - 1 - blockIdx.x;
   int start, tokens, row0;
   if (!SequenceOf(a, s, &start, &tokens, &row0) || qt * kMmaRows >= tokens) return;  // the whole block leaves
   const int kvh = h / a.group;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  SONDE_DYNAMIC_SHARED(uint16_t, sk);  // [key][kStride]
-  uint32_t* svw = reinterpret_cast<uint32_t*>(sk + kMmaKeys * kStride);  // [key pair][kStrideW]
-  __shared__ int key_ok[kMmaKeys];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  SONDE_DYNAMIC_SHARED(uint16_t, sk);  // [stage][key][kPitch]
+  uint16_t* sv = sk + a.stages * kMmaKeys * kPitch;  // [stage][key][kPitch]
+  int* key_ok = reinterpret_cast<int*>(sv + a.stages * kMmaKeys * kPitch);  // [stage][key]
 
   // Q's A fragments: rows warp*16 + g (+8), columns kc*16 + 2t (+1, +8, +9) of the tile.
   const int r_lo = qt * kMmaRows + warp * 16 + g, r_hi = r_lo + 8;
@@ -89,11 +99,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a
       const int row = r & 1 ? r_hi : r_lo, col = kc * 16 + 2 * t + (r >> 1) * 8;
       float2 v = make_float2(0.0f, 0.0f);
       if (row < tokens) v = *reinterpret_cast<const float2*>(a.q + (size_t(row0 + row) * a.heads + h) * kD + col);
-      qa[kc][r] = Pack2<kType>(v.x, v.y);
+      qa[kc][r] = Pack2<kType>(v.x * a.scale, v.y * a.scale);  // scaled before rounding: the same relative error
     }
   }
 
-  const int q_first = start + qt * kMmaRows;
   const int q_last = start + min(tokens, (qt + 1) * kMmaRows) - 1;
   const int pos_lo = start + r_lo, pos_hi = start + r_hi;
   const int32_t* table = a.tables + size_t(s) * a.width;
@@ -101,65 +110,67 @@ __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a
   const size_t key_at = a.kv.key + size_t(kvh) * a.kv.stream;
   float o[kD / 8][4] = {};
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
-  (void)q_first;
 
-  for (int k0 = 0; k0 <= q_last; k0 += kMmaKeys) {
-    __syncthreads();  // the previous tile is consumed
-    // Each thread takes 8 dims of a pair of keys: K rows go to shared memory as they are; V goes
-    // pair-interleaved, word (pair, dim) = {V[2 pair][dim], V[2 pair + 1][dim]}, which is exactly
-    // a 32-bit half of P V's B fragment (k = keys 2t, 2t+1; n = dim g).
-    for (int i = threadIdx.x; i < (kMmaKeys / 2) * (kD / 8); i += blockDim.x) {
-      const int kp = i / (kD / 8), c = i % (kD / 8);
-      uint4 vx[2];
-      SONDE_ATTN_UNROLL
-      for (int e = 0; e < 2; ++e) {
-        const int r = 2 * kp + e, pos = k0 + r;
-        const int id = pos <= q_last ? table[pos / a.kv.block_size] : -1;
-        const bool ok = id >= 0 && id < a.kv.blocks;
-        uint4 kx = make_uint4(0, 0, 0, 0);
-        vx[e] = make_uint4(0, 0, 0, 0);
-        if (ok) {
-          const uint16_t* kr = pool + size_t(id) * a.kv.block + key_at + size_t(pos % a.kv.block_size) * kD + c * 8;
-          kx = *reinterpret_cast<const uint4*>(kr);
-          vx[e] = *reinterpret_cast<const uint4*>(kr + a.kv.value);
-        }
-        *reinterpret_cast<uint4*>(sk + r * kStride + c * 8) = kx;
-        if (c == 0) key_ok[r] = ok;
-      }
-      const uint32_t lo[4] = {vx[0].x, vx[0].y, vx[0].z, vx[0].w}, hi[4] = {vx[1].x, vx[1].y, vx[1].z, vx[1].w};
-      uint32_t w[8];
-      SONDE_ATTN_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        w[2 * j] = (lo[j] & 0xffffu) | (hi[j] << 16);
-        w[2 * j + 1] = (lo[j] >> 16) | (hi[j] & 0xffff0000u);
-      }
-      uint4* dst = reinterpret_cast<uint4*>(svw + kp * kStrideW + c * 8);
-      dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-      dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+  // Loader: two threads per key row, alternate 16-byte chunks; one table read per row and tile.
+  // cp.async lands tile it + 1 while the warps work on tile it.
+  const int lrow_ = tid % kMmaKeys, lchunk = tid / kMmaKeys, tpr = kMmaWarps * 32 / kMmaKeys;
+  const auto issue = [&](int it) {
+    const int st = it % a.stages, pos = it * kMmaKeys + lrow_;
+    const int id = pos <= q_last ? table[pos / a.kv.block_size] : -1;
+    const bool ok = id >= 0 && id < a.kv.blocks;
+    const uint16_t* kr = ok ? pool + size_t(id) * a.kv.block + key_at + size_t(pos % a.kv.block_size) * kD : pool;
+    uint16_t* kd = sk + (st * kMmaKeys + lrow_) * kPitch;
+    uint16_t* vd = sv + (st * kMmaKeys + lrow_) * kPitch;
+    SONDE_ATTN_UNROLL
+    for (int c = lchunk; c < kD / 8; c += tpr) {
+      CpAsync16(kd + c * 8, ok ? kr + c * 8 : pool, ok ? 16 : 0);
+      CpAsync16(vd + c * 8, ok ? kr + a.kv.value + c * 8 : pool, ok ? 16 : 0);
     }
-    __syncthreads();
+    if (lchunk == 0) key_ok[st * kMmaKeys + lrow_] = ok;
+  };
+  const int tiles = q_last / kMmaKeys + 1, stages = a.stages;
+  // A ring of `stages` tiles (3 where shared memory allows): the loads of the next ones are in
+  // flight while the warps work on tile it.
+  for (int j = 0; j < stages - 1; ++j) {
+    if (j < tiles) issue(j);
+    CpAsyncCommit();
+  }
+  // Keys wholly at or before the warp's first row need no causal mask.
+  const int warp_first = start + qt * kMmaRows + warp * 16;
+  for (int it = 0; it < tiles; ++it) {
+    const int k0 = it * kMmaKeys, st = it % stages;
+    CpAsyncWaitUpTo(stages - 2);
+    __syncthreads();  // tile it is in shared memory, and every warp is done with tile it - 1
+    if (it + stages - 1 < tiles) issue(it + stages - 1);
+    CpAsyncCommit();
+    const uint16_t* kt = sk + st * kMmaKeys * kPitch;
+    const uint16_t* vt = sv + st * kMmaKeys * kPitch;
 
-    // S = Q K^T: 8 n-tiles of 8 keys; B fragment (k = dims 2t.., n = key g) is one 32-bit word.
+    // S = Q K^T: 8 n-tiles of 8 keys; one ldmatrix gives an n-tile's B fragments for two k-steps.
     float sc[kMmaKeys / 8][4] = {};
     SONDE_ATTN_UNROLL
-    for (int kc = 0; kc < kD / 16; ++kc) {
+    for (int kc = 0; kc < kD / 16; kc += 2) {
       SONDE_ATTN_UNROLL
       for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
-        const uint16_t* kr = sk + (nt * 8 + g) * kStride + kc * 16 + 2 * t;
-        const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(kr), *reinterpret_cast<const uint32_t*>(kr + 8)};
-        Mma<kType>(sc[nt], qa[kc], b);
+        uint32_t kb[4];
+        LdMatrixX4(kb, kt + (nt * 8 + lane % 8) * kPitch + kc * 16 + 8 * (lane / 8));
+        const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+        Mma<kType>(sc[nt], qa[kc], b0);
+        Mma<kType>(sc[nt], qa[kc + 1], b1);
       }
     }
     // Causal mask, scale, and the online softmax of this lane's two rows (reduced over the quad
     // of lanes that share them).
     float mx[2] = {-INFINITY, -INFINITY};
+    const bool masked = k0 + kMmaKeys - 1 > warp_first;  // (a bad block id there reads as a zero row, never faults)
     SONDE_ATTN_UNROLL
     for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
       SONDE_ATTN_UNROLL
       for (int i = 0; i < 4; ++i) {
-        const int col = nt * 8 + 2 * t + (i & 1), pos = k0 + col;
-        const bool seen = key_ok[col] && pos <= (i < 2 ? pos_lo : pos_hi);
-        sc[nt][i] = seen ? sc[nt][i] * a.scale : -INFINITY;
+        if (masked) {
+          const int col = nt * 8 + 2 * t + (i & 1), pos = k0 + col;
+          if (!key_ok[st * kMmaKeys + col] || pos > (i < 2 ? pos_lo : pos_hi)) sc[nt][i] = -INFINITY;
+        }
         mx[i >> 1] = fmaxf(mx[i >> 1], sc[nt][i]);
       }
     }
@@ -183,18 +194,26 @@ __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillArgs a
         lrow[i >> 1] += p;
       }
     }
-    // O += P V: P's A fragment for keys kc*16.. is S n-tiles 2kc and 2kc+1; V's B fragment (k =
-    // keys 2t.., n = dim g) pairs two rows of the tile.
+    // O += P V: P's A fragment for keys kc*16.. is S n-tiles 2kc and 2kc+1; V's B fragments come
+    // from the row-major V tile by a transposing ldmatrix, one per n-tile of dims and two k-steps.
     SONDE_ATTN_UNROLL
-    for (int kc = 0; kc < kMmaKeys / 16; ++kc) {
-      const uint32_t pa[4] = {Pack2<kType>(sc[2 * kc][0], sc[2 * kc][1]), Pack2<kType>(sc[2 * kc][2], sc[2 * kc][3]),
-                              Pack2<kType>(sc[2 * kc + 1][0], sc[2 * kc + 1][1]),
-                              Pack2<kType>(sc[2 * kc + 1][2], sc[2 * kc + 1][3])};
-      const uint32_t* v0 = svw + (kc * 8 + t) * kStrideW + g;
+    for (int kp = 0; kp < kMmaKeys / 32; ++kp) {
+      uint32_t pa[2][4];
+      SONDE_ATTN_UNROLL
+      for (int k = 0; k < 2; ++k) {
+        const int kc = 2 * kp + k;
+        pa[k][0] = Pack2<kType>(sc[2 * kc][0], sc[2 * kc][1]);
+        pa[k][1] = Pack2<kType>(sc[2 * kc][2], sc[2 * kc][3]);
+        pa[k][2] = Pack2<kType>(sc[2 * kc + 1][0], sc[2 * kc + 1][1]);
+        pa[k][3] = Pack2<kType>(sc[2 * kc + 1][2], sc[2 * kc + 1][3]);
+      }
       SONDE_ATTN_UNROLL
       for (int dt = 0; dt < kD / 8; ++dt) {
-        const uint32_t b[2] = {v0[dt * 8], v0[4 * kStrideW + dt * 8]};
-        Mma<kType>(o[dt], pa, b);
+        uint32_t vb[4];
+        LdMatrixX4Trans(vb, vt + (32 * kp + lane) * kPitch + 8 * dt);
+        const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+        Mma<kType>(o[dt], pa[0], b0);
+        Mma<kType>(o[dt], pa[1], b1);
       }
     }
   }
@@ -320,7 +339,7 @@ void LaunchSimt(const PrefillArgs& a, int max_tokens, int seqs, size_t shared, G
 template <int kType>
 void LaunchMma(const PrefillArgs& a, int max_tokens, int seqs, GpuStream& st) {
   const dim3 grid(CeilDiv(max_tokens, kMmaRows), a.heads, seqs), block(kMmaWarps * 32);
-  const size_t shared = size_t(kMmaKeys) * (a.head_dim + 8) * sizeof(uint16_t) + size_t(kMmaKeys / 2) * (a.head_dim + 8) * sizeof(uint32_t);
+  const size_t shared = MmaShared(a.head_dim, a.stages);
   if (a.head_dim == 64)
     Launch(PrefillMmaKernel<kType, 64>, grid, block, shared, st, a);
   else if (a.head_dim == 96)
@@ -354,8 +373,10 @@ void PrefillOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) {
   a.out = c.Buffer<float>(4, c.Count({rows, heads, a.head_dim}), "out");
   if (seqs == 0 || max_tokens == 0) return;
   const bool simt = c.NumOr("simt", 0) != 0;
+  const size_t limit = dev.shared_per_block ? dev.shared_per_block : 48 * 1024;
+  a.stages = MmaShared(a.head_dim, 3) <= limit ? 3 : 2;
   const bool mma = !simt && type != kKvF32 && ComputeCapability(dev) >= 80 &&
-                   (a.head_dim == 64 || a.head_dim == 96 || a.head_dim == 128);
+                   (a.head_dim == 64 || a.head_dim == 96 || a.head_dim == 128) && MmaShared(a.head_dim, a.stages) <= limit;
   const int mt = static_cast<int>(max_tokens), ns = static_cast<int>(seqs);
   if (mma) {
     if (type == kKvF16)
