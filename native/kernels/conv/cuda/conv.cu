@@ -11,7 +11,10 @@
 // Paths, chosen in ConvOp:
 // - depthwise (one input channel per group, incl. channel multipliers): a direct kernel over
 //   shared-memory tiles of the plane; its work is too thin (K = kh*kw) for a GEMM tile.
-// - bf16 on cc >= 8.0: mma.sync m16n8k16 with both operands rounded to bf16, fp32 accumulation.
+// - bf16 on cc >= 8.0: mma.sync m16n8k16 with both operands rounded to bf16, fp32 accumulation;
+//   when K = cIn/groups*kh*kw is a multiple of 8, the pipelined kernel (cp.async stages, ldmatrix,
+//   128 x 128 or 256 x 64 blocks, K split across blocks when the grid is small), else the
+//   register-staged one (the stem's 3 input channels).
 // - otherwise SIMT fp32 (with bf16-rounded operands when precision is bf16: the same numbers as the
 //   mma path on devices without bf16 tensor cores, and the path `simt` forces for tests).
 // BatchNorm is folded into the weights and bias on the host (lib/cuda/conv.ts) before upload.
