@@ -1,4 +1,4 @@
-// Conv2d (ResNet-50 layers at batch 8), pooling and SpMM on the GPU. Convs and SpMM report TFLOP/s
+// Conv2d (ResNet-50 and MobileNetV2 layers at batch 8), pooling and SpMM on the GPU. Convs and SpMM report TFLOP/s
 // against the measured ceilings (SIMT FMA for fp32, mma.sync for bf16) and the datasheet; pooling
 // reports GB/s against the measured read bandwidth; sparse cases also give dense-equivalent TFLOP/s.
 import { Tensor } from '../../dist/index.js';
@@ -14,13 +14,22 @@ function randomTensor(dims, scale = 1) {
   return new Tensor('float32', a, dims);
 }
 
-// [name, cIn, H (= W), cOut, k, stride]: the stem and one conv of each stage's bottleneck.
+// [name, cIn, H (= W), cOut, k, stride, depthwise]: ResNet-50's stem and one conv of each stage's
+// bottleneck (1x1s at both ends of the grid sizes), then MobileNetV2's expand (pointwise), depthwise
+// and project convs at its widest and smallest planes.
 const RESNET50 = [
   ['conv1 7x7/2', 3, 224, 64, 7, 2],
+  ['layer1 1x1 64->256', 64, 56, 256, 1, 1],
   ['layer1 3x3', 64, 56, 64, 3, 1],
   ['layer2 3x3', 128, 28, 128, 3, 1],
   ['layer3 1x1 256->1024', 256, 14, 1024, 1, 1],
   ['layer4 3x3', 512, 7, 512, 3, 1],
+  ['layer4 1x1 512->2048', 512, 7, 2048, 1, 1],
+  ['mbv2 expand 1x1 24->144', 24, 56, 144, 1, 1],
+  ['mbv2 depthwise 3x3 144', 144, 56, 144, 3, 1, true],
+  ['mbv2 depthwise 3x3/2 144', 144, 56, 144, 3, 2, true],
+  ['mbv2 project 1x1 960->160', 960, 7, 160, 1, 1],
+  ['mbv2 depthwise 3x3 960', 960, 7, 960, 3, 1, true],
 ];
 
 async function time(fn, reps) {
@@ -32,26 +41,32 @@ export async function* convCases(env) {
   const { id, emulated, measured, sheet } = env;
   const batch = emulated ? 1 : 8, reps = emulated ? 1 : 20;
   const pct = (v, peak) => (peak ? 100 * v / peak : undefined);
-  for (const [name, cIn, hw0, cOut, k, stride] of RESNET50) {
+  for (const [name, cIn, hw0, cOut, k, stride, depthwise] of RESNET50) {
     // The emulator runs the same layer shapes shrunk (channels / 16, planes / 8) to check the suite.
-    const c = emulated ? Math.max(3, cIn >> 4) : cIn, co = emulated ? Math.max(4, cOut >> 4) : cOut;
+    const c = emulated ? Math.max(3, cIn >> 4) : cIn;
+    const co = depthwise ? c : emulated ? Math.max(4, cOut >> 4) : cOut, group = depthwise ? c : 1;
     const hw = emulated ? Math.max(7, hw0 >> 3) : hw0;
     const dims = [batch, c, hw, hw];
     const x = await randomBuffer(id, dims.reduce((a, b) => a * b, 1));
     const pad = (k - 1) >> 1;
     for (const precision of ['fp32', 'bf16']) {
       if (precision === 'bf16' && !measured.mma) continue;
-      const conv = await createGpuConv2d(id, randomTensor([co, c, k, k], 0.1), {
-        strides: [stride, stride], pads: [pad, pad, pad, pad], activation: 'relu', bias: randomTensor([co]), precision,
+      const conv = await createGpuConv2d(id, randomTensor([co, c / group, k, k], 0.1), {
+        strides: [stride, stride], pads: [pad, pad, pad, pad], activation: 'relu', bias: randomTensor([co]), precision, group,
       });
       const out = conv.outputShape(dims);
-      const y = GpuBuffer.alloc(id, out.reduce((a, b) => a * b, 1) * 4);
+      const outSize = out.reduce((a, b) => a * b, 1);
+      const y = GpuBuffer.alloc(id, outSize * 4);
       const ms = await time((r) => conv.run(x, dims, y, { reps: r }), reps);
-      const tflops = 2 * out[0] * out[1] * out[2] * out[3] * c * k * k / ms / 1e9;
+      const tflops = 2 * outSize * (c / group) * k * k / ms / 1e9;
       const ceiling = precision === 'bf16' ? measured.mma : measured.fp32;
+      // Depthwise convs are memory-bound: their GB/s (input and output once) against the read ceiling.
+      const gbps = depthwise ? (dims.reduce((a, b) => a * b, 1) + outSize) * 4 / ms / 1e6 : undefined;
       yield {
         case: `conv ${name} ${precision} ${dims.join('x')} -> ${out.join('x')}`, ms, tflops,
-        pctOfMeasured: pct(tflops, ceiling), pctOfDatasheet: pct(tflops, precision === 'bf16' ? sheet?.bf16 : sheet?.fp32),
+        pctOfMeasured: depthwise ? undefined : pct(tflops, ceiling),
+        pctOfDatasheet: depthwise ? undefined : pct(tflops, precision === 'bf16' ? sheet?.bf16 : sheet?.fp32),
+        gbps, pctOfRead: depthwise ? pct(gbps, measured.gbps) : undefined,
       };
       y.dispose();
       conv.dispose();

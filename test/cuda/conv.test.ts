@@ -1,8 +1,8 @@
 // GPU Conv2d (implicit GEMM: SIMT fp32, SIMT and mma.sync bf16; the depthwise direct kernel) and
 // pooling against the CPU kernels (sonde.kernels.conv2d / maxPool2d / averagePool2d /
 // globalAveragePool, themselves tested against scalar loops), on the tile edges of the GPU kernels:
-// 64 x 64 (SIMT, mma) and 64 x 128 (mma) blocks, K steps of 16 (SIMT) and 32 (mma), 32 x 32
-// depthwise tiles, plus odd planes, batch 1 and 3, every window feature and every epilogue.
+// 64 x 64 (SIMT, mma) and 64 x 128 (mma) blocks, the pipelined mma kernel's 128 x 128 blocks and
+// K splits, K steps of 16 (SIMT) and 32 (mma), 32 x 32 depthwise tiles, plus odd planes, batch 1 and 3, every window feature and every epilogue.
 import { expect, it } from 'vitest';
 import { DisposedError, InvalidArgumentError, Tensor, kernels } from '../../dist/index.js';
 import { runGpuOp } from '../../dist/cuda/runtime.js';
@@ -34,6 +34,16 @@ const CASES: ConvCase[] = [
   { name: 'depthwise 5x5 dilation 2 on a 33 x 34 plane (a 32 x 32 tile plus one or two)', x: [1, 3, 33, 34], cOut: 3, k: [5, 5], opts: { group: 3, dilations: [2, 2], pads: [4, 4, 4, 4], activation: 'relu' } },
   { name: 'depthwise stride 2 with channel multiplier 2', x: [1, 4, 9, 8], cOut: 8, k: [3, 3], opts: { group: 4, strides: [2, 2], pads: [1, 1, 1, 1], activation: 'geluTanh' } },
   { name: '7x7 stride 2 stem, 65 output columns', x: [1, 3, 20, 130], cOut: 9, k: [7, 7], opts: { strides: [2, 2], pads: [3, 3, 3, 3], activation: 'gelu' } },
+  // K % 8 == 0: the pipelined mma kernel, 128 x 128 blocks (over 64 channels) or 256 x 64, K tiles
+  // of 32, A copied by cp.async for unpadded stride-1 1x1s over planes of 4k pixels, gathered otherwise.
+  { name: 'pipelined copied A: 1x1, K = 24 (under one K tile), 129 channels, batch 3, 6x6', x: [3, 24, 6, 6], cOut: 129, k: [1, 1], opts: { activation: 'relu' }, residual: 'after' },
+  { name: 'pipelined copied A: 1x1, K = 40, 132 pixels (a pixel tile plus 4)', x: [1, 40, 12, 11], cOut: 7, k: [1, 1], opts: { activation: 'hardSwish' }, residual: 'before' },
+  { name: 'pipelined gathered A: 1x1 on a 5x5 plane (25 pixels, not 4k), K = 8', x: [2, 8, 5, 5], cOut: 3, k: [1, 1], opts: {} },
+  { name: 'pipelined gathered A: 1x1 stride 2 (a downsample), K = 16', x: [1, 16, 9, 9], cOut: 17, k: [1, 1], opts: { strides: [2, 2] } },
+  { name: 'pipelined gathered A: 3x3 pad 1, K = 72 (2 tiles + 8), batch 3, 300 pixels', x: [3, 8, 10, 10], cOut: 20, k: [3, 3], opts: { pads: [1, 1, 1, 1], activation: 'silu' }, residual: 'before' },
+  { name: 'pipelined gathered A, 128 x 128 blocks: 3x3 pad 1, 72 channels, batch 2', x: [2, 8, 7, 9], cOut: 72, k: [3, 3], opts: { pads: [1, 1, 1, 1], activation: 'geluTanh' }, residual: 'after' },
+  { name: 'pipelined gathered A: 3x3 groups 2 of 8 channels, dilation 2', x: [1, 16, 9, 8], cOut: 12, k: [3, 3], opts: { group: 2, dilations: [2, 2], pads: [2, 2, 2, 1], activation: 'clip', clipMin: -0.5, clipMax: 0.75 } },
+  { name: 'pipelined, K = 576 (18 K tiles: split K on a one-block grid), 3x3 stride 2', x: [1, 64, 9, 9], cOut: 16, k: [3, 3], opts: { strides: [2, 2], pads: [1, 1, 1, 1], activation: 'leakyRelu', alpha: 0.1 }, residual: 'after' },
 ];
 
 const U = 2 ** -24;
@@ -94,6 +104,30 @@ describeGpu('GPU conv2d and pooling', (t) => {
       }
     });
   }
+
+  it('bf16 mma with K split every way (splitK), bias and residual applied once after the sums', async () => {
+    for (const [xDims, cOut, k, pad] of [[[2, 32, 6, 7], 10, 3, 1], [[1, 256, 4, 4], 130, 1, 0]] as const) {
+      const [n, cIn, h, w] = xDims;
+      const kk = cIn * k * k;
+      const xData = roundBf16(randomF32(n * cIn * h * w, 21)), wData = roundBf16(randomF32(cOut * kk, 22));
+      const bias = new Tensor('float32', randomF32(cOut, 23), [cOut]);
+      const x = new Tensor('float32', xData, [...xDims]), weights = new Tensor('float32', wData, [cOut, cIn, k, k]);
+      const pads = [pad, pad, pad, pad];
+      const size = n * cOut * h * w;
+      const residual = new Tensor('float32', randomF32(size, 24), [n, cOut, h, w]);
+      const want = await kernels.conv2d(x, weights, { pads, bias, residual });
+      const mag = (await kernels.conv2d(new Tensor('float32', xData.map(Math.abs), [...xDims]), new Tensor('float32', wData.map(Math.abs), [cOut, cIn, k, k]), { pads })).data;
+      for (let i = 0; i < size; i++) mag[i] += Math.abs(bias.data[Math.floor(i / (h * w)) % cOut]!) + Math.abs(residual.data[i]!);
+      const wBits = new Uint16Array(new Uint32Array(wData.buffer).map((v) => v >>> 16));
+      const bufs = [await up(xData), await up(wBits), await up(bias.data), alloc(size * 4), await up(residual.data)] as const;
+      const p = { n, cIn, h, w, cOut, groups: 1, kh: k, kw: k, sh: 1, sw: 1, dh: 1, dw: 1, pt: pad, pl: pad, pb: pad, pr: pad, bf16: 1, residual: 1 };
+      for (const splitK of [1, 2, 3, 4, 9, 50]) {
+        await bufs[3].write(new Float32Array(size).fill(NaN));
+        await runGpuOp(t.id, 'conv2d', [...bufs], { ...p, splitK });
+        expectConvClose(await bufs[3].read(new Float32Array(size)), want.data, mag, kk, `splitK ${splitK} on ${xDims}`);
+      }
+    }
+  });
 
   it('folds BatchNormalization as the CPU does', async () => {
     for (const [xDims, cOut, k, group] of [[[2, 6, 9, 7], 10, 3, 1], [[1, 5, 6, 6], 5, 3, 5]] as const) {

@@ -11,7 +11,10 @@
 // Paths, chosen in ConvOp:
 // - depthwise (one input channel per group, incl. channel multipliers): a direct kernel over
 //   shared-memory tiles of the plane; its work is too thin (K = kh*kw) for a GEMM tile.
-// - bf16 on cc >= 8.0: mma.sync m16n8k16 with both operands rounded to bf16, fp32 accumulation.
+// - bf16 on cc >= 8.0: mma.sync m16n8k16 with both operands rounded to bf16, fp32 accumulation;
+//   when K = cIn/groups*kh*kw is a multiple of 8, the pipelined kernel (cp.async stages, ldmatrix,
+//   128 x 128 or 256 x 64 blocks, K split across blocks when the grid is small), else the
+//   register-staged one (the stem's 3 input channels).
 // - otherwise SIMT fp32 (with bf16-rounded operands when precision is bf16: the same numbers as the
 //   mma path on devices without bf16 tensor cores, and the path `simt` forces for tests).
 // BatchNorm is folded into the weights and bias on the host (lib/cuda/conv.ts) before upload.
@@ -299,6 +302,197 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
     }
 }
 
+// ---- Tensor cores, pipelined: 128 x 128 (or 256 x 64) blocks fed by cp.async ----
+// For K a multiple of 8 (every conv with 8k input channels per group): the bf16 weight rows are
+// 16-byte aligned, so B tiles go global -> shared by cp.async through kPipeStages stages and reach
+// the mma as ldmatrix fragments, with no registers or conversion in between. A stays fp32 in shared
+// memory, k-major ([k][pixel], pixels contiguous as in the NCHW input), and is rounded to bf16 pairs
+// as the fragments are read: that lets a 1x1 / stride 1 / unpadded conv (ResNet's bottleneck
+// 1x1s, MobileNet's pointwise convs) copy its A tile with cp.async too, 4 pixels of one channel per
+// 16 bytes. Other windows gather A through registers one tile ahead (the older kernel's scheme),
+// but over blocks of 16K outputs, which halves the gathers per FLOP against 64 x 128.
+// Warps kWarpsM (pixels) x 8 / kWarpsM (channels), 64 x 32 each: 128 x 128 blocks, or 256 x 64
+// for groups of <= 64 channels (ResNet's layer1), where a 128-channel tile would be half zeros.
+// Rows of the fp32 A tile are padded by 4 floats so the 32 lanes of a fragment read (k rows 2tq,
+// 2tq + 1 or + 8, pixels gq) hit 32 banks; rows of B by 8 halves so the 8 rows of an ldmatrix
+// matrix do. Gathered A tiles go through registers in two halves of K, each loaded before and
+// stored after one k16 step of mma: the loads are in flight during the tensor-core work, with half
+// the registers. Grids too small to fill the device split K (grid.z = groups x splits): each split
+// adds its partial sums into y (zeroed first) and ConvSplitEpilogueKernel applies bias / residual /
+// activation after.
+constexpr int kPipeBK = 32, kPipeStages = 3, kPipeThreads = 256, kPipeLdB = kPipeBK + 8;
+
+// A copied: fp32 [k][pixel]; A gathered: bf16 [pixel][k] like B, rounded once by the gathering
+// thread instead of by every channel warp, and read by ldmatrix.
+template <int kWarpsM, bool kCopyA>
+struct PipeTile {
+  static constexpr int kBM = 64 * kWarpsM, kBN = 32 * (8 / kWarpsM), kLdA = kCopyA ? kBM + 4 : kPipeLdB;
+  static constexpr size_t kStageABytes = kCopyA ? size_t(kPipeBK) * kLdA * 4 : size_t(kBM) * kLdA * 2;
+  static constexpr size_t kStageB = size_t(kBN) * kPipeLdB;  // halves
+  static constexpr size_t kSharedBytes = kPipeStages * (kStageABytes + kStageB * 2);  // <= 111 KiB
+};
+
+template <int kWarpsM, bool kCopyA>
+__global__ void __launch_bounds__(kPipeThreads, 2)
+    ConvMmaPipeKernel(const float* __restrict__ x, const uint16_t* __restrict__ weights, float* __restrict__ y,
+                      ConvGeometry g, GpuEpilogue ep, int splits, int tiles_per_split) {
+  using T = PipeTile<kWarpsM, kCopyA>;
+  constexpr int kBM = T::kBM, kBN = T::kBN, kLdA = T::kLdA;
+  SONDE_DYNAMIC_SHARED(unsigned char, smem);
+  // Stage st of A: fp32 at As32(st) when copied, bf16 at As16(st) when gathered.
+  const auto As32 = [&](int st) { return reinterpret_cast<float*>(smem + st * T::kStageABytes); };
+  const auto As16 = [&](int st) { return reinterpret_cast<uint16_t*>(smem + st * T::kStageABytes); };
+  uint16_t* Bs = reinterpret_cast<uint16_t*>(smem + kPipeStages * T::kStageABytes);
+  __shared__ TapTable taps[2][kPipeBK];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gq = lane / 4, tq = lane % 4;
+  const int group = blockIdx.z / splits, split = blockIdx.z - group * splits;
+  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
+  const int tiles = (g.k + kPipeBK - 1) / kPipeBK;
+  const int t0 = split * tiles_per_split, count = (tiles < t0 + tiles_per_split ? tiles : t0 + tiles_per_split) - t0;
+  const size_t wrow0 = size_t(group) * g.cout_g, ohw = size_t(g.oh) * g.ow;
+  // cp.async roles. B: rows tid / 4 + 64 i, chunk of 8 k (tid % 4). Copied A: pixels
+  // 4 (tid % (kBM / 4)) .. + 3 (one image, as ohw % 4 == 0), channel rows tid / (kBM / 4) + kCaStep i.
+  constexpr int kBChunks = kBN / 64, kCaCols = kBM / 4, kCaStep = kPipeThreads / kCaCols, kCaChunks = kPipeBK / kCaStep;
+  const int b_row = tid / 4, b_col = (tid % 4) * 8;
+  const int ca_m = (tid % kCaCols) * 4, ca_k = tid / kCaCols;
+  const float* ca_x = x;
+  const bool ca_valid = kCopyA && m0 + ca_m < g.m;
+  if (ca_valid) {
+    const size_t m = size_t(m0 + ca_m), img = m / ohw;
+    ca_x = x + (img * g.c_in + size_t(group) * g.cin_g) * ohw + (m - img * ohw);
+  }
+  auto issue = [&](int j) {
+    const int st = j % kPipeStages, k0 = (t0 + j) * kPipeBK;
+    uint16_t* bs = Bs + st * T::kStageB;
+    SONDE_UNROLL
+    for (int i = 0; i < kBChunks; ++i) {
+      const int row = b_row + 64 * i, co = n0 + row, kb = k0 + b_col;
+      const bool ok = co < g.cout_g && kb < g.k;  // K % 8 == 0: a chunk is all inside or all past K
+      CpAsync16(&bs[row * kPipeLdB + b_col], ok ? weights + (wrow0 + co) * g.k + kb : weights, ok ? 16 : 0);
+    }
+    if (kCopyA) {
+      float* as = As32(st);
+      SONDE_UNROLL
+      for (int i = 0; i < kCaChunks; ++i) {
+        const int kr = ca_k + kCaStep * i;
+        const bool ok = ca_valid && k0 + kr < g.k;
+        CpAsync16(&as[kr * kLdA + ca_m], ok ? ca_x + size_t(k0 + kr) * ohw : x, ok ? 16 : 0);
+      }
+    }
+  };
+  // Gathered A roles: pixel tid % kBM, k pairs tid / kBM + kGaStep i; half h holds k 16h .. 16h + 15.
+  constexpr int kGaStep = kPipeThreads / kBM, kGaHalf = kCopyA ? 1 : 8 / kGaStep;
+  const int ga_m = tid % kBM, ga_p = tid / kBM;
+  const PixelCursor pix = LocatePixel(x, kCopyA ? g.m : m0 + ga_m, group, g);
+  uint32_t ra[kGaHalf];
+  auto gather = [&](const TapTable* t, int half) {
+    SONDE_UNROLL
+    for (int i = 0; i < kGaHalf; ++i) {
+      const int k = 16 * half + 2 * (ga_p + kGaStep * i);
+      ra[i] = PackBf16(Im2colAt(pix, t[k], g), Im2colAt(pix, t[k + 1], g));
+    }
+  };
+  auto store = [&](int j, int half) {
+    uint16_t* as = As16(j % kPipeStages) + ga_m * kLdA + 16 * half + 2 * ga_p;
+    SONDE_UNROLL
+    for (int i = 0; i < kGaHalf; ++i) StoreVec<uint32_t>(as + 2 * kGaStep * i, ra[i]);
+  };
+  if (!kCopyA) {
+    BuildTaps(taps[0], t0 * kPipeBK, kPipeBK, g);
+    BuildTaps(taps[1], (t0 + 1) * kPipeBK, kPipeBK, g);
+    __syncthreads();
+    for (int half = 0; half < 2; ++half) {
+      gather(taps[0], half);
+      store(0, half);
+    }
+  }
+  // One commit group per tile slot, empty ones included, so that "at most kPipeStages - 2
+  // pending" always means tile j has landed.
+  SONDE_UNROLL
+  for (int j = 0; j < kPipeStages - 1; ++j) {
+    if (j < count) issue(j);
+    CpAsyncCommit();
+  }
+  const int wm = (warp % kWarpsM) * 64, wn = (warp / kWarpsM) * 32;
+  float acc[4][4][4] = {};
+  for (int j = 0; j < count; ++j) {
+    CpAsyncWait<kPipeStages - 2>();
+    // Publishes tile j (copied, or stored by the threads last iteration) and tells the issuers that
+    // every warp is done with tile j - 1, whose stage the next issue overwrites. Tile j + 1's stage
+    // was last read in iteration j + 1 - kPipeStages, so the gathers below may store into it at once.
+    __syncthreads();
+    if (j + kPipeStages - 1 < count) issue(j + kPipeStages - 1);
+    CpAsyncCommit();
+    const bool more = !kCopyA && j + 1 < count;
+    const int st = j % kPipeStages;
+    const uint16_t* bs = Bs + st * T::kStageB;
+    SONDE_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      const int kk = 16 * half;
+      if (more) gather(taps[(j + 1) % 2], half);
+      uint32_t a[4][4], b[4][2];
+      SONDE_UNROLL
+      for (int mi = 0; mi < 4; ++mi) {
+        if (kCopyA) {
+          const float* lo = As32(st) + (kk + 2 * tq) * kLdA + wm + mi * 16 + gq;  // k rows 2tq, 2tq + 1
+          const float* hi = lo + 8 * kLdA;                                          // k rows + 8
+          a[mi][0] = PackBf16(lo[0], lo[kLdA]);
+          a[mi][1] = PackBf16(lo[8], lo[kLdA + 8]);
+          a[mi][2] = PackBf16(hi[0], hi[kLdA]);
+          a[mi][3] = PackBf16(hi[8], hi[kLdA + 8]);
+        } else {
+          // Matrices: pixels +0..7 / +8..15 ((lane / 8) % 2) by k +0..7 / +8..15 (lane / 16).
+          const int m = wm + mi * 16 + lane % 8 + ((lane / 8) % 2) * 8, k = kk + (lane / 16) * 8;
+          LdMatrixX4(a[mi], &As16(st)[m * kLdA + k]);
+        }
+      }
+      SONDE_UNROLL
+      for (int p = 0; p < 2; ++p) {
+        // Matrices: channels +0..7 / +8..15 (lane / 16) by k +0..7 / +8..15 ((lane / 8) % 2).
+        const int n = wn + p * 16 + (lane / 16) * 8 + lane % 8, k = kk + ((lane / 8) % 2) * 8;
+        uint32_t r[4];
+        LdMatrixX4(r, &bs[n * kPipeLdB + k]);
+        b[2 * p][0] = r[0], b[2 * p][1] = r[1], b[2 * p + 1][0] = r[2], b[2 * p + 1][1] = r[3];
+      }
+      SONDE_UNROLL
+      for (int mi = 0; mi < 4; ++mi)
+        SONDE_UNROLL
+        for (int ni = 0; ni < 4; ++ni) MmaBf16(acc[mi][ni], a[mi], b[ni]);
+      if (more) store(j + 1, half);
+    }
+    if (more) BuildTaps(taps[j % 2], (t0 + j + 2) * kPipeBK, kPipeBK, g);  // tile j + 2's, read after the next barrier
+  }
+  CpAsyncWait<0>();  // nothing may be left writing shared memory when the block exits
+  SONDE_UNROLL
+  for (int mi = 0; mi < 4; ++mi)
+    SONDE_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      const PixelCursor c = LocatePixel(x, m0 + wm + mi * 16 + gq + half * 8, group, g);
+      if (!c.valid) continue;
+      SONDE_UNROLL
+      for (int ni = 0; ni < 4; ++ni)
+        SONDE_UNROLL
+        for (int e = 0; e < 2; ++e) {
+          const int co = n0 + wn + ni * 8 + 2 * tq + e;
+          if (co >= g.cout_g) continue;
+          const size_t ch = wrow0 + co, o = c.out + ch * ohw;
+          const float v = acc[mi][ni][half * 2 + e];
+          if (splits == 1) y[o] = GpuApplyEpilogue(v, ch, o, ep);
+          else atomicAdd(&y[o], v);
+        }
+    }
+}
+
+// After a split-K conv: y holds the raw sums. Planes along grid.y (looping past 65535).
+__global__ void ConvSplitEpilogueKernel(float* __restrict__ y, size_t planes, int ohw, int c_out, GpuEpilogue ep) {
+  const int p = blockIdx.x * blockDim.x + threadIdx.x;
+  if (p >= ohw) return;
+  for (size_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const size_t o = plane * ohw + p;
+    y[o] = GpuApplyEpilogue(y[o], plane % c_out, o, ep);
+  }
+}
+
 // ---- Depthwise (one input channel per group) ----
 // One block of 32 x 8 threads per 32 x 32 tile of an output plane: its input window (with halo, zeros
 // for padding) and the channel's kh*kw weights go to shared memory once, coalesced, and each thread
@@ -436,6 +630,45 @@ void ReadWindow(const GpuOpCall& c, int64_t h, int64_t w, int64_t* kh, int64_t* 
     c.Invalid("window coordinates exceed the int32 range");
 }
 
+template <int kWarpsM>
+void LaunchPipe(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c, const float* x, const uint16_t* w16, float* y,
+                const ConvGeometry& g, const GpuEpilogue& ep) {
+  using T = PipeTile<kWarpsM, false>;  // the block shape; copying A changes only the shared layout
+  const dim3 tiles_grid(CeilDiv(g.m, T::kBM), CeilDiv(g.cout_g, T::kBN));
+  if (tiles_grid.y > 65535) c.Invalid("cOut/groups is too large (over 65535 channel tiles)");
+  const int k_tiles = static_cast<int>(CeilDiv(g.k, kPipeBK));
+  // Split K when the blocks would not give every SM two (layer4 of ResNet-50 at batch 8: 16), as
+  // long as each split keeps 8 K tiles to amortise its pipeline fill; `splitK` forces a count
+  // (tests). A residual stored in y itself would be lost to the zeroing, so it never splits.
+  const int64_t blocks = int64_t(tiles_grid.x) * tiles_grid.y * g.groups;
+  int64_t splits = c.IntOr("splitK", 0, 0, 65535);
+  if (splits == 0) {
+    const int64_t want = (2 * int64_t(std::max(d.multiprocessors, 1)) + blocks - 1) / blocks;
+    splits = std::max<int64_t>(1, std::min<int64_t>(want, k_tiles / 8));
+  }
+  if (ep.residual == y) splits = 1;
+  splits = std::min<int64_t>(splits, k_tiles);
+  const int tiles_per_split = static_cast<int>((k_tiles + splits - 1) / splits);
+  splits = (k_tiles + tiles_per_split - 1) / tiles_per_split;  // none empty
+  if (splits * g.groups > 65535) c.Invalid("groups x K splits exceed 65535 blocks");
+  const dim3 grid(tiles_grid.x, tiles_grid.y, static_cast<unsigned>(splits * g.groups));
+  const size_t ohw = size_t(g.oh) * g.ow, planes = size_t(g.n) * g.c_out;
+  if (splits > 1) s.Fill(y, 0, planes * ohw * sizeof(float));
+  const GpuEpilogue raw{};
+  const GpuEpilogue& kernel_ep = splits > 1 ? raw : ep;
+  const bool copy_a = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pl == 0 && g.oh == g.h &&
+                      g.ow == g.w && ohw % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  if (copy_a)
+    Launch(ConvMmaPipeKernel<kWarpsM, true>, grid, dim3(kPipeThreads), PipeTile<kWarpsM, true>::kSharedBytes, s, x, w16, y, g, kernel_ep,
+           static_cast<int>(splits), tiles_per_split);
+  else
+    Launch(ConvMmaPipeKernel<kWarpsM, false>, grid, dim3(kPipeThreads), T::kSharedBytes, s, x, w16, y, g, kernel_ep,
+           static_cast<int>(splits), tiles_per_split);
+  if (splits > 1)
+    Launch(ConvSplitEpilogueKernel, dim3(CeilDiv(ohw, 256), static_cast<unsigned>(std::min<size_t>(planes, 65535))), dim3(256),
+           0, s, y, planes, static_cast<int>(ohw), g.c_out, ep);
+}
+
 // Buffers: 0 x [n, cIn, h, w], 1 weights [cOut, cIn/groups, kh, kw] (float32, or bf16 bits when
 // bf16), 2 bias [cOut], 3 y [n, cOut, oh, ow], 4 residual like y (when residual = 1).
 void ConvOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
@@ -475,13 +708,21 @@ void ConvOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
     else Launch(ConvDepthwiseKernel<false>, grid, dim3(kDwTileW, kDwThreadsY), shared, s, x, weights, y, g, ep);
     return;
   }
-  if (bf16 && !simt && ComputeCapability(d) >= 80) {
+  const bool mma = bf16 && !simt && ComputeCapability(d) >= 80;
+  const uint16_t* w16 = static_cast<const uint16_t*>(weights);
+  // 256 x 64 blocks for groups of <= 64 channels where the device has the shared memory for them.
+  const int warps_m = g.cout_g <= 64 && PipeTile<4, true>::kSharedBytes <= d.shared_per_block ? 4 : 2;
+  if (mma && g.k % 8 == 0 && reinterpret_cast<uintptr_t>(w16) % 16 == 0 && PipeTile<2, true>::kSharedBytes <= d.shared_per_block) {
+    if (warps_m == 4) LaunchPipe<4>(s, d, c, x, w16, y, g, ep);
+    else LaunchPipe<2>(s, d, c, x, w16, y, g, ep);
+    return;
+  }
+  if (mma) {
     // 128-channel tiles wherever a group has that many: on an H200 they beat 64 x 64 at every
     // ResNet-50 shape, even layer4's, whose grid they halve to 28 blocks (6.9 vs 5.1 TFLOP/s).
     const bool w = g.cout_g >= 128;
     const dim3 grid(CeilDiv(g.m, 64), CeilDiv(g.cout_g, w ? 128 : 64), g.groups);
     if (grid.y > 65535) c.Invalid("cOut/groups is too large (over 65535 tiles of 64 channels)");
-    const uint16_t* w16 = static_cast<const uint16_t*>(weights);
     if (w) Launch(ConvMmaBf16Kernel<2, 4>, grid, dim3(256), 0, s, x, w16, y, g, ep);
     else Launch(ConvMmaBf16Kernel<2, 2>, grid, dim3(128), 0, s, x, w16, y, g, ep);
     return;
