@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "kernels/quant/quant.h"
 
@@ -332,6 +333,21 @@ struct GpuLlmArena {
   std::vector<Layer> layers;
   GpuLlmCall embed, copy_blocks, gather, out_norm;
   Product output;
+  // Decode steps as graphs (runtime/cuda/gpu.h): the launches from the embedding to the logits,
+  // captured once per shape and replayed, so a step costs the host one launch instead of a dozen per
+  // layer. A graph holds the buffers' addresses and the sizes passed to its kernels, so its key is
+  // everything those depend on; they are dropped whenever Fit moves the buffers.
+  struct GraphKey {
+    size_t rows, seqs, out, width, max_len;
+    const uint8_t* kv;
+    size_t kv_blocks;
+    bool operator==(const GraphKey& o) const {
+      return rows == o.rows && seqs == o.seqs && out == o.out && width == o.width && max_len == o.max_len && kv == o.kv &&
+             kv_blocks == o.kv_blocks;
+    }
+  };
+  std::vector<std::pair<GraphKey, std::unique_ptr<GpuGraph>>> graphs;  // most recent last
+  bool capturable = true;  // cleared when a capture failed: steps then launch one by one
   size_t Bytes() const {
     return (act ? act->bytes() : 0) + (ints ? ints->bytes() : 0) + (logits ? logits->bytes() : 0) +
            (counts ? counts->bytes() : 0);
@@ -532,6 +548,7 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
     moved = true;
   }
   if (!moved) return;
+  a.graphs.clear();
   const size_t r = a.rows, d = c.embd, qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim, ff = c.ff;
   const size_t f = sizeof(float), sq = a.seqs, tb = a.tables;
   const double hd = static_cast<double>(c.head_dim);
@@ -717,6 +734,21 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
   a.output = Product(ops, a, output, nullptr, a.xn, static_cast<float*>(a.logits ? a.logits->data() : nullptr), a.out, false);
 }
 
+// SONDE_GPU_GRAPHS=0 launches every op of a step separately (an A/B switch, and the way back if a
+// driver misbehaves with graphs).
+bool GraphsEnabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("SONDE_GPU_GRAPHS");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+
+// Decode graphs are keyed by the table width and the longest context, which grow by one block and
+// one position per step: rounded up to this many positions, one graph serves that many steps (the
+// attention kernels take each sequence's true length from its device-side length).
+constexpr size_t kGraphPositions = 256;
+
 // The pool's buffer and shape, and the step's sequence count and table width, in a pool op's call.
 void BindPool(GpuLlmCall& c, size_t pool_index, const GpuKvPool& kv, size_t seqs, size_t width) {
   c.call.buffers[pool_index] = Arg(kv.data(), kv.bytes());
@@ -749,6 +781,13 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
   // MLA attends each row as its own sequence of positions [0, pos]: a table and a length per row,
   // after the sequences' tables (which kv_store writes through).
   const bool mla = c.kv_lora > 0;
+  const bool graphed = decode && n > 0 && GraphsEnabled();
+  if (graphed) {
+    const size_t bs = kv.block_size();
+    const size_t unit = std::max<size_t>(1, kGraphPositions / bs);
+    width = (width + unit - 1) / unit * unit;
+    max_len = std::min((max_len + kGraphPositions - 1) / kGraphPositions * kGraphPositions, width * bs);
+  }
   GpuLlmArena& a = kv.arena();
   Fit(*this, *ops_, layers_, output_, embd_, embd_type_, output_norm_, a, std::max<size_t>(n, 1), std::max<size_t>(seqs, 1),
       (std::max<size_t>(seqs, 1) + (mla ? n : 0)) * width, pairs, out);
@@ -804,13 +843,13 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
   }
   const double rows = static_cast<double>(n);
   const size_t d = c.embd;
+  // Every launch from the embedding to the logits; false when cancelled between layers (never
+  // while capturing: a replay is checked before it starts).
+  const auto body = [&](bool capturing) -> bool {
   a.embed.call.params["rows"] = rows;
   a.embed.Run(s, dev);
   for (size_t l = 0; l < layers_.size(); ++l) {
-    if (cancel && cancel->load()) {
-      s.Synchronize();
-      return false;
-    }
+    if (!capturing && cancel && cancel->load()) return false;
     GpuLlmArena::Layer& C = a.layers[l];
     if (l == 0) {  // later layers' attention norms ran with the previous layer's last add
       C.attn_norm.call.params["rows"] = rows;
@@ -907,8 +946,40 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
     a.out_norm.call.params["rows"] = static_cast<double>(out);
     a.out_norm.Run(s, dev);
     RunProduct(a.output, out, s, dev);
-    s.Download(logits, a.logits->data(), out * c.vocab * sizeof(float));
   }
+  return true;
+  };
+
+  GpuGraph* graph = nullptr;
+  if (graphed && a.capturable) {
+    const GpuLlmArena::GraphKey key{n, seqs, out, width, max_len, kv.data(), kv.allocated_blocks()};
+    auto found = std::find_if(a.graphs.begin(), a.graphs.end(), [&](const auto& g) { return g.first == key; });
+    if (found != a.graphs.end()) {
+      graph = found->second.get();
+    } else {
+      try {
+        std::unique_ptr<GpuGraph> g = CaptureGraph(s, [&] { body(true); });
+        // A few shapes at a time (batch sizes in flight); the oldest goes first.
+        constexpr size_t kMaxGraphs = 8;
+        if (a.graphs.size() >= kMaxGraphs) a.graphs.erase(a.graphs.begin());
+        a.graphs.emplace_back(key, std::move(g));
+        graph = a.graphs.back().second.get();
+      } catch (const GpuError&) {
+        a.capturable = false;  // launched one by one below, where a real failure rethrows
+      }
+    }
+  }
+  if (graph) {
+    if (cancel && cancel->load()) {
+      s.Synchronize();
+      return false;
+    }
+    graph->Replay(s);
+  } else if (!body(false)) {
+    s.Synchronize();
+    return false;
+  }
+  if (out > 0) s.Download(logits, a.logits->data(), out * c.vocab * sizeof(float));
   if (c.experts) s.Download(a.counts_host.data(), a.counts->data(), a.counts_host.size() * sizeof(int32_t));
   s.Synchronize();
   if (c.experts) {
