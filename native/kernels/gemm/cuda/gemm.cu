@@ -235,33 +235,37 @@ __device__ __forceinline__ void Mma16(float (&d)[4], const uint32_t (&a)[4], con
   else MmaF16(d, a, b);
 }
 
-// Stores the warp's 64x32 accumulator tile (4 x 4 m16n8 fragments) through the epilogue.
+// Stores the warp's 64x32 accumulator tile (4 x 4 m16n8 fragments) through the epilogue, one
+// unrolled copy per activation class (see ApplyEpilogueAs).
 template <typename Value>
 __device__ __forceinline__ void StoreMmaTile(float* c, const Shape& sh, const Epilogue& ep, int row_base, int col_base,
                                              Value value) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  WithActivation(ep.act, [&](auto act) {
+    constexpr int kAct = decltype(act)::value;
 SONDE_UNROLL
-  for (int mi = 0; mi < 4; ++mi)
+    for (int mi = 0; mi < 4; ++mi)
 SONDE_UNROLL
-    for (int ni = 0; ni < 4; ++ni)
+      for (int ni = 0; ni < 4; ++ni)
 SONDE_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int row = row_base + mi * 16 + g + h * 8, col = col_base + ni * 8 + 2 * t;
-        if (row >= sh.m || col >= sh.n) continue;
-        float* out = c + size_t(row) * sh.ldc + col;
-        const float v0 = ApplyEpilogue(value(mi, ni, 2 * h, row, col), row, col, ep);
-        if (col + 1 < sh.n) {
-          const float v1 = ApplyEpilogue(value(mi, ni, 2 * h + 1, row, col + 1), row, col + 1, ep);
-          if (sh.vec_c) {
-            *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
+        for (int h = 0; h < 2; ++h) {
+          const int row = row_base + mi * 16 + g + h * 8, col = col_base + ni * 8 + 2 * t;
+          if (row >= sh.m || col >= sh.n) continue;
+          float* out = c + size_t(row) * sh.ldc + col;
+          const float v0 = ApplyEpilogueAs<kAct>(value(mi, ni, 2 * h, row, col), row, col, ep);
+          if (col + 1 < sh.n) {
+            const float v1 = ApplyEpilogueAs<kAct>(value(mi, ni, 2 * h + 1, row, col + 1), row, col + 1, ep);
+            if (sh.vec_c) {
+              *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
+            } else {
+              out[0] = v0;
+              out[1] = v1;
+            }
           } else {
             out[0] = v0;
-            out[1] = v1;
           }
-        } else {
-          out[0] = v0;
         }
-      }
+  });
 }
 
 // The warp's four m16 A fragments of K step ks (32 bytes: k16 of 16-bit values or k32 of int8)
