@@ -58,10 +58,15 @@ export async function* gemmCases(env) {
   }
   // LLM prefill shapes (bf16, 2048 tokens): attention projections, MLP up and down (llama 8B sizes).
   if (!emulated && !quick) {
-    for (const [m, n, k] of [[2048, 4096, 4096], [2048, 14336, 4096], [2048, 4096, 14336], [512, 4096, 4096]]) {
+    // Then wgmma alone over K at 4096x4096 (4 block tiles per SM): time = tiles x (fixed cost + K / 64 x
+    // stage time) tells a per-tile cost (epilogue, pipeline refill) from a slow main loop, and 8192^2 x 4096
+    // (16 tiles per SM, C larger than L2) shows what the tile order and the C stores cost.
+    const sweep = hopper ? [[4096, 4096, 1024], [4096, 4096, 2048], [4096, 4096, 8192], [4096, 4096, 16384], [8192, 8192, 4096]] : [];
+    for (const [m, n, k] of [[2048, 4096, 4096], [2048, 14336, 4096], [2048, 4096, 14336], [512, 4096, 4096], ...sweep]) {
+      const swept = sweep.some(([sm, sn, sk]) => sm === m && sn === n && sk === k);
       const a16 = await GpuBuffer.from(id, random16(m * k, 'bf16')), b16 = await GpuBuffer.from(id, random16(k * n, 'bf16'));
       const out = GpuBuffer.alloc(id, m * n * 4, 'gemm bench C');
-      for (const kernel of hopper ? ['mma', 'wgmma'] : ['mma']) {
+      for (const kernel of swept ? ['wgmma'] : hopper ? ['mma', 'wgmma'] : ['mma']) {
         ms = await time((r) => gpuGemm(id, a16, b16, out, m, n, k, { aType: 'bf16', bType: 'bf16', kernel, reps: r }), reps);
         const t = 2 * m * n * k / ms / 1e9;
         yield {

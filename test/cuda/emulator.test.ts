@@ -152,9 +152,18 @@ describeGpu('CUDA execution model', (t) => {
     const src = Uint16Array.from({ length: rows * ld }, (_, i) => ((Math.floor(i / ld) * 131 + (i % ld)) & 0x7fff) + 1);
     const srcBuf = await GpuBuffer.from(t.id, src);
     // [boxRows, boxCols, span, row0, col0]: past the bottom and right edges, before the top and left.
+    // Columns are multiples of 8: the copy engine starts a box on a 16-byte boundary of its row.
     const cases: [number, number, number, number, number][] = [
-      [40, 64, 128, 50, 60], [16, 64, 128, -3, -8], [9, 32, 64, 5, 80], [11, 16, 32, 66, 3], [5, 24, 16, 1, 2],
+      [40, 64, 128, 50, 56], [16, 64, 128, -3, -8], [9, 32, 64, 5, 80], [11, 16, 32, 66, 88], [5, 24, 16, 1, 8],
+      [7, 16, 32, -2, -8], [3, 64, 128, 0, 40],
     ];
+    if (hopper()) {
+      // Rejected before the launch: on the GPU it would be an illegal instruction, ending the context.
+      const out = GpuBuffer.alloc(t.id, 16 * 64 * 2);
+      const bad = { rows, cols, ld, boxRows: 16, boxCols: 64, swizzle: 1, row0: 0, col0: 60 };
+      await expect(runGpuOp(t.id, 'selftest_tma', [srcBuf, out], bad)).rejects.toThrow(/col0 must be a multiple of 8/);
+      out.dispose();
+    }
     for (const [boxRows, boxCols, span, row0, col0] of cases) {
       const out = GpuBuffer.alloc(t.id, boxRows * boxCols * 2);
       const params = { rows, cols, ld, boxRows, boxCols, swizzle: SWIZZLE_CODE[span]!, row0, col0 };

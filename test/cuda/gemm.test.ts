@@ -217,7 +217,10 @@ describeGpu('GPU GEMM', (t) => {
   it('gemv (m <= 8 by default) on column and K edges, and row groups past 8 when forced', async () => {
     let seed = 200;
     for (const [aType, bType] of TYPES) {
-      for (const [m, n, k] of [[1, 1, 1], [1, 33, 257], [3, 31, 255], [8, 17, 300]] as const) {
+      // m = 1 runs 1024 threads per column run (16 or 32 columns) for up to 4 runs (the emulator's
+      // SMs), 512 for up to 8, 256 beyond; K past several batches of loads (rows = threads / 4 * 4).
+      for (const [m, n, k] of [[1, 1, 1], [1, 33, 257], [1, 40, 2500], [1, 120, 2500], [1, 200, 2500], [1, 300, 1300],
+        [3, 31, 255], [8, 17, 300]] as const) {
         await check({ m, n, k, aType, bType, ep: { bias: true, activation: 'silu' } }, seed++);  // 'auto' picks gemv
       }
       await check({ m: 10, n: 40, k: 70, aType, bType, kernel: 'gemv' }, seed++);
@@ -259,9 +262,11 @@ describeGpu('GPU GEMM', (t) => {
 
   it('int8: the same quantisation and integer sums as the CPU int8 GEMM, on every kernel and epilogue', async () => {
     let seed = 400;
-    // K around the 16-byte quad rows, the 64-byte mma K tile and the gemv's 256-quad stride.
+    // K around the 16-byte quad rows, the 64-byte mma K tile and the gemv's batches of quads (for
+    // m = 1 1024, 512 or 256 on up to 4, 8 or more 16-column runs; 256 for m > 1), past 2 batches.
     const shapes: [number, number, number, GpuGemmKernel][] = [
-      [1, 1, 1, 'auto'], [3, 17, 15, 'auto'], [8, 33, 65, 'auto'], [1, 20, 1100, 'auto'],
+      [1, 1, 1, 'auto'], [3, 17, 15, 'auto'], [8, 33, 65, 'auto'], [1, 20, 1100, 'auto'], [1, 20, 9000, 'auto'],
+      [1, 70, 4200, 'auto'], [1, 150, 2100, 'auto'],
       [1, 1, 1, 'mma'], [9, 17, 16, 'mma'], [129, 127, 65, 'mma'], [17, 130, 64, 'mma'], [20, 129, 17, 'mma'],
       [10, 21, 63, 'simt'], [9, 23, 257, 'gemv'],
     ];

@@ -263,11 +263,14 @@ inline std::string EncodeTmaMap2d(TmaMap2d* map, const void* base, uint64_t rows
 // Copies the box whose top-left element is (row, col) of the map (either may be negative or run
 // past the end: those elements read as zero) to dst (shared, 128-byte aligned; 1024 for the
 // 128B swizzle pattern to start at the box), swizzled per the map, and completes the box's bytes
-// on bar. One thread issues it.
+// on bar. One thread issues it. col must be a multiple of 8 (the box starts on a 16-byte boundary
+// of its row, as the copy engine requires: on an H200 any other column raises an illegal
+// instruction that ends the context).
+inline bool TmaColumnAligned(int col) { return (col & 7) == 0; }
 #if SONDE_GPU_EMULATED
 inline void TmaLoad2d(void* dst, const TmaMap2d* map, int col, int row, uint64_t* bar) {
   const uint32_t d = SharedAddress(dst);
-  if (d & 127) __trap();
+  if ((d & 127) || !TmaColumnAligned(col)) __trap();
   const uint32_t row_bytes = map->box_cols * 2, span = static_cast<uint32_t>(SwizzleSpan(map->swizzle));
   for (uint32_t r = 0; r < map->box_rows; ++r) {
     for (uint32_t c = 0; c < map->box_cols; ++c) {

@@ -22,6 +22,7 @@
 // global memory while the cores work on the current one, so one __syncthreads per K tile suffices.
 #include <cfloat>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/gemm/cuda/epilogue.h"
@@ -72,6 +73,32 @@ __device__ __forceinline__ float ApplyEpilogue(float acc, int row, int col, cons
   v = Activate(v, e);
   if (e.residual && !e.residual_before) v += r;
   return v;
+}
+
+// ApplyEpilogue with the activation a compile-time constant (kAct < 0: read at run time), for
+// stores unrolled over many registers: there a run-time switch per element lays every activation's
+// code (erf, tanh, exp) between consecutive stores, so the executed path jumps through hundreds of
+// KiB of code and misses the instruction cache at each element.
+template <int kAct>
+__device__ __forceinline__ float ApplyEpilogueAs(float acc, int row, int col, const Epilogue& e) {
+  float v = e.scale ? acc * e.scale[col] : acc;
+  if (e.bias) v += e.bias[col];
+  const float r = e.residual ? e.residual[size_t(row) * e.ldr + col] : 0.0f;
+  if (e.residual && e.residual_before) v += r;
+  if constexpr (kAct < 0) v = Activate(v, e);
+  else if constexpr (kAct != kGpuActNone) v = ActivateCode(v, kAct, e.alpha, e.beta);
+  if (e.residual && !e.residual_before) v += r;
+  return v;
+}
+
+// Calls body(std::integral_constant<int, code>): the activation as a constant for none and ReLU
+// (a GEMM's usual epilogues; a constant copy of the exp / erf / tanh ones makes ptxas spill the
+// accumulators), -1 for the rest, which read it at run time.
+template <typename Body>
+__device__ __forceinline__ void WithActivation(int act, Body&& body) {
+  if (act == kGpuActNone) body(std::integral_constant<int, kGpuActNone>{});
+  else if (act == kGpuActRelu) body(std::integral_constant<int, kGpuActRelu>{});
+  else body(std::integral_constant<int, -1>{});
 }
 
 // Four consecutive elements of a row as floats; `avail` of them exist (<= 0: none, p unused).
@@ -208,33 +235,37 @@ __device__ __forceinline__ void Mma16(float (&d)[4], const uint32_t (&a)[4], con
   else MmaF16(d, a, b);
 }
 
-// Stores the warp's 64x32 accumulator tile (4 x 4 m16n8 fragments) through the epilogue.
+// Stores the warp's 64x32 accumulator tile (4 x 4 m16n8 fragments) through the epilogue, one
+// unrolled copy per activation class (see ApplyEpilogueAs).
 template <typename Value>
 __device__ __forceinline__ void StoreMmaTile(float* c, const Shape& sh, const Epilogue& ep, int row_base, int col_base,
                                              Value value) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  WithActivation(ep.act, [&](auto act) {
+    constexpr int kAct = decltype(act)::value;
 SONDE_UNROLL
-  for (int mi = 0; mi < 4; ++mi)
+    for (int mi = 0; mi < 4; ++mi)
 SONDE_UNROLL
-    for (int ni = 0; ni < 4; ++ni)
+      for (int ni = 0; ni < 4; ++ni)
 SONDE_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        const int row = row_base + mi * 16 + g + h * 8, col = col_base + ni * 8 + 2 * t;
-        if (row >= sh.m || col >= sh.n) continue;
-        float* out = c + size_t(row) * sh.ldc + col;
-        const float v0 = ApplyEpilogue(value(mi, ni, 2 * h, row, col), row, col, ep);
-        if (col + 1 < sh.n) {
-          const float v1 = ApplyEpilogue(value(mi, ni, 2 * h + 1, row, col + 1), row, col + 1, ep);
-          if (sh.vec_c) {
-            *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
+        for (int h = 0; h < 2; ++h) {
+          const int row = row_base + mi * 16 + g + h * 8, col = col_base + ni * 8 + 2 * t;
+          if (row >= sh.m || col >= sh.n) continue;
+          float* out = c + size_t(row) * sh.ldc + col;
+          const float v0 = ApplyEpilogueAs<kAct>(value(mi, ni, 2 * h, row, col), row, col, ep);
+          if (col + 1 < sh.n) {
+            const float v1 = ApplyEpilogueAs<kAct>(value(mi, ni, 2 * h + 1, row, col + 1), row, col + 1, ep);
+            if (sh.vec_c) {
+              *reinterpret_cast<float2*>(out) = make_float2(v0, v1);
+            } else {
+              out[0] = v0;
+              out[1] = v1;
+            }
           } else {
             out[0] = v0;
-            out[1] = v1;
           }
-        } else {
-          out[0] = v0;
         }
-      }
+  });
 }
 
 // The warp's four m16 A fragments of K step ks (32 bytes: k16 of 16-bit values or k32 of int8)
@@ -429,34 +460,38 @@ constexpr int kWgStageBytes = kWgABytes + 4 * kWgBBoxBytes;  // 48 KiB, a multip
 constexpr size_t kWgSharedBytes = size_t(kWgStages) * kWgStageBytes + 2 * kWgStages * sizeof(uint64_t) + 1024;
 
 #if SONDE_GPU_SM90A
-// Stores a consumer's 64x256 accumulators (the m64nNk16 fragment) through the epilogue.
+// Stores a consumer's 64x256 accumulators (the m64nNk16 fragment) through the epilogue, one
+// unrolled copy per activation (see ApplyEpilogueAs).
 __device__ __forceinline__ void StoreWgmmaTile(float* c, const Shape& sh, const Epilogue& ep, int row_base, int col_base,
                                                const float (&acc)[128]) {
   const int t = threadIdx.x % 128, lane = t % 32;
   const int row0 = row_base + 16 * (t / 32) + lane / 4, col0 = col_base + 2 * (lane % 4);
+  WithActivation(ep.act, [&](auto act) {
+    constexpr int kAct = decltype(act)::value;
 SONDE_UNROLL
-  for (int h = 0; h < 2; ++h) {
-    const int row = row0 + 8 * h;
-    if (row >= sh.m) continue;
-    float* out_row = c + size_t(row) * sh.ldc;
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 8 * h;
+      if (row >= sh.m) continue;
+      float* out_row = c + size_t(row) * sh.ldc;
 SONDE_UNROLL
-    for (int i = 0; i < 32; ++i) {
-      const int col = col0 + 8 * i;
-      if (col >= sh.n) continue;
-      const float v0 = ApplyEpilogue(acc[4 * i + 2 * h], row, col, ep);
-      if (col + 1 < sh.n) {
-        const float v1 = ApplyEpilogue(acc[4 * i + 2 * h + 1], row, col + 1, ep);
-        if (sh.vec_c) {
-          *reinterpret_cast<float2*>(out_row + col) = make_float2(v0, v1);
+      for (int i = 0; i < 32; ++i) {
+        const int col = col0 + 8 * i;
+        if (col >= sh.n) continue;
+        const float v0 = ApplyEpilogueAs<kAct>(acc[4 * i + 2 * h], row, col, ep);
+        if (col + 1 < sh.n) {
+          const float v1 = ApplyEpilogueAs<kAct>(acc[4 * i + 2 * h + 1], row, col + 1, ep);
+          if (sh.vec_c) {
+            *reinterpret_cast<float2*>(out_row + col) = make_float2(v0, v1);
+          } else {
+            out_row[col] = v0;
+            out_row[col + 1] = v1;
+          }
         } else {
           out_row[col] = v0;
-          out_row[col + 1] = v1;
         }
-      } else {
-        out_row[col] = v0;
       }
     }
-  }
+  });
 }
 #endif
 
@@ -660,18 +695,24 @@ SONDE_UNROLL
 }
 
 // ------------------------------------------------------------------------- GEMV ----
-// 64 row groups of 4 lanes; the 4 lanes read one 64-byte run of a B row (two full sectors), the
-// 64 groups split K, and each group keeps kGemvUnroll<R> 16-byte loads in flight, so that a block has
-// 16-32 KiB of B requested at once: what it takes to cover DRAM latency at full bandwidth. R rows
-// of A per block: 8, or 1 for decode, where the registers 8 rows' sums would take hold twice as
-// many loads in flight instead.
-constexpr int kGemvThreads = 256, kGemvLanes = 4, kGemvGroups = kGemvThreads / kGemvLanes, kGemvRows = 8;
-template <int R>
-constexpr int kGemvUnroll = R == 1 ? 8 : 4;
+// Row groups of 4 lanes; the 4 lanes read one 64-byte run of a B row (two full sectors), the
+// groups split K, and each group keeps a batch of kGemvUnroll 16-byte loads in flight while it
+// multiplies the previous batch (two register batches, so the loads never drain between batches).
+// R rows of A per block: 8, or 1 for decode. Decode is weight streaming: a block per column run
+// and, with few runs (n = 4096 bf16 is 128 of them, fewer than an H200's 132 SMs), up to 1024
+// threads per run, so that every SM has 64-128 KiB of weights requested at once, what covering
+// DRAM latency at full bandwidth takes; 256 threads per run there leave most SMs a quarter of it.
+constexpr int kGemvThreads = 256, kGemvLanes = 4, kGemvRows = 8;
+// 16-byte loads per batch (two batches in registers); decode kernels are held to 64 registers so
+// that 1024 threads fit an SM (4 blocks of 256, 2 of 512, 1 of 1024), which two batches of 8
+// would spill.
+constexpr int kGemvUnroll = 4;
+template <int R, int kThreads>
+constexpr int kGemvMinBlocks = R == 1 ? 1024 / kThreads : 1;
 
-// Sums acc over the block's row groups (warp shuffles, then the 8 warps through shared memory)
+// Sums acc over the block's row groups (warp shuffles, then the warps through shared memory)
 // and hands each (row, column-in-block) total to out.
-template <typename Acc, int VW, int R, typename Out>
+template <int kThreads, typename Acc, int VW, int R, typename Out>
 __device__ __forceinline__ void GemvReduce(Acc (&acc)[R][VW], int rows, Acc* red, Out out) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   constexpr int kCols = kGemvLanes * VW;
@@ -682,40 +723,40 @@ SONDE_UNROLL
     for (int v = 0; v < VW; ++v) {
       Acc s = acc[r][v];
       for (int o = kGemvLanes; o < 32; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (lane < kGemvLanes) red[(warp * kGemvRows + r) * kCols + lane * VW + v] = s;
+      if (lane < kGemvLanes) red[(warp * R + r) * kCols + lane * VW + v] = s;
     }
   }
   __syncthreads();
-  for (int o = tid; o < rows * kCols; o += kGemvThreads) {
+  for (int o = tid; o < rows * kCols; o += kThreads) {
     const int r = o / kCols, cc = o % kCols;
     Acc s = 0;
-    for (int w = 0; w < kGemvThreads / 32; ++w) s += red[(w * kGemvRows + r) * kCols + cc];
+    for (int w = 0; w < kThreads / 32; ++w) s += red[(w * R + r) * kCols + cc];
     out(r, cc, s);
   }
 }
 
-template <int TA, int TB, int R>
-__global__ void __launch_bounds__(kGemvThreads) GemvKernel(const void* a_, const void* b_, float* __restrict__ c,
-                                                          Shape sh, Epilogue ep) {
+template <int TA, int TB, int R, int kThreads>
+__global__ void __launch_bounds__(kThreads, kGemvMinBlocks<R, kThreads>) GemvKernel(const void* a_, const void* b_, float* __restrict__ c,
+                                                      Shape sh, Epilogue ep) {
   using SA = typename Ty<TA>::T;
   using SB = typename Ty<TB>::T;
   constexpr int VW = 16 / sizeof(SB);  // columns per lane: one 16-byte load
+  constexpr int kGroups = kThreads / kGemvLanes;
   const SA* a = static_cast<const SA*>(a_);
   const SB* b = static_cast<const SB*>(b_);
-  __shared__ float red[(kGemvThreads / 32) * kGemvRows * kGemvLanes * 8];
+  __shared__ float red[(kThreads / 32) * R * kGemvLanes * VW];
   const int tid = threadIdx.x, sub = tid % kGemvLanes, group = tid / kGemvLanes;
   const int col0 = blockIdx.x * (kGemvLanes * VW) + sub * VW;
-  constexpr int kUnroll = kGemvUnroll<R>;
+  constexpr int kUnroll = kGemvUnroll, kStep = kGroups * kUnroll;
   const int row0 = blockIdx.y * R, rows = sh.m - row0 < R ? sh.m - row0 : R;
   const int bav = col0 < sh.n ? (sh.n - col0 < VW ? sh.n - col0 : VW) : 0;
   float acc[R][VW] = {};
-  for (int k0 = 0; k0 < sh.k; k0 += kGemvGroups * kUnroll) {
-    // Raw 16-byte vectors: held as loaded (4 registers each) until used, so that 8 of them fit
-    // in flight beside the sums; widened to fp32 only in the FMA loop.
-    uint4 raw[kUnroll];
+  // Raw 16-byte vectors: held as loaded (4 registers each) until used, so that a batch fits in
+  // flight beside the sums; widened to fp32 only in the FMA loop.
+  const auto load = [&](uint4 (&raw)[kUnroll], int k0) {
 SONDE_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
-      const int kk = k0 + u * kGemvGroups + group;
+      const int kk = k0 + u * kGroups + group;
       const int av = kk < sh.k ? bav : 0;
       const SB* p = b + size_t(kk < sh.k ? kk : 0) * sh.ldb + (bav > 0 ? col0 : 0);
       if constexpr (TB == kF32) {
@@ -726,9 +767,11 @@ SONDE_UNROLL
         raw[u] = Load8Raw(p, av, sh.vec_b);
       }
     }
+  };
+  const auto multiply = [&](const uint4 (&raw)[kUnroll], int k0) {
 SONDE_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
-      const int kk = k0 + u * kGemvGroups + group;
+      const int kk = k0 + u * kGroups + group;
       if (kk >= sh.k) break;
       float bv[VW];
       const uint32_t w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
@@ -749,56 +792,75 @@ SONDE_UNROLL
         for (int v = 0; v < VW; ++v) acc[r][v] = fmaf(x, bv[v], acc[r][v]);
       }
     }
+  };
+  uint4 even[kUnroll] = {}, odd[kUnroll] = {};
+  if (sh.k > 0) load(even, 0);
+  for (int k0 = 0; k0 < sh.k; k0 += 2 * kStep) {
+    if (k0 + kStep < sh.k) load(odd, k0 + kStep);
+    multiply(even, k0);
+    if (k0 + kStep >= sh.k) break;
+    if (k0 + 2 * kStep < sh.k) load(even, k0 + 2 * kStep);
+    multiply(odd, k0 + kStep);
   }
-  GemvReduce<float, VW, R>(acc, rows, red, [&](int r, int cc, float s) {
+  GemvReduce<kThreads, float, VW, R>(acc, rows, red, [&](int r, int cc, float s) {
     const int col = blockIdx.x * (kGemvLanes * VW) + cc, row = row0 + r;
     if (col < sh.n) c[size_t(row) * sh.ldc + col] = ApplyEpilogue(s, row, col, ep);
   });
 }
 
 // The int8 product as a GEMV (and the SIMT int8 path below cc 8.0): dp4a over one K quad of 4
-// columns per 16-byte load.
-template <int R>
-__global__ void __launch_bounds__(kGemvThreads) GemvS8Kernel(QuantA qa, QuantB qb, float* __restrict__ c, Shape sh,
-                                                            Epilogue ep) {
+// columns per 16-byte load, batches in flight as GemvKernel's.
+template <int R, int kThreads>
+__global__ void __launch_bounds__(kThreads, kGemvMinBlocks<R, kThreads>) GemvS8Kernel(QuantA qa, QuantB qb, float* __restrict__ c, Shape sh,
+                                                        Epilogue ep) {
   constexpr int VW = 4;
-  __shared__ int32_t red[(kGemvThreads / 32) * kGemvRows * kGemvLanes * VW];
+  constexpr int kGroups = kThreads / kGemvLanes;
+  __shared__ int32_t red[(kThreads / 32) * R * kGemvLanes * VW];
   const int tid = threadIdx.x, sub = tid % kGemvLanes, group = tid / kGemvLanes;
   const int col0 = blockIdx.x * (kGemvLanes * VW) + sub * VW;
-  constexpr int kUnroll = kGemvUnroll<R>;
+  constexpr int kUnroll = kGemvUnroll, kStep = kGroups * kUnroll;
   const int row0 = blockIdx.y * R, rows = sh.m - row0 < R ? sh.m - row0 : R;
   const int bav = col0 < sh.n ? (sh.n - col0 < VW ? sh.n - col0 : VW) : 0;
   const int quads = qa.kq / 4;
   int32_t acc[R][VW] = {};
-  for (int q0 = 0; q0 < quads; q0 += kGemvGroups * kUnroll) {
-    int32_t bv[kUnroll][VW];
+  const auto load = [&](int4 (&bv)[kUnroll], int q0) {
 SONDE_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
-      const int qq = q0 + u * kGemvGroups + group;
+      const int qq = q0 + u * kGroups + group;
       const int av = qq < quads ? bav : 0;
       const int32_t* p = qb.q + size_t(qq < quads ? qq : 0) * sh.n + (bav > 0 ? col0 : 0);
       if (sh.vec_b && av == VW) {
-        const int4 v = LoadVec<int4>(p);
-        bv[u][0] = v.x, bv[u][1] = v.y, bv[u][2] = v.z, bv[u][3] = v.w;
+        bv[u] = LoadVec<int4>(p);
       } else {
-SONDE_UNROLL
-        for (int i = 0; i < VW; ++i) bv[u][i] = i < av ? p[i] : 0;
+        bv[u] = make_int4(av > 0 ? p[0] : 0, av > 1 ? p[1] : 0, av > 2 ? p[2] : 0, av > 3 ? p[3] : 0);
       }
     }
+  };
+  const auto multiply = [&](const int4 (&bv)[kUnroll], int q0) {
 SONDE_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
-      const int qq = q0 + u * kGemvGroups + group;
+      const int qq = q0 + u * kGroups + group;
       if (qq >= quads) break;
+      const int32_t w[VW] = {bv[u].x, bv[u].y, bv[u].z, bv[u].w};
 SONDE_UNROLL
       for (int r = 0; r < R; ++r) {
         if (r >= rows) break;
         const int32_t x = LoadVec<int32_t>(qa.q + size_t(row0 + r) * qa.kq + size_t(qq) * 4);
 SONDE_UNROLL
-        for (int v = 0; v < VW; ++v) acc[r][v] = __dp4a(x, bv[u][v], acc[r][v]);
+        for (int v = 0; v < VW; ++v) acc[r][v] = __dp4a(x, w[v], acc[r][v]);
       }
     }
+  };
+  int4 even[kUnroll] = {}, odd[kUnroll] = {};
+  if (quads > 0) load(even, 0);
+  for (int q0 = 0; q0 < quads; q0 += 2 * kStep) {
+    if (q0 + kStep < quads) load(odd, q0 + kStep);
+    multiply(even, q0);
+    if (q0 + kStep >= quads) break;
+    if (q0 + 2 * kStep < quads) load(even, q0 + 2 * kStep);
+    multiply(odd, q0 + kStep);
   }
-  GemvReduce<int32_t, VW, R>(acc, rows, red, [&](int r, int cc, int32_t s) {
+  GemvReduce<kThreads, int32_t, VW, R>(acc, rows, red, [&](int r, int cc, int32_t s) {
     const int col = blockIdx.x * (kGemvLanes * VW) + cc, row = row0 + r;
     if (col < sh.n) c[size_t(row) * sh.ldc + col] = ApplyEpilogue(Dequant(s, row, col, qa, qb), row, col, ep);
   });
@@ -953,12 +1015,22 @@ void RunWgmmaGemm(GpuStream& s, const GpuOpCall& call, int sms, const void* a, c
          sh, ep);
 }
 
+// Threads per block of a decode GEMV over `runs` column runs (one block each): as many as keep
+// the runs in one wave, 1024 threads per SM.
+int GemvThreads(unsigned runs, int sms) {
+  const unsigned n = sms > 0 ? unsigned(sms) : 1u;
+  return runs <= n ? 1024 : runs <= 2 * n ? 512 : kGemvThreads;
+}
+
 template <int TA, int TB>
-void RunGemm(GpuStream& s, int choice, const void* a, const void* b, float* c, const Shape& sh, const Epilogue& ep) {
+void RunGemm(GpuStream& s, int sms, int choice, const void* a, const void* b, float* c, const Shape& sh, const Epilogue& ep) {
   if (choice == kGemv) {
     const dim3 grid(CeilDiv(sh.n, kGemvLanes * (16 / sizeof(typename Ty<TB>::T))), sh.m == 1 ? 1 : CeilDiv(sh.m, kGemvRows));
-    if (sh.m == 1) Launch(GemvKernel<TA, TB, 1>, grid, dim3(kGemvThreads), 0, s, a, b, c, sh, ep);
-    else Launch(GemvKernel<TA, TB, kGemvRows>, grid, dim3(kGemvThreads), 0, s, a, b, c, sh, ep);
+    const int threads = sh.m == 1 ? GemvThreads(grid.x, sms) : kGemvThreads;
+    if (sh.m > 1) Launch(GemvKernel<TA, TB, kGemvRows, kGemvThreads>, grid, dim3(threads), 0, s, a, b, c, sh, ep);
+    else if (threads == 1024) Launch(GemvKernel<TA, TB, 1, 1024>, grid, dim3(threads), 0, s, a, b, c, sh, ep);
+    else if (threads == 512) Launch(GemvKernel<TA, TB, 1, 512>, grid, dim3(threads), 0, s, a, b, c, sh, ep);
+    else Launch(GemvKernel<TA, TB, 1, kGemvThreads>, grid, dim3(threads), 0, s, a, b, c, sh, ep);
     return;
   }
   const dim3 grid(CeilDiv(sh.n, kMmaBN), CeilDiv(sh.m, kMmaBM));
@@ -1022,11 +1094,11 @@ void GemmOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
     return;
   }
   switch (b_type * 3 + a_type) {
-    case kF32 * 3 + kF32: RunGemm<kF32, kF32>(s, choice, a, b, out, sh, ep); break;
-    case kF16 * 3 + kF32: RunGemm<kF32, kF16>(s, choice, a, b, out, sh, ep); break;
-    case kF16 * 3 + kF16: RunGemm<kF16, kF16>(s, choice, a, b, out, sh, ep); break;
-    case kBf16 * 3 + kF32: RunGemm<kF32, kBf16>(s, choice, a, b, out, sh, ep); break;
-    default: RunGemm<kBf16, kBf16>(s, choice, a, b, out, sh, ep); break;
+    case kF32 * 3 + kF32: RunGemm<kF32, kF32>(s, d.multiprocessors, choice, a, b, out, sh, ep); break;
+    case kF16 * 3 + kF32: RunGemm<kF32, kF16>(s, d.multiprocessors, choice, a, b, out, sh, ep); break;
+    case kF16 * 3 + kF16: RunGemm<kF16, kF16>(s, d.multiprocessors, choice, a, b, out, sh, ep); break;
+    case kBf16 * 3 + kF32: RunGemm<kF32, kBf16>(s, d.multiprocessors, choice, a, b, out, sh, ep); break;
+    default: RunGemm<kBf16, kBf16>(s, d.multiprocessors, choice, a, b, out, sh, ep); break;
   }
 }
 
@@ -1081,8 +1153,11 @@ void GemmS8Op(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
     Launch(MmaS8GemmKernel, dim3(CeilDiv(n, kMmaBN), CeilDiv(m, kMmaBM)), dim3(kMmaThreads), 0, s, qa, qb, out, sh, ep);
   } else {
     const dim3 grid(CeilDiv(n, kGemvLanes * 4), m == 1 ? 1 : CeilDiv(m, kGemvRows));
-    if (m == 1) Launch(GemvS8Kernel<1>, grid, dim3(kGemvThreads), 0, s, qa, qb, out, sh, ep);
-    else Launch(GemvS8Kernel<kGemvRows>, grid, dim3(kGemvThreads), 0, s, qa, qb, out, sh, ep);
+    const int threads = m == 1 ? GemvThreads(grid.x, d.multiprocessors) : kGemvThreads;
+    if (m > 1) Launch(GemvS8Kernel<kGemvRows, kGemvThreads>, grid, dim3(threads), 0, s, qa, qb, out, sh, ep);
+    else if (threads == 1024) Launch(GemvS8Kernel<1, 1024>, grid, dim3(threads), 0, s, qa, qb, out, sh, ep);
+    else if (threads == 512) Launch(GemvS8Kernel<1, 512>, grid, dim3(threads), 0, s, qa, qb, out, sh, ep);
+    else Launch(GemvS8Kernel<1, kGemvThreads>, grid, dim3(threads), 0, s, qa, qb, out, sh, ep);
   }
 }
 

@@ -315,6 +315,7 @@ void Tma(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   const std::string e = EncodeTmaMap2d(&map, src, uint64_t(rows), uint64_t(cols), uint64_t(ld) * 2, uint32_t(box_rows),
                                        uint32_t(box_cols), static_cast<Swizzle>(swizzle));
   if (!e.empty()) c.Invalid(e);
+  if (!TmaColumnAligned(col0)) c.Invalid("col0 must be a multiple of 8: a tensor copy's box starts on a 16-byte boundary");
   const int box_bytes = static_cast<int>(box_rows * box_cols * 2);
   Launch(TmaKernel, dim3(1), dim3(64), size_t((box_bytes + 1023) / 1024 * 1024 + 8 + 1024), s, map, row0, col0,
          box_bytes, out);
