@@ -80,10 +80,7 @@ class KvPoolHandle : public Napi::ObjectWrap<KvPoolHandle> {
     });
   }
   explicit KvPoolHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<KvPoolHandle>(info) {}
-  ~KvPoolHandle() override {
-    int64_t total;
-    if (reported_) napi_adjust_external_memory(Env(), -reported_, &total);
-  }
+  ~KvPoolHandle() override { reported_.ReleaseInFinalizer(Env()); }
   // Allocates the chunks up to block `last` and reports what the pool holds, its step arena
   // included: called as every job starts, so the arena's growth in earlier steps is reported too
   // (a job never runs while this reads the arena). Throws an OutOfMemory error.
@@ -103,14 +100,11 @@ class KvPoolHandle : public Napi::ObjectWrap<KvPoolHandle> {
 
  private:
   void Report(Napi::Env env) {
-    const int64_t now = static_cast<int64_t>(pool->HeldBytes());
-    if (now != reported_) Napi::MemoryManagement::AdjustExternalMemory(env, now - reported_);
-    reported_ = now;
+    reported_.Set(env, static_cast<int64_t>(pool->HeldBytes()));
   }
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     pool.reset();
-    if (reported_) Napi::MemoryManagement::AdjustExternalMemory(info.Env(), -reported_);
-    reported_ = 0;
+    reported_.Release(info.Env());
     return info.Env().Undefined();
   }
   Napi::Value Info(const Napi::CallbackInfo& info) {
@@ -124,7 +118,7 @@ class KvPoolHandle : public Napi::ObjectWrap<KvPoolHandle> {
       o.Set("allocatedBlocks", static_cast<double>(pool->allocated_blocks()));
       // The arena only at rest: a running step may be growing it.
       if (!pool->busy.load()) o.Set("arenaBytes", static_cast<double>(pool->arena().Bytes()));
-      o.Set("reportedBytes", static_cast<double>(reported_));
+      o.Set("reportedBytes", static_cast<double>(reported_.bytes()));
       const std::vector<uint64_t>& counts = pool->expert_counts();
       if (!counts.empty()) {
         Napi::Float64Array a = Napi::Float64Array::New(info.Env(), counts.size());
@@ -134,7 +128,7 @@ class KvPoolHandle : public Napi::ObjectWrap<KvPoolHandle> {
     }
     return o;
   }
-  int64_t reported_ = 0;
+  ReportedMemory reported_;
 };
 
 size_t SizeField(Napi::Env env, Napi::Object o, const char* name) {

@@ -53,25 +53,19 @@ class GpuKvPoolHandle : public Napi::ObjectWrap<GpuKvPoolHandle> {
     });
   }
   explicit GpuKvPoolHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GpuKvPoolHandle>(info) {}
-  ~GpuKvPoolHandle() override {
-    int64_t total;
-    if (reported_) napi_adjust_external_memory(Env(), -reported_, &total);
-  }
+  ~GpuKvPoolHandle() override { reported_.ReleaseInFinalizer(Env()); }
   // Tells V8 what the pool holds now (blocks and arena): as a job starts and as it ends, never
   // while one runs (the job grows them).
   void Report(Napi::Env env) {
     if (!pool || pool->busy.load()) return;
-    const int64_t now = static_cast<int64_t>(pool->HeldBytes());
-    if (now != reported_) Napi::MemoryManagement::AdjustExternalMemory(env, now - reported_);
-    reported_ = now;
+    reported_.Set(env, static_cast<int64_t>(pool->HeldBytes()));
   }
   std::shared_ptr<GpuKvPool> pool;
 
  private:
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     pool.reset();
-    if (reported_) Napi::MemoryManagement::AdjustExternalMemory(info.Env(), -reported_);
-    reported_ = 0;
+    reported_.Release(info.Env());
     return info.Env().Undefined();
   }
   Napi::Value Info(const Napi::CallbackInfo& info) {
@@ -83,7 +77,7 @@ class GpuKvPoolHandle : public Napi::ObjectWrap<GpuKvPoolHandle> {
       o.Set("blockBytes", static_cast<double>(pool->block_bytes()));
       o.Set("allocatedBlocks", static_cast<double>(pool->allocated_blocks()));
       if (!pool->busy.load()) o.Set("arenaBytes", static_cast<double>(pool->HeldBytes() - pool->bytes()));
-      o.Set("reportedBytes", static_cast<double>(reported_));
+      o.Set("reportedBytes", static_cast<double>(reported_.bytes()));
       o.Set("device", pool->model().device().info().id);
       // Counts change only inside a step (after its last launch, on the pool's thread).
       const std::vector<uint64_t>& counts = pool->expert_counts();
@@ -95,7 +89,7 @@ class GpuKvPoolHandle : public Napi::ObjectWrap<GpuKvPoolHandle> {
     }
     return o;
   }
-  int64_t reported_ = 0;
+  ReportedMemory reported_;
 };
 
 double NumberArg(const Napi::CallbackInfo& info, size_t i) {

@@ -160,6 +160,18 @@ class SpecReader {
     if (a.Length() != n) Fail(std::string(key) + " must have " + std::to_string(n) + " entries");
     for (uint32_t i = 0; i < n; ++i) out[i] = static_cast<size_t>(Int(a.Get(i), key, static_cast<int64_t>(min)));
   }
+  // kernel, strides, dilations (each [h, w], >= 1) and pads ([top, left, bottom, right]).
+  void Window(Napi::Object o, WindowGeometry* g) const {
+    size_t v[4];
+    Fixed(o, "kernel", 2, 1, v);
+    g->kh = v[0], g->kw = v[1];
+    Fixed(o, "strides", 2, 1, v);
+    g->sh = v[0], g->sw = v[1];
+    Fixed(o, "dilations", 2, 1, v);
+    g->dh = v[0], g->dw = v[1];
+    Fixed(o, "pads", 4, 0, v);
+    g->pad_t = v[0], g->pad_l = v[1], g->pad_b = v[2], g->pad_r = v[3];
+  }
 
  private:
   Napi::Env env_;
@@ -350,15 +362,7 @@ void ReadPool(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.outer = r.Size(o, "planes");
   s.h = r.Size(o, "h");
   s.w = r.Size(o, "w");
-  size_t v[4];
-  r.Fixed(o, "kernel", 2, 1, v);
-  s.window.kh = v[0], s.window.kw = v[1];
-  r.Fixed(o, "strides", 2, 1, v);
-  s.window.sh = v[0], s.window.sw = v[1];
-  r.Fixed(o, "dilations", 2, 1, v);
-  s.window.dh = v[0], s.window.dw = v[1];
-  r.Fixed(o, "pads", 4, 0, v);
-  s.window.pad_t = v[0], s.window.pad_l = v[1], s.window.pad_b = v[2], s.window.pad_r = v[3];
+  r.Window(o, &s.window);
   s.flag = r.Bool(o, "countIncludePad");
 }
 
@@ -471,15 +475,7 @@ void ReadGpuConv(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.c_in = r.Size(o, "cIn");
   s.c_out = r.Size(o, "cOut");
   s.groups = static_cast<size_t>(r.Int(o.Get("group"), "group", 1));
-  size_t v[4];
-  r.Fixed(o, "kernel", 2, 1, v);
-  s.window.kh = v[0], s.window.kw = v[1];
-  r.Fixed(o, "strides", 2, 1, v);
-  s.window.sh = v[0], s.window.sw = v[1];
-  r.Fixed(o, "dilations", 2, 1, v);
-  s.window.dh = v[0], s.window.dw = v[1];
-  r.Fixed(o, "pads", 4, 0, v);
-  s.window.pad_t = v[0], s.window.pad_l = v[1], s.window.pad_b = v[2], s.window.pad_r = v[3];
+  r.Window(o, &s.window);
   s.kind = r.Enum(o, "activation", kActivations);
   s.alpha = static_cast<float>(r.Number(o, "alpha"));
   s.beta = static_cast<float>(r.Number(o, "beta"));

@@ -12,6 +12,27 @@
 
 namespace sonde {
 
+// V8's accounting of the native memory one JS object holds, as the amount changes.
+class ReportedMemory {
+ public:
+  // Tells V8 the object holds `now` bytes.
+  void Set(Napi::Env env, int64_t now) {
+    if (now != bytes_) Napi::MemoryManagement::AdjustExternalMemory(env, now - bytes_);
+    bytes_ = now;
+  }
+  void Release(Napi::Env env) { Set(env, 0); }
+  // For destructors (GC finalizers, possibly during environment teardown): the C call cannot throw.
+  void ReleaseInFinalizer(napi_env env) {
+    int64_t total;
+    if (bytes_) napi_adjust_external_memory(env, -bytes_, &total);
+    bytes_ = 0;
+  }
+  int64_t bytes() const { return bytes_; }
+
+ private:
+  int64_t bytes_ = 0;
+};
+
 template <typename T>
 class SharedHandle : public Napi::ObjectWrap<SharedHandle<T>> {
  public:
@@ -28,8 +49,7 @@ class SharedHandle : public Napi::ObjectWrap<SharedHandle<T>> {
     Napi::Object obj = addon.Class(name).New({});
     SharedHandle* h = SharedHandle::Unwrap(obj);
     h->value_ = std::move(value);
-    h->reported_bytes_ = static_cast<int64_t>(h->value_->bytes());
-    Napi::MemoryManagement::AdjustExternalMemory(env, h->reported_bytes_);
+    h->reported_.Set(env, static_cast<int64_t>(h->value_->bytes()));
     return obj;
   }
 
@@ -41,10 +61,7 @@ class SharedHandle : public Napi::ObjectWrap<SharedHandle<T>> {
   // object that grows once after its handle was made (a language model's repacked weights).
   static void ReportBytes(Napi::Env env, Napi::Value v) {
     SharedHandle* h = SharedHandle::Unwrap(v.As<Napi::Object>());
-    if (!h->value_) return;
-    const int64_t now = static_cast<int64_t>(h->value_->bytes());
-    if (now != h->reported_bytes_) Napi::MemoryManagement::AdjustExternalMemory(env, now - h->reported_bytes_);
-    h->reported_bytes_ = now;
+    if (h->value_) h->reported_.Set(env, static_cast<int64_t>(h->value_->bytes()));
   }
 
   // The object behind a handle checked with Is(); null once disposed.
@@ -52,17 +69,12 @@ class SharedHandle : public Napi::ObjectWrap<SharedHandle<T>> {
 
   explicit SharedHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<SharedHandle<T>>(info) {}
 
-  ~SharedHandle() override {
-    // A GC finalizer, possibly during environment teardown: the C call cannot throw.
-    int64_t total;
-    if (reported_bytes_) napi_adjust_external_memory(this->Env(), -reported_bytes_, &total);
-  }
+  ~SharedHandle() override { reported_.ReleaseInFinalizer(this->Env()); }
 
  private:
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     value_.reset();
-    if (reported_bytes_) Napi::MemoryManagement::AdjustExternalMemory(info.Env(), -reported_bytes_);
-    reported_bytes_ = 0;
+    reported_.Release(info.Env());
     return info.Env().Undefined();
   }
 
@@ -74,7 +86,7 @@ class SharedHandle : public Napi::ObjectWrap<SharedHandle<T>> {
   }
 
   std::shared_ptr<const T> value_;
-  int64_t reported_bytes_ = 0;
+  ReportedMemory reported_;
 };
 
 }  // namespace sonde
