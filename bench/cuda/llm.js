@@ -51,11 +51,14 @@ export async function* llmCases(env) {
   const { id, emulated, measured, sheet } = env;
   const shape = emulated
     ? { embedding: 64, heads: 4, kvHeads: 2, feedForward: 128, layers: 2, contextLength: 256 }
-    : { embedding: 4096, heads: 32, kvHeads: 8, feedForward: 14336, layers: 4, contextLength: 4096 };
+    : { embedding: 4096, heads: 32, kvHeads: 8, feedForward: 14336, layers: Number(process.env.SONDE_BENCH_LLM_LAYERS ?? 4),
+      contextLength: 4096 };
+  // SONDE_BENCH_LLM_LAYERS / SONDE_BENCH_LLM_TYPES: a deeper model (the per-step fixed cost then
+  // weighs less) or one weight type, e.g. to split a step's time into per-layer and fixed parts.
   const prompt = emulated ? 24 : 512, decodeSteps = emulated ? 4 : 64;
   const dir = mkdtempSync(join(tmpdir(), 'sonde-bench-gpu-llm-'));
   try {
-    for (const type of ['q8_0', 'f16']) {
+    for (const type of (process.env.SONDE_BENCH_LLM_TYPES ?? 'q8_0,f16').split(',')) {
       const path = join(dir, `llama-${type}.gguf`);
       await writeModel(path, type, shape);
       const engine = await loadGpuTransformer(path, { device: id });
