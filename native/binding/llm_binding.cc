@@ -17,6 +17,7 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "binding/addon.h"
@@ -408,40 +409,52 @@ class BlocksJob : public PoolJob {
   }
 };
 
+}  // namespace
+
+int64_t CheckBlockTransfer(const Napi::CallbackInfo& info, const char* where, size_t max_blocks, size_t block_bytes,
+                           bool write, std::vector<int32_t>* ids_out) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3 || !IsInt32Array(info[1]) || !info[2].IsTypedArray() ||
+      info[2].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": expected (pool, ids: Int32Array, bytes: Uint8Array)");
+  Napi::Int32Array ids = info[1].As<Napi::Int32Array>();
+  Napi::Uint8Array bytes = info[2].As<Napi::Uint8Array>();
+  int64_t last = -1;
+  for (size_t i = 0; i < ids.ElementLength(); ++i) {
+    if (ids[i] < 0 || static_cast<size_t>(ids[i]) >= max_blocks)
+      throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": ids[" + std::to_string(i) + "] = " +
+                                                        std::to_string(ids[i]) + " is outside [0, " + std::to_string(max_blocks) + ")");
+    last = std::max<int64_t>(last, ids[i]);
+  }
+  if (write) {
+    // Linear in the ids (a save of a long context names thousands of blocks).
+    std::unordered_map<int32_t, size_t> first;
+    for (size_t i = 0; i < ids.ElementLength(); ++i)
+      if (!first.emplace(ids[i], i).second)
+        throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": ids[" + std::to_string(i) + "] repeats block " +
+                                                          std::to_string(ids[i]));
+  }
+  const size_t need = ids.ElementLength() * block_bytes;
+  if (bytes.ElementLength() != need)
+    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": bytes must hold " + std::to_string(need) +
+                                                      " bytes (" + std::to_string(ids.ElementLength()) + " blocks), got " +
+                                                      std::to_string(bytes.ElementLength()));
+  ids_out->assign(ids.Data(), ids.Data() + ids.ElementLength());
+  return last;
+}
+
+namespace {
+
 // kvPoolRead(pool, ids, out: Uint8Array) / kvPoolWrite(pool, ids, bytes: Uint8Array).
 Napi::Value KvPoolBlocks(Addon& addon, const Napi::CallbackInfo& info, bool write) {
   Napi::Env env = info.Env();
   const char* where = write ? "kvPoolWrite" : "kvPoolRead";
   KvPoolHandle* h = UnwrapPool(addon, info[0], where);
-  if (info.Length() < 3 || !IsInt32Array(info[1]) || !info[2].IsTypedArray() ||
-      info[2].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
-    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": expected (pool, ids: Int32Array, bytes: Uint8Array)");
   auto job = std::make_unique<BlocksJob>();
   job->pool = h->pool;
   job->write = write;
-  Napi::Int32Array ids = info[1].As<Napi::Int32Array>();
-  Napi::Uint8Array bytes = info[2].As<Napi::Uint8Array>();
-  const size_t max = job->pool->max_blocks();
-  int64_t last = -1;
-  for (size_t i = 0; i < ids.ElementLength(); ++i) {
-    if (ids[i] < 0 || static_cast<size_t>(ids[i]) >= max)
-      throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": ids[" + std::to_string(i) + "] = " +
-                                                        std::to_string(ids[i]) + " is outside [0, " + std::to_string(max) + ")");
-    last = std::max<int64_t>(last, ids[i]);
-  }
-  if (write)
-    for (size_t i = 0; i < ids.ElementLength(); ++i)
-      for (size_t j = 0; j < i; ++j)
-        if (ids[i] == ids[j])
-          throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": ids[" + std::to_string(i) + "] repeats block " +
-                                                            std::to_string(ids[i]));
-  const size_t need = ids.ElementLength() * job->pool->block_bytes();
-  if (bytes.ElementLength() != need)
-    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": bytes must hold " + std::to_string(need) +
-                                                      " bytes (" + std::to_string(ids.ElementLength()) + " blocks), got " +
-                                                      std::to_string(bytes.ElementLength()));
-  job->ids.assign(ids.Data(), ids.Data() + ids.ElementLength());
-  job->bytes = bytes.Data();
+  const int64_t last = CheckBlockTransfer(info, where, job->pool->max_blocks(), job->pool->block_bytes(), write, &job->ids);
+  job->bytes = info[2].As<Napi::Uint8Array>().Data();
   job->Claim(env, where);
   try {
     h->Reserve(env, last, where);

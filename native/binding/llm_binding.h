@@ -4,6 +4,7 @@
 #include <napi.h>
 
 #include <memory>
+#include <vector>
 
 #include "binding/addon.h"
 #include "ops/kv_pool.h"
@@ -18,6 +19,12 @@ std::shared_ptr<const LlmModel> UnwrapLlmModel(Addon& addon, Napi::Value v, cons
 // per sequence, tables, copies); throws ERR_SONDE_INVALID_ARGUMENT for inconsistent metadata.
 void UnpackKvStep(Napi::Env env, Napi::Int32Array tokens, Napi::Int32Array meta, Napi::Int32Array tables,
                   Napi::Int32Array copies, KvStep* st);
+
+// kvPoolRead/Write's arguments on a CPU or GPU pool: (pool, ids: Int32Array, bytes: Uint8Array), every
+// id in [0, max_blocks), no id twice when writing, bytes of exactly ids.length blocks. Throws
+// ERR_SONDE_INVALID_ARGUMENT naming the argument; returns the ids and the largest (-1 when none).
+int64_t CheckBlockTransfer(const Napi::CallbackInfo& info, const char* where, size_t max_blocks, size_t block_bytes,
+                           bool write, std::vector<int32_t>* ids);
 
 // Registered by RegisterLlmBindings.
 void RegisterLlmGpuBindings(Napi::Env env, Napi::Object exports, Addon& addon);

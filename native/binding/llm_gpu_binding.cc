@@ -296,33 +296,12 @@ Napi::Value PoolBlocks(Addon& addon, const Napi::CallbackInfo& info, bool write)
   Napi::Env env = info.Env();
   const char* where = write ? "llmGpuKvPoolWrite" : "llmGpuKvPoolRead";
   GpuKvPoolHandle* h = UnwrapPool(addon, info[0], where);
-  if (info.Length() < 3 || !IsInt32Array(info[1]) || !info[2].IsTypedArray() ||
-      info[2].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
-    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": expected (pool, ids: Int32Array, bytes: Uint8Array)");
   auto job = std::make_unique<BlocksJob>();
   job->pool = h->pool;
   job->handle = h;
   job->write = write;
-  Napi::Int32Array ids = info[1].As<Napi::Int32Array>();
-  Napi::Uint8Array bytes = info[2].As<Napi::Uint8Array>();
-  const size_t max = job->pool->max_blocks();
-  for (size_t i = 0; i < ids.ElementLength(); ++i)
-    if (ids[i] < 0 || static_cast<size_t>(ids[i]) >= max)
-      throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": ids[" + std::to_string(i) + "] = " +
-                                                        std::to_string(ids[i]) + " is outside [0, " + std::to_string(max) + ")");
-  if (write)
-    for (size_t i = 0; i < ids.ElementLength(); ++i)
-      for (size_t j = 0; j < i; ++j)
-        if (ids[i] == ids[j])
-          throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": ids[" + std::to_string(i) + "] repeats block " +
-                                                            std::to_string(ids[i]));
-  const size_t need = ids.ElementLength() * job->pool->block_bytes();
-  if (bytes.ElementLength() != need)
-    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": bytes must hold " + std::to_string(need) +
-                                                      " bytes (" + std::to_string(ids.ElementLength()) + " blocks), got " +
-                                                      std::to_string(bytes.ElementLength()));
-  job->ids.assign(ids.Data(), ids.Data() + ids.ElementLength());
-  job->bytes = bytes.Data();
+  CheckBlockTransfer(info, where, job->pool->max_blocks(), job->pool->block_bytes(), write, &job->ids);
+  job->bytes = info[2].As<Napi::Uint8Array>().Data();
   job->Claim(env, where);
   job->Keep(info[0]);
   job->Keep(info[2]);

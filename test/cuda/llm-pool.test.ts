@@ -83,6 +83,11 @@ describeGpu('language model on the GPU: pools, state, lifetime, routing', (t) =>
       const mine = await pb.readBlocks(Int32Array.of(1, 0));
       await pc.writeBlocks(Int32Array.of(6, 3), mine);
       expect(await pc.readBlocks(Int32Array.of(6, 3))).toEqual(mine);
+      // Bad block lists are typed errors, as on the CPU pool, and leave the blocks as they were.
+      await expect(pc.writeBlocks(Int32Array.of(6, 6), mine)).rejects.toThrow(/ids\[1\] repeats block 6/);
+      await expect(pc.readBlocks(Int32Array.of(8))).rejects.toThrow(/ids\[0\] = 8 is outside \[0, 8\)/);
+      await expect(pc.writeBlocks(Int32Array.of(6), mine)).rejects.toThrow(/bytes must hold/);
+      expect(await pc.readBlocks(Int32Array.of(6, 3))).toEqual(mine);
       const again = await next(pc, Int32Array.of(6, 3));
       expectClose(again, want, v, info.layers, DELTA.q8_0, 'continued from GPU blocks');
     } finally {
