@@ -1,4 +1,4 @@
-// node bench/profile.js <resnet50|mobilenetv2|mlp|transformer|digits> [batch=1] [threads=1] [runs=20] [--steps]
+// node bench/profile.js <resnet50|mobilenetv2|mlp|transformer|digits> [batch=1] [threads=1] [runs=20] [--steps] [--bf16]
 // Where a Session's time goes: Session.profile() aggregated by op and kernel (and, with --steps,
 // the 25 slowest steps), next to the whole run's median time and onnxruntime-node's on the same
 // model and input, timed interleaved in this process (step times are means over the runs).
@@ -10,6 +10,7 @@ import { readFileSync } from 'node:fs';
 
 const args = process.argv.slice(2).filter((a) => !a.startsWith('--'));
 const showSteps = process.argv.includes('--steps');
+const precision = process.argv.includes('--bf16') ? 'bf16' : 'fp32';
 const [name = 'resnet50', batchArg = '1', threadsArg = '1', runsArg = '20'] = args;
 const batch = Number(batchArg), threads = Number(threadsArg), runs = Number(runsArg);
 
@@ -25,7 +26,7 @@ if (name === 'digits') {
   x = modelInput(name, batch);
   inputName = 'input';
 }
-const s = await Session.load(bytes, { threads });
+const s = await Session.load(bytes, { threads, device: 'cpu', precision });
 inputName = s.inputs[0].name;
 const feed = { [inputName]: new Tensor('float32', x.data, x.dims) };
 const ort = await onnxruntime.prepareModel(bytes, { threads, spin: false });

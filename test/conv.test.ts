@@ -3,7 +3,7 @@ import { AbortError, DisposedError, InvalidArgumentError, Tensor, devices, kerne
 import { randomTensor } from './helpers.js';
 
 const simd = devices().cpu.simd;
-const bf16Cpu = devices().cpu.bf16;
+const bf16Cpu = devices().cpu.features.includes('avx512bf16');
 const variants: kernels.ConvVariant[] = ['reference', 'scalar',
   ...(simd !== 'scalar' ? ['avx2' as const] : []), ...(simd === 'avx512' ? ['avx512' as const] : [])];
 const u = 2 ** -24;
@@ -219,13 +219,16 @@ describe('pointwise conv over a batch larger than L2 (packed B blocks)', () => {
   });
 });
 
+/** fp32 -> bf16 -> fp32, round to nearest even (finite values). */
+function bf16Round(v: number): number {
+  const f = new Float32Array([v]);
+  const b = new Uint32Array(f.buffer);
+  b[0] = (b[0]! + 0x7fff + ((b[0]! >>> 16) & 1)) & 0xffff0000;
+  return f[0]!;
+}
+
 describe('bf16 weights', () => {
-  const bf16 = (v: number) => {
-    const f = new Float32Array([v]);
-    const b = new Uint32Array(f.buffer);
-    b[0] = (b[0]! + 0x7fff + ((b[0]! >>> 16) & 1)) & 0xffff0000;
-    return f[0]!;
-  };
+  const bf16 = bf16Round;
   it.each([...variants.filter((v) => v !== 'reference'), ...(bf16Cpu ? ['avx512bf16' as const] : [])])('%s: within the bf16 bound of the fp32 reference', async (variant) => {
     for (const s of [S('1x3x7x5'), S('1x1 N=2'), S('K = 360'), S('grouped'), S('depthwise 3x3 s1')]) {
       const x = randomTensor(s.x, 20);
@@ -284,25 +287,26 @@ function createDirect(w: Tensor<'float32'>, opts: kernels.Conv2dOptions): kernel
   }
 }
 
+const direct: Shape[] = [
+  { name: '3x3 p1, 16 -> 5 on 1x1 (one pixel, one partial channel block)', x: [1, 16, 1, 1], w: [5, 16, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  ...Array.from({ length: 14 }, (_, i): Shape => ({
+    name: `3x3 p1, 32 -> 40 on 3x${i + 1} (tile width ${i + 1})`, x: [1, 32, 3, i + 1], w: [40, 32, 3, 3], g: { pads: [1, 1, 1, 1] } })),
+  { name: '1x1 N=2, 48 -> 33 on 15x29 (tiles 10+10+9, rows of 8+7)', x: [2, 48, 15, 29], w: [33, 48, 1, 1], g: {} },
+  { name: '3x3 s2 p1, 32 -> 64 on 28x28', x: [1, 32, 28, 28], w: [64, 32, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
+  { name: '5x5 s2 asymmetric pads, 16 -> 20 on 13x17', x: [1, 16, 13, 17], w: [20, 16, 5, 5], g: { strides: [2, 2], pads: [2, 0, 1, 2] } },
+  { name: '1x1 s2, 64 -> 48 on 14x14', x: [1, 64, 14, 14], w: [48, 64, 1, 1], g: { strides: [2, 2] } },
+  { name: '3x3 SAME_UPPER s2, 16 -> 17 on 8x9, N=3', x: [3, 16, 8, 9], w: [17, 16, 3, 3], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
+  { name: '3x1 SAME_LOWER, 32 -> 96 on 56x7', x: [1, 32, 56, 7], w: [96, 32, 3, 1], g: { autoPad: 'SAME_LOWER' } },
+  { name: '3x3 p1, 16 -> 16 on 56x56 (rows of 4 x 14 tiles)', x: [1, 16, 56, 56], w: [16, 16, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '3x3 VALID, 80 -> 50 on 9x10', x: [1, 80, 9, 10], w: [50, 80, 3, 3], g: { autoPad: 'VALID' } },
+  // 1x1 stride 1 on a plane of >= 784 pixels runs the pointwise GEMM kernel on the blocked weights:
+  // row tiles 12 + 12 + 8 of a block, a partial block (45 = 32 + 13), two K blocks (320 > 256).
+  { name: '1x1 N=2, 320 -> 45 on 29x28 (pointwise kernel, blocked weights)', x: [2, 320, 29, 28], w: [45, 320, 1, 1], g: {} },
+  { name: '1x1 SAME_UPPER, 16 -> 77 on 28x28 (pointwise kernel, blocked weights)', x: [1, 16, 28, 28], w: [77, 16, 1, 1], g: { autoPad: 'SAME_UPPER' } },
+];
+const D = (fragment: string): Shape => direct.find((c) => c.name.includes(fragment))!;
+
 describe.runIf(simd === 'avx512')('direct NCHW16c kernel', () => {
-  const direct: Shape[] = [
-    { name: '3x3 p1, 16 -> 5 on 1x1 (one pixel, one partial channel block)', x: [1, 16, 1, 1], w: [5, 16, 3, 3], g: { pads: [1, 1, 1, 1] } },
-    ...Array.from({ length: 14 }, (_, i): Shape => ({
-      name: `3x3 p1, 32 -> 40 on 3x${i + 1} (tile width ${i + 1})`, x: [1, 32, 3, i + 1], w: [40, 32, 3, 3], g: { pads: [1, 1, 1, 1] } })),
-    { name: '1x1 N=2, 48 -> 33 on 15x29 (tiles 10+10+9, rows of 8+7)', x: [2, 48, 15, 29], w: [33, 48, 1, 1], g: {} },
-    { name: '3x3 s2 p1, 32 -> 64 on 28x28', x: [1, 32, 28, 28], w: [64, 32, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
-    { name: '5x5 s2 asymmetric pads, 16 -> 20 on 13x17', x: [1, 16, 13, 17], w: [20, 16, 5, 5], g: { strides: [2, 2], pads: [2, 0, 1, 2] } },
-    { name: '1x1 s2, 64 -> 48 on 14x14', x: [1, 64, 14, 14], w: [48, 64, 1, 1], g: { strides: [2, 2] } },
-    { name: '3x3 SAME_UPPER s2, 16 -> 17 on 8x9, N=3', x: [3, 16, 8, 9], w: [17, 16, 3, 3], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
-    { name: '3x1 SAME_LOWER, 32 -> 96 on 56x7', x: [1, 32, 56, 7], w: [96, 32, 3, 1], g: { autoPad: 'SAME_LOWER' } },
-    { name: '3x3 p1, 16 -> 16 on 56x56 (rows of 4 x 14 tiles)', x: [1, 16, 56, 56], w: [16, 16, 3, 3], g: { pads: [1, 1, 1, 1] } },
-    { name: '3x3 VALID, 80 -> 50 on 9x10', x: [1, 80, 9, 10], w: [50, 80, 3, 3], g: { autoPad: 'VALID' } },
-    // 1x1 stride 1 on a plane of >= 784 pixels runs the pointwise GEMM kernel on the blocked weights:
-    // row tiles 12 + 12 + 8 of a block, a partial block (45 = 32 + 13), two K blocks (320 > 256).
-    { name: '1x1 N=2, 320 -> 45 on 29x28 (pointwise kernel, blocked weights)', x: [2, 320, 29, 28], w: [45, 320, 1, 1], g: {} },
-    { name: '1x1 SAME_UPPER, 16 -> 77 on 28x28 (pointwise kernel, blocked weights)', x: [1, 16, 28, 28], w: [77, 16, 1, 1], g: { autoPad: 'SAME_UPPER' } },
-  ];
-  const D = (fragment: string): Shape => direct.find((c) => c.name.includes(fragment))!;
   it.each(direct)('$name', async (s) => {
     const x = randomTensor(s.x, 40);
     const w = randomTensor(s.w, 41);
@@ -362,6 +366,61 @@ describe.runIf(simd === 'avx512')('direct NCHW16c kernel', () => {
       expect(conv.path).toBe('gemm');
       conv.dispose();
     }
+  });
+});
+
+// The bf16 direct kernel (vdpbf16ps; precision 'bf16' where the CPU has AVX512_BF16): the same shapes
+// and epilogues as the fp32 tiles above. It rounds x and the weights to bf16 and then sums their
+// exact products in fp32, so the reference is the double-accumulated conv of the rounded x and
+// weights with the fp32 sum bound; the bias stays fp32.
+describe.runIf(simd === 'avx512' && bf16Cpu)('bf16 direct NCHW16c kernel', () => {
+  const rounded = (t: Tensor<'float32'>) => t.data.map(bf16Round);
+  it.each(direct)('$name', async (s) => {
+    const x = randomTensor(s.x, 70);
+    const w = randomTensor(s.w, 71);
+    const bias = randomTensor([s.w[0]!], 72);
+    const conv = createDirect(w, { ...s.g, bias, precision: 'bf16' });
+    expect([conv.path, conv.ukernel, conv.variant]).toEqual(['direct', 'bf16_conv_nchw16c_14x32__avx512bf16', 'avx512bf16']);
+    expectConv(await conv.run(x), refConv(new Tensor('float32', rounded(x), x.dims), rounded(w), s.w, s.g, bias.data));
+    conv.dispose();
+  });
+
+  it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after, 1 and 2 threads', async (act) => {
+    for (const s of [D('tiles 10+10+9'), D('5x5 s2'), D('16 -> 5 on 1x1'), D('1x1 s2, 64'), D('320 -> 45')]) {
+      const x = randomTensor(s.x, 73);
+      const w = randomTensor(s.w, 74);
+      for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);
+      const bias = randomTensor([s.w[0]!], 75);
+      const conv = createDirect(w, { ...s.g, bias, precision: 'bf16', activation: act, ...acts[act]!.opts });
+      const ref = refConv(new Tensor('float32', rounded(x), x.dims), rounded(w), s.w, s.g, bias.data);
+      expectConv(await conv.run(x), ref, act);
+      const r = randomTensor(ref.dims, 76);
+      for (const before of [false, true]) {
+        const y1 = await conv.run(x, { residual: r, residualBeforeActivation: before, threads: 1 });
+        expectConv(y1, ref, act, { r: r.data, before });
+        const y2 = await conv.run(x, { residual: r, residualBeforeActivation: before, threads: 2 });
+        expect(Array.from(y2.data)).toEqual(Array.from(y1.data));
+      }
+      conv.dispose();
+    }
+  });
+
+  it('the automatic choice: bf16 direct for whole input blocks, the fp32 stem kernel on rounded weights for a stem', async () => {
+    const conv = kernels.createConv2d(randomTensor([64, 64, 3, 3], 77), { pads: [1, 1, 1, 1], precision: 'bf16' });
+    expect([conv.path, conv.ukernel]).toEqual(['direct', 'bf16_conv_nchw16c_14x32__avx512bf16']);
+    conv.dispose();
+    // A stem has no channel pairs to fill; it keeps the fp32 direct tiles, on bf16-rounded weights.
+    const s = { x: [1, 3, 23, 21], w: [64, 3, 7, 7], g: { strides: [2, 2], pads: [3, 3, 3, 3] } as Geo };
+    const x = randomTensor(s.x, 78);
+    const w = randomTensor(s.w, 79);
+    const stem = kernels.createConv2d(w, { ...s.g, precision: 'bf16' });
+    expect([stem.path, stem.ukernel, stem.variant]).toEqual(['direct', 'f32_conv_nchw_14x32__avx512', 'avx512']);
+    expectConv(await stem.run(x), refConv(x, rounded(w), s.w, s.g));
+    stem.dispose();
+    // Asked for by name, the bf16 kernel runs it on the GEMM path.
+    const named = kernels.createConv2d(w, { ...s.g, precision: 'bf16', variant: 'avx512bf16' });
+    expect([named.path, named.ukernel]).toEqual(['gemm', 'bf16_gemm_12x32__avx512bf16']);
+    named.dispose();
   });
 });
 

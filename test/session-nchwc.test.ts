@@ -121,6 +121,32 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
     });
   }
 
+  // precision 'bf16' on AVX512_BF16: the bf16 direct kernel takes every conv with whole input blocks
+  // (the 16-channel-in ones too), converting its blocked fp32 input to bf16 per run. Blocked or NCHW,
+  // the conversion sees the same values and the tiles sum in the same order: bit-identical again.
+  // Against onnxruntime-node's fp32: each conv rounds x and w to bf16 (up to 2^-8 relative per
+  // product of a sum of O(1) magnitude), five convs deep; measured at most 3.2e-3 (atol + rtol).
+  it.runIf(devices().cpu.features.includes('avx512bf16'))('precision bf16: the bf16 direct kernel in blocked runs equals the NCHW plan and stays within the bf16 bound of onnxruntime-node', async () => {
+    const BF16_TOL = 4 * 2 ** -8;
+    for (const [c, h, w, batch, threads] of [[32, 13, 11, 2, 1], [48, 15, 15, 1, 2]] as const) {
+      const bytes = resnetLike(c, h, w);
+      const feeds = { x: uniform([batch, c, h, w], 3 + c + h) };
+      const on = await runWith(bytes, feeds, {}, { threads, precision: 'bf16' });
+      const off = await runWith(bytes, feeds, { SONDE_CONV_BLOCKED: '0' }, { precision: 'bf16' });
+      const convs = (p: typeof on.prof) => p.filter((r) => r.op === 'conv').map((r) => r.kernel);
+      expect(convs(on.prof).filter((k) => k === 'direct/bf16_conv_nchw16c_14x32__avx512bf16+nchw16c-in-out')).toHaveLength(5);
+      expect(convs(off.prof)).toEqual(Array(7).fill('direct/bf16_conv_nchw16c_14x32__avx512bf16'));
+      for (const name of ['middle', 'branch']) expect(on.out[name]!.data, name).toEqual(off.out[name]!.data);
+      const want = await ortRun(bytes, feeds);
+      for (const name of ['pooled', 'middle', 'branch']) {
+        expectClose(on.out[name]!.data as Float32Array, want[name]!.data as Float32Array, BF16_TOL, BF16_TOL, name);
+      }
+      // And it is not fp32: the rounding happened.
+      const fp32 = await runWith(bytes, feeds, {}, { threads });
+      expect(fp32.out.middle!.data).not.toEqual(on.out.middle!.data);
+    }
+  });
+
   it('1x1 convs on planes of 28x28 and more (the NCHW plan runs them on the pointwise GEMM) match onnxruntime-node', async () => {
     const n = new Net();
     const x = n.g.input('x', 'float32', [1, 16, 29, 30]);

@@ -203,6 +203,7 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   };
 
   const bool depthwise = cg == 1 && cog == 1;
+  const bool auto_variant = variant == ConvVariant::kAuto;
   if (variant == ConvVariant::kAvx512Bf16 && depthwise) variant = ConvVariant::kAvx512;
   if (precision == ConvPrecision::kBf16 && variant == ConvVariant::kAuto && Cpu().HasBf16() && !depthwise)
     variant = ConvVariant::kAvx512Bf16;
@@ -242,7 +243,14 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   }
 
 #if defined(__x86_64__) || defined(_M_X64)
-  if (variant == ConvVariant::kAvx512Bf16) {
+  if (variant == ConvVariant::kAvx512Bf16 && DirectFits(spec) && DirectWanted(spec)) {
+    // A stem (a few input channels, no bf16 pairs to fill): the fp32 direct kernel on the
+    // bf16-rounded weights, unless the caller asked for the bf16 kernel by name.
+    if (spec.c_in % kernels::kNchwcBlock && auto_variant) op->variant_ = variant = ConvVariant::kAvx512;
+  }
+  const bool bf16_direct = variant == ConvVariant::kAvx512Bf16 && spec.c_in % kernels::kNchwcBlock == 0 &&
+                           DirectFits(spec) && DirectWanted(spec);
+  if (variant == ConvVariant::kAvx512Bf16 && !bf16_direct) {
     op->path_ = Path::kGemmBf16;
     op->bf16_uk_ = kernels::Bf16GemmUkernelAvx512Bf16();
     op->im2col_uk_ = kernels::F32Im2colUkernelAvx512();
@@ -263,40 +271,60 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
 #endif
 
 #if defined(__x86_64__) || defined(_M_X64)
-  if (variant == ConvVariant::kAvx512 && DirectFits(spec) && DirectWanted(spec)) {
+  if (bf16_direct || (variant == ConvVariant::kAvx512 && DirectFits(spec) && DirectWanted(spec))) {
     op->path_ = Path::kDirect;
+    op->bf16_direct_ = bf16_direct;
     const bool nchw = spec.c_in % kernels::kNchwcBlock != 0;
     op->in_block_ = nchw ? 1 : kernels::kNchwcBlock;
-    op->direct_uk_ = nchw ? kernels::F32NchwConvUkernelAvx512() : kernels::F32NchwcConvUkernelAvx512();
+    op->direct_uk_ = bf16_direct ? kernels::Bf16NchwcConvUkernelAvx512Bf16()
+                     : nchw      ? kernels::F32NchwConvUkernelAvx512()
+                                 : kernels::F32NchwcConvUkernelAvx512();
     op->pack_uk_ = kernels::F32PackNchwcRowUkernelAvx512();
+    if (bf16_direct) op->to_bf16_uk_ = kernels::F32ToBf16UkernelAvx512Bf16();
     constexpr size_t kO = kernels::kNchwcOutBlock;
     const size_t kB = op->in_block_;
     const size_t c_blocks = spec.c_in / kB, o_blocks = (spec.c_out + kO - 1) / kO;
     const size_t taps = g.kh * g.kw, block_floats = c_blocks * taps * kB * kO;
-    op->ldw_ = block_floats;
-    op->w_ = static_cast<float*>(AlignedAlloc(o_blocks * block_floats * sizeof(float)));
     op->bias_blocks_ = static_cast<float*>(AlignedAlloc(o_blocks * kO * sizeof(float)));
-    // [o_block][c_block][ky][kx][16 (or 1) inputs][32 outputs]: the kernel walks it front to back.
-    float* dst = op->w_;
-    for (size_t ob = 0; ob < o_blocks; ++ob)
-      for (size_t cb = 0; cb < c_blocks; ++cb)
-        for (size_t t = 0; t < taps; ++t)
-          for (size_t l = 0; l < kB; ++l)
-            for (size_t o = 0; o < kO; ++o) {
-              const size_t co = ob * kO + o;
-              *dst++ = co < spec.c_out ? folded(co, (cb * kB + l) * taps + t) : 0.0f;
-            }
+    auto weight = [&](size_t ob, size_t cb, size_t t, size_t l, size_t o) {
+      const size_t co = ob * kO + o;
+      return co < spec.c_out ? folded(co, (cb * kB + l) * taps + t) : 0.0f;
+    };
+    if (bf16_direct) {
+      // [o_block][c_block][ky][kx][8 input pairs][32 outputs] uint32 (channel 2j low, 2j+1 high).
+      op->ldw_ = block_floats / 2;
+      op->w_pairs_ = static_cast<uint32_t*>(AlignedAlloc(o_blocks * op->ldw_ * sizeof(uint32_t)));
+      uint32_t* dst = op->w_pairs_;
+      for (size_t ob = 0; ob < o_blocks; ++ob)
+        for (size_t cb = 0; cb < c_blocks; ++cb)
+          for (size_t t = 0; t < taps; ++t)
+            for (size_t l = 0; l < kB; l += 2)
+              for (size_t o = 0; o < kO; ++o)
+                *dst++ = static_cast<uint32_t>(kernels::LowpF32ToBf16(weight(ob, cb, t, l, o))) |
+                         (static_cast<uint32_t>(kernels::LowpF32ToBf16(weight(ob, cb, t, l + 1, o))) << 16);
+    } else {
+      // [o_block][c_block][ky][kx][16 (or 1) inputs][32 outputs]: the kernel walks it front to back.
+      op->ldw_ = block_floats;
+      op->w_ = static_cast<float*>(AlignedAlloc(o_blocks * block_floats * sizeof(float)));
+      float* dst = op->w_;
+      for (size_t ob = 0; ob < o_blocks; ++ob)
+        for (size_t cb = 0; cb < c_blocks; ++cb)
+          for (size_t t = 0; t < taps; ++t)
+            for (size_t l = 0; l < kB; ++l)
+              for (size_t o = 0; o < kO; ++o) *dst++ = weight(ob, cb, t, l, o);
+    }
     for (size_t co = 0; co < o_blocks * kO; ++co) op->bias_blocks_[co] = co < spec.c_out ? op->bias_[co] : 0.0f;
     // 1x1 stride 1 unpadded: large planes run the pointwise GEMM kernel, reading these same blocked
-    // weights (see Run), so the op holds one copy of them.
+    // weights (see Run), so the op holds one copy of them. Not for bf16 (no bf16 pointwise kernel
+    // on the blocked weights): those always take the direct tiles.
     const bool zero_pads = g.auto_pad != ConvAutoPad::kNotSet || (g.pad_t == 0 && g.pad_l == 0 && g.pad_b == 0 && g.pad_r == 0);
-    if (g.kh == 1 && g.kw == 1 && g.sh == 1 && zero_pads) {
+    if (!bf16_direct && g.kh == 1 && g.kw == 1 && g.sh == 1 && zero_pads) {
       op->pointwise_uk_ = kernels::F32ConvGemmUkernelAvx512();
       op->pointwise_ = true;
       op->k_run_ = kg;
     }
-    op->bytes_ = RoundUp(o_blocks * block_floats * sizeof(float), 64) + RoundUp(o_blocks * kO * sizeof(float), 64) +
-                 spec.c_out * sizeof(float);
+    op->bytes_ = RoundUp(o_blocks * block_floats * (bf16_direct ? 2 : 4), 64) +
+                 RoundUp(o_blocks * kO * sizeof(float), 64) + spec.c_out * sizeof(float);
     return op;
   }
 #endif
@@ -350,7 +378,10 @@ const char* ConvOp::ukernel() const {
     case Path::kGemm: return pointwise_ ? pointwise_uk_.name : f32_uk_.name;
     case Path::kGemmBf16: return bf16_uk_.name;
     case Path::kDepthwise: return window_name_;
-    case Path::kDirect: return in_block_ == 1 ? "f32_conv_nchw_14x32__avx512" : "f32_conv_nchw16c_14x32__avx512";
+    case Path::kDirect:
+      return bf16_direct_      ? "bf16_conv_nchw16c_14x32__avx512bf16"
+             : in_block_ == 1 ? "f32_conv_nchw_14x32__avx512"
+                              : "f32_conv_nchw16c_14x32__avx512";
     case Path::kReference: return "f32_conv__reference";
   }
   return "?";
@@ -642,6 +673,11 @@ float* BlockedInputScratch(size_t floats) {
   thread_local GrowingBuffer buf;
   return buf.Get(floats);
 }
+// Its bf16 copy (bf16 direct path), likewise.
+uint16_t* Bf16InputScratch(size_t elements) {
+  thread_local GrowingBuffer buf;
+  return reinterpret_cast<uint16_t*>(buf.Get((elements + 1) / 2));
+}
 }  // namespace
 
 bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
@@ -656,7 +692,8 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
                                            2.0 * static_cast<double>(n * spec_.c_out * hwo) * static_cast<double>(kg_),
                                            kMinFlopsPerThread);
   float* xb = BlockedInputScratch(n * image);
-  if (!xb) throw std::bad_alloc();
+  uint16_t* xh = bf16_direct_ ? Bf16InputScratch(n * image) : nullptr;
+  if (!xb || (bf16_direct_ && !xh)) throw std::bad_alloc();
   // Blocked copy: zero the border rows/columns, transpose 16 channel planes into pixel-major rows
   // (16x16 register transposes; a scalar copy took ~0.3 ms of a 56x56x256 input).
   if (!pool.ParallelFor(n * c_blocks, nthreads, [&](size_t t) {
@@ -674,18 +711,22 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
           if (kB == 1) std::memcpy(row + s.pad_l, src + (r - s.pad_t) * w, w * sizeof(float));
           else pack_uk_(src + (r - s.pad_t) * w, h * w, w, row + s.pad_l * kB);
         }
+        // The bf16 copy while the block is in cache.
+        if (xh) to_bf16_uk_(dst, plane, xh + b * image + cb * plane);
       }, cancel))
     return false;
-  return RunDirectTiles(pool, nthreads, cancel, xb, hp, wp, n, s, y, nullptr, ep0, nullptr);
+  return RunDirectTiles(pool, nthreads, cancel, xh ? static_cast<const void*>(xh) : xb, hp, wp, n, s, y, nullptr, ep0,
+                        nullptr);
 }
 
-bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const float* xo,
+bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const void* xo,
                             size_t hp, size_t wp, size_t n, const WindowShape& s, float* y, const BlockedLayout* yl,
                             const kernels::GemmEpilogue& ep0, const BlockedLayout* rl) const {
   constexpr size_t kB = kernels::kNchwcBlock, kO = kernels::kNchwcOutBlock;
   const WindowGeometry& g = spec_.window;
   const size_t c_blocks = spec_.c_in / in_block_, o_blocks = (spec_.c_out + kO - 1) / kO, hwo = s.oh * s.ow;
-  const size_t image = c_blocks * hp * wp * in_block_;
+  // Bytes per image of the (fp32 or bf16) blocked input.
+  const size_t image = c_blocks * hp * wp * in_block_ * (bf16_direct_ ? sizeof(uint16_t) : sizeof(float));
   // Blocked output: 16-channel blocks per image.
   const size_t yc_blocks = spec_.c_out / kB;
   // Tasks: runs of output rows of one image and 32-channel block, rows innermost so consecutive tiles
@@ -733,7 +774,8 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
         yt = y + (b * spec_.c_out + oc0) * hwo;
         if (ep.residual) ep.residual += (b * spec_.c_out + oc0) * hwo;
       }
-      const kernels::NchwcConvArgs a{xo + b * image, c_blocks, hp, wp, w_ + ob * ldw_, g.kh, g.kw, g.sh, g.sw,
+      const void* wb = bf16_direct_ ? static_cast<const void*>(w_pairs_ + ob * ldw_) : w_ + ob * ldw_;
+      const kernels::NchwcConvArgs a{static_cast<const char*>(xo) + b * image, c_blocks, hp, wp, wb, g.kh, g.kw, g.sh, g.sw,
                                      bias_blocks_ + oc0, std::min(kO, spec_.c_out - oc0), yt, s.oh, s.ow,
                                      trivial ? nullptr : &ep, y_row, y_block, res_row, res_block};
       for (size_t ox0 = 0; ox0 < s.ow; ox0 += seg_w) direct_uk_(&a, oy, ox0, std::min(seg_w, s.ow - ox0), rows);
@@ -783,10 +825,21 @@ bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* ca
                                            2.0 * static_cast<double>(n * spec_.c_out * s.oh * s.ow) * static_cast<double>(kg_),
                                            kMinFlopsPerThread);
   // This conv's padded (0, 0) inside x's (possibly wider) border.
-  const float* xo = x + ((xl.pad_t - s.pad_t) * xl.wp() + (xl.pad_l - s.pad_l)) * kernels::kNchwcBlock;
-  const bool ok = path_ == Path::kDepthwise
-                      ? RunDepthwiseBlocked(pool, nthreads, cancel, xo, xl, n, s, y, *yl, residual, rl, ep)
-                      : RunDirectTiles(pool, nthreads, cancel, xo, xl.hp(), xl.wp(), n, s, y, yl, ep, rl);
+  const size_t origin = ((xl.pad_t - s.pad_t) * xl.wp() + (xl.pad_l - s.pad_l)) * kernels::kNchwcBlock;
+  bool ok;
+  if (path_ == Path::kDepthwise) {
+    ok = RunDepthwiseBlocked(pool, nthreads, cancel, x + origin, xl, n, s, y, *yl, residual, rl, ep);
+  } else if (bf16_direct_) {
+    // The bf16 copy of all of x, border included (zero stays zero), a block per task.
+    const size_t blocks = n * spec_.c_in / kernels::kNchwcBlock, block = xl.block_floats();
+    uint16_t* xh = Bf16InputScratch(blocks * block);
+    if (!xh) throw std::bad_alloc();
+    ok = pool.ParallelFor(blocks, nthreads, [&](size_t t) { to_bf16_uk_(x + t * block, block, xh + t * block); },
+                          cancel) &&
+         RunDirectTiles(pool, nthreads, cancel, xh + origin, xl.hp(), xl.wp(), n, s, y, yl, ep, rl);
+  } else {
+    ok = RunDirectTiles(pool, nthreads, cancel, x + origin, xl.hp(), xl.wp(), n, s, y, yl, ep, rl);
+  }
   if (!ok && error->empty()) *error = "aborted";
   return ok;
 }

@@ -18,10 +18,14 @@
 //   or repeats its im2col (small planes, many channels); see ConvOp::Create for the measured rule.
 // - depthwise (group = C_in = C_out): the window kernel of kernels/conv on each channel plane.
 // - bf16 precision: weights rounded to bf16 once. Where the CPU has AVX512_BF16 they are stored as
-//   bf16 pairs and run on the vdpbf16ps GEMM kernel (the activations are then rounded to bf16 as they
-//   are packed, like the bf16 GEMM; the bias is split into three bf16 terms hi+mid+lo so it stays
-//   fp32-exact); elsewhere (or with an explicit fp32 variant) the rounded weights run on the fp32
-//   kernels with fp32 activations.
+//   bf16 pairs: convs the direct path fits with whole 16-channel input blocks run the bf16 direct
+//   tiles (vdpbf16ps; the fp32 blocked input is converted to a bf16 copy per run, the bias stays
+//   fp32 in the epilogue), so they join the plan's blocked runs like fp32 direct convs; stems keep
+//   the fp32 direct tiles on the rounded weights (faster than a K = 147 bf16 GEMM: 1.80 against 2.67
+//   ms for ResNet-50's); the rest run on the vdpbf16ps GEMM kernel (the activations rounded to bf16
+//   as they are packed, like the bf16 GEMM; the bias split into three bf16 terms hi+mid+lo so it
+//   stays fp32-exact). Elsewhere (or with an explicit fp32 variant) the rounded weights run on the
+//   fp32 kernels with fp32 activations.
 // - 'reference': the direct double-accumulating loop of kernels/conv (slow; what tests compare to).
 #pragma once
 #include <cstddef>
@@ -138,9 +142,10 @@ class ConvOp {
                     float* y, const kernels::GemmEpilogue& ep) const;
   bool RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
                  size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
-  // The direct kernel over a blocked input whose origin xo is this conv's padded (0, 0) (hp x wp
-  // pixels per channel block): y NCHW (yl null) or blocked (residual too, rl).
-  bool RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const float* xo, size_t hp,
+  // The direct kernel over a blocked input (fp32, or bf16 with bf16_direct_) whose origin xo is this
+  // conv's padded (0, 0) (hp x wp pixels per channel block): y NCHW (yl null) or blocked (residual
+  // too, rl).
+  bool RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const void* xo, size_t hp,
                       size_t wp, size_t n, const WindowShape& s, float* y, const BlockedLayout* yl,
                       const kernels::GemmEpilogue& ep, const BlockedLayout* rl) const;
   bool RunDepthwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
@@ -169,6 +174,9 @@ class ConvOp {
   kernels::F32WindowUkernel window_uk_ = nullptr;
   kernels::F32NchwcConvUkernel direct_uk_ = nullptr;
   kernels::F32PackNchwcRowUkernel pack_uk_ = nullptr;
+  // bf16 precision on the direct path: weights in w_pairs_, the input converted to a bf16 copy per run.
+  bool bf16_direct_ = false;
+  kernels::F32ToBf16Ukernel to_bf16_uk_ = nullptr;
   // Input channels per block of the direct path: 16 (NCHW16c), or 1 for a few-channel input (a
   // stem) that runs on a zero-padded NCHW copy and never on blocked activations.
   size_t in_block_ = kernels::kNchwcBlock;

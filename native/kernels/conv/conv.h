@@ -114,9 +114,9 @@ constexpr size_t kNchwcMaxPixels = 14;
 // and oc_valid must then be 16 or 32. The tile leaves as it is held, 16 channels of a pixel per
 // vector, so no transpose or gather is needed.
 struct NchwcConvArgs {
-  const float* x;
+  const void* x;  // float, or bf16 (uint16) for the bf16 kernel
   size_t c_blocks, hp, wp;
-  const float* w;
+  const void* w;  // float, or bf16 pairs for the bf16 kernel
   size_t kh, kw, sh, sw;
   const float* bias;
   size_t oc_valid;
@@ -161,6 +161,15 @@ F32NchwcConvUkernel F32NchwConvUkernelAvx512();
 F32PackNchwcRowUkernel F32PackNchwcRowUkernelAvx512();
 F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelAvx512();
 F32NchwcDepthwiseUkernel F32NchwcDepthwiseUkernelAvx512();
+// The NCHW16c tiles with vdpbf16ps (AVX512_BF16): x is a bf16 copy of the blocked input (same
+// geometry, uint16 elements, so the channels 2j, 2j+1 of a pixel are one 32-bit broadcast), and the
+// weights of a 32-channel block are [c_blocks][kh][kw][8 pairs][32 outputs][2] bf16 (the pair's
+// lower channel in the low half, vdpbf16ps's operand order). Each pair and tap: 2 weight loads + 14
+// broadcasts feed 28 dot products of 2, twice the FMA path's multiply-adds per instruction.
+F32NchwcConvUkernel Bf16NchwcConvUkernelAvx512Bf16();
+// dst[i] = src[i] rounded to bf16 (nearest even; denormals flushed to zero, as vdpbf16ps reads them).
+typedef void (*F32ToBf16Ukernel)(const float* src, size_t n, uint16_t* dst);
+F32ToBf16Ukernel F32ToBf16UkernelAvx512Bf16();
 #endif
 
 // The independent reference convolution, straight from the definition, accumulating in double:
