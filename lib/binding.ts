@@ -121,7 +121,9 @@ export interface NativeConvHandle {
   info(): { disposed: boolean; bytes?: number; path?: 'gemm' | 'direct' | 'depthwise' | 'reference'; ukernel?: string;
     variant?: Exclude<NativeConvVariant, 'auto'>; precision?: 'fp32' | 'bf16';
     /** Plan steps may give it NCHW16c operands (PlanBlocked): 'x' a blocked x (y either), 'xy' x and y both. */
-    blocked?: 'x' | 'xy' };
+    blocked?: 'x' | 'xy';
+    /** It also reads and writes bf16 blocked operands (PlanBlocked.bf16): the bf16 direct path. */
+    blockedBf16?: boolean };
 }
 export type NativeElementwiseVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512';
 export type NativeCastType = 'float32' | 'float16' | 'bfloat16';

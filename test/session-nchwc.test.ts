@@ -133,9 +133,18 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
       const feeds = { x: uniform([batch, c, h, w], 3 + c + h) };
       const on = await runWith(bytes, feeds, {}, { threads, precision: 'bf16' });
       const off = await runWith(bytes, feeds, { SONDE_CONV_BLOCKED: '0' }, { precision: 'bf16' });
+      // Values only bf16 convs read as x are held in bf16: a (read by b) and f (read by i); e (also a
+      // MaxPool's input) and down (a residual) stay float32.
+      const held = await runWith(bytes, feeds, { SONDE_CONV_BLOCKED_BF16: '0' }, { threads, precision: 'bf16' });
       const convs = (p: typeof on.prof) => p.filter((r) => r.op === 'conv').map((r) => r.kernel);
-      expect(convs(on.prof).filter((k) => k === 'direct/bf16_conv_nchw16c_14x32__avx512bf16+nchw16c-in-out')).toHaveLength(5);
-      expect(convs(off.prof)).toEqual(Array(7).fill('direct/bf16_conv_nchw16c_14x32__avx512bf16'));
+      const bf16Conv = 'direct/bf16_conv_nchw16c_14x32__avx512bf16';
+      expect(convs(on.prof).filter((k) => k.startsWith(`${bf16Conv}+nchw16c-in-out`))).toHaveLength(5);
+      expect(convs(on.prof).filter((k) => k.endsWith('+bf16-out'))).toHaveLength(2);
+      expect(convs(on.prof).filter((k) => k.includes('+bf16-in'))).toHaveLength(2);
+      expect(convs(held.prof).some((k) => k.includes('+bf16'))).toBe(false);
+      expect(convs(off.prof)).toEqual(Array(7).fill(bf16Conv));
+      // Rounded where it is made or where it is read: the same bits.
+      for (const name of ['middle', 'branch', 'pooled']) expect(on.out[name]!.data, name).toEqual(held.out[name]!.data);
       for (const name of ['middle', 'branch']) expect(on.out[name]!.data, name).toEqual(off.out[name]!.data);
       const want = await ortRun(bytes, feeds);
       for (const name of ['pooled', 'middle', 'branch']) {
@@ -399,6 +408,54 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
       expect(() => create(spec({ yBlocked: { h: 5, w: 5, pads: [0, 0, 0, 0] } }))).toThrow(/needs a blocked x/);
     } finally {
       conv.dispose();
+    }
+  });
+});
+
+describe.runIf(simd === 'avx512' && devices().cpu.features.includes('avx512bf16'))('bf16 blocked operands in the native plan', () => {
+  it('only the bf16 direct path takes them, never as a residual, a reorder or a pool input; their buffers hold 2 bytes an element', () => {
+    const mk = (precision: 'fp32' | 'bf16') => native().createConv(weights([16, 16, 3, 3], 1).data, {
+      cOut: 16, cIn: 16, group: 1, kernel: [3, 3], strides: [1, 1], dilations: [1, 1], pads: [1, 1, 1, 1],
+      autoPad: 0, bnEpsilon: 1e-5, activation: 0, alpha: 0, beta: 0, precision, variant: 'auto',
+    });
+    const bf16 = mk('bf16'), fp32 = mk('fp32');
+    try {
+      expect([bf16.info().blockedBf16, fp32.info().blockedBf16]).toEqual([true, undefined]);
+      const x = 16 * 7 * 7, y = 16 * 7 * 7;  // elements of a 5x5 interior with a 1-pixel border
+      const spec = (handle: unknown, xBytes: number, yBytes: number, step: Record<string, unknown>, extra: PlanSpec['steps'] = []): PlanSpec => ({
+        buffers: [{ kind: 'input', index: 0, bytes: xBytes }, { kind: 'output', index: 0, bytes: yBytes },
+          { kind: 'input', index: 1, bytes: y * 4 }, { kind: 'output', index: 1, bytes: 16 * 4 }],
+        steps: [{ node: 'c', op: 'conv', handle, x: { buffer: 0, offset: 0 }, y: { buffer: 1, offset: 0 },
+          residualBeforeActivation: false, n: 1, h: 5, w: 5, ...step } as never, ...extra],
+        arenaBytes: 0, inputBytes: [xBytes, y * 4], outputBytes: [yBytes, 16 * 4],
+      });
+      const create = (s: PlanSpec) => {
+        try {
+          native().createPlan(s).dispose();
+        } catch (err) {
+          throw fromNative(err);
+        }
+      };
+      const l = (bf: boolean) => ({ h: 5, w: 5, pads: [1, 1, 1, 1], ...(bf ? { bf16: true } : {}) });
+      create(spec(bf16, x * 2, y * 2, { xBlocked: l(true), yBlocked: l(true) }));
+      create(spec(bf16, x * 2, y * 4, { xBlocked: l(true), yBlocked: l(false) }));
+      create(spec(bf16, x * 4, y * 2, { xBlocked: l(false), yBlocked: l(true) }));
+      // A float32 layout needs 4 bytes an element.
+      expect(() => create(spec(bf16, x * 2, y * 4, { xBlocked: l(false) }))).toThrow(InternalError);
+      expect(() => create(spec(fp32, x * 2, y * 4, { xBlocked: l(true) }))).toThrow(/bf16 blocked operands need the bf16 direct path/);
+      expect(() => create(spec(fp32, x * 4, y * 2, { xBlocked: l(false), yBlocked: l(true) }))).toThrow(/bf16 direct path/);
+      expect(() => create(spec(bf16, x * 2, y * 4, { xBlocked: l(true), yBlocked: l(false), residual: { buffer: 2, offset: 0 },
+        residualBlocked: l(true) }))).toThrow(/residual must be float32/);
+      expect(() => create(spec(bf16, x * 2, y * 2, { xBlocked: l(true), yBlocked: l(true) },
+        [{ node: 'r', op: 'reorder', x: { buffer: 1, offset: 0 }, y: { buffer: 2, offset: 0 }, n: 1, c: 16, layout: l(true), toBlocked: false } as never])))
+        .toThrow(/reorders are float32/);
+      expect(() => create(spec(bf16, x * 2, y * 2, { xBlocked: l(true), yBlocked: l(true) },
+        [{ node: 'g', op: 'globalAveragePool', x: { buffer: 1, offset: 0 }, y: { buffer: 3, offset: 0 }, planes: 16, hw: 25, xBlocked: l(true) } as never])))
+        .toThrow(/blocked x must be float32/);
+      expect(() => create(spec(bf16, x * 2, y * 2, { xBlocked: { ...l(true), bf16: 1 }, yBlocked: l(true) }))).toThrow(/bf16 must be a boolean/);
+    } finally {
+      bf16.dispose();
+      fp32.dispose();
     }
   });
 });

@@ -16,6 +16,9 @@
  *   blocked copy (one reorder, shared by every conv that reads it);
  * - a direct conv with an NCHW y reads a blocked x in place, and an NCHW copy of a blocked residual;
  * - every other read of a blocked value reads one NCHW copy of it (one reorder before its first use).
+ * A blocked value that a bf16 direct conv (precision 'bf16') writes and only bf16 direct convs read
+ * as x is held in bf16 (PlanBlocked.bf16): half the bytes, and no per-reader conversion
+ * (SONDE_CONV_BLOCKED_BF16=0 turns only this off).
  * SONDE_CONV_BLOCKED=0 (read per plan build) turns the pass off, for A/B measurements.
  */
 import type { NativeConvHandle } from '../binding.js';
@@ -45,6 +48,11 @@ export function blockedPassEnabled(): boolean {
   return process.env.SONDE_CONV_BLOCKED !== '0';
 }
 
+/** SONDE_CONV_BLOCKED_BF16=0 (read per plan build) keeps bf16 convs' blocked values float32, for A/B. */
+function bf16PassEnabled(): boolean {
+  return process.env.SONDE_CONV_BLOCKED_BF16 !== '0';
+}
+
 type Pads = [number, number, number, number];
 
 interface Use { step: number; field: string; ref: PlanRef; id: ValueId }
@@ -57,7 +65,7 @@ function refFields(step: PlanStep): [string, PlanRef][] {
 }
 
 function blockedBytes(n: number, c: number, l: PlanBlocked): number {
-  return n * c * (l.pads[0] + l.h + l.pads[2]) * (l.pads[1] + l.w + l.pads[3]) * 4;
+  return n * c * (l.pads[0] + l.h + l.pads[2]) * (l.pads[1] + l.w + l.pads[3]) * (l.bf16 ? 2 : 4);
 }
 
 const maxPads = (a: Pads, b: Pads): Pads => [Math.max(a[0], b[0]), Math.max(a[1], b[1]), Math.max(a[2], b[2]), Math.max(a[3], b[3])];
@@ -129,7 +137,12 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
     for (const u of uses.get(root)!) {
       if (u.step !== i && u.field === 'x' && geom.has(u.step) && readsBlocked(u, root)) border = maxPads(border, geom.get(u.step)!.border);
     }
-    blocked.set(root, { n: convAt(i).n, c: g.cOut, layout: { h: g.oh, w: g.ow, pads: border } });
+    // bf16 when a bf16 direct conv writes it and only bf16 direct convs read it, as their x: it is
+    // rounded once where it is made instead of converted by every reader (a residual, a pool or an
+    // NCHW copy reads float32).
+    const bf16 = g.bf16 && bf16PassEnabled() && uses.get(root)!.every((u) => u.step === i ||
+      (u.field === 'x' && geom.get(u.step)?.bf16 === true && readsBlocked(u, root)));
+    blocked.set(root, { n: convAt(i).n, c: g.cOut, layout: { h: g.oh, w: g.ow, pads: border, ...(bf16 ? { bf16 } : {}) } });
   }
   if (blocked.size === 0) return steps;
 

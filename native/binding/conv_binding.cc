@@ -85,6 +85,8 @@ void Describe(Napi::Object& o, const ConvOp& w) {
   o.Set("precision", w.precision() == ConvPrecision::kBf16 ? "bf16" : "fp32");
   // Blocked (NCHW16c) operands in plans: 'x' = a blocked x with a blocked or NCHW y, 'xy' = both blocked.
   if (w.blocked()) o.Set("blocked", w.blocked_needs_blocked_y() ? "xy" : "x");
+  // It also reads and writes bf16 blocked operands (PlanBlocked.bf16).
+  if (w.blocked_bf16()) o.Set("blockedBf16", true);
 }
 
 // JS handle (shared with running jobs; see shared_handle.h).

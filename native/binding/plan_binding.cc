@@ -117,8 +117,9 @@ class SpecReader {
     if (!v.IsNumber()) Fail(std::string(key) + " must be a number");
     return v.As<Napi::Number>().DoubleValue();
   }
-  bool Bool(Napi::Object o, const char* key) const {
+  bool Bool(Napi::Object o, const char* key, bool optional = false) const {
     Napi::Value v = o.Get(key);
+    if (optional && (v.IsUndefined() || v.IsNull())) return false;
     if (!v.IsBoolean()) Fail(std::string(key) + " must be a boolean");
     return v.As<Napi::Boolean>().Value();
   }
@@ -181,7 +182,7 @@ class SpecReader {
 
 using StepReader = void (*)(const SpecReader& r, Napi::Object o, PlanStep& s);
 
-// An optional PlanBlocked { h, w, pads: [t, l, b, r] }; absent leaves the layout NCHW.
+// An optional PlanBlocked { h, w, pads: [t, l, b, r], bf16? }; absent leaves the layout NCHW.
 void ReadBlocked(const SpecReader& r, Napi::Object o, const char* key, BlockedLayout* l) {
   Napi::Value v = o.Get(key);
   if (v.IsUndefined() || v.IsNull()) return;
@@ -191,6 +192,7 @@ void ReadBlocked(const SpecReader& r, Napi::Object o, const char* key, BlockedLa
   size_t pads[4];
   r.Fixed(b, "pads", 4, 0, pads);
   l->pad_t = pads[0], l->pad_l = pads[1], l->pad_b = pads[2], l->pad_r = pads[3];
+  l->bf16 = r.Bool(b, "bf16", true);
 }
 
 void ReadConv(const SpecReader& r, Napi::Object o, PlanStep& s) {

@@ -748,9 +748,12 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
       float* yt;
       size_t y_row = 0, y_block = 0, res_row = 0, res_block = 0;
       if (yl) {
+        // In elements of y (float, or bf16 with yl->bf16).
         y_row = yl->wp() * kB;
         y_block = yl->block_floats();
-        yt = y + (b * yc_blocks + oc0 / kB) * y_block + yl->origin();
+        const size_t eb = yl->elem_bytes();
+        char* yc = reinterpret_cast<char*>(y);
+        yt = reinterpret_cast<float*>(yc + ((b * yc_blocks + oc0 / kB) * y_block + yl->origin()) * eb);
         if (ep.residual) {
           res_row = rl->wp() * kB;
           res_block = rl->block_floats();
@@ -760,15 +763,14 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
         // with the first/last row group.
         const size_t nblk = std::min<size_t>(2, yc_blocks - oc0 / kB);
         for (size_t v = 0; v < nblk; ++v) {
-          float* blk = y + (b * yc_blocks + oc0 / kB + v) * y_block;
+          char* blk = yc + (b * yc_blocks + oc0 / kB + v) * y_block * eb;
           for (size_t r = 0; r < rows; ++r) {
-            float* row = blk + (yl->pad_t + oy + r) * y_row;
-            if (yl->pad_l) std::memset(row, 0, yl->pad_l * kB * sizeof(float));
-            if (yl->pad_r) std::memset(row + (yl->pad_l + s.ow) * kB, 0, yl->pad_r * kB * sizeof(float));
+            char* row = blk + (yl->pad_t + oy + r) * y_row * eb;
+            if (yl->pad_l) std::memset(row, 0, yl->pad_l * kB * eb);
+            if (yl->pad_r) std::memset(row + (yl->pad_l + s.ow) * kB * eb, 0, yl->pad_r * kB * eb);
           }
-          if (oy == 0 && yl->pad_t) std::memset(blk, 0, yl->pad_t * y_row * sizeof(float));
-          if (oy + rows == s.oh && yl->pad_b)
-            std::memset(blk + (yl->pad_t + s.oh) * y_row, 0, yl->pad_b * y_row * sizeof(float));
+          if (oy == 0 && yl->pad_t) std::memset(blk, 0, yl->pad_t * y_row * eb);
+          if (oy + rows == s.oh && yl->pad_b) std::memset(blk + (yl->pad_t + s.oh) * y_row * eb, 0, yl->pad_b * y_row * eb);
         }
       } else {
         yt = y + (b * spec_.c_out + oc0) * hwo;
@@ -777,7 +779,8 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
       const void* wb = bf16_direct_ ? static_cast<const void*>(w_pairs_ + ob * ldw_) : w_ + ob * ldw_;
       const kernels::NchwcConvArgs a{static_cast<const char*>(xo) + b * image, c_blocks, hp, wp, wb, g.kh, g.kw, g.sh, g.sw,
                                      bias_blocks_ + oc0, std::min(kO, spec_.c_out - oc0), yt, s.oh, s.ow,
-                                     trivial ? nullptr : &ep, y_row, y_block, res_row, res_block};
+                                     trivial ? nullptr : &ep, y_row, y_block, res_row, res_block,
+                                     yl && yl->bf16 ? 1 : 0};
       for (size_t ox0 = 0; ox0 < s.ow; ox0 += seg_w) direct_uk_(&a, oy, ox0, std::min(seg_w, s.ow - ox0), rows);
     }
   }, cancel);
@@ -799,6 +802,8 @@ std::string ConvOp::CheckBlocked(size_t h, size_t w, const BlockedLayout& xl, co
   if (xl.pad_t < s.pad_t || xl.pad_l < s.pad_l || xl.pad_b < need_b || xl.pad_r < need_r)
     return "x's blocked border is smaller than the convolution's padding";
   if (!yl != !rl && rl) return "a blocked residual needs a blocked y";
+  if ((xl.bf16 || (yl && yl->bf16)) && !bf16_direct_) return "bf16 blocked operands need the bf16 direct path";
+  if (rl && rl->bf16) return "a blocked residual must be float32";
   if (yl) {
     if (spec_.c_out % kernels::kNchwcBlock) return "a blocked y needs output channels in whole blocks of 16";
     if (yl->h != s.oh || yl->w != s.ow) return "y's blocked layout is not the output size";
@@ -829,6 +834,9 @@ bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* ca
   bool ok;
   if (path_ == Path::kDepthwise) {
     ok = RunDepthwiseBlocked(pool, nthreads, cancel, x + origin, xl, n, s, y, *yl, residual, rl, ep);
+  } else if (xl.bf16) {
+    ok = RunDirectTiles(pool, nthreads, cancel, reinterpret_cast<const uint16_t*>(x) + origin, xl.hp(), xl.wp(), n, s,
+                        y, yl, ep, rl);
   } else if (bf16_direct_) {
     // The bf16 copy of all of x, border included (zero stays zero), a block per task.
     const size_t blocks = n * spec_.c_in / kernels::kNchwcBlock, block = xl.block_floats();

@@ -82,11 +82,15 @@ struct ConvSpec {
 };
 
 // A channel-blocked (NCHW16c) activation: c channels (a multiple of 16) of an h x w interior inside
-// a zero border (what a later conv's padding reads). Image b, channel ch, pixel (y, x) is float
-//   (((b * c / 16 + ch / 16) * hp() + pad_t + y) * wp() + pad_l + x) * 16 + ch % 16.
+// a zero border (what a later conv's padding reads). Image b, channel ch, pixel (y, x) is element
+//   (((b * c / 16 + ch / 16) * hp() + pad_t + y) * wp() + pad_l + x) * 16 + ch % 16,
+// a float, or a bf16 (uint16) where bf16 is set: a value only bf16 direct convs read, which its
+// producer (a bf16 direct conv too) stores rounded, so no reader converts it.
 // A run of direct convs keeps its activations in this layout (lib/session/plan.ts, PlanBlocked).
 struct BlockedLayout {
   size_t h = 0, w = 0, pad_t = 0, pad_l = 0, pad_b = 0, pad_r = 0;
+  bool bf16 = false;
+  size_t elem_bytes() const { return bf16 ? 2 : 4; }
   size_t hp() const { return pad_t + h + pad_b; }
   size_t wp() const { return pad_l + w + pad_r; }
   size_t block_floats() const { return hp() * wp() * 16; }
@@ -110,6 +114,8 @@ class ConvOp {
 
   // Whether RunBlocked can run this conv: the direct NCHW16c path (y blocked or NCHW), or a depthwise
   // conv with whole 16-channel blocks and no dilation on AVX-512 (y blocked only).
+  // blocked_bf16(): it also takes a bf16 blocked x and writes a bf16 blocked y (the bf16 direct path).
+  bool blocked_bf16() const { return bf16_direct_; }
   bool blocked() const {
     return (path_ == Path::kDirect && in_block_ == kernels::kNchwcBlock) || dw_blocked_uk_ != nullptr;
   }
@@ -120,7 +126,8 @@ class ConvOp {
   std::string CheckBlocked(size_t h, size_t w, const BlockedLayout& xl, const BlockedLayout* yl,
                            const BlockedLayout* rl) const;
   // Run() on a blocked x (layout xl, border zero). y and the residual are both blocked (yl, rl;
-  // y's border is zeroed here) or both NCHW (null layouts); the residual may be null.
+  // y's border is zeroed here) or both NCHW (null layouts); the residual may be null. x and y hold
+  // bf16 where their layouts say so (blocked_bf16() only; the residual is always float).
   bool RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,
                   const BlockedLayout& xl, size_t n, size_t h, size_t w, float* y, const BlockedLayout* yl,
                   const float* residual, const BlockedLayout* rl, bool residual_before_activation,

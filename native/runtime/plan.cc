@@ -133,15 +133,16 @@ void ValidateConv(StepValidator& v, PlanStep& s) {
   const std::string why = s.conv->CheckBlocked(s.h, s.w, xl, yl.present() ? &yl : nullptr, rl.present() ? &rl : nullptr);
   if (!why.empty()) return v.Fail(why);
   constexpr size_t kB = kernels::kNchwcBlock;
-  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.n, spec.c_in / kB, xl.block_floats()})), "x");
+  v.Read(s.in[0], xl.elem_bytes(), ContiguousWalk(v.Product({s.n, spec.c_in / kB, xl.block_floats()})), "x");
   const size_t yb = yl.present() ? v.Product({s.n, spec.c_out / kB, yl.block_floats()}) : y;
   if (s.in[1].present()) v.Read(s.in[1], 4, ContiguousWalk(rl.present() ? v.Product({s.n, spec.c_out / kB, rl.block_floats()}) : y), "residual");
-  v.Write(s.out[0], 4, ContiguousWalk(yb), "y");
+  v.Write(s.out[0], yl.present() ? yl.elem_bytes() : 4, ContiguousWalk(yb), "y");
 }
 
 void ValidateReorder(StepValidator& v, PlanStep& s) {
   const BlockedLayout& l = s.blocked[0];
   if (!l.present() || l.w == 0) return v.Fail("needs a blocked layout with a non-empty interior");
+  if (l.bf16) return v.Fail("reorders are float32 (a bf16 layout is for bf16 direct convs only)");
   if (s.count % kernels::kNchwcBlock) return v.Fail("channels must be a multiple of 16");
   const size_t nchw = v.Product({s.n, s.count, l.h, l.w});
   const size_t blocked = v.Product({s.n, s.count / kernels::kNchwcBlock, l.block_floats()});
@@ -280,6 +281,7 @@ void ValidatePool(StepValidator& v, PlanStep& s) {
 void ValidateGlobalAveragePool(StepValidator& v, PlanStep& s) {
   if (s.inner == 0) return v.Fail("hw must be >= 1");
   const BlockedLayout& l = s.blocked[0];
+  if (l.bf16) return v.Fail("a blocked x must be float32");
   if (l.present() && (s.outer % kernels::kNchwcBlock || l.h * l.w != s.inner))
     return v.Fail("a blocked x needs planes in whole blocks of 16 and an interior of hw pixels");
   v.Read(s.in[0], 4, ContiguousWalk(l.present() ? v.Product({s.outer / kernels::kNchwcBlock, l.block_floats()})

@@ -55,7 +55,8 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
       }
     }
   }
-  avx512::StoreNchwcTile<NV, P, R>(a, oy, ox0, acc);
+  if (a->y_bf16) avx512::StoreNchwcTile<NV, P, R, true>(a, oy, ox0, acc);
+  else avx512::StoreNchwcTile<NV, P, R>(a, oy, ox0, acc);
 }
 
 typedef void (*TileFn)(const NchwcConvArgs*, size_t, size_t);

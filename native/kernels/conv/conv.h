@@ -125,6 +125,7 @@ struct NchwcConvArgs {
   const GemmEpilogue* ep;
   size_t y_row, y_block;      // blocked output; 0: NCHW
   size_t res_row, res_block;  // blocked residual
+  int y_bf16;                 // blocked output stored as bf16 (uint16 elements; the bf16 kernel only)
 };
 typedef void (*F32NchwcConvUkernel)(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t rows);
 // Depthwise convolution on NCHW16c (one weight per channel and tap, no dilation): output row oy of

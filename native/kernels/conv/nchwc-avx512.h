@@ -41,8 +41,9 @@ static inline void Transpose16x16(__m512 r[16]) {
 }
 
 // Stores a tile of R output rows of P pixels x NV vectors of 16 output channels (acc[v][p]: the 16
-// channels of pixel p), adding the bias and applying the epilogue.
-template <size_t NV, size_t P, size_t R>
+// channels of pixel p), adding the bias and applying the epilogue. kBf16Y: the blocked y holds bf16
+// (rounded to nearest even; only in files built with AVX512_BF16).
+template <size_t NV, size_t P, size_t R, bool kBf16Y = false>
 static inline void StoreNchwcTile(const NchwcConvArgs* a, size_t oy, size_t ox0, __m512 (&acc)[NV][R * P]) {
   constexpr size_t kPix = R * P;
   constexpr size_t kB = kNchwcBlock;
@@ -64,7 +65,12 @@ static inline void StoreNchwcTile(const NchwcConvArgs* a, size_t oy, size_t ox0,
             r = Activate(r, ep);
           }
         }
-        _mm512_storeu_ps(a->y + v * a->y_block + pix, r);
+        if constexpr (kBf16Y) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(a->y) + v * a->y_block + pix),
+                              (__m256i)_mm512_cvtneps_pbh(r));
+        } else {
+          _mm512_storeu_ps(a->y + v * a->y_block + pix, r);
+        }
       }
     }
     return;
