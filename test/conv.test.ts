@@ -202,13 +202,24 @@ describe('pointwise conv over a batch larger than L2 (packed B blocks)', () => {
     { name: 'N=3, 64 -> 26 on 57x55, 2 groups', x: [3, 64, 57, 55], w: [26, 32, 1, 1], g: { group: 2 } },
     { name: 'N=7, 40 -> 13 on 45x43', x: [7, 40, 45, 43], w: [13, 40, 1, 1], g: {} },
   ];
-  it.each(big)('$name', async (s) => {
+  // Both ops that run it: the GEMM path's (SONDE_CONV_DIRECT=0), and the direct path's on its
+  // blocked weights (planes of 784+ pixels), whose channel blocks are partial for 520, 300 and 40.
+  it.each(big.flatMap((s) => [{ ...s, path: 'gemm' }, { ...s, path: 'direct' }]))('$name on the $path path', async (s) => {
     expect(s.x.reduce((a, b) => a * b) * 4).toBeGreaterThan(2 ** 21);
     const x = randomTensor(s.x, 30);
     const w = randomTensor(s.w, 31);
     const bias = randomTensor([s.w[0]!], 32);
-    const conv = kernels.createConv2d(w, { ...s.g, bias, activation: 'relu6' });
-    if (simd === 'avx512') expect(conv.ukernel).toContain('conv1x1');
+    process.env.SONDE_CONV_DIRECT = s.path === 'gemm' ? '0' : '1';
+    let conv: kernels.Conv2d;
+    try {
+      conv = kernels.createConv2d(w, { ...s.g, bias, activation: 'relu6' });
+    } finally {
+      delete process.env.SONDE_CONV_DIRECT;
+    }
+    if (simd === 'avx512') {
+      if (s.path === 'gemm' || s.g.group) expect(conv.ukernel).toContain('conv1x1');
+      else expect(conv.path).toBe('direct');
+    }
     const ref = refConv(x, w.data, s.w, s.g, bias.data);
     expectConv(await conv.run(x), ref, 'relu6');
     const r = randomTensor(ref.dims, 33);
@@ -303,6 +314,11 @@ const direct: Shape[] = [
   // row tiles 12 + 12 + 8 of a block, a partial block (45 = 32 + 13), two K blocks (320 > 256).
   { name: '1x1 N=2, 320 -> 45 on 29x28 (pointwise kernel, blocked weights)', x: [2, 320, 29, 28], w: [45, 320, 1, 1], g: {} },
   { name: '1x1 SAME_UPPER, 16 -> 77 on 28x28 (pointwise kernel, blocked weights)', x: [1, 16, 28, 28], w: [77, 16, 1, 1], g: { autoPad: 'SAME_UPPER' } },
+  // Input channels in a partial last block (zero weights on its missing lanes).
+  { name: '1x1 N=2, 24 -> 144 on 9x11 (partial input block)', x: [2, 24, 9, 11], w: [144, 24, 1, 1], g: {} },
+  { name: '3x3 s2 p1, 40 -> 24 on 13x12 (partial input block)', x: [1, 40, 13, 12], w: [24, 40, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
+  { name: '3x3 p1, 8 -> 33 on 5x6 (one half-filled input block)', x: [1, 8, 5, 6], w: [33, 8, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '1x1, 24 -> 40 on 30x29 (pointwise kernel, partial blocked weights)', x: [1, 24, 30, 29], w: [40, 24, 1, 1], g: {} },
 ];
 const D = (fragment: string): Shape => direct.find((c) => c.name.includes(fragment))!;
 
@@ -360,7 +376,8 @@ describe.runIf(simd === 'avx512')('direct NCHW16c kernel', () => {
   });
 
   it('shapes it does not fit keep their path when forced', () => {
-    for (const [wd, g] of [[[8, 24, 3, 3], {}], [[8, 32, 3, 3], { dilations: [2, 2] }], [[8, 32, 3, 3], { strides: [3, 3] }],
+    // 7 input channels would fill 7 of a block's 16 lanes: too few for the direct path.
+    for (const [wd, g] of [[[8, 7, 3, 3], {}], [[8, 32, 3, 3], { dilations: [2, 2] }], [[8, 32, 3, 3], { strides: [3, 3] }],
       [[8, 16, 3, 3], { group: 2 }], [[8, 5, 3, 3], {}], [[8, 3, 3, 3], { dilations: [2, 1] }], [[8, 3, 7, 7], { strides: [2, 1] }]] as const) {
       const conv = createDirect(randomTensor([...wd], 52), { ...g } as kernels.Conv2dOptions);
       expect(conv.path).toBe('gemm');

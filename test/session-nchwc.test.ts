@@ -204,6 +204,40 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
     }
   });
 
+  it('channel counts that are not whole blocks (24, 72, 40) run blocked in padded blocks and equal the NCHW plan', async () => {
+    const n = new Net();
+    const g = n.g;
+    const x = g.input('x', 'float32', ['N', 24, 13, 11]);
+    const w = g.init(g.fresh('w'), weights([72, 1, 3, 3], n.seed++));
+    const b = g.init(g.fresh('b'), weights([72], n.seed++));
+    const e = n.conv(x, 24, 72, 1);
+    const [d] = g.node('Conv', [e, w, b], { kernel_shape: [3, 3], strides: [1, 1], pads: [1, 1, 1, 1], group: 72 });
+    const p = n.conv(g.node('Relu', [d!])[0]!, 72, 24, 1, 1, { relu: false, residual: x });
+    const q = n.conv(p, 24, 40, 3, 2);
+    const r = n.conv(q, 40, 40, 3);
+    g.node('GlobalAveragePool', [r], {}, ['pooled']);
+    g.output('pooled', 'float32');
+    const t = n.conv(r, 40, 24, 1);
+    g.node('Identity', [t], {}, ['t']);
+    g.output('t', 'float32');
+    const bytes = g.toBytes();
+    for (const [batch, threads] of [[1, 1], [3, 2]] as const) {
+      const feeds = { x: uniform([batch, 24, 13, 11], 50 + batch) };
+      const on = await runWith(bytes, feeds, {}, { threads });
+      const off = await runWith(bytes, feeds, { SONDE_CONV_BLOCKED: '0' });
+      const convs = on.prof.filter((s) => s.op === 'conv').map((s) => s.kernel.replace(/\/.*\+/, '/+'));
+      // x is reordered once; everything up to t is blocked in and out; t (a graph output) writes
+      // NCHW; the pool of 40 channels reads an NCHW copy of r (the blocked pool takes whole blocks).
+      expect(convs).toEqual(['direct/+nchw16c-in-out', 'depthwise/+nchw16c-in-out', 'direct/+nchw16c-in-out',
+        'direct/+nchw16c-in-out', 'direct/+nchw16c-in-out', 'direct/+nchw16c-in']);
+      expect(on.prof.filter((s) => s.op === 'reorder').map((s) => s.kernel)).toEqual(['reorder-to-nchw16c', 'reorder-to-nchw']);
+      // The NCHW plan runs the depthwise conv on the window kernel (another order of the taps' sums).
+      for (const name of ['t', 'pooled']) expectClose(on.out[name]!.data as Float32Array, off.out[name]!.data as Float32Array, ORT_TOL, ORT_TOL, name);
+      const want = await ortRun(bytes, feeds);
+      for (const name of ['t', 'pooled']) expectClose(on.out[name]!.data as Float32Array, want[name]!.data as Float32Array, ORT_TOL, ORT_TOL, name);
+    }
+  });
+
   it('a conv output read only as the residual of a conv with an NCHW y stays NCHW (no reorder back)', async () => {
     const n = new Net();
     const x = n.g.input('x', 'float32', [1, 32, 9, 11]);

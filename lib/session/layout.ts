@@ -6,11 +6,11 @@
  * planning (a blocked value is a new, larger value with a border; the planner places it like any
  * other).
  *
- * Which values go blocked: the output y of a blockable conv (the direct path; a depthwise conv with
- * whole 16-channel blocks, which reads blocked only when it writes blocked) with whole 16-channel
- * blocks, when it is not pinned to NCHW (a graph input/output, a const, aliased by a
+ * Which values go blocked: the output y of a blockable conv (the direct path; a depthwise conv,
+ * which reads blocked only when it writes blocked; channels in blocks of 16, the last one padded),
+ * when it is not pinned to NCHW (a graph input/output, a const, aliased by a
  * Reshape/Flatten...) and at least one step reads it blocked: a blockable conv's x, the residual of
- * a conv whose y is blocked, a GlobalAveragePool. Its border is the largest any reading conv's
+ * a conv whose y is blocked, a GlobalAveragePool (whole blocks only). Its border is the largest any reading conv's
  * padding needs, so each conv reads it in place. Then per step:
  * - a conv with a blocked y reads x and the residual blocked; an NCHW x or residual gets a
  *   blocked copy (one reorder, shared by every conv that reads it);
@@ -64,8 +64,9 @@ function refFields(step: PlanStep): [string, PlanRef][] {
   });
 }
 
+/** c channels in whole blocks of 16 (the last one partial: its lanes past c are padding). */
 function blockedBytes(n: number, c: number, l: PlanBlocked): number {
-  return n * c * (l.pads[0] + l.h + l.pads[2]) * (l.pads[1] + l.w + l.pads[3]) * (l.bf16 ? 2 : 4);
+  return n * Math.ceil(c / BLOCK) * BLOCK * (l.pads[0] + l.h + l.pads[2]) * (l.pads[1] + l.w + l.pads[3]) * (l.bf16 ? 2 : 4);
 }
 
 const maxPads = (a: Pads, b: Pads): Pads => [Math.max(a[0], b[0]), Math.max(a[1], b[1]), Math.max(a[2], b[2]), Math.max(a[3], b[3])];
@@ -102,7 +103,7 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
   for (const [i, g] of geom) {
     const s = convAt(i);
     const root = io.rootOf(io.valueOf(s.y)!);
-    if (g.cOut % BLOCK || io.pinned(root) || !plain({ step: i, field: 'y', ref: s.y, id: io.valueOf(s.y)! }, root)) continue;
+    if (io.pinned(root) || !plain({ step: i, field: 'y', ref: s.y, id: io.valueOf(s.y)! }, root)) continue;
     if (io.bytes(root) !== s.n * g.cOut * g.oh * g.ow * 4) continue;
     producers.set(root, i);
   }
@@ -116,7 +117,8 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
     const cg = geom.get(u.step);
     if (cg && u.field === 'x') return !cg.needsBlockedY || isBlocked.has(yOf(u.step));
     if (cg && u.field === 'residual') return isBlocked.has(yOf(u.step));
-    return steps[u.step]!.op === 'globalAveragePool' && u.field === 'x';
+    // The blocked pool reads whole 16-channel blocks.
+    return steps[u.step]!.op === 'globalAveragePool' && u.field === 'x' && geom.get(producers.get(root)!)!.cOut % BLOCK === 0;
   };
   for (let changed = true; changed;) {
     changed = false;
@@ -202,7 +204,7 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
     if (s.op !== 'globalAveragePool') continue;
     const x = io.rootOf(io.valueOf(s.x)!);
     const u = uses.get(x)!.find((v) => v.ref === s.x)!;
-    if (blocked.has(x) && plain(u, x)) {
+    if (blocked.has(x) && plain(u, x) && blocked.get(x)!.c % BLOCK === 0) {
       s.xBlocked = blocked.get(x)!.layout;
       handled.add(u);
     }

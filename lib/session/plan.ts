@@ -59,8 +59,8 @@ export type PlanActivation = 'none' | 'relu' | 'clip' /* [alpha, beta]; ReLU6 = 
   | 'sigmoid' | 'leakyRelu' /* alpha */ | 'hardSwish';
 
 /**
- * A channel-blocked (NCHW16c) float32 tensor of c channels (a multiple of 16):
- * [n][c / 16][pads[0] + h + pads[2]][pads[1] + w + pads[3]][16], zero outside the h x w interior
+ * A channel-blocked (NCHW16c) float32 tensor of c channels (the last block padded to 16 lanes,
+ * finite there): [n][ceil(c / 16)][pads[0] + h + pads[2]][pads[1] + w + pads[3]][16], zero outside the h x w interior
  * (the border is what a following conv reads as its padding, so it needs no copy). Runs of convs on
  * the direct path keep their activations in it (lib/session/layout.ts). bf16: the elements are bf16
  * (2 bytes), for a value that bf16 direct convs write and only bf16 direct convs read as x.

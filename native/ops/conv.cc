@@ -138,8 +138,10 @@ void SplitBf16(float b, uint16_t out[3]) {
 }
 #endif
 
-// Shapes the direct NCHWc kernel handles: whole 16-channel input blocks (a partial block would
-// spend FMAs on zero channels), strides its tile table has, no dilation, one group.
+// Shapes the direct NCHWc kernel handles: 16-channel input blocks, the last one partial (zero
+// weights on its missing channels) where at least half of the lanes hold channels (24 channels in
+// 2 blocks: 25% of the FMAs spent on zeros, less than running that conv and its neighbours off the
+// blocked path), strides its tile table has, no dilation, one group.
 // Convs of at most kDirectNchwMaxChannels input channels (image stems) run the same tiles on a
 // padded NCHW copy instead (one input channel per "block"); SONDE_CONV_DIRECT_NCHW=0 at creation
 // leaves them on im2col + GEMM (A/B: bench/conv-direct.js, bench/models-direct.js).
@@ -150,7 +152,7 @@ bool DirectNchwWanted() {
 }
 bool DirectFits(const ConvSpec& spec) {
   const WindowGeometry& g = spec.window;
-  const bool channels = spec.c_in % kernels::kNchwcBlock == 0 ||
+  const bool channels = 2 * spec.c_in >= kernels::NchwcBlocks(spec.c_in) * kernels::kNchwcBlock ||
                         (spec.c_in <= kDirectNchwMaxChannels && DirectNchwWanted());
   return spec.group == 1 && channels && g.dh == 1 && g.dw == 1 && g.sh == g.sw && (g.sw == 1 || g.sw == 2);
 }
@@ -223,14 +225,20 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
       op->window_name_ = "f32_window__avx512";
       // Blocked runs (plan layout pass) may carry a depthwise conv: its weights once more, per block.
       constexpr size_t kB = kernels::kNchwcBlock;
-      if (depthwise && spec.c_out % kB == 0 && g.dh == 1 && g.dw == 1 && DirectWanted(spec)) {
-        const size_t taps = g.kh * g.kw;
+      // A partial last block gets zero weights and bias on its missing channels.
+      if (depthwise && g.dh == 1 && g.dw == 1 && DirectWanted(spec)) {
+        const size_t taps = g.kh * g.kw, blocks = kernels::NchwcBlocks(spec.c_out);
         op->dw_blocked_uk_ = kernels::F32NchwcDepthwiseUkernelAvx512();
-        op->dw_blocked_w_ = static_cast<float*>(AlignedAlloc(spec.c_out * taps * sizeof(float)));
-        for (size_t cb = 0; cb < spec.c_out / kB; ++cb)
+        op->dw_blocked_w_ = static_cast<float*>(AlignedAlloc(blocks * kB * (taps + 1) * sizeof(float)));
+        for (size_t cb = 0; cb < blocks; ++cb)
           for (size_t t = 0; t < taps; ++t)
-            for (size_t l = 0; l < kB; ++l) op->dw_blocked_w_[(cb * taps + t) * kB + l] = op->w_[(cb * kB + l) * kg + t];
-        op->bytes_ += RoundUp(spec.c_out * taps * sizeof(float), 64);
+            for (size_t l = 0; l < kB; ++l) {
+              const size_t c = cb * kB + l;
+              op->dw_blocked_w_[(cb * taps + t) * kB + l] = c < spec.c_out ? op->w_[c * kg + t] : 0.0f;
+            }
+        op->dw_blocked_bias_ = op->dw_blocked_w_ + blocks * kB * taps;
+        for (size_t c = 0; c < blocks * kB; ++c) op->dw_blocked_bias_[c] = c < spec.c_out ? op->bias_[c] : 0.0f;
+        op->bytes_ += RoundUp(blocks * kB * (taps + 1) * sizeof(float), 64);
       }
     }
 #endif
@@ -246,9 +254,9 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   if (variant == ConvVariant::kAvx512Bf16 && DirectFits(spec) && DirectWanted(spec)) {
     // A stem (a few input channels, no bf16 pairs to fill): the fp32 direct kernel on the
     // bf16-rounded weights, unless the caller asked for the bf16 kernel by name.
-    if (spec.c_in % kernels::kNchwcBlock && auto_variant) op->variant_ = variant = ConvVariant::kAvx512;
+    if (spec.c_in <= kDirectNchwMaxChannels && auto_variant) op->variant_ = variant = ConvVariant::kAvx512;
   }
-  const bool bf16_direct = variant == ConvVariant::kAvx512Bf16 && spec.c_in % kernels::kNchwcBlock == 0 &&
+  const bool bf16_direct = variant == ConvVariant::kAvx512Bf16 && spec.c_in > kDirectNchwMaxChannels &&
                            DirectFits(spec) && DirectWanted(spec);
   if (variant == ConvVariant::kAvx512Bf16 && !bf16_direct) {
     op->path_ = Path::kGemmBf16;
@@ -274,7 +282,7 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   if (bf16_direct || (variant == ConvVariant::kAvx512 && DirectFits(spec) && DirectWanted(spec))) {
     op->path_ = Path::kDirect;
     op->bf16_direct_ = bf16_direct;
-    const bool nchw = spec.c_in % kernels::kNchwcBlock != 0;
+    const bool nchw = spec.c_in <= kDirectNchwMaxChannels;
     op->in_block_ = nchw ? 1 : kernels::kNchwcBlock;
     op->direct_uk_ = bf16_direct ? kernels::Bf16NchwcConvUkernelAvx512Bf16()
                      : nchw      ? kernels::F32NchwConvUkernelAvx512()
@@ -283,12 +291,13 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
     if (bf16_direct) op->to_bf16_uk_ = kernels::F32ToBf16UkernelAvx512Bf16();
     constexpr size_t kO = kernels::kNchwcOutBlock;
     const size_t kB = op->in_block_;
-    const size_t c_blocks = spec.c_in / kB, o_blocks = (spec.c_out + kO - 1) / kO;
+    const size_t c_blocks = (spec.c_in + kB - 1) / kB, o_blocks = (spec.c_out + kO - 1) / kO;
     const size_t taps = g.kh * g.kw, block_floats = c_blocks * taps * kB * kO;
     op->bias_blocks_ = static_cast<float*>(AlignedAlloc(o_blocks * kO * sizeof(float)));
+    // Zero past C_out and past C_in (a partial last input block).
     auto weight = [&](size_t ob, size_t cb, size_t t, size_t l, size_t o) {
-      const size_t co = ob * kO + o;
-      return co < spec.c_out ? folded(co, (cb * kB + l) * taps + t) : 0.0f;
+      const size_t co = ob * kO + o, ci = cb * kB + l;
+      return co < spec.c_out && ci < spec.c_in ? folded(co, ci * taps + t) : 0.0f;
     };
     if (bf16_direct) {
       // [o_block][c_block][ky][kx][8 input pairs][32 outputs] uint32 (channel 2j low, 2j+1 high).
@@ -684,7 +693,7 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
                        size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep0) const {
   const size_t kB = in_block_;
   const WindowGeometry& g = spec_.window;
-  const size_t c_blocks = spec_.c_in / kB, hwo = s.oh * s.ow;
+  const size_t c_blocks = (spec_.c_in + kB - 1) / kB, hwo = s.oh * s.ow;
   const size_t hp = std::max(s.pad_t + h, (s.oh - 1) * g.sh + g.kh);
   const size_t wp = std::max(s.pad_l + w, (s.ow - 1) * g.sw + g.kw);
   const size_t plane = hp * wp * kB, image = c_blocks * plane;
@@ -709,7 +718,7 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
           std::memset(row, 0, s.pad_l * kB * sizeof(float));
           std::memset(row + (s.pad_l + w) * kB, 0, (wp - s.pad_l - w) * kB * sizeof(float));
           if (kB == 1) std::memcpy(row + s.pad_l, src + (r - s.pad_t) * w, w * sizeof(float));
-          else pack_uk_(src + (r - s.pad_t) * w, h * w, w, row + s.pad_l * kB);
+          else pack_uk_(src + (r - s.pad_t) * w, h * w, w, row + s.pad_l * kB, std::min(kB, spec_.c_in - cb * kB));
         }
         // The bf16 copy while the block is in cache.
         if (xh) to_bf16_uk_(dst, plane, xh + b * image + cb * plane);
@@ -724,11 +733,12 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
                             const kernels::GemmEpilogue& ep0, const BlockedLayout* rl) const {
   constexpr size_t kB = kernels::kNchwcBlock, kO = kernels::kNchwcOutBlock;
   const WindowGeometry& g = spec_.window;
-  const size_t c_blocks = spec_.c_in / in_block_, o_blocks = (spec_.c_out + kO - 1) / kO, hwo = s.oh * s.ow;
+  const size_t c_blocks = (spec_.c_in + in_block_ - 1) / in_block_, o_blocks = (spec_.c_out + kO - 1) / kO, hwo = s.oh * s.ow;
+  const size_t c_last = spec_.c_in - (c_blocks - 1) * in_block_;
   // Bytes per image of the (fp32 or bf16) blocked input.
   const size_t image = c_blocks * hp * wp * in_block_ * (bf16_direct_ ? sizeof(uint16_t) : sizeof(float));
   // Blocked output: 16-channel blocks per image.
-  const size_t yc_blocks = spec_.c_out / kB;
+  const size_t yc_blocks = kernels::NchwcBlocks(spec_.c_out);
   // Tasks: runs of output rows of one image and 32-channel block, rows innermost so consecutive tiles
   // reuse the block's weights from L2. One thread takes everything in one task.
   // Output rows of at most 7 pixels go two at a time (one 14-pixel tile).
@@ -777,7 +787,7 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
         if (ep.residual) ep.residual += (b * spec_.c_out + oc0) * hwo;
       }
       const void* wb = bf16_direct_ ? static_cast<const void*>(w_pairs_ + ob * ldw_) : w_ + ob * ldw_;
-      const kernels::NchwcConvArgs a{static_cast<const char*>(xo) + b * image, c_blocks, hp, wp, wb, g.kh, g.kw, g.sh, g.sw,
+      const kernels::NchwcConvArgs a{static_cast<const char*>(xo) + b * image, c_blocks, hp, wp, c_last, wb, g.kh, g.kw, g.sh, g.sw,
                                      bias_blocks_ + oc0, std::min(kO, spec_.c_out - oc0), yt, s.oh, s.ow,
                                      trivial ? nullptr : &ep, y_row, y_block, res_row, res_block,
                                      yl && yl->bf16 ? 1 : 0};
@@ -805,7 +815,6 @@ std::string ConvOp::CheckBlocked(size_t h, size_t w, const BlockedLayout& xl, co
   if ((xl.bf16 || (yl && yl->bf16)) && !bf16_direct_) return "bf16 blocked operands need the bf16 direct path";
   if (rl && rl->bf16) return "a blocked residual must be float32";
   if (yl) {
-    if (spec_.c_out % kernels::kNchwcBlock) return "a blocked y needs output channels in whole blocks of 16";
     if (yl->h != s.oh || yl->w != s.ow) return "y's blocked layout is not the output size";
     if (rl && (rl->h != s.oh || rl->w != s.ow)) return "the residual's blocked layout is not the output size";
   }
@@ -839,7 +848,7 @@ bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* ca
                         y, yl, ep, rl);
   } else if (bf16_direct_) {
     // The bf16 copy of all of x, border included (zero stays zero), a block per task.
-    const size_t blocks = n * spec_.c_in / kernels::kNchwcBlock, block = xl.block_floats();
+    const size_t blocks = n * kernels::NchwcBlocks(spec_.c_in), block = xl.block_floats();
     uint16_t* xh = Bf16InputScratch(blocks * block);
     if (!xh) throw std::bad_alloc();
     ok = pool.ParallelFor(blocks, nthreads, [&](size_t t) { to_bf16_uk_(x + t * block, block, xh + t * block); },
@@ -858,11 +867,11 @@ bool ConvOp::RunDepthwiseBlocked(ThreadPool& pool, unsigned nthreads, const Canc
                                  const kernels::GemmEpilogue& ep0) const {
   constexpr size_t kB = kernels::kNchwcBlock;
   const WindowGeometry& g = spec_.window;
-  const size_t blocks = n * spec_.c_out / kB, taps = g.kh * g.kw, y_row = yl.wp() * kB;
+  const size_t cblocks = kernels::NchwcBlocks(spec_.c_out), blocks = n * cblocks, taps = g.kh * g.kw, y_row = yl.wp() * kB;
   const bool trivial = !residual && ep0.activation == kernels::kActNone;
   // A task is one block's plane (a 56x56 one is ~450 KFLOP); planes are what the threads split.
   return pool.ParallelFor(blocks, nthreads, [&](size_t t) {
-    const size_t cb = t % (spec_.c_out / kB);
+    const size_t cb = t % cblocks;
     float* yb = y + t * yl.block_floats();
     if (yl.pad_t) std::memset(yb, 0, yl.pad_t * y_row * sizeof(float));
     if (yl.pad_b) std::memset(yb + (yl.pad_t + s.oh) * y_row, 0, yl.pad_b * y_row * sizeof(float));
@@ -872,7 +881,7 @@ bool ConvOp::RunDepthwiseBlocked(ThreadPool& pool, unsigned nthreads, const Canc
       if (yl.pad_r) std::memset(row + (yl.pad_l + s.ow) * kB, 0, yl.pad_r * kB * sizeof(float));
     }
     const kernels::NchwcDepthwiseArgs a{xo + t * xl.block_floats(), xl.wp() * kB, dw_blocked_w_ + cb * taps * kB,
-                                        bias_.data() + cb * kB, g.kh, g.kw, g.sh, g.sw, yb + yl.origin(), y_row, s.ow,
+                                        dw_blocked_bias_ + cb * kB, g.kh, g.kw, g.sh, g.sw, yb + yl.origin(), y_row, s.ow,
                                         residual ? residual + t * rl->block_floats() + rl->origin() : nullptr,
                                         residual ? rl->wp() * kB : 0, trivial ? nullptr : &ep0};
     for (size_t oy = 0; oy < s.oh; ++oy) dw_blocked_uk_(&a, oy);
@@ -890,22 +899,23 @@ bool ReorderNchwc(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, 
     unpack = kernels::F32UnpackNchwcRowUkernelAvx512();
   }
 #endif
-  const size_t blocks = n * c / kB, hw = l.h * l.w, wp = l.wp(), row = wp * kB;
+  const size_t cb = kernels::NchwcBlocks(c), blocks = n * cb, hw = l.h * l.w, wp = l.wp(), row = wp * kB;
   // A block is one 16-channel slab of a plane: a 56x56 one is 200 KB, enough work for a task.
   const bool ok = pool.ParallelFor(blocks, std::max(1u, threads), [&](size_t t) {
-    const float* src = to_blocked ? x + t * kB * hw : x + t * l.block_floats();
-    float* dst = to_blocked ? y + t * l.block_floats() : y + t * kB * hw;
+    const size_t b = t / cb, ch0 = t % cb * kB, channels = std::min(kB, c - ch0);
+    const float* src = to_blocked ? x + (b * c + ch0) * hw : x + t * l.block_floats();
+    float* dst = to_blocked ? y + t * l.block_floats() : y + (b * c + ch0) * hw;
     if (to_blocked) {
       if (l.pad_t) std::memset(dst, 0, l.pad_t * row * sizeof(float));
       for (size_t r = 0; r < l.h; ++r) {
         float* d = dst + (l.pad_t + r) * row;
         if (l.pad_l) std::memset(d, 0, l.pad_l * kB * sizeof(float));
         if (l.pad_r) std::memset(d + (l.pad_l + l.w) * kB, 0, l.pad_r * kB * sizeof(float));
-        pack(src + r * l.w, hw, l.w, d + l.pad_l * kB);
+        pack(src + r * l.w, hw, l.w, d + l.pad_l * kB, channels);
       }
       if (l.pad_b) std::memset(dst + (l.pad_t + l.h) * row, 0, l.pad_b * row * sizeof(float));
     } else {
-      for (size_t r = 0; r < l.h; ++r) unpack(src + (l.pad_t + r) * row + l.pad_l * kB, l.w, dst + r * l.w, hw);
+      for (size_t r = 0; r < l.h; ++r) unpack(src + (l.pad_t + r) * row + l.pad_l * kB, l.w, dst + r * l.w, hw, channels);
     }
   }, cancel);
   if (!ok) *error = "aborted";

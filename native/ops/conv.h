@@ -113,7 +113,7 @@ class ConvOp {
            size_t w, float* y, const float* residual, bool residual_before_activation, std::string* error) const;
 
   // Whether RunBlocked can run this conv: the direct NCHW16c path (y blocked or NCHW), or a depthwise
-  // conv with whole 16-channel blocks and no dilation on AVX-512 (y blocked only).
+  // conv with no dilation on AVX-512 (y blocked only). Channels need not be whole blocks of 16.
   // blocked_bf16(): it also takes a bf16 blocked x and writes a bf16 blocked y (the bf16 direct path).
   bool blocked_bf16() const { return bf16_direct_; }
   bool blocked() const {
@@ -190,6 +190,7 @@ class ConvOp {
   // Depthwise on blocked activations: weights [c / 16][kh * kw][16].
   kernels::F32NchwcDepthwiseUkernel dw_blocked_uk_ = nullptr;
   float* dw_blocked_w_ = nullptr;
+  float* dw_blocked_bias_ = nullptr;  // inside dw_blocked_w_: the bias, zero-padded to whole blocks
   // im2col into B panels: AVX-512 next to the AVX-512 GEMM kernels (its rows are 32-float panels).
   kernels::F32Im2colUkernel im2col_uk_ = kernels::F32Im2colUkernelScalar();
   const char* window_name_ = "";

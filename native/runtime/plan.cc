@@ -133,9 +133,10 @@ void ValidateConv(StepValidator& v, PlanStep& s) {
   const std::string why = s.conv->CheckBlocked(s.h, s.w, xl, yl.present() ? &yl : nullptr, rl.present() ? &rl : nullptr);
   if (!why.empty()) return v.Fail(why);
   constexpr size_t kB = kernels::kNchwcBlock;
-  v.Read(s.in[0], xl.elem_bytes(), ContiguousWalk(v.Product({s.n, spec.c_in / kB, xl.block_floats()})), "x");
-  const size_t yb = yl.present() ? v.Product({s.n, spec.c_out / kB, yl.block_floats()}) : y;
-  if (s.in[1].present()) v.Read(s.in[1], 4, ContiguousWalk(rl.present() ? v.Product({s.n, spec.c_out / kB, rl.block_floats()}) : y), "residual");
+  const size_t cin_blocks = kernels::NchwcBlocks(spec.c_in), cout_blocks = kernels::NchwcBlocks(spec.c_out);
+  v.Read(s.in[0], xl.elem_bytes(), ContiguousWalk(v.Product({s.n, cin_blocks, xl.block_floats()})), "x");
+  const size_t yb = yl.present() ? v.Product({s.n, cout_blocks, yl.block_floats()}) : y;
+  if (s.in[1].present()) v.Read(s.in[1], 4, ContiguousWalk(rl.present() ? v.Product({s.n, cout_blocks, rl.block_floats()}) : y), "residual");
   v.Write(s.out[0], yl.present() ? yl.elem_bytes() : 4, ContiguousWalk(yb), "y");
 }
 
@@ -143,9 +144,8 @@ void ValidateReorder(StepValidator& v, PlanStep& s) {
   const BlockedLayout& l = s.blocked[0];
   if (!l.present() || l.w == 0) return v.Fail("needs a blocked layout with a non-empty interior");
   if (l.bf16) return v.Fail("reorders are float32 (a bf16 layout is for bf16 direct convs only)");
-  if (s.count % kernels::kNchwcBlock) return v.Fail("channels must be a multiple of 16");
   const size_t nchw = v.Product({s.n, s.count, l.h, l.w});
-  const size_t blocked = v.Product({s.n, s.count / kernels::kNchwcBlock, l.block_floats()});
+  const size_t blocked = v.Product({s.n, kernels::NchwcBlocks(s.count), l.block_floats()});
   v.Read(s.in[0], 4, ContiguousWalk(s.flag ? nchw : blocked), "x");
   v.Write(s.out[0], 4, ContiguousWalk(s.flag ? blocked : nchw), "y");
 }

@@ -35,12 +35,14 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
   const uint32_t* w = static_cast<const uint32_t*>(a->w);
   const uint16_t* xb = static_cast<const uint16_t*>(a->x) + oy * row_step + ox0 * SW * kB;
   for (size_t cb = 0; cb < a->c_blocks; ++cb, xb += plane) {
+    // The last block's pairs past c_last have zero weights: skipped.
+    const size_t np = cb + 1 == a->c_blocks ? (a->c_last + 1) / 2 : kPairs;
     for (size_t ky = 0; ky < a->kh; ++ky) {
 #pragma GCC unroll 1
       for (size_t kx = 0; kx < a->kw; ++kx) {
         const uint16_t* xt = xb + ky * row + kx * kB;
 #pragma GCC unroll 1
-        for (size_t c = 0; c < kPairs; ++c, w += kOcb) {
+        for (size_t c = 0; c < np; ++c, w += kOcb) {
           const __m512bh w0 = (__m512bh)_mm512_load_si512(w);
           const __m512bh w1 = NV > 1 ? (__m512bh)_mm512_load_si512(w + 16) : w0;
 #pragma GCC unroll 16
@@ -52,6 +54,7 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
             if (NV > 1) acc[NV - 1][p] = _mm512_dpbf16_ps(acc[NV - 1][p], xv, w1);
           }
         }
+        w += (kPairs - np) * kOcb;
       }
     }
   }

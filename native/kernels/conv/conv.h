@@ -105,17 +105,21 @@ F32ConvGemmUkernelInfo F32ConvGemmUkernelAvx512();
 // bias[0..31] and applies ep's activation and residual (ep->residual at the same NCHW offset as y;
 // ldr, scale and bias of ep unused), or none when ep is null.
 constexpr size_t kNchwcBlock = 16;
+// Blocks of a c-channel blocked tensor: the last one partial when c is not a multiple of 16 (its
+// lanes past c hold finite values a reader ignores: the weights of those input channels are zero).
+constexpr size_t NchwcBlocks(size_t c) { return (c + kNchwcBlock - 1) / kNchwcBlock; }
 constexpr size_t kNchwcOutBlock = 32;
 constexpr size_t kNchwcMaxPixels = 14;
 // Blocked output (y_row != 0): y points at output pixel (0, 0) of the channel block oc0 / 16 of one
 // image, in a blocked tensor whose rows are y_row floats apart and whose 16-channel blocks are
 // y_block floats apart (border columns and rows around the oh x ow interior are not written); the
-// residual (ep->residual, may be null) is blocked the same way with its own res_row / res_block,
-// and oc_valid must then be 16 or 32. The tile leaves as it is held, 16 channels of a pixel per
+// residual (ep->residual, may be null) is blocked the same way with its own res_row / res_block;
+// whole vectors are stored (a partial block's lanes past oc_valid get act(0 + residual), finite). The tile leaves as it is held, 16 channels of a pixel per
 // vector, so no transpose or gather is needed.
 struct NchwcConvArgs {
   const void* x;  // float, or bf16 (uint16) for the bf16 kernel
   size_t c_blocks, hp, wp;
+  size_t c_last;  // input channels in the last block (16 when whole; the kernel skips the rest)
   const void* w;  // float, or bf16 pairs for the bf16 kernel
   size_t kh, kw, sh, sw;
   const float* bias;
@@ -146,10 +150,11 @@ struct NchwcDepthwiseArgs {
   const GemmEpilogue* ep;
 };
 typedef void (*F32NchwcDepthwiseUkernel)(const NchwcDepthwiseArgs* a, size_t oy);
-// One input row of 16 channel planes into blocked form: dst[ix * 16 + l] = src[l * plane + ix], ix < w.
-typedef void (*F32PackNchwcRowUkernel)(const float* src, size_t plane, size_t w, float* dst);
-// The inverse: dst[l * plane + ix] = src[ix * 16 + l], ix < w, l < 16.
-typedef void (*F32UnpackNchwcRowUkernel)(const float* src, size_t w, float* dst, size_t plane);
+// One input row of a block's channel planes into blocked form: dst[ix * 16 + l] = src[l * plane + ix]
+// for l < channels (<= 16; a tensor's last, partial block), 0 for the lanes past them; ix < w.
+typedef void (*F32PackNchwcRowUkernel)(const float* src, size_t plane, size_t w, float* dst, size_t channels);
+// The inverse: dst[l * plane + ix] = src[ix * 16 + l], ix < w, l < channels (<= 16).
+typedef void (*F32UnpackNchwcRowUkernel)(const float* src, size_t w, float* dst, size_t plane, size_t channels);
 F32PackNchwcRowUkernel F32PackNchwcRowUkernelScalar();
 F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelScalar();
 #if defined(__x86_64__) || defined(_M_X64)

@@ -42,6 +42,8 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
   const float* w = static_cast<const float*>(a->w);
   const float* xb = static_cast<const float*>(a->x) + oy * row_step + ox0 * SW * KB;
   for (size_t cb = 0; cb < a->c_blocks; ++cb, xb += plane) {
+    // The last block's channels past c_last have zero weights: skipped, not multiplied.
+    const size_t nc = cb + 1 == a->c_blocks ? a->c_last : KB;
     for (size_t ky = 0; ky < a->kh; ++ky) {
       // With KB = 1 this is the innermost loop, and GCC's unroll by 2 spilled half the accumulators.
 #pragma GCC unroll 1
@@ -49,7 +51,7 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
         const float* xt = xb + ky * row + kx * KB;
         // Unrolling the 16 input channels too made GCC spill accumulators; this loop keeps all in registers.
 #pragma GCC unroll 1
-        for (size_t c = 0; c < KB; ++c, w += kOcb) {
+        for (size_t c = 0; c < nc; ++c, w += kOcb) {
           const __m512 w0 = _mm512_load_ps(w);
           const __m512 w1 = NV > 1 ? _mm512_load_ps(w + 16) : w0;
 #pragma GCC unroll 16
@@ -59,6 +61,7 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
             if (NV > 1) acc[NV - 1][p] = _mm512_fmadd_ps(xv, w1, acc[NV - 1][p]);
           }
         }
+        w += (KB - nc) * kOcb;
       }
     }
   }
@@ -95,26 +98,26 @@ void F32DirectConvAvx512(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t n
   else TileTables<KB>::kTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
 }
 
-void F32PackNchwcRowAvx512(const float* src, size_t plane, size_t w, float* dst) {
+void F32PackNchwcRowAvx512(const float* src, size_t plane, size_t w, float* dst, size_t channels) {
   __m512 r[16];
   for (size_t x0 = 0; x0 < w; x0 += 16, dst += 16 * kB) {
     const size_t np = w - x0 < 16 ? w - x0 : 16;
     const __mmask16 m = static_cast<__mmask16>((1u << np) - 1);
-    for (size_t l = 0; l < kB; ++l) r[l] = _mm512_maskz_loadu_ps(m, src + l * plane + x0);
+    for (size_t l = 0; l < kB; ++l) r[l] = l < channels ? _mm512_maskz_loadu_ps(m, src + l * plane + x0) : _mm512_setzero_ps();
     Transpose16x16(r);
     for (size_t p = 0; p < np; ++p) _mm512_storeu_ps(dst + p * kB, r[p]);
   }
 }
 
 // 16 pixels at a time: their 16-channel vectors in, transposed, one masked row of each channel out.
-void F32UnpackNchwcRowAvx512(const float* src, size_t w, float* dst, size_t plane) {
+void F32UnpackNchwcRowAvx512(const float* src, size_t w, float* dst, size_t plane, size_t channels) {
   __m512 r[16];
   for (size_t x0 = 0; x0 < w; x0 += 16, src += 16 * kB) {
     const size_t np = w - x0 < 16 ? w - x0 : 16;
     const __mmask16 m = static_cast<__mmask16>((1u << np) - 1);
     for (size_t p = 0; p < 16; ++p) r[p] = p < np ? _mm512_loadu_ps(src + p * kB) : _mm512_setzero_ps();
     Transpose16x16(r);
-    for (size_t l = 0; l < kB; ++l) _mm512_mask_storeu_ps(dst + l * plane + x0, m, r[l]);
+    for (size_t l = 0; l < channels; ++l) _mm512_mask_storeu_ps(dst + l * plane + x0, m, r[l]);
   }
 }
 

@@ -107,13 +107,13 @@ void F32Im2colScalar(const Im2colArgs* a, size_t k0, size_t kc, size_t j0, size_
   for (size_t k = 0; k < kc; ++k) FillRow(a, k0 + k, j0, ncols, nr, panel + k * nr);
 }
 
-void F32PackNchwcRowScalar(const float* src, size_t plane, size_t w, float* dst) {
+void F32PackNchwcRowScalar(const float* src, size_t plane, size_t w, float* dst, size_t channels) {
   for (size_t ix = 0; ix < w; ++ix)
-    for (size_t l = 0; l < kNchwcBlock; ++l) dst[ix * kNchwcBlock + l] = src[l * plane + ix];
+    for (size_t l = 0; l < kNchwcBlock; ++l) dst[ix * kNchwcBlock + l] = l < channels ? src[l * plane + ix] : 0.0f;
 }
 
-void F32UnpackNchwcRowScalar(const float* src, size_t w, float* dst, size_t plane) {
-  for (size_t l = 0; l < kNchwcBlock; ++l)
+void F32UnpackNchwcRowScalar(const float* src, size_t w, float* dst, size_t plane, size_t channels) {
+  for (size_t l = 0; l < channels; ++l)
     for (size_t ix = 0; ix < w; ++ix) dst[l * plane + ix] = src[ix * kNchwcBlock + l];
 }
 

@@ -1,0 +1,54 @@
+// node bench/model-ab.js <base package dir> [model=mobilenetv2] [threads=1] [batch=1] [precision=fp32] [seconds=12]
+// A whole generated model on this checkout's build ('new') against another build of sonde ('base': a
+// folder holding that build's dist/, build/Release/sonde.node and package.json, with node_modules
+// reachable, e.g. a copy of main), both loaded in this process, and onnxruntime-node fp32 as the
+// anchor, interleaved run by run (order reversed every round) so the VM's drift falls on all alike.
+// Outputs of the two builds are compared first. Prints medians, new/base and ort/new.
+import { loadavg } from 'node:os';
+import { join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import * as here from '../dist/index.js';
+import * as onnxruntime from './anchors/onnxruntime.js';
+import { modelBytes, modelInput } from './graphs/models.js';
+
+if (!process.argv[2]) {
+  console.error('usage: node bench/model-ab.js <base package dir> [model] [threads] [batch] [precision] [seconds]');
+  process.exit(2);
+}
+const base = await import(pathToFileURL(join(resolve(process.argv[2]), 'dist', 'index.js')).href);
+const name = process.argv[3] ?? 'mobilenetv2';
+const threads = Number(process.argv[4] ?? 1);
+const batch = Number(process.argv[5] ?? 1);
+const precision = process.argv[6] ?? 'fp32';
+const seconds = Number(process.argv[7] ?? 12);
+const bytes = modelBytes(name);
+const x = modelInput(name, batch);
+const load = async (lib) => {
+  const s = await lib.Session.load(bytes, { threads, device: 'cpu', precision });
+  const feed = { [s.inputs[0].name]: new lib.Tensor('float32', x.data, x.dims) };
+  return { s, run: () => s.run(feed) };
+};
+const b = await load(base), n = await load(here);
+const ort = await onnxruntime.prepareModel(bytes, { threads });
+const [ob, on] = [await b.run(), await n.run()].map((o) => Object.values(o)[0].data);
+let diff = 0;
+for (let i = 0; i < ob.length; i++) diff = Math.max(diff, Math.abs(ob[i] - on[i]));
+const fns = [b.run, n.run, () => ort.run({ input: x })];
+for (const f of fns) await f();
+const times = fns.map(() => []);
+const start = performance.now();
+for (let r = 0; r < 2000 && (r < 6 || performance.now() - start < seconds * 1000); r++) {
+  for (const i of r % 2 ? [2, 1, 0] : [0, 1, 2]) {
+    const t0 = performance.now();
+    await fns[i]();
+    times[i].push(performance.now() - t0);
+  }
+}
+const med = (t) => [...t].sort((p, q) => p - q)[Math.floor(t.length / 2)];
+const [mb, mn, mo] = times.map(med);
+console.log(`${name} ${precision} n${batch} t${threads}: base ${mb.toFixed(3)} ms, new ${mn.toFixed(3)} ms, ort fp32 ${mo.toFixed(3)} ms; ` +
+  `new/base time ${(mn / mb).toFixed(3)}, ort/new ${(mo / mn).toFixed(3)}, ort/base ${(mo / mb).toFixed(3)}; ` +
+  `max |new - base| ${diff.toExponential(2)} (${times[0].length} rounds, load ${loadavg()[0].toFixed(1)})`);
+b.s.dispose();
+n.s.dispose();
+await ort.release();
