@@ -120,8 +120,11 @@ export interface NativeConvHandle {
   dispose(): void;
   info(): { disposed: boolean; bytes?: number; path?: 'gemm' | 'direct' | 'depthwise' | 'reference'; ukernel?: string;
     variant?: Exclude<NativeConvVariant, 'auto'>; precision?: 'fp32' | 'bf16';
-    /** Plan steps may give it NCHW16c operands (PlanBlocked): 'x' a blocked x (y either), 'xy' x and y both. */
-    blocked?: 'x' | 'xy';
+    /**
+     * Plan steps may give it NCHW16c operands (PlanBlocked): 'x' a blocked x (y either), 'xy' x and y
+     * both, 'y' an NCHW x (a stem) with a blocked y (or an NCHW one).
+     */
+    blocked?: 'x' | 'xy' | 'y';
     /** It also reads and writes bf16 blocked operands (PlanBlocked.bf16): the bf16 direct path. */
     blockedBf16?: boolean };
 }

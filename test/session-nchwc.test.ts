@@ -238,6 +238,31 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
     }
   });
 
+  it('a stem (3 input channels, NCHW x) writes its y blocked for the run after it: no reorder at all', async () => {
+    const n = new Net();
+    const g = n.g;
+    const x = g.input('x', 'float32', ['N', 3, 23, 21]);
+    const stem = n.conv(x, 3, 32, 3, 2);
+    const w = g.init(g.fresh('w'), weights([32, 1, 3, 3], n.seed++));
+    const b = g.init(g.fresh('b'), weights([32], n.seed++));
+    const [d] = g.node('Conv', [stem, w, b], { kernel_shape: [3, 3], strides: [1, 1], pads: [1, 1, 1, 1], group: 32 });
+    const p = n.conv(g.node('Relu', [d!])[0]!, 32, 16, 1, 1, { relu: false });
+    const q = n.conv(p, 16, 48, 3);
+    g.node('GlobalAveragePool', [q], {}, ['pooled']);
+    g.output('pooled', 'float32');
+    const bytes = g.toBytes();
+    for (const [batch, threads] of [[1, 1], [2, 2]] as const) {
+      const feeds = { x: uniform([batch, 3, 23, 21], 60 + batch) };
+      const on = await runWith(bytes, feeds, {}, { threads });
+      expect(on.prof.filter((s) => s.op === 'conv').map((s) => s.kernel)).toEqual([
+        'direct/f32_conv_nchw_14x32__avx512+nchw16c-out', 'depthwise/f32_dwconv_nchw16c_4px__avx512+nchw16c-in-out',
+        'direct/f32_conv_nchw16c_14x32__avx512+nchw16c-in-out', 'direct/f32_conv_nchw16c_14x32__avx512+nchw16c-in-out']);
+      expect(on.prof.some((s) => s.op === 'reorder')).toBe(false);
+      const want = await ortRun(bytes, feeds);
+      for (const name of ['pooled']) expectClose(on.out[name]!.data as Float32Array, want[name]!.data as Float32Array, ORT_TOL, ORT_TOL, name);
+    }
+  });
+
   it('a conv output read only as the residual of a conv with an NCHW y stays NCHW (no reorder back)', async () => {
     const n = new Net();
     const x = n.g.input('x', 'float32', [1, 32, 9, 11]);
@@ -440,6 +465,26 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
       expect(() => create(spec({ xBlocked: { h: 5, w: 5, pads: [1, 1, 1, 1] }, residual: { buffer: 2, offset: 0 },
         residualBlocked: { h: 5, w: 5, pads: [0, 0, 0, 0] } }))).toThrow(/blocked exactly when y is/);
       expect(() => create(spec({ yBlocked: { h: 5, w: 5, pads: [0, 0, 0, 0] } }))).toThrow(/needs a blocked x/);
+      // Only a stem takes an NCHW x with a blocked y; its y layout must be the output size.
+      const stem = native().createConv(weights([16, 3, 3, 3], 2).data, {
+        cOut: 16, cIn: 3, group: 1, kernel: [3, 3], strides: [1, 1], dilations: [1, 1], pads: [1, 1, 1, 1],
+        autoPad: 0, bnEpsilon: 1e-5, activation: 0, alpha: 0, beta: 0, precision: 'fp32', variant: 'auto',
+      });
+      try {
+        expect(stem.info().blocked).toBe('y');
+        const stemSpec = (yBlocked: unknown, yBytes: number): PlanSpec => ({
+          buffers: [{ kind: 'input', index: 0, bytes: 3 * 5 * 5 * 4 }, { kind: 'output', index: 0, bytes: yBytes }],
+          steps: [{ node: 's', op: 'conv', handle: stem, x: { buffer: 0, offset: 0 }, y: { buffer: 1, offset: 0 },
+            residualBeforeActivation: false, n: 1, h: 5, w: 5, yBlocked } as never],
+          arenaBytes: 0, inputBytes: [3 * 5 * 5 * 4], outputBytes: [yBytes],
+        });
+        create(stemSpec({ h: 5, w: 5, pads: [1, 1, 1, 1] }, 16 * 7 * 7 * 4));
+        expect(() => create(stemSpec({ h: 4, w: 5, pads: [1, 1, 1, 1] }, 16 * 6 * 7 * 4))).toThrow(/not the output size/);
+        expect(() => create(stemSpec({ h: 5, w: 5, pads: [1, 1, 1, 1] }, 16 * 5 * 5 * 4))).toThrow(InternalError);
+        expect(() => create(stemSpec({ h: 5, w: 5, pads: [1, 1, 1, 1], bf16: true }, 16 * 7 * 7 * 2))).toThrow(/bf16 direct path/);
+      } finally {
+        stem.dispose();
+      }
     } finally {
       conv.dispose();
     }

@@ -115,7 +115,7 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
   const readsBlocked = (u: Use, root: ValueId): boolean => {
     if (!plain(u, root)) return false;
     const cg = geom.get(u.step);
-    if (cg && u.field === 'x') return !cg.needsBlockedY || isBlocked.has(yOf(u.step));
+    if (cg && u.field === 'x') return !cg.nchwX && (!cg.needsBlockedY || isBlocked.has(yOf(u.step)));
     if (cg && u.field === 'residual') return isBlocked.has(yOf(u.step));
     // The blocked pool reads whole 16-channel blocks.
     return steps[u.step]!.op === 'globalAveragePool' && u.field === 'x' && geom.get(producers.get(root)!)!.cOut % BLOCK === 0;
@@ -177,10 +177,11 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
     if (g.needsBlockedY && !yb) continue;
     const x = io.rootOf(io.valueOf(s.x)!);
     const xUse = uses.get(x)!.find((u) => u.ref === s.x)!;
-    if (blocked.has(x) && plain(xUse, x)) {
+    // A stem reads its NCHW x as it is (a blocked x is an NCHW use, below).
+    if (!g.nchwX && blocked.has(x) && plain(xUse, x)) {
       s.xBlocked = blocked.get(x)!.layout;
       handled.add(xUse);
-    } else if (yb) {
+    } else if (!g.nchwX && yb) {
       const c = request(toBlocked, x, i, { n: s.n, c: g.cIn, h: s.h, w: s.w }, g.border);
       c.readers.push(() => { s.x = io.ref(c.id!); s.xBlocked = layoutOf(c); });
       handled.add(xUse);

@@ -177,7 +177,7 @@ function kernelOf(step: PlanStep): string {
   switch (step.op) {
     case 'conv': {
       const info = step.handle.info();
-      const blocked = (step.xBlocked ? (step.yBlocked ? '+nchw16c-in-out' : '+nchw16c-in') : '') +
+      const blocked = (step.xBlocked ? (step.yBlocked ? '+nchw16c-in-out' : '+nchw16c-in') : step.yBlocked ? '+nchw16c-out' : '') +
         (step.xBlocked?.bf16 ? '+bf16-in' : '') + (step.yBlocked?.bf16 ? '+bf16-out' : '');
       // The handle names its NCHW kernel; a depthwise conv in a blocked run uses its blocked one.
       const ukernel = step.xBlocked && info.path === 'depthwise' ? 'f32_dwconv_nchw16c_4px__avx512' : info.ukernel ?? '?';

@@ -84,7 +84,9 @@ void Describe(Napi::Object& o, const ConvOp& w) {
   o.Set("variant", ConvVariantName(w.variant()));
   o.Set("precision", w.precision() == ConvPrecision::kBf16 ? "bf16" : "fp32");
   // Blocked (NCHW16c) operands in plans: 'x' = a blocked x with a blocked or NCHW y, 'xy' = both blocked.
+  // 'y' = an NCHW x (a stem) with a blocked or NCHW y.
   if (w.blocked()) o.Set("blocked", w.blocked_needs_blocked_y() ? "xy" : "x");
+  else if (w.blocked_y_from_nchw()) o.Set("blocked", "y");
   // It also reads and writes bf16 blocked operands (PlanBlocked.bf16).
   if (w.blocked_bf16()) o.Set("blockedBf16", true);
 }

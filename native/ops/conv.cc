@@ -690,7 +690,8 @@ uint16_t* Bf16InputScratch(size_t elements) {
 }  // namespace
 
 bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
-                       size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep0) const {
+                       size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep0,
+                       const BlockedLayout* yl, const BlockedLayout* rl) const {
   const size_t kB = in_block_;
   const WindowGeometry& g = spec_.window;
   const size_t c_blocks = (spec_.c_in + kB - 1) / kB, hwo = s.oh * s.ow;
@@ -724,8 +725,7 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
         if (xh) to_bf16_uk_(dst, plane, xh + b * image + cb * plane);
       }, cancel))
     return false;
-  return RunDirectTiles(pool, nthreads, cancel, xh ? static_cast<const void*>(xh) : xb, hp, wp, n, s, y, nullptr, ep0,
-                        nullptr);
+  return RunDirectTiles(pool, nthreads, cancel, xh ? static_cast<const void*>(xh) : xb, hp, wp, n, s, y, yl, ep0, rl);
 }
 
 bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const void* xo,
@@ -798,6 +798,18 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
 
 std::string ConvOp::CheckBlocked(size_t h, size_t w, const BlockedLayout& xl, const BlockedLayout* yl,
                                  const BlockedLayout* rl) const {
+  if (!xl.present() && blocked_y_from_nchw()) {
+    if (!yl) return "an NCHW x needs a blocked y here";
+    if (rl && !yl) return "a blocked residual needs a blocked y";
+    if (yl->bf16 || (rl && rl->bf16)) return "bf16 blocked operands need the bf16 direct path";
+    WindowShape s;
+    std::string e = ResolveWindow(spec_.window, h, w, &s);
+    if (!e.empty()) return e;
+    if (yl->h != s.oh || yl->w != s.ow) return "y's blocked layout is not the output size";
+    if (rl && (rl->h != s.oh || rl->w != s.ow)) return "the residual's blocked layout is not the output size";
+    return "";
+  }
+  if (!xl.present()) return "a blocked y or residual needs a blocked x";
   if (!blocked()) return "this convolution does not run on blocked activations";
   if (blocked_needs_blocked_y() && !yl) return "a blocked depthwise convolution needs a blocked y";
   WindowShape s;
@@ -838,6 +850,11 @@ bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* ca
   const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())),
                                            2.0 * static_cast<double>(n * spec_.c_out * s.oh * s.ow) * static_cast<double>(kg_),
                                            kMinFlopsPerThread);
+  if (!xl.present()) {
+    const bool ok = RunDirect(pool, threads, cancel, x, n, h, w, s, y, ep, yl, rl);
+    if (!ok && error->empty()) *error = "aborted";
+    return ok;
+  }
   // This conv's padded (0, 0) inside x's (possibly wider) border.
   const size_t origin = ((xl.pad_t - s.pad_t) * xl.wp() + (xl.pad_l - s.pad_l)) * kernels::kNchwcBlock;
   bool ok;

@@ -120,6 +120,9 @@ class ConvOp {
     return (path_ == Path::kDirect && in_block_ == kernels::kNchwcBlock) || dw_blocked_uk_ != nullptr;
   }
   bool blocked_needs_blocked_y() const { return path_ == Path::kDepthwise; }
+  // A stem (the direct tiles on a padded NCHW copy of a few input channels) reads an NCHW x only,
+  // but RunBlocked may give it a blocked y (and residual): x's layout then absent.
+  bool blocked_y_from_nchw() const { return path_ == Path::kDirect && in_block_ == 1; }
   // Empty if RunBlocked may run with these layouts on an h x w input: x's border covers this conv's
   // padding and every tap, y's (and the residual's) interior is the output size, channels whole
   // blocks. Otherwise why not.
@@ -127,7 +130,8 @@ class ConvOp {
                            const BlockedLayout* rl) const;
   // Run() on a blocked x (layout xl, border zero). y and the residual are both blocked (yl, rl;
   // y's border is zeroed here) or both NCHW (null layouts); the residual may be null. x and y hold
-  // bf16 where their layouts say so (blocked_bf16() only; the residual is always float).
+  // bf16 where their layouts say so (blocked_bf16() only; the residual is always float). With
+  // blocked_y_from_nchw(), xl absent (h = 0): x is NCHW and y blocked.
   bool RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,
                   const BlockedLayout& xl, size_t n, size_t h, size_t w, float* y, const BlockedLayout* yl,
                   const float* residual, const BlockedLayout* rl, bool residual_before_activation,
@@ -148,7 +152,8 @@ class ConvOp {
   bool RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t hw,
                     float* y, const kernels::GemmEpilogue& ep) const;
   bool RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
-                 size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
+                 size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep,
+                 const BlockedLayout* yl = nullptr, const BlockedLayout* rl = nullptr) const;
   // The direct kernel over a blocked input (fp32, or bf16 with bf16_direct_) whose origin xo is this
   // conv's padded (0, 0) (hp x wp pixels per channel block): y NCHW (yl null) or blocked (residual
   // too, rl).

@@ -122,7 +122,7 @@ void ValidateConv(StepValidator& v, PlanStep& s) {
   if (!e.empty()) return v.Fail(e);
   const size_t y = v.Product({s.n, spec.c_out, ws.oh, ws.ow});
   const BlockedLayout &xl = s.blocked[0], &rl = s.blocked[1], &yl = s.blocked[2];
-  if (!xl.present()) {
+  if (!xl.present() && !(yl.present() && s.conv->blocked_y_from_nchw())) {
     if (rl.present() || yl.present()) return v.Fail("a blocked residual or y needs a blocked x");
     v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.n, spec.c_in, s.h, s.w})), "x");
     v.ReadOptional(s.in[1], 4, ContiguousWalk(y), "residual");
@@ -132,9 +132,9 @@ void ValidateConv(StepValidator& v, PlanStep& s) {
   if (s.in[1].present() && rl.present() != yl.present()) return v.Fail("the residual must be blocked exactly when y is");
   const std::string why = s.conv->CheckBlocked(s.h, s.w, xl, yl.present() ? &yl : nullptr, rl.present() ? &rl : nullptr);
   if (!why.empty()) return v.Fail(why);
-  constexpr size_t kB = kernels::kNchwcBlock;
   const size_t cin_blocks = kernels::NchwcBlocks(spec.c_in), cout_blocks = kernels::NchwcBlocks(spec.c_out);
-  v.Read(s.in[0], xl.elem_bytes(), ContiguousWalk(v.Product({s.n, cin_blocks, xl.block_floats()})), "x");
+  if (xl.present()) v.Read(s.in[0], xl.elem_bytes(), ContiguousWalk(v.Product({s.n, cin_blocks, xl.block_floats()})), "x");
+  else v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.n, spec.c_in, s.h, s.w})), "x");
   const size_t yb = yl.present() ? v.Product({s.n, cout_blocks, yl.block_floats()}) : y;
   if (s.in[1].present()) v.Read(s.in[1], 4, ContiguousWalk(rl.present() ? v.Product({s.n, cout_blocks, rl.block_floats()}) : y), "residual");
   v.Write(s.out[0], yl.present() ? yl.elem_bytes() : 4, ContiguousWalk(yb), "y");
@@ -643,7 +643,7 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
   void* y = at(s.out[0]);
   switch (s.op) {
     case PlanOp::kConv:
-      if (s.blocked[0].present())
+      if (s.blocked[0].present() || s.blocked[2].present())
         return s.conv->RunBlocked(*ctx.pool, ctx.max_threads, ctx.cancel, f32(s.in[0]), s.blocked[0], s.n, s.h, s.w,
                                   f32(s.out[0]), s.blocked[2].present() ? &s.blocked[2] : nullptr, f32(s.in[1]),
                                   s.blocked[1].present() ? &s.blocked[1] : nullptr, s.flag, error);

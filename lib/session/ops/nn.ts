@@ -117,7 +117,7 @@ const ACTIVATION_CODE: Record<FusedActivation, number> = {
 };
 
 /** Convolutions that can read and write blocked (NCHW16c) activations, by handle. */
-const directConvs = new WeakMap<NativeConvHandle, { cIn: number; cOut: number; win: Window; needsBlockedY: boolean; bf16: boolean }>();
+const directConvs = new WeakMap<NativeConvHandle, { cIn: number; cOut: number; win: Window; needsBlockedY: boolean; nchwX: boolean; bf16: boolean }>();
 
 /** What the layout pass (lib/session/layout.ts) needs of a conv that can run on blocked operands. */
 export interface BlockedConvGeometry {
@@ -129,6 +129,8 @@ export interface BlockedConvGeometry {
   border: [number, number, number, number];
   /** It reads a blocked x only when it also writes a blocked y (depthwise). */
   needsBlockedY: boolean;
+  /** It reads an NCHW x only, and may write a blocked y (a stem). */
+  nchwX: boolean;
   /** It also reads and writes bf16 blocked operands (the bf16 direct path). */
   bf16: boolean;
 }
@@ -142,7 +144,7 @@ export function blockedConvGeometry(handle: NativeConvHandle, h: number, w: numb
   // The direct path has no dilation: the last output row reads rows up to (oh-1)*sh + kh of the padded input.
   const needB = Math.max(pads[0] + h, (oh - 1) * d.win.strides[0] + d.win.kernel[0]) - pads[0] - h;
   const needR = Math.max(pads[1] + w, (ow - 1) * d.win.strides[1] + d.win.kernel[1]) - pads[1] - w;
-  return { cIn: d.cIn, cOut: d.cOut, oh, ow, border: [pads[0], pads[1], needB, needR], needsBlockedY: d.needsBlockedY, bf16: d.bf16 };
+  return { cIn: d.cIn, cOut: d.cOut, oh, ow, border: [pads[0], pads[1], needB, needR], needsBlockedY: d.needsBlockedY, nchwX: d.nchwX, bf16: d.bf16 };
 }
 
 interface ConvPrepared extends Prepared, SparsePrepared {
@@ -225,7 +227,9 @@ function prepareConv(fused: boolean) {
     const cIn = w.dims[1]! * group;
     const info = handle.info();
     const blockedIo = spatial === 2 ? info.blocked : undefined;
-    if (blockedIo) directConvs.set(handle, { cIn, cOut, win, needsBlockedY: blockedIo === 'xy', bf16: info.blockedBf16 === true });
+    if (blockedIo) {
+      directConvs.set(handle, { cIn, cOut, win, needsBlockedY: blockedIo === 'xy', nchwX: blockedIo === 'y', bf16: info.blockedBf16 === true });
+    }
     let sparse: SparseChoice | undefined;
     const pointwise = isPointwise(win, group);
     const kxk = !pointwise && isSparseKxK(win, group, spatial);
