@@ -322,6 +322,18 @@ const direct: Shape[] = [
 ];
 const D = (fragment: string): Shape => direct.find((c) => c.name.includes(fragment))!;
 
+// Stems: convs of at most 4 input channels (see "direct kernel on NCHW input" below).
+const stem: Shape[] = [
+  { name: '7x7 s2 p3, 3 -> 64 on 45x37 (stem, tiles 10+9, N=2)', x: [2, 3, 45, 37], w: [64, 3, 7, 7], g: { strides: [2, 2], pads: [3, 3, 3, 3] } },
+  ...Array.from({ length: 14 }, (_, i): Shape => ({
+    name: `3x3 s2 p1, 3 -> 40 on 5x${2 * i + 1} (tile width ${i + 1})`, x: [1, 3, 5, 2 * i + 1], w: [40, 3, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } })),
+  { name: '3x3 p1, 1 -> 16 on 7x7 (row pairs, one output vector)', x: [1, 1, 7, 7], w: [16, 1, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '5x3 asymmetric pads, 2 -> 33 on 11x30 (tiles 10+10+10)', x: [1, 2, 11, 30], w: [33, 2, 5, 3], g: { pads: [2, 0, 1, 2] } },
+  { name: '3x3 SAME_UPPER s2, 4 -> 7 on 9x8, N=3', x: [3, 4, 9, 8], w: [7, 4, 3, 3], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
+  { name: '1x1, 3 -> 20 on 29x28 (pointwise kernel, blocked weights)', x: [1, 3, 29, 28], w: [20, 3, 1, 1], g: {} },
+  { name: '2x2 VALID s2, 3 -> 96 on 2x2 (one pixel)', x: [1, 3, 2, 2], w: [96, 3, 2, 2], g: { strides: [2, 2], autoPad: 'VALID' } },
+];
+
 describe.runIf(simd === 'avx512')('direct NCHW16c kernel', () => {
   it.each(direct)('$name', async (s) => {
     const x = randomTensor(s.x, 40);
@@ -422,22 +434,26 @@ describe.runIf(simd === 'avx512' && bf16Cpu)('bf16 direct NCHW16c kernel', () =>
     }
   });
 
-  it('the automatic choice: bf16 direct for whole input blocks, the fp32 stem kernel on rounded weights for a stem', async () => {
-    const conv = kernels.createConv2d(randomTensor([64, 64, 3, 3], 77), { pads: [1, 1, 1, 1], precision: 'bf16' });
-    expect([conv.path, conv.ukernel]).toEqual(['direct', 'bf16_conv_nchw16c_14x32__avx512bf16']);
-    conv.dispose();
-    // A stem has no channel pairs to fill; it keeps the fp32 direct tiles, on bf16-rounded weights.
-    const s = { x: [1, 3, 23, 21], w: [64, 3, 7, 7], g: { strides: [2, 2], pads: [3, 3, 3, 3] } as Geo };
-    const x = randomTensor(s.x, 78);
-    const w = randomTensor(s.w, 79);
-    const stem = kernels.createConv2d(w, { ...s.g, precision: 'bf16' });
-    expect([stem.path, stem.ukernel, stem.variant]).toEqual(['direct', 'f32_conv_nchw_14x32__avx512', 'avx512']);
-    expectConv(await stem.run(x), refConv(x, rounded(w), s.w, s.g));
+  it('the automatic choice takes it for whole and partial input blocks, and the stem tiles for ResNet-50\'s stem', () => {
+    for (const ci of [64, 24]) {
+      const conv = kernels.createConv2d(randomTensor([64, ci, 3, 3], 77), { pads: [1, 1, 1, 1], precision: 'bf16' });
+      expect([conv.path, conv.ukernel]).toEqual(['direct', 'bf16_conv_nchw16c_14x32__avx512bf16']);
+      conv.dispose();
+    }
+    const stem = kernels.createConv2d(randomTensor([64, 3, 7, 7], 78), { strides: [2, 2], pads: [3, 3, 3, 3], precision: 'bf16' });
+    expect([stem.path, stem.ukernel, stem.variant]).toEqual(['direct', 'bf16_conv_nchw_14x32__avx512bf16', 'avx512bf16']);
     stem.dispose();
-    // Asked for by name, the bf16 kernel runs it on the GEMM path.
-    const named = kernels.createConv2d(w, { ...s.g, precision: 'bf16', variant: 'avx512bf16' });
-    expect([named.path, named.ukernel]).toEqual(['gemm', 'bf16_gemm_12x32__avx512bf16']);
-    named.dispose();
+  });
+
+  // Stems pair two taps of a row (kx = 2j, 2j + 1; an odd kw's last pair reads a zero column).
+  it.each(stem)('stem tiles: $name', async (s) => {
+    const x = randomTensor(s.x, 80);
+    const w = randomTensor(s.w, 81);
+    const bias = randomTensor([s.w[0]!], 82);
+    const conv = createDirect(w, { ...s.g, bias, precision: 'bf16' });
+    expect([conv.path, conv.ukernel]).toEqual(['direct', 'bf16_conv_nchw_14x32__avx512bf16']);
+    expectConv(await conv.run(x), refConv(new Tensor('float32', rounded(x), x.dims), rounded(w), s.w, s.g, bias.data));
+    conv.dispose();
   });
 });
 
@@ -446,17 +462,8 @@ describe.runIf(simd === 'avx512' && bf16Cpu)('bf16 direct NCHW16c kernel', () =>
 // K walks channels x taps with no zero lanes. Tile widths 1..14 and split rows, row pairs (2 rows of
 // <= 7 pixels), 1..4 input channels, one or two output vectors and partial blocks, stride 1 and 2
 // with odd sizes and asymmetric / SAME pads, batches, against the double reference.
+
 describe.runIf(simd === 'avx512')('direct kernel on NCHW input (few input channels)', () => {
-  const stem: Shape[] = [
-    { name: '7x7 s2 p3, 3 -> 64 on 45x37 (stem, tiles 10+9, N=2)', x: [2, 3, 45, 37], w: [64, 3, 7, 7], g: { strides: [2, 2], pads: [3, 3, 3, 3] } },
-    ...Array.from({ length: 14 }, (_, i): Shape => ({
-      name: `3x3 s2 p1, 3 -> 40 on 5x${2 * i + 1} (tile width ${i + 1})`, x: [1, 3, 5, 2 * i + 1], w: [40, 3, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } })),
-    { name: '3x3 p1, 1 -> 16 on 7x7 (row pairs, one output vector)', x: [1, 1, 7, 7], w: [16, 1, 3, 3], g: { pads: [1, 1, 1, 1] } },
-    { name: '5x3 asymmetric pads, 2 -> 33 on 11x30 (tiles 10+10+10)', x: [1, 2, 11, 30], w: [33, 2, 5, 3], g: { pads: [2, 0, 1, 2] } },
-    { name: '3x3 SAME_UPPER s2, 4 -> 7 on 9x8, N=3', x: [3, 4, 9, 8], w: [7, 4, 3, 3], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
-    { name: '1x1, 3 -> 20 on 29x28 (pointwise kernel, blocked weights)', x: [1, 3, 29, 28], w: [20, 3, 1, 1], g: {} },
-    { name: '2x2 VALID s2, 3 -> 96 on 2x2 (one pixel)', x: [1, 3, 2, 2], w: [96, 3, 2, 2], g: { strides: [2, 2], autoPad: 'VALID' } },
-  ];
   it.each(stem)('$name', async (s) => {
     const x = randomTensor(s.x, 60);
     const w = randomTensor(s.w, 61);

@@ -205,7 +205,6 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   };
 
   const bool depthwise = cg == 1 && cog == 1;
-  const bool auto_variant = variant == ConvVariant::kAuto;
   if (variant == ConvVariant::kAvx512Bf16 && depthwise) variant = ConvVariant::kAvx512;
   if (precision == ConvPrecision::kBf16 && variant == ConvVariant::kAuto && Cpu().HasBf16() && !depthwise)
     variant = ConvVariant::kAvx512Bf16;
@@ -251,13 +250,7 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   }
 
 #if defined(__x86_64__) || defined(_M_X64)
-  if (variant == ConvVariant::kAvx512Bf16 && DirectFits(spec) && DirectWanted(spec)) {
-    // A stem (a few input channels, no bf16 pairs to fill): the fp32 direct kernel on the
-    // bf16-rounded weights, unless the caller asked for the bf16 kernel by name.
-    if (spec.c_in <= kDirectNchwMaxChannels && auto_variant) op->variant_ = variant = ConvVariant::kAvx512;
-  }
-  const bool bf16_direct = variant == ConvVariant::kAvx512Bf16 && spec.c_in > kDirectNchwMaxChannels &&
-                           DirectFits(spec) && DirectWanted(spec);
+  const bool bf16_direct = variant == ConvVariant::kAvx512Bf16 && DirectFits(spec) && DirectWanted(spec);
   if (variant == ConvVariant::kAvx512Bf16 && !bf16_direct) {
     op->path_ = Path::kGemmBf16;
     op->bf16_uk_ = kernels::Bf16GemmUkernelAvx512Bf16();
@@ -284,7 +277,7 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
     op->bf16_direct_ = bf16_direct;
     const bool nchw = spec.c_in <= kDirectNchwMaxChannels;
     op->in_block_ = nchw ? 1 : kernels::kNchwcBlock;
-    op->direct_uk_ = bf16_direct ? kernels::Bf16NchwcConvUkernelAvx512Bf16()
+    op->direct_uk_ = bf16_direct ? (nchw ? kernels::Bf16NchwConvUkernelAvx512Bf16() : kernels::Bf16NchwcConvUkernelAvx512Bf16())
                      : nchw      ? kernels::F32NchwConvUkernelAvx512()
                                  : kernels::F32NchwcConvUkernelAvx512();
     op->pack_uk_ = kernels::F32PackNchwcRowUkernelAvx512();
@@ -299,7 +292,25 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
       const size_t co = ob * kO + o, ci = cb * kB + l;
       return co < spec.c_out && ci < spec.c_in ? folded(co, ci * taps + t) : 0.0f;
     };
-    if (bf16_direct) {
+    if (bf16_direct && nchw) {
+      // A stem: [o_block][c][ky][ceil(kw / 2) pairs][32 outputs] uint32 (tap kx = 2j low, 2j + 1
+      // high, zero past kw).
+      const size_t kw_pairs = (g.kw + 1) / 2;
+      op->ldw_ = spec.c_in * g.kh * kw_pairs * kO;
+      op->w_pairs_ = static_cast<uint32_t*>(AlignedAlloc(o_blocks * op->ldw_ * sizeof(uint32_t)));
+      uint32_t* dst = op->w_pairs_;
+      for (size_t ob = 0; ob < o_blocks; ++ob)
+        for (size_t c = 0; c < spec.c_in; ++c)
+          for (size_t ky = 0; ky < g.kh; ++ky)
+            for (size_t j = 0; j < kw_pairs; ++j)
+              for (size_t o = 0; o < kO; ++o) {
+                const size_t kx = 2 * j;
+                const float lo = weight(ob, c, ky * g.kw + kx, 0, o);
+                const float hi = kx + 1 < g.kw ? weight(ob, c, ky * g.kw + kx + 1, 0, o) : 0.0f;
+                *dst++ = static_cast<uint32_t>(kernels::LowpF32ToBf16(lo)) |
+                         (static_cast<uint32_t>(kernels::LowpF32ToBf16(hi)) << 16);
+              }
+    } else if (bf16_direct) {
       // [o_block][c_block][ky][kx][8 input pairs][32 outputs] uint32 (channel 2j low, 2j+1 high).
       op->ldw_ = block_floats / 2;
       op->w_pairs_ = static_cast<uint32_t*>(AlignedAlloc(o_blocks * op->ldw_ * sizeof(uint32_t)));
@@ -332,8 +343,8 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
       op->pointwise_ = true;
       op->k_run_ = kg;
     }
-    op->bytes_ = RoundUp(o_blocks * block_floats * (bf16_direct ? 2 : 4), 64) +
-                 RoundUp(o_blocks * kO * sizeof(float), 64) + spec.c_out * sizeof(float);
+    op->bytes_ = RoundUp(o_blocks * op->ldw_ * 4, 64) + RoundUp(o_blocks * kO * sizeof(float), 64) +
+                 spec.c_out * sizeof(float);
     return op;
   }
 #endif
@@ -388,9 +399,8 @@ const char* ConvOp::ukernel() const {
     case Path::kGemmBf16: return bf16_uk_.name;
     case Path::kDepthwise: return window_name_;
     case Path::kDirect:
-      return bf16_direct_      ? "bf16_conv_nchw16c_14x32__avx512bf16"
-             : in_block_ == 1 ? "f32_conv_nchw_14x32__avx512"
-                              : "f32_conv_nchw16c_14x32__avx512";
+      if (bf16_direct_) return in_block_ == 1 ? "bf16_conv_nchw_14x32__avx512bf16" : "bf16_conv_nchw16c_14x32__avx512bf16";
+      return in_block_ == 1 ? "f32_conv_nchw_14x32__avx512" : "f32_conv_nchw16c_14x32__avx512";
     case Path::kReference: return "f32_conv__reference";
   }
   return "?";
@@ -696,7 +706,9 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
   const WindowGeometry& g = spec_.window;
   const size_t c_blocks = (spec_.c_in + kB - 1) / kB, hwo = s.oh * s.ow;
   const size_t hp = std::max(s.pad_t + h, (s.oh - 1) * g.sh + g.kh);
-  const size_t wp = std::max(s.pad_l + w, (s.ow - 1) * g.sw + g.kw);
+  // The bf16 stem reads taps in pairs: an odd kw's last pair reads one zero column more.
+  const size_t kw_read = bf16_direct_ && kB == 1 ? (g.kw + 1) / 2 * 2 : g.kw;
+  const size_t wp = std::max(s.pad_l + w, (s.ow - 1) * g.sw + kw_read);
   const size_t plane = hp * wp * kB, image = c_blocks * plane;
   const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())),
                                            2.0 * static_cast<double>(n * spec_.c_out * hwo) * static_cast<double>(kg_),
@@ -801,7 +813,8 @@ std::string ConvOp::CheckBlocked(size_t h, size_t w, const BlockedLayout& xl, co
   if (!xl.present() && blocked_y_from_nchw()) {
     if (!yl) return "an NCHW x needs a blocked y here";
     if (rl && !yl) return "a blocked residual needs a blocked y";
-    if (yl->bf16 || (rl && rl->bf16)) return "bf16 blocked operands need the bf16 direct path";
+    if (yl->bf16 && !bf16_direct_) return "bf16 blocked operands need the bf16 direct path";
+    if (rl && rl->bf16) return "a blocked residual must be float32";
     WindowShape s;
     std::string e = ResolveWindow(spec_.window, h, w, &s);
     if (!e.empty()) return e;

@@ -18,14 +18,13 @@
 //   or repeats its im2col (small planes, many channels); see ConvOp::Create for the measured rule.
 // - depthwise (group = C_in = C_out): the window kernel of kernels/conv on each channel plane.
 // - bf16 precision: weights rounded to bf16 once. Where the CPU has AVX512_BF16 they are stored as
-//   bf16 pairs: convs the direct path fits with whole 16-channel input blocks run the bf16 direct
-//   tiles (vdpbf16ps; the fp32 blocked input is converted to a bf16 copy per run, the bias stays
-//   fp32 in the epilogue), so they join the plan's blocked runs like fp32 direct convs; stems keep
-//   the fp32 direct tiles on the rounded weights (faster than a K = 147 bf16 GEMM: 1.80 against 2.67
-//   ms for ResNet-50's); the rest run on the vdpbf16ps GEMM kernel (the activations rounded to bf16
-//   as they are packed, like the bf16 GEMM; the bias split into three bf16 terms hi+mid+lo so it
-//   stays fp32-exact). Elsewhere (or with an explicit fp32 variant) the rounded weights run on the
-//   fp32 kernels with fp32 activations.
+//   bf16 pairs: convs the direct path fits run the bf16 direct tiles (vdpbf16ps; a pair is two
+//   input channels, or for a stem two taps of a row; an fp32 input is converted to a bf16 copy per
+//   run, the bias stays fp32 in the epilogue), so they join the plan's blocked runs like fp32 direct
+//   convs; the rest run on the vdpbf16ps GEMM kernel (the activations rounded to bf16 as they are
+//   packed, like the bf16 GEMM; the bias split into three bf16 terms hi+mid+lo so it stays
+//   fp32-exact). Elsewhere (or with an explicit fp32 variant) the rounded weights run on the fp32
+//   kernels with fp32 activations.
 // - 'reference': the direct double-accumulating loop of kernels/conv (slow; what tests compare to).
 #pragma once
 #include <cstddef>

@@ -62,21 +62,63 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
   else avx512::StoreNchwcTile<NV, P, R>(a, oy, ox0, acc);
 }
 
+// The stem form: x a zero-padded bf16 NCHW copy ([c_in][hp][wp], c_blocks = c_in), where a pixel's
+// taps kx = 2j and 2j + 1 of one row are adjacent: one 32-bit broadcast per pixel and pair of taps,
+// against weights [c_in][kh][ceil(kw / 2) pairs][32 outputs] (an odd kw's last pair has a zero high
+// half; the copy has a column more, so that tap reads a zero in range). A 7x7 kernel takes 4 steps
+// per row instead of the fp32 stem's 7.
+template <size_t NV, size_t P, size_t SW, size_t R>
+__attribute__((optimize("no-predictive-commoning"))) void StemTile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
+  constexpr size_t kPix = R * P;
+  __m512 acc[NV][kPix];
+#pragma GCC unroll 16
+  for (size_t p = 0; p < kPix; ++p)
+    for (size_t v = 0; v < NV; ++v) acc[v][p] = _mm512_setzero_ps();
+  const size_t row = a->wp, plane = a->hp * row, row_step = a->sh * row, pairs = (a->kw + 1) / 2;
+  const uint32_t* w = static_cast<const uint32_t*>(a->w);
+  const uint16_t* xb = static_cast<const uint16_t*>(a->x) + oy * row_step + ox0 * SW;
+  for (size_t c = 0; c < a->c_blocks; ++c, xb += plane) {
+    for (size_t ky = 0; ky < a->kh; ++ky) {
+      const uint16_t* xt = xb + ky * row;
+#pragma GCC unroll 1
+      for (size_t j = 0; j < pairs; ++j, w += kOcb) {
+        const __m512bh w0 = (__m512bh)_mm512_load_si512(w);
+        const __m512bh w1 = NV > 1 ? (__m512bh)_mm512_load_si512(w + 16) : w0;
+#pragma GCC unroll 16
+        for (size_t p = 0; p < kPix; ++p) {
+          int32_t pair;
+          __builtin_memcpy(&pair, xt + (p / P) * row_step + (p % P) * SW + 2 * j, sizeof(pair));
+          const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+          acc[0][p] = _mm512_dpbf16_ps(acc[0][p], xv, w0);
+          if (NV > 1) acc[NV - 1][p] = _mm512_dpbf16_ps(acc[NV - 1][p], xv, w1);
+        }
+      }
+    }
+  }
+  avx512::StoreNchwcTile<NV, P, R>(a, oy, ox0, acc);
+}
+
 typedef void (*TileFn)(const NchwcConvArgs*, size_t, size_t);
 
-#define SONDE_BF16_ROW(NV, SW)                                                                          \
-  {&Tile<NV, 1, SW, 1>, &Tile<NV, 2, SW, 1>, &Tile<NV, 3, SW, 1>, &Tile<NV, 4, SW, 1>, &Tile<NV, 5, SW, 1>,  \
-   &Tile<NV, 6, SW, 1>, &Tile<NV, 7, SW, 1>, &Tile<NV, 8, SW, 1>, &Tile<NV, 9, SW, 1>, &Tile<NV, 10, SW, 1>, \
-   &Tile<NV, 11, SW, 1>, &Tile<NV, 12, SW, 1>, &Tile<NV, 13, SW, 1>, &Tile<NV, 14, SW, 1>}
-#define SONDE_BF16_ROW_PAIR(NV, SW)                                                                     \
-  {&Tile<NV, 1, SW, 2>, &Tile<NV, 2, SW, 2>, &Tile<NV, 3, SW, 2>, &Tile<NV, 4, SW, 2>, &Tile<NV, 5, SW, 2>,  \
-   &Tile<NV, 6, SW, 2>, &Tile<NV, 7, SW, 2>}
+#define SONDE_BF16_ROW(T, NV, SW)                                                                          \
+  {&T<NV, 1, SW, 1>, &T<NV, 2, SW, 1>, &T<NV, 3, SW, 1>, &T<NV, 4, SW, 1>, &T<NV, 5, SW, 1>,  \
+   &T<NV, 6, SW, 1>, &T<NV, 7, SW, 1>, &T<NV, 8, SW, 1>, &T<NV, 9, SW, 1>, &T<NV, 10, SW, 1>, \
+   &T<NV, 11, SW, 1>, &T<NV, 12, SW, 1>, &T<NV, 13, SW, 1>, &T<NV, 14, SW, 1>}
+#define SONDE_BF16_ROW_PAIR(T, NV, SW)                                                                     \
+  {&T<NV, 1, SW, 2>, &T<NV, 2, SW, 2>, &T<NV, 3, SW, 2>, &T<NV, 4, SW, 2>, &T<NV, 5, SW, 2>,  \
+   &T<NV, 6, SW, 2>, &T<NV, 7, SW, 2>}
 static_assert(kNchwcMaxPixels == 14, "the tables below list 14 tile widths (7 for row pairs)");
-// [vectors of output channels - 1][stride - 1][pixels - 1]
-constexpr TileFn kTiles[2][2][kNchwcMaxPixels] = {{SONDE_BF16_ROW(1, 1), SONDE_BF16_ROW(1, 2)},
-                                                  {SONDE_BF16_ROW(2, 1), SONDE_BF16_ROW(2, 2)}};
-constexpr TileFn kRowPairTiles[2][2][kNchwcMaxPixels / 2] = {{SONDE_BF16_ROW_PAIR(1, 1), SONDE_BF16_ROW_PAIR(1, 2)},
-                                                             {SONDE_BF16_ROW_PAIR(2, 1), SONDE_BF16_ROW_PAIR(2, 2)}};
+// [vectors of output channels - 1][stride - 1][pixels - 1], for the blocked tiles and the stem tiles.
+constexpr TileFn kTiles[2][2][kNchwcMaxPixels] = {{SONDE_BF16_ROW(Tile, 1, 1), SONDE_BF16_ROW(Tile, 1, 2)},
+                                                  {SONDE_BF16_ROW(Tile, 2, 1), SONDE_BF16_ROW(Tile, 2, 2)}};
+constexpr TileFn kRowPairTiles[2][2][kNchwcMaxPixels / 2] = {
+    {SONDE_BF16_ROW_PAIR(Tile, 1, 1), SONDE_BF16_ROW_PAIR(Tile, 1, 2)},
+    {SONDE_BF16_ROW_PAIR(Tile, 2, 1), SONDE_BF16_ROW_PAIR(Tile, 2, 2)}};
+constexpr TileFn kStemTiles[2][2][kNchwcMaxPixels] = {{SONDE_BF16_ROW(StemTile, 1, 1), SONDE_BF16_ROW(StemTile, 1, 2)},
+                                                      {SONDE_BF16_ROW(StemTile, 2, 1), SONDE_BF16_ROW(StemTile, 2, 2)}};
+constexpr TileFn kStemRowPairTiles[2][2][kNchwcMaxPixels / 2] = {
+    {SONDE_BF16_ROW_PAIR(StemTile, 1, 1), SONDE_BF16_ROW_PAIR(StemTile, 1, 2)},
+    {SONDE_BF16_ROW_PAIR(StemTile, 2, 1), SONDE_BF16_ROW_PAIR(StemTile, 2, 2)}};
 #undef SONDE_BF16_ROW
 #undef SONDE_BF16_ROW_PAIR
 
@@ -84,6 +126,12 @@ void Bf16DirectConvAvx512Bf16(const NchwcConvArgs* a, size_t oy, size_t ox0, siz
   const size_t nv = a->oc_valid > 16 ? 1 : 0;
   if (rows == 2) kRowPairTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
   else kTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
+}
+
+void Bf16StemConvAvx512Bf16(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t rows) {
+  const size_t nv = a->oc_valid > 16 ? 1 : 0;
+  if (rows == 2) kStemRowPairTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
+  else kStemTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
 }
 
 void F32ToBf16Avx512Bf16(const float* src, size_t n, uint16_t* dst) {
@@ -103,6 +151,7 @@ void F32ToBf16Avx512Bf16(const float* src, size_t n, uint16_t* dst) {
 }  // namespace
 
 F32NchwcConvUkernel Bf16NchwcConvUkernelAvx512Bf16() { return Bf16DirectConvAvx512Bf16; }
+F32NchwcConvUkernel Bf16NchwConvUkernelAvx512Bf16() { return Bf16StemConvAvx512Bf16; }
 F32ToBf16Ukernel F32ToBf16UkernelAvx512Bf16() { return F32ToBf16Avx512Bf16; }
 
 }  // namespace kernels

@@ -155,6 +155,8 @@ typedef void (*F32NchwcDepthwiseUkernel)(const NchwcDepthwiseArgs* a, size_t oy)
 typedef void (*F32PackNchwcRowUkernel)(const float* src, size_t plane, size_t w, float* dst, size_t channels);
 // The inverse: dst[l * plane + ix] = src[ix * 16 + l], ix < w, l < channels (<= 16).
 typedef void (*F32UnpackNchwcRowUkernel)(const float* src, size_t w, float* dst, size_t plane, size_t channels);
+// dst[i] = src[i] rounded to bf16 (nearest even; denormals flushed to zero, as vdpbf16ps reads them).
+typedef void (*F32ToBf16Ukernel)(const float* src, size_t n, uint16_t* dst);
 F32PackNchwcRowUkernel F32PackNchwcRowUkernelScalar();
 F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelScalar();
 #if defined(__x86_64__) || defined(_M_X64)
@@ -173,8 +175,10 @@ F32NchwcDepthwiseUkernel F32NchwcDepthwiseUkernelAvx512();
 // lower channel in the low half, vdpbf16ps's operand order). Each pair and tap: 2 weight loads + 14
 // broadcasts feed 28 dot products of 2, twice the FMA path's multiply-adds per instruction.
 F32NchwcConvUkernel Bf16NchwcConvUkernelAvx512Bf16();
-// dst[i] = src[i] rounded to bf16 (nearest even; denormals flushed to zero, as vdpbf16ps reads them).
-typedef void (*F32ToBf16Ukernel)(const float* src, size_t n, uint16_t* dst);
+// The stem form (a few input channels, like F32NchwConvUkernelAvx512): x a zero-padded bf16 NCHW
+// copy [c_in][hp][wp] with wp >= (ow - 1) * sw + 2 ceil(kw / 2) (an odd kw reads one zero column
+// more), weights [c_in][kh][ceil(kw / 2) pairs of taps kx = 2j, 2j + 1][32 outputs][2] bf16.
+F32NchwcConvUkernel Bf16NchwConvUkernelAvx512Bf16();
 F32ToBf16Ukernel F32ToBf16UkernelAvx512Bf16();
 #endif
 
