@@ -2,7 +2,11 @@
 // A whole generated model on this checkout's build ('new') against another build of sonde ('base': a
 // folder holding that build's dist/, build/Release/sonde.node and package.json, with node_modules
 // reachable, e.g. a copy of main), both loaded in this process, and onnxruntime-node fp32 as the
-// anchor, interleaved run by run (order reversed every round) so the VM's drift falls on all alike.
+// anchor (its pool threads not spinning after a run, as in the bench suites), interleaved run by
+// run so the VM's drift falls on all alike. The order cycles through all
+// six permutations: a run right after another instance's pays for that instance's pool threads still
+// spinning on the two vCPUs, and a fixed order put that cost on one side (two identical builds read
+// 1.3x apart at 2 threads with the order only reversed each round).
 // Outputs of the two builds are compared first. Prints medians, new/base and ort/new.
 import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -29,7 +33,7 @@ const load = async (lib) => {
   return { s, run: () => s.run(feed) };
 };
 const b = await load(base), n = await load(here);
-const ort = await onnxruntime.prepareModel(bytes, { threads });
+const ort = await onnxruntime.prepareModel(bytes, { threads, spin: false });
 const [ob, on] = [await b.run(), await n.run()].map((o) => Object.values(o)[0].data);
 let diff = 0;
 for (let i = 0; i < ob.length; i++) diff = Math.max(diff, Math.abs(ob[i] - on[i]));
@@ -37,8 +41,9 @@ const fns = [b.run, n.run, () => ort.run({ input: x })];
 for (const f of fns) await f();
 const times = fns.map(() => []);
 const start = performance.now();
-for (let r = 0; r < 2000 && (r < 6 || performance.now() - start < seconds * 1000); r++) {
-  for (const i of r % 2 ? [2, 1, 0] : [0, 1, 2]) {
+const orders = [[0, 1, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0], [1, 0, 2], [0, 2, 1]];
+for (let r = 0; r < 2000 && (r < 12 || r % 6 !== 0 || performance.now() - start < seconds * 1000); r++) {
+  for (const i of orders[r % 6]) {
     const t0 = performance.now();
     await fns[i]();
     times[i].push(performance.now() - t0);
