@@ -3,6 +3,7 @@
 // interleaved run by run in one process (device 'cpu'). Prints median ms, the ratios, and the bf16
 // output's largest difference from ORT's relative to ORT's largest magnitude.
 import { Session, Tensor } from '../dist/index.js';
+import { interleave, median, withEnv } from './ab.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
 import { modelBytes, modelInput } from './graphs/models.js';
 
@@ -24,21 +25,8 @@ for (let i = 0; i < want.length; i++) {
   mag = Math.max(mag, Math.abs(want[i]));
 }
 const fns = [() => bf16.run(feed), () => fp32.run(feed), () => ort.run({ input: x })];
-for (const f of fns) await f();
-const times = fns.map(() => []);
-const start = performance.now();
-// All six orders in turn: a run right after another pool's pays for that pool's threads still
-// spinning on the two vCPUs (ORT's do not spin here, as in the bench suites).
-const orders = [[0, 1, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0], [1, 0, 2], [0, 2, 1]];
-for (let r = 0; r < 2000 && (r < 12 || r % 6 !== 0 || performance.now() - start < seconds * 1000); r++) {
-  for (const i of orders[r % 6]) {
-    const t0 = performance.now();
-    await fns[i]();
-    times[i].push(performance.now() - t0);
-  }
-}
-const med = (t) => [...t].sort((a, b) => a - b)[Math.floor(t.length / 2)];
-const [b, f, o] = times.map(med);
+const times = await interleave(fns, { seconds });
+const [b, f, o] = times.map(median);
 const load = (await import('node:os')).loadavg()[0].toFixed(1);
 console.log(`${name} n${batch} t${threads}: bf16 ${b.toFixed(2)} ms, fp32 ${f.toFixed(2)} ms, ort fp32 ${o.toFixed(2)} ms; ` +
   `ort/bf16 ${(o / b).toFixed(3)}, fp32/bf16 ${(f / b).toFixed(3)}, ort/fp32 ${(o / f).toFixed(3)}; ` +

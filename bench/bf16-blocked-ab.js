@@ -3,6 +3,7 @@
 // plan with them float32 (SONDE_CONV_BLOCKED_BF16=0: each bf16 conv converts its input per run), and
 // onnxruntime-node fp32, interleaved run by run in one process. Prints medians and ratios.
 import { Session, Tensor } from '../dist/index.js';
+import { interleave, median, withEnv } from './ab.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
 import { modelBytes, modelInput } from './graphs/models.js';
 
@@ -14,37 +15,19 @@ const bytes = modelBytes(name);
 const x = modelInput(name, batch);
 const feed = { input: new Tensor('float32', x.data, x.dims) };
 // The switch is read when the plan is built: the first run.
-async function load(env) {
-  Object.assign(process.env, env);
-  try {
-    const s = await Session.load(bytes, { threads, device: 'cpu', precision: 'bf16' });
-    await s.run(feed);
-    return s;
-  } finally {
-    for (const k of Object.keys(env)) delete process.env[k];
-  }
-}
+const load = (env) => withEnv(env, async () => {
+  const s = await Session.load(bytes, { threads, device: 'cpu', precision: 'bf16' });
+  await s.run(feed);
+  return s;
+});
 const held = await load({});
 const converted = await load({ SONDE_CONV_BLOCKED_BF16: '0' });
 const ort = await onnxruntime.prepareModel(bytes, { threads, spin: false });
 const a = (await held.run(feed)).output.data, b = (await converted.run(feed)).output.data;
 for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) throw new Error(`outputs differ at ${i}: ${a[i]} vs ${b[i]}`);
 const fns = [() => held.run(feed), () => converted.run(feed), () => ort.run({ input: x })];
-for (const f of fns) await f();
-const times = fns.map(() => []);
-const start = performance.now();
-// All six orders in turn: a run right after another pool's pays for that pool's threads still
-// spinning on the two vCPUs (ORT's do not spin here, as in the bench suites).
-const orders = [[0, 1, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0], [1, 0, 2], [0, 2, 1]];
-for (let r = 0; r < 2000 && (r < 12 || r % 6 !== 0 || performance.now() - start < seconds * 1000); r++) {
-  for (const i of orders[r % 6]) {
-    const t0 = performance.now();
-    await fns[i]();
-    times[i].push(performance.now() - t0);
-  }
-}
-const med = (t) => [...t].sort((p, q) => p - q)[Math.floor(t.length / 2)];
-const [h, c, o] = times.map(med);
+const times = await interleave(fns, { seconds });
+const [h, c, o] = times.map(median);
 const load1 = (await import('node:os')).loadavg()[0].toFixed(1);
 console.log(`${name} bf16 n${batch} t${threads}: held ${h.toFixed(2)} ms, converted ${c.toFixed(2)} ms, ort fp32 ${o.toFixed(2)} ms; ` +
   `converted/held ${(c / h).toFixed(3)}, ort/held ${(o / h).toFixed(3)}, ort/converted ${(o / c).toFixed(3)} (${times[0].length} rounds, load ${load1})`);

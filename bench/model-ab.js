@@ -3,15 +3,13 @@
 // folder holding that build's dist/, build/Release/sonde.node and package.json, with node_modules
 // reachable, e.g. a copy of main), both loaded in this process, and onnxruntime-node fp32 as the
 // anchor (its pool threads not spinning after a run, as in the bench suites), interleaved run by
-// run so the VM's drift falls on all alike. The order cycles through all
-// six permutations: a run right after another instance's pays for that instance's pool threads still
-// spinning on the two vCPUs, and a fixed order put that cost on one side (two identical builds read
-// 1.3x apart at 2 threads with the order only reversed each round).
+// run in every order (ab.js) so the VM's drift falls on all alike.
 // Outputs of the two builds are compared first. Prints medians, new/base and ort/new.
 import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import * as here from '../dist/index.js';
+import { interleave, median } from './ab.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
 import { modelBytes, modelInput } from './graphs/models.js';
 
@@ -38,19 +36,8 @@ const [ob, on] = [await b.run(), await n.run()].map((o) => Object.values(o)[0].d
 let diff = 0;
 for (let i = 0; i < ob.length; i++) diff = Math.max(diff, Math.abs(ob[i] - on[i]));
 const fns = [b.run, n.run, () => ort.run({ input: x })];
-for (const f of fns) await f();
-const times = fns.map(() => []);
-const start = performance.now();
-const orders = [[0, 1, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0], [1, 0, 2], [0, 2, 1]];
-for (let r = 0; r < 2000 && (r < 12 || r % 6 !== 0 || performance.now() - start < seconds * 1000); r++) {
-  for (const i of orders[r % 6]) {
-    const t0 = performance.now();
-    await fns[i]();
-    times[i].push(performance.now() - t0);
-  }
-}
-const med = (t) => [...t].sort((p, q) => p - q)[Math.floor(t.length / 2)];
-const [mb, mn, mo] = times.map(med);
+const times = await interleave(fns, { seconds });
+const [mb, mn, mo] = times.map(median);
 console.log(`${name} ${precision} n${batch} t${threads}: base ${mb.toFixed(3)} ms, new ${mn.toFixed(3)} ms, ort fp32 ${mo.toFixed(3)} ms; ` +
   `new/base time ${(mn / mb).toFixed(3)}, ort/new ${(mo / mn).toFixed(3)}, ort/base ${(mo / mb).toFixed(3)}; ` +
   `max |new - base| ${diff.toExponential(2)} (${times[0].length} rounds, load ${loadavg()[0].toFixed(1)})`);

@@ -5,6 +5,7 @@
 // off (SONDE_CONV_DIRECT=0 at load) and onnxruntime-node, interleaved run by run in one process.
 // Prints median ms and the ratios.
 import { Session, Tensor } from '../dist/index.js';
+import { withEnv } from './ab.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
 import { modelBytes, modelInput } from './graphs/models.js';
 
@@ -15,16 +16,11 @@ const bytes = modelBytes(name);
 const x = modelInput(name, batch);
 const feed = { input: new Tensor('float32', x.data, x.dims) };
 // Each switch is read when its session loads (direct) or builds its plan (blocked): the first run.
-async function load(env) {
-  Object.assign(process.env, env);
-  try {
-    const s = await Session.load(bytes, { threads });
-    await s.run(feed);
-    return s;
-  } finally {
-    for (const k of Object.keys(env)) delete process.env[k];
-  }
-}
+const load = (env) => withEnv(env, async () => {
+  const s = await Session.load(bytes, { threads });
+  await s.run(feed);
+  return s;
+});
 const auto = await load({});
 const unblocked = await load({ SONDE_CONV_BLOCKED: '0' });
 const off = await load({ SONDE_CONV_DIRECT: '0' });

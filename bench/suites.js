@@ -56,7 +56,9 @@ export async function readBandwidth(ctx, threads) {
  * passed, or at `maxMs` (but never before 3 rounds).
  */
 async function timeInterleaved(fns, { minRounds = 5, maxRounds = 200, minMs = 300, maxMs = 3000 } = {}) {
-  for (const f of fns) await f();
+  // Three untimed rounds: a fresh session's first runs fault in its arena and each pool thread's
+  // scratch (ResNet-50 bf16, 1 thread: 91, 37, then 23-24 ms), and the slow suites time few rounds.
+  for (let w = 0; w < 3; w++) for (const f of fns) await f();
   const times = fns.map(() => []);
   const forward = fns.map((_, i) => i);
   const backward = [...forward].reverse();

@@ -322,6 +322,32 @@ const direct: Shape[] = [
 ];
 const D = (fragment: string): Shape => direct.find((c) => c.name.includes(fragment))!;
 
+/**
+ * The direct tiles' fused epilogue (activation, residual before or after it) on shapes covering one
+ * and two output vectors, both strides and a 1x1 on the pointwise kernel, against the double
+ * reference (of the bf16-rounded x and weights for bf16); 2 threads equal 1 bit for bit.
+ */
+async function checkDirectEpilogue(act: Act, precision: 'fp32' | 'bf16', seed: number): Promise<void> {
+  const round = (t: Float32Array) => (precision === 'bf16' ? t.map(bf16Round) : t);
+  for (const s of [D('tiles 10+10+9'), D('5x5 s2'), D('16 -> 5 on 1x1'), D('1x1 s2, 64'), D('320 -> 45')]) {
+    const x = randomTensor(s.x, seed);
+    const w = randomTensor(s.w, seed + 1);
+    for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);
+    const bias = randomTensor([s.w[0]!], seed + 2);
+    const conv = createDirect(w, { ...s.g, bias, precision, activation: act, ...acts[act]!.opts });
+    const ref = refConv(new Tensor('float32', round(x.data), x.dims), round(w.data), s.w, s.g, bias.data);
+    expectConv(await conv.run(x), ref, act);
+    const r = randomTensor(ref.dims, seed + 3);
+    for (const before of [false, true]) {
+      const y1 = await conv.run(x, { residual: r, residualBeforeActivation: before, threads: 1 });
+      expectConv(y1, ref, act, { r: r.data, before });
+      const y2 = await conv.run(x, { residual: r, residualBeforeActivation: before, threads: 2 });
+      expect(Array.from(y2.data)).toEqual(Array.from(y1.data));
+    }
+    conv.dispose();
+  }
+}
+
 // Stems: convs of at most 4 input channels (see "direct kernel on NCHW input" below).
 const stem: Shape[] = [
   { name: '7x7 s2 p3, 3 -> 64 on 45x37 (stem, tiles 10+9, N=2)', x: [2, 3, 45, 37], w: [64, 3, 7, 7], g: { strides: [2, 2], pads: [3, 3, 3, 3] } },
@@ -345,25 +371,7 @@ describe.runIf(simd === 'avx512')('direct NCHW16c kernel', () => {
     conv.dispose();
   });
 
-  it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after, 1 and 2 threads', async (act) => {
-    for (const s of [D('tiles 10+10+9'), D('5x5 s2'), D('16 -> 5 on 1x1'), D('1x1 s2, 64'), D('320 -> 45')]) {
-      const x = randomTensor(s.x, 43);
-      const w = randomTensor(s.w, 44);
-      for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);
-      const bias = randomTensor([s.w[0]!], 45);
-      const conv = createDirect(w, { ...s.g, bias, activation: act, ...acts[act]!.opts });
-      const ref = refConv(x, w.data, s.w, s.g, bias.data);
-      expectConv(await conv.run(x), ref, act);
-      const r = randomTensor(ref.dims, 46);
-      for (const before of [false, true]) {
-        const y1 = await conv.run(x, { residual: r, residualBeforeActivation: before, threads: 1 });
-        expectConv(y1, ref, act, { r: r.data, before });
-        const y2 = await conv.run(x, { residual: r, residualBeforeActivation: before, threads: 2 });
-        expect(Array.from(y2.data)).toEqual(Array.from(y1.data));
-      }
-      conv.dispose();
-    }
-  });
+  it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after, 1 and 2 threads', (act) => checkDirectEpilogue(act, 'fp32', 43));
 
   it('BatchNormalization folded, without a bias', async () => {
     const s = D('3x3 s2 p1, 32 -> 64');
@@ -414,25 +422,7 @@ describe.runIf(simd === 'avx512' && bf16Cpu)('bf16 direct NCHW16c kernel', () =>
     conv.dispose();
   });
 
-  it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after, 1 and 2 threads', async (act) => {
-    for (const s of [D('tiles 10+10+9'), D('5x5 s2'), D('16 -> 5 on 1x1'), D('1x1 s2, 64'), D('320 -> 45')]) {
-      const x = randomTensor(s.x, 73);
-      const w = randomTensor(s.w, 74);
-      for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);
-      const bias = randomTensor([s.w[0]!], 75);
-      const conv = createDirect(w, { ...s.g, bias, precision: 'bf16', activation: act, ...acts[act]!.opts });
-      const ref = refConv(new Tensor('float32', rounded(x), x.dims), rounded(w), s.w, s.g, bias.data);
-      expectConv(await conv.run(x), ref, act);
-      const r = randomTensor(ref.dims, 76);
-      for (const before of [false, true]) {
-        const y1 = await conv.run(x, { residual: r, residualBeforeActivation: before, threads: 1 });
-        expectConv(y1, ref, act, { r: r.data, before });
-        const y2 = await conv.run(x, { residual: r, residualBeforeActivation: before, threads: 2 });
-        expect(Array.from(y2.data)).toEqual(Array.from(y1.data));
-      }
-      conv.dispose();
-    }
-  });
+  it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after, 1 and 2 threads', (act) => checkDirectEpilogue(act, 'bf16', 73));
 
   it('the automatic choice takes it for whole and partial input blocks, and the stem tiles for ResNet-50\'s stem', () => {
     for (const ci of [64, 24]) {
