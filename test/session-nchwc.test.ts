@@ -235,6 +235,16 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
       for (const name of ['t', 'pooled']) expectClose(on.out[name]!.data as Float32Array, off.out[name]!.data as Float32Array, ORT_TOL, ORT_TOL, name);
       const want = await ortRun(bytes, feeds);
       for (const name of ['t', 'pooled']) expectClose(on.out[name]!.data as Float32Array, want[name]!.data as Float32Array, ORT_TOL, ORT_TOL, name);
+      // In bf16 the partial blocks run the bf16 tiles, p (read only by q) and q (only by r) held in
+      // bf16: the same bits as converting them in their readers, within bf16 rounding of ORT's fp32.
+      if (!devices().cpu.features.includes('avx512bf16')) continue;
+      const bf = await runWith(bytes, feeds, {}, { threads, precision: 'bf16' });
+      const conv = await runWith(bytes, feeds, { SONDE_CONV_BLOCKED_BF16: '0' }, { threads, precision: 'bf16' });
+      expect(bf.prof.filter((s) => s.kernel.includes('+bf16-out'))).toHaveLength(2);
+      for (const name of ['t', 'pooled']) {
+        expect(bf.out[name]!.data).toEqual(conv.out[name]!.data);
+        expectClose(bf.out[name]!.data as Float32Array, want[name]!.data as Float32Array, 4 * 2 ** -8, 4 * 2 ** -8, `${name} bf16`);
+      }
     }
   });
 
