@@ -100,12 +100,14 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
       // Row groups split across threads zero their own border rows and columns: same result.
       const on = await runWith(bytes, feeds, {}, { threads });
       const off = await runWith(bytes, feeds, { SONDE_CONV_BLOCKED: '0' });
-      // The pass ran: the input, the pinned middle output and the MaxPool's input are reordered
-      // once each; the chain's convs read and write blocked; none of that without the pass.
+      // The pass ran: the input and the pinned middle output are reordered once each; the chain's
+      // convs and the MaxPool read and write blocked; none of that without the pass.
       const kernels = (p: typeof on.prof) => p.map((r) => r.kernel);
-      expect(kernels(on.prof).filter((k) => k.startsWith('reorder'))).toEqual(['reorder-to-nchw16c', 'reorder-to-nchw16c', 'reorder-to-nchw']);
-      expect(kernels(on.prof).filter((k) => k.endsWith('+nchw16c-in-out'))).toHaveLength(5);
-      expect(kernels(on.prof).filter((k) => k.endsWith('+nchw16c-in'))).toHaveLength(1);
+      expect(kernels(on.prof).filter((k) => k.startsWith('reorder'))).toEqual(['reorder-to-nchw16c', 'reorder-to-nchw16c']);
+      expect(kernels(on.prof)).toContain('max+nchw16c-in-out');
+      expect(kernels(on.prof).filter((k) => k.startsWith('direct/') && k.endsWith('+nchw16c-in-out'))).toHaveLength(5);
+      // b (the pinned middle output) and k (the branch output) read blocked and write NCHW.
+      expect(kernels(on.prof).filter((k) => k.endsWith('+nchw16c-in'))).toHaveLength(2);
       expect(kernels(off.prof).some((k) => k.includes('nchw16c') && !k.includes('f32_conv_nchw16c'))).toBe(false);
       expect(kernels(off.prof).filter((k) => k.startsWith('direct/')).length).toBe(7);
       // Same kernel, same order of every sum: bit-identical conv outputs.
@@ -270,6 +272,37 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
       expect(on.prof.some((s) => s.op === 'reorder')).toBe(false);
       const want = await ortRun(bytes, feeds);
       for (const name of ['pooled']) expectClose(on.out[name]!.data as Float32Array, want[name]!.data as Float32Array, ORT_TOL, ORT_TOL, name);
+    }
+  });
+
+  it('max and average pools between convs run blocked, bit for bit the NCHW pools', async () => {
+    const cases: [string, Record<string, unknown>][] = [
+      ['MaxPool', { kernel_shape: [3, 3], strides: [2, 2], pads: [1, 1, 1, 1] }],
+      ['MaxPool', { kernel_shape: [2, 3], strides: [1, 2], pads: [0, 2, 1, 0] }],
+      ['AveragePool', { kernel_shape: [3, 3], strides: [2, 2], pads: [1, 1, 1, 1], count_include_pad: 0 }],
+      ['AveragePool', { kernel_shape: [3, 2], strides: [1, 1], pads: [1, 0, 2, 1], count_include_pad: 1 }],
+    ];
+    for (const [op, attrs] of cases) {
+      const n = new Net();
+      const x = n.g.input('x', 'float32', ['N', 16, 11, 13]);
+      const a = n.conv(x, 16, 32, 3);
+      const [p] = n.g.node(op, [a], attrs);
+      const b = n.conv(p!, 32, 16, 3);
+      n.g.node('GlobalAveragePool', [b], {}, ['pooled']);
+      n.g.node('Identity', [b], {}, ['b']);
+      for (const o of ['pooled', 'b']) n.g.output(o, 'float32');
+      const bytes = n.g.toBytes();
+      for (const [batch, threads] of [[1, 1], [2, 2]] as const) {
+        const feeds = { x: uniform([batch, 16, 11, 13], 70 + batch) };
+        const on = await runWith(bytes, feeds, {}, { threads });
+        const off = await runWith(bytes, feeds, { SONDE_CONV_BLOCKED: '0' });
+        const what = `${op} ${JSON.stringify(attrs)} n${batch}`;
+        expect(on.prof.map((r) => r.kernel), what).toContain(`${op === 'MaxPool' ? 'max' : 'average'}+nchw16c-in-out`);
+        expect(on.prof.filter((r) => r.op === 'reorder'), what).toHaveLength(1);
+        expect(on.out.b!.data, what).toEqual(off.out.b!.data);
+        const want = await ortRun(bytes, feeds);
+        expectClose(on.out.b!.data as Float32Array, want.b!.data as Float32Array, ORT_TOL, ORT_TOL, what);
+      }
     }
   });
 
@@ -475,6 +508,23 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
       expect(() => create(spec({ xBlocked: { h: 5, w: 5, pads: [1, 1, 1, 1] }, residual: { buffer: 2, offset: 0 },
         residualBlocked: { h: 5, w: 5, pads: [0, 0, 0, 0] } }))).toThrow(/blocked exactly when y is/);
       expect(() => create(spec({ yBlocked: { h: 5, w: 5, pads: [0, 0, 0, 0] } }))).toThrow(/needs a blocked x/);
+      // A blocked pool: x and y both blocked, whole 16-channel blocks, float32, no dilation.
+      const pool = (step: Record<string, unknown>, xBytes = 16 * 7 * 7 * 4, yBytes = 16 * 5 * 5 * 4): PlanSpec => ({
+        buffers: [{ kind: 'input', index: 0, bytes: xBytes }, { kind: 'output', index: 0, bytes: yBytes }],
+        steps: [{ node: 'p', op: 'pool', kind: 0, x: { buffer: 0, offset: 0 }, y: { buffer: 1, offset: 0 }, planes: 16, h: 5, w: 5,
+          kernel: [3, 3], strides: [1, 1], dilations: [1, 1], pads: [1, 1, 1, 1], countIncludePad: false, ...step } as never],
+        arenaBytes: 0, inputBytes: [xBytes], outputBytes: [yBytes],
+      });
+      const l55 = (pads: number[]) => ({ h: 5, w: 5, pads });
+      create(pool({ xBlocked: l55([1, 1, 1, 1]), yBlocked: l55([0, 0, 0, 0]) }));
+      expect(() => create(pool({ xBlocked: l55([1, 1, 1, 1]) }))).toThrow(/both be blocked or both NCHW/);
+      expect(() => create(pool({ xBlocked: l55([1, 1, 1, 1]), yBlocked: l55([0, 0, 0, 0]), planes: 8 }, 8 * 7 * 7 * 4, 8 * 5 * 5 * 4)))
+        .toThrow(/whole blocks of 16/);
+      expect(() => create(pool({ xBlocked: l55([1, 1, 1, 1]), yBlocked: l55([0, 0, 0, 0]), dilations: [2, 2] }, 16 * 7 * 7 * 4, 16 * 3 * 3 * 4)))
+        .toThrow(/no dilation|not the output size/);
+      expect(() => create(pool({ xBlocked: l55([1, 1, 1, 1]), yBlocked: { h: 4, w: 5, pads: [0, 0, 0, 0] } }))).toThrow(/not the output size/);
+      expect(() => create(pool({ xBlocked: { ...l55([1, 1, 1, 1]), bf16: true }, yBlocked: l55([0, 0, 0, 0]) }))).toThrow(/float32/);
+      expect(() => create(pool({ xBlocked: l55([1, 1, 1, 1]), yBlocked: l55([0, 0, 0, 0]) }, 16 * 6 * 6 * 4))).toThrow(InternalError);
       // Only a stem takes an NCHW x with a blocked y; its y layout must be the output size.
       const stem = native().createConv(weights([16, 3, 3, 3], 2).data, {
         cOut: 16, cIn: 3, group: 1, kernel: [3, 3], strides: [1, 1], dilations: [1, 1], pads: [1, 1, 1, 1],

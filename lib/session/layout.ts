@@ -10,7 +10,8 @@
  * which reads blocked only when it writes blocked; channels in blocks of 16, the last one padded),
  * when it is not pinned to NCHW (a graph input/output, a const, aliased by a
  * Reshape/Flatten...) and at least one step reads it blocked: a blockable conv's x, the residual of
- * a conv whose y is blocked, a GlobalAveragePool (whole blocks only). Its border is the largest any reading conv's
+ * a conv whose y is blocked, a GlobalAveragePool (whole blocks only), a max or average pool whose y
+ * is blocked (a pool's y is blocked too when its x is and something reads it blocked). Its border is the largest any reading conv's
  * padding needs, so each conv reads it in place. Then per step:
  * - a conv with a blocked y reads x and the residual blocked; an NCHW x or residual gets a
  *   blocked copy (one reorder, shared by every conv that reads it);
@@ -107,6 +108,28 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
     if (io.bytes(root) !== s.n * g.cOut * g.oh * g.ow * 4) continue;
     producers.set(root, i);
   }
+  // What each candidate holds; pools (max or average, no dilation) whose x is a candidate of whole
+  // 16-channel blocks add their y, blocked only while their x is (a pool does not convert).
+  const made = new Map<ValueId, { n: number; c: number; oh: number; ow: number; bf16: boolean }>();
+  for (const [root, i] of producers) {
+    const g = geom.get(i)!;
+    made.set(root, { n: convAt(i).n, c: g.cOut, oh: g.oh, ow: g.ow, bf16: g.bf16 });
+  }
+  const pools = new Map<number, ValueId>();
+  steps.forEach((s, i) => {
+    if (s.op !== 'pool' || s.x.offset !== 0 || s.y.offset !== 0 || s.dilations[0] !== 1 || s.dilations[1] !== 1) return;
+    const x = io.rootOf(io.valueOf(s.x)!), y = io.rootOf(io.valueOf(s.y)!);
+    const m = made.get(x);
+    if (!m || m.c % BLOCK || io.valueOf(s.x) !== x || m.oh !== s.h || m.ow !== s.w || s.planes !== m.n * m.c) return;
+    if (io.pinned(y) || io.valueOf(s.y) !== y) return;
+    const oh = Math.floor((s.h + s.pads[0] + s.pads[2] - s.kernel[0]) / s.strides[0]) + 1;
+    const ow = Math.floor((s.w + s.pads[1] + s.pads[3] - s.kernel[1]) / s.strides[1]) + 1;
+    if (io.bytes(y) !== m.n * m.c * oh * ow * 4) return;
+    producers.set(y, i);
+    made.set(y, { n: m.n, c: m.c, oh, ow, bf16: false });
+    pools.set(i, x);
+  });
+  const poolY = (j: number) => io.rootOf(io.valueOf((steps[j] as Extract<PlanStep, { op: 'pool' }>).y)!);
   // All of them blocked, then drop the values no step would read blocked, until none changes: a
   // depthwise conv reads blocked only when its y is blocked, and a residual is read blocked only
   // where the reader's y is (an NCHW y reads an NCHW residual: blocking it would cost a reorder back).
@@ -117,14 +140,16 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
     const cg = geom.get(u.step);
     if (cg && u.field === 'x') return !cg.nchwX && (!cg.needsBlockedY || isBlocked.has(yOf(u.step)));
     if (cg && u.field === 'residual') return isBlocked.has(yOf(u.step));
-    // The blocked pool reads whole 16-channel blocks.
-    return steps[u.step]!.op === 'globalAveragePool' && u.field === 'x' && geom.get(producers.get(root)!)!.cOut % BLOCK === 0;
+    if (pools.has(u.step) && u.field === 'x') return isBlocked.has(poolY(u.step));
+    // The blocked global pool reads whole 16-channel blocks.
+    return steps[u.step]!.op === 'globalAveragePool' && u.field === 'x' && made.get(root)!.c % BLOCK === 0;
   };
   for (let changed = true; changed;) {
     changed = false;
     for (const root of [...isBlocked]) {
       const i = producers.get(root)!;
-      if (!(uses.get(root) ?? []).some((u) => u.step !== i && readsBlocked(u, root))) {
+      const poolX = pools.get(i);
+      if ((poolX !== undefined && !isBlocked.has(poolX)) || !(uses.get(root) ?? []).some((u) => u.step !== i && readsBlocked(u, root))) {
         isBlocked.delete(root);
         changed = true;
       }
@@ -134,7 +159,7 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
   const blocked = new Map<ValueId, { n: number; c: number; layout: PlanBlocked }>();
   for (const root of isBlocked) {
     const i = producers.get(root)!;
-    const g = geom.get(i)!;
+    const g = made.get(root)!;
     let border: Pads = [0, 0, 0, 0];
     for (const u of uses.get(root)!) {
       if (u.step !== i && u.field === 'x' && geom.has(u.step) && readsBlocked(u, root)) border = maxPads(border, geom.get(u.step)!.border);
@@ -144,7 +169,7 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
     // NCHW copy reads float32).
     const bf16 = g.bf16 && bf16PassEnabled() && uses.get(root)!.every((u) => u.step === i ||
       (u.field === 'x' && geom.get(u.step)?.bf16 === true && readsBlocked(u, root)));
-    blocked.set(root, { n: convAt(i).n, c: g.cOut, layout: { h: g.oh, w: g.ow, pads: border, ...(bf16 ? { bf16 } : {}) } });
+    blocked.set(root, { n: g.n, c: g.c, layout: { h: g.oh, w: g.ow, pads: border, ...(bf16 ? { bf16 } : {}) } });
   }
   if (blocked.size === 0) return steps;
 
@@ -201,6 +226,14 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
     }
     // With an NCHW y, a blocked residual is an NCHW use (below).
   }
+  for (const [i, x] of pools) {
+    const s = steps[i] as Extract<PlanStep, { op: 'pool' }>;
+    const yb = blocked.get(poolY(i));
+    if (!yb) continue;
+    s.xBlocked = blocked.get(x)!.layout;
+    s.yBlocked = yb.layout;
+    handled.add(uses.get(x)!.find((u) => u.ref === s.x)!);
+  }
   for (const s of steps) {
     if (s.op !== 'globalAveragePool') continue;
     const x = io.rootOf(io.valueOf(s.x)!);
@@ -212,7 +245,7 @@ export function blockConvRuns(io: LayoutIo): PlanStep[] {
   }
   for (const root of blocked.keys()) {
     for (const u of uses.get(root)!) {
-      if (handled.has(u) || (u.field === 'y' && steps[u.step]!.op === 'conv' && io.rootOf(u.id) === root && geom.has(u.step))) continue;
+      if (handled.has(u) || (u.field === 'y' && producers.get(root) === u.step)) continue;
       nchwUse(u, root);
     }
   }

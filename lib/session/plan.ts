@@ -132,10 +132,13 @@ export type PlanStep = { node: string } & (
    */
   | { op: 'gather'; data: PlanRef; indices: PlanRef; indicesDtype: 'int64' | 'int32'; y: PlanRef; outer: number;
       axisLen: number; inner: number; nIndices: number; elemBytes: number }
-  /** kind 0 max, 1 average over planes of h x w (NCHW), as pool2d. */
+  /**
+   * kind 0 max, 1 average over planes of h x w (NCHW), as pool2d; or, with xBlocked and yBlocked,
+   * over blocked x and y (planes = n * c, c a multiple of 16; no dilation).
+   */
   | { op: 'pool'; kind: 0 | 1; x: PlanRef; y: PlanRef; planes: number; h: number; w: number;
       kernel: [number, number]; strides: [number, number]; dilations: [number, number];
-      pads: [number, number, number, number]; countIncludePad: boolean }
+      pads: [number, number, number, number]; countIncludePad: boolean; xBlocked?: PlanBlocked; yBlocked?: PlanBlocked }
   /** y [planes] = mean of each h x w plane of x; xBlocked: x is blocked (planes = n * c, hw = h * w). */
   | { op: 'globalAveragePool'; x: PlanRef; y: PlanRef; planes: number; hw: number; xBlocked?: PlanBlocked }
   /** Softmax (or log-softmax) of x viewed as [outer, axis, inner] over the middle axis. */

@@ -197,7 +197,7 @@ function kernelOf(step: PlanStep): string {
     case 'unary': return `${step.kind} ${step.dtype}`;
     case 'binary': return `${step.kind} ${step.dtype}`;
     case 'reduce': return `${step.kind} ${step.dtype}`;
-    case 'pool': return step.kind === 0 ? 'max' : 'average';
+    case 'pool': return `${step.kind === 0 ? 'max' : 'average'}${step.xBlocked ? '+nchw16c-in-out' : ''}`;
     case 'softmax': return step.log ? 'logSoftmax' : 'softmax';
     case 'cast': return `${step.from}->${step.to}`;
     case 'pad': return step.mode;

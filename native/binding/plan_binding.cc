@@ -366,6 +366,8 @@ void ReadPool(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.w = r.Size(o, "w");
   r.Window(o, &s.window);
   s.flag = r.Bool(o, "countIncludePad");
+  ReadBlocked(r, o, "xBlocked", &s.blocked[0]);
+  ReadBlocked(r, o, "yBlocked", &s.blocked[2]);
 }
 
 void ReadGlobalAveragePool(const SpecReader& r, Napi::Object o, PlanStep& s) {

@@ -952,6 +952,60 @@ bool ReorderNchwc(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, 
   return ok;
 }
 
+std::string CheckPoolBlocked(size_t h, size_t w, const WindowGeometry& g, const BlockedLayout& xl,
+                             const BlockedLayout& yl) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (!Cpu().Supports(IsaLevel::kAvx512)) return "blocked pooling needs AVX-512";
+#else
+  return "blocked pooling needs AVX-512";
+#endif
+  if (g.dh != 1 || g.dw != 1) return "blocked pooling has no dilation";
+  if (xl.bf16 || yl.bf16) return "blocked pooling is float32";
+  WindowShape s;
+  std::string e = ResolveWindow(g, h, w, &s);
+  if (!e.empty()) return e;
+  if (xl.h != h || xl.w != w) return "x's blocked layout is not the input size";
+  if (yl.h != s.oh || yl.w != s.ow) return "y's blocked layout is not the output size";
+  return "";
+}
+
+bool RunPoolBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, PoolKind kind, const float* x,
+                    const BlockedLayout& xl, size_t blocks, size_t h, size_t w, const WindowGeometry& g,
+                    bool count_include_pad, float* y, const BlockedLayout& yl, std::string* error) {
+  std::string e = CheckPoolBlocked(h, w, g, xl, yl);
+  if (!e.empty()) {
+    *error = e;
+    return false;
+  }
+  bool ok = false;
+#if defined(__x86_64__) || defined(_M_X64)
+  constexpr size_t kB = kernels::kNchwcBlock;
+  WindowShape s;
+  ResolveWindow(g, h, w, &s);
+  const kernels::F32NchwcPoolUkernel uk = kernels::F32NchwcPoolUkernelAvx512();
+  const size_t y_row = yl.wp() * kB;
+  // A task is one block's plane, as in the blocked depthwise conv.
+  ok = pool.ParallelFor(blocks, std::max(1u, threads), [&](size_t t) {
+    float* yb = y + t * yl.block_floats();
+    if (yl.pad_t) std::memset(yb, 0, yl.pad_t * y_row * sizeof(float));
+    if (yl.pad_b) std::memset(yb + (yl.pad_t + s.oh) * y_row, 0, yl.pad_b * y_row * sizeof(float));
+    for (size_t r = 0; r < s.oh; ++r) {
+      float* row = yb + (yl.pad_t + r) * y_row;
+      if (yl.pad_l) std::memset(row, 0, yl.pad_l * kB * sizeof(float));
+      if (yl.pad_r) std::memset(row + (yl.pad_l + s.ow) * kB, 0, yl.pad_r * kB * sizeof(float));
+    }
+    const kernels::NchwcPoolArgs a{x + t * xl.block_floats() + xl.origin(), xl.wp() * kB, h, w, g.kh, g.kw, g.sh, g.sw,
+                                   s.pad_t, s.pad_l, kind == PoolKind::kMax ? kernels::kWindowMax : kernels::kWindowAvg,
+                                   count_include_pad ? 1 : 0, yb + yl.origin(), y_row, s.ow};
+    for (size_t oy = 0; oy < s.oh; ++oy) uk(&a, oy);
+  }, cancel);
+#else
+  (void)pool, (void)threads, (void)cancel, (void)kind, (void)x, (void)blocks, (void)count_include_pad, (void)y;
+#endif
+  if (!ok) *error = "aborted";
+  return ok;
+}
+
 bool RunGlobalAveragePoolBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,
                                  size_t blocks, const BlockedLayout& l, float* y, std::string* error) {
   constexpr size_t kB = kernels::kNchwcBlock;

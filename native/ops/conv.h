@@ -214,6 +214,15 @@ bool RunPool(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, PoolK
 bool ReorderNchwc(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, bool to_blocked, const float* x,
                   float* y, size_t n, size_t c, const BlockedLayout& l, std::string* error);
 
+// RunPool on blocked (NCHW16c) x and y of `blocks` whole 16-channel blocks (AVX-512, no dilation):
+// the same results as RunPool on the NCHW planes; y's border is zeroed. Empty string from
+// CheckPoolBlocked if it may run with these layouts on an h x w input, else why not.
+std::string CheckPoolBlocked(size_t h, size_t w, const WindowGeometry& g, const BlockedLayout& xl,
+                             const BlockedLayout& yl);
+bool RunPoolBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, PoolKind kind, const float* x,
+                    const BlockedLayout& xl, size_t blocks, size_t h, size_t w, const WindowGeometry& g,
+                    bool count_include_pad, float* y, const BlockedLayout& yl, std::string* error);
+
 // y[b * c + ch] = mean of the interior of channel ch of image b of a blocked x; blocks = n * c / 16.
 bool RunGlobalAveragePoolBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,
                                  size_t blocks, const BlockedLayout& l, float* y, std::string* error);

@@ -274,6 +274,17 @@ void ValidatePool(StepValidator& v, PlanStep& s) {
   WindowShape ws;
   const std::string e = ResolveWindow(s.window, s.h, s.w, &ws);
   if (!e.empty()) return v.Fail(e);
+  const BlockedLayout &xl = s.blocked[0], &yl = s.blocked[2];
+  if (xl.present() != yl.present()) return v.Fail("x and y must both be blocked or both NCHW");
+  if (xl.present()) {
+    if (s.outer % kernels::kNchwcBlock) return v.Fail("a blocked pool needs planes in whole blocks of 16");
+    const std::string why = CheckPoolBlocked(s.h, s.w, s.window, xl, yl);
+    if (!why.empty()) return v.Fail(why);
+    const size_t blocks = s.outer / kernels::kNchwcBlock;
+    v.Read(s.in[0], 4, ContiguousWalk(v.Product({blocks, xl.block_floats()})), "x");
+    v.Write(s.out[0], 4, ContiguousWalk(v.Product({blocks, yl.block_floats()})), "y");
+    return;
+  }
   v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.outer, s.h, s.w})), "x");
   v.Write(s.out[0], 4, ContiguousWalk(v.Product({s.outer, ws.oh, ws.ow})), "y");
 }
@@ -757,6 +768,10 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
       return RunGather(ctx, x, at(s.in[1]), s.dtype_to == ElemType::kInt64, y, s.outer, s.mid, s.inner, s.count,
                        s.elem_bytes, error);
     case PlanOp::kPool:
+      if (s.blocked[0].present())
+        return RunPoolBlocked(*ctx.pool, ctx.max_threads, ctx.cancel, static_cast<PoolKind>(s.kind), f32(s.in[0]),
+                              s.blocked[0], s.outer / kernels::kNchwcBlock, s.h, s.w, s.window, s.flag,
+                              f32(s.out[0]), s.blocked[2], error);
       return RunPool(*ctx.pool, ctx.max_threads, ctx.cancel, static_cast<PoolKind>(s.kind), f32(s.in[0]), s.outer, s.h,
                      s.w, s.window, s.flag, ConvVariant::kAuto, f32(s.out[0]), error);
     case PlanOp::kGlobalAveragePool:

@@ -150,6 +150,21 @@ struct NchwcDepthwiseArgs {
   const GemmEpilogue* ep;
 };
 typedef void (*F32NchwcDepthwiseUkernel)(const NchwcDepthwiseArgs* a, size_t oy);
+// Max or average pooling (no dilation) on NCHW16c: output row oy of one 16-channel block. x points at
+// the block's interior (0, 0), rows x_row floats apart; taps outside the h x w interior are skipped
+// (the window is clipped), so the border's zeros never count as values. y at the output block's
+// interior (0, 0), rows y_row apart. The same taps in the same order, and the same divisor, as the
+// NCHW window kernel: bit for bit its results.
+struct NchwcPoolArgs {
+  const float* x;
+  size_t x_row, h, w;
+  size_t kh, kw, sh, sw, pad_t, pad_l;
+  int32_t op;              // kWindowMax or kWindowAvg
+  int32_t count_include_pad;
+  float* y;
+  size_t y_row, ow;
+};
+typedef void (*F32NchwcPoolUkernel)(const NchwcPoolArgs* a, size_t oy);
 // One input row of a block's channel planes into blocked form: dst[ix * 16 + l] = src[l * plane + ix]
 // for l < channels (<= 16; a tensor's last, partial block), 0 for the lanes past them; ix < w.
 typedef void (*F32PackNchwcRowUkernel)(const float* src, size_t plane, size_t w, float* dst, size_t channels);
@@ -169,6 +184,7 @@ F32NchwcConvUkernel F32NchwConvUkernelAvx512();
 F32PackNchwcRowUkernel F32PackNchwcRowUkernelAvx512();
 F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelAvx512();
 F32NchwcDepthwiseUkernel F32NchwcDepthwiseUkernelAvx512();
+F32NchwcPoolUkernel F32NchwcPoolUkernelAvx512();
 // The NCHW16c tiles with vdpbf16ps (AVX512_BF16): x is a bf16 copy of the blocked input (same
 // geometry, uint16 elements, so the channels 2j, 2j+1 of a pixel are one 32-bit broadcast), and the
 // weights of a 32-channel block are [c_blocks][kh][kw][8 pairs][32 outputs][2] bf16 (the pair's

@@ -13,6 +13,8 @@
 // The same false report as -Wuninitialized where Transpose16x16 inlines into the tiles.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
+#include <math.h>
+#include <stddef.h>
 
 #include "kernels/conv/conv.h"
 #include "kernels/conv/nchwc-avx512.h"
@@ -169,8 +171,42 @@ void F32NchwcDepthwiseAvx512(const NchwcDepthwiseArgs* a, size_t oy) {
   }
 }
 
+// One 16-channel vector per tap: the clipped window's taps row by row, max or sum as the NCHW
+// window kernel combines them (max(v, acc); acc + v), then its divisor.
+void F32NchwcPoolAvx512(const NchwcPoolArgs* a, size_t oy) {
+  const bool max = a->op == kWindowMax;
+  const ptrdiff_t iy0 = static_cast<ptrdiff_t>(oy * a->sh) - static_cast<ptrdiff_t>(a->pad_t);
+  const size_t ky0 = iy0 < 0 ? static_cast<size_t>(-iy0) : 0;
+  const ptrdiff_t ky_end = static_cast<ptrdiff_t>(a->h) - iy0;
+  const size_t ky1 = ky_end < static_cast<ptrdiff_t>(a->kh) ? static_cast<size_t>(ky_end < 0 ? 0 : ky_end) : a->kh;
+  const __m512 inv_taps = _mm512_set1_ps(1.0f / static_cast<float>(a->kh * a->kw));
+  float* yr = a->y + oy * a->y_row;
+  for (size_t ox = 0; ox < a->ow; ++ox) {
+    const ptrdiff_t ix0 = static_cast<ptrdiff_t>(ox * a->sw) - static_cast<ptrdiff_t>(a->pad_l);
+    const size_t kx0 = ix0 < 0 ? static_cast<size_t>(-ix0) : 0;
+    const ptrdiff_t kx_end = static_cast<ptrdiff_t>(a->w) - ix0;
+    const size_t kx1 = kx_end < static_cast<ptrdiff_t>(a->kw) ? static_cast<size_t>(kx_end < 0 ? 0 : kx_end) : a->kw;
+    __m512 acc = _mm512_set1_ps(max ? -INFINITY : 0.0f);
+    for (size_t ky = ky0; ky < ky1; ++ky) {
+      const float* row = a->x + static_cast<size_t>(iy0 + static_cast<ptrdiff_t>(ky)) * a->x_row;
+      for (size_t kx = kx0; kx < kx1; ++kx) {
+        const __m512 v = _mm512_loadu_ps(row + static_cast<size_t>(ix0 + static_cast<ptrdiff_t>(kx)) * kB);
+        acc = max ? _mm512_max_ps(v, acc) : _mm512_add_ps(acc, v);
+      }
+    }
+    if (!max) {
+      acc = a->count_include_pad
+                ? _mm512_mul_ps(acc, inv_taps)
+                : _mm512_div_ps(acc, _mm512_mul_ps(_mm512_set1_ps(static_cast<float>(ky1 > ky0 ? ky1 - ky0 : 0)),
+                                                   _mm512_set1_ps(static_cast<float>(kx1 > kx0 ? kx1 - kx0 : 0))));
+    }
+    _mm512_storeu_ps(yr + ox * kB, acc);
+  }
+}
+
 }  // namespace
 
+F32NchwcPoolUkernel F32NchwcPoolUkernelAvx512() { return F32NchwcPoolAvx512; }
 F32NchwcDepthwiseUkernel F32NchwcDepthwiseUkernelAvx512() { return F32NchwcDepthwiseAvx512; }
 F32NchwcConvUkernel F32NchwcConvUkernelAvx512() { return F32DirectConvAvx512<kB>; }
 F32NchwcConvUkernel F32NchwConvUkernelAvx512() { return F32DirectConvAvx512<1>; }
