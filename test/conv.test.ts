@@ -3,7 +3,8 @@ import { AbortError, DisposedError, InvalidArgumentError, Tensor, devices, kerne
 import { randomTensor } from './helpers.js';
 
 const simd = devices().cpu.simd;
-const bf16Cpu = devices().cpu.features.includes('avx512bf16');
+// The bf16 kernels run where the CPU has AVX512_BF16 and SONDE_ISA leaves AVX-512 on.
+const bf16Cpu = devices().cpu.simd === 'avx512' && devices().cpu.features.includes('avx512bf16');
 const variants: kernels.ConvVariant[] = ['reference', 'scalar',
   ...(simd !== 'scalar' ? ['avx2' as const] : []), ...(simd === 'avx512' ? ['avx512' as const] : [])];
 const u = 2 ** -24;
