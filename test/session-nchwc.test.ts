@@ -250,6 +250,34 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
     }
   });
 
+  // A partial block's lanes past its channels must hold finite values: a bf16 pair (an odd channel
+  // count) multiplies the last real channel's neighbour by a zero weight, and 0 * Inf is NaN. With
+  // an Inf in the input, the blocked plan must give the NCHW plan's results, NaN for NaN.
+  it.runIf(devices().cpu.features.includes('avx512bf16'))('an Inf in the input gives the same results blocked as NCHW with partial blocks of an odd channel count (bf16 pairs)', async () => {
+    // Positive weights: the sums that reach the Inf are +Inf (not Inf - Inf) unless a NaN gets in.
+    const g = new GraphBuilder('inf', { opset: 17 });
+    const positive = (dims: number[], seed: number) => {
+      const t = weights(dims, seed);
+      return { ...t, data: t.data.map(Math.abs) };
+    };
+    const x = g.input('x', 'float32', [1, 16, 7, 6]);
+    const [a] = g.node('Conv', [x, g.init('wa', positive([25, 16, 3, 3], 82))], { kernel_shape: [3, 3], pads: [1, 1, 1, 1] });
+    g.node('Conv', [a!, g.init('wb', positive([16, 25, 3, 3], 83))], { kernel_shape: [3, 3], pads: [1, 1, 1, 1] }, ['y']);
+    g.output('y', 'float32');
+    const bytes = g.toBytes();
+    const feeds = { x: uniform([1, 16, 7, 6], 81) };
+    (feeds.x.data as Float32Array)[3 * 42 + 20] = Infinity;
+    const want = await ortRun(bytes, feeds);
+    const on = await runWith(bytes, feeds, {}, { precision: 'bf16' });
+    const off = await runWith(bytes, feeds, { SONDE_CONV_BLOCKED: '0' }, { precision: 'bf16' });
+    expect(on.prof.some((r) => r.kernel.includes('+nchw16c-in'))).toBe(true);
+    // ORT's +Inf outputs are +Inf in the NCHW plan, and the blocked plan's bits are the NCHW plan's.
+    const infs = Array.from(want.y!.data as Float32Array).flatMap((v, i) => (v === Infinity ? [i] : []));
+    expect(infs.length).toBeGreaterThan(0);
+    for (const i of infs) expect(off.out.y!.data[i]).toBe(Infinity);
+    expect(on.out.y!.data).toEqual(off.out.y!.data);
+  });
+
   it('a stem (3 input channels, NCHW x) writes its y blocked for the run after it: no reorder at all', async () => {
     const n = new Net();
     const g = n.g;

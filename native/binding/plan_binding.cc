@@ -195,11 +195,8 @@ void ReadBlocked(const SpecReader& r, Napi::Object o, const char* key, BlockedLa
   l->bf16 = r.Bool(b, "bf16", true);
 }
 
-void ReadConv(const SpecReader& r, Napi::Object o, PlanStep& s) {
-  Napi::Value h = o.Get("handle");
-  if (!ConvHandle::Is(r.addon(), "ConvHandle", h)) r.Fail("handle must be a ConvHandle");
-  s.conv = ConvHandle::Get(h);
-  if (!s.conv) r.Disposed("the conv handle");
+// The operands and sizes every conv step (CPU or GPU weights) carries.
+void ReadConvOperands(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.in[0] = r.Ref(o, "x");
   s.in[1] = r.Ref(o, "residual", true);
   s.out[0] = r.Ref(o, "y");
@@ -207,6 +204,14 @@ void ReadConv(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.n = r.Size(o, "n");
   s.h = r.Size(o, "h");
   s.w = r.Size(o, "w");
+}
+
+void ReadConv(const SpecReader& r, Napi::Object o, PlanStep& s) {
+  Napi::Value h = o.Get("handle");
+  if (!ConvHandle::Is(r.addon(), "ConvHandle", h)) r.Fail("handle must be a ConvHandle");
+  s.conv = ConvHandle::Get(h);
+  if (!s.conv) r.Disposed("the conv handle");
+  ReadConvOperands(r, o, s);
   ReadBlocked(r, o, "xBlocked", &s.blocked[0]);
   ReadBlocked(r, o, "residualBlocked", &s.blocked[1]);
   ReadBlocked(r, o, "yBlocked", &s.blocked[2]);
@@ -469,13 +474,7 @@ void ReadGpuConv(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.gpu_weights = ReadGpuBuffer(r, o, "weights");
   s.gpu_bias = ReadGpuBuffer(r, o, "bias");
   s.bf16 = r.Bool(o, "bf16");
-  s.in[0] = r.Ref(o, "x");
-  s.in[1] = r.Ref(o, "residual", true);
-  s.out[0] = r.Ref(o, "y");
-  s.flag = r.Bool(o, "residualBeforeActivation");
-  s.n = r.Size(o, "n");
-  s.h = r.Size(o, "h");
-  s.w = r.Size(o, "w");
+  ReadConvOperands(r, o, s);
   s.c_in = r.Size(o, "cIn");
   s.c_out = r.Size(o, "cOut");
   s.groups = static_cast<size_t>(r.Int(o.Get("group"), "group", 1));

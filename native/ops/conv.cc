@@ -686,6 +686,22 @@ namespace {
 // Depthwise/pooling planes per ParallelFor index: a 7x7 plane is ~200 FLOPs, too little to hand out alone.
 size_t PlanesPerTask(size_t plane_floats) { return std::max<size_t>(1, 4096 / std::max<size_t>(1, plane_floats)); }
 
+// Zeroes the border of one 16-channel block plane of a blocked tensor around interior rows
+// [r0, r1): those rows' side columns, and the rows above (below) the interior with the first (last)
+// interior row. The border is what a later conv reads as its padding.
+void ZeroBlockBorder(void* block, const BlockedLayout& l, size_t r0, size_t r1) {
+  constexpr size_t kB = kernels::kNchwcBlock;
+  const size_t eb = l.elem_bytes(), row = l.wp() * kB * eb;
+  char* blk = static_cast<char*>(block);
+  for (size_t r = r0; r < r1; ++r) {
+    char* line = blk + (l.pad_t + r) * row;
+    if (l.pad_l) std::memset(line, 0, l.pad_l * kB * eb);
+    if (l.pad_r) std::memset(line + (l.pad_l + l.w) * kB * eb, 0, l.pad_r * kB * eb);
+  }
+  if (r0 == 0 && l.pad_t) std::memset(blk, 0, l.pad_t * row);
+  if (r1 == l.h && l.pad_b) std::memset(blk + (l.pad_t + l.h) * row, 0, l.pad_b * row);
+}
+
 // The channel-blocked input copy of the direct path, on the thread that runs the op (kept like
 // ThreadScratch, but a separate buffer: the tasks of the same run may use ThreadScratch).
 float* BlockedInputScratch(size_t floats) {
@@ -784,16 +800,8 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
         // The border a later conv reads as padding: the rows' side columns, and the top/bottom rows
         // with the first/last row group.
         const size_t nblk = std::min<size_t>(2, yc_blocks - oc0 / kB);
-        for (size_t v = 0; v < nblk; ++v) {
-          char* blk = yc + (b * yc_blocks + oc0 / kB + v) * y_block * eb;
-          for (size_t r = 0; r < rows; ++r) {
-            char* row = blk + (yl->pad_t + oy + r) * y_row * eb;
-            if (yl->pad_l) std::memset(row, 0, yl->pad_l * kB * eb);
-            if (yl->pad_r) std::memset(row + (yl->pad_l + s.ow) * kB * eb, 0, yl->pad_r * kB * eb);
-          }
-          if (oy == 0 && yl->pad_t) std::memset(blk, 0, yl->pad_t * y_row * eb);
-          if (oy + rows == s.oh && yl->pad_b) std::memset(blk + (yl->pad_t + s.oh) * y_row * eb, 0, yl->pad_b * y_row * eb);
-        }
+        for (size_t v = 0; v < nblk; ++v)
+          ZeroBlockBorder(yc + (b * yc_blocks + oc0 / kB + v) * y_block * eb, *yl, oy, oy + rows);
       } else {
         yt = y + (b * spec_.c_out + oc0) * hwo;
         if (ep.residual) ep.residual += (b * spec_.c_out + oc0) * hwo;
@@ -903,13 +911,7 @@ bool ConvOp::RunDepthwiseBlocked(ThreadPool& pool, unsigned nthreads, const Canc
   return pool.ParallelFor(blocks, nthreads, [&](size_t t) {
     const size_t cb = t % cblocks;
     float* yb = y + t * yl.block_floats();
-    if (yl.pad_t) std::memset(yb, 0, yl.pad_t * y_row * sizeof(float));
-    if (yl.pad_b) std::memset(yb + (yl.pad_t + s.oh) * y_row, 0, yl.pad_b * y_row * sizeof(float));
-    for (size_t r = 0; r < s.oh; ++r) {
-      float* row = yb + (yl.pad_t + r) * y_row;
-      if (yl.pad_l) std::memset(row, 0, yl.pad_l * kB * sizeof(float));
-      if (yl.pad_r) std::memset(row + (yl.pad_l + s.ow) * kB, 0, yl.pad_r * kB * sizeof(float));
-    }
+    ZeroBlockBorder(yb, yl, 0, s.oh);
     const kernels::NchwcDepthwiseArgs a{xo + t * xl.block_floats(), xl.wp() * kB, dw_blocked_w_ + cb * taps * kB,
                                         dw_blocked_bias_ + cb * kB, g.kh, g.kw, g.sh, g.sw, yb + yl.origin(), y_row, s.ow,
                                         residual ? residual + t * rl->block_floats() + rl->origin() : nullptr,
@@ -936,14 +938,8 @@ bool ReorderNchwc(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, 
     const float* src = to_blocked ? x + (b * c + ch0) * hw : x + t * l.block_floats();
     float* dst = to_blocked ? y + t * l.block_floats() : y + (b * c + ch0) * hw;
     if (to_blocked) {
-      if (l.pad_t) std::memset(dst, 0, l.pad_t * row * sizeof(float));
-      for (size_t r = 0; r < l.h; ++r) {
-        float* d = dst + (l.pad_t + r) * row;
-        if (l.pad_l) std::memset(d, 0, l.pad_l * kB * sizeof(float));
-        if (l.pad_r) std::memset(d + (l.pad_l + l.w) * kB, 0, l.pad_r * kB * sizeof(float));
-        pack(src + r * l.w, hw, l.w, d + l.pad_l * kB, channels);
-      }
-      if (l.pad_b) std::memset(dst + (l.pad_t + l.h) * row, 0, l.pad_b * row * sizeof(float));
+      ZeroBlockBorder(dst, l, 0, l.h);
+      for (size_t r = 0; r < l.h; ++r) pack(src + r * l.w, hw, l.w, dst + (l.pad_t + r) * row + l.pad_l * kB, channels);
     } else {
       for (size_t r = 0; r < l.h; ++r) unpack(src + (l.pad_t + r) * row + l.pad_l * kB, l.w, dst + r * l.w, hw, channels);
     }
@@ -987,13 +983,7 @@ bool RunPoolBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel
   // A task is one block's plane, as in the blocked depthwise conv.
   ok = pool.ParallelFor(blocks, std::max(1u, threads), [&](size_t t) {
     float* yb = y + t * yl.block_floats();
-    if (yl.pad_t) std::memset(yb, 0, yl.pad_t * y_row * sizeof(float));
-    if (yl.pad_b) std::memset(yb + (yl.pad_t + s.oh) * y_row, 0, yl.pad_b * y_row * sizeof(float));
-    for (size_t r = 0; r < s.oh; ++r) {
-      float* row = yb + (yl.pad_t + r) * y_row;
-      if (yl.pad_l) std::memset(row, 0, yl.pad_l * kB * sizeof(float));
-      if (yl.pad_r) std::memset(row + (yl.pad_l + s.ow) * kB, 0, yl.pad_r * kB * sizeof(float));
-    }
+    ZeroBlockBorder(yb, yl, 0, s.oh);
     const kernels::NchwcPoolArgs a{x + t * xl.block_floats() + xl.origin(), xl.wp() * kB, h, w, g.kh, g.kw, g.sh, g.sw,
                                    s.pad_t, s.pad_l, kind == PoolKind::kMax ? kernels::kWindowMax : kernels::kWindowAvg,
                                    count_include_pad ? 1 : 0, yb + yl.origin(), y_row, s.ow};

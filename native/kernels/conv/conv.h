@@ -106,7 +106,8 @@ F32ConvGemmUkernelInfo F32ConvGemmUkernelAvx512();
 // ldr, scale and bias of ep unused), or none when ep is null.
 constexpr size_t kNchwcBlock = 16;
 // Blocks of a c-channel blocked tensor: the last one partial when c is not a multiple of 16 (its
-// lanes past c hold finite values a reader ignores: the weights of those input channels are zero).
+// lanes past c hold zeros, or what a depthwise conv or pool makes of zeros: finite values that a
+// reader ignores, as the weights of those input channels are zero).
 constexpr size_t NchwcBlocks(size_t c) { return (c + kNchwcBlock - 1) / kNchwcBlock; }
 constexpr size_t kNchwcOutBlock = 32;
 constexpr size_t kNchwcMaxPixels = 14;
@@ -114,7 +115,7 @@ constexpr size_t kNchwcMaxPixels = 14;
 // image, in a blocked tensor whose rows are y_row floats apart and whose 16-channel blocks are
 // y_block floats apart (border columns and rows around the oh x ow interior are not written); the
 // residual (ep->residual, may be null) is blocked the same way with its own res_row / res_block;
-// whole vectors are stored (a partial block's lanes past oc_valid get act(0 + residual), finite). The tile leaves as it is held, 16 channels of a pixel per
+// whole vectors are stored, a partial block's lanes past oc_valid as zeros. The tile leaves as it is held, 16 channels of a pixel per
 // vector, so no transpose or gather is needed.
 struct NchwcConvArgs {
   const void* x;  // float, or bf16 (uint16) for the bf16 kernel

@@ -50,6 +50,13 @@ static inline void StoreNchwcTile(const NchwcConvArgs* a, size_t oy, size_t ox0,
   const GemmEpilogue* ep = a->ep;
   if (a->y_row) {
     const float* res = ep ? ep->residual : nullptr;
+    // A partial block's lanes past oc_valid are stored as zeros: its weights there are zero, but
+    // 0 * Inf is NaN, and a bf16 pair of an odd channel count reads one such lane.
+    __mmask16 keep[NV];
+    for (size_t v = 0; v < NV; ++v) {
+      const size_t valid = a->oc_valid > v * 16 ? a->oc_valid - v * 16 : 0;
+      keep[v] = valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+    }
 #pragma GCC unroll 16
     for (size_t p = 0; p < kPix; ++p) {
       const size_t pix = (oy + p / P) * a->y_row + (ox0 + p % P) * kB;
@@ -65,6 +72,7 @@ static inline void StoreNchwcTile(const NchwcConvArgs* a, size_t oy, size_t ox0,
             r = Activate(r, ep);
           }
         }
+        r = _mm512_maskz_mov_ps(keep[v], r);
         if constexpr (kBf16Y) {
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(reinterpret_cast<uint16_t*>(a->y) + v * a->y_block + pix),
                               (__m256i)_mm512_cvtneps_pbh(r));
