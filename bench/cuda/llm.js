@@ -72,29 +72,34 @@ export async function* llmCases(env) {
         }
         const vocab = engine.config.vocabSize, bs = 16;
         const blocks = Math.ceil((prompt + decodeSteps + 8) / bs);
-        const pool = engine.createKvPool({ blockSize: bs, maxBlocks: blocks });
         const table = Int32Array.from({ length: blocks }, (_, i) => i);
         const toks = Int32Array.from({ length: prompt + decodeSteps + 1 }, (_, i) => (i * 7919) % vocab);
-        const step = (start, n) => pool.step({ sequences: [{ blockTable: table, start, tokens: toks.subarray(start, start + n), logits: 'last' }] });
-        try {
-          await step(0, prompt);  // warm-up: the arena, the pool's blocks
-          let t0 = performance.now();
-          await step(0, prompt);
-          const prefillMs = performance.now() - t0;
-          yield { case: `llama ${type} ${shape.embedding}x${shape.feedForward}x${shape.layers}L prefill ${prompt} tokens`, ms: prefillMs,
-            tokPerS: 1000 * prompt / prefillMs, weightGb: weightBytes / 1e9 };
-          await step(prompt, 1);
-          t0 = performance.now();
-          for (let i = 1; i <= decodeSteps; i++) await step(prompt + i, 1);
-          const stepMs = (performance.now() - t0) / decodeSteps;
-          const gbps = weightBytes / stepMs / 1e6;
-          yield {
-            case: `llama ${type} ${shape.embedding}x${shape.feedForward}x${shape.layers}L decode (1 sequence, ${prompt} cached)`,
-            ms: stepMs, tokPerS: 1000 / stepMs, gbps, pctOfRead: 100 * gbps / measured.gbps,
-            pctOfPeak: sheet ? 100 * gbps / sheet.gbps : undefined,
-          };
-        } finally {
-          pool.dispose();
+        const name = `llama ${type} ${shape.embedding}x${shape.feedForward}x${shape.layers}L`;
+        // The KV cache in f32 (the pools' default) and in f16 (what llama.cpp keeps by default; the
+        // attention then runs on tensor cores). SONDE_BENCH_LLM_KV=f16 picks one.
+        for (const dtype of (process.env.SONDE_BENCH_LLM_KV ?? 'f32,f16').split(',')) {
+          const pool = engine.createKvPool({ blockSize: bs, maxBlocks: blocks, dtype });
+          const step = (start, n) => pool.step({ sequences: [{ blockTable: table, start, tokens: toks.subarray(start, start + n), logits: 'last' }] });
+          try {
+            await step(0, prompt);  // warm-up: the arena, the pool's blocks
+            let t0 = performance.now();
+            await step(0, prompt);
+            const prefillMs = performance.now() - t0;
+            yield { case: `${name} prefill ${prompt} tokens (${dtype} KV)`, ms: prefillMs, tokPerS: 1000 * prompt / prefillMs,
+              weightGb: weightBytes / 1e9 };
+            await step(prompt, 1);
+            t0 = performance.now();
+            for (let i = 1; i <= decodeSteps; i++) await step(prompt + i, 1);
+            const stepMs = (performance.now() - t0) / decodeSteps;
+            const gbps = weightBytes / stepMs / 1e6;
+            yield {
+              case: `${name} decode (1 sequence, ${prompt} cached, ${dtype} KV)`,
+              ms: stepMs, tokPerS: 1000 / stepMs, gbps, pctOfRead: 100 * gbps / measured.gbps,
+              pctOfPeak: sheet ? 100 * gbps / sheet.gbps : undefined,
+            };
+          } finally {
+            pool.dispose();
+          }
         }
       } finally {
         engine.dispose();

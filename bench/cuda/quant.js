@@ -30,7 +30,9 @@ export async function* quantCases(env) {
   const reps = emulated ? 1 : 50;
   const cases = emulated
     ? [[1, 256, 64, 'gemv'], [64, 128, 128, 'gemm']]
-    : [[1, 4096, 4096, 'gemv'], [1, 4096, 14336, 'gemv'], [512, 4096, 4096, 'gemm']];
+    // k x n: attention output, FFN up (gate/up joined: 2 x 14336), FFN down.
+    : [[1, 4096, 4096, 'gemv'], [1, 4096, 14336, 'gemv'], [1, 4096, 28672, 'gemv'], [1, 14336, 4096, 'gemv'],
+      [512, 4096, 4096, 'gemm']];
   for (const type of ['q8_0', 'q4_0']) {
     for (const [m, k, n, algorithm] of cases) {
       const weights = await GpuQuantWeights.upload(id, randomGguf(type, n, k));

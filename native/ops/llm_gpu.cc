@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "kernels/quant/quant.h"
@@ -44,6 +47,81 @@ GpuOpFn Find(const std::string& name, bool emulated) {
   if (!fn) throw GpuError(GpuErrc::kUnavailable, "the GPU op '" + name + "' is not in this build");
   return fn;
 }
+
+// SONDE_GPU_LLM_PROFILE=1, a diagnostic: steps launch op by op (no graphs) and each op is timed
+// alone by device events around it, so a table of where a step's device time goes (per op and
+// shape, per decode or prefill step) reaches stderr at exit. Timing serialises host and device, so
+// the sum exceeds a graphed step by the launch gaps a graph hides; the difference is that overhead.
+class StepProfile {
+ public:
+  static StepProfile* Active() {
+    static StepProfile* p = std::getenv("SONDE_GPU_LLM_PROFILE") && std::string(std::getenv("SONDE_GPU_LLM_PROFILE")) == "1"
+                                ? new StepProfile()  // lives to the exit handler
+                                : nullptr;
+    return p;
+  }
+  void BeginStep(bool decode, const std::shared_ptr<GpuDevice>& device) {
+    std::lock_guard<std::mutex> lock(mu_);
+    mode_ = decode ? "decode" : "prefill";
+    ++steps_[mode_];
+    if (!device->info().emulated && (!busy_out_ || busy_device_ != device.get())) {
+      busy_out_ = std::make_shared<GpuAllocation>(device, 4, "the step profile's busy kernel");
+      busy_device_ = device.get();
+    }
+  }
+  void Time(const GpuLlmCall& c, GpuStream& s, const GpuDeviceInfo& d) {
+    // A GPU kept busy (~30 us of one block's FMAs) while the host records the start event and
+    // launches the op, so the op starts right after the start event: its time, not the launch's.
+    if (busy_out_) {
+      static const GpuOpFn busy = FindGpuOp("probe_fma", false);
+      GpuOpCall spin;
+      spin.op = "probe_fma";
+      spin.buffers = {GpuBufferArg{busy_out_->data(), busy_out_->bytes()}};
+      spin.params = {{"blocks", 1}, {"iters", 4096}};
+      if (busy) busy(s, d, spin);
+    }
+    s.MarkStart();
+    c.fn(s, d, c.call);
+    const double ms = s.MarkStopMs();
+    std::string key = c.call.op;
+    for (const char* p : {"n", "k", "reuse", "quantize"})
+      if (c.call.Has(p)) key += std::string(" ") + p + "=" + std::to_string(static_cast<int64_t>(c.call.params.at(p)));
+    std::lock_guard<std::mutex> lock(mu_);
+    ops_[mode_][key].push_back(ms);
+  }
+
+ private:
+  StepProfile() {
+    std::atexit([] { Active()->Print(); });
+  }
+  void Print() {
+    std::lock_guard<std::mutex> lock(mu_);
+    // Per op its median time (the first step of a kind also loads each kernel's module, lazily,
+    // which a mean would spread over the steps) times its calls per step.
+    for (auto& [mode, ops] : ops_) {
+      const double steps = static_cast<double>(steps_[mode]);
+      std::vector<std::pair<double, std::string>> rows;
+      double total = 0;
+      for (auto& [key, times] : ops) {
+        std::sort(times.begin(), times.end());
+        const double per_step = static_cast<double>(times.size()) / steps, ms = times[times.size() / 2] * per_step;
+        total += ms;
+        rows.emplace_back(ms, key + " x" + std::to_string(per_step).substr(0, 5) + " (median " +
+                                  std::to_string(times[times.size() / 2] * 1e3).substr(0, 6) + " us, max " +
+                                  std::to_string(times.back() * 1e3).substr(0, 8) + " us)");
+      }
+      std::fprintf(stderr, "sonde gpu llm profile: %s, %.0f steps, %.4f ms of ops per step (medians)\n", mode.c_str(), steps, total);
+      std::sort(rows.rbegin(), rows.rend());
+      for (const auto& [ms, key] : rows) std::fprintf(stderr, "  %9.4f ms/step %5.1f%%  %s\n", ms, 100 * ms / total, key.c_str());
+    }
+  }
+  std::mutex mu_;
+  std::shared_ptr<GpuAllocation> busy_out_;
+  const GpuDevice* busy_device_ = nullptr;
+  std::string mode_ = "decode";
+  std::map<std::string, double> steps_;
+  std::map<std::string, std::map<std::string, std::vector<double>>> ops_;
+};
 
 GpuLlmCall Call(GpuOpFn fn, const char* name, std::vector<GpuBufferArg> buffers, std::map<std::string, double> params) {
   GpuLlmCall c;
@@ -150,9 +228,41 @@ struct Uploader {
     stream.Synchronize();
     return g;
   }
+  // Matrices of one type and k, their rows stacked in the order given, as one matrix (Matrix
+  // synchronises, so the joined host rows may die on return).
+  GpuLlmMatrix Joined(std::initializer_list<const LlmMatrix*> parts, const std::string& what) {
+    LlmMatrix joined = **parts.begin();
+    joined.n = 0;
+    for (const LlmMatrix* m : parts) joined.n += m->n;
+    std::vector<uint8_t> rows(joined.n * joined.row_bytes);
+    size_t at = 0;
+    for (const LlmMatrix* m : parts) {
+      std::memcpy(rows.data() + at, m->data, m->n * m->row_bytes);
+      at += m->n * m->row_bytes;
+    }
+    joined.data = rows.data();
+    return Matrix(joined, what);
+  }
 };
 
+// SONDE_GPU_JOIN_FFN=0 uploads gate and up apart (an A/B switch for the joined FFN product).
+bool JoinFfn() {
+  static const bool on = [] {
+    const char* v = std::getenv("SONDE_GPU_JOIN_FFN");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+
 }  // namespace
+
+void GpuLlmCall::Run(GpuStream& s, const GpuDeviceInfo& d) const {
+  StepProfile* p = StepProfile::Active();
+  if (p && !s.capturing())
+    p->Time(*this, s, d);
+  else
+    fn(s, d, call);
+}
 
 std::string GpuLlmModel::Unsupported(const LlmModel& m) {
   const LlmConfig& c = m.cfg_;
@@ -246,14 +356,7 @@ std::shared_ptr<const GpuLlmModel> GpuLlmModel::Create(const LlmModel& cpu, std:
       G.uv = up.Heads(L.uv, b + "attn_v_b.weight (per head)");
     } else {
       if (L.q.type == L.k.type && L.k.type == L.v.type) {
-        LlmMatrix joined = L.q;
-        std::vector<uint8_t> rows((L.q.n + L.k.n + L.v.n) * L.q.row_bytes);
-        std::memcpy(rows.data(), L.q.data, L.q.n * L.q.row_bytes);
-        std::memcpy(rows.data() + L.q.n * L.q.row_bytes, L.k.data, L.k.n * L.k.row_bytes);
-        std::memcpy(rows.data() + (L.q.n + L.k.n) * L.q.row_bytes, L.v.data, L.v.n * L.v.row_bytes);
-        joined.data = rows.data();
-        joined.n = L.q.n + L.k.n + L.v.n;
-        G.qkv = up.Matrix(joined, b + "attn_q/k/v.weight (joined)");
+        G.qkv = up.Joined({&L.q, &L.k, &L.v}, b + "attn_q/k/v.weight (joined)");
         if (L.q_bias || L.k_bias || L.v_bias) {
           std::vector<float> bias(qd + 2 * kvd, 0.f);
           if (L.q_bias) std::copy(L.q_bias, L.q_bias + qd, bias.begin());
@@ -272,8 +375,12 @@ std::shared_ptr<const GpuLlmModel> GpuLlmModel::Create(const LlmModel& cpu, std:
       }
     }
     if (!L.moe_ffn) {
-      G.gate = up.Matrix(L.gate, b + "ffn_gate.weight");
-      G.up = up.Matrix(L.up, b + "ffn_up.weight");
+      if (L.gate.type == L.up.type && JoinFfn()) {
+        G.gate_up = up.Joined({&L.gate, &L.up}, b + "ffn_gate/up.weight (joined)");
+      } else {
+        G.gate = up.Matrix(L.gate, b + "ffn_gate.weight");
+        G.up = up.Matrix(L.up, b + "ffn_up.weight");
+      }
       G.down = up.Matrix(L.down, b + "ffn_down.weight");
       continue;
     }
@@ -321,7 +428,8 @@ struct GpuLlmArena {
   };
   struct Layer {
     GpuLlmCall attn_norm, rope_q, rope_k, store, decode, prefill, add_attn, add_ffn, silu;
-    Product q, k, v, o, gate, up, down, qkv;
+    Product q, k, v, o, gate, up, down, qkv;  // gate: the joined gate/up product where joined_ffn
+    bool joined_ffn = false;
     GpuLlmCall moe, shared_silu, shared_add, add_moe;
     Product shared_gate, shared_up, shared_down;
     bool moe_ffn = false, shared = false;
@@ -486,8 +594,13 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
     const size_t qw = mla ? c.heads * std::max(c.head_dim, c.k_nope + c.rope_dim) : qd;
     const size_t aw = mla ? c.heads * std::max(c.head_dim, c.v_dim) : qd;
     const size_t mla_rows = mla ? r : 0;
+    // gate holds the joined gate/up product's rows (2 * ff) where a layer has one; up is used only
+    // by layers whose gate and up are apart.
+    bool joined = false, apart = false;
+    for (const GpuLlmLayer& G : layers)
+      if (!G.moe) (G.gate_up.data ? joined : apart) = true;
     const size_t sizes[] = {r * d * f,        r * d * f,        r * qw * f,       r * kvd * f, r * kvd * f, r * aw * f,
-                            r * ff * f,       r * ff * f,       r * ff * f,       r * d * f,   r * c.heads * (c.head_dim + 2) * kDecodeSplits * f,
+                            r * (joined ? 2 : 1) * ff * f, apart ? r * ff * f : 0, r * ff * f,       r * d * f,   r * c.heads * (c.head_dim + 2) * kDecodeSplits * f,
                             moe_rows * d * f, moe_rows * d * f, moe_rows * sff * f, moe_rows * sff * f, moe_rows * sff * f,
                             mla_rows * c.q_lora * f, mla_rows * c.heads * c.head_dim * f, mla_rows * c.heads * c.kv_lora * f,
                             mla ? 0 : r * (qd + 2 * kvd) * f,
@@ -564,7 +677,7 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
     return l > 0 && c.kv_lora == 0 && Quantises(layers[l].qkv.data ? layers[l].qkv : layers[l].q);
   };
   const auto FfnQuantised = [&](const GpuLlmLayer& G) {
-    return G.moe ? c.shared_ff > 0 && Quantises(G.gate_shexp) : Quantises(G.gate);
+    return G.moe ? c.shared_ff > 0 && Quantises(G.gate_shexp) : Quantises(G.gate_up.data ? G.gate_up : G.gate);
   };
   for (size_t l = 0; l < layers.size(); ++l) {
     const GpuLlmLayer& G = layers[l];
@@ -720,11 +833,21 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
       }
       continue;
     }
-    C.gate = Product(ops, a, G.gate, nullptr, a.xn, a.gate, r, ffn_q);
-    C.up = Product(ops, a, G.up, nullptr, a.xn, a.up, r, Quantises(G.gate) && Quantises(G.up));
-    C.silu = Call(ops.silu_mul, "llm_silu_mul",
-                  {Arg(a.gate, r * ff * f), Arg(a.up, r * ff * f), Arg(a.h, r * ff * f), Arg(a.qscratch, a.qscratch_bytes)},
-                  {{"rows", 0}, {"n", static_cast<double>(ff)}, {"quantize", Quantises(G.down) ? 1 : 0}});
+    C.joined_ffn = G.gate_up.data != nullptr;
+    if (C.joined_ffn) {
+      C.gate = Product(ops, a, G.gate_up, nullptr, a.xn, a.gate, r, ffn_q);
+      C.silu = Call(ops.silu_mul, "llm_silu_mul",
+                    {Arg(a.gate, r * 2 * ff * f), Arg(a.gate + ff, (2 * r - 1) * ff * f), Arg(a.h, r * ff * f),
+                     Arg(a.qscratch, a.qscratch_bytes)},
+                    {{"rows", 0}, {"n", static_cast<double>(ff)}, {"ld", static_cast<double>(2 * ff)},
+                     {"quantize", Quantises(G.down) ? 1 : 0}});
+    } else {
+      C.gate = Product(ops, a, G.gate, nullptr, a.xn, a.gate, r, ffn_q);
+      C.up = Product(ops, a, G.up, nullptr, a.xn, a.up, r, Quantises(G.gate) && Quantises(G.up));
+      C.silu = Call(ops.silu_mul, "llm_silu_mul",
+                    {Arg(a.gate, r * ff * f), Arg(a.up, r * ff * f), Arg(a.h, r * ff * f), Arg(a.qscratch, a.qscratch_bytes)},
+                    {{"rows", 0}, {"n", static_cast<double>(ff)}, {"quantize", Quantises(G.down) ? 1 : 0}});
+    }
     C.down = Product(ops, a, G.down, nullptr, a.h, a.xn, r, Quantises(G.down));
   }
   a.gather = Call(ops.gather, "llm_gather_rows", {Arg(a.x, r * d * f), Arg(a.out_rows, r * 4), Arg(a.xo, r * d * f)},
@@ -781,7 +904,9 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
   // MLA attends each row as its own sequence of positions [0, pos]: a table and a length per row,
   // after the sequences' tables (which kv_store writes through).
   const bool mla = c.kv_lora > 0;
-  const bool graphed = decode && n > 0 && GraphsEnabled();
+  StepProfile* profile = StepProfile::Active();
+  if (profile) profile->BeginStep(decode, device_);
+  const bool graphed = decode && n > 0 && GraphsEnabled() && !profile;
   if (graphed) {
     const size_t bs = kv.block_size();
     const size_t unit = std::max<size_t>(1, kGraphPositions / bs);
@@ -930,7 +1055,7 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
       continue;
     }
     RunProduct(C.gate, n, s, dev);
-    RunProduct(C.up, n, s, dev);
+    if (!C.joined_ffn) RunProduct(C.up, n, s, dev);
     C.silu.call.params["rows"] = rows;
     C.silu.Run(s, dev);
     RunProduct(C.down, n, s, dev);

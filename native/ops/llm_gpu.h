@@ -43,7 +43,7 @@ namespace sonde {
 struct GpuLlmCall {
   GpuOpFn fn = nullptr;
   GpuOpCall call;
-  void Run(GpuStream& s, const GpuDeviceInfo& d) const { fn(s, d, call); }
+  void Run(GpuStream& s, const GpuDeviceInfo& d) const;
 };
 
 // A weight matrix of n rows of k in device memory, as its product op reads it.
@@ -61,6 +61,10 @@ struct GpuLlmLayer {
   // Empty (qkv.data null) when the types differ; q, k, v are then uploaded apart.
   GpuLlmMatrix qkv;
   std::shared_ptr<GpuAllocation> qkv_bias;
+  // gate and up of one type joined the same way (gate's rows, then up's): one product reads the
+  // FFN's input once and fills the GPU with twice the rows; SwiGLU reads its output in place.
+  // Empty when the types differ (or SONDE_GPU_JOIN_FFN=0, an A/B switch).
+  GpuLlmMatrix gate_up;
   // MoE FFN (moe/cuda/moe.cu's one-call op): the router in f32 and the stacked experts in f32 or
   // bf16 (GpuLlmModel::experts_bf16), and the shared experts in their own type with qwen2moe's
   // sigmoid gate (a vector of embd).

@@ -19,10 +19,14 @@ const TYPES: GpuQuantType[] = ['q8_0', 'q4_0'];
 const u = 2 ** -24;
 
 interface Case { m: number; n: number; k: number; algorithm: GpuQuantAlgorithm; simt?: boolean }
+// k up to many rounds of a warp's 32 x 4 blocks; n past 16384, where one row takes the GEMV with
+// four blocks in flight per lane instead of two.
 const GEMV: Case[] = [
   { m: 1, n: 1, k: 32, algorithm: 'auto' }, { m: 1, n: 5, k: 96, algorithm: 'auto' },
   { m: 2, n: 4, k: 32 * 33, algorithm: 'auto' }, { m: 3, n: 7, k: 64, algorithm: 'auto' },
   { m: 8, n: 9, k: 160, algorithm: 'auto' }, { m: 9, n: 3, k: 96, algorithm: 'gemv' },
+  { m: 1, n: 3, k: 32 * 1100, algorithm: 'auto' }, { m: 2, n: 5, k: 32 * 530, algorithm: 'gemv' },
+  { m: 1, n: 16390, k: 32, algorithm: 'auto' },
 ];
 const GEMM_SHAPES: [number, number, number][] = [[1, 1, 32], [9, 3, 96], [17, 129, 96], [65, 127, 64], [64, 128, 32], [63, 65, 160]];
 const GEMM: Case[] = GEMM_SHAPES.flatMap(([m, n, k]) => [false, true].map((simt) => ({ m, n, k, algorithm: 'gemm' as const, simt })));
@@ -88,7 +92,7 @@ describeGpu('GPU q8_0 / q4_0 matmul', (t) => {
   }
 
   for (const type of TYPES) {
-    it(`${type} GEMV, m = 1..9, k from 1 block to 33`, async () => {
+    it(`${type} GEMV, m = 1..9, k from 1 block to 1100`, async () => {
       for (const [i, c] of GEMV.entries()) await check(type, c, 10 + i);
     });
     it(`${type} GEMM on int8 tensor cores and SIMT dp4a, tile edges`, async () => {

@@ -3,7 +3,9 @@
 // and kernels already queued on the stream.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <vector>
 
@@ -295,5 +297,28 @@ std::shared_ptr<GpuDevice> OpenHardwareDevice(int index) {
                                               (count == 1 ? "is 1 CUDA device" : "are " + std::to_string(count) + " CUDA devices"));
   return std::make_shared<HardwareDevice>(index);
 }
+
+namespace cuda {
+// runtime/cuda/dialect.h: LaunchDependent. SONDE_GPU_PDL=0 launches every kernel plainly.
+bool PdlEnabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("SONDE_GPU_PDL");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  return on;
+}
+bool KernelWaits(const void* kernel) {
+  static std::mutex mu;
+  static std::map<const void*, bool> known;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(kernel);
+  if (it != known.end()) return it->second;
+  cudaFuncAttributes attr{};
+  const bool waits = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
+  cudaGetLastError();
+  known.emplace(kernel, waits);
+  return waits;
+}
+}  // namespace cuda
 
 }  // namespace sonde

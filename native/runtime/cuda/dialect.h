@@ -55,11 +55,38 @@ struct GpuOpRegistrar {
 // arguments convert to the kernel's parameter types here, as <<<>>> would convert them. A bad
 // configuration or launch failure is GpuError(kKernel); errors inside the kernel surface at the
 // stream's Synchronize() on a GPU and here at once on the emulator.
+//
+// LaunchDependent is Launch as a programmatic dependent launch (Hopper's PDL) where the device and
+// the kernel's code allow it: the grid may start while the stream's previous kernel still runs, as
+// soon as every block of that one has called GridDependentsLaunch (or exited). Such a kernel must
+// call GridDependencyWait before it reads anything an earlier kernel wrote or writes anything one
+// reads; before that it may only read what no kernel of the stream writes (weights). A kernel whose
+// code was compiled for a PTX target below 9.0 (where the wait does not exist) is launched plainly.
+template <typename... P, typename... A>
+void LaunchKernel(bool dependent, void (*kernel)(P...), dim3 grid, dim3 block, size_t shared, GpuStream& stream,
+                  A&&... args);
 template <typename... P, typename... A>
 void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared, GpuStream& stream, A&&... args) {
+  LaunchKernel(false, kernel, grid, block, shared, stream, std::forward<A>(args)...);
+}
+template <typename... P, typename... A>
+void LaunchDependent(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared, GpuStream& stream, A&&... args) {
+  LaunchKernel(true, kernel, grid, block, shared, stream, std::forward<A>(args)...);
+}
+
+// PDL on real devices: off with SONDE_GPU_PDL=0 (an A/B switch).
+bool PdlEnabled();
+// Whether the kernel's code was compiled for a PTX target of 9.0 or later (where the wait exists),
+// looked up once per kernel.
+bool KernelWaits(const void* kernel);
+
+template <typename... P, typename... A>
+void LaunchKernel(bool dependent, void (*kernel)(P...), dim3 grid, dim3 block, size_t shared, GpuStream& stream,
+                  A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "Launch: argument count differs from the kernel's");
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
 #if SONDE_GPU_EMULATED
+  (void)dependent;  // blocks run one grid after another here
   auto run = [kernel, grid, block, shared](std::tuple<std::decay_t<P>...>& args) {
     struct Ctx {
       void (*kernel)(P...);
@@ -90,9 +117,23 @@ void Launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared, GpuStrea
   if (shared > 48 * 1024)
     e = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(shared));
-  if (e == cudaSuccess)
+  if (dependent && e == cudaSuccess) dependent = PdlEnabled() && KernelWaits(reinterpret_cast<const void*>(kernel));
+  if (e == cudaSuccess && dependent) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = shared;
+    config.stream = static_cast<cudaStream_t>(stream.handle());
+    config.attrs = attr;
+    config.numAttrs = 1;
+    e = cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(kernel), pointers);
+  } else if (e == cudaSuccess) {
     e = cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, block, pointers, shared,
                          static_cast<cudaStream_t>(stream.handle()));
+  }
   if (e != cudaSuccess) {
     cudaGetLastError();
     throw GpuError(GpuErrc::kKernel, std::string("kernel launch: ") + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
@@ -366,6 +407,36 @@ __device__ __forceinline__ void CpAsyncWait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
+}
+#endif
+
+// Programmatic dependent launch (see LaunchDependent). The emulator runs kernels one after another,
+// so both are no-ops there; so they are in code for targets below 9.0.
+// PrefetchL2 asks for the 128-byte line at p in L2 (a hint: nothing on the emulator).
+// GridDependencyStart is the prologue of a kernel launched dependent that has nothing to do before
+// the wait: wait for the previous kernel, then let the next one launch (never before the wait, or
+// a chain of launched grids, each waiting on the one before, could fill the SMs that the running
+// one needs).
+#if SONDE_GPU_EMULATED
+inline void GridDependencyWait() {}
+inline void GridDependentsLaunch() {}
+inline void GridDependencyStart() {}
+inline void PrefetchL2(const void*) {}
+#else
+__device__ __forceinline__ void PrefetchL2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
+__device__ __forceinline__ void GridDependencyWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void GridDependentsLaunch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void GridDependencyStart() {
+  GridDependencyWait();
+  GridDependentsLaunch();
 }
 #endif
 

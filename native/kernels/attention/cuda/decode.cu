@@ -95,6 +95,7 @@ __device__ __forceinline__ void WarpSums(float (&v)[kN], int lane) {
 
 template <int kType, int kPer, int kV, int kG, bool kStaged>
 __global__ void __launch_bounds__(kDecodeWarps * 32) DecodeKernel(DecodeArgs a) {
+  GridDependencyStart();
   using T = typename KvElem<kType>::T;
   constexpr int kChunks = kPer / kV, kU = kPer <= 8 ? 4 : 2;
   const int chunks_per_kv = (a.group + kG - 1) / kG;
@@ -288,6 +289,7 @@ SONDE_ATTN_UNROLL
 
 // One block per (head, sequence): out = sum_i w_i acc_i / sum_i w_i sum_i, w_i = exp(max_i - max).
 __global__ void __launch_bounds__(128) CombineKernel(DecodeArgs a) {
+  GridDependencyStart();
   const int h = blockIdx.x, s = blockIdx.y;
   int len = a.lens[s];
   len = len < 0 ? 0 : len > a.limit ? a.limit : len;
@@ -356,6 +358,7 @@ __device__ __forceinline__ uint32_t PackPair(float lo, float hi) {
 // kNtw: value n-tiles (8 columns) per warp at most, value_dim <= 32 * kNtw.
 template <int kType, int kNtw>
 __global__ void __launch_bounds__(kMmaWarps * 32) DecodeMmaKernel(DecodeArgs a, MmaPlan plan) {
+  GridDependencyStart();
   using E = KvElem<kType>;
   const int chunks_per_kv = (a.group + kMmaHeads - 1) / kMmaHeads;
   const int hc = static_cast<int>(blockIdx.x) % chunks_per_kv, split = static_cast<int>(blockIdx.x) / chunks_per_kv;
@@ -607,13 +610,13 @@ void LaunchDecodeMma(const DecodeArgs& a, const MmaPlan& plan, dim3 grid, GpuStr
   const int ntw = (a.value_dim / 8 + kMmaWarps - 1) / kMmaWarps;
   const dim3 block(kMmaWarps * 32);
   if (ntw <= 2)
-    Launch(DecodeMmaKernel<kType, 2>, grid, block, plan.shared, st, a, plan);
+    LaunchDependent(DecodeMmaKernel<kType, 2>, grid, block, plan.shared, st, a, plan);
   else if (ntw <= 4)
-    Launch(DecodeMmaKernel<kType, 4>, grid, block, plan.shared, st, a, plan);
+    LaunchDependent(DecodeMmaKernel<kType, 4>, grid, block, plan.shared, st, a, plan);
   else if (ntw <= 8)
-    Launch(DecodeMmaKernel<kType, 8>, grid, block, plan.shared, st, a, plan);
+    LaunchDependent(DecodeMmaKernel<kType, 8>, grid, block, plan.shared, st, a, plan);
   else
-    Launch(DecodeMmaKernel<kType, 16>, grid, block, plan.shared, st, a, plan);
+    LaunchDependent(DecodeMmaKernel<kType, 16>, grid, block, plan.shared, st, a, plan);
 }
 
 template <int kType, int kPer, int kV>
@@ -622,14 +625,14 @@ void LaunchDecode(const DecodeArgs& a, int kg, dim3 grid, size_t shared, GpuStre
   const dim3 block(kDecodeWarps * 32);
   if (a.stages) {
     if (kg == kMax)
-      Launch(DecodeKernel<kType, kPer, kV, kMax, true>, grid, block, shared, st, a);
+      LaunchDependent(DecodeKernel<kType, kPer, kV, kMax, true>, grid, block, shared, st, a);
     else
-      Launch(DecodeKernel<kType, kPer, kV, kMax / 2, true>, grid, block, shared, st, a);
+      LaunchDependent(DecodeKernel<kType, kPer, kV, kMax / 2, true>, grid, block, shared, st, a);
   } else {
     if (kg == kMax)
-      Launch(DecodeKernel<kType, kPer, kV, kMax, false>, grid, block, shared, st, a);
+      LaunchDependent(DecodeKernel<kType, kPer, kV, kMax, false>, grid, block, shared, st, a);
     else
-      Launch(DecodeKernel<kType, kPer, kV, kMax / 2, false>, grid, block, shared, st, a);
+      LaunchDependent(DecodeKernel<kType, kPer, kV, kMax / 2, false>, grid, block, shared, st, a);
   }
 }
 
@@ -735,10 +738,13 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
     }
   } else {
     // Enough blocks for 8 per SM (32 warps, the occupancy the register use allows), splits no
-    // shorter than kMinSplitLen.
+    // shorter than kMinSplitLen while that still gives every SM a block; shorter ones (down to a
+    // round of the 4 warps' 16 rows) where it does not: one sequence of a few hundred positions
+    // is then spread over the GPU instead of a few SMs each walking 256 positions alone.
     const int64_t want_blocks = sms * 8;
     int64_t splits = std::max<int64_t>(1, (want_blocks + units - 1) / units);
-    splits = std::min<int64_t>(splits, (max_len + kMinSplitLen - 1) / kMinSplitLen);
+    const int64_t min_len = units * ((max_len + kMinSplitLen - 1) / kMinSplitLen) >= sms ? kMinSplitLen : 64;
+    splits = std::min<int64_t>(splits, (max_len + min_len - 1) / min_len);
     splits = std::max<int64_t>(1, std::min<int64_t>(splits, static_cast<int64_t>(std::min<size_t>(room, 1 << 16))));
     split_len = (max_len + splits - 1) / splits;
     split_len = (split_len + 63) / 64 * 64;  // whole rounds of the 4 warps' 16 rows
@@ -778,7 +784,7 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
       default: LaunchDecodeType<kKvBf16>(a, per, kg, grid, shared, st); break;
     }
   }
-  if (a.splits > 1) Launch(CombineKernel, dim3(static_cast<unsigned>(heads), static_cast<unsigned>(seqs)), dim3(128),
+  if (a.splits > 1) LaunchDependent(CombineKernel, dim3(static_cast<unsigned>(heads), static_cast<unsigned>(seqs)), dim3(128),
                            size_t(a.splits) * sizeof(float), st, a);
 }
 

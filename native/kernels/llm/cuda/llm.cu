@@ -16,8 +16,9 @@
 //   llm_add_rms_norm [x, a, w, y, scratch?]              {rows, n, eps, quantize?}
 //                    x += a, then y = RMSNorm(x) * w (y may be a): the residual add and the next
 //                    norm of a layer in one pass over the row, one launch fewer per add
-//   llm_silu_mul     [gate, up, y, scratch?]              {rows, n, quantize?}
-//                    y = silu(gate) * up (SwiGLU)
+//   llm_silu_mul     [gate, up, y, scratch?]              {rows, n, ld?, quantize?}
+//                    y = silu(gate) * up (SwiGLU); gate and up rows ld apart (default n: packed),
+//                    so that one joined gate/up product's output [rows][2n] is read in place
 //   llm_rope_store   [q, k, v, positions, rowSeq, pool, tables, qOut?]
 //                    {rows, heads, kvHeads, headDim, base, freqScale, neox, dtype, blockSize,
 //                     numBlocks, layers, layer, seqs, width, ldq?, ldk?, ldv?}
@@ -65,6 +66,7 @@ dim3 StrideGrid(const GpuDeviceInfo& d, size_t count) {
 __global__ void __launch_bounds__(kThreads) EmbedKernel(const uint8_t* __restrict__ table, const int32_t* __restrict__ tokens,
                                                         float* __restrict__ x, int type, unsigned d, unsigned vocab,
                                                         size_t row_bytes) {
+  GridDependencyStart();
   const unsigned r = blockIdx.x;
   const int32_t t = tokens[r];
   float* out = x + size_t(r) * d;
@@ -103,6 +105,7 @@ __global__ void __launch_bounds__(kThreads) EmbedKernel(const uint8_t* __restric
 }
 
 __global__ void __launch_bounds__(kThreads) AddKernel(float* __restrict__ y, const float* __restrict__ a, size_t count) {
+  GridDependencyStart();
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) y[i] += a[i];
 }
 
@@ -115,6 +118,7 @@ __global__ void __launch_bounds__(kThreads) BiasKernel(float* __restrict__ y, co
 
 __global__ void __launch_bounds__(kThreads) GatherRowsKernel(const float* __restrict__ x, const int32_t* __restrict__ rows,
                                                              float* __restrict__ out, unsigned n, unsigned x_rows) {
+  GridDependencyStart();
   const unsigned r = blockIdx.x;
   const int32_t src = rows[r];
   float* o = out + size_t(r) * n;
@@ -202,6 +206,7 @@ __device__ __forceinline__ void QuantizeLane(float v, size_t i, int8_t* xq, floa
 __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(float* __restrict__ x, const float* a, const float* __restrict__ w,
                                                              float* y, unsigned n, float eps, int8_t* __restrict__ xq,
                                                              float* __restrict__ xd) {
+  GridDependencyStart();
   __shared__ float partial[kThreads / 32];
   float* xr = x + size_t(blockIdx.x) * n;
   const float* ar = a + size_t(blockIdx.x) * n;
@@ -225,13 +230,87 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(float* __restrict__
   }
 }
 
+// Four consecutive values (element i of the activations, i % 4 == 0) held by one lane of a group
+// of 8 lanes that together hold one quant block, quantised as QuantizeLane does it. Every lane of
+// the warp calls it (the shuffles take the whole warp); `store` is false for lanes past the row.
+__device__ __forceinline__ void QuantizeQuad(const float4& v, size_t i, bool store, int8_t* xq, float* xd) {
+  const float ax = fabsf(v.x), ay = fabsf(v.y), az = fabsf(v.z), aw = fabsf(v.w);
+  int finite = ax <= FLT_MAX && ay <= FLT_MAX && az <= FLT_MAX && aw <= FLT_MAX;  // false for NaN and +-Inf
+  for (int o = 1; o < 8; o <<= 1) finite &= __shfl_xor_sync(0xffffffffu, finite, o);
+  float amax = finite ? fmaxf(fmaxf(ax, ay), fmaxf(az, aw)) : 0.0f;
+  for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if (!store) return;
+  const bool zero = !finite || amax < 7.52316384526264e-37f;
+  const float id = zero ? 0.0f : 127.0f / amax;
+  const auto q = [&](float e) { return zero ? 0u : uint32_t(static_cast<uint8_t>(static_cast<int8_t>(static_cast<int>(rintf(e * id))))); };
+  *reinterpret_cast<uint32_t*>(xq + i) = q(v.x) | q(v.y) << 8 | q(v.z) << 16 | q(v.w) << 24;
+  if (i % 32 == 0) xd[i / 32] = !finite ? NAN : zero ? 0.0f : amax / 127.0f;
+}
+
+// AddRmsNormKernel for rows of up to kThreads * 4 * P elements (n % 4 == 0, 16-byte aligned rows):
+// each thread loads its P float4s of x and a at once and keeps the sums in registers for the
+// norm, so a row costs two rounds of memory latency instead of one per 256 elements and pass (a
+// decode step's single row is all latency). Same sums per thread, so the same result.
+template <int P>
+__global__ void __launch_bounds__(kThreads) AddRmsNormVecKernel(float* __restrict__ x, const float* a, const float* __restrict__ w,
+                                                                float* y, unsigned n, float eps, int8_t* __restrict__ xq,
+                                                                float* __restrict__ xd) {
+  GridDependencyStart();
+  __shared__ float partial[kThreads / 32];
+  const size_t base = size_t(blockIdx.x) * n;
+  float4* xr = reinterpret_cast<float4*>(x + base);
+  const float4* ar = reinterpret_cast<const float4*>(a + base);
+  const float4* wr = reinterpret_cast<const float4*>(w);
+  float4* yr = reinterpret_cast<float4*>(y + base);
+  const unsigned n4 = n / 4;
+  float4 v[P];
+  float ss = 0.0f;
+  SONDE_UNROLL
+  for (int p = 0; p < P; ++p) {
+    const unsigned j = threadIdx.x + p * kThreads;
+    v[p] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (j < n4) {
+      const float4 xv = xr[j], av = ar[j];
+      v[p] = make_float4(xv.x + av.x, xv.y + av.y, xv.z + av.z, xv.w + av.w);
+    }
+  }
+  SONDE_UNROLL
+  for (int p = 0; p < P; ++p) {
+    const unsigned j = threadIdx.x + p * kThreads;
+    if (j < n4) {
+      xr[j] = v[p];
+      ss += v[p].x * v[p].x + v[p].y * v[p].y + v[p].z * v[p].z + v[p].w * v[p].w;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  __syncthreads();
+  ss = 0.0f;
+  for (unsigned i = 0; i < kThreads / 32; ++i) ss += partial[i];
+  const float scale = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
+  SONDE_UNROLL
+  for (int p = 0; p < P; ++p) {
+    const unsigned j = threadIdx.x + p * kThreads;
+    const bool in = j < n4;
+    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (in) {
+      const float4 wv = wr[j];
+      o = make_float4(v[p].x * scale * wv.x, v[p].y * scale * wv.y, v[p].z * scale * wv.z, v[p].w * scale * wv.w);
+      yr[j] = o;
+    }
+    if (xq) QuantizeQuad(o, base + size_t(j) * 4, in, xq, xd);
+  }
+}
+
 // Grid-stride over the elements; with xq the count is a multiple of 32 and the stride of whole
 // warps, so each warp's 32 elements are one quant block.
 __global__ void __launch_bounds__(kThreads) SiluMulKernel(const float* __restrict__ gate, const float* __restrict__ up,
-                                                          float* __restrict__ y, size_t count, int8_t* __restrict__ xq,
-                                                          float* __restrict__ xd) {
+                                                          float* __restrict__ y, size_t count, size_t n, size_t ld,
+                                                          int8_t* __restrict__ xq, float* __restrict__ xd) {
+  GridDependencyStart();
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) {
-    const float g = gate[i], v = g / (1.0f + expf(-g)) * up[i];
+    const size_t at = ld == n ? i : i / n * ld + i % n;
+    const float g = gate[at], v = g / (1.0f + expf(-g)) * up[at];
     y[i] = v;
     if (xq) QuantizeLane(v, i, xq, xd);
   }
@@ -255,6 +334,7 @@ struct RopeStoreArgs {
 // the rope op does (theta_0 = pos * freq_scale, then j multiplications by theta_scale in fp32).
 template <int kType>
 __global__ void __launch_bounds__(kThreads) RopeStoreKernel(RopeStoreArgs<kType> a) {
+  GridDependencyStart();
   using E = attention::KvElem<kType>;
   const unsigned all = a.heads + a.kv_heads, dims = 2 * a.half;
   const size_t total = size_t(a.rows) * all * a.half;
@@ -327,7 +407,7 @@ void EmbedOp(GpuStream& s, const GpuDeviceInfo&, const GpuOpCall& c) {
   const int32_t* tokens = c.Buffer<int32_t>(1, static_cast<size_t>(rows), "tokens");
   float* x = c.Buffer<float>(2, c.Count({rows, d}), "x");
   if (rows == 0) return;
-  Launch(EmbedKernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, s, table, tokens, x, type,
+  LaunchDependent(EmbedKernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, s, table, tokens, x, type,
          static_cast<unsigned>(d), static_cast<unsigned>(vocab), row_bytes);
 }
 
@@ -335,7 +415,7 @@ void AddOp(GpuStream& s, const GpuDeviceInfo& dev, const GpuOpCall& c) {
   const size_t count = c.Count({c.Int("count", 0, INT64_C(1) << 40)});
   float* y = c.Buffer<float>(0, count, "y");
   const float* a = c.Buffer<float>(1, count, "a");
-  if (count) Launch(AddKernel, StrideGrid(dev, count), dim3(kThreads), 0, s, y, a, count);
+  if (count) LaunchDependent(AddKernel, StrideGrid(dev, count), dim3(kThreads), 0, s, y, a, count);
 }
 
 void BiasOp(GpuStream& s, const GpuDeviceInfo& dev, const GpuOpCall& c) {
@@ -353,7 +433,7 @@ void GatherRowsOp(GpuStream& s, const GpuDeviceInfo&, const GpuOpCall& c) {
   const int32_t* idx = c.Buffer<int32_t>(1, static_cast<size_t>(rows), "rows");
   float* out = c.Buffer<float>(2, c.Count({rows, n}), "out");
   if (rows == 0) return;
-  Launch(GatherRowsKernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, s, x, idx, out, static_cast<unsigned>(n),
+  LaunchDependent(GatherRowsKernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, s, x, idx, out, static_cast<unsigned>(n),
          static_cast<unsigned>(x_rows));
 }
 
@@ -418,20 +498,31 @@ void AddRmsNormOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
   float* xd;
   QuantOutput(c, 4, rows, n, &xq, &xd);
   if (rows == 0) return;
-  Launch(AddRmsNormKernel, dim3(static_cast<unsigned>(rows)), dim3(kThreads), 0, st, x, a, w, y, static_cast<unsigned>(n),
-         static_cast<float>(c.NumOr("eps", 1e-6)), xq, xd);
+  const dim3 grid(static_cast<unsigned>(rows)), block(kThreads);
+  const unsigned un = static_cast<unsigned>(n);
+  const float eps = static_cast<float>(c.NumOr("eps", 1e-6));
+  const bool vec = n % 4 == 0 && !((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(a) |
+                                    reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(y)) % 16);
+  const int64_t per = (n + 4 * kThreads - 1) / (4 * kThreads);  // float4s per thread
+  if (vec && per <= 1) LaunchDependent(AddRmsNormVecKernel<1>, grid, block, 0, st, x, a, w, y, un, eps, xq, xd);
+  else if (vec && per <= 2) LaunchDependent(AddRmsNormVecKernel<2>, grid, block, 0, st, x, a, w, y, un, eps, xq, xd);
+  else if (vec && per <= 4) LaunchDependent(AddRmsNormVecKernel<4>, grid, block, 0, st, x, a, w, y, un, eps, xq, xd);
+  else if (vec && per <= 8) LaunchDependent(AddRmsNormVecKernel<8>, grid, block, 0, st, x, a, w, y, un, eps, xq, xd);
+  else LaunchDependent(AddRmsNormKernel, grid, block, 0, st, x, a, w, y, un, eps, xq, xd);
 }
 
 void SiluMulOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) {
-  const int64_t rows = c.Int("rows", 0, 1 << 24), n = c.Int("n", 1);
-  const size_t count = c.Count({rows, n});
-  const float* gate = c.Buffer<float>(0, count, "gate");
-  const float* up = c.Buffer<float>(1, count, "up");
+  const int64_t rows = c.Int("rows", 0, 1 << 24), n = c.Int("n", 1), ld = c.IntOr("ld", n, n);
+  const size_t count = c.Count({rows, n}), in = rows ? c.Count({rows - 1, ld}) + static_cast<size_t>(n) : 0;
+  const float* gate = c.Buffer<float>(0, in, "gate");
+  const float* up = c.Buffer<float>(1, in, "up");
   float* y = c.Buffer<float>(2, count, "y");
   int8_t* xq;
   float* xd;
   QuantOutput(c, 3, rows, n, &xq, &xd);
-  if (count) Launch(SiluMulKernel, StrideGrid(dev, count), dim3(kThreads), 0, st, gate, up, y, count, xq, xd);
+  if (count)
+    LaunchDependent(SiluMulKernel, StrideGrid(dev, count), dim3(kThreads), 0, st, gate, up, y, count, static_cast<size_t>(n),
+           static_cast<size_t>(ld), xq, xd);
 }
 
 template <int kType>
@@ -448,7 +539,7 @@ void LaunchRopeStore(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c
   a.theta_scale = powf(base, -2.0f / static_cast<float>(dims));
   a.neox = c.NumOr("neox", 0) != 0;
   const size_t total = c.Count({rows, heads + kv_heads, dims / 2});
-  if (total) Launch(RopeStoreKernel<kType>, StrideGrid(dev, total), dim3(kThreads), 0, st, a);
+  if (total) LaunchDependent(RopeStoreKernel<kType>, StrideGrid(dev, total), dim3(kThreads), 0, st, a);
 }
 
 void RopeStoreOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) {

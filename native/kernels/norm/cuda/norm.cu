@@ -31,6 +31,7 @@ __device__ __forceinline__ float BlockReduce(float v, float* scratch) {
 
 __global__ void __launch_bounds__(kRowThreads) RmsNormKernel(const float* __restrict__ x, const float* __restrict__ w,
                                                             float* __restrict__ y, unsigned n, float eps) {
+  GridDependencyStart();
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;
   const float* xr = x + row * n;
@@ -98,6 +99,7 @@ struct RowCache {
 template <int kVec>
 __global__ void __launch_bounds__(kRowThreads) RmsNormRegKernel(const float* __restrict__ x, const float* __restrict__ w,
                                                                float* __restrict__ y, unsigned n, float eps) {
+  GridDependencyStart();
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;
   const unsigned n4 = n / 4;
@@ -118,6 +120,7 @@ __global__ void __launch_bounds__(kRowThreads) RmsNormRegKernel(const float* __r
 
 template <int kVec>
 __global__ void __launch_bounds__(kRowThreads) SoftmaxRegKernel(const float* __restrict__ x, float* __restrict__ y, unsigned n) {
+  GridDependencyStart();
   __shared__ float scratch[32];
   const size_t row = blockIdx.x;
   const unsigned n4 = n / 4;
@@ -151,7 +154,7 @@ bool LaunchCached(Kernel k1, Kernel k2, Kernel k4, Kernel k8, int64_t rows, int6
   const int64_t per_thread = (n / 4 + kRowThreads - 1) / kRowThreads;
   Kernel k = per_thread <= 1 ? k1 : per_thread <= 2 ? k2 : per_thread <= 4 ? k4 : per_thread <= 8 ? k8 : nullptr;
   if (!k) return false;
-  Launch(k, dim3(static_cast<unsigned>(rows)), dim3(kRowThreads), 0, s, args...);
+  LaunchDependent(k, dim3(static_cast<unsigned>(rows)), dim3(kRowThreads), 0, s, args...);
   return true;
 }
 
@@ -232,7 +235,7 @@ void RmsNormOp(GpuStream& s, const GpuDeviceInfo&, const GpuOpCall& c) {
       LaunchCached(RmsNormRegKernel<1>, RmsNormRegKernel<2>, RmsNormRegKernel<4>, RmsNormRegKernel<8>, rows, n, s, x, w, y,
                    static_cast<unsigned>(n), eps))
     return;
-  Launch(RmsNormKernel, dim3(rows), dim3(kRowThreads), 0, s, x, w, y, n, eps);
+  LaunchDependent(RmsNormKernel, dim3(rows), dim3(kRowThreads), 0, s, x, w, y, n, eps);
 }
 
 void LayerNormOp(GpuStream& s, const GpuDeviceInfo&, const GpuOpCall& c) {
