@@ -6,6 +6,8 @@ export type LlmModelKind = 'llama' | 'qwen2' | 'mixtral' | 'qwen2moe' | 'deepsee
 export interface LlmModelOptions {
   kind: LlmModelKind;
   type?: GgufTensorType;
+  /** A type per matrix name where it differs from `type` (a mixed file). */
+  tensorTypes?: Record<string, GgufTensorType>;
   /** general.name (default sonde-fixture-<kind>-<type>). */
   name?: string;
   embedding?: number;

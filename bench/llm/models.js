@@ -260,8 +260,9 @@ export function llmModelSpec(o, typed) {
     });
   };
   // A matrix of n rows of k: GGUF dims [k, n] (plus the expert count for stacked experts).
+  // o.tensorTypes: a type per tensor name where it differs from o.type (mixed files).
   const mat = (name, k, n, scale = gain(k), e = 0, shape) =>
-    add(name, e ? [k, n, e] : [k, n], type, () => {
+    add(name, e ? [k, n, e] : [k, n], o.tensorTypes?.[name] ?? type, () => {
       const values = uniform(rand, k * n * (e || 1), scale);
       shape?.(values);
       return values;

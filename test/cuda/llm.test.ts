@@ -57,6 +57,23 @@ describeGpu('language model on the GPU', (t) => {
     }, 120_000);
   });
 
+  it('a layer whose gate and up differ in type runs them apart, the next joined', async () => {
+    // Layer 0's up in f16, the rest q8_0: its FFN is two products and a packed SwiGLU, layer 1's
+    // one joined product read in place (ops/llm_gpu.cc: GpuLlmLayer::gate_up).
+    const info = await fixture('llama-mixed-ffn', { kind: 'llama', type: 'q8_0', seed: 9, tensorTypes: { 'blk.0.ffn_up.weight': 'f16' } });
+    const { cpu, gpu } = await both(info);
+    const v = info.vocabSize, toks = tokens(19, v, 5);
+    const a = cpu.createSequence(32), b = gpu.createSequence(32);
+    try {
+      expectClose(await b.eval(toks.subarray(0, 17), { allLogits: true }), await a.eval(toks.subarray(0, 17), { allLogits: true }),
+        v, info.layers, DELTA.q8_0, 'prefill');
+      for (let i = 17; i < 19; i++) expectClose(await b.eval([toks[i]!]), await a.eval([toks[i]!]), v, info.layers, DELTA.q8_0, `decode at ${i}`);
+    } finally {
+      a.dispose();
+      b.dispose();
+    }
+  }, 120_000);
+
   describe('mixture-of-experts models: logits and expert counts equal the CPU\'s', () => {
     // Experts run in f32 on the GPU when they fit (every GGUF type converts exactly); f32 and f16
     // files keep the CPU's activations in fp32 too, so routing sees the same scores up to fp32
