@@ -149,6 +149,17 @@ __global__ void __launch_bounds__(kThreads) CopyKernel(const uint8_t* __restrict
   for (size_t i = words * 16 + first; i < bytes; i += stride) dst[i] = src[i];
 }
 
+// The sum of every thread's v over a block of kThreads (partial: kThreads / 32 floats of shared
+// memory), on every thread: warp sums, then each thread adds the warps' in the same order.
+__device__ __forceinline__ float BlockSum(float v, float* partial) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (unsigned i = 0; i < kThreads / 32; ++i) total += partial[i];
+  return total;
+}
+
 // One block per row: the gate's dot product reduced over the block, then the scaled add. The dot
 // is a plain fp32 sum (the CPU computes it as a 1-row f32 product: same terms, another order).
 __global__ void __launch_bounds__(kThreads) GatedAddKernel(float* __restrict__ y, const float* __restrict__ x,
@@ -160,12 +171,7 @@ __global__ void __launch_bounds__(kThreads) GatedAddKernel(float* __restrict__ y
   if (gated) {
     float dot = 0.0f;
     for (unsigned j = threadIdx.x; j < n; j += blockDim.x) dot += x[r * n + j] * w[j];
-    for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = dot;
-    __syncthreads();
-    dot = 0.0f;
-    for (unsigned i = 0; i < kThreads / 32; ++i) dot += partial[i];
-    g = 1.0f / (1.0f + expf(-dot));
+    g = 1.0f / (1.0f + expf(-BlockSum(dot, partial)));
   }
   for (unsigned j = threadIdx.x; j < n; j += blockDim.x) y[r * n + j] += g * s[r * n + j];
 }
@@ -177,12 +183,7 @@ __global__ void __launch_bounds__(kThreads) RmsNormRowsKernel(const float* x, co
   float* yr = y + blockIdx.x * ldy;
   float ss = 0.0f;
   for (unsigned j = threadIdx.x; j < n; j += blockDim.x) ss += xr[j] * xr[j];
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
-  __syncthreads();
-  ss = 0.0f;
-  for (unsigned i = 0; i < kThreads / 32; ++i) ss += partial[i];
-  const float scale = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
+  const float scale = 1.0f / sqrtf(BlockSum(ss, partial) / static_cast<float>(n) + eps);
   // In place: each thread rewrites only the elements it read, after the block's sum.
   for (unsigned j = threadIdx.x; j < n; j += blockDim.x) yr[j] = xr[j] * scale * w[j];
 }
@@ -217,12 +218,7 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(float* __restrict__
     xr[j] = v;
     ss += v * v;
   }
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
-  __syncthreads();
-  ss = 0.0f;
-  for (unsigned i = 0; i < kThreads / 32; ++i) ss += partial[i];
-  const float scale = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
+  const float scale = 1.0f / sqrtf(BlockSum(ss, partial) / static_cast<float>(n) + eps);
   for (unsigned j = threadIdx.x; j < n; j += blockDim.x) {
     const float v = xr[j] * scale * w[j];
     yr[j] = v;
@@ -282,12 +278,7 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormVecKernel(float* __restric
       ss += v[p].x * v[p].x + v[p].y * v[p].y + v[p].z * v[p].z + v[p].w * v[p].w;
     }
   }
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
-  __syncthreads();
-  ss = 0.0f;
-  for (unsigned i = 0; i < kThreads / 32; ++i) ss += partial[i];
-  const float scale = 1.0f / sqrtf(ss / static_cast<float>(n) + eps);
+  const float scale = 1.0f / sqrtf(BlockSum(ss, partial) / static_cast<float>(n) + eps);
   SONDE_UNROLL
   for (int p = 0; p < P; ++p) {
     const unsigned j = threadIdx.x + p * kThreads;
