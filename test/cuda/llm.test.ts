@@ -16,6 +16,9 @@
  * An f16 KV cache adds the keys' and values' rounding on both sides alike; the GPU's prefill also
  * rounds queries to f16 there (2^-11, covered by the f16 delta).
  */
+import { execFile } from 'node:child_process';
+import { resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { typed, type GgufTensorType } from '../../lib/llm/gguf.js';
 import type { FixtureOptions } from '../llm-fixtures.js';
@@ -56,6 +59,31 @@ describeGpu('language model on the GPU', (t) => {
       }
     }, 120_000);
   });
+
+  it('SONDE_GPU_LLM_PROFILE=1 prints, at exit, each op of a step with its median time', async () => {
+    const info = await fixture('llama-q8_0', { kind: 'llama', type: 'q8_0', seed: 7 });
+    const module = pathToFileURL(resolve('dist/llm/transformer-gpu.js')).href;
+    const script = `import { loadGpuTransformer } from ${JSON.stringify(module)};
+      const m = await loadGpuTransformer(${JSON.stringify(info.path)}, { device: ${JSON.stringify(t.id)} });
+      const s = m.createSequence(32);
+      await s.eval([1, 2, 3, 4]);
+      for (const tok of [5, 6, 7]) await s.eval([tok]);
+      s.dispose();
+      m.dispose();`;
+    const run = await new Promise<{ code: number | null; stderr: string }>((done) => {
+      execFile(process.execPath, ['--input-type=module', '-e', script], { env: { ...process.env, SONDE_GPU_LLM_PROFILE: '1' } },
+        (err, _stdout, stderr) => done({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stderr }));
+    });
+    expect(run.code, run.stderr).toBe(0);
+    // 3 decode steps and 1 prefill step; a q8_0 llama's decode runs the quantised GEMVs, the
+    // attention decode kernel and the fused RoPE + KV store, each layer's once per step.
+    expect(run.stderr).toMatch(/sonde gpu llm profile: decode, 3 steps, [0-9.]+ ms of ops per step/);
+    expect(run.stderr).toMatch(/sonde gpu llm profile: prefill, 1 steps/);
+    for (const op of ['quant_matmul n=', 'paged_attention_decode', 'llm_rope_store', 'llm_silu_mul', 'llm_add_rms_norm']) {
+      expect(run.stderr, op).toContain(op);
+    }
+    expect(run.stderr).toMatch(/llm_rope_store x2\.000 \(median/);  // two layers
+  }, 120_000);
 
   it('a layer whose gate and up differ in type runs them apart, the next joined', async () => {
     // Layer 0's up in f16, the rest q8_0: its FFN is two products and a packed SwiGLU, layer 1's
