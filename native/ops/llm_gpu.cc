@@ -48,16 +48,18 @@ GpuOpFn Find(const std::string& name, bool emulated) {
   return fn;
 }
 
-// SONDE_GPU_LLM_PROFILE=1, a diagnostic: steps launch op by op (no graphs) and each op is timed
+// SONDE_GPU_LLM_PROFILE=1, a diagnostic (the GPU's counterpart of ops/step_profile.h, which times
+// the CPU step's phases on its thread; here the time is the device's): steps launch op by op (no graphs) and each op is timed
 // alone by device events around it, so a table of where a step's device time goes (per op and
 // shape, per decode or prefill step) reaches stderr at exit. Timing serialises host and device, so
 // the sum exceeds a graphed step by the launch gaps a graph hides; the difference is that overhead.
-class StepProfile {
+class GpuStepProfile {
  public:
-  static StepProfile* Active() {
-    static StepProfile* p = std::getenv("SONDE_GPU_LLM_PROFILE") && std::string(std::getenv("SONDE_GPU_LLM_PROFILE")) == "1"
-                                ? new StepProfile()  // lives to the exit handler
-                                : nullptr;
+  static GpuStepProfile* Active() {
+    static GpuStepProfile* p = [] {
+      const char* v = std::getenv("SONDE_GPU_LLM_PROFILE");
+      return v && std::strcmp(v, "1") == 0 ? new GpuStepProfile() : nullptr;  // lives to the exit handler
+    }();
     return p;
   }
   void BeginStep(bool decode, const std::shared_ptr<GpuDevice>& device) {
@@ -91,7 +93,7 @@ class StepProfile {
   }
 
  private:
-  StepProfile() {
+  GpuStepProfile() {
     std::atexit([] { Active()->Print(); });
   }
   void Print() {
@@ -257,7 +259,7 @@ bool JoinFfn() {
 }  // namespace
 
 void GpuLlmCall::Run(GpuStream& s, const GpuDeviceInfo& d) const {
-  StepProfile* p = StepProfile::Active();
+  GpuStepProfile* p = GpuStepProfile::Active();
   if (p && !s.capturing())
     p->Time(*this, s, d);
   else
@@ -904,7 +906,7 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
   // MLA attends each row as its own sequence of positions [0, pos]: a table and a length per row,
   // after the sequences' tables (which kv_store writes through).
   const bool mla = c.kv_lora > 0;
-  StepProfile* profile = StepProfile::Active();
+  GpuStepProfile* profile = GpuStepProfile::Active();
   if (profile) profile->BeginStep(decode, device_);
   const bool graphed = decode && n > 0 && GraphsEnabled() && !profile;
   if (graphed) {
