@@ -49,10 +49,11 @@ GpuOpFn Find(const std::string& name, bool emulated) {
 }
 
 // SONDE_GPU_LLM_PROFILE=1, a diagnostic (the GPU's counterpart of ops/step_profile.h, which times
-// the CPU step's phases on its thread; here the time is the device's): steps launch op by op (no graphs) and each op is timed
-// alone by device events around it, so a table of where a step's device time goes (per op and
-// shape, per decode or prefill step) reaches stderr at exit. Timing serialises host and device, so
-// the sum exceeds a graphed step by the launch gaps a graph hides; the difference is that overhead.
+// the CPU step's phases on its thread; here the time is the device's): steps launch op by op (no
+// graphs) and each op is timed alone by device events around it, so a table of where a step's
+// device time goes (per op and shape, per decode or prefill step) reaches stderr at exit. Timing
+// serialises host and device, so the sum exceeds a graphed step by the launch gaps a graph hides;
+// the difference is that overhead.
 class GpuStepProfile {
  public:
   static GpuStepProfile* Active() {
