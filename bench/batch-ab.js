@@ -28,6 +28,7 @@ for (let r = 0; r < Number(roundsArg); r++) {
 const base = variants[0].n / variants[0].ms;
 for (const v of variants) {
   const rps = v.n / v.ms * 1000;
-  console.log(`${name} ${v.spec}: ${rps.toFixed(1)} req/s (${(v.n / v.ms / base).toFixed(3)}x the first)`);
+  const b = v.session.metrics().batchSize;
+  console.log(`${name} ${v.spec}: ${rps.toFixed(1)} req/s (${(v.n / v.ms / base).toFixed(3)}x the first), batch mean ${b.mean?.toFixed(2) ?? '-'} p50 ${b.p50 ?? '-'}`);
   v.session.dispose();
 }
