@@ -3,6 +3,7 @@
 // and kernels already queued on the stream.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -300,13 +301,17 @@ std::shared_ptr<GpuDevice> OpenHardwareDevice(int index) {
 
 namespace cuda {
 // runtime/cuda/dialect.h: LaunchDependent. SONDE_GPU_PDL=0 launches every kernel plainly.
+namespace {
+std::atomic<bool> pdl_refused{false};
+}  // namespace
 bool PdlEnabled() {
   static const bool on = [] {
     const char* v = std::getenv("SONDE_GPU_PDL");
     return !(v && std::strcmp(v, "0") == 0);
   }();
-  return on;
+  return on && !pdl_refused.load(std::memory_order_relaxed);
 }
+void RefusePdl() { pdl_refused.store(true, std::memory_order_relaxed); }
 bool KernelWaits(const void* kernel) {
   static std::mutex mu;
   static std::map<const void*, bool> known;

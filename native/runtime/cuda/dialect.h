@@ -74,8 +74,10 @@ void LaunchDependent(void (*kernel)(P...), dim3 grid, dim3 block, size_t shared,
   LaunchKernel(true, kernel, grid, block, shared, stream, std::forward<A>(args)...);
 }
 
-// PDL on real devices: off with SONDE_GPU_PDL=0 (an A/B switch).
+// PDL on real devices: off with SONDE_GPU_PDL=0 (an A/B switch), or for the rest of the process
+// once a driver refused a dependent launch (RefusePdl; the launch is then retried plainly).
 bool PdlEnabled();
+void RefusePdl();
 // Whether the kernel's code was compiled for a PTX target of 9.0 or later (where the wait exists),
 // looked up once per kernel.
 bool KernelWaits(const void* kernel);
@@ -130,6 +132,14 @@ void LaunchKernel(bool dependent, void (*kernel)(P...), dim3 grid, dim3 block, s
     config.attrs = attr;
     config.numAttrs = 1;
     e = cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(kernel), pointers);
+    // A configuration error, not a fault: retried as a plain launch, and if that one goes, this
+    // driver or device takes no programmatic launches and none is tried again.
+    if (e == cudaErrorNotSupported || e == cudaErrorInvalidValue) {
+      cudaGetLastError();
+      e = cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, block, pointers, shared,
+                           static_cast<cudaStream_t>(stream.handle()));
+      if (e == cudaSuccess) RefusePdl();
+    }
   } else if (e == cudaSuccess) {
     e = cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, block, pointers, shared,
                          static_cast<cudaStream_t>(stream.handle()));
