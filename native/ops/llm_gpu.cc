@@ -64,8 +64,8 @@ class GpuStepProfile {
     return p;
   }
   void BeginStep(bool decode, const std::shared_ptr<GpuDevice>& device) {
-    std::lock_guard<std::mutex> lock(mu_);
     mode_ = decode ? "decode" : "prefill";
+    std::lock_guard<std::mutex> lock(mu_);
     ++steps_[mode_];
     if (!device->info().emulated && (!busy_out_ || busy_device_ != device.get())) {
       busy_out_ = std::make_shared<GpuAllocation>(device, 4, "the step profile's busy kernel");
@@ -121,10 +121,14 @@ class GpuStepProfile {
   std::mutex mu_;
   std::shared_ptr<GpuAllocation> busy_out_;
   const GpuDevice* busy_device_ = nullptr;
-  std::string mode_ = "decode";
+  // The kind of step this thread runs (a step's ops launch on its thread; pools may step
+  // concurrently on others).
+  static thread_local const char* mode_;
   std::map<std::string, double> steps_;
   std::map<std::string, std::map<std::string, std::vector<double>>> ops_;
 };
+
+thread_local const char* GpuStepProfile::mode_ = "decode";
 
 GpuLlmCall Call(GpuOpFn fn, const char* name, std::vector<GpuBufferArg> buffers, std::map<std::string, double> params) {
   GpuLlmCall c;
@@ -248,12 +252,15 @@ struct Uploader {
   }
 };
 
+// An A/B switch: on unless the variable is "0".
+bool SwitchOn(const char* name) {
+  const char* v = std::getenv(name);
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
 // SONDE_GPU_JOIN_FFN=0 uploads gate and up apart (an A/B switch for the joined FFN product).
 bool JoinFfn() {
-  static const bool on = [] {
-    const char* v = std::getenv("SONDE_GPU_JOIN_FFN");
-    return !(v && std::string(v) == "0");
-  }();
+  static const bool on = SwitchOn("SONDE_GPU_JOIN_FFN");
   return on;
 }
 
@@ -863,10 +870,7 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
 // SONDE_GPU_GRAPHS=0 launches every op of a step separately (an A/B switch, and the way back if a
 // driver misbehaves with graphs).
 bool GraphsEnabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("SONDE_GPU_GRAPHS");
-    return !(v && std::string(v) == "0");
-  }();
+  static const bool on = SwitchOn("SONDE_GPU_GRAPHS");
   return on;
 }
 

@@ -30,8 +30,9 @@
 //                    read in place); keys are roped in place, queries into qOut (packed rows of
 //                    heads * headDim, as attention reads them; default q itself)
 //   quantize: y also quantised into scratch as quant_matmul's activations (quant/cuda/quant.cu:
-//   rows * n int8, then rows * n / 32 fp32 scales, by its rule), so that the q8_0/q4_0 product
-//   reading y runs with reuse = 1: one quantiser launch fewer per product input (n % 32 == 0)
+//   rows * n int8, then rows * n / 32 fp32 scales, by quantize_acts.h's rule), so that the
+//   q8_0/q4_0 product reading y runs with reuse = 1: one quantiser launch fewer per product input
+//   (n % 32 == 0)
 //   llm_rms_norm_rows [x, w, y]                          {rows, n, ldx, ldy, eps}
 //                    RMSNorm of the first n elements of rows ldx apart into rows ldy apart (in
 //                    place allowed): MLA's latent, the head of each [latent | rope key] row
@@ -41,8 +42,7 @@
 //   llm_copy_rows    [x, y]                              {rows, heads, count, ldx, hx, ox, ldy, hy, oy}
 //                    y[r][h][oy + i] = x[r][h][ox + i], i < count (the roped query part of MLA)
 // Every op is memory-bound and reads and writes each element once; none needs shared memory.
-#include <cfloat>
-
+#include "kernels/quant/cuda/quantize_acts.h"
 #include "kernels/quant/quant.h"
 #include "kernels/attention/cuda/paged.h"
 #include "runtime/cuda/dialect.h"
@@ -188,20 +188,6 @@ __global__ void __launch_bounds__(kThreads) RmsNormRowsKernel(const float* x, co
   for (unsigned j = threadIdx.x; j < n; j += blockDim.x) yr[j] = xr[j] * scale * w[j];
 }
 
-// v, one of 32 consecutive values held by the 32 lanes of a warp (element i of the activations),
-// quantised as quant.cu's QuantizeActsKernel does it: int8 at xq[i], the block's scale at xd[i / 32].
-__device__ __forceinline__ void QuantizeLane(float v, size_t i, int8_t* xq, float* xd) {
-  const float a = fabsf(v);
-  const int finite = __all_sync(0xffffffffu, a <= FLT_MAX);  // false for NaN and +-Inf
-  float amax = finite ? a : 0.0f;
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  // Below 2^-120, 127 / amax overflows fp32: the CPU counts such blocks as zero.
-  const bool zero = !finite || amax < 7.52316384526264e-37f;
-  const float id = zero ? 0.0f : 127.0f / amax;
-  xq[i] = zero ? 0 : static_cast<int8_t>(static_cast<int>(rintf(v * id)));
-  if (i % 32 == 0) xd[i / 32] = !finite ? NAN : zero ? 0.0f : amax / 127.0f;
-}
-
 // One block per row; every thread rewrites only the elements it read (y may alias a). With xq, n
 // is a multiple of 32, so the loops are warp-uniform and a warp's 32 elements are one quant block.
 __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(float* __restrict__ x, const float* a, const float* __restrict__ w,
@@ -222,25 +208,8 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(float* __restrict__
   for (unsigned j = threadIdx.x; j < n; j += blockDim.x) {
     const float v = xr[j] * scale * w[j];
     yr[j] = v;
-    if (xq) QuantizeLane(v, size_t(blockIdx.x) * n + j, xq, xd);
+    if (xq) QuantizeActBlock<1>({v}, size_t(blockIdx.x) * n + j, true, xq, xd);
   }
-}
-
-// Four consecutive values (element i of the activations, i % 4 == 0) held by one lane of a group
-// of 8 lanes that together hold one quant block, quantised as QuantizeLane does it. Every lane of
-// the warp calls it (the shuffles take the whole warp); `store` is false for lanes past the row.
-__device__ __forceinline__ void QuantizeQuad(const float4& v, size_t i, bool store, int8_t* xq, float* xd) {
-  const float ax = fabsf(v.x), ay = fabsf(v.y), az = fabsf(v.z), aw = fabsf(v.w);
-  int finite = ax <= FLT_MAX && ay <= FLT_MAX && az <= FLT_MAX && aw <= FLT_MAX;  // false for NaN and +-Inf
-  for (int o = 1; o < 8; o <<= 1) finite &= __shfl_xor_sync(0xffffffffu, finite, o);
-  float amax = finite ? fmaxf(fmaxf(ax, ay), fmaxf(az, aw)) : 0.0f;
-  for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if (!store) return;
-  const bool zero = !finite || amax < 7.52316384526264e-37f;
-  const float id = zero ? 0.0f : 127.0f / amax;
-  const auto q = [&](float e) { return zero ? 0u : uint32_t(static_cast<uint8_t>(static_cast<int8_t>(static_cast<int>(rintf(e * id))))); };
-  *reinterpret_cast<uint32_t*>(xq + i) = q(v.x) | q(v.y) << 8 | q(v.z) << 16 | q(v.w) << 24;
-  if (i % 32 == 0) xd[i / 32] = !finite ? NAN : zero ? 0.0f : amax / 127.0f;
 }
 
 // AddRmsNormKernel for rows of up to kThreads * 4 * P elements (n % 4 == 0, 16-byte aligned rows):
@@ -289,7 +258,7 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormVecKernel(float* __restric
       o = make_float4(v[p].x * scale * wv.x, v[p].y * scale * wv.y, v[p].z * scale * wv.z, v[p].w * scale * wv.w);
       yr[j] = o;
     }
-    if (xq) QuantizeQuad(o, base + size_t(j) * 4, in, xq, xd);
+    if (xq) QuantizeActBlock<4>({o.x, o.y, o.z, o.w}, base + size_t(j) * 4, in, xq, xd);
   }
 }
 
@@ -303,7 +272,7 @@ __global__ void __launch_bounds__(kThreads) SiluMulKernel(const float* __restric
     const size_t at = ld == n ? i : i / n * ld + i % n;
     const float g = gate[at], v = g / (1.0f + expf(-g)) * up[at];
     y[i] = v;
-    if (xq) QuantizeLane(v, i, xq, xd);
+    if (xq) QuantizeActBlock<1>({v}, i, true, xq, xd);
   }
 }
 

@@ -19,8 +19,8 @@
 //     (dp4a) that devices below compute capability 8.0 run instead of the int8 mma.sync one;
 //     reuse: scratch already holds this x quantised (by an earlier call with the same x, m and k,
 //     as Q, K and V share their input), so the quantiser is skipped: one launch per product.
-#include <cfloat>
 
+#include "kernels/quant/cuda/quantize_acts.h"
 #include "kernels/quant/quant.h"
 #include "runtime/cuda/dialect.h"
 
@@ -76,16 +76,9 @@ __global__ void __launch_bounds__(kActThreads) QuantizeActsKernel(const float* _
   GridDependencyStart();
   const size_t b = (size_t(blockIdx.x) * kActThreads + threadIdx.x) / 32;
   if (b >= blocks) return;  // whole warps: blocks of 32 never straddle warps
-  const unsigned lane = threadIdx.x % 32;
-  const float v = x[b * 32 + lane], a = fabsf(v);
-  const int finite = __all_sync(0xffffffffu, a <= FLT_MAX);  // false for NaN and +-Inf
-  float amax = finite ? a : 0.0f;
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  // Below 2^-120, 127 / amax overflows fp32: the CPU counts such blocks as zero.
-  const bool zero = !finite || amax < 7.52316384526264e-37f;
-  const float id = zero ? 0.0f : 127.0f / amax;
-  xq[b * 32 + lane] = zero ? 0 : static_cast<int8_t>(static_cast<int>(rintf(v * id)));
-  if (lane == 0) xd[b] = !finite ? NAN : zero ? 0.0f : amax / 127.0f;
+  const size_t i = b * 32 + threadIdx.x % 32;
+  const float v[1] = {x[i]};
+  QuantizeActBlock<1>(v, i, true, xq, xd);
 }
 
 // ---- packing: one thread per GGUF block ----
