@@ -44,6 +44,11 @@ export interface GpuDecodeBuffers {
   out: GpuBuffer;
   /** Scratch for the split-K partials; allocated per call when absent. Its size bounds the split count. */
   workspace?: GpuBuffer;
+  /**
+   * out also quantised as the q8_0 / q4_0 products take their activations (a value width that is
+   * a multiple of 32): int8 [seqs][heads * valueDim], then one float32 scale per 32 values.
+   */
+  quantized?: GpuBuffer;
 }
 
 export interface GpuDecodeSequences {
@@ -162,8 +167,15 @@ async function decode(w: string, op: string, device: GpuDeviceId, buffers: GpuDe
   checkGpuBuffer(w, 'q', buffers.q, device, n * shape.heads * shape.keyDim * 4);
   checkGpuBuffer(w, 'pool', buffers.pool, device, poolBytes(pool, shape.streams, shape.keyDim));
   checkGpuBuffer(w, 'out', buffers.out, device, n * shape.heads * shape.valueDim * 4);
+  const rowWidth = shape.heads * shape.valueDim;
+  if (buffers.quantized !== undefined) {
+    if (shape.valueDim % 32) throw new InvalidArgumentError(`${w}: buffers.quantized needs a value width that is a multiple of 32, got ${shape.valueDim}`);
+    checkGpuBuffer(w, 'quantized', buffers.quantized, device, n * rowWidth + (n * rowWidth / 32) * 4);
+  }
   const splits = Math.ceil(maxLen / (splitLen ?? MIN_SPLIT));
-  const need = splits > 1 ? n * shape.heads * (shape.valueDim + 2) * 4 * splits : 0;
+  // The quantised output comes from the splits' combine, so it takes one partial even unsplit.
+  const partials = buffers.quantized !== undefined ? Math.max(splits, 1) : splits > 1 ? splits : 0;
+  const need = n * shape.heads * (shape.valueDim + 2) * 4 * partials;
   if (buffers.workspace !== undefined && splitLen !== undefined) checkGpuBuffer(w, 'workspace', buffers.workspace, device, need);
   else if (buffers.workspace !== undefined) checkGpuBuffer(w, 'workspace', buffers.workspace, device, 0);
   const params = {
@@ -177,7 +189,9 @@ async function decode(w: string, op: string, device: GpuDeviceId, buffers: GpuDe
       const list = [buffers.q, buffers.pool, tb!, lb!, buffers.out];
       const ws = buffers.workspace ?? own;
       if (ws) list.push(ws);
-      return runGpuOp(device, op, list, params, o.reps === undefined ? {} : { reps: o.reps });
+      if (buffers.quantized) list.push(buffers.quantized);  // after the workspace: partials >= 1
+      const all = buffers.quantized ? { ...params, quantize: 1 } : params;
+      return runGpuOp(device, op, list, all, o.reps === undefined ? {} : { reps: o.reps });
     });
   } finally {
     own?.dispose();

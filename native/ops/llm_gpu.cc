@@ -264,6 +264,19 @@ bool JoinFfn() {
   return on;
 }
 
+// A/B switches, each on unless set to 0: SONDE_GPU_ATTN_QUANTISE (the decode attention writes
+// its output quantised for a q8_0 / q4_0 o product, which then skips its quantiser launch),
+// SONDE_GPU_NORM_IN_ADD (the output norm in the last residual add when every row of the step
+// wants logits, in order: no gather, no separate norm, no quantiser before the vocabulary product).
+bool AttentionQuantises() {
+  static const bool on = SwitchOn("SONDE_GPU_ATTN_QUANTISE");
+  return on;
+}
+bool NormInAdd() {
+  static const bool on = SwitchOn("SONDE_GPU_NORM_IN_ADD");
+  return on;
+}
+
 }  // namespace
 
 void GpuLlmCall::Run(GpuStream& s, const GpuDeviceInfo& d) const {
@@ -440,7 +453,12 @@ struct GpuLlmArena {
     GpuLlmCall attn_norm, rope_q, rope_k, store, decode, prefill, add_attn, add_ffn, silu;
     Product q, k, v, o, gate, up, down, qkv;  // gate: the joined gate/up product where joined_ffn
     bool joined_ffn = false;
+    // The decode attention writes o's input quantised (o skips its quantiser in decode steps).
+    bool attn_quantises = false;
     GpuLlmCall moe, shared_silu, shared_add, add_moe;
+    // The last layer's final add also computing the output norm (as add_rms_norm), for steps whose
+    // every row wants logits in order: the gather and the separate norm then do not run.
+    GpuLlmCall add_ffn_out, add_moe_out;
     Product shared_gate, shared_up, shared_down;
     bool moe_ffn = false, shared = false;
     // MLA: q LoRA (q_a, its norm, q_b) or q, kv_a and the latent's norm, RoPE of both rope parts,
@@ -459,9 +477,10 @@ struct GpuLlmArena {
     size_t rows, seqs, out, width, max_len;
     const uint8_t* kv;
     size_t kv_blocks;
+    bool in_order;
     bool operator==(const GraphKey& o) const {
       return rows == o.rows && seqs == o.seqs && out == o.out && width == o.width && max_len == o.max_len && kv == o.kv &&
-             kv_blocks == o.kv_blocks;
+             kv_blocks == o.kv_blocks && in_order == o.in_order;
     }
   };
   std::vector<std::pair<GraphKey, std::unique_ptr<GpuGraph>>> graphs;  // most recent last
@@ -778,9 +797,13 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
       }
       for (const auto& [key, value] : rope) C.store.call.params[key] = value;
       C.store.call.params["heads"] = static_cast<double>(c.heads);
+      // With a block-quantised o, the attention's combine also writes its output quantised into
+      // the scratch (the QKV product that read it is done).
+      C.attn_quantises = AttentionQuantises() && Quantises(G.o) && c.head_dim % kernels::kQuantBlock == 0;
       C.decode = Call(ops.decode, "paged_attention_decode",
                       {Arg(a.q, r * qd * f), GpuBufferArg{}, Arg(a.tables_dev, tb * 4), Arg(a.lens, sq * 4), Arg(a.att, r * qd * f),
-                       Arg(a.ws, a.ws_bytes)}, pool);
+                       Arg(a.ws, a.ws_bytes), Arg(a.qscratch, a.qscratch_bytes)}, pool);
+      C.decode.call.params["quantize"] = C.attn_quantises ? 1 : 0;
       C.decode.call.params["heads"] = static_cast<double>(c.heads);
       C.decode.call.params["scale"] = scale;
       C.prefill = Call(ops.prefill, "paged_attention_prefill",
@@ -808,7 +831,13 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
                     {{"rows", 0}, {"n", static_cast<double>(d)}, {"eps", c.eps}, {"quantize", QuantisedIn(l + 1) ? 1 : 0}});
       return Call(ops.add, "llm_add", {Arg(a.x, r * d * f), Arg(from, r * d * f)}, {{"count", 0}});
     };
+    const auto add_out = [&](float* from) {
+      return Call(ops.add_rms_norm, "llm_add_rms_norm",
+                  {Arg(a.x, r * d * f), Arg(from, r * d * f), Arg(output_norm), Arg(a.xn, r * d * f), Arg(a.qscratch, a.qscratch_bytes)},
+                  {{"rows", 0}, {"n", static_cast<double>(d)}, {"eps", c.eps}, {"quantize", Quantises(output) ? 1 : 0}});
+    };
     C.add_ffn = add_into(a.xn);
+    if (l + 1 == layers.size()) C.add_ffn_out = add_out(a.xn);
     C.moe_ffn = G.moe;
     if (G.moe) {
       const size_t e = c.experts, eff = c.expert_ff, sff = c.shared_ff;
@@ -828,6 +857,7 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
                     {"dModel", static_cast<double>(d)}, {"dFf", static_cast<double>(eff)},
                     {"weightType", m.experts_bf16() ? 1 : 0}, {"routerType", 0}});
       C.add_moe = add_into(a.moe_out);
+      if (l + 1 == layers.size()) C.add_moe_out = add_out(a.moe_out);
       C.shared = sff > 0;
       if (C.shared) {
         C.shared_gate = Product(ops, a, G.gate_shexp, nullptr, a.xn, a.sg, r, ffn_q);
@@ -900,6 +930,9 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
   const int64_t last = KvStepLastBlock(kv.block_size(), step);
   if (last >= 0) kv.Reserve(static_cast<size_t>(last), s);
   const size_t n = step.tokens.size(), seqs = step.seqs.size(), pairs = step.copies.size() / 2, out = step.out_rows.size();
+  // Every row wants logits, in order (decode): the last add computes the output norm itself.
+  bool in_order = out == n && n > 0 && NormInAdd();
+  for (size_t i = 0; in_order && i < out; ++i) in_order = step.out_rows[i] == i;
   size_t width = 1, max_tokens = 0, max_len = 1;
   bool decode = true;
   for (const KvStepSequence& q : step.seqs) {
@@ -1041,6 +1074,7 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
         C.prefill.Run(s, dev);
       }
     }
+    if (C.o.mm.call.op == "quant_matmul") C.o.mm.call.params["reuse"] = decode && C.attn_quantises ? 1 : 0;
     RunProduct(C.o, n, s, dev);
     C.add_attn.call.params["rows"] = rows;
     C.add_attn.Run(s, dev);
@@ -1056,9 +1090,10 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
         C.shared_add.call.params["rows"] = rows;
         C.shared_add.Run(s, dev);
       }
-      C.add_moe.call.params["rows"] = rows;
-      C.add_moe.call.params["count"] = static_cast<double>(n * d);
-      C.add_moe.Run(s, dev);
+      GpuLlmCall& add_moe = in_order && l + 1 == layers_.size() ? C.add_moe_out : C.add_moe;
+      add_moe.call.params["rows"] = rows;
+      add_moe.call.params["count"] = static_cast<double>(n * d);
+      add_moe.Run(s, dev);
       continue;
     }
     RunProduct(C.gate, n, s, dev);
@@ -1066,17 +1101,21 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
     C.silu.call.params["rows"] = rows;
     C.silu.Run(s, dev);
     RunProduct(C.down, n, s, dev);
-    C.add_ffn.call.params["rows"] = rows;
-    C.add_ffn.call.params["count"] = static_cast<double>(n * d);
-    C.add_ffn.Run(s, dev);
+    GpuLlmCall& add_ffn = in_order && l + 1 == layers_.size() ? C.add_ffn_out : C.add_ffn;
+    add_ffn.call.params["rows"] = rows;
+    add_ffn.call.params["count"] = static_cast<double>(n * d);
+    add_ffn.Run(s, dev);
   }
   // Only the requested rows reach the output norm and the vocabulary product.
   if (out > 0) {
-    a.gather.call.params["rows"] = static_cast<double>(out);
-    a.gather.call.params["xRows"] = rows;
-    a.gather.Run(s, dev);
-    a.out_norm.call.params["rows"] = static_cast<double>(out);
-    a.out_norm.Run(s, dev);
+    if (!in_order) {
+      a.gather.call.params["rows"] = static_cast<double>(out);
+      a.gather.call.params["xRows"] = rows;
+      a.gather.Run(s, dev);
+      a.out_norm.call.params["rows"] = static_cast<double>(out);
+      a.out_norm.Run(s, dev);
+    }
+    if (a.output.mm.call.op == "quant_matmul") a.output.mm.call.params["reuse"] = in_order ? 1 : 0;
     RunProduct(a.output, out, s, dev);
   }
   return true;
@@ -1084,7 +1123,7 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
 
   GpuGraph* graph = nullptr;
   if (graphed && a.capturable) {
-    const GpuLlmArena::GraphKey key{n, seqs, out, width, max_len, kv.data(), kv.allocated_blocks()};
+    const GpuLlmArena::GraphKey key{n, seqs, out, width, max_len, kv.data(), kv.allocated_blocks(), in_order};
     auto found = std::find_if(a.graphs.begin(), a.graphs.end(), [&](const auto& g) { return g.first == key; });
     if (found != a.graphs.end()) {
       graph = found->second.get();

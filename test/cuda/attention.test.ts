@@ -6,11 +6,12 @@
 import { expect, it } from 'vitest';
 import { DisposedError, InvalidArgumentError, Tensor, kernels } from '../../dist/index.js';
 import { native } from '../../dist/binding.js';
-import { runGpuOp } from '../../dist/cuda/runtime.js';
+import { runGpuOp, type GpuBuffer } from '../../dist/cuda/runtime.js';
 import {
   gpuKvStore, gpuMlaAttentionDecode, gpuPagedAttentionDecode, gpuPagedAttentionPrefill, gpuRope, type GpuKvDtype,
 } from '../../dist/cuda/attention.js';
 import { randomF32 } from '../helpers.js';
+import { checkQuantised } from './q8-rule.js';
 import { describeGpu, gpuBuffers } from './targets.js';
 
 interface HostPool {
@@ -109,6 +110,9 @@ const DECODE: DecodeCase[] = [
   // SIMT staged through shared memory (rows of whole 16-byte chunks): 32-position tiles cut by
   // the split and the length, the ring wrapping over 13 tiles of a split.
   { dtype: 'f32', heads: 12, kvHeads: 3, headDim: 64, blockSize: 16, lens: [417, 17, 32], splitLen: 416 },
+  // One split: the fused form still goes through a partial (its output is quantised there).
+  { dtype: 'f16', heads: 4, kvHeads: 1, headDim: 64, blockSize: 16, lens: [5, 20], splitLen: 64 },
+  { dtype: 'f32', heads: 4, kvHeads: 2, headDim: 32, blockSize: 8, lens: [9, 3], splitLen: 16 },
 ];
 
 // The SIMT decode is fp32 throughout. The tensor-core one takes q and the probabilities as two
@@ -145,6 +149,23 @@ const PREFILL: PrefillCase[] = [
 describeGpu('GPU paged attention', (t) => {
   const { up, alloc } = gpuBuffers(t);
 
+  // out also quantised for the q8_0 / q4_0 product that reads it (value widths of whole 32-blocks):
+  // the bytes by the q8 rule applied to the run's own out, and out as without it (the same bits
+  // where that run had several splits; within an ulp or two where one split divided by its sum
+  // itself, since the quantised form always goes through the combine).
+  async function expectQuantisedOut(run: (b: { out: GpuBuffer; quantized: GpuBuffer }) => Promise<number>,
+    want: Float32Array, seqs: number, heads: number, valueDim: number, what: string): Promise<void> {
+    if (valueDim % 32) return;
+    const count = seqs * heads * valueDim;
+    const out = alloc(count * 4), quantized = alloc(count + count / 32 * 4);
+    await run({ out, quantized });
+    const got = await out.read(new Float32Array(count));
+    for (let i = 0; i < count; i++) {
+      if (!(Math.abs(got[i]! - want[i]!) <= 2.5e-7 * Math.abs(want[i]!))) expect(got[i], `${what} quantised run, out[${i}]`).toBe(want[i]);
+    }
+    checkQuantised(got, await quantized.read(new Uint8Array(count + count / 32 * 4)), count, `${what} quantised out`);
+  }
+
   it('decode matches the CPU attention (GQA, block tables, split-K)', async () => {
     for (const [ci, c] of DECODE.entries()) {
       const layers = c.layers ?? 1, layer = layers - 1, streams = 2 * c.kvHeads;
@@ -161,6 +182,9 @@ describeGpu('GPU paged attention', (t) => {
         { heads: c.heads, kvHeads: c.kvHeads, headDim: c.headDim, numBlocks, blockSize: c.blockSize, dtype: c.dtype, layers, layer },
         { blockTables: tables, seqLens: c.lens }, { splitLen: c.splitLen, simt: c.simt, tile: c.tile });
       const got = await ob.read(new Float32Array(n * c.heads * c.headDim));
+      await expectQuantisedOut((o) => gpuPagedAttentionDecode(t.id, { q: qb, pool: pb, ...o },
+        { heads: c.heads, kvHeads: c.kvHeads, headDim: c.headDim, numBlocks, blockSize: c.blockSize, dtype: c.dtype, layers, layer },
+        { blockTables: tables, seqLens: c.lens }, { splitLen: c.splitLen, simt: c.simt, tile: c.tile }), got, n, c.heads, c.headDim, `decode case ${ci}`);
       const group = c.heads / c.kvHeads, tol = decodeTolerance(c.dtype, c.headDim, c.simt);
       for (let s = 0; s < n; s++) {
         for (let h = 0; h < c.heads; h++) {
@@ -199,6 +223,10 @@ describeGpu('GPU paged attention', (t) => {
         { heads: c.heads, kvLora: c.kvLora, ropeDim: c.ropeDim, scale, numBlocks, blockSize: c.blockSize, dtype: c.dtype },
         { blockTables: tables, seqLens: c.lens }, { splitLen: c.splitLen, simt: 'simt' in c ? c.simt : undefined, tile: 'tile' in c ? c.tile : undefined });
       const got = await ob.read(new Float32Array(n * c.heads * c.kvLora));
+      await expectQuantisedOut((o) => gpuMlaAttentionDecode(t.id, { q: qb, pool: pb, ...o },
+        { heads: c.heads, kvLora: c.kvLora, ropeDim: c.ropeDim, scale, numBlocks, blockSize: c.blockSize, dtype: c.dtype },
+        { blockTables: tables, seqLens: c.lens }, { splitLen: c.splitLen, simt: 'simt' in c ? c.simt : undefined, tile: 'tile' in c ? c.tile : undefined }),
+      got, n, c.heads, c.kvLora, `mla case ${ci}`);
       const tol = decodeTolerance(c.dtype, row, 'simt' in c ? c.simt : undefined);
       for (let s = 0; s < n; s++) {
         const rows = gather(pool.wide, g, tables[s]!, 0, c.lens[s]!);
@@ -384,6 +412,11 @@ describeGpu('GPU paged attention', (t) => {
       .rejects.toThrow(/gpuPagedAttentionDecode: out holds 512 bytes, needs 1024/);
     await expect(gpuPagedAttentionDecode(t.id, { ...bufs, workspace: alloc(16) }, layout, { blockTables: [[0, 1]], seqLens: [20] }, { splitLen: 8 }))
       .rejects.toThrow(/workspace holds 16 bytes, needs 3168/);
+    await expect(gpuPagedAttentionDecode(t.id, { ...bufs, quantized: alloc(8) }, layout, { blockTables: [[0, 1]], seqLens: [20] }))
+      .rejects.toThrow(/gpuPagedAttentionDecode: quantized holds 8 bytes, needs 288/);
+    await expect(gpuPagedAttentionDecode(t.id, { q: qb, pool: pb, out: ob, quantized: alloc(1024) },
+      { ...layout, heads: 2, kvHeads: 2, headDim: 16 } as never, { blockTables: [[0]], seqLens: [1] }))
+      .rejects.toThrow(/buffers.quantized needs a value width that is a multiple of 32, got 16/);
     await expect(gpuPagedAttentionDecode(t.id, bufs, { ...layout, scale: NaN }, { blockTables: [[0, 1]], seqLens: [20] }))
       .rejects.toThrow(/scale must be a finite number, got NaN/);
     await expect(gpuPagedAttentionDecode(t.id, bufs, layout, { blockTables: [[]], seqLens: [1] }))
@@ -410,6 +443,10 @@ describeGpu('GPU paged attention', (t) => {
     await expect(runGpuOp(t.id, 'paged_attention_decode', [qb, pb, tb, lb, ob], { ...params, dtype: 3 })).rejects.toThrow(/'dtype'/);
     await expect(runGpuOp(t.id, 'paged_attention_decode', [qb, pb, tb, lb, ob], { ...params, splitLen: 4 }))
       .rejects.toThrow(/workspace \(buffer 5\) holds 0 bytes, 8 splits need/);
+    await expect(runGpuOp(t.id, 'paged_attention_decode', [qb, pb, tb, lb, ob], { ...params, quantize: 1 }))
+      .rejects.toThrow(/the split results need the workspace \(buffer 5\): 1056 bytes per split/);
+    await expect(runGpuOp(t.id, 'paged_attention_decode', [qb, pb, tb, lb, ob, alloc(1056), alloc(16)], { ...params, quantize: 1 }))
+      .rejects.toThrow(/quantised out \(buffer 6\) holds 16 bytes/);
     await qb.write(new Float32Array(4 * 64).fill(1));
     await pb.write((await kernels.cast(new Tensor('float32', new Float32Array(poolBytes / 2).fill(0.5), [poolBytes / 2]), 'float16')).data as Uint16Array);
     await runGpuOp(t.id, 'paged_attention_decode', [qb, pb, tb, lb, ob], params);

@@ -23,6 +23,7 @@
 #include <cmath>
 
 #include "kernels/attention/cuda/paged.h"
+#include "kernels/quant/cuda/quantize_acts.h"
 
 namespace sonde {
 namespace SONDE_GPU_NS {
@@ -49,6 +50,11 @@ struct DecodeArgs {
   int limit;  // positions attended at most: the table's and the splits' capacity
   int stages;  // SIMT kernel staged through shared memory: tiles of kSimtTile positions in the ring
   float scale;
+  // direct: the one split writes out itself; otherwise every split writes its partial and
+  // CombineKernel, launched after, combines them (and quantises out where xq is set).
+  bool direct;
+  int8_t* xq;  // also out quantised (quantize_acts.h's rule, rows of heads * value_dim), or null
+  float* xd;
 };
 
 // The SIMT kernel streams K/V through shared memory in tiles of this many positions (whole rounds
@@ -277,7 +283,7 @@ SONDE_ATTN_UNROLL
       v += f * sacc[(w * kG + g) * a.value_dim + d];
     }
     const size_t head = size_t(s) * a.heads + head0 + g;
-    if (a.splits == 1) {
+    if (a.direct) {
       a.out[head * a.value_dim + d] = sum > 0.0f ? v / sum : 0.0f;
     } else {
       float* pr = a.part + (head * a.splits + split) * (a.value_dim + 2);
@@ -288,6 +294,8 @@ SONDE_ATTN_UNROLL
 }
 
 // One block per (head, sequence): out = sum_i w_i acc_i / sum_i w_i sum_i, w_i = exp(max_i - max).
+// With xq, out is also quantised, a warp per block of 32 values (value_dim % 32 == 0: the loop's
+// trip count is the same in every lane of a warp), so the product reading it skips its quantiser.
 __global__ void __launch_bounds__(128) CombineKernel(DecodeArgs a) {
   GridDependencyStart();
   const int h = blockIdx.x, s = blockIdx.y;
@@ -306,10 +314,15 @@ __global__ void __launch_bounds__(128) CombineKernel(DecodeArgs a) {
   __syncthreads();
   float sum = 0.0f;
   for (int i = 0; i < n; ++i) sum += weight[i] * pr[i * (a.value_dim + 2) + a.value_dim + 1];
-  for (int d = threadIdx.x; d < a.value_dim; d += blockDim.x) {
+  for (int d0 = 0; d0 < a.value_dim; d0 += blockDim.x) {
+    const int d = d0 + static_cast<int>(threadIdx.x);
     float v = 0.0f;
-    for (int i = 0; i < n; ++i) v += weight[i] * pr[i * (a.value_dim + 2) + d];
-    a.out[head * a.value_dim + d] = sum > 0.0f ? v / sum : 0.0f;
+    if (d < a.value_dim) {
+      for (int i = 0; i < n; ++i) v += weight[i] * pr[i * (a.value_dim + 2) + d];
+      v = sum > 0.0f ? v / sum : 0.0f;
+      a.out[head * a.value_dim + d] = v;
+    }
+    if (a.xq) QuantizeActBlock<1>({v}, head * a.value_dim + d, d < a.value_dim, a.xq, a.xd);
   }
 }
 
@@ -367,7 +380,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) DecodeMmaKernel(DecodeArgs a, 
   int len = a.lens[s];
   len = len < 0 ? 0 : len > a.limit ? a.limit : len;
   const int p0 = split * a.split_len, p1 = min(len, p0 + a.split_len);
-  if (a.splits > 1 && p0 >= p1) return;  // past the end: the combine reads no partial of this split
+  if (!a.direct && p0 >= p1) return;  // past the end: the combine reads no partial of this split
   const int nh = min(kMmaHeads, a.group - hc * kMmaHeads), head0 = kvh * a.group + hc * kMmaHeads;
   const int tile = plan.tile, stages = plan.stages, pitch = plan.pitch, kpad = plan.kpad;
   const bool separate_v = a.kv.value != 0;
@@ -553,7 +566,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) DecodeMmaKernel(DecodeArgs a, 
     const int row = g + 8 * r;
     if (row >= nh) continue;
     const size_t head = size_t(s) * a.heads + head0 + row;
-    if (a.splits == 1) {
+    if (a.direct) {
       const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
       float* orow = a.out + head * a.value_dim;
       SONDE_UNROLL
@@ -658,7 +671,10 @@ void LaunchDecodeType(const DecodeArgs& a, int per, int kg, dim3 grid, size_t sh
 
 // Buffers: 0 q (f32), 1 pool, 2 block tables (int32, seqs x width), 3 lengths (int32, seqs),
 // 4 out (f32), 5 workspace (optional, f32: the splits' partial results; its size bounds the split
-// count). mla: the latent form (kvLora, ropeDim) instead of kvHeads/headDim.
+// count), 6 out quantised (with quantize = 1: rows * n int8, then rows * n / 32 fp32 scales,
+// n = heads * value_dim, as quant_matmul's activations; written by the combine, so it needs the
+// workspace even for one split). mla: the latent form (kvLora, ropeDim) instead of
+// kvHeads/headDim.
 void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool mla) {
   const int type = KvTypeOf(c);
   DecodeArgs a{};
@@ -690,6 +706,9 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
   a.tables = c.Buffer<int32_t>(2, c.Count({seqs, a.width}), "blockTables");
   a.lens = c.Buffer<int32_t>(3, c.Count({seqs}), "seqLens");
   a.out = c.Buffer<float>(4, c.Count({seqs, heads, a.value_dim}), "out");
+  const bool quantize = c.IntOr("quantize", 0, 0, 1) != 0;
+  if (quantize && a.value_dim % 32)
+    c.Invalid("quantize needs a value width that is a multiple of 32, got " + std::to_string(a.value_dim));
   if (seqs == 0) return;
 
   // Tensor cores for 16-bit KV whose rows are whole 16-byte chunks (cp.async, ldmatrix), on cc 8.0+,
@@ -754,7 +773,15 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
   // maxLen is a promise lib/cuda checks; a longer sequence is cut at the splits launched (never
   // past the workspace) rather than read out of bounds.
   a.limit = static_cast<int>(std::min<int64_t>(cap, int64_t(a.splits) * a.split_len));
-  if (a.splits > 1) a.part = static_cast<float*>(c.buffers[5].data);
+  a.direct = a.splits == 1 && !quantize;
+  if (!a.direct) {
+    if (room < 1) c.Invalid("the split results need the workspace (buffer 5): " + std::to_string(per_split) + " bytes per split");
+    a.part = static_cast<float*>(c.buffers[5].data);
+  }
+  if (quantize) {
+    a.xq = c.Buffer<int8_t>(6, c.Count({seqs, heads, a.value_dim}) + c.Count({seqs, heads, a.value_dim / 32, 4}), "quantised out");
+    a.xd = reinterpret_cast<float*>(a.xq + c.Count({seqs, heads, a.value_dim}));
+  }
 
   const dim3 grid(static_cast<unsigned>(a.splits * chunks_per_kv), static_cast<unsigned>(kv_heads), static_cast<unsigned>(seqs));
   if (mma) {
@@ -784,8 +811,9 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
       default: LaunchDecodeType<kKvBf16>(a, per, kg, grid, shared, st); break;
     }
   }
-  if (a.splits > 1) LaunchDependent(CombineKernel, dim3(static_cast<unsigned>(heads), static_cast<unsigned>(seqs)), dim3(128),
-                           size_t(a.splits) * sizeof(float), st, a);
+  if (!a.direct)
+    LaunchDependent(CombineKernel, dim3(static_cast<unsigned>(heads), static_cast<unsigned>(seqs)), dim3(128),
+                    size_t(a.splits) * sizeof(float), st, a);
 }
 
 void PagedDecodeOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) { Decode(st, dev, c, false); }
