@@ -61,9 +61,11 @@ export interface LanguageModelTokenizer {
 
 export interface LanguageModelLoadOptions {
   /**
-   * 'auto' (default), 'cpu', 'cuda' or 'cuda:N'. The transformer has no CUDA path in this version:
-   * 'auto' computes on the CPU (LanguageModel.device says why), and an explicit CUDA device is an
-   * UnsupportedOperatorError unless fallback is 'cpu'.
+   * 'auto' (default), 'cpu', 'cuda' or 'cuda:N'. On a CUDA device the GPU transformer runs the model
+   * (weights uploaded once, the KV blocks in device memory); 'auto' takes the first GPU when there
+   * is one. A model the GPU path does not run (an architecture or tensor type it lacks) computes on
+   * the CPU under 'auto' (LanguageModel.device says why) and is an UnsupportedOperatorError under an
+   * explicit CUDA device unless fallback is 'cpu'.
    */
   device?: 'auto' | 'cpu' | 'cuda' | `cuda:${number}`;
   /** What runs work a CUDA device has no kernel for: 'none' (default: an error at load) or 'cpu'. */
@@ -477,8 +479,8 @@ export class LanguageModel extends NativeResource {
 
   /**
    * Loads a GGUF language model: maps the file, builds the native transformer (the architectures
-   * of lib/llm/arch.ts) and the tokenizer from its metadata. Language models run on the CPU:
-   * 'auto' picks it, and an explicit 'cuda' is a DeviceUnavailableError.
+   * of lib/llm/arch.ts; on a CUDA device the GPU transformer, see options.device) and the
+   * tokenizer from its metadata.
    */
   static async load(path: string, options?: LanguageModelLoadOptions): Promise<LanguageModel> {
     const where = 'LanguageModel.load';
