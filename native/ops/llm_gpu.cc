@@ -1,6 +1,7 @@
 #include "ops/llm_gpu.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -48,21 +49,30 @@ GpuOpFn Find(const std::string& name, bool emulated) {
   return fn;
 }
 
-// SONDE_GPU_LLM_PROFILE=1, a diagnostic (the GPU's counterpart of ops/step_profile.h, which times
-// the CPU step's phases on its thread; here the time is the device's): steps launch op by op (no
-// graphs) and each op is timed alone by device events around it, so a table of where a step's
-// device time goes (per op and shape, per decode or prefill step) reaches stderr at exit. Timing
-// serialises host and device, so the sum exceeds a graphed step by the launch gaps a graph hides;
-// the difference is that overhead.
+// SONDE_GPU_LLM_PROFILE, a diagnostic (the GPU's counterpart of ops/step_profile.h, which times
+// the CPU step's phases on its thread; here the time is the device's), printed to stderr at exit:
+// - 1: steps launch op by op (no graphs) and each op is timed alone by device events around it, so
+//   a table of where a step's device time goes (per op and shape, per decode or prefill step).
+//   Timing serialises host and device, so the sum exceeds a graphed step by the launch gaps a
+//   graph hides; the difference is that overhead.
+// - step: steps run as they do without the profile (decode as graphs); per kind of step the
+//   median device time of its launches (events before the first and after the last, so a graph's
+//   launch latency is in it; no busy kernel ahead, which would lengthen the step) and the median
+//   wall time of the native step (the upload, the launches, the logits' download and the wait for
+//   them), beside which the caller's time per step shows what the binding and the event loop add.
 class GpuStepProfile {
  public:
   static GpuStepProfile* Active() {
-    static GpuStepProfile* p = [] {
+    static GpuStepProfile* p = []() -> GpuStepProfile* {
       const char* v = std::getenv("SONDE_GPU_LLM_PROFILE");
-      return v && std::strcmp(v, "1") == 0 ? new GpuStepProfile() : nullptr;  // lives to the exit handler
+      if (v && std::strcmp(v, "1") == 0) return new GpuStepProfile(true);  // lives to the exit handler
+      if (v && std::strcmp(v, "step") == 0) return new GpuStepProfile(false);
+      return nullptr;
     }();
     return p;
   }
+  // Op by op (1), or whole steps (step).
+  bool ops() const { return ops_mode_; }
   void BeginStep(bool decode, const std::shared_ptr<GpuDevice>& device) {
     mode_ = decode ? "decode" : "prefill";
     std::lock_guard<std::mutex> lock(mu_);
@@ -72,17 +82,19 @@ class GpuStepProfile {
       busy_device_ = device.get();
     }
   }
+  // A GPU kept busy (~30 us of one block's FMAs) while the host records the start event and
+  // launches the op, so the op starts right after the start event: its time, not the launch's.
+  void Busy(GpuStream& s, const GpuDeviceInfo& d) {
+    if (!busy_out_) return;
+    static const GpuOpFn busy = FindGpuOp("probe_fma", false);
+    GpuOpCall spin;
+    spin.op = "probe_fma";
+    spin.buffers = {GpuBufferArg{busy_out_->data(), busy_out_->bytes()}};
+    spin.params = {{"blocks", 1}, {"iters", 4096}};
+    if (busy) busy(s, d, spin);
+  }
   void Time(const GpuLlmCall& c, GpuStream& s, const GpuDeviceInfo& d) {
-    // A GPU kept busy (~30 us of one block's FMAs) while the host records the start event and
-    // launches the op, so the op starts right after the start event: its time, not the launch's.
-    if (busy_out_) {
-      static const GpuOpFn busy = FindGpuOp("probe_fma", false);
-      GpuOpCall spin;
-      spin.op = "probe_fma";
-      spin.buffers = {GpuBufferArg{busy_out_->data(), busy_out_->bytes()}};
-      spin.params = {{"blocks", 1}, {"iters", 4096}};
-      if (busy) busy(s, d, spin);
-    }
+    Busy(s, d);
     s.MarkStart();
     c.fn(s, d, c.call);
     const double ms = s.MarkStopMs();
@@ -94,11 +106,19 @@ class GpuStepProfile {
   }
 
  private:
-  GpuStepProfile() {
+  explicit GpuStepProfile(bool ops) : ops_mode_(ops) {
     std::atexit([] { Active()->Print(); });
   }
   void Print() {
     std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [mode, times] : step_times_) {
+      std::vector<double>& device = times.first;
+      std::vector<double>& wall = times.second;
+      std::sort(device.begin(), device.end());
+      std::sort(wall.begin(), wall.end());
+      std::fprintf(stderr, "sonde gpu llm profile: %s, %zu steps: device %.4f ms, native step %.4f ms (medians)\n", mode.c_str(),
+                   wall.size(), device.empty() ? 0.0 : device[device.size() / 2], wall[wall.size() / 2]);
+    }
     // Per op its median time (the first step of a kind also loads each kernel's module, lazily,
     // which a mean would spread over the steps) times its calls per step.
     for (auto& [mode, ops] : ops_) {
@@ -126,6 +146,17 @@ class GpuStepProfile {
   static thread_local const char* mode_;
   std::map<std::string, double> steps_;
   std::map<std::string, std::map<std::string, std::vector<double>>> ops_;
+  const bool ops_mode_;
+  // step mode, per kind of step: device ms of its launches, wall ms of the native step.
+  std::map<std::string, std::pair<std::vector<double>, std::vector<double>>> step_times_;
+
+ public:
+  void StepTimes(double device_ms, double wall_ms) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& t = step_times_[mode_];
+    if (device_ms >= 0) t.first.push_back(device_ms);
+    t.second.push_back(wall_ms);
+  }
 };
 
 thread_local const char* GpuStepProfile::mode_ = "decode";
@@ -281,7 +312,7 @@ bool NormInAdd() {
 
 void GpuLlmCall::Run(GpuStream& s, const GpuDeviceInfo& d) const {
   GpuStepProfile* p = GpuStepProfile::Active();
-  if (p && !s.capturing())
+  if (p && p->ops() && !s.capturing())
     p->Time(*this, s, d);
   else
     fn(s, d, call);
@@ -946,7 +977,9 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
   const bool mla = c.kv_lora > 0;
   GpuStepProfile* profile = GpuStepProfile::Active();
   if (profile) profile->BeginStep(decode, device_);
-  const bool graphed = decode && n > 0 && GraphsEnabled() && !profile;
+  const bool graphed = decode && n > 0 && GraphsEnabled() && !(profile && profile->ops());
+  const auto wall0 = std::chrono::steady_clock::now();
+  double device_ms = -1;  // step profile: the launches' device time
   if (graphed) {
     const size_t bs = kv.block_size();
     const size_t unit = std::max<size_t>(1, kGraphPositions / bs);
@@ -1145,10 +1178,17 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
       s.Synchronize();
       return false;
     }
+    if (profile) s.MarkStart();
     graph->Replay(s);
-  } else if (!body(false)) {
-    s.Synchronize();
-    return false;
+    if (profile) device_ms = s.MarkStopMs();
+  } else {
+    const bool timed = profile && !profile->ops();
+    if (timed) s.MarkStart();
+    if (!body(false)) {
+      s.Synchronize();
+      return false;
+    }
+    if (timed) device_ms = s.MarkStopMs();
   }
   if (out > 0) s.Download(logits, a.logits->data(), out * c.vocab * sizeof(float));
   if (c.experts) s.Download(a.counts_host.data(), a.counts->data(), a.counts_host.size() * sizeof(int32_t));
@@ -1160,6 +1200,8 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
       if (layers_[l].moe)
         for (size_t e = 0; e < c.experts; ++e) counts[l * c.experts + e] += static_cast<uint64_t>(a.counts_host[l * c.experts + e]);
   }
+  if (profile && !profile->ops())
+    profile->StepTimes(device_ms, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - wall0).count());
   return true;
 }
 

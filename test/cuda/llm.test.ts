@@ -60,7 +60,7 @@ describeGpu('language model on the GPU', (t) => {
     }, 120_000);
   });
 
-  it('SONDE_GPU_LLM_PROFILE=1 prints, at exit, each op of a step with its median time', async () => {
+  it('SONDE_GPU_LLM_PROFILE=1 prints, at exit, each op of a step with its median time; =step, whole steps', async () => {
     const info = await fixture('llama-q8_0', { kind: 'llama', type: 'q8_0', seed: 7 });
     const module = pathToFileURL(resolve('dist/llm/transformer-gpu.js')).href;
     const script = `import { loadGpuTransformer } from ${JSON.stringify(module)};
@@ -70,10 +70,17 @@ describeGpu('language model on the GPU', (t) => {
       for (const tok of [5, 6, 7]) await s.eval([tok]);
       s.dispose();
       m.dispose();`;
-    const run = await new Promise<{ code: number | null; stderr: string }>((done) => {
-      execFile(process.execPath, ['--input-type=module', '-e', script], { env: { ...process.env, SONDE_GPU_LLM_PROFILE: '1' } },
+    const profiled = (mode: string) => new Promise<{ code: number | null; stderr: string }>((done) => {
+      execFile(process.execPath, ['--input-type=module', '-e', script], { env: { ...process.env, SONDE_GPU_LLM_PROFILE: mode } },
         (err, _stdout, stderr) => done({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stderr }));
     });
+    // step: whole steps as they run unprofiled, their device time and the native step's wall time.
+    const steps = await profiled('step');
+    expect(steps.code, steps.stderr).toBe(0);
+    expect(steps.stderr).toMatch(/sonde gpu llm profile: decode, 3 steps: device [0-9.]+ ms, native step [0-9.]+ ms \(medians\)/);
+    expect(steps.stderr).toMatch(/sonde gpu llm profile: prefill, 1 steps: device [0-9.]+ ms, native step [0-9.]+ ms/);
+    expect(steps.stderr).not.toContain('quant_matmul');
+    const run = await profiled('1');
     expect(run.code, run.stderr).toBe(0);
     // 3 decode steps and 1 prefill step; a q8_0 llama's decode runs the quantised GEMVs, the
     // attention decode kernel and the fused RoPE + KV store, each layer's once per step.
