@@ -9,7 +9,7 @@
  */
 import { InvalidArgumentError } from '../errors.js';
 import { checkInt, checkOneOf, checkOptions, describe } from '../validate.js';
-import { checkGpuBuffer } from './kernels.js';
+import { checkGpuBuffer, checkWrittenApart } from './kernels.js';
 import { GpuBuffer, runGpuOp, type GpuDeviceId, type GpuRunOptions } from './runtime.js';
 
 export const GPU_KV_DTYPE = { f32: 0, f16: 1, bf16: 2 } as const;
@@ -167,8 +167,8 @@ async function decode(w: string, op: string, device: GpuDeviceId, buffers: GpuDe
   checkGpuBuffer(w, 'q', buffers.q, device, n * shape.heads * shape.keyDim * 4);
   checkGpuBuffer(w, 'pool', buffers.pool, device, poolBytes(pool, shape.streams, shape.keyDim));
   checkGpuBuffer(w, 'out', buffers.out, device, n * shape.heads * shape.valueDim * 4);
-  const rowWidth = shape.heads * shape.valueDim;
   if (buffers.quantized !== undefined) {
+    const rowWidth = shape.heads * shape.valueDim;
     if (shape.valueDim % 32) throw new InvalidArgumentError(`${w}: buffers.quantized needs a value width that is a multiple of 32, got ${shape.valueDim}`);
     checkGpuBuffer(w, 'quantized', buffers.quantized, device, n * rowWidth + (n * rowWidth / 32) * 4);
   }
@@ -178,6 +178,8 @@ async function decode(w: string, op: string, device: GpuDeviceId, buffers: GpuDe
   const need = n * shape.heads * (shape.valueDim + 2) * 4 * partials;
   if (buffers.workspace !== undefined && splitLen !== undefined) checkGpuBuffer(w, 'workspace', buffers.workspace, device, need);
   else if (buffers.workspace !== undefined) checkGpuBuffer(w, 'workspace', buffers.workspace, device, 0);
+  checkWrittenApart(w, { out: buffers.out, workspace: buffers.workspace, quantized: buffers.quantized },
+    { q: buffers.q, pool: buffers.pool });
   const params = {
     ...shape.params, seqs: n, width, maxLen, numBlocks: pool.numBlocks, blockSize: pool.blockSize, dtype: pool.dtype,
     layers: pool.layers, layer: pool.layer, ...(splitLen !== undefined ? { splitLen } : {}),

@@ -17,6 +17,21 @@ export function checkGpuBuffer(where: string, name: string, b: unknown, device: 
   return b;
 }
 
+/**
+ * An op's outputs must be buffers of their own: one that is also another of its inputs or outputs
+ * would be overwritten while the kernel still reads it, and the result silently wrong.
+ */
+export function checkWrittenApart(where: string, written: Record<string, GpuBuffer | undefined>,
+  read: Record<string, GpuBuffer | undefined>): void {
+  const all = [...Object.entries(written), ...Object.entries(read)];
+  for (const [i, [name, b]] of Object.entries(written).entries()) {
+    if (b === undefined) continue;
+    for (const [j, [other, c]] of all.entries()) {
+      if (j !== i && c === b) throw new InvalidArgumentError(`${where}: ${name} and ${other} are the same buffer; ${name} is written and needs its own`);
+    }
+  }
+}
+
 function rowShape(where: string, rows: unknown, n: unknown): [number, number] {
   return [checkInt(`${where}: rows`, rows, 0, 2 ** 31 - 1), checkInt(`${where}: n`, n, 1, 2 ** 31 - 1)];
 }

@@ -77,24 +77,22 @@ class GpuStepProfile {
     mode_ = decode ? "decode" : "prefill";
     std::lock_guard<std::mutex> lock(mu_);
     ++steps_[mode_];
-    if (!device->info().emulated && (!busy_out_ || busy_device_ != device.get())) {
+    if (ops_mode_ && !device->info().emulated && (!busy_out_ || busy_device_ != device.get())) {
       busy_out_ = std::make_shared<GpuAllocation>(device, 4, "the step profile's busy kernel");
       busy_device_ = device.get();
     }
   }
-  // A GPU kept busy (~30 us of one block's FMAs) while the host records the start event and
-  // launches the op, so the op starts right after the start event: its time, not the launch's.
-  void Busy(GpuStream& s, const GpuDeviceInfo& d) {
-    if (!busy_out_) return;
-    static const GpuOpFn busy = FindGpuOp("probe_fma", false);
-    GpuOpCall spin;
-    spin.op = "probe_fma";
-    spin.buffers = {GpuBufferArg{busy_out_->data(), busy_out_->bytes()}};
-    spin.params = {{"blocks", 1}, {"iters", 4096}};
-    if (busy) busy(s, d, spin);
-  }
   void Time(const GpuLlmCall& c, GpuStream& s, const GpuDeviceInfo& d) {
-    Busy(s, d);
+    // A GPU kept busy (~30 us of one block's FMAs) while the host records the start event and
+    // launches the op, so the op starts right after the start event: its time, not the launch's.
+    if (busy_out_) {
+      static const GpuOpFn busy = FindGpuOp("probe_fma", false);
+      GpuOpCall spin;
+      spin.op = "probe_fma";
+      spin.buffers = {GpuBufferArg{busy_out_->data(), busy_out_->bytes()}};
+      spin.params = {{"blocks", 1}, {"iters", 4096}};
+      if (busy) busy(s, d, spin);
+    }
     s.MarkStart();
     c.fn(s, d, c.call);
     const double ms = s.MarkStopMs();
@@ -103,6 +101,13 @@ class GpuStepProfile {
       if (c.call.Has(p)) key += std::string(" ") + p + "=" + std::to_string(static_cast<int64_t>(c.call.params.at(p)));
     std::lock_guard<std::mutex> lock(mu_);
     ops_[mode_][key].push_back(ms);
+  }
+  // step mode: a step's device time (< 0: none measured) and its native wall time.
+  void StepTimes(double device_ms, double wall_ms) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& t = step_times_[mode_];
+    if (device_ms >= 0) t.first.push_back(device_ms);
+    t.second.push_back(wall_ms);
   }
 
  private:
@@ -149,14 +154,6 @@ class GpuStepProfile {
   const bool ops_mode_;
   // step mode, per kind of step: device ms of its launches, wall ms of the native step.
   std::map<std::string, std::pair<std::vector<double>, std::vector<double>>> step_times_;
-
- public:
-  void StepTimes(double device_ms, double wall_ms) {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto& t = step_times_[mode_];
-    if (device_ms >= 0) t.first.push_back(device_ms);
-    t.second.push_back(wall_ms);
-  }
 };
 
 thread_local const char* GpuStepProfile::mode_ = "decode";
@@ -283,15 +280,9 @@ struct Uploader {
   }
 };
 
-// An A/B switch: on unless the variable is "0".
-bool SwitchOn(const char* name) {
-  const char* v = std::getenv(name);
-  return !(v && std::strcmp(v, "0") == 0);
-}
-
 // SONDE_GPU_JOIN_FFN=0 uploads gate and up apart (an A/B switch for the joined FFN product).
 bool JoinFfn() {
-  static const bool on = SwitchOn("SONDE_GPU_JOIN_FFN");
+  static const bool on = EnvSwitchOn("SONDE_GPU_JOIN_FFN");
   return on;
 }
 
@@ -300,11 +291,11 @@ bool JoinFfn() {
 // SONDE_GPU_NORM_IN_ADD (the output norm in the last residual add when every row of the step
 // wants logits, in order: no gather, no separate norm, no quantiser before the vocabulary product).
 bool AttentionQuantises() {
-  static const bool on = SwitchOn("SONDE_GPU_ATTN_QUANTISE");
+  static const bool on = EnvSwitchOn("SONDE_GPU_ATTN_QUANTISE");
   return on;
 }
 bool NormInAdd() {
-  static const bool on = SwitchOn("SONDE_GPU_NORM_IN_ADD");
+  static const bool on = EnvSwitchOn("SONDE_GPU_NORM_IN_ADD");
   return on;
 }
 
@@ -928,13 +919,6 @@ void Fit(const GpuLlmModel& m, const GpuLlmModel::Ops& ops, const std::vector<Gp
   a.output = Product(ops, a, output, nullptr, a.xn, static_cast<float*>(a.logits ? a.logits->data() : nullptr), a.out, false);
 }
 
-// SONDE_GPU_GRAPHS=0 launches every op of a step separately (an A/B switch, and the way back if a
-// driver misbehaves with graphs).
-bool GraphsEnabled() {
-  static const bool on = SwitchOn("SONDE_GPU_GRAPHS");
-  return on;
-}
-
 // Decode graphs are keyed by the table width and the longest context, which grow by one block and
 // one position per step: rounded up to this many positions, one graph serves that many steps (the
 // attention kernels take each sequence's true length from its device-side length).
@@ -977,9 +961,10 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
   const bool mla = c.kv_lora > 0;
   GpuStepProfile* profile = GpuStepProfile::Active();
   if (profile) profile->BeginStep(decode, device_);
-  const bool graphed = decode && n > 0 && GraphsEnabled() && !(profile && profile->ops());
+  const bool graphed = decode && n > 0 && GpuGraphsEnabled() && !(profile && profile->ops());
+  const bool timed = profile && !profile->ops();  // the step profile: whole steps
   const auto wall0 = std::chrono::steady_clock::now();
-  double device_ms = -1;  // step profile: the launches' device time
+  double device_ms = -1;
   if (graphed) {
     const size_t bs = kv.block_size();
     const size_t unit = std::max<size_t>(1, kGraphPositions / bs);
@@ -1107,7 +1092,7 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
         C.prefill.Run(s, dev);
       }
     }
-    if (C.o.mm.call.op == "quant_matmul") C.o.mm.call.params["reuse"] = decode && C.attn_quantises ? 1 : 0;
+    if (C.attn_quantises) C.o.mm.call.params["reuse"] = decode ? 1 : 0;
     RunProduct(C.o, n, s, dev);
     C.add_attn.call.params["rows"] = rows;
     C.add_attn.Run(s, dev);
@@ -1148,7 +1133,7 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
       a.out_norm.call.params["rows"] = static_cast<double>(out);
       a.out_norm.Run(s, dev);
     }
-    if (a.output.mm.call.op == "quant_matmul") a.output.mm.call.params["reuse"] = in_order ? 1 : 0;
+    if (Quantises(output_)) a.output.mm.call.params["reuse"] = in_order ? 1 : 0;
     RunProduct(a.output, out, s, dev);
   }
   return true;
@@ -1178,11 +1163,10 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
       s.Synchronize();
       return false;
     }
-    if (profile) s.MarkStart();
+    if (timed) s.MarkStart();
     graph->Replay(s);
-    if (profile) device_ms = s.MarkStopMs();
+    if (timed) device_ms = s.MarkStopMs();
   } else {
-    const bool timed = profile && !profile->ops();
     if (timed) s.MarkStart();
     if (!body(false)) {
       s.Synchronize();
@@ -1200,7 +1184,7 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
       if (layers_[l].moe)
         for (size_t e = 0; e < c.experts; ++e) counts[l * c.experts + e] += static_cast<uint64_t>(a.counts_host[l * c.experts + e]);
   }
-  if (profile && !profile->ops())
+  if (timed)
     profile->StepTimes(device_ms, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - wall0).count());
   return true;
 }

@@ -40,18 +40,6 @@ struct GpuPlan::RunState {
   std::unique_ptr<GpuGraph> graph;
 };
 
-namespace {
-// SONDE_GPU_GRAPHS=0 launches every step separately (an A/B switch, and the way back if a driver
-// misbehaves with graphs).
-bool GraphsEnabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("SONDE_GPU_GRAPHS");
-    return !(v && std::string(v) == "0");
-  }();
-  return on;
-}
-}  // namespace
-
 std::unique_ptr<GpuPlan> GpuPlan::Create(std::shared_ptr<GpuDevice> device, std::vector<PlanBufferDesc> buffers,
                                          std::vector<PlanStep> steps, size_t arena_bytes,
                                          std::vector<size_t> input_bytes, std::vector<size_t> output_bytes,
@@ -389,7 +377,7 @@ bool GpuPlan::Run(const CancelFlag* cancel, const void* const* inputs, void* con
   bool cancelled = false;
   // A profiled run times each step, so it launches them one by one; so does a run on a plan whose
   // capture failed once (an op that cannot be captured), and a cancelled run stops between steps.
-  if (!st->graph && !timings && GraphsEnabled() && capturable_.load(std::memory_order_relaxed)) {
+  if (!st->graph && !timings && GpuGraphsEnabled() && capturable_.load(std::memory_order_relaxed)) {
     try {
       st->graph = CaptureGraph(*stream, [&] {
         for (size_t i = 0; i < calls_.size(); ++i) calls_[i].fn(*stream, info, st->calls[i]);

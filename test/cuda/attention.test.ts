@@ -412,6 +412,16 @@ describeGpu('GPU paged attention', (t) => {
       .rejects.toThrow(/gpuPagedAttentionDecode: out holds 512 bytes, needs 1024/);
     await expect(gpuPagedAttentionDecode(t.id, { ...bufs, workspace: alloc(16) }, layout, { blockTables: [[0, 1]], seqLens: [20] }, { splitLen: 8 }))
       .rejects.toThrow(/workspace holds 16 bytes, needs 3168/);
+    // Outputs that are also another buffer of the call: written while still read.
+    await expect(gpuPagedAttentionDecode(t.id, { ...bufs, out: qb }, layout, { blockTables: [[0, 1]], seqLens: [20] }))
+      .rejects.toThrow(/gpuPagedAttentionDecode: out and q are the same buffer; out is written and needs its own/);
+    await expect(gpuPagedAttentionDecode(t.id, { ...bufs, quantized: ob }, layout, { blockTables: [[0, 1]], seqLens: [20] }))
+      .rejects.toThrow(/gpuPagedAttentionDecode: out and quantized are the same buffer; out is written and needs its own/);
+    await expect(gpuPagedAttentionDecode(t.id, { ...bufs, workspace: pb }, layout, { blockTables: [[0, 1]], seqLens: [20] }))
+      .rejects.toThrow(/workspace and pool are the same buffer/);
+    await expect(gpuMlaAttentionDecode(t.id, { q: qb, pool: pb, out: pb },
+      { heads: 1, kvLora: 32, ropeDim: 0, scale: 1, numBlocks: 1, blockSize: 16, dtype: 'f16' }, { blockTables: [[0]], seqLens: [1] }))
+      .rejects.toThrow(/gpuMlaAttentionDecode: out and pool are the same buffer/);
     await expect(gpuPagedAttentionDecode(t.id, { ...bufs, quantized: alloc(8) }, layout, { blockTables: [[0, 1]], seqLens: [20] }))
       .rejects.toThrow(/gpuPagedAttentionDecode: quantized holds 8 bytes, needs 288/);
     await expect(gpuPagedAttentionDecode(t.id, { q: qb, pool: pb, out: ob, quantized: alloc(1024) },
@@ -444,6 +454,8 @@ describeGpu('GPU paged attention', (t) => {
     await expect(runGpuOp(t.id, 'paged_attention_decode', [qb, pb, tb, lb, ob], { ...params, splitLen: 4 }))
       .rejects.toThrow(/workspace \(buffer 5\) holds 0 bytes, 8 splits need/);
     await expect(runGpuOp(t.id, 'paged_attention_decode', [qb, pb, tb, lb, ob], { ...params, quantize: 1 }))
+      .rejects.toThrow(/quantised out \(buffer 6\) is missing/);
+    await expect(runGpuOp(t.id, 'paged_attention_decode', [qb, pb, tb, lb, ob, alloc(16), alloc(288)], { ...params, quantize: 1 }))
       .rejects.toThrow(/the split results need the workspace \(buffer 5\): 1056 bytes per split/);
     await expect(runGpuOp(t.id, 'paged_attention_decode', [qb, pb, tb, lb, ob, alloc(1056), alloc(16)], { ...params, quantize: 1 }))
       .rejects.toThrow(/quantised out \(buffer 6\) holds 16 bytes/);

@@ -305,10 +305,7 @@ namespace {
 std::atomic<bool> pdl_refused{false};
 }  // namespace
 bool PdlEnabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("SONDE_GPU_PDL");
-    return !(v && std::strcmp(v, "0") == 0);
-  }();
+  static const bool on = EnvSwitchOn("SONDE_GPU_PDL");
   return on && !pdl_refused.load(std::memory_order_relaxed);
 }
 void RefusePdl() { pdl_refused.store(true, std::memory_order_relaxed); }

@@ -3,6 +3,8 @@
 #include "runtime/cuda/gpu.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <cstdio>
 #include <mutex>
 
@@ -83,6 +85,16 @@ void* GpuOpCall::CheckedBuffer(size_t i, size_t count, size_t elem_bytes, const 
     Invalid(std::string(what) + " (buffer " + std::to_string(i) + ") holds " + std::to_string(buffers[i].bytes) +
             " bytes, the op needs " + std::to_string(count) + " x " + std::to_string(elem_bytes));
   return buffers[i].data;
+}
+
+bool EnvSwitchOn(const char* name) {
+  const char* v = std::getenv(name);
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
+bool GpuGraphsEnabled() {
+  static const bool on = EnvSwitchOn("SONDE_GPU_GRAPHS");
+  return on;
 }
 
 std::string FormatBytes(size_t bytes) {

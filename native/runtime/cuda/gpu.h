@@ -177,4 +177,11 @@ void CheckNotCapturing(const std::string& what);
 // "1.50 GiB": sizes in error messages.
 std::string FormatBytes(size_t bytes);
 
+// An A/B switch read from the environment: on unless the variable is "0".
+bool EnvSwitchOn(const char* name);
+// SONDE_GPU_GRAPHS=0 launches every op separately instead of capturing runs and decode steps as
+// graphs (sessions and language models alike; an A/B switch, and the way back if a driver
+// misbehaves with graphs). Read once.
+bool GpuGraphsEnabled();
+
 }  // namespace sonde

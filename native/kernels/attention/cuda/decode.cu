@@ -706,9 +706,11 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
   a.tables = c.Buffer<int32_t>(2, c.Count({seqs, a.width}), "blockTables");
   a.lens = c.Buffer<int32_t>(3, c.Count({seqs}), "seqLens");
   a.out = c.Buffer<float>(4, c.Count({seqs, heads, a.value_dim}), "out");
-  const bool quantize = c.IntOr("quantize", 0, 0, 1) != 0;
-  if (quantize && a.value_dim % 32)
+  // Per head whole 32-blocks: a warp of the combine quantises one.
+  if (c.IntOr("quantize", 0, 0, 1) && a.value_dim % 32)
     c.Invalid("quantize needs a value width that is a multiple of 32, got " + std::to_string(a.value_dim));
+  QuantOutput(c, 6, seqs, heads * a.value_dim, &a.xq, &a.xd, "quantised out");
+  const bool quantize = a.xq != nullptr;
   if (seqs == 0) return;
 
   // Tensor cores for 16-bit KV whose rows are whole 16-byte chunks (cp.async, ldmatrix), on cc 8.0+,
@@ -777,10 +779,6 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
   if (!a.direct) {
     if (room < 1) c.Invalid("the split results need the workspace (buffer 5): " + std::to_string(per_split) + " bytes per split");
     a.part = static_cast<float*>(c.buffers[5].data);
-  }
-  if (quantize) {
-    a.xq = c.Buffer<int8_t>(6, c.Count({seqs, heads, a.value_dim}) + c.Count({seqs, heads, a.value_dim / 32, 4}), "quantised out");
-    a.xd = reinterpret_cast<float*>(a.xq + c.Count({seqs, heads, a.value_dim}));
   }
 
   const dim3 grid(static_cast<unsigned>(a.splits * chunks_per_kv), static_cast<unsigned>(kv_heads), static_cast<unsigned>(seqs));

@@ -439,14 +439,6 @@ size_t Extent(const GpuOpCall& c, int64_t rows, int64_t heads, int64_t count, in
 }
 
 // The optional quantised copy of an op's output: buffer i as quant_matmul's scratch for rows x n.
-void QuantOutput(const GpuOpCall& c, size_t i, int64_t rows, int64_t n, int8_t** xq, float** xd) {
-  *xq = nullptr, *xd = nullptr;
-  if (!c.IntOr("quantize", 0, 0, 1)) return;
-  if (n % 32) c.Invalid("n (" + std::to_string(n) + ") must be a multiple of 32 to quantise");
-  *xq = c.Buffer<int8_t>(i, c.Count({rows, n}) + c.Count({rows, n / 32, 4}), "scratch");
-  *xd = reinterpret_cast<float*>(*xq + c.Count({rows, n}));
-}
-
 void AddRmsNormOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
   const int64_t rows = c.Int("rows", 0, 1 << 24), n = c.Int("n", 1);
   const size_t count = c.Count({rows, n});

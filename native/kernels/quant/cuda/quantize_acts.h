@@ -38,5 +38,16 @@ __device__ __forceinline__ void QuantizeActBlock(const float (&v)[kPer], size_t 
   if (i % 32 == 0) xd[i / 32] = !finite ? NAN : zero ? 0.0f : amax / 127.0f;
 }
 
+// An op's optional quantised output (params quantize = 1): buffer i holds rows * n int8, then
+// rows * n / 32 fp32 scales, as quant_matmul's scratch; xq and xd are null without quantize.
+inline void QuantOutput(const GpuOpCall& c, size_t i, int64_t rows, int64_t n, int8_t** xq, float** xd,
+                        const char* what = "scratch") {
+  *xq = nullptr, *xd = nullptr;
+  if (!c.IntOr("quantize", 0, 0, 1)) return;
+  if (n % 32) c.Invalid("n (" + std::to_string(n) + ") must be a multiple of 32 to quantise");
+  *xq = c.Buffer<int8_t>(i, c.Count({rows, n}) + c.Count({rows, n / 32, 4}), what);
+  *xd = reinterpret_cast<float*>(*xq + c.Count({rows, n}));
+}
+
 }  // namespace SONDE_GPU_NS
 }  // namespace sonde
