@@ -83,7 +83,7 @@ export interface NativeSparseWeights {
 }
 
 export type NativeGemmLowPrecision = 'bf16' | 'fp16' | 'int8';
-export type NativeGemmLowpVariant = NativeGemmVariant | 'avx512bf16' | 'avx512vnni';
+export type NativeGemmLowpVariant = NativeGemmVariant | 'avx512bf16' | 'avx512vnni' | 'amx';
 
 export interface NativeCancelToken {
   cancel(): void;

@@ -9,19 +9,25 @@ const levels: kernels.GemmVariant[] = ['scalar', ...(cpu.simd !== 'scalar' ? ['a
   ...(cpu.simd === 'avx512' ? ['avx512' as const] : [])];
 const hasBf16 = cpu.simd === 'avx512' && cpu.features.includes('avx512bf16');
 const hasVnni = cpu.simd === 'avx512' && cpu.features.includes('avx512vnni');
+// Intel AMX (Sapphire Rapids and later): the tile kernels run only where the CPU and the OS allow them.
+const hasAmxBf16 = cpu.simd === 'avx512' && cpu.features.includes('amx_bf16');
+const hasAmxInt8 = cpu.simd === 'avx512' && cpu.features.includes('amx_int8');
 type Lowp = 'bf16' | 'fp16' | 'int8';
 const variantsOf: Record<Lowp, kernels.GemmVariant[]> = {
-  bf16: [...levels, ...(hasBf16 ? ['avx512bf16' as const] : [])],
+  bf16: [...levels, ...(hasBf16 ? ['avx512bf16' as const] : []), ...(hasAmxBf16 ? ['amx' as const] : [])],
   fp16: levels,
-  int8: [...levels, ...(hasVnni ? ['avx512vnni' as const] : [])],
+  int8: [...levels, ...(hasVnni ? ['avx512vnni' as const] : []), ...(hasAmxInt8 ? ['amx' as const] : [])],
 };
 const cases = (Object.keys(variantsOf) as Lowp[]).flatMap((p) => variantsOf[p].map((v) => [p, v] as const));
 
-// Tile edges: MR is 4, 6, 8 or 12 and NR 8, 16 or 32 depending on the kernel; bf16 pairs and int8
-// quads of K are zero-padded, so K = 1, 2, 3, 4, 5 and odd K above a block are all here.
+// Tile edges: MR is 4, 6, 8, 12 or 32 and NR 8, 16 or 32 depending on the kernel; bf16 pairs and
+// int8 quads of K are zero-padded (to 32 / 64 k for the AMX tiles), so K = 1, 2, 3, 4, 5, odd K above
+// a block and K one below / above a tile row are all here, as are M = 16 (one AMX row slice), 17, 31,
+// 32 and 33.
 const shapes: [number, number, number][] = [
   [1, 1, 1], [1, 7, 33], [13, 3, 65], [12, 32, 32], [25, 5, 17], [8, 258, 96], [9, 4, 31], [6, 2, 16],
   [4, 1, 8], [100, 65, 1], [17, 255, 40], [1, 300, 129], [7, 33, 15], [24, 129, 64],
+  [16, 64, 16], [31, 63, 48], [32, 96, 32], [33, 127, 17], [64, 128, 64],
 ];
 
 const u = 2 ** -24;
@@ -180,13 +186,33 @@ describe('kernels.gemm with low-precision weights', () => {
     });
   });
 
+  // The AMX tiles read whole 32-row blocks of A and 32 / 64 k per tile row: the rows past M come from
+  // the reused scratch of an earlier run, which must never reach a result.
+  it.runIf(hasAmxBf16 || hasAmxInt8)('amx: rows of an earlier, larger run never reach a later result', async () => {
+    for (const precision of ['bf16', 'int8'] as const) {
+      if (precision === 'bf16' ? !hasAmxBf16 : !hasAmxInt8) continue;
+      const w = kernels.packGemmWeights(randomTensor([70, 40], 3), { precision, variant: 'amx' });
+      const big = new Tensor('float32', new Float32Array(64 * 70).fill(NaN), [64, 70]);
+      const bad = await kernels.gemm(big, w, { threads: 1 });
+      expect(Number.isNaN(bad.data[0])).toBe(true);
+      const a = randomTensor([5, 70], 4);
+      const got = await kernels.gemm(a, w, { threads: 1 });
+      const ref = await kernels.gemm(a, w, { threads: 1, variant: 'reference' });
+      for (let i = 0; i < got.data.length; i++) {
+        expect(Number.isFinite(got.data[i])).toBe(true);
+        expect(Math.abs(got.data[i]! - ref.data[i]!)).toBeLessThanOrEqual(1e-4 * (1 + Math.abs(ref.data[i]!)));
+      }
+      w.dispose();
+    }
+  });
+
   it('auto packs for the fastest kernel of this CPU', () => {
     const b = randomTensor([8, 8]);
     const bf = kernels.packGemmWeights(b, { precision: 'bf16' });
-    expect(bf.variant).toBe(hasBf16 ? 'avx512bf16' : cpu.simd);
-    expect(bf.activations).toBe(hasBf16 ? 'bf16' : 'fp32');
+    expect(bf.variant).toBe(hasAmxBf16 ? 'amx' : hasBf16 ? 'avx512bf16' : cpu.simd);
+    expect(bf.activations).toBe(hasBf16 || hasAmxBf16 ? 'bf16' : 'fp32');
     const q = kernels.packGemmWeights(b, { precision: 'int8' });
-    expect(q.variant).toBe(hasVnni ? 'avx512vnni' : cpu.simd);
+    expect(q.variant).toBe(hasAmxInt8 ? 'amx' : hasVnni ? 'avx512vnni' : cpu.simd);
     expect(q.activations).toBe('u8');
     expect(q.ukernel).toMatch(/^qs8_gemm_\d+x\d+__/);
     expect(kernels.packGemmWeights(b).precision).toBe('fp32');
@@ -298,6 +324,15 @@ describe('low-precision bad inputs', () => {
 
   it.runIf(!hasBf16)('avx512bf16 on a CPU without it is DeviceUnavailableError', () => {
     expect(() => kernels.packGemmWeights(b, { precision: 'bf16', variant: 'avx512bf16' })).toThrow(DeviceUnavailableError);
+  });
+
+  it('amx has no fp16 kernel', () => {
+    expect(() => kernels.packGemmWeights(b, { precision: 'fp16', variant: 'amx' as never })).toThrow(InvalidArgumentError);
+  });
+
+  it.runIf(!hasAmxBf16)('amx on a CPU without AMX tiles is DeviceUnavailableError', () => {
+    expect(() => kernels.packGemmWeights(b, { precision: 'bf16', variant: 'amx' })).toThrow(DeviceUnavailableError);
+    expect(() => kernels.packGemmWeights(b, { precision: 'bf16', variant: 'amx' })).toThrow(/cannot run 'amx'/);
   });
 
   it.runIf(!hasVnni)('avx512vnni on a CPU without it is DeviceUnavailableError', () => {

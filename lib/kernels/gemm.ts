@@ -16,7 +16,8 @@ import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../va
 /**
  * Which kernel runs: 'auto' is the widest SIMD level this CPU allows; 'reference' is the plain
  * scalar triple loop (double accumulation) that every fast variant is tested against.
- * 'avx512bf16' (bf16 weights) and 'avx512vnni' (int8 weights) exist for low-precision weights only.
+ * 'avx512bf16' (bf16 weights) and 'avx512vnni' (int8 weights) exist for low-precision weights only,
+ * as does 'amx' (bf16 and int8 weights, on CPUs with Intel AMX tiles: 'auto' picks it there).
  */
 export type GemmVariant = NativeGemmLowpVariant;
 /**
@@ -31,9 +32,9 @@ const VARIANTS: readonly GemmVariant[] = ['auto', 'reference', 'scalar', 'avx2',
 const PRECISIONS: readonly GemmPrecision[] = ['fp32', 'bf16', 'fp16', 'int8'];
 // The packing variants of each low precision (native/ops/gemm_lowp.cc has a kernel for each).
 const LOWP_VARIANTS: Record<NativeGemmLowPrecision, readonly GemmVariant[]> = {
-  bf16: ['auto', 'scalar', 'avx2', 'avx512', 'avx512bf16'],
+  bf16: ['auto', 'scalar', 'avx2', 'avx512', 'avx512bf16', 'amx'],
   fp16: ['auto', 'scalar', 'avx2', 'avx512'],
-  int8: ['auto', 'scalar', 'avx2', 'avx512', 'avx512vnni'],
+  int8: ['auto', 'scalar', 'avx2', 'avx512', 'avx512vnni', 'amx'],
 };
 /** int8: |sum of K products u8 x s8| <= K * 255 * 127 must fit the s32 accumulators. */
 const INT8_MAX_K = 66311;
@@ -98,8 +99,8 @@ export class PackedGemmWeights extends NativeResource {
   /** How the weights are stored. */
   readonly precision: GemmPrecision;
   /**
-   * What the kernel does to A: 'fp32' (used as given), 'bf16' (rounded to bf16: the avx512bf16
-   * kernel) or 'u8' (quantised per row: int8 weights).
+   * What the kernel does to A: 'fp32' (used as given), 'bf16' (rounded to bf16: the avx512bf16 and
+   * amx kernels) or 'u8' (quantised per row: int8 weights).
    */
   readonly activations: 'fp32' | 'bf16' | 'u8';
   #handle: NativePackedGemm | NativePackedGemmLowp;
@@ -157,7 +158,7 @@ export function packGemmWeights(b: Tensor<'float32'>, options?: PackGemmOptions)
     if (precision !== 'fp32') {
       return new PackedGemmWeights(native().packGemmWeightsLowp(b.data, k, n, precision, variant as Exclude<GemmVariant, 'reference'>));
     }
-    return new PackedGemmWeights(native().packGemmWeights(b.data, k, n, variant as Exclude<GemmVariant, 'reference' | 'avx512bf16' | 'avx512vnni'>));
+    return new PackedGemmWeights(native().packGemmWeights(b.data, k, n, variant as Exclude<GemmVariant, 'reference' | 'avx512bf16' | 'avx512vnni' | 'amx'>));
   } catch (err) {
     throw fromNative(err, site);
   }
@@ -321,7 +322,7 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
   await callNative(
     () => withSignal(signal, (token) =>
       native().gemm(a.data, bArg as NativePackedGemm | Float32Array, out.data, {
-        ...call.native, variant: variant as Exclude<GemmVariant, 'avx512bf16' | 'avx512vnni'>, cancel: token,
+        ...call.native, variant: variant as Exclude<GemmVariant, 'avx512bf16' | 'avx512vnni' | 'amx'>, cancel: token,
       })),
     site,
   );

@@ -207,7 +207,7 @@ export async function spmm(a: Tensor<'float32'>, weights: SparseWeights, options
   await callNative(
     () => withSignal(signal, (token) =>
       native().spmm(a.data, handle, out.data, {
-        ...call.native, variant: variant as Exclude<GemmVariant, 'avx512bf16' | 'avx512vnni'>, cancel: token,
+        ...call.native, variant: variant as Exclude<GemmVariant, 'avx512bf16' | 'avx512vnni' | 'amx'>, cancel: token,
       })),
     site,
   );

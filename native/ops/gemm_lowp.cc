@@ -32,6 +32,7 @@ const EnumName<LowpGemmVariant> kLowpGemmVariantNames[] = {
     {LowpGemmVariant::kAvx512, "avx512"},
     {LowpGemmVariant::kAvx512Bf16, "avx512bf16"},
     {LowpGemmVariant::kAvx512Vnni, "avx512vnni"},
+    {LowpGemmVariant::kAmx, "amx"},
 };
 
 bool ParseLowpGemmVariant(const std::string& name, LowpGemmVariant* out) { return ParseEnumName(kLowpGemmVariantNames, name, out); }
@@ -41,7 +42,8 @@ const char* LowpGemmVariantName(LowpGemmVariant v) { return EnumNameOf(kLowpGemm
 std::string LowpGemmVariantUnavailable(GemmPrecision p, LowpGemmVariant v, bool* not_for_precision) {
   *not_for_precision = false;
   if (p == GemmPrecision::kFp32 || (v == LowpGemmVariant::kAvx512Bf16 && p != GemmPrecision::kBf16) ||
-      (v == LowpGemmVariant::kAvx512Vnni && p != GemmPrecision::kInt8)) {
+      (v == LowpGemmVariant::kAvx512Vnni && p != GemmPrecision::kInt8) ||
+      (v == LowpGemmVariant::kAmx && p == GemmPrecision::kFp16)) {
     *not_for_precision = true;
     return std::string("variant '") + LowpGemmVariantName(v) + "' has no kernel for precision '" +
            GemmPrecisionName(p) + "'";
@@ -52,10 +54,12 @@ std::string LowpGemmVariantUnavailable(GemmPrecision p, LowpGemmVariant v, bool*
 #else
   const CpuFeatures& cpu = Cpu();
   const IsaLevel need = v == LowpGemmVariant::kAvx2 ? IsaLevel::kAvx2 : IsaLevel::kAvx512;
+  const bool amx = p == GemmPrecision::kBf16 ? cpu.HasAmxBf16() : cpu.HasAmxInt8();
   if (!cpu.Supports(need) || (v == LowpGemmVariant::kAvx512Bf16 && !cpu.HasBf16()) ||
-      (v == LowpGemmVariant::kAvx512Vnni && !cpu.HasVnni()))
+      (v == LowpGemmVariant::kAvx512Vnni && !cpu.HasVnni()) || (v == LowpGemmVariant::kAmx && !amx))
     return std::string("this CPU (or SONDE_ISA) cannot run '") + LowpGemmVariantName(v) + "' (SIMD level '" +
-           IsaName(cpu.level) + "'" + (cpu.avx512bf16 ? ", avx512_bf16" : "") + (cpu.avx512vnni ? ", avx512_vnni" : "") + ")";
+           IsaName(cpu.level) + "'" + (cpu.avx512bf16 ? ", avx512_bf16" : "") + (cpu.avx512vnni ? ", avx512_vnni" : "") +
+           (cpu.os_amx && cpu.amx_bf16 ? ", amx_bf16" : "") + (cpu.os_amx && cpu.amx_int8 ? ", amx_int8" : "") + ")";
   return "";
 #endif
 }
@@ -63,6 +67,8 @@ std::string LowpGemmVariantUnavailable(GemmPrecision p, LowpGemmVariant v, bool*
 LowpGemmVariant ResolveLowpGemmVariant(GemmPrecision p, LowpGemmVariant v) {
   if (v != LowpGemmVariant::kAuto) return v;
   const CpuFeatures& cpu = Cpu();
+  if ((p == GemmPrecision::kBf16 && cpu.HasAmxBf16()) || (p == GemmPrecision::kInt8 && cpu.HasAmxInt8()))
+    return LowpGemmVariant::kAmx;
   if (p == GemmPrecision::kBf16 && cpu.HasBf16()) return LowpGemmVariant::kAvx512Bf16;
   if (p == GemmPrecision::kInt8 && cpu.HasVnni()) return LowpGemmVariant::kAvx512Vnni;
   switch (cpu.level) {
@@ -78,6 +84,7 @@ kernels::LowpGemmUkernelInfo UkernelFor(GemmPrecision p, LowpGemmVariant v) {
 #if defined(__x86_64__) || defined(_M_X64)
   switch (p) {
     case GemmPrecision::kBf16:
+      if (v == LowpGemmVariant::kAmx) return kernels::Bf16GemmUkernelAmx();
       if (v == LowpGemmVariant::kAvx512Bf16) return kernels::Bf16GemmUkernelAvx512Bf16();
       if (v == LowpGemmVariant::kAvx512) return kernels::Bf16GemmUkernelAvx512();
       if (v == LowpGemmVariant::kAvx2) return kernels::Bf16GemmUkernelAvx2();
@@ -87,6 +94,7 @@ kernels::LowpGemmUkernelInfo UkernelFor(GemmPrecision p, LowpGemmVariant v) {
       if (v == LowpGemmVariant::kAvx2) return kernels::F16GemmUkernelAvx2();
       break;
     case GemmPrecision::kInt8:
+      if (v == LowpGemmVariant::kAmx) return kernels::Qs8GemmUkernelAmx();
       if (v == LowpGemmVariant::kAvx512Vnni) return kernels::Qs8GemmUkernelAvx512Vnni();
       if (v == LowpGemmVariant::kAvx512) return kernels::Qs8GemmUkernelAvx512();
       if (v == LowpGemmVariant::kAvx2) return kernels::Qs8GemmUkernelAvx2();
@@ -100,6 +108,12 @@ kernels::LowpGemmUkernelInfo UkernelFor(GemmPrecision p, LowpGemmVariant v) {
 }
 
 size_t RoundUp(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+// K as the kernel reads it, zero-padded: to its pair (bf16) or quad (int8), or its k_align.
+size_t PaddedK(const kernels::LowpGemmUkernelInfo& uk, size_t k) {
+  const size_t unit = uk.a_form == kernels::kLowpAU8Quads ? 4 : 2;
+  return RoundUp(k, std::max<size_t>(unit, uk.k_align));
+}
 
 void* AlignedAlloc(size_t bytes) {
   // 64 bytes: one cache line, and the aligned panel loads of the AVX-512 kernels.
@@ -139,10 +153,10 @@ void QuantizeRow(const float* a, size_t k, size_t kq, uint8_t* dst, float* scale
   *zero_out = static_cast<int32_t>(z);
 }
 
-// bf16 pairs of one row of A (round to nearest even), zero-padded to an even length.
-void Bf16Row(const float* a, size_t k, uint16_t* dst) {
+// bf16 pairs of one row of A (round to nearest even), zero-padded to kp.
+void Bf16Row(const float* a, size_t k, size_t kp, uint16_t* dst) {
   for (size_t p = 0; p < k; ++p) dst[p] = kernels::LowpF32ToBf16(a[p]);
-  if (k & 1) dst[k] = 0;
+  for (size_t p = k; p < kp; ++p) dst[p] = 0;
 }
 
 }  // namespace
@@ -174,9 +188,10 @@ std::unique_ptr<PackedLowpGemmWeights> PackedLowpGemmWeights::Pack(const float* 
   const size_t panels = (n + nr - 1) / nr;
   // Panel sizes are multiples of 64 bytes for NR >= 16 (the SIMD kernels), so every panel starts
   // aligned.
-  if (p == GemmPrecision::kBf16) w->panel_bytes_ = (k + 1) / 2 * nr * 4;
+  const size_t kp = PaddedK(w->ukernel_, k);
+  if (p == GemmPrecision::kBf16) w->panel_bytes_ = kp / 2 * nr * 4;
   else if (p == GemmPrecision::kFp16) w->panel_bytes_ = k * nr * 2;
-  else w->panel_bytes_ = (k + 3) / 4 * nr * 4;
+  else w->panel_bytes_ = kp / 4 * nr * 4;
   const size_t data_bytes = panels * w->panel_bytes_;
   w->data_ = static_cast<unsigned char*>(AlignedAlloc(data_bytes));
   std::memset(w->data_, 0, RoundUp(std::max<size_t>(data_bytes, 1), 64));
@@ -271,8 +286,11 @@ struct PreparedA {
 };
 
 bool PrepareA(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LowpGemmArgs& args, size_t k,
-              int32_t form, PreparedA* pa) {
+              const kernels::LowpGemmUkernelInfo& uk, PreparedA* pa) {
   const size_t m = args.m;
+  const int32_t form = uk.a_form;
+  // Rows a tile kernel reads past m: any readable bytes do, their results are dropped.
+  const size_t m_alloc = uk.reads_full_rows ? RoundUp(m, uk.mr) : m;
   // Row blocks of ~64 KiB of input keep the per-task overhead small and both cores busy.
   const size_t rows_per_task = std::max<size_t>(1, (64 * 1024) / std::max<size_t>(1, k * 4));
   const size_t tasks = (m + rows_per_task - 1) / rows_per_task;
@@ -282,17 +300,17 @@ bool PrepareA(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, cons
     return true;
   }
   if (form == kernels::kLowpABf16Pairs) {
-    const size_t kp = RoundUp(k, 2);
-    pa->bf16.resize(m * kp);
+    const size_t kp = PaddedK(uk, k);
+    pa->bf16.resize(m_alloc * kp);
     pa->rows = pa->bf16.data();
     pa->stride = kp * sizeof(uint16_t);
     return pool.ParallelFor(tasks, threads, [&](size_t t) {
       for (size_t i = t * rows_per_task; i < std::min(m, (t + 1) * rows_per_task); ++i)
-        Bf16Row(args.a + i * args.lda, k, pa->bf16.data() + i * kp);
+        Bf16Row(args.a + i * args.lda, k, kp, pa->bf16.data() + i * kp);
     }, cancel);
   }
-  const size_t kq = RoundUp(k, 4);
-  pa->u8.resize(m * kq);
+  const size_t kq = PaddedK(uk, k);
+  pa->u8.resize(m_alloc * kq);
   pa->scale.resize(m);
   pa->zero.resize(m);
   pa->rows = pa->u8.data();
@@ -362,7 +380,7 @@ bool RunLowpGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cance
       if (pa.bf16.capacity() * 2 + pa.u8.capacity() > (static_cast<size_t>(64) << 20)) pa = PreparedA();
     }
   } trim{pa};
-  if (!PrepareA(pool, threads, cancel, args, k, uk.a_form, &pa)) return false;
+  if (!PrepareA(pool, threads, cancel, args, k, uk, &pa)) return false;
   if (reference) return RunReference(pool, threads, cancel, args, w, pa);
 
   const size_t mr = uk.mr, nr = uk.nr;

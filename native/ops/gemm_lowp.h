@@ -3,7 +3,7 @@
 // (the fp32 operator) so the two evolve independently; it shares only GemmEpilogue and the pool.
 //
 // Numerics (the 'reference' variant computes each definition with exact double/integer sums):
-// - bf16, variant avx512bf16: A is rounded to bf16 (nearest even) as well, like oneDNN's and ONNX
+// - bf16, variants avx512bf16 and amx: A is rounded to bf16 (nearest even) as well, like oneDNN's and ONNX
 //   Runtime's bf16 matmul; products are exact in fp32, sums are fp32 (vdpbf16ps also flushes
 //   denormals to zero). Other variants widen the bf16 weights to fp32 and keep A in fp32 (more
 //   exact: only the weights are rounded).
@@ -28,7 +28,7 @@
 namespace sonde {
 
 enum class GemmPrecision { kFp32, kBf16, kFp16, kInt8 };
-enum class LowpGemmVariant { kAuto, kReference, kScalar, kAvx2, kAvx512, kAvx512Bf16, kAvx512Vnni };
+enum class LowpGemmVariant { kAuto, kReference, kScalar, kAvx2, kAvx512, kAvx512Bf16, kAvx512Vnni, kAmx };
 
 bool ParseGemmPrecision(const std::string& name, GemmPrecision* out);
 const char* GemmPrecisionName(GemmPrecision p);
@@ -38,7 +38,7 @@ const char* LowpGemmVariantName(LowpGemmVariant v);
 // Why variant v cannot run low precision p here (empty if it can). *not_for_precision is set when
 // the pair makes no sense on any CPU (e.g. avx512vnni for bf16) rather than this CPU lacking an ISA.
 std::string LowpGemmVariantUnavailable(GemmPrecision p, LowpGemmVariant v, bool* not_for_precision);
-// kAuto -> the fastest variant for p on this CPU (avx512bf16 / avx512vnni where present).
+// kAuto -> the fastest variant for p on this CPU (amx, else avx512bf16 / avx512vnni where present).
 LowpGemmVariant ResolveLowpGemmVariant(GemmPrecision p, LowpGemmVariant v);
 
 // Weights packed for one low-precision microkernel. Immutable after creation: one packed matrix

@@ -10,6 +10,10 @@
 #include <cpuid.h>
 #define SONDE_X86 1
 #endif
+#if defined(SONDE_X86) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace sonde {
 namespace {
@@ -23,6 +27,18 @@ unsigned long long Xgetbv0() {
   unsigned lo, hi;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   return (static_cast<unsigned long long>(hi) << 32) | lo;
+}
+
+// Linux (5.16+) hands out the 8 KiB tile data state only on request, once per process (every thread
+// then has it). It refuses where a thread's signal stack is too small for the larger frame, or on
+// older kernels: AMX stays off then.
+bool RequestAmxPermission() {
+#ifdef __linux__
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
 }
 #endif
 
@@ -52,10 +68,12 @@ CpuFeatures Detect() {
   f.f16c = r[2] & (1u << 29);
   bool osxsave = r[2] & (1u << 27);
   f.avx = r[2] & (1u << 28);
+  bool os_tiles = false;
   if (osxsave) {
     unsigned long long xcr0 = Xgetbv0();
     f.os_avx = (xcr0 & 0x6) == 0x6;            // XMM and YMM state
     f.os_avx512 = (xcr0 & 0xe6) == 0xe6;       // plus opmask, ZMM_Hi256, Hi16_ZMM
+    os_tiles = (xcr0 & 0x60000) == 0x60000;    // XTILECFG and XTILEDATA
   }
   if (max_leaf >= 7) {
     Cpuid(7, 0, r);
@@ -66,6 +84,9 @@ CpuFeatures Detect() {
     f.avx512vl = r[1] & (1u << 31);
     f.avx512vbmi = r[2] & (1u << 1);
     f.avx512vnni = r[2] & (1u << 11);
+    f.amx_bf16 = r[3] & (1u << 22);
+    f.amx_tile = r[3] & (1u << 24);
+    f.amx_int8 = r[3] & (1u << 25);
     Cpuid(7, 1, r);
     f.avxvnni = r[0] & (1u << 4);
     f.avx512bf16 = r[0] & (1u << 5);
@@ -86,6 +107,7 @@ CpuFeatures Detect() {
   if (f.detected == IsaLevel::kAvx2 && f.os_avx512 && f.avx512f && f.avx512bw && f.avx512vl &&
       f.avx512dq)
     f.detected = IsaLevel::kAvx512;
+  f.os_amx = os_tiles && f.amx_tile && RequestAmxPermission();
 #else
 #if defined(__aarch64__)
   f.arch = "aarch64";
@@ -148,6 +170,8 @@ std::vector<std::string> CpuFeatures::FeatureNames() const {
   add(avx512f && z, "avx512f"); add(avx512bw && z, "avx512bw"); add(avx512vl && z, "avx512vl");
   add(avx512dq && z, "avx512dq"); add(avx512vnni && z, "avx512vnni");
   add(avx512bf16 && z, "avx512bf16"); add(avx512vbmi && z, "avx512vbmi"); add(avxvnni && os_avx, "avxvnni");
+  add(amx_tile && os_amx, "amx_tile"); add(amx_bf16 && amx_tile && os_amx, "amx_bf16");
+  add(amx_int8 && amx_tile && os_amx, "amx_int8");
   return v;
 }
 

@@ -12,7 +12,11 @@ struct CpuFeatures {
   bool sse42 = false, popcnt = false, avx = false, avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512bf16 = false, avx512vbmi = false, avxvnni = false;
+  bool amx_tile = false, amx_bf16 = false, amx_int8 = false;
   bool os_avx = false, os_avx512 = false;
+  // XCR0 enables the tile state and Linux granted this process its use (arch_prctl
+  // ARCH_REQ_XCOMP_PERM, asked once at detection): without the grant a tile instruction is SIGILL.
+  bool os_amx = false;
   // Highest level whose kernels this process may run (detected, then lowered by SONDE_ISA).
   IsaLevel level = IsaLevel::kScalar;
   IsaLevel detected = IsaLevel::kScalar;
@@ -24,6 +28,9 @@ struct CpuFeatures {
   bool Supports(IsaLevel l) const { return static_cast<int>(l) <= static_cast<int>(level); }
   bool HasBf16() const { return level == IsaLevel::kAvx512 && avx512bf16; }
   bool HasVnni() const { return level == IsaLevel::kAvx512 && avx512vnni; }
+  // AMX kernels keep their epilogue in AVX-512, so they need that level as well as the tiles.
+  bool HasAmxBf16() const { return level == IsaLevel::kAvx512 && os_amx && amx_tile && amx_bf16; }
+  bool HasAmxInt8() const { return level == IsaLevel::kAvx512 && os_amx && amx_tile && amx_int8; }
   std::vector<std::string> FeatureNames() const;
 };
 

@@ -83,6 +83,12 @@ struct LowpGemmUkernelInfo {
   uint32_t nr;
   int32_t a_form;  // LowpAForm
   const char* name;
+  // What the kernel reads past K: panels and A rows padded with zeros to a multiple of this many k
+  // (0: only to its pair or quad). The tile kernels (AMX) read whole 32- or 64-k tile rows.
+  uint32_t k_align = 0;
+  // Whether it reads mr rows of A or always a whole mr-row block: then the operator gives A's
+  // buffer rows up to a multiple of mr (their results are dropped).
+  bool reads_full_rows = false;
 };
 
 // fp32 -> bf16 with round to nearest even; NaN stays a (quiet) NaN of the same sign.
@@ -158,6 +164,8 @@ LowpGemmUkernelInfo F16GemmUkernelAvx512();
 LowpGemmUkernelInfo Qs8GemmUkernelAvx2();
 LowpGemmUkernelInfo Qs8GemmUkernelAvx512();
 LowpGemmUkernelInfo Qs8GemmUkernelAvx512Vnni();
+LowpGemmUkernelInfo Bf16GemmUkernelAmx();
+LowpGemmUkernelInfo Qs8GemmUkernelAmx();
 #endif
 
 // The independent int8 reference: exact 64-bit sums of (u8 - zero point) * s8 on unpacked,
