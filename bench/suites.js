@@ -208,11 +208,16 @@ async function* gemmLowpSuite(ctx) {
   const square = ctx.quick ? [512, 1024] : [1024, 2048];
   const decode = [[4096, 1024]];
   const shapes = [...square.map((s) => [s, s, s]), ...decode.map(([nn, k]) => [1, k, nn])];
-  const precisions = ['fp32', 'bf16', 'int8', 'fp16'];
+  // Each precision on the kernel 'auto' picks; where that is the AMX tile kernel, the AVX-512 kernel
+  // of the same weights too, so the tiles' gain is measured in the same run.
+  const features = devices().cpu.features;
+  const variants = [['fp32'], ['bf16'], ['int8'], ['fp16'],
+    ...(features.includes('amx_bf16') ? [['bf16', 'avx512bf16']] : []),
+    ...(features.includes('amx_int8') ? [['int8', 'avx512vnni']] : [])];
   for (const [m, k, nn] of shapes) {
     const a = new Tensor('float32', rand(m * k), [m, k]);
     const b = new Tensor('float32', rand(k * nn), [k, nn]);
-    const ws = precisions.map((precision) => kernels.packGemmWeights(b, { precision }));
+    const ws = variants.map(([precision, variant]) => kernels.packGemmWeights(b, { precision, variant }));
     for (const t of [1, n]) {
       // All precisions interleaved call by call, so each ratio to fp32 is measured under the same
       // machine conditions.
@@ -221,7 +226,8 @@ async function* gemmLowpSuite(ctx) {
       for (let i = 0; i < ws.length; i++) {
         const w = ws[i];
         const ms = times[i];
-        yield { case: `${precisions[i]} ${m}x${k}x${nn} t${t}`, ms, gflops: (2 * m * k * nn) / ms / 1e6,
+        const label = variants[i][1] ? `${variants[i][0]} ${variants[i][1]}` : variants[i][0];
+        yield { case: `${label} ${m}x${k}x${nn} t${t}`, ms, gflops: (2 * m * k * nn) / ms / 1e6,
           gbps: w.bytes / ms / 1e6, vs: 'fp32', ratio: times[0] / ms, ukernel: w.ukernel };
       }
     }
