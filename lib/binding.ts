@@ -98,7 +98,7 @@ export interface NativeGemmOptions {
 }
 
 export type NativeGemmVariant = 'auto' | 'reference' | 'scalar' | 'avx2' | 'avx512';
-export type NativeConvVariant = NativeGemmVariant | 'avx512bf16';
+export type NativeConvVariant = NativeGemmVariant | 'avx512bf16' | 'amx';
 
 /** Window of a conv or pooling: kernel [kh, kw], strides, dilations, pads [t, l, b, r], autoPad 0 NOTSET, 1 SAME_UPPER, 2 SAME_LOWER, 3 VALID. */
 export interface NativeWindow {

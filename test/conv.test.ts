@@ -1,10 +1,12 @@
 import { describe, expect, it } from 'vitest';
-import { AbortError, DisposedError, InvalidArgumentError, Tensor, devices, kernels, reportedExternalMemory } from '../dist/index.js';
+import { AbortError, DeviceUnavailableError, DisposedError, InvalidArgumentError, Tensor, devices, kernels, reportedExternalMemory } from '../dist/index.js';
 import { randomTensor } from './helpers.js';
 
 const simd = devices().cpu.simd;
 // The bf16 kernels run where the CPU has AVX512_BF16 and SONDE_ISA leaves AVX-512 on.
 const bf16Cpu = devices().cpu.simd === 'avx512' && devices().cpu.features.includes('avx512bf16');
+// Intel AMX tiles (AMX-BF16, and the OS granting them): the blocked bf16 convs run there under 'auto'.
+const amxCpu = bf16Cpu && devices().cpu.features.includes('amx_bf16');
 const variants: kernels.ConvVariant[] = ['reference', 'scalar',
   ...(simd !== 'scalar' ? ['avx2' as const] : []), ...(simd === 'avx512' ? ['avx512' as const] : [])];
 const u = 2 ** -24;
@@ -241,7 +243,7 @@ function bf16Round(v: number): number {
 
 describe('bf16 weights', () => {
   const bf16 = bf16Round;
-  it.each([...variants.filter((v) => v !== 'reference'), ...(bf16Cpu ? ['avx512bf16' as const] : [])])('%s: within the bf16 bound of the fp32 reference', async (variant) => {
+  it.each([...variants.filter((v) => v !== 'reference'), ...(bf16Cpu ? ['avx512bf16' as const] : []), ...(amxCpu ? ['amx' as const] : [])])('%s: within the bf16 bound of the fp32 reference', async (variant) => {
     for (const s of [S('1x3x7x5'), S('1x1 N=2'), S('K = 360'), S('grouped'), S('depthwise 3x3 s1')]) {
       const x = randomTensor(s.x, 20);
       const w = randomTensor(s.w, 21);
@@ -328,14 +330,15 @@ const D = (fragment: string): Shape => direct.find((c) => c.name.includes(fragme
  * and two output vectors, both strides and a 1x1 on the pointwise kernel, against the double
  * reference (of the bf16-rounded x and weights for bf16); 2 threads equal 1 bit for bit.
  */
-async function checkDirectEpilogue(act: Act, precision: 'fp32' | 'bf16', seed: number): Promise<void> {
+async function checkDirectEpilogue(act: Act, precision: 'fp32' | 'bf16', seed: number,
+  variant?: kernels.ConvVariant): Promise<void> {
   const round = (t: Float32Array) => (precision === 'bf16' ? t.map(bf16Round) : t);
   for (const s of [D('tiles 10+10+9'), D('5x5 s2'), D('16 -> 5 on 1x1'), D('1x1 s2, 64'), D('320 -> 45')]) {
     const x = randomTensor(s.x, seed);
     const w = randomTensor(s.w, seed + 1);
     for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);
     const bias = randomTensor([s.w[0]!], seed + 2);
-    const conv = createDirect(w, { ...s.g, bias, precision, activation: act, ...acts[act]!.opts });
+    const conv = createDirect(w, { ...s.g, bias, precision, activation: act, ...acts[act]!.opts, ...(variant ? { variant } : {}) });
     const ref = refConv(new Tensor('float32', round(x.data), x.dims), round(w.data), s.w, s.g, bias.data);
     expectConv(await conv.run(x), ref, act);
     const r = randomTensor(ref.dims, seed + 3);
@@ -411,28 +414,37 @@ describe.runIf(simd === 'avx512')('direct NCHW16c kernel', () => {
 // and epilogues as the fp32 tiles above. It rounds x and the weights to bf16 and then sums their
 // exact products in fp32, so the reference is the double-accumulated conv of the rounded x and
 // weights with the fp32 sum bound; the bias stays fp32.
-describe.runIf(simd === 'avx512' && bf16Cpu)('bf16 direct NCHW16c kernel', () => {
+// The AMX tiles (variant 'amx') read the same blocked bf16 input and packed weights: a tile dot
+// product per pair of taps, a half-width one for an odd kernel width's last tap; the same bound.
+const bf16DirectVariants = [...(bf16Cpu ? ['avx512bf16' as const] : []), ...(amxCpu ? ['amx' as const] : [])];
+describe.runIf(simd === 'avx512' && bf16Cpu).each(bf16DirectVariants)('bf16 direct NCHW16c kernel, %s', (variant) => {
   const rounded = (t: Tensor<'float32'>) => t.data.map(bf16Round);
+  const name = `bf16_conv_nchw16c_14x32__${variant}`;
   it.each(direct)('$name', async (s) => {
     const x = randomTensor(s.x, 70);
     const w = randomTensor(s.w, 71);
     const bias = randomTensor([s.w[0]!], 72);
-    const conv = createDirect(w, { ...s.g, bias, precision: 'bf16' });
-    expect([conv.path, conv.ukernel, conv.variant]).toEqual(['direct', 'bf16_conv_nchw16c_14x32__avx512bf16', 'avx512bf16']);
+    const conv = createDirect(w, { ...s.g, bias, precision: 'bf16', variant });
+    expect([conv.path, conv.ukernel, conv.variant]).toEqual(['direct', name, variant]);
     expectConv(await conv.run(x), refConv(new Tensor('float32', rounded(x), x.dims), rounded(w), s.w, s.g, bias.data));
     conv.dispose();
   });
 
-  it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after, 1 and 2 threads', (act) => checkDirectEpilogue(act, 'bf16', 73));
+  it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after, 1 and 2 threads', (act) => checkDirectEpilogue(act, 'bf16', 73, variant));
+});
 
-  it('the automatic choice takes it for whole and partial input blocks, and the stem tiles for ResNet-50\'s stem', () => {
+describe.runIf(simd === 'avx512' && bf16Cpu)('bf16 direct kernels', () => {
+  const rounded = (t: Tensor<'float32'>) => t.data.map(bf16Round);
+  const auto = amxCpu ? 'amx' : 'avx512bf16';
+  it('the automatic choice takes the blocked tiles for whole and partial input blocks, and the stem tiles for ResNet-50\'s stem', () => {
     for (const ci of [64, 24]) {
       const conv = kernels.createConv2d(randomTensor([64, ci, 3, 3], 77), { pads: [1, 1, 1, 1], precision: 'bf16' });
-      expect([conv.path, conv.ukernel]).toEqual(['direct', 'bf16_conv_nchw16c_14x32__avx512bf16']);
+      expect([conv.path, conv.ukernel, conv.variant]).toEqual(['direct', `bf16_conv_nchw16c_14x32__${auto}`, auto]);
       conv.dispose();
     }
+    // The stem (3 input channels) stays on the avx512bf16 tiles under 'amx' too.
     const stem = kernels.createConv2d(randomTensor([64, 3, 7, 7], 78), { strides: [2, 2], pads: [3, 3, 3, 3], precision: 'bf16' });
-    expect([stem.path, stem.ukernel, stem.variant]).toEqual(['direct', 'bf16_conv_nchw_14x32__avx512bf16', 'avx512bf16']);
+    expect([stem.path, stem.ukernel, stem.variant]).toEqual(['direct', 'bf16_conv_nchw_14x32__avx512bf16', auto]);
     stem.dispose();
   });
 
@@ -603,6 +615,11 @@ describe('bad input is a typed error naming the field', () => {
     expect(() => kernels.createConv2d(w, { activation: 'clip', clipMin: 1 })).toThrow(/needs options.clipMin and options.clipMax/);
     expect(() => kernels.createConv2d(w, { activation: 'relu', alpha: 1 })).toThrow(/options.alpha has no effect/);
     expect(() => kernels.createConv2d(w, { variant: 'avx512bf16' })).toThrow(/needs options.precision 'bf16'/);
+    expect(() => kernels.createConv2d(w, { variant: 'amx' })).toThrow(/options.variant 'amx' needs options.precision 'bf16'/);
+    if (!amxCpu) {
+      expect(() => kernels.createConv2d(w, { precision: 'bf16', variant: 'amx' })).toThrow(DeviceUnavailableError);
+      expect(() => kernels.createConv2d(w, { precision: 'bf16', variant: 'amx' })).toThrow(/no AMX-BF16 tiles/);
+    }
     expect(() => kernels.createConv2d(w, { precision: 'int8' as 'bf16' })).toThrow(InvalidArgumentError);
     conv.dispose();
   });

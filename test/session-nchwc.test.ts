@@ -139,7 +139,8 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
       // MaxPool's input) and down (a residual) stay float32.
       const held = await runWith(bytes, feeds, { SONDE_CONV_BLOCKED_BF16: '0' }, { threads, precision: 'bf16' });
       const convs = (p: typeof on.prof) => p.filter((r) => r.op === 'conv').map((r) => r.kernel);
-      const bf16Conv = 'direct/bf16_conv_nchw16c_14x32__avx512bf16';
+      // 'auto' takes the AMX tiles where the CPU has them.
+      const bf16Conv = `direct/bf16_conv_nchw16c_14x32__${devices().cpu.features.includes('amx_bf16') ? 'amx' : 'avx512bf16'}`;
       expect(convs(on.prof).filter((k) => k.startsWith(`${bf16Conv}+nchw16c-in-out`))).toHaveLength(5);
       expect(convs(on.prof).filter((k) => k.endsWith('+bf16-out'))).toHaveLength(2);
       expect(convs(on.prof).filter((k) => k.includes('+bf16-in'))).toHaveLength(2);

@@ -12,14 +12,18 @@ import { Tensor, checkTensor } from '../tensor.js';
 import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
 
 /**
- * Which kernels run: 'auto' is the fastest for this CPU (for bf16 weights: 'avx512bf16' where the
- * CPU has it); 'reference' is the direct double-accumulating loop every variant is tested against.
+ * Which kernels run: 'auto' is the fastest for this CPU (for bf16 weights: 'amx' on CPUs with Intel
+ * AMX tiles, else 'avx512bf16' where the CPU has it; 'amx' runs the channel-blocked direct convs on
+ * the tiles and the rest on the avx512bf16 kernels); 'reference' is the direct double-accumulating
+ * loop every variant is tested against.
  */
 export type ConvVariant = NativeConvVariant;
 export type ConvAutoPad = 'NOTSET' | 'SAME_UPPER' | 'SAME_LOWER' | 'VALID';
 export type ConvActivation = GemmActivation;
 
-const VARIANTS: readonly ConvVariant[] = ['auto', 'reference', 'scalar', 'avx2', 'avx512', 'avx512bf16'];
+const VARIANTS: readonly ConvVariant[] = ['auto', 'reference', 'scalar', 'avx2', 'avx512', 'avx512bf16', 'amx'];
+/** The variants of bf16 weights only. */
+const BF16_VARIANTS: readonly ConvVariant[] = ['avx512bf16', 'amx'];
 const AUTO_PADS: readonly ConvAutoPad[] = ['NOTSET', 'SAME_UPPER', 'SAME_LOWER', 'VALID'];
 // Codes of GemmActivation in native/kernels/gemm/gemm.h (the conv epilogue is the GEMM's). Exported,
 // with the window and option checks below, for the GPU conv (lib/cuda/conv.ts).
@@ -57,7 +61,7 @@ export interface Conv2dOptions {
   alpha?: number;
   /**
    * Weight storage: 'fp32' (default) or 'bf16' (rounded to nearest even; fp32 accumulation). With
-   * the 'avx512bf16' kernel the activations are rounded to bf16 too, like bf16 GEMMs elsewhere.
+   * the 'avx512bf16' and 'amx' kernels the activations are rounded to bf16 too, like bf16 GEMMs elsewhere.
    */
   precision?: 'fp32' | 'bf16';
   variant?: ConvVariant;
@@ -324,8 +328,8 @@ export function createConv2d(weights: Tensor<'float32'>, options?: Conv2dOptions
   const opts = checkOptions<Conv2dOptions>(where, options, CREATE_OPTIONS);
   const { cOut, cg, group, win, bias, bn, activation, alpha, beta, precision } = checkConvSpec(where, weights, opts);
   const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto', VARIANTS);
-  if (variant === 'avx512bf16' && precision !== 'bf16') {
-    throw new InvalidArgumentError(`${where}: options.variant 'avx512bf16' needs options.precision 'bf16'`);
+  if (BF16_VARIANTS.includes(variant) && precision !== 'bf16') {
+    throw new InvalidArgumentError(`${where}: options.variant '${variant}' needs options.precision 'bf16'`);
   }
   try {
     const handle = native().createConv(weights.data, {
@@ -382,7 +386,7 @@ async function pool(where: string, kind: 0 | 1, x: Tensor<'float32'>, options: A
   if (opts.countIncludePad !== undefined && typeof opts.countIncludePad !== 'boolean') {
     throw new InvalidArgumentError(`${where}: options.countIncludePad must be a boolean, got ${describe(opts.countIncludePad)}`);
   }
-  const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto', VARIANTS.filter((v) => v !== 'avx512bf16'));
+  const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto', VARIANTS.filter((v) => !BF16_VARIANTS.includes(v)));
   const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
   const signal = checkSignal(`${where}: options.signal`, opts.signal);
   const out = new Float32Array(n * c * oh * ow);
@@ -411,7 +415,7 @@ export async function globalAveragePool(x: Tensor<'float32'>,
   checkTensor(`${where}(x)`, x, 'float32');
   const [n, c, h, w] = check4d(`${where}(x)`, x);
   if (h < 1 || w < 1) throw new InvalidArgumentError(`${where}(x) must have H and W >= 1, got dims [${x.dims.join(', ')}]`);
-  const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto', VARIANTS.filter((v) => v !== 'avx512bf16'));
+  const variant = checkOneOf(`${where}: options.variant`, opts.variant ?? 'auto', VARIANTS.filter((v) => !BF16_VARIANTS.includes(v)));
   const threads = opts.threads === undefined ? 0 : checkInt(`${where}: options.threads`, opts.threads, 1, 1024);
   const signal = checkSignal(`${where}: options.signal`, opts.signal);
   const out = new Float32Array(n * c);

@@ -20,6 +20,7 @@ const EnumName<ConvVariant> kConvVariantNames[] = {
     {ConvVariant::kAvx2, "avx2"},
     {ConvVariant::kAvx512, "avx512"},
     {ConvVariant::kAvx512Bf16, "avx512bf16"},
+    {ConvVariant::kAmx, "amx"},
 };
 
 bool ParseConvVariant(const std::string& name, ConvVariant* out) { return ParseEnumName(kConvVariantNames, name, out); }
@@ -30,6 +31,11 @@ std::string ConvVariantUnavailable(ConvVariant v, ConvPrecision p) {
   if (v == ConvVariant::kAvx512Bf16) {
     if (p != ConvPrecision::kBf16) return "variant 'avx512bf16' needs precision 'bf16'";
     if (!Cpu().HasBf16()) return "this CPU (or SONDE_ISA) has no AVX512_BF16";
+    return "";
+  }
+  if (v == ConvVariant::kAmx) {
+    if (p != ConvPrecision::kBf16) return "variant 'amx' needs precision 'bf16'";
+    if (!Cpu().HasAmxBf16()) return "this CPU (or SONDE_ISA, or the OS) has no AMX-BF16 tiles";
     return "";
   }
   if (v == ConvVariant::kAvx2) return GemmVariantUnavailable(GemmVariant::kAvx2);
@@ -205,10 +211,14 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   };
 
   const bool depthwise = cg == 1 && cog == 1;
-  if (variant == ConvVariant::kAvx512Bf16 && depthwise) variant = ConvVariant::kAvx512;
+  // The bf16 kernels: vdpbf16ps tiles, or AMX tiles for the channel-blocked direct path (the stem
+  // and the GEMM path of the AMX variant keep the vdpbf16ps kernels).
+  const bool bf16_kernels = variant == ConvVariant::kAvx512Bf16 || variant == ConvVariant::kAmx;
+  if (bf16_kernels && depthwise) variant = ConvVariant::kAvx512;
   if (precision == ConvPrecision::kBf16 && variant == ConvVariant::kAuto && Cpu().HasBf16() && !depthwise)
-    variant = ConvVariant::kAvx512Bf16;
-  if (variant != ConvVariant::kReference && variant != ConvVariant::kAvx512Bf16) variant = ResolveFp32(variant);
+    variant = Cpu().HasAmxBf16() ? ConvVariant::kAmx : ConvVariant::kAvx512Bf16;
+  if (variant != ConvVariant::kReference && variant != ConvVariant::kAvx512Bf16 && variant != ConvVariant::kAmx)
+    variant = ResolveFp32(variant);
   op->variant_ = variant;
 
   if (variant == ConvVariant::kReference || depthwise) {
@@ -250,8 +260,9 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   }
 
 #if defined(__x86_64__) || defined(_M_X64)
-  const bool bf16_direct = variant == ConvVariant::kAvx512Bf16 && DirectFits(spec) && DirectWanted(spec);
-  if (variant == ConvVariant::kAvx512Bf16 && !bf16_direct) {
+  const bool bf16_variant = variant == ConvVariant::kAvx512Bf16 || variant == ConvVariant::kAmx;
+  const bool bf16_direct = bf16_variant && DirectFits(spec) && DirectWanted(spec);
+  if (bf16_variant && !bf16_direct) {
     op->path_ = Path::kGemmBf16;
     op->bf16_uk_ = kernels::Bf16GemmUkernelAvx512Bf16();
     op->im2col_uk_ = kernels::F32Im2colUkernelAvx512();
@@ -277,7 +288,9 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
     op->bf16_direct_ = bf16_direct;
     const bool nchw = spec.c_in <= kDirectNchwMaxChannels;
     op->in_block_ = nchw ? 1 : kernels::kNchwcBlock;
-    op->direct_uk_ = bf16_direct ? (nchw ? kernels::Bf16NchwConvUkernelAvx512Bf16() : kernels::Bf16NchwcConvUkernelAvx512Bf16())
+    op->amx_ = bf16_direct && !nchw && variant == ConvVariant::kAmx;
+    op->direct_uk_ = op->amx_ ? kernels::Bf16NchwcConvUkernelAmx()
+                     : bf16_direct ? (nchw ? kernels::Bf16NchwConvUkernelAvx512Bf16() : kernels::Bf16NchwcConvUkernelAvx512Bf16())
                      : nchw      ? kernels::F32NchwConvUkernelAvx512()
                                  : kernels::F32NchwcConvUkernelAvx512();
     op->pack_uk_ = kernels::F32PackNchwcRowUkernelAvx512();
@@ -399,6 +412,7 @@ const char* ConvOp::ukernel() const {
     case Path::kGemmBf16: return bf16_uk_.name;
     case Path::kDepthwise: return window_name_;
     case Path::kDirect:
+      if (amx_) return "bf16_conv_nchw16c_14x32__amx";
       if (bf16_direct_) return in_block_ == 1 ? "bf16_conv_nchw_14x32__avx512bf16" : "bf16_conv_nchw16c_14x32__avx512bf16";
       return in_block_ == 1 ? "f32_conv_nchw_14x32__avx512" : "f32_conv_nchw16c_14x32__avx512";
     case Path::kReference: return "f32_conv__reference";

@@ -41,7 +41,7 @@
 namespace sonde {
 
 enum class ConvAutoPad : int32_t { kNotSet = 0, kSameUpper = 1, kSameLower = 2, kValid = 3 };
-enum class ConvVariant { kAuto, kReference, kScalar, kAvx2, kAvx512, kAvx512Bf16 };
+enum class ConvVariant { kAuto, kReference, kScalar, kAvx2, kAvx512, kAvx512Bf16, kAmx };
 enum class ConvPrecision { kFp32, kBf16 };
 
 bool ParseConvVariant(const std::string& name, ConvVariant* out);
@@ -187,6 +187,7 @@ class ConvOp {
   kernels::F32PackNchwcRowUkernel pack_uk_ = nullptr;
   // bf16 precision on the direct path: weights in w_pairs_, the input converted to a bf16 copy per run.
   bool bf16_direct_ = false;
+  bool amx_ = false;  // the bf16 direct path on AMX tiles
   kernels::F32ToBf16Ukernel to_bf16_uk_ = nullptr;
   // Input channels per block of the direct path: 16 (NCHW16c), or 1 for a few-channel input (a
   // stem) that runs on a zero-padded NCHW copy and never on blocked activations.

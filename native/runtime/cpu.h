@@ -28,9 +28,10 @@ struct CpuFeatures {
   bool Supports(IsaLevel l) const { return static_cast<int>(l) <= static_cast<int>(level); }
   bool HasBf16() const { return level == IsaLevel::kAvx512 && avx512bf16; }
   bool HasVnni() const { return level == IsaLevel::kAvx512 && avx512vnni; }
-  // AMX kernels keep their epilogue in AVX-512, so they need that level as well as the tiles.
-  bool HasAmxBf16() const { return level == IsaLevel::kAvx512 && os_amx && amx_tile && amx_bf16; }
-  bool HasAmxInt8() const { return level == IsaLevel::kAvx512 && os_amx && amx_tile && amx_int8; }
+  // AMX kernels keep their epilogue in AVX-512 (bf16 stores included), so they need that level and
+  // AVX512_BF16 (every AMX CPU has it) as well as the tiles.
+  bool HasAmxBf16() const { return HasBf16() && os_amx && amx_tile && amx_bf16; }
+  bool HasAmxInt8() const { return HasBf16() && os_amx && amx_tile && amx_int8; }
   std::vector<std::string> FeatureNames() const;
 };
 

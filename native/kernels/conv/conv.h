@@ -197,6 +197,10 @@ F32NchwcConvUkernel Bf16NchwcConvUkernelAvx512Bf16();
 // more), weights [c_in][kh][ceil(kw / 2) pairs of taps kx = 2j, 2j + 1][32 outputs][2] bf16.
 F32NchwcConvUkernel Bf16NchwConvUkernelAvx512Bf16();
 F32ToBf16Ukernel F32ToBf16UkernelAvx512Bf16();
+// The NCHW16c bf16 tiles on AMX (AMX-BF16): the same input, weights and store as
+// Bf16NchwcConvUkernelAvx512Bf16, a tile dot product per pair of taps (and per lone tap) of a
+// channel block.
+F32NchwcConvUkernel Bf16NchwcConvUkernelAmx();
 #endif
 
 // The independent reference convolution, straight from the definition, accumulating in double:

@@ -14,12 +14,11 @@
 // the same dequantisation; tdpbf16ps adds exact bf16 products in fp32 with denormals flushed to
 // zero, in its own order (like vdpbf16ps, whose order differs).
 //
-// The tile configuration is per thread. sonde's pool threads run only sonde's code, so a thread
-// loads it once and keeps it (thread_local); loading it per call costs more than a small tile.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
+#include "kernels/gemm/amx.h"
 #include "kernels/gemm/lowp-avx512.h"
 
 namespace sonde {
@@ -31,24 +30,15 @@ constexpr size_t kNr = 32;
 constexpr size_t kTileBytes = 64;      // bytes of a tile row
 constexpr size_t kWRowBytes = kNr * 4;  // bytes between two pairs / quads of a panel
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 inline void ConfigureTiles() {
-  thread_local bool configured = false;
-  if (configured) return;
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = kTileBytes;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-  configured = true;
+  amx::Configure(amx::kGemmKey, [] {
+    amx::TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = kTileBytes;
+      cfg.rows[t] = 16;
+    }
+    return cfg;
+  });
 }
 
 // C tiles to a row-major 32x32 buffer (s32 or fp32 bits), for the AVX-512 epilogue.
