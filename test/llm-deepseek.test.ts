@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import { getLlama, type Llama } from 'node-llama-cpp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ModelFormatError } from '../lib/errors.js';
+import { devices } from '../lib/device.js';
 import type { LlmEngine } from '../lib/llm/engine.js';
 import { typed } from '../lib/llm/gguf.js';
 import { loadTransformer } from '../lib/llm/transformer.js';
@@ -123,7 +124,13 @@ describe('deepseek2 logits equal llama.cpp on every position of a 64-token seque
     }
   }, 120_000);
 
-  it.each(['f16', 'q8_0'] as const)('%s, q LoRA, groups', async (type) => {
+  // On CPUs with AMX (Sapphire Rapids and later), llama.cpp's CPU backend puts f16 and q8_0 weights
+  // in its AMX buffer type, which has no kernel for deepseek2's per-head 3-D products of the latent
+  // projections: the prebuilt llama.cpp aborts the process (GGML_ASSERT(*cur_backend_id != -1) in
+  // ggml-backend.cpp), taking the test worker with it. There the reference is unavailable; the f32
+  // cases above (weights in plain buffers) still run against it.
+  const llamaCppAmx = devices().cpu.features.includes('amx_int8');
+  it.skipIf(llamaCppAmx).each(['f16', 'q8_0'] as const)('%s, q LoRA, groups', async (type) => {
     const info = await fixture(`typed-${type}`, { type, embedding: 64, mla: { qLoraRank: 32, kvLoraRank: 32, keyNope: 32, valueLength: 32, ropeDim: 8 }, routing: { groups: 2, groupsUsed: 1 }, seed: 5 });
     const tokens = tokenSequence(64, info.vocabSize, 7, [info.eosId]);
     const want = await llamaCppLogProbs(llama, info.path, tokens, info.vocabSize, { threads: 1 });

@@ -285,12 +285,22 @@ struct PreparedA {
   std::vector<int32_t> zero;
 };
 
+// Row i of A (kp elements, row-major) to its place in the tile-major blocks of uk (a_tiled).
+template <typename T>
+void ScatterTiled(const T* row, size_t i, size_t kp, const kernels::LowpGemmUkernelInfo& uk, T* a) {
+  const size_t mr = uk.mr, step = uk.k_align;
+  T* block = a + (i / mr) * mr * kp;
+  for (size_t s = 0; s < kp / step; ++s)
+    std::memcpy(block + (s * mr + i % mr) * step, row + s * step, step * sizeof(T));
+}
+
+// tiled: in uk's tile-major blocks (its a_tiled), else row-major (the reference reads rows).
 bool PrepareA(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const LowpGemmArgs& args, size_t k,
-              const kernels::LowpGemmUkernelInfo& uk, PreparedA* pa) {
+              const kernels::LowpGemmUkernelInfo& uk, bool tiled, PreparedA* pa) {
   const size_t m = args.m;
   const int32_t form = uk.a_form;
   // Rows a tile kernel reads past m: any readable bytes do, their results are dropped.
-  const size_t m_alloc = uk.reads_full_rows ? RoundUp(m, uk.mr) : m;
+  const size_t m_alloc = tiled ? RoundUp(m, uk.mr) : m;
   // Row blocks of ~64 KiB of input keep the per-task overhead small and both cores busy.
   const size_t rows_per_task = std::max<size_t>(1, (64 * 1024) / std::max<size_t>(1, k * 4));
   const size_t tasks = (m + rows_per_task - 1) / rows_per_task;
@@ -305,8 +315,16 @@ bool PrepareA(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, cons
     pa->rows = pa->bf16.data();
     pa->stride = kp * sizeof(uint16_t);
     return pool.ParallelFor(tasks, threads, [&](size_t t) {
-      for (size_t i = t * rows_per_task; i < std::min(m, (t + 1) * rows_per_task); ++i)
-        Bf16Row(args.a + i * args.lda, k, kp, pa->bf16.data() + i * kp);
+      thread_local std::vector<uint16_t> row;
+      if (tiled) row.resize(kp);
+      for (size_t i = t * rows_per_task; i < std::min(m, (t + 1) * rows_per_task); ++i) {
+        if (!tiled) {
+          Bf16Row(args.a + i * args.lda, k, kp, pa->bf16.data() + i * kp);
+          continue;
+        }
+        Bf16Row(args.a + i * args.lda, k, kp, row.data());
+        ScatterTiled(row.data(), i, kp, uk, pa->bf16.data());
+      }
     }, cancel);
   }
   const size_t kq = PaddedK(uk, k);
@@ -321,8 +339,16 @@ bool PrepareA(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, cons
   if (Cpu().Supports(IsaLevel::kAvx512)) quantize = kernels::LowpQuantizeRowU8Avx512;
 #endif
   return pool.ParallelFor(tasks, threads, [&](size_t t) {
-    for (size_t i = t * rows_per_task; i < std::min(m, (t + 1) * rows_per_task); ++i)
-      quantize(args.a + i * args.lda, k, kq, pa->u8.data() + i * kq, &pa->scale[i], &pa->zero[i]);
+    thread_local std::vector<uint8_t> row;
+    if (tiled) row.resize(kq);
+    for (size_t i = t * rows_per_task; i < std::min(m, (t + 1) * rows_per_task); ++i) {
+      if (!tiled) {
+        quantize(args.a + i * args.lda, k, kq, pa->u8.data() + i * kq, &pa->scale[i], &pa->zero[i]);
+        continue;
+      }
+      quantize(args.a + i * args.lda, k, kq, row.data(), &pa->scale[i], &pa->zero[i]);
+      ScatterTiled(row.data(), i, kq, uk, pa->u8.data());
+    }
   }, cancel);
 }
 
@@ -380,7 +406,7 @@ bool RunLowpGemm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cance
       if (pa.bf16.capacity() * 2 + pa.u8.capacity() > (static_cast<size_t>(64) << 20)) pa = PreparedA();
     }
   } trim{pa};
-  if (!PrepareA(pool, threads, cancel, args, k, uk, &pa)) return false;
+  if (!PrepareA(pool, threads, cancel, args, k, uk, uk.a_tiled && !reference, &pa)) return false;
   if (reference) return RunReference(pool, threads, cancel, args, w, pa);
 
   const size_t mr = uk.mr, nr = uk.nr;

@@ -6,9 +6,10 @@
 //
 // The packed weights are the avx512bf16 / avx512vnni layouts unchanged (per pair or quad of k, 32
 // uint32 lanes): a slice of 16 columns is one tile of 64-byte rows 128 bytes apart. The operator
-// pads what the tile loads read: the panel's k to a multiple of kKStep (zero pairs or quads), A's
-// rows to that length (zeros) and A's row count to a multiple of 32 (rows past mr are read and their
-// results dropped: a row of C depends only on its row of A). So there is no tail code here.
+// pads what the tile loads read: the panel's k to a multiple of the tile row's k (zero pairs or
+// quads), A's rows to that length (zeros) and A's row count to a multiple of 32 (rows past mr are
+// read and their results dropped: a row of C depends only on its row of A), and stores A tile-major
+// (a_tiled: per k step the 32 rows' 64 bytes, 2 KiB in a row). So there is no tail code here.
 //
 // Numerics: tdpbusd sums u8 x s8 exactly in s32 (the VNNI kernel's integers, bit for bit), then
 // the same dequantisation; tdpbf16ps adds exact bf16 products in fp32 with denormals flushed to
@@ -55,17 +56,18 @@ inline void StoreC(void* buf) {
 
 // The k loop; kInt8 picks the dot product. steps: the padded k / kKStep.
 template <bool kInt8, bool kTwoRowSlices>
-inline void Accumulate(size_t steps, const char* a, size_t a_stride, const char* w) {
+inline void Accumulate(size_t steps, const char* a, const char* w) {
   _tile_zero(0);
   _tile_zero(1);
   if (kTwoRowSlices) {
     _tile_zero(2);
     _tile_zero(3);
   }
-  const char* a1 = a + 16 * a_stride;
+  constexpr size_t kStepBytes = kMr * kTileBytes;  // one k step of the block's 32 rows
+  const char* a1 = a + 16 * kTileBytes;
   for (size_t s = 0; s < steps; ++s) {
     const char* ws = w + s * 16 * kWRowBytes;
-    _tile_loadd(4, a + s * kTileBytes, a_stride);
+    _tile_loadd(4, a + s * kStepBytes, kTileBytes);
     _tile_loadd(6, ws, kWRowBytes);
     _tile_loadd(7, ws + 64, kWRowBytes);
     if (kInt8) {
@@ -76,7 +78,7 @@ inline void Accumulate(size_t steps, const char* a, size_t a_stride, const char*
       _tile_dpbf16ps(1, 4, 7);
     }
     if (kTwoRowSlices) {
-      _tile_loadd(5, a1 + s * kTileBytes, a_stride);
+      _tile_loadd(5, a1 + s * kStepBytes, kTileBytes);
       if (kInt8) {
         _tile_dpbusd(2, 5, 6);
         _tile_dpbusd(3, 5, 7);
@@ -89,7 +91,7 @@ inline void Accumulate(size_t steps, const char* a, size_t a_stride, const char*
 }
 
 template <bool kInt8>
-void Gemm32x32Amx(size_t mr, size_t nr, size_t k, const void* a_, size_t a_stride, const void* w_, float* c, size_t ldc,
+void Gemm32x32Amx(size_t mr, size_t nr, size_t k, const void* a_, size_t, const void* w_, float* c, size_t ldc,
                   const LowpGemmQuant* q, const GemmEpilogue* ep) {
   ConfigureTiles();
   const char* a = static_cast<const char*>(a_);
@@ -98,10 +100,10 @@ void Gemm32x32Amx(size_t mr, size_t nr, size_t k, const void* a_, size_t a_strid
   const size_t steps = (k + kStep - 1) / kStep;
   alignas(64) int32_t acc[kMr * kNr];
   if (mr > 16) {
-    Accumulate<kInt8, true>(steps, a, a_stride, w);
+    Accumulate<kInt8, true>(steps, a, w);
     StoreC<true>(acc);
   } else {
-    Accumulate<kInt8, false>(steps, a, a_stride, w);
+    Accumulate<kInt8, false>(steps, a, w);
     StoreC<false>(acc);
   }
   const __mmask16 m0 = avx512::LowpMask(nr, 0), m1 = avx512::LowpMask(nr, 16);

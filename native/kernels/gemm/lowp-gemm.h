@@ -65,7 +65,8 @@ struct LowpGemmQuant {
   const int32_t* w_sum;
 };
 
-// a: the tile's first row in the kernel's A form; a_stride: bytes between rows; w: the panel;
+// a: the tile's first row in the kernel's A form (tiled: its block); a_stride: bytes between rows
+// (of the row-major form); w: the panel;
 // k: the true K (the kernels round it up to their pair/quad); ep: null when there is no epilogue.
 typedef void (*LowpGemmUkernel)(size_t mr, size_t nr, size_t k, const void* a, size_t a_stride,
                                 const void* w, float* c, size_t ldc, const LowpGemmQuant* q,
@@ -86,9 +87,12 @@ struct LowpGemmUkernelInfo {
   // What the kernel reads past K: panels and A rows padded with zeros to a multiple of this many k
   // (0: only to its pair or quad). The tile kernels (AMX) read whole 32- or 64-k tile rows.
   uint32_t k_align = 0;
-  // Whether it reads mr rows of A or always a whole mr-row block: then the operator gives A's
-  // buffer rows up to a multiple of mr (their results are dropped).
-  bool reads_full_rows = false;
+  // A in tile-major blocks: each block of mr rows holds, for every k_align-wide step of K, the mr
+  // rows' k_align values one row after another ([K / k_align][mr][k_align]), so a tile of A is one
+  // contiguous run (row-major rows a multiple of 4 KiB apart fill one L1 set). A block starts where
+  // the row-major block would (a_stride x its first row); the last one is whole, its rows past M
+  // read and their results dropped.
+  bool a_tiled = false;
 };
 
 // fp32 -> bf16 with round to nearest even; NaN stays a (quiet) NaN of the same sign.
