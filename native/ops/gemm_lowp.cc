@@ -9,6 +9,7 @@
 #include <new>
 #include <vector>
 
+#include "kernels/conv/conv.h"
 #include "runtime/cpu.h"
 
 namespace sonde {
@@ -153,10 +154,20 @@ void QuantizeRow(const float* a, size_t k, size_t kq, uint8_t* dst, float* scale
   *zero_out = static_cast<int32_t>(z);
 }
 
-// bf16 pairs of one row of A (round to nearest even), zero-padded to kp.
-void Bf16Row(const float* a, size_t k, size_t kp, uint16_t* dst) {
-  for (size_t p = 0; p < k; ++p) dst[p] = kernels::LowpF32ToBf16(a[p]);
-  for (size_t p = k; p < kp; ++p) dst[p] = 0;
+// bf16 of one row of A (round to nearest even; cvt, when set, is the AVX512_BF16 conversion, which
+// also flushes denormals: the kernels that read bf16 A flush them anyway), zero-padded to kp,
+// written in chunks of `chunk` values `chunk_stride` apart (row-major: one chunk of kp).
+void Bf16Row(kernels::F32ToBf16Ukernel cvt, const float* a, size_t k, size_t kp, size_t chunk, size_t chunk_stride,
+             uint16_t* dst) {
+  for (size_t c0 = 0; c0 < kp; c0 += chunk, dst += chunk_stride) {
+    const size_t have = c0 < k ? std::min(chunk, k - c0) : 0;
+    if (cvt) {
+      if (have) cvt(a + c0, have, dst);
+    } else {
+      for (size_t p = 0; p < have; ++p) dst[p] = kernels::LowpF32ToBf16(a[c0 + p]);
+    }
+    for (size_t p = have; p < std::min(chunk, kp - c0); ++p) dst[p] = 0;
+  }
 }
 
 }  // namespace
@@ -314,16 +325,17 @@ bool PrepareA(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, cons
     pa->bf16.resize(m_alloc * kp);
     pa->rows = pa->bf16.data();
     pa->stride = kp * sizeof(uint16_t);
+    kernels::F32ToBf16Ukernel cvt = nullptr;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (Cpu().HasBf16()) cvt = kernels::F32ToBf16UkernelAvx512Bf16();
+#endif
+    const size_t mr = uk.mr, step = uk.k_align;
     return pool.ParallelFor(tasks, threads, [&](size_t t) {
-      thread_local std::vector<uint16_t> row;
-      if (tiled) row.resize(kp);
       for (size_t i = t * rows_per_task; i < std::min(m, (t + 1) * rows_per_task); ++i) {
-        if (!tiled) {
-          Bf16Row(args.a + i * args.lda, k, kp, pa->bf16.data() + i * kp);
-          continue;
-        }
-        Bf16Row(args.a + i * args.lda, k, kp, row.data());
-        ScatterTiled(row.data(), i, kp, uk, pa->bf16.data());
+        if (tiled)  // row i % mr of its block, step by step
+          Bf16Row(cvt, args.a + i * args.lda, k, kp, step, mr * step, pa->bf16.data() + (i - i % mr) * kp + (i % mr) * step);
+        else
+          Bf16Row(cvt, args.a + i * args.lda, k, kp, kp, kp, pa->bf16.data() + i * kp);
       }
     }, cancel);
   }
