@@ -299,6 +299,7 @@ export async function gpuPagedAttentionPrefill(device: GpuDeviceId, buffers: { q
   checkGpuBuffer(w, 'q', buffers.q, device, rows * heads * headDim * 4);
   checkGpuBuffer(w, 'pool', buffers.pool, device, poolBytes(pool, 2 * kvHeads, headDim));
   checkGpuBuffer(w, 'out', buffers.out, device, rows * heads * headDim * 4);
+  checkWrittenApart(w, { out: buffers.out }, { q: buffers.q, pool: buffers.pool });
   if (o.simt !== undefined && typeof o.simt !== 'boolean') throw new InvalidArgumentError(`${w}: options.simt must be a boolean, got ${describe(o.simt)}`);
   const params = {
     seqs: sequences.length, rows, maxTokens, heads, kvHeads, headDim, scale, width, numBlocks: pool.numBlocks, blockSize: pool.blockSize,
@@ -342,6 +343,7 @@ export async function gpuRope(device: GpuDeviceId, x: GpuBuffer, positions: GpuB
   const extent = rows === 0 ? 0 : (rows - 1) * rowStride + (heads - 1) * headStride + offset + dims;
   checkGpuBuffer(w, 'x', x, device, extent * 4);
   checkGpuBuffer(w, 'positions', positions, device, rows * 4);
+  checkWrittenApart(w, { x }, { positions });
   const params: Record<string, number> = { rows, heads, dims, headStride, rowStride, offset, base, freqScale, neox: shape.neox ? 1 : 0 };
   if (shape.yarn !== undefined) {
     for (const k of ['extFactor', 'corrLow', 'corrHigh', 'magnitude'] as const) {
@@ -372,6 +374,7 @@ export async function gpuKvStore(device: GpuDeviceId, buffers: { k: GpuBuffer; v
   checkGpuBuffer(w, 'k', buffers.k, device, rows * kvHeads * headDim * 4);
   if (!mla) checkGpuBuffer(w, 'v', buffers.v, device, rows * kvHeads * headDim * 4);
   checkGpuBuffer(w, 'pool', buffers.pool, device, poolBytes(pool, mla ? 1 : 2 * kvHeads, headDim));
+  checkWrittenApart(w, { pool: buffers.pool }, { k: buffers.k, v: mla ? undefined : buffers.v });
   const params = {
     seqs: sequences.length, rows, maxTokens, kvHeads, headDim, width, numBlocks: pool.numBlocks, blockSize: pool.blockSize,
     dtype: pool.dtype, layers: pool.layers, layer: pool.layer, mla: mla ? 1 : 0,

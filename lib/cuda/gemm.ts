@@ -12,7 +12,7 @@
 import { DisposedError, InvalidArgumentError } from '../errors.js';
 import { checkActivation, type GemmActivation } from '../kernels/gemm.js';
 import { checkInt, checkOneOf, checkOptions, describe } from '../validate.js';
-import { checkGpuBuffer } from './kernels.js';
+import { checkGpuBuffer, checkWrittenApart } from './kernels.js';
 import { GpuBuffer, runGpuOp, type GpuDeviceId, type GpuRunOptions } from './runtime.js';
 
 export type GpuGemmType = 'f32' | 'f16' | 'bf16';
@@ -132,6 +132,8 @@ export async function gpuGemm(device: GpuDeviceId, a: GpuBuffer, b: GpuBuffer, c
   checkGpuBuffer(w, 'b', b, device, span(k, ldb, n, bType === 'f32' ? 4 : 2));
   checkGpuBuffer(w, 'c', c, device, span(m, ldc, n, 4));
   const ep = epilogue(w, device, o, m, n);
+  // The residual may be c itself: each element is read before it is written, by the same thread.
+  checkWrittenApart(w, { c }, { a, b, 'options.bias': o.bias, 'options.scale': o.scale });
   return runGpuOp(device, 'gemm', [a, b, c, ...ep.buffers], {
     m, n, k, lda, ldb, ldc, aType: TYPE_CODE[aType], bType: TYPE_CODE[bType], kernel: KERNEL_CODE[kernel], ...ep.params,
   }, { reps: o.reps });
@@ -222,6 +224,8 @@ export async function gpuGemmInt8(device: GpuDeviceId, a: GpuBuffer, weights: Gp
   checkGpuBuffer(w, 'a', a, device, span(m, lda, k, 4));
   checkGpuBuffer(w, 'c', c, device, span(m, ldc, n, 4));
   const ep = epilogue(w, device, o, m, n);
+  checkWrittenApart(w, { c }, { a, 'weights.q': weights.q, 'weights.scale': weights.scale, 'weights.sum': weights.sum,
+    'options.bias': o.bias, 'options.scale': o.scale });
   const scratch = GpuBuffer.alloc(device, Math.max(m * (quadRows(k) * 4 + 8), 16), 'int8 GEMM scratch (quantised A)');
   try {
     return await runGpuOp(device, 'gemm_s8', [a, weights.q, weights.scale, weights.sum, c, scratch, ...ep.buffers], {

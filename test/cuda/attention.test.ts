@@ -419,6 +419,12 @@ describeGpu('GPU paged attention', (t) => {
       .rejects.toThrow(/gpuPagedAttentionDecode: out and quantized are the same buffer; out is written and needs its own/);
     await expect(gpuPagedAttentionDecode(t.id, { ...bufs, workspace: pb }, layout, { blockTables: [[0, 1]], seqLens: [20] }))
       .rejects.toThrow(/workspace and pool are the same buffer/);
+    await expect(gpuPagedAttentionPrefill(t.id, { ...bufs, out: qb }, layout, [{ start: 0, tokens: 1, blockTable: [0] }]))
+      .rejects.toThrow(/gpuPagedAttentionPrefill: out and q are the same buffer; out is written and needs its own/);
+    await expect(gpuRope(t.id, qb, qb, { rows: 1, heads: 1, dims: 64 }))
+      .rejects.toThrow(/gpuRope: x and positions are the same buffer; x is written and needs its own/);
+    await expect(gpuKvStore(t.id, { k: pb, v: qb, pool: pb }, { ...layout, kvHeads: 2 }, [{ start: 0, tokens: 2, blockTable: [0] }]))
+      .rejects.toThrow(/gpuKvStore: pool and k are the same buffer; pool is written and needs its own/);
     await expect(gpuMlaAttentionDecode(t.id, { q: qb, pool: pb, out: pb },
       { heads: 1, kvLora: 32, ropeDim: 0, scale: 1, numBlocks: 1, blockSize: 16, dtype: 'f16' }, { blockTables: [[0]], seqLens: [1] }))
       .rejects.toThrow(/gpuMlaAttentionDecode: out and pool are the same buffer/);

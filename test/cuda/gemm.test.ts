@@ -335,9 +335,28 @@ describeGpu('GPU GEMM', (t) => {
     await expect(gpuGemm(t.id, big, big, big, 2, 4, 4, { bias: small, scale: small, residual: small })).rejects.toThrow(/options.residual holds 16 bytes, needs 32/);
     await expect(gpuGemm(t.id, big, big, big, 2, 4, 4, { bias: 'x' as unknown as GpuBuffer })).rejects.toThrow(/options.bias must be a GpuBuffer/);
     await expect(gpuGemm(t.id, big, big, big, 2, 4, 4, { acitvation: 'relu' } as GpuGemmOptions)).rejects.toThrow(/unknown option 'acitvation'; did you mean 'activation'/);
+    // c is written: it must not be a, b, the bias or the scale (read while c is written); the
+    // residual may be c itself (each element is read before it is written).
+    await expect(gpuGemm(t.id, big, small, big, 2, 4, 1)).rejects.toThrow(/gpuGemm: c and a are the same buffer; c is written and needs its own/);
+    await expect(gpuGemm(t.id, small, big, big, 1, 4, 4)).rejects.toThrow(/gpuGemm: c and b are the same buffer/);
+    await expect(gpuGemm(t.id, small, small, big, 1, 4, 1, { bias: big })).rejects.toThrow(/gpuGemm: c and options.bias are the same buffer/);
+    {
+      // C = A B + C through residual = c: A [2 x 3], B [3 x 4].
+      const a = Float32Array.from([1, 2, 3, 4, 5, 6]), bm = Float32Array.from([1, 0, 0, 1, 0, 1, 0, 1, 1, 1, 1, 0]);
+      const c0 = Float32Array.from([10, 20, 30, 40, 50, 60, 70, 80]);
+      const cb = await up(c0);
+      await gpuGemm(t.id, await up(a), await up(bm), cb, 2, 4, 3, { residual: cb });
+      const want = new Float32Array(8);
+      for (let i = 0; i < 2; i++) for (let j = 0; j < 4; j++) {
+        let s = c0[i * 4 + j]!;
+        for (let q = 0; q < 3; q++) s += a[i * 3 + q]! * bm[q * 4 + j]!;
+        want[i * 4 + j] = s;
+      }
+      expect(Array.from(await cb.read(new Float32Array(8)))).toEqual(Array.from(want));
+    }
     const gone = await GpuBuffer.from(t.id, new Float32Array(64));
     gone.dispose();
-    await expect(gpuGemm(t.id, gone, big, big, 2, 4, 4)).rejects.toThrow(DisposedError);
+    await expect(gpuGemm(t.id, gone, big, await up(new Float32Array(8)), 2, 4, 4)).rejects.toThrow(DisposedError);
     // The native op checks again when called directly.
     await expect(runGpuOp(t.id, 'gemm', [small, big, big], { m: 2, n: 4, k: 4, bType: 0 })).rejects.toThrow(/gemm: a \(buffer 0\) holds 16 bytes/);
     await expect(runGpuOp(t.id, 'gemm', [big, big, big], { m: 2, n: 4, k: 4, bType: 3 })).rejects.toThrow(/'bType'/);
@@ -364,6 +383,8 @@ describeGpu('GPU GEMM', (t) => {
     await expect(gpuGemmInt8(t.id, a, {} as never, c, 2)).rejects.toThrow(/weights must be GpuInt8Weights/);
     await expect(gpuGemmInt8(t.id, a, weights, c, 2, { kernel: 'x' as GpuGemmKernel })).rejects.toThrow(/options.kernel must be one of/);
     await expect(gpuGemmInt8(t.id, a, weights, c, 2, { kernel: 'wgmma' })).rejects.toThrow(/'wgmma' is for fp16\/bf16 weights/);
+    await expect(gpuGemmInt8(t.id, c, weights, c, 2)).rejects.toThrow(/gpuGemmInt8: c and a are the same buffer; c is written and needs its own/);
+    await expect(gpuGemmInt8(t.id, a, weights, weights.scale, 1)).rejects.toThrow(/gpuGemmInt8: c and weights.scale are the same buffer/);
     weights.dispose();
     weights.dispose();
     await expect(gpuGemmInt8(t.id, a, weights, c, 2)).rejects.toThrow(DisposedError);
