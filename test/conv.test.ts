@@ -442,9 +442,11 @@ describe.runIf(simd === 'avx512' && bf16Cpu)('bf16 direct kernels', () => {
       expect([conv.path, conv.ukernel, conv.variant]).toEqual(['direct', `bf16_conv_nchw16c_14x32__${auto}`, auto]);
       conv.dispose();
     }
-    // The stem (3 input channels) stays on the avx512bf16 tiles under 'amx' too.
+    // The stem (3 input channels): the avx512bf16 stem tiles, or under 'amx' the fp32 stem tiles on
+    // the bf16-rounded weights.
     const stem = kernels.createConv2d(randomTensor([64, 3, 7, 7], 78), { strides: [2, 2], pads: [3, 3, 3, 3], precision: 'bf16' });
-    expect([stem.path, stem.ukernel, stem.variant]).toEqual(['direct', 'bf16_conv_nchw_14x32__avx512bf16', auto]);
+    expect([stem.path, stem.ukernel, stem.variant]).toEqual(
+      ['direct', amxCpu ? 'f32_conv_nchw_14x32__avx512' : 'bf16_conv_nchw_14x32__avx512bf16', auto]);
     stem.dispose();
   });
 
@@ -453,9 +455,20 @@ describe.runIf(simd === 'avx512' && bf16Cpu)('bf16 direct kernels', () => {
     const x = randomTensor(s.x, 80);
     const w = randomTensor(s.w, 81);
     const bias = randomTensor([s.w[0]!], 82);
-    const conv = createDirect(w, { ...s.g, bias, precision: 'bf16' });
+    const conv = createDirect(w, { ...s.g, bias, precision: 'bf16', variant: 'avx512bf16' });
     expect([conv.path, conv.ukernel]).toEqual(['direct', 'bf16_conv_nchw_14x32__avx512bf16']);
     expectConv(await conv.run(x), refConv(new Tensor('float32', rounded(x), x.dims), rounded(w), s.w, s.g, bias.data));
+    conv.dispose();
+  });
+
+  // Under 'amx' the stems keep x in fp32: only the weights are rounded.
+  it.runIf(amxCpu).each(stem)('amx: fp32 stem tiles on bf16 weights: $name', async (s) => {
+    const x = randomTensor(s.x, 83);
+    const w = randomTensor(s.w, 84);
+    const bias = randomTensor([s.w[0]!], 85);
+    const conv = createDirect(w, { ...s.g, bias, precision: 'bf16', variant: 'amx' });
+    expect([conv.path, conv.ukernel, conv.variant]).toEqual(['direct', 'f32_conv_nchw_14x32__avx512', 'amx']);
+    expectConv(await conv.run(x), refConv(x, rounded(w), s.w, s.g, bias.data));
     conv.dispose();
   });
 });
