@@ -3,7 +3,7 @@ import { Tensor, devices, getThreads, kernels } from '../dist/index.js';
 import { native } from '../dist/binding.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
 import { GraphBuilder } from './graphs/builder.js';
-import { BF16_RESNET50_BOUND, modelBytes, modelInput, relativeDifference, roundingTolerance } from './graphs/models.js';
+import { BF16_RESNET50_BOUND, BF16_TRANSFORMER_BOUND, modelBytes, modelInput, relativeDifference, roundingTolerance } from './graphs/models.js';
 import { llmSuite, servingSuite } from './llm/suites.js';
 import { cudaSuite } from './cuda/suite.js';
 
@@ -653,8 +653,9 @@ async function timerLag(step, ms) {
  * InferenceSession (graph optimisation 'all', sequential, intraOpNumThreads = threads) on the same
  * bytes, timed pair by pair in this process; ratio = ort ms / sonde ms (above 1, sonde is faster).
  * Before timing, sonde's outputs are checked against ORT's (roundingTolerance), so a ratio never
- * compares different work. Then ResNet-50 with precision 'bf16' against ORT fp32, the round trip of
- * a one-Identity graph (per-run overhead), and event-loop timer lag while ResNet-50 runs in a loop.
+ * compares different work. Then ResNet-50 and the transformer with precision 'bf16' against ORT
+ * fp32, the round trip of a one-Identity graph (per-run overhead), and event-loop timer lag while
+ * ResNet-50 runs in a loop.
  * Without a Session in this build (dist/index.js exports none), ORT's side alone is reported.
  */
 async function* modelsSuite(ctx) {
@@ -675,7 +676,9 @@ async function* modelsSuite(ctx) {
     for (const t of threadCounts) {
       const ort = await onnxruntime.prepareModel(bytes, { threads: t, spin: ctx.ortSpin });
       const fp32 = Session ? await Session.load(bytes, { device: 'cpu', threads: t }) : null;
-      const bf16 = Session && name === 'resnet50' ? await Session.load(bytes, { device: 'cpu', threads: t, precision: 'bf16' }) : null;
+      // bf16 rows for the models whose bound is measured (bench/graphs/models.js).
+      const bf16Bound = { resnet50: BF16_RESNET50_BOUND, transformer: BF16_TRANSFORMER_BOUND }[name];
+      const bf16 = Session && bf16Bound ? await Session.load(bytes, { device: 'cpu', threads: t, precision: 'bf16' }) : null;
       for (const b of batches) {
         const x = modelInput(name, b);
         const feed = feedOf(x);
@@ -692,7 +695,7 @@ async function* modelsSuite(ctx) {
             fns.push(() => fp32.run(feed));
           }
           if (bf16) {
-            check(`${name} bf16 n${b} t${t}`, (await bf16.run(feed)).output.data, want, BF16_RESNET50_BOUND);
+            check(`${name} bf16 n${b} t${t}`, (await bf16.run(feed)).output.data, want, bf16Bound);
             fns.push(() => bf16.run(feed));
           }
         } catch (e) {

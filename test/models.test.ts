@@ -8,7 +8,7 @@ import * as sonde from '../dist/index.js';
 import { Tensor } from '../dist/index.js';
 import { prepareModel, type OrtModel } from '../bench/anchors/onnxruntime.js';
 import {
-  BF16_RESNET50_BOUND, MODELS, emulateBf16, mlp, modelBytes, modelInput, relativeDifference, roundToBf16,
+  BF16_RESNET50_BOUND, BF16_TRANSFORMER_BOUND, MODELS, emulateBf16, mlp, modelBytes, modelInput, relativeDifference, roundToBf16,
   roundingTolerance, type ModelName,
 } from '../bench/graphs/models.js';
 
@@ -160,6 +160,24 @@ describe.skipIf(!sessionLanded)('sonde Session against onnxruntime-node on the g
     }
   }
 
+  it(`the transformer encoder emulated in bf16 stays within BF16_TRANSFORMER_BOUND (${BF16_TRANSFORMER_BOUND}) of fp32, and beyond the fp32 tolerance`, async () => {
+    const bytes = modelBytes('transformer');
+    const fp32 = await prepareModel(bytes, { threads: 2 });
+    const bf16 = await prepareModel(emulateBf16(bytes), { threads: 2 });
+    try {
+      for (const batch of [1, 2]) {
+        const x = modelInput('transformer', batch);
+        const d = relativeDifference((await bf16.run({ input: x })).output!.data, (await fp32.run({ input: x })).output!.data);
+        // Measured 2.0e-3 to 2.8e-3 (batch 1, 2, 8).
+        expect(d).toBeLessThan(BF16_TRANSFORMER_BOUND / 2);
+        expect(d).toBeGreaterThan(roundingTolerance('transformer'));
+      }
+    } finally {
+      await bf16.release();
+      await fp32.release();
+    }
+  });
+
   it(`ResNet-50 with precision 'bf16' is within BF16_RESNET50_BOUND (${BF16_RESNET50_BOUND}) of onnxruntime-node fp32`, async () => {
     // The bound: measured with emulateBf16 in onnxruntime-node at 3.1e-3 to 3.7e-3 of max|output|
     // (weights and activations rounded to bf16, fp32 accumulation), times 4 (bench/graphs/models.js).
@@ -172,6 +190,25 @@ describe.skipIf(!sessionLanded)('sonde Session against onnxruntime-node on the g
         const got = (await bf16.run(feed)).output!.data as Float32Array;
         expect(relativeDifference(got, want.data), `batch ${batch}`).toBeLessThanOrEqual(BF16_RESNET50_BOUND);
         // The option took effect: the same plan in fp32 gives different bits.
+        expect(relativeDifference(got, (await fp32.run(feed)).output!.data as Float32Array)).toBeGreaterThan(0);
+      }
+    } finally {
+      bf16.dispose();
+      fp32.dispose();
+    }
+  });
+
+  // Its weight MatMuls run as GEMMs on bf16 weights (the AMX tiles where the CPU has them, else
+  // avx512bf16, else bf16 widened to fp32).
+  it(`the transformer encoder with precision 'bf16' is within BF16_TRANSFORMER_BOUND (${BF16_TRANSFORMER_BOUND}) of onnxruntime-node fp32`, async () => {
+    const bytes = modelBytes('transformer');
+    const bf16 = await Session!.load(bytes, { threads: 2, precision: 'bf16' });
+    const fp32 = await Session!.load(bytes, { threads: 2 });
+    try {
+      for (const batch of [1, 2]) {
+        const { feed, want } = await reference('transformer', batch);
+        const got = (await bf16.run(feed)).output!.data as Float32Array;
+        expect(relativeDifference(got, want.data), `batch ${batch}`).toBeLessThanOrEqual(BF16_TRANSFORMER_BOUND);
         expect(relativeDifference(got, (await fp32.run(feed)).output!.data as Float32Array)).toBeGreaterThan(0);
       }
     } finally {

@@ -365,8 +365,9 @@ export function roundToBf16(values) {
  * A float32 model that computes what a bf16 runtime computes ('bf16 weights with fp32
  * accumulation'), to measure the bound a bf16 session's outputs must meet without needing one:
  * every BatchNormalization that follows a Conv folded into it (as a runtime folds before packing),
- * every Conv / Gemm weight rounded to bf16, and, the worst case (the AVX512-BF16 kernels round
- * activations too), every Conv / Gemm data input rounded to bf16 by a Cast to bfloat16 and back.
+ * every Conv / Gemm weight (and MatMul weight initializer) rounded to bf16, and, the worst case (the
+ * AVX512-BF16 and AMX kernels round activations too), every such op's data input rounded to bf16
+ * by a Cast to bfloat16 and back.
  */
 export function emulateBf16(bytes) {
   const { onnx } = onnxProto;
@@ -402,7 +403,8 @@ export function emulateBf16(bytes) {
   graph.node = graph.node.filter((n) => !removed.has(n));
   const nodes = [];
   for (const n of graph.node) {
-    if (n.opType === 'Conv' || n.opType === 'Gemm') {
+    // A MatMul whose B is a weight runs as a GEMM on packed bf16 weights too.
+    if (n.opType === 'Conv' || n.opType === 'Gemm' || (n.opType === 'MatMul' && inits.has(n.input[1]))) {
       const wT = inits.get(n.input[1]);
       setFloats(wT, roundToBf16(floats(wT)));
       const half = `${n.input[0]}_${n.name}_bf16`;
@@ -424,3 +426,10 @@ export function emulateBf16(bytes) {
  * (2^-9 = 2e-3): 53 layers of independent roundings largely cancel. The bound allows 4x that.
  */
 export const BF16_RESNET50_BOUND = 1.5e-2;
+
+/**
+ * The same bound for the transformer encoder (its six weight MatMuls per layer on bf16 weights,
+ * activations rounded at worst): emulateBf16() in onnxruntime-node measured 2.0e-3 to 2.8e-3 of
+ * max|output| (batch 1, 2 and 8); 4x that.
+ */
+export const BF16_TRANSFORMER_BOUND = 1.2e-2;
