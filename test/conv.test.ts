@@ -461,6 +461,23 @@ describe.runIf(simd === 'avx512' && bf16Cpu)('bf16 direct kernels', () => {
     conv.dispose();
   });
 
+  // Under 'amx' the convs off the direct path (groups, dilation) take the fp32 GEMM on the
+  // bf16-rounded weights: only the weights are rounded.
+  it.runIf(amxCpu)('amx: grouped and dilated convs on the fp32 GEMM with bf16 weights', async () => {
+    for (const [opts, wd, xd] of [
+      [{ group: 4, pads: [1, 1, 1, 1] }, [32, 8, 3, 3], [1, 32, 9, 11]],
+      [{ dilations: [2, 2], pads: [2, 2, 2, 2] }, [24, 16, 3, 3], [2, 16, 10, 7]],
+    ] as const) {
+      const w = randomTensor([...wd], 86);
+      const x = randomTensor([...xd], 87);
+      const conv = kernels.createConv2d(w, { ...opts, precision: 'bf16', variant: 'amx' } as kernels.Conv2dOptions);
+      expect([conv.path, conv.variant]).toEqual(['gemm', 'amx']);
+      expect(conv.ukernel).toMatch(/^f32_/);
+      expectConv(await conv.run(x), refConv(x, rounded(w), [...wd], opts as never));
+      conv.dispose();
+    }
+  });
+
   // Under 'amx' the stems keep x in fp32: only the weights are rounded.
   it.runIf(amxCpu).each(stem)('amx: fp32 stem tiles on bf16 weights: $name', async (s) => {
     const x = randomTensor(s.x, 83);

@@ -14,8 +14,8 @@ import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../va
 /**
  * Which kernels run: 'auto' is the fastest for this CPU (for bf16 weights: 'amx' on CPUs with Intel
  * AMX tiles, else 'avx512bf16' where the CPU has it; 'amx' runs the channel-blocked direct convs on
- * the tiles, image stems on the fp32 stem tiles with bf16-rounded weights, and GEMM-path convs on
- * the avx512bf16 kernels); 'reference' is the direct double-accumulating loop every variant is
+ * the tiles, image stems and the convs off the direct path (groups, dilation) on the fp32 kernels
+ * with bf16-rounded weights); 'reference' is the direct double-accumulating loop every variant is
  * tested against.
  */
 export type ConvVariant = NativeConvVariant;
