@@ -12,6 +12,9 @@ import {
   roundingTolerance, type ModelName,
 } from '../bench/graphs/models.js';
 
+/** The models with a measured bf16 bound (bench/graphs/models.js). */
+const BF16_MODELS: [ModelName, number][] = [['resnet50', BF16_RESNET50_BOUND], ['transformer', BF16_TRANSFORMER_BOUND]];
+
 const NAMES = Object.keys(MODELS) as ModelName[];
 
 function expectFiniteAndLive(data: Float32Array, what: string): void {
@@ -92,18 +95,18 @@ describe('generated models in onnxruntime-node', () => {
     expect(Number.isNaN(roundToBf16(Float32Array.of(NaN))[0])).toBe(true);
   });
 
-  it(`ResNet-50 emulated in bf16 stays within BF16_RESNET50_BOUND (${BF16_RESNET50_BOUND}) of fp32, and beyond the fp32 tolerance`, async () => {
-    const fp32 = sessions.get('resnet50') ?? await prepareModel(modelBytes('resnet50'), { threads: 2 });
-    sessions.set('resnet50', fp32);
-    const bf16 = await prepareModel(emulateBf16(modelBytes('resnet50')), { threads: 2 });
+  it.each(BF16_MODELS)('%s emulated in bf16 stays within its bf16 bound (%s) of fp32, and beyond the fp32 tolerance', async (name, bound) => {
+    const fp32 = sessions.get(name) ?? await prepareModel(modelBytes(name), { threads: 2 });
+    sessions.set(name, fp32);
+    const bf16 = await prepareModel(emulateBf16(modelBytes(name)), { threads: 2 });
     try {
       for (const batch of [1, 2]) {
-        const x = modelInput('resnet50', batch);
+        const x = modelInput(name, batch);
         const d = relativeDifference((await bf16.run({ input: x })).output!.data, (await fp32.run({ input: x })).output!.data);
-        // Measured 3.1e-3 to 3.7e-3; the fp32 bound (3.6e-4) would reject this, so the two bounds
-        // tell fp32 and bf16 arithmetic apart.
-        expect(d).toBeLessThan(BF16_RESNET50_BOUND / 2);
-        expect(d).toBeGreaterThan(roundingTolerance('resnet50'));
+        // Measured 3.1e-3 to 3.7e-3 (ResNet-50), 2.0e-3 to 2.8e-3 (transformer); the fp32 bounds
+        // (3.6e-4 for ResNet-50) would reject these, so the two bounds tell fp32 and bf16 apart.
+        expect(d).toBeLessThan(bound / 2);
+        expect(d).toBeGreaterThan(roundingTolerance(name));
       }
     } finally {
       await bf16.release();
@@ -160,55 +163,19 @@ describe.skipIf(!sessionLanded)('sonde Session against onnxruntime-node on the g
     }
   }
 
-  it(`the transformer encoder emulated in bf16 stays within BF16_TRANSFORMER_BOUND (${BF16_TRANSFORMER_BOUND}) of fp32, and beyond the fp32 tolerance`, async () => {
-    const bytes = modelBytes('transformer');
-    const fp32 = await prepareModel(bytes, { threads: 2 });
-    const bf16 = await prepareModel(emulateBf16(bytes), { threads: 2 });
-    try {
-      for (const batch of [1, 2]) {
-        const x = modelInput('transformer', batch);
-        const d = relativeDifference((await bf16.run({ input: x })).output!.data, (await fp32.run({ input: x })).output!.data);
-        // Measured 2.0e-3 to 2.8e-3 (batch 1, 2, 8).
-        expect(d).toBeLessThan(BF16_TRANSFORMER_BOUND / 2);
-        expect(d).toBeGreaterThan(roundingTolerance('transformer'));
-      }
-    } finally {
-      await bf16.release();
-      await fp32.release();
-    }
-  });
-
-  it(`ResNet-50 with precision 'bf16' is within BF16_RESNET50_BOUND (${BF16_RESNET50_BOUND}) of onnxruntime-node fp32`, async () => {
-    // The bound: measured with emulateBf16 in onnxruntime-node at 3.1e-3 to 3.7e-3 of max|output|
-    // (weights and activations rounded to bf16, fp32 accumulation), times 4 (bench/graphs/models.js).
-    const bytes = modelBytes('resnet50');
+  // The bounds: measured with emulateBf16 in onnxruntime-node (weights and activations rounded to
+  // bf16, fp32 accumulation), times 4 (bench/graphs/models.js). The transformer's weight MatMuls
+  // run as GEMMs on bf16 weights (AMX tiles where the CPU has them, else avx512bf16, else widened).
+  it.each(BF16_MODELS)('%s with precision \'bf16\' is within its bf16 bound (%s) of onnxruntime-node fp32', async (name, bound) => {
+    const bytes = modelBytes(name);
     const bf16 = await Session!.load(bytes, { threads: 2, precision: 'bf16' });
     const fp32 = await Session!.load(bytes, { threads: 2 });
     try {
       for (const batch of [1, 2]) {
-        const { feed, want } = await reference('resnet50', batch);
+        const { feed, want } = await reference(name, batch);
         const got = (await bf16.run(feed)).output!.data as Float32Array;
-        expect(relativeDifference(got, want.data), `batch ${batch}`).toBeLessThanOrEqual(BF16_RESNET50_BOUND);
+        expect(relativeDifference(got, want.data), `batch ${batch}`).toBeLessThanOrEqual(bound);
         // The option took effect: the same plan in fp32 gives different bits.
-        expect(relativeDifference(got, (await fp32.run(feed)).output!.data as Float32Array)).toBeGreaterThan(0);
-      }
-    } finally {
-      bf16.dispose();
-      fp32.dispose();
-    }
-  });
-
-  // Its weight MatMuls run as GEMMs on bf16 weights (the AMX tiles where the CPU has them, else
-  // avx512bf16, else bf16 widened to fp32).
-  it(`the transformer encoder with precision 'bf16' is within BF16_TRANSFORMER_BOUND (${BF16_TRANSFORMER_BOUND}) of onnxruntime-node fp32`, async () => {
-    const bytes = modelBytes('transformer');
-    const bf16 = await Session!.load(bytes, { threads: 2, precision: 'bf16' });
-    const fp32 = await Session!.load(bytes, { threads: 2 });
-    try {
-      for (const batch of [1, 2]) {
-        const { feed, want } = await reference('transformer', batch);
-        const got = (await bf16.run(feed)).output!.data as Float32Array;
-        expect(relativeDifference(got, want.data), `batch ${batch}`).toBeLessThanOrEqual(BF16_TRANSFORMER_BOUND);
         expect(relativeDifference(got, (await fp32.run(feed)).output!.data as Float32Array)).toBeGreaterThan(0);
       }
     } finally {
