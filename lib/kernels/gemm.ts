@@ -4,7 +4,7 @@
  * Packed weights may be stored in bf16, fp16 or int8 (options.precision); A and C stay float32.
  */
 import {
-  native, type NativeGemmLowPrecision, type NativeGemmOptions, type NativeGemmLowpVariant, type NativePackedGemm, type NativePackedGemmLowp,
+  native, type NativeGemmLowPrecision, type NativeGemmOptions, type NativeGemmLowpVariant, type NativeGemmVariant, type NativePackedGemm, type NativePackedGemmLowp,
 } from '../binding.js';
 import { InvalidArgumentError, callNative, fromNative } from '../errors.js';
 import { NativeResource, withSignal } from '../lifetime.js';
@@ -158,7 +158,7 @@ export function packGemmWeights(b: Tensor<'float32'>, options?: PackGemmOptions)
     if (precision !== 'fp32') {
       return new PackedGemmWeights(native().packGemmWeightsLowp(b.data, k, n, precision, variant as Exclude<GemmVariant, 'reference'>));
     }
-    return new PackedGemmWeights(native().packGemmWeights(b.data, k, n, variant as Exclude<GemmVariant, 'reference' | 'avx512bf16' | 'avx512vnni' | 'amx'>));
+    return new PackedGemmWeights(native().packGemmWeights(b.data, k, n, variant as Exclude<NativeGemmVariant, 'reference'>));
   } catch (err) {
     throw fromNative(err, site);
   }
@@ -322,7 +322,7 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
   await callNative(
     () => withSignal(signal, (token) =>
       native().gemm(a.data, bArg as NativePackedGemm | Float32Array, out.data, {
-        ...call.native, variant: variant as Exclude<GemmVariant, 'avx512bf16' | 'avx512vnni' | 'amx'>, cancel: token,
+        ...call.native, variant: variant as NativeGemmVariant, cancel: token,
       })),
     site,
   );

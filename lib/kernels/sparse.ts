@@ -10,7 +10,7 @@
  * - 'bsr': 1 x W blocks over B (W = 8, 16 or 32 consecutive output columns sharing one k): for
  *   block-pruned weights; the dense GEMM tile with the K loop over non-zero blocks only.
  */
-import { native, type NativeSparseWeights } from '../binding.js';
+import { native, type NativeGemmVariant, type NativeSparseWeights } from '../binding.js';
 import { InvalidArgumentError, callNative, fromNative } from '../errors.js';
 import { NativeResource, withSignal } from '../lifetime.js';
 import { Tensor, checkTensor } from '../tensor.js';
@@ -207,7 +207,7 @@ export async function spmm(a: Tensor<'float32'>, weights: SparseWeights, options
   await callNative(
     () => withSignal(signal, (token) =>
       native().spmm(a.data, handle, out.data, {
-        ...call.native, variant: variant as Exclude<GemmVariant, 'avx512bf16' | 'avx512vnni' | 'amx'>, cancel: token,
+        ...call.native, variant: variant as NativeGemmVariant, cancel: token,
       })),
     site,
   );

@@ -122,6 +122,9 @@ kernels::F32GemmUkernelInfo F32Ukernel(ConvVariant v) {
   }
 }
 
+// The variants of bf16 weights only (the others widen bf16 weights to fp32).
+bool Bf16Variant(ConvVariant v) { return v == ConvVariant::kAvx512Bf16 || v == ConvVariant::kAmx; }
+
 ConvVariant ResolveFp32(ConvVariant v) {
   if (v != ConvVariant::kAuto) return v;
   switch (Cpu().level) {
@@ -211,14 +214,11 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   };
 
   const bool depthwise = cg == 1 && cog == 1;
-  // The bf16 kernels: vdpbf16ps tiles, or AMX tiles for the channel-blocked direct path (the stem
-  // and the GEMM path of the AMX variant keep the vdpbf16ps kernels).
-  const bool bf16_kernels = variant == ConvVariant::kAvx512Bf16 || variant == ConvVariant::kAmx;
-  if (bf16_kernels && depthwise) variant = ConvVariant::kAvx512;
+  // Depthwise convs have no bf16 kernel: they take the fp32 one on the bf16-rounded weights.
+  if (Bf16Variant(variant) && depthwise) variant = ConvVariant::kAvx512;
   if (precision == ConvPrecision::kBf16 && variant == ConvVariant::kAuto && Cpu().HasBf16() && !depthwise)
     variant = Cpu().HasAmxBf16() ? ConvVariant::kAmx : ConvVariant::kAvx512Bf16;
-  if (variant != ConvVariant::kReference && variant != ConvVariant::kAvx512Bf16 && variant != ConvVariant::kAmx)
-    variant = ResolveFp32(variant);
+  if (variant != ConvVariant::kReference && !Bf16Variant(variant)) variant = ResolveFp32(variant);
   op->variant_ = variant;
 
   if (variant == ConvVariant::kReference || depthwise) {
@@ -260,15 +260,15 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
   }
 
 #if defined(__x86_64__) || defined(_M_X64)
-  const bool bf16_variant = variant == ConvVariant::kAvx512Bf16 || variant == ConvVariant::kAmx;
   const bool direct_fits = DirectFits(spec) && DirectWanted(spec);
   // Under 'amx' a stem (a few input channels, no 16-channel block to make tiles of) takes the fp32
   // stem tiles on its bf16-rounded weights: the CPUs with AMX run vdpbf16ps at half their FMA rate
   // (ResNet-50's 7x7/2 stem: 2.0 ms on the bf16 stem tiles, 1.4 on the fp32 ones, 2 threads).
   const bool amx_stem = variant == ConvVariant::kAmx && spec.c_in <= kDirectNchwMaxChannels && direct_fits;
-  const bool bf16_direct = bf16_variant && direct_fits && !amx_stem;
-  // For the same reason the convs off the direct path (groups, dilation) take the fp32 GEMM under
-  // 'amx', on their bf16-rounded weights: the avx512bf16 GEMM kernel ran at 0.67x the fp32 one there.
+  const bool bf16_direct = Bf16Variant(variant) && direct_fits && !amx_stem;
+  // Off the direct path (groups, dilation) only 'avx512bf16' takes the bf16 GEMM: under 'amx' those
+  // convs fall through to the fp32 GEMM below on their bf16-rounded weights, for the same reason
+  // (the avx512bf16 GEMM kernel ran at 0.67x the fp32 one on such a CPU).
   if (variant == ConvVariant::kAvx512Bf16 && !bf16_direct) {
     op->path_ = Path::kGemmBf16;
     op->bf16_uk_ = kernels::Bf16GemmUkernelAvx512Bf16();

@@ -296,13 +296,10 @@ struct PreparedA {
   std::vector<int32_t> zero;
 };
 
-// Row i of A (kp elements, row-major) to its place in the tile-major blocks of uk (a_tiled).
-template <typename T>
-void ScatterTiled(const T* row, size_t i, size_t kp, const kernels::LowpGemmUkernelInfo& uk, T* a) {
-  const size_t mr = uk.mr, step = uk.k_align;
-  T* block = a + (i / mr) * mr * kp;
-  for (size_t s = 0; s < kp / step; ++s)
-    std::memcpy(block + (s * mr + i % mr) * step, row + s * step, step * sizeof(T));
+// Where row i of A (kp values) starts in uk's tile-major blocks (a_tiled): its block, then its
+// place in the block's first k step; the row's next k_align values are mr * k_align further on.
+size_t TiledRowOffset(size_t i, size_t kp, const kernels::LowpGemmUkernelInfo& uk) {
+  return (i - i % uk.mr) * kp + (i % uk.mr) * uk.k_align;
 }
 
 // tiled: in uk's tile-major blocks (its a_tiled), else row-major (the reference reads rows).
@@ -329,11 +326,10 @@ bool PrepareA(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, cons
 #if defined(__x86_64__) || defined(_M_X64)
     if (Cpu().HasBf16()) cvt = kernels::F32ToBf16UkernelAvx512Bf16();
 #endif
-    const size_t mr = uk.mr, step = uk.k_align;
     return pool.ParallelFor(tasks, threads, [&](size_t t) {
       for (size_t i = t * rows_per_task; i < std::min(m, (t + 1) * rows_per_task); ++i) {
-        if (tiled)  // row i % mr of its block, step by step
-          Bf16Row(cvt, args.a + i * args.lda, k, kp, step, mr * step, pa->bf16.data() + (i - i % mr) * kp + (i % mr) * step);
+        if (tiled)
+          Bf16Row(cvt, args.a + i * args.lda, k, kp, uk.k_align, uk.mr * uk.k_align, pa->bf16.data() + TiledRowOffset(i, kp, uk));
         else
           Bf16Row(cvt, args.a + i * args.lda, k, kp, kp, kp, pa->bf16.data() + i * kp);
       }
@@ -350,6 +346,8 @@ bool PrepareA(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, cons
 #if defined(__x86_64__) || defined(_M_X64)
   if (Cpu().Supports(IsaLevel::kAvx512)) quantize = kernels::LowpQuantizeRowU8Avx512;
 #endif
+  // The quantiser needs the whole row (its range) before it writes: tiled, it writes a row here and
+  // the row's k steps are copied to their places.
   return pool.ParallelFor(tasks, threads, [&](size_t t) {
     thread_local std::vector<uint8_t> row;
     if (tiled) row.resize(kq);
@@ -359,7 +357,9 @@ bool PrepareA(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, cons
         continue;
       }
       quantize(args.a + i * args.lda, k, kq, row.data(), &pa->scale[i], &pa->zero[i]);
-      ScatterTiled(row.data(), i, kq, uk, pa->u8.data());
+      uint8_t* dst = pa->u8.data() + TiledRowOffset(i, kq, uk);
+      for (size_t s = 0; s < kq / uk.k_align; ++s)
+        std::memcpy(dst + s * uk.mr * uk.k_align, row.data() + s * uk.k_align, uk.k_align);
     }
   }, cancel);
 }

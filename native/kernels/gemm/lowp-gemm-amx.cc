@@ -14,7 +14,6 @@
 // Numerics: tdpbusd sums u8 x s8 exactly in s32 (the VNNI kernel's integers, bit for bit), then
 // the same dequantisation; tdpbf16ps adds exact bf16 products in fp32 with denormals flushed to
 // zero, in its own order (like vdpbf16ps, whose order differs).
-//
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
@@ -30,6 +29,9 @@ constexpr size_t kMr = 32;
 constexpr size_t kNr = 32;
 constexpr size_t kTileBytes = 64;      // bytes of a tile row
 constexpr size_t kWRowBytes = kNr * 4;  // bytes between two pairs / quads of a panel
+// k per tile row (64 bytes) of A: 32 bf16 or 64 u8; also the ukernel's k_align.
+template <bool kInt8>
+constexpr size_t kKStep = kInt8 ? 64 : 32;
 
 inline void ConfigureTiles() {
   amx::Configure(amx::kGemmKey, [] {
@@ -54,7 +56,7 @@ inline void StoreC(void* buf) {
   }
 }
 
-// The k loop; kInt8 picks the dot product. steps: the padded k / kKStep.
+// The k loop; kInt8 picks the dot product. steps: the padded k / kKStep<kInt8>.
 template <bool kInt8, bool kTwoRowSlices>
 inline void Accumulate(size_t steps, const char* a, const char* w) {
   _tile_zero(0);
@@ -96,8 +98,7 @@ void Gemm32x32Amx(size_t mr, size_t nr, size_t k, const void* a_, size_t, const 
   ConfigureTiles();
   const char* a = static_cast<const char*>(a_);
   const char* w = static_cast<const char*>(w_);
-  constexpr size_t kStep = kInt8 ? 64 : 32;  // k per tile row of A
-  const size_t steps = (k + kStep - 1) / kStep;
+  const size_t steps = (k + kKStep<kInt8> - 1) / kKStep<kInt8>;
   alignas(64) int32_t acc[kMr * kNr];
   if (mr > 16) {
     Accumulate<kInt8, true>(steps, a, w);
@@ -131,11 +132,11 @@ void Gemm32x32Amx(size_t mr, size_t nr, size_t k, const void* a_, size_t, const 
 }  // namespace
 
 LowpGemmUkernelInfo Bf16GemmUkernelAmx() {
-  return {Gemm32x32Amx<false>, kMr, kNr, kLowpABf16Pairs, "bf16_gemm_32x32__amx", 32, true};
+  return {Gemm32x32Amx<false>, kMr, kNr, kLowpABf16Pairs, "bf16_gemm_32x32__amx", kKStep<false>, true};
 }
 
 LowpGemmUkernelInfo Qs8GemmUkernelAmx() {
-  return {Gemm32x32Amx<true>, kMr, kNr, kLowpAU8Quads, "qs8_gemm_32x32__amx", 64, true};
+  return {Gemm32x32Amx<true>, kMr, kNr, kLowpAU8Quads, "qs8_gemm_32x32__amx", kKStep<true>, true};
 }
 
 }  // namespace kernels
