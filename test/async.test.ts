@@ -36,6 +36,28 @@ describe('compute runs off the event loop', () => {
     const out = execFileSync(process.execPath, ['--input-type=module', '-e', script], { timeout: 20_000 });
     expect(out.toString().trim()).toBe('done');
   });
+
+  it('SONDE_HANDOFF_PROFILE=1 prints, at exit, the hand-off, run and completion times of every job', async () => {
+    const { spawnSync } = await import('node:child_process');
+    const script = `import { kernels, Tensor } from './dist/index.js';
+      const a = new Tensor('float32', new Float32Array(4), [2, 2]);
+      for (let i = 0; i < 25; i++) await kernels.gemm(a, a);
+      console.log('done');`;
+    const run = (env: Record<string, string>) =>
+      spawnSync(process.execPath, ['--input-type=module', '-e', script], { timeout: 20_000, encoding: 'utf8', env: { ...process.env, ...env } });
+    const profiled = run({ SONDE_HANDOFF_PROFILE: '1' });
+    expect(profiled.stdout.trim(), profiled.stderr).toBe('done');
+    // At least the 25 GEMMs (packing the weights may be a job of its own).
+    const jobs = /sonde handoff profile: (\d+) jobs/.exec(profiled.stderr);
+    expect(jobs, profiled.stderr).not.toBeNull();
+    expect(Number(jobs![1])).toBeGreaterThanOrEqual(25);
+    for (const what of ['Start -> Execute \\(pool hand-off\\)', 'Execute', 'Execute end -> settled \\(completion\\)']) {
+      expect(profiled.stderr).toMatch(new RegExp(`  ${what} +median +[0-9.]+ us, p90 +[0-9.]+ us`));
+    }
+    const plain = run({ SONDE_HANDOFF_PROFILE: '' });
+    expect(plain.stdout.trim()).toBe('done');
+    expect(plain.stderr).not.toContain('handoff');
+  });
 });
 
 describe('thread pool size', () => {

@@ -39,7 +39,7 @@ function randomWeights(type, count) {
   return new Uint8Array(out.buffer);
 }
 
-async function writeModel(path, type, shape) {
+export async function writeModel(path, type, shape) {
   const { spec } = llmModelSpec({ kind: 'llama', type, seed: 1, wordsOnly: true, ...shape }, gguf.typed);
   const tensors = spec.tensors.map((t) => (t.type === type && t.dims.length === 2
     ? { ...t, data: () => randomWeights(type, t.dims[0] * t.dims[1]) }

@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <thread>
+#include <vector>
 
 #include "binding/families.h"
 #include "kernels/peak/peak.h"
@@ -95,6 +98,48 @@ int64_t RunWaitCapNs() {
   return ns;
 }
 
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// SONDE_HANDOFF_PROFILE=1, a diagnostic printed to stderr at exit: per job, the time from Start
+// (the binding call) to the pool thread's Execute, Execute itself, and from its end to the
+// settling on the JS thread (through the TSFN's event-loop wake-up, or Start's wait), medians and
+// 90th percentiles over the jobs settled; what a call costs beside its work.
+class HandoffProfile {
+ public:
+  static HandoffProfile* Active() {
+    static HandoffProfile* p = []() -> HandoffProfile* {
+      const char* v = std::getenv("SONDE_HANDOFF_PROFILE");
+      return v && std::strcmp(v, "1") == 0 ? new HandoffProfile() : nullptr;  // lives to the exit handler
+    }();
+    return p;
+  }
+  // JS thread only (Settle).
+  void Record(int64_t start, int64_t exec0, int64_t exec1, int64_t settle) {
+    queue_.push_back(exec0 - start);
+    exec_.push_back(exec1 - exec0);
+    done_.push_back(settle - exec1);
+  }
+
+ private:
+  HandoffProfile() {
+    std::atexit([] { Active()->Print(); });
+  }
+  static void Line(const char* what, std::vector<int64_t>& v) {
+    std::sort(v.begin(), v.end());
+    std::fprintf(stderr, "  %-34s median %8.1f us, p90 %8.1f us\n", what, v[v.size() / 2] / 1e3, v[v.size() * 9 / 10] / 1e3);
+  }
+  void Print() {
+    if (queue_.empty()) return;
+    std::fprintf(stderr, "sonde handoff profile: %zu jobs\n", queue_.size());
+    Line("Start -> Execute (pool hand-off)", queue_);
+    Line("Execute", exec_);
+    Line("Execute end -> settled (completion)", done_);
+  }
+  std::vector<int64_t> queue_, exec_, done_;
+};
+
 }  // namespace
 
 int64_t Addon::RunWaitNs(int64_t expected_ns) const {
@@ -118,8 +163,11 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
   if (wait) job->handoff_.store(AsyncJob::kJsWaiting, std::memory_order_relaxed);
   AsyncJob* raw = job.release();
   CompletionTsfn tsfn = tsfn_;
-  auto run = [this, raw, tsfn]() mutable {
+  const bool timed = HandoffProfile::Active() != nullptr;
+  if (timed) raw->t_start_ = NowNs();
+  auto run = [this, raw, tsfn, timed]() mutable {
     raw->started_.store(true, std::memory_order_relaxed);
+    if (timed) raw->t_exec0_ = NowNs();
     try {
       raw->Execute(*this);
     } catch (const std::bad_alloc&) {
@@ -128,6 +176,7 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
       raw->Fail(codes::kInternal, std::string("sonde: internal error: ") + e.what());
     }
     if (raw->cancel->load() && !raw->error_code_) raw->Fail(codes::kAborted, "The operation was aborted");
+    if (timed) raw->t_exec1_ = NowNs();
     // The JS thread still waiting owns the job from here on: nothing below may touch it.
     if (raw->handoff_.exchange(AsyncJob::kDone, std::memory_order_acq_rel) == AsyncJob::kJsWaiting) return;
     if (tsfn.NonBlockingCall(raw) != napi_ok) {
@@ -207,6 +256,7 @@ void Addon::Complete(Napi::Env env, Napi::Function, Addon* self, AsyncJob* job) 
 
 void Addon::Settle(Napi::Env env, AsyncJob* job) {
   std::unique_ptr<AsyncJob> owned(job);
+  if (job->t_start_ && job->t_exec1_) HandoffProfile::Active()->Record(job->t_start_, job->t_exec0_, job->t_exec1_, NowNs());
   if (in_flight_ > 0 && --in_flight_ == 0) tsfn_.Unref(env);
   // This runs from the event loop with no JS caller to catch a C++ exception; while a worker is
   // terminating, N-API calls fail (and node-addon-api throws), so nothing may escape from here.

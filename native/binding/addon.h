@@ -57,6 +57,8 @@ class AsyncJob {
   enum Handoff : int { kTsfn = 0, kJsWaiting = 1, kDone = 2, kJsGaveUp = 3 };
   std::atomic<int> handoff_{kTsfn};
   std::atomic<bool> started_{false};  // set by the pool thread as Execute begins
+  // SONDE_HANDOFF_PROFILE: steady-clock ns at Start, at Execute's begin and end (addon.cc).
+  int64_t t_start_ = 0, t_exec0_ = 0, t_exec1_ = 0;
   const char* error_code_ = nullptr;
   std::string error_message_;
   std::vector<Napi::Reference<Napi::Value>> kept_;
