@@ -51,8 +51,9 @@ describe('compute runs off the event loop', () => {
     const jobs = /sonde handoff profile: (\d+) jobs/.exec(profiled.stderr);
     expect(jobs, profiled.stderr).not.toBeNull();
     expect(Number(jobs![1])).toBeGreaterThanOrEqual(25);
-    for (const what of ['Start -> Execute \\(pool hand-off\\)', 'Execute', 'Execute end -> settled \\(completion\\)']) {
-      expect(profiled.stderr).toMatch(new RegExp(`  ${what} +median +[0-9.]+ us, p90 +[0-9.]+ us`));
+    for (const what of ['Start -> Execute \\(pool hand-off\\)', 'Execute', 'Execute end -> settled \\(completion\\)',
+      'settled -> next Start, none in flight']) {
+      expect(profiled.stderr).toMatch(new RegExp(`  ${what} +median +[0-9.]+ us, p90 +[0-9.]+ us, mean +[0-9.]+ us`));
     }
     const plain = run({ SONDE_HANDOFF_PROFILE: '' });
     expect(plain.stdout.trim()).toBe('done');

@@ -104,8 +104,10 @@ int64_t NowNs() {
 
 // SONDE_HANDOFF_PROFILE=1, a diagnostic printed to stderr at exit: per job, the time from Start
 // (the binding call) to the pool thread's Execute, Execute itself, and from its end to the
-// settling on the JS thread (through the TSFN's event-loop wake-up, or Start's wait), medians and
-// 90th percentiles over the jobs settled; what a call costs beside its work.
+// settling on the JS thread (through the TSFN's event-loop wake-up, or Start's wait), medians,
+// 90th percentiles and means over the jobs settled; and, for a job started while none was in
+// flight, the time since the last one settled (the caller's JavaScript and the binding's
+// unmarshalling between calls, as in a loop of awaited steps). What a call costs beside its work.
 class HandoffProfile {
  public:
   static HandoffProfile* Active() {
@@ -115,11 +117,15 @@ class HandoffProfile {
     }();
     return p;
   }
-  // JS thread only (Settle).
+  // JS thread only (Start, Settle).
+  void Started(int64_t now, bool idle) {
+    if (idle && last_settle_) gap_.push_back(now - last_settle_);
+  }
   void Record(int64_t start, int64_t exec0, int64_t exec1, int64_t settle) {
     queue_.push_back(exec0 - start);
     exec_.push_back(exec1 - exec0);
     done_.push_back(settle - exec1);
+    last_settle_ = settle;
   }
 
  private:
@@ -127,8 +133,12 @@ class HandoffProfile {
     std::atexit([] { Active()->Print(); });
   }
   static void Line(const char* what, std::vector<int64_t>& v) {
+    if (v.empty()) return;
     std::sort(v.begin(), v.end());
-    std::fprintf(stderr, "  %-34s median %8.1f us, p90 %8.1f us\n", what, v[v.size() / 2] / 1e3, v[v.size() * 9 / 10] / 1e3);
+    double sum = 0;
+    for (int64_t x : v) sum += static_cast<double>(x);
+    std::fprintf(stderr, "  %-40s median %8.1f us, p90 %8.1f us, mean %8.1f us\n", what, v[v.size() / 2] / 1e3,
+                 v[v.size() * 9 / 10] / 1e3, sum / static_cast<double>(v.size()) / 1e3);
   }
   void Print() {
     if (queue_.empty()) return;
@@ -136,8 +146,10 @@ class HandoffProfile {
     Line("Start -> Execute (pool hand-off)", queue_);
     Line("Execute", exec_);
     Line("Execute end -> settled (completion)", done_);
+    Line("settled -> next Start, none in flight", gap_);
   }
-  std::vector<int64_t> queue_, exec_, done_;
+  std::vector<int64_t> queue_, exec_, done_, gap_;
+  int64_t last_settle_ = 0;
 };
 
 }  // namespace
@@ -164,7 +176,10 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
   AsyncJob* raw = job.release();
   CompletionTsfn tsfn = tsfn_;
   const bool timed = HandoffProfile::Active() != nullptr;
-  if (timed) raw->t_start_ = NowNs();
+  if (timed) {
+    raw->t_start_ = NowNs();
+    HandoffProfile::Active()->Started(raw->t_start_, in_flight_ == 0);
+  }
   auto run = [this, raw, tsfn, timed]() mutable {
     raw->started_.store(true, std::memory_order_relaxed);
     if (timed) raw->t_exec0_ = NowNs();
