@@ -126,6 +126,11 @@ const shapes: Shape[] = [
   // to be split across two, rows first (80 channels > 49 pixels), so row blocks share one im2col.
   { name: '3x3 on 7x7, 80 output channels, N=2 (rows split: shared im2col)', x: [2, 32, 7, 7], w: [80, 32, 3, 3], g: { pads: [1, 1, 1, 1] } },
   { name: '1x1 N=2, 64 -> 48 channels on 16x16 (pointwise, split across threads)', x: [2, 64, 16, 16], w: [48, 64, 1, 1], g: {} },
+  // Direct tiles prefetching a slice of the next 32-channel block's weights (64 KiB and more per
+  // block); with weights beyond half of any L2 (2.6 MiB) and a small batch input, the tiles run
+  // block by block over the batch instead of image by image.
+  { name: '3x3 on 5x5, 512 -> 144 channels, N=2 (blocks outermost, next block prefetched)', x: [2, 512, 5, 5], w: [144, 512, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '1x1 on 7x7, 512 -> 80 channels, N=2 (next block prefetched)', x: [2, 512, 7, 7], w: [80, 512, 1, 1], g: {} },
   { name: '3x3 VALID, N=3', x: [3, 5, 6, 8], w: [4, 5, 3, 3], g: { autoPad: 'VALID' } },
   { name: 'grouped: 8 -> 12 channels, 2 groups', x: [1, 8, 9, 7], w: [12, 4, 3, 3], g: { group: 2, pads: [1, 0, 1, 2] } },
   { name: 'depthwise 3x3 s1 p1, 19 channels', x: [2, 19, 13, 21], w: [19, 1, 3, 3], g: { group: 19, pads: [1, 1, 1, 1] } },

@@ -131,6 +131,12 @@ struct NchwcConvArgs {
   size_t y_row, y_block;      // blocked output; 0: NCHW
   size_t res_row, res_block;  // blocked residual
   int y_bf16;                 // blocked output stored as bf16 (uint16 elements; the bf16 kernel only)
+  // Bytes the tile asks L2 for while it computes (the weights of the output-channel block the
+  // thread runs next, a slice per tile: from memory they take as long as the tile's FMAs, and one
+  // tile waiting on them alone cost a 7x7x512 3x3 conv 0.9 of its 2.4 ms), pf_step bytes per
+  // (input-channel block, tap) iteration; null for none. The f32 kernel only.
+  const char* pf;
+  size_t pf_bytes, pf_step;
 };
 typedef void (*F32NchwcConvUkernel)(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t rows);
 // Depthwise convolution on NCHW16c (one weight per channel and tap, no dilation): output row oy of

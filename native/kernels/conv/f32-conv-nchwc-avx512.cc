@@ -43,6 +43,8 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
   const size_t row = a->wp * KB, plane = a->hp * row, row_step = a->sh * row;
   const float* w = static_cast<const float*>(a->w);
   const float* xb = static_cast<const float*>(a->x) + oy * row_step + ox0 * SW * KB;
+  const char* pf = a->pf;
+  const char* const pf_end = pf ? pf + a->pf_bytes : nullptr;
   for (size_t cb = 0; cb < a->c_blocks; ++cb, xb += plane) {
     // The last block's channels past c_last have zero weights: skipped, not multiplied.
     const size_t nc = cb + 1 == a->c_blocks ? a->c_last : KB;
@@ -50,6 +52,10 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
       // With KB = 1 this is the innermost loop, and GCC's unroll by 2 spilled half the accumulators.
 #pragma GCC unroll 1
       for (size_t kx = 0; kx < a->kw; ++kx) {
+        // A few lines of the next block's weights per iteration, spread over the tile so that the
+        // misses overlap its FMAs instead of queueing behind its own loads.
+        if (pf)
+          for (const char* const stop = pf + a->pf_step; pf < pf_end && pf < stop; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
         const float* xt = xb + ky * row + kx * KB;
         // Unrolling the 16 input channels too made GCC spill accumulators; this loop keeps all in registers.
 #pragma GCC unroll 1
