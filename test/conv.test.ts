@@ -249,7 +249,7 @@ function bf16Round(v: number): number {
 describe('bf16 weights', () => {
   const bf16 = bf16Round;
   it.each([...variants.filter((v) => v !== 'reference'), ...(bf16Cpu ? ['avx512bf16' as const] : []), ...(amxCpu ? ['amx' as const] : [])])('%s: within the bf16 bound of the fp32 reference', async (variant) => {
-    for (const s of [S('1x3x7x5'), S('1x1 N=2'), S('K = 360'), S('grouped'), S('depthwise 3x3 s1')]) {
+    for (const s of [S('1x3x7x5'), S('1x1 N=2'), S('K = 360'), S('grouped'), S('depthwise 3x3 s1'), S('blocks outermost')]) {
       const x = randomTensor(s.x, 20);
       const w = randomTensor(s.w, 21);
       const bias = randomTensor([s.w[0]!], 22);

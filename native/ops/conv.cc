@@ -811,10 +811,10 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
       static_cast<double>(weights) + static_cast<double>(n * image <= l2_half ? n * image : o_blocks * n * image);
   const bool block_major = n > 1 && block_major_bytes < image_major_bytes;
   const size_t run = block_major ? n * row_groups : row_groups;
-  // The f32 tiles prefetch the next run's block into L2, a slice per tile, where a block's weights
-  // are large enough to come from memory: a thread's runs then follow each other without a tile
-  // that waits on its weights alone (only a task's first run does). So a task holds several runs.
-  const bool prefetch = !bf16_direct_ && w_block >= kPrefetchWeightBytes && o_blocks > 1;
+  // The f32 and AMX tiles prefetch the next run's block into L2, a slice per tile, where a block's
+  // weights are large enough to come from memory: a thread's runs then follow each other without a
+  // tile that waits on its weights alone (only a task's first run does). So a task holds several runs.
+  const bool prefetch = (!bf16_direct_ || amx_) && w_block >= kPrefetchWeightBytes && o_blocks > 1;
   const size_t target = nthreads == 1 ? 1 : 8 * static_cast<size_t>(nthreads);
   size_t per = (items + target - 1) / target;
   if (prefetch && nthreads > 1) per = std::max(per, std::min((items + nthreads - 1) / nthreads, kPrefetchRunsPerTask * run));
@@ -867,7 +867,8 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
           // quarter of the run's tiles was slower (a cold 7x7x512 3x3: 2.48 / 2.73 ms against 2.18).
           const size_t slice = (w_block + run - 1) / run;
           const size_t from = std::min(w_block, j * slice), bytes = std::min(w_block - from, slice);
-          a.pf = reinterpret_cast<const char*>(w_ + block_of(next) * ldw_) + from;
+          a.pf = (bf16_direct_ ? reinterpret_cast<const char*>(w_pairs_ + block_of(next) * ldw_)
+                               : reinterpret_cast<const char*>(w_ + block_of(next) * ldw_)) + from;
           a.pf_bytes = bytes;
           a.pf_step = std::max<size_t>(64, (bytes / taps + 63) / 64 * 64);
         }

@@ -48,9 +48,11 @@ void Configure(size_t pixels) {
   });
 }
 
-// One output row oy of P pixels into out[P][32] (fp32; outputs 16-31 only with NV = 2).
+// One output row oy of P pixels into out[P][32] (fp32; outputs 16-31 only with NV = 2). prefetch:
+// this row issues the tile's prefetch of the next block's weights (NchwcConvArgs::pf), a*pf_step
+// bytes per tap as it walks the taps.
 template <size_t NV>
-void Row(const NchwcConvArgs* a, size_t oy, size_t ox0, float* out) {
+void Row(const NchwcConvArgs* a, size_t oy, size_t ox0, float* out, bool prefetch) {
   _tile_zero(0);
   if (NV > 1) _tile_zero(1);
   // In uint16 elements.
@@ -60,8 +62,13 @@ void Row(const NchwcConvArgs* a, size_t oy, size_t ox0, float* out) {
   const bool lone = a->kw & 1;
   const char* w = static_cast<const char*>(a->w);
   const uint16_t* xb = static_cast<const uint16_t*>(a->x) + oy * a->sh * row + ox0 * a->sw * kB;
+  const char* pf = prefetch ? a->pf : nullptr;
+  const char* const pf_end = pf ? pf + a->pf_bytes : nullptr;
+  const size_t pf_row = a->pf_step * a->kw;
   for (size_t cb = 0; cb < a->c_blocks; ++cb, xb += plane) {
     for (size_t ky = 0; ky < a->kh; ++ky) {
+      if (pf)
+        for (const char* const stop = pf + pf_row; pf < pf_end && pf < stop; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
       const uint16_t* xt = xb + ky * row;
       for (size_t j = 0; j < tap_pairs; ++j, w += 2 * kPairs * kWRowBytes) {
         _tile_loadd(2, xt + 2 * j * kB, a_stride);
@@ -92,7 +99,7 @@ template <size_t NV, size_t P, size_t R>
 void Tile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
   Configure(P);
   alignas(64) float out[R * P][kOcb];
-  for (size_t r = 0; r < R; ++r) Row<NV>(a, oy + r, ox0, out[r * P]);
+  for (size_t r = 0; r < R; ++r) Row<NV>(a, oy + r, ox0, out[r * P], r == 0);
   __m512 acc[NV][R * P];
 #pragma GCC unroll 16
   for (size_t p = 0; p < R * P; ++p)
