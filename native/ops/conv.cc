@@ -811,10 +811,10 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
       static_cast<double>(weights) + static_cast<double>(n * image <= l2_half ? n * image : o_blocks * n * image);
   const bool block_major = n > 1 && block_major_bytes < image_major_bytes;
   const size_t run = block_major ? n * row_groups : row_groups;
-  // The f32 and AMX tiles prefetch the next run's block into L2, a slice per tile, where a block's
-  // weights are large enough to come from memory: a thread's runs then follow each other without a
-  // tile that waits on its weights alone (only a task's first run does). So a task holds several runs.
-  const bool prefetch = (!bf16_direct_ || amx_) && w_block >= kPrefetchWeightBytes && o_blocks > 1;
+  // The tiles prefetch the next run's block into L2, a slice per tile, where a block's weights are
+  // large enough to come from memory: a thread's runs then follow each other without a tile that
+  // waits on its weights alone (only a task's first run does). So a task holds several runs.
+  const bool prefetch = w_block >= kPrefetchWeightBytes && o_blocks > 1;
   const size_t target = nthreads == 1 ? 1 : 8 * static_cast<size_t>(nthreads);
   size_t per = (items + target - 1) / target;
   if (prefetch && nthreads > 1) per = std::max(per, std::min((items + nthreads - 1) / nthreads, kPrefetchRunsPerTask * run));

@@ -34,12 +34,17 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
   const size_t row = a->wp * kB, plane = a->hp * row, row_step = a->sh * row;
   const uint32_t* w = static_cast<const uint32_t*>(a->w);
   const uint16_t* xb = static_cast<const uint16_t*>(a->x) + oy * row_step + ox0 * SW * kB;
+  const char* pf = a->pf;
+  const char* const pf_end = pf ? pf + a->pf_bytes : nullptr;
   for (size_t cb = 0; cb < a->c_blocks; ++cb, xb += plane) {
     // The last block's pairs past c_last have zero weights: skipped.
     const size_t np = cb + 1 == a->c_blocks ? (a->c_last + 1) / 2 : kPairs;
     for (size_t ky = 0; ky < a->kh; ++ky) {
 #pragma GCC unroll 1
       for (size_t kx = 0; kx < a->kw; ++kx) {
+        // The next block's weights, a few lines per tap (as the fp32 tile; NchwcConvArgs::pf).
+        if (pf)
+          for (const char* const stop = pf + a->pf_step; pf < pf_end && pf < stop; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
         const uint16_t* xt = xb + ky * row + kx * kB;
 #pragma GCC unroll 1
         for (size_t c = 0; c < np; ++c, w += kOcb) {

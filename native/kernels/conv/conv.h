@@ -134,7 +134,7 @@ struct NchwcConvArgs {
   // Bytes the tile asks L2 for while it computes (the weights of the output-channel block the
   // thread runs next, a slice per tile: from memory they take as long as the tile's FMAs, and one
   // tile waiting on them alone cost a 7x7x512 3x3 conv 0.9 of its 2.4 ms), pf_step bytes per
-  // (input-channel block, tap) iteration; null for none. The f32 and AMX kernels.
+  // (input-channel block, tap) iteration; null for none. Not the stem tiles (small weights).
   const char* pf;
   size_t pf_bytes, pf_step;
 };
