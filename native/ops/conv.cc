@@ -778,8 +778,8 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
   return RunDirectTiles(pool, nthreads, cancel, xh ? static_cast<const void*>(xh) : xb, hp, wp, n, s, y, yl, ep0, rl);
 }
 
-// Where the direct f32 tiles prefetch the next block's weights (RunDirectTiles): blocks of at least
-// this many bytes of weights (a 3x3 conv of 64 input channels: 72 KiB), and tasks of up to this many
+// Where the direct tiles prefetch the next block's weights (RunDirectTiles): blocks of at least this
+// many bytes of weights (a 3x3 conv of 64 fp32 input channels: 72 KiB), and tasks of up to this many
 // runs on 2+ threads.
 constexpr size_t kPrefetchWeightBytes = 64 * 1024;
 constexpr size_t kPrefetchRunsPerTask = 4;
@@ -873,7 +873,10 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
           a.pf_step = std::max<size_t>(64, (bytes / taps + 63) / 64 * 64);
         }
       }
-      for (size_t ox0 = 0; ox0 < s.ow; ox0 += seg_w) direct_uk_(&a, oy, ox0, std::min(seg_w, s.ow - ox0), rows);
+      for (size_t ox0 = 0; ox0 < s.ow; ox0 += seg_w) {
+        direct_uk_(&a, oy, ox0, std::min(seg_w, s.ow - ox0), rows);
+        a.pf = nullptr;  // the item's slice is asked for once, by its first segment
+      }
     }
   }, cancel);
 }
