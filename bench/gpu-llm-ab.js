@@ -28,10 +28,9 @@ const prompt = emulated ? 24 : 512, steps = emulated ? 4 : 64;
 
 if (args[0] === '--child') {
   const { loadGpuTransformer } = await import('../dist/llm/transformer-gpu.js');
+  const { decodeWeightBytes } = await import('./cuda/llm.js');
   const engine = await loadGpuTransformer(args[1], { device });
-  let weightBytes = 0;
-  for (const t of engine.file.tensors) if (t.dims.length === 2 && t.name !== 'token_embd.weight') weightBytes += t.bytes;
-  if (!engine.file.tensors.some((t) => t.name === 'output.weight')) weightBytes += engine.file.tensors.find((t) => t.name === 'token_embd.weight').bytes;
+  const weightBytes = decodeWeightBytes(engine);
   const vocab = engine.config.vocabSize, bs = 16;
   const blocks = Math.ceil((prompt + steps + 8) / bs);
   const table = Int32Array.from({ length: blocks }, (_, i) => i);
@@ -55,6 +54,12 @@ if (args[0] === '--child') {
 
 const settings = args.filter((a, i) => !a.startsWith('--') && !(i > 0 && args[i - 1].startsWith('--')));
 if (!settings.length) settings.push('-');
+for (const s of settings) {
+  if (s !== '-' && !s.split(',').every((kv) => /^[A-Z_][A-Z0-9_]*=/.test(kv))) {
+    console.error(`gpu-llm-ab: a setting is '-' or NAME=VALUE[,NAME=VALUE], got '${s}'`);
+    process.exit(2);
+  }
+}
 const { GpuBuffer } = await import('../dist/cuda/runtime.js');
 const { timeOp } = await import('./cuda/common.js');
 const { writeModel } = await import('./cuda/llm.js');

@@ -55,6 +55,19 @@ describe('compute runs off the event loop', () => {
       'settled -> next Start, none in flight']) {
       expect(profiled.stderr).toMatch(new RegExp(`  ${what} +median +[0-9.]+ us, p90 +[0-9.]+ us, mean +[0-9.]+ us`));
     }
+    // Worker threads load the addon too: each environment's jobs go into the one process-wide profile.
+    const body = `const { kernels, Tensor } = await import(${JSON.stringify(new URL('../dist/index.js', import.meta.url).href)});
+      const a = new Tensor('float32', new Float32Array(4), [2, 2]); for (let i = 0; i < 40; i++) await kernels.gemm(a, a);`;
+    const workers = spawnSync(process.execPath, ['--input-type=module', '-e', `
+      import { Worker } from 'node:worker_threads';
+      const body = ${JSON.stringify(body)};
+      const done = (w) => new Promise((ok, fail) => { w.on('exit', ok); w.on('error', fail); });
+      await Promise.all([0, 1, 2].map(() => done(new Worker(body, { eval: true, type: 'module' }))));
+      console.log('done');`], { timeout: 30_000, encoding: 'utf8', env: { ...process.env, SONDE_HANDOFF_PROFILE: '1' } });
+    expect(workers.stdout.trim(), workers.stderr).toBe('done');
+    const fromWorkers = /sonde handoff profile: (\d+) jobs/.exec(workers.stderr);
+    expect(fromWorkers, workers.stderr).not.toBeNull();
+    expect(Number(fromWorkers![1])).toBeGreaterThanOrEqual(120);
     const plain = run({ SONDE_HANDOFF_PROFILE: '' });
     expect(plain.stdout.trim()).toBe('done');
     expect(plain.stderr).not.toContain('handoff');

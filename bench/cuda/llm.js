@@ -47,6 +47,19 @@ export async function writeModel(path, type, shape) {
   await gguf.write(path, { metadata: spec.metadata, tensors });
 }
 
+/**
+ * What one decode token reads: every matrix (the embedding row aside; tied or not, the output
+ * matrix is read in full), in the file's bytes.
+ */
+export function decodeWeightBytes(engine) {
+  let bytes = 0;
+  for (const t of engine.file.tensors) if (t.dims.length === 2 && t.name !== 'token_embd.weight') bytes += t.bytes;
+  if (!engine.file.tensors.some((t) => t.name === 'output.weight')) {
+    bytes += engine.file.tensors.find((t) => t.name === 'token_embd.weight').bytes;
+  }
+  return bytes;
+}
+
 export async function* llmCases(env) {
   const { id, emulated, measured, sheet } = env;
   const shape = emulated
@@ -67,13 +80,7 @@ export async function* llmCases(env) {
       await writeModel(path, type, shape);
       const engine = await loadGpuTransformer(path, { device: id });
       try {
-        // What one token reads: every matrix (the embedding row aside; tied or not, the output
-        // matrix is read in full), in the file's bytes.
-        let weightBytes = 0;
-        for (const t of engine.file.tensors) if (t.dims.length === 2 && t.name !== 'token_embd.weight') weightBytes += t.bytes;
-        if (!engine.file.tensors.some((t) => t.name === 'output.weight')) {
-          weightBytes += engine.file.tensors.find((t) => t.name === 'token_embd.weight').bytes;
-        }
+        const weightBytes = decodeWeightBytes(engine);
         const vocab = engine.config.vocabSize, bs = 16;
         const blocks = Math.ceil((prompt + decodeSteps + 8) / bs);
         const table = Int32Array.from({ length: blocks }, (_, i) => i);

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <thread>
 #include <vector>
@@ -117,15 +118,16 @@ class HandoffProfile {
     }();
     return p;
   }
-  // JS thread only (Start, Settle).
-  void Started(int64_t now, bool idle) {
-    if (idle && last_settle_) gap_.push_back(now - last_settle_);
+  // From the JS threads of every environment (worker threads load the addon too), so under a lock.
+  void Gap(int64_t ns) {
+    std::lock_guard<std::mutex> lock(mu_);
+    gap_.push_back(ns);
   }
   void Record(int64_t start, int64_t exec0, int64_t exec1, int64_t settle) {
+    std::lock_guard<std::mutex> lock(mu_);
     queue_.push_back(exec0 - start);
     exec_.push_back(exec1 - exec0);
     done_.push_back(settle - exec1);
-    last_settle_ = settle;
   }
 
  private:
@@ -141,6 +143,7 @@ class HandoffProfile {
                  v[v.size() * 9 / 10] / 1e3, sum / static_cast<double>(v.size()) / 1e3);
   }
   void Print() {
+    std::lock_guard<std::mutex> lock(mu_);
     if (queue_.empty()) return;
     std::fprintf(stderr, "sonde handoff profile: %zu jobs\n", queue_.size());
     Line("Start -> Execute (pool hand-off)", queue_);
@@ -148,8 +151,8 @@ class HandoffProfile {
     Line("Execute end -> settled (completion)", done_);
     Line("settled -> next Start, none in flight", gap_);
   }
+  std::mutex mu_;
   std::vector<int64_t> queue_, exec_, done_, gap_;
-  int64_t last_settle_ = 0;
 };
 
 }  // namespace
@@ -178,7 +181,7 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
   const bool timed = HandoffProfile::Active() != nullptr;
   if (timed) {
     raw->t_start_ = NowNs();
-    HandoffProfile::Active()->Started(raw->t_start_, in_flight_ == 0);
+    if (in_flight_ == 0 && last_settle_ns_) HandoffProfile::Active()->Gap(raw->t_start_ - last_settle_ns_);
   }
   auto run = [this, raw, tsfn, timed]() mutable {
     raw->started_.store(true, std::memory_order_relaxed);
@@ -271,7 +274,10 @@ void Addon::Complete(Napi::Env env, Napi::Function, Addon* self, AsyncJob* job) 
 
 void Addon::Settle(Napi::Env env, AsyncJob* job) {
   std::unique_ptr<AsyncJob> owned(job);
-  if (job->t_start_ && job->t_exec1_) HandoffProfile::Active()->Record(job->t_start_, job->t_exec0_, job->t_exec1_, NowNs());
+  if (job->t_start_ && job->t_exec1_) {
+    last_settle_ns_ = NowNs();
+    HandoffProfile::Active()->Record(job->t_start_, job->t_exec0_, job->t_exec1_, last_settle_ns_);
+  }
   if (in_flight_ > 0 && --in_flight_ == 0) tsfn_.Unref(env);
   // This runs from the event loop with no JS caller to catch a C++ exception; while a worker is
   // terminating, N-API calls fail (and node-addon-api throws), so nothing may escape from here.

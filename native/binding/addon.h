@@ -116,6 +116,8 @@ class Addon : public Napi::Addon<Addon> {
   // Jobs settled by Start's wait since a completion last came through the event loop (the TSFN).
   static constexpr unsigned kMaxSettledInline = 8;
   unsigned settled_inline_ = 0;
+  // SONDE_HANDOFF_PROFILE: when this environment's last job settled (addon.cc), steady-clock ns.
+  int64_t last_settle_ns_ = 0;
   bool torn_down_ = false;
   Napi::FunctionReference cancel_ctor_;
   std::map<std::string, Napi::FunctionReference> classes_;

@@ -67,8 +67,7 @@ void Row(const NchwcConvArgs* a, size_t oy, size_t ox0, float* out, bool prefetc
   const size_t pf_row = a->pf_step * a->kw;
   for (size_t cb = 0; cb < a->c_blocks; ++cb, xb += plane) {
     for (size_t ky = 0; ky < a->kh; ++ky) {
-      if (pf)
-        for (const char* const stop = pf + pf_row; pf < pf_end && pf < stop; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+      avx512::PrefetchWeightSlice(pf, pf_end, pf_row);
       const uint16_t* xt = xb + ky * row;
       for (size_t j = 0; j < tap_pairs; ++j, w += 2 * kPairs * kWRowBytes) {
         _tile_loadd(2, xt + 2 * j * kB, a_stride);

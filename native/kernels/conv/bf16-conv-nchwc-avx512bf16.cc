@@ -42,9 +42,7 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
     for (size_t ky = 0; ky < a->kh; ++ky) {
 #pragma GCC unroll 1
       for (size_t kx = 0; kx < a->kw; ++kx) {
-        // The next block's weights, a few lines per tap (as the fp32 tile; NchwcConvArgs::pf).
-        if (pf)
-          for (const char* const stop = pf + a->pf_step; pf < pf_end && pf < stop; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+        avx512::PrefetchWeightSlice(pf, pf_end, a->pf_step);
         const uint16_t* xt = xb + ky * row + kx * kB;
 #pragma GCC unroll 1
         for (size_t c = 0; c < np; ++c, w += kOcb) {

@@ -52,10 +52,7 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
       // With KB = 1 this is the innermost loop, and GCC's unroll by 2 spilled half the accumulators.
 #pragma GCC unroll 1
       for (size_t kx = 0; kx < a->kw; ++kx) {
-        // A few lines of the next block's weights per iteration, spread over the tile so that the
-        // misses overlap its FMAs instead of queueing behind its own loads.
-        if (pf)
-          for (const char* const stop = pf + a->pf_step; pf < pf_end && pf < stop; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+        avx512::PrefetchWeightSlice(pf, pf_end, a->pf_step);
         const float* xt = xb + ky * row + kx * KB;
         // Unrolling the 16 input channels too made GCC spill accumulators; this loop keeps all in registers.
 #pragma GCC unroll 1

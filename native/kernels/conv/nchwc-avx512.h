@@ -12,6 +12,14 @@ namespace sonde {
 namespace kernels {
 namespace avx512 {
 
+// The direct tiles' share of the next block's weights (NchwcConvArgs::pf): up to `bytes` more of
+// [pf, end) asked of L2, advancing pf; called once per input-channel block and tap (or row of
+// taps), so the misses spread over the tile's FMAs. pf null: nothing.
+static inline void PrefetchWeightSlice(const char*& pf, const char* end, size_t bytes) {
+  if (!pf) return;
+  for (const char* const stop = pf + bytes; pf < end && pf < stop; pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+}
+
 // In-register 16x16 transpose: r[l] = 16 pixels of channel l in, r[p] = 16 channels of pixel p out.
 // Pairs (unpack ps), then quads (unpack pd), then 128-bit lanes across the four row groups.
 static inline void Transpose16x16(__m512 r[16]) {
