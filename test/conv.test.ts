@@ -131,6 +131,11 @@ const shapes: Shape[] = [
   // block by block over the batch instead of image by image.
   { name: '3x3 on 5x5, 512 -> 144 channels, N=2 (blocks outermost, next block prefetched)', x: [2, 512, 5, 5], w: [144, 512, 3, 3], g: { pads: [1, 1, 1, 1] } },
   { name: '1x1 on 7x7, 512 -> 80 channels, N=2 (next block prefetched)', x: [2, 512, 7, 7], w: [80, 512, 1, 1], g: {} },
+  // Inputs larger than an L2 (8 and 4.6 MiB an image) and weights smaller than half of one: the
+  // direct tiles run in bands of rows, every block over one band before the next (the last band
+  // short); a 3x3's bands share their edge rows.
+  { name: '1x1/2 on 64x64, 512 -> 80 channels (row bands)', x: [1, 512, 64, 64], w: [80, 512, 1, 1], g: { strides: [2, 2] } },
+  { name: '3x3/2 on 95x95, 128 -> 40 channels (row bands sharing edge rows)', x: [1, 128, 95, 95], w: [40, 128, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
   { name: '3x3 VALID, N=3', x: [3, 5, 6, 8], w: [4, 5, 3, 3], g: { autoPad: 'VALID' } },
   { name: 'grouped: 8 -> 12 channels, 2 groups', x: [1, 8, 9, 7], w: [12, 4, 3, 3], g: { group: 2, pads: [1, 0, 1, 2] } },
   { name: 'depthwise 3x3 s1 p1, 19 channels', x: [2, 19, 13, 21], w: [19, 1, 3, 3], g: { group: 19, pads: [1, 1, 1, 1] } },
@@ -249,7 +254,7 @@ function bf16Round(v: number): number {
 describe('bf16 weights', () => {
   const bf16 = bf16Round;
   it.each([...variants.filter((v) => v !== 'reference'), ...(bf16Cpu ? ['avx512bf16' as const] : []), ...(amxCpu ? ['amx' as const] : [])])('%s: within the bf16 bound of the fp32 reference', async (variant) => {
-    for (const s of [S('1x3x7x5'), S('1x1 N=2'), S('K = 360'), S('grouped'), S('depthwise 3x3 s1'), S('blocks outermost')]) {
+    for (const s of [S('1x3x7x5'), S('1x1 N=2'), S('K = 360'), S('grouped'), S('depthwise 3x3 s1'), S('blocks outermost'), S('row bands)')]) {
       const x = randomTensor(s.x, 20);
       const w = randomTensor(s.w, 21);
       const bias = randomTensor([s.w[0]!], 22);

@@ -795,40 +795,72 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   const size_t image = c_blocks * hp * wp * in_block_ * (bf16_direct_ ? sizeof(uint16_t) : sizeof(float));
   // Blocked output: 16-channel blocks per image.
   const size_t yc_blocks = kernels::NchwcBlocks(spec_.c_out);
-  // Items: one tile row group of one image and 32-channel block, rows innermost so consecutive tiles
-  // reuse the block's weights from L2; images outermost, unless that streams more bytes from beyond
-  // L2 than blocks outermost (every image's tiles of a block following each other): images outermost
-  // read all weights once per image when they do not stay in L2 between images, blocks outermost read
-  // the batch's input once per block when it does not (late layers of a batch: 7x7x512 3x3 weights
-  // are 9 MiB, an image's input 100 KiB). A run is the consecutive items of one block. Output rows
-  // of at most 7 pixels go two at a time (one 14-pixel tile).
+  // Items: one tile row group of one image and 32-channel block. Three orders, the one that streams
+  // the fewest bytes from beyond L2 chosen per run:
+  //  - images outermost, then blocks, rows innermost, so consecutive tiles reuse the block's weights
+  //    from L2: all weights are read once per image when they do not stay in L2 between images, and
+  //    an image's input once per block when it does not stay in L2 between blocks;
+  //  - the same in bands of rows: a band's input (a quarter of L2) is read once and every block's
+  //    tiles run over it (an early layer's image is larger than L2: a 56x56x256 1x1/2 input is 3 MiB,
+  //    and 16 blocks each re-read it from L3 took the conv 1.5x as long);
+  //  - blocks outermost, every image's tiles of a block following each other: the batch's input once
+  //    per block when it does not stay in L2 (late layers of a batch: 7x7x512 3x3 weights are 9 MiB,
+  //    an image's input 100 KiB).
+  // A run is the consecutive items of one block. Output rows of at most 7 pixels go two at a time
+  // (one 14-pixel tile).
   const size_t row_step = 2 * s.ow <= kernels::kNchwcMaxPixels ? 2 : 1, row_groups = (s.oh + row_step - 1) / row_step;
   const size_t items = n * o_blocks * row_groups;
   const size_t w_block = ldw_ * (bf16_direct_ ? sizeof(uint32_t) : sizeof(float));  // bf16: ldw_ pairs
   const size_t l2_half = Cpu().l2_bytes / 2, weights = o_blocks * w_block;
-  const double image_major_bytes = static_cast<double>(weights <= l2_half ? weights : n * weights) + static_cast<double>(n * image);
-  const double block_major_bytes =
-      static_cast<double>(weights) + static_cast<double>(n * image <= l2_half ? n * image : o_blocks * n * image);
-  const bool block_major = n > 1 && block_major_bytes < image_major_bytes;
-  const size_t run = block_major ? n * row_groups : row_groups;
+  const double wd = static_cast<double>(weights), id = static_cast<double>(n * image);
+  const double whole_bytes = (weights <= l2_half ? wd : n * wd) + (image <= l2_half ? id : o_blocks * id);
+  // Input rows one row group reads (its taps' rows overlap the next group's by kh - sh).
+  const size_t band_budget = Cpu().l2_bytes / 4;
+  const size_t group_bytes = image / hp * std::min(hp, row_step * g.sh + (g.kh > g.sh ? g.kh - g.sh : 0));
+  const size_t band = std::max<size_t>(1, band_budget / group_bytes), bands = (row_groups + band - 1) / band;
+  const double banded_bytes = (weights <= l2_half ? wd : n * bands * wd) + id;
+  const double block_major_bytes = wd + (n * image <= l2_half ? id : o_blocks * id);
+  const bool block_major = n > 1 && block_major_bytes < std::min(whole_bytes, banded_bytes);
+  const bool banded = !block_major && o_blocks > 1 && bands > 1 && banded_bytes < whole_bytes;
+  const size_t band_groups = banded ? band : row_groups;
+  // Item it as (image, block, row group) and the end of its run.
+  struct Item {
+    size_t b, ob, rg, run_end;
+  };
+  const auto decode = [&](size_t it) -> Item {
+    if (block_major) {
+      const size_t per_block = n * row_groups;
+      return {(it / row_groups) % n, it / per_block, it % row_groups, it - it % per_block + per_block};
+    }
+    const size_t per_image = o_blocks * row_groups, b = it / per_image, in_image = it % per_image;
+    const size_t bd = in_image / (o_blocks * band_groups), in_band = in_image - bd * o_blocks * band_groups;
+    const size_t groups = std::min(band_groups, row_groups - bd * band_groups);  // the last band may be short
+    const size_t r = in_band % groups;
+    return {b, in_band / groups, bd * band_groups + r, it - r + groups};
+  };
   // The tiles prefetch the next run's block into L2, a slice per tile, where a block's weights are
   // large enough to come from memory: a thread's runs then follow each other without a tile that
-  // waits on its weights alone (only a task's first run does). So a task holds several runs.
-  const bool prefetch = w_block >= kPrefetchWeightBytes && o_blocks > 1;
+  // waits on its weights alone (only a task's first run does). So a task holds several runs. Banded,
+  // every block's weights stay in L2.
+  const bool prefetch = !banded && w_block >= kPrefetchWeightBytes && o_blocks > 1;
+  const size_t run = block_major ? n * row_groups : row_groups;
   const size_t target = nthreads == 1 ? 1 : 8 * static_cast<size_t>(nthreads);
   size_t per = (items + target - 1) / target;
   if (prefetch && nthreads > 1) per = std::max(per, std::min((items + nthreads - 1) / nthreads, kPrefetchRunsPerTask * run));
   const size_t tasks = (items + per - 1) / per;
-  const auto block_of = [&](size_t it) { return block_major ? it / row_groups / n : (it / row_groups) % o_blocks; };
   const size_t taps = c_blocks * g.kh * g.kw;
   const size_t segs = (s.ow + kernels::kNchwcMaxPixels - 1) / kernels::kNchwcMaxPixels;
   const size_t seg_w = (s.ow + segs - 1) / segs;
+  // The f32 1x1 tiles prefetch the next row group's input (NchwcConvArgs::x_ahead) when the batch's
+  // input is not in L2 anyway: ResNet-50 at batch 8, 1 thread, 0.95x time; on MobileNetV2's
+  // L2-resident 1x1 inputs at batch 1 it cost 2-3% a layer.
+  const bool ahead = !bf16_direct_ && g.kh * g.kw == 1 && n * image > l2_half;
   const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
   return pool.ParallelFor(tasks, nthreads, [&](size_t t) {
     const size_t end = std::min(items, (t + 1) * per);
     for (size_t it = t * per; it < end; ++it) {
-      const size_t oy = it % row_groups * row_step, ob = block_of(it);
-      const size_t b = block_major ? (it / row_groups) % n : it / row_groups / o_blocks;
+      const Item item = decode(it);
+      const size_t oy = item.rg * row_step, ob = item.ob, b = item.b;
       const size_t rows = std::min(row_step, s.oh - oy);
       const size_t oc0 = ob * kO;
       kernels::GemmEpilogue ep = ep0;
@@ -859,16 +891,17 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
       kernels::NchwcConvArgs a{static_cast<const char*>(xo) + b * image, c_blocks, hp, wp, c_last, wb, g.kh, g.kw, g.sh, g.sw,
                                      bias_blocks_ + oc0, std::min(kO, spec_.c_out - oc0), yt, s.oh, s.ow,
                                      trivial ? nullptr : &ep, y_row, y_block, res_row, res_block,
-                                     yl && yl->bf16 ? 1 : 0, nullptr, 0, 0};
+                                     yl && yl->bf16 ? 1 : 0, nullptr, 0, 0, 0};
+      if (ahead) a.x_ahead = row_step * g.sh * wp * kB;
       if (prefetch) {
-        const size_t j = it % run, next = it - j + run;
-        if (next < end && block_of(next) != ob) {
+        const size_t next = item.run_end, j = it - (next - run);
+        if (next < end && decode(next).ob != ob) {
           // Spread evenly over the run: on the Xeon VM, prefetching it all in the first half or
           // quarter of the run's tiles was slower (a cold 7x7x512 3x3: 2.48 / 2.73 ms against 2.18).
           const size_t slice = (w_block + run - 1) / run;
           const size_t from = std::min(w_block, j * slice), bytes = std::min(w_block - from, slice);
-          a.pf = (bf16_direct_ ? reinterpret_cast<const char*>(w_pairs_ + block_of(next) * ldw_)
-                               : reinterpret_cast<const char*>(w_ + block_of(next) * ldw_)) + from;
+          a.pf = (bf16_direct_ ? reinterpret_cast<const char*>(w_pairs_ + decode(next).ob * ldw_)
+                               : reinterpret_cast<const char*>(w_ + decode(next).ob * ldw_)) + from;
           a.pf_bytes = bytes;
           a.pf_step = std::max<size_t>(64, (bytes / taps + 63) / 64 * 64);
         }

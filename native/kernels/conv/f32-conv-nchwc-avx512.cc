@@ -54,6 +54,11 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
       for (size_t kx = 0; kx < a->kw; ++kx) {
         avx512::PrefetchWeightSlice(pf, pf_end, a->pf_step);
         const float* xt = xb + ky * row + kx * KB;
+        if (a->x_ahead) {
+#pragma GCC unroll 16
+          for (size_t p = 0; p < kPix; ++p)
+            _mm_prefetch(reinterpret_cast<const char*>(xt + a->x_ahead + (p / P) * row_step + (p % P) * SW * KB), _MM_HINT_T1);
+        }
         // Unrolling the 16 input channels too made GCC spill accumulators; this loop keeps all in registers.
 #pragma GCC unroll 1
         for (size_t c = 0; c < nc; ++c, w += kOcb) {
