@@ -351,6 +351,36 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
     expectClose(on.out.y!.data as Float32Array, want.y!.data as Float32Array, ORT_TOL, ORT_TOL, 'y');
   });
 
+  it('a blocked conv whose residual dies there writes its y over the residual; not when the residual lives on or is also its x', async () => {
+    const n = new Net();
+    const x = n.g.input('x', 'float32', [2, 16, 13, 11]);
+    // 1x1 convs only, so every blocked value has the same (border-free) layout and only liveness
+    // and operands decide.
+    const a = n.conv(x, 16, 32, 1);
+    const b = n.conv(a, 32, 32, 1, 1, { residual: a }); // a is b's x too: other tiles still read it
+    const c = n.conv(b, 32, 32, 1);
+    const d = n.conv(c, 32, 32, 1, 1, { residual: b }); // b is read again by f
+    const f = n.conv(b, 32, 48, 1, 1, { residual: n.conv(d, 32, 48, 1) }); // that residual dies at f
+    const y = n.conv(f, 48, 16, 1);
+    n.g.node('Identity', [y], {}, ['y']);
+    n.g.output('y', 'float32');
+    const bytes = n.g.toBytes();
+    const feeds = { x: uniform([2, 16, 13, 11], 19) };
+    for (const threads of [1, 2]) {
+      const on = await runWith(bytes, feeds, {}, { threads });
+      const convs = on.prof.filter((r) => r.op === 'conv');
+      expect(convs.map((r) => r.kernel.endsWith('+nchw16c-in-out'))).toEqual([true, true, true, true, true, true, false]);
+      // The residual-fused convs are b, d and f; only f's residual storage is free for its y.
+      expect(convs.map((r) => r.residualInPlace === true)).toEqual([false, false, false, false, false, true, false]);
+      // In place or not, the same sums: bit for bit the NCHW plan, and onnxruntime-node's values.
+      const off = await runWith(bytes, feeds, { SONDE_CONV_BLOCKED: '0' }, { threads });
+      expect(off.prof.some((r) => r.residualInPlace)).toBe(false);
+      expect(on.out.y!.data).toEqual(off.out.y!.data);
+      const want = await ortRun(bytes, feeds);
+      expectClose(on.out.y!.data as Float32Array, want.y!.data as Float32Array, ORT_TOL, ORT_TOL, 'y');
+    }
+  });
+
   it('SONDE_CONV_DIRECT=0 turns the blocked runs off with the direct path', async () => {
     const bytes = resnetLike(32, 9, 9);
     const feeds = { x: uniform([1, 32, 9, 9], 5) };

@@ -119,6 +119,11 @@ export interface StepProfile {
    * non-zero and the step read only the weight rows of the non-zero activations.
    */
   activationSkip?: number;
+  /**
+   * Conv steps whose output took the storage of its residual (the step was the residual's last use,
+   * both in the same channel-blocked layout): each tile reads the residual where it then writes.
+   */
+  residualInPlace?: boolean;
 }
 
 /** A model input or output: symbolic dims are strings ('?' where the model leaves a dim unnamed). */
@@ -502,6 +507,7 @@ export class Session extends NativeResource {
       const sp = (step.op === 'spmm' || step.op === 'gemm' || step.op === 'conv') ? sparsity.get(step.node) : undefined;
       if (sp !== undefined) rec.sparsity = sp;
       // Concurrent runs of the same plan also count: the fraction is capped at 1.
+      if (step.op === 'conv' && step.residual && step.residual.buffer === step.y.buffer) rec.residualInPlace = true;
       if (skipsBefore && skipsAfter && skipsAfter[i]! >= 0) rec.activationSkip = Math.min(1, (skipsAfter[i]! - skipsBefore[i]!) / runs);
       return rec;
     });
