@@ -851,10 +851,6 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   const size_t taps = c_blocks * g.kh * g.kw;
   const size_t segs = (s.ow + kernels::kNchwcMaxPixels - 1) / kernels::kNchwcMaxPixels;
   const size_t seg_w = (s.ow + segs - 1) / segs;
-  // The f32 1x1 tiles prefetch the next row group's input (NchwcConvArgs::x_ahead) when the batch's
-  // input is not in L2 anyway: ResNet-50 at batch 8, 1 thread, 0.95x time; on MobileNetV2's
-  // L2-resident 1x1 inputs at batch 1 it cost 2-3% a layer.
-  const bool ahead = !bf16_direct_ && g.kh * g.kw == 1 && n * image > l2_half;
   const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
   return pool.ParallelFor(tasks, nthreads, [&](size_t t) {
     const size_t end = std::min(items, (t + 1) * per);
@@ -891,8 +887,7 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
       kernels::NchwcConvArgs a{static_cast<const char*>(xo) + b * image, c_blocks, hp, wp, c_last, wb, g.kh, g.kw, g.sh, g.sw,
                                      bias_blocks_ + oc0, std::min(kO, spec_.c_out - oc0), yt, s.oh, s.ow,
                                      trivial ? nullptr : &ep, y_row, y_block, res_row, res_block,
-                                     yl && yl->bf16 ? 1 : 0, nullptr, 0, 0, 0};
-      if (ahead) a.x_ahead = row_step * g.sh * wp * kB;
+                                     yl && yl->bf16 ? 1 : 0, nullptr, 0, 0};
       if (prefetch) {
         const size_t next = item.run_end, j = it - (next - run);
         if (next < end && decode(next).ob != ob) {

@@ -137,11 +137,6 @@ struct NchwcConvArgs {
   // (input-channel block, tap) iteration; null for none. Not the stem tiles (small weights).
   const char* pf;
   size_t pf_bytes, pf_step;
-  // Elements past each of the tile's input pixels to ask L2 for while it computes: the next row
-  // group's input, for 1x1 convs, whose tiles read each input line once (from beyond L2: a 56x56x256
-  // input is 3 MiB), so the stream of 16 channel planes is not left to the hardware prefetcher; 0
-  // for none (the f32 tiles only).
-  size_t x_ahead;
 };
 typedef void (*F32NchwcConvUkernel)(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t rows);
 // Depthwise convolution on NCHW16c (one weight per channel and tap, no dilation): output row oy of

@@ -54,10 +54,14 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
       for (size_t kx = 0; kx < a->kw; ++kx) {
         avx512::PrefetchWeightSlice(pf, pf_end, a->pf_step);
         const float* xt = xb + ky * row + kx * KB;
-        if (a->x_ahead) {
+        // A 1x1 tile's next input-channel block is kPix new lines a plane away, which no hardware
+        // prefetcher follows: asked for into L1 one block ahead, so the FMAs do not stall on them
+        // at every block boundary (the out-of-order window reaches ~1/3 of a block's iterations).
+        // A 1x1 256 -> 64 at 56x56: 136-149 -> 152-171 GFLOP/s; KxK tiles reuse their lines across taps.
+        if (KB > 1 && a->kh * a->kw == 1 && cb + 1 < a->c_blocks) {
 #pragma GCC unroll 16
           for (size_t p = 0; p < kPix; ++p)
-            _mm_prefetch(reinterpret_cast<const char*>(xt + a->x_ahead + (p / P) * row_step + (p % P) * SW * KB), _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(xt + plane + (p / P) * row_step + (p % P) * SW * KB), _MM_HINT_T0);
         }
         // Unrolling the 16 input channels too made GCC spill accumulators; this loop keeps all in registers.
 #pragma GCC unroll 1
