@@ -506,8 +506,8 @@ export class Session extends NativeResource {
       const rec: StepProfile = { node: step.node, op: step.op, kernel: kernelOf(step), ms: total[i]! / runs / 1e6, share: sum > 0 ? total[i]! / sum : 0 };
       const sp = (step.op === 'spmm' || step.op === 'gemm' || step.op === 'conv') ? sparsity.get(step.node) : undefined;
       if (sp !== undefined) rec.sparsity = sp;
-      // Concurrent runs of the same plan also count: the fraction is capped at 1.
       if (step.op === 'conv' && step.residual && step.residual.buffer === step.y.buffer) rec.residualInPlace = true;
+      // Concurrent runs of the same plan also count: the fraction is capped at 1.
       if (skipsBefore && skipsAfter && skipsAfter[i]! >= 0) rec.activationSkip = Math.min(1, (skipsAfter[i]! - skipsBefore[i]!) / runs);
       return rec;
     });
