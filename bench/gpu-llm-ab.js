@@ -17,8 +17,16 @@ const opt = (name, dflt) => {
   const i = args.indexOf(`--${name}`);
   return i >= 0 ? args[i + 1] : dflt;
 };
-const layers = Number(opt('layers', 16)), type = opt('type', 'q8_0'), kv = opt('kv', 'f16');
-const rounds = Number(opt('rounds', 2)), windows = Number(opt('windows', 7));
+const count = (name, dflt) => {
+  const v = Number(opt(name, dflt));
+  if (!Number.isInteger(v) || v < 1) {
+    console.error(`gpu-llm-ab: --${name} takes a whole number >= 1, got '${opt(name, dflt)}'`);
+    process.exit(2);
+  }
+  return v;
+};
+const layers = count('layers', 16), type = opt('type', 'q8_0'), kv = opt('kv', 'f16');
+const rounds = count('rounds', 2), windows = count('windows', 7);
 // --device emulated: a tiny model on the emulator, which checks the script and says nothing about speed.
 const device = opt('device', 'cuda:0'), emulated = device === 'emulated';
 const shape = emulated
@@ -28,25 +36,13 @@ const prompt = emulated ? 24 : 512, steps = emulated ? 4 : 64;
 
 if (args[0] === '--child') {
   const { loadGpuTransformer } = await import('../dist/llm/transformer-gpu.js');
-  const { decodeWeightBytes } = await import('./cuda/llm.js');
+  const { decodeRig, decodeWeightBytes } = await import('./cuda/llm.js');
   const engine = await loadGpuTransformer(args[1], { device });
   const weightBytes = decodeWeightBytes(engine);
-  const vocab = engine.config.vocabSize, bs = 16;
-  const blocks = Math.ceil((prompt + steps + 8) / bs);
-  const table = Int32Array.from({ length: blocks }, (_, i) => i);
-  const toks = Int32Array.from({ length: prompt + steps + 1 }, (_, i) => (i * 7919) % vocab);
-  const pool = engine.createKvPool({ blockSize: bs, maxBlocks: blocks, dtype: kv });
-  const step = (start, n) => pool.step({ sequences: [{ blockTable: table, start, tokens: toks.subarray(start, start + n), logits: 'last' }] });
-  await step(0, prompt);
-  await step(prompt, 1);
-  const times = [];
-  for (let w = 0; w < windows; w++) {
-    const t0 = performance.now();
-    for (let i = 1; i <= steps; i++) await step(prompt + i, 1);
-    times.push((performance.now() - t0) / steps);
-  }
-  times.sort((a, b) => a - b);
-  pool.dispose();
+  const rig = decodeRig(engine, { prompt, steps, dtype: kv });
+  await rig.step(0, prompt);
+  const times = await rig.decodeWindows(windows);
+  rig.dispose();
   engine.dispose();
   console.log(JSON.stringify({ ms: times[windows >> 1], min: times[0], max: times[windows - 1], weightBytes }));
   process.exit(0);

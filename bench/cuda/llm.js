@@ -60,6 +60,35 @@ export function decodeWeightBytes(engine) {
   return bytes;
 }
 
+/**
+ * One sequence decoding on `engine`: a KV pool of `dtype` blocks for `prompt` + `steps` tokens,
+ * step(start, n) feeding tokens [start, start + n), and decodeWindows(count): one step after the
+ * prompt, then `count` windows of `steps` one-token steps over the same positions (each rewrites the
+ * cache entries the one before wrote), resolving to the windows' ms per step, sorted.
+ */
+export function decodeRig(engine, { prompt, steps, dtype }) {
+  const vocab = engine.config.vocabSize, bs = 16;
+  const blocks = Math.ceil((prompt + steps + 8) / bs);
+  const table = Int32Array.from({ length: blocks }, (_, i) => i);
+  const toks = Int32Array.from({ length: prompt + steps + 1 }, (_, i) => (i * 7919) % vocab);
+  const pool = engine.createKvPool({ blockSize: bs, maxBlocks: blocks, dtype });
+  const step = (start, n) => pool.step({ sequences: [{ blockTable: table, start, tokens: toks.subarray(start, start + n), logits: 'last' }] });
+  return {
+    step,
+    async decodeWindows(count) {
+      await step(prompt, 1);
+      const times = [];
+      for (let w = 0; w < count; w++) {
+        const t0 = performance.now();
+        for (let i = 1; i <= steps; i++) await step(prompt + i, 1);
+        times.push((performance.now() - t0) / steps);
+      }
+      return times.sort((a, b) => a - b);
+    },
+    dispose: () => pool.dispose(),
+  };
+}
+
 export async function* llmCases(env) {
   const { id, emulated, measured, sheet } = env;
   const shape = emulated
@@ -81,31 +110,19 @@ export async function* llmCases(env) {
       const engine = await loadGpuTransformer(path, { device: id });
       try {
         const weightBytes = decodeWeightBytes(engine);
-        const vocab = engine.config.vocabSize, bs = 16;
-        const blocks = Math.ceil((prompt + decodeSteps + 8) / bs);
-        const table = Int32Array.from({ length: blocks }, (_, i) => i);
-        const toks = Int32Array.from({ length: prompt + decodeSteps + 1 }, (_, i) => (i * 7919) % vocab);
         const name = `llama ${type} ${shape.embedding}x${shape.feedForward}x${shape.layers}L`;
         // The KV cache in f32 (the pools' default) and in f16 (what llama.cpp keeps by default; the
         // attention then runs on tensor cores). SONDE_BENCH_LLM_KV=f16 picks one.
         for (const dtype of (process.env.SONDE_BENCH_LLM_KV ?? 'f32,f16').split(',')) {
-          const pool = engine.createKvPool({ blockSize: bs, maxBlocks: blocks, dtype });
-          const step = (start, n) => pool.step({ sequences: [{ blockTable: table, start, tokens: toks.subarray(start, start + n), logits: 'last' }] });
+          const rig = decodeRig(engine, { prompt, steps: decodeSteps, dtype });
           try {
-            await step(0, prompt);  // warm-up: the arena, the pool's blocks
-            let t0 = performance.now();
-            await step(0, prompt);
+            await rig.step(0, prompt);  // warm-up: the arena, the pool's blocks
+            const t0 = performance.now();
+            await rig.step(0, prompt);
             const prefillMs = performance.now() - t0;
             yield { case: `${name} prefill ${prompt} tokens (${dtype} KV)`, ms: prefillMs, tokPerS: 1000 * prompt / prefillMs,
               weightGb: weightBytes / 1e9 };
-            await step(prompt, 1);
-            const times = [];
-            for (let w = 0; w < windows; w++) {
-              t0 = performance.now();
-              for (let i = 1; i <= decodeSteps; i++) await step(prompt + i, 1);
-              times.push((performance.now() - t0) / decodeSteps);
-            }
-            times.sort((a, b) => a - b);
+            const times = await rig.decodeWindows(windows);
             const stepMs = times[windows >> 1];
             const gbps = weightBytes / stepMs / 1e6;
             yield {
@@ -114,7 +131,7 @@ export async function* llmCases(env) {
               pctOfRead: 100 * gbps / measured.gbps, pctOfPeak: sheet ? 100 * gbps / sheet.gbps : undefined,
             };
           } finally {
-            pool.dispose();
+            rig.dispose();
           }
         }
       } finally {

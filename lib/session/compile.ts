@@ -376,13 +376,13 @@ export function compilePlan(graph: OnnxGraph, inputs: PlanInput[], options: Comp
   // batch 8: 0.89x time). Not the GEMM paths: they accumulate into y over K blocks before the
   // residual is read.
   const idOf = new Map(refs.map((r) => [r.ref, r.id]));
+  const free = (p: PValue) => p.kind === 'node' && p.outputIndex === undefined && p.aliasOf === undefined;
   steps.forEach((s, i) => {
     if (s.op !== 'conv' || !s.residual || !s.yBlocked || !s.residualBlocked || !sameBlocked(s.yBlocked, s.residualBlocked)) return;
     const resId = idOf.get(s.residual), yId = idOf.get(s.y), xId = idOf.get(s.x);
     if (resId === undefined || yId === undefined || xId === undefined) return;
     const r = pvalues[rootOf(resId)]!, y = pvalues[rootOf(yId)]!;
     if (r.id === y.id || rootOf(xId) === r.id) return;
-    const free = (p: PValue) => p.kind === 'node' && p.outputIndex === undefined && p.aliasOf === undefined;
     if (!free(r) || !free(y) || r.last !== i || y.first !== i || r.bytes !== y.bytes || r.dtype !== y.dtype) return;
     y.aliasOf = r.id;
     r.last = y.last;
