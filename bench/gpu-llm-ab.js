@@ -86,7 +86,7 @@ try {
       res.native = prof ? Number(prof[2]) : NaN;
       results.get(s).push(res);
       // The native diagnostics' tables (SONDE_HANDOFF_PROFILE, SONDE_GPU_LLM_PROFILE=1) as printed.
-      for (const line of child.stderr.split('\n')) if (/^sonde (handoff|gpu llm) profile|^  \S/.test(line) && !/decode, \d+ steps: device/.test(line)) console.log(`    ${line}`);
+      for (const line of child.stderr.split('\n')) if (/^sonde (handoff|gpu llm) profile|^ +\S/.test(line) && !/decode, \d+ steps: device/.test(line)) console.log(`    ${line}`);
       console.log(`  round ${r} ${s}: step ${res.ms.toFixed(4)} ms (windows ${res.min.toFixed(4)}-${res.max.toFixed(4)}), device ${res.device} ms, native ${res.native} ms`);
     }
   }

@@ -112,6 +112,35 @@ describeGpu('GPU q8_0 / q4_0 matmul', (t) => {
     });
   }
 
+  // One activation row also runs on the streaming GEMVs (quant.cu: persistent warps over ranges of
+  // rows, each step of 1 / 2 / 4 blocks per lane loaded one ahead into registers, or 1 / 2 blocks
+  // S - 1 steps ahead into shared memory by cp.async). Their lanes sum the same blocks in the same
+  // order, so every variant must give the warp-per-rows GEMV's bits. gemvWarps caps the
+  // grid so that small shapes reach several rows per warp, a last warp with fewer rows, idle warps
+  // of a block, and row ends inside a step (k of 70 and 129 blocks; steps of 32, 64, 128 blocks);
+  // a row of 4700 blocks leaves no room for x beside the cp.async rings (the fallback).
+  it('the streaming GEMV variants give the warp-per-rows GEMV bit for bit', async () => {
+    const shapes: [number, number, number][] = [[1, 32, 0], [5, 64, 64], [9, 96, 4], [37, 32 * 70, 5], [130, 32 * 129, 12], [40, 32 * 33, 0], [2, 32 * 4700, 0]];
+    for (const type of TYPES) {
+      for (const [i, [n, k, gemvWarps]] of shapes.entries()) {
+        const qw = kernels.quantizeWeights(new Tensor('float32', randomF32(n * k, 90 + i), [n, k]), type);
+        const weights = keep(await GpuQuantWeights.upload(t.id, qw));
+        const x = keep(await GpuBuffer.from(t.id, randomF32(k, 120 + i).map((v) => v * 3)));
+        const y = keep(GpuBuffer.alloc(t.id, n * 4));
+        const scratch = keep(GpuBuffer.alloc(t.id, gpuQuantScratchBytes(1, k)));
+        const run = async (gemv: number): Promise<number[]> => {
+          await y.write(new Float32Array(n).fill(-12345));
+          await runGpuOp(t.id, 'quant_matmul', [x, weights.buffer('test'), y, scratch],
+            { type: type === 'q8_0' ? 3 : 4, m: 1, n, k, algorithm: 1, gemv, gemvWarps });
+          return Array.from(await y.read(new Float32Array(n)));
+        };
+        const rows = await run(1);
+        expect(rows.includes(-12345), `${type} ${n}x${k}: every output written`).toBe(false);
+        for (const gemv of [2, 3, 4]) expect(await run(gemv), `${type} ${n}x${k} gemv ${gemv} (warps <= ${gemvWarps})`).toEqual(rows);
+      }
+    }
+  });
+
   it('a caller-owned scratch gives the same result and can be reused for the same x; m = 0 is a no-op', async () => {
     const [m, n, k] = [12, 6, 64];
     const qw = kernels.quantizeWeights(new Tensor('float32', randomF32(n * k, 3), [n, k]), 'q4_0');
@@ -173,6 +202,8 @@ describeGpu('GPU q8_0 / q4_0 matmul', (t) => {
     await expect(runGpuOp(t.id, 'quant_matmul', [x, packed, y, scratch], { ...params, n: 5 })).rejects.toThrow(/packed weights \(buffer 1\) holds 272 bytes/);
     await expect(runGpuOp(t.id, 'quant_matmul', [x, packed, y], params)).rejects.toThrow(/scratch \(buffer 3\) is missing/);
     await expect(runGpuOp(t.id, 'quant_matmul', [x, packed, y, scratch], { ...params, algorithm: 3 })).rejects.toThrow(/'algorithm' must be an integer in \[0, 2\]/);
+    await expect(runGpuOp(t.id, 'quant_matmul', [x, packed, y, scratch], { ...params, gemv: 5 })).rejects.toThrow(/'gemv' must be an integer in \[0, 4\]/);
+    await expect(runGpuOp(t.id, 'quant_matmul', [x, packed, y, scratch], { ...params, gemvWarps: -1 })).rejects.toThrow(/'gemvWarps' must be an integer/);
     await expect(runGpuOp(t.id, 'quant_pack', [packed, packed], { type: 3, n: 5, k: 64 })).rejects.toThrow(/quant_pack: raw weights \(buffer 0\) holds 272 bytes/);
 
     const gone = await GpuQuantWeights.upload(t.id, qw);

@@ -17,8 +17,13 @@
 //     scratch holds the quantised activations: m * k int8, then m * (k / 32) fp32 scales.
 //     algorithm 0 auto (GEMV up to 16 rows, else GEMM), 1 GEMV, 2 GEMM; simt forces the SIMT GEMM
 //     (dp4a) that devices below compute capability 8.0 run instead of the int8 mma.sync one;
+//     gemv (one activation row): 0 default, 1 the warp-per-rows GEMV, 2 / 3 / 4 the streaming one
+//     (below) with 1 / 2 / 4 blocks per lane and step; gemvWarps caps the streaming grid's warps;
 //     reuse: scratch already holds this x quantised (by an earlier call with the same x, m and k,
 //     as Q, K and V share their input), so the quantiser is skipped: one launch per product.
+
+#include <cstdlib>
+#include <string>
 
 #include "kernels/quant/cuda/quantize_acts.h"
 #include "kernels/quant/quant.h"
@@ -195,6 +200,107 @@ __global__ void __launch_bounds__(kGemvWarps * 32) QuantGemvKernel(const int8_t*
   if (lane == 0)
     for (unsigned r = 0; r < rows; ++r)
       for (int i = 0; i < M; ++i) y[size_t(i) * n + row0 + r] = acc[r][i];
+}
+
+// ---- streaming GEMV (one activation row): persistent warps, each step's loads issued one ahead ----
+// The GEMV above gives each warp its rows and issues one round of loads per U blocks of a row,
+// then waits on them: at k = 4096 a row is one or two rounds, so a warp's life is one or two DRAM
+// round trips, and a grid of n / 4 blocks runs in 1.3 waves (the Q/K/V product's 6144 rows) whose
+// last one leaves most SMs idle. Here the grid is what the SMs hold at once (kStreamBlocksPerSm<U>
+// blocks each, the register budget's count), each warp takes a contiguous range of rows (the same
+// count, within one, for all warps), and walks its rows' steps of U blocks per lane in order,
+// loading step s + 1 (weights, x, both scales) before it computes step s: every warp keeps up to
+// 2 U blocks per lane in flight from its first load to its last, across row ends. A lane sums the
+// same blocks in the same order as in the GEMV above (b = lane + 32 j), so both give the same bits.
+// On an H200 (16-layer q8_0 4096 x 14336 decode, device time per step): U = 1 1.444-1.450 ms against
+// the GEMV above's 1.558-1.563; U = 2 1.609, U = 4 1.924 (fewer warps: occupancy, not bytes per
+// warp, is what keeps the bus busy); three buffers of U = 1 (7 blocks per SM) 1.617; a cp.async
+// ring of 4-8 steps per warp in shared memory, x staged there per block, 1.52-1.76.
+
+template <unsigned U>
+constexpr unsigned kStreamBlocksPerSm = U == 1 ? 8 : U == 2 ? 5 : 3;
+
+template <unsigned U>
+struct StreamStep {  // one step's loads: block b0 + 32 u of a row, and of x
+  uint4 w[U][2], x[U][2];
+  float dw[U], dx[U];
+};
+
+template <int T, unsigned U>
+__device__ __forceinline__ void LoadStreamStep(StreamStep<U>& s, const int8_t* __restrict__ xq, const float* __restrict__ xd,
+                                               const uint8_t* __restrict__ wq, const uint16_t* __restrict__ wd,
+                                               unsigned row, unsigned b0, unsigned nb) {
+  SONDE_UNROLL
+  for (unsigned u = 0; u < U; ++u) {
+    const unsigned b = b0 + 32 * u;
+    if (b < nb) {
+      const size_t blk = size_t(row) * nb + b;
+      LoadBlock<T>(wq + blk * kQuantBytes<T>, s.w[u]);
+      s.dw[u] = HalfToFloat(__ldg(wd + blk));
+      s.x[u][0] = __ldg(reinterpret_cast<const uint4*>(xq + size_t(b) * 32));
+      s.x[u][1] = __ldg(reinterpret_cast<const uint4*>(xq + size_t(b) * 32) + 1);
+      s.dx[u] = __ldg(xd + b);
+    }
+  }
+}
+
+template <int T, unsigned U>
+__device__ __forceinline__ float DotStreamStep(const StreamStep<U>& s, unsigned b0, unsigned nb, float acc) {
+  SONDE_UNROLL
+  for (unsigned u = 0; u < U; ++u) {
+    if (b0 + 32 * u >= nb) break;
+    uint32_t w[8];
+    WidenBlock<T>(s.w[u], w);
+    const int xv[8] = {static_cast<int>(s.x[u][0].x), static_cast<int>(s.x[u][0].y), static_cast<int>(s.x[u][0].z),
+                       static_cast<int>(s.x[u][0].w), static_cast<int>(s.x[u][1].x), static_cast<int>(s.x[u][1].y),
+                       static_cast<int>(s.x[u][1].z), static_cast<int>(s.x[u][1].w)};
+    int d = kMagicInt;
+    SONDE_UNROLL
+    for (int j = 0; j < 8; ++j) d = __dp4a(static_cast<int>(w[j]), xv[j], d);
+    acc = fmaf(s.dw[u] * s.dx[u], MagicToFloat(d), acc);
+  }
+  return acc;
+}
+
+template <int T, unsigned U>
+__global__ void __launch_bounds__(kGemvWarps * 32, kStreamBlocksPerSm<U>)
+    QuantGemvStreamKernel(const int8_t* __restrict__ xq, const float* __restrict__ xd, const uint8_t* __restrict__ wq,
+                          const uint16_t* __restrict__ wd, float* __restrict__ y, unsigned n, unsigned k,
+                          unsigned rows_per_warp) {
+  const unsigned warp = blockIdx.x * kGemvWarps + threadIdx.x / 32, lane = threadIdx.x % 32, nb = k / 32;
+  const unsigned row0 = warp * rows_per_warp;
+  const unsigned rows = row0 >= n ? 0 : n - row0 < rows_per_warp ? n - row0 : rows_per_warp;
+  const unsigned chunks = (nb + 32 * U - 1) / (32 * U), steps = rows * chunks;
+  // Launched dependent (PDL): the first two steps' weight lines start toward L2 while the kernel
+  // that writes x finishes (all of a warp's rows would not fit in L2 for the wide products).
+  for (unsigned s = 0; s < steps && s < 2; ++s) {
+    const size_t row = row0 + s / chunks, begin = size_t(s % chunks) * 32 * U * kQuantBytes<T>;
+    const size_t end = min(begin + 32 * U * kQuantBytes<T>, size_t(nb) * kQuantBytes<T>);
+    for (size_t o = begin + lane * 128; o < end; o += 32 * 128) PrefetchL2(wq + row * nb * kQuantBytes<T> + o);
+  }
+  GridDependencyStart();
+  if (steps == 0) return;  // warp-uniform, and no block barrier below
+  StreamStep<U> a{}, b{};  // blocks past a row end stay unread; zeros keep the host compiler from warning
+  unsigned s = 0, row = row0, chunk = 0;
+  float acc = 0.0f;
+  LoadStreamStep<T, U>(a, xq, xd, wq, wd, row, lane, nb);
+  // One step: load the next into `next`, compute `cur`, finish the row at its last chunk. Called
+  // with the two buffers in turn, so each keeps a fixed place in registers.
+  const auto step = [&](const StreamStep<U>& cur, StreamStep<U>& next) {
+    const bool more = s + 1 < steps, last = chunk + 1 == chunks;
+    const unsigned next_row = last ? row + 1 : row, next_chunk = last ? 0 : chunk + 1;
+    if (more) LoadStreamStep<T, U>(next, xq, xd, wq, wd, next_row, next_chunk * 32 * U + lane, nb);
+    acc = DotStreamStep<T, U>(cur, chunk * 32 * U + lane, nb, acc);
+    if (last) {
+      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (lane == 0) y[row] = acc;
+      acc = 0.0f;
+    }
+    row = next_row, chunk = next_chunk, ++s;
+    return more;
+  };
+  while (step(a, b) && step(b, a)) {
+  }
 }
 
 // ---- GEMM with int8 tensor cores (prefill) ----
@@ -448,9 +554,43 @@ void LaunchGemv(GpuStream& stream, const int8_t* xq, const float* xd, const uint
                   wq, wd, y, n, k);
 }
 
+// Which GEMV runs one activation row (the op's `gemv`; 0 takes the default: the streaming one with
+// U = 1, or SONDE_GPU_GEMV=rows | stream1 | stream2 | stream4 where set, an A/B switch): 1 the
+// warp-per-rows GEMV, 2 / 3 / 4 the streaming one with U = 1 / 2 / 4 blocks per lane and step.
+// Several activation rows (batched decode) take the warp-per-rows GEMV.
+enum GemvKind {
+  kGemvDefault = 0, kGemvRows = 1, kGemvStream1 = 2, kGemvStream2 = 3, kGemvStream4 = 4,
+  kGemvLast = kGemvStream4
+};
+
+int DefaultGemv() {
+  static const int kind = [] {
+    const char* v = std::getenv("SONDE_GPU_GEMV");
+    if (!v) return int(kGemvStream1);
+    const std::string s = v;
+    return s == "rows" ? int(kGemvRows) : s == "stream2" ? int(kGemvStream2) : s == "stream4" ? int(kGemvStream4)
+         : int(kGemvStream1);
+  }();
+  return kind;
+}
+
+template <int T, unsigned U>
+void LaunchGemvStream(GpuStream& stream, unsigned sms, unsigned max_warps, const int8_t* xq, const float* xd,
+                      const uint8_t* wq, const uint16_t* wd, float* y, unsigned n, unsigned k) {
+  if (max_warps == 0) max_warps = (sms ? sms : 1) * kStreamBlocksPerSm<U> * kGemvWarps;
+  const unsigned rows_per_warp = CeilDiv(n, max_warps), warps = CeilDiv(n, rows_per_warp);
+  LaunchDependent(QuantGemvStreamKernel<T, U>, dim3(CeilDiv(warps, kGemvWarps)), dim3(kGemvWarps * 32), 0, stream, xq, xd,
+                  wq, wd, y, n, k, rows_per_warp);
+}
+
 template <int T>
 void Gemv(GpuStream& stream, unsigned rows, const int8_t* xq, const float* xd, const uint8_t* wq, const uint16_t* wd,
-          float* y, unsigned n, unsigned k) {
+          float* y, unsigned n, unsigned k, int kind, const GpuDeviceInfo& device, unsigned max_warps) {
+  const unsigned sms = static_cast<unsigned>(device.multiprocessors > 0 ? device.multiprocessors : 1);
+  if (rows == 1 && kind == kGemvDefault) kind = DefaultGemv();
+  if (rows == 1 && kind == kGemvStream1) return LaunchGemvStream<T, 1>(stream, sms, max_warps, xq, xd, wq, wd, y, n, k);
+  if (rows == 1 && kind == kGemvStream2) return LaunchGemvStream<T, 2>(stream, sms, max_warps, xq, xd, wq, wd, y, n, k);
+  if (rows == 1 && kind == kGemvStream4) return LaunchGemvStream<T, 4>(stream, sms, max_warps, xq, xd, wq, wd, y, n, k);
   // One instantiation per row count keeps the accumulators in registers.
   switch (rows) {
     case 1:
@@ -473,12 +613,12 @@ void Gemv(GpuStream& stream, unsigned rows, const int8_t* xq, const float* xd, c
 
 template <int T>
 void Matmul(GpuStream& stream, bool gemm, bool simt, unsigned m, unsigned n, unsigned k, const int8_t* xq, const float* xd,
-            const uint8_t* wq, const uint16_t* wd, float* y) {
+            const uint8_t* wq, const uint16_t* wd, float* y, int gemv, const GpuDeviceInfo& device, unsigned gemv_warps) {
   const unsigned nb = k / 32;
   if (!gemm) {
     for (unsigned r = 0; r < m; r += kGemvMaxRows) {
       const unsigned rows = m - r < kGemvMaxRows ? m - r : kGemvMaxRows;
-      Gemv<T>(stream, rows, xq + size_t(r) * k, xd + size_t(r) * nb, wq, wd, y + size_t(r) * n, n, k);
+      Gemv<T>(stream, rows, xq + size_t(r) * k, xd + size_t(r) * nb, wq, wd, y + size_t(r) * n, n, k, gemv, device, gemv_warps);
     }
   } else if (simt) {
     Launch(QuantGemmSimtKernel<T>, dim3(CeilDiv(n, kSimtTile), CeilDiv(m, kSimtTile)), dim3(256), 0, stream, xq, xd, wq,
@@ -495,6 +635,10 @@ void MatmulOp(GpuStream& stream, const GpuDeviceInfo& device, const GpuOpCall& c
   const int algorithm = static_cast<int>(c.IntOr("algorithm", 0, 0, 2));
   const bool simt = c.IntOr("simt", 0, 0, 1) != 0 || ComputeCapability(device) < 80;
   const bool reuse = c.IntOr("reuse", 0, 0, 1) != 0;
+  // gemv: GemvKind; gemvWarps: at most this many warps for a streaming GEMV (0: what the SMs hold),
+  // so that tests reach several rows per warp on small shapes.
+  const int gemv = static_cast<int>(c.IntOr("gemv", kGemvDefault, kGemvDefault, kGemvLast));
+  const unsigned gemv_warps = static_cast<unsigned>(c.IntOr("gemvWarps", 0));
   const float* x = c.Buffer<float>(0, c.Count({m, s.k}), "x");
   const uint8_t* packed = c.Buffer<uint8_t>(1, s.packed_bytes, "packed weights");
   float* y = c.Buffer<float>(2, c.Count({m, s.n}), "y");
@@ -509,9 +653,9 @@ void MatmulOp(GpuStream& stream, const GpuDeviceInfo& device, const GpuOpCall& c
                     xd, act_blocks);
   const uint16_t* wd = reinterpret_cast<const uint16_t*>(packed + s.quant_bytes);
   if (s.type == kQ8)
-    Matmul<kQ8>(stream, gemm, simt, unsigned(m), unsigned(s.n), unsigned(s.k), xq, xd, packed, wd, y);
+    Matmul<kQ8>(stream, gemm, simt, unsigned(m), unsigned(s.n), unsigned(s.k), xq, xd, packed, wd, y, gemv, device, gemv_warps);
   else
-    Matmul<kQ4>(stream, gemm, simt, unsigned(m), unsigned(s.n), unsigned(s.k), xq, xd, packed, wd, y);
+    Matmul<kQ4>(stream, gemm, simt, unsigned(m), unsigned(s.n), unsigned(s.k), xq, xd, packed, wd, y, gemv, device, gemv_warps);
 }
 
 }  // namespace
