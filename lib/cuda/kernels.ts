@@ -120,5 +120,7 @@ export async function gpuConvert(device: GpuDeviceId, kind: GpuConversion, x: Gp
   const fromF32 = kind.startsWith('f32');
   checkGpuBuffer(w, 'x', x, device, count * (fromF32 ? 4 : 2));
   checkGpuBuffer(w, 'y', y, device, count * (fromF32 ? 2 : 4));
+  // Elements of different widths: y[i] lands on bytes of x[i / 2] or x[2 i], another thread's.
+  checkWrittenApart(w, { y }, { x });
   return runGpuOp(device, 'convert', [x, y], { kind: CONVERT[kind], count }, options);
 }

@@ -16,7 +16,7 @@
  */
 import { InvalidArgumentError } from '../errors.js';
 import { checkInt, checkOneOf, checkOptions, describe } from '../validate.js';
-import { checkGpuBuffer } from './kernels.js';
+import { checkGpuBuffer, checkWrittenApart } from './kernels.js';
 import { GpuBuffer, runGpuOp, type GpuDeviceId, type GpuRunOptions } from './runtime.js';
 
 export type GpuMoeWeightType = 'f32' | 'bf16';
@@ -179,6 +179,7 @@ export async function gpuMoeRoute(device: GpuDeviceId, logits: GpuBuffer, tokens
   checkGpuBuffer(w, 'out.scores', out.scores, device, tokens * r.nExperts * 4);
   checkGpuBuffer(w, 'out.ids', out.ids, device, pairs * 4);
   checkGpuBuffer(w, 'out.weights', out.weights, device, pairs * 4);
+  checkWrittenApart(w, { 'out.scores': out.scores, 'out.ids': out.ids, 'out.weights': out.weights }, { logits, selectionBias: r.bias });
   const buffers = [logits, out.scores, out.ids, out.weights, ...(r.bias ? [r.bias] : [])];
   return runGpuOp(device, 'moe_route', buffers, { tokens, ...r.params }, runOpts(opts));
 }
@@ -210,6 +211,7 @@ export async function gpuMoeDispatch(device: GpuDeviceId, ids: GpuBuffer, tokens
   checkGpuBuffer(w, 'out.offsets', out.offsets, device, (nExperts + 1) * 4);
   checkGpuBuffer(w, 'out.rowOf', out.rowOf, device, pairs * 4);
   checkGpuBuffer(w, 'out.rowToken', out.rowToken, device, pairs * 4);
+  checkWrittenApart(w, { 'out.counts': out.counts, 'out.offsets': out.offsets, 'out.rowOf': out.rowOf, 'out.rowToken': out.rowToken }, { ids });
   return runGpuOp(device, 'moe_dispatch', [ids, out.counts, out.offsets, out.rowOf, out.rowToken],
     { tokens, experts: nExperts, k, capacity }, runOpts(opts));
 }
@@ -232,6 +234,7 @@ export async function gpuMoeGateUp(device: GpuDeviceId, x: GpuBuffer, tokens: nu
   checkGpuBuffer(w, 'layer.gate', layer.gate, device, e.nExperts * e.expertBytes);
   checkGpuBuffer(w, 'layer.up', layer.up, device, e.nExperts * e.expertBytes);
   checkGpuBuffer(w, 'h', h, device, rows * e.dFf * 4);
+  checkWrittenApart(w, { h }, { x, rowToken, offsets, 'layer.gate': layer.gate, 'layer.up': layer.up });
   return runGpuOp(device, 'moe_gate_up', [x, rowToken, offsets, layer.gate, layer.up, h], {
     tokens, rows, experts: e.nExperts, dModel: e.dModel, dFf: e.dFf, weightType: WEIGHT_CODE[e.weightType], kernel,
   }, runOpts(opts));
@@ -249,6 +252,7 @@ export async function gpuMoeDown(device: GpuDeviceId, h: GpuBuffer, offsets: Gpu
   checkGpuBuffer(w, 'offsets', offsets, device, (e.nExperts + 1) * 4);
   checkGpuBuffer(w, 'layer.down', layer.down, device, e.nExperts * e.expertBytes);
   checkGpuBuffer(w, 'yo', yo, device, rows * e.dModel * 4);
+  checkWrittenApart(w, { yo }, { h, offsets, 'layer.down': layer.down });
   return runGpuOp(device, 'moe_down', [h, offsets, layer.down, yo], {
     rows, experts: e.nExperts, dModel: e.dModel, dFf: e.dFf, weightType: WEIGHT_CODE[e.weightType], kernel,
   }, runOpts(opts));
@@ -268,6 +272,7 @@ export async function gpuMoeCombine(device: GpuDeviceId, yo: GpuBuffer, rows: nu
   checkGpuBuffer(w, 'rowOf', rowOf, device, pairs * 4);
   checkGpuBuffer(w, 'weights', weights, device, pairs * 4);
   checkGpuBuffer(w, 'y', y, device, tokens * dModel * 4);
+  checkWrittenApart(w, { y }, { yo, rowOf, weights });
   return runGpuOp(device, 'moe_combine', [yo, rowOf, weights, y], { rows, tokens, k, dModel }, runOpts(opts));
 }
 
@@ -295,6 +300,9 @@ export async function gpuMoe(device: GpuDeviceId, x: GpuBuffer, tokens: number, 
   // As kernels.moe: ceil(factor * tokens * k / nExperts) rows, at most every token.
   const capacity = capacityFactor > 0 ? Math.min(tokens, Math.ceil(capacityFactor * tokens * r.k / e.nExperts)) : 0;
   const bytes = gpuMoeWorkspaceBytes(tokens, { nExperts: e.nExperts, k: r.k, dModel: e.dModel, dFf: e.dFf });
+  // y may be x (it is written last, after every read of x) but nothing else the op reads.
+  checkWrittenApart(w, { y: y === x ? undefined : y, 'options.workspace': opts.workspace },
+    { x, 'layer.router': layer.router, 'layer.gate': layer.gate, 'layer.up': layer.up, 'layer.down': layer.down, 'layer.selectionBias': r.bias });
   const workspace = opts.workspace === undefined ? GpuBuffer.alloc(device, bytes, 'the MoE workspace')
     : checkGpuBuffer(w, 'options.workspace', opts.workspace, device, bytes);
   const counts = GpuBuffer.alloc(device, e.nExperts * 4, 'the MoE expert counts');

@@ -14,7 +14,7 @@
 import { InvalidArgumentError } from '../errors.js';
 import { NativeResource } from '../lifetime.js';
 import { checkInt, checkOneOf, checkOptions, describe } from '../validate.js';
-import { checkGpuBuffer } from './kernels.js';
+import { checkGpuBuffer, checkWrittenApart } from './kernels.js';
 import { GpuBuffer, runGpuOp, type GpuDeviceId } from './runtime.js';
 
 /** The weight types these kernels read, as the op's `type` (the CPU kernels' QuantWeightType). */
@@ -144,6 +144,8 @@ export async function gpuQuantMatmul(x: GpuBuffer, weights: GpuQuantWeights, y: 
   if (opts.reuseScratch && opts.scratch === undefined) throw new InvalidArgumentError(`${where}: options.reuseScratch needs options.scratch, the buffer an earlier call quantised x into`);
   checkGpuBuffer(where, 'x', x, device, m * k * 4);
   checkGpuBuffer(where, 'y', y, device, m * n * 4);
+  // y may be x: x is read only by the quantiser, which runs before the product writes y.
+  checkWrittenApart(where, { 'options.scratch': opts.scratch }, { x, y });
   const scratchBytes = gpuQuantScratchBytes(m, k);
   const scratch = opts.scratch === undefined ? GpuBuffer.alloc(device, scratchBytes, `${where} scratch`)
     : checkGpuBuffer(where, 'options.scratch', opts.scratch, device, scratchBytes);

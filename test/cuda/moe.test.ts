@@ -172,6 +172,11 @@ describeGpu('GPU MoE dispatch', (t) => {
           c.tokens, c.dModel, kernel === 'simt' ? 3e-5 : 2 ** -6, `capacity ${capacityFactor} ${kernel}`);
       }
     }
+    // y may be x: it is written after the last read of x, and gives the same bits as apart.
+    const inPlace = await up(x);
+    await gpuMoe(t.id, inPlace, c.tokens, gpu, inPlace, { workspace });
+    await gpuMoe(t.id, xb, c.tokens, gpu, yb, { workspace });
+    expect(Array.from(await inPlace.read(new Float32Array(c.tokens * c.dModel)))).toEqual(Array.from(await yb.read(new Float32Array(c.tokens * c.dModel))));
     // No tokens: nothing to compute, the counts are zeros.
     expect((await gpuMoe(t.id, xb, 0, gpu, yb)).expertCounts).toEqual([0, 0, 0, 0]);
   });
@@ -343,6 +348,23 @@ describeGpu('GPU MoE dispatch', (t) => {
       .rejects.toThrow(/gpuMoeDispatch: ids holds 8 bytes, needs 16/);
     await expect(gpuMoeRoute(t.id, small, 1, { nExperts: 4, k: 1 }, { scores: small, ids: small, weights: small }))
       .rejects.toThrow(/gpuMoeRoute: logits holds 8 bytes, needs 16/);
+    // A written buffer that is also another argument: rejected before anything runs.
+    const big = alloc(gpuMoeWorkspaceBytes(2, c));
+    await expect(gpuMoe(t.id, x, 2, gpu, gpu.gate)).rejects.toThrow(/gpuMoe: y and layer.gate are the same buffer; y is written and needs its own/);
+    await expect(gpuMoe(t.id, x, 2, gpu, big, { workspace: big })).rejects.toThrow(/gpuMoe: y and options.workspace are the same buffer/);
+    await expect(gpuMoe(t.id, x, 2, gpu, y, { workspace: gpu.down })).rejects.toThrow(/options.workspace and layer.down are the same buffer/);
+    const b64 = alloc(64), b128 = alloc(128);
+    await expect(gpuMoeRoute(t.id, b64, 2, { nExperts: 4, k: 2 }, { scores: b64, ids: alloc(16), weights: alloc(16) }))
+      .rejects.toThrow(/gpuMoeRoute: out.scores and logits are the same buffer/);
+    await expect(gpuMoeRoute(t.id, b64, 2, { nExperts: 4, k: 2 }, { scores: alloc(32), ids: b64, weights: b64 }))
+      .rejects.toThrow(/gpuMoeRoute: out.ids and out.weights are the same buffer/);
+    await expect(gpuMoeDispatch(t.id, b64, 4, 4, 2, { counts: alloc(16), offsets: alloc(20), rowOf: b128, rowToken: b128 }))
+      .rejects.toThrow(/gpuMoeDispatch: out.rowOf and out.rowToken are the same buffer/);
+    await expect(gpuMoeDispatch(t.id, b64, 4, 4, 2, { counts: alloc(16), offsets: alloc(20), rowOf: b64, rowToken: alloc(32) }))
+      .rejects.toThrow(/gpuMoeDispatch: out.rowOf and ids are the same buffer/);
+    await expect(gpuMoeGateUp(t.id, b128, 2, alloc(16), alloc(20), 4, gpu, b128)).rejects.toThrow(/gpuMoeGateUp: h and x are the same buffer/);
+    await expect(gpuMoeDown(t.id, b128, alloc(20), 4, gpu, b128)).rejects.toThrow(/gpuMoeDown: yo and h are the same buffer/);
+    await expect(gpuMoeCombine(t.id, b128, 4, alloc(16), alloc(16), 2, 2, 8, b128)).rejects.toThrow(/gpuMoeCombine: y and yo are the same buffer/);
     // The native ops check again when called directly.
     await expect(runGpuOp(t.id, 'moe_route', [small, small, small, small], { tokens: 1, experts: 2, k: 3 })).rejects.toThrow(/'k'/);
     await expect(runGpuOp(t.id, 'moe_route', [small, small, small, small], { tokens: 1, experts: 2, k: 1, groups: 4 })).rejects.toThrow(InvalidArgumentError);

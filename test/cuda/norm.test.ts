@@ -120,6 +120,7 @@ describeGpu('GPU norms and elementwise', (t) => {
     await expect(gpuRmsNorm(t.id, small, small, small, 1, 0)).rejects.toThrow(/gpuRmsNorm: n/);
     await expect(gpuBinary(t.id, 'add', small, small, small, 4, 3)).rejects.toThrow(/multiple of bCount/);
     await expect(gpuUnary(t.id, 'nope' as GpuUnaryOp, small, small, 4)).rejects.toThrow(/op must be one of/);
+    await expect(gpuConvert(t.id, 'f32-f16', small, small, 4)).rejects.toThrow(/gpuConvert: y and x are the same buffer; y is written and needs its own/);
     // The native op checks again when called directly with inconsistent sizes.
     await expect(runGpuOp(t.id, 'rms_norm', [small, small, small], { rows: 2, n: 4 })).rejects.toThrow(/rms_norm: x \(buffer 0\) holds 16 bytes/);
     await expect(runGpuOp(t.id, 'rms_norm', [small, small, small], { rows: 1.5, n: 4 })).rejects.toThrow(/'rows' must be an integer/);

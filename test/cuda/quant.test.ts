@@ -166,6 +166,15 @@ describeGpu('GPU q8_0 / q4_0 matmul', (t) => {
       await xb.write(randomF32(m * k, 4));
     }
     await expect(gpuQuantMatmul(xb, weights, y1, 0)).resolves.toBe(0);
+    // y may be x (the quantiser reads x before the product writes y): the same bits as apart.
+    const sq = kernels.quantizeWeights(new Tensor('float32', randomF32(k * k, 6), [k, k]), 'q8_0');
+    const square = keep(await GpuQuantWeights.upload(t.id, sq));
+    for (const rows of [1, 12]) {
+      const apart = keep(GpuBuffer.alloc(t.id, rows * k * 4)), inPlace = keep(await GpuBuffer.from(t.id, randomF32(rows * k, 7)));
+      await gpuQuantMatmul(inPlace, square, apart, rows);
+      await gpuQuantMatmul(inPlace, square, inPlace, rows);
+      expect(Array.from(await inPlace.read(new Float32Array(rows * k))), `m = ${rows}`).toEqual(Array.from(await apart.read(new Float32Array(rows * k))));
+    }
   });
 
   it('rejects bad input with typed errors naming the parameter', async () => {
@@ -191,6 +200,9 @@ describeGpu('GPU q8_0 / q4_0 matmul', (t) => {
     await expect(gpuQuantMatmul(x, weights, y, 2, { reuseScratch: 'yes' as never })).rejects.toThrow(/options.reuseScratch must be a boolean/);
     await expect(gpuQuantMatmul(x, weights, y, 2, { smit: true } as never)).rejects.toThrow(/unknown option 'smit'; did you mean 'simt'/);
     await expect(gpuQuantMatmul(x, qw as never, y, 2)).rejects.toThrow(/weights must be GpuQuantWeights/);
+    await expect(gpuQuantMatmul(x, weights, y, 2, { scratch: x })).rejects.toThrow(/gpuQuantMatmul: options.scratch and x are the same buffer; options.scratch is written and needs its own/);
+    const big = keep(GpuBuffer.alloc(t.id, 512));
+    await expect(gpuQuantMatmul(x, weights, big, 2, { scratch: big })).rejects.toThrow(/options.scratch and y are the same buffer/);
     await expect(gpuQuantMatmul(new Float32Array(4) as never, weights, y, 1)).rejects.toThrow(/x must be a GpuBuffer/);
 
     // The native ops check again when called directly.
