@@ -183,6 +183,39 @@ describe('block tables', () => {
     for (let i = 0; i < toks.length; i++) expectClose(Float32Array.from(contiguous.slice(i * V, (i + 1) * V)), want[i]!, `position ${i}`);
   });
 
+  it('stepInto writes the logits into the given array (a view of its first rows), the same bits as step', async () => {
+    const V = info.vocabSize;
+    const toks = tokens(20, V, 57);
+    const run = async (into?: Float32Array) => {
+      const pool = engine.createKvPool({ blockSize: 8, maxBlocks: 8 });
+      try {
+        const out: number[][] = [];
+        const seq = (start: number, n: number, logits: StepSequence['logits']) => ({ sequences: [{ blockTable: ids(0, 1, 2), start, tokens: toks.subarray(start, start + n), logits }] });
+        for (const [start, n, logits] of [[0, 12, 'all'], [12, 1, 'last'], [13, 1, 'last'], [14, 6, 'none']] as const) {
+          const got = into ? await pool.stepInto!(seq(start, n, logits), into) : await pool.step(seq(start, n, logits));
+          if (into && got.length <= into.length) expect(got.buffer, 'a view of the given array').toBe(into.buffer);
+          out.push(Array.from(got));
+        }
+        return out;
+      } finally {
+        pool.dispose();
+      }
+    };
+    const fresh = await run();
+    expect(fresh[0]!.length).toBe(12 * V);
+    // Room for 4 rows: the 12-row step gets an array of its own, the 1-row steps the view.
+    const into = new Float32Array(4 * V).fill(Number.NaN);
+    expect(await run(into)).toEqual(fresh);
+    expect(Array.from(into.subarray(0, V))).toEqual(fresh[2]);  // the last step with logits wrote its row there
+    const pool = engine.createKvPool({ blockSize: 8, maxBlocks: 8 });
+    try {
+      await expect(pool.stepInto!({ sequences: [{ blockTable: ids(0), start: 0, tokens: toks.subarray(0, 1), logits: 'last' }] },
+        [1, 2] as unknown as Float32Array)).rejects.toThrow(/KvPool.stepInto: into must be a Float32Array/);
+    } finally {
+      pool.dispose();
+    }
+  });
+
   it('two sequences read a shared prefix block in one step; a copied partial block continues a third', async () => {
     const V = info.vocabSize;
     const prefix = tokens(20, V, 53);

@@ -219,6 +219,33 @@ describe('Scheduler over the reference pool', () => {
     expectNoLeaks(sched);
   });
 
+  it('with KvPool.stepInto, one reused logits array serves every step: the same tokens and "all" rows', async () => {
+    // A pool whose stepInto poisons the array before writing a step's rows into its front (as the
+    // native one does): a logits row the scheduler held on to from an earlier step would read NaN.
+    const { sched, pool } = withCheck({ delayMs: 1 }, { prefillBudget: 16 });
+    const intos: Float32Array[] = [];
+    pool.stepInto = async (batch, into, options) => {
+      const got = await pool.step(batch, options);
+      intos.push(into);
+      into.fill(Number.NaN);
+      if (got.length > into.length) return got;
+      into.set(got);
+      return into.subarray(0, got.length);
+    };
+    const prompts = Array.from({ length: 6 }, (_, i) => prompt(i + 30, 4 + 3 * i));
+    const all = prompt(9, 11);
+    const [rs, whole] = await Promise.all([Promise.all(prompts.map((p, i) => gen(sched, p, 12 + i).done)), sched.submit({ tokens: all, logits: 'all' })]);
+    rs.forEach((r, i) => expect(r.tokens).toEqual(greedyDirect(fn, prompts[i]!, 12 + i)));
+    for (let i = 0; i < all.length; i++) {
+      expect(Array.from(whole.logits!.subarray(i * VOCAB, (i + 1) * VOCAB))).toEqual(Array.from(fn(all.slice(0, i + 1))));
+    }
+    expect(intos.length).toBe(pool.steps.length);
+    // Grown (doubling) while the batch fills, then the same array for every later step.
+    expect(new Set(intos).size).toBeLessThanOrEqual(6);
+    expect(new Set(intos.slice(intos.length >> 1)).size).toBe(1);
+    expectNoLeaks(sched);
+  });
+
   it('a long prompt arriving during decodes is chunked: the decodes run in every step', async () => {
     const { sched, pool } = withCheck({ maxBlocks: 128, delayMs: 1 }, { prefillBudget: 8 });
     const short = [gen(sched, prompt(1, 3), 40), gen(sched, prompt(2, 4), 40)];

@@ -176,6 +176,14 @@ export interface KvPool {
    * positions the step was writing hold unspecified values (the caller treats them as unwritten).
    */
   step(batch: StepBatch, options?: { signal?: AbortSignal }): Promise<Float32Array>;
+  /**
+   * @internal step() writing the logits into `into` (a view of its first rows x vocab values, which
+   * is what resolves) when it holds that many, instead of a new array per step: a step's logits
+   * row is vocab floats (0.5 MB at 128k), and a fresh one per decoded token cost 20-60 us of
+   * allocation, zeroing and page faults on the development VM. For a caller that owns `into`, never
+   * hands it out, and has read the previous step's logits before the next (the scheduler).
+   */
+  stepInto?(batch: StepBatch, into: Float32Array, options?: { signal?: AbortSignal }): Promise<Float32Array>;
   /** The raw bytes of blocks (for saving a sequence's state), in the order given. */
   readBlocks(ids: Int32Array): Promise<Uint8Array>;
   /** Writes blocks from bytes that readBlocks gave (same dtype and model shape), in the order given. */

@@ -117,16 +117,26 @@ class TransformerKvPool extends NativeResource implements KvPool {
   }
 
   step(batch: StepBatch, options?: { signal?: AbortSignal }): Promise<Float32Array> {
+    return this.#step('KvPool.step', batch, undefined, options);
+  }
+
+  /** @internal See KvPool.stepInto. */
+  stepInto(batch: StepBatch, into: Float32Array, options?: { signal?: AbortSignal }): Promise<Float32Array> {
+    return this.#step('KvPool.stepInto', batch, into, options);
+  }
+
+  #step(where: string, batch: StepBatch, into: Float32Array | undefined, options?: { signal?: AbortSignal }): Promise<Float32Array> {
     const site = new Error();
-    const where = 'KvPool.step';
     try {
       this.checkAlive(where);
       const o = checkOptions<{ signal?: AbortSignal }>(`${where}(batch, options)`, options, STEP_KEYS);
       const signal = checkSignal(`${where}: options.signal`, o.signal);
+      if (into !== undefined && !(into instanceof Float32Array)) throw new InvalidArgumentError(`${where}: into must be a Float32Array, got ${describe(into)}`);
       const packed = this.#pack(where, batch);
       return this.#enqueue(async () => {
         this.checkAlive(where);
-        const logits = new Float32Array(packed.rows * this.#engine.config.vocabSize);
+        const n = packed.rows * this.#engine.config.vocabSize;
+        const logits = into && into.length >= n ? into.subarray(0, n) : new Float32Array(n);
         const backend = this.#engine.backend(where);
         await callNative(() => withSignal(signal, (token) => backend.step(this.#pool, packed, logits, token)), site);
         return logits;

@@ -50,6 +50,10 @@ import { AbortError, DisposedError, InternalError, InvalidArgumentError, OutOfMe
 import type { KvPool, StepSequence } from '../engine.js';
 import { BlockManager, type BlockStats, type SequenceBlocks } from './blocks.js';
 
+// The most logits (floats) kept for reuse across steps: 64 MB, e.g. 128 decoding sequences of a
+// 128k vocabulary. A larger step (a long prompt that wants every row) gets an array of its own.
+const MAX_REUSED_LOGITS = 16 * 1024 * 1024;
+
 export interface SchedulerOptions {
   /** Tokens one sequence may hold (prompt and generated). */
   contextSize: number;
@@ -226,6 +230,8 @@ export class Scheduler {
   #running: Entry[] = [];
   #inStep: Entry[] = [];
   #stepAbort: AbortController | undefined;
+  // The logits of every step (KvPool.stepInto), grown to the largest step.
+  #logits = new Float32Array(0);
   #looping = false;
   #idle: (() => void)[] = [];
   readonly #now: () => number;
@@ -609,7 +615,16 @@ export class Scheduler {
     const t0 = this.#now();
     let out: Float32Array;
     try {
-      out = await this.pool.step(copies ? { sequences, copies } : { sequences }, ac ? { signal: ac.signal } : undefined);
+      const batch = copies ? { sequences, copies } : { sequences }, opts = ac ? { signal: ac.signal } : undefined;
+      const need = items.reduce((n, it) => n + (it.logits === 'none' ? 0 : it.logits === 'last' ? 1 : it.tokens.length), 0) * this.vocabSize;
+      if (this.pool.stepInto && need <= MAX_REUSED_LOGITS) {
+        // One logits buffer for every step: each step's rows are read (sampled, or copied into a
+        // request's own array) before the next step starts.
+        if (this.#logits.length < need) this.#logits = new Float32Array(Math.min(MAX_REUSED_LOGITS, Math.max(need, 2 * this.#logits.length)));
+        out = await this.pool.stepInto(batch, this.#logits, opts);
+      } else {
+        out = await this.pool.step(batch, opts);
+      }
     } catch (err) {
       this.blocks.endStep();
       for (const it of items) {
