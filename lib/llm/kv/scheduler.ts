@@ -612,11 +612,12 @@ export class Scheduler {
     const ac = items.some((it) => it.entry.prefill) ? new AbortController() : undefined;
     this.#stepAbort = ac;
     this.#inStep = items.map((it) => it.entry);
+    const wantRows = items.reduce((n, it) => n + (it.logits === 'none' ? 0 : it.logits === 'last' ? 1 : it.tokens.length), 0);
     const t0 = this.#now();
     let out: Float32Array;
     try {
       const batch = copies ? { sequences, copies } : { sequences }, opts = ac ? { signal: ac.signal } : undefined;
-      const need = items.reduce((n, it) => n + (it.logits === 'none' ? 0 : it.logits === 'last' ? 1 : it.tokens.length), 0) * this.vocabSize;
+      const need = wantRows * this.vocabSize;
       if (this.pool.stepInto && need <= MAX_REUSED_LOGITS) {
         // One logits buffer for every step: each step's rows are read (sampled, or copied into a
         // request's own array) before the next step starts.
@@ -645,7 +646,6 @@ export class Scheduler {
     this.#measure(rows - promptRows, promptRows, (now - t0) / 1000);
     this.observer?.stepped(rows, promptRows, items.length, (now - t0) / 1000);
     const V = this.vocabSize;
-    const wantRows = items.reduce((n, it) => n + (it.logits === 'none' ? 0 : it.logits === 'last' ? 1 : it.tokens.length), 0);
     if (out.length !== wantRows * V) {
       const err = new InternalError(`KvPool.step returned ${out.length} logits, expected ${wantRows} rows of ${V}`);
       for (const it of items) this.#end(it.entry, err, false);
