@@ -128,8 +128,10 @@ const shapes: Shape[] = [
   { name: '1x1 N=2, 64 -> 48 channels on 16x16 (pointwise, split across threads)', x: [2, 64, 16, 16], w: [48, 64, 1, 1], g: {} },
   // Direct tiles prefetching a slice of the next 32-channel block's weights (64 KiB and more per
   // block); with weights beyond half of any L2 (2.6 MiB) and a small batch input, the tiles run
-  // block by block over the batch instead of image by image.
-  { name: '3x3 on 5x5, 512 -> 144 channels, N=2 (blocks outermost, next block prefetched)', x: [2, 512, 5, 5], w: [144, 512, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  // block by block over the batch instead of image by image (N=3: a batch the 2 threads divide
+  // evenly runs a whole image per task instead, as the next case does).
+  { name: '3x3 on 5x5, 512 -> 144 channels, N=3 (blocks outermost, next block prefetched)', x: [3, 512, 5, 5], w: [144, 512, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '3x3 on 12x11, 32 -> 48 channels, N=4 (a whole image per task on 2 threads)', x: [4, 32, 12, 11], w: [48, 32, 3, 3], g: { pads: [1, 1, 1, 1] } },
   { name: '1x1 on 7x7, 512 -> 80 channels, N=2 (next block prefetched)', x: [2, 512, 7, 7], w: [80, 512, 1, 1], g: {} },
   // Inputs larger than an L2 (8 and 4.6 MiB an image) and weights smaller than half of one: the
   // direct tiles run in bands of rows, every block over one band before the next (the last band
@@ -282,7 +284,7 @@ describe('bf16 weights', () => {
 
 describe('threads', () => {
   it('1 and 2 threads give identical results (dense, grouped, depthwise, pooling)', async () => {
-    for (const s of [S('1x1 N=2'), S('split across threads'), S('K = 360'), S('shared im2col'), S('grouped'), S('depthwise 3x3 s1')]) {
+    for (const s of [S('1x1 N=2'), S('split across threads'), S('K = 360'), S('shared im2col'), S('grouped'), S('depthwise 3x3 s1'), S('image per task'), S('blocks outermost')]) {
       const x = randomTensor(s.x, 30);
       const conv = kernels.createConv2d(randomTensor(s.w, 31), { ...s.g, bias: randomTensor([s.w[0]!], 32), activation: 'relu' });
       const a = await conv.run(x, { threads: 1 });

@@ -824,7 +824,12 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   const size_t band = std::max<size_t>(1, band_budget / group_bytes), bands = (row_groups + band - 1) / band;
   const double banded_bytes = (weights <= l2_half ? wd : n * bands * wd) + id;
   const double block_major_bytes = wd + (n * image <= l2_half ? id : o_blocks * id);
-  const bool block_major = n > 1 && block_major_bytes < std::min(whole_bytes, banded_bytes);
+  // A batch the threads divide evenly runs a whole image per task: each image's tiles then run on
+  // one core, whose L2 keeps its input rows and output lines, instead of row groups of every image
+  // going to whichever thread is free. Batch 8 on 2 threads (Xeon): ResNet-50 0.96x, MobileNetV2
+  // 0.97x the time, batch 2 and 4 0.96x; an uneven split (3 images on 2 threads) was 1.21x slower.
+  const bool image_tasks = nthreads > 1 && n % nthreads == 0;
+  const bool block_major = !image_tasks && n > 1 && block_major_bytes < std::min(whole_bytes, banded_bytes);
   const bool banded = !block_major && o_blocks > 1 && bands > 1 && banded_bytes < whole_bytes;
   const size_t band_groups = banded ? band : row_groups;
   // Item it as (image, block, row group) and the end of its run.
@@ -851,6 +856,7 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   const size_t target = nthreads == 1 ? 1 : 8 * static_cast<size_t>(nthreads);
   size_t per = (items + target - 1) / target;
   if (prefetch && nthreads > 1) per = std::max(per, std::min((items + nthreads - 1) / nthreads, kPrefetchRunsPerTask * run));
+  if (image_tasks) per = o_blocks * row_groups;
   const size_t tasks = (items + per - 1) / per;
   const size_t taps = c_blocks * g.kh * g.kw;
   const size_t segs = (s.ow + kernels::kNchwcMaxPixels - 1) / kernels::kNchwcMaxPixels;
