@@ -207,6 +207,27 @@ describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () =
     }
   });
 
+  it('a batch the threads divide runs a whole image per task (direct and depthwise convs): the bits of one thread', async () => {
+    const n = new Net();
+    const g = n.g;
+    const x = g.input('x', 'float32', ['N', 32, 31, 29]);
+    const w = g.init(g.fresh('w'), weights([96, 1, 3, 3], n.seed++));
+    const e = n.conv(x, 32, 96, 1);
+    const [d] = g.node('Conv', [e, w], { kernel_shape: [3, 3], pads: [1, 1, 1, 1], group: 96 });
+    const p = n.conv(g.node('Relu', [d!])[0]!, 96, 32, 1, 1, { relu: false, residual: x });
+    g.node('GlobalAveragePool', [p], {}, ['pooled']);
+    g.output('pooled', 'float32');
+    const bytes = g.toBytes();
+    for (const batch of [2, 3, 4]) {
+      const feeds = { x: uniform([batch, 32, 31, 29], 60 + batch) };
+      const one = await runWith(bytes, feeds, {}, { threads: 1 });
+      const two = await runWith(bytes, feeds, {}, { threads: 2 });
+      expect(two.prof.filter((r) => r.op === 'conv').map((r) => r.kernel.replace(/\/.*\+/, '/+')))
+        .toEqual(['direct/+nchw16c-in-out', 'depthwise/+nchw16c-in-out', 'direct/+nchw16c-in-out']);
+      expect(Array.from(two.out.pooled!.data as Float32Array), `batch ${batch}`).toEqual(Array.from(one.out.pooled!.data as Float32Array));
+    }
+  });
+
   it('channel counts that are not whole blocks (24, 72, 40) run blocked in padded blocks and equal the NCHW plan', async () => {
     const n = new Net();
     const g = n.g;
