@@ -133,6 +133,13 @@ const shapes: Shape[] = [
   { name: '3x3 on 5x5, 512 -> 144 channels, N=3 (blocks outermost, next block prefetched)', x: [3, 512, 5, 5], w: [144, 512, 3, 3], g: { pads: [1, 1, 1, 1] } },
   { name: '3x3 on 12x11, 32 -> 48 channels, N=4 (a whole image per task on 2 threads)', x: [4, 32, 12, 11], w: [48, 32, 3, 3], g: { pads: [1, 1, 1, 1] } },
   { name: '1x1 on 7x7, 512 -> 80 channels, N=2 (next block prefetched)', x: [2, 512, 7, 7], w: [80, 512, 1, 1], g: {} },
+  // fp32 1x1 stride 1 with at most 8 input blocks runs two 32-channel weight blocks per tile (up to 6
+  // pixels x 64 channels); an item without a fourth 16-channel output block (the last of an odd
+  // block count, or 33-48 channels) runs on the 32-channel tiles. Widths of 13 and 7: short segments.
+  { name: '1x1 pair tiles, 64 -> 256 on 9x13', x: [1, 64, 9, 13], w: [256, 64, 1, 1], g: {} },
+  { name: '1x1 pair tiles, 48 -> 80 (a pair, then one block of 16)', x: [2, 48, 6, 7], w: [80, 48, 1, 1], g: {} },
+  { name: '1x1 pair tiles, 32 -> 100 (a pair, then blocks of 32 and 4)', x: [1, 32, 5, 13], w: [100, 32, 1, 1], g: {} },
+  { name: '1x1 pair tiles, 128 -> 96 on 7x7', x: [1, 128, 7, 7], w: [96, 128, 1, 1], g: {} },
   // Inputs larger than an L2 (8 and 4.6 MiB an image) and weights smaller than half of one: the
   // direct tiles run in bands of rows, every block over one band before the next (the last band
   // short); a 3x3's bands share their edge rows.
@@ -284,7 +291,7 @@ describe('bf16 weights', () => {
 
 describe('threads', () => {
   it('1 and 2 threads give identical results (dense, grouped, depthwise, pooling)', async () => {
-    for (const s of [S('1x1 N=2'), S('split across threads'), S('K = 360'), S('shared im2col'), S('grouped'), S('depthwise 3x3 s1'), S('image per task'), S('blocks outermost')]) {
+    for (const s of [S('1x1 N=2'), S('split across threads'), S('K = 360'), S('shared im2col'), S('grouped'), S('depthwise 3x3 s1'), S('image per task'), S('blocks outermost'), S('then one block of 16')]) {
       const x = randomTensor(s.x, 30);
       const conv = kernels.createConv2d(randomTensor(s.w, 31), { ...s.g, bias: randomTensor([s.w[0]!], 32), activation: 'relu' });
       const a = await conv.run(x, { threads: 1 });

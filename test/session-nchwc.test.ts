@@ -93,7 +93,7 @@ function expectClose(got: ArrayLike<number>, want: ArrayLike<number | bigint>, a
 const ORT_TOL = 5 * 432 * U;
 
 describe.runIf(simd === 'avx512')('NCHW16c runs of direct convs in a plan', () => {
-  for (const [c, h, w, batch, threads] of [[32, 13, 11, 1, 1], [32, 13, 11, 3, 2], [16, 7, 9, 2, 1], [48, 15, 15, 1, 2]] as const) {
+  for (const [c, h, w, batch, threads] of [[32, 13, 11, 1, 1], [32, 13, 11, 3, 2], [16, 7, 9, 2, 1], [48, 15, 15, 1, 2], [64, 9, 10, 2, 2]] as const) {
     it(`ResNet-like graph, ${c} channels, ${h}x${w}, batch ${batch}, ${threads} thread(s): equals the NCHW plan and onnxruntime-node`, async () => {
       const bytes = resnetLike(c, h, w);
       const feeds = { x: uniform([batch, c, h, w], 7 + c + h) };

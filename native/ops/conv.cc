@@ -80,6 +80,12 @@ std::string ResolveWindow(const WindowGeometry& g, size_t h, size_t w, WindowSha
 
 namespace {
 
+// The pair tiles (two 32-channel blocks per tile) run 1x1 convs of at most this many input-channel
+// blocks: isolated, 64 -> 256 on 56x56 165 -> 193 GFLOP/s, 128 -> 512 on 28x28 183 -> 200, but
+// 256 -> 64 190 -> 184 (with more input channels the 14 x 32 tile's FMAs hide its loads).
+constexpr size_t kPairMaxCBlocks = 8;
+
+
 size_t RoundUp(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
 void* AlignedAlloc(size_t bytes) {
@@ -302,6 +308,11 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
                                  : kernels::F32NchwcConvUkernelAvx512();
     op->pack_uk_ = kernels::F32PackNchwcRowUkernelAvx512();
     if (bf16_direct) op->to_bf16_uk_ = kernels::F32ToBf16UkernelAvx512Bf16();
+    // fp32 1x1 stride 1 on blocked input with few input channels: two 32-channel blocks per tile.
+    const WindowGeometry& wg = spec.window;
+    if (!bf16_direct && !nchw && wg.kh == 1 && wg.kw == 1 && wg.sh == 1 && wg.sw == 1 &&
+        (spec.c_in + kernels::kNchwcBlock - 1) / kernels::kNchwcBlock <= kPairMaxCBlocks && spec.c_out > kernels::kNchwcOutBlock)
+      op->pair_uk_ = kernels::F32NchwcPointwisePairUkernelAvx512();
     constexpr size_t kO = kernels::kNchwcOutBlock;
     const size_t kB = op->in_block_;
     const size_t c_blocks = (spec.c_in + kB - 1) / kB, o_blocks = (spec.c_out + kO - 1) / kO;
@@ -797,6 +808,10 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   constexpr size_t kB = kernels::kNchwcBlock, kO = kernels::kNchwcOutBlock;
   const WindowGeometry& g = spec_.window;
   const size_t c_blocks = (spec_.c_in + in_block_ - 1) / in_block_, o_blocks = (spec_.c_out + kO - 1) / kO, hwo = s.oh * s.ow;
+  // With the pair tiles an item covers two 32-channel blocks (the last alone when they are odd):
+  // the orders below count items' blocks (o_items) and weights (w_item) instead.
+  const bool pairs = pair_uk_ != nullptr;
+  const size_t o_items = pairs ? (o_blocks + 1) / 2 : o_blocks, per_item = pairs ? 2 : 1;
   const size_t c_last = spec_.c_in - (c_blocks - 1) * in_block_;
   // Bytes per image of the (fp32 or bf16) blocked input.
   const size_t image = c_blocks * hp * wp * in_block_ * (bf16_direct_ ? sizeof(uint16_t) : sizeof(float));
@@ -815,28 +830,29 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   //    an image's input 100 KiB).
   // A run is the consecutive items of one block. Output rows of at most 7 pixels go two at a time
   // (one 14-pixel tile).
-  const size_t row_step = 2 * s.ow <= kernels::kNchwcMaxPixels ? 2 : 1, row_groups = (s.oh + row_step - 1) / row_step;
-  const size_t items = n * o_blocks * row_groups;
+  const size_t row_step = !pairs && 2 * s.ow <= kernels::kNchwcMaxPixels ? 2 : 1, row_groups = (s.oh + row_step - 1) / row_step;
+  const size_t items = n * o_items * row_groups;
   const size_t w_block = ldw_ * (bf16_direct_ ? sizeof(uint32_t) : sizeof(float));  // bf16: ldw_ pairs
+  const size_t w_item = per_item * w_block;
   const size_t l2_half = Cpu().l2_bytes / 2, weights = o_blocks * w_block;
   const double wd = static_cast<double>(weights), id = static_cast<double>(n * image);
   // An image stays in L2 from one block's tiles to the next when it fits beside a block's weights
   // (a 28x28x512 input, 1.6 MiB, does in 2 MiB: banding that 1x1/2 conv, re-reading its 2 MiB of
   // weights per band, took 1.23x as long).
-  const bool image_stays = image + w_block <= Cpu().l2_bytes / 8 * 7;
-  const double whole_bytes = (weights <= l2_half ? wd : n * wd) + (image_stays ? id : o_blocks * id);
+  const bool image_stays = image + w_item <= Cpu().l2_bytes / 8 * 7;
+  const double whole_bytes = (weights <= l2_half ? wd : n * wd) + (image_stays ? id : o_items * id);
   // Input rows one row group reads (its taps' rows overlap the next group's by kh - sh).
   const size_t band_budget = Cpu().l2_bytes / 4;
   const size_t group_bytes = image / hp * std::min(hp, row_step * g.sh + (g.kh > g.sh ? g.kh - g.sh : 0));
   const size_t band = std::max<size_t>(1, band_budget / group_bytes), bands = (row_groups + band - 1) / band;
   const double banded_bytes = (weights <= l2_half ? wd : n * bands * wd) + id;
-  const double block_major_bytes = wd + (n * image <= l2_half ? id : o_blocks * id);
+  const double block_major_bytes = wd + (n * image <= l2_half ? id : o_items * id);
   // Also where the weights leave L2 between images, though each task then streams all of them:
   // ResNet-50's 14x14 1x1 1024->512 (2 MiB) at batch 8 on 2 threads took 4.6 -> 6.1 ms so, but
   // keeping such layers as before made the whole model 1-2% slower at batch 2, 4 and 8.
   const bool image_tasks = WholeImageTasks(nthreads, n);
   const bool block_major = !image_tasks && n > 1 && block_major_bytes < std::min(whole_bytes, banded_bytes);
-  const bool banded = !block_major && o_blocks > 1 && bands > 1 && banded_bytes < whole_bytes;
+  const bool banded = !block_major && o_items > 1 && bands > 1 && banded_bytes < whole_bytes;
   const size_t band_groups = banded ? band : row_groups;
   // Item it as (image, block, row group) and the end of its run.
   struct Item {
@@ -847,8 +863,8 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
       const size_t per_block = n * row_groups;
       return {(it / row_groups) % n, it / per_block, it % row_groups, it - it % per_block + per_block};
     }
-    const size_t per_image = o_blocks * row_groups, b = it / per_image, in_image = it % per_image;
-    const size_t bd = in_image / (o_blocks * band_groups), in_band = in_image - bd * o_blocks * band_groups;
+    const size_t per_image = o_items * row_groups, b = it / per_image, in_image = it % per_image;
+    const size_t bd = in_image / (o_items * band_groups), in_band = in_image - bd * o_items * band_groups;
     const size_t groups = std::min(band_groups, row_groups - bd * band_groups);  // the last band may be short
     const size_t r = in_band % groups;
     return {b, in_band / groups, bd * band_groups + r, it - r + groups};
@@ -857,16 +873,18 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   // large enough to come from memory: a thread's runs then follow each other without a tile that
   // waits on its weights alone (only a task's first run does). So a task holds several runs. Banded,
   // every block's weights stay in L2.
-  const bool prefetch = !banded && w_block >= kPrefetchWeightBytes && o_blocks > 1;
+  const bool prefetch = !banded && w_block >= kPrefetchWeightBytes && o_items > 1;
   const size_t run = block_major ? n * row_groups : row_groups;
   const size_t target = nthreads == 1 ? 1 : 8 * static_cast<size_t>(nthreads);
   size_t per = (items + target - 1) / target;
   if (prefetch && nthreads > 1) per = std::max(per, std::min((items + nthreads - 1) / nthreads, kPrefetchRunsPerTask * run));
-  if (image_tasks) per = o_blocks * row_groups;
+  if (image_tasks) per = o_items * row_groups;
   const size_t tasks = (items + per - 1) / per;
   const size_t taps = c_blocks * g.kh * g.kw;
   const size_t segs = (s.ow + kernels::kNchwcMaxPixels - 1) / kernels::kNchwcMaxPixels;
   const size_t seg_w = (s.ow + segs - 1) / segs;
+  const size_t pair_segs = (s.ow + kernels::kNchwcPairPixels - 1) / kernels::kNchwcPairPixels;
+  const size_t pair_w = (s.ow + pair_segs - 1) / pair_segs;
   const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
   return pool.ParallelFor(tasks, nthreads, [&](size_t t) {
     const size_t end = std::min(items, (t + 1) * per);
@@ -874,7 +892,11 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
       const Item item = decode(it);
       const size_t oy = item.rg * row_step, ob = item.ob, b = item.b;
       const size_t rows = std::min(row_step, s.oh - oy);
-      const size_t oc0 = ob * kO;
+      const size_t oc0 = ob * per_item * kO;
+      // The pair tile stores four 16-channel output blocks: an item whose fourth does not exist (the
+      // last of an odd block count, or 33..48 channels) runs its blocks on the 32-channel tiles.
+      const bool pair = pairs && spec_.c_out > oc0 + 3 * kB;
+      const size_t item_oc = per_item * kO;
       kernels::GemmEpilogue ep = ep0;
       float* yt;
       size_t y_row = 0, y_block = 0, res_row = 0, res_block = 0;
@@ -892,35 +914,55 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
         }
         // The border a later conv reads as padding: the rows' side columns, and the top/bottom rows
         // with the first/last row group.
-        const size_t nblk = std::min<size_t>(2, yc_blocks - oc0 / kB);
+        const size_t nblk = std::min<size_t>(item_oc / kB, yc_blocks - oc0 / kB);
         for (size_t v = 0; v < nblk; ++v)
           ZeroBlockBorder(yc + (b * yc_blocks + oc0 / kB + v) * y_block * eb, *yl, oy, oy + rows);
       } else {
         yt = y + (b * spec_.c_out + oc0) * hwo;
         if (ep.residual) ep.residual += (b * spec_.c_out + oc0) * hwo;
       }
-      const void* wb = bf16_direct_ ? static_cast<const void*>(w_pairs_ + ob * ldw_) : w_ + ob * ldw_;
+      const size_t wo = oc0 / kO * ldw_;
+      const void* wb = bf16_direct_ ? static_cast<const void*>(w_pairs_ + wo) : w_ + wo;
       kernels::NchwcConvArgs a{static_cast<const char*>(xo) + b * image, c_blocks, hp, wp, c_last, wb, g.kh, g.kw, g.sh, g.sw,
-                                     bias_blocks_ + oc0, std::min(kO, spec_.c_out - oc0), yt, s.oh, s.ow,
+                                     bias_blocks_ + oc0, std::min(item_oc, spec_.c_out - oc0), yt, s.oh, s.ow,
                                      trivial ? nullptr : &ep, y_row, y_block, res_row, res_block,
-                                     yl && yl->bf16 ? 1 : 0, nullptr, 0, 0};
+                                     yl && yl->bf16 ? 1 : 0, nullptr, 0, 0, ldw_};
       if (prefetch) {
         const size_t next = item.run_end, j = it - (next - run);
         const size_t next_ob = next < end ? decode(next).ob : ob;
         if (next_ob != ob) {
           // Spread evenly over the run: on the Xeon VM, prefetching it all in the first half or
           // quarter of the run's tiles was slower (a cold 7x7x512 3x3: 2.48 / 2.73 ms against 2.18).
-          const size_t slice = (w_block + run - 1) / run;
-          const size_t from = std::min(w_block, j * slice), bytes = std::min(w_block - from, slice);
-          a.pf = (bf16_direct_ ? reinterpret_cast<const char*>(w_pairs_ + next_ob * ldw_)
-                               : reinterpret_cast<const char*>(w_ + next_ob * ldw_)) + from;
+          // The next item's weights: both of a pair's blocks, or the last odd block alone.
+          const size_t next_w = std::min(w_item, (o_blocks - next_ob * per_item) * w_block);
+          const size_t slice = (next_w + run - 1) / run;
+          const size_t from = std::min(next_w, j * slice), bytes = std::min(next_w - from, slice);
+          a.pf = (bf16_direct_ ? reinterpret_cast<const char*>(w_pairs_ + next_ob * per_item * ldw_)
+                               : reinterpret_cast<const char*>(w_ + next_ob * per_item * ldw_)) + from;
           a.pf_bytes = bytes;
           a.pf_step = std::max<size_t>(64, (bytes / taps + 63) / 64 * 64);
         }
       }
-      for (size_t ox0 = 0; ox0 < s.ow; ox0 += seg_w) {
-        direct_uk_(&a, oy, ox0, std::min(seg_w, s.ow - ox0), rows);
-        a.pf = nullptr;  // the item's slice is asked for once, by its first segment
+      if (pair) {
+        for (size_t ox0 = 0; ox0 < s.ow; ox0 += pair_w) {
+          pair_uk_(&a, oy, ox0, std::min(pair_w, s.ow - ox0), 1);
+          a.pf = nullptr;
+        }
+        continue;
+      }
+      for (size_t k = 0; k < per_item && oc0 + k * kO < spec_.c_out; ++k) {
+        if (k > 0) {  // the item's second block: weights, bias, output and residual 32 channels on
+          a.w = static_cast<const float*>(a.w) + ldw_;
+          a.bias += kO;
+          const size_t y_step = yl ? (kO / kB) * y_block * yl->elem_bytes() / sizeof(float) : kO * hwo;
+          a.y += y_step;
+          if (ep.residual) ep.residual += rl ? (kO / kB) * res_block : kO * hwo;
+        }
+        a.oc_valid = std::min(kO, spec_.c_out - oc0 - k * kO);
+        for (size_t ox0 = 0; ox0 < s.ow; ox0 += seg_w) {
+          direct_uk_(&a, oy, ox0, std::min(seg_w, s.ow - ox0), rows);
+          a.pf = nullptr;  // the item's slice is asked for once, by its first segment
+        }
       }
     }
   }, cancel);

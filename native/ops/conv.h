@@ -184,6 +184,8 @@ class ConvOp {
   kernels::LowpGemmUkernelInfo bf16_uk_{};
   kernels::F32WindowUkernel window_uk_ = nullptr;
   kernels::F32NchwcConvUkernel direct_uk_ = nullptr;
+  // fp32 1x1 stride 1 with few input channels: tiles of two 32-channel blocks (null: not used).
+  kernels::F32NchwcConvUkernel pair_uk_ = nullptr;
   kernels::F32PackNchwcRowUkernel pack_uk_ = nullptr;
   // bf16 precision on the direct path: weights in w_pairs_, the input converted to a bf16 copy per run.
   bool bf16_direct_ = false;

@@ -82,6 +82,45 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
   avx512::StoreNchwcTile<NV, P, R>(a, oy, ox0, acc);
 }
 
+// 1x1 stride 1, P pixels of one row x 64 output channels (two 32-channel weight blocks, w_next
+// floats apart): 4P accumulators + 4 weight vectors + the broadcast.
+template <size_t P>
+__attribute__((optimize("no-predictive-commoning"))) void PairTile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
+  __m512 acc[4][P];
+#pragma GCC unroll 8
+  for (size_t p = 0; p < P; ++p)
+    for (size_t v = 0; v < 4; ++v) acc[v][p] = _mm512_setzero_ps();
+  const size_t plane = a->hp * a->wp * kB;
+  const float* w = static_cast<const float*>(a->w);
+  const float* xb = static_cast<const float*>(a->x) + (oy * a->wp + ox0) * kB;
+  const char* pf = a->pf;
+  const char* const pf_end = pf ? pf + a->pf_bytes : nullptr;
+  for (size_t cb = 0; cb < a->c_blocks; ++cb, xb += plane) {
+    const size_t nc = cb + 1 == a->c_blocks ? a->c_last : kB;
+    avx512::PrefetchWeightSlice(pf, pf_end, a->pf_step);
+    // The next input-channel block's lines, one block ahead (as the 1x1 tiles above do).
+    if (cb + 1 < a->c_blocks) {
+#pragma GCC unroll 8
+      for (size_t p = 0; p < P; ++p) _mm_prefetch(reinterpret_cast<const char*>(xb + plane + p * kB), _MM_HINT_T0);
+    }
+#pragma GCC unroll 1
+    for (size_t c = 0; c < nc; ++c, w += kOcb) {
+      const __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16);
+      const __m512 w2 = _mm512_load_ps(w + a->w_next), w3 = _mm512_load_ps(w + a->w_next + 16);
+#pragma GCC unroll 8
+      for (size_t p = 0; p < P; ++p) {
+        const __m512 xv = _mm512_set1_ps(xb[p * kB + c]);
+        acc[0][p] = _mm512_fmadd_ps(xv, w0, acc[0][p]);
+        acc[1][p] = _mm512_fmadd_ps(xv, w1, acc[1][p]);
+        acc[2][p] = _mm512_fmadd_ps(xv, w2, acc[2][p]);
+        acc[3][p] = _mm512_fmadd_ps(xv, w3, acc[3][p]);
+      }
+    }
+    w += (kB - nc) * kOcb;
+  }
+  avx512::StoreNchwcTile<4, P, 1>(a, oy, ox0, acc);
+}
+
 typedef void (*TileFn)(const NchwcConvArgs*, size_t, size_t);
 
 #define SONDE_NCHWC_ROW(NV, SW, KB)                                                                            \
@@ -110,6 +149,13 @@ void F32DirectConvAvx512(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t n
   const size_t nv = a->oc_valid > 16 ? 1 : 0;
   if (rows == 2) TileTables<KB>::kRowPairTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
   else TileTables<KB>::kTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
+}
+
+static_assert(kNchwcPairPixels == 6, "the table below lists 6 pair tile widths");
+void F32PointwisePairAvx512(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t) {
+  static constexpr TileFn kPairTiles[kNchwcPairPixels] = {&PairTile<1>, &PairTile<2>, &PairTile<3>,
+                                                         &PairTile<4>, &PairTile<5>, &PairTile<6>};
+  kPairTiles[np - 1](a, oy, ox0);
 }
 
 void F32PackNchwcRowAvx512(const float* src, size_t plane, size_t w, float* dst, size_t channels) {
@@ -222,6 +268,7 @@ F32NchwcPoolUkernel F32NchwcPoolUkernelAvx512() { return F32NchwcPoolAvx512; }
 F32NchwcDepthwiseUkernel F32NchwcDepthwiseUkernelAvx512() { return F32NchwcDepthwiseAvx512; }
 F32NchwcConvUkernel F32NchwcConvUkernelAvx512() { return F32DirectConvAvx512<kB>; }
 F32NchwcConvUkernel F32NchwConvUkernelAvx512() { return F32DirectConvAvx512<1>; }
+F32NchwcConvUkernel F32NchwcPointwisePairUkernelAvx512() { return F32PointwisePairAvx512; }
 F32PackNchwcRowUkernel F32PackNchwcRowUkernelAvx512() { return F32PackNchwcRowAvx512; }
 F32UnpackNchwcRowUkernel F32UnpackNchwcRowUkernelAvx512() { return F32UnpackNchwcRowAvx512; }
 
