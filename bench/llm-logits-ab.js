@@ -32,13 +32,11 @@ if (!existsSync(path)) {
 const engine = await loadTransformer(path, { threads: 1 });
 const V = engine.config.vocabSize;
 const pool = engine.createKvPool({ blockSize: 16, maxBlocks: Math.ceil((tokens + 16) / 16) + 1 });
-// The same pool without stepInto: the scheduler then takes a new logits array from step().
-const fresh = {
-  blockSize: pool.blockSize, maxBlocks: pool.maxBlocks, dtype: pool.dtype, blockBytes: pool.blockBytes,
-  get bytes() { return pool.bytes; }, get highWaterBytes() { return pool.highWaterBytes; },
-  step: (batch, options) => pool.step(batch, options), readBlocks: (ids) => pool.readBlocks(ids),
-  writeBlocks: (ids, bytes) => pool.writeBlocks(ids, bytes), expertCounts: () => pool.expertCounts(),
-};
+// The same pool without stepInto: the scheduler then takes a new logits array from step(). Methods
+// are bound to the pool (its private fields need the real `this`).
+const fresh = new Proxy(pool, {
+  get: (p, key) => (key === 'stepInto' ? undefined : typeof p[key] === 'function' ? p[key].bind(p) : p[key]),
+});
 const argmax = (l) => { let b = 0; for (let i = 1; i < l.length; i++) if (l[i] > l[b]) b = i; return b; };
 async function decode(p) {
   const sched = new Scheduler(p, { contextSize: 4096, vocabSize: V, prefixCaching: false });

@@ -85,7 +85,6 @@ namespace {
 // 256 -> 64 190 -> 184 (with more input channels the 14 x 32 tile's FMAs hide its loads).
 constexpr size_t kPairMaxCBlocks = 8;
 
-
 size_t RoundUp(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
 void* AlignedAlloc(size_t bytes) {
@@ -308,10 +307,11 @@ std::unique_ptr<ConvOp> ConvOp::Create(const float* weights, const float* bias, 
                                  : kernels::F32NchwcConvUkernelAvx512();
     op->pack_uk_ = kernels::F32PackNchwcRowUkernelAvx512();
     if (bf16_direct) op->to_bf16_uk_ = kernels::F32ToBf16UkernelAvx512Bf16();
-    // fp32 1x1 stride 1 on blocked input with few input channels: two 32-channel blocks per tile.
+    // fp32 1x1 stride 1 on blocked input with few input channels: two 32-channel blocks per tile,
+    // where at least one item has all four 16-channel output blocks (more than 48 channels).
     const WindowGeometry& wg = spec.window;
     if (!bf16_direct && !nchw && wg.kh == 1 && wg.kw == 1 && wg.sh == 1 && wg.sw == 1 &&
-        (spec.c_in + kernels::kNchwcBlock - 1) / kernels::kNchwcBlock <= kPairMaxCBlocks && spec.c_out > kernels::kNchwcOutBlock)
+        kernels::NchwcBlocks(spec.c_in) <= kPairMaxCBlocks && spec.c_out > 3 * kernels::kNchwcBlock)
       op->pair_uk_ = kernels::F32NchwcPointwisePairUkernelAvx512();
     constexpr size_t kO = kernels::kNchwcOutBlock;
     const size_t kB = op->in_block_;
@@ -951,11 +951,10 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
         continue;
       }
       for (size_t k = 0; k < per_item && oc0 + k * kO < spec_.c_out; ++k) {
-        if (k > 0) {  // the item's second block: weights, bias, output and residual 32 channels on
+        if (k > 0) {  // a pair item's second block (fp32 only): weights, bias, output, residual 32 channels on
           a.w = static_cast<const float*>(a.w) + ldw_;
           a.bias += kO;
-          const size_t y_step = yl ? (kO / kB) * y_block * yl->elem_bytes() / sizeof(float) : kO * hwo;
-          a.y += y_step;
+          a.y += yl ? (kO / kB) * y_block : kO * hwo;
           if (ep.residual) ep.residual += rl ? (kO / kB) * res_block : kO * hwo;
         }
         a.oc_valid = std::min(kO, spec_.c_out - oc0 - k * kO);

@@ -577,7 +577,7 @@ int DefaultGemv() {
 template <int T, unsigned U>
 void LaunchGemvStream(GpuStream& stream, unsigned sms, unsigned max_warps, const int8_t* xq, const float* xd,
                       const uint8_t* wq, const uint16_t* wd, float* y, unsigned n, unsigned k) {
-  if (max_warps == 0) max_warps = (sms ? sms : 1) * kStreamBlocksPerSm<U> * kGemvWarps;
+  if (max_warps == 0) max_warps = sms * kStreamBlocksPerSm<U> * kGemvWarps;
   const unsigned rows_per_warp = CeilDiv(n, max_warps), warps = CeilDiv(n, rows_per_warp);
   LaunchDependent(QuantGemvStreamKernel<T, U>, dim3(CeilDiv(warps, kGemvWarps)), dim3(kGemvWarps * 32), 0, stream, xq, xd,
                   wq, wd, y, n, k, rows_per_warp);
@@ -585,8 +585,7 @@ void LaunchGemvStream(GpuStream& stream, unsigned sms, unsigned max_warps, const
 
 template <int T>
 void Gemv(GpuStream& stream, unsigned rows, const int8_t* xq, const float* xd, const uint8_t* wq, const uint16_t* wd,
-          float* y, unsigned n, unsigned k, int kind, const GpuDeviceInfo& device, unsigned max_warps) {
-  const unsigned sms = static_cast<unsigned>(device.multiprocessors > 0 ? device.multiprocessors : 1);
+          float* y, unsigned n, unsigned k, int kind, unsigned sms, unsigned max_warps) {
   if (rows == 1 && kind == kGemvDefault) kind = DefaultGemv();
   if (rows == 1 && kind == kGemvStream1) return LaunchGemvStream<T, 1>(stream, sms, max_warps, xq, xd, wq, wd, y, n, k);
   if (rows == 1 && kind == kGemvStream2) return LaunchGemvStream<T, 2>(stream, sms, max_warps, xq, xd, wq, wd, y, n, k);
@@ -613,12 +612,12 @@ void Gemv(GpuStream& stream, unsigned rows, const int8_t* xq, const float* xd, c
 
 template <int T>
 void Matmul(GpuStream& stream, bool gemm, bool simt, unsigned m, unsigned n, unsigned k, const int8_t* xq, const float* xd,
-            const uint8_t* wq, const uint16_t* wd, float* y, int gemv, const GpuDeviceInfo& device, unsigned gemv_warps) {
+            const uint8_t* wq, const uint16_t* wd, float* y, int gemv, unsigned sms, unsigned gemv_warps) {
   const unsigned nb = k / 32;
   if (!gemm) {
     for (unsigned r = 0; r < m; r += kGemvMaxRows) {
       const unsigned rows = m - r < kGemvMaxRows ? m - r : kGemvMaxRows;
-      Gemv<T>(stream, rows, xq + size_t(r) * k, xd + size_t(r) * nb, wq, wd, y + size_t(r) * n, n, k, gemv, device, gemv_warps);
+      Gemv<T>(stream, rows, xq + size_t(r) * k, xd + size_t(r) * nb, wq, wd, y + size_t(r) * n, n, k, gemv, sms, gemv_warps);
     }
   } else if (simt) {
     Launch(QuantGemmSimtKernel<T>, dim3(CeilDiv(n, kSimtTile), CeilDiv(m, kSimtTile)), dim3(256), 0, stream, xq, xd, wq,
@@ -639,6 +638,8 @@ void MatmulOp(GpuStream& stream, const GpuDeviceInfo& device, const GpuOpCall& c
   // so that tests reach several rows per warp on small shapes.
   const int gemv = static_cast<int>(c.IntOr("gemv", kGemvDefault, kGemvDefault, kGemvLast));
   const unsigned gemv_warps = static_cast<unsigned>(c.IntOr("gemvWarps", 0));
+  // At least 1: the emulator and an unqueried device report 0 multiprocessors.
+  const unsigned sms = static_cast<unsigned>(device.multiprocessors > 0 ? device.multiprocessors : 1);
   const float* x = c.Buffer<float>(0, c.Count({m, s.k}), "x");
   const uint8_t* packed = c.Buffer<uint8_t>(1, s.packed_bytes, "packed weights");
   float* y = c.Buffer<float>(2, c.Count({m, s.n}), "y");
@@ -653,9 +654,9 @@ void MatmulOp(GpuStream& stream, const GpuDeviceInfo& device, const GpuOpCall& c
                     xd, act_blocks);
   const uint16_t* wd = reinterpret_cast<const uint16_t*>(packed + s.quant_bytes);
   if (s.type == kQ8)
-    Matmul<kQ8>(stream, gemm, simt, unsigned(m), unsigned(s.n), unsigned(s.k), xq, xd, packed, wd, y, gemv, device, gemv_warps);
+    Matmul<kQ8>(stream, gemm, simt, unsigned(m), unsigned(s.n), unsigned(s.k), xq, xd, packed, wd, y, gemv, sms, gemv_warps);
   else
-    Matmul<kQ4>(stream, gemm, simt, unsigned(m), unsigned(s.n), unsigned(s.k), xq, xd, packed, wd, y, gemv, device, gemv_warps);
+    Matmul<kQ4>(stream, gemm, simt, unsigned(m), unsigned(s.n), unsigned(s.k), xq, xd, packed, wd, y, gemv, sms, gemv_warps);
 }
 
 }  // namespace
