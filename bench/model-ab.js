@@ -5,6 +5,8 @@
 // anchor (its pool threads not spinning after a run, as in the bench suites), interleaved run by
 // run in every order (ab.js) so the VM's drift falls on all alike.
 // Outputs of the two builds are compared first. Prints medians, new/base and ort/new.
+// model@sparsity (e.g. resnet50@0.9) runs the model pruned by this checkout's sonde.prune (every layer
+// but ResNet-50's first conv), both builds with sparse 'auto', and ORT on the same pruned bytes.
 import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -18,12 +20,13 @@ if (!process.argv[2]) {
   process.exit(2);
 }
 const base = await import(pathToFileURL(join(resolve(process.argv[2]), 'dist', 'index.js')).href);
-const name = process.argv[3] ?? 'mobilenetv2';
+const [name, sparsity] = (process.argv[3] ?? 'mobilenetv2').split('@');
 const threads = Number(process.argv[4] ?? 1);
 const batch = Number(process.argv[5] ?? 1);
 const precision = process.argv[6] ?? 'fp32';
 const seconds = Number(process.argv[7] ?? 12);
-const bytes = modelBytes(name);
+const bytes = sparsity === undefined ? modelBytes(name)
+  : (await here.prune(modelBytes(name), { sparsity: Number(sparsity), keepFirstLayerDense: name !== 'mlp' })).bytes;
 const x = modelInput(name, batch);
 const load = async (lib) => {
   const s = await lib.Session.load(bytes, { threads, device: 'cpu', precision });
@@ -38,7 +41,7 @@ for (let i = 0; i < ob.length; i++) diff = Math.max(diff, Math.abs(ob[i] - on[i]
 const fns = [b.run, n.run, () => ort.run({ input: x })];
 const times = await interleave(fns, { seconds });
 const [mb, mn, mo] = times.map(median);
-console.log(`${name} ${precision} n${batch} t${threads}: base ${mb.toFixed(3)} ms, new ${mn.toFixed(3)} ms, ort fp32 ${mo.toFixed(3)} ms; ` +
+console.log(`${name}${sparsity === undefined ? '' : ` pruned ${sparsity}`} ${precision} n${batch} t${threads}: base ${mb.toFixed(3)} ms, new ${mn.toFixed(3)} ms, ort fp32 ${mo.toFixed(3)} ms; ` +
   `new/base time ${(mn / mb).toFixed(3)}, ort/new ${(mo / mn).toFixed(3)}, ort/base ${(mo / mb).toFixed(3)}; ` +
   `max |new - base| ${diff.toExponential(2)} (${times[0].length} rounds, load ${loadavg()[0].toFixed(1)})`);
 b.s.dispose();

@@ -620,6 +620,47 @@ describe('plan validation', () => {
     bsr.dispose();
   });
 
+  it('spmm step with taps (a direct KxK conv on padded images): output widths around the vector edges, row strides, dilations, a batch with a residual; bad taps rejected', async () => {
+    // [cIn, cOut, kh, kw, sh, dh, dw, hp, wp]: ow = wp - (kw - 1) * dw, oh = (hp - 1 - (kh - 1) * dh) / sh + 1.
+    const cases = [[3, 19, 3, 3, 1, 1, 1, 6, 19], [2, 5, 3, 2, 2, 2, 2, 11, 20], [2, 7, 1, 3, 1, 1, 1, 2, 132], [4, 16, 3, 3, 1, 1, 1, 5, 18],
+      [1, 3, 2, 2, 1, 1, 1, 3, 33]] as const;
+    for (const [ci, [cIn, cOut, kh, kw, sh, dh, dw, hp, wp]] of cases.entries()) {
+      const batch = 2, k = cIn * kh * kw;
+      const ow = wp - (kw - 1) * dw, oh = Math.floor((hp - 1 - (kh - 1) * dh) / sh) + 1, m = oh * ow;
+      const b = rand(k * cOut, 40 + ci).map((v, i) => (i % 5 < 2 ? v : 0));  // [k, cOut]: B as gemm's
+      const bias = rand(cOut, 50 + ci);
+      const w = native().toSparse(b, k, cOut, 'csr', 0);
+      const image = cIn * hp * wp;
+      const x = rand(batch * image, 60 + ci), res = rand(batch * cOut * m, 70 + ci);
+      const want = new Float32Array(batch * cOut * m);
+      for (let t = 0; t < batch; t++) for (let j = 0; j < cOut; j++) for (let oy = 0; oy < oh; oy++) for (let ox = 0; ox < ow; ox++) {
+        let acc = bias[j]!;
+        for (let c = 0; c < cIn; c++) for (let ky = 0; ky < kh; ky++) for (let kx = 0; kx < kw; kx++)
+          acc += b[((c * kh + ky) * kw + kx) * cOut + j]! * x[t * image + c * hp * wp + (oy * sh + ky * dh) * wp + ox + kx * dw]!;
+        const o = (t * cOut + j) * m + oy * ow + ox;
+        want[o] = Math.max(0, acc + res[o]!);
+      }
+      const taps = { cIn, hp, wp, kh, kw, sh, dh, dw, oh, ow };
+      const spec = (over: Record<string, unknown> = {}, aBytes = x.byteLength) => makeSpec(
+        [input(0, aBytes), input(1, res.byteLength), output(0, want.byteLength), { kind: 'const', data: bias, bytes: cOut * 4 }],
+        [{ node: 'S', op: 'spmm', weights: w, a: ref(0), c: ref(2), residual: ref(1), m, k, n: cOut, bias: ref(3),
+          residualBeforeActivation: true, activation: 'relu', alpha: 0, beta: 0, batch, aStrides: [image, 1, 1], cStrides: [cOut * m, 1, m],
+          taps, ...over } as PlanStep]);
+      const got = new Float32Array(want.length);
+      await runOnce(spec(), [x, res], [got]);
+      expectClose(got, want, 1e-5);
+      if (ci > 0) { w.dispose(); continue; }
+      expect(() => create(spec({ taps: { ...taps, kw: kw + 1 } }))).toThrow(/cIn \* kh \* kw must equal k/);
+      expect(() => create(spec({ taps: { ...taps, oh: oh - 1 } }))).toThrow(/oh \* ow must equal m/);
+      expect(() => create(spec({ taps: { ...taps, hp: hp - 1 } }))).toThrow(/reaches past the padded image/);
+      expect(() => create(spec({ taps: { ...taps, ow: ow + 1, oh: 1 }, m: ow + 1 }))).toThrow(/reaches past the padded image|must equal/);
+      expect(() => create(spec({ taps: { ...taps, sh: 0 } }))).toThrow(/non-zero/);
+      expect(() => create(spec({ aStrides: [m * k, k, 1], cStrides: [m * cOut, cOut, 1] }))).toThrow(/writes column-major c/);
+      expect(() => create(spec({}, x.byteLength - 4))).toThrow(/a reaches elements/);
+      w.dispose();
+    }
+  });
+
   it('spmm step: runs sparse weights with bias + ReLU against a scalar loop; rejects mismatched k/n, gemm weights, a disposed handle', async () => {
     const [m, k, n] = [3, 37, 21];
     const b = rand(k * n, 21).map((v, i) => (i % 3 ? 0 : v));

@@ -9,7 +9,7 @@ import { mlp } from '../bench/graphs/models.js';
 import { GraphBuilder, randomTensor, rng } from '../bench/graphs/builder.js';
 import { countCorrect, modelPath as digitsPath, readTestSplit } from '../models/digits.js';
 import { ortRun, uniform } from './session-ort.js';
-import { SAFETY, useSparse, type SparseChoice } from '../dist/session/sparse.js';
+import { DIRECT_MIN_OW, SAFETY, useSparse, type SparseChoice } from '../dist/session/sparse.js';
 
 type Feeds = Record<string, Tensor>;
 
@@ -134,8 +134,8 @@ describe('sparse sessions: digits and a ResNet-style block', () => {
   });
 });
 
-describe('sparse sessions: KxK convolutions on im2col panels', () => {
-  it('3x3, 5x3, strided, dilated, unpadded and asymmetric-padded convs and a strided 1x1 agree with onnxruntime-node in force', async () => {
+describe('sparse sessions: KxK convolutions, direct or on im2col panels', () => {
+  it('3x3, 5x3, strided, dilated, unpadded and asymmetric-padded convs and a strided 1x1 agree with onnxruntime-node in force, wide rows direct', async () => {
     const r = rng(33);
     // [cIn, cOut, kernel, attrs, input h x w]: odd sizes so the output planes are not whole vectors.
     const cases: [number, number, [number, number], Record<string, number[]>, [number, number]][] = [
@@ -146,6 +146,13 @@ describe('sparse sessions: KxK convolutions on im2col panels', () => {
       [8, 16, [3, 3], {}, [6, 19]],
       [9, 11, [1, 1], { strides: [2, 2] }, [9, 9]],
       [2, 3, [3, 3], { pads: [1, 1, 1, 1] }, [1, 1]],
+      // Output rows of at least DIRECT_MIN_OW run directly on the padded image: a row of 1 vector + 13,
+      // row stride 2, dilation, 150 wide (two blocks of positions per row), unpadded.
+      [5, 7, [3, 3], { pads: [1, 1, 1, 1] }, [6, 29]],
+      [3, 6, [3, 3], { pads: [1, 1, 1, 1], strides: [2, 1] }, [9, 40]],
+      [4, 5, [3, 3], { dilations: [2, 2], pads: [2, 2, 2, 2] }, [5, 30]],
+      [2, 9, [5, 3], { pads: [2, 0, 1, 1] }, [4, 150]],
+      [3, 4, [3, 3], {}, [5, 26]],
     ];
     for (const [ci, [cin, cout, [kh, kw], attrs, [h, w]]] of cases.entries()) {
       const g = new GraphBuilder(`kxk${ci}`, { opset: 13 });
@@ -155,9 +162,15 @@ describe('sparse sessions: KxK convolutions on im2col panels', () => {
       const [z] = g.node('Relu', [y!]);
       g.output(z!, 'float32', ['N', cout, '?', '?'] as never);
       const { bytes } = await prune(g.toBytes(), { sparsity: 0.6, keepFirstLayerDense: false });
+      const pads = attrs.pads ?? [0, 0, 0, 0], dil = attrs.dilations ?? [1, 1], strides = attrs.strides ?? [1, 1];
+      const ow = Math.floor((w + pads[1]! + pads[3]! - (kw - 1) * dil[1]! - 1) / strides[1]!) + 1;
       for (const batch of [1, 2]) {
-        const s = await expectAgrees(bytes, { x: uniform([batch, cin, h, w], ci + batch) }, { sparse: 'force' }, `kxk case ${ci} b${batch}`);
+        const feeds = { x: uniform([batch, cin, h, w], ci + batch) };
+        const s = await expectAgrees(bytes, feeds, { sparse: 'force' }, `kxk case ${ci} b${batch}`);
         expect(s.sparseLayers.map((l) => Object.values(l.kernel))).toEqual([['sparse']]);
+        const spmm = (await s.profile(feeds, { runs: 1 })).filter((r) => r.op === 'spmm');
+        expect(spmm.length).toBe(batch);
+        for (const r of spmm) expect([ci, r.kernel.includes('+direct')]).toEqual([ci, kh * kw > 1 && strides[1] === 1 && ow >= DIRECT_MIN_OW]);
         s.dispose();
       }
     }

@@ -67,6 +67,9 @@ export type PlanActivation = 'none' | 'relu' | 'clip' /* [alpha, beta]; ReLU6 = 
  */
 export interface PlanBlocked { h: number; w: number; pads: [number, number, number, number]; bf16?: boolean }
 
+/** The geometry of a direct sparse KxK convolution step (see the spmm step's `taps`). */
+export interface SpmmTaps { cIn: number; hp: number; wp: number; kh: number; kw: number; sh: number; dh: number; dw: number; oh: number; ow: number }
+
 export type PlanStep = { node: string } & (
   /**
    * y [n, cOut, oh, ow] = conv(x [n, cIn, h, w]) with the handle's folded BN and fused epilogue.
@@ -99,7 +102,14 @@ export type PlanStep = { node: string } & (
        * or both column-major (strides[1] = 1; CSR weights, no skipWeights): a 1x1 conv on NCHW is
        * batch n, m = H*W, aStrides [cIn*m, 1, m], cStrides [cOut*m, 1, m], read and written in place.
        */
-      batch?: number; aStrides?: [number, number, number]; cStrides?: [number, number, number] }
+      batch?: number; aStrides?: [number, number, number]; cStrides?: [number, number, number];
+      /**
+       * A direct KxK convolution (column-major c, CSR weights whose k index is (c, ky, kx), k = cIn*kh*kw,
+       * m = oh*ow): `a` holds `batch` padded images [cIn, hp, wp] at aStrides[0] apart (aStrides[1..2]
+       * unused), and the panel row (c, ky, kx) of output row oy is image row c, oy*sh + ky*dh, read from
+       * column kx*dw: the im2col panel without copying it. Output rows are computed whole (stride 1 along them).
+       */
+      taps?: SpmmTaps }
   /**
    * MatMul of two runtime tensors: for each index i of the (broadcast) batch dims,
    * c[i] [m, n] = a[i] [m, k] . b[i] [k, n]; a/b batch strides (elements) may be 0. c is contiguous.

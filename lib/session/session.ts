@@ -196,7 +196,7 @@ function kernelOf(step: PlanStep): string {
     case 'spmm': {
       const info = step.weights.info();
       const columns = step.aStrides !== undefined && step.aStrides[2] !== 1;
-      return `${(columns ? info.columnsUkernel : info.ukernel) ?? info.format ?? '?'}${step.activation !== 'none' ? `+${step.activation}` : ''}`;
+      return `${(columns ? info.columnsUkernel : info.ukernel) ?? info.format ?? '?'}${step.taps ? '+direct' : ''}${step.activation !== 'none' ? `+${step.activation}` : ''}`;
     }
     case 'matmul': return `matmul${step.transB ? ' transB' : ''} ${step.m}x${step.k}x${step.n}`;
     case 'unary': return `${step.kind} ${step.dtype}`;

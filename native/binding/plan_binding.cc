@@ -279,6 +279,21 @@ void ReadSpmm(const SpecReader& r, Napi::Object o, PlanStep& s) {
   } else {
     r.Signed(o, "aStrides", 3, s.strides[0]);
   }
+  Napi::Value taps = o.Get("taps");
+  if (!taps.IsUndefined()) {
+    const Napi::Object t = r.Object(taps, "taps");
+    PlanStep::SpmmTaps& g = s.taps;
+    g.c_in = r.Size(t, "cIn");
+    g.hp = r.Size(t, "hp");
+    g.wp = r.Size(t, "wp");
+    g.kh = r.Size(t, "kh");
+    g.kw = r.Size(t, "kw");
+    g.sh = r.Size(t, "sh");
+    g.dh = r.Size(t, "dh");
+    g.dw = r.Size(t, "dw");
+    g.oh = r.Size(t, "oh");
+    g.ow = r.Size(t, "ow");
+  }
   if (o.Get("cStrides").IsUndefined()) {
     s.strides[1][0] = static_cast<ptrdiff_t>(s.m * s.n);
     s.strides[1][1] = static_cast<ptrdiff_t>(s.n);

@@ -355,39 +355,54 @@ std::string SpmmColumnsUkernelName(GemmVariant v) {
   return CsrUkernel(v).columns_name;
 }
 
+std::vector<uint32_t> SpmmConvTapOffsets(const SparseWeights& w, size_t kh, size_t kw, size_t hp, size_t wp, size_t dh,
+                                         size_t dw) {
+  const size_t taps = kh * kw;
+  std::vector<uint32_t> out(w.col_idx_.size());
+  for (size_t p = 0; p < out.size(); ++p) {
+    const size_t kk = w.col_idx_[p], c = kk / taps, t = kk % taps;
+    out[p] = static_cast<uint32_t>(c * hp * wp + t / kw * dh * wp + t % kw * dw);
+  }
+  return out;
+}
+
 bool RunSpmmColumns(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const SpmmColumnsArgs& args,
                     const SparseWeights& w, GemmVariant variant) {
-  const size_t m = args.m, n = w.n(), batch = args.batch;
-  if (m == 0 || n == 0 || batch == 0 || w.format() != SparseFormat::kCsr) return true;
+  const size_t m = args.m, n = w.n(), batch = args.batch, rows = args.rows;
+  if (m == 0 || n == 0 || batch == 0 || rows == 0 || w.format() != SparseFormat::kCsr) return true;
   const unsigned threads = std::max(1u, std::min(max_threads, pool.size()));
   const kernels::GemmEpilogue& e = args.epilogue;
   const bool trivial = Trivial(e);
   variant = ResolveGemmVariant(variant);
-  // Item b, rows [m0, m0 + rows), output columns [n0, n1): everything offset to that block.
-  auto block_epilogue = [&](size_t b, size_t m0, size_t n0) {
+  // With offsets, a non-zero's row is a + offset: the kernels' col_idx * lda with lda = 1.
+  const uint32_t* const col_idx = args.a_offsets ? args.a_offsets : w.col_idx_.data();
+  const size_t lda = args.a_offsets ? 1 : args.lda;
+  // Item b, row r, positions [m0, m0 + ...), output columns [n0, ...): the operands at that block.
+  auto a_at = [&](size_t b, size_t r, size_t m0) { return args.a + b * args.a_batch_stride + r * args.a_row_stride + m0; };
+  auto c_off = [&](size_t b, size_t r, size_t m0) { return b * args.c_batch_stride + r * args.c_row_stride + m0; };
+  auto block_epilogue = [&](size_t b, size_t r, size_t m0, size_t n0) {
     kernels::GemmEpilogue ep = e;
     if (ep.scale) ep.scale += n0;
     if (ep.bias) ep.bias += n0;
-    if (ep.residual) ep.residual += b * args.r_batch_stride + n0 * ep.ldr + m0;
+    if (ep.residual) ep.residual += b * args.r_batch_stride + r * args.c_row_stride + n0 * ep.ldr + m0;
     return ep;
   };
   if (variant == GemmVariant::kReference) {
-    return pool.ParallelFor(batch * n, threads, [&](size_t t) {
-      const size_t b = t / n, j = t % n;
-      const kernels::GemmEpilogue ep = block_epilogue(b, 0, 0);
-      kernels::F32SpmmCsrColumnsReference(m, j, j + 1, args.a + b * args.a_batch_stride, args.lda, w.row_ptr_.data(),
-                                          w.col_idx_.data(), w.values_.data(), args.c + b * args.c_batch_stride,
-                                          args.ldc, &ep);
+    return pool.ParallelFor(batch * rows * n, threads, [&](size_t t) {
+      const size_t b = t / (rows * n), r = t / n % rows, j = t % n;
+      const kernels::GemmEpilogue ep = block_epilogue(b, r, 0, 0);
+      kernels::F32SpmmCsrColumnsReference(m, j, j + 1, a_at(b, r, 0), lda, w.row_ptr_.data(), col_idx, w.values_.data(),
+                                          args.c + c_off(b, r, 0), args.ldc, &ep);
     }, cancel);
   }
   const auto uk = CsrUkernel(variant);
-  // Rows per call: all of m up to the register budget, in equal blocks of whole vectors (as RunSpmm).
+  // Positions per call: all of m up to the register budget, in equal blocks of whole vectors (as RunSpmm).
   const size_t m_blocks = (m + uk.mb - 1) / uk.mb;
   const size_t mb = ((m + m_blocks - 1) / m_blocks + uk.mv - 1) / uk.mv * uk.mv;
-  const size_t row_tasks = batch * m_blocks;
+  const size_t row_tasks = batch * rows * m_blocks;
   // Output columns in groups of ng balanced by non-zeros, enough chunks for ~4 tasks per thread
-  // once the (item, row block) tasks are counted: a 7x7 plane at batch 1 is one row block, so its
-  // columns must spread; a 56x56 plane already has 25-49 row blocks per image.
+  // once the (item, row, position block) tasks are counted: a 7x7 plane at batch 1 is one block,
+  // so its columns must spread; a 56x56 plane already has 25-49 blocks per image.
   const size_t ng = uk.ng, groups = (n + ng - 1) / ng;
   std::vector<uint32_t> group_ptr(groups + 1);
   for (size_t g = 0; g <= groups; ++g) group_ptr[g] = w.row_ptr_[std::min(g * ng, n)];
@@ -395,15 +410,15 @@ bool RunSpmmColumns(ThreadPool& pool, unsigned max_threads, const CancelFlag* ca
   const std::vector<size_t> bounds = BalancedSplit(groups, parts, group_ptr.data(), ng);
   const size_t chunks = bounds.size() - 1;
   return pool.ParallelFor(row_tasks * chunks, threads, [&](size_t t) {
-    // Column chunk outermost within a row block's tasks, so neighbouring tasks share At's rows.
+    // Column chunk outermost within a block's tasks, so neighbouring tasks share At's rows (and a
+    // direct conv's consecutive output rows share all but one input row per tap row).
     const size_t rt = t / chunks, ch = t % chunks;
-    const size_t b = rt / m_blocks, m0 = (rt % m_blocks) * mb, rows = std::min(mb, m - m0);
-    const float* at = args.a + b * args.a_batch_stride + m0;
-    float* c = args.c + b * args.c_batch_stride + m0;
+    const size_t b = rt / (rows * m_blocks), r = rt / m_blocks % rows, m0 = (rt % m_blocks) * mb;
+    const size_t count = std::min(mb, m - m0);
     const size_t n0 = bounds[ch] * ng, n1 = std::min(n, bounds[ch + 1] * ng);
-    const kernels::GemmEpilogue ep = block_epilogue(b, m0, n0);
-    uk.columns(rows, n1 - n0, at, args.lda, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(),
-               c + n0 * args.ldc, args.ldc, trivial ? nullptr : &ep);
+    const kernels::GemmEpilogue ep = block_epilogue(b, r, m0, n0);
+    uk.columns(count, n1 - n0, a_at(b, r, m0), lda, w.row_ptr_.data() + n0, col_idx, w.values_.data(),
+               args.c + c_off(b, r, m0) + n0 * args.ldc, args.ldc, trivial ? nullptr : &ep);
   }, cancel);
 }
 

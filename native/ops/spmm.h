@@ -82,8 +82,21 @@ struct SpmmColumnsArgs {
   float* c = nullptr;
   size_t m = 0, lda = 0, ldc = 0;
   size_t batch = 1, a_batch_stride = 0, c_batch_stride = 0, r_batch_stride = 0;
+  // Per item, `rows` products of m positions each: row r's A^T at a + r * a_row_stride, its C^T
+  // (and residual) at c + r * c_row_stride. One (rows = 1) for a 1x1 conv or an im2col panel; a
+  // direct KxK conv runs one per output row, m = its width.
+  size_t rows = 1, a_row_stride = 0, c_row_stride = 0;
+  // Non-null: each non-zero's A^T row at a + a_offsets[p] (one offset per non-zero of the weights),
+  // instead of a + col_idx[p] * lda. A direct KxK conv's offsets point at (c, ky * dh, kx * dw) of the
+  // padded image, so output row oy's panel row is that image read from row oy * sh: no im2col copy.
+  const uint32_t* a_offsets = nullptr;
   kernels::GemmEpilogue epilogue{nullptr, nullptr, nullptr, 0, kernels::kActNone, 0, 0.0f, 0.0f};
 };
+// The a_offsets of a KxK conv whose weights' k index is (c, ky, kx) row-major (im2col order,
+// k = c_in * kh * kw): c * hp * wp + ky * dh * wp + kx * dw for each non-zero, hp x wp the padded
+// plane. The caller checks that c_in * hp * wp fits 32 bits.
+std::vector<uint32_t> SpmmConvTapOffsets(const SparseWeights& w, size_t kh, size_t kw, size_t hp, size_t wp, size_t dh,
+                                         size_t dw);
 bool RunSpmmColumns(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const SpmmColumnsArgs& args,
                     const SparseWeights& w, GemmVariant variant);
 // Name of the columns-layout microkernel a (resolved) variant runs.

@@ -188,6 +188,29 @@ void ValidateSpmm(StepValidator& v, PlanStep& s) {
   if (!rows && !columns)
     return v.Fail("a and c must both be row-major (aStrides[2] = cStrides[2] = 1) or both column-major "
                   "(aStrides[1] = cStrides[1] = 1)");
+  if (s.taps.kh > 0) {
+    const PlanStep::SpmmTaps& g = s.taps;
+    if (!columns || rows) return v.Fail("a direct convolution (taps) writes column-major c");
+    if (g.kw == 0 || g.c_in == 0 || g.sh == 0 || g.dh == 0 || g.dw == 0 || g.oh == 0 || g.ow == 0)
+      return v.Fail("taps need non-zero cIn, kw, sh, dh, dw, oh and ow");
+    if (v.Product({g.c_in, g.kh, g.kw}) != s.k) return v.Fail("taps: cIn * kh * kw must equal k");
+    if (v.Product({g.oh, g.ow}) != s.m) return v.Fail("taps: oh * ow must equal m");
+    if ((g.oh - 1) * g.sh + (g.kh - 1) * g.dh >= g.hp || (g.ow - 1) + (g.kw - 1) * g.dw >= g.wp)
+      return v.Fail("taps: the output window reaches past the padded image");
+    const size_t image = v.Product({g.c_in, g.hp, g.wp});
+    if (image > 0xFFFFFFFFu) return v.Fail("taps: the padded image exceeds 2^32 elements");
+    if (s.outer > 1 && static_cast<size_t>(cs[0]) < (s.n - 1) * cs[2] + s.m)
+      return v.Fail("cStrides[0] overlaps the batch's outputs");
+    const size_t a_dims[2] = {s.outer, image}, c_dims[3] = {s.outer, s.m, s.n};
+    const ptrdiff_t a_strides[2] = {as[0], 1};
+    v.Read(s.in[0], 4, StridedWalk(a_dims, a_strides, 2), "a");
+    v.ReadOptional(s.in[1], 4, ContiguousWalk(s.n), "bias");
+    v.ReadOptional(s.in[2], 4, StridedWalk(c_dims, cs, 3), "residual");
+    v.Write(s.out[0], 4, StridedWalk(c_dims, cs, 3), "c");
+    s.tap_offsets = std::make_shared<const std::vector<uint32_t>>(
+        SpmmConvTapOffsets(*s.sparse, g.kh, g.kw, g.hp, g.wp, g.dh, g.dw));
+    return;
+  }
   if (s.outer > 1) {
     const size_t c_item = rows ? (s.m - 1) * cs[1] + s.n : (s.n - 1) * cs[2] + s.m;
     if (s.m && s.n && static_cast<size_t>(cs[0]) < c_item) return v.Fail("cStrides[0] overlaps the batch's outputs");
@@ -562,6 +585,9 @@ std::unique_ptr<Plan> Plan::Create(std::vector<PlanBufferDesc> buffers, std::vec
   }
   for (const PlanBufferDesc& b : buffers)
     if (b.kind == PlanBufferKind::kConst) plan->const_bytes_ += b.data->size();
+  // A direct sparse conv's tap offsets are the plan's own constants (4 bytes per non-zero).
+  for (const PlanStep& s : steps)
+    if (s.tap_offsets) plan->const_bytes_ += s.tap_offsets->size() * sizeof(uint32_t);
   plan->buffers_ = std::move(buffers);
   plan->steps_ = std::move(steps);
   for (PlanStep& s : plan->steps_)
@@ -698,6 +724,25 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
       const ptrdiff_t* as = s.strides[0];
       const ptrdiff_t* cs = s.strides[1];
       const kernels::GemmEpilogue ep{nullptr, f32(s.in[1]), f32(s.in[2]), 0, s.kind, s.flag ? 1 : 0, s.alpha, s.beta};
+      if (s.tap_offsets) {
+        // A direct KxK conv: per output row, the padded image shifted per tap (no im2col panel).
+        const PlanStep::SpmmTaps& g = s.taps;
+        SpmmColumnsArgs args;
+        args.a = f32(s.in[0]);
+        args.c = f32(s.out[0]);
+        args.m = g.ow;
+        args.ldc = static_cast<size_t>(cs[2]);
+        args.batch = s.outer;
+        args.a_batch_stride = static_cast<size_t>(as[0]);
+        args.c_batch_stride = args.r_batch_stride = static_cast<size_t>(cs[0]);
+        args.rows = g.oh;
+        args.a_row_stride = g.sh * g.wp;
+        args.c_row_stride = g.ow;
+        args.a_offsets = s.tap_offsets->data();
+        args.epilogue = ep;
+        args.epilogue.ldr = args.ldc;
+        return RunSpmmColumns(*ctx.pool, ctx.max_threads, ctx.cancel, args, *s.sparse, GemmVariant::kAuto);
+      }
       if (!(as[2] == 1 && cs[2] == 1)) {
         // Column-major (NCHW): the transpose-free kernels read and write the images in place.
         SpmmColumnsArgs args;

@@ -110,6 +110,14 @@ struct PlanStep {
   std::shared_ptr<const PackedGemmWeights> gemm;
   std::shared_ptr<const PackedLowpGemmWeights> gemm_lowp;
   std::shared_ptr<const SparseWeights> sparse;  // spmm
+  // spmm as a direct KxK convolution (present when taps.kh > 0): `outer` images of c_in x hp x wp
+  // (padded) at strides[0][0] apart, output rows of ow positions (m = oh * ow); the A^T row of
+  // weight index (c, ky, kx) for output row oy is the image read from (c, oy * sh + ky * dh, kx * dw).
+  // Plan::Create fills tap_offsets (SpmmConvTapOffsets) for the plan's geometry.
+  struct SpmmTaps {
+    size_t c_in = 0, hp = 0, wp = 0, kh = 0, kw = 0, sh = 1, dh = 1, dw = 1, oh = 0, ow = 0;
+  } taps;
+  std::shared_ptr<const std::vector<uint32_t>> tap_offsets;
   // gpuConv / gpuGemm: weights in device memory, uploaded once at load and shared by every plan of
   // a session: conv [c_out, c_in / groups, kh, kw] (window), gemm [k, n]; float32, or bf16 when
   // bf16. gpuConv's bias holds c_out floats (zeros when the model has none).

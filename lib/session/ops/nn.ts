@@ -11,7 +11,7 @@ import { makeAttrs, nodeWhere } from '../attrs.js';
 import type { FusedActivation } from '../fused.js';
 import type { PlanActivation, PlanStep } from '../plan.js';
 import {
-  maybeSparse, sparseConvSteps, timeConvLayer, timeGemmLayer, timeSparseConvLayer, useSparse, type SparseChoice, type SparsePrepared,
+  maybeSparse, sparseConvDirect, sparseConvSteps, timeConvLayer, timeGemmLayer, timeSparseConvLayer, useSparse, type SparseChoice, type SparsePrepared,
 } from '../sparse.js';
 import { broadcastShapes, broadcastStrides, stridesOf, mergeAxes, normAxis, sizeOf } from './util.js';
 import type { Attrs, DistributiveOmit, Emitter, OpContext, OpDef, PrepareOptions, Prepared, ValueId } from './types.js';
@@ -347,20 +347,20 @@ function emitPointwiseSpmm(e: Emitter, p: ConvPrepared, s: SparseChoice, n: numb
     yStrides: [p.cOut * hw, hw, 1], elemBytes: 4 });
 }
 
-/** A KxK convolution on SpMM through per-image im2col panels (see sparseConvSteps). */
+/** A KxK convolution on SpMM, directly on the padded image or through per-image im2col panels (see sparseConvSteps). */
 function emitSparseConv(e: Emitter, p: ConvPrepared, s: SparseChoice, n: number,
   g: { h: number; w: number; oh: number; ow: number; pads: [number, number, number, number] }, residual: ValueId | undefined,
   residualBeforeActivation: boolean): void {
   const [kh, kw] = p.win.kernel as [number, number];
   const [pt, pl, pb, pr] = g.pads;
   const padded = e.temp('float32', [p.cIn, g.h + pt + pb, g.w + pl + pr]);
-  const cols = e.temp('float32', [p.cIn * kh * kw, g.oh * g.ow]);
   const geometry = { cIn: p.cIn, cOut: p.cOut, ...g, kernel: [kh, kw] as [number, number], strides: p.win.strides as [number, number],
     dilations: p.win.dilations as [number, number] };
+  const cols = sparseConvDirect(geometry) ? undefined : e.temp('float32', [p.cIn * kh * kw, g.oh * g.ow]);
   const steps = sparseConvSteps(geometry, n, s, {
     x: (o) => e.ref(e.input(0), o), y: (o) => e.ref(e.output(0), o),
     ...(residual !== undefined ? { residual: (o: number) => e.ref(residual, o) } : {}),
-    padded: e.ref(padded), cols: e.ref(cols), ...(p.bias ? { bias: e.ref(e.constant(new Tensor('float32', p.bias, [p.cOut]))) } : {}),
+    padded: e.ref(padded), ...(cols !== undefined ? { cols: e.ref(cols) } : {}), ...(p.bias ? { bias: e.ref(e.constant(new Tensor('float32', p.bias, [p.cOut]))) } : {}),
   }, { residualBeforeActivation, activation: p.act.activation as PlanActivation, alpha: p.act.alpha, beta: p.act.beta }, '');
   // (emit names each step after the ONNX node, over the '' given here.)
   for (const step of steps) e.emit(step);

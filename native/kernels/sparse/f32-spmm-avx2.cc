@@ -43,10 +43,7 @@ inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, con
   }
 #pragma GCC unroll 8
   for (size_t v = 0; v < MV; ++v) {
-#pragma GCC unroll 8
-    for (size_t step = 1; step < U; step *= 2)
-#pragma GCC unroll 8
-      for (size_t u = 0; u + step < U; u += 2 * step) acc[u][v] = _mm256_add_ps(acc[u][v], acc[u + step][v]);
+    PairwiseSumU<U, MV>(acc, v, [](auto a, auto b) { return _mm256_add_ps(a, b); });
     _mm256_store_ps(out + 8 * v, acc[0][v]);
   }
 }
@@ -184,10 +181,7 @@ void CsrColumnsGroup(size_t m, size_t nc, const float* at, size_t ldat, const ui
     }
 #pragma GCC unroll 8
     for (size_t v = 0; v < MV; ++v) {
-#pragma GCC unroll 8
-      for (size_t step = 1; step < kU; step *= 2)
-#pragma GCC unroll 8
-        for (size_t u = 0; u + step < kU; u += 2 * step) acc[u][v] = _mm256_add_ps(acc[u][v], acc[u + step][v]);
+      PairwiseSumU<kU, MV>(acc, v, [](auto a, auto b) { return _mm256_add_ps(a, b); });
       const __m256i mk = v + 1 < MV ? all : tail;
       __m256 x = acc[0][v];
       // ApplyEpilogue's residual is at i * ldr + col: column j's row of C^T, rows from 8v.

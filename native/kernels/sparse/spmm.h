@@ -59,6 +59,23 @@ static inline float F32SpmvRow16(const float* x, uint32_t p, uint32_t p1, const 
   for (; p < p1; ++p) acc[0] += values[p] * x[col_idx[p]];
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
+// acc[u][v] over u summed pairwise into acc[0][v]: (0+1), (2+3), ... then (0+2), (4+6), then (0+4).
+// Each level has constant bounds: GCC 12 does not fully unroll the equivalent `step *= 2` loop, and
+// then keeps the whole accumulator array in memory, storing every accumulator after each FMA of
+// the inner loop (the U = 4 and 8 kernels ran at a third of their rate). Add: the ISA's vector add.
+template <size_t U, size_t MV, typename V, typename Add>
+static inline void PairwiseSumU(V (&acc)[U][MV], size_t v, Add add) {
+  static_assert(U == 1 || U == 2 || U == 4 || U == 8, "U is a power of two up to 8");
+  if constexpr (U >= 2) {
+#pragma GCC unroll 4
+    for (size_t u = 0; u + 1 < U; u += 2) acc[u][v] = add(acc[u][v], acc[u + 1][v]);
+  }
+  if constexpr (U >= 4) {
+#pragma GCC unroll 2
+    for (size_t u = 0; u + 2 < U; u += 4) acc[u][v] = add(acc[u][v], acc[u + 2][v]);
+  }
+  if constexpr (U >= 8) acc[0][v] = add(acc[0][v], acc[4][v]);
+}
 // CSR with A and C column-major (the "columns" layout: an NCHW image is A^T [C_in x H*W] for a 1x1
 // conv, an im2col panel is A^T [C_in*KH*KW x OH*OW], and C^T [C_out x OH*OW] is the output image):
 // c[j * ldc + i] = epilogue(sum_p values[p] * at[col_idx[p] * ldat + i]) for output columns j < nc,
