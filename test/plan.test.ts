@@ -632,13 +632,14 @@ describe('plan validation', () => {
       const w = native().toSparse(b, k, cOut, 'csr', 0);
       const image = cIn * hp * wp;
       const x = rand(batch * image, 60 + ci), res = rand(batch * cOut * m, 70 + ci);
-      const want = new Float32Array(batch * cOut * m);
+      const want = new Float32Array(batch * cOut * m), plain = new Float32Array(batch * cOut * m);
       for (let t = 0; t < batch; t++) for (let j = 0; j < cOut; j++) for (let oy = 0; oy < oh; oy++) for (let ox = 0; ox < ow; ox++) {
         let acc = bias[j]!;
         for (let c = 0; c < cIn; c++) for (let ky = 0; ky < kh; ky++) for (let kx = 0; kx < kw; kx++)
           acc += b[((c * kh + ky) * kw + kx) * cOut + j]! * x[t * image + c * hp * wp + (oy * sh + ky * dh) * wp + ox + kx * dw]!;
         const o = (t * cOut + j) * m + oy * ow + ox;
         want[o] = Math.max(0, acc + res[o]!);
+        plain[o] = Math.max(0, acc);
       }
       const taps = { cIn, hp, wp, kh, kw, sh, dh, dw, oh, ow };
       const spec = (over: Record<string, unknown> = {}, aBytes = x.byteLength) => makeSpec(
@@ -649,14 +650,31 @@ describe('plan validation', () => {
       const got = new Float32Array(want.length);
       await runOnce(spec(), [x, res], [got]);
       expectClose(got, want, 1e-5);
+      if (sh === 1) {
+        // All oh rows as one row of (oh - 1) * wp + ow positions: output row oy at oy * wp, the
+        // positions between rows (across the image's row ends) computed and discarded.
+        const long = (oh - 1) * wp + ow;
+        const wide = new Float32Array(batch * cOut * long);
+        await runOnce(makeSpec([input(0, x.byteLength), output(0, wide.byteLength), { kind: 'const', data: bias, bytes: cOut * 4 }],
+          [{ node: 'S', op: 'spmm', weights: w, a: ref(0), c: ref(1), m: long, k, n: cOut, bias: ref(2), residualBeforeActivation: false,
+            activation: 'relu', alpha: 0, beta: 0, batch, aStrides: [image, 1, 1], cStrides: [cOut * long, 1, long], taps: { ...taps, oh: 1, ow: long } }]),
+        [x], [wide]);
+        const rows = new Float32Array(plain.length);
+        for (let q = 0; q < batch * cOut; q++) for (let oy = 0; oy < oh; oy++) for (let ox = 0; ox < ow; ox++) rows[q * m + oy * ow + ox] = wide[q * long + oy * wp + ox]!;
+        expectClose(rows, plain, 1e-5);
+      }
       if (ci > 0) { w.dispose(); continue; }
       expect(() => create(spec({ taps: { ...taps, kw: kw + 1 } }))).toThrow(/cIn \* kh \* kw must equal k/);
       expect(() => create(spec({ taps: { ...taps, oh: oh - 1 } }))).toThrow(/oh \* ow must equal m/);
       expect(() => create(spec({ taps: { ...taps, hp: hp - 1 } }))).toThrow(/reaches past the padded image/);
-      expect(() => create(spec({ taps: { ...taps, ow: ow + 1, oh: 1 }, m: ow + 1 }))).toThrow(/reaches past the padded image|must equal/);
+      const long = hp * wp - 2 * wp - 1;  // one row reading one element past the image
+      expect(() => create(spec({ taps: { ...taps, oh: 1, ow: long }, m: long, cStrides: [cOut * long, 1, long] }))).toThrow(/reaches past the padded image/);
       expect(() => create(spec({ taps: { ...taps, sh: 0 } }))).toThrow(/non-zero/);
       expect(() => create(spec({ aStrides: [m * k, k, 1], cStrides: [m * cOut, cOut, 1] }))).toThrow(/writes column-major c/);
       expect(() => create(spec({}, x.byteLength - 4))).toThrow(/a reaches elements/);
+      const bsr = native().toSparse(b, k, cOut, 'bsr', 8);
+      expect(() => create(spec({ weights: bsr }))).toThrow(/needs? CSR weights/);
+      bsr.dispose();
       w.dispose();
     }
   });

@@ -154,6 +154,7 @@ describe('sparse sessions: KxK convolutions, direct or on im2col panels', () => 
       [2, 9, [5, 3], { pads: [2, 0, 1, 1] }, [4, 150]],
       [3, 4, [3, 3], {}, [5, 26]],
     ];
+    // Cases 0, 2-4 and 6 are narrow and unstrided: one long row each (dilated, asymmetric-padded, unpadded, 1x1 image).
     for (const [ci, [cin, cout, [kh, kw], attrs, [h, w]]] of cases.entries()) {
       const g = new GraphBuilder(`kxk${ci}`, { opset: 13 });
       const x = g.input('x', 'float32', ['N', cin, h, w]);
@@ -168,9 +169,14 @@ describe('sparse sessions: KxK convolutions, direct or on im2col panels', () => 
         const feeds = { x: uniform([batch, cin, h, w], ci + batch) };
         const s = await expectAgrees(bytes, feeds, { sparse: 'force' }, `kxk case ${ci} b${batch}`);
         expect(s.sparseLayers.map((l) => Object.values(l.kernel))).toEqual([['sparse']]);
-        const spmm = (await s.profile(feeds, { runs: 1 })).filter((r) => r.op === 'spmm');
+        // Row by row where rows are wide and unstrided, else as one long row where both strides are 1
+        // (then a copy drops the positions across row ends), else on the im2col panel.
+        const mode = strides[1] === 1 && ow >= DIRECT_MIN_OW ? 'rows' : strides[0] === 1 && strides[1] === 1 ? 'wide' : 'im2col';
+        const prof = await s.profile(feeds, { runs: 1 });
+        const spmm = prof.filter((r) => r.op === 'spmm');
         expect(spmm.length).toBe(batch);
-        for (const r of spmm) expect([ci, r.kernel.includes('+direct')]).toEqual([ci, kh * kw > 1 && strides[1] === 1 && ow >= DIRECT_MIN_OW]);
+        for (const r of spmm) expect([ci, r.kernel.includes('+direct')]).toEqual([ci, mode !== 'im2col']);
+        expect([ci, prof.filter((r) => r.op === 'copy').length]).toEqual([ci, mode === 'rows' ? 0 : batch]);
         s.dispose();
       }
     }

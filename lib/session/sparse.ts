@@ -211,37 +211,52 @@ export interface SparseConvGeometry {
 }
 
 /**
- * Output rows at least this wide run the direct form (no im2col panel): each call of the kernel is
- * one output row, so a narrow row wastes most of its last vector and pays the per-column work for few
- * positions. One thread, 90% unstructured 3x3 layers against SpMM on the im2col panel (the panel's
- * copy not counted): 56x56 (64 channels) 1.7x faster, 28x28 (128) 1.3-1.4x, 14x14 (256) 0.5x, 7x7 0.4x.
+ * Output rows at least this wide run the direct form row by row (no im2col panel): each call of the
+ * kernel is one output row, so a narrow row wastes most of its last vector and pays the per-column
+ * work for few positions. One thread, 90% unstructured 3x3 layers against SpMM on the im2col panel
+ * (the panel's copy not counted): 56x56 (64 channels) 1.7x faster, 28x28 (128) 1.3-1.4x, 14x14 (256)
+ * 0.5x, 7x7 0.4x. Narrower stride-1 convs without a residual run all their rows as one long row
+ * instead (sparseConvPlan's 'wide').
  */
 export const DIRECT_MIN_OW = 24;
 
-/** Whether sparseConvSteps runs `g` directly on the padded image (else through an im2col panel). */
-export function sparseConvDirect(g: SparseConvGeometry): boolean {
+/**
+ * How sparseConvSteps runs a KxK convolution, and the scratch floats it needs beside the padded image:
+ * - 'rows': directly on the padded image, one output row per kernel call (rows of at least DIRECT_MIN_OW);
+ * - 'wide': directly, all output rows as one row of (oh - 1) * wp + ow positions (stride 1 along both
+ *   axes): the positions that straddle row ends are computed and dropped by a copy of the rest into y.
+ *   Against the im2col panel at 14x14 (256 channels) and 7x7 (512), one thread, 90%: 1.03x / 1.15x
+ *   for the SpMM alone, without the panel's copy (0.11 / 0.15 ms); the copy out costs ~0.02 ms. The
+ *   dropped positions take the epilogue's bias and activation, so a residual rules it out;
+ * - 'im2col': through the panel [cIn*kh*kw, oh*ow] (strided rows, residuals of narrow convs).
+ */
+export function sparseConvPlan(g: SparseConvGeometry, residual: boolean): { mode: 'rows' | 'wide' | 'im2col'; scratch: number } {
   const hp = g.h + g.pads[0] + g.pads[2], wp = g.w + g.pads[1] + g.pads[3];
-  return g.strides[1] === 1 && g.ow >= DIRECT_MIN_OW && g.cIn * hp * wp <= 0xffffffff;
+  if (g.cIn * hp * wp <= 0xffffffff) {
+    if (g.strides[1] === 1 && g.ow >= DIRECT_MIN_OW) return { mode: 'rows', scratch: 0 };
+    if (g.strides[0] === 1 && g.strides[1] === 1 && !residual) return { mode: 'wide', scratch: g.cOut * ((g.oh - 1) * wp + g.ow) };
+  }
+  return { mode: 'im2col', scratch: g.cIn * g.kernel[0] * g.kernel[1] * g.oh * g.ow };
 }
 
 /**
  * A KxK (or strided 1x1) convolution on the columns-layout SpMM, per image: zero-pad the image (a
- * pad step, skipped without pads), then C^T [cOut, oh*ow] = W . panel written straight into the
- * image's NCHW output, where the panel [cIn*kh*kw, oh*ow] (row (c, ky, kx) is the padded plane read
- * at stride (sh, sw) from (ky*dh, kx*dw): the K order of the weights [cOut, cIn, kh, kw]) is either
- * read in place, output row by output row (sparseConvDirect: the spmm step's taps), or gathered by
- * one strided copy. One image at a time: at batch 8 a whole-batch panel of ResNet-50's first 3x3
- * layer would be 58 MB. `x`, `y`, `residual` at image 0 (NCHW), `padded` and `cols` scratch of one
- * image each (`cols` only where the convolution is not direct).
+ * pad step, skipped without pads), then C^T [cOut, oh*ow] = W . panel written into the image's NCHW
+ * output, where the panel [cIn*kh*kw, oh*ow] (row (c, ky, kx) is the padded plane read at stride
+ * (sh, sw) from (ky*dh, kx*dw): the K order of the weights [cOut, cIn, kh, kw]) is read in place from
+ * the padded image (the spmm step's taps) or gathered by one strided copy (sparseConvPlan). One image
+ * at a time: at batch 8 a whole-batch panel of ResNet-50's first 3x3 layer would be 58 MB. `x`, `y`,
+ * `residual` at image 0 (NCHW), `padded` and `scratch` (sparseConvPlan's floats) of one image each.
  */
 export function sparseConvSteps(g: SparseConvGeometry, n: number, s: SparseChoice, refs: {
-  x: OffsetRef; y: OffsetRef; residual?: OffsetRef; padded: PlanRef; cols?: PlanRef; bias?: PlanRef },
+  x: OffsetRef; y: OffsetRef; residual?: OffsetRef; padded: PlanRef; scratch?: PlanRef; bias?: PlanRef },
 epilogue: { residualBeforeActivation: boolean; activation: PlanActivation; alpha: number; beta: number }, node: string): PlanStep[] {
   const [kh, kw] = g.kernel, [sh, sw] = g.strides, [dh, dw] = g.dilations, [pt, pl, pb, pr] = g.pads;
   const hp = g.h + pt + pb, wp = g.w + pl + pr, m = g.oh * g.ow, k = g.cIn * kh * kw;
   const padding = pt + pl + pb + pr > 0;
-  const direct = sparseConvDirect(g);
-  if (!direct && !refs.cols) throw new Error('sparseConvSteps: an im2col convolution needs the cols scratch');
+  const { mode, scratch } = sparseConvPlan(g, refs.residual !== undefined);
+  if (scratch > 0 && !refs.scratch) throw new Error(`sparseConvSteps: the ${mode} form needs a scratch of ${scratch} floats`);
+  const long = (g.oh - 1) * wp + g.ow;
   const steps: PlanStep[] = [];
   for (let b = 0; b < n; b++) {
     const x = refs.x(b * g.cIn * g.h * g.w);
@@ -249,15 +264,23 @@ epilogue: { residualBeforeActivation: boolean; activation: PlanActivation; alpha
       steps.push({ op: 'pad', node, x, y: refs.padded, dtype: 'float32', inDims: [g.cIn, g.h, g.w], begin: [0, pt, pl], end: [0, pb, pr],
         mode: 'constant', value: 0 });
     }
-    const a = padding ? refs.padded : x;
-    if (!direct) {
-      steps.push({ op: 'copy', node, x: a, y: refs.cols!, dims: [g.cIn, kh, kw, g.oh, g.ow],
+    const image = padding ? refs.padded : x;
+    const common = { node, weights: s.weights, k, n: g.cOut, ...(refs.bias ? { bias: refs.bias } : {}), ...epilogue, batch: 1 };
+    const taps = { cIn: g.cIn, hp, wp, kh, kw, sh, dh, dw };
+    if (mode === 'wide') {
+      steps.push({ op: 'spmm', ...common, a: image, c: refs.scratch!, m: long, aStrides: [k * m, 1, m], cStrides: [g.cOut * long, 1, long],
+        taps: { ...taps, oh: 1, ow: long } });
+      steps.push({ op: 'copy', node, x: refs.scratch!, y: refs.y(b * g.cOut * m), dims: [g.cOut, g.oh, g.ow], xStrides: [long, wp, 1],
+        yStrides: [m, g.ow, 1], elemBytes: 4 });
+      continue;
+    }
+    if (mode === 'im2col') {
+      steps.push({ op: 'copy', node, x: image, y: refs.scratch!, dims: [g.cIn, kh, kw, g.oh, g.ow],
         xStrides: [hp * wp, dh * wp, dw, sh * wp, sw], yStrides: [kh * kw * m, kw * m, m, g.ow, 1], elemBytes: 4 });
     }
-    steps.push({ op: 'spmm', node, weights: s.weights, a: direct ? a : refs.cols!, c: refs.y(b * g.cOut * m), m, k, n: g.cOut,
-      ...(refs.bias ? { bias: refs.bias } : {}), ...(refs.residual ? { residual: refs.residual(b * g.cOut * m) } : {}), ...epilogue,
-      batch: 1, aStrides: [k * m, 1, m], cStrides: [g.cOut * m, 1, m],
-      ...(direct ? { taps: { cIn: g.cIn, hp, wp, kh, kw, sh, dh, dw, oh: g.oh, ow: g.ow } } : {}) });
+    steps.push({ op: 'spmm', ...common, a: mode === 'rows' ? image : refs.scratch!, c: refs.y(b * g.cOut * m), m,
+      ...(refs.residual ? { residual: refs.residual(b * g.cOut * m) } : {}),
+      aStrides: [k * m, 1, m], cStrides: [g.cOut * m, 1, m], ...(mode === 'rows' ? { taps: { ...taps, oh: g.oh, ow: g.ow } } : {}) });
   }
   return steps;
 }
@@ -281,7 +304,7 @@ export async function timeSparseConvLayer(s: SparseChoice, conv: NativeConvHandl
   const big = geoms[geoms.length - 1]!;
   const x = timingActivations(g0.cIn * big.h * big.w);
   const padded = { off: 0, bytes: g0.cIn * (big.h + g0.pads[0] + g0.pads[2]) * (big.w + g0.pads[1] + g0.pads[3]) * 4 };
-  const cols = { off: align64(padded.bytes), bytes: k * big.oh * big.ow * 4 };
+  const cols = { off: align64(padded.bytes), bytes: Math.max(4, ...geoms.map((g) => sparseConvPlan(g, false).scratch * 4)) };
   const y = { off: align64(cols.off + cols.bytes), bytes: g0.cOut * big.oh * big.ow * 4 };
   const buffers: PlanBuffer[] = [
     { kind: 'const', data: x, bytes: x.byteLength },
@@ -295,7 +318,7 @@ export async function timeSparseConvLayer(s: SparseChoice, conv: NativeConvHandl
   const cases = geoms.map((g): TimedCase => ({
     m: g.oh * g.ow,
     dense: [{ op: 'conv', node: 'sparse-timing', handle: conv, x: ref(0), y: ref(3), residualBeforeActivation: false, n: 1, h: g.h, w: g.w }],
-    sparse: sparseConvSteps(g, 1, s, { x: () => ref(0), y: () => ref(3), padded: ref(1), cols: ref(2), ...(epilogue.bias ? { bias: ref(4) } : {}) },
+    sparse: sparseConvSteps(g, 1, s, { x: () => ref(0), y: () => ref(3), padded: ref(1), scratch: ref(2), ...(epilogue.bias ? { bias: ref(4) } : {}) },
       epi, 'sparse-timing'),
   }));
   await timeCases(s, buffers, y.off + y.bytes, cases, threads);

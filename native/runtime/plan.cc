@@ -190,12 +190,18 @@ void ValidateSpmm(StepValidator& v, PlanStep& s) {
                   "(aStrides[1] = cStrides[1] = 1)");
   if (s.taps.kh > 0) {
     const PlanStep::SpmmTaps& g = s.taps;
-    if (!columns || rows) return v.Fail("a direct convolution (taps) writes column-major c");
+    // (With m = 1 the strides also read as row-major; taps decide.)
+    if (!columns) return v.Fail("a direct convolution (taps) writes column-major c");
+    if (s.sparse->format() != SparseFormat::kCsr) return v.Fail("a direct convolution (taps) needs CSR weights");
+    if (s.gemm) return v.Fail("skipWeights is for row-major a and c only");
+    if (!(static_cast<size_t>(cs[2]) >= s.m || s.n <= 1)) return v.Fail("column-major c needs cStrides[2] >= m");
     if (g.kw == 0 || g.c_in == 0 || g.sh == 0 || g.dh == 0 || g.dw == 0 || g.oh == 0 || g.ow == 0)
       return v.Fail("taps need non-zero cIn, kw, sh, dh, dw, oh and ow");
     if (v.Product({g.c_in, g.kh, g.kw}) != s.k) return v.Fail("taps: cIn * kh * kw must equal k");
     if (v.Product({g.oh, g.ow}) != s.m) return v.Fail("taps: oh * ow must equal m");
-    if ((g.oh - 1) * g.sh + (g.kh - 1) * g.dh >= g.hp || (g.ow - 1) + (g.kw - 1) * g.dw >= g.wp)
+    // Bounds on the last element read; a row wider than wp reads on into the next rows of the image
+    // (one long row computes several narrow ones at once, the positions across row ends discarded).
+    if (((g.oh - 1) * g.sh + (g.kh - 1) * g.dh) * g.wp + (g.ow - 1) + (g.kw - 1) * g.dw >= g.hp * g.wp)
       return v.Fail("taps: the output window reaches past the padded image");
     const size_t image = v.Product({g.c_in, g.hp, g.wp});
     if (image > 0xFFFFFFFFu) return v.Fail("taps: the padded image exceeds 2^32 elements");

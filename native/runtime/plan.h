@@ -112,7 +112,8 @@ struct PlanStep {
   std::shared_ptr<const SparseWeights> sparse;  // spmm
   // spmm as a direct KxK convolution (present when taps.kh > 0): `outer` images of c_in x hp x wp
   // (padded) at strides[0][0] apart, output rows of ow positions (m = oh * ow); the A^T row of
-  // weight index (c, ky, kx) for output row oy is the image read from (c, oy * sh + ky * dh, kx * dw).
+  // weight index (c, ky, kx) for output row oy is the image read from (c, oy * sh + ky * dh, kx * dw),
+  // ow positions on (past the row's end into the next rows when ow > wp - (kw - 1) * dw).
   // Plan::Create fills tap_offsets (SpmmConvTapOffsets) for the plan's geometry.
   struct SpmmTaps {
     size_t c_in = 0, hp = 0, wp = 0, kh = 0, kw = 0, sh = 1, dh = 1, dw = 1, oh = 0, ow = 0;

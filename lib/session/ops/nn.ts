@@ -11,7 +11,7 @@ import { makeAttrs, nodeWhere } from '../attrs.js';
 import type { FusedActivation } from '../fused.js';
 import type { PlanActivation, PlanStep } from '../plan.js';
 import {
-  maybeSparse, sparseConvDirect, sparseConvSteps, timeConvLayer, timeGemmLayer, timeSparseConvLayer, useSparse, type SparseChoice, type SparsePrepared,
+  maybeSparse, sparseConvPlan, sparseConvSteps, timeConvLayer, timeGemmLayer, timeSparseConvLayer, useSparse, type SparseChoice, type SparsePrepared,
 } from '../sparse.js';
 import { broadcastShapes, broadcastStrides, stridesOf, mergeAxes, normAxis, sizeOf } from './util.js';
 import type { Attrs, DistributiveOmit, Emitter, OpContext, OpDef, PrepareOptions, Prepared, ValueId } from './types.js';
@@ -356,11 +356,12 @@ function emitSparseConv(e: Emitter, p: ConvPrepared, s: SparseChoice, n: number,
   const padded = e.temp('float32', [p.cIn, g.h + pt + pb, g.w + pl + pr]);
   const geometry = { cIn: p.cIn, cOut: p.cOut, ...g, kernel: [kh, kw] as [number, number], strides: p.win.strides as [number, number],
     dilations: p.win.dilations as [number, number] };
-  const cols = sparseConvDirect(geometry) ? undefined : e.temp('float32', [p.cIn * kh * kw, g.oh * g.ow]);
+  const { scratch: scratchFloats } = sparseConvPlan(geometry, residual !== undefined);
+  const scratch = scratchFloats > 0 ? e.temp('float32', [scratchFloats]) : undefined;
   const steps = sparseConvSteps(geometry, n, s, {
     x: (o) => e.ref(e.input(0), o), y: (o) => e.ref(e.output(0), o),
     ...(residual !== undefined ? { residual: (o: number) => e.ref(residual, o) } : {}),
-    padded: e.ref(padded), ...(cols !== undefined ? { cols: e.ref(cols) } : {}), ...(p.bias ? { bias: e.ref(e.constant(new Tensor('float32', p.bias, [p.cOut]))) } : {}),
+    padded: e.ref(padded), ...(scratch !== undefined ? { scratch: e.ref(scratch) } : {}), ...(p.bias ? { bias: e.ref(e.constant(new Tensor('float32', p.bias, [p.cOut]))) } : {}),
   }, { residualBeforeActivation, activation: p.act.activation as PlanActivation, alpha: p.act.alpha, beta: p.act.beta }, '');
   // (emit names each step after the ONNX node, over the '' given here.)
   for (const step of steps) e.emit(step);
