@@ -59,12 +59,14 @@ for (const [c, side, stride] of [[64, 56, 1], [128, 56, 2], [128, 28, 1], [256, 
   const buffers = [{ kind: 'const', data: x, bytes: x.byteLength }, { kind: 'arena', offset: 0, bytes: pb },
     { kind: 'arena', offset: off1, bytes: cb }, { kind: 'arena', offset: off2, bytes: yb }];
   const g = { cIn: c, cOut: c, h: side, w: side, oh: o, ow: o, kernel: [3, 3], strides: [stride, stride], dilations: [1, 1], pads: [1, 1, 1, 1] };
-  const sparse = sparseConvSteps(g, 1, { weights: w }, { x: () => ref(0), y: () => ref(3), padded: ref(1), scratch: ref(2) }, epi, 's');
+  const sparse = sparseConvSteps(g, 1, { weights: w }, { x: () => ref(0), y: () => ref(3), padded: () => ref(1), scratch: ref(2) }, epi, 's');
   const dense = [{ op: 'conv', node: 'd', handle: conv, x: ref(0), y: ref(3), residualBeforeActivation: false, n: 1, h: side, w: side }];
   const [d, s] = await timeGroups(buffers, off2 + yb, [dense, sparse]);
-  // pad, im2col copy (absent where the conv runs directly on the padded image), spmm.
+  // pad (or a fill and a copy per phase of a strided conv's phased image), im2col copy (absent where the
+  // conv runs directly on the image), spmm, and the long row's copy out.
   const parts = await timeGroups(buffers, off2 + yb, sparse.map((st) => [st]));
-  const named = sparse.map((st, i) => `${st.op === 'copy' ? (i > 0 && sparse[i - 1].op === 'spmm' ? 'copy out' : 'im2col') : st.op === 'spmm' && st.taps ? 'direct spmm' : st.op} ${parts[i].min.toFixed(3)}`);
+  const copyName = (i) => (i > 0 && sparse[i - 1].op === 'spmm' ? 'copy out' : sparse.some((st) => st.op === 'fill') ? 'phase copy' : 'im2col');
+  const named = sparse.map((st, i) => `${st.op === 'copy' ? copyName(i) : st.op === 'spmm' && st.taps ? 'direct spmm' : st.op} ${parts[i].min.toFixed(3)}`);
   console.log(`3x3 ${c} ${side}x${side} s${stride} t${threads}: dense conv ${fmt(d)} ms, sparse ${fmt(s)} ms (${named.join(', ')}), x${(d.min / s.min).toFixed(2)}/${(d.med / s.med).toFixed(2)}`);
   w.dispose(); conv.dispose();
 }

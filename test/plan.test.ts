@@ -620,7 +620,7 @@ describe('plan validation', () => {
     bsr.dispose();
   });
 
-  it('spmm step with taps (a direct KxK conv on padded images): output widths around the vector edges, row strides, dilations, a batch with a residual; bad taps rejected', async () => {
+  it('spmm step with taps (a direct KxK conv on padded or phased images): output widths around the vector edges, row strides, dilations, a batch with a residual; bad taps rejected', async () => {
     // [cIn, cOut, kh, kw, sh, dh, dw, hp, wp]: ow = wp - (kw - 1) * dw, oh = (hp - 1 - (kh - 1) * dh) / sh + 1.
     const cases = [[3, 19, 3, 3, 1, 1, 1, 6, 19], [2, 5, 3, 2, 2, 2, 2, 11, 20], [2, 7, 1, 3, 1, 1, 1, 2, 132], [4, 16, 3, 3, 1, 1, 1, 5, 18],
       [1, 3, 2, 2, 1, 1, 1, 3, 33]] as const;
@@ -663,7 +663,30 @@ describe('plan validation', () => {
         for (let q = 0; q < batch * cOut; q++) for (let oy = 0; oy < oh; oy++) for (let ox = 0; ox < ow; ox++) rows[q * m + oy * ow + ox] = wide[q * long + oy * wp + ox]!;
         expectClose(rows, plain, 1e-5);
       }
+      for (const sw of [1, 2]) {
+        // The phased layout (strides folded into the image): phase (ry, rx) holds rows ry, ry + sh, ...
+        // and columns rx, rx + sw, ... of each padded plane; output column ox reads padded column ox * sw + kx * dw.
+        const hq = Math.ceil(hp / sh), wq = Math.ceil(wp / sw), plane = sh * sw * hq * wq;
+        const pw = Math.floor((wp - 1 - (kw - 1) * dw) / sw) + 1, pm = oh * pw;
+        const xph = new Float32Array(batch * cIn * plane);
+        for (let t = 0; t < batch * cIn; t++) for (let yy = 0; yy < hp; yy++) for (let xx = 0; xx < wp; xx++)
+          xph[t * plane + ((yy % sh) * sw + (xx % sw)) * hq * wq + Math.floor(yy / sh) * wq + Math.floor(xx / sw)] = x[t * hp * wp + yy * wp + xx]!;
+        const wantP = new Float32Array(batch * cOut * pm);
+        for (let t = 0; t < batch; t++) for (let j = 0; j < cOut; j++) for (let oy = 0; oy < oh; oy++) for (let ox = 0; ox < pw; ox++) {
+          let acc = bias[j]!;
+          for (let c = 0; c < cIn; c++) for (let ky = 0; ky < kh; ky++) for (let kx = 0; kx < kw; kx++)
+            acc += b[((c * kh + ky) * kw + kx) * cOut + j]! * x[t * image + c * hp * wp + (oy * sh + ky * dh) * wp + ox * sw + kx * dw]!;
+          wantP[(t * cOut + j) * pm + oy * pw + ox] = Math.max(0, acc);
+        }
+        const gotP = new Float32Array(wantP.length);
+        await runOnce(makeSpec([input(0, xph.byteLength), output(0, gotP.byteLength), { kind: 'const', data: bias, bytes: cOut * 4 }],
+          [{ node: 'S', op: 'spmm', weights: w, a: ref(0), c: ref(1), m: pm, k, n: cOut, bias: ref(2), residualBeforeActivation: false,
+            activation: 'relu', alpha: 0, beta: 0, batch, aStrides: [cIn * plane, 1, 1], cStrides: [cOut * pm, 1, pm],
+            taps: { ...taps, ow: pw, sw, phased: true } }]), [xph], [gotP]);
+        expectClose(gotP, wantP, 1e-5);
+      }
       if (ci > 0) { w.dispose(); continue; }
+      expect(() => create(spec({ taps: { ...taps, sw: 2 } }))).toThrow(/sw > 1\) needs the phased layout/);
       expect(() => create(spec({ taps: { ...taps, kw: kw + 1 } }))).toThrow(/cIn \* kh \* kw must equal k/);
       expect(() => create(spec({ taps: { ...taps, oh: oh - 1 } }))).toThrow(/oh \* ow must equal m/);
       expect(() => create(spec({ taps: { ...taps, hp: hp - 1 } }))).toThrow(/reaches past the padded image/);

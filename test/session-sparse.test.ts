@@ -135,48 +135,68 @@ describe('sparse sessions: digits and a ResNet-style block', () => {
 });
 
 describe('sparse sessions: KxK convolutions, direct or on im2col panels', () => {
-  it('3x3, 5x3, strided, dilated, unpadded and asymmetric-padded convs and a strided 1x1 agree with onnxruntime-node in force, wide rows direct', async () => {
+  it('3x3, 5x3, strided, dilated, unpadded and asymmetric-padded convs, strided 1x1s and residuals agree with onnxruntime-node in force, each in its form', async () => {
     const r = rng(33);
-    // [cIn, cOut, kernel, attrs, input h x w]: odd sizes so the output planes are not whole vectors.
-    const cases: [number, number, [number, number], Record<string, number[]>, [number, number]][] = [
-      [5, 7, [3, 3], { pads: [1, 1, 1, 1] }, [9, 11]],
-      [3, 17, [3, 3], { pads: [1, 1, 1, 1], strides: [2, 2] }, [13, 10]],
-      [4, 9, [5, 3], { pads: [2, 0, 1, 1] }, [7, 6]],
-      [6, 5, [3, 3], { dilations: [2, 2], pads: [2, 2, 2, 2] }, [8, 9]],
-      [8, 16, [3, 3], {}, [6, 19]],
-      [9, 11, [1, 1], { strides: [2, 2] }, [9, 9]],
-      [2, 3, [3, 3], { pads: [1, 1, 1, 1] }, [1, 1]],
-      // Output rows of at least DIRECT_MIN_OW run directly on the padded image: a row of 1 vector + 13,
-      // row stride 2, dilation, 150 wide (two blocks of positions per row), unpadded.
-      [5, 7, [3, 3], { pads: [1, 1, 1, 1] }, [6, 29]],
-      [3, 6, [3, 3], { pads: [1, 1, 1, 1], strides: [2, 1] }, [9, 40]],
-      [4, 5, [3, 3], { dilations: [2, 2], pads: [2, 2, 2, 2] }, [5, 30]],
-      [2, 9, [5, 3], { pads: [2, 0, 1, 1] }, [4, 150]],
-      [3, 4, [3, 3], {}, [5, 26]],
+    // [cIn, cOut, kernel, attrs, input h x w, residual]: odd sizes so the output planes are not whole vectors.
+    const cases: [number, number, [number, number], Record<string, number[]>, [number, number], boolean][] = [
+      [5, 7, [3, 3], { pads: [1, 1, 1, 1] }, [9, 11], false],
+      [3, 17, [3, 3], { pads: [1, 1, 1, 1], strides: [2, 2] }, [13, 10], false],
+      [4, 9, [5, 3], { pads: [2, 0, 1, 1] }, [7, 6], false],
+      [6, 5, [3, 3], { dilations: [2, 2], pads: [2, 2, 2, 2] }, [8, 9], false],
+      [8, 16, [3, 3], {}, [6, 19], false],
+      [9, 11, [1, 1], { strides: [2, 2] }, [9, 9], false],
+      [2, 3, [3, 3], { pads: [1, 1, 1, 1] }, [1, 1], false],
+      // Output rows of at least DIRECT_MIN_OW: a row of 1 vector + 13, row stride 2, dilation, 150
+      // wide (two blocks of positions per row), unpadded.
+      [5, 7, [3, 3], { pads: [1, 1, 1, 1] }, [6, 29], false],
+      [3, 6, [3, 3], { pads: [1, 1, 1, 1], strides: [2, 1] }, [9, 40], false],
+      [4, 5, [3, 3], { dilations: [2, 2], pads: [2, 2, 2, 2] }, [5, 30], false],
+      [2, 9, [5, 3], { pads: [2, 0, 1, 1] }, [4, 150], false],
+      [3, 4, [3, 3], {}, [5, 26], false],
+      // Strided: wide rows (im2col), and on the phased image a dilation that reads one phase, stride 3
+      // (nine phases), stride 2 down the image only and narrow, odd padded sizes.
+      [4, 6, [3, 3], { pads: [1, 1, 1, 1], strides: [2, 2] }, [7, 50], false],
+      [3, 5, [3, 3], { dilations: [2, 2], pads: [2, 2, 2, 2], strides: [2, 2] }, [9, 11], false],
+      [2, 4, [3, 3], { pads: [1, 1, 1, 1], strides: [3, 3] }, [10, 11], false],
+      [3, 5, [3, 2], { pads: [1, 0, 1, 1], strides: [2, 1] }, [8, 9], false],
+      // A residual (Conv + Add + Relu, fused): narrow convs go to im2col, wide rows stay direct.
+      [4, 6, [3, 3], { pads: [1, 1, 1, 1] }, [7, 9], true],
+      [4, 6, [3, 3], { pads: [1, 1, 1, 1], strides: [2, 2] }, [9, 9], true],
+      [3, 5, [3, 3], { pads: [1, 1, 1, 1] }, [4, 30], true],
     ];
-    // Cases 0, 2-4 and 6 are narrow and unstrided: one long row each (dilated, asymmetric-padded, unpadded, 1x1 image).
-    for (const [ci, [cin, cout, [kh, kw], attrs, [h, w]]] of cases.entries()) {
+    for (const [ci, [cin, cout, [kh, kw], attrs, [h, w], withResidual]] of cases.entries()) {
       const g = new GraphBuilder(`kxk${ci}`, { opset: 13 });
       const x = g.input('x', 'float32', ['N', cin, h, w]);
+      const pads = attrs.pads ?? [0, 0, 0, 0], dil = attrs.dilations ?? [1, 1], strides = attrs.strides ?? [1, 1];
+      const oh = Math.floor((h + pads[0]! + pads[2]! - (kh - 1) * dil[0]! - 1) / strides[0]!) + 1;
+      const ow = Math.floor((w + pads[1]! + pads[3]! - (kw - 1) * dil[1]! - 1) / strides[1]!) + 1;
       const [y] = g.node('Conv', [x, g.init('c.w', randomTensor([cout, cin, kh, kw], { random: r, scale: Math.sqrt(2 / (cin * kh * kw)) })),
         g.init('c.b', randomTensor([cout], { random: r, scale: 0.1 }))], attrs, 1, { name: 'c' });
-      const [z] = g.node('Relu', [y!]);
+      const res = withResidual ? g.input('r', 'float32', ['N', cout, oh, ow]) : undefined;
+      const [sum] = res ? g.node('Add', [y!, res]) : [y];
+      const [z] = g.node('Relu', [sum!]);
       g.output(z!, 'float32', ['N', cout, '?', '?'] as never);
       const { bytes } = await prune(g.toBytes(), { sparsity: 0.6, keepFirstLayerDense: false });
-      const pads = attrs.pads ?? [0, 0, 0, 0], dil = attrs.dilations ?? [1, 1], strides = attrs.strides ?? [1, 1];
-      const ow = Math.floor((w + pads[1]! + pads[3]! - (kw - 1) * dil[1]! - 1) / strides[1]!) + 1;
+      // The rule: rows of at least DIRECT_MIN_OW one output row per call (unstrided along them, else
+      // the im2col panel), narrower ones as one long row (then a copy drops the positions across row
+      // ends) unless a residual is fused, which sends them to the im2col panel. A strided long row
+      // reads a phased image (a fill and a copy per phase a tap reads).
+      const wide = ow < DIRECT_MIN_OW;
+      const mode = !wide ? (strides[1] === 1 ? 'rows' : 'im2col') : !withResidual ? 'wide' : 'im2col';
+      const phased = mode === 'wide' && (strides[0]! > 1 || strides[1]! > 1);
+      const phases = new Set<number>();
+      for (let ky = 0; ky < kh; ky++) for (let kx = 0; kx < kw; kx++) phases.add(((ky * dil[0]!) % strides[0]!) * 10 + ((kx * dil[1]!) % strides[1]!));
+      const copies = (phased ? phases.size : 0) + (mode === 'rows' ? 0 : 1);
       for (const batch of [1, 2]) {
-        const feeds = { x: uniform([batch, cin, h, w], ci + batch) };
+        const feeds = { x: uniform([batch, cin, h, w], ci + batch), ...(res ? { r: uniform([batch, cout, oh, ow], ci + 7) } : {}) };
         const s = await expectAgrees(bytes, feeds, { sparse: 'force' }, `kxk case ${ci} b${batch}`);
         expect(s.sparseLayers.map((l) => Object.values(l.kernel))).toEqual([['sparse']]);
-        // Row by row where rows are wide and unstrided, else as one long row where both strides are 1
-        // (then a copy drops the positions across row ends), else on the im2col panel.
-        const mode = strides[1] === 1 && ow >= DIRECT_MIN_OW ? 'rows' : strides[0] === 1 && strides[1] === 1 ? 'wide' : 'im2col';
         const prof = await s.profile(feeds, { runs: 1 });
-        const spmm = prof.filter((r) => r.op === 'spmm');
+        const spmm = prof.filter((q) => q.op === 'spmm');
         expect(spmm.length).toBe(batch);
-        for (const r of spmm) expect([ci, r.kernel.includes('+direct')]).toEqual([ci, mode !== 'im2col']);
-        expect([ci, prof.filter((r) => r.op === 'copy').length]).toEqual([ci, mode === 'rows' ? 0 : batch]);
+        for (const q of spmm) expect([ci, q.kernel.includes('+direct')]).toEqual([ci, mode !== 'im2col']);
+        const count = (op: string) => prof.filter((q) => q.op === op).length;
+        expect([ci, count('copy'), count('fill')]).toEqual([ci, batch * copies, phased ? batch : 0]);
         s.dispose();
       }
     }

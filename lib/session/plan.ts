@@ -68,7 +68,16 @@ export type PlanActivation = 'none' | 'relu' | 'clip' /* [alpha, beta]; ReLU6 = 
 export interface PlanBlocked { h: number; w: number; pads: [number, number, number, number]; bf16?: boolean }
 
 /** The geometry of a direct sparse KxK convolution step (see the spmm step's `taps`). */
-export interface SpmmTaps { cIn: number; hp: number; wp: number; kh: number; kw: number; sh: number; dh: number; dw: number; oh: number; ow: number }
+export interface SpmmTaps {
+  cIn: number; hp: number; wp: number; kh: number; kw: number; sh: number; dh: number; dw: number; oh: number; ow: number;
+  /**
+   * Strides folded into the layout: `a` holds each image as cIn x sh x sw phases of ceil(hp / sh) x
+   * ceil(wp / sw), phase (ry, rx) the padded image's rows ry, ry + sh, ... and columns rx, rx + sw, ...;
+   * a tap (ky, kx) reads phase ((ky*dh) % sh, (kx*dw) % sw) from (oy + floor(ky*dh / sh), floor(kx*dw / sw)).
+   * Without it, sw must be 1 and output row oy reads padded row oy*sh + ky*dh.
+   */
+  phased?: boolean; sw?: number;
+}
 
 export type PlanStep = { node: string } & (
   /**

@@ -215,62 +215,103 @@ export interface SparseConvGeometry {
  * kernel is one output row, so a narrow row wastes most of its last vector and pays the per-column
  * work for few positions. One thread, 90% unstructured 3x3 layers against SpMM on the im2col panel
  * (the panel's copy not counted): 56x56 (64 channels) 1.7x faster, 28x28 (128) 1.3-1.4x, 14x14 (256)
- * 0.5x, 7x7 0.4x. Narrower stride-1 convs without a residual run all their rows as one long row
- * instead (sparseConvPlan's 'wide').
+ * 0.5x, 7x7 0.4x. Narrower convs without a residual run all their rows as one long row instead
+ * (sparseConvPlan's 'wide').
  */
 export const DIRECT_MIN_OW = 24;
 
-/**
- * How sparseConvSteps runs a KxK convolution, and the scratch floats it needs beside the padded image:
- * - 'rows': directly on the padded image, one output row per kernel call (rows of at least DIRECT_MIN_OW);
- * - 'wide': directly, all output rows as one row of (oh - 1) * wp + ow positions (stride 1 along both
- *   axes): the positions that straddle row ends are computed and dropped by a copy of the rest into y.
- *   Against the im2col panel at 14x14 (256 channels) and 7x7 (512), one thread, 90%: 1.03x / 1.15x
- *   for the SpMM alone, without the panel's copy (0.11 / 0.15 ms); the copy out costs ~0.02 ms. The
- *   dropped positions take the epilogue's bias and activation, so a residual rules it out;
- * - 'im2col': through the panel [cIn*kh*kw, oh*ow] (strided rows, residuals of narrow convs).
- */
-export function sparseConvPlan(g: SparseConvGeometry, residual: boolean): { mode: 'rows' | 'wide' | 'im2col'; scratch: number } {
-  const hp = g.h + g.pads[0] + g.pads[2], wp = g.w + g.pads[1] + g.pads[3];
-  if (g.cIn * hp * wp <= 0xffffffff) {
-    if (g.strides[1] === 1 && g.ow >= DIRECT_MIN_OW) return { mode: 'rows', scratch: 0 };
-    if (g.strides[0] === 1 && g.strides[1] === 1 && !residual) return { mode: 'wide', scratch: g.cOut * ((g.oh - 1) * wp + g.ow) };
-  }
-  return { mode: 'im2col', scratch: g.cIn * g.kernel[0] * g.kernel[1] * g.oh * g.ow };
+/** How sparseConvSteps runs a KxK convolution (see sparseConvPlan). */
+export interface SparseConvPlan {
+  mode: 'rows' | 'wide' | 'im2col';
+  /**
+   * The direct forms' image is stored in strides[0] x strides[1] phases (phase (ry, rx) holding the
+   * padded image's rows ry, ry + sh, ... and columns rx, rx + sw, ...), so that a strided conv reads
+   * contiguous rows; filled by a zero fill and one strided copy per phase a tap reads. Otherwise the
+   * padded image itself (a pad step).
+   */
+  phased: boolean;
+  /** Floats of the (padded or phased) image of one input image. */
+  image: number;
+  /** Floats of the scratch beside it: the long row's output, or the im2col panel; 0 for 'rows'. */
+  scratch: number;
 }
 
 /**
- * A KxK (or strided 1x1) convolution on the columns-layout SpMM, per image: zero-pad the image (a
- * pad step, skipped without pads), then C^T [cOut, oh*ow] = W . panel written into the image's NCHW
- * output, where the panel [cIn*kh*kw, oh*ow] (row (c, ky, kx) is the padded plane read at stride
- * (sh, sw) from (ky*dh, kx*dw): the K order of the weights [cOut, cIn, kh, kw]) is read in place from
- * the padded image (the spmm step's taps) or gathered by one strided copy (sparseConvPlan). One image
- * at a time: at batch 8 a whole-batch panel of ResNet-50's first 3x3 layer would be 58 MB. `x`, `y`,
- * `residual` at image 0 (NCHW), `padded` and `scratch` (sparseConvPlan's floats) of one image each.
+ * - 'rows': directly on the image, one output row per kernel call (rows of at least DIRECT_MIN_OW);
+ * - 'wide': directly, all output rows as one row of (oh - 1) * rowPitch + ow positions: the positions
+ *   that straddle row ends are computed and dropped by a copy of the rest into y. Against the im2col
+ *   panel at 14x14 (256 channels) and 7x7 (512), one thread, 90%: 1.03x / 1.15x for the SpMM alone,
+ *   without the panel's copy (0.11 / 0.15 ms); the copy out costs ~0.02 ms. The dropped positions
+ *   take the epilogue's bias and activation, so a residual rules it out;
+ * - 'im2col': through the panel [cIn*kh*kw, oh*ow] (narrow convs with a residual, wide rows strided
+ *   along them).
+ * 'wide' runs strided convs on the phased image. 'rows' reads the padded image (every sh-th row): on a
+ * phased image a stride-2 3x3 with 28-wide rows (128 channels, 56x56 in) took 0.75 ms against 0.41
+ * on its im2col panel, each output row reading six phase rows per channel where an unstrided conv
+ * reads three, two of them again for the next row.
+ */
+export function sparseConvPlan(g: SparseConvGeometry, residual: boolean): SparseConvPlan {
+  const [sh, sw] = g.strides;
+  const hp = g.h + g.pads[0] + g.pads[2], wp = g.w + g.pads[1] + g.pads[3];
+  const wide = g.ow < DIRECT_MIN_OW;
+  const phased = wide && (sh > 1 || sw > 1);
+  const image = phased ? g.cIn * sh * sw * Math.ceil(hp / sh) * Math.ceil(wp / sw) : g.cIn * hp * wp;
+  const rowPitch = phased ? Math.ceil(wp / sw) : wp;
+  if (image <= 0xffffffff && (wide ? !residual : sw === 1)) {
+    return { mode: wide ? 'wide' : 'rows', phased, image, scratch: wide ? g.cOut * ((g.oh - 1) * rowPitch + g.ow) : 0 };
+  }
+  return { mode: 'im2col', phased: false, image: g.cIn * hp * wp, scratch: g.cIn * g.kernel[0] * g.kernel[1] * g.oh * g.ow };
+}
+
+/**
+ * A KxK (or strided 1x1) convolution on the columns-layout SpMM, per image: the image zero-padded (a
+ * pad step, skipped without pads) or phased (sparseConvPlan), then C^T [cOut, oh*ow] = W . panel
+ * written into the image's NCHW output, where the panel [cIn*kh*kw, oh*ow] (row (c, ky, kx) is the
+ * padded plane read at stride (sh, sw) from (ky*dh, kx*dw): the K order of the weights [cOut, cIn,
+ * kh, kw]) is read in place from that image (the spmm step's taps) or gathered by one strided copy.
+ * One image at a time: at batch 8 a whole-batch panel of ResNet-50's first 3x3 layer would be 58 MB.
+ * `x`, `y`, `residual` at image 0 (NCHW), `padded` and `scratch` (sparseConvPlan's image and scratch
+ * floats) of one image each.
  */
 export function sparseConvSteps(g: SparseConvGeometry, n: number, s: SparseChoice, refs: {
-  x: OffsetRef; y: OffsetRef; residual?: OffsetRef; padded: PlanRef; scratch?: PlanRef; bias?: PlanRef },
+  x: OffsetRef; y: OffsetRef; residual?: OffsetRef; padded: OffsetRef; scratch?: PlanRef; bias?: PlanRef },
 epilogue: { residualBeforeActivation: boolean; activation: PlanActivation; alpha: number; beta: number }, node: string): PlanStep[] {
   const [kh, kw] = g.kernel, [sh, sw] = g.strides, [dh, dw] = g.dilations, [pt, pl, pb, pr] = g.pads;
   const hp = g.h + pt + pb, wp = g.w + pl + pr, m = g.oh * g.ow, k = g.cIn * kh * kw;
   const padding = pt + pl + pb + pr > 0;
-  const { mode, scratch } = sparseConvPlan(g, refs.residual !== undefined);
-  if (scratch > 0 && !refs.scratch) throw new Error(`sparseConvSteps: the ${mode} form needs a scratch of ${scratch} floats`);
-  const long = (g.oh - 1) * wp + g.ow;
+  const plan = sparseConvPlan(g, refs.residual !== undefined);
+  const { mode, phased } = plan;
+  if (plan.scratch > 0 && !refs.scratch) throw new Error(`sparseConvSteps: the ${mode} form needs a scratch of ${plan.scratch} floats`);
+  const hq = phased ? Math.ceil(hp / sh) : hp, wq = phased ? Math.ceil(wp / sw) : wp;
+  const long = (g.oh - 1) * wq + g.ow;
+  // The phases a tap reads.
+  const phases = new Set<number>();
+  for (let ky = 0; ky < kh; ky++) for (let kx = 0; kx < kw; kx++) phases.add(((ky * dh) % sh) * sw + ((kx * dw) % sw));
   const steps: PlanStep[] = [];
   for (let b = 0; b < n; b++) {
-    const x = refs.x(b * g.cIn * g.h * g.w);
-    if (padding) {
-      steps.push({ op: 'pad', node, x, y: refs.padded, dtype: 'float32', inDims: [g.cIn, g.h, g.w], begin: [0, pt, pl], end: [0, pb, pr],
-        mode: 'constant', value: 0 });
+    const xAt = b * g.cIn * g.h * g.w;
+    if (phased) {
+      steps.push({ op: 'fill', node, y: refs.padded(0), dtype: 'float32', count: plan.image, value: 0 });
+      for (const ph of [...phases].sort((u, v) => u - v)) {
+        const ry = Math.floor(ph / sw), rx = ph % sw;
+        // The input's first row and column that land in this phase, and how many.
+        const y0 = (((ry - pt) % sh) + sh) % sh, x0 = (((rx - pl) % sw) + sw) % sw;
+        if (y0 >= g.h || x0 >= g.w) continue;
+        const rows = Math.ceil((g.h - y0) / sh), cols = Math.ceil((g.w - x0) / sw);
+        steps.push({ op: 'copy', node, x: refs.x(xAt + y0 * g.w + x0), y: refs.padded(ph * hq * wq + ((y0 + pt - ry) / sh) * wq + (x0 + pl - rx) / sw),
+          dims: [g.cIn, rows, cols], xStrides: [g.h * g.w, sh * g.w, sw], yStrides: [sh * sw * hq * wq, wq, 1], elemBytes: 4 });
+      }
+    } else if (padding) {
+      steps.push({ op: 'pad', node, x: refs.x(xAt), y: refs.padded(0), dtype: 'float32', inDims: [g.cIn, g.h, g.w], begin: [0, pt, pl],
+        end: [0, pb, pr], mode: 'constant', value: 0 });
     }
-    const image = padding ? refs.padded : x;
+    const image = phased || padding ? refs.padded(0) : refs.x(xAt);
     const common = { node, weights: s.weights, k, n: g.cOut, ...(refs.bias ? { bias: refs.bias } : {}), ...epilogue, batch: 1 };
-    const taps = { cIn: g.cIn, hp, wp, kh, kw, sh, dh, dw };
+    const taps = { cIn: g.cIn, hp, wp, kh, kw, sh, dh, dw, ...(phased ? { sw, phased: true } : {}) };
     if (mode === 'wide') {
       steps.push({ op: 'spmm', ...common, a: image, c: refs.scratch!, m: long, aStrides: [k * m, 1, m], cStrides: [g.cOut * long, 1, long],
         taps: { ...taps, oh: 1, ow: long } });
-      steps.push({ op: 'copy', node, x: refs.scratch!, y: refs.y(b * g.cOut * m), dims: [g.cOut, g.oh, g.ow], xStrides: [long, wp, 1],
+      steps.push({ op: 'copy', node, x: refs.scratch!, y: refs.y(b * g.cOut * m), dims: [g.cOut, g.oh, g.ow], xStrides: [long, wq, 1],
         yStrides: [m, g.ow, 1], elemBytes: 4 });
       continue;
     }
@@ -303,7 +344,7 @@ export async function timeSparseConvLayer(s: SparseChoice, conv: NativeConvHandl
   });
   const big = geoms[geoms.length - 1]!;
   const x = timingActivations(g0.cIn * big.h * big.w);
-  const padded = { off: 0, bytes: g0.cIn * (big.h + g0.pads[0] + g0.pads[2]) * (big.w + g0.pads[1] + g0.pads[3]) * 4 };
+  const padded = { off: 0, bytes: Math.max(...geoms.map((g) => sparseConvPlan(g, false).image * 4)) };
   const cols = { off: align64(padded.bytes), bytes: Math.max(4, ...geoms.map((g) => sparseConvPlan(g, false).scratch * 4)) };
   const y = { off: align64(cols.off + cols.bytes), bytes: g0.cOut * big.oh * big.ow * 4 };
   const buffers: PlanBuffer[] = [
@@ -318,7 +359,7 @@ export async function timeSparseConvLayer(s: SparseChoice, conv: NativeConvHandl
   const cases = geoms.map((g): TimedCase => ({
     m: g.oh * g.ow,
     dense: [{ op: 'conv', node: 'sparse-timing', handle: conv, x: ref(0), y: ref(3), residualBeforeActivation: false, n: 1, h: g.h, w: g.w }],
-    sparse: sparseConvSteps(g, 1, s, { x: () => ref(0), y: () => ref(3), padded: ref(1), scratch: ref(2), ...(epilogue.bias ? { bias: ref(4) } : {}) },
+    sparse: sparseConvSteps(g, 1, s, { x: () => ref(0), y: () => ref(3), padded: () => ref(1), scratch: ref(2), ...(epilogue.bias ? { bias: ref(4) } : {}) },
       epi, 'sparse-timing'),
   }));
   await timeCases(s, buffers, y.off + y.bytes, cases, threads);

@@ -289,6 +289,8 @@ void ReadSpmm(const SpecReader& r, Napi::Object o, PlanStep& s) {
     g.kh = r.Size(t, "kh");
     g.kw = r.Size(t, "kw");
     g.sh = r.Size(t, "sh");
+    g.sw = t.Get("sw").IsUndefined() ? 1 : r.Size(t, "sw");
+    g.phased = r.Bool(t, "phased", true);
     g.dh = r.Size(t, "dh");
     g.dw = r.Size(t, "dw");
     g.oh = r.Size(t, "oh");

@@ -355,13 +355,12 @@ std::string SpmmColumnsUkernelName(GemmVariant v) {
   return CsrUkernel(v).columns_name;
 }
 
-std::vector<uint32_t> SpmmConvTapOffsets(const SparseWeights& w, size_t kh, size_t kw, size_t hp, size_t wp, size_t dh,
-                                         size_t dw) {
-  const size_t taps = kh * kw;
+std::vector<uint32_t> SpmmConvTapOffsets(const SparseWeights& w, const std::vector<size_t>& tap_offset, size_t plane) {
+  const size_t taps = tap_offset.size();
   std::vector<uint32_t> out(w.col_idx_.size());
   for (size_t p = 0; p < out.size(); ++p) {
-    const size_t kk = w.col_idx_[p], c = kk / taps, t = kk % taps;
-    out[p] = static_cast<uint32_t>(c * hp * wp + t / kw * dh * wp + t % kw * dw);
+    const size_t kk = w.col_idx_[p];
+    out[p] = static_cast<uint32_t>(kk / taps * plane + tap_offset[kk % taps]);
   }
   return out;
 }

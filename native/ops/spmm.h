@@ -92,11 +92,10 @@ struct SpmmColumnsArgs {
   const uint32_t* a_offsets = nullptr;
   kernels::GemmEpilogue epilogue{nullptr, nullptr, nullptr, 0, kernels::kActNone, 0, 0.0f, 0.0f};
 };
-// The a_offsets of a KxK conv whose weights' k index is (c, ky, kx) row-major (im2col order,
-// k = c_in * kh * kw): c * hp * wp + ky * dh * wp + kx * dw for each non-zero, hp x wp the padded
-// plane. The caller checks that c_in * hp * wp fits 32 bits.
-std::vector<uint32_t> SpmmConvTapOffsets(const SparseWeights& w, size_t kh, size_t kw, size_t hp, size_t wp, size_t dh,
-                                         size_t dw);
+// The a_offsets of a KxK conv whose weights' k index is (c, t) row-major, t = ky * kw + kx the tap
+// (im2col order, k = c_in * taps): c * plane + tap_offset[t] for each non-zero. The caller checks
+// that c_in * plane fits 32 bits.
+std::vector<uint32_t> SpmmConvTapOffsets(const SparseWeights& w, const std::vector<size_t>& tap_offset, size_t plane);
 bool RunSpmmColumns(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, const SpmmColumnsArgs& args,
                     const SparseWeights& w, GemmVariant variant);
 // Name of the columns-layout microkernel a (resolved) variant runs.

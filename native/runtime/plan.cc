@@ -189,21 +189,38 @@ void ValidateSpmm(StepValidator& v, PlanStep& s) {
     return v.Fail("a and c must both be row-major (aStrides[2] = cStrides[2] = 1) or both column-major "
                   "(aStrides[1] = cStrides[1] = 1)");
   if (s.taps.kh > 0) {
-    const PlanStep::SpmmTaps& g = s.taps;
     // (With m = 1 the strides also read as row-major; taps decide.)
     if (!columns) return v.Fail("a direct convolution (taps) writes column-major c");
     if (s.sparse->format() != SparseFormat::kCsr) return v.Fail("a direct convolution (taps) needs CSR weights");
     if (s.gemm) return v.Fail("skipWeights is for row-major a and c only");
     if (!(static_cast<size_t>(cs[2]) >= s.m || s.n <= 1)) return v.Fail("column-major c needs cStrides[2] >= m");
-    if (g.kw == 0 || g.c_in == 0 || g.sh == 0 || g.dh == 0 || g.dw == 0 || g.oh == 0 || g.ow == 0)
-      return v.Fail("taps need non-zero cIn, kw, sh, dh, dw, oh and ow");
+    PlanStep::SpmmTaps& g = s.taps;
+    if (g.kw == 0 || g.c_in == 0 || g.sh == 0 || g.sw == 0 || g.dh == 0 || g.dw == 0 || g.oh == 0 || g.ow == 0 ||
+        g.hp == 0 || g.wp == 0)
+      return v.Fail("taps need non-zero cIn, hp, wp, kw, sh, sw, dh, dw, oh and ow");
+    if (!g.phased && g.sw != 1) return v.Fail("taps: a stride along rows (sw > 1) needs the phased layout");
     if (v.Product({g.c_in, g.kh, g.kw}) != s.k) return v.Fail("taps: cIn * kh * kw must equal k");
     if (v.Product({g.oh, g.ow}) != s.m) return v.Fail("taps: oh * ow must equal m");
-    // Bounds on the last element read; a row wider than wp reads on into the next rows of the image
-    // (one long row computes several narrow ones at once, the positions across row ends discarded).
-    if (((g.oh - 1) * g.sh + (g.kh - 1) * g.dh) * g.wp + (g.ow - 1) + (g.kw - 1) * g.dw >= g.hp * g.wp)
+    // Each tap's offset in a channel's plane, and the step between output rows.
+    const size_t hq = g.phased ? (g.hp + g.sh - 1) / g.sh : g.hp, wq = g.phased ? (g.wp + g.sw - 1) / g.sw : g.wp;
+    const size_t plane = v.Product({g.phased ? g.sh * g.sw : 1, hq, wq});
+    g.row_stride = g.phased ? wq : g.sh * g.wp;
+    std::vector<size_t> tap_offset(g.kh * g.kw);
+    size_t last_tap = 0;
+    for (size_t ky = 0; ky < g.kh; ++ky) {
+      for (size_t kx = 0; kx < g.kw; ++kx) {
+        const size_t y = ky * g.dh, x = kx * g.dw;
+        const size_t off = g.phased ? ((y % g.sh) * g.sw + x % g.sw) * hq * wq + y / g.sh * wq + x / g.sw : y * g.wp + x;
+        tap_offset[ky * g.kw + kx] = off;
+        last_tap = std::max(last_tap, off);
+      }
+    }
+    // Bounds on the last element read in a plane; a row wider than the image's reads on into the
+    // next rows (one long row computes several narrow ones at once, the positions across row ends
+    // discarded by the caller).
+    if (last_tap + (g.oh - 1) * g.row_stride + g.ow - 1 >= plane)
       return v.Fail("taps: the output window reaches past the padded image");
-    const size_t image = v.Product({g.c_in, g.hp, g.wp});
+    const size_t image = v.Product({g.c_in, plane});
     if (image > 0xFFFFFFFFu) return v.Fail("taps: the padded image exceeds 2^32 elements");
     if (s.outer > 1 && static_cast<size_t>(cs[0]) < (s.n - 1) * cs[2] + s.m)
       return v.Fail("cStrides[0] overlaps the batch's outputs");
@@ -213,8 +230,7 @@ void ValidateSpmm(StepValidator& v, PlanStep& s) {
     v.ReadOptional(s.in[1], 4, ContiguousWalk(s.n), "bias");
     v.ReadOptional(s.in[2], 4, StridedWalk(c_dims, cs, 3), "residual");
     v.Write(s.out[0], 4, StridedWalk(c_dims, cs, 3), "c");
-    s.tap_offsets = std::make_shared<const std::vector<uint32_t>>(
-        SpmmConvTapOffsets(*s.sparse, g.kh, g.kw, g.hp, g.wp, g.dh, g.dw));
+    s.tap_offsets = std::make_shared<const std::vector<uint32_t>>(SpmmConvTapOffsets(*s.sparse, tap_offset, plane));
     return;
   }
   if (s.outer > 1) {
@@ -742,7 +758,7 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
         args.a_batch_stride = static_cast<size_t>(as[0]);
         args.c_batch_stride = args.r_batch_stride = static_cast<size_t>(cs[0]);
         args.rows = g.oh;
-        args.a_row_stride = g.sh * g.wp;
+        args.a_row_stride = g.row_stride;
         args.c_row_stride = g.ow;
         args.a_offsets = s.tap_offsets->data();
         args.epilogue = ep;

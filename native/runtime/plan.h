@@ -110,13 +110,19 @@ struct PlanStep {
   std::shared_ptr<const PackedGemmWeights> gemm;
   std::shared_ptr<const PackedLowpGemmWeights> gemm_lowp;
   std::shared_ptr<const SparseWeights> sparse;  // spmm
-  // spmm as a direct KxK convolution (present when taps.kh > 0): `outer` images of c_in x hp x wp
-  // (padded) at strides[0][0] apart, output rows of ow positions (m = oh * ow); the A^T row of
-  // weight index (c, ky, kx) for output row oy is the image read from (c, oy * sh + ky * dh, kx * dw),
-  // ow positions on (past the row's end into the next rows when ow > wp - (kw - 1) * dw).
-  // Plan::Create fills tap_offsets (SpmmConvTapOffsets) for the plan's geometry.
+  // spmm as a direct KxK convolution (present when taps.kh > 0): `outer` images at strides[0][0]
+  // apart, output rows of ow positions (m = oh * ow). Unphased: an image is c_in x hp x wp (padded),
+  // and the A^T row of weight index (c, ky, kx) for output row oy is the image read from
+  // (c, oy * sh + ky * dh, kx * dw) (sw = 1). Phased (strides folded into the layout): an image is
+  // c_in x sh x sw x hq x wq, hq = ceil(hp / sh), wq = ceil(wp / sw), phase (ry, rx) holding padded
+  // rows ry, ry + sh, ... and columns rx, rx + sw, ...; the row is read from phase
+  // ((ky * dh) % sh, (kx * dw) % sw) at (oy + ky * dh / sh, kx * dw / sw). Either way ow positions
+  // on, past the row's end into the next rows when ow is wider. Plan::Create fills row_stride and
+  // tap_offsets (SpmmConvTapOffsets) for the plan's geometry.
   struct SpmmTaps {
-    size_t c_in = 0, hp = 0, wp = 0, kh = 0, kw = 0, sh = 1, dh = 1, dw = 1, oh = 0, ow = 0;
+    size_t c_in = 0, hp = 0, wp = 0, kh = 0, kw = 0, sh = 1, sw = 1, dh = 1, dw = 1, oh = 0, ow = 0;
+    bool phased = false;
+    size_t row_stride = 0;  // derived: elements between output rows' first reads
   } taps;
   std::shared_ptr<const std::vector<uint32_t>> tap_offsets;
   // gpuConv / gpuGemm: weights in device memory, uploaded once at load and shared by every plan of

@@ -347,21 +347,20 @@ function emitPointwiseSpmm(e: Emitter, p: ConvPrepared, s: SparseChoice, n: numb
     yStrides: [p.cOut * hw, hw, 1], elemBytes: 4 });
 }
 
-/** A KxK convolution on SpMM, directly on the padded image or through per-image im2col panels (see sparseConvSteps). */
+/** A KxK convolution on SpMM, directly on the padded (or phased) image or through per-image im2col panels (see sparseConvSteps). */
 function emitSparseConv(e: Emitter, p: ConvPrepared, s: SparseChoice, n: number,
   g: { h: number; w: number; oh: number; ow: number; pads: [number, number, number, number] }, residual: ValueId | undefined,
   residualBeforeActivation: boolean): void {
   const [kh, kw] = p.win.kernel as [number, number];
-  const [pt, pl, pb, pr] = g.pads;
-  const padded = e.temp('float32', [p.cIn, g.h + pt + pb, g.w + pl + pr]);
   const geometry = { cIn: p.cIn, cOut: p.cOut, ...g, kernel: [kh, kw] as [number, number], strides: p.win.strides as [number, number],
     dilations: p.win.dilations as [number, number] };
-  const { scratch: scratchFloats } = sparseConvPlan(geometry, residual !== undefined);
-  const scratch = scratchFloats > 0 ? e.temp('float32', [scratchFloats]) : undefined;
+  const plan = sparseConvPlan(geometry, residual !== undefined);
+  const padded = e.temp('float32', [plan.image]);
+  const scratch = plan.scratch > 0 ? e.temp('float32', [plan.scratch]) : undefined;
   const steps = sparseConvSteps(geometry, n, s, {
     x: (o) => e.ref(e.input(0), o), y: (o) => e.ref(e.output(0), o),
     ...(residual !== undefined ? { residual: (o: number) => e.ref(residual, o) } : {}),
-    padded: e.ref(padded), ...(scratch !== undefined ? { scratch: e.ref(scratch) } : {}), ...(p.bias ? { bias: e.ref(e.constant(new Tensor('float32', p.bias, [p.cOut]))) } : {}),
+    padded: (o) => e.ref(padded, o), ...(scratch !== undefined ? { scratch: e.ref(scratch) } : {}), ...(p.bias ? { bias: e.ref(e.constant(new Tensor('float32', p.bias, [p.cOut]))) } : {}),
   }, { residualBeforeActivation, activation: p.act.activation as PlanActivation, alpha: p.act.alpha, beta: p.act.beta }, '');
   // (emit names each step after the ONNX node, over the '' given here.)
   for (const step of steps) e.emit(step);
