@@ -186,17 +186,30 @@ describe('sparse sessions: KxK convolutions, direct or on im2col panels', () => 
       const phased = mode === 'wide' && (strides[0]! > 1 || strides[1]! > 1);
       const phases = new Set<number>();
       for (let ky = 0; ky < kh; ky++) for (let kx = 0; kx < kw; kx++) phases.add(((ky * dil[0]!) % strides[0]!) * 10 + ((kx * dil[1]!) % strides[1]!));
-      const copies = (phased ? phases.size : 0) + (mode === 'rows' ? 0 : 1);
+      // The direct forms take the whole batch in one pass (one spmm step, one fill and copy per
+      // phase, one copy out); im2col goes image by image (a pad, a panel copy and an spmm each).
+      const padded = pads.some((q) => q > 0);
       for (const batch of [1, 2]) {
         const feeds = { x: uniform([batch, cin, h, w], ci + batch), ...(res ? { r: uniform([batch, cout, oh, ow], ci + 7) } : {}) };
         const s = await expectAgrees(bytes, feeds, { sparse: 'force' }, `kxk case ${ci} b${batch}`);
         expect(s.sparseLayers.map((l) => Object.values(l.kernel))).toEqual([['sparse']]);
         const prof = await s.profile(feeds, { runs: 1 });
         const spmm = prof.filter((q) => q.op === 'spmm');
-        expect(spmm.length).toBe(batch);
+        const perImage = mode === 'im2col' ? batch : 1;
+        expect(spmm.length).toBe(perImage);
         for (const q of spmm) expect([ci, q.kernel.includes('+direct')]).toEqual([ci, mode !== 'im2col']);
         const count = (op: string) => prof.filter((q) => q.op === op).length;
-        expect([ci, count('copy'), count('fill')]).toEqual([ci, batch * copies, phased ? batch : 0]);
+        const copies = mode === 'im2col' ? batch : (phased ? phases.size : 0) + (mode === 'wide' ? 1 : 0);
+        expect([ci, count('copy'), count('fill'), count('pad')]).toEqual([ci, copies, phased ? 1 : 0, padded && !phased ? perImage : 0]);
+        if (batch === 2) {
+          // Two threads take an image each (the batch divides): the bits of one thread.
+          const one = await Session.load(bytes, { device: 'cpu', sparse: 'force', threads: 1 });
+          const two = await Session.load(bytes, { device: 'cpu', sparse: 'force', threads: 2 });
+          const [a, b2] = [(await one.run(feeds))[z!]!.data, (await two.run(feeds))[z!]!.data] as Float32Array[];
+          expect([ci, Buffer.from(a!.buffer, a!.byteOffset, a!.byteLength).equals(Buffer.from(b2!.buffer, b2!.byteOffset, b2!.byteLength))]).toEqual([ci, true]);
+          one.dispose();
+          two.dispose();
+        }
         s.dispose();
       }
     }

@@ -264,64 +264,82 @@ export function sparseConvPlan(g: SparseConvGeometry, residual: boolean): Sparse
 }
 
 /**
- * A KxK (or strided 1x1) convolution on the columns-layout SpMM, per image: the image zero-padded (a
- * pad step, skipped without pads) or phased (sparseConvPlan), then C^T [cOut, oh*ow] = W . panel
- * written into the image's NCHW output, where the panel [cIn*kh*kw, oh*ow] (row (c, ky, kx) is the
- * padded plane read at stride (sh, sw) from (ky*dh, kx*dw): the K order of the weights [cOut, cIn,
- * kh, kw]) is read in place from that image (the spmm step's taps) or gathered by one strided copy.
- * One image at a time: at batch 8 a whole-batch panel of ResNet-50's first 3x3 layer would be 58 MB.
- * `x`, `y`, `residual` at image 0 (NCHW), `padded` and `scratch` (sparseConvPlan's image and scratch
- * floats) of one image each.
+ * Floats of the two scratch values sparseConvSteps needs for a batch of n: the padded (or phased)
+ * images, all n of them for the direct forms and one for im2col (which pads image by image), and the
+ * scratch beside them: all n long rows' outputs, or one image's im2col panel.
+ */
+export function sparseConvScratch(g: SparseConvGeometry, n: number, residual: boolean): { padded: number; scratch: number } {
+  const plan = sparseConvPlan(g, residual);
+  const images = plan.mode === 'im2col' ? 1 : n;
+  return { padded: images * plan.image, scratch: (plan.mode === 'wide' ? n : 1) * plan.scratch };
+}
+
+/**
+ * A KxK (or strided 1x1) convolution on the columns-layout SpMM: the images zero-padded (a pad step,
+ * skipped without pads) or phased (sparseConvPlan), then C^T [cOut, oh*ow] = W . panel written into
+ * each image's NCHW output, where the panel [cIn*kh*kw, oh*ow] (row (c, ky, kx) is the padded plane
+ * read at stride (sh, sw) from (ky*dh, kx*dw): the K order of the weights [cOut, cIn, kh, kw]) is
+ * read in place from that image (the spmm step's taps; one step for the batch, so threads can take
+ * whole images) or gathered by one strided copy per image (at batch 8 a whole-batch panel of
+ * ResNet-50's first 3x3 layer would be 58 MB). `x`, `y`, `residual` at image 0 (NCHW), `padded`
+ * and `scratch` sized by sparseConvScratch.
  */
 export function sparseConvSteps(g: SparseConvGeometry, n: number, s: SparseChoice, refs: {
   x: OffsetRef; y: OffsetRef; residual?: OffsetRef; padded: OffsetRef; scratch?: PlanRef; bias?: PlanRef },
 epilogue: { residualBeforeActivation: boolean; activation: PlanActivation; alpha: number; beta: number }, node: string): PlanStep[] {
   const [kh, kw] = g.kernel, [sh, sw] = g.strides, [dh, dw] = g.dilations, [pt, pl, pb, pr] = g.pads;
-  const hp = g.h + pt + pb, wp = g.w + pl + pr, m = g.oh * g.ow, k = g.cIn * kh * kw;
+  const hp = g.h + pt + pb, wp = g.w + pl + pr, m = g.oh * g.ow, k = g.cIn * kh * kw, hw = g.h * g.w;
   const padding = pt + pl + pb + pr > 0;
   const plan = sparseConvPlan(g, refs.residual !== undefined);
   const { mode, phased } = plan;
   if (plan.scratch > 0 && !refs.scratch) throw new Error(`sparseConvSteps: the ${mode} form needs a scratch of ${plan.scratch} floats`);
   const hq = phased ? Math.ceil(hp / sh) : hp, wq = phased ? Math.ceil(wp / sw) : wp;
   const long = (g.oh - 1) * wq + g.ow;
-  // The phases a tap reads.
-  const phases = new Set<number>();
-  for (let ky = 0; ky < kh; ky++) for (let kx = 0; kx < kw; kx++) phases.add(((ky * dh) % sh) * sw + ((kx * dw) % sw));
+  const common = { node, weights: s.weights, k, n: g.cOut, ...(refs.bias ? { bias: refs.bias } : {}), ...epilogue };
   const steps: PlanStep[] = [];
-  for (let b = 0; b < n; b++) {
-    const xAt = b * g.cIn * g.h * g.w;
+  // Images count = n for the direct forms (one pass each), 1 for im2col (image by image).
+  const pad = (b: number, images: number) => {
     if (phased) {
-      steps.push({ op: 'fill', node, y: refs.padded(0), dtype: 'float32', count: plan.image, value: 0 });
+      // The phases a tap reads, each from every image's channels at once (images and channels
+      // merge: both are whole planes apart in x and in the phased copy).
+      const phases = new Set<number>();
+      for (let ky = 0; ky < kh; ky++) for (let kx = 0; kx < kw; kx++) phases.add(((ky * dh) % sh) * sw + ((kx * dw) % sw));
+      steps.push({ op: 'fill', node, y: refs.padded(0), dtype: 'float32', count: images * plan.image, value: 0 });
       for (const ph of [...phases].sort((u, v) => u - v)) {
         const ry = Math.floor(ph / sw), rx = ph % sw;
         // The input's first row and column that land in this phase, and how many.
         const y0 = (((ry - pt) % sh) + sh) % sh, x0 = (((rx - pl) % sw) + sw) % sw;
         if (y0 >= g.h || x0 >= g.w) continue;
         const rows = Math.ceil((g.h - y0) / sh), cols = Math.ceil((g.w - x0) / sw);
-        steps.push({ op: 'copy', node, x: refs.x(xAt + y0 * g.w + x0), y: refs.padded(ph * hq * wq + ((y0 + pt - ry) / sh) * wq + (x0 + pl - rx) / sw),
-          dims: [g.cIn, rows, cols], xStrides: [g.h * g.w, sh * g.w, sw], yStrides: [sh * sw * hq * wq, wq, 1], elemBytes: 4 });
+        steps.push({ op: 'copy', node, x: refs.x(b * g.cIn * hw + y0 * g.w + x0),
+          y: refs.padded(ph * hq * wq + ((y0 + pt - ry) / sh) * wq + (x0 + pl - rx) / sw),
+          dims: [images * g.cIn, rows, cols], xStrides: [hw, sh * g.w, sw], yStrides: [sh * sw * hq * wq, wq, 1], elemBytes: 4 });
       }
     } else if (padding) {
-      steps.push({ op: 'pad', node, x: refs.x(xAt), y: refs.padded(0), dtype: 'float32', inDims: [g.cIn, g.h, g.w], begin: [0, pt, pl],
-        end: [0, pb, pr], mode: 'constant', value: 0 });
+      steps.push({ op: 'pad', node, x: refs.x(b * g.cIn * hw), y: refs.padded(0), dtype: 'float32', inDims: [images * g.cIn, g.h, g.w],
+        begin: [0, pt, pl], end: [0, pb, pr], mode: 'constant', value: 0 });
     }
-    const image = phased || padding ? refs.padded(0) : refs.x(xAt);
-    const common = { node, weights: s.weights, k, n: g.cOut, ...(refs.bias ? { bias: refs.bias } : {}), ...epilogue, batch: 1 };
-    const taps = { cIn: g.cIn, hp, wp, kh, kw, sh, dh, dw, ...(phased ? { sw, phased: true } : {}) };
-    if (mode === 'wide') {
-      steps.push({ op: 'spmm', ...common, a: image, c: refs.scratch!, m: long, aStrides: [k * m, 1, m], cStrides: [g.cOut * long, 1, long],
-        taps: { ...taps, oh: 1, ow: long } });
-      steps.push({ op: 'copy', node, x: refs.scratch!, y: refs.y(b * g.cOut * m), dims: [g.cOut, g.oh, g.ow], xStrides: [long, wq, 1],
-        yStrides: [m, g.ow, 1], elemBytes: 4 });
-      continue;
-    }
-    if (mode === 'im2col') {
+    return phased || padding ? refs.padded(0) : refs.x(b * g.cIn * hw);
+  };
+  const taps = { cIn: g.cIn, hp, wp, kh, kw, sh, dh, dw, ...(phased ? { sw, phased: true } : {}) };
+  if (mode === 'wide') {
+    const image = pad(0, n);
+    steps.push({ op: 'spmm', ...common, a: image, c: refs.scratch!, m: long, batch: n, aStrides: [plan.image, 1, m],
+      cStrides: [g.cOut * long, 1, long], taps: { ...taps, oh: 1, ow: long } });
+    steps.push({ op: 'copy', node, x: refs.scratch!, y: refs.y(0), dims: [n * g.cOut, g.oh, g.ow], xStrides: [long, wq, 1],
+      yStrides: [m, g.ow, 1], elemBytes: 4 });
+  } else if (mode === 'rows') {
+    const image = pad(0, n);
+    steps.push({ op: 'spmm', ...common, a: image, c: refs.y(0), m, batch: n, ...(refs.residual ? { residual: refs.residual(0) } : {}),
+      aStrides: [phased || padding ? plan.image : g.cIn * hw, 1, m], cStrides: [g.cOut * m, 1, m], taps: { ...taps, oh: g.oh, ow: g.ow } });
+  } else {
+    for (let b = 0; b < n; b++) {
+      const image = pad(b, 1);
       steps.push({ op: 'copy', node, x: image, y: refs.scratch!, dims: [g.cIn, kh, kw, g.oh, g.ow],
         xStrides: [hp * wp, dh * wp, dw, sh * wp, sw], yStrides: [kh * kw * m, kw * m, m, g.ow, 1], elemBytes: 4 });
+      steps.push({ op: 'spmm', ...common, a: refs.scratch!, c: refs.y(b * g.cOut * m), m, batch: 1,
+        ...(refs.residual ? { residual: refs.residual(b * g.cOut * m) } : {}), aStrides: [k * m, 1, m], cStrides: [g.cOut * m, 1, m] });
     }
-    steps.push({ op: 'spmm', ...common, a: mode === 'rows' ? image : refs.scratch!, c: refs.y(b * g.cOut * m), m,
-      ...(refs.residual ? { residual: refs.residual(b * g.cOut * m) } : {}),
-      aStrides: [k * m, 1, m], cStrides: [g.cOut * m, 1, m], ...(mode === 'rows' ? { taps: { ...taps, oh: g.oh, ow: g.ow } } : {}) });
   }
   return steps;
 }

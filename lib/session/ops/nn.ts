@@ -11,7 +11,7 @@ import { makeAttrs, nodeWhere } from '../attrs.js';
 import type { FusedActivation } from '../fused.js';
 import type { PlanActivation, PlanStep } from '../plan.js';
 import {
-  maybeSparse, sparseConvPlan, sparseConvSteps, timeConvLayer, timeGemmLayer, timeSparseConvLayer, useSparse, type SparseChoice, type SparsePrepared,
+  maybeSparse, sparseConvScratch, sparseConvSteps, timeConvLayer, timeGemmLayer, timeSparseConvLayer, useSparse, type SparseChoice, type SparsePrepared,
 } from '../sparse.js';
 import { broadcastShapes, broadcastStrides, stridesOf, mergeAxes, normAxis, sizeOf } from './util.js';
 import type { Attrs, DistributiveOmit, Emitter, OpContext, OpDef, PrepareOptions, Prepared, ValueId } from './types.js';
@@ -354,9 +354,9 @@ function emitSparseConv(e: Emitter, p: ConvPrepared, s: SparseChoice, n: number,
   const [kh, kw] = p.win.kernel as [number, number];
   const geometry = { cIn: p.cIn, cOut: p.cOut, ...g, kernel: [kh, kw] as [number, number], strides: p.win.strides as [number, number],
     dilations: p.win.dilations as [number, number] };
-  const plan = sparseConvPlan(geometry, residual !== undefined);
-  const padded = e.temp('float32', [plan.image]);
-  const scratch = plan.scratch > 0 ? e.temp('float32', [plan.scratch]) : undefined;
+  const sizes = sparseConvScratch(geometry, n, residual !== undefined);
+  const padded = e.temp('float32', [sizes.padded]);
+  const scratch = sizes.scratch > 0 ? e.temp('float32', [sizes.scratch]) : undefined;
   const steps = sparseConvSteps(geometry, n, s, {
     x: (o) => e.ref(e.input(0), o), y: (o) => e.ref(e.output(0), o),
     ...(residual !== undefined ? { residual: (o: number) => e.ref(residual, o) } : {}),
