@@ -153,8 +153,8 @@ describe('sparse sessions: KxK convolutions, direct or on im2col panels', () => 
       [4, 5, [3, 3], { dilations: [2, 2], pads: [2, 2, 2, 2] }, [5, 30], false],
       [2, 9, [5, 3], { pads: [2, 0, 1, 1] }, [4, 150], false],
       [3, 4, [3, 3], {}, [5, 26], false],
-      // Strided: wide rows (im2col), and on the phased image a dilation that reads one phase, stride 3
-      // (nine phases), stride 2 down the image only and narrow, odd padded sizes.
+      // Strided, on the phased image: wide rows, a dilation that reads one phase, stride 3 (nine
+      // phases), stride 2 down the image only and narrow, odd padded sizes.
       [4, 6, [3, 3], { pads: [1, 1, 1, 1], strides: [2, 2] }, [7, 50], false],
       [3, 5, [3, 3], { dilations: [2, 2], pads: [2, 2, 2, 2], strides: [2, 2] }, [9, 11], false],
       [2, 4, [3, 3], { pads: [1, 1, 1, 1], strides: [3, 3] }, [10, 11], false],
@@ -177,12 +177,12 @@ describe('sparse sessions: KxK convolutions, direct or on im2col panels', () => 
       const [z] = g.node('Relu', [sum!]);
       g.output(z!, 'float32', ['N', cout, '?', '?'] as never);
       const { bytes } = await prune(g.toBytes(), { sparsity: 0.6, keepFirstLayerDense: false });
-      // The rule: rows of at least DIRECT_MIN_OW one output row per call (unstrided along them, else
-      // the im2col panel), narrower ones as one long row (then a copy drops the positions across row
-      // ends) unless a residual is fused, which sends them to the im2col panel. A strided long row
-      // reads a phased image (a fill and a copy per phase a tap reads).
-      const wide = ow < DIRECT_MIN_OW;
-      const mode = !wide ? (strides[1] === 1 ? 'rows' : 'im2col') : !withResidual ? 'wide' : 'im2col';
+      // The rule: rows of at least DIRECT_MIN_OW unstrided along them one output row per call, others
+      // as one long row (then a copy drops the positions across row ends) unless a residual is fused,
+      // which sends them to the im2col panel. A strided long row reads a phased image (a fill and a
+      // copy per phase a tap reads).
+      const wide = ow < DIRECT_MIN_OW || strides[1]! > 1;
+      const mode = !wide ? 'rows' : !withResidual ? 'wide' : 'im2col';
       const phased = mode === 'wide' && (strides[0]! > 1 || strides[1]! > 1);
       const phases = new Set<number>();
       for (let ky = 0; ky < kh; ky++) for (let kx = 0; kx < kw; kx++) phases.add(((ky * dil[0]!) % strides[0]!) * 10 + ((kx * dil[1]!) % strides[1]!));

@@ -243,17 +243,17 @@ export interface SparseConvPlan {
  *   panel at 14x14 (256 channels) and 7x7 (512), one thread, 90%: 1.03x / 1.15x for the SpMM alone,
  *   without the panel's copy (0.11 / 0.15 ms); the copy out costs ~0.02 ms. The dropped positions
  *   take the epilogue's bias and activation, so a residual rules it out;
- * - 'im2col': through the panel [cIn*kh*kw, oh*ow] (narrow convs with a residual, wide rows strided
- *   along them).
- * 'wide' runs strided convs on the phased image. 'rows' reads the padded image (every sh-th row): on a
- * phased image a stride-2 3x3 with 28-wide rows (128 channels, 56x56 in) took 0.75 ms against 0.41
- * on its im2col panel, each output row reading six phase rows per channel where an unstrided conv
- * reads three, two of them again for the next row.
+ * - 'im2col': through the panel [cIn*kh*kw, oh*ow] (narrow or strided-along-rows convs with a residual).
+ * 'wide' runs strided convs on the phased image, rows strided along them however wide: a stride-2
+ * 3x3 with 28-wide rows (128 channels, 56x56 in) took 0.75 ms there row by row (each output row
+ * reading six short phase rows per channel), 0.62 as one long row, against 0.41 on its im2col panel
+ * plus 0.48 for the pad and the panel's copy (in ResNet-50, 1.28 -> 1.16 ms for the layer).
+ * 'rows' reads the padded image, every sh-th row.
  */
 export function sparseConvPlan(g: SparseConvGeometry, residual: boolean): SparseConvPlan {
   const [sh, sw] = g.strides;
   const hp = g.h + g.pads[0] + g.pads[2], wp = g.w + g.pads[1] + g.pads[3];
-  const wide = g.ow < DIRECT_MIN_OW;
+  const wide = g.ow < DIRECT_MIN_OW || sw > 1;
   const phased = wide && (sh > 1 || sw > 1);
   const image = phased ? g.cIn * sh * sw * Math.ceil(hp / sh) * Math.ceil(wp / sw) : g.cIn * hp * wp;
   const rowPitch = phased ? Math.ceil(wp / sw) : wp;
