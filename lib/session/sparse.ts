@@ -297,7 +297,8 @@ epilogue: { residualBeforeActivation: boolean; activation: PlanActivation; alpha
   const long = (g.oh - 1) * wq + g.ow;
   const common = { node, weights: s.weights, k, n: g.cOut, ...(refs.bias ? { bias: refs.bias } : {}), ...epilogue };
   const steps: PlanStep[] = [];
-  // Images count = n for the direct forms (one pass each), 1 for im2col (image by image).
+  // The (padded or phased) images from image b on: `images` of them (the batch for the direct
+  // forms, one for im2col), or x itself when there is nothing to pad (plan.image = cIn * h * w then).
   const pad = (b: number, images: number) => {
     if (phased) {
       // The phases a tap reads, each from every image's channels at once (images and channels
@@ -331,7 +332,7 @@ epilogue: { residualBeforeActivation: boolean; activation: PlanActivation; alpha
   } else if (mode === 'rows') {
     const image = pad(0, n);
     steps.push({ op: 'spmm', ...common, a: image, c: refs.y(0), m, batch: n, ...(refs.residual ? { residual: refs.residual(0) } : {}),
-      aStrides: [phased || padding ? plan.image : g.cIn * hw, 1, m], cStrides: [g.cOut * m, 1, m], taps: { ...taps, oh: g.oh, ow: g.ow } });
+      aStrides: [plan.image, 1, m], cStrides: [g.cOut * m, 1, m], taps: { ...taps, oh: g.oh, ow: g.ow } });
   } else {
     for (let b = 0; b < n; b++) {
       const image = pad(b, 1);
