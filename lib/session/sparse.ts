@@ -362,10 +362,15 @@ export async function timeSparseConvLayer(s: SparseChoice, conv: NativeConvHandl
     return { ...g0, h: size(0), w: size(1), oh: o, ow: o };
   });
   const big = geoms[geoms.length - 1]!;
-  const x = timingActivations(g0.cIn * big.h * big.w);
-  const padded = { off: 0, bytes: Math.max(...geoms.map((g) => sparseConvPlan(g, false).image * 4)) };
-  const cols = { off: align64(padded.bytes), bytes: Math.max(4, ...geoms.map((g) => sparseConvPlan(g, false).scratch * 4)) };
-  const y = { off: align64(cols.off + cols.bytes), bytes: g0.cOut * big.oh * big.ow * 4 };
+  // With several threads, also `threads` images of the largest plane: a batch the threads divide
+  // runs a whole image per thread on the sparse path (RunSpmmColumns), which one image cannot show
+  // (pruned ResNet-50's 3x3/2 256 at 2 threads: 0.75 against 0.78 ms dense for one 14x14 image, so
+  // dense was chosen, and then took 6.8 ms at batch 8 where the sparse steps took about 4).
+  const images = (g: SparseConvGeometry) => (g === big ? Math.max(1, threads) : 1);
+  const x = timingActivations(images(big) * g0.cIn * big.h * big.w);
+  const padded = { off: 0, bytes: Math.max(...geoms.map((g) => sparseConvScratch(g, images(g), false).padded * 4)) };
+  const cols = { off: align64(padded.bytes), bytes: Math.max(4, ...geoms.map((g) => sparseConvScratch(g, images(g), false).scratch * 4)) };
+  const y = { off: align64(cols.off + cols.bytes), bytes: images(big) * g0.cOut * big.oh * big.ow * 4 };
   const buffers: PlanBuffer[] = [
     { kind: 'const', data: x, bytes: x.byteLength },
     { kind: 'arena', offset: padded.off, bytes: padded.bytes },
@@ -375,11 +380,12 @@ export async function timeSparseConvLayer(s: SparseChoice, conv: NativeConvHandl
   if (epilogue.bias) buffers.push({ kind: 'const', data: epilogue.bias, bytes: epilogue.bias.byteLength });
   const ref = (buffer: number) => ({ buffer, offset: 0 });
   const epi = { residualBeforeActivation: false, activation: epilogue.activation, alpha: epilogue.alpha, beta: epilogue.beta };
-  const cases = geoms.map((g): TimedCase => ({
-    m: g.oh * g.ow,
-    dense: [{ op: 'conv', node: 'sparse-timing', handle: conv, x: ref(0), y: ref(3), residualBeforeActivation: false, n: 1, h: g.h, w: g.w }],
-    sparse: sparseConvSteps(g, 1, s, { x: () => ref(0), y: () => ref(3), padded: () => ref(1), scratch: ref(2), ...(epilogue.bias ? { bias: ref(4) } : {}) },
-      epi, 'sparse-timing'),
+  const timed = threads > 1 ? [...geoms.map((g) => [g, 1] as const), [big, threads] as const] : geoms.map((g) => [g, 1] as const);
+  const cases = timed.map(([g, n]): TimedCase => ({
+    m: n * g.oh * g.ow,
+    dense: [{ op: 'conv', node: 'sparse-timing', handle: conv, x: ref(0), y: ref(3), residualBeforeActivation: false, n, h: g.h, w: g.w }],
+    sparse: sparseConvSteps(g, n, s, { x: (o) => ({ buffer: 0, offset: o }), y: (o) => ({ buffer: 3, offset: o }), padded: (o) => ({ buffer: 1, offset: o }),
+      scratch: ref(2), ...(epilogue.bias ? { bias: ref(4) } : {}) }, epi, 'sparse-timing'),
   }));
   await timeCases(s, buffers, y.off + y.bytes, cases, threads);
 }
