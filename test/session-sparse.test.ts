@@ -163,6 +163,8 @@ describe('sparse sessions: KxK convolutions, direct or on im2col panels', () => 
       [4, 6, [3, 3], { pads: [1, 1, 1, 1] }, [7, 9], true],
       [4, 6, [3, 3], { pads: [1, 1, 1, 1], strides: [2, 2] }, [9, 9], true],
       [3, 5, [3, 3], { pads: [1, 1, 1, 1] }, [4, 30], true],
+      // A strided 1x1 with a residual (ResNet's downsample): its panel is the subsampled batch, in one step.
+      [6, 8, [1, 1], { strides: [2, 2] }, [9, 10], true],
     ];
     for (const [ci, [cin, cout, [kh, kw], attrs, [h, w], withResidual]] of cases.entries()) {
       const g = new GraphBuilder(`kxk${ci}`, { opset: 13 });
@@ -187,7 +189,8 @@ describe('sparse sessions: KxK convolutions, direct or on im2col panels', () => 
       const phases = new Set<number>();
       for (let ky = 0; ky < kh; ky++) for (let kx = 0; kx < kw; kx++) phases.add(((ky * dil[0]!) % strides[0]!) * 10 + ((kx * dil[1]!) % strides[1]!));
       // The direct forms take the whole batch in one pass (one spmm step, one fill and copy per
-      // phase, one copy out); im2col goes image by image (a pad, a panel copy and an spmm each).
+      // phase, one copy out), and so does a 1x1's subsampled panel; a KxK im2col goes image by image
+      // (a pad, a panel copy and an spmm each).
       const padded = pads.some((q) => q > 0);
       for (const batch of [1, 2]) {
         const feeds = { x: uniform([batch, cin, h, w], ci + batch), ...(res ? { r: uniform([batch, cout, oh, ow], ci + 7) } : {}) };
@@ -195,11 +198,11 @@ describe('sparse sessions: KxK convolutions, direct or on im2col panels', () => 
         expect(s.sparseLayers.map((l) => Object.values(l.kernel))).toEqual([['sparse']]);
         const prof = await s.profile(feeds, { runs: 1 });
         const spmm = prof.filter((q) => q.op === 'spmm');
-        const perImage = mode === 'im2col' ? batch : 1;
+        const perImage = mode === 'im2col' && kh * kw > 1 ? batch : 1;
         expect(spmm.length).toBe(perImage);
         for (const q of spmm) expect([ci, q.kernel.includes('+direct')]).toEqual([ci, mode !== 'im2col']);
         const count = (op: string) => prof.filter((q) => q.op === op).length;
-        const copies = mode === 'im2col' ? batch : (phased ? phases.size : 0) + (mode === 'wide' ? 1 : 0);
+        const copies = mode === 'im2col' ? perImage : (phased ? phases.size : 0) + (mode === 'wide' ? 1 : 0);
         expect([ci, count('copy'), count('fill'), count('pad')]).toEqual([ci, copies, phased ? 1 : 0, padded && !phased ? perImage : 0]);
         if (batch === 2) {
           // Two threads take an image each (the batch divides): the bits of one thread.

@@ -270,8 +270,8 @@ export function sparseConvPlan(g: SparseConvGeometry, residual: boolean): Sparse
  */
 export function sparseConvScratch(g: SparseConvGeometry, n: number, residual: boolean): { padded: number; scratch: number } {
   const plan = sparseConvPlan(g, residual);
-  const images = plan.mode === 'im2col' ? 1 : n;
-  return { padded: images * plan.image, scratch: (plan.mode === 'wide' ? n : 1) * plan.scratch };
+  const whole = plan.mode !== 'im2col' || g.kernel[0] * g.kernel[1] === 1;
+  return { padded: (whole ? n : 1) * plan.image, scratch: (plan.mode === 'wide' || whole ? n : 1) * plan.scratch };
 }
 
 /**
@@ -333,6 +333,13 @@ epilogue: { residualBeforeActivation: boolean; activation: PlanActivation; alpha
     const image = pad(0, n);
     steps.push({ op: 'spmm', ...common, a: image, c: refs.y(0), m, batch: n, ...(refs.residual ? { residual: refs.residual(0) } : {}),
       aStrides: [plan.image, 1, m], cStrides: [g.cOut * m, 1, m], taps: { ...taps, oh: g.oh, ow: g.ow } });
+  } else if (kh * kw === 1) {
+    // A strided 1x1's panel is the image subsampled, no larger than it: the whole batch at once.
+    const image = pad(0, n);
+    steps.push({ op: 'copy', node, x: image, y: refs.scratch!, dims: [n * g.cIn, g.oh, g.ow], xStrides: [hp * wp, sh * wp, sw],
+      yStrides: [m, g.ow, 1], elemBytes: 4 });
+    steps.push({ op: 'spmm', ...common, a: refs.scratch!, c: refs.y(0), m, batch: n, ...(refs.residual ? { residual: refs.residual(0) } : {}),
+      aStrides: [k * m, 1, m], cStrides: [g.cOut * m, 1, m] });
   } else {
     for (let b = 0; b < n; b++) {
       const image = pad(b, 1);
