@@ -209,6 +209,23 @@ describe.each(variants)('spmm %s', (variant) => {
     }
   });
 
+  it('csr SpMV: the gathering and the scalar-load 16-bit kernels (SONDE_SPMV_GATHER) on rows around 16 and 32 non-zeros', async () => {
+    // Dense weights (sparsity 0) so every output column has exactly K non-zeros: K = 1, 15-17, 31-33,
+    // 47, 65 cover the 32-wide loop, the 16-wide one and the masked tail; N = 17 a group and one more.
+    try {
+      for (const gather of ['0', '1']) {
+        process.env.SONDE_SPMV_GATHER = gather;
+        for (const k of [1, 15, 16, 17, 31, 32, 33, 47, 65]) {
+          const b = prunedWeights(k, 17, 0, k * 7 + 1);
+          await run(variant, 'csr', 1, k, 17, b, { act: 'relu', bias: randomF32(17, 3) });
+          await run(variant, 'csr', 1, k, 17, prunedWeights(k, 17, 0.7, k * 5 + 2), { act: 'none', scale: randomF32(17, 4) });
+        }
+      }
+    } finally {
+      delete process.env.SONDE_SPMV_GATHER;
+    }
+  });
+
   it('csr columns layout (A, C, residual column-major, as NCHW 1x1 convs): tile edges, sparsities, epilogues, strides', async () => {
     // GemmActivation codes (native/kernels/gemm/gemm.h) for the activations tried here.
     const codes: [kernels.GemmActivation, number, number, number][] = [

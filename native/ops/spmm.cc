@@ -183,6 +183,14 @@ kernels::F32SpmmBsrUkernelInfo BsrUkernel(GemmVariant v, uint32_t bw) {
   return kernels::F32SpmmBsrUkernelScalar(bw);
 }
 
+// The 16-bit SpMV: gathering where gathers are fast (CpuFeatures::fast_gather), else scalar loads.
+// SONDE_SPMV_GATHER=0 or 1 (read per call) forces one, so the tests run both on any machine.
+kernels::F32SpmvCsr16Ukernel Spmv16(const kernels::F32SpmmCsrUkernelInfo& uk) {
+  if (!uk.spmv16_gather) return uk.spmv16;
+  const char* e = std::getenv("SONDE_SPMV_GATHER");
+  return (e ? e[0] == '1' : Cpu().fast_gather) ? uk.spmv16_gather : uk.spmv16;
+}
+
 bool Trivial(const kernels::GemmEpilogue& e) {
   return !e.scale && !e.bias && !e.residual && e.activation == kernels::kActNone;
 }
@@ -283,6 +291,7 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
 
   if (m == 1) {
     // SpMV: x is A's row itself; no packing.
+    const kernels::F32SpmvCsr16Ukernel spmv16 = Spmv16(uk);
     return pool.ParallelFor(chunks, threads, [&](size_t t) {
       for (size_t g = bounds[t]; g < bounds[t + 1]; ++g) {
         const size_t n0 = g * ng, nc = std::min(ng, n - n0);
@@ -291,8 +300,8 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
           uk.spmv(nc, args.a, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(), args.c + n0,
                   trivial ? nullptr : &ep);
         else
-          uk.spmv16(nc, args.a, w.row_ptr_.data() + n0, w.col_idx16_.data(), w.values_.data(), args.c + n0,
-                    trivial ? nullptr : &ep);
+          spmv16(nc, args.a, w.row_ptr_.data() + n0, w.col_idx16_.data(), w.values_.data(), args.c + n0,
+                 trivial ? nullptr : &ep);
       }
     }, cancel);
   }

@@ -61,6 +61,8 @@ CpuFeatures Detect() {
   unsigned r[4];
   Cpuid(0, 0, r);
   unsigned max_leaf = r[0];
+  // Vendor string in EBX, EDX, ECX: "GenuineIntel".
+  f.fast_gather = r[1] == 0x756e6547u && r[3] == 0x49656e69u && r[2] == 0x6c65746eu;
   Cpuid(1, 0, r);
   f.sse42 = r[2] & (1u << 20);
   f.popcnt = r[2] & (1u << 23);

@@ -42,8 +42,10 @@ typedef void (*F32SpmvCsrUkernel)(size_t nc, const float* x, const uint32_t* row
                                   const float* values, float* c, const GemmEpilogue* ep);
 // The same with 16-bit column indices (K <= 65536), the form the operator uses when it can: SpMV is
 // bound by streaming the weights (from L2 at best), and 6 bytes per non-zero instead of 8 is what
-// made it faster; its x[k] are scalar loads, which beat vgatherdps on Zen 4/5 (measured 1024x1024
-// at 90%, one thread, weights in L2: gather 42 us, scalar with 32-bit indices 54, with 16-bit 35).
+// made it faster. Its x[k]: scalar loads on Zen 4/5, where they beat vgatherdps (1024x1024 at 90%,
+// one thread, weights in L2: gather 42 us, scalar with 32-bit indices 54, with 16-bit 35); gathers
+// of 16 on Intel (spmv16_gather: 20 us against 35 with scalar loads and 23 with 32-bit indices on
+// the Xeon; the operator picks by CpuFeatures::fast_gather).
 typedef void (*F32SpmvCsr16Ukernel)(size_t nc, const float* x, const uint32_t* row_ptr, const uint16_t* col_idx,
                                     const float* values, float* c, const GemmEpilogue* ep);
 
@@ -103,6 +105,9 @@ struct F32SpmmCsrUkernelInfo {
   const char* name;
   F32SpmmCsrColumnsUkernel columns;  // rows [0, mb) per call too
   const char* columns_name;
+  // spmv16 gathering 16 x[k] per instruction (null where the ISA has no gather): faster than the
+  // scalar loads where gathers are (CpuFeatures::fast_gather).
+  F32SpmvCsr16Ukernel spmv16_gather;
 };
 
 struct F32SpmmBsrUkernelInfo {
