@@ -153,75 +153,65 @@ void F32TransposePack16Avx512(size_t m, size_t k, const float* a, size_t lda, fl
   }
 }
 
+// The group's nc sums through the epilogue to c[0..nc).
+inline void StoreSpmvSums(size_t nc, const float* sums, float* c, const GemmEpilogue* ep) {
+  const __mmask16 mask = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
+  __m512 v = _mm512_maskz_load_ps(mask, sums);
+  if (ep) v = avx512::ApplyEpilogue(v, avx512::LoadColumnTerms(ep, 0, mask), ep, 0, 0, mask);
+  _mm512_mask_storeu_ps(c, mask, v);
+}
+
+// 16 column indices from p (the first `mk` of them past the 32- and 16-wide loops), as 32-bit lanes.
+inline __m512i LoadIndices(const uint32_t* col_idx, size_t p) { return _mm512_loadu_si512(col_idx + p); }
+inline __m512i LoadIndices(const uint16_t* col_idx, size_t p) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_idx + p)));
+}
+inline __m512i LoadIndices(const uint32_t* col_idx, size_t p, __mmask16 mk) { return _mm512_maskz_loadu_epi32(mk, col_idx + p); }
+inline __m512i LoadIndices(const uint16_t* col_idx, size_t p, __mmask16 mk) {
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, col_idx + p));
+}
+
 // SpMV: x[k] gathered 16 non-zeros at a time; two accumulators so consecutive gathers overlap.
-void F32SpmvCsr16Avx512(size_t nc, const float* x, const uint32_t* row_ptr, const uint32_t* col_idx,
-                        const float* values, float* c, const GemmEpilogue* ep) {
+// Index: 32-bit, or 16-bit widened per 16 (the weights stay 6 bytes per non-zero).
+template <typename Index>
+void SpmvGather(size_t nc, const float* x, const uint32_t* row_ptr, const Index* col_idx, const float* values, float* c,
+                const GemmEpilogue* ep) {
   alignas(64) float sums[kNg];
   for (size_t j = 0; j < nc; ++j) {
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     size_t p = row_ptr[j];
     const size_t p1 = row_ptr[j + 1];
     for (; p + 32 <= p1; p += 32) {
-      const __m512i i0 = _mm512_loadu_si512(col_idx + p), i1 = _mm512_loadu_si512(col_idx + p + 16);
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + p), _mm512_i32gather_ps(i0, x, 4), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(values + p + 16), _mm512_i32gather_ps(i1, x, 4), acc1);
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + p), _mm512_i32gather_ps(LoadIndices(col_idx, p), x, 4), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(values + p + 16), _mm512_i32gather_ps(LoadIndices(col_idx, p + 16), x, 4), acc1);
     }
-    for (; p + 16 <= p1; p += 16) {
-      const __m512i i0 = _mm512_loadu_si512(col_idx + p);
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + p), _mm512_i32gather_ps(i0, x, 4), acc0);
-    }
+    for (; p + 16 <= p1; p += 16)
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + p), _mm512_i32gather_ps(LoadIndices(col_idx, p), x, 4), acc0);
     if (p < p1) {
       const __mmask16 mk = static_cast<__mmask16>((1u << (p1 - p)) - 1);
-      const __m512i i0 = _mm512_maskz_loadu_epi32(mk, col_idx + p);
-      const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, i0, x, 4);
+      const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, LoadIndices(col_idx, p, mk), x, 4);
       acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, values + p), g, acc1);
     }
     sums[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
   }
-  const __mmask16 mask = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
-  __m512 v = _mm512_maskz_load_ps(mask, sums);
-  if (ep) v = avx512::ApplyEpilogue(v, avx512::LoadColumnTerms(ep, 0, mask), ep, 0, 0, mask);
-  _mm512_mask_storeu_ps(c, mask, v);
+  StoreSpmvSums(nc, sums, c, ep);
+}
+
+void F32SpmvCsr16Avx512(size_t nc, const float* x, const uint32_t* row_ptr, const uint32_t* col_idx,
+                        const float* values, float* c, const GemmEpilogue* ep) {
+  SpmvGather(nc, x, row_ptr, col_idx, values, c, ep);
+}
+
+void F32SpmvCsr16x16bitGatherAvx512(size_t nc, const float* x, const uint32_t* row_ptr, const uint16_t* col_idx,
+                                    const float* values, float* c, const GemmEpilogue* ep) {
+  SpmvGather(nc, x, row_ptr, col_idx, values, c, ep);
 }
 
 void F32SpmvCsr16x16bitAvx512(size_t nc, const float* x, const uint32_t* row_ptr, const uint16_t* col_idx,
                               const float* values, float* c, const GemmEpilogue* ep) {
   alignas(64) float sums[kNg];
   for (size_t j = 0; j < nc; ++j) sums[j] = F32SpmvRow16(x, row_ptr[j], row_ptr[j + 1], col_idx, values);
-  const __mmask16 mask = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
-  __m512 v = _mm512_maskz_load_ps(mask, sums);
-  if (ep) v = avx512::ApplyEpilogue(v, avx512::LoadColumnTerms(ep, 0, mask), ep, 0, 0, mask);
-  _mm512_mask_storeu_ps(c, mask, v);
-}
-
-// The same with 16-bit indices widened to 32 per 16 non-zeros (the weights stay 6 bytes per non-zero).
-void F32SpmvCsr16x16bitGatherAvx512(size_t nc, const float* x, const uint32_t* row_ptr, const uint16_t* col_idx,
-                                    const float* values, float* c, const GemmEpilogue* ep) {
-  alignas(64) float sums[kNg];
-  auto idx = [&](size_t p) {
-    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(col_idx + p)));
-  };
-  for (size_t j = 0; j < nc; ++j) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    size_t p = row_ptr[j];
-    const size_t p1 = row_ptr[j + 1];
-    for (; p + 32 <= p1; p += 32) {
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + p), _mm512_i32gather_ps(idx(p), x, 4), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(values + p + 16), _mm512_i32gather_ps(idx(p + 16), x, 4), acc1);
-    }
-    for (; p + 16 <= p1; p += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + p), _mm512_i32gather_ps(idx(p), x, 4), acc0);
-    if (p < p1) {
-      const __mmask16 mk = static_cast<__mmask16>((1u << (p1 - p)) - 1);
-      const __m512i i0 = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, col_idx + p));
-      const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, i0, x, 4);
-      acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, values + p), g, acc1);
-    }
-    sums[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  }
-  const __mmask16 mask = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
-  __m512 v = _mm512_maskz_load_ps(mask, sums);
-  if (ep) v = avx512::ApplyEpilogue(v, avx512::LoadColumnTerms(ep, 0, mask), ep, 0, 0, mask);
-  _mm512_mask_storeu_ps(c, mask, v);
+  StoreSpmvSums(nc, sums, c, ep);
 }
 
 // BSR 1 x (16 NV): MR rows of A, NV zmm per row; per block one aligned load of the block per
