@@ -693,6 +693,12 @@ describe('plan validation', () => {
       const long = hp * wp - 2 * wp - 1;  // one row reading one element past the image
       expect(() => create(spec({ taps: { ...taps, oh: 1, ow: long }, m: long, cStrides: [cOut * long, 1, long] }))).toThrow(/reaches past the padded image/);
       expect(() => create(spec({ taps: { ...taps, sh: 0 } }))).toThrow(/non-zero/);
+      expect(() => create(spec({ taps: { ...taps, kh: 0, kw: kw * kh } }))).toThrow(/non-zero/);  // taps given: kh = 0 is no "no taps"
+      expect(() => create(spec({ taps: { ...taps, dw: wp } }))).toThrow(/kernel reaches past the padded image/);
+      // Sizes near 2^53 must fail, not wrap into a window that passes the bounds check.
+      expect(() => create(spec({ taps: { ...taps, sh: 2 ** 52 } }))).toThrow(/sizes overflow|reaches past/);
+      expect(() => create(spec({ taps: { ...taps, hp: 2 ** 40, wp: 2 ** 30 } }))).toThrow(/sizes overflow|exceeds 2\^32/);
+      expect(() => create(spec({ taps: { ...taps, sh: 2, sw: 2 ** 52, phased: true } }))).toThrow(/sizes overflow|reaches past|exceeds 2\^32/);
       expect(() => create(spec({ aStrides: [m * k, k, 1], cStrides: [m * cOut, cOut, 1] }))).toThrow(/writes column-major c/);
       expect(() => create(spec({}, x.byteLength - 4))).toThrow(/a reaches elements/);
       const bsr = native().toSparse(b, k, cOut, 'bsr', 8);

@@ -373,11 +373,13 @@ export async function timeSparseConvLayer(s: SparseChoice, conv: NativeConvHandl
   // runs a whole image per thread on the sparse path (RunSpmmColumns), which one image cannot show
   // (pruned ResNet-50's 3x3/2 256 at 2 threads: 0.75 against 0.78 ms dense for one 14x14 image, so
   // dense was chosen, and then took 6.8 ms at batch 8 where the sparse steps took about 4).
-  const images = (g: SparseConvGeometry) => (g === big ? Math.max(1, threads) : 1);
-  const x = timingActivations(images(big) * g0.cIn * big.h * big.w);
-  const padded = { off: 0, bytes: Math.max(...geoms.map((g) => sparseConvScratch(g, images(g), false).padded * 4)) };
-  const cols = { off: align64(padded.bytes), bytes: Math.max(4, ...geoms.map((g) => sparseConvScratch(g, images(g), false).scratch * 4)) };
-  const y = { off: align64(cols.off + cols.bytes), bytes: images(big) * g0.cOut * big.oh * big.ow * 4 };
+  const timed = [...geoms.map((g) => [g, 1] as const), ...(threads > 1 ? [[big, threads] as const] : [])];
+  const most = timed[timed.length - 1]![1];
+  const x = timingActivations(most * g0.cIn * big.h * big.w);
+  const sizes = timed.map(([g, n]) => sparseConvScratch(g, n, false));
+  const padded = { off: 0, bytes: Math.max(...sizes.map((z) => z.padded * 4)) };
+  const cols = { off: align64(padded.bytes), bytes: Math.max(4, ...sizes.map((z) => z.scratch * 4)) };
+  const y = { off: align64(cols.off + cols.bytes), bytes: most * g0.cOut * big.oh * big.ow * 4 };
   const buffers: PlanBuffer[] = [
     { kind: 'const', data: x, bytes: x.byteLength },
     { kind: 'arena', offset: padded.off, bytes: padded.bytes },
@@ -387,7 +389,6 @@ export async function timeSparseConvLayer(s: SparseChoice, conv: NativeConvHandl
   if (epilogue.bias) buffers.push({ kind: 'const', data: epilogue.bias, bytes: epilogue.bias.byteLength });
   const ref = (buffer: number) => ({ buffer, offset: 0 });
   const epi = { residualBeforeActivation: false, activation: epilogue.activation, alpha: epilogue.alpha, beta: epilogue.beta };
-  const timed = threads > 1 ? [...geoms.map((g) => [g, 1] as const), [big, threads] as const] : geoms.map((g) => [g, 1] as const);
   const cases = timed.map(([g, n]): TimedCase => ({
     m: n * g.oh * g.ow,
     dense: [{ op: 'conv', node: 'sparse-timing', handle: conv, x: ref(0), y: ref(3), residualBeforeActivation: false, n, h: g.h, w: g.w }],

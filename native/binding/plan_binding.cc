@@ -283,6 +283,7 @@ void ReadSpmm(const SpecReader& r, Napi::Object o, PlanStep& s) {
   if (!taps.IsUndefined()) {
     const Napi::Object t = r.Object(taps, "taps");
     PlanStep::SpmmTaps& g = s.taps;
+    g.present = true;
     g.c_in = r.Size(t, "cIn");
     g.hp = r.Size(t, "hp");
     g.wp = r.Size(t, "wp");

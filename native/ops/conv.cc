@@ -495,13 +495,6 @@ namespace {
 // rows) were tried and were no faster (2x slower on 7x7x512 3x3), so A is read in place.
 constexpr size_t kKc = 256;
 constexpr size_t kPanelsPerTask = 8;
-// Whether a run's tasks are whole images: when the threads divide the batch evenly, each image's
-// work then runs on one core, whose L2 keeps its input rows and output lines, instead of pieces of
-// every image going to whichever thread is free. Direct convs, batch 8 on 2 threads (Xeon):
-// ResNet-50 0.96x, MobileNetV2 0.97x the time, batch 2 and 4 0.96x; an uneven split (3 images on
-// 2 threads) was 1.21x slower, hence only when they divide.
-bool WholeImageTasks(unsigned nthreads, size_t n) { return nthreads > 1 && n % nthreads == 0; }
-
 // Below this many FLOPs per thread a convolution runs on fewer threads (see ThreadsForWork): the
 // digits CNN's 8x8 layers (about 1 MFLOP) are faster on one.
 constexpr double kMinFlopsPerThread = 1024.0 * 1024;

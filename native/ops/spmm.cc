@@ -44,6 +44,8 @@ const char* SparseFormatName(SparseFormat f) {
 void SparseWeights::NarrowIndices() {
   if (k_ > 65536) return;
   col_idx16_.assign(col_idx_.begin(), col_idx_.end());
+  const char* e = std::getenv("SONDE_SPMV_GATHER");
+  spmv_gather_ = e ? e[0] == '1' : Cpu().fast_gather;
 }
 
 void SparseWeights::ComputeBytes() {
@@ -183,14 +185,6 @@ kernels::F32SpmmBsrUkernelInfo BsrUkernel(GemmVariant v, uint32_t bw) {
   return kernels::F32SpmmBsrUkernelScalar(bw);
 }
 
-// The 16-bit SpMV: gathering where gathers are fast (CpuFeatures::fast_gather), else scalar loads.
-// SONDE_SPMV_GATHER=0 or 1 (read per call) forces one, so the tests run both on any machine.
-kernels::F32SpmvCsr16Ukernel Spmv16(const kernels::F32SpmmCsrUkernelInfo& uk) {
-  if (!uk.spmv16_gather) return uk.spmv16;
-  const char* e = std::getenv("SONDE_SPMV_GATHER");
-  return (e ? e[0] == '1' : Cpu().fast_gather) ? uk.spmv16_gather : uk.spmv16;
-}
-
 bool Trivial(const kernels::GemmEpilogue& e) {
   return !e.scale && !e.bias && !e.residual && e.activation == kernels::kActNone;
 }
@@ -291,7 +285,7 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
 
   if (m == 1) {
     // SpMV: x is A's row itself; no packing.
-    const kernels::F32SpmvCsr16Ukernel spmv16 = Spmv16(uk);
+    const kernels::F32SpmvCsr16Ukernel spmv16 = w.spmv_gather_ && uk.spmv16_gather ? uk.spmv16_gather : uk.spmv16;
     return pool.ParallelFor(chunks, threads, [&](size_t t) {
       for (size_t g = bounds[t]; g < bounds[t + 1]; ++g) {
         const size_t n0 = g * ng, nc = std::min(ng, n - n0);
@@ -412,11 +406,9 @@ bool RunSpmmColumns(ThreadPool& pool, unsigned max_threads, const CancelFlag* ca
   const size_t m_blocks = (m + uk.mb - 1) / uk.mb;
   const size_t mb = ((m + m_blocks - 1) / m_blocks + uk.mv - 1) / uk.mv * uk.mv;
   const size_t row_tasks = batch * rows * m_blocks;
-  if (threads > 1 && batch % threads == 0) {
-    // A batch the threads divide: a whole item per task (the direct convs' rule, WholeImageTasks),
-    // so each thread keeps to its own images' activations instead of both streaming every image;
-    // the same kernel calls, so the same bits. Pruned ResNet-50 at batch 8 on 2 threads: the 1x1
-    // steps alone 0.93x the time; with the KxK steps taking the whole batch too, 0.89x.
+  if (WholeImageTasks(threads, batch)) {
+    // A whole item per task: each thread keeps to its own images' activations instead of both
+    // streaming every image; the same kernel calls, so the same bits.
     return pool.ParallelFor(batch, threads, [&](size_t b) {
       for (size_t r = 0; r < rows; ++r) {
         for (size_t m0 = 0; m0 < m; m0 += mb) {

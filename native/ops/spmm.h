@@ -45,8 +45,11 @@ class SparseWeights {
   // CSR of W.
   std::vector<uint32_t> row_ptr_, col_idx_;
   std::vector<float> values_;
-  // col_idx_ narrowed to 16 bits when k <= 65536 (else empty): the SpMV (M = 1) path reads these.
+  // col_idx_ narrowed to 16 bits when k <= 65536 (else empty): the SpMV (M = 1) path reads these,
+  // gathering x 16 at a time where gathers are fast (CpuFeatures::fast_gather) or one scalar load
+  // each; decided once here, where SONDE_SPMV_GATHER=0 or 1 forces either (so tests run both).
   std::vector<uint16_t> col_idx16_;
+  bool spmv_gather_ = false;
   // BSR: per column panel p of bw columns, blocks [block_ptr_[p], block_ptr_[p + 1]).
   std::vector<uint32_t> block_ptr_, block_k_;
   struct FreeDeleter {

@@ -188,28 +188,34 @@ void ValidateSpmm(StepValidator& v, PlanStep& s) {
   if (!rows && !columns)
     return v.Fail("a and c must both be row-major (aStrides[2] = cStrides[2] = 1) or both column-major "
                   "(aStrides[1] = cStrides[1] = 1)");
-  if (s.taps.kh > 0) {
+  if (s.taps.present) {
     // (With m = 1 the strides also read as row-major; taps decide.)
     if (!columns) return v.Fail("a direct convolution (taps) writes column-major c");
     if (s.sparse->format() != SparseFormat::kCsr) return v.Fail("a direct convolution (taps) needs CSR weights");
     if (s.gemm) return v.Fail("skipWeights is for row-major a and c only");
     if (!(static_cast<size_t>(cs[2]) >= s.m || s.n <= 1)) return v.Fail("column-major c needs cStrides[2] >= m");
     PlanStep::SpmmTaps& g = s.taps;
-    if (g.kw == 0 || g.c_in == 0 || g.sh == 0 || g.sw == 0 || g.dh == 0 || g.dw == 0 || g.oh == 0 || g.ow == 0 ||
-        g.hp == 0 || g.wp == 0)
-      return v.Fail("taps need non-zero cIn, hp, wp, kw, sh, sw, dh, dw, oh and ow");
+    if (g.kh == 0 || g.kw == 0 || g.c_in == 0 || g.sh == 0 || g.sw == 0 || g.dh == 0 || g.dw == 0 || g.oh == 0 ||
+        g.ow == 0 || g.hp == 0 || g.wp == 0)
+      return v.Fail("taps need non-zero cIn, hp, wp, kh, kw, sh, sw, dh, dw, oh and ow");
     if (!g.phased && g.sw != 1) return v.Fail("taps: a stride along rows (sw > 1) needs the phased layout");
     if (v.Product({g.c_in, g.kh, g.kw}) != s.k) return v.Fail("taps: cIn * kh * kw must equal k");
     if (v.Product({g.oh, g.ow}) != s.m) return v.Fail("taps: oh * ow must equal m");
     // Each tap's offset in a channel's plane, and the step between output rows.
     const size_t hq = g.phased ? (g.hp + g.sh - 1) / g.sh : g.hp, wq = g.phased ? (g.wp + g.sw - 1) / g.sw : g.wp;
-    const size_t plane = v.Product({g.phased ? g.sh * g.sw : 1, hq, wq});
-    g.row_stride = g.phased ? wq : g.sh * g.wp;
+    // Every size below is bounded by the plane once these hold (k = c_in * kh * kw already is).
+    const size_t plane = v.Product({g.phased ? v.Product({g.sh, g.sw}) : 1, hq, wq});
+    const size_t image = v.Product({g.c_in, plane});
+    if (!v.ok()) return;
+    if (image > 0xFFFFFFFFu) return v.Fail("taps: the padded image exceeds 2^32 elements");
+    const size_t last_y = v.Product({g.kh - 1, g.dh}), last_x = v.Product({g.kw - 1, g.dw});
+    if (!v.ok() || last_y >= g.hp || last_x >= g.wp) return v.Fail("taps: the kernel reaches past the padded image");
+    g.row_stride = g.phased ? wq : v.Product({g.sh, g.wp});
     std::vector<size_t> tap_offset(g.kh * g.kw);
     size_t last_tap = 0;
     for (size_t ky = 0; ky < g.kh; ++ky) {
       for (size_t kx = 0; kx < g.kw; ++kx) {
-        const size_t y = ky * g.dh, x = kx * g.dw;
+        const size_t y = ky * g.dh, x = kx * g.dw;  // < hp, < wp: no overflow
         const size_t off = g.phased ? ((y % g.sh) * g.sw + x % g.sw) * hq * wq + y / g.sh * wq + x / g.sw : y * g.wp + x;
         tap_offset[ky * g.kw + kx] = off;
         last_tap = std::max(last_tap, off);
@@ -217,11 +223,10 @@ void ValidateSpmm(StepValidator& v, PlanStep& s) {
     }
     // Bounds on the last element read in a plane; a row wider than the image's reads on into the
     // next rows (one long row computes several narrow ones at once, the positions across row ends
-    // discarded by the caller).
-    if (last_tap + (g.oh - 1) * g.row_stride + g.ow - 1 >= plane)
+    // discarded by the caller). Each term is checked against the plane so the sum cannot wrap.
+    const size_t rows_span = v.Product({g.oh - 1, g.row_stride});
+    if (!v.ok() || rows_span >= plane || g.ow > plane || last_tap + rows_span + g.ow - 1 >= plane)
       return v.Fail("taps: the output window reaches past the padded image");
-    const size_t image = v.Product({g.c_in, plane});
-    if (image > 0xFFFFFFFFu) return v.Fail("taps: the padded image exceeds 2^32 elements");
     if (s.outer > 1 && static_cast<size_t>(cs[0]) < (s.n - 1) * cs[2] + s.m)
       return v.Fail("cStrides[0] overlaps the batch's outputs");
     const size_t a_dims[2] = {s.outer, image}, c_dims[3] = {s.outer, s.m, s.n};

@@ -120,6 +120,7 @@ struct PlanStep {
   // on, past the row's end into the next rows when ow is wider. Plan::Create fills row_stride and
   // tap_offsets (SpmmConvTapOffsets) for the plan's geometry.
   struct SpmmTaps {
+    bool present = false;  // the step has taps
     size_t c_in = 0, hp = 0, wp = 0, kh = 0, kw = 0, sh = 1, sw = 1, dh = 1, dw = 1, oh = 0, ow = 0;
     bool phased = false;
     size_t row_stride = 0;  // derived: elements between output rows' first reads

@@ -30,6 +30,14 @@ inline unsigned ThreadsForWork(unsigned max_threads, double work, double min_per
   return useful < static_cast<double>(max_threads) ? static_cast<unsigned>(useful) : (max_threads > 0 ? max_threads : 1);
 }
 
+// Whether a batched op's tasks are whole images: when the threads divide the batch evenly, each
+// image's work then runs on one core, whose L2 keeps its input rows and output lines, instead of
+// pieces of every image going to whichever thread is free. Direct convs, batch 8 on 2 threads
+// (Xeon): ResNet-50 0.96x, MobileNetV2 0.97x the time, batch 2 and 4 0.96x; an uneven split (3
+// images on 2 threads) was 1.21x slower, hence only when they divide. Sparse convs (RunSpmmColumns):
+// pruned ResNet-50 at batch 8 on 2 threads 0.89x.
+inline bool WholeImageTasks(unsigned threads, size_t images) { return threads > 1 && images % threads == 0; }
+
 // A non-owning reference to a callable taking an index: what ParallelFor hands its helpers. Unlike
 // a std::function it never allocates (a lambda capturing more than two pointers would), and the
 // callable lives on the caller's stack until every index has run.

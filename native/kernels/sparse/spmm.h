@@ -45,7 +45,7 @@ typedef void (*F32SpmvCsrUkernel)(size_t nc, const float* x, const uint32_t* row
 // made it faster. Its x[k]: scalar loads on Zen 4/5, where they beat vgatherdps (1024x1024 at 90%,
 // one thread, weights in L2: gather 42 us, scalar with 32-bit indices 54, with 16-bit 35); gathers
 // of 16 on Intel (spmv16_gather: 20 us against 35 with scalar loads and 23 with 32-bit indices on
-// the Xeon; the operator picks by CpuFeatures::fast_gather).
+// the Xeon; the weights pick one when built, by CpuFeatures::fast_gather).
 typedef void (*F32SpmvCsr16Ukernel)(size_t nc, const float* x, const uint32_t* row_ptr, const uint16_t* col_idx,
                                     const float* values, float* c, const GemmEpilogue* ep);
 
