@@ -24,7 +24,7 @@ export type { SondeErrorCode } from './errors.js';
 export { Session } from './session/session.js';
 export type {
   SessionOptions, SessionRunOptions, SessionProfileOptions, StepProfile, ValueMetadata, OptimizationLevel, SparseLayerInfo,
-  BatchingOptions, SessionMetricsSnapshot,
+  BatchingOptions, SessionMetricsSnapshot, WaitMode,
 } from './session/session.js';
 export * as kernels from './kernels/index.js';
 export * as metrics from './metrics/index.js';

@@ -27,8 +27,9 @@ import { optimize, type OptimizationLevel } from './optimize.js';
 import type { SparseMode, SparsePrepared } from './sparse.js';
 import { gpuUnsupported, type GpuLayer } from './gpu.js';
 import { GpuBuffer, gpuDevice, type GpuDeviceId } from '../cuda/runtime.js';
+import { pollBudget, trackRun, type WaitMode } from '../wait.js';
 
-export type { OptimizationLevel, BatchingOptions, SessionMetricsSnapshot };
+export type { OptimizationLevel, BatchingOptions, SessionMetricsSnapshot, WaitMode };
 
 export interface SessionOptions {
   /**
@@ -62,8 +63,16 @@ export interface SessionOptions {
    * Session.sparseLayers says what was chosen; Session.profile() records carry each layer's sparsity.
    */
   sparse?: SparseMode;
+  /**
+   * How the JS thread waits for a run (CPU sessions): 'auto' (default) keeps the event loop polling
+   * instead of sleeping while a run measured under 1 ms is in flight and the compute pool leaves a
+   * core free, which saves the wake-up of an idle core (~30 us on a VM); 'poll' does it for runs of
+   * any length; 'sleep' never. Polling never blocks the loop, but holds its core for the run, and
+   * stops while the runs in flight hold every core.
+   */
+  wait?: WaitMode;
 }
-const LOAD_OPTIONS = ['device', 'fallback', 'threads', 'optimization', 'precision', 'batching', 'name', 'sparse'] as const;
+const LOAD_OPTIONS = ['device', 'fallback', 'threads', 'optimization', 'precision', 'batching', 'name', 'sparse', 'wait'] as const;
 
 let sessionCount = 0;
 
@@ -255,6 +264,9 @@ export class Session extends NativeResource {
    */
   #lastPlan?: { dims: number[][]; dtypes: DType[]; entry: CachedPlan };
   #threads: number;
+  #wait: WaitMode = 'auto';
+  /** Smoothed wall time of recent native runs (ms; NaN before the first), for the wait mode. */
+  #recentRunMs = NaN;
   #metrics: SessionMetrics;
   #batcher?: Batcher;
   /** Where the model's batch dim is (for the batch-size metric), if it has one. */
@@ -295,6 +307,7 @@ export class Session extends NativeResource {
     const level = checkOneOf(`${where}: options.optimization`, opts.optimization ?? 'all', ['none', 'basic', 'all'] as const);
     const precision = checkOneOf(`${where}: options.precision`, opts.precision ?? 'fp32', ['fp32', 'bf16'] as const);
     const batching = opts.batching === undefined ? undefined : checkBatchingOptions(`${where}: options.batching`, opts.batching);
+    const wait = checkOneOf(`${where}: options.wait`, opts.wait ?? 'auto', ['auto', 'poll', 'sleep'] as const);
     if (opts.name !== undefined && (typeof opts.name !== 'string' || opts.name.length === 0)) {
       throw new InvalidArgumentError(`${where}: options.name must be a non-empty string, got ${describe(opts.name)}`);
     }
@@ -368,6 +381,7 @@ export class Session extends NativeResource {
     sessionCount++;
     const name = opts.name ?? `${typeof pathOrBytes === 'string' ? basename(pathOrBytes, extname(pathOrBytes)) : 'session'}-${sessionCount}`;
     const session = new Session(graph, model.opset, prepared, threads, name);
+    session.#wait = wait;
     if (typeof layout !== 'string') session.#batchAxis = layout.axis;
     session.#placement = placement;
     if (gpu) session.#gpu = gpu;
@@ -442,9 +456,16 @@ export class Session extends NativeResource {
   /** One native run of a plan on the session's device. */
   #launch(plan: NativePlan | NativeGpuPlan, inputs: ArrayBufferView[], outs: ArrayBufferView[], token?: NativeCancelToken,
     timings?: Float64Array): Promise<void> {
-    return this.#gpu
-      ? native().gpuPlanRun(plan as NativeGpuPlan, inputs, outs, token, timings)
-      : native().planRun(plan as NativePlan, inputs, outs, this.#threads, token, timings);
+    if (this.#gpu) return native().gpuPlanRun(plan as NativeGpuPlan, inputs, outs, token, timings);
+    const pool = native().getThreads();
+    const threads = this.#threads === 0 ? pool : Math.min(this.#threads, pool);
+    const started = performance.now();
+    const run = native().planRun(plan as NativePlan, inputs, outs, this.#threads, token, timings);
+    trackRun(run, threads, pollBudget(this.#wait, threads, this.#recentRunMs), () => {
+      const ms = performance.now() - started;
+      this.#recentRunMs = Number.isNaN(this.#recentRunMs) ? ms : 0.8 * this.#recentRunMs + 0.2 * ms;
+    });
+    return run;
   }
 
   /** One native run of validated tensors (the batcher's runs). */

@@ -1,0 +1,131 @@
+// How the JS thread waits for a session's run (SessionOptions.wait, lib/wait.ts): 'poll' keeps the
+// event loop polling while the run is in flight, with timers still firing, and stops when it settles
+// or when the runs in flight hold every core; 'sleep' never polls; 'auto' polls only short runs that
+// leave a core free. Results do not depend on the mode; bad modes are typed errors.
+import { availableParallelism } from 'node:os';
+import { describe, expect, it } from 'vitest';
+import { InvalidArgumentError, Session, Tensor } from '../dist/index.js';
+import { POLL_MAX_RUN_MS, pollBudget, waitState } from '../dist/wait.js';
+import { GraphBuilder } from '../bench/graphs/builder.js';
+import { uniform } from './session-ort.js';
+
+const cores = availableParallelism();
+
+/** `links` chained [n, n] MatMuls of x with itself: a run whose length the test chooses. */
+function chain(n: number, links: number): { bytes: Uint8Array; x: Tensor } {
+  const g = new GraphBuilder('chain', { opset: 17 });
+  g.input('x', 'float32', [n, n]);
+  let v = 'x';
+  for (let i = 0; i < links; i++) [v] = g.node('MatMul', [v, 'x']).map(String) as [string];
+  g.output(v);
+  return { bytes: g.toBytes(), x: new Tensor('float32', uniform([n, n], 5, -0.1, 0.1).data, [n, n]) };
+}
+
+/** Ticks of the poll chain while `p` is in flight, read when it settles (before any later turn). */
+async function ticksDuring<T>(p: Promise<T>): Promise<{ value: T; ticks: number }> {
+  const before = waitState().ticks;
+  const value = await p;
+  return { value, ticks: waitState().ticks - before };
+}
+
+/** Lets pending setImmediate callbacks run: a stopped chain has then run its last tick. */
+const turns = async (n = 3) => { for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r)); };
+
+describe('session wait modes', () => {
+  it('pollBudget: sleep never, poll always, auto only for short runs that leave a core free', () => {
+    expect(pollBudget('sleep', 1, 0.05)).toBe(0);
+    expect(pollBudget('poll', 1, 50)).toBeGreaterThanOrEqual(100);
+    expect(pollBudget('poll', 1, NaN)).toBeGreaterThan(0);
+    expect(pollBudget('auto', cores, 0.05)).toBe(0);
+    expect(pollBudget('auto', 1, POLL_MAX_RUN_MS * 1.5)).toBe(0);
+    if (cores > 1) {
+      // Twice the expected time and a little more: a run somewhat slower than the last ones is still caught.
+      expect(pollBudget('auto', 1, 0.05)).toBeGreaterThan(0.1);
+      expect(pollBudget('auto', 1, NaN)).toBeGreaterThan(0);  // the first run, not measured yet
+    }
+  });
+
+  it.skipIf(cores < 2)("'poll' polls while the run is in flight (timers still fire), then stops; 'sleep' does not poll", async () => {
+    const { bytes, x } = chain(256, 40);
+    const polled = await Session.load(bytes, { device: 'cpu', threads: 1, wait: 'poll' });
+    const sleeping = await Session.load(bytes, { device: 'cpu', threads: 1, wait: 'sleep' });
+    const out = polled.outputs[0]!.name;
+    await polled.run({ x });  // measured once: the next run polls for up to twice this long
+    await turns();
+    expect(waitState().polling).toBe(false);
+    let timerAt = Infinity;
+    const t0 = performance.now();
+    setTimeout(() => { timerAt = performance.now(); }, 1);
+    const a = await ticksDuring(polled.run({ x }));
+    const settledAt = performance.now();
+    // Polling is a chain of setImmediate callbacks, not a busy loop: a 1 ms timer fires during the run.
+    expect(settledAt - t0, 'the run was too short to show the timer firing during it').toBeGreaterThan(5);
+    expect(timerAt).toBeLessThan(settledAt);
+    expect(a.ticks).toBeGreaterThan(10);
+    await turns();
+    expect(waitState().polling).toBe(false);
+    expect(waitState().busyThreads).toBe(0);
+    const idle = waitState().ticks;
+    await new Promise((r) => setTimeout(r, 20));
+    expect(waitState().ticks).toBe(idle);  // nothing polls between runs
+
+    const b = await ticksDuring(sleeping.run({ x }));
+    expect(b.ticks).toBe(0);
+    // Same plan, same bits, however the JS thread waited.
+    expect(Buffer.from((b.value[out]!.data as Float32Array).buffer).equals(Buffer.from((a.value[out]!.data as Float32Array).buffer))).toBe(true);
+    polled.dispose();
+    sleeping.dispose();
+  });
+
+  it.skipIf(cores < 2)("'auto' polls a short run on a pool thread that leaves a core free, not a run that takes every core, nor a long one", async () => {
+    const small = chain(8, 2);
+    const one = await Session.load(small.bytes, { device: 'cpu', threads: 1 });
+    const all = await Session.load(small.bytes, { device: 'cpu', threads: cores });
+    await one.run({ x: small.x });
+    await all.run({ x: small.x });
+    await turns();
+    // Whether a tick lands inside a run of a few microseconds is up to the loop; over 20 runs some do.
+    let polledTicks = 0;
+    for (let i = 0; i < 20; i++) polledTicks += (await ticksDuring(one.run({ x: small.x }))).ticks;
+    await turns();
+    expect(polledTicks).toBeGreaterThan(0);
+    const before = waitState().ticks;
+    for (let i = 0; i < 20; i++) await all.run({ x: small.x });
+    expect(waitState().ticks).toBe(before);
+
+    const long = chain(256, 40);
+    const slow = await Session.load(long.bytes, { device: 'cpu', threads: 1 });
+    await slow.run({ x: long.x });  // measured: several ms, past POLL_MAX_RUN_MS
+    await turns();
+    const t0 = performance.now();
+    const r = await ticksDuring(slow.run({ x: long.x }));
+    expect(performance.now() - t0).toBeGreaterThan(POLL_MAX_RUN_MS * 2);
+    expect(r.ticks).toBe(0);
+    // With a 'poll' session's run in flight that takes every core, the chain does not start either.
+    const greedy = await Session.load(long.bytes, { device: 'cpu', threads: cores, wait: 'poll' });
+    expect((await ticksDuring(greedy.run({ x: long.x }))).ticks).toBe(0);
+    for (const s of [one, all, slow, greedy]) s.dispose();
+  });
+
+  it('bad wait modes are typed errors that name the option and suggest the right value', async () => {
+    const { bytes } = chain(4, 1);
+    await expect(Session.load(bytes, { wait: 'pol' as never })).rejects.toThrow(InvalidArgumentError);
+    await expect(Session.load(bytes, { wait: 'pol' as never })).rejects.toThrow(/options\.wait must be one of 'auto', 'poll', 'sleep', got "pol"; did you mean 'poll'\?/);
+    await expect(Session.load(bytes, { wait: 1 as never })).rejects.toThrow(/options\.wait must be one of/);
+    await expect(Session.load(bytes, { wiat: 'poll' } as never)).rejects.toThrow(/did you mean 'wait'/);
+  });
+
+  it("the process exits on its own after 'poll' runs (no handle is left behind)", async () => {
+    const { execFileSync } = await import('node:child_process');
+    const script = `import { Session, Tensor } from './dist/index.js';
+      import { GraphBuilder } from './bench/graphs/builder.js';
+      const g = new GraphBuilder('m', { opset: 17 }); g.input('x', 'float32', [8, 8]);
+      const [y] = g.node('MatMul', ['x', 'x']); g.output(String(y));
+      const s = await Session.load(g.toBytes(), { device: 'cpu', threads: 1, wait: 'poll' });
+      const x = new Tensor('float32', new Float32Array(64).fill(1), [8, 8]);
+      for (let i = 0; i < 5; i++) await s.run({ x });
+      console.log('done');`;
+    const out = execFileSync(process.execPath, ['--input-type=module', '-e', script], { timeout: 20_000 });
+    expect(out.toString().trim()).toBe('done');
+  });
+});
