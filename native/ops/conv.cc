@@ -750,7 +750,7 @@ uint16_t* Bf16InputScratch(size_t elements) {
 
 bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
                        size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep0,
-                       const BlockedLayout* yl, const BlockedLayout* rl) const {
+                       const BlockedLayout* yl, const BlockedLayout* rl, const WeightSpan& next) const {
   const size_t kB = in_block_;
   const WindowGeometry& g = spec_.window;
   const size_t c_blocks = (spec_.c_in + kB - 1) / kB, hwo = s.oh * s.ow;
@@ -786,7 +786,16 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
         if (xh) to_bf16_uk_(dst, plane, xh + b * image + cb * plane);
       }, cancel))
     return false;
-  return RunDirectTiles(pool, nthreads, cancel, xh ? static_cast<const void*>(xh) : xb, hp, wp, n, s, y, yl, ep0, rl);
+  return RunDirectTiles(pool, nthreads, cancel, xh ? static_cast<const void*>(xh) : xb, hp, wp, n, s, y, yl, ep0, rl, next);
+}
+
+WeightSpan ConvOp::FirstWeights() const {
+  if (path_ != Path::kDirect) return {};
+  // RunDirectTiles' first item: one 32-channel block, or two with the pair tiles.
+  const size_t o_blocks = (spec_.c_out + kernels::kNchwcOutBlock - 1) / kernels::kNchwcOutBlock;
+  const size_t blocks = std::min<size_t>(pair_uk_ ? 2 : 1, o_blocks);
+  const size_t w_block = ldw_ * (bf16_direct_ ? sizeof(uint32_t) : sizeof(float));
+  return {bf16_direct_ ? reinterpret_cast<const char*>(w_pairs_) : reinterpret_cast<const char*>(w_), blocks * w_block};
 }
 
 // Where the direct tiles prefetch the next block's weights (RunDirectTiles): blocks of at least this
@@ -797,7 +806,7 @@ constexpr size_t kPrefetchRunsPerTask = 4;
 
 bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const void* xo,
                             size_t hp, size_t wp, size_t n, const WindowShape& s, float* y, const BlockedLayout* yl,
-                            const kernels::GemmEpilogue& ep0, const BlockedLayout* rl) const {
+                            const kernels::GemmEpilogue& ep0, const BlockedLayout* rl, const WeightSpan& next_layer) const {
   constexpr size_t kB = kernels::kNchwcBlock, kO = kernels::kNchwcOutBlock;
   const WindowGeometry& g = spec_.window;
   const size_t c_blocks = (spec_.c_in + in_block_ - 1) / in_block_, o_blocks = (spec_.c_out + kO - 1) / kO, hwo = s.oh * s.ow;
@@ -920,18 +929,27 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
                                      bias_blocks_ + oc0, std::min(item_oc, spec_.c_out - oc0), yt, s.oh, s.ow,
                                      trivial ? nullptr : &ep, y_row, y_block, res_row, res_block,
                                      yl && yl->bf16 ? 1 : 0, nullptr, 0, 0, ldw_};
-      if (prefetch) {
+      if (prefetch || next_layer.data) {
         const size_t next = item.run_end, j = it - (next - run);
         const size_t next_ob = next < end ? decode(next).ob : ob;
-        if (next_ob != ob) {
+        // The next item's weights, or in the task's last run the next layer's first block.
+        const char* src = nullptr;
+        size_t next_w = 0;
+        if (prefetch && next_ob != ob) {
+          // The next item's weights: both of a pair's blocks, or the last odd block alone.
+          next_w = std::min(w_item, (o_blocks - next_ob * per_item) * w_block);
+          src = bf16_direct_ ? reinterpret_cast<const char*>(w_pairs_ + next_ob * per_item * ldw_)
+                             : reinterpret_cast<const char*>(w_ + next_ob * per_item * ldw_);
+        } else if (next >= end && next_layer.data) {
+          next_w = next_layer.bytes;
+          src = next_layer.data;
+        }
+        if (src) {
           // Spread evenly over the run: on the Xeon VM, prefetching it all in the first half or
           // quarter of the run's tiles was slower (a cold 7x7x512 3x3: 2.48 / 2.73 ms against 2.18).
-          // The next item's weights: both of a pair's blocks, or the last odd block alone.
-          const size_t next_w = std::min(w_item, (o_blocks - next_ob * per_item) * w_block);
           const size_t slice = (next_w + run - 1) / run;
           const size_t from = std::min(next_w, j * slice), bytes = std::min(next_w - from, slice);
-          a.pf = (bf16_direct_ ? reinterpret_cast<const char*>(w_pairs_ + next_ob * per_item * ldw_)
-                               : reinterpret_cast<const char*>(w_ + next_ob * per_item * ldw_)) + from;
+          a.pf = src + from;
           a.pf_bytes = bytes;
           a.pf_step = std::max<size_t>(64, (bytes / taps + 63) / 64 * 64);
         }
@@ -1001,7 +1019,7 @@ std::string ConvOp::CheckBlocked(size_t h, size_t w, const BlockedLayout& xl, co
 bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,
                         const BlockedLayout& xl, size_t n, size_t h, size_t w, float* y, const BlockedLayout* yl,
                         const float* residual, const BlockedLayout* rl, bool residual_before_activation,
-                        std::string* error) const {
+                        std::string* error, const WeightSpan& next) const {
   std::string e = CheckBlocked(h, w, xl, yl, residual ? rl : nullptr);
   if (e.empty() && residual && !yl != !rl) e = "the residual must be blocked exactly when y is";
   if (!e.empty()) {
@@ -1016,7 +1034,7 @@ bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* ca
                                            2.0 * static_cast<double>(n * spec_.c_out * s.oh * s.ow) * static_cast<double>(kg_),
                                            kMinFlopsPerThread);
   if (!xl.present()) {
-    const bool ok = RunDirect(pool, threads, cancel, x, n, h, w, s, y, ep, yl, rl);
+    const bool ok = RunDirect(pool, threads, cancel, x, n, h, w, s, y, ep, yl, rl, next);
     if (!ok && error->empty()) *error = "aborted";
     return ok;
   }
@@ -1027,7 +1045,7 @@ bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* ca
     ok = RunDepthwiseBlocked(pool, nthreads, cancel, x + origin, xl, n, s, y, *yl, residual, rl, ep);
   } else if (xl.bf16) {
     ok = RunDirectTiles(pool, nthreads, cancel, reinterpret_cast<const uint16_t*>(x) + origin, xl.hp(), xl.wp(), n, s,
-                        y, yl, ep, rl);
+                        y, yl, ep, rl, next);
   } else if (bf16_direct_) {
     // The bf16 copy of all of x, border included (zero stays zero), a block per task.
     const size_t blocks = n * kernels::NchwcBlocks(spec_.c_in), block = xl.block_floats();
@@ -1035,9 +1053,9 @@ bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* ca
     if (!xh) throw std::bad_alloc();
     ok = pool.ParallelFor(blocks, nthreads, [&](size_t t) { to_bf16_uk_(x + t * block, block, xh + t * block); },
                           cancel) &&
-         RunDirectTiles(pool, nthreads, cancel, xh + origin, xl.hp(), xl.wp(), n, s, y, yl, ep, rl);
+         RunDirectTiles(pool, nthreads, cancel, xh + origin, xl.hp(), xl.wp(), n, s, y, yl, ep, rl, next);
   } else {
-    ok = RunDirectTiles(pool, nthreads, cancel, x + origin, xl.hp(), xl.wp(), n, s, y, yl, ep, rl);
+    ok = RunDirectTiles(pool, nthreads, cancel, x + origin, xl.hp(), xl.wp(), n, s, y, yl, ep, rl, next);
   }
   if (!ok && error->empty()) *error = "aborted";
   return ok;

@@ -97,6 +97,13 @@ struct BlockedLayout {
   bool present() const { return h != 0; }
 };
 
+// The weights a conv reads first (its first tile row's block): what the conv before it in a plan
+// asks into L2 during its last tiles, so that a layer does not start on weights from memory.
+struct WeightSpan {
+  const char* data = nullptr;
+  size_t bytes = 0;
+};
+
 class ConvOp {
  public:
   // weights: [c_out][c_in/group][kh][kw]; bias: c_out or null; bn: null or all four arrays of c_out.
@@ -131,10 +138,13 @@ class ConvOp {
   // y's border is zeroed here) or both NCHW (null layouts); the residual may be null. x and y hold
   // bf16 where their layouts say so (blocked_bf16() only; the residual is always float). With
   // blocked_y_from_nchw(), xl absent (h = 0): x is NCHW and y blocked.
+  // next: the following layer's FirstWeights(), prefetched during this conv's last tiles (direct path).
   bool RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x,
                   const BlockedLayout& xl, size_t n, size_t h, size_t w, float* y, const BlockedLayout* yl,
                   const float* residual, const BlockedLayout* rl, bool residual_before_activation,
-                  std::string* error) const;
+                  std::string* error, const WeightSpan& next = {}) const;
+  // Empty unless this conv runs the direct tiles.
+  WeightSpan FirstWeights() const;
 
   const ConvSpec& spec() const { return spec_; }
   size_t bytes() const { return bytes_; }
@@ -152,13 +162,13 @@ class ConvOp {
                     float* y, const kernels::GemmEpilogue& ep) const;
   bool RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
                  size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep,
-                 const BlockedLayout* yl = nullptr, const BlockedLayout* rl = nullptr) const;
+                 const BlockedLayout* yl = nullptr, const BlockedLayout* rl = nullptr, const WeightSpan& next = {}) const;
   // The direct kernel over a blocked input (fp32, or bf16 with bf16_direct_) whose origin xo is this
   // conv's padded (0, 0) (hp x wp pixels per channel block): y NCHW (yl null) or blocked (residual
   // too, rl).
   bool RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const void* xo, size_t hp,
                       size_t wp, size_t n, const WindowShape& s, float* y, const BlockedLayout* yl,
-                      const kernels::GemmEpilogue& ep, const BlockedLayout* rl) const;
+                      const kernels::GemmEpilogue& ep, const BlockedLayout* rl, const WeightSpan& next = {}) const;
   bool RunDepthwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
                     size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
   bool RunDepthwiseBlocked(ThreadPool& pool, unsigned nthreads, const CancelFlag* cancel, const float* xo,

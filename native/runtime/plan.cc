@@ -620,6 +620,14 @@ std::unique_ptr<Plan> Plan::Create(std::vector<PlanBufferDesc> buffers, std::vec
   for (PlanStep& s : plan->steps_)
     if ((s.op == PlanOp::kGemm || s.op == PlanOp::kSpmm) && s.gemm && s.m == 1)
       s.skip_runs = std::make_shared<std::atomic<uint64_t>>(0);
+  // Each conv's successor among the conv steps (steps between them, a pool or a reorder, are short).
+  const ConvOp* next_conv = nullptr;
+  for (size_t i = plan->steps_.size(); i-- > 0;) {
+    PlanStep& s = plan->steps_[i];
+    if (s.op != PlanOp::kConv || !s.conv) continue;
+    if (next_conv) s.next_weights = next_conv->FirstWeights();
+    next_conv = s.conv.get();
+  }
   plan->arena_bytes_ = arena_bytes;
   plan->input_bytes_ = std::move(input_bytes);
   plan->output_bytes_ = std::move(output_bytes);
@@ -710,7 +718,7 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
       if (s.blocked[0].present() || s.blocked[2].present())
         return s.conv->RunBlocked(*ctx.pool, ctx.max_threads, ctx.cancel, f32(s.in[0]), s.blocked[0], s.n, s.h, s.w,
                                   f32(s.out[0]), s.blocked[2].present() ? &s.blocked[2] : nullptr, f32(s.in[1]),
-                                  s.blocked[1].present() ? &s.blocked[1] : nullptr, s.flag, error);
+                                  s.blocked[1].present() ? &s.blocked[1] : nullptr, s.flag, error, s.next_weights);
       return s.conv->Run(*ctx.pool, ctx.max_threads, ctx.cancel, f32(s.in[0]), s.n, s.h, s.w, f32(s.out[0]),
                          f32(s.in[1]), s.flag, error);
     case PlanOp::kReorder:

@@ -107,6 +107,8 @@ struct PlanStep {
   Dims dims3;             // softmax / topk: {outer, mid, inner} for the elementwise ops' Dims form
 
   std::shared_ptr<const ConvOp> conv;
+  // Derived (Plan::Create): the next conv step's first weights, which this conv prefetches at its end.
+  WeightSpan next_weights;
   std::shared_ptr<const PackedGemmWeights> gemm;
   std::shared_ptr<const PackedLowpGemmWeights> gemm_lowp;
   std::shared_ptr<const SparseWeights> sparse;  // spmm
