@@ -11,6 +11,7 @@
  * polling stops whenever the runs in flight hold every core, whatever a session asked for.
  */
 import { availableParallelism } from 'node:os';
+import { native } from './binding.js';
 
 /** How a session's runs wait: see SessionOptions.wait. */
 export type WaitMode = 'auto' | 'poll' | 'sleep';
@@ -68,6 +69,18 @@ export function pollBudget(mode: WaitMode, threads: number, recentMs: number): n
   if (mode === 'poll') return Math.max(2 * POLL_MAX_RUN_MS, 2 * expected);
   if (threads >= cores || expected > POLL_MAX_RUN_MS) return 0;
   return 2 * expected + 0.1;
+}
+
+/**
+ * A kernel call (sonde.kernels.*) on `threads` pool threads (0: the whole pool), tracked as a
+ * session's run is, its wait chosen as 'auto' chooses for a run of unknown length: polling for up
+ * to twice POLL_MAX_RUN_MS while it leaves a core free. Returns `run`.
+ */
+export function waitKernel<T>(run: Promise<T>, threads: number): Promise<T> {
+  const pool = native().getThreads();
+  const used = threads === 0 ? pool : Math.min(threads, pool);
+  trackRun(run, used, pollBudget('auto', used, NaN));
+  return run;
 }
 
 /** For tests: the poll chain's state. */

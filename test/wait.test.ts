@@ -4,7 +4,7 @@
 // leave a core free. Results do not depend on the mode; bad modes are typed errors.
 import { availableParallelism } from 'node:os';
 import { describe, expect, it } from 'vitest';
-import { InvalidArgumentError, Session, Tensor } from '../dist/index.js';
+import { InvalidArgumentError, Session, Tensor, kernels } from '../dist/index.js';
 import { POLL_MAX_RUN_MS, pollBudget, waitState } from '../dist/wait.js';
 import { GraphBuilder } from '../bench/graphs/builder.js';
 import { uniform } from './session-ort.js';
@@ -105,6 +105,32 @@ describe('session wait modes', () => {
     const greedy = await Session.load(long.bytes, { device: 'cpu', threads: cores, wait: 'poll' });
     expect((await ticksDuring(greedy.run({ x: long.x }))).ticks).toBe(0);
     for (const s of [one, all, slow, greedy]) s.dispose();
+  });
+
+  it.skipIf(cores < 2)('kernel calls poll as auto does for a run of unknown length: on fewer threads than cores, and not on every core', async () => {
+    const a = new Tensor('float32', uniform([64, 256], 8, -1, 1).data, [64, 256]);
+    const b = new Tensor('float32', uniform([256, 256], 9, -1, 1).data, [256, 256]);
+    const packed = kernels.packGemmWeights(b);
+    const sparse = kernels.toSparse(new Tensor('float32', b.data.map((v, i) => (i % 4 ? 0 : v)), [256, 256]));
+    const calls: [string, (threads: number) => Promise<unknown>][] = [
+      ['gemm', (threads) => kernels.gemm(a, packed, { threads })],
+      ['spmm', (threads) => kernels.spmm(a, sparse, { threads })],
+      ['relu', (threads) => kernels.relu(a, { threads })],
+    ];
+    for (const [name, call] of calls) {
+      await call(1);
+      await turns();
+      let polledTicks = 0;
+      for (let i = 0; i < 10; i++) polledTicks += (await ticksDuring(call(1))).ticks;
+      await turns();
+      expect([name, polledTicks > 0]).toEqual([name, true]);
+      expect([name, waitState().polling, waitState().busyThreads]).toEqual([name, false, 0]);
+      const before = waitState().ticks;
+      for (let i = 0; i < 10; i++) await call(cores);
+      expect([name, waitState().ticks - before]).toEqual([name, 0]);
+    }
+    packed.dispose();
+    sparse.dispose();
   });
 
   it('bad wait modes are typed errors that name the option and suggest the right value', async () => {

@@ -6,6 +6,7 @@
  */
 import { native, type NativeConvHandle, type NativeConvVariant, type NativeWindow } from '../binding.js';
 import { InvalidArgumentError, callNative, fromNative } from '../errors.js';
+import { waitKernel } from '../wait.js';
 import { NativeResource, withSignal } from '../lifetime.js';
 import { ACTIVATION_CODE, checkActivation, checkNumber, type GemmActivation } from './gemm.js';
 import { Tensor, checkTensor } from '../tensor.js';
@@ -247,9 +248,9 @@ export class Conv2d extends NativeResource {
       out = new Tensor('float32', new Float32Array(dims.reduce((a, b) => a * b, 1)), dims);
     }
     const handle = this.#handle;
-    await callNative(() => withSignal(signal, (token) => native().convRun(handle, x.data, x.dims, out.data, {
+    await callNative(() => withSignal(signal, (token) => waitKernel(native().convRun(handle, x.data, x.dims, out.data, {
       residual, residualBeforeActivation: opts.residualBeforeActivation === true, threads, cancel: token,
-    })), site);
+    }), threads)), site);
     return out;
   }
 

@@ -6,6 +6,7 @@
 import { allocOutput } from '../buffers.js';
 import { native, type NativeCancelToken, type NativeCastType, type NativeElementwiseVariant } from '../binding.js';
 import { InvalidArgumentError, callNative } from '../errors.js';
+import { waitKernel } from '../wait.js';
 import { withSignal } from '../lifetime.js';
 import { Tensor, checkTensor } from '../tensor.js';
 import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
@@ -39,8 +40,9 @@ function common(where: string, opts: ElementwiseOptions): Common {
   };
 }
 
-function run(site: Error, signal: AbortSignal | undefined, start: (token: NativeCancelToken | undefined) => Promise<void>): Promise<void> {
-  return callNative(() => withSignal(signal, start), site);
+function run(site: Error, signal: AbortSignal | undefined, threads: number,
+  start: (token: NativeCancelToken | undefined) => Promise<void>): Promise<void> {
+  return callNative(() => withSignal(signal, (token) => waitKernel(start(token), threads)), site);
 }
 
 const fmt = (dims: readonly number[]) => `[${dims.join(', ')}]`;
@@ -94,7 +96,7 @@ async function binary(name: keyof typeof BINARY_CODE, a: Tensor<'float32'>, b: T
   const dims = broadcastShapes(name, a.dims, b.dims);
   const c = common(name, opts);
   const out = allocOutput(Float32Array, product(dims));
-  await run(site, c.signal, (token) =>
+  await run(site, c.signal, c.threads, (token) =>
     native().elementwiseBinary(BINARY_CODE[name], a.data, a.dims, b.data, b.dims, out, c.variant, c.threads, token));
   return new Tensor('float32', out, dims);
 }
@@ -123,7 +125,7 @@ async function unary(where: string, op: keyof typeof UNARY_CODE, x: Tensor<'floa
   checkTensor(`${where}(x)`, x, 'float32');
   const c = common(where, opts);
   const out = allocOutput(Float32Array, x.size);
-  await run(site, c.signal, (token) => native().elementwiseUnary(UNARY_CODE[op], x.data, out, c.variant, c.threads, token));
+  await run(site, c.signal, c.threads, (token) => native().elementwiseUnary(UNARY_CODE[op], x.data, out, c.variant, c.threads, token));
   return new Tensor('float32', out, x.dims);
 }
 
@@ -181,7 +183,7 @@ export async function softmax(x: Tensor<'float32'>, options?: SoftmaxOptions): P
   const axis = checkAxis(where, opts.axis ?? -1, x.dims.length);
   const c = common(where, opts);
   const out = allocOutput(Float32Array, x.size);
-  await run(site, c.signal, (token) => native().softmax(x.data, x.dims, axis, out, c.variant, c.threads, token));
+  await run(site, c.signal, c.threads, (token) => native().softmax(x.data, x.dims, axis, out, c.variant, c.threads, token));
   return new Tensor('float32', out, x.dims);
 }
 
@@ -221,7 +223,7 @@ export async function layerNorm(x: Tensor<'float32'>, options?: LayerNormOptions
   const n = product(normDims);
   const rows = product(x.dims.slice(0, axis));
   const out = allocOutput(Float32Array, x.size);
-  await run(site, c.signal, (token) =>
+  await run(site, c.signal, c.threads, (token) =>
     native().layerNorm(x.data, rows, n, gamma, beta, epsilon, out, c.variant, c.threads, token));
   return new Tensor('float32', out, x.dims);
 }
@@ -245,7 +247,7 @@ export async function rmsNorm(x: Tensor<'float32'>, options?: RmsNormOptions): P
   const epsilon = checkEpsilon(`${where}: options.epsilon`, opts.epsilon ?? 1e-6);
   const c = common(where, opts);
   const out = allocOutput(Float32Array, x.size);
-  await run(site, c.signal, (token) =>
+  await run(site, c.signal, c.threads, (token) =>
     native().rmsNorm(x.data, n === 0 ? 0 : x.size / n, n, gamma, null, epsilon, out, c.variant, c.threads, token));
   return new Tensor('float32', out, x.dims);
 }
@@ -272,7 +274,7 @@ export async function argmax(x: Tensor<'float32'>, options?: ArgmaxOptions): Pro
   const signal = checkSignal(`${where}: options.signal`, opts.signal);
   const dims = keepDims ? x.dims.map((d, i) => (i === axis ? 1 : d)) : x.dims.filter((_, i) => i !== axis);
   const out = allocOutput(BigInt64Array, product(dims));
-  await run(site, signal, (token) => native().argmax(x.data, x.dims, axis, out, threads, token));
+  await run(site, signal, threads, (token) => native().argmax(x.data, x.dims, axis, out, threads, token));
   return new Tensor('int64', out, dims);
 }
 
@@ -304,7 +306,7 @@ export async function topK(x: Tensor<'float32'>, k: number, options?: TopKOption
   const dims = x.dims.map((d, i) => (i === axis ? k : d));
   const values = allocOutput(Float32Array, product(dims));
   const indices = allocOutput(BigInt64Array, values.length);
-  await run(site, signal, (token) => native().topK(x.data, x.dims, axis, k, largest, values, indices, threads, token));
+  await run(site, signal, threads, (token) => native().topK(x.data, x.dims, axis, k, largest, values, indices, threads, token));
   return { values: new Tensor('float32', values, dims), indices: new Tensor('int64', indices, dims) };
 }
 
@@ -327,7 +329,7 @@ export async function cast<D extends CastDType>(x: Tensor<CastDType>, dtype: D, 
   const to = checkOneOf(`${where}(dtype)`, dtype, CAST_DTYPES);
   const c = common(where, opts);
   const out = to === 'float32' ? allocOutput(Float32Array, x.size) : allocOutput(Uint16Array, x.size);
-  await run(site, c.signal, (token) =>
+  await run(site, c.signal, c.threads, (token) =>
     native().cast(x.data as Float32Array | Uint16Array, x.dtype as CastDType, out, to, c.variant, c.threads, token));
   return new Tensor(to, out as Tensor<D>['data'], x.dims) as Tensor<D>;
 }

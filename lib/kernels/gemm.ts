@@ -7,6 +7,7 @@ import {
   native, type NativeGemmLowPrecision, type NativeGemmOptions, type NativeGemmLowpVariant, type NativeGemmVariant, type NativePackedGemm, type NativePackedGemmLowp,
 } from '../binding.js';
 import { InvalidArgumentError, callNative, fromNative } from '../errors.js';
+import { waitKernel } from '../wait.js';
 import { NativeResource, withSignal } from '../lifetime.js';
 import { allocOutput } from '../buffers.js';
 import { SparseWeights, spmm } from './sparse.js';
@@ -312,18 +313,18 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
   if (lowp) {
     await callNative(
       () => withSignal(signal, (token) =>
-        native().gemmLowp(a.data, bArg as NativePackedGemmLowp, out.data, {
+        waitKernel(native().gemmLowp(a.data, bArg as NativePackedGemmLowp, out.data, {
           ...call.native, variant, cancel: token,
-        })),
+        }), call.native.threads)),
       site,
     );
     return out;
   }
   await callNative(
     () => withSignal(signal, (token) =>
-      native().gemm(a.data, bArg as NativePackedGemm | Float32Array, out.data, {
+      waitKernel(native().gemm(a.data, bArg as NativePackedGemm | Float32Array, out.data, {
         ...call.native, variant: variant as NativeGemmVariant, cancel: token,
-      })),
+      }), call.native.threads)),
     site,
   );
   return out;

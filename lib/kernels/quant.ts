@@ -11,6 +11,7 @@
  */
 import { native, type NativeGgufHandle, type NativeQuantType, type NativeQuantVariant } from '../binding.js';
 import { InvalidArgumentError, callNative } from '../errors.js';
+import { waitKernel } from '../wait.js';
 import { withSignal } from '../lifetime.js';
 import { GgufTensor, GGUF_TENSOR_TYPES, type GgufTensorType } from '../llm/gguf.js';
 import { encode, encodedBytes } from '../llm/quants.js';
@@ -145,7 +146,7 @@ export async function quantMatmul(x: Tensor<'float32'>, weights: GgufTensor | Qu
   const signal = checkSignal(`${where}: options.signal`, opts.signal);
   const out = new Float32Array(m * w.n);
   await callNative(() => withSignal(signal, (token) =>
-    native().quantMatmul(x.data, w.ref, w.index, out, { m, k, n: w.n, type: w.type, variant, algorithm, threads, cancel: token })), site);
+    waitKernel(native().quantMatmul(x.data, w.ref, w.index, out, { m, k, n: w.n, type: w.type, variant, algorithm, threads, cancel: token }), threads)), site);
   return new Tensor('float32', out, x.dims.length === 2 ? [m, w.n] : [w.n]);
 }
 

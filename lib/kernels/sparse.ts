@@ -12,6 +12,7 @@
  */
 import { native, type NativeGemmVariant, type NativeSparseWeights } from '../binding.js';
 import { InvalidArgumentError, callNative, fromNative } from '../errors.js';
+import { waitKernel } from '../wait.js';
 import { NativeResource, withSignal } from '../lifetime.js';
 import { Tensor, checkTensor } from '../tensor.js';
 import { checkInt, checkOneOf, checkOptions, describe } from '../validate.js';
@@ -206,9 +207,9 @@ export async function spmm(a: Tensor<'float32'>, weights: SparseWeights, options
   const { out, variant, signal } = call;
   await callNative(
     () => withSignal(signal, (token) =>
-      native().spmm(a.data, handle, out.data, {
+      waitKernel(native().spmm(a.data, handle, out.data, {
         ...call.native, variant: variant as NativeGemmVariant, cancel: token,
-      })),
+      }), call.native.threads)),
     site,
   );
   return out;
