@@ -60,6 +60,18 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
     // The last block's channels past c_last have zero weights: skipped, not multiplied.
     const size_t nc = cb + 1 == a->c_blocks ? a->c_last : KB;
     for (size_t ky = 0; ky < a->kh; ++ky) {
+      if (KB > 1 && a->kh * a->kw > 1) {
+        // The input lines of the next tap row (or the next block's first), asked of L1 a tap row
+        // (kw x 16 channels of FMAs) ahead: a new row's lines missed L1 at its first taps. ResNet-50
+        // in one process against none: n8 t1 0.977-0.988x time, n8 t2 0.994x, n1 t2 0.993x, n1 t1 0.998x.
+        const float* nx = ky + 1 < a->kh ? xb + (ky + 1) * row : cb + 1 < a->c_blocks ? xb + plane : nullptr;
+        if (nx) {
+          const size_t span = (P - 1) * SW + a->kw;
+          for (size_t r = 0; r < R; ++r)
+            for (size_t q = 0; q < span; ++q)
+              _mm_prefetch(reinterpret_cast<const char*>(nx + r * row_step + q * KB), _MM_HINT_T0);
+        }
+      }
       // With KB = 1 this is the innermost loop, and GCC's unroll by 2 spilled half the accumulators.
 #pragma GCC unroll 1
       for (size_t kx = 0; kx < a->kw; ++kx) {
