@@ -204,6 +204,8 @@ export interface NativeBinding {
   readonly CancelToken: new () => NativeCancelToken;
   setThreads(threads: number): void;
   getThreads(): number;
+  /** Pool threads held by the jobs in flight in the whole process (every worker_thread's pool). */
+  busyThreads(): number;
   /** V8's total of external memory reported by native code in this isolate. */
   externalMemory(): number;
   /** An ArrayBuffer of `bytes` from the output BufferPool (contents unspecified). */

@@ -8,7 +8,8 @@
  * I/O still run between the polls (the loop is not blocked); the price is the JS thread's core for
  * the length of the run. That core must be free: with every core computing, the polling thread took
  * cycles from the run (the same MLP on two threads of two cores: 39 us sleeping, 71 us polling), so
- * polling stops whenever the runs in flight hold every core, whatever a session asked for.
+ * polling stops whenever the jobs in flight hold every core (those of other worker_threads too),
+ * whatever a session asked for.
  */
 import { availableParallelism } from 'node:os';
 import { native } from './binding.js';
@@ -20,8 +21,11 @@ export type WaitMode = 'auto' | 'poll' | 'sleep';
 export const POLL_MAX_RUN_MS = 1;
 
 const cores = availableParallelism();
-/** Pool threads of the runs in flight (all of them, polled or not): polling needs a core left. */
-let busyThreads = 0;
+/**
+ * Pool threads held by the jobs in flight, in the whole process (every worker_thread's pool
+ * counts: a worker computing on one core leaves its JS thread's polling one core fewer).
+ */
+const busyThreads = (): number => native().busyThreads();
 /** Polled runs in flight, and when the chain gives up on them (performance.now()). */
 let polled = 0;
 let pollUntil = 0;
@@ -31,28 +35,27 @@ let ticks = 0;
 
 function tick(): void {
   ticks++;
-  if (polled > 0 && busyThreads < cores && performance.now() < pollUntil) setImmediate(tick);
+  if (polled > 0 && busyThreads() < cores && performance.now() < pollUntil) setImmediate(tick);
   else chained = false;
 }
 
 /**
- * Tracks a native run on `threads` pool threads until `run` settles, keeping the event loop polling
- * for at most `pollMs` (0: not at all) while a core is left, then calls onSettled. Adds no step to
- * the caller's await of `run`.
+ * Tracks a native run (already started: its pool threads are counted) until `run` settles, keeping
+ * the event loop polling for at most `pollMs` (0: not at all) while a core is left, then calls
+ * onSettled. Adds no step to the caller's await of `run`.
  */
-export function trackRun(run: Promise<unknown>, threads: number, pollMs: number, onSettled?: () => void): void {
-  busyThreads += threads;
+export function trackRun(run: Promise<unknown>, pollMs: number, onSettled?: () => void): void {
   const poll = pollMs > 0;
   if (poll) {
     polled++;
     pollUntil = Math.max(pollUntil, performance.now() + pollMs);
-    if (!chained && busyThreads < cores) {
+    if (!chained && busyThreads() < cores) {
       chained = true;
       setImmediate(tick);
     }
   }
+  if (!poll && !onSettled) return;
   const settled = () => {
-    busyThreads -= threads;
     if (poll) polled--;
     onSettled?.();
   };
@@ -79,11 +82,11 @@ export function pollBudget(mode: WaitMode, threads: number, recentMs: number): n
 export function waitKernel<T>(run: Promise<T>, threads: number): Promise<T> {
   const pool = native().getThreads();
   const used = threads === 0 ? pool : Math.min(threads, pool);
-  trackRun(run, used, pollBudget('auto', used, NaN));
+  trackRun(run, pollBudget('auto', used, NaN));
   return run;
 }
 
 /** For tests: the poll chain's state. */
 export function waitState(): { ticks: number; polling: boolean; busyThreads: number; cores: number } {
-  return { ticks, polling: chained, busyThreads, cores };
+  return { ticks, polling: chained, busyThreads: busyThreads(), cores };
 }

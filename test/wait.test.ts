@@ -133,6 +133,64 @@ describe('session wait modes', () => {
     sparse.dispose();
   });
 
+  it.skipIf(cores < 2)('the cores held by a worker_thread\'s job count: a poll session does not poll while they and its run hold every core', async () => {
+    const { Worker } = await import('node:worker_threads');
+    // The worker runs one long job on cores - 1 threads, saying when it has started and ended.
+    const body = `const { parentPort, workerData } = require('node:worker_threads');
+      (async () => {
+        const { Session, Tensor } = await import(workerData.dist);
+        const s = await Session.load(workerData.bytes, { device: 'cpu', threads: workerData.threads, wait: 'sleep' });
+        const x = new Tensor('float32', workerData.x, [256, 256]);
+        parentPort.once('message', async () => {
+          const run = s.run({ x });
+          parentPort.postMessage('started');
+          await run;
+          s.dispose();
+          parentPort.postMessage('ended');
+        });
+        parentPort.postMessage('loaded');
+      })();`;
+    const { bytes, x } = chain(256, 80);
+    const worker = new Worker(body, { eval: true, workerData: { dist: new URL('../dist/index.js', import.meta.url).href, bytes, x: x.data, threads: cores - 1 } });
+    let ended = false;
+    const said = (what: string) => new Promise<void>((resolve) => worker.on('message', (m) => { if (m === what) resolve(); }));
+    const loaded = said('loaded');
+    // Runs of ~0.1 ms: still in flight when the wait is chosen (a job of a few microseconds may have
+    // settled by then, and its chain then stops at its first tick).
+    const small = chain(64, 20);
+    const s = await Session.load(small.bytes, { device: 'cpu', threads: 1, wait: 'poll' });
+    await s.run({ x: small.x });
+    await loaded;
+    await turns();
+    const started = said('started');
+    void said('ended').then(() => { ended = true; });
+    worker.postMessage('go');
+    await started;
+    // Short runs during the worker's one long job (its threads counted before and
+    // after each): none polls.
+    let held = 0, ticks = 0;
+    while (!ended && held < 200) {
+      await turns();  // a chain of an earlier, uncounted run stops before this one starts
+      const before = waitState().busyThreads;
+      const r = await ticksDuring(s.run({ x: small.x }));
+      if (before >= cores - 1 && waitState().busyThreads >= cores - 1) {
+        held++;
+        ticks += r.ticks;
+      }
+    }
+    await new Promise<void>((resolve) => { if (ended) resolve(); else void said('ended').then(() => resolve()); });
+    await worker.terminate();
+    expect(held).toBeGreaterThan(5);
+    expect(ticks).toBe(0);
+    await turns();
+    expect(waitState().busyThreads).toBe(0);
+    // Without the worker's job the same runs poll again.
+    let after = 0;
+    for (let i = 0; i < 20; i++) after += (await ticksDuring(s.run({ x: small.x }))).ticks;
+    expect(after).toBeGreaterThan(0);
+    s.dispose();
+  });
+
   it('bad wait modes are typed errors that name the option and suggest the right value', async () => {
     const { bytes } = chain(4, 1);
     await expect(Session.load(bytes, { wait: 'pol' as never })).rejects.toThrow(InvalidArgumentError);

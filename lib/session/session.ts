@@ -461,7 +461,7 @@ export class Session extends NativeResource {
     const threads = this.#threads === 0 ? pool : Math.min(this.#threads, pool);
     const started = performance.now();
     const run = native().planRun(plan as NativePlan, inputs, outs, this.#threads, token, timings);
-    trackRun(run, threads, pollBudget(this.#wait, threads, this.#recentRunMs), () => {
+    trackRun(run, pollBudget(this.#wait, threads, this.#recentRunMs), () => {
       const ms = performance.now() - started;
       this.#recentRunMs = Number.isNaN(this.#recentRunMs) ? ms : 0.8 * this.#recentRunMs + 0.2 * ms;
     });

@@ -49,6 +49,7 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
   DefineAddon(exports, {
       InstanceMethod("setThreads", &Addon::SetThreads),
       InstanceMethod("getThreads", &Addon::GetThreads),
+      InstanceMethod("busyThreads", &Addon::BusyThreads),
       InstanceMethod("cpuInfo", &Addon::CpuInfo),
       InstanceMethod("cudaInfo", &Addon::CudaInfo),
       InstanceMethod("peakFma", &Addon::PeakFma),
@@ -165,10 +166,18 @@ int64_t Addon::RunWaitNs(int64_t expected_ns) const {
   return cap;
 }
 
+namespace {
+// Pool threads held by the jobs in flight, in every environment of the process (each worker_thread
+// has its own pool): what the JS side's polling wait checks for a free core (lib/wait.ts).
+std::atomic<int64_t> g_busy_threads{0};
+}  // namespace
+
 Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t wait_ns) {
   job->deferred_ = std::make_unique<Napi::Promise::Deferred>(env);
   Napi::Promise promise = job->deferred_->Promise();
   if (job->threads == 0) job->threads = pool_->size();
+  const int64_t held = std::min<int64_t>(job->threads, pool_->size());
+  g_busy_threads.fetch_add(held, std::memory_order_relaxed);
   // Waiting pays only when a worker is spinning to take the job at once: a sleeping one takes
   // tens of microseconds to wake. A job settled here resumes its awaiting caller in a microtask,
   // without a turn of the event loop, so a loop of `await session.run()` on a tiny model would
@@ -183,7 +192,7 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
     raw->t_start_ = NowNs();
     if (in_flight_ == 0 && last_settle_ns_) HandoffProfile::Active()->Gap(raw->t_start_ - last_settle_ns_);
   }
-  auto run = [this, raw, tsfn, timed]() mutable {
+  auto run = [this, raw, tsfn, timed, held]() mutable {
     raw->started_.store(true, std::memory_order_relaxed);
     if (timed) raw->t_exec0_ = NowNs();
     try {
@@ -195,6 +204,7 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
     }
     if (raw->cancel->load() && !raw->error_code_) raw->Fail(codes::kAborted, "The operation was aborted");
     if (timed) raw->t_exec1_ = NowNs();
+    g_busy_threads.fetch_sub(held, std::memory_order_relaxed);
     // The JS thread still waiting owns the job from here on: nothing below may touch it.
     if (raw->handoff_.exchange(AsyncJob::kDone, std::memory_order_acq_rel) == AsyncJob::kJsWaiting) return;
     if (tsfn.NonBlockingCall(raw) != napi_ok) {
@@ -205,7 +215,8 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
     }
   };
   // Called by Shutdown for a job that never started; `this` may be gone by then.
-  auto dropped = [raw, tsfn]() mutable {
+  auto dropped = [raw, tsfn, held]() mutable {
+    g_busy_threads.fetch_sub(held, std::memory_order_relaxed);
     raw->Fail(codes::kAborted, "sonde: the thread pool shut down before the job started");
     if (raw->handoff_.exchange(AsyncJob::kDone, std::memory_order_acq_rel) == AsyncJob::kJsWaiting) return;
     if (tsfn.NonBlockingCall(raw) != napi_ok) {
@@ -215,6 +226,7 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
     }
   };
   if (!pool_->Submit(run, dropped)) {
+    g_busy_threads.fetch_sub(held, std::memory_order_relaxed);
     Napi::Error err = MakeError(env, codes::kDisposed, "sonde: the thread pool has shut down");
     raw->deferred_->Reject(err.Value());
     delete raw;
@@ -378,6 +390,10 @@ Napi::Value Addon::BufferPoolStats(const Napi::CallbackInfo& info) {
 
 Napi::Value Addon::GetThreads(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), pool_->size());
+}
+
+Napi::Value Addon::BusyThreads(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(g_busy_threads.load(std::memory_order_relaxed)));
 }
 
 Napi::Value Addon::CpuInfo(const Napi::CallbackInfo& info) {

@@ -98,6 +98,8 @@ class Addon : public Napi::Addon<Addon> {
 
   Napi::Value SetThreads(const Napi::CallbackInfo& info);
   Napi::Value GetThreads(const Napi::CallbackInfo& info);
+  // Pool threads held by the jobs in flight in the whole process (all environments).
+  Napi::Value BusyThreads(const Napi::CallbackInfo& info);
   Napi::Value ExternalMemory(const Napi::CallbackInfo& info);
   Napi::Value AllocBuffer(const Napi::CallbackInfo& info);
   Napi::Value BufferPoolStats(const Napi::CallbackInfo& info);
