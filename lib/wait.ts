@@ -22,8 +22,8 @@ export const POLL_MAX_RUN_MS = 1;
 
 const cores = availableParallelism();
 /**
- * Pool threads held by the jobs in flight, in the whole process (every worker_thread's pool
- * counts: a worker computing on one core leaves its JS thread's polling one core fewer).
+ * Pool threads held by the jobs in flight in the whole process: every worker_thread's pool counts,
+ * since a worker computing on a core leaves one core fewer for this thread to poll on.
  */
 const busyThreads = (): number => native().busyThreads();
 /** Polled runs in flight, and when the chain gives up on them (performance.now()). */

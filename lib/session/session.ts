@@ -457,6 +457,7 @@ export class Session extends NativeResource {
   #launch(plan: NativePlan | NativeGpuPlan, inputs: ArrayBufferView[], outs: ArrayBufferView[], token?: NativeCancelToken,
     timings?: Float64Array): Promise<void> {
     if (this.#gpu) return native().gpuPlanRun(plan as NativeGpuPlan, inputs, outs, token, timings);
+    if (this.#wait === 'sleep') return native().planRun(plan as NativePlan, inputs, outs, this.#threads, token, timings);
     const pool = native().getThreads();
     const threads = this.#threads === 0 ? pool : Math.min(this.#threads, pool);
     const started = performance.now();

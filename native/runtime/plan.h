@@ -112,7 +112,7 @@ struct PlanStep {
   std::shared_ptr<const PackedGemmWeights> gemm;
   std::shared_ptr<const PackedLowpGemmWeights> gemm_lowp;
   std::shared_ptr<const SparseWeights> sparse;  // spmm
-  // spmm as a direct KxK convolution (present when taps.kh > 0): `outer` images at strides[0][0]
+  // spmm as a direct KxK convolution (taps.present): `outer` images at strides[0][0]
   // apart, output rows of ow positions (m = oh * ow). Unphased: an image is c_in x hp x wp (padded),
   // and the A^T row of weight index (c, ky, kx) for output row oy is the image read from
   // (c, oy * sh + ky * dh, kx * dw) (sw = 1). Phased (strides folded into the layout): an image is
