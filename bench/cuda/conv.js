@@ -1,4 +1,4 @@
-// Conv2d (ResNet-50 and MobileNetV2 layers at batch 8), pooling and SpMM on the GPU. Convs and SpMM report TFLOP/s
+// Conv2d (ResNet-50 and MobileNetV2 layers at batch 8, and the convs at batch 1), pooling and SpMM on the GPU. Convs and SpMM report TFLOP/s
 // against the measured ceilings (SIMT FMA for fp32, mma.sync for bf16) and the datasheet; pooling
 // reports GB/s against the measured read bandwidth; sparse cases also give dense-equivalent TFLOP/s.
 import { Tensor } from '../../dist/index.js';
@@ -41,7 +41,16 @@ export async function* convCases(env) {
   const { id, emulated, measured, sheet } = env;
   const batch = emulated ? 1 : 8, reps = emulated ? 1 : 20;
   const pct = (v, peak) => (peak ? 100 * v / peak : undefined);
-  for (const [name, cIn, hw0, cOut, k, stride, depthwise] of RESNET50) {
+  // Batch 8, then batch 1 (a service's single request: the grids that leave SMs idle).
+  for (const [b, layers, pools] of emulated ? [[1, RESNET50, true]] : [[batch, RESNET50, true], [1, RESNET50.filter((l) => !l[6]), false]]) {
+    yield* layerCases(env, b, layers, pools, reps, pct);
+  }
+  yield* poolAndSparseCases(env, batch, reps, pct);
+}
+
+async function* layerCases(env, batch, layers, pools, reps, pct) {
+  const { id, emulated, measured, sheet } = env;
+  for (const [name, cIn, hw0, cOut, k, stride, depthwise] of layers) {
     // The emulator runs the same layer shapes shrunk (channels / 16, planes / 8) to check the suite.
     const c = emulated ? Math.max(3, cIn >> 4) : cIn;
     const co = depthwise ? c : emulated ? Math.max(4, cOut >> 4) : cOut, group = depthwise ? c : 1;
@@ -71,7 +80,7 @@ export async function* convCases(env) {
       y.dispose();
       conv.dispose();
     }
-    if (name.startsWith('conv1')) {
+    if (pools && name.startsWith('conv1')) {
       // The stem's max pool 3x3/2 on its output: memory-bound.
       const pdims = [batch, co, (hw + 1) >> 1, (hw + 1) >> 1];
       const px = await randomBuffer(id, pdims.reduce((a, b) => a * b, 1));
@@ -86,6 +95,10 @@ export async function* convCases(env) {
     }
     x.dispose();
   }
+}
+
+async function* poolAndSparseCases(env, batch, reps, pct) {
+  const { id, emulated, measured } = env;
   {
     const gdims = emulated ? [1, 64, 7, 7] : [batch, 2048, 7, 7];
     const planes = gdims[0] * gdims[1];

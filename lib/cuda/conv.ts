@@ -21,7 +21,11 @@ export interface GpuConv2dOptions extends Omit<Conv2dOptions, 'variant' | 'preci
    * products accumulated in fp32: tensor cores (mma.sync) on compute capability >= 8.0.
    */
   precision?: 'fp32' | 'bf16';
-  /** Run the SIMT kernel even where tensor cores would (to compare the two; devices below 8.0 always do). */
+  /**
+   * true: the SIMT kernel even where tensor cores would run (to compare the two; devices below 8.0
+   * always run it). false: tensor cores wherever they can, also on grids too small to fill the
+   * device, where the default (undefined) takes the SIMT kernel with bf16 operands (faster there).
+   */
   simt?: boolean;
 }
 const CREATE_OPTIONS = ['bias', 'bn', 'strides', 'pads', 'autoPad', 'dilations', 'group', 'activation', 'clipMin',
@@ -182,7 +186,7 @@ export async function createGpuConv2d(device: GpuDeviceId, weights: Tensor<'floa
     const bb = await GpuBuffer.from(device, b, 'the conv bias');
     return new GpuConv2d(device, wb, bb, { cOut, cIn: cg * group, group }, win, {
       cIn: cg * group, cOut, groups: group, activation: ACTIVATION_CODE[activation], alpha, beta,
-      bf16: precision === 'bf16' ? 1 : 0, simt: opts.simt ? 1 : 0,
+      bf16: precision === 'bf16' ? 1 : 0, simt: opts.simt === undefined ? 0 : opts.simt ? 1 : 2,
     }, precision);
   } catch (err) {
     f32.dispose();

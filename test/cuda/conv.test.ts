@@ -68,7 +68,10 @@ function expectConvClose(got: Float32Array, want: Float32Array, mag: Float32Arra
 describeGpu('GPU conv2d and pooling', (t) => {
   const { up, alloc } = gpuBuffers(t);
 
-  for (const [mode, extra] of [['fp32', {}], ['bf16 mma', { precision: 'bf16' }], ['bf16 simt', { precision: 'bf16', simt: true }]] as const) {
+  // bf16: tensor cores forced (simt: false), the SIMT kernel forced, and the default's choice
+  // between them (the SIMT kernel where the tensor-core grid is small).
+  for (const [mode, extra] of [['fp32', {}], ['bf16 mma', { precision: 'bf16', simt: false }], ['bf16 simt', { precision: 'bf16', simt: true }],
+    ['bf16 auto', { precision: 'bf16' }]] as const) {
     it(`conv2d ${mode} matches the CPU conv on every case`, async () => {
       let seed = 11;
       for (const c of CASES) {
@@ -105,29 +108,42 @@ describeGpu('GPU conv2d and pooling', (t) => {
     });
   }
 
-  it('bf16 mma with K split every way (splitK), bias and residual applied once after the sums', async () => {
-    for (const [xDims, cOut, k, pad] of [[[2, 32, 6, 7], 10, 3, 1], [[1, 256, 4, 4], 130, 1, 0]] as const) {
-      const [n, cIn, h, w] = xDims;
-      const kk = cIn * k * k;
-      const xData = roundBf16(randomF32(n * cIn * h * w, 21)), wData = roundBf16(randomF32(cOut * kk, 22));
-      const bias = new Tensor('float32', randomF32(cOut, 23), [cOut]);
-      const x = new Tensor('float32', xData, [...xDims]), weights = new Tensor('float32', wData, [cOut, cIn, k, k]);
-      const pads = [pad, pad, pad, pad];
-      const size = n * cOut * h * w;
-      const residual = new Tensor('float32', randomF32(size, 24), [n, cOut, h, w]);
-      const want = await kernels.conv2d(x, weights, { pads, bias, residual });
-      const mag = (await kernels.conv2d(new Tensor('float32', xData.map(Math.abs), [...xDims]), new Tensor('float32', wData.map(Math.abs), [cOut, cIn, k, k]), { pads })).data;
-      for (let i = 0; i < size; i++) mag[i] += Math.abs(bias.data[Math.floor(i / (h * w)) % cOut]!) + Math.abs(residual.data[i]!);
-      const wBits = new Uint16Array(new Uint32Array(wData.buffer).map((v) => v >>> 16));
-      const bufs = [await up(xData), await up(wBits), await up(bias.data), alloc(size * 4), await up(residual.data)] as const;
-      const p = { n, cIn, h, w, cOut, groups: 1, kh: k, kw: k, sh: 1, sw: 1, dh: 1, dw: 1, pt: pad, pl: pad, pb: pad, pr: pad, bf16: 1, residual: 1 };
-      for (const splitK of [1, 2, 3, 4, 9, 50]) {
-        await bufs[3].write(new Float32Array(size).fill(NaN));
-        await runGpuOp(t.id, 'conv2d', [...bufs], { ...p, splitK });
-        expectConvClose(await bufs[3].read(new Float32Array(size)), want.data, mag, kk, `splitK ${splitK} on ${xDims}`);
+  // Every path that splits K (the pipelined mma kernel, and SIMT in fp32 and bf16), with every way
+  // the residual can meet the split sums: added before the activation (y then starts as it, or
+  // already holds it in place), or after (y starts at zero; in place it cannot split).
+  for (const [mode, flags] of [['fp32 simt', { bf16: 0 }], ['bf16 simt', { bf16: 1, simt: 1 }], ['bf16 mma', { bf16: 1, simt: 2 }]] as const) {
+    it(`${mode} with K split every way (splitK), bias and residual applied once after the sums`, async () => {
+      for (const [xDims, cOut, k, pad] of [[[2, 32, 6, 7], 10, 3, 1], [[1, 256, 4, 4], 130, 1, 0], [[1, 40, 3, 3], 70, 3, 1]] as const) {
+        const [n, cIn, h, w] = xDims;
+        const kk = cIn * k * k;
+        const xData = roundBf16(randomF32(n * cIn * h * w, 21)), wData = roundBf16(randomF32(cOut * kk, 22));
+        const bias = new Tensor('float32', randomF32(cOut, 23), [cOut]);
+        const x = new Tensor('float32', xData, [...xDims]), weights = new Tensor('float32', wData, [cOut, cIn, k, k]);
+        const pads = [pad, pad, pad, pad];
+        const size = n * cOut * h * w;
+        const residual = new Tensor('float32', randomF32(size, 24), [n, cOut, h, w]);
+        const mag = (await kernels.conv2d(new Tensor('float32', xData.map(Math.abs), [...xDims]), new Tensor('float32', wData.map(Math.abs), [cOut, cIn, k, k]), { pads })).data;
+        for (let i = 0; i < size; i++) mag[i] += Math.abs(bias.data[Math.floor(i / (h * w)) % cOut]!) + Math.abs(residual.data[i]!);
+        const wBits = flags.bf16 ? new Uint16Array(new Uint32Array(wData.buffer).map((v) => v >>> 16)) : wData;
+        const bufs = [await up(xData), await up(wBits), await up(bias.data), alloc(size * 4), await up(residual.data)] as const;
+        for (const before of [true, false]) {
+          const want = await kernels.conv2d(x, weights, { pads, bias, residual, residualBeforeActivation: before, activation: 'relu' });
+          const p = {
+            n, cIn, h, w, cOut, groups: 1, kh: k, kw: k, sh: 1, sw: 1, dh: 1, dw: 1, pt: pad, pl: pad, pb: pad, pr: pad, ...flags,
+            residual: 1, residualBeforeActivation: before ? 1 : 0, activation: 1,
+          };
+          for (const inPlace of [false, true]) {
+            for (const splitK of [1, 2, 3, 4, 9, 50]) {
+              const what = `splitK ${splitK} on ${xDims}, residual ${before ? 'before' : 'after'} the activation${inPlace ? ', in place' : ''}`;
+              await bufs[3].write(inPlace ? residual.data : new Float32Array(size).fill(NaN));
+              await runGpuOp(t.id, 'conv2d', inPlace ? [...bufs.slice(0, 4), bufs[3]] : [...bufs], { ...p, splitK });
+              expectConvClose(await bufs[3].read(new Float32Array(size)), want.data, mag, kk, what);
+            }
+          }
+        }
       }
-    }
-  });
+    });
+  }
 
   it('folds BatchNormalization as the CPU does', async () => {
     for (const [xDims, cOut, k, group] of [[[2, 6, 9, 7], 10, 3, 1], [[1, 5, 6, 6], 5, 3, 5]] as const) {

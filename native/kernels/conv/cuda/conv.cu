@@ -13,12 +13,15 @@
 //   shared-memory tiles of the plane; its work is too thin (K = kh*kw) for a GEMM tile.
 // - bf16 on cc >= 8.0: mma.sync m16n8k16 with both operands rounded to bf16, fp32 accumulation;
 //   when K = cIn/groups*kh*kw is a multiple of 8, the pipelined kernel (cp.async stages, ldmatrix,
-//   128 x 128 or 256 x 64 blocks, K split across blocks when the grid is small), else the
-//   register-staged one (the stem's 3 input channels).
+//   128 x 128 or 256 x 64 blocks, K split across blocks when the grid is small; a 1x1 whose grid
+//   would still starve the device goes to the SIMT kernel instead), else the register-staged one
+//   (the stem's 3 input channels).
 // - otherwise SIMT fp32 (with bf16-rounded operands when precision is bf16: the same numbers as the
-//   mma path on devices without bf16 tensor cores, and the path `simt` forces for tests).
+//   mma path on devices without bf16 tensor cores, and the path `simt` forces for tests), K split
+//   across blocks like the pipelined kernel's when the grid is small.
 // BatchNorm is folded into the weights and bias on the host (lib/cuda/conv.ts) before upload.
 #include <algorithm>
+#include <cstdlib>
 
 #include "kernels/gemm/cuda/epilogue.h"
 #include "runtime/cuda/dialect.h"
@@ -97,21 +100,24 @@ __device__ __forceinline__ float Im2colAt(const PixelCursor& c, const TapTable& 
 // warps to hide the im2col gathers.) kSimtT/4 groups of 4 pixels (channels) 64 apart per thread, so
 // the 16 threads reading one shared row read 64 consecutive floats. Shared tiles are
 // double-buffered with the next tile's global loads issued before the current tile's FMAs, so one
-// barrier per K step covers both hazards.
+// barrier per K step covers both hazards. Grids too small to fill the device split K (PlanKSplit).
 constexpr int kSimtBK = 16, kSimtThreads = 256, kSimtT = 4;
 
 template <bool kBf16>
 __global__ void __launch_bounds__(kSimtThreads)
     ConvSimtKernel(const float* __restrict__ x, const void* __restrict__ weights, float* __restrict__ y, ConvGeometry g,
-                   GpuEpilogue ep) {
+                   GpuEpilogue ep, int splits, int tiles_per_split) {
   constexpr int kB = 16 * kSimtT, kHalves = kSimtT / 4;
   constexpr int kARows = kSimtThreads / kB, kAPer = kSimtBK / kARows;  // k rows a_k + kARows i
   constexpr int kBPer = kB / 16;                                        // channels b_n + 16 i
   __align__(16) __shared__ float As[2][kSimtBK][kB];
   __align__(16) __shared__ float Bs[2][kSimtBK][kB];
   __shared__ TapTable taps[2][kSimtBK];
-  const int tid = threadIdx.x, group = blockIdx.z;
+  const int tid = threadIdx.x, group = blockIdx.z / splits, split = blockIdx.z - group * splits;
   const int m0 = blockIdx.x * kB, n0 = blockIdx.y * kB;
+  // This split's K tiles: [t0, t0 + count) of kSimtBK each (the last may run past K: zeros).
+  const int tiles = (g.k + kSimtBK - 1) / kSimtBK, t0 = split * tiles_per_split;
+  const int count = (tiles < t0 + tiles_per_split ? tiles : t0 + tiles_per_split) - t0, kb = t0 * kSimtBK;
   // Loader roles: A by pixel (coalesced along m), B by k (coalesced along a weight row).
   const int a_m = tid % kB, a_k = tid / kB;
   const int b_k = tid % kSimtBK, b_n = tid / kSimtBK;
@@ -143,15 +149,16 @@ __global__ void __launch_bounds__(kSimtThreads)
   auto tm = [&](int i) { return (i / 4) * 64 + tx + i % 4; };
   auto tn = [&](int j) { return (j / 4) * 64 + ty + j % 4; };
   float acc[kSimtT][kSimtT] = {};
-  BuildTaps(taps[0], 0, kSimtBK, g);
-  BuildTaps(taps[1], kSimtBK, kSimtBK, g);
+  BuildTaps(taps[0], kb, kSimtBK, g);
+  BuildTaps(taps[1], kb + kSimtBK, kSimtBK, g);
   __syncthreads();
-  load(0, taps[0]);
+  load(kb, taps[0]);
   store(0);
   __syncthreads();
   int buf = 0;
-  for (int k0 = 0; k0 < g.k; k0 += kSimtBK) {
-    const bool more = k0 + kSimtBK < g.k;
+  for (int j = 0; j < count; ++j) {
+    const int k0 = kb + j * kSimtBK;
+    const bool more = j + 1 < count;
     if (more) load(k0 + kSimtBK, taps[buf ^ 1]);
     SONDE_UNROLL
     for (int kk = 0; kk < kSimtBK; ++kk) {
@@ -183,7 +190,8 @@ __global__ void __launch_bounds__(kSimtThreads)
       const int co = n0 + tn(j);
       if (co >= g.cout_g) continue;
       const size_t ch = wrow0 + co, o = c.out + ch * ohw;
-      y[o] = GpuApplyEpilogue(acc[i][j], ch, o, ep);
+      if (splits == 1) y[o] = GpuApplyEpilogue(acc[i][j], ch, o, ep);
+      else atomicAdd(&y[o], acc[i][j]);
     }
   }
 }
@@ -317,9 +325,7 @@ __global__ void __launch_bounds__(kWarpsM * kWarpsN * 32)
 // 2tq + 1 or + 8, pixels gq) hit 32 banks; rows of B by 8 halves so the 8 rows of an ldmatrix
 // matrix do. Gathered A tiles go through registers in two halves of K, each loaded before and
 // stored after one k16 step of mma: the loads are in flight during the tensor-core work, with half
-// the registers. Grids too small to fill the device split K (grid.z = groups x splits): each split
-// adds its partial sums into y (zeroed first) and ConvSplitEpilogueKernel applies bias / residual /
-// activation after.
+// the registers. Grids too small to fill the device split K (PlanKSplit).
 constexpr int kPipeBK = 32, kPipeStages = 3, kPipeThreads = 256, kPipeLdB = kPipeBK + 8;
 
 // A copied: fp32 [k][pixel]; A gathered: bf16 [pixel][k] like B, rounded once by the gathering
@@ -483,6 +489,12 @@ __global__ void __launch_bounds__(kPipeThreads, 2)
     }
 }
 
+// Before a split-K conv whose residual is added before the activation and lives apart from y: y
+// starts as that residual, so the splits' sums land on it.
+__global__ void ConvSplitStartKernel(float* __restrict__ y, const float* __restrict__ residual, size_t count) {
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) y[i] = residual[i];
+}
+
 // After a split-K conv: y holds the raw sums. Planes along grid.y (looping past 65535).
 __global__ void ConvSplitEpilogueKernel(float* __restrict__ y, size_t planes, int ohw, int c_out, GpuEpilogue ep) {
   const int p = blockIdx.x * blockDim.x + threadIdx.x;
@@ -630,43 +642,121 @@ void ReadWindow(const GpuOpCall& c, int64_t h, int64_t w, int64_t* kh, int64_t* 
     c.Invalid("window coordinates exceed the int32 range");
 }
 
-template <int kWarpsM>
-void LaunchPipe(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c, const float* x, const uint16_t* w16, float* y,
-                const ConvGeometry& g, const GpuEpilogue& ep) {
-  using T = PipeTile<kWarpsM, false>;  // the block shape; copying A changes only the shared layout
-  const dim3 tiles_grid(CeilDiv(g.m, T::kBM), CeilDiv(g.cout_g, T::kBN));
-  if (tiles_grid.y > 65535) c.Invalid("cOut/groups is too large (over 65535 channel tiles)");
-  const int k_tiles = static_cast<int>(CeilDiv(g.k, kPipeBK));
-  // Split K when the blocks would not give every SM two (layer4 of ResNet-50 at batch 8: 16), as
-  // long as each split keeps 8 K tiles to amortise its pipeline fill; `splitK` forces a count
-  // (tests). A residual stored in y itself would be lost to the zeroing, so it never splits.
-  const int64_t blocks = int64_t(tiles_grid.x) * tiles_grid.y * g.groups;
+// K split across blocks (grid.z = groups x splits) where the output tiles alone fill the device
+// badly (ResNet-50's layer4 3x3 at batch 1: 8 SIMT blocks for 132 SMs). A kernel's time goes with
+// the blocks per slot (slots_per_sm per SM: what its launch bounds keep resident) times the K each
+// block runs, so splits are chosen to minimise ceil(blocks * s / slots) / s: the smallest s within
+// 5% of the best, taken only where that beats one split by 20% (the zeroing, the atomics and the
+// epilogue pass cost the rest; measured on an H200: a 1x1 of 224 SIMT blocks and K = 512 ran 0.79x
+// with 2 splits, where a 3x3 of 196 blocks and K = 1152 ran 1.29x). Each split keeps min_tiles K
+// tiles to amortise its fill (8; 4 lost on the stem at batch 1). `splitK` forces a count (tests).
+// Splitting in-place residual convs gave ResNet-50 at batch 8 1-2% (fp32 and bf16 sessions).
+// SONDE_GPU_CONV_SPLIT, an A/B switch: 0 keeps the automatic choice at one split, N > 0 sets
+// min_tiles. Each split adds its partial sums into y with atomics, so y must start as zeros, or as
+// the residual where that is added before the activation (an in-place residual, as sessions'
+// bottleneck convs have, is already there); then ConvSplitEpilogueKernel applies the rest of the
+// epilogue. A residual added after the activation and stored in y itself would be lost to the
+// zeroing: that conv never splits.
+struct KSplit {
+  int splits = 1, tiles_per_split = 0;
+  bool residual_in_sums = false;  // y starts as the residual; the epilogue after adds none
+};
+
+int64_t AutoSplits(int64_t blocks, int64_t slots, int64_t most) {
+  const auto cost = [&](int64_t s) { return double((blocks * s + slots - 1) / slots) / double(s); };
+  double best = cost(1);
+  for (int64_t s = 2; s <= most; ++s) best = std::min(best, cost(s));
+  if (best > 0.8 * cost(1)) return 1;
+  for (int64_t s = 2; s <= most; ++s)
+    if (cost(s) <= 1.05 * best) return s;
+  return 1;
+}
+
+KSplit PlanKSplit(const GpuOpCall& c, const GpuDeviceInfo& d, const ConvGeometry& g, const GpuEpilogue& ep, const float* y,
+                  int64_t tile_blocks, int k_tiles, int slots_per_sm) {
+  KSplit k;
   int64_t splits = c.IntOr("splitK", 0, 0, 65535);
   if (splits == 0) {
-    const int64_t want = (2 * int64_t(std::max(d.multiprocessors, 1)) + blocks - 1) / blocks;
-    splits = std::max<int64_t>(1, std::min<int64_t>(want, k_tiles / 8));
+    static const int env_min = [] {
+      const char* v = std::getenv("SONDE_GPU_CONV_SPLIT");
+      return v && *v ? std::atoi(v) : -1;
+    }();
+    const int min_tiles = env_min >= 0 ? env_min : 8;
+    const int64_t most = min_tiles == 0 ? 1 : std::min<int64_t>(k_tiles / min_tiles, 4096);
+    splits = AutoSplits(tile_blocks * g.groups, int64_t(std::max(d.multiprocessors, 1)) * slots_per_sm, most);
   }
-  if (ep.residual == y) splits = 1;
+  k.residual_in_sums = ep.residual && ep.residual_before_activation && !ep.scale;
+  if (ep.residual == y && !k.residual_in_sums) splits = 1;
   splits = std::min<int64_t>(splits, k_tiles);
-  const int tiles_per_split = static_cast<int>((k_tiles + splits - 1) / splits);
-  splits = (k_tiles + tiles_per_split - 1) / tiles_per_split;  // none empty
-  if (splits * g.groups > 65535) c.Invalid("groups x K splits exceed 65535 blocks");
-  const dim3 grid(tiles_grid.x, tiles_grid.y, static_cast<unsigned>(splits * g.groups));
-  const size_t ohw = size_t(g.oh) * g.ow, planes = size_t(g.n) * g.c_out;
-  if (splits > 1) s.Fill(y, 0, planes * ohw * sizeof(float));
-  const GpuEpilogue raw{};
-  const GpuEpilogue& kernel_ep = splits > 1 ? raw : ep;
+  k.tiles_per_split = static_cast<int>((k_tiles + splits - 1) / splits);
+  k.splits = static_cast<int>((k_tiles + k.tiles_per_split - 1) / k.tiles_per_split);  // none empty
+  if (int64_t(k.splits) * g.groups > 65535) c.Invalid("groups x K splits exceed 65535 blocks");
+  return k;
+}
+
+// Runs launch(kernel epilogue) between y's start and the split epilogue when K is split.
+template <typename LaunchFn>
+void RunKSplit(GpuStream& s, const KSplit& k, const ConvGeometry& g, const GpuEpilogue& ep, float* y, LaunchFn&& launch) {
+  if (k.splits == 1) return launch(ep);
+  const size_t ohw = size_t(g.oh) * g.ow, planes = size_t(g.n) * g.c_out, count = planes * ohw;
+  if (!k.residual_in_sums) s.Fill(y, 0, count * sizeof(float));
+  else if (ep.residual != y)
+    Launch(ConvSplitStartKernel, dim3(static_cast<unsigned>(std::min<size_t>(CeilDiv(count, 256), 4096))), dim3(256), 0, s, y,
+           ep.residual, count);
+  launch(GpuEpilogue{});
+  GpuEpilogue after = ep;
+  if (k.residual_in_sums) after.residual = nullptr;
+  Launch(ConvSplitEpilogueKernel, dim3(CeilDiv(ohw, 256), static_cast<unsigned>(std::min<size_t>(planes, 65535))), dim3(256),
+         0, s, y, planes, static_cast<int>(ohw), g.c_out, after);
+}
+
+// The pipelined kernel's grid: output tiles x (groups x K splits).
+template <int kWarpsM>
+struct PipeGrid {
+  dim3 grid;
+  KSplit k;
+  PipeGrid(const GpuOpCall& c, const GpuDeviceInfo& d, const ConvGeometry& g, const GpuEpilogue& ep, const float* y) {
+    using T = PipeTile<kWarpsM, false>;  // the block shape; copying A changes only the shared layout
+    const dim3 tiles(CeilDiv(g.m, T::kBM), CeilDiv(g.cout_g, T::kBN));
+    if (tiles.y > 65535) c.Invalid("cOut/groups is too large (over 65535 channel tiles)");
+    k = PlanKSplit(c, d, g, ep, y, int64_t(tiles.x) * tiles.y, static_cast<int>(CeilDiv(g.k, kPipeBK)), 2);
+    grid = dim3(tiles.x, tiles.y, static_cast<unsigned>(k.splits * g.groups));
+  }
+  // Whether a 1x1 conv's grid leaves over half the SMs idle: there the SIMT kernel's 64 x 64 tiles
+  // (4x the blocks) with bf16 operands ran faster on an H200 (ResNet-50 and MobileNetV2 1x1s at
+  // batch 1, 2-50 blocks: 1.19-2.05x; MobileNetV2's project at batch 8, 24 blocks: 1.29x; ResNet-50
+  // bf16 session at batch 1: 1.668 -> 1.537 ms). KxK convs stay here: their 3x3s of 26-28 blocks
+  // ran 0.92-0.93x on the SIMT kernel (its im2col gathers per FLOP), layer4's of 72 blocks 1.00x.
+  bool Starves(const GpuDeviceInfo& d, const ConvGeometry& g) const {
+    return g.kh * g.kw == 1 && size_t(grid.x) * grid.y * grid.z * 2 < size_t(std::max(d.multiprocessors, 1));
+  }
+};
+
+template <int kWarpsM>
+void LaunchPipe(GpuStream& s, const PipeGrid<kWarpsM>& pg, const float* x, const uint16_t* w16, float* y, const ConvGeometry& g,
+                const GpuEpilogue& ep) {
   const bool copy_a = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.pt == 0 && g.pl == 0 && g.oh == g.h &&
-                      g.ow == g.w && ohw % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  if (copy_a)
-    Launch(ConvMmaPipeKernel<kWarpsM, true>, grid, dim3(kPipeThreads), PipeTile<kWarpsM, true>::kSharedBytes, s, x, w16, y, g, kernel_ep,
-           static_cast<int>(splits), tiles_per_split);
-  else
-    Launch(ConvMmaPipeKernel<kWarpsM, false>, grid, dim3(kPipeThreads), T::kSharedBytes, s, x, w16, y, g, kernel_ep,
-           static_cast<int>(splits), tiles_per_split);
-  if (splits > 1)
-    Launch(ConvSplitEpilogueKernel, dim3(CeilDiv(ohw, 256), static_cast<unsigned>(std::min<size_t>(planes, 65535))), dim3(256),
-           0, s, y, planes, static_cast<int>(ohw), g.c_out, ep);
+                      g.ow == g.w && size_t(g.oh) * g.ow % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const KSplit& k = pg.k;
+  RunKSplit(s, k, g, ep, y, [&](const GpuEpilogue& kernel_ep) {
+    if (copy_a)
+      Launch(ConvMmaPipeKernel<kWarpsM, true>, pg.grid, dim3(kPipeThreads), PipeTile<kWarpsM, true>::kSharedBytes, s, x, w16, y,
+             g, kernel_ep, k.splits, k.tiles_per_split);
+    else
+      Launch(ConvMmaPipeKernel<kWarpsM, false>, pg.grid, dim3(kPipeThreads), PipeTile<kWarpsM, false>::kSharedBytes, s, x, w16,
+             y, g, kernel_ep, k.splits, k.tiles_per_split);
+  });
+}
+
+// The pipelined kernel unless its grid starves the device (`simt` = 2, force, asks for tensor cores
+// wherever they run); false: the caller runs the SIMT kernel.
+template <int kWarpsM>
+bool TryPipe(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c, bool force, const float* x, const uint16_t* w16, float* y,
+             const ConvGeometry& g, const GpuEpilogue& ep) {
+  const PipeGrid<kWarpsM> pg(c, d, g, ep, y);
+  if (!force && pg.Starves(d, g)) return false;
+  LaunchPipe(s, pg, x, w16, y, g, ep);
+  return true;
 }
 
 // Buffers: 0 x [n, cIn, h, w], 1 weights [cOut, cIn/groups, kh, kw] (float32, or bf16 bits when
@@ -678,7 +768,10 @@ void ConvOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   int64_t kh, kw, oh, ow, v[8];
   ReadWindow(c, h, w, &kh, &kw, &oh, &ow, v);
   if (c_in % groups || c_out % groups) c.Invalid("groups must divide cIn and cOut");
-  const bool bf16 = c.IntOr("bf16", 0, 0, 1) != 0, simt = c.IntOr("simt", 0, 0, 1) != 0;
+  // simt: 0 chooses, 1 runs the SIMT kernel even where tensor cores would, 2 keeps tensor cores on
+  // grids too small for them (tests reach the pipelined kernel's tile edges so).
+  const int64_t simt_mode = c.IntOr("simt", 0, 0, 2);
+  const bool bf16 = c.IntOr("bf16", 0, 0, 1) != 0, simt = simt_mode == 1;
   const bool residual = c.IntOr("residual", 0, 0, 1) != 0;
   const int64_t cin_g = c_in / groups, k = cin_g * kh * kw;
   if (k > INT32_MAX || c.Count({n, oh, ow}) > size_t(INT32_MAX) || c.Count({c_in, h, w}) > size_t(INT32_MAX))
@@ -713,11 +806,9 @@ void ConvOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   // 256 x 64 blocks for groups of <= 64 channels where the device has the shared memory for them.
   const int warps_m = g.cout_g <= 64 && PipeTile<4, true>::kSharedBytes <= d.shared_per_block ? 4 : 2;
   if (mma && g.k % 8 == 0 && reinterpret_cast<uintptr_t>(w16) % 16 == 0 && PipeTile<2, true>::kSharedBytes <= d.shared_per_block) {
-    if (warps_m == 4) LaunchPipe<4>(s, d, c, x, w16, y, g, ep);
-    else LaunchPipe<2>(s, d, c, x, w16, y, g, ep);
-    return;
-  }
-  if (mma) {
+    const bool force = simt_mode == 2;
+    if (warps_m == 4 ? TryPipe<4>(s, d, c, force, x, w16, y, g, ep) : TryPipe<2>(s, d, c, force, x, w16, y, g, ep)) return;
+  } else if (mma) {
     // 128-channel tiles wherever a group has that many: on an H200 they beat 64 x 64 at every
     // ResNet-50 shape, even layer4's, whose grid they halve to 28 blocks (6.9 vs 5.1 TFLOP/s).
     const bool w = g.cout_g >= 128;
@@ -727,10 +818,14 @@ void ConvOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
     else Launch(ConvMmaBf16Kernel<2, 2>, grid, dim3(128), 0, s, x, w16, y, g, ep);
     return;
   }
-  const dim3 grid(CeilDiv(g.m, 16 * kSimtT), CeilDiv(g.cout_g, 16 * kSimtT), g.groups);
-  if (grid.y > 65535) c.Invalid("cOut/groups is too large (over 65535 tiles of 64 channels)");
-  if (bf16) Launch(ConvSimtKernel<true>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
-  else Launch(ConvSimtKernel<false>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, ep);
+  const dim3 tiles_grid(CeilDiv(g.m, 16 * kSimtT), CeilDiv(g.cout_g, 16 * kSimtT));
+  if (tiles_grid.y > 65535) c.Invalid("cOut/groups is too large (over 65535 tiles of 64 channels)");
+  const KSplit ks = PlanKSplit(c, d, g, ep, y, int64_t(tiles_grid.x) * tiles_grid.y, static_cast<int>(CeilDiv(g.k, kSimtBK)), 1);
+  const dim3 grid(tiles_grid.x, tiles_grid.y, static_cast<unsigned>(ks.splits * g.groups));
+  RunKSplit(s, ks, g, ep, y, [&](const GpuEpilogue& kernel_ep) {
+    if (bf16) Launch(ConvSimtKernel<true>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, kernel_ep, ks.splits, ks.tiles_per_split);
+    else Launch(ConvSimtKernel<false>, grid, dim3(kSimtThreads), 0, s, x, weights, y, g, kernel_ep, ks.splits, ks.tiles_per_split);
+  });
 }
 
 // Buffers: 0 x [planes, h, w], 1 y [planes, oh, ow] (global: [planes]). kind: PoolKind.
