@@ -65,9 +65,16 @@ export interface GpuGemmOptions extends GpuGemmEpilogue, GpuRunOptions {
   ldb?: number;
   ldc?: number;
   kernel?: GpuGemmKernel;
+  /**
+   * The SIMT kernel's K split: this many blocks per output tile, each adding its partial sums into c
+   * (default: chosen where the tiles alone leave the device idle; 1: none). Other kernels ignore it.
+   */
+  splitK?: number;
+  /** The SIMT kernel's block tile, 64 or 128 square (default: 64 where 128 would leave SMs idle). */
+  simtTile?: 64 | 128;
 }
 const EPILOGUE_OPTIONS = ['bias', 'scale', 'residual', 'ldr', 'residualBeforeActivation', 'activation', 'clipMin', 'clipMax', 'alpha'] as const;
-const GEMM_OPTIONS = [...EPILOGUE_OPTIONS, 'bType', 'aType', 'lda', 'ldb', 'ldc', 'kernel', 'reps'] as const;
+const GEMM_OPTIONS = [...EPILOGUE_OPTIONS, 'bType', 'aType', 'lda', 'ldb', 'ldc', 'kernel', 'splitK', 'simtTile', 'reps'] as const;
 
 export interface GpuGemmInt8Options extends GpuGemmEpilogue, GpuRunOptions {
   lda?: number;
@@ -128,6 +135,11 @@ export async function gpuGemm(device: GpuDeviceId, a: GpuBuffer, b: GpuBuffer, c
   }
   const lda = checkLd(`${w}: options.lda`, o.lda, k, k), ldb = checkLd(`${w}: options.ldb`, o.ldb, n, n);
   const ldc = checkLd(`${w}: options.ldc`, o.ldc, n, n);
+  const splitK = o.splitK === undefined ? 0 : checkInt(`${w}: options.splitK`, o.splitK, 1, 65535);
+  if (o.simtTile !== undefined && o.simtTile !== 64 && o.simtTile !== 128) {
+    throw new InvalidArgumentError(`${w}: options.simtTile must be 64 or 128, got ${describe(o.simtTile)}`);
+  }
+  const simtTile = o.simtTile ?? 0;
   checkGpuBuffer(w, 'a', a, device, span(m, lda, k, aType === 'f32' ? 4 : 2));
   checkGpuBuffer(w, 'b', b, device, span(k, ldb, n, bType === 'f32' ? 4 : 2));
   checkGpuBuffer(w, 'c', c, device, span(m, ldc, n, 4));
@@ -135,7 +147,7 @@ export async function gpuGemm(device: GpuDeviceId, a: GpuBuffer, b: GpuBuffer, c
   // The residual may be c itself: each element is read before it is written, by the same thread.
   checkWrittenApart(w, { c }, { a, b, 'options.bias': o.bias, 'options.scale': o.scale });
   return runGpuOp(device, 'gemm', [a, b, c, ...ep.buffers], {
-    m, n, k, lda, ldb, ldc, aType: TYPE_CODE[aType], bType: TYPE_CODE[bType], kernel: KERNEL_CODE[kernel], ...ep.params,
+    m, n, k, lda, ldb, ldc, aType: TYPE_CODE[aType], bType: TYPE_CODE[bType], kernel: KERNEL_CODE[kernel], splitK, simtTile, ...ep.params,
   }, { reps: o.reps });
 }
 

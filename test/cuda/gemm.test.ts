@@ -34,6 +34,8 @@ interface Case {
   aType?: GpuGemmType; bType?: GpuGemmType; kernel?: GpuGemmKernel;
   lda?: number; ldb?: number; ldc?: number; ldr?: number;
   ep?: Epi;
+  splitK?: number;
+  simtTile?: 64 | 128;
 }
 
 async function roundTo(type: GpuGemmType, x: Float32Array): Promise<{ bits: Uint16Array; values: Float32Array }> {
@@ -74,7 +76,7 @@ describeGpu('GPU GEMM', (t) => {
     const scale = ep.scale ? randomF32(n, seed + 3).map((v) => v * 2) : undefined;
     const residual = ep.residual ? randomF32(m * ldr, seed + 4) : undefined;
     const opts: GpuGemmOptions = {
-      bType: c.bType ?? 'f32', aType, kernel: c.kernel ?? 'auto', lda, ldb, ldc,
+      bType: c.bType ?? 'f32', aType, kernel: c.kernel ?? 'auto', lda, ldb, ldc, splitK: c.splitK, simtTile: c.simtTile,
       activation: ep.activation, clipMin: ep.clipMin, clipMax: ep.clipMax, alpha: ep.alpha,
     };
     const cpuOpts: NonNullable<Parameters<typeof kernels.gemm>[2]> = {
@@ -89,7 +91,7 @@ describeGpu('GPU GEMM', (t) => {
       cpuOpts.residual = new Tensor('float32', residual, [m, ldr]);
       cpuOpts.residualBeforeActivation = ep.residualBeforeActivation;
     }
-    for (const key of ['activation', 'clipMin', 'clipMax', 'alpha'] as const) {
+    for (const key of ['activation', 'clipMin', 'clipMax', 'alpha', 'splitK', 'simtTile'] as const) {
       if (opts[key] === undefined) delete opts[key];
       if (cpuOpts[key] === undefined) delete cpuOpts[key];
     }
@@ -153,13 +155,55 @@ describeGpu('GPU GEMM', (t) => {
   ];
   const TYPES: [GpuGemmType, GpuGemmType][] = [['f32', 'f32'], ['f32', 'f16'], ['f16', 'f16'], ['f32', 'bf16'], ['bf16', 'bf16']];
 
-  it('simt tiles: every type pair on tile-edge shapes, with and without vector loads', async () => {
+  it('simt tiles (128 and 64 square): every type pair on tile-edge shapes, with and without vector loads', async () => {
     let seed = 1;
-    for (const [aType, bType] of TYPES) {
-      for (const [m, n, k] of TILE_SHAPES) await check({ m, n, k, aType, bType, kernel: 'simt', ep: { bias: true, activation: 'relu' } }, seed++);
-      // Odd leading dimensions: no 16-byte loads or stores anywhere.
-      await check({ m: 33, n: 35, k: 19, aType, bType, kernel: 'simt', lda: 21, ldb: 37, ldc: 39 }, seed++);
+    for (const simtTile of [128, 64] as const) {
+      const shapes: [number, number, number][] = simtTile === 128 ? TILE_SHAPES : [[1, 1, 1], [63, 65, 9], [65, 63, 17], [64, 64, 8]];
+      for (const [aType, bType] of TYPES) {
+        for (const [m, n, k] of shapes) await check({ m, n, k, aType, bType, kernel: 'simt', simtTile, ep: { bias: true, activation: 'relu' } }, seed++);
+        // Odd leading dimensions: no 16-byte loads or stores anywhere.
+        await check({ m: 33, n: 35, k: 19, aType, bType, kernel: 'simt', simtTile, lda: 21, ldb: 37, ldc: 39 }, seed++);
+      }
     }
+  });
+
+  it('simt with K split every way (splitK): every epilogue applied once after the sums, c past n untouched', async () => {
+    let seed = 900;
+    for (const [m, n, k] of [[129, 130, 33], [5, 13, 70], [17, 9, 200]] as const) {
+      for (const splitK of [1, 2, 3, 5, 50]) {
+        for (const simtTile of [128, 64] as const) {
+          await check({ m, n, k, kernel: 'simt', splitK, simtTile, ldc: n + 3, ep: { bias: true, activation: 'relu' } }, seed++);
+        }
+        for (const residualBeforeActivation of [false, true]) {
+          await check({ m, n, k, kernel: 'simt', splitK, ldr: n + 1,
+            ep: { bias: true, residual: true, residualBeforeActivation, activation: 'silu' } }, seed++);
+        }
+        await check({ m, n, k, kernel: 'simt', splitK, bType: 'bf16', ep: { scale: true, residual: true, residualBeforeActivation: true, activation: 'relu' } }, seed++);
+      }
+    }
+    // The residual in c itself: before the activation the sums start on it; after it c cannot split.
+    const [m, n, k] = [33, 20, 96];
+    const a = randomF32(m * k, 950), b = randomF32(k * n, 951), r = randomF32(m * n, 952), bias = randomF32(n, 953);
+    const [aBuf, bBuf, biasBuf] = [await up(a), await up(b), await up(bias)];
+    for (const residualBeforeActivation of [true, false]) {
+      const want = (await kernels.gemm(new Tensor('float32', a, [m, k]), new Tensor('float32', b, [k, n]), {
+        k, bias: new Tensor('float32', bias, [n]), residual: new Tensor('float32', r, [m, n]), residualBeforeActivation, activation: 'relu',
+      })).data;
+      for (const splitK of [1, 4, 12]) {
+        const c = await up(r);
+        await gpuGemm(t.id, aBuf, bBuf, c, m, n, k, { kernel: 'simt', splitK, bias: biasBuf, residual: c, residualBeforeActivation, activation: 'relu' });
+        const got = await c.read(new Float32Array(m * n));
+        for (let i = 0; i < m * n; i++) {
+          if (!(Math.abs(got[i]! - want[i]!) <= 1e-4 * (1 + Math.abs(want[i]!)))) {
+            expect(got[i], `in place, residual ${residualBeforeActivation ? 'before' : 'after'}, splitK ${splitK}: C[${i}]`).toBe(want[i]);
+          }
+        }
+      }
+    }
+    const c = await up(new Float32Array(2));
+    await expect(gpuGemm(t.id, c, c, c, 1, 1, 1, { splitK: 0 })).rejects.toThrow(/options.splitK must be an integer in \[1, 65535\]/);
+    await expect(gpuGemm(t.id, c, c, c, 1, 1, 1, { simtTile: 32 as 64 })).rejects.toThrow(/options.simtTile must be 64 or 128, got 32/);
+    await expect(runGpuOp(t.id, 'gemm', [c, c, c], { m: 1, n: 1, k: 1, bType: 0, simtTile: 100 })).rejects.toThrow(/simtTile must be 64 or 128/);
   });
 
   it('mma (tensor-core) tiles: fp16 and bf16 on tile-edge shapes, fp32 A rounded to B\'s type', async () => {

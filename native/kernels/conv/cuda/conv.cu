@@ -21,9 +21,9 @@
 //   across blocks like the pipelined kernel's when the grid is small.
 // BatchNorm is folded into the weights and bias on the host (lib/cuda/conv.ts) before upload.
 #include <algorithm>
-#include <cstdlib>
 
 #include "kernels/gemm/cuda/epilogue.h"
+#include "kernels/gemm/cuda/split_k.h"
 #include "runtime/cuda/dialect.h"
 
 namespace sonde {
@@ -643,48 +643,25 @@ void ReadWindow(const GpuOpCall& c, int64_t h, int64_t w, int64_t* kh, int64_t* 
 }
 
 // K split across blocks (grid.z = groups x splits) where the output tiles alone fill the device
-// badly (ResNet-50's layer4 3x3 at batch 1: 8 SIMT blocks for 132 SMs). A kernel's time goes with
-// the blocks per slot (slots_per_sm per SM: what its launch bounds keep resident) times the K each
-// block runs, so splits are chosen to minimise ceil(blocks * s / slots) / s: the smallest s within
-// 5% of the best, taken only where that beats one split by 20% (the zeroing, the atomics and the
-// epilogue pass cost the rest; measured on an H200: a 1x1 of 224 SIMT blocks and K = 512 ran 0.79x
-// with 2 splits, where a 3x3 of 196 blocks and K = 1152 ran 1.29x). Each split keeps min_tiles K
-// tiles to amortise its fill (8; 4 lost on the stem at batch 1). `splitK` forces a count (tests).
-// Splitting in-place residual convs gave ResNet-50 at batch 8 1-2% (fp32 and bf16 sessions).
-// SONDE_GPU_CONV_SPLIT, an A/B switch: 0 keeps the automatic choice at one split, N > 0 sets
-// min_tiles. Each split adds its partial sums into y with atomics, so y must start as zeros, or as
-// the residual where that is added before the activation (an in-place residual, as sessions'
-// bottleneck convs have, is already there); then ConvSplitEpilogueKernel applies the rest of the
-// epilogue. A residual added after the activation and stored in y itself would be lost to the
-// zeroing: that conv never splits.
+// badly (ResNet-50's layer4 3x3 at batch 1: 8 SIMT blocks for 132 SMs), by split_k.h's count: each
+// split keeps 8 K tiles (4 lost on the stem at batch 1); `splitK` forces a count (tests). y starts as
+// zeros, or as the residual where that is added before the activation (an in-place residual, as
+// sessions' bottleneck convs have, is already there: splitting those gave ResNet-50 at batch 8 1-2%
+// in fp32 and bf16 sessions); then ConvSplitEpilogueKernel applies the rest of the epilogue. A
+// residual added after the activation and stored in y itself would be lost to the zeroing: that
+// conv never splits.
 struct KSplit {
   int splits = 1, tiles_per_split = 0;
   bool residual_in_sums = false;  // y starts as the residual; the epilogue after adds none
 };
 
-int64_t AutoSplits(int64_t blocks, int64_t slots, int64_t most) {
-  const auto cost = [&](int64_t s) { return double((blocks * s + slots - 1) / slots) / double(s); };
-  double best = cost(1);
-  for (int64_t s = 2; s <= most; ++s) best = std::min(best, cost(s));
-  if (best > 0.8 * cost(1)) return 1;
-  for (int64_t s = 2; s <= most; ++s)
-    if (cost(s) <= 1.05 * best) return s;
-  return 1;
-}
-
 KSplit PlanKSplit(const GpuOpCall& c, const GpuDeviceInfo& d, const ConvGeometry& g, const GpuEpilogue& ep, const float* y,
                   int64_t tile_blocks, int k_tiles, int slots_per_sm) {
   KSplit k;
   int64_t splits = c.IntOr("splitK", 0, 0, 65535);
-  if (splits == 0) {
-    static const int env_min = [] {
-      const char* v = std::getenv("SONDE_GPU_CONV_SPLIT");
-      return v && *v ? std::atoi(v) : -1;
-    }();
-    const int min_tiles = env_min >= 0 ? env_min : 8;
-    const int64_t most = min_tiles == 0 ? 1 : std::min<int64_t>(k_tiles / min_tiles, 4096);
-    splits = AutoSplits(tile_blocks * g.groups, int64_t(std::max(d.multiprocessors, 1)) * slots_per_sm, most);
-  }
+  if (splits == 0)
+    splits = AutoKSplits(tile_blocks * g.groups, int64_t(std::max(d.multiprocessors, 1)) * slots_per_sm, k_tiles, 8,
+                         "SONDE_GPU_CONV_SPLIT");
   k.residual_in_sums = ep.residual && ep.residual_before_activation && !ep.scale;
   if (ep.residual == y && !k.residual_in_sums) splits = 1;
   splits = std::min<int64_t>(splits, k_tiles);

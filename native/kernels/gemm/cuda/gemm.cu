@@ -11,7 +11,9 @@
 //         tensor copy engine (mbarriers), two consumer warpgroups on wgmma m64n256k16 from shared
 //         memory. 'auto' takes it when the
 //         device and build have it, lda/ldb allow the copies, and SONDE_GPU_WGMMA is not 0.
-//   simt  any B type: 128x128x8 block tiles, 8x8 outputs per thread, fp32 FMA (cc < 8.0, fp32 B).
+//   simt  any B type: 128x128x8 block tiles, 8x8 outputs per thread, fp32 FMA (cc < 8.0, fp32 B);
+//         64x64 (4x4 per thread) where 128 would leave SMs idle, and K split across blocks
+//         (split_k.h) where the tiles alone still do.
 //   gemv  m small (decode): streams B once per 8 rows of A with 16-byte loads, K split over the
 //         block's 64 row groups and reduced in shared memory.
 //   int8  s8 weights quantised per column (gemm_pack_s8) and A quantised per row to u8 at run time,
@@ -26,6 +28,7 @@
 #include <vector>
 
 #include "kernels/gemm/cuda/epilogue.h"
+#include "kernels/gemm/cuda/split_k.h"
 #include "runtime/cuda/dialect.h"
 #include "runtime/cuda/dialect_sm90.h"
 
@@ -137,26 +140,33 @@ __device__ __forceinline__ int Avail(int row, int rows, int col, int cols, int w
 }
 
 // ---------------------------------------------------------------- SIMT (fp32 FMA) ----
-constexpr int kSimtBM = 128, kSimtBN = 128, kSimtBK = 8, kSimtThreads = 256;
+constexpr int kSimtBK = 8, kSimtThreads = 256;
 
-// 16 x 16 threads, each owning rows {ty*4.., 64+ty*4..} and columns {tx*4.., 64+tx*4..}: the two
-// halves keep each warp's float4 reads of a shared row on distinct banks.
-template <int TA, int TB>
+// kB x kB block tiles (128, or 64 where 128 leaves the device idle), 16 x 16 threads, each owning
+// kB / 16 rows {ty*4.., 64+ty*4..} and columns {tx*4.., 64+tx*4..} (one group of 4 at kB = 64): the
+// two halves keep each warp's float4 reads of a shared row on distinct banks.
+// K split (split_k.h): block z runs K tiles [z * tiles_per_split, +tiles_per_split) and, with more
+// than one split, adds its raw sums into c with atomics (GemmSplitEpilogueKernel applies ep after).
+template <int TA, int TB, int kB>
 __global__ void __launch_bounds__(kSimtThreads) SimtGemmKernel(const void* a_, const void* b_, float* __restrict__ c,
-                                                              Shape sh, Epilogue ep) {
+                                                              Shape sh, Epilogue ep, int splits, int tiles_per_split) {
   using SA = typename Ty<TA>::T;
   using SB = typename Ty<TB>::T;
+  constexpr int kH = kB / 64, kT = 4 * kH;  // halves, outputs per thread along each axis
   const SA* a = static_cast<const SA*>(a_);
   const SB* b = static_cast<const SB*>(b_);
   // A transposed (k-major) so a thread's four rows are one float4; +4 keeps that alignment.
-  __align__(16) __shared__ float As[2][kSimtBK][kSimtBM + 4];
-  __align__(16) __shared__ float Bs[2][kSimtBK][kSimtBN];
+  __align__(16) __shared__ float As[2][kSimtBK][kB + 4];
+  __align__(16) __shared__ float Bs[2][kSimtBK][kB];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const int bm = blockIdx.y * kSimtBM, bn = blockIdx.x * kSimtBN;
-  const int a_row = tid / 2, a_k = (tid % 2) * 4;    // A tile: 128 rows x 8 k
-  const int b_k = tid / 32, b_col = (tid % 32) * 4;  // B tile: 8 k x 128 columns
+  const int bm = blockIdx.y * kB, bn = blockIdx.x * kB;
+  // Loaders: A tile kB rows x 8 k, B tile 8 k x kB columns, 4 elements a thread (the first 2 kB threads).
+  const bool loads = tid < 2 * kB;
+  const int a_row = tid / 2, a_k = (tid % 2) * 4;
+  const int b_k = tid / (kB / 4), b_col = (tid % (kB / 4)) * 4;
   float ra[4], rb[4];
   auto load = [&](int k0) {
+    if (!loads) return;
     const int arow = bm + a_row, acol = k0 + a_k;
     const int aav = Avail(arow, sh.m, acol, sh.k, 4);
     Load4<TA>(aav > 0 ? a + size_t(arow) * sh.lda + acol : a, aav, sh.vec_a, ra);
@@ -165,53 +175,81 @@ __global__ void __launch_bounds__(kSimtThreads) SimtGemmKernel(const void* a_, c
     Load4<TB>(bav > 0 ? b + size_t(brow) * sh.ldb + bcol : b, bav, sh.vec_b, rb);
   };
   auto store = [&](int buf) {
+    if (!loads) return;
 SONDE_UNROLL
     for (int i = 0; i < 4; ++i) As[buf][a_k + i][a_row] = ra[i];
     *reinterpret_cast<float4*>(&Bs[buf][b_k][b_col]) = make_float4(rb[0], rb[1], rb[2], rb[3]);
   };
-  float acc[8][8] = {};
-  const int tiles = (sh.k + kSimtBK - 1) / kSimtBK;
+  float acc[kT][kT] = {};
+  const int all = (sh.k + kSimtBK - 1) / kSimtBK, t0 = blockIdx.z * tiles_per_split;
+  const int tiles = (all < t0 + tiles_per_split ? all : t0 + tiles_per_split) - t0, k0 = t0 * kSimtBK;
   if (tiles > 0) {
-    load(0);
+    load(k0);
     store(0);
     __syncthreads();
   }
   for (int t = 0; t < tiles; ++t) {
     const int cur = t & 1;
-    if (t + 1 < tiles) load((t + 1) * kSimtBK);
+    if (t + 1 < tiles) load(k0 + (t + 1) * kSimtBK);
 SONDE_UNROLL
     for (int kk = 0; kk < kSimtBK; ++kk) {
-      const float4 a0 = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
-      const float4 a1 = *reinterpret_cast<const float4*>(&As[cur][kk][64 + ty * 4]);
-      const float4 b0 = *reinterpret_cast<const float4*>(&Bs[cur][kk][tx * 4]);
-      const float4 b1 = *reinterpret_cast<const float4*>(&Bs[cur][kk][64 + tx * 4]);
-      const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+      float av[kT], bv[kT];
 SONDE_UNROLL
-      for (int i = 0; i < 8; ++i)
+      for (int h = 0; h < kH; ++h) {
+        const float4 a4 = *reinterpret_cast<const float4*>(&As[cur][kk][64 * h + ty * 4]);
+        const float4 b4 = *reinterpret_cast<const float4*>(&Bs[cur][kk][64 * h + tx * 4]);
+        av[4 * h] = a4.x, av[4 * h + 1] = a4.y, av[4 * h + 2] = a4.z, av[4 * h + 3] = a4.w;
+        bv[4 * h] = b4.x, bv[4 * h + 1] = b4.y, bv[4 * h + 2] = b4.z, bv[4 * h + 3] = b4.w;
+      }
 SONDE_UNROLL
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+      for (int i = 0; i < kT; ++i)
+SONDE_UNROLL
+        for (int j = 0; j < kT; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
     }
     if (t + 1 < tiles) store(cur ^ 1);
     __syncthreads();
   }
 SONDE_UNROLL
-  for (int i = 0; i < 8; ++i) {
-    const int row = bm + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
+  for (int i = 0; i < kT; ++i) {
+    const int row = bm + 64 * (i / 4) + ty * 4 + i % 4;
     if (row >= sh.m) continue;
 SONDE_UNROLL
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < kH; ++h) {
       const int col = bn + h * 64 + tx * 4;
+      float* out = c + size_t(row) * sh.ldc + col;
+      if (splits > 1) {
+        for (int j = 0; j < 4 && col + j < sh.n; ++j) atomicAdd(out + j, acc[i][h * 4 + j]);
+        continue;
+      }
       float v[4];
 SONDE_UNROLL
       for (int j = 0; j < 4; ++j) v[j] = col + j < sh.n ? ApplyEpilogue(acc[i][h * 4 + j], row, col + j, ep) : 0.0f;
-      float* out = c + size_t(row) * sh.ldc + col;
       if (sh.vec_c && col + 3 < sh.n) {
         *reinterpret_cast<float4*>(out) = make_float4(v[0], v[1], v[2], v[3]);
       } else {
         for (int j = 0; j < 4 && col + j < sh.n; ++j) out[j] = v[j];
       }
     }
+  }
+}
+
+// Before a split-K GEMM: c's m x n starts as the residual (added before the activation, apart from
+// c) or as zeros; columns past n within ldc are left alone.
+__global__ void GemmSplitStartKernel(float* __restrict__ c, Shape sh, const float* __restrict__ residual, size_t ldr) {
+  const size_t count = size_t(sh.m) * sh.n;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) {
+    const size_t row = i / sh.n, col = i - row * sh.n;
+    c[row * sh.ldc + col] = residual ? residual[row * ldr + col] : 0.0f;
+  }
+}
+
+// After a split-K GEMM: c holds the raw sums; the epilogue in place.
+__global__ void GemmSplitEpilogueKernel(float* __restrict__ c, Shape sh, Epilogue ep) {
+  const size_t count = size_t(sh.m) * sh.n;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) {
+    const size_t row = i / sh.n, col = i - row * sh.n;
+    float* p = c + row * sh.ldc + col;
+    *p = ApplyEpilogue(*p, static_cast<int>(row), static_cast<int>(col), ep);
   }
 }
 
@@ -1022,8 +1060,50 @@ int GemvThreads(unsigned runs, int sms) {
   return runs <= n ? 1024 : runs <= 2 * n ? 512 : kGemvThreads;
 }
 
+// The SIMT kernel, on 64 x 64 tiles where 128 x 128 ones would leave SMs idle, with K split
+// where the tiles alone still do (a transformer's projections at batch 1: M = 128 tokens, N =
+// 256-1024: 2-8 blocks of 128), each split keeping 8 K tiles of 8. The op's `simtTile` (64, 128)
+// and `splitK` (> 0) pin either (tests). c starts as zeros, or as a residual added before the
+// activation (in place: already there); a residual added after it in c itself cannot split.
+struct SimtPlan {
+  int tile;         // 0: chosen
+  int64_t split_k;  // 0: chosen
+};
+
 template <int TA, int TB>
-void RunGemm(GpuStream& s, int sms, int choice, const void* a, const void* b, float* c, const Shape& sh, const Epilogue& ep) {
+void RunSimtGemm(GpuStream& s, int sms, const SimtPlan& plan, const void* a, const void* b, float* c, const Shape& sh,
+                 const Epilogue& ep) {
+  sms = std::max(sms, 1);
+  const int64_t forced = plan.split_k;
+  const bool small = plan.tile ? plan.tile == 64 : int64_t(CeilDiv(sh.n, 128)) * CeilDiv(sh.m, 128) < sms;
+  const int tile = small ? 64 : 128;
+  const dim3 tiles(CeilDiv(sh.n, tile), CeilDiv(sh.m, tile));
+  const int64_t k_tiles = CeilDiv(sh.k, kSimtBK);
+  const bool residual_in_sums = ep.residual && ep.residual_before && !ep.scale;
+  const bool in_place = ep.residual == c;
+  int64_t splits = forced > 0 ? forced : AutoKSplits(int64_t(tiles.x) * tiles.y, sms, k_tiles, 8, "SONDE_GPU_GEMM_SPLIT");
+  if (k_tiles == 0 || (in_place && !(residual_in_sums && ep.ldr == sh.ldc))) splits = 1;
+  splits = std::min<int64_t>(splits, std::max<int64_t>(k_tiles, 1));
+  const int per = static_cast<int>(std::max<int64_t>((k_tiles + splits - 1) / splits, 1));
+  if (k_tiles > 0) splits = std::min<int64_t>((k_tiles + per - 1) / per, 65535);  // none empty
+  const dim3 grid(tiles.x, tiles.y, static_cast<unsigned>(splits));
+  const auto launch = [&](const Epilogue& kernel_ep) {
+    if (small) Launch(SimtGemmKernel<TA, TB, 64>, grid, dim3(kSimtThreads), 0, s, a, b, c, sh, kernel_ep, static_cast<int>(splits), per);
+    else Launch(SimtGemmKernel<TA, TB, 128>, grid, dim3(kSimtThreads), 0, s, a, b, c, sh, kernel_ep, static_cast<int>(splits), per);
+  };
+  if (splits == 1) return launch(ep);
+  const unsigned blocks = static_cast<unsigned>(std::min<size_t>(CeilDiv(size_t(sh.m) * sh.n, 256), 4096));
+  if (!(residual_in_sums && in_place))
+    Launch(GemmSplitStartKernel, dim3(blocks), dim3(256), 0, s, c, sh, residual_in_sums ? ep.residual : nullptr, ep.ldr);
+  launch(Epilogue{});
+  Epilogue after = ep;
+  if (residual_in_sums) after.residual = nullptr;
+  Launch(GemmSplitEpilogueKernel, dim3(blocks), dim3(256), 0, s, c, sh, after);
+}
+
+template <int TA, int TB>
+void RunGemm(GpuStream& s, int sms, int choice, const SimtPlan& simt, const void* a, const void* b, float* c, const Shape& sh,
+             const Epilogue& ep) {
   if (choice == kGemv) {
     const dim3 grid(CeilDiv(sh.n, kGemvLanes * (16 / sizeof(typename Ty<TB>::T))), sh.m == 1 ? 1 : CeilDiv(sh.m, kGemvRows));
     const int threads = sh.m == 1 ? GemvThreads(grid.x, sms) : kGemvThreads;
@@ -1047,7 +1127,7 @@ void RunGemm(GpuStream& s, int sms, int choice, const void* a, const void* b, fl
       return;
     }
   }
-  Launch(SimtGemmKernel<TA, TB>, grid, dim3(kSimtThreads), 0, s, a, b, c, sh, ep);
+  RunSimtGemm<TA, TB>(s, sms, simt, a, b, c, sh, ep);
 }
 
 // buffers: a, b, c, then bias / scale / residual as flagged. params: m, n, k, lda, ldb, ldc,
@@ -1060,6 +1140,8 @@ void GemmOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
   const int a_type = static_cast<int>(c.IntOr("aType", kF32, 0, 2));
   if (a_type != kF32 && a_type != b_type) c.Invalid("aType must be f32 or the same type as bType");
   int choice = static_cast<int>(c.IntOr("kernel", kAuto, 0, 4));
+  const SimtPlan simt{static_cast<int>(c.IntOr("simtTile", 0, 0, 128)), c.IntOr("splitK", 0, 0, 65535)};
+  if (simt.tile != 0 && simt.tile != 64 && simt.tile != 128) c.Invalid("simtTile must be 64 or 128");
   const bool tensor_cores = ComputeCapability(d) >= 80;
   if (choice == kMma && b_type == kF32) c.Invalid("kernel 'mma' needs fp16 or bf16 weights");
   if (choice == kMma && !tensor_cores) c.Invalid("kernel 'mma' needs compute capability 8.0 or newer");
@@ -1094,11 +1176,11 @@ void GemmOp(GpuStream& s, const GpuDeviceInfo& d, const GpuOpCall& c) {
     return;
   }
   switch (b_type * 3 + a_type) {
-    case kF32 * 3 + kF32: RunGemm<kF32, kF32>(s, d.multiprocessors, choice, a, b, out, sh, ep); break;
-    case kF16 * 3 + kF32: RunGemm<kF32, kF16>(s, d.multiprocessors, choice, a, b, out, sh, ep); break;
-    case kF16 * 3 + kF16: RunGemm<kF16, kF16>(s, d.multiprocessors, choice, a, b, out, sh, ep); break;
-    case kBf16 * 3 + kF32: RunGemm<kF32, kBf16>(s, d.multiprocessors, choice, a, b, out, sh, ep); break;
-    default: RunGemm<kBf16, kBf16>(s, d.multiprocessors, choice, a, b, out, sh, ep); break;
+    case kF32 * 3 + kF32: RunGemm<kF32, kF32>(s, d.multiprocessors, choice, simt, a, b, out, sh, ep); break;
+    case kF16 * 3 + kF32: RunGemm<kF32, kF16>(s, d.multiprocessors, choice, simt, a, b, out, sh, ep); break;
+    case kF16 * 3 + kF16: RunGemm<kF16, kF16>(s, d.multiprocessors, choice, simt, a, b, out, sh, ep); break;
+    case kBf16 * 3 + kF32: RunGemm<kF32, kBf16>(s, d.multiprocessors, choice, simt, a, b, out, sh, ep); break;
+    default: RunGemm<kBf16, kBf16>(s, d.multiprocessors, choice, simt, a, b, out, sh, ep); break;
   }
 }
 
