@@ -60,7 +60,10 @@ describe('session wait modes', () => {
   });
 
   it.skipIf(cores < 2)("'poll' polls while the run is in flight (timers still fire), then stops; 'sleep' does not poll", async () => {
-    const { bytes, x } = chain(256, 40);
+    // ~50 ms of MatMuls here: long enough that a loaded machine, which may leave the JS thread
+    // unscheduled for a few milliseconds (its completion then lands before the timers phase), still
+    // runs the loop during it (with 40 links, ~7 ms, the timer once missed the run under CI's load).
+    const { bytes, x } = chain(256, 300);
     const polled = await Session.load(bytes, { device: 'cpu', threads: 1, wait: 'poll' });
     const sleeping = await Session.load(bytes, { device: 'cpu', threads: 1, wait: 'sleep' });
     const out = polled.outputs[0]!.name;
