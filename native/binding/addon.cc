@@ -225,7 +225,7 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
       delete raw;
     }
   };
-  if (!pool_->Submit(run, dropped)) {
+  if (!pool_->Submit(run, dropped, static_cast<unsigned>(held > 1 ? held - 1 : 0))) {
     g_busy_threads.fetch_sub(held, std::memory_order_relaxed);
     Napi::Error err = MakeError(env, codes::kDisposed, "sonde: the thread pool has shut down");
     raw->deferred_->Reject(err.Value());

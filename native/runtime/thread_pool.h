@@ -63,8 +63,10 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   // Runs job on a worker. `dropped` runs instead (on the calling thread of Shutdown) if the pool
-  // shuts down before the job starts. Returns false if the pool is already shut down.
-  bool Submit(std::function<void()> job, std::function<void()> dropped);
+  // shuts down before the job starts. Returns false if the pool is already shut down. `helpers`:
+  // workers the job's ParallelFor loops will want beside it, woken now if asleep to spin for them,
+  // so that their wake-up overlaps the job's hand-off instead of following its first loop.
+  bool Submit(std::function<void()> job, std::function<void()> dropped, unsigned helpers = 0);
 
   // Calls fn(i) for every i in [0, n), on up to max_threads threads including the caller, and
   // returns when all calls have finished. Indices are handed out one at a time, so uneven tasks
@@ -111,7 +113,7 @@ class ThreadPool {
   bool ParallelForShared(size_t n, unsigned max_threads, IndexFnRef fn, const CancelFlag* cancel);
   // Waits (spinning, then sleeping) until worker `index` has a task to take or the pool stops;
   // after_job: it ran a job last, and may spin for the next one while no job runs (see the .cc).
-  void WaitForTask(unsigned index, bool after_job);
+  void WaitForTask(unsigned index, bool after_job, bool prewoken);
   void WorkerLoop(unsigned index);
   void StartThreadsLocked(unsigned count);
   // Wakes sleeping workers for `tasks` new queue entries; parked: some threads are parked (see .cc).
@@ -131,6 +133,9 @@ class ThreadPool {
   // Workers spinning for a task: Notify skips the futex wake-up (microseconds on the submitting
   // thread, often the JS thread) when one of them will take it anyway.
   std::atomic<unsigned> spinning_{0};
+  // Sleeping workers Submit woke for its job's helpers, not yet up (each takes one on waking to an
+  // empty queue, and spins for the job's first ParallelFor).
+  std::atomic<unsigned> prewake_{0};
   // When the last job ended and the gap from there to the next Submit (steady clock ns; 0 / max
   // before any): how long it is worth spinning for the next job.
   std::atomic<int64_t> last_job_end_ns_{0};
