@@ -144,6 +144,7 @@ Napi::Value GgufOpen(Addon& addon, const Napi::CallbackInfo& info) {
   auto job = std::make_unique<GgufOpenJob>();
   job->path = info[0].As<Napi::String>();
   job->ctor = &addon.Class("GgufHandle");
+  job->threads = 1;  // reads the file's header on one thread
   return addon.Start(env, std::move(job));
 }
 

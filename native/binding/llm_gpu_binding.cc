@@ -154,6 +154,7 @@ Napi::Value ModelCreate(Addon& addon, const Napi::CallbackInfo& info) {
   }
   job->addon = &addon;
   if (info.Length() > 2) addon.AttachCancel(info[2], job.get());
+  job->threads = 1;  // launches from one host thread: no pool helpers to hold or wake
   return addon.Start(env, std::move(job));
 }
 
@@ -271,6 +272,7 @@ Napi::Value PoolStep(Addon& addon, const Napi::CallbackInfo& info) {
   job->Claim(env, where);
   job->Keep(info[1]);
   job->Keep(info[6]);
+  job->threads = 1;  // launches from one host thread: no pool helpers to hold or wake
   return addon.Start(env, std::move(job));
 }
 
@@ -305,6 +307,7 @@ Napi::Value PoolBlocks(Addon& addon, const Napi::CallbackInfo& info, bool write)
   job->Claim(env, where);
   job->Keep(info[0]);
   job->Keep(info[2]);
+  job->threads = 1;  // launches from one host thread: no pool helpers to hold or wake
   return addon.Start(env, std::move(job));
 }
 
