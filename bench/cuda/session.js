@@ -32,7 +32,7 @@ export async function* sessionCases(env) {
   for (const [name, params, batches] of plan) {
     const bytes = modelBytes(name, params);
     const gpu = await Session.load(bytes, { device: 'cuda' });
-    const gpuBf16 = name === 'resnet50' ? await Session.load(bytes, { device: 'cuda', precision: 'bf16' }) : null;
+    const gpuBf16 = name === 'resnet50' || name === 'transformer' ? await Session.load(bytes, { device: 'cuda', precision: 'bf16' }) : null;
     const cpu = await Session.load(bytes, { device: 'cpu' });
     try {
       for (const b of batches) {

@@ -20,7 +20,8 @@ export type GpuGemmType = 'f32' | 'f16' | 'bf16';
  * 'auto': 'gemv' for m <= 8; else 'wgmma' on Hopper (compute capability 9.0 with the build's sm_90a
  * code) when A and B are both fp16 or both bf16 with 16-byte aligned rows (lda, ldb multiples of 8)
  * and the environment does not set SONDE_GPU_WGMMA=0; else 'mma' for fp16/bf16 B on compute
- * capability >= 8.0; else 'simt'. 'wgmma' forced elsewhere is an InvalidArgumentError (the emulator
+ * capability >= 8.0, unless its 128x128 tiles would leave over half the SMs idle (then 'simt', whose
+ * smaller tiles and K split fill the device; A stays fp32 there); else 'simt'. 'wgmma' forced elsewhere is an InvalidArgumentError (the emulator
  * runs it, for tests). int8 has no separate SIMT tile kernel: 'simt' and 'gemv' both run its dp4a
  * kernel; it has no 'wgmma' kernel.
  */

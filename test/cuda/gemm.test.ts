@@ -206,6 +206,20 @@ describeGpu('GPU GEMM', (t) => {
     await expect(runGpuOp(t.id, 'gemm', [c, c, c], { m: 1, n: 1, k: 1, bType: 0, simtTile: 100 })).rejects.toThrow(/simtTile must be 64 or 128/);
   });
 
+  it("auto takes 'simt' for 16-bit weights where the mma tiles would leave over half the SMs idle, 'mma' otherwise", async () => {
+    const sms = Math.max(gpuDevice(t.id).multiprocessors, 1);
+    for (const [m, n, k] of [[20, 24, 40], [129, 130, 33], [300, 260, 16]] as const) {
+      const a = await up(randomF32(m * k, 970)), b = await up((await roundTo('bf16', randomF32(k * n, 971))).bits);
+      const run = async (kernel: GpuGemmKernel) => {
+        const c = await up(new Float32Array(m * n));
+        await gpuGemm(t.id, a, b, c, m, n, k, { bType: 'bf16', kernel });
+        return c.read(new Float32Array(m * n));
+      };
+      const starves = 2 * Math.ceil(n / 128) * Math.ceil(m / 128) < sms;
+      expect(Array.from(await run('auto')), `${m}x${n}x${k} on ${sms} SMs`).toEqual(Array.from(await run(starves ? 'simt' : 'mma')));
+    }
+  });
+
   it('mma (tensor-core) tiles: fp16 and bf16 on tile-edge shapes, fp32 A rounded to B\'s type', async () => {
     let seed = 100;
     for (const [aType, bType] of TYPES.filter(([, b]) => b !== 'f32')) {
