@@ -64,8 +64,10 @@ class ThreadPool {
 
   // Runs job on a worker. `dropped` runs instead (on the calling thread of Shutdown) if the pool
   // shuts down before the job starts. Returns false if the pool is already shut down. `helpers`:
-  // workers the job's ParallelFor loops will want beside it, woken now if asleep to spin for them,
-  // so that their wake-up overlaps the job's hand-off instead of following its first loop.
+  // workers the job's ParallelFor loops may use beside it: as many as the last job's loops asked
+  // for (at least one) are woken now if asleep, to spin for them, so that their wake-up overlaps
+  // the job's hand-off instead of following its first loop (and the first of two sleepers to wake
+  // takes the job).
   bool Submit(std::function<void()> job, std::function<void()> dropped, unsigned helpers = 0);
 
   // Calls fn(i) for every i in [0, n), on up to max_threads threads including the caller, and
@@ -136,6 +138,11 @@ class ThreadPool {
   // Sleeping workers Submit woke for its job's helpers, not yet up (each takes one on waking to an
   // empty queue, and spins for the job's first ParallelFor).
   std::atomic<unsigned> prewake_{0};
+  // Helpers the ParallelFor loops asked for since the last job ended (the most of any loop), and
+  // that count as of the last job's end: a job is expected to want what the last one did (a model
+  // whose steps all run on one thread wakes none).
+  std::atomic<unsigned> job_helpers_{0};
+  std::atomic<unsigned> last_helpers_{0};
   // When the last job ended and the gap from there to the next Submit (steady clock ns; 0 / max
   // before any): how long it is worth spinning for the next job.
   std::atomic<int64_t> last_job_end_ns_{0};
