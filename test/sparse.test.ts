@@ -196,7 +196,7 @@ describe.each(variants)('spmm %s', (variant) => {
     ws.dispose();
   });
 
-  it('csr SpMV: 16-bit column indices up to K = 65536, 32-bit above', async () => {
+  it('csr SpMV and SpMM: 16-bit column indices up to K = 65536, 32-bit above', async () => {
     // The last column index 65535 is the largest a 16-bit index holds; K = 65537 keeps 32-bit indices.
     for (const k of [65536, 65537]) {
       const n = 3;
@@ -205,7 +205,7 @@ describe.each(variants)('spmm %s', (variant) => {
       const w = kernels.toSparse(b, { format: 'csr' });
       expect(w.bytes).toBe(4 * (n + 1 + 2 * w.nnz) + (k <= 65536 ? 2 * w.nnz : 0));
       w.dispose();
-      await run(variant, 'csr', 1, k, n, b, { act: 'relu', bias: randomF32(n, 7) });
+      for (const m of [1, 3, 20]) await run(variant, 'csr', m, k, n, b, { act: 'relu', bias: randomF32(n, 7) });
     }
   });
 

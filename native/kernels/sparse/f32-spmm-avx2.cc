@@ -18,8 +18,8 @@ inline __m256i LaneMask(size_t n) {
 }
 
 // As the AVX-512 kernel: U*MV >= 8 independent FMA chains (two FMA pipes at 4 cycles latency).
-template <size_t MV, size_t U>
-inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, const uint32_t* col_idx,
+template <size_t MV, size_t U, typename Index>
+inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, const Index* col_idx,
                       const float* values, float* out) {
   __m256 acc[U][MV];
 #pragma GCC unroll 32
@@ -71,14 +71,14 @@ inline void Transpose8x8(__m256 r[8]) {
   }
 }
 
-template <size_t MV>
-void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr, const uint32_t* col_idx,
+template <size_t MV, typename Index>
+void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr, const Index* col_idx,
               const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
   constexpr size_t kU = MV >= 8 ? 1 : 8 / MV;
   constexpr size_t kRows = MV * 8;
   alignas(32) float tile[kNg * kRows];
   for (size_t j = 0; j < nc; ++j)
-    CsrColumn<MV, kU>(at, ldat, row_ptr[j], row_ptr[j + 1], col_idx, values, tile + j * kRows);
+    CsrColumn<MV, kU, Index>(at, ldat, row_ptr[j], row_ptr[j + 1], col_idx, values, tile + j * kRows);
   const __m256i mask = LaneMask(nc);
   avx2::ColumnTerms t{};
   if (ep) t = avx2::LoadColumnTerms(ep, 0, mask);
@@ -119,10 +119,11 @@ void F32TransposePack8Avx2(size_t m, size_t k, const float* a, size_t lda, float
   }
 }
 
+template <typename Index>
 void F32SpmmCsr8x64Avx2(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
-                        const uint32_t* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
+                        const Index* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
 #define SONDE_CSR_GROUP(MV) \
-  CsrGroup<MV>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep)
+  CsrGroup<MV, Index>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep)
   switch ((m + 7) / 8) {
     case 1: return SONDE_CSR_GROUP(1);
     case 2: return SONDE_CSR_GROUP(2);
@@ -321,8 +322,9 @@ void F32SpmmBsr1x32Avx2(size_t mr, size_t nc, const float* a, size_t lda, size_t
 }  // namespace
 
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx2() {
-  return {F32SpmmCsr8x64Avx2, F32SpmvCsr8Avx2, F32SpmvCsr8x16bitAvx2, F32TransposePack8Avx2,
-          kNg, kMaxMv * 8, 8, "f32_spmm_csr_8x64__avx2", F32SpmmCsrColumns64Avx2, "f32_spmm_csr_columns_64__avx2", nullptr};
+  return {F32SpmmCsr8x64Avx2<uint32_t>, F32SpmvCsr8Avx2, F32SpmvCsr8x16bitAvx2, F32TransposePack8Avx2,
+          kNg, kMaxMv * 8, 8, "f32_spmm_csr_8x64__avx2", F32SpmmCsrColumns64Avx2, "f32_spmm_csr_columns_64__avx2", nullptr,
+          F32SpmmCsr8x64Avx2<uint16_t>};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx2(uint32_t bw) {

@@ -21,8 +21,8 @@ constexpr size_t kMaxMv = 8;  // 8 zmm = 128 rows of At per call
 // 512-bit FMAs a cycle at 4 cycles latency, so 8 independent accumulator chains keep both pipes busy:
 // U sets of MV take consecutive non-zeros (U*MV >= 8), summed pairwise at the end. With U*MV = 4
 // (the first version) M = 64 ran at half the FMA rate, latency-bound.
-template <size_t MV, size_t U>
-inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, const uint32_t* col_idx,
+template <size_t MV, size_t U, typename Index>
+inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, const Index* col_idx,
                       const float* values, float* out) {
   __m512 acc[U][MV];
 #pragma GCC unroll 32
@@ -85,14 +85,14 @@ inline void Transpose16x16(__m512 r[16]) {
 
 // The group's sums land in tile[j][i] (column j of C, row i); each 16-row slab is transposed in
 // registers to rows of C across the 16 columns, so the epilogue and the store work on rows of C like the GEMM's.
-template <size_t MV>
-void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr, const uint32_t* col_idx,
+template <size_t MV, typename Index>
+void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr, const Index* col_idx,
               const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
   constexpr size_t kU = MV >= 8 ? 1 : 8 / MV;
   constexpr size_t kRows = MV * 16;
   alignas(64) float tile[kNg * kRows];
   for (size_t j = 0; j < nc; ++j)
-    CsrColumn<MV, kU>(at, ldat, row_ptr[j], row_ptr[j + 1], col_idx, values, tile + j * kRows);
+    CsrColumn<MV, kU, Index>(at, ldat, row_ptr[j], row_ptr[j + 1], col_idx, values, tile + j * kRows);
   const __mmask16 mask = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
   avx512::ColumnTerms t{};
   if (ep) t = avx512::LoadColumnTerms(ep, 0, mask);
@@ -112,10 +112,11 @@ void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t*
   }
 }
 
+template <typename Index>
 void F32SpmmCsr16x128Avx512(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
-    const uint32_t* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
+    const Index* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
 #define SONDE_CSR_GROUP(MV) \
-  CsrGroup<MV>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep)
+  CsrGroup<MV, Index>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep)
   switch ((m + 15) / 16) {
     case 1: return SONDE_CSR_GROUP(1);
     case 2: return SONDE_CSR_GROUP(2);
@@ -347,9 +348,9 @@ void F32SpmmCsrColumns128Avx512(size_t m, size_t nc, const float* at, size_t lda
 }  // namespace
 
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx512() {
-  return {F32SpmmCsr16x128Avx512, F32SpmvCsr16Avx512, F32SpmvCsr16x16bitAvx512, F32TransposePack16Avx512,
+  return {F32SpmmCsr16x128Avx512<uint32_t>, F32SpmvCsr16Avx512, F32SpmvCsr16x16bitAvx512, F32TransposePack16Avx512,
           kNg, kMaxMv * 16, 16, "f32_spmm_csr_16x128__avx512", F32SpmmCsrColumns128Avx512,
-          "f32_spmm_csr_columns_128__avx512", F32SpmvCsr16x16bitGatherAvx512};
+          "f32_spmm_csr_columns_128__avx512", F32SpmvCsr16x16bitGatherAvx512, F32SpmmCsr16x128Avx512<uint16_t>};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx512(uint32_t bw) {

@@ -35,6 +35,10 @@ namespace kernels {
 typedef void (*F32SpmmCsrUkernel)(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
                                   const uint32_t* col_idx, const float* values, float* c, size_t ldc,
                                   const GemmEpilogue* ep);
+// The same with 16-bit column indices (K <= 65536): 6 bytes of weights per non-zero instead of 8.
+typedef void (*F32SpmmCsr16bitUkernel)(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
+                                       const uint16_t* col_idx, const float* values, float* c, size_t ldc,
+                                       const GemmEpilogue* ep);
 // At packing: at[k * ldat + i] = a[i * lda + k] for i < m, k < k; zero for m <= i < ldat.
 typedef void (*F32TransposePackUkernel)(size_t m, size_t k, const float* a, size_t lda, float* at, size_t ldat);
 // CSR, M = 1: c[0..nc) = epilogue(sum_p values[p] * x[col_idx[p]]) over each row's non-zeros.
@@ -108,6 +112,7 @@ struct F32SpmmCsrUkernelInfo {
   // spmv16 gathering 16 x[k] per instruction (null where the ISA has no gather): faster than the
   // scalar loads where gathers are (CpuFeatures::fast_gather).
   F32SpmvCsr16Ukernel spmv16_gather;
+  F32SpmmCsr16bitUkernel spmm16;  // spmm over 16-bit indices (null: the operator uses spmm)
 };
 
 struct F32SpmmBsrUkernelInfo {
