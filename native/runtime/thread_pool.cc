@@ -130,11 +130,10 @@ bool ThreadPool::Submit(std::function<void()> job, std::function<void()> dropped
     parked = threads_.size() > target_.load();
     // The job's helpers, woken with it: otherwise the first ParallelFor of a run that follows a
     // pause wakes them only then, after the job's own hand-off, and the run waits for both wake-ups
-    // in turn (digits n1 t2: 43-49 us against 17-20 us so; t1 takes 18 us).
-    // As many as the last job's loops asked for, and at least one: the first of two sleepers to
-    // wake takes the job (digits n1 t2, whose steps hardly use a helper: 38-51 us waking one, 18-19
-    // waking two), while a stream of runs whose steps take one thread on a many-core pool wakes
-    // one extra thread, not every one, to spin for nothing.
+    // in turn. As many as the last job's loops asked for, and at least one: the first of two
+    // sleepers to wake takes the job (digits n1 t2, whose steps hardly use a helper: 38-51 us
+    // waking one, 16-19 waking two; 43-49 before any of this; t1 takes 13-18 us), while a stream of
+    // runs whose steps take one thread on a many-core pool wakes one extra thread, not all of them.
     helpers = std::min({helpers, target_.load() > 1 ? target_.load() - 1 : 0u,
                         std::max(1u, last_helpers_.load(std::memory_order_relaxed))});
     if (helpers > 0) prewake_.store(helpers, std::memory_order_relaxed);
