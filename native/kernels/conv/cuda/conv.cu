@@ -650,23 +650,13 @@ void ReadWindow(const GpuOpCall& c, int64_t h, int64_t w, int64_t* kh, int64_t* 
 // in fp32 and bf16 sessions); then ConvSplitEpilogueKernel applies the rest of the epilogue. A
 // residual added after the activation and stored in y itself would be lost to the zeroing: that
 // conv never splits.
-struct KSplit {
-  int splits = 1, tiles_per_split = 0;
-  bool residual_in_sums = false;  // y starts as the residual; the epilogue after adds none
-};
-
 KSplit PlanKSplit(const GpuOpCall& c, const GpuDeviceInfo& d, const ConvGeometry& g, const GpuEpilogue& ep, const float* y,
                   int64_t tile_blocks, int k_tiles, int slots_per_sm) {
-  KSplit k;
+  static const int min_tiles = KSplitMinTiles("SONDE_GPU_CONV_SPLIT", 8);
   int64_t splits = c.IntOr("splitK", 0, 0, 65535);
   if (splits == 0)
-    splits = AutoKSplits(tile_blocks * g.groups, int64_t(std::max(d.multiprocessors, 1)) * slots_per_sm, k_tiles, 8,
-                         "SONDE_GPU_CONV_SPLIT");
-  k.residual_in_sums = ep.residual && ep.residual_before_activation && !ep.scale;
-  if (ep.residual == y && !k.residual_in_sums) splits = 1;
-  splits = std::min<int64_t>(splits, k_tiles);
-  k.tiles_per_split = static_cast<int>((k_tiles + splits - 1) / splits);
-  k.splits = static_cast<int>((k_tiles + k.tiles_per_split - 1) / k.tiles_per_split);  // none empty
+    splits = AutoKSplits(tile_blocks * g.groups, int64_t(std::max(d.multiprocessors, 1)) * slots_per_sm, k_tiles, min_tiles);
+  const KSplit k = MakeKSplit(splits, k_tiles, ep.residual && ep.residual_before_activation && !ep.scale, ep.residual == y);
   if (int64_t(k.splits) * g.groups > 65535) c.Invalid("groups x K splits exceed 65535 blocks");
   return k;
 }

@@ -1079,25 +1079,23 @@ void RunSimtGemm(GpuStream& s, int sms, const SimtPlan& plan, const void* a, con
   const int tile = small ? 64 : 128;
   const dim3 tiles(CeilDiv(sh.n, tile), CeilDiv(sh.m, tile));
   const int64_t k_tiles = CeilDiv(sh.k, kSimtBK);
-  const bool residual_in_sums = ep.residual && ep.residual_before && !ep.scale;
   const bool in_place = ep.residual == c;
-  int64_t splits = forced > 0 ? forced : AutoKSplits(int64_t(tiles.x) * tiles.y, sms, k_tiles, 8, "SONDE_GPU_GEMM_SPLIT");
-  if (k_tiles == 0 || (in_place && !(residual_in_sums && ep.ldr == sh.ldc))) splits = 1;
-  splits = std::min<int64_t>(splits, std::max<int64_t>(k_tiles, 1));
-  const int per = static_cast<int>(std::max<int64_t>((k_tiles + splits - 1) / splits, 1));
-  if (k_tiles > 0) splits = std::min<int64_t>((k_tiles + per - 1) / per, 65535);  // none empty
-  const dim3 grid(tiles.x, tiles.y, static_cast<unsigned>(splits));
+  static const int min_tiles = KSplitMinTiles("SONDE_GPU_GEMM_SPLIT", 8);
+  // A residual in c itself starts the sums only where it is laid out as c (ldr = ldc).
+  const KSplit k = MakeKSplit(forced > 0 ? forced : AutoKSplits(int64_t(tiles.x) * tiles.y, sms, k_tiles, min_tiles), k_tiles,
+                              ep.residual && ep.residual_before && !ep.scale && (!in_place || ep.ldr == sh.ldc), in_place);
+  const dim3 grid(tiles.x, tiles.y, static_cast<unsigned>(k.splits));
   const auto launch = [&](const Epilogue& kernel_ep) {
-    if (small) Launch(SimtGemmKernel<TA, TB, 64>, grid, dim3(kSimtThreads), 0, s, a, b, c, sh, kernel_ep, static_cast<int>(splits), per);
-    else Launch(SimtGemmKernel<TA, TB, 128>, grid, dim3(kSimtThreads), 0, s, a, b, c, sh, kernel_ep, static_cast<int>(splits), per);
+    if (small) Launch(SimtGemmKernel<TA, TB, 64>, grid, dim3(kSimtThreads), 0, s, a, b, c, sh, kernel_ep, k.splits, k.tiles_per_split);
+    else Launch(SimtGemmKernel<TA, TB, 128>, grid, dim3(kSimtThreads), 0, s, a, b, c, sh, kernel_ep, k.splits, k.tiles_per_split);
   };
-  if (splits == 1) return launch(ep);
+  if (k.splits == 1) return launch(ep);
   const unsigned blocks = static_cast<unsigned>(std::min<size_t>(CeilDiv(size_t(sh.m) * sh.n, 256), 4096));
-  if (!(residual_in_sums && in_place))
-    Launch(GemmSplitStartKernel, dim3(blocks), dim3(256), 0, s, c, sh, residual_in_sums ? ep.residual : nullptr, ep.ldr);
+  if (!(k.residual_in_sums && in_place))
+    Launch(GemmSplitStartKernel, dim3(blocks), dim3(256), 0, s, c, sh, k.residual_in_sums ? ep.residual : nullptr, ep.ldr);
   launch(Epilogue{});
   Epilogue after = ep;
-  if (residual_in_sums) after.residual = nullptr;
+  if (k.residual_in_sums) after.residual = nullptr;
   Launch(GemmSplitEpilogueKernel, dim3(blocks), dim3(256), 0, s, c, sh, after);
 }
 

@@ -28,14 +28,36 @@ inline int64_t AutoKSplits(int64_t blocks, int64_t slots, int64_t most) {
   return 1;
 }
 
-// The automatic count for `k_tiles` K tiles, each split keeping at least `min_tiles`, unless the
-// A/B switch `env` (SONDE_GPU_CONV_SPLIT, SONDE_GPU_GEMM_SPLIT) says otherwise: 0 turns the split
-// off, N > 0 sets min_tiles.
-inline int64_t AutoKSplits(int64_t blocks, int64_t slots, int64_t k_tiles, int min_tiles, const char* env) {
+// Least K tiles per split from an A/B switch (SONDE_GPU_CONV_SPLIT, SONDE_GPU_GEMM_SPLIT): unset,
+// `fallback`; 0 turns the automatic split off. Callers read it once (a static), not per launch.
+inline int KSplitMinTiles(const char* env, int fallback) {
   const char* v = std::getenv(env);
-  if (v && *v) min_tiles = std::atoi(v);
+  return v && *v ? std::max(0, std::atoi(v)) : fallback;
+}
+
+// The automatic count for `k_tiles` K tiles, each split keeping at least `min_tiles` (0: no split).
+inline int64_t AutoKSplits(int64_t blocks, int64_t slots, int64_t k_tiles, int min_tiles) {
   if (min_tiles <= 0 || k_tiles <= 0) return 1;
   return AutoKSplits(blocks, slots, std::min<int64_t>(k_tiles / min_tiles, 4096));
+}
+
+// A K split as the kernels run it: `splits` blocks of `tiles_per_split` K tiles (none empty).
+struct KSplit {
+  int splits = 1, tiles_per_split = 1;
+  bool residual_in_sums = false;  // the output starts as the residual; the epilogue after adds none
+};
+
+// `want` splits of k_tiles, given the residual: one added before the activation is where the sums
+// start (residual_in_sums; in the output itself it is already there), while one in the output with
+// any other epilogue would be lost to the zeroing, so that never splits.
+inline KSplit MakeKSplit(int64_t want, int64_t k_tiles, bool residual_in_sums, bool residual_is_output) {
+  KSplit k;
+  k.residual_in_sums = residual_in_sums;
+  if (k_tiles <= 0 || (residual_is_output && !residual_in_sums)) want = 1;
+  want = std::max<int64_t>(1, std::min(want, std::max<int64_t>(k_tiles, 1)));
+  k.tiles_per_split = static_cast<int>(std::max<int64_t>((k_tiles + want - 1) / want, 1));
+  k.splits = k_tiles > 0 ? static_cast<int>((k_tiles + k.tiles_per_split - 1) / k.tiles_per_split) : 1;
+  return k;
 }
 
 }  // namespace SONDE_GPU_NS
