@@ -427,10 +427,18 @@ __device__ __forceinline__ void CpAsyncWait() {
 // the wait: wait for the previous kernel, then let the next one launch (never before the wait, or
 // a chain of launched grids, each waiting on the one before, could fill the SMs that the running
 // one needs).
+//
+// GridDependencyStart(early) with early set lets the next kernel launch first, then waits: for a
+// short kernel whose successor has work that needs nothing of it (a GEMV sending its first weight
+// lines toward L2), so that work overlaps this kernel and the one before it instead of starting
+// after both. Safe where the rule above fears a pile-up: the successor launches only once every
+// block of this grid has started (none can be kept off the SMs by it), and it goes no further than
+// the successor's own wait, which releases only when this grid, and so everything before, is done.
 #if SONDE_GPU_EMULATED
 inline void GridDependencyWait() {}
 inline void GridDependentsLaunch() {}
 inline void GridDependencyStart() {}
+inline void GridDependencyStart(bool) {}
 inline void PrefetchL2(const void*) {}
 #else
 __device__ __forceinline__ void PrefetchL2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
@@ -447,6 +455,14 @@ __device__ __forceinline__ void GridDependentsLaunch() {
 __device__ __forceinline__ void GridDependencyStart() {
   GridDependencyWait();
   GridDependentsLaunch();
+}
+__device__ __forceinline__ void GridDependencyStart(bool early) {
+  if (early) {
+    GridDependentsLaunch();
+    GridDependencyWait();
+  } else {
+    GridDependencyStart();
+  }
 }
 #endif
 

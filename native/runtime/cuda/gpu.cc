@@ -92,6 +92,11 @@ bool EnvSwitchOn(const char* name) {
   return !(v && std::strcmp(v, "0") == 0);
 }
 
+bool GpuEarlyDependents() {
+  static const bool on = EnvSwitchOn("SONDE_GPU_PDL_EARLY");
+  return on;
+}
+
 bool GpuGraphsEnabled() {
   static const bool on = EnvSwitchOn("SONDE_GPU_GRAPHS");
   return on;

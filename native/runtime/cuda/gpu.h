@@ -183,5 +183,9 @@ bool EnvSwitchOn(const char* name);
 // graphs (sessions and language models alike; an A/B switch, and the way back if a driver
 // misbehaves with graphs). Read once.
 bool GpuGraphsEnabled();
+// SONDE_GPU_PDL_EARLY=0 keeps the short kernels that precede a weight-streaming product (the
+// decode's residual add + norm, SwiGLU, the attention's combine) from letting it launch before
+// their own wait (dialect.h: GridDependencyStart(early)); an A/B switch. Read once.
+bool GpuEarlyDependents();
 
 }  // namespace sonde

@@ -53,6 +53,7 @@ struct DecodeArgs {
   // direct: the one split writes out itself; otherwise every split writes its partial and
   // CombineKernel, launched after, combines them (and quantises out where xq is set).
   bool direct;
+  bool early;  // the combine lets the next kernel launch before its wait (GpuEarlyDependents)
   int8_t* xq;  // also out quantised (quantize_acts.h's rule, rows of heads * value_dim), or null
   float* xd;
 };
@@ -297,7 +298,8 @@ SONDE_ATTN_UNROLL
 // With xq, out is also quantised, a warp per block of 32 values (value_dim % 32 == 0: the loop's
 // trip count is the same in every lane of a warp), so the product reading it skips its quantiser.
 __global__ void __launch_bounds__(128) CombineKernel(DecodeArgs a) {
-  GridDependencyStart();
+  // The output product (o) launches at once: its weight lines start toward L2 during the attention.
+  GridDependencyStart(a.early);
   const int h = blockIdx.x, s = blockIdx.y;
   int len = a.lens[s];
   len = len < 0 ? 0 : len > a.limit ? a.limit : len;
@@ -776,6 +778,7 @@ void Decode(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c, bool ml
   // past the workspace) rather than read out of bounds.
   a.limit = static_cast<int>(std::min<int64_t>(cap, int64_t(a.splits) * a.split_len));
   a.direct = a.splits == 1 && !quantize;
+  a.early = GpuEarlyDependents();
   if (!a.direct) {
     if (room < 1) c.Invalid("the split results need the workspace (buffer 5): " + std::to_string(per_split) + " bytes per split");
     a.part = static_cast<float*>(c.buffers[5].data);

@@ -192,8 +192,8 @@ __global__ void __launch_bounds__(kThreads) RmsNormRowsKernel(const float* x, co
 // is a multiple of 32, so the loops are warp-uniform and a warp's 32 elements are one quant block.
 __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(float* __restrict__ x, const float* a, const float* __restrict__ w,
                                                              float* y, unsigned n, float eps, int8_t* __restrict__ xq,
-                                                             float* __restrict__ xd) {
-  GridDependencyStart();
+                                                             float* __restrict__ xd, bool early) {
+  GridDependencyStart(early);
   __shared__ float partial[kThreads / 32];
   float* xr = x + size_t(blockIdx.x) * n;
   const float* ar = a + size_t(blockIdx.x) * n;
@@ -219,8 +219,8 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormKernel(float* __restrict__
 template <int P>
 __global__ void __launch_bounds__(kThreads) AddRmsNormVecKernel(float* __restrict__ x, const float* a, const float* __restrict__ w,
                                                                 float* y, unsigned n, float eps, int8_t* __restrict__ xq,
-                                                                float* __restrict__ xd) {
-  GridDependencyStart();
+                                                                float* __restrict__ xd, bool early) {
+  GridDependencyStart(early);
   __shared__ float partial[kThreads / 32];
   const size_t base = size_t(blockIdx.x) * n;
   float4* xr = reinterpret_cast<float4*>(x + base);
@@ -266,8 +266,8 @@ __global__ void __launch_bounds__(kThreads) AddRmsNormVecKernel(float* __restric
 // warps, so each warp's 32 elements are one quant block.
 __global__ void __launch_bounds__(kThreads) SiluMulKernel(const float* __restrict__ gate, const float* __restrict__ up,
                                                           float* __restrict__ y, size_t count, size_t n, size_t ld,
-                                                          int8_t* __restrict__ xq, float* __restrict__ xd) {
-  GridDependencyStart();
+                                                          int8_t* __restrict__ xq, float* __restrict__ xd, bool early) {
+  GridDependencyStart(early);
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += size_t(gridDim.x) * blockDim.x) {
     const size_t at = ld == n ? i : i / n * ld + i % n;
     const float g = gate[at], v = g / (1.0f + expf(-g)) * up[at];
@@ -456,11 +456,16 @@ void AddRmsNormOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
   const bool vec = n % 4 == 0 && !((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(a) |
                                     reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(y)) % 16);
   const int64_t per = (n + 4 * kThreads - 1) / (4 * kThreads);  // float4s per thread
-  if (vec && per <= 1) LaunchDependent(AddRmsNormVecKernel<1>, grid, block, 0, st, x, a, w, y, un, eps, xq, xd);
-  else if (vec && per <= 2) LaunchDependent(AddRmsNormVecKernel<2>, grid, block, 0, st, x, a, w, y, un, eps, xq, xd);
-  else if (vec && per <= 4) LaunchDependent(AddRmsNormVecKernel<4>, grid, block, 0, st, x, a, w, y, un, eps, xq, xd);
-  else if (vec && per <= 8) LaunchDependent(AddRmsNormVecKernel<8>, grid, block, 0, st, x, a, w, y, un, eps, xq, xd);
-  else LaunchDependent(AddRmsNormKernel, grid, block, 0, st, x, a, w, y, un, eps, xq, xd);
+  // The next op is the product that reads y (the FFN's, the next layer's Q/K/V): its first weight
+  // lines start toward L2 while this short kernel and the one before it finish (with SwiGLU's and
+  // the attention combine's early launch: 1.463 against 1.467 ms per step of the 16-layer q8_0
+  // decode on an H200, bench/gpu-llm-ab.js).
+  const bool early = GpuEarlyDependents();
+  if (vec && per <= 1) LaunchDependent(AddRmsNormVecKernel<1>, grid, block, 0, st, x, a, w, y, un, eps, xq, xd, early);
+  else if (vec && per <= 2) LaunchDependent(AddRmsNormVecKernel<2>, grid, block, 0, st, x, a, w, y, un, eps, xq, xd, early);
+  else if (vec && per <= 4) LaunchDependent(AddRmsNormVecKernel<4>, grid, block, 0, st, x, a, w, y, un, eps, xq, xd, early);
+  else if (vec && per <= 8) LaunchDependent(AddRmsNormVecKernel<8>, grid, block, 0, st, x, a, w, y, un, eps, xq, xd, early);
+  else LaunchDependent(AddRmsNormKernel, grid, block, 0, st, x, a, w, y, un, eps, xq, xd, early);
 }
 
 void SiluMulOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) {
@@ -474,7 +479,7 @@ void SiluMulOp(GpuStream& st, const GpuDeviceInfo& dev, const GpuOpCall& c) {
   QuantOutput(c, 3, rows, n, &xq, &xd);
   if (count)
     LaunchDependent(SiluMulKernel, StrideGrid(dev, count), dim3(kThreads), 0, st, gate, up, y, count, static_cast<size_t>(n),
-           static_cast<size_t>(ld), xq, xd);
+           static_cast<size_t>(ld), xq, xd, GpuEarlyDependents());  // the down product reads y next
 }
 
 template <int kType>

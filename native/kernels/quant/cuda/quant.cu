@@ -215,7 +215,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32) QuantGemvKernel(const int8_t*
 // On an H200 (16-layer q8_0 4096 x 14336 decode, device time per step): U = 1 1.444-1.450 ms against
 // the GEMV above's 1.558-1.563; U = 2 1.609, U = 4 1.924 (fewer warps: occupancy, not bytes per
 // warp, is what keeps the bus busy); three buffers of U = 1 (7 blocks per SM) 1.617; a cp.async
-// ring of 4-8 steps per warp in shared memory, x staged there per block, 1.52-1.76.
+// ring of 4-8 steps per warp in shared memory, x staged there per block, 1.52-1.76. Tried later
+// against 1.444-1.468 on the same VMs: 9 blocks per SM (same 56 registers) 1.445, 10 (48,
+// spilling) 1.641; the first 8 / 16 / 32 MB of the grid's rows prefetched to L2 before the wait
+// (the kernels ahead let it launch early) 1.471 / 1.51-1.54 / 1.60; one block per SM whose
+// producer lane has the copy engine stream its rows into a ring of up to 32 shared-memory stages
+// (cp.async.bulk, mbarriers), 4 / 8 / 16 consumer warps: 1.68-1.75 (the device's 1-D bulk copies
+// delivered ~2.8 TB/s this way).
 
 template <unsigned U>
 constexpr unsigned kStreamBlocksPerSm = U == 1 ? 8 : U == 2 ? 5 : 3;
