@@ -239,6 +239,13 @@ export interface NativeBinding {
   /** values/indices have dims with dims[axis] replaced by k. */
   topK(x: Float32Array, dims: readonly number[], axis: number, k: number, largest: boolean, values: Float32Array,
     indices: BigInt64Array, threads: number, cancel?: NativeCancelToken): Promise<void>;
+  /**
+   * Token sampling (llm/sampling.ts), synchronous: the first index of the largest value of x (NaN
+   * never wins; 0 when none exceeds -Infinity). x holds at least one value.
+   */
+  sampleArgmax(x: Float32Array, variant: NativeElementwiseVariant): number;
+  /** The min(k, non-NaN count) best ids of x, larger value then lower id first; 1 <= k <= x.length. */
+  sampleTopK(x: Float32Array, k: number, variant: NativeElementwiseVariant): Int32Array;
   /** float32 as Float32Array, float16/bfloat16 as raw bits in a Uint16Array. */
   cast(x: Float32Array | Uint16Array, from: NativeCastType, out: Float32Array | Uint16Array, to: NativeCastType,
     variant: NativeElementwiseVariant, threads: number, cancel?: NativeCancelToken): Promise<void>;

@@ -1,6 +1,8 @@
 import { describe, expect, it } from 'vitest';
+import { native, type NativeElementwiseVariant } from '../lib/binding.js';
+import { devices } from '../lib/device.js';
 import { InvalidArgumentError } from '../lib/errors.js';
-import { Rng, Sampler, argmax, topK } from '../lib/llm/sampling.js';
+import { Rng, Sampler, argmax, argmaxLoop, topK, topKLoop } from '../lib/llm/sampling.js';
 import { randomF32 } from './helpers.js';
 
 
@@ -255,5 +257,55 @@ describe('validation', () => {
   }
   it('rejects options that are not an object', () => {
     expect(() => new Sampler(5 as never)).toThrow(InvalidArgumentError);
+  });
+});
+
+// The native scans sampling runs on a Float32Array of 256 logits or more (elementwise family,
+// sample_argmax / sample_top_k): every variant against the TypeScript loops, on lengths at and
+// around the 8- and 16-lane edges, with ties, NaN, infinities and signed zeros, rows that keep
+// replacing the heap's root (ascending) or never do (descending), and rows without a winner.
+describe('native sampling kernels', () => {
+  const simd = devices().cpu.simd;
+  const variants: NativeElementwiseVariant[] = ['reference', 'scalar', 'auto',
+    ...(simd !== 'scalar' ? ['avx2' as const] : []), ...(simd === 'avx512' ? ['avx512' as const] : [])];
+  const rows = (n: number): [string, Float32Array][] => {
+    const tied = randomF32(n, n + 7).map((x) => Math.round(x * 8) / 8);
+    const odd = randomF32(n, n + 11);
+    for (let i = 0; i < n; i += 5) odd[i] = NaN;
+    if (n > 3) { odd[1] = Infinity; odd[2] = -Infinity; odd[3] = -0; }
+    if (n > 20) { odd[n - 1] = Infinity; odd[17] = 0; }
+    return [['tied', tied], ['odd', odd], ['ascending', Float32Array.from({ length: n }, (_, i) => i / 4)],
+      ['descending', Float32Array.from({ length: n }, (_, i) => -i)], ['constant', new Float32Array(n).fill(2)],
+      ['all NaN', new Float32Array(n).fill(NaN)], ['all -Infinity', new Float32Array(n).fill(-Infinity)]];
+  };
+  it('argmax and top-k give the TypeScript loops\' results on every variant', () => {
+    for (const n of [1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 100, 255, 256, 4099, 128256]) {
+      for (const [name, x] of rows(n)) {
+        const want = argmaxLoop(x);
+        for (const v of variants) expect(native().sampleArgmax(x, v), `argmax ${name} n=${n} ${v}`).toBe(want);
+        for (const k of [1, 2, 8, 40, n - 1, n]) {
+          if (k < 1 || k > n || (n > 4099 && k > 40)) continue;
+          const top = Array.from(topKLoop(x, k));
+          for (const v of variants) expect(Array.from(native().sampleTopK(x, k, v)), `top-${k} ${name} n=${n} ${v}`).toEqual(top);
+        }
+      }
+    }
+  });
+  it('argmax and topK take the kernels from 256 Float32Array logits on, with the same results', () => {
+    const x = randomF32(5000, 3).map((v) => Math.round(v * 4) / 4);
+    expect(argmax(x)).toBe(argmaxLoop(x));
+    expect(Array.from(topK(x, 40))).toEqual(Array.from(topKLoop(x, 40)));
+    expect(Array.from(topK(x, 5000))).toEqual(ranked(x));
+    expect(argmax(Array.from(x))).toBe(argmaxLoop(x));  // plain arrays: the loop
+  });
+  it('rejects bad input with typed errors naming it', () => {
+    const x = randomF32(64, 1);
+    expect(() => native().sampleArgmax(new Float32Array(0), 'auto')).toThrow(/sampleArgmax: x must hold 1 to 2\^31 - 1 values/);
+    expect(() => native().sampleArgmax(Array.from(x) as never, 'auto')).toThrow(/sampleArgmax: x must be a Float32Array/);
+    expect(() => native().sampleTopK(x, 0, 'auto')).toThrow(/sampleTopK: k must be in \[1, x.length\]/);
+    expect(() => native().sampleTopK(x, 65, 'auto')).toThrow(/sampleTopK: k must be in \[1, x.length\]/);
+    expect(() => native().sampleTopK(x, 2.5, 'auto')).toThrow(/sampleTopK: k must be a non-negative integer/);
+    expect(() => native().sampleTopK(x, 4, 'fast' as never)).toThrow(/sampleTopK: unknown variant/);
+    if (simd !== 'avx512') expect(() => native().sampleTopK(x, 4, 'avx512')).toThrow(/sampleTopK: variant unavailable/);
   });
 });

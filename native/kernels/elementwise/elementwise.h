@@ -63,6 +63,13 @@ struct ElementwiseUkernels {
   void (*bf16_to_f32)(size_t n, const uint16_t* x, float* y);
   void (*f32_to_f16)(size_t n, const float* x, uint16_t* y);
   void (*f16_to_f32)(size_t n, const uint16_t* x, float* y);
+  // Token sampling over one row of logits (lib/llm/sampling.ts, whose TypeScript forms are the
+  // reference): the index of the first largest value, NaN never winning (0 when no value exceeds
+  // -Inf; unlike F32ArgmaxStrided below, the ONNX operator's NaN-is-largest convention).
+  size_t (*sample_argmax)(size_t n, const float* x);
+  // The min(k, non-NaN count) best ids (larger value first, lower id first among equals, NaN
+  // skipped) into ids[0..) in rank order; returns how many. k >= 1; ids has room for k.
+  size_t (*sample_top_k)(size_t n, const float* x, size_t k, int32_t* ids);
 };
 
 // The independent reference: scalar, double-precision transcendental functions and accumulation,

@@ -6,6 +6,7 @@
 #include <math.h>
 
 #include "kernels/elementwise/elementwise.h"
+#include "kernels/elementwise/sample-topk.h"
 #include "kernels/math/vmath-avx2.h"
 
 namespace sonde {
@@ -267,12 +268,55 @@ void ToF32(size_t n, const uint16_t* x, float* y) {
   }
 }
 
+// As the AVX-512 form: per lane the first index of its largest value, then the lowest index of the
+// largest over the 8 lanes.
+size_t SampleArgmax(size_t n, const float* x) {
+  __m256 best = _mm256_set1_ps(-INFINITY);
+  __m256i at = _mm256_setzero_si256(), idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i step = _mm256_set1_epi32(8);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 gt = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+    best = _mm256_blendv_ps(best, v, gt);
+    at = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(at), _mm256_castsi256_ps(idx), gt));
+    idx = _mm256_add_epi32(idx, step);
+  }
+  alignas(32) float lane_best[8];
+  alignas(32) int32_t lane_at[8];
+  _mm256_store_ps(lane_best, best);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lane_at), at);
+  size_t found = 0;
+  float m = -INFINITY;
+  for (int l = 0; l < 8; ++l)
+    if (lane_best[l] > m || (lane_best[l] == m && static_cast<size_t>(lane_at[l]) < found)) m = lane_best[l], found = static_cast<size_t>(lane_at[l]);
+  for (; i < n; ++i)
+    if (x[i] > m) m = x[i], found = i;
+  return found;
+}
+
+// Once the heap is full, 8 values at a time against its root: only the lanes above it are offered.
+size_t SampleTopK(size_t n, const float* x, size_t k, int32_t* ids) {
+  SampleTopKHeap heap(ids, x, k);
+  size_t i = 0;
+  for (; i < n && !heap.Full(); ++i)
+    if (x[i] == x[i]) heap.Offer(static_cast<int32_t>(i));
+  for (; i + 8 <= n; i += 8) {
+    for (int gt = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(heap.Root()), _CMP_GT_OQ)); gt;
+         gt &= gt - 1)
+      heap.Offer(static_cast<int32_t>(i + static_cast<size_t>(__builtin_ctz(static_cast<unsigned>(gt)))));
+  }
+  for (; i < n; ++i)
+    if (x[i] == x[i]) heap.Offer(static_cast<int32_t>(i));
+  return heap.Finish();
+}
+
 }  // namespace
 
 ElementwiseUkernels ElementwiseUkernelsAvx2() {
   return {"f32_elementwise__avx2", BinaryVV, BinaryVS, BinarySV, Unary, SoftmaxRow, SoftmaxCols,
           LayerNormRow, RmsNormRow, FromF32<F32ToBf16Vec>, ToF32<Bf16ToF32Vec>, FromF32<F32ToF16Vec>,
-          ToF32<F16ToF32Vec>};
+          ToF32<F16ToF32Vec>, SampleArgmax, SampleTopK};
 }
 
 }  // namespace kernels

@@ -7,9 +7,11 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <float.h>
 #include <immintrin.h>
+#include <stdint.h>
 #include <math.h>
 
 #include "kernels/elementwise/elementwise.h"
+#include "kernels/elementwise/sample-topk.h"
 #include "kernels/math/vmath-avx512.h"
 
 namespace sonde {
@@ -257,11 +259,46 @@ void F16ToF32(size_t n, const uint16_t* x, float* y) {
   }
 }
 
+// Per lane the first index of that lane's largest value (strictly greater replaces: NaN never does),
+// then the largest over the lanes and the lowest index holding it: the scalar loop's answer.
+size_t SampleArgmax(size_t n, const float* x) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  __m512 best = ninf;
+  __m512i at = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  for (size_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_mask_loadu_ps(ninf, k, x + i);
+    const __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+    best = _mm512_mask_mov_ps(best, gt, v);
+    at = _mm512_mask_mov_epi32(at, gt, idx);
+    idx = _mm512_add_epi32(idx, step);
+  }
+  const __mmask16 top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(_mm512_reduce_max_ps(best)), _CMP_EQ_OQ);
+  return static_cast<size_t>(_mm512_reduce_min_epi32(_mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MAX), top, at)));
+}
+
+// Once the heap is full, 16 values at a time against its root: only the lanes above it are offered.
+size_t SampleTopK(size_t n, const float* x, size_t k, int32_t* ids) {
+  SampleTopKHeap heap(ids, x, k);
+  size_t i = 0;
+  for (; i < n && !heap.Full(); ++i)
+    if (x[i] == x[i]) heap.Offer(static_cast<int32_t>(i));
+  for (; i + 16 <= n; i += 16) {
+    for (__mmask16 gt = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), _mm512_set1_ps(heap.Root()), _CMP_GT_OQ); gt;
+         gt = static_cast<__mmask16>(gt & (gt - 1)))
+      heap.Offer(static_cast<int32_t>(i + static_cast<size_t>(__builtin_ctz(gt))));
+  }
+  for (; i < n; ++i)
+    if (x[i] == x[i]) heap.Offer(static_cast<int32_t>(i));
+  return heap.Finish();
+}
+
 }  // namespace
 
 ElementwiseUkernels ElementwiseUkernelsAvx512() {
   return {"f32_elementwise__avx512", BinaryVV, BinaryVS, BinarySV, Unary, SoftmaxRow, SoftmaxCols,
-          LayerNormRow, RmsNormRow, F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32};
+          LayerNormRow, RmsNormRow, F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32, SampleArgmax, SampleTopK};
 }
 
 }  // namespace kernels

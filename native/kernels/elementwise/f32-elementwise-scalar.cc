@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "kernels/elementwise/elementwise.h"
+#include "kernels/elementwise/sample-topk.h"
 
 namespace sonde {
 namespace kernels {
@@ -251,18 +252,33 @@ void F16ToF32(size_t n, const uint16_t* x, float* y) {
 // NaN above every number, so that ordering is total (NaNs compare equal among themselves).
 inline bool Greater(float p, float q) { return (isnan(p) && !isnan(q)) || p > q; }
 
+size_t SampleArgmax(size_t n, const float* x) {
+  size_t best = 0;
+  float m = -INFINITY;
+  for (size_t i = 0; i < n; ++i)
+    if (x[i] > m) m = x[i], best = i;
+  return best;
+}
+
+size_t SampleTopK(size_t n, const float* x, size_t k, int32_t* ids) {
+  SampleTopKHeap heap(ids, x, k);
+  for (size_t i = 0; i < n; ++i)
+    if (x[i] == x[i]) heap.Offer(static_cast<int32_t>(i));
+  return heap.Finish();
+}
+
 }  // namespace
 
 ElementwiseUkernels ElementwiseUkernelsReference() {
   return {"f32_elementwise__reference", BinaryVV, BinaryVS, BinarySV, Unary<double>,
           SoftmaxRowReference, SoftmaxCols<double>, LayerNormRow<double>, RmsNormRow<double>,
-          F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32};
+          F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32, SampleArgmax, SampleTopK};
 }
 
 ElementwiseUkernels ElementwiseUkernelsScalar() {
   return {"f32_elementwise__scalar", BinaryVV, BinaryVS, BinarySV, Unary<float>,
           SoftmaxRowScalar, SoftmaxCols<float>, LayerNormRow<float>, RmsNormRow<float>,
-          F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32};
+          F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32, SampleArgmax, SampleTopK};
 }
 
 int64_t F32ArgmaxStrided(size_t n, size_t stride, const float* x) {
