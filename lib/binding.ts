@@ -244,8 +244,11 @@ export interface NativeBinding {
    * never wins; 0 when none exceeds -Infinity). x holds at least one value.
    */
   sampleArgmax(x: Float32Array, variant: NativeElementwiseVariant): number;
-  /** The min(k, non-NaN count) best ids of x, larger value then lower id first; 1 <= k <= x.length. */
-  sampleTopK(x: Float32Array, k: number, variant: NativeElementwiseVariant): Int32Array;
+  /**
+   * Writes the min(k, non-NaN count) best ids of x (larger value then lower id first) to out[0..)
+   * and returns how many; 1 <= k <= x.length, k <= out.length.
+   */
+  sampleTopK(x: Float32Array, k: number, out: Int32Array, variant: NativeElementwiseVariant): number;
   /** float32 as Float32Array, float16/bfloat16 as raw bits in a Uint16Array. */
   cast(x: Float32Array | Uint16Array, from: NativeCastType, out: Float32Array | Uint16Array, to: NativeCastType,
     variant: NativeElementwiseVariant, threads: number, cancel?: NativeCancelToken): Promise<void>;

@@ -286,7 +286,12 @@ describe('native sampling kernels', () => {
         for (const k of [1, 2, 8, 40, n - 1, n]) {
           if (k < 1 || k > n || (n > 4099 && k > 40)) continue;
           const top = Array.from(topKLoop(x, k));
-          for (const v of variants) expect(Array.from(native().sampleTopK(x, k, v)), `top-${k} ${name} n=${n} ${v}`).toEqual(top);
+          for (const v of variants) {
+            const out = new Int32Array(k + 1).fill(-7);
+            const kept = native().sampleTopK(x, k, out, v);
+            expect(Array.from(out.subarray(0, kept)), `top-${k} ${name} n=${n} ${v}`).toEqual(top);
+            expect(out[k], 'nothing written past k').toBe(-7);
+          }
         }
       }
     }
@@ -302,10 +307,13 @@ describe('native sampling kernels', () => {
     const x = randomF32(64, 1);
     expect(() => native().sampleArgmax(new Float32Array(0), 'auto')).toThrow(/sampleArgmax: x must hold 1 to 2\^31 - 1 values/);
     expect(() => native().sampleArgmax(Array.from(x) as never, 'auto')).toThrow(/sampleArgmax: x must be a Float32Array/);
-    expect(() => native().sampleTopK(x, 0, 'auto')).toThrow(/sampleTopK: k must be in \[1, x.length\]/);
-    expect(() => native().sampleTopK(x, 65, 'auto')).toThrow(/sampleTopK: k must be in \[1, x.length\]/);
-    expect(() => native().sampleTopK(x, 2.5, 'auto')).toThrow(/sampleTopK: k must be a non-negative integer/);
-    expect(() => native().sampleTopK(x, 4, 'fast' as never)).toThrow(/sampleTopK: unknown variant/);
-    if (simd !== 'avx512') expect(() => native().sampleTopK(x, 4, 'avx512')).toThrow(/sampleTopK: variant unavailable/);
+    const out = new Int32Array(64);
+    expect(() => native().sampleTopK(x, 0, out, 'auto')).toThrow(/sampleTopK: k must be in \[1, x.length\]/);
+    expect(() => native().sampleTopK(x, 65, new Int32Array(65), 'auto')).toThrow(/sampleTopK: k must be in \[1, x.length\]/);
+    expect(() => native().sampleTopK(x, 2.5, out, 'auto')).toThrow(/sampleTopK: k must be a non-negative integer/);
+    expect(() => native().sampleTopK(x, 8, new Int32Array(7), 'auto')).toThrow(/sampleTopK: out must hold k values/);
+    expect(() => native().sampleTopK(x, 8, new Float32Array(8) as never, 'auto')).toThrow(/sampleTopK: out must be an Int32Array/);
+    expect(() => native().sampleTopK(x, 4, out, 'fast' as never)).toThrow(/sampleTopK: unknown variant/);
+    if (simd !== 'avx512') expect(() => native().sampleTopK(x, 4, out, 'avx512')).toThrow(/sampleTopK: variant unavailable/);
   });
 });

@@ -140,9 +140,9 @@ export interface Candidates {
 
 // From this many logits on, a Float32Array's argmax and top-k run on the native SIMD kernels
 // (elementwise family: sample_argmax / sample_top_k, synchronous calls). Measured here (AVX-512,
-// steady state): top-40 of 1024 logits 10.0 -> 2.6 us, of 128k 441 -> 14 us; argmax of 1024
-// 1.3 -> 0.3 us, of 128k 137 -> 10 us; at 256 even (the call's fixed cost). The loops here stay
-// the reference the kernels are tested against.
+// steady state, by run): top-40 of 1024 logits 8.8-10.0 -> 2.0-2.7 us, of 128k 441 -> 8-17 us;
+// argmax of 1024 1.1-1.3 -> 0.2-0.4 us, of 128k 137 -> 8 us; at 256 about even (the call's fixed
+// cost). The loops here stay the reference the kernels are tested against.
 const NATIVE_FROM = 256;
 
 /** Index of the largest value; the first one on ties; NaN never wins. */
@@ -176,10 +176,15 @@ function before(values: ArrayLike<number>, a: number, b: number): boolean {
  */
 export function topK(values: ArrayLike<number>, k: number, pool: Int32Array | null = null): Int32Array {
   if (!pool && values instanceof Float32Array && values.length >= NATIVE_FROM && k >= 1 && k <= HEAP_MAX_K) {
-    return native().sampleTopK(values, Math.min(k, values.length), 'auto');
+    k = Math.min(k, values.length);
+    if (topKIds.length < k) topKIds = new Int32Array(Math.max(k, 64));
+    return topKIds.slice(0, native().sampleTopK(values, k, topKIds, 'auto'));
   }
   return topKLoop(values, k, pool);
 }
+
+// The kernel's output, reused (each result is a copy of its first ids).
+let topKIds = new Int32Array(64);
 
 /** topK's TypeScript forms (the reference for the native kernel). */
 export function topKLoop(values: ArrayLike<number>, k: number, pool: Int32Array | null = null): Int32Array {

@@ -3,6 +3,7 @@
 // through the binding can read or write out of bounds. Outputs are allocated in JS and written here.
 #include <algorithm>
 #include <climits>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -24,7 +25,7 @@ Napi::TypedArrayOf<T> ArrayArg(const Napi::CallbackInfo& info, size_t i, napi_ty
                                const char* fn, const char* name, const char* type_name) {
   Napi::Value v = info[i];
   if (!v.IsTypedArray() || v.As<Napi::TypedArray>().TypedArrayType() != type)
-    Invalid(info.Env(), fn, std::string(name) + " must be a " + type_name);
+    Invalid(info.Env(), fn, std::string(name) + (std::strchr("AEIOU", type_name[0]) ? " must be an " : " must be a ") + type_name);
   return v.As<Napi::TypedArrayOf<T>>();
 }
 
@@ -282,29 +283,39 @@ static Napi::Value Cast(Addon& addon, const Napi::CallbackInfo& info) {
 // 128k vocabulary takes the SIMD kernels ~10-30 us on the JS thread, where the TypeScript loops they
 // replace took 135 us (argmax) and 430 us (top-40), and a pool job would cost its hand-off again.
 // sampleArgmax(x: Float32Array, variant) -> number
+// sampleTopK(x: Float32Array, k, out: Int32Array, variant) -> number: the min(k, non-NaN count)
+// best ids, best first, written to out[0..) (k <= out.length: no array is made per call).
+// 'auto' is the common case: its table is looked up once, not parsed and copied per call.
+const kernels::ElementwiseUkernels& SampleVariant(const Napi::CallbackInfo& info, size_t i, const char* fn,
+                                                 kernels::ElementwiseUkernels* storage) {
+  static const kernels::ElementwiseUkernels automatic = ElementwiseTable(ElementwiseVariant::kAuto);
+  if (info[i].IsString() && info[i].As<Napi::String>().Utf8Value() == "auto") return automatic;
+  *storage = VariantArg(info, i, fn);
+  return *storage;
+}
+
 static Napi::Value SampleArgmaxBinding(Addon&, const Napi::CallbackInfo& info) {
   const char* fn = "sampleArgmax";
   Napi::Float32Array x = F32Arg(info, 0, fn, "x");
-  const kernels::ElementwiseUkernels uk = VariantArg(info, 1, fn);
+  kernels::ElementwiseUkernels storage;
+  const kernels::ElementwiseUkernels& uk = SampleVariant(info, 1, fn, &storage);
   if (x.ElementLength() == 0 || x.ElementLength() > static_cast<size_t>(INT32_MAX)) Invalid(info.Env(), fn, "x must hold 1 to 2^31 - 1 values");
   return Napi::Number::New(info.Env(), static_cast<double>(uk.sample_argmax(x.ElementLength(), x.Data())));
 }
 
-// sampleTopK(x: Float32Array, k, variant) -> Int32Array of min(k, non-NaN count) ids, best first
 static Napi::Value SampleTopKBinding(Addon&, const Napi::CallbackInfo& info) {
   const char* fn = "sampleTopK";
   Napi::Env env = info.Env();
   Napi::Float32Array x = F32Arg(info, 0, fn, "x");
   const size_t k = SizeArg(info, 1, fn, "k");
-  const kernels::ElementwiseUkernels uk = VariantArg(info, 2, fn);
+  auto out = ArrayArg<int32_t>(info, 2, napi_int32_array, fn, "out", "Int32Array");
+  kernels::ElementwiseUkernels storage;
+  const kernels::ElementwiseUkernels& uk = SampleVariant(info, 3, fn, &storage);
   const size_t n = x.ElementLength();
   if (n > static_cast<size_t>(INT32_MAX)) Invalid(env, fn, "x must hold at most 2^31 - 1 values");
   if (k < 1 || k > n) Invalid(env, fn, "k must be in [1, x.length]");
-  std::vector<int32_t> ids(k);
-  const size_t kept = uk.sample_top_k(n, x.Data(), k, ids.data());
-  Napi::Int32Array out = Napi::Int32Array::New(env, kept);
-  std::copy(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(kept), out.Data());
-  return out;
+  if (out.ElementLength() < k) Invalid(env, fn, "out must hold k values");
+  return Napi::Number::New(env, static_cast<double>(uk.sample_top_k(n, x.Data(), k, out.Data())));
 }
 
 void RegisterElementwiseBindings(Napi::Env env, Napi::Object exports, Addon& addon) {

@@ -259,23 +259,43 @@ void F16ToF32(size_t n, const uint16_t* x, float* y) {
   }
 }
 
-// Per lane the first index of that lane's largest value (strictly greater replaces: NaN never does),
-// then the largest over the lanes and the lowest index holding it: the scalar loop's answer.
+// Per lane of four accumulators (a vector each, so four independent compare-and-keep chains) the
+// first index of that lane's largest value (strictly greater replaces: NaN never does), then the
+// largest over all lanes and the lowest index holding it: the scalar loop's answer, since every
+// position belongs to exactly one lane.
 size_t SampleArgmax(size_t n, const float* x) {
   const __m512 ninf = _mm512_set1_ps(-INFINITY);
-  __m512 best = ninf;
-  __m512i at = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i step = _mm512_set1_epi32(16);
-  for (size_t i = 0; i < n; i += 16) {
+  __m512 best[4] = {ninf, ninf, ninf, ninf};
+  __m512i at[4], idx[4];
+  for (int a = 0; a < 4; ++a) {
+    at[a] = _mm512_setzero_si512();
+    idx[a] = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(16 * a));
+  }
+  const __m512i step = _mm512_set1_epi32(64);
+  size_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    for (int a = 0; a < 4; ++a) {
+      const __m512 v = _mm512_loadu_ps(x + i + 16 * a);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, best[a], _CMP_GT_OQ);
+      best[a] = _mm512_mask_mov_ps(best[a], gt, v);
+      at[a] = _mm512_mask_mov_epi32(at[a], gt, idx[a]);
+      idx[a] = _mm512_add_epi32(idx[a], step);
+    }
+  }
+  for (int a = 0; i < n; i += 16, a = (a + 1) & 3) {  // the tail: blocks of 16 in turn, the last masked
     const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
     const __m512 v = _mm512_mask_loadu_ps(ninf, k, x + i);
-    const __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
-    best = _mm512_mask_mov_ps(best, gt, v);
-    at = _mm512_mask_mov_epi32(at, gt, idx);
-    idx = _mm512_add_epi32(idx, step);
+    const __mmask16 gt = _mm512_cmp_ps_mask(v, best[a], _CMP_GT_OQ);
+    best[a] = _mm512_mask_mov_ps(best[a], gt, v);
+    at[a] = _mm512_mask_mov_epi32(at[a], gt, idx[a]);
+    idx[a] = _mm512_add_epi32(idx[a], step);
   }
-  const __mmask16 top = _mm512_cmp_ps_mask(best, _mm512_set1_ps(_mm512_reduce_max_ps(best)), _CMP_EQ_OQ);
-  return static_cast<size_t>(_mm512_reduce_min_epi32(_mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MAX), top, at)));
+  const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(best[0], best[1]), _mm512_max_ps(best[2], best[3])));
+  __m512i low = _mm512_set1_epi32(INT32_MAX);
+  for (int a = 0; a < 4; ++a)
+    low = _mm512_min_epi32(low, _mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MAX),
+                                                      _mm512_cmp_ps_mask(best[a], _mm512_set1_ps(m), _CMP_EQ_OQ), at[a]));
+  return static_cast<size_t>(_mm512_reduce_min_epi32(low));
 }
 
 // Once the heap is full, 16 values at a time against its root: only the lanes above it are offered.
