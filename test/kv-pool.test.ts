@@ -680,6 +680,31 @@ describe('abort and dispose', () => {
     }
   }, 60_000);
 
+  it('a step error raised after its turn still names the caller in its stack (no stack captured up front)', async () => {
+    const info = await fixture('stack', { kind: 'llama', type: 'q8_0', seed: 98 });
+    const engine = await loadTransformer(info.path, { threads: 1 });
+    try {
+      const pool = engine.createKvPool({ blockSize: 8, maxBlocks: 8 });
+      const ac = new AbortController();
+      // V8's async stack traces name the awaiting callers.
+      async function callerOfStep() {
+        return await pool.step({ sequences: [{ blockTable: ids(0, 1), start: 0, tokens: tokens(9, info.vocabSize, 99), logits: 'last' }] },
+          { signal: ac.signal });
+      }
+      const running = callerOfStep();
+      ac.abort();  // after the call's checks, before its turn: the abort is seen at the native call
+      const err = await running.then(() => undefined, (e: unknown) => e as Error);
+      expect(err).toBeInstanceOf(AbortError);
+      expect(err!.stack).toContain('callerOfStep');
+      // The pool's next step runs normally.
+      const logits = await pool.step({ sequences: [{ blockTable: ids(0, 1), start: 0, tokens: tokens(9, info.vocabSize, 99), logits: 'last' }] });
+      expect(logits.length).toBe(info.vocabSize);
+      pool.dispose();
+    } finally {
+      engine.dispose();
+    }
+  });
+
   it('dispose is idempotent; a step running while its pool is disposed still settles', async () => {
     const info = await fixture('dispose', { kind: 'mixtral', type: 'q8_0', seed: 95 });
     const engine = await loadTransformer(info.path, { threads: 2 });
