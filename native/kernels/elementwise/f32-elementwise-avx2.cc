@@ -298,16 +298,13 @@ size_t SampleArgmax(size_t n, const float* x) {
 // Once the heap is full, 8 values at a time against its root: only the lanes above it are offered.
 size_t SampleTopK(size_t n, const float* x, size_t k, int32_t* ids) {
   SampleTopKHeap heap(ids, x, k);
-  size_t i = 0;
-  for (; i < n && !heap.Full(); ++i)
-    if (x[i] == x[i]) heap.Offer(static_cast<int32_t>(i));
+  size_t i = heap.Fill(0, n);
   for (; i + 8 <= n; i += 8) {
     for (int gt = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(heap.Root()), _CMP_GT_OQ)); gt;
          gt &= gt - 1)
       heap.Offer(static_cast<int32_t>(i + static_cast<size_t>(__builtin_ctz(static_cast<unsigned>(gt)))));
   }
-  for (; i < n; ++i)
-    if (x[i] == x[i]) heap.Offer(static_cast<int32_t>(i));
+  heap.OfferRange(i, n);
   return heap.Finish();
 }
 

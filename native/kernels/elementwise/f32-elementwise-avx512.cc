@@ -301,16 +301,13 @@ size_t SampleArgmax(size_t n, const float* x) {
 // Once the heap is full, 16 values at a time against its root: only the lanes above it are offered.
 size_t SampleTopK(size_t n, const float* x, size_t k, int32_t* ids) {
   SampleTopKHeap heap(ids, x, k);
-  size_t i = 0;
-  for (; i < n && !heap.Full(); ++i)
-    if (x[i] == x[i]) heap.Offer(static_cast<int32_t>(i));
+  size_t i = heap.Fill(0, n);
   for (; i + 16 <= n; i += 16) {
     for (__mmask16 gt = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), _mm512_set1_ps(heap.Root()), _CMP_GT_OQ); gt;
          gt = static_cast<__mmask16>(gt & (gt - 1)))
       heap.Offer(static_cast<int32_t>(i + static_cast<size_t>(__builtin_ctz(gt))));
   }
-  for (; i < n; ++i)
-    if (x[i] == x[i]) heap.Offer(static_cast<int32_t>(i));
+  heap.OfferRange(i, n);
   return heap.Finish();
 }
 

@@ -262,8 +262,7 @@ size_t SampleArgmax(size_t n, const float* x) {
 
 size_t SampleTopK(size_t n, const float* x, size_t k, int32_t* ids) {
   SampleTopKHeap heap(ids, x, k);
-  for (size_t i = 0; i < n; ++i)
-    if (x[i] == x[i]) heap.Offer(static_cast<int32_t>(i));
+  heap.OfferRange(0, n);
   return heap.Finish();
 }
 

@@ -33,6 +33,17 @@ class SampleTopKHeap {
       SiftDown(0, size_);
     }
   }
+  // Offers x[i..n) one by one (NaN skipped) until the heap is full; returns where it stopped.
+  size_t Fill(size_t i, size_t n) {
+    for (; i < n && !Full(); ++i)
+      if (x_[i] == x_[i]) Offer(static_cast<int32_t>(i));
+    return i;
+  }
+  // Offers x[i..n) one by one (NaN skipped).
+  void OfferRange(size_t i, size_t n) {
+    for (; i < n; ++i)
+      if (x_[i] == x_[i]) Offer(static_cast<int32_t>(i));
+  }
   // Sorts the kept ids into rank order (best first); returns how many there are.
   size_t Finish() {
     for (size_t n = size_; n > 1; --n) {
