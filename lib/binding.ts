@@ -249,6 +249,8 @@ export interface NativeBinding {
    * and returns how many; 1 <= k <= x.length, k <= out.length.
    */
   sampleTopK(x: Float32Array, k: number, out: Int32Array, variant: NativeElementwiseVariant): number;
+  /** Every non-NaN id of x, larger value then lower id first, into out[0..) (out.length >= x.length); returns how many. */
+  sampleRank(x: Float32Array, out: Int32Array): number;
   /** float32 as Float32Array, float16/bfloat16 as raw bits in a Uint16Array. */
   cast(x: Float32Array | Uint16Array, from: NativeCastType, out: Float32Array | Uint16Array, to: NativeCastType,
     variant: NativeElementwiseVariant, threads: number, cancel?: NativeCancelToken): Promise<void>;

@@ -296,6 +296,26 @@ describe('native sampling kernels', () => {
       }
     }
   });
+  it('the native full ranking (top-p without top-k) gives the TypeScript ranking', () => {
+    for (const n of [1, 2, 7, 255, 256, 4099, 128256]) {
+      for (const [name, x] of rows(n)) {
+        const want = Array.from(topKLoop(x, n));
+        const out = new Int32Array(n + 1).fill(-7);
+        const kept = native().sampleRank(x, out);
+        expect(Array.from(out.subarray(0, kept)), `rank ${name} n=${n}`).toEqual(want);
+        expect(out[n], 'nothing written past x.length').toBe(-7);
+      }
+    }
+    const x = randomF32(9000, 5).map((v) => Math.round(v * 16) / 16);
+    expect(Array.from(topK(x, 3000))).toEqual(ranked(x).slice(0, 3000));  // past the heap: the ranking
+    const o = { ...plain, topK: 0, topP: 0.9, temperature: 0.7 };
+    for (const seed of [1, 2, 3]) {
+      // The chain over a whole row ranked natively picks what the TypeScript ranking picks.
+      const c = new Sampler({ ...o, seed }).candidates(x);
+      const ids = ranked(x);
+      expect(Array.from(c.tokens)).toEqual(ids.slice(0, c.tokens.length));
+    }
+  });
   it('argmax and topK take the kernels from 256 Float32Array logits on, with the same results', () => {
     const x = randomF32(5000, 3).map((v) => Math.round(v * 4) / 4);
     expect(argmax(x)).toBe(argmaxLoop(x));
@@ -314,6 +334,9 @@ describe('native sampling kernels', () => {
     expect(() => native().sampleTopK(x, 8, new Int32Array(7), 'auto')).toThrow(/sampleTopK: out must hold k values/);
     expect(() => native().sampleTopK(x, 8, new Float32Array(8) as never, 'auto')).toThrow(/sampleTopK: out must be an Int32Array/);
     expect(() => native().sampleTopK(x, 4, out, 'fast' as never)).toThrow(/sampleTopK: unknown variant/);
+    expect(() => native().sampleRank(x, new Int32Array(63))).toThrow(/sampleRank: out must hold x.length values/);
+    expect(() => native().sampleRank(x, new Uint32Array(64) as never)).toThrow(/sampleRank: out must be an Int32Array/);
+    expect(() => native().sampleRank(Array.from(x) as never, out)).toThrow(/sampleRank: x must be a Float32Array/);
     if (simd !== 'avx512') expect(() => native().sampleTopK(x, 4, out, 'avx512')).toThrow(/sampleTopK: variant unavailable/);
   });
 });

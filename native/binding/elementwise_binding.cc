@@ -318,7 +318,23 @@ static Napi::Value SampleTopKBinding(Addon&, const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(uk.sample_top_k(n, x.Data(), k, out.Data())));
 }
 
+// sampleRank(x: Float32Array, out: Int32Array) -> number: every non-NaN id of x, larger value then
+// lower id first, into out[0..) (out.length >= x.length); returns how many. One kernel (a radix
+// sort, no variants): a 128k row in ~1 ms where the TypeScript ranking took ~13.
+static Napi::Value SampleRankBinding(Addon&, const Napi::CallbackInfo& info) {
+  const char* fn = "sampleRank";
+  Napi::Env env = info.Env();
+  Napi::Float32Array x = F32Arg(info, 0, fn, "x");
+  auto out = ArrayArg<int32_t>(info, 1, napi_int32_array, fn, "out", "Int32Array");
+  const size_t n = x.ElementLength();
+  if (n > static_cast<size_t>(INT32_MAX)) Invalid(env, fn, "x must hold at most 2^31 - 1 values");
+  if (out.ElementLength() < n) Invalid(env, fn, "out must hold x.length values");
+  std::vector<uint32_t> scratch(3 * n);
+  return Napi::Number::New(env, static_cast<double>(kernels::F32SampleRank(n, x.Data(), out.Data(), scratch.data())));
+}
+
 void RegisterElementwiseBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
+  addon.Export(env, exports, "sampleRank", SampleRankBinding);
   addon.Export(env, exports, "sampleArgmax", SampleArgmaxBinding);
   addon.Export(env, exports, "sampleTopK", SampleTopKBinding);
   addon.Export(env, exports, "elementwiseBinary", ElementwiseBinary);

@@ -82,6 +82,12 @@ ElementwiseUkernels ElementwiseUkernelsAvx2();
 ElementwiseUkernels ElementwiseUkernelsAvx512();
 #endif
 
+// Token sampling's full ranking (lib/llm/sampling.ts, top-p over a whole vocabulary): the ids of
+// the non-NaN values of x[0..n) by larger value first, lower id first among equals (-0 equal to
+// +0), into ids; returns how many. A stable LSD radix sort on the values' order-preserving bits:
+// O(n), no comparisons. scratch holds 3 * n words.
+size_t F32SampleRank(size_t n, const float* x, int32_t* ids, uint32_t* scratch);
+
 // Index of the largest of x[0], x[stride], ..., x[(n-1)*stride] (n >= 1). NaN counts as larger
 // than every number (NumPy's convention); the first index wins ties.
 int64_t F32ArgmaxStrided(size_t n, size_t stride, const float* x);

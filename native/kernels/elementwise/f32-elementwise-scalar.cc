@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "kernels/elementwise/elementwise.h"
 #include "kernels/elementwise/sample-topk.h"
@@ -278,6 +279,36 @@ ElementwiseUkernels ElementwiseUkernelsScalar() {
   return {"f32_elementwise__scalar", BinaryVV, BinaryVS, BinarySV, Unary<float>,
           SoftmaxRowScalar, SoftmaxCols<float>, LayerNormRow<float>, RmsNormRow<float>,
           F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32, SampleArgmax, SampleTopK};
+}
+
+size_t F32SampleRank(size_t n, const float* x, int32_t* ids, uint32_t* scratch) {
+  // Keys ascending = values descending: the value's bits made order-preserving, then inverted.
+  // Candidates enter in increasing id, and every pass is stable, so equal keys keep that order.
+  uint32_t* keys = scratch;
+  uint32_t* keys2 = scratch + n;
+  int32_t* ids2 = reinterpret_cast<int32_t*>(scratch + 2 * n);
+  size_t m = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const float v = x[i] + 0.0f;  // -0 ranks with +0
+    if (v != v) continue;
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    keys[m] = ~((bits & 0x80000000u) ? ~bits : (bits | 0x80000000u));
+    ids[m++] = static_cast<int32_t>(i);
+  }
+  for (int shift = 0; shift < 32; shift += 8) {
+    size_t count[257] = {};
+    for (size_t i = 0; i < m; ++i) ++count[((keys[i] >> shift) & 0xFF) + 1];
+    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+    for (size_t i = 0; i < m; ++i) {
+      const size_t at = count[(keys[i] >> shift) & 0xFF]++;
+      keys2[at] = keys[i];
+      ids2[at] = ids[i];
+    }
+    std::memcpy(keys, keys2, m * sizeof(uint32_t));
+    std::memcpy(ids, ids2, m * sizeof(int32_t));
+  }
+  return m;
 }
 
 int64_t F32ArgmaxStrided(size_t n, size_t stride, const float* x) {
