@@ -320,7 +320,7 @@ static Napi::Value SampleTopKBinding(Addon&, const Napi::CallbackInfo& info) {
 
 // sampleRank(x: Float32Array, out: Int32Array) -> number: every non-NaN id of x, larger value then
 // lower id first, into out[0..) (out.length >= x.length); returns how many. One kernel (a radix
-// sort, no variants): a 128k row in ~1 ms where the TypeScript ranking took ~13.
+// sort, no variants): a 128k row in 1.3 ms where the TypeScript ranking took 12-13.
 static Napi::Value SampleRankBinding(Addon&, const Napi::CallbackInfo& info) {
   const char* fn = "sampleRank";
   Napi::Env env = info.Env();
