@@ -270,24 +270,33 @@ function rankPacked(values: ArrayLike<number>, k: number, pool: Int32Array | nul
   return out;
 }
 
-/** Applies the repetition, frequency and presence penalties to a copy of `logits` (or returns it as is). */
-export function applyPenalties(logits: Float32Array, history: ArrayLike<number>, o: Pick<ResolvedSampling,
-  'repeatPenalty' | 'repeatLastN' | 'frequencyPenalty' | 'presencePenalty'>): Float32Array {
-  if (o.repeatPenalty === 1 && o.frequencyPenalty === 0 && o.presencePenalty === 0) return logits;
+/**
+ * Applies the repetition, frequency and presence penalties to `logits` in place and returns what
+ * restores it (null when nothing changed): the penalised entries are at most repeatLastN, while a
+ * copy of a 128k row cost 50-70 us a token.
+ */
+function penalize(logits: Float32Array, history: ArrayLike<number>, o: Pick<ResolvedSampling,
+  'repeatPenalty' | 'repeatLastN' | 'frequencyPenalty' | 'presencePenalty'>): (() => void) | null {
+  if (o.repeatPenalty === 1 && o.frequencyPenalty === 0 && o.presencePenalty === 0) return null;
   const start = o.repeatLastN < 0 ? 0 : Math.max(0, history.length - o.repeatLastN);
-  if (start >= history.length) return logits;
+  if (start >= history.length) return null;
   const counts = new Map<number, number>();
   for (let i = start; i < history.length; i++) {
     const t = history[i]!;
     if (t >= 0 && t < logits.length) counts.set(t, (counts.get(t) ?? 0) + 1);
   }
-  const out = logits.slice();
+  const ids = new Int32Array(counts.size), saved = new Float32Array(counts.size);
+  let j = 0;
   for (const [t, c] of counts) {
-    let l = out[t]!;
+    ids[j] = t;
+    saved[j++] = logits[t]!;
+    let l = logits[t]!;
     l = l <= 0 ? l * o.repeatPenalty : l / o.repeatPenalty;
-    out[t] = l - c * o.frequencyPenalty - o.presencePenalty;
+    logits[t] = l - c * o.frequencyPenalty - o.presencePenalty;
   }
-  return out;
+  return () => {
+    for (let i = 0; i < ids.length; i++) logits[ids[i]!] = saved[i]!;
+  };
 }
 
 /** Stateful sampler: the options of one generation and its random stream. */
@@ -302,8 +311,17 @@ export class Sampler {
 
   /** The candidates the chain leaves and their probabilities after temperature. */
   candidates(logits: Float32Array, history: ArrayLike<number> = []): Candidates {
+    // Penalised in place for the chain and restored before returning: the caller's row is unchanged.
+    const restore = penalize(logits, history, this.options);
+    try {
+      return this.#chain(logits);
+    } finally {
+      restore?.();
+    }
+  }
+
+  #chain(values: Float32Array): Candidates {
     const o = this.options;
-    const values = applyPenalties(logits, history, o);
     const vocab = values.length;
     if (o.temperature <= 0 || vocab <= 1) {
       return { tokens: Int32Array.of(argmax(values)), probs: Float64Array.of(1) };
