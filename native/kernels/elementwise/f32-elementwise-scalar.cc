@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "kernels/elementwise/elementwise.h"
 #include "kernels/elementwise/sample-topk.h"
@@ -296,17 +297,23 @@ size_t F32SampleRank(size_t n, const float* x, int32_t* ids, uint32_t* scratch) 
     keys[m] = ~((bits & 0x80000000u) ? ~bits : (bits | 0x80000000u));
     ids[m++] = static_cast<int32_t>(i);
   }
+  // Four passes of 8 bits, the buffers swapping roles each pass: an even count, so the result
+  // ends in ids (8-bit digits measured faster here than three of 11: fewer scatter targets).
+  uint32_t* kin = keys;
+  uint32_t* kout = keys2;
+  int32_t* iin = ids;
+  int32_t* iout = ids2;
   for (int shift = 0; shift < 32; shift += 8) {
     size_t count[257] = {};
-    for (size_t i = 0; i < m; ++i) ++count[((keys[i] >> shift) & 0xFF) + 1];
+    for (size_t i = 0; i < m; ++i) ++count[((kin[i] >> shift) & 0xFF) + 1];
     for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
     for (size_t i = 0; i < m; ++i) {
-      const size_t at = count[(keys[i] >> shift) & 0xFF]++;
-      keys2[at] = keys[i];
-      ids2[at] = ids[i];
+      const size_t at = count[(kin[i] >> shift) & 0xFF]++;
+      kout[at] = kin[i];
+      iout[at] = iin[i];
     }
-    std::memcpy(keys, keys2, m * sizeof(uint32_t));
-    std::memcpy(ids, ids2, m * sizeof(int32_t));
+    std::swap(kin, kout);
+    std::swap(iin, iout);
   }
   return m;
 }
