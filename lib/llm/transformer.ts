@@ -126,27 +126,25 @@ class TransformerKvPool extends NativeResource implements KvPool {
   }
 
   // A decode step's hot path: no stack is captured up front (new Error() cost 2-5 us a step); an
-  // error raised after the awaits below still names the awaiting callers through V8's async stack
-  // traces, which is why this is an async function awaiting its turn instead of a .then chain.
-  async #step(where: string, batch: StepBatch, into: Float32Array | undefined, options?: { signal?: AbortSignal }): Promise<Float32Array> {
-    this.checkAlive(where);
-    const o = checkOptions<{ signal?: AbortSignal }>(`${where}(batch, options)`, options, STEP_KEYS);
-    const signal = checkSignal(`${where}: options.signal`, o.signal);
-    if (into !== undefined && !(into instanceof Float32Array)) throw new InvalidArgumentError(`${where}: into must be a Float32Array, got ${describe(into)}`);
-    const packed = this.#pack(where, batch);
-    const turn = this.#chain;
-    let done!: () => void;
-    this.#chain = new Promise<void>((resolve) => { done = resolve; });
+  // error raised in the native call still names the awaiting callers through V8's async stack
+  // traces, which #enqueue's awaits carry.
+  #step(where: string, batch: StepBatch, into: Float32Array | undefined, options?: { signal?: AbortSignal }): Promise<Float32Array> {
     try {
-      await turn;
       this.checkAlive(where);
-      const n = packed.rows * this.#engine.config.vocabSize;
-      const logits = into && into.length >= n ? into.subarray(0, n) : new Float32Array(n);
-      const backend = this.#engine.backend(where);
-      await callNative(() => withSignal(signal, (token) => backend.step(this.#pool, packed, logits, token)));
-      return logits;
-    } finally {
-      done();
+      const o = checkOptions<{ signal?: AbortSignal }>(`${where}(batch, options)`, options, STEP_KEYS);
+      const signal = checkSignal(`${where}: options.signal`, o.signal);
+      if (into !== undefined && !(into instanceof Float32Array)) throw new InvalidArgumentError(`${where}: into must be a Float32Array, got ${describe(into)}`);
+      const packed = this.#pack(where, batch);
+      return this.#enqueue(async () => {
+        this.checkAlive(where);
+        const n = packed.rows * this.#engine.config.vocabSize;
+        const logits = into && into.length >= n ? into.subarray(0, n) : new Float32Array(n);
+        const backend = this.#engine.backend(where);
+        await callNative(() => withSignal(signal, (token) => backend.step(this.#pool, packed, logits, token)));
+        return logits;
+      });
+    } catch (err) {
+      return Promise.reject(err);
     }
   }
 
@@ -202,11 +200,19 @@ class TransformerKvPool extends NativeResource implements KvPool {
     return this.#pool.info();
   }
 
-  // Jobs run one at a time in call order: #chain settles (never rejects) when the last one queued ends.
-  #enqueue<T>(run: () => Promise<T>): Promise<T> {
-    const result = this.#chain.then(run, run);
-    this.#chain = result.then(() => undefined, () => undefined);
-    return result;
+  // Jobs run one at a time in call order: #chain settles (never rejects) when the last one queued
+  // ends. Awaits rather than a .then chain, so that V8's async stack traces lead from an error in
+  // `run` to whoever awaits the job.
+  async #enqueue<T>(run: () => Promise<T>): Promise<T> {
+    const turn = this.#chain;
+    let done!: () => void;
+    this.#chain = new Promise<void>((resolve) => { done = resolve; });
+    try {
+      await turn;
+      return await run();
+    } finally {
+      done();
+    }
   }
 
   #ids(where: string, ids: Int32Array): Int32Array {
