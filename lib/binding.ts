@@ -206,6 +206,10 @@ export interface NativeBinding {
   getThreads(): number;
   /** Pool threads held by the jobs in flight in the whole process (every worker_thread's pool). */
   busyThreads(): number;
+  /** How long (us) the longest-waiting job not yet taken by a pool thread has waited; 0: none. */
+  startWaitUs(): number;
+  /** sched_yield() on the calling thread. */
+  yieldCpu(): void;
   /** V8's total of external memory reported by native code in this isolate. */
   externalMemory(): number;
   /** An ArrayBuffer of `bytes` from the output BufferPool (contents unspecified). */

@@ -4,7 +4,8 @@
 // leave a core free. Results do not depend on the mode; bad modes are typed errors.
 import { availableParallelism } from 'node:os';
 import { describe, expect, it } from 'vitest';
-import { InvalidArgumentError, Session, Tensor, kernels } from '../dist/index.js';
+import { InvalidArgumentError, Session, Tensor, getThreads, kernels, setThreads } from '../dist/index.js';
+import { native } from '../dist/binding.js';
 import { POLL_MAX_RUN_MS, pollBudget, waitState } from '../dist/wait.js';
 import { GraphBuilder } from '../bench/graphs/builder.js';
 import { uniform } from './session-ort.js';
@@ -213,6 +214,39 @@ describe('session wait modes', () => {
     // Without the worker's job the same runs poll again.
     for (let i = 0; i < 5; i++) expect(await pollsAtLaunch(() => s.run({ x: small.x }))).toBe(true);
     s.dispose();
+  });
+
+  it('startWaitUs: how long a job has waited for a pool thread, 0 once every job has been taken', async () => {
+    // One pool thread: a second job queues behind the first (the signal the poll chain uses to
+    // yield its core and, past START_STALL_US, to stop polling).
+    const before = getThreads();
+    setThreads(1);
+    try {
+      const { bytes, x } = chain(256, 100);  // ~20 ms on one thread
+      const s = await Session.load(bytes, { device: 'cpu', threads: 1, wait: 'sleep' });
+      await s.run({ x });
+      await new Promise((r) => setTimeout(r, 5));
+      expect(native().startWaitUs()).toBe(0);
+      const t0 = performance.now();
+      const first = s.run({ x });
+      const second = s.run({ x });
+      await new Promise((r) => setTimeout(r, 2));
+      const waited = [native().startWaitUs()];
+      await new Promise((r) => setTimeout(r, 2));
+      waited.push(native().startWaitUs());
+      const firstDone = await first.then(() => performance.now() - t0);
+      await second;
+      if (firstDone > 6) {
+        // Both reads fell while the first run held the only thread: the second had waited >= 2 ms,
+        // then 2 ms more.
+        expect(waited[0]).toBeGreaterThanOrEqual(2000);
+        expect(waited[1]).toBeGreaterThan(waited[0]! + 1000);
+      }
+      expect(native().startWaitUs()).toBe(0);
+      s.dispose();
+    } finally {
+      setThreads(before);
+    }
   });
 
   it('bad wait modes are typed errors that name the option and suggest the right value', async () => {

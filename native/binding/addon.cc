@@ -50,6 +50,8 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
       InstanceMethod("setThreads", &Addon::SetThreads),
       InstanceMethod("getThreads", &Addon::GetThreads),
       InstanceMethod("busyThreads", &Addon::BusyThreads),
+      InstanceMethod("startWaitUs", &Addon::StartWaitUs),
+      InstanceMethod("yieldCpu", &Addon::YieldCpu),
       InstanceMethod("cpuInfo", &Addon::CpuInfo),
       InstanceMethod("cudaInfo", &Addon::CudaInfo),
       InstanceMethod("peakFma", &Addon::PeakFma),
@@ -170,6 +172,22 @@ namespace {
 // Pool threads held by the jobs in flight, in every environment of the process (each worker_thread
 // has its own pool): what the JS side's polling wait checks for a free core (lib/wait.ts).
 std::atomic<int64_t> g_busy_threads{0};
+
+// Jobs submitted to a pool and not yet taken by a thread, in every environment, and since when the
+// oldest of them has waited (approximately: reset as each one starts while others wait). The
+// polling wait stops polling once a job has waited too long to start (lib/wait.ts): the scheduler
+// may have queued the woken pool thread behind the polling JS thread on its own core.
+std::atomic<int64_t> g_unstarted{0};
+std::atomic<int64_t> g_unstarted_since_ns{0};
+
+void JobSubmitted() {
+  if (g_unstarted.fetch_add(1, std::memory_order_relaxed) == 0)
+    g_unstarted_since_ns.store(NowNs(), std::memory_order_relaxed);
+}
+void JobTaken() {
+  if (g_unstarted.fetch_sub(1, std::memory_order_relaxed) > 1)
+    g_unstarted_since_ns.store(NowNs(), std::memory_order_relaxed);
+}
 }  // namespace
 
 Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t wait_ns) {
@@ -193,6 +211,7 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
     if (in_flight_ == 0 && last_settle_ns_) HandoffProfile::Active()->Gap(raw->t_start_ - last_settle_ns_);
   }
   auto run = [this, raw, tsfn, timed, held]() mutable {
+    JobTaken();
     raw->started_.store(true, std::memory_order_relaxed);
     if (timed) raw->t_exec0_ = NowNs();
     try {
@@ -216,6 +235,7 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
   };
   // Called by Shutdown for a job that never started; `this` may be gone by then.
   auto dropped = [raw, tsfn, held]() mutable {
+    JobTaken();
     g_busy_threads.fetch_sub(held, std::memory_order_relaxed);
     raw->Fail(codes::kAborted, "sonde: the thread pool shut down before the job started");
     if (raw->handoff_.exchange(AsyncJob::kDone, std::memory_order_acq_rel) == AsyncJob::kJsWaiting) return;
@@ -225,7 +245,9 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
       delete raw;
     }
   };
+  JobSubmitted();
   if (!pool_->Submit(run, dropped, static_cast<unsigned>(held > 1 ? held - 1 : 0))) {
+    JobTaken();
     g_busy_threads.fetch_sub(held, std::memory_order_relaxed);
     Napi::Error err = MakeError(env, codes::kDisposed, "sonde: the thread pool has shut down");
     raw->deferred_->Reject(err.Value());
@@ -394,6 +416,17 @@ Napi::Value Addon::GetThreads(const Napi::CallbackInfo& info) {
 
 Napi::Value Addon::BusyThreads(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(g_busy_threads.load(std::memory_order_relaxed)));
+}
+
+Napi::Value Addon::YieldCpu(const Napi::CallbackInfo& info) {
+  std::this_thread::yield();
+  return info.Env().Undefined();
+}
+
+Napi::Value Addon::StartWaitUs(const Napi::CallbackInfo& info) {
+  if (g_unstarted.load(std::memory_order_relaxed) <= 0) return Napi::Number::New(info.Env(), 0);
+  const int64_t since = g_unstarted_since_ns.load(std::memory_order_relaxed);
+  return Napi::Number::New(info.Env(), static_cast<double>(std::max<int64_t>(0, NowNs() - since)) / 1000.0);
 }
 
 Napi::Value Addon::CpuInfo(const Napi::CallbackInfo& info) {
