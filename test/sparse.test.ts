@@ -282,7 +282,9 @@ describe.each(variants)('spmm %s', (variant) => {
     const [k, n] = [300, 203];
     const b = prunedWeights(k, n, 0.8, 21, format === 'bsr' ? 16 : 1);
     const w = kernels.toSparse(b, { format });
-    for (const m of [1, 7, 64, 150]) {
+    // 150: two blocks of rows (a block per thread); 300: three (packed once, the columns split on two
+    // threads, one thread still by blocks); 1100: nine (by blocks again).
+    for (const m of [1, 7, 64, 150, 300, 1100]) {
       const a = randomTensor([m, k], m);
       const o1 = await kernels.spmm(a, w, { variant, threads: 1, bias: randomTensor([n], 2), activation: 'gelu' });
       const o2 = await kernels.spmm(a, w, { variant, threads: 2, bias: randomTensor([n], 2), activation: 'gelu' });

@@ -311,17 +311,18 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   // at 90%, M 32-256): at 90% a column has only 6-13 non-zeros per L1-sized slab, too few to pay for
   // loading and storing its sums once per slab.
   const size_t m_blocks = (ldat + uk.mb - 1) / uk.mb;
-  const size_t mb = ((m + m_blocks - 1) / m_blocks + uk.mv - 1) / uk.mv * uk.mv;
   // Kept per calling thread and reused: a fresh allocation of this size is an mmap, page faults
   // and a zero fill every run (measured here: ~0.4 ms for a 256 KiB At, more than the SpMM itself).
   // Only the thread that runs RunSpmm owns it; the pool threads only use it during this call.
   thread_local std::unique_ptr<float, SparseWeights::FreeDeleter> at_cache;
   thread_local size_t at_capacity = 0;
-  if (at_capacity < k * ldat) {
-    at_cache.reset(AlignedFloats(k * ldat));
-    at_capacity = k * ldat;
-  }
-  float* const at = at_cache.get();
+  auto at_buffer = [&](size_t floats) {
+    if (at_capacity < floats) {
+      at_cache.reset(AlignedFloats(floats));
+      at_capacity = floats;
+    }
+    return at_cache.get();
+  };
   // An unusually large batch must not pin its At for the thread's lifetime (as gemm_lowp trims
   // its prepared A): release it when this run ends.
   struct Trim {
@@ -332,6 +333,48 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
       }
     }
   } trim;
+  // 16-bit column indices where K allows them (the SpMV's): a quarter fewer bytes of weights, which
+  // a run after other work reads from L3 (pruned MLP at batch 32, one thread, interleaved with
+  // onnxruntime-node and the dense session as the sparse suite runs them: 0.299-0.315 -> 0.288-0.303
+  // ms; kernel calls back to back within noise).
+  const kernels::F32SpmmCsr16bitUkernel spmm16 = w.col_idx16_.empty() ? nullptr : uk.spmm16;
+  auto columns = [&](size_t m0, size_t rows, const float* at_block, size_t ld, size_t g0, size_t g1) {
+    for (size_t g = g0; g < g1; ++g) {
+      const size_t n0 = g * ng, nc = std::min(ng, n - n0);
+      const kernels::GemmEpilogue ep = OffsetEpilogue(e, m0, n0);
+      if (spmm16)
+        spmm16(rows, nc, at_block, ld, w.row_ptr_.data() + n0, w.col_idx16_.data(), w.values_.data(),
+               args.c + m0 * args.ldc + n0, args.ldc, trivial ? nullptr : &ep);
+      else
+        uk.spmm(rows, nc, at_block, ld, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(),
+                args.c + m0 * args.ldc + n0, args.ldc, trivial ? nullptr : &ep);
+    }
+  };
+
+  // The block size depends on M alone: a kernel's order of summation depends on its rows (its
+  // accumulator count), and results must not depend on the thread count.
+  const size_t mb = ((m + m_blocks - 1) / m_blocks + uk.mv - 1) / uk.mv * uk.mv;
+  const size_t row_blocks = (m + mb - 1) / mb;
+  if (threads == 1 || row_blocks % threads == 0 || row_blocks >= 4 * threads) {
+    // A task per block of rows where the blocks spread evenly enough over the threads: it packs its
+    // own slab of At (K x mb) and runs every column against it while the slab is in its core's L2.
+    // Packing all of At first, then splitting the columns over the threads, had each thread read
+    // the slabs the other had packed from the other core, and on one thread left a large At in L3
+    // by the time its first block ran (1024x1024 at 90%, M = 512: t1 3.2-3.4 -> 1.8 ms, t2
+    // 1.65-1.88 -> 1.02-1.08; M = 256: t1 1.00-1.09 -> 0.89-1.00, t2 0.60-0.66 -> 0.58-0.62).
+    const size_t slab = k * mb;
+    float* const at = at_buffer(row_blocks * slab);
+    return pool.ParallelFor(row_blocks, threads, [&](size_t t) {
+      const size_t m0 = t * mb, rows = std::min(mb, m - m0);
+      float* const at_block = at + t * slab;
+      uk.pack(rows, k, args.a + m0 * args.lda, args.lda, at_block, mb);
+      columns(m0, rows, at_block, mb, 0, groups);
+    }, cancel);
+  }
+
+  // Fewer blocks of rows than threads (or an uneven few): At packed once (split over K), then the
+  // columns split.
+  float* const at = at_buffer(k * ldat);
   constexpr size_t kPackK = 64;  // A read 64 columns (4 cache lines) per row at a time
   const size_t k_chunks = (k + kPackK - 1) / kPackK;
   if (!pool.ParallelFor(k_chunks, threads, [&](size_t kc) {
@@ -339,26 +382,8 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
         uk.pack(m, k1 - k0, args.a + k0, args.lda, at + k0 * ldat, ldat);
       }, cancel))
     return false;
-
-  // 16-bit column indices where K allows them (the SpMV's): a quarter fewer bytes of weights, which
-  // a run after other work reads from L3 (pruned MLP at batch 32, one thread, interleaved with
-  // onnxruntime-node and the dense session as the sparse suite runs them: 0.299-0.315 -> 0.288-0.303
-  // ms; kernel calls back to back within noise).
-  const kernels::F32SpmmCsr16bitUkernel spmm16 = w.col_idx16_.empty() ? nullptr : uk.spmm16;
   return pool.ParallelFor(chunks, threads, [&](size_t t) {
-    for (size_t m0 = 0; m0 < m; m0 += mb) {
-      const size_t rows = std::min(mb, m - m0);
-      for (size_t g = bounds[t]; g < bounds[t + 1]; ++g) {
-        const size_t n0 = g * ng, nc = std::min(ng, n - n0);
-        const kernels::GemmEpilogue ep = OffsetEpilogue(e, m0, n0);
-        if (spmm16)
-          spmm16(rows, nc, at + m0, ldat, w.row_ptr_.data() + n0, w.col_idx16_.data(), w.values_.data(),
-                 args.c + m0 * args.ldc + n0, args.ldc, trivial ? nullptr : &ep);
-        else
-          uk.spmm(rows, nc, at + m0, ldat, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(),
-                  args.c + m0 * args.ldc + n0, args.ldc, trivial ? nullptr : &ep);
-      }
-    }
+    for (size_t m0 = 0; m0 < m; m0 += mb) columns(m0, std::min(mb, m - m0), at + m0, ldat, bounds[t], bounds[t + 1]);
   }, cancel);
 }
 
