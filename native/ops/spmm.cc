@@ -1,6 +1,7 @@
 #include "ops/spmm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -311,28 +312,33 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   // at 90%, M 32-256): at 90% a column has only 6-13 non-zeros per L1-sized slab, too few to pay for
   // loading and storing its sums once per slab.
   const size_t m_blocks = (ldat + uk.mb - 1) / uk.mb;
-  // Kept per calling thread and reused: a fresh allocation of this size is an mmap, page faults
-  // and a zero fill every run (measured here: ~0.4 ms for a 256 KiB At, more than the SpMM itself).
-  // Only the thread that runs RunSpmm owns it; the pool threads only use it during this call.
-  thread_local std::unique_ptr<float, SparseWeights::FreeDeleter> at_cache;
-  thread_local size_t at_capacity = 0;
-  auto at_buffer = [&](size_t floats) {
-    if (at_capacity < floats) {
-      at_cache.reset(AlignedFloats(floats));
-      at_capacity = floats;
+  // At's storage, kept per thread and reused: a fresh allocation of this size is an mmap, page
+  // faults and a zero fill every run (measured here: ~0.4 ms for a 256 KiB At, more than the SpMM
+  // itself). An unusually large batch must not pin its At for a thread's lifetime (as gemm_lowp
+  // trims its prepared A): Release drops one over 64 MiB.
+  struct AtScratch {
+    std::unique_ptr<float, SparseWeights::FreeDeleter> buf;
+    size_t capacity = 0;
+    uint64_t packed_for = 0;  // the call whose At this thread's copy holds (0: none)
+    float* Get(size_t floats) {
+      if (capacity < floats) {
+        buf.reset(AlignedFloats(floats));
+        capacity = floats;
+      }
+      return buf.get();
     }
-    return at_cache.get();
-  };
-  // An unusually large batch must not pin its At for the thread's lifetime (as gemm_lowp trims
-  // its prepared A): release it when this run ends.
-  struct Trim {
-    ~Trim() {
-      if (at_capacity * sizeof(float) > (static_cast<size_t>(64) << 20)) {
-        at_cache.reset();
-        at_capacity = 0;
+    void Release() {
+      if (capacity * sizeof(float) > (static_cast<size_t>(64) << 20)) {
+        buf.reset();
+        capacity = 0;
+        packed_for = 0;
       }
     }
-  } trim;
+  };
+  thread_local AtScratch scratch;
+  struct ReleaseAtEnd {
+    ~ReleaseAtEnd() { scratch.Release(); }
+  } release_at_end;
   // 16-bit column indices where K allows them (the SpMV's): a quarter fewer bytes of weights, which
   // a run after other work reads from L3 (pruned MLP at batch 32, one thread, interleaved with
   // onnxruntime-node and the dense session as the sparse suite runs them: 0.299-0.315 -> 0.288-0.303
@@ -363,7 +369,8 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
     // by the time its first block ran (1024x1024 at 90%, M = 512: t1 3.2-3.4 -> 1.8 ms, t2
     // 1.65-1.88 -> 1.02-1.08; M = 256: t1 1.00-1.09 -> 0.89-1.00, t2 0.60-0.66 -> 0.58-0.62).
     const size_t slab = k * mb;
-    float* const at = at_buffer(row_blocks * slab);
+    float* const at = scratch.Get(row_blocks * slab);
+    scratch.packed_for = 0;
     return pool.ParallelFor(row_blocks, threads, [&](size_t t) {
       const size_t m0 = t * mb, rows = std::min(mb, m - m0);
       float* const at_block = at + t * slab;
@@ -372,18 +379,21 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
     }, cancel);
   }
 
-  // Fewer blocks of rows than threads (or an uneven few): At packed once (split over K), then the
-  // columns split.
-  float* const at = at_buffer(k * ldat);
-  constexpr size_t kPackK = 64;  // A read 64 columns (4 cache lines) per row at a time
-  const size_t k_chunks = (k + kPackK - 1) / kPackK;
-  if (!pool.ParallelFor(k_chunks, threads, [&](size_t kc) {
-        const size_t k0 = kc * kPackK, k1 = std::min(k, k0 + kPackK);
-        uk.pack(m, k1 - k0, args.a + k0, args.lda, at + k0 * ldat, ldat);
-      }, cancel))
-    return false;
+  // Fewer blocks of rows than threads (or an uneven few): the columns split over the threads, and
+  // each thread packs a whole At of its own before its first chunk, reading it from its own L2
+  // after; packing one At split over K (a loop of its own) left each thread reading half of it from
+  // the other core (1024x1024 at 90%, two threads, M = 16-300: 0.89-0.91x of the time; K = 256 the
+  // same).
+  static std::atomic<uint64_t> calls{0};
+  const uint64_t call = calls.fetch_add(1, std::memory_order_relaxed) + 1;
   return pool.ParallelFor(chunks, threads, [&](size_t t) {
+    float* const at = scratch.Get(k * ldat);
+    if (scratch.packed_for != call) {
+      uk.pack(m, k, args.a, args.lda, at, ldat);
+      scratch.packed_for = call;
+    }
     for (size_t m0 = 0; m0 < m; m0 += mb) columns(m0, std::min(mb, m - m0), at + m0, ldat, bounds[t], bounds[t + 1]);
+    scratch.Release();
   }, cancel);
 }
 
