@@ -15,6 +15,13 @@
  * time slice to end (a one-thread MLP run after a 1 ms pause took 0.7-1.2 ms, its kernels 50 us).
  * The poll then yields the core to it (a no-op when the thread is on another core), and gives up
  * polling after START_STALL_US, sleeping in epoll.
+ *
+ * Runs that take every core poll too under 'auto' when they are very short (POLL_FULL_MAX_RUN_MS):
+ * for those the event loop's sleep and wake-up cost as much as the run, and each poll yields the
+ * JS thread's core, so the pool threads lose little to the polls (the 90%-pruned MLP at batch 1 on
+ * two threads of two cores, blocks alternating in one process: 66 -> 45 us per run back to back,
+ * 105 -> 71 with onnxruntime-node's call before each, 106 -> 109 after 1 ms pauses). At batch 32
+ * (~0.2 ms a run) polling so lost more to the polls than it saved on the wake-up.
  */
 import { availableParallelism } from 'node:os';
 import { native } from './binding.js';
@@ -37,6 +44,8 @@ export const START_STALL_US = 250;
 
 /** 'auto' polls for runs measured shorter than this (ms); the wake-up it saves is noise beyond. */
 export const POLL_MAX_RUN_MS = 1;
+/** ... and for runs that take every core, measured shorter than this (ms). */
+export const POLL_FULL_MAX_RUN_MS = 0.15;
 
 const cores = availableParallelism();
 /**
@@ -44,9 +53,13 @@ const cores = availableParallelism();
  * since a worker computing on a core leaves one core fewer for this thread to poll on.
  */
 const busyThreads = (): number => native().busyThreads();
-/** Polled runs in flight, and when the chain gives up on them (performance.now()). */
+/**
+ * Polled runs in flight, when the chain gives up on them, and until when it polls while the jobs in
+ * flight hold every core (performance.now()).
+ */
 let polled = 0;
 let pollUntil = 0;
+let fullUntil = 0;
 let chained = false;
 /** setImmediate callbacks run so far (tests check that polling starts and stops). */
 let ticks = 0;
@@ -54,23 +67,29 @@ let ticks = 0;
 function tick(): void {
   ticks++;
   const waited = polled > 0 ? native().startWaitUs() : 0;
-  if (waited > START_YIELD_US) native().yieldCpu();
-  const more = polled > 0 && waited < START_STALL_US && busyThreads() < cores && performance.now() < pollUntil;
+  const now = performance.now();
+  const full = busyThreads() >= cores;
+  // At full cores every poll yields: the pool threads' cores are the JS thread's too.
+  if (polled > 0 && (waited > START_YIELD_US || full)) native().yieldCpu();
+  const more = polled > 0 && waited < START_STALL_US && now < pollUntil && (!full || now < fullUntil);
   if (more) setImmediate(tick);
   else chained = false;
 }
 
 /**
  * Tracks a native run (already started: its pool threads are counted) until `run` settles, keeping
- * the event loop polling for at most `pollMs` (0: not at all) while a core is left, then calls
- * onSettled. Adds no step to the caller's await of `run`.
+ * the event loop polling for at most `pollMs` (0: not at all) while a core is left, or for at most
+ * `fullMs` while the jobs in flight hold every core, then calls onSettled. Adds no step to the
+ * caller's await of `run`.
  */
-export function trackRun(run: Promise<unknown>, pollMs: number, onSettled?: () => void): void {
+export function trackRun(run: Promise<unknown>, pollMs: number, onSettled?: () => void, fullMs = 0): void {
   const poll = pollMs > 0;
   if (poll) {
     polled++;
-    pollUntil = Math.max(pollUntil, performance.now() + pollMs);
-    if (!chained && busyThreads() < cores) {
+    const now = performance.now();
+    pollUntil = Math.max(pollUntil, now + pollMs);
+    if (fullMs > 0) fullUntil = Math.max(fullUntil, now + Math.min(pollMs, fullMs));
+    if (!chained && (busyThreads() < cores || now < fullUntil)) {
       chained = true;
       setImmediate(tick);
     }
@@ -85,14 +104,25 @@ export function trackRun(run: Promise<unknown>, pollMs: number, onSettled?: () =
 
 /**
  * How long a session's run should keep the loop polling (ms, 0: sleep), from its mode, the pool
- * threads it runs on and the smoothed time of its recent runs (NaN before the first).
+ * threads it runs on and the smoothed time of its recent runs (NaN before the first). Where the run
+ * takes every core, what fullPollBudget allows is the whole budget.
  */
 export function pollBudget(mode: WaitMode, threads: number, recentMs: number): number {
   if (mode === 'sleep') return 0;
   const expected = Number.isNaN(recentMs) ? POLL_MAX_RUN_MS : recentMs;
   if (mode === 'poll') return Math.max(2 * POLL_MAX_RUN_MS, 2 * expected);
-  if (threads >= cores || expected > POLL_MAX_RUN_MS) return 0;
+  if (threads >= cores) return fullPollBudget(mode, threads, recentMs);
+  if (expected > POLL_MAX_RUN_MS) return 0;
   return 2 * expected + 0.1;
+}
+
+/**
+ * How long a run may keep the loop polling while the jobs in flight hold every core (ms): only
+ * 'auto' runs measured under POLL_FULL_MAX_RUN_MS (not a first run, whose length is unknown).
+ */
+export function fullPollBudget(mode: WaitMode, _threads: number, recentMs: number): number {
+  if (mode !== 'auto' || Number.isNaN(recentMs) || recentMs > POLL_FULL_MAX_RUN_MS) return 0;
+  return 2 * recentMs + 0.05;
 }
 
 /**

@@ -6,7 +6,7 @@ import { availableParallelism } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { InvalidArgumentError, Session, Tensor, getThreads, kernels, setThreads } from '../dist/index.js';
 import { native } from '../dist/binding.js';
-import { POLL_MAX_RUN_MS, pollBudget, waitState } from '../dist/wait.js';
+import { POLL_FULL_MAX_RUN_MS, POLL_MAX_RUN_MS, fullPollBudget, pollBudget, waitState } from '../dist/wait.js';
 import { GraphBuilder } from '../bench/graphs/builder.js';
 import { uniform } from './session-ort.js';
 
@@ -47,12 +47,20 @@ async function pollsAtLaunch(start: () => Promise<unknown>): Promise<boolean> {
 }
 
 describe('session wait modes', () => {
-  it('pollBudget: sleep never, poll always, auto only for short runs that leave a core free', () => {
+  it('pollBudget: sleep never, poll always, auto for short runs that leave a core free and very short ones on every core', () => {
     expect(pollBudget('sleep', 1, 0.05)).toBe(0);
     expect(pollBudget('poll', 1, 50)).toBeGreaterThanOrEqual(100);
     expect(pollBudget('poll', 1, NaN)).toBeGreaterThan(0);
-    expect(pollBudget('auto', cores, 0.05)).toBe(0);
+    expect(pollBudget('auto', cores, POLL_FULL_MAX_RUN_MS * 1.5)).toBe(0);
+    expect(pollBudget('auto', cores, NaN)).toBe(0);  // a first run on every core: its length unknown
+    expect(pollBudget('auto', cores, POLL_FULL_MAX_RUN_MS / 2)).toBeGreaterThan(POLL_FULL_MAX_RUN_MS);
     expect(pollBudget('auto', 1, POLL_MAX_RUN_MS * 1.5)).toBe(0);
+    // Polling on while the jobs in flight hold every core: only 'auto', only very short runs.
+    expect(fullPollBudget('auto', cores, POLL_FULL_MAX_RUN_MS / 2)).toBeGreaterThan(POLL_FULL_MAX_RUN_MS);
+    expect(fullPollBudget('auto', 1, POLL_FULL_MAX_RUN_MS * 1.5)).toBe(0);
+    expect(fullPollBudget('auto', 1, NaN)).toBe(0);
+    expect(fullPollBudget('poll', cores, POLL_FULL_MAX_RUN_MS / 2)).toBe(0);
+    expect(fullPollBudget('sleep', cores, POLL_FULL_MAX_RUN_MS / 2)).toBe(0);
     if (cores > 1) {
       // Twice the expected time and a little more: a run somewhat slower than the last ones is still caught.
       expect(pollBudget('auto', 1, 0.05)).toBeGreaterThan(0.1);
@@ -95,7 +103,7 @@ describe('session wait modes', () => {
     sleeping.dispose();
   });
 
-  it.skipIf(cores < 2)("'auto' polls a short run on a pool thread that leaves a core free, not a run that takes every core, nor a long one", async () => {
+  it.skipIf(cores < 2)("'auto' polls a short run on a pool thread that leaves a core free, a very short one on every core, not a longer one on every core, nor a long one", async () => {
     const small = chain(8, 2);
     const one = await Session.load(small.bytes, { device: 'cpu', threads: 1 });
     const all = await Session.load(small.bytes, { device: 'cpu', threads: cores });
@@ -109,10 +117,29 @@ describe('session wait modes', () => {
       expect(await pollsAtLaunch(() => fresh.run({ x: small.x }))).toBe(true);
       fresh.dispose();
     }
+    // On every core: a first run (its length unknown) does not poll; later ones do once measured
+    // under POLL_FULL_MAX_RUN_MS (checked where the machine's wall clock grants it by a margin).
+    const freshAll = await Session.load(small.bytes, { device: 'cpu', threads: cores });
+    expect(await pollsAtLaunch(() => freshAll.run({ x: small.x }))).toBe(false);
+    const times: number[] = [];
+    for (let i = 0; i < 20; i++) {
+      const t0 = performance.now();
+      await freshAll.run({ x: small.x });
+      times.push(performance.now() - t0);
+    }
+    if (Math.max(...times.slice(-10)) < POLL_FULL_MAX_RUN_MS / 2) expect(await pollsAtLaunch(() => freshAll.run({ x: small.x }))).toBe(true);
+    freshAll.dispose();
+    // A run on every core measured past it (~1 ms here) does not poll.
+    const mid = chain(128, 40);
+    const midAll = await Session.load(mid.bytes, { device: 'cpu', threads: cores });
+    await midAll.run({ x: mid.x });
+    await midAll.run({ x: mid.x });
     await turns();
-    const before = waitState().ticks;
-    for (let i = 0; i < 20; i++) await all.run({ x: small.x });
-    expect(waitState().ticks).toBe(before);
+    const tm = performance.now();
+    const rm = await ticksDuring(midAll.run({ x: mid.x }));
+    expect(performance.now() - tm).toBeGreaterThan(POLL_FULL_MAX_RUN_MS);
+    expect(rm.ticks).toBe(0);
+    midAll.dispose();
 
     const long = chain(256, 40);
     const slow = await Session.load(long.bytes, { device: 'cpu', threads: 1 });

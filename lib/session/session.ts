@@ -27,7 +27,7 @@ import { optimize, type OptimizationLevel } from './optimize.js';
 import type { SparseMode, SparsePrepared } from './sparse.js';
 import { gpuUnsupported, type GpuLayer } from './gpu.js';
 import { GpuBuffer, gpuDevice, type GpuDeviceId } from '../cuda/runtime.js';
-import { pollBudget, trackRun, type WaitMode } from '../wait.js';
+import { fullPollBudget, pollBudget, trackRun, type WaitMode } from '../wait.js';
 
 export type { OptimizationLevel, BatchingOptions, SessionMetricsSnapshot, WaitMode };
 
@@ -465,7 +465,7 @@ export class Session extends NativeResource {
     trackRun(run, pollBudget(this.#wait, threads, this.#recentRunMs), () => {
       const ms = performance.now() - started;
       this.#recentRunMs = Number.isNaN(this.#recentRunMs) ? ms : 0.8 * this.#recentRunMs + 0.2 * ms;
-    });
+    }, fullPollBudget(this.#wait, threads, this.#recentRunMs));
     return run;
   }
 
