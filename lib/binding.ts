@@ -206,7 +206,7 @@ export interface NativeBinding {
   getThreads(): number;
   /** Pool threads held by the jobs in flight in the whole process (every worker_thread's pool). */
   busyThreads(): number;
-  /** How long (us) the longest-waiting job not yet taken by a pool thread has waited; 0: none. */
+  /** How long (us) the longest-waiting job of this environment not yet taken by a pool thread has waited; 0: none. */
   startWaitUs(): number;
   /** sched_yield() on the calling thread. */
   yieldCpu(): void;
@@ -310,10 +310,11 @@ export interface NativeBinding {
    * Runs every step in order on the pool; checks cancel between steps (rejects ERR_SONDE_ABORTED).
    * inputs[i] / outputs[i] must have spec.inputBytes[i] / outputBytes[i] bytes. A data-dependent
    * step failure rejects ERR_SONDE_INVALID_ARGUMENT with "node '<name>': <why>". timings, when
-   * given (length = steps), receives each step's wall time in nanoseconds.
+   * given (length = steps), receives each step's wall time in nanoseconds. Resolves to the run's
+   * time on the pool (ms, from the pool thread taking it to its end).
    */
   planRun(plan: NativePlan, inputs: ArrayBufferView[], outputs: ArrayBufferView[], threads: number,
-    cancel?: NativeCancelToken, timings?: Float64Array): Promise<void>;
+    cancel?: NativeCancelToken, timings?: Float64Array): Promise<number>;
   /**
    * createPlan for a GPU ('cuda:N' or 'emulated'): the same checks, then every step bound to a
    * registered GPU op and the consts uploaded once. A CPU-only step (conv/gemm/spmm on CPU handles,

@@ -79,10 +79,10 @@ function tick(): void {
 /**
  * Tracks a native run (already started: its pool threads are counted) until `run` settles, keeping
  * the event loop polling for at most `pollMs` (0: not at all) while a core is left, or for at most
- * `fullMs` while the jobs in flight hold every core, then calls onSettled. Adds no step to the
- * caller's await of `run`.
+ * `fullMs` while the jobs in flight hold every core, then calls onSettled with what it resolved to
+ * (undefined if it rejected). Adds no step to the caller's await of `run`.
  */
-export function trackRun(run: Promise<unknown>, pollMs: number, onSettled?: () => void, fullMs = 0): void {
+export function trackRun(run: Promise<unknown>, pollMs: number, onSettled?: (value?: unknown) => void, fullMs = 0): void {
   const poll = pollMs > 0;
   if (poll) {
     polled++;
@@ -95,11 +95,11 @@ export function trackRun(run: Promise<unknown>, pollMs: number, onSettled?: () =
     }
   }
   if (!poll && !onSettled) return;
-  const settled = () => {
+  const settled = (value?: unknown) => {
     if (poll) polled--;
-    onSettled?.();
+    onSettled?.(value);
   };
-  run.then(settled, settled);
+  run.then(settled, () => settled());
 }
 
 /**

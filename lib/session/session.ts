@@ -265,7 +265,7 @@ export class Session extends NativeResource {
   #lastPlan?: { dims: number[][]; dtypes: DType[]; entry: CachedPlan };
   #threads: number;
   #wait: WaitMode = 'auto';
-  /** Smoothed wall time of recent native runs (ms; NaN before the first), for the wait mode. */
+  /** Smoothed time of recent native runs on the pool (ms; NaN before the first), for the wait mode. */
   #recentRunMs = NaN;
   #metrics: SessionMetrics;
   #batcher?: Batcher;
@@ -455,16 +455,16 @@ export class Session extends NativeResource {
 
   /** One native run of a plan on the session's device. */
   #launch(plan: NativePlan | NativeGpuPlan, inputs: ArrayBufferView[], outs: ArrayBufferView[], token?: NativeCancelToken,
-    timings?: Float64Array): Promise<void> {
+    timings?: Float64Array): Promise<unknown> {
     if (this.#gpu) return native().gpuPlanRun(plan as NativeGpuPlan, inputs, outs, token, timings);
     if (this.#wait === 'sleep') return native().planRun(plan as NativePlan, inputs, outs, this.#threads, token, timings);
     const pool = native().getThreads();
     const threads = this.#threads === 0 ? pool : Math.min(this.#threads, pool);
-    const started = performance.now();
     const run = native().planRun(plan as NativePlan, inputs, outs, this.#threads, token, timings);
-    trackRun(run, pollBudget(this.#wait, threads, this.#recentRunMs), () => {
-      const ms = performance.now() - started;
-      this.#recentRunMs = Number.isNaN(this.#recentRunMs) ? ms : 0.8 * this.#recentRunMs + 0.2 * ms;
+    // Smoothed from the run's own time, not the call's wall time: that includes the wake-ups a poll
+    // saves, so a run that polled would measure shorter than one that slept and decide the next wait.
+    trackRun(run, pollBudget(this.#wait, threads, this.#recentRunMs), (ms) => {
+      if (typeof ms === 'number') this.#recentRunMs = Number.isNaN(this.#recentRunMs) ? ms : 0.8 * this.#recentRunMs + 0.2 * ms;
     }, fullPollBudget(this.#wait, threads, this.#recentRunMs));
     return run;
   }

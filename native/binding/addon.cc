@@ -173,21 +173,6 @@ namespace {
 // has its own pool): what the JS side's polling wait checks for a free core (lib/wait.ts).
 std::atomic<int64_t> g_busy_threads{0};
 
-// Jobs submitted to a pool and not yet taken by a thread, in every environment, and since when the
-// oldest of them has waited (approximately: reset as each one starts while others wait). The
-// polling wait stops polling once a job has waited too long to start (lib/wait.ts): the scheduler
-// may have queued the woken pool thread behind the polling JS thread on its own core.
-std::atomic<int64_t> g_unstarted{0};
-std::atomic<int64_t> g_unstarted_since_ns{0};
-
-void JobSubmitted() {
-  if (g_unstarted.fetch_add(1, std::memory_order_relaxed) == 0)
-    g_unstarted_since_ns.store(NowNs(), std::memory_order_relaxed);
-}
-void JobTaken() {
-  if (g_unstarted.fetch_sub(1, std::memory_order_relaxed) > 1)
-    g_unstarted_since_ns.store(NowNs(), std::memory_order_relaxed);
-}
 }  // namespace
 
 Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t wait_ns) {
@@ -235,7 +220,6 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
   };
   // Called by Shutdown for a job that never started; `this` may be gone by then.
   auto dropped = [raw, tsfn, held]() mutable {
-    JobTaken();
     g_busy_threads.fetch_sub(held, std::memory_order_relaxed);
     raw->Fail(codes::kAborted, "sonde: the thread pool shut down before the job started");
     if (raw->handoff_.exchange(AsyncJob::kDone, std::memory_order_acq_rel) == AsyncJob::kJsWaiting) return;
@@ -423,9 +407,17 @@ Napi::Value Addon::YieldCpu(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+void Addon::JobSubmitted() {
+  if (unstarted_.fetch_add(1, std::memory_order_relaxed) == 0) unstarted_since_ns_.store(NowNs(), std::memory_order_relaxed);
+}
+
+void Addon::JobTaken() {
+  if (unstarted_.fetch_sub(1, std::memory_order_relaxed) > 1) unstarted_since_ns_.store(NowNs(), std::memory_order_relaxed);
+}
+
 Napi::Value Addon::StartWaitUs(const Napi::CallbackInfo& info) {
-  if (g_unstarted.load(std::memory_order_relaxed) <= 0) return Napi::Number::New(info.Env(), 0);
-  const int64_t since = g_unstarted_since_ns.load(std::memory_order_relaxed);
+  if (unstarted_.load(std::memory_order_relaxed) <= 0) return Napi::Number::New(info.Env(), 0);
+  const int64_t since = unstarted_since_ns_.load(std::memory_order_relaxed);
   return Napi::Number::New(info.Env(), static_cast<double>(std::max<int64_t>(0, NowNs() - since)) / 1000.0);
 }
 

@@ -121,6 +121,15 @@ class Addon : public Napi::Addon<Addon> {
   // Jobs settled by Start's wait since a completion last came through the event loop (the TSFN).
   static constexpr unsigned kMaxSettledInline = 8;
   unsigned settled_inline_ = 0;
+  // Jobs of this environment submitted to its pool and not yet taken by a pool thread, and since
+  // when the oldest has waited (approximately: reset as each starts while others wait). The JS
+  // side's polling wait yields its core, then stops polling, once a job has waited too long to start
+  // (lib/wait.ts): the kernel may have queued the woken pool thread behind the polling JS thread on
+  // its own core. A job dropped at shutdown is not uncounted (the environment is going away).
+  std::atomic<int64_t> unstarted_{0};
+  std::atomic<int64_t> unstarted_since_ns_{0};
+  void JobSubmitted();
+  void JobTaken();
   // SONDE_HANDOFF_PROFILE: when this environment's last job settled (addon.cc), steady-clock ns.
   int64_t last_settle_ns_ = 0;
   bool torn_down_ = false;

@@ -1,5 +1,5 @@
 // Bindings of the compiled-plan executor (runtime/plan.h): createPlan(spec) -> PlanHandle and
-// planRun(plan, inputs, outputs, threads, cancel?, timings?) -> Promise<void>. The spec is the
+// planRun(plan, inputs, outputs, threads, cancel?, timings?) -> Promise<number>. The spec is the
 // PlanSpec of lib/session/plan.ts, built by the graph compiler: an inconsistent spec is a compiler
 // bug, so it throws ERR_SONDE_INTERNAL naming the step; every string enum is mapped here, once.
 #include <napi.h>
@@ -645,12 +645,17 @@ class PlanJob : public AsyncJob {
   std::vector<const void*> inputs;
   std::vector<void*> outputs;
   double* timings = nullptr;
+  // The run's time on the pool (from Execute's start to its end; no hand-off or completion).
+  double run_ms = 0;
   void Execute(Addon& addon) override {
     std::string error;
+    const auto started = std::chrono::steady_clock::now();
     if (!plan->Run(addon.pool(), threads, cancel.get(), inputs.data(), outputs.data(), timings, &error) &&
         !cancel->load())
       Fail(codes::kInvalidArgument, std::move(error));
+    run_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
   }
+  Napi::Value Result(Napi::Env env) override { return Napi::Number::New(env, run_ms); }
 };
 
 }  // namespace
@@ -707,7 +712,7 @@ template std::vector<void*> ReadPlanViews<void*>(Napi::Env, Napi::Value, const s
 
 namespace {
 
-// planRun(plan, inputs, outputs, threads, cancel?, timings?) -> Promise<void>
+// planRun(plan, inputs, outputs, threads, cancel?, timings?) -> Promise<number> (the run's ms on the pool)
 Napi::Value PlanRun(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 4) throw MakeError(env, codes::kInvalidArgument, "planRun: expected (plan, inputs, outputs, threads)");
