@@ -9,12 +9,14 @@
  * the length of the run. That core must be free: with every core computing, the polling thread took
  * cycles from the run (the same MLP on two threads of two cores: 39 us sleeping, 71 us polling), so
  * polling stops whenever the jobs in flight hold every core (those of other worker_threads too),
- * whatever a session asked for. A job that no pool thread has taken within START_YIELD_US may have
- * been queued on the polling thread's own core: the kernel placed the woken pool thread there on
- * the Xeon VM after the loop had slept, with the other vCPU idle, and it waited for the poller's
- * time slice to end (a one-thread MLP run after a 1 ms pause took 0.7-1.2 ms, its kernels 50 us).
- * The poll then yields the core to it (a no-op when the thread is on another core), and gives up
- * polling after START_STALL_US, sleeping in epoll.
+ * whatever a session asked for, except for very short runs (below).
+ *
+ * A job that no pool thread has taken within START_YIELD_US may have been queued on the polling
+ * thread's own core: the kernel placed the woken pool thread there on the Xeon VM after the loop
+ * had slept, with the other vCPU idle, and it waited for the poller's time slice to end (a
+ * one-thread MLP run after a 1 ms pause took 0.7-1.2 ms, its kernels 50 us). The poll then yields
+ * the core to it (a no-op when the thread is on another core), and gives up polling after
+ * START_STALL_US, sleeping in epoll.
  *
  * Runs that take every core poll too under 'auto' when they are very short (POLL_FULL_MAX_RUN_MS):
  * for those the event loop's sleep and wake-up cost as much as the run, and each poll yields the
@@ -111,7 +113,7 @@ export function pollBudget(mode: WaitMode, threads: number, recentMs: number): n
   if (mode === 'sleep') return 0;
   const expected = Number.isNaN(recentMs) ? POLL_MAX_RUN_MS : recentMs;
   if (mode === 'poll') return Math.max(2 * POLL_MAX_RUN_MS, 2 * expected);
-  if (threads >= cores) return fullPollBudget(mode, threads, recentMs);
+  if (threads >= cores) return fullPollBudget(mode, recentMs);
   if (expected > POLL_MAX_RUN_MS) return 0;
   return 2 * expected + 0.1;
 }
@@ -120,7 +122,7 @@ export function pollBudget(mode: WaitMode, threads: number, recentMs: number): n
  * How long a run may keep the loop polling while the jobs in flight hold every core (ms): only
  * 'auto' runs measured under POLL_FULL_MAX_RUN_MS (not a first run, whose length is unknown).
  */
-export function fullPollBudget(mode: WaitMode, _threads: number, recentMs: number): number {
+export function fullPollBudget(mode: WaitMode, recentMs: number): number {
   if (mode !== 'auto' || Number.isNaN(recentMs) || recentMs > POLL_FULL_MAX_RUN_MS) return 0;
   return 2 * recentMs + 0.05;
 }

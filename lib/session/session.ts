@@ -465,7 +465,7 @@ export class Session extends NativeResource {
     // saves, so a run that polled would measure shorter than one that slept and decide the next wait.
     trackRun(run, pollBudget(this.#wait, threads, this.#recentRunMs), (ms) => {
       if (typeof ms === 'number') this.#recentRunMs = Number.isNaN(this.#recentRunMs) ? ms : 0.8 * this.#recentRunMs + 0.2 * ms;
-    }, fullPollBudget(this.#wait, threads, this.#recentRunMs));
+    }, fullPollBudget(this.#wait, this.#recentRunMs));
     return run;
   }
 

@@ -172,7 +172,6 @@ namespace {
 // Pool threads held by the jobs in flight, in every environment of the process (each worker_thread
 // has its own pool): what the JS side's polling wait checks for a free core (lib/wait.ts).
 std::atomic<int64_t> g_busy_threads{0};
-
 }  // namespace
 
 Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t wait_ns) {

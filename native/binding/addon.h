@@ -100,7 +100,8 @@ class Addon : public Napi::Addon<Addon> {
   Napi::Value GetThreads(const Napi::CallbackInfo& info);
   // Pool threads held by the jobs in flight in the whole process (all environments).
   Napi::Value BusyThreads(const Napi::CallbackInfo& info);
-  // How long the longest-waiting job not yet taken by a pool thread has waited (us; 0: none).
+  // How long this environment's longest-waiting job not yet taken by a pool thread has waited (us;
+  // 0: none).
   Napi::Value StartWaitUs(const Napi::CallbackInfo& info);
   Napi::Value YieldCpu(const Napi::CallbackInfo& info);
   Napi::Value ExternalMemory(const Napi::CallbackInfo& info);
