@@ -2,7 +2,7 @@
 // several callables interleaved run by run, and loading a session under environment switches.
 
 /** Every order of 0 .. n-1 (n! of them). */
-function permutations(n) {
+export function permutations(n) {
   if (n <= 1) return [[0].slice(0, n)];
   return permutations(n - 1).flatMap((p) => Array.from({ length: n }, (_, at) => [...p.slice(0, at), n - 1, ...p.slice(at)]));
 }
