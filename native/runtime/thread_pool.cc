@@ -32,14 +32,21 @@ std::chrono::microseconds SpinTime() {
   return t;
 }
 
-// The longest the worker that ran the last job spins for the next one when no job is running.
-// The next job comes from the JS thread after the completion has crossed to it and whatever the
-// program does between calls; waking a sleeping worker then costs the JS thread a futex call and
-// the job tens of microseconds (a one-Identity round trip measured 25 us with a spinning worker,
-// 95-110 us without; the MLP's batch-1 run, 0.13 ms of steps, took 0.23 ms after another
-// runtime's call). How long it spins follows the last gap between calls (IdleSpinFor); the other
-// workers do not spin once no job runs: on a machine with more runnable threads than cores a
-// spinning thread holds a core the JS thread or a helper needs. SONDE_IDLE_SPIN_US overrides it.
+// The longest the workers that took part in the last job (its thread and its loops' helpers) spin
+// for the next one when no job is running. The next job comes from the JS thread after the
+// completion has crossed to it and whatever the program does between calls; waking a sleeping
+// worker then costs the JS thread a futex call and the job tens of microseconds (a one-Identity
+// round trip measured 25 us with a spinning worker, 95-110 us without; the MLP's batch-1 run, 0.13
+// ms of steps, took 0.23 ms after another runtime's call). How long they spin follows the last gap
+// between calls (IdleSpinFor); workers the last job did not use do not spin: on a machine with more
+// runnable threads than cores a spinning thread holds a core the JS thread or a helper needs.
+// The helpers spin too since the next job would wake them again, from the JS thread: a futex wake
+// of an idle vCPU cost the JS thread ~20 us a token of the demo model's generation (perf), and
+// blocks of calls alternating in one process measured, helpers spinning against sleeping: demo
+// generation 617-648 against 654-708 ms for 4000 tokens, the 90%-pruned MLP at batch 1 on two
+// threads with onnxruntime-node between calls 93-107 against 96-148 us, the dense MLP 236-246
+// against 250-264 us; MobileNetV2, the transformer (1 and 2 threads) and ResNet-50 unchanged, and
+// onnxruntime-node's own calls between them no slower. SONDE_IDLE_SPIN_US overrides it.
 std::chrono::microseconds IdleSpinTime() {
   static const std::chrono::microseconds t = SpinKnob("SONDE_IDLE_SPIN_US", 1000);
   return t;
@@ -176,10 +183,10 @@ void ThreadPool::WaitForTask(unsigned index, bool after_job, bool prewoken) {
 }
 
 void ThreadPool::WorkerLoop(unsigned index) {
-  bool ran_job = false, prewoken = false;
+  bool worked = false, prewoken = false;
   for (;;) {
     Task task;
-    WaitForTask(index, ran_job, prewoken);
+    WaitForTask(index, worked, prewoken);
     prewoken = false;
     {
       std::unique_lock<std::mutex> lock(mu_);
@@ -190,14 +197,14 @@ void ThreadPool::WorkerLoop(unsigned index) {
       if (queue_.empty()) {  // woken for a job's helpers: spin for its first ParallelFor
         prewake_.fetch_sub(1, std::memory_order_relaxed);
         prewoken = true;
-        ran_job = false;
+        worked = false;
         continue;
       }
       task = std::move(queue_.front());
       queue_.pop_front();
       queued_.store(queue_.size());
     }
-    ran_job = !task.helper;
+    worked = true;
     if (task.helper) {
       task.run();
       continue;

@@ -114,7 +114,8 @@ class ThreadPool {
   };
   bool ParallelForShared(size_t n, unsigned max_threads, IndexFnRef fn, const CancelFlag* cancel);
   // Waits (spinning, then sleeping) until worker `index` has a task to take or the pool stops;
-  // after_job: it ran a job last, and may spin for the next one while no job runs (see the .cc).
+  // after_job: it ran a job or a job's helper task last, and may spin for the next one while no job
+  // runs (see the .cc).
   void WaitForTask(unsigned index, bool after_job, bool prewoken);
   void WorkerLoop(unsigned index);
   void StartThreadsLocked(unsigned count);
