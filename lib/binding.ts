@@ -210,6 +210,8 @@ export interface NativeBinding {
   startWaitUs(): number;
   /** sched_yield() on the calling thread. */
   yieldCpu(): void;
+  /** The time on the pool (ms) of the job this environment settled last. */
+  lastJobMs(): number;
   /** V8's total of external memory reported by native code in this isolate. */
   externalMemory(): number;
   /** An ArrayBuffer of `bytes` from the output BufferPool (contents unspecified). */

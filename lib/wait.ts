@@ -81,10 +81,10 @@ function tick(): void {
 /**
  * Tracks a native run (already started: its pool threads are counted) until `run` settles, keeping
  * the event loop polling for at most `pollMs` (0: not at all) while a core is left, or for at most
- * `fullMs` while the jobs in flight hold every core, then calls onSettled with what it resolved to
- * (undefined if it rejected). Adds no step to the caller's await of `run`.
+ * `fullMs` while the jobs in flight hold every core, then calls onSettled with whether it resolved
+ * and to what. Adds no step to the caller's await of `run`.
  */
-export function trackRun(run: Promise<unknown>, pollMs: number, onSettled?: (value?: unknown) => void, fullMs = 0): void {
+export function trackRun(run: Promise<unknown>, pollMs: number, onSettled?: (ok: boolean, value?: unknown) => void, fullMs = 0): void {
   const poll = pollMs > 0;
   if (poll) {
     polled++;
@@ -97,11 +97,11 @@ export function trackRun(run: Promise<unknown>, pollMs: number, onSettled?: (val
     }
   }
   if (!poll && !onSettled) return;
-  const settled = (value?: unknown) => {
+  const settled = (ok: boolean, value?: unknown) => {
     if (poll) polled--;
-    onSettled?.(value);
+    onSettled?.(ok, value);
   };
-  run.then(settled, () => settled());
+  run.then((value) => settled(true, value), () => settled(false));
 }
 
 /**
@@ -127,15 +127,34 @@ export function fullPollBudget(mode: WaitMode, recentMs: number): number {
   return 2 * recentMs + 0.05;
 }
 
+/** Smoothed time on the pool (ms) of recent kernel calls, by the caller's key of their shape. */
+const kernelMs = new Map<string, number>();
+/** Shapes remembered at most (the oldest forgotten first). */
+const KERNEL_KEYS = 256;
+
 /**
  * A kernel call (sonde.kernels.*) on `threads` pool threads (0: the whole pool), tracked as a
- * session's run is, its wait chosen as 'auto' chooses for a run of unknown length: polling for up
- * to twice POLL_MAX_RUN_MS while it leaves a core free. Returns `run`.
+ * session's run is. With a `key` naming the call's shape (kernel, sizes, threads), its wait is
+ * chosen from the smoothed time on the pool of earlier calls of that key, as 'auto' chooses for a
+ * session's runs (so a short call on every core polls too); without one, or before the key's first
+ * call, as for a run of unknown length: polling for up to twice POLL_MAX_RUN_MS while it leaves a
+ * core free. Returns `run`.
  */
-export function waitKernel<T>(run: Promise<T>, threads: number): Promise<T> {
+export function waitKernel<T>(run: Promise<T>, threads: number, key?: string): Promise<T> {
   const pool = native().getThreads();
   const used = threads === 0 ? pool : Math.min(threads, pool);
-  trackRun(run, pollBudget('auto', used, NaN));
+  const recent = key === undefined ? NaN : (kernelMs.get(key) ?? NaN);
+  const measure = key === undefined ? undefined : (ok: boolean) => {
+    if (ok) {
+      // The job this environment settled last is this call's, unless another settled in the same
+      // turn (then the estimate is that call's for once).
+      const ms = native().lastJobMs();
+      kernelMs.delete(key);
+      if (kernelMs.size >= KERNEL_KEYS) kernelMs.delete(kernelMs.keys().next().value as string);
+      kernelMs.set(key, Number.isNaN(recent) ? ms : 0.8 * recent + 0.2 * ms);
+    }
+  };
+  trackRun(run, pollBudget('auto', used, recent), measure, fullPollBudget('auto', recent));
   return run;
 }
 

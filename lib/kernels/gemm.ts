@@ -315,7 +315,7 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
       () => withSignal(signal, (token) =>
         waitKernel(native().gemmLowp(a.data, bArg as NativePackedGemmLowp, out.data, {
           ...call.native, variant, cancel: token,
-        }), call.native.threads)),
+        }), call.native.threads, `gemm ${lowp.precision} ${variant} ${call.native.m}x${kb}x${n} t${call.native.threads}`)),
       site,
     );
     return out;
@@ -324,7 +324,7 @@ export async function gemm(a: Tensor<'float32'>, b: Tensor<'float32'> | PackedGe
     () => withSignal(signal, (token) =>
       waitKernel(native().gemm(a.data, bArg as NativePackedGemm | Float32Array, out.data, {
         ...call.native, variant: variant as NativeGemmVariant, cancel: token,
-      }), call.native.threads)),
+      }), call.native.threads, `gemm ${variant} ${call.native.m}x${kb}x${n} t${call.native.threads}`)),
     site,
   );
   return out;

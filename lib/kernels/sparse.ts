@@ -209,7 +209,7 @@ export async function spmm(a: Tensor<'float32'>, weights: SparseWeights, options
     () => withSignal(signal, (token) =>
       waitKernel(native().spmm(a.data, handle, out.data, {
         ...call.native, variant: variant as NativeGemmVariant, cancel: token,
-      }), call.native.threads)),
+      }), call.native.threads, `spmm ${variant} ${call.native.m}x${weights.k}x${weights.n} ${weights.nnz} t${call.native.threads}`)),
     site,
   );
   return out;

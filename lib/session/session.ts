@@ -463,8 +463,8 @@ export class Session extends NativeResource {
     const run = native().planRun(plan as NativePlan, inputs, outs, this.#threads, token, timings);
     // Smoothed from the run's own time, not the call's wall time: that includes the wake-ups a poll
     // saves, so a run that polled would measure shorter than one that slept and decide the next wait.
-    trackRun(run, pollBudget(this.#wait, threads, this.#recentRunMs), (ms) => {
-      if (typeof ms === 'number') this.#recentRunMs = Number.isNaN(this.#recentRunMs) ? ms : 0.8 * this.#recentRunMs + 0.2 * ms;
+    trackRun(run, pollBudget(this.#wait, threads, this.#recentRunMs), (ok, ms) => {
+      if (ok && typeof ms === 'number') this.#recentRunMs = Number.isNaN(this.#recentRunMs) ? ms : 0.8 * this.#recentRunMs + 0.2 * ms;
     }, fullPollBudget(this.#wait, this.#recentRunMs));
     return run;
   }

@@ -52,6 +52,7 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
       InstanceMethod("busyThreads", &Addon::BusyThreads),
       InstanceMethod("startWaitUs", &Addon::StartWaitUs),
       InstanceMethod("yieldCpu", &Addon::YieldCpu),
+      InstanceMethod("lastJobMs", &Addon::LastJobMs),
       InstanceMethod("cpuInfo", &Addon::CpuInfo),
       InstanceMethod("cudaInfo", &Addon::CudaInfo),
       InstanceMethod("peakFma", &Addon::PeakFma),
@@ -197,7 +198,7 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
   auto run = [this, raw, tsfn, timed, held]() mutable {
     JobTaken();
     raw->started_.store(true, std::memory_order_relaxed);
-    if (timed) raw->t_exec0_ = NowNs();
+    raw->t_exec0_ = NowNs();
     try {
       raw->Execute(*this);
     } catch (const std::bad_alloc&) {
@@ -206,7 +207,7 @@ Napi::Value Addon::Start(Napi::Env env, std::unique_ptr<AsyncJob> job, int64_t w
       raw->Fail(codes::kInternal, std::string("sonde: internal error: ") + e.what());
     }
     if (raw->cancel->load() && !raw->error_code_) raw->Fail(codes::kAborted, "The operation was aborted");
-    if (timed) raw->t_exec1_ = NowNs();
+    raw->t_exec1_ = NowNs();
     g_busy_threads.fetch_sub(held, std::memory_order_relaxed);
     // The JS thread still waiting owns the job from here on: nothing below may touch it.
     if (raw->handoff_.exchange(AsyncJob::kDone, std::memory_order_acq_rel) == AsyncJob::kJsWaiting) return;
@@ -291,6 +292,7 @@ void Addon::Complete(Napi::Env env, Napi::Function, Addon* self, AsyncJob* job) 
 
 void Addon::Settle(Napi::Env env, AsyncJob* job) {
   std::unique_ptr<AsyncJob> owned(job);
+  if (job->t_exec1_) last_job_ms_ = static_cast<double>(job->t_exec1_ - job->t_exec0_) / 1e6;
   if (job->t_start_ && job->t_exec1_) {
     last_settle_ns_ = NowNs();
     HandoffProfile::Active()->Record(job->t_start_, job->t_exec0_, job->t_exec1_, last_settle_ns_);
@@ -400,6 +402,8 @@ Napi::Value Addon::GetThreads(const Napi::CallbackInfo& info) {
 Napi::Value Addon::BusyThreads(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(g_busy_threads.load(std::memory_order_relaxed)));
 }
+
+Napi::Value Addon::LastJobMs(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), last_job_ms_); }
 
 Napi::Value Addon::YieldCpu(const Napi::CallbackInfo& info) {
   std::this_thread::yield();

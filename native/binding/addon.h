@@ -57,7 +57,7 @@ class AsyncJob {
   enum Handoff : int { kTsfn = 0, kJsWaiting = 1, kDone = 2, kJsGaveUp = 3 };
   std::atomic<int> handoff_{kTsfn};
   std::atomic<bool> started_{false};  // set by the pool thread as Execute begins
-  // SONDE_HANDOFF_PROFILE: steady-clock ns at Start, at Execute's begin and end (addon.cc).
+  // Steady-clock ns at Execute's begin and end (always), and at Start (SONDE_HANDOFF_PROFILE only).
   int64_t t_start_ = 0, t_exec0_ = 0, t_exec1_ = 0;
   const char* error_code_ = nullptr;
   std::string error_message_;
@@ -104,6 +104,8 @@ class Addon : public Napi::Addon<Addon> {
   // 0: none).
   Napi::Value StartWaitUs(const Napi::CallbackInfo& info);
   Napi::Value YieldCpu(const Napi::CallbackInfo& info);
+  // The time on the pool (ms, Execute's start to end) of the job this environment settled last.
+  Napi::Value LastJobMs(const Napi::CallbackInfo& info);
   Napi::Value ExternalMemory(const Napi::CallbackInfo& info);
   Napi::Value AllocBuffer(const Napi::CallbackInfo& info);
   Napi::Value BufferPoolStats(const Napi::CallbackInfo& info);
@@ -131,6 +133,7 @@ class Addon : public Napi::Addon<Addon> {
   std::atomic<int64_t> unstarted_since_ns_{0};
   void JobSubmitted();
   void JobTaken();
+  double last_job_ms_ = 0;  // see LastJobMs
   // SONDE_HANDOFF_PROFILE: when this environment's last job settled (addon.cc), steady-clock ns.
   int64_t last_settle_ns_ = 0;
   bool torn_down_ = false;
