@@ -134,25 +134,23 @@ const KERNEL_KEYS = 256;
 
 /**
  * A kernel call (sonde.kernels.*) on `threads` pool threads (0: the whole pool), tracked as a
- * session's run is. With a `key` naming the call's shape (kernel, sizes, threads), its wait is
- * chosen from the smoothed time on the pool of earlier calls of that key, as 'auto' chooses for a
- * session's runs (so a short call on every core polls too); without one, or before the key's first
- * call, as for a run of unknown length: polling for up to twice POLL_MAX_RUN_MS while it leaves a
- * core free. Returns `run`.
+ * session's run is: its wait chosen from the smoothed time on the pool of earlier calls of the same
+ * `key` (the kernel, its sizes, threads), as 'auto' chooses for a session's runs, so a short call
+ * on every core polls too; a key's first call waits as a run of unknown length (polling for up to
+ * twice POLL_MAX_RUN_MS while it leaves a core free). Returns `run`.
  */
-export function waitKernel<T>(run: Promise<T>, threads: number, key?: string): Promise<T> {
+export function waitKernel<T>(run: Promise<T>, threads: number, key: string): Promise<T> {
   const pool = native().getThreads();
   const used = threads === 0 ? pool : Math.min(threads, pool);
-  const recent = key === undefined ? NaN : (kernelMs.get(key) ?? NaN);
-  const measure = key === undefined ? undefined : (ok: boolean) => {
-    if (ok) {
-      // The job this environment settled last is this call's, unless another settled in the same
-      // turn (then the estimate is that call's for once).
-      const ms = native().lastJobMs();
-      kernelMs.delete(key);
-      if (kernelMs.size >= KERNEL_KEYS) kernelMs.delete(kernelMs.keys().next().value as string);
-      kernelMs.set(key, Number.isNaN(recent) ? ms : 0.8 * recent + 0.2 * ms);
-    }
+  const recent = kernelMs.get(key) ?? NaN;
+  const measure = (ok: boolean) => {
+    if (!ok) return;
+    // The job this environment settled last is this call's, unless another settled in the same
+    // turn (then the estimate is that call's for once).
+    const ms = native().lastJobMs();
+    kernelMs.delete(key);
+    if (kernelMs.size >= KERNEL_KEYS) kernelMs.delete(kernelMs.keys().next().value as string);
+    kernelMs.set(key, Number.isNaN(recent) ? ms : 0.8 * recent + 0.2 * ms);
   };
   trackRun(run, pollBudget('auto', used, recent), measure, fullPollBudget('auto', recent));
   return run;

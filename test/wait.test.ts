@@ -156,18 +156,18 @@ describe('session wait modes', () => {
     for (const s of [one, all, slow, greedy]) s.dispose();
   });
 
-  it.skipIf(cores < 2)('kernel calls wait as auto does: gemm and spmm by the measured time of their shape, others as a run of unknown length', async () => {
+  it.skipIf(cores < 2)('kernel calls wait as auto does, by the measured time of their shape (a first call as a run of unknown length)', async () => {
     const a = new Tensor('float32', uniform([16, 256], 8, -1, 1).data, [16, 256]);
     const b = new Tensor('float32', uniform([256, 256], 9, -1, 1).data, [256, 256]);
     const packed = kernels.packGemmWeights(b);
     const sparse = kernels.toSparse(new Tensor('float32', b.data.map((v, i) => (i % 4 ? 0 : v)), [256, 256]));
-    const calls: [string, (threads: number) => Promise<unknown>, boolean][] = [
-      ['gemm', (threads) => kernels.gemm(a, packed, { threads }), true],
-      ['spmm', (threads) => kernels.spmm(a, sparse, { threads }), true],
-      ['relu', (threads) => kernels.relu(a, { threads }), false],
+    const calls: [string, (threads: number) => Promise<unknown>][] = [
+      ['gemm', (threads) => kernels.gemm(a, packed, { threads })],
+      ['spmm', (threads) => kernels.spmm(a, sparse, { threads })],
+      ['relu', (threads) => kernels.relu(a, { threads })],
     ];
     const timed = async (call: () => Promise<unknown>) => { const t0 = performance.now(); await call(); return performance.now() - t0; };
-    for (const [name, call, keyed] of calls) {
+    for (const [name, call] of calls) {
       // On fewer threads than cores: short calls poll (the first, of unknown length, too).
       await call(1);
       await turns();
@@ -178,16 +178,15 @@ describe('session wait modes', () => {
       }
       await turns();
       expect([name, waitState().polling, waitState().busyThreads]).toEqual([name, false, 0]);
-      // On every core: the first call of a shape does not poll, nor does any call without a shape's
-      // measured time; a shape measured under POLL_FULL_MAX_RUN_MS does.
+      // On every core: the first call of a shape does not poll; a shape measured under
+      // POLL_FULL_MAX_RUN_MS does.
       expect([name, await pollsAtLaunch(() => call(cores))]).toEqual([name, false]);
       const times: number[] = [];
       for (let i = 0; i < 10; i++) times.push(await timed(() => call(cores)));
       await turns();
       const polls = await pollsAtLaunch(() => call(cores));
-      if (!keyed) expect([name, polls]).toEqual([name, false]);
       // (A call's wall time includes its hand-off and wake-up; the time on the pool that decides is less.)
-      else if (median(times) < POLL_FULL_MAX_RUN_MS) expect([name, polls]).toEqual([name, true]);
+      if (median(times) < POLL_FULL_MAX_RUN_MS) expect([name, polls]).toEqual([name, true]);
     }
     // A shape measured past the bound on every core does not poll.
     const big = new Tensor('float32', uniform([512, 512], 10, -1, 1).data, [512, 512]);

@@ -163,6 +163,8 @@ export function checkChannelVector(where: string, t: unknown, n: number): Float3
 }
 
 /** A convolution created once: weights folded and packed in native memory. dispose() it when done. */
+let convCount = 0;
+
 export class Conv2d extends NativeResource {
   readonly outChannels: number;
   /** Channels the input must have: weights.dims[1] * group. */
@@ -180,6 +182,8 @@ export class Conv2d extends NativeResource {
   readonly variant: Exclude<ConvVariant, 'auto'>;
   readonly precision: 'fp32' | 'bf16';
   #handle: NativeConvHandle;
+  /** Names this conv in the keys of kernel calls' measured times (waitKernel). */
+  readonly #key = `conv ${++convCount}`;
   #window: Window;
 
   /** @internal use createConv2d() */
@@ -250,7 +254,7 @@ export class Conv2d extends NativeResource {
     const handle = this.#handle;
     await callNative(() => withSignal(signal, (token) => waitKernel(native().convRun(handle, x.data, x.dims, out.data, {
       residual, residualBeforeActivation: opts.residualBeforeActivation === true, threads, cancel: token,
-    }), threads)), site);
+    }), threads, `${this.#key} ${x.dims.join('x')} t${threads}`)), site);
     return out;
   }
 

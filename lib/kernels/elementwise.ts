@@ -40,9 +40,10 @@ function common(where: string, opts: ElementwiseOptions): Common {
   };
 }
 
+/** `key`: the call's kind and sizes, to wait as earlier calls of it measured (waitKernel). */
 function run(site: Error, signal: AbortSignal | undefined, threads: number,
-  start: (token: NativeCancelToken | undefined) => Promise<void>): Promise<void> {
-  return callNative(() => withSignal(signal, (token) => waitKernel(start(token), threads)), site);
+  start: (token: NativeCancelToken | undefined) => Promise<void>, key: string): Promise<void> {
+  return callNative(() => withSignal(signal, (token) => waitKernel(start(token), threads, `${key} t${threads}`)), site);
 }
 
 const fmt = (dims: readonly number[]) => `[${dims.join(', ')}]`;
@@ -97,7 +98,8 @@ async function binary(name: keyof typeof BINARY_CODE, a: Tensor<'float32'>, b: T
   const c = common(name, opts);
   const out = allocOutput(Float32Array, product(dims));
   await run(site, c.signal, c.threads, (token) =>
-    native().elementwiseBinary(BINARY_CODE[name], a.data, a.dims, b.data, b.dims, out, c.variant, c.threads, token));
+    native().elementwiseBinary(BINARY_CODE[name], a.data, a.dims, b.data, b.dims, out, c.variant, c.threads, token),
+  `${name} ${c.variant} ${a.dims.join('x')} ${b.dims.join('x')}`);
   return new Tensor('float32', out, dims);
 }
 
@@ -125,7 +127,8 @@ async function unary(where: string, op: keyof typeof UNARY_CODE, x: Tensor<'floa
   checkTensor(`${where}(x)`, x, 'float32');
   const c = common(where, opts);
   const out = allocOutput(Float32Array, x.size);
-  await run(site, c.signal, c.threads, (token) => native().elementwiseUnary(UNARY_CODE[op], x.data, out, c.variant, c.threads, token));
+  await run(site, c.signal, c.threads, (token) => native().elementwiseUnary(UNARY_CODE[op], x.data, out, c.variant, c.threads, token),
+    `${op} ${c.variant} ${x.size}`);
   return new Tensor('float32', out, x.dims);
 }
 
@@ -183,7 +186,8 @@ export async function softmax(x: Tensor<'float32'>, options?: SoftmaxOptions): P
   const axis = checkAxis(where, opts.axis ?? -1, x.dims.length);
   const c = common(where, opts);
   const out = allocOutput(Float32Array, x.size);
-  await run(site, c.signal, c.threads, (token) => native().softmax(x.data, x.dims, axis, out, c.variant, c.threads, token));
+  await run(site, c.signal, c.threads, (token) => native().softmax(x.data, x.dims, axis, out, c.variant, c.threads, token),
+    `softmax ${c.variant} ${x.dims.join('x')} ${axis}`);
   return new Tensor('float32', out, x.dims);
 }
 
@@ -224,7 +228,7 @@ export async function layerNorm(x: Tensor<'float32'>, options?: LayerNormOptions
   const rows = product(x.dims.slice(0, axis));
   const out = allocOutput(Float32Array, x.size);
   await run(site, c.signal, c.threads, (token) =>
-    native().layerNorm(x.data, rows, n, gamma, beta, epsilon, out, c.variant, c.threads, token));
+    native().layerNorm(x.data, rows, n, gamma, beta, epsilon, out, c.variant, c.threads, token), `layerNorm ${c.variant} ${rows}x${n}`);
   return new Tensor('float32', out, x.dims);
 }
 
@@ -248,7 +252,8 @@ export async function rmsNorm(x: Tensor<'float32'>, options?: RmsNormOptions): P
   const c = common(where, opts);
   const out = allocOutput(Float32Array, x.size);
   await run(site, c.signal, c.threads, (token) =>
-    native().rmsNorm(x.data, n === 0 ? 0 : x.size / n, n, gamma, null, epsilon, out, c.variant, c.threads, token));
+    native().rmsNorm(x.data, n === 0 ? 0 : x.size / n, n, gamma, null, epsilon, out, c.variant, c.threads, token),
+  `rmsNorm ${c.variant} ${x.size}/${n}`);
   return new Tensor('float32', out, x.dims);
 }
 
@@ -274,7 +279,7 @@ export async function argmax(x: Tensor<'float32'>, options?: ArgmaxOptions): Pro
   const signal = checkSignal(`${where}: options.signal`, opts.signal);
   const dims = keepDims ? x.dims.map((d, i) => (i === axis ? 1 : d)) : x.dims.filter((_, i) => i !== axis);
   const out = allocOutput(BigInt64Array, product(dims));
-  await run(site, signal, threads, (token) => native().argmax(x.data, x.dims, axis, out, threads, token));
+  await run(site, signal, threads, (token) => native().argmax(x.data, x.dims, axis, out, threads, token), `argmax ${x.dims.join('x')} ${axis}`);
   return new Tensor('int64', out, dims);
 }
 
@@ -306,7 +311,8 @@ export async function topK(x: Tensor<'float32'>, k: number, options?: TopKOption
   const dims = x.dims.map((d, i) => (i === axis ? k : d));
   const values = allocOutput(Float32Array, product(dims));
   const indices = allocOutput(BigInt64Array, values.length);
-  await run(site, signal, threads, (token) => native().topK(x.data, x.dims, axis, k, largest, values, indices, threads, token));
+  await run(site, signal, threads, (token) => native().topK(x.data, x.dims, axis, k, largest, values, indices, threads, token),
+    `topK ${x.dims.join('x')} ${axis} ${k}`);
   return { values: new Tensor('float32', values, dims), indices: new Tensor('int64', indices, dims) };
 }
 
@@ -330,6 +336,7 @@ export async function cast<D extends CastDType>(x: Tensor<CastDType>, dtype: D, 
   const c = common(where, opts);
   const out = to === 'float32' ? allocOutput(Float32Array, x.size) : allocOutput(Uint16Array, x.size);
   await run(site, c.signal, c.threads, (token) =>
-    native().cast(x.data as Float32Array | Uint16Array, x.dtype as CastDType, out, to, c.variant, c.threads, token));
+    native().cast(x.data as Float32Array | Uint16Array, x.dtype as CastDType, out, to, c.variant, c.threads, token),
+  `cast ${x.dtype} ${to} ${c.variant} ${x.size}`);
   return new Tensor(to, out as Tensor<D>['data'], x.dims) as Tensor<D>;
 }

@@ -146,7 +146,8 @@ export async function quantMatmul(x: Tensor<'float32'>, weights: GgufTensor | Qu
   const signal = checkSignal(`${where}: options.signal`, opts.signal);
   const out = new Float32Array(m * w.n);
   await callNative(() => withSignal(signal, (token) =>
-    waitKernel(native().quantMatmul(x.data, w.ref, w.index, out, { m, k, n: w.n, type: w.type, variant, algorithm, threads, cancel: token }), threads)), site);
+    waitKernel(native().quantMatmul(x.data, w.ref, w.index, out, { m, k, n: w.n, type: w.type, variant, algorithm, threads, cancel: token }),
+      threads, `quantMatmul ${w.type} ${variant} ${algorithm} ${m}x${k}x${w.n} t${threads}`)), site);
   return new Tensor('float32', out, x.dims.length === 2 ? [m, w.n] : [w.n]);
 }
 
