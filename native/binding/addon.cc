@@ -292,7 +292,7 @@ void Addon::Complete(Napi::Env env, Napi::Function, Addon* self, AsyncJob* job) 
 
 void Addon::Settle(Napi::Env env, AsyncJob* job) {
   std::unique_ptr<AsyncJob> owned(job);
-  if (job->t_exec1_) last_job_ms_ = static_cast<double>(job->t_exec1_ - job->t_exec0_) / 1e6;
+  if (job->t_exec1_) last_job_ms_ = job->exec_ms();
   if (job->t_start_ && job->t_exec1_) {
     last_settle_ns_ = NowNs();
     HandoffProfile::Active()->Record(job->t_start_, job->t_exec0_, job->t_exec1_, last_settle_ns_);

@@ -43,6 +43,8 @@ class AsyncJob {
     error_code_ = code;
     error_message_ = std::move(message);
   }
+  // Its time on the pool (ms, Execute's start to end): for Result, which runs after it.
+  double exec_ms() const { return static_cast<double>(t_exec1_ - t_exec0_) / 1e6; }
   // Keeps a JS value (an input TypedArray, a handle) alive until the job settles.
   void Keep(Napi::Value v) { kept_.push_back(Napi::Persistent(v)); }
   // Shared with a JS CancelToken (AbortSignal), which may outlive the job or die before it.

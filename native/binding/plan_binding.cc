@@ -645,17 +645,14 @@ class PlanJob : public AsyncJob {
   std::vector<const void*> inputs;
   std::vector<void*> outputs;
   double* timings = nullptr;
-  // The run's time on the pool (from Execute's start to its end; no hand-off or completion).
-  double run_ms = 0;
   void Execute(Addon& addon) override {
     std::string error;
-    const auto started = std::chrono::steady_clock::now();
     if (!plan->Run(addon.pool(), threads, cancel.get(), inputs.data(), outputs.data(), timings, &error) &&
         !cancel->load())
       Fail(codes::kInvalidArgument, std::move(error));
-    run_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
   }
-  Napi::Value Result(Napi::Env env) override { return Napi::Number::New(env, run_ms); }
+  // The run's time on the pool (no hand-off or completion).
+  Napi::Value Result(Napi::Env env) override { return Napi::Number::New(env, exec_ms()); }
 };
 
 }  // namespace
