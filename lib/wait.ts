@@ -15,8 +15,9 @@
  * thread's own core: the kernel placed the woken pool thread there on the Xeon VM after the loop
  * had slept, with the other vCPU idle, and it waited for the poller's time slice to end (a
  * one-thread MLP run after a 1 ms pause took 0.7-1.2 ms, its kernels 50 us). The poll then yields
- * the core to it (a no-op when the thread is on another core), and gives up polling after
- * START_STALL_US, sleeping in epoll.
+ * the core to it (a no-op when the thread is on another core). Polling goes on: a job kept waiting
+ * longer by other processes' threads is still polled for (giving up at 250 us stopped a 'poll'
+ * session's polling for whole runs under CI's load).
  *
  * Runs that take every core poll too under 'auto' when they are very short (POLL_FULL_MAX_RUN_MS):
  * for those the event loop's sleep and wake-up cost as much as the run, and each poll yields the
@@ -36,13 +37,6 @@ export type WaitMode = 'auto' | 'poll' | 'sleep';
  * thread (those take it within 1-2 us): from then on each poll yields the JS thread's core.
  */
 export const START_YIELD_US = 5;
-/**
- * Not taken after this long (us), the job waits for cores that yielding does not free: stop
- * polling. A sleeping thread on the other core took 60-70 us after another runtime's call here
- * (giving up at 50 us made the pruned MLP's 0.3 ms runs 15% slower: the completion then wakes the
- * sleeping loop instead).
- */
-export const START_STALL_US = 250;
 
 /** 'auto' polls for runs measured shorter than this (ms); the wake-up it saves is noise beyond. */
 export const POLL_MAX_RUN_MS = 1;
@@ -73,7 +67,7 @@ function tick(): void {
   const full = busyThreads() >= cores;
   // At full cores every poll yields: the pool threads' cores are the JS thread's too.
   if (polled > 0 && (waited > START_YIELD_US || full)) native().yieldCpu();
-  const more = polled > 0 && waited < START_STALL_US && now < pollUntil && (!full || now < fullUntil);
+  const more = polled > 0 && now < pollUntil && (!full || now < fullUntil);
   if (more) setImmediate(tick);
   else chained = false;
 }

@@ -268,7 +268,7 @@ describe('session wait modes', () => {
 
   it('startWaitUs: how long a job has waited for a pool thread, 0 once every job has been taken', async () => {
     // One pool thread: a second job queues behind the first (the signal the poll chain uses to
-    // yield its core and, past START_STALL_US, to stop polling).
+    // yield its core).
     const before = getThreads();
     setThreads(1);
     try {

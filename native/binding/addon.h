@@ -128,7 +128,7 @@ class Addon : public Napi::Addon<Addon> {
   unsigned settled_inline_ = 0;
   // Jobs of this environment submitted to its pool and not yet taken by a pool thread, and since
   // when the oldest has waited (approximately: reset as each starts while others wait). The JS
-  // side's polling wait yields its core, then stops polling, once a job has waited too long to start
+  // side's polling wait yields its core once a job has waited a few microseconds to start
   // (lib/wait.ts): the kernel may have queued the woken pool thread behind the polling JS thread on
   // its own core. A job dropped at shutdown is not uncounted (the environment is going away).
   std::atomic<int64_t> unstarted_{0};
