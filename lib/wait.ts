@@ -62,11 +62,11 @@ let ticks = 0;
 
 function tick(): void {
   ticks++;
-  const waited = polled > 0 ? native().startWaitUs() : 0;
   const now = performance.now();
   const full = busyThreads() >= cores;
-  // At full cores every poll yields: the pool threads' cores are the JS thread's too.
-  if (polled > 0 && (waited > START_YIELD_US || full)) native().yieldCpu();
+  // At full cores every poll yields (the pool threads' cores are the JS thread's too); otherwise
+  // only while a job waits to start.
+  if (polled > 0 && (full || native().startWaitUs() > START_YIELD_US)) native().yieldCpu();
   const more = polled > 0 && now < pollUntil && (!full || now < fullUntil);
   if (more) setImmediate(tick);
   else chained = false;

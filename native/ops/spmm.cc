@@ -370,7 +370,6 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
     // 1.65-1.88 -> 1.02-1.08; M = 256: t1 1.00-1.09 -> 0.89-1.00, t2 0.60-0.66 -> 0.58-0.62).
     const size_t slab = k * mb;
     float* const at = scratch.Get(row_blocks * slab);
-    scratch.packed_for = 0;
     return pool.ParallelFor(row_blocks, threads, [&](size_t t) {
       const size_t m0 = t * mb, rows = std::min(mb, m - m0);
       float* const at_block = at + t * slab;
