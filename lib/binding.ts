@@ -212,8 +212,10 @@ export interface NativeBinding {
   yieldCpu(): void;
   /** The time on the pool (ms) of the job this environment settled last. */
   lastJobMs(): number;
-  /** V8's total of external memory reported by native code in this isolate. */
+  /** V8's total of external memory in this isolate (every addon's reports and ArrayBuffers). */
   externalMemory(): number;
+  /** The native memory sonde reports to V8 in this environment (handles and output buffers). */
+  nativeMemory(): number;
   /** An ArrayBuffer of `bytes` from the output BufferPool (contents unspecified). */
   allocBuffer(bytes: number): ArrayBuffer;
   bufferPoolStats(): { cachedBytes: number };

@@ -18,9 +18,11 @@ export function nativeVersion(): string {
 }
 
 /**
- * Bytes of native memory that addons in this thread have reported to V8 (sonde reports every
- * long-lived allocation, such as packed weights, so that V8's GC sees the pressure).
+ * Bytes of native memory that sonde holds in this thread's environment and has reported to V8 (every
+ * long-lived allocation, such as packed weights, models and KV caches, and the output buffers JS
+ * holds), so that V8's GC sees the pressure. V8's own external total also counts every ArrayBuffer
+ * and falls as collections free them, so it is not this number.
  */
 export function reportedExternalMemory(): number {
-  return native().externalMemory();
+  return native().nativeMemory();
 }

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { InvalidArgumentError, metrics } from '../dist/index.js';
+import { InvalidArgumentError, Tensor, kernels, metrics, reportedExternalMemory } from '../dist/index.js';
 
 describe('Histogram', () => {
   it('quantiles are within the bucket error of the exact ones', () => {
@@ -100,7 +100,24 @@ describe('MetricsRegistry', () => {
   it('the process-wide registry reports the runtime gauges', () => {
     const text = metrics.toPrometheus();
     expect(text).toMatch(/^sonde_threads \d+$/m);
-    expect(text).toMatch(/^sonde_external_memory_bytes \d+$/m);
+    expect(text).toMatch(/^sonde_native_memory_bytes \d+$/m);
     expect(metrics.snapshot().some((m) => m.name === 'sonde_output_pool_cached_bytes')).toBe(true);
+  });
+
+  it('the native memory gauge counts what sonde holds, not the ArrayBuffers JS allocates', async () => {
+    const gauge = () => Number(/^sonde_native_memory_bytes (\d+)$/m.exec(metrics.toPrometheus())![1]);
+    const before = reportedExternalMemory();
+    expect(gauge()).toBe(before);
+    // V8's own total (native().externalMemory()) counts this array, and falls whenever a
+    // collection frees others, so a test of sonde's reports cannot read it; sonde's own does not.
+    const plain = new Float32Array(1 << 20);
+    expect(reportedExternalMemory()).toBe(before);
+    // Packed weights are sonde's: reported while the handle lives, released by dispose().
+    const w = kernels.packGemmWeights(new Tensor('float32', new Float32Array(256 * 256).fill(0.5), [256, 256]));
+    expect(reportedExternalMemory() - before).toBe(w.bytes);
+    expect(gauge()).toBe(before + w.bytes);
+    w.dispose();
+    expect(reportedExternalMemory()).toBe(before);
+    expect(plain.length).toBe(1 << 20);
   });
 });

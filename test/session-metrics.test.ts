@@ -84,7 +84,7 @@ describe('session metrics', () => {
     }
     expect(text).toContain('# TYPE sonde_requests_total counter');
     expect(text).toMatch(/^sonde_threads \d+$/m);
-    expect(text).toMatch(/^sonde_external_memory_bytes \d+$/m);
+    expect(text).toMatch(/^sonde_native_memory_bytes \d+$/m);
 
     s.dispose();
     plain.dispose();

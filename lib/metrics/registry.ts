@@ -191,8 +191,8 @@ export class MetricsRegistry {
 export const metrics = new MetricsRegistry();
 metrics.gauge('sonde_threads', 'Size of the compute thread pool of this thread\'s Node environment.', [],
   (set) => set(undefined, native().getThreads()));
-metrics.gauge('sonde_external_memory_bytes',
-  'External (native) memory reported to V8 by this isolate, including sonde\'s packed weights and output buffers.', [],
-  (set) => set(undefined, native().externalMemory()));
+metrics.gauge('sonde_native_memory_bytes',
+  'Native memory sonde holds in this thread\'s environment (weights, models, KV caches, output buffers), as reported to V8.', [],
+  (set) => set(undefined, native().nativeMemory()));
 metrics.gauge('sonde_output_pool_cached_bytes', 'Idle output buffer memory kept for reuse.', [],
   (set) => set(undefined, native().bufferPoolStats().cachedBytes));

@@ -58,6 +58,7 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
       InstanceMethod("peakFma", &Addon::PeakFma),
       InstanceMethod("readBandwidth", &Addon::ReadBandwidth),
       InstanceMethod("externalMemory", &Addon::ExternalMemory),
+      InstanceMethod("nativeMemory", &Addon::NativeMemory),
       InstanceMethod("allocBuffer", &Addon::AllocBuffer),
       InstanceMethod("bufferPoolStats", &Addon::BufferPoolStats),
       InstanceValue("version", Napi::String::New(env, SONDE_VERSION)),
@@ -343,15 +344,28 @@ Napi::Value Addon::SetThreads(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// V8's running total of external memory reported by every addon in this isolate; adjusting by 0
-// reads it. Tests use it to check that native allocations are reported.
+void ReportExternal(napi_env env, const ReportedTotal& total, int64_t delta) noexcept {
+  if (!delta) return;
+  if (total) total->fetch_add(delta, std::memory_order_relaxed);
+  int64_t v8_total;
+  if (env) napi_adjust_external_memory(env, delta, &v8_total);
+}
+
+// V8's running total of external memory in this isolate (every addon's reports and every
+// ArrayBuffer's backing store); adjusting by 0 reads it.
 Napi::Value Addon::ExternalMemory(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(Napi::MemoryManagement::AdjustExternalMemory(info.Env(), 0)));
+}
+
+// What sonde itself reports to V8 in this environment (see ReportedTotal).
+Napi::Value Addon::NativeMemory(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(reported_total_->load(std::memory_order_relaxed)));
 }
 
 namespace {
 struct LentBuffer {
   std::shared_ptr<BufferPool> pool;
+  ReportedTotal reported;
   size_t capacity;
 };
 }  // namespace
@@ -368,14 +382,13 @@ Napi::Value Addon::AllocBuffer(const Napi::CallbackInfo& info) {
   void* p = buffers_->Acquire(static_cast<size_t>(d), &capacity);
   if (!p) throw MakeError(env, codes::kOutOfMemory, "sonde: out of host memory allocating an output of " +
                                                         std::to_string(static_cast<size_t>(d)) + " bytes");
-  auto* lent = new LentBuffer{buffers_, capacity};
+  auto* lent = new LentBuffer{buffers_, reported_total_, capacity};
   napi_value ab;
   napi_status st = napi_create_external_arraybuffer(
       env, p, static_cast<size_t>(d),
       [](napi_env fenv, void* data, void* hint) {
         auto* l = static_cast<LentBuffer*>(hint);
-        int64_t total;
-        if (fenv) napi_adjust_external_memory(fenv, -static_cast<int64_t>(l->capacity), &total);
+        ReportExternal(fenv, l->reported, -static_cast<int64_t>(l->capacity));
         l->pool->Release(data, l->capacity);
         delete l;
       },
@@ -385,7 +398,7 @@ Napi::Value Addon::AllocBuffer(const Napi::CallbackInfo& info) {
     delete lent;
     throw MakeError(env, codes::kInternal, "sonde: could not create an external ArrayBuffer");
   }
-  Napi::MemoryManagement::AdjustExternalMemory(env, static_cast<int64_t>(capacity));
+  ReportExternal(env, reported_total_, static_cast<int64_t>(capacity));
   return Napi::Value(env, ab);
 }
 

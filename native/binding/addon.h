@@ -67,6 +67,13 @@ class AsyncJob {
   std::unique_ptr<Napi::Promise::Deferred> deferred_;
 };
 
+// The native memory sonde reports to V8 in one environment (what its handles and lent output
+// buffers hold), kept apart from V8's total, which also counts every ArrayBuffer JS allocates and
+// falls whenever a collection frees some. Shared with finalizers, which can run after the Addon.
+using ReportedTotal = std::shared_ptr<std::atomic<int64_t>>;
+// Tells V8 that `delta` more bytes are held, and adds them to `total`. Safe in finalizers.
+void ReportExternal(napi_env env, const ReportedTotal& total, int64_t delta) noexcept;
+
 // A binding function of one kernel family: unmarshal, validate cheaply, Start() a job.
 using BindingFn = Napi::Value (*)(Addon& addon, const Napi::CallbackInfo& info);
 
@@ -76,6 +83,7 @@ class Addon : public Napi::Addon<Addon> {
   ~Addon();
 
   ThreadPool& pool() { return *pool_; }
+  const ReportedTotal& reported_total() const { return reported_total_; }
   // Starts job on the pool and returns its Promise. wait_ns > 0: the job is expected to take only
   // microseconds, and if a pool worker is spinning to take it at once, this thread waits up to
   // wait_ns for it and settles the Promise itself (see the .cc); otherwise, or past that, the job
@@ -109,6 +117,7 @@ class Addon : public Napi::Addon<Addon> {
   // The time on the pool (ms, Execute's start to end) of the job this environment settled last.
   Napi::Value LastJobMs(const Napi::CallbackInfo& info);
   Napi::Value ExternalMemory(const Napi::CallbackInfo& info);
+  Napi::Value NativeMemory(const Napi::CallbackInfo& info);
   Napi::Value AllocBuffer(const Napi::CallbackInfo& info);
   Napi::Value BufferPoolStats(const Napi::CallbackInfo& info);
   Napi::Value CpuInfo(const Napi::CallbackInfo& info);
@@ -121,6 +130,7 @@ class Addon : public Napi::Addon<Addon> {
   std::shared_ptr<ThreadPool> pool_;
   // Shared with the finalizers of the ArrayBuffers it lends, which can run after this object dies.
   std::shared_ptr<BufferPool> buffers_;
+  ReportedTotal reported_total_ = std::make_shared<std::atomic<int64_t>>(0);
   CompletionTsfn tsfn_;
   size_t in_flight_ = 0;
   // Jobs settled by Start's wait since a completion last came through the event loop (the TSFN).

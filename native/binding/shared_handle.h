@@ -12,25 +12,27 @@
 
 namespace sonde {
 
-// V8's accounting of the native memory one JS object holds, as the amount changes.
+// V8's (and the environment's ReportedTotal's) accounting of the native memory one JS object
+// holds, as the amount changes.
 class ReportedMemory {
  public:
   // Tells V8 the object holds `now` bytes.
   void Set(Napi::Env env, int64_t now) {
-    if (now != bytes_) Napi::MemoryManagement::AdjustExternalMemory(env, now - bytes_);
+    if (!total_) total_ = env.GetInstanceData<Addon>()->reported_total();
+    if (now != bytes_) ReportExternal(env, total_, now - bytes_);
     bytes_ = now;
   }
   void Release(Napi::Env env) { Set(env, 0); }
-  // For destructors (GC finalizers, possibly during environment teardown): the C call cannot throw.
+  // For destructors (GC finalizers, possibly during environment teardown): cannot throw.
   void ReleaseInFinalizer(napi_env env) {
-    int64_t total;
-    if (bytes_) napi_adjust_external_memory(env, -bytes_, &total);
+    if (bytes_) ReportExternal(env, total_, -bytes_);
     bytes_ = 0;
   }
   int64_t bytes() const { return bytes_; }
 
  private:
   int64_t bytes_ = 0;
+  ReportedTotal total_;  // set by the first Set, from the JS thread's addon
 };
 
 template <typename T>
