@@ -59,7 +59,10 @@ function resnetLike(c: number, h: number, w: number) {
   return n.g.toBytes();
 }
 
-async function runWith(bytes: Uint8Array, feeds: Record<string, Tensor>, env: Record<string, string>, options: SessionOptions = {}) {
+async function runWith(bytes: Uint8Array, feeds: Record<string, Tensor>, envIn: Record<string, string>, options: SessionOptions = {}) {
+  // The plans here keep their conv steps: inverted-residual blocks fused into convChain steps have
+  // their own tests (session-chain.test.ts), against exactly these unfused plans.
+  const env = { SONDE_CONV_CHAIN: '0', ...envIn };
   const saved = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
   Object.assign(process.env, env);
   try {

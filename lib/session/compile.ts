@@ -16,6 +16,7 @@ import {
 import { SONDE_DOMAIN } from './fused.js';
 import { OPS, SONDE_OPS } from './ops/index.js';
 import { blockConvRuns, blockedPassEnabled } from './layout.js';
+import { chainInvertedResiduals, chainPassEnabled } from './chain.js';
 
 /** Arena offsets are multiples of this: a cache line, and the widest SIMD load (AVX-512). */
 export const ARENA_ALIGN = 64;
@@ -354,6 +355,12 @@ export function compilePlan(graph: OnnxGraph, inputs: PlanInput[], options: Comp
       },
     });
     steps.splice(0, steps.length, ...blockedSteps);
+    if (chainPassEnabled()) {
+      // The layout pass made refs of its own (blocked copies, reorders): map them too.
+      const idNow = new Map<PlanRef, ValueId>(refs.map((r) => [r.ref, r.id]));
+      const chained = chainInvertedResiduals({ steps, valueOf: (ref) => idNow.get(ref), rootOf });
+      steps.splice(0, steps.length, ...chained);
+    }
   }
 
   // Liveness: every ref marks its root live at that step.

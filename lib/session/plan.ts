@@ -88,6 +88,15 @@ export type PlanStep = { node: string } & (
    */
   | { op: 'conv'; handle: NativeConvHandle; x: PlanRef; y: PlanRef; residual?: PlanRef; residualBeforeActivation: boolean;
       n: number; h: number; w: number; xBlocked?: PlanBlocked; yBlocked?: PlanBlocked; residualBlocked?: PlanBlocked }
+  /**
+   * An inverted-residual block fused (native ConvChain, lib/session/chain.ts): y = project(depthwise(
+   * expand(x))) (+ residual), each conv with its own epilogue, x [n, cIn, h, w], y and the residual
+   * blocked; expand optional. Computed in strips of output rows whose intermediate rows stay in
+   * cache; the same results as the two or three conv steps.
+   */
+  | { op: 'convChain'; expand?: NativeConvHandle; depthwise: NativeConvHandle; project: NativeConvHandle; x: PlanRef;
+      y: PlanRef; residual?: PlanRef; residualBeforeActivation: boolean; n: number; h: number; w: number;
+      xBlocked: PlanBlocked; yBlocked: PlanBlocked; residualBlocked?: PlanBlocked }
   /** NCHW x [n, c, layout.h, layout.w] to blocked y (toBlocked; border zeroed), or blocked x to NCHW y. */
   | { op: 'reorder'; x: PlanRef; y: PlanRef; n: number; c: number; layout: PlanBlocked; toBlocked: boolean }
   /** c [m, n] = act(a [m, k] . W + bias) (+ residual [m, n]); W packed at load (fp32 or low precision). */

@@ -8,7 +8,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { basename, dirname, extname, resolve } from 'node:path';
-import { native, type NativeCancelToken, type NativeGpuPlan, type NativePlan } from '../binding.js';
+import { native, type NativeCancelToken, type NativeConvHandle, type NativeGpuPlan, type NativePlan } from '../binding.js';
 import { allocOutput } from '../buffers.js';
 import { placeWithoutCuda, resolveDevice, type Placement } from '../device.js';
 import { Batcher, checkBatchingOptions, findBatchLayout, type BatchingOptions } from '../batching/batcher.js';
@@ -196,6 +196,10 @@ function kernelOf(step: PlanStep): string {
       // The handle names its NCHW kernel; a depthwise conv in a blocked run uses its blocked one.
       const ukernel = step.xBlocked && info.path === 'depthwise' ? 'f32_dwconv_nchw16c_4px__avx512' : info.ukernel ?? '?';
       return `${info.path ?? '?'}/${ukernel}${blocked}`;
+    }
+    case 'convChain': {
+      const pointwise = (h: NativeConvHandle) => h.info().ukernel ?? '?';
+      return `chain/${step.expand ? `${pointwise(step.expand)}+` : ''}f32_dwconv_nchw16c_4px__avx512+${pointwise(step.project)}`;
     }
     case 'reorder': return step.toBlocked ? 'reorder-to-nchw16c' : 'reorder-to-nchw';
     case 'gemm': {

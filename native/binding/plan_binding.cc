@@ -217,6 +217,27 @@ void ReadConv(const SpecReader& r, Napi::Object o, PlanStep& s) {
   ReadBlocked(r, o, "yBlocked", &s.blocked[2]);
 }
 
+// convChain: { expand?, depthwise, project } conv handles, the conv step's operands and layouts.
+void ReadConvChain(const SpecReader& r, Napi::Object o, PlanStep& s) {
+  auto chain = std::make_shared<ConvChain>();
+  const auto handle = [&](const char* name, bool optional) -> std::shared_ptr<const ConvOp> {
+    Napi::Value h = o.Get(name);
+    if (optional && h.IsUndefined()) return nullptr;
+    if (!ConvHandle::Is(r.addon(), "ConvHandle", h)) r.Fail(std::string(name) + " must be a ConvHandle");
+    std::shared_ptr<const ConvOp> op = ConvHandle::Get(h);
+    if (!op) r.Disposed((std::string("the ") + name + " conv handle").c_str());
+    return op;
+  };
+  chain->expand = handle("expand", true);
+  chain->depthwise = handle("depthwise", false);
+  chain->project = handle("project", false);
+  s.chain = std::move(chain);
+  ReadConvOperands(r, o, s);
+  ReadBlocked(r, o, "xBlocked", &s.blocked[0]);
+  ReadBlocked(r, o, "residualBlocked", &s.blocked[1]);
+  ReadBlocked(r, o, "yBlocked", &s.blocked[2]);
+}
+
 void ReadReorder(const SpecReader& r, Napi::Object o, PlanStep& s) {
   s.in[0] = r.Ref(o, "x");
   s.out[0] = r.Ref(o, "y");
@@ -536,6 +557,7 @@ constexpr StepForm kStepForms[] = {
     {"pad", PlanOp::kPad, ReadPad},
     {"spmm", PlanOp::kSpmm, ReadSpmm},
     {"reorder", PlanOp::kReorder, ReadReorder},
+    {"convChain", PlanOp::kConvChain, ReadConvChain},
     {"gpuConv", PlanOp::kGpuConv, ReadGpuConv},
     {"gpuGemm", PlanOp::kGpuGemm, ReadGpuGemm},
 };

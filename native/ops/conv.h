@@ -104,6 +104,8 @@ struct WeightSpan {
   size_t bytes = 0;
 };
 
+struct ConvChain;
+
 class ConvOp {
  public:
   // weights: [c_out][c_in/group][kh][kw]; bias: c_out or null; bn: null or all four arrays of c_out.
@@ -154,8 +156,24 @@ class ConvOp {
   ConvPrecision precision() const { return precision_; }
 
  private:
+  friend struct ConvChain;
   enum class Path { kGemm, kGemmBf16, kDepthwise, kDirect, kReference };
   ConvOp() = default;
+  // What ConvChain runs: a 1x1 stride-1 unpadded conv on the fp32 direct tiles, or a blocked
+  // depthwise conv.
+  bool chain_pointwise() const;
+  bool chain_depthwise() const { return dw_blocked_uk_ != nullptr; }
+  // Output rows [oy0, oy1) of one image, every output channel, on the calling thread (fp32 direct
+  // path): xo at this conv's padded (0, 0) of the image's first 16-channel block (hp x wp pixels
+  // per block); y (and the residual, may be null) blocked at the image's interior (0, 0) of its
+  // first block, rows and blocks the given numbers of floats apart. Borders are not written.
+  void DirectRows(const float* xo, size_t hp, size_t wp, const WindowShape& s, size_t oy0, size_t oy1, float* y,
+                  size_t y_row, size_t y_block, const float* residual, size_t res_row, size_t res_block,
+                  bool residual_before_activation) const;
+  // The same for the blocked depthwise conv: xo at its padded (0, 0) of block 0, rows x_row and
+  // blocks x_block floats apart; no residual.
+  void DepthwiseRows(const float* xo, size_t x_row, size_t x_block, const WindowShape& s, size_t oy0, size_t oy1,
+                     float* y, size_t y_row, size_t y_block) const;
   bool RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t h,
                size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep) const;
   bool RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n, size_t hw,
@@ -211,6 +229,27 @@ class ConvOp {
   // im2col into B panels: AVX-512 next to the AVX-512 GEMM kernels (its rows are 32-float panels).
   kernels::F32Im2colUkernel im2col_uk_ = kernels::F32Im2colUkernelScalar();
   const char* window_name_ = "";
+};
+
+// An inverted-residual block (MobileNetV2's, EfficientNet's without squeeze-excitation): an optional
+// 1x1 expansion, a depthwise conv and a 1x1 projection (+ a residual), each with its own folded
+// epilogue, on blocked x and y. It runs in strips of output rows per image: a strip's expanded rows
+// and depthwise output are made in per-thread scratch a part of L2 in size and consumed at once, so
+// those two tensors, the largest of such a network (112x112x96 floats is 4.8 MB per image), never
+// travel to memory and back as whole tensors between three passes. Each pixel's arithmetic is the
+// unfused convs', so results are bit-identical to running the three.
+struct ConvChain {
+  std::shared_ptr<const ConvOp> expand;  // null: none (the block's x is the depthwise conv's input)
+  std::shared_ptr<const ConvOp> depthwise, project;
+
+  // Empty if the chain can run on an h x w input with these layouts (x's border covering the
+  // depthwise padding when there is no expansion; y and the residual the output size), else why not.
+  std::string Check(size_t h, size_t w, const BlockedLayout& xl, const BlockedLayout& yl, const BlockedLayout* rl) const;
+  // x blocked (xl), y blocked (yl; its border zeroed here), residual blocked (rl) or null. Returns
+  // false with *error set when cancelled ("aborted") or out of memory.
+  bool Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, const BlockedLayout& xl,
+           size_t n, size_t h, size_t w, float* y, const BlockedLayout& yl, const float* residual,
+           const BlockedLayout* rl, bool residual_before_activation, std::string* error) const;
 };
 
 enum class PoolKind { kMax = 0, kAverage = 1 };

@@ -291,6 +291,7 @@ bool GpuPlan::BuildCall(size_t index, const PlanStep& s, Call* out, std::string*
     case PlanOp::kGemm:
     case PlanOp::kSpmm:
     case PlanOp::kReorder:
+    case PlanOp::kConvChain:
       return *error = "runs on a CPU plan only (its weights are packed for the CPU)", false;
   }
   out->fn = FindGpuOp(c.op, device_->info().emulated);

@@ -140,6 +140,21 @@ void ValidateConv(StepValidator& v, PlanStep& s) {
   v.Write(s.out[0], yl.present() ? yl.elem_bytes() : 4, ContiguousWalk(yb), "y");
 }
 
+void ValidateConvChain(StepValidator& v, PlanStep& s) {
+  if (!s.chain) return v.Fail("no conv chain");
+  const BlockedLayout &xl = s.blocked[0], &rl = s.blocked[1], &yl = s.blocked[2];
+  if (!xl.present() || !yl.present()) return v.Fail("a conv chain's x and y are blocked");
+  if (s.in[1].present() != rl.present()) return v.Fail("the residual must be blocked");
+  const std::string why = s.chain->Check(s.h, s.w, xl, yl, rl.present() ? &rl : nullptr);
+  if (!why.empty()) return v.Fail(why);
+  const ConvChain& c = *s.chain;
+  const size_t x_blocks = kernels::NchwcBlocks(c.expand ? c.expand->spec().c_in : c.depthwise->spec().c_in);
+  const size_t y_blocks = kernels::NchwcBlocks(c.project->spec().c_out);
+  v.Read(s.in[0], 4, ContiguousWalk(v.Product({s.n, x_blocks, xl.block_floats()})), "x");
+  if (s.in[1].present()) v.Read(s.in[1], 4, ContiguousWalk(v.Product({s.n, y_blocks, rl.block_floats()})), "residual");
+  v.Write(s.out[0], 4, ContiguousWalk(v.Product({s.n, y_blocks, yl.block_floats()})), "y");
+}
+
 void ValidateReorder(StepValidator& v, PlanStep& s) {
   const BlockedLayout& l = s.blocked[0];
   if (!l.present() || l.w == 0) return v.Fail("needs a blocked layout with a non-empty interior");
@@ -472,6 +487,7 @@ void ValidateStep(StepValidator& v, PlanStep& s) {
   if (!CodesInRange(s)) return v.Fail("kind or rank out of range");
   switch (s.op) {
     case PlanOp::kConv: return ValidateConv(v, s);
+    case PlanOp::kConvChain: return ValidateConvChain(v, s);
     case PlanOp::kGemm: return ValidateGemm(v, s);
     case PlanOp::kMatMul: return ValidateMatMul(v, s);
     case PlanOp::kUnary: return ValidateUnary(v, s);
@@ -538,6 +554,7 @@ std::string ValidateBuffers(const std::vector<PlanBufferDesc>& buffers, size_t a
 const char* PlanOpName(PlanOp op) {
   switch (op) {
     case PlanOp::kConv: return "conv";
+    case PlanOp::kConvChain: return "convChain";
     case PlanOp::kGemm: return "gemm";
     case PlanOp::kMatMul: return "matmul";
     case PlanOp::kUnary: return "unary";
@@ -624,6 +641,10 @@ std::unique_ptr<Plan> Plan::Create(std::vector<PlanBufferDesc> buffers, std::vec
   const ConvOp* next_conv = nullptr;
   for (size_t i = plan->steps_.size(); i-- > 0;) {
     PlanStep& s = plan->steps_[i];
+    if (s.op == PlanOp::kConvChain) {
+      next_conv = s.chain->expand ? s.chain->expand.get() : s.chain->depthwise.get();
+      continue;
+    }
     if (s.op != PlanOp::kConv || !s.conv) continue;
     if (next_conv) s.next_weights = next_conv->FirstWeights();
     next_conv = s.conv.get();
@@ -721,6 +742,10 @@ bool Plan::RunStep(const PlanStep& s, const TensorOpContext& ctx, const Elementw
                                   s.blocked[1].present() ? &s.blocked[1] : nullptr, s.flag, error, s.next_weights);
       return s.conv->Run(*ctx.pool, ctx.max_threads, ctx.cancel, f32(s.in[0]), s.n, s.h, s.w, f32(s.out[0]),
                          f32(s.in[1]), s.flag, error);
+    case PlanOp::kConvChain:
+      return s.chain->Run(*ctx.pool, ctx.max_threads, ctx.cancel, f32(s.in[0]), s.blocked[0], s.n, s.h, s.w,
+                          f32(s.out[0]), s.blocked[2], f32(s.in[1]), s.blocked[1].present() ? &s.blocked[1] : nullptr,
+                          s.flag, error);
     case PlanOp::kReorder:
       return ReorderNchwc(*ctx.pool, ctx.max_threads, ctx.cancel, s.flag, f32(s.in[0]), f32(s.out[0]), s.n, s.count,
                           s.blocked[0], error);

@@ -50,7 +50,7 @@ struct PlanRef {
 
 enum class PlanOp : uint8_t {
   kConv, kGemm, kMatMul, kUnary, kBinary, kWhere, kCopy, kFill, kGather, kPool, kGlobalAveragePool, kSoftmax,
-  kLogSoftmax, kLayerNorm, kChannelAffine, kReduce, kArgMax, kTopK, kCast, kPad, kSpmm, kReorder,
+  kLogSoftmax, kLayerNorm, kChannelAffine, kReduce, kArgMax, kTopK, kCast, kPad, kSpmm, kReorder, kConvChain,
   // GPU plans only (runtime/gpu_plan.h): conv and gemm on weights already in device memory.
   kGpuConv, kGpuGemm,
 };
@@ -59,6 +59,7 @@ const char* PlanOpName(PlanOp op);
 
 // One step. Operand slots by op (in = read, out = written; absent optional operands have no buffer):
 //   conv          in: x, residual                 out: y
+//   convChain     in: x, residual                 out: y     (blocked, all three)
 //   gemm, spmm    in: a, bias, residual           out: c
 //   matmul        in: a, b                        out: c
 //   unary, cast, copy, pool, globalAveragePool, softmax, logSoftmax, reduce, argmax, pad
@@ -107,6 +108,7 @@ struct PlanStep {
   Dims dims3;             // softmax / topk: {outer, mid, inner} for the elementwise ops' Dims form
 
   std::shared_ptr<const ConvOp> conv;
+  std::shared_ptr<const ConvChain> chain;  // convChain: n, h, w and blocked[] as a conv's
   // Derived (Plan::Create): the next conv step's first weights, which this conv prefetches at its end.
   WeightSpan next_weights;
   std::shared_ptr<const PackedGemmWeights> gemm;

@@ -147,6 +147,20 @@ export function blockedConvGeometry(handle: NativeConvHandle, h: number, w: numb
   return { cIn: d.cIn, cOut: d.cOut, oh, ow, border: [pads[0], pads[1], needB, needR], needsBlockedY: d.needsBlockedY, nchwX: d.nchwX, bf16: d.bf16 };
 }
 
+/**
+ * What a conv can be in a fused inverted-residual chain (native ConvChain) on an h x w input: a 1x1
+ * stride-1 unpadded fp32 conv on the direct path ('pointwise'), or a blocked depthwise conv.
+ */
+export function chainRole(handle: NativeConvHandle, h: number, w: number): 'pointwise' | 'depthwise' | undefined {
+  const d = directConvs.get(handle);
+  if (!d || d.bf16 || d.nchwX) return undefined;
+  if (d.needsBlockedY) return 'depthwise';
+  const g = blockedConvGeometry(handle, h, w)!;
+  const unit = (v: number[]) => v.every((k) => k === 1);
+  return unit(d.win.kernel) && unit(d.win.strides) && unit(d.win.dilations) && g.border.every((p) => p === 0)
+    ? 'pointwise' : undefined;
+}
+
 interface ConvPrepared extends Prepared, SparsePrepared {
   /** The CPU's packed conv; absent in a GPU session, whose weights are `gpu`. */
   handle?: NativeConvHandle;
