@@ -5,7 +5,7 @@
 // on made-up timings. Every test has a timeout far below the runner's 60 s.
 import { describe, expect, it } from 'vitest';
 import {
-  AbortError, DisposedError, InvalidArgumentError, QueueFullError, Session, Tensor,
+  AbortError, DisposedError, InvalidArgumentError, QueueFullError, Session, Tensor, reportedExternalMemory,
 } from '../dist/index.js';
 import { LatencyController } from '../dist/batching/controller.js';
 import { GraphBuilder, float32Tensor } from '../bench/graphs/builder.js';
@@ -123,6 +123,36 @@ describe('Session batching', () => {
     // The 6-row request runs alone; no batch exceeds 4 rows otherwise.
     expect(m.batchSize.max).toBe(6);
     expect(m.batches).toBeGreaterThanOrEqual(5);
+    s.dispose();
+  });
+
+  it('batches reuse their input buffers: row counts that change between batches answer right, and native memory does not grow per batch', { timeout: T }, async () => {
+    // y[n] = sum of row n of x ['N', 16384]: 64 KiB a row, so a batch's input comes from the native
+    // buffer pool (reported to V8), and integer rows make every sum exact.
+    const C = 16384;
+    const g = new GraphBuilder('rowsum', { opset: 17 });
+    g.input('x', 'float32', ['N', C]);
+    const [y] = g.node('ReduceSum', ['x', g.init('axes', { dtype: 'int64', dims: [1], data: new BigInt64Array([1n]) })], { keepdims: 0 });
+    g.output(y, 'float32', ['N']);
+    const s = await Session.load(g.toBytes(), { batching: { maxBatchSize: 8, maxDelayMs: 20 } });
+    const row = (v: number) => new Float32Array(C).fill(v);
+    let memory = 0;
+    const rounds = [[3, 1, 2], [1, 1], [2, 2, 2, 2], [1], [4, 3], [1, 2], [2, 1, 1], [3, 3], [1, 1, 1], [2, 2]];
+    for (const [round, sizes] of rounds.entries()) {
+      const feeds = sizes.map((rows, i) => {
+        const data = new Float32Array(rows * C);
+        for (let r = 0; r < rows; r++) data.set(row(round * 10 + i + r), r * C);
+        return new Tensor('float32', data, [rows, C]);
+      });
+      const got = await Promise.all(feeds.map((f) => s.run({ x: f })));
+      got.forEach((out, i) => expect(Array.from(out[s.outputs[0]!.name]!.data as Float32Array), `round ${round} request ${i}`)
+        .toEqual(Array.from({ length: sizes[i]! }, (_, r) => (round * 10 + i + r) * C)));
+      // From the third batch on, every batch's input is a buffer an earlier batch used: without
+      // reuse, each would add its 64-512 KiB until a collection.
+      if (round === 2) memory = reportedExternalMemory();
+      if (round > 2) expect(reportedExternalMemory(), `round ${round}`).toBeLessThanOrEqual(memory);
+    }
+    expect(s.metrics().batches).toBeGreaterThanOrEqual(8);
     s.dispose();
   });
 
