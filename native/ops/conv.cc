@@ -1323,10 +1323,8 @@ bool ConvChain::Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel
                           rl ? rl->block_floats() : 0, residual_before_activation);
     }
   }, cancel);
-  if (oom.load()) {
-    *error = "out of memory";
-    return false;
-  }
+  // Reported as the job's OutOfMemoryError, like the other ops' scratch.
+  if (oom.load()) throw std::bad_alloc();
   if (!ok && error->empty()) *error = "aborted";
   return ok;
 }

@@ -246,7 +246,7 @@ struct ConvChain {
   // depthwise padding when there is no expansion; y and the residual the output size), else why not.
   std::string Check(size_t h, size_t w, const BlockedLayout& xl, const BlockedLayout& yl, const BlockedLayout* rl) const;
   // x blocked (xl), y blocked (yl; its border zeroed here), residual blocked (rl) or null. Returns
-  // false with *error set when cancelled ("aborted") or out of memory.
+  // false with *error set when cancelled ("aborted"); throws std::bad_alloc without scratch memory.
   bool Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, const BlockedLayout& xl,
            size_t n, size_t h, size_t w, float* y, const BlockedLayout& yl, const float* residual,
            const BlockedLayout* rl, bool residual_before_activation, std::string* error) const;
