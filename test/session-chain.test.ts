@@ -5,22 +5,17 @@
 // every strip height (SONDE_CHAIN_STRIP_KB, down to one row a strip), thread count and batch;
 // onnxruntime-node is the independent reference.
 import { describe, expect, it } from 'vitest';
-import { Session, Tensor, devices } from '../dist/index.js';
-import type { SessionOptions } from '../dist/index.js';
+import { devices } from '../dist/index.js';
 import { native } from '../lib/binding.js';
 import { InternalError, fromNative } from '../lib/errors.js';
 import type { PlanSpec } from '../lib/session/plan.js';
 import { GraphBuilder } from '../bench/graphs/builder.js';
 import { ortRun, uniform, U } from './session-ort.js';
+import { convWeights, runWithEnv } from './plan-helpers.js';
 
 const simd = devices().cpu.simd;
 
-/** Weights ~ U(-1, 1) / sqrt(fan-in), so activations stay O(1) through the blocks. */
-function weights(dims: number[], seed: number): { dtype: 'float32'; dims: number[]; data: Float32Array } {
-  const t = uniform(dims, seed);
-  const s = 1 / Math.sqrt(dims.slice(1).reduce((a, b) => a * b, 1));
-  return { dtype: 'float32', dims, data: (t.data as Float32Array).map((v) => v * s) };
-}
+const weights = convWeights;
 
 class Net {
   g = new GraphBuilder('chain', { opset: 17 });
@@ -67,23 +62,8 @@ function mobileLike(h: number, w: number) {
   return n.g.toBytes();
 }
 
-async function runWith(bytes: Uint8Array, feeds: Record<string, Tensor>, env: Record<string, string>, options: SessionOptions = {}) {
-  const saved = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
-  Object.assign(process.env, env);
-  try {
-    // SONDE_CONV_CHAIN is read when the plan is built (first run), SONDE_CHAIN_STRIP_KB per run.
-    const s = await Session.load(bytes, { device: 'cpu', threads: 1, ...options });
-    try {
-      const out = await s.run(feeds);
-      const prof = await s.profile(feeds, { runs: 1 });
-      return { out, prof };
-    } finally {
-      s.dispose();
-    }
-  } finally {
-    for (const [k, v] of Object.entries(saved)) { if (v === undefined) delete process.env[k]; else process.env[k] = v; }
-  }
-}
+// SONDE_CONV_CHAIN is read when the plan is built (first run), SONDE_CHAIN_STRIP_KB per run.
+const runWith = runWithEnv;
 
 function expectClose(got: ArrayLike<number>, want: ArrayLike<number>, tol: number, what: string) {
   expect(got.length, what).toBe(want.length);

@@ -4,22 +4,18 @@
 // blocked plan must equal the same session's plan with the pass off (SONDE_CONV_BLOCKED=0) bit for
 // bit on conv outputs; onnxruntime-node is the independent reference for everything.
 import { describe, expect, it } from 'vitest';
-import { Session, Tensor, devices } from '../dist/index.js';
+import { Tensor, devices } from '../dist/index.js';
 import type { SessionOptions } from '../dist/index.js';
 import { native } from '../lib/binding.js';
 import { InternalError, fromNative } from '../lib/errors.js';
 import type { PlanSpec } from '../lib/session/plan.js';
 import { GraphBuilder } from '../bench/graphs/builder.js';
 import { ortRun, uniform, U } from './session-ort.js';
+import { convWeights, runWithEnv } from './plan-helpers.js';
 
 const simd = devices().cpu.simd;
 
-/** Weights ~ U(-1, 1) / sqrt(fan-in), so activations stay O(1) through a chain of convs. */
-function weights(dims: number[], seed: number): { dtype: 'float32'; dims: number[]; data: Float32Array } {
-  const t = uniform(dims, seed);
-  const s = 1 / Math.sqrt(dims.slice(1).reduce((a, b) => a * b, 1));
-  return { dtype: 'float32', dims, data: (t.data as Float32Array).map((v) => v * s) };
-}
+const weights = convWeights;
 
 class Net {
   g = new GraphBuilder('nchwc', { opset: 17 });
@@ -59,25 +55,10 @@ function resnetLike(c: number, h: number, w: number) {
   return n.g.toBytes();
 }
 
-async function runWith(bytes: Uint8Array, feeds: Record<string, Tensor>, envIn: Record<string, string>, options: SessionOptions = {}) {
-  // The plans here keep their conv steps: inverted-residual blocks fused into convChain steps have
-  // their own tests (session-chain.test.ts), against exactly these unfused plans.
-  const env = { SONDE_CONV_CHAIN: '0', ...envIn };
-  const saved = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
-  Object.assign(process.env, env);
-  try {
-    // Both switches are read when the conv is created (load) and when the plan is built (first run).
-    const s = await Session.load(bytes, { device: 'cpu', threads: 1, ...options });
-    try {
-      const out = await s.run(feeds);
-      const prof = await s.profile(feeds, { runs: 1 });
-      return { out, prof };
-    } finally {
-      s.dispose();
-    }
-  } finally {
-    for (const [k, v] of Object.entries(saved)) { if (v === undefined) delete process.env[k]; else process.env[k] = v; }
-  }
+/** runWithEnv, with the plans keeping their conv steps: inverted-residual blocks fused into
+ * convChain steps have their own tests (session-chain.test.ts), against exactly these unfused plans. */
+function runWith(bytes: Uint8Array, feeds: Record<string, Tensor>, env: Record<string, string>, options: SessionOptions = {}) {
+  return runWithEnv(bytes, feeds, { SONDE_CONV_CHAIN: '0', ...env }, options);
 }
 
 /** |got - want| <= atol + rtol |want| elementwise. */

@@ -812,8 +812,9 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   const size_t c_blocks = (spec_.c_in + in_block_ - 1) / in_block_, o_blocks = (spec_.c_out + kO - 1) / kO, hwo = s.oh * s.ow;
   // With the pair tiles an item covers two 32-channel blocks (the last alone when they are odd):
   // the orders below count items' blocks (o_items) and weights (w_item) instead.
-  const bool pairs = pair_uk_ != nullptr;
-  const size_t o_items = pairs ? (o_blocks + 1) / 2 : o_blocks, per_item = pairs ? 2 : 1;
+  const DirectTiling tiling = Tiling(s.ow);
+  const bool pairs = tiling.pairs;
+  const size_t o_items = tiling.o_items, per_item = tiling.per_item;
   const size_t c_last = spec_.c_in - (c_blocks - 1) * in_block_;
   // Bytes per image of the (fp32 or bf16) blocked input.
   const size_t image = c_blocks * hp * wp * in_block_ * (bf16_direct_ ? sizeof(uint16_t) : sizeof(float));
@@ -832,7 +833,7 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   //    an image's input 100 KiB).
   // A run is the consecutive items of one block. Output rows of at most 7 pixels go two at a time
   // (one 14-pixel tile).
-  const size_t row_step = !pairs && 2 * s.ow <= kernels::kNchwcMaxPixels ? 2 : 1, row_groups = (s.oh + row_step - 1) / row_step;
+  const size_t row_step = tiling.row_step, row_groups = (s.oh + row_step - 1) / row_step;
   const size_t items = n * o_items * row_groups;
   const size_t w_block = ldw_ * (bf16_direct_ ? sizeof(uint32_t) : sizeof(float));  // bf16: ldw_ pairs
   const size_t w_item = per_item * w_block;
@@ -891,10 +892,7 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   if (band_split) per = o_items * band_groups;
   const size_t tasks = (items + per - 1) / per;
   const size_t taps = c_blocks * g.kh * g.kw;
-  const size_t segs = (s.ow + kernels::kNchwcMaxPixels - 1) / kernels::kNchwcMaxPixels;
-  const size_t seg_w = (s.ow + segs - 1) / segs;
-  const size_t pair_segs = (s.ow + kernels::kNchwcPairPixels - 1) / kernels::kNchwcPairPixels;
-  const size_t pair_w = (s.ow + pair_segs - 1) / pair_segs;
+  const size_t seg_w = tiling.seg_w, pair_w = tiling.pair_w;
   const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
   return pool.ParallelFor(tasks, nthreads, [&](size_t t) {
     const size_t end = std::min(items, (t + 1) * per);
@@ -1100,21 +1098,27 @@ bool ConvOp::chain_pointwise() const {
          g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1;
 }
 
+ConvOp::DirectTiling ConvOp::Tiling(size_t ow) const {
+  const size_t o_blocks = (spec_.c_out + kernels::kNchwcOutBlock - 1) / kernels::kNchwcOutBlock;
+  const bool pairs = pair_uk_ != nullptr;
+  const size_t segs = (ow + kernels::kNchwcMaxPixels - 1) / kernels::kNchwcMaxPixels;
+  const size_t pair_segs = (ow + kernels::kNchwcPairPixels - 1) / kernels::kNchwcPairPixels;
+  return {pairs, pairs ? (o_blocks + 1) / 2 : o_blocks, pairs ? size_t{2} : size_t{1},
+          !pairs && 2 * ow <= kernels::kNchwcMaxPixels ? size_t{2} : size_t{1}, (ow + segs - 1) / segs,
+          (ow + pair_segs - 1) / pair_segs};
+}
+
 void ConvOp::DirectRows(const float* xo, size_t hp, size_t wp, const WindowShape& s, size_t oy0, size_t oy1, float* y,
                         size_t y_row, size_t y_block, const float* residual, size_t res_row, size_t res_block,
                         bool residual_before_activation) const {
   constexpr size_t kB = kernels::kNchwcBlock, kO = kernels::kNchwcOutBlock;
   const WindowGeometry& g = spec_.window;
-  const size_t c_blocks = kernels::NchwcBlocks(spec_.c_in), o_blocks = (spec_.c_out + kO - 1) / kO;
+  const size_t c_blocks = kernels::NchwcBlocks(spec_.c_in);
   const size_t c_last = spec_.c_in - (c_blocks - 1) * kB;
-  // The tile shapes RunDirectTiles uses for this output width, so each pixel sums in the same order.
-  const bool pairs = pair_uk_ != nullptr;
-  const size_t o_items = pairs ? (o_blocks + 1) / 2 : o_blocks, per_item = pairs ? 2 : 1;
-  const size_t row_step = !pairs && 2 * s.ow <= kernels::kNchwcMaxPixels ? 2 : 1;
-  const size_t segs = (s.ow + kernels::kNchwcMaxPixels - 1) / kernels::kNchwcMaxPixels;
-  const size_t seg_w = (s.ow + segs - 1) / segs;
-  const size_t pair_segs = (s.ow + kernels::kNchwcPairPixels - 1) / kernels::kNchwcPairPixels;
-  const size_t pair_w = (s.ow + pair_segs - 1) / pair_segs;
+  const DirectTiling tiling = Tiling(s.ow);
+  const bool pairs = tiling.pairs;
+  const size_t o_items = tiling.o_items, per_item = tiling.per_item, row_step = tiling.row_step;
+  const size_t seg_w = tiling.seg_w, pair_w = tiling.pair_w;
   const bool trivial = !residual && spec_.activation == kernels::kActNone;
   for (size_t ob = 0; ob < o_items; ++ob) {
     const size_t oc0 = ob * per_item * kO, item_oc = per_item * kO;

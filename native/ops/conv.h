@@ -163,6 +163,15 @@ class ConvOp {
   // depthwise conv.
   bool chain_pointwise() const;
   bool chain_depthwise() const { return dw_blocked_uk_ != nullptr; }
+  // How the direct tiles cover an output of width ow: items of one 32-channel block, or two with the
+  // pair tiles (per_item); rows two at a time for narrow outputs; row segments of at most
+  // kNchwcMaxPixels (kNchwcPairPixels for pairs) pixels, of equal widths. RunDirectTiles and
+  // DirectRows both follow it, so a pixel sums in the same order either way.
+  struct DirectTiling {
+    bool pairs;
+    size_t o_items, per_item, row_step, seg_w, pair_w;
+  };
+  DirectTiling Tiling(size_t ow) const;
   // Output rows [oy0, oy1) of one image, every output channel, on the calling thread (fp32 direct
   // path): xo at this conv's padded (0, 0) of the image's first 16-channel block (hp x wp pixels
   // per block); y (and the residual, may be null) blocked at the image's interior (0, 0) of its
