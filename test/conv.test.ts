@@ -151,6 +151,11 @@ const shapes: Shape[] = [
   { name: 'depthwise 3x3 s2 p1', x: [1, 17, 15, 35], w: [17, 1, 3, 3], g: { group: 17, strides: [2, 2], pads: [1, 1, 1, 1] } },
   { name: 'depthwise 3x3 s2 d2 (row pairs share input rows)', x: [1, 5, 19, 23], w: [5, 1, 3, 3], g: { group: 5, strides: [2, 2], dilations: [2, 2], pads: [2, 1, 2, 2] } },
   { name: 'depthwise 5x5 s3 d2 SAME_UPPER', x: [1, 6, 17, 19], w: [6, 1, 5, 5], g: { group: 6, strides: [3, 3], dilations: [2, 2], autoPad: 'SAME_UPPER' } },
+  // Output rows of at most 8 pixels (AVX-512) run on the blocked depthwise kernel through per-task
+  // blocked copies of 16 channels (zero border, partial last block); wider ones on the window kernel.
+  { name: 'depthwise 3x3 s1 on 7x7, 35 channels, N=2 (narrow rows: blocked copies)', x: [2, 35, 7, 7], w: [35, 1, 3, 3], g: { group: 35, pads: [1, 1, 1, 1] } },
+  { name: 'depthwise 3x3 s2 on 13x11, 16 channels (narrow rows)', x: [1, 16, 13, 11], w: [16, 1, 3, 3], g: { group: 16, strides: [2, 2], pads: [1, 1, 1, 1] } },
+  { name: 'depthwise 5x5 s1 on 6x8, asymmetric pads, 20 channels (narrow rows)', x: [1, 20, 6, 8], w: [20, 1, 5, 5], g: { group: 20, pads: [2, 1, 1, 3] } },
   { name: 'channel multiplier 2 (group = C_in)', x: [1, 3, 6, 6], w: [6, 1, 3, 3], g: { group: 3, pads: [1, 1, 1, 1] } },
 ];
 
@@ -167,7 +172,7 @@ describe.each(variants)('conv2d, variant %s', (variant) => {
   });
 
   it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after (dense and depthwise)', async (act) => {
-    for (const s of [S('1x3x7x5'), S('K = 360'), S('C_in = 300'), S('depthwise 3x3 s1')]) {
+    for (const s of [S('1x3x7x5'), S('K = 360'), S('C_in = 300'), S('depthwise 3x3 s1'), S('narrow rows: blocked')]) {
       const x = randomTensor(s.x, 6);
       const w = randomTensor(s.w, 7);
       for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);
@@ -291,7 +296,7 @@ describe('bf16 weights', () => {
 
 describe('threads', () => {
   it('1 and 2 threads give identical results (dense, grouped, depthwise, pooling)', async () => {
-    for (const s of [S('1x1 N=2'), S('split across threads'), S('K = 360'), S('shared im2col'), S('grouped'), S('depthwise 3x3 s1'), S('image per task'), S('blocks outermost'), S('then one block of 16')]) {
+    for (const s of [S('1x1 N=2'), S('split across threads'), S('K = 360'), S('shared im2col'), S('grouped'), S('depthwise 3x3 s1'), S('narrow rows: blocked'), S('image per task'), S('blocks outermost'), S('then one block of 16')]) {
       const x = randomTensor(s.x, 30);
       const conv = kernels.createConv2d(randomTensor(s.w, 31), { ...s.g, bias: randomTensor([s.w[0]!], 32), activation: 'relu' });
       const a = await conv.run(x, { threads: 1 });

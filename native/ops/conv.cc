@@ -1431,9 +1431,69 @@ bool RunGlobalAveragePoolBlocked(ThreadPool& pool, unsigned threads, const Cance
 }
 
 
+namespace {
+// NCHW depthwise convs whose output rows are at most this wide run on the blocked kernel through
+// per-task blocked copies (RunDepthwise): there the window kernel's row vectors are half empty or
+// more. MobileNetV2's 3x3s, one thread, ms per call (window -> blocked): 7x7 960 0.106 -> 0.071,
+// 14x14/2 576 0.091 -> 0.057; but 14x14 576 0.134 -> 0.161 and 28x28/2 192 0.074 -> 0.089 (rows of
+// 14), where the copies cost more than the window kernel loses. SONDE_DW_BLOCKED_MAX_OW overrides it.
+size_t DwBlockedMaxOw() {
+  static const size_t v = [] {
+    const char* e = std::getenv("SONDE_DW_BLOCKED_MAX_OW");
+    return e ? static_cast<size_t>(std::strtoul(e, nullptr, 10)) : size_t{8};
+  }();
+  return v;
+}
+}  // namespace
+
 bool ConvOp::RunDepthwise(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, const float* x, size_t n,
                           size_t h, size_t w, const WindowShape& s, float* y, const kernels::GemmEpilogue& ep0) const {
   const WindowGeometry& g = spec_.window;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (dw_blocked_uk_ && !ep0.residual && s.ow <= DwBlockedMaxOw()) {
+    // Narrow outputs: per plane, the window kernel's padded copy and call cost as much as the taps
+    // (a 7x7 plane is 49 outputs). A task takes 16 channels of one image instead, copies them into a
+    // zero-bordered blocked tile (in L1/L2), runs the blocked kernel (a tap of a pixel is one FMA
+    // over the 16 channels) and writes the planes back.
+    constexpr size_t kB = kernels::kNchwcBlock;
+    const kernels::F32PackNchwcRowUkernel pack = kernels::F32PackNchwcRowUkernelAvx512();
+    const kernels::F32UnpackNchwcRowUkernel unpack = kernels::F32UnpackNchwcRowUkernelAvx512();
+    const size_t hp = std::max(s.pad_t + h, (s.oh - 1) * g.sh + g.kh), wp = std::max(s.pad_l + w, (s.ow - 1) * g.sw + g.kw);
+    const size_t cblocks = kernels::NchwcBlocks(spec_.c_out), taps = g.kh * g.kw, hwo = s.oh * s.ow;
+    const size_t tile = hp * wp * kB;
+    const kernels::GemmEpilogue ep{nullptr, nullptr, nullptr, 0, ep0.activation, 0, ep0.alpha, ep0.beta};
+    std::atomic<bool> oom{false};
+    const bool ok = pool.ParallelFor(n * cblocks, std::max(1u, threads), [&](size_t t) {
+      float* buf = ThreadScratch(tile + hwo * kB);
+      if (!buf) {
+        oom.store(true);
+        return;
+      }
+      const size_t b = t / cblocks, cb = t % cblocks, ch0 = cb * kB, nch = std::min(kB, spec_.c_out - ch0);
+      const float* src = x + (b * spec_.c_out + ch0) * h * w;
+      // The border rows, then each interior row with its side columns.
+      std::memset(buf, 0, s.pad_t * wp * kB * sizeof(float));
+      std::memset(buf + (s.pad_t + h) * wp * kB, 0, (hp - s.pad_t - h) * wp * kB * sizeof(float));
+      for (size_t r = 0; r < h; ++r) {
+        float* line = buf + (s.pad_t + r) * wp * kB;
+        std::memset(line, 0, s.pad_l * kB * sizeof(float));
+        std::memset(line + (s.pad_l + w) * kB, 0, (wp - s.pad_l - w) * kB * sizeof(float));
+        pack(src + r * w, h * w, w, line + s.pad_l * kB, nch);
+      }
+      float* out = buf + tile;
+      const kernels::NchwcDepthwiseArgs a{buf, wp * kB, dw_blocked_w_ + cb * taps * kB, dw_blocked_bias_ + cb * kB,
+                                          g.kh, g.kw, g.sh, g.sw, out, s.ow * kB, s.ow, nullptr, 0,
+                                          ep.activation == kernels::kActNone ? nullptr : &ep};
+      float* dst = y + (b * spec_.c_out + ch0) * hwo;
+      for (size_t oy = 0; oy < s.oh; ++oy) {
+        dw_blocked_uk_(&a, oy);
+        unpack(out + oy * s.ow * kB, s.ow, dst + oy * s.ow, hwo, nch);
+      }
+    }, cancel);
+    if (oom.load()) throw std::bad_alloc();
+    return ok;
+  }
+#endif
   const size_t planes = n * spec_.c_out, hwo = s.oh * s.ow;
   kernels::WindowArgs proto{};
   proto.ih = h; proto.iw = w; proto.oh = s.oh; proto.ow = s.ow;
