@@ -216,6 +216,8 @@ export interface NativeBinding {
   externalMemory(): number;
   /** The native memory sonde reports to V8 in this environment (handles and output buffers). */
   nativeMemory(): number;
+  /** Tests: run counts of `loops` consecutive homed ParallelFor loops of n indices (see addon.cc). */
+  homedProbe(n: number, loops: number, throwAt: number): Int32Array;
   /** An ArrayBuffer of `bytes` from the output BufferPool (contents unspecified). */
   allocBuffer(bytes: number): ArrayBuffer;
   bufferPoolStats(): { cachedBytes: number };

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -59,6 +60,7 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
       InstanceMethod("readBandwidth", &Addon::ReadBandwidth),
       InstanceMethod("externalMemory", &Addon::ExternalMemory),
       InstanceMethod("nativeMemory", &Addon::NativeMemory),
+      InstanceMethod("homedProbe", &Addon::HomedProbe),
       InstanceMethod("allocBuffer", &Addon::AllocBuffer),
       InstanceMethod("bufferPoolStats", &Addon::BufferPoolStats),
       InstanceValue("version", Napi::String::New(env, SONDE_VERSION)),
@@ -360,6 +362,33 @@ Napi::Value Addon::ExternalMemory(const Napi::CallbackInfo& info) {
 // What sonde itself reports to V8 in this environment (see ReportedTotal).
 Napi::Value Addon::NativeMemory(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(reported_total_->load(std::memory_order_relaxed)));
+}
+
+// homedProbe(n, loops, throwAt) -> Int32Array of loops * n: how many times each index of each of
+// `loops` consecutive ParallelForHomed(n) loops on the whole pool ran, the JS thread taking part as
+// participant 0 (every entry must be 1); throwAt >= 0: the last loop's fn throws at that index,
+// which must come back as an error. For the tests: what a plan's homed steps rely on.
+Napi::Value Addon::HomedProbe(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const auto arg = [&](size_t i) { return info.Length() > i && info[i].IsNumber() ? info[i].As<Napi::Number>().Int64Value() : -1; };
+  const int64_t n = arg(0), loops = arg(1), throw_at = arg(2);
+  if (n < 1 || n > 4096 || loops < 1 || loops > 100000)
+    throw MakeError(env, codes::kInvalidArgument, "homedProbe(n, loops, throwAt): n in [1, 4096], loops in [1, 100000]");
+  std::vector<std::atomic<int32_t>> counts(static_cast<size_t>(n * loops));
+  for (auto& c : counts) c.store(0, std::memory_order_relaxed);
+  try {
+    for (int64_t l = 0; l < loops; ++l) {
+      pool_->ParallelForHomed(static_cast<size_t>(n), pool_->size(), [&](size_t i) {
+        if (l == loops - 1 && static_cast<int64_t>(i) == throw_at) throw std::runtime_error("homedProbe: thrown");
+        counts[static_cast<size_t>(l * n) + i].fetch_add(1, std::memory_order_relaxed);
+      });
+    }
+  } catch (const std::runtime_error& e) {
+    throw MakeError(env, codes::kInternal, e.what());
+  }
+  Napi::Int32Array out = Napi::Int32Array::New(env, counts.size());
+  for (size_t i = 0; i < counts.size(); ++i) out[i] = counts[i].load(std::memory_order_relaxed);
+  return out;
 }
 
 namespace {

@@ -118,6 +118,8 @@ class Addon : public Napi::Addon<Addon> {
   Napi::Value LastJobMs(const Napi::CallbackInfo& info);
   Napi::Value ExternalMemory(const Napi::CallbackInfo& info);
   Napi::Value NativeMemory(const Napi::CallbackInfo& info);
+  // Tests of ThreadPool::ParallelForHomed (see the .cc).
+  Napi::Value HomedProbe(const Napi::CallbackInfo& info);
   Napi::Value AllocBuffer(const Napi::CallbackInfo& info);
   Napi::Value BufferPoolStats(const Napi::CallbackInfo& info);
   Napi::Value CpuInfo(const Napi::CallbackInfo& info);

@@ -716,6 +716,18 @@ bool ConvOp::RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* 
 }
 
 namespace {
+// fn(begin, end) over `count` items of a batch in `threads` contiguous chunks, one per thread, each
+// thread taking the same chunk in every step (ThreadPool::ParallelForHomed): a batch whose images
+// the threads divide keeps each image on one core from one layer to the next. Items are
+// image-major (a batch's 16-channel block planes, or its images), so with n images and threads
+// dividing n the chunks are whole images.
+template <typename Fn>
+bool HomedChunks(ThreadPool& pool, unsigned threads, const CancelFlag* cancel, size_t count, Fn&& fn) {
+  const size_t chunks = std::max<size_t>(1, std::min<size_t>(threads, count));
+  return pool.ParallelForHomed(chunks, static_cast<unsigned>(chunks),
+                               [&](size_t c) { fn(c * count / chunks, (c + 1) * count / chunks); }, cancel);
+}
+
 // Depthwise/pooling planes per ParallelFor index: a 7x7 plane is ~200 FLOPs, too little to hand out alone.
 size_t PlanesPerTask(size_t plane_floats) { return std::max<size_t>(1, 4096 / std::max<size_t>(1, plane_floats)); }
 
@@ -767,7 +779,7 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
   if (!xb || (bf16_direct_ && !xh)) throw std::bad_alloc();
   // Blocked copy: zero the border rows/columns, transpose 16 channel planes into pixel-major rows
   // (16x16 register transposes; a scalar copy took ~0.3 ms of a 56x56x256 input).
-  if (!pool.ParallelFor(n * c_blocks, nthreads, [&](size_t t) {
+  const auto pack_block = [&](size_t t) {
         const size_t b = t / c_blocks, cb = t % c_blocks;
         float* dst = xb + b * image + cb * plane;
         const float* src = x + (b * spec_.c_in + cb * kB) * h * w;
@@ -784,8 +796,13 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
         }
         // The bf16 copy while the block is in cache.
         if (xh) to_bf16_uk_(dst, plane, xh + b * image + cb * plane);
-      }, cancel))
-    return false;
+      };
+  // Where the tiles take whole images per thread, each thread copies its own images.
+  const bool packed = WholeImageTasks(nthreads, n)
+                          ? HomedChunks(pool, nthreads, cancel, n * c_blocks,
+                                        [&](size_t t0, size_t t1) { for (size_t t = t0; t < t1; ++t) pack_block(t); })
+                          : pool.ParallelFor(n * c_blocks, nthreads, pack_block, cancel);
+  if (!packed) return false;
   return RunDirectTiles(pool, nthreads, cancel, xh ? static_cast<const void*>(xh) : xb, hp, wp, n, s, y, yl, ep0, rl, next);
 }
 
@@ -888,13 +905,16 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   const size_t target = nthreads == 1 ? 1 : 8 * static_cast<size_t>(nthreads);
   size_t per = (items + target - 1) / target;
   if (prefetch && nthreads > 1) per = std::max(per, std::min((items + nthreads - 1) / nthreads, kPrefetchRunsPerTask * run));
-  if (image_tasks) per = o_items * row_groups;
+  // Whole images: one contiguous share of the batch per thread, the same share in every layer.
+  if (image_tasks) per = items / nthreads;
   if (band_split) per = o_items * band_groups;
   const size_t tasks = (items + per - 1) / per;
   const size_t taps = c_blocks * g.kh * g.kw;
   const size_t seg_w = tiling.seg_w, pair_w = tiling.pair_w;
   const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
-  return pool.ParallelFor(tasks, nthreads, [&](size_t t) {
+  // One task per thread (images or bands of rows): each thread keeps its part from layer to layer.
+  const bool homed = image_tasks || band_split;
+  const auto task = [&](size_t t) {
     const size_t end = std::min(items, (t + 1) * per);
     for (size_t it = t * per; it < end; ++it) {
       const Item item = decode(it);
@@ -981,7 +1001,8 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
         }
       }
     }
-  }, cancel);
+  };
+  return homed ? pool.ParallelForHomed(tasks, nthreads, task, cancel) : pool.ParallelFor(tasks, nthreads, task, cancel);
 }
 
 std::string ConvOp::CheckBlocked(size_t h, size_t w, const BlockedLayout& xl, const BlockedLayout* yl,
@@ -1088,7 +1109,7 @@ bool ConvOp::RunDepthwiseBlocked(ThreadPool& pool, unsigned nthreads, const Canc
   };
   // As the direct tiles (WholeImageTasks): batch 2 / 4 / 8 of MobileNetV2 on 2 threads 0.97 / 0.99 / 0.98-0.99x.
   if (WholeImageTasks(nthreads, n))
-    return pool.ParallelFor(n, nthreads, [&](size_t b) { for (size_t cb = 0; cb < cblocks; ++cb) plane(b * cblocks + cb); }, cancel);
+    return HomedChunks(pool, nthreads, cancel, n * cblocks, [&](size_t t0, size_t t1) { for (size_t t = t0; t < t1; ++t) plane(t); });
   return pool.ParallelFor(blocks, nthreads, plane, cancel);
 }
 
@@ -1254,7 +1275,7 @@ bool ConvChain::Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel
   const size_t x_row = xl.wp() * kB, y_row = yl.wp() * kB;
   const float* e_src = expand ? nullptr : x + ((xl.pad_t - d.pad_t) * xl.wp() + (xl.pad_l - d.pad_l)) * kB;
   std::atomic<bool> oom{false};
-  const bool ok = pool.ParallelFor(n * bands, nthreads, [&](size_t t) {
+  const auto task = [&](size_t t) {
     const size_t b = t / bands, oy_begin = (t % bands) * band_rows, oy_end = std::min(d.oh, oy_begin + band_rows);
     if (oy_begin >= oy_end) return;
     float* const buf = ChainScratch(scratch);
@@ -1326,7 +1347,10 @@ bool ConvChain::Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel
                           rb ? rb + oy0 * rl->wp() * kB : nullptr, rl ? rl->wp() * kB : 0,
                           rl ? rl->block_floats() : 0, residual_before_activation);
     }
-  }, cancel);
+  };
+  // Each thread the same images (or band of rows) in every layer, as the direct tiles'.
+  const bool ok = bands > 1 ? pool.ParallelForHomed(n * bands, nthreads, task, cancel)
+                            : HomedChunks(pool, nthreads, cancel, n, [&](size_t b0, size_t b1) { for (size_t b = b0; b < b1; ++b) task(b); });
   // Reported as the job's OutOfMemoryError, like the other ops' scratch.
   if (oom.load()) throw std::bad_alloc();
   if (!ok && error->empty()) *error = "aborted";
@@ -1393,15 +1417,21 @@ bool RunPoolBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel
   ResolveWindow(g, h, w, &s);
   const kernels::F32NchwcPoolUkernel uk = kernels::F32NchwcPoolUkernelAvx512();
   const size_t y_row = yl.wp() * kB;
-  // A task is one block's plane, as in the blocked depthwise conv.
-  ok = pool.ParallelFor(blocks, std::max(1u, threads), [&](size_t t) {
-    float* yb = y + t * yl.block_floats();
-    ZeroBlockBorder(yb, yl, 0, s.oh);
-    const kernels::NchwcPoolArgs a{x + t * xl.block_floats() + xl.origin(), xl.wp() * kB, h, w, g.kh, g.kw, g.sh, g.sw,
-                                   s.pad_t, s.pad_l, kind == PoolKind::kMax ? kernels::kWindowMax : kernels::kWindowAvg,
-                                   count_include_pad ? 1 : 0, yb + yl.origin(), y_row, s.ow};
-    for (size_t oy = 0; oy < s.oh; ++oy) uk(&a, oy);
-  }, cancel);
+  // A contiguous share of the block planes per thread, the same in every step (HomedChunks); one
+  // thread where a helper's hand-off would cost more than the taps (a max pool of 64 8x8 images
+  // of 32 channels: 7.5 us alone, 23 us split).
+  const unsigned nthreads = ThreadsForWork(std::max(1u, threads),
+                                           static_cast<double>(blocks * kB * s.oh * s.ow * g.kh * g.kw), kMinFlopsPerThread);
+  ok = HomedChunks(pool, nthreads, cancel, blocks, [&](size_t t0, size_t t1) {
+    for (size_t t = t0; t < t1; ++t) {
+      float* yb = y + t * yl.block_floats();
+      ZeroBlockBorder(yb, yl, 0, s.oh);
+      const kernels::NchwcPoolArgs a{x + t * xl.block_floats() + xl.origin(), xl.wp() * kB, h, w, g.kh, g.kw, g.sh, g.sw,
+                                     s.pad_t, s.pad_l, kind == PoolKind::kMax ? kernels::kWindowMax : kernels::kWindowAvg,
+                                     count_include_pad ? 1 : 0, yb + yl.origin(), y_row, s.ow};
+      for (size_t oy = 0; oy < s.oh; ++oy) uk(&a, oy);
+    }
+  });
 #else
   (void)pool, (void)threads, (void)cancel, (void)kind, (void)x, (void)blocks, (void)count_include_pad, (void)y;
 #endif
@@ -1414,9 +1444,10 @@ bool RunGlobalAveragePoolBlocked(ThreadPool& pool, unsigned threads, const Cance
   constexpr size_t kB = kernels::kNchwcBlock;
   const size_t row = l.wp() * kB;
   const float inv = 1.0f / static_cast<float>(l.h * l.w);
-  const size_t per = PlanesPerTask(l.h * l.w * kB), tasks = (blocks + per - 1) / per;
-  const bool ok = pool.ParallelFor(tasks, std::max(1u, threads), [&](size_t t) {
-    for (size_t blk = t * per; blk < std::min(blocks, (t + 1) * per); ++blk) {
+  const unsigned nthreads = ThreadsForWork(std::max(1u, threads), static_cast<double>(blocks * kB * l.h * l.w),
+                                           kMinFlopsPerThread);
+  const bool ok = HomedChunks(pool, nthreads, cancel, blocks, [&](size_t b0, size_t b1) {
+    for (size_t blk = b0; blk < b1; ++blk) {
       // 16 lanes of one pixel are 16 channels: a plain lane-wise sum, which the compiler vectorises.
       float acc[kB] = {};
       const float* base = x + blk * l.block_floats() + l.origin();
@@ -1425,7 +1456,7 @@ bool RunGlobalAveragePoolBlocked(ThreadPool& pool, unsigned threads, const Cance
           for (size_t i = 0; i < kB; ++i) acc[i] += base[r * row + ix * kB + i];
       for (size_t i = 0; i < kB; ++i) y[blk * kB + i] = acc[i] * inv;
     }
-  }, cancel);
+  });
   if (!ok) *error = "aborted";
   return ok;
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <exception>
+#include <memory>
 #include <cstdlib>
 #include <thread>
 
@@ -219,12 +220,20 @@ void ThreadPool::WorkerLoop(unsigned index) {
 
 namespace {
 struct ForState {
-  ForState(size_t n_, IndexFnRef fn_, const CancelFlag* c) : n(n_), fn(fn_), cancel(c) {}
+  ForState(size_t n_, IndexFnRef fn_, const CancelFlag* c, bool homed_)
+      : n(n_), fn(fn_), cancel(c), taken(homed_ ? new std::atomic<bool>[n_] : nullptr) {
+    if (taken)
+      for (size_t i = 0; i < n; ++i) taken[i].store(false, std::memory_order_relaxed);
+  }
   size_t n;
   IndexFnRef fn;  // refers to the caller's callable, alive until done == n
   const CancelFlag* cancel;
   std::atomic<size_t> next{0};
   std::atomic<size_t> done{0};
+  // ParallelForHomed: which indices have been claimed, and how many participants joined (the
+  // caller is participant 0).
+  std::unique_ptr<std::atomic<bool>[]> taken;
+  std::atomic<unsigned> joined{1};
   std::atomic<bool> cancelled{false};
   std::mutex mu;
   std::condition_variable cv;
@@ -235,33 +244,48 @@ struct ForState {
   std::atomic<bool> failed{false};
 };
 
-// Runs indices until none are left; returns after accounting for every index it claimed.
-void Drain(ForState& s, const std::atomic<bool>& stop) {
+// Runs index i of s (claimed by the caller) and accounts for it.
+void RunIndex(ForState& s, size_t i, const std::atomic<bool>& stop) {
+  bool skip = stop.load(std::memory_order_relaxed) || s.failed.load(std::memory_order_relaxed) ||
+              (s.cancel && s.cancel->load(std::memory_order_relaxed));
+  if (skip) {
+    s.cancelled = true;
+  } else {
+    try {
+      s.fn(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(s.mu);
+      if (!s.error) s.error = std::current_exception();
+      s.failed = true;
+    }
+  }
+  if (s.done.fetch_add(1) + 1 == s.n) {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.cv.notify_all();
+  }
+}
+
+// Runs indices until none are left; returns after accounting for every index it claimed. Homed
+// loops (s.taken): participant p's own index first, then any unclaimed one after it.
+void Drain(ForState& s, const std::atomic<bool>& stop, unsigned participant) {
+  if (s.taken) {
+    const auto claim = [&](size_t i) { return !s.taken[i].exchange(true, std::memory_order_relaxed); };
+    if (participant < s.n && claim(participant)) RunIndex(s, participant, stop);
+    for (size_t k = 1; k < s.n; ++k) {
+      const size_t i = (participant + k) % s.n;
+      if (claim(i)) RunIndex(s, i, stop);
+    }
+    return;
+  }
   for (;;) {
     size_t i = s.next.fetch_add(1);
     if (i >= s.n) return;
-    bool skip = stop.load(std::memory_order_relaxed) || s.failed.load(std::memory_order_relaxed) ||
-                (s.cancel && s.cancel->load(std::memory_order_relaxed));
-    if (skip) {
-      s.cancelled = true;
-    } else {
-      try {
-        s.fn(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(s.mu);
-        if (!s.error) s.error = std::current_exception();
-        s.failed = true;
-      }
-    }
-    if (s.done.fetch_add(1) + 1 == s.n) {
-      std::lock_guard<std::mutex> lock(s.mu);
-      s.cv.notify_all();
-    }
+    RunIndex(s, i, stop);
   }
 }
 }  // namespace
 
-bool ThreadPool::ParallelForShared(size_t n, unsigned max_threads, IndexFnRef fn, const CancelFlag* cancel) {
+bool ThreadPool::ParallelForShared(size_t n, unsigned max_threads, IndexFnRef fn, const CancelFlag* cancel, bool homed) {
   unsigned helpers = static_cast<unsigned>(
       std::min<size_t>(n, std::min(max_threads, target_.load())));
   helpers = helpers > 0 ? helpers - 1 : 0;
@@ -270,7 +294,7 @@ bool ThreadPool::ParallelForShared(size_t n, unsigned max_threads, IndexFnRef fn
   }
   // Shared with the helper tasks: one may start after this call has returned (the caller ran every
   // index itself) and must find its state alive, with nothing left to claim.
-  auto state = std::make_shared<ForState>(n, fn, cancel);
+  auto state = std::make_shared<ForState>(n, fn, cancel, homed);
   bool parked = false;
   if (helpers > 0) {
     {
@@ -279,14 +303,15 @@ bool ThreadPool::ParallelForShared(size_t n, unsigned max_threads, IndexFnRef fn
         // Helpers go to the front: finishing work already started beats starting new jobs.
         prewake_.store(0, std::memory_order_relaxed);
         for (unsigned h = 0; h < helpers; ++h)
-          queue_.push_front(Task{[state, this] { Drain(*state, stop_); }, nullptr, true});
+          queue_.push_front(Task{[state, this] { Drain(*state, stop_, state->joined.fetch_add(1, std::memory_order_relaxed)); },
+                                 nullptr, true});
         queued_.store(queue_.size());
         parked = threads_.size() > target_.load();
       }
     }
     Notify(helpers, parked);
   }
-  Drain(*state, stop_);
+  Drain(*state, stop_, 0);
   SpinUntil([&] { return state->done.load(std::memory_order_acquire) == state->n; }, [] { return true; }, SpinTime());
   {
     std::unique_lock<std::mutex> lock(state->mu);

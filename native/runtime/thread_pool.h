@@ -93,6 +93,21 @@ class ThreadPool {
     return ParallelForShared(n, max_threads, IndexFnRef(fn), cancel);
   }
 
+  // As ParallelFor, but index i goes first to participant i (the calling thread is 0, helpers 1,
+  // 2, ... in the order they join it), and a participant takes another's index only once its own
+  // is done or taken. With n = threads, loops over the same data split the same way give each
+  // thread the same part every time, which then stays in its core's caches from one loop to the
+  // next (a batch's images across the steps of a plan), where indices handed out in turn sent an
+  // image to whichever thread came first, often the other core. A late helper's index is run by
+  // whoever is free, so nothing waits for it.
+  template <typename Fn>
+  bool ParallelForHomed(size_t n, unsigned max_threads, Fn&& fn, const CancelFlag* cancel = nullptr) {
+    if (n == 0) return true;
+    if (n == 1 || max_threads <= 1 || target_.load(std::memory_order_relaxed) <= 1)
+      return ParallelFor(n, max_threads, std::forward<Fn>(fn), cancel);
+    return ParallelForShared(n, max_threads, IndexFnRef(fn), cancel, true);
+  }
+
   // Number of workers that take work. Shrinking parks the extra threads (they finish their
   // current task first); growing wakes parked threads or starts new ones.
   void Resize(unsigned threads);
@@ -112,7 +127,7 @@ class ThreadPool {
     std::function<void()> dropped;
     bool helper = false;  // a ParallelFor helper (part of a running job), not a job of its own
   };
-  bool ParallelForShared(size_t n, unsigned max_threads, IndexFnRef fn, const CancelFlag* cancel);
+  bool ParallelForShared(size_t n, unsigned max_threads, IndexFnRef fn, const CancelFlag* cancel, bool homed = false);
   // Waits (spinning, then sleeping) until worker `index` has a task to take or the pool stops;
   // after_job: it ran a job or a job's helper task last, and may spin for the next one while no job
   // runs (see the .cc).
