@@ -140,6 +140,10 @@ const shapes: Shape[] = [
   { name: '1x1 pair tiles, 48 -> 80 (a pair, then one block of 16)', x: [2, 48, 6, 7], w: [80, 48, 1, 1], g: {} },
   { name: '1x1 pair tiles, 32 -> 100 (a pair, then blocks of 32 and 4)', x: [1, 32, 5, 13], w: [100, 32, 1, 1], g: {} },
   { name: '1x1 pair tiles, 128 -> 96 on 7x7', x: [1, 128, 7, 7], w: [96, 128, 1, 1], g: {} },
+  // Up to 16 output channels (one vector) on rows of at most 8 pixels: row pairs of up to 16 pixels.
+  { name: '3x3 on 8x8, 16 -> 16, N=3 (one-vector row pairs of 8 pixels)', x: [3, 16, 8, 8], w: [16, 16, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '3x3/2 on 16x15, 16 -> 10 (row pairs, stride 2, part of a vector)', x: [1, 16, 16, 15], w: [10, 16, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
+  { name: '3x3 on 8x8, 1 -> 16, N=2 (stem tiles, row pairs)', x: [2, 1, 8, 8], w: [16, 1, 3, 3], g: { pads: [1, 1, 1, 1] } },
   // Inputs larger than an L2 (8 and 4.6 MiB an image) and weights smaller than half of one: the
   // direct tiles run in bands of rows, every block over one band before the next (the last band
   // short); a 3x3's bands share their edge rows.
@@ -296,7 +300,7 @@ describe('bf16 weights', () => {
 
 describe('threads', () => {
   it('1 and 2 threads give identical results (dense, grouped, depthwise, pooling)', async () => {
-    for (const s of [S('1x1 N=2'), S('split across threads'), S('K = 360'), S('shared im2col'), S('grouped'), S('depthwise 3x3 s1'), S('narrow rows: blocked'), S('image per task'), S('blocks outermost'), S('then one block of 16')]) {
+    for (const s of [S('1x1 N=2'), S('split across threads'), S('K = 360'), S('shared im2col'), S('grouped'), S('depthwise 3x3 s1'), S('narrow rows: blocked'), S('one-vector row pairs'), S('image per task'), S('blocks outermost'), S('then one block of 16')]) {
       const x = randomTensor(s.x, 30);
       const conv = kernels.createConv2d(randomTensor(s.w, 31), { ...s.g, bias: randomTensor([s.w[0]!], 32), activation: 'relu' });
       const a = await conv.run(x, { threads: 1 });

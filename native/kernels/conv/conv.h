@@ -100,7 +100,8 @@ F32ConvGemmUkernelInfo F32ConvGemmUkernelAvx512();
 // so every tap of every output pixel is in range (hp >= (oh-1)*sh + kh, wp >= (ow-1)*sw + kw).
 // Weights of one block of 32 output channels: [c_blocks][kh][kw][16 input channels][32 outputs],
 // zero past C_out, 64-byte aligned. Strides sw of 1 or 2, no dilation. One call computes output rows
-// oy .. oy+rows-1 (rows 1, or 2 with np <= 7), columns ox0 .. ox0+np-1 (np <= kNchwcMaxPixels) of
+// oy .. oy+rows-1 (rows 1, or 2 with np <= 7, or with np <= kNchwcMaxPairRowPixels when oc_valid <=
+// 16 on the fp32 AVX-512 tiles), columns ox0 .. ox0+np-1 (np <= kNchwcMaxPixels) of
 // the block's first oc_valid channels, adds
 // bias[0..31] and applies ep's activation and residual (ep->residual at the same NCHW offset as y;
 // ldr, scale and bias of ep unused), or none when ep is null.
@@ -111,6 +112,9 @@ constexpr size_t kNchwcBlock = 16;
 constexpr size_t NchwcBlocks(size_t c) { return (c + kNchwcBlock - 1) / kNchwcBlock; }
 constexpr size_t kNchwcOutBlock = 32;
 constexpr size_t kNchwcMaxPixels = 14;
+// Row pairs of one-vector tiles (16 output channels or fewer): rows of up to 8 pixels (16
+// accumulators), so an 8-pixel-wide output (an 8x8 image's 3x3 conv) takes half the tile calls.
+constexpr size_t kNchwcMaxPairRowPixels = 8;
 constexpr size_t kNchwcPairPixels = 6;
 // Blocked output (y_row != 0): y points at output pixel (0, 0) of the channel block oc0 / 16 of one
 // image, in a blocked tensor whose rows are y_row floats apart and whose 16-channel blocks are

@@ -170,6 +170,8 @@ struct TileTables {
   static constexpr TileFn kRowPairTiles[2][2][kNchwcMaxPixels / 2] = {
       {SONDE_NCHWC_ROW_PAIR(1, 1, KB), SONDE_NCHWC_ROW_PAIR(1, 2, KB)},
       {SONDE_NCHWC_ROW_PAIR(2, 1, KB), SONDE_NCHWC_ROW_PAIR(2, 2, KB)}};
+  // One vector of output channels: row pairs of 8 pixels too (16 accumulators), [stride - 1].
+  static constexpr TileFn kWideRowPairTiles[2] = {&Tile<1, 8, 1, 2, KB>, &Tile<1, 8, 2, 2, KB>};
 };
 #undef SONDE_NCHWC_ROW
 #undef SONDE_NCHWC_ROW_PAIR
@@ -177,7 +179,8 @@ struct TileTables {
 template <size_t KB>
 void F32DirectConvAvx512(const NchwcConvArgs* a, size_t oy, size_t ox0, size_t np, size_t rows) {
   const size_t nv = a->oc_valid > 16 ? 1 : 0;
-  if (rows == 2) TileTables<KB>::kRowPairTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
+  if (rows == 2 && np > kNchwcMaxPixels / 2) TileTables<KB>::kWideRowPairTiles[a->sw - 1](a, oy, ox0);
+  else if (rows == 2) TileTables<KB>::kRowPairTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
   else TileTables<KB>::kTiles[nv][a->sw - 1][np - 1](a, oy, ox0);
 }
 
