@@ -259,6 +259,8 @@ export interface NativeBinding {
    * and returns how many; 1 <= k <= x.length, k <= out.length.
    */
   sampleTopK(x: Float32Array, k: number, out: Int32Array, variant: NativeElementwiseVariant): number;
+  /** Sum of exp(x[i] - max) over the non-NaN x[i], in double (top-p's normaliser). */
+  sampleExpSum(x: Float32Array, max: number, variant: NativeElementwiseVariant): number;
   /** Every non-NaN id of x, larger value then lower id first, into out[0..) (out.length >= x.length); returns how many. */
   sampleRank(x: Float32Array, out: Int32Array): number;
   /** float32 as Float32Array, float16/bfloat16 as raw bits in a Uint16Array. */

@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { native, type NativeElementwiseVariant } from '../lib/binding.js';
 import { devices } from '../lib/device.js';
 import { InvalidArgumentError } from '../lib/errors.js';
-import { Rng, Sampler, argmax, argmaxLoop, topK, topKLoop } from '../lib/llm/sampling.js';
+import { Rng, Sampler, argmax, argmaxLoop, expSum, expSumLoop, topK, topKLoop } from '../lib/llm/sampling.js';
 import { randomF32 } from './helpers.js';
 
 
@@ -315,6 +315,34 @@ describe('native sampling kernels', () => {
       const ids = ranked(x);
       expect(Array.from(c.tokens)).toEqual(ids.slice(0, c.tokens.length));
     }
+  });
+  // Each term is a float exp within a few ulp of the double one (<= 2^-21 relative, the difference
+  // x - max rounded to float adding |x - max| * 2^-24), summed in double: the sum within 2^-20 of the
+  // double loop's, relatively, for rows whose terms that matter lie within ~16 of the max.
+  it('the exp sum (top-p\'s normaliser) gives the TypeScript loop\'s within float exp rounding on every variant', () => {
+    for (const n of [1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 100, 255, 256, 4099, 128256]) {
+      for (const [name, x] of rows(n)) {
+        const finite = Array.from(x).filter((v) => Number.isFinite(v));
+        const max = x[argmaxLoop(x)]!;
+        for (const m of [max, finite.length ? Math.max(...finite.slice(0, 64)) : 0]) {
+          const want = expSumLoop(x, m);
+          for (const v of variants) {
+            const got = native().sampleExpSum(x, m, v);
+            if (Number.isNaN(want)) continue;
+            if (want === 0 || !Number.isFinite(want)) expect(got, `${name} n=${n} ${v}`).toBe(want);
+            else expect(Math.abs(got / want - 1), `${name} n=${n} max ${m} ${v}: ${got} vs ${want}`).toBeLessThan(2 ** -20);
+          }
+        }
+      }
+    }
+    // Typical logits: 128k values around 0, a max of ~25.
+    const logits = randomF32(128256, 9).map((v) => v * 8);
+    logits[777] = 25;
+    const want = expSumLoop(logits, 25);
+    expect(Math.abs(expSum(logits, 25) / want - 1)).toBeLessThan(2 ** -20);
+    expect(expSum(Array.from(logits.subarray(0, 300)), 25)).toBe(expSumLoop(logits.subarray(0, 300), 25));  // plain arrays: the loop
+    expect(() => native().sampleExpSum(Array.from(logits) as never, 0, 'auto')).toThrow(/sampleExpSum: x must be a Float32Array/);
+    expect(() => native().sampleExpSum(logits, 'x' as never, 'auto')).toThrow(/sampleExpSum: max must be a number/);
   });
   it('argmax and topK take the kernels from 256 Float32Array logits on, with the same results', () => {
     const x = randomF32(5000, 3).map((v) => Math.round(v * 4) / 4);

@@ -145,6 +145,26 @@ export interface Candidates {
 // cost). The loops here stay the reference the kernels are tested against.
 const NATIVE_FROM = 256;
 
+/**
+ * Sum of exp(v - max) over the values (NaN skipped, a term that underflows counts 0): top-p's
+ * normaliser over a whole row. A Float32Array row from NATIVE_FROM on takes the native kernel
+ * (float exp, double sum: 128k logits in tens of microseconds, where this loop takes ~1.7 ms).
+ */
+export function expSum(values: ArrayLike<number>, max: number): number {
+  if (values instanceof Float32Array && values.length >= NATIVE_FROM) return native().sampleExpSum(values, max, 'auto');
+  return expSumLoop(values, max);
+}
+
+/** expSum's TypeScript loop (the reference for the native kernels). */
+export function expSumLoop(values: ArrayLike<number>, max: number): number {
+  let z = 0;
+  for (let i = 0; i < values.length; i++) {
+    const e = Math.exp(values[i]! - max);
+    if (e > 0) z += e;
+  }
+  return z;
+}
+
 /** Index of the largest value; the first one on ties; NaN never wins. */
 export function argmax(values: ArrayLike<number>): number {
   if (values instanceof Float32Array && values.length >= NATIVE_FROM) return native().sampleArgmax(values, 'auto');
@@ -337,13 +357,8 @@ export class Sampler {
     } else {
       max = values[argmax(values)]!;
       // NaN logits (a broken model) count as impossible rather than poisoning every sum. Only
-      // top-p reads z (a pass of exp over the whole row: 1.7 ms at 128k).
-      if (o.topP < 1) {
-        for (let i = 0; i < vocab; i++) {
-          const e = Math.exp(values[i]! - max);
-          if (e > 0) z += e;
-        }
-      }
+      // top-p reads z (a pass of exp over the whole row).
+      if (o.topP < 1) z = expSum(values, max);
       if (o.minP > 0) {
         // min-p and top-p both keep a prefix of the ranking, so the result is their intersection
         // whatever the order: cut by min-p first (one pass) and sort only what survives.

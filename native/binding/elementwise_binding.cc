@@ -318,6 +318,19 @@ static Napi::Value SampleTopKBinding(Addon&, const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(uk.sample_top_k(n, x.Data(), k, out.Data())));
 }
 
+// sampleExpSum(x: Float32Array, max: number, variant) -> number: top-p's normaliser, the sum of
+// exp(x[i] - max) over the non-NaN x[i] (ElementwiseUkernels::sample_exp_sum).
+static Napi::Value SampleExpSumBinding(Addon&, const Napi::CallbackInfo& info) {
+  const char* fn = "sampleExpSum";
+  Napi::Env env = info.Env();
+  Napi::Float32Array x = F32Arg(info, 0, fn, "x");
+  if (info.Length() < 2 || !info[1].IsNumber()) Invalid(env, fn, "max must be a number");
+  const float max = static_cast<float>(info[1].As<Napi::Number>().DoubleValue());
+  kernels::ElementwiseUkernels storage;
+  const kernels::ElementwiseUkernels& uk = SampleVariant(info, 2, fn, &storage);
+  return Napi::Number::New(env, uk.sample_exp_sum(x.ElementLength(), x.Data(), max));
+}
+
 // sampleRank(x: Float32Array, out: Int32Array) -> number: every non-NaN id of x, larger value then
 // lower id first, into out[0..) (out.length >= x.length); returns how many. One kernel (a radix
 // sort, no variants): a 128k row in 1.3 ms where the TypeScript ranking took 12-13.
@@ -337,6 +350,7 @@ void RegisterElementwiseBindings(Napi::Env env, Napi::Object exports, Addon& add
   addon.Export(env, exports, "sampleRank", SampleRankBinding);
   addon.Export(env, exports, "sampleArgmax", SampleArgmaxBinding);
   addon.Export(env, exports, "sampleTopK", SampleTopKBinding);
+  addon.Export(env, exports, "sampleExpSum", SampleExpSumBinding);
   addon.Export(env, exports, "elementwiseBinary", ElementwiseBinary);
   addon.Export(env, exports, "elementwiseUnary", ElementwiseUnary);
   addon.Export(env, exports, "softmax", Softmax);

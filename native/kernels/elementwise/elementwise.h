@@ -70,6 +70,9 @@ struct ElementwiseUkernels {
   // The min(k, non-NaN count) best ids (larger value first, lower id first among equals, NaN
   // skipped) into ids[0..) in rank order; returns how many. k >= 1; ids has room for k.
   size_t (*sample_top_k)(size_t n, const float* x, size_t k, int32_t* ids);
+  // Top-p's normaliser: the sum of exp(x[i] - max) over the non-NaN x[i] (a term that underflows
+  // counts 0), summed in double; with max the row's largest value every term is at most 1.
+  double (*sample_exp_sum)(size_t n, const float* x, float max);
 };
 
 // The independent reference: scalar, double-precision transcendental functions and accumulation,

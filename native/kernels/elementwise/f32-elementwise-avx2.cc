@@ -296,6 +296,34 @@ size_t SampleArgmax(size_t n, const float* x) {
 }
 
 // Once the heap is full, 8 values at a time against its root: only the lanes above it are offered.
+// As the AVX-512 kernel: 8 float exps a step, widened to double; NaN lanes zeroed; the tail
+// scalar, in the same float arithmetic.
+double SampleExpSum(size_t n, const float* x, float max) {
+  const __m256 vmax = _mm256_set1_ps(max);
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    // NaN differences (a NaN value, or Inf - Inf) count 0, as the reference's e > 0 test skips them.
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), vmax);
+    const __m256 e = _mm256_and_ps(_mm256_cmp_ps(d, d, _CMP_ORD_Q), Exp(d));
+    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
+  double z = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  if (i < n) {
+    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (size_t j = i; j < n; ++j) tail[j - i] = x[j];
+    const __m256 d = _mm256_sub_ps(_mm256_load_ps(tail), vmax);
+    const __m256 e = _mm256_and_ps(_mm256_cmp_ps(d, d, _CMP_ORD_Q), Exp(d));
+    alignas(32) float out[8];
+    _mm256_store_ps(out, e);
+    for (size_t j = 0; j < n - i; ++j) z += static_cast<double>(out[j]);
+  }
+  return z;
+}
+
 size_t SampleTopK(size_t n, const float* x, size_t k, int32_t* ids) {
   SampleTopKHeap heap(ids, x, k);
   size_t i = heap.Fill(0, n);
@@ -313,7 +341,7 @@ size_t SampleTopK(size_t n, const float* x, size_t k, int32_t* ids) {
 ElementwiseUkernels ElementwiseUkernelsAvx2() {
   return {"f32_elementwise__avx2", BinaryVV, BinaryVS, BinarySV, Unary, SoftmaxRow, SoftmaxCols,
           LayerNormRow, RmsNormRow, FromF32<F32ToBf16Vec>, ToF32<Bf16ToF32Vec>, FromF32<F32ToF16Vec>,
-          ToF32<F16ToF32Vec>, SampleArgmax, SampleTopK};
+          ToF32<F16ToF32Vec>, SampleArgmax, SampleTopK, SampleExpSum};
 }
 
 }  // namespace kernels

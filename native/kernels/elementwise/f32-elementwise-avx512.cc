@@ -299,6 +299,23 @@ size_t SampleArgmax(size_t n, const float* x) {
 }
 
 // Once the heap is full, 16 values at a time against its root: only the lanes above it are offered.
+// exp in float (vmath's Exp, <= 2 ulp), 16 terms a step widened to double and summed there; NaN
+// lanes masked to 0. A 128k row: the TypeScript loop it replaces took ~1.7 ms.
+double SampleExpSum(size_t n, const float* x, float max) {
+  const __m512 vmax = _mm512_set1_ps(max);
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+  for (size_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    // NaN differences (a NaN value, or Inf - Inf) count 0, as the reference's e > 0 test skips them.
+    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vmax);
+    const __mmask16 ok = _mm512_mask_cmp_ps_mask(m, d, d, _CMP_ORD_Q);
+    const __m512 e = _mm512_maskz_mov_ps(ok, Exp(d));
+    acc0 = _mm512_add_pd(acc0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+    acc1 = _mm512_add_pd(acc1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1)));
+  }
+  return _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+}
+
 size_t SampleTopK(size_t n, const float* x, size_t k, int32_t* ids) {
   SampleTopKHeap heap(ids, x, k);
   size_t i = heap.Fill(0, n);
@@ -315,7 +332,8 @@ size_t SampleTopK(size_t n, const float* x, size_t k, int32_t* ids) {
 
 ElementwiseUkernels ElementwiseUkernelsAvx512() {
   return {"f32_elementwise__avx512", BinaryVV, BinaryVS, BinarySV, Unary, SoftmaxRow, SoftmaxCols,
-          LayerNormRow, RmsNormRow, F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32, SampleArgmax, SampleTopK};
+          LayerNormRow, RmsNormRow, F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32, SampleArgmax, SampleTopK,
+          SampleExpSum};
 }
 
 }  // namespace kernels

@@ -268,18 +268,29 @@ size_t SampleTopK(size_t n, const float* x, size_t k, int32_t* ids) {
   return heap.Finish();
 }
 
+// T: the precision of the difference and exp (double: the reference, as lib/llm/sampling.ts sums).
+template <typename T>
+double SampleExpSum(size_t n, const float* x, float max) {
+  double z = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const T e = std::exp(static_cast<T>(x[i]) - static_cast<T>(max));
+    if (e > 0) z += static_cast<double>(e);  // NaN is not > 0
+  }
+  return z;
+}
+
 }  // namespace
 
 ElementwiseUkernels ElementwiseUkernelsReference() {
   return {"f32_elementwise__reference", BinaryVV, BinaryVS, BinarySV, Unary<double>,
           SoftmaxRowReference, SoftmaxCols<double>, LayerNormRow<double>, RmsNormRow<double>,
-          F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32, SampleArgmax, SampleTopK};
+          F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32, SampleArgmax, SampleTopK, SampleExpSum<double>};
 }
 
 ElementwiseUkernels ElementwiseUkernelsScalar() {
   return {"f32_elementwise__scalar", BinaryVV, BinaryVS, BinarySV, Unary<float>,
           SoftmaxRowScalar, SoftmaxCols<float>, LayerNormRow<float>, RmsNormRow<float>,
-          F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32, SampleArgmax, SampleTopK};
+          F32ToBf16, Bf16ToF32, F32ToF16, F16ToF32, SampleArgmax, SampleTopK, SampleExpSum<float>};
 }
 
 size_t F32SampleRank(size_t n, const float* x, int32_t* ids, uint32_t* scratch) {
