@@ -62,7 +62,7 @@ function mobileLike(h: number, w: number) {
   return n.g.toBytes();
 }
 
-// SONDE_CONV_CHAIN is read when the plan is built (first run), SONDE_CHAIN_STRIP_KB per run.
+// SONDE_CONV_CHAIN and SONDE_CHAIN_STRIP_KB are read when the plan is built (the first run).
 const runWith = runWithEnv;
 
 function expectClose(got: ArrayLike<number>, want: ArrayLike<number>, tol: number, what: string) {

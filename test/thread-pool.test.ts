@@ -26,5 +26,6 @@ describe('homed ParallelFor', () => {
     expect(() => native().homedProbe(4, 3, 2)).toThrow(/homedProbe: thrown/);
     expect(native().homedProbe(4, 10, -1).every((c) => c === 1)).toBe(true);
     expect(() => native().homedProbe(0, 1, -1)).toThrow(/n in \[1, 4096\]/);
+    expect(() => native().homedProbe(4096, 100000, -1)).toThrow(/n \* loops at most 2\^22/);
   });
 });

@@ -162,9 +162,10 @@ export function checkChannelVector(where: string, t: unknown, n: number): Float3
   return v.data;
 }
 
-/** A convolution created once: weights folded and packed in native memory. dispose() it when done. */
+/** Conv2d objects made so far: each names its kernel calls' measured times (waitKernel) by its number. */
 let convCount = 0;
 
+/** A convolution created once: weights folded and packed in native memory. dispose() it when done. */
 export class Conv2d extends NativeResource {
   readonly outChannels: number;
   /** Channels the input must have: weights.dims[1] * group. */

@@ -11,6 +11,7 @@
  * measurements and the tests that compare both.
  */
 import type { NativeConvHandle } from '../binding.js';
+import { refFields } from './layout.js';
 import { chainRole } from './ops/nn.js';
 import type { ValueId } from './ops/types.js';
 import type { PlanRef, PlanStep } from './plan.js';
@@ -27,11 +28,6 @@ export interface ChainIo {
 
 type ConvStep = Extract<PlanStep, { op: 'conv' }>;
 
-function refs(step: PlanStep): PlanRef[] {
-  return Object.values(step).filter((v): v is PlanRef =>
-    typeof v === 'object' && v !== null && 'buffer' in v && 'offset' in v);
-}
-
 /** Returns the new step list. */
 export function chainInvertedResiduals(io: ChainIo): PlanStep[] {
   const { steps } = io;
@@ -42,7 +38,7 @@ export function chainInvertedResiduals(io: ChainIo): PlanStep[] {
   // Every step that reads or writes each value.
   const touches = new Map<ValueId, number[]>();
   steps.forEach((s, i) => {
-    for (const r of refs(s)) {
+    for (const [, r] of refFields(s)) {
       const id = root(r);
       if (id === undefined) continue;
       const list = touches.get(id) ?? [];

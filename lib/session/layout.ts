@@ -58,7 +58,8 @@ type Pads = [number, number, number, number];
 
 interface Use { step: number; field: string; ref: PlanRef; id: ValueId }
 
-function refFields(step: PlanStep): [string, PlanRef][] {
+/** Every operand ref of a step, with its field name. */
+export function refFields(step: PlanStep): [string, PlanRef][] {
   return Object.entries(step).filter((e): e is [string, PlanRef] => {
     const v = e[1] as unknown;
     return typeof v === 'object' && v !== null && 'buffer' in v && 'offset' in v;

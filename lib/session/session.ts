@@ -186,6 +186,9 @@ function sameFeeds(dims: readonly (readonly number[])[], dtypes: readonly DType[
   return true;
 }
 
+/** The microkernel of a depthwise conv on blocked activations (its handle names its NCHW one). */
+const BLOCKED_DEPTHWISE_UKERNEL = 'f32_dwconv_nchw16c_4px__avx512';
+
 /** What computes a step, for profiles: handles name their microkernel; other steps their kind. */
 function kernelOf(step: PlanStep): string {
   switch (step.op) {
@@ -194,12 +197,12 @@ function kernelOf(step: PlanStep): string {
       const blocked = (step.xBlocked ? (step.yBlocked ? '+nchw16c-in-out' : '+nchw16c-in') : step.yBlocked ? '+nchw16c-out' : '') +
         (step.xBlocked?.bf16 ? '+bf16-in' : '') + (step.yBlocked?.bf16 ? '+bf16-out' : '');
       // The handle names its NCHW kernel; a depthwise conv in a blocked run uses its blocked one.
-      const ukernel = step.xBlocked && info.path === 'depthwise' ? 'f32_dwconv_nchw16c_4px__avx512' : info.ukernel ?? '?';
+      const ukernel = step.xBlocked && info.path === 'depthwise' ? BLOCKED_DEPTHWISE_UKERNEL : info.ukernel ?? '?';
       return `${info.path ?? '?'}/${ukernel}${blocked}`;
     }
     case 'convChain': {
       const pointwise = (h: NativeConvHandle) => h.info().ukernel ?? '?';
-      return `chain/${step.expand ? `${pointwise(step.expand)}+` : ''}f32_dwconv_nchw16c_4px__avx512+${pointwise(step.project)}`;
+      return `chain/${step.expand ? `${pointwise(step.expand)}+` : ''}${BLOCKED_DEPTHWISE_UKERNEL}+${pointwise(step.project)}`;
     }
     case 'reorder': return step.toBlocked ? 'reorder-to-nchw16c' : 'reorder-to-nchw';
     case 'gemm': {

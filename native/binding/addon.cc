@@ -372,8 +372,9 @@ Napi::Value Addon::HomedProbe(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const auto arg = [&](size_t i) { return info.Length() > i && info[i].IsNumber() ? info[i].As<Napi::Number>().Int64Value() : -1; };
   const int64_t n = arg(0), loops = arg(1), throw_at = arg(2);
-  if (n < 1 || n > 4096 || loops < 1 || loops > 100000)
-    throw MakeError(env, codes::kInvalidArgument, "homedProbe(n, loops, throwAt): n in [1, 4096], loops in [1, 100000]");
+  if (n < 1 || n > 4096 || loops < 1 || loops > 100000 || n * loops > (int64_t{1} << 22))
+    throw MakeError(env, codes::kInvalidArgument,
+                    "homedProbe(n, loops, throwAt): n in [1, 4096], loops in [1, 100000], n * loops at most 2^22");
   std::vector<std::atomic<int32_t>> counts(static_cast<size_t>(n * loops));
   for (auto& c : counts) c.store(0, std::memory_order_relaxed);
   try {

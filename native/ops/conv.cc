@@ -1194,19 +1194,17 @@ float* ChainScratch(size_t floats) {
   thread_local GrowingBuffer buf;
   return buf.Get(floats);
 }
+}  // namespace
 
-// A strip's scratch (expanded rows and depthwise output) in floats: half of L2. MobileNetV2 on the
-// Xeon VM, fused against unfused (time ratio at batch 1 / 8 on one thread, batch 1 on two): L2/16
-// 1.00 / 0.91 / 0.87, L2/8 0.96 / 0.87 / 0.84, L2/2 0.94 / 0.85 / 0.82, L2 0.95 / 0.89 / 0.85, 2 L2
-// 1.00 / 0.90 / 0.85. SONDE_CHAIN_STRIP_KB overrides it, read per run (tests use tiny strips to
-// cross strip boundaries on small images).
-size_t ChainStripFloats() {
+// Half of L2. MobileNetV2 on the Xeon VM, fused against unfused (time ratio at batch 1 / 8 on one
+// thread, batch 1 on two): L2/16 1.00 / 0.91 / 0.87, L2/8 0.96 / 0.87 / 0.84, L2/2 0.94 / 0.85 /
+// 0.82, L2 0.95 / 0.89 / 0.85, 2 L2 1.00 / 0.90 / 0.85.
+size_t ConvChain::ChainStripFloats() {
   const char* v = std::getenv("SONDE_CHAIN_STRIP_KB");
   const long kb = v ? std::strtol(v, nullptr, 10) : 0;
   const size_t bytes = kb > 0 ? static_cast<size_t>(kb) << 10 : Cpu().l2_bytes / 2;
   return bytes / sizeof(float);
 }
-}  // namespace
 
 std::string ConvChain::Check(size_t h, size_t w, const BlockedLayout& xl, const BlockedLayout& yl,
                              const BlockedLayout* rl) const {
@@ -1264,7 +1262,7 @@ bool ConvChain::Run(ThreadPool& pool, unsigned threads, const CancelFlag* cancel
   const size_t ewp = std::max(d.pad_l + w, (d.ow - 1) * g.sw + g.kw), e_row = ewp * kB;
   const size_t tap_rows = g.kh > g.sh ? g.kh - g.sh : 0;  // expanded rows shared by consecutive strips
   // Strip height: its expanded rows and depthwise output within the scratch budget.
-  const size_t budget = ChainStripFloats() / (cb * kB);
+  const size_t budget = strip_floats / (cb * kB);
   const size_t per_row = (expand ? g.sh * ewp : 0) + d.ow;
   const size_t fixed = expand ? tap_rows * ewp : 0;
   const size_t strip = std::max<size_t>(1, std::min(d.oh, budget > fixed ? (budget - fixed) / per_row : 1));

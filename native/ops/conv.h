@@ -250,7 +250,12 @@ class ConvOp {
 struct ConvChain {
   std::shared_ptr<const ConvOp> expand;  // null: none (the block's x is the depthwise conv's input)
   std::shared_ptr<const ConvOp> depthwise, project;
+  // A strip's scratch (expanded rows and depthwise output) in floats; see ChainStripFloats.
+  size_t strip_floats = ChainStripFloats();
 
+  // The scratch size chains are made with: half of L2, or SONDE_CHAIN_STRIP_KB (read as a chain is
+  // made, i.e. when a plan is built: tests use tiny strips to cross strip boundaries on small images).
+  static size_t ChainStripFloats();
   // Empty if the chain can run on an h x w input with these layouts (x's border covering the
   // depthwise padding when there is no expansion; y and the residual the output size), else why not.
   std::string Check(size_t h, size_t w, const BlockedLayout& xl, const BlockedLayout& yl, const BlockedLayout* rl) const;
