@@ -350,6 +350,10 @@ const direct: Shape[] = [
   { name: '3x3 p1, 48 -> 64 on 6x7 (assembly: row pairs)', x: [1, 48, 6, 7], w: [64, 48, 3, 3], g: { pads: [1, 1, 1, 1] } },
   { name: '3x3 s2 p1, 32 -> 40 on 13x13 (assembly: stride-2 row pairs)', x: [1, 32, 13, 13], w: [40, 32, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
   { name: '1x3, 32 -> 48 on 4x14 (assembly: one tap row)', x: [1, 32, 4, 14], w: [48, 32, 1, 3], g: { pads: [0, 1, 0, 1] } },
+  // One vector of output channels in row pairs of 8 pixels: the one-vector assembly form.
+  { name: '3x3 p1 N=2, 32 -> 16 on 8x8 (assembly: one-vector row pairs)', x: [2, 32, 8, 8], w: [16, 32, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '1x1 s2, 16 -> 12 on 15x15 (assembly: one vector, stride 2)', x: [1, 16, 15, 15], w: [12, 16, 1, 1], g: { strides: [2, 2] } },
+  { name: '3x3 s2 p1, 48 -> 16 on 15x16 (assembly: one vector, stride 2, three blocks)', x: [1, 48, 15, 16], w: [16, 48, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
   // 1x1 stride 1 on a plane of >= 784 pixels runs the pointwise GEMM kernel on the blocked weights:
   // row tiles 12 + 12 + 8 of a block, a partial block (45 = 32 + 13), two K blocks (320 > 256).
   { name: '1x1 N=2, 320 -> 45 on 29x28 (pointwise kernel, blocked weights)', x: [2, 320, 29, 28], w: [45, 320, 1, 1], g: {} },
@@ -370,7 +374,7 @@ const D = (fragment: string): Shape => direct.find((c) => c.name.includes(fragme
 async function checkDirectEpilogue(act: Act, precision: 'fp32' | 'bf16', seed: number,
   variant?: kernels.ConvVariant): Promise<void> {
   const round = (t: Float32Array) => (precision === 'bf16' ? t.map(bf16Round) : t);
-  for (const s of [D('tiles 10+10+9'), D('5x5 s2'), D('16 -> 5 on 1x1'), D('1x1 s2, 64'), D('320 -> 45'), D('three input blocks'), D('stride-2 row pairs')]) {
+  for (const s of [D('tiles 10+10+9'), D('5x5 s2'), D('16 -> 5 on 1x1'), D('1x1 s2, 64'), D('320 -> 45'), D('three input blocks'), D('stride-2 row pairs'), D('one-vector row pairs)')]) {
     const x = randomTensor(s.x, seed);
     const w = randomTensor(s.w, seed + 1);
     for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);

@@ -498,6 +498,12 @@ constexpr size_t kPanelsPerTask = 8;
 // Below this many FLOPs per thread a convolution runs on fewer threads (see ThreadsForWork): the
 // digits CNN's 8x8 layers (about 1 MFLOP) are faster on one.
 constexpr double kMinFlopsPerThread = 1024.0 * 1024;
+// The blocked pools of a plan (taps, or elements summed) split at far less work per thread: their
+// input comes from convs whose threads each kept their share of the batch in their own L2
+// (HomedChunks), and one thread taking it all reads the other's half across cores. The digits CNN
+// at batch 64 on 2 threads, per run: its max pool (65K taps) 15 -> 8.5 us split, its global average
+// pool (16K elements) 6.9 -> 4.6 us, where the threshold above kept both on one thread.
+constexpr double kMinHomedWorkPerThread = 4096;
 // Pointwise inputs larger than this are assumed to come from beyond L2 (see RunPointwise).
 size_t PackPointwiseBytes() {
   static const size_t v = [] {
@@ -914,10 +920,48 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   const bool trivial = !ep0.residual && ep0.activation == kernels::kActNone;
   // One task per thread (images or bands of rows): each thread keeps its part from layer to layer.
   const bool homed = image_tasks || band_split;
+  // What every item of a task passes its tiles alike.
+  const kernels::NchwcConvArgs task_args{nullptr, c_blocks, hp, wp, c_last, nullptr, g.kh, g.kw, g.sh, g.sw, nullptr, 0,
+                                         nullptr, s.oh, s.ow, nullptr, yl ? yl->wp() * kB : 0, yl ? yl->block_floats() : 0,
+                                         yl && rl && ep0.residual ? rl->wp() * kB : 0, yl && rl && ep0.residual ? rl->block_floats() : 0,
+                                         yl && yl->bf16 ? 1 : 0, nullptr, 0, 0, ldw_};
   const auto task = [&](size_t t) {
-    const size_t end = std::min(items, (t + 1) * per);
-    for (size_t it = t * per; it < end; ++it) {
-      const Item item = decode(it);
+    const size_t begin = t * per, end = std::min(items, (t + 1) * per);
+    if (begin >= end) return;
+    // The task's items follow each other in decode's order: the first is decoded, the rest advance
+    // a cursor. An item is one tile on small images (the digits CNN's 8x8 rows in pairs), and
+    // decoding each (a handful of 64-bit divisions) was a tenth of those convs' time.
+    Item item = decode(begin);
+    size_t bd = item.rg / band_groups, r = item.rg - bd * band_groups;
+    size_t groups = std::min(band_groups, row_groups - bd * band_groups);
+    size_t next_run = items, next_run_ob = 0;  // decode(next_run).ob, for the prefetch below
+    for (size_t it = begin; it < end; ++it) {
+      if (it > begin) {
+        if (block_major) {
+          if (++item.rg == row_groups) {
+            item.rg = 0;
+            if (++item.b == n) {
+              item.b = 0;
+              ++item.ob;
+              item.run_end += n * row_groups;
+            }
+          }
+        } else {
+          if (++r == groups) {
+            r = 0;
+            if (++item.ob == o_items) {
+              item.ob = 0;
+              if (++bd * band_groups >= row_groups) {
+                bd = 0;
+                ++item.b;
+              }
+              groups = std::min(band_groups, row_groups - bd * band_groups);
+            }
+            item.run_end = it + groups;
+          }
+          item.rg = bd * band_groups + r;
+        }
+      }
       const size_t oy = item.rg * row_step, ob = item.ob, b = item.b;
       const size_t rows = std::min(row_step, s.oh - oy);
       const size_t oc0 = ob * per_item * kO;
@@ -927,16 +971,14 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
       const size_t item_oc = per_item * kO;
       kernels::GemmEpilogue ep = ep0;
       float* yt;
-      size_t y_row = 0, y_block = 0, res_row = 0, res_block = 0;
+      size_t y_block = 0, res_block = 0;
       if (yl) {
         // In elements of y (float, or bf16 with yl->bf16).
-        y_row = yl->wp() * kB;
         y_block = yl->block_floats();
         const size_t eb = yl->elem_bytes();
         char* yc = reinterpret_cast<char*>(y);
         yt = reinterpret_cast<float*>(yc + ((b * yc_blocks + oc0 / kB) * y_block + yl->origin()) * eb);
         if (ep.residual) {
-          res_row = rl->wp() * kB;
           res_block = rl->block_floats();
           ep.residual += (b * yc_blocks + oc0 / kB) * res_block + rl->origin();
         }
@@ -950,14 +992,20 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
         if (ep.residual) ep.residual += (b * spec_.c_out + oc0) * hwo;
       }
       const size_t wo = oc0 / kO * ldw_;
-      const void* wb = bf16_direct_ ? static_cast<const void*>(w_pairs_ + wo) : w_ + wo;
-      kernels::NchwcConvArgs a{static_cast<const char*>(xo) + b * image, c_blocks, hp, wp, c_last, wb, g.kh, g.kw, g.sh, g.sw,
-                                     bias_blocks_ + oc0, std::min(item_oc, spec_.c_out - oc0), yt, s.oh, s.ow,
-                                     trivial ? nullptr : &ep, y_row, y_block, res_row, res_block,
-                                     yl && yl->bf16 ? 1 : 0, nullptr, 0, 0, ldw_};
+      kernels::NchwcConvArgs a = task_args;
+      a.x = static_cast<const char*>(xo) + b * image;
+      a.w = bf16_direct_ ? static_cast<const void*>(w_pairs_ + wo) : w_ + wo;
+      a.bias = bias_blocks_ + oc0;
+      a.oc_valid = std::min(item_oc, spec_.c_out - oc0);
+      a.y = yt;
+      a.ep = trivial ? nullptr : &ep;
       if (prefetch || next_layer.data) {
         const size_t next = item.run_end, j = it - (next - run);
-        const size_t next_ob = next < end ? decode(next).ob : ob;
+        if (next != next_run) {
+          next_run = next;
+          next_run_ob = next < end ? decode(next).ob : ob;
+        }
+        const size_t next_ob = next_run_ob;
         // The next item's weights, or in the task's last run the next layer's first block.
         const char* src = nullptr;
         size_t next_w = 0;
@@ -1420,10 +1468,9 @@ bool RunPoolBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* cancel
   const kernels::F32NchwcPoolUkernel uk = kernels::F32NchwcPoolUkernelAvx512();
   const size_t y_row = yl.wp() * kB;
   // A contiguous share of the block planes per thread, the same in every step (HomedChunks); one
-  // thread where a helper's hand-off would cost more than the taps (a max pool of 64 8x8 images
-  // of 32 channels: 7.5 us alone, 23 us split).
+  // thread only where a helper's hand-off would cost more than its taps (kMinHomedWorkPerThread).
   const unsigned nthreads = ThreadsForWork(std::max(1u, threads),
-                                           static_cast<double>(blocks * kB * s.oh * s.ow * g.kh * g.kw), kMinFlopsPerThread);
+                                           static_cast<double>(blocks * kB * s.oh * s.ow * g.kh * g.kw), kMinHomedWorkPerThread);
   ok = HomedChunks(pool, nthreads, cancel, blocks, [&](size_t t0, size_t t1) {
     for (size_t t = t0; t < t1; ++t) {
       float* yb = y + t * yl.block_floats();
@@ -1447,7 +1494,7 @@ bool RunGlobalAveragePoolBlocked(ThreadPool& pool, unsigned threads, const Cance
   const size_t row = l.wp() * kB;
   const float inv = 1.0f / static_cast<float>(l.h * l.w);
   const unsigned nthreads = ThreadsForWork(std::max(1u, threads), static_cast<double>(blocks * kB * l.h * l.w),
-                                           kMinFlopsPerThread);
+                                           kMinHomedWorkPerThread);
   const bool ok = HomedChunks(pool, nthreads, cancel, blocks, [&](size_t b0, size_t b1) {
     for (size_t blk = b0; blk < b1; ++blk) {
       // 16 lanes of one pixel are 16 channels: a plain lane-wise sum, which the compiler vectorises.

@@ -82,6 +82,21 @@ constexpr size_t kAsmTilePixels = 14;
   SONDE_T_FMA(8, 22, SONDE_T_X1(B, 1, c, SW)) SONDE_T_FMA(9, 23, SONDE_T_X1(B, 2, c, SW))            \
   SONDE_T_FMA(10, 24, SONDE_T_X1(B, 3, c, SW)) SONDE_T_FMA(11, 25, SONDE_T_X1(B, 4, c, SW))          \
   SONDE_T_FMA(12, 26, SONDE_T_X1(B, 5, c, SW)) SONDE_T_FMA(13, 27, SONDE_T_X1(B, 6, c, SW))
+// One vector of output channels (NV = 1), 8 pixels of each of two rows: pixel p in zmm p, the
+// weights in zmm31, each input an embedded broadcast of its FMA (the intrinsic loop's form). No
+// weight prefetch: a 16-channel block's weights are small (16 x 9 taps x 16 channels: 9 KiB), and
+// the load ports are what this tile is bound by (a load per FMA).
+#define SONDE_T_FMA1(r, addr) "vfmadd231ps " addr "%{1to16%}, %%zmm31, %%zmm" #r "\n\t"
+#define SONDE_T_CH8X2(B, c, SW)                                                                      \
+  "vmovaps " #c "*128(%[w]), %%zmm31\n\t"                                                             \
+  SONDE_T_FMA1(0, SONDE_T_X0(B, 0, c, SW)) SONDE_T_FMA1(1, SONDE_T_X0(B, 1, c, SW))                  \
+  SONDE_T_FMA1(2, SONDE_T_X0(B, 2, c, SW)) SONDE_T_FMA1(3, SONDE_T_X0(B, 3, c, SW))                  \
+  SONDE_T_FMA1(4, SONDE_T_X0(B, 4, c, SW)) SONDE_T_FMA1(5, SONDE_T_X0(B, 5, c, SW))                  \
+  SONDE_T_FMA1(6, SONDE_T_X0(B, 6, c, SW)) SONDE_T_FMA1(7, SONDE_T_X0(B, 7, c, SW))                  \
+  SONDE_T_FMA1(8, SONDE_T_X1(B, 0, c, SW)) SONDE_T_FMA1(9, SONDE_T_X1(B, 1, c, SW))                  \
+  SONDE_T_FMA1(10, SONDE_T_X1(B, 2, c, SW)) SONDE_T_FMA1(11, SONDE_T_X1(B, 3, c, SW))                \
+  SONDE_T_FMA1(12, SONDE_T_X1(B, 4, c, SW)) SONDE_T_FMA1(13, SONDE_T_X1(B, 5, c, SW))                \
+  SONDE_T_FMA1(14, SONDE_T_X1(B, 6, c, SW)) SONDE_T_FMA1(15, SONDE_T_X1(B, 7, c, SW))
 #define SONDE_T_BLOCK(CH, B, SW)                                                                     \
   CH(B, 0, SW) CH(B, 1, SW) CH(B, 2, SW) CH(B, 3, SW) CH(B, 4, SW) CH(B, 5, SW) CH(B, 6, SW)         \
   CH(B, 7, SW) CH(B, 8, SW) CH(B, 9, SW) CH(B, 10, SW) CH(B, 11, SW) CH(B, 12, SW) CH(B, 13, SW)     \
@@ -101,6 +116,14 @@ constexpr size_t kAsmTilePixels = 14;
   "prefetcht0 1*" #SW "*64(%[t],%[rs])\n\tprefetcht0 2*" #SW "*64(%[t],%[rs])\n\t"                  \
   "prefetcht0 3*" #SW "*64(%[t],%[rs])\n\tprefetcht0 4*" #SW "*64(%[t],%[rs])\n\t"                  \
   "prefetcht0 5*" #SW "*64(%[t],%[rs])\n\tprefetcht0 6*" #SW "*64(%[t],%[rs])\n\t"
+#define SONDE_T_NEXT8X2(SW)                                                                          \
+  "prefetcht0 0*" #SW "*64(%[t])\n\tprefetcht0 1*" #SW "*64(%[t])\n\tprefetcht0 2*" #SW "*64(%[t])\n\t" \
+  "prefetcht0 3*" #SW "*64(%[t])\n\tprefetcht0 4*" #SW "*64(%[t])\n\tprefetcht0 5*" #SW "*64(%[t])\n\t" \
+  "prefetcht0 6*" #SW "*64(%[t])\n\tprefetcht0 7*" #SW "*64(%[t])\n\t"                              \
+  "prefetcht0 0*" #SW "*64(%[t],%[rs])\n\tprefetcht0 1*" #SW "*64(%[t],%[rs])\n\t"                  \
+  "prefetcht0 2*" #SW "*64(%[t],%[rs])\n\tprefetcht0 3*" #SW "*64(%[t],%[rs])\n\t"                  \
+  "prefetcht0 4*" #SW "*64(%[t],%[rs])\n\tprefetcht0 5*" #SW "*64(%[t],%[rs])\n\t"                  \
+  "prefetcht0 6*" #SW "*64(%[t],%[rs])\n\tprefetcht0 7*" #SW "*64(%[t],%[rs])\n\t"
 // PrefetchWeightSlice: the next pf_step bytes of the slice at pf (64 at a time, up to pf_end) into L2.
 #define SONDE_T_SLICE                                                                                \
   "mov %[pfstep], %[t]\n\t"                                                                          \
@@ -116,16 +139,15 @@ constexpr size_t kAsmTilePixels = 14;
   "11:\n\t"
 #define SONDE_T_LOAD(i) "vmovaps " #i "*64(%[acc]), %%zmm" #i "\n\t"
 #define SONDE_T_SAVE(i) "vmovaps %%zmm" #i ", " #i "*64(%[acc])\n\t"
-#define SONDE_T_ACCS(M)                                                                              \
-  M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15) M(16)        \
-  M(17) M(18) M(19) M(20) M(21) M(22) M(23) M(24) M(25) M(26) M(27)
+#define SONDE_T_ACCS16(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15)
+#define SONDE_T_ACCS28(M) SONDE_T_ACCS16(M) M(16) M(17) M(18) M(19) M(20) M(21) M(22) M(23) M(24) M(25) M(26) M(27)
 #define SONDE_T_CLOBBERS                                                                             \
   "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8", "zmm9", "zmm10", "zmm11",  \
   "zmm12", "zmm13", "zmm14", "zmm15", "zmm16", "zmm17", "zmm18", "zmm19", "zmm20", "zmm21",          \
   "zmm22", "zmm23", "zmm24", "zmm25", "zmm26", "zmm27", "zmm28", "zmm29", "zmm31", "cc", "memory"
 // 1x1: the blocks in turn, x at the block's first pixel.
-#define SONDE_T_ASM_1X1(CH, NEXT, SW)                                                                \
-  asm volatile(SONDE_T_ACCS(SONDE_T_LOAD)                                                            \
+#define SONDE_T_ASM_1X1(ACCS, CH, NEXT, SW)                                                          \
+  asm volatile(ACCS(SONDE_T_LOAD)                                                            \
                "1:\n\t"                                                                              \
                SONDE_T_SLICE                                                                         \
                "cmp $1, %[ncb]\n\t"                                                                  \
@@ -138,15 +160,15 @@ constexpr size_t kAsmTilePixels = 14;
                "add %[planeb], %[x]\n\t"                                                             \
                "dec %[ncb]\n\t"                                                                      \
                "jnz 1b\n\t"                                                                          \
-               SONDE_T_ACCS(SONDE_T_SAVE)                                                            \
+               ACCS(SONDE_T_SAVE)                                                            \
                : [x] "+r"(x), [w] "+r"(w), [ncb] "+r"(ncb), [pf] "+r"(pf), [t] "=&r"(t)              \
                : [rs] "r"(rs), [acc] "r"(acc), [planeb] "m"(planeb), [pfend] "m"(pf_end),            \
                  [pfstep] "m"(pf_step)                                                               \
                : SONDE_T_CLOBBERS)
 // KxK: blocks, tap rows (xr), taps (xt, a pixel of 64 bytes apart). Before each tap row, the lines of
 // the next one (or of the next block's first), span pixels per output row.
-#define SONDE_T_ASM_KXK(CH, R2, SW)                                                                  \
-  asm volatile(SONDE_T_ACCS(SONDE_T_LOAD)                                                            \
+#define SONDE_T_ASM_KXK(ACCS, CH, R2, SW)                                                            \
+  asm volatile(ACCS(SONDE_T_LOAD)                                                            \
                "1:\n\t"                                                                              \
                "mov %[x], %[xr]\n\t"                                                                 \
                "mov %[kh], %[nky]\n\t"                                                               \
@@ -184,7 +206,7 @@ constexpr size_t kAsmTilePixels = 14;
                "add %[planeb], %[x]\n\t"                                                             \
                "dec %[ncb]\n\t"                                                                      \
                "jnz 1b\n\t"                                                                          \
-               SONDE_T_ACCS(SONDE_T_SAVE)                                                            \
+               ACCS(SONDE_T_SAVE)                                                            \
                : [x] "+r"(x), [w] "+r"(w), [ncb] "+r"(ncb), [pf] "+r"(pf), [t] "=&r"(t),             \
                  [xr] "=&r"(xr), [xt] "=&r"(xt), [nky] "=&r"(nky), [nkx] "=&r"(nkx)                  \
                : [rs] "r"(rs), [acc] "r"(acc), [planeb] "m"(planeb), [rowb] "m"(rowb), [kh] "m"(kh), \
@@ -192,10 +214,12 @@ constexpr size_t kAsmTilePixels = 14;
                : SONDE_T_CLOBBERS)
 
 // The tile's loops over its input (x: the first output pixel's input window, channel block 0) for
-// R rows of P pixels at stride SW, accumulating into acc (zero on entry); the caller stores it.
-template <size_t P, size_t SW, size_t R>
-void TileLoopsAsm(const NchwcConvArgs* a, const float* x, __m512 (&acc)[2][kAsmTilePixels]) {
-  static_assert(P * R == kAsmTilePixels && (R == 1 || R == 2) && (SW == 1 || SW == 2), "a 14-pixel tile");
+// NV vectors of output channels, R rows of P pixels at stride SW, accumulating into acc (zero on
+// entry); the caller stores it.
+template <size_t NV, size_t P, size_t SW, size_t R>
+void TileLoopsAsm(const NchwcConvArgs* a, const float* x, __m512 (&acc)[NV][P * R]) {
+  static_assert((NV == 2 && P * R == kAsmTilePixels) || (NV == 1 && P == 8 && R == 2), "a tile with an assembly form");
+  static_assert(SW == 1 || SW == 2, "stride 1 or 2");
   static_assert(kB == 16 && kOcb == 32 && kWeightPrefetchChannels * kOcb * sizeof(float) == 2048, "the offsets");
   const float* w = static_cast<const float*>(a->w);
   const char* pf = a->pf;
@@ -207,31 +231,39 @@ void TileLoopsAsm(const NchwcConvArgs* a, const float* x, __m512 (&acc)[2][kAsmT
   size_t ncb = a->c_blocks;
   size_t t;
   if (a->kh * a->kw == 1) {
-    if constexpr (R == 1 && SW == 1) SONDE_T_ASM_1X1(SONDE_T_CH1, SONDE_T_NEXT1, 1);
-    else if constexpr (R == 1) SONDE_T_ASM_1X1(SONDE_T_CH1, SONDE_T_NEXT1, 2);
-    else if constexpr (SW == 1) SONDE_T_ASM_1X1(SONDE_T_CH2, SONDE_T_NEXT2, 1);
-    else SONDE_T_ASM_1X1(SONDE_T_CH2, SONDE_T_NEXT2, 2);
+    if constexpr (NV == 1 && SW == 1) SONDE_T_ASM_1X1(SONDE_T_ACCS16, SONDE_T_CH8X2, SONDE_T_NEXT8X2, 1);
+    else if constexpr (NV == 1) SONDE_T_ASM_1X1(SONDE_T_ACCS16, SONDE_T_CH8X2, SONDE_T_NEXT8X2, 2);
+    else if constexpr (R == 1 && SW == 1) SONDE_T_ASM_1X1(SONDE_T_ACCS28, SONDE_T_CH1, SONDE_T_NEXT1, 1);
+    else if constexpr (R == 1) SONDE_T_ASM_1X1(SONDE_T_ACCS28, SONDE_T_CH1, SONDE_T_NEXT1, 2);
+    else if constexpr (SW == 1) SONDE_T_ASM_1X1(SONDE_T_ACCS28, SONDE_T_CH2, SONDE_T_NEXT2, 1);
+    else SONDE_T_ASM_1X1(SONDE_T_ACCS28, SONDE_T_CH2, SONDE_T_NEXT2, 2);
     return;
   }
   const size_t kh = a->kh, kw = a->kw, span = (P - 1) * SW + a->kw;
   size_t xr, xt, nky, nkx;
-  if constexpr (R == 1 && SW == 1) SONDE_T_ASM_KXK(SONDE_T_CH1, "", 1);
-  else if constexpr (R == 1) SONDE_T_ASM_KXK(SONDE_T_CH1, "", 2);
-  else if constexpr (SW == 1) SONDE_T_ASM_KXK(SONDE_T_CH2, "prefetcht0 (%[t],%[rs])\n\t", 1);
-  else SONDE_T_ASM_KXK(SONDE_T_CH2, "prefetcht0 (%[t],%[rs])\n\t", 2);
+  if constexpr (NV == 1 && SW == 1) SONDE_T_ASM_KXK(SONDE_T_ACCS16, SONDE_T_CH8X2, "prefetcht0 (%[t],%[rs])\n\t", 1);
+  else if constexpr (NV == 1) SONDE_T_ASM_KXK(SONDE_T_ACCS16, SONDE_T_CH8X2, "prefetcht0 (%[t],%[rs])\n\t", 2);
+  else if constexpr (R == 1 && SW == 1) SONDE_T_ASM_KXK(SONDE_T_ACCS28, SONDE_T_CH1, "", 1);
+  else if constexpr (R == 1) SONDE_T_ASM_KXK(SONDE_T_ACCS28, SONDE_T_CH1, "", 2);
+  else if constexpr (SW == 1) SONDE_T_ASM_KXK(SONDE_T_ACCS28, SONDE_T_CH2, "prefetcht0 (%[t],%[rs])\n\t", 1);
+  else SONDE_T_ASM_KXK(SONDE_T_ACCS28, SONDE_T_CH2, "prefetcht0 (%[t],%[rs])\n\t", 2);
 }
 #undef SONDE_T_ASM_KXK
 #undef SONDE_T_ASM_1X1
 #undef SONDE_T_CLOBBERS
-#undef SONDE_T_ACCS
+#undef SONDE_T_ACCS28
+#undef SONDE_T_ACCS16
 #undef SONDE_T_SAVE
 #undef SONDE_T_LOAD
 #undef SONDE_T_SLICE
 #undef SONDE_T_NEXT2
 #undef SONDE_T_NEXT1
+#undef SONDE_T_NEXT8X2
 #undef SONDE_T_BLOCK
 #undef SONDE_T_CH2
 #undef SONDE_T_CH1
+#undef SONDE_T_CH8X2
+#undef SONDE_T_FMA1
 #undef SONDE_T_W
 #undef SONDE_T_X1
 #undef SONDE_T_X0
@@ -253,9 +285,9 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
   const size_t row = a->wp * KB, plane = a->hp * row, row_step = a->sh * row;
   const float* w = static_cast<const float*>(a->w);
   const float* xb = static_cast<const float*>(a->x) + oy * row_step + ox0 * SW * KB;
-  if constexpr (NV == 2 && kPix == kAsmTilePixels && KB == kB) {
+  if constexpr (KB == kB && ((NV == 2 && kPix == kAsmTilePixels) || (NV == 1 && P == 8 && R == 2))) {
     if (a->c_last == KB) {
-      TileLoopsAsm<P, SW, R>(a, xb, acc);
+      TileLoopsAsm<NV, P, SW, R>(a, xb, acc);
       avx512::StoreNchwcTile<NV, P, R>(a, oy, ox0, acc);
       return;
     }
