@@ -5,7 +5,7 @@
 // anchor (its pool threads not spinning after a run, as in the bench suites), interleaved run by
 // run in every order (ab.js) so the VM's drift falls on all alike.
 // Outputs of the two builds are compared first. Prints medians, new/base and ort/new.
-// model@sparsity (e.g. resnet50@0.9) runs the model pruned by this checkout's sonde.prune (every layer
+// 'digits' runs the demo's CNN on its test images. model@sparsity (e.g. resnet50@0.9) runs the model pruned by this checkout's sonde.prune (every layer
 // but ResNet-50's first conv), both builds with sparse 'auto', and ORT on the same pruned bytes.
 import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -14,6 +14,8 @@ import * as here from '../dist/index.js';
 import { interleave, median } from './ab.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
 import { modelBytes, modelInput } from './graphs/models.js';
+import { readFileSync } from 'node:fs';
+import { modelPath, readTestSplit } from '../models/digits.js';
 
 if (!process.argv[2]) {
   console.error('usage: node bench/model-ab.js <base package dir> [model] [threads] [batch] [precision] [seconds]');
@@ -25,9 +27,17 @@ const threads = Number(process.argv[4] ?? 1);
 const batch = Number(process.argv[5] ?? 1);
 const precision = process.argv[6] ?? 'fp32';
 const seconds = Number(process.argv[7] ?? 12);
-const bytes = sparsity === undefined ? modelBytes(name)
+// 'digits': the demo's CNN (models/digits.onnx) on the first `batch` images of its test split.
+const digits = name === 'digits';
+const bytes = digits ? readFileSync(modelPath) : sparsity === undefined ? modelBytes(name)
   : (await here.prune(modelBytes(name), { sparsity: Number(sparsity), keepFirstLayerDense: name !== 'mlp' })).bytes;
-const x = modelInput(name, batch);
+const x = digits ? digitsInput(batch) : modelInput(name, batch);
+const inputName = digits ? 'image' : 'input';
+function digitsInput(n) {
+  const split = readTestSplit();
+  const px = split.height * split.width;
+  return { data: split.images.slice(0, n * px), dims: [n, 1, split.height, split.width] };
+}
 const load = async (lib) => {
   const s = await lib.Session.load(bytes, { threads, device: 'cpu', precision });
   const feed = { [s.inputs[0].name]: new lib.Tensor('float32', x.data, x.dims) };
@@ -38,7 +48,7 @@ const ort = await onnxruntime.prepareModel(bytes, { threads, spin: false });
 const [ob, on] = [await b.run(), await n.run()].map((o) => Object.values(o)[0].data);
 let diff = 0;
 for (let i = 0; i < ob.length; i++) diff = Math.max(diff, Math.abs(ob[i] - on[i]));
-const fns = [b.run, n.run, () => ort.run({ input: x })];
+const fns = [b.run, n.run, () => ort.run({ [inputName]: x })];
 const times = await interleave(fns, { seconds });
 const [mb, mn, mo] = times.map(median);
 console.log(`${name}${sparsity === undefined ? '' : ` pruned ${sparsity}`} ${precision} n${batch} t${threads}: base ${mb.toFixed(3)} ms, new ${mn.toFixed(3)} ms, ort fp32 ${mo.toFixed(3)} ms; ` +

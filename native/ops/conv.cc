@@ -504,6 +504,11 @@ constexpr double kMinFlopsPerThread = 1024.0 * 1024;
 // at batch 64 on 2 threads, per run: its max pool (65K taps) 15 -> 8.5 us split, its global average
 // pool (16K elements) 6.9 -> 4.6 us, where the threshold above kept both on one thread.
 constexpr double kMinHomedWorkPerThread = 4096;
+// What a direct tile costs beyond its FMAs (zeroing, storing and the epilogue of its accumulators,
+// its loop set-up), in FLOPs of the FMAs' time: ~300 cycles. A conv of few input channels is mostly
+// that: the digits stem (1 -> 16 channels on 8x8, 4 tiles of 144 FMAs per image) ran at ~35
+// GFLOP/s, and counted by FLOPs alone it stayed on one thread at batch 64.
+constexpr double kTileOverheadFlops = 8192;
 // Pointwise inputs larger than this are assumed to come from beyond L2 (see RunPointwise).
 size_t PackPointwiseBytes() {
   static const size_t v = [] {
@@ -771,15 +776,13 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
                        const BlockedLayout* yl, const BlockedLayout* rl, const WeightSpan& next) const {
   const size_t kB = in_block_;
   const WindowGeometry& g = spec_.window;
-  const size_t c_blocks = (spec_.c_in + kB - 1) / kB, hwo = s.oh * s.ow;
+  const size_t c_blocks = (spec_.c_in + kB - 1) / kB;
   const size_t hp = std::max(s.pad_t + h, (s.oh - 1) * g.sh + g.kh);
   // The bf16 stem reads taps in pairs: an odd kw's last pair reads one zero column more.
   const size_t kw_read = bf16_direct_ && kB == 1 ? (g.kw + 1) / 2 * 2 : g.kw;
   const size_t wp = std::max(s.pad_l + w, (s.ow - 1) * g.sw + kw_read);
   const size_t plane = hp * wp * kB, image = c_blocks * plane;
-  const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())),
-                                           2.0 * static_cast<double>(n * spec_.c_out * hwo) * static_cast<double>(kg_),
-                                           kMinFlopsPerThread);
+  const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())), DirectWork(n, s), kMinFlopsPerThread);
   float* xb = BlockedInputScratch(n * image);
   uint16_t* xh = bf16_direct_ ? Bf16InputScratch(n * image) : nullptr;
   if (!xb || (bf16_direct_ && !xh)) throw std::bad_alloc();
@@ -1106,7 +1109,7 @@ bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* ca
   kernels::GemmEpilogue ep{nullptr, nullptr, residual, s.oh * s.ow, spec_.activation,
                            residual_before_activation ? 1 : 0, spec_.alpha, spec_.beta};
   const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())),
-                                           2.0 * static_cast<double>(n * spec_.c_out * s.oh * s.ow) * static_cast<double>(kg_),
+                                           path_ == Path::kDirect ? DirectWork(n, s) : 2.0 * static_cast<double>(n * spec_.c_out * s.oh * s.ow) * static_cast<double>(kg_),
                                            kMinFlopsPerThread);
   if (!xl.present()) {
     const bool ok = RunDirect(pool, threads, cancel, x, n, h, w, s, y, ep, yl, rl, next);
@@ -1179,6 +1182,13 @@ ConvOp::DirectTiling ConvOp::Tiling(size_t ow) const {
   return {pairs, pairs ? (o_blocks + 1) / 2 : o_blocks, pairs ? size_t{2} : size_t{1},
           !pairs && (2 * ow <= kernels::kNchwcMaxPixels || wide_pairs) ? size_t{2} : size_t{1}, (ow + segs - 1) / segs,
           (ow + pair_segs - 1) / pair_segs};
+}
+
+double ConvOp::DirectWork(size_t n, const WindowShape& s) const {
+  const DirectTiling t = Tiling(s.ow);
+  const size_t segs = t.pairs ? (s.ow + t.pair_w - 1) / t.pair_w : (s.ow + t.seg_w - 1) / t.seg_w;
+  const double tiles = static_cast<double>(n * t.o_items * ((s.oh + t.row_step - 1) / t.row_step) * segs);
+  return 2.0 * static_cast<double>(n * spec_.c_out * s.oh * s.ow) * static_cast<double>(kg_) + tiles * kTileOverheadFlops;
 }
 
 void ConvOp::DirectRows(const float* xo, size_t hp, size_t wp, const WindowShape& s, size_t oy0, size_t oy1, float* y,

@@ -172,6 +172,9 @@ class ConvOp {
     size_t o_items, per_item, row_step, seg_w, pair_w;
   };
   DirectTiling Tiling(size_t ow) const;
+  // The work of the direct tiles over n images, for ThreadsForWork: their FLOPs and each tile's
+  // fixed cost (kTileOverheadFlops in conv.cc).
+  double DirectWork(size_t n, const WindowShape& s) const;
   // Output rows [oy0, oy1) of one image, every output channel, on the calling thread (fp32 direct
   // path): xo at this conv's padded (0, 0) of the image's first 16-channel block (hp x wp pixels
   // per block); y (and the residual, may be null) blocked at the image's interior (0, 0) of its
