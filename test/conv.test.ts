@@ -403,6 +403,14 @@ const stem: Shape[] = [
   { name: '3x3 SAME_UPPER s2, 4 -> 7 on 9x8, N=3', x: [3, 4, 9, 8], w: [7, 4, 3, 3], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
   { name: '1x1, 3 -> 20 on 29x28 (pointwise kernel, blocked weights)', x: [1, 3, 29, 28], w: [20, 3, 1, 1], g: {} },
   { name: '2x2 VALID s2, 3 -> 96 on 2x2 (one pixel)', x: [1, 3, 2, 2], w: [96, 3, 2, 2], g: { strides: [2, 2], autoPad: 'VALID' } },
+  // The fp32 stem tiles' assembly forms: 14-pixel rows and row pairs of 7 (32 channels), row pairs
+  // of 8 (16 channels), stride 1 and 2.
+  { name: '7x7 s2 p3, 3 -> 64 on 9x55, N=2 (assembly: 14-pixel stem tiles)', x: [2, 3, 9, 55], w: [64, 3, 7, 7], g: { strides: [2, 2], pads: [3, 3, 3, 3] } },
+  { name: '3x3 p1, 3 -> 32 on 4x14 (assembly: stride 1)', x: [1, 3, 4, 14], w: [32, 3, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '3x3 p1, 3 -> 40 on 6x7 (assembly: row pairs)', x: [1, 3, 6, 7], w: [40, 3, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '3x3 s2 p1, 3 -> 32 on 13x13 (assembly: stride-2 row pairs)', x: [1, 3, 13, 13], w: [32, 3, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
+  { name: '3x3 p1, 1 -> 16 on 8x8, N=2 (assembly: one-vector row pairs)', x: [2, 1, 8, 8], w: [16, 1, 3, 3], g: { pads: [1, 1, 1, 1] } },
+  { name: '3x3 s2 p1, 2 -> 12 on 15x16 (assembly: one vector, stride 2)', x: [1, 2, 15, 16], w: [12, 2, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
 ];
 
 describe.runIf(simd === 'avx512')('direct NCHW16c kernel', () => {
@@ -555,7 +563,7 @@ describe.runIf(simd === 'avx512')('direct kernel on NCHW input (few input channe
   });
 
   it.each(['relu', 'hardSwish'] as Act[])('epilogue %s with residual before/after, 1 and 2 threads', async (act) => {
-    for (const s of [stem[0]!, stem[15]!, stem[17]!]) {
+    for (const s of [stem[0]!, stem[15]!, stem[17]!, stem.find((c) => c.name.includes('14-pixel stem tiles'))!, stem.find((c) => c.name.includes('one vector, stride 2'))!]) {
       const x = randomTensor(s.x, 64);
       const w = randomTensor(s.w, 65);
       const bias = randomTensor([s.w[0]!], 66);

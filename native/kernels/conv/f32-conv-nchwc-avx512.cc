@@ -97,6 +97,40 @@ constexpr size_t kAsmTilePixels = 14;
   SONDE_T_FMA1(10, SONDE_T_X1(B, 2, c, SW)) SONDE_T_FMA1(11, SONDE_T_X1(B, 3, c, SW))                \
   SONDE_T_FMA1(12, SONDE_T_X1(B, 4, c, SW)) SONDE_T_FMA1(13, SONDE_T_X1(B, 5, c, SW))                \
   SONDE_T_FMA1(14, SONDE_T_X1(B, 6, c, SW)) SONDE_T_FMA1(15, SONDE_T_X1(B, 7, c, SW))
+// A plain NCHW input (KB = 1, the stems): pixel q of the first output row (or the second, rs bytes
+// further) at q * SW floats; one channel per tap, so no channel offset and no weight prefetch.
+#define SONDE_T_P0(B, q, SW) #q "*" #SW "*4(%[" B "])"
+#define SONDE_T_P1(B, q, SW) #q "*" #SW "*4(%[" B "],%[rs])"
+#define SONDE_T_TAP14(B, SW)                                                                         \
+  "vmovaps (%[w]), %%zmm28\n\t"                                                                      \
+  "vmovaps 64(%[w]), %%zmm29\n\t"                                                                    \
+  SONDE_T_FMA(0, 14, SONDE_T_P0(B, 0, SW)) SONDE_T_FMA(1, 15, SONDE_T_P0(B, 1, SW))                  \
+  SONDE_T_FMA(2, 16, SONDE_T_P0(B, 2, SW)) SONDE_T_FMA(3, 17, SONDE_T_P0(B, 3, SW))                  \
+  SONDE_T_FMA(4, 18, SONDE_T_P0(B, 4, SW)) SONDE_T_FMA(5, 19, SONDE_T_P0(B, 5, SW))                  \
+  SONDE_T_FMA(6, 20, SONDE_T_P0(B, 6, SW)) SONDE_T_FMA(7, 21, SONDE_T_P0(B, 7, SW))                  \
+  SONDE_T_FMA(8, 22, SONDE_T_P0(B, 8, SW)) SONDE_T_FMA(9, 23, SONDE_T_P0(B, 9, SW))                  \
+  SONDE_T_FMA(10, 24, SONDE_T_P0(B, 10, SW)) SONDE_T_FMA(11, 25, SONDE_T_P0(B, 11, SW))              \
+  SONDE_T_FMA(12, 26, SONDE_T_P0(B, 12, SW)) SONDE_T_FMA(13, 27, SONDE_T_P0(B, 13, SW))
+#define SONDE_T_TAP7X2(B, SW)                                                                        \
+  "vmovaps (%[w]), %%zmm28\n\t"                                                                      \
+  "vmovaps 64(%[w]), %%zmm29\n\t"                                                                    \
+  SONDE_T_FMA(0, 14, SONDE_T_P0(B, 0, SW)) SONDE_T_FMA(1, 15, SONDE_T_P0(B, 1, SW))                  \
+  SONDE_T_FMA(2, 16, SONDE_T_P0(B, 2, SW)) SONDE_T_FMA(3, 17, SONDE_T_P0(B, 3, SW))                  \
+  SONDE_T_FMA(4, 18, SONDE_T_P0(B, 4, SW)) SONDE_T_FMA(5, 19, SONDE_T_P0(B, 5, SW))                  \
+  SONDE_T_FMA(6, 20, SONDE_T_P0(B, 6, SW)) SONDE_T_FMA(7, 21, SONDE_T_P1(B, 0, SW))                  \
+  SONDE_T_FMA(8, 22, SONDE_T_P1(B, 1, SW)) SONDE_T_FMA(9, 23, SONDE_T_P1(B, 2, SW))                  \
+  SONDE_T_FMA(10, 24, SONDE_T_P1(B, 3, SW)) SONDE_T_FMA(11, 25, SONDE_T_P1(B, 4, SW))                \
+  SONDE_T_FMA(12, 26, SONDE_T_P1(B, 5, SW)) SONDE_T_FMA(13, 27, SONDE_T_P1(B, 6, SW))
+#define SONDE_T_TAP8X2(B, SW)                                                                        \
+  "vmovaps (%[w]), %%zmm31\n\t"                                                                      \
+  SONDE_T_FMA1(0, SONDE_T_P0(B, 0, SW)) SONDE_T_FMA1(1, SONDE_T_P0(B, 1, SW))                        \
+  SONDE_T_FMA1(2, SONDE_T_P0(B, 2, SW)) SONDE_T_FMA1(3, SONDE_T_P0(B, 3, SW))                        \
+  SONDE_T_FMA1(4, SONDE_T_P0(B, 4, SW)) SONDE_T_FMA1(5, SONDE_T_P0(B, 5, SW))                        \
+  SONDE_T_FMA1(6, SONDE_T_P0(B, 6, SW)) SONDE_T_FMA1(7, SONDE_T_P0(B, 7, SW))                        \
+  SONDE_T_FMA1(8, SONDE_T_P1(B, 0, SW)) SONDE_T_FMA1(9, SONDE_T_P1(B, 1, SW))                        \
+  SONDE_T_FMA1(10, SONDE_T_P1(B, 2, SW)) SONDE_T_FMA1(11, SONDE_T_P1(B, 3, SW))                      \
+  SONDE_T_FMA1(12, SONDE_T_P1(B, 4, SW)) SONDE_T_FMA1(13, SONDE_T_P1(B, 5, SW))                      \
+  SONDE_T_FMA1(14, SONDE_T_P1(B, 6, SW)) SONDE_T_FMA1(15, SONDE_T_P1(B, 7, SW))
 #define SONDE_T_BLOCK(CH, B, SW)                                                                     \
   CH(B, 0, SW) CH(B, 1, SW) CH(B, 2, SW) CH(B, 3, SW) CH(B, 4, SW) CH(B, 5, SW) CH(B, 6, SW)         \
   CH(B, 7, SW) CH(B, 8, SW) CH(B, 9, SW) CH(B, 10, SW) CH(B, 11, SW) CH(B, 12, SW) CH(B, 13, SW)     \
@@ -213,10 +247,39 @@ constexpr size_t kAsmTilePixels = 14;
                  [kw] "m"(kw), [span] "m"(span), [pfend] "m"(pf_end), [pfstep] "m"(pf_step)          \
                : SONDE_T_CLOBBERS)
 
+// KB = 1: channels (planes), tap rows (xr), taps (xt, a float apart), one channel's weights (128
+// bytes) a tap.
+#define SONDE_T_ASM_KB1(ACCS, TAP, SW)                                                               \
+  asm volatile(ACCS(SONDE_T_LOAD)                                                                    \
+               "1:\n\t"                                                                              \
+               "mov %[x], %[xr]\n\t"                                                                 \
+               "mov %[kh], %[nky]\n\t"                                                               \
+               "2:\n\t"                                                                              \
+               "mov %[xr], %[xt]\n\t"                                                                \
+               "mov %[kw], %[nkx]\n\t"                                                               \
+               "3:\n\t"                                                                              \
+               TAP("xt", SW)                                                                         \
+               "add $128, %[w]\n\t"                                                                  \
+               "add $4, %[xt]\n\t"                                                                   \
+               "dec %[nkx]\n\t"                                                                      \
+               "jnz 3b\n\t"                                                                          \
+               "add %[rowb], %[xr]\n\t"                                                              \
+               "dec %[nky]\n\t"                                                                      \
+               "jnz 2b\n\t"                                                                          \
+               "add %[planeb], %[x]\n\t"                                                             \
+               "dec %[ncb]\n\t"                                                                      \
+               "jnz 1b\n\t"                                                                          \
+               ACCS(SONDE_T_SAVE)                                                                    \
+               : [x] "+r"(x), [w] "+r"(w), [ncb] "+r"(ncb), [xr] "=&r"(xr), [xt] "=&r"(xt),          \
+                 [nky] "=&r"(nky), [nkx] "=&r"(nkx)                                                  \
+               : [rs] "r"(rs), [acc] "r"(acc), [planeb] "m"(planeb), [rowb] "m"(rowb), [kh] "m"(kh), \
+                 [kw] "m"(kw)                                                                        \
+               : SONDE_T_CLOBBERS)
+
 // The tile's loops over its input (x: the first output pixel's input window, channel block 0) for
 // NV vectors of output channels, R rows of P pixels at stride SW, accumulating into acc (zero on
 // entry); the caller stores it.
-template <size_t NV, size_t P, size_t SW, size_t R>
+template <size_t NV, size_t P, size_t SW, size_t R, size_t KB>
 void TileLoopsAsm(const NchwcConvArgs* a, const float* x, __m512 (&acc)[NV][P * R]) {
   static_assert((NV == 2 && P * R == kAsmTilePixels) || (NV == 1 && P == 8 && R == 2), "a tile with an assembly form");
   static_assert(SW == 1 || SW == 2, "stride 1 or 2");
@@ -225,10 +288,22 @@ void TileLoopsAsm(const NchwcConvArgs* a, const float* x, __m512 (&acc)[NV][P * 
   const char* pf = a->pf;
   const char* const pf_end = pf ? pf + a->pf_bytes : nullptr;
   const size_t pf_step = a->pf_step;
-  const size_t row = a->wp * kB;
+  const size_t row = a->wp * KB;
   const size_t rowb = row * sizeof(float), planeb = a->hp * rowb;
   const size_t rs = R > 1 ? a->sh * rowb : 0;
   size_t ncb = a->c_blocks;
+  if constexpr (KB == 1) {
+    // The stems: no prefetch of any kind (their weights are small, their callers pass no slice).
+    const size_t kh = a->kh, kw = a->kw;
+    size_t xr, xt, nky, nkx;
+    if constexpr (NV == 1 && SW == 1) SONDE_T_ASM_KB1(SONDE_T_ACCS16, SONDE_T_TAP8X2, 1);
+    else if constexpr (NV == 1) SONDE_T_ASM_KB1(SONDE_T_ACCS16, SONDE_T_TAP8X2, 2);
+    else if constexpr (R == 1 && SW == 1) SONDE_T_ASM_KB1(SONDE_T_ACCS28, SONDE_T_TAP14, 1);
+    else if constexpr (R == 1) SONDE_T_ASM_KB1(SONDE_T_ACCS28, SONDE_T_TAP14, 2);
+    else if constexpr (SW == 1) SONDE_T_ASM_KB1(SONDE_T_ACCS28, SONDE_T_TAP7X2, 1);
+    else SONDE_T_ASM_KB1(SONDE_T_ACCS28, SONDE_T_TAP7X2, 2);
+    return;
+  }
   size_t t;
   if (a->kh * a->kw == 1) {
     if constexpr (NV == 1 && SW == 1) SONDE_T_ASM_1X1(SONDE_T_ACCS16, SONDE_T_CH8X2, SONDE_T_NEXT8X2, 1);
@@ -249,6 +324,12 @@ void TileLoopsAsm(const NchwcConvArgs* a, const float* x, __m512 (&acc)[NV][P * 
   else SONDE_T_ASM_KXK(SONDE_T_ACCS28, SONDE_T_CH2, "prefetcht0 (%[t],%[rs])\n\t", 2);
 }
 #undef SONDE_T_ASM_KXK
+#undef SONDE_T_ASM_KB1
+#undef SONDE_T_TAP8X2
+#undef SONDE_T_TAP7X2
+#undef SONDE_T_TAP14
+#undef SONDE_T_P1
+#undef SONDE_T_P0
 #undef SONDE_T_ASM_1X1
 #undef SONDE_T_CLOBBERS
 #undef SONDE_T_ACCS28
@@ -285,9 +366,9 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
   const size_t row = a->wp * KB, plane = a->hp * row, row_step = a->sh * row;
   const float* w = static_cast<const float*>(a->w);
   const float* xb = static_cast<const float*>(a->x) + oy * row_step + ox0 * SW * KB;
-  if constexpr (KB == kB && ((NV == 2 && kPix == kAsmTilePixels) || (NV == 1 && P == 8 && R == 2))) {
-    if (a->c_last == KB) {
-      TileLoopsAsm<NV, P, SW, R>(a, xb, acc);
+  if constexpr ((KB == kB || KB == 1) && ((NV == 2 && kPix == kAsmTilePixels) || (NV == 1 && P == 8 && R == 2))) {
+    if (a->c_last == KB && (KB > 1 || !a->pf)) {
+      TileLoopsAsm<NV, P, SW, R, KB>(a, xb, acc);
       avx512::StoreNchwcTile<NV, P, R>(a, oy, ox0, acc);
       return;
     }
