@@ -1108,9 +1108,10 @@ bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* ca
   ResolveWindow(spec_.window, h, w, &s);
   kernels::GemmEpilogue ep{nullptr, nullptr, residual, s.oh * s.ow, spec_.activation,
                            residual_before_activation ? 1 : 0, spec_.alpha, spec_.beta};
-  const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())),
-                                           path_ == Path::kDirect ? DirectWork(n, s) : 2.0 * static_cast<double>(n * spec_.c_out * s.oh * s.ow) * static_cast<double>(kg_),
-                                           kMinFlopsPerThread);
+  const double work = path_ == Path::kDirect
+                          ? DirectWork(n, s)
+                          : 2.0 * static_cast<double>(n * spec_.c_out * s.oh * s.ow) * static_cast<double>(kg_);
+  const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())), work, kMinFlopsPerThread);
   if (!xl.present()) {
     const bool ok = RunDirect(pool, threads, cancel, x, n, h, w, s, y, ep, yl, rl, next);
     if (!ok && error->empty()) *error = "aborted";

@@ -38,15 +38,17 @@ using avx512::Transpose16x16;
 // nothing from the same (1.003x on ResNet-50, 1.015x on MobileNetV2), so they do not.
 constexpr size_t kWeightPrefetchChannels = 16;
 
-// A whole 14-pixel x 32-channel tile over input blocks of 16 full channels, in assembly. As
-// intrinsics, GCC keeps the 28 accumulators in registers but pays for its loop nest (input block,
-// tap row, tap, channel) in integer ops that compete with the FMAs for ports 0 and 5; here every
-// channel of a block is unrolled with constant offsets and the loops count down in registers. The
-// same FMAs in the same order per output as the intrinsic loop in Tile, and the same prefetches
-// (next tap row's or next block's input lines, the weights 16 channels ahead, the next weight slice
-// into L2), so the results are identical bit for bit. In a standalone driver of the tiles, one
-// Xeon core, input and weights in L2, interleaved: 3x3 over 64 channels 205 -> 214 GFLOP/s, 1x1
-// 256 -> 64 at 56 wide 200 -> 210, 1x1 over 64 channels 182 -> 195.
+// Whole tiles in assembly: 14 pixels x 32 channels (one row, or row pairs of 7) and one vector of
+// channels in row pairs of 8, over input blocks of 16 full channels or, for the stems, a plain NCHW
+// input. As intrinsics, GCC keeps the accumulators in registers but pays for the loop nest (input
+// block, tap row, tap, channel) in integer ops that compete with the FMAs for ports 0 and 5; here
+// every channel of a block is unrolled with constant offsets and the loops count down in
+// registers. The same FMAs in the same order per output as the intrinsic loop in Tile, and the same
+// prefetches (next tap row's or next block's input lines, the weights 16 channels ahead, the next
+// weight slice into L2), so the results are identical bit for bit. A standalone driver of the
+// tiles, one Xeon core, input and weights in L2, interleaved with the intrinsic tiles: 3x3 over 64
+// channels 229 -> 232 GFLOP/s, 1x1 over 256 channels at 56 wide 214 -> 229, over 1024 channels 223
+// -> 234, over 64 channels 191 -> 202; the one-vector 3x3 16 -> 16 on 8x8 167-172 -> 178-183.
 // Registers: pixel p's outputs in zmm p (channels 0-15) and zmm 14 + p (16-31), the channel's
 // weights in zmm28/29, the broadcast input in zmm31.
 constexpr size_t kAsmTilePixels = 14;
