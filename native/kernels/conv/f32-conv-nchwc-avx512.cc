@@ -59,107 +59,68 @@ constexpr size_t kAsmTilePixels = 14;
 // Pixel q of the first output row's input (base B) or the second's (B + rs bytes), channel c, stride SW.
 #define SONDE_T_X0(B, q, c, SW) #q "*" #SW "*64+" #c "*4(%[" B "])"
 #define SONDE_T_X1(B, q, c, SW) #q "*" #SW "*64+" #c "*4(%[" B "],%[rs])"
+#define SONDE_T_X0S(B, q, c, SW) "(7+" #q ")*" #SW "*64+" #c "*4(%[" B "])"
 // Channel c's weights, and theirs kWeightPrefetchChannels (16) channels of 128 bytes ahead.
 #define SONDE_T_W(c)                                    \
   "prefetcht0 2048+" #c "*128(%[w])\n\t"                \
   "prefetcht0 2048+" #c "*128+64(%[w])\n\t"             \
   "vmovaps " #c "*128(%[w]), %%zmm28\n\t"               \
   "vmovaps " #c "*128+64(%[w]), %%zmm29\n\t"
-// One channel: 14 pixels of one row (R = 1), or 7 of each of two rows (R = 2).
-#define SONDE_T_CH1(B, c, SW)                                                                        \
-  SONDE_T_W(c)                                                                                       \
-  SONDE_T_FMA(0, 14, SONDE_T_X0(B, 0, c, SW)) SONDE_T_FMA(1, 15, SONDE_T_X0(B, 1, c, SW))            \
-  SONDE_T_FMA(2, 16, SONDE_T_X0(B, 2, c, SW)) SONDE_T_FMA(3, 17, SONDE_T_X0(B, 3, c, SW))            \
-  SONDE_T_FMA(4, 18, SONDE_T_X0(B, 4, c, SW)) SONDE_T_FMA(5, 19, SONDE_T_X0(B, 5, c, SW))            \
-  SONDE_T_FMA(6, 20, SONDE_T_X0(B, 6, c, SW)) SONDE_T_FMA(7, 21, SONDE_T_X0(B, 7, c, SW))            \
-  SONDE_T_FMA(8, 22, SONDE_T_X0(B, 8, c, SW)) SONDE_T_FMA(9, 23, SONDE_T_X0(B, 9, c, SW))            \
-  SONDE_T_FMA(10, 24, SONDE_T_X0(B, 10, c, SW)) SONDE_T_FMA(11, 25, SONDE_T_X0(B, 11, c, SW))        \
-  SONDE_T_FMA(12, 26, SONDE_T_X0(B, 12, c, SW)) SONDE_T_FMA(13, 27, SONDE_T_X0(B, 13, c, SW))
-#define SONDE_T_CH2(B, c, SW)                                                                        \
-  SONDE_T_W(c)                                                                                       \
-  SONDE_T_FMA(0, 14, SONDE_T_X0(B, 0, c, SW)) SONDE_T_FMA(1, 15, SONDE_T_X0(B, 1, c, SW))            \
-  SONDE_T_FMA(2, 16, SONDE_T_X0(B, 2, c, SW)) SONDE_T_FMA(3, 17, SONDE_T_X0(B, 3, c, SW))            \
-  SONDE_T_FMA(4, 18, SONDE_T_X0(B, 4, c, SW)) SONDE_T_FMA(5, 19, SONDE_T_X0(B, 5, c, SW))            \
-  SONDE_T_FMA(6, 20, SONDE_T_X0(B, 6, c, SW)) SONDE_T_FMA(7, 21, SONDE_T_X1(B, 0, c, SW))            \
-  SONDE_T_FMA(8, 22, SONDE_T_X1(B, 1, c, SW)) SONDE_T_FMA(9, 23, SONDE_T_X1(B, 2, c, SW))            \
-  SONDE_T_FMA(10, 24, SONDE_T_X1(B, 3, c, SW)) SONDE_T_FMA(11, 25, SONDE_T_X1(B, 4, c, SW))          \
-  SONDE_T_FMA(12, 26, SONDE_T_X1(B, 5, c, SW)) SONDE_T_FMA(13, 27, SONDE_T_X1(B, 6, c, SW))
-// One vector of output channels (NV = 1), 8 pixels of each of two rows: pixel p in zmm p, the
-// weights in zmm31, each input an embedded broadcast of its FMA (the intrinsic loop's form). No
-// weight prefetch: a 16-channel block's weights are small (16 x 9 taps x 16 channels: 9 KiB), and
-// the load ports are what this tile is bound by (a load per FMA).
+// The FMAs of one channel (or one tap of a stem) over a tile's 14 pixels: WL loads the weights, XA
+// addresses pixel q (< 7) of the first half, XB of the second: the second output row of a row pair,
+// or pixels 7-13 of one row (the ...S address forms).
+#define SONDE_T_PAIR7(WL, XA, XB, B, c, SW)                                                          \
+  WL(c)                                                                                              \
+  SONDE_T_FMA(0, 14, XA(B, 0, c, SW)) SONDE_T_FMA(1, 15, XA(B, 1, c, SW))                            \
+  SONDE_T_FMA(2, 16, XA(B, 2, c, SW)) SONDE_T_FMA(3, 17, XA(B, 3, c, SW))                            \
+  SONDE_T_FMA(4, 18, XA(B, 4, c, SW)) SONDE_T_FMA(5, 19, XA(B, 5, c, SW))                            \
+  SONDE_T_FMA(6, 20, XA(B, 6, c, SW)) SONDE_T_FMA(7, 21, XB(B, 0, c, SW))                            \
+  SONDE_T_FMA(8, 22, XB(B, 1, c, SW)) SONDE_T_FMA(9, 23, XB(B, 2, c, SW))                            \
+  SONDE_T_FMA(10, 24, XB(B, 3, c, SW)) SONDE_T_FMA(11, 25, XB(B, 4, c, SW))                          \
+  SONDE_T_FMA(12, 26, XB(B, 5, c, SW)) SONDE_T_FMA(13, 27, XB(B, 6, c, SW))
+// One vector of output channels (NV = 1): pixel p in zmm p, the weights in zmm31, each input an
+// embedded broadcast of its FMA (the intrinsic loop's form). No weight prefetch: a 16-channel
+// block's weights are small (16 x 9 taps x 16 channels: 9 KiB), and the load ports are what this
+// tile is bound by (a load per FMA).
 #define SONDE_T_FMA1(r, addr) "vfmadd231ps " addr "%{1to16%}, %%zmm31, %%zmm" #r "\n\t"
-#define SONDE_T_CH8X2(B, c, SW)                                                                      \
-  "vmovaps " #c "*128(%[w]), %%zmm31\n\t"                                                             \
-  SONDE_T_FMA1(0, SONDE_T_X0(B, 0, c, SW)) SONDE_T_FMA1(1, SONDE_T_X0(B, 1, c, SW))                  \
-  SONDE_T_FMA1(2, SONDE_T_X0(B, 2, c, SW)) SONDE_T_FMA1(3, SONDE_T_X0(B, 3, c, SW))                  \
-  SONDE_T_FMA1(4, SONDE_T_X0(B, 4, c, SW)) SONDE_T_FMA1(5, SONDE_T_X0(B, 5, c, SW))                  \
-  SONDE_T_FMA1(6, SONDE_T_X0(B, 6, c, SW)) SONDE_T_FMA1(7, SONDE_T_X0(B, 7, c, SW))                  \
-  SONDE_T_FMA1(8, SONDE_T_X1(B, 0, c, SW)) SONDE_T_FMA1(9, SONDE_T_X1(B, 1, c, SW))                  \
-  SONDE_T_FMA1(10, SONDE_T_X1(B, 2, c, SW)) SONDE_T_FMA1(11, SONDE_T_X1(B, 3, c, SW))                \
-  SONDE_T_FMA1(12, SONDE_T_X1(B, 4, c, SW)) SONDE_T_FMA1(13, SONDE_T_X1(B, 5, c, SW))                \
-  SONDE_T_FMA1(14, SONDE_T_X1(B, 6, c, SW)) SONDE_T_FMA1(15, SONDE_T_X1(B, 7, c, SW))
+#define SONDE_T_ONE8X2(WL, XA, XB, B, c, SW)                                                         \
+  WL(c)                                                                                              \
+  SONDE_T_FMA1(0, XA(B, 0, c, SW)) SONDE_T_FMA1(1, XA(B, 1, c, SW)) SONDE_T_FMA1(2, XA(B, 2, c, SW)) \
+  SONDE_T_FMA1(3, XA(B, 3, c, SW)) SONDE_T_FMA1(4, XA(B, 4, c, SW)) SONDE_T_FMA1(5, XA(B, 5, c, SW)) \
+  SONDE_T_FMA1(6, XA(B, 6, c, SW)) SONDE_T_FMA1(7, XA(B, 7, c, SW)) SONDE_T_FMA1(8, XB(B, 0, c, SW)) \
+  SONDE_T_FMA1(9, XB(B, 1, c, SW)) SONDE_T_FMA1(10, XB(B, 2, c, SW)) SONDE_T_FMA1(11, XB(B, 3, c, SW)) \
+  SONDE_T_FMA1(12, XB(B, 4, c, SW)) SONDE_T_FMA1(13, XB(B, 5, c, SW)) SONDE_T_FMA1(14, XB(B, 6, c, SW)) \
+  SONDE_T_FMA1(15, XB(B, 7, c, SW))
+#define SONDE_T_W1(c) "vmovaps " #c "*128(%[w]), %%zmm31\n\t"
+// Channel c of a 16-channel input block.
+#define SONDE_T_CH1(B, c, SW) SONDE_T_PAIR7(SONDE_T_W, SONDE_T_X0, SONDE_T_X0S, B, c, SW)
+#define SONDE_T_CH2(B, c, SW) SONDE_T_PAIR7(SONDE_T_W, SONDE_T_X0, SONDE_T_X1, B, c, SW)
+#define SONDE_T_CH8X2(B, c, SW) SONDE_T_ONE8X2(SONDE_T_W1, SONDE_T_X0, SONDE_T_X1, B, c, SW)
 // A plain NCHW input (KB = 1, the stems): pixel q of the first output row (or the second, rs bytes
 // further) at q * SW floats; one channel per tap, so no channel offset and no weight prefetch.
-#define SONDE_T_P0(B, q, SW) #q "*" #SW "*4(%[" B "])"
-#define SONDE_T_P1(B, q, SW) #q "*" #SW "*4(%[" B "],%[rs])"
-#define SONDE_T_TAP14(B, SW)                                                                         \
-  "vmovaps (%[w]), %%zmm28\n\t"                                                                      \
-  "vmovaps 64(%[w]), %%zmm29\n\t"                                                                    \
-  SONDE_T_FMA(0, 14, SONDE_T_P0(B, 0, SW)) SONDE_T_FMA(1, 15, SONDE_T_P0(B, 1, SW))                  \
-  SONDE_T_FMA(2, 16, SONDE_T_P0(B, 2, SW)) SONDE_T_FMA(3, 17, SONDE_T_P0(B, 3, SW))                  \
-  SONDE_T_FMA(4, 18, SONDE_T_P0(B, 4, SW)) SONDE_T_FMA(5, 19, SONDE_T_P0(B, 5, SW))                  \
-  SONDE_T_FMA(6, 20, SONDE_T_P0(B, 6, SW)) SONDE_T_FMA(7, 21, SONDE_T_P0(B, 7, SW))                  \
-  SONDE_T_FMA(8, 22, SONDE_T_P0(B, 8, SW)) SONDE_T_FMA(9, 23, SONDE_T_P0(B, 9, SW))                  \
-  SONDE_T_FMA(10, 24, SONDE_T_P0(B, 10, SW)) SONDE_T_FMA(11, 25, SONDE_T_P0(B, 11, SW))              \
-  SONDE_T_FMA(12, 26, SONDE_T_P0(B, 12, SW)) SONDE_T_FMA(13, 27, SONDE_T_P0(B, 13, SW))
-#define SONDE_T_TAP7X2(B, SW)                                                                        \
-  "vmovaps (%[w]), %%zmm28\n\t"                                                                      \
-  "vmovaps 64(%[w]), %%zmm29\n\t"                                                                    \
-  SONDE_T_FMA(0, 14, SONDE_T_P0(B, 0, SW)) SONDE_T_FMA(1, 15, SONDE_T_P0(B, 1, SW))                  \
-  SONDE_T_FMA(2, 16, SONDE_T_P0(B, 2, SW)) SONDE_T_FMA(3, 17, SONDE_T_P0(B, 3, SW))                  \
-  SONDE_T_FMA(4, 18, SONDE_T_P0(B, 4, SW)) SONDE_T_FMA(5, 19, SONDE_T_P0(B, 5, SW))                  \
-  SONDE_T_FMA(6, 20, SONDE_T_P0(B, 6, SW)) SONDE_T_FMA(7, 21, SONDE_T_P1(B, 0, SW))                  \
-  SONDE_T_FMA(8, 22, SONDE_T_P1(B, 1, SW)) SONDE_T_FMA(9, 23, SONDE_T_P1(B, 2, SW))                  \
-  SONDE_T_FMA(10, 24, SONDE_T_P1(B, 3, SW)) SONDE_T_FMA(11, 25, SONDE_T_P1(B, 4, SW))                \
-  SONDE_T_FMA(12, 26, SONDE_T_P1(B, 5, SW)) SONDE_T_FMA(13, 27, SONDE_T_P1(B, 6, SW))
-#define SONDE_T_TAP8X2(B, SW)                                                                        \
-  "vmovaps (%[w]), %%zmm31\n\t"                                                                      \
-  SONDE_T_FMA1(0, SONDE_T_P0(B, 0, SW)) SONDE_T_FMA1(1, SONDE_T_P0(B, 1, SW))                        \
-  SONDE_T_FMA1(2, SONDE_T_P0(B, 2, SW)) SONDE_T_FMA1(3, SONDE_T_P0(B, 3, SW))                        \
-  SONDE_T_FMA1(4, SONDE_T_P0(B, 4, SW)) SONDE_T_FMA1(5, SONDE_T_P0(B, 5, SW))                        \
-  SONDE_T_FMA1(6, SONDE_T_P0(B, 6, SW)) SONDE_T_FMA1(7, SONDE_T_P0(B, 7, SW))                        \
-  SONDE_T_FMA1(8, SONDE_T_P1(B, 0, SW)) SONDE_T_FMA1(9, SONDE_T_P1(B, 1, SW))                        \
-  SONDE_T_FMA1(10, SONDE_T_P1(B, 2, SW)) SONDE_T_FMA1(11, SONDE_T_P1(B, 3, SW))                      \
-  SONDE_T_FMA1(12, SONDE_T_P1(B, 4, SW)) SONDE_T_FMA1(13, SONDE_T_P1(B, 5, SW))                      \
-  SONDE_T_FMA1(14, SONDE_T_P1(B, 6, SW)) SONDE_T_FMA1(15, SONDE_T_P1(B, 7, SW))
+#define SONDE_T_P0(B, q, c, SW) #q "*" #SW "*4(%[" B "])"
+#define SONDE_T_P1(B, q, c, SW) #q "*" #SW "*4(%[" B "],%[rs])"
+#define SONDE_T_P0S(B, q, c, SW) "(7+" #q ")*" #SW "*4(%[" B "])"
+#define SONDE_T_WS(c) "vmovaps (%[w]), %%zmm28\n\tvmovaps 64(%[w]), %%zmm29\n\t"
+#define SONDE_T_WS1(c) "vmovaps (%[w]), %%zmm31\n\t"
+#define SONDE_T_TAP14(B, SW) SONDE_T_PAIR7(SONDE_T_WS, SONDE_T_P0, SONDE_T_P0S, B, 0, SW)
+#define SONDE_T_TAP7X2(B, SW) SONDE_T_PAIR7(SONDE_T_WS, SONDE_T_P0, SONDE_T_P1, B, 0, SW)
+#define SONDE_T_TAP8X2(B, SW) SONDE_T_ONE8X2(SONDE_T_WS1, SONDE_T_P0, SONDE_T_P1, B, 0, SW)
 #define SONDE_T_BLOCK(CH, B, SW)                                                                     \
   CH(B, 0, SW) CH(B, 1, SW) CH(B, 2, SW) CH(B, 3, SW) CH(B, 4, SW) CH(B, 5, SW) CH(B, 6, SW)         \
   CH(B, 7, SW) CH(B, 8, SW) CH(B, 9, SW) CH(B, 10, SW) CH(B, 11, SW) CH(B, 12, SW) CH(B, 13, SW)     \
   CH(B, 14, SW) CH(B, 15, SW)                                                                        \
   "add $2048, %[w]\n\t"
-// The 14 input lines of the next block (a plane further), for a 1x1 tile.
+// The input lines of the next block (a plane further, at t), for a 1x1 tile: pixel q of the first
+// output row's, or of the second's (rs bytes further).
+#define SONDE_T_PF(q, SW) "prefetcht0 " #q "*" #SW "*64(%[t])\n\t"
+#define SONDE_T_PFR(q, SW) "prefetcht0 " #q "*" #SW "*64(%[t],%[rs])\n\t"
+#define SONDE_T_PF7(PF, SW) PF(0, SW) PF(1, SW) PF(2, SW) PF(3, SW) PF(4, SW) PF(5, SW) PF(6, SW)
 #define SONDE_T_NEXT1(SW)                                                                            \
-  "prefetcht0 0*" #SW "*64(%[t])\n\tprefetcht0 1*" #SW "*64(%[t])\n\tprefetcht0 2*" #SW "*64(%[t])\n\t" \
-  "prefetcht0 3*" #SW "*64(%[t])\n\tprefetcht0 4*" #SW "*64(%[t])\n\tprefetcht0 5*" #SW "*64(%[t])\n\t" \
-  "prefetcht0 6*" #SW "*64(%[t])\n\tprefetcht0 7*" #SW "*64(%[t])\n\tprefetcht0 8*" #SW "*64(%[t])\n\t" \
-  "prefetcht0 9*" #SW "*64(%[t])\n\tprefetcht0 10*" #SW "*64(%[t])\n\tprefetcht0 11*" #SW "*64(%[t])\n\t" \
-  "prefetcht0 12*" #SW "*64(%[t])\n\tprefetcht0 13*" #SW "*64(%[t])\n\t"
-#define SONDE_T_NEXT2(SW)                                                                            \
-  "prefetcht0 0*" #SW "*64(%[t])\n\tprefetcht0 1*" #SW "*64(%[t])\n\tprefetcht0 2*" #SW "*64(%[t])\n\t" \
-  "prefetcht0 3*" #SW "*64(%[t])\n\tprefetcht0 4*" #SW "*64(%[t])\n\tprefetcht0 5*" #SW "*64(%[t])\n\t" \
-  "prefetcht0 6*" #SW "*64(%[t])\n\tprefetcht0 0*" #SW "*64(%[t],%[rs])\n\t"                        \
-  "prefetcht0 1*" #SW "*64(%[t],%[rs])\n\tprefetcht0 2*" #SW "*64(%[t],%[rs])\n\t"                  \
-  "prefetcht0 3*" #SW "*64(%[t],%[rs])\n\tprefetcht0 4*" #SW "*64(%[t],%[rs])\n\t"                  \
-  "prefetcht0 5*" #SW "*64(%[t],%[rs])\n\tprefetcht0 6*" #SW "*64(%[t],%[rs])\n\t"
-#define SONDE_T_NEXT8X2(SW)                                                                          \
-  "prefetcht0 0*" #SW "*64(%[t])\n\tprefetcht0 1*" #SW "*64(%[t])\n\tprefetcht0 2*" #SW "*64(%[t])\n\t" \
-  "prefetcht0 3*" #SW "*64(%[t])\n\tprefetcht0 4*" #SW "*64(%[t])\n\tprefetcht0 5*" #SW "*64(%[t])\n\t" \
-  "prefetcht0 6*" #SW "*64(%[t])\n\tprefetcht0 7*" #SW "*64(%[t])\n\t"                              \
-  "prefetcht0 0*" #SW "*64(%[t],%[rs])\n\tprefetcht0 1*" #SW "*64(%[t],%[rs])\n\t"                  \
-  "prefetcht0 2*" #SW "*64(%[t],%[rs])\n\tprefetcht0 3*" #SW "*64(%[t],%[rs])\n\t"                  \
-  "prefetcht0 4*" #SW "*64(%[t],%[rs])\n\tprefetcht0 5*" #SW "*64(%[t],%[rs])\n\t"                  \
-  "prefetcht0 6*" #SW "*64(%[t],%[rs])\n\tprefetcht0 7*" #SW "*64(%[t],%[rs])\n\t"
+  SONDE_T_PF7(SONDE_T_PF, SW) SONDE_T_PF(7, SW) SONDE_T_PF(8, SW) SONDE_T_PF(9, SW) SONDE_T_PF(10, SW) \
+  SONDE_T_PF(11, SW) SONDE_T_PF(12, SW) SONDE_T_PF(13, SW)
+#define SONDE_T_NEXT2(SW) SONDE_T_PF7(SONDE_T_PF, SW) SONDE_T_PF7(SONDE_T_PFR, SW)
+#define SONDE_T_NEXT8X2(SW) SONDE_T_PF7(SONDE_T_PF, SW) SONDE_T_PF(7, SW) SONDE_T_PF7(SONDE_T_PFR, SW) SONDE_T_PFR(7, SW)
 // PrefetchWeightSlice: the next pf_step bytes of the slice at pf (64 at a time, up to pf_end) into L2.
 #define SONDE_T_SLICE                                                                                \
   "mov %[pfstep], %[t]\n\t"                                                                          \
@@ -201,14 +162,18 @@ constexpr size_t kAsmTilePixels = 14;
                : [rs] "r"(rs), [acc] "r"(acc), [planeb] "m"(planeb), [pfend] "m"(pf_end),            \
                  [pfstep] "m"(pf_step)                                                               \
                : SONDE_T_CLOBBERS)
+// The loops of the KxK and stem forms: over blocks (1:, x), tap rows (2:, xr) and taps (3:, nkx
+// counting down); a form moves xt to the next tap itself.
+#define SONDE_T_BLOCKS_ROWS "1:\n\tmov %[x], %[xr]\n\tmov %[kh], %[nky]\n\t2:\n\t"
+#define SONDE_T_NEXT_TAP                                                                             \
+  "dec %[nkx]\n\tjnz 3b\n\t"                                                                        \
+  "add %[rowb], %[xr]\n\tdec %[nky]\n\tjnz 2b\n\t"                                                  \
+  "add %[planeb], %[x]\n\tdec %[ncb]\n\tjnz 1b\n\t"
 // KxK: blocks, tap rows (xr), taps (xt, a pixel of 64 bytes apart). Before each tap row, the lines of
 // the next one (or of the next block's first), span pixels per output row.
 #define SONDE_T_ASM_KXK(ACCS, CH, R2, SW)                                                            \
   asm volatile(ACCS(SONDE_T_LOAD)                                                            \
-               "1:\n\t"                                                                              \
-               "mov %[x], %[xr]\n\t"                                                                 \
-               "mov %[kh], %[nky]\n\t"                                                               \
-               "2:\n\t"                                                                              \
+               SONDE_T_BLOCKS_ROWS                                                                   \
                "cmp $1, %[nky]\n\t"                                                                  \
                "je 5f\n\t"                                                                           \
                "mov %[rowb], %[t]\n\t"                                                               \
@@ -234,14 +199,7 @@ constexpr size_t kAsmTilePixels = 14;
                SONDE_T_SLICE                                                                         \
                SONDE_T_BLOCK(CH, "xt", SW)                                                           \
                "add $64, %[xt]\n\t"                                                                  \
-               "dec %[nkx]\n\t"                                                                      \
-               "jnz 3b\n\t"                                                                          \
-               "add %[rowb], %[xr]\n\t"                                                              \
-               "dec %[nky]\n\t"                                                                      \
-               "jnz 2b\n\t"                                                                          \
-               "add %[planeb], %[x]\n\t"                                                             \
-               "dec %[ncb]\n\t"                                                                      \
-               "jnz 1b\n\t"                                                                          \
+               SONDE_T_NEXT_TAP                                                                      \
                ACCS(SONDE_T_SAVE)                                                            \
                : [x] "+r"(x), [w] "+r"(w), [ncb] "+r"(ncb), [pf] "+r"(pf), [t] "=&r"(t),             \
                  [xr] "=&r"(xr), [xt] "=&r"(xt), [nky] "=&r"(nky), [nkx] "=&r"(nkx)                  \
@@ -253,24 +211,14 @@ constexpr size_t kAsmTilePixels = 14;
 // bytes) a tap.
 #define SONDE_T_ASM_KB1(ACCS, TAP, SW)                                                               \
   asm volatile(ACCS(SONDE_T_LOAD)                                                                    \
-               "1:\n\t"                                                                              \
-               "mov %[x], %[xr]\n\t"                                                                 \
-               "mov %[kh], %[nky]\n\t"                                                               \
-               "2:\n\t"                                                                              \
+               SONDE_T_BLOCKS_ROWS                                                                   \
                "mov %[xr], %[xt]\n\t"                                                                \
                "mov %[kw], %[nkx]\n\t"                                                               \
                "3:\n\t"                                                                              \
                TAP("xt", SW)                                                                         \
                "add $128, %[w]\n\t"                                                                  \
                "add $4, %[xt]\n\t"                                                                   \
-               "dec %[nkx]\n\t"                                                                      \
-               "jnz 3b\n\t"                                                                          \
-               "add %[rowb], %[xr]\n\t"                                                              \
-               "dec %[nky]\n\t"                                                                      \
-               "jnz 2b\n\t"                                                                          \
-               "add %[planeb], %[x]\n\t"                                                             \
-               "dec %[ncb]\n\t"                                                                      \
-               "jnz 1b\n\t"                                                                          \
+               SONDE_T_NEXT_TAP                                                                      \
                ACCS(SONDE_T_SAVE)                                                                    \
                : [x] "+r"(x), [w] "+r"(w), [ncb] "+r"(ncb), [xr] "=&r"(xr), [xt] "=&r"(xt),          \
                  [nky] "=&r"(nky), [nkx] "=&r"(nkx)                                                  \
@@ -327,9 +275,14 @@ void TileLoopsAsm(const NchwcConvArgs* a, const float* x, __m512 (&acc)[NV][P * 
 }
 #undef SONDE_T_ASM_KXK
 #undef SONDE_T_ASM_KB1
+#undef SONDE_T_NEXT_TAP
+#undef SONDE_T_BLOCKS_ROWS
 #undef SONDE_T_TAP8X2
 #undef SONDE_T_TAP7X2
 #undef SONDE_T_TAP14
+#undef SONDE_T_WS1
+#undef SONDE_T_WS
+#undef SONDE_T_P0S
 #undef SONDE_T_P1
 #undef SONDE_T_P0
 #undef SONDE_T_ASM_1X1
@@ -342,12 +295,19 @@ void TileLoopsAsm(const NchwcConvArgs* a, const float* x, __m512 (&acc)[NV][P * 
 #undef SONDE_T_NEXT2
 #undef SONDE_T_NEXT1
 #undef SONDE_T_NEXT8X2
+#undef SONDE_T_PF7
+#undef SONDE_T_PFR
+#undef SONDE_T_PF
 #undef SONDE_T_BLOCK
 #undef SONDE_T_CH2
 #undef SONDE_T_CH1
 #undef SONDE_T_CH8X2
+#undef SONDE_T_W1
+#undef SONDE_T_ONE8X2
 #undef SONDE_T_FMA1
+#undef SONDE_T_PAIR7
 #undef SONDE_T_W
+#undef SONDE_T_X0S
 #undef SONDE_T_X1
 #undef SONDE_T_X0
 #undef SONDE_T_FMA
