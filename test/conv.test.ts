@@ -350,6 +350,9 @@ const direct: Shape[] = [
   { name: '3x3 p1, 48 -> 64 on 6x7 (assembly: row pairs)', x: [1, 48, 6, 7], w: [64, 48, 3, 3], g: { pads: [1, 1, 1, 1] } },
   { name: '3x3 s2 p1, 32 -> 40 on 13x13 (assembly: stride-2 row pairs)', x: [1, 32, 13, 13], w: [40, 32, 3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
   { name: '1x3, 32 -> 48 on 4x14 (assembly: one tap row)', x: [1, 32, 4, 14], w: [48, 32, 1, 3], g: { pads: [0, 1, 0, 1] } },
+  // 1x1 stride 1 over at most 8 whole blocks to 64+ channels: pair tiles of 6 pixels.
+  { name: '1x1 N=2, 32 -> 64 on 5x12 (pair tiles of 6)', x: [2, 32, 5, 12], w: [64, 32, 1, 1], g: {} },
+  { name: '1x1, 128 -> 96 on 3x18 (pair tiles of 6, eight blocks, then one of 32)', x: [1, 128, 3, 18], w: [96, 128, 1, 1], g: {} },
   // One vector of output channels in row pairs of 8 pixels: the one-vector assembly form.
   { name: '3x3 p1 N=2, 32 -> 16 on 8x8 (assembly: one-vector row pairs)', x: [2, 32, 8, 8], w: [16, 32, 3, 3], g: { pads: [1, 1, 1, 1] } },
   { name: '1x1 s2, 16 -> 12 on 15x15 (assembly: one vector, stride 2)', x: [1, 16, 15, 15], w: [12, 16, 1, 1], g: { strides: [2, 2] } },
@@ -374,7 +377,7 @@ const D = (fragment: string): Shape => direct.find((c) => c.name.includes(fragme
 async function checkDirectEpilogue(act: Act, precision: 'fp32' | 'bf16', seed: number,
   variant?: kernels.ConvVariant): Promise<void> {
   const round = (t: Float32Array) => (precision === 'bf16' ? t.map(bf16Round) : t);
-  for (const s of [D('tiles 10+10+9'), D('5x5 s2'), D('16 -> 5 on 1x1'), D('1x1 s2, 64'), D('320 -> 45'), D('three input blocks'), D('stride-2 row pairs'), D('one-vector row pairs)')]) {
+  for (const s of [D('tiles 10+10+9'), D('5x5 s2'), D('16 -> 5 on 1x1'), D('1x1 s2, 64'), D('320 -> 45'), D('three input blocks'), D('stride-2 row pairs'), D('one-vector row pairs)'), D('pair tiles of 6')]) {
     const x = randomTensor(s.x, seed);
     const w = randomTensor(s.w, seed + 1);
     for (let i = 0; i < w.size; i++) w.data[i]! *= 3 / Math.sqrt(s.w[1]! * s.w[2]! * s.w[3]!);
