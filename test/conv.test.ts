@@ -429,6 +429,29 @@ describe.runIf(simd === 'avx512')('direct NCHW16c kernel', () => {
 
   it.each(Object.keys(acts) as Act[])('epilogue %s with residual before/after, 1 and 2 threads', (act) => checkDirectEpilogue(act, 'fp32', 43));
 
+  // RunDirectTiles orders its items by what each layer reads from beyond L2 (native/ops/conv.cc), and
+  // a task walks its items with a cursor: bands of rows over every block (an input larger than L2,
+  // one thread; a short last band), one band per thread (two threads, one image), blocks outermost
+  // (weights larger than half of L2, a batch the threads do not divide), and whole images per thread.
+  it('every order of the direct tiles matches the reference', async () => {
+    const cases = [
+      { what: 'bands', x: [1, 256, 48, 48], w: [128, 256, 1, 1], g: { strides: [2, 2] }, threads: 1 },
+      { what: 'a band per thread', x: [1, 256, 48, 48], w: [128, 256, 1, 1], g: { strides: [2, 2] }, threads: 2 },
+      { what: 'blocks outermost', x: [3, 2048, 3, 3], w: [256, 2048, 1, 1], g: {}, threads: 2 },
+      { what: 'images per thread', x: [2, 64, 20, 20], w: [96, 64, 3, 3], g: { pads: [1, 1, 1, 1] }, threads: 2 },
+    ];
+    for (const c of cases) {
+      const x = randomTensor(c.x, 90);
+      const w = randomTensor(c.w, 91);
+      const bias = randomTensor([c.w[0]!], 92);
+      const conv = createDirect(w, { ...c.g, bias, activation: 'relu' });
+      expect(conv.path, c.what).toBe('direct');
+      const ref = refConv(x, w.data, c.w, c.g, bias.data);
+      expectConv(await conv.run(x, { threads: c.threads }), ref, 'relu');
+      conv.dispose();
+    }
+  });
+
   it('BatchNormalization folded, without a bias', async () => {
     const s = D('3x3 s2 p1, 32 -> 64');
     const co = s.w[0]!;
