@@ -175,7 +175,7 @@ interface Rows {
 type ArrayCtor = { new (n: number): Rows; BYTES_PER_ELEMENT: number; new (b: ArrayBuffer, o: number, n: number): Rows };
 
 /** Input shapes (per-row element counts and types) whose spare batch buffers a batcher keeps. */
-const kSpareShapes = 8;
+const SPARE_SHAPES = 8;
 
 export class Batcher {
   readonly #layout: BatchLayout;
@@ -468,7 +468,7 @@ export class Batcher {
       const spare = this.#spare.get(key);
       let buf = spare?.pop();
       if (spare) {
-        // Most recently used last: a shape not seen for the last kSpareShapes others is dropped.
+        // Most recently used last: a shape not seen for the last SPARE_SHAPES others is dropped.
         this.#spare.delete(key);
         this.#spare.set(key, spare);
       }
@@ -497,7 +497,7 @@ export class Batcher {
       if (!list) {
         this.#spare.set(key, (list = []));
         // Input shapes that vary (sequence lengths, image sizes) must not pile up buffers.
-        if (this.#spare.size > kSpareShapes) this.#spare.delete(this.#spare.keys().next().value!);
+        if (this.#spare.size > SPARE_SHAPES) this.#spare.delete(this.#spare.keys().next().value!);
       }
       if (list.length < this.#opts.maxConcurrentBatches) list.push(buf);
     }

@@ -509,6 +509,10 @@ constexpr double kMinHomedWorkPerThread = 4096;
 // that: the digits stem (1 -> 16 channels on 8x8, 4 tiles of 144 FMAs per image) ran at ~35
 // GFLOP/s, and counted by FLOPs alone it stayed on one thread at batch 64.
 constexpr double kTileOverheadFlops = 8192;
+// Threads for a conv of `work` FLOPs on at most `threads` of the pool (kMinFlopsPerThread each).
+unsigned ConvThreads(const ThreadPool& pool, unsigned threads, double work) {
+  return ThreadsForWork(std::max(1u, std::min(threads, pool.size())), work, kMinFlopsPerThread);
+}
 // Pointwise inputs larger than this are assumed to come from beyond L2 (see RunPointwise).
 size_t PackPointwiseBytes() {
   static const size_t v = [] {
@@ -528,9 +532,7 @@ bool ConvOp::RunGemm(ThreadPool& pool, unsigned threads, const CancelFlag* cance
   const size_t groups = spec_.group, cg = spec_.c_in / groups, cog = spec_.c_out / groups;
   const size_t hwo = s.oh * s.ow;
   const size_t panels = (hwo + nr - 1) / nr, m_tiles = (cog + mr - 1) / mr;
-  const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())),
-                                           2.0 * static_cast<double>(n * spec_.c_out * hwo) * static_cast<double>(kg_),
-                                           kMinFlopsPerThread);
+  const unsigned nthreads = ConvThreads(pool, threads, Flops(n, hwo));
   // Task grid: (image, group, panel block, row block). Start with all rows and 8 panels per task,
   // then split until every thread has a few tasks. Splitting panels re-reads the weights once more
   // per extra block; splitting rows would repeat the im2col (see `shared` below). So split rows
@@ -649,9 +651,7 @@ bool ConvOp::RunPointwise(ThreadPool& pool, unsigned threads, const CancelFlag* 
   static_assert(kO == 32, "blocked row tiles are 12 + 12 + 8");
   const size_t panels = (hw + nr - 1) / nr,
                m_tiles = blocked ? (cog + kO - 1) / kO * 3 : (cog + mr - 1) / mr;
-  const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())),
-                                           2.0 * static_cast<double>(n * spec_.c_out * hw) * static_cast<double>(kg_),
-                                           kMinFlopsPerThread);
+  const unsigned nthreads = ConvThreads(pool, threads, Flops(n, hw));
   // Same grid as RunGemm; with nothing to pack, splitting rows only costs re-reading input panels.
   size_t nb = std::min(kPanelsPerTask, panels), mb = m_tiles;
   auto tasks = [&] { return n * groups * ((panels + nb - 1) / nb) * ((m_tiles + mb - 1) / mb); };
@@ -782,7 +782,7 @@ bool ConvOp::RunDirect(ThreadPool& pool, unsigned threads, const CancelFlag* can
   const size_t kw_read = bf16_direct_ && kB == 1 ? (g.kw + 1) / 2 * 2 : g.kw;
   const size_t wp = std::max(s.pad_l + w, (s.ow - 1) * g.sw + kw_read);
   const size_t plane = hp * wp * kB, image = c_blocks * plane;
-  const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())), DirectWork(n, s), kMinFlopsPerThread);
+  const unsigned nthreads = ConvThreads(pool, threads, DirectWork(n, s));
   float* xb = BlockedInputScratch(n * image);
   uint16_t* xh = bf16_direct_ ? Bf16InputScratch(n * image) : nullptr;
   if (!xb || (bf16_direct_ && !xh)) throw std::bad_alloc();
@@ -924,9 +924,10 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
   // One task per thread (images or bands of rows): each thread keeps its part from layer to layer.
   const bool homed = image_tasks || band_split;
   // What every item of a task passes its tiles alike.
+  const bool blocked_res = yl && rl && ep0.residual;
   const kernels::NchwcConvArgs task_args{nullptr, c_blocks, hp, wp, c_last, nullptr, g.kh, g.kw, g.sh, g.sw, nullptr, 0,
                                          nullptr, s.oh, s.ow, nullptr, yl ? yl->wp() * kB : 0, yl ? yl->block_floats() : 0,
-                                         yl && rl && ep0.residual ? rl->wp() * kB : 0, yl && rl && ep0.residual ? rl->block_floats() : 0,
+                                         blocked_res ? rl->wp() * kB : 0, blocked_res ? rl->block_floats() : 0,
                                          yl && yl->bf16 ? 1 : 0, nullptr, 0, 0, ldw_};
   const auto task = [&](size_t t) {
     const size_t begin = t * per, end = std::min(items, (t + 1) * per);
@@ -974,15 +975,13 @@ bool ConvOp::RunDirectTiles(ThreadPool& pool, unsigned nthreads, const CancelFla
       const size_t item_oc = per_item * kO;
       kernels::GemmEpilogue ep = ep0;
       float* yt;
-      size_t y_block = 0, res_block = 0;
+      const size_t y_block = task_args.y_block, res_block = task_args.res_block;
       if (yl) {
         // In elements of y (float, or bf16 with yl->bf16).
-        y_block = yl->block_floats();
         const size_t eb = yl->elem_bytes();
         char* yc = reinterpret_cast<char*>(y);
         yt = reinterpret_cast<float*>(yc + ((b * yc_blocks + oc0 / kB) * y_block + yl->origin()) * eb);
         if (ep.residual) {
-          res_block = rl->block_floats();
           ep.residual += (b * yc_blocks + oc0 / kB) * res_block + rl->origin();
         }
         // The border a later conv reads as padding: the rows' side columns, and the top/bottom rows
@@ -1108,10 +1107,7 @@ bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* ca
   ResolveWindow(spec_.window, h, w, &s);
   kernels::GemmEpilogue ep{nullptr, nullptr, residual, s.oh * s.ow, spec_.activation,
                            residual_before_activation ? 1 : 0, spec_.alpha, spec_.beta};
-  const double work = path_ == Path::kDirect
-                          ? DirectWork(n, s)
-                          : 2.0 * static_cast<double>(n * spec_.c_out * s.oh * s.ow) * static_cast<double>(kg_);
-  const unsigned nthreads = ThreadsForWork(std::max(1u, std::min(threads, pool.size())), work, kMinFlopsPerThread);
+  const unsigned nthreads = ConvThreads(pool, threads, path_ == Path::kDirect ? DirectWork(n, s) : Flops(n, s.oh * s.ow));
   if (!xl.present()) {
     const bool ok = RunDirect(pool, threads, cancel, x, n, h, w, s, y, ep, yl, rl, next);
     if (!ok && error->empty()) *error = "aborted";
@@ -1189,7 +1185,7 @@ double ConvOp::DirectWork(size_t n, const WindowShape& s) const {
   const DirectTiling t = Tiling(s.ow);
   const size_t segs = t.pairs ? (s.ow + t.pair_w - 1) / t.pair_w : (s.ow + t.seg_w - 1) / t.seg_w;
   const double tiles = static_cast<double>(n * t.o_items * ((s.oh + t.row_step - 1) / t.row_step) * segs);
-  return 2.0 * static_cast<double>(n * spec_.c_out * s.oh * s.ow) * static_cast<double>(kg_) + tiles * kTileOverheadFlops;
+  return Flops(n, s.oh * s.ow) + tiles * kTileOverheadFlops;
 }
 
 void ConvOp::DirectRows(const float* xo, size_t hp, size_t wp, const WindowShape& s, size_t oy0, size_t oy1, float* y,

@@ -172,6 +172,10 @@ class ConvOp {
     size_t o_items, per_item, row_step, seg_w, pair_w;
   };
   DirectTiling Tiling(size_t ow) const;
+  // FLOPs of the conv over n images of `pixels` output pixels each.
+  double Flops(size_t n, size_t pixels) const {
+    return 2.0 * static_cast<double>(n * spec_.c_out * pixels) * static_cast<double>(kg_);
+  }
   // The work of the direct tiles over n images, for ThreadsForWork: their FLOPs and each tile's
   // fixed cost (kTileOverheadFlops in conv.cc).
   double DirectWork(size_t n, const WindowShape& s) const;
