@@ -45,8 +45,11 @@ class AsyncJob {
   }
   // Its time on the pool (ms, Execute's start to end): for Result, which runs after it.
   double exec_ms() const { return static_cast<double>(t_exec1_ - t_exec0_) / 1e6; }
-  // Keeps a JS value (an input TypedArray, a handle) alive until the job settles.
+  // Keeps a JS value (an input TypedArray, a handle) alive until the job settles; a job holds JS
+  // references only this way, so that a job dropped at teardown releases none (see Complete).
   void Keep(Napi::Value v) { kept_.push_back(Napi::Persistent(v)); }
+  // The i-th value kept, for Result.
+  Napi::Value Kept(size_t i) const { return kept_[i].Value(); }
   // Shared with a JS CancelToken (AbortSignal), which may outlive the job or die before it.
   std::shared_ptr<CancelFlag> cancel = std::make_shared<CancelFlag>(false);
   unsigned threads = 0;  // max threads for this job; 0 = the whole pool

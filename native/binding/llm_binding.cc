@@ -298,12 +298,11 @@ Napi::Value KvPoolCreate(Addon& addon, const Napi::CallbackInfo& info) {
 
 class PrepareJob : public AsyncJob {
  public:
-  std::shared_ptr<const LlmModel> model;
-  Napi::Reference<Napi::Value> handle;
+  std::shared_ptr<const LlmModel> model;  // kept: the model's handle, Kept(0)
   void Execute(Addon& addon) override { model->Prepare(addon.pool(), threads); }
   Napi::Value Result(Napi::Env env) override {
     // The repacked weights are the model's own memory now.
-    LlmModelHandle::ReportBytes(env, handle.Value());
+    LlmModelHandle::ReportBytes(env, Kept(0));
     return env.Undefined();
   }
 };
@@ -312,7 +311,7 @@ Napi::Value LlmModelPrepare(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto job = std::make_unique<PrepareJob>();
   job->model = UnwrapModel(addon, info[0], "llmModelPrepare");
-  job->handle = Napi::Persistent(info[0]);
+  job->Keep(info[0]);
   const double threads = NumberArg(info, 1);
   if (!IsInteger(threads, 0, 1024)) throw MakeError(env, codes::kInvalidArgument, "llmModelPrepare: threads must be an integer in [0, 1024]");
   job->threads = static_cast<unsigned>(threads);
