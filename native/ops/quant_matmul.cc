@@ -367,9 +367,14 @@ GemvJob MakeGemvJob(unsigned threads, const QuantMatmulArgs& args, const Plan& p
   j.gemv16 = j.corr && plan.gk.gemv && qa.corr_offset == plan.gk.gemv_corr_offset;
   // Tasks of whole weight rows: about 64 KiB of weights each (small enough to balance two threads
   // and to stay in L2 while a group of 4 activation rows after another re-reads them), and at
-  // least 4 per thread; whole groups of 16 rows for the 16-row kernel.
-  size_t rows = std::max<size_t>(1, (64 << 10) / std::max<size_t>(1, j.row_bytes));
-  rows = std::min(rows, std::max<size_t>(1, (n + 4 * threads - 1) / (4 * threads)));
+  // least 4 per thread; whole groups of 16 rows for the 16-row kernel. One activation row (decode)
+  // reads each weight once, and a task start costs about half a microsecond (the claim, and the
+  // prefetchers finding the new stream): about 256 KiB, at least one per thread (an f16 decode's
+  // q/k/v and output products on two threads: 16 -> 18 GB/s).
+  const bool decode = args.m == 1;
+  const size_t per_thread = decode ? 1 : 4;
+  size_t rows = std::max<size_t>(1, (size_t{decode ? 256u : 64u} << 10) / std::max<size_t>(1, j.row_bytes));
+  rows = std::min(rows, std::max<size_t>(1, (n + per_thread * threads - 1) / (per_thread * threads)));
   if (j.gemv16) rows = (rows + kernels::kQuantGemvRows - 1) / kernels::kQuantGemvRows * kernels::kQuantGemvRows;
   j.rows = rows;
   j.tasks = (n + rows - 1) / rows;
