@@ -9,13 +9,11 @@
  */
 import { readFile } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
-import { createRequire } from 'node:module';
 import { InvalidArgumentError, ModelFormatError } from './errors.js';
-import { parseModel, type OnnxNode } from './onnx/model.js';
+import { loadOnnxProto, parseModel, type OnnxNode } from './onnx/model.js';
 import { checkInt, checkOneOf, checkOptions, describe } from './validate.js';
 
-const require = createRequire(import.meta.url);
-const { onnx } = require('onnx-proto') as { onnx: ProtoNamespace };
+const onnx = (): ProtoNamespace => loadOnnxProto() as ProtoNamespace;
 
 export type PruneStructure = 'unstructured' | 'block';
 /** A layer selector: a string is the exact node name or weight (initializer) name; a RegExp is tested on both. */
@@ -226,7 +224,7 @@ export async function prune(model: string | Uint8Array, options: PruneOptions): 
     await new Promise<void>((r) => setImmediate(r));
   }
 
-  const proto = onnx.ModelProto.decode(bytes);
+  const proto = onnx().ModelProto.decode(bytes);
   const g = proto.graph!;
   g.initializer = (g.initializer ?? []).filter((t) => !replaced.has(t.name ?? ''));
   g.sparseInitializer = (g.sparseInitializer ?? []).filter((st) => !replaced.has(st.values?.name ?? ''));
@@ -253,7 +251,7 @@ export async function prune(model: string | Uint8Array, options: PruneOptions): 
   }
   let out: Uint8Array;
   try {
-    out = onnx.ModelProto.encode(proto).finish();
+    out = onnx().ModelProto.encode(proto).finish();
   } catch (err) {
     throw new ModelFormatError(`${where}: could not encode the pruned model: ${(err as Error).message}`, { cause: err });
   }

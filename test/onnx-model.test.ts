@@ -181,3 +181,19 @@ describe('checkSupported', () => {
     expect(() => checkSupported(m.graph, () => true)).not.toThrow();
   });
 });
+
+describe('onnx-proto loading', () => {
+  it('importing sonde does not load onnx-proto; the first model parsed does', async () => {
+    const { spawnSync } = await import('node:child_process');
+    const script = `import { createRequire } from 'node:module';
+      import { Session } from './dist/index.js';
+      const loaded = () => Object.keys(createRequire(import.meta.url).cache).some((k) => k.includes('/onnx-proto/'));
+      const before = loaded();
+      const bytes = ${JSON.stringify(Array.from(model({ node: [{ opType: 'Relu', input: ['x'], output: ['y'] }], input: [vi('x', [2])], output: [vi('y', [2])] })))};
+      const s = await Session.load(new Uint8Array(bytes));
+      console.log(JSON.stringify({ before, after: loaded() }));
+      s.dispose();`;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 30_000 });
+    expect(JSON.parse(r.stdout.trim() || 'null'), r.stderr).toEqual({ before: false, after: true });
+  });
+});

@@ -11,8 +11,15 @@ import { ModelFormatError, UnsupportedOperatorError } from '../errors.js';
 import { Tensor, type DType } from '../tensor.js';
 
 const require = createRequire(import.meta.url);
-// onnx-proto is CommonJS; its generated namespace is `onnx`.
-const { onnx } = require('onnx-proto') as { onnx: OnnxNamespace };
+let onnxProto: unknown;
+/**
+ * onnx-proto's generated namespace `onnx` (a CommonJS package), loaded on first use: it takes about
+ * 30 ms, nearly half of importing sonde, which language-model and kernel users never need.
+ */
+export function loadOnnxProto(): unknown {
+  return (onnxProto ??= (require('onnx-proto') as { onnx: unknown }).onnx);
+}
+const onnx = (): OnnxNamespace => loadOnnxProto() as OnnxNamespace;
 
 /** Default-domain opsets sonde understands. */
 export const MIN_OPSET = 7;
@@ -73,7 +80,7 @@ export function parseModel(bytes: Uint8Array, options: ParseOptions = {}): OnnxM
   const where = options.source ?? 'the model';
   let proto: ProtoModel;
   try {
-    proto = onnx.ModelProto.decode(bytes);
+    proto = onnx().ModelProto.decode(bytes);
   } catch (err) {
     throw new ModelFormatError(`${where} is not a valid ONNX file: protobuf decoding failed (${(err as Error).message})`, { cause: err });
   }
@@ -127,7 +134,7 @@ function int64(v: LongLike | number): number {
 }
 
 const DTYPE_OF: Record<number, DType> = { 1: 'float32', 2: 'uint8', 3: 'int8', 6: 'int32', 7: 'int64', 9: 'bool', 10: 'float16', 16: 'bfloat16' };
-const TYPE_NAME = Object.fromEntries(Object.entries(onnx.TensorProto.DataType).map(([k, v]) => [v, k])) as Record<number, string>;
+const typeName = (t: number): string | undefined => Object.entries(onnx().TensorProto.DataType).find(([, v]) => v === t)?.[0];
 
 function convertGraph(g: ProtoGraph, ctx: Ctx, outer: Set<string>): OnnxGraph {
   const where = ctx.where;
@@ -197,7 +204,7 @@ function convertTensor(t: ProtoTensor, ctx: Ctx, what: string): Tensor {
   if (!Number.isSafeInteger(size)) throw new ModelFormatError(`${where}: ${what} is too large`);
   const dtype = DTYPE_OF[t.dataType ?? 0];
   if (!dtype) {
-    throw new ModelFormatError(`${where}: ${what} has data type ${TYPE_NAME[t.dataType ?? 0] ?? t.dataType}, which sonde does not support`);
+    throw new ModelFormatError(`${where}: ${what} has data type ${typeName(t.dataType ?? 0) ?? t.dataType}, which sonde does not support`);
   }
   const ctor = STORAGE[dtype];
   let raw: Uint8Array | undefined;
@@ -341,7 +348,7 @@ function readExternal(t: ProtoTensor, ctx: Ctx, what: string): Uint8Array {
 
 function convertAttribute(a: ProtoAttribute, ctx: Ctx, what: string, outer: Set<string>, inits: Map<string, Tensor>,
   inputs: ValueInfo[]): AttributeValue {
-  const T = onnx.AttributeProto.AttributeType;
+  const T = onnx().AttributeProto.AttributeType;
   const dec = new TextDecoder('utf-8');
   switch (a.type) {
     case T.FLOAT: return a.f ?? 0;
