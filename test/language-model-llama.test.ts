@@ -3,7 +3,7 @@
  * (node-llama-cpp): greedy generations of 32 tokens are identical; stop strings, maxTokens, abort
  * and a prompt longer than the context on the real engine.
  */
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { getLlama, type Llama } from 'node-llama-cpp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -265,6 +265,41 @@ describe('LanguageModel.load', () => {
       },
     });
     await expect(LanguageModel.load(short)).rejects.toThrow(/the tokenizer has \d+ tokens but the model.s embedding has \d+ rows/);
+    // A layer count far beyond the file's tensors is an error, not a heap exhausted listing them.
+    const deep = join(dir, 'deep.gguf');
+    await writeFixture(deep, { kind: 'llama', seed: 6, metadata: { 'llama.block_count': 3670020 } });
+    await expect(LanguageModel.load(deep)).rejects.toThrow(/'llama.block_count' is 3670020, but the file holds only \d+ tensors/);
+  });
+
+  it('random corruption of the header and metadata: every load and generation resolves or rejects with a typed error', async () => {
+    const path = join(dir, 'fuzz-base.gguf');
+    await writeFixture(path, { kind: 'llama', seed: 7 });
+    const base = readFileSync(path);
+    let seed = 2024;
+    const rnd = () => { seed = (seed * 1103515245 + 12345) >>> 0; return seed; };
+    const outcomes = { ran: 0, rejected: 0 };
+    for (let trial = 0; trial < 120; trial++) {
+      const b = Buffer.from(base);
+      const span = trial % 2 ? 512 : Math.min(b.length, 16384);
+      for (let flips = 1 + (rnd() % 4); flips > 0; flips--) b[rnd() % span] = rnd() & 255;
+      const fuzz = join(dir, 'fuzz.gguf');
+      writeFileSync(fuzz, trial % 5 === 4 ? b.subarray(0, rnd() % b.length) : b);
+      try {
+        const model = await LanguageModel.load(fuzz, trial % 3 ? { contextSize: 32 } : {});
+        try {
+          await tokensOf(model.generate([3 + 0x61, 3 + 0x62], { maxTokens: 2, temperature: 0 }));
+        } finally {
+          model.dispose();
+        }
+        outcomes.ran++;
+      } catch (e) {
+        expect([ModelFormatError, InvalidArgumentError].some((c) => e instanceof c), String(e)).toBe(true);
+        outcomes.rejected++;
+      }
+    }
+    // Both outcomes occur: the corruption reaches the checks, and not every flip is fatal.
+    expect(outcomes.ran).toBeGreaterThan(0);
+    expect(outcomes.rejected).toBeGreaterThan(0);
   });
 });
 

@@ -1,12 +1,12 @@
 // Session.load on every malformed-model case of issue #5, each a typed error that says what was
 // wrong (the process alive, later loads unaffected), and a model whose weights live in an external
 // data file next to it (the >2 GB layout), checked against the same model with embedded weights.
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ModelFormatError, Session, Tensor, UnsupportedOperatorError } from '../dist/index.js';
+import { InvalidArgumentError, ModelFormatError, Session, Tensor, UnsupportedOperatorError } from '../dist/index.js';
 import { GraphBuilder, randomTensor } from '../bench/graphs/builder.js';
 
 const require = createRequire(import.meta.url);
@@ -75,6 +75,41 @@ describe('Session.load: malformed models', () => {
     const err = await Session.load(g.toBytes()).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(UnsupportedOperatorError);
     expect((err as Error).message).toMatch(/2 nodes sonde does not support: Einsum \(node 'e1'\), com\.example\.Foo \(node 'f1'\)/);
+  });
+});
+
+describe('Session.load: random corruption', () => {
+  it('of the demo model: every load and run resolves or rejects with a typed error', async () => {
+    const base = new Uint8Array(readFileSync(new URL('../models/digits.onnx', import.meta.url)));
+    let seed = 77;
+    const rnd = () => { seed = (seed * 1103515245 + 12345) >>> 0; return seed; };
+    const outcomes = { ran: 0, rejected: 0 };
+    for (let trial = 0; trial < 200; trial++) {
+      const b = base.slice();
+      // Flips anywhere, in the first 4 KiB, or in the last 2 KiB (names, attributes, shapes), or a
+      // truncation.
+      const mode = trial % 4;
+      for (let flips = 1 + (rnd() % 6); flips > 0; flips--) {
+        const at = mode === 1 ? rnd() % 4096 : mode === 2 ? b.length - 1 - (rnd() % 2048) : rnd() % b.length;
+        b[at] = rnd() & 255;
+      }
+      try {
+        const s = await Session.load(mode === 3 ? b.subarray(0, rnd() % b.length) : b);
+        try {
+          const input = s.inputs[0]!;
+          const dims = (input.shape ?? []).map((d) => (typeof d === 'number' && d > 0 && d <= 4096 ? d : 1));
+          await s.run({ [input.name]: new Tensor('float32', new Float32Array(dims.reduce((a, c) => a * c, 1)).fill(0.5), dims) });
+        } finally {
+          s.dispose();
+        }
+        outcomes.ran++;
+      } catch (e) {
+        expect([ModelFormatError, UnsupportedOperatorError, InvalidArgumentError].some((c) => e instanceof c), String(e)).toBe(true);
+        outcomes.rejected++;
+      }
+    }
+    expect(outcomes.ran).toBeGreaterThan(0);
+    expect(outcomes.rejected).toBeGreaterThan(0);
   });
 });
 

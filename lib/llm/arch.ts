@@ -435,6 +435,11 @@ function finish(file: GgufFile, config: ModelConfig): ModelConfig {
   const k = (key: string) => `${arch}.${key}`;
   const { expertCount, expertUsedCount, feedForwardLength } = config;
   if (config.blockCount === 0) throw new ModelFormatError(`'${k('block_count')}' must be positive`);
+  // Every layer has tensors of its own: a count beyond the file's tensors is corrupt, and listing
+  // that many layers' tensors (below) would exhaust the heap before any of them was found missing.
+  if (config.blockCount > file.tensors.length) {
+    throw new ModelFormatError(`'${k('block_count')}' is ${config.blockCount}, but the file holds only ${file.tensors.length} tensors`);
+  }
   if (config.contextLength === 0) throw new ModelFormatError(`'${k('context_length')}' must be positive`);
   if (feedForwardLength === 0 && expertCount === 0) throw new ModelFormatError(`'${k('feed_forward_length')}' must be positive`);
   const vocabKey = meta(file, k('vocab_size'));
