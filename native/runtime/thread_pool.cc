@@ -38,8 +38,8 @@ std::chrono::microseconds SpinTime() {
 // completion has crossed to it and whatever the program does between calls; waking a sleeping
 // worker then costs the JS thread a futex call and the job tens of microseconds (a one-Identity
 // round trip measured 25 us with a spinning worker, 95-110 us without; the MLP's batch-1 run, 0.13
-// ms of steps, took 0.23 ms after another runtime's call). How long they spin follows the last gap
-// between calls (IdleSpinFor); workers the last job did not use do not spin: on a machine with more
+// ms of steps, took 0.23 ms after another runtime's call). How long they spin follows the recent
+// gaps between calls (IdleSpinFor); workers the last job did not use do not spin: on a machine with more
 // runnable threads than cores a spinning thread holds a core the JS thread or a helper needs.
 // The helpers spin too since the next job would wake them again, from the JS thread: a futex wake
 // of an idle vCPU cost the JS thread ~20 us a token of the demo model's generation (perf), and
@@ -53,17 +53,28 @@ std::chrono::microseconds IdleSpinTime() {
   return t;
 }
 
-// How long to spin for the next job: twice the last gap between a job's end and the next call
-// (calls jitter) when that fits within IdleSpinTime, else only the shortest spin, 50 us: calls
-// further apart (a service between requests) find the worker asleep after little spinning, while
-// the first call after a pause that is followed at once by another still finds it awake (sleeping
-// at once let the woken worker preempt the JS thread on the loaded VM, running a whole job before
-// the caller's next statement, an abort, could run).
-std::chrono::microseconds IdleSpinFor(int64_t last_gap_ns) {
+// How long to spin for the next job: twice the longest of the recent gaps between a job's end and
+// the next call that is within IdleSpinTime (calls jitter), at most IdleSpinTime and at least the
+// shortest spin, 50 us. Calls further apart (a service between requests) find the worker asleep
+// after little spinning, while the first call after a pause that is followed at once by another
+// still finds it awake (sleeping at once let the woken worker preempt the JS thread on the loaded
+// VM, running a whole job before the caller's next statement, an abort, could run). The longest of
+// several gaps, not the last one: where calls alternate short and long gaps (two sessions run one
+// after the other, then other work) the gap before a long one is short, and the worker fell asleep
+// before the next call; and a gap of more than half the cap is still worth the cap. The 90%-pruned
+// MLP at batch 1 on one thread, its run, a dense session's run, then 0.28 ms of other work: 104 ->
+// 61 us a run (51 with the pause alone); the `sparse` suite's order (onnxruntime-node, then both
+// sessions, then back) 121 -> 67 us; the dense MLP at batch 1 on two threads beside
+// onnxruntime-node 0.84x the time.
+std::chrono::microseconds IdleSpinFor(const std::atomic<int64_t>* gaps_ns, unsigned count) {
   const auto cap = IdleSpinTime();
   const auto least = std::min(cap, std::chrono::microseconds(50));
-  const int64_t want_ns = last_gap_ns > INT64_MAX / 2 ? INT64_MAX : 2 * last_gap_ns;
-  if (want_ns > std::chrono::duration_cast<std::chrono::nanoseconds>(cap).count()) return least;
+  const int64_t cap_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(cap).count();
+  int64_t want_ns = 0;
+  for (unsigned i = 0; i < count; ++i) {
+    const int64_t gap = gaps_ns[i].load(std::memory_order_relaxed);
+    if (gap <= cap_ns) want_ns = std::max(want_ns, std::min(cap_ns, 2 * gap));
+  }
   return std::max(least, std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::nanoseconds(want_ns)));
 }
 
@@ -129,7 +140,10 @@ void ThreadPool::Resize(unsigned threads) {
 bool ThreadPool::Submit(std::function<void()> job, std::function<void()> dropped, unsigned helpers) {
   bool parked;
   const int64_t last_end = last_job_end_ns_.load(std::memory_order_relaxed);
-  if (last_end != 0) last_gap_ns_.store(std::max<int64_t>(0, NowNs() - last_end), std::memory_order_relaxed);
+  if (last_end != 0) {
+    const unsigned slot = gap_cursor_.fetch_add(1, std::memory_order_relaxed) % kGapHistory;
+    recent_gaps_ns_[slot].store(std::max<int64_t>(0, NowNs() - last_end), std::memory_order_relaxed);
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return false;
@@ -178,7 +192,7 @@ void ThreadPool::WaitForTask(unsigned index, bool after_job, bool prewoken) {
   // A worker woken for a job's helpers spins its whole spin time: the job may not have started yet.
   SpinUntil(ready, [&] { return running_jobs_.load(std::memory_order_relaxed) > 0; },
             prewoken    ? SpinTime()
-            : after_job ? IdleSpinFor(last_gap_ns_.load(std::memory_order_relaxed))
+            : after_job ? IdleSpinFor(recent_gaps_ns_, kGapHistory)
                         : std::chrono::microseconds(0));
   spinning_.fetch_sub(1);
 }

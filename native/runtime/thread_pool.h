@@ -159,10 +159,13 @@ class ThreadPool {
   // whose steps all run on one thread wakes none).
   std::atomic<unsigned> job_helpers_{0};
   std::atomic<unsigned> last_helpers_{0};
-  // When the last job ended and the gap from there to the next Submit (steady clock ns; 0 / max
-  // before any): how long it is worth spinning for the next job.
+  // When the last job ended (steady clock ns; 0 before any), and the gaps from a job's end to the
+  // next Submit of the last kGapHistory jobs, round robin (max before any): how long it is worth
+  // spinning for the next job (IdleSpinFor).
+  static constexpr unsigned kGapHistory = 4;
   std::atomic<int64_t> last_job_end_ns_{0};
-  std::atomic<int64_t> last_gap_ns_{INT64_MAX};
+  std::atomic<int64_t> recent_gaps_ns_[kGapHistory] = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+  std::atomic<unsigned> gap_cursor_{0};
 };
 
 }  // namespace sonde
