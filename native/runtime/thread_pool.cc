@@ -42,8 +42,9 @@ std::chrono::microseconds SpinTime() {
 // worker then costs the JS thread a futex call and the job tens of microseconds (a one-Identity
 // round trip measured 25 us with a spinning worker, 95-110 us without; the MLP's batch-1 run, 0.13
 // ms of steps, took 0.23 ms after another runtime's call). How long they spin follows the recent
-// gaps between calls (IdleSpinFor); workers the last job did not use do not spin: on a machine with more
-// runnable threads than cores a spinning thread holds a core the JS thread or a helper needs.
+// gaps between calls (IdleSpinFor); workers the last job did not use do not spin: on a machine
+// with more runnable threads than cores a spinning thread holds a core the JS thread or a helper
+// needs.
 // The helpers spin too since the next job would wake them again, from the JS thread: a futex wake
 // of an idle vCPU cost the JS thread ~20 us a token of the demo model's generation (perf), and
 // blocks of calls alternating in one process measured, helpers spinning against sleeping: demo
@@ -153,11 +154,11 @@ void ThreadPool::Resize(unsigned threads) {
 
 bool ThreadPool::Submit(std::function<void()> job, std::function<void()> dropped, unsigned helpers) {
   bool parked;
-  const int64_t last_end = last_job_end_ns_.load(std::memory_order_relaxed);
-  last_submit_ns_.store(NowNs(), std::memory_order_relaxed);
+  const int64_t last_end = last_job_end_ns_.load(std::memory_order_relaxed), now = NowNs();
+  last_submit_ns_.store(now, std::memory_order_relaxed);
   if (last_end != 0) {
     const unsigned slot = gap_cursor_.fetch_add(1, std::memory_order_relaxed) % kGapHistory;
-    recent_gaps_ns_[slot].store(std::max<int64_t>(0, NowNs() - last_end), std::memory_order_relaxed);
+    recent_gaps_ns_[slot].store(std::max<int64_t>(0, now - last_end), std::memory_order_relaxed);
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
