@@ -155,7 +155,7 @@ void ThreadPool::Resize(unsigned threads) {
 bool ThreadPool::Submit(std::function<void()> job, std::function<void()> dropped, unsigned helpers) {
   bool parked;
   const int64_t last_end = last_job_end_ns_.load(std::memory_order_relaxed), now = NowNs();
-  last_submit_ns_.store(now, std::memory_order_relaxed);
+  last_queued_ns_.store(now, std::memory_order_relaxed);
   if (last_end != 0) {
     const unsigned slot = gap_cursor_.fetch_add(1, std::memory_order_relaxed) % kGapHistory;
     recent_gaps_ns_[slot].store(std::max<int64_t>(0, now - last_end), std::memory_order_relaxed);
@@ -219,23 +219,34 @@ void ThreadPool::WaitForTask(unsigned index, bool after_job, bool prewoken) {
     // jobs is a runnable thread like theirs: the scheduler takes its CPU at a tick or a yield, and
     // when the next job comes it waits for its turn, a whole slice, where a sleeping worker is
     // mostly woken ahead of the others. The MLP at batch 1 on one thread, onnxruntime-node's run
-    // between, two CPU hogs on the 2-vCPU VM: median 3.7 ms a run spinning (p90 3.7), 0.26-0.29
-    // sleeping so (p90 2.2), 0.25-0.27 on the idle machine. Seen as a job taken more than a
-    // millisecond late (a slice; this process's own JS thread, polling on the worker's core, yields
-    // it within microseconds: at 0.1 ms the demo's CNN on the idle machine fell into the windows,
-    // 13 -> 43 us a run) by a worker that another thread of this machine preempted while it spun
-    // (the hypervisor taking the vCPU is not counted); then workers sleep between jobs for a while,
-    // longer each time it happens again right after (contended_for_ns_).
+    // between, two CPU hogs on the 2-vCPU VM: median 3.7 ms a run spinning (p90 3.7), 0.26-0.31
+    // sleeping so (p90 2.0-2.4), 0.25-0.27 on the idle machine. Seen as jobs taken more than a
+    // millisecond late (a slice; this process's own JS thread, polling on the worker's core,
+    // yields it within microseconds: at 0.1 ms the demo's CNN on the idle machine fell into the
+    // windows, 13 -> 43 us a run) by a worker that another thread of this machine preempted while
+    // it spun (the hypervisor taking the vCPU is not counted), twice in a row: once happens on the
+    // idle machine too (beside another runtime's threads, or the JS thread on the worker's core),
+    // and a window then made the Identity round trip after it 9 -> 28 us. Then workers sleep
+    // between jobs for a while, longer each time it happens again right after (contended_for_ns_).
     const int64_t switches = InvoluntarySwitches();
     const bool took = SpinUntil(ready, busy, IdleSpinFor(recent_gaps_ns_, kGapHistory));
-    if (took && switches >= 0 && NowNs() - last_submit_ns_.load(std::memory_order_relaxed) > kLatePickupNs &&
-        InvoluntarySwitches() != switches) {
-      const int64_t now = NowNs(), until = contended_until_ns_.load(std::memory_order_relaxed);
-      int64_t window = contended_for_ns_.load(std::memory_order_relaxed);
-      // Again within a window's length of the last one ending: contention persists.
-      window = until != 0 && now - until < window ? std::min(2 * window, kContendedMaxNs) : kContendedMinNs;
-      contended_for_ns_.store(window, std::memory_order_relaxed);
-      contended_until_ns_.store(now + window, std::memory_order_relaxed);
+    if (took && switches >= 0) {
+      const int64_t now = NowNs();
+      // From when a task last entered the queue: a loop's helper tasks too (counted from the job's
+      // submission, the helpers of a 25 ms ResNet-50 run looked 9-33 ms late).
+      const bool late =
+          now - last_queued_ns_.load(std::memory_order_relaxed) > kLatePickupNs && InvoluntarySwitches() != switches;
+      if (!late) {
+        late_in_a_row_.store(0, std::memory_order_relaxed);
+      } else if (late_in_a_row_.fetch_add(1, std::memory_order_relaxed) + 1 >= 2) {
+        late_in_a_row_.store(0, std::memory_order_relaxed);
+        const int64_t until = contended_until_ns_.load(std::memory_order_relaxed);
+        int64_t window = contended_for_ns_.load(std::memory_order_relaxed);
+        // Again within a window's length of the last one ending: contention persists.
+        window = until != 0 && now - until < window ? std::min(2 * window, kContendedMaxNs) : kContendedMinNs;
+        contended_for_ns_.store(window, std::memory_order_relaxed);
+        contended_until_ns_.store(now + window, std::memory_order_relaxed);
+      }
     }
   }
   spinning_.fetch_sub(1);
@@ -360,6 +371,7 @@ bool ThreadPool::ParallelForShared(size_t n, unsigned max_threads, IndexFnRef fn
       if (!stop_) {
         // Helpers go to the front: finishing work already started beats starting new jobs.
         prewake_.store(0, std::memory_order_relaxed);
+        last_queued_ns_.store(NowNs(), std::memory_order_relaxed);
         for (unsigned h = 0; h < helpers; ++h)
           queue_.push_front(Task{[state, this] { Drain(*state, stop_, state->joined.fetch_add(1, std::memory_order_relaxed)); },
                                  nullptr, true});

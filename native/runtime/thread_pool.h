@@ -166,15 +166,16 @@ class ThreadPool {
   std::atomic<int64_t> last_job_end_ns_{0};
   std::atomic<int64_t> recent_gaps_ns_[kGapHistory] = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
   std::atomic<unsigned> gap_cursor_{0};
-  // When the last job was submitted (steady clock ns), and until when workers do not spin between
-  // jobs because every core was busy (WaitForTask): a window of kContendedMinNs, doubled up to
-  // kContendedMaxNs while contention persists; a job taken more than kLatePickupNs after its
-  // submission by a preempted spinning worker starts one.
+  // When a task (a job, or a loop's helper task) last entered the queue (steady clock ns), and
+  // until when workers do not spin between jobs because every core was busy (WaitForTask): a window of kContendedMinNs, doubled up to
+  // kContendedMaxNs while contention persists; two jobs in a row taken more than kLatePickupNs
+  // after they were queued by preempted spinning workers start one.
   static constexpr int64_t kLatePickupNs = 1'000'000;
   static constexpr int64_t kContendedMinNs = 20'000'000, kContendedMaxNs = 1'000'000'000;
-  std::atomic<int64_t> last_submit_ns_{0};
+  std::atomic<int64_t> last_queued_ns_{0};
   std::atomic<int64_t> contended_until_ns_{0};
   std::atomic<int64_t> contended_for_ns_{kContendedMinNs};
+  std::atomic<unsigned> late_in_a_row_{0};
 };
 
 }  // namespace sonde
