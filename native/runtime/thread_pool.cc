@@ -209,10 +209,8 @@ void ThreadPool::WaitForTask(unsigned index, bool after_job, bool prewoken) {
   if (prewoken) {
     // A worker woken for a job's helpers spins its whole spin time: the job may not have started yet.
     SpinUntil(ready, busy, SpinTime());
-  } else if (!after_job) {
-    SpinUntil(ready, busy, std::chrono::microseconds(0));
-  } else if (NowNs() < contended_until_ns_.load(std::memory_order_relaxed)) {
-    // Every core was busy lately: sleep at once (see below).
+  } else if (!after_job || NowNs() < contended_until_ns_.load(std::memory_order_relaxed)) {
+    // Not after a job of its own, or every core was busy lately (see below): no idle spin.
     SpinUntil(ready, busy, std::chrono::microseconds(0));
   } else {
     // Where every core is busy (CPU-bound processes beside this one), a worker spinning between
