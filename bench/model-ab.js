@@ -5,8 +5,10 @@
 // anchor (its pool threads not spinning after a run, as in the bench suites), interleaved run by
 // run in every order (ab.js) so the VM's drift falls on all alike.
 // Outputs of the two builds are compared first. Prints medians, new/base and ort/new.
-// 'digits' runs the demo's CNN on its test images. model@sparsity (e.g. resnet50@0.9) runs the model pruned by this checkout's sonde.prune (every layer
-// but ResNet-50's first conv), both builds with sparse 'auto', and ORT on the same pruned bytes.
+// 'digits' runs the demo's CNN on its test images. model@sparsity (e.g. resnet50@0.9) runs the
+// model pruned by this checkout's sonde.prune (every layer but ResNet-50's first conv), both builds
+// with sparse 'auto', and ORT on the same pruned bytes.
+import { readFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -14,7 +16,6 @@ import * as here from '../dist/index.js';
 import { interleave, median } from './ab.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
 import { modelBytes, modelInput } from './graphs/models.js';
-import { readFileSync } from 'node:fs';
 import { modelPath, readTestSplit } from '../models/digits.js';
 
 if (!process.argv[2]) {

@@ -1107,12 +1107,12 @@ bool ConvOp::RunBlocked(ThreadPool& pool, unsigned threads, const CancelFlag* ca
   ResolveWindow(spec_.window, h, w, &s);
   kernels::GemmEpilogue ep{nullptr, nullptr, residual, s.oh * s.ow, spec_.activation,
                            residual_before_activation ? 1 : 0, spec_.alpha, spec_.beta};
-  const unsigned nthreads = ConvThreads(pool, threads, path_ == Path::kDirect ? DirectWork(n, s) : Flops(n, s.oh * s.ow));
   if (!xl.present()) {
     const bool ok = RunDirect(pool, threads, cancel, x, n, h, w, s, y, ep, yl, rl, next);
     if (!ok && error->empty()) *error = "aborted";
     return ok;
   }
+  const unsigned nthreads = ConvThreads(pool, threads, path_ == Path::kDirect ? DirectWork(n, s) : Flops(n, s.oh * s.ow));
   // This conv's padded (0, 0) inside x's (possibly wider) border.
   const size_t origin = ((xl.pad_t - s.pad_t) * xl.wp() + (xl.pad_l - s.pad_l)) * kernels::kNchwcBlock;
   bool ok;

@@ -227,27 +227,29 @@ void ThreadPool::WaitForTask(unsigned index, bool after_job, bool prewoken) {
     // and a window then made the Identity round trip after it 9 -> 28 us. Then workers sleep
     // between jobs for a while, longer each time it happens again right after (contended_for_ns_).
     const int64_t switches = InvoluntarySwitches();
-    const bool took = SpinUntil(ready, busy, IdleSpinFor(recent_gaps_ns_, kGapHistory));
-    if (took && switches >= 0) {
-      const int64_t now = NowNs();
-      // From when a task last entered the queue: a loop's helper tasks too (counted from the job's
-      // submission, the helpers of a 25 ms ResNet-50 run looked 9-33 ms late).
-      const bool late =
-          now - last_queued_ns_.load(std::memory_order_relaxed) > kLatePickupNs && InvoluntarySwitches() != switches;
-      if (!late) {
-        late_in_a_row_.store(0, std::memory_order_relaxed);
-      } else if (late_in_a_row_.fetch_add(1, std::memory_order_relaxed) + 1 >= 2) {
-        late_in_a_row_.store(0, std::memory_order_relaxed);
-        const int64_t until = contended_until_ns_.load(std::memory_order_relaxed);
-        int64_t window = contended_for_ns_.load(std::memory_order_relaxed);
-        // Again within a window's length of the last one ending: contention persists.
-        window = until != 0 && now - until < window ? std::min(2 * window, kContendedMaxNs) : kContendedMinNs;
-        contended_for_ns_.store(window, std::memory_order_relaxed);
-        contended_until_ns_.store(now + window, std::memory_order_relaxed);
-      }
-    }
+    if (SpinUntil(ready, busy, IdleSpinFor(recent_gaps_ns_, kGapHistory)) && switches >= 0) NotePickup(switches);
   }
   spinning_.fetch_sub(1);
+}
+
+void ThreadPool::NotePickup(int64_t switches_before) {
+  const int64_t now = NowNs();
+  // From when a task last entered the queue: a loop's helper tasks too (counted from the job's
+  // submission, the helpers of a 25 ms ResNet-50 run looked 9-33 ms late).
+  const bool late =
+      now - last_queued_ns_.load(std::memory_order_relaxed) > kLatePickupNs && InvoluntarySwitches() != switches_before;
+  if (!late) {
+    late_in_a_row_.store(0, std::memory_order_relaxed);
+    return;
+  }
+  if (late_in_a_row_.fetch_add(1, std::memory_order_relaxed) + 1 < 2) return;
+  late_in_a_row_.store(0, std::memory_order_relaxed);
+  const int64_t until = contended_until_ns_.load(std::memory_order_relaxed);
+  int64_t window = contended_for_ns_.load(std::memory_order_relaxed);
+  // Again within a window's length of the last one ending: contention persists.
+  window = until != 0 && now - until < window ? std::min(2 * window, kContendedMaxNs) : kContendedMinNs;
+  contended_for_ns_.store(window, std::memory_order_relaxed);
+  contended_until_ns_.store(now + window, std::memory_order_relaxed);
 }
 
 void ThreadPool::WorkerLoop(unsigned index) {

@@ -132,6 +132,10 @@ class ThreadPool {
   // after_job: it ran a job or a job's helper task last, and may spin for the next one while no job
   // runs (see the .cc).
   void WaitForTask(unsigned index, bool after_job, bool prewoken);
+  // After an idle spin that ended with a task to take: starts a window without idle spinning when
+  // this and the last such pickup were late and preempted (switches_before: InvoluntarySwitches()
+  // as the spin began).
+  void NotePickup(int64_t switches_before);
   void WorkerLoop(unsigned index);
   void StartThreadsLocked(unsigned count);
   // Wakes sleeping workers for `tasks` new queue entries; parked: some threads are parked (see .cc).
@@ -167,9 +171,10 @@ class ThreadPool {
   std::atomic<int64_t> recent_gaps_ns_[kGapHistory] = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
   std::atomic<unsigned> gap_cursor_{0};
   // When a task (a job, or a loop's helper task) last entered the queue (steady clock ns), and
-  // until when workers do not spin between jobs because every core was busy (WaitForTask): a window of kContendedMinNs, doubled up to
-  // kContendedMaxNs while contention persists; two jobs in a row taken more than kLatePickupNs
-  // after they were queued by preempted spinning workers start one.
+  // until when workers do not spin between jobs because every core was busy (WaitForTask): a
+  // window of kContendedMinNs, doubled up to kContendedMaxNs while contention persists; two jobs in
+  // a row taken more than kLatePickupNs after they were queued by preempted spinning workers start
+  // one (NotePickup).
   static constexpr int64_t kLatePickupNs = 1'000'000;
   static constexpr int64_t kContendedMinNs = 20'000'000, kContendedMaxNs = 1'000'000'000;
   std::atomic<int64_t> last_queued_ns_{0};
