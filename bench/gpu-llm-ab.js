@@ -1,9 +1,10 @@
-// node bench/gpu-llm-ab.js [--device cuda:0] [--layers 16] [--type q8_0] [--kv f16] [--rounds 2] [--windows 7] 'NAME=V[,NAME=V]' ...
+// node bench/gpu-llm-ab.js [--device cuda:0] [--layers 16] [--type q8_0] [--kv f16] [--rounds 2] [--windows 7] [--chain 8] 'NAME=V[,NAME=V]' ...
 // GPU decode (the `cuda` suite's llama 4096x14336 model, 1 sequence, 512 cached) under several
 // settings of the environment switches that native code reads once (SONDE_GPU_*), each in a child
 // process of its own over one model file written once, in interleaved rounds (A B C A B C ...) so
 // that every setting sees the same device state. Per setting: the median over rounds of the
-// median decode window (64 steps through pool.step, as the suite times it), the device time of a
+// median decode window (64 steps through pool.step, as the suite times it), the same windows as
+// chains of --chain steps (KvPool.stepGreedy, greedy generation's path), the device time of a
 // step (SONDE_GPU_LLM_PROFILE=step: events around the graph's launches), and each as % of the read
 // bandwidth measured here. '-' is the setting with nothing changed.
 import { spawnSync } from 'node:child_process';
@@ -26,7 +27,7 @@ const count = (name, dflt) => {
   return v;
 };
 const layers = count('layers', 16), type = opt('type', 'q8_0'), kv = opt('kv', 'f16');
-const rounds = count('rounds', 2), windows = count('windows', 7);
+const rounds = count('rounds', 2), windows = count('windows', 7), chain = count('chain', 8);
 // --device emulated: a tiny model on the emulator, which checks the script and says nothing about speed.
 const device = opt('device', 'cuda:0'), emulated = device === 'emulated';
 const shape = emulated
@@ -42,9 +43,10 @@ if (args[0] === '--child') {
   const rig = decodeRig(engine, { prompt, steps, dtype: kv });
   await rig.step(0, prompt);
   const times = await rig.decodeWindows(windows);
+  const chained = await rig.chainWindows(windows, chain);
   rig.dispose();
   engine.dispose();
-  console.log(JSON.stringify({ ms: times[windows >> 1], min: times[0], max: times[windows - 1], weightBytes }));
+  console.log(JSON.stringify({ ms: times[windows >> 1], min: times[0], max: times[windows - 1], chainMs: chained[windows >> 1], weightBytes }));
   process.exit(0);
 }
 
@@ -75,7 +77,7 @@ try {
       const env = { ...process.env, SONDE_GPU_LLM_PROFILE: 'step' };
       if (s !== '-') for (const kvp of s.split(',')) env[kvp.slice(0, kvp.indexOf('='))] = kvp.slice(kvp.indexOf('=') + 1);
       const child = spawnSync(process.execPath, [fileURLToPath(import.meta.url), '--child', path,
-        '--layers', String(layers), '--kv', kv, '--windows', String(windows), '--device', device], { env, encoding: 'utf8' });
+        '--layers', String(layers), '--kv', kv, '--windows', String(windows), '--chain', String(chain), '--device', device], { env, encoding: 'utf8' });
       if (child.status !== 0) {
         console.log(`${s}: failed (${child.status})\n${child.stderr}`);
         continue;
@@ -87,14 +89,15 @@ try {
       results.get(s).push(res);
       // The native diagnostics' tables (SONDE_HANDOFF_PROFILE, SONDE_GPU_LLM_PROFILE=1) as printed.
       for (const line of child.stderr.split('\n')) if (/^sonde (handoff|gpu llm) profile|^ +\S/.test(line) && !/decode, \d+ steps: device/.test(line)) console.log(`    ${line}`);
-      console.log(`  round ${r} ${s}: step ${res.ms.toFixed(4)} ms (windows ${res.min.toFixed(4)}-${res.max.toFixed(4)}), device ${res.device} ms, native ${res.native} ms`);
+      console.log(`  round ${r} ${s}: step ${res.ms.toFixed(4)} ms (windows ${res.min.toFixed(4)}-${res.max.toFixed(4)}), chained ${res.chainMs.toFixed(4)} ms, device ${res.device} ms, native ${res.native} ms`);
     }
   }
   const median = (a) => a.slice().sort((p, q) => p - q)[a.length >> 1];
   for (const [s, rs] of results) {
     if (!rs.length) continue;
     const ms = median(rs.map((r) => r.ms)), dev = median(rs.map((r) => r.device)), gb = rs[0].weightBytes / 1e9;
-    console.log(`${s}: step ${ms.toFixed(4)} ms = ${(100 * gb / ms / readGbps * 1e3).toFixed(1)}% of read; device ${dev.toFixed(4)} ms = ${(100 * gb / dev / readGbps * 1e3).toFixed(1)}%`);
+    const cm = median(rs.map((r) => r.chainMs)), pct = (t) => (100 * gb / t / readGbps * 1e3).toFixed(1);
+    console.log(`${s}: step ${ms.toFixed(4)} ms = ${pct(ms)}% of read; chained (${chain} steps) ${cm.toFixed(4)} ms = ${pct(cm)}%; device ${dev.toFixed(4)} ms = ${pct(dev)}%`);
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });

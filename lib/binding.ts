@@ -384,6 +384,12 @@ export interface NativeBinding {
   /** kvPoolStep's GPU twin (no threads: the step runs on the device). */
   llmGpuKvPoolStep(model: NativeGpuLlmModel, pool: NativeKvPool, tokens: Int32Array, meta: Int32Array, tables: Int32Array,
     copies: Int32Array, logits: Float32Array, cancel?: NativeCancelToken): Promise<void>;
+  /**
+   * `steps` chained greedy decode steps (ops/llm_gpu.h: StepGreedy): every sequence one token with
+   * its logits wanted, tables covering start + steps; chosen receives steps x sequences ids.
+   */
+  llmGpuKvPoolStepGreedy(model: NativeGpuLlmModel, pool: NativeKvPool, tokens: Int32Array, meta: Int32Array, tables: Int32Array,
+    copies: Int32Array, steps: number, chosen: Int32Array, cancel?: NativeCancelToken): Promise<void>;
   llmGpuKvPoolRead(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void>;
   llmGpuKvPoolWrite(pool: NativeKvPool, ids: Int32Array, bytes: Uint8Array): Promise<void>;
   /** A GPU device (runtime/cuda/gpu.h): 'cuda:N' or 'emulated'; throws ERR_SONDE_DEVICE_UNAVAILABLE. */

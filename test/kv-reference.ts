@@ -74,6 +74,8 @@ export interface ReferencePoolOptions {
   onStep?: (batch: StepBatch) => void;
   /** Called with every block a step writes, before it writes (a test asserts ownership here). */
   onWrite?: (block: number) => void;
+  /** Offer stepGreedy (chained greedy steps), as the GPU transformer's pools do. */
+  chains?: boolean;
 }
 
 export class ReferenceKvPool implements KvPool {
@@ -94,12 +96,46 @@ export class ReferenceKvPool implements KvPool {
   #clockMs = 0;
   /** A simulated clock (ms): the sum of the delays of the steps run so far. */
   readonly now = (): number => this.#clockMs;
+  /** With options.chains: KvPool.stepGreedy as this pool's steps one after another, argmax between. */
+  readonly stepGreedy?: (batch: StepBatch, steps: number, options?: { signal?: AbortSignal }) => Promise<Int32Array>;
+  /** The length of every chain run. */
+  readonly chains: number[] = [];
 
   constructor(options: ReferencePoolOptions) {
     this.blockSize = options.blockSize ?? 16;
     this.maxBlocks = options.maxBlocks;
     this.blockBytes = this.blockSize * 4;
     this.#options = options;
+    if (options.chains) {
+      this.stepGreedy = (batch, steps, o = {}) => {
+        const run = () => this.#runChain(batch, steps, o.signal);
+        const result = this.#chain.then(run, run);
+        this.#chain = result.catch(() => undefined);
+        return result;
+      };
+    }
+  }
+
+  async #runChain(batch: StepBatch, steps: number, signal: AbortSignal | undefined): Promise<Int32Array> {
+    if (!(Number.isInteger(steps) && steps >= 1)) throw new InvalidArgumentError(`reference pool: steps ${steps}`);
+    const n = batch.sequences.length, vocab = this.#options.vocab;
+    const out = new Int32Array(steps * n);
+    let sequences = batch.sequences;
+    for (const q of sequences) {
+      if (q.tokens.length !== 1 || q.logits !== 'last') throw new InvalidArgumentError('reference pool: a chain takes one decode token per sequence');
+      if (q.blockTable.length * this.blockSize < q.start + steps) throw new InvalidArgumentError('reference pool: a chain\'s table does not cover its steps');
+    }
+    for (let j = 0; j < steps; j++) {
+      if (j > 0 && signal?.aborted) throw new AbortError();
+      const rows = await this.#run(j === 0 && batch.copies ? { sequences, copies: batch.copies } : { sequences }, signal);
+      sequences = sequences.map((q, i) => {
+        const t = argmax(rows.subarray(i * vocab, (i + 1) * vocab));
+        out[j * n + i] = t;
+        return { ...q, start: q.start + 1, tokens: Int32Array.of(t) };
+      });
+    }
+    this.chains.push(steps);
+    return out;
   }
 
   get bytes(): number {

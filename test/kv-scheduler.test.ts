@@ -26,18 +26,34 @@ function withCheck(pool: Partial<ReferencePoolOptions> = {}, options: Partial<Sc
   return { pool: p, sched };
 }
 
-/** Greedy generation of `count` tokens through the scheduler. */
-function gen(s: Scheduler, prompt: number[], count: number, extra: Partial<SequenceRequest> = {}) {
+/**
+ * Greedy generation of `count` tokens through the scheduler. `chained`: the request also lets a
+ * pool that chains steps choose its tokens (SequenceRequest.greedy), stopping after `count` or at
+ * the first token `stopAt` accepts (which is kept, as a stop token's step is).
+ */
+function gen(s: Scheduler, prompt: number[], count: number, extra: Partial<SequenceRequest> = {}, chained = false,
+  stopAt?: (t: number) => boolean) {
   const out: number[] = [];
+  const take = (t: number) => {
+    out.push(t);
+    return out.length < count && !stopAt?.(t);
+  };
   const done = s.submit({
     tokens: prompt, logits: 'last', ...extra,
     onLogits: (l) => {
       const t = argmax(l);
-      out.push(t);
-      return out.length < count ? t : undefined;
+      return take(t) ? t : undefined;
     },
+    ...(chained ? { greedy: { onToken: (t: number) => take(t), remaining: () => count - out.length } } : {}),
   });
   return { out, done: done.then((r) => ({ tokens: out, result: r })) };
+}
+
+/** greedyDirect up to and including the first token `stopAt` accepts. */
+function directUntil(p: number[], count: number, stopAt: (t: number) => boolean): number[] {
+  const all = greedyDirect(fn, p, count);
+  const i = all.findIndex(stopAt);
+  return i < 0 ? all : all.slice(0, i + 1);
 }
 
 const prompt = (seed: number, n: number) => Array.from({ length: n }, (_, i) => (seed * 7 + i * 13 + ((seed * i) % 5)) % VOCAB);
@@ -409,10 +425,10 @@ describe('Scheduler over the reference pool', () => {
     expectNoLeaks(sched);
   });
 
-  it('a mixed load (shared prefixes, aborts at random steps, a small pool) stays exact and leaks nothing', async () => {
+  it.each([['plain steps', false], ['greedy chains (KvPool.stepGreedy)', true]])('a mixed load (shared prefixes, aborts at random steps, a small pool) stays exact and leaks nothing: %s', async (_, chains) => {
     let seed = 12345;
     const rand = (n: number) => { seed = (Math.imul(seed, 1103515245) + 12345) >>> 0; return (seed >>> 8) % n; };
-    const { sched, pool } = withCheck({ maxBlocks: 16, blockSize: 4 }, { prefillBudget: 6, maxConcurrency: 5 });
+    const { sched, pool } = withCheck({ maxBlocks: 16, blockSize: 4, chains }, { prefillBudget: 6, maxConcurrency: 5 });
     const roots = [prompt(1, 10), prompt(2, 7), prompt(3, 13)];
     const jobs = Array.from({ length: 40 }, () => {
       const root = roots[rand(3)]!;
@@ -420,7 +436,7 @@ describe('Scheduler over the reference pool', () => {
       const n = 1 + rand(12);
       const ac = new AbortController();
       const abortAfter = rand(4) === 0 ? rand(8) : -1;
-      const g = gen(sched, p, n, { signal: ac.signal });
+      const g = gen(sched, p, n, { signal: ac.signal }, chains);
       if (abortAfter >= 0) {
         const at = pool.steps.length + abortAfter;
         const poll = setInterval(() => { if (pool.steps.length >= at) { ac.abort(); clearInterval(poll); } }, 0);
@@ -440,6 +456,7 @@ describe('Scheduler over the reference pool', () => {
       }
     }
     expect(exact).toBeGreaterThan(20);
+    if (chains) expect(pool.chains.length).toBeGreaterThan(0);
     const st = sched.stats();
     expect(st.evictions).toBeGreaterThan(0);
     expect(st.hitTokens).toBeGreaterThan(0);
@@ -462,5 +479,124 @@ describe('Scheduler over the reference pool', () => {
     expect(kept.released).toBe(true);
     expectNoLeaks(sched);
     await expect(sched.submit({ tokens: [1], logits: 'last' })).rejects.toThrow(DisposedError);
+  });
+});
+
+describe('Scheduler: chained greedy steps (KvPool.stepGreedy)', () => {
+  const decodeRows = (pool: { steps: { sequences: { tokens: number[]; start: number }[] }[] }) =>
+    pool.steps.reduce((n, st) => n + st.sequences.filter((q) => q.tokens.length === 1 && q.start > 0).length, 0);
+
+  it('chains of about CHAIN_SECONDS of steps; each generation equals the direct evaluation and computes no row past its last token', async () => {
+    // 1 ms steps: chains of up to 10.
+    const { sched, pool } = withCheck({ delayMs: 1, chains: true });
+    const prompts = Array.from({ length: 4 }, (_, i) => prompt(i + 30, 5 + i));
+    const counts = [25, 31, 40, 17];
+    const rs = await Promise.all(prompts.map((p, i) => gen(sched, p, counts[i]!, {}, true).done));
+    rs.forEach((r, i) => expect(r.tokens).toEqual(greedyDirect(fn, prompts[i]!, counts[i]!)));
+    expect(pool.chains.length).toBeGreaterThan(0);
+    expect(Math.max(...pool.chains)).toBe(10);
+    // Every token but each request's last was fed once: chains stop at the remaining count.
+    expect(decodeRows(pool)).toBe(counts.reduce((n, c) => n + c - 1, 0));
+    expectNoLeaks(sched);
+  });
+
+  it('a request that stops inside a chain keeps exactly its tokens: retained, continued and cached prefixes stay exact', async () => {
+    const { sched, pool } = withCheck({ blockSize: 4, chains: true });
+    const stop = (t: number) => t % 7 === 3;
+    const p = prompt(5, 6);
+    // A first plain step measures the decode cost; a free step (delay 0) then chains up to 64.
+    const a = await gen(sched, p, 200, { retain: true }, true, stop).done;
+    const want = directUntil(p, 200, stop);
+    expect(want.length).toBeGreaterThan(3);
+    expect(want.length).toBeLessThan(60);
+    expect(a.tokens).toEqual(want);
+    expect(pool.chains.length).toBeGreaterThan(0);
+    // The chain ran past the stop, but the cache holds the prompt and the fed tokens only.
+    const kept = a.result.retained!;
+    expect(kept.tokens).toEqual([...p, ...want.slice(0, -1)]);
+    const next = [...kept.tokens, want[want.length - 1]!, 11, 12];
+    const c = await gen(sched, next, 9, { continueFrom: kept }, true).done;
+    kept.release();
+    expect(c.tokens).toEqual(greedyDirect(fn, next, 9));
+    // A fresh request over the same text reuses the published blocks and still matches.
+    const d = await gen(sched, next, 5, {}, true).done;
+    expect(d.tokens).toEqual(greedyDirect(fn, next, 5));
+    expect(sched.stats().hitTokens).toBeGreaterThan(kept.tokens.length - 4);
+    expectNoLeaks(sched);
+  });
+
+  it('a full context ends the request as plain steps do', async () => {
+    const runs = [];
+    for (const chains of [false, true]) {
+      const { sched, pool } = withCheck({ chains }, { contextSize: 40 });
+      const r = await gen(sched, prompt(8, 10), 100, {}, true).done;
+      runs.push(r.tokens);
+      if (chains) expect(pool.chains.length).toBeGreaterThan(0);
+      expectNoLeaks(sched);
+    }
+    expect(runs[1]).toEqual(runs[0]);
+    expect(runs[0]!.length).toBe(31);
+    expect(runs[0]).toEqual(greedyDirect(fn, prompt(8, 10), 31));
+  });
+
+  it('no chain while a request that samples (no greedy) runs; requests arriving during a chain join after it', async () => {
+    const { sched, pool } = withCheck({ delayMs: 1, chains: true });
+    const sampled = gen(sched, prompt(1, 5), 30);
+    const greedy = gen(sched, prompt(2, 5), 20, {}, true);
+    await Promise.all([sampled.done, greedy.done]);
+    expect(pool.chains).toEqual([]);
+    expect(greedy.out).toEqual(greedyDirect(fn, prompt(2, 5), 20));
+    const first = gen(sched, prompt(3, 5), 60, {}, true);
+    while (pool.chains.length === 0) await new Promise((r) => setTimeout(r, 1));
+    const late = gen(sched, prompt(4, 7), 25, {}, true);
+    const [r1, r2] = await Promise.all([first.done, late.done]);
+    expect(r1.tokens).toEqual(greedyDirect(fn, prompt(3, 5), 60));
+    expect(r2.tokens).toEqual(greedyDirect(fn, prompt(4, 7), 25));
+    // The late one's prompt ran beside the first's decodes, then both chained.
+    expect(pool.steps.some((st) => st.sequences.length === 2 && st.sequences.some((q) => q.tokens.length === 7))).toBe(true);
+    expect(pool.chains.length).toBeGreaterThan(1);
+    expectNoLeaks(sched);
+  });
+
+  it('abort during a chain, onToken throwing, a full pool (preemption) and dispose: as plain steps', async () => {
+    {
+      const { sched, pool } = withCheck({ delayMs: 1, chains: true });
+      const ac = new AbortController();
+      const aborted = gen(sched, prompt(1, 5), 80, { signal: ac.signal }, true);
+      const good = gen(sched, prompt(2, 5), 40, {}, true);
+      while (pool.chains.length === 0) await new Promise((r) => setTimeout(r, 1));
+      ac.abort();
+      await expect(aborted.done).rejects.toThrow(AbortError);
+      expect((await good.done).tokens).toEqual(greedyDirect(fn, prompt(2, 5), 40));
+      const bad = sched.submit({
+        tokens: prompt(3, 5), logits: 'last', onLogits: (l) => argmax(l),
+        greedy: { onToken: () => { throw new InvalidArgumentError('consumer failed'); }, remaining: () => Infinity },
+      });
+      const beside = gen(sched, prompt(4, 5), 30, {}, true);
+      await expect(bad).rejects.toThrow(/consumer failed/);
+      expect((await beside.done).tokens).toEqual(greedyDirect(fn, prompt(4, 5), 30));
+      await sched.whenIdle();
+      expectNoLeaks(sched);
+    }
+    {
+      // 10 blocks of 4: two sequences of 5 + 30 tokens need 18 blocks together.
+      const { sched, pool } = withCheck({ maxBlocks: 10, blockSize: 4, chains: true }, { prefillBudget: 64 });
+      const [r1, r2] = await Promise.all([gen(sched, prompt(1, 5), 30, {}, true).done, gen(sched, prompt(2, 5), 30, {}, true).done]);
+      expect(r1.tokens).toEqual(greedyDirect(fn, prompt(1, 5), 30));
+      expect(r2.tokens).toEqual(greedyDirect(fn, prompt(2, 5), 30));
+      expect(pool.chains.length).toBeGreaterThan(0);
+      expect(pool.highWaterBytes).toBeLessThanOrEqual(10 * pool.blockBytes);
+      expectNoLeaks(sched);
+    }
+    {
+      const { sched, pool } = withCheck({ delayMs: 2, chains: true });
+      const running = [gen(sched, prompt(1, 4), 500, {}, true), gen(sched, prompt(2, 4), 500, {}, true)];
+      while (pool.chains.length === 0) await new Promise((r) => setTimeout(r, 1));
+      sched.dispose();
+      await Promise.all(running.map((g) => expect(g.done).rejects.toThrow(DisposedError)));
+      await sched.whenIdle();
+      expect(pool.inFlight).toBe(0);
+      expectNoLeaks(sched);
+    }
   });
 });

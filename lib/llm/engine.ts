@@ -184,6 +184,16 @@ export interface KvPool {
    * hands it out, and has read the previous step's logits before the next (the scheduler).
    */
   stepInto?(batch: StepBatch, into: Float32Array, options?: { signal?: AbortSignal }): Promise<Float32Array>;
+  /**
+   * `steps` greedy decode steps of every sequence of `batch` in one native call: each sequence
+   * brings one token (logits 'last') and a block table covering start + steps positions; step j
+   * feeds it at position start + j, and the argmax of that step's logits (sampling.ts's argmax:
+   * the first maximum) is the token of step j + 1, chosen and fed back on the device, so the host
+   * waits once for the whole chain instead of once per token. Resolves to the chosen ids, [step]
+   * [sequence] (steps x sequences). Positions [start, start + steps) are written. Present only
+   * where chaining saves the per-step round trip through the host (the GPU transformer).
+   */
+  stepGreedy?(batch: StepBatch, steps: number, options?: { signal?: AbortSignal }): Promise<Int32Array>;
   /** The raw bytes of blocks (for saving a sequence's state), in the order given. */
   readBlocks(ids: Int32Array): Promise<Uint8Array>;
   /** Writes blocks from bytes that readBlocks gave (same dtype and model shape), in the order given. */

@@ -313,6 +313,11 @@ class Emitter {
     this.#decoder = tokenizer.createDecoder();
   }
 
+  /** Tokens it may still take (maxTokens less those accepted; Infinity without maxTokens). */
+  get remaining(): number {
+    return this.#maxTokens - this.#generated;
+  }
+
   /** Takes a sampled token; false when the generation ends here (`full`: the cache has no room for it). */
   accept(token: number, full: boolean): boolean {
     if (this.#stopTokens.has(token) || this.#tokenizer.isEog(token)) return this.#end();
@@ -825,17 +830,21 @@ export class LanguageModel extends NativeResource {
     let failure: unknown;
     const onAbort = () => { ending.abort(signal!.reason); wake?.(); };
     signal?.addEventListener('abort', onAbort, { once: true });
+    const accept = (token: number, length: number): boolean => {
+      const more = emitter.accept(token, length >= this.contextSize);
+      wake?.();
+      if (more) history.push(token);
+      return more;
+    };
     const done = this.#scheduler!.submit({
       tokens: prompt, logits: 'last', signal: ending.signal,
       ...(chain ? { retain: true, ...(chain.from ? { continueFrom: chain.from } : {}) } : {}),
       onLogits: (logits, length) => {
         const token = sampler.sample(logits, history);
-        const more = emitter.accept(token, length >= this.contextSize);
-        wake?.();
-        if (!more) return undefined;
-        history.push(token);
-        return token;
+        return accept(token, length) ? token : undefined;
       },
+      // Greedy without penalties: a pool that chains steps on its device may choose the tokens.
+      ...(sampler.plainGreedy ? { greedy: { onToken: accept, remaining: () => emitter.remaining } } : {}),
     });
     done.then((r) => {
       if (r.retained) chain?.retained(r.retained);

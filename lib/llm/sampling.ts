@@ -329,6 +329,15 @@ export class Sampler {
     this.#rng = new Rng(this.options.seed);
   }
 
+  /**
+   * Every token this sampler picks is argmax() of the logits as given (temperature 0, no
+   * penalties), so a pool may pick it on its device (KvPool.stepGreedy) without the logits.
+   */
+  get plainGreedy(): boolean {
+    const o = this.options;
+    return o.temperature <= 0 && o.repeatPenalty === 1 && o.frequencyPenalty === 0 && o.presencePenalty === 0;
+  }
+
   /** The candidates the chain leaves and their probabilities after temperature. */
   candidates(logits: Float32Array, history: ArrayLike<number> = []): Candidates {
     // Penalised in place for the chain and restored before returning: the caller's row is unchanged.

@@ -77,6 +77,9 @@ class GpuBackend implements TransformerBackend {
   step(pool: NativeKvPool, p: PackedStep, logits: Float32Array, token: NativeCancelToken | undefined): Promise<void> {
     return native().llmGpuKvPoolStep(this.#model, pool, p.tokens, p.meta, p.tables, p.copies, logits, token);
   }
+  stepGreedy(pool: NativeKvPool, p: PackedStep, steps: number, chosen: Int32Array, token: NativeCancelToken | undefined): Promise<void> {
+    return native().llmGpuKvPoolStepGreedy(this.#model, pool, p.tokens, p.meta, p.tables, p.copies, steps, chosen, token);
+  }
   read(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void> { return native().llmGpuKvPoolRead(pool, ids, out); }
   write(pool: NativeKvPool, ids: Int32Array, bytes: Uint8Array): Promise<void> { return native().llmGpuKvPoolWrite(pool, ids, bytes); }
   prepare(): Promise<void> { return Promise.resolve(); }

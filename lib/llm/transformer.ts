@@ -41,6 +41,8 @@ const LOGITS: readonly StepSequence['logits'][] = ['none', 'last', 'all'];
 const LOGITS_CODE = { none: 0, last: 1, all: 2 } as const;
 /** The largest block size createKvPool takes (a private sequence pool may use one block of its whole context). */
 const MAX_BLOCK_SIZE = 65536;
+/** The most steps one stepGreedy call chains (the native bindings' bound). */
+const MAX_CHAIN = 65536;
 
 /** A step packed for the native call (snapshotted when step() is called, so later edits of the caller's arrays do not leak in). */
 export interface PackedStep { tokens: Int32Array; meta: Int32Array; tables: Int32Array; copies: Int32Array; rows: number }
@@ -59,6 +61,8 @@ export interface TransformerBackend {
   readonly handle: { info(): { disposed: boolean; bytes?: number } };
   createPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number): NativeKvPool;
   step(pool: NativeKvPool, packed: PackedStep, logits: Float32Array, token: NativeCancelToken | undefined): Promise<void>;
+  /** KvPool.stepGreedy's native call, where the backend chains steps on its device (the GPU's). */
+  stepGreedy?(pool: NativeKvPool, packed: PackedStep, steps: number, chosen: Int32Array, token: NativeCancelToken | undefined): Promise<void>;
   read(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void>;
   write(pool: NativeKvPool, ids: Int32Array, bytes: Uint8Array): Promise<void>;
   prepare(): Promise<void>;
@@ -95,8 +99,10 @@ class TransformerKvPool extends NativeResource implements KvPool {
   #engine: Transformer;
   #pool: NativeKvPool;
   #chain: Promise<void> = Promise.resolve();
+  /** See KvPool.stepGreedy: present where the backend chains steps on its device. */
+  readonly stepGreedy?: (batch: StepBatch, steps: number, options?: { signal?: AbortSignal }) => Promise<Int32Array>;
 
-  constructor(engine: Transformer, pool: NativeKvPool, blockSize: number, maxBlocks: number, dtype: KvDtype) {
+  constructor(engine: Transformer, pool: NativeKvPool, blockSize: number, maxBlocks: number, dtype: KvDtype, greedy: boolean) {
     super();
     this.#engine = engine;
     this.#pool = pool;
@@ -104,6 +110,7 @@ class TransformerKvPool extends NativeResource implements KvPool {
     this.maxBlocks = maxBlocks;
     this.dtype = dtype;
     this.blockBytes = pool.info().blockBytes!;
+    if (greedy) this.stepGreedy = (batch, steps, options) => this.#stepGreedy(batch, steps, options);
   }
 
   get bytes(): number {
@@ -142,6 +149,26 @@ class TransformerKvPool extends NativeResource implements KvPool {
         const backend = this.#engine.backend(where);
         await callNative(() => withSignal(signal, (token) => backend.step(this.#pool, packed, logits, token)));
         return logits;
+      });
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  #stepGreedy(batch: StepBatch, steps: number, options?: { signal?: AbortSignal }): Promise<Int32Array> {
+    const where = 'KvPool.stepGreedy';
+    try {
+      this.checkAlive(where);
+      const o = checkOptions<{ signal?: AbortSignal }>(`${where}(batch, steps, options)`, options, STEP_KEYS);
+      const signal = checkSignal(`${where}: options.signal`, o.signal);
+      const n = checkInt(`${where}: steps`, steps, 1, MAX_CHAIN);
+      const packed = this.#pack(where, batch, n);
+      return this.#enqueue(async () => {
+        this.checkAlive(where);
+        const chosen = new Int32Array(n * packed.rows);
+        const backend = this.#engine.backend(where);
+        await callNative(() => withSignal(signal, (token) => backend.stepGreedy!(this.#pool, packed, n, chosen, token)));
+        return chosen;
       });
     } catch (err) {
       return Promise.reject(err);
@@ -224,7 +251,9 @@ class TransformerKvPool extends NativeResource implements KvPool {
   }
 
   // Every check the native side repeats, here first, so each error names the sequence and field.
-  #pack(where: string, batch: StepBatch): PackedStep {
+  // steps > 1: a chain (stepGreedy) of one-token decodes wanting logits, each writing `steps`
+  // positions from its start on.
+  #pack(where: string, batch: StepBatch, steps = 1): PackedStep {
     const b = checkOptions<StepBatch>(`${where}(batch)`, batch, BATCH_KEYS);
     if (batch === undefined) throw new InvalidArgumentError(`${where}(batch): batch must be an object, got undefined`);
     const seqs = b.sequences;
@@ -242,14 +271,18 @@ class TransformerKvPool extends NativeResource implements KvPool {
       if (tokens.length === 0) throw new InvalidArgumentError(`${at}.tokens must not be empty`);
       const start = checkInt(`${at}.start`, q.start, 0, context);
       const logits = checkOneOf(`${at}.logits`, q.logits, LOGITS);
+      if (steps > 1 && (tokens.length !== 1 || logits !== 'last')) {
+        throw new InvalidArgumentError(`${at}: chained greedy steps take one decode token whose logits are wanted (tokens.length 1, logits 'last'), got ${tokens.length} tokens, logits '${logits}'`);
+      }
       for (let i = 0; i < table.length; i++) {
         const id = table[i]!;
         if (id < 0 || id >= maxBlocks) throw new InvalidArgumentError(`${at}.blockTable[${i}]: block id ${id} is outside [0, ${maxBlocks})`);
       }
-      const end = start + tokens.length;
-      if (end > context) throw new InvalidArgumentError(`${at}: start + tokens.length = ${end} exceeds the model's context length ${context}`);
+      const end = start + tokens.length + steps - 1;
+      const what = steps > 1 ? `start + steps = ${end}` : `start + tokens.length = ${end}`;
+      if (end > context) throw new InvalidArgumentError(`${at}: ${what} exceeds the model's context length ${context}`);
       if (end > table.length * bs) {
-        throw new InvalidArgumentError(`${at}.blockTable: ${table.length} blocks of ${bs} positions do not cover start + tokens.length = ${end}`);
+        throw new InvalidArgumentError(`${at}.blockTable: ${table.length} blocks of ${bs} positions do not cover ${what}`);
       }
       for (let i = 0; i < tokens.length; i++) {
         const t = tokens[i]!;
@@ -271,7 +304,7 @@ class TransformerKvPool extends NativeResource implements KvPool {
     const conflict = (block: number, writer: string, other: string) => new InvalidArgumentError(
       `${where}: ${writer}: block ${block} is written by this step and also used at ${other} (copy it first)`);
     for (let s = 0; s < seqs.length; s++) {
-      const q = seqs[s]!, table = q.blockTable, end = q.start + q.tokens.length;
+      const q = seqs[s]!, table = q.blockTable, end = q.start + q.tokens.length + steps - 1;
       for (let i = Math.floor(q.start / bs); i < Math.ceil(end / bs); i++) {
         const at = `batch.sequences[${s}].blockTable[${i}]`, w = written.get(table[i]!);
         if (w !== undefined) throw conflict(table[i]!, w, at);
@@ -484,7 +517,8 @@ class Transformer extends NativeResource implements LlmEngine {
   #newPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number): TransformerKvPool {
     let pool: TransformerKvPool;
     try {
-      pool = new TransformerKvPool(this, this.#backend.createPool(blockSize, maxBlocks, dtype, reserve), blockSize, maxBlocks, dtype);
+      pool = new TransformerKvPool(this, this.#backend.createPool(blockSize, maxBlocks, dtype, reserve), blockSize, maxBlocks, dtype,
+        this.#backend.stepGreedy !== undefined);
     } catch (err) {
       throw fromNative(err, new Error());
     }

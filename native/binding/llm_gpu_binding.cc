@@ -4,6 +4,7 @@
 //   llmGpuModelCreate(model, device, cancel?) -> Promise<GpuLlmModelHandle>   (uploads every weight)
 //   llmGpuKvPoolCreate(gpuModel, blockSize, maxBlocks, dtype, reserveBlocks) -> GpuKvPoolHandle
 //   llmGpuKvPoolStep(gpuModel, pool, tokens, meta, tables, copies, logits, cancel?) -> Promise<void>
+//   llmGpuKvPoolStepGreedy(gpuModel, pool, tokens, meta, tables, copies, steps, chosen, cancel?) -> Promise<void>
 //   llmGpuKvPoolRead(pool, ids, out) / llmGpuKvPoolWrite(pool, ids, bytes) -> Promise<void>
 // `model` is llmModelCreate's CPU handle: it validated the file, and the upload reads its views of
 // the mapping. Device memory is reported to V8 like the CPU engine's native memory: the weights by
@@ -231,49 +232,114 @@ class StepJob : public PoolJob {
   std::shared_ptr<const GpuLlmModel> model;
   KvStep step;
   float* logits = nullptr;
+  // Chained greedy steps (llmGpuKvPoolStepGreedy): how many, and where their tokens go.
+  size_t steps = 0;
+  int32_t* chosen = nullptr;
+  const char* where = "llmGpuKvPoolStep";
   void Execute(Addon&) override {
-    Guarded("llmGpuKvPoolStep", [&] {
-      if (!model->Step(*pool, step, logits, cancel.get())) Fail(codes::kAborted, "llmGpuKvPoolStep: aborted");
+    Guarded(where, [&] {
+      const bool done = chosen ? model->StepGreedy(*pool, step, steps, chosen, cancel.get()) : model->Step(*pool, step, logits, cancel.get());
+      if (!done) Fail(codes::kAborted, std::string(where) + ": aborted");
     });
   }
 };
 
-Napi::Value PoolStep(Addon& addon, const Napi::CallbackInfo& info) {
+// The arguments both step bindings share, (model, pool, tokens, meta, tables, copies, ...), into
+// the job, checked as the CPU pool's step checks them; `steps` positions per sequence must fit.
+GpuKvPoolHandle* PrepareStep(Addon& addon, const Napi::CallbackInfo& info, StepJob* job, size_t steps) {
   Napi::Env env = info.Env();
-  const char* where = "llmGpuKvPoolStep";
-  if (info.Length() < 7 || !IsInt32Array(info[2]) || !IsInt32Array(info[3]) || !IsInt32Array(info[4]) ||
-      !IsInt32Array(info[5]) || !info[6].IsTypedArray() || info[6].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
-    throw MakeError(env, codes::kInvalidArgument,
-                    "llmGpuKvPoolStep: expected (model, pool, tokens, meta, tables, copies: Int32Array, logits: Float32Array, cancel?)");
-  auto job = std::make_unique<StepJob>();
+  const char* where = job->where;
   job->model = UnwrapGpuModel(addon, info[0], where);
   GpuKvPoolHandle* h = UnwrapPool(addon, info[1], where);
   if (&h->pool->model() != job->model.get())
-    throw MakeError(env, codes::kInvalidArgument, "llmGpuKvPoolStep: the pool belongs to another model");
+    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": the pool belongs to another model");
   job->pool = h->pool;
   job->handle = h;
   UnpackKvStep(env, info[2].As<Napi::Int32Array>(), info[3].As<Napi::Int32Array>(), info[4].As<Napi::Int32Array>(),
                info[5].As<Napi::Int32Array>(), &job->step);
   const KvStep& st = job->step;
   const LlmConfig& c = job->model->config();
-  const std::string why = ValidateKvStep(job->pool->block_size(), job->pool->max_blocks(), c.vocab, st);
+  // A chain is validated as the one step that writes all of its positions.
+  KvStep whole;
+  const KvStep* checked = &st;
+  if (steps > 1) {
+    whole = st;
+    whole.tokens.clear();
+    whole.out_rows.clear();
+    for (size_t i = 0; i < whole.seqs.size(); ++i) {
+      KvStepSequence& q = whole.seqs[i];
+      whole.tokens.insert(whole.tokens.end(), st.tokens.begin() + static_cast<std::ptrdiff_t>(q.row0),
+                          st.tokens.begin() + static_cast<std::ptrdiff_t>(q.row0 + q.tokens));
+      whole.tokens.resize(whole.tokens.size() + steps - 1, 0);
+      q.row0 = i == 0 ? 0 : whole.seqs[i - 1].row0 + whole.seqs[i - 1].tokens;
+      q.tokens += steps - 1;
+    }
+    checked = &whole;
+  }
+  const std::string why = ValidateKvStep(job->pool->block_size(), job->pool->max_blocks(), c.vocab, *checked);
   if (!why.empty()) throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": " + why);
-  for (const KvStepSequence& q : st.seqs)
+  for (const KvStepSequence& q : checked->seqs)
     if (q.start + q.tokens > c.context)
       throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": positions up to " + std::to_string(q.start + q.tokens) +
                                                         " exceed the model's context length " + std::to_string(c.context));
-  Napi::Float32Array out = info[6].As<Napi::Float32Array>();
-  if (out.ElementLength() != st.out_rows.size() * c.vocab)
-    throw MakeError(env, codes::kInvalidArgument,
-                    std::string(where) + ": logits must hold " + std::to_string(st.out_rows.size() * c.vocab) + " floats");
-  job->logits = out.Data();
-  if (info.Length() > 7) addon.AttachCancel(info[7], job.get());
+  return h;
+}
+
+Napi::Value StartStep(Addon& addon, const Napi::CallbackInfo& info, std::unique_ptr<StepJob> job, GpuKvPoolHandle* h,
+                      size_t out_index, size_t cancel_index) {
+  Napi::Env env = info.Env();
+  if (info.Length() > cancel_index) addon.AttachCancel(info[cancel_index], job.get());
   h->Report(env);
-  job->Claim(env, where);
+  job->Claim(env, job->where);
   job->Keep(info[1]);
-  job->Keep(info[6]);
+  job->Keep(info[out_index]);
   job->threads = 1;  // launches from one host thread: no pool helpers to hold or wake
   return addon.Start(env, std::move(job));
+}
+
+Napi::Value PoolStep(Addon& addon, const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 7 || !IsInt32Array(info[2]) || !IsInt32Array(info[3]) || !IsInt32Array(info[4]) ||
+      !IsInt32Array(info[5]) || !info[6].IsTypedArray() || info[6].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    throw MakeError(env, codes::kInvalidArgument,
+                    "llmGpuKvPoolStep: expected (model, pool, tokens, meta, tables, copies: Int32Array, logits: Float32Array, cancel?)");
+  auto job = std::make_unique<StepJob>();
+  GpuKvPoolHandle* h = PrepareStep(addon, info, job.get(), 1);
+  const size_t vocab = job->model->config().vocab;
+  Napi::Float32Array out = info[6].As<Napi::Float32Array>();
+  if (out.ElementLength() != job->step.out_rows.size() * vocab)
+    throw MakeError(env, codes::kInvalidArgument,
+                    "llmGpuKvPoolStep: logits must hold " + std::to_string(job->step.out_rows.size() * vocab) + " floats");
+  job->logits = out.Data();
+  return StartStep(addon, info, std::move(job), h, 6, 7);
+}
+
+// (model, pool, tokens, meta, tables, copies, steps, chosen: Int32Array of steps x sequences, cancel?)
+Napi::Value PoolStepGreedy(Addon& addon, const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* where = "llmGpuKvPoolStepGreedy";
+  if (info.Length() < 8 || !IsInt32Array(info[2]) || !IsInt32Array(info[3]) || !IsInt32Array(info[4]) ||
+      !IsInt32Array(info[5]) || !info[6].IsNumber() || !IsInt32Array(info[7]))
+    throw MakeError(env, codes::kInvalidArgument,
+                    std::string(where) + ": expected (model, pool, tokens, meta, tables, copies: Int32Array, steps: number, chosen: Int32Array, cancel?)");
+  const double steps = info[6].As<Napi::Number>().DoubleValue();
+  if (!(steps >= 1 && steps <= 65536 && steps == static_cast<double>(static_cast<int64_t>(steps))))
+    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": steps must be an integer in [1, 65536]");
+  auto job = std::make_unique<StepJob>();
+  job->where = where;
+  job->steps = static_cast<size_t>(steps);
+  GpuKvPoolHandle* h = PrepareStep(addon, info, job.get(), job->steps);
+  const KvStep& st = job->step;
+  for (size_t i = 0; i < st.seqs.size(); ++i)
+    if (st.seqs[i].tokens != 1 || st.out_rows.size() != st.seqs.size() || st.out_rows[i] != i)
+      throw MakeError(env, codes::kInvalidArgument,
+                      std::string(where) + ": sequences[" + std::to_string(i) + "] must be one decode token whose logits are wanted ('last')");
+  Napi::Int32Array out = info[7].As<Napi::Int32Array>();
+  if (out.ElementLength() != job->steps * st.seqs.size())
+    throw MakeError(env, codes::kInvalidArgument,
+                    std::string(where) + ": chosen must hold " + std::to_string(job->steps * st.seqs.size()) + " ids (steps x sequences)");
+  job->chosen = out.Data();
+  return StartStep(addon, info, std::move(job), h, 7, 8);
 }
 
 class BlocksJob : public PoolJob {
@@ -322,6 +388,7 @@ void RegisterLlmGpuBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
   addon.Export(env, exports, "llmGpuModelCreate", ModelCreate);
   addon.Export(env, exports, "llmGpuKvPoolCreate", PoolCreate);
   addon.Export(env, exports, "llmGpuKvPoolStep", PoolStep);
+  addon.Export(env, exports, "llmGpuKvPoolStepGreedy", PoolStepGreedy);
   addon.Export(env, exports, "llmGpuKvPoolRead", PoolRead);
   addon.Export(env, exports, "llmGpuKvPoolWrite", PoolWrite);
 }

@@ -38,7 +38,7 @@ GpuBufferArg Arg(const std::shared_ptr<GpuAllocation>& a) { return Arg(a->data()
 
 struct GpuLlmModel::Ops {
   GpuOpFn embed, add, bias, gather, copy_blocks, copy, rms_norm, silu_mul, quant_pack, quant_matmul, gemm, rope, kv_store,
-      decode, prefill, moe, gated_add, mla_decode, rms_norm_rows, head_matmul, copy_rows, add_rms_norm, rope_store;
+      decode, prefill, moe, gated_add, mla_decode, rms_norm_rows, head_matmul, copy_rows, add_rms_norm, rope_store, greedy_next;
 };
 
 namespace {
@@ -333,6 +333,7 @@ std::shared_ptr<const GpuLlmModel> GpuLlmModel::Create(const LlmModel& cpu, std:
   ops->gather = Find("llm_gather_rows", emu);
   ops->copy_blocks = Find("llm_copy_blocks", emu);
   ops->copy = Find("llm_copy", emu);
+  ops->greedy_next = Find("llm_greedy_next", emu);
   ops->rms_norm = Find("rms_norm", emu);
   ops->silu_mul = Find("llm_silu_mul", emu);
   ops->quant_pack = Find("quant_pack", emu);
@@ -461,6 +462,8 @@ struct GpuLlmArena {
   // MoE: tokens per expert of each layer in this step ([layer][expert] int32), and its download.
   std::shared_ptr<GpuAllocation> counts;
   std::vector<int32_t> counts_host;
+  // Chained greedy steps (StepGreedy): the tokens chosen, [step][sequence], grown as needed.
+  std::shared_ptr<GpuAllocation> chosen;
   int32_t *tokens = nullptr, *pos = nullptr, *row_seq = nullptr, *meta = nullptr, *lens = nullptr, *out_rows = nullptr, *pairs_dev = nullptr,
           *tables_dev = nullptr;
   std::vector<int32_t> host;  // the ints' staging, uploaded in one copy
@@ -509,7 +512,7 @@ struct GpuLlmArena {
   bool capturable = true;  // cleared when a capture failed: steps then launch one by one
   size_t Bytes() const {
     return (act ? act->bytes() : 0) + (ints ? ints->bytes() : 0) + (logits ? logits->bytes() : 0) +
-           (counts ? counts->bytes() : 0);
+           (counts ? counts->bytes() : 0) + (chosen ? chosen->bytes() : 0);
   }
 };
 
@@ -938,11 +941,25 @@ void BindPool(GpuLlmCall& c, size_t pool_index, const GpuKvPool& kv, size_t seqs
 }  // namespace
 
 bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const CancelFlag* cancel) const {
+  return Run(kv, step, 1, logits, nullptr, cancel);
+}
+
+bool GpuLlmModel::StepGreedy(GpuKvPool& kv, const KvStep& step, size_t steps, int32_t* chosen, const CancelFlag* cancel) const {
+  return Run(kv, step, steps, nullptr, chosen, cancel);
+}
+
+bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* logits, int32_t* chosen,
+                      const CancelFlag* cancel) const {
   std::shared_ptr<GpuStream> sp = device_->AcquireStream();
   GpuStream& s = *sp;
   const GpuDeviceInfo& dev = device_->info();
   const LlmConfig& c = cfg_;
-  const int64_t last = KvStepLastBlock(kv.block_size(), step);
+  const size_t bs = kv.block_size();
+  // A chain writes `steps` positions per sequence, from its start on.
+  int64_t last = KvStepLastBlock(bs, step);
+  for (const KvStepSequence& q : step.seqs)
+    for (size_t i = 0, used = std::min(q.table_length, (q.start + q.tokens + steps - 1 + bs - 1) / bs); i < used; ++i)
+      last = std::max<int64_t>(last, step.tables[q.table_offset + i]);
   if (last >= 0) kv.Reserve(static_cast<size_t>(last), s);
   const size_t n = step.tokens.size(), seqs = step.seqs.size(), pairs = step.copies.size() / 2, out = step.out_rows.size();
   // Every row wants logits, in order (decode): the last add computes the output norm itself.
@@ -953,20 +970,22 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
   for (const KvStepSequence& q : step.seqs) {
     width = std::max(width, q.table_length);
     max_tokens = std::max(max_tokens, q.tokens);
-    max_len = std::max(max_len, q.start + q.tokens);
+    max_len = std::max(max_len, q.start + q.tokens + steps - 1);
     decode = decode && q.tokens == 1;
   }
+  // Chained steps feed each sequence's chosen token to its next step on the device: one decode row
+  // and one logits row per sequence, in order (the binding checks it).
+  if (chosen && !(decode && out == n && n == seqs)) throw GpuError(GpuErrc::kInvalidArgument, "chained greedy steps take decode rows only");
   // MLA attends each row as its own sequence of positions [0, pos]: a table and a length per row,
   // after the sequences' tables (which kv_store writes through).
   const bool mla = c.kv_lora > 0;
   GpuStepProfile* profile = GpuStepProfile::Active();
   if (profile) profile->BeginStep(decode, device_);
   const bool graphed = decode && n > 0 && GpuGraphsEnabled() && !(profile && profile->ops());
-  const bool timed = profile && !profile->ops();  // the step profile: whole steps
+  const bool timed = profile && !profile->ops() && steps == 1;  // the step profile: whole steps
   const auto wall0 = std::chrono::steady_clock::now();
   double device_ms = -1;
   if (graphed) {
-    const size_t bs = kv.block_size();
     const size_t unit = std::max<size_t>(1, kGraphPositions / bs);
     width = (width + unit - 1) / unit * unit;
     max_len = std::min((max_len + kGraphPositions - 1) / kGraphPositions * kGraphPositions, width * bs);
@@ -1158,32 +1177,52 @@ bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const C
       }
     }
   }
-  if (graph) {
-    if (cancel && cancel->load()) {
-      s.Synchronize();
-      return false;
-    }
-    if (timed) s.MarkStart();
-    graph->Replay(s);
-    if (timed) device_ms = s.MarkStopMs();
-  } else {
-    if (timed) s.MarkStart();
-    if (!body(false)) {
-      s.Synchronize();
-      return false;
-    }
-    if (timed) device_ms = s.MarkStopMs();
-  }
-  if (out > 0) s.Download(logits, a.logits->data(), out * c.vocab * sizeof(float));
-  if (c.experts) s.Download(a.counts_host.data(), a.counts->data(), a.counts_host.size() * sizeof(int32_t));
-  s.Synchronize();
-  if (c.experts) {
+  if (chosen && (!a.chosen || a.chosen->bytes() < steps * seqs * sizeof(int32_t)))
+    a.chosen = std::make_shared<GpuAllocation>(device_, RowClass(steps * seqs) * sizeof(int32_t), "chosen tokens of chained steps");
+  GpuLlmCall next;
+  if (chosen)
+    next = Call(ops_->greedy_next, "llm_greedy_next",
+                {Arg(a.logits), Arg(a.tokens, seqs * 4), Arg(a.pos, seqs * 4), Arg(a.meta, 3 * seqs * 4), Arg(a.lens, seqs * 4),
+                 Arg(a.chosen)},
+                {{"seqs", static_cast<double>(seqs)}, {"vocab", static_cast<double>(c.vocab)}, {"step", 0}});
+  // MoE counts are per step: a chain takes each step's before the next overwrites them.
+  const auto take_counts = [&] {
+    s.Download(a.counts_host.data(), a.counts->data(), a.counts_host.size() * sizeof(int32_t));
+    s.Synchronize();
     // Dense leading layers route nothing (the op never ran for them: their counts stay 0).
     std::vector<uint64_t>& counts = kv.expert_counts();
     for (size_t l = 0; l < layers_.size(); ++l)
       if (layers_[l].moe)
         for (size_t e = 0; e < c.experts; ++e) counts[l * c.experts + e] += static_cast<uint64_t>(a.counts_host[l * c.experts + e]);
+  };
+  // The steps queue back to back: the host waits only at the end (or for MoE counts).
+  for (size_t j = 0; j < steps; ++j) {
+    if (graph) {
+      if (cancel && cancel->load()) {
+        s.Synchronize();
+        return false;
+      }
+      if (timed) s.MarkStart();
+      graph->Replay(s);
+      if (timed) device_ms = s.MarkStopMs();
+    } else {
+      if (timed) s.MarkStart();
+      if (!body(false)) {
+        s.Synchronize();
+        return false;
+      }
+      if (timed) device_ms = s.MarkStopMs();
+    }
+    if (chosen) {
+      next.call.params["step"] = static_cast<double>(j);
+      next.Run(s, dev);
+    }
+    if (c.experts && j + 1 < steps) take_counts();
   }
+  if (logits && out > 0) s.Download(logits, a.logits->data(), out * c.vocab * sizeof(float));
+  if (chosen) s.Download(chosen, a.chosen->data(), steps * seqs * sizeof(int32_t));
+  if (c.experts) take_counts();
+  s.Synchronize();
   if (timed)
     profile->StepTimes(device_ms, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - wall0).count());
   return true;

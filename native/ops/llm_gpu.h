@@ -102,12 +102,19 @@ class GpuLlmModel {
   // (checked between layers; the positions being written then hold unspecified values). Throws
   // GpuError.
   bool Step(GpuKvPool& kv, const KvStep& step, float* logits, const CancelFlag* cancel) const;
+  // `steps` decode steps of every sequence of `step` (one token each, its logits row wanted, tables
+  // covering start + steps positions), each step's token the argmax of the previous step's logits
+  // (lib/llm/sampling.ts's argmax), chosen on the device and fed to the next step there: the host
+  // launches all of them and waits once. chosen: host memory for steps x sequences ids, [step][seq]
+  // (step j's are the argmax after position start + j). Returns false when cancelled between steps.
+  bool StepGreedy(GpuKvPool& kv, const KvStep& step, size_t steps, int32_t* chosen, const CancelFlag* cancel) const;
 
   struct Ops;  // the registered ops a step runs, looked up once (llm_gpu.cc)
 
  private:
   GpuLlmModel() = default;
   friend class GpuKvPool;
+  bool Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* logits, int32_t* chosen, const CancelFlag* cancel) const;
   LlmConfig cfg_;
   std::shared_ptr<GpuDevice> device_;
   size_t bytes_ = 0;

@@ -11,6 +11,9 @@ import type { KvPool, LlmEngine } from '../../lib/llm/engine.js';
 import { LanguageModel } from '../../lib/llm/language-model.js';
 import { loadGpuTransformer } from '../../lib/llm/transformer-gpu.js';
 import { gpuDevice } from '../../lib/cuda/runtime.js';
+import { native } from '../../lib/binding.js';
+import { argmaxLoop as argmax } from '../../lib/llm/sampling.js';
+import type { FixtureOptions } from '../llm-fixtures.js';
 import { DELTA, enginePairs, expectClose, fixture, tokens } from './llm-helpers.js';
 import { describeGpu } from './targets.js';
 
@@ -63,6 +66,90 @@ describeGpu('language model on the GPU: pools, state, lifetime, routing', (t) =>
       pools.forEach((p) => p.dispose());
     }
   }, 120_000);
+
+  // A chain must choose what argmax over each single step's logits chooses: the same kernels run
+  // either way (the decode attention's split layout follows the graph's 256-position rounding of
+  // the longest context, which neither chain crosses here), so the tokens, the blocks written and
+  // MoE expert counts are equal bit for bit.
+  describe('stepGreedy: chained decode steps choose what argmax over single steps chooses', () => {
+    const cases: [string, FixtureOptions][] = [
+      ['llama q8_0', { kind: 'llama', type: 'q8_0', seed: 7 }],
+      ['qwen2 f32', { kind: 'qwen2', type: 'f32', seed: 7 }],
+      ['qwen2moe q8_0 (expert counts per step)', { kind: 'qwen2moe', type: 'q8_0', seed: 7 }],
+      ['deepseek2 f32 (MLA)', { kind: 'deepseek2', type: 'f32', seed: 7 }],
+    ];
+    it.each(cases)('%s', async (name, o) => {
+      const info = await fixture(`greedy-${name.split(' ').slice(0, 2).join('-')}`, o);
+      const { cpu, gpu } = await both(info);
+      expect(cpu.createKvPool({ blockSize: 4, maxBlocks: 4 }).stepGreedy, 'the CPU pool does not chain').toBeUndefined();
+      const v = info.vocabSize, bs = 4, steps = 6;
+      const pools = [gpu.createKvPool({ blockSize: bs, maxBlocks: 32 }), gpu.createKvPool({ blockSize: bs, maxBlocks: 32 })];
+      try {
+        const prompts = [tokens(5, v, 21), tokens(2, v, 22), tokens(8, v, 23)];
+        const tables = [Int32Array.of(0, 1, 2, 3), Int32Array.of(4, 5), Int32Array.of(6, 7, 8, 9)];
+        const firsts: number[][] = [];
+        for (const p of pools) {
+          const logits = await p.step({ sequences: prompts.map((t, i) => ({ blockTable: tables[i]!, start: 0, tokens: t, logits: 'last' as const })) });
+          firsts.push(prompts.map((_, i) => argmax(logits.subarray(i * v, (i + 1) * v))));
+        }
+        expect(firsts[1]).toEqual(firsts[0]);
+        // Single steps, argmax on the host.
+        const single: number[][] = [];
+        let next = firsts[0]!;
+        for (let j = 0; j < steps; j++) {
+          const logits = await pools[0]!.step({ sequences: prompts.map((t, i) => ({
+            blockTable: tables[i]!, start: t.length + j, tokens: Int32Array.of(next[i]!), logits: 'last' as const })) });
+          next = prompts.map((_, i) => argmax(logits.subarray(i * v, (i + 1) * v)));
+          single.push(next);
+        }
+        const counts0 = pools[0]!.expertCounts();
+        // One chain.
+        const chosen = await pools[1]!.stepGreedy!({ sequences: prompts.map((t, i) => ({
+          blockTable: tables[i]!, start: t.length, tokens: Int32Array.of(firsts[1]![i]!), logits: 'last' as const })) }, steps);
+        expect(chosen.length).toBe(steps * prompts.length);
+        expect(Array.from({ length: steps }, (_, j) => Array.from(chosen.subarray(j * 3, j * 3 + 3)))).toEqual(single);
+        const ids = Int32Array.from({ length: 10 }, (_, i) => i);
+        const [b0, b1] = [await pools[0]!.readBlocks(ids), await pools[1]!.readBlocks(ids)];
+        expect(Buffer.from(b1).equals(Buffer.from(b0)), 'the blocks the chain wrote').toBe(true);
+        if (counts0) expect(Array.from(pools[1]!.expertCounts()!)).toEqual(Array.from(counts0));
+      } finally {
+        pools.forEach((p) => p.dispose());
+      }
+    }, 240_000);
+
+    it('bad input: each error names what is wrong, and the pool stays usable', async () => {
+      const info = await fixture('llama-f32', { kind: 'llama', type: 'f32', seed: 7 });
+      const { gpu } = await both(info);
+      const v = info.vocabSize;
+      const pool = gpu.createKvPool({ blockSize: 4, maxBlocks: 16 });
+      try {
+        const seq = (o: Partial<{ blockTable: Int32Array; start: number; tokens: Int32Array; logits: 'none' | 'last' | 'all' }> = {}) =>
+          ({ blockTable: Int32Array.of(0, 1), start: 2, tokens: Int32Array.of(3), logits: 'last' as const, ...o });
+        const greedy = pool.stepGreedy!;
+        await expect(greedy({ sequences: [seq()] }, 0)).rejects.toThrow(/steps must be an integer/);
+        await expect(greedy({ sequences: [seq()] }, 2.5)).rejects.toThrow(/steps must be an integer/);
+        await expect(greedy({ sequences: [seq()] }, '3' as unknown as number)).rejects.toThrow(InvalidArgumentError);
+        await expect(greedy({ sequences: [seq({ tokens: Int32Array.of(3, 4) })] }, 2)).rejects.toThrow(/one decode token whose logits are wanted/);
+        await expect(greedy({ sequences: [seq({ logits: 'none' })] }, 2)).rejects.toThrow(/logits 'none'/);
+        await expect(greedy({ sequences: [seq()] }, 7)).rejects.toThrow(/2 blocks of 4 positions do not cover start \+ steps = 9/);
+        const context = gpu.config.contextLength;
+        await expect(greedy({ sequences: [seq({ blockTable: Int32Array.from({ length: 16 }, (_, i) => i), start: context - 2 })] }, 3))
+          .rejects.toThrow(/exceeds the model's context length/);
+        // Two sequences whose chains write one block.
+        await expect(greedy({ sequences: [seq(), seq({ blockTable: Int32Array.of(2, 1), start: 3 })] }, 3)).rejects.toThrow(/block 1 is written by this step/);
+        await expect(greedy({ sequences: [seq({ tokens: Int32Array.of(v) })] }, 2)).rejects.toThrow(/outside the vocabulary/);
+        const ac = new AbortController();
+        ac.abort();
+        await expect(greedy({ sequences: [seq()] }, 2, { signal: ac.signal })).rejects.toThrow(AbortError);
+        // Still usable: a prefill and a chain.
+        await pool.step({ sequences: [{ blockTable: Int32Array.of(0, 1), start: 0, tokens: Int32Array.of(1, 2), logits: 'last' }] });
+        expect((await greedy({ sequences: [seq()] }, 3)).length).toBe(3);
+      } finally {
+        pool.dispose();
+      }
+      await expect(pool.stepGreedy!({ sequences: [] }, 1)).rejects.toThrow(DisposedError);
+    }, 120_000);
+  });
 
   it('KV blocks written from the CPU pool\'s bytes continue the CPU\'s sequence; readBlocks/writeBlocks round trip', async () => {
     const info = await fixture('qwen2-q8_0', { kind: 'qwen2', type: 'q8_0', seed: 7 });
@@ -227,6 +314,50 @@ describeGpu('language model on the GPU: pools, state, lifetime, routing', (t) =>
       } finally {
         onCpu.dispose();
         onGpu.dispose();
+      }
+    }, 120_000);
+
+    it('greedy generate() chains decode steps on the device (KvPool.stepGreedy): the CPU\'s tokens, with chains and without', async () => {
+      const info = await fixture('llama-q8_0', { kind: 'llama', type: 'q8_0', seed: 7 });
+      const n = native() as unknown as Record<string, (...a: unknown[]) => unknown>;
+      const original = n['llmGpuKvPoolStepGreedy']!;
+      let chains = 0;
+      n['llmGpuKvPoolStepGreedy'] = (...a: unknown[]) => { chains++; return original(...a); };
+      const savedChain = process.env['SONDE_LLM_CHAIN_MS'];
+      const load = async (chainMs: string) => {
+        process.env['SONDE_LLM_CHAIN_MS'] = chainMs;
+        try {
+          return await LanguageModel.load(info.path, { device: 'cuda', contextSize: 64, kvCache: { maxBytes: 1 << 20 } });
+        } finally {
+          if (savedChain === undefined) delete process.env['SONDE_LLM_CHAIN_MS'];
+          else process.env['SONDE_LLM_CHAIN_MS'] = savedChain;
+        }
+      };
+      const onCpu = await LanguageModel.load(info.path, { device: 'cpu', contextSize: 64 });
+      // Chains as long as the request allows (a minute of steps), and none.
+      const [long, off] = [await load('60000'), await load('0')];
+      try {
+        const run = async (m: LanguageModel, options: { temperature?: number; repeatPenalty?: number } = {}) => {
+          const out: number[] = [];
+          for await (const g of m.generate('the cat sat', { maxTokens: 12, ...options })) out.push(g.token);
+          return out;
+        };
+        const want = await run(onCpu);
+        expect(want.length).toBeGreaterThan(2);
+        expect(await run(off)).toEqual(want);
+        expect(chains).toBe(0);
+        expect(await run(long)).toEqual(want);
+        expect(chains).toBeGreaterThan(0);
+        // Penalties need the logits on the host: no chain.
+        const calls = chains;
+        const penalised = await run(onCpu, { repeatPenalty: 1.3 });
+        expect(await run(long, { repeatPenalty: 1.3 })).toEqual(penalised);
+        expect(chains).toBe(calls);
+      } finally {
+        n['llmGpuKvPoolStepGreedy'] = original;
+        onCpu.dispose();
+        long.dispose();
+        off.dispose();
       }
     }, 120_000);
 

@@ -71,6 +71,12 @@ export interface SchedulerOptions {
   /** Reuse cached prefixes across requests (default true). */
   prefixCaching?: boolean;
   /**
+   * How long a chain of greedy decode steps may run (seconds; default 0.01; 0: no chains), where
+   * the pool chains steps (KvPool.stepGreedy) and every running request is greedy. The
+   * environment variable SONDE_LLM_CHAIN_MS overrides the default (an A/B switch).
+   */
+  chainSeconds?: number;
+  /**
    * The clock (milliseconds) that step costs are measured with (default performance.now). Chunk
    * sizes follow measured costs, so a test gives a simulated clock to make them reproducible.
    */
@@ -93,6 +99,23 @@ export interface SequenceRequest {
    */
   onLogits?: (logits: Float32Array, length: number) => number | undefined;
   signal?: AbortSignal;
+  /**
+   * Set when every next token of the request is the argmax of its logits (greedy, no penalties:
+   * sampling.ts's argmax, the first maximum). On a pool that chains steps on its device
+   * (KvPool.stepGreedy), the scheduler then lets the pool choose and feed the tokens, several
+   * steps per call, and tells them here instead of calling onLogits (which still receives the
+   * prompt's logits).
+   */
+  greedy?: {
+    /**
+     * The token chosen from the logits after the cache reached `length` tokens: what onLogits
+     * would have been asked for. Returns whether to feed it (false ends the request, as onLogits
+     * returning undefined). Throwing ends the request with that error.
+     */
+    onToken(token: number, length: number): boolean;
+    /** The most tokens the request may still take (Infinity: no limit); chains go no further. */
+    remaining(): number;
+  };
   /** End with the blocks still referenced, as `result.retained` (see the header). */
   retain?: boolean;
   /** Start from a retained sequence's blocks rather than from a cache lookup. */
@@ -169,6 +192,27 @@ interface Item {
   logits: StepSequence['logits'];
 }
 
+/** The next call: one step of `items`, or a chain of `steps` greedy decode steps (steps > 1). */
+interface Plan {
+  items: Item[];
+  steps: number;
+}
+
+/**
+ * A chain of greedy decode steps (KvPool.stepGreedy) lasts about this long by default (from the
+ * recent decode steps' median): long enough that the host's round trip per step (~0.1-0.2 ms
+ * through the event loop on a GPU) is paid once for many steps, short enough that a new request
+ * waits little for admission and an aborted one little to leave.
+ */
+const CHAIN_SECONDS = 0.01;
+
+function defaultChainSeconds(): number {
+  const ms = Number(process.env.SONDE_LLM_CHAIN_MS);
+  return process.env.SONDE_LLM_CHAIN_MS !== undefined && ms >= 0 ? ms / 1000 : CHAIN_SECONDS;
+}
+/** The most steps in one chain. */
+const MAX_CHAIN = 64;
+
 /** A prompt chunk beside running decodes may add this many decode-step times to a step. */
 const PREFILL_STALL = 1;
 /**
@@ -225,6 +269,7 @@ export class Scheduler {
   readonly maxConcurrency: number;
   readonly prefillBudget: number;
   readonly maxQueue: number;
+  readonly chainSeconds: number;
   observer: SchedulerObserver | undefined;
   #waiting: Entry[] = [];
   #running: Entry[] = [];
@@ -264,6 +309,9 @@ export class Scheduler {
     this.maxConcurrency = int('maxConcurrency', options.maxConcurrency, 16, 1);
     this.prefillBudget = int('prefillBudget', options.prefillBudget, 512, 1);
     this.maxQueue = int('maxQueue', options.maxQueue, Infinity, 0);
+    const chain = options.chainSeconds ?? defaultChainSeconds();
+    if (!(chain >= 0)) throw new InvalidArgumentError(`Scheduler: options.chainSeconds must be a number >= 0, got ${chain}`);
+    this.chainSeconds = chain;
     this.#now = options.now ?? (() => performance.now());
     this.blocks = new BlockManager({ blockSize: pool.blockSize, maxBlocks: pool.maxBlocks, prefixCaching: options.prefixCaching ?? true });
   }
@@ -440,9 +488,9 @@ export class Scheduler {
     let steps = 0;
     try {
       for (;;) {
-        const items = this.#plan();
-        if (items.length === 0) break;
-        await this.#step(items);
+        const plan = this.#plan();
+        if (plan.items.length === 0) break;
+        await (plan.steps > 1 ? this.#stepChain(plan.items, plan.steps) : this.#step(plan.items));
         // A native step completes through the event loop, so timers and I/O run between steps
         // anyway; a pool whose steps resolve in microtasks would starve them, so give the loop a
         // turn now and then (a turn every step costs a single stream of a small model ~25%).
@@ -458,15 +506,17 @@ export class Scheduler {
     }
   }
 
-  /** The next step's items; empty when there is nothing to compute. */
-  #plan(): Item[] {
+  /** The next call's items; empty when there is nothing to compute. */
+  #plan(): Plan {
     if (this.#disposed) {
       for (const e of this.#running.slice()) this.#end(e, new DisposedError('the model was disposed'), false);
-      return [];
+      return { items: [], steps: 1 };
     }
     for (const e of this.#running.slice()) if (e.aborted) this.#end(e, abortError(e.req.signal), true);
     for (;;) {
       this.#admit();
+      const chain = this.#planChain();
+      if (chain) return chain;
       const items = this.#planDecodes();
       let budget = items.length === 0 ? this.prefillBudget : this.#mixedSteps >= WINDOW ? 0 : this.#chunkBesideDecodes();
       for (const e of this.#running) {
@@ -477,7 +527,7 @@ export class Scheduler {
         const last = n === e.pending.length;
         items.push({ entry: e, start: e.seq!.length, tokens: e.pending.slice(0, n), logits: e.req.logits === 'all' ? 'all' : last ? 'last' : 'none' });
       }
-      if (items.length > 0 || this.#running.length === 0) return items;
+      if (items.length > 0 || this.#running.length === 0) return { items, steps: 1 };
       // Prompts stuck for want of blocks, nothing decoding: make room, or give up on a lone one.
       if (this.#running.length > 1) {
         this.#preempt(this.#newest());
@@ -486,6 +536,25 @@ export class Scheduler {
         this.#end(e, new OutOfMemoryError(`the KV cache is full (${this.blocks.maxBlocks} blocks, ${this.blocks.stats().used} in use); raise kvCache.maxBytes`), true);
       }
     }
+  }
+
+  /**
+   * A chain of greedy decode steps when the pool chains them, nothing waits for admission and
+   * every running sequence decodes greedily: as many steps as chainSeconds of recent decode steps
+   * (none before one is measured), within each sequence's remaining tokens and context, and with
+   * the blocks for all of them reserved (else undefined: a plain step, which may preempt).
+   */
+  #planChain(): Plan | undefined {
+    if (!this.pool.stepGreedy || this.chainSeconds === 0 || this.#waiting.length > 0 || this.#running.length === 0 ||
+        this.#decodeSteps.empty) return undefined;
+    let steps = Math.min(MAX_CHAIN, Math.floor(this.chainSeconds / this.#decodeSteps.median()));
+    for (const e of this.#running) {
+      if (e.prefill || !e.req.greedy || e.aborted || e.done) return undefined;
+      steps = Math.min(steps, e.req.greedy.remaining(), this.contextSize - e.seq!.length);
+    }
+    if (!(steps >= 2)) return undefined;
+    for (const e of this.#running) if (!this.blocks.reserve(e.seq!, steps)) return undefined;
+    return { items: this.#running.map((e) => ({ entry: e, start: e.seq!.length, tokens: e.pending.slice(), logits: 'last' as const })), steps };
   }
 
   /** One block slot for every decoding sequence, preempting the newest when the pool is full. */
@@ -610,35 +679,20 @@ export class Scheduler {
     // Only a step with prompt rows is worth cancelling (on dispose, or when all its requests
     // abort): a decode step is short, and a signal costs a native cancel token per step.
     const ac = items.some((it) => it.entry.prefill) ? new AbortController() : undefined;
-    this.#stepAbort = ac;
-    this.#inStep = items.map((it) => it.entry);
     const wantRows = items.reduce((n, it) => n + (it.logits === 'none' ? 0 : it.logits === 'last' ? 1 : it.tokens.length), 0);
     const t0 = this.#now();
-    let out: Float32Array;
-    try {
+    const out = await this.#call(items, ac, () => {
       const batch = copies ? { sequences, copies } : { sequences }, opts = ac ? { signal: ac.signal } : undefined;
       const need = wantRows * this.vocabSize;
       if (this.pool.stepInto && need <= MAX_REUSED_LOGITS) {
         // One logits buffer for every step: each step's rows are read (sampled, or copied into a
         // request's own array) before the next step starts.
         if (this.#logits.length < need) this.#logits = new Float32Array(Math.min(MAX_REUSED_LOGITS, Math.max(need, 2 * this.#logits.length)));
-        out = await this.pool.stepInto(batch, this.#logits, opts);
-      } else {
-        out = await this.pool.step(batch, opts);
+        return this.pool.stepInto(batch, this.#logits, opts);
       }
-    } catch (err) {
-      this.blocks.endStep();
-      for (const it of items) {
-        const e = it.entry;
-        const why = this.#disposed ? new DisposedError('the model was disposed') : e.aborted ? abortError(e.req.signal) : err as Error;
-        this.#end(e, why, false);
-      }
-      return;
-    } finally {
-      this.#stepAbort = undefined;
-      this.#inStep = [];
-    }
-    this.blocks.endStep();
+      return this.pool.step(batch, opts);
+    });
+    if (!out) return;
     const now = this.#now();
     let promptRows = 0;
     for (const it of items) if (it.entry.prefill) promptRows += it.tokens.length;
@@ -683,6 +737,93 @@ export class Scheduler {
       e.lastLogitsAt = now;
       if (next === undefined || e.seq.length >= this.contextSize) this.#end(e, {}, true, e.req.retain === true);
       else e.pending = [next];
+    }
+  }
+
+  /**
+   * One pool call for `items` (a step or a chain), cancellable through `ac` (dispose, or every
+   * request in it aborted); either way its block copies' sources are released after it. Undefined
+   * when it failed: its requests have ended then, none of their unfinished blocks published.
+   */
+  async #call<T>(items: Item[], ac: AbortController | undefined, run: () => Promise<T>): Promise<T | undefined> {
+    this.#stepAbort = ac;
+    this.#inStep = items.map((it) => it.entry);
+    try {
+      const out = await run();
+      this.blocks.endStep();
+      return out;
+    } catch (err) {
+      this.blocks.endStep();
+      for (const it of items) {
+        const e = it.entry;
+        const why = this.#disposed ? new DisposedError('the model was disposed') : e.aborted ? abortError(e.req.signal) : err as Error;
+        this.#end(e, why, false);
+      }
+      return undefined;
+    } finally {
+      this.#stepAbort = undefined;
+      this.#inStep = [];
+    }
+  }
+
+  /**
+   * `steps` greedy decode steps of every item in one KvPool.stepGreedy call (#planChain). Each
+   * sequence then takes the chosen tokens one by one, as a plain step's onLogits would have, up to
+   * where its request ends; positions the chain wrote past that end are beyond the sequence's
+   * length, i.e. unwritten as far as the cache is concerned.
+   */
+  async #stepChain(items: Item[], steps: number): Promise<void> {
+    const bs = this.blocks.blockSize;
+    const copies = this.blocks.takeCopies();
+    const sequences: StepSequence[] = items.map((it) => ({
+      blockTable: it.entry.seq!.table(it.start + steps, bs), start: it.start, tokens: Int32Array.from(it.tokens), logits: 'last',
+    }));
+    // Cancelled between its steps on dispose, or when every request in it aborts.
+    const ac = new AbortController();
+    const t0 = this.#now();
+    const chosen = await this.#call(items, ac, () =>
+      this.pool.stepGreedy!(copies ? { sequences, copies } : { sequences }, steps, { signal: ac.signal }));
+    if (!chosen) return;
+    const now = this.#now();
+    const seconds = (now - t0) / 1000, n = items.length;
+    this.#measure(n, 0, seconds / steps);
+    for (let j = 0; j < steps; j++) this.observer?.stepped(n, 0, n, seconds / steps);
+    if (chosen.length !== steps * n) {
+      const err = new InternalError(`KvPool.stepGreedy returned ${chosen.length} tokens, expected ${steps} steps of ${n}`);
+      for (const it of items) this.#end(it.entry, err, false);
+      return;
+    }
+    for (let s = 0; s < n; s++) {
+      const e = items[s]!.entry;
+      if (!e.seq) continue; // disposed during the chain
+      let fed = items[s]!.tokens[0]!;
+      if (e.done || e.aborted) {
+        // Its cache holds every step's token: keep them (an aborted request leaves at the next boundary).
+        for (let j = 0; j < steps; j++) this.blocks.append(e.seq, [j === 0 ? fed : chosen[(j - 1) * n + s]!]);
+        e.pending = [];
+        if (e.done) this.#end(e, new DisposedError('the model was disposed'), true);
+        continue;
+      }
+      const gap = (now - e.lastLogitsAt) / 1000 / steps;
+      e.lastLogitsAt = now;
+      for (let j = 0; j < steps; j++) {
+        this.blocks.append(e.seq, [fed]);
+        const token = chosen[j * n + s]!;
+        let more: boolean;
+        try {
+          more = e.req.greedy!.onToken(token, e.seq.length);
+        } catch (err) {
+          this.#end(e, err as Error, true);
+          break;
+        }
+        this.observer?.interToken(gap);
+        if (!more || e.seq.length >= this.contextSize) {
+          this.#end(e, {}, true, e.req.retain === true);
+          break;
+        }
+        fed = token;
+        e.pending = [token];
+      }
     }
   }
 }

@@ -41,7 +41,15 @@
 //                    absorbed key and value up-projections), rows ldx / ldy and heads hx / hy apart
 //   llm_copy_rows    [x, y]                              {rows, heads, count, ldx, hx, ox, ldy, hy, oy}
 //                    y[r][h][oy + i] = x[r][h][ox + i], i < count (the roped query part of MLA)
-// Every op is memory-bound and reads and writes each element once; none needs shared memory.
+//   llm_greedy_next  [logits, tokens int32, pos int32, meta int32, lens int32, chosen int32]
+//                    {seqs, vocab, step}
+//                    decode steps chained on the device (ops/llm_gpu.cc: StepGreedy): per sequence
+//                    s (one decode row each, its logits row s), t = the first index of the largest
+//                    logit as lib/llm/sampling.ts's argmax picks it (NaN never; 0 when no logit
+//                    exceeds -inf); chosen[step * seqs + s] = t, and the next step's inputs follow:
+//                    tokens[s] = t, and pos[s], meta[3s] (start) and lens[s] one position on
+// Every op but llm_greedy_next's reduction is memory-bound and reads and writes each element once;
+// none needs shared memory beyond a block's reduction partials.
 #include "kernels/quant/cuda/quantize_acts.h"
 #include "kernels/quant/quant.h"
 #include "kernels/attention/cuda/paged.h"
@@ -124,6 +132,42 @@ __global__ void __launch_bounds__(kThreads) GatherRowsKernel(const float* __rest
   float* o = out + size_t(r) * n;
   const bool valid = src >= 0 && static_cast<unsigned>(src) < x_rows;
   for (unsigned j = threadIdx.x; j < n; j += blockDim.x) o[j] = valid ? x[size_t(src) * n + j] : 0.0f;
+}
+
+// One block per sequence. A thread's candidates rise in index, so a strict > keeps its first
+// maximum; the block then prefers the larger value, and the lower index on equal values, so the
+// result is the row's first maximum whatever the thread count. "None" is (-inf, vocab): a row with
+// no logit above -inf (or only NaN) gives 0, as the TS argmax does.
+__global__ void __launch_bounds__(kThreads) GreedyNextKernel(const float* __restrict__ logits, int32_t* __restrict__ tokens,
+                                                             int32_t* __restrict__ pos, int32_t* __restrict__ meta,
+                                                             int32_t* __restrict__ lens, int32_t* __restrict__ chosen,
+                                                             unsigned vocab, unsigned seqs, unsigned step) {
+  __shared__ float best_v[kThreads / 32];
+  __shared__ unsigned best_i[kThreads / 32];
+  const unsigned s = blockIdx.x;
+  const float* row = logits + size_t(s) * vocab;
+  float v = -INFINITY;
+  unsigned idx = vocab;
+  for (unsigned j = threadIdx.x; j < vocab; j += blockDim.x) {
+    const float x = row[j];
+    if (x > v) v = x, idx = j;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const unsigned oi = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (ov > v || (ov == v && oi < idx)) v = ov, idx = oi;
+  }
+  if (threadIdx.x % 32 == 0) best_v[threadIdx.x / 32] = v, best_i[threadIdx.x / 32] = idx;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (unsigned w = 1; w < kThreads / 32; ++w)
+    if (best_v[w] > v || (best_v[w] == v && best_i[w] < idx)) v = best_v[w], idx = best_i[w];
+  const int32_t t = idx < vocab ? static_cast<int32_t>(idx) : 0;
+  chosen[size_t(step) * seqs + s] = t;
+  tokens[s] = t;
+  pos[s] += 1;
+  meta[3 * s] += 1;
+  lens[s] += 1;
 }
 
 // One grid row per pair; 16-byte words when the block size allows (every real pool's does: a
@@ -411,6 +455,19 @@ void CopyBlocksOp(GpuStream& s, const GpuDeviceInfo& dev, const GpuOpCall& c) {
          static_cast<unsigned>(blocks));
 }
 
+void GreedyNextOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
+  const int64_t seqs = c.Int("seqs", 0, 1 << 24), vocab = c.Int("vocab", 1, INT64_C(1) << 30), step = c.Int("step", 0, 1 << 24);
+  const float* logits = c.Buffer<float>(0, c.Count({seqs, vocab}), "logits");
+  int32_t* tokens = c.Buffer<int32_t>(1, static_cast<size_t>(seqs), "tokens");
+  int32_t* pos = c.Buffer<int32_t>(2, static_cast<size_t>(seqs), "pos");
+  int32_t* meta = c.Buffer<int32_t>(3, c.Count({seqs, 3}), "meta");
+  int32_t* lens = c.Buffer<int32_t>(4, static_cast<size_t>(seqs), "lens");
+  int32_t* chosen = c.Buffer<int32_t>(5, c.Count({step + 1, seqs}), "chosen");
+  if (seqs == 0) return;
+  Launch(GreedyNextKernel, dim3(static_cast<unsigned>(seqs)), dim3(kThreads), 0, st, logits, tokens, pos, meta, lens, chosen,
+         static_cast<unsigned>(vocab), static_cast<unsigned>(seqs), static_cast<unsigned>(step));
+}
+
 void CopyOp(GpuStream& s, const GpuDeviceInfo& dev, const GpuOpCall& c) {
   const size_t bytes = static_cast<size_t>(c.Int("bytes", 0, INT64_C(1) << 40));
   const uint8_t* src = c.Buffer<uint8_t>(0, bytes, "src");
@@ -598,6 +655,7 @@ SONDE_GPU_OP("llm_bias", BiasOp);
 SONDE_GPU_OP("llm_gather_rows", GatherRowsOp);
 SONDE_GPU_OP("llm_copy_blocks", CopyBlocksOp);
 SONDE_GPU_OP("llm_copy", CopyOp);
+SONDE_GPU_OP("llm_greedy_next", GreedyNextOp);
 
 }  // namespace SONDE_GPU_NS
 }  // namespace sonde
