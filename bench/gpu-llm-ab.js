@@ -4,7 +4,8 @@
 // process of its own over one model file written once, in interleaved rounds (A B C A B C ...) so
 // that every setting sees the same device state. Per setting: the median over rounds of the
 // median decode window (64 steps through pool.step, as the suite times it), the same windows as
-// chains of --chain steps (KvPool.stepGreedy, greedy generation's path), the device time of a
+// chains of --chain steps (KvPool.stepChain, generation's path: greedy, and sampled on the
+// device), the device time of a
 // step (SONDE_GPU_LLM_PROFILE=step: events around the graph's launches), and each as % of the read
 // bandwidth measured here. '-' is the setting with nothing changed.
 import { spawnSync } from 'node:child_process';
@@ -43,10 +44,11 @@ if (args[0] === '--child') {
   const rig = decodeRig(engine, { prompt, steps, dtype: kv });
   await rig.step(0, prompt);
   const times = await rig.decodeWindows(windows);
-  const chained = await rig.chainWindows(windows, chain);
+  const chained = await rig.chainWindows(windows, chain), sampled = await rig.chainWindows(windows, chain, true);
   rig.dispose();
   engine.dispose();
-  console.log(JSON.stringify({ ms: times[windows >> 1], min: times[0], max: times[windows - 1], chainMs: chained[windows >> 1], weightBytes }));
+  console.log(JSON.stringify({ ms: times[windows >> 1], min: times[0], max: times[windows - 1], chainMs: chained[windows >> 1],
+    sampledMs: sampled[windows >> 1], weightBytes }));
   process.exit(0);
 }
 
@@ -89,15 +91,15 @@ try {
       results.get(s).push(res);
       // The native diagnostics' tables (SONDE_HANDOFF_PROFILE, SONDE_GPU_LLM_PROFILE=1) as printed.
       for (const line of child.stderr.split('\n')) if (/^sonde (handoff|gpu llm) profile|^ +\S/.test(line) && !/decode, \d+ steps: device/.test(line)) console.log(`    ${line}`);
-      console.log(`  round ${r} ${s}: step ${res.ms.toFixed(4)} ms (windows ${res.min.toFixed(4)}-${res.max.toFixed(4)}), chained ${res.chainMs.toFixed(4)} ms, device ${res.device} ms, native ${res.native} ms`);
+      console.log(`  round ${r} ${s}: step ${res.ms.toFixed(4)} ms (windows ${res.min.toFixed(4)}-${res.max.toFixed(4)}), chained ${res.chainMs.toFixed(4)} ms (sampled ${res.sampledMs.toFixed(4)}), device ${res.device} ms, native ${res.native} ms`);
     }
   }
   const median = (a) => a.slice().sort((p, q) => p - q)[a.length >> 1];
   for (const [s, rs] of results) {
     if (!rs.length) continue;
     const ms = median(rs.map((r) => r.ms)), dev = median(rs.map((r) => r.device)), gb = rs[0].weightBytes / 1e9;
-    const cm = median(rs.map((r) => r.chainMs)), pct = (t) => (100 * gb / t / readGbps * 1e3).toFixed(1);
-    console.log(`${s}: step ${ms.toFixed(4)} ms = ${pct(ms)}% of read; chained (${chain} steps) ${cm.toFixed(4)} ms = ${pct(cm)}%; device ${dev.toFixed(4)} ms = ${pct(dev)}%`);
+    const cm = median(rs.map((r) => r.chainMs)), sm = median(rs.map((r) => r.sampledMs)), pct = (t) => (100 * gb / t / readGbps * 1e3).toFixed(1);
+    console.log(`${s}: step ${ms.toFixed(4)} ms = ${pct(ms)}% of read; chained (${chain} steps) ${cm.toFixed(4)} ms = ${pct(cm)}%, sampled ${sm.toFixed(4)} ms = ${pct(sm)}%; device ${dev.toFixed(4)} ms = ${pct(dev)}%`);
   }
 } finally {
   rmSync(dir, { recursive: true, force: true });

@@ -385,11 +385,14 @@ export interface NativeBinding {
   llmGpuKvPoolStep(model: NativeGpuLlmModel, pool: NativeKvPool, tokens: Int32Array, meta: Int32Array, tables: Int32Array,
     copies: Int32Array, logits: Float32Array, cancel?: NativeCancelToken): Promise<void>;
   /**
-   * `steps` chained greedy decode steps (ops/llm_gpu.h: StepGreedy): every sequence one token with
-   * its logits wanted, tables covering start + steps; chosen receives steps x sequences ids.
+   * `steps` chained decode steps (ops/llm_gpu.h: StepChain): every sequence one token with its
+   * logits wanted, tables covering start + steps; chosen receives steps x sequences ids; with params
+   * ([seq][4] f64) and rng ([seq][4]) they are drawn as sampling.ts's Sampler does, rngOut receiving
+   * the states after each step ([step][seq][4]); without (nulls), the argmax.
    */
-  llmGpuKvPoolStepGreedy(model: NativeGpuLlmModel, pool: NativeKvPool, tokens: Int32Array, meta: Int32Array, tables: Int32Array,
-    copies: Int32Array, steps: number, chosen: Int32Array, cancel?: NativeCancelToken): Promise<void>;
+  llmGpuKvPoolStepChain(model: NativeGpuLlmModel, pool: NativeKvPool, tokens: Int32Array, meta: Int32Array, tables: Int32Array,
+    copies: Int32Array, steps: number, chosen: Int32Array, params: Float64Array | null, rng: Uint32Array | null,
+    rngOut: Uint32Array | null, cancel?: NativeCancelToken): Promise<void>;
   llmGpuKvPoolRead(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void>;
   llmGpuKvPoolWrite(pool: NativeKvPool, ids: Int32Array, bytes: Uint8Array): Promise<void>;
   /** A GPU device (runtime/cuda/gpu.h): 'cuda:N' or 'emulated'; throws ERR_SONDE_DEVICE_UNAVAILABLE. */

@@ -7,7 +7,8 @@
  * evaluation fail.
  */
 import { AbortError, DisposedError, InvalidArgumentError } from '../lib/errors.js';
-import type { KvDtype, KvPool, StepBatch } from '../lib/llm/engine.js';
+import type { ChainResult, ChainSampling, KvDtype, KvPool, StepBatch } from '../lib/llm/engine.js';
+import { Sampler } from '../lib/llm/sampling.js';
 
 export type LogitsFn = (prefix: readonly number[]) => Float32Array;
 
@@ -18,18 +19,19 @@ function fnv(tokens: readonly number[]): number {
 }
 
 /**
- * Pseudo-random logits of a prefix over `vocab` tokens, with a clear winner so greedy decoding
- * is decisive: the next token is a hash of the whole prefix (so any misread position changes it).
+ * Pseudo-random logits of a prefix over `vocab` tokens in [0, scale), with a clear winner (+spike)
+ * so greedy decoding is decisive: the next token is a hash of the whole prefix (so any misread
+ * position changes it). spike 0: a flat spread for sampling.
  */
-export function hashLogits(vocab: number): LogitsFn {
+export function hashLogits(vocab: number, spike = 4, scale = 1): LogitsFn {
   return (prefix) => {
     const out = new Float32Array(vocab);
     let h = fnv(prefix);
     for (let v = 0; v < vocab; v++) {
       h = Math.imul(h ^ (h >>> 15), 0x2c1b3c6d) >>> 0;
-      out[v] = (h >>> 8) / 2 ** 24;
+      out[v] = ((h >>> 8) / 2 ** 24) * scale;
     }
-    out[fnv(prefix) % vocab]! += 4;
+    out[fnv(prefix) % vocab]! += spike;
     return out;
   };
 }
@@ -74,7 +76,7 @@ export interface ReferencePoolOptions {
   onStep?: (batch: StepBatch) => void;
   /** Called with every block a step writes, before it writes (a test asserts ownership here). */
   onWrite?: (block: number) => void;
-  /** Offer stepGreedy (chained greedy steps), as the GPU transformer's pools do. */
+  /** Offer stepChain (chained decode steps), as the GPU transformer's pools do. */
   chains?: boolean;
 }
 
@@ -96,8 +98,11 @@ export class ReferenceKvPool implements KvPool {
   #clockMs = 0;
   /** A simulated clock (ms): the sum of the delays of the steps run so far. */
   readonly now = (): number => this.#clockMs;
-  /** With options.chains: KvPool.stepGreedy as this pool's steps one after another, argmax between. */
-  readonly stepGreedy?: (batch: StepBatch, steps: number, options?: { signal?: AbortSignal }) => Promise<Int32Array>;
+  /**
+   * With options.chains: KvPool.stepChain as this pool's steps one after another, each token the
+   * argmax or, with sampling, a Sampler's draw from a generator in the given state.
+   */
+  readonly stepChain?: (batch: StepBatch, steps: number, options?: { signal?: AbortSignal; sampling?: ChainSampling }) => Promise<ChainResult>;
   /** The length of every chain run. */
   readonly chains: number[] = [];
 
@@ -107,8 +112,8 @@ export class ReferenceKvPool implements KvPool {
     this.blockBytes = this.blockSize * 4;
     this.#options = options;
     if (options.chains) {
-      this.stepGreedy = (batch, steps, o = {}) => {
-        const run = () => this.#runChain(batch, steps, o.signal);
+      this.stepChain = (batch, steps, o = {}) => {
+        const run = () => this.#runChain(batch, steps, o.signal, o.sampling);
         const result = this.#chain.then(run, run);
         this.#chain = result.catch(() => undefined);
         return result;
@@ -116,10 +121,18 @@ export class ReferenceKvPool implements KvPool {
     }
   }
 
-  async #runChain(batch: StepBatch, steps: number, signal: AbortSignal | undefined): Promise<Int32Array> {
+  async #runChain(batch: StepBatch, steps: number, signal: AbortSignal | undefined, sampling: ChainSampling | undefined): Promise<ChainResult> {
     if (!(Number.isInteger(steps) && steps >= 1)) throw new InvalidArgumentError(`reference pool: steps ${steps}`);
     const n = batch.sequences.length, vocab = this.#options.vocab;
     const out = new Int32Array(steps * n);
+    const rngOut = sampling ? new Uint32Array(4 * steps * n) : undefined;
+    // A sampler per sequence with the chain's parameters, its generator set to the given state.
+    const samplers = sampling ? batch.sequences.map((_, i) => {
+      const [temperature, topK, topP, minLogit] = Array.from(sampling.params.subarray(4 * i, 4 * i + 4));
+      const s = new Sampler({ temperature, topK, topP, minP: minLogit === -Infinity ? 0 : Math.exp(minLogit!), seed: 0 });
+      s.chainSampler(vocab)!.rng.set(sampling.rng.subarray(4 * i, 4 * i + 4));
+      return s;
+    }) : undefined;
     let sequences = batch.sequences;
     for (const q of sequences) {
       if (q.tokens.length !== 1 || q.logits !== 'last') throw new InvalidArgumentError('reference pool: a chain takes one decode token per sequence');
@@ -129,13 +142,15 @@ export class ReferenceKvPool implements KvPool {
       if (j > 0 && signal?.aborted) throw new AbortError();
       const rows = await this.#run(j === 0 && batch.copies ? { sequences, copies: batch.copies } : { sequences }, signal);
       sequences = sequences.map((q, i) => {
-        const t = argmax(rows.subarray(i * vocab, (i + 1) * vocab));
+        const row = rows.subarray(i * vocab, (i + 1) * vocab);
+        const t = samplers ? samplers[i]!.sample(row) : argmax(row);
         out[j * n + i] = t;
+        if (samplers) rngOut!.set(samplers[i]!.chainSampler(vocab)!.rng, 4 * (j * n + i));
         return { ...q, start: q.start + 1, tokens: Int32Array.of(t) };
       });
     }
     this.chains.push(steps);
-    return out;
+    return rngOut ? { tokens: out, rng: rngOut } : { tokens: out };
   }
 
   get bytes(): number {

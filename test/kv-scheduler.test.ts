@@ -7,6 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { AbortError, DisposedError, InvalidArgumentError, OutOfMemoryError, QueueFullError } from '../lib/errors.js';
 import { BlockManager } from '../lib/llm/kv/blocks.js';
 import { Scheduler, type SchedulerOptions, type SequenceRequest } from '../lib/llm/kv/scheduler.js';
+import { Sampler, type ChainSampler } from '../lib/llm/sampling.js';
 import { ReferenceKvPool, argmax, greedyDirect, hashLogits, type ReferencePoolOptions } from './kv-reference.js';
 
 const VOCAB = 50;
@@ -44,9 +45,33 @@ function gen(s: Scheduler, prompt: number[], count: number, extra: Partial<Seque
       const t = argmax(l);
       return take(t) ? t : undefined;
     },
-    ...(chained ? { greedy: { onToken: (t: number) => take(t), remaining: () => count - out.length } } : {}),
+    ...(chained ? { chain: { sampler: greedyChain(), onToken: (t: number) => take(t), remaining: () => count - out.length } } : {}),
   });
   return { out, done: done.then((r) => ({ tokens: out, result: r })) };
+}
+
+const greedyChain = (): ChainSampler => ({ params: [0, 0, 1, -Infinity], rng: new Uint32Array(4) });
+
+/**
+ * Generation with a Sampler through the scheduler, its draws on the device where a chain runs
+ * them (SequenceRequest.chain with sampler.chainSampler): `count` tokens or up to `stopAt`.
+ */
+function genSampled(s: Scheduler, prompt: number[], count: number, sampler: Sampler, stopAt?: (t: number) => boolean) {
+  const out: number[] = [];
+  const take = (t: number) => {
+    out.push(t);
+    return out.length < count && !stopAt?.(t);
+  };
+  const chainSampler = sampler.chainSampler(s.vocabSize);
+  const done = s.submit({
+    tokens: prompt, logits: 'last',
+    onLogits: (l) => {
+      const t = sampler.sample(l);
+      return take(t) ? t : undefined;
+    },
+    ...(chainSampler ? { chain: { sampler: chainSampler, onToken: take, remaining: () => count - out.length } } : {}),
+  });
+  return { out, done: done.then(() => out) };
 }
 
 /** greedyDirect up to and including the first token `stopAt` accepts. */
@@ -425,7 +450,7 @@ describe('Scheduler over the reference pool', () => {
     expectNoLeaks(sched);
   });
 
-  it.each([['plain steps', false], ['greedy chains (KvPool.stepGreedy)', true]])('a mixed load (shared prefixes, aborts at random steps, a small pool) stays exact and leaks nothing: %s', async (_, chains) => {
+  it.each([['plain steps', false], ['greedy chains (KvPool.stepChain)', true]])('a mixed load (shared prefixes, aborts at random steps, a small pool) stays exact and leaks nothing: %s', async (_, chains) => {
     let seed = 12345;
     const rand = (n: number) => { seed = (Math.imul(seed, 1103515245) + 12345) >>> 0; return (seed >>> 8) % n; };
     const { sched, pool } = withCheck({ maxBlocks: 16, blockSize: 4, chains }, { prefillBudget: 6, maxConcurrency: 5 });
@@ -482,7 +507,7 @@ describe('Scheduler over the reference pool', () => {
   });
 });
 
-describe('Scheduler: chained greedy steps (KvPool.stepGreedy)', () => {
+describe('Scheduler: chained steps (KvPool.stepChain)', () => {
   const decodeRows = (pool: { steps: { sequences: { tokens: number[]; start: number }[] }[] }) =>
     pool.steps.reduce((n, st) => n + st.sequences.filter((q) => q.tokens.length === 1 && q.start > 0).length, 0);
 
@@ -539,7 +564,40 @@ describe('Scheduler: chained greedy steps (KvPool.stepGreedy)', () => {
     expect(runs[0]).toEqual(greedyDirect(fn, prompt(8, 10), 31));
   });
 
-  it('no chain while a request that samples (no greedy) runs; requests arriving during a chain join after it', async () => {
+  it('sampled requests chain too: the same tokens as plain steps, and a sampler reused after a stop inside a chain draws on in step', async () => {
+    const options = [
+      { temperature: 0.8, topK: 40, topP: 0.95, minP: 0.05, seed: 1 },
+      { temperature: 1.5, topK: 64, topP: 1, minP: 0, seed: 2 },
+      { temperature: 0.3, topK: 5, topP: 0.5, minP: 0, seed: 3 },
+      { temperature: 0, seed: 4 },
+    ];
+    const stop = (t: number) => t % 23 === 5;
+    const runs: number[][][] = [];
+    // Logits without hashLogits' spike, over 100 ids: every setting keeps several candidates.
+    const vocab = 100, logits = hashLogits(vocab, 0, 3);
+    for (const chains of [false, true]) {
+      const pool = new ReferenceKvPool({ maxBlocks: 64, blockSize: 4, vocab, logits, delayMs: 1, chains });
+      const sched = new Scheduler(pool, { contextSize: 256, vocabSize: vocab, now: pool.now });
+      const samplers = options.map((o) => new Sampler(o));
+      // Concurrent, then each sampler again after its first generation (which may stop mid-chain).
+      const first = await Promise.all(samplers.map((sm, i) => genSampled(sched, prompt(i + 40, 6), 30, sm, stop).done));
+      const second = await Promise.all(samplers.map((sm, i) => genSampled(sched, prompt(i + 50, 4), 20, sm).done));
+      runs.push([...first, ...second]);
+      if (chains) expect(pool.chains.length).toBeGreaterThan(0);
+      expectNoLeaks(sched);
+    }
+    expect(runs[1]).toEqual(runs[0]);
+    expect(runs[0]!.slice(0, 4).some((r) => r.length < 30)).toBe(true);
+    // The sampled settings drew from several candidates: not one token repeated.
+    for (const r of runs[0]!.slice(0, 3)) expect(new Set(r).size).toBeGreaterThan(3);
+    // Samplers the device cannot run (penalties, top-k off or above 64) are not chained.
+    expect(new Sampler({ temperature: 0.8, repeatPenalty: 1.1 }).chainSampler(VOCAB)).toBeUndefined();
+    expect(new Sampler({ temperature: 0.8, topK: 0 }).chainSampler(1000)).toBeUndefined();
+    expect(new Sampler({ temperature: 0.8, topK: 65 }).chainSampler(1000)).toBeUndefined();
+    expect(new Sampler({ temperature: 0.8, topK: 50 }).chainSampler(50)).toBeUndefined();
+  });
+
+  it('no chain while a request without a device chooser runs; requests arriving during a chain join after it', async () => {
     const { sched, pool } = withCheck({ delayMs: 1, chains: true });
     const sampled = gen(sched, prompt(1, 5), 30);
     const greedy = gen(sched, prompt(2, 5), 20, {}, true);
@@ -570,7 +628,7 @@ describe('Scheduler: chained greedy steps (KvPool.stepGreedy)', () => {
       expect((await good.done).tokens).toEqual(greedyDirect(fn, prompt(2, 5), 40));
       const bad = sched.submit({
         tokens: prompt(3, 5), logits: 'last', onLogits: (l) => argmax(l),
-        greedy: { onToken: () => { throw new InvalidArgumentError('consumer failed'); }, remaining: () => Infinity },
+        chain: { sampler: greedyChain(), onToken: () => { throw new InvalidArgumentError('consumer failed'); }, remaining: () => Infinity },
       });
       const beside = gen(sched, prompt(4, 5), 30, {}, true);
       await expect(bad).rejects.toThrow(/consumer failed/);

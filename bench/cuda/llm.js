@@ -85,16 +85,18 @@ export function decodeRig(engine, { prompt, steps, dtype }) {
       }
       return times.sort((a, b) => a - b);
     },
-    // The same windows as KvPool.stepGreedy chains of `chain` steps (greedy generation on the GPU
-    // after the first decode step has been measured): per-step time with the host's round trip
-    // paid once per chain. The tokens are the model's argmax, not toks'.
-    async chainWindows(count, chain) {
+    // The same windows as KvPool.stepChain chains of `chain` steps (generation on the GPU after the
+    // first decode step has been measured): per-step time with the host's round trip paid once per
+    // chain. The tokens are the model's argmax, or with `sampled` drawn as llama.cpp's default
+    // sampler chain does (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05), not toks'.
+    async chainWindows(count, chain, sampled = false) {
+      const sampling = sampled ? { params: Float64Array.of(0.8, 40, 0.95, Math.log(0.05)), rng: Uint32Array.of(1, 2, 3, 4) } : undefined;
       const times = [];
       for (let w = 0; w < count; w++) {
         const t0 = performance.now();
         for (let i = 1; i <= steps; i += chain) {
-          await pool.stepGreedy({ sequences: [{ blockTable: table, start: prompt + i, tokens: toks.subarray(prompt + i, prompt + i + 1), logits: 'last' }] },
-            Math.min(chain, steps - i + 1));
+          await pool.stepChain({ sequences: [{ blockTable: table, start: prompt + i, tokens: toks.subarray(prompt + i, prompt + i + 1), logits: 'last' }] },
+            Math.min(chain, steps - i + 1), sampling ? { sampling } : undefined);
         }
         times.push((performance.now() - t0) / steps);
       }
@@ -145,14 +147,17 @@ export async function* llmCases(env) {
               ms: stepMs, minMs: times[0], maxMs: times[windows - 1], windows, tokPerS: 1000 / stepMs, gbps,
               pctOfRead: 100 * gbps / measured.gbps, pctOfPeak: sheet ? 100 * gbps / sheet.gbps : undefined,
             };
-            // Greedy generation's path: chains of 8 steps (a 1.5 ms step's chain at the scheduler's 10 ms).
-            const chained = await rig.chainWindows(windows, 8);
-            const chainMs = chained[windows >> 1], chainGbps = weightBytes / chainMs / 1e6;
-            yield {
-              case: `${name} decode chained 8 steps (stepGreedy, ${dtype} KV)`,
-              ms: chainMs, minMs: chained[0], maxMs: chained[windows - 1], windows, tokPerS: 1000 / chainMs, gbps: chainGbps,
-              pctOfRead: 100 * chainGbps / measured.gbps, pctOfPeak: sheet ? 100 * chainGbps / sheet.gbps : undefined,
-            };
+            // Generation's path: chains of 8 steps (a 1.5 ms step's chain at the scheduler's 10 ms),
+            // greedy and sampled on the device.
+            for (const sampled of [false, true]) {
+              const chained = await rig.chainWindows(windows, 8, sampled);
+              const chainMs = chained[windows >> 1], chainGbps = weightBytes / chainMs / 1e6;
+              yield {
+                case: `${name} decode chained 8 steps (stepChain, ${sampled ? 'sampled' : 'greedy'}, ${dtype} KV)`,
+                ms: chainMs, minMs: chained[0], maxMs: chained[windows - 1], windows, tokPerS: 1000 / chainMs, gbps: chainGbps,
+                pctOfRead: 100 * chainGbps / measured.gbps, pctOfPeak: sheet ? 100 * chainGbps / sheet.gbps : undefined,
+              };
+            }
           } finally {
             rig.dispose();
           }

@@ -159,6 +159,21 @@ export interface StepBatch {
   copies?: Int32Array;
 }
 
+/** How KvPool.stepChain draws each sequence's tokens (sampling.ts's ChainSampler, per sequence). */
+export interface ChainSampling {
+  /** [sequence][4]: temperature (<= 0: argmax), topK (1-64, below the vocabulary), topP, log(minP) or -Infinity. */
+  params: Float64Array;
+  /** [sequence][4]: each sequence's xoshiro128** state, where its draws start (not modified). */
+  rng: Uint32Array;
+}
+
+export interface ChainResult {
+  /** The chosen ids, [step][sequence] (step j's follow position start + j). */
+  tokens: Int32Array;
+  /** With sampling: [step][sequence][4], each generator's state after that step's draw. */
+  rng?: Uint32Array;
+}
+
 export interface KvPool {
   readonly blockSize: number;
   readonly maxBlocks: number;
@@ -185,15 +200,15 @@ export interface KvPool {
    */
   stepInto?(batch: StepBatch, into: Float32Array, options?: { signal?: AbortSignal }): Promise<Float32Array>;
   /**
-   * `steps` greedy decode steps of every sequence of `batch` in one native call: each sequence
-   * brings one token (logits 'last') and a block table covering start + steps positions; step j
-   * feeds it at position start + j, and the argmax of that step's logits (sampling.ts's argmax:
-   * the first maximum) is the token of step j + 1, chosen and fed back on the device, so the host
-   * waits once for the whole chain instead of once per token. Resolves to the chosen ids, [step]
-   * [sequence] (steps x sequences). Positions [start, start + steps) are written. Present only
-   * where chaining saves the per-step round trip through the host (the GPU transformer).
+   * `steps` decode steps of every sequence of `batch` in one native call: each sequence brings one
+   * token (logits 'last') and a block table covering start + steps positions; step j feeds it at
+   * position start + j, and the token of step j + 1 is chosen from that step's logits and fed back
+   * on the device, so the host waits once for the whole chain instead of once per token: the argmax
+   * (sampling.ts's: the first maximum), or with `sampling`, the draw of sampling.ts's Sampler.
+   * Positions [start, start + steps) are written. Present only where chaining saves the per-step
+   * round trip through the host (the GPU transformer).
    */
-  stepGreedy?(batch: StepBatch, steps: number, options?: { signal?: AbortSignal }): Promise<Int32Array>;
+  stepChain?(batch: StepBatch, steps: number, options?: { signal?: AbortSignal; sampling?: ChainSampling }): Promise<ChainResult>;
   /** The raw bytes of blocks (for saving a sequence's state), in the order given. */
   readBlocks(ids: Int32Array): Promise<Uint8Array>;
   /** Writes blocks from bytes that readBlocks gave (same dtype and model shape), in the order given. */

@@ -836,6 +836,7 @@ export class LanguageModel extends NativeResource {
       if (more) history.push(token);
       return more;
     };
+    const chainSampler = sampler.chainSampler(this.info.vocabSize);
     const done = this.#scheduler!.submit({
       tokens: prompt, logits: 'last', signal: ending.signal,
       ...(chain ? { retain: true, ...(chain.from ? { continueFrom: chain.from } : {}) } : {}),
@@ -843,8 +844,9 @@ export class LanguageModel extends NativeResource {
         const token = sampler.sample(logits, history);
         return accept(token, length) ? token : undefined;
       },
-      // Greedy without penalties: a pool that chains steps on its device may choose the tokens.
-      ...(sampler.plainGreedy ? { greedy: { onToken: accept, remaining: () => emitter.remaining } } : {}),
+      // A pool that chains steps on its device may choose the tokens (greedy, or top-k sampling
+      // without penalties).
+      ...(chainSampler ? { chain: { sampler: chainSampler, onToken: accept, remaining: () => emitter.remaining } } : {}),
     });
     done.then((r) => {
       if (r.retained) chain?.retained(r.retained);

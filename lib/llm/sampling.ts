@@ -130,6 +130,24 @@ export class Rng {
   next(): number {
     return this.nextUint32() / 2 ** 32;
   }
+
+  /** The generator's state (4 words), live: a device that draws for it writes its state back here. */
+  get state(): Uint32Array {
+    return this.#s;
+  }
+}
+
+/** The most top-k candidates a device chain samples from (kernels/llm/cuda/llm.cu: kChainTopK). */
+export const CHAIN_TOP_K = 64;
+
+/**
+ * How a pool that chains decode steps on its device (KvPool.stepChain) draws a sequence's tokens
+ * as Sampler.sample would: params = [temperature, topK, topP, log(minP) or -Infinity]
+ * (temperature 0: the argmax), rng = the sampler's live generator state.
+ */
+export interface ChainSampler {
+  params: readonly [number, number, number, number];
+  rng: Uint32Array;
 }
 
 /** The distribution a draw is taken from: tokens by decreasing probability (ties: lower id first). */
@@ -330,12 +348,16 @@ export class Sampler {
   }
 
   /**
-   * Every token this sampler picks is argmax() of the logits as given (temperature 0, no
-   * penalties), so a pool may pick it on its device (KvPool.stepGreedy) without the logits.
+   * What a device needs to draw this sampler's tokens itself (KvPool.stepChain) from a vocabulary
+   * of `vocab`, or undefined where it cannot: penalties (they read the history), or temperature > 0
+   * with top-k off or above CHAIN_TOP_K (the chain then ranks more than a device block holds).
    */
-  get plainGreedy(): boolean {
+  chainSampler(vocab: number): ChainSampler | undefined {
     const o = this.options;
-    return o.temperature <= 0 && o.repeatPenalty === 1 && o.frequencyPenalty === 0 && o.presencePenalty === 0;
+    if (o.repeatPenalty !== 1 || o.frequencyPenalty !== 0 || o.presencePenalty !== 0) return undefined;
+    if (o.temperature <= 0 || vocab <= 1) return { params: [0, 0, 1, -Infinity], rng: this.#rng.state };
+    if (!(o.topK > 0 && o.topK < vocab && o.topK <= CHAIN_TOP_K)) return undefined;
+    return { params: [o.temperature, o.topK, o.topP, o.minP > 0 ? Math.log(o.minP) : -Infinity], rng: this.#rng.state };
   }
 
   /** The candidates the chain leaves and their probabilities after temperature. */

@@ -10,7 +10,7 @@ import { InvalidArgumentError, UnsupportedOperatorError, callNative, fromNative 
 import { withSignal } from '../lifetime.js';
 import { checkOptions, checkSignal, describe } from '../validate.js';
 import { configFromGguf, tensorIndexTable } from './arch.js';
-import type { KvDtype, LlmEngine, ModelConfig } from './engine.js';
+import type { ChainSampling, KvDtype, LlmEngine, ModelConfig } from './engine.js';
 import { read, type GgufFile } from './gguf.js';
 import { transformerWithBackend, type PackedStep, type TransformerBackend } from './transformer.js';
 
@@ -77,8 +77,10 @@ class GpuBackend implements TransformerBackend {
   step(pool: NativeKvPool, p: PackedStep, logits: Float32Array, token: NativeCancelToken | undefined): Promise<void> {
     return native().llmGpuKvPoolStep(this.#model, pool, p.tokens, p.meta, p.tables, p.copies, logits, token);
   }
-  stepGreedy(pool: NativeKvPool, p: PackedStep, steps: number, chosen: Int32Array, token: NativeCancelToken | undefined): Promise<void> {
-    return native().llmGpuKvPoolStepGreedy(this.#model, pool, p.tokens, p.meta, p.tables, p.copies, steps, chosen, token);
+  stepChain(pool: NativeKvPool, p: PackedStep, steps: number, chosen: Int32Array, sampling: ChainSampling | undefined,
+    rngOut: Uint32Array | undefined, token: NativeCancelToken | undefined): Promise<void> {
+    return native().llmGpuKvPoolStepChain(this.#model, pool, p.tokens, p.meta, p.tables, p.copies, steps, chosen,
+      sampling?.params ?? null, sampling?.rng ?? null, rngOut ?? null, token);
   }
   read(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void> { return native().llmGpuKvPoolRead(pool, ids, out); }
   write(pool: NativeKvPool, ids: Int32Array, bytes: Uint8Array): Promise<void> { return native().llmGpuKvPoolWrite(pool, ids, bytes); }

@@ -11,8 +11,10 @@ import { NativeResource, withSignal } from '../lifetime.js';
 import { checkInt, checkOneOf, checkOptions, checkSignal, describe } from '../validate.js';
 import { configFromGguf, tensorIndexTable } from './arch.js';
 import type {
-  EvalOptions, KvDtype, KvPool, KvPoolOptions, LlmEngine, LlmSequence, ModelConfig, StepBatch, StepSequence,
+  ChainResult, ChainSampling, EvalOptions, KvDtype, KvPool, KvPoolOptions, LlmEngine, LlmSequence, ModelConfig, StepBatch,
+  StepSequence,
 } from './engine.js';
+import { CHAIN_TOP_K } from './sampling.js';
 import { read, type GgufFile } from './gguf.js';
 
 export type TransformerVariant = 'auto' | 'scalar' | 'avx2' | 'avx512';
@@ -35,13 +37,14 @@ const EVAL_KEYS = ['allLogits', 'signal'] as const;
 const POOL_KEYS = ['blockSize', 'maxBlocks', 'dtype'] as const;
 const DTYPES: readonly KvDtype[] = ['f32', 'f16'];
 const STEP_KEYS = ['signal'] as const;
+const CHAIN_KEYS = ['signal', 'sampling'] as const;
 const BATCH_KEYS = ['sequences', 'copies'] as const;
 const SEQUENCE_KEYS = ['blockTable', 'start', 'tokens', 'logits'] as const;
 const LOGITS: readonly StepSequence['logits'][] = ['none', 'last', 'all'];
 const LOGITS_CODE = { none: 0, last: 1, all: 2 } as const;
 /** The largest block size createKvPool takes (a private sequence pool may use one block of its whole context). */
 const MAX_BLOCK_SIZE = 65536;
-/** The most steps one stepGreedy call chains (the native bindings' bound). */
+/** The most steps one stepChain call chains (the native bindings' bound). */
 const MAX_CHAIN = 65536;
 
 /** A step packed for the native call (snapshotted when step() is called, so later edits of the caller's arrays do not leak in). */
@@ -61,8 +64,9 @@ export interface TransformerBackend {
   readonly handle: { info(): { disposed: boolean; bytes?: number } };
   createPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number): NativeKvPool;
   step(pool: NativeKvPool, packed: PackedStep, logits: Float32Array, token: NativeCancelToken | undefined): Promise<void>;
-  /** KvPool.stepGreedy's native call, where the backend chains steps on its device (the GPU's). */
-  stepGreedy?(pool: NativeKvPool, packed: PackedStep, steps: number, chosen: Int32Array, token: NativeCancelToken | undefined): Promise<void>;
+  /** KvPool.stepChain's native call, where the backend chains steps on its device (the GPU's). */
+  stepChain?(pool: NativeKvPool, packed: PackedStep, steps: number, chosen: Int32Array, sampling: ChainSampling | undefined,
+    rngOut: Uint32Array | undefined, token: NativeCancelToken | undefined): Promise<void>;
   read(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void>;
   write(pool: NativeKvPool, ids: Int32Array, bytes: Uint8Array): Promise<void>;
   prepare(): Promise<void>;
@@ -99,10 +103,10 @@ class TransformerKvPool extends NativeResource implements KvPool {
   #engine: Transformer;
   #pool: NativeKvPool;
   #chain: Promise<void> = Promise.resolve();
-  /** See KvPool.stepGreedy: present where the backend chains steps on its device. */
-  readonly stepGreedy?: (batch: StepBatch, steps: number, options?: { signal?: AbortSignal }) => Promise<Int32Array>;
+  /** See KvPool.stepChain: present where the backend chains steps on its device. */
+  readonly stepChain?: (batch: StepBatch, steps: number, options?: { signal?: AbortSignal; sampling?: ChainSampling }) => Promise<ChainResult>;
 
-  constructor(engine: Transformer, pool: NativeKvPool, blockSize: number, maxBlocks: number, dtype: KvDtype, greedy: boolean) {
+  constructor(engine: Transformer, pool: NativeKvPool, blockSize: number, maxBlocks: number, dtype: KvDtype, chains: boolean) {
     super();
     this.#engine = engine;
     this.#pool = pool;
@@ -110,7 +114,7 @@ class TransformerKvPool extends NativeResource implements KvPool {
     this.maxBlocks = maxBlocks;
     this.dtype = dtype;
     this.blockBytes = pool.info().blockBytes!;
-    if (greedy) this.stepGreedy = (batch, steps, options) => this.#stepGreedy(batch, steps, options);
+    if (chains) this.stepChain = (batch, steps, options) => this.#stepChain(batch, steps, options);
   }
 
   get bytes(): number {
@@ -155,24 +159,50 @@ class TransformerKvPool extends NativeResource implements KvPool {
     }
   }
 
-  #stepGreedy(batch: StepBatch, steps: number, options?: { signal?: AbortSignal }): Promise<Int32Array> {
-    const where = 'KvPool.stepGreedy';
+  #stepChain(batch: StepBatch, steps: number, options?: { signal?: AbortSignal; sampling?: ChainSampling }): Promise<ChainResult> {
+    const where = 'KvPool.stepChain';
     try {
       this.checkAlive(where);
-      const o = checkOptions<{ signal?: AbortSignal }>(`${where}(batch, steps, options)`, options, STEP_KEYS);
+      const o = checkOptions<{ signal?: AbortSignal; sampling?: ChainSampling }>(`${where}(batch, steps, options)`, options, CHAIN_KEYS);
       const signal = checkSignal(`${where}: options.signal`, o.signal);
       const n = checkInt(`${where}: steps`, steps, 1, MAX_CHAIN);
       const packed = this.#pack(where, batch, n);
+      const sampling = o.sampling === undefined ? undefined : this.#chainSampling(where, o.sampling, packed.rows);
       return this.#enqueue(async () => {
         this.checkAlive(where);
-        const chosen = new Int32Array(n * packed.rows);
+        const tokens = new Int32Array(n * packed.rows);
+        const rng = sampling ? new Uint32Array(n * packed.rows * 4) : undefined;
         const backend = this.#engine.backend(where);
-        await callNative(() => withSignal(signal, (token) => backend.stepGreedy!(this.#pool, packed, n, chosen, token)));
-        return chosen;
+        await callNative(() => withSignal(signal, (token) => backend.stepChain!(this.#pool, packed, n, tokens, sampling, rng, token)));
+        return rng ? { tokens, rng } : { tokens };
       });
     } catch (err) {
       return Promise.reject(err);
     }
+  }
+
+  // options.sampling checked and copied (each error names the sequence and parameter).
+  #chainSampling(where: string, sampling: ChainSampling, seqs: number): ChainSampling {
+    const s = checkOptions<ChainSampling>(`${where}: options.sampling`, sampling, ['params', 'rng']);
+    if (!(s.params instanceof Float64Array) || s.params.length !== 4 * seqs) {
+      throw new InvalidArgumentError(`${where}: options.sampling.params must be a Float64Array of 4 values per sequence (${4 * seqs}), got ${describe(s.params)}`);
+    }
+    if (!(s.rng instanceof Uint32Array) || s.rng.length !== 4 * seqs) {
+      throw new InvalidArgumentError(`${where}: options.sampling.rng must be a Uint32Array of 4 words per sequence (${4 * seqs}), got ${describe(s.rng)}`);
+    }
+    const vocab = this.#engine.config.vocabSize;
+    for (let i = 0; i < seqs; i++) {
+      const [t, k, p, minLogit] = s.params.subarray(4 * i, 4 * i + 4) as unknown as [number, number, number, number];
+      const at = `${where}: options.sampling.params of sequences[${i}]`;
+      if (!Number.isFinite(t)) throw new InvalidArgumentError(`${at}: temperature must be finite, got ${t}`);
+      if (t <= 0) continue;
+      if (!(Number.isInteger(k) && k >= 1 && k <= CHAIN_TOP_K && k < vocab)) {
+        throw new InvalidArgumentError(`${at}: topK must be an integer in [1, ${Math.min(CHAIN_TOP_K, vocab - 1)}], got ${k}`);
+      }
+      if (!(p > 0 && p <= 1)) throw new InvalidArgumentError(`${at}: topP must be in (0, 1], got ${p}`);
+      if (!(minLogit <= 0)) throw new InvalidArgumentError(`${at}: log(minP) must be <= 0 or -Infinity, got ${minLogit}`);
+    }
+    return { params: s.params.slice(), rng: s.rng.slice() };
   }
 
   readBlocks(ids: Int32Array): Promise<Uint8Array> {
@@ -251,7 +281,7 @@ class TransformerKvPool extends NativeResource implements KvPool {
   }
 
   // Every check the native side repeats, here first, so each error names the sequence and field.
-  // steps > 1: a chain (stepGreedy) of one-token decodes wanting logits, each writing `steps`
+  // steps > 1: a chain (stepChain) of one-token decodes wanting logits, each writing `steps`
   // positions from its start on.
   #pack(where: string, batch: StepBatch, steps = 1): PackedStep {
     const b = checkOptions<StepBatch>(`${where}(batch)`, batch, BATCH_KEYS);
@@ -518,7 +548,7 @@ class Transformer extends NativeResource implements LlmEngine {
     let pool: TransformerKvPool;
     try {
       pool = new TransformerKvPool(this, this.#backend.createPool(blockSize, maxBlocks, dtype, reserve), blockSize, maxBlocks, dtype,
-        this.#backend.stepGreedy !== undefined);
+        this.#backend.stepChain !== undefined);
     } catch (err) {
       throw fromNative(err, new Error());
     }

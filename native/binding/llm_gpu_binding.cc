@@ -4,7 +4,8 @@
 //   llmGpuModelCreate(model, device, cancel?) -> Promise<GpuLlmModelHandle>   (uploads every weight)
 //   llmGpuKvPoolCreate(gpuModel, blockSize, maxBlocks, dtype, reserveBlocks) -> GpuKvPoolHandle
 //   llmGpuKvPoolStep(gpuModel, pool, tokens, meta, tables, copies, logits, cancel?) -> Promise<void>
-//   llmGpuKvPoolStepGreedy(gpuModel, pool, tokens, meta, tables, copies, steps, chosen, cancel?) -> Promise<void>
+//   llmGpuKvPoolStepChain(gpuModel, pool, tokens, meta, tables, copies, steps, chosen, params, rng, rngOut,
+//                         cancel?) -> Promise<void>
 //   llmGpuKvPoolRead(pool, ids, out) / llmGpuKvPoolWrite(pool, ids, bytes) -> Promise<void>
 // `model` is llmModelCreate's CPU handle: it validated the file, and the upload reads its views of
 // the mapping. Device memory is reported to V8 like the CPU engine's native memory: the weights by
@@ -13,6 +14,7 @@
 #include <napi.h>
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
@@ -232,13 +234,13 @@ class StepJob : public PoolJob {
   std::shared_ptr<const GpuLlmModel> model;
   KvStep step;
   float* logits = nullptr;
-  // Chained greedy steps (llmGpuKvPoolStepGreedy): how many, and where their tokens go.
+  // Chained steps (llmGpuKvPoolStepChain): how many, where their tokens go, how they are chosen.
   size_t steps = 0;
-  int32_t* chosen = nullptr;
+  GpuLlmModel::ChainOutput chain;
   const char* where = "llmGpuKvPoolStep";
   void Execute(Addon&) override {
     Guarded(where, [&] {
-      const bool done = chosen ? model->StepGreedy(*pool, step, steps, chosen, cancel.get()) : model->Step(*pool, step, logits, cancel.get());
+      const bool done = chain.chosen ? model->StepChain(*pool, step, steps, chain, cancel.get()) : model->Step(*pool, step, logits, cancel.get());
       if (!done) Fail(codes::kAborted, std::string(where) + ": aborted");
     });
   }
@@ -314,14 +316,24 @@ Napi::Value PoolStep(Addon& addon, const Napi::CallbackInfo& info) {
   return StartStep(addon, info, std::move(job), h, 6, 7);
 }
 
-// (model, pool, tokens, meta, tables, copies, steps, chosen: Int32Array of steps x sequences, cancel?)
-Napi::Value PoolStepGreedy(Addon& addon, const Napi::CallbackInfo& info) {
+bool IsTyped(Napi::Value v, napi_typedarray_type type) {
+  return v.IsTypedArray() && v.As<Napi::TypedArray>().TypedArrayType() == type;
+}
+
+// (model, pool, tokens, meta, tables, copies, steps, chosen: Int32Array of steps x sequences,
+//  params: Float64Array of sequences x 4 | null, rng: Uint32Array of sequences x 4 | null,
+//  rngOut: Uint32Array of steps x sequences x 4 | null, cancel?): GpuLlmModel::StepChain.
+Napi::Value PoolStepChain(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const char* where = "llmGpuKvPoolStepGreedy";
-  if (info.Length() < 8 || !IsInt32Array(info[2]) || !IsInt32Array(info[3]) || !IsInt32Array(info[4]) ||
-      !IsInt32Array(info[5]) || !info[6].IsNumber() || !IsInt32Array(info[7]))
+  const char* where = "llmGpuKvPoolStepChain";
+  const bool sampled = info.Length() > 8 && IsTyped(info[8], napi_float64_array);
+  if (info.Length() < 11 || !IsInt32Array(info[2]) || !IsInt32Array(info[3]) || !IsInt32Array(info[4]) ||
+      !IsInt32Array(info[5]) || !info[6].IsNumber() || !IsInt32Array(info[7]) ||
+      (sampled ? !IsTyped(info[9], napi_uint32_array) || !IsTyped(info[10], napi_uint32_array)
+               : !info[8].IsNull() || !info[9].IsNull() || !info[10].IsNull()))
     throw MakeError(env, codes::kInvalidArgument,
-                    std::string(where) + ": expected (model, pool, tokens, meta, tables, copies: Int32Array, steps: number, chosen: Int32Array, cancel?)");
+                    std::string(where) + ": expected (model, pool, tokens, meta, tables, copies: Int32Array, steps: number, chosen: "
+                                         "Int32Array, params: Float64Array | null, rng: Uint32Array | null, rngOut: Uint32Array | null, cancel?)");
   const double steps = info[6].As<Napi::Number>().DoubleValue();
   if (!(steps >= 1 && steps <= 65536 && steps == static_cast<double>(static_cast<int64_t>(steps))))
     throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": steps must be an integer in [1, 65536]");
@@ -330,16 +342,43 @@ Napi::Value PoolStepGreedy(Addon& addon, const Napi::CallbackInfo& info) {
   job->steps = static_cast<size_t>(steps);
   GpuKvPoolHandle* h = PrepareStep(addon, info, job.get(), job->steps);
   const KvStep& st = job->step;
-  for (size_t i = 0; i < st.seqs.size(); ++i)
-    if (st.seqs[i].tokens != 1 || st.out_rows.size() != st.seqs.size() || st.out_rows[i] != i)
+  const size_t seqs = st.seqs.size();
+  for (size_t i = 0; i < seqs; ++i)
+    if (st.seqs[i].tokens != 1 || st.out_rows.size() != seqs || st.out_rows[i] != i)
       throw MakeError(env, codes::kInvalidArgument,
                       std::string(where) + ": sequences[" + std::to_string(i) + "] must be one decode token whose logits are wanted ('last')");
-  Napi::Int32Array out = info[7].As<Napi::Int32Array>();
-  if (out.ElementLength() != job->steps * st.seqs.size())
-    throw MakeError(env, codes::kInvalidArgument,
-                    std::string(where) + ": chosen must hold " + std::to_string(job->steps * st.seqs.size()) + " ids (steps x sequences)");
-  job->chosen = out.Data();
-  return StartStep(addon, info, std::move(job), h, 7, 8);
+  const auto sized = [&](Napi::Value v, size_t want, const char* name) {
+    const size_t got = v.As<Napi::TypedArray>().ElementLength();
+    if (got != want)
+      throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": " + name + " must hold " + std::to_string(want) +
+                                                        " values, got " + std::to_string(got));
+  };
+  sized(info[7], job->steps * seqs, "chosen (steps x sequences)");
+  job->chain.chosen = info[7].As<Napi::Int32Array>().Data();
+  if (sampled) {
+    sized(info[8], seqs * 4, "params (sequences x 4)");
+    sized(info[9], seqs * 4, "rng (sequences x 4)");
+    sized(info[10], job->steps * seqs * 4, "rngOut (steps x sequences x 4)");
+    const double* p = info[8].As<Napi::Float64Array>().Data();
+    const size_t vocab = job->model->config().vocab;
+    for (size_t i = 0; i < seqs; ++i) {
+      const double t = p[4 * i], k = p[4 * i + 1], top_p = p[4 * i + 2], min_logit = p[4 * i + 3];
+      const std::string at = std::string(where) + ": params of sequences[" + std::to_string(i) + "]";
+      if (!std::isfinite(t)) throw MakeError(env, codes::kInvalidArgument, at + ": temperature must be finite");
+      if (t <= 0) continue;  // argmax
+      if (!(k >= 1 && k <= 64 && k < static_cast<double>(vocab) && k == static_cast<double>(static_cast<int64_t>(k))))
+        throw MakeError(env, codes::kInvalidArgument, at + ": top-k must be an integer in [1, 64] below the vocabulary");
+      if (!(top_p > 0 && top_p <= 1)) throw MakeError(env, codes::kInvalidArgument, at + ": top-p must be in (0, 1]");
+      if (!(min_logit <= 0)) throw MakeError(env, codes::kInvalidArgument, at + ": log(min-p) must be <= 0 or -Infinity");
+    }
+    job->chain.params = p;
+    job->chain.rng = info[9].As<Napi::Uint32Array>().Data();
+    job->chain.rng_out = info[10].As<Napi::Uint32Array>().Data();
+    job->Keep(info[8]);
+    job->Keep(info[9]);
+    job->Keep(info[10]);
+  }
+  return StartStep(addon, info, std::move(job), h, 7, 11);
 }
 
 class BlocksJob : public PoolJob {
@@ -388,7 +427,7 @@ void RegisterLlmGpuBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
   addon.Export(env, exports, "llmGpuModelCreate", ModelCreate);
   addon.Export(env, exports, "llmGpuKvPoolCreate", PoolCreate);
   addon.Export(env, exports, "llmGpuKvPoolStep", PoolStep);
-  addon.Export(env, exports, "llmGpuKvPoolStepGreedy", PoolStepGreedy);
+  addon.Export(env, exports, "llmGpuKvPoolStepChain", PoolStepChain);
   addon.Export(env, exports, "llmGpuKvPoolRead", PoolRead);
   addon.Export(env, exports, "llmGpuKvPoolWrite", PoolWrite);
 }

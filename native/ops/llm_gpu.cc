@@ -38,7 +38,7 @@ GpuBufferArg Arg(const std::shared_ptr<GpuAllocation>& a) { return Arg(a->data()
 
 struct GpuLlmModel::Ops {
   GpuOpFn embed, add, bias, gather, copy_blocks, copy, rms_norm, silu_mul, quant_pack, quant_matmul, gemm, rope, kv_store,
-      decode, prefill, moe, gated_add, mla_decode, rms_norm_rows, head_matmul, copy_rows, add_rms_norm, rope_store, greedy_next;
+      decode, prefill, moe, gated_add, mla_decode, rms_norm_rows, head_matmul, copy_rows, add_rms_norm, rope_store, chain_next;
 };
 
 namespace {
@@ -333,7 +333,7 @@ std::shared_ptr<const GpuLlmModel> GpuLlmModel::Create(const LlmModel& cpu, std:
   ops->gather = Find("llm_gather_rows", emu);
   ops->copy_blocks = Find("llm_copy_blocks", emu);
   ops->copy = Find("llm_copy", emu);
-  ops->greedy_next = Find("llm_greedy_next", emu);
+  ops->chain_next = Find("llm_chain_next", emu);
   ops->rms_norm = Find("rms_norm", emu);
   ops->silu_mul = Find("llm_silu_mul", emu);
   ops->quant_pack = Find("quant_pack", emu);
@@ -462,8 +462,10 @@ struct GpuLlmArena {
   // MoE: tokens per expert of each layer in this step ([layer][expert] int32), and its download.
   std::shared_ptr<GpuAllocation> counts;
   std::vector<int32_t> counts_host;
-  // Chained greedy steps (StepGreedy): the tokens chosen, [step][sequence], grown as needed.
-  std::shared_ptr<GpuAllocation> chosen;
+  // Chained steps (StepChain): the tokens chosen [step][sequence], and when they are sampled the
+  // parameters [sequence][4] (f64), the generators' states [sequence][4] and their state after each
+  // step [step][sequence][4]; each grown as needed.
+  std::shared_ptr<GpuAllocation> chosen, chain_params, chain_rng, chain_rng_out;
   int32_t *tokens = nullptr, *pos = nullptr, *row_seq = nullptr, *meta = nullptr, *lens = nullptr, *out_rows = nullptr, *pairs_dev = nullptr,
           *tables_dev = nullptr;
   std::vector<int32_t> host;  // the ints' staging, uploaded in one copy
@@ -512,7 +514,8 @@ struct GpuLlmArena {
   bool capturable = true;  // cleared when a capture failed: steps then launch one by one
   size_t Bytes() const {
     return (act ? act->bytes() : 0) + (ints ? ints->bytes() : 0) + (logits ? logits->bytes() : 0) +
-           (counts ? counts->bytes() : 0) + (chosen ? chosen->bytes() : 0);
+           (counts ? counts->bytes() : 0) + (chosen ? chosen->bytes() : 0) +
+           (chain_params ? chain_params->bytes() + chain_rng->bytes() + chain_rng_out->bytes() : 0);
   }
 };
 
@@ -941,15 +944,17 @@ void BindPool(GpuLlmCall& c, size_t pool_index, const GpuKvPool& kv, size_t seqs
 }  // namespace
 
 bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const CancelFlag* cancel) const {
-  return Run(kv, step, 1, logits, nullptr, cancel);
+  return Run(kv, step, 1, logits, ChainOutput{}, cancel);
 }
 
-bool GpuLlmModel::StepGreedy(GpuKvPool& kv, const KvStep& step, size_t steps, int32_t* chosen, const CancelFlag* cancel) const {
-  return Run(kv, step, steps, nullptr, chosen, cancel);
+bool GpuLlmModel::StepChain(GpuKvPool& kv, const KvStep& step, size_t steps, const ChainOutput& chain,
+                            const CancelFlag* cancel) const {
+  return Run(kv, step, steps, nullptr, chain, cancel);
 }
 
-bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* logits, int32_t* chosen,
+bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* logits, const ChainOutput& chain,
                       const CancelFlag* cancel) const {
+  int32_t* const chosen = chain.chosen;
   std::shared_ptr<GpuStream> sp = device_->AcquireStream();
   GpuStream& s = *sp;
   const GpuDeviceInfo& dev = device_->info();
@@ -975,7 +980,7 @@ bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* lo
   }
   // Chained steps feed each sequence's chosen token to its next step on the device: one decode row
   // and one logits row per sequence, in order (the binding checks it).
-  if (chosen && !(decode && out == n && n == seqs)) throw GpuError(GpuErrc::kInvalidArgument, "chained greedy steps take decode rows only");
+  if (chosen && !(decode && out == n && n == seqs)) throw GpuError(GpuErrc::kInvalidArgument, "chained steps take decode rows only");
   // MLA attends each row as its own sequence of positions [0, pos]: a table and a length per row,
   // after the sequences' tables (which kv_store writes through).
   const bool mla = c.kv_lora > 0;
@@ -1177,14 +1182,27 @@ bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* lo
       }
     }
   }
-  if (chosen && (!a.chosen || a.chosen->bytes() < steps * seqs * sizeof(int32_t)))
-    a.chosen = std::make_shared<GpuAllocation>(device_, RowClass(steps * seqs) * sizeof(int32_t), "chosen tokens of chained steps");
+  // A buffer of the arena's holding at least `bytes` (grown by powers of two).
+  const auto fit = [&](std::shared_ptr<GpuAllocation>& buf, size_t bytes, const char* what) {
+    if (!buf || buf->bytes() < bytes) buf = std::make_shared<GpuAllocation>(device_, RowClass(bytes), what);
+  };
   GpuLlmCall next;
-  if (chosen)
-    next = Call(ops_->greedy_next, "llm_greedy_next",
-                {Arg(a.logits), Arg(a.tokens, seqs * 4), Arg(a.pos, seqs * 4), Arg(a.meta, 3 * seqs * 4), Arg(a.lens, seqs * 4),
-                 Arg(a.chosen)},
-                {{"seqs", static_cast<double>(seqs)}, {"vocab", static_cast<double>(c.vocab)}, {"step", 0}});
+  const bool sampled = chain.params != nullptr;
+  if (chosen) {
+    fit(a.chosen, steps * seqs * sizeof(int32_t), "chosen tokens of chained steps");
+    std::vector<GpuBufferArg> bufs = {Arg(a.logits), Arg(a.tokens, seqs * 4), Arg(a.pos, seqs * 4), Arg(a.meta, 3 * seqs * 4),
+                                      Arg(a.lens, seqs * 4), Arg(a.chosen)};
+    if (sampled) {
+      fit(a.chain_params, seqs * 4 * sizeof(double), "sampling parameters of chained steps");
+      fit(a.chain_rng, seqs * 4 * sizeof(uint32_t), "random states of chained steps");
+      fit(a.chain_rng_out, steps * seqs * 4 * sizeof(uint32_t), "random states of chained steps");
+      s.Upload(a.chain_params->data(), chain.params, seqs * 4 * sizeof(double));
+      s.Upload(a.chain_rng->data(), chain.rng, seqs * 4 * sizeof(uint32_t));
+      bufs.insert(bufs.end(), {Arg(a.chain_params), Arg(a.chain_rng), Arg(a.chain_rng_out)});
+    }
+    next = Call(ops_->chain_next, "llm_chain_next", std::move(bufs),
+                {{"seqs", static_cast<double>(seqs)}, {"vocab", static_cast<double>(c.vocab)}, {"step", 0}, {"sample", sampled ? 1 : 0}});
+  }
   // MoE counts are per step: a chain takes each step's before the next overwrites them.
   const auto take_counts = [&] {
     s.Download(a.counts_host.data(), a.counts->data(), a.counts_host.size() * sizeof(int32_t));
@@ -1221,6 +1239,7 @@ bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* lo
   }
   if (logits && out > 0) s.Download(logits, a.logits->data(), out * c.vocab * sizeof(float));
   if (chosen) s.Download(chosen, a.chosen->data(), steps * seqs * sizeof(int32_t));
+  if (chosen && sampled) s.Download(chain.rng_out, a.chain_rng_out->data(), steps * seqs * 4 * sizeof(uint32_t));
   if (c.experts) take_counts();
   s.Synchronize();
   if (timed)

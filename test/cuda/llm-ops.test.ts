@@ -6,6 +6,7 @@
 // or an infinity gets d = NaN and zeros, one below 2^-120 is zero).
 import { expect, it } from 'vitest';
 import { runGpuOp } from '../../dist/cuda/runtime.js';
+import { Sampler, argmaxLoop } from '../../lib/llm/sampling.js';
 import { randomF32 } from '../helpers.js';
 import { checkQuantised } from './q8-rule.js';
 import { describeGpu, gpuBuffers } from './targets.js';
@@ -71,5 +72,75 @@ describeGpu('GPU transformer row ops', (t) => {
     const b = alloc(64 * 4);
     await expect(runGpuOp(t.id, 'llm_silu_mul', [b, b, b], { rows: 1, n: 32, ld: 16 })).rejects.toThrow(/ld/);
     await expect(runGpuOp(t.id, 'llm_silu_mul', [b, b, b], { rows: 2, n: 32, ld: 64 })).rejects.toThrow(/gate/);
+  });
+
+  // The chained steps' chooser on rows built to hit its edges: ties at the k-th value (the lower
+  // ids go in, as the TS top-k takes them), ties at the top, -0 beside +0, -Infinity, a row of
+  // one id, vocabularies around the block's 1024 threads, k = 1 and 64. Reference: sampling.ts's
+  // Sampler (and its argmax) on the same row from the same generator state.
+  it('llm_chain_next: the argmax and Sampler.sample\'s draw, and the generator state after it, on tie-laden rows', async () => {
+    const settings = [
+      { temperature: 0 },
+      { temperature: 0.9, topK: 40, topP: 0.95, minP: 0.05 },
+      { temperature: 2.5, topK: 64, topP: 1, minP: 0 },
+      { temperature: 1, topK: 1, topP: 1, minP: 0 },
+      { temperature: 0.7, topK: 9, topP: 0.4, minP: 0.3 },
+    ];
+    let seed = 3;
+    const rnd = () => { seed = (Math.imul(seed, 1103515245) + 12345) >>> 0; return seed / 2 ** 32; };
+    const rows: Float32Array[] = [];
+    for (const vocab of [65, 1000, 1024, 1025, 3001]) {
+      // Few distinct values: many ties everywhere, the k-th included.
+      rows.push(Float32Array.from({ length: vocab }, () => Math.floor(rnd() * 6) * 0.5));
+      // Spread values with a tie at the top, -0 and +0, -Infinity entries.
+      const r = Float32Array.from({ length: vocab }, () => (rnd() - 0.5) * 8);
+      r[7] = r[vocab - 1] = 9;
+      r[3] = -0;
+      r[4] = 0;
+      for (let i = 10; i < vocab; i += 17) r[i] = -Infinity;
+      rows.push(r);
+    }
+    for (const row of rows) {
+      const vocab = row.length;
+      for (const o of settings) {
+        if (o.topK !== undefined && o.topK >= vocab) continue;
+        const host = new Sampler({ ...o, seed: vocab + (o.topK ?? 0) });
+        const chain = host.chainSampler(vocab)!;
+        const steps = 3;
+        const want: number[] = [], wantRng: number[] = [];
+        const rng0 = chain.rng.slice();
+        for (let j = 0; j < steps; j++) {
+          want.push(host.sample(row));
+          wantRng.push(...chain.rng);
+        }
+        // Each step a sequence of its own (the op's sequences are rows), sharing one start state per
+        // sequence: run the rows one step at a time, carrying the state through rngOut.
+        let rngIn = rng0;
+        const got: number[] = [], gotRng: number[] = [];
+        for (let j = 0; j < steps; j++) {
+          const ints = [await up(Int32Array.of(0)), await up(Int32Array.of(5)), await up(Int32Array.of(5, 1, 0)), await up(Int32Array.of(6))];
+          const chosen = alloc(4), rngOut = alloc(16);
+          await runGpuOp(t.id, 'llm_chain_next', [await up(row), ...ints, chosen, await up(Float64Array.from(chain.params)), await up(rngIn), rngOut],
+            { seqs: 1, vocab, step: 0, sample: 1 });
+          got.push((await chosen.read(new Int32Array(1)))[0]!);
+          rngIn = await rngOut.read(new Uint32Array(4));
+          gotRng.push(...rngIn);
+          // The next step's inputs moved on by one position.
+          expect(Array.from(await ints[1]!.read(new Int32Array(1)))).toEqual([6]);
+          expect(Array.from(await ints[2]!.read(new Int32Array(3)))).toEqual([6, 1, 0]);
+          expect(Array.from(await ints[0]!.read(new Int32Array(1)))).toEqual([got[j]]);
+        }
+        const what = `vocab ${vocab} ${JSON.stringify(o)}`;
+        expect(got, what).toEqual(want);
+        expect(gotRng, what).toEqual(wantRng);
+      }
+    }
+    // Without parameters: the argmax of every sequence's row, one block each.
+    const three = [rows[0]!.subarray(0, 65), rows[1]!.subarray(0, 65), new Float32Array(65).fill(-Infinity)];
+    const all = new Float32Array(3 * 65);
+    three.forEach((r, i) => all.set(r, i * 65));
+    const chosen = alloc(3 * 4);
+    await runGpuOp(t.id, 'llm_chain_next', [await up(all), alloc(12), alloc(12), alloc(36), alloc(12), chosen], { seqs: 3, vocab: 65, step: 0 });
+    expect(Array.from(await chosen.read(new Int32Array(3)))).toEqual(three.map((r) => argmaxLoop(r)));
   });
 });

@@ -47,7 +47,8 @@
  * submitting (or keep it to branch the conversation; a shared last block is then copied on write).
  */
 import { AbortError, DisposedError, InternalError, InvalidArgumentError, OutOfMemoryError, QueueFullError } from '../../errors.js';
-import type { KvPool, StepSequence } from '../engine.js';
+import type { ChainSampling, KvPool, StepSequence } from '../engine.js';
+import type { ChainSampler } from '../sampling.js';
 import { BlockManager, type BlockStats, type SequenceBlocks } from './blocks.js';
 
 // The most logits (floats) kept for reuse across steps: 64 MB, e.g. 128 decoding sequences of a
@@ -72,7 +73,8 @@ export interface SchedulerOptions {
   prefixCaching?: boolean;
   /**
    * How long a chain of greedy decode steps may run (seconds; default 0.01; 0: no chains), where
-   * the pool chains steps (KvPool.stepGreedy) and every running request is greedy. The
+   * the pool chains steps (KvPool.stepChain) and every running request's tokens can be chosen on
+   * the device (SequenceRequest.chain). The
    * environment variable SONDE_LLM_CHAIN_MS overrides the default (an A/B switch).
    */
   chainSeconds?: number;
@@ -100,16 +102,18 @@ export interface SequenceRequest {
   onLogits?: (logits: Float32Array, length: number) => number | undefined;
   signal?: AbortSignal;
   /**
-   * Set when every next token of the request is the argmax of its logits (greedy, no penalties:
-   * sampling.ts's argmax, the first maximum). On a pool that chains steps on its device
-   * (KvPool.stepGreedy), the scheduler then lets the pool choose and feed the tokens, several
-   * steps per call, and tells them here instead of calling onLogits (which still receives the
-   * prompt's logits).
+   * Set when a device can choose the request's next tokens as onLogits would: the argmax, or the
+   * draw of a Sampler without penalties (`sampler`, sampling.ts's ChainSampler; its generator state
+   * is kept in step with the tokens taken). On a pool that chains steps on its device
+   * (KvPool.stepChain), the scheduler then lets the pool choose and feed the tokens, several steps
+   * per call, and tells them here instead of calling onLogits (which still receives the prompt's
+   * logits).
    */
-  greedy?: {
+  chain?: {
+    sampler: ChainSampler;
     /**
      * The token chosen from the logits after the cache reached `length` tokens: what onLogits
-     * would have been asked for. Returns whether to feed it (false ends the request, as onLogits
+     * would have returned. Returns whether to feed it (false ends the request, as onLogits
      * returning undefined). Throwing ends the request with that error.
      */
     onToken(token: number, length: number): boolean;
@@ -199,7 +203,7 @@ interface Plan {
 }
 
 /**
- * A chain of greedy decode steps (KvPool.stepGreedy) lasts about this long by default (from the
+ * A chain of decode steps (KvPool.stepChain) lasts about this long by default (from the
  * recent decode steps' median): long enough that the host's round trip per step (~0.1-0.2 ms
  * through the event loop on a GPU) is paid once for many steps, short enough that a new request
  * waits little for admission and an aborted one little to leave.
@@ -539,18 +543,18 @@ export class Scheduler {
   }
 
   /**
-   * A chain of greedy decode steps when the pool chains them, nothing waits for admission and
-   * every running sequence decodes greedily: as many steps as chainSeconds of recent decode steps
+   * A chain of decode steps when the pool chains them, nothing waits for admission and every
+   * running sequence's tokens can be chosen on the device: as many steps as chainSeconds of recent decode steps
    * (none before one is measured), within each sequence's remaining tokens and context, and with
    * the blocks for all of them reserved (else undefined: a plain step, which may preempt).
    */
   #planChain(): Plan | undefined {
-    if (!this.pool.stepGreedy || this.chainSeconds === 0 || this.#waiting.length > 0 || this.#running.length === 0 ||
+    if (!this.pool.stepChain || this.chainSeconds === 0 || this.#waiting.length > 0 || this.#running.length === 0 ||
         this.#decodeSteps.empty) return undefined;
     let steps = Math.min(MAX_CHAIN, Math.floor(this.chainSeconds / this.#decodeSteps.median()));
     for (const e of this.#running) {
-      if (e.prefill || !e.req.greedy || e.aborted || e.done) return undefined;
-      steps = Math.min(steps, e.req.greedy.remaining(), this.contextSize - e.seq!.length);
+      if (e.prefill || !e.req.chain || e.aborted || e.done) return undefined;
+      steps = Math.min(steps, e.req.chain.remaining(), this.contextSize - e.seq!.length);
     }
     if (!(steps >= 2)) return undefined;
     for (const e of this.#running) if (!this.blocks.reserve(e.seq!, steps)) return undefined;
@@ -767,10 +771,11 @@ export class Scheduler {
   }
 
   /**
-   * `steps` greedy decode steps of every item in one KvPool.stepGreedy call (#planChain). Each
-   * sequence then takes the chosen tokens one by one, as a plain step's onLogits would have, up to
-   * where its request ends; positions the chain wrote past that end are beyond the sequence's
-   * length, i.e. unwritten as far as the cache is concerned.
+   * `steps` decode steps of every item in one KvPool.stepChain call (#planChain). Each sequence
+   * then takes the chosen tokens one by one, as a plain step's onLogits would have, up to where its
+   * request ends, and its sampler's generator takes the state it had after that token's draw;
+   * positions the chain wrote past the end are beyond the sequence's length, i.e. unwritten as
+   * far as the cache is concerned.
    */
   async #stepChain(items: Item[], steps: number): Promise<void> {
     const bs = this.blocks.blockSize;
@@ -781,15 +786,27 @@ export class Scheduler {
     // Cancelled between its steps on dispose, or when every request in it aborts.
     const ac = new AbortController();
     const t0 = this.#now();
-    const chosen = await this.#call(items, ac, () =>
-      this.pool.stepGreedy!(copies ? { sequences, copies } : { sequences }, steps, { signal: ac.signal }));
-    if (!chosen) return;
+    // Draw parameters only when some request samples: an all-greedy chain takes each argmax.
+    const n = items.length;
+    let sampling: ChainSampling | undefined;
+    if (items.some((it) => it.entry.req.chain!.sampler.params[0] > 0)) {
+      sampling = { params: new Float64Array(4 * n), rng: new Uint32Array(4 * n) };
+      items.forEach((it, s) => {
+        const c = it.entry.req.chain!.sampler;
+        sampling!.params.set(c.params, 4 * s);
+        sampling!.rng.set(c.rng, 4 * s);
+      });
+    }
+    const result = await this.#call(items, ac, () =>
+      this.pool.stepChain!(copies ? { sequences, copies } : { sequences }, steps, sampling ? { signal: ac.signal, sampling } : { signal: ac.signal }));
+    if (!result) return;
+    const chosen = result.tokens;
     const now = this.#now();
-    const seconds = (now - t0) / 1000, n = items.length;
+    const seconds = (now - t0) / 1000;
     this.#measure(n, 0, seconds / steps);
     for (let j = 0; j < steps; j++) this.observer?.stepped(n, 0, n, seconds / steps);
-    if (chosen.length !== steps * n) {
-      const err = new InternalError(`KvPool.stepGreedy returned ${chosen.length} tokens, expected ${steps} steps of ${n}`);
+    if (chosen.length !== steps * n || (sampling && result.rng?.length !== 4 * steps * n)) {
+      const err = new InternalError(`KvPool.stepChain returned ${chosen.length} tokens, expected ${steps} steps of ${n}`);
       for (const it of items) this.#end(it.entry, err, false);
       return;
     }
@@ -806,12 +823,15 @@ export class Scheduler {
       }
       const gap = (now - e.lastLogitsAt) / 1000 / steps;
       e.lastLogitsAt = now;
+      const chain = e.req.chain!;
       for (let j = 0; j < steps; j++) {
         this.blocks.append(e.seq, [fed]);
         const token = chosen[j * n + s]!;
+        // The generator as it was after this token's draw, whether or not the request goes on.
+        if (result.rng) chain.sampler.rng.set(result.rng.subarray(4 * (j * n + s), 4 * (j * n + s) + 4));
         let more: boolean;
         try {
-          more = e.req.greedy!.onToken(token, e.seq.length);
+          more = chain.onToken(token, e.seq.length);
         } catch (err) {
           this.#end(e, err as Error, true);
           break;

@@ -41,14 +41,19 @@
 //                    absorbed key and value up-projections), rows ldx / ldy and heads hx / hy apart
 //   llm_copy_rows    [x, y]                              {rows, heads, count, ldx, hx, ox, ldy, hy, oy}
 //                    y[r][h][oy + i] = x[r][h][ox + i], i < count (the roped query part of MLA)
-//   llm_greedy_next  [logits, tokens int32, pos int32, meta int32, lens int32, chosen int32]
-//                    {seqs, vocab, step}
-//                    decode steps chained on the device (ops/llm_gpu.cc: StepGreedy): per sequence
-//                    s (one decode row each, its logits row s), t = the first index of the largest
-//                    logit as lib/llm/sampling.ts's argmax picks it (NaN never; 0 when no logit
-//                    exceeds -inf); chosen[step * seqs + s] = t, and the next step's inputs follow:
-//                    tokens[s] = t, and pos[s], meta[3s] (start) and lens[s] one position on
-// Every op but llm_greedy_next's reduction is memory-bound and reads and writes each element once;
+//   llm_chain_next   [logits, tokens int32, pos int32, meta int32, lens int32, chosen int32,
+//                    params f64?, rng u32?, rngOut u32?]   {seqs, vocab, step, sample?}
+//                    decode steps chained on the device (ops/llm_gpu.cc: StepChain): per sequence
+//                    s (one decode row each, its logits row s) the next token t, and
+//                    chosen[step * seqs + s] = t, and the next step's inputs follow: tokens[s] = t,
+//                    and pos[s], meta[3s] (start) and lens[s] one position on. Without sample, t
+//                    is the argmax (lib/llm/sampling.ts's argmax: the first maximum, NaN never, 0
+//                    when no logit exceeds -inf). With sample, params[4s..4s+4) = (temperature,
+//                    top-k, top-p, log(min-p) or -inf) and rng[4s..4s+4) the xoshiro128** state:
+//                    sampling.ts's Sampler chain for 0 < top-k <= 64 < vocab without penalties,
+//                    in the same order and float64 arithmetic (temperature <= 0: the argmax), the
+//                    state advanced by its draws and copied to rngOut[(step * seqs + s) * 4..]
+// Every op but llm_chain_next's selection is memory-bound and reads and writes each element once;
 // none needs shared memory beyond a block's reduction partials.
 #include "kernels/quant/cuda/quantize_acts.h"
 #include "kernels/quant/quant.h"
@@ -134,18 +139,15 @@ __global__ void __launch_bounds__(kThreads) GatherRowsKernel(const float* __rest
   for (unsigned j = threadIdx.x; j < n; j += blockDim.x) o[j] = valid ? x[size_t(src) * n + j] : 0.0f;
 }
 
-// One block per sequence. A thread's candidates rise in index, so a strict > keeps its first
-// maximum; the block then prefers the larger value, and the lower index on equal values, so the
-// result is the row's first maximum whatever the thread count. "None" is (-inf, vocab): a row with
-// no logit above -inf (or only NaN) gives 0, as the TS argmax does.
-__global__ void __launch_bounds__(kThreads) GreedyNextKernel(const float* __restrict__ logits, int32_t* __restrict__ tokens,
-                                                             int32_t* __restrict__ pos, int32_t* __restrict__ meta,
-                                                             int32_t* __restrict__ lens, int32_t* __restrict__ chosen,
-                                                             unsigned vocab, unsigned seqs, unsigned step) {
-  __shared__ float best_v[kThreads / 32];
-  __shared__ unsigned best_i[kThreads / 32];
-  const unsigned s = blockIdx.x;
-  const float* row = logits + size_t(s) * vocab;
+// One block of kChainThreads per sequence (llm_chain_next).
+constexpr unsigned kChainThreads = 1024, kChainWarps = kChainThreads / 32;
+constexpr int kChainTopK = 64;
+
+// The row's first maximum as the TS argmax picks it, on thread 0. A thread's candidates rise in
+// index, so a strict > keeps its first maximum; the block then prefers the larger value, and the
+// lower index on equal values. "None" is (-inf, vocab): a row with no logit above -inf (or only
+// NaN) gives 0.
+__device__ int32_t ChainArgmax(const float* __restrict__ row, unsigned vocab, float* best_v, unsigned* best_i) {
   float v = -INFINITY;
   unsigned idx = vocab;
   for (unsigned j = threadIdx.x; j < vocab; j += blockDim.x) {
@@ -159,15 +161,240 @@ __global__ void __launch_bounds__(kThreads) GreedyNextKernel(const float* __rest
   }
   if (threadIdx.x % 32 == 0) best_v[threadIdx.x / 32] = v, best_i[threadIdx.x / 32] = idx;
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  for (unsigned w = 1; w < kThreads / 32; ++w)
-    if (best_v[w] > v || (best_v[w] == v && best_i[w] < idx)) v = best_v[w], idx = best_i[w];
-  const int32_t t = idx < vocab ? static_cast<int32_t>(idx) : 0;
+  if (threadIdx.x == 0)
+    for (unsigned w = 1; w < kChainWarps; ++w)
+      if (best_v[w] > v || (best_v[w] == v && best_i[w] < idx)) v = best_v[w], idx = best_i[w];
+  return idx < vocab ? static_cast<int32_t>(idx) : 0;
+}
+
+// Floats as unsigned keys in the same order; -0 as +0 (equal values, ranked by id as the TS
+// top-k does), NaN below everything.
+__device__ __forceinline__ uint32_t OrderKey(float v) {
+  if (v != v) return 0;
+  if (v == 0.0f) v = 0.0f;
+  const uint32_t b = __float_as_uint(v);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// xoshiro128** as lib/llm/sampling.ts's Rng.nextUint32.
+__device__ __forceinline__ uint32_t XoshiroNext(uint32_t* st) {
+  const uint32_t x = st[1] * 5u;
+  const uint32_t result = ((x << 7) | (x >> 25)) * 9u;
+  const uint32_t t = st[1] << 9;
+  st[2] ^= st[0];
+  st[3] ^= st[1];
+  st[1] ^= st[2];
+  st[0] ^= st[3];
+  st[2] ^= t;
+  st[3] = (st[3] << 11) | (st[3] >> 21);
+  return result;
+}
+
+struct ChainShared {
+  unsigned hist[2048];
+  unsigned warp_sums[kChainWarps];
+  float best_v[kChainWarps];
+  unsigned best_i[kChainWarps];
+  unsigned prefix, need, taken;
+  int kept, use_argmax;
+  int32_t cand_i[kChainTopK];
+  uint32_t cand_k[kChainTopK];
+  int32_t sorted_i[kChainTopK];
+  float sorted_v[kChainTopK];
+  double e[kChainTopK];
+  double z;
+};
+
+// The sum of v over the threads before this one (in thread order), on every thread: warp scans,
+// then a scan of the warps' totals by warp 0. Block-uniform call; kChainThreads threads.
+__device__ unsigned BlockExclusiveScan(unsigned v, unsigned* warp_sums) {
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  unsigned incl = v;
+  for (unsigned o = 1; o < 32; o <<= 1) {
+    const unsigned u = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += u;
+  }
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    unsigned w = lane < kChainWarps ? warp_sums[lane] : 0;
+    for (unsigned o = 1; o < 32; o <<= 1) {
+      const unsigned u = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += u;
+    }
+    if (lane < kChainWarps) warp_sums[lane] = w;
+  }
+  __syncthreads();
+  const unsigned out = (warp ? warp_sums[warp - 1] : 0) + incl - v;
+  __syncthreads();  // warp_sums free for the next call
+  return out;
+}
+
+// One count per lane with `active` into hist[bin], the lanes of a warp with one bin in one atomic:
+// logits crowd a few bins of their top bits, and a shared atomic per element into those serialised
+// the first pass (55 us a step for a 32k vocabulary on an H200). Warp-uniform call.
+__device__ __forceinline__ void WarpHistAdd(unsigned* hist, unsigned bin, bool active) {
+  const unsigned lane = threadIdx.x % 32;
+  unsigned pending = __ballot_sync(0xffffffffu, active);
+  while (pending) {
+    const int leader = __ffs(static_cast<int>(pending)) - 1;
+    const unsigned lb = __shfl_sync(0xffffffffu, bin, leader);
+    const unsigned same = __ballot_sync(0xffffffffu, ((pending >> lane) & 1u) && bin == lb);
+    if (static_cast<int>(lane) == leader) atomicAdd(&hist[lb], static_cast<unsigned>(__popc(same)));
+    pending &= ~same;
+  }
+}
+
+// The k largest logits (ties: lower id first), in rank order, into sh.sorted_*: a radix select of
+// the k-th largest key in three passes over the row (11 + 11 + 10 bits), then one pass collecting
+// the larger keys and, in id order, the first of those equal to it.
+__device__ void ChainTopK(const float* __restrict__ row, unsigned vocab, unsigned k, ChainShared& sh) {
+  const unsigned tid = threadIdx.x;
+  if (tid == 0) sh.prefix = 0, sh.need = k, sh.taken = 0;
+  unsigned mask = 0;
+  for (int pass = 0; pass < 3; ++pass) {
+    const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
+    const unsigned bins = pass == 2 ? 1024u : 2048u;
+    for (unsigned b = tid; b < bins; b += blockDim.x) sh.hist[b] = 0;
+    __syncthreads();
+    const unsigned prefix = sh.prefix;
+    for (unsigned base = 0; base < vocab; base += blockDim.x) {  // warp-uniform trip count
+      const unsigned j = base + tid;
+      const uint32_t key = j < vocab ? OrderKey(row[j]) : 0;
+      WarpHistAdd(sh.hist, (key >> shift) & (bins - 1), j < vocab && (key & mask) == prefix);
+    }
+    __syncthreads();
+    // The bin holding the need-th largest key: counts from the top bin down, scanned over the
+    // block (thread t takes the per bins t * per.. from the top); exactly one bin has the count
+    // above it below need and reaches need with its own (the bins hold every key under the
+    // prefix, at least need of them). A serial walk by one thread cost ~50 us a step.
+    const unsigned need = sh.need, per = bins / kChainThreads;
+    unsigned local = 0;
+    for (unsigned q = 0; q < per; ++q) local += sh.hist[bins - 1 - (tid * per + q)];
+    unsigned above = BlockExclusiveScan(local, sh.warp_sums);
+    for (unsigned q = 0; q < per; ++q) {
+      const unsigned bin = bins - 1 - (tid * per + q), h = sh.hist[bin];
+      if (above < need && above + h >= need) sh.prefix = prefix | (bin << shift), sh.need = need - above;
+      above += h;
+    }
+    mask |= (bins - 1) << shift;
+    __syncthreads();
+  }
+  // Keys above the k-th go in wherever they fall; of the keys equal to it, the `need` lowest ids,
+  // found in id order through each thread's contiguous span and the counts of the spans before.
+  const uint32_t kth = sh.prefix;
+  const unsigned span = (vocab + kChainThreads - 1) / kChainThreads, lo = min(vocab, tid * span), hi = min(vocab, lo + span);
+  unsigned equal = 0;
+  for (unsigned j = lo; j < hi; ++j) {
+    const uint32_t key = OrderKey(row[j]);
+    if (key > kth) {
+      const unsigned at = atomicAdd(&sh.taken, 1u);
+      sh.cand_i[at] = static_cast<int32_t>(j), sh.cand_k[at] = key;
+    }
+    equal += key == kth;
+  }
+  unsigned before = BlockExclusiveScan(equal, sh.warp_sums);
+  const unsigned above = k - sh.need;  // keys above the k-th: all of them were counted
+  for (unsigned j = lo; j < hi && before < sh.need; ++j) {
+    if (OrderKey(row[j]) != kth) continue;
+    sh.cand_i[above + before] = static_cast<int32_t>(j), sh.cand_k[above + before] = kth;
+    ++before;
+  }
+  __syncthreads();
+  // Rank order: larger key first, lower id on equal keys.
+  if (tid < k) {
+    const uint32_t key = sh.cand_k[tid];
+    const int32_t id = sh.cand_i[tid];
+    unsigned rank = 0;
+    for (unsigned o = 0; o < k; ++o) rank += sh.cand_k[o] > key || (sh.cand_k[o] == key && sh.cand_i[o] < id);
+    sh.sorted_i[rank] = id;
+    sh.sorted_v[rank] = row[id];
+  }
+  __syncthreads();
+}
+
+__global__ void __launch_bounds__(kChainThreads) ChainNextKernel(const float* __restrict__ logits, int32_t* __restrict__ tokens,
+                                                                 int32_t* __restrict__ pos, int32_t* __restrict__ meta,
+                                                                 int32_t* __restrict__ lens, int32_t* __restrict__ chosen,
+                                                                 const double* __restrict__ params, uint32_t* __restrict__ rng,
+                                                                 uint32_t* __restrict__ rng_out, unsigned vocab, unsigned seqs,
+                                                                 unsigned step) {
+  __shared__ ChainShared sh;
+  const unsigned s = blockIdx.x, tid = threadIdx.x;
+  const float* row = logits + size_t(s) * vocab;
+  int32_t t = 0;
+  // Uniform over the block: one sequence's parameters.
+  const double temperature = params ? params[4 * s] : 0.0;
+  if (!(temperature > 0.0)) {
+    t = ChainArgmax(row, vocab, sh.best_v, sh.best_i);
+  } else {
+    const unsigned k = static_cast<unsigned>(params[4 * s + 1]);
+    const double top_p = params[4 * s + 2], min_logit = params[4 * s + 3];
+    ChainTopK(row, vocab, k, sh);
+    const double max = sh.sorted_v[0];
+    if (tid == 0) sh.use_argmax = !(max - max == 0.0);  // not finite (isfinite is not in both dialects)
+    __syncthreads();
+    if (sh.use_argmax) {
+      t = ChainArgmax(row, vocab, sh.best_v, sh.best_i);
+    } else {
+      // The chain of Sampler.#chain: z over the top-k, top-p's prefix, min-p's, then temperature.
+      if (tid < k) sh.e[tid] = exp(double(sh.sorted_v[tid]) - max);
+      __syncthreads();
+      if (tid == 0) {
+        double z = 0;
+        for (unsigned i = 0; i < k; ++i) z += sh.e[i];
+        unsigned kept = k;
+        if (top_p < 1) {
+          double cum = 0;
+          for (unsigned i = 0; i < k; ++i) {
+            cum += sh.e[i] / z;
+            if (cum >= top_p) {
+              kept = i + 1;
+              break;
+            }
+          }
+        }
+        if (min_logit > -INFINITY) {
+          unsigned i = 1;
+          while (i < kept && double(sh.sorted_v[i]) - max >= min_logit) ++i;
+          kept = i;
+        }
+        sh.kept = static_cast<int>(kept);
+      }
+      __syncthreads();
+      const unsigned kept = static_cast<unsigned>(sh.kept);
+      if (tid < kept) {
+        const double e = exp((double(sh.sorted_v[tid]) - max) / temperature);
+        sh.e[tid] = e > 0 ? e : 0;
+      }
+      __syncthreads();
+      if (tid == 0) {
+        t = sh.sorted_i[0];
+        if (kept > 1) {
+          double sum = 0;
+          for (unsigned i = 0; i < kept; ++i) sum += sh.e[i];
+          const double r = double(XoshiroNext(rng + 4 * s)) / 4294967296.0;
+          double cum = 0;
+          t = sh.sorted_i[kept - 1];
+          for (unsigned i = 0; i < kept; ++i) {
+            cum += sh.e[i] / sum;
+            if (r < cum) {
+              t = sh.sorted_i[i];
+              break;
+            }
+          }
+        }
+      }
+    }
+  }
+  if (tid != 0) return;
   chosen[size_t(step) * seqs + s] = t;
   tokens[s] = t;
   pos[s] += 1;
   meta[3 * s] += 1;
   lens[s] += 1;
+  if (rng_out)
+    for (int w = 0; w < 4; ++w) rng_out[(size_t(step) * seqs + s) * 4 + w] = rng[4 * s + w];
 }
 
 // One grid row per pair; 16-byte words when the block size allows (every real pool's does: a
@@ -455,17 +682,21 @@ void CopyBlocksOp(GpuStream& s, const GpuDeviceInfo& dev, const GpuOpCall& c) {
          static_cast<unsigned>(blocks));
 }
 
-void GreedyNextOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
+void ChainNextOp(GpuStream& st, const GpuDeviceInfo&, const GpuOpCall& c) {
   const int64_t seqs = c.Int("seqs", 0, 1 << 24), vocab = c.Int("vocab", 1, INT64_C(1) << 30), step = c.Int("step", 0, 1 << 24);
+  const bool sample = c.IntOr("sample", 0, 0, 1) != 0;
   const float* logits = c.Buffer<float>(0, c.Count({seqs, vocab}), "logits");
   int32_t* tokens = c.Buffer<int32_t>(1, static_cast<size_t>(seqs), "tokens");
   int32_t* pos = c.Buffer<int32_t>(2, static_cast<size_t>(seqs), "pos");
   int32_t* meta = c.Buffer<int32_t>(3, c.Count({seqs, 3}), "meta");
   int32_t* lens = c.Buffer<int32_t>(4, static_cast<size_t>(seqs), "lens");
   int32_t* chosen = c.Buffer<int32_t>(5, c.Count({step + 1, seqs}), "chosen");
+  const double* params = sample ? c.Buffer<double>(6, c.Count({seqs, 4}), "params") : nullptr;
+  uint32_t* rng = sample ? c.Buffer<uint32_t>(7, c.Count({seqs, 4}), "rng") : nullptr;
+  uint32_t* rng_out = sample ? c.Buffer<uint32_t>(8, c.Count({step + 1, seqs, 4}), "rngOut") : nullptr;
   if (seqs == 0) return;
-  Launch(GreedyNextKernel, dim3(static_cast<unsigned>(seqs)), dim3(kThreads), 0, st, logits, tokens, pos, meta, lens, chosen,
-         static_cast<unsigned>(vocab), static_cast<unsigned>(seqs), static_cast<unsigned>(step));
+  Launch(ChainNextKernel, dim3(static_cast<unsigned>(seqs)), dim3(kChainThreads), 0, st, logits, tokens, pos, meta, lens, chosen,
+         params, rng, rng_out, static_cast<unsigned>(vocab), static_cast<unsigned>(seqs), static_cast<unsigned>(step));
 }
 
 void CopyOp(GpuStream& s, const GpuDeviceInfo& dev, const GpuOpCall& c) {
@@ -655,7 +886,7 @@ SONDE_GPU_OP("llm_bias", BiasOp);
 SONDE_GPU_OP("llm_gather_rows", GatherRowsOp);
 SONDE_GPU_OP("llm_copy_blocks", CopyBlocksOp);
 SONDE_GPU_OP("llm_copy", CopyOp);
-SONDE_GPU_OP("llm_greedy_next", GreedyNextOp);
+SONDE_GPU_OP("llm_chain_next", ChainNextOp);
 
 }  // namespace SONDE_GPU_NS
 }  // namespace sonde
