@@ -1195,7 +1195,7 @@ bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* lo
     if (sampled) {
       fit(a.chain_params, seqs * 4 * sizeof(double), "sampling parameters of chained steps");
       fit(a.chain_rng, seqs * 4 * sizeof(uint32_t), "random states of chained steps");
-      fit(a.chain_rng_out, steps * seqs * 4 * sizeof(uint32_t), "random states of chained steps");
+      fit(a.chain_rng_out, steps * seqs * 4 * sizeof(uint32_t), "random states after each chained step");
       s.Upload(a.chain_params->data(), chain.params, seqs * 4 * sizeof(double));
       s.Upload(a.chain_rng->data(), chain.rng, seqs * 4 * sizeof(uint32_t));
       bufs.insert(bufs.end(), {Arg(a.chain_params), Arg(a.chain_rng), Arg(a.chain_rng_out)});

@@ -72,10 +72,10 @@ export interface SchedulerOptions {
   /** Reuse cached prefixes across requests (default true). */
   prefixCaching?: boolean;
   /**
-   * How long a chain of greedy decode steps may run (seconds; default 0.01; 0: no chains), where
-   * the pool chains steps (KvPool.stepChain) and every running request's tokens can be chosen on
-   * the device (SequenceRequest.chain). The
-   * environment variable SONDE_LLM_CHAIN_MS overrides the default (an A/B switch).
+   * How long a chain of decode steps may run (seconds; default 0.01; 0: no chains), where the pool
+   * chains steps (KvPool.stepChain) and every running request's tokens can be chosen on the device
+   * (SequenceRequest.chain). The environment variable SONDE_LLM_CHAIN_MS overrides the default (an
+   * A/B switch).
    */
   chainSeconds?: number;
   /**
@@ -196,7 +196,7 @@ interface Item {
   logits: StepSequence['logits'];
 }
 
-/** The next call: one step of `items`, or a chain of `steps` greedy decode steps (steps > 1). */
+/** The next call: one step of `items`, or a chain of `steps` decode steps (steps > 1). */
 interface Plan {
   items: Item[];
   steps: number;
@@ -544,9 +544,10 @@ export class Scheduler {
 
   /**
    * A chain of decode steps when the pool chains them, nothing waits for admission and every
-   * running sequence's tokens can be chosen on the device: as many steps as chainSeconds of recent decode steps
-   * (none before one is measured), within each sequence's remaining tokens and context, and with
-   * the blocks for all of them reserved (else undefined: a plain step, which may preempt).
+   * running sequence's tokens can be chosen on the device: as many steps as chainSeconds of recent
+   * decode steps (none before one is measured), within each sequence's remaining tokens and
+   * context, and with the blocks for all of them reserved (else undefined: a plain step, which may
+   * preempt).
    */
   #planChain(): Plan | undefined {
     if (!this.pool.stepChain || this.chainSeconds === 0 || this.#waiting.length > 0 || this.#running.length === 0 ||
