@@ -551,6 +551,9 @@ describe('bad input is a typed error naming the sequence and field; the pool sta
       [{ maxBlocks: 4, dtype: 'bf16' }, /options.dtype must be one of 'f32', 'f16'/],
       [{ maxBlock: 4 }, /unknown option 'maxBlock'; did you mean 'maxBlocks'/],
       [{ maxBlocks: 2 ** 31 - 1, blockSize: 65536 }, /beyond any memory/],
+      [{ maxBlocks: 4, contextSize: 0 }, /options.contextSize must be an integer in \[1, 16777216\]/],
+      [{ maxBlocks: 4, contextSize: 2 ** 24 + 1 }, /options.contextSize must be an integer/],
+      [{ maxBlocks: 4, contextSize: 1.5 }, /options.contextSize must be an integer/],
     ];
     for (const [o, re] of bad) {
       let err: unknown;
@@ -561,6 +564,22 @@ describe('bad input is a typed error naming the sequence and field; the pool sta
       }
       expect(err, String(re)).toBeInstanceOf(InvalidArgumentError);
       expect(String(err)).toMatch(re);
+    }
+  });
+
+  it('contextSize: positions past the trained context length when asked, none past the pool\'s own', async () => {
+    const ctx = engine.config.contextLength;
+    const pool = engine.createKvPool({ blockSize: 64, maxBlocks: 8, contextSize: ctx + 64 });
+    try {
+      const table = ids(0, 1, 2, 3);
+      await pool.step({ sequences: [{ blockTable: table, start: 0, tokens: Int32Array.from({ length: ctx }, (_, i) => i % 50), logits: 'none' }] });
+      const past = await pool.step({ sequences: [{ blockTable: table, start: ctx, tokens: ids(7, 8, 9), logits: 'last' }] });
+      expect(past.length).toBe(info.vocabSize);
+      expect(past.every(Number.isFinite)).toBe(true);
+      await expect(pool.step({ sequences: [{ blockTable: table, start: ctx + 63, tokens: ids(1, 2), logits: 'last' }] }))
+        .rejects.toThrow(new RegExp(`start \\+ tokens.length = ${ctx + 65} exceeds the pool's context size ${ctx + 64}`));
+    } finally {
+      pool.dispose();
     }
   });
 
@@ -578,7 +597,7 @@ describe('bad input is a typed error naming the sequence and field; the pool sta
       [{ sequences: [seq({ start: 9 })] }, /sequences\[0\].blockTable: 2 blocks of 4 positions do not cover/],
       [{ sequences: [seq({ start: -1 })] }, /sequences\[0\].start must be an integer/],
       [{ sequences: [seq({ start: 0.5 })] }, /sequences\[0\].start must be an integer/],
-      [{ sequences: [seq({ blockTable: Int32Array.from({ length: 40 }, (_, i) => i % 10), start: 127 })] }, /start \+ tokens.length = 129 exceeds the model's context length 128/],
+      [{ sequences: [seq({ blockTable: Int32Array.from({ length: 40 }, (_, i) => i % 10), start: 127 })] }, /start \+ tokens.length = 129 exceeds the pool's context size 128/],
       [{ sequences: [seq({}), seq({ blockTable: ids(2), tokens: ids(3, V) })] }, new RegExp(`sequences\\[1\\].tokens\\[1\\]: token id ${V} is outside the vocabulary`)],
       [{ sequences: [seq({ tokens: ids(-4) })] }, /sequences\[0\].tokens\[0\]: token id -4/],
       [{ sequences: [seq({ tokens: ids() })] }, /sequences\[0\].tokens must not be empty/],

@@ -11,7 +11,7 @@ import { AbortError, DeviceUnavailableError, InvalidArgumentError, ModelFormatEr
 import { read } from '../lib/llm/gguf.js';
 import { LanguageModel } from '../lib/llm/language-model.js';
 import { Tokenizer } from '../lib/llm/tokenizer.js';
-import { fixtureDir, writeFixture, type FixtureOptions } from './llm-fixtures.js';
+import { fixtureDir, llamaCppLogProbs, logSoftmax, tokenSequence, writeFixture, type FixtureOptions } from './llm-fixtures.js';
 
 const dir = fixtureDir('sonde-lm-');
 let llama: Llama;
@@ -219,6 +219,33 @@ describe('chat messages', () => {
 });
 
 describe('LanguageModel.load', () => {
+  // RoPE positions past the trained range are out of the model's distribution, but computable, and
+  // llama.cpp runs them when asked: a contextSize beyond the trained length is the user's call.
+  // (Before, the pool's steps refused positions past the trained length: generation failed there.)
+  it('a contextSize past the trained context length runs there, as llama.cpp does', async () => {
+    const path = join(dir, 'short-trained.gguf');
+    const info = await writeFixture(path, { kind: 'llama', type: 'f32', contextLength: 32, seed: 4 });
+    const tokens = tokenSequence(60, info.vocabSize, 5, [info.eosId]);
+    const model = await LanguageModel.load(path, { contextSize: 64 });
+    try {
+      expect(model.info.contextLength).toBe(32);
+      expect(model.contextSize).toBe(64);
+      const logits = await model.logits(tokens);
+      const want = await llamaCppLogProbs(llama, path, tokens, info.vocabSize, { threads: 1 });
+      let worst = 0;
+      for (let i = 0; i < tokens.length; i++) {
+        const got = logSoftmax(logits.subarray(i * info.vocabSize, (i + 1) * info.vocabSize));
+        for (let t = 0; t < info.vocabSize; t++) if (want[i]![t]! > -20) worst = Math.max(worst, Math.abs(got[t]! - want[i]![t]!));
+      }
+      expect(worst).toBeLessThan(1e-3);
+      // Generation runs past position 32 to the end of the context.
+      const out = (await tokensOf(model.generate(tokens.slice(0, 20), { temperature: 0, stop: [], maxTokens: 40 }))).tokens;
+      expect(out.length).toBeGreaterThan(12);
+    } finally {
+      model.dispose();
+    }
+  });
+
   it('a prompt longer than the context is an InvalidArgumentError naming both sizes', async () => {
     const path = join(dir, 'small-context.gguf');
     await writeFixture(path, { kind: 'llama', seed: 3 });

@@ -137,6 +137,12 @@ export interface KvPoolOptions {
   maxBlocks: number;
   /** Storage of K and V (default 'f32'); attention always computes in fp32. */
   dtype?: KvDtype;
+  /**
+   * Positions a sequence of this pool may reach (default: the model's trained context length).
+   * More is allowed, as llama.cpp allows it: RoPE positions past the trained range are out of
+   * the model's distribution. At most 2^24.
+   */
+  contextSize?: number;
 }
 
 /** What a step does for one sequence: append `tokens` at positions [start, start + tokens.length). */

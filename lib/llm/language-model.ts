@@ -472,12 +472,14 @@ export class LanguageModel extends NativeResource {
     const tooSmall = (bytes: number) => new InvalidArgumentError(`LanguageModel: kvCache.maxBytes ${maxBytes} is smaller than one KV block of ${blockSize} positions (${bytes} bytes)`);
     // Native memory is taken only as blocks are used, so a pool made only to learn its block
     // size (an engine whose layout differs from the estimate) costs nothing.
-    let pool = engine.createKvPool!({ maxBlocks: Math.max(1, blocksFor(estimate)), blockSize, dtype });
+    // The pool's positions reach the serving context, past the trained one if asked (#contextSize).
+    const contextSize = serving.contextSize;
+    let pool = engine.createKvPool!({ maxBlocks: Math.max(1, blocksFor(estimate)), blockSize, dtype, contextSize });
     if (pool.blockBytes !== estimate || blocksFor(estimate) < 1) {
       const bytes = pool.blockBytes;
       pool.dispose();
       if (blocksFor(bytes) < 1) throw tooSmall(bytes);
-      pool = engine.createKvPool!({ maxBlocks: blocksFor(bytes), blockSize, dtype });
+      pool = engine.createKvPool!({ maxBlocks: blocksFor(bytes), blockSize, dtype, contextSize });
     }
     return pool;
   }

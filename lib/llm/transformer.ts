@@ -34,7 +34,7 @@ const VARIANTS: readonly TransformerVariant[] = ['auto', 'scalar', 'avx2', 'avx5
 interface Parsed { threads: number; variant: TransformerVariant }
 const EVAL_KEYS = ['allLogits', 'signal'] as const;
 
-const POOL_KEYS = ['blockSize', 'maxBlocks', 'dtype'] as const;
+const POOL_KEYS = ['blockSize', 'maxBlocks', 'dtype', 'contextSize'] as const;
 const DTYPES: readonly KvDtype[] = ['f32', 'f16'];
 const STEP_KEYS = ['signal'] as const;
 const CHAIN_KEYS = ['signal', 'sampling'] as const;
@@ -44,6 +44,8 @@ const LOGITS: readonly StepSequence['logits'][] = ['none', 'last', 'all'];
 const LOGITS_CODE = { none: 0, last: 1, all: 2 } as const;
 /** The largest block size createKvPool takes (a private sequence pool may use one block of its whole context). */
 const MAX_BLOCK_SIZE = 65536;
+/** The most positions a pool's sequences may reach (the native bindings' bound). */
+const MAX_POSITIONS = 2 ** 24;
 /** The most steps one stepChain call chains (the native bindings' bound). */
 const MAX_CHAIN = 65536;
 
@@ -100,16 +102,20 @@ class TransformerKvPool extends NativeResource implements KvPool {
   readonly maxBlocks: number;
   readonly dtype: KvDtype;
   readonly blockBytes: number;
+  /** Positions a sequence may reach (KvPoolOptions.contextSize). */
+  readonly contextSize: number;
   #engine: Transformer;
   #pool: NativeKvPool;
   #chain: Promise<void> = Promise.resolve();
   /** See KvPool.stepChain: present where the backend chains steps on its device. */
   readonly stepChain?: (batch: StepBatch, steps: number, options?: { signal?: AbortSignal; sampling?: ChainSampling }) => Promise<ChainResult>;
 
-  constructor(engine: Transformer, pool: NativeKvPool, blockSize: number, maxBlocks: number, dtype: KvDtype, chains: boolean) {
+  constructor(engine: Transformer, pool: NativeKvPool, blockSize: number, maxBlocks: number, dtype: KvDtype, contextSize: number,
+    chains: boolean) {
     super();
     this.#engine = engine;
     this.#pool = pool;
+    this.contextSize = contextSize;
     this.blockSize = blockSize;
     this.maxBlocks = maxBlocks;
     this.dtype = dtype;
@@ -288,7 +294,7 @@ class TransformerKvPool extends NativeResource implements KvPool {
     if (batch === undefined) throw new InvalidArgumentError(`${where}(batch): batch must be an object, got undefined`);
     const seqs = b.sequences;
     if (!Array.isArray(seqs)) throw new InvalidArgumentError(`${where}: batch.sequences must be an array, got ${describe(seqs)}`);
-    const vocab = this.#engine.config.vocabSize, context = this.#engine.config.contextLength;
+    const vocab = this.#engine.config.vocabSize, context = this.contextSize;
     const bs = this.blockSize, maxBlocks = this.maxBlocks;
     const meta = new Int32Array(seqs.length * 4);
     let tokenCount = 0, tableCount = 0, rows = 0;
@@ -310,7 +316,7 @@ class TransformerKvPool extends NativeResource implements KvPool {
       }
       const end = start + tokens.length + steps - 1;
       const what = steps > 1 ? `start + steps = ${end}` : `start + tokens.length = ${end}`;
-      if (end > context) throw new InvalidArgumentError(`${at}: ${what} exceeds the model's context length ${context}`);
+      if (end > context) throw new InvalidArgumentError(`${at}: ${what} exceeds the pool's context size ${context}`);
       if (end > table.length * bs) {
         throw new InvalidArgumentError(`${at}.blockTable: ${table.length} blocks of ${bs} positions do not cover ${what}`);
       }
@@ -541,14 +547,15 @@ class Transformer extends NativeResource implements LlmEngine {
     const blockSize = o.blockSize === undefined ? 16 : checkInt(`${where}: options.blockSize`, o.blockSize, 1, MAX_BLOCK_SIZE);
     const maxBlocks = checkInt(`${where}: options.maxBlocks`, o.maxBlocks, 1, 2 ** 31 - 1);
     const dtype = o.dtype === undefined ? 'f32' : checkOneOf(`${where}: options.dtype`, o.dtype, DTYPES);
-    return this.#newPool(blockSize, maxBlocks, dtype, 0);
+    const context = o.contextSize === undefined ? this.config.contextLength : checkInt(`${where}: options.contextSize`, o.contextSize, 1, MAX_POSITIONS);
+    return this.#newPool(blockSize, maxBlocks, dtype, 0, context);
   }
 
-  #newPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number): TransformerKvPool {
+  #newPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number, context = this.config.contextLength): TransformerKvPool {
     let pool: TransformerKvPool;
     try {
       pool = new TransformerKvPool(this, this.#backend.createPool(blockSize, maxBlocks, dtype, reserve), blockSize, maxBlocks, dtype,
-        this.#backend.stepChain !== undefined);
+        context, this.#backend.stepChain !== undefined);
     } catch (err) {
       throw fromNative(err, new Error());
     }

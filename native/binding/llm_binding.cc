@@ -371,10 +371,6 @@ Napi::Value KvPoolStep(Addon& addon, const Napi::CallbackInfo& info) {
   const LlmConfig& c = job->model->config();
   const std::string why = ValidateKvStep(*job->pool, c.vocab, st);
   if (!why.empty()) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: " + why);
-  for (const KvStepSequence& q : st.seqs)
-    if (q.start + q.tokens > c.context)
-      throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: positions up to " + std::to_string(q.start + q.tokens) +
-                                                        " exceed the model's context length " + std::to_string(c.context));
   Napi::Float32Array out = info[6].As<Napi::Float32Array>();
   if (out.ElementLength() != st.out_rows.size() * c.vocab)
     throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: logits must hold " + std::to_string(st.out_rows.size() * c.vocab) + " floats");

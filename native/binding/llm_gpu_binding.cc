@@ -280,10 +280,6 @@ GpuKvPoolHandle* PrepareStep(Addon& addon, const Napi::CallbackInfo& info, StepJ
   }
   const std::string why = ValidateKvStep(job->pool->block_size(), job->pool->max_blocks(), c.vocab, *checked);
   if (!why.empty()) throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": " + why);
-  for (const KvStepSequence& q : checked->seqs)
-    if (q.start + q.tokens > c.context)
-      throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": positions up to " + std::to_string(q.start + q.tokens) +
-                                                        " exceed the model's context length " + std::to_string(c.context));
   return h;
 }
 

@@ -109,6 +109,8 @@ std::string ValidateKvStep(size_t bs, size_t max, size_t vocab, const KvStep& st
     if (q.start + q.tokens > q.table_length * bs)
       return at + ".blockTable: " + std::to_string(q.table_length) + " blocks of " + std::to_string(bs) +
              " positions do not cover start + tokens.length = " + std::to_string(q.start + q.tokens);
+    if (q.start + q.tokens > kKvMaxPositions)
+      return at + ": positions up to " + std::to_string(q.start + q.tokens) + " exceed " + std::to_string(kKvMaxPositions);
     for (size_t i = 0; i < q.tokens; ++i) {
       const int32_t t = step.tokens[row + i];
       if (t < 0 || static_cast<size_t>(t) >= vocab)

@@ -61,6 +61,11 @@ struct LlmArena {
 };
 
 // One step (lib/llm/engine.ts: StepBatch), as plain data for a pool thread.
+// The most positions a sequence may reach (lib/llm/transformer.ts: MAX_POSITIONS). Past the
+// model's trained context length is allowed (its RoPE positions are then out of distribution, as
+// llama.cpp allows); nothing native depends on that length.
+constexpr size_t kKvMaxPositions = size_t{1} << 24;
+
 struct KvStepSequence {
   size_t table_offset = 0, table_length = 0;  // into KvStep::tables
   size_t start = 0, tokens = 0, row0 = 0;      // row0: first row of this sequence in the step

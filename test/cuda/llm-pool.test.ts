@@ -187,7 +187,7 @@ describeGpu('language model on the GPU: pools, state, lifetime, routing', (t) =>
         await expect(greedy({ sequences: [seq()] }, 7)).rejects.toThrow(/2 blocks of 4 positions do not cover start \+ steps = 9/);
         const context = gpu.config.contextLength;
         await expect(greedy({ sequences: [seq({ blockTable: Int32Array.from({ length: 16 }, (_, i) => i), start: context - 2 })] }, 3))
-          .rejects.toThrow(/exceeds the model's context length/);
+          .rejects.toThrow(/exceeds the pool's context size/);
         // Two sequences whose chains write one block.
         await expect(greedy({ sequences: [seq(), seq({ blockTable: Int32Array.of(2, 1), start: 3 })] }, 3)).rejects.toThrow(/block 1 is written by this step/);
         await expect(greedy({ sequences: [seq({ tokens: Int32Array.of(v) })] }, 2)).rejects.toThrow(/outside the vocabulary/);
