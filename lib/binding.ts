@@ -363,6 +363,13 @@ export interface NativeBinding {
    */
   kvPoolStep(model: NativeLlmModel, pool: NativeKvPool, tokens: Int32Array, meta: Int32Array, tables: Int32Array,
     copies: Int32Array, logits: Float32Array, threads: number, cancel?: NativeCancelToken): Promise<void>;
+  /**
+   * `steps` chained decode steps in one job (KvPool.stepChain): as llmGpuKvPoolStepChain, each
+   * token chosen on the pool's thread (ops/chain_sampling.h) between RunSteps.
+   */
+  kvPoolStepChain(model: NativeLlmModel, pool: NativeKvPool, tokens: Int32Array, meta: Int32Array, tables: Int32Array,
+    copies: Int32Array, steps: number, chosen: Int32Array, params: Float64Array | null, rng: Uint32Array | null,
+    rngOut: Uint32Array | null, threads: number, cancel?: NativeCancelToken): Promise<void>;
   /** Copies blocks ids[i] to out[i * blockBytes ...]. */
   kvPoolRead(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void>;
   /** Copies bytes[i * blockBytes ...] into blocks ids[i] (ids distinct). */

@@ -22,6 +22,7 @@ import { AbortError, DisposedError, InvalidArgumentError } from '../lib/errors.j
 import type { KvPool, LlmEngine, StepSequence } from '../lib/llm/engine.js';
 import { loadTransformer } from '../lib/llm/transformer.js';
 import { reportedExternalMemory } from '../lib/runtime.js';
+import { describeChains } from './llm-chain-cases.js';
 import { fixtureDir, logSoftmax, rng, writeFixture, type FixtureInfo, type FixtureOptions } from './llm-fixtures.js';
 
 const dir = fixtureDir('sonde-kv-pool-');
@@ -763,3 +764,13 @@ describe('kvAttention (the kernel test entry)', () => {
     expect(Array.from(one)).toEqual([1, -2, 3.5, 0.25]);
   });
 });
+
+{
+  const engines: LlmEngine[] = [];
+  afterAll(() => engines.forEach((e) => e.dispose()));
+  describeChains('CPU', async (info) => {
+    const engine = await loadTransformer(info.path, { threads: 2 });
+    engines.push(engine);
+    return engine;
+  }, (name, o) => fixture(`chain-${name}`, o));
+}

@@ -211,8 +211,9 @@ export interface KvPool {
    * position start + j, and the token of step j + 1 is chosen from that step's logits and fed back
    * on the device, so the host waits once for the whole chain instead of once per token: the argmax
    * (sampling.ts's: the first maximum), or with `sampling`, the draw of sampling.ts's Sampler.
-   * Positions [start, start + steps) are written. Present only where chaining saves the per-step
-   * round trip through the host (the GPU transformer).
+   * Positions [start, start + steps) are written. Both transformer engines have it (the CPU's
+   * chooses on its pool thread: a small model's step costs about what a round trip through the
+   * event loop does); an engine without it decodes step by step.
    */
   stepChain?(batch: StepBatch, steps: number, options?: { signal?: AbortSignal; sampling?: ChainSampling }): Promise<ChainResult>;
   /** The raw bytes of blocks (for saving a sequence's state), in the order given. */

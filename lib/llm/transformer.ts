@@ -66,8 +66,8 @@ export interface TransformerBackend {
   readonly handle: { info(): { disposed: boolean; bytes?: number } };
   createPool(blockSize: number, maxBlocks: number, dtype: KvDtype, reserve: number): NativeKvPool;
   step(pool: NativeKvPool, packed: PackedStep, logits: Float32Array, token: NativeCancelToken | undefined): Promise<void>;
-  /** KvPool.stepChain's native call, where the backend chains steps on its device (the GPU's). */
-  stepChain?(pool: NativeKvPool, packed: PackedStep, steps: number, chosen: Int32Array, sampling: ChainSampling | undefined,
+  /** KvPool.stepChain's native call. */
+  stepChain(pool: NativeKvPool, packed: PackedStep, steps: number, chosen: Int32Array, sampling: ChainSampling | undefined,
     rngOut: Uint32Array | undefined, token: NativeCancelToken | undefined): Promise<void>;
   read(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void>;
   write(pool: NativeKvPool, ids: Int32Array, bytes: Uint8Array): Promise<void>;
@@ -91,6 +91,11 @@ class CpuBackend implements TransformerBackend {
   step(pool: NativeKvPool, p: PackedStep, logits: Float32Array, token: NativeCancelToken | undefined): Promise<void> {
     return native().kvPoolStep(this.#model, pool, p.tokens, p.meta, p.tables, p.copies, logits, this.#threads, token);
   }
+  stepChain(pool: NativeKvPool, p: PackedStep, steps: number, chosen: Int32Array, sampling: ChainSampling | undefined,
+    rngOut: Uint32Array | undefined, token: NativeCancelToken | undefined): Promise<void> {
+    return native().kvPoolStepChain(this.#model, pool, p.tokens, p.meta, p.tables, p.copies, steps, chosen,
+      sampling?.params ?? null, sampling?.rng ?? null, rngOut ?? null, this.#threads, token);
+  }
   read(pool: NativeKvPool, ids: Int32Array, out: Uint8Array): Promise<void> { return native().kvPoolRead(pool, ids, out); }
   write(pool: NativeKvPool, ids: Int32Array, bytes: Uint8Array): Promise<void> { return native().kvPoolWrite(pool, ids, bytes); }
   prepare(): Promise<void> { return native().llmModelPrepare(this.#model, this.#threads); }
@@ -107,11 +112,7 @@ class TransformerKvPool extends NativeResource implements KvPool {
   #engine: Transformer;
   #pool: NativeKvPool;
   #chain: Promise<void> = Promise.resolve();
-  /** See KvPool.stepChain: present where the backend chains steps on its device. */
-  readonly stepChain?: (batch: StepBatch, steps: number, options?: { signal?: AbortSignal; sampling?: ChainSampling }) => Promise<ChainResult>;
-
-  constructor(engine: Transformer, pool: NativeKvPool, blockSize: number, maxBlocks: number, dtype: KvDtype, contextSize: number,
-    chains: boolean) {
+  constructor(engine: Transformer, pool: NativeKvPool, blockSize: number, maxBlocks: number, dtype: KvDtype, contextSize: number) {
     super();
     this.#engine = engine;
     this.#pool = pool;
@@ -120,7 +121,6 @@ class TransformerKvPool extends NativeResource implements KvPool {
     this.maxBlocks = maxBlocks;
     this.dtype = dtype;
     this.blockBytes = pool.info().blockBytes!;
-    if (chains) this.stepChain = (batch, steps, options) => this.#stepChain(batch, steps, options);
   }
 
   get bytes(): number {
@@ -165,7 +165,8 @@ class TransformerKvPool extends NativeResource implements KvPool {
     }
   }
 
-  #stepChain(batch: StepBatch, steps: number, options?: { signal?: AbortSignal; sampling?: ChainSampling }): Promise<ChainResult> {
+  /** See KvPool.stepChain. */
+  stepChain(batch: StepBatch, steps: number, options?: { signal?: AbortSignal; sampling?: ChainSampling }): Promise<ChainResult> {
     const where = 'KvPool.stepChain';
     try {
       this.checkAlive(where);
@@ -179,7 +180,7 @@ class TransformerKvPool extends NativeResource implements KvPool {
         const tokens = new Int32Array(n * packed.rows);
         const rng = sampling ? new Uint32Array(n * packed.rows * 4) : undefined;
         const backend = this.#engine.backend(where);
-        await callNative(() => withSignal(signal, (token) => backend.stepChain!(this.#pool, packed, n, tokens, sampling, rng, token)));
+        await callNative(() => withSignal(signal, (token) => backend.stepChain(this.#pool, packed, n, tokens, sampling, rng, token)));
         return rng ? { tokens, rng } : { tokens };
       });
     } catch (err) {
@@ -555,7 +556,7 @@ class Transformer extends NativeResource implements LlmEngine {
     let pool: TransformerKvPool;
     try {
       pool = new TransformerKvPool(this, this.#backend.createPool(blockSize, maxBlocks, dtype, reserve), blockSize, maxBlocks, dtype,
-        context, this.#backend.stepChain !== undefined);
+        context);
     } catch (err) {
       throw fromNative(err, new Error());
     }

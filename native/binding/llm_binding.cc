@@ -4,6 +4,8 @@
 //   llmModelPrepare(model, threads) -> Promise<void>                  (the load's pool work: repacking)
 //   kvPoolCreate(model, blockSize, maxBlocks, dtype, reserveBlocks) -> KvPoolHandle
 //   kvPoolStep(model, pool, tokens, meta, tables, copies, logits, threads, cancel?) -> Promise<void>
+//   kvPoolStepChain(model, pool, tokens, meta, tables, copies, steps, chosen, params, rng, rngOut, threads,
+//                   cancel?) -> Promise<void>
 //   kvPoolRead(pool, ids, out) / kvPoolWrite(pool, ids, bytes) -> Promise<void>
 //   kvAttention(q, k, v, headDim, n, span, dtype, variant) -> Promise<Float32Array>  (kernel tests)
 // A job holds the model (and with it the mapping) and the pool, so disposing either while a step
@@ -26,6 +28,8 @@
 #include "binding/llm_binding.h"
 #include "binding/shared_handle.h"
 #include "kernels/attention/attention.h"
+#include "ops/chain_sampling.h"
+#include "ops/elementwise.h"
 #include "ops/kv_pool.h"
 #include "ops/llm.h"
 #include "runtime/cpu.h"
@@ -37,6 +41,62 @@ void Describe(Napi::Object& o, const LlmModel& m) {
   o.Set("layers", static_cast<double>(m.config().layers));
 }
 
+
+size_t ChainSteps(const Napi::CallbackInfo& info, size_t first, const char* where) {
+  const double steps = info.Length() > first && info[first].IsNumber() ? info[first].As<Napi::Number>().DoubleValue() : 0;
+  if (!(steps >= 1 && steps <= 65536 && steps == static_cast<double>(static_cast<int64_t>(steps))))
+    throw MakeError(info.Env(), codes::kInvalidArgument, std::string(where) + ": steps must be an integer in [1, 65536]");
+  return static_cast<size_t>(steps);
+}
+
+ChainArgs UnpackChainArgs(const Napi::CallbackInfo& info, size_t first, const char* where, const KvStep& st, size_t vocab) {
+  Napi::Env env = info.Env();
+  const auto typed = [&](size_t i, napi_typedarray_type type) {
+    return info.Length() > i && info[i].IsTypedArray() && info[i].As<Napi::TypedArray>().TypedArrayType() == type;
+  };
+  const bool sampled = typed(first + 2, napi_float64_array);
+  if (!typed(first + 1, napi_int32_array) ||
+      (sampled ? !typed(first + 3, napi_uint32_array) || !typed(first + 4, napi_uint32_array)
+               : info.Length() <= first + 4 || !info[first + 2].IsNull() || !info[first + 3].IsNull() || !info[first + 4].IsNull()))
+    throw MakeError(env, codes::kInvalidArgument,
+                    std::string(where) + ": expected (..., steps: number, chosen: Int32Array, params: Float64Array | null, rng: "
+                                         "Uint32Array | null, rngOut: Uint32Array | null, ...)");
+  ChainArgs a;
+  a.steps = ChainSteps(info, first, where);
+  const size_t seqs = st.seqs.size();
+  for (size_t i = 0; i < seqs; ++i)
+    if (st.seqs[i].tokens != 1 || st.out_rows.size() != seqs || st.out_rows[i] != i)
+      throw MakeError(env, codes::kInvalidArgument,
+                      std::string(where) + ": sequences[" + std::to_string(i) + "] must be one decode token whose logits are wanted ('last')");
+  const auto sized = [&](size_t i, size_t want, const char* name) {
+    const size_t got = info[i].As<Napi::TypedArray>().ElementLength();
+    if (got != want)
+      throw MakeError(env, codes::kInvalidArgument,
+                      std::string(where) + ": " + name + " must hold " + std::to_string(want) + " values, got " + std::to_string(got));
+  };
+  sized(first + 1, a.steps * seqs, "chosen (steps x sequences)");
+  a.chosen = info[first + 1].As<Napi::Int32Array>().Data();
+  if (!sampled) return a;
+  sized(first + 2, seqs * 4, "params (sequences x 4)");
+  sized(first + 3, seqs * 4, "rng (sequences x 4)");
+  sized(first + 4, a.steps * seqs * 4, "rngOut (steps x sequences x 4)");
+  const double* p = info[first + 2].As<Napi::Float64Array>().Data();
+  for (size_t i = 0; i < seqs; ++i) {
+    const double t = p[4 * i], k = p[4 * i + 1], top_p = p[4 * i + 2], min_logit = p[4 * i + 3];
+    const std::string at = std::string(where) + ": params of sequences[" + std::to_string(i) + "]";
+    if (!std::isfinite(t)) throw MakeError(env, codes::kInvalidArgument, at + ": temperature must be finite");
+    if (t <= 0) continue;  // argmax
+    if (!(k >= 1 && k <= static_cast<double>(kChainTopK) && k < static_cast<double>(vocab) &&
+          k == static_cast<double>(static_cast<int64_t>(k))))
+      throw MakeError(env, codes::kInvalidArgument, at + ": top-k must be an integer in [1, 64] below the vocabulary");
+    if (!(top_p > 0 && top_p <= 1)) throw MakeError(env, codes::kInvalidArgument, at + ": top-p must be in (0, 1]");
+    if (!(min_logit <= 0)) throw MakeError(env, codes::kInvalidArgument, at + ": log(min-p) must be <= 0 or -Infinity");
+  }
+  a.params = p;
+  a.rng = info[first + 3].As<Napi::Uint32Array>().Data();
+  a.rng_out = info[first + 4].As<Napi::Uint32Array>().Data();
+  return a;
+}
 
 void UnpackKvStep(Napi::Env env, Napi::Int32Array tokens, Napi::Int32Array meta, Napi::Int32Array tables, Napi::Int32Array copies,
                   KvStep* st) {
@@ -351,6 +411,41 @@ class StepJob : public PoolJob {
   }
 };
 
+// The start both step bindings share: (model, pool, tokens, meta, tables, copies, ...) unwrapped
+// into the job's model, pool and step.
+template <typename Job>
+KvPoolHandle* UnpackPoolStep(Addon& addon, const Napi::CallbackInfo& info, const char* where, Job* job) {
+  Napi::Env env = info.Env();
+  job->model = UnwrapModel(addon, info[0], where);
+  // A model created without llmModelPrepare repacks in its first step: report it at the next.
+  LlmModelHandle::ReportBytes(env, info[0]);
+  KvPoolHandle* h = UnwrapPool(addon, info[1], where);
+  if (h->owner != job->model.get()) throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": the pool belongs to another model");
+  job->pool = h->pool;
+  UnpackKvStep(env, info[2].As<Napi::Int32Array>(), info[3].As<Napi::Int32Array>(), info[4].As<Napi::Int32Array>(),
+               info[5].As<Napi::Int32Array>(), &job->step);
+  return h;
+}
+
+// The end they share: threads and cancel at info[threads_index..], the pool claimed, the blocks
+// the step writes (`written`, the whole chain's for one) allocated, releasing the claim if that
+// fails, and the output at info[out_index] kept alive.
+Napi::Value StartPoolStep(Addon& addon, const Napi::CallbackInfo& info, const char* where, std::unique_ptr<PoolJob> job,
+                          KvPoolHandle* h, const KvStep& written, size_t threads_index, size_t out_index) {
+  Napi::Env env = info.Env();
+  job->threads = info[threads_index].IsNumber() ? info[threads_index].As<Napi::Number>().Uint32Value() : 0;
+  if (info.Length() > threads_index + 1) addon.AttachCancel(info[threads_index + 1], job.get());
+  job->Claim(env, where);
+  try {
+    h->Reserve(env, KvStepLastBlock(*job->pool, written), where);
+  } catch (...) {
+    job->pool->busy.store(false);
+    throw;
+  }
+  job->Keep(info[out_index]);
+  return addon.Start(env, std::move(job));
+}
+
 Napi::Value KvPoolStep(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* where = "kvPoolStep";
@@ -359,15 +454,8 @@ Napi::Value KvPoolStep(Addon& addon, const Napi::CallbackInfo& info) {
     throw MakeError(env, codes::kInvalidArgument,
                     "kvPoolStep: expected (model, pool, tokens, meta, tables, copies: Int32Array, logits: Float32Array, threads, cancel?)");
   auto job = std::make_unique<StepJob>();
-  job->model = UnwrapModel(addon, info[0], where);
-  // A model created without llmModelPrepare repacks in its first step: report it at the next.
-  LlmModelHandle::ReportBytes(env, info[0]);
-  KvPoolHandle* h = UnwrapPool(addon, info[1], where);
-  if (h->owner != job->model.get()) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: the pool belongs to another model");
-  job->pool = h->pool;
-  UnpackKvStep(env, info[2].As<Napi::Int32Array>(), info[3].As<Napi::Int32Array>(), info[4].As<Napi::Int32Array>(),
-               info[5].As<Napi::Int32Array>(), &job->step);
-  KvStep& st = job->step;
+  KvPoolHandle* h = UnpackPoolStep(addon, info, where, job.get());
+  const KvStep& st = job->step;
   const LlmConfig& c = job->model->config();
   const std::string why = ValidateKvStep(*job->pool, c.vocab, st);
   if (!why.empty()) throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: " + why);
@@ -375,17 +463,65 @@ Napi::Value KvPoolStep(Addon& addon, const Napi::CallbackInfo& info) {
   if (out.ElementLength() != st.out_rows.size() * c.vocab)
     throw MakeError(env, codes::kInvalidArgument, "kvPoolStep: logits must hold " + std::to_string(st.out_rows.size() * c.vocab) + " floats");
   job->logits = out.Data();
-  job->threads = info[7].IsNumber() ? info[7].As<Napi::Number>().Uint32Value() : 0;
-  if (info.Length() > 8) addon.AttachCancel(info[8], job.get());
-  job->Claim(env, where);
-  try {
-    h->Reserve(env, KvStepLastBlock(*job->pool, st), where);
-  } catch (...) {
-    job->pool->busy.store(false);
-    throw;
+  return StartPoolStep(addon, info, where, std::move(job), h, st, 7, 6);
+}
+
+// Chained decode steps on the CPU (KvPool.stepChain): RunStep, then every sequence's next token
+// chosen from its logits row here (ops/chain_sampling.h) and fed to the next step, so the JS thread
+// is not woken per token: a small model's step is a few tens of microseconds, about what the
+// completion through the event loop and the scheduler cost per token.
+class ChainJob : public PoolJob {
+ public:
+  std::shared_ptr<const LlmModel> model;
+  KvStep step;
+  ChainArgs chain;
+  void Execute(Addon& addon) override {
+    Release release{pool.get()};
+    const size_t seqs = step.seqs.size(), vocab = model->config().vocab;
+    std::vector<float> logits(seqs * vocab);
+    std::vector<ChainParams> params(chain.params ? seqs : 0);
+    for (size_t i = 0; i < params.size(); ++i)
+      params[i] = ChainParams{chain.params[4 * i], chain.params[4 * i + 1], chain.params[4 * i + 2], chain.params[4 * i + 3]};
+    std::vector<uint32_t> rng(chain.rng ? chain.rng : nullptr, chain.rng ? chain.rng + 4 * seqs : nullptr);
+    static const kernels::ElementwiseUkernels uk = ElementwiseTable(ElementwiseVariant::kAuto);
+    std::vector<int32_t> ids;
+    for (size_t j = 0; j < chain.steps; ++j) {
+      if (!RunStep(*model, *pool, step, logits.data(), addon.pool(), threads, cancel.get())) {
+        Fail(codes::kAborted, "kvPoolStepChain: aborted");
+        return;
+      }
+      for (size_t s = 0; s < seqs; ++s) {
+        const int32_t t = ChooseChainToken(uk, logits.data() + s * vocab, vocab, params.empty() ? nullptr : &params[s],
+                                           rng.empty() ? nullptr : rng.data() + 4 * s, ids);
+        chain.chosen[j * seqs + s] = t;
+        if (chain.rng_out) std::copy(rng.begin() + 4 * s, rng.begin() + 4 * s + 4, chain.rng_out + 4 * (j * seqs + s));
+        step.tokens[step.seqs[s].row0] = t;
+        step.seqs[s].start += 1;
+      }
+    }
   }
-  job->Keep(info[6]);
-  return addon.Start(env, std::move(job));
+};
+
+// (model, pool, tokens, meta, tables, copies, steps, chosen, params, rng, rngOut, threads, cancel?)
+Napi::Value KvPoolStepChain(Addon& addon, const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* where = "kvPoolStepChain";
+  if (info.Length() < 12 || !IsInt32Array(info[2]) || !IsInt32Array(info[3]) || !IsInt32Array(info[4]) || !IsInt32Array(info[5]))
+    throw MakeError(env, codes::kInvalidArgument,
+                    "kvPoolStepChain: expected (model, pool, tokens, meta, tables, copies: Int32Array, steps: number, chosen: "
+                    "Int32Array, params: Float64Array | null, rng: Uint32Array | null, rngOut: Uint32Array | null, threads, cancel?)");
+  auto job = std::make_unique<ChainJob>();
+  KvPoolHandle* h = UnpackPoolStep(addon, info, where, job.get());
+  const size_t steps = ChainSteps(info, 6, where);
+  // Validated, and its blocks reserved, as the one step that writes every position of the chain.
+  const KvStep whole = KvChainView(job->step, steps);
+  const LlmConfig& c = job->model->config();
+  const std::string why = ValidateKvStep(*job->pool, c.vocab, whole);
+  if (!why.empty()) throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": " + why);
+  job->chain = UnpackChainArgs(info, 6, where, job->step, c.vocab);
+  if (job->chain.params)
+    for (size_t i = 8; i <= 10; ++i) job->Keep(info[i]);
+  return StartPoolStep(addon, info, where, std::move(job), h, whole, 11, 7);
 }
 
 class BlocksJob : public PoolJob {
@@ -549,6 +685,7 @@ void RegisterLlmBindings(Napi::Env env, Napi::Object exports, Addon& addon) {
   addon.Export(env, exports, "llmModelPrepare", LlmModelPrepare);
   addon.Export(env, exports, "kvPoolCreate", KvPoolCreate);
   addon.Export(env, exports, "kvPoolStep", KvPoolStep);
+  addon.Export(env, exports, "kvPoolStepChain", KvPoolStepChain);
   addon.Export(env, exports, "kvPoolRead", KvPoolRead);
   addon.Export(env, exports, "kvPoolWrite", KvPoolWrite);
   addon.Export(env, exports, "kvAttention", KvAttention);

@@ -3,6 +3,8 @@
 #pragma once
 #include <napi.h>
 
+#include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -25,6 +27,23 @@ void UnpackKvStep(Napi::Env env, Napi::Int32Array tokens, Napi::Int32Array meta,
 // ERR_SONDE_INVALID_ARGUMENT naming the argument; returns the ids and the largest (-1 when none).
 int64_t CheckBlockTransfer(const Napi::CallbackInfo& info, const char* where, size_t max_blocks, size_t block_bytes,
                            bool write, std::vector<int32_t>* ids);
+
+// A chained step's own arguments (kvPoolStepChain, llmGpuKvPoolStepChain) from info[first]:
+// (steps, chosen: Int32Array of steps x sequences, params: Float64Array of sequences x 4 | null,
+// rng: Uint32Array of sequences x 4 | null, rngOut: Uint32Array of steps x sequences x 4 | null),
+// checked against the step (every sequence one decode token whose logits are wanted) and the
+// vocabulary; params as lib/llm/transformer.ts checks them (ops/chain_sampling.h). The typed
+// arrays stay the caller's to keep alive. ChainSteps reads steps alone (the step's validation
+// needs it first).
+struct ChainArgs {
+  size_t steps = 0;
+  int32_t* chosen = nullptr;
+  const double* params = nullptr;  // null: every token the argmax
+  const uint32_t* rng = nullptr;
+  uint32_t* rng_out = nullptr;
+};
+size_t ChainSteps(const Napi::CallbackInfo& info, size_t first, const char* where);
+ChainArgs UnpackChainArgs(const Napi::CallbackInfo& info, size_t first, const char* where, const KvStep& step, size_t vocab);
 
 // Registered by RegisterLlmBindings.
 void RegisterLlmGpuBindings(Napi::Env env, Napi::Object exports, Addon& addon);

@@ -14,7 +14,6 @@
 #include <napi.h>
 
 #include <algorithm>
-#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
@@ -265,17 +264,7 @@ GpuKvPoolHandle* PrepareStep(Addon& addon, const Napi::CallbackInfo& info, StepJ
   KvStep whole;
   const KvStep* checked = &st;
   if (steps > 1) {
-    whole = st;
-    whole.tokens.clear();
-    whole.out_rows.clear();
-    for (size_t i = 0; i < whole.seqs.size(); ++i) {
-      KvStepSequence& q = whole.seqs[i];
-      whole.tokens.insert(whole.tokens.end(), st.tokens.begin() + static_cast<std::ptrdiff_t>(q.row0),
-                          st.tokens.begin() + static_cast<std::ptrdiff_t>(q.row0 + q.tokens));
-      whole.tokens.resize(whole.tokens.size() + steps - 1, 0);
-      q.row0 = i == 0 ? 0 : whole.seqs[i - 1].row0 + whole.seqs[i - 1].tokens;
-      q.tokens += steps - 1;
-    }
+    whole = KvChainView(st, steps);
     checked = &whole;
   }
   const std::string why = ValidateKvStep(job->pool->block_size(), job->pool->max_blocks(), c.vocab, *checked);
@@ -312,68 +301,26 @@ Napi::Value PoolStep(Addon& addon, const Napi::CallbackInfo& info) {
   return StartStep(addon, info, std::move(job), h, 6, 7);
 }
 
-bool IsTyped(Napi::Value v, napi_typedarray_type type) {
-  return v.IsTypedArray() && v.As<Napi::TypedArray>().TypedArrayType() == type;
-}
-
-// (model, pool, tokens, meta, tables, copies, steps, chosen: Int32Array of steps x sequences,
-//  params: Float64Array of sequences x 4 | null, rng: Uint32Array of sequences x 4 | null,
-//  rngOut: Uint32Array of steps x sequences x 4 | null, cancel?): GpuLlmModel::StepChain.
+// (model, pool, tokens, meta, tables, copies, steps, chosen, params, rng, rngOut, cancel?):
+// GpuLlmModel::StepChain; the chain's own arguments as UnpackChainArgs takes them.
 Napi::Value PoolStepChain(Addon& addon, const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* where = "llmGpuKvPoolStepChain";
-  const bool sampled = info.Length() > 8 && IsTyped(info[8], napi_float64_array);
-  if (info.Length() < 11 || !IsInt32Array(info[2]) || !IsInt32Array(info[3]) || !IsInt32Array(info[4]) ||
-      !IsInt32Array(info[5]) || !info[6].IsNumber() || !IsInt32Array(info[7]) ||
-      (sampled ? !IsTyped(info[9], napi_uint32_array) || !IsTyped(info[10], napi_uint32_array)
-               : !info[8].IsNull() || !info[9].IsNull() || !info[10].IsNull()))
+  if (info.Length() < 11 || !IsInt32Array(info[2]) || !IsInt32Array(info[3]) || !IsInt32Array(info[4]) || !IsInt32Array(info[5]))
     throw MakeError(env, codes::kInvalidArgument,
                     std::string(where) + ": expected (model, pool, tokens, meta, tables, copies: Int32Array, steps: number, chosen: "
                                          "Int32Array, params: Float64Array | null, rng: Uint32Array | null, rngOut: Uint32Array | null, cancel?)");
-  const double steps = info[6].As<Napi::Number>().DoubleValue();
-  if (!(steps >= 1 && steps <= 65536 && steps == static_cast<double>(static_cast<int64_t>(steps))))
-    throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": steps must be an integer in [1, 65536]");
   auto job = std::make_unique<StepJob>();
   job->where = where;
-  job->steps = static_cast<size_t>(steps);
+  job->steps = ChainSteps(info, 6, where);
   GpuKvPoolHandle* h = PrepareStep(addon, info, job.get(), job->steps);
-  const KvStep& st = job->step;
-  const size_t seqs = st.seqs.size();
-  for (size_t i = 0; i < seqs; ++i)
-    if (st.seqs[i].tokens != 1 || st.out_rows.size() != seqs || st.out_rows[i] != i)
-      throw MakeError(env, codes::kInvalidArgument,
-                      std::string(where) + ": sequences[" + std::to_string(i) + "] must be one decode token whose logits are wanted ('last')");
-  const auto sized = [&](Napi::Value v, size_t want, const char* name) {
-    const size_t got = v.As<Napi::TypedArray>().ElementLength();
-    if (got != want)
-      throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": " + name + " must hold " + std::to_string(want) +
-                                                        " values, got " + std::to_string(got));
-  };
-  sized(info[7], job->steps * seqs, "chosen (steps x sequences)");
-  job->chain.chosen = info[7].As<Napi::Int32Array>().Data();
-  if (sampled) {
-    sized(info[8], seqs * 4, "params (sequences x 4)");
-    sized(info[9], seqs * 4, "rng (sequences x 4)");
-    sized(info[10], job->steps * seqs * 4, "rngOut (steps x sequences x 4)");
-    const double* p = info[8].As<Napi::Float64Array>().Data();
-    const size_t vocab = job->model->config().vocab;
-    for (size_t i = 0; i < seqs; ++i) {
-      const double t = p[4 * i], k = p[4 * i + 1], top_p = p[4 * i + 2], min_logit = p[4 * i + 3];
-      const std::string at = std::string(where) + ": params of sequences[" + std::to_string(i) + "]";
-      if (!std::isfinite(t)) throw MakeError(env, codes::kInvalidArgument, at + ": temperature must be finite");
-      if (t <= 0) continue;  // argmax
-      if (!(k >= 1 && k <= 64 && k < static_cast<double>(vocab) && k == static_cast<double>(static_cast<int64_t>(k))))
-        throw MakeError(env, codes::kInvalidArgument, at + ": top-k must be an integer in [1, 64] below the vocabulary");
-      if (!(top_p > 0 && top_p <= 1)) throw MakeError(env, codes::kInvalidArgument, at + ": top-p must be in (0, 1]");
-      if (!(min_logit <= 0)) throw MakeError(env, codes::kInvalidArgument, at + ": log(min-p) must be <= 0 or -Infinity");
-    }
-    job->chain.params = p;
-    job->chain.rng = info[9].As<Napi::Uint32Array>().Data();
-    job->chain.rng_out = info[10].As<Napi::Uint32Array>().Data();
-    job->Keep(info[8]);
-    job->Keep(info[9]);
-    job->Keep(info[10]);
-  }
+  const ChainArgs a = UnpackChainArgs(info, 6, where, job->step, job->model->config().vocab);
+  job->chain.chosen = a.chosen;
+  job->chain.params = a.params;
+  job->chain.rng = a.rng;
+  job->chain.rng_out = a.rng_out;
+  if (a.params)
+    for (size_t i = 8; i <= 10; ++i) job->Keep(info[i]);
   return StartStep(addon, info, std::move(job), h, 7, 11);
 }
 

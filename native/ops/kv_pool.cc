@@ -169,6 +169,22 @@ std::string ValidateKvStep(size_t bs, size_t max, size_t vocab, const KvStep& st
 
 int64_t KvStepLastBlock(const KvPool& pool, const KvStep& step) { return KvStepLastBlock(pool.block_size(), step); }
 
+KvStep KvChainView(const KvStep& step, size_t steps) {
+  KvStep whole = step;
+  whole.tokens.clear();
+  whole.out_rows.clear();
+  size_t row = 0;
+  for (KvStepSequence& q : whole.seqs) {
+    whole.tokens.insert(whole.tokens.end(), step.tokens.begin() + static_cast<std::ptrdiff_t>(q.row0),
+                        step.tokens.begin() + static_cast<std::ptrdiff_t>(q.row0 + q.tokens));
+    whole.tokens.resize(whole.tokens.size() + steps - 1, 0);
+    q.row0 = row;
+    q.tokens += steps - 1;
+    row += q.tokens;
+  }
+  return whole;
+}
+
 int64_t KvStepLastBlock(size_t bs, const KvStep& step) {
   int64_t last = -1;
   for (const KvStepSequence& q : step.seqs) {

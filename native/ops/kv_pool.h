@@ -139,6 +139,10 @@ std::string ValidateKvStep(size_t block_size, size_t max_blocks, size_t vocab, c
 
 // Highest block id the step touches (tables up to the last written position, copies), or -1.
 int64_t KvStepLastBlock(const KvPool& pool, const KvStep& step);
+// The one step that a chain of `steps` decode steps of `step` amounts to (KvPool.stepChain): each
+// sequence writing positions [start, start + steps), with placeholder ids for the tokens the chain
+// chooses. Validating it and reserving its blocks covers the whole chain.
+KvStep KvChainView(const KvStep& step, size_t steps);
 int64_t KvStepLastBlock(size_t block_size, const KvStep& step);
 
 }  // namespace sonde

@@ -55,6 +55,7 @@
 //                    state advanced by its draws and copied to rngOut[(step * seqs + s) * 4..]
 // Every op but llm_chain_next's selection is memory-bound and reads and writes each element once;
 // none needs shared memory beyond a block's reduction partials.
+#include "kernels/llm/xoshiro.h"
 #include "kernels/quant/cuda/quantize_acts.h"
 #include "kernels/quant/quant.h"
 #include "kernels/attention/cuda/paged.h"
@@ -174,20 +175,6 @@ __device__ __forceinline__ uint32_t OrderKey(float v) {
   if (v == 0.0f) v = 0.0f;
   const uint32_t b = __float_as_uint(v);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-// xoshiro128** as lib/llm/sampling.ts's Rng.nextUint32.
-__device__ __forceinline__ uint32_t XoshiroNext(uint32_t* st) {
-  const uint32_t x = st[1] * 5u;
-  const uint32_t result = ((x << 7) | (x >> 25)) * 9u;
-  const uint32_t t = st[1] << 9;
-  st[2] ^= st[0];
-  st[3] ^= st[1];
-  st[1] ^= st[2];
-  st[0] ^= st[3];
-  st[2] ^= t;
-  st[3] = (st[3] << 11) | (st[3] >> 21);
-  return result;
 }
 
 struct ChainShared {
