@@ -133,6 +133,7 @@ export function describeChains(label: string, load: (info: FixtureInfo) => Promi
         await expect(greedy({ sequences: [seq()] }, '3' as unknown as number)).rejects.toThrow(InvalidArgumentError);
         await expect(greedy({ sequences: [seq({ tokens: Int32Array.of(3, 4) })] }, 2)).rejects.toThrow(/one decode token whose logits are wanted/);
         await expect(greedy({ sequences: [seq({ logits: 'none' })] }, 2)).rejects.toThrow(/logits 'none'/);
+        await expect(greedy({ sequences: [seq({ tokens: Int32Array.of(3, 4) })] }, 1)).rejects.toThrow(/one decode token whose logits are wanted/);
         await expect(greedy({ sequences: [seq()] }, 7)).rejects.toThrow(/2 blocks of 4 positions do not cover start \+ steps = 9/);
         const context = engine.config.contextLength;
         await expect(greedy({ sequences: [seq({ blockTable: Int32Array.from({ length: 16 }, (_, i) => i), start: context - 2 })] }, 3))

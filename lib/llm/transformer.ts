@@ -288,9 +288,10 @@ class TransformerKvPool extends NativeResource implements KvPool {
   }
 
   // Every check the native side repeats, here first, so each error names the sequence and field.
-  // steps > 1: a chain (stepChain) of one-token decodes wanting logits, each writing `steps`
+  // chainSteps: a chain (stepChain) of one-token decodes wanting logits, each writing that many
   // positions from its start on.
-  #pack(where: string, batch: StepBatch, steps = 1): PackedStep {
+  #pack(where: string, batch: StepBatch, chainSteps?: number): PackedStep {
+    const steps = chainSteps ?? 1;
     const b = checkOptions<StepBatch>(`${where}(batch)`, batch, BATCH_KEYS);
     if (batch === undefined) throw new InvalidArgumentError(`${where}(batch): batch must be an object, got undefined`);
     const seqs = b.sequences;
@@ -308,15 +309,15 @@ class TransformerKvPool extends NativeResource implements KvPool {
       if (tokens.length === 0) throw new InvalidArgumentError(`${at}.tokens must not be empty`);
       const start = checkInt(`${at}.start`, q.start, 0, context);
       const logits = checkOneOf(`${at}.logits`, q.logits, LOGITS);
-      if (steps > 1 && (tokens.length !== 1 || logits !== 'last')) {
-        throw new InvalidArgumentError(`${at}: chained greedy steps take one decode token whose logits are wanted (tokens.length 1, logits 'last'), got ${tokens.length} tokens, logits '${logits}'`);
+      if (chainSteps !== undefined && (tokens.length !== 1 || logits !== 'last')) {
+        throw new InvalidArgumentError(`${at}: chained steps take one decode token whose logits are wanted (tokens.length 1, logits 'last'), got ${tokens.length} tokens, logits '${logits}'`);
       }
       for (let i = 0; i < table.length; i++) {
         const id = table[i]!;
         if (id < 0 || id >= maxBlocks) throw new InvalidArgumentError(`${at}.blockTable[${i}]: block id ${id} is outside [0, ${maxBlocks})`);
       }
       const end = start + tokens.length + steps - 1;
-      const what = steps > 1 ? `start + steps = ${end}` : `start + tokens.length = ${end}`;
+      const what = chainSteps !== undefined ? `start + steps = ${end}` : `start + tokens.length = ${end}`;
       if (end > context) throw new InvalidArgumentError(`${at}: ${what} exceeds the pool's context size ${context}`);
       if (end > table.length * bs) {
         throw new InvalidArgumentError(`${at}.blockTable: ${table.length} blocks of ${bs} positions do not cover ${what}`);
