@@ -76,8 +76,10 @@ export interface ReferencePoolOptions {
   onStep?: (batch: StepBatch) => void;
   /** Called with every block a step writes, before it writes (a test asserts ownership here). */
   onWrite?: (block: number) => void;
-  /** Offer stepChain (chained decode steps), as the GPU transformer's pools do. */
+  /** Offer stepChain (chained decode steps), as the transformer engines' pools do. */
   chains?: boolean;
+  /** Called as a chain starts. */
+  onChain?: (batch: StepBatch, steps: number) => void;
 }
 
 export class ReferenceKvPool implements KvPool {
@@ -123,6 +125,7 @@ export class ReferenceKvPool implements KvPool {
 
   async #runChain(batch: StepBatch, steps: number, signal: AbortSignal | undefined, sampling: ChainSampling | undefined): Promise<ChainResult> {
     if (!(Number.isInteger(steps) && steps >= 1)) throw new InvalidArgumentError(`reference pool: steps ${steps}`);
+    this.#options.onChain?.(batch, steps);
     const n = batch.sequences.length, vocab = this.#options.vocab;
     const out = new Int32Array(steps * n);
     const rngOut = sampling ? new Uint32Array(4 * steps * n) : undefined;

@@ -616,6 +616,19 @@ describe('Scheduler: chained steps (KvPool.stepChain)', () => {
     expectNoLeaks(sched);
   });
 
+  it('requests waiting for a free slot (maxConcurrency) do not stop the chains; each takes a slot as one ends', async () => {
+    const waitingAtChains: number[] = [];
+    const { sched, pool } = withCheck({ delayMs: 1, chains: true, onChain: () => waitingAtChains.push(sched.waiting) }, { maxConcurrency: 2 });
+    const prompts = [prompt(60, 5), prompt(61, 6), prompt(62, 7), prompt(63, 4)];
+    const counts = [30, 12, 25, 18];
+    const rs = await Promise.all(prompts.map((p, i) => gen(sched, p, counts[i]!, {}, true).done));
+    rs.forEach((r, i) => expect(r.tokens).toEqual(greedyDirect(fn, prompts[i]!, counts[i]!)));
+    // Chains ran while requests waited, and never more than two sequences ran at once.
+    expect(waitingAtChains.filter((w) => w > 0).length).toBeGreaterThan(1);
+    expect(Math.max(...pool.steps.map((st) => st.sequences.length))).toBeLessThanOrEqual(2);
+    expectNoLeaks(sched);
+  });
+
   it('abort during a chain, onToken throwing, a full pool (preemption) and dispose: as plain steps', async () => {
     {
       const { sched, pool } = withCheck({ delayMs: 1, chains: true });

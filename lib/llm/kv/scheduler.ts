@@ -543,15 +543,17 @@ export class Scheduler {
   }
 
   /**
-   * A chain of decode steps when the pool chains them, nothing waits for admission and every
-   * running sequence's tokens can be chosen on the device: as many steps as chainSeconds of recent
-   * decode steps (none before one is measured), within each sequence's remaining tokens and
-   * context, and with the blocks for all of them reserved (else undefined: a plain step, which may
-   * preempt).
+   * A chain of decode steps when the pool chains them, every running sequence's tokens can be
+   * chosen natively, and nothing waits for admission but for a free slot (maxConcurrency: a chain
+   * then delays a finished request's successor by at most its length, where steps one by one would
+   * slow every running request; one waiting for blocks is not kept from those a chain reserves):
+   * as many steps as chainSeconds of recent decode steps (none before one is measured), within
+   * each sequence's remaining tokens and context, and with the blocks for all of them reserved
+   * (else undefined: a plain step, which may preempt).
    */
   #planChain(): Plan | undefined {
-    if (!this.pool.stepChain || this.chainSeconds === 0 || this.#waiting.length > 0 || this.#running.length === 0 ||
-        this.#decodeSteps.empty) return undefined;
+    if (!this.pool.stepChain || this.chainSeconds === 0 || this.#running.length === 0 || this.#decodeSteps.empty ||
+        (this.#waiting.length > 0 && this.#running.length < this.maxConcurrency)) return undefined;
     let steps = Math.min(MAX_CHAIN, Math.floor(this.chainSeconds / this.#decodeSteps.median()));
     for (const e of this.#running) {
       if (e.prefill || !e.req.chain || e.aborted || e.done) return undefined;
