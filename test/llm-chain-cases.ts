@@ -162,5 +162,34 @@ export function describeChains(label: string, load: (info: FixtureInfo) => Promi
       }
       await expect(pool.stepChain!({ sequences: [] }, 1)).rejects.toThrow(DisposedError);
     }, 120_000);
+
+    // A chain runs as one native job: aborting it must stop it between steps (on a GPU the steps
+    // are queued ahead of the device, and the host waits on them in groups so that it can), and an
+    // empty batch is no work.
+    it('a long chain aborted while it runs rejects with AbortError; an empty one resolves; the pool stays usable', async () => {
+      const info = await fixture('llama-f32', { kind: 'llama', type: 'f32', seed: 7 });
+      const engine = await load(info);
+      const steps = 60000;
+      const pool = engine.createKvPool({ blockSize: 4096, maxBlocks: 16, contextSize: steps + 8 });
+      try {
+        const table = Int32Array.from({ length: 16 }, (_, i) => i);
+        await pool.step({ sequences: [{ blockTable: table, start: 0, tokens: Int32Array.of(1, 2, 3), logits: 'none' }] });
+        const ac = new AbortController();
+        const started = performance.now();
+        const run = pool.stepChain!({ sequences: [{ blockTable: table, start: 3, tokens: Int32Array.of(4), logits: 'last' }] }, steps, { signal: ac.signal });
+        setTimeout(() => ac.abort(), 20);
+        await expect(run).rejects.toThrow(AbortError);
+        const took = performance.now() - started;
+        expect((await pool.stepChain!({ sequences: [] }, 3)).tokens.length).toBe(0);
+        expect((await pool.stepChain!({ sequences: [{ blockTable: table, start: 3, tokens: Int32Array.of(4), logits: 'last' }] }, 2)).tokens.length).toBe(2);
+        // Stopped well before its steps would have ended (each takes a step's time).
+        const one = performance.now();
+        await pool.stepChain!({ sequences: [{ blockTable: table, start: 3, tokens: Int32Array.of(4), logits: 'last' }] }, 8);
+        const perStep = (performance.now() - one) / 8;
+        expect(took).toBeLessThan(Math.max(perStep * steps / 4, 1000));
+      } finally {
+        pool.dispose();
+      }
+    }, 240_000);
   });
 }

@@ -49,7 +49,8 @@ size_t ChainSteps(const Napi::CallbackInfo& info, size_t first, const char* wher
   return static_cast<size_t>(steps);
 }
 
-ChainArgs UnpackChainArgs(const Napi::CallbackInfo& info, size_t first, const char* where, const KvStep& st, size_t vocab) {
+KvChain UnpackChainArgs(const Napi::CallbackInfo& info, size_t first, const char* where, const KvStep& st, size_t vocab,
+                        size_t steps) {
   Napi::Env env = info.Env();
   const auto typed = [&](size_t i, napi_typedarray_type type) {
     return info.Length() > i && info[i].IsTypedArray() && info[i].As<Napi::TypedArray>().TypedArrayType() == type;
@@ -61,8 +62,8 @@ ChainArgs UnpackChainArgs(const Napi::CallbackInfo& info, size_t first, const ch
     throw MakeError(env, codes::kInvalidArgument,
                     std::string(where) + ": expected (..., steps: number, chosen: Int32Array, params: Float64Array | null, rng: "
                                          "Uint32Array | null, rngOut: Uint32Array | null, ...)");
-  ChainArgs a;
-  a.steps = ChainSteps(info, first, where);
+  KvChain a;
+  a.steps = steps;
   const size_t seqs = st.seqs.size();
   for (size_t i = 0; i < seqs; ++i)
     if (st.seqs[i].tokens != 1 || st.out_rows.size() != seqs || st.out_rows[i] != i)
@@ -474,14 +475,11 @@ class ChainJob : public PoolJob {
  public:
   std::shared_ptr<const LlmModel> model;
   KvStep step;
-  ChainArgs chain;
+  KvChain chain;
   void Execute(Addon& addon) override {
     Release release{pool.get()};
     const size_t seqs = step.seqs.size(), vocab = model->config().vocab;
     std::vector<float> logits(seqs * vocab);
-    std::vector<ChainParams> params(chain.params ? seqs : 0);
-    for (size_t i = 0; i < params.size(); ++i)
-      params[i] = ChainParams{chain.params[4 * i], chain.params[4 * i + 1], chain.params[4 * i + 2], chain.params[4 * i + 3]};
     std::vector<uint32_t> rng(chain.rng ? chain.rng : nullptr, chain.rng ? chain.rng + 4 * seqs : nullptr);
     static const kernels::ElementwiseUkernels uk = ElementwiseTable(ElementwiseVariant::kAuto);
     std::vector<int32_t> ids;
@@ -491,7 +489,7 @@ class ChainJob : public PoolJob {
         return;
       }
       for (size_t s = 0; s < seqs; ++s) {
-        const int32_t t = ChooseChainToken(uk, logits.data() + s * vocab, vocab, params.empty() ? nullptr : &params[s],
+        const int32_t t = ChooseChainToken(uk, logits.data() + s * vocab, vocab, chain.params ? chain.params + 4 * s : nullptr,
                                            rng.empty() ? nullptr : rng.data() + 4 * s, ids);
         chain.chosen[j * seqs + s] = t;
         if (chain.rng_out) std::copy(rng.begin() + 4 * s, rng.begin() + 4 * s + 4, chain.rng_out + 4 * (j * seqs + s));
@@ -518,7 +516,7 @@ Napi::Value KvPoolStepChain(Addon& addon, const Napi::CallbackInfo& info) {
   const LlmConfig& c = job->model->config();
   const std::string why = ValidateKvStep(*job->pool, c.vocab, whole);
   if (!why.empty()) throw MakeError(env, codes::kInvalidArgument, std::string(where) + ": " + why);
-  job->chain = UnpackChainArgs(info, 6, where, job->step, c.vocab);
+  job->chain = UnpackChainArgs(info, 6, where, job->step, c.vocab, steps);
   if (job->chain.params)
     for (size_t i = 8; i <= 10; ++i) job->Keep(info[i]);
   return StartPoolStep(addon, info, where, std::move(job), h, whole, 11, 7);

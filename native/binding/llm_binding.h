@@ -34,16 +34,10 @@ int64_t CheckBlockTransfer(const Napi::CallbackInfo& info, const char* where, si
 // checked against the step (every sequence one decode token whose logits are wanted) and the
 // vocabulary; params as lib/llm/transformer.ts checks them (ops/chain_sampling.h). The typed
 // arrays stay the caller's to keep alive. ChainSteps reads steps alone (the step's validation
-// needs it first).
-struct ChainArgs {
-  size_t steps = 0;
-  int32_t* chosen = nullptr;
-  const double* params = nullptr;  // null: every token the argmax
-  const uint32_t* rng = nullptr;
-  uint32_t* rng_out = nullptr;
-};
+// needs it first), and UnpackChainArgs takes what it read.
 size_t ChainSteps(const Napi::CallbackInfo& info, size_t first, const char* where);
-ChainArgs UnpackChainArgs(const Napi::CallbackInfo& info, size_t first, const char* where, const KvStep& step, size_t vocab);
+KvChain UnpackChainArgs(const Napi::CallbackInfo& info, size_t first, const char* where, const KvStep& step, size_t vocab,
+                        size_t steps);
 
 // Registered by RegisterLlmBindings.
 void RegisterLlmGpuBindings(Napi::Env env, Napi::Object exports, Addon& addon);

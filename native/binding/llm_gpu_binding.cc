@@ -234,12 +234,11 @@ class StepJob : public PoolJob {
   KvStep step;
   float* logits = nullptr;
   // Chained steps (llmGpuKvPoolStepChain): how many, where their tokens go, how they are chosen.
-  size_t steps = 0;
-  GpuLlmModel::ChainOutput chain;
+  KvChain chain;
   const char* where = "llmGpuKvPoolStep";
   void Execute(Addon&) override {
     Guarded(where, [&] {
-      const bool done = chain.chosen ? model->StepChain(*pool, step, steps, chain, cancel.get()) : model->Step(*pool, step, logits, cancel.get());
+      const bool done = chain.chosen ? model->StepChain(*pool, step, chain, cancel.get()) : model->Step(*pool, step, logits, cancel.get());
       if (!done) Fail(codes::kAborted, std::string(where) + ": aborted");
     });
   }
@@ -312,14 +311,10 @@ Napi::Value PoolStepChain(Addon& addon, const Napi::CallbackInfo& info) {
                                          "Int32Array, params: Float64Array | null, rng: Uint32Array | null, rngOut: Uint32Array | null, cancel?)");
   auto job = std::make_unique<StepJob>();
   job->where = where;
-  job->steps = ChainSteps(info, 6, where);
-  GpuKvPoolHandle* h = PrepareStep(addon, info, job.get(), job->steps);
-  const ChainArgs a = UnpackChainArgs(info, 6, where, job->step, job->model->config().vocab);
-  job->chain.chosen = a.chosen;
-  job->chain.params = a.params;
-  job->chain.rng = a.rng;
-  job->chain.rng_out = a.rng_out;
-  if (a.params)
+  const size_t steps = ChainSteps(info, 6, where);
+  GpuKvPoolHandle* h = PrepareStep(addon, info, job.get(), steps);
+  job->chain = UnpackChainArgs(info, 6, where, job->step, job->model->config().vocab, steps);
+  if (job->chain.params)
     for (size_t i = 8; i <= 10; ++i) job->Keep(info[i]);
   return StartStep(addon, info, std::move(job), h, 7, 11);
 }

@@ -16,15 +16,11 @@ namespace sonde {
 // The most candidates a chain samples from (lib/llm/sampling.ts: CHAIN_TOP_K).
 constexpr size_t kChainTopK = 64;
 
-// One sequence's sampling parameters, as the bindings take them: temperature (<= 0: the argmax),
-// top-k, top-p, log(min-p) or -inf.
-struct ChainParams {
-  double temperature = 0, top_k = 0, top_p = 1, min_logit = 0;
-};
-
-// The next token for `row` (vocab logits); rng: the sequence's 4-word xoshiro128** state, advanced
-// by the draw (untouched by the argmax or a single candidate). ids: scratch of >= top-k entries.
-int32_t ChooseChainToken(const kernels::ElementwiseUkernels& uk, const float* row, size_t vocab, const ChainParams* p,
+// The next token for `row` (vocab logits). p: the sequence's 4 parameters as ops/kv_pool.h's
+// KvChain lays them out (temperature (<= 0: the argmax), top-k, top-p, log(min-p) or -inf), or
+// null for the argmax; rng: its 4-word xoshiro128** state, advanced by the draw (untouched by the
+// argmax or a single candidate). ids: scratch, grown to top-k entries.
+int32_t ChooseChainToken(const kernels::ElementwiseUkernels& uk, const float* row, size_t vocab, const double* p,
                          uint32_t* rng, std::vector<int32_t>& ids);
 
 }  // namespace sonde

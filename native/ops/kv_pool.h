@@ -143,6 +143,20 @@ int64_t KvStepLastBlock(const KvPool& pool, const KvStep& step);
 // sequence writing positions [start, start + steps), with placeholder ids for the tokens the chain
 // chooses. Validating it and reserving its blocks covers the whole chain.
 KvStep KvChainView(const KvStep& step, size_t steps);
+
+// A chain of decode steps (KvPool.stepChain) on top of its first step (one decode token per
+// sequence, every logits row wanted): how many steps, where the chosen ids go ([step][seq], step
+// j's being the token after position start + j), and how they are chosen: the argmax, or with
+// params ([seq][4] f64: temperature (<= 0: argmax), top-k, top-p, log(min-p) or -inf) the draw of
+// lib/llm/sampling.ts's Sampler from the xoshiro128** states rng ([seq][4], not modified), rng_out
+// ([step][seq][4]) receiving each state after that step's draw. All host memory.
+struct KvChain {
+  size_t steps = 1;
+  int32_t* chosen = nullptr;
+  const double* params = nullptr;
+  const uint32_t* rng = nullptr;
+  uint32_t* rng_out = nullptr;
+};
 int64_t KvStepLastBlock(size_t block_size, const KvStep& step);
 
 }  // namespace sonde

@@ -944,27 +944,23 @@ void BindPool(GpuLlmCall& c, size_t pool_index, const GpuKvPool& kv, size_t seqs
 }  // namespace
 
 bool GpuLlmModel::Step(GpuKvPool& kv, const KvStep& step, float* logits, const CancelFlag* cancel) const {
-  return Run(kv, step, 1, logits, ChainOutput{}, cancel);
+  return Run(kv, step, logits, nullptr, cancel);
 }
 
-bool GpuLlmModel::StepChain(GpuKvPool& kv, const KvStep& step, size_t steps, const ChainOutput& chain,
-                            const CancelFlag* cancel) const {
-  return Run(kv, step, steps, nullptr, chain, cancel);
+bool GpuLlmModel::StepChain(GpuKvPool& kv, const KvStep& step, const KvChain& chain, const CancelFlag* cancel) const {
+  return Run(kv, step, nullptr, &chain, cancel);
 }
 
-bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* logits, const ChainOutput& chain,
-                      const CancelFlag* cancel) const {
-  int32_t* const chosen = chain.chosen;
+bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, float* logits, const KvChain* chain, const CancelFlag* cancel) const {
+  const size_t steps = chain ? chain->steps : 1;
+  int32_t* const chosen = chain ? chain->chosen : nullptr;
   std::shared_ptr<GpuStream> sp = device_->AcquireStream();
   GpuStream& s = *sp;
   const GpuDeviceInfo& dev = device_->info();
   const LlmConfig& c = cfg_;
   const size_t bs = kv.block_size();
   // A chain writes `steps` positions per sequence, from its start on.
-  int64_t last = KvStepLastBlock(bs, step);
-  for (const KvStepSequence& q : step.seqs)
-    for (size_t i = 0, used = std::min(q.table_length, (q.start + q.tokens + steps - 1 + bs - 1) / bs); i < used; ++i)
-      last = std::max<int64_t>(last, step.tables[q.table_offset + i]);
+  const int64_t last = KvStepLastBlock(bs, steps > 1 ? KvChainView(step, steps) : step);
   if (last >= 0) kv.Reserve(static_cast<size_t>(last), s);
   const size_t n = step.tokens.size(), seqs = step.seqs.size(), pairs = step.copies.size() / 2, out = step.out_rows.size();
   // Every row wants logits, in order (decode): the last add computes the output norm itself.
@@ -1187,7 +1183,7 @@ bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* lo
     if (!buf || buf->bytes() < bytes) buf = std::make_shared<GpuAllocation>(device_, RowClass(bytes), what);
   };
   GpuLlmCall next;
-  const bool sampled = chain.params != nullptr;
+  const bool sampled = chain && chain->params;
   if (chosen) {
     fit(a.chosen, steps * seqs * sizeof(int32_t), "chosen tokens of chained steps");
     std::vector<GpuBufferArg> bufs = {Arg(a.logits), Arg(a.tokens, seqs * 4), Arg(a.pos, seqs * 4), Arg(a.meta, 3 * seqs * 4),
@@ -1196,8 +1192,8 @@ bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* lo
       fit(a.chain_params, seqs * 4 * sizeof(double), "sampling parameters of chained steps");
       fit(a.chain_rng, seqs * 4 * sizeof(uint32_t), "random states of chained steps");
       fit(a.chain_rng_out, steps * seqs * 4 * sizeof(uint32_t), "random states after each chained step");
-      s.Upload(a.chain_params->data(), chain.params, seqs * 4 * sizeof(double));
-      s.Upload(a.chain_rng->data(), chain.rng, seqs * 4 * sizeof(uint32_t));
+      s.Upload(a.chain_params->data(), chain->params, seqs * 4 * sizeof(double));
+      s.Upload(a.chain_rng->data(), chain->rng, seqs * 4 * sizeof(uint32_t));
       bufs.insert(bufs.end(), {Arg(a.chain_params), Arg(a.chain_rng), Arg(a.chain_rng_out)});
     }
     next = Call(ops_->chain_next, "llm_chain_next", std::move(bufs),
@@ -1213,8 +1209,12 @@ bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* lo
       if (layers_[l].moe)
         for (size_t e = 0; e < c.experts; ++e) counts[l * c.experts + e] += static_cast<uint64_t>(a.counts_host[l * c.experts + e]);
   };
-  // The steps queue back to back: the host waits only at the end (or for MoE counts).
+  // The steps queue back to back; the host waits only for MoE counts, at the end, and after every
+  // kChainQueue steps, so that a long chain's cancellation stops it within that many steps (checked
+  // as they are queued, which runs far ahead of the device otherwise).
+  constexpr size_t kChainQueue = 64;
   for (size_t j = 0; j < steps; ++j) {
+    if (j > 0 && j % kChainQueue == 0) s.Synchronize();
     if (graph) {
       if (cancel && cancel->load()) {
         s.Synchronize();
@@ -1239,7 +1239,7 @@ bool GpuLlmModel::Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* lo
   }
   if (logits && out > 0) s.Download(logits, a.logits->data(), out * c.vocab * sizeof(float));
   if (chosen) s.Download(chosen, a.chosen->data(), steps * seqs * sizeof(int32_t));
-  if (chosen && sampled) s.Download(chain.rng_out, a.chain_rng_out->data(), steps * seqs * 4 * sizeof(uint32_t));
+  if (sampled) s.Download(chain->rng_out, a.chain_rng_out->data(), steps * seqs * 4 * sizeof(uint32_t));
   if (c.experts) take_counts();
   s.Synchronize();
   if (timed)

@@ -102,31 +102,18 @@ class GpuLlmModel {
   // (checked between layers; the positions being written then hold unspecified values). Throws
   // GpuError.
   bool Step(GpuKvPool& kv, const KvStep& step, float* logits, const CancelFlag* cancel) const;
-  // Where chained steps (StepChain) put their results, and how they choose: chosen, host memory
-  // for steps x sequences ids, [step][seq] (step j's are the token after position start + j). With
-  // params (host, [seq][4] f64: temperature, top-k, top-p, log(min-p) or -inf; kernels/llm/cuda's
-  // llm_chain_next) each token is drawn by lib/llm/sampling.ts's chain from rng ([seq][4], the
-  // xoshiro128** states), rng_out ([step][seq][4]) receiving the states after each step's draw;
-  // without, it is the argmax.
-  struct ChainOutput {
-    int32_t* chosen = nullptr;
-    const double* params = nullptr;
-    const uint32_t* rng = nullptr;
-    uint32_t* rng_out = nullptr;
-  };
-  // `steps` decode steps of every sequence of `step` (one token each, its logits row wanted, tables
-  // covering start + steps positions), each step's token chosen from the previous step's logits on
-  // the device and fed to the next step there: the host launches all of them and waits once.
-  // Returns false when cancelled between steps.
-  bool StepChain(GpuKvPool& kv, const KvStep& step, size_t steps, const ChainOutput& chain, const CancelFlag* cancel) const;
+  // chain.steps decode steps of every sequence of `step` (ops/kv_pool.h: KvChain; tables covering
+  // start + steps positions), each step's token chosen from the previous step's logits on the device
+  // (kernels/llm/cuda's llm_chain_next) and fed to the next step there: the host queues the steps
+  // and waits for them in groups. Returns false when cancelled between steps.
+  bool StepChain(GpuKvPool& kv, const KvStep& step, const KvChain& chain, const CancelFlag* cancel) const;
 
   struct Ops;  // the registered ops a step runs, looked up once (llm_gpu.cc)
 
  private:
   GpuLlmModel() = default;
   friend class GpuKvPool;
-  bool Run(GpuKvPool& kv, const KvStep& step, size_t steps, float* logits, const ChainOutput& chain,
-           const CancelFlag* cancel) const;
+  bool Run(GpuKvPool& kv, const KvStep& step, float* logits, const KvChain* chain, const CancelFlag* cancel) const;
   LlmConfig cfg_;
   std::shared_ptr<GpuDevice> device_;
   size_t bytes_ = 0;
