@@ -6,7 +6,8 @@ export { Tensor, DTYPES } from './tensor.js';
 export type { DType, TensorData, TypedArrayFor } from './tensor.js';
 export { devices, resolveDevice } from './device.js';
 export type { Devices, CpuDevice, CudaDevice, CudaStatus, DeviceSpec, Placement, ResolvedDevice } from './device.js';
-export { setThreads, getThreads, nativeVersion, reportedExternalMemory } from './runtime.js';
+export { setThreads, getThreads, setThreadAffinity, getThreadAffinity, nativeVersion, reportedExternalMemory } from './runtime.js';
+export type { ThreadAffinity } from './runtime.js';
 export {
   SondeError,
   InvalidArgumentError,

@@ -1,6 +1,6 @@
 /** Process-wide runtime settings (per Node environment: each worker_thread has its own pool). */
 import { native } from './binding.js';
-import { checkInt } from './validate.js';
+import { checkInt, checkOneOf } from './validate.js';
 
 /** Sets the size of sonde's compute pool for this thread's environment (default: all cores). */
 export function setThreads(threads: number): void {
@@ -10,6 +10,31 @@ export function setThreads(threads: number): void {
 /** The current size of the compute pool. */
 export function getThreads(): number {
   return native().getThreads();
+}
+
+/**
+ * Whether the compute pool's threads are pinned, one per CPU: 'on' pins worker i to the i-th CPU
+ * of the process's affinity mask (round robin), 'off' lets them run on any of those CPUs, and
+ * 'auto' (the default; `SONDE_PIN_THREADS` sets the initial mode) pins only while the pool has one
+ * thread per allowed CPU, where it owns the machine's CPUs anyway. On virtual machines the guest
+ * scheduler can queue a freshly woken helper thread on its waker's busy CPU while another sits
+ * idle, and a pinned thread cannot be placed so. Linux only; elsewhere the mode is recorded and
+ * nothing is pinned.
+ */
+export type ThreadAffinity = 'auto' | 'on' | 'off';
+const AFFINITY_MODES: readonly ThreadAffinity[] = ['auto', 'on', 'off'];
+
+/** Sets the pool's affinity mode (see ThreadAffinity); applies at once. */
+export function setThreadAffinity(mode: ThreadAffinity): void {
+  native().setThreadAffinity(checkOneOf('setThreadAffinity(mode)', mode, AFFINITY_MODES));
+}
+
+/**
+ * The pool's affinity mode, whether its threads are pinned now, and the CPUs each of its threads
+ * may run on as the OS reports them (parked threads beyond getThreads() included).
+ */
+export function getThreadAffinity(): { mode: ThreadAffinity; pinned: boolean; cpus: number[][] } {
+  return native().getThreadAffinity();
 }
 
 /** Version of the loaded native addon. */

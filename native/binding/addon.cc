@@ -50,6 +50,8 @@ Addon::Addon(Napi::Env env, Napi::Object exports) {
   DefineAddon(exports, {
       InstanceMethod("setThreads", &Addon::SetThreads),
       InstanceMethod("getThreads", &Addon::GetThreads),
+      InstanceMethod("setThreadAffinity", &Addon::SetThreadAffinity),
+      InstanceMethod("getThreadAffinity", &Addon::GetThreadAffinity),
       InstanceMethod("busyThreads", &Addon::BusyThreads),
       InstanceMethod("startWaitUs", &Addon::StartWaitUs),
       InstanceMethod("yieldCpu", &Addon::YieldCpu),
@@ -440,6 +442,39 @@ Napi::Value Addon::BufferPoolStats(const Napi::CallbackInfo& info) {
 
 Napi::Value Addon::GetThreads(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), pool_->size());
+}
+
+namespace {
+constexpr const char* kPinModeNames[] = {"auto", "on", "off"};
+}  // namespace
+
+Napi::Value Addon::SetThreadAffinity(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const std::string mode = info.Length() > 0 && info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "";
+  for (int m = 0; m < 3; ++m) {
+    if (mode == kPinModeNames[m]) {
+      pool_->SetPinMode(static_cast<ThreadPool::PinMode>(m));
+      return env.Undefined();
+    }
+  }
+  throw MakeError(env, codes::kInvalidArgument, "setThreadAffinity(mode): mode must be 'auto', 'on' or 'off'");
+}
+
+// { mode, pinned, cpus: the CPUs each worker may run on, as the OS reports them }
+Napi::Value Addon::GetThreadAffinity(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("mode", kPinModeNames[static_cast<int>(pool_->pin_mode())]);
+  out.Set("pinned", pool_->pinned());
+  const std::vector<std::vector<int>> cpus = pool_->WorkerCpus();
+  Napi::Array list = Napi::Array::New(env, cpus.size());
+  for (size_t i = 0; i < cpus.size(); ++i) {
+    Napi::Array one = Napi::Array::New(env, cpus[i].size());
+    for (size_t j = 0; j < cpus[i].size(); ++j) one.Set(static_cast<uint32_t>(j), cpus[i][j]);
+    list.Set(static_cast<uint32_t>(i), one);
+  }
+  out.Set("cpus", list);
+  return out;
 }
 
 Napi::Value Addon::BusyThreads(const Napi::CallbackInfo& info) {

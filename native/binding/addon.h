@@ -111,6 +111,8 @@ class Addon : public Napi::Addon<Addon> {
 
   Napi::Value SetThreads(const Napi::CallbackInfo& info);
   Napi::Value GetThreads(const Napi::CallbackInfo& info);
+  Napi::Value SetThreadAffinity(const Napi::CallbackInfo& info);
+  Napi::Value GetThreadAffinity(const Napi::CallbackInfo& info);
   // Pool threads held by the jobs in flight in the whole process (all environments).
   Napi::Value BusyThreads(const Napi::CallbackInfo& info);
   // How long this environment's longest-waiting job not yet taken by a pool thread has waited (us;

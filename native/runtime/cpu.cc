@@ -4,6 +4,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #include <thread>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -55,7 +58,16 @@ size_t ReadCacheSize(int index) {
 
 CpuFeatures Detect() {
   CpuFeatures f;
+  // The CPUs this process may run on (taskset, a container's cpuset), as Node's
+  // os.availableParallelism() counts them: the pool's default size, and what lib/wait.ts compares
+  // the busy threads with.
   f.cores = std::max(1u, std::thread::hardware_concurrency());
+#if defined(__linux__)
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0 && CPU_COUNT(&allowed) > 0)
+    f.cores = static_cast<unsigned>(CPU_COUNT(&allowed));
+#endif
 #ifdef SONDE_X86
   f.arch = "x86_64";
   unsigned r[4];

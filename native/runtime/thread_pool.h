@@ -113,6 +113,21 @@ class ThreadPool {
   void Resize(unsigned threads);
   unsigned size() const { return target_.load(); }
 
+  // Whether each worker runs on one CPU of the process's affinity mask (worker i on the i-th
+  // allowed CPU, round robin) or may run on any of them. kAuto pins where the pool has exactly one
+  // worker per allowed CPU (and there are two or more): the pool then owns the machine's CPUs, so
+  // pinning takes nothing from another pool or process that a floating thread would not. Why pin
+  // at all: on a KVM guest an idle vCPU counts as preempted, so the scheduler places a woken
+  // helper beside the thread that woke it on a busy vCPU rather than on the idle one, and the
+  // helper waits there until the next load balance (milliseconds); see the .cc. Linux only
+  // (elsewhere a no-op). The initial mode comes from SONDE_PIN_THREADS (auto, on, off).
+  enum class PinMode { kAuto, kOn, kOff };
+  void SetPinMode(PinMode mode);
+  PinMode pin_mode() const { return pin_mode_.load(); }
+  bool pinned() const { return pinned_.load(); }
+  // Each worker's CPUs as the OS reports them now (empty lists where it cannot say).
+  std::vector<std::vector<int>> WorkerCpus();
+
   // Drops queued jobs, cancels running ParallelFor loops, joins every thread. Idempotent.
   void Shutdown();
   bool stopping() const { return stop_.load(); }
@@ -138,6 +153,12 @@ class ThreadPool {
   void NotePickup(int64_t switches_before);
   void WorkerLoop(unsigned index);
   void StartThreadsLocked(unsigned count);
+  // Sets every worker's affinity for the current pin mode and size (a pinned pool's workers go
+  // back to the whole allowed set when it stops being pinned).
+  void ApplyAffinityLocked();
+  // Whether the workers should be pinned now: by the mode and size, and not during a contended
+  // window (see NotePickup).
+  bool PinWantedLocked(int64_t now_ns) const;
   // Wakes sleeping workers for `tasks` new queue entries; parked: some threads are parked (see .cc).
   void Notify(unsigned tasks, bool parked);
 
@@ -148,6 +169,10 @@ class ThreadPool {
   std::atomic<unsigned> target_{0};
   std::atomic<unsigned> threads_count_{0};  // threads_.size(), readable without the lock
   std::atomic<bool> stop_{false};
+  // The process's allowed CPUs when the pool was made (sched_getaffinity), in ascending order.
+  std::vector<int> allowed_cpus_;
+  std::atomic<PinMode> pin_mode_{PinMode::kAuto};
+  std::atomic<bool> pinned_{false};
   std::atomic<size_t> queued_{0};  // queue_.size(), readable without the lock while spinning
   // Jobs (Submit) running now. While one runs, idle workers stay awake for its next ParallelFor;
   // with none, they go to sleep after a short spin.
