@@ -193,11 +193,11 @@ void ThreadPool::SetPinMode(PinMode mode) {
 // took as long as on one thread, its helper never joining: the job's thread woke it with a futex,
 // and the guest kernel, which sees the idle vCPU as preempted (vcpu_is_preempted), queued it on
 // the job's own busy vCPU, where it waited for the next load balance. ResNet-50's 14x14 3x3 at
-// batch 1: 1.2-1.4 ms floating against 0.76-0.79 pinned (one thread: 1.4); over the suite's 59
-// two-thread rows 1.24x faster (geometric mean; 13 rows under onnxruntime-node's speed -> none),
-// its one-thread rows 1.07x (the job's own thread is placed the same way when the JS thread wakes
-// it). Back-to-back runs, whose threads never sleep, and whole models (ResNet-50, MobileNetV2,
-// the pruned MLP) moved by 0-4%.
+// batch 1: 1.2-1.4 ms floating against 0.76-0.79 pinned (one thread: 1.4); the `conv` suite's 59
+// two-thread rows 1.15-1.24x faster (13 under onnxruntime-node's speed -> 0-1), one-thread rows
+// 0.98-1.07x; in the `models` suite, which also interleaves onnxruntime-node, MobileNetV2 and the
+// transformer at batch 1 on two threads 1.7x and 1.5x. Runs back to back, whose threads do not
+// sleep between steps, moved by 0-4%.
 void ThreadPool::ApplyAffinityLocked() {
 #if defined(__linux__)
   if (stop_) return;
@@ -345,9 +345,11 @@ void ThreadPool::NotePickup(int64_t switches_before) {
   window = until != 0 && now - until < window ? std::min(2 * window, kContendedMaxNs) : kContendedMinNs;
   contended_for_ns_.store(window, std::memory_order_relaxed);
   contended_until_ns_.store(now + window, std::memory_order_relaxed);
-  // A pinned worker beside a CPU-bound thread waits for that one CPU (the MLP at batch 1 on one
-  // thread beside two CPU-bound processes: p90 0.38 ms floating, 3.3-3.6 pinned); for the window
-  // the workers float, and the next job submitted after it pins them again.
+  // A pinned worker cannot leave a CPU that another process keeps busy, so for the window the
+  // workers float, as they did before pinning (whose behaviour under contention was measured and
+  // tuned), and the first job submitted after it pins them again. (The MLP at batch 1 on one thread
+  // beside two CPU-bound processes: one pair of processes gave p90 3.3-3.6 ms pinned against 0.38
+  // floating; alternating the modes every 250 ms in one process, both medians 0.31 ms.)
   if (pinned_.load(std::memory_order_relaxed)) {
     std::lock_guard<std::mutex> lock(mu_);
     ApplyAffinityLocked();
