@@ -13,8 +13,9 @@ export function getThreads(): number {
 }
 
 /**
- * Whether the compute pool's threads are pinned, one per CPU: 'on' pins worker i to the i-th CPU
- * of the process's affinity mask (round robin), 'off' lets them run on any of those CPUs, and
+ * Whether the compute pool's threads are pinned, one per CPU: 'on' pins them to the CPUs of the
+ * process's affinity mask in order (round robin, from an offset that differs between pools), 'off'
+ * lets them run on any of those CPUs, and
  * 'auto' (the default; `SONDE_PIN_THREADS` sets the initial mode) pins only while the pool has one
  * thread per allowed CPU, where it owns the machine's CPUs anyway. On virtual machines the guest
  * scheduler can queue a freshly woken helper thread on its waker's busy CPU while another sits

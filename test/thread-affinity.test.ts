@@ -17,6 +17,14 @@ function allowedCpus(): number[] {
 const linux = process.platform === 'linux';
 const cpus = linux ? allowedCpus() : [];
 
+// Pinned workers take the allowed CPUs in order from some offset (each pool of the machine starts
+// elsewhere): one CPU each, [[c_k], [c_k+1], ...] round robin from worker 0's.
+function rotation(workerCpus: number[][]): number[][] {
+  const first = cpus.indexOf(workerCpus[0]![0]!);
+  expect(first).toBeGreaterThanOrEqual(0);
+  return cpus.map((_, i) => [cpus[(first + i) % cpus.length]!]);
+}
+
 // Runs `script` (an ES module body with sonde imported as `s`) in a child process and returns its
 // JSON output.
 function child(script: string, env: Record<string, string> = {}, prefix: string[] = []): any {
@@ -39,7 +47,7 @@ describe.runIf(linux)('thread affinity', () => {
       expect(a.mode).toBe('auto');
       if (cpus.length > 1) {
         expect(a.pinned).toBe(true);
-        expect(a.cpus.slice(0, cpus.length)).toEqual(cpus.map((c) => [c]));
+        expect(a.cpus.slice(0, cpus.length)).toEqual(rotation(a.cpus));
       } else {
         expect(a.pinned).toBe(false);
       }
@@ -75,7 +83,10 @@ describe.runIf(linux)('thread affinity', () => {
       let a = getThreadAffinity();
       expect(a.mode).toBe('on');
       expect(a.pinned).toBe(cpus.length > 1);
-      if (cpus.length > 1) expect(a.cpus).toEqual([...cpus, cpus[0]].map((c) => [c]));
+      if (cpus.length > 1) {
+        const r = rotation(a.cpus);
+        expect(a.cpus).toEqual([...r, r[0]]);
+      }
       // A change while runs are in flight: each run still completes with the right result.
       const runs = Array.from({ length: 6 }, () => kernels.gemm(x, w));
       setThreadAffinity('off');
@@ -113,8 +124,19 @@ describe.runIf(linux)('thread affinity', () => {
     // One active thread ('on' pins at any size); the pool's other threads are parked, pinned too.
     expect(on.mode).toBe('on');
     expect(on.pinned).toBe(cpus.length > 1);
-    if (cpus.length > 1) expect(on.cpus).toEqual(cpus.map((c) => [c]));
+    if (cpus.length > 1) expect(on.cpus).toEqual(rotation(on.cpus));
     expect(child(show, { SONDE_PIN_THREADS: 'sometimes' }).mode).toBe('auto');
+  });
+
+  it.runIf(cpus.length > 1)('pools of different worker_threads start on different CPUs', () => {
+    // A fresh process: its main pool is its first, the worker's the second, so the two offsets differ by one.
+    const r = child(`import { Worker } from 'node:worker_threads';
+      const main = s.getThreadAffinity().cpus;
+      const w = new Worker("Promise.all([import('node:worker_threads'), import('${process.cwd()}/dist/index.js')]).then(([wt, s]) => wt.parentPort.postMessage(s.getThreadAffinity().cpus))", { eval: true });
+      w.once('message', (cpus) => { console.log(JSON.stringify({ main, worker: cpus })); w.terminate(); });`);
+    expect(r.main).toEqual(rotation(r.main));
+    expect(r.worker).toEqual(rotation(r.worker));
+    expect(cpus.indexOf(r.worker[0][0])).toBe((cpus.indexOf(r.main[0][0]) + 1) % cpus.length);
   });
 
   it.runIf(cpus.length > 1 && existsSync('/usr/bin/taskset'))('a process restricted to one CPU sizes its pool to it and pins nothing', () => {

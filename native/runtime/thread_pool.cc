@@ -11,6 +11,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/resource.h>
+#include <unistd.h>
 #endif
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -98,6 +99,14 @@ std::vector<int> AllowedCpus() {
   return cpus;
 }
 
+unsigned PidSeed() {
+#if defined(__linux__)
+  return static_cast<unsigned>(getpid());
+#else
+  return 0;
+#endif
+}
+
 // SONDE_PIN_THREADS: on/1/true, off/0/false, or auto (the default, also for anything else).
 ThreadPool::PinMode PinModeFromEnv() {
   const char* v = std::getenv("SONDE_PIN_THREADS");
@@ -156,6 +165,10 @@ ThreadPool::ThreadPool(unsigned threads) {
   target_ = threads;
   allowed_cpus_ = AllowedCpus();
   pin_mode_ = PinModeFromEnv();
+  // Where pools of other worker_threads or other processes (a Node cluster) pin theirs too, worker 0
+  // of each, the one most likely to run a one-thread job, should not always be on the first CPU.
+  static std::atomic<unsigned> pools{0};
+  pin_offset_ = allowed_cpus_.empty() ? 0 : (PidSeed() + pools.fetch_add(1)) % allowed_cpus_.size();
   StartThreadsLocked(threads);
   ApplyAffinityLocked();
 }
@@ -211,7 +224,7 @@ void ThreadPool::ApplyAffinityLocked() {
     cpu_set_t set;
     if (pin) {
       CPU_ZERO(&set);
-      CPU_SET(allowed_cpus_[i % cpus], &set);
+      CPU_SET(allowed_cpus_[(i + pin_offset_) % cpus], &set);
     } else {
       set = all;
     }

@@ -113,8 +113,9 @@ class ThreadPool {
   void Resize(unsigned threads);
   unsigned size() const { return target_.load(); }
 
-  // Whether each worker runs on one CPU of the process's affinity mask (worker i on the i-th
-  // allowed CPU, round robin) or may run on any of them. kAuto pins where the pool has exactly one
+  // Whether each worker runs on one CPU of the process's affinity mask (worker i on the (i + k)-th
+  // allowed CPU, round robin, k from the process id and a count of the process's pools) or may run
+  // on any of them. kAuto pins where the pool has exactly one
   // worker per allowed CPU (and there are two or more): the pool then owns the machine's CPUs, so
   // pinning takes nothing from another pool or process that a floating thread would not. Why pin
   // at all: on a KVM guest an idle vCPU counts as preempted, so the scheduler places a woken
@@ -171,6 +172,7 @@ class ThreadPool {
   std::atomic<bool> stop_{false};
   // The process's allowed CPUs when the pool was made (sched_getaffinity), in ascending order.
   std::vector<int> allowed_cpus_;
+  size_t pin_offset_ = 0;  // worker i pinned to allowed_cpus_[(i + pin_offset_) % size]
   std::atomic<PinMode> pin_mode_{PinMode::kAuto};
   std::atomic<bool> pinned_{false};
   std::atomic<size_t> queued_{0};  // queue_.size(), readable without the lock while spinning
