@@ -205,7 +205,7 @@ export interface NativeBinding {
   setThreads(threads: number): void;
   getThreads(): number;
   setThreadAffinity(mode: string): void;
-  getThreadAffinity(): { mode: 'auto' | 'on' | 'off'; pinned: boolean; cpus: number[][] };
+  getThreadAffinity(): { mode: 'auto' | 'on' | 'off'; pinned: boolean; machineBusy: boolean; contended: boolean; cpus: number[][] };
   /** Pool threads held by the jobs in flight in the whole process (every worker_thread's pool). */
   busyThreads(): number;
   /** How long (us) the longest-waiting job of this environment not yet taken by a pool thread has waited; 0: none. */

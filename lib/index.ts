@@ -7,7 +7,7 @@ export type { DType, TensorData, TypedArrayFor } from './tensor.js';
 export { devices, resolveDevice } from './device.js';
 export type { Devices, CpuDevice, CudaDevice, CudaStatus, DeviceSpec, Placement, ResolvedDevice } from './device.js';
 export { setThreads, getThreads, setThreadAffinity, getThreadAffinity, nativeVersion, reportedExternalMemory } from './runtime.js';
-export type { ThreadAffinity } from './runtime.js';
+export type { ThreadAffinity, ThreadAffinityState } from './runtime.js';
 export {
   SondeError,
   InvalidArgumentError,

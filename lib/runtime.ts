@@ -17,7 +17,8 @@ export function getThreads(): number {
  * process's affinity mask in order (round robin, from an offset that differs between pools), 'off'
  * lets them run on any of those CPUs, and
  * 'auto' (the default; `SONDE_PIN_THREADS` sets the initial mode) pins only while the pool has one
- * thread per allowed CPU, where it owns the machine's CPUs anyway. On virtual machines the guest
+ * thread per allowed CPU and other processes leave the CPUs nearly idle (pinned threads of two
+ * busy processes collide on one CPU where floating ones are spread). On virtual machines the guest
  * scheduler can queue a freshly woken helper thread on its waker's busy CPU while another sits
  * idle, and a pinned thread cannot be placed so. Linux only; elsewhere the mode is recorded and
  * nothing is pinned.
@@ -30,11 +31,21 @@ export function setThreadAffinity(mode: ThreadAffinity): void {
   native().setThreadAffinity(checkOneOf('setThreadAffinity(mode)', mode, AFFINITY_MODES));
 }
 
-/**
- * The pool's affinity mode, whether its threads are pinned now, and the CPUs each of its threads
- * may run on as the OS reports them (parked threads beyond getThreads() included).
- */
-export function getThreadAffinity(): { mode: ThreadAffinity; pinned: boolean; cpus: number[][] } {
+/** What getThreadAffinity() reports. */
+export interface ThreadAffinityState {
+  mode: ThreadAffinity;
+  /** Whether the pool's threads are pinned now. */
+  pinned: boolean;
+  /** Other processes kept the CPUs busy lately (sampled about every 250 ms): 'auto' does not pin. */
+  machineBusy: boolean;
+  /** Runs were picked up late by preempted threads lately (the pool's contended window): no pinning. */
+  contended: boolean;
+  /** The CPUs each of the pool's threads may run on, as the OS reports them (parked threads included). */
+  cpus: number[][];
+}
+
+/** The pool's affinity mode and state (see ThreadAffinityState). */
+export function getThreadAffinity(): ThreadAffinityState {
   return native().getThreadAffinity();
 }
 

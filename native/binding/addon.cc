@@ -460,13 +460,16 @@ Napi::Value Addon::SetThreadAffinity(const Napi::CallbackInfo& info) {
   throw MakeError(env, codes::kInvalidArgument, "setThreadAffinity(mode): mode must be 'auto', 'on' or 'off'");
 }
 
-// { mode, pinned, cpus: the CPUs each worker may run on, as the OS reports them }
+// { mode, pinned, machineBusy, contended, cpus: the CPUs each worker may run on, as the OS reports them }
 Napi::Value Addon::GetThreadAffinity(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object out = Napi::Object::New(env);
-  out.Set("mode", kPinModeNames[static_cast<int>(pool_->pin_mode())]);
-  out.Set("pinned", pool_->pinned());
-  const std::vector<std::vector<int>> cpus = pool_->WorkerCpus();
+  const ThreadPool::Affinity a = pool_->AffinityNow();
+  out.Set("mode", kPinModeNames[static_cast<int>(a.mode)]);
+  out.Set("pinned", a.pinned);
+  out.Set("machineBusy", a.machine_busy);
+  out.Set("contended", a.contended);
+  const std::vector<std::vector<int>>& cpus = a.cpus;
   Napi::Array list = Napi::Array::New(env, cpus.size());
   for (size_t i = 0; i < cpus.size(); ++i) {
     Napi::Array one = Napi::Array::New(env, cpus[i].size());

@@ -124,10 +124,14 @@ class ThreadPool {
   // (elsewhere a no-op). The initial mode comes from SONDE_PIN_THREADS (auto, on, off).
   enum class PinMode { kAuto, kOn, kOff };
   void SetPinMode(PinMode mode);
-  PinMode pin_mode() const { return pin_mode_.load(); }
-  bool pinned() const { return pinned_.load(); }
-  // Each worker's CPUs as the OS reports them now (empty lists where it cannot say).
-  std::vector<std::vector<int>> WorkerCpus();
+  struct Affinity {
+    PinMode mode;
+    bool pinned;
+    bool machine_busy;  // other processes kept the CPUs busy lately: 'auto' does not pin
+    bool contended;     // in a contended window (NotePickup): the threads float
+    std::vector<std::vector<int>> cpus;  // each worker's CPUs as the OS reports them (empty: unknown)
+  };
+  Affinity AffinityNow();
 
   // Drops queued jobs, cancels running ParallelFor loops, joins every thread. Idempotent.
   void Shutdown();
@@ -157,9 +161,12 @@ class ThreadPool {
   // Sets every worker's affinity for the current pin mode and size (a pinned pool's workers go
   // back to the whole allowed set when it stops being pinned).
   void ApplyAffinityLocked();
-  // Whether the workers should be pinned now: by the mode and size, and not during a contended
-  // window (see NotePickup).
+  // Whether the workers should be pinned now: always with kOn; with kAuto by the size, while other
+  // processes leave the CPUs idle (SampleMachineShare) and not during a contended window (NotePickup).
   bool PinWantedLocked(int64_t now_ns) const;
+  // Measures the CPU time other processes used since the last sample (Submit, every
+  // kShareSampleNs at most) and pins or floats the workers when that changes what 'auto' wants.
+  void SampleMachineShare(int64_t now_ns);
   // Wakes sleeping workers for `tasks` new queue entries; parked: some threads are parked (see .cc).
   void Notify(unsigned tasks, bool parked);
 
@@ -175,6 +182,14 @@ class ThreadPool {
   size_t pin_offset_ = 0;  // worker i pinned to allowed_cpus_[(i + pin_offset_) % size]
   std::atomic<PinMode> pin_mode_{PinMode::kAuto};
   std::atomic<bool> pinned_{false};
+  // Whether other processes kept the machine's CPUs busy lately (SampleMachineShare): 'auto' then
+  // does not pin. The sampler's state is guarded by share_mu_.
+  static constexpr int64_t kShareSampleNs = 250'000'000;
+  std::atomic<bool> shared_{false};
+  std::atomic<int64_t> share_sampled_ns_{0};
+  std::mutex share_mu_;
+  int64_t share_window_start_ns_ = 0, share_machine_ns_ = 0, share_self_ns_ = 0;
+  unsigned quiet_windows_ = 0;
   std::atomic<size_t> queued_{0};  // queue_.size(), readable without the lock while spinning
   // Jobs (Submit) running now. While one runs, idle workers stay awake for its next ParallelFor;
   // with none, they go to sleep after a short spin.
