@@ -108,27 +108,40 @@ unsigned PidSeed() {
 #endif
 }
 
-// CPU time (ns) the whole machine has spent busy (user, nice, system, irq, softirq in /proc/stat's
-// first line; not idle, iowait or time stolen by the hypervisor), and this process's (getrusage).
-// false where either cannot be read.
-bool ReadCpuTimes(int64_t* machine_ns, int64_t* self_ns) {
+// CPU time (ns) the CPUs in `cpus` have spent busy (user, nice, system, irq, softirq of their
+// /proc/stat lines; not idle, iowait or time stolen by the hypervisor: other processes on other
+// CPUs, or another container's on CPUs outside this process's mask, do not count), and this
+// process's (getrusage). false where either cannot be read.
+bool ReadCpuTimes(const std::vector<int>& cpus, int64_t* cpus_ns, int64_t* self_ns) {
 #if defined(__linux__)
   FILE* f = std::fopen("/proc/stat", "r");
   if (!f) return false;
-  unsigned long long user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0;
-  const int got = std::fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu", &user, &nice, &system, &idle, &iowait, &irq,
-                              &softirq);
+  unsigned long long busy = 0;
+  size_t found = 0;
+  char line[512];
+  while (std::fgets(line, sizeof(line), f)) {
+    int cpu = -1;
+    unsigned long long user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0;
+    if (std::sscanf(line, "cpu%d %llu %llu %llu %llu %llu %llu %llu", &cpu, &user, &nice, &system, &idle, &iowait,
+                    &irq, &softirq) != 8)
+      continue;  // the first, all-CPU line ("cpu  ...") and the lines after the CPUs'
+    if (std::binary_search(cpus.begin(), cpus.end(), cpu)) {
+      busy += user + nice + system + irq + softirq;
+      ++found;
+    }
+  }
   std::fclose(f);
   rusage u;
-  if (got != 7 || getrusage(RUSAGE_SELF, &u) != 0) return false;
+  if (found == 0 || getrusage(RUSAGE_SELF, &u) != 0) return false;
   static const long tick = sysconf(_SC_CLK_TCK);
   if (tick <= 0) return false;
-  *machine_ns = static_cast<int64_t>((user + nice + system + irq + softirq) * (1000000000ull / tick));
+  *cpus_ns = static_cast<int64_t>(busy * (1000000000ull / tick));
   *self_ns = (static_cast<int64_t>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) * 1000000 + u.ru_utime.tv_usec +
               u.ru_stime.tv_usec) * 1000;
   return true;
 #else
-  (void)machine_ns;
+  (void)cpus;
+  (void)cpus_ns;
   (void)self_ns;
   return false;
 #endif
@@ -200,7 +213,7 @@ ThreadPool::ThreadPool(unsigned threads) {
   if (pin_mode_ == PinMode::kAuto) {
     // The first window starts now; until it ends the machine counts as quiet.
     int64_t machine = 0, self = 0;
-    if (ReadCpuTimes(&machine, &self)) {
+    if (ReadCpuTimes(allowed_cpus_, &machine, &self)) {
       share_window_start_ns_ = NowNs();
       share_machine_ns_ = machine;
       share_self_ns_ = self;
@@ -285,8 +298,8 @@ bool ThreadPool::PinWantedLocked(int64_t now) const {
 // Pinned threads of two processes that share the CPUs collide: a one-thread job of each runs on
 // its pool's thread of the moment, the same CPU half the time, where floating threads are spread by
 // the scheduler (two processes each running the MLP at batch 1 on one thread on the 2-vCPU VM:
-// 1720-2170 runs/s each pinned, 2570-2700 floating). So 'auto' pins only while the rest of the
-// machine is nearly idle: other processes used at most a quarter of a CPU over the last window
+// 1720-2170 runs/s each pinned, 2570-2700 floating). So 'auto' pins only while the process's CPUs
+// are otherwise nearly idle: other processes used at most a quarter of one over the last window
 // (sampled from Submit at most every kShareSampleNs, ~20 us a sample); in a busier window the
 // threads float, and they are pinned again after two quiet ones.
 void ThreadPool::SampleMachineShare(int64_t now) {
@@ -294,7 +307,7 @@ void ThreadPool::SampleMachineShare(int64_t now) {
   if (!lock.owns_lock()) return;
   share_sampled_ns_.store(now, std::memory_order_relaxed);
   int64_t machine = 0, self = 0;
-  if (!ReadCpuTimes(&machine, &self)) return;
+  if (!ReadCpuTimes(allowed_cpus_, &machine, &self)) return;
   const int64_t window = now - share_window_start_ns_;
   const int64_t others = (machine - share_machine_ns_) - (self - share_self_ns_);
   const bool first = share_window_start_ns_ == 0;
