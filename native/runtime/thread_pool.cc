@@ -319,14 +319,17 @@ void ThreadPool::SampleMachineShare(int64_t now) {
   quiet_windows_ = busy ? 0 : quiet_windows_ + 1;
   const bool shared = busy || (shared_.load(std::memory_order_relaxed) && quiet_windows_ < 2);
   if (shared == shared_.load(std::memory_order_relaxed)) return;
-  shared_.store(shared, std::memory_order_relaxed);
   std::lock_guard<std::mutex> pool_lock(mu_);
+  shared_.store(shared, std::memory_order_relaxed);
   ApplyAffinityLocked();
 }
 
 ThreadPool::Affinity ThreadPool::AffinityNow() {
   std::lock_guard<std::mutex> lock(mu_);
-  Affinity a{pin_mode_.load(), pinned_.load(), shared_.load(), NowNs() < contended_until_ns_.load(), {}};
+  const int64_t now = NowNs();
+  // A contended window that ended since the last submission: pinned again now, as that would.
+  if (!stop_ && PinWantedLocked(now) != pinned_.load()) ApplyAffinityLocked();
+  Affinity a{pin_mode_.load(), pinned_.load(), shared_.load(), now < contended_until_ns_.load(), {}};
   a.cpus.resize(threads_.size());
 #if defined(__linux__)
   for (size_t i = 0; i < threads_.size(); ++i) {
@@ -442,16 +445,16 @@ void ThreadPool::NotePickup(int64_t switches_before) {
   // Again within a window's length of the last one ending: contention persists.
   window = until != 0 && now - until < window ? std::min(2 * window, kContendedMaxNs) : kContendedMinNs;
   contended_for_ns_.store(window, std::memory_order_relaxed);
-  contended_until_ns_.store(now + window, std::memory_order_relaxed);
   // A pinned worker cannot leave a CPU that another process keeps busy, so for the window the
   // workers float, as they did before pinning (whose behaviour under contention was measured and
   // tuned), and the first job submitted after it pins them again. (The MLP at batch 1 on one thread
   // beside two CPU-bound processes: one pair of processes gave p90 3.3-3.6 ms pinned against 0.38
   // floating; alternating the modes every 250 ms in one process, both medians 0.31 ms.)
-  if (pinned_.load(std::memory_order_relaxed)) {
-    std::lock_guard<std::mutex> lock(mu_);
-    ApplyAffinityLocked();
-  }
+  // (The window and the affinity change together under the lock: getThreadAffinity() never sees
+  // one without the other.)
+  std::lock_guard<std::mutex> lock(mu_);
+  contended_until_ns_.store(now + window, std::memory_order_relaxed);
+  if (pinned_.load(std::memory_order_relaxed)) ApplyAffinityLocked();
 }
 
 void ThreadPool::WorkerLoop(unsigned index) {
