@@ -279,7 +279,7 @@ void ThreadPool::ApplyAffinityLocked() {
       set = all;
     }
     // A cpuset changed under the process can refuse a CPU: that worker then stays where it may
-    // run (WorkerCpus shows where each thread may run; pinned_ records the attempt).
+    // run (AffinityNow reports where each thread may run; pinned_ records the attempt).
     pthread_setaffinity_np(threads_[i].native_handle(), sizeof(set), &set);
   }
   pinned_ = pin;

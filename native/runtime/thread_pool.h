@@ -115,13 +115,13 @@ class ThreadPool {
 
   // Whether each worker runs on one CPU of the process's affinity mask (worker i on the (i + k)-th
   // allowed CPU, round robin, k from the process id and a count of the process's pools) or may run
-  // on any of them. kAuto pins where the pool has exactly one
-  // worker per allowed CPU (and there are two or more): the pool then owns the machine's CPUs, so
-  // pinning takes nothing from another pool or process that a floating thread would not. Why pin
-  // at all: on a KVM guest an idle vCPU counts as preempted, so the scheduler places a woken
-  // helper beside the thread that woke it on a busy vCPU rather than on the idle one, and the
-  // helper waits there until the next load balance (milliseconds); see the .cc. Linux only
-  // (elsewhere a no-op). The initial mode comes from SONDE_PIN_THREADS (auto, on, off).
+  // on any of them. kOn always pins; kAuto pins while the pool has exactly one worker per allowed
+  // CPU (two or more), other processes leave those CPUs nearly idle (SampleMachineShare) and no
+  // contended window is open (NotePickup); kOff never pins. Why pin at all: on a KVM guest an idle
+  // vCPU counts as preempted, so the scheduler places a woken helper beside the thread that woke it
+  // on a busy vCPU rather than on the idle one, and the helper waits there until the next load
+  // balance (milliseconds); see the .cc. Linux only (elsewhere nothing is pinned). The initial
+  // mode comes from SONDE_PIN_THREADS (auto, on, off).
   enum class PinMode { kAuto, kOn, kOff };
   void SetPinMode(PinMode mode);
   struct Affinity {
