@@ -2,7 +2,7 @@
 import { native } from './binding.js';
 import { checkInt, checkOneOf } from './validate.js';
 
-/** Sets the size of sonde's compute pool for this thread's environment (default: all cores). */
+/** Sets the size of sonde's compute pool for this thread's environment (default: one thread per CPU the process may run on). */
 export function setThreads(threads: number): void {
   native().setThreads(checkInt('setThreads(threads)', threads, 1, 1024));
 }
