@@ -377,7 +377,10 @@ describe('Session feeds like the last run\'s (the fast path)', () => {
     }
     stop = true;
     expect(wrong).toBe(0);
-    expect(turns).toBeGreaterThanOrEqual(Math.floor(runs / 9) - 1);
+    // Every 9th run at least completes through the event loop; two such completions can still
+    // share one turn when the second job finishes while the first's completion is being
+    // dispatched (a pool thread on its own core answers that fast), hence half.
+    expect(turns).toBeGreaterThanOrEqual(Math.floor(runs / 18));
     s.dispose();
   });
 
