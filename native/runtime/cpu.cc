@@ -61,13 +61,8 @@ CpuFeatures Detect() {
   // The CPUs this process may run on (taskset, a container's cpuset), as Node's
   // os.availableParallelism() counts them: the pool's default size, and what lib/wait.ts compares
   // the busy threads with.
-  f.cores = std::max(1u, std::thread::hardware_concurrency());
-#if defined(__linux__)
-  cpu_set_t allowed;
-  CPU_ZERO(&allowed);
-  if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0 && CPU_COUNT(&allowed) > 0)
-    f.cores = static_cast<unsigned>(CPU_COUNT(&allowed));
-#endif
+  const size_t allowed = AllowedCpus().size();
+  f.cores = allowed > 0 ? static_cast<unsigned>(allowed) : std::max(1u, std::thread::hardware_concurrency());
 #ifdef SONDE_X86
   f.arch = "x86_64";
   unsigned r[4];
@@ -187,6 +182,18 @@ std::vector<std::string> CpuFeatures::FeatureNames() const {
   add(amx_tile && os_amx, "amx_tile"); add(amx_bf16 && amx_tile && os_amx, "amx_bf16");
   add(amx_int8 && amx_tile && os_amx, "amx_int8");
   return v;
+}
+
+std::vector<int> AllowedCpus() {
+  std::vector<int> cpus;
+#if defined(__linux__)
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0)
+    for (int c = 0; c < CPU_SETSIZE; ++c)
+      if (CPU_ISSET(c, &set)) cpus.push_back(c);
+#endif
+  return cpus;
 }
 
 }  // namespace sonde

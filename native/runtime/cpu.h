@@ -40,6 +40,10 @@ struct CpuFeatures {
 };
 
 const CpuFeatures& Cpu();
+
+// The CPUs this process may run on (its affinity mask: taskset, a container's cpuset), ascending;
+// empty where the OS cannot say. CpuFeatures::cores counts them; the thread pool pins to them.
+std::vector<int> AllowedCpus();
 const char* IsaName(IsaLevel l);
 // Parses "scalar" | "avx2" | "avx512"; returns false for anything else.
 bool ParseIsa(const std::string& s, IsaLevel* out);

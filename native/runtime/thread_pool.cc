@@ -1,5 +1,7 @@
 #include "runtime/thread_pool.h"
 
+#include "runtime/cpu.h"
+
 #include <algorithm>
 #include <chrono>
 #include <exception>
@@ -85,19 +87,6 @@ std::chrono::microseconds IdleSpinFor(const std::atomic<int64_t>* gaps_ns, unsig
     if (gap <= cap_ns) want_ns = std::max(want_ns, std::min(cap_ns, 2 * gap));
   }
   return std::max(least, std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::nanoseconds(want_ns)));
-}
-
-// The CPUs this process may run on, ascending (empty where the OS cannot say).
-std::vector<int> AllowedCpus() {
-  std::vector<int> cpus;
-#if defined(__linux__)
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0)
-    for (int c = 0; c < CPU_SETSIZE; ++c)
-      if (CPU_ISSET(c, &set)) cpus.push_back(c);
-#endif
-  return cpus;
 }
 
 unsigned PidSeed() {
@@ -210,16 +199,7 @@ ThreadPool::ThreadPool(unsigned threads) {
   static std::atomic<unsigned> pools{0};
   pin_offset_ = allowed_cpus_.empty() ? 0 : (PidSeed() + pools.fetch_add(1)) % allowed_cpus_.size();
   StartThreadsLocked(threads);
-  if (pin_mode_ == PinMode::kAuto) {
-    // The first window starts now; until it ends the machine counts as quiet.
-    int64_t machine = 0, self = 0;
-    if (ReadCpuTimes(allowed_cpus_, &machine, &self)) {
-      share_window_start_ns_ = NowNs();
-      share_machine_ns_ = machine;
-      share_self_ns_ = self;
-      share_sampled_ns_ = share_window_start_ns_;
-    }
-  }
+  // The first submission's sample starts the first window; until it ends the CPUs count as quiet.
   ApplyAffinityLocked();
 }
 
