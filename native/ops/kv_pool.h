@@ -60,12 +60,12 @@ struct LlmArena {
   size_t Bytes() const;
 };
 
-// One step (lib/llm/engine.ts: StepBatch), as plain data for a pool thread.
 // The most positions a sequence may reach (lib/llm/transformer.ts: MAX_POSITIONS). Past the
 // model's trained context length is allowed (its RoPE positions are then out of distribution, as
 // llama.cpp allows); nothing native depends on that length.
 constexpr size_t kKvMaxPositions = size_t{1} << 24;
 
+// One step (lib/llm/engine.ts: StepBatch), as plain data for a pool thread.
 struct KvStepSequence {
   size_t table_offset = 0, table_length = 0;  // into KvStep::tables
   size_t start = 0, tokens = 0, row0 = 0;      // row0: first row of this sequence in the step
@@ -139,6 +139,7 @@ std::string ValidateKvStep(size_t block_size, size_t max_blocks, size_t vocab, c
 
 // Highest block id the step touches (tables up to the last written position, copies), or -1.
 int64_t KvStepLastBlock(const KvPool& pool, const KvStep& step);
+int64_t KvStepLastBlock(size_t block_size, const KvStep& step);
 // The one step that a chain of `steps` decode steps of `step` amounts to (KvPool.stepChain): each
 // sequence writing positions [start, start + steps), with placeholder ids for the tokens the chain
 // chooses. Validating it and reserving its blocks covers the whole chain.
@@ -157,6 +158,5 @@ struct KvChain {
   const uint32_t* rng = nullptr;
   uint32_t* rng_out = nullptr;
 };
-int64_t KvStepLastBlock(size_t block_size, const KvStep& step);
 
 }  // namespace sonde
