@@ -52,9 +52,15 @@ export async function readBandwidth(ctx, threads) {
 /**
  * Medians (ms) of the functions in `fns`, timed in interleaved rounds after one warm-up call each:
  * a sonde call, then the anchor's, then sonde again, ... so that both sides see the same machine
- * state on this shared, noisy host. The order flips every round so neither side always runs right
- * after the other (cache contents, clock boost). Stops after `minRounds` rounds once `minMs` has
- * passed, or at `maxMs` (but never before 3 rounds).
+ * state on this shared, noisy host. What ran just before a call matters (the other runtime's run
+ * evicts this one's weights from L2 and lets its threads fall asleep), so each function must follow
+ * each of the others (and itself) about equally often: two functions flip order every round
+ * (A B, B A: each follows both equally); three or more run in a fresh seeded shuffle each round.
+ * Flipping the whole order instead biases them: with [plain, fused, ortPlain, ortFused], sonde's
+ * fused call followed ORT's in every other round and its plain call never did, which read as a
+ * fused epilogue 12-13% slower than the plain GEMM (512x64x512, two threads) where shuffled rounds
+ * measure 0.998-1.005. Stops after `minRounds` rounds once `minMs` has passed, or at `maxMs` (but
+ * never before 3 rounds).
  */
 async function timeInterleaved(fns, { minRounds = 5, maxRounds = 200, minMs = 300, maxMs = 3000 } = {}) {
   // Three untimed rounds: a fresh session's first runs fault in its arena and each pool thread's
@@ -63,11 +69,21 @@ async function timeInterleaved(fns, { minRounds = 5, maxRounds = 200, minMs = 30
   const times = fns.map(() => []);
   const forward = fns.map((_, i) => i);
   const backward = [...forward].reverse();
+  let seed = 0x9e3779b9;
+  const shuffled = () => {
+    const order = [...forward];
+    for (let i = order.length - 1; i > 0; i--) {
+      seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+      const j = Math.floor((seed / 2 ** 32) * (i + 1));
+      [order[i], order[j]] = [order[j], order[i]];
+    }
+    return order;
+  };
   const start = performance.now();
   for (let r = 0; r < maxRounds; r++) {
     const elapsed = performance.now() - start;
     if ((r >= minRounds && elapsed >= minMs) || (r >= 3 && elapsed >= maxMs)) break;
-    for (const i of r % 2 ? backward : forward) {
+    for (const i of fns.length > 2 ? shuffled() : r % 2 ? backward : forward) {
       const t0 = performance.now();
       await fns[i]();
       times[i].push(performance.now() - t0);
