@@ -1,8 +1,8 @@
-// node bench/profile.js <resnet50|mobilenetv2|mlp|transformer|digits> [batch=1] [threads=1] [runs=20] [--steps] [--bf16]
+// node bench/profile.js <resnet50|mobilenetv2|mlp|transformer|digits> [batch=1] [threads=1] [runs=20] [--steps] [--bf16] [--pruned]
 // Where a Session's time goes: Session.profile() aggregated by op and kernel (and, with --steps,
 // the 25 slowest steps), next to the whole run's median time and onnxruntime-node's on the same
 // model and input, timed interleaved in this process (step times are means over the runs).
-import { Session, Tensor } from '../dist/index.js';
+import { Session, Tensor, prune } from '../dist/index.js';
 import * as onnxruntime from './anchors/onnxruntime.js';
 import { modelBytes, modelInput } from './graphs/models.js';
 import { modelPath, readTestSplit } from '../models/digits.js';
@@ -23,6 +23,8 @@ if (name === 'digits') {
   inputName = 'input';
 } else {
   bytes = modelBytes(name);
+  // --pruned: the sparse suite's models (90% magnitude-pruned per layer, the first conv kept dense).
+  if (process.argv.includes('--pruned')) bytes = (await prune(bytes, { sparsity: 0.9, keepFirstLayerDense: name !== 'mlp' })).bytes;
   x = modelInput(name, batch);
   inputName = 'input';
 }
