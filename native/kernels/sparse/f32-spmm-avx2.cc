@@ -152,6 +152,7 @@ void CsrColumnsGroup(size_t m, size_t nc, const float* at, size_t ldat, const ui
     return v + 1 < MV ? _mm256_loadu_ps(ak + 8 * v) : _mm256_maskload_ps(ak + 8 * v, tail);
   };
   for (size_t j = 0; j < nc; ++j) {
+    PrefetchColumnsAhead(j, nc, m, c, ldc, ep);
     __m256 acc[kU][MV];
 #pragma GCC unroll 32
     for (size_t u = 0; u < kU; ++u)

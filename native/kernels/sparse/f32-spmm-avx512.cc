@@ -183,6 +183,7 @@ void SpmvGather(size_t nc, const float* x, const uint32_t* row_ptr, const Index*
     size_t p = row_ptr[j];
     const size_t p1 = row_ptr[j + 1];
     for (; p + 32 <= p1; p += 32) {
+      PrefetchSpmvStream(values, col_idx, p);
       acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(values + p), _mm512_i32gather_ps(LoadIndices(col_idx, p), x, 4), acc0);
       acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(values + p + 16), _mm512_i32gather_ps(LoadIndices(col_idx, p + 16), x, 4), acc1);
     }
@@ -285,6 +286,7 @@ void CsrColumnsGroup(size_t m, size_t nc, const float* at, size_t ldat, const ui
   const __mmask16 tail = static_cast<__mmask16>((1u << (m - 16 * (MV - 1))) - 1u);
   auto mask = [&](size_t v) { return v + 1 < MV ? static_cast<__mmask16>(0xFFFF) : tail; };
   for (size_t j = 0; j < nc; ++j) {
+    PrefetchColumnsAhead(j, nc, m, c, ldc, ep);
     __m512 acc[kU][MV];
 #pragma GCC unroll 32
     for (size_t u = 0; u < kU; ++u)

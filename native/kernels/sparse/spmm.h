@@ -65,6 +65,32 @@ static inline float F32SpmvRow16(const float* x, uint32_t p, uint32_t p1, const 
   for (; p < p1; ++p) acc[0] += values[p] * x[col_idx[p]];
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
+// Read prefetches into L1 (T0) and L2 (T1) that the compiler keeps: GCC 12 deleted
+// __builtin_prefetch loops of PrefetchColumnsAhead below once inlined (no instruction left in the
+// kernel), while asm volatile statements stay where they are written.
+#if defined(__x86_64__) || defined(_M_X64)
+static inline void PrefetchL1(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
+static inline void PrefetchL2(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
+#else
+static inline void PrefetchL1(const void* p) { __builtin_prefetch(p, 0, 3); }
+static inline void PrefetchL2(const void* p) { __builtin_prefetch(p, 0, 2); }
+#endif
+
+// How far ahead the SpMV kernels ask for their weight stream (non-zeros: 2 KiB of values, 1 KiB
+// of 16-bit indices). A run that follows other work finds the weights beyond L2, and the hardware
+// prefetcher ramps up anew at every 4 KiB page of each stream. Pruned MLP 784-1024-1024-10 at
+// batch 1, two threads, interleaved with onnxruntime-node (bench/model-ab.js): 0.066 -> 0.062 ms
+// at 512 (256: 0.063, 1024: 0.064).
+constexpr uint32_t kSpmvPrefetchAhead = 512;
+// One row's (or a 32-non-zero step's) lines of that stream, kSpmvPrefetchAhead ahead of p.
+template <typename Index>
+static inline void PrefetchSpmvStream(const float* values, const Index* col_idx, size_t p) {
+  PrefetchL1(values + p + kSpmvPrefetchAhead);
+  PrefetchL1(values + p + kSpmvPrefetchAhead + 16);
+  PrefetchL1(col_idx + p + kSpmvPrefetchAhead);
+  if (sizeof(Index) == 4) PrefetchL1(col_idx + p + kSpmvPrefetchAhead + 16);
+}
+
 // acc[u][v] over u summed pairwise into acc[0][v]: (0+1), (2+3), ... then (0+2), (4+6), then (0+4).
 // Each level has constant bounds: GCC 12 does not fully unroll the equivalent `step *= 2` loop, and
 // then keeps the whole accumulator array in memory, storing every accumulator after each FMA of
@@ -89,6 +115,25 @@ static inline void PairwiseSumU(V (&acc)[U][MV], size_t v, Add add) {
 // layout, but At is the caller's tensor (no pack, no alignment, nothing read or written past m: a
 // masked last vector) and an output column's sums are stored as they are (no transpose). ep:
 // scale/bias at column 0 (one value per column j), residual at (column 0, row 0), ldr between columns.
+// The columns kernels store m floats of output column j + kColumnsPrefetchAhead (and read as many of
+// its residual) a little after asking for them here, into L2: each column's row of C^T is its own
+// short run (m <= 128 floats) a whole plane away from the last, which the hardware prefetchers do
+// not follow, and at ResNet-50's 56x56 and 28x28 layers those lines come from beyond L2 (3.2 MB of
+// output per image at 56x56). With a K of 64 a column's sums take only ~50 FMAs, so the stores
+// and residual loads stalled the loop. Pruned ResNet-50 against the same build without it
+// (bench/model-ab.js, 2 columns ahead): n1 t1 0.971x time, n8 t1 0.929x, n8 t2 0.943x, n1 t2
+// 0.998x (4 ahead: 1.010-1.019x there, where the blocks are split between the threads).
+constexpr size_t kColumnsPrefetchAhead = 2;
+static inline void PrefetchColumnsAhead(size_t j, size_t nc, size_t m, const float* c, size_t ldc,
+                                        const GemmEpilogue* ep) {
+  if (j + kColumnsPrefetchAhead >= nc) return;
+  const size_t col = j + kColumnsPrefetchAhead;
+  const float* res = ep && ep->residual ? ep->residual + col * ep->ldr : nullptr;
+  for (size_t i = 0; i < m; i += 16) {
+    PrefetchL2(c + col * ldc + i);
+    if (res) PrefetchL2(res + i);
+  }
+}
 typedef void (*F32SpmmCsrColumnsUkernel)(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
                                          const uint32_t* col_idx, const float* values, float* c, size_t ldc,
                                          const GemmEpilogue* ep);
