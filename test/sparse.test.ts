@@ -231,10 +231,12 @@ describe.each(variants)('spmm %s', (variant) => {
     const codes: [kernels.GemmActivation, number, number, number][] = [
       ['none', 0, 0, 0], ['relu', 1, 0, 0], ['clip', 2, -0.5, 0.75], ['silu', 3, 0, 0], ['sigmoid', 6, 0, 0], ['hardSwish', 8, 0, 0]];
     // M around the 8/16-lane vectors (a masked last vector), every vector count per call, the
-    // 64/128-row call limits and the equal row blocks past them; 49 and 196: 7x7 and 14x14 planes.
+    // 64/128-row call limits and the equal row blocks past them; 49 and 196: 7x7 and 14x14 planes;
+    // 1100: nine blocks, which two threads take as two contiguous runs (the others split columns).
     const colShapes: [number, number, number][] = [
       [1, 37, 45], [7, 70, 17], [8, 16, 9], [9, 16, 9], [15, 21, 16], [16, 5, 8], [17, 131, 31], [33, 19, 47],
-      [49, 64, 33], [63, 12, 18], [64, 9, 50], [65, 33, 8], [127, 20, 19], [128, 20, 19], [129, 17, 40], [196, 20, 19], [257, 5, 33]];
+      [49, 64, 33], [63, 12, 18], [64, 9, 50], [65, 33, 8], [127, 20, 19], [128, 20, 19], [129, 17, 40], [196, 20, 19], [257, 5, 33],
+      [1100, 20, 19]];
     const nat = native();
     let c = 0;
     for (const [m, k, n] of colShapes) {

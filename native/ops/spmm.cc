@@ -450,17 +450,20 @@ bool RunSpmmColumns(ThreadPool& pool, unsigned max_threads, const CancelFlag* ca
   const size_t m_blocks = (m + uk.mb - 1) / uk.mb;
   const size_t mb = ((m + m_blocks - 1) / m_blocks + uk.mv - 1) / uk.mv * uk.mv;
   const size_t row_tasks = batch * rows * m_blocks;
+  // Row task rt (item b, row r, positions from m0) against output columns [n0, n1).
+  auto run_block = [&](size_t rt, size_t n0, size_t n1) {
+    const size_t b = rt / (rows * m_blocks), r = rt / m_blocks % rows, m0 = (rt % m_blocks) * mb;
+    if (m0 >= m) return;  // (equal blocks of whole vectors: the last is never empty, but cheap to check)
+    const kernels::GemmEpilogue ep = block_epilogue(b, r, m0, n0);
+    uk.columns(std::min(mb, m - m0), n1 - n0, a_at(b, r, m0), lda, w.row_ptr_.data() + n0, col_idx, w.values_.data(),
+               args.c + c_off(b, r, m0) + n0 * args.ldc, args.ldc, trivial ? nullptr : &ep);
+  };
   if (WholeImageTasks(threads, batch)) {
     // A whole item per task: each thread keeps to its own images' activations instead of both
     // streaming every image; the same kernel calls, so the same bits.
+    const size_t per_item = rows * m_blocks;
     return pool.ParallelFor(batch, threads, [&](size_t b) {
-      for (size_t r = 0; r < rows; ++r) {
-        for (size_t m0 = 0; m0 < m; m0 += mb) {
-          const kernels::GemmEpilogue ep = block_epilogue(b, r, m0, 0);
-          uk.columns(std::min(mb, m - m0), n, a_at(b, r, m0), lda, w.row_ptr_.data(), col_idx, w.values_.data(),
-                     args.c + c_off(b, r, m0), args.ldc, trivial ? nullptr : &ep);
-        }
-      }
+      for (size_t rt = b * per_item; rt < (b + 1) * per_item; ++rt) run_block(rt, 0, n);
     }, cancel);
   }
   // Output columns in groups of ng balanced by non-zeros, enough chunks for ~4 tasks per thread
@@ -472,16 +475,25 @@ bool RunSpmmColumns(ThreadPool& pool, unsigned max_threads, const CancelFlag* ca
   const size_t parts = std::max<size_t>(1, (4 * threads + row_tasks - 1) / row_tasks);
   const std::vector<size_t> bounds = BalancedSplit(groups, parts, group_ptr.data(), ng);
   const size_t chunks = bounds.size() - 1;
+  if (chunks == 1 && threads > 1) {
+    // Every block runs all columns: each thread takes one contiguous run of blocks. Handed out one
+    // by one, the two threads took alternate 128-position blocks, and each thread's accesses to
+    // every row of its input, output and residual (short runs a plane apart) skipped a block at a
+    // time, which the prefetchers did not follow: pruned ResNet-50 n1 t2, the 56x56 64 -> 256 1x1s
+    // took longer on two threads than on one (downsample 0.193 -> 0.289 ms, with a residual
+    // 0.381 -> 0.425); in halves 0.117 and 0.211 (the whole model's steps 16.0 -> 14.3 ms).
+    // Runs of a quarter (two per thread) were slower again (0.148, 0.264). Same kernel calls, so
+    // the same bits.
+    const size_t per = (row_tasks + threads - 1) / threads;
+    return pool.ParallelFor((row_tasks + per - 1) / per, threads, [&](size_t q) {
+      for (size_t rt = q * per; rt < std::min(row_tasks, (q + 1) * per); ++rt) run_block(rt, 0, n);
+    }, cancel);
+  }
   return pool.ParallelFor(row_tasks * chunks, threads, [&](size_t t) {
     // Column chunk outermost within a block's tasks, so neighbouring tasks share At's rows (and a
     // direct conv's consecutive output rows share all but one input row per tap row).
-    const size_t rt = t / chunks, ch = t % chunks;
-    const size_t b = rt / (rows * m_blocks), r = rt / m_blocks % rows, m0 = (rt % m_blocks) * mb;
-    const size_t count = std::min(mb, m - m0);
-    const size_t n0 = bounds[ch] * ng, n1 = std::min(n, bounds[ch + 1] * ng);
-    const kernels::GemmEpilogue ep = block_epilogue(b, r, m0, n0);
-    uk.columns(count, n1 - n0, a_at(b, r, m0), lda, w.row_ptr_.data() + n0, col_idx, w.values_.data(),
-               args.c + c_off(b, r, m0) + n0 * args.ldc, args.ldc, trivial ? nullptr : &ep);
+    const size_t ch = t % chunks;
+    run_block(t / chunks, bounds[ch] * ng, std::min(n, bounds[ch + 1] * ng));
   }, cancel);
 }
 
