@@ -324,7 +324,6 @@ __attribute__((optimize("no-predictive-commoning"))) void Tile(const NchwcConvAr
 #pragma GCC unroll 16
   for (size_t p = 0; p < kPix; ++p)
     for (size_t v = 0; v < NV; ++v) acc[v][p] = _mm512_setzero_ps();
-  avx512::PrefetchResidualTile<NV, P, R>(a, oy, ox0);
   const size_t row = a->wp * KB, plane = a->hp * row, row_step = a->sh * row;
   const float* w = static_cast<const float*>(a->w);
   const float* xb = static_cast<const float*>(a->x) + oy * row_step + ox0 * SW * KB;
@@ -400,7 +399,6 @@ __attribute__((optimize("no-predictive-commoning"))) void PairTile(const NchwcCo
 #pragma GCC unroll 8
   for (size_t p = 0; p < P; ++p)
     for (size_t v = 0; v < 4; ++v) acc[v][p] = _mm512_setzero_ps();
-  avx512::PrefetchResidualTile<4, P, 1>(a, oy, ox0);
   const size_t plane = a->hp * a->wp * kB;
   const float* w = static_cast<const float*>(a->w);
   const float* xb = static_cast<const float*>(a->x) + (oy * a->wp + ox0) * kB;

@@ -48,20 +48,6 @@ static inline void Transpose16x16(__m512 r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
-// A blocked tile's residual lines (what StoreNchwcTile will add), asked of L2 as the tile starts:
-// the residual was written layers before and has left L2 (ResNet's block input, 3 convs back), and
-// loading it only at the store left the tile waiting on 28 misses at its end.
-template <size_t NV, size_t P, size_t R>
-static inline void PrefetchResidualTile(const NchwcConvArgs* a, size_t oy, size_t ox0) {
-  if (!a->y_row || !a->ep || !a->ep->residual) return;
-  const float* res = a->ep->residual;
-#pragma GCC unroll 16
-  for (size_t p = 0; p < R * P; ++p) {
-    const size_t rpix = (oy + p / P) * a->res_row + (ox0 + p % P) * kNchwcBlock;
-    for (size_t v = 0; v < NV; ++v) _mm_prefetch(reinterpret_cast<const char*>(res + v * a->res_block + rpix), _MM_HINT_T1);
-  }
-}
-
 // Stores a tile of R output rows of P pixels x NV vectors of 16 output channels (acc[v][p]: the 16
 // channels of pixel p), adding the bias and applying the epilogue. kBf16Y: the blocked y holds bf16
 // (rounded to nearest even; only in files built with AVX512_BF16).

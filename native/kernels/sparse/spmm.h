@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include "kernels/gemm/gemm.h"
+#include "kernels/prefetch.h"
 
 namespace sonde {
 namespace kernels {
@@ -65,17 +66,6 @@ static inline float F32SpmvRow16(const float* x, uint32_t p, uint32_t p1, const 
   for (; p < p1; ++p) acc[0] += values[p] * x[col_idx[p]];
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
-// Read prefetches into L1 (T0) and L2 (T1) that the compiler keeps: GCC 12 deleted
-// __builtin_prefetch loops of PrefetchColumnsAhead below once inlined (no instruction left in the
-// kernel), while asm volatile statements stay where they are written.
-#if defined(__x86_64__) || defined(_M_X64)
-static inline void PrefetchL1(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
-static inline void PrefetchL2(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
-#else
-static inline void PrefetchL1(const void* p) { __builtin_prefetch(p, 0, 3); }
-static inline void PrefetchL2(const void* p) { __builtin_prefetch(p, 0, 2); }
-#endif
-
 // How far ahead the SpMV kernels ask for their weight stream (non-zeros: 2 KiB of values, 1 KiB
 // of 16-bit indices). A run that follows other work finds the weights beyond L2, and the hardware
 // prefetcher ramps up anew at every 4 KiB page of each stream. Pruned MLP 784-1024-1024-10 at
