@@ -98,17 +98,10 @@ static inline void PairwiseSumU(V (&acc)[U][MV], size_t v, Add add) {
   }
   if constexpr (U >= 8) acc[0][v] = add(acc[0][v], acc[4][v]);
 }
-// CSR with A and C column-major (the "columns" layout: an NCHW image is A^T [C_in x H*W] for a 1x1
-// conv, an im2col panel is A^T [C_in*KH*KW x OH*OW], and C^T [C_out x OH*OW] is the output image):
-// c[j * ldc + i] = epilogue(sum_p values[p] * at[col_idx[p] * ldat + i]) for output columns j < nc,
-// rows i < m (m <= mb). Each non-zero is a broadcast times contiguous rows of At as in the row
-// layout, but At is the caller's tensor (no pack, no alignment, nothing read or written past m: a
-// masked last vector) and an output column's sums are stored as they are (no transpose). ep:
-// scale/bias at column 0 (one value per column j), residual at (column 0, row 0), ldr between columns.
-// The columns kernels store m floats of output column j + kColumnsPrefetchAhead (and read as many of
-// its residual) a little after asking for them here, into L2: each column's row of C^T is its own
-// short run (m <= 128 floats) a whole plane away from the last, which the hardware prefetchers do
-// not follow, and at ResNet-50's 56x56 and 28x28 layers those lines come from beyond L2 (3.2 MB of
+// The columns kernels (the layout below) store m floats of output column j + kColumnsPrefetchAhead
+// (and read as many of its residual) a little after asking for them here, into L2: each column's
+// row of C^T is its own short run (m <= 128 floats) a whole plane away from the last, which the
+// hardware prefetchers do not follow, and at ResNet-50's 56x56 and 28x28 layers those lines come from beyond L2 (3.2 MB of
 // output per image at 56x56). With a K of 64 a column's sums take only ~50 FMAs, so the stores
 // and residual loads stalled the loop. Pruned ResNet-50 against the same build without it
 // (bench/model-ab.js, 2 columns ahead): n1 t1 0.971x time, n8 t1 0.929x, n8 t2 0.943x, n1 t2
@@ -124,6 +117,13 @@ static inline void PrefetchColumnsAhead(size_t j, size_t nc, size_t m, const flo
     if (res) PrefetchL2(res + i);
   }
 }
+// CSR with A and C column-major (the "columns" layout: an NCHW image is A^T [C_in x H*W] for a 1x1
+// conv, an im2col panel is A^T [C_in*KH*KW x OH*OW], and C^T [C_out x OH*OW] is the output image):
+// c[j * ldc + i] = epilogue(sum_p values[p] * at[col_idx[p] * ldat + i]) for output columns j < nc,
+// rows i < m (m <= mb). Each non-zero is a broadcast times contiguous rows of At as in the row
+// layout, but At is the caller's tensor (no pack, no alignment, nothing read or written past m: a
+// masked last vector) and an output column's sums are stored as they are (no transpose). ep:
+// scale/bias at column 0 (one value per column j), residual at (column 0, row 0), ldr between columns.
 typedef void (*F32SpmmCsrColumnsUkernel)(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
                                          const uint32_t* col_idx, const float* values, float* c, size_t ldc,
                                          const GemmEpilogue* ep);
