@@ -54,25 +54,14 @@ typedef void (*F32SpmvCsrUkernel)(size_t nc, const float* x, const uint32_t* row
 typedef void (*F32SpmvCsr16Ukernel)(size_t nc, const float* x, const uint32_t* row_ptr, const uint16_t* col_idx,
                                     const float* values, float* c, const GemmEpilogue* ep);
 
-// One row's sum for the 16-bit SpMV kernels: 8 independent chains, so the loop runs at the rate of
-// its loads (index, value, x[k]) rather than at the FMA latency. static: each ISA file compiles its own.
-static inline float F32SpmvRow16(const float* x, uint32_t p, uint32_t p1, const uint16_t* col_idx,
-                                 const float* values) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (; p + 8 <= p1; p += 8) {
-#pragma GCC unroll 8
-    for (int u = 0; u < 8; ++u) acc[u] += values[p + u] * x[col_idx[p + u]];
-  }
-  for (; p < p1; ++p) acc[0] += values[p] * x[col_idx[p]];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
 // How far ahead the SpMV kernels ask for their weight stream (non-zeros: 2 KiB of values, 1 KiB
 // of 16-bit indices). A run that follows other work finds the weights beyond L2, and the hardware
 // prefetcher ramps up anew at every 4 KiB page of each stream. Pruned MLP 784-1024-1024-10 at
 // batch 1, two threads, interleaved with onnxruntime-node (bench/model-ab.js): 0.066 -> 0.062 ms
-// at 512 (256: 0.063, 1024: 0.064).
+// at 512 (256: 0.063, 1024: 0.064) with the gathers; with F32SpmvRow16's scalar loads (Zen, and
+// SONDE_SPMV_GATHER=0 here) 0.95-0.97x time, 0.979x on one thread; AVX2 (SONDE_ISA=avx2) 0.958x.
 constexpr uint32_t kSpmvPrefetchAhead = 512;
-// One row's (or a 32-non-zero step's) lines of that stream, kSpmvPrefetchAhead ahead of p.
+// The stream's lines kSpmvPrefetchAhead non-zeros ahead of p (for a step of up to 32 non-zeros).
 template <typename Index>
 static inline void PrefetchSpmvStream(const float* values, const Index* col_idx, size_t p) {
   PrefetchL1(values + p + kSpmvPrefetchAhead);
@@ -81,6 +70,19 @@ static inline void PrefetchSpmvStream(const float* values, const Index* col_idx,
   if (sizeof(Index) == 4) PrefetchL1(col_idx + p + kSpmvPrefetchAhead + 16);
 }
 
+// One row's sum for the 16-bit SpMV kernels: 8 independent chains, so the loop runs at the rate of
+// its loads (index, value, x[k]) rather than at the FMA latency. static: each ISA file compiles its own.
+static inline float F32SpmvRow16(const float* x, uint32_t p, uint32_t p1, const uint16_t* col_idx,
+                                 const float* values) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (; p + 8 <= p1; p += 8) {
+    PrefetchSpmvStream(values, col_idx, p);
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) acc[u] += values[p + u] * x[col_idx[p + u]];
+  }
+  for (; p < p1; ++p) acc[0] += values[p] * x[col_idx[p]];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
 // acc[u][v] over u summed pairwise into acc[0][v]: (0+1), (2+3), ... then (0+2), (4+6), then (0+4).
 // Each level has constant bounds: GCC 12 does not fully unroll the equivalent `step *= 2` loop, and
 // then keeps the whole accumulator array in memory, storing every accumulator after each FMA of
