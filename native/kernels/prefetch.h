@@ -5,8 +5,8 @@
 // here without a word: the sparse columns kernels' output/residual lines (a loop over m), and the
 // NCHWc conv tiles' residual lines (a loop of 28-56, removed since: made real, it was slower). An
 // asm statement stays where it is written. Prefetches inside loops that also compute are kept
-// either way (the GEMM's, the conv tiles' weight and input prefetches: checked by compiling each
-// kernel file with _mm_prefetch redefined as asm and comparing the prefetch counts).
+// either way (the GEMM's, the conv tiles' weight and input prefetches): scripts/check-prefetches.sh
+// compiles each kernel file with _mm_prefetch redefined as asm and compares the prefetch counts.
 // Pure inline functions, no includes (ISA files include this).
 #pragma once
 
