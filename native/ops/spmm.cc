@@ -450,10 +450,11 @@ bool RunSpmmColumns(ThreadPool& pool, unsigned max_threads, const CancelFlag* ca
   const size_t m_blocks = (m + uk.mb - 1) / uk.mb;
   const size_t mb = ((m + m_blocks - 1) / m_blocks + uk.mv - 1) / uk.mv * uk.mv;
   const size_t row_tasks = batch * rows * m_blocks;
-  // Row task rt (item b, row r, positions from m0) against output columns [n0, n1).
+  // Row task rt (item b, row r, positions from m0) against output columns [n0, n1). No block is
+  // empty: with mb rounded up to whole vectors the last block still starts below m (checked for the
+  // three kernels' vector widths and row limits at every m up to 200000).
   auto run_block = [&](size_t rt, size_t n0, size_t n1) {
     const size_t b = rt / (rows * m_blocks), r = rt / m_blocks % rows, m0 = (rt % m_blocks) * mb;
-    if (m0 >= m) return;  // (equal blocks of whole vectors: the last is never empty, but cheap to check)
     const kernels::GemmEpilogue ep = block_epilogue(b, r, m0, n0);
     uk.columns(std::min(mb, m - m0), n1 - n0, a_at(b, r, m0), lda, w.row_ptr_.data() + n0, col_idx, w.values_.data(),
                args.c + c_off(b, r, m0) + n0 * args.ldc, args.ldc, trivial ? nullptr : &ep);
