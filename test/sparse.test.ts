@@ -205,7 +205,8 @@ describe.each(variants)('spmm %s', (variant) => {
       const w = kernels.toSparse(b, { format: 'csr' });
       expect(w.bytes).toBe(4 * (n + 1 + 2 * w.nnz) + (k <= 65536 ? 2 * w.nnz : 0));
       w.dispose();
-      for (const m of [1, 3, 20]) await run(variant, 'csr', m, k, n, b, { act: 'relu', bias: randomF32(n, 7) });
+      // 64: the parts of M that two threads take (F32SpmmCsrPartUkernel), over either index width.
+      for (const m of [1, 3, 20, 64]) await run(variant, 'csr', m, k, n, b, { act: 'relu', bias: randomF32(n, 7) });
     }
   });
 
@@ -284,9 +285,11 @@ describe.each(variants)('spmm %s', (variant) => {
     const [k, n] = [300, 203];
     const b = prunedWeights(k, n, 0.8, 21, format === 'bsr' ? 16 : 1);
     const w = kernels.toSparse(b, { format });
-    // 150: two blocks of rows (a block per thread); 300: three (packed once, the columns split on two
-    // threads, one thread still by blocks); 1100: nine (by blocks again).
-    for (const m of [1, 7, 64, 150, 300, 1100]) {
+    // 64-128: one block of rows, on two threads in two parts (4+4 vectors of 16 rows, 3+2, 4+3), each
+    // summed with the whole block's accumulator chains; 150: two blocks of rows (a block per thread);
+    // 300: three (packed once, the columns split on two threads, one thread still by blocks); 1100:
+    // nine (by blocks again).
+    for (const m of [1, 7, 64, 80, 100, 128, 150, 300, 1100]) {
       const a = randomTensor([m, k], m);
       const o1 = await kernels.spmm(a, w, { variant, threads: 1, bias: randomTensor([n], 2), activation: 'gelu' });
       const o2 = await kernels.spmm(a, w, { variant, threads: 2, bias: randomTensor([n], 2), activation: 'gelu' });

@@ -320,6 +320,7 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
     std::unique_ptr<float, SparseWeights::FreeDeleter> buf;
     size_t capacity = 0;
     uint64_t packed_for = 0;  // the call whose At this thread's copy holds (0: none)
+    size_t packed_m0 = 0, packed_rows = 0;  // which of its rows (a part of M, or all of them)
     float* Get(size_t floats) {
       if (capacity < floats) {
         buf.reset(AlignedFloats(floats));
@@ -378,19 +379,63 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
     }, cancel);
   }
 
+  static std::atomic<uint64_t> calls{0};
+  const uint64_t call = calls.fetch_add(1, std::memory_order_relaxed) + 1;
+  // Packs rows [m0, m0 + rows) of A into this thread's At (ld: rows rounded up to whole vectors)
+  // unless it holds them for this call already.
+  const auto packed = [&](size_t m0, size_t rows, size_t ld) {
+    float* const at = scratch.Get(k * ld);
+    if (scratch.packed_for != call || scratch.packed_m0 != m0 || scratch.packed_rows != rows) {
+      uk.pack(rows, k, args.a + m0 * args.lda, args.lda, at, ld);
+      scratch.packed_for = call;
+      scratch.packed_m0 = m0;
+      scratch.packed_rows = rows;
+    }
+    return at;
+  };
+
+  constexpr size_t kMinPartVectors = 2;
+  const size_t vectors = ldat / uk.mv, part0 = (vectors + 1) / 2 * uk.mv;
+  if (row_blocks == 1 && vectors >= 2 * kMinPartVectors && part0 <= uk.part_mb &&
+      (spmm16 ? uk.spmm16_part != nullptr : uk.spmm_part != nullptr)) {
+    // One block of rows on several threads: M in two parts of whole vectors, a part per thread (or
+    // per half of them), each packing only its part of At and running the columns on it, where the
+    // columns split below has each thread pack and read the whole At for half of the columns.
+    // 1024x1024 at 90% on two threads (Xeon), back to back: M = 64 0.144 -> 0.127 ms, 80 0.210 ->
+    // 0.157, 128 0.329 -> 0.272; interleaved with the dense GEMM as the sparse suite runs them (the
+    // weights then come from L3, and each part reads all of them) M = 64 0.175 -> 0.162, 128 0.349
+    // -> 0.316. A part of one vector pays the per-non-zero loads for 16 rows only: M = 32 0.075 ->
+    // 0.079, 48 (parts of 2 and 1) even. The parts keep the whole M's accumulator chains
+    // (F32SpmmCsrPartUkernel), so the results are those of one thread.
+    const size_t per_part = std::max<size_t>(1, threads / 2);
+    const std::vector<size_t> pb = BalancedSplit(groups, per_part, group_ptr.data(), ng);
+    const size_t part_chunks = pb.size() - 1;
+    return pool.ParallelFor(2 * part_chunks, threads, [&](size_t t) {
+      const size_t part = t / part_chunks, chunk = t % part_chunks;
+      const size_t m0 = part ? part0 : 0, rows = part ? m - part0 : part0;
+      const size_t ld = (rows + uk.mv - 1) / uk.mv * uk.mv;
+      const float* const at = packed(m0, rows, ld);
+      for (size_t g = pb[chunk]; g < pb[chunk + 1]; ++g) {
+        const size_t n0 = g * ng, nc = std::min(ng, n - n0);
+        const kernels::GemmEpilogue ep = OffsetEpilogue(e, m0, n0);
+        if (spmm16)
+          uk.spmm16_part(rows, m, nc, at, ld, w.row_ptr_.data() + n0, w.col_idx16_.data(), w.values_.data(),
+                         args.c + m0 * args.ldc + n0, args.ldc, trivial ? nullptr : &ep);
+        else
+          uk.spmm_part(rows, m, nc, at, ld, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(),
+                       args.c + m0 * args.ldc + n0, args.ldc, trivial ? nullptr : &ep);
+      }
+      scratch.Release();
+    }, cancel);
+  }
+
   // Fewer blocks of rows than threads (or an uneven few): the columns split over the threads, and
   // each thread packs a whole At of its own before its first chunk, reading it from its own L2
   // after; packing one At split over K (a loop of its own) left each thread reading half of it from
   // the other core (1024x1024 at 90%, two threads, M = 16-300: 0.89-0.91x of the time; K = 256 the
   // same).
-  static std::atomic<uint64_t> calls{0};
-  const uint64_t call = calls.fetch_add(1, std::memory_order_relaxed) + 1;
   return pool.ParallelFor(chunks, threads, [&](size_t t) {
-    float* const at = scratch.Get(k * ldat);
-    if (scratch.packed_for != call) {
-      uk.pack(m, k, args.a, args.lda, at, ldat);
-      scratch.packed_for = call;
-    }
+    float* const at = packed(0, m, ldat);
     for (size_t m0 = 0; m0 < m; m0 += mb) columns(m0, std::min(mb, m - m0), at + m0, ldat, bounds[t], bounds[t + 1]);
     scratch.Release();
   }, cancel);

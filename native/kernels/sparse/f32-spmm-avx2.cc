@@ -325,7 +325,7 @@ void F32SpmmBsr1x32Avx2(size_t mr, size_t nc, const float* a, size_t lda, size_t
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx2() {
   return {F32SpmmCsr8x64Avx2<uint32_t>, F32SpmvCsr8Avx2, F32SpmvCsr8x16bitAvx2, F32TransposePack8Avx2,
           kNg, kMaxMv * 8, 8, "f32_spmm_csr_8x64__avx2", F32SpmmCsrColumns64Avx2, "f32_spmm_csr_columns_64__avx2", nullptr,
-          F32SpmmCsr8x64Avx2<uint16_t>};
+          F32SpmmCsr8x64Avx2<uint16_t>, nullptr, nullptr, 0};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx2(uint32_t bw) {

@@ -51,6 +51,53 @@ inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, con
   }
 }
 
+// Output columns j and j + 1 at once, each summed exactly as CsrColumn<MV, U> sums it (chain u
+// takes the non-zeros u, U + u, ... of its column, the tail chain 0, pairwise at the end), so a
+// column's sums are the same bits either way. A part of M's rows (RunSpmm's split of a small M over
+// the threads) keeps the U of the whole M, and alone its U*MV chains would leave the FMA pipes idle
+// (M = 64 in halves: 4 chains, latency-bound); the two columns' chains together make 2*U*MV.
+template <size_t MV, size_t U, typename Index>
+inline void CsrColumnPair(const float* at, size_t ldat, uint32_t p, uint32_t p1, uint32_t q, uint32_t q1,
+                          const Index* col_idx, const float* values, float* out0, float* out1) {
+  __m512 acc[U][MV], bcc[U][MV];
+#pragma GCC unroll 32
+  for (size_t u = 0; u < U; ++u)
+#pragma GCC unroll 8
+    for (size_t v = 0; v < MV; ++v) acc[u][v] = bcc[u][v] = _mm512_setzero_ps();
+  const auto step = [&](__m512(&x)[U][MV], uint32_t r) {
+#pragma GCC unroll 8
+    for (size_t u = 0; u < U; ++u) {
+      const __m512 w = _mm512_set1_ps(values[r + u]);
+      const float* ak = at + static_cast<size_t>(col_idx[r + u]) * ldat;
+#pragma GCC unroll 8
+      for (size_t v = 0; v < MV; ++v) x[u][v] = _mm512_fmadd_ps(w, _mm512_load_ps(ak + 16 * v), x[u][v]);
+    }
+  };
+  for (; p + U <= p1 && q + U <= q1; p += U, q += U) {
+    step(acc, p);
+    step(bcc, q);
+  }
+  for (; p + U <= p1; p += U) step(acc, p);
+  for (; q + U <= q1; q += U) step(bcc, q);
+  const auto tail = [&](__m512(&x)[U][MV], uint32_t r, uint32_t r1) {
+    for (; r < r1; ++r) {
+      const __m512 w = _mm512_set1_ps(values[r]);
+      const float* ak = at + static_cast<size_t>(col_idx[r]) * ldat;
+#pragma GCC unroll 8
+      for (size_t v = 0; v < MV; ++v) x[0][v] = _mm512_fmadd_ps(w, _mm512_load_ps(ak + 16 * v), x[0][v]);
+    }
+  };
+  tail(acc, p, p1);
+  tail(bcc, q, q1);
+#pragma GCC unroll 8
+  for (size_t v = 0; v < MV; ++v) {
+    PairwiseSumU<U, MV>(acc, v, [](auto a, auto b) { return _mm512_add_ps(a, b); });
+    PairwiseSumU<U, MV>(bcc, v, [](auto a, auto b) { return _mm512_add_ps(a, b); });
+    _mm512_store_ps(out0 + 16 * v, acc[0][v]);
+    _mm512_store_ps(out1 + 16 * v, bcc[0][v]);
+  }
+}
+
 // r[j] = row j of a 16x16 block in, column j out: the unpack / 128-bit-lane shuffle network,
 // 64 shuffles against the 256 scalar loads and stores of an element-wise transpose.
 inline void Transpose16x16(__m512 r[16]) {
@@ -85,14 +132,22 @@ inline void Transpose16x16(__m512 r[16]) {
 
 // The group's sums land in tile[j][i] (column j of C, row i); each 16-row slab is transposed in
 // registers to rows of C across the 16 columns, so the epilogue and the store work on rows of C like the GEMM's.
-template <size_t MV, typename Index>
+// U: the accumulator chains per column, UFor(the vectors of the whole M) (a part of M keeps its
+// whole's, so results do not depend on how M was split); kPairs: columns two at a time (CsrColumnPair).
+constexpr size_t UFor(size_t mv) { return mv >= 8 ? 1 : 8 / mv; }
+template <size_t MV, size_t U, bool kPairs, typename Index>
 void CsrGroup(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr, const Index* col_idx,
               const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
-  constexpr size_t kU = MV >= 8 ? 1 : 8 / MV;
   constexpr size_t kRows = MV * 16;
   alignas(64) float tile[kNg * kRows];
-  for (size_t j = 0; j < nc; ++j)
-    CsrColumn<MV, kU, Index>(at, ldat, row_ptr[j], row_ptr[j + 1], col_idx, values, tile + j * kRows);
+  size_t j = 0;
+  if constexpr (kPairs) {
+    for (; j + 2 <= nc; j += 2)
+      CsrColumnPair<MV, U, Index>(at, ldat, row_ptr[j], row_ptr[j + 1], row_ptr[j + 1], row_ptr[j + 2], col_idx, values,
+                                  tile + j * kRows, tile + (j + 1) * kRows);
+  }
+  for (; j < nc; ++j)
+    CsrColumn<MV, U, Index>(at, ldat, row_ptr[j], row_ptr[j + 1], col_idx, values, tile + j * kRows);
   const __mmask16 mask = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
   avx512::ColumnTerms t{};
   if (ep) t = avx512::LoadColumnTerms(ep, 0, mask);
@@ -116,7 +171,7 @@ template <typename Index>
 void F32SpmmCsr16x128Avx512(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
     const Index* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
 #define SONDE_CSR_GROUP(MV) \
-  CsrGroup<MV, Index>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep)
+  CsrGroup<MV, UFor(MV), false, Index>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep)
   switch ((m + 15) / 16) {
     case 1: return SONDE_CSR_GROUP(1);
     case 2: return SONDE_CSR_GROUP(2);
@@ -129,6 +184,35 @@ void F32SpmmCsr16x128Avx512(size_t m, size_t nc, const float* at, size_t ldat, c
     default: return;
   }
 #undef SONDE_CSR_GROUP
+}
+
+// A part of a small M (RunSpmm's split over the threads): rows [0, m) of At, summed with the chains
+// of the whole M's `whole_m` rows, columns in pairs. Parts of at most 64 rows (halves of M <= 128).
+template <typename Index>
+void F32SpmmCsrPart64Avx512(size_t m, size_t whole_m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
+                            const Index* col_idx, const float* values, float* c, size_t ldc, const GemmEpilogue* ep) {
+#define SONDE_CSR_PART(MV, U) \
+  return CsrGroup<MV, U, true, Index>(m, nc, at, ldat, row_ptr, col_idx, values, c, ldc, ep)
+  const size_t u = UFor((whole_m + 15) / 16);
+  switch ((m + 15) / 16) {
+    case 1:
+      if (u == 8) SONDE_CSR_PART(1, 8);
+      if (u == 4) SONDE_CSR_PART(1, 4);
+      if (u == 2) SONDE_CSR_PART(1, 2);
+      SONDE_CSR_PART(1, 1);
+    case 2:
+      if (u == 4) SONDE_CSR_PART(2, 4);
+      if (u == 2) SONDE_CSR_PART(2, 2);
+      SONDE_CSR_PART(2, 1);
+    case 3:
+      if (u == 2) SONDE_CSR_PART(3, 2);
+      SONDE_CSR_PART(3, 1);
+    case 4:
+      if (u == 2) SONDE_CSR_PART(4, 2);
+      SONDE_CSR_PART(4, 1);
+    default: return;
+  }
+#undef SONDE_CSR_PART
 }
 
 // At = A^T through 16x16 register transposes: an element-wise copy writes each At row 4 bytes at a
@@ -352,7 +436,8 @@ void F32SpmmCsrColumns128Avx512(size_t m, size_t nc, const float* at, size_t lda
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelAvx512() {
   return {F32SpmmCsr16x128Avx512<uint32_t>, F32SpmvCsr16Avx512, F32SpmvCsr16x16bitAvx512, F32TransposePack16Avx512,
           kNg, kMaxMv * 16, 16, "f32_spmm_csr_16x128__avx512", F32SpmmCsrColumns128Avx512,
-          "f32_spmm_csr_columns_128__avx512", F32SpmvCsr16x16bitGatherAvx512, F32SpmmCsr16x128Avx512<uint16_t>};
+          "f32_spmm_csr_columns_128__avx512", F32SpmvCsr16x16bitGatherAvx512, F32SpmmCsr16x128Avx512<uint16_t>,
+          F32SpmmCsrPart64Avx512<uint32_t>, F32SpmmCsrPart64Avx512<uint16_t>, 64};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelAvx512(uint32_t bw) {

@@ -101,7 +101,8 @@ void F32TransposePackScalar(size_t m, size_t k, const float* a, size_t lda, floa
 
 F32SpmmCsrUkernelInfo F32SpmmCsrUkernelScalar() {
   return {F32SpmmCsr8x64Scalar, F32SpmvCsr8Scalar, F32SpmvCsr8x16bitScalar, F32TransposePackScalar,
-          kNg, kMb, 1, "f32_spmm_csr_8x64__scalar", F32SpmmCsrColumns8x64Scalar, "f32_spmm_csr_columns_64__scalar", nullptr};
+          kNg, kMb, 1, "f32_spmm_csr_8x64__scalar", F32SpmmCsrColumns8x64Scalar, "f32_spmm_csr_columns_64__scalar", nullptr,
+          nullptr, nullptr, nullptr, 0};
 }
 
 F32SpmmBsrUkernelInfo F32SpmmBsrUkernelScalar(uint32_t bw) {

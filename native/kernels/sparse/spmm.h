@@ -40,6 +40,15 @@ typedef void (*F32SpmmCsrUkernel)(size_t m, size_t nc, const float* at, size_t l
 typedef void (*F32SpmmCsr16bitUkernel)(size_t m, size_t nc, const float* at, size_t ldat, const uint32_t* row_ptr,
                                        const uint16_t* col_idx, const float* values, float* c, size_t ldc,
                                        const GemmEpilogue* ep);
+// A part of a call's rows: as F32SpmmCsrUkernel over rows [0, m) of At, with the accumulator chains
+// (and so the summation order) of a call over all `whole_m` rows (m <= whole_m), so that results do
+// not depend on how the operator split M between threads.
+typedef void (*F32SpmmCsrPartUkernel)(size_t m, size_t whole_m, size_t nc, const float* at, size_t ldat,
+                                      const uint32_t* row_ptr, const uint32_t* col_idx, const float* values, float* c,
+                                      size_t ldc, const GemmEpilogue* ep);
+typedef void (*F32SpmmCsrPart16bitUkernel)(size_t m, size_t whole_m, size_t nc, const float* at, size_t ldat,
+                                           const uint32_t* row_ptr, const uint16_t* col_idx, const float* values,
+                                           float* c, size_t ldc, const GemmEpilogue* ep);
 // At packing: at[k * ldat + i] = a[i * lda + k] for i < m, k < k; zero for m <= i < ldat.
 typedef void (*F32TransposePackUkernel)(size_t m, size_t k, const float* a, size_t lda, float* at, size_t ldat);
 // CSR, M = 1: c[0..nc) = epilogue(sum_p values[p] * x[col_idx[p]]) over each row's non-zeros.
@@ -150,6 +159,10 @@ struct F32SpmmCsrUkernelInfo {
   // scalar loads where gathers are (CpuFeatures::fast_gather).
   F32SpmvCsr16Ukernel spmv16_gather;
   F32SpmmCsr16bitUkernel spmm16;  // spmm over 16-bit indices (null: the operator uses spmm)
+  // Parts of M for a split over threads (null: the variant has none), parts of up to part_mb rows.
+  F32SpmmCsrPartUkernel spmm_part;
+  F32SpmmCsrPart16bitUkernel spmm16_part;
+  uint32_t part_mb;
 };
 
 struct F32SpmmBsrUkernelInfo {
