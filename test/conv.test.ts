@@ -155,6 +155,7 @@ const shapes: Shape[] = [
   { name: 'depthwise 3x3 s2 p1', x: [1, 17, 15, 35], w: [17, 1, 3, 3], g: { group: 17, strides: [2, 2], pads: [1, 1, 1, 1] } },
   { name: 'depthwise 3x3 s2 d2 (row pairs share input rows)', x: [1, 5, 19, 23], w: [5, 1, 3, 3], g: { group: 5, strides: [2, 2], dilations: [2, 2], pads: [2, 1, 2, 2] } },
   { name: 'depthwise 5x5 s3 d2 SAME_UPPER', x: [1, 6, 17, 19], w: [6, 1, 5, 5], g: { group: 6, strides: [3, 3], dilations: [2, 2], autoPad: 'SAME_UPPER' } },
+  { name: 'depthwise 5x5 s1 p2, 118 outputs a row', x: [1, 3, 9, 118], w: [3, 1, 5, 5], g: { group: 3, pads: [2, 2, 2, 2] } },
   // Output rows of at most 8 pixels (AVX-512) run on the blocked depthwise kernel through per-task
   // blocked copies of 16 channels (zero border, partial last block); wider ones on the window kernel.
   { name: 'depthwise 3x3 s1 on 7x7, 35 channels, N=2 (narrow rows: blocked copies)', x: [2, 35, 7, 7], w: [35, 1, 3, 3], g: { group: 35, pads: [1, 1, 1, 1] } },
@@ -646,6 +647,10 @@ const poolCases: { name: string; x: number[]; k: number[]; g: Geo }[] = [
   { name: '3x2 s1 asymmetric pads, dilation 2', x: [1, 4, 9, 40], k: [3, 2], g: { pads: [2, 0, 1, 1], dilations: [2, 2] } },
   { name: '3x3 s3 SAME_LOWER', x: [1, 3, 10, 11], k: [3, 3], g: { strides: [3, 3], autoPad: 'SAME_LOWER' } },
   { name: '5x5 s2 SAME_UPPER', x: [1, 2, 12, 13], k: [5, 5], g: { strides: [2, 2], autoPad: 'SAME_UPPER' } },
+  // Rows of more than 64 outputs: the AVX-512 window kernel's groups of four vectors, then 1-3 more.
+  { name: '3x3 s2 p1, 75 outputs a row', x: [1, 2, 7, 150], k: [3, 3], g: { strides: [2, 2], pads: [1, 1, 1, 1] } },
+  { name: '2x2 s1, 139 outputs a row', x: [1, 2, 4, 140], k: [2, 2], g: {} },
+  { name: '3x3 s3 SAME_LOWER, 67 outputs a row (gathered taps)', x: [1, 2, 10, 200], k: [3, 3], g: { strides: [3, 3], autoPad: 'SAME_LOWER' } },
 ];
 
 describe.each(variants)('pooling, variant %s', (variant) => {

@@ -17,10 +17,14 @@ namespace sonde {
 namespace kernels {
 namespace {
 
-void FillPadded(const WindowArgs* a, float pad) {
-  const size_t rows = WindowScratchRows(a), cols = WindowScratchCols(a);
+// The padded scratch plane's rows [r0, r1): the window loops fill it a few rows ahead of the
+// output row they make, so each row is read from the input while the last rows' taps compute, and
+// taken from L1 by them; the whole plane first (112x112 in: 59 KiB, past L1) made the 3x3/2 max
+// pool of ResNet's stem (64 planes, NCHW in pruned models) 0.34 ms, half of it this fill.
+void FillPadded(const WindowArgs* a, float pad, size_t r0, size_t r1) {
+  const size_t cols = WindowScratchCols(a);
   const __m512 pv = _mm512_set1_ps(pad);
-  for (size_t r = 0; r < rows; ++r) {
+  for (size_t r = r0; r < r1; ++r) {
     float* dst = a->scratch + r * cols;
     const size_t iy = r - a->pad_t;  // wraps for r < pad_t: then >= ih
     const bool inside = r >= a->pad_t && iy < a->ih;
@@ -42,6 +46,25 @@ void FillPadded(const WindowArgs* a, float pad) {
   }
 }
 
+// Fills the scratch rows output row oy (and those before it) reads, from `filled` on.
+class RowFiller {
+ public:
+  RowFiller(const WindowArgs* a) : a_(a), pad_(a->op == kWindowMax ? -INFINITY : 0.0f), rows_(WindowScratchRows(a)) {}
+  void Through(size_t oy) {
+    size_t need = oy * a_->sh + (a_->kh - 1) * a_->dh + 1;
+    if (need > rows_) need = rows_;
+    if (need > filled_) {
+      FillPadded(a_, pad_, filled_, need);
+      filled_ = need;
+    }
+  }
+
+ private:
+  const WindowArgs* a_;
+  float pad_;
+  size_t rows_, filled_ = 0;
+};
+
 template <int SW>
 inline __m512 Tap(const float* p, size_t sw, __m512i even, __m512i gidx) {
   if (SW == 1) return _mm512_loadu_ps(p);
@@ -49,53 +72,81 @@ inline __m512 Tap(const float* p, size_t sw, __m512i even, __m512i gidx) {
   return _mm512_i32gather_ps(gidx, p, 4);
 }
 
+// NV output vectors of row oy from column ox0 (the last one n < 16 wide where the row ends there):
+// each its own accumulator, so the taps of one vector do not wait on the last tap's result. One at
+// a time, every max or add followed the previous through its 4-cycle latency (and a permute's 3 at
+// stride 2): the 3x3/2 max pool of a 112x112 plane (ResNet's, NCHW in pruned models) took ~5.8 us.
+template <int SW, size_t NV>
+inline void WindowVectors(const WindowArgs* a, size_t oy, size_t ox0, size_t cols, __m512i even, __m512i gidx) {
+  const int op = a->op;
+  const float* rows = a->scratch + oy * a->sh * cols;
+  float* out = a->out + oy * a->ow;
+  __m512 acc[NV];
+#pragma GCC unroll 4
+  for (size_t v = 0; v < NV; ++v) acc[v] = _mm512_set1_ps(op == kWindowMax ? -INFINITY : 0.0f);
+  for (size_t ky = 0; ky < a->kh; ++ky) {
+    const float* row = rows + ky * a->dh * cols + ox0 * a->sw;
+    for (size_t kx = 0; kx < a->kw; ++kx) {
+      const float* tap = row + kx * a->dw;
+      const __m512 wk = _mm512_set1_ps(op == kWindowConv ? a->weights[ky * a->kw + kx] : 0.0f);
+#pragma GCC unroll 4
+      for (size_t v = 0; v < NV; ++v) {
+        const __m512 x = Tap<SW>(tap + 16 * v * a->sw, a->sw, even, gidx);
+        if (op == kWindowConv) acc[v] = _mm512_fmadd_ps(x, wk, acc[v]);
+        else if (op == kWindowMax) acc[v] = _mm512_max_ps(x, acc[v]);  // (x > acc) ? x : acc, as the scalar kernel
+        else acc[v] = _mm512_add_ps(acc[v], x);
+      }
+    }
+  }
+  const __m512 inv_taps = _mm512_set1_ps(1.0f / static_cast<float>(a->kh * a->kw));
+  const __m512 bias = _mm512_set1_ps(a->bias);
+  const GemmEpilogue* ep = a->ep;
+#pragma GCC unroll 4
+  for (size_t v = 0; v < NV; ++v) {
+    const size_t ox = ox0 + 16 * v;
+    const size_t n = a->ow - ox < 16 ? a->ow - ox : 16;
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    __m512 r = acc[v];
+    if (op == kWindowAvg) {
+      if (a->row_count) {
+        const __m512 cnt = _mm512_mul_ps(_mm512_set1_ps(a->row_count[oy]), _mm512_maskz_loadu_ps(m, a->col_count + ox));
+        r = _mm512_maskz_div_ps(m, r, cnt);
+      } else {
+        r = _mm512_mul_ps(r, inv_taps);
+      }
+    } else if (op == kWindowConv) {
+      r = _mm512_add_ps(r, bias);
+      if (ep) {
+        if (ep->residual) {
+          const __m512 res = _mm512_maskz_loadu_ps(m, ep->residual + oy * a->ow + ox);
+          r = ep->residual_before_activation ? avx512::Activate(_mm512_add_ps(r, res), ep)
+                                             : _mm512_add_ps(avx512::Activate(r, ep), res);
+        } else {
+          r = avx512::Activate(r, ep);
+        }
+      }
+    }
+    _mm512_mask_storeu_ps(out + ox, m, r);
+  }
+}
+
 template <int SW>
 void Window(const WindowArgs* a) {
+  constexpr size_t kVectors = 4;
   const size_t cols = WindowScratchCols(a);
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(static_cast<int>(a->sw)));
-  const int op = a->op;
-  const __m512 init = _mm512_set1_ps(op == kWindowMax ? -INFINITY : 0.0f);
-  const __m512 inv_taps = _mm512_set1_ps(1.0f / static_cast<float>(a->kh * a->kw));
-  const __m512 bias = _mm512_set1_ps(a->bias);
-  const GemmEpilogue* ep = a->ep;
+  const size_t vectors = (a->ow + 15) / 16, whole = vectors / kVectors * kVectors;
+  RowFiller fill(a);
   for (size_t oy = 0; oy < a->oh; ++oy) {
-    const float* rows = a->scratch + oy * a->sh * cols;
-    float* out = a->out + oy * a->ow;
-    for (size_t ox = 0; ox < a->ow; ox += 16) {
-      const size_t n = a->ow - ox < 16 ? a->ow - ox : 16;
-      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
-      __m512 acc = init;
-      for (size_t ky = 0; ky < a->kh; ++ky) {
-        const float* row = rows + ky * a->dh * cols + ox * a->sw;
-        for (size_t kx = 0; kx < a->kw; ++kx) {
-          const __m512 v = Tap<SW>(row + kx * a->dw, a->sw, even, gidx);
-          if (op == kWindowConv) acc = _mm512_fmadd_ps(v, _mm512_set1_ps(a->weights[ky * a->kw + kx]), acc);
-          else if (op == kWindowMax) acc = _mm512_max_ps(v, acc);  // (v > acc) ? v : acc, as the scalar kernel
-          else acc = _mm512_add_ps(acc, v);
-        }
-      }
-      if (op == kWindowAvg) {
-        if (a->row_count) {
-          const __m512 cnt = _mm512_mul_ps(_mm512_set1_ps(a->row_count[oy]), _mm512_maskz_loadu_ps(m, a->col_count + ox));
-          acc = _mm512_maskz_div_ps(m, acc, cnt);
-        } else {
-          acc = _mm512_mul_ps(acc, inv_taps);
-        }
-      } else if (op == kWindowConv) {
-        acc = _mm512_add_ps(acc, bias);
-        if (ep) {
-          if (ep->residual) {
-            const __m512 r = _mm512_maskz_loadu_ps(m, ep->residual + oy * a->ow + ox);
-            acc = ep->residual_before_activation ? avx512::Activate(_mm512_add_ps(acc, r), ep)
-                                                 : _mm512_add_ps(avx512::Activate(acc, ep), r);
-          } else {
-            acc = avx512::Activate(acc, ep);
-          }
-        }
-      }
-      _mm512_mask_storeu_ps(out + ox, m, acc);
+    fill.Through(oy);
+    for (size_t v = 0; v < whole; v += kVectors) WindowVectors<SW, kVectors>(a, oy, 16 * v, cols, even, gidx);
+    switch (vectors - whole) {
+      case 3: WindowVectors<SW, 3>(a, oy, 16 * whole, cols, even, gidx); break;
+      case 2: WindowVectors<SW, 2>(a, oy, 16 * whole, cols, even, gidx); break;
+      case 1: WindowVectors<SW, 1>(a, oy, 16 * whole, cols, even, gidx); break;
+      default: break;
     }
   }
 }
@@ -128,7 +179,9 @@ void Depthwise3x3(const WindowArgs* a) {
   size_t oy = 0;
   // Two output rows share input rows only when the second's window starts one dilation below: stride == dilation.
   const bool pair = a->sh == dh;
+  RowFiller fill(a);
   for (; pair && oy + 2 <= a->oh; oy += 2) {
+    fill.Through(oy + 1);
     const float* r0 = a->scratch + oy * a->sh * cols;
     for (size_t ox = 0; ox < a->ow; ox += 16) {
       const size_t n = a->ow - ox < 16 ? a->ow - ox : 16;
@@ -147,6 +200,7 @@ void Depthwise3x3(const WindowArgs* a) {
     }
   }
   for (; oy < a->oh; ++oy) {
+    fill.Through(oy);
     const float* r0 = a->scratch + oy * a->sh * cols;
     for (size_t ox = 0; ox < a->ow; ox += 16) {
       const size_t n = a->ow - ox < 16 ? a->ow - ox : 16;
@@ -161,7 +215,6 @@ void Depthwise3x3(const WindowArgs* a) {
 }
 
 void F32WindowAvx512(const WindowArgs* a) {
-  FillPadded(a, a->op == kWindowMax ? -INFINITY : 0.0f);
   if (a->op == kWindowConv && a->kh == 3 && a->kw == 3 && a->sw <= 2) {
     if (a->sw == 1) return Depthwise3x3<1>(a);
     return Depthwise3x3<2>(a);
