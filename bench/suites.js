@@ -168,15 +168,24 @@ async function* gemmSuite(ctx) {
   const timing = ctx.quick ? { minRounds: 3, minMs: 100, maxMs: 1000 } : { minRounds: 5, minMs: 1000, maxMs: 5000 };
   const gflops = (m, k, n, ms) => (2 * m * k * n) / ms / 1e6;
 
-  // Square problems: the compute-bound end, at 1 and 2 threads.
+  // Square problems: the compute-bound end, at 1 and 2 threads. Besides the interleaved pair (the
+  // ratio), each side alone call after call (steadyPct, ortSteadyPct: % of the peak), as the peak
+  // suite measures the FMA peak and as BLAS results are usually quoted. Interleaved, each sonde call
+  // follows ORT's, which runs on the JS thread while sonde's worker idles on the other core, and
+  // on this VM an idle core's first milliseconds run slow (bench/idle-gap.js: 256^3 on one thread
+  // 0.21 ms back to back, 0.44 ms after a 14 ms idle gap; 1024^3 about 6% slower).
   const squares = ctx.quick ? [256] : [256, 512, 1024, 2048];
   for (const s of squares) {
     for (const t of threadCounts) {
       const p = await gemmPair(ctx, s, s, s, t);
       const [ms, ortMs] = await timeInterleaved([p.sonde, p.anchor], timing);
+      const [steadyMs] = await timeInterleaved([p.sonde], timing);
+      const [ortSteadyMs] = await timeInterleaved([p.anchor], timing);
       await p.release();
       const g = gflops(s, s, s, ms);
-      yield { case: `f32 ${s}x${s}x${s} t${t}`, ms, gflops: g, pctPeak: (100 * g) / (await peak(ctx, t)),
+      const pk = await peak(ctx, t);
+      yield { case: `f32 ${s}x${s}x${s} t${t}`, ms, gflops: g, pctPeak: (100 * g) / pk,
+        steadyPct: (100 * gflops(s, s, s, steadyMs)) / pk, ortSteadyPct: (100 * gflops(s, s, s, ortSteadyMs)) / pk,
         ortMs, ortGflops: gflops(s, s, s, ortMs), ratio: ortMs / ms, vs: 'onnxruntime-node' };
     }
   }
