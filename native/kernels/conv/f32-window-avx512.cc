@@ -72,6 +72,23 @@ inline __m512 Tap(const float* p, size_t sw, __m512i even, __m512i gidx) {
   return _mm512_i32gather_ps(gidx, p, 4);
 }
 
+// A depthwise conv's sums of output (oy, ox..ox+15) through the bias and the fused epilogue
+// (activation, residual) to the masked lanes of the output row.
+inline void FinishConv(const WindowArgs* a, __m512 acc, size_t oy, size_t ox, __mmask16 m) {
+  acc = _mm512_add_ps(acc, _mm512_set1_ps(a->bias));
+  const GemmEpilogue* ep = a->ep;
+  if (ep) {
+    if (ep->residual) {
+      const __m512 r = _mm512_maskz_loadu_ps(m, ep->residual + oy * a->ow + ox);
+      acc = ep->residual_before_activation ? avx512::Activate(_mm512_add_ps(acc, r), ep)
+                                           : _mm512_add_ps(avx512::Activate(acc, ep), r);
+    } else {
+      acc = avx512::Activate(acc, ep);
+    }
+  }
+  _mm512_mask_storeu_ps(a->out + oy * a->ow + ox, m, acc);
+}
+
 // NV output vectors of row oy from column ox0 (the last one n < 16 wide where the row ends there):
 // each its own accumulator, so the taps of one vector do not wait on the last tap's result. One at
 // a time, every max or add followed the previous through its 4-cycle latency (and a permute's 3 at
@@ -99,31 +116,22 @@ inline void WindowVectors(const WindowArgs* a, size_t oy, size_t ox0, size_t col
     }
   }
   const __m512 inv_taps = _mm512_set1_ps(1.0f / static_cast<float>(a->kh * a->kw));
-  const __m512 bias = _mm512_set1_ps(a->bias);
-  const GemmEpilogue* ep = a->ep;
 #pragma GCC unroll 4
   for (size_t v = 0; v < NV; ++v) {
     const size_t ox = ox0 + 16 * v;
     const size_t n = a->ow - ox < 16 ? a->ow - ox : 16;
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
     __m512 r = acc[v];
+    if (op == kWindowConv) {
+      FinishConv(a, r, oy, ox, m);
+      continue;
+    }
     if (op == kWindowAvg) {
       if (a->row_count) {
         const __m512 cnt = _mm512_mul_ps(_mm512_set1_ps(a->row_count[oy]), _mm512_maskz_loadu_ps(m, a->col_count + ox));
         r = _mm512_maskz_div_ps(m, r, cnt);
       } else {
         r = _mm512_mul_ps(r, inv_taps);
-      }
-    } else if (op == kWindowConv) {
-      r = _mm512_add_ps(r, bias);
-      if (ep) {
-        if (ep->residual) {
-          const __m512 res = _mm512_maskz_loadu_ps(m, ep->residual + oy * a->ow + ox);
-          r = ep->residual_before_activation ? avx512::Activate(_mm512_add_ps(r, res), ep)
-                                             : _mm512_add_ps(avx512::Activate(r, ep), res);
-        } else {
-          r = avx512::Activate(r, ep);
-        }
       }
     }
     _mm512_mask_storeu_ps(out + ox, m, r);
@@ -160,22 +168,8 @@ void Depthwise3x3(const WindowArgs* a) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   __m512 wk[9];
   for (int t = 0; t < 9; ++t) wk[t] = _mm512_set1_ps(a->weights[t]);
-  const __m512 bias = _mm512_set1_ps(a->bias);
-  const GemmEpilogue* ep = a->ep;
   const size_t dh = a->dh, dw = a->dw;
-  auto finish = [&](__m512 acc, size_t oy, size_t ox, __mmask16 m) {
-    acc = _mm512_add_ps(acc, bias);
-    if (ep) {
-      if (ep->residual) {
-        const __m512 r = _mm512_maskz_loadu_ps(m, ep->residual + oy * a->ow + ox);
-        acc = ep->residual_before_activation ? avx512::Activate(_mm512_add_ps(acc, r), ep)
-                                             : _mm512_add_ps(avx512::Activate(acc, ep), r);
-      } else {
-        acc = avx512::Activate(acc, ep);
-      }
-    }
-    _mm512_mask_storeu_ps(a->out + oy * a->ow + ox, m, acc);
-  };
+  const auto finish = [a](__m512 acc, size_t oy, size_t ox, __mmask16 m) { FinishConv(a, acc, oy, ox, m); };
   size_t oy = 0;
   // Two output rows share input rows only when the second's window starts one dilation below: stride == dilation.
   const bool pair = a->sh == dh;

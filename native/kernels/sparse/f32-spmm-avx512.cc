@@ -21,6 +21,19 @@ constexpr size_t kMaxMv = 8;  // 8 zmm = 128 rows of At per call
 // 512-bit FMAs a cycle at 4 cycles latency, so 8 independent accumulator chains keep both pipes busy:
 // U sets of MV take consecutive non-zeros (U*MV >= 8), summed pairwise at the end. With U*MV = 4
 // (the first version) M = 64 ran at half the FMA rate, latency-bound.
+// Non-zeros p .. p + U - 1, one to each of the U chains.
+template <size_t MV, size_t U, typename Index>
+inline void CsrStep(const float* at, size_t ldat, uint32_t p, const Index* col_idx, const float* values,
+                    __m512 (&acc)[U][MV]) {
+#pragma GCC unroll 8
+  for (size_t u = 0; u < U; ++u) {
+    const __m512 w = _mm512_set1_ps(values[p + u]);
+    const float* ak = at + static_cast<size_t>(col_idx[p + u]) * ldat;
+#pragma GCC unroll 8
+    for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm512_fmadd_ps(w, _mm512_load_ps(ak + 16 * v), acc[u][v]);
+  }
+}
+
 template <size_t MV, size_t U, typename Index>
 inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, const Index* col_idx,
                       const float* values, float* out) {
@@ -29,15 +42,7 @@ inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, con
   for (size_t u = 0; u < U; ++u)
 #pragma GCC unroll 8
     for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm512_setzero_ps();
-  for (; p + U <= p1; p += U) {
-#pragma GCC unroll 8
-    for (size_t u = 0; u < U; ++u) {
-      const __m512 w = _mm512_set1_ps(values[p + u]);
-      const float* ak = at + static_cast<size_t>(col_idx[p + u]) * ldat;
-#pragma GCC unroll 8
-      for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm512_fmadd_ps(w, _mm512_load_ps(ak + 16 * v), acc[u][v]);
-    }
-  }
+  for (; p + U <= p1; p += U) CsrStep<MV, U>(at, ldat, p, col_idx, values, acc);
   for (; p < p1; ++p) {
     const __m512 w = _mm512_set1_ps(values[p]);
     const float* ak = at + static_cast<size_t>(col_idx[p]) * ldat;
@@ -64,21 +69,12 @@ inline void CsrColumnPair(const float* at, size_t ldat, uint32_t p, uint32_t p1,
   for (size_t u = 0; u < U; ++u)
 #pragma GCC unroll 8
     for (size_t v = 0; v < MV; ++v) acc[u][v] = bcc[u][v] = _mm512_setzero_ps();
-  const auto step = [&](__m512(&x)[U][MV], uint32_t r) {
-#pragma GCC unroll 8
-    for (size_t u = 0; u < U; ++u) {
-      const __m512 w = _mm512_set1_ps(values[r + u]);
-      const float* ak = at + static_cast<size_t>(col_idx[r + u]) * ldat;
-#pragma GCC unroll 8
-      for (size_t v = 0; v < MV; ++v) x[u][v] = _mm512_fmadd_ps(w, _mm512_load_ps(ak + 16 * v), x[u][v]);
-    }
-  };
   for (; p + U <= p1 && q + U <= q1; p += U, q += U) {
-    step(acc, p);
-    step(bcc, q);
+    CsrStep<MV, U>(at, ldat, p, col_idx, values, acc);
+    CsrStep<MV, U>(at, ldat, q, col_idx, values, bcc);
   }
-  for (; p + U <= p1; p += U) step(acc, p);
-  for (; q + U <= q1; q += U) step(bcc, q);
+  for (; p + U <= p1; p += U) CsrStep<MV, U>(at, ldat, p, col_idx, values, acc);
+  for (; q + U <= q1; q += U) CsrStep<MV, U>(at, ldat, q, col_idx, values, bcc);
   const auto tail = [&](__m512(&x)[U][MV], uint32_t r, uint32_t r1) {
     for (; r < r1; ++r) {
       const __m512 w = _mm512_set1_ps(values[r]);
