@@ -3,10 +3,12 @@
 // modes taking turns round by round in one process.
 //   node bench/idle-gap.js [M K N] [threads] [gap ms] [rounds]
 // On the 2-vCPU Xeon VM (one thread, 14 ms gaps): 256^3 0.21 ms back to back, 0.46 after an idle
-// gap and 0.39 after a busy one; 1024^3 about 5% slower after either; 2048^3 unchanged (96 ms). With
-// the process on one CPU (taskset -c 0), so the job runs where the JS thread just ran, 256^3 after
-// an idle gap took 0.26 ms. The cost is the worker's CPU coming back from idle, not caches: a 64 MiB
-// fill between calls, without a gap, cost 1024^3 about as much. It is why the gemm suite also
+// gap and 0.39 after a busy one; 1024^3 about 5% slower after either; 2048^3 unchanged (96 ms).
+// Back to back the worker spins between calls (SONDE_IDLE_SPIN_US); with no spinning at all
+// (SONDE_SPIN_US=0 SONDE_IDLE_SPIN_US=0) back to back is as slow as after a gap (0.34 ms): the cost is
+// the worker's vCPU coming back from idle. With the whole process on one CPU (taskset -c 0, a pool
+// of one) 256^3 after an idle gap took 0.26 ms, but handing the job to the pinned worker of the JS
+// thread's CPU (a prototype of the pool) did not help (0.40-0.43 ms). It is why the gemm suite also
 // reports each side alone, call after call (its steadyPct columns).
 import { native } from '../dist/binding.js';
 
