@@ -345,16 +345,23 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
   // onnxruntime-node and the dense session as the sparse suite runs them: 0.299-0.315 -> 0.288-0.303
   // ms; kernel calls back to back within noise).
   const kernels::F32SpmmCsr16bitUkernel spmm16 = w.col_idx16_.empty() ? nullptr : uk.spmm16;
-  auto columns = [&](size_t m0, size_t rows, const float* at_block, size_t ld, size_t g0, size_t g1) {
+  // Column groups [g0, g1) over rows [m0, m0 + rows) of C, from their At at at_block (ld apart).
+  // whole_m > 0: the rows are a part of that many (the part kernels, which sum with its chains).
+  auto columns = [&](size_t m0, size_t rows, const float* at_block, size_t ld, size_t g0, size_t g1, size_t whole_m = 0) {
     for (size_t g = g0; g < g1; ++g) {
       const size_t n0 = g * ng, nc = std::min(ng, n - n0);
       const kernels::GemmEpilogue ep = OffsetEpilogue(e, m0, n0);
-      if (spmm16)
-        spmm16(rows, nc, at_block, ld, w.row_ptr_.data() + n0, w.col_idx16_.data(), w.values_.data(),
-               args.c + m0 * args.ldc + n0, args.ldc, trivial ? nullptr : &ep);
+      const uint32_t* row_ptr = w.row_ptr_.data() + n0;
+      float* const c = args.c + m0 * args.ldc + n0;
+      const kernels::GemmEpilogue* const epp = trivial ? nullptr : &ep;
+      if (whole_m && spmm16)
+        uk.spmm16_part(rows, whole_m, nc, at_block, ld, row_ptr, w.col_idx16_.data(), w.values_.data(), c, args.ldc, epp);
+      else if (whole_m)
+        uk.spmm_part(rows, whole_m, nc, at_block, ld, row_ptr, w.col_idx_.data(), w.values_.data(), c, args.ldc, epp);
+      else if (spmm16)
+        spmm16(rows, nc, at_block, ld, row_ptr, w.col_idx16_.data(), w.values_.data(), c, args.ldc, epp);
       else
-        uk.spmm(rows, nc, at_block, ld, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(),
-                args.c + m0 * args.ldc + n0, args.ldc, trivial ? nullptr : &ep);
+        uk.spmm(rows, nc, at_block, ld, row_ptr, w.col_idx_.data(), w.values_.data(), c, args.ldc, epp);
     }
   };
 
@@ -414,17 +421,7 @@ bool RunSpmm(ThreadPool& pool, unsigned max_threads, const CancelFlag* cancel, c
       const size_t part = t / part_chunks, chunk = t % part_chunks;
       const size_t m0 = part ? part0 : 0, rows = part ? m - part0 : part0;
       const size_t ld = (rows + uk.mv - 1) / uk.mv * uk.mv;
-      const float* const at = packed(m0, rows, ld);
-      for (size_t g = pb[chunk]; g < pb[chunk + 1]; ++g) {
-        const size_t n0 = g * ng, nc = std::min(ng, n - n0);
-        const kernels::GemmEpilogue ep = OffsetEpilogue(e, m0, n0);
-        if (spmm16)
-          uk.spmm16_part(rows, m, nc, at, ld, w.row_ptr_.data() + n0, w.col_idx16_.data(), w.values_.data(),
-                         args.c + m0 * args.ldc + n0, args.ldc, trivial ? nullptr : &ep);
-        else
-          uk.spmm_part(rows, m, nc, at, ld, w.row_ptr_.data() + n0, w.col_idx_.data(), w.values_.data(),
-                       args.c + m0 * args.ldc + n0, args.ldc, trivial ? nullptr : &ep);
-      }
+      columns(m0, rows, packed(m0, rows, ld), ld, pb[chunk], pb[chunk + 1], m);
       scratch.Release();
     }, cancel);
   }

@@ -17,11 +17,9 @@ namespace {
 constexpr size_t kNg = 16;
 constexpr size_t kMaxMv = 8;  // 8 zmm = 128 rows of At per call
 
-// One output column (one row of W) over MV*16 rows of At. Zen 4/5 and Skylake-X retire two
-// 512-bit FMAs a cycle at 4 cycles latency, so 8 independent accumulator chains keep both pipes busy:
-// U sets of MV take consecutive non-zeros (U*MV >= 8), summed pairwise at the end. With U*MV = 4
-// (the first version) M = 64 ran at half the FMA rate, latency-bound.
-// Non-zeros p .. p + U - 1, one to each of the U chains.
+// The steps of a column's sum (CsrColumn, CsrColumnPair): non-zeros p .. p + U - 1, one to each of
+// the U chains; the tail past the last whole step, all on chain 0; the chains summed pairwise and
+// stored.
 template <size_t MV, size_t U, typename Index>
 inline void CsrStep(const float* at, size_t ldat, uint32_t p, const Index* col_idx, const float* values,
                     __m512 (&acc)[U][MV]) {
@@ -33,7 +31,29 @@ inline void CsrStep(const float* at, size_t ldat, uint32_t p, const Index* col_i
     for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm512_fmadd_ps(w, _mm512_load_ps(ak + 16 * v), acc[u][v]);
   }
 }
+template <size_t MV, size_t U, typename Index>
+inline void CsrTail(const float* at, size_t ldat, uint32_t p, uint32_t p1, const Index* col_idx, const float* values,
+                    __m512 (&acc)[U][MV]) {
+  for (; p < p1; ++p) {
+    const __m512 w = _mm512_set1_ps(values[p]);
+    const float* ak = at + static_cast<size_t>(col_idx[p]) * ldat;
+#pragma GCC unroll 8
+    for (size_t v = 0; v < MV; ++v) acc[0][v] = _mm512_fmadd_ps(w, _mm512_load_ps(ak + 16 * v), acc[0][v]);
+  }
+}
+template <size_t MV, size_t U>
+inline void StoreChains(__m512 (&acc)[U][MV], float* out) {
+#pragma GCC unroll 8
+  for (size_t v = 0; v < MV; ++v) {
+    PairwiseSumU<U, MV>(acc, v, [](auto a, auto b) { return _mm512_add_ps(a, b); });
+    _mm512_store_ps(out + 16 * v, acc[0][v]);
+  }
+}
 
+// One output column (one row of W) over MV*16 rows of At. Zen 4/5 and Skylake-X retire two
+// 512-bit FMAs a cycle at 4 cycles latency, so 8 independent accumulator chains keep both pipes busy:
+// U sets of MV take consecutive non-zeros (U*MV >= 8), summed pairwise at the end. With U*MV = 4
+// (the first version) M = 64 ran at half the FMA rate, latency-bound.
 template <size_t MV, size_t U, typename Index>
 inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, const Index* col_idx,
                       const float* values, float* out) {
@@ -43,24 +63,15 @@ inline void CsrColumn(const float* at, size_t ldat, uint32_t p, uint32_t p1, con
 #pragma GCC unroll 8
     for (size_t v = 0; v < MV; ++v) acc[u][v] = _mm512_setzero_ps();
   for (; p + U <= p1; p += U) CsrStep<MV, U>(at, ldat, p, col_idx, values, acc);
-  for (; p < p1; ++p) {
-    const __m512 w = _mm512_set1_ps(values[p]);
-    const float* ak = at + static_cast<size_t>(col_idx[p]) * ldat;
-#pragma GCC unroll 8
-    for (size_t v = 0; v < MV; ++v) acc[0][v] = _mm512_fmadd_ps(w, _mm512_load_ps(ak + 16 * v), acc[0][v]);
-  }
-#pragma GCC unroll 8
-  for (size_t v = 0; v < MV; ++v) {
-    PairwiseSumU<U, MV>(acc, v, [](auto a, auto b) { return _mm512_add_ps(a, b); });
-    _mm512_store_ps(out + 16 * v, acc[0][v]);
-  }
+  CsrTail<MV, U>(at, ldat, p, p1, col_idx, values, acc);
+  StoreChains<MV, U>(acc, out);
 }
 
-// Output columns j and j + 1 at once, each summed exactly as CsrColumn<MV, U> sums it (chain u
-// takes the non-zeros u, U + u, ... of its column, the tail chain 0, pairwise at the end), so a
-// column's sums are the same bits either way. A part of M's rows (RunSpmm's split of a small M over
-// the threads) keeps the U of the whole M, and alone its U*MV chains would leave the FMA pipes idle
-// (M = 64 in halves: 4 chains, latency-bound); the two columns' chains together make 2*U*MV.
+// Output columns j and j + 1 at once, each summed exactly as CsrColumn<MV, U> sums it (the same
+// steps, tail and pairwise sum), so a column's sums are the same bits either way. A part of M's
+// rows (RunSpmm's split of a small M over the threads) keeps the U of the whole M, and alone its
+// U*MV chains would leave the FMA pipes idle (M = 64 in halves: 4 chains, latency-bound); the two
+// columns' chains together make 2*U*MV.
 template <size_t MV, size_t U, typename Index>
 inline void CsrColumnPair(const float* at, size_t ldat, uint32_t p, uint32_t p1, uint32_t q, uint32_t q1,
                           const Index* col_idx, const float* values, float* out0, float* out1) {
@@ -75,23 +86,10 @@ inline void CsrColumnPair(const float* at, size_t ldat, uint32_t p, uint32_t p1,
   }
   for (; p + U <= p1; p += U) CsrStep<MV, U>(at, ldat, p, col_idx, values, acc);
   for (; q + U <= q1; q += U) CsrStep<MV, U>(at, ldat, q, col_idx, values, bcc);
-  const auto tail = [&](__m512(&x)[U][MV], uint32_t r, uint32_t r1) {
-    for (; r < r1; ++r) {
-      const __m512 w = _mm512_set1_ps(values[r]);
-      const float* ak = at + static_cast<size_t>(col_idx[r]) * ldat;
-#pragma GCC unroll 8
-      for (size_t v = 0; v < MV; ++v) x[0][v] = _mm512_fmadd_ps(w, _mm512_load_ps(ak + 16 * v), x[0][v]);
-    }
-  };
-  tail(acc, p, p1);
-  tail(bcc, q, q1);
-#pragma GCC unroll 8
-  for (size_t v = 0; v < MV; ++v) {
-    PairwiseSumU<U, MV>(acc, v, [](auto a, auto b) { return _mm512_add_ps(a, b); });
-    PairwiseSumU<U, MV>(bcc, v, [](auto a, auto b) { return _mm512_add_ps(a, b); });
-    _mm512_store_ps(out0 + 16 * v, acc[0][v]);
-    _mm512_store_ps(out1 + 16 * v, bcc[0][v]);
-  }
+  CsrTail<MV, U>(at, ldat, p, p1, col_idx, values, acc);
+  CsrTail<MV, U>(at, ldat, q, q1, col_idx, values, bcc);
+  StoreChains<MV, U>(acc, out0);
+  StoreChains<MV, U>(bcc, out1);
 }
 
 // r[j] = row j of a 16x16 block in, column j out: the unpack / 128-bit-lane shuffle network,
